@@ -1,0 +1,70 @@
+"""Component labels, as in TransformerLens: `L30H05` (head), `L30MLP` (MLP), `L30` (residual after block 30),
+`embed` (the residual stream before block 0).
+
+Labels are written with two-digit layer and head numbers so that they sort; parsing also takes `L3H1`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+_LABEL = re.compile(r"^L(?P<layer>\d+)(?:H(?P<head>\d+)|(?P<mlp>MLP))?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One place in the model. kind: `head`, `mlp`, `resid` (after block `layer`) or `embed` (layer -1)."""
+
+    kind: str
+    layer: int
+    head: Optional[int] = None
+
+    @property
+    def label(self) -> str:
+        if self.kind == "embed":
+            return "embed"
+        if self.kind == "head":
+            return f"L{self.layer:02d}H{self.head:02d}"
+        if self.kind == "mlp":
+            return f"L{self.layer:02d}MLP"
+        return f"L{self.layer:02d}"
+
+    @property
+    def hook_name(self) -> str:
+        """The TransformerLens-style hook name of the tensor this component reads."""
+        if self.kind == "embed":
+            return "hook_embed"
+        if self.kind == "head":
+            return f"blocks.{self.layer}.attn.hook_result"
+        if self.kind == "mlp":
+            return f"blocks.{self.layer}.hook_mlp_out"
+        return f"blocks.{self.layer}.hook_resid_post"
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def parse_component(label: "str | Component") -> Component:
+    """`"L30H05"` -> Component("head", 30, 5); `"L2MLP"`, `"L7"`, `"embed"` likewise.
+
+    Raises ValueError naming the accepted forms for anything else.
+    """
+    if isinstance(label, Component):
+        return label
+    text = str(label).strip()
+    if text.lower() == "embed":
+        return Component("embed", -1)
+    match = _LABEL.match(text)
+    if match is None:
+        raise ValueError(
+            f"unknown component label {label!r}: use L<layer>H<head> (L30H05), L<layer>MLP (L30MLP), "
+            "L<layer> (residual stream) or embed"
+        )
+    layer = int(match["layer"])
+    if match["head"] is not None:
+        return Component("head", layer, int(match["head"]))
+    if match["mlp"] is not None:
+        return Component("mlp", layer)
+    return Component("resid", layer)

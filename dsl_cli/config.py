@@ -1,0 +1,106 @@
+"""Structured-config schema: the dataclasses Hydra checks every composed config against.
+
+Registered in Hydra's ConfigStore as `run_schema`; `configs/run.yaml` lists it first in its defaults, so a
+misspelt key (`lens.alpah=3`) or a wrong type (`seed=abc`) fails at compose time with Hydra's own message,
+before any model is built. Values whose *range* depends on the loaded model (layer, head) are checked later,
+in `dsl_cli.targets`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class EncoderConfig:
+    """Which CLIP image encoder to open up.
+
+    source: `open_clip` (any open_clip ViT by `name` and `pretrained` tag; `pretrained: null` gives random
+    weights), `kandinsky_prior` (the HF-format `image_encoder` of the Kandinsky 2.2 prior, mapped onto the
+    open_clip module) or `tiny` (random, embed_dim 32, for tests).
+    """
+
+    source: str = "open_clip"
+    name: str = "ViT-bigG-14"
+    pretrained: Optional[str] = "laion2b_s39b_b160k"
+    checkpoint: Optional[str] = None  # local weights: a file (open_clip) or a folder (kandinsky_prior)
+    repo_id: str = "kandinsky-community/kandinsky-2-2-prior"
+    subfolder: str = "image_encoder"
+    # open_clip model whose text tower the logit lens uses (same CLIP as the encoder unless said otherwise)
+    text_name: Optional[str] = None
+    text_pretrained: Optional[str] = None
+
+
+@dataclass
+class DecoderConfig:
+    """Which Kandinsky 2.2 decoder: `pretrained` (hub id or local `path`), `random` (real architecture,
+    random weights, no download) or `tiny` (diffusers' dummy test components)."""
+
+    source: str = "pretrained"
+    repo_id: str = "kandinsky-community/kandinsky-2-2-decoder"
+    path: Optional[str] = None
+
+
+@dataclass
+class DecodeConfig:
+    """How pictures are decoded."""
+
+    height: int = 512
+    width: int = 512
+    steps: int = 100
+    guidance: float = 4.0
+    scheduler: str = "ddpm"  # ddpm | ddim | dpm | unipc
+    batch_size: int = 8
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    top_k: Optional[int] = None  # decode only the k components most similar to the input, per image
+    enabled: bool = True  # false: score embeddings only, write no pictures
+
+
+@dataclass
+class LensConfig:
+    """Which lens: `diffusion` (residual stream), `direct` (naive submodule readout), `steering` (DSL) or
+    `logit` (classic logit lens over ImageNet labels)."""
+
+    name: str = "steering"
+    mode: str = "norm"  # steering: add | scale | norm
+    alpha: float = 2.0
+    verify: bool = False  # steering: check the closed form against the hooked reference pass
+    rank_by: str = "sim_embed"  # sim_embed | sim_decoded
+    top_labels: int = 5  # logit lens: labels kept per component
+    templates: str = "openai"  # logit lens: openai (80 prompts per class) | simple (7)
+
+
+@dataclass
+class ImagesConfig:
+    """Input images: `samples` (photos bundled with scikit-image) or `folder` (`path`: folder, glob or file)."""
+
+    source: str = "samples"
+    path: Optional[str] = None
+    names: Optional[list[str]] = None  # samples: which ones (default: all)
+    limit: Optional[int] = None  # use at most this many images
+    skip_bad: bool = False  # go on without unreadable images (listed in the manifest) instead of stopping
+
+
+@dataclass
+class RunConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    lens: LensConfig = field(default_factory=LensConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    layer: Any = 30  # int, list of ints, "all" or a range "10-20"
+    head: Any = "all"  # "all", int or list of ints
+    component: str = "heads"  # heads | mlp | all
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    dtype: str = "fp32"  # encoder dtype: fp32 | fp16 | bf16
+    batch_size: int = 16  # images per encoder batch
+    resume: Optional[str] = None  # a run folder to complete
+
+
+def register_configs() -> None:
+    """Make the schema available to Hydra as the `run_schema` config."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

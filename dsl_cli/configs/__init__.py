@@ -1,0 +1,1 @@
+"""Hydra configs of `dsl run`, shipped inside the package so that `dsl` works from any folder."""

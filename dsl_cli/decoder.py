@@ -1,0 +1,304 @@
+"""Batched, seeded Kandinsky 2.2 decoding: CLIP image embeddings -> pictures.
+
+The diffusers `KandinskyV22Pipeline` is used as it is; this module only chooses what goes into it. Every
+item gets its own `torch.Generator`, and diffusers' `randn_tensor` draws a list of generators item by item,
+both for the initial latents and for the noise DDPM (and DDIM with eta > 0, SDE-DPM) adds at each step. So
+a picture depends on its embedding, its seed and the device, never on the batch it was decoded in (up to
+float round-off of batched kernels, ~1e-4 in float32).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    KandinskyV22Pipeline,
+    UNet2DConditionModel,
+    UniPCMultistepScheduler,
+    VQModel,
+)
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dsl_cli.config import DecoderConfig
+from dsl_cli.errors import UserError
+
+log = logging.getLogger("dsl_cli.decoder")
+
+SCHEDULERS = {
+    "ddpm": DDPMScheduler,
+    "ddim": DDIMScheduler,
+    "dpm": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+# The Kandinsky 2.2 decoder's architecture (DESIGN.md section 2): UNet 1.253 B and MoVQ 67.8 M parameters.
+REAL_UNET = dict(
+    in_channels=4,
+    out_channels=8,  # mean and variance; the pipeline keeps the mean
+    down_block_types=("ResnetDownsampleBlock2D",) + ("SimpleCrossAttnDownBlock2D",) * 3,
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+    up_block_types=("SimpleCrossAttnUpBlock2D",) * 3 + ("ResnetUpsampleBlock2D",),
+    block_out_channels=(384, 768, 1152, 1536),
+    layers_per_block=3,
+    cross_attention_dim=768,
+    attention_head_dim=64,
+    encoder_hid_dim=1280,
+    encoder_hid_dim_type="image_proj",
+    addition_embed_type="image",
+    addition_embed_type_num_heads=64,
+    resnet_time_scale_shift="scale_shift",
+    class_embed_type=None,
+    norm_num_groups=32,
+    act_fn="silu",
+    flip_sin_to_cos=True,
+    sample_size=64,
+)
+REAL_MOVQ = dict(
+    in_channels=3,
+    out_channels=3,
+    act_fn="silu",
+    block_out_channels=(128, 256, 256, 512),
+    down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+    up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
+    latent_channels=4,
+    vq_embed_dim=4,
+    num_vq_embeddings=16384,
+    layers_per_block=2,
+    norm_num_groups=32,
+    norm_type="spatial",
+    sample_size=256,
+)
+# The dummy components of diffusers' own Kandinsky 2.2 decoder tests: embedding width 32, MoVQ scale 2.
+TINY_UNET = dict(
+    REAL_UNET,
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+    up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    encoder_hid_dim=32,
+    sample_size=32,
+)
+TINY_MOVQ = dict(
+    REAL_MOVQ,
+    block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+    up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+    num_vq_embeddings=12,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=32,
+)
+# The released decoder's scheduler_config.json; DDPMScheduler's defaults supply the rest (fixed_small variance).
+SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_schedule="linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    prediction_type="epsilon",
+    steps_offset=1,
+)
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA (tensor cores, no fp16 overflow) and fp32 elsewhere (CPU half kernels are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype={name!r}: choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_decoder(
+    cfg: DecoderConfig,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    scheduler: str = "ddpm",
+    channels_last: bool = False,
+    compile: bool = False,
+) -> "KandinskyDecoder":
+    """Build the decoder that `cfg.source` names (pretrained | random | tiny) on `device` in `dtype`.
+
+    channels_last and compile are GPU speed-ups (NHWC convolutions; torch.compile of the UNet, which costs
+    a minute of compilation per new shape); neither changes what is computed beyond round-off.
+    """
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"decode.scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if cfg.source == "pretrained":
+        pipe = _load_pretrained(cfg, dtype)
+    elif cfg.source in ("random", "tiny"):
+        real = cfg.source == "random"
+        pipe = _build_random(REAL_UNET if real else TINY_UNET, REAL_MOVQ if real else TINY_MOVQ, device)
+    else:
+        raise UserError(f"decoder.source={cfg.source!r}: choose one of pretrained, random, tiny")
+    pipe.to(device=device, dtype=dtype)
+    if scheduler != "ddpm":
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.movq.to(memory_format=torch.channels_last)
+    if compile:
+        pipe.unet = torch.compile(pipe.unet)
+    return KandinskyDecoder(pipe)
+
+
+def _load_pretrained(cfg: DecoderConfig, dtype: torch.dtype) -> KandinskyV22Pipeline:
+    """Load from a local folder or the Hugging Face cache (HF_HUB_OFFLINE is honoured by diffusers itself)."""
+    if cfg.path is not None and not os.path.isdir(cfg.path):
+        raise UserError(f"decoder.path={cfg.path}: no such folder (give the folder of a saved KandinskyV22Pipeline)")
+    try:
+        return KandinskyV22Pipeline.from_pretrained(cfg.path or cfg.repo_id, torch_dtype=dtype)
+    except OSError as err:  # not cached while offline, no network, or an incomplete folder
+        raise UserError(
+            f"cannot load the Kandinsky 2.2 decoder {cfg.path or cfg.repo_id!r} ({type(err).__name__}): "
+            f"run `huggingface-cli download {cfg.repo_id}` once online, or set decoder.path=/local/folder"
+        ) from err
+
+
+def _build_random(unet_kwargs: dict, movq_kwargs: dict, device: str | torch.device) -> KandinskyV22Pipeline:
+    """Random weights, seeded like diffusers' tests; initialised on `device` because 1.3 B parameters
+    take tens of seconds to initialise on a CPU."""
+    with torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**unet_kwargs)
+        torch.manual_seed(0)
+        movq = VQModel(**movq_kwargs)
+    return KandinskyV22Pipeline(unet=unet, scheduler=DDPMScheduler(**SCHEDULER), movq=movq)
+
+
+class KandinskyDecoder:
+    """Decodes CLIP image embeddings with an unmodified diffusers `KandinskyV22Pipeline`, in seeded batches."""
+
+    def __init__(self, pipe: KandinskyV22Pipeline):
+        self.pipe = pipe
+        pipe.set_progress_bar_config(disable=True)  # one bar over items (ours) instead of one per batch
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipe.unet.dtype
+
+    @property
+    def embed_dim(self) -> int:
+        return self.pipe.unet.config.encoder_hid_dim
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this; the pipeline silently rounds other sizes up."""
+        return self.pipe.movq_scale_factor**2
+
+    def decode(
+        self,
+        embeds: torch.Tensor,
+        negative: torch.Tensor,
+        seeds: Sequence[int] | int,
+        height: int = 512,
+        width: int = 512,
+        steps: int = 100,
+        guidance: float = 4.0,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Decode embeddings [N,E] -> float32 images [N,H,W,3] in [0,1]; see `iter_decode`."""
+        out = np.empty((len(embeds), height, width, 3), dtype=np.float32)
+        batches = self.iter_decode(embeds, negative, seeds, height, width, steps, guidance, batch_size, progress)
+        for indices, images in batches:
+            out[indices] = images
+        return out
+
+    def iter_decode(
+        self,
+        embeds: torch.Tensor,
+        negative: torch.Tensor,
+        seeds: Sequence[int] | int,
+        height: int = 512,
+        width: int = 512,
+        steps: int = 100,
+        guidance: float = 4.0,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """Yield (indices, images [B,H,W,3] float32 in [0,1]) batch by batch, in order, as each finishes.
+
+        embeds [N,E]; negative [1,E] or [E] (the unconditional embedding, shared by all items); seeds one
+        per item or one for all. guidance <= 1 switches classifier-free guidance off (negative unused). On
+        CUDA out-of-memory the batch is halved (for the rest of the call) and the same items are retried.
+        """
+        n = len(embeds)
+        seed_list = [seeds] * n if isinstance(seeds, int) else list(seeds)
+        if len(seed_list) != n:
+            raise ValueError(f"{len(seed_list)} seeds for {n} embeddings")
+        m = self.size_multiple
+        if height % m or width % m:
+            raise UserError(f"decode height/width {height}x{width}: must be multiples of {m}")
+        # The pipeline casts embeddings only when it applies guidance, so do it here for both cases.
+        embeds = embeds.to(self.device, self.dtype)
+        negative = negative.reshape(1, -1).to(self.device, self.dtype)
+        start, batch = 0, max(1, batch_size)
+        with tqdm(total=n, desc="decode", unit="img", disable=not progress) as bar:
+            while start < n:
+                indices = list(range(start, min(start + batch, n)))
+                try:
+                    images = self._run(embeds[indices], negative, [seed_list[i] for i in indices],
+                                       height, width, steps, guidance)
+                except torch.cuda.OutOfMemoryError:
+                    if batch == 1:
+                        raise
+                    images = None
+                if images is None:
+                    # Outside the except block, so that the failed batch's tensors (held by the traceback's
+                    # frames) are already freed when the cache is emptied. The same items are retried.
+                    batch //= 2
+                    log.warning("CUDA out of memory: decoding in batches of %d from item %d on", batch, start)
+                    torch.cuda.empty_cache()
+                    continue
+                bar.update(len(indices))
+                yield indices, images
+                start += len(indices)
+
+    def _run(
+        self,
+        embeds: torch.Tensor,
+        negative: torch.Tensor,
+        seeds: list[int],
+        height: int,
+        width: int,
+        steps: int,
+        guidance: float,
+    ) -> np.ndarray:
+        """One pipeline call on one batch, with one generator per item."""
+        # Fresh generators per call: a failed (out-of-memory) attempt may already have drawn from them.
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        return self.pipe(
+            image_embeds=embeds,
+            negative_image_embeds=negative.expand(len(embeds), -1),  # the pipeline pairs them row by row
+            generator=generators,
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="np",
+        ).images
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """Float image in [0,1] -> uint8, rounded (not truncated) so that equal floats give equal bytes."""
+    return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """Float image [H,W,3] in [0,1] -> PIL RGB image."""
+    return Image.fromarray(to_uint8(image))

@@ -1,0 +1,360 @@
+"""`HookedEncoder`: an open_clip `VisionTransformer` opened up at the CLS position (DESIGN.md section 3).
+
+Shapes: B images, T tokens (CLS + patches), L blocks, H heads, D residual width, d = D / H head width,
+E embedding width, K components.
+
+The cache is built in one batched pass through the blocks' own submodules (so open_clip's fused attention
+computes the full-token outputs); only the per-head writes are recomputed, at the CLS query alone, from
+`attn.in_proj_*` and `attn.out_proj`. The DSL embeddings then follow in closed form,
+`R(x_L + delta(c))`, for all components at once. `steer_hooked` is the slow reference: a real forward pass
+with forward hooks, used as the test oracle and by `lens.verify`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+from typing import Callable, Iterator, Sequence, Union
+
+import torch
+from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
+from torch import Tensor, nn
+
+from dsl_cli.components import Component, parse_component
+
+ComponentLike = Union[str, Component]
+STEER_MODES = ("add", "scale", "norm")
+
+
+@dataclass
+class EncoderCache:
+    """What one pass records, at the CLS position only (5 MB per image for bigG, not 1.3 GB).
+
+    resid        [B, L+1, D]  x_0 .. x_L (residual stream before block 0, after each block)
+    resid_mid    [B, L, D]    x_{l,mid}, after each attention sub-block
+    head_writes  [B, L, H, D] a_{l,h}, LayerScale included
+    attn_bias    [B, L, D]    the attention output bias (LayerScale included): sum_h a_{l,h} + attn_bias
+                              is the attention sub-block's output
+    mlp_writes   [B, L, D]    m_l, LayerScale included
+    embeds       [B, E]       the image embedding; equals visual(pixels)
+    """
+
+    resid: Tensor
+    resid_mid: Tensor
+    head_writes: Tensor
+    attn_bias: Tensor
+    mlp_writes: Tensor
+    embeds: Tensor
+
+    def to(self, *args, **kwargs) -> "EncoderCache":
+        """A copy with every tensor moved/cast like `Tensor.to` (e.g. `cache.to("cpu")`)."""
+        return EncoderCache(**{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)})
+
+    def __getitem__(self, name: str) -> Tensor:
+        """TransformerLens-style names: `hook_embed` [B,D], `blocks.{l}.attn.hook_result` [B,H,D],
+        `blocks.{l}.hook_attn_bias`, `blocks.{l}.hook_resid_mid`, `blocks.{l}.hook_mlp_out`,
+        `blocks.{l}.hook_resid_post` [B,D]; `embeds` [B,E]."""
+        if name == "hook_embed":
+            return self.resid[:, 0]
+        if name == "embeds":
+            return self.embeds
+        parts = name.split(".")
+        if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
+            layer, rest = int(parts[1]), ".".join(parts[2:])
+            by_name = {
+                "attn.hook_result": lambda: self.head_writes[:, layer],
+                "hook_attn_bias": lambda: self.attn_bias[:, layer],
+                "hook_resid_mid": lambda: self.resid_mid[:, layer],
+                "hook_mlp_out": lambda: self.mlp_writes[:, layer],
+                "hook_resid_post": lambda: self.resid[:, layer + 1],
+            }
+            if rest in by_name and 0 <= layer < self.mlp_writes.shape[1]:
+                return by_name[rest]()
+        raise KeyError(f"no cached tensor named {name!r}")
+
+
+def head_writes(block: ResidualAttentionBlock, queries: Tensor, keys: Tensor) -> Tensor:
+    """Per-head attention writes, recomputed from the block's own weights (open_clip's fused attention
+    never exposes them).
+
+    queries [B, Tq, D] and keys [B, T, D] are ln_1 outputs (the query rows and all rows).
+    Returns [B, Tq, H, D]: head h's share of `ls_1(attn(...))` without the output bias, so that
+    the sum over h plus `attn_bias(block)` is the attention sub-block's output at those rows.
+    """
+    attn = block.attn
+    n_heads, width = attn.num_heads, attn.embed_dim
+    d_head = width // n_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+
+    def split(x: Tensor, w: Tensor, b: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, d]
+        return nn.functional.linear(x, w, b).unflatten(-1, (n_heads, d_head)).transpose(1, 2)
+
+    q, k, v = split(queries, w_q, b_q), split(keys, w_k, b_k), split(keys, w_v, b_v)
+    z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, Tq, d]
+    w_o = attn.out_proj.weight.unflatten(1, (n_heads, d_head))  # [D, H, d]
+    writes = torch.einsum("bhqe,dhe->bqhd", z, w_o)
+    return _layer_scale(block.ls_1, writes)
+
+
+def attn_bias(block: ResidualAttentionBlock) -> Tensor:
+    """[D]: the attention output bias as it reaches the residual stream (LayerScale included)."""
+    return _layer_scale(block.ls_1, block.attn.out_proj.bias)
+
+
+def _layer_scale(module: nn.Module, x: Tensor) -> Tensor:
+    """Apply a LayerScale (or Identity) without calling the module, so that no forward hook fires."""
+    return x * module.gamma if isinstance(module, LayerScale) else x
+
+
+def steering_delta(write: Tensor, final_resid: Tensor, mode: str, alpha: float) -> Tensor:
+    """What steering adds to the residual stream: write [..., D], final_resid [..., D] (broadcastable)
+    -> [..., D]. add: alpha*c; scale: (alpha-1)*c; norm: alpha*|x_L|*c/|c| (norms in fp32)."""
+    _check_mode(mode)
+    if mode == "add":
+        return alpha * write
+    if mode == "norm":
+        c = write.float()
+        size = final_resid.float().norm(dim=-1, keepdim=True)
+        # a write of exactly zero stays zero instead of becoming NaN
+        unit = c / c.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return (alpha * size * unit).to(write.dtype)
+    return (alpha - 1.0) * write  # scale
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in STEER_MODES:
+        raise ValueError(f"unknown steering mode {mode!r}: use one of {', '.join(STEER_MODES)}")
+
+
+class HookedEncoder(nn.Module):
+    """Wraps an open_clip `VisionTransformer` (pre-LN blocks, CLS pooling, LayerScale and any activation,
+    width, depth or patch size). The wrapped module is used as it is and left unmodified."""
+
+    def __init__(self, visual: VisionTransformer):
+        super().__init__()
+        _check_supported(visual)
+        self.visual = visual.eval()
+
+    # ---- shape and placement -------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def n_heads(self) -> int:
+        return self.blocks[0].attn.num_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.visual.transformer.width
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def d_embed(self) -> int:
+        return self.d_model if self.visual.proj is None else self.visual.proj.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        """Side of the (square) input image in pixels."""
+        return self.visual.image_size[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.class_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.class_embedding.dtype
+
+    # ---- the cache -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_with_cache(self, pixels: Tensor) -> EncoderCache:
+        """pixels [B, 3, S, S] (preprocessed) -> EncoderCache, in one batched pass.
+
+        Peak extra memory is one layer's all-token activations: only CLS rows are kept.
+        """
+        x = self.visual._embeds(pixels.to(self.device, self.dtype))  # [B, T, D]
+        # CLS rows are cloned: a view would keep each layer's whole [B, T, D] tensor alive
+        resid, resid_mid, heads, biases, mlps = [x[:, 0].clone()], [], [], [], []
+        for block in self.blocks:
+            normed = block.ln_1(x)
+            x = x + block.ls_1(block.attention(q_x=normed))
+            heads.append(head_writes(block, normed[:, :1], normed)[:, 0])
+            biases.append(attn_bias(block).expand_as(x[:, 0]))
+            resid_mid.append(x[:, 0].clone())
+            mlp_out = block.ls_2(block.mlp(block.ln_2(x)))
+            mlps.append(mlp_out[:, 0].clone())
+            x = x + mlp_out
+            resid.append(x[:, 0].clone())
+        pooled, _ = self.visual._pool(x)
+        return EncoderCache(
+            resid=torch.stack(resid, 1),
+            resid_mid=torch.stack(resid_mid, 1),
+            head_writes=torch.stack(heads, 1),
+            attn_bias=torch.stack(biases, 1),
+            mlp_writes=torch.stack(mlps, 1),
+            embeds=self._project(pooled),
+        )
+
+    # ---- lenses (closed form, batched) ---------------------------------------------------------
+    @torch.inference_mode()
+    def readout(self, v: Tensor) -> Tensor:
+        """R(v) = ln_post(v) @ proj: [..., D] -> [..., E]."""
+        return self._project(self.visual.ln_post(v.to(self.device, self.dtype)))
+
+    def component_writes(self, cache: EncoderCache, components: Sequence[ComponentLike]) -> Tensor:
+        """[B, K, D]: head writes a_{l,h}, MLP writes m_l, residuals x_{l+1} (label `L{l}`), x_0 (`embed`)."""
+        return torch.stack([self._vector(cache, self._parse(c)) for c in components], 1)
+
+    def diffusion_lens(
+        self, cache: EncoderCache, layers: Sequence[Union[int, ComponentLike]], mid: bool = False
+    ) -> Tensor:
+        """Diffusion Lens over the residual stream -> [B, K, E]: layer l (or `L{l}`) reads x_{l+1}, the
+        residual after block l; `embed` reads x_0. mid=True reads x_{l,mid} instead (no `embed`)."""
+        picked = [self._parse(f"L{l}" if isinstance(l, int) else l) for l in layers]
+        for c in picked:
+            if c.kind not in ("resid", "embed") or (mid and c.kind == "embed"):
+                raise ValueError(f"the diffusion lens reads residual-stream labels (L<layer>, embed), not {c.label}")
+        if mid:
+            return self.readout(cache.resid_mid[:, [c.layer for c in picked]])
+        return self.readout(cache.resid[:, [c.layer + 1 for c in picked]])
+
+    def direct(self, cache: EncoderCache, components: Sequence[ComponentLike]) -> Tensor:
+        """The naive submodule lens R(write) -> [B, K, E]."""
+        return self.readout(self.component_writes(cache, components))
+
+    def steer(
+        self, cache: EncoderCache, components: Sequence[ComponentLike], mode: str = "norm", alpha: float = 2.0
+    ) -> Tensor:
+        """DSL, closed form: R(x_L + delta(c)) for each head/MLP c -> [B, K, E] (one LayerNorm and matmul)."""
+        parsed = [self._parse(c, steerable=True) for c in components]
+        writes = self.component_writes(cache, parsed)  # [B, K, D]
+        final = cache.resid[:, -1:]  # [B, 1, D]
+        return self.readout(final + steering_delta(writes, final, mode, alpha))
+
+    # ---- the hooked reference ------------------------------------------------------------------
+    @torch.inference_mode()
+    def steer_hooked(
+        self, pixels: Tensor, component: ComponentLike, mode: str = "norm", alpha: float = 2.0, patch: bool = True
+    ) -> Tensor:
+        """Reference DSL in a real `visual(pixels)` pass -> [B, E].
+
+        A clean pass records every `ls_1`/`ls_2` output and the final residual (all tokens). The steered
+        pass adds delta to the target's write at every token; with patch=True every later sub-block output
+        (the same layer's MLP when a head is steered, all later attention and MLP) is replaced by its clean
+        value, so only the target's direct effect reaches the output. Hooks sit on `ls_1`/`ls_2`, which
+        fire even as nn.Identity (hooks on `attn.out_proj` never fire: open_clip's attention is fused).
+        """
+        target = self._parse(component, steerable=True)
+        _check_mode(mode)  # before any pass
+        pixels = pixels.to(self.device, self.dtype)
+
+        clean: dict[tuple[int, str], Tensor] = {}
+        hooks = {(l, s): _recorder(clean, (l, s)) for l in range(self.n_layers) for s in ("ls_1", "ls_2")}
+        hooks[(-1, "final")] = _recorder(clean, (-1, "final"))
+        with self._hooks(hooks):
+            self.visual(pixels)
+        final = clean[(-1, "final")]
+
+        def steer_write(write: Tensor, c: Tensor) -> Tensor:
+            return write + steering_delta(c, final, mode, alpha)
+
+        steered: dict[tuple[int, str], Callable] = {}
+        if target.kind == "head":
+            block, normed = self.blocks[target.layer], {}
+            steered[(target.layer, "ln_1")] = _recorder(normed, "x")
+            steered[(target.layer, "ls_1")] = lambda m, i, out: steer_write(
+                out, head_writes(block, normed["x"], normed["x"])[:, :, target.head]
+            )
+        else:
+            steered[(target.layer, "ls_2")] = lambda m, i, out: steer_write(out, out)
+        if patch:
+            later = [(target.layer, "ls_2")] if target.kind == "head" else []
+            later += [(l, s) for l in range(target.layer + 1, self.n_layers) for s in ("ls_1", "ls_2")]
+            for key in later:
+                steered[key] = lambda m, i, out, key=key: clean[key]
+        with self._hooks(steered):
+            return self.visual(pixels)
+
+    # ---- the negative embedding ----------------------------------------------------------------
+    @torch.inference_mode()
+    def zero_embed(self) -> Tensor:
+        """[1, E]: the encoder on an all-zeros image in normalised pixel space (the decoder's negative)."""
+        side = self.visual.image_size
+        return self.visual(torch.zeros(1, 3, *side, device=self.device, dtype=self.dtype))
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _project(self, v: Tensor) -> Tensor:
+        return v if self.visual.proj is None else v @ self.visual.proj
+
+    def _parse(self, component: ComponentLike, steerable: bool = False) -> Component:
+        c = parse_component(component)
+        allowed = ("head", "mlp") if steerable else ("head", "mlp", "resid", "embed")
+        if c.kind not in allowed:
+            raise ValueError(f"{c.label}: only heads and MLPs can be steered")
+        if c.kind != "embed" and not 0 <= c.layer < self.n_layers:
+            raise ValueError(f"{c.label}: layer out of range 0..{self.n_layers - 1}")
+        if c.kind == "head" and not 0 <= c.head < self.n_heads:
+            raise ValueError(f"{c.label}: head out of range 0..{self.n_heads - 1}")
+        return c
+
+    @staticmethod
+    def _vector(cache: EncoderCache, c: Component) -> Tensor:
+        """[B, D]: the cached CLS vector a component label names."""
+        if c.kind == "head":
+            return cache.head_writes[:, c.layer, c.head]
+        if c.kind == "mlp":
+            return cache.mlp_writes[:, c.layer]
+        return cache.resid[:, c.layer + 1]  # resid L{l} is x_{l+1}; embed (layer -1) is x_0
+
+    @contextmanager
+    def _hooks(self, hooks: dict[tuple[int, str], Callable]) -> Iterator[None]:
+        """Register forward hooks keyed (layer, submodule name); (-1, "final") hooks the transformer's
+        output (the final residual, all tokens). All are removed on exit, even after an error."""
+        handles = []
+        try:
+            for (layer, name), hook in hooks.items():
+                module = self.visual.transformer if layer < 0 else getattr(self.blocks[layer], name)
+                handles.append(module.register_forward_hook(hook))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _recorder(store: dict, key) -> Callable:
+    """A forward hook that stores the module's output under `key` and leaves it unchanged."""
+
+    def hook(module: nn.Module, inputs, output: Tensor) -> None:
+        store[key] = output
+
+    return hook
+
+
+def _check_supported(visual: nn.Module) -> None:
+    """Raise NotImplementedError for towers the CLS decomposition does not describe exactly."""
+    if not isinstance(visual, VisionTransformer):
+        raise NotImplementedError(
+            f"HookedEncoder needs an open_clip VisionTransformer, got {type(visual).__name__} "
+            "(timm and ResNet towers are not decomposed)"
+        )
+    if visual.attn_pool is not None:
+        raise NotImplementedError("attentional pooling is not covered by the CLS-token decomposition")
+    if visual.pool_type != "tok":
+        raise NotImplementedError(f"pool_type {visual.pool_type!r}: only CLS pooling ('tok') is decomposed")
+    if not visual.transformer.batch_first:
+        raise NotImplementedError("only batch-first transformers are supported")
+    for block in visual.transformer.resblocks:
+        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+            raise NotImplementedError(
+                f"{type(block).__name__}: qk_norm, scaled cosine attention, head/attention/fc scaling and "
+                "cross-attention blocks are not covered by the per-head decomposition"
+            )

@@ -1,0 +1,226 @@
+"""Building the image encoder (and the text tower the logit lens needs) from an `EncoderConfig`.
+
+Sources: `open_clip` (open_clip's own loader; `pretrained: null` builds only the vision tower with random
+weights), `kandinsky_prior` (the HF `CLIPVisionModelWithProjection` of the Kandinsky 2.2 prior, mapped key
+by key onto an open_clip `VisionTransformer`) and `tiny` (seeded random weights, for tests).
+Weights come from the Hugging Face cache or a local path; a missing one becomes a one-line `UserError`.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import open_clip
+import torch
+from open_clip.model import _build_vision_tower  # the builder create_model uses, minus the text tower
+from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
+from torch import Tensor, nn
+
+from dsl_cli.encoder.hooked import HookedEncoder
+from dsl_cli.errors import UserError
+
+Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
+
+# The Kandinsky 2.2 prior was trained on this open_clip model's image embeddings: its text tower is the
+# matching one for the logit lens.
+PRIOR_TEXT_MODEL = ("ViT-bigG-14", "laion2b_s39b_b160k")
+
+TINY_EMBED_DIM = 32
+TINY_VISION_CFG = dict(image_size=64, patch_size=16, width=64, layers=4, head_width=16, mlp_ratio=4.0)
+TINY_TEXT_CFG = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
+
+_ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def load_encoder(
+    cfg: Any, device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[HookedEncoder, Preprocess]:
+    """cfg: an `EncoderConfig` (or anything with its attributes) -> (encoder in eval mode on device/dtype,
+    preprocess: PIL image -> [3, S, S] normalised tensor)."""
+    if cfg.source == "tiny":
+        visual, preprocess = build_tiny_visual(), open_clip.image_transform(TINY_VISION_CFG["image_size"], False)
+    elif cfg.source == "open_clip":
+        visual, preprocess = _load_open_clip_visual(cfg.name, cfg.pretrained, cfg.checkpoint)
+    elif cfg.source == "kandinsky_prior":
+        visual, preprocess = _load_prior_visual(cfg.repo_id, cfg.subfolder, cfg.checkpoint)
+    else:
+        raise UserError(f"unknown encoder.source {cfg.source!r}: use open_clip, kandinsky_prior or tiny")
+    try:
+        encoder = HookedEncoder(visual)
+    except NotImplementedError as err:
+        raise UserError(f"encoder {cfg.source}:{cfg.name} cannot be opened up: {err}") from err
+    encoder.requires_grad_(False)
+    return encoder.to(device=device, dtype=dtype), preprocess
+
+
+def load_text_model(
+    cfg: Any, device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[nn.Module, Callable]:
+    """The CLIP model (with `encode_text`) and tokenizer whose text space matches the encoder's images.
+
+    tiny: the tiny CLIP (its `.visual` is the tiny encoder's weights); kandinsky_prior: ViT-bigG-14
+    laion2b_s39b_b160k unless `text_name`/`text_pretrained` say otherwise; open_clip: the encoder's model.
+    """
+    if cfg.source == "tiny":
+        model, tokenizer = build_tiny_clip(), open_clip.get_tokenizer("ViT-B-32")
+    else:
+        default_name, default_tag = PRIOR_TEXT_MODEL if cfg.source == "kandinsky_prior" else (cfg.name, cfg.pretrained)
+        name = cfg.text_name or default_name
+        tag = cfg.text_pretrained or default_tag
+        with _user_errors(name, tag):
+            model = open_clip.create_model(name, pretrained=tag)
+            tokenizer = open_clip.get_tokenizer(name)
+    model.requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def build_tiny_clip() -> open_clip.CLIP:
+    """A tiny open_clip CLIP (embed_dim 32; vision: image 64, patch 16, width 64, 4 layers, 4 heads, exact
+    GELU; text: width 32, 2 heads, 1 layer), random weights seeded with 0 (the caller's RNG is untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = open_clip.CLIP(
+            embed_dim=TINY_EMBED_DIM,
+            vision_cfg=open_clip.CLIPVisionCfg(**TINY_VISION_CFG),
+            text_cfg=open_clip.CLIPTextCfg(**TINY_TEXT_CFG),
+        )
+    return model.eval()
+
+
+def build_tiny_visual() -> VisionTransformer:
+    """The tiny CLIP's vision tower: the same weights as `build_tiny_clip().visual`."""
+    return build_tiny_clip().visual
+
+
+def _load_open_clip_visual(
+    name: str, pretrained: Optional[str], checkpoint: Optional[str]
+) -> tuple[nn.Module, Preprocess]:
+    model_cfg = open_clip.get_model_config(name)
+    if model_cfg is None:
+        raise UserError(f"unknown open_clip model {name!r} (open_clip.list_models() lists the known ones)")
+    weights = checkpoint or pretrained
+    if weights is None:
+        # random weights: building only the vision tower keeps bigG at ~7 GB fp32 instead of ~10 GB
+        visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))
+        pp = model_cfg.get("preprocess_cfg", {})
+        return visual, open_clip.image_transform(visual.image_size, False, mean=pp.get("mean"), std=pp.get("std"))
+    with _user_errors(name, weights):
+        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
+    return model.visual, preprocess
+
+
+def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) -> tuple[nn.Module, Preprocess]:
+    folder = Path(checkpoint) if checkpoint else _cached_subfolder(repo_id, subfolder)
+    config_file, weight_files = folder / "config.json", sorted(folder.glob("*.safetensors"))
+    if not config_file.is_file() or not weight_files:
+        raise UserError(
+            f"{folder} must hold config.json and model.safetensors (a CLIPVisionModelWithProjection); "
+            f"fetch them with `huggingface-cli download {repo_id} --include '{subfolder}/*'`"
+        )
+    config = json.loads(config_file.read_text())
+    visual = vision_transformer_from_hf_config(config)
+    visual.load_state_dict(hf_to_open_clip_state_dict(_read_safetensors(weight_files), config["num_hidden_layers"]))
+    # the prior's CLIPImageProcessor: bicubic shortest-edge resize, centre crop, OpenAI mean/std
+    return visual, open_clip.image_transform(config["image_size"], False)
+
+
+def _cached_subfolder(repo_id: str, subfolder: str) -> Path:
+    """The cached snapshot's `subfolder` (fetched only if downloads are allowed)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        root = snapshot_download(repo_id, allow_patterns=[f"{subfolder}/*"])
+    except (OSError, ValueError) as err:  # LocalEntryNotFoundError is an OSError
+        raise UserError(
+            f"the image encoder of {repo_id} ({subfolder}/) is not in the Hugging Face cache and could not be "
+            f"downloaded: run `huggingface-cli download {repo_id} --include '{subfolder}/*'` or set "
+            "encoder.checkpoint=/path/to/folder (config.json + model.safetensors)"
+        ) from err
+    return Path(root) / subfolder
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    state: dict[str, Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
+
+
+def vision_transformer_from_hf_config(config: dict) -> VisionTransformer:
+    """An open_clip VisionTransformer with the architecture of an HF CLIPVisionConfig (as a dict)."""
+    act = config.get("hidden_act", "quick_gelu")
+    if act not in _ACTIVATIONS:
+        raise UserError(f"hidden_act {act!r} of the image encoder is not supported (use gelu or quick_gelu)")
+    width, hidden = config["hidden_size"], config["intermediate_size"]
+    return VisionTransformer(
+        image_size=config["image_size"],
+        patch_size=config["patch_size"],
+        width=width,
+        layers=config["num_hidden_layers"],
+        heads=config["num_attention_heads"],
+        # open_clip takes int(width * mlp_ratio); the half keeps float rounding from losing a unit (8192/1664)
+        mlp_ratio=(hidden + 0.5) / width,
+        output_dim=config["projection_dim"],
+        act_layer=_ACTIVATIONS[act],
+        norm_layer=partial(LayerNorm, eps=config.get("layer_norm_eps", 1e-5)),
+    )
+
+
+def hf_to_open_clip_state_dict(hf: dict[str, Tensor], n_layers: int) -> dict[str, Tensor]:
+    """Map CLIPVisionModelWithProjection keys onto open_clip VisionTransformer keys (1:1, q/k/v concatenated
+    into in_proj, the projection transposed). Raises UserError on keys it does not account for."""
+    rest = dict(hf)  # every key is popped once it is mapped, so that leftovers can be reported
+    take = lambda key: rest.pop("vision_model." + key)  # noqa: E731
+    out = {
+        "class_embedding": take("embeddings.class_embedding"),
+        "conv1.weight": take("embeddings.patch_embedding.weight"),
+        "positional_embedding": take("embeddings.position_embedding.weight"),
+        "proj": rest.pop("visual_projection.weight").T.contiguous(),
+    }
+    for p in ("weight", "bias"):
+        out[f"ln_pre.{p}"] = take(f"pre_layrnorm.{p}")
+        out[f"ln_post.{p}"] = take(f"post_layernorm.{p}")
+        for i in range(n_layers):
+            src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+            out[f"{dst}attn.in_proj_{p}"] = torch.cat([take(f"{src}self_attn.{x}_proj.{p}") for x in "qkv"])
+            for hf_name, ours in (
+                ("self_attn.out_proj", "attn.out_proj"),
+                ("layer_norm1", "ln_1"),
+                ("layer_norm2", "ln_2"),
+                ("mlp.fc1", "mlp.c_fc"),
+                ("mlp.fc2", "mlp.c_proj"),
+            ):
+                out[f"{dst}{ours}.{p}"] = take(f"{src}{hf_name}.{p}")
+    unexpected = sorted(k for k in rest if not k.endswith("position_ids"))  # a buffer older files carry
+    if unexpected:
+        raise UserError(f"image encoder weights hold keys that are not mapped: {', '.join(unexpected[:5])}")
+    return out
+
+
+@contextmanager
+def _user_errors(name: str, weights: Optional[str]) -> Iterator[None]:
+    """Turn open_clip's and huggingface_hub's failures to find weights into a one-line UserError."""
+    try:
+        yield
+    except (RuntimeError, OSError, ValueError) as err:
+        repo = _hub_repo(name, weights)
+        fix = f"`huggingface-cli download {repo}`" if repo else "a download"
+        reason = " ".join(str(err).split())
+        raise UserError(
+            f"open_clip weights {name}/{weights} could not be loaded ({reason}): fetch them with {fix} "
+            "or set encoder.checkpoint=/path/to/weights"
+        ) from err
+
+
+def _hub_repo(name: str, tag: Optional[str]) -> Optional[str]:
+    """The Hugging Face repository open_clip fetches `tag` of `name` from, if it is a known hub tag."""
+    if tag is None or Path(tag).exists():
+        return None
+    repo = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "")
+    return repo.rstrip("/") or None

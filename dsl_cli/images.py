@@ -1,0 +1,143 @@
+"""Image sets: the first stage. Turns `images.*` config into a list of upright RGB PIL images with names.
+
+`samples` are natural photos that ship inside scikit-image (CC0 / public domain), so runs work offline;
+`folder` takes a folder, a glob or one file. Odd formats (grayscale, palette, RGBA, CMYK, 16-bit) are
+converted; EXIF-rotated JPEGs are turned upright; unreadable files are refused with one clear line, or
+skipped and listed when `images.skip_bad=true`.
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from dsl_cli.errors import UserError
+
+# name -> file inside the installed scikit-image package (skimage/data)
+SAMPLES = {
+    "astronaut": "astronaut.png",
+    "chelsea": "chelsea.png",
+    "coffee": "coffee.png",
+    "rocket": "rocket.jpg",
+    "motorcycle": "motorcycle_left.png",
+}
+SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+
+
+@dataclass
+class InputImage:
+    name: str  # file-system-safe, unique within the set
+    image: Image.Image  # RGB, upright
+    source: str  # where it came from
+
+
+@dataclass
+class ImageSet:
+    images: list[InputImage]
+    skipped: list[dict] = field(default_factory=list)  # [{"path": ..., "reason": ...}]
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Upright 8-bit RGB from whatever Pillow opened (EXIF rotation, palette, alpha, CMYK, 16-bit, grey)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float greyscale: rescale to 8 bits by the value range, not by clipping
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+        image = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # composite on white, as a viewer would show it
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open, fully decode and convert one file; any failure becomes UserError naming the file."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as opened:
+                opened.load()
+                return to_rgb(opened)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UserError(
+            f"{path}: image too large ({err}); downscale it or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+        ) from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"{path}: not a readable image ({err}); remove it or set images.skip_bad=true") from None
+
+
+def _safe_name(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "image"
+
+
+def _folder_files(spec: str) -> list[Path]:
+    """Files named by a folder, a glob or a single path, sorted."""
+    path = Path(spec).expanduser()
+    if any(ch in spec for ch in "*?["):
+        files = [Path(p) for p in glob.glob(str(path), recursive=True)]
+        if not files:
+            raise UserError(f"images.path={spec}: the pattern matches no file")
+        return sorted(p for p in files if p.is_file())
+    if not path.exists():
+        raise UserError(f"images.path={spec}: no such file or folder")
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise UserError(
+            f"images.path={spec}: no images in this folder (looked for {', '.join(sorted(SUFFIXES))})"
+        )
+    return files
+
+
+def _sample_files(names: list[str] | None) -> list[tuple[str, Path]]:
+    chosen = list(SAMPLES) if not names else list(names)
+    unknown = [n for n in chosen if n not in SAMPLES]
+    if unknown:
+        raise UserError(f"images.names: unknown sample(s) {unknown}; choose from {sorted(SAMPLES)}")
+    root = resources.files("skimage") / "data"
+    return [(name, Path(str(root / SAMPLES[name]))) for name in chosen]
+
+
+def load_images(cfg) -> ImageSet:
+    """All images of the configured set (`cfg` has the ImagesConfig fields), in a stable order."""
+    if cfg.source == "samples":
+        named = _sample_files(cfg.names)
+    elif cfg.source == "folder":
+        if not cfg.path:
+            raise UserError("images=folder needs images.path=/a/folder, a glob or a file")
+        named = [(_safe_name(p.stem), p) for p in _folder_files(str(cfg.path))]
+    else:
+        raise UserError(f"images.source={cfg.source!r}: use samples or folder")
+    if cfg.limit is not None:
+        if cfg.limit < 1:
+            raise UserError(f"images.limit={cfg.limit}: must be at least 1")
+        named = named[: cfg.limit]
+
+    result = ImageSet(images=[])
+    seen: dict[str, int] = {}
+    for name, path in named:
+        try:
+            image = read_image(path)
+        except UserError as err:
+            if not cfg.skip_bad:
+                raise
+            result.skipped.append({"path": str(path), "reason": str(err)})
+            continue
+        seen[name] = seen.get(name, 0) + 1
+        unique = name if seen[name] == 1 else f"{name}_{seen[name]}"
+        result.images.append(InputImage(unique, image, str(path)))
+    if not result.images:
+        raise UserError(f"no readable image among {len(named)} file(s); skipped: {result.skipped[:3]}")
+    return result

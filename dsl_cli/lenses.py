@@ -1,0 +1,170 @@
+"""Lenses: which components a run looks at, and the embedding each lens gives them.
+
+The third stage: encoder cache -> lens embeddings `[batch, component, d_embed]` and their scores.
+
+- diffusion: the readout R(x) of the residual stream after each chosen layer (Diffusion Lens)
+- direct:    the readout of a head's or MLP's write as it is (the naive baseline DSL improves on)
+- steering:  DSL, the closed-form steered-and-patched embedding (`lens.mode`, `lens.alpha`)
+- logit:     the readout of the residual stream and of the chosen submodules, named by CLIP's text tower
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from dsl_cli.components import Component, parse_component
+from dsl_cli.errors import UserError
+
+LENSES = ("diffusion", "direct", "steering", "logit")
+MODES = ("add", "scale", "norm")
+
+
+def _as_list(value) -> list:
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return list(value)
+    return [value]
+
+
+def parse_layers(spec, n_layers: int) -> list[int]:
+    """`layer` config value -> sorted layer indices: an int, a list, `all`, or an inclusive range `10-20`.
+
+    Negative ints count from the end (-1 is the last layer), as in Python.
+    """
+    valid = f"layers run from 0 to {n_layers - 1} (or -{n_layers} to -1)"
+    layers: list[int] = []
+    for item in _as_list(spec):
+        text = str(item).strip()
+        if text == "all":
+            layers.extend(range(n_layers))
+            continue
+        single, span = re.fullmatch(r"-?\d+", text), re.fullmatch(r"(\d+)-(\d+)", text)
+        if single:
+            numbers = [int(text)]
+        elif span:
+            numbers = list(range(int(span[1]), int(span[2]) + 1))
+        else:
+            raise UserError(f"layer={item!r}: use an int, a list [10,20], all, or a range 10-20; {valid}")
+        for number in numbers:
+            if not -n_layers <= number < n_layers:
+                raise UserError(f"layer={number} is outside this model: {valid}")
+            layers.append(number % n_layers)
+    if not layers:
+        raise UserError(f"layer={spec!r} names no layer; {valid}")
+    return sorted(set(layers))
+
+
+def parse_heads(spec, n_heads: int) -> list[int]:
+    """`head` config value -> sorted head indices: `all`, an int or a list."""
+    if str(spec).strip() == "all":
+        return list(range(n_heads))
+    heads: list[int] = []
+    for item in _as_list(spec):
+        try:
+            number = int(item)
+        except (TypeError, ValueError):
+            raise UserError(f"head={item!r}: use all, an int or a list of ints") from None
+        if not 0 <= number < n_heads:
+            raise UserError(f"head={number} is outside this model: heads run from 0 to {n_heads - 1}")
+        heads.append(number)
+    return sorted(set(heads))
+
+
+def select_components(
+    lens: str, layer_spec, head_spec, component: str, n_layers: int, n_heads: int
+) -> list[Component]:
+    """The components a run reads, in layer order.
+
+    diffusion: the residual stream after each layer. direct/steering: the chosen heads and/or MLP of each
+    layer. logit: both (the residual stream first, then the submodules of each layer).
+    """
+    if lens not in LENSES:
+        raise UserError(f"lens={lens!r}: choose one of {', '.join(LENSES)}")
+    if component not in ("heads", "mlp", "all"):
+        raise UserError(f"component={component!r}: use heads, mlp or all")
+    layers = parse_layers(layer_spec, n_layers)
+    heads = parse_heads(head_spec, n_heads)
+    chosen: list[Component] = []
+    for layer in layers:
+        if lens in ("diffusion", "logit"):
+            chosen.append(Component("resid", layer))
+        if lens != "diffusion":
+            if component in ("heads", "all"):
+                chosen.extend(Component("head", layer, h) for h in heads)
+            if component in ("mlp", "all"):
+                chosen.append(Component("mlp", layer))
+    return chosen
+
+
+def check_components(labels: list[str], n_layers: int, n_heads: int) -> list[Component]:
+    """Parse explicit labels and check them against the model; one clear error for any bad one."""
+    components = []
+    for label in labels:
+        try:
+            comp = parse_component(label)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if comp.kind != "embed" and not 0 <= comp.layer < n_layers:
+            raise UserError(f"{label}: layer {comp.layer} is outside this model (0 to {n_layers - 1})")
+        if comp.kind == "head" and not 0 <= comp.head < n_heads:
+            raise UserError(f"{label}: head {comp.head} is outside this model (0 to {n_heads - 1})")
+        components.append(comp)
+    return components
+
+
+def lens_embeddings(encoder, cache, components: list[Component], lens_cfg) -> torch.Tensor:
+    """The embedding each component gives under the lens: `[batch, component, d_embed]`."""
+    if lens_cfg.name == "steering":
+        if lens_cfg.mode not in MODES:
+            raise UserError(f"lens.mode={lens_cfg.mode!r}: use add, scale or norm")
+        if not torch.isfinite(torch.tensor(float(lens_cfg.alpha))):
+            raise UserError(f"lens.alpha={lens_cfg.alpha}: must be a finite number")
+        return encoder.steer(cache, components, mode=lens_cfg.mode, alpha=float(lens_cfg.alpha))
+    return encoder.direct(cache, components)
+
+
+@dataclass
+class Scores:
+    """Per-component scores of one batch of images: each `[batch, component]`."""
+
+    sim_embed: torch.Tensor  # cos(lens embedding, clean embedding of the input)
+    norm: torch.Tensor  # |write| of the component in the residual stream (|x| for the residual stream)
+
+
+def score(encoder, cache, components: list[Component], embeds: torch.Tensor) -> Scores:
+    """Similarity of every lens embedding to the input's own embedding, and the size of each write."""
+    clean = cache.embeds.float().unsqueeze(1)
+    sim = torch.nn.functional.cosine_similarity(embeds.float(), clean, dim=-1)
+    norm = encoder.component_writes(cache, components).float().norm(dim=-1)
+    return Scores(sim_embed=sim, norm=norm)
+
+
+def rank(values: torch.Tensor) -> torch.Tensor:
+    """1-based rank along the last axis, 1 = most similar; ties keep component order (stable)."""
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)
+    positions = torch.arange(1, values.shape[-1] + 1, device=values.device).expand_as(order)
+    ranks.scatter_(-1, order, positions)
+    return ranks
+
+
+def text_classifier(text_model, tokenizer, templates: str, device) -> tuple[torch.Tensor, list[str]]:
+    """Unit-norm class embeddings `[d_embed, 1000]` for the ImageNet names, averaged over prompt templates."""
+    import open_clip
+
+    names = list(open_clip.IMAGENET_CLASSNAMES)
+    prompts = open_clip.OPENAI_IMAGENET_TEMPLATES if templates == "openai" else open_clip.SIMPLE_IMAGENET_TEMPLATES
+    classifier = open_clip.build_zero_shot_classifier(
+        text_model, tokenizer=tokenizer, classnames=names, templates=prompts, num_classes_per_batch=50,
+        device=device, use_tqdm=True,
+    )
+    return classifier, names
+
+
+def top_labels(embeds: torch.Tensor, classifier: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of each embedding `[..., d_embed]` with each class; the k best as (scores, indices) `[..., k]`."""
+    unit = torch.nn.functional.normalize(embeds.float(), dim=-1)
+    sims = unit @ classifier.to(unit.device, torch.float32)
+    return sims.topk(k, dim=-1)

@@ -1,0 +1,102 @@
+"""The `dsl` console script: runs from any folder, Hydra's flags work, the schema rejects misspelt keys."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from dsl_cli.config import register_configs
+
+DSL = str(Path(sys.executable).parent / "dsl")
+CONFIGS = Path(__file__).parents[1] / "dsl_cli" / "configs"
+
+
+def dsl(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The installed console script, as a user runs it."""
+    return subprocess.run([DSL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def run_folders(root: Path) -> list[Path]:
+    return sorted(p.parent.parent for p in (root / "outputs").glob("*/*/.hydra/config.yaml"))
+
+
+def test_version_and_help_answer_without_a_model(tmp_path: Path) -> None:
+    version = dsl("--version", cwd=tmp_path, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("dsl ")
+    usage = dsl("--help", cwd=tmp_path, timeout=60)
+    assert usage.returncode == 0 and "dsl run" in usage.stdout and "dsl plot" in usage.stdout
+    hydra_help = dsl("run", "--help", cwd=tmp_path, timeout=60)
+    assert hydra_help.returncode == 0 and "lens: " in hydra_help.stdout and "steering" in hydra_help.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_unknown_command_is_one_line_and_status_2(tmp_path: Path) -> None:
+    result = dsl("frobnicate", cwd=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_run_tiny_from_outside_the_repository(tmp_path: Path) -> None:
+    result = dsl("run", "debug=tiny", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (folder,) = run_folders(tmp_path)
+    saved = OmegaConf.load(folder / ".hydra" / "config.yaml")
+    assert saved.encoder.source == "tiny" and saved.decode.steps == 2
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["layer"] == 1
+
+
+def test_multirun_leaves_one_folder_per_job(tmp_path: Path) -> None:
+    result = dsl("run", "debug=tiny", "decode.enabled=false", "--multirun", "seed=0,1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted((tmp_path / "outputs" / "multirun").glob("*/*/*/.hydra/config.yaml"))
+    assert len(jobs) == 2
+    assert sorted(OmegaConf.load(j).seed for j in jobs) == [0, 1]
+    for job in jobs:
+        assert json.loads((job.parent.parent / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_misspelt_key_fails_at_compose_time(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    result = dsl("run", "debug=tiny", "lens.no_such_key=1", cwd=tmp_path, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert result.returncode != 0
+    assert "Key 'no_such_key' not in 'LensConfig'" in result.stderr
+    assert elapsed < 30  # loose: proves nothing heavy ran, not a timing goal
+    assert not list(tmp_path.glob("outputs/*/*/manifest.json")), "a model was loaded or a run started"
+
+
+def test_wrong_type_fails_at_compose_time(tmp_path: Path) -> None:
+    result = dsl("run", "debug=tiny", "decode.steps=many", cwd=tmp_path, timeout=60)
+    assert result.returncode != 0 and "could not be converted to Integer" in result.stderr
+
+
+def _choices() -> list[tuple[str, str]]:
+    return sorted((p.parent.name, p.stem) for p in CONFIGS.glob("*/*.yaml"))
+
+
+def test_every_group_has_configs() -> None:
+    groups = {group for group, _ in _choices()}
+    assert {"encoder", "decoder", "lens", "images", "decode", "experiment", "debug"} <= groups
+
+
+@pytest.mark.parametrize(("group", "choice"), _choices())
+def test_every_config_composes(group: str, choice: str) -> None:
+    register_configs()
+    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+        cfg = compose(config_name="run", overrides=[f"{group}={choice}"])
+    assert set(cfg) >= {"encoder", "decoder", "lens", "images", "decode", "layer", "head", "component", "seed"}
+    if group not in ("experiment", "debug"):
+        # every key the file sets made it into the composed config with the file's value
+        expected = OmegaConf.load(CONFIGS / group / f"{choice}.yaml")
+        for key in expected:
+            if key != "defaults" and not OmegaConf.is_missing(expected, key):
+                assert cfg[group][key] == expected[key], (group, choice, key)

@@ -1,0 +1,174 @@
+"""Decoder: batched, seeded decoding equals the diffusers pipeline called one item at a time."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from diffusers import KandinskyV22Pipeline
+
+from dsl_cli.config import DecoderConfig
+from dsl_cli.decoder import KandinskyDecoder, load_decoder, resolve_dtype, to_pil, to_uint8
+from dsl_cli.errors import UserError
+
+SIZE, STEPS, GUIDANCE = 64, 2, 4.0
+KW = dict(height=SIZE, width=SIZE, steps=STEPS, guidance=GUIDANCE, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dec() -> KandinskyDecoder:
+    return load_decoder(DecoderConfig(source="tiny"))
+
+
+def _inputs(n: int, dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(n, dim, generator=g), torch.randn(1, dim, generator=g)
+
+
+def _reference(pipe: KandinskyV22Pipeline, embed: torch.Tensor, negative: torch.Tensor, seed: int) -> np.ndarray:
+    """The pipeline itself, one embedding per call, as diffusers' docs use it."""
+    return pipe(
+        image_embeds=embed[None],
+        negative_image_embeds=negative,
+        generator=torch.Generator().manual_seed(seed),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=GUIDANCE,
+        output_type="np",
+    ).images[0]
+
+
+def test_tiny_decoder_is_the_stochastic_ddpm_pipeline(dec: KandinskyDecoder) -> None:
+    # DDPM adds fresh noise at every step: the case where per-item generators matter most.
+    assert type(dec.pipe.scheduler).__name__ == "DDPMScheduler"
+    assert dec.embed_dim == 32 and dec.pipe.movq_scale_factor == 2
+
+
+def test_decode_equals_pipeline_one_item_at_a_time(dec: KandinskyDecoder) -> None:
+    embeds, negative = _inputs(4)
+    seeds = [0, 1, 2, 0]
+    got = dec.decode(embeds, negative, seeds, batch_size=4, **KW)
+    assert got.shape == (4, SIZE, SIZE, 3) and got.dtype == np.float32
+    assert 0.0 <= got.min() and got.max() <= 1.0 and got.std() > 0.01
+    for i, seed in enumerate(seeds):
+        np.testing.assert_allclose(got[i], _reference(dec.pipe, embeds[i], negative, seed), atol=1e-3)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_batch_size_does_not_change_pictures(scheduler: str) -> None:
+    dec = load_decoder(DecoderConfig(source="tiny"), scheduler=scheduler)
+    embeds, negative = _inputs(7)
+    seeds = [5, 6, 7, 8, 9, 5, 5]
+    runs = [dec.decode(embeds, negative, seeds, batch_size=b, **KW) for b in (1, 3, 8)]
+    for run in runs[1:]:
+        np.testing.assert_allclose(run, runs[0], atol=1e-3)
+    # Seeds, not positions, set the noise: items 5 and 6 share item 0's seed but not its embedding.
+    assert np.abs(runs[0][5] - runs[0][6]).max() > 1e-2
+
+
+def test_same_seed_gives_identical_png_bytes(dec: KandinskyDecoder) -> None:
+    embeds, negative = _inputs(2)
+
+    def pngs() -> list[bytes]:
+        out = []
+        for image in dec.decode(embeds, negative, 42, batch_size=2, **KW):
+            buf = io.BytesIO()
+            to_pil(image).save(buf, format="PNG")
+            out.append(buf.getvalue())
+        return out
+
+    assert pngs() == pngs()
+
+
+def _fail_above(limit: int, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Make the pipeline raise CUDA out-of-memory for batches above `limit`; return the batch sizes tried."""
+    original = KandinskyV22Pipeline.__call__
+    tried: list[int] = []
+
+    def call(self, *args, **kwargs):
+        tried.append(len(kwargs["image_embeds"]))
+        if tried[-1] > limit:
+            raise torch.cuda.OutOfMemoryError("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(KandinskyV22Pipeline, "__call__", call)
+    return tried
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(
+    dec: KandinskyDecoder, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    embeds, negative = _inputs(7)
+    seeds = list(range(7))
+    expected = dec.decode(embeds, negative, seeds, batch_size=1, **KW)
+    tried = _fail_above(2, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="dsl_cli.decoder"):
+        batches = list(dec.iter_decode(embeds, negative, seeds, batch_size=8, **KW))
+    assert tried == [7, 4, 2, 2, 2, 1]
+    assert [i for indices, _ in batches for i in indices] == list(range(7))
+    np.testing.assert_allclose(np.concatenate([images for _, images in batches]), expected, atol=1e-3)
+    assert sum("out of memory" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_out_of_memory_at_batch_one_is_raised(dec: KandinskyDecoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    embeds, negative = _inputs(2)
+    tried = _fail_above(0, monkeypatch)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        dec.decode(embeds, negative, 0, batch_size=2, **KW)
+    assert tried == [2, 1]
+
+
+def test_wrong_sizes_and_seed_counts_are_refused(dec: KandinskyDecoder) -> None:
+    embeds, negative = _inputs(2)
+    with pytest.raises(UserError, match="multiples of 4"):
+        dec.decode(embeds, negative, 0, **{**KW, "height": 66})
+    with pytest.raises(ValueError, match="3 seeds for 2"):
+        dec.decode(embeds, negative, [0, 1, 2], **KW)
+
+
+def test_missing_weights_become_one_line_user_errors(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    def offline(*args, **kwargs):
+        raise OSError("the model is not fully cached locally")
+
+    # Stand-in for an offline hub cache miss: tests never reach the network.
+    monkeypatch.setattr(KandinskyV22Pipeline, "from_pretrained", offline)
+    with pytest.raises(UserError) as err:
+        load_decoder(DecoderConfig(source="pretrained"))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "huggingface-cli download kandinsky-community/kandinsky-2-2-decoder" in message
+    assert "decoder.path=" in message
+    with pytest.raises(UserError, match="no such folder"):
+        load_decoder(DecoderConfig(source="pretrained", path=str(tmp_path / "absent")))
+
+
+def test_dtype_and_source_names() -> None:
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("fp16", "cuda") == torch.float16
+    with pytest.raises(UserError):
+        resolve_dtype("fp64", "cpu")
+    with pytest.raises(UserError):
+        load_decoder(DecoderConfig(source="tiny"), scheduler="euler")
+
+
+def test_to_uint8_rounds_and_clips() -> None:
+    image = np.array([-0.1, 0.0, 0.4 / 255, 0.6 / 255, 0.5, 1.0, 1.2], dtype=np.float32)
+    assert to_uint8(image).tolist() == [0, 0, 0, 1, 128, 255, 255]
+
+
+@pytest.mark.slow
+def test_real_architecture_with_random_weights_builds_and_decodes() -> None:
+    dec = load_decoder(DecoderConfig(source="random"))
+    unet = sum(p.numel() for p in dec.pipe.unet.parameters())
+    movq = sum(p.numel() for p in dec.pipe.movq.parameters())
+    assert unet == pytest.approx(1.253e9, rel=5e-3)  # DESIGN.md section 2
+    assert movq == pytest.approx(67.8e6, rel=5e-3)
+    assert dec.embed_dim == 1280 and dec.size_multiple == 64
+    embeds, negative = _inputs(1, dim=1280)
+    image = dec.decode(embeds, negative, 0, height=64, width=64, steps=2, guidance=4.0, progress=False)
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()

@@ -1,0 +1,312 @@
+"""The encoder: loading, the CLS cache and its exact decomposition, and closed-form DSL vs the hooked pass.
+
+Oracles are open_clip's own forward (fused attention), transformers' own CLIPVisionModelWithProjection and
+the hooked reference pass; all weights are random, nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import open_clip
+import pytest
+import torch
+from open_clip.transformer import QuickGELU, VisionTransformer
+from PIL import Image
+
+from dsl_cli.components import Component
+from dsl_cli.encoder import STEER_MODES, HookedEncoder, build_tiny_clip, load_encoder, load_text_model
+from dsl_cli.errors import UserError
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def perturb_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give biases, LayerNorm affines and LayerScale gammas random values: open_clip and transformers
+    initialise them to 0/1/constant, which would hide a bias or scale applied in the wrong place."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if name.endswith("gamma"):
+                p.copy_(0.05 + 0.4 * noise.abs())
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif p.ndim == 1 and name.endswith("weight"):  # LayerNorm scale
+                p.copy_(1 + 0.2 * noise)
+    return module
+
+
+def encoder_config(**kw) -> SimpleNamespace:
+    base = dict(source="open_clip", name="ViT-B-32", pretrained=None, checkpoint=None,
+                repo_id="kandinsky-community/kandinsky-2-2-prior", subfolder="image_encoder",
+                text_name=None, text_pretrained=None)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def mid_visual() -> VisionTransformer:
+    """A LayerScale, QuickGELU tower unlike the tiny one: width 128, 6 layers, 8 heads, embed 48."""
+    torch.manual_seed(3)
+    visual = VisionTransformer(image_size=64, patch_size=16, width=128, layers=6, heads=8, mlp_ratio=4.0,
+                               ls_init_value=0.1, output_dim=48, act_layer=QuickGELU)
+    return perturb_(visual).eval()
+
+
+@pytest.fixture(params=["tiny", "mid"])
+def visual(request, tiny_visual) -> VisionTransformer:
+    return tiny_visual if request.param == "tiny" else mid_visual()
+
+
+def clean_sublayer_outputs(visual: VisionTransformer, pixels: torch.Tensor) -> dict:
+    """open_clip's own forward, observed through hooks: {(layer, 'ls_1'|'ls_2'): [B,T,D]} and the
+    per-block outputs from forward_intermediates."""
+    seen, handles = {}, []
+    for l, block in enumerate(visual.transformer.resblocks):
+        for name in ("ls_1", "ls_2"):
+            handles.append(getattr(block, name).register_forward_hook(
+                lambda m, i, out, key=(l, name): seen.__setitem__(key, out.detach().clone())))
+    with torch.no_grad():
+        visual(pixels)
+        blocks_out = visual.forward_intermediates(pixels, output_fmt="NLC", output_extra_tokens=True)
+    for h in handles:
+        h.remove()
+    seen["block_cls"] = torch.stack([t[:, 0] for t in blocks_out["image_intermediates_prefix"]], 1)
+    return seen
+
+
+# ---- the cache and the decomposition ----------------------------------------------------------------
+
+def test_cache_matches_open_clip_forward(visual, tiny_pixels):
+    enc = HookedEncoder(visual)
+    cache = enc.run_with_cache(tiny_pixels)
+    with torch.no_grad():
+        expected = visual(tiny_pixels)
+    torch.testing.assert_close(cache.embeds, expected, **TOL)
+    torch.testing.assert_close(enc.readout(cache.resid[:, -1]), expected, **TOL)
+
+    seen = clean_sublayer_outputs(visual, tiny_pixels)
+    torch.testing.assert_close(cache.resid[:, 1:], seen["block_cls"], **TOL)
+    attn_out = torch.stack([seen[(l, "ls_1")][:, 0] for l in range(enc.n_layers)], 1)
+    mlp_out = torch.stack([seen[(l, "ls_2")][:, 0] for l in range(enc.n_layers)], 1)
+    torch.testing.assert_close(cache.head_writes.sum(2) + cache.attn_bias, attn_out, **TOL)
+    torch.testing.assert_close(cache.mlp_writes, mlp_out, **TOL)
+    torch.testing.assert_close(cache.resid_mid, cache.resid[:, 1:] - mlp_out, **TOL)
+
+
+def test_decomposition_is_exact(visual, tiny_pixels):
+    cache = HookedEncoder(visual).run_with_cache(tiny_pixels)
+    total = cache.resid[:, 0] + cache.head_writes.sum((1, 2)) + cache.attn_bias.sum(1) + cache.mlp_writes.sum(1)
+    torch.testing.assert_close(total, cache.resid[:, -1], **TOL)
+    torch.testing.assert_close(cache.resid[:, :-1] + cache.head_writes.sum(2) + cache.attn_bias, cache.resid_mid, **TOL)
+    torch.testing.assert_close(cache.resid_mid + cache.mlp_writes, cache.resid[:, 1:], **TOL)
+
+
+def test_each_head_write_matches_attention_with_other_heads_silenced(visual, tiny_pixels):
+    """Oracle per head: PyTorch's own MultiheadAttention with every other head's output columns zeroed."""
+    enc = HookedEncoder(visual)
+    cache = enc.run_with_cache(tiny_pixels)
+    layer = enc.n_layers // 2
+    block = visual.transformer.resblocks[layer]
+    with torch.no_grad():
+        normed = block.ln_1(cache_input_of(visual, tiny_pixels, layer))
+        for h in range(enc.n_heads):
+            attn = copy.deepcopy(block.attn)
+            keep = torch.zeros(enc.d_model, dtype=torch.bool)
+            keep[h * enc.d_head:(h + 1) * enc.d_head] = True
+            attn.out_proj.weight[:, ~keep] = 0
+            attn.out_proj.bias.zero_()
+            alone = block.ls_1(attn(normed, normed, normed, need_weights=False)[0])[:, 0]
+            torch.testing.assert_close(cache.head_writes[:, layer, h], alone, **TOL)
+
+
+def cache_input_of(visual: VisionTransformer, pixels: torch.Tensor, layer: int) -> torch.Tensor:
+    """[B,T,D]: the residual stream entering block `layer`, from open_clip's forward."""
+    captured = {}
+    handle = visual.transformer.resblocks[layer].register_forward_pre_hook(
+        lambda m, args: captured.__setitem__("x", args[0].clone()))
+    with torch.no_grad():
+        visual(pixels)
+    handle.remove()
+    return captured["x"]
+
+
+def test_cache_is_batch_invariant(visual, tiny_pixels):
+    enc = HookedEncoder(visual)
+    batched = enc.run_with_cache(tiny_pixels)
+    for i in range(len(tiny_pixels)):
+        alone = enc.run_with_cache(tiny_pixels[i:i + 1])
+        for name in ("resid", "resid_mid", "head_writes", "attn_bias", "mlp_writes", "embeds"):
+            torch.testing.assert_close(getattr(batched, name)[i:i + 1], getattr(alone, name), **TOL)
+
+
+def test_cache_names_and_lenses(tiny_encoder, tiny_pixels):
+    enc, cache = tiny_encoder, tiny_encoder.run_with_cache(tiny_pixels)
+    assert (enc.n_layers, enc.n_heads, enc.d_model, enc.d_head, enc.d_embed, enc.image_size) == (4, 4, 64, 16, 32, 64)
+    torch.testing.assert_close(cache["blocks.2.attn.hook_result"], cache.head_writes[:, 2])
+    torch.testing.assert_close(cache[Component("mlp", 1).hook_name], cache.mlp_writes[:, 1])
+    torch.testing.assert_close(cache["blocks.3.hook_resid_post"], cache.resid[:, 4])
+    torch.testing.assert_close(cache["hook_embed"], cache.resid[:, 0])
+    with pytest.raises(KeyError):
+        cache["blocks.9.hook_mlp_out"]
+
+    writes = enc.component_writes(cache, ["L01H02", Component("mlp", 3), "L0", "embed"])
+    expected = torch.stack([cache.head_writes[:, 1, 2], cache.mlp_writes[:, 3], cache.resid[:, 1], cache.resid[:, 0]], 1)
+    torch.testing.assert_close(writes, expected)
+
+    lens = enc.diffusion_lens(cache, ["embed", 0, "L3"])
+    assert lens.shape == (3, 3, 32)
+    torch.testing.assert_close(lens[:, 2], cache.embeds, **TOL)
+    torch.testing.assert_close(enc.diffusion_lens(cache, [1], mid=True)[:, 0], enc.readout(cache.resid_mid[:, 1]))
+    torch.testing.assert_close(enc.direct(cache, ["L2MLP"])[:, 0], enc.readout(cache.mlp_writes[:, 2]))
+    assert cache.to("cpu").embeds.shape == (3, 32)
+
+
+def test_zero_embed_is_the_tower_on_zeros(tiny_encoder, tiny_visual):
+    with torch.no_grad():
+        expected = tiny_visual(torch.zeros(1, 3, 64, 64))
+    torch.testing.assert_close(tiny_encoder.zero_embed(), expected)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(attentional_pool=True), dict(pool_type="avg"), dict(qk_norm=True), dict(scale_attn=True),
+])
+def test_unsupported_towers_are_refused(bad):
+    visual = VisionTransformer(image_size=32, patch_size=16, width=32, layers=1, heads=2, mlp_ratio=2.0,
+                               output_dim=16, attn_pooler_heads=2, **bad)
+    with pytest.raises(NotImplementedError):
+        HookedEncoder(visual)
+
+
+def test_bad_components_and_modes_are_refused(tiny_encoder, tiny_pixels):
+    cache = tiny_encoder.run_with_cache(tiny_pixels)
+    for bad in (["L2"], ["embed"], ["L4H00"], ["L0H04"]):
+        with pytest.raises(ValueError):
+            tiny_encoder.steer(cache, bad)
+    with pytest.raises(ValueError, match="mode"):
+        tiny_encoder.steer(cache, ["L0H00"], mode="double")
+    with pytest.raises(ValueError):
+        tiny_encoder.diffusion_lens(cache, ["L0MLP"])
+
+
+# ---- DSL: closed form vs the hooked reference --------------------------------------------------------
+
+TINY_COMPONENTS = [f"L{l}H{h}" for l in range(4) for h in range(4)] + [f"L{l}MLP" for l in range(4)]
+
+
+@pytest.mark.parametrize("mode", STEER_MODES)
+def test_closed_form_steering_equals_hooked_pass_for_every_tiny_component(tiny_visual, tiny_pixels, mode):
+    enc = HookedEncoder(perturb_(tiny_visual))
+    pixels, alpha = tiny_pixels[:2], 3.0
+    closed = enc.steer(enc.run_with_cache(pixels), TINY_COMPONENTS, mode=mode, alpha=alpha)
+    assert closed.shape == (2, len(TINY_COMPONENTS), 32)
+    for k, comp in enumerate(TINY_COMPONENTS):
+        hooked = enc.steer_hooked(pixels, comp, mode=mode, alpha=alpha)
+        torch.testing.assert_close(closed[:, k], hooked, **TOL, msg=f"{comp} {mode}")
+        unpatched = enc.steer_hooked(pixels, comp, mode=mode, alpha=alpha, patch=False)
+        gap = (unpatched - hooked).abs().max().item()
+        if comp == "L3MLP":  # nothing comes after the last MLP: patching changes nothing
+            assert gap < 1e-5
+        else:
+            assert gap > 1e-2, f"{comp} {mode}: patching made no difference ({gap:.2e})"
+
+
+@pytest.mark.parametrize("comp", ["L00H00", "L02H05", "L03MLP", "L05H07", "L05MLP"])
+def test_closed_form_steering_equals_hooked_pass_with_layerscale(comp, tiny_pixels):
+    enc = HookedEncoder(mid_visual())
+    cache = enc.run_with_cache(tiny_pixels)
+    for mode in STEER_MODES:
+        torch.testing.assert_close(enc.steer(cache, [comp], mode, 2.0)[:, 0],
+                                   enc.steer_hooked(tiny_pixels, comp, mode, 2.0), **TOL)
+
+
+# ---- loading -----------------------------------------------------------------------------------------
+
+def test_tiny_loading_shares_the_text_space(tiny_pixels):
+    enc, preprocess = load_encoder(encoder_config(source="tiny"))
+    assert preprocess(Image.new("RGB", (90, 70), "red")).shape == (3, 64, 64)
+    model, tokenizer = load_text_model(encoder_config(source="tiny"))
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(tiny_pixels), enc.run_with_cache(tiny_pixels).embeds, **TOL)
+        text = model.encode_text(tokenizer(["a photo of a dog", "a cat"]))
+    assert text.shape == (2, enc.d_embed)
+    # the builder is seeded and leaves the caller's RNG alone
+    state = torch.random.get_rng_state()
+    build_tiny_clip()
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_open_clip_random_weights_build_only_the_vision_tower():
+    enc, preprocess = load_encoder(encoder_config(name="ViT-S-32", pretrained=None))
+    assert (enc.n_layers, enc.n_heads, enc.d_model, enc.d_embed, enc.image_size) == (12, 6, 384, 384, 224)
+    assert preprocess(Image.new("RGB", (300, 240))).shape == (3, 224, 224)
+    pixels = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.run_with_cache(pixels).embeds, enc.visual(pixels), **TOL)
+
+
+@pytest.mark.parametrize("act,eps,image,patch,layers", [("gelu", 1e-5, 64, 16, 3), ("quick_gelu", 1e-6, 32, 8, 2)])
+def test_kandinsky_prior_layout_maps_onto_open_clip(tmp_path, act, eps, image, patch, layers):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=4, image_size=image,
+        patch_size=patch, projection_dim=32, hidden_act=act, layer_norm_eps=eps)
+    torch.manual_seed(0)
+    hf = perturb_(transformers.CLIPVisionModelWithProjection(config)).eval()
+    hf.save_pretrained(tmp_path)
+
+    enc, preprocess = load_encoder(encoder_config(source="kandinsky_prior", checkpoint=str(tmp_path)))
+    pixels = torch.randn(2, 3, image, image)
+    with torch.no_grad():
+        expected = hf(pixel_values=pixels).image_embeds
+    torch.testing.assert_close(enc.run_with_cache(pixels).embeds, expected, **TOL)
+    assert preprocess(Image.new("RGB", (100, 80))).shape == (3, image, image)
+
+
+@pytest.fixture
+def offline_empty_hub(tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1 with an empty HF_HOME; huggingface_hub reads both at import, so its constants too."""
+    import huggingface_hub.constants as hub
+
+    home = tmp_path / "hf"
+    home.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HOME", str(home))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(home / "hub"))
+    yield home
+    assert not list(home.rglob("*.safetensors")) and not list(home.rglob("*.bin")), "something was downloaded"
+
+
+def test_missing_prior_weights_offline_is_a_user_error(offline_empty_hub):
+    with pytest.raises(UserError, match="kandinsky-community/kandinsky-2-2-prior") as err:
+        load_encoder(encoder_config(source="kandinsky_prior"))
+    assert "huggingface-cli download" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_open_clip_weights_offline_is_a_user_error(offline_empty_hub, tmp_path):
+    with pytest.raises(UserError, match="laion/CLIP-ViT-B-32-laion2B-s34B-b79K") as err:
+        load_encoder(encoder_config(name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="encoder.checkpoint"):
+        load_encoder(encoder_config(name="ViT-B-32", checkpoint=str(tmp_path / "missing.bin")))
+    with pytest.raises(UserError):
+        load_encoder(encoder_config(name="No-Such-Model"))
+
+
+# ---- real size ---------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_bigg_random_weights_give_all_dsl_embeddings():
+    enc, preprocess = load_encoder(encoder_config(name="ViT-bigG-14", pretrained=None))
+    assert (enc.n_layers, enc.n_heads, enc.d_model, enc.d_head, enc.d_embed) == (48, 16, 1664, 104, 1280)
+    assert enc.blocks[0].mlp.c_fc.out_features == 8192
+    pixels = preprocess(Image.new("RGB", (256, 256), "gray"))[None]
+    cache = enc.run_with_cache(pixels)
+    assert cache.head_writes.shape == (1, 48, 16, 1664)
+    components = [f"L{l}H{h}" for l in range(48) for h in range(16)] + [f"L{l}MLP" for l in range(48)]
+    steered = enc.steer(cache, components)
+    assert steered.shape == (1, 816, 1280) and torch.isfinite(steered).all()
+    total = cache.resid[:, 0] + cache.head_writes.sum((1, 2)) + cache.attn_bias.sum(1) + cache.mlp_writes.sum(1)
+    torch.testing.assert_close(total, cache.resid[:, -1], atol=1e-3, rtol=1e-4)
