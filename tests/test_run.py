@@ -1,0 +1,175 @@
+"""`dsl run` end to end on the tiny models: every lens writes every file, the CSV is tidy and right,
+`decode.top_k` decodes only the best, and `dsl plot` redraws figures from the files alone."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dsl_cli import cli
+from dsl_cli.encoder import build_tiny_visual, load_encoder
+from dsl_cli.config import EncoderConfig
+
+DSL = str(Path(sys.executable).parent / "dsl")
+N_IMAGES, N_LAYERS, N_HEADS = 2, 4, 4  # debug=tiny: two sample photos, tiny ViT with 4 layers of 4 heads
+
+
+def run_tiny(folder: Path, *overrides: str) -> Path:
+    """`dsl run debug=tiny ...` in a subprocess, into `folder`; returns the run folder."""
+    result = subprocess.run([DSL, "run", "debug=tiny", f"hydra.run.dir={folder}", *overrides],
+                            cwd=folder.parent, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def read_rows(folder: Path, name: str = "similarity.csv") -> list[dict]:
+    with open(folder / name, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+LENS_RUNS = {
+    "steering": ("lens=steering", "component=all"),
+    "direct": ("lens=direct", "component=all"),
+    "diffusion": ("lens=diffusion", "layer=all"),
+    "logit": ("lens=logit", "layer=[1,3]"),
+}
+EXPECTED_COMPONENTS = {  # per image; checked against the label lists, not against the code
+    "steering": ["L01H00", "L01H01", "L01H02", "L01H03", "L01MLP"],
+    "direct": ["L01H00", "L01H01", "L01H02", "L01H03", "L01MLP"],
+    "diffusion": ["L00", "L01", "L02", "L03"],
+    "logit": ["L01", "L01H00", "L01H01", "L01H02", "L01H03", "L03", "L03H00", "L03H01", "L03H02", "L03H03"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {lens: run_tiny(root / lens, *overrides) for lens, overrides in LENS_RUNS.items()}
+
+
+@pytest.mark.parametrize("lens", list(LENS_RUNS))
+def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
+    folder = runs[lens]
+    rows = read_rows(folder)
+    images = sorted({r["image"] for r in rows})
+    assert len(images) == N_IMAGES
+    # exactly images x components rows, one per component, in component order
+    for image in images:
+        assert [r["component"] for r in rows if r["image"] == image] == EXPECTED_COMPONENTS[lens]
+    assert len(rows) == N_IMAGES * len(EXPECTED_COMPONENTS[lens])
+    for row in rows:
+        assert row["lens"] == lens
+        for key in ("sim_embed", "sim_decoded", "norm"):
+            assert math.isfinite(float(row[key])), (key, row)
+        with Image.open(folder / row["file"]) as picture:
+            assert picture.size == (64, 64)
+        assert row["file"] == f"images/{row['image']}/{lens}/{row['component']}.png"
+    layers = sorted({int(r["layer"]) for r in rows})
+    for image in images:
+        assert (folder / "images" / image / "input.png").is_file()
+        for layer in layers:
+            assert (folder / "grids" / f"{image}_{lens}_L{layer:02d}.png").is_file()
+        assert (folder / "grids" / f"{image}_{lens}_top.png").is_file()
+        assert (folder / "heatmaps" / f"{image}_{lens}.png").is_file()
+        if lens == "logit":
+            assert (folder / "plots" / f"{image}_logit.png").is_file()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["lens"]["name"] == lens
+    assert {"torch", "diffusers", "open_clip"} <= set(manifest["versions"])
+    assert manifest["device"] == "cpu" and manifest["seed"] == 0
+    assert {"images", "encoder", "lens", "decode", "write"} <= set(manifest["seconds"])
+    assert manifest["rows"] == len(rows)
+    assert (folder / "dsl.log").is_file()
+    assert not list(folder.rglob("*.tmp")), "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("lens", list(LENS_RUNS))
+def test_ranks_follow_similarity(runs: dict[str, Path], lens: str) -> None:
+    rows = read_rows(runs[lens])
+    for image in {r["image"] for r in rows}:
+        group = [r for r in rows if r["image"] == image]
+        assert sorted(int(r["rank"]) for r in group) == list(range(1, len(group) + 1))
+        by_rank = sorted(group, key=lambda r: int(r["rank"]))
+        sims = [float(r["sim_embed"]) for r in by_rank]
+        assert sims == sorted(sims, reverse=True)
+
+
+def test_last_layer_of_the_diffusion_lens_is_the_embedding(runs: dict[str, Path]) -> None:
+    """Hand-computed case: R(x_L) is the image embedding itself, so its similarity to the input is 1."""
+    rows = read_rows(runs["diffusion"])
+    last = [r for r in rows if r["component"] == f"L{N_LAYERS - 1:02d}"]
+    assert last and all(abs(float(r["sim_embed"]) - 1.0) < 1e-5 for r in last)
+    assert all(float(r["sim_embed"]) < 0.9999 for r in rows if r["component"] == "L00")
+
+
+def test_sim_decoded_is_the_saved_picture_re_encoded(runs: dict[str, Path]) -> None:
+    """Independent path: open_clip's own forward on the PNG as saved, against the input's own embedding."""
+    folder = runs["steering"]
+    visual = build_tiny_visual().eval()
+    _, preprocess = load_encoder(EncoderConfig(source="tiny", name="tiny", pretrained=None))
+    inputs = {"astronaut": "astronaut.png", "chelsea": "chelsea.png"}
+    import skimage
+
+    data = Path(skimage.__file__).parent / "data"
+    for row in read_rows(folder)[:3]:
+        with torch.no_grad():
+            clean = visual(preprocess(Image.open(data / inputs[row["image"]]).convert("RGB"))[None])
+            decoded = visual(preprocess(Image.open(folder / row["file"]).convert("RGB"))[None])
+        expected = torch.nn.functional.cosine_similarity(decoded, clean).item()
+        assert abs(float(row["sim_decoded"]) - expected) < 1e-5
+
+
+def test_logit_lens_labels(runs: dict[str, Path]) -> None:
+    import open_clip
+
+    rows = read_rows(runs["logit"], "labels.csv")
+    assert len(rows) == N_IMAGES * len(EXPECTED_COMPONENTS["logit"]) * 5  # lens.top_labels=5
+    assert {r["label"] for r in rows} <= set(open_clip.IMAGENET_CLASSNAMES)
+    for (image, component) in {(r["image"], r["component"]) for r in rows}:
+        scores = [float(r["score"]) for r in rows if (r["image"], r["component"]) == (image, component)]
+        assert scores == sorted(scores, reverse=True) and all(-1 <= s <= 1 for s in scores)
+
+
+def test_top_k_decodes_only_the_best_and_scores_everything(tmp_path: Path) -> None:
+    folder = run_tiny(tmp_path / "topk", "lens=steering", "component=all", "decode.top_k=2")
+    rows = read_rows(folder)
+    assert len(rows) == N_IMAGES * (N_HEADS + 1)
+    assert all(math.isfinite(float(r["sim_embed"])) for r in rows)
+    for image in {r["image"] for r in rows}:
+        decoded = [r for r in rows if r["image"] == image and r["file"]]
+        assert sorted(int(r["rank"]) for r in decoded) == [1, 2]
+        assert len(list((folder / "images" / image / "steering").glob("*.png"))) == 2
+        assert all(r["sim_decoded"] == "" for r in rows if r["image"] == image and not r["file"])
+
+
+def test_plot_redraws_from_files_alone(runs: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
+    folder = shutil.copytree(runs["logit"], tmp_path / "copy")
+    figures = sorted(p.relative_to(folder) for d in ("grids", "heatmaps", "plots") for p in (folder / d).glob("*.png"))
+    before = {p: (folder / p).read_bytes() for p in figures}
+    for d in ("grids", "heatmaps", "plots"):
+        shutil.rmtree(folder / d)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("dsl plot built a model")
+
+    monkeypatch.setattr("dsl_cli.encoder.load_encoder", no_model)
+    monkeypatch.setattr("dsl_cli.decoder.load_decoder", no_model)
+    assert cli.main(["plot", str(folder)]) == 0
+    after = sorted(p.relative_to(folder) for d in ("grids", "heatmaps", "plots") for p in (folder / d).glob("*.png"))
+    assert after == figures
+    assert all((folder / p).read_bytes() == before[p] for p in figures)
+
+
+def test_plot_on_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "no similarity.csv" in capsys.readouterr().err
