@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,9 +29,6 @@ usage:
   dsl --version
 """
 
-log = logging.getLogger("dsl_cli")
-
-
 def _fail(message: str) -> int:
     print(f"dsl: error: {message}", file=sys.stderr)
     return 2
@@ -49,7 +46,6 @@ def _hydra_app(cfg) -> None:
     except UserError as err:
         if hydra_cfg.verbose:
             raise
-        log.error("%s", err)
         sys.exit(_fail(str(err)))
 
 
@@ -88,6 +84,22 @@ def _resume_overrides(args: list[str]) -> list[str]:
     return []
 
 
+def _check_output_root(args: list[str]) -> None:
+    """Refuse an output folder that cannot be created before Hydra tries (and prints a traceback)."""
+    target = Path("outputs")
+    for arg in args:
+        if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")):
+            target = Path(arg.split("=", 1)[1]).expanduser()
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(
+            f"cannot write the output folder {target} ({existing} is not a writable folder); "
+            "choose another with hydra.run.dir=..."
+        )
+
+
 def _run(args: list[str]) -> int:
     import hydra
 
@@ -96,6 +108,7 @@ def _run(args: list[str]) -> int:
     register_configs()
     try:
         extra = _resume_overrides(args)
+        _check_output_root([*args, *extra])
     except UserError as err:
         return _fail(str(err))
     app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(_hydra_app)

@@ -93,7 +93,7 @@ class RunConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     layer: Any = 30  # int, list of ints, "all" or a range "10-20"
     head: Any = "all"  # "all", int or list of ints
-    component: str = "heads"  # heads | mlp | all
+    component: Any = "heads"  # heads | mlp | all, or explicit labels [L30H05, L12MLP] (then layer/head are unused)
     seed: int = 0
     device: str = "auto"  # auto | cuda | cpu
     dtype: str = "fp32"  # encoder dtype: fp32 | fp16 | bf16

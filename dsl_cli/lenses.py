@@ -73,17 +73,21 @@ def parse_heads(spec, n_heads: int) -> list[int]:
 
 
 def select_components(
-    lens: str, layer_spec, head_spec, component: str, n_layers: int, n_heads: int
+    lens: str, layer_spec, head_spec, component, n_layers: int, n_heads: int
 ) -> list[Component]:
     """The components a run reads, in layer order.
 
     diffusion: the residual stream after each layer. direct/steering: the chosen heads and/or MLP of each
-    layer. logit: both (the residual stream first, then the submodules of each layer).
+    layer. logit: both (the residual stream first, then the submodules of each layer). `component` may
+    instead list labels (`[L3H01, L2MLP]`), which are taken as they are.
     """
     if lens not in LENSES:
         raise UserError(f"lens={lens!r}: choose one of {', '.join(LENSES)}")
     if component not in ("heads", "mlp", "all"):
-        raise UserError(f"component={component!r}: use heads, mlp or all")
+        chosen = check_components([str(c) for c in _as_list(component)], n_layers, n_heads)
+        if lens == "steering" and any(c.kind not in ("head", "mlp") for c in chosen):
+            raise UserError(f"component={component}: lens=steering steers heads and MLPs only (L3H01, L2MLP)")
+        return chosen
     layers = parse_layers(layer_spec, n_layers)
     heads = parse_heads(head_spec, n_heads)
     chosen: list[Component] = []
@@ -105,7 +109,7 @@ def check_components(labels: list[str], n_layers: int, n_heads: int) -> list[Com
         try:
             comp = parse_component(label)
         except ValueError as err:
-            raise UserError(str(err)) from None
+            raise UserError(f"{err}; or use component=heads, mlp or all") from None
         if comp.kind != "embed" and not 0 <= comp.layer < n_layers:
             raise UserError(f"{label}: layer {comp.layer} is outside this model (0 to {n_layers - 1})")
         if comp.kind == "head" and not 0 <= comp.head < n_heads:

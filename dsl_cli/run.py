@@ -260,8 +260,18 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         cfg = OmegaConf.load(Path(cfg.resume) / ".hydra" / "config.yaml")
     validate(cfg)
     check_writable(run_dir)
+    for leftover in run_dir.rglob(".*.tmp"):  # a file a killed run was writing: never part of the results
+        leftover.unlink()
     device = resolve_device(cfg.device)
     manifest = Manifest(run_dir / "manifest.json")
+    try:
+        _run_stages(cfg, run_dir, device, manifest)
+    except UserError as err:
+        manifest.update(status="failed", error=str(err))
+        raise
+
+
+def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: Manifest) -> None:
     previous = read_csv(run_dir / "similarity.csv")
     manifest.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
                     seed=cfg.seed, versions=_versions(), git_commit=_git_commit(),

@@ -11,6 +11,8 @@ Random weights, no downloads.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import resource
 import threading
 import time
@@ -40,7 +42,8 @@ def cpu_name() -> str:
 @contextmanager
 def peak_extra_memory(device: torch.device) -> Iterator[dict]:
     """Peak memory above the level at entry, in bytes, in result["peak"]. CUDA: the allocator's peak;
-    CPU: RSS sampled every 5 ms (ru_maxrss is a lifetime peak, useless once a model has been built)."""
+    CPU (Linux, glibc): RSS sampled every 5 ms (ru_maxrss is a lifetime peak, useless once a model has been
+    built)."""
     result: dict = {}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -50,6 +53,9 @@ def peak_extra_memory(device: torch.device) -> Iterator[dict]:
         torch.cuda.synchronize(device)
         result["peak"] = torch.cuda.max_memory_allocated(device) - base
         return
+    # hand freed heap pages back first, so that RSS at entry counts live memory only
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     base, peak, done = rss_bytes(), [0], threading.Event()
 
     def sample() -> None:

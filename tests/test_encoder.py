@@ -168,6 +168,14 @@ def test_zero_embed_is_the_tower_on_zeros(tiny_encoder, tiny_visual):
     torch.testing.assert_close(tiny_encoder.zero_embed(), expected)
 
 
+def test_towers_that_also_return_tokens_give_the_pooled_embedding(tiny_visual, tiny_pixels):
+    tiny_visual.output_tokens = True
+    enc = HookedEncoder(tiny_visual)
+    assert enc.zero_embed().shape == (1, 32)
+    torch.testing.assert_close(enc.steer(enc.run_with_cache(tiny_pixels), ["L1H1"])[:, 0],
+                               enc.steer_hooked(tiny_pixels, "L1H1"), **TOL)
+
+
 @pytest.mark.parametrize("bad", [
     dict(attentional_pool=True), dict(pool_type="avg"), dict(qk_norm=True), dict(scale_attn=True),
 ])

@@ -261,7 +261,7 @@ class HookedEncoder(nn.Module):
         hooks = {(l, s): _recorder(clean, (l, s)) for l in range(self.n_layers) for s in ("ls_1", "ls_2")}
         hooks[(-1, "final")] = _recorder(clean, (-1, "final"))
         with self._hooks(hooks):
-            self.visual(pixels)
+            self._forward(pixels)
         final = clean[(-1, "final")]
 
         def steer_write(write: Tensor, c: Tensor) -> Tensor:
@@ -282,16 +282,21 @@ class HookedEncoder(nn.Module):
             for key in later:
                 steered[key] = lambda m, i, out, key=key: clean[key]
         with self._hooks(steered):
-            return self.visual(pixels)
+            return self._forward(pixels)
 
     # ---- the negative embedding ----------------------------------------------------------------
     @torch.inference_mode()
     def zero_embed(self) -> Tensor:
         """[1, E]: the encoder on an all-zeros image in normalised pixel space (the decoder's negative)."""
         side = self.visual.image_size
-        return self.visual(torch.zeros(1, 3, *side, device=self.device, dtype=self.dtype))
+        return self._forward(torch.zeros(1, 3, *side, device=self.device, dtype=self.dtype))
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _forward(self, pixels: Tensor) -> Tensor:
+        """open_clip's own forward -> [B, E] (the pooled embedding, also when the tower returns tokens)."""
+        out = self.visual(pixels)
+        return out[0] if isinstance(out, tuple) else out
+
     def _project(self, v: Tensor) -> Tensor:
         return v if self.visual.proj is None else v @ self.visual.proj
 

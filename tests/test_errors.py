@@ -1,0 +1,240 @@
+"""Bad input: one line naming the problem and the fix, exit status 2, no traceback, no partial file.
+Inputs a user expects to just work (odd image modes, sizes, EXIF rotation) are converted instead."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dsl_cli import cli
+from dsl_cli.errors import UserError
+from dsl_cli.images import read_image
+from dsl_cli.run import resolve_device
+
+DSL = str(Path(sys.executable).parent / "dsl")
+
+
+def dsl_in_process(args: list[str], folder: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """`dsl ARGS` in this process, from `folder` (saves the seconds of a fresh interpreter per case)."""
+    monkeypatch.chdir(folder)
+    try:
+        code = cli.main(args)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def assert_one_clean_line(code: int, err: str, fragment: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert len(lines) == 1 and fragment in lines[0], err
+
+
+def assert_no_partial_files(root: Path) -> None:
+    assert not list(root.rglob("*.tmp")), "a temporary file was left behind"
+    assert not list(root.rglob("similarity.csv")) and not list(root.rglob("images/*/*/*.png"))
+
+
+# ------------------------------------------------------------------ files that make bad input
+
+
+def write_text(folder: Path) -> Path:
+    (folder / "notes.jpg").write_text("this is not a picture")
+    return folder
+
+
+def write_truncated(folder: Path) -> Path:
+    Image.new("RGB", (64, 64), "red").save(folder / "full.png")
+    data = (folder / "full.png").read_bytes()
+    (folder / "full.png").unlink()
+    (folder / "cut.png").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def write_bomb(folder: Path) -> Path:
+    # 1-bit, 12000 x 12000 = 144 M pixels, beyond Pillow's 89 M limit; a few hundred kB on disk
+    Image.new("1", (12000, 12000)).save(folder / "bomb.png")
+    return folder
+
+
+def write_empty(folder: Path) -> Path:
+    (folder / "empty").mkdir()
+    return folder / "empty"
+
+
+def missing(folder: Path) -> Path:
+    return folder / "no_such_folder"
+
+
+IMAGE_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "missing_path": (missing, "no such file or folder"),
+    "empty_folder": (write_empty, "no images in this folder"),
+    "not_an_image": (write_text, "not a readable image"),
+    "truncated_image": (write_truncated, "not a readable image"),
+    "decompression_bomb": (write_bomb, "too large"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_CASES))
+def test_bad_images_are_refused(case: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    make, fragment = IMAGE_CASES[case]
+    (tmp_path / "in").mkdir()
+    path = make(tmp_path / "in")
+    code, err = dsl_in_process(["run", "debug=tiny", "images=folder", f"images.path={path}"], tmp_path,
+                               monkeypatch, capsys)
+    assert_one_clean_line(code, err, fragment)
+    assert_no_partial_files(tmp_path / "outputs")
+
+
+CONFIG_CASES = {
+    "layer_out_of_range": (["layer=7"], "layers run from 0 to 3"),
+    "head_out_of_range": (["head=9"], "heads run from 0 to 3"),
+    "unknown_component": (["component=[L1X3]"], "unknown component label"),
+    "component_out_of_range": (["component=[L9MLP]"], "outside this model (0 to 3)"),
+    "alpha_not_finite": (["lens.alpha=inf"], "lens.alpha=inf: must be a finite number"),
+    "alpha_nan": (["lens.alpha=nan"], "must be a finite number"),
+    "steps_below_1": (["decode.steps=0"], "decode.steps=0: must be at least 1"),
+    "decode_batch_below_1": (["decode.batch_size=0"], "decode.batch_size=0: must be at least 1"),
+    "encoder_batch_below_1": (["batch_size=0"], "batch_size=0: must be at least 1"),
+    "height_not_positive": (["decode.height=-64"], "decode.height=-64: must be at least 1"),
+    "width_not_positive": (["decode.width=0"], "decode.width=0: must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONFIG_CASES))
+def test_bad_config_values_are_refused(case: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    overrides, fragment = CONFIG_CASES[case]
+    code, err = dsl_in_process(["run", "debug=tiny", *overrides], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, fragment)
+    assert_no_partial_files(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", "debug=tiny", "device=cuda"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "no CUDA device is available; use device=cpu or device=auto")
+    assert_no_partial_files(tmp_path)
+
+
+def test_auto_device_falls_back_to_cpu_with_a_warning(monkeypatch, caplog) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert "running on the CPU" in caplog.text
+
+
+def test_unwritable_output_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code, err = dsl_in_process(["run", "debug=tiny", f"hydra.run.dir={blocker}/run"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "cannot write the output folder")
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(("overrides", "repo"), [
+    (["encoder=kandinsky_prior"], "kandinsky-community/kandinsky-2-2-prior"),
+    (["encoder=bigg14"], "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
+    (["decoder=kandinsky22", "decode.height=64", "decode.width=64"], "kandinsky-community/kandinsky-2-2-decoder"),
+])
+def test_weights_missing_while_offline(overrides: list[str], repo: str, tmp_path: Path) -> None:
+    """A subprocess, because huggingface_hub reads HF_HUB_OFFLINE when it is imported."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf")}
+    result = subprocess.run([DSL, "run", "debug=tiny", *overrides], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert_one_clean_line(result.returncode, result.stderr, repo)
+    assert "huggingface-cli download" in result.stderr or "checkpoint" in result.stderr
+    assert not list(tmp_path.rglob("*.tmp"))
+    (manifest,) = tmp_path.glob("outputs/*/*/manifest.json")
+    assert json.loads(manifest.read_text())["status"] == "failed"
+
+
+# ------------------------------------------------------------------ converted, not refused
+
+
+def _exif_rotated(path: Path) -> None:
+    """Stored 40 wide x 20 high, red left half; EXIF orientation 6 says 'rotate 90 degrees clockwise'."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+
+
+CONVERTED = {
+    "grey.png": lambda p: Image.new("L", (80, 60), 128).save(p),
+    "palette.png": lambda p: Image.new("RGB", (80, 60), "green").convert("P").save(p),
+    "rgba.png": lambda p: Image.new("RGBA", (80, 60), (255, 0, 0, 0)).save(p),
+    "cmyk.jpg": lambda p: Image.new("CMYK", (80, 60), (0, 255, 255, 0)).save(p),
+    "sixteen.png": lambda p: Image.fromarray(np.linspace(0, 65535, 80 * 60).reshape(60, 80).astype(np.uint16)).save(p),
+    "tiny.png": lambda p: Image.new("RGB", (3, 2), "blue").save(p),
+    "large.jpg": lambda p: Image.new("RGB", (6000, 4000), "white").save(p),
+    "rotated.jpg": _exif_rotated,
+}
+
+
+@pytest.fixture
+def odd_images(tmp_path: Path) -> Path:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for name, make in CONVERTED.items():
+        make(folder / name)
+    return folder
+
+
+def test_odd_formats_become_rgb(odd_images: Path) -> None:
+    for name in CONVERTED:
+        image = read_image(odd_images / name)
+        assert image.mode == "RGB", name
+    assert read_image(odd_images / "rgba.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert read_image(odd_images / "cmyk.jpg").getpixel((5, 5))[0] > 200  # cyan-free, magenta+yellow: red
+    sixteen = np.asarray(read_image(odd_images / "sixteen.png"))
+    assert sixteen.min() == 0 and sixteen.max() == 255  # rescaled, not clipped to white
+
+
+def test_exif_rotation_is_applied(odd_images: Path) -> None:
+    upright = read_image(odd_images / "rotated.jpg")
+    assert upright.size == (20, 40)  # turned: 20 wide, 40 high
+    top, bottom = upright.getpixel((10, 5)), upright.getpixel((10, 35))
+    assert top[0] > 200 and top[2] < 60  # the red half is on top after a clockwise turn
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def test_odd_images_run_end_to_end(odd_images: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", "debug=tiny", "images=folder", f"images.path={odd_images}",
+                                "images.limit=null", "decode.enabled=false", "hydra.run.dir=run"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    with open(tmp_path / "run" / "similarity.csv") as handle:
+        images = {row["image"] for row in csv.DictReader(handle)}
+    assert images == {Path(name).stem for name in CONVERTED}
+
+
+def test_skip_bad_goes_on_and_lists_what_it_skipped(tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "good.png")
+    write_text(folder)
+    args = ["run", "debug=tiny", "images=folder", f"images.path={folder}", "decode.enabled=false"]
+    code, err = dsl_in_process([*args, "hydra.run.dir=strict"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "notes.jpg")
+    code, err = dsl_in_process([*args, "images.skip_bad=true", "hydra.run.dir=lenient"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["images"] == ["good"]
+    assert [Path(s["path"]).name for s in manifest["skipped"]] == ["notes.jpg"]
+
+
+def test_read_image_names_the_file(tmp_path: Path) -> None:
+    write_text(tmp_path)
+    with pytest.raises(UserError, match="notes.jpg"):
+        read_image(tmp_path / "notes.jpg")
