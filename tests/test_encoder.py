@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
-import open_clip
 import pytest
 import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
