@@ -10,6 +10,7 @@ Run folder layout:
     heatmaps/<image>_<lens>.png            layers x (heads, MLP, residual) similarity
     plots/<image>_logit.png                logit lens: top label per layer
     manifest.json                          config, versions, device, timings, counts, status
+    index.html                             every figure on one page
 
 Every file is written under a temporary name and renamed, so a killed run never leaves half a file.
 """
@@ -284,4 +285,21 @@ def redraw(run_dir: Path) -> list[Path]:
     labels = run_dir / "labels.csv"
     if labels.is_file():
         written += draw_label_plots(run_dir, read_csv(labels, LABEL_COLUMNS))
+    write_index(run_dir, written)
     return written
+
+
+def write_index(run_dir: Path, figures: list[Path]) -> None:
+    """index.html: every figure of the run on one page, best-ranked grids first, for a quick look."""
+    def order(path: Path) -> tuple:
+        return (path.parent.name != "grids" or not path.stem.endswith("_top"), str(path))
+
+    items = "\n".join(
+        f'<figure><img src="{p.relative_to(run_dir)}" loading="lazy"><figcaption>{p.relative_to(run_dir)}'
+        "</figcaption></figure>" for p in sorted(figures, key=order)
+    )
+    page = (f"<!doctype html><meta charset='utf-8'><title>dsl run {run_dir.name}</title>"
+            "<style>img{max-width:100%}figure{margin:1em 0}</style>"
+            f"<h1>{run_dir}</h1><p><a href='similarity.csv'>similarity.csv</a> · "
+            f"<a href='manifest.json'>manifest.json</a></p>\n{items}\n")
+    atomic_write_bytes(run_dir / "index.html", page.encode())

@@ -195,8 +195,9 @@ def plan_decoding(cfg, scored: list[Scored]) -> list[tuple[int, int]]:
 
 
 def decode_and_write(cfg, encoder, preprocess, decoder, run_dir: Path, scored: list[Scored],
-                     plan: list[tuple[int, int]], csv_log: CsvLog) -> int:
-    """Decode the planned items; write each picture, then its CSV row (with sim_decoded), batch by batch."""
+                     plan: list[tuple[int, int]], csv_log: CsvLog, manifest: Manifest) -> int:
+    """Decode the planned items; write each picture, then its CSV row (with sim_decoded), batch by batch;
+    the manifest counts the pictures finished so far."""
     from dsl_cli.decoder import to_pil
 
     if not plan:
@@ -223,7 +224,21 @@ def decode_and_write(cfg, encoder, preprocess, decoder, run_dir: Path, scored: l
         for row, sim in zip(rows, sims):
             row["sim_decoded"] = sim.item()
         csv_log.append(rows)
+        manifest.update(decoded=manifest.data.get("decoded", 0) + len(rows))
     return len(plan)
+
+
+def start_csv(cfg, run_dir: Path, scored: list[Scored], previous: list[dict], csv_log: CsvLog) -> list[tuple[int, int]]:
+    """Keep the rows of an earlier attempt whose picture is on disk, write the rows that need no picture,
+    and return what is left to decode. For a fresh run, `previous` is empty and this writes the rows of
+    the components that are not decoded (`decode.top_k`, `decode.enabled=false`)."""
+    done = {(r["image"], r["component"]) for r in previous if not r["file"] or (run_dir / r["file"]).exists()}
+    csv_log.rewrite([r for r in previous if (r["image"], r["component"]) in done])
+    plan = [(i, k) for i, k in plan_decoding(cfg, scored) if (scored[i].name, scored[i].rows[k]["component"]) not in done]
+    planned = set(plan)
+    csv_log.append(row for i, result in enumerate(scored) for k, row in enumerate(result.rows)
+                   if (i, k) not in planned and (row["image"], row["component"]) not in done)
+    return plan
 
 
 def _finish_rows(cfg, rows: list[dict]) -> list[dict]:
@@ -296,16 +311,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
             write_labels(cfg, encoder, run_dir, scored, components)
     _save_inputs(cfg, run_dir, image_set)
 
-    # Resume: rows already on disk (with their picture) are final; write the rest.
     csv_log = CsvLog(run_dir / "similarity.csv", COLUMNS)
-    done = {(r["image"], r["component"]) for r in previous if not r["file"] or (run_dir / r["file"]).exists()}
-    kept = [r for r in previous if (r["image"], r["component"]) in done]
-    csv_log.rewrite(kept)
-    plan = [(i, k) for i, k in plan_decoding(cfg, scored)
-            if (scored[i].name, scored[i].rows[k]["component"]) not in done]
-    planned = set(plan)
-    csv_log.append(row for i, result in enumerate(scored) for k, row in enumerate(result.rows)
-                   if (i, k) not in planned and (row["image"], row["component"]) not in done)
+    plan = start_csv(cfg, run_dir, scored, previous, csv_log)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan))
 
     if plan:
@@ -313,7 +320,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
             decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
                                    scheduler=cfg.decode.scheduler)
         with manifest.stage("decode"):
-            decode_and_write(cfg, encoder, preprocess, decoder, run_dir, scored, plan, csv_log)
+            decode_and_write(cfg, encoder, preprocess, decoder, run_dir, scored, plan, csv_log, manifest)
 
     with manifest.stage("write"):
         order = {(s.name, row["component"]): n for n, s in enumerate(scored) for row in s.rows}

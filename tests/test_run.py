@@ -89,7 +89,7 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
     assert manifest["device"] == "cpu" and manifest["seed"] == 0
     assert {"images", "encoder", "lens", "decode", "write"} <= set(manifest["seconds"])
     assert manifest["rows"] == len(rows)
-    assert (folder / "dsl.log").is_file()
+    assert (folder / "dsl.log").is_file() and (folder / "index.html").is_file()
     assert not list(folder.rglob("*.tmp")), "a temporary file was left behind"
 
 
