@@ -125,11 +125,11 @@ def load_decoder(
     dtype: torch.dtype = torch.float32,
     scheduler: str = "ddpm",
     channels_last: bool = False,
-    compile: bool = False,
+    compile_unet: bool = False,
 ) -> "KandinskyDecoder":
     """Build the decoder that `cfg.source` names (pretrained | random | tiny) on `device` in `dtype`.
 
-    channels_last and compile are GPU speed-ups (NHWC convolutions; torch.compile of the UNet, which costs
+    channels_last and compile_unet are GPU speed-ups (NHWC convolutions; torch.compile of the UNet, which costs
     a minute of compilation per new shape); neither changes what is computed beyond round-off.
     """
     if scheduler not in SCHEDULERS:
@@ -141,13 +141,15 @@ def load_decoder(
         pipe = _build_random(REAL_UNET if real else TINY_UNET, REAL_MOVQ if real else TINY_MOVQ, device)
     else:
         raise UserError(f"decoder.source={cfg.source!r}: choose one of pretrained, random, tiny")
-    pipe.to(device=device, dtype=dtype)
+    pipe.to(device)
+    if pipe.dtype != dtype:  # diffusers warns on every cast with a dtype, even a no-op one
+        pipe.to(dtype=dtype)
     if scheduler != "ddpm":
         pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.movq.to(memory_format=torch.channels_last)
-    if compile:
+    if compile_unet:
         pipe.unet = torch.compile(pipe.unet)
     return KandinskyDecoder(pipe)
 
@@ -166,9 +168,11 @@ def _load_pretrained(cfg: DecoderConfig, dtype: torch.dtype) -> KandinskyV22Pipe
 
 
 def _build_random(unet_kwargs: dict, movq_kwargs: dict, device: str | torch.device) -> KandinskyV22Pipeline:
-    """Random weights, seeded like diffusers' tests; initialised on `device` because 1.3 B parameters
-    take tens of seconds to initialise on a CPU."""
-    with torch.device(device):
+    """Random weights, seeded like diffusers' tests (without disturbing the caller's random state);
+    initialised on `device` because 1.3 B parameters take tens of seconds to initialise on a CPU."""
+    device = torch.device(device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), device:
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**unet_kwargs)
         torch.manual_seed(0)
@@ -257,10 +261,8 @@ class KandinskyDecoder:
                 except torch.cuda.OutOfMemoryError:
                     if batch == 1:
                         raise
-                    images = None
-                if images is None:
-                    # Outside the except block, so that the failed batch's tensors (held by the traceback's
-                    # frames) are already freed when the cache is emptied. The same items are retried.
+                    images = None  # handled below, once the traceback holding the batch's tensors is freed
+                if images is None:  # retry the same items, in batches half as large from here on
                     batch //= 2
                     log.warning("CUDA out of memory: decoding in batches of %d from item %d on", batch, start)
                     torch.cuda.empty_cache()
