@@ -85,12 +85,26 @@ class ImagesConfig:
 
 
 @dataclass
+class StudyConfig:
+    """An interventional study instead of a decoding run (`study=head_importance` or `study=overlay_removal`);
+    `name: null` (the default) runs the lens and decodes."""
+
+    name: Optional[str] = None
+    ablation: str = "zero"  # zero | mean
+    steps: int = 20  # overlay removal: cumulative ablation steps
+    greedy_pool: Optional[int] = 32  # overlay removal: greedy candidates per step; null = all remaining
+    random_orders: int = 5  # overlay removal: random baseline orders
+    overlay_scale: float = 0.45  # overlay removal: pasted image size relative to the background
+
+
+@dataclass
 class RunConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     lens: LensConfig = field(default_factory=LensConfig)
     images: ImagesConfig = field(default_factory=ImagesConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
     layer: Any = 30  # int, list of ints, "all" or a range "10-20"
     head: Any = "all"  # "all", int or list of ints
     component: Any = "heads"  # heads | mlp | all, or explicit labels [L30H05, L12MLP] (then layer/head are unused)

@@ -37,7 +37,6 @@ SCHEDULERS = {
     "dpm": DPMSolverMultistepScheduler,
     "unipc": UniPCMultistepScheduler,
 }
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # The Kandinsky 2.2 decoder's architecture (DESIGN.md section 2): UNet 1.253 B and MoVQ 67.8 M parameters.
 REAL_UNET = dict(
@@ -108,15 +107,6 @@ SCHEDULER = dict(
     prediction_type="epsilon",
     steps_offset=1,
 )
-
-
-def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """`auto` is bf16 on CUDA (tensor cores, no fp16 overflow) and fp32 elsewhere (CPU half kernels are slow)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"dtype={name!r}: choose one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def load_decoder(

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from dsl_cli.components import Component, parse_component
+from dsl_cli.encoder import STEER_MODES as MODES
 from dsl_cli.errors import UserError
 
 LENSES = ("diffusion", "direct", "steering", "logit")
-MODES = ("add", "scale", "norm")
 
 
 def _as_list(value) -> list:
@@ -121,10 +121,6 @@ def check_components(labels: list[str], n_layers: int, n_heads: int) -> list[Com
 def lens_embeddings(encoder, cache, components: list[Component], lens_cfg) -> torch.Tensor:
     """The embedding each component gives under the lens: `[batch, component, d_embed]`."""
     if lens_cfg.name == "steering":
-        if lens_cfg.mode not in MODES:
-            raise UserError(f"lens.mode={lens_cfg.mode!r}: use add, scale or norm")
-        if not torch.isfinite(torch.tensor(float(lens_cfg.alpha))):
-            raise UserError(f"lens.alpha={lens_cfg.alpha}: must be a finite number")
         return encoder.steer(cache, components, mode=lens_cfg.mode, alpha=float(lens_cfg.alpha))
     return encoder.direct(cache, components)
 

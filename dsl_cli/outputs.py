@@ -178,8 +178,8 @@ def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
     """Per image and lens: one grid per layer and one of the best-ranked decoded components."""
     written = []
     decoded = [r for r in rows if r["file"]]
-    for (image, lens), group in _group(decoded, ("image", "lens")).items():
-        for layer, layer_rows in _group(group, ("layer",)).items():
+    for (image, lens), group in group_rows(decoded, ("image", "lens")).items():
+        for layer, layer_rows in group_rows(group, ("layer",)).items():
             path = run_dir / "grids" / f"{image}_{lens}_L{int(layer[0]):02d}.png"
             save_png(path, grid_image(_tiles(run_dir, image, layer_rows), f"{image}  {lens}  layer {layer[0]}"))
             written.append(path)
@@ -190,7 +190,8 @@ def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
     return written
 
 
-def _group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+def group_rows(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    """Rows by the values of `keys`, in first-seen order."""
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault(tuple(row[k] for k in keys), []).append(row)
@@ -223,7 +224,7 @@ def draw_heatmaps(run_dir: Path, rows: list[dict]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for (image, lens), group in _group(rows, ("image", "lens")).items():
+    for (image, lens), group in group_rows(rows, ("image", "lens")).items():
         panels = [v for v in ("sim_embed", "sim_decoded") if any(r.get(v) for r in group)]
         layers, columns, _ = heatmap_matrix(group, panels[0])
         width = 1.6 + 0.45 * len(columns)
@@ -255,7 +256,7 @@ def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    for (image,), group in _group([r for r in label_rows if r["rank"] == "1"], ("image",)).items():
+    for (image,), group in group_rows([r for r in label_rows if r["rank"] == "1"], ("image",)).items():
         fig, axis = plt.subplots(figsize=(7, 1 + 0.28 * len(group)))
         scores = [float(r["score"]) for r in group]
         axis.barh(range(len(group)), scores, color="tab:blue")

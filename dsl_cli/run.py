@@ -22,31 +22,18 @@ from tqdm.auto import tqdm
 
 from dsl_cli import __version__
 from dsl_cli.components import Component
+from dsl_cli.devices import resolve_device, resolve_dtype
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import lens_embeddings, rank, score, select_components, text_classifier, top_labels
-from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, check_writable, read_csv, redraw, save_png,
-                             write_json)
+from dsl_cli.lenses import MODES, lens_embeddings, rank, score, select_components, text_classifier, top_labels
+from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, check_writable, group_rows, read_csv, redraw,
+                             save_png, write_json)
 
 log = logging.getLogger("dsl_cli.run")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+STUDIES = ("head_importance", "overlay_removal")
 
 
 # ---------------------------------------------------------------- set-up
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` takes CUDA when present and otherwise warns and uses the CPU; `cuda` without CUDA is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        log.warning("no CUDA device found: running on the CPU (slow for real-size models)")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
-    if name not in ("cuda", "cpu"):
-        raise UserError(f"device={name!r}: use auto, cuda or cpu")
-    return torch.device(name)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -59,14 +46,20 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value}: must be at least {low}")
     if decode.top_k is not None and decode.top_k < 1:
         raise UserError(f"decode.top_k={decode.top_k}: must be at least 1 (or null to decode everything)")
+    if cfg.study.name is not None and cfg.study.name not in STUDIES:
+        raise UserError(f"study.name={cfg.study.name!r}: choose one of {', '.join(STUDIES)}")
+    if cfg.study.ablation not in ("zero", "mean"):
+        raise UserError(f"study.ablation={cfg.study.ablation!r}: use zero or mean")
+    if cfg.lens.mode not in MODES:
+        raise UserError(f"lens.mode={cfg.lens.mode!r}: use {', '.join(MODES)}")
     if not math.isfinite(cfg.lens.alpha):
         raise UserError(f"lens.alpha={cfg.lens.alpha}: must be a finite number")
     if not math.isfinite(decode.guidance):
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
     if cfg.lens.rank_by not in ("sim_embed", "sim_decoded"):
         raise UserError(f"lens.rank_by={cfg.lens.rank_by!r}: use sim_embed or sim_decoded")
-    if cfg.dtype not in DTYPES:
-        raise UserError(f"dtype={cfg.dtype!r}: use {', '.join(DTYPES)}")
+    resolve_dtype(cfg.dtype, "cpu")  # raises on an unknown name
+    resolve_dtype(cfg.decode.dtype, "cpu")
 
 
 @dataclass
@@ -244,18 +237,11 @@ def start_csv(cfg, run_dir: Path, scored: list[Scored], previous: list[dict], cs
 def _finish_rows(cfg, rows: list[dict]) -> list[dict]:
     """Final ranks (by the configured similarity) and a stable order: image, then component order."""
     if cfg.lens.rank_by == "sim_decoded":
-        for (image,), group in _by_image(rows).items():
+        for (image,), group in group_rows(rows, ("image",)).items():
             values = torch.tensor([float(r["sim_decoded"] or "nan") for r in group]).nan_to_num(-math.inf)
             for row, r in zip(group, rank(values)):
                 row["rank"] = int(r)
     return rows
-
-
-def _by_image(rows: list[dict]) -> dict[tuple, list[dict]]:
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["image"],), []).append(row)
-    return groups
 
 
 def _save_inputs(cfg, run_dir: Path, image_set: ImageSet) -> None:
@@ -286,22 +272,39 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         raise
 
 
+def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, components: list[Component],
+                  manifest: Manifest) -> None:
+    """An interventional study (DESIGN.md section 3) on the chosen heads, instead of decoding."""
+    from dsl_cli.studies import run_study
+
+    heads = [c for c in components if c.kind == "head"]
+    if not heads:
+        raise UserError(f"study={cfg.study.name} ablates attention heads: use component=heads (or head labels)")
+    with manifest.stage("study"):
+        summary = run_study(cfg, run_dir, encoder, preprocess, image_set.images, heads)
+    manifest.update(study=summary, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    log.info("study complete: %s", run_dir)
+
+
 def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: Manifest) -> None:
     previous = read_csv(run_dir / "similarity.csv")
     manifest.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
                     seed=cfg.seed, versions=_versions(), git_commit=_git_commit(),
                     config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
 
-    from dsl_cli.decoder import load_decoder, resolve_dtype
+    from dsl_cli.decoder import load_decoder
     from dsl_cli.encoder import load_encoder
 
     with manifest.stage("images"):
         image_set = load_images(cfg.images)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
     with manifest.stage("encoder"):
-        encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=DTYPES[cfg.dtype])
+        encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.dtype, device))
     components = select_components(cfg.lens.name, cfg.layer, cfg.head, cfg.component,
                                    encoder.n_layers, encoder.n_heads)
+    if cfg.study.name:
+        run_study_job(cfg, run_dir, encoder, preprocess, image_set, components, manifest)
+        return
     with manifest.stage("lens"):
         scored = score_images(cfg, encoder, preprocess, image_set, components)
         if cfg.lens.name == "steering" and cfg.lens.verify:

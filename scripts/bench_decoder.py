@@ -22,7 +22,8 @@ from diffusers import UNet2DConditionModel, VQModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from dsl_cli.config import DecoderConfig
-from dsl_cli.decoder import KandinskyDecoder, load_decoder, resolve_dtype
+from dsl_cli.decoder import KandinskyDecoder, load_decoder
+from dsl_cli.devices import resolve_dtype
 
 
 def parse_args() -> argparse.Namespace:

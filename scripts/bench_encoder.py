@@ -22,9 +22,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from dsl_cli.devices import DTYPES
 from dsl_cli.encoder import HookedEncoder, load_encoder
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def rss_bytes() -> int:

@@ -24,3 +24,13 @@ def tiny_encoder(tiny_visual) -> HookedEncoder:
 def tiny_pixels() -> torch.Tensor:
     """[3, 3, 64, 64] normalised-pixel-space inputs for the tiny tower."""
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` are skipped where CUDA is not available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

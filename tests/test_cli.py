@@ -85,7 +85,7 @@ def _choices() -> list[tuple[str, str]]:
 
 def test_every_group_has_configs() -> None:
     groups = {group for group, _ in _choices()}
-    assert {"encoder", "decoder", "lens", "images", "decode", "experiment", "debug"} <= groups
+    assert {"encoder", "decoder", "lens", "images", "decode", "study", "launcher", "experiment", "debug"} <= groups
 
 
 @pytest.mark.parametrize(("group", "choice"), _choices())

@@ -11,7 +11,8 @@ import torch
 from diffusers import KandinskyV22Pipeline
 
 from dsl_cli.config import DecoderConfig
-from dsl_cli.decoder import KandinskyDecoder, load_decoder, resolve_dtype, to_pil, to_uint8
+from dsl_cli.decoder import KandinskyDecoder, load_decoder, to_pil, to_uint8
+from dsl_cli.devices import resolve_dtype
 from dsl_cli.errors import UserError
 
 SIZE, STEPS, GUIDANCE = 64, 2, 4.0

@@ -19,7 +19,7 @@ from PIL import Image
 from dsl_cli import cli
 from dsl_cli.errors import UserError
 from dsl_cli.images import read_image
-from dsl_cli.run import resolve_device
+from dsl_cli.devices import resolve_device
 
 DSL = str(Path(sys.executable).parent / "dsl")
 
@@ -104,6 +104,7 @@ CONFIG_CASES = {
     "component_out_of_range": (["component=[L9MLP]"], "outside this model (0 to 3)"),
     "alpha_not_finite": (["lens.alpha=inf"], "lens.alpha=inf: must be a finite number"),
     "alpha_nan": (["lens.alpha=nan"], "must be a finite number"),
+    "unknown_mode": (["lens.mode=double"], "lens.mode='double': use add, scale, norm"),
     "steps_below_1": (["decode.steps=0"], "decode.steps=0: must be at least 1"),
     "decode_batch_below_1": (["decode.batch_size=0"], "decode.batch_size=0: must be at least 1"),
     "encoder_batch_below_1": (["batch_size=0"], "batch_size=0: must be at least 1"),

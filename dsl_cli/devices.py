@@ -1,0 +1,35 @@
+"""Where and in which precision models run: `device` and `dtype` config values -> torch objects."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from dsl_cli.errors import UserError
+
+log = logging.getLogger("dsl_cli")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` takes CUDA when present and otherwise warns and uses the CPU; `cuda` without CUDA is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        log.warning("no CUDA device found: running on the CPU (slow for real-size models)")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use device=cpu or device=auto")
+    if name not in ("cuda", "cpu"):
+        raise UserError(f"device={name!r}: use auto, cuda or cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """`auto` is bf16 on CUDA (tensor cores, no fp16 overflow) and fp32 elsewhere (CPU half kernels are slow)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UserError(f"dtype={name!r}: choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
