@@ -80,6 +80,9 @@ def _resume_overrides(args: list[str]) -> list[str]:
             folder = Path(arg.split("=", 1)[1]).expanduser()
             if not (folder / ".hydra" / "config.yaml").is_file():
                 raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it)")
+            others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
+            if others:
+                raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
             return [f"hydra.run.dir={folder.resolve()}", "hydra.output_subdir=null"]
     return []
 

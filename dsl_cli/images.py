@@ -141,3 +141,29 @@ def load_images(cfg) -> ImageSet:
     if not result.images:
         raise UserError(f"no readable image among {len(named)} file(s); skipped: {result.skipped[:3]}")
     return result
+
+
+# where `overlay` pastes the foreground: fractions (x, y) of the free space left/above it
+OVERLAY_POSITIONS = {
+    "center": (0.5, 0.5), "top-left": (0.0, 0.0), "top-right": (1.0, 0.0),
+    "bottom-left": (0.0, 1.0), "bottom-right": (1.0, 1.0),
+}
+
+
+def overlay(background: Image.Image, foreground: Image.Image, scale: float = 0.45,
+            position: str = "center") -> Image.Image:
+    """A composite for the overlay-removal study: the background's centre-cropped square, with the
+    foreground's centre-cropped square resized (bicubic) to `scale` of that side pasted at `position`
+    (center, top-left, top-right, bottom-left, bottom-right). Both squares are what the encoder's
+    preprocessing (shortest-edge resize, centre crop) would see of each image. Returns RGB."""
+    if not 0 < scale <= 1:
+        raise UserError(f"overlay scale={scale}: must be in (0, 1]")
+    if position not in OVERLAY_POSITIONS:
+        raise UserError(f"overlay position={position!r}: use one of {', '.join(OVERLAY_POSITIONS)}")
+    side = min(background.size)
+    canvas = ImageOps.fit(background.convert("RGB"), (side, side), Image.Resampling.BICUBIC)
+    small = max(1, round(scale * side))
+    patch = ImageOps.fit(foreground.convert("RGB"), (small, small), Image.Resampling.BICUBIC)
+    fx, fy = OVERLAY_POSITIONS[position]
+    canvas.paste(patch, (round(fx * (side - small)), round(fy * (side - small))))
+    return canvas

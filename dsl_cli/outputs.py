@@ -136,6 +136,24 @@ def read_csv(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
 # ---------------------------------------------------------------- figures
 
 
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: figures are files here, never windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as PNG, written atomically and without a timestamp (reruns give equal files)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -218,11 +236,7 @@ def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], 
 
 def draw_heatmaps(run_dir: Path, rows: list[dict]) -> list[Path]:
     """Per image and lens: similarity to the input over layers x components (embedding and decoded)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
         panels = [v for v in ("sim_embed", "sim_decoded") if any(r.get(v) for r in group)]
@@ -240,21 +254,14 @@ def draw_heatmaps(run_dir: Path, rows: list[dict]) -> list[Path]:
         fig.suptitle(image, fontsize=10)
         fig.tight_layout()
         path = run_dir / "heatmaps" / f"{image}_{lens}.png"
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        atomic_write_bytes(path, buffer.getvalue())
+        save_figure(fig, path)
         written.append(path)
     return written
 
 
 def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
     """Logit lens: per image, the top label of each component with its cosine, as a bar chart."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     written = []
     for (image,), group in group_rows([r for r in label_rows if r["rank"] == "1"], ("image",)).items():
         fig, axis = plt.subplots(figsize=(7, 1 + 0.28 * len(group)))
@@ -265,11 +272,8 @@ def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
         axis.set_xlabel("cosine with the class text embedding")
         axis.set_title(f"{image}: logit lens, top label per component", fontsize=9)
         fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
-        plt.close(fig)
         path = run_dir / "plots" / f"{image}_logit.png"
-        atomic_write_bytes(path, buffer.getvalue())
+        save_figure(fig, path)
         written.append(path)
     return written
 

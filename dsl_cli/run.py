@@ -28,9 +28,9 @@ from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import MODES, lens_embeddings, rank, score, select_components, text_classifier, top_labels
 from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, check_writable, group_rows, read_csv, redraw,
                              save_png, write_json)
+from dsl_cli.studies import run_study, validate_study
 
 log = logging.getLogger("dsl_cli.run")
-STUDIES = ("head_importance", "overlay_removal")
 
 
 # ---------------------------------------------------------------- set-up
@@ -46,10 +46,8 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value}: must be at least {low}")
     if decode.top_k is not None and decode.top_k < 1:
         raise UserError(f"decode.top_k={decode.top_k}: must be at least 1 (or null to decode everything)")
-    if cfg.study.name is not None and cfg.study.name not in STUDIES:
-        raise UserError(f"study.name={cfg.study.name!r}: choose one of {', '.join(STUDIES)}")
-    if cfg.study.ablation not in ("zero", "mean"):
-        raise UserError(f"study.ablation={cfg.study.ablation!r}: use zero or mean")
+    if cfg.study.name is not None:
+        validate_study(cfg.study)
     if cfg.lens.mode not in MODES:
         raise UserError(f"lens.mode={cfg.lens.mode!r}: use {', '.join(MODES)}")
     if not math.isfinite(cfg.lens.alpha):
@@ -275,13 +273,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, components: list[Component],
                   manifest: Manifest) -> None:
     """An interventional study (DESIGN.md section 3) on the chosen heads, instead of decoding."""
-    from dsl_cli.studies import run_study
-
-    heads = [c for c in components if c.kind == "head"]
-    if not heads:
-        raise UserError(f"study={cfg.study.name} ablates attention heads: use component=heads (or head labels)")
     with manifest.stage("study"):
-        summary = run_study(cfg, run_dir, encoder, preprocess, image_set.images, heads)
+        summary = run_study(cfg, run_dir, encoder, preprocess, image_set.images, components)
     manifest.update(study=summary, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     log.info("study complete: %s", run_dir)
 

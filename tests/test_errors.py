@@ -239,3 +239,15 @@ def test_read_image_names_the_file(tmp_path: Path) -> None:
     write_text(tmp_path)
     with pytest.raises(UserError, match="notes.jpg"):
         read_image(tmp_path / "notes.jpg")
+
+
+def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", f"resume={tmp_path}"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "not a dsl run folder")
+
+
+def test_resume_refuses_new_overrides(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    code, err = dsl_in_process(["run", "resume=run", "layer=2"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "drop the other overrides ['layer=2']")

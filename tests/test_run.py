@@ -173,3 +173,21 @@ def test_plot_redraws_from_files_alone(runs: dict[str, Path], tmp_path: Path, mo
 def test_plot_on_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "no similarity.csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("study", "files"), [
+    ("head_importance", ["study_head_importance.csv", "correlations.csv", "plots/head_importance.png"]),
+    ("overlay_removal", ["study_overlay_removal.csv", "plots/overlay_removal.png"]),
+])
+def test_studies_run_through_the_cli(study: str, files: list[str], tmp_path: Path) -> None:
+    folder = run_tiny(tmp_path / study, f"study={study}", "layer=all", "study.steps=3", "study.random_orders=2")
+    for name in files:
+        assert (folder / name).is_file(), name
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "study" in manifest["seconds"]
+    rows = read_rows(folder, f"study_{study}.csv")
+    if study == "head_importance":
+        assert len(rows) == N_IMAGES * N_LAYERS * N_HEADS
+    else:  # per composite: DSL and greedy orders and 2 random orders, each with steps 0..3
+        assert len(rows) == N_IMAGES * (2 + 2) * 4
+    assert not (folder / "similarity.csv").exists()  # a study decodes nothing

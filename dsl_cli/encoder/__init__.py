@@ -1,13 +1,16 @@
 """The CLIP image encoder, opened up: loading (open_clip, the Kandinsky prior's HF image_encoder, tiny),
 the CLS-position cache and its exact decomposition, and the lenses read from it (DESIGN.md section 3)."""
 
-from dsl_cli.encoder.hooked import STEER_MODES, EncoderCache, HookedEncoder, head_writes, steering_delta
+from dsl_cli.encoder.hooked import (ABLATIONS, STEER_MODES, EncoderCache, HookedEncoder, MeanWrites, head_writes,
+                                    steering_delta)
 from dsl_cli.encoder.loading import build_tiny_clip, build_tiny_visual, load_encoder, load_text_model
 
 __all__ = [
+    "ABLATIONS",
     "STEER_MODES",
     "EncoderCache",
     "HookedEncoder",
+    "MeanWrites",
     "build_tiny_clip",
     "build_tiny_visual",
     "head_writes",

@@ -7,14 +7,16 @@ The cache is built in one batched pass through the blocks' own submodules (so op
 computes the full-token outputs); only the per-head writes are recomputed, at the CLS query alone, from
 `attn.in_proj_*` and `attn.out_proj`. The DSL embeddings then follow in closed form,
 `R(x_L + delta(c))`, for all components at once. `steer_hooked` is the slow reference: a real forward pass
-with forward hooks, used as the test oracle and by `lens.verify`.
+with forward hooks, used as the test oracle and by `lens.verify`. `ablate_hooked` removes heads' and MLPs'
+writes in a real forward pass (no patching: everything downstream recomputes), for the interventional
+studies (`dsl_cli.studies`).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
@@ -24,6 +26,7 @@ from dsl_cli.components import Component, parse_component
 
 ComponentLike = Union[str, Component]
 STEER_MODES = ("add", "scale", "norm")
+ABLATIONS = ("zero", "mean")
 
 
 @dataclass
@@ -73,13 +76,32 @@ class EncoderCache:
         raise KeyError(f"no cached tensor named {name!r}")
 
 
-def head_writes(block: ResidualAttentionBlock, queries: Tensor, keys: Tensor) -> Tensor:
+@dataclass
+class MeanWrites:
+    """Mean writes for mean ablation: every head's and MLP's write averaged over images AND token positions
+    (one vector per component, so the replacement carries no information about the image or the position).
+
+    heads  [L, H, D]  LayerScale included, without the attention output bias (as `head_writes`)
+    mlps   [L, D]     LayerScale included
+    tokens            how many (image, token) rows were averaged
+    """
+
+    heads: Tensor
+    mlps: Tensor
+    tokens: int
+
+
+def head_writes(
+    block: ResidualAttentionBlock, queries: Tensor, keys: Tensor, heads: Optional[Sequence[int]] = None
+) -> Tensor:
     """Per-head attention writes, recomputed from the block's own weights (open_clip's fused attention
     never exposes them).
 
     queries [B, Tq, D] and keys [B, T, D] are ln_1 outputs (the query rows and all rows).
     Returns [B, Tq, H, D]: head h's share of `ls_1(attn(...))` without the output bias, so that
     the sum over h plus `attn_bias(block)` is the attention sub-block's output at those rows.
+    `heads` (indices) keeps only those heads -> [B, Tq, len(heads), D]; the attention itself is then
+    computed for them alone (all-token writes of every head are large: 0.9 GB per 32 bigG images).
     """
     attn = block.attn
     n_heads, width = attn.num_heads, attn.embed_dim
@@ -91,8 +113,11 @@ def head_writes(block: ResidualAttentionBlock, queries: Tensor, keys: Tensor) ->
         return nn.functional.linear(x, w, b).unflatten(-1, (n_heads, d_head)).transpose(1, 2)
 
     q, k, v = split(queries, w_q, b_q), split(keys, w_k, b_k), split(keys, w_v, b_v)
-    z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, Tq, d]
     w_o = attn.out_proj.weight.unflatten(1, (n_heads, d_head))  # [D, H, d]
+    if heads is not None:
+        picked = torch.as_tensor(heads, dtype=torch.long, device=q.device)
+        q, k, v, w_o = q[:, picked], k[:, picked], v[:, picked], w_o[:, picked]
+    z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, Tq, d]
     writes = torch.einsum("bhqe,dhe->bqhd", z, w_o)
     return _layer_scale(block.ls_1, writes)
 
@@ -120,6 +145,11 @@ def steering_delta(write: Tensor, final_resid: Tensor, mode: str, alpha: float) 
         unit = c / c.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
         return (alpha * size * unit).to(write.dtype)
     return (alpha - 1.0) * write  # scale
+
+
+def _check_ablation(how: str) -> None:
+    if how not in ABLATIONS:
+        raise ValueError(f"unknown ablation {how!r}: use one of {', '.join(ABLATIONS)}")
 
 
 def _check_mode(mode: str) -> None:
@@ -284,7 +314,73 @@ class HookedEncoder(nn.Module):
         with self._hooks(steered):
             return self._forward(pixels)
 
-    # ---- the negative embedding ----------------------------------------------------------------
+    # ---- ablation in a real forward pass (interventional studies) -------------------------------
+    @torch.inference_mode()
+    def ablate_hooked(
+        self,
+        pixels: Tensor,
+        components: Union[Sequence[ComponentLike], Sequence[Sequence[ComponentLike]]],
+        how: str = "zero",
+        means: Optional[MeanWrites] = None,
+    ) -> Tensor:
+        """A real `visual(pixels)` pass with heads'/MLPs' writes removed -> [B, E]. No patching: every
+        later sub-block recomputes from the ablated stream (this measures total, not direct, effect).
+
+        pixels [B, 3, S, S]. components: labels ablated together in every image (`["L3H1", "L2MLP"]`), or
+        one such list per image (len B), so one batch can hold different ablations (e.g. every prefix
+        of an order). how: `zero` removes the write at every token (a head's attention output bias stays,
+        as when its W_O columns are zeroed; an MLP's output becomes zero, bias included); `mean` replaces
+        it with the component's `means` write (default: `mean_writes(pixels)`, the mean over these images
+        and all tokens). Hooks: ln_1 (records the block's normed input) and ls_1/ls_2 (edit the output).
+        """
+        _check_ablation(how)
+        pixels = pixels.to(self.device, self.dtype)
+        head_mask, mlp_mask = self._ablation_masks(components, len(pixels))
+        if how == "mean" and means is None:
+            means = self.mean_writes(pixels)
+        with self._hooks(self._ablation_hooks(head_mask, mlp_mask, means)):
+            return self._forward(pixels)
+
+    @torch.inference_mode()
+    def mean_writes(self, pixels: Tensor, batch_size: Optional[int] = None) -> MeanWrites:
+        """Every head's and MLP's write averaged over the images and all token positions (float32), from
+        clean passes in batches of `batch_size` images (default: all at once). pixels [B, 3, S, S]."""
+        heads = torch.zeros(self.n_layers, self.n_heads, self.d_model, device=self.device)
+        mlps = torch.zeros(self.n_layers, self.d_model, device=self.device)
+        normed: dict[int, Tensor] = {}
+
+        def add_heads(layer: int) -> Callable:
+            def hook(module: nn.Module, inputs, output: Tensor) -> None:
+                x = normed[layer]
+                heads[layer] += head_writes(self.blocks[layer], x, x).float().sum((0, 1))
+
+            return hook
+
+        def add_mlp(layer: int) -> Callable:
+            def hook(module: nn.Module, inputs, output: Tensor) -> None:
+                mlps[layer] += output.float().sum((0, 1))
+
+            return hook
+
+        hooks: dict[tuple[int, str], Callable] = {}
+        for layer in range(self.n_layers):
+            hooks[(layer, "ln_1")] = _recorder(normed, layer)
+            hooks[(layer, "ls_1")] = add_heads(layer)
+            hooks[(layer, "ls_2")] = add_mlp(layer)
+        tokens, step = 0, batch_size or len(pixels)
+        with self._hooks(hooks):
+            for start in range(0, len(pixels), step):
+                chunk = pixels[start:start + step].to(self.device, self.dtype)
+                self._forward(chunk)
+                tokens += len(chunk) * normed[0].shape[1]
+        return MeanWrites(heads=heads / tokens, mlps=mlps / tokens, tokens=tokens)
+
+    # ---- plain embeddings and the negative embedding -------------------------------------------
+    @torch.inference_mode()
+    def embed(self, pixels: Tensor) -> Tensor:
+        """pixels [B, 3, S, S] -> [B, E]: open_clip's own forward, nothing hooked."""
+        return self._forward(pixels.to(self.device, self.dtype))
+
     @torch.inference_mode()
     def zero_embed(self) -> Tensor:
         """[1, E]: the encoder on an all-zeros image in normalised pixel space (the decoder's negative)."""
@@ -304,7 +400,7 @@ class HookedEncoder(nn.Module):
         c = parse_component(component)
         allowed = ("head", "mlp") if steerable else ("head", "mlp", "resid", "embed")
         if c.kind not in allowed:
-            raise ValueError(f"{c.label}: only heads and MLPs can be steered")
+            raise ValueError(f"{c.label}: only heads and MLPs can be steered or ablated")
         if c.kind != "embed" and not 0 <= c.layer < self.n_layers:
             raise ValueError(f"{c.label}: layer out of range 0..{self.n_layers - 1}")
         if c.kind == "head" and not 0 <= c.head < self.n_heads:
@@ -319,6 +415,56 @@ class HookedEncoder(nn.Module):
         if c.kind == "mlp":
             return cache.mlp_writes[:, c.layer]
         return cache.resid[:, c.layer + 1]  # resid L{l} is x_{l+1}; embed (layer -1) is x_0
+
+    def _ablation_masks(
+        self, components: Union[Sequence[ComponentLike], Sequence[Sequence[ComponentLike]]], batch: int
+    ) -> tuple[Tensor, Tensor]:
+        """Which writes to remove in which image: head mask [B, L, H] and MLP mask [B, L] (1 = ablate)."""
+        flat = len(components) == 0 or isinstance(components[0], (str, Component))
+        per_image = [components] * batch if flat else components
+        if len(per_image) != batch:
+            raise ValueError(f"{len(per_image)} ablation sets for {batch} images: give one per image, or one list")
+        head_mask = torch.zeros(batch, self.n_layers, self.n_heads, device=self.device, dtype=self.dtype)
+        mlp_mask = torch.zeros(batch, self.n_layers, device=self.device, dtype=self.dtype)
+        for b, chosen in enumerate(per_image):
+            for c in (self._parse(label, steerable=True) for label in chosen):
+                if c.kind == "head":
+                    head_mask[b, c.layer, c.head] = 1
+                else:
+                    mlp_mask[b, c.layer] = 1
+        return head_mask, mlp_mask
+
+    def _ablation_hooks(
+        self, head_mask: Tensor, mlp_mask: Tensor, means: Optional[MeanWrites]
+    ) -> dict[tuple[int, str], Callable]:
+        """Forward hooks that turn each ablated write w into its replacement r (0, or the mean write):
+        output - mask * (w - r), per image. Images whose mask is 0 at a layer pass through unchanged."""
+        hooks: dict[tuple[int, str], Callable] = {}
+        for layer in range(self.n_layers):
+            picked = head_mask[:, layer].any(0).nonzero().flatten().tolist()  # heads ablated in any image
+            if picked:
+                normed: dict = {}
+                hooks[(layer, "ln_1")] = _recorder(normed, "x")
+                hooks[(layer, "ls_1")] = self._remove_heads(layer, picked, head_mask[:, layer, picked], normed, means)
+            if mlp_mask[:, layer].any():
+                mask = mlp_mask[:, layer, None, None]  # [B, 1, 1]
+                replacement = 0.0 if means is None else means.mlps[layer].to(self.dtype)
+                hooks[(layer, "ls_2")] = lambda m, i, out, mask=mask, r=replacement: out - mask * (out - r)
+        return hooks
+
+    def _remove_heads(
+        self, layer: int, heads: list[int], mask: Tensor, normed: dict, means: Optional[MeanWrites]
+    ) -> Callable:
+        """The ls_1 hook of one block: mask [B, len(heads)]; head writes at every token from the recorded
+        ln_1 output."""
+        block = self.blocks[layer]
+        replacement = 0.0 if means is None else means.heads[layer, heads].to(self.dtype)  # [h, D]
+
+        def hook(module: nn.Module, inputs, output: Tensor) -> Tensor:
+            writes = head_writes(block, normed["x"], normed["x"], heads=heads)  # [B, T, h, D]
+            return output - torch.einsum("bh,bthd->btd", mask, writes - replacement)
+
+        return hook
 
     @contextmanager
     def _hooks(self, hooks: dict[tuple[int, str], Callable]) -> Iterator[None]:

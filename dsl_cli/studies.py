@@ -1,0 +1,390 @@
+"""Interventional studies: the paper's two validations of DSL (DESIGN.md section 3, "Interventional studies").
+
+Only the studies' names and headline results are public; the procedures here are reconstructions:
+
+- head importance: per image and head, importance = 1 - cos(e_ablated, e), the head ablated (zero or mean)
+  in a full forward pass with no patching; correlated (Spearman, Pearson; per image and pooled over all
+  (image, head) pairs) with the DSL score and the direct-lens score, both cos(lens embedding, e) as the
+  main runs rank by (`sim_embed`).
+- overlay removal: composites of a background with a foreground pasted on it. Heads are ranked by
+  cos(DSL embedding on the composite, e_fg), e_fg the foreground image's own embedding, and ablated
+  cumulatively in that order; the overlay similarity cos(e_ablated(composite), e_fg) is traced after each
+  step. Compared with an ACDC-like greedy order and with random orders.
+
+Shapes: B images, K components, E embedding width, S image side. Everything runs through
+`HookedEncoder.ablate_hooked`, batched over (image, ablation set) rows.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import stats
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dsl_cli.components import Component, parse_component
+from dsl_cli.encoder import ABLATIONS, HookedEncoder, MeanWrites
+from dsl_cli.errors import UserError
+from dsl_cli.images import InputImage, overlay
+from dsl_cli.outputs import CsvLog, group_rows, pyplot, save_figure, save_png
+
+STUDIES = ("head_importance", "overlay_removal")
+IMPORTANCE_COLUMNS = ["image", "component", "layer", "head", "ablation", "mode", "alpha", "importance", "dsl",
+                      "direct"]
+CORRELATION_COLUMNS = ["image", "lens", "n", "spearman", "spearman_p", "pearson", "pearson_p"]
+OVERLAY_COLUMNS = ["image", "background", "foreground", "ablation", "order", "seed", "step", "component",
+                   "dsl_score", "overlay_sim"]
+POOLED = "pooled"  # the `image` value of correlations over all (image, head) rows
+
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def validate_study(study) -> None:
+    """Checks on `cfg.study` that need no model (the lead's `validate` may call this)."""
+    if study.name not in STUDIES:
+        raise UserError(f"study.name={study.name!r}: use one of {', '.join(STUDIES)}")
+    if study.ablation not in ABLATIONS:
+        raise UserError(f"study.ablation={study.ablation!r}: use one of {', '.join(ABLATIONS)}")
+    if study.steps < 1:
+        raise UserError(f"study.steps={study.steps}: must be at least 1")
+    if study.greedy_pool is not None and study.greedy_pool < 1:
+        raise UserError(f"study.greedy_pool={study.greedy_pool}: must be at least 1 (or null for all heads)")
+    if study.random_orders < 0:
+        raise UserError(f"study.random_orders={study.random_orders}: must be 0 or more")
+    if not 0 < study.overlay_scale <= 1:
+        raise UserError(f"study.overlay_scale={study.overlay_scale}: must be in (0, 1]")
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine along the last axis in float32 on the CPU: [..., E] x [..., E] (broadcast) -> [...]."""
+    return torch.nn.functional.cosine_similarity(a.float().cpu(), b.float().cpu(), dim=-1)
+
+
+def ablated_embeds(
+    encoder: HookedEncoder,
+    pixels: Tensor,
+    plan: Sequence[tuple[int, Sequence[Component]]],
+    how: str = "zero",
+    means: Optional[MeanWrites] = None,
+    batch_size: int = 64,
+    desc: Optional[str] = None,
+) -> Tensor:
+    """Embeddings of ablated forward passes -> [N, E] (float32, CPU), one per plan row.
+
+    pixels [B, 3, S, S]; plan: N rows (image index into pixels, components ablated together). Rows are
+    run `batch_size` at a time, so different ablations of the same or other images share a forward pass.
+    """
+    out = []
+    starts = range(0, len(plan), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
+        chunk = plan[start:start + batch_size]
+        index = torch.tensor([i for i, _ in chunk])
+        embeds = encoder.ablate_hooked(pixels[index], [list(s) for _, s in chunk], how=how, means=means)
+        out.append(embeds.float().cpu())
+    return torch.cat(out) if out else torch.empty(0, encoder.d_embed)
+
+
+def _names(names: Optional[Sequence[str]], count: int) -> list[str]:
+    return list(names) if names is not None else [str(i) for i in range(count)]
+
+
+# ---------------------------------------------------------------- head importance
+
+
+def head_importance(
+    encoder: HookedEncoder,
+    pixels: Tensor,
+    components: Sequence[Component | str],
+    ablation: str = "zero",
+    mode: str = "norm",
+    alpha: float = 2.0,
+    means: Optional[MeanWrites] = None,
+    names: Optional[Sequence[str]] = None,
+    batch_size: int = 64,
+) -> list[dict]:
+    """One row per (image, component), image-major: importance = 1 - cos(e_ablated, e) (the component
+    alone ablated in a full forward pass), dsl = cos(DSL embedding, e), direct = cos(R(write), e).
+
+    pixels [B, 3, S, S]; components: heads (MLPs work too); means: for mean ablation (default: the mean
+    over these images, see `HookedEncoder.ablate_hooked`); names: B image names (default "0", "1", ...).
+    """
+    comps = [parse_component(c) for c in components]
+    cache = encoder.run_with_cache(pixels)
+    clean = cache.embeds.float().cpu().unsqueeze(1)  # [B, 1, E]
+    dsl = cosine(encoder.steer(cache, comps, mode=mode, alpha=alpha), clean)  # [B, K]
+    direct = cosine(encoder.direct(cache, comps), clean)  # [B, K]
+    if ablation == "mean" and means is None:
+        means = encoder.mean_writes(pixels, batch_size)
+    plan = [(b, [c]) for b in range(len(pixels)) for c in comps]
+    ablated = ablated_embeds(encoder, pixels, plan, ablation, means, batch_size, desc="ablate")
+    importance = 1.0 - cosine(ablated.view(len(pixels), len(comps), -1), clean)  # [B, K]
+    rows = []
+    for b, name in enumerate(_names(names, len(pixels))):
+        for k, comp in enumerate(comps):
+            rows.append({"image": name, "component": comp.label, "layer": comp.layer, "head": comp.head,
+                         "ablation": ablation, "mode": mode, "alpha": float(alpha),
+                         "importance": importance[b, k].item(), "dsl": dsl[b, k].item(),
+                         "direct": direct[b, k].item()})
+    return rows
+
+
+def _correlate(x: np.ndarray, y: np.ndarray) -> dict:
+    """Spearman and Pearson of two equal-length vectors; NaN where undefined (n < 2, a constant vector)."""
+    result = {"n": len(x), "spearman": math.nan, "spearman_p": math.nan, "pearson": math.nan,
+              "pearson_p": math.nan}
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return result
+    with warnings.catch_warnings():  # n == 2 gives p = 1 with a warning in some scipy versions
+        warnings.simplefilter("ignore")
+        rho, rho_p = stats.spearmanr(x, y)
+        r, r_p = stats.pearsonr(x, y)
+    result.update(spearman=float(rho), spearman_p=float(rho_p), pearson=float(r), pearson_p=float(r_p))
+    return result
+
+
+def correlations(rows: list[dict], target: str = "importance", scores: Sequence[str] = ("dsl", "direct")) -> list[dict]:
+    """Spearman and Pearson of `target` vs each score, per image and pooled over all rows (image
+    `pooled`): one dict per (image, lens) with CORRELATION_COLUMNS. Pooling mixes images whose importance
+    scales differ; the per-image rows are the cleaner test, the pooled one the headline number."""
+    groups = list(group_rows(rows, ("image",)).items()) + [((POOLED,), rows)]
+    out = []
+    for (image,), group in groups:
+        y = np.array([float(r[target]) for r in group])
+        for lens in scores:
+            x = np.array([float(r[lens]) for r in group])
+            out.append({"image": image, "lens": lens, **_correlate(x, y)})
+    return out
+
+
+# ---------------------------------------------------------------- overlay removal
+
+
+def overlay_removal(
+    encoder: HookedEncoder,
+    composite_pixels: Tensor,
+    foreground_pixels: Tensor,
+    components: Sequence[Component | str],
+    steps: int = 20,
+    greedy_pool: Optional[int] = 32,
+    random_orders: int = 5,
+    seed: int = 0,
+    ablation: str = "zero",
+    means: Optional[MeanWrites] = None,
+    mode: str = "norm",
+    alpha: float = 2.0,
+    names: Optional[Sequence[str]] = None,
+    batch_size: int = 64,
+) -> list[dict]:
+    """Overlay-similarity curves under cumulative ablation, as CSV rows (OVERLAY_COLUMNS less background and
+    foreground): per composite, order `dsl`, `greedy` and `random` (seed = seed + r for r < random_orders,
+    the same orders for every composite), steps 0..min(steps, K) each; step 0 ablates nothing,
+    `component` is the one ablated at that step, overlay_sim = cos(e_ablated(composite), e_fg).
+
+    composite_pixels, foreground_pixels [B, 3, S, S] (pair b: composite b and its foreground b).
+    dsl: by cos(DSL embedding of the head on the composite, e_fg), best first. greedy (ACDC-like): each step
+    ablates, among the `greedy_pool` best not-yet-ablated heads by DSL rank (all remaining if None), the one
+    that lowers the overlay similarity most (ties: the better DSL rank). means: for mean ablation (default:
+    the mean over the composites).
+    """
+    comps = [parse_component(c) for c in components]
+    n_steps = min(steps, len(comps))
+    if ablation == "mean" and means is None:
+        means = encoder.mean_writes(composite_pixels, batch_size)
+    e_fg = encoder.embed(foreground_pixels).float().cpu()  # [B, E]
+    cache = encoder.run_with_cache(composite_pixels)
+    dsl_scores = cosine(encoder.steer(cache, comps, mode=mode, alpha=alpha), e_fg.unsqueeze(1))  # [B, K]
+    base = cosine(cache.embeds, e_fg)  # [B]: nothing ablated
+    rows = []
+    for b, name in enumerate(tqdm(_names(names, len(composite_pixels)), desc="overlay", unit="img")):
+        pixels, target, scores = composite_pixels[b:b + 1], e_fg[b], dsl_scores[b]
+
+        def record(order: str, run_seed: Optional[int], picked: list[int], sims: Sequence[float]) -> None:
+            for step, sim in enumerate(sims):
+                k = picked[step - 1] if step else None
+                rows.append({"image": name, "ablation": ablation, "order": order, "seed": run_seed, "step": step,
+                             "component": comps[k].label if step else "",
+                             "dsl_score": scores[k].item() if step else None, "overlay_sim": float(sim)})
+
+        def curve(order: list[int]) -> list[float]:
+            """Overlay similarity after each prefix of `order`: step 0 (base) .. n_steps, one batch."""
+            plan = [(0, [comps[k] for k in order[:step]]) for step in range(1, n_steps + 1)]
+            ablated = ablated_embeds(encoder, pixels, plan, ablation, means, batch_size)
+            return [base[b].item(), *cosine(ablated, target).tolist()]
+
+        ranked = torch.sort(scores, descending=True, stable=True).indices.tolist()
+        record("dsl", None, ranked, curve(ranked[:n_steps]))
+        picked, sims = _greedy(encoder, pixels, target, comps, ranked, n_steps, greedy_pool, ablation, means,
+                               batch_size)
+        record("greedy", None, picked, [base[b].item(), *sims])
+        for r in range(random_orders):
+            order = random_order(len(comps), seed + r)[:n_steps]
+            record("random", seed + r, order, curve(order))
+    return rows
+
+
+def random_order(count: int, seed: int) -> list[int]:
+    """A seeded permutation of range(count) (torch's CPU generator: the same on every machine)."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _greedy(
+    encoder: HookedEncoder, pixels: Tensor, target: Tensor, comps: list[Component], ranked: list[int],
+    n_steps: int, pool: Optional[int], ablation: str, means: Optional[MeanWrites], batch_size: int,
+) -> tuple[list[int], list[float]]:
+    """The ACDC-like order on one composite (pixels [1, 3, S, S], target [E]): each step tries every
+    candidate on top of the heads ablated so far (one batched pass) and keeps the one with the lowest
+    overlay similarity. Returns (component indices, similarity after each step)."""
+    picked: list[int] = []
+    sims: list[float] = []
+    for _ in range(n_steps):
+        candidates = [k for k in ranked if k not in picked][:pool]
+        plan = [(0, [comps[j] for j in picked + [k]]) for k in candidates]
+        trial = cosine(ablated_embeds(encoder, pixels, plan, ablation, means, batch_size), target)
+        best = int(torch.argmin(trial))  # the first minimum: the better DSL rank on ties
+        picked.append(candidates[best])
+        sims.append(trial[best].item())
+    return picked, sims
+
+
+# ---------------------------------------------------------------- the study as a run stage
+
+
+def run_study(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
+              components: list[Component]) -> dict:
+    """Run `cfg.study.name` on the run's images and the selected heads; write `study_<name>.csv`
+    (+ `correlations.csv`), `plots/<name>.png` (and the composites under `images/overlays/`).
+    Returns a summary for the manifest. DSL scores use `cfg.lens.mode`/`cfg.lens.alpha`; forward
+    passes run `cfg.batch_size` rows at a time."""
+    study = cfg.study
+    validate_study(study)
+    heads = [c for c in components if c.kind == "head"]
+    if not heads:
+        raise UserError(f"study={study.name} ablates attention heads: select some with layer=... head=... "
+                        "(component=heads)")
+    if study.name == "head_importance":
+        return _run_head_importance(cfg, run_dir, encoder, preprocess, images, heads)
+    return _run_overlay_removal(cfg, run_dir, encoder, preprocess, images, heads)
+
+
+def _pixels(preprocess, pictures: Sequence[Image.Image]) -> Tensor:
+    """[B, 3, S, S] on the CPU; ablated_embeds moves each batch to the encoder's device."""
+    return torch.stack([preprocess(p) for p in pictures])
+
+
+def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
+                         heads: list[Component]) -> dict:
+    study, step = cfg.study, cfg.batch_size
+    pixels = _pixels(preprocess, [i.image for i in images])
+    # mean ablation: one mean over the whole image set, not per batch
+    means = encoder.mean_writes(pixels, step) if study.ablation == "mean" else None
+    rows = []
+    for start in tqdm(range(0, len(images), step), desc="head importance", unit="batch"):
+        rows += head_importance(encoder, pixels[start:start + step], heads, study.ablation, cfg.lens.mode,
+                                float(cfg.lens.alpha), means, [i.name for i in images[start:start + step]], step)
+    corr = correlations(rows)
+    CsvLog(run_dir / "study_head_importance.csv", IMPORTANCE_COLUMNS).rewrite(rows)
+    CsvLog(run_dir / "correlations.csv", CORRELATION_COLUMNS).rewrite(corr)
+    plot = run_dir / "plots" / "head_importance.png"
+    save_figure(plot_head_importance(rows, corr, study.ablation), plot)
+    pooled = {r["lens"]: {"spearman": r["spearman"], "pearson": r["pearson"]} for r in corr if r["image"] == POOLED}
+    return {"study": "head_importance", "rows": len(rows), "ablation": study.ablation, "pooled": pooled,
+            "files": ["study_head_importance.csv", "correlations.csv", str(plot.relative_to(run_dir))]}
+
+
+def composites(images: list[InputImage], scale: float) -> list[tuple[str, InputImage, InputImage, Image.Image]]:
+    """(name, background, foreground, composite) per image: each image in turn is the background and the
+    NEXT image (cyclically) the foreground, so n images give n composites and every image is used once in
+    each role. Needs at least two images."""
+    if len(images) < 2:
+        raise UserError("study=overlay_removal pastes one image on another: give at least two images")
+    out = []
+    for i, background in enumerate(images):
+        foreground = images[(i + 1) % len(images)]
+        name = f"{foreground.name}_on_{background.name}"
+        out.append((name, background, foreground, overlay(background.image, foreground.image, scale)))
+    return out
+
+
+def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
+                         heads: list[Component]) -> dict:
+    study = cfg.study
+    pairs = composites(images, study.overlay_scale)
+    for name, _, _, picture in pairs:
+        save_png(run_dir / "images" / "overlays" / f"{name}.png", picture)
+    composite_pixels = _pixels(preprocess, [p for *_, p in pairs])
+    foreground_pixels = _pixels(preprocess, [fg.image for _, _, fg, _ in pairs])
+    rows = overlay_removal(encoder, composite_pixels, foreground_pixels, heads, study.steps, study.greedy_pool,
+                           study.random_orders, cfg.seed, study.ablation, None, cfg.lens.mode,
+                           float(cfg.lens.alpha), [name for name, *_ in pairs], cfg.batch_size)
+    roles = {name: (bg.name, fg.name) for name, bg, fg, _ in pairs}
+    for row in rows:
+        row["background"], row["foreground"] = roles[row["image"]]
+    CsvLog(run_dir / "study_overlay_removal.csv", OVERLAY_COLUMNS).rewrite(rows)
+    plot = run_dir / "plots" / "overlay_removal.png"
+    save_figure(plot_overlay_removal(rows), plot)
+    # mean overlay similarity over the curve (lower: the overlay is removed sooner), per order
+    mean_sim = {order: float(np.mean([float(r["overlay_sim"]) for r in group]))
+                for (order,), group in group_rows(rows, ("order",)).items()}
+    return {"study": "overlay_removal", "rows": len(rows), "composites": len(pairs), "ablation": study.ablation,
+            "mean_overlay_sim": mean_sim,
+            "files": ["study_overlay_removal.csv", str(plot.relative_to(run_dir))]}
+
+
+# ---------------------------------------------------------------- figures
+
+
+def plot_head_importance(rows: list[dict], corr: list[dict], ablation: str = "zero"):
+    """Importance vs the DSL and the direct score, one panel per lens, a colour per image; the pooled
+    Spearman and Pearson in each title. Returns the matplotlib figure."""
+    plt = pyplot()
+    lenses = [("dsl", "DSL"), ("direct", "direct")]
+    fig, axes = plt.subplots(1, len(lenses), figsize=(5.2 * len(lenses), 4.2), squeeze=False)
+    pooled = {r["lens"]: r for r in corr if r["image"] == POOLED}
+    for axis, (lens, title) in zip(axes[0], lenses):
+        for (image,), group in group_rows(rows, ("image",)).items():
+            axis.scatter([float(r[lens]) for r in group], [float(r["importance"]) for r in group], s=12,
+                         alpha=0.7, label=image)
+        c = pooled.get(lens, {})
+        axis.set_title(f"{title}: Spearman {c.get('spearman', math.nan):.3f}, "
+                       f"Pearson {c.get('pearson', math.nan):.3f}", fontsize=9)
+        axis.set_xlabel(f"{title} score: cos(lens embedding, e)")
+        axis.set_ylabel(f"importance: 1 - cos(e {ablation}-ablated, e)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_overlay_removal(rows: list[dict]):
+    """Overlay similarity vs ablation step, one panel per composite: the DSL and greedy orders as lines,
+    the random orders as their mean with a band of +-1 standard deviation. Returns the figure."""
+    plt = pyplot()
+    groups = group_rows(rows, ("image",))
+    columns = min(3, len(groups))
+    n_rows = math.ceil(len(groups) / columns)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.6 * columns, 3.6 * n_rows), squeeze=False)
+    for axis, ((image,), group) in zip(axes.flat, groups.items()):
+        for (order,), lines in group_rows(group, ("order",)).items():
+            curves = np.array([[float(r["overlay_sim"]) for r in run] for run in
+                               group_rows(lines, ("seed",)).values()])  # [runs, steps + 1]
+            x = np.arange(curves.shape[1])
+            mean = curves.mean(0)
+            axis.plot(x, mean, label=order if len(curves) == 1 else f"{order} (mean of {len(curves)})")
+            if len(curves) > 1:
+                std = curves.std(0)
+                axis.fill_between(x, mean - std, mean + std, alpha=0.25)
+        axis.set_title(image, fontsize=9)
+        axis.set_xlabel("heads ablated")
+        axis.set_ylabel("cos(e ablated composite, e foreground)")
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(groups):]:
+        axis.axis("off")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,274 @@
+"""Interventional studies: ablation in a real forward pass, head importance, overlay removal, run_study.
+
+The oracle for ablation is open_clip's own forward on a deep copy of the tower whose weights do the
+ablation: zeroing head h's columns of `attn.out_proj.weight` removes W_O[:, h] z_h (the bias stays);
+zeroing an MLP's `c_proj` removes its write; adding the mean write to the (LayerScale-divided) output bias
+puts the mean write back in. No hooks are involved on that side.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from open_clip.transformer import LayerScale, VisionTransformer
+from PIL import Image
+
+from dsl_cli.components import parse_component
+from dsl_cli.config import EncoderConfig
+from dsl_cli.encoder import HookedEncoder, MeanWrites, load_encoder
+from dsl_cli.errors import UserError
+from dsl_cli.images import InputImage, overlay
+from dsl_cli.outputs import read_csv
+from dsl_cli.studies import (CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, correlations,
+                             head_importance, overlay_removal, run_study)
+from test_encoder import mid_visual, perturb_
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+TINY_HEADS = [f"L{l}H{h}" for l in range(4) for h in range(4)]
+
+
+def ablated_copy(visual: VisionTransformer, components: list[str],
+                 means: MeanWrites | None = None) -> VisionTransformer:
+    """A deep copy whose weights ablate `components`: a head's W_O columns and an MLP's c_proj zeroed;
+    with `means`, the mean write (LayerScale divided out) added to the output bias instead."""
+    copied = copy.deepcopy(visual)
+    with torch.no_grad():
+        for comp in map(parse_component, components):
+            block = copied.transformer.resblocks[comp.layer]
+            if comp.kind == "head":
+                d = block.attn.head_dim
+                block.attn.out_proj.weight[:, comp.head * d:(comp.head + 1) * d] = 0
+                if means is not None:
+                    block.attn.out_proj.bias += means.heads[comp.layer, comp.head] / _gamma(block.ls_1)
+            else:
+                block.mlp.c_proj.weight.zero_()
+                block.mlp.c_proj.bias.zero_()
+                if means is not None:
+                    block.mlp.c_proj.bias += means.mlps[comp.layer] / _gamma(block.ls_2)
+    return copied
+
+
+def _gamma(module) -> torch.Tensor | float:
+    return module.gamma if isinstance(module, LayerScale) else 1.0
+
+
+def forward(visual: VisionTransformer, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return visual(pixels)
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+@pytest.fixture(params=["tiny", "mid"])
+def visual(request, tiny_visual) -> VisionTransformer:
+    """The tiny tower with random biases/LayerNorms, and a LayerScale + QuickGELU tower."""
+    return perturb_(tiny_visual) if request.param == "tiny" else mid_visual()
+
+
+# ---- ablate_hooked -----------------------------------------------------------------------------------
+
+ABLATION_SETS = [["L0H00"], ["L1H03"], ["L3H02"], ["L2MLP"], ["L1H00", "L1H02", "L3H01"], ["L0H01", "L0MLP", "L2H03"]]
+
+
+@pytest.mark.parametrize("components", ABLATION_SETS, ids="+".join)
+def test_zero_ablation_equals_zeroed_weights(visual, tiny_pixels, components):
+    enc = HookedEncoder(visual)
+    expected = forward(ablated_copy(visual, components), tiny_pixels)
+    torch.testing.assert_close(enc.ablate_hooked(tiny_pixels, components), expected, **TOL)
+    assert (expected - forward(visual, tiny_pixels)).abs().max() > 1e-4  # the ablation does something
+
+
+@pytest.mark.parametrize("components", [["L1H03"], ["L2MLP"], ["L0H01", "L0MLP", "L2H03"]], ids="+".join)
+def test_mean_ablation_equals_zeroed_weights_plus_mean_in_the_bias(visual, tiny_pixels, components):
+    enc = HookedEncoder(visual)
+    g = torch.Generator().manual_seed(5)
+    means = MeanWrites(heads=torch.randn(enc.n_layers, enc.n_heads, enc.d_model, generator=g),
+                       mlps=torch.randn(enc.n_layers, enc.d_model, generator=g), tokens=1)
+    expected = forward(ablated_copy(visual, components, means), tiny_pixels)
+    torch.testing.assert_close(enc.ablate_hooked(tiny_pixels, components, how="mean", means=means), expected, **TOL)
+
+
+def test_mean_writes_average_the_sub_block_outputs_over_images_and_tokens(visual, tiny_pixels):
+    """Oracle: open_clip's own ls_1/ls_2 outputs. Heads: sum_h mean(a_h) + output bias = mean(ls_1 output)."""
+    enc = HookedEncoder(visual)
+    seen, handles = {}, []
+    for l, block in enumerate(visual.transformer.resblocks):
+        for name in ("ls_1", "ls_2"):
+            handles.append(getattr(block, name).register_forward_hook(
+                lambda m, i, out, key=(l, name): seen.__setitem__(key, out.mean((0, 1)))))
+    forward(visual, tiny_pixels)
+    for h in handles:
+        h.remove()
+    means = enc.mean_writes(tiny_pixels, batch_size=2)  # batches of 2 and 1: the mean is over all images
+    assert means.tokens == len(tiny_pixels) * 17
+    for l, block in enumerate(visual.transformer.resblocks):
+        bias = block.ls_1(block.attn.out_proj.bias)
+        torch.testing.assert_close(means.heads[l].sum(0) + bias, seen[(l, "ls_1")], **TOL)
+        torch.testing.assert_close(means.mlps[l], seen[(l, "ls_2")], **TOL)
+    # the default for how="mean" is the mean over the given images
+    torch.testing.assert_close(enc.ablate_hooked(tiny_pixels, ["L1H02"], how="mean"),
+                               forward(ablated_copy(visual, ["L1H02"], means), tiny_pixels), **TOL)
+
+
+def test_per_image_ablation_sets_equal_separate_passes(tiny_encoder, tiny_pixels):
+    sets = [[], ["L1H01", "L3MLP"], ["L2H02"]]
+    batched = tiny_encoder.ablate_hooked(tiny_pixels, sets)
+    for b, chosen in enumerate(sets):
+        torch.testing.assert_close(batched[b:b + 1], tiny_encoder.ablate_hooked(tiny_pixels[b:b + 1], chosen), **TOL)
+    torch.testing.assert_close(batched[0], tiny_encoder.embed(tiny_pixels)[0], atol=0, rtol=0)  # nothing ablated
+
+
+def test_bad_ablations_are_refused(tiny_encoder, tiny_pixels):
+    for bad in (["L2"], ["embed"], ["L4H00"], ["L0H04"]):
+        with pytest.raises(ValueError):
+            tiny_encoder.ablate_hooked(tiny_pixels, bad)
+    with pytest.raises(ValueError, match="ablation"):
+        tiny_encoder.ablate_hooked(tiny_pixels, ["L0H00"], how="half")
+    with pytest.raises(ValueError, match="per image|one per image"):
+        tiny_encoder.ablate_hooked(tiny_pixels, [["L0H00"], ["L1H00"]])
+
+
+# ---- head importance ---------------------------------------------------------------------------------
+
+def test_head_importance_rows_and_reference(tiny_visual, tiny_pixels):
+    enc = HookedEncoder(tiny_visual)
+    rows = head_importance(enc, tiny_pixels, TINY_HEADS, names=["a", "b", "c"], batch_size=7)
+    assert len(rows) == len(tiny_pixels) * len(TINY_HEADS)
+    assert all(math.isfinite(r[k]) for r in rows for k in ("importance", "dsl", "direct"))
+    clean = forward(tiny_visual, tiny_pixels)
+    by_key = {(r["image"], r["component"]): r for r in rows}
+    for head in ("L0H02", "L3H01"):
+        expected = 1 - cos(forward(ablated_copy(tiny_visual, [head]), tiny_pixels), clean)
+        got = torch.tensor([by_key[(name, parse_component(head).label)]["importance"] for name in "abc"])
+        torch.testing.assert_close(got, expected, **TOL)
+    cache = enc.run_with_cache(tiny_pixels)
+    dsl = cos(enc.steer(cache, ["L3H01"])[:, 0], clean)
+    torch.testing.assert_close(torch.tensor([by_key[(n, "L03H01")]["dsl"] for n in "abc"]), dsl, **TOL)
+
+
+def test_correlations():
+    g = np.random.default_rng(0)
+    rows = [{"image": f"i{i}", "importance": x, "dsl": x, "direct": y}
+            for i in range(2) for x, y in zip(g.normal(size=8), g.normal(size=8))]
+    corr = correlations(rows)
+    assert [(r["image"], r["lens"]) for r in corr] == [(i, l) for i in ("i0", "i1", POOLED) for l in ("dsl", "direct")]
+    for r in corr:
+        assert -1 <= r["spearman"] <= 1 and -1 <= r["pearson"] <= 1
+        if r["lens"] == "dsl":  # a vector with itself
+            assert r["spearman"] == pytest.approx(1) and r["pearson"] == pytest.approx(1)
+    assert corr[-1]["n"] == 16
+    flat = correlations([{"image": "x", "importance": 1.0, "dsl": 0.5, "direct": 0.5}] * 3)
+    assert all(math.isnan(r["spearman"]) for r in flat)  # constant: undefined, not an error
+
+
+# ---- overlay removal ---------------------------------------------------------------------------------
+
+def test_overlay_removal_curves(tiny_visual, tiny_pixels):
+    enc = HookedEncoder(tiny_visual)
+    composite, foreground = tiny_pixels[:2], tiny_pixels[1:]
+    steps, pool = 4, 5
+    rows = overlay_removal(enc, composite, foreground, TINY_HEADS, steps=steps, greedy_pool=pool,
+                           random_orders=2, seed=3, batch_size=6)
+    e_fg = forward(tiny_visual, foreground)
+    for b, name in enumerate(["0", "1"]):
+        mine = [r for r in rows if r["image"] == name]
+        curves = {}
+        for r in mine:
+            curves.setdefault((r["order"], r["seed"]), []).append(r)
+        assert set(curves) == {("dsl", None), ("greedy", None), ("random", 3), ("random", 4)}
+        assert all([r["step"] for r in c] == list(range(steps + 1)) for c in curves.values())
+        base = cos(forward(tiny_visual, composite[b:b + 1]), e_fg[b:b + 1]).item()
+        assert all(c[0]["overlay_sim"] == pytest.approx(base, abs=1e-5) for c in curves.values())
+        # the DSL order goes down the DSL score
+        dsl_scores = [r["dsl_score"] for r in curves[("dsl", None)][1:]]
+        assert dsl_scores == sorted(dsl_scores, reverse=True)
+        # greedy step 1: the lowest single-head ablation among the pool best by DSL (oracle: zeroed weights)
+        cache = enc.run_with_cache(composite[b:b + 1])
+        ranking = cos(enc.steer(cache, TINY_HEADS)[0], e_fg[b]).argsort(descending=True)[:pool]
+        singles = {TINY_HEADS[k]: cos(forward(ablated_copy(tiny_visual, [TINY_HEADS[k]]), composite[b:b + 1]),
+                                      e_fg[b:b + 1]).item() for k in ranking.tolist()}
+        first = curves[("greedy", None)][1]
+        assert first["overlay_sim"] == pytest.approx(min(singles.values()), abs=1e-5)
+        assert parse_component(first["component"]) == parse_component(min(singles, key=singles.get))
+        # the DSL curve at step 2 is the two best DSL heads ablated together
+        top2 = [c["component"] for c in curves[("dsl", None)][1:3]]
+        both = cos(forward(ablated_copy(tiny_visual, top2), composite[b:b + 1]), e_fg[b:b + 1]).item()
+        assert curves[("dsl", None)][2]["overlay_sim"] == pytest.approx(both, abs=1e-5)
+
+    def random_curves(seed):
+        out = overlay_removal(enc, composite[:1], foreground[:1], TINY_HEADS, steps=steps, greedy_pool=1,
+                              random_orders=1, seed=seed)
+        return [(r["component"], r["overlay_sim"]) for r in out if r["order"] == "random"]
+
+    assert random_curves(3) == random_curves(3)
+    assert random_curves(3) != random_curves(4)
+
+
+def test_overlay_composes_centre_squares():
+    background = Image.new("RGB", (100, 80), (255, 0, 0))
+    foreground = Image.new("RGB", (60, 30), (0, 0, 255))
+    picture = overlay(background, foreground, scale=0.5)
+    assert picture.size == (80, 80)
+    pixels = np.asarray(picture)
+    blue = np.argwhere((pixels == (0, 0, 255)).all(-1))
+    assert blue.min(0).tolist() == [20, 20] and blue.max(0).tolist() == [59, 59]  # 40 px, centred
+    assert tuple(pixels[0, 0]) == (255, 0, 0)
+    with pytest.raises(UserError):
+        overlay(background, foreground, scale=0)
+
+
+# ---- run_study ---------------------------------------------------------------------------------------
+
+def study_cfg(study_name: str, **study) -> OmegaConf:
+    fields = dict(name=study_name, ablation="zero", steps=3, greedy_pool=4, random_orders=2, overlay_scale=0.45)
+    return OmegaConf.create({"study": {**fields, **study}, "lens": {"mode": "norm", "alpha": 2.0}, "seed": 0,
+                             "batch_size": 8})
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    encoder, preprocess = load_encoder(EncoderConfig(source="tiny", name="tiny", pretrained=None))
+    g = np.random.default_rng(0)
+    images = [InputImage(f"img{i}", Image.fromarray(g.integers(0, 256, (70 + 10 * i, 90, 3), dtype=np.uint8)), "")
+              for i in range(3)]
+    components = [parse_component(c) for c in TINY_HEADS[4:12]] + [parse_component("L1MLP")]
+    return encoder, preprocess, images, components
+
+
+@pytest.mark.parametrize("ablation", ["zero", "mean"])
+def test_run_study_head_importance_writes_files(tmp_path, tiny_run, ablation):
+    summary = run_study(study_cfg("head_importance", ablation=ablation), tmp_path, *tiny_run)
+    rows = read_csv(tmp_path / "study_head_importance.csv", IMPORTANCE_COLUMNS)
+    assert len(rows) == 3 * 8 and {r["ablation"] for r in rows} == {ablation}  # heads only: the MLP is left out
+    assert len(read_csv(tmp_path / "correlations.csv", CORRELATION_COLUMNS)) == (3 + 1) * 2
+    assert (tmp_path / "plots" / "head_importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["rows"] == 24 and set(summary["pooled"]) == {"dsl", "direct"}
+
+
+def test_run_study_overlay_removal_writes_files(tmp_path, tiny_run):
+    summary = run_study(study_cfg("overlay_removal"), tmp_path, *tiny_run)
+    rows = read_csv(tmp_path / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+    assert len(rows) == 3 * (2 + 2) * (3 + 1)  # composites x (dsl, greedy, 2 random) x (steps + 1)
+    assert {(r["background"], r["foreground"]) for r in rows} == {("img0", "img1"), ("img1", "img2"), ("img2", "img0")}
+    assert (tmp_path / "plots" / "overlay_removal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (tmp_path / "images" / "overlays").iterdir()) == [
+        "img0_on_img2.png", "img1_on_img0.png", "img2_on_img1.png"]
+    assert set(summary["mean_overlay_sim"]) == {"dsl", "greedy", "random"}
+
+
+def test_run_study_refuses_bad_set_ups(tmp_path, tiny_run):
+    encoder, preprocess, images, components = tiny_run
+    with pytest.raises(UserError, match="two images"):
+        run_study(study_cfg("overlay_removal"), tmp_path, encoder, preprocess, images[:1], components)
+    with pytest.raises(UserError, match="heads"):
+        run_study(study_cfg("head_importance"), tmp_path, encoder, preprocess, images, components[-1:])
+    for bad in (dict(name="nope"), dict(ablation="half"), dict(steps=0), dict(overlay_scale=1.5)):
+        with pytest.raises(UserError):
+            run_study(study_cfg("head_importance", **bad), tmp_path, encoder, preprocess, images, components)
