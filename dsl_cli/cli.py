@@ -41,12 +41,17 @@ def _hydra_app(cfg) -> None:
     from dsl_cli.run import run
 
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run(cfg, Path(hydra_cfg.runtime.output_dir))
+        run(cfg, run_dir)
     except UserError as err:
         if hydra_cfg.verbose:
             raise
         sys.exit(_fail(str(err)))
+    except KeyboardInterrupt:
+        print(f"\ndsl: interrupted; finished pictures are kept: `dsl run resume={run_dir}` completes the run",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 # Hydra flags that take a value; `--info` takes one only when it is one of its choices.

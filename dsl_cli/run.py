@@ -268,6 +268,9 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     except UserError as err:
         manifest.update(status="failed", error=str(err))
         raise
+    except KeyboardInterrupt:
+        manifest.update(status="interrupted")
+        raise
 
 
 def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, components: list[Component],

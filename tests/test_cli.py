@@ -37,6 +37,13 @@ def test_version_and_help_answer_without_a_model(tmp_path: Path) -> None:
     assert not (tmp_path / "outputs").exists()
 
 
+def test_version_and_help_import_no_model_library() -> None:
+    code = ("import sys; from dsl_cli.cli import main; main(['--version']); main(['--help']); "
+            "print(sorted({'torch', 'open_clip', 'diffusers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip().endswith("[]"), result.stdout + result.stderr
+
+
 def test_unknown_command_is_one_line_and_status_2(tmp_path: Path) -> None:
     result = dsl("frobnicate", cwd=tmp_path, timeout=60)
     assert result.returncode == 2

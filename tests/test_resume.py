@@ -4,6 +4,7 @@ pictures of an uninterrupted run; identical runs give identical files; batch siz
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -82,3 +83,18 @@ def test_batch_size_does_not_change_pictures(reference: Path, tmp_path: Path) ->
         b = np.asarray(Image.open(reference / name), dtype=np.float64) / 255
         # 8-bit pictures: a float difference below 1e-3 can at most flip one rounding step
         assert np.abs(a - b).max() <= 1 / 255 + 1e-9 and np.abs(a - b).mean() < 1e-3, name
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    process = subprocess.Popen([DSL, "run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(pictures(folder)) < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err[-2000:]
+    assert f"dsl run resume={folder}" in err and "Traceback" not in err
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "interrupted"
+    assert not list(folder.rglob("*.tmp"))
