@@ -23,8 +23,10 @@ import json
 import math
 import os
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -81,6 +83,25 @@ def check_writable(folder: Path) -> None:
         raise UserError(
             f"cannot write to the output folder {folder} ({err.strerror}); choose another with hydra.run.dir=..."
         ) from None
+
+
+class Manifest:
+    """manifest.json: what the run is, and how far it got; rewritten (atomically) after every change."""
+
+    def __init__(self, path: Path):
+        self.path, self.data = path, {}
+
+    def update(self, **values) -> None:
+        self.data.update(values)
+        write_json(self.path, self.data)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage; record it as done (with its seconds) when it finishes."""
+        start = time.perf_counter()
+        yield
+        self.data.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 3)
+        self.update(stages_done=[*self.data.get("stages_done", []), name])
 
 
 # ---------------------------------------------------------------- CSV

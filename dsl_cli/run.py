@@ -11,8 +11,7 @@ import math
 import platform
 import subprocess
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +25,8 @@ from dsl_cli.devices import resolve_device, resolve_dtype
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import MODES, lens_embeddings, rank, score, select_components, text_classifier, top_labels
-from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, check_writable, group_rows, read_csv, redraw,
-                             save_png, write_json)
+from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows, read_csv,
+                             redraw, save_png)
 from dsl_cli.studies import run_study, validate_study
 
 log = logging.getLogger("dsl_cli.run")
@@ -58,26 +57,6 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"lens.rank_by={cfg.lens.rank_by!r}: use sim_embed or sim_decoded")
     resolve_dtype(cfg.dtype, "cpu")  # raises on an unknown name
     resolve_dtype(cfg.decode.dtype, "cpu")
-
-
-@dataclass
-class Manifest:
-    """manifest.json: what the run is, and how far it got; rewritten (atomically) after every stage."""
-
-    path: Path
-    data: dict = field(default_factory=dict)
-    _clock: float = field(default_factory=time.perf_counter)
-
-    def update(self, **values) -> None:
-        self.data.update(values)
-        write_json(self.path, self.data)
-
-    @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter()
-        yield
-        self.data.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 3)
-        self.update(stages_done=[*self.data.get("stages_done", []), name])
 
 
 def _git_commit() -> str | None:
@@ -131,13 +110,13 @@ def score_images(cfg, encoder, preprocess, image_set: ImageSet, components: list
         cache = encoder.run_with_cache(pixels)
         embeds = lens_embeddings(encoder, cache, components, cfg.lens)
         scores = score(encoder, cache, components, embeds)
-        ranks = rank(scores.sim_embed)
+        # one transfer per batch, not one per value (each .item() would wait for the GPU)
+        sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
         for i, item in enumerate(batch):
             rows = []
             for k, comp in enumerate(components):
                 row = _base_row(cfg, item.name, comp)
-                row.update(sim_embed=scores.sim_embed[i, k].item(), norm=scores.norm[i, k].item(),
-                           rank=int(ranks[i, k]))
+                row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k])
                 rows.append(row)
             scored.append(Scored(item.name, embeds[i].float().cpu(), cache.embeds[i].float().cpu(), rows))
         bar.update(len(batch))
@@ -304,8 +283,11 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
     with manifest.stage("lens"):
         scored = score_images(cfg, encoder, preprocess, image_set, components)
         if cfg.lens.name == "steering" and cfg.lens.verify:
-            manifest.update(verify_max_abs_diff=verify_steering(cfg, encoder, preprocess, image_set,
-                                                                 components, scored))
+            worst = verify_steering(cfg, encoder, preprocess, image_set, components, scored)
+            tolerance = 1e-4 if encoder.dtype == torch.float32 else 5e-2
+            if worst > tolerance:
+                log.warning("lens.verify: closed form and hooked reference differ by %.3g (> %g)", worst, tolerance)
+            manifest.update(verify_max_abs_diff=worst, verify_ok=worst <= tolerance)
         if cfg.lens.name == "logit":
             write_labels(cfg, encoder, run_dir, scored, components)
     _save_inputs(cfg, run_dir, image_set)

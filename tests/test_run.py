@@ -37,7 +37,7 @@ def read_rows(folder: Path, name: str = "similarity.csv") -> list[dict]:
 
 
 LENS_RUNS = {
-    "steering": ("lens=steering", "component=all"),
+    "steering": ("lens=steering", "component=all", "lens.verify=true"),
     "direct": ("lens=direct", "component=all"),
     "diffusion": ("lens=diffusion", "layer=all"),
     "logit": ("lens=logit", "layer=[1,3]"),
@@ -102,6 +102,11 @@ def test_ranks_follow_similarity(runs: dict[str, Path], lens: str) -> None:
         by_rank = sorted(group, key=lambda r: int(r["rank"]))
         sims = [float(r["sim_embed"]) for r in by_rank]
         assert sims == sorted(sims, reverse=True)
+
+
+def test_verify_checks_the_closed_form_against_the_hooked_pass(runs: dict[str, Path]) -> None:
+    manifest = json.loads((runs["steering"] / "manifest.json").read_text())
+    assert manifest["verify_ok"] is True and 0 <= manifest["verify_max_abs_diff"] < 1e-4
 
 
 def test_last_layer_of_the_diffusion_lens_is_the_embedding(runs: dict[str, Path]) -> None:
