@@ -187,8 +187,7 @@ def decode_and_write(cfg, encoder, preprocess, decoder, run_dir: Path, scored: l
             rows.append(row)
         # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
         pixels = torch.stack([preprocess(p) for p in saved]).to(encoder.device, encoder.dtype)
-        with torch.inference_mode():
-            again = encoder.visual(pixels).float().cpu()
+        again = encoder.embed(pixels).float().cpu()
         clean = torch.stack([scored[plan[index][0]].clean for index in indices])
         sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
         for row, sim in zip(rows, sims):
@@ -309,4 +308,4 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
         csv_log.rewrite(_finish_rows(cfg, rows))
         figures = redraw(run_dir)
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    log.info("run complete: %s", run_dir)
+    log.info("run complete: %s (figures on one page: %s)", run_dir, run_dir / "index.html")

@@ -196,3 +196,11 @@ def test_studies_run_through_the_cli(study: str, files: list[str], tmp_path: Pat
     else:  # per composite: DSL and greedy orders and 2 random orders, each with steps 0..3
         assert len(rows) == N_IMAGES * (2 + 2) * 4
     assert not (folder / "similarity.csv").exists()  # a study decodes nothing
+
+
+def test_rank_by_decoded_similarity(tmp_path: Path) -> None:
+    rows = read_rows(run_tiny(tmp_path / "decoded", "lens.rank_by=sim_decoded"))
+    for image in {r["image"] for r in rows}:
+        by_rank = sorted((r for r in rows if r["image"] == image), key=lambda r: int(r["rank"]))
+        sims = [float(r["sim_decoded"]) for r in by_rank]
+        assert sims == sorted(sims, reverse=True) and len(sims) == N_HEADS
