@@ -119,7 +119,7 @@ def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) 
     if not config_file.is_file() or not weight_files:
         raise UserError(
             f"{folder} must hold config.json and model.safetensors (a CLIPVisionModelWithProjection); "
-            f"fetch them with `huggingface-cli download {repo_id} --include '{subfolder}/*'`"
+            f"fetch them with {_prior_download(repo_id, subfolder)}"
         )
     config = json.loads(config_file.read_text())
     visual = vision_transformer_from_hf_config(config)
@@ -128,16 +128,27 @@ def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) 
     return visual, open_clip.image_transform(config["image_size"], False)
 
 
+def _prior_files(subfolder: str) -> list[str]:
+    """The files the prior's encoder needs: its folder also holds a pytorch_model.bin of the same 3.7 GB."""
+    return [f"{subfolder}/config.json", f"{subfolder}/*.safetensors"]
+
+
+def _prior_download(repo_id: str, subfolder: str) -> str:
+    """The command that puts the prior's image encoder into the Hugging Face cache."""
+    patterns = " ".join(f"'{p}'" for p in _prior_files(subfolder))
+    return f"`huggingface-cli download {repo_id} --include {patterns}`"
+
+
 def _cached_subfolder(repo_id: str, subfolder: str) -> Path:
     """The cached snapshot's `subfolder` (fetched only if downloads are allowed)."""
     from huggingface_hub import snapshot_download
 
     try:
-        root = snapshot_download(repo_id, allow_patterns=[f"{subfolder}/*"])
+        root = snapshot_download(repo_id, allow_patterns=_prior_files(subfolder))
     except (OSError, ValueError) as err:  # LocalEntryNotFoundError is an OSError
         raise UserError(
             f"the image encoder of {repo_id} ({subfolder}/) is not in the Hugging Face cache and could not be "
-            f"downloaded: run `huggingface-cli download {repo_id} --include '{subfolder}/*'` or set "
+            f"downloaded: run {_prior_download(repo_id, subfolder)} or set "
             "encoder.checkpoint=/path/to/folder (config.json + model.safetensors)"
         ) from err
     return Path(root) / subfolder
