@@ -25,7 +25,8 @@ usage:
                              dsl run resume=outputs/DATE/TIME  (complete an interrupted run)
                              dsl run --help                  (config groups and their choices)
                              dsl run --cfg job               (print the composed config)
-  dsl plot RUN_FOLDER        redraw grids and heatmaps from a run folder, without any model
+  dsl plot RUN_FOLDER        redraw grids and heatmaps from a run folder (or every run below a
+                             folder, e.g. a sweep), without any model
   dsl --version
 """
 
@@ -131,14 +132,15 @@ def _run(args: list[str]) -> int:
 
 def _plot(args: list[str]) -> int:
     if len(args) != 1 or args[0].startswith("-"):
-        return _fail("usage: dsl plot RUN_FOLDER")
-    from dsl_cli.outputs import redraw
+        return _fail("usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a --multirun sweep)")
+    from dsl_cli.outputs import redraw_folder
 
     try:
-        written = redraw(Path(args[0]))
+        drawn = redraw_folder(Path(args[0]))
     except UserError as err:
         return _fail(str(err))
-    print(f"redrew {len(written)} figures in {args[0]}")
+    for folder, count in drawn.items():
+        print(f"redrew {count} figures in {folder}")
     return 0
 
 

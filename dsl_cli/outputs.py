@@ -315,6 +315,17 @@ def redraw(run_dir: Path) -> list[Path]:
     return written
 
 
+def redraw_folder(folder: Path) -> dict[Path, int]:
+    """`redraw` for a run folder, or for every run below a folder (a --multirun sweep, a date folder):
+    {run folder: figures drawn}."""
+    if (folder / "similarity.csv").is_file() or not folder.is_dir():
+        return {folder: len(redraw(folder))}
+    runs = sorted(p.parent for p in folder.rglob("similarity.csv"))
+    if not runs:
+        raise UserError(f"{folder}: no dsl run here (no similarity.csv in it or below it)")
+    return {run: len(redraw(run)) for run in runs}
+
+
 def write_index(run_dir: Path, figures: list[Path]) -> None:
     """index.html: every figure of the run on one page, best-ranked grids first, for a quick look."""
     def order(path: Path) -> tuple:

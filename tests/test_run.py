@@ -175,9 +175,18 @@ def test_plot_redraws_from_files_alone(runs: dict[str, Path], tmp_path: Path, mo
     assert all((folder / p).read_bytes() == before[p] for p in figures)
 
 
+def test_plot_redraws_every_run_below_a_folder(runs: dict[str, Path], tmp_path: Path, capsys) -> None:
+    for lens in ("direct", "diffusion"):
+        shutil.copytree(runs[lens], tmp_path / "sweep" / lens)
+        shutil.rmtree(tmp_path / "sweep" / lens / "heatmaps")
+    assert cli.main(["plot", str(tmp_path / "sweep")]) == 0
+    assert capsys.readouterr().out.count("redrew") == 2
+    assert all((tmp_path / "sweep" / lens / "heatmaps").is_dir() for lens in ("direct", "diffusion"))
+
+
 def test_plot_on_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     assert cli.main(["plot", str(tmp_path)]) == 2
-    assert "no similarity.csv" in capsys.readouterr().err
+    assert "no dsl run here" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("study", "files"), [
