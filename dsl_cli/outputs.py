@@ -7,6 +7,7 @@ Run folder layout:
     images/<image>/<lens>/<component>.png  decoded pictures
     grids/<image>_<lens>_L<layer>.png      input first, then each component of the layer, labelled
     grids/<image>_<lens>_top.png           the best-ranked decoded components of the image
+    grids/<image>_<lens>_layers.png        diffusion and logit lenses: the residual stream, layer by layer
     heatmaps/<image>_<lens>.png            layers x (heads, MLP, residual) similarity
     plots/<image>_logit.png                logit lens: top label per layer
     manifest.json                          config, versions, device, timings, counts, status
@@ -214,18 +215,24 @@ def _tiles(run_dir: Path, image: str, rows: list[dict]) -> list[tuple[Image.Imag
 
 
 def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
-    """Per image and lens: one grid per layer and one of the best-ranked decoded components."""
+    """Per image and lens: one grid per layer, one of the best-ranked decoded components, and, when several
+    layers were decoded, one of the residual stream layer by layer (the Diffusion Lens figure)."""
     written = []
     decoded = [r for r in rows if r["file"]]
-    for (image, lens), group in group_rows(decoded, ("image", "lens")).items():
-        for layer, layer_rows in group_rows(group, ("layer",)).items():
-            path = run_dir / "grids" / f"{image}_{lens}_L{int(layer[0]):02d}.png"
-            save_png(path, grid_image(_tiles(run_dir, image, layer_rows), f"{image}  {lens}  layer {layer[0]}"))
-            written.append(path)
-        best = sorted(group, key=lambda r: int(r["rank"]))[:TOP_TILES]
-        path = run_dir / "grids" / f"{image}_{lens}_top.png"
-        save_png(path, grid_image(_tiles(run_dir, image, best), f"{image}  {lens}  best {len(best)} by rank"))
+
+    def grid(name: str, tile_rows: list[dict], image: str, title: str) -> None:
+        path = run_dir / "grids" / name
+        save_png(path, grid_image(_tiles(run_dir, image, tile_rows), title))
         written.append(path)
+
+    for (image, lens), group in group_rows(decoded, ("image", "lens")).items():
+        for (layer,), layer_rows in group_rows(group, ("layer",)).items():
+            grid(f"{image}_{lens}_L{int(layer):02d}.png", layer_rows, image, f"{image}  {lens}  layer {layer}")
+        best = sorted(group, key=lambda r: int(r["rank"]))[:TOP_TILES]
+        grid(f"{image}_{lens}_top.png", best, image, f"{image}  {lens}  best {len(best)} by rank")
+        stream = [r for r in group if r["kind"] == "resid"]
+        if len(stream) > 1:
+            grid(f"{image}_{lens}_layers.png", stream, image, f"{image}  {lens}  residual stream, layer by layer")
     return written
 
 

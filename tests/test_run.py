@@ -79,6 +79,7 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
         for layer in layers:
             assert (folder / "grids" / f"{image}_{lens}_L{layer:02d}.png").is_file()
         assert (folder / "grids" / f"{image}_{lens}_top.png").is_file()
+        assert (folder / "grids" / f"{image}_{lens}_layers.png").is_file() == (lens in ("diffusion", "logit"))
         assert (folder / "heatmaps" / f"{image}_{lens}.png").is_file()
         if lens == "logit":
             assert (folder / "plots" / f"{image}_logit.png").is_file()
