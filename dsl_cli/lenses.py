@@ -10,14 +10,19 @@ The third stage: encoder cache -> lens embeddings `[batch, component, d_embed]` 
 
 from __future__ import annotations
 
+import io
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import STEER_MODES as MODES
+from dsl_cli.encoder import load_text_model, text_model_id
 from dsl_cli.errors import UserError
+from dsl_cli.outputs import atomic_write_bytes
 
 LENSES = ("diffusion", "direct", "steering", "logit")
 
@@ -160,6 +165,31 @@ def text_classifier(text_model, tokenizer, templates: str, device) -> tuple[torc
         text_model, tokenizer=tokenizer, classnames=names, templates=prompts, num_classes_per_batch=50,
         device=device, use_tqdm=True,
     )
+    return classifier, names
+
+
+def classifier_cache() -> Path:
+    """Where ImageNet classifiers of pretrained text towers are kept: $DSL_CACHE, else ~/.cache/dsl."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dsl"
+    return Path(os.environ.get("DSL_CACHE", default)).expanduser()
+
+
+def imagenet_classifier(encoder_cfg, templates: str, device, dtype) -> tuple[torch.Tensor, list[str]]:
+    """`text_classifier` for the encoder's text tower, kept on disk for hub weights: with the OpenAI
+    templates it encodes 80,000 prompts, which for bigG is worth doing once, not once per run."""
+    import open_clip
+
+    name, tag = text_model_id(encoder_cfg)
+    cacheable = tag is not None and not Path(tag).exists()  # a hub tag names fixed weights; a file may change
+    path = classifier_cache() / f"{name}_{tag}_{templates}_openclip{open_clip.__version__}.pt"
+    if cacheable and path.is_file():
+        return torch.load(path, map_location=device), list(open_clip.IMAGENET_CLASSNAMES)
+    text_model, tokenizer = load_text_model(encoder_cfg, device, dtype)
+    classifier, names = text_classifier(text_model, tokenizer, templates, device)
+    if cacheable:
+        buffer = io.BytesIO()
+        torch.save(classifier.float().cpu(), buffer)
+        atomic_write_bytes(path, buffer.getvalue())
     return classifier, names
 
 

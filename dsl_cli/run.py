@@ -24,7 +24,7 @@ from dsl_cli.components import Component
 from dsl_cli.devices import resolve_device, resolve_dtype
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import MODES, lens_embeddings, rank, score, select_components, text_classifier, top_labels
+from dsl_cli.lenses import MODES, imagenet_classifier, lens_embeddings, rank, score, select_components, top_labels
 from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows, read_csv,
                              redraw, save_png)
 from dsl_cli.studies import run_study, validate_study
@@ -138,10 +138,7 @@ def verify_steering(cfg, encoder, preprocess, image_set: ImageSet, components: l
 
 def write_labels(cfg, encoder, run_dir: Path, scored: list[Scored], components: list[Component]) -> None:
     """Logit lens: the top ImageNet labels of every component's embedding, into labels.csv."""
-    from dsl_cli.encoder import load_text_model
-
-    text_model, tokenizer = load_text_model(cfg.encoder, encoder.device, encoder.dtype)
-    classifier, names = text_classifier(text_model, tokenizer, cfg.lens.templates, encoder.device)
+    classifier, names = imagenet_classifier(cfg.encoder, cfg.lens.templates, encoder.device, encoder.dtype)
     rows = []
     for result in scored:
         values, indices = top_labels(result.embeds, classifier, cfg.lens.top_labels)

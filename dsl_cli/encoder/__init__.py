@@ -3,7 +3,7 @@ the CLS-position cache and its exact decomposition, and the lenses read from it 
 
 from dsl_cli.encoder.hooked import (ABLATIONS, STEER_MODES, EncoderCache, HookedEncoder, MeanWrites, head_writes,
                                     steering_delta)
-from dsl_cli.encoder.loading import build_tiny_clip, build_tiny_visual, load_encoder, load_text_model
+from dsl_cli.encoder.loading import build_tiny_clip, build_tiny_visual, load_encoder, load_text_model, text_model_id
 
 __all__ = [
     "ABLATIONS",
@@ -17,4 +17,5 @@ __all__ = [
     "load_encoder",
     "load_text_model",
     "steering_delta",
+    "text_model_id",
 ]

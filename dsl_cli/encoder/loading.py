@@ -68,14 +68,21 @@ def load_text_model(
     if cfg.source == "tiny":
         model, tokenizer = build_tiny_clip(), open_clip.get_tokenizer("ViT-B-32")
     else:
-        default_name, default_tag = PRIOR_TEXT_MODEL if cfg.source == "kandinsky_prior" else (cfg.name, cfg.pretrained)
-        name = cfg.text_name or default_name
-        tag = cfg.text_pretrained or default_tag
+        name, tag = text_model_id(cfg)
         with _user_errors(name, tag):
             model = open_clip.create_model(name, pretrained=tag)
             tokenizer = open_clip.get_tokenizer(name)
     model.requires_grad_(False)
     return model.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def text_model_id(cfg: Any) -> tuple[str, Optional[str]]:
+    """(open_clip model name, pretrained tag or file) of the text tower `load_text_model` loads for `cfg`
+    (`("tiny", None)` for the tiny model)."""
+    if cfg.source == "tiny":
+        return "tiny", None
+    default_name, default_tag = PRIOR_TEXT_MODEL if cfg.source == "kandinsky_prior" else (cfg.name, cfg.pretrained)
+    return cfg.text_name or default_name, cfg.text_pretrained or default_tag
 
 
 def build_tiny_clip() -> open_clip.CLIP:

@@ -1,0 +1,70 @@
+"""Component selection and ranking (hand-checked cases), and the on-disk cache of the logit lens's classifier."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsl_cli import lenses
+from dsl_cli.components import Component, parse_component
+from dsl_cli.config import EncoderConfig
+from dsl_cli.encoder import build_tiny_clip
+from dsl_cli.errors import UserError
+
+
+def test_layer_specs() -> None:
+    assert lenses.parse_layers(3, 48) == [3]
+    assert lenses.parse_layers([30, 12, 30], 48) == [12, 30]
+    assert lenses.parse_layers("10-12", 48) == [10, 11, 12]
+    assert lenses.parse_layers(-1, 48) == [47]
+    assert lenses.parse_layers("all", 4) == [0, 1, 2, 3]
+    with pytest.raises(UserError, match="layers run from 0 to 47"):
+        lenses.parse_layers(48, 48)
+    with pytest.raises(UserError, match="range 10-20"):
+        lenses.parse_layers("ten", 48)
+
+
+def test_component_selection() -> None:
+    heads = lenses.select_components("steering", 2, [1, 3], "all", 4, 4)
+    assert [c.label for c in heads] == ["L02H01", "L02H03", "L02MLP"]
+    stream = lenses.select_components("diffusion", "0-1", "all", "heads", 4, 4)
+    assert [c.label for c in stream] == ["L00", "L01"]
+    labels = lenses.select_components("direct", 0, "all", ["L3H1", "L0MLP"], 4, 4)
+    assert labels == [Component("head", 3, 1), Component("mlp", 0)]
+    with pytest.raises(UserError, match="steers heads and MLPs only"):
+        lenses.select_components("steering", 0, "all", ["L3"], 4, 4)
+    assert parse_component("L30H05").label == "L30H05" and parse_component("l2mlp").label == "L02MLP"
+
+
+def test_rank_is_one_for_the_largest_and_stable_on_ties() -> None:
+    values = torch.tensor([[0.1, 0.9, 0.5, 0.9]])
+    assert lenses.rank(values).tolist() == [[4, 1, 3, 2]]
+
+
+def test_classifier_is_cached_for_hub_weights(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DSL_CACHE", str(tmp_path))
+    calls = []
+
+    def fake_text_model(cfg, device, dtype):
+        calls.append(cfg)
+        import open_clip
+
+        return build_tiny_clip(), open_clip.get_tokenizer("ViT-B-32")
+
+    monkeypatch.setattr(lenses, "text_model_id", lambda cfg: ("tiny", "some_hub_tag"))
+    monkeypatch.setattr(lenses, "load_text_model", fake_text_model)
+    cfg = EncoderConfig(source="tiny")
+    first, names = lenses.imagenet_classifier(cfg, "simple", "cpu", torch.float32)
+    second, _ = lenses.imagenet_classifier(cfg, "simple", "cpu", torch.float32)
+    assert len(calls) == 1, "the second call should read the cache, not build the text tower"
+    assert len(list(tmp_path.glob("tiny_some_hub_tag_simple_*.pt"))) == 1
+    torch.testing.assert_close(first, second)
+    assert first.shape == (32, 1000) and len(names) == 1000
+
+
+def test_classifier_of_random_or_tiny_weights_is_not_cached(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("DSL_CACHE", str(tmp_path))
+    lenses.imagenet_classifier(EncoderConfig(source="tiny"), "simple", "cpu", torch.float32)
+    assert not list(tmp_path.iterdir())
