@@ -109,6 +109,24 @@ SCHEDULER = dict(
 )
 
 
+SOURCES = ("pretrained", "random", "tiny")
+
+
+def check_request(source: str, scheduler: str, height: int | None = None, width: int | None = None) -> None:
+    """Refuse, before any model is built, an unknown source or scheduler, or a picture size that the
+    pipeline would silently round (it must be a multiple of the MoVQ's scale factor squared)."""
+    if source not in SOURCES:
+        raise UserError(f"decoder.source={source!r}: choose one of {', '.join(SOURCES)}")
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"decode.scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    movq = TINY_MOVQ if source == "tiny" else REAL_MOVQ  # a pretrained decoder has the real architecture
+    multiple = (2 ** (len(movq["block_out_channels"]) - 1)) ** 2
+    for key, value in (("decode.height", height), ("decode.width", width)):
+        if value is not None and value % multiple:
+            raise UserError(f"{key}={value}: must be a multiple of {multiple} for this decoder (e.g. "
+                            f"{max(multiple, round(value / multiple) * multiple)})")
+
+
 def load_decoder(
     cfg: DecoderConfig,
     device: str | torch.device = "cpu",
@@ -122,15 +140,12 @@ def load_decoder(
     channels_last and compile_unet are GPU speed-ups (NHWC convolutions; torch.compile of the UNet, which costs
     a minute of compilation per new shape); neither changes what is computed beyond round-off.
     """
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"decode.scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    check_request(cfg.source, scheduler)
     if cfg.source == "pretrained":
         pipe = _load_pretrained(cfg, dtype)
-    elif cfg.source in ("random", "tiny"):
+    else:
         real = cfg.source == "random"
         pipe = _build_random(REAL_UNET if real else TINY_UNET, REAL_MOVQ if real else TINY_MOVQ, device)
-    else:
-        raise UserError(f"decoder.source={cfg.source!r}: choose one of pretrained, random, tiny")
     pipe.to(device)
     if pipe.dtype != dtype:  # diffusers warns on every cast with a dtype, even a no-op one
         pipe.to(dtype=dtype)

@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from dsl_cli import __version__
 from dsl_cli.components import Component
+from dsl_cli.decoder import check_request, load_decoder, to_pil
 from dsl_cli.devices import resolve_device, resolve_dtype
+from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import MODES, imagenet_classifier, lens_embeddings, rank, score, select_components, top_labels
@@ -57,6 +59,7 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"lens.rank_by={cfg.lens.rank_by!r}: use sim_embed or sim_decoded")
     resolve_dtype(cfg.dtype, "cpu")  # raises on an unknown name
     resolve_dtype(cfg.decode.dtype, "cpu")
+    check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width)
 
 
 def _git_commit() -> str | None:
@@ -165,8 +168,6 @@ def decode_and_write(cfg, encoder, preprocess, decoder, run_dir: Path, scored: l
                      plan: list[tuple[int, int]], csv_log: CsvLog, manifest: Manifest) -> int:
     """Decode the planned items; write each picture, then its CSV row (with sim_decoded), batch by batch;
     the manifest counts the pictures finished so far."""
-    from dsl_cli.decoder import to_pil
-
     if not plan:
         return 0
     embeds = torch.stack([scored[i].embeds[k] for i, k in plan])
@@ -262,9 +263,6 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
     manifest.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
                     seed=cfg.seed, versions=_versions(), git_commit=_git_commit(),
                     config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
-
-    from dsl_cli.decoder import load_decoder
-    from dsl_cli.encoder import load_encoder
 
     with manifest.stage("images"):
         image_set = load_images(cfg.images)

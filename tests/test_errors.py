@@ -110,6 +110,9 @@ CONFIG_CASES = {
     "encoder_batch_below_1": (["batch_size=0"], "batch_size=0: must be at least 1"),
     "height_not_positive": (["decode.height=-64"], "decode.height=-64: must be at least 1"),
     "width_not_positive": (["decode.width=0"], "decode.width=0: must be at least 1"),
+    "size_not_a_multiple": (["decode.height=66"], "decode.height=66: must be a multiple of 4"),
+    "unknown_scheduler": (["decode.scheduler=euler"], "decode.scheduler='euler': choose one of"),
+    "unknown_decoder": (["decoder.source=mine"], "decoder.source='mine': choose one of"),
 }
 
 

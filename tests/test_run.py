@@ -168,8 +168,9 @@ def test_plot_redraws_from_files_alone(runs: dict[str, Path], tmp_path: Path, mo
     def no_model(*args, **kwargs):
         raise AssertionError("dsl plot built a model")
 
-    monkeypatch.setattr("dsl_cli.encoder.load_encoder", no_model)
-    monkeypatch.setattr("dsl_cli.decoder.load_decoder", no_model)
+    # any way of building a model goes through these constructors
+    monkeypatch.setattr("dsl_cli.encoder.HookedEncoder.__init__", no_model)
+    monkeypatch.setattr("dsl_cli.decoder.KandinskyDecoder.__init__", no_model)
     assert cli.main(["plot", str(folder)]) == 0
     after = sorted(p.relative_to(folder) for d in ("grids", "heatmaps", "plots") for p in (folder / d).glob("*.png"))
     assert after == figures
