@@ -1,5 +1,5 @@
 """Component labels, as in TransformerLens: `L30H05` (head), `L30MLP` (MLP), `L30` (residual after block 30),
-`embed` (the residual stream before block 0).
+`L30mid` (residual after block 30's attention, before its MLP), `embed` (the residual stream before block 0).
 
 Labels are written with two-digit layer and head numbers so that they sort; parsing also takes `L3H1`.
 """
@@ -10,12 +10,13 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-_LABEL = re.compile(r"^L(?P<layer>\d+)(?:H(?P<head>\d+)|(?P<mlp>MLP))?$", re.IGNORECASE)
+_LABEL = re.compile(r"^L(?P<layer>\d+)(?:H(?P<head>\d+)|(?P<mlp>MLP)|(?P<mid>mid))?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Component:
-    """One place in the model. kind: `head`, `mlp`, `resid` (after block `layer`) or `embed` (layer -1)."""
+    """One place in the model. kind: `head`, `mlp`, `resid` (after block `layer`), `resid_mid` (between
+    block `layer`'s attention and MLP) or `embed` (layer -1)."""
 
     kind: str
     layer: int
@@ -29,6 +30,8 @@ class Component:
             return f"L{self.layer:02d}H{self.head:02d}"
         if self.kind == "mlp":
             return f"L{self.layer:02d}MLP"
+        if self.kind == "resid_mid":
+            return f"L{self.layer:02d}mid"
         return f"L{self.layer:02d}"
 
     @property
@@ -40,6 +43,8 @@ class Component:
             return f"blocks.{self.layer}.attn.hook_result"
         if self.kind == "mlp":
             return f"blocks.{self.layer}.hook_mlp_out"
+        if self.kind == "resid_mid":
+            return f"blocks.{self.layer}.hook_resid_mid"
         return f"blocks.{self.layer}.hook_resid_post"
 
     def __str__(self) -> str:
@@ -60,11 +65,13 @@ def parse_component(label: "str | Component") -> Component:
     if match is None:
         raise ValueError(
             f"unknown component label {label!r}: use L<layer>H<head> (L30H05), L<layer>MLP (L30MLP), "
-            "L<layer> (residual stream) or embed"
+            "L<layer> (residual stream), L<layer>mid (between attention and MLP) or embed"
         )
     layer = int(match["layer"])
     if match["head"] is not None:
         return Component("head", layer, int(match["head"]))
     if match["mlp"] is not None:
         return Component("mlp", layer)
+    if match["mid"] is not None:
+        return Component("resid_mid", layer)
     return Component("resid", layer)

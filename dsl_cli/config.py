@@ -69,6 +69,7 @@ class LensConfig:
     alpha: float = 2.0
     verify: bool = False  # steering: check the closed form against the hooked reference pass
     rank_by: str = "sim_embed"  # sim_embed | sim_decoded
+    mid: bool = False  # diffusion and logit lenses: also read the stream between each attention and MLP
     top_labels: int = 5  # logit lens: labels kept per component
     templates: str = "openai"  # logit lens: openai (80 prompts per class) | simple (7)
 

@@ -78,13 +78,14 @@ def parse_heads(spec, n_heads: int) -> list[int]:
 
 
 def select_components(
-    lens: str, layer_spec, head_spec, component, n_layers: int, n_heads: int
+    lens: str, layer_spec, head_spec, component, n_layers: int, n_heads: int, mid: bool = False
 ) -> list[Component]:
     """The components a run reads, in layer order.
 
     diffusion: the residual stream after each layer. direct/steering: the chosen heads and/or MLP of each
-    layer. logit: both (the residual stream first, then the submodules of each layer). `component` may
-    instead list labels (`[L3H01, L2MLP]`), which are taken as they are.
+    layer. logit: both (the residual stream first, then the submodules of each layer). mid=True adds the
+    stream between each layer's attention and MLP (`L3mid`) before `L3`. `component` may instead list
+    labels (`[L3H01, L2MLP]`), which are taken as they are.
     """
     if lens not in LENSES:
         raise UserError(f"lens={lens!r}: choose one of {', '.join(LENSES)}")
@@ -98,6 +99,8 @@ def select_components(
     chosen: list[Component] = []
     for layer in layers:
         if lens in ("diffusion", "logit"):
+            if mid:
+                chosen.append(Component("resid_mid", layer))
             chosen.append(Component("resid", layer))
         if lens != "diffusion":
             if component in ("heads", "all"):
@@ -115,7 +118,7 @@ def check_components(labels: list[str], n_layers: int, n_heads: int) -> list[Com
             comp = parse_component(label)
         except ValueError as err:
             raise UserError(f"{err}; or use component=heads, mlp or all") from None
-        if comp.kind != "embed" and not 0 <= comp.layer < n_layers:
+        if comp.kind != "embed" and not 0 <= comp.layer < n_layers:  # resid_mid included
             raise UserError(f"{label}: layer {comp.layer} is outside this model (0 to {n_layers - 1})")
         if comp.kind == "head" and not 0 <= comp.head < n_heads:
             raise UserError(f"{label}: head {comp.head} is outside this model (0 to {n_heads - 1})")

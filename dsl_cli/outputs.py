@@ -230,7 +230,7 @@ def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
             grid(f"{image}_{lens}_L{int(layer):02d}.png", layer_rows, image, f"{image}  {lens}  layer {layer}")
         best = sorted(group, key=lambda r: int(r["rank"]))[:TOP_TILES]
         grid(f"{image}_{lens}_top.png", best, image, f"{image}  {lens}  best {len(best)} by rank")
-        stream = [r for r in group if r["kind"] == "resid"]
+        stream = [r for r in group if r["kind"] in ("resid", "resid_mid")]
         if len(stream) > 1:
             grid(f"{image}_{lens}_layers.png", stream, image, f"{image}  {lens}  residual stream, layer by layer")
     return written
@@ -247,14 +247,14 @@ def group_rows(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict
 def _column_name(row: dict) -> str:
     if row["kind"] == "head":
         return f"H{int(row['head']):02d}"
-    return {"mlp": "MLP", "resid": "resid"}.get(row["kind"], row["kind"])
+    return {"mlp": "MLP", "resid": "resid", "resid_mid": "mid"}.get(row["kind"], row["kind"])
 
 
 def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], np.ndarray]:
-    """`value` of each row arranged as layers x columns (heads in order, then MLP, then resid); NaN if absent."""
+    """`value` of each row arranged as layers x columns (heads in order, MLP, mid, resid); NaN if absent."""
     layers = sorted({int(r["layer"]) for r in rows})
     names = {_column_name(r) for r in rows}
-    columns = sorted(n for n in names if n.startswith("H")) + [n for n in ("MLP", "resid") if n in names]
+    columns = sorted(n for n in names if n.startswith("H")) + [n for n in ("MLP", "mid", "resid") if n in names]
     matrix = np.full((len(layers), len(columns)), np.nan)
     for row in rows:
         if row.get(value):

@@ -270,7 +270,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
     with manifest.stage("encoder"):
         encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.dtype, device))
     components = select_components(cfg.lens.name, cfg.layer, cfg.head, cfg.component,
-                                   encoder.n_layers, encoder.n_heads)
+                                   encoder.n_layers, encoder.n_heads, mid=cfg.lens.mid)
     if cfg.study.name:
         run_study_job(cfg, run_dir, encoder, preprocess, image_set, components, manifest)
         return

@@ -36,6 +36,9 @@ def test_component_selection() -> None:
     with pytest.raises(UserError, match="steers heads and MLPs only"):
         lenses.select_components("steering", 0, "all", ["L3"], 4, 4)
     assert parse_component("L30H05").label == "L30H05" and parse_component("l2mlp").label == "L02MLP"
+    assert parse_component("L3mid") == Component("resid_mid", 3) and Component("resid_mid", 3).label == "L03mid"
+    with_mid = lenses.select_components("diffusion", [0, 1], "all", "heads", 4, 4, mid=True)
+    assert [c.label for c in with_mid] == ["L00mid", "L00", "L01mid", "L01"]
 
 
 def test_rank_is_one_for_the_largest_and_stable_on_ties() -> None:

@@ -215,3 +215,30 @@ def test_rank_by_decoded_similarity(tmp_path: Path) -> None:
         by_rank = sorted((r for r in rows if r["image"] == image), key=lambda r: int(r["rank"]))
         sims = [float(r["sim_decoded"]) for r in by_rank]
         assert sims == sorted(sims, reverse=True) and len(sims) == N_HEADS
+
+
+def test_diffusion_lens_between_attention_and_mlp(tmp_path: Path) -> None:
+    """x_{l,mid} = x_l + attention writes: for layer 0 of the tiny model, read out by the run and checked
+    against open_clip's own blocks (hooks on ls_1), for every image."""
+    folder = run_tiny(tmp_path / "mid", "lens=diffusion", "lens.mid=true", "layer=0", "decode.enabled=false")
+    rows = read_rows(folder)
+    assert [r["component"] for r in rows] == ["L00mid", "L00"] * N_IMAGES
+    visual = build_tiny_visual().eval()
+    _, preprocess = load_encoder(EncoderConfig(source="tiny", name="tiny", pretrained=None))
+    import skimage
+
+    data = Path(skimage.__file__).parent / "data"
+    block = visual.transformer.resblocks[0]
+    for row in rows[::2]:
+        pixels = preprocess(Image.open(data / f"{row['image']}.png").convert("RGB"))[None]
+        captured = {}
+        hooks = [visual.transformer.register_forward_pre_hook(lambda m, a: captured.setdefault("x0", a[0])),
+                 block.ls_1.register_forward_hook(lambda m, a, out: captured.setdefault("attn", out))]
+        with torch.no_grad():
+            clean = visual(pixels)
+            mid = (captured["x0"] + captured["attn"])[:, 0]
+            readout = visual.ln_post(mid) @ visual.proj
+        for hook in hooks:
+            hook.remove()
+        expected = torch.nn.functional.cosine_similarity(readout, clean).item()
+        assert abs(float(row["sim_embed"]) - expected) < 1e-5

@@ -241,7 +241,8 @@ class HookedEncoder(nn.Module):
         return self._project(self.visual.ln_post(v.to(self.device, self.dtype)))
 
     def component_writes(self, cache: EncoderCache, components: Sequence[ComponentLike]) -> Tensor:
-        """[B, K, D]: head writes a_{l,h}, MLP writes m_l, residuals x_{l+1} (label `L{l}`), x_0 (`embed`)."""
+        """[B, K, D]: head writes a_{l,h}, MLP writes m_l, residuals x_{l+1} (label `L{l}`), x_{l,mid}
+        (`L{l}mid`), x_0 (`embed`)."""
         return torch.stack([self._vector(cache, self._parse(c)) for c in components], 1)
 
     def diffusion_lens(
@@ -398,7 +399,7 @@ class HookedEncoder(nn.Module):
 
     def _parse(self, component: ComponentLike, steerable: bool = False) -> Component:
         c = parse_component(component)
-        allowed = ("head", "mlp") if steerable else ("head", "mlp", "resid", "embed")
+        allowed = ("head", "mlp") if steerable else ("head", "mlp", "resid", "resid_mid", "embed")
         if c.kind not in allowed:
             raise ValueError(f"{c.label}: only heads and MLPs can be steered or ablated")
         if c.kind != "embed" and not 0 <= c.layer < self.n_layers:
@@ -414,6 +415,8 @@ class HookedEncoder(nn.Module):
             return cache.head_writes[:, c.layer, c.head]
         if c.kind == "mlp":
             return cache.mlp_writes[:, c.layer]
+        if c.kind == "resid_mid":
+            return cache.resid_mid[:, c.layer]
         return cache.resid[:, c.layer + 1]  # resid L{l} is x_{l+1}; embed (layer -1) is x_0
 
     def _ablation_masks(
