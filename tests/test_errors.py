@@ -254,3 +254,8 @@ def test_resume_refuses_new_overrides(tmp_path: Path, monkeypatch, capsys) -> No
     (tmp_path / "run" / ".hydra" / "config.yaml").write_text("seed: 0\n")
     code, err = dsl_in_process(["run", "resume=run", "layer=2"], tmp_path, monkeypatch, capsys)
     assert_one_clean_line(code, err, "drop the other overrides ['layer=2']")
+
+
+def test_hydra_verbose_shows_the_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", "debug=tiny", "layer=7", "hydra.verbose=true"], tmp_path, monkeypatch, capsys)
+    assert code != 0 and "Traceback" in err and "UserError" in err
