@@ -48,7 +48,7 @@ POOLED = "pooled"  # the `image` value of correlations over all (image, head) ro
 
 
 def validate_study(study) -> None:
-    """Checks on `cfg.study` that need no model (the lead's `validate` may call this)."""
+    """Checks on `cfg.study` that need no model (called by `dsl_cli.run.validate` before anything loads)."""
     if study.name not in STUDIES:
         raise UserError(f"study.name={study.name!r}: use one of {', '.join(STUDIES)}")
     if study.ablation not in ABLATIONS:
