@@ -218,6 +218,16 @@ def _finish_rows(cfg, rows: list[dict]) -> list[dict]:
     return rows
 
 
+def best_components(rows: list[dict], by: str, count: int = 3) -> list[str]:
+    """One line per image naming its best-ranked components, for the terminal."""
+    lines = []
+    for (image,), group in group_rows(rows, ("image",)).items():
+        best = sorted(group, key=lambda r: int(r["rank"]))[:count]
+        lines.append(f"{image}: best by {by}: " + ", ".join(f"{r['component']} {float(r[by] or 'nan'):.3f}"
+                                                          for r in best))
+    return lines
+
+
 def _save_inputs(cfg, run_dir: Path, image_set: ImageSet) -> None:
     size = (cfg.decode.width, cfg.decode.height)
     for item in image_set.images:
@@ -303,4 +313,6 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
         csv_log.rewrite(_finish_rows(cfg, rows))
         figures = redraw(run_dir)
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    for line in best_components(rows, cfg.lens.rank_by):
+        log.info("%s", line)
     log.info("run complete: %s (figures on one page: %s)", run_dir, run_dir / "index.html")
