@@ -89,7 +89,8 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
     assert {"torch", "diffusers", "open_clip"} <= set(manifest["versions"])
     assert manifest["device"] == "cpu" and manifest["seed"] == 0
     assert {"images", "encoder", "lens", "decode", "write"} <= set(manifest["seconds"])
-    assert manifest["rows"] == len(rows)
+    assert manifest["rows"] == len(rows) and manifest["decoded"] == sum(1 for r in rows if r["file"])
+    assert manifest["stages_done"] == ["images", "encoder", "lens", "decoder", "decode", "write"]
     assert (folder / "dsl.log").is_file() and (folder / "index.html").is_file()
     assert not list(folder.rglob("*.tmp")), "a temporary file was left behind"
 
