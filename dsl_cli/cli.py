@@ -35,9 +35,14 @@ def _fail(message: str) -> int:
     return 2
 
 
+_failed_jobs: list[str] = []  # sweep jobs refused for bad input (the sweep goes on; the exit status says so)
+
+
 def _hydra_app(cfg) -> None:
-    """The Hydra task: one job of `dsl run`. UserError becomes one line and exit status 2."""
+    """The Hydra task: one job of `dsl run`. UserError becomes one line and exit status 2; in a sweep the
+    other jobs still run (in this process's launcher) and the status is 2 at the end."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from dsl_cli.run import run
 
@@ -48,7 +53,10 @@ def _hydra_app(cfg) -> None:
     except UserError as err:
         if hydra_cfg.verbose:
             raise
-        sys.exit(_fail(str(err)))
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            sys.exit(_fail(str(err)))
+        _fail(f"job {hydra_cfg.job.num} ({run_dir}): {err}")
+        _failed_jobs.append(str(run_dir))
     except KeyboardInterrupt:
         print(f"\ndsl: interrupted; finished pictures are kept: `dsl run resume={run_dir}` completes the run",
               file=sys.stderr)
@@ -123,11 +131,12 @@ def _run(args: list[str]) -> int:
     app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(_hydra_app)
     saved_argv = sys.argv
     sys.argv = ["dsl run", *_flags_first([*args, *extra])]
+    _failed_jobs.clear()
     try:
         app()
     finally:
         sys.argv = saved_argv
-    return 0
+    return 2 if _failed_jobs else 0
 
 
 def _plot(args: list[str]) -> int:

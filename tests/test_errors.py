@@ -259,3 +259,15 @@ def test_resume_refuses_new_overrides(tmp_path: Path, monkeypatch, capsys) -> No
 def test_hydra_verbose_shows_the_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
     code, err = dsl_in_process(["run", "debug=tiny", "layer=7", "hydra.verbose=true"], tmp_path, monkeypatch, capsys)
     assert code != 0 and "Traceback" in err and "UserError" in err
+
+
+def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path: Path) -> None:
+    result = subprocess.run([DSL, "run", "debug=tiny", "decode.enabled=false", "-m", "layer=1,9,2"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dsl: error:")]
+    assert len(errors) == 1 and "job 1" in errors[0] and "layer=9 is outside this model" in errors[0]
+    statuses = {}
+    for manifest in tmp_path.glob("outputs/multirun/*/*/*/manifest.json"):
+        statuses[manifest.parent.name] = json.loads(manifest.read_text())["status"]
+    assert statuses == {"0": "complete", "1": "failed", "2": "complete"}
