@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dsl_cli import __version__
 from dsl_cli.errors import UserError
+from dsl_cli.outputs import refuse_existing_run
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky 2.2
 
@@ -102,11 +103,14 @@ def _resume_overrides(args: list[str]) -> list[str]:
 
 
 def _check_output_root(args: list[str]) -> None:
-    """Refuse an output folder that cannot be created before Hydra tries (and prints a traceback)."""
+    """Refuse, before Hydra writes its config there, an output folder that cannot be created (Hydra would
+    print a traceback) or a hydra.run.dir that already holds a run (unless resuming it)."""
     target = Path("outputs")
     for arg in args:
         if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")):
             target = Path(arg.split("=", 1)[1]).expanduser()
+        if arg.startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in args):
+            refuse_existing_run(target)
     existing = target
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent

@@ -105,6 +105,14 @@ class Manifest:
         self.update(stages_done=[*self.data.get("stages_done", []), name])
 
 
+def refuse_existing_run(folder: Path) -> None:
+    """A fresh run must not write into a folder that holds one: it would take that run's rows as its own
+    (and Hydra would overwrite the saved config that `resume=` reads)."""
+    if (folder / "manifest.json").exists():
+        raise UserError(f"{folder} already holds a run: complete it with `dsl run resume={folder}` "
+                        "or choose another hydra.run.dir")
+
+
 # ---------------------------------------------------------------- CSV
 
 

@@ -27,7 +27,8 @@ from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import MODES, imagenet_classifier, lens_embeddings, rank, score, select_components, top_labels
-from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows, read_csv,
+from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows,
+                             refuse_existing_run, read_csv,
                              redraw, save_png)
 from dsl_cli.studies import run_study, validate_study
 
@@ -243,6 +244,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     """Run one job into `run_dir` (a fresh Hydra run folder, or the folder of a run being resumed)."""
     if cfg.resume:
         cfg = OmegaConf.load(Path(cfg.resume) / ".hydra" / "config.yaml")
+    else:
+        refuse_existing_run(run_dir)  # two runs started within the same second share a default folder
     validate(cfg)
     check_writable(run_dir)
     for leftover in run_dir.rglob(".*.tmp"):  # a file a killed run was writing: never part of the results

@@ -271,3 +271,13 @@ def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path: Path) -> None:
     for manifest in tmp_path.glob("outputs/multirun/*/*/*/manifest.json"):
         statuses[manifest.parent.name] = json.loads(manifest.read_text())["status"]
     assert statuses == {"0": "complete", "1": "failed", "2": "complete"}
+
+
+def test_a_fresh_run_never_writes_into_an_earlier_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    args = ["run", "debug=tiny", "decode.enabled=false", "hydra.run.dir=run"]
+    assert dsl_in_process(args, tmp_path, monkeypatch, capsys)[0] == 0
+    before = (tmp_path / "run" / "similarity.csv").read_bytes()
+    code, err = dsl_in_process([*args, "lens=direct"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "already holds a run")
+    assert (tmp_path / "run" / "similarity.csv").read_bytes() == before
+    assert "direct" not in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()  # config kept
