@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -243,3 +244,13 @@ def test_diffusion_lens_between_attention_and_mlp(tmp_path: Path) -> None:
             hook.remove()
         expected = torch.nn.functional.cosine_similarity(readout, clean).item()
         assert abs(float(row["sim_embed"]) - expected) < 1e-5
+
+
+def test_paper_reproduction_script_runs_on_tiny_models(tmp_path: Path) -> None:
+    script = Path(__file__).parents[1] / "scripts" / "reproduce_paper.sh"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(["bash", str(script), "debug=tiny", "decode.enabled=false"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifests = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/**/manifest.json")]
+    assert len(manifests) == 6 and all(m["status"] == "complete" for m in manifests)
