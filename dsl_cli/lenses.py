@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import ListConfig
 
 from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import STEER_MODES as MODES
@@ -28,7 +29,7 @@ LENSES = ("diffusion", "direct", "steering", "logit")
 
 
 def _as_list(value) -> list:
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+    if isinstance(value, (list, tuple, ListConfig)):
         return list(value)
     return [value]
 

@@ -116,13 +116,14 @@ def score_images(cfg, encoder, preprocess, image_set: ImageSet, components: list
         scores = score(encoder, cache, components, embeds)
         # one transfer per batch, not one per value (each .item() would wait for the GPU)
         sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
+        lens_cpu, clean_cpu = embeds.float().cpu(), cache.embeds.float().cpu()
         for i, item in enumerate(batch):
             rows = []
             for k, comp in enumerate(components):
                 row = _base_row(cfg, item.name, comp)
                 row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k])
                 rows.append(row)
-            scored.append(Scored(item.name, embeds[i].float().cpu(), cache.embeds[i].float().cpu(), rows))
+            scored.append(Scored(item.name, lens_cpu[i], clean_cpu[i], rows))
         bar.update(len(batch))
     bar.close()
     return scored
