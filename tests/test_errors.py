@@ -281,3 +281,19 @@ def test_a_fresh_run_never_writes_into_an_earlier_run(tmp_path: Path, monkeypatc
     assert_one_clean_line(code, err, "already holds a run")
     assert (tmp_path / "run" / "similarity.csv").read_bytes() == before
     assert "direct" not in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()  # config kept
+
+
+def test_run_refuses_a_folder_that_holds_a_run(tmp_path: Path) -> None:
+    """The same guard inside the job, for two runs that start in the same second (one default folder)."""
+    from hydra import compose, initialize_config_module
+
+    from dsl_cli.config import register_configs
+    from dsl_cli.run import run
+
+    register_configs()
+    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+        cfg = compose(config_name="run", overrides=["debug=tiny"])
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run"):
+        run(cfg, tmp_path)
+    assert (tmp_path / "manifest.json").read_text() == "{}"

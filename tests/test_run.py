@@ -129,7 +129,8 @@ def test_sim_decoded_is_the_saved_picture_re_encoded(runs: dict[str, Path]) -> N
     import skimage
 
     data = Path(skimage.__file__).parent / "data"
-    for row in read_rows(folder)[:3]:
+    rows = read_rows(folder)
+    for row in rows[:2] + rows[-2:]:  # both images
         with torch.no_grad():
             clean = visual(preprocess(Image.open(data / inputs[row["image"]]).convert("RGB"))[None])
             decoded = visual(preprocess(Image.open(folder / row["file"]).convert("RGB"))[None])
