@@ -59,8 +59,12 @@ def test_killed_then_resumed_equals_uninterrupted(reference: Path, tmp_path: Pat
     done_before = len(pictures(folder))
     assert 0 < done_before < N_PICTURES, f"the kill did not land mid-decoding ({done_before} pictures)"
 
+    finished = [r for r in rows(folder) if r["file"] and (folder / r["file"]).exists()]
+    (folder / "images" / ".left_by_the_kill.png.tmp").write_bytes(b"half a picture")
     result = dsl("run", f"resume={folder}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    # finished pictures were kept, not decoded again
+    assert json.loads((folder / "manifest.json").read_text())["decoded"] == N_PICTURES - len(finished)
     assert rows(folder) == rows(reference)  # same rows, each once, same values
     assert pictures(folder) == pictures(reference)  # same pictures, byte for byte
     assert not list(folder.rglob("*.tmp"))
@@ -98,3 +102,18 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     assert f"dsl run resume={folder}" in err and "Traceback" not in err
     assert json.loads((folder / "manifest.json").read_text())["status"] == "interrupted"
     assert not list(folder.rglob("*.tmp"))
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    from dsl_cli import outputs
+
+    target = tmp_path / "similarity.csv"
+    target.write_text("old\n")
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(outputs.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        outputs.atomic_write_bytes(target, b"new\n")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["similarity.csv"]
