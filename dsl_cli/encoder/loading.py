@@ -21,6 +21,7 @@ from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 from torch import Tensor, nn
 
 from dsl_cli.encoder.hooked import HookedEncoder
+from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.errors import UserError
 
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
@@ -131,8 +132,7 @@ def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) 
     config = json.loads(config_file.read_text())
     visual = vision_transformer_from_hf_config(config)
     visual.load_state_dict(hf_to_open_clip_state_dict(_read_safetensors(weight_files), config["num_hidden_layers"]))
-    # the prior's CLIPImageProcessor: bicubic shortest-edge resize, centre crop, OpenAI mean/std
-    return visual, open_clip.image_transform(config["image_size"], False)
+    return visual, ClipImageProcessor(config["image_size"])  # the prior's own preprocessing, not open_clip's
 
 
 def _prior_files(subfolder: str) -> list[str]:
