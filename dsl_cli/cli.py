@@ -45,8 +45,10 @@ def _hydra_app(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from dsl_cli.logs import route_library_logs
     from dsl_cli.run import run
 
+    route_library_logs()  # after importing run: the libraries set up their loggers when imported
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from dsl_cli.config import DecoderConfig
 from dsl_cli.errors import UserError
+from dsl_cli.weights import decoder_weights
 
 log = logging.getLogger("dsl_cli.decoder")
 
@@ -149,8 +150,7 @@ def load_decoder(
     pipe.to(device)
     if pipe.dtype != dtype:  # diffusers warns on every cast with a dtype, even a no-op one
         pipe.to(dtype=dtype)
-    if scheduler != "ddpm":
-        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.movq.to(memory_format=torch.channels_last)
@@ -159,16 +159,24 @@ def load_decoder(
     return KandinskyDecoder(pipe)
 
 
+def make_scheduler(name: str, config: dict):
+    """The scheduler `decode.scheduler` names, built from the checkpoint's scheduler config (its betas,
+    prediction type and timestep spacing kept). Always rebuilt: a saved pipeline may ship any scheduler
+    class, and the one named is the one that must run."""
+    return SCHEDULERS[name].from_config(config)
+
+
 def _load_pretrained(cfg: DecoderConfig, dtype: torch.dtype) -> KandinskyV22Pipeline:
     """Load from a local folder or the Hugging Face cache (HF_HUB_OFFLINE is honoured by diffusers itself)."""
-    if cfg.path is not None and not os.path.isdir(cfg.path):
+    path = os.path.expanduser(cfg.path) if cfg.path else None
+    if path is not None and not os.path.isdir(path):
         raise UserError(f"decoder.path={cfg.path}: no such folder (give the folder of a saved KandinskyV22Pipeline)")
     try:
-        return KandinskyV22Pipeline.from_pretrained(cfg.path or cfg.repo_id, torch_dtype=dtype)
+        return KandinskyV22Pipeline.from_pretrained(path or cfg.repo_id, torch_dtype=dtype)
     except OSError as err:  # not cached while offline, no network, or an incomplete folder
         raise UserError(
             f"cannot load the Kandinsky 2.2 decoder {cfg.path or cfg.repo_id!r} ({type(err).__name__}): "
-            f"run `huggingface-cli download {cfg.repo_id}` once online, or set decoder.path=/local/folder"
+            f"run `{decoder_weights(cfg.repo_id).command}` once online, or set decoder.path=/local/folder"
         ) from err
 
 

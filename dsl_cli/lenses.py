@@ -11,6 +11,7 @@ The third stage: encoder cache -> lens embeddings `[batch, component, d_embed]` 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import ListConfig
+from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import STEER_MODES as MODES
@@ -25,7 +27,10 @@ from dsl_cli.encoder import load_text_model, text_model_id
 from dsl_cli.errors import UserError
 from dsl_cli.outputs import atomic_write_bytes
 
+log = logging.getLogger("dsl_cli.lenses")
+
 LENSES = ("diffusion", "direct", "steering", "logit")
+CLASSES_PER_BATCH = 50  # text-tower batches of the ImageNet classifier: 50 x 80 prompts with the OpenAI templates
 
 
 def _as_list(value) -> list:
@@ -160,16 +165,21 @@ def rank(values: torch.Tensor) -> torch.Tensor:
 
 
 def text_classifier(text_model, tokenizer, templates: str, device) -> tuple[torch.Tensor, list[str]]:
-    """Unit-norm class embeddings `[d_embed, 1000]` for the ImageNet names, averaged over prompt templates."""
+    """Unit-norm class embeddings `[d_embed, 1000]` for the ImageNet names, averaged over prompt templates:
+    open_clip's zero-shot classifier, built 50 classes at a time under one labelled progress bar."""
     import open_clip
 
     names = list(open_clip.IMAGENET_CLASSNAMES)
     prompts = open_clip.OPENAI_IMAGENET_TEMPLATES if templates == "openai" else open_clip.SIMPLE_IMAGENET_TEMPLATES
-    classifier = open_clip.build_zero_shot_classifier(
-        text_model, tokenizer=tokenizer, classnames=names, templates=prompts, num_classes_per_batch=50,
-        device=device, use_tqdm=True,
-    )
-    return classifier, names
+    parts = []
+    with tqdm(total=len(names), desc="classifier", unit="class") as bar:
+        for start in range(0, len(names), CLASSES_PER_BATCH):
+            batch = names[start:start + CLASSES_PER_BATCH]
+            parts.append(open_clip.build_zero_shot_classifier(
+                text_model, tokenizer=tokenizer, classnames=batch, templates=prompts, num_classes_per_batch=None,
+                device=device))
+            bar.update(len(batch))
+    return torch.cat(parts, dim=1), names
 
 
 def classifier_cache() -> Path:
@@ -178,19 +188,28 @@ def classifier_cache() -> Path:
     return Path(os.environ.get("DSL_CACHE", default)).expanduser()
 
 
+def classifier_file(encoder_cfg, templates: str) -> Path | None:
+    """Where the ImageNet classifier of the encoder's text tower is kept; None where it is not kept (weights
+    from a local file may change, random weights have no fixed classifier)."""
+    import open_clip
+
+    name, tag = text_model_id(encoder_cfg)
+    if tag is None or Path(tag).expanduser().exists():  # a hub tag names fixed weights; a file may change
+        return None
+    return classifier_cache() / f"{name}_{tag}_{templates}_openclip{open_clip.__version__}.pt"
+
+
 def imagenet_classifier(encoder_cfg, templates: str, device, dtype) -> tuple[torch.Tensor, list[str]]:
     """`text_classifier` for the encoder's text tower, kept on disk for hub weights: with the OpenAI
     templates it encodes 80,000 prompts, which for bigG is worth doing once, not once per run."""
     import open_clip
 
-    name, tag = text_model_id(encoder_cfg)
-    cacheable = tag is not None and not Path(tag).exists()  # a hub tag names fixed weights; a file may change
-    path = classifier_cache() / f"{name}_{tag}_{templates}_openclip{open_clip.__version__}.pt"
-    if cacheable and path.is_file():
+    path = classifier_file(encoder_cfg, templates)
+    if path is not None and path.is_file():
         return torch.load(path, map_location=device), list(open_clip.IMAGENET_CLASSNAMES)
     text_model, tokenizer = load_text_model(encoder_cfg, device, dtype)
     classifier, names = text_classifier(text_model, tokenizer, templates, device)
-    if cacheable:
+    if path is not None:
         buffer = io.BytesIO()
         torch.save(classifier.float().cpu(), buffer)
         atomic_write_bytes(path, buffer.getvalue())

@@ -31,6 +31,7 @@ from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_wri
                              refuse_existing_run, read_csv,
                              redraw, save_png)
 from dsl_cli.studies import run_study, validate_study
+from dsl_cli.weights import preflight
 
 log = logging.getLogger("dsl_cli.run")
 
@@ -244,10 +245,11 @@ def _save_inputs(cfg, run_dir: Path, image_set: ImageSet) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> None:
     """Run one job into `run_dir` (a fresh Hydra run folder, or the folder of a run being resumed)."""
     if cfg.resume:
-        cfg = OmegaConf.load(Path(cfg.resume) / ".hydra" / "config.yaml")
+        cfg = OmegaConf.load(Path(cfg.resume).expanduser() / ".hydra" / "config.yaml")
     else:
         refuse_existing_run(run_dir)  # two runs started within the same second share a default folder
     validate(cfg)
+    preflight(cfg)
     check_writable(run_dir)
     for leftover in run_dir.rglob(".*.tmp"):  # a file a killed run was writing: never part of the results
         leftover.unlink()
@@ -308,6 +310,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
         with manifest.stage("decoder"):
             decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
                                    scheduler=cfg.decode.scheduler)
+            manifest.update(scheduler=type(decoder.pipe.scheduler).__name__)
         with manifest.stage("decode"):
             decode_and_write(cfg, encoder, preprocess, decoder, run_dir, scored, plan, csv_log, manifest)
 

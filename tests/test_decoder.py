@@ -8,7 +8,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from diffusers import KandinskyV22Pipeline
+from diffusers import DDIMScheduler, DDPMScheduler, KandinskyV22Pipeline
 
 from dsl_cli.config import DecoderConfig
 from dsl_cli.decoder import KandinskyDecoder, load_decoder, to_pil, to_uint8
@@ -69,6 +69,28 @@ def test_batch_size_does_not_change_pictures(scheduler: str) -> None:
         np.testing.assert_allclose(run, runs[0], atol=1e-3)
     # Seeds, not positions, set the noise: items 5 and 6 share item 0's seed but not its embedding.
     assert np.abs(runs[0][5] - runs[0][6]).max() > 1e-2
+
+
+def test_the_named_scheduler_runs_whatever_the_saved_pipeline_ships(dec: KandinskyDecoder, tmp_path) -> None:
+    """A decoder saved with DDIM, run with decode.scheduler=ddpm, is the pipeline given a DDPM scheduler made
+    from the same config; the checkpoint's betas and prediction type are kept."""
+    ddim = DDIMScheduler.from_config({**dec.pipe.scheduler.config, "beta_end": 0.02, "prediction_type": "epsilon"})
+    KandinskyV22Pipeline(unet=dec.pipe.unet, movq=dec.pipe.movq, scheduler=ddim).save_pretrained(tmp_path)
+    loaded = load_decoder(DecoderConfig(source="pretrained", path=str(tmp_path)), scheduler="ddpm")
+    assert type(loaded.pipe.scheduler) is DDPMScheduler
+    assert loaded.pipe.scheduler.config.beta_end == 0.02
+    torch.testing.assert_close(loaded.pipe.scheduler.betas, ddim.betas)
+
+    reference = KandinskyV22Pipeline.from_pretrained(tmp_path)
+    reference.set_progress_bar_config(disable=True)
+    as_saved = reference.scheduler.config
+    embeds, negative = _inputs(2)
+    got = loaded.decode(embeds, negative, [3, 4], batch_size=2, **KW)
+    as_shipped = [_reference(reference, embeds[i], negative, seed) for i, seed in enumerate([3, 4])]
+    reference.scheduler = DDPMScheduler.from_config(as_saved)
+    for i, seed in enumerate([3, 4]):
+        np.testing.assert_allclose(got[i], _reference(reference, embeds[i], negative, seed), atol=1e-3)
+        assert np.abs(got[i] - as_shipped[i]).max() > 1e-2  # DDIM would have given other pictures
 
 
 def test_same_seed_gives_identical_png_bytes(dec: KandinskyDecoder) -> None:
@@ -141,7 +163,7 @@ def test_missing_weights_become_one_line_user_errors(monkeypatch: pytest.MonkeyP
         load_decoder(DecoderConfig(source="pretrained"))
     message = str(err.value)
     assert "\n" not in message
-    assert "huggingface-cli download kandinsky-community/kandinsky-2-2-decoder" in message
+    assert "`hf download kandinsky-community/kandinsky-2-2-decoder --exclude" in message
     assert "decoder.path=" in message
     with pytest.raises(UserError, match="no such folder"):
         load_decoder(DecoderConfig(source="pretrained", path=str(tmp_path / "absent")))

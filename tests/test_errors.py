@@ -155,11 +155,10 @@ def test_weights_missing_while_offline(overrides: list[str], repo: str, tmp_path
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf")}
     result = subprocess.run([DSL, "run", "debug=tiny", *overrides], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
-    assert_one_clean_line(result.returncode, result.stderr, repo)
-    assert "huggingface-cli download" in result.stderr or "checkpoint" in result.stderr
-    assert not list(tmp_path.rglob("*.tmp"))
-    (manifest,) = tmp_path.glob("outputs/*/*/manifest.json")
-    assert json.loads(manifest.read_text())["status"] == "failed"
+    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.startswith("dsl: error: 1 of the weights this run needs are not in the Hugging Face cache")
+    assert f"hf download {repo} " in result.stderr and result.stderr.count("hf download") == 1
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("manifest.json"))  # refused before starting
 
 
 # ------------------------------------------------------------------ converted, not refused

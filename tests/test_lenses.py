@@ -71,3 +71,16 @@ def test_classifier_of_random_or_tiny_weights_is_not_cached(tmp_path: Path, monk
     monkeypatch.setenv("DSL_CACHE", str(tmp_path))
     lenses.imagenet_classifier(EncoderConfig(source="tiny"), "simple", "cpu", torch.float32)
     assert not list(tmp_path.iterdir())
+
+
+def test_classifier_built_in_batches_equals_open_clips_in_one_go() -> None:
+    """The labelled progress bar builds the classifier 50 classes at a time; the result is open_clip's own."""
+    import open_clip
+
+    model, tokenizer = build_tiny_clip(), open_clip.get_tokenizer("ViT-B-32")
+    ours, names = lenses.text_classifier(model, tokenizer, "simple", "cpu")
+    theirs = open_clip.build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=names,
+                                                  templates=open_clip.SIMPLE_IMAGENET_TEMPLATES,
+                                                  num_classes_per_batch=None, device="cpu")
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
+

@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,7 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
     assert {"images", "encoder", "lens", "decode", "write"} <= set(manifest["seconds"])
     assert manifest["rows"] == len(rows) and manifest["decoded"] == sum(1 for r in rows if r["file"])
     assert manifest["stages_done"] == ["images", "encoder", "lens", "decoder", "decode", "write"]
+    assert manifest["scheduler"] == "DDPMScheduler"  # decode.scheduler=ddpm, as recorded by the run
     assert (folder / "dsl.log").is_file() and (folder / "index.html").is_file()
     assert not list(folder.rglob("*.tmp")), "a temporary file was left behind"
 
@@ -255,3 +257,18 @@ def test_paper_reproduction_script_runs_on_tiny_models(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     manifests = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/**/manifest.json")]
     assert len(manifests) == 6 and all(m["status"] == "complete" for m in manifests)
+
+
+def test_the_terminal_shows_dsl_and_labelled_bars_only(tmp_path: Path) -> None:
+    """open_clip's tokenizer INFO lines (logged to the root logger) and the libraries' other chatter go to
+    the run's dsl.log; every progress bar on the terminal names its stage."""
+    result = subprocess.run([DSL, "run", "debug=tiny", "lens=logit", "layer=1", "images.limit=1",
+                             "decode.enabled=false", "hydra.run.dir=quiet"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    terminal = result.stdout + result.stderr
+    assert "tokenizer" not in terminal and "tokenizer" in (tmp_path / "quiet" / "dsl.log").read_text()
+    logged = [line for line in terminal.splitlines() if line.startswith("[")]
+    assert logged and all("][dsl_cli." in line for line in logged), logged
+    assert {"encode", "classifier"} <= set(re.findall(r"(?:^|\r)(\w+): +\d+%\|", terminal, re.M))
+    assert not re.search(r"(?:^|\r) *\d+%\|", terminal, re.M), "a progress bar without a name"

@@ -9,6 +9,7 @@ Weights come from the Hugging Face cache or a local path; a missing one becomes 
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 from dsl_cli.encoder.hooked import HookedEncoder
 from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.errors import UserError
+from dsl_cli.weights import hub_download_command, prior_encoder_weights
 
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
 
@@ -45,9 +47,9 @@ def load_encoder(
     if cfg.source == "tiny":
         visual, preprocess = build_tiny_visual(), open_clip.image_transform(TINY_VISION_CFG["image_size"], False)
     elif cfg.source == "open_clip":
-        visual, preprocess = _load_open_clip_visual(cfg.name, cfg.pretrained, cfg.checkpoint)
+        visual, preprocess = _load_open_clip_visual(cfg.name, cfg.pretrained, _expand(cfg.checkpoint))
     elif cfg.source == "kandinsky_prior":
-        visual, preprocess = _load_prior_visual(cfg.repo_id, cfg.subfolder, cfg.checkpoint)
+        visual, preprocess = _load_prior_visual(cfg.repo_id, cfg.subfolder, _expand(cfg.checkpoint))
     else:
         raise UserError(f"unknown encoder.source {cfg.source!r}: use open_clip, kandinsky_prior or tiny")
     try:
@@ -83,7 +85,12 @@ def text_model_id(cfg: Any) -> tuple[str, Optional[str]]:
     if cfg.source == "tiny":
         return "tiny", None
     default_name, default_tag = PRIOR_TEXT_MODEL if cfg.source == "kandinsky_prior" else (cfg.name, cfg.pretrained)
-    return cfg.text_name or default_name, cfg.text_pretrained or default_tag
+    return cfg.text_name or default_name, _expand(cfg.text_pretrained or default_tag)
+
+
+def _expand(path: Optional[str]) -> Optional[str]:
+    """`~/weights` -> `/home/me/weights` (a pretrained tag never starts with `~`, so it is left as it is)."""
+    return os.path.expanduser(path) if path else path
 
 
 def build_tiny_clip() -> open_clip.CLIP:
@@ -127,7 +134,7 @@ def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) 
     if not config_file.is_file() or not weight_files:
         raise UserError(
             f"{folder} must hold config.json and model.safetensors (a CLIPVisionModelWithProjection); "
-            f"fetch them with {_prior_download(repo_id, subfolder)}"
+            f"fetch them with `{prior_encoder_weights(repo_id, subfolder).command}`"
         )
     config = json.loads(config_file.read_text())
     visual = vision_transformer_from_hf_config(config)
@@ -135,28 +142,16 @@ def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) 
     return visual, ClipImageProcessor(config["image_size"])  # the prior's own preprocessing, not open_clip's
 
 
-def _prior_files(subfolder: str) -> list[str]:
-    """The files the prior's encoder needs: its folder also holds a pytorch_model.bin of the same 3.7 GB."""
-    return [f"{subfolder}/config.json", f"{subfolder}/*.safetensors"]
-
-
-def _prior_download(repo_id: str, subfolder: str) -> str:
-    """The command that puts the prior's image encoder into the Hugging Face cache."""
-    patterns = " ".join(f"'{p}'" for p in _prior_files(subfolder))
-    return f"`huggingface-cli download {repo_id} --include {patterns}`"
-
-
 def _cached_subfolder(repo_id: str, subfolder: str) -> Path:
     """The cached snapshot's `subfolder` (fetched only if downloads are allowed)."""
-    from huggingface_hub import snapshot_download
-
+    weights = prior_encoder_weights(repo_id, subfolder)
     try:
-        root = snapshot_download(repo_id, allow_patterns=_prior_files(subfolder))
+        root = weights.fetch()
     except (OSError, ValueError) as err:  # LocalEntryNotFoundError is an OSError
         raise UserError(
             f"the image encoder of {repo_id} ({subfolder}/) is not in the Hugging Face cache and could not be "
-            f"downloaded: run {_prior_download(repo_id, subfolder)} or set "
-            "encoder.checkpoint=/path/to/folder (config.json + model.safetensors)"
+            f"downloaded: run `{weights.command}` or set encoder.checkpoint=/path/to/folder (config.json + "
+            "model.safetensors)"
         ) from err
     return Path(root) / subfolder
 
@@ -227,18 +222,10 @@ def _user_errors(name: str, weights: Optional[str]) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, OSError, ValueError) as err:
-        repo = _hub_repo(name, weights)
-        fix = f"`huggingface-cli download {repo}`" if repo else "a download"
+        command = hub_download_command(name, weights)
+        fix = f"`{command}`" if command else "a download"
         reason = " ".join(str(err).split())
         raise UserError(
             f"open_clip weights {name}/{weights} could not be loaded ({reason}): fetch them with {fix} "
             "or set encoder.checkpoint=/path/to/weights"
         ) from err
-
-
-def _hub_repo(name: str, tag: Optional[str]) -> Optional[str]:
-    """The Hugging Face repository open_clip fetches `tag` of `name` from, if it is a known hub tag."""
-    if tag is None or Path(tag).exists():
-        return None
-    repo = open_clip.get_pretrained_cfg(name, tag).get("hf_hub", "")
-    return repo.rstrip("/") or None

@@ -1,0 +1,213 @@
+"""Weights preflight: every weight a run needs, looked up at once before any model loads.
+
+A run may need three sets of weights: the image encoder, the Kandinsky 2.2 decoder (when it decodes) and
+the CLIP text tower (for the logit lens, unless its ImageNet classifier is already on disk). Each is a
+local path or files of a Hugging Face repository, looked up in the cache with huggingface_hub. Missing ones
+are fetched with the libraries' own download functions when downloads are allowed; whatever is still
+missing, or cannot be fetched offline (`HF_HUB_OFFLINE=1`), is reported in one message, with the `hf
+download` command (huggingface_hub's CLI) that fetches each.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dsl_cli.errors import UserError
+
+log = logging.getLogger("dsl_cli.weights")
+
+PRIOR_ENCODER_FILES = ("config.json", "model.safetensors")  # its folder also holds a 3.7 GB pytorch_model.bin
+DECODER_FILES = (  # what KandinskyV22Pipeline.from_pretrained reads; .safetensors preferred, .bin accepted
+    ("model_index.json",), ("scheduler/scheduler_config.json",), ("unet/config.json",),
+    ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"), ("movq/config.json",),
+    ("movq/diffusion_pytorch_model.safetensors", "movq/diffusion_pytorch_model.bin"),
+)
+
+
+@dataclass(frozen=True)
+class HubWeights:
+    """Files of one Hugging Face repository that a model needs.
+
+    needs: one tuple per file, of alternative names (any one cached will do); `args`: what `hf download
+    REPO` needs to fetch them (default: the first name of each); `fetch`: the loading library's own download."""
+
+    role: str  # what they are for, e.g. "image encoder"
+    repo: str
+    needs: tuple[tuple[str, ...], ...]
+    args: str = ""
+    fetch: Optional[Callable[[], Any]] = field(default=None, compare=False)
+
+    @property
+    def command(self) -> str:
+        return f"hf download {self.repo} {self.args or ' '.join(names[0] for names in self.needs)}"
+
+    def cached(self) -> bool:
+        from huggingface_hub import try_to_load_from_cache
+
+        return all(any(isinstance(try_to_load_from_cache(self.repo, name), str) for name in names)
+                   for names in self.needs)
+
+
+def prior_encoder_weights(repo: str, subfolder: str) -> HubWeights:
+    """The image encoder of the Kandinsky 2.2 prior (`image_encoder/` of its repository)."""
+    from huggingface_hub import snapshot_download
+
+    files = tuple(f"{subfolder}/{name}" for name in PRIOR_ENCODER_FILES)
+    return HubWeights("image encoder", repo, tuple((f,) for f in files),
+                      fetch=lambda: snapshot_download(repo, allow_patterns=list(files)))
+
+
+def decoder_weights(repo: str) -> HubWeights:
+    """The Kandinsky 2.2 decoder pipeline (UNet, MoVQ, scheduler)."""
+    from diffusers import KandinskyV22Pipeline
+
+    return HubWeights("decoder", repo, DECODER_FILES, args="--exclude '*.bin'",
+                      fetch=lambda: KandinskyV22Pipeline.download(repo))
+
+
+def open_clip_weights(role: str, name: str, tag: str) -> Optional[HubWeights]:
+    """The hub files open_clip loads for pretrained tag `tag` of model `name`, from its pretrained registry
+    (`hf_hub: org/repo/` means open_clip's default file name, whose .safetensors twin it prefers); None
+    when the tag is fetched from a plain URL (not through the Hugging Face cache) or is unknown."""
+    import open_clip
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    pretrained = open_clip.get_pretrained_cfg(name, tag)
+    if not pretrained.get("hf_hub"):
+        return None
+    repo, filename = os.path.split(pretrained["hf_hub"])
+    filename = filename or HF_WEIGHTS_NAME
+    twin = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else str(Path(filename).with_suffix(".safetensors"))
+    return HubWeights(role, repo, ((filename, twin),), fetch=lambda: open_clip.download_pretrained(pretrained))
+
+
+def hub_download_command(name: str, tag: Optional[str]) -> Optional[str]:
+    """`hf download ...` for an open_clip pretrained tag, if open_clip fetches it from the hub."""
+    weights = open_clip_weights("weights", name, tag) if tag and not Path(tag).expanduser().exists() else None
+    return weights.command if weights else None
+
+
+# ---------------------------------------------------------------- what a run needs
+
+
+Needs = tuple[list[HubWeights], list[str]]  # hub weights, and problems with local paths (one line each)
+
+
+def _open_clip_needs(role: str, name: str, weights: Optional[str], key: str) -> Needs:
+    """open_clip `name` with `weights`: a pretrained tag it fetches from the hub, a local file, or None."""
+    if weights is None:
+        return [], []
+    if Path(weights).expanduser().is_file():
+        return [], []
+    hub = open_clip_weights(role, name, weights)
+    if hub is not None:
+        return [hub], []
+    import open_clip
+
+    if open_clip.get_pretrained_cfg(name, weights):  # fetched from a plain URL: open_clip caches it itself
+        return [], []
+    return [], [f"{key}={weights}: neither a file nor a pretrained tag of open_clip's {name} "
+                f"(open_clip.list_pretrained() lists them)"]
+
+
+def _encoder_needs(enc: Any) -> Needs:
+    if enc.source == "kandinsky_prior" and enc.checkpoint:
+        folder = Path(enc.checkpoint).expanduser()
+        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+            return [], []
+        return [], [f"encoder.checkpoint={enc.checkpoint}: not a folder with config.json and model.safetensors "
+                    "(a saved CLIPVisionModelWithProjection)"]
+    if enc.source == "kandinsky_prior":
+        return [prior_encoder_weights(enc.repo_id, enc.subfolder)], []
+    if enc.source == "open_clip":
+        key = "encoder.checkpoint" if enc.checkpoint else "encoder.pretrained"
+        return _open_clip_needs("image encoder", enc.name, enc.checkpoint or enc.pretrained, key)
+    return [], []
+
+
+def _decoder_needs(dec: Any) -> Needs:
+    if dec.source != "pretrained":
+        return [], []
+    if dec.path is None:
+        return [decoder_weights(dec.repo_id)], []
+    if (Path(dec.path).expanduser() / "model_index.json").is_file():
+        return [], []
+    return [], [f"decoder.path={dec.path}: not the folder of a saved KandinskyV22Pipeline (no model_index.json)"]
+
+
+def _text_needs(cfg: Any) -> Needs:
+    """The logit lens's text tower, unless the ImageNet classifier built from it is already on disk."""
+    from dsl_cli.encoder import text_model_id
+    from dsl_cli.lenses import classifier_file
+
+    saved = classifier_file(cfg.encoder, cfg.lens.templates)
+    if saved is not None and saved.is_file():
+        return [], []
+    name, tag = text_model_id(cfg.encoder)
+    if name == "tiny":
+        return [], []
+    return _open_clip_needs("text tower (logit lens)", name, tag, "encoder.text_pretrained")
+
+
+def needed(cfg: Any) -> Needs:
+    """Every weight a run with config `cfg` loads: encoder, decoder (if it decodes), text tower (logit lens)."""
+    parts = [_encoder_needs(cfg.encoder)]
+    if cfg.study.name is None and cfg.decode.enabled:
+        parts.append(_decoder_needs(cfg.decoder))
+    if cfg.study.name is None and cfg.lens.name == "logit":
+        parts.append(_text_needs(cfg))
+    unique = {(w.repo, w.needs): w for part in reversed(parts) for w in part[0]}  # bigg14's text tower is its encoder
+    hub = list(reversed(unique.values()))
+    return hub, [problem for part in parts for problem in part[1]]
+
+
+# ---------------------------------------------------------------- the preflight
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _fetch(missing: list[HubWeights]) -> list[HubWeights]:
+    """Download what is missing, each with its library's own function; return what is still missing."""
+    still = []
+    for weights in missing:
+        log.info("downloading the %s from %s", weights.role, weights.repo)
+        try:
+            weights.fetch()
+        except Exception as err:  # any failure (network, auth, disk) is reported below with its command
+            log.warning("could not download the %s from %s: %s", weights.role, weights.repo, err)
+        if not weights.cached():
+            still.append(weights)
+    return still
+
+
+def _message(missing: list[HubWeights], problems: list[str], offline: bool) -> str:
+    from huggingface_hub import constants
+
+    lines = []
+    if missing:
+        why = "HF_HUB_OFFLINE=1 forbids downloading them" if offline else "they could not be downloaded"
+        lines.append(f"{len(missing)} of the weights this run needs are not in the Hugging Face cache "
+                     f"({constants.HF_HUB_CACHE}) and {why}; fetch them (online) with:")
+        lines += [f"  {w.role}: {w.command}" for w in missing]
+        lines.append("  or load local copies with encoder.checkpoint=... and decoder.path=... (see README, Weights)")
+    return "\n".join(lines + problems)
+
+
+def preflight(cfg: Any) -> None:
+    """Look up every weight the run needs before any model loads; raise one UserError listing all that are
+    missing (with a command for each) or whose local path is wrong."""
+    hub, problems = needed(cfg)
+    missing = [weights for weights in hub if not weights.cached()]
+    offline = _offline()
+    if missing and not offline:
+        missing = _fetch(missing)
+    if missing or problems:
+        raise UserError(_message(missing, problems, offline))
