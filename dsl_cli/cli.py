@@ -2,7 +2,7 @@
 
     dsl run [hydra overrides and flags...]    run the Hydra app (configs ship inside the package)
     dsl plot RUN_FOLDER                      redraw grids and heatmaps from a finished run's files
-    dsl --version | --help
+    dsl --version | --help | run --help | plot --help
 """
 
 from __future__ import annotations
@@ -30,6 +30,14 @@ usage:
                              folder, e.g. a sweep), without any model
   dsl --version
 """
+
+PLOT_USAGE = """usage: dsl plot RUN_FOLDER
+
+Redraw the grids, heatmaps, label plots and index.html of a finished run from its files alone (similarity.csv,
+labels.csv, the pictures), without a model or a GPU. Given a folder of runs (a --multirun sweep, a date
+folder), redraw every run below it.
+"""
+
 
 def _fail(message: str) -> int:
     print(f"dsl: error: {message}", file=sys.stderr)
@@ -90,6 +98,35 @@ def _flags_first(args: list[str]) -> list[str]:
     return flags + overrides
 
 
+# Overrides whose values are paths. `~` is expanded, as a shell does in `VAR=~/x` (but not in `a.b=~/x`), and a
+# value that Hydra's override grammar refuses unquoted (a space, parentheses, `~` inside) is passed quoted.
+PATH_KEYS = {"images.path", "encoder.checkpoint", "encoder.text_pretrained", "decoder.path", "resume",
+             "hydra.run.dir", "hydra.sweep.dir"}
+
+
+def _path_override(arg: str) -> str:
+    """`images.path=~/my photos` -> `images.path='/home/me/my photos'`; other arguments as they are."""
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+") not in PATH_KEYS or value[:1] in ("'", '"'):
+        return arg
+    value = os.path.expanduser(value)
+    if _parses(f"{key}={value}") or ("'" in value and '"' in value):
+        return f"{key}={value}"
+    quote = '"' if "'" in value else "'"
+    return f"{key}={quote}{value}{quote}"
+
+
+def _parses(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_override(override)
+    except HydraException:  # the grammar's error
+        return False
+    return True
+
+
 def _resume_overrides(args: list[str]) -> list[str]:
     """`resume=FOLDER` runs the job inside that folder and keeps its saved Hydra config untouched."""
     for arg in args:
@@ -136,7 +173,7 @@ def _run(args: list[str]) -> int:
         return _fail(str(err))
     app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(_hydra_app)
     saved_argv = sys.argv
-    sys.argv = ["dsl run", *_flags_first([*args, *extra])]
+    sys.argv = ["dsl run", *_flags_first([_path_override(arg) for arg in [*args, *extra]])]
     _failed_jobs.clear()
     try:
         app()
@@ -146,6 +183,9 @@ def _run(args: list[str]) -> int:
 
 
 def _plot(args: list[str]) -> int:
+    if args in (["-h"], ["--help"]):
+        print(PLOT_USAGE)
+        return 0
     if len(args) != 1 or args[0].startswith("-"):
         return _fail("usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a --multirun sweep)")
     from dsl_cli.outputs import redraw_folder

@@ -111,10 +111,13 @@ def _sample_files(names: list[str] | None) -> list[tuple[str, Path]]:
 
 
 def load_images(cfg) -> ImageSet:
-    """All images of the configured set (`cfg` has the ImagesConfig fields), in a stable order."""
-    if cfg.source == "samples":
+    """All images of the configured set (`cfg` has the ImagesConfig fields), in a stable order. A path
+    given is used: `images.path=X` alone means the folder source (`images=folder`)."""
+    if cfg.source == "samples" and cfg.path and cfg.names:
+        raise UserError("images.names picks sample photos and images.path a folder of your own: give one of them")
+    if cfg.source == "samples" and not cfg.path:
         named = _sample_files(cfg.names)
-    elif cfg.source == "folder":
+    elif cfg.source in ("folder", "samples"):
         if not cfg.path:
             raise UserError("images=folder needs images.path=/a/folder, a glob or a file")
         named = [(_safe_name(p.stem), p) for p in _folder_files(str(cfg.path))]

@@ -34,6 +34,9 @@ def test_version_and_help_answer_without_a_model(tmp_path: Path) -> None:
     assert usage.returncode == 0 and "dsl run" in usage.stdout and "dsl plot" in usage.stdout
     hydra_help = dsl("run", "--help", cwd=tmp_path, timeout=60)
     assert hydra_help.returncode == 0 and "lens: " in hydra_help.stdout and "steering" in hydra_help.stdout
+    plot_help = dsl("plot", "--help", cwd=tmp_path, timeout=60)
+    assert plot_help.returncode == 0 and plot_help.stdout.startswith("usage: dsl plot RUN_FOLDER")
+    assert plot_help.stderr == ""
     assert not (tmp_path / "outputs").exists()
 
 
