@@ -114,6 +114,7 @@ class RunConfig:
     dtype: str = "fp32"  # encoder dtype: fp32 | fp16 | bf16
     batch_size: int = 16  # images per encoder batch
     resume: Optional[str] = None  # a run folder to complete
+    clamp_to_model: bool = False  # layers/heads beyond the model: nearest one with a warning, not an error
 
 
 def register_configs() -> None:

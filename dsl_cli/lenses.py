@@ -39,10 +39,23 @@ def _as_list(value) -> list:
     return [value]
 
 
-def parse_layers(spec, n_layers: int) -> list[int]:
+def _inside(number: int, count: int, clamp: bool, refusal: str) -> int:
+    """`number` if it is one of `range(count)`; else the nearest one, with a warning, when `clamp` (what
+    debug=tiny sets, to run experiments written for bigger models), or a UserError saying `refusal`."""
+    if 0 <= number < count:
+        return number
+    if not clamp:
+        raise UserError(refusal)
+    inside = min(max(number, 0), count - 1)
+    log.warning("%s; clamp_to_model=true (debug=tiny) uses %d instead", refusal, inside)
+    return inside
+
+
+def parse_layers(spec, n_layers: int, clamp: bool = False) -> list[int]:
     """`layer` config value -> sorted layer indices: an int, a list, `all`, or an inclusive range `10-20`.
 
-    Negative ints count from the end (-1 is the last layer), as in Python.
+    Negative ints count from the end (-1 is the last layer), as in Python. Layers outside the model are
+    refused, or with `clamp` moved to the nearest layer.
     """
     valid = f"layers run from 0 to {n_layers - 1} (or -{n_layers} to -1)"
     layers: list[int] = []
@@ -59,16 +72,15 @@ def parse_layers(spec, n_layers: int) -> list[int]:
         else:
             raise UserError(f"layer={item!r}: use an int, a list [10,20], all, or a range 10-20; {valid}")
         for number in numbers:
-            if not -n_layers <= number < n_layers:
-                raise UserError(f"layer={number} is outside this model: {valid}")
-            layers.append(number % n_layers)
+            index = number + n_layers if -n_layers <= number < 0 else number
+            layers.append(_inside(index, n_layers, clamp, f"layer={number} is outside this model: {valid}"))
     if not layers:
         raise UserError(f"layer={spec!r} names no layer; {valid}")
     return sorted(set(layers))
 
 
-def parse_heads(spec, n_heads: int) -> list[int]:
-    """`head` config value -> sorted head indices: `all`, an int or a list."""
+def parse_heads(spec, n_heads: int, clamp: bool = False) -> list[int]:
+    """`head` config value -> sorted head indices: `all`, an int or a list (see `parse_layers` for `clamp`)."""
     if str(spec).strip() == "all":
         return list(range(n_heads))
     heads: list[int] = []
@@ -77,31 +89,32 @@ def parse_heads(spec, n_heads: int) -> list[int]:
             number = int(item)
         except (TypeError, ValueError):
             raise UserError(f"head={item!r}: use all, an int or a list of ints") from None
-        if not 0 <= number < n_heads:
-            raise UserError(f"head={number} is outside this model: heads run from 0 to {n_heads - 1}")
-        heads.append(number)
+        heads.append(_inside(number, n_heads, clamp,
+                             f"head={number} is outside this model: heads run from 0 to {n_heads - 1}"))
     return sorted(set(heads))
 
 
 def select_components(
-    lens: str, layer_spec, head_spec, component, n_layers: int, n_heads: int, mid: bool = False
+    lens: str, layer_spec, head_spec, component, n_layers: int, n_heads: int, mid: bool = False,
+    clamp: bool = False,
 ) -> list[Component]:
     """The components a run reads, in layer order.
 
     diffusion: the residual stream after each layer. direct/steering: the chosen heads and/or MLP of each
     layer. logit: both (the residual stream first, then the submodules of each layer). mid=True adds the
     stream between each layer's attention and MLP (`L3mid`) before `L3`. `component` may instead list
-    labels (`[L3H01, L2MLP]`), which are taken as they are.
+    labels (`[L3H01, L2MLP]`), which are taken as they are. Layers and heads outside the model are refused,
+    or with `clamp` moved to the nearest one (`clamp_to_model`, set by debug=tiny).
     """
     if lens not in LENSES:
         raise UserError(f"lens={lens!r}: choose one of {', '.join(LENSES)}")
     if component not in ("heads", "mlp", "all"):
-        chosen = check_components([str(c) for c in _as_list(component)], n_layers, n_heads)
+        chosen = check_components([str(c) for c in _as_list(component)], n_layers, n_heads, clamp)
         if lens == "steering" and any(c.kind not in ("head", "mlp") for c in chosen):
             raise UserError(f"component={component}: lens=steering steers heads and MLPs only (L3H01, L2MLP)")
         return chosen
-    layers = parse_layers(layer_spec, n_layers)
-    heads = parse_heads(head_spec, n_heads)
+    layers = parse_layers(layer_spec, n_layers, clamp)
+    heads = parse_heads(head_spec, n_heads, clamp)
     chosen: list[Component] = []
     for layer in layers:
         if lens in ("diffusion", "logit"):
@@ -116,20 +129,23 @@ def select_components(
     return chosen
 
 
-def check_components(labels: list[str], n_layers: int, n_heads: int) -> list[Component]:
-    """Parse explicit labels and check them against the model; one clear error for any bad one."""
+def check_components(labels: list[str], n_layers: int, n_heads: int, clamp: bool = False) -> list[Component]:
+    """Parse explicit labels and check them against the model; one clear error for any bad one (layers and
+    heads outside the model are moved to the nearest one instead with `clamp`)."""
     components = []
     for label in labels:
         try:
             comp = parse_component(label)
         except ValueError as err:
             raise UserError(f"{err}; or use component=heads, mlp or all") from None
-        if comp.kind != "embed" and not 0 <= comp.layer < n_layers:  # resid_mid included
-            raise UserError(f"{label}: layer {comp.layer} is outside this model (0 to {n_layers - 1})")
-        if comp.kind == "head" and not 0 <= comp.head < n_heads:
-            raise UserError(f"{label}: head {comp.head} is outside this model (0 to {n_heads - 1})")
+        if comp.kind != "embed":  # resid_mid included
+            layer = _inside(comp.layer, n_layers, clamp,
+                            f"{label}: layer {comp.layer} is outside this model (0 to {n_layers - 1})")
+            head = comp.head if comp.kind != "head" else _inside(
+                comp.head, n_heads, clamp, f"{label}: head {comp.head} is outside this model (0 to {n_heads - 1})")
+            comp = Component(comp.kind, layer, head)
         components.append(comp)
-    return components
+    return list(dict.fromkeys(components))  # clamping may map two labels onto one component
 
 
 def lens_embeddings(encoder, cache, components: list[Component], lens_cfg) -> torch.Tensor:

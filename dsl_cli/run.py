@@ -285,8 +285,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
     with manifest.stage("encoder"):
         encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.dtype, device))
-    components = select_components(cfg.lens.name, cfg.layer, cfg.head, cfg.component,
-                                   encoder.n_layers, encoder.n_heads, mid=cfg.lens.mid)
+    components = select_components(cfg.lens.name, cfg.layer, cfg.head, cfg.component, encoder.n_layers,
+                                   encoder.n_heads, mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
     if cfg.study.name:
         run_study_job(cfg, run_dir, encoder, preprocess, image_set, components, manifest)
         return

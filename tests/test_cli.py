@@ -61,7 +61,11 @@ def test_run_tiny_from_outside_the_repository(tmp_path: Path) -> None:
     assert saved.encoder.source == "tiny" and saved.decode.steps == 2
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["config"]["layer"] == 1
+    # debug=tiny keeps the default layer 30 and clamps it to the tiny ViT's last layer, with a warning
+    assert manifest["config"]["layer"] == 30 and manifest["config"]["clamp_to_model"] is True
+    assert "layer=30 is outside this model" in result.stdout + result.stderr
+    components = {line.split(",")[2] for line in (folder / "similarity.csv").read_text().splitlines()[1:]}
+    assert components == {"L03H00", "L03H01", "L03H02", "L03H03"}
 
 
 def test_multirun_leaves_one_folder_per_job(tmp_path: Path) -> None:

@@ -98,10 +98,11 @@ def test_bad_images_are_refused(case: str, tmp_path: Path, monkeypatch, capsys) 
 
 
 CONFIG_CASES = {
-    "layer_out_of_range": (["layer=7"], "layers run from 0 to 3"),
-    "head_out_of_range": (["head=9"], "heads run from 0 to 3"),
+    # debug=tiny clamps layers and heads to the tiny model; without clamp_to_model they are refused
+    "layer_out_of_range": (["layer=7", "clamp_to_model=false"], "layers run from 0 to 3"),
+    "head_out_of_range": (["layer=1", "head=9", "clamp_to_model=false"], "heads run from 0 to 3"),
     "unknown_component": (["component=[L1X3]"], "unknown component label"),
-    "component_out_of_range": (["component=[L9MLP]"], "outside this model (0 to 3)"),
+    "component_out_of_range": (["component=[L9MLP]", "clamp_to_model=false"], "outside this model (0 to 3)"),
     "alpha_not_finite": (["lens.alpha=inf"], "lens.alpha=inf: must be a finite number"),
     "alpha_nan": (["lens.alpha=nan"], "must be a finite number"),
     "unknown_mode": (["lens.mode=double"], "lens.mode='double': use add, scale, norm"),
@@ -256,12 +257,14 @@ def test_resume_refuses_new_overrides(tmp_path: Path, monkeypatch, capsys) -> No
 
 
 def test_hydra_verbose_shows_the_traceback(tmp_path: Path, monkeypatch, capsys) -> None:
-    code, err = dsl_in_process(["run", "debug=tiny", "layer=7", "hydra.verbose=true"], tmp_path, monkeypatch, capsys)
+    args = ["run", "debug=tiny", "layer=7", "clamp_to_model=false", "hydra.verbose=true"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
     assert code != 0 and "Traceback" in err and "UserError" in err
 
 
 def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path: Path) -> None:
-    result = subprocess.run([DSL, "run", "debug=tiny", "decode.enabled=false", "-m", "layer=1,9,2"], cwd=tmp_path,
+    result = subprocess.run([DSL, "run", "debug=tiny", "clamp_to_model=false", "decode.enabled=false", "-m",
+                             "layer=1,9,2"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("dsl: error:")]

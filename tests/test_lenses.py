@@ -84,3 +84,12 @@ def test_classifier_built_in_batches_equals_open_clips_in_one_go() -> None:
                                                   num_classes_per_batch=None, device="cpu")
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
 
+
+def test_clamp_moves_layers_and_heads_into_the_model_with_a_warning(caplog) -> None:
+    with pytest.raises(UserError, match="layer=30 is outside this model"):
+        lenses.select_components("steering", 30, "all", "heads", 4, 4)
+    chosen = lenses.select_components("steering", [1, 30, -9], [2, 7], "heads", 4, 4, clamp=True)
+    assert [c.label for c in chosen] == ["L00H02", "L00H03", "L01H02", "L01H03", "L03H02", "L03H03"]
+    labels = lenses.select_components("direct", 0, "all", ["L30H05", "L3H3", "L12MLP"], 4, 4, clamp=True)
+    assert [c.label for c in labels] == ["L03H03", "L03MLP"]  # L30H05 and L3H3 are one component now
+    assert sum("clamp_to_model" in r.getMessage() for r in caplog.records) == 6

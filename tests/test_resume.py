@@ -18,7 +18,7 @@ from PIL import Image
 
 DSL = str(Path(sys.executable).parent / "dsl")
 # 2 images x (4 heads + MLP) = 10 pictures, decoded one at a time so that a kill lands between pictures
-CONFIG = ["debug=tiny", "lens=steering", "component=all"]
+CONFIG = ["debug=tiny", "layer=1", "images.limit=2", "lens=steering", "component=all"]
 N_PICTURES = 10
 
 

@@ -22,12 +22,13 @@ from dsl_cli.encoder import build_tiny_visual, load_encoder
 from dsl_cli.config import EncoderConfig
 
 DSL = str(Path(sys.executable).parent / "dsl")
-N_IMAGES, N_LAYERS, N_HEADS = 2, 4, 4  # debug=tiny: two sample photos, tiny ViT with 4 layers of 4 heads
+N_IMAGES, N_LAYERS, N_HEADS = 2, 4, 4  # two sample photos; debug=tiny's ViT has 4 layers of 4 heads
+SMALL = ("layer=1", "images.limit=2")  # what these runs look at unless they say otherwise
 
 
 def run_tiny(folder: Path, *overrides: str) -> Path:
-    """`dsl run debug=tiny ...` in a subprocess, into `folder`; returns the run folder."""
-    result = subprocess.run([DSL, "run", "debug=tiny", f"hydra.run.dir={folder}", *overrides],
+    """`dsl run debug=tiny layer=1 images.limit=2 ...` in a subprocess, into `folder`; returns the run folder."""
+    result = subprocess.run([DSL, "run", "debug=tiny", *SMALL, f"hydra.run.dir={folder}", *overrides],
                             cwd=folder.parent, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return folder
@@ -257,6 +258,27 @@ def test_paper_reproduction_script_runs_on_tiny_models(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     manifests = [json.loads(p.read_text()) for p in tmp_path.glob("outputs/**/manifest.json")]
     assert len(manifests) == 6 and all(m["status"] == "complete" for m in manifests)
+
+
+def test_debug_tiny_runs_the_paper_experiment_as_written(tmp_path: Path) -> None:
+    """debug=tiny shrinks the models only: experiment=paper_top_heads still ranks every head of every layer
+    (of the tiny ViT: 4 x 4) and decodes its top k (decode.top_k=16), not the default 4 heads of layer 30."""
+    result = subprocess.run([DSL, "run", "debug=tiny", "experiment=paper_top_heads", "images.limit=2",
+                             "hydra.run.dir=paper"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = tmp_path / "paper"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["config"]["layer"] == "all" and manifest["config"]["decode"]["top_k"] == 16
+    every_head = [f"L{layer:02d}H{head:02d}" for layer in range(N_LAYERS) for head in range(N_HEADS)]
+    rows = read_rows(folder)
+    for image in ("astronaut", "chelsea"):
+        group = [r for r in rows if r["image"] == image]
+        assert [r["component"] for r in group] == every_head
+        assert sorted(int(r["rank"]) for r in group) == list(range(1, len(every_head) + 1))
+        decoded = {r["component"] for r in group if r["file"]}
+        assert decoded == {r["component"] for r in group if int(r["rank"]) <= 16}
+        assert all((folder / r["file"]).is_file() for r in group if r["file"])
+    assert "outside this model" not in result.stdout + result.stderr  # every layer it names exists: nothing was clamped
 
 
 def test_the_terminal_shows_dsl_and_labelled_bars_only(tmp_path: Path) -> None:
