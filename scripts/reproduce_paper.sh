@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The paper's figures and validations, one `dsl run` each (needs the Kandinsky 2.2 weights in the Hugging
 # Face cache and, in practice, a CUDA GPU). Arguments are added to every run, e.g.
-#   scripts/reproduce_paper.sh images=folder images.path=~/photos    # your own images
-#   scripts/reproduce_paper.sh debug=tiny decode.enabled=false       # a dry run of the whole script in a minute
+#   scripts/reproduce_paper.sh images.path=~/photos                  # your own images
+#   scripts/reproduce_paper.sh debug=tiny decode.enabled=false       # a dry run of the whole script, about 90 s
 set -euo pipefail
 
 dsl run experiment=paper_top_heads "$@"                         # DSL: the heads most similar to the input

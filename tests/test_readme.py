@@ -1,10 +1,17 @@
-"""The README's Python API example runs as written, on the tiny models instead of the real ones."""
+"""The README works as typed: its Python API example runs (on the tiny models instead of the real ones),
+and so does every command of its shell blocks (those that need weights up to the weights preflight).
+"""
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -34,3 +41,112 @@ def test_python_api_example_runs() -> None:
     assert namespace["cache"].embeds.shape == (2, 32)
     assert namespace["images"].shape == (3, 64, 64, 3)
     assert namespace["negative"].shape == (1, 32)
+
+
+# ---------------------------------------------------------------- the README's shell commands
+
+WEIGHTS_MISSING = "of the weights this run needs are not in the Hugging Face cache"
+NOT_RUN = {  # commands no test runs, and why
+    "pip": ".ci/run installs exactly as the README says",
+    "pytest": "it is this test suite",
+}
+
+
+def bash_commands() -> list[str]:
+    """Every command line of the README's ```bash blocks (continuation lines joined)."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    return [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()
+            if shlex.split(line, comments=True)]
+
+
+def split(line: str) -> tuple[dict[str, str], list[str]]:
+    """(environment assignments before the command, the command's words), as bash splits them."""
+    words = shlex.split(line, comments=True)
+    env = {}
+    while re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        name, value = words.pop(0).split("=", 1)
+        env[name] = value
+    return env, words
+
+
+def commands_of(program: str) -> list[str]:
+    return [line for line in bash_commands() if split(line)[1][0] == program]
+
+
+def test_every_readme_command_is_run_or_says_why_not() -> None:
+    programs = {split(line)[1][0] for line in bash_commands()}
+    assert programs <= {"dsl", "hf", "python", *NOT_RUN}, programs
+    assert len(commands_of("dsl")) >= 10 and len(commands_of("hf")) == 3
+
+
+@pytest.fixture
+def offline_home(tmp_path, monkeypatch) -> Path:
+    """A user with an empty, offline Hugging Face cache and photos in ~/photos, in this process."""
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("DSL_CACHE", str(tmp_path / "dsl"))
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (80, 60), "red").save(tmp_path / "photos" / "red.png")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("line", commands_of("dsl"))
+def test_dsl_commands_work_as_typed(line: str, offline_home: Path, monkeypatch, capsys) -> None:
+    """Commands that need no weights run to the end; the others pass Hydra's grammar and the config schema
+    as typed and stop at the weights preflight, before any model loads, with the list of what is missing."""
+    from dsl_cli import cli
+
+    env, words = split(line)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if words[1] == "plot":  # it redraws the run the README names: make one there
+        assert cli.main(["run", "debug=tiny", "decode.enabled=false", f"hydra.run.dir={words[2]}"]) == 0
+    try:
+        code = cli.main(words[1:])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    if words[1] == "plot" or "debug=tiny" in words:
+        assert code == 0, err
+    else:
+        errors = [e for e in err.splitlines() if e.startswith("dsl: error:")]
+        assert code == 2 and errors and all(WEIGHTS_MISSING in e for e in errors), err
+
+
+@pytest.mark.parametrize("line", commands_of("hf"))
+def test_hf_download_commands_exist_and_match_the_preflight(line: str, tmp_path: Path) -> None:
+    from dsl_cli.weights import decoder_weights, open_clip_weights, prior_encoder_weights
+
+    known = {prior_encoder_weights("kandinsky-community/kandinsky-2-2-prior", "image_encoder").command,
+             decoder_weights("kandinsky-community/kandinsky-2-2-decoder").command,
+             open_clip_weights("text", "ViT-bigG-14", "laion2b_s39b_b160k").command}
+    env, words = split(line)
+    assert shlex.join(words) in {shlex.join(shlex.split(c)) for c in known}  # what a missing-weights error says
+    env = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([str(Path(sys.executable).parent / words[0]), *words[1:]], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "offline mode is enabled" in result.stdout + result.stderr  # not a usage error
+
+
+@pytest.mark.parametrize("line", [pytest.param(line, marks=[pytest.mark.slow] if "--help" not in line else [])
+                                  for line in commands_of("python")])
+def test_benchmark_commands_run(line: str) -> None:
+    """Random weights, no download; the encoder benchmark builds ViT-bigG-14 (slow)."""
+    _, words = split(line)
+    result = subprocess.run([sys.executable, *words[1:]], cwd=README.parent, capture_output=True, text=True,
+                            timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip()
+
+
+def test_layout_names_every_module() -> None:
+    layout = re.search(r"## Layout\n\n```\n(.*?)```", README.read_text(), re.S).group(1)
+    root = README.parent
+    modules = [p for p in (root / "dsl_cli").rglob("*.py") if p.name != "__init__.py" and "configs" not in p.parts]
+    missing = [str(p.relative_to(root)) for p in [*modules, *(root / "scripts").iterdir()]
+               if str(p.relative_to(root)) not in layout]
+    assert not missing, f"README Layout does not list {missing}"
