@@ -83,6 +83,8 @@ class ImagesConfig:
     names: Optional[list[str]] = None  # samples: which ones (default: all)
     limit: Optional[int] = None  # use at most this many images
     skip_bad: bool = False  # go on without unreadable images (listed in the manifest) instead of stopping
+    shard: Optional[int] = None  # with num_shards: this job's share of the images (0 .. num_shards-1)
+    num_shards: int = 1  # split the images into this many disjoint shards (one per job of a sweep)
 
 
 @dataclass
