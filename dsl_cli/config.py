@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -118,6 +119,14 @@ class RunConfig:
     resume: Optional[str] = None  # a run folder to complete
 
 
+def gpu_count(at_least: int = 0) -> int:
+    """`${dsl_gpus:}` in a config: the GPUs this process sees (`${dsl_gpus:1}`: at least 1)."""
+    import torch  # here, not at the top: `dsl --help` imports no model library
+
+    return max(int(at_least), torch.cuda.device_count())
+
+
 def register_configs() -> None:
-    """Make the schema available to Hydra as the `run_schema` config."""
+    """Make the schema available to Hydra as the `run_schema` config, and `${dsl_gpus:}` to every config."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("dsl_gpus", gpu_count, replace=True)
