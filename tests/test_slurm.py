@@ -95,11 +95,16 @@ def test_a_requeued_job_continues_its_run_folder_to_the_files_of_an_uninterrupte
     launcher = subprocess.Popen([DSL, "run", *slow, *ON_THIS_NODE, f"hydra.sweep.dir={sweep}", "--multirun"],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
-    while not slurm_ids(sweep) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    (job,) = slurm_ids(sweep)
-    done_at_requeue = _requeue_mid_decoding(sweep / "0", job, deadline)
-    output, _ = launcher.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    try:
+        while not slurm_ids(sweep) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (job,) = slurm_ids(sweep)
+        done_at_requeue = _requeue_mid_decoding(sweep / "0", job, deadline)
+        output, _ = launcher.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:  # a launcher left waiting for a cancelled job would wait forever
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
     assert launcher.returncode == 0, output[-3000:]
 
     run = sweep / "0"
