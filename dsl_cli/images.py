@@ -3,7 +3,9 @@
 `samples` are natural photos that ship inside scikit-image (CC0 / public domain), so runs work offline;
 `folder` takes a folder, a glob or one file. Odd formats (grayscale, palette, RGBA, CMYK, 16-bit) are
 converted; EXIF-rotated JPEGs are turned upright; unreadable files are refused with one clear line, or
-skipped and listed when `images.skip_bad=true`.
+skipped and listed when `images.skip_bad=true`. `images.shard=i images.num_shards=n` keeps every n-th image
+from the i-th on (names are given over the whole set first), so the n jobs of a sweep split it without
+overlap or gap.
 """
 
 from __future__ import annotations
@@ -110,8 +112,37 @@ def _sample_files(names: list[str] | None) -> list[tuple[str, Path]]:
     return [(name, Path(str(root / SAMPLES[name]))) for name in chosen]
 
 
+def unique_names(named: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """A repeated name gets a suffix by order of appearance (`a`, `a_2`): names stay file-system-safe and unique."""
+    seen: dict[str, int] = {}
+    unique = []
+    for name, path in named:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append((name if seen[name] == 1 else f"{name}_{seen[name]}", path))
+    return unique
+
+
+def shard(items: list, index: int | None, count: int) -> list:
+    """The `index`-th of `count` disjoint shards that together hold every item once: every `count`-th item
+    from the `index`-th on. The same list always gives the same shards (a requeued job sees its own)."""
+    if count < 1:
+        raise UserError(f"images.num_shards={count}: must be at least 1")
+    if index is None:
+        if count > 1:
+            raise UserError(f"images.num_shards={count} needs images.shard (0 to {count - 1}), e.g. "
+                            f"--multirun images.shard=range(0,{count})")
+        return list(items)
+    if not 0 <= index < count:
+        raise UserError(f"images.shard={index}: must be between 0 and images.num_shards-1={count - 1}")
+    picked = items[index::count]
+    if not picked:
+        raise UserError(f"images.shard={index} of images.num_shards={count} holds no image (the set has "
+                        f"{len(items)}): use at most {len(items)} shards")
+    return picked
+
+
 def load_images(cfg) -> ImageSet:
-    """All images of the configured set (`cfg` has the ImagesConfig fields), in a stable order. A path
+    """All images of the configured set (`cfg` has the ImagesConfig fields), or its shard, in a stable order. A path
     given is used: `images.path=X` alone means the folder source (`images=folder`)."""
     if cfg.source == "samples" and cfg.path and cfg.names:
         raise UserError("images.names picks sample photos and images.path a folder of your own: give one of them")
@@ -127,9 +158,9 @@ def load_images(cfg) -> ImageSet:
         if cfg.limit < 1:
             raise UserError(f"images.limit={cfg.limit}: must be at least 1")
         named = named[: cfg.limit]
+    named = shard(unique_names(named), cfg.shard, cfg.num_shards)
 
     result = ImageSet(images=[])
-    seen: dict[str, int] = {}
     for name, path in named:
         try:
             image = read_image(path)
@@ -138,9 +169,7 @@ def load_images(cfg) -> ImageSet:
                 raise
             result.skipped.append({"path": str(path), "reason": str(err)})
             continue
-        seen[name] = seen.get(name, 0) + 1
-        unique = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        result.images.append(InputImage(unique, image, str(path)))
+        result.images.append(InputImage(name, image, str(path)))
     if not result.images:
         raise UserError(f"no readable image among {len(named)} file(s); skipped: {result.skipped[:3]}")
     return result

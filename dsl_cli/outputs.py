@@ -105,6 +105,17 @@ class Manifest:
         self.update(stages_done=[*self.data.get("stages_done", []), name])
 
 
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest.json of a run or sweep folder, or None where there is none."""
+    path = folder / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_sweep_folder(folder: Path) -> bool:
+    """A --multirun sweep folder: Hydra saved the sweep's config there; its jobs are run folders below."""
+    return (folder / "multirun.yaml").is_file()
+
+
 def refuse_existing_run(folder: Path) -> None:
     """A fresh run must not write into a folder that holds one: it would take that run's rows as its own
     (and Hydra would overwrite the saved config that `resume=` reads)."""
@@ -270,8 +281,9 @@ def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], 
     return layers, columns, matrix
 
 
-def draw_heatmaps(run_dir: Path, rows: list[dict]) -> list[Path]:
-    """Per image and lens: similarity to the input over layers x components (embedding and decoded)."""
+def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "") -> list[Path]:
+    """Per image and lens: similarity to the input over layers x components (embedding and decoded);
+    `tag` (a sweep's heatmaps for one value of an override, `lens.alpha=4`) ends the file names and titles."""
     plt = pyplot()
     written = []
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
@@ -287,9 +299,9 @@ def draw_heatmaps(run_dir: Path, rows: list[dict]) -> list[Path]:
             axis.set_yticks(range(len(layers)), [f"L{l}" for l in layers], fontsize=7)
             axis.set_title(f"{value} ({lens})", fontsize=9)
             fig.colorbar(shown, ax=axis, fraction=0.05)
-        fig.suptitle(image, fontsize=10)
+        fig.suptitle(f"{image}  {tag}".strip(), fontsize=10)
         fig.tight_layout()
-        path = run_dir / "heatmaps" / f"{image}_{lens}.png"
+        path = run_dir / "heatmaps" / (f"{image}_{lens}_{tag}.png" if tag else f"{image}_{lens}.png")
         save_figure(fig, path)
         written.append(path)
     return written
@@ -333,9 +345,9 @@ def redraw(run_dir: Path) -> list[Path]:
 def redraw_folder(folder: Path) -> dict[Path, int]:
     """`redraw` for a run folder, or for every run below a folder (a --multirun sweep, a date folder):
     {run folder: figures drawn}."""
-    if (folder / "similarity.csv").is_file() or not folder.is_dir():
+    if ((folder / "similarity.csv").is_file() and not is_sweep_folder(folder)) or not folder.is_dir():
         return {folder: len(redraw(folder))}
-    runs = sorted(p.parent for p in folder.rglob("similarity.csv"))
+    runs = sorted(p.parent for p in folder.rglob("similarity.csv") if not is_sweep_folder(p.parent))
     if not runs:
         raise UserError(f"{folder}: no dsl run here (no similarity.csv in it or below it)")
     return {run: len(redraw(run)) for run in runs}

@@ -28,10 +28,11 @@ from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import MODES, imagenet_classifier, lens_embeddings, rank, score, select_components, top_labels
 from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows,
-                             refuse_existing_run, read_csv,
+                             is_sweep_folder, read_manifest, refuse_existing_run, read_csv,
                              redraw, save_png)
 from dsl_cli.studies import run_study, validate_study
 from dsl_cli.weights import preflight
+from dsl_cli.sweeps import continues_in_place, current_slurm_job
 
 log = logging.getLogger("dsl_cli.run")
 
@@ -244,8 +245,11 @@ def _save_inputs(cfg, run_dir: Path, image_set: ImageSet) -> None:
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
     """Run one job into `run_dir` (a fresh Hydra run folder, or the folder of a run being resumed)."""
-    if cfg.resume:
+    if cfg.resume and not is_sweep_folder(Path(cfg.resume).expanduser()):
         cfg = OmegaConf.load(Path(cfg.resume).expanduser() / ".hydra" / "config.yaml")
+    elif continues_in_place(cfg, run_dir):  # a requeued cluster job, or a job of a resumed sweep
+        if _complete_already(run_dir):
+            return
     else:
         refuse_existing_run(run_dir)  # two runs started within the same second share a default folder
     validate(cfg)
@@ -265,6 +269,14 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         raise
 
 
+def _complete_already(run_dir: Path) -> bool:
+    """A job continuing its own folder that finished before: nothing left to do."""
+    if read_manifest(run_dir).get("status") != "complete":
+        return False
+    log.info("%s: this job completed before; nothing to do", run_dir)
+    return True
+
+
 def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, components: list[Component],
                   manifest: Manifest) -> None:
     """An interventional study (DESIGN.md section 3) on the chosen heads, instead of decoding."""
@@ -277,7 +289,7 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
 def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: Manifest) -> None:
     previous = read_csv(run_dir / "similarity.csv")
     manifest.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
-                    seed=cfg.seed, versions=_versions(), git_commit=_git_commit(),
+                    seed=cfg.seed, versions=_versions(), git_commit=_git_commit(), slurm_job=current_slurm_job(),
                     config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
 
     with manifest.stage("images"):
