@@ -14,6 +14,26 @@ _LABEL = re.compile(r"^L(?P<layer>\d+)(?:H(?P<head>\d+)|(?P<mlp>MLP)|(?P<mid>mid
 
 
 @dataclass(frozen=True)
+class Read:
+    """Where a component kind is read: the hook point in its block (TransformerLens name), the `EncoderCache`
+    field that holds it at the CLS position, and the offset from the hook's block to the field's layer axis."""
+
+    point: str
+    field: str
+    offset: int
+
+
+# The one table from component kind to hook point and cached tensor (`EncoderCache` field[:, block + offset]).
+READS = {
+    "head": Read("attn.hook_result", "head_writes", 0),  # [B, L, H, D], then the head
+    "mlp": Read("hook_mlp_out", "mlp_writes", 0),
+    "resid_mid": Read("hook_resid_mid", "resid_mid", 0),
+    "resid": Read("hook_resid_post", "resid", 1),  # x_{l+1}: resid holds x_0 .. x_L
+    "embed": Read("hook_resid_pre", "resid", 0),  # x_0, read at block 0
+}
+
+
+@dataclass(frozen=True)
 class Component:
     """One place in the model. kind: `head`, `mlp`, `resid` (after block `layer`), `resid_mid` (between
     block `layer`'s attention and MLP) or `embed` (layer -1)."""
@@ -36,16 +56,8 @@ class Component:
 
     @property
     def hook_name(self) -> str:
-        """The TransformerLens-style hook name of the tensor this component reads."""
-        if self.kind == "embed":
-            return "hook_embed"
-        if self.kind == "head":
-            return f"blocks.{self.layer}.attn.hook_result"
-        if self.kind == "mlp":
-            return f"blocks.{self.layer}.hook_mlp_out"
-        if self.kind == "resid_mid":
-            return f"blocks.{self.layer}.hook_resid_mid"
-        return f"blocks.{self.layer}.hook_resid_post"
+        """The TransformerLens hook name of the tensor this component reads (`blocks.30.attn.hook_result`)."""
+        return f"blocks.{max(self.layer, 0)}.{READS[self.kind].point}"
 
     def __str__(self) -> str:
         return self.label

@@ -145,7 +145,9 @@ def test_cache_names_and_lenses(tiny_encoder, tiny_pixels):
     torch.testing.assert_close(cache["blocks.2.attn.hook_result"], cache.head_writes[:, 2])
     torch.testing.assert_close(cache[Component("mlp", 1).hook_name], cache.mlp_writes[:, 1])
     torch.testing.assert_close(cache["blocks.3.hook_resid_post"], cache.resid[:, 4])
-    torch.testing.assert_close(cache["hook_embed"], cache.resid[:, 0])
+    torch.testing.assert_close(cache["hook_embed"], cache.resid[:, 0])  # the old name of blocks.0.hook_resid_pre
+    torch.testing.assert_close(cache[Component("embed", -1).hook_name], cache.resid[:, 0])
+    assert Component("embed", -1).hook_name == "blocks.0.hook_resid_pre"
     with pytest.raises(KeyError):
         cache["blocks.9.hook_mlp_out"]
 

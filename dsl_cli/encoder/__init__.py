@@ -1,14 +1,16 @@
 """The CLIP image encoder, opened up: loading (open_clip, the Kandinsky prior's HF image_encoder, tiny),
 the CLS-position cache and its exact decomposition, and the lenses read from it (DESIGN.md section 3)."""
 
-from dsl_cli.encoder.hooked import (ABLATIONS, STEER_MODES, EncoderCache, HookedEncoder, MeanWrites, head_writes,
-                                    steering_delta)
+from dsl_cli.encoder.hooked import (ABLATIONS, HOOK_POINTS, STEER_MODES, EncoderCache, HookedEncoder, HookPoint,
+                                    MeanWrites, head_writes, only_heads, steering_delta)
 from dsl_cli.encoder.loading import build_tiny_clip, build_tiny_visual, load_encoder, load_text_model, text_model_id
 
 __all__ = [
     "ABLATIONS",
     "STEER_MODES",
     "EncoderCache",
+    "HOOK_POINTS",
+    "HookPoint",
     "HookedEncoder",
     "MeanWrites",
     "build_tiny_clip",
@@ -16,6 +18,7 @@ __all__ = [
     "head_writes",
     "load_encoder",
     "load_text_model",
+    "only_heads",
     "steering_delta",
     "text_model_id",
 ]

@@ -3,9 +3,10 @@
 Shapes: B images, T tokens (CLS + patches), L blocks, H heads, D residual width, d = D / H head width,
 E embedding width, K components.
 
-The cache is built in one batched pass through the blocks' own submodules (so open_clip's fused attention
-computes the full-token outputs); only the per-head writes are recomputed, at the CLS query alone, from
-`attn.in_proj_*` and `attn.out_proj`. The DSL embeddings then follow in closed form,
+The cache is built in one batched pass through the blocks' own submodules and weights: each block's
+attention is computed once, from `attn.in_proj_*` and `attn.out_proj`, and gives both the block's output at
+every token and the per-head writes at the CLS position (so the cache costs one forward pass, not one and a
+recomputation of every key and value). The DSL embeddings then follow in closed form,
 `R(x_L + delta(c))`, for all components at once. `steer_hooked` is the slow reference: a real forward pass
 with forward hooks, used as the test oracle and by `lens.verify`. `ablate_hooked` removes heads' and MLPs'
 writes in a real forward pass (no patching: everything downstream recomputes), for the interventional
@@ -21,12 +22,57 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import torch
 from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from dsl_cli.components import Component, parse_component
+from dsl_cli.components import READS, Component, parse_component
+from dsl_cli.encoder import openclip_api
 
 ComponentLike = Union[str, Component]
 STEER_MODES = ("add", "scale", "norm")
 ABLATIONS = ("zero", "mean")
+
+# Hook points of every block, in the order their hooks fire within the block (TransformerLens names). Each sees
+# all tokens: hook_resid_pre, hook_attn_out, hook_resid_mid, hook_mlp_out, hook_resid_post [B, T, D];
+# attn.hook_result [B, T, H, D] (head h's write, LayerScale included, without the output bias).
+HOOK_POINTS = ("hook_resid_pre", "attn.hook_result", "hook_attn_out", "hook_mlp_out", "hook_resid_mid",
+               "hook_resid_post")
+CACHE_ONLY_POINTS = ("hook_attn_bias",)  # in the cache, not a place to hook
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A named place in the forward pass: `blocks.{layer}.{point}`. Hook functions get it as their second
+    argument (as TransformerLens passes its HookPoint), so one function can serve several points."""
+
+    layer: int
+    point: str
+
+    @property
+    def name(self) -> str:
+        return f"blocks.{self.layer}.{self.point}"
+
+
+HookFn = Callable[[Tensor, HookPoint], Optional[Tensor]]  # (activation, hook) -> replacement, or None to keep it
+
+
+def parse_hook_name(name: str, n_layers: int, points: Sequence[str] = HOOK_POINTS + CACHE_ONLY_POINTS) -> HookPoint:
+    """`blocks.3.hook_mlp_out` -> HookPoint(3, "hook_mlp_out"); a KeyError naming the valid forms otherwise."""
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blocks" and parts[1].isdigit() and parts[2] in points:
+        if int(parts[1]) < n_layers:
+            return HookPoint(int(parts[1]), parts[2])
+    raise KeyError(f"no hook point {name!r}: use blocks.<layer 0..{n_layers - 1}>.<{' | '.join(points)}>")
+
+
+class only_heads:  # noqa: N801 (used like a function: only_heads([1, 3], fn))
+    """Wraps an `attn.hook_result` function so that only these heads' writes are computed and passed
+    ([B, T, len(heads), D]): all heads at all tokens are large (0.9 GB per 32 bigG images)."""
+
+    def __init__(self, heads: Sequence[int], fn: HookFn):
+        self.heads, self.fn = list(heads), fn
+
+    def __call__(self, activation: Tensor, hook: HookPoint) -> Optional[Tensor]:
+        return self.fn(activation, hook)
 
 
 @dataclass
@@ -54,26 +100,19 @@ class EncoderCache:
         return EncoderCache(**{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)})
 
     def __getitem__(self, name: str) -> Tensor:
-        """TransformerLens-style names: `hook_embed` [B,D], `blocks.{l}.attn.hook_result` [B,H,D],
-        `blocks.{l}.hook_attn_bias`, `blocks.{l}.hook_resid_mid`, `blocks.{l}.hook_mlp_out`,
-        `blocks.{l}.hook_resid_post` [B,D]; `embeds` [B,E]."""
-        if name == "hook_embed":
-            return self.resid[:, 0]
-        if name == "embeds":
-            return self.embeds
-        parts = name.split(".")
-        if len(parts) >= 3 and parts[0] == "blocks" and parts[1].isdigit():
-            layer, rest = int(parts[1]), ".".join(parts[2:])
-            by_name = {
-                "attn.hook_result": lambda: self.head_writes[:, layer],
-                "hook_attn_bias": lambda: self.attn_bias[:, layer],
-                "hook_resid_mid": lambda: self.resid_mid[:, layer],
-                "hook_mlp_out": lambda: self.mlp_writes[:, layer],
-                "hook_resid_post": lambda: self.resid[:, layer + 1],
-            }
-            if rest in by_name and 0 <= layer < self.mlp_writes.shape[1]:
-                return by_name[rest]()
-        raise KeyError(f"no cached tensor named {name!r}")
+        """TransformerLens names, at the CLS position: `blocks.{l}.hook_resid_pre`, `.hook_resid_mid`,
+        `.hook_mlp_out`, `.hook_resid_post`, `.hook_attn_out` [B, D], `blocks.{l}.attn.hook_result` [B, H, D],
+        `blocks.{l}.hook_attn_bias` [B, D]; `embeds` [B, E]. `hook_embed` is the old name of
+        `blocks.0.hook_resid_pre`."""
+        if name in ("embeds", "hook_embed"):
+            return self.embeds if name == "embeds" else self.resid[:, 0]
+        point = parse_hook_name(name, self.mlp_writes.shape[1])
+        if point.point == "hook_attn_bias":
+            return self.attn_bias[:, point.layer]
+        if point.point == "hook_attn_out":  # the heads' writes and the output bias, summed
+            return self.head_writes[:, point.layer].sum(1) + self.attn_bias[:, point.layer]
+        read = next(r for r in READS.values() if r.point == point.point)
+        return getattr(self, read.field)[:, point.layer + read.offset]
 
 
 @dataclass
@@ -104,22 +143,41 @@ def head_writes(
     computed for them alone (all-token writes of every head are large: 0.9 GB per 32 bigG images).
     """
     attn = block.attn
-    n_heads, width = attn.num_heads, attn.embed_dim
-    d_head = width // n_heads
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
-
-    def split(x: Tensor, w: Tensor, b: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, d]
-        return nn.functional.linear(x, w, b).unflatten(-1, (n_heads, d_head)).transpose(1, 2)
-
-    q, k, v = split(queries, w_q, b_q), split(keys, w_k, b_k), split(keys, w_v, b_v)
-    w_o = attn.out_proj.weight.unflatten(1, (n_heads, d_head))  # [D, H, d]
+    q, k, v = (_split_heads(attn, nn.functional.linear(x, w, b))
+               for x, w, b in ((queries, w_q, b_q), (keys, w_k, b_k), (keys, w_v, b_v)))
+    w_o = _out_weight(attn)
     if heads is not None:
         picked = torch.as_tensor(heads, dtype=torch.long, device=q.device)
         q, k, v, w_o = q[:, picked], k[:, picked], v[:, picked], w_o[:, picked]
     z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, Tq, d]
     writes = torch.einsum("bhqe,dhe->bqhd", z, w_o)
     return _layer_scale(block.ls_1, writes)
+
+
+def attention_and_cls_head_writes(block: ResidualAttentionBlock, normed: Tensor) -> tuple[Tensor, Tensor]:
+    """The attention sub-block computed once, from the block's own weights: normed [B, T, D] (ln_1 output)
+    -> (its output `ls_1(attn(normed))` at every token [B, T, D], the per-head writes at the CLS query
+    [B, H, D] as `head_writes` gives them). The same products as open_clip's fused attention, so the block
+    output agrees with it to round-off and the cache pays for no second pass over the keys and values."""
+    attn = block.attn
+    q, k, v = (_split_heads(attn, x) for x in nn.functional.linear(normed, attn.in_proj_weight,
+                                                                    attn.in_proj_bias).chunk(3, dim=-1))
+    z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, T, d]
+    out = nn.functional.linear(z.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)
+    cls_writes = torch.einsum("bhe,dhe->bhd", z[:, :, 0], _out_weight(attn))
+    return _layer_scale(block.ls_1, out), _layer_scale(block.ls_1, cls_writes)
+
+
+def _split_heads(attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """[B, T, D] -> [B, H, T, d]."""
+    return x.unflatten(-1, (attn.num_heads, attn.embed_dim // attn.num_heads)).transpose(1, 2)
+
+
+def _out_weight(attn: nn.MultiheadAttention) -> Tensor:
+    """The output projection split by head: [D, H, d]."""
+    return attn.out_proj.weight.unflatten(1, (attn.num_heads, attn.embed_dim // attn.num_heads))
 
 
 def attn_bias(block: ResidualAttentionBlock) -> Tensor:
@@ -211,20 +269,20 @@ class HookedEncoder(nn.Module):
 
         Peak extra memory is one layer's all-token activations: only CLS rows are kept.
         """
-        x = self.visual._embeds(pixels.to(self.device, self.dtype))  # [B, T, D]
+        x = openclip_api.tokens(self.visual, pixels.to(self.device, self.dtype))  # [B, T, D]
         # CLS rows are cloned: a view would keep each layer's whole [B, T, D] tensor alive
         resid, resid_mid, heads, biases, mlps = [x[:, 0].clone()], [], [], [], []
         for block in self.blocks:
-            normed = block.ln_1(x)
-            x = x + block.ls_1(block.attention(q_x=normed))
-            heads.append(head_writes(block, normed[:, :1], normed)[:, 0])
+            attn_out, cls_writes = attention_and_cls_head_writes(block, block.ln_1(x))
+            x = x + attn_out
+            heads.append(cls_writes)
             biases.append(attn_bias(block).expand_as(x[:, 0]))
             resid_mid.append(x[:, 0].clone())
             mlp_out = block.ls_2(block.mlp(block.ln_2(x)))
             mlps.append(mlp_out[:, 0].clone())
             x = x + mlp_out
             resid.append(x[:, 0].clone())
-        pooled, _ = self.visual._pool(x)
+        pooled = openclip_api.pool_cls(self.visual, x)
         return EncoderCache(
             resid=torch.stack(resid, 1),
             resid_mid=torch.stack(resid_mid, 1),
@@ -271,6 +329,31 @@ class HookedEncoder(nn.Module):
         final = cache.resid[:, -1:]  # [B, 1, D]
         return self.readout(final + steering_delta(writes, final, mode, alpha))
 
+    # ---- named hook points -----------------------------------------------------------------------
+    @contextmanager
+    def hooks(self, fns: Union[dict[str, HookFn], Sequence[tuple[str, HookFn]]]) -> Iterator[None]:
+        """Hook functions keyed by hook name (`blocks.1.hook_mlp_out`), active for the passes run inside
+        the block and removed on exit, even after an error. A function gets (activation, HookPoint) and
+        returns the activation's replacement, or None to leave it as it is. Hooks fire in block order and,
+        within a block, in `HOOK_POINTS` order; several on one point fire in the order given."""
+        pairs = list(fns.items()) if isinstance(fns, dict) else list(fns)
+        points = [(parse_hook_name(name, self.n_layers, HOOK_POINTS), fn) for name, fn in pairs]
+        points.sort(key=lambda pair: HOOK_POINTS.index(pair[0].point))  # stable: the given order within a point
+        handles: list[RemovableHandle] = []
+        try:
+            for point, fn in points:
+                handles += _attach(self.blocks[point.layer], point.point, _bound(fn, point))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @torch.inference_mode()
+    def run_with_hooks(self, pixels: Tensor, fns: Union[dict[str, HookFn], Sequence[tuple[str, HookFn]]]) -> Tensor:
+        """open_clip's own forward with `hooks(fns)` active: pixels [B, 3, S, S] -> [B, E]."""
+        with self.hooks(fns):
+            return self._forward(pixels.to(self.device, self.dtype))
+
     # ---- the hooked reference ------------------------------------------------------------------
     @torch.inference_mode()
     def steer_hooked(
@@ -278,42 +361,32 @@ class HookedEncoder(nn.Module):
     ) -> Tensor:
         """Reference DSL in a real `visual(pixels)` pass -> [B, E].
 
-        A clean pass records every `ls_1`/`ls_2` output and the final residual (all tokens). The steered
-        pass adds delta to the target's write at every token; with patch=True every later sub-block output
-        (the same layer's MLP when a head is steered, all later attention and MLP) is replaced by its clean
-        value, so only the target's direct effect reaches the output. Hooks sit on `ls_1`/`ls_2`, which
-        fire even as nn.Identity (hooks on `attn.out_proj` never fire: open_clip's attention is fused).
+        A clean pass records every `hook_attn_out`/`hook_mlp_out` and the final residual (all tokens). The
+        steered pass adds delta to the target's write at every token; with patch=True every later sub-block
+        output (the same layer's MLP when a head is steered, all later attention and MLP) is replaced by its
+        clean value, so only the target's direct effect reaches the output.
         """
         target = self._parse(component, steerable=True)
         _check_mode(mode)  # before any pass
         pixels = pixels.to(self.device, self.dtype)
-
-        clean: dict[tuple[int, str], Tensor] = {}
-        hooks = {(l, s): _recorder(clean, (l, s)) for l in range(self.n_layers) for s in ("ls_1", "ls_2")}
-        hooks[(-1, "final")] = _recorder(clean, (-1, "final"))
-        with self._hooks(hooks):
-            self._forward(pixels)
-        final = clean[(-1, "final")]
-
-        def steer_write(write: Tensor, c: Tensor) -> Tensor:
-            return write + steering_delta(c, final, mode, alpha)
-
-        steered: dict[tuple[int, str], Callable] = {}
-        if target.kind == "head":
-            block, normed = self.blocks[target.layer], {}
-            steered[(target.layer, "ln_1")] = _recorder(normed, "x")
-            steered[(target.layer, "ls_1")] = lambda m, i, out: steer_write(
-                out, head_writes(block, normed["x"], normed["x"])[:, :, target.head]
-            )
-        else:
-            steered[(target.layer, "ls_2")] = lambda m, i, out: steer_write(out, out)
+        outs = [f"blocks.{l}.{p}" for l in range(self.n_layers) for p in ("hook_attn_out", "hook_mlp_out")]
+        final_name = f"blocks.{self.n_layers - 1}.hook_resid_post"
+        clean: dict[str, Tensor] = {}
+        self.run_with_hooks(pixels, {name: _recorder(clean) for name in outs + [final_name]})
+        steered = dict(self._steering_hooks(target, clean[final_name], mode, alpha))
         if patch:
-            later = [(target.layer, "ls_2")] if target.kind == "head" else []
-            later += [(l, s) for l in range(target.layer + 1, self.n_layers) for s in ("ls_1", "ls_2")]
-            for key in later:
-                steered[key] = lambda m, i, out, key=key: clean[key]
-        with self._hooks(steered):
-            return self._forward(pixels)
+            first = outs.index(target.hook_name if target.kind == "mlp" else f"blocks.{target.layer}.hook_attn_out")
+            steered.update({name: (lambda x, hook: clean[hook.name]) for name in outs[first + 1:]})
+        return self.run_with_hooks(pixels, list(steered.items()))
+
+    def _steering_hooks(self, target: Component, final: Tensor, mode: str, alpha: float) -> list[tuple[str, HookFn]]:
+        """The hooks that add delta(c) to the target's write c at every token (final [B, T, D])."""
+        if target.kind == "mlp":
+            return [(target.hook_name, lambda out, hook: out + steering_delta(out, final, mode, alpha))]
+        seen: dict[str, Tensor] = {}  # the head's write, read at attn.hook_result, added at hook_attn_out
+        return [(target.hook_name, lambda writes, hook: seen.__setitem__("c", writes[:, :, target.head])),
+                (f"blocks.{target.layer}.hook_attn_out",
+                 lambda out, hook: out + steering_delta(seen["c"], final, mode, alpha))]
 
     # ---- ablation in a real forward pass (interventional studies) -------------------------------
     @torch.inference_mode()
@@ -332,15 +405,14 @@ class HookedEncoder(nn.Module):
         of an order). how: `zero` removes the write at every token (a head's attention output bias stays,
         as when its W_O columns are zeroed; an MLP's output becomes zero, bias included); `mean` replaces
         it with the component's `means` write (default: `mean_writes(pixels)`, the mean over these images
-        and all tokens). Hooks: ln_1 (records the block's normed input) and ls_1/ls_2 (edit the output).
+        and all tokens).
         """
         _check_ablation(how)
         pixels = pixels.to(self.device, self.dtype)
         head_mask, mlp_mask = self._ablation_masks(components, len(pixels))
         if how == "mean" and means is None:
             means = self.mean_writes(pixels)
-        with self._hooks(self._ablation_hooks(head_mask, mlp_mask, means)):
-            return self._forward(pixels)
+        return self.run_with_hooks(pixels, self._ablation_hooks(head_mask, mlp_mask, means))
 
     @torch.inference_mode()
     def mean_writes(self, pixels: Tensor, batch_size: Optional[int] = None) -> MeanWrites:
@@ -348,32 +420,21 @@ class HookedEncoder(nn.Module):
         clean passes in batches of `batch_size` images (default: all at once). pixels [B, 3, S, S]."""
         heads = torch.zeros(self.n_layers, self.n_heads, self.d_model, device=self.device)
         mlps = torch.zeros(self.n_layers, self.d_model, device=self.device)
-        normed: dict[int, Tensor] = {}
+        seen = {"tokens": 0}
 
-        def add_heads(layer: int) -> Callable:
-            def hook(module: nn.Module, inputs, output: Tensor) -> None:
-                x = normed[layer]
-                heads[layer] += head_writes(self.blocks[layer], x, x).float().sum((0, 1))
+        def add_heads(writes: Tensor, hook: HookPoint) -> None:
+            heads[hook.layer] += writes.float().sum((0, 1))
+            seen["tokens"] += writes.shape[0] * writes.shape[1] if hook.layer == 0 else 0
 
-            return hook
+        def add_mlp(out: Tensor, hook: HookPoint) -> None:
+            mlps[hook.layer] += out.float().sum((0, 1))
 
-        def add_mlp(layer: int) -> Callable:
-            def hook(module: nn.Module, inputs, output: Tensor) -> None:
-                mlps[layer] += output.float().sum((0, 1))
-
-            return hook
-
-        hooks: dict[tuple[int, str], Callable] = {}
-        for layer in range(self.n_layers):
-            hooks[(layer, "ln_1")] = _recorder(normed, layer)
-            hooks[(layer, "ls_1")] = add_heads(layer)
-            hooks[(layer, "ls_2")] = add_mlp(layer)
-        tokens, step = 0, batch_size or len(pixels)
-        with self._hooks(hooks):
-            for start in range(0, len(pixels), step):
-                chunk = pixels[start:start + step].to(self.device, self.dtype)
-                self._forward(chunk)
-                tokens += len(chunk) * normed[0].shape[1]
+        hooks = [(f"blocks.{l}.{p}", fn) for l in range(self.n_layers)
+                 for p, fn in (("attn.hook_result", add_heads), ("hook_mlp_out", add_mlp))]
+        step = batch_size or len(pixels)
+        for start in range(0, len(pixels), step):
+            self.run_with_hooks(pixels[start:start + step], hooks)
+        tokens = seen["tokens"]
         return MeanWrites(heads=heads / tokens, mlps=mlps / tokens, tokens=tokens)
 
     # ---- plain embeddings and the negative embedding -------------------------------------------
@@ -410,14 +471,10 @@ class HookedEncoder(nn.Module):
 
     @staticmethod
     def _vector(cache: EncoderCache, c: Component) -> Tensor:
-        """[B, D]: the cached CLS vector a component label names."""
-        if c.kind == "head":
-            return cache.head_writes[:, c.layer, c.head]
-        if c.kind == "mlp":
-            return cache.mlp_writes[:, c.layer]
-        if c.kind == "resid_mid":
-            return cache.resid_mid[:, c.layer]
-        return cache.resid[:, c.layer + 1]  # resid L{l} is x_{l+1}; embed (layer -1) is x_0
+        """[B, D]: the cached CLS vector a component label names (the `READS` table)."""
+        read = READS[c.kind]
+        vector = getattr(cache, read.field)[:, max(c.layer, 0) + read.offset]
+        return vector[:, c.head] if c.kind == "head" else vector
 
     def _ablation_masks(
         self, components: Union[Sequence[ComponentLike], Sequence[Sequence[ComponentLike]]], batch: int
@@ -439,58 +496,84 @@ class HookedEncoder(nn.Module):
 
     def _ablation_hooks(
         self, head_mask: Tensor, mlp_mask: Tensor, means: Optional[MeanWrites]
-    ) -> dict[tuple[int, str], Callable]:
-        """Forward hooks that turn each ablated write w into its replacement r (0, or the mean write):
+    ) -> list[tuple[str, HookFn]]:
+        """Hooks that turn each ablated write w into its replacement r (0, or the mean write):
         output - mask * (w - r), per image. Images whose mask is 0 at a layer pass through unchanged."""
-        hooks: dict[tuple[int, str], Callable] = {}
+        hooks: list[tuple[str, HookFn]] = []
         for layer in range(self.n_layers):
             picked = head_mask[:, layer].any(0).nonzero().flatten().tolist()  # heads ablated in any image
             if picked:
-                normed: dict = {}
-                hooks[(layer, "ln_1")] = _recorder(normed, "x")
-                hooks[(layer, "ls_1")] = self._remove_heads(layer, picked, head_mask[:, layer, picked], normed, means)
+                hooks += self._remove_heads(layer, picked, head_mask[:, layer, picked], means)
             if mlp_mask[:, layer].any():
                 mask = mlp_mask[:, layer, None, None]  # [B, 1, 1]
                 replacement = 0.0 if means is None else means.mlps[layer].to(self.dtype)
-                hooks[(layer, "ls_2")] = lambda m, i, out, mask=mask, r=replacement: out - mask * (out - r)
+                hooks.append((f"blocks.{layer}.hook_mlp_out",
+                              lambda out, hook, mask=mask, r=replacement: out - mask * (out - r)))
         return hooks
 
     def _remove_heads(
-        self, layer: int, heads: list[int], mask: Tensor, normed: dict, means: Optional[MeanWrites]
-    ) -> Callable:
-        """The ls_1 hook of one block: mask [B, len(heads)]; head writes at every token from the recorded
-        ln_1 output."""
-        block = self.blocks[layer]
+        self, layer: int, heads: list[int], mask: Tensor, means: Optional[MeanWrites]
+    ) -> list[tuple[str, HookFn]]:
+        """One block's head ablation: mask [B, len(heads)]. The heads' writes at every token are read at
+        attn.hook_result and subtracted (less their replacement) from the block's hook_attn_out."""
         replacement = 0.0 if means is None else means.heads[layer, heads].to(self.dtype)  # [h, D]
-
-        def hook(module: nn.Module, inputs, output: Tensor) -> Tensor:
-            writes = head_writes(block, normed["x"], normed["x"], heads=heads)  # [B, T, h, D]
-            return output - torch.einsum("bh,bthd->btd", mask, writes - replacement)
-
-        return hook
-
-    @contextmanager
-    def _hooks(self, hooks: dict[tuple[int, str], Callable]) -> Iterator[None]:
-        """Register forward hooks keyed (layer, submodule name); (-1, "final") hooks the transformer's
-        output (the final residual, all tokens). All are removed on exit, even after an error."""
-        handles = []
-        try:
-            for (layer, name), hook in hooks.items():
-                module = self.visual.transformer if layer < 0 else getattr(self.blocks[layer], name)
-                handles.append(module.register_forward_hook(hook))
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+        seen: dict[str, Tensor] = {}
+        return [(f"blocks.{layer}.attn.hook_result", only_heads(heads, lambda w, hook: seen.__setitem__("w", w))),
+                (f"blocks.{layer}.hook_attn_out",
+                 lambda out, hook: out - torch.einsum("bh,bthd->btd", mask, seen["w"] - replacement))]
 
 
-def _recorder(store: dict, key) -> Callable:
-    """A forward hook that stores the module's output under `key` and leaves it unchanged."""
+def _attach(block: ResidualAttentionBlock, point: str, call: Callable[[Tensor], Tensor]) -> list[RemovableHandle]:
+    """Torch hooks on an open_clip block's public submodules that pass the activation at `point` through
+    `call` (its value in, its replacement out). open_clip's block computes x + ls_1(attn(ln_1(x))), then
+    x + ls_2(mlp(ln_2(x))); the LayerScales fire even as nn.Identity."""
+    if point == "hook_resid_pre":
+        return [block.register_forward_pre_hook(lambda m, args: (call(args[0]), *args[1:]))]
+    if point == "hook_resid_post":
+        return [block.register_forward_hook(lambda m, args, out: call(out))]
+    if point in ("hook_attn_out", "hook_mlp_out"):
+        scale = block.ls_1 if point == "hook_attn_out" else block.ls_2
+        return [scale.register_forward_hook(lambda m, args, out: call(out))]
+    if point == "hook_resid_mid":  # the MLP reads the new value, and the residual carries it on
+        change: dict[str, Tensor] = {}
 
-    def hook(module: nn.Module, inputs, output: Tensor) -> None:
-        store[key] = output
+        def replace(m: nn.Module, args: tuple) -> tuple:
+            new = call(args[0])
+            change["d"] = new - args[0]
+            return (new, *args[1:])
+
+        return [block.ln_2.register_forward_pre_hook(replace),
+                block.ls_2.register_forward_hook(lambda m, args, out: out + change.pop("d"))]
+    normed: dict[str, Tensor] = {}  # attn.hook_result: per-head writes from the recorded ln_1 output
+
+    def edit(m: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        writes = head_writes(block, normed["x"], normed["x"], heads=call.heads)
+        new = call(writes)
+        return out if new is writes else out + (new - writes).sum(2)
+
+    return [block.ln_1.register_forward_hook(lambda m, args, out: normed.__setitem__("x", out)),
+            block.ls_1.register_forward_hook(edit)]
+
+
+def _recorder(store: dict) -> HookFn:
+    """A hook function that stores the activation under its hook's name and leaves it unchanged."""
+
+    def hook(activation: Tensor, point: HookPoint) -> None:
+        store[point.name] = activation
 
     return hook
+
+
+def _bound(fn: HookFn, point: HookPoint) -> Callable[[Tensor], Tensor]:
+    """fn at `point` as a function of the activation alone, giving the activation back where fn gives None;
+    `heads` tells the adapter which heads' writes to compute (None: all)."""
+
+    def call(activation: Tensor) -> Tensor:
+        out = fn(activation, point)
+        return activation if out is None else out
+
+    call.heads = getattr(fn, "heads", None)
+    return call
 
 
 def _check_supported(visual: nn.Module) -> None:

@@ -17,12 +17,12 @@ from typing import Any, Callable, Iterator, Optional
 
 import open_clip
 import torch
-from open_clip.model import _build_vision_tower  # the builder create_model uses, minus the text tower
 from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
 from torch import Tensor, nn
 
 from dsl_cli.encoder.hooked import HookedEncoder
 from dsl_cli.encoder.preprocess import ClipImageProcessor
+from dsl_cli.encoder.openclip_api import build_vision_tower
 from dsl_cli.errors import UserError
 from dsl_cli.weights import hub_download_command, prior_encoder_weights
 
@@ -120,7 +120,7 @@ def _load_open_clip_visual(
     weights = checkpoint or pretrained
     if weights is None:
         # random weights: building only the vision tower keeps bigG at ~7 GB fp32 instead of ~10 GB
-        visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))
+        visual = build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))
         pp = model_cfg.get("preprocess_cfg", {})
         return visual, open_clip.image_transform(visual.image_size, False, mean=pp.get("mean"), std=pp.get("std"))
     with _user_errors(name, weights):

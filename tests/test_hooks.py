@@ -1,0 +1,94 @@
+"""Named hook points on HookedEncoder: each reads the tensor its TransformerLens name says, edits reach the
+output as a hand-written forward pass says they should, and the open_clip adapter composes to open_clip's
+own forward. Oracles: open_clip's forward and its submodules called by hand; nothing here reuses the hooks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsl_cli.encoder import HookedEncoder
+from dsl_cli.encoder import openclip_api
+from dsl_cli.encoder.hooked import HOOK_POINTS, head_writes
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def manual_forward(visual, pixels, edit=None):
+    """open_clip's block arithmetic written out, with `edit(layer, point, x)` applied at each point:
+    the oracle every hook point is checked against. -> (embedding [B, E], {name: activation})."""
+    edit = edit or (lambda layer, point, x: x)
+    seen = {}
+
+    def at(layer, point, x):
+        seen[f"blocks.{layer}.{point}"] = x
+        return edit(layer, point, x)
+
+    with torch.no_grad():
+        x = openclip_api.tokens(visual, pixels)
+        for l, block in enumerate(visual.transformer.resblocks):
+            x = at(l, "hook_resid_pre", x)
+            normed = block.ln_1(x)
+            writes = head_writes(block, normed, normed)
+            new = at(l, "attn.hook_result", writes)
+            attn_out = at(l, "hook_attn_out", block.ls_1(block.attention(q_x=normed)) + (new - writes).sum(2))
+            x = at(l, "hook_resid_mid", x + attn_out)
+            x = at(l, "hook_resid_post", x + at(l, "hook_mlp_out", block.ls_2(block.mlp(block.ln_2(x)))))
+        embedding = openclip_api.pool_cls(visual, x) @ visual.proj
+    return embedding, seen
+
+
+def test_openclip_adapter_pins_the_private_calls(tiny_visual, tiny_pixels):
+    """tokens -> every block -> pool_cls -> proj is open_clip's own forward: if a release changes what
+    `_embeds` or `_pool` do, this fails (and dsl_cli/encoder/openclip_api.py is the one file to fix)."""
+    with torch.no_grad():
+        x = openclip_api.tokens(tiny_visual, tiny_pixels)
+        assert x.shape == (3, 17, 64)  # CLS + 16 patches, width 64
+        for block in tiny_visual.transformer.resblocks:
+            x = block(x)
+        ours = openclip_api.pool_cls(tiny_visual, x) @ tiny_visual.proj
+        torch.testing.assert_close(ours, tiny_visual(tiny_pixels), atol=0, rtol=0)
+        torch.testing.assert_close(openclip_api.pool_cls(tiny_visual, x), tiny_visual.ln_post(x[:, 0]), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("point", HOOK_POINTS)
+def test_every_hook_point_reads_its_tensor(tiny_encoder, tiny_visual, tiny_pixels, point):
+    _, expected = manual_forward(tiny_visual, tiny_pixels)
+    seen = {}
+    names = [f"blocks.{l}.{point}" for l in range(tiny_encoder.n_layers)]
+    tiny_encoder.run_with_hooks(tiny_pixels, {n: lambda x, hook: seen.__setitem__(hook.name, x.clone()) for n in names})
+    for name in names:
+        torch.testing.assert_close(seen[name], expected[name], **TOL)
+    cache = tiny_encoder.run_with_cache(tiny_pixels)  # the cache holds the same tensors at the CLS row
+    if point != "attn.hook_result":
+        torch.testing.assert_close(cache[names[2]], expected[names[2]][:, 0], **TOL)
+
+
+@pytest.mark.parametrize("point", HOOK_POINTS)
+def test_every_hook_point_edits_the_pass(tiny_encoder, tiny_visual, tiny_pixels, point):
+    """An edit at layer 1 (add a fixed random vector) changes the output exactly as the written-out pass says."""
+    g = torch.Generator().manual_seed(0)
+    shift = torch.randn(4, 64, generator=g) if point == "attn.hook_result" else torch.randn(64, generator=g)
+    edit = lambda layer, p, x: x + shift if (layer, p) == (1, point) else x  # noqa: E731
+    expected, _ = manual_forward(tiny_visual, tiny_pixels, edit)
+    got = tiny_encoder.run_with_hooks(tiny_pixels, {f"blocks.1.{point}": lambda x, hook: x + shift})
+    torch.testing.assert_close(got, expected, **TOL)
+    assert not torch.allclose(got, tiny_visual(tiny_pixels).detach(), **TOL)  # the edit did something
+
+
+def test_user_hook_zeroing_an_mlp_is_ablate_hooked(tiny_encoder, tiny_pixels):
+    zeroed = tiny_encoder.run_with_hooks(tiny_pixels, {"blocks.1.hook_mlp_out": lambda x, hook: torch.zeros_like(x)})
+    assert torch.equal(zeroed, tiny_encoder.ablate_hooked(tiny_pixels, ["L1MLP"]))
+    assert not torch.equal(zeroed, tiny_encoder.embed(tiny_pixels))
+
+
+def test_hooks_are_removed_after_an_error_and_bad_names_refused(tiny_encoder, tiny_pixels):
+    clean = tiny_encoder.embed(tiny_pixels)
+    with pytest.raises(RuntimeError, match="boom"):
+        with tiny_encoder.hooks({"blocks.0.hook_attn_out": lambda x, hook: x * 0}):
+            raise RuntimeError("boom")
+    torch.testing.assert_close(tiny_encoder.embed(tiny_pixels), clean, atol=0, rtol=0)
+    for bad in ("blocks.4.hook_mlp_out", "blocks.0.hook_nothing", "hook_embed", "blocks.0.hook_attn_bias"):
+        with pytest.raises(KeyError, match="no hook point"):
+            tiny_encoder.run_with_hooks(tiny_pixels, {bad: lambda x, hook: None})
+    assert isinstance(tiny_encoder, HookedEncoder)
