@@ -1,6 +1,7 @@
 """Lenses: which components a run looks at, and the embedding each lens gives them.
 
 The third stage: encoder cache -> lens embeddings `[batch, component, d_embed]` and their scores.
+A lens is a `Lens` subclass in the `LENSES` registry (`@register`); the runner names none of them:
 
 - diffusion: the readout R(x) of the residual stream after each chosen layer (Diffusion Lens)
 - direct:    the readout of a head's or MLP's write as it is (the naive baseline DSL improves on)
@@ -16,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar, Optional
 
 import torch
 from omegaconf import ListConfig
@@ -25,11 +27,10 @@ from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import STEER_MODES as MODES
 from dsl_cli.encoder import load_text_model, text_model_id
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import atomic_write_bytes
+from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, atomic_write_bytes
 
 log = logging.getLogger("dsl_cli.lenses")
 
-LENSES = ("diffusion", "direct", "steering", "logit")
 CLASSES_PER_BATCH = 50  # text-tower batches of the ImageNet classifier: 50 x 80 prompts with the OpenAI templates
 
 
@@ -98,35 +99,8 @@ def select_components(
     lens: str, layer_spec, head_spec, component, n_layers: int, n_heads: int, mid: bool = False,
     clamp: bool = False,
 ) -> list[Component]:
-    """The components a run reads, in layer order.
-
-    diffusion: the residual stream after each layer. direct/steering: the chosen heads and/or MLP of each
-    layer. logit: both (the residual stream first, then the submodules of each layer). mid=True adds the
-    stream between each layer's attention and MLP (`L3mid`) before `L3`. `component` may instead list
-    labels (`[L3H01, L2MLP]`), which are taken as they are. Layers and heads outside the model are refused,
-    or with `clamp` moved to the nearest one (`clamp_to_model`, set by debug=tiny).
-    """
-    if lens not in LENSES:
-        raise UserError(f"lens={lens!r}: choose one of {', '.join(LENSES)}")
-    if component not in ("heads", "mlp", "all"):
-        chosen = check_components([str(c) for c in _as_list(component)], n_layers, n_heads, clamp)
-        if lens == "steering" and any(c.kind not in ("head", "mlp") for c in chosen):
-            raise UserError(f"component={component}: lens=steering steers heads and MLPs only (L3H01, L2MLP)")
-        return chosen
-    layers = parse_layers(layer_spec, n_layers, clamp)
-    heads = parse_heads(head_spec, n_heads, clamp)
-    chosen: list[Component] = []
-    for layer in layers:
-        if lens in ("diffusion", "logit"):
-            if mid:
-                chosen.append(Component("resid_mid", layer))
-            chosen.append(Component("resid", layer))
-        if lens != "diffusion":
-            if component in ("heads", "all"):
-                chosen.extend(Component("head", layer, h) for h in heads)
-            if component in ("mlp", "all"):
-                chosen.append(Component("mlp", layer))
-    return chosen
+    """The components lens `lens` (a registered name) reads: `Lens.components` with default settings."""
+    return lens_class(lens)().components(layer_spec, head_spec, component, n_layers, n_heads, mid, clamp)
 
 
 def check_components(labels: list[str], n_layers: int, n_heads: int, clamp: bool = False) -> list[Component]:
@@ -149,10 +123,8 @@ def check_components(labels: list[str], n_layers: int, n_heads: int, clamp: bool
 
 
 def lens_embeddings(encoder, cache, components: list[Component], lens_cfg) -> torch.Tensor:
-    """The embedding each component gives under the lens: `[batch, component, d_embed]`."""
-    if lens_cfg.name == "steering":
-        return encoder.steer(cache, components, mode=lens_cfg.mode, alpha=float(lens_cfg.alpha))
-    return encoder.direct(cache, components)
+    """The embedding each component gives under the lens `lens_cfg` names: `[batch, component, d_embed]`."""
+    return get_lens(lens_cfg).embeddings(encoder, cache, components)
 
 
 @dataclass
@@ -237,3 +209,188 @@ def top_labels(embeds: torch.Tensor, classifier: torch.Tensor, k: int) -> tuple[
     unit = torch.nn.functional.normalize(embeds.float(), dim=-1)
     sims = unit @ classifier.to(unit.device, torch.float32)
     return sims.topk(k, dim=-1)
+
+
+# ---------------------------------------------------------------- lenses as objects
+
+
+@dataclass
+class ScoredImages:
+    """What a lens may use after every image is scored (for its checks and its own files).
+
+    embeds      (image name, lens embeddings [K, E] on the CPU) per image, in run order
+    pixels      image name -> its preprocessed pixels [1, 3, S, S] on the encoder's device
+    """
+
+    encoder: Any
+    encoder_cfg: Any
+    components: list[Component]
+    embeds: list[tuple[str, torch.Tensor]]
+    pixels: Any
+    run_dir: Path
+
+
+class Lens:
+    """A way of reading components as image embeddings. A new lens is a subclass with `@register`, a config
+    `dsl_cli/configs/lens/<name>.yaml` (`name: <name>` and its settings) and a case in `tests/test_run.py`.
+
+    stream       reads the residual stream of each chosen layer (L3, and L3mid with lens.mid=true)
+    submodules   reads the chosen heads and/or MLP of each chosen layer (component=heads|mlp|all)
+    label_kinds  component kinds an explicit label list may name (None: any)
+    columns      the CSV columns it fills beyond the common ones (`outputs.COLUMNS`), with `row()`
+    figures      the figures it adds to every run's (drawn from the run folder's files by `outputs.redraw`)
+    """
+
+    name: ClassVar[str] = ""
+    stream: ClassVar[bool] = False
+    submodules: ClassVar[bool] = True
+    label_kinds: ClassVar[Optional[tuple[str, ...]]] = None
+    label_refusal: ClassVar[str] = ""  # why a label list is refused (default: the kinds it reads)
+    columns: ClassVar[tuple[str, ...]] = ()
+    figures: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any = None):
+        self.cfg = cfg  # the `lens` config group
+
+    def components(self, layer_spec, head_spec, component, n_layers: int, n_heads: int, mid: bool = False,
+                   clamp: bool = False) -> list[Component]:
+        """The components the run reads, in layer order (the stream first, then the submodules of each layer).
+        `component` may instead list labels (`[L3H01, L2MLP]`), which are taken as they are. Layers and heads
+        outside the model are refused, or with `clamp` moved to the nearest one (`clamp_to_model`)."""
+        if component not in ("heads", "mlp", "all"):
+            chosen = check_components([str(c) for c in _as_list(component)], n_layers, n_heads, clamp)
+            if self.label_kinds is not None and any(c.kind not in self.label_kinds for c in chosen):
+                why = self.label_refusal or f"reads {' and '.join(self.label_kinds)} components only"
+                raise UserError(f"component={component}: lens={self.name} {why}")
+            return chosen
+        heads = parse_heads(head_spec, n_heads, clamp)
+        return [c for layer in parse_layers(layer_spec, n_layers, clamp)
+                for c in self.layer_components(layer, heads, component, mid)]
+
+    def layer_components(self, layer: int, heads: list[int], component: str, mid: bool) -> list[Component]:
+        chosen = []
+        if self.stream:
+            chosen += [Component("resid_mid", layer)] * mid + [Component("resid", layer)]
+        if self.submodules and component in ("heads", "all"):
+            chosen += [Component("head", layer, h) for h in heads]
+        if self.submodules and component in ("mlp", "all"):
+            chosen.append(Component("mlp", layer))
+        return chosen
+
+    def embeddings(self, encoder, cache, components: list[Component]) -> torch.Tensor:
+        """[B, K, E]: by default the readout of what each component writes (or the stream it names)."""
+        return encoder.direct(cache, components)
+
+    def row(self) -> dict:
+        """This lens's values of its `columns`, the same in every row of the run."""
+        return {}
+
+    def unstable_setting(self, dtype: str) -> tuple[str, str]:
+        """(the setting, its fix) named when an embedding is not finite (NaN or inf)."""
+        return f"dtype={dtype}", "use dtype=fp32"
+
+    def after_scoring(self, scored: ScoredImages) -> dict:
+        """Checks and files of this lens once every image is scored; returns entries for the manifest."""
+        return {}
+
+
+LENSES: dict[str, type[Lens]] = {}
+
+
+def register(cls: type[Lens]) -> type[Lens]:
+    """Class decorator: make `cls` the lens of `lens.name=<cls.name>`."""
+    if not NAME_PATTERN.fullmatch(cls.name):
+        raise ValueError(f"lens name {cls.name!r}: use letters, digits and _ (it names files and CSV rows)")
+    LENSES[cls.name] = cls
+    return cls
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
+
+
+def lens_class(name: str) -> type[Lens]:
+    if name not in LENSES:
+        raise UserError(f"lens={name!r}: choose one of {', '.join(LENSES)}")
+    return LENSES[name]
+
+
+def get_lens(lens_cfg) -> Lens:
+    """The lens object of a `lens` config group."""
+    return lens_class(lens_cfg.name)(lens_cfg)
+
+
+@register
+class DiffusionLens(Lens):
+    """Diffusion Lens: the readout of the residual stream after each chosen layer."""
+
+    name = "diffusion"
+    stream, submodules = True, False
+    figures = ("grids/<image>_<lens>_layers.png",)
+
+
+@register
+class DirectLens(Lens):
+    """The naive submodule lens: the readout of a head's or MLP's write as it is."""
+
+    name = "direct"
+
+
+@register
+class SteeringLens(Lens):
+    """DSL: the closed-form steered-and-patched embedding; `lens.verify` checks it against the hooked pass."""
+
+    name = "steering"
+    label_kinds = ("head", "mlp")
+    label_refusal = "steers heads and MLPs only (L3H01, L2MLP)"
+    columns = ("mode", "alpha")
+
+    def embeddings(self, encoder, cache, components: list[Component]) -> torch.Tensor:
+        return encoder.steer(cache, components, mode=self.cfg.mode, alpha=float(self.cfg.alpha))
+
+    def row(self) -> dict:
+        return {"mode": self.cfg.mode, "alpha": float(self.cfg.alpha)}
+
+    def unstable_setting(self, dtype: str) -> tuple[str, str]:
+        return f"lens.alpha={self.cfg.alpha} (lens.mode={self.cfg.mode})", "use a smaller lens.alpha"
+
+    def after_scoring(self, scored: ScoredImages) -> dict:
+        if not self.cfg.verify:
+            return {}
+        worst = self.verify(scored)
+        tolerance = 1e-4 if scored.encoder.dtype == torch.float32 else 5e-2
+        if worst > tolerance:
+            log.warning("lens.verify: closed form and hooked reference differ by %.3g (> %g)", worst, tolerance)
+        return {"verify_max_abs_diff": worst, "verify_ok": worst <= tolerance}
+
+    def verify(self, scored: ScoredImages) -> float:
+        """Largest |closed form - hooked reference| over all images and components."""
+        worst, encoder = 0.0, scored.encoder
+        for name, embeds in tqdm(scored.embeds, desc="verify", unit="img"):
+            pixels = scored.pixels(name)
+            for k, comp in enumerate(scored.components):
+                hooked = encoder.steer_hooked(pixels, comp, mode=self.cfg.mode, alpha=float(self.cfg.alpha))
+                worst = max(worst, (hooked[0].float().cpu() - embeds[k]).abs().max().item())
+        return worst
+
+
+@register
+class LogitLens(Lens):
+    """The classic logit lens: the stream and the chosen submodules, named by CLIP's text tower (labels.csv)."""
+
+    name = "logit"
+    stream = True
+    figures = ("grids/<image>_<lens>_layers.png", "plots/<image>_logit.png")
+
+    def after_scoring(self, scored: ScoredImages) -> dict:
+        """The top ImageNet labels of every component's embedding, into labels.csv."""
+        encoder = scored.encoder
+        classifier, names = imagenet_classifier(scored.encoder_cfg, self.cfg.templates, encoder.device, encoder.dtype)
+        rows = []
+        for image, embeds in scored.embeds:
+            values, indices = top_labels(embeds, classifier, self.cfg.top_labels)
+            for k, comp in enumerate(scored.components):
+                rows += [{"image": image, "lens": self.name, "component": comp.label, "layer": comp.layer,
+                          "head": comp.head, "rank": r + 1, "label": names[int(indices[k, r])],
+                          "score": values[k, r].item()} for r in range(values.shape[-1])]
+        CsvLog(scored.run_dir / "labels.csv", LABEL_COLUMNS).rewrite(rows)
+        return {}

@@ -26,8 +26,8 @@ from dsl_cli.devices import resolve_device, resolve_dtype
 from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import MODES, imagenet_classifier, lens_embeddings, rank, score, select_components, top_labels
-from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows,
+from dsl_cli.lenses import MODES, Lens, ScoredImages, get_lens, rank, score
+from dsl_cli.outputs import (COLUMNS, CsvLog, Manifest, check_writable, group_rows,
                              is_sweep_folder, read_manifest, refuse_existing_run, read_csv,
                              redraw, save_png)
 from dsl_cli.studies import run_study, validate_study
@@ -95,17 +95,16 @@ class Scored:
     rows: list[dict]  # one CSV row per component, in component order
 
 
-def _base_row(cfg: DictConfig, image: str, comp: Component) -> dict:
-    steering = cfg.lens.name == "steering"
+def _base_row(cfg: DictConfig, lens: Lens, image: str, comp: Component) -> dict:
     return {
-        "image": image, "lens": cfg.lens.name, "component": comp.label, "kind": comp.kind, "layer": comp.layer,
-        "head": comp.head, "mode": cfg.lens.mode if steering else None,
-        "alpha": float(cfg.lens.alpha) if steering else None, "seed": cfg.seed, "steps": cfg.decode.steps,
+        "image": image, "lens": lens.name, "component": comp.label, "kind": comp.kind, "layer": comp.layer,
+        "head": comp.head, "mode": None, "alpha": None, **lens.row(), "seed": cfg.seed, "steps": cfg.decode.steps,
         "guidance": float(cfg.decode.guidance), "sim_decoded": None, "file": "",
     }
 
 
-def score_images(cfg, encoder, preprocess, image_set: ImageSet, components: list[Component]) -> list[Scored]:
+def score_images(cfg, lens: Lens, encoder, preprocess, image_set: ImageSet,
+                 components: list[Component]) -> list[Scored]:
     """Encoder cache and lens embeddings for every image, in batches of `batch_size` images."""
     scored = []
     images = image_set.images
@@ -114,7 +113,7 @@ def score_images(cfg, encoder, preprocess, image_set: ImageSet, components: list
         batch = images[start:start + cfg.batch_size]
         pixels = torch.stack([preprocess(item.image) for item in batch]).to(encoder.device, encoder.dtype)
         cache = encoder.run_with_cache(pixels)
-        embeds = lens_embeddings(encoder, cache, components, cfg.lens)
+        embeds = lens.embeddings(encoder, cache, components)
         scores = score(encoder, cache, components, embeds)
         # one transfer per batch, not one per value (each .item() would wait for the GPU)
         sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
@@ -122,7 +121,7 @@ def score_images(cfg, encoder, preprocess, image_set: ImageSet, components: list
         for i, item in enumerate(batch):
             rows = []
             for k, comp in enumerate(components):
-                row = _base_row(cfg, item.name, comp)
+                row = _base_row(cfg, lens, item.name, comp)
                 row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k])
                 rows.append(row)
             scored.append(Scored(item.name, lens_cpu[i], clean_cpu[i], rows))
@@ -131,30 +130,14 @@ def score_images(cfg, encoder, preprocess, image_set: ImageSet, components: list
     return scored
 
 
-def verify_steering(cfg, encoder, preprocess, image_set: ImageSet, components: list[Component],
-                    scored: list[Scored]) -> float:
-    """Largest |closed form - hooked reference| over all images and components (`lens.verify=true`)."""
-    worst = 0.0
-    for item, result in zip(tqdm(image_set.images, desc="verify", unit="img"), scored):
-        pixels = preprocess(item.image).unsqueeze(0).to(encoder.device, encoder.dtype)
-        for k, comp in enumerate(components):
-            hooked = encoder.steer_hooked(pixels, comp, mode=cfg.lens.mode, alpha=float(cfg.lens.alpha))
-            worst = max(worst, (hooked[0].float().cpu() - result.embeds[k]).abs().max().item())
-    return worst
+def _scored_images(cfg, encoder, preprocess, image_set: ImageSet, components: list[Component],
+                   scored: list[Scored], run_dir: Path) -> ScoredImages:
+    items = {item.name: item for item in image_set.images}
 
+    def pixels(name: str) -> torch.Tensor:
+        return preprocess(items[name].image).unsqueeze(0).to(encoder.device, encoder.dtype)
 
-def write_labels(cfg, encoder, run_dir: Path, scored: list[Scored], components: list[Component]) -> None:
-    """Logit lens: the top ImageNet labels of every component's embedding, into labels.csv."""
-    classifier, names = imagenet_classifier(cfg.encoder, cfg.lens.templates, encoder.device, encoder.dtype)
-    rows = []
-    for result in scored:
-        values, indices = top_labels(result.embeds, classifier, cfg.lens.top_labels)
-        for k, comp in enumerate(components):
-            for r in range(values.shape[-1]):
-                rows.append({"image": result.name, "lens": cfg.lens.name, "component": comp.label,
-                             "layer": comp.layer, "head": comp.head, "rank": r + 1,
-                             "label": names[int(indices[k, r])], "score": values[k, r].item()})
-    CsvLog(run_dir / "labels.csv", LABEL_COLUMNS).rewrite(rows)
+    return ScoredImages(encoder, cfg.encoder, components, [(s.name, s.embeds) for s in scored], pixels, run_dir)
 
 
 def plan_decoding(cfg, scored: list[Scored]) -> list[tuple[int, int]]:
@@ -297,21 +280,16 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
     with manifest.stage("encoder"):
         encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.dtype, device))
-    components = select_components(cfg.lens.name, cfg.layer, cfg.head, cfg.component, encoder.n_layers,
-                                   encoder.n_heads, mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
+    lens = get_lens(cfg.lens)
+    components = lens.components(cfg.layer, cfg.head, cfg.component, encoder.n_layers, encoder.n_heads,
+                                 mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
     if cfg.study.name:
         run_study_job(cfg, run_dir, encoder, preprocess, image_set, components, manifest)
         return
     with manifest.stage("lens"):
-        scored = score_images(cfg, encoder, preprocess, image_set, components)
-        if cfg.lens.name == "steering" and cfg.lens.verify:
-            worst = verify_steering(cfg, encoder, preprocess, image_set, components, scored)
-            tolerance = 1e-4 if encoder.dtype == torch.float32 else 5e-2
-            if worst > tolerance:
-                log.warning("lens.verify: closed form and hooked reference differ by %.3g (> %g)", worst, tolerance)
-            manifest.update(verify_max_abs_diff=worst, verify_ok=worst <= tolerance)
-        if cfg.lens.name == "logit":
-            write_labels(cfg, encoder, run_dir, scored, components)
+        scored = score_images(cfg, lens, encoder, preprocess, image_set, components)
+        manifest.update(**lens.after_scoring(_scored_images(cfg, encoder, preprocess, image_set, components,
+                                                            scored, run_dir)))
     _save_inputs(cfg, run_dir, image_set)
 
     csv_log = CsvLog(run_dir / "similarity.csv", COLUMNS)
