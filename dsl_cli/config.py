@@ -3,7 +3,7 @@
 Registered in Hydra's ConfigStore as `run_schema`; `configs/run.yaml` lists it first in its defaults, so a
 misspelt key (`lens.alpah=3`) or a wrong type (`seed=abc`) fails at compose time with Hydra's own message,
 before any model is built. Values whose *range* depends on the loaded model (layer, head) are checked later,
-in `dsl_cli.targets`.
+by the lens (`dsl_cli.lenses.Lens.components`) once the encoder is loaded.
 """
 
 from __future__ import annotations

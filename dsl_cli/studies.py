@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -167,6 +168,20 @@ def correlations(rows: list[dict], target: str = "importance", scores: Sequence[
 # ---------------------------------------------------------------- overlay removal
 
 
+@dataclass(frozen=True)
+class OverlaySettings:
+    """How the overlay study ablates and orders heads (study.*, the run's seed, lens and batch size)."""
+
+    steps: int = 20
+    greedy_pool: Optional[int] = 32
+    random_orders: int = 5
+    seed: int = 0
+    ablation: str = "zero"
+    mode: str = "norm"
+    alpha: float = 2.0
+    batch_size: int = 64
+
+
 def overlay_removal(
     encoder: HookedEncoder,
     composite_pixels: Tensor,
@@ -183,6 +198,14 @@ def overlay_removal(
     names: Optional[Sequence[str]] = None,
     batch_size: int = 64,
 ) -> list[dict]:
+    """`overlay_curves` with its settings as keywords (the notebook entry; see `OverlaySettings`)."""
+    settings = OverlaySettings(steps, greedy_pool, random_orders, seed, ablation, mode, alpha, batch_size)
+    return overlay_curves(encoder, composite_pixels, foreground_pixels, components, settings, means, names)
+
+
+def overlay_curves(encoder: HookedEncoder, composite_pixels: Tensor, foreground_pixels: Tensor,
+                   components: Sequence[Component | str], settings: OverlaySettings,
+                   means: Optional[MeanWrites] = None, names: Optional[Sequence[str]] = None) -> list[dict]:
     """Overlay-similarity curves under cumulative ablation, as CSV rows (OVERLAY_COLUMNS less background and
     foreground): per composite, order `dsl`, `greedy` and `random` (seed = seed + r for r < random_orders,
     the same orders for every composite), steps 0..min(steps, K) each; step 0 ablates nothing,
@@ -194,40 +217,58 @@ def overlay_removal(
     that lowers the overlay similarity most (ties: the better DSL rank). means: for mean ablation (default:
     the mean over the composites).
     """
-    comps = [parse_component(c) for c in components]
-    n_steps = min(steps, len(comps))
-    if ablation == "mean" and means is None:
-        means = encoder.mean_writes(composite_pixels, batch_size)
+    comps, s = [parse_component(c) for c in components], settings
+    if s.ablation == "mean" and means is None:
+        means = encoder.mean_writes(composite_pixels, s.batch_size)
     e_fg = encoder.embed(foreground_pixels).float().cpu()  # [B, E]
     cache = encoder.run_with_cache(composite_pixels)
-    dsl_scores = cosine(encoder.steer(cache, comps, mode=mode, alpha=alpha), e_fg.unsqueeze(1))  # [B, K]
+    dsl_scores = cosine(encoder.steer(cache, comps, mode=s.mode, alpha=s.alpha), e_fg.unsqueeze(1))  # [B, K]
     base = cosine(cache.embeds, e_fg)  # [B]: nothing ablated
     rows = []
     for b, name in enumerate(tqdm(_names(names, len(composite_pixels)), desc="overlay", unit="img")):
-        pixels, target, scores = composite_pixels[b:b + 1], e_fg[b], dsl_scores[b]
-
-        def record(order: str, run_seed: Optional[int], picked: list[int], sims: Sequence[float]) -> None:
-            for step, sim in enumerate(sims):
-                k = picked[step - 1] if step else None
-                rows.append({"image": name, "ablation": ablation, "order": order, "seed": run_seed, "step": step,
-                             "component": comps[k].label if step else "",
-                             "dsl_score": scores[k].item() if step else None, "overlay_sim": float(sim)})
-
-        def curve(order: list[int]) -> list[float]:
-            """Overlay similarity after each prefix of `order`: step 0 (base) .. n_steps, one batch."""
-            plan = [(0, [comps[k] for k in order[:step]]) for step in range(1, n_steps + 1)]
-            ablated = ablated_embeds(encoder, pixels, plan, ablation, means, batch_size)
-            return [base[b].item(), *cosine(ablated, target).tolist()]
-
-        ranked = torch.sort(scores, descending=True, stable=True).indices.tolist()
-        record("dsl", None, ranked, curve(ranked[:n_steps]))
-        picked, sims = _greedy(encoder, pixels, target, comps, ranked, n_steps, greedy_pool, ablation, means,
-                               batch_size)
-        record("greedy", None, picked, [base[b].item(), *sims])
-        for r in range(random_orders):
-            order = random_order(len(comps), seed + r)[:n_steps]
-            record("random", seed + r, order, curve(order))
+        curves = _Curves(encoder, composite_pixels[b:b + 1], e_fg[b], comps, s, means, base[b].item())
+        rows += [{"image": name, **row} for row in curves.rows(dsl_scores[b])]
     return rows
+
+
+@dataclass
+class _Curves:
+    """The overlay curves of one composite (pixels [1, 3, S, S], target e_fg [E], base: nothing ablated)."""
+
+    encoder: HookedEncoder
+    pixels: Tensor
+    target: Tensor
+    comps: list[Component]
+    settings: OverlaySettings
+    means: Optional[MeanWrites]
+    base: float
+
+    def rows(self, scores: Tensor) -> list[dict]:
+        """Rows of every order, DSL scores [K] of the heads on this composite."""
+        s, n_steps = self.settings, min(self.settings.steps, len(self.comps))
+        ranked = torch.sort(scores, descending=True, stable=True).indices.tolist()
+        rows = self.record(scores, "dsl", None, ranked, self.curve(ranked[:n_steps]))
+        picked, sims = _greedy(self.encoder, self.pixels, self.target, self.comps, ranked, n_steps, s.greedy_pool,
+                               s.ablation, self.means, s.batch_size)
+        rows += self.record(scores, "greedy", None, picked, [self.base, *sims])
+        for r in range(s.random_orders):
+            order = random_order(len(self.comps), s.seed + r)[:n_steps]
+            rows += self.record(scores, "random", s.seed + r, order, self.curve(order))
+        return rows
+
+    def curve(self, order: list[int]) -> list[float]:
+        """Overlay similarity after each prefix of `order`: step 0 (base) .. len(order), one batch."""
+        plan = [(0, [self.comps[k] for k in order[:step]]) for step in range(1, len(order) + 1)]
+        ablated = ablated_embeds(self.encoder, self.pixels, plan, self.settings.ablation, self.means,
+                                 self.settings.batch_size)
+        return [self.base, *cosine(ablated, self.target).tolist()]
+
+    def record(self, scores: Tensor, order: str, run_seed: Optional[int], picked: list[int],
+               sims: Sequence[float]) -> list[dict]:
+        return [{"ablation": self.settings.ablation, "order": order, "seed": run_seed, "step": step,
+                 "component": self.comps[picked[step - 1]].label if step else "",
+                 "dsl_score": scores[picked[step - 1]].item() if step else None, "overlay_sim": float(sim)}
+                for step, sim in enumerate(sims)]
 
 
 def random_order(count: int, seed: int) -> list[int]:
@@ -321,9 +362,11 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
         save_png(run_dir / "images" / "overlays" / f"{name}.png", picture)
     composite_pixels = _pixels(preprocess, [p for *_, p in pairs])
     foreground_pixels = _pixels(preprocess, [fg.image for _, _, fg, _ in pairs])
-    rows = overlay_removal(encoder, composite_pixels, foreground_pixels, heads, study.steps, study.greedy_pool,
-                           study.random_orders, cfg.seed, study.ablation, None, cfg.lens.mode,
-                           float(cfg.lens.alpha), [name for name, *_ in pairs], cfg.batch_size)
+    settings = OverlaySettings(steps=study.steps, greedy_pool=study.greedy_pool, random_orders=study.random_orders,
+                               seed=cfg.seed, ablation=study.ablation, mode=cfg.lens.mode,
+                               alpha=float(cfg.lens.alpha), batch_size=cfg.batch_size)
+    rows = overlay_curves(encoder, composite_pixels, foreground_pixels, heads, settings,
+                          names=[name for name, *_ in pairs])
     roles = {name: (bg.name, fg.name) for name, bg, fg, _ in pairs}
     for row in rows:
         row["background"], row["foreground"] = roles[row["image"]]
