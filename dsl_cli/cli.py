@@ -7,13 +7,11 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from dsl_cli import __version__
-from dsl_cli.errors import UserError
-from dsl_cli.outputs import refuse_existing_run
+from dsl_cli.errors import UserError, bug_message, report
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky 2.2
 
@@ -32,36 +30,8 @@ usage:
 """
 
 def _fail(message: str) -> int:
-    print(f"dsl: error: {message}", file=sys.stderr)
+    report(message)
     return 2
-
-
-_failed_jobs: list[str] = []  # sweep jobs refused for bad input (the sweep goes on; the exit status says so)
-
-
-def _hydra_app(cfg) -> None:
-    """The Hydra task: one job of `dsl run`. UserError becomes one line and exit status 2; in a sweep the
-    other jobs still run (in this process's launcher) and the status is 2 at the end."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from dsl_cli.run import run
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        run(cfg, run_dir)
-    except UserError as err:
-        if hydra_cfg.verbose:
-            raise
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            sys.exit(_fail(str(err)))
-        _fail(f"job {hydra_cfg.job.num} ({run_dir}): {err}")
-        _failed_jobs.append(str(run_dir))
-    except KeyboardInterrupt:
-        print(f"\ndsl: interrupted; finished pictures are kept: `dsl run resume={run_dir}` completes the run",
-              file=sys.stderr)
-        sys.exit(130)
 
 
 # Hydra flags that take a value; `--info` takes one only when it is one of its choices.
@@ -98,60 +68,47 @@ def _resume_overrides(args: list[str]) -> list[str]:
             others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
             if others:
                 raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
-            return [f"hydra.run.dir={folder.resolve()}", "hydra.output_subdir=null"]
+            return [f"hydra.run.dir={folder.resolve()}"]
     return []
-
-
-def _check_output_root(args: list[str]) -> None:
-    """Refuse, before Hydra writes its config there, an output folder that cannot be created (Hydra would
-    print a traceback) or a hydra.run.dir that already holds a run (unless resuming it)."""
-    target = Path("outputs")
-    for arg in args:
-        if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")):
-            target = Path(arg.split("=", 1)[1]).expanduser()
-        if arg.startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in args):
-            refuse_existing_run(target)
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(
-            f"cannot write the output folder {target} ({existing} is not a writable folder); "
-            "choose another with hydra.run.dir=..."
-        )
 
 
 def _run(args: list[str]) -> int:
     import hydra
 
+    from dsl_cli import job
     from dsl_cli.config import register_configs
+    from dsl_cli.outputs import release_all
 
     register_configs()
     try:
         extra = _resume_overrides(args)
-        _check_output_root([*args, *extra])
     except UserError as err:
         return _fail(str(err))
-    app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(_hydra_app)
+    app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
     saved_argv = sys.argv
     sys.argv = ["dsl run", *_flags_first([*args, *extra])]
-    _failed_jobs.clear()
     try:
         app()
     finally:
         sys.argv = saved_argv
-    return 2 if _failed_jobs else 0
+        release_all()
+    return job.sweep_status()
 
 
 def _plot(args: list[str]) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         return _fail("usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a --multirun sweep)")
-    from dsl_cli.outputs import redraw_folder
+    from dsl_cli.outputs import redraw_folder, release_all
 
     try:
         drawn = redraw_folder(Path(args[0]))
     except UserError as err:
         return _fail(str(err))
+    except Exception as err:  # noqa: BLE001 - a bug: one line, status 1
+        report(bug_message(err))
+        return 1
+    finally:
+        release_all()
     for folder, count in drawn.items():
         print(f"redrew {count} figures in {folder}")
     return 0

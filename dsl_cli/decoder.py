@@ -301,6 +301,16 @@ class KandinskyDecoder:
         ).images
 
 
+def check_finite_pictures(pictures: np.ndarray, labels: list[str], decode_cfg) -> None:
+    """Stop at a decoded picture [H, W, 3] holding NaN or inf (it would be saved black), naming it and the
+    settings that make it: `labels` one per picture, `decode_cfg` the run's `decode` config."""
+    bad = ~np.isfinite(pictures.reshape(len(pictures), -1)).all(axis=1)
+    if bad.any():
+        raise UserError(f"{labels[int(np.argmax(bad))]}: the decoded picture is not finite (NaN or inf) with "
+                        f"decode.guidance={decode_cfg.guidance}, decode.dtype={decode_cfg.dtype}; lower "
+                        "decode.guidance or use decode.dtype=fp32")
+
+
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Float image in [0,1] -> uint8, rounded (not truncated) so that equal floats give equal bytes."""
     return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)

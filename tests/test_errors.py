@@ -20,6 +20,7 @@ from dsl_cli import cli
 from dsl_cli.errors import UserError
 from dsl_cli.images import read_image
 from dsl_cli.devices import resolve_device
+from dsl_cli.outputs import TEMP_SUFFIX
 
 DSL = str(Path(sys.executable).parent / "dsl")
 
@@ -42,7 +43,7 @@ def assert_one_clean_line(code: int, err: str, fragment: str) -> None:
 
 
 def assert_no_partial_files(root: Path) -> None:
-    assert not list(root.rglob("*.tmp")), "a temporary file was left behind"
+    assert not list(root.rglob(f"*{TEMP_SUFFIX}")), "a temporary file was left behind"
     assert not list(root.rglob("similarity.csv")) and not list(root.rglob("images/*/*/*.png"))
 
 
@@ -157,7 +158,7 @@ def test_weights_missing_while_offline(overrides: list[str], repo: str, tmp_path
                             text=True, timeout=300)
     assert_one_clean_line(result.returncode, result.stderr, repo)
     assert "huggingface-cli download" in result.stderr or "checkpoint" in result.stderr
-    assert not list(tmp_path.rglob("*.tmp"))
+    assert not list(tmp_path.rglob(f"*{TEMP_SUFFIX}"))
     (manifest,) = tmp_path.glob("outputs/*/*/manifest.json")
     assert json.loads(manifest.read_text())["status"] == "failed"
 

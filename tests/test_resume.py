@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dsl_cli.outputs import TEMP_SUFFIX
+
 DSL = str(Path(sys.executable).parent / "dsl")
 # 2 images x (4 heads + MLP) = 10 pictures, decoded one at a time so that a kill lands between pictures
 CONFIG = ["debug=tiny", "lens=steering", "component=all"]
@@ -60,14 +62,20 @@ def test_killed_then_resumed_equals_uninterrupted(reference: Path, tmp_path: Pat
     assert 0 < done_before < N_PICTURES, f"the kill did not land mid-decoding ({done_before} pictures)"
 
     finished = [r for r in rows(folder) if r["file"] and (folder / r["file"]).exists()]
-    (folder / "images" / ".left_by_the_kill.png.tmp").write_bytes(b"half a picture")
+    left = folder / "images" / "astronaut" / "steering" / f".L01H04.png.0123abcd{TEMP_SUFFIX}"
+    left.write_bytes(b"half a picture")  # what a kill leaves when it lands while a picture is written
+    users = [folder / "images" / ".notes.tmp", folder / "thesis" / ".ch1.docx.tmp"]
+    for path in users:  # a user's own temporaries, below the run folder
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"mine")
     result = dsl("run", f"resume={folder}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # finished pictures were kept, not decoded again
     assert json.loads((folder / "manifest.json").read_text())["decoded"] == N_PICTURES - len(finished)
     assert rows(folder) == rows(reference)  # same rows, each once, same values
     assert pictures(folder) == pictures(reference)  # same pictures, byte for byte
-    assert not list(folder.rglob("*.tmp"))
+    assert not list(folder.rglob(f"*{TEMP_SUFFIX}"))
+    assert all(path.read_bytes() == b"mine" for path in users)
 
 
 def test_identical_runs_give_identical_files(reference: Path, tmp_path: Path) -> None:
@@ -101,7 +109,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     assert process.returncode == 130, err[-2000:]
     assert f"dsl run resume={folder}" in err and "Traceback" not in err
     assert json.loads((folder / "manifest.json").read_text())["status"] == "interrupted"
-    assert not list(folder.rglob("*.tmp"))
+    assert not list(folder.rglob(f"*{TEMP_SUFFIX}"))
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch) -> None:
