@@ -168,10 +168,11 @@ def check_finite(lens_cfg, dtype: str, names: list[str], components: list[Compon
     bad = ~(torch.isfinite(embeds).all(-1) & torch.isfinite(scores.sim_embed) & torch.isfinite(scores.norm))
     if bad.any():
         i, k = (int(v) for v in bad.nonzero()[0])
-        setting = (f"lens.alpha={lens_cfg.alpha} (lens.mode={lens_cfg.mode})" if lens_cfg.name == "steering"
-                   else f"dtype={dtype}")
+        steering = lens_cfg.name == "steering"
+        setting = f"lens.alpha={lens_cfg.alpha} (lens.mode={lens_cfg.mode})" if steering else f"dtype={dtype}"
+        fix = "use a smaller lens.alpha" if steering else "use dtype=fp32"
         raise UserError(f"{names[i]} {components[k].label}: the {lens_cfg.name} lens embedding or its score is "
-                        f"not finite (NaN or inf) with {setting}; use a smaller lens.alpha or dtype=fp32")
+                        f"not finite (NaN or inf) with {setting}; {fix}")
 
 
 def n_labels() -> int:

@@ -198,7 +198,7 @@ class LockOwner:
         return self.host == socket.gethostname() and (self.pid == os.getpid() or not _alive(self.pid))
 
 
-_HELD: dict[Path, "RunFolder"] = {}  # folders this process holds, by resolved path
+_HELD: dict[Path, LockOwner] = {}  # the folders this process holds (resolved paths), with its lock line
 
 
 class RunFolder:
@@ -216,15 +216,20 @@ class RunFolder:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.owner: LockOwner | None = None
 
     @property
     def lock_path(self) -> Path:
         return self.path / self.LOCK
 
+    @property
+    def owner(self) -> LockOwner | None:
+        """This process's lock on the folder, if it holds it (through this object or another)."""
+        return _HELD.get(self._key())
+
     def picture(self, image: str, lens: str, component: str) -> str:
         """A decoded picture's path relative to the folder (as the CSV's `file` column holds it)."""
-        return f"images/{check_name(image, 'image')}/{check_name(lens, 'lens')}/{check_name(component, 'component')}.png"
+        parts = (check_name(image, "image"), check_name(lens, "lens"), check_name(component, "component"))
+        return "images/{}/{}/{}.png".format(*parts)
 
     def input_picture(self, image: str) -> Path:
         return self.path / "images" / check_name(image, "image") / "input.png"
@@ -238,10 +243,9 @@ class RunFolder:
     def claim(self, resume: bool = False) -> bool:
         """Make this process the only writer of the folder (created if needed). Without `resume`, a folder
         that holds a run is refused. UserError when refused; False when this process holds it already."""
-        if self._key() in _HELD:
+        if self.owner is not None:
             return False
-        self._lock()
-        _HELD[self._key()] = self
+        _HELD[self._key()] = self._lock()
         if not resume and self.holds_run():
             self.release()
             raise UserError(f"{self.path} already holds a run: complete it with `dsl run resume={self.path}` "
@@ -250,12 +254,9 @@ class RunFolder:
 
     def release(self) -> None:
         """Give the folder up (the lock file is removed if it is still this process's)."""
-        if self.owner is None:
-            return
-        _HELD.pop(self._key(), None)
-        if self._read_owner(self.lock_path) == self.owner:
+        owner = _HELD.pop(self._key(), None)
+        if owner is not None and self._read_owner(self.lock_path) == owner:
             self.lock_path.unlink(missing_ok=True)
-        self.owner = None
 
     def free_reserve(self) -> None:
         """Give the space kept in the lock file back to the disk (to record a failure on a full disk)."""
@@ -275,7 +276,7 @@ class RunFolder:
     def _key(self) -> Path:
         return self.path.resolve()
 
-    def _lock(self) -> None:
+    def _lock(self) -> LockOwner:
         me = LockOwner.me()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -288,7 +289,7 @@ class RunFolder:
         except OSError as err:
             raise UserError(f"cannot write the output folder {self.path} ({err.strerror or err}); "
                             "choose another with hydra.run.dir=...") from err
-        self.owner = me
+        return me
 
     def _take_over(self, stale: LockOwner) -> None:
         """Remove a dead process's lock. Only the holder of `.dsl.lock.takeover` may, so that two runs
@@ -340,8 +341,8 @@ class RunFolder:
 
 def release_all() -> None:
     """Release every folder this process holds (when `dsl run` ends, however it ends)."""
-    for folder in list(_HELD.values()):
-        folder.release()
+    for path in list(_HELD):
+        RunFolder(path).release()
 
 
 # ---------------------------------------------------------------- CSV

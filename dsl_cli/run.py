@@ -12,6 +12,7 @@ import math
 import platform
 import subprocess
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -160,26 +161,31 @@ def score_images(cfg, folder: RunFolder, encoder, preprocess, image_set: ImageSe
     """Encoder cache, lens embeddings and scores of every image, batch by batch; a value that is not finite
     stops the run, naming the setting that caused it."""
     scored = []
-    bar = tqdm(total=len(image_set.images), desc="encode", unit="img")
-    for names, pixels in encode_batches(cfg, folder, preprocess, image_set):
-        cache = encoder.run_with_cache(pixels.to(encoder.device, encoder.dtype))
-        embeds = lens_embeddings(encoder, cache, components, cfg.lens)
-        scores = score(encoder, cache, components, embeds)
-        check_finite(cfg.lens, cfg.dtype, names, components, cache.embeds, embeds, scores)
-        # one transfer per batch, not one per value (each .item() would wait for the GPU)
-        sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
-        lens_cpu, clean_cpu = embeds.float().cpu(), cache.embeds.float().cpu()
-        for i, name in enumerate(names):
-            rows = []
-            for k, comp in enumerate(components):
-                row = _base_row(cfg, name, comp)
-                row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k])
-                rows.append(row)
-            scored.append(Scored(name, lens_cpu[i], clean_cpu[i], rows))
-        bar.update(len(pixels))
-    bar.close()
+    with tqdm(total=len(image_set.images), desc="encode", unit="img") as bar:  # closed on an error too
+        for names, pixels in encode_batches(cfg, folder, preprocess, image_set):
+            scored += _score_batch(cfg, encoder, components, names, pixels)
+            bar.update(len(names))
     if not scored:
         raise UserError(f"no readable image; skipped: {image_set.skipped[:3]}")
+    return scored
+
+
+def _score_batch(cfg, encoder, components: list[Component], names: list[str], pixels: torch.Tensor) -> list[Scored]:
+    cache = encoder.run_with_cache(pixels.to(encoder.device, encoder.dtype))
+    embeds = lens_embeddings(encoder, cache, components, cfg.lens)
+    scores = score(encoder, cache, components, embeds)
+    check_finite(cfg.lens, cfg.dtype, names, components, cache.embeds, embeds, scores)
+    # one transfer per batch, not one per value (each .item() would wait for the GPU)
+    sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
+    lens_cpu, clean_cpu = embeds.float().cpu(), cache.embeds.float().cpu()
+    scored = []
+    for i, name in enumerate(names):
+        rows = []
+        for k, comp in enumerate(components):
+            row = _base_row(cfg, name, comp)
+            row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k])
+            rows.append(row)
+        scored.append(Scored(name, lens_cpu[i], clean_cpu[i], rows))
     return scored
 
 
@@ -188,11 +194,12 @@ def verify_steering(cfg, encoder, preprocess, image_set: ImageSet, components: l
     """Largest |closed form - hooked reference| over all images and components (`lens.verify=true`)."""
     worst = 0.0
     items = {item.name: item for item in image_set.images}
-    for result in tqdm(scored, desc="verify", unit="img"):
-        pixels = preprocess(items[result.name].load()).unsqueeze(0).to(encoder.device, encoder.dtype)
-        for k, comp in enumerate(components):
-            hooked = encoder.steer_hooked(pixels, comp, mode=cfg.lens.mode, alpha=float(cfg.lens.alpha))
-            worst = max(worst, (hooked[0].float().cpu() - result.embeds[k]).abs().max().item())
+    with tqdm(scored, desc="verify", unit="img") as bar:
+        for result in bar:
+            pixels = preprocess(items[result.name].load()).unsqueeze(0).to(encoder.device, encoder.dtype)
+            for k, comp in enumerate(components):
+                hooked = encoder.steer_hooked(pixels, comp, mode=cfg.lens.mode, alpha=float(cfg.lens.alpha))
+                worst = max(worst, (hooked[0].float().cpu() - result.embeds[k]).abs().max().item())
     return worst
 
 
@@ -231,23 +238,31 @@ def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, score
     negative = encoder.zero_embed().float().cpu()
     batches = decoder.iter_decode(embeds, negative, [cfg.seed] * len(plan), cfg.decode.height, cfg.decode.width,
                                   cfg.decode.steps, float(cfg.decode.guidance), cfg.decode.batch_size)
-    for indices, pictures in batches:
-        rows = [dict(scored[plan[index][0]].rows[plan[index][1]]) for index in indices]
-        check_finite_pictures(pictures, [f"{row['image']} {row['component']}" for row in rows], cfg.decode)
-        saved = [to_pil(picture) for picture in pictures]
-        for row, picture in zip(rows, saved):
-            row["file"] = folder.picture(row["image"], row["lens"], row["component"])
-            save_png(folder.path / row["file"], picture)
-        # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
-        pixels = torch.stack([preprocess(p) for p in saved]).to(encoder.device, encoder.dtype)
-        again = encoder.embed(pixels).float().cpu()
-        clean = torch.stack([scored[plan[index][0]].clean for index in indices])
-        sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
-        for row, sim in zip(rows, sims):
-            row["sim_decoded"] = sim.item()
-        csv_log.append(rows)
-        manifest.update(decoded=manifest.data.get("decoded", 0) + len(rows))
+    with closing(batches):  # on an error, the decoder's progress bar ends its line before the message
+        for indices, pictures in batches:
+            _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
+            manifest.update(decoded=manifest.data.get("decoded", 0) + len(indices))
     return len(plan)
+
+
+def _write_batch(cfg, encoder, preprocess, folder: RunFolder, scored: list[Scored], items: list[tuple[int, int]],
+                 pictures, csv_log: CsvLog) -> None:
+    """One decoded batch (items: (image, component) indices; pictures [B, H, W, 3] in [0, 1]): the PNGs,
+    then their CSV rows with sim_decoded."""
+    rows = [dict(scored[i].rows[k]) for i, k in items]
+    check_finite_pictures(pictures, [f"{row['image']} {row['component']}" for row in rows], cfg.decode)
+    saved = [to_pil(picture) for picture in pictures]
+    for row, picture in zip(rows, saved):
+        row["file"] = folder.picture(row["image"], row["lens"], row["component"])
+        save_png(folder.path / row["file"], picture)
+    # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
+    pixels = torch.stack([preprocess(p) for p in saved]).to(encoder.device, encoder.dtype)
+    again = encoder.embed(pixels).float().cpu()
+    clean = torch.stack([scored[i].clean for i, _ in items])
+    sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
+    for row, sim in zip(rows, sims):
+        row["sim_decoded"] = sim.item()
+    csv_log.append(rows)
 
 
 def start_csv(cfg, folder: RunFolder, scored: list[Scored], previous: list[dict],
