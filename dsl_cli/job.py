@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dsl_cli.errors import Interrupted, UserError, bug_message, report
+from dsl_cli.errors import Interrupted, UserError, bug_message, printable, report
 from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # with SIGINT: what a scheduler and a closed terminal send
@@ -113,8 +113,8 @@ def task(cfg: DictConfig) -> None:
 def _record(folder: RunFolder, err: BaseException) -> None:
     """The manifest's status and reason for a job that did not complete; on a full disk the space kept in
     the folder's lock is given back first, so that this last write fits."""
-    values = ({"status": "interrupted", "error": f"interrupted by {err}"} if isinstance(err, KeyboardInterrupt)
-              else {"status": "failed", "error": _reason(err)})
+    values = ({"status": "interrupted", "error": f"interrupted by {_signal_name(err)}"}
+              if isinstance(err, KeyboardInterrupt) else {"status": "failed", "error": _reason(err)})
     manifest = Manifest(folder.path / "manifest.json")
     try:
         manifest.update(**values)
@@ -124,6 +124,10 @@ def _record(folder: RunFolder, err: BaseException) -> None:
             manifest.update(**values)
         except UserError as again:
             report(f"could not record the failure in {manifest.path}: {again}")
+
+
+def _signal_name(err: KeyboardInterrupt) -> str:
+    return err.args[0] if isinstance(err, Interrupted) else "SIGINT"
 
 
 def _reason(err: BaseException) -> str:
@@ -136,8 +140,8 @@ def _report(err: BaseException, folder: Path, num: int | None) -> None:
     """One line for the user; the exit status (at once, or at the end of a sweep: `num` is the sweep job's)."""
     resume = f"`dsl run resume={folder}` completes the run"
     if isinstance(err, KeyboardInterrupt):
-        name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"
-        print(f"\ndsl: interrupted ({name}); finished pictures are kept: {resume}", file=sys.stderr)
+        print("\n" + printable(f"dsl: interrupted ({_signal_name(err)}); finished pictures are kept: {resume}"),
+              file=sys.stderr)
         sys.exit(err.exit_status if isinstance(err, Interrupted) else 130)
     if isinstance(err, UserError):
         message, status = str(err) + (f"; once that is fixed, {resume}" if err.resumable else ""), 2

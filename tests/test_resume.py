@@ -227,6 +227,22 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_a_disk_full_from_the_start_is_refused_leaving_no_file(small_disk: Path) -> None:
+    """Nothing half-written either (Hydra's own `.hydra/*.yaml` used to be left empty)."""
+    with open(small_disk / "ballast", "wb", buffering=0) as ballast:
+        try:
+            while ballast.write(b"\1" * 65536):
+                pass
+        except OSError:  # the disk is full
+            pass
+    folder = small_disk / "run"
+    result = dsl("run", *CONFIG, f"hydra.run.dir={folder}", cwd=small_disk)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("dsl: error:")]
+    assert "No space left on device" in line
+    assert not [p for p in folder.rglob("*") if p.is_file()]
+
+
 def pages(path: Path) -> int:
     return -(-path.stat().st_size // 4096) * 4096
 

@@ -203,6 +203,15 @@ def finished(tmp_path_factory) -> Path:
     return root / "run"
 
 
+def test_csv_rows_are_sorted_by_image_then_component_order(finished: Path) -> None:
+    """Also with decode.top_k, whose undecoded rows are written before the decoded ones."""
+    with open(finished / "similarity.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    heads = [f"L01H0{h}" for h in range(4)]  # debug=tiny: layer 1, its 4 heads
+    assert [(r["image"], r["component"]) for r in rows] == [(i, c) for i in ("astronaut", "chelsea") for c in heads]
+    assert sum(1 for r in rows if r["file"]) == 4  # top 2 of each image decoded
+
+
 @pytest.mark.parametrize("command", ["plot", "resume"])
 def test_a_csv_row_naming_a_path_is_refused_and_nothing_is_written_outside(command: str, finished: Path,
                                                                            tmp_path: Path, monkeypatch, capsys) -> None:
