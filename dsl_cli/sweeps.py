@@ -75,6 +75,12 @@ def continues_in_place(cfg: DictConfig, run_dir: Path) -> bool:
     return in_resumed_sweep or requeued_run(run_dir)
 
 
+def resumes(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether a job continues what is in `run_dir` (`resume=`, a requeue, a resumed sweep) rather than
+    starting afresh, where a folder that holds a run is refused."""
+    return bool(cfg.resume) or continues_in_place(cfg, run_dir)
+
+
 def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
     """`dsl run resume=SWEEP_DIR`: the sweep's saved command line again, into its own folder, where complete
     jobs are skipped and the others continue (or start). Hydra overrides in `args` (a partition, a time

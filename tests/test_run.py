@@ -20,6 +20,7 @@ from PIL import Image
 from dsl_cli import cli
 from dsl_cli.encoder import build_tiny_visual, load_encoder
 from dsl_cli.config import EncoderConfig
+from dsl_cli.outputs import TEMP_SUFFIX
 
 DSL = str(Path(sys.executable).parent / "dsl")
 N_IMAGES, N_LAYERS, N_HEADS = 2, 4, 4  # two sample photos; debug=tiny's ViT has 4 layers of 4 heads
@@ -96,7 +97,7 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
     assert manifest["stages_done"] == ["images", "encoder", "lens", "decoder", "decode", "write"]
     assert manifest["scheduler"] == "DDPMScheduler"  # decode.scheduler=ddpm, as recorded by the run
     assert (folder / "dsl.log").is_file() and (folder / "index.html").is_file()
-    assert not list(folder.rglob("*.tmp")), "a temporary file was left behind"
+    assert not list(folder.rglob(f"*{TEMP_SUFFIX}")), "a temporary file was left behind"
 
 
 @pytest.mark.parametrize("lens", list(LENS_RUNS))
