@@ -233,6 +233,18 @@ def plan_decoding(cfg, scored: list[Scored]) -> list[tuple[int, int]]:
     return plan
 
 
+def build_decoder(cfg, device: torch.device, manifest: Manifest):
+    """The decoder in `decode.dtype` with the `decode` speed switches; its scheduler class, dtype and switches
+    recorded in the manifest."""
+    with manifest.stage("decoder"):
+        decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
+                               scheduler=cfg.decode.scheduler, channels_last=cfg.decode.channels_last,
+                               compile_unet=cfg.decode.compile)
+    manifest.update(scheduler=type(decoder.pipe.scheduler).__name__, decoder_dtype=dtype_name(decoder.dtype),
+                    channels_last=cfg.decode.channels_last, compile_unet=cfg.decode.compile)
+    return decoder
+
+
 def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, scored: list[Scored],
                      plan: list[tuple[int, int]], csv_log: CsvLog, manifest: Manifest) -> int:
     """Decode the planned items; write each picture, then its CSV row (with sim_decoded), batch by batch;
@@ -402,13 +414,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     plan = start_csv(cfg, folder, scored, previous, csv_log)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan))
     if plan:
-        with manifest.stage("decoder"):
-            decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
-                                   scheduler=cfg.decode.scheduler, channels_last=cfg.decode.channels_last,
-                                   compile_unet=cfg.decode.compile)
-            manifest.update(scheduler=type(decoder.pipe.scheduler).__name__)
-        manifest.update(decoder_dtype=dtype_name(decoder.dtype), channels_last=cfg.decode.channels_last,
-                        compile_unet=cfg.decode.compile)
+        decoder = build_decoder(cfg, device, manifest)
         with manifest.stage("decode"):
             decode_and_write(cfg, encoder, preprocess, decoder, folder, scored, plan, csv_log, manifest)
     _write_stage(cfg, folder, scored, csv_log, manifest)
