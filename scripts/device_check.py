@@ -276,6 +276,12 @@ def run_steps(check: Check, only: Optional[set[str]]) -> None:
             say(check, f"{name}: skipped ({statuses[name]['reason']})")
             check.save()
             continue
+        missing = missing_requirement(check, name)
+        if missing:
+            statuses[name] = {"status": "skipped", "reason": missing}
+            say(check, f"{name}: skipped ({missing})")
+            check.save()
+            continue
         argv = argv_of(check, name)
         say(check, f"{name}: start (about {estimate:.0f} s on an H100; {left:.0f} s left)")
         status, seconds = run_process(check, name, argv, left if not check.dry else 1800)
@@ -283,6 +289,13 @@ def run_steps(check: Check, only: Optional[set[str]]) -> None:
         collect(check, name, seconds)
         check.save()
         say(check, f"{name}: {status} in {seconds:.0f} s")
+
+
+def missing_requirement(check: Check, name: str) -> Optional[str]:
+    """Why a step cannot run here, if it cannot: inductor compiles C++ for the CPU (Triton on the GPU)."""
+    if name == "compile" and check.dry and not shutil.which(os.environ.get("CXX", "g++")):
+        return "no C++ compiler for inductor on the CPU (install g++)"
+    return None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 import device_check  # noqa: E402  (a script beside the benchmarks, not a package)
 from device_check_report import GOALS, markdown, summarise  # noqa: E402
+
+HAS_CXX = bool(shutil.which(os.environ.get("CXX", "g++")))
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +34,10 @@ def dry_run(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_dry_run_runs_every_step(dry_run) -> None:
     out, data = dry_run
-    assert {name: step["status"] for name, step in data["steps"].items()} == {name: "ok" for name, _, _ in device_check.STEPS}
+    expected = {name: "ok" for name, _, _ in device_check.STEPS}
+    if not HAS_CXX:
+        expected["compile"] = "skipped"  # inductor needs a C++ compiler on the CPU
+    assert {name: step["status"] for name, step in data["steps"].items()} == expected
     # five files at most: what comes back from the GPU machine is limited to eight
     assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.log", "device_check.md",
                                                     "e2e_manifest.json", "gpu_tests.xml"]
@@ -44,10 +50,11 @@ def test_dry_run_fills_every_field(dry_run) -> None:
     decoder = data["decoder"]
     for key in ("tflop_per_picture", "matmul_peak_tflops", "naive_pictures_per_s", "size", "steps"):
         assert decoder[key] > 0, key
+    compiled = {("fp32", False, True)} if HAS_CXX else set()  # the compile step needs a C++ compiler here
     assert {r["step"] for r in decoder["rows"]} == {"decoder_main", "decode_only", "decoder_fp16", "channels_last",
-                                                    "compile"}
+                                                    *(["compile"] if HAS_CXX else [])}
     assert {(r["dtype"], r["channels_last"], r["compile"]) for r in decoder["rows"]} >= {
-        ("bf16", False, False), ("fp16", False, False), ("bf16", True, False), ("fp32", False, True)}
+        ("bf16", False, False), ("fp16", False, False), ("bf16", True, False), *compiled}
     assert {r["dtype"] for r in data["encoder"]["rows"]} == {"fp32", "bf16"}
     run = data["end_to_end"]
     assert run["status"] == "complete" and run["decoded"] == run["pictures"] == 8

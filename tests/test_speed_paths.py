@@ -6,18 +6,21 @@ there), and hand-computed memory sums. The same paths on real CUDA are in test_g
 
 from __future__ import annotations
 
+import os
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from diffusers import KandinskyV22Pipeline
+from PIL import Image
 
 from dsl_cli import run
-from dsl_cli.config import DecoderConfig
+from dsl_cli.config import DecoderConfig, EncoderConfig
 from dsl_cli.decoder import SCHEDULERS, batch_that_fits, host_timesteps, load_decoder
 from dsl_cli.devices import dtype_name, on_device
-from dsl_cli.encoder import HookedEncoder, build_tiny_visual
+from dsl_cli.encoder import HookedEncoder, build_tiny_visual, load_encoder
 
 KW = dict(height=64, width=64, steps=2, guidance=4.0, progress=False)
 COMPONENTS = [f"L{l}H{h}" for l in range(4) for h in range(4)] + [f"L{l}MLP" for l in range(4)]
@@ -72,6 +75,8 @@ def test_channels_last_gives_the_same_pictures(fp32_pictures: np.ndarray) -> Non
     np.testing.assert_allclose(got, fp32_pictures, atol=1e-3)  # measured: 1.6e-4
 
 
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile's inductor needs a C++ compiler on the CPU (install g++)")
 def test_compiled_unet_gives_the_same_pictures(fp32_pictures: np.ndarray) -> None:
     """Inductor on the CPU (a C++ compiler builds its kernels: about a minute the first time, seconds once
     inductor's on-disk cache holds the graph; `device_check.sh --dry-run` compiles the same shapes)."""
@@ -185,6 +190,17 @@ def test_encoder_leaves_the_gpu_only_when_decoding_needs_the_room() -> None:
     assert run.fit_decoding(_decode_cfg("auto"), few.encoder, few.decoder, 2) == (2, False)
     fixed = FakeGpu({True: 1, False: 9})  # a batch size given by the user is used as it is
     assert run.fit_decoding(_decode_cfg(6), fixed.encoder, fixed.decoder, 80) == (6, False)
+
+
+def test_decoded_pictures_are_re_encoded_in_encoder_batches() -> None:
+    encoder, preprocess = load_encoder(EncoderConfig(source="tiny"))
+    pictures = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue", "white", "black")]
+    passes: list[int] = []
+    handle = encoder.visual.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    got = run.reencode(encoder, preprocess, pictures, batch_size=2)
+    handle.remove()
+    assert passes == [2, 2, 1] and got.dtype == torch.float32 and got.device.type == "cpu"
+    torch.testing.assert_close(got, encoder.embed(torch.stack([preprocess(p) for p in pictures])), atol=1e-5, rtol=1e-5)
 
 
 def test_on_device_moves_for_the_block_and_back() -> None:
