@@ -312,7 +312,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
             decode_and_write(cfg, encoder, preprocess, decoder, run_dir, scored, plan, csv_log, manifest)
 
     with manifest.stage("write"):
-        order = {(s.name, row["component"]): n for n, s in enumerate(scored) for row in s.rows}
+        # image, then component order (decode.top_k appends the decoded rows after the others)
+        order = {key: n for n, key in enumerate((s.name, row["component"]) for s in scored for row in s.rows)}
         rows = sorted(read_csv(csv_log.path), key=lambda r: order.get((r["image"], r["component"]), len(order)))
         csv_log.rewrite(_finish_rows(cfg, rows))
         figures = redraw(run_dir)
