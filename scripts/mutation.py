@@ -191,6 +191,12 @@ def results(workdir: Path) -> dict[str, str]:
     return out
 
 
+def undetected(workdir: Path, modules: list[str]) -> list[str]:
+    """Names of the mutants of `modules` that the last run in `workdir` left undetected."""
+    return sorted(name for name, state in results(workdir).items()
+                  if state in UNDETECTED and module_of(name, modules) is not None)
+
+
 def module_of(name: str, modules: list[str]) -> str | None:
     from fnmatch import fnmatch
 
@@ -242,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dsl-mutation"))
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
     parser.add_argument("--named", action="store_true", help="only plant the named bugs and run their tests")
+    parser.add_argument("--again", action="store_true",
+                        help="test the last run's undetected mutants again with the checkout's current tests")
     parser.add_argument("--report-only", action="store_true", help="score the last run in --workdir again")
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
@@ -251,9 +259,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.named:
         return named(args.workdir)
     command = "python scripts/mutation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if not args.report_only:
+    if args.again:
+        chosen = undetected(args.workdir, modules)
+        for target in (args.workdir / "tests", args.workdir / "mutants" / "tests"):
+            shutil.rmtree(target)
+            shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__"))
+    elif not args.report_only:
         copy_tree(args.workdir)
         chosen = [p for m in modules for p in patterns(m)]
+    if not args.report_only and chosen:
         done = mutmut(args.workdir, "run", "--max-children", str(args.jobs), *chosen)
         if done.returncode:
             print(f"mutmut stopped with status {done.returncode}", file=sys.stderr)
