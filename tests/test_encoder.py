@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
@@ -317,3 +318,125 @@ def test_bigg_random_weights_give_all_dsl_embeddings():
     assert steered.shape == (1, 816, 1280) and torch.isfinite(steered).all()
     total = cache.resid[:, 0] + cache.head_writes.sum((1, 2)) + cache.attn_bias.sum(1) + cache.mlp_writes.sum(1)
     torch.testing.assert_close(total, cache.resid[:, -1], atol=1e-3, rtol=1e-4)
+
+
+# ---- cache names, casts, loading paths and their messages (mutation testing: docs/testing.md) ---------
+
+def test_cache_names_at_the_edges_and_casts(tiny_encoder, tiny_pixels):
+    cache = tiny_encoder.run_with_cache(tiny_pixels[:2])
+    torch.testing.assert_close(cache["blocks.0.hook_attn_bias"], cache.attn_bias[:, 0])
+    torch.testing.assert_close(cache["blocks.3.hook_resid_mid"], cache.resid_mid[:, 3])
+    torch.testing.assert_close(cache["blocks.0.hook_mlp_out"], cache.mlp_writes[:, 0])
+    assert cache["embeds"] is cache.embeds
+    for bad in ("blocks.4.hook_mlp_out", "blocks.x.hook_mlp_out", "layers.1.hook_mlp_out", "a.b", "embed"):
+        with pytest.raises(KeyError, match=f"no cached tensor named '{bad}'"):
+            cache[bad]
+    assert {t.dtype for t in vars(cache.to(torch.float64)).values()} == {torch.float64}
+    assert {t.dtype for t in vars(cache.to(dtype=torch.float16)).values()} == {torch.float16}
+    with pytest.raises(ValueError, match="the diffusion lens reads residual-stream labels .* not embed"):
+        tiny_encoder.diffusion_lens(cache, ["embed"], mid=True)
+    with pytest.raises(ValueError, match=r"residual-stream labels \(L<layer>, embed\), not L00H01"):
+        tiny_encoder.diffusion_lens(cache, ["L0H1"])
+
+
+def test_zero_embed_in_double_precision(tiny_visual):
+    enc = HookedEncoder(tiny_visual.double())
+    with torch.no_grad():
+        expected = tiny_visual(torch.zeros(1, 3, 64, 64, dtype=torch.float64))
+    assert enc.zero_embed().dtype == torch.float64
+    torch.testing.assert_close(enc.zero_embed(), expected)
+
+
+def hf_config(**kw) -> dict:
+    return dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                patch_size=16, projection_dim=32, **kw)
+
+
+def test_hf_config_defaults_and_unsupported_activation():
+    from open_clip.transformer import LayerNorm
+
+    from dsl_cli.encoder.loading import vision_transformer_from_hf_config
+
+    visual = vision_transformer_from_hf_config(hf_config())  # CLIPVisionConfig's own defaults
+    block = visual.transformer.resblocks[0]
+    assert isinstance(block.mlp.gelu, QuickGELU) and isinstance(block.ln_1, LayerNorm) and block.ln_1.eps == 1e-5
+    assert vision_transformer_from_hf_config(hf_config(layer_norm_eps=1e-6)).ln_post.eps == 1e-6
+    with pytest.raises(UserError) as err:
+        vision_transformer_from_hf_config(hf_config(hidden_act="relu"))
+    assert str(err.value) == "hidden_act 'relu' of the image encoder is not supported (use gelu or quick_gelu)"
+
+
+def test_hf_weights_with_unmapped_keys_are_refused():
+    transformers = pytest.importorskip("transformers")
+    from dsl_cli.encoder.loading import hf_to_open_clip_state_dict
+
+    hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**hf_config())).state_dict()
+    hf["vision_model.embeddings.position_ids"] = torch.arange(5)  # a buffer older files carry: ignored
+    assert "positional_embedding" in hf_to_open_clip_state_dict(dict(hf), 1)
+    extra = {f"extra.{i}": torch.zeros(1) for i in range(6)}
+    with pytest.raises(UserError) as err:
+        hf_to_open_clip_state_dict({**hf, **extra}, 1)
+    assert str(err.value) == ("image encoder weights hold keys that are not mapped: "
+                              "extra.0, extra.1, extra.2, extra.3, extra.4")
+
+
+PRIOR_FETCH = ("`huggingface-cli download kandinsky-community/kandinsky-2-2-prior --include "
+               "'image_encoder/config.json' 'image_encoder/*.safetensors'`")
+
+
+def test_prior_folders_without_weights_are_refused(tmp_path):
+    for files in ([], ["config.json"], ["model.safetensors"]):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+        with pytest.raises(UserError) as err:
+            load_encoder(encoder_config(source="kandinsky_prior", checkpoint=str(folder)))
+        assert str(err.value) == (f"{folder} must hold config.json and model.safetensors (a "
+                                  f"CLIPVisionModelWithProjection); fetch them with {PRIOR_FETCH}")
+
+
+def test_prior_from_the_hub_cache(tmp_path, monkeypatch):
+    """The cached snapshot's image_encoder/ folder is read; only its config and safetensors are asked for."""
+    transformers = pytest.importorskip("transformers")
+    import huggingface_hub
+
+    torch.manual_seed(0)
+    hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**hf_config(hidden_act="gelu")))
+    hf.save_pretrained(tmp_path / "snapshot" / "image_encoder")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns: asked.append((repo, allow_patterns)) or str(tmp_path / "snapshot"))
+    enc, preprocess = load_encoder(encoder_config(source="kandinsky_prior"))
+    assert asked == [("kandinsky-community/kandinsky-2-2-prior", ["image_encoder/config.json",
+                                                                  "image_encoder/*.safetensors"])]
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.embed(pixels), hf.eval()(pixel_values=pixels).image_embeds, **TOL)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(picture), preprocess(picture))  # no random crops: the eval transform
+
+
+def test_offline_prior_message_names_the_download(offline_empty_hub):
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(source="kandinsky_prior"))
+    assert str(err.value) == (
+        "the image encoder of kandinsky-community/kandinsky-2-2-prior (image_encoder/) is not in the Hugging Face "
+        f"cache and could not be downloaded: run {PRIOR_FETCH} or set encoder.checkpoint=/path/to/folder "
+        "(config.json + model.safetensors)")
+
+
+def test_open_clip_messages_name_the_fix(offline_empty_hub):
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    assert "fetch them with `huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K` or set" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(name="No-Such-Model"))
+    assert str(err.value) == "unknown open_clip model 'No-Such-Model' (open_clip.list_models() lists the known ones)"
+
+
+def test_random_open_clip_weights_keep_the_models_activation():
+    enc, _ = load_encoder(encoder_config(name="ViT-B-32-quickgelu", pretrained=None))
+    assert isinstance(enc.blocks[0].mlp.gelu, QuickGELU)
+    enc, _ = load_encoder(encoder_config(name="ViT-S-32", pretrained=None))
+    assert not isinstance(enc.blocks[0].mlp.gelu, QuickGELU)
