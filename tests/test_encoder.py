@@ -440,3 +440,33 @@ def test_random_open_clip_weights_keep_the_models_activation():
     assert isinstance(enc.blocks[0].mlp.gelu, QuickGELU)
     enc, _ = load_encoder(encoder_config(name="ViT-S-32", pretrained=None))
     assert not isinstance(enc.blocks[0].mlp.gelu, QuickGELU)
+
+
+def test_inputs_are_cast_to_the_encoders_precision(tiny_visual, tiny_pixels):
+    """float32 pixels into a float64 (and a bfloat16) encoder: every entry casts them, and the steered write
+    keeps the stream's dtype."""
+    visual = perturb_(tiny_visual)
+    reference = HookedEncoder(copy.deepcopy(visual))
+    enc = HookedEncoder(visual.double())
+    with torch.no_grad():
+        expected = visual(tiny_pixels.double())
+    torch.testing.assert_close(enc.embed(tiny_pixels), expected)
+    cache = enc.run_with_cache(tiny_pixels)
+    torch.testing.assert_close(cache.embeds, expected)
+    for mode in STEER_MODES:
+        hooked = enc.steer_hooked(tiny_pixels, "L1H1", mode, 2.0)
+        assert hooked.dtype == torch.float64
+        torch.testing.assert_close(hooked, enc.steer(cache, ["L1H1"], mode, 2.0)[:, 0])
+    means = enc.mean_writes(tiny_pixels, batch_size=2)
+    assert means.heads.dtype == torch.float32  # accumulated in float32 whatever the encoder's dtype
+    torch.testing.assert_close(means.heads, reference.mean_writes(tiny_pixels).heads, **TOL)
+    assert enc.ablate_hooked(tiny_pixels, ["L1H1", "L2MLP"]).dtype == torch.float64
+    with pytest.raises(ValueError, match="only heads and MLPs can be steered"):
+        enc.steer_hooked(tiny_pixels, "L2")
+
+    low = HookedEncoder(copy.deepcopy(visual).to(torch.bfloat16))
+    for mode in STEER_MODES:
+        steered = low.steer_hooked(tiny_pixels, "L1H1", mode, 2.0)
+        assert steered.dtype == torch.bfloat16
+        torch.testing.assert_close(steered.float(), reference.steer_hooked(tiny_pixels, "L1H1", mode, 2.0),
+                                   atol=0.15, rtol=0.05)
