@@ -470,3 +470,43 @@ def test_inputs_are_cast_to_the_encoders_precision(tiny_visual, tiny_pixels):
         assert steered.dtype == torch.bfloat16
         torch.testing.assert_close(steered.float(), reference.steer_hooked(tiny_pixels, "L1H1", mode, 2.0),
                                    atol=0.15, rtol=0.05)
+    assert low.ablate_hooked(tiny_pixels, ["L1H1", "L2MLP"], how="mean").dtype == torch.bfloat16
+
+
+def test_loaders_set_up_the_models_they_return(monkeypatch):
+    enc, preprocess = load_encoder(encoder_config(source="tiny"), dtype=torch.float64)
+    assert enc.dtype == torch.float64 and not any(p.requires_grad for p in enc.parameters())
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(picture), preprocess(picture))  # the eval transform: no random crops
+    model, tokenizer = load_text_model(encoder_config(name="ViT-S-32", pretrained=None), dtype=torch.float64)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.encode_text(tokenizer(["a photo of a cat"])).dtype == torch.float64
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(source="timm"))
+    assert str(err.value) == "unknown encoder.source 'timm': use open_clip, kandinsky_prior or tiny"
+
+    def refuse(visual):
+        raise NotImplementedError("attentional pooling")
+
+    monkeypatch.setattr("dsl_cli.encoder.loading.HookedEncoder", refuse)
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(source="tiny", name="tiny"))
+    assert str(err.value) == "encoder tiny:tiny cannot be opened up: attentional pooling"
+
+
+def test_text_model_ids():
+    from dsl_cli.encoder import text_model_id
+
+    assert text_model_id(encoder_config(source="tiny")) == ("tiny", None)
+    assert text_model_id(encoder_config(source="kandinsky_prior")) == ("ViT-bigG-14", "laion2b_s39b_b160k")
+    assert text_model_id(encoder_config(source="kandinsky_prior", text_name="ViT-L-14", text_pretrained="openai")) == (
+        "ViT-L-14", "openai")
+    assert text_model_id(encoder_config(name="ViT-B-16", pretrained="openai")) == ("ViT-B-16", "openai")
+
+
+def test_missing_text_weights_name_the_model(offline_empty_hub):
+    for load in (load_text_model, load_encoder):
+        with pytest.raises(UserError) as err:
+            load(encoder_config(name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+        assert str(err.value).startswith("open_clip weights ViT-B-32/laion2b_s34b_b79k could not be loaded (")
+        assert "`huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K`" in str(err.value)
