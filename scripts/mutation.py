@@ -191,10 +191,10 @@ def results(workdir: Path) -> dict[str, str]:
     return out
 
 
-def undetected(workdir: Path, modules: list[str]) -> list[str]:
-    """Names of the mutants of `modules` that the last run in `workdir` left undetected."""
+def undetected(workdir: Path, modules: list[str], also: set[str] = frozenset()) -> list[str]:
+    """Names of the mutants of `modules` that the last run in `workdir` left undetected (or in `also`)."""
     return sorted(name for name, state in results(workdir).items()
-                  if state in UNDETECTED and module_of(name, modules) is not None)
+                  if state in UNDETECTED | also and module_of(name, modules) is not None)
 
 
 def module_of(name: str, modules: list[str]) -> str | None:
@@ -225,7 +225,7 @@ def report(workdir: Path, modules: list[str], command: str) -> float:
     total_detected = total_scored = 0
     for module, by_state in counts.items():
         detected = sum(n for s, n in by_state.items() if s in DETECTED or s.startswith("killed"))
-        scored = sum(n for s, n in by_state.items() if s != "equivalent")
+        scored = detected + sum(n for s, n in by_state.items() if s in UNDETECTED)  # not run: not scored
         total_detected, total_scored = total_detected + detected, total_scored + scored
         score = 100.0 * detected / scored if scored else float("nan")
         print(f"  {module:8s} {score:6.2f} %  ({detected}/{scored})  " +
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help=f"some of {', '.join(MODULES)} (default: all)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/dsl-mutation"))
-    parser.add_argument("--jobs", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument("--jobs", type=int, default=3, help="mutants tested at once (default 3)")
     parser.add_argument("--named", action="store_true", help="only plant the named bugs and run their tests")
     parser.add_argument("--again", action="store_true",
                         help="test the last run's undetected mutants again with the checkout's current tests")
@@ -259,11 +259,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.named:
         return named(args.workdir)
     command = "python scripts/mutation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.again:
-        chosen = undetected(args.workdir, modules)
-        for target in (args.workdir / "tests", args.workdir / "mutants" / "tests"):
-            shutil.rmtree(target)
-            shutil.copytree(ROOT / "tests", target, ignore=shutil.ignore_patterns("__pycache__"))
+    if args.again:  # the last run's survivors and the mutants it did not reach, with today's tests
+        chosen = undetected(args.workdir, modules, also={"not checked"})
+        for target in (args.workdir, args.workdir / "mutants"):
+            shutil.rmtree(target / "tests")
+            shutil.copytree(ROOT / "tests", target / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(ROOT / "pyproject.toml", target / "pyproject.toml")
     elif not args.report_only:
         copy_tree(args.workdir)
         chosen = [p for m in modules for p in patterns(m)]
