@@ -215,3 +215,21 @@ def test_scheduler_precision_and_memory_layout_options(scheduler: str) -> None:
     embeds, negative = _inputs(1)
     image = dec.decode(embeds, negative, 0, batch_size=0, **KW)  # a batch size below 1 decodes one at a time
     assert image.shape == (1, SIZE, SIZE, 3) and np.isfinite(image).all()
+
+
+def test_pretrained_decoder_is_loaded_from_the_folder_or_the_hub(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    calls = []
+
+    def record(source, **kwargs):
+        calls.append((source, kwargs))
+        raise OSError("not cached")
+
+    monkeypatch.setattr(KandinskyV22Pipeline, "from_pretrained", record)
+    with pytest.raises(UserError) as err:
+        load_decoder(DecoderConfig(source="pretrained"), dtype=torch.float16)
+    assert str(err.value).startswith(
+        "cannot load the Kandinsky 2.2 decoder 'kandinsky-community/kandinsky-2-2-decoder' (OSError): run `")
+    with pytest.raises(UserError, match=f"decoder '{tmp_path}' \\(OSError\\)"):
+        load_decoder(DecoderConfig(source="pretrained", path=str(tmp_path)))
+    assert calls == [("kandinsky-community/kandinsky-2-2-decoder", {"torch_dtype": torch.float16}),
+                     (str(tmp_path), {"torch_dtype": torch.float32})]
