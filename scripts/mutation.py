@@ -115,6 +115,26 @@ def copy_tree(workdir: Path) -> None:
         rewrap_decorators(path)
 
 
+def sync_sources(workdir: Path) -> None:
+    """Bring changed package files into `workdir`; mutmut makes their mutants afresh (their results go)."""
+    for source in (ROOT / "dsl_cli").rglob("*"):
+        if source.is_dir() or "__pycache__" in source.parts:
+            continue
+        relative = source.relative_to(ROOT)
+        copy = workdir / relative
+        staged = workdir / "staged.tmp"
+        shutil.copy2(source, staged)
+        if source.suffix == ".py":
+            rewrap_decorators(staged)
+        if copy.exists() and copy.read_bytes() == staged.read_bytes():
+            staged.unlink()
+            continue
+        print(f"changed since the last run: {relative}")
+        staged.replace(copy)
+        for stale in (workdir / "mutants" / relative, workdir / "mutants" / f"{relative}.meta"):
+            stale.unlink(missing_ok=True)
+
+
 def rewrap_decorators(path: Path) -> None:
     """Move `@torch.inference_mode()` (and `@torch.no_grad()`) from each def to the end of the module."""
     source = path.read_text()
@@ -261,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python scripts/mutation.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.again:  # the last run's survivors and the mutants it did not reach, with today's tests
         chosen = undetected(args.workdir, modules, also={"not checked"})
+        sync_sources(args.workdir)
         for target in (args.workdir, args.workdir / "mutants"):
             shutil.rmtree(target / "tests")
             shutil.copytree(ROOT / "tests", target / "tests", ignore=shutil.ignore_patterns("__pycache__"))
