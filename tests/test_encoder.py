@@ -414,7 +414,7 @@ def test_prior_from_the_hub_cache(tmp_path, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(enc.embed(pixels), hf.eval()(pixel_values=pixels).image_embeds, **TOL)
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
-    torch.testing.assert_close(preprocess(picture), preprocess(picture))  # no random crops: the eval transform
+    torch.testing.assert_close(preprocess(picture), eval_transform(32)(picture))  # the prior's processor
 
 
 def test_offline_prior_message_names_the_download(offline_empty_hub):
@@ -435,9 +435,18 @@ def test_open_clip_messages_name_the_fix(offline_empty_hub):
     assert str(err.value) == "unknown open_clip model 'No-Such-Model' (open_clip.list_models() lists the known ones)"
 
 
+def eval_transform(size: int):
+    """Shortest-edge bicubic resize, centre crop, OpenAI mean/std: open_clip's evaluation transform."""
+    import open_clip
+
+    return open_clip.image_transform(size, is_train=False)
+
+
 def test_random_open_clip_weights_keep_the_models_activation():
-    enc, _ = load_encoder(encoder_config(name="ViT-B-32-quickgelu", pretrained=None))
+    enc, preprocess = load_encoder(encoder_config(name="ViT-B-32-quickgelu", pretrained=None))
     assert isinstance(enc.blocks[0].mlp.gelu, QuickGELU)
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (180, 300, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(picture), eval_transform(224)(picture))
     enc, _ = load_encoder(encoder_config(name="ViT-S-32", pretrained=None))
     assert not isinstance(enc.blocks[0].mlp.gelu, QuickGELU)
 
@@ -477,7 +486,7 @@ def test_loaders_set_up_the_models_they_return(monkeypatch):
     enc, preprocess = load_encoder(encoder_config(source="tiny"), dtype=torch.float64)
     assert enc.dtype == torch.float64 and not any(p.requires_grad for p in enc.parameters())
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
-    torch.testing.assert_close(preprocess(picture), preprocess(picture))  # the eval transform: no random crops
+    torch.testing.assert_close(preprocess(picture), eval_transform(64)(picture))
     model, tokenizer = load_text_model(encoder_config(name="ViT-S-32", pretrained=None), dtype=torch.float64)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert model.encode_text(tokenizer(["a photo of a cat"])).dtype == torch.float64
@@ -510,3 +519,5 @@ def test_missing_text_weights_name_the_model(offline_empty_hub):
             load(encoder_config(name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
         assert str(err.value).startswith("open_clip weights ViT-B-32/laion2b_s34b_b79k could not be loaded (")
         assert "`huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K`" in str(err.value)
+    with pytest.raises(UserError, match="fetch them with a download or set encoder.checkpoint"):
+        load_encoder(encoder_config(name="ViT-B-32", pretrained="no_such_tag"))  # not a hub tag: no command
