@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.named:
         return named(args.workdir)
     command = "python scripts/mutation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.again:  # the last run's survivors and the mutants it did not reach, with today's tests
-        chosen = undetected(args.workdir, modules, also={"not checked"})
+    if args.again:  # the last run's survivors, timeouts and the mutants it did not reach, with today's tests
+        chosen = undetected(args.workdir, modules, also={"not checked", "timeout"})
         sync_sources(args.workdir)
         for target in (args.workdir, args.workdir / "mutants"):
             shutil.rmtree(target / "tests")
