@@ -248,8 +248,10 @@ def report(workdir: Path, modules: list[str], command: str) -> float:
         scored = detected + sum(n for s, n in by_state.items() if s in UNDETECTED)  # not run: not scored
         total_detected, total_scored = total_detected + detected, total_scored + scored
         score = 100.0 * detected / scored if scored else float("nan")
-        print(f"  {module:8s} {score:6.2f} %  ({detected}/{scored})  " +
-              ", ".join(f"{s}: {n}" for s, n in sorted(by_state.items())))
+        timeouts = by_state.get("timeout", 0)
+        low = 100.0 * (detected - timeouts) / scored if scored else float("nan")
+        print(f"  {module:8s} {score:6.2f} %  ({detected}/{scored}; {low:.2f} % if every timeout were a survivor)  "
+              + ", ".join(f"{s}: {n}" for s, n in sorted(by_state.items())))
     overall = 100.0 * total_detected / total_scored if total_scored else float("nan")
     print(f"  {'all':8s} {overall:6.2f} %  ({total_detected}/{total_scored})")
     with open(workdir / "survivors.txt", "w") as out:
