@@ -316,7 +316,14 @@ class HookedEncoder(nn.Module):
         final = clean[(-1, "final")]
 
         def steer_write(write: Tensor, c: Tensor) -> Tensor:
-            return write + steering_delta(c, final, mode, alpha)
+            # The definitions of DESIGN.md section 3 written out again rather than through `steering_delta`:
+            # a reference that shared the closed form's delta would agree with it even when that is wrong.
+            if mode == "scale":  # the write c becomes alpha * c
+                return write - c + alpha * c
+            if mode == "add":
+                return write + alpha * c
+            unit = nn.functional.normalize(c.float(), dim=-1)  # a zero write stays zero
+            return write + (alpha * final.float().norm(dim=-1, keepdim=True) * unit).to(write.dtype)
 
         steered: dict[tuple[int, str], Callable] = {}
         if target.kind == "head":
