@@ -106,7 +106,10 @@ class EncoderCache:
         `blocks.0.hook_resid_pre`."""
         if name in ("embeds", "hook_embed"):
             return self.embeds if name == "embeds" else self.resid[:, 0]
-        point = parse_hook_name(name, self.mlp_writes.shape[1])
+        try:
+            point = parse_hook_name(name, self.mlp_writes.shape[1])
+        except KeyError:
+            raise KeyError(f"no cached tensor named {name!r}") from None
         if point.point == "hook_attn_bias":
             return self.attn_bias[:, point.layer]
         if point.point == "hook_attn_out":  # the heads' writes and the output bias, summed
@@ -380,13 +383,23 @@ class HookedEncoder(nn.Module):
         return self.run_with_hooks(pixels, list(steered.items()))
 
     def _steering_hooks(self, target: Component, final: Tensor, mode: str, alpha: float) -> list[tuple[str, HookFn]]:
-        """The hooks that add delta(c) to the target's write c at every token (final [B, T, D])."""
+        """The hooks that steer the target's write c at every token (final [B, T, D])."""
+
+        def steer_write(write: Tensor, c: Tensor) -> Tensor:
+            # The definitions of DESIGN.md section 3 written out again rather than through `steering_delta`:
+            # a reference that shared the closed form's delta would agree with it even when that is wrong.
+            if mode == "scale":  # the write c becomes alpha * c
+                return write - c + alpha * c
+            if mode == "add":
+                return write + alpha * c
+            unit = nn.functional.normalize(c.float(), dim=-1)  # a zero write stays zero
+            return write + (alpha * final.float().norm(dim=-1, keepdim=True) * unit).to(write.dtype)
+
         if target.kind == "mlp":
-            return [(target.hook_name, lambda out, hook: out + steering_delta(out, final, mode, alpha))]
-        seen: dict[str, Tensor] = {}  # the head's write, read at attn.hook_result, added at hook_attn_out
+            return [(target.hook_name, lambda out, hook: steer_write(out, out))]
+        seen: dict[str, Tensor] = {}  # the head's write, read at attn.hook_result, steered at hook_attn_out
         return [(target.hook_name, lambda writes, hook: seen.__setitem__("c", writes[:, :, target.head])),
-                (f"blocks.{target.layer}.hook_attn_out",
-                 lambda out, hook: out + steering_delta(seen["c"], final, mode, alpha))]
+                (f"blocks.{target.layer}.hook_attn_out", lambda out, hook: steer_write(out, seen["c"]))]
 
     # ---- ablation in a real forward pass (interventional studies) -------------------------------
     @torch.inference_mode()
