@@ -47,7 +47,7 @@ folder), redraw every run below it.
 """
 
 
-def _fail(message: str) -> int:
+def _fail(message: "str | UserError") -> int:
     report(message)
     return 2
 
@@ -137,7 +137,7 @@ def _run(args: list[str]) -> int:
     try:
         extra = _resume_overrides(args)
     except UserError as err:
-        return _fail(str(err))
+        return _fail(err)
     app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
     saved_argv = sys.argv
     sys.argv = ["dsl run", *_flags_first([_path_override(arg) for arg in [*args, *extra]])]
@@ -163,7 +163,7 @@ def _plot(args: list[str]) -> int:
     try:
         drawn = redraw_folder(Path(args[0])) | redraw_sweeps(Path(args[0]))
     except UserError as err:
-        return _fail(str(err))
+        return _fail(err)
     except Exception as err:  # noqa: BLE001 - a bug: one line, status 1
         report(bug_message(err))
         return 1
@@ -183,7 +183,7 @@ def _merge(args: list[str]) -> int:
     try:
         manifest = merge_sweep(folder)
     except UserError as err:
-        return _fail(str(err))
+        return _fail(err)
     print("\n".join(summary_lines(folder, manifest)))
     return 0
 

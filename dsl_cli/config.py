@@ -53,7 +53,7 @@ class DecodeConfig:
     width: int = 512
     steps: int = 100
     guidance: float = 4.0
-    scheduler: str = "ddpm"  # ddpm | ddim | dpm | unipc
+    scheduler: str = "ddpm"  # ddpm | ddim | dpm
     batch_size: Any = "auto"  # pictures per pipeline call: auto (fitted to free GPU memory; 8 on the CPU) or a number
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
     channels_last: bool = False  # NHWC UNet and MoVQ (cuDNN's channels-last kernels)

@@ -27,7 +27,6 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     KandinskyV22Pipeline,
     UNet2DConditionModel,
-    UniPCMultistepScheduler,
     VQModel,
 )
 from PIL import Image
@@ -44,8 +43,7 @@ SCHEDULERS = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
     "dpm": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
+}  # not UniPC: diffusers' Kandinsky 2.2 pipeline passes `generator` to `step()`, which UniPC does not take
 
 # The Kandinsky 2.2 decoder's architecture (DESIGN.md section 2): UNet 1.253 B and MoVQ 67.8 M parameters.
 REAL_UNET = dict(

@@ -19,6 +19,7 @@ Every file is written under a temporary name and renamed, so a killed run never 
 from __future__ import annotations
 
 import csv
+import errno
 import html
 import io
 import json
@@ -324,14 +325,34 @@ class RunFolder:
 
     @staticmethod
     def _create(path: Path, owner: LockOwner, reserve: int) -> bool:
-        """Create `path` holding `owner` (and `reserve` incompressible bytes) unless it exists: atomic."""
+        """Create `path` holding `owner` (and `reserve` incompressible bytes) unless it exists: atomic, and
+        never seen empty: the content is written to a staged file first, then hard-linked into place (a
+        second process reading the lock at that moment would otherwise find it unreadable)."""
+        staged = path.with_name(f".{path.name}.{owner.token}{TEMP_SUFFIX}")
+        content = f"{owner.line}\n".encode() + os.urandom(reserve)
+        try:
+            with open(staged, "xb") as handle:
+                handle.write(content)
+            os.link(staged, path)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            return RunFolder._create_in_place(path, content)  # a file system without hard links
+        finally:
+            staged.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _create_in_place(path: Path, content: bytes) -> bool:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
         try:
             with os.fdopen(fd, "wb") as handle:
-                handle.write(f"{owner.line}\n".encode() + os.urandom(reserve))
+                handle.write(content)
         except BaseException:
             path.unlink(missing_ok=True)
             raise

@@ -150,6 +150,30 @@ def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(tmp_path: Path, caplo
     assert not folder.lock_path.exists()
 
 
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_the_lock_appears_with_its_owner_already_written(hard_links: bool, tmp_path: Path, monkeypatch) -> None:
+    """A second run reading the lock must never find it empty (it would be refused as "unreadable"): the
+    lock is linked into place fully written; on a file system without hard links it is written in place."""
+    seen: list[bytes] = []
+    real_link = os.link
+
+    def link(source, target) -> None:
+        seen.append(Path(source).read_bytes())  # what the lock will hold the moment it exists
+        if not hard_links:
+            raise PermissionError(1, "Operation not permitted")
+        real_link(source, target)
+
+    monkeypatch.setattr(os, "link", link)
+    folder = RunFolder(tmp_path / "run")
+    try:
+        assert folder.claim() is True
+        assert LockOwner.parse(seen[0].split(b"\n")[0].decode()) == folder.owner
+        assert LockOwner.parse(folder.lock_path.read_bytes().split(b"\n")[0].decode()) == folder.owner
+        assert sorted(path.name for path in folder.path.iterdir()) == [RunFolder.LOCK]  # nothing staged is left
+    finally:
+        release_all()
+
+
 def test_a_lock_from_another_host_is_refused_with_how_to_clear_it(tmp_path: Path) -> None:
     (tmp_path / RunFolder.LOCK).write_text("4242 some-other-node 0123abcd\n")
     with pytest.raises(UserError) as caught:
@@ -196,7 +220,8 @@ def test_names_are_stable_distinct_and_safe() -> None:
 def finished(tmp_path_factory) -> Path:
     """A finished run that decoded two pictures per image."""
     root = tmp_path_factory.mktemp("finished")
-    result = subprocess.run([DSL, "run", "debug=tiny", "layer=1", "images.limit=2", "decode.top_k=2", "decode.batch_size=1",
+    result = subprocess.run([DSL, "run", "debug=tiny", "layer=1", "images.limit=2", "decode.top_k=2",
+                             "decode.batch_size=1",
                              f"hydra.run.dir={root / 'run'}"], cwd=root,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
