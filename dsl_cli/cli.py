@@ -1,8 +1,10 @@
-"""The `dsl` command. It parses and dispatches; the work happens in `dsl_cli.run` and `dsl_cli.outputs`.
+"""The `dsl` command. It parses and dispatches; the work happens in `dsl_cli.run`, `dsl_cli.outputs` and
+`dsl_cli.report`.
 
     dsl run [hydra overrides and flags...]    run the Hydra app (configs ship inside the package)
     dsl plot RUN_FOLDER                      redraw grids and heatmaps from a finished run's files
-    dsl --version | --help | run --help | plot --help
+    dsl report FOLDER                        write the HTML pages of runs, studies and sweeps
+    dsl --version | --help | run --help | plot --help | report --help
 """
 
 from __future__ import annotations
@@ -26,16 +28,28 @@ usage:
                              dsl run resume=outputs/DATE/TIME  (complete an interrupted run)
                              dsl run --help                  (config groups and their choices)
                              dsl run --cfg job               (print the composed config)
-  dsl plot RUN_FOLDER        redraw grids and heatmaps from a run folder (or every run below a
-                             folder, e.g. a sweep), without any model
+  dsl plot RUN_FOLDER        redraw grids, heatmaps, study plots and pages from a run folder (or
+                             every run below a folder, e.g. a sweep), without any model
+  dsl report FOLDER          write or refresh the HTML page (index.html) of a run, study or sweep
+                             folder, or of every one below a folder; they open from file://
   dsl --version
 """
 
 PLOT_USAGE = """usage: dsl plot RUN_FOLDER
 
-Redraw the grids, heatmaps, label plots and index.html of a finished run from its files alone (similarity.csv,
-labels.csv, the pictures), without a model or a GPU. Given a folder of runs (a --multirun sweep, a date
-folder), redraw every run below it.
+Redraw the grids, heatmaps and label plots of a finished run from its files alone (similarity.csv,
+labels.csv, the pictures), or a study's plot from its CSVs, without a model or a GPU, and refresh the
+pages (index.html). Given a folder of runs (a --multirun sweep, a date folder), redraw every run and study
+below it.
+"""
+
+REPORT_USAGE = """usage: dsl report FOLDER
+
+Write or refresh index.html in a run, study or sweep folder, and in every one below FOLDER, from the
+files alone (no model, no figures redrawn: `dsl plot` does that). A run's page shows its settings, each
+image's input, heatmaps (each cell a link to its picture) and best pictures, and a table of every component
+that sorts on a click and filters by image, layer and kind; a study's page its plot and tables; a sweep's
+page its jobs and their heatmaps. Pages open from file:// with no server and no network.
 """
 
 
@@ -188,7 +202,7 @@ def _plot(args: list[str]) -> int:
         return 0
     if len(args) != 1 or args[0].startswith("-"):
         return _fail("usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a --multirun sweep)")
-    from dsl_cli.outputs import redraw_folder
+    from dsl_cli.report import redraw_folder
 
     try:
         drawn = redraw_folder(Path(args[0]))
@@ -196,6 +210,23 @@ def _plot(args: list[str]) -> int:
         return _fail(str(err))
     for folder, count in drawn.items():
         print(f"redrew {count} figures in {folder}")
+    return 0
+
+
+def _report(args: list[str]) -> int:
+    if args in (["-h"], ["--help"]):
+        print(REPORT_USAGE)
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):
+        return _fail("usage: dsl report FOLDER (a run, study or sweep folder, or a folder of them)")
+    from dsl_cli.report import write_pages
+
+    try:
+        pages = write_pages(Path(args[0]))
+    except UserError as err:
+        return _fail(str(err))
+    for page in pages:
+        print(f"wrote {page}")
     return 0
 
 
@@ -211,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args[1:])
     if args[0] == "plot":
         return _plot(args[1:])
-    return _fail(f"unknown command {args[0]!r}: use `dsl run ...` or `dsl plot RUN_FOLDER` (see dsl --help)")
+    if args[0] == "report":
+        return _report(args[1:])
+    return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER` or `dsl report FOLDER` "
+                 "(see dsl --help)")
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from dsl_cli.lenses import MODES, imagenet_classifier, lens_embeddings, rank, sc
 from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows,
                              refuse_existing_run, read_csv,
                              redraw, save_png)
+from dsl_cli.report import write_page
 from dsl_cli.studies import run_study, validate_study
 from dsl_cli.weights import preflight
 
@@ -271,7 +272,7 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
     with manifest.stage("study"):
         summary = run_study(cfg, run_dir, encoder, preprocess, image_set.images, components)
     manifest.update(study=summary, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    log.info("study complete: %s", run_dir)
+    log.info("study complete: %s (page: %s)", run_dir, write_page("study", run_dir))
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: Manifest) -> None:
@@ -322,4 +323,4 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     for line in best_components(rows, cfg.lens.rank_by):
         log.info("%s", line)
-    log.info("run complete: %s (figures on one page: %s)", run_dir, run_dir / "index.html")
+    log.info("run complete: %s (page: %s)", run_dir, write_page("run", run_dir))
