@@ -3,7 +3,8 @@
 
     dsl run [hydra overrides and flags...]    run the Hydra app (configs ship inside the package)
     dsl plot RUN_FOLDER                      redraw grids and heatmaps from a finished run's files
-    dsl report FOLDER                        write the HTML pages of runs, studies and sweeps
+    dsl merge SWEEP_DIR                      merge the jobs of a --multirun sweep (dsl_cli.sweeps)
+    dsl report FOLDER                        write the HTML pages of runs, studies and sweeps (dsl_cli.report)
     dsl --version | --help | run --help | plot --help | report --help
 """
 
@@ -12,10 +13,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from dsl_cli import __version__
-from dsl_cli.errors import UserError
-from dsl_cli.outputs import refuse_existing_run
+from dsl_cli.errors import UserError, bug_message, report
+from dsl_cli.outputs import is_sweep_folder
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky 2.2
 
@@ -26,10 +28,17 @@ usage:
                              dsl run --multirun lens=steering layer=0,12,24,36 lens.alpha=1,4
                              dsl run debug=tiny              (tiny random models on the CPU, seconds)
                              dsl run resume=outputs/DATE/TIME  (complete an interrupted run)
+                             dsl run -m launcher=slurm layer='range(0,48)'  (a SLURM job per layer)
+                             dsl run -m launcher=local_gpus layer='range(0,48)'  (a job per GPU here)
+                             dsl run resume=outputs/multirun/DATE/TIME  (complete a sweep's jobs)
                              dsl run --help                  (config groups and their choices)
                              dsl run --cfg job               (print the composed config)
   dsl plot RUN_FOLDER        redraw grids, heatmaps, study plots and pages from a run folder (or
                              every run below a folder, e.g. a sweep), without any model
+  dsl merge SWEEP_DIR        merge a --multirun sweep's jobs into SWEEP_DIR/similarity.csv with
+                             each job's overrides as columns, heatmaps over all jobs, and a
+                             manifest naming failed and unfinished jobs (done by itself when a
+                             --multirun ends)
   dsl report FOLDER          write or refresh the HTML page (index.html) of a run, study or sweep
                              folder, or of every one below a folder; they open from file://
   dsl --version
@@ -54,38 +63,8 @@ page its jobs and their heatmaps. Pages open from file:// with no server and no 
 
 
 def _fail(message: str) -> int:
-    print(f"dsl: error: {message}", file=sys.stderr)
+    report(message)
     return 2
-
-
-_failed_jobs: list[str] = []  # sweep jobs refused for bad input (the sweep goes on; the exit status says so)
-
-
-def _hydra_app(cfg) -> None:
-    """The Hydra task: one job of `dsl run`. UserError becomes one line and exit status 2; in a sweep the
-    other jobs still run (in this process's launcher) and the status is 2 at the end."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from dsl_cli.logs import route_library_logs
-    from dsl_cli.run import run
-
-    route_library_logs()  # after importing run: the libraries set up their loggers when imported
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        run(cfg, run_dir)
-    except UserError as err:
-        if hydra_cfg.verbose:
-            raise
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            sys.exit(_fail(str(err)))
-        _fail(f"job {hydra_cfg.job.num} ({run_dir}): {err}")
-        _failed_jobs.append(str(run_dir))
-    except KeyboardInterrupt:
-        print(f"\ndsl: interrupted; finished pictures are kept: `dsl run resume={run_dir}` completes the run",
-              file=sys.stderr)
-        sys.exit(130)
 
 
 # Hydra flags that take a value; `--info` takes one only when it is one of its choices.
@@ -142,91 +121,109 @@ def _parses(override: str) -> bool:
 
 
 def _resume_overrides(args: list[str]) -> list[str]:
-    """`resume=FOLDER` runs the job inside that folder and keeps its saved Hydra config untouched."""
+    """`resume=FOLDER` runs the job inside that folder and keeps its saved Hydra config untouched;
+    `resume=SWEEP_DIR` relaunches the sweep's jobs into their folders."""
+    from dsl_cli.sweeps import resume_sweep_args
+
     for arg in args:
         if arg.startswith("resume="):
             folder = Path(arg.split("=", 1)[1]).expanduser()
-            if not (folder / ".hydra" / "config.yaml").is_file():
-                raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it)")
             others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
             if others:
                 raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
-            return [f"hydra.run.dir={folder.resolve()}", "hydra.output_subdir=null"]
+            if is_sweep_folder(folder):
+                return resume_sweep_args(folder, args)
+            if not (folder / ".hydra" / "config.yaml").is_file():
+                raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it) nor a sweep "
+                                "folder (no multirun.yaml)")
+            return [f"hydra.run.dir={folder.resolve()}"]
     return []
-
-
-def _check_output_root(args: list[str]) -> None:
-    """Refuse, before Hydra writes its config there, an output folder that cannot be created (Hydra would
-    print a traceback) or a hydra.run.dir that already holds a run (unless resuming it)."""
-    target = Path("outputs")
-    for arg in args:
-        if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")):
-            target = Path(arg.split("=", 1)[1]).expanduser()
-        if arg.startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in args):
-            refuse_existing_run(target)
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(
-            f"cannot write the output folder {target} ({existing} is not a writable folder); "
-            "choose another with hydra.run.dir=..."
-        )
 
 
 def _run(args: list[str]) -> int:
     import hydra
 
+    from dsl_cli import job
     from dsl_cli.config import register_configs
+    from dsl_cli.outputs import release_all
+    from dsl_cli.sweeps import merged_sweeps
 
     register_configs()
     try:
         extra = _resume_overrides(args)
-        _check_output_root([*args, *extra])
     except UserError as err:
         return _fail(str(err))
-    app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(_hydra_app)
+    app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
     saved_argv = sys.argv
     sys.argv = ["dsl run", *_flags_first([_path_override(arg) for arg in [*args, *extra]])]
-    _failed_jobs.clear()
+    merged_sweeps.clear()
     try:
         app()
     finally:
         sys.argv = saved_argv
-    return 2 if _failed_jobs else 0
+        release_all()
+    status = job.sweep_status()
+    return status or (2 if any(sweep["status"] != "complete" for sweep in merged_sweeps) else 0)
 
 
-def _plot(args: list[str]) -> int:
+def _on_folder(args: list[str], help_text: str, usage: str, work: Callable[[Path], list[str]]) -> int:
+    """A command on one folder (`dsl plot`, `dsl report`): `work(folder)` gives the lines to print. Bad
+    input is one line and status 2, a bug one line and status 1; folders held meanwhile are released."""
     if args in (["-h"], ["--help"]):
-        print(PLOT_USAGE)
+        print(help_text)
         return 0
     if len(args) != 1 or args[0].startswith("-"):
-        return _fail("usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a --multirun sweep)")
-    from dsl_cli.report import redraw_folder
+        return _fail(usage)
+    from dsl_cli.outputs import release_all
 
     try:
-        drawn = redraw_folder(Path(args[0]))
+        lines = work(Path(args[0]))
     except UserError as err:
         return _fail(str(err))
-    for folder, count in drawn.items():
-        print(f"redrew {count} figures in {folder}")
+    except Exception as err:  # noqa: BLE001 - a bug: one line, status 1
+        report(bug_message(err))
+        return 1
+    finally:
+        release_all()
+    print("\n".join(lines))
     return 0
 
 
-def _report(args: list[str]) -> int:
-    if args in (["-h"], ["--help"]):
-        print(REPORT_USAGE)
-        return 0
-    if len(args) != 1 or args[0].startswith("-"):
-        return _fail("usage: dsl report FOLDER (a run, study or sweep folder, or a folder of them)")
+def _redraw(folder: Path) -> list[str]:
+    from dsl_cli.report import redraw_folder
+    from dsl_cli.sweeps import redraw_sweeps
+
+    drawn = redraw_sweeps(folder) | redraw_folder(folder)  # the pages last: they show the figures
+    return [f"redrew {count} figures in {where}" for where, count in drawn.items()]
+
+
+def _plot(args: list[str]) -> int:
+    return _on_folder(args, PLOT_USAGE, "usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a "
+                      "--multirun sweep)", _redraw)
+
+
+def _write_pages(folder: Path) -> list[str]:
     from dsl_cli.report import write_pages
 
+    return [f"wrote {page}" for page in write_pages(folder)]
+
+
+def _report(args: list[str]) -> int:
+    return _on_folder(args, REPORT_USAGE, "usage: dsl report FOLDER (a run, study or sweep folder, or a folder of "
+                      "them)", _write_pages)
+
+
+def _merge(args: list[str]) -> int:
+    if len(args) != 1 or args[0].startswith("-"):
+        return _fail("usage: dsl merge SWEEP_DIR (the hydra.sweep.dir of a --multirun)")
+    from dsl_cli.sweeps import merge_sweep, summary_lines
+
+    folder = Path(args[0])
     try:
-        pages = write_pages(Path(args[0]))
+        manifest = merge_sweep(folder)
     except UserError as err:
         return _fail(str(err))
-    for page in pages:
-        print(f"wrote {page}")
+    print("\n".join(summary_lines(folder, manifest)))
     return 0
 
 
@@ -242,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args[1:])
     if args[0] == "plot":
         return _plot(args[1:])
+    if args[0] == "merge":
+        return _merge(args[1:])
     if args[0] == "report":
         return _report(args[1:])
-    return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER` or `dsl report FOLDER` "
-                 "(see dsl --help)")
+    return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER`, `dsl merge SWEEP_DIR` or "
+                 "`dsl report FOLDER` (see dsl --help)")
 
 
 if __name__ == "__main__":

@@ -15,16 +15,17 @@ page when it ends.
 from __future__ import annotations
 
 import html
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import quote
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, atomic_write_bytes, colour_limits,
-                             dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder, kind_blocks,
-                             layer_label, read_csv, read_manifest, redraw)
+from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, RunFolder, atomic_write_bytes,
+                             colour_limits, dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder,
+                             kind_blocks, layer_label, read_csv, read_manifest, redraw)
 from dsl_cli.studies import CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, redraw_study
 
 PAGE = "index.html"
@@ -151,11 +152,10 @@ def rel(path: Path, folder: Path) -> str:
 
 
 def header(folder: Path, manifest: dict, kind: str) -> str:
-    """Title, status (and the error of a failed run), and where the folder sits (its last two parts)."""
-    status = manifest.get("status")
-    badge = f' <span class="status {esc(status)}">{esc(status)}</span>' if status else ""
+    """Title: the folder's name (only: the page stays the same when the folder moves), its status and the
+    error of a run that failed."""
     error = f'<p class="failed">{esc(manifest["error"])}</p>' if manifest.get("error") else ""
-    return f"<h1>dsl {esc(kind)} {esc(folder.parent.name)}/{esc(folder.name)}{badge}</h1>{error}"
+    return f"<h1>dsl {esc(kind)} {esc(folder.resolve().name)} {status_badge(manifest.get('status'))}</h1>{error}"
 
 
 def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
@@ -414,34 +414,30 @@ def study_page(folder: Path) -> str:
 # ---------------------------------------------------------------- sweep page
 
 
-def sweep_jobs(sweep_dir: Path) -> list[dict]:
-    """The jobs of a --multirun sweep that started, in job order, as their folders show them: job number,
-    folder (relative to the sweep), overrides, status, error and rows."""
-    jobs = []
-    for saved in sweep_dir.rglob(".hydra/hydra.yaml"):
-        folder = saved.parent.parent
-        if folder == sweep_dir or ".submitit" in saved.parts:
-            continue
-        manifest = read_manifest(folder) or {}
-        overrides = folder / ".hydra" / "overrides.yaml"
-        jobs.append({"job": int(OmegaConf.load(saved).hydra.job.num), "folder": rel(folder, sweep_dir),
-                     "overrides": list(OmegaConf.load(overrides)) if overrides.is_file() else [],
-                     "status": manifest.get("status", "started"), "error": manifest.get("error"),
-                     "rows": manifest.get("rows", "")})
-    return sorted(jobs, key=lambda job: job["job"])
+def unmerged_jobs(sweep_dir: Path) -> list[dict]:
+    """The run folders below a sweep that was not merged (no manifest.json of its own): folder and status
+    only (`dsl merge` lists every job with its overrides)."""
+    folders = sorted(p.parent for p in sweep_dir.glob("*/manifest.json"))
+    return [{"job": n, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
+             **{k: (read_manifest(f) or {}).get(k) for k in ("status", "error")}} for n, f in enumerate(folders)]
 
 
-def _job_link(sweep_dir: Path, folder: str) -> str:
-    """A job's page, or its folder where it has none yet (`dsl report` on the sweep writes one)."""
+def _job_link(sweep_dir: Path, folder: str | None) -> str:
+    """A job's page, or its folder where it has none (yet), or nothing for a job that never started."""
+    if folder is None:
+        return ""
     return link(f"{folder}/{PAGE}" if (sweep_dir / folder / PAGE).is_file() else f"{folder}/", folder)
+
+
+def status_badge(status: str | None) -> str:
+    return f'<span class="status {esc(status)}">{esc(status)}</span>' if status else ""
 
 
 def jobs_table(sweep_dir: Path, jobs: list[dict]) -> str:
     head = ["job", "overrides", "status", "rows", "page", "error"]
     body = [f"<tr>{number(j['job'], 0)}{cell(esc(' '.join(j['overrides'])))}"
-            f"{cell(f'''<span class='status {esc(j['status'])}'>{esc(j['status'])}</span>''', j['status'])}"
-            f"{number(j['rows'], 0)}{cell(_job_link(sweep_dir, j['folder']))}{cell(esc(j['error']))}</tr>\n"
-            for j in jobs]
+            f"{cell(status_badge(j['status']), j['status'])}{number(j['rows'], 0)}"
+            f"{cell(_job_link(sweep_dir, j['folder']))}{cell(esc(j['error']))}</tr>\n" for j in jobs]
     return f"<h2>Jobs</h2>{table(head, body, {'job', 'rows'})}"
 
 
@@ -449,7 +445,7 @@ def jobs_figures(sweep_dir: Path, jobs: list[dict]) -> str:
     """Each heatmap and plot that the jobs drew, job beside job, captioned with the overrides that tell the
     jobs apart."""
     by_name: dict[str, list[tuple[dict, str]]] = {}
-    for job in jobs:
+    for job in (j for j in jobs if j["folder"] is not None):
         for path in sorted((sweep_dir / job["folder"]).glob("*/*.png")):
             if path.parent.name in ("heatmaps", "plots"):
                 by_name.setdefault(rel(path, sweep_dir / job["folder"]), []).append((job, rel(path, sweep_dir)))
@@ -460,21 +456,24 @@ def jobs_figures(sweep_dir: Path, jobs: list[dict]) -> str:
                           f"{esc(' '.join(o for o in job['overrides'] if o not in shared))}</figcaption></figure>"
                           for job, path in found)
         sections.append(f"<h3>{esc(name)}</h3><div class='row figures'>{figures}</div>")
-    return "<h2>Heatmaps and plots, job beside job</h2>" + ("".join(sections) or "<p class=muted>none drawn</p>")
+    return "<h2>Each job's heatmaps and plots</h2>" + ("".join(sections) or "<p class=muted>none drawn</p>")
 
 
 def sweep_page(sweep_dir: Path) -> str:
-    """The page of a sweep folder: its jobs with status and links; its merged heatmaps (where the sweep was
-    merged into heatmaps/ of its own); every job's heatmaps and plots side by side."""
-    jobs = sweep_jobs(sweep_dir)
-    merged = sorted(sweep_dir.glob("heatmaps/*.png"))
-    merged_html = "".join(f"<figure>{img(rel(p, sweep_dir), p.stem)}<figcaption>{link(rel(p, sweep_dir))}"
-                          "</figcaption></figure>" for p in merged)
+    """The page of a sweep folder: its jobs with their overrides, status and pages, and the sweep's merged
+    heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote; each job's heatmaps and
+    plots side by side."""
+    manifest = read_manifest(sweep_dir)
+    jobs = manifest["jobs"] if manifest else unmerged_jobs(sweep_dir)
+    merged = "".join(thumbnail(path) for path in (manifest or {}).get("figures", []))
     done = sum(j["status"] == "complete" for j in jobs)
-    body = [header(sweep_dir, read_manifest(sweep_dir) or {}, "sweep"),
-            f"<p>{done} of {len(jobs)} jobs complete</p>", files_section(sweep_dir), jobs_table(sweep_dir, jobs)]
+    note = "" if manifest else (f"<p class=muted>not merged yet: <code>dsl merge {esc(sweep_dir)}</code> lists "
+                                "every job and draws the merged heatmaps</p>")
+    body = [header(sweep_dir, manifest or {}, "sweep"), f"<p>{done} of {len(jobs)} jobs complete</p>{note}",
+            files_section(sweep_dir), jobs_table(sweep_dir, jobs)]
     if merged:
-        body.append(f"<h2>Merged heatmaps</h2><div class=figures>{merged_html}</div>")
+        body.append("<h2>Merged heatmaps</h2><p class=muted>the rows of all jobs in one figure per image and lens "
+                    f"(and per value of a swept setting)</p><div class='row thumbs'>{merged}</div>")
     body.append(jobs_figures(sweep_dir, jobs))
     return page(f"dsl sweep {sweep_dir.name}", "\n".join(body))
 
@@ -517,9 +516,26 @@ def write_page(kind: str, folder: Path) -> Path:
     return folder / PAGE
 
 
+@contextmanager
+def claimed(folder: Path) -> Iterator[None]:
+    """Hold a folder while its figures or page are written, so that a run still writing there is not
+    disturbed (UserError naming the process that writes there); a folder this process holds stays held."""
+    run_folder = RunFolder(folder)
+    mine = run_folder.claim(resume=True)
+    try:
+        yield
+    finally:
+        if mine:
+            run_folder.release()
+
+
 def write_pages(root: Path) -> list[Path]:
     """`dsl report`: write (or refresh) the page of every run, study and sweep at or below `root`."""
-    return [write_page(kind, folder) for kind, folder in report_folders(root)]
+    pages = []
+    for kind, folder in report_folders(root):
+        with claimed(folder):
+            pages.append(write_page(kind, folder))
+    return pages
 
 
 def redraw_folder(root: Path) -> dict[Path, int]:
@@ -527,9 +543,10 @@ def redraw_folder(root: Path) -> dict[Path, int]:
     refresh the pages: {folder: figures drawn}."""
     drawn = {}
     for kind, folder in report_folders(root):
-        if kind == "run" and (folder / "similarity.csv").is_file():
-            drawn[folder] = len(redraw(folder))
-        elif kind == "study" and any(folder.glob("study_*.csv")):
-            drawn[folder] = len(redraw_study(folder))
-        write_page(kind, folder)
+        with claimed(folder):
+            if kind == "run" and (folder / "similarity.csv").is_file():
+                drawn[folder] = len(redraw(folder))
+            elif kind == "study" and any(folder.glob("study_*.csv")):
+                drawn[folder] = len(redraw_study(folder))
+            write_page(kind, folder)
     return drawn

@@ -21,7 +21,6 @@ from urllib.parse import unquote, urlparse
 import pytest
 
 from dsl_cli import cli
-from dsl_cli.report import write_pages
 
 BROWSERS = ("/usr/bin/chromium-headless-shell", "/usr/bin/chromium")
 # no sandbox (CI runs as root), no GPU, a fresh profile, and nothing that would reach the network
@@ -55,9 +54,10 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
     """A headless Chromium with a fresh profile and the network off (Playwright's offline mode)."""
-    executable = os.environ.get("DSL_TEST_CHROMIUM") or next((b for b in BROWSERS if Path(b).is_file()), None)
+    candidates = [os.environ["DSL_TEST_CHROMIUM"]] if os.environ.get("DSL_TEST_CHROMIUM") else BROWSERS
+    executable = next((b for b in candidates if Path(b).is_file()), None)
     if executable is None:
-        pytest.skip(f"no Chromium here (looked for {', '.join(BROWSERS)}): `apt-get install "
+        pytest.skip(f"no Chromium here (looked for {', '.join(candidates)}): `apt-get install "
                     "chromium-headless-shell` (.ci/run installs it)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is missing: pip install -e '.[dev]'")
     with sync_api.sync_playwright() as playwright:
@@ -154,6 +154,12 @@ def test_sweep_page_in_a_browser(folders, browser, tmp_path, record_property) ->
     # every job's heatmap of each image, side by side, captioned with the job's overrides
     heatmaps = sorted(folder.glob("*/heatmaps/*.png"))
     assert len(heatmaps) == 2 * 2 and page.locator("figure img[src*='/heatmaps/']").count() == len(heatmaps)
+    # the merged heatmaps (dsl merge, at the end of the sweep): one per image and value of lens.alpha
+    merged = sorted(p.name for p in folder.glob("heatmaps/*.png"))
+    assert merged == [f"{image}_steering_lens.alpha={alpha}.png" for image in ("astronaut", "chelsea")
+                      for alpha in (1, 4)]
+    assert sorted(unquote(src).split("/")[-1] for src in page.eval_on_selector_all(
+        "img[src^='heatmaps/']", "images => images.map(i => i.getAttribute('src'))")) == merged
 
 
 # ---------------------------------------------------------------- without a browser
@@ -174,25 +180,21 @@ class Elements(HTMLParser):
 
 
 def test_everything_written_into_a_page_is_escaped(folders, tmp_path) -> None:
-    """An error message and an image name holding markup come out as text: one <script> (the page's own)."""
+    """Markup in what a page shows from the files (an error message, config values, image names in the
+    manifest, a label) comes out as text: one <script> (the page's own), no element it would make."""
     folder = shutil.copytree(folders["run"], tmp_path / "run")
     hostile = '<script>alert("x")</script>&<img src=x onerror=alert(1)>'
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest |= {"status": "failed", "error": hostile, "images": [hostile]}
+    manifest |= {"status": "failed", "error": hostile, "images": [hostile], "git_commit": hostile}
+    manifest["config"]["encoder"]["checkpoint"] = hostile
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    rows = read_rows(folder / "similarity.csv")
-    for row in rows:
-        row["image"] = hostile
-    with open(folder / "similarity.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    write_pages(folder)
+    (folder / "index.html").unlink()
+    assert cli.main(["report", str(folder)]) == 0
     parsed = Elements()
     parsed.feed((folder / "index.html").read_text())
     assert [tag for tag, _ in parsed.tags].count("script") == 1
     assert not any("onerror" in attrs or attrs.get("src") == "x" for _, attrs in parsed.tags)
-    assert hostile in "".join(parsed.text)
+    assert "".join(parsed.text).count(hostile) == 4
 
 
 def test_report_on_a_folder_with_nothing_in_it(tmp_path: Path, capsys) -> None:
