@@ -53,9 +53,11 @@ class DecodeConfig:
     width: int = 512
     steps: int = 100
     guidance: float = 4.0
-    scheduler: str = "ddpm"  # ddpm | ddim | dpm | unipc
-    batch_size: int = 8
+    scheduler: str = "ddpm"  # ddpm | ddim | dpm
+    batch_size: Any = "auto"  # pictures per pipeline call: auto (fitted to free GPU memory; 8 on the CPU) or a number
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    channels_last: bool = False  # NHWC UNet and MoVQ (cuDNN's channels-last kernels)
+    compile: bool = False  # torch.compile the UNet (a minute or more of compilation per new batch shape)
     top_k: Optional[int] = None  # decode only the k components most similar to the input, per image
     enabled: bool = True  # false: score embeddings only, write no pictures
 

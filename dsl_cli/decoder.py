@@ -6,6 +6,10 @@ both for the initial latents and for the noise DDPM (and DDIM with eta > 0, SDE-
 a picture depends on its embedding, its seed and the device, not on the batch it was decoded in, up to the
 float round-off of batched kernels (~1e-4 in float32; after rounding to 8 bits, at most one grey level in
 0.03% of the values, measured on the CPU with the tiny models).
+
+Keeping the GPU busy: `batch_size="auto"` fits the batch to the free device memory (two one-step probe
+decodings measure what a picture costs), out-of-memory halves it, and during each pipeline call the scheduler
+keeps its timesteps on the host (`HostTimesteps`), so that no step of the denoising loop waits for the GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+
 import numpy as np
 import torch
 from diffusers import (
@@ -21,13 +27,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     KandinskyV22Pipeline,
     UNet2DConditionModel,
-    UniPCMultistepScheduler,
     VQModel,
 )
 from PIL import Image
 from tqdm.auto import tqdm
 
 from dsl_cli.config import DecoderConfig
+from dsl_cli.devices import free_memory
 from dsl_cli.errors import UserError
 from dsl_cli.weights import decoder_weights
 
@@ -37,8 +43,7 @@ SCHEDULERS = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
     "dpm": DPMSolverMultistepScheduler,
-    "unipc": UniPCMultistepScheduler,
-}
+}  # not UniPC: diffusers' Kandinsky 2.2 pipeline passes `generator` to `step()`, which UniPC does not take
 
 # The Kandinsky 2.2 decoder's architecture (DESIGN.md section 2): UNet 1.253 B and MoVQ 67.8 M parameters.
 REAL_UNET = dict(
@@ -112,6 +117,8 @@ SCHEDULER = dict(
 
 
 SOURCES = ("pretrained", "random", "tiny")
+CPU_BATCH = 8  # `batch_size="auto"` off CUDA, where memory is not what limits a batch
+AUTO_MARGIN = 0.15  # share of the free device memory that `auto` leaves unused (fragmentation, cuDNN workspaces)
 
 
 def check_request(source: str, scheduler: str, height: int | None = None, width: int | None = None) -> None:
@@ -227,7 +234,7 @@ class KandinskyDecoder:
         width: int = 512,
         steps: int = 100,
         guidance: float = 4.0,
-        batch_size: int = 8,
+        batch_size: int | str = "auto",
         progress: bool = True,
     ) -> np.ndarray:
         """Decode embeddings [N,E] -> float32 images [N,H,W,3] in [0,1]; see `iter_decode`."""
@@ -246,14 +253,15 @@ class KandinskyDecoder:
         width: int = 512,
         steps: int = 100,
         guidance: float = 4.0,
-        batch_size: int = 8,
+        batch_size: int | str = "auto",
         progress: bool = True,
     ) -> Iterator[tuple[list[int], np.ndarray]]:
         """Yield (indices, images [B,H,W,3] float32 in [0,1]) batch by batch, in order, as each finishes.
 
         embeds [N,E]; negative [1,E] or [E] (the unconditional embedding, shared by all items); seeds one
-        per item or one for all. guidance <= 1 switches classifier-free guidance off (negative unused). On
-        CUDA out-of-memory the batch is halved (for the rest of the call) and the same items are retried.
+        per item or one for all. guidance <= 1 switches classifier-free guidance off (negative unused).
+        batch_size: pictures per pipeline call, or "auto" (`fit_batch_size`). On CUDA out-of-memory the batch
+        is halved (for the rest of the call) and the same items are retried.
         """
         n = len(embeds)
         seed_list = [seeds] * n if isinstance(seeds, int) else list(seeds)
@@ -265,6 +273,8 @@ class KandinskyDecoder:
         # The pipeline casts embeddings only when it applies guidance, so do it here for both cases.
         embeds = embeds.to(self.device, self.dtype)
         negative = negative.reshape(1, -1).to(self.device, self.dtype)
+        if batch_size == "auto":
+            batch_size = self.fit_batch_size(n, height, width, guidance)
         start, batch = 0, max(1, batch_size)
         with tqdm(total=n, desc="decode", unit="img", disable=not progress) as bar:
             while start < n:
@@ -298,16 +308,89 @@ class KandinskyDecoder:
         """One pipeline call on one batch, with one generator per item."""
         # Fresh generators per call: a failed (out-of-memory) attempt may already have drawn from them.
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        return self.pipe(
-            image_embeds=embeds,
-            negative_image_embeds=negative.expand(len(embeds), -1),  # the pipeline pairs them row by row
-            generator=generators,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            output_type="np",
-        ).images
+        with host_timesteps(self.pipe):
+            return self.pipe(
+                image_embeds=embeds,
+                negative_image_embeds=negative.expand(len(embeds), -1),  # the pipeline pairs them row by row
+                generator=generators,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                output_type="np",
+            ).images
+
+    def fit_batch_size(self, n: int, height: int, width: int, guidance: float) -> int:
+        """`batch_size="auto"`: the largest batch (at most n) whose decoding fits in the free device memory
+        with AUTO_MARGIN of it to spare. Two one-step probe decodings (batch 1 and 2) give the memory of one
+        picture and the fixed part; off CUDA, CPU_BATCH (memory is not the limit there)."""
+        if self.device.type != "cuda":
+            return max(1, min(n, CPU_BATCH))
+        one, two = (self._probe_peak(batch, height, width, guidance) for batch in (1, 2))
+        batch = batch_that_fits(n, one, two, free_memory(self.device))
+        log.info("decode batch size auto: %d (%.2f GiB per picture)", batch, max(two - one, 1) / 2**30)
+        return batch
+
+    def _probe_peak(self, batch: int, height: int, width: int, guidance: float) -> int:
+        """Peak device memory, in bytes above the level before, of decoding `batch` pictures in one step.
+        A compiled UNet runs eagerly here: probing must not compile it for shapes it will never decode."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        embeds = torch.zeros(batch, self.embed_dim, device=self.device, dtype=self.dtype)
+        eager = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+        with eager("force_eager") if eager else nullcontext():
+            self._run(embeds, embeds[:1], [0] * batch, height, width, 1, guidance)
+        return torch.cuda.max_memory_allocated(self.device) - base
+
+
+def batch_that_fits(n: int, peak_one: int, peak_two: int, free: int, margin: float = AUTO_MARGIN) -> int:
+    """The largest batch, 1 to n, whose peak memory fits in `free` bytes less `margin` of them, from the
+    peaks of batches of one and two pictures (a fixed part plus a part per picture)."""
+    per_picture = max(peak_two - peak_one, 1)
+    usable = free * (1 - margin) - (peak_one - per_picture)
+    return max(1, min(n, int(usable // per_picture)))
+
+
+class HostTimesteps:
+    """A scheduler whose timesteps stay on the host while the pipeline loops on the device.
+
+    The pipeline asks its scheduler for timesteps on the device, and DDPM's `step` then reads them back
+    (`t > 0`, `nonzero`, a CPU table indexed by t): each is a host synchronisation, at every step. Wrapped,
+    the scheduler computes on the CPU; the pipeline (and the UNet) gets one device copy, made before the
+    loop, and the i-th `step` call is given the i-th host timestep (pipelines call `step` once per
+    timestep, in order, as DPM-Solver's own `step_index` assumes). Everything else is the scheduler's own.
+    """
+
+    def __init__(self, scheduler):
+        self.inner, self.index, self.device_timesteps = scheduler, 0, None
+
+    def __getattr__(self, name: str):  # config, order, init_noise_sigma, ...
+        return getattr(self.inner, name)
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        return self.device_timesteps
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, **kwargs) -> None:
+        self.inner.set_timesteps(num_inference_steps, device="cpu", **kwargs)
+        self.device_timesteps, self.index = self.inner.timesteps.to(device or "cpu"), 0
+
+    def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, *args, **kwargs):
+        host = self.inner.timesteps[self.index]
+        self.index += 1
+        return self.inner.step(model_output, host, sample, *args, **kwargs)
+
+
+@contextmanager
+def host_timesteps(pipe: KandinskyV22Pipeline) -> Iterator[HostTimesteps]:
+    """Give `pipe` a `HostTimesteps` view of its scheduler for the duration of one call."""
+    scheduler = pipe.scheduler
+    pipe.scheduler = HostTimesteps(scheduler)
+    try:
+        yield pipe.scheduler
+    finally:
+        pipe.scheduler = scheduler
 
 
 def check_finite_pictures(pictures: np.ndarray, labels: list[str], decode_cfg) -> None:

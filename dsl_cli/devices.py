@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
+from torch import nn
 
 from dsl_cli.errors import UserError
 
@@ -33,3 +36,29 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"dtype={name!r}: choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a new allocation can get on a CUDA device: what the driver has free plus what PyTorch's caching
+    allocator holds but does not use."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config's name of a dtype (`bf16`), as the manifest records it."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+@contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """Move `module` to `device` for the block and back to where it was after (a model kept on the CPU
+    to make room visits the GPU only for its own work)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -30,10 +30,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # with SIGINT: what a scheduler 
 _failures: list[int] = []  # exit statuses of the failed jobs of this process's sweep
 
 
-def claim_or_exit(folder: Path, resume: bool) -> None:
+def claim_or_exit(folder: Path, cfg: DictConfig) -> None:
     """Claim a folder for this process, or end with one line and status 2 (nothing is written there)."""
     try:
-        RunFolder(folder).claim(resume=resume)
+        claim(RunFolder(folder), cfg)
     except UserError as err:
         report(str(err))
         sys.exit(2)
@@ -45,10 +45,10 @@ class ClaimFolder(Callback):
     Each sweep job's own folder is claimed by `task` (dsl writes `.hydra/` itself, after the claim)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        claim_or_exit(Path(config.hydra.run.dir), resume=bool(config.resume))
+        claim_or_exit(Path(config.hydra.run.dir), config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        claim_or_exit(Path(config.hydra.sweep.dir), resume=bool(config.resume))  # resume=SWEEP_DIR
+        claim_or_exit(Path(config.hydra.sweep.dir), config)
 
 
 def sweep_status() -> int:
@@ -96,7 +96,7 @@ def task(cfg: DictConfig) -> None:
     num = hydra_cfg.job.num if sweep else None
     with stop_signals_interrupt():
         try:
-            _claim_job_folder(folder, cfg)
+            claim(folder, cfg)
         except UserError as err:  # not this job's folder: nothing is recorded there
             return _end(num, folder.path, str(err), 2)
         try:
@@ -112,9 +112,10 @@ def task(cfg: DictConfig) -> None:
             folder.release()
 
 
-def _claim_job_folder(folder: RunFolder, cfg: DictConfig) -> None:
-    """Claim the job's folder; a requeued SLURM job continues its own (SLURM ended the earlier instance,
-    maybe on another node, so the lock it left is stale whatever its host says)."""
+def claim(folder: RunFolder, cfg: DictConfig) -> None:
+    """Claim a run's (or sweep's) folder for this process; a fresh run refuses one that holds a run, while
+    `resume=`, a requeued SLURM job and a job of a resumed sweep continue theirs. SLURM ended a requeued
+    job's earlier instance, maybe on another node, so the lock that instance left is stale whatever its host."""
     from dsl_cli.sweeps import requeued_run, resumes
 
     if requeued_run(folder.path):

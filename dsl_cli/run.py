@@ -12,7 +12,7 @@ import math
 import platform
 import subprocess
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,7 +28,7 @@ from dsl_cli import __version__
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig
 from dsl_cli.decoder import check_finite_pictures, check_request, load_decoder, to_pil
-from dsl_cli.devices import resolve_device, resolve_dtype
+from dsl_cli.devices import dtype_name, on_device, resolve_device, resolve_dtype
 from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
@@ -54,11 +54,13 @@ SEED_MAX = 2**64 - 1  # torch's generators take 64-bit seeds
 def validate(cfg: DictConfig) -> None:
     """Checks that need no model: fail before anything slow starts."""
     decode = cfg.decode
-    for key, value, low in (("decode.steps", decode.steps, 1), ("decode.batch_size", decode.batch_size, 1),
-                            ("batch_size", cfg.batch_size, 1), ("decode.height", decode.height, 1),
-                            ("decode.width", decode.width, 1), ("lens.top_labels", cfg.lens.top_labels, 1)):
+    for key, value, low in (("decode.steps", decode.steps, 1), ("batch_size", cfg.batch_size, 1),
+                            ("decode.height", decode.height, 1), ("decode.width", decode.width, 1),
+                            ("lens.top_labels", cfg.lens.top_labels, 1)):
         if value < low:
             raise UserError(f"{key}={value}: must be at least {low}")
+    if decode.batch_size != "auto" and (type(decode.batch_size) is not int or decode.batch_size < 1):
+        raise UserError(f"decode.batch_size={decode.batch_size}: must be auto or a whole number, at least 1")
     if decode.top_k is not None and decode.top_k < 1:
         raise UserError(f"decode.top_k={decode.top_k}: must be at least 1 (or null to decode everything)")
     if not 0 <= cfg.seed <= SEED_MAX:
@@ -232,6 +234,18 @@ def plan_decoding(cfg, scored: list[Scored]) -> list[tuple[int, int]]:
     return plan
 
 
+def build_decoder(cfg, device: torch.device, manifest: Manifest):
+    """The decoder in `decode.dtype` with the `decode` speed switches; its scheduler class, dtype and switches
+    recorded in the manifest."""
+    with manifest.stage("decoder"):
+        decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
+                               scheduler=cfg.decode.scheduler, channels_last=cfg.decode.channels_last,
+                               compile_unet=cfg.decode.compile)
+    manifest.update(scheduler=type(decoder.pipe.scheduler).__name__, decoder_dtype=dtype_name(decoder.dtype),
+                    channels_last=cfg.decode.channels_last, compile_unet=cfg.decode.compile)
+    return decoder
+
+
 def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, scored: list[Scored],
                      plan: list[tuple[int, int]], csv_log: CsvLog, manifest: Manifest) -> int:
     """Decode the planned items; write each picture, then its CSV row (with sim_decoded), batch by batch;
@@ -240,11 +254,15 @@ def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, score
         return 0
     embeds = torch.stack([scored[i].embeds[k] for i, k in plan])
     negative = encoder.zero_embed().float().cpu()
+    batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(plan))
+    manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded)
     batches = decoder.iter_decode(embeds, negative, [cfg.seed] * len(plan), cfg.decode.height, cfg.decode.width,
-                                  cfg.decode.steps, float(cfg.decode.guidance), cfg.decode.batch_size)
+                                  cfg.decode.steps, float(cfg.decode.guidance), batch_size)
     with closing(batches):  # on an error, the decoder's progress bar ends its line before the message
         for indices, pictures in batches:
-            _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
+            # an encoder moved off the GPU to make room visits it to re-encode the batch
+            with on_device(encoder, decoder.device) if offloaded else nullcontext():
+                _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
             manifest.update(decoded=manifest.data.get("decoded", 0) + len(indices))
     return len(plan)
 
@@ -260,13 +278,37 @@ def _write_batch(cfg, encoder, preprocess, folder: RunFolder, scored: list[Score
         row["file"] = folder.picture(row["image"], row["lens"], row["component"])
         save_png(folder.path / row["file"], picture)
     # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
-    pixels = torch.stack([preprocess(p) for p in saved]).to(encoder.device, encoder.dtype)
-    again = encoder.embed(pixels).float().cpu()
+    again = reencode(encoder, preprocess, saved, cfg.batch_size)
     clean = torch.stack([scored[i].clean for i, _ in items])
     sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
     for row, sim in zip(rows, sims):
         row["sim_decoded"] = sim.item()
     csv_log.append(rows)
+
+
+def fit_decoding(cfg, encoder, decoder, n: int) -> tuple[int, bool]:
+    """The decode batch size (`decode.batch_size`, or fitted to the free GPU memory when `auto`) and whether
+    the encoder was moved to the CPU to make room: it is when, left on the GPU, fewer than min(n, 4)
+    pictures would fit in a batch (it then visits the GPU only to re-encode each decoded batch)."""
+    if cfg.decode.batch_size != "auto":
+        return int(cfg.decode.batch_size), False
+    shape = (n, cfg.decode.height, cfg.decode.width, float(cfg.decode.guidance))
+    batch = decoder.fit_batch_size(*shape)
+    if decoder.device.type != "cuda" or encoder.device.type != "cuda" or batch >= min(n, 4):
+        return batch, False
+    encoder.to("cpu")
+    torch.cuda.empty_cache()
+    log.info("decoding: encoder moved to the CPU while decoding, to fit more than %d pictures per batch", batch)
+    return decoder.fit_batch_size(*shape), True
+
+
+def reencode(encoder, preprocess, pictures: list[Image.Image], batch_size: int) -> torch.Tensor:
+    """[N, E] float32 (CPU): the encoder's embeddings of decoded pictures, `batch_size` pictures per pass."""
+    out = []
+    for start in range(0, len(pictures), batch_size):
+        pixels = torch.stack([preprocess(p) for p in pictures[start:start + batch_size]])
+        out.append(encoder.embed(pixels).float().cpu())
+    return torch.cat(out)
 
 
 def start_csv(cfg, folder: RunFolder, scored: list[Scored], previous: list[dict],
@@ -360,6 +402,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
     with manifest.stage("encoder"):
         encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.dtype, device))
+    manifest.update(encoder_dtype=dtype_name(encoder.dtype))
     components = select_components(cfg.lens.name, cfg.layer, cfg.head, cfg.component, encoder.n_layers,
                                    encoder.n_heads, mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
     if cfg.study.name:
@@ -372,10 +415,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     plan = start_csv(cfg, folder, scored, previous, csv_log)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan))
     if plan:
-        with manifest.stage("decoder"):
-            decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
-                                   scheduler=cfg.decode.scheduler)
-            manifest.update(scheduler=type(decoder.pipe.scheduler).__name__)
+        decoder = build_decoder(cfg, device, manifest)
         with manifest.stage("decode"):
             decode_and_write(cfg, encoder, preprocess, decoder, folder, scored, plan, csv_log, manifest)
     _write_stage(cfg, folder, scored, csv_log, manifest)

@@ -43,11 +43,12 @@ def slurm_missing() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `gpu` are skipped where CUDA is not available, those marked `slurm` where SLURM is not."""
+    """Tests marked `gpu` are skipped where CUDA is not available, those marked `slurm` where SLURM is not.
+    By marker, not `mark in item.keywords`: keywords also hold folder names (a checkout in .../gpu/)."""
     needs = {"gpu": None if torch.cuda.is_available() else "needs CUDA"}
-    if any("slurm" in item.keywords for item in items):
+    if any(item.get_closest_marker("slurm") for item in items):
         needs["slurm"] = slurm_missing()
     for mark, reason in needs.items():
         for item in items:
-            if reason and mark in item.keywords:
+            if reason and item.get_closest_marker(mark):
                 item.add_marker(pytest.mark.skip(reason=reason))

@@ -195,3 +195,62 @@ def test_real_architecture_with_random_weights_builds_and_decodes() -> None:
     embeds, negative = _inputs(1, dim=1280)
     image = dec.decode(embeds, negative, 0, height=64, width=64, steps=2, guidance=4.0, progress=False)
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+# ---- requests, placement and options (mutation testing: docs/testing.md) ----------------------------
+
+def test_picture_sizes_and_names_are_checked_before_any_model() -> None:
+    from dsl_cli.decoder import check_request
+
+    check_request("tiny", "ddpm", 68, 4)
+    check_request("pretrained", "dpm", 512, None)
+    for args, message in [
+        (("tiny", "ddpm", 66, 64), "decode.height=66: must be a multiple of 4 for this decoder (e.g. 64)"),
+        (("tiny", "dpm", 64, 3), "decode.width=3: must be a multiple of 4 for this decoder (e.g. 4)"),
+        (("random", "ddim", 512, 600), "decode.width=600: must be a multiple of 64 for this decoder (e.g. 576)"),
+        (("pretrained", "ddpm", 100, 512), "decode.height=100: must be a multiple of 64 for this decoder (e.g. 128)"),
+        (("hub", "ddpm"), "decoder.source='hub': choose one of pretrained, random, tiny"),
+        (("tiny", "euler"), "decode.scheduler='euler': choose one of ddpm, ddim, dpm"),
+        (("tiny", "unipc"), "decode.scheduler='unipc': choose one of ddpm, ddim, dpm"),
+    ]:
+        with pytest.raises(UserError) as err:
+            check_request(*args)
+        assert str(err.value) == message
+
+
+@pytest.mark.parametrize("scheduler", ["dpm", "ddim"])
+def test_scheduler_precision_and_memory_layout_options(scheduler: str) -> None:
+    state = torch.random.get_rng_state()
+    dec = load_decoder(DecoderConfig(source="tiny"), dtype=torch.float64, scheduler=scheduler, channels_last=True)
+    assert torch.equal(state, torch.random.get_rng_state())  # the seeded build leaves the caller's RNG alone
+    assert type(dec.pipe.scheduler).__name__ == {"dpm": "DPMSolverMultistepScheduler",
+                                                 "ddim": "DDIMScheduler"}[scheduler]
+    assert dec.pipe.scheduler.config.beta_end == 0.012 and dec.pipe.scheduler.config.steps_offset == 1
+    assert dec.dtype == torch.float64 and dec.pipe.movq.dtype == torch.float64 and dec.device == torch.device("cpu")
+    for model in (dec.pipe.unet, dec.pipe.movq):
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = load_decoder(DecoderConfig(source="tiny"))
+    for a, b in zip(plain.pipe.unet.parameters(), dec.pipe.unet.parameters()):
+        torch.testing.assert_close(a.double(), b)  # the same seeded weights, only cast
+    embeds, negative = _inputs(1)
+    image = dec.decode(embeds, negative, 0, batch_size=0, **KW)  # a batch size below 1 decodes one at a time
+    assert image.shape == (1, SIZE, SIZE, 3) and np.isfinite(image).all()
+
+
+def test_pretrained_decoder_is_loaded_from_the_folder_or_the_hub(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    calls = []
+
+    def record(source, **kwargs):
+        calls.append((source, kwargs))
+        raise OSError("not cached")
+
+    monkeypatch.setattr(KandinskyV22Pipeline, "from_pretrained", record)
+    with pytest.raises(UserError) as err:
+        load_decoder(DecoderConfig(source="pretrained"), dtype=torch.float16)
+    assert str(err.value).startswith(
+        "cannot load the Kandinsky 2.2 decoder 'kandinsky-community/kandinsky-2-2-decoder' (OSError): run `")
+    with pytest.raises(UserError, match=f"decoder '{tmp_path}' \\(OSError\\)"):
+        load_decoder(DecoderConfig(source="pretrained", path=str(tmp_path)))
+    assert calls == [("kandinsky-community/kandinsky-2-2-decoder", {"torch_dtype": torch.float16}),
+                     (str(tmp_path), {"torch_dtype": torch.float32})]

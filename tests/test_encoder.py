@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from open_clip.transformer import QuickGELU, VisionTransformer
@@ -318,3 +319,225 @@ def test_bigg_random_weights_give_all_dsl_embeddings():
     assert steered.shape == (1, 816, 1280) and torch.isfinite(steered).all()
     total = cache.resid[:, 0] + cache.head_writes.sum((1, 2)) + cache.attn_bias.sum(1) + cache.mlp_writes.sum(1)
     torch.testing.assert_close(total, cache.resid[:, -1], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_bigg_bf16_dsl_embeddings_stay_within_0_999_of_fp32():
+    """The real-size ViT (random weights) cast to bf16 against itself in fp32, on a sample photo, every
+    head and MLP (scripts/bench_encoder.py measured 0.99987 at the lowest over 2 photos)."""
+    from omegaconf import OmegaConf
+
+    from dsl_cli.config import ImagesConfig
+    from dsl_cli.images import load_images
+
+    fp32, preprocess = load_encoder(encoder_config(name="ViT-bigG-14", pretrained=None))
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    photo = load_images(OmegaConf.structured(ImagesConfig(names=["astronaut"]))).images[0].image
+    pixels = preprocess(photo)[None]
+    components = [f"L{l}H{h}" for l in range(48) for h in range(16)] + [f"L{l}MLP" for l in range(48)]
+    ours = bf16.steer(bf16.run_with_cache(pixels), components).float()
+    reference = fp32.steer(fp32.run_with_cache(pixels), components)
+    assert torch.nn.functional.cosine_similarity(ours, reference, dim=-1).min() >= 0.999
+
+
+# ---- cache names, casts, loading paths and their messages (mutation testing: docs/testing.md) ---------
+
+def test_cache_names_at_the_edges_and_casts(tiny_encoder, tiny_pixels):
+    cache = tiny_encoder.run_with_cache(tiny_pixels[:2])
+    torch.testing.assert_close(cache["blocks.0.hook_attn_bias"], cache.attn_bias[:, 0])
+    torch.testing.assert_close(cache["blocks.3.hook_resid_mid"], cache.resid_mid[:, 3])
+    torch.testing.assert_close(cache["blocks.0.hook_mlp_out"], cache.mlp_writes[:, 0])
+    assert cache["embeds"] is cache.embeds
+    for bad in ("blocks.4.hook_mlp_out", "blocks.x.hook_mlp_out", "layers.1.hook_mlp_out", "a.b", "embed"):
+        with pytest.raises(KeyError, match=f"no cached tensor named '{bad}'"):
+            cache[bad]
+    assert {t.dtype for t in vars(cache.to(torch.float64)).values()} == {torch.float64}
+    assert {t.dtype for t in vars(cache.to(dtype=torch.float16)).values()} == {torch.float16}
+    with pytest.raises(ValueError, match="the diffusion lens reads residual-stream labels .* not embed"):
+        tiny_encoder.diffusion_lens(cache, ["embed"], mid=True)
+    with pytest.raises(ValueError, match=r"residual-stream labels \(L<layer>, embed\), not L00H01"):
+        tiny_encoder.diffusion_lens(cache, ["L0H1"])
+
+
+def test_zero_embed_in_double_precision(tiny_visual):
+    enc = HookedEncoder(tiny_visual.double())
+    with torch.no_grad():
+        expected = tiny_visual(torch.zeros(1, 3, 64, 64, dtype=torch.float64))
+    assert enc.zero_embed().dtype == torch.float64
+    torch.testing.assert_close(enc.zero_embed(), expected)
+
+
+def hf_config(**kw) -> dict:
+    return dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                patch_size=16, projection_dim=32, **kw)
+
+
+def test_hf_config_defaults_and_unsupported_activation():
+    from open_clip.transformer import LayerNorm
+
+    from dsl_cli.encoder.loading import vision_transformer_from_hf_config
+
+    visual = vision_transformer_from_hf_config(hf_config())  # CLIPVisionConfig's own defaults
+    block = visual.transformer.resblocks[0]
+    assert isinstance(block.mlp.gelu, QuickGELU) and isinstance(block.ln_1, LayerNorm) and block.ln_1.eps == 1e-5
+    assert vision_transformer_from_hf_config(hf_config(layer_norm_eps=1e-6)).ln_post.eps == 1e-6
+    with pytest.raises(UserError) as err:
+        vision_transformer_from_hf_config(hf_config(hidden_act="relu"))
+    assert str(err.value) == "hidden_act 'relu' of the image encoder is not supported (use gelu or quick_gelu)"
+
+
+def test_hf_weights_with_unmapped_keys_are_refused():
+    transformers = pytest.importorskip("transformers")
+    from dsl_cli.encoder.loading import hf_to_open_clip_state_dict
+
+    hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**hf_config())).state_dict()
+    hf["vision_model.embeddings.position_ids"] = torch.arange(5)  # a buffer older files carry: ignored
+    assert "positional_embedding" in hf_to_open_clip_state_dict(dict(hf), 1)
+    extra = {f"extra.{i}": torch.zeros(1) for i in range(6)}
+    with pytest.raises(UserError) as err:
+        hf_to_open_clip_state_dict({**hf, **extra}, 1)
+    assert str(err.value) == ("image encoder weights hold keys that are not mapped: "
+                              "extra.0, extra.1, extra.2, extra.3, extra.4")
+
+
+PRIOR_FETCH = ("`hf download kandinsky-community/kandinsky-2-2-prior image_encoder/config.json "
+               "image_encoder/model.safetensors`")
+
+
+def test_prior_folders_without_weights_are_refused(tmp_path):
+    for files in ([], ["config.json"], ["model.safetensors"]):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+        with pytest.raises(UserError) as err:
+            load_encoder(encoder_config(source="kandinsky_prior", checkpoint=str(folder)))
+        assert str(err.value) == (f"{folder} must hold config.json and model.safetensors (a "
+                                  f"CLIPVisionModelWithProjection); fetch them with {PRIOR_FETCH}")
+
+
+def test_prior_from_the_hub_cache(tmp_path, monkeypatch):
+    """The cached snapshot's image_encoder/ folder is read; only its config and safetensors are asked for."""
+    transformers = pytest.importorskip("transformers")
+    import huggingface_hub
+
+    torch.manual_seed(0)
+    hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**hf_config(hidden_act="gelu")))
+    hf.save_pretrained(tmp_path / "snapshot" / "image_encoder")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns: asked.append((repo, allow_patterns)) or str(tmp_path / "snapshot"))
+    enc, preprocess = load_encoder(encoder_config(source="kandinsky_prior"))
+    assert asked == [("kandinsky-community/kandinsky-2-2-prior", ["image_encoder/config.json",
+                                                                  "image_encoder/model.safetensors"])]
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.embed(pixels), hf.eval()(pixel_values=pixels).image_embeds, **TOL)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(picture), eval_transform(32)(picture))  # the prior's processor
+
+
+def test_offline_prior_message_names_the_download(offline_empty_hub):
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(source="kandinsky_prior"))
+    assert str(err.value) == (
+        "the image encoder of kandinsky-community/kandinsky-2-2-prior (image_encoder/) is not in the Hugging Face "
+        f"cache and could not be downloaded: run {PRIOR_FETCH} or set encoder.checkpoint=/path/to/folder "
+        "(config.json + model.safetensors)")
+
+
+def test_open_clip_messages_name_the_fix(offline_empty_hub):
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+    assert "fetch them with `hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K open_clip_pytorch_model.bin` or set" in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(name="No-Such-Model"))
+    assert str(err.value) == "unknown open_clip model 'No-Such-Model' (open_clip.list_models() lists the known ones)"
+
+
+def eval_transform(size: int):
+    """Shortest-edge bicubic resize, centre crop, OpenAI mean/std: open_clip's evaluation transform."""
+    import open_clip
+
+    return open_clip.image_transform(size, is_train=False)
+
+
+def test_random_open_clip_weights_keep_the_models_activation():
+    enc, preprocess = load_encoder(encoder_config(name="ViT-B-32-quickgelu", pretrained=None))
+    assert isinstance(enc.blocks[0].mlp.gelu, QuickGELU)
+    picture = Image.fromarray(np.random.default_rng(1).integers(0, 256, (180, 300, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(picture), eval_transform(224)(picture))
+    enc, _ = load_encoder(encoder_config(name="ViT-S-32", pretrained=None))
+    assert not isinstance(enc.blocks[0].mlp.gelu, QuickGELU)
+
+
+def test_inputs_are_cast_to_the_encoders_precision(tiny_visual, tiny_pixels):
+    """float32 pixels into a float64 (and a bfloat16) encoder: every entry casts them, and the steered write
+    keeps the stream's dtype."""
+    visual = perturb_(tiny_visual)
+    reference = HookedEncoder(copy.deepcopy(visual))
+    enc = HookedEncoder(visual.double())
+    with torch.no_grad():
+        expected = visual(tiny_pixels.double())
+    torch.testing.assert_close(enc.embed(tiny_pixels), expected)
+    cache = enc.run_with_cache(tiny_pixels)
+    torch.testing.assert_close(cache.embeds, expected)
+    for mode in STEER_MODES:
+        hooked = enc.steer_hooked(tiny_pixels, "L1H1", mode, 2.0)
+        assert hooked.dtype == torch.float64
+        torch.testing.assert_close(hooked, enc.steer(cache, ["L1H1"], mode, 2.0)[:, 0])
+    means = enc.mean_writes(tiny_pixels, batch_size=2)
+    assert means.heads.dtype == torch.float32  # accumulated in float32 whatever the encoder's dtype
+    torch.testing.assert_close(means.heads, reference.mean_writes(tiny_pixels).heads, **TOL)
+    assert enc.ablate_hooked(tiny_pixels, ["L1H1", "L2MLP"]).dtype == torch.float64
+    with pytest.raises(ValueError, match="only heads and MLPs can be steered"):
+        enc.steer_hooked(tiny_pixels, "L2")
+
+    low = HookedEncoder(copy.deepcopy(visual).to(torch.bfloat16))
+    for mode in STEER_MODES:
+        steered = low.steer_hooked(tiny_pixels, "L1H1", mode, 2.0)
+        assert steered.dtype == torch.bfloat16
+        torch.testing.assert_close(steered.float(), reference.steer_hooked(tiny_pixels, "L1H1", mode, 2.0),
+                                   atol=0.15, rtol=0.05)
+    assert low.ablate_hooked(tiny_pixels, ["L1H1", "L2MLP"], how="mean").dtype == torch.bfloat16
+
+
+def test_loaders_set_up_the_models_they_return(monkeypatch):
+    enc, preprocess = load_encoder(encoder_config(source="tiny"), dtype=torch.float64)
+    assert enc.dtype == torch.float64 and not any(p.requires_grad for p in enc.parameters())
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(picture), eval_transform(64)(picture))
+    model, tokenizer = load_text_model(encoder_config(name="ViT-S-32", pretrained=None), dtype=torch.float64)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert model.encode_text(tokenizer(["a photo of a cat"])).dtype == torch.float64
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(source="timm"))
+    assert str(err.value) == "unknown encoder.source 'timm': use open_clip, kandinsky_prior or tiny"
+
+    def refuse(visual):
+        raise NotImplementedError("attentional pooling")
+
+    monkeypatch.setattr("dsl_cli.encoder.loading.HookedEncoder", refuse)
+    with pytest.raises(UserError) as err:
+        load_encoder(encoder_config(source="tiny", name="tiny"))
+    assert str(err.value) == "encoder tiny:tiny cannot be opened up: attentional pooling"
+
+
+def test_text_model_ids():
+    from dsl_cli.encoder import text_model_id
+
+    assert text_model_id(encoder_config(source="tiny")) == ("tiny", None)
+    assert text_model_id(encoder_config(source="kandinsky_prior")) == ("ViT-bigG-14", "laion2b_s39b_b160k")
+    assert text_model_id(encoder_config(source="kandinsky_prior", text_name="ViT-L-14", text_pretrained="openai")) == (
+        "ViT-L-14", "openai")
+    assert text_model_id(encoder_config(name="ViT-B-16", pretrained="openai")) == ("ViT-B-16", "openai")
+
+
+def test_missing_text_weights_name_the_model(offline_empty_hub):
+    for load in (load_text_model, load_encoder):
+        with pytest.raises(UserError) as err:
+            load(encoder_config(name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
+        assert str(err.value).startswith("open_clip weights ViT-B-32/laion2b_s34b_b79k could not be loaded (")
+        assert "`hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K open_clip_pytorch_model.bin`" in str(err.value)
+    with pytest.raises(UserError, match="fetch them with a download or set encoder.checkpoint"):
+        load_encoder(encoder_config(name="ViT-B-32", pretrained="no_such_tag"))  # not a hub tag: no command

@@ -1,20 +1,44 @@
-"""On CUDA: the same numbers as on the CPU, in fp32 and to bf16 tolerance; skipped without CUDA."""
+"""On CUDA: the same numbers as on the CPU, in fp32 and to bf16 tolerance, and the GPU-only paths (real
+out-of-memory, no host synchronisation in the denoising loop); skipped without CUDA.
+
+Tolerances marked "set from the CPU" were measured there (test_speed_paths.py states the figures); each test
+records what it measured on the GPU (`record_property`, in the JUnit XML that `device_check.sh` reads), so
+that a first GPU run can replace them with measured ones.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from diffusers import KandinskyV22Pipeline
 
 from dsl_cli.config import DecoderConfig
-from dsl_cli.decoder import load_decoder
+from dsl_cli.decoder import load_decoder, to_uint8
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual
 
 pytestmark = pytest.mark.gpu
 COMPONENTS = ["L1H00", "L2H03", "L3MLP", "L0MLP"]
+KW = dict(height=64, width=64, steps=2, guidance=4.0, progress=False)
+
+
+def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 32, generator=g), torch.randn(1, 32, generator=g)
+
+
+def _dsl_run(tmp_path: Path, *overrides: str) -> dict:
+    """`dsl run debug=tiny device=cuda ...` (through `python -m`: the GPU machine has no `dsl` script) -> manifest."""
+    result = subprocess.run([sys.executable, "-m", "dsl_cli.cli", "run", "debug=tiny", "device=cuda",
+                             "hydra.run.dir=run", *overrides], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads((tmp_path / "run" / "manifest.json").read_text())
 
 
 def test_cache_and_steering_match_the_cpu(tiny_pixels: torch.Tensor) -> None:
@@ -28,28 +52,117 @@ def test_cache_and_steering_match_the_cpu(tiny_pixels: torch.Tensor) -> None:
                                gpu.steer(cache_gpu, ["L1H00"])[:, 0].cpu(), atol=1e-4, rtol=1e-4)
 
 
-def test_bf16_steering_stays_close_to_fp32(tiny_pixels: torch.Tensor) -> None:
+def test_bf16_steering_stays_within_0_999_of_fp32(tiny_pixels: torch.Tensor, record_property) -> None:
     fp32 = HookedEncoder(build_tiny_visual()).to("cuda")
     bf16 = HookedEncoder(build_tiny_visual()).to("cuda", torch.bfloat16)
     a = fp32.steer(fp32.run_with_cache(tiny_pixels.cuda()), COMPONENTS).float()
     b = bf16.steer(bf16.run_with_cache(tiny_pixels.cuda()), COMPONENTS).float()
-    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.99
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1).min().item()
+    record_property("cos_bf16_vs_fp32_min", cosine)
+    assert cosine >= 0.999  # CPU: 0.99994
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decoding_is_batch_invariant_on_cuda(dtype: torch.dtype) -> None:
+def test_decoding_is_batch_invariant_on_cuda(dtype: torch.dtype, record_property) -> None:
     decoder = load_decoder(DecoderConfig(source="tiny"), device="cuda", dtype=dtype)
-    embeds = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
-    negative = torch.zeros(1, 32)
-    kwargs = dict(height=64, width=64, steps=2, guidance=4.0, progress=False)
-    one = decoder.decode(embeds, negative, seeds=0, batch_size=1, **kwargs)
-    many = decoder.decode(embeds, negative, seeds=0, batch_size=5, **kwargs)
-    assert abs(one - many).max() < (1e-3 if dtype == torch.float32 else 2e-2)
+    embeds, negative = _inputs(5)
+    one = decoder.decode(embeds, negative, seeds=0, batch_size=1, **KW)
+    many = decoder.decode(embeds, negative, seeds=0, batch_size=5, **KW)
+    diff = np.abs(one - many)
+    record_property("max_abs_diff", float(diff.max()))
+    record_property("mean_abs_diff", float(diff.mean()))
+    # set from the CPU: fp32 max 1e-4; bf16 max 0.098, mean 0.0022 (the tiny random decoder saturates, so a
+    # few pixels flip); the mean is the meaningful bound in bf16
+    if dtype == torch.float32:
+        assert diff.max() < 1e-3
+    else:
+        assert diff.mean() < 0.01
 
 
-def test_tiny_run_on_cuda(tmp_path: Path) -> None:
-    dsl = str(Path(sys.executable).parent / "dsl")
-    result = subprocess.run([dsl, "run", "debug=tiny", "device=cuda", "hydra.run.dir=run"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_same_seed_gives_the_same_pictures_on_cuda(record_property) -> None:
+    decoder = load_decoder(DecoderConfig(source="tiny"), device="cuda", dtype=torch.bfloat16)
+    embeds, negative = _inputs(3)
+    first = decoder.decode(embeds, negative, [7, 8, 9], batch_size=3, **KW)
+    again = decoder.decode(embeds, negative, [7, 8, 9], batch_size=3, **KW)
+    record_property("max_abs_diff", float(np.abs(first - again).max()))
+    assert np.array_equal(to_uint8(first), to_uint8(again))
+    other = decoder.decode(embeds, negative, [1, 2, 3], batch_size=3, **KW)
+    assert np.abs(first - other).mean() > 0.01  # the seed matters, so the equality above is not vacuous
+
+
+def test_channels_last_gives_the_same_pictures_on_cuda(record_property) -> None:
+    embeds, negative = _inputs(4)
+    plain = load_decoder(DecoderConfig(source="tiny"), device="cuda").decode(embeds, negative, 0, batch_size=4, **KW)
+    nhwc = load_decoder(DecoderConfig(source="tiny"), device="cuda", channels_last=True)
+    got = nhwc.decode(embeds, negative, 0, batch_size=4, **KW)
+    diff = np.abs(got - plain)
+    record_property("max_abs_diff", float(diff.max()))
+    record_property("mean_abs_diff", float(diff.mean()))
+    assert diff.mean() < 1e-3  # set from the CPU (fp32: max 1.6e-4); cuDNN may pick other kernels per layout
+
+
+def test_real_out_of_memory_halves_the_batch(caplog: pytest.LogCaptureFixture, record_property) -> None:
+    """The allocator is capped (`set_per_process_memory_fraction`) so that about three pictures fit: a batch
+    of 16 then fails for real and is halved until it fits; every picture still comes out, as at batch 1."""
+    decoder = load_decoder(DecoderConfig(source="tiny"), device="cuda")
+    shape = dict(KW, height=256, width=256)
+    embeds, negative = _inputs(16)
+    expected = decoder.decode(embeds, negative, 0, batch_size=1, **shape)
+    one, two = (decoder._probe_peak(b, 256, 256, 4.0) for b in (1, 2))
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    allowed = torch.cuda.memory_allocated() + one + 2 * (two - one)
+    record_property("bytes_per_picture", two - one)
+    torch.cuda.set_per_process_memory_fraction(allowed / total)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dsl_cli.decoder"):
+            got = decoder.decode(embeds, negative, 0, batch_size=16, **shape)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert any("out of memory" in r.getMessage() for r in caplog.records)
+    diff = np.abs(got - expected)
+    record_property("mean_abs_diff_vs_batch_1", float(diff.mean()))
+    assert diff.mean() < 1e-3  # the same pictures in the same order (batching changes only round-off)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
+def test_no_host_sync_inside_the_denoising_loop(scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`torch.cuda.set_sync_debug_mode("error")` from the end of the first step to the end of the last:
+    every step after the first (UNet, guidance, scheduler, noise) must run without waiting for the GPU."""
+    steps = 4
+    original = KandinskyV22Pipeline.__call__
+
+    def watch(pipe, i, t, kwargs):
+        torch.cuda.set_sync_debug_mode("error" if i < steps - 1 else "default")
+        return kwargs
+
+    def call(self, *args, **kwargs):
+        return original(self, *args, callback_on_step_end=watch, **kwargs)
+
+    monkeypatch.setattr(KandinskyV22Pipeline, "__call__", call)
+    decoder = load_decoder(DecoderConfig(source="tiny"), device="cuda", dtype=torch.bfloat16, scheduler=scheduler)
+    embeds, negative = _inputs(2)
+    try:
+        pictures = decoder.decode(embeds, negative, [0, 1], batch_size=2, **{**KW, "steps": steps})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert np.isfinite(pictures).all()
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_verify_on_the_gpu(tmp_path: Path, dtype: str, record_property) -> None:
+    manifest = _dsl_run(tmp_path, "lens=steering", "component=all", "lens.verify=true", f"dtype={dtype}",
+                        f"decode.dtype={dtype}")
+    record_property("verify_max_abs_diff", manifest["verify_max_abs_diff"])
+    assert manifest["verify_ok"] is True and manifest["status"] == "complete"
+    assert manifest["encoder_dtype"] == dtype and manifest["decoder_dtype"] == dtype
+
+
+def test_tiny_run_on_cuda_with_auto_batch(tmp_path: Path, record_property) -> None:
+    manifest = _dsl_run(tmp_path, "decode.batch_size=auto", "decode.dtype=auto")
+    record_property("decode_batch_size", manifest["decode_batch_size"])
+    assert manifest["status"] == "complete" and manifest["device"].startswith("cuda")
+    assert manifest["decoder_dtype"] == "bf16"  # decode.dtype=auto is bf16 on CUDA
+    assert manifest["decode_batch_size"] == manifest["to_decode"]  # 8 tiny pictures fit at once
     assert (tmp_path / "run" / "similarity.csv").is_file()

@@ -93,3 +93,110 @@ def test_clamp_moves_layers_and_heads_into_the_model_with_a_warning(caplog) -> N
     labels = lenses.select_components("direct", 0, "all", ["L30H05", "L3H3", "L12MLP"], 4, 4, clamp=True)
     assert [c.label for c in labels] == ["L03H03", "L03MLP"]  # L30H05 and L3H3 are one component now
     assert sum("clamp_to_model" in r.getMessage() for r in caplog.records) == 6
+
+
+# ---- edges of the checks, and what each message says (mutation testing: docs/testing.md) -----------
+
+def test_component_labels_are_checked_at_the_edges_of_the_model() -> None:
+    labels = ["L3H3", "L0H0", "L3MLP", "L0mid", "L3mid", "embed"]
+    assert [c.label for c in lenses.check_components(labels, 4, 4)] == ["L03H03", "L00H00", "L03MLP", "L00mid",
+                                                                         "L03mid", "embed"]
+    for bad, message in [("L4H0", "L4H0: layer 4 is outside this model (0 to 3)"),
+                         ("L4mid", "L4mid: layer 4 is outside this model (0 to 3)"),
+                         ("L4MLP", "layer 4 is outside this model (0 to 3)"),
+                         ("L0H4", "L0H4: head 4 is outside this model (0 to 3)"),
+                         ("L2X", "or use component=heads, mlp or all")]:
+        with pytest.raises(UserError) as err:
+            lenses.check_components([bad], 4, 4)
+        assert message in str(err.value)
+
+
+def test_head_and_layer_specs_at_the_edges() -> None:
+    assert lenses.parse_heads(0, 4) == [0] and lenses.parse_heads([3, 0], 4) == [0, 3]
+    assert lenses.parse_heads("all", 3) == [0, 1, 2]
+    with pytest.raises(UserError, match="head=4 is outside this model: heads run from 0 to 3"):
+        lenses.parse_heads(4, 4)
+    with pytest.raises(UserError, match="head='x': use all, an int or a list of ints"):
+        lenses.parse_heads("x", 4)
+    assert lenses.parse_layers(-4, 4) == [0] and lenses.parse_layers(["all", 1], 4) == [0, 1, 2, 3]
+    with pytest.raises(UserError, match="layer=-5 is outside this model"):
+        lenses.parse_layers(-5, 4)
+    with pytest.raises(UserError, match="range 10-20"):
+        lenses.parse_layers(["all", "ten"], 4)  # items after `all` are still checked
+    with pytest.raises(UserError, match=r"layer=\[\] names no layer; layers run from 0 to 3"):
+        lenses.parse_layers([], 4)
+
+
+def test_component_kinds_each_lens_selects() -> None:
+    def labels(lens, component, layer=1, head="all"):
+        return [c.label for c in lenses.select_components(lens, layer, head, component, 4, 2)]
+
+    assert labels("steering", "heads") == ["L01H00", "L01H01"]
+    assert labels("direct", "mlp") == ["L01MLP"]
+    assert labels("steering", "all") == ["L01H00", "L01H01", "L01MLP"]
+    assert labels("logit", "mlp") == ["L01", "L01MLP"]  # the residual stream first
+    assert [c.kind for c in lenses.select_components("logit", 1, "all", "heads", 4, 2)] == ["resid", "head", "head"]
+    assert labels("diffusion", "all", layer=[0, 2]) == ["L00", "L02"]
+    assert labels("steering", ["L1MLP", "L0H1"]) == ["L01MLP", "L00H01"]
+    assert labels("direct", ["L3", "L1mid"]) == ["L03", "L01mid"]  # only steering refuses the stream
+    with pytest.raises(UserError, match="lens=steering steers heads and MLPs only"):
+        lenses.select_components("steering", 0, "all", ["L1mid"], 4, 2)
+    with pytest.raises(UserError, match="lens='lens': choose one of diffusion, direct, steering, logit"):
+        lenses.select_components("lens", 0, "all", "heads", 4, 2)
+
+
+def test_rank_along_the_last_axis_of_any_shape() -> None:
+    values = torch.tensor([[[0.2, 0.7, 0.1], [0.5, 0.5, 0.9]], [[3.0, 2.0, 1.0], [-1.0, 0.0, -2.0]]])
+    assert lenses.rank(values).tolist() == [[[2, 1, 3], [2, 3, 1]], [[1, 2, 3], [2, 1, 3]]]
+    ties = torch.zeros(1, 500).index_fill_(1, torch.arange(0, 500, 7), 1.0)
+    expected = sorted(range(500), key=lambda i: (-ties[0, i].item(), i))  # equal values keep their order
+    assert lenses.rank(ties)[0].argsort().tolist() == expected
+
+
+def test_top_labels_are_the_best_cosines_written_here() -> None:
+    g = torch.Generator().manual_seed(4)
+    embeds, classifier = torch.randn(2, 3, 8, generator=g) * 5, torch.randn(8, 10, generator=g)
+    classifier = classifier / classifier.norm(dim=0)
+    values, indices = lenses.top_labels(embeds, classifier.double(), 4)  # any precision of the classifier
+    cosines = (embeds @ classifier) / embeds.norm(dim=-1, keepdim=True)
+    expected = cosines.sort(dim=-1, descending=True)
+    torch.testing.assert_close(values, expected.values[..., :4])
+    assert torch.equal(indices, expected.indices[..., :4])
+
+
+def test_classifier_cache_folder(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DSL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert lenses.classifier_cache() == tmp_path / "xdg" / "dsl"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert lenses.classifier_cache() == tmp_path / "home" / ".cache" / "dsl"
+    monkeypatch.setenv("DSL_CACHE", "~/elsewhere")
+    assert lenses.classifier_cache() == tmp_path / "home" / "elsewhere"
+
+
+def test_classifier_prompts_and_precision(monkeypatch, tmp_path: Path) -> None:
+    import open_clip
+
+    seen = {}
+
+    def fake_classifier(model, **kwargs):  # called once per batch of classes
+        seen["classnames"] = [*seen.get("classnames", []), *kwargs.pop("classnames")]
+        seen.update(kwargs)
+        return torch.zeros(32, len(seen["classnames"]))
+
+    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", fake_classifier)
+    for templates, prompts in (("openai", open_clip.OPENAI_IMAGENET_TEMPLATES),
+                               ("simple", open_clip.SIMPLE_IMAGENET_TEMPLATES)):
+        seen.clear()
+        lenses.text_classifier(None, "tokenizer", templates, "cpu")
+        assert seen["templates"] is prompts and seen["device"] == "cpu" and seen["tokenizer"] == "tokenizer"
+        assert list(seen["classnames"]) == list(open_clip.IMAGENET_CLASSNAMES)
+    monkeypatch.undo()
+    monkeypatch.setenv("DSL_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(lenses, "load_text_model", lambda *a: calls.append(a) or ("model", "tokenizer"))
+    monkeypatch.setattr(lenses, "text_classifier", lambda *a: calls.append(a) or (torch.zeros(32, 1000), []))
+    cfg = EncoderConfig(source="tiny")
+    lenses.imagenet_classifier(cfg, "openai", "cpu", torch.float64)
+    assert calls == [(cfg, "cpu", torch.float64), ("model", "tokenizer", "openai", "cpu")]

@@ -46,12 +46,14 @@ def test_python_api_example_runs() -> None:
 # ---------------------------------------------------------------- the README's shell commands
 
 WEIGHTS_MISSING = "of the weights this run needs are not in the Hugging Face cache"
-NOT_RUN = {  # commands no test runs, and why
+NOT_RUN = {  # commands no test runs here, and why
     "pip": ".ci/run installs exactly as the README says",
     "pytest": "it is this test suite",
     "apt-get": ".ci/run installs SLURM and Chromium with these lines",
     "scripts/slurm_localhost.sh": ".ci/run starts SLURM with it; tests/test_slurm.py submits to it",
     "export": "it sets the launcher=slurm settings of the lines after it",
+    "scripts/fetch_wheels.sh": "it downloads from the package registry, and tests never download",
+    "scripts/device_check.sh": "tests/test_device_check.py runs its --dry-run; without it, it needs a GPU",
 }
 NEEDS_A_CLUSTER_SWEEP = {  # commands that continue a SLURM sweep of 48 real-size jobs, and the tests that do so
     "resume=outputs/bigg_layers": "tests/test_sweeps.py resumes a sweep, tests/test_slurm.py a requeued job",

@@ -302,3 +302,25 @@ def test_the_terminal_shows_dsl_and_labelled_bars_only(tmp_path: Path) -> None:
     assert logged and all("][dsl_cli." in line for line in logged), logged
     assert {"encode", "classifier"} <= set(re.findall(r"(?:^|\r)(\w+): +\d+%\|", terminal, re.M))
     assert not re.search(r"(?:^|\r) *\d+%\|", terminal, re.M), "a progress bar without a name"
+
+
+def test_whole_run_in_bf16_records_its_precision_and_switches(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Encoder and decoder in bf16 with channels_last, on the CPU: against the fp32 run of the same lens and
+    components; the manifest records the dtypes and switches that were used."""
+    folder = run_tiny(tmp_path / "bf16", *LENS_RUNS["steering"], "dtype=bf16", "decode.dtype=bf16",
+                      "decode.channels_last=true", "decode.batch_size=auto")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert (manifest["encoder_dtype"], manifest["decoder_dtype"]) == ("bf16", "bf16")
+    assert (manifest["channels_last"], manifest["compile_unet"]) == (True, False)
+    assert manifest["decode_batch_size"] == 8 and manifest["encoder_offloaded"] is False  # auto on the CPU: 8
+    assert manifest["verify_ok"] is True  # bf16 tolerance
+    fp32 = {(r["image"], r["component"]): r for r in read_rows(runs["steering"])}
+    rows = read_rows(folder)
+    assert len(rows) == len(fp32)
+    for row in rows:
+        reference = fp32[(row["image"], row["component"])]
+        assert abs(float(row["sim_embed"]) - float(reference["sim_embed"])) < 0.01  # measured: 0.0044
+        assert math.isfinite(float(row["sim_decoded"]))
+    reference_manifest = json.loads((runs["steering"] / "manifest.json").read_text())
+    assert (reference_manifest["encoder_dtype"], reference_manifest["decoder_dtype"]) == ("fp32", "fp32")

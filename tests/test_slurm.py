@@ -46,7 +46,7 @@ def sweeps(tmp_path: Path):
 
 def test_a_sweep_by_layer_runs_as_slurm_jobs_and_merges_every_row_once(tmp_path: Path, sweeps) -> None:
     sweeps.append(tmp_path / "sweep")
-    result = subprocess.run([DSL, "run", "debug=tiny", *ON_THIS_NODE, "hydra.sweep.dir=sweep", "--multirun",
+    result = subprocess.run([DSL, "run", "debug=tiny", "images.limit=2", *ON_THIS_NODE, "hydra.sweep.dir=sweep", "--multirun",
                              "layer=0,1,2"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep = tmp_path / "sweep"
@@ -86,7 +86,7 @@ def _requeue_mid_decoding(run: Path, job: str, deadline: float) -> int:
 def test_a_requeued_job_continues_its_run_folder_to_the_files_of_an_uninterrupted_run(tmp_path: Path,
                                                                                           sweeps) -> None:
     # 10 pictures of 40 denoising steps, one at a time: seconds each, so that the requeue lands mid-decoding
-    slow = ["debug=tiny", "component=all", "layer=1", "decode.steps=40", "decode.batch_size=1"]
+    slow = ["debug=tiny", "images.limit=2", "component=all", "layer=1", "decode.steps=40", "decode.batch_size=1"]
     reference = subprocess.run([DSL, "run", *slow, "hydra.run.dir=reference"], cwd=tmp_path, capture_output=True,
                                text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]

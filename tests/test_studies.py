@@ -272,3 +272,79 @@ def test_run_study_refuses_bad_set_ups(tmp_path, tiny_run):
     for bad in (dict(name="nope"), dict(ablation="half"), dict(steps=0), dict(overlay_scale=1.5)):
         with pytest.raises(UserError):
             run_study(study_cfg("head_importance", **bad), tmp_path, encoder, preprocess, images, components)
+
+
+# ---- settings, edge cases and what the study stage writes (mutation testing: docs/testing.md) --------
+
+def test_study_settings_are_checked_at_their_edges():
+    from dsl_cli.studies import validate_study
+
+    ok = dict(name="overlay_removal", ablation="mean", steps=1, greedy_pool=1, random_orders=0, overlay_scale=1.0)
+    validate_study(OmegaConf.create(ok))
+    validate_study(OmegaConf.create({**ok, "greedy_pool": None}))
+    for bad, message in [
+        (dict(name="x"), "study.name='x': use one of head_importance, overlay_removal"),
+        (dict(ablation="half"), "study.ablation='half': use one of zero, mean"),
+        (dict(steps=0), "study.steps=0: must be at least 1"),
+        (dict(greedy_pool=0), "study.greedy_pool=0: must be at least 1 (or null for all heads)"),
+        (dict(random_orders=-1), "study.random_orders=-1: must be 0 or more"),
+        (dict(overlay_scale=0.0), "study.overlay_scale=0.0: must be in (0, 1]"),
+        (dict(overlay_scale=1.01), "study.overlay_scale=1.01: must be in (0, 1]"),
+    ]:
+        with pytest.raises(UserError) as err:
+            validate_study(OmegaConf.create({**ok, **bad}))
+        assert str(err.value) == message
+
+
+def test_correlations_are_undefined_only_where_they_must_be():
+    def corr(values):
+        rows = [{"image": "a", "importance": y, "dsl": x, "direct": x} for x, y in values]
+        return correlations(rows)[0]
+
+    one = corr([(0.1, 0.2)])
+    assert one["n"] == 1 and all(math.isnan(one[k]) for k in ("spearman", "spearman_p", "pearson", "pearson_p"))
+    two = corr([(0.1, 0.2), (0.3, 0.1)])  # two points: defined, -1
+    assert two["n"] == 2 and two["spearman"] == pytest.approx(-1) and two["pearson"] == pytest.approx(-1)
+    flat_y = corr([(0.1, 0.5), (0.3, 0.5), (0.2, 0.5)])
+    assert math.isnan(flat_y["spearman"]) and math.isnan(flat_y["pearson"])
+    rows = [{"image": "a", "y": float(i), "s": float(i * i)} for i in range(4)]
+    assert [(r["lens"], r["spearman"]) for r in correlations(rows, target="y", scores=("s",))] == [("s", 1.0), ("s", 1.0)]
+
+
+def test_head_importance_rows_carry_the_settings_and_mean_ablation(tiny_visual, tiny_pixels):
+    enc = HookedEncoder(perturb_(tiny_visual))
+    heads = ["L1H2", "L3H0"]
+    rows = head_importance(enc, tiny_pixels[:2], heads, ablation="mean", mode="add", alpha=3.0, batch_size=1)
+    assert [(r["image"], r["component"], r["layer"], r["head"]) for r in rows] == [
+        ("0", "L01H02", 1, 2), ("0", "L03H00", 3, 0), ("1", "L01H02", 1, 2), ("1", "L03H00", 3, 0)]
+    assert {(r["ablation"], r["mode"], r["alpha"]) for r in rows} == {("mean", "add", 3.0)}
+    means = enc.mean_writes(tiny_pixels[:2])
+    clean = forward(enc.visual, tiny_pixels[:2])
+    cache = enc.run_with_cache(tiny_pixels[:2])
+    for k, head in enumerate(heads):
+        ablated = forward(ablated_copy(enc.visual, [head], means), tiny_pixels[:2])
+        got = torch.tensor([rows[b * 2 + k]["importance"] for b in range(2)])
+        torch.testing.assert_close(got, 1 - cos(ablated, clean), **TOL)
+        dsl = cos(enc.steer(cache, [head], mode="add", alpha=3.0)[:, 0], clean)
+        direct = cos(enc.readout(cache.head_writes[:, parse_component(head).layer, parse_component(head).head]), clean)
+        torch.testing.assert_close(torch.tensor([rows[b * 2 + k]["dsl"] for b in range(2)]), dsl, **TOL)
+        torch.testing.assert_close(torch.tensor([rows[b * 2 + k]["direct"] for b in range(2)]), direct, **TOL)
+
+
+def test_study_summaries_agree_with_the_files(tmp_path, tiny_run):
+    summary = run_study(study_cfg("head_importance"), tmp_path / "hi", *tiny_run)
+    corr = read_csv(tmp_path / "hi" / "correlations.csv", CORRELATION_COLUMNS)
+    pooled = {r["lens"]: r for r in corr if r["image"] == POOLED}
+    for lens in ("dsl", "direct"):
+        assert summary["pooled"][lens]["spearman"] == pytest.approx(float(pooled[lens]["spearman"]), abs=1e-6)
+        assert summary["pooled"][lens]["pearson"] == pytest.approx(float(pooled[lens]["pearson"]), abs=1e-6)
+    assert (summary["study"], summary["ablation"]) == ("head_importance", "zero")
+    assert summary["files"] == ["study_head_importance.csv", "correlations.csv", "plots/head_importance.png"]
+
+    summary = run_study(study_cfg("overlay_removal"), tmp_path / "or", *tiny_run)
+    rows = read_csv(tmp_path / "or" / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+    for order in ("dsl", "greedy", "random"):
+        sims = [float(r["overlay_sim"]) for r in rows if r["order"] == order]
+        assert summary["mean_overlay_sim"][order] == pytest.approx(np.mean(sims), abs=1e-6)
+    assert (summary["rows"], summary["composites"]) == (len(rows), 3)
+    assert summary["files"] == ["study_overlay_removal.csv", "plots/overlay_removal.png"]

@@ -27,7 +27,7 @@ from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu, requeued_run
 from test_errors import dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
-FAST = ["debug=tiny", "decode.enabled=false"]
+FAST = ["debug=tiny", "decode.enabled=false", "layer=1", "images.limit=2"]  # later overrides win
 
 
 def dsl(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -206,7 +206,7 @@ def test_resumed_sweep_skips_complete_jobs_and_continues_the_others(tmp_path: Pa
     pictures and ends with the files of the first (the jobs differ only in the encoder's batch size, which
     does not change one image's results: the first job is the uninterrupted reference)."""
     sweep = tmp_path / "sweep"
-    slow = ["debug=tiny", "component=all", "images.limit=1", "decode.batch_size=1"]  # 5 pictures a job, one by one
+    slow = ["debug=tiny", "layer=1", "component=all", "images.limit=1", "decode.batch_size=1"]  # 5 pictures a job, one by one
     process = subprocess.Popen([DSL, "run", *slow, f"hydra.sweep.dir={sweep}", "--multirun", "batch_size=1,2"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
@@ -255,7 +255,8 @@ def test_a_requeued_job_continues_its_run_and_no_other_job_may(tmp_path: Path, m
 
 
 def test_local_gpus_without_a_gpu_runs_local_processes_and_merges_past_a_failed_job(tmp_path: Path) -> None:
-    result = dsl("run", *FAST, "launcher=local_gpus", "hydra.sweep.dir=sweep", "--multirun", "layer=0,9,1",
+    result = dsl("run", *FAST, "clamp_to_model=false", "launcher=local_gpus", "hydra.sweep.dir=sweep", "--multirun",
+                 "layer=0,9,1",
                  cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]  # a job failed: the sweep says so
     sweep = tmp_path / "sweep"

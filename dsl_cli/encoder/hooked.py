@@ -3,9 +3,10 @@
 Shapes: B images, T tokens (CLS + patches), L blocks, H heads, D residual width, d = D / H head width,
 E embedding width, K components.
 
-The cache is built in one batched pass through the blocks' own submodules (so open_clip's fused attention
-computes the full-token outputs); only the per-head writes are recomputed, at the CLS query alone, from
-`attn.in_proj_*` and `attn.out_proj`. The DSL embeddings then follow in closed form,
+The cache is built in one batched pass through the blocks' own submodules and weights: each block's
+attention is computed once, from `attn.in_proj_*` and `attn.out_proj`, and gives both the block's output at
+every token and the per-head writes at the CLS position (so the cache costs one forward pass, not one and a
+recomputation of every key and value). The DSL embeddings then follow in closed form,
 `R(x_L + delta(c))`, for all components at once. `steer_hooked` is the slow reference: a real forward pass
 with forward hooks, used as the test oracle and by `lens.verify`. `ablate_hooked` removes heads' and MLPs'
 writes in a real forward pass (no patching: everything downstream recomputes), for the interventional
@@ -104,22 +105,41 @@ def head_writes(
     computed for them alone (all-token writes of every head are large: 0.9 GB per 32 bigG images).
     """
     attn = block.attn
-    n_heads, width = attn.num_heads, attn.embed_dim
-    d_head = width // n_heads
     w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
     b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
-
-    def split(x: Tensor, w: Tensor, b: Tensor) -> Tensor:  # [B, T, D] -> [B, H, T, d]
-        return nn.functional.linear(x, w, b).unflatten(-1, (n_heads, d_head)).transpose(1, 2)
-
-    q, k, v = split(queries, w_q, b_q), split(keys, w_k, b_k), split(keys, w_v, b_v)
-    w_o = attn.out_proj.weight.unflatten(1, (n_heads, d_head))  # [D, H, d]
+    q, k, v = (_split_heads(attn, nn.functional.linear(x, w, b))
+               for x, w, b in ((queries, w_q, b_q), (keys, w_k, b_k), (keys, w_v, b_v)))
+    w_o = _out_weight(attn)
     if heads is not None:
         picked = torch.as_tensor(heads, dtype=torch.long, device=q.device)
         q, k, v, w_o = q[:, picked], k[:, picked], v[:, picked], w_o[:, picked]
     z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, Tq, d]
     writes = torch.einsum("bhqe,dhe->bqhd", z, w_o)
     return _layer_scale(block.ls_1, writes)
+
+
+def attention_and_cls_head_writes(block: ResidualAttentionBlock, normed: Tensor) -> tuple[Tensor, Tensor]:
+    """The attention sub-block computed once, from the block's own weights: normed [B, T, D] (ln_1 output)
+    -> (its output `ls_1(attn(normed))` at every token [B, T, D], the per-head writes at the CLS query
+    [B, H, D] as `head_writes` gives them). The same products as open_clip's fused attention, so the block
+    output agrees with it to round-off and the cache pays for no second pass over the keys and values."""
+    attn = block.attn
+    q, k, v = (_split_heads(attn, x) for x in nn.functional.linear(normed, attn.in_proj_weight,
+                                                                    attn.in_proj_bias).chunk(3, dim=-1))
+    z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, T, d]
+    out = nn.functional.linear(z.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)
+    cls_writes = torch.einsum("bhe,dhe->bhd", z[:, :, 0], _out_weight(attn))
+    return _layer_scale(block.ls_1, out), _layer_scale(block.ls_1, cls_writes)
+
+
+def _split_heads(attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
+    """[B, T, D] -> [B, H, T, d]."""
+    return x.unflatten(-1, (attn.num_heads, attn.embed_dim // attn.num_heads)).transpose(1, 2)
+
+
+def _out_weight(attn: nn.MultiheadAttention) -> Tensor:
+    """The output projection split by head: [D, H, d]."""
+    return attn.out_proj.weight.unflatten(1, (attn.num_heads, attn.embed_dim // attn.num_heads))
 
 
 def attn_bias(block: ResidualAttentionBlock) -> Tensor:
@@ -215,9 +235,9 @@ class HookedEncoder(nn.Module):
         # CLS rows are cloned: a view would keep each layer's whole [B, T, D] tensor alive
         resid, resid_mid, heads, biases, mlps = [x[:, 0].clone()], [], [], [], []
         for block in self.blocks:
-            normed = block.ln_1(x)
-            x = x + block.ls_1(block.attention(q_x=normed))
-            heads.append(head_writes(block, normed[:, :1], normed)[:, 0])
+            attn_out, cls_writes = attention_and_cls_head_writes(block, block.ln_1(x))
+            x = x + attn_out
+            heads.append(cls_writes)
             biases.append(attn_bias(block).expand_as(x[:, 0]))
             resid_mid.append(x[:, 0].clone())
             mlp_out = block.ls_2(block.mlp(block.ln_2(x)))
@@ -296,7 +316,14 @@ class HookedEncoder(nn.Module):
         final = clean[(-1, "final")]
 
         def steer_write(write: Tensor, c: Tensor) -> Tensor:
-            return write + steering_delta(c, final, mode, alpha)
+            # The definitions of DESIGN.md section 3 written out again rather than through `steering_delta`:
+            # a reference that shared the closed form's delta would agree with it even when that is wrong.
+            if mode == "scale":  # the write c becomes alpha * c
+                return write - c + alpha * c
+            if mode == "add":
+                return write + alpha * c
+            unit = nn.functional.normalize(c.float(), dim=-1)  # a zero write stays zero
+            return write + (alpha * final.float().norm(dim=-1, keepdim=True) * unit).to(write.dtype)
 
         steered: dict[tuple[int, str], Callable] = {}
         if target.kind == "head":

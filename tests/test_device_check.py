@@ -1,0 +1,130 @@
+"""The device check: `scripts/device_check.sh --dry-run OUT_DIR` end to end on the CPU (every step, every
+field of the JSON and the table), the goals computed from hand-made rows, and the time budget (a step that
+does not fit is skipped; one that overruns is stopped and keeps what it measured)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+
+import device_check  # noqa: E402  (a script beside the benchmarks, not a package)
+from device_check_report import GOALS, markdown, summarise  # noqa: E402
+
+HAS_CXX = bool(shutil.which(os.environ.get("CXX", "g++")))
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("device_check")
+    env = {**os.environ, "PYTHON": sys.executable}
+    result = subprocess.run([str(REPO / "scripts" / "device_check.sh"), "--dry-run", str(root / "out"),
+                             "--work", str(root / "work")], env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return root / "out", json.loads((root / "out" / "device_check.json").read_text())
+
+
+def test_dry_run_runs_every_step(dry_run) -> None:
+    out, data = dry_run
+    expected = {name: "ok" for name, _, _ in device_check.STEPS}
+    if not HAS_CXX:
+        expected["compile"] = "skipped"  # inductor needs a C++ compiler on the CPU
+    assert {name: step["status"] for name, step in data["steps"].items()} == expected
+    # five files at most: what comes back from the GPU machine is limited to eight
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.log", "device_check.md",
+                                                    "e2e_manifest.json", "gpu_tests.xml"]
+
+
+def test_dry_run_fills_every_field(dry_run) -> None:
+    out, data = dry_run
+    env = data["environment"]
+    assert env["mode"].startswith("dry-run") and env["torch"] and env["diffusers"] and env["open_clip_torch"]
+    decoder = data["decoder"]
+    for key in ("tflop_per_picture", "matmul_peak_tflops", "naive_pictures_per_s", "size", "steps"):
+        assert decoder[key] > 0, key
+    compiled = {("fp32", False, True)} if HAS_CXX else set()  # the compile step needs a C++ compiler here
+    assert {r["step"] for r in decoder["rows"]} == {"decoder_main", "decode_only", "decoder_fp16", "channels_last",
+                                                    *(["compile"] if HAS_CXX else [])}
+    assert {(r["dtype"], r["channels_last"], r["compile"]) for r in decoder["rows"]} >= {
+        ("bf16", False, False), ("fp16", False, False), ("bf16", True, False), *compiled}
+    assert {r["dtype"] for r in data["encoder"]["rows"]} == {"fp32", "bf16"}
+    run = data["end_to_end"]
+    assert run["status"] == "complete" and run["decoded"] == run["pictures"] == 8
+    assert {"encoder", "lens", "decoder", "decode", "write"} <= set(run["stage_seconds"])
+    assert data["decode_only"]["pictures"] == 8
+    tests = data["gpu_tests"]
+    assert tests["failed"] == 0 and tests["skipped"] >= 10  # no CUDA here: every gpu test collected, then skipped
+    figures = data["summary"]["figures"]
+    assert all(figures.get(name) is not None for name in GOALS), figures
+    table = (out / "device_check.md").read_text()
+    for heading in ("## Goals", "## Decoder", "## Encoder", "## End to end", "## GPU tests", "## Steps"):
+        assert heading in table
+    goals = table.split("## Goals")[1].split("## Decoder")[0]
+    assert "not measured" not in goals
+    assert json.loads((out / "e2e_manifest.json").read_text())["status"] == "complete"
+
+
+def test_goals_are_computed_from_the_rows() -> None:
+    """Hand-computed: 1.2 pictures/s x 173.2 TFLOP = 207.84 TFLOP/s = 25.98 % of 800; 6x the naive 0.2/s;
+    a run of 100 s against 70 s of decoding for 80 pictures (35 s for 40 measured) = 1.4286."""
+    row = dict(dtype="bf16", batch=16, pictures=16, pictures_per_s=1.2, channels_last=True, compile=False,
+               warmup_s=1.0, peak_gib=30.0, step="channels_last", seconds=16 / 1.2)
+    data = {
+        "decoder": {"tflop_per_picture": 173.2, "matmul_peak_tflops": 800.0, "naive_pictures_per_s": 0.2,
+                    "rows": [dict(row, pictures_per_s=0.5, channels_last=False, step="decoder_main"), row]},
+        "decode_only": dict(row, pictures=40, seconds=35.0),
+        "end_to_end": {"wall_s": 100.0, "pictures": 80, "status": "complete", "stage_seconds": {}},
+        "encoder": {"rows": [{"dtype": "fp32", "cache_vs_plain": 1.04}, {"dtype": "bf16", "cache_vs_plain": 1.12,
+                                                                         "cos_vs_fp32_min": 0.9993}]},
+        "gpu_tests": {"passed": 12, "failed": 1, "skipped": 0},
+    }
+    summary = summarise(data)
+    figures, met = summary["figures"], summary["goals_met"]
+    assert figures["decoder_pct_of_matmul_peak"] == pytest.approx(25.98)
+    assert figures["decoder_vs_naive"] == pytest.approx(6.0) and figures["decoder_best"] == "bf16, batch 16, channels_last"
+    assert figures["run_wall_vs_decode_only"] == pytest.approx(100 / 70)
+    assert met == {"decoder_pct_of_matmul_peak": False, "decoder_vs_naive": True, "run_wall_vs_decode_only": False,
+                   "encoder_cache_vs_plain_fp32": True, "encoder_cache_vs_plain_bf16": False,
+                   "encoder_bf16_cosine_min": True, "gpu_tests_failed": False}
+    assert "| **no** |" in markdown({**data, "summary": summary})
+
+
+def test_nothing_measured_is_not_a_goal_met() -> None:
+    summary = summarise({})
+    assert set(summary["goals_met"].values()) == {None}
+    assert "not measured" in markdown({"summary": summary})
+
+
+def test_budget_skips_what_does_not_fit_and_stops_what_overruns(tmp_path: Path, monkeypatch) -> None:
+    """A step over its time keeps the row it wrote before it was stopped; a step estimated beyond what is
+    left does not start."""
+    row = dict(dtype="bf16", batch=1, pictures=1, pictures_per_s=0.5, channels_last=False, compile=False,
+               warmup_s=0.1, peak_gib=1.0, seconds=2.0)
+    writes_then_hangs = ("import json, sys, time; json.dump({'rows': [%r]}, open(sys.argv[1], 'w')); "
+                         "time.sleep(60)" % row)
+    steps = [("decoder_main", 1, lambda check, name: [sys.executable, "-c", writes_then_hangs,
+                                                      str(check.work / f"{name}.json")]),
+             ("compile", 1000, lambda check, name: [sys.executable, "-c", "pass"])]
+    monkeypatch.setattr(device_check, "STEPS", steps)
+    out, work = tmp_path / "out", tmp_path / "work"
+    out.mkdir(), work.mkdir()
+    check = device_check.Check(out=out, work=work, dry=False, budget=4, log=out / "device_check.log")
+    device_check.run_steps(check, None)
+    assert check.data["steps"]["decoder_main"]["status"] == "timeout"
+    assert check.data["steps"]["compile"]["status"] == "skipped"
+    assert check.data["decoder"]["rows"] == [{**row, "step": "decoder_main"}]
+    saved = json.loads((out / "device_check.json").read_text())
+    assert saved["decoder"]["rows"][0]["pictures_per_s"] == 0.5 and saved["steps"]["compile"]["status"] == "skipped"
+
+
+def test_unknown_steps_are_refused(tmp_path: Path, capsys) -> None:
+    assert device_check.main([str(tmp_path), "--steps", "decoder_main,warp_drive"]) == 2
+    assert "warp_drive" in capsys.readouterr().err

@@ -1,0 +1,183 @@
+"""The run's row bookkeeping, in-process (`dsl_cli.run.run` on the tiny models): every CSV value recomputed
+here from the encoder, the decoder pipeline and the pictures on disk; which items are decoded
+(`decode.top_k`, `decode.enabled`); ranks by either similarity; resume after an interruption.
+
+Settings are unlike the defaults (mode add, alpha 3, guidance 7.5, seed 5, layer 2) so that a value taken
+from the wrong place shows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from PIL import Image
+
+from dsl_cli.config import DecoderConfig, EncoderConfig, register_configs
+from dsl_cli.decoder import load_decoder, to_uint8
+from dsl_cli.encoder import load_encoder
+from dsl_cli.outputs import read_csv
+from dsl_cli.run import run
+
+NAMES = ["blobs", "noise"]  # the folder's images, in the order a run reads them (sorted by name)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pictures")
+    g = np.random.default_rng(3)
+    smooth = np.kron(g.integers(0, 256, (7, 9, 3)), np.ones((10, 10, 1))).astype(np.uint8)  # 70 x 90 blocks
+    Image.fromarray(smooth).save(folder / "blobs.png")
+    Image.fromarray(g.integers(0, 256, (80, 64, 3), dtype=np.uint8)).save(folder / "noise.png")
+    return folder
+
+
+def config(image_folder: Path, *overrides: str):
+    register_configs()
+    with initialize_config_module("dsl_cli.configs", version_base="1.3"):
+        return compose("run", ["debug=tiny", "images=folder", f"images.path={image_folder}", "seed=5", *overrides])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny encoder and its preprocessing, built apart from the run."""
+    return load_encoder(EncoderConfig(source="tiny"))
+
+
+def lens_here(tiny, image_folder: Path, components: list[str], lens: str = "steering", **steer):
+    """(clean [B,E], lens embeddings [B,K,E], writes [B,K,D]) of the folder's images, from the encoder."""
+    encoder, preprocess = tiny
+    pixels = torch.stack([preprocess(Image.open(image_folder / f"{n}.png").convert("RGB")) for n in NAMES])
+    cache = encoder.run_with_cache(pixels)
+    embeds = encoder.steer(cache, components, **steer) if lens == "steering" else encoder.direct(cache, components)
+    return cache.embeds, embeds, encoder.component_writes(cache, components)
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+
+def ranks_here(values: list[float]) -> list[int]:
+    """1 = largest; ties keep the earlier item first."""
+    order = sorted(range(len(values)), key=lambda i: (-values[i], i))
+    return [order.index(i) + 1 for i in range(len(values))]
+
+
+def by_image(rows: list[dict]) -> dict[str, list[dict]]:
+    return {name: [r for r in rows if r["image"] == name] for name in NAMES}
+
+
+def re_embed(tiny, picture: Path) -> torch.Tensor:
+    encoder, preprocess = tiny
+    with torch.no_grad():
+        return encoder.visual(preprocess(Image.open(picture).convert("RGB"))[None])[0]
+
+
+LAYER2 = ["L02H00", "L02H01", "L02H02", "L02H03", "L02MLP"]
+
+
+def test_rows_are_the_scores_computed_here_and_top_k_pictures_are_the_pipelines(
+    tmp_path: Path, image_folder: Path, tiny
+) -> None:
+    folder = tmp_path / "run"
+    cfg = config(image_folder, "lens=steering", "lens.mode=add", "lens.alpha=3", "layer=2", "component=all",
+                 "decode.guidance=7.5", "decode.top_k=2", "decode.batch_size=3")
+    run(cfg, folder)
+    rows = read_csv(folder / "similarity.csv")
+    assert [(r["image"], r["component"]) for r in rows] == [(n, c) for n in NAMES for c in LAYER2]
+    clean, embeds, writes = lens_here(tiny, image_folder, LAYER2, mode="add", alpha=3.0)
+    sims = cos(embeds, clean[:, None])
+    for b, (name, group) in enumerate(by_image(rows).items()):
+        assert [int(r["rank"]) for r in group] == ranks_here(sims[b].tolist())
+        for k, row in enumerate(group):
+            expected = {"lens": "steering", "kind": "mlp" if k == 4 else "head", "layer": "2",
+                        "head": "" if k == 4 else str(k), "mode": "add", "alpha": "3.000000", "seed": "5",
+                        "steps": "2", "guidance": "7.500000"}
+            assert {key: row[key] for key in expected} == expected
+            assert float(row["sim_embed"]) == pytest.approx(sims[b, k].item(), abs=2e-6)
+            assert float(row["norm"]) == pytest.approx(writes[b, k].norm().item(), rel=1e-5)
+            decoded = int(row["rank"]) <= 2
+            assert row["file"] == (f"images/{name}/steering/{row['component']}.png" if decoded else "")
+            assert (row["sim_decoded"] != "") == decoded
+    pictures = sorted(folder.glob("images/*/steering/*.png"))
+    assert len(pictures) == 4
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert (manifest["rows"], manifest["to_decode"], manifest["decoded"]) == (10, 4, 4)
+
+    # each picture is the pipeline's at this embedding, the encoder's zero-image negative, seed and guidance
+    pipe = load_decoder(DecoderConfig(source="tiny")).pipe
+    negative = tiny[0].zero_embed()
+    for b, name in enumerate(NAMES):
+        for k, label in enumerate(LAYER2):
+            row = by_image(rows)[name][k]
+            if not row["file"]:
+                continue
+            expected = pipe(image_embeds=embeds[b, k][None], negative_image_embeds=negative,
+                            generator=torch.Generator().manual_seed(5), height=64, width=64, num_inference_steps=2,
+                            guidance_scale=7.5, output_type="np").images[0]
+            saved = np.asarray(Image.open(folder / row["file"]), dtype=np.int16)
+            assert np.abs(saved - to_uint8(expected)).max() <= 1, label
+            assert float(row["sim_decoded"]) == pytest.approx(
+                cos(re_embed(tiny, folder / row["file"]), clean[b]).item(), abs=2e-6)
+
+
+def test_ranks_by_decoded_similarity_put_the_undecoded_last(tmp_path: Path, image_folder: Path, tiny) -> None:
+    folder = tmp_path / "run"
+    run(config(image_folder, "lens=steering", "layer=2", "component=all", "decode.top_k=3",
+               "lens.rank_by=sim_decoded"), folder)
+    rows = read_csv(folder / "similarity.csv")
+    clean, embeds, _ = lens_here(tiny, image_folder, LAYER2)  # norm, alpha 2: the defaults
+    for b, group in enumerate(by_image(rows).values()):
+        embed_ranks = ranks_here(cos(embeds[b], clean[b]).tolist())
+        assert [bool(r["file"]) for r in group] == [rank <= 3 for rank in embed_ranks]  # planned by sim_embed
+        sims = [float(r["sim_decoded"]) if r["file"] else -math.inf for r in group]
+        assert [int(r["rank"]) for r in group] == ranks_here(sims)
+
+
+def test_without_decoding_every_row_is_written_and_no_picture(tmp_path: Path, image_folder: Path, tiny) -> None:
+    folder = tmp_path / "run"
+    run(config(image_folder, "lens=direct", "layer=[0,3]", "head=[1,2]", "decode.enabled=false"), folder)
+    rows = read_csv(folder / "similarity.csv")
+    labels = ["L00H01", "L00H02", "L03H01", "L03H02"]
+    assert [(r["image"], r["component"]) for r in rows] == [(n, c) for n in NAMES for c in labels]
+    clean, embeds, _ = lens_here(tiny, image_folder, labels, lens="direct")
+    for b, group in enumerate(by_image(rows).values()):
+        for k, row in enumerate(group):
+            assert (row["lens"], row["mode"], row["alpha"], row["file"], row["sim_decoded"]) == ("direct", "", "", "", "")
+            assert float(row["sim_embed"]) == pytest.approx(cos(embeds[b, k], clean[b]).item(), abs=2e-6)
+    assert not list(folder.glob("images/*/direct/*.png"))
+    assert json.loads((folder / "manifest.json").read_text())["to_decode"] == 0
+
+
+def test_resume_decodes_only_what_is_missing(tmp_path: Path, image_folder: Path) -> None:
+    """An interrupted run (3 rows never written, 1 picture lost after its row) is completed by resume: the
+    4 pictures are decoded again, nothing else, and rows and pictures equal an uninterrupted run's."""
+    cfg = config(image_folder, "lens=steering", "layer=1", "decode.batch_size=1")  # batches as the reference
+    reference = tmp_path / "reference"
+    run(cfg, reference)
+    expected_rows = read_csv(reference / "similarity.csv")
+    expected_pictures = {p.relative_to(reference): p.read_bytes() for p in reference.glob("images/*/steering/*.png")}
+    assert len(expected_rows) == len(expected_pictures) == 8
+
+    folder = tmp_path / "interrupted"
+    shutil.copytree(reference, folder)
+    kept = expected_rows[:5]  # as CsvLog.append left them: the first pictures' rows
+    text = (reference / "similarity.csv").read_text().splitlines(keepends=True)
+    (folder / "similarity.csv").write_text("".join(text[:1 + len(kept)]))
+    for row in expected_rows[len(kept):] + kept[1:2]:
+        (folder / row["file"]).unlink()
+    (folder / ".hydra").mkdir()
+    OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
+    (folder / "manifest.json").unlink()
+
+    run(OmegaConf.merge(cfg, {"resume": str(folder)}), folder)
+    assert json.loads((folder / "manifest.json").read_text())["decoded"] == 4
+    assert read_csv(folder / "similarity.csv") == expected_rows
+    assert {p.relative_to(folder): p.read_bytes() for p in folder.glob("images/*/steering/*.png")} == expected_pictures

@@ -1,0 +1,217 @@
+"""Every precision and speed path of the GPU, exercised on the CPU: bf16 encoder and decoder, channels_last,
+compile_unet (inductor), `batch_size: auto`, the host-side scheduler that keeps the denoising loop free of
+device reads, and moving the encoder off the GPU to make room. Oracles: the fp32 model, the uncompiled
+and NCHW decoder, diffusers' pipeline called directly, the meta device (any read of a device value fails
+there), and hand-computed memory sums. The same paths on real CUDA are in test_gpu.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import KandinskyV22Pipeline
+from PIL import Image
+
+from dsl_cli import run
+from dsl_cli.config import DecoderConfig, EncoderConfig
+from dsl_cli.decoder import SCHEDULERS, batch_that_fits, host_timesteps, load_decoder
+from dsl_cli.devices import dtype_name, on_device
+from dsl_cli.encoder import HookedEncoder, build_tiny_visual, load_encoder
+
+KW = dict(height=64, width=64, steps=2, guidance=4.0, progress=False)
+COMPONENTS = [f"L{l}H{h}" for l in range(4) for h in range(4)] + [f"L{l}MLP" for l in range(4)]
+
+
+def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(n, 32, generator=g), torch.randn(1, 32, generator=g)
+
+
+@pytest.fixture(scope="module")
+def fp32_pictures() -> np.ndarray:
+    """The reference: 4 pictures from the fp32, NCHW, uncompiled tiny decoder."""
+    embeds, negative = _inputs(4)
+    return load_decoder(DecoderConfig(source="tiny")).decode(embeds, negative, [0, 1, 2, 3], batch_size=4, **KW)
+
+
+# ---- bf16 -------------------------------------------------------------------------------------------------
+
+def test_bf16_encoder_matches_open_clip_and_its_dsl_embeddings_stay_within_0_999_of_fp32(tiny_pixels) -> None:
+    fp32 = HookedEncoder(build_tiny_visual())
+    bf16 = HookedEncoder(build_tiny_visual()).to(torch.bfloat16)
+    cache = bf16.run_with_cache(tiny_pixels)
+    assert cache.embeds.dtype == torch.bfloat16
+    with torch.no_grad():  # open_clip's own forward in bf16: the same products, rounded alike
+        torch.testing.assert_close(cache.embeds, bf16.visual(tiny_pixels.bfloat16()), atol=2e-2, rtol=2e-2)
+    ours = bf16.steer(cache, COMPONENTS).float()
+    reference = fp32.steer(fp32.run_with_cache(tiny_pixels), COMPONENTS)
+    cosine = torch.nn.functional.cosine_similarity(ours, reference, dim=-1)
+    assert cosine.min() >= 0.999  # measured: 0.99994 (tiny, CPU); bigG random: 0.99987 (docs/benchmarks.md)
+
+
+def test_bf16_decoder_stays_close_to_fp32(fp32_pictures: np.ndarray) -> None:
+    embeds, negative = _inputs(4)
+    decoder = load_decoder(DecoderConfig(source="tiny"), dtype=torch.bfloat16)
+    assert decoder.dtype == torch.bfloat16 and decoder.pipe.movq.dtype == torch.bfloat16
+    got = decoder.decode(embeds, negative, [0, 1, 2, 3], batch_size=4, **KW)
+    assert got.dtype == np.float32 and np.isfinite(got).all()
+    # The tiny random decoder saturates, so single pixels can flip; measured: mean |diff| 0.022, corr 0.992.
+    assert np.abs(got - fp32_pictures).mean() < 0.05
+    assert np.corrcoef(got.ravel(), fp32_pictures.ravel())[0, 1] > 0.98
+
+
+# ---- channels_last and compile ------------------------------------------------------------------------------
+
+def test_channels_last_gives_the_same_pictures(fp32_pictures: np.ndarray) -> None:
+    embeds, negative = _inputs(4)
+    decoder = load_decoder(DecoderConfig(source="tiny"), channels_last=True)
+    conv = decoder.pipe.unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    got = decoder.decode(embeds, negative, [0, 1, 2, 3], batch_size=4, **KW)
+    np.testing.assert_allclose(got, fp32_pictures, atol=1e-3)  # measured: 1.6e-4
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile's inductor needs a C++ compiler on the CPU (install g++)")
+def test_compiled_unet_gives_the_same_pictures(fp32_pictures: np.ndarray) -> None:
+    """Inductor on the CPU (a C++ compiler builds its kernels: about a minute the first time, seconds once
+    inductor's on-disk cache holds the graph; `device_check.sh --dry-run` compiles the same shapes)."""
+    embeds, negative = _inputs(4)
+    decoder = load_decoder(DecoderConfig(source="tiny"), compile_unet=True)
+    assert type(decoder.pipe.unet).__name__ == "OptimizedModule"
+    got = decoder.decode(embeds[:2], negative, [0, 1], batch_size=2, **KW)
+    np.testing.assert_allclose(got, fp32_pictures[:2], atol=1e-3)  # measured: 7e-5
+
+
+# ---- the denoising loop never reads the device ---------------------------------------------------------------
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])
+def test_denoising_loop_never_reads_a_device_value(scheduler: str) -> None:
+    """On the meta device every read of a tensor's value (`.item()`, `bool(t > 0)`, `nonzero`) raises: the
+    CPU stand-in for `torch.cuda.set_sync_debug_mode("error")`. Unwrapped, diffusers' schedulers do read
+    their device timesteps; with `host_timesteps` the whole loop runs."""
+    pipe = load_decoder(DecoderConfig(source="tiny"), scheduler=scheduler).pipe.to("meta")
+    embeds = torch.zeros(2, 32, device="meta")
+    call = dict(image_embeds=embeds, negative_image_embeds=embeds, height=64, width=64, num_inference_steps=3,
+                guidance_scale=4.0, output_type="latent")  # the MoVQ and `.cpu()` come after the loop
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        pipe(generator=[torch.Generator().manual_seed(i) for i in range(2)], **call)
+    with host_timesteps(pipe):
+        latents = pipe(generator=[torch.Generator().manual_seed(i) for i in range(2)], **call).images
+    assert latents.device.type == "meta" and latents.shape == (2, 4, 32, 32)
+    assert pipe.config.scheduler[1] == type(pipe.scheduler).__name__  # the pipeline's own scheduler is back
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
+def test_host_timesteps_change_no_picture(scheduler: str) -> None:
+    """The pipeline called directly (device timesteps, as diffusers does it) against `decode` (host ones),
+    one picture per call so that batching's round-off stays out. DDPM: test_decoder compares the same."""
+    embeds, negative = _inputs(2)
+    decoder = load_decoder(DecoderConfig(source="tiny"), scheduler=scheduler)
+    got = decoder.decode(embeds, negative, [4, 5], batch_size=1, **KW)
+    for i, seed in enumerate((4, 5)):
+        direct = decoder.pipe(image_embeds=embeds[i:i + 1], negative_image_embeds=negative,
+                              generator=torch.Generator().manual_seed(seed), height=64, width=64,
+                              num_inference_steps=2, guidance_scale=4.0, output_type="np").images[0]
+        np.testing.assert_allclose(got[i], direct, atol=1e-6)  # measured: identical
+    assert set(SCHEDULERS) >= {"ddpm", "ddim", "dpm"}
+
+
+# ---- batch_size: auto ----------------------------------------------------------------------------------------
+
+def test_auto_batch_fits_free_memory_with_a_margin() -> None:
+    gib = 2**30
+    # probe peaks 3 GiB (one picture) and 4 GiB (two): 1 GiB per picture, 2 GiB fixed; 20 GiB free, 15 % kept
+    assert batch_that_fits(100, 3 * gib, 4 * gib, 20 * gib, margin=0.15) == 15  # (17 - 2) / 1
+    assert batch_that_fits(8, 3 * gib, 4 * gib, 20 * gib, margin=0.15) == 8  # never more than asked for
+    assert batch_that_fits(100, 3 * gib, 4 * gib, 2 * gib, margin=0.15) == 1  # at least one: OOM halving is the net
+    assert batch_that_fits(100, 5 * gib, 9 * gib, 40 * gib, margin=0.0) == 9  # 4 GiB per picture, 1 fixed: 39 / 4
+
+
+def test_auto_batch_on_the_cpu_is_the_old_default() -> None:
+    decoder = load_decoder(DecoderConfig(source="tiny"))
+    assert decoder.fit_batch_size(100, 64, 64, 4.0) == 8
+    assert decoder.fit_batch_size(3, 64, 64, 4.0) == 3
+
+
+def test_out_of_memory_halves_an_auto_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    embeds, negative = _inputs(5)
+    decoder = load_decoder(DecoderConfig(source="tiny"))
+    expected = decoder.decode(embeds, negative, list(range(5)), batch_size=1, **KW)
+    original, tried = KandinskyV22Pipeline.__call__, []
+
+    def call(self, *args, **kwargs):
+        tried.append(len(kwargs["image_embeds"]))
+        if tried[-1] > 2:
+            raise torch.cuda.OutOfMemoryError("injected")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(KandinskyV22Pipeline, "__call__", call)
+    got = decoder.decode(embeds, negative, list(range(5)), batch_size="auto", **KW)
+    assert tried == [5, 2, 2, 1]  # auto gives 5 on the CPU; halved to 2 after the failure; 1 left at the end
+    np.testing.assert_allclose(got, expected, atol=1e-3)
+
+
+# ---- the encoder makes room on the GPU -------------------------------------------------------------------
+
+class FakeGpu:
+    """Stand-ins for an encoder and a decoder on a CUDA device whose memory fits `fits[encoder on GPU]`
+    pictures per batch."""
+
+    def __init__(self, fits: dict[bool, int]):
+        self.fits, self.encoder_on_gpu = fits, True
+        self.encoder = SimpleNamespace(device=torch.device("cuda"), to=self._move)
+        self.decoder = SimpleNamespace(device=torch.device("cuda"), fit_batch_size=self._fit)
+
+    def _move(self, device: str) -> None:
+        self.encoder_on_gpu = device != "cpu"
+        self.encoder.device = torch.device(device)
+
+    def _fit(self, n: int, height: int, width: int, guidance: float) -> int:
+        return min(n, self.fits[self.encoder_on_gpu])
+
+
+def _decode_cfg(batch_size) -> SimpleNamespace:
+    return SimpleNamespace(decode=SimpleNamespace(batch_size=batch_size, height=512, width=512, guidance=4.0))
+
+
+def test_encoder_leaves_the_gpu_only_when_decoding_needs_the_room() -> None:
+    roomy = FakeGpu({True: 12, False: 16})
+    assert run.fit_decoding(_decode_cfg("auto"), roomy.encoder, roomy.decoder, 80) == (12, False)
+    assert roomy.encoder_on_gpu
+    tight = FakeGpu({True: 2, False: 9})
+    assert run.fit_decoding(_decode_cfg("auto"), tight.encoder, tight.decoder, 80) == (9, True)
+    assert not tight.encoder_on_gpu
+    few = FakeGpu({True: 2, False: 9})  # two pictures to decode, two fit: nothing to gain
+    assert run.fit_decoding(_decode_cfg("auto"), few.encoder, few.decoder, 2) == (2, False)
+    fixed = FakeGpu({True: 1, False: 9})  # a batch size given by the user is used as it is
+    assert run.fit_decoding(_decode_cfg(6), fixed.encoder, fixed.decoder, 80) == (6, False)
+
+
+def test_decoded_pictures_are_re_encoded_in_encoder_batches() -> None:
+    encoder, preprocess = load_encoder(EncoderConfig(source="tiny"))
+    pictures = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue", "white", "black")]
+    passes: list[int] = []
+    handle = encoder.visual.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
+    got = run.reencode(encoder, preprocess, pictures, batch_size=2)
+    handle.remove()
+    assert passes == [2, 2, 1] and got.dtype == torch.float32 and got.device.type == "cpu"
+    torch.testing.assert_close(got, encoder.embed(torch.stack([preprocess(p) for p in pictures])), atol=1e-5, rtol=1e-5)
+
+
+def test_on_device_moves_for_the_block_and_back() -> None:
+    moves: list[str] = []
+
+    class Spy(torch.nn.Linear):
+        def to(self, device):
+            moves.append(str(device))
+            return self
+
+    with on_device(Spy(2, 2), torch.device("cuda")):
+        assert moves == ["cuda"]
+    assert moves == ["cuda", "cpu"]  # back where its parameters were
+    assert dtype_name(torch.bfloat16) == "bf16" and dtype_name(torch.float32) == "fp32"
