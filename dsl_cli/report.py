@@ -231,24 +231,30 @@ def files_section(folder: Path) -> str:
 # ---------------------------------------------------------------- run page
 
 
-def heat_table(rows: list[dict], value: str) -> str:
-    """One similarity of one image as an HTML heatmap: layers x components, each kind of component on its
-    own colour scale (as in the PNG heatmaps), each cell its value and a link to its picture."""
+def cell_colours(matrix: np.ndarray, columns: list[str]) -> tuple[dict[tuple[int, int], tuple[str, str]], list[str]]:
+    """Background and text colour of every heatmap cell, each kind of component on its own scale (as in the
+    PNG heatmaps): ({(layer index, column index): (background, text)}, a line per kind saying its scale)."""
     from matplotlib import colormaps
     from matplotlib.colors import to_hex
 
-    layers, columns, cells = heatmap_cells(rows)
-    _, _, matrix = heatmap_matrix(rows, value)
-    colours, scales, groups = {}, [], []
+    colours, scales = {}, []
     for kind, indices in kind_blocks(columns):
         limits = colour_limits(matrix[:, indices])
-        groups.append(f'<th colspan="{len(indices)}">{esc(kind)}</th>')
         scales.append(f"{esc(kind)} <span class=scale></span> {limits[0]:.3f} to {limits[1]:.3f}" if limits
                       else f"{esc(kind)}: one value, no scale")
         for (i, j), v in np.ndenumerate(matrix[:, indices]):
             if np.isfinite(v):
                 back = to_hex(colormaps["viridis"]((v - limits[0]) / (limits[1] - limits[0]))) if limits else NO_SCALE
                 colours[i, indices[j]] = (back, "#fff" if dark_cell(v, limits) else "#000")
+    return colours, scales
+
+
+def heat_table(rows: list[dict], value: str) -> str:
+    """One similarity of one image as an HTML heatmap: layers x components, coloured by `cell_colours`,
+    each cell its value and a link to its picture."""
+    layers, columns, cells = heatmap_cells(rows)
+    _, _, matrix = heatmap_matrix(rows, value)
+    colours, scales = cell_colours(matrix, columns)
     body = []
     for i, layer in enumerate(layers):
         tds = []
@@ -262,8 +268,8 @@ def heat_table(rows: list[dict], value: str) -> str:
             tds.append(f'<td style="background:{shade[0]};color:{shade[1]}" title="{esc(row["component"])} '
                        f'{esc(value)} {text}">{inner}</td>')
         body.append(f"<tr><th>{layer_label(layer)}</th>{''.join(tds)}</tr>")
-    head = (f"<tr><th></th>{''.join(groups)}</tr><tr><th></th>"
-            + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>")
+    groups = "".join(f'<th colspan="{len(indices)}">{esc(kind)}</th>' for kind, indices in kind_blocks(columns))
+    head = f"<tr><th></th>{groups}</tr><tr><th></th>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"
     return (f'<div class="heat"><p><b>{esc(value)}</b>: {esc(SIMILARITIES[value])}<br>'
             f'<span class="muted">{"<br>".join(scales)}</span></p>'
             f'<table class="heat"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>')
