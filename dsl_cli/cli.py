@@ -62,7 +62,7 @@ page its jobs and their heatmaps. Pages open from file:// with no server and no 
 """
 
 
-def _fail(message: str) -> int:
+def _fail(message: "str | UserError") -> int:
     report(message)
     return 2
 
@@ -152,7 +152,7 @@ def _run(args: list[str]) -> int:
     try:
         extra = _resume_overrides(args)
     except UserError as err:
-        return _fail(str(err))
+        return _fail(err)
     app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
     saved_argv = sys.argv
     sys.argv = ["dsl run", *_flags_first([_path_override(arg) for arg in [*args, *extra]])]
@@ -179,7 +179,7 @@ def _on_folder(args: list[str], help_text: str, usage: str, work: Callable[[Path
     try:
         lines = work(Path(args[0]))
     except UserError as err:
-        return _fail(str(err))
+        return _fail(err)
     except Exception as err:  # noqa: BLE001 - a bug: one line, status 1
         report(bug_message(err))
         return 1
@@ -222,7 +222,7 @@ def _merge(args: list[str]) -> int:
     try:
         manifest = merge_sweep(folder)
     except UserError as err:
-        return _fail(str(err))
+        return _fail(err)
     print("\n".join(summary_lines(folder, manifest)))
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+from typing import Sequence
 
 
 class UserError(Exception):
@@ -11,11 +12,17 @@ class UserError(Exception):
 
     resumable: the run's finished work is intact and `dsl run resume=FOLDER` completes it once the cause
     is fixed (a full disk, a folder made read-only); the message then says so.
+
+    details: lines printed each on a line of their own under the message (the missing weights' commands).
     """
 
-    def __init__(self, message: str, resumable: bool = False):
+    def __init__(self, message: str, resumable: bool = False, details: Sequence[str] = ()):
         super().__init__(message)
         self.resumable = resumable
+        self.details = tuple(details)
+
+    def __str__(self) -> str:  # the whole text, as the manifest records it
+        return "\n".join((self.args[0], *self.details))
 
 
 class Interrupted(KeyboardInterrupt):
@@ -38,9 +45,11 @@ def printable(text: str) -> str:
     return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
 
 
-def report(message: str) -> None:
-    """The one line a failure prints: `dsl: error: ...` on stderr, safe to show whatever names it holds."""
-    print(f"dsl: error: {printable(message)}", file=sys.stderr)
+def report(message: "str | UserError", prefix: str = "") -> None:
+    """The line a failure prints, `dsl: error: ...` on stderr, safe to show whatever names it holds; a
+    UserError's details follow, each escaped on a line of its own."""
+    head, details = (message.args[0], message.details) if isinstance(message, UserError) else (message, ())
+    print("\n".join([f"dsl: error: {printable(prefix + head)}", *map(printable, details)]), file=sys.stderr)
 
 
 def bug_message(err: Exception) -> str:

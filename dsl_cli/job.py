@@ -35,7 +35,7 @@ def claim_or_exit(folder: Path, cfg: DictConfig) -> None:
     try:
         claim(RunFolder(folder), cfg)
     except UserError as err:
-        report(str(err))
+        report(err)
         sys.exit(2)
 
 
@@ -98,7 +98,7 @@ def task(cfg: DictConfig) -> None:
         try:
             claim(folder, cfg)
         except UserError as err:  # not this job's folder: nothing is recorded there
-            return _end(num, folder.path, str(err), 2)
+            return _end(num, folder.path, err, 2)
         try:
             if not (folder.path / ".hydra" / "config.yaml").exists():  # a fresh job, or one a sweep never started
                 save_hydra_files(folder.path, cfg)
@@ -157,7 +157,7 @@ def _report(err: BaseException, folder: Path, num: int | None) -> None:
               file=sys.stderr)
         sys.exit(err.exit_status if isinstance(err, Interrupted) else 130)
     if isinstance(err, UserError):
-        message, status = str(err) + (f"; once that is fixed, {resume}" if err.resumable else ""), 2
+        message, status = (UserError(f"{err.args[0]}; once that is fixed, {resume}") if err.resumable else err), 2
     elif isinstance(err, Exception):
         message, status = bug_message(err), 1
     else:  # SystemExit and the like: not ours to translate
@@ -165,10 +165,10 @@ def _report(err: BaseException, folder: Path, num: int | None) -> None:
     _end(num, folder, message, status)
 
 
-def _end(num: int | None, folder: Path, message: str, status: int) -> None:
+def _end(num: int | None, folder: Path, message: "str | UserError", status: int) -> None:
     """Report; end a single run with `status`, or note it and let a sweep (`num`: the job) go on."""
     if num is None:
         report(message)
         sys.exit(status)
-    report(f"job {num} ({folder}): {message}")
+    report(message, prefix=f"job {num} ({folder}): ")
     _failures.append(status)

@@ -34,7 +34,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from dsl_cli.errors import UserError
+from dsl_cli.errors import UserError, report
 from dsl_cli.outputs import (COLUMNS, CsvLog, draw_heatmaps, group_rows, is_sweep_folder, read_csv, read_manifest,
                              write_json)
 from dsl_cli.report import write_page
@@ -291,7 +291,7 @@ class SweepResults(Callback):
         try:
             preflight(config)
         except UserError as err:
-            print(f"dsl: error: {err}", file=sys.stderr)
+            report(err)
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

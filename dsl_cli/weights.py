@@ -210,4 +210,5 @@ def preflight(cfg: Any) -> None:
     if missing and not offline:
         missing = _fetch(missing)
     if missing or problems:
-        raise UserError(_message(missing, problems, offline))
+        first, *details = _message(missing, problems, offline).split("\n")
+        raise UserError(first, details=details)

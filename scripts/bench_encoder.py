@@ -93,7 +93,7 @@ def build(size: str, device: str) -> tuple[HookedEncoder, object]:
 
 def sample_pixels(preprocess, count: int) -> torch.Tensor:
     """[count, 3, S, S]: the bundled sample photos, preprocessed, repeated to fill `count`."""
-    photos = [preprocess(item.image) for item in load_images(OmegaConf.structured(ImagesConfig())).images]
+    photos = [preprocess(item.load()) for item in load_images(OmegaConf.structured(ImagesConfig())).images]
     return torch.stack([photos[i % len(photos)] for i in range(count)])
 
 

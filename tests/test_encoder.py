@@ -332,7 +332,7 @@ def test_bigg_bf16_dsl_embeddings_stay_within_0_999_of_fp32():
 
     fp32, preprocess = load_encoder(encoder_config(name="ViT-bigG-14", pretrained=None))
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    photo = load_images(OmegaConf.structured(ImagesConfig(names=["astronaut"]))).images[0].image
+    photo = load_images(OmegaConf.structured(ImagesConfig(names=["astronaut"]))).images[0].load()
     pixels = preprocess(photo)[None]
     components = [f"L{l}H{h}" for l in range(48) for h in range(16)] + [f"L{l}MLP" for l in range(48)]
     ours = bf16.steer(bf16.run_with_cache(pixels), components).float()

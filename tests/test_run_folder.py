@@ -202,7 +202,8 @@ def test_names_are_stable_distinct_and_safe() -> None:
 def finished(tmp_path_factory) -> Path:
     """A finished run that decoded two pictures per image."""
     root = tmp_path_factory.mktemp("finished")
-    result = subprocess.run([DSL, "run", "debug=tiny", "decode.top_k=2", "decode.batch_size=1",
+    result = subprocess.run([DSL, "run", "debug=tiny", "layer=1", "images.limit=2", "decode.top_k=2",
+                             "decode.batch_size=1",
                              f"hydra.run.dir={root / 'run'}"], cwd=root,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
