@@ -1,9 +1,11 @@
-"""The `dsl` command. It parses and dispatches; the work happens in `dsl_cli.run` and `dsl_cli.outputs`.
+"""The `dsl` command. It parses and dispatches; the work happens in `dsl_cli.run`, `dsl_cli.outputs` and
+`dsl_cli.report`.
 
     dsl run [hydra overrides and flags...]    run the Hydra app (configs ship inside the package)
     dsl plot RUN_FOLDER                      redraw grids and heatmaps from a finished run's files
     dsl merge SWEEP_DIR                      merge the jobs of a --multirun sweep (dsl_cli.sweeps)
-    dsl --version | --help | run --help | plot --help
+    dsl report FOLDER                        write the HTML pages of runs, studies and sweeps (dsl_cli.report)
+    dsl --version | --help | run --help | plot --help | report --help
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 from dsl_cli import __version__
 from dsl_cli.errors import UserError, bug_message, report
@@ -30,20 +33,32 @@ usage:
                              dsl run resume=outputs/multirun/DATE/TIME  (complete a sweep's jobs)
                              dsl run --help                  (config groups and their choices)
                              dsl run --cfg job               (print the composed config)
-  dsl plot RUN_FOLDER        redraw grids and heatmaps from a run folder (or every run below a
-                             folder, e.g. a sweep), without any model
+  dsl plot RUN_FOLDER        redraw grids, heatmaps, study plots and pages from a run folder (or
+                             every run below a folder, e.g. a sweep), without any model
   dsl merge SWEEP_DIR        merge a --multirun sweep's jobs into SWEEP_DIR/similarity.csv with
                              each job's overrides as columns, heatmaps over all jobs, and a
                              manifest naming failed and unfinished jobs (done by itself when a
                              --multirun ends)
+  dsl report FOLDER          write or refresh the HTML page (index.html) of a run, study or sweep
+                             folder, or of every one below a folder; they open from file://
   dsl --version
 """
 
 PLOT_USAGE = """usage: dsl plot RUN_FOLDER
 
-Redraw the grids, heatmaps, label plots and index.html of a finished run from its files alone (similarity.csv,
-labels.csv, the pictures), without a model or a GPU. Given a folder of runs (a --multirun sweep, a date
-folder), redraw every run below it.
+Redraw the grids, heatmaps and label plots of a finished run from its files alone (similarity.csv,
+labels.csv, the pictures), or a study's plot from its CSVs, without a model or a GPU, and refresh the
+pages (index.html). Given a folder of runs (a --multirun sweep, a date folder), redraw every run and study
+below it.
+"""
+
+REPORT_USAGE = """usage: dsl report FOLDER
+
+Write or refresh index.html in a run, study or sweep folder, and in every one below FOLDER, from the
+files alone (no model, no figures redrawn: `dsl plot` does that). A run's page shows its settings, each
+image's input, heatmaps (each cell a link to its picture) and best pictures, and a table of every component
+that sorts on a click and filters by image, layer and kind; a study's page its plot and tables; a sweep's
+page its jobs and their heatmaps. Pages open from file:// with no server and no network.
 """
 
 
@@ -151,17 +166,18 @@ def _run(args: list[str]) -> int:
     return status or (2 if any(sweep["status"] != "complete" for sweep in merged_sweeps) else 0)
 
 
-def _plot(args: list[str]) -> int:
+def _on_folder(args: list[str], help_text: str, usage: str, work: Callable[[Path], list[str]]) -> int:
+    """A command on one folder (`dsl plot`, `dsl report`): `work(folder)` gives the lines to print. Bad
+    input is one line and status 2, a bug one line and status 1; folders held meanwhile are released."""
     if args in (["-h"], ["--help"]):
-        print(PLOT_USAGE)
+        print(help_text)
         return 0
     if len(args) != 1 or args[0].startswith("-"):
-        return _fail("usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a --multirun sweep)")
-    from dsl_cli.outputs import redraw_folder, release_all
-    from dsl_cli.sweeps import redraw_sweeps
+        return _fail(usage)
+    from dsl_cli.outputs import release_all
 
     try:
-        drawn = redraw_folder(Path(args[0])) | redraw_sweeps(Path(args[0]))
+        lines = work(Path(args[0]))
     except UserError as err:
         return _fail(err)
     except Exception as err:  # noqa: BLE001 - a bug: one line, status 1
@@ -169,9 +185,32 @@ def _plot(args: list[str]) -> int:
         return 1
     finally:
         release_all()
-    for folder, count in drawn.items():
-        print(f"redrew {count} figures in {folder}")
+    print("\n".join(lines))
     return 0
+
+
+def _redraw(folder: Path) -> list[str]:
+    from dsl_cli.report import redraw_folder
+    from dsl_cli.sweeps import redraw_sweeps
+
+    drawn = redraw_sweeps(folder) | redraw_folder(folder)  # the pages last: they show the figures
+    return [f"redrew {count} figures in {where}" for where, count in drawn.items()]
+
+
+def _plot(args: list[str]) -> int:
+    return _on_folder(args, PLOT_USAGE, "usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a "
+                      "--multirun sweep)", _redraw)
+
+
+def _write_pages(folder: Path) -> list[str]:
+    from dsl_cli.report import write_pages
+
+    return [f"wrote {page}" for page in write_pages(folder)]
+
+
+def _report(args: list[str]) -> int:
+    return _on_folder(args, REPORT_USAGE, "usage: dsl report FOLDER (a run, study or sweep folder, or a folder of "
+                      "them)", _write_pages)
 
 
 def _merge(args: list[str]) -> int:
@@ -202,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         return _plot(args[1:])
     if args[0] == "merge":
         return _merge(args[1:])
-    return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER` or `dsl merge SWEEP_DIR` "
-                 "(see dsl --help)")
+    if args[0] == "report":
+        return _report(args[1:])
+    return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER`, `dsl merge SWEEP_DIR` or "
+                 "`dsl report FOLDER` (see dsl --help)")
 
 
 if __name__ == "__main__":

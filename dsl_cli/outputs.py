@@ -11,7 +11,7 @@ Run folder layout:
     heatmaps/<image>_<lens>.png            layers x (heads, MLP, residual) similarity
     plots/<image>_logit.png                logit lens: top label per layer
     manifest.json                          config, versions, device, timings, counts, status
-    index.html                             every figure on one page
+    index.html                             the run's page (dsl_cli.report)
 
 Every file is written under a temporary name and renamed, so a killed run never leaves half a file.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import errno
-import html
 import io
 import json
 import math
@@ -29,12 +28,12 @@ import logging
 import re
 import secrets
 import socket
+import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
-from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -49,6 +48,15 @@ COLUMNS = [
 ]
 LABEL_COLUMNS = ["image", "lens", "component", "layer", "head", "rank", "label", "score"]
 TOP_TILES = 16  # tiles in the per-image top grid
+CAPTION_LINES = 3  # a grid caption: component and rank, embed, decoded
+NO_SCALE = "#e8e8e8"  # the grey of a heatmap block that holds a single value
+HEATMAP_CELL = 0.5  # inches: a heatmap cell's width, room for a value such as -0.123
+SIMILARITIES = {
+    "sim_embed": "cos(lens embedding, input embedding)",
+    "sim_decoded": "cos(embedding of the decoded picture, input embedding)",
+}
+CAPTION_NOTE = (f"#rank; embed = sim_embed = {SIMILARITIES['sim_embed']}; "
+                f"decoded = sim_decoded = {SIMILARITIES['sim_decoded']}")
 
 
 # ---------------------------------------------------------------- atomic files
@@ -485,26 +493,71 @@ def _font(size: int) -> ImageFont.ImageFont:
         return ImageFont.load_default()
 
 
-def grid_image(tiles: list[tuple[Image.Image, str]], title: str, tile: int = 192, columns: int = 6) -> Image.Image:
-    """Tiles with a (one- or two-line) caption under each, in rows of `columns`, and a title line on top."""
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
+    """`text`, cut short with an ellipsis where it would be wider than `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    """`text` broken into lines at most `width` pixels wide (at spaces; a word too long is cut short)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(_fit(draw, word, font, width))
+    return lines
+
+
+def grid_image(tiles: list[tuple[Image.Image, str]], title: str, tile: int = 192, columns: int = 6,
+               note: str = "") -> Image.Image:
+    """Tiles in rows of `columns`, each with a caption of up to CAPTION_LINES lines under it, under a title
+    and a note (wrapped to the sheet's width). Every caption line is cut to its tile's width, so a caption
+    never runs into the next cell."""
     columns = max(1, min(columns, len(tiles)))
     rows = math.ceil(len(tiles) / columns)
-    line, top = max(14, tile // 12), max(20, tile // 8)
-    cell = tile + 2 * line + 8
-    sheet = Image.new("RGB", (columns * tile, top + rows * cell), "white")
+    small, big = _font(max(11, tile // 14)), _font(max(14, tile // 11))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width, pad = columns * tile, 4
+    header = [(line, big) for line in _wrap(measure, title, big, width - 2 * pad)]
+    header += [(line, small) for line in _wrap(measure, note, small, width - 2 * pad)]
+    line_height = {id(f): f.getbbox("Hg")[3] + 3 for f in (small, big)}
+    top = pad + sum(line_height[id(f)] for _, f in header) + pad
+    cell = tile + CAPTION_LINES * line_height[id(small)] + pad
+    sheet = Image.new("RGB", (width, top + rows * cell), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((4, 2), title, fill="black", font=_font(top - 6))
+    y = pad
+    for line, font in header:
+        draw.text((pad, y), line, fill="black", font=font)
+        y += line_height[id(font)]
     for index, (picture, text) in enumerate(tiles):
         x, y = (index % columns) * tile, top + (index // columns) * cell
         sheet.paste(picture.convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC), (x, y))
-        draw.multiline_text((x + 3, y + tile + 2), text, fill="black", font=_font(line - 2), spacing=2)
+        for n, line in enumerate(text.splitlines()[:CAPTION_LINES]):
+            draw.text((x + 3, y + tile + 2 + n * line_height[id(small)]), _fit(draw, line, small, tile - 6),
+                      fill="black", font=small)
     return sheet
+
+
+def settings_text(row: dict) -> str:
+    """The settings a row of similarity.csv was made with, for titles:
+    `steering lens (norm, alpha 2), seed 0, 100 steps, guidance 4`."""
+    lens = f"{row['lens']} lens"
+    details = [row["mode"]] if row.get("mode") else []
+    details += [f"alpha {float(row['alpha']):g}"] if row.get("alpha") else []  # a lens may have a mode alone
+    if details:
+        lens += f" ({', '.join(details)})"
+    return f"{lens}, seed {row['seed']}, {row['steps']} steps, guidance {float(row['guidance']):g}"
 
 
 def _caption(row: dict) -> str:
     text = f"{row['component']}  #{row['rank']}\nembed {float(row['sim_embed']):.3f}"
     if row.get("sim_decoded"):
-        text += f"  decoded {float(row['sim_decoded']):.3f}"
+        text += f"\ndecoded {float(row['sim_decoded']):.3f}"
     return text
 
 
@@ -514,25 +567,34 @@ def _tiles(run_dir: Path, image: str, rows: list[dict]) -> list[tuple[Image.Imag
     return tiles
 
 
+def grid_plan(rows: list[dict]) -> list[tuple[str, list[dict], str]]:
+    """The grids of one image and lens as (name suffix, rows, what they show): the residual stream layer by
+    layer (when several layers), one grid per layer, the best-ranked; a grid whose pictures all appear in
+    one planned before it is left out (a one-layer run's best grid is its layer's grid)."""
+    stream = [r for r in rows if r["kind"] in ("resid", "resid_mid")]
+    plan = [("layers", stream, "residual stream, layer by layer")] if len(stream) > 1 else []
+    plan += [(f"L{int(layer):02d}", layer_rows, f"layer {layer}")
+             for (layer,), layer_rows in group_rows(rows, ("layer",)).items()]
+    best = sorted(rows, key=lambda r: int(r["rank"]))[:TOP_TILES]
+    plan.append(("top", best, f"best {len(best)} by rank"))
+    kept: list[tuple[str, list[dict], str]] = []
+    for name, plan_rows, what in plan:
+        shown = {r["component"] for r in plan_rows}
+        if not any(shown <= {r["component"] for r in earlier} for _, earlier, _ in kept):
+            kept.append((name, plan_rows, what))
+    return kept
+
+
 def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
-    """Per image and lens: one grid per layer, one of the best-ranked decoded components, and, when several
-    layers were decoded, one of the residual stream layer by layer (the Diffusion Lens figure)."""
+    """Per image and lens, the grids of `grid_plan`, titled with the image, what they show and the run's
+    settings, captions explained in a note under the title."""
     written = []
-    decoded = [r for r in rows if r["file"]]
-
-    def grid(name: str, tile_rows: list[dict], image: str, title: str) -> None:
-        path = run_dir / "grids" / name
-        save_png(path, grid_image(_tiles(run_dir, image, tile_rows), title))
-        written.append(path)
-
-    for (image, lens), group in group_rows(decoded, ("image", "lens")).items():
-        for (layer,), layer_rows in group_rows(group, ("layer",)).items():
-            grid(f"{image}_{lens}_L{int(layer):02d}.png", layer_rows, image, f"{image}  {lens}  layer {layer}")
-        best = sorted(group, key=lambda r: int(r["rank"]))[:TOP_TILES]
-        grid(f"{image}_{lens}_top.png", best, image, f"{image}  {lens}  best {len(best)} by rank")
-        stream = [r for r in group if r["kind"] in ("resid", "resid_mid")]
-        if len(stream) > 1:
-            grid(f"{image}_{lens}_layers.png", stream, image, f"{image}  {lens}  residual stream, layer by layer")
+    for (image, lens), group in group_rows([r for r in rows if r["file"]], ("image", "lens")).items():
+        for name, tile_rows, what in grid_plan(group):
+            path = run_dir / "grids" / f"{image}_{lens}_{name}.png"
+            title = f"{image}: {what} | {settings_text(group[0])}"
+            save_png(path, grid_image(_tiles(run_dir, image, tile_rows), title, note=CAPTION_NOTE))
+            written.append(path)
     return written
 
 
@@ -550,38 +612,115 @@ def _column_name(row: dict) -> str:
     return {"mlp": "MLP", "resid": "resid", "resid_mid": "mid"}.get(row["kind"], row["kind"])
 
 
-def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], np.ndarray]:
-    """`value` of each row arranged as layers x columns (heads in order, MLP, mid, resid); NaN if absent."""
+def heatmap_cells(rows: list[dict]) -> tuple[list[int], list[str], dict[tuple[int, int], dict]]:
+    """Rows arranged as layers x columns (heads in order, MLP, mid, resid): (layers, column names,
+    {(layer index, column index): row})."""
     layers = sorted({int(r["layer"]) for r in rows})
     names = {_column_name(r) for r in rows}
     columns = sorted(n for n in names if n.startswith("H")) + [n for n in ("MLP", "mid", "resid") if n in names]
+    cells = {(layers.index(int(r["layer"])), columns.index(_column_name(r))): r for r in rows}
+    return layers, columns, cells
+
+
+def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], np.ndarray]:
+    """`value` of each row arranged as in `heatmap_cells`: (layers, columns, [layers, columns]); NaN if absent."""
+    layers, columns, cells = heatmap_cells(rows)
     matrix = np.full((len(layers), len(columns)), np.nan)
-    for row in rows:
+    for (i, j), row in cells.items():
         if row.get(value):
-            matrix[layers.index(int(row["layer"])), columns.index(_column_name(row))] = float(row[value])
+            matrix[i, j] = float(row[value])
     return layers, columns, matrix
 
 
-def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "") -> list[Path]:
-    """Per image and lens: similarity to the input over layers x components (embedding and decoded);
-    `tag` (a sweep's heatmaps for one value of an override, `lens.alpha=4`) ends the file names and titles."""
+def kind_blocks(columns: list[str]) -> list[tuple[str, list[int]]]:
+    """Heatmap columns by component kind, each kind on its own colour scale (the residual stream's
+    similarities near 1 would flatten the heads' 0.1 to 0.3): [(heads | MLP | mid | resid, column indices)]."""
+    blocks = [("heads", [i for i, c in enumerate(columns) if c.startswith("H")])]
+    blocks += [(name, [columns.index(name)]) for name in ("MLP", "mid", "resid") if name in columns]
+    return [(name, indices) for name, indices in blocks if indices]
+
+
+def colour_limits(values: np.ndarray) -> tuple[float, float] | None:
+    """(vmin, vmax) of a block's colour scale: its own range; None where it holds fewer than two distinct
+    values (a scale of one value means nothing: such a block is drawn on the cosine's range, -1 to 1)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or finite.min() == finite.max():
+        return None
+    return float(finite.min()), float(finite.max())
+
+
+def dark_cell(value: float, limits: tuple[float, float] | None) -> bool:
+    """Whether a heatmap cell is dark enough for white text: viridis is dark below about 0.6 of its scale;
+    a block without a scale is light grey."""
+    return limits is not None and (value - limits[0]) / (limits[1] - limits[0]) < 0.6
+
+
+def layer_label(layer: int) -> str:
+    """A heatmap row's label, spelt as the layer's components are (`L01` for L01H00)."""
+    return f"L{layer:02d}"
+
+
+def _draw_block(axis, bar, values: np.ndarray, names: list[str], layers: list[int], kind: str) -> None:
+    """One kind's columns of a heatmap panel: cells coloured on the kind's own scale (its colour bar in
+    `bar`), each with its value; a block of a single value is grey, with no colour bar: a scale of one
+    value says nothing."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
+
+    limits = colour_limits(values)
+    low, high = limits or (-1.0, 1.0)
+    cmap = "viridis" if limits else ListedColormap([NO_SCALE])
+    shown = axis.imshow(values, cmap=cmap, vmin=low, vmax=high, aspect="auto", interpolation="nearest")
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            axis.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, in_layout=False,  # inside
+                      color="white" if dark_cell(value, limits) else "black")  # its cell: no room to make
+    axis.set_xticks(range(len(names)), names, rotation=90 if len(names) > 1 else 0, fontsize=7)
+    axis.set_yticks(range(len(layers)), [layer_label(l) for l in layers], fontsize=7)
+    axis.set_title(kind, fontsize=8)
+    if limits:
+        axis.figure.colorbar(shown, cax=bar, ticks=MaxNLocator(nbins=4)).ax.tick_params(labelsize=7)
+    else:
+        bar.axis("off")
+
+
+def heatmap_figure(rows: list[dict], title: str):
+    """Similarity to the input over layers x components of one image and lens: a panel per similarity
+    (sim_embed, then sim_decoded where pictures were decoded), each split by component kind, every kind on
+    its own colour scale, every cell labelled with its value. `title`'s lines are wrapped to the figure's
+    width. Returns the matplotlib figure."""
     plt = pyplot()
+    panels = [v for v in ("sim_embed", "sim_decoded") if any(r.get(v) for r in rows)]
+    layers, columns, _ = heatmap_matrix(rows, panels[0])
+    blocks = kind_blocks(columns)
+    cell_height = max(0.3, 0.75 / len(layers))  # a one-layer panel still has room for a colour bar's ticks
+    needed = 0.2 + sum(HEATMAP_CELL * len(indices) + 1.3 for _, indices in blocks)
+    width = max(5.5, needed)  # room for the title; the blocks keep their width, centred
+    fig = plt.figure(figsize=(width, 0.8 + len(panels) * (1.0 + cell_height * len(layers))), layout="constrained")
+    # each kind's columns, then a narrow column for its colour bar: every cell as wide as any other
+    margin = (width - needed) / 2 / HEATMAP_CELL
+    ratios = [margin + 1e-3, *(r for _, indices in blocks for r in (len(indices), 0.25)), margin + 1e-3]
+    for subfig, value in zip(np.atleast_1d(fig.subfigures(len(panels), 1)), panels):
+        _, _, matrix = heatmap_matrix(rows, value)
+        axes = subfig.subplots(1, len(ratios), width_ratios=ratios)
+        for spare in (axes[0], axes[-1]):
+            spare.axis("off")
+        for n, (kind, indices) in enumerate(blocks):
+            _draw_block(axes[2 * n + 1], axes[2 * n + 2], matrix[:, indices], [columns[i] for i in indices],
+                        layers, kind)
+        subfig.suptitle(f"{value}: {SIMILARITIES[value]}", fontsize=8)
+    chars = int(width * 72 / 5.5)  # characters of 9-point text that fit across the figure
+    fig.suptitle("\n".join(textwrap.fill(line, chars) for line in title.splitlines()), fontsize=9)
+    return fig
+
+
+def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "") -> list[Path]:
+    """Per image and lens: `heatmap_figure`, titled with the image and the run's settings; `tag` (a sweep's
+    heatmaps for one value of an override, `lens.alpha=4`) ends the file names and the titles."""
     written = []
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
-        panels = [v for v in ("sim_embed", "sim_decoded") if any(r.get(v) for r in group)]
-        layers, columns, _ = heatmap_matrix(group, panels[0])
-        width = 1.6 + 0.45 * len(columns)
-        height = 1.2 + 0.3 * len(layers)
-        fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False)
-        for axis, value in zip(axes[0], panels):
-            _, _, matrix = heatmap_matrix(group, value)
-            shown = axis.imshow(matrix, cmap="viridis", aspect="auto", interpolation="nearest")
-            axis.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
-            axis.set_yticks(range(len(layers)), [f"L{l}" for l in layers], fontsize=7)
-            axis.set_title(f"{value} ({lens})", fontsize=9)
-            fig.colorbar(shown, ax=axis, fraction=0.05)
-        fig.suptitle(f"{image}  {tag}".strip(), fontsize=10)
-        fig.tight_layout()
+        fig = heatmap_figure(group, f"{image}: similarity to the input, per layer and component\n"
+                                    f"{settings_text(group[0])} {tag}".rstrip())
         path = run_dir / "heatmaps" / (f"{image}_{lens}_{tag}.png" if tag else f"{image}_{lens}.png")
         save_figure(fig, path)
         written.append(path)
@@ -598,8 +737,8 @@ def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
         axis.barh(range(len(group)), scores, color="tab:blue")
         axis.set_yticks(range(len(group)), [f"{r['component']}: {r['label']}" for r in group], fontsize=7)
         axis.invert_yaxis()
-        axis.set_xlabel("cosine with the class text embedding")
-        axis.set_title(f"{image}: logit lens, top label per component", fontsize=9)
+        axis.set_xlabel("cosine of the component's embedding with the class's text embedding")
+        axis.set_title(f"{image}: logit lens, the top ImageNet label of each component", fontsize=9)
         fig.tight_layout()
         path = run_dir / "plots" / f"{image}_logit.png"
         save_figure(fig, path)
@@ -622,47 +761,4 @@ def redraw(run_dir: Path) -> list[Path]:
             written += draw_label_plots(run_dir, read_csv(labels, LABEL_COLUMNS))
     except (KeyError, ValueError) as err:  # a number that does not parse: the CSV was edited
         raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
-    write_index(run_dir, written)
     return written
-
-
-def redraw_folder(folder: Path) -> dict[Path, int]:
-    """`redraw` for a run folder, or for every run below a folder (a --multirun sweep, a date folder):
-    {run folder: figures drawn}. Each run folder is claimed while it is redrawn, so a run still writing
-    there is not disturbed."""
-    if ((folder / "similarity.csv").is_file() and not is_sweep_folder(folder)) or not folder.is_dir():
-        runs = [folder]
-    else:
-        runs = sorted(p.parent for p in folder.rglob("similarity.csv") if not is_sweep_folder(p.parent))
-    if not runs:
-        raise UserError(f"{folder}: no dsl run here (no similarity.csv in it or below it)")
-    drawn = {}
-    for run in runs:
-        run_folder = RunFolder(run)
-        if (run / "similarity.csv").is_file():
-            run_folder.claim(resume=True)
-        try:
-            drawn[run] = len(redraw(run))
-        finally:
-            run_folder.release()
-    return drawn
-
-
-def write_index(run_dir: Path, figures: list[Path]) -> None:
-    """index.html: every figure of the run on one page, best-ranked grids first, for a quick look. Every
-    name is escaped (a folder may be called `<script>`) and every link percent-encoded."""
-    def order(path: Path) -> tuple:
-        return (path.parent.name != "grids" or not path.stem.endswith("_top"), str(path))
-
-    def figure(path: Path) -> str:
-        relative = path.relative_to(run_dir).as_posix()
-        return (f'<figure><img src="{html.escape(quote(relative))}" loading="lazy">'
-                f"<figcaption>{html.escape(relative)}</figcaption></figure>")
-
-    name = html.escape(run_dir.resolve().name)
-    items = "\n".join(figure(p) for p in sorted(figures, key=order))
-    page = (f"<!doctype html><meta charset='utf-8'><title>dsl run {name}</title>"
-            "<style>img{max-width:100%}figure{margin:1em 0}</style>"
-            f"<h1>{name}</h1><p><a href='similarity.csv'>similarity.csv</a> · "
-            f"<a href='manifest.json'>manifest.json</a></p>\n{items}\n")
-    atomic_write_bytes(run_dir / "index.html", page.encode())

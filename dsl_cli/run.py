@@ -36,6 +36,7 @@ from dsl_cli.lenses import MODES, TEMPLATES, Lens, ScoredImages, check_finite, g
 from dsl_cli.outputs import (COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
                              is_sweep_folder, read_csv, read_manifest,
                              redraw, save_png)
+from dsl_cli.report import write_page
 from dsl_cli.studies import run_study, validate_study
 from dsl_cli.weights import preflight
 from dsl_cli.sweeps import current_slurm_job, resumes
@@ -369,7 +370,7 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
     with manifest.stage("study"):
         summary = run_study(cfg, run_dir, encoder, preprocess, image_set.images, components)
     manifest.update(study=summary, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    log.info("study complete: %s", run_dir)
+    log.info("study complete: %s (page: %s)", run_dir, write_page("study", run_dir))
 
 
 def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manifest: Manifest) -> None:
@@ -420,4 +421,4 @@ def _write_stage(cfg, folder: RunFolder, scored: list[Scored], csv_log: CsvLog, 
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     for line in best_components(rows, cfg.lens.rank_by):
         log.info("%s", line)
-    log.info("run complete: %s (figures on one page: %s)", folder.path, folder.path / "index.html")
+    log.info("run complete: %s (page: %s)", folder.path, write_page("run", folder.path))

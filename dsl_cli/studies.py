@@ -18,6 +18,7 @@ Shapes: B images, K components, E embedding width, S image side. Everything runs
 from __future__ import annotations
 
 import math
+import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import ABLATIONS, HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import InputImage, overlay
-from dsl_cli.outputs import CsvLog, group_rows, pyplot, save_figure, save_png
+from dsl_cli.outputs import CsvLog, group_rows, pyplot, read_csv, read_manifest, save_figure, save_png
 
 STUDIES = ("head_importance", "overlay_removal")
 IMPORTANCE_COLUMNS = ["image", "component", "layer", "head", "ablation", "mode", "alpha", "importance", "dsl",
@@ -338,8 +339,7 @@ def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     corr = correlations(rows)
     CsvLog(run_dir / "study_head_importance.csv", IMPORTANCE_COLUMNS).rewrite(rows)
     CsvLog(run_dir / "correlations.csv", CORRELATION_COLUMNS).rewrite(corr)
-    plot = run_dir / "plots" / "head_importance.png"
-    save_figure(plot_head_importance(rows, corr, study.ablation), plot)
+    plot = redraw_study(run_dir)[0]  # from the CSVs just written, as `dsl plot` draws it
     pooled = {r["lens"]: {"spearman": r["spearman"], "pearson": r["pearson"]} for r in corr if r["image"] == POOLED}
     return {"study": "head_importance", "rows": len(rows), "ablation": study.ablation, "pooled": pooled,
             "files": ["study_head_importance.csv", "correlations.csv", str(plot.relative_to(run_dir))]}
@@ -376,8 +376,7 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     for row in rows:
         row["background"], row["foreground"] = roles[row["image"]]
     CsvLog(run_dir / "study_overlay_removal.csv", OVERLAY_COLUMNS).rewrite(rows)
-    plot = run_dir / "plots" / "overlay_removal.png"
-    save_figure(plot_overlay_removal(rows), plot)
+    plot = redraw_study(run_dir)[0]  # from the CSV just written, as `dsl plot` draws it
     # mean overlay similarity over the curve (lower: the overlay is removed sooner), per order
     mean_sim = {order: float(np.mean([float(r["overlay_sim"]) for r in group]))
                 for (order,), group in group_rows(rows, ("order",)).items()}
@@ -389,50 +388,113 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
 # ---------------------------------------------------------------- figures
 
 
+def _pooled_title(lens: str, pooled: dict) -> str:
+    """A head-importance panel's title: the correlation is over all (image, head) pairs at once, n of them."""
+    n = int(float(pooled.get("n", 0) or 0))
+    spearman, pearson = (float(pooled.get(k, math.nan) or math.nan) for k in ("spearman", "pearson"))
+    return f"{lens}: Spearman {spearman:.3f}, Pearson {pearson:.3f}\npooled over n = {n} (image, head) pairs"
+
+
 def plot_head_importance(rows: list[dict], corr: list[dict], ablation: str = "zero"):
-    """Importance vs the DSL and the direct score, one panel per lens, a colour per image; the pooled
-    Spearman and Pearson in each title. Returns the matplotlib figure."""
+    """Importance vs the DSL and the direct score, one panel per lens, a colour per image; each title gives
+    the Spearman and Pearson correlations pooled over all (image, head) pairs, and their number; the
+    figure's title the settings. Rows and correlations as written (dicts of numbers) or as read back from
+    the CSVs (strings). Returns the matplotlib figure."""
     plt = pyplot()
     lenses = [("dsl", "DSL"), ("direct", "direct")]
-    fig, axes = plt.subplots(1, len(lenses), figsize=(5.2 * len(lenses), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(lenses), figsize=(5.4 * len(lenses), 4.8), squeeze=False, layout="constrained")
     pooled = {r["lens"]: r for r in corr if r["image"] == POOLED}
+    groups = group_rows(rows, ("image",))
     for axis, (lens, title) in zip(axes[0], lenses):
-        for (image,), group in group_rows(rows, ("image",)).items():
+        for (image,), group in groups.items():
             axis.scatter([float(r[lens]) for r in group], [float(r["importance"]) for r in group], s=12,
                          alpha=0.7, label=image)
-        c = pooled.get(lens, {})
-        axis.set_title(f"{title}: Spearman {c.get('spearman', math.nan):.3f}, "
-                       f"Pearson {c.get('pearson', math.nan):.3f}", fontsize=9)
+        axis.set_title(_pooled_title(title, pooled.get(lens, {})), fontsize=9)
         axis.set_xlabel(f"{title} score: cos(lens embedding, e)")
         axis.set_ylabel(f"importance: 1 - cos(e {ablation}-ablated, e)")
-    axes[0][-1].legend(fontsize=7, loc="best")
-    fig.tight_layout()
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=min(6, len(groups)),
+               fontsize=8)
+    first = rows[0] if rows else {}
+    heads = len(rows) // max(1, len(groups))
+    fig.suptitle(f"head importance: {ablation} ablation, DSL {first.get('mode', '')} alpha "
+                 f"{float(first.get('alpha') or math.nan):g}; {len(groups)} images x {heads} heads", fontsize=10)
     return fig
 
 
-def plot_overlay_removal(rows: list[dict]):
-    """Overlay similarity vs ablation step, one panel per composite: the DSL and greedy orders as lines,
-    the random orders as their mean with a band of +-1 standard deviation. Returns the figure."""
+# how each order is drawn: DSL on top, solid with dots; greedy dashed under it (it often takes the same heads)
+ORDER_STYLES = {
+    "dsl": {"color": "tab:blue", "linestyle": "-", "marker": "o", "markersize": 3.5, "linewidth": 1.6, "zorder": 4},
+    "greedy": {"color": "tab:orange", "linestyle": "--", "marker": "s", "markersize": 5, "linewidth": 2.4,
+               "markerfacecolor": "none", "zorder": 3},
+    "random": {"color": "tab:gray", "linestyle": ":", "linewidth": 1.4, "zorder": 2},
+}
+
+
+def _draw_orders(axis, group: list[dict]) -> None:
+    """One composite's curves: each order's overlay similarity per step; random orders as mean +- 1 sd."""
+    for (order,), lines in group_rows(group, ("order",)).items():
+        curves = np.array([[float(r["overlay_sim"]) for r in run] for run in
+                           group_rows(lines, ("seed",)).values()])  # [runs, steps + 1]
+        x, mean = np.arange(curves.shape[1]), curves.mean(0)
+        label = order if len(curves) == 1 else f"{order} (mean of {len(curves)}, band +-1 sd)"
+        axis.plot(x, mean, label=label, **ORDER_STYLES.get(order, {}))
+        if len(curves) > 1:
+            std = curves.std(0)
+            axis.fill_between(x, mean - std, mean + std, alpha=0.2, color=ORDER_STYLES.get(order, {}).get("color"),
+                              zorder=1, linewidth=0)
+
+
+def plot_overlay_removal(rows: list[dict], settings: str = ""):
+    """Overlay similarity vs ablation step, one panel per composite: the DSL and greedy orders as lines
+    (DSL drawn over greedy), the random orders as their mean with a band of +-1 standard deviation; one
+    legend for all panels, outside them; `settings` in the title. Returns the figure."""
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     groups = group_rows(rows, ("image",))
     columns = min(3, len(groups))
     n_rows = math.ceil(len(groups) / columns)
-    fig, axes = plt.subplots(n_rows, columns, figsize=(4.6 * columns, 3.6 * n_rows), squeeze=False)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.6 * columns, 1.0 + 3.4 * n_rows), squeeze=False,
+                             layout="constrained")
     for axis, ((image,), group) in zip(axes.flat, groups.items()):
-        for (order,), lines in group_rows(group, ("order",)).items():
-            curves = np.array([[float(r["overlay_sim"]) for r in run] for run in
-                               group_rows(lines, ("seed",)).values()])  # [runs, steps + 1]
-            x = np.arange(curves.shape[1])
-            mean = curves.mean(0)
-            axis.plot(x, mean, label=order if len(curves) == 1 else f"{order} (mean of {len(curves)})")
-            if len(curves) > 1:
-                std = curves.std(0)
-                axis.fill_between(x, mean - std, mean + std, alpha=0.25)
+        _draw_orders(axis, group)
         axis.set_title(image, fontsize=9)
         axis.set_xlabel("heads ablated")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("cos(e ablated composite, e foreground)")
-        axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(groups):]:
         axis.axis("off")
-    fig.tight_layout()
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
+    fig.suptitle(textwrap.fill(f"overlay removal: {settings}" if settings else "overlay removal",
+                               int(4.6 * columns * 72 / 6)), fontsize=10)
     return fig
+
+
+def overlay_settings(rows: list[dict], config: dict) -> str:
+    """The settings of an overlay-removal study, for its title: ablation, the DSL ranking, the orders."""
+    study, lens = config.get("study", {}), config.get("lens", {})
+    random_orders = len({r["seed"] for r in rows if r["order"] == "random"})
+    return (f"{rows[0]['ablation'] if rows else ''} ablation; heads ranked by DSL ({lens.get('mode')}, alpha "
+            f"{float(lens.get('alpha', math.nan)):g}); greedy among the {study.get('greedy_pool') or 'all'} best by DSL; "
+            f"{random_orders} random orders")
+
+
+def redraw_study(run_dir: Path) -> list[Path]:
+    """Draw a study's plot again from its CSVs and manifest alone (`dsl plot`): [the plot's path]."""
+    config = (read_manifest(run_dir) or {}).get("config", {})
+    try:
+        if (run_dir / "study_head_importance.csv").is_file():
+            rows = read_csv(run_dir / "study_head_importance.csv", IMPORTANCE_COLUMNS)
+            corr = read_csv(run_dir / "correlations.csv", CORRELATION_COLUMNS)
+            figure = plot_head_importance(rows, corr, rows[0]["ablation"] if rows else "zero")
+            name = "head_importance"
+        elif (run_dir / "study_overlay_removal.csv").is_file():
+            rows = read_csv(run_dir / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+            figure, name = plot_overlay_removal(rows, overlay_settings(rows, config)), "overlay_removal"
+        else:
+            raise UserError(f"{run_dir}: no study CSV here (study_head_importance.csv or study_overlay_removal.csv)")
+    except (KeyError, ValueError) as err:  # a number that does not parse: the CSV was edited
+        raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
+    path = run_dir / "plots" / f"{name}.png"
+    save_figure(figure, path)
+    return [path]

@@ -16,7 +16,7 @@ same bytes):
                        override, then the run columns; `file` is relative to the sweep folder
     manifest.json      every job with its folder, overrides and status; the failed and unfinished ones listed
     heatmaps/<image>_<lens>[_<key>=<value>...].png    layers x components over all jobs at once
-    index.html         the heatmaps, and a link to each job's own page
+    index.html         the sweep's page (dsl_cli.report): the jobs with their status and pages, the heatmaps
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import UserError, report
-from dsl_cli.outputs import (COLUMNS, CsvLog, atomic_write_bytes, draw_heatmaps, group_rows, is_sweep_folder,
-                             read_csv, read_manifest, write_json)
+from dsl_cli.outputs import (COLUMNS, CsvLog, draw_heatmaps, group_rows, is_sweep_folder, read_csv, read_manifest,
+                             write_json)
+from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
 
@@ -198,9 +199,10 @@ def merge_sweep(sweep_dir: Path) -> dict:
     columns = ["job", *(OVERRIDE + k for k in keys), *COLUMNS]
     CsvLog(sweep_dir / "similarity.csv", columns).rewrite(merged_rows(jobs, keys))
     manifest = sweep_manifest(jobs)
-    figures = draw_sweep(sweep_dir, manifest)
+    figures = draw_sweep(sweep_dir)
     manifest["figures"] = [p.relative_to(sweep_dir).as_posix() for p in figures]
     write_json(sweep_dir / "manifest.json", manifest)
+    write_page("sweep", sweep_dir)
     return manifest
 
 
@@ -235,10 +237,9 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
 
 
-def draw_sweep(sweep_dir: Path, manifest: dict | None = None) -> list[Path]:
+def draw_sweep(sweep_dir: Path) -> list[Path]:
     """Heatmaps of the merged CSV (one set per combination of the overrides that vary and do not just split
-    the work) and the sweep's index.html; `manifest` defaults to the sweep's manifest.json."""
-    manifest = manifest if manifest is not None else read_manifest(sweep_dir) or {"jobs": []}
+    the work)."""
     with open(sweep_dir / "similarity.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     keys = [c for c in (rows[0] if rows else {}) if c.startswith(OVERRIDE) and c[len(OVERRIDE):] not in SAME_HEATMAP_KEYS]
@@ -249,7 +250,6 @@ def draw_sweep(sweep_dir: Path, manifest: dict | None = None) -> list[Path]:
     for values, group in group_rows(rows, tuple(varying)).items():
         tag = "_".join(f"{_safe(k[len(OVERRIDE):])}={_safe(v)}" for k, v in zip(varying, values))
         figures += draw_heatmaps(sweep_dir, group, tag=tag)
-    write_sweep_index(sweep_dir, figures, manifest)
     return figures
 
 
@@ -257,21 +257,6 @@ def redraw_sweeps(folder: Path) -> dict[Path, int]:
     """`draw_sweep` for every merged sweep at or below `folder`: {sweep folder: figures drawn}."""
     found = [folder] if is_sweep_folder(folder) else [p.parent for p in folder.rglob("multirun.yaml")]
     return {sweep: len(draw_sweep(sweep)) for sweep in sorted(found) if (sweep / "similarity.csv").is_file()}
-
-
-def write_sweep_index(sweep_dir: Path, figures: list[Path], manifest: dict) -> None:
-    """index.html of the sweep: every job with its status (and a link to its page), then the heatmaps."""
-    jobs = "\n".join(
-        f"<li>job {j['job']} ({' '.join(j['overrides'])}): "
-        + (f"<a href='{j['folder']}/index.html'>{j['status']}</a>" if j["folder"] else j["status"]) + "</li>"
-        for j in manifest["jobs"])
-    images = "\n".join(f'<figure><img src="{p.relative_to(sweep_dir).as_posix()}" loading="lazy"><figcaption>'
-                       f"{p.relative_to(sweep_dir).as_posix()}</figcaption></figure>" for p in sorted(figures))
-    page = (f"<!doctype html><meta charset='utf-8'><title>dsl sweep {sweep_dir.name}</title>"
-            "<style>img{max-width:100%}figure{margin:1em 0}</style>"
-            f"<h1>{sweep_dir.name}</h1><p><a href='similarity.csv'>similarity.csv</a> · "
-            f"<a href='manifest.json'>manifest.json</a></p>\n<ul>\n{jobs}\n</ul>\n{images}\n")
-    atomic_write_bytes(sweep_dir / "index.html", page.encode())
 
 
 # ---------------------------------------------------------------- Hydra callback

@@ -59,8 +59,9 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None
 
 
 def results(folder: Path) -> dict[str, bytes]:
-    """Every file a run leaves, with its bytes, but for the ones that record when and how it ran."""
-    skip = {"manifest.json", "dsl.log", ".hydra/hydra.yaml"}
+    """Every file a run leaves, with its bytes, but for the ones that record when and how it ran (the page
+    shows the manifest's times)."""
+    skip = {"manifest.json", "dsl.log", ".hydra/hydra.yaml", "index.html"}
     return {name: data for name, data in
             ((str(p.relative_to(folder)), p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file())
             if name not in skip}

@@ -5,13 +5,16 @@ never paths, escaped HTML, the umask's file modes."""
 from __future__ import annotations
 
 import csv
+import html
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from PIL import Image
@@ -82,7 +85,10 @@ def test_index_html_escapes_the_folder_name(hostile_run) -> None:
     page = (folder / "index.html").read_text()
     assert "<img src=x" not in page and "onerror=alert(1)>" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
-    assert page.count("<img ") == len(list(folder.glob("grids/*.png"))) + len(list(folder.glob("heatmaps/*.png")))
+    sources = [unquote(html.unescape(src)) for src in re.findall(r'<img src="([^"]*)"', page)]
+    assert len(sources) == page.count("<img ") and all((folder / src).is_file() for src in sources), sources
+    figures = {f"{p.parent.name}/{p.name}" for p in folder.glob("*/*.png") if p.parent.name in ("grids", "heatmaps")}
+    assert figures and figures <= set(sources)
 
 
 # ------------------------------------------------------------------ a folder that holds a run is refused

@@ -1,0 +1,558 @@
+"""The report: an `index.html` in every run, study and sweep folder, written from the folder's files alone.
+
+    run     settings; per image its input, its heatmaps (each cell a link to its picture), the best-ranked
+            pictures with their scores and its figures; a table of every component, sorted by a click on
+            any column and filtered by image, layer and kind; links to every CSV, the manifest and the log
+    study   settings; the study's plot and summary tables; links to its files
+    sweep   its jobs with their overrides, status, rows and pages; its heatmaps, job beside job
+
+Pages open from file:// with no server and no network: one inline style sheet, one small inline script,
+relative links only, and every text escaped. `dsl report FOLDER` (re)writes the pages of a folder and of
+every run, study and sweep below it; `dsl plot FOLDER` draws their figures again first; a run writes its
+page when it ends.
+"""
+
+from __future__ import annotations
+
+import html
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import quote
+
+import numpy as np
+
+from dsl_cli.errors import UserError
+from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, RunFolder, atomic_write_bytes,
+                             colour_limits, dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder,
+                             kind_blocks, layer_label, read_csv, read_manifest, redraw)
+from dsl_cli.studies import CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, redraw_study
+
+PAGE = "index.html"
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 2em;color:#222;max-width:110em}
+h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;margin:1.6em 0 .4em;border-bottom:1px solid #ccc}
+h3{font-size:1em;margin:1em 0 .3em}
+table{border-collapse:collapse;margin:.3em 0}td,th{padding:2px 7px;text-align:left;vertical-align:top}
+table.grid td,table.grid th{border:1px solid #ddd}tbody tr:nth-child(even){background:#f6f6f6}
+table.settings th{font-weight:600;white-space:nowrap}
+th[data-type]{cursor:pointer;user-select:none;background:#eee;position:sticky;top:0}
+th[aria-sort=descending]::after{content:" \\25BC"}th[aria-sort=ascending]::after{content:" \\25B2"}
+td.n{text-align:right;font-variant-numeric:tabular-nums}
+table.heat td{width:3.6em;height:1.8em;text-align:center;font-size:12px;padding:0;border:1px solid #fff}
+table.heat td a{display:block;color:inherit;text-decoration:none;line-height:1.8em}
+table.heat th{font-size:12px;font-weight:normal;text-align:center}div.heat p{margin:0 0 .3em}
+.row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}
+figure{margin:0}figcaption{font-size:12px}.gallery{display:flex;flex-wrap:wrap;gap:.6em}
+.gallery img,.input img{width:128px;height:128px;object-fit:cover;image-rendering:pixelated}
+.figures img{max-width:100%}.figures figure{margin:.8em 0}
+.thumbs img{max-width:26em;max-height:18em;border:1px solid #ddd}
+.status{padding:1px 8px;border-radius:8px;background:#ddd}.complete{background:#cfe8cf}
+.failed,.interrupted{background:#f3c9c9}.running,.started{background:#f3e3b5}
+.scale{display:inline-block;width:6em;height:.8em;background:linear-gradient(90deg,#440154,#21918c,#fde725)}
+.muted{color:#666}.filters select{margin-right:1em}
+"""
+# sorting: a click on a column header sorts the rows by it (numbers high to low first, text A to Z; a
+# second click reverses); filtering: the <select>s of a section keep the rows whose data-* values match
+SCRIPT = """
+function sortBy(th){const t=th.closest('table'),i=th.cellIndex,num=th.dataset.type==='num';
+const desc=th.getAttribute('aria-sort')?th.getAttribute('aria-sort')==='ascending':num;
+t.querySelectorAll('th[aria-sort]').forEach(h=>h.removeAttribute('aria-sort'));
+th.setAttribute('aria-sort',desc?'descending':'ascending');
+const key=r=>{const c=r.cells[i],v=c.dataset.v!==undefined?c.dataset.v:c.textContent;
+return num?(v===''?NaN:Number(v)):v};
+const rows=[...t.tBodies[0].rows];rows.sort((a,b)=>{let x=key(a),y=key(b);
+if(num){if(isNaN(x)||isNaN(y))return isNaN(x)-isNaN(y);return desc?y-x:x-y}
+return desc?y.localeCompare(x,undefined,{numeric:true}):x.localeCompare(y,undefined,{numeric:true})});
+t.tBodies[0].append(...rows)}
+document.querySelectorAll('th[data-type]').forEach(th=>{th.addEventListener('click',()=>sortBy(th));
+th.addEventListener('keydown',e=>{if(e.key==='Enter')sortBy(th)})});
+function filterRows(box){const sels=[...box.querySelectorAll('select[data-filter]')];let n=0;
+box.querySelectorAll('tbody tr').forEach(r=>{const ok=sels.every(s=>!s.value||r.dataset[s.dataset.filter]===s.value);
+r.hidden=!ok;n+=ok});box.querySelector('.count').textContent=n+' shown'}
+document.querySelectorAll('select[data-filter]').forEach(s=>s.addEventListener('change',
+()=>filterRows(s.closest('section'))));
+"""
+
+
+# ---------------------------------------------------------------- HTML pieces
+
+
+def esc(value) -> str:
+    """Text for HTML (element content or a quoted attribute)."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def link(path: str, text: str | None = None) -> str:
+    """An <a> to a path relative to the page (percent-encoded, so any file name works)."""
+    return f'<a href="{esc(quote(path))}">{esc(path if text is None else text)}</a>'
+
+
+def img(path: str, alt: str) -> str:
+    """An <img> of a path relative to the page, loaded when scrolled to (a page may hold hundreds)."""
+    return f'<img src="{esc(quote(path))}" alt="{esc(alt)}" loading="lazy">'
+
+
+def linked_img(path: str, alt: str) -> str:
+    """A picture that links to itself at full size."""
+    return f'<a href="{esc(quote(path))}">{img(path, alt)}</a>'
+
+
+def cell(text, sort=None, numeric: bool = False) -> str:
+    """A <td>; `sort` (data-v) is what the page's script sorts by when it differs from the text."""
+    attrs = (f' data-v="{esc(sort)}"' if sort is not None else "") + (' class="n"' if numeric else "")
+    return f"<td{attrs}>{text}</td>"
+
+
+def number(value, digits: int = 3) -> str:
+    """A numeric <td> from a CSV value ('' stays empty), sorted by the value itself."""
+    if value in (None, ""):
+        return cell("", "", True)
+    return cell(f"{float(value):.{digits}f}", value, True)
+
+
+def table(head: list[str], body: list[str], numeric: set[str] = frozenset()) -> str:
+    """A table whose columns sort on a click (`numeric` ones as numbers); `body`: its <tr>s."""
+    def th(name: str) -> str:
+        return f'<th data-type="{"num" if name in numeric else "text"}" tabindex="0">{esc(name)}</th>'
+
+    return (f'<table class="grid"><thead><tr>{"".join(th(h) for h in head)}</tr></thead>\n'
+            f'<tbody>\n{"".join(body)}\n</tbody></table>')
+
+
+def filters(rows: list[dict], keys: list[tuple[str, str]]) -> str:
+    """<select>s that keep the table rows whose data-<key> is the chosen value; `keys`: (data key, label)."""
+    boxes = []
+    for key, label in keys:
+        values = sorted({r[key] for r in rows}, key=lambda v: (len(v), v))
+        options = "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
+        boxes.append(f'<label>{esc(label)} <select data-filter="{esc(key)}"><option value="">all</option>'
+                     f"{options}</select></label>")
+    return f'<p class="filters">{"".join(boxes)}<span class="count muted">{len(rows)} shown</span></p>'
+
+
+def row_attrs(row: dict, keys: list[str]) -> str:
+    """data-* attributes of a table row, which the filters match."""
+    return "".join(f' data-{k}="{esc(row[k])}"' for k in keys)
+
+
+def page(title: str, body: str) -> str:
+    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{esc(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n"
+            f"<script>{SCRIPT}</script>\n</body></html>\n")
+
+
+def rel(path: Path, folder: Path) -> str:
+    """`path` relative to `folder`, with forward slashes (a link's form)."""
+    return path.relative_to(folder).as_posix()
+
+
+# ---------------------------------------------------------------- what every page has
+
+
+def header(folder: Path, manifest: dict, kind: str) -> str:
+    """Title: the folder's name (only: the page stays the same when the folder moves), its status and the
+    error of a run that failed."""
+    error = f'<p class="failed">{esc(manifest["error"])}</p>' if manifest.get("error") else ""
+    return f"<h1>dsl {esc(kind)} {esc(folder.resolve().name)} {status_badge(manifest.get('status'))}</h1>{error}"
+
+
+def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
+    encoder, decoder, lens = (cfg.get(k, {}) for k in ("encoder", "decoder", "lens"))
+    return [
+        ("encoder", " ".join(str(encoder[k]) for k in ("source", "name", "pretrained", "checkpoint")
+                             if encoder.get(k))),
+        ("decoder", " ".join(str(decoder[k]) for k in ("source", "path") if decoder.get(k))),
+        ("lens", lens.get("name", "")),
+        ("mode, alpha", f"{lens.get('mode')}, {lens.get('alpha')}" if lens.get("name") == "steering" or
+         cfg.get("study", {}).get("name") else "not used by this lens"),
+        ("components", f"layer={cfg.get('layer')} head={cfg.get('head')} component={cfg.get('component')}"
+                       + (f": {manifest['components']} per image" if "components" in manifest else "")),
+        ("images", ", ".join(manifest.get("images", [])) + (f"; skipped {manifest['skipped']}"
+                                                             if manifest.get("skipped") else "")),
+        ("seed", cfg.get("seed", manifest.get("seed", ""))),
+        ("encoder dtype", cfg.get("dtype", "")),
+    ]
+
+
+def _decode_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
+    decode = cfg.get("decode", {})
+    if not decode.get("enabled", True):
+        return [("decoding", "off: scores only")]
+    top_k = decode.get("top_k")
+    return [
+        ("ranked by", cfg.get("lens", {}).get("rank_by", "")),
+        ("decoding", f"{manifest.get('scheduler', decode.get('scheduler'))}, {decode.get('steps')} steps, guidance "
+                     f"{decode.get('guidance')}, {decode.get('width')}x{decode.get('height')} px, "
+                     f"{f'the best {top_k}' if top_k else 'every component'} per image, "
+                     f"{decode.get('batch_size')} per batch, {decode.get('dtype')}"),
+        ("rows, decoded", f"{manifest.get('rows', '?')}, {manifest.get('decoded', 0)}"),
+    ]
+
+
+def _record_settings(manifest: dict) -> list[tuple[str, str]]:
+    seconds = manifest.get("seconds", {})
+    return [
+        ("device", manifest.get("device", "")),
+        ("versions", ", ".join(f"{k} {v}" for k, v in manifest.get("versions", {}).items())),
+        ("commit", manifest.get("git_commit") or "unknown"),
+        ("started, finished", f"{manifest.get('started', '?')}, {manifest.get('finished', 'not finished')}"),
+        ("stage times", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+                        + (f" (total {sum(seconds.values()):.1f} s)" if seconds else "")),
+    ]
+
+
+def settings_section(manifest: dict, study: bool = False) -> str:
+    """The settings summary, from manifest.json (the resolved config and what the run recorded)."""
+    if not manifest:
+        return "<h2>Settings</h2><p class=muted>no manifest.json in this folder</p>"
+    cfg = manifest.get("config", {})
+    items = _model_settings(cfg, manifest)
+    if study:
+        items.append(("study", ", ".join(f"{k} {v}" for k, v in cfg.get("study", {}).items())))
+    else:
+        items += _decode_settings(cfg, manifest)
+    body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items + _record_settings(manifest))
+    return f'<h2>Settings</h2><table class="settings">{body}</table>'
+
+
+FILES = ["manifest.json", "dsl.log", ".hydra/config.yaml", ".hydra/overrides.yaml", "multirun.yaml"]
+FOLDERS = ["images", "grids", "heatmaps", "plots"]
+
+
+def files_section(folder: Path) -> str:
+    """Links to every CSV, the manifest, the log, the saved config and the figure folders that exist."""
+    names = [p.name for p in sorted(folder.glob("*.csv"))] + [f for f in FILES if (folder / f).is_file()]
+    names += [f"{d}/" for d in FOLDERS if (folder / d).is_dir()]
+    return "<h2>Files</h2><p>" + " · ".join(link(name) for name in names) + "</p>"
+
+
+# ---------------------------------------------------------------- run page
+
+
+def cell_colours(matrix: np.ndarray, columns: list[str]) -> tuple[dict[tuple[int, int], tuple[str, str]], list[str]]:
+    """Background and text colour of every heatmap cell, each kind of component on its own scale (as in the
+    PNG heatmaps): ({(layer index, column index): (background, text)}, a line per kind saying its scale)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    colours, scales = {}, []
+    for kind, indices in kind_blocks(columns):
+        limits = colour_limits(matrix[:, indices])
+        scales.append(f"{esc(kind)} <span class=scale></span> {limits[0]:.3f} to {limits[1]:.3f}" if limits
+                      else f"{esc(kind)}: one value, no scale")
+        for (i, j), v in np.ndenumerate(matrix[:, indices]):
+            if np.isfinite(v):
+                back = to_hex(colormaps["viridis"]((v - limits[0]) / (limits[1] - limits[0]))) if limits else NO_SCALE
+                colours[i, indices[j]] = (back, "#fff" if dark_cell(v, limits) else "#000")
+    return colours, scales
+
+
+def heat_table(rows: list[dict], value: str) -> str:
+    """One similarity of one image as an HTML heatmap: layers x components, coloured by `cell_colours`,
+    each cell its value and a link to its picture."""
+    layers, columns, cells = heatmap_cells(rows)
+    _, _, matrix = heatmap_matrix(rows, value)
+    colours, scales = cell_colours(matrix, columns)
+    body = []
+    for i, layer in enumerate(layers):
+        tds = []
+        for j in range(len(columns)):
+            row, shade = cells.get((i, j)), colours.get((i, j))
+            if row is None or shade is None:
+                tds.append("<td></td>")
+                continue
+            text = f"{matrix[i, j]:.3f}"
+            inner = link(row["file"], text) if row["file"] else esc(text)
+            tds.append(f'<td style="background:{shade[0]};color:{shade[1]}" title="{esc(row["component"])} '
+                       f'{esc(value)} {text}">{inner}</td>')
+        body.append(f"<tr><th>{layer_label(layer)}</th>{''.join(tds)}</tr>")
+    groups = "".join(f'<th colspan="{len(indices)}">{esc(kind)}</th>' for kind, indices in kind_blocks(columns))
+    head = f"<tr><th></th>{groups}</tr><tr><th></th>" + "".join(f"<th>{esc(c)}</th>" for c in columns) + "</tr>"
+    return (f'<div class="heat"><p><b>{esc(value)}</b>: {esc(SIMILARITIES[value])}<br>'
+            f'<span class="muted">{"<br>".join(scales)}</span></p>'
+            f'<table class="heat"><thead>{head}</thead><tbody>{"".join(body)}</tbody></table></div>')
+
+
+def best_pictures(rows: list[dict]) -> str:
+    """The best-ranked decoded pictures of one image, each with its scores and a link to the full picture."""
+    best = sorted((r for r in rows if r["file"]), key=lambda r: int(r["rank"]))[:TOP_TILES]
+    if not best:
+        return "<p class=muted>no pictures decoded for this image</p>"
+    figures = []
+    for r in best:
+        decoded = f"<br>sim_decoded {float(r['sim_decoded']):.3f}" if r["sim_decoded"] else ""
+        figures.append(f'<figure>{linked_img(r["file"], r["component"])}'
+                       f"<figcaption><b>{esc(r['component'])}</b> #{esc(r['rank'])}<br>"
+                       f"sim_embed {float(r['sim_embed']):.3f}{decoded}</figcaption></figure>")
+    return f"<h3>best {len(best)} by rank</h3><div class=gallery>{''.join(figures)}</div>"
+
+
+def thumbnail(path: str) -> str:
+    """A figure shown small, a link to it at full size."""
+    return f"<figure>{linked_img(path, path)}<figcaption>{esc(path)}</figcaption></figure>"
+
+
+def image_figures(folder: Path, image: str, lens: str) -> list[Path]:
+    """The image's grids, heatmap and plots, by their names (see dsl_cli.outputs)."""
+    found = [p for p in sorted(folder.glob("grids/*.png")) if p.stem.startswith(f"{image}_{lens}_")]
+    found += [p for p in (folder / "heatmaps" / f"{image}_{lens}.png", folder / "plots" / f"{image}_logit.png")
+              if p.is_file()]
+    return found
+
+
+def image_section(folder: Path, image: str, rows: list[dict]) -> str:
+    """One image: its input, its heatmaps, its best pictures and its figures."""
+    panels = [heat_table(rows, v) for v in ("sim_embed", "sim_decoded") if any(r[v] for r in rows)]
+    source = f"images/{image}/input.png"
+    picture = (f"<figure class=input>{img(source, f'{image} (input)')}<figcaption>input</figcaption></figure>"
+               if (folder / source).is_file() else "")
+    figures = "".join(thumbnail(rel(p, folder)) for p in image_figures(folder, image, rows[0]["lens"]))
+    return (f'<section><h2 id="{esc(image)}">{esc(image)}</h2><div class="row">{picture}{"".join(panels)}</div>'
+            f"{best_pictures(rows)}<h3>figures</h3>"
+            f'<div class="row thumbs">{figures or "<p class=muted>none drawn</p>"}</div></section>')
+
+
+def top_labels(folder: Path) -> dict[tuple[str, str], dict]:
+    """Logit lens: (image, component) -> its top label row, from labels.csv."""
+    rows = read_csv(folder / "labels.csv", LABEL_COLUMNS)
+    return {(r["image"], r["component"]): r for r in rows if r["rank"] == "1"}
+
+
+COMPONENT_NUMBERS = ["sim_embed", "sim_decoded", "norm", "rank", "layer", "head"]
+
+
+def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) -> str:
+    """Every component of every image in one table, sortable by any column, filterable by image, layer
+    and kind."""
+    head = ["image", "component", "kind", "layer", "head", "sim_embed", "sim_decoded", "norm", "rank"]
+    head += ["top label", "label score"] if labels else []
+    body = []
+    for r in rows:
+        tds = [cell(esc(r["image"])), cell(esc(r["component"])), cell(esc(r["kind"])), number(r["layer"], 0),
+               number(r["head"], 0), number(r["sim_embed"]), number(r["sim_decoded"]), number(r["norm"]),
+               number(r["rank"], 0)]
+        if labels:
+            label = labels.get((r["image"], r["component"]), {})
+            tds += [cell(esc(label.get("label", ""))), number(label.get("score", ""))]
+        tds.append(cell(link(r["file"], "picture") if r["file"] else ""))
+        body.append(f"<tr{row_attrs(r, ['image', 'layer', 'kind'])}>{''.join(tds)}</tr>\n")
+    return (f'<section id="components"><h2>All components</h2>'
+            f"{filters(rows, [('image', 'image'), ('layer', 'layer'), ('kind', 'kind')])}"
+            f"{table(head + ['file'], body, set(COMPONENT_NUMBERS) | {'label score'})}</section>")
+
+
+def run_page(folder: Path) -> str:
+    """The page of a run folder (similarity.csv, labels.csv, manifest.json and the pictures and figures)."""
+    manifest = read_manifest(folder) or {}
+    rows = read_csv(folder / "similarity.csv")
+    images = group_rows(rows, ("image",))
+    contents = " · ".join(f'<a href="#{esc(quote(image))}">{esc(image)}</a>' for (image,) in images)
+    body = [header(folder, manifest, "run"), f"<p>images: {contents} · <a href='#components'>all components</a>"
+            "</p>" if rows else "<p class=muted>no rows in similarity.csv yet</p>",
+            settings_section(manifest), files_section(folder)]
+    body += [image_section(folder, image, group) for (image,), group in images.items()]
+    if rows:
+        body.append(components_section(rows, top_labels(folder)))
+    return page(f"dsl run {folder.name}", "\n".join(body))
+
+
+# ---------------------------------------------------------------- study page
+
+
+def importance_tables(folder: Path) -> str:
+    """Head importance: the correlations (pooled first, then per image) and every (image, head) row."""
+    corr = read_csv(folder / "correlations.csv", CORRELATION_COLUMNS)
+    corr.sort(key=lambda r: r["image"] != POOLED)
+    head = ["image", "lens", "n", "spearman", "spearman_p", "pearson", "pearson_p"]
+    body = [f"<tr>{cell(esc(r['image']))}{cell(esc(r['lens']))}{number(r['n'], 0)}"
+            + "".join(number(r[k]) for k in head[3:]) + "</tr>\n" for r in corr]
+    rows = read_csv(folder / "study_head_importance.csv", IMPORTANCE_COLUMNS)
+    numbers = ["layer", "head", "importance", "dsl", "direct"]
+    heads = [f"<tr{row_attrs(r, ['image', 'layer'])}>{cell(esc(r['image']))}{cell(esc(r['component']))}"
+             + "".join(number(r[k], 0 if k in ("layer", "head") else 4) for k in numbers) + "</tr>\n"
+             for r in rows]
+    return ("<h2>Correlations with importance</h2><p class=muted>pooled: over every (image, head) pair at "
+            f"once; then per image</p>{table(head, body, set(head[2:]))}"
+            f"<section><h2>Every head</h2>{filters(rows, [('image', 'image'), ('layer', 'layer')])}"
+            f"{table(['image', 'component', *numbers], heads, set(numbers))}</section>")
+
+
+def overlay_tables(folder: Path) -> str:
+    """Overlay removal: each composite with its pictures, and the overlay similarity per order (at the
+    start, mean over the steps, at the end; random orders averaged)."""
+    rows = read_csv(folder / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+    body, summary = [], []
+    for (image, order), group in group_rows(rows, ("image", "order")).items():
+        runs = [[float(r["overlay_sim"]) for r in run] for run in group_rows(group, ("seed",)).values()]
+        curve = np.mean(runs, axis=0)
+        summary.append({"image": image, "order": order})
+        body.append(f"<tr{row_attrs(summary[-1], ['image', 'order'])}>{cell(esc(image))}{cell(esc(order))}"
+                    f"{number(len(runs), 0)}{number(curve[0])}{number(curve.mean())}{number(curve[-1])}</tr>\n")
+    pictures = "".join(f"<figure>{img(f'images/overlays/{image}.png', image)}<figcaption>{esc(image)}"
+                       f"</figcaption></figure>" for (image,) in group_rows(rows, ("image",))
+                       if (folder / "images" / "overlays" / f"{image}.png").is_file())
+    numbers = ["orders", "at start", "mean over steps", "at end"]
+    return (f"<h2>Composites</h2><div class=gallery>{pictures}</div>"
+            "<section><h2>Overlay similarity per order</h2><p class=muted>cos(e of the ablated composite, e of "
+            "the foreground); lower: the overlay is removed sooner</p>"
+            f"{filters(summary, [('image', 'composite'), ('order', 'order')])}"
+            f"{table(['composite', 'order', *numbers], body, set(numbers))}</section>")
+
+
+def study_page(folder: Path) -> str:
+    """The page of a study's run folder: settings, the plot, the summary tables, the files."""
+    manifest = read_manifest(folder) or {}
+    name = manifest.get("config", {}).get("study", {}).get("name") or (
+        "head_importance" if (folder / "study_head_importance.csv").is_file() else "overlay_removal")
+    plot = f"plots/{name}.png"
+    body = [header(folder, manifest, f"study {name}"), settings_section(manifest, study=True),
+            files_section(folder),
+            f'<h2>Plot</h2><div class="figures">{img(plot, name) if (folder / plot).is_file() else "none drawn"}</div>']
+    if (folder / "study_head_importance.csv").is_file():
+        body.append(importance_tables(folder))
+    if (folder / "study_overlay_removal.csv").is_file():
+        body.append(overlay_tables(folder))
+    return page(f"dsl study {name} {folder.name}", "\n".join(body))
+
+
+# ---------------------------------------------------------------- sweep page
+
+
+def unmerged_jobs(sweep_dir: Path) -> list[dict]:
+    """The run folders below a sweep that was not merged (no manifest.json of its own): folder and status
+    only (`dsl merge` lists every job with its overrides)."""
+    folders = sorted(p.parent for p in sweep_dir.glob("*/manifest.json"))
+    return [{"job": n, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
+             **{k: (read_manifest(f) or {}).get(k) for k in ("status", "error")}} for n, f in enumerate(folders)]
+
+
+def _job_link(sweep_dir: Path, folder: str | None) -> str:
+    """A job's page, or its folder where it has none (yet), or nothing for a job that never started."""
+    if folder is None:
+        return ""
+    return link(f"{folder}/{PAGE}" if (sweep_dir / folder / PAGE).is_file() else f"{folder}/", folder)
+
+
+def status_badge(status: str | None) -> str:
+    return f'<span class="status {esc(status)}">{esc(status)}</span>' if status else ""
+
+
+def jobs_table(sweep_dir: Path, jobs: list[dict]) -> str:
+    head = ["job", "overrides", "status", "rows", "page", "error"]
+    body = [f"<tr>{number(j['job'], 0)}{cell(esc(' '.join(j['overrides'])))}"
+            f"{cell(status_badge(j['status']), j['status'])}{number(j['rows'], 0)}"
+            f"{cell(_job_link(sweep_dir, j['folder']))}{cell(esc(j['error']))}</tr>\n" for j in jobs]
+    return f"<h2>Jobs</h2>{table(head, body, {'job', 'rows'})}"
+
+
+def jobs_figures(sweep_dir: Path, jobs: list[dict]) -> str:
+    """Each heatmap and plot that the jobs drew, job beside job, captioned with the overrides that tell the
+    jobs apart."""
+    by_name: dict[str, list[tuple[dict, str]]] = {}
+    for job in (j for j in jobs if j["folder"] is not None):
+        for path in sorted((sweep_dir / job["folder"]).glob("*/*.png")):
+            if path.parent.name in ("heatmaps", "plots"):
+                by_name.setdefault(rel(path, sweep_dir / job["folder"]), []).append((job, rel(path, sweep_dir)))
+    shared = set.intersection(*(set(job["overrides"]) for job in jobs)) if jobs else set()
+    sections = []
+    for name, found in by_name.items():
+        figures = "".join(f"<figure>{img(path, name)}<figcaption>job {job['job']}: "
+                          f"{esc(' '.join(o for o in job['overrides'] if o not in shared))}</figcaption></figure>"
+                          for job, path in found)
+        sections.append(f"<h3>{esc(name)}</h3><div class='row figures'>{figures}</div>")
+    return "<h2>Each job's heatmaps and plots</h2>" + ("".join(sections) or "<p class=muted>none drawn</p>")
+
+
+def sweep_page(sweep_dir: Path) -> str:
+    """The page of a sweep folder: its jobs with their overrides, status and pages, and the sweep's merged
+    heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote; each job's heatmaps and
+    plots side by side."""
+    manifest = read_manifest(sweep_dir)
+    jobs = manifest["jobs"] if manifest else unmerged_jobs(sweep_dir)
+    merged = "".join(thumbnail(path) for path in (manifest or {}).get("figures", []))
+    done = sum(j["status"] == "complete" for j in jobs)
+    note = "" if manifest else (f"<p class=muted>not merged yet: <code>dsl merge {esc(sweep_dir)}</code> lists "
+                                "every job and draws the merged heatmaps</p>")
+    body = [header(sweep_dir, manifest or {}, "sweep"), f"<p>{done} of {len(jobs)} jobs complete</p>{note}",
+            files_section(sweep_dir), jobs_table(sweep_dir, jobs)]
+    if merged:
+        body.append("<h2>Merged heatmaps</h2><p class=muted>the rows of all jobs in one figure per image and lens "
+                    f"(and per value of a swept setting)</p><div class='row thumbs'>{merged}</div>")
+    body.append(jobs_figures(sweep_dir, jobs))
+    return page(f"dsl sweep {sweep_dir.name}", "\n".join(body))
+
+
+# ---------------------------------------------------------------- folders
+
+
+def folder_kind(folder: Path) -> str | None:
+    """sweep, study, run, or None for a folder that holds none of them."""
+    if is_sweep_folder(folder):
+        return "sweep"
+    if (folder / "similarity.csv").is_file():
+        return "run"
+    manifest = read_manifest(folder)
+    if any(folder.glob("study_*.csv")) or (manifest or {}).get("config", {}).get("study", {}).get("name"):
+        return "study"
+    return "run" if manifest is not None else None
+
+
+def report_folders(root: Path) -> list[tuple[str, Path]]:
+    """(kind, folder) of every run, study and sweep at or below `root`, deepest first."""
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder; give a run, study or sweep folder (or a folder of them)")
+    found = {root} | {p.parent for name in ("manifest.json", "similarity.csv", "multirun.yaml")
+                      for p in root.rglob(name)}
+    kinds = [(folder_kind(f), f) for f in found if ".submitit" not in f.parts]
+    folders = sorted(((k, f) for k, f in kinds if k), key=lambda kf: (-len(kf[1].parts), str(kf[1])))
+    if not folders:
+        raise UserError(f"{root}: no dsl run here, nor a study or sweep (no manifest.json, similarity.csv or "
+                        "multirun.yaml in it or below it)")
+    return folders
+
+
+PAGES = {"run": run_page, "study": study_page, "sweep": sweep_page}
+
+
+def write_page(kind: str, folder: Path) -> Path:
+    """Write the page of a `kind` (run, study, sweep) folder; returns its path."""
+    atomic_write_bytes(folder / PAGE, PAGES[kind](folder).encode())
+    return folder / PAGE
+
+
+@contextmanager
+def claimed(folder: Path) -> Iterator[None]:
+    """Hold a folder while its figures or page are written, so that a run still writing there is not
+    disturbed (UserError naming the process that writes there); a folder this process holds stays held."""
+    run_folder = RunFolder(folder)
+    mine = run_folder.claim(resume=True)
+    try:
+        yield
+    finally:
+        if mine:
+            run_folder.release()
+
+
+def write_pages(root: Path) -> list[Path]:
+    """`dsl report`: write (or refresh) the page of every run, study and sweep at or below `root`."""
+    pages = []
+    for kind, folder in report_folders(root):
+        with claimed(folder):
+            pages.append(write_page(kind, folder))
+    return pages
+
+
+def redraw_folder(root: Path) -> dict[Path, int]:
+    """`dsl plot`: draw the figures of every run and study at or below `root` again from their files, then
+    refresh the pages: {folder: figures drawn}."""
+    drawn = {}
+    for kind, folder in report_folders(root):
+        with claimed(folder):
+            if kind == "run" and (folder / "similarity.csv").is_file():
+                drawn[folder] = len(redraw(folder))
+            elif kind == "study" and any(folder.glob("study_*.csv")):
+                drawn[folder] = len(redraw_study(folder))
+            write_page(kind, folder)
+    return drawn

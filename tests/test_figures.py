@@ -1,0 +1,305 @@
+"""Regression tests for the figures' flaws (issue 18): captions that ran into the next cell, titles without
+settings, heatmaps with one colour scale for every kind of component, `L1` for `L01`, strips without
+values, a meaningless colour bar, duplicated grids, a DSL curve hidden under the greedy one, a legend on
+the random band, correlations that did not say they were pooled. Measured on what is drawn: the pixels of
+a grid, the text artists and images of a matplotlib figure."""
+
+from __future__ import annotations
+
+import math
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageChops
+from scipy import stats
+
+from dsl_cli import outputs
+from dsl_cli.outputs import grid_image, grid_plan, heatmap_figure, settings_text
+from dsl_cli.studies import correlations, plot_head_importance, plot_overlay_removal
+
+TILE = 96
+RED = (255, 0, 0)
+
+
+# ---------------------------------------------------------------- grids
+
+
+def ink_box(sheet: Image.Image, blank: Image.Image) -> tuple[int, int, int, int] | None:
+    """Bounding box (x0, y0, x1, y1) of the pixels where `sheet` differs from `blank`."""
+    return ImageChops.difference(sheet, blank).getbbox()
+
+
+def colour(index: int) -> tuple[int, int, int]:
+    """A colour of its own for tile `index` (so that tiles side by side can be told apart)."""
+    return (255, 10 * index, 0)
+
+
+def tile_box(sheet: Image.Image, index: int) -> tuple[int, int, int, int]:
+    """Where tile `index` (its own colour) lies in a grid: (x0, y0, x1, y1), found in the pixels."""
+    ys, xs = np.nonzero(np.all(np.asarray(sheet) == colour(index), axis=-1))
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+CAPTIONS = [
+    "L01H00  #12\nembed -0.246\ndecoded -0.832",  # negative values: the caption of issue 18 ran over
+    "a_photo_with_a_very_long_file_name_2024-03-01 (input)",
+    "L47MLP  #768\nembed -0.999999\ndecoded -0.999999",
+    "L01  #1\nembed 1.000",
+]
+
+
+def test_captions_stay_inside_their_cell() -> None:
+    """Each caption drawn alone on a grid whose other captions are empty: its ink lies under its own tile,
+    no wider than the tile and above the next row of tiles. Tiles are found by their colours."""
+    tiles = [(Image.new("RGB", (8, 8), colour(i)), "") for i in range(6)]
+    blank = grid_image(tiles, "title", tile=TILE, columns=3)
+    cells = [tile_box(blank, i) for i in range(6)]
+    assert all(x1 - x0 == TILE for x0, _, x1, _ in cells)
+    for index in range(len(tiles)):
+        caption = CAPTIONS[index % len(CAPTIONS)]
+        sheet = grid_image([(p, caption if i == index else "") for i, (p, _) in enumerate(tiles)], "title",
+                           tile=TILE, columns=3)
+        x0, y0, x1, y1 = ink_box(sheet, blank)
+        cx0, _, cx1, cy1 = cells[index]
+        below = [c[1] for c in cells if c[1] > cy1]
+        assert cx0 <= x0 and x1 <= cx1, (caption, (x0, x1), (cx0, cx1))
+        assert cy1 <= y0 and y1 <= (min(below) if below else sheet.height), (caption, (y0, y1))
+
+
+def test_a_long_title_wraps_inside_the_sheet() -> None:
+    tiles = [(Image.new("RGB", (8, 8), colour(i)), "") for i in range(2)]
+    title = "chelsea: best 16 by rank | steering lens (norm, alpha 2), seed 0, 100 steps, guidance 4"
+    sheet = grid_image(tiles, title, tile=TILE, columns=2, note=outputs.CAPTION_NOTE)
+    header = sheet.crop((0, 0, sheet.width, tile_box(sheet, 0)[1]))
+    x0, _, x1, _ = ink_box(header, Image.new("RGB", header.size, "white"))
+    assert x0 > 0 and x1 < sheet.width - 1  # nothing runs to the edge (where it would be cut off)
+    from PIL import ImageDraw
+
+    draw, font = ImageDraw.Draw(sheet), outputs._font(max(14, TILE // 11))
+    lines = outputs._wrap(draw, title, font, sheet.width - 8)
+    assert len(lines) > 1 and " ".join(lines) == title
+
+
+def rows_of(layers: list[int], heads: int, extra: tuple[str, ...] = (), lens: str = "steering") -> list[dict]:
+    """Rows as similarity.csv holds them (strings), with seeded values: heads near 0.2, MLP near 0.5,
+    the residual stream near 0.9 (as in a logit-lens run)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for layer in layers:
+        comps = [("head", f"L{layer:02d}H{h:02d}", str(h), 0.2) for h in range(heads)]
+        comps += [(kind, f"L{layer:02d}{suffix}", "", centre) for kind, suffix, centre in
+                  (("mlp", "MLP", 0.5), ("resid", "", 0.9)) if kind in extra]
+        for kind, label, head, centre in comps:
+            rows.append({"image": "chelsea", "lens": lens, "component": label, "kind": kind, "layer": str(layer),
+                         "head": head, "mode": "norm", "alpha": "2.000000", "seed": "0", "steps": "100",
+                         "guidance": "4.000000", "sim_embed": f"{centre + rng.normal(0, 0.05):.6f}",
+                         "sim_decoded": f"{0.8 + rng.normal(0, 0.03):.6f}", "norm": "1.0", "rank": "1",
+                         "file": f"images/chelsea/{lens}/{label}.png"})
+    return rows
+
+
+def test_grid_plan_leaves_out_duplicates() -> None:
+    """A one-layer run's best grid shows the same pictures as its layer grid; a Diffusion Lens run's layer
+    grids hold one picture each of the layer-by-layer grid: neither is drawn twice."""
+    one_layer = rows_of([1], 4, ("mlp",))
+    assert [name for name, *_ in grid_plan(one_layer)] == ["L01"]
+    stream = [r for r in rows_of([0, 1, 2, 3], 0, ("resid",))]
+    assert [name for name, *_ in grid_plan(stream)] == ["layers"]
+    logit = rows_of([1, 3], 4, ("resid",), lens="logit")
+    assert [name for name, *_ in grid_plan(logit)] == ["layers", "L01", "L03", "top"]
+
+
+def test_grid_titles_name_the_settings(tmp_path: Path, monkeypatch) -> None:
+    rows = rows_of([1], 2)
+    for row in [*rows, {"file": "images/chelsea/input.png"}]:
+        path = tmp_path / row["file"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), RED).save(path)
+    titles = []
+    real = outputs.grid_image
+    monkeypatch.setattr(outputs, "grid_image", lambda tiles, title, **kw: titles.append((title, kw)) or real(
+        tiles, title, **kw))
+    outputs.draw_grids(tmp_path, rows)
+    assert titles, "no grid drawn"
+    for title, kw in titles:
+        for words in ("chelsea", "steering lens", "norm", "alpha 2", "seed 0", "100 steps", "guidance 4"):
+            assert words in title, (words, title)
+        assert "embed = sim_embed" in kw["note"] and "decoded = sim_decoded" in kw["note"]
+
+
+def test_settings_text_of_a_lens_without_mode() -> None:
+    row = rows_of([1], 1)[0] | {"lens": "diffusion", "mode": "", "alpha": ""}
+    assert settings_text(row) == "diffusion lens, seed 0, 100 steps, guidance 4"
+
+
+# ---------------------------------------------------------------- matplotlib figures
+
+
+def hidden_tick_labels(fig) -> set[int]:
+    """ids of the tick labels matplotlib does not draw: those of ticks outside their axis' view."""
+    hidden = set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            low, high = sorted(axis.get_view_interval())
+            slack = 1e-9 * max(1.0, abs(high - low))
+            for tick, loc in zip(axis.get_major_ticks(), axis.get_majorticklocs()):
+                if not low - slack <= loc <= high + slack:
+                    hidden |= {id(tick.label1), id(tick.label2)}
+    return hidden
+
+
+def texts(fig) -> list:
+    """Every text artist of a drawn figure that is drawn and not empty."""
+    fig.canvas.draw()
+    hidden = hidden_tick_labels(fig) | {id(t) for ax in fig.axes if not ax.axison for t in ax.findobj()}
+    from matplotlib.text import Text
+
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and id(t) not in hidden]
+
+
+def assert_legible(fig, min_points: float = 6.5) -> None:
+    """Every text inside the figure, at a readable size, and no two texts overlapping."""
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.canvas.get_width_height()
+    boxes = []
+    for text in texts(fig):
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= -1 and box.y0 >= -1 and box.x1 <= width + 1 and box.y1 <= height + 1, text.get_text()
+        assert text.get_fontsize() >= min_points, (text.get_text(), text.get_fontsize())
+        boxes.append((text.get_text(), box))
+    for (a, box_a), (b, box_b) in combinations(boxes, 2):
+        overlap = min(box_a.x1, box_b.x1) - max(box_a.x0, box_b.x0), min(box_a.y1, box_b.y1) - max(box_a.y0, box_b.y0)
+        assert min(overlap) <= 1, f"{a!r} overlaps {b!r}"
+
+
+def kind_of(label: str) -> str:
+    return "heads" if label.startswith("H") else label
+
+
+def test_heatmap_colour_scale_per_kind_of_component() -> None:
+    """Logit-lens-like values (residual stream near 0.9, heads near 0.2, MLP near 0.5): every image in the
+    figure holds one kind of component, and its colour scale runs from that kind's own minimum to maximum
+    (computed here from the rows)."""
+    rows = rows_of([0, 1, 2, 3], 4, ("mlp", "resid"), lens="logit")
+    fig = heatmap_figure(rows, "chelsea\nsettings")
+    images = [a for ax in fig.axes for a in ax.get_images()]
+    assert len(images) == 2 * 3  # two panels x (heads, MLP, resid)
+    seen = set()
+    for image in images:
+        axis = image.axes
+        labels = [t.get_text() for t in axis.get_xticklabels()]
+        kinds = {kind_of(label) for label in labels}
+        assert len(kinds) == 1, labels
+        kind = kinds.pop()
+        value = "sim_embed" if "sim_embed" in axis.get_figure().get_suptitle() else "sim_decoded"
+        expected = [float(r[value]) for r in rows if kind_of(r["component"][3:] or "resid") == kind]
+        assert image.norm.vmin == pytest.approx(min(expected)) and image.norm.vmax == pytest.approx(max(expected))
+        seen.add((value, kind))
+    assert seen == {(v, k) for v in ("sim_embed", "sim_decoded") for k in ("heads", "MLP", "resid")}
+
+
+def test_heatmap_cells_show_their_values_and_rows_are_named_like_components() -> None:
+    rows = rows_of([1, 3], 4, ("mlp",))
+    fig = heatmap_figure(rows, "chelsea")
+    embed_axes = [ax for ax in fig.axes if ax.get_images() and "sim_embed" in ax.get_figure().get_suptitle()]
+    shown = sorted(t.get_text() for ax in embed_axes for t in ax.texts)
+    assert shown == sorted(f"{float(r['sim_embed']):.3f}" for r in rows)
+    for axis in embed_axes:
+        assert [t.get_text() for t in axis.get_yticklabels()] == ["L01", "L03"]  # as in L01H00, not L1
+
+
+def test_one_value_gets_no_colour_bar() -> None:
+    """A one-layer Diffusion Lens heatmap is one cell per panel: grey, its value written in it, no colour
+    bar (a scale of one value means nothing)."""
+    rows = rows_of([1], 0, ("resid",), lens="diffusion")
+    fig = heatmap_figure(rows, "chelsea")
+    images = [a for ax in fig.axes for a in ax.get_images()]
+    assert len(images) == 2
+    assert [ax for ax in fig.axes if ax.axison and not ax.get_images()] == []  # no colour bar shown
+    for image in images:
+        assert image.cmap.N == 1
+        assert [t.get_text() for t in image.axes.texts] in ([f"{float(rows[0][v]):.3f}"] for v in
+                                                             ("sim_embed", "sim_decoded"))
+
+
+@pytest.mark.parametrize("shape", [([1], 4, ("mlp",)), ([1], 0, ("resid",)), ([0, 1, 2, 3], 4, ("mlp", "resid")),
+                                   (list(range(12)), 16, ("mlp", "resid"))])
+def test_heatmaps_are_legible(shape) -> None:
+    layers, heads, extra = shape
+    rows = rows_of(layers, heads, extra)
+    fig = heatmap_figure(rows, f"chelsea: similarity to the input, per layer and component\n{settings_text(rows[0])}")
+    assert_legible(fig)
+    # one-layer strips have room for a colour bar with several ticks
+    bars = [ax for ax in fig.axes if ax.axison and not ax.get_images()]
+    scaled = [(value, kind) for value in ("sim_embed", "sim_decoded") for kind in {r["kind"] for r in rows}
+              if len({r[value] for r in rows if r["kind"] == kind}) > 1]  # a block of one value has no bar
+    assert len(bars) == len(scaled)
+    for axis in bars:
+        assert len([t for t in axis.get_yticklabels() if t.get_text()]) >= 3
+
+
+def importance_rows() -> list[dict]:
+    rng = np.random.default_rng(1)
+    return [{"image": image, "component": f"L03H{h:02d}", "layer": 3, "head": h, "ablation": "zero",
+             "mode": "norm", "alpha": 2.0, "importance": float(rng.uniform(0, 0.01)), "dsl": float(rng.uniform()),
+             "direct": float(rng.uniform())} for image in ("astronaut", "chelsea", "coffee") for h in range(5)]
+
+
+def test_head_importance_titles_say_pooled_and_n() -> None:
+    """The correlations in the titles are the pooled ones, with n, as scipy computes them on all pairs."""
+    rows = importance_rows()
+    fig = plot_head_importance(rows, correlations(rows), "zero")
+    titles = [ax.get_title() for ax in fig.axes]
+    for title, lens in zip(titles, ("dsl", "direct")):
+        x, y = [r[lens] for r in rows], [r["importance"] for r in rows]
+        assert f"pooled over n = {len(rows)} (image, head) pairs" in title
+        assert f"Spearman {stats.spearmanr(x, y)[0]:.3f}" in title and f"Pearson {stats.pearsonr(x, y)[0]:.3f}" in title
+    assert "zero ablation" in fig.get_suptitle() and "alpha 2" in fig.get_suptitle()
+    assert_legible(fig)
+
+
+def overlay_rows() -> list[dict]:
+    """Two composites where the DSL and greedy curves coincide (the case that hid the DSL curve)."""
+    rows = []
+    for image in ("chelsea_on_astronaut", "coffee_on_chelsea"):
+        same = [0.95, 0.93, 0.92, 0.92]
+        runs = [("dsl", "", same), ("greedy", "", same)] + [("random", str(s), [0.95, 0.95 - 0.01 * s, 0.94, 0.93])
+                                                           for s in range(3)]
+        for order, seed, curve in runs:
+            rows += [{"image": image, "ablation": "zero", "order": order, "seed": seed, "step": step,
+                      "overlay_sim": value} for step, value in enumerate(curve)]
+    return rows
+
+
+def test_overlay_removal_shows_dsl_over_greedy_and_keeps_the_legend_off_the_data() -> None:
+    fig = plot_overlay_removal(overlay_rows(), "zero ablation; heads ranked by DSL (norm, alpha 2)")
+    renderer = (fig.canvas.draw(), fig.canvas.get_renderer())[1]
+    for axis in fig.axes:
+        if not axis.lines:
+            continue
+        lines = {line.get_label().split(" ")[0]: line for line in axis.lines}
+        dsl, greedy = lines["dsl"], lines["greedy"]
+        assert dsl.get_zorder() > greedy.get_zorder()  # drawn last, on top
+        assert dsl.get_linestyle() != greedy.get_linestyle() and greedy.get_linewidth() > dsl.get_linewidth()
+        assert axis.get_legend() is None
+        legend = fig.legends[0].get_window_extent(renderer)
+        assert not legend.overlaps(axis.get_window_extent(renderer))
+    assert "zero ablation" in fig.get_suptitle()
+    assert_legible(fig)
+
+
+def test_label_plot_is_legible(tmp_path: Path) -> None:
+    rows = [{"image": "chelsea", "lens": "logit", "component": f"L{l:02d}", "layer": str(l), "head": "",
+             "rank": "1", "label": "desert grassland whiptail lizard", "score": f"{math.sin(l):.6f}"}
+            for l in range(12)]
+    captured = []
+    real = outputs.save_figure
+    try:
+        outputs.save_figure = lambda fig, path: captured.append(fig)
+        outputs.draw_label_plots(tmp_path, rows)
+    finally:
+        outputs.save_figure = real
+    assert len(captured) == 1
+    assert_legible(captured[0])
