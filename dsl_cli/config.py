@@ -65,7 +65,7 @@ class DecodeConfig:
 @dataclass
 class LensConfig:
     """Which lens: `diffusion` (residual stream), `direct` (naive submodule readout), `steering` (DSL) or
-    `logit` (classic logit lens over ImageNet labels)."""
+    `logit` (classic logit lens over ImageNet labels) or `attribution` (exact direct attribution)."""
 
     name: str = "steering"
     mode: str = "norm"  # steering: add | scale | norm
@@ -75,6 +75,7 @@ class LensConfig:
     mid: bool = False  # diffusion and logit lenses: also read the stream between each attention and MLP
     top_labels: int = 5  # logit lens: labels kept per component
     templates: str = "openai"  # logit lens: openai (80 prompts per class) | simple (7)
+    target: Optional[str] = None  # attribution lens: a text to attribute the similarity to (null: the input)
 
 
 @dataclass

@@ -7,6 +7,7 @@ A lens is a `Lens` subclass in the `LENSES` registry (`@register`); the runner n
 - direct:    the readout of a head's or MLP's write as it is (the naive baseline DSL improves on)
 - steering:  DSL, the closed-form steered-and-patched embedding (`lens.mode`, `lens.alpha`)
 - logit:     the readout of the residual stream and of the chosen submodules, named by CLIP's text tower
+- attribution: each head's and MLP's exact direct attribution, ln_post's scale frozen (`encoder.reading`)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import STEER_MODES as MODES
 from dsl_cli.encoder import load_text_model, text_model_id
+from dsl_cli.encoder.reading import direct_attribution
 from dsl_cli.errors import UserError
 from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, atomic_write_bytes
 
@@ -317,6 +319,13 @@ class Lens:
         """This lens's values of its `columns`, the same in every row of the run."""
         return {}
 
+    def prepare(self, encoder, encoder_cfg) -> None:
+        """Load what the lens needs beyond the image encoder, once, before the first image (a text tower)."""
+
+    def values(self, encoder, cache, components: list[Component], embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """This lens's per-row values of its `columns`: name -> [B, K] (beside `row()`'s constant ones)."""
+        return {}
+
     def unstable_setting(self, dtype: str) -> tuple[str, str]:
         """(the setting, its fix) named when an embedding is not finite (NaN or inf)."""
         return f"dtype={dtype}", "use dtype=fp32"
@@ -427,3 +436,46 @@ class LogitLens(Lens):
                           "score": values[k, r].item()} for r in range(values.shape[-1])]
         CsvLog(scored.run_dir / "labels.csv", LABEL_COLUMNS).rewrite(rows)
         return {}
+
+
+def encode_texts(encoder_cfg, texts: list[str], device, dtype) -> torch.Tensor:
+    """[N, E] unit-norm embeddings of `texts` from the text tower matching the encoder (`load_text_model`)."""
+    text_model, tokenizer = load_text_model(encoder_cfg, device, dtype)
+    with torch.inference_mode():
+        embeds = text_model.encode_text(tokenizer(texts).to(device)).float()
+    return torch.nn.functional.normalize(embeds, dim=-1)
+
+
+@register
+class AttributionLens(Lens):
+    """Exact direct attribution: each head's and MLP's part of the image embedding with ln_post's scale frozen
+    at the clean run's (`dsl_cli.encoder.reading`); with the embedding and bias terms they sum to it.
+
+    Column `attribution`: the part's share of the embedding's cosine with the target, t . part / (|e| |t|),
+    so that every part's share sums to cos(e, t): the input's own embedding (shares sum to 1) or the text
+    `lens.target` through the encoder's matching text tower.
+    """
+
+    name = "attribution"
+    label_kinds = ("head", "mlp")
+    label_refusal = "attributes heads and MLPs only (L3H01, L2MLP)"
+    columns = ("attribution",)
+    target: Optional[torch.Tensor] = None  # [1, E] unit-norm text target; None: each input's own embedding
+
+    def prepare(self, encoder, encoder_cfg) -> None:
+        text = self.cfg.get("target")
+        if text is None:
+            return
+        self.target = encode_texts(encoder_cfg, [str(text)], encoder.device, encoder.dtype)
+        if self.target.shape[-1] != encoder.d_embed:
+            raise UserError(f"lens.target: the text tower's embeddings ({self.target.shape[-1]}) do not match "
+                            f"the image encoder's ({encoder.d_embed}); set encoder.text_name")
+
+    def embeddings(self, encoder, cache, components: list[Component]) -> torch.Tensor:
+        return direct_attribution(encoder, cache).pick(components)
+
+    def values(self, encoder, cache, components: list[Component], embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        clean = cache.embeds.float()  # [B, E]
+        target = torch.nn.functional.normalize(clean if self.target is None else self.target, dim=-1)
+        shares = (embeds.float() * target.unsqueeze(1)).sum(-1) / clean.norm(dim=-1, keepdim=True)
+        return {"attribution": shares}

@@ -45,6 +45,8 @@ log = logging.getLogger("dsl_cli.outputs")
 COLUMNS = [
     "image", "lens", "component", "kind", "layer", "head", "mode", "alpha", "seed", "steps", "guidance",
     "sim_embed", "sim_decoded", "norm", "rank", "file",
+    # added later, at the end, so a run folder of an earlier version still reads (`read_csv`)
+    "attribution",
 ]
 LABEL_COLUMNS = ["image", "lens", "component", "layer", "head", "rank", "label", "score"]
 TOP_TILES = 16  # tiles in the per-image top grid
@@ -436,7 +438,8 @@ class CsvLog:
 
 
 def read_csv(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
-    """Rows of a CSV written by CsvLog; a torn last line (a killed run) is dropped. The values that become
+    """Rows of a CSV written by CsvLog (or by an earlier version, whose columns are the first of `columns`:
+    the later ones are empty); a torn last line (a killed run) is dropped. The values that become
     parts of paths (image, lens, component, file) are checked: UserError for one that is not a plain name."""
     if not path.exists():
         return []
@@ -448,9 +451,11 @@ def read_csv(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
     reader = csv.DictReader(lines)
-    if reader.fieldnames is not None and reader.fieldnames != columns:
+    header = reader.fieldnames
+    if header is not None and (not header or header != columns[:len(header)]):
         raise UserError(f"{path}: not a CSV written by this version of dsl (columns {reader.fieldnames})")
-    rows = [row for row in reader if len(row) == len(columns) and None not in row.values()]
+    rows = [{**dict.fromkeys(columns, ""), **row} for row in reader  # an earlier version's: later columns empty
+            if len(row) == len(header) and None not in row.values()]
     for number, row in enumerate(rows, start=2):
         _check_row(row, f"{path} row {number}:")
     return rows

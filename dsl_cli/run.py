@@ -181,13 +181,16 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     check_finite(lens, cfg.dtype, names, components, cache.embeds, embeds, scores)
     # one transfer per batch, not one per value (each .item() would wait for the GPU)
     sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
+    extra = {column: values.cpu().tolist() for column, values in
+             lens.values(encoder, cache, components, embeds).items()}
     lens_cpu, clean_cpu = embeds.float().cpu(), cache.embeds.float().cpu()
     scored = []
     for i, name in enumerate(names):
         rows = []
         for k, comp in enumerate(components):
             row = _base_row(cfg, lens, name, comp)
-            row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k])
+            row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k],
+                       **{column: values[i][k] for column, values in extra.items()})
             rows.append(row)
         scored.append(Scored(name, lens_cpu[i], clean_cpu[i], rows))
     return scored
@@ -391,6 +394,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
         run_study_job(cfg, folder.path, encoder, preprocess, image_set, components, manifest)
         return
     with manifest.stage("lens"):
+        lens.prepare(encoder, cfg.encoder)
         scored = _lens_stage(cfg, lens, folder, encoder, preprocess, image_set, components, manifest)
 
     csv_log = CsvLog(folder.path / "similarity.csv", COLUMNS)

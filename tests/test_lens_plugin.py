@@ -58,4 +58,4 @@ def test_an_unknown_lens_is_refused_naming_the_registered_ones(tmp_path: Path, c
     except SystemExit as stop:  # Hydra's app ends a refused single run with sys.exit
         code = stop.code
     assert code == 2
-    assert "lens='nothing': choose one of diffusion, direct, steering, logit" in capsys.readouterr().err
+    assert "lens='nothing': choose one of diffusion, direct, steering, logit, attribution" in capsys.readouterr().err

@@ -45,12 +45,14 @@ LENS_RUNS = {
     "direct": ("lens=direct", "component=all"),
     "diffusion": ("lens=diffusion", "layer=all"),
     "logit": ("lens=logit", "layer=[1,3]"),
+    "attribution": ("lens=attribution", "component=all", 'lens.target="a photo of a dog"'),
 }
 EXPECTED_COMPONENTS = {  # per image; checked against the label lists, not against the code
     "steering": ["L01H00", "L01H01", "L01H02", "L01H03", "L01MLP"],
     "direct": ["L01H00", "L01H01", "L01H02", "L01H03", "L01MLP"],
     "diffusion": ["L00", "L01", "L02", "L03"],
     "logit": ["L01", "L01H00", "L01H01", "L01H02", "L01H03", "L03", "L03H00", "L03H01", "L03H02", "L03H03"],
+    "attribution": ["L01H00", "L01H01", "L01H02", "L01H03", "L01MLP"],
 }
 
 # per image: no grid shows only pictures that another one shows (a one-layer run's best grid is its layer
@@ -60,6 +62,7 @@ EXPECTED_GRIDS = {
     "direct": ["L01"],
     "diffusion": ["layers"],
     "logit": ["layers", "L01", "L03", "top"],
+    "attribution": ["L01"],
 }
 
 
@@ -86,6 +89,8 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
         with Image.open(folder / row["file"]) as picture:
             assert picture.size == (64, 64)
         assert row["file"] == f"images/{row['image']}/{lens}/{row['component']}.png"
+        assert (row["attribution"] != "") == (lens == "attribution")  # a share of cos(embedding, target)
+        assert row["attribution"] == "" or abs(float(row["attribution"])) <= 1
     for image in images:
         assert (folder / "images" / image / "input.png").is_file()
         grids = sorted(p.name for p in (folder / "grids").glob(f"{image}_{lens}_*.png"))
