@@ -60,6 +60,8 @@ class DecodeConfig:
     compile: bool = False  # torch.compile the UNet (a minute or more of compilation per new batch shape)
     top_k: Optional[int] = None  # decode only the k components most similar to the input, per image
     enabled: bool = True  # false: score embeddings only, write no pictures
+    seeds: int = 1  # decode each component with seeds seed .. seed+seeds-1 (seeds.csv; >1 adds baselines)
+    baselines: bool = False  # also decode the unconditional and the mean embedding (baselines.csv)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import STEER_MODES as MODES
 from dsl_cli.encoder import load_text_model, text_model_id
-from dsl_cli.encoder.reading import direct_attribution
+from dsl_cli.encoder.reading import direct_attribution, source_shares
 from dsl_cli.errors import UserError
 from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, atomic_write_bytes
 
@@ -166,6 +167,52 @@ def check_finite(lens: "Lens", dtype: str, names: list[str], components: list[Co
         setting, fix = lens.unstable_setting(dtype)
         raise UserError(f"{names[i]} {components[k].label}: the {lens.name} lens embedding or its score is "
                         f"not finite (NaN or inf) with {setting}; {fix}")
+
+
+TOP_PATCHES = 5  # patches named in the `top_patches` column
+
+
+@dataclass
+class Looks:
+    """Where each chosen head looks in one batch: each source token's share of the head's CLS write.
+
+    shares  [B, K_heads, T] (CLS first, then the patches row by row); each sums to 1 over T
+    heads   the index in the run's component list of each chosen head
+    """
+
+    shares: torch.Tensor
+    heads: list[int]
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the (square) patch grid."""
+        return math.isqrt(self.shares.shape[-1] - 1)
+
+    def top_patches(self, n_components: int) -> list[list[str]]:
+        """[B][K]: the TOP_PATCHES patches with the largest shares, `r3c7;r0c1;...` (row and column in the
+        patch grid, from the top left), best first; empty for a component that is not a head."""
+        best = self.shares[..., 1:].topk(min(TOP_PATCHES, self.shares.shape[-1] - 1), dim=-1).indices.tolist()
+        out = [[""] * n_components for _ in best]
+        for i, image in enumerate(best):
+            for j, k in enumerate(self.heads):
+                out[i][k] = ";".join(f"r{p // self.grid}c{p % self.grid}" for p in image[j])
+        return out
+
+    def rows(self, i: int, image: str, lens: str, components: list[Component]) -> list[dict]:
+        """patches.csv rows of image i: the CLS token's share and every patch's, row by row."""
+        return [{"image": image, "lens": lens, "component": components[k].label, "grid": self.grid,
+                 "cls_share": self.shares[i, j, 0].item(),
+                 "shares": ";".join(f"{v:.5f}" for v in self.shares[i, j, 1:].tolist())}
+                for j, k in enumerate(self.heads)]
+
+
+def where_heads_look(encoder, pixels: torch.Tensor, components: list[Component]) -> Optional[Looks]:
+    """`Looks` of the head components (None when there is none); pixels [B, 3, S, S]."""
+    heads = [k for k, c in enumerate(components) if c.kind == "head"]
+    if not heads:
+        return None
+    shares = source_shares(encoder, pixels.to(encoder.device, encoder.dtype), [components[k] for k in heads])
+    return Looks(shares.cpu(), heads)
 
 
 def n_labels() -> int:

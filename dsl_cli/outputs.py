@@ -3,13 +3,17 @@
 Run folder layout:
     similarity.csv                         one tidy row per (image, lens, component, seed)
     labels.csv                             logit lens: top labels per component
+    patches.csv                            per chosen head: each source token's share of its CLS write
+    seeds.csv, baselines.csv               decode.seeds > 1: extra seeds, baseline pictures (dsl_cli.baselines)
     images/<image>/input.png               the input, centre-cropped to the decode size
     images/<image>/<lens>/<component>.png  decoded pictures
     grids/<image>_<lens>_L<layer>.png      input first, then each component of the layer, labelled
     grids/<image>_<lens>_top.png           the best-ranked decoded components of the image
     grids/<image>_<lens>_layers.png        diffusion and logit lenses: the residual stream, layer by layer
+    grids/<image>_<lens>_seeds.png         decode.seeds > 1: the best components per seed, and the baselines
     heatmaps/<image>_<lens>.png            layers x (heads, MLP, residual) similarity
     plots/<image>_logit.png                logit lens: top label per layer
+    looks/<image>_<lens>.png               per head: where it looks (patch shares over the input), its picture
     manifest.json                          config, versions, device, timings, counts, status
     index.html                             the run's page (dsl_cli.report)
 
@@ -46,10 +50,19 @@ COLUMNS = [
     "image", "lens", "component", "kind", "layer", "head", "mode", "alpha", "seed", "steps", "guidance",
     "sim_embed", "sim_decoded", "norm", "rank", "file",
     # added later, at the end, so a run folder of an earlier version still reads (`read_csv`)
-    "attribution",
+    "attribution", "top_patches", "sim_decoded_mean", "sim_decoded_std",
 ]
 LABEL_COLUMNS = ["image", "lens", "component", "layer", "head", "rank", "label", "score"]
+# where each head looks: the CLS token's share of its CLS write and each patch's (`;`-joined, row by row)
+PATCH_COLUMNS = ["image", "lens", "component", "grid", "cls_share", "shares"]
+# seeds.csv and baselines.csv (dsl_cli.baselines): a baseline row's component is `uncond` or `mean`
+EXTRA_COLUMNS = ["image", "lens", "component", "seed", "sim_decoded", "file"]
+BASELINE_IMAGE = "_baselines"  # the image folder of the baseline pictures (dsl_cli.baselines)
 TOP_TILES = 16  # tiles in the per-image top grid
+SEED_GRID_ROWS = 8  # components in a seeds grid
+SEED_NOTE = ("decoded = sim_decoded of that seed's picture; uncond: the decoder's unconditional embedding; "
+             "mean: the mean embedding of the run's images (what the decoder makes without the component)")
+LOOK_COLUMNS = 4  # heads per row of a `looks` figure (each: where it looks, its picture)
 CAPTION_LINES = 3  # a grid caption: component and rank, embed, decoded
 NO_SCALE = "#e8e8e8"  # the grey of a heatmap block that holds a single value
 HEATMAP_CELL = 0.5  # inches: a heatmap cell's width, room for a value such as -0.123
@@ -245,10 +258,12 @@ class RunFolder:
         """This process's lock on the folder, if it holds it (through this object or another)."""
         return _HELD.get(self._key())
 
-    def picture(self, image: str, lens: str, component: str) -> str:
-        """A decoded picture's path relative to the folder (as the CSV's `file` column holds it)."""
+    def picture(self, image: str, lens: str, component: str, seed: int | None = None) -> str:
+        """A decoded picture's path relative to the folder (as the CSV's `file` column holds it); an extra
+        seed's picture (`decode.seeds`) is in a folder of its own, `seed<seed>`."""
         parts = (check_name(image, "image"), check_name(lens, "lens"), check_name(component, "component"))
-        return "images/{}/{}/{}.png".format(*parts)
+        seed_folder = "" if seed is None else f"seed{int(seed)}/"
+        return "images/{}/{}/{}{}.png".format(*parts[:2], seed_folder, parts[2])
 
     def input_picture(self, image: str) -> Path:
         return self.path / "images" / check_name(image, "image") / "input.png"
@@ -285,8 +300,8 @@ class RunFolder:
     def remove_temporaries(self) -> None:
         """Delete what a killed run of this folder was writing: dsl's own temporary names only, only in the
         folders a run writes (never a user's files below the folder)."""
-        folders = [self.path, self.path / ".hydra", *(self.path / name for name in ("grids", "heatmaps", "plots")),
-                   *self.path.glob("images/*"), *self.path.glob("images/*/*")]
+        folders = [self.path, self.path / ".hydra", *(self.path / name for name in ("grids", "heatmaps", "plots", "looks")),
+                   *self.path.glob("images/*"), *self.path.glob("images/*/*"), *self.path.glob("images/*/*/*")]
         for folder in folders:
             if folder.is_dir() and not folder.is_symlink():
                 for leftover in folder.glob(f".*{TEMP_SUFFIX}"):
@@ -461,11 +476,22 @@ def read_csv(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
     return rows
 
 
+def _row_pictures(row: dict) -> list[str]:
+    """Where dsl may put the picture of a CSV row: its component's, or (a row of seeds.csv or
+    baselines.csv) its seed's, its own or the shared baseline's."""
+    folder = RunFolder(Path())
+    paths = [folder.picture(row["image"], row["lens"], row["component"])]
+    if row.get("seed", "").isdigit():
+        paths += [folder.picture(image, row["lens"], row["component"], int(row["seed"]))
+                  for image in (row["image"], BASELINE_IMAGE)]
+    return paths
+
+
 def _check_row(row: dict, where: str) -> None:
     for key in ("image", "lens", "component"):
         if row.get(key):  # empty where a row names none (a study's step 0)
             check_name(row[key], f"{where} {key}")
-    if row.get("file") and row["file"] != RunFolder(Path()).picture(row["image"], row["lens"], row["component"]):
+    if row.get("file") and row["file"] not in _row_pictures(row):
         raise UserError(f"{where} file {printable(repr(row['file']))} is not where dsl puts the picture of "
                         f"{row['image']} {row['lens']} {row['component']}; the file was edited")
 
@@ -600,6 +626,36 @@ def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
             title = f"{image}: {what} | {settings_text(group[0])}"
             save_png(path, grid_image(_tiles(run_dir, image, tile_rows), title, note=CAPTION_NOTE))
             written.append(path)
+    return written
+
+
+def seed_tiles(run_dir: Path, rows: list[dict], extra: dict[tuple, list[dict]]) -> list[tuple[Image.Image, str]]:
+    """One line of tiles per row (its first seed's picture, then its other seeds', in seed order), captioned
+    with the component, the seed and sim_decoded; `extra` holds the other seeds' rows by (image, component)."""
+    tiles = []
+    for row in rows:
+        seeds = [row] + sorted(extra.get((row["image"], row["component"]), []), key=lambda r: int(r["seed"]))
+        tiles += [(open_picture(run_dir / r["file"], run_dir),
+                   f"{r['component']} seed {r['seed']}\ndecoded {float(r['sim_decoded']):.3f}") for r in seeds]
+    return tiles
+
+
+def draw_seed_grids(run_dir: Path, rows: list[dict], seed_rows: list[dict], baseline_rows: list[dict]) -> list[Path]:
+    """Per image and lens, `grids/<image>_<lens>_seeds.png`: the best-ranked decoded components (at most
+    SEED_GRID_ROWS), one line each with a picture per seed, then the baselines' pictures per seed."""
+    extra = group_rows(seed_rows, ("image", "component"))
+    written = []
+    for (image, lens), group in group_rows([r for r in rows if r["file"]], ("image", "lens")).items():
+        best = sorted(group, key=lambda r: int(r["rank"]))[:SEED_GRID_ROWS]
+        baselines = [r for r in baseline_rows if (r["image"], r["lens"]) == (image, lens)]
+        firsts = [r for r in baselines if r["seed"] == group[0]["seed"]]
+        tiles = seed_tiles(run_dir, best + firsts, {**extra, **group_rows(
+            [r for r in baselines if r not in firsts], ("image", "component"))})
+        columns = max(1, len(tiles) // max(1, len(best) + len(firsts)))
+        title = f"{image}: each component with {columns} seeds, then the baselines | {settings_text(group[0])}"
+        path = run_dir / "grids" / f"{image}_{lens}_seeds.png"
+        save_png(path, grid_image(tiles, title, columns=columns, note=SEED_NOTE))
+        written.append(path)
     return written
 
 
@@ -751,6 +807,59 @@ def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
     return written
 
 
+def share_grid(row: dict) -> np.ndarray:
+    """A patches.csv row's patch shares as the patch grid [grid, grid] (row by row from the top left)."""
+    grid = int(row["grid"])
+    return np.array([float(v) for v in row["shares"].split(";")]).reshape(grid, grid)
+
+
+def _look_panel(axis, picture: Image.Image, shares: np.ndarray, title: str) -> None:
+    """The input with a head's patch shares over it, on a scale centred at 0 (red: the patch adds to the
+    write, blue: it takes from it)."""
+    limit = float(np.abs(shares).max()) or 1.0
+    axis.imshow(picture)
+    axis.imshow(shares, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.55, interpolation="nearest",
+                extent=(0, picture.width, picture.height, 0))
+    axis.set_title(title, fontsize=7)
+    axis.axis("off")
+
+
+def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]], title: str):
+    """Per head, where it looks (the input under its patch shares) beside its decoded picture:
+    heads [(patches.csv row, similarity.csv row or None)], LOOK_COLUMNS heads to a row."""
+    plt = pyplot()
+    picture = open_picture(RunFolder(run_dir).input_picture(image), run_dir).convert("RGB")
+    columns = min(LOOK_COLUMNS, len(heads))
+    rows = math.ceil(len(heads) / columns)
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(3.2 * columns, 1.75 * rows + 0.6), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for n, (patch_row, row) in enumerate(heads):
+        left, right = axes[n // columns, 2 * (n % columns)], axes[n // columns, 2 * (n % columns) + 1]
+        _look_panel(left, picture, share_grid(patch_row), f"{patch_row['component']}: where it looks")
+        if row and row["file"]:
+            right.imshow(open_picture(run_dir / row["file"], run_dir))
+            right.set_title(f"{row['lens']} lens picture", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[Path]:
+    """Per image and lens, `looks_figure` of its best-ranked heads (at most TOP_TILES)."""
+    by_component = {(r["image"], r["lens"], r["component"]): r for r in rows}
+    written = []
+    for (image, lens), group in group_rows(patch_rows, ("image", "lens")).items():
+        heads = [(p, by_component.get((image, lens, p["component"]))) for p in group]
+        heads.sort(key=lambda pair: int(pair[1]["rank"]) if pair[1] else math.inf)
+        fig = looks_figure(run_dir, image, heads[:TOP_TILES], f"{image}: where each head looks (share of its CLS "
+                                                              f"write per patch) and its {lens} lens picture")
+        path = run_dir / "looks" / f"{image}_{lens}.png"
+        save_figure(fig, path)
+        written.append(path)
+    return written
+
+
 def redraw(run_dir: Path) -> list[Path]:
     """Draw every grid, heatmap and label plot of a run from its files alone (no model, no GPU)."""
     csv_path = run_dir / "similarity.csv"
@@ -764,6 +873,12 @@ def redraw(run_dir: Path) -> list[Path]:
         labels = run_dir / "labels.csv"
         if labels.is_file():
             written += draw_label_plots(run_dir, read_csv(labels, LABEL_COLUMNS))
+        if (run_dir / "seeds.csv").is_file() or (run_dir / "baselines.csv").is_file():
+            written += draw_seed_grids(run_dir, rows, read_csv(run_dir / "seeds.csv", EXTRA_COLUMNS),
+                                       read_csv(run_dir / "baselines.csv", EXTRA_COLUMNS))
+        patches = run_dir / "patches.csv"
+        if patches.is_file():
+            written += draw_looks(run_dir, rows, read_csv(patches, PATCH_COLUMNS))
     except (KeyError, ValueError) as err:  # a number that does not parse: the CSV was edited
         raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
     return written

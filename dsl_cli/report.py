@@ -218,7 +218,7 @@ def settings_section(manifest: dict, study: bool = False) -> str:
 
 
 FILES = ["manifest.json", "dsl.log", ".hydra/config.yaml", ".hydra/overrides.yaml", "multirun.yaml"]
-FOLDERS = ["images", "grids", "heatmaps", "plots"]
+FOLDERS = ["images", "grids", "heatmaps", "plots", "looks"]
 
 
 def files_section(folder: Path) -> str:
@@ -295,10 +295,10 @@ def thumbnail(path: str) -> str:
 
 
 def image_figures(folder: Path, image: str, lens: str) -> list[Path]:
-    """The image's grids, heatmap and plots, by their names (see dsl_cli.outputs)."""
+    """The image's grids, heatmap, plots and where its heads look, by their names (see dsl_cli.outputs)."""
     found = [p for p in sorted(folder.glob("grids/*.png")) if p.stem.startswith(f"{image}_{lens}_")]
-    found += [p for p in (folder / "heatmaps" / f"{image}_{lens}.png", folder / "plots" / f"{image}_logit.png")
-              if p.is_file()]
+    found += [p for p in (folder / "heatmaps" / f"{image}_{lens}.png", folder / "plots" / f"{image}_logit.png",
+                          folder / "looks" / f"{image}_{lens}.png") if p.is_file()]
     return found
 
 

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from dsl_cli import __version__
+from dsl_cli.baselines import Extra, baseline_extras, score_extras, seed_extras, seed_spread, start_extras
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig
 from dsl_cli.decoder import check_finite_pictures, check_request, load_decoder, to_pil
@@ -32,8 +33,9 @@ from dsl_cli.devices import dtype_name, on_device, resolve_device, resolve_dtype
 from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import MODES, TEMPLATES, Lens, ScoredImages, check_finite, get_lens, n_labels, rank, score
-from dsl_cli.outputs import (COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
+from dsl_cli.lenses import (MODES, TEMPLATES, Lens, ScoredImages, check_finite, get_lens, n_labels, rank, score,
+                            where_heads_look)
+from dsl_cli.outputs import (COLUMNS, PATCH_COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
                              is_sweep_folder, read_csv, read_manifest,
                              redraw, save_png)
 from dsl_cli.report import write_page
@@ -60,6 +62,8 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value}: must be at least {low}")
     if decode.batch_size != "auto" and (type(decode.batch_size) is not int or decode.batch_size < 1):
         raise UserError(f"decode.batch_size={decode.batch_size}: must be auto or a whole number, at least 1")
+    if decode.seeds < 1:
+        raise UserError(f"decode.seeds={decode.seeds}: must be at least 1")
     if decode.top_k is not None and decode.top_k < 1:
         raise UserError(f"decode.top_k={decode.top_k}: must be at least 1 (or null to decode everything)")
     if not 0 <= cfg.seed <= SEED_MAX:
@@ -130,6 +134,7 @@ class Scored:
     embeds: torch.Tensor  # [component, d_embed] lens embeddings (CPU)
     clean: torch.Tensor  # [d_embed] the input's own embedding (CPU)
     rows: list[dict]  # one CSV row per component, in component order
+    patches: list[dict]  # patches.csv rows: where each chosen head looks
 
 
 def _base_row(cfg: DictConfig, lens: Lens, image: str, comp: Component) -> dict:
@@ -183,6 +188,9 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
     extra = {column: values.cpu().tolist() for column, values in
              lens.values(encoder, cache, components, embeds).items()}
+    looks = where_heads_look(encoder, pixels, components)
+    if looks is not None:
+        extra["top_patches"] = looks.top_patches(len(components))
     lens_cpu, clean_cpu = embeds.float().cpu(), cache.embeds.float().cpu()
     scored = []
     for i, name in enumerate(names):
@@ -192,7 +200,8 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
             row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k],
                        **{column: values[i][k] for column, values in extra.items()})
             rows.append(row)
-        scored.append(Scored(name, lens_cpu[i], clean_cpu[i], rows))
+        patches = [] if looks is None else looks.rows(i, name, lens.name, components)
+        scored.append(Scored(name, lens_cpu[i], clean_cpu[i], rows, patches))
     return scored
 
 
@@ -237,18 +246,59 @@ def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, score
     if not plan:
         return 0
     embeds = torch.stack([scored[i].embeds[k] for i, k in plan])
+
+    def write(indices: list[int], pictures) -> None:
+        _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
+
+    decode_pictures(cfg, encoder, decoder, embeds, [cfg.seed] * len(plan), manifest, write, "decoded")
+    return len(plan)
+
+
+def decode_pictures(cfg, encoder, decoder, embeds: torch.Tensor, seeds: list[int], manifest: Manifest, write,
+                    count: str) -> None:
+    """Decode embeds [N, E] with one seed each, guided away from the encoder's zero-image embedding, and
+    hand each batch to `write(indices, pictures [B, H, W, 3])`; manifest[count] counts the pictures done."""
     negative = encoder.zero_embed().float().cpu()
-    batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(plan))
+    batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(embeds))
     manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded)
-    batches = decoder.iter_decode(embeds, negative, [cfg.seed] * len(plan), cfg.decode.height, cfg.decode.width,
+    batches = decoder.iter_decode(embeds, negative, seeds, cfg.decode.height, cfg.decode.width,
                                   cfg.decode.steps, float(cfg.decode.guidance), batch_size)
     with closing(batches):  # on an error, the decoder's progress bar ends its line before the message
         for indices, pictures in batches:
             # an encoder moved off the GPU to make room visits it to re-encode the batch
             with on_device(encoder, decoder.device) if offloaded else nullcontext():
-                _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
-            manifest.update(decoded=manifest.data.get("decoded", 0) + len(indices))
-    return len(plan)
+                write(indices, pictures)
+            manifest.update(**{count: manifest.data.get(count, 0) + len(indices)})
+
+
+def plan_extras(cfg, encoder, folder: RunFolder, lens: Lens, scored: list[Scored]) -> list[Extra]:
+    """The extra seeds' and baselines' pictures still to decode (none unless decode.seeds > 1 or
+    decode.baselines)."""
+    if not cfg.decode.enabled:
+        return []
+    extras = seed_extras(cfg, folder, lens.name, scored, plan_decoding(cfg, scored))
+    if cfg.decode.baselines or cfg.decode.seeds > 1:
+        extras += baseline_extras(cfg, folder, lens.name, scored, encoder.zero_embed().float().cpu())
+    return start_extras(folder, extras)
+
+
+def decode_extras(cfg, encoder, preprocess, decoder, folder: RunFolder, extras: list[Extra],
+                  manifest: Manifest) -> None:
+    """Decode the extra seeds and baselines; save each picture, then its rows with sim_decoded."""
+    if not extras:
+        return
+
+    def write(indices: list[int], pictures) -> None:
+        done = [extras[i] for i in indices]
+        check_finite_pictures(pictures, [extra.file for extra in done], cfg.decode)
+        saved = [to_pil(picture) for picture in pictures]
+        for extra, picture in zip(done, saved):
+            save_png(folder.path / extra.file, picture)
+        score_extras(folder, done, reencode(encoder, preprocess, saved, cfg.batch_size))
+
+    embeds = torch.stack([extra.embed for extra in extras])
+    decode_pictures(cfg, encoder, decoder, embeds, [extra.seed for extra in extras], manifest, write,
+                    "extra_decoded")
 
 
 def _write_batch(cfg, encoder, preprocess, folder: RunFolder, scored: list[Scored], items: list[tuple[int, int]],
@@ -399,11 +449,14 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
 
     csv_log = CsvLog(folder.path / "similarity.csv", COLUMNS)
     plan = start_csv(cfg, folder, scored, previous, csv_log)
-    manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan))
-    if plan:
+    extras = plan_extras(cfg, encoder, folder, lens, scored)
+    manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan),
+                    extra_to_decode=len(extras))
+    if plan or extras:
         decoder = build_decoder(cfg, device, manifest)
         with manifest.stage("decode"):
             decode_and_write(cfg, encoder, preprocess, decoder, folder, scored, plan, csv_log, manifest)
+            decode_extras(cfg, encoder, preprocess, decoder, folder, extras, manifest)
     _write_stage(cfg, folder, scored, csv_log, manifest)
 
 
@@ -411,6 +464,8 @@ def _lens_stage(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_s
                 components: list[Component], manifest: Manifest) -> list[Scored]:
     scored = score_images(cfg, lens, folder, encoder, preprocess, image_set, components)
     manifest.update(images=[s.name for s in scored], skipped=image_set.skipped)
+    if any(s.patches for s in scored):  # rewritten whole: a resumed run scores every image again
+        CsvLog(folder.path / "patches.csv", PATCH_COLUMNS).rewrite([r for s in scored for r in s.patches])
     manifest.update(**lens.after_scoring(_scored_images(cfg, encoder, preprocess, image_set, components, scored,
                                                         folder)))
     return scored
@@ -419,7 +474,7 @@ def _lens_stage(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_s
 def _write_stage(cfg, folder: RunFolder, scored: list[Scored], csv_log: CsvLog, manifest: Manifest) -> None:
     """Final ranks and order of the CSV, every figure, and the manifest's last word."""
     with manifest.stage("write"):
-        rows = _finish_rows(cfg, sorted_rows(read_csv(csv_log.path), scored))
+        rows = seed_spread(folder.path, _finish_rows(cfg, sorted_rows(read_csv(csv_log.path), scored)))
         csv_log.rewrite(rows)
         figures = redraw(folder.path)
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

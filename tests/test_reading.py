@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from dsl_cli.components import Component
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual
 from dsl_cli.encoder import openclip_api
-from dsl_cli.encoder.reading import direct_attribution, head_sources
-from dsl_cli.lenses import AttributionLens
+from dsl_cli.encoder.reading import direct_attribution, head_sources, source_shares
+from dsl_cli.lenses import AttributionLens, Looks
 
 
 def jittered(visual: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
@@ -94,3 +94,70 @@ def test_shares_of_every_part_sum_to_the_cosine_with_the_target(tiny) -> None:
     cosine = torch.nn.functional.cosine_similarity(clean, text)
     bias_share = (parts.bias @ text.T).squeeze(-1) / clean.norm(dim=-1)
     assert (shares.sum(1) + bias_share - cosine).abs().max() < 1e-5
+
+
+def only_head(visual: torch.nn.Module, layer: int, head: int) -> torch.nn.Module:
+    """A copy of the tower whose block `layer` keeps only `head`'s columns of the attention output matrix
+    (and no output bias): that block's attention output is then the head's write alone."""
+    copied = copy.deepcopy(visual)
+    attn = copied.transformer.resblocks[layer].attn
+    d_head = attn.embed_dim // attn.num_heads
+    with torch.no_grad():
+        keep = torch.zeros_like(attn.out_proj.weight)
+        keep[:, head * d_head:(head + 1) * d_head] = 1
+        attn.out_proj.weight.mul_(keep)
+        attn.out_proj.bias.zero_()
+    return copied
+
+
+def test_source_tokens_sum_to_the_write_and_match_open_clip_with_one_head_kept(tiny) -> None:
+    x = pixels(64)
+    heads = [Component("head", 0, 1), Component("head", 2, 3), Component("head", 3, 0)]
+    parts = head_sources(tiny, x, heads)  # [B, K, T, D]
+    cache = tiny.run_with_cache(x)
+    for k, c in enumerate(heads):
+        assert (parts[:, k].sum(1) - cache.head_writes[:, c.layer, c.head]).abs().max() < 1e-5
+        # open_clip's own forward with the other heads' output columns zeroed: the block's attention
+        # output (after LayerScale) at CLS is the head's write
+        copied = only_head(tiny.visual, c.layer, c.head)
+        block, seen = copied.transformer.resblocks[c.layer], {}
+        block.ls_1.register_forward_hook(lambda m, a, out: seen.__setitem__("out", out))
+        block.attn.register_forward_hook(lambda m, a, out: seen.__setitem__("input", a[0]))
+        with torch.no_grad():
+            copied(x)
+        assert (parts[:, k].sum(1) - seen["out"][:, 0]).abs().max() < 1e-5
+        # token by token: torch's attention weights times torch's attention made to attend to that token alone
+        normed = seen["input"]
+        with torch.no_grad():
+            _, weights = block.attn(normed, normed, normed, need_weights=True, average_attn_weights=False)
+            for t in range(normed.shape[1]):
+                mask = torch.full((normed.shape[1],) * 2, float("-inf"))
+                mask[:, t] = 0
+                alone = block.ls_1(block.attn(normed, normed, normed, attn_mask=mask, need_weights=False)[0])
+                expected = weights[:, c.head, 0, t, None] * alone[:, 0]
+                assert (parts[:, k, t] - expected).abs().max() < 1e-5
+
+
+def test_source_shares_sum_to_one_and_follow_the_parts(tiny) -> None:
+    x = pixels(64)
+    heads = [Component("head", 1, 2), Component("head", 3, 3)]
+    shares = source_shares(tiny, x, heads)
+    parts = head_sources(tiny, x, heads)
+    write = parts.sum(2, keepdim=True)
+    assert (shares.sum(-1) - 1).abs().max() < 1e-5
+    expected = (parts * write).sum(-1) / (write * write).sum(-1)
+    assert (shares - expected).abs().max() < 1e-6
+
+
+def test_top_patches_are_named_by_row_and_column_best_first() -> None:
+    """Hand-made shares on a 3 x 3 grid: the CLS token (first) is never named; MLPs get no patches."""
+    shares = torch.zeros(1, 1, 10)
+    shares[0, 0, 0] = 5.0  # CLS: the largest, never named
+    for patch, value in ((5, 0.4), (0, 0.3), (7, 0.2), (8, 0.1), (2, 0.05)):  # patch 5 is row 1, column 2
+        shares[0, 0, 1 + patch] = value
+    looks = Looks(shares, heads=[1])
+    assert looks.grid == 3
+    assert looks.top_patches(2) == [["", "r1c2;r0c0;r2c1;r2c2;r0c2"]]
+    (row,) = looks.rows(0, "cat", "direct", [Component("mlp", 0), Component("head", 0, 1)])
+    assert row["component"] == "L00H01" and row["grid"] == 3 and row["cls_share"] == 5.0
+    assert [float(v) for v in row["shares"].split(";")] == pytest.approx(shares[0, 0, 1:].tolist(), abs=1e-5)

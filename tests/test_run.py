@@ -98,6 +98,7 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
         assert (folder / "heatmaps" / f"{image}_{lens}.png").is_file()
         if lens == "logit":
             assert (folder / "plots" / f"{image}_logit.png").is_file()
+        assert (folder / "looks" / f"{image}_{lens}.png").is_file() == (lens != "diffusion")
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["config"]["lens"]["name"] == lens
@@ -120,6 +121,25 @@ def test_ranks_follow_similarity(runs: dict[str, Path], lens: str) -> None:
         by_rank = sorted(group, key=lambda r: int(r["rank"]))
         sims = [float(r["sim_embed"]) for r in by_rank]
         assert sims == sorted(sims, reverse=True)
+
+
+@pytest.mark.parametrize("lens", ["steering", "attribution"])
+def test_where_each_head_looks(runs: dict[str, Path], lens: str) -> None:
+    """patches.csv holds every head's shares (summing to 1 with the CLS token's); `top_patches` names the
+    five largest, read here from patches.csv."""
+    rows, patches = read_rows(runs[lens]), read_rows(runs[lens], "patches.csv")
+    by_key = {(p["image"], p["component"]): p for p in patches}
+    assert len(patches) == sum(1 for r in rows if r["kind"] == "head")
+    for row in rows:
+        if row["kind"] != "head":
+            assert row["top_patches"] == ""
+            continue
+        patch = by_key[(row["image"], row["component"])]
+        shares = [float(v) for v in patch["shares"].split(";")]
+        assert int(patch["grid"]) ** 2 == len(shares) == 16  # the tiny ViT: 64 px in 16 px patches
+        assert abs(sum(shares) + float(patch["cls_share"]) - 1) < 1e-3
+        best = sorted(range(16), key=lambda p: -shares[p])[:5]
+        assert row["top_patches"] == ";".join(f"r{p // 4}c{p % 4}" for p in best)
 
 
 def test_verify_checks_the_closed_form_against_the_hooked_pass(runs: dict[str, Path]) -> None:

@@ -88,19 +88,34 @@ def head_sources(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Compone
     of the output matrix (LayerScale included): the parts sum over t to the head's write `a_{l,h}`. One
     clean pass records the input of every chosen head's block. pixels [B, 3, S, S].
     """
-    layers = sorted({c.layer for c in heads})
+    normed = _block_inputs(encoder, pixels, heads)
+    return torch.stack([_sources(encoder.blocks[c.layer], normed[c.layer], c.head) for c in heads], 1)
+
+
+@torch.inference_mode()
+def source_shares(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Component]) -> Tensor:
+    """Each source token's share of each head's CLS write: part_t . a / |a|^2 -> [B, K, T], summing to 1
+    over t (CLS first, then the patches in rows). Reduced head by head: all heads' parts at once would be
+    [B, K, T, D] (3.5 GB for 512 bigG heads of 16 images)."""
+    normed = _block_inputs(encoder, pixels, heads)
+    shares = []
+    for c in heads:
+        parts = _sources(encoder.blocks[c.layer], normed[c.layer], c.head)  # [B, T, D]
+        write = parts.sum(1, keepdim=True)  # [B, 1, D]
+        size = (write * write).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)  # a zero write gives zeros
+        shares.append((parts * write).sum(-1) / size)
+    return torch.stack(shares, 1)
+
+
+def _block_inputs(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Component]) -> dict[int, Tensor]:
+    """ln_1 output [B, T, D] of each chosen head's block, from one clean open_clip pass."""
     inputs: dict[int, Tensor] = {}
-    encoder.run_with_hooks(pixels, [(f"blocks.{l}.hook_resid_pre", _keep(inputs, l)) for l in layers])
-    parts = [_sources(encoder.blocks[c.layer], encoder.blocks[c.layer].ln_1(inputs[c.layer]), c.head)
-             for c in heads]
-    return torch.stack(parts, 1)
 
+    def keep(x: Tensor, point) -> None:
+        inputs[point.layer] = encoder.blocks[point.layer].ln_1(x)
 
-def _keep(store: dict[int, Tensor], layer: int):
-    def hook(x: Tensor, point) -> None:
-        store[layer] = x
-
-    return hook
+    encoder.run_with_hooks(pixels, [(f"blocks.{l}.hook_resid_pre", keep) for l in sorted({c.layer for c in heads})])
+    return inputs
 
 
 def _sources(block: nn.Module, normed: Tensor, head: int) -> Tensor:

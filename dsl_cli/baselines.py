@@ -1,0 +1,100 @@
+"""How much the decoder adds: each decoded component again with more seeds (`decode.seeds=N`), and baseline
+pictures the decoder makes from no component at all, scored against every image.
+
+Part of the decode stage (`dsl_cli.run` calls it after the first seed's pictures):
+    seeds.csv       one row per (image, component, extra seed): seeds seed+1 .. seed+N-1 (the first seed's
+                    picture and sim_decoded are in similarity.csv, as without decode.seeds)
+    baselines.csv   one row per (image, baseline, seed): `uncond`, the decoder's unconditional embedding
+                    (the encoder on an all-zeros image, the same negative every picture is guided away
+                    from), and `mean`, the mean embedding of the run's images; each picture is decoded once
+                    per seed and compared with every image's own embedding
+Pictures: images/<image>/<lens>/seed<seed>/<component>.png and images/_baselines/<lens>/seed<seed>/<name>.png.
+A resumed run decodes only the pictures whose file is not whole on disk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsl_cli.outputs import BASELINE_IMAGE, EXTRA_COLUMNS, CsvLog, RunFolder, group_rows, is_picture, read_csv
+
+BASELINES = ("uncond", "mean")  # the `component` of a baselines.csv row
+
+
+@dataclass
+class Extra:
+    """One extra picture: what to decode with which seed, where it goes, and the rows it scores, each with
+    the embedding [E] its sim_decoded compares the picture with."""
+
+    embed: torch.Tensor  # [E]
+    seed: int
+    file: str  # relative to the run folder
+    table: str  # seeds.csv | baselines.csv
+    rows: list[tuple[dict, torch.Tensor]] = field(default_factory=list)
+
+
+def seed_extras(cfg, folder: RunFolder, lens: str, scored: list, decoded: list[tuple[int, int]]) -> list[Extra]:
+    """The extra seeds of every decoded (image, component) pair: `decode.seeds` - 1 pictures each."""
+    extras = []
+    for i, k in decoded:
+        image, component = scored[i].name, scored[i].rows[k]["component"]
+        for seed in range(cfg.seed + 1, cfg.seed + cfg.decode.seeds):
+            row = {"image": image, "lens": lens, "component": component, "seed": seed}
+            extra = Extra(scored[i].embeds[k], seed, folder.picture(image, lens, component, seed), "seeds.csv")
+            extra.rows.append((row, scored[i].clean))
+            extras.append(extra)
+    return extras
+
+
+def baseline_extras(cfg, folder: RunFolder, lens: str, scored: list, negative: torch.Tensor) -> list[Extra]:
+    """The baseline pictures, one per baseline and seed, each scoring a row of every image.
+    negative [1, E] (the decoder's unconditional embedding)."""
+    embeds = {"uncond": negative.reshape(-1), "mean": torch.stack([s.clean for s in scored]).mean(0)}
+    extras = []
+    for seed in range(cfg.seed, cfg.seed + cfg.decode.seeds):
+        for name in BASELINES:
+            extra = Extra(embeds[name], seed, folder.picture(BASELINE_IMAGE, lens, name, seed), "baselines.csv")
+            extra.rows += [({"image": s.name, "lens": lens, "component": name, "seed": seed}, s.clean)
+                           for s in scored]
+            extras.append(extra)
+    return extras
+
+
+def start_extras(folder: RunFolder, extras: list[Extra]) -> list[Extra]:
+    """Keep the rows of an earlier attempt whose picture is whole on disk (each table rewritten with them
+    alone) and return the extras still to decode."""
+    done = set()
+    for table in ("seeds.csv", "baselines.csv"):
+        if any(extra.table == table for extra in extras):
+            kept = [r for r in read_csv(folder.path / table, EXTRA_COLUMNS) if is_picture(folder.path / r["file"])]
+            CsvLog(folder.path / table, EXTRA_COLUMNS).rewrite(kept)
+            done |= {(table, r["file"]) for r in kept}
+    return [extra for extra in extras if (extra.table, extra.file) not in done]
+
+
+def score_extras(folder: RunFolder, extras: list[Extra], again: torch.Tensor) -> None:
+    """Append the rows of decoded extras: again [N, E], the saved pictures re-encoded."""
+    for extra, picture in zip(extras, again):
+        rows = []
+        for row, clean in extra.rows:
+            sim = torch.nn.functional.cosine_similarity(picture, clean.float(), dim=0).item()
+            rows.append({**row, "sim_decoded": sim, "file": extra.file})
+        CsvLog(folder.path / extra.table, EXTRA_COLUMNS).append(rows)
+
+
+def seed_spread(run_dir: Path, rows: list[dict]) -> list[dict]:
+    """similarity.csv rows with `sim_decoded_mean` and `sim_decoded_std` (sample standard deviation) over
+    every seed of their component: the first seed's sim_decoded and its rows in seeds.csv."""
+    extra = group_rows(read_csv(run_dir / "seeds.csv", EXTRA_COLUMNS), ("image", "component"))
+    for row in rows:
+        values = [float(r["sim_decoded"]) for r in extra.get((row["image"], row["component"]), [])]
+        if row["sim_decoded"] and values:
+            values.append(float(row["sim_decoded"]))
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+            row.update(sim_decoded_mean=mean, sim_decoded_std=std)
+    return rows
