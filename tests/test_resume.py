@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -306,3 +307,20 @@ def test_ten_kills_at_random_moments_then_resume_equal_uninterrupted(reference: 
         batch = (1, 4)[trial % 2]
         kill_and_resume(reference if batch == 1 else reference_4, tmp_path / f"trial{trial}" / "run", batch,
                         moment)
+
+
+def test_resume_completes_extra_seeds_and_baselines(tmp_path: Path) -> None:
+    """decode.seeds=2: a run whose extra seed's and baseline's pictures (and the last rows of their CSVs)
+    are lost is completed by a resume to exactly the files of the uninterrupted run."""
+    settings = ("decode.seeds=2", "decode.batch_size=1")
+    whole = completed_run(tmp_path / "whole", *settings)
+    shutil.copytree(whole, tmp_path / "cut")
+    cut = tmp_path / "cut"
+    (cut / "images" / "chelsea" / "steering" / "seed1" / "L01MLP.png").unlink()
+    (cut / "images" / "_baselines" / "steering" / "seed1" / "mean.png").write_bytes(b"half a picture")
+    for table in ("seeds.csv", "baselines.csv"):
+        text = (cut / table).read_text()
+        (cut / table).write_text(text[:-7])  # a torn last row, as a kill leaves it
+    assert dsl("run", f"resume={cut}", cwd=tmp_path).returncode == 0
+    assert json.loads((cut / "manifest.json").read_text())["extra_decoded"] == 2
+    assert results(cut) == results(whole)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -349,3 +350,40 @@ def test_whole_run_in_bf16_records_its_precision_and_switches(runs: dict[str, Pa
         assert math.isfinite(float(row["sim_decoded"]))
     reference_manifest = json.loads((runs["steering"] / "manifest.json").read_text())
     assert (reference_manifest["encoder_dtype"], reference_manifest["decoder_dtype"]) == ("fp32", "fp32")
+
+
+def grey_levels(a: Path, b: Path) -> int:
+    """The largest difference between two pictures, in grey levels."""
+    with Image.open(a) as first, Image.open(b) as second:
+        return int(abs(torch.tensor(np.asarray(first), dtype=torch.int) - torch.tensor(np.asarray(second))).max())
+
+
+def test_decode_seeds_pictures_spread_and_baselines(tmp_path: Path) -> None:
+    """decode.seeds=3: each component's pictures differ across seeds, and its seed-1 picture is the one a run
+    with seed=1 makes (within the grey level batching may change); mean and spread of sim_decoded over the
+    seeds, computed here from the CSVs; baseline rows for every image, baseline and seed."""
+    chosen = ("component=[L01H01,L01MLP]",)
+    three = run_tiny(tmp_path / "three", *chosen, "decode.seeds=3")
+    one = run_tiny(tmp_path / "one", *chosen, "seed=1")
+    rows, seeds = read_rows(three), read_rows(three, "seeds.csv")
+    assert len(seeds) == len(rows) * 2
+    for row in rows:
+        mine = sorted((r for r in seeds if (r["image"], r["component"]) == (row["image"], row["component"])),
+                      key=lambda r: int(r["seed"]))
+        files = [row["file"]] + [r["file"] for r in mine]
+        assert [int(r["seed"]) for r in mine] == [1, 2]
+        assert all(grey_levels(three / a, three / b) > 20 for a, b in ((files[0], files[1]), (files[1], files[2])))
+        assert grey_levels(three / files[1], one / row["file"]) <= 1
+        values = torch.tensor([float(row["sim_decoded"])] + [float(r["sim_decoded"]) for r in mine])
+        assert abs(float(row["sim_decoded_mean"]) - values.mean().item()) < 1e-5
+        assert abs(float(row["sim_decoded_std"]) - values.std().item()) < 1e-5
+    baselines = read_rows(three, "baselines.csv")
+    assert sorted((r["image"], r["component"], r["seed"]) for r in baselines) == sorted(
+        (image, name, str(seed)) for image in ("astronaut", "chelsea") for name in ("uncond", "mean")
+        for seed in range(3))
+    for r in baselines:
+        assert r["file"] == f"images/_baselines/steering/seed{r['seed']}/{r['component']}.png"
+        assert (three / r["file"]).is_file() and -1 <= float(r["sim_decoded"]) <= 1
+    for image in ("astronaut", "chelsea"):
+        assert (three / "grids" / f"{image}_steering_seeds.png").is_file()
+    assert not (one / "seeds.csv").exists() and read_rows(one)[0]["sim_decoded_mean"] == ""
