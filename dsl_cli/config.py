@@ -78,6 +78,9 @@ class LensConfig:
     top_labels: int = 5  # logit lens: labels kept per component
     templates: str = "openai"  # logit lens: openai (80 prompts per class) | simple (7)
     target: Optional[str] = None  # attribution lens: a text to attribute the similarity to (null: the input)
+    text: bool = True  # every lens: top ImageNet labels (column labels) and text-span descriptions (description)
+    text_pool: Optional[str] = None  # texts the descriptions pick from: null = ImageNet classes, or a file of phrases
+    span_texts: int = 3  # texts in each text-span description
 
 
 @dataclass

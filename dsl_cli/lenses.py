@@ -292,6 +292,67 @@ def top_labels(embeds: torch.Tensor, classifier: torch.Tensor, k: int) -> tuple[
     return sims.topk(k, dim=-1)
 
 
+# ---------------------------------------------------------------- text for every component
+
+
+def text_span(outputs: torch.Tensor, pool: torch.Tensor, k: int) -> list[int]:
+    """The text-span description (TextSpan, Gandelsman et al.): greedily the pool text whose direction
+    explains most of the outputs' energy, then that direction projected out of the outputs and of every
+    text, k times. outputs [N, E] (a component's embeddings over the images), pool [M, E] -> k indices."""
+    left = outputs.float().clone()
+    texts = torch.nn.functional.normalize(pool.float(), dim=-1)
+    picked: list[int] = []
+    for _ in range(min(k, len(texts))):
+        energy = (left @ texts.T).pow(2).sum(0)  # [M]
+        energy[picked] = -1.0
+        j = int(energy.argmax())
+        picked.append(j)
+        direction = torch.nn.functional.normalize(texts[j], dim=0)
+        left = left - (left @ direction)[:, None] * direction
+        texts = texts - (texts @ direction)[:, None] * direction
+    return picked
+
+
+def read_text_pool(path: str) -> list[str]:
+    """A user's text pool: one phrase a line (blank lines and lines starting with # skipped)."""
+    try:
+        lines = Path(path).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"lens.text_pool={path}: not a readable text file ({err})") from err
+    phrases = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not phrases:
+        raise UserError(f"lens.text_pool={path}: holds no phrase (one a line)")
+    return phrases
+
+
+def text_pool(lens_cfg, encoder_cfg, classifier: torch.Tensor, names: list[str], device,
+              dtype) -> tuple[torch.Tensor, list[str]]:
+    """The texts described with: the ImageNet classes (`classifier` [E, 1000] transposed) or the phrases
+    of `lens.text_pool`, through the encoder's matching text tower: ([M, E] unit-norm, the texts)."""
+    if lens_cfg.get("text_pool") is None:
+        return classifier.float().T, names
+    phrases = read_text_pool(lens_cfg.text_pool)
+    return encode_texts(encoder_cfg, phrases, device, dtype), phrases
+
+
+def describe(scored: "ScoredImages", lens_cfg) -> tuple[list[list[str]], list[str]]:
+    """Text for every component: ([image][component] its top `lens.top_labels` ImageNet labels with their
+    cosines, `tabby cat 0.231; tiger cat 0.220`), and [component] the text-span description of each head
+    and MLP over the run's images (`lens.span_texts` texts from the pool, `; `-joined; empty for the stream)."""
+    encoder = scored.encoder
+    classifier, names = imagenet_classifier(scored.encoder_cfg, lens_cfg.templates, encoder.device, encoder.dtype)
+    labels = []
+    for _, embeds in scored.embeds:
+        values, indices = top_labels(embeds, classifier, lens_cfg.top_labels)
+        labels.append(["; ".join(f"{names[j]} {v:.3f}" for v, j in zip(vs, js))
+                       for vs, js in zip(values.tolist(), indices.tolist())])
+    pool, texts = text_pool(lens_cfg, scored.encoder_cfg, classifier, names, encoder.device, encoder.dtype)
+    outputs = torch.stack([embeds for _, embeds in scored.embeds], 1).to(pool.device)  # [K, N, E]
+    descriptions = ["; ".join(texts[j] for j in text_span(outputs[k], pool, lens_cfg.span_texts))
+                    if c.kind in ("head", "mlp") else "" for k, c in enumerate(scored.components)]
+    return labels, descriptions
+
+
 # ---------------------------------------------------------------- lenses as objects
 
 

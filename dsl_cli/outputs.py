@@ -50,7 +50,7 @@ COLUMNS = [
     "image", "lens", "component", "kind", "layer", "head", "mode", "alpha", "seed", "steps", "guidance",
     "sim_embed", "sim_decoded", "norm", "rank", "file",
     # added later, at the end, so a run folder of an earlier version still reads (`read_csv`)
-    "attribution", "top_patches", "sim_decoded_mean", "sim_decoded_std",
+    "attribution", "top_patches", "sim_decoded_mean", "sim_decoded_std", "labels", "description",
 ]
 LABEL_COLUMNS = ["image", "lens", "component", "layer", "head", "rank", "label", "score"]
 # where each head looks: the CLS token's share of its CLS write and each patch's (`;`-joined, row by row)
@@ -63,7 +63,7 @@ SEED_GRID_ROWS = 8  # components in a seeds grid
 SEED_NOTE = ("decoded = sim_decoded of that seed's picture; uncond: the decoder's unconditional embedding; "
              "mean: the mean embedding of the run's images (what the decoder makes without the component)")
 LOOK_COLUMNS = 4  # heads per row of a `looks` figure (each: where it looks, its picture)
-CAPTION_LINES = 3  # a grid caption: component and rank, embed, decoded
+CAPTION_LINES = 4  # a grid caption: component and rank, embed, decoded, top label
 NO_SCALE = "#e8e8e8"  # the grey of a heatmap block that holds a single value
 HEATMAP_CELL = 0.5  # inches: a heatmap cell's width, room for a value such as -0.123
 SIMILARITIES = {
@@ -71,7 +71,8 @@ SIMILARITIES = {
     "sim_decoded": "cos(embedding of the decoded picture, input embedding)",
 }
 CAPTION_NOTE = (f"#rank; embed = sim_embed = {SIMILARITIES['sim_embed']}; "
-                f"decoded = sim_decoded = {SIMILARITIES['sim_decoded']}")
+                f"decoded = sim_decoded = {SIMILARITIES['sim_decoded']}; last line: the top ImageNet label "
+                "of the lens embedding")
 
 
 # ---------------------------------------------------------------- atomic files
@@ -589,6 +590,8 @@ def _caption(row: dict) -> str:
     text = f"{row['component']}  #{row['rank']}\nembed {float(row['sim_embed']):.3f}"
     if row.get("sim_decoded"):
         text += f"\ndecoded {float(row['sim_decoded']):.3f}"
+    if row.get("labels"):  # the top zero-shot label, without its cosine
+        text += "\n" + row["labels"].split("; ")[0].rsplit(" ", 1)[0]
     return text
 
 

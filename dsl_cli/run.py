@@ -33,8 +33,8 @@ from dsl_cli.devices import dtype_name, on_device, resolve_device, resolve_dtype
 from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import (MODES, TEMPLATES, Lens, ScoredImages, check_finite, get_lens, n_labels, rank, score,
-                            where_heads_look)
+from dsl_cli.lenses import (MODES, TEMPLATES, Lens, ScoredImages, check_finite, describe, get_lens, n_labels, rank,
+                            score, where_heads_look)
 from dsl_cli.outputs import (COLUMNS, PATCH_COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
                              is_sweep_folder, read_csv, read_manifest,
                              redraw, save_png)
@@ -91,6 +91,10 @@ def _validate_lens(cfg: DictConfig) -> None:
                         "none: use lens.rank_by=sim_embed, or decode")
     if lens.templates not in TEMPLATES:
         raise UserError(f"lens.templates={lens.templates!r}: use {' or '.join(TEMPLATES)}")
+    if lens.span_texts < 1:
+        raise UserError(f"lens.span_texts={lens.span_texts}: must be at least 1")
+    if lens.text_pool is not None and not Path(lens.text_pool).expanduser().is_file():
+        raise UserError(f"lens.text_pool={lens.text_pool}: no such file (give a text file, one phrase a line)")
     if lens.top_labels > n_labels():
         raise UserError(f"lens.top_labels={lens.top_labels}: there are only {n_labels()} ImageNet labels")
 
@@ -466,8 +470,13 @@ def _lens_stage(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_s
     manifest.update(images=[s.name for s in scored], skipped=image_set.skipped)
     if any(s.patches for s in scored):  # rewritten whole: a resumed run scores every image again
         CsvLog(folder.path / "patches.csv", PATCH_COLUMNS).rewrite([r for s in scored for r in s.patches])
-    manifest.update(**lens.after_scoring(_scored_images(cfg, encoder, preprocess, image_set, components, scored,
-                                                        folder)))
+    images = _scored_images(cfg, encoder, preprocess, image_set, components, scored, folder)
+    if cfg.lens.text:
+        labels, descriptions = describe(images, cfg.lens)
+        for result, image_labels in zip(scored, labels):
+            for row, text, description in zip(result.rows, image_labels, descriptions):
+                row.update(labels=text, description=description)
+    manifest.update(**lens.after_scoring(images))
     return scored
 
 

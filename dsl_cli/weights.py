@@ -1,7 +1,8 @@
 """Weights preflight: every weight a run needs, looked up at once before any model loads.
 
 A run may need three sets of weights: the image encoder, the Kandinsky 2.2 decoder (when it decodes) and
-the CLIP text tower (for the logit lens, unless its ImageNet classifier is already on disk). Each is a
+the CLIP text tower (for every component's labels and the logit lens, unless its ImageNet classifier is
+already on disk; for a text pool or an attribution target). Each is a
 local path or files of a Hugging Face repository, looked up in the cache with huggingface_hub. Missing ones
 are fetched with the libraries' own download functions when downloads are allowed; whatever is still
 missing, or cannot be fetched offline (`HF_HUB_OFFLINE=1`), is reported in one message, with the `hf
@@ -140,25 +141,28 @@ def _decoder_needs(dec: Any) -> Needs:
 
 
 def _text_needs(cfg: Any) -> Needs:
-    """The logit lens's text tower, unless the ImageNet classifier built from it is already on disk."""
+    """The text tower: for the logit lens and every lens's labels (`lens.text`) unless the ImageNet
+    classifier built from it is already on disk; always for a text pool or an attribution target."""
     from dsl_cli.encoder import text_model_id
     from dsl_cli.lenses import classifier_file
 
     saved = classifier_file(cfg.encoder, cfg.lens.templates)
-    if saved is not None and saved.is_file():
+    encodes = cfg.lens.get("target") is not None or (cfg.lens.text and cfg.lens.text_pool is not None)
+    if saved is not None and saved.is_file() and not encodes:
         return [], []
     name, tag = text_model_id(cfg.encoder)
     if name == "tiny":
         return [], []
-    return _open_clip_needs("text tower (logit lens)", name, tag, "encoder.text_pretrained")
+    return _open_clip_needs("text tower (labels, logit lens)", name, tag, "encoder.text_pretrained")
 
 
 def needed(cfg: Any) -> Needs:
-    """Every weight a run with config `cfg` loads: encoder, decoder (if it decodes), text tower (logit lens)."""
+    """Every weight a run with config `cfg` loads: encoder, decoder (if it decodes), text tower (labels,
+    logit lens, attribution target)."""
     parts = [_encoder_needs(cfg.encoder)]
     if cfg.study.name is None and cfg.decode.enabled:
         parts.append(_decoder_needs(cfg.decoder))
-    if cfg.study.name is None and cfg.lens.name == "logit":
+    if cfg.study.name is None and (cfg.lens.name == "logit" or cfg.lens.text or cfg.lens.get("target") is not None):
         parts.append(_text_needs(cfg))
     unique = {(w.repo, w.needs): w for part in reversed(parts) for w in part[0]}  # bigg14's text tower is its encoder
     hub = list(reversed(unique.values()))

@@ -15,7 +15,8 @@ from dsl_cli.components import Component
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual
 from dsl_cli.encoder import openclip_api
 from dsl_cli.encoder.reading import direct_attribution, head_sources, source_shares
-from dsl_cli.lenses import AttributionLens, Looks
+from dsl_cli.lenses import (AttributionLens, Looks, ScoredImages, describe, encode_texts, imagenet_classifier,
+                             text_span)
 
 
 def jittered(visual: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
@@ -161,3 +162,42 @@ def test_top_patches_are_named_by_row_and_column_best_first() -> None:
     (row,) = looks.rows(0, "cat", "direct", [Component("mlp", 0), Component("head", 0, 1)])
     assert row["component"] == "L00H01" and row["grid"] == 3 and row["cls_share"] == 5.0
     assert [float(v) for v in row["shares"].split(";")] == pytest.approx(shares[0, 0, 1:].tolist(), abs=1e-5)
+
+
+def test_text_span_picks_the_text_of_a_heads_exact_direction_first(tiny) -> None:
+    """Hand-made: a pool of random texts holding, at index 7, the exact direction of a head's write (its
+    attribution lens embedding); then, for a write 0.8 t1 + 0.6 t2 with t1 and t2 orthogonal among random
+    texts, t1 first and t2 second (what is left once t1 is projected out), not a text nearly along t1."""
+    cache = tiny.run_with_cache(pixels(64, n=1))
+    write = direct_attribution(tiny, cache).heads[:, 2, 1]  # [1, E]
+    generator = torch.Generator().manual_seed(11)
+    pool = torch.randn(20, tiny.d_embed, generator=generator)
+    pool[7] = 3.0 * write[0]  # any length: the direction counts
+    assert text_span(write, pool, 3)[0] == 7
+    basis, _ = torch.linalg.qr(torch.randn(tiny.d_embed, 4, generator=generator))
+    t1, t2 = basis[:, 0], basis[:, 1]
+    pool = torch.randn(20, tiny.d_embed, generator=generator) * 0.1
+    pool[3], pool[12] = t2, t1
+    pool[5] = t1 + 0.05 * basis[:, 2]  # nearly t1: second without the projection, nothing left with it
+    assert text_span((0.8 * t1 + 0.6 * t2)[None], pool, 2) == [12, 3]
+
+
+def test_descriptions_pick_from_a_users_phrases_and_labels_name_the_best_classes(tiny, tmp_path) -> None:
+    """A user's pool through the tiny text tower: a component whose embeddings are a phrase's own text
+    embedding is described by that phrase first; labels are the best cosines with the ImageNet classifier."""
+    encoder_cfg = OmegaConf.create({"source": "tiny"})
+    phrases = ["a red bus", "a sleeping cat", "a bowl of soup", "a snowy mountain"]
+    (tmp_path / "pool.txt").write_text("# my phrases\n" + "\n".join(phrases) + "\n\n")
+    texts = encode_texts(encoder_cfg, phrases, "cpu", torch.float32)
+    components = [Component("head", 0, 0), Component("resid", 1)]
+    embeds = [("a", torch.stack([texts[2], texts[0]])), ("b", torch.stack([2 * texts[2], texts[1]]))]
+    scored = ScoredImages(tiny, encoder_cfg, components, embeds, None, tmp_path)
+    lens_cfg = OmegaConf.create({"templates": "simple", "top_labels": 2, "span_texts": 2,
+                                 "text_pool": str(tmp_path / "pool.txt")})
+    labels, descriptions = describe(scored, lens_cfg)
+    assert descriptions[0].split("; ")[0] == "a bowl of soup" and len(descriptions[0].split("; ")) == 2
+    assert descriptions[1] == ""  # the residual stream is not described
+    classifier, names = imagenet_classifier(encoder_cfg, "simple", "cpu", torch.float32)
+    sims = torch.nn.functional.normalize(embeds[1][1][1], dim=0) @ classifier
+    best = sims.argsort(descending=True)[:2].tolist()
+    assert labels[1][1] == f"{names[best[0]]} {sims[best[0]]:.3f}; {names[best[1]]} {sims[best[1]]:.3f}"

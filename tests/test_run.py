@@ -143,6 +143,23 @@ def test_where_each_head_looks(runs: dict[str, Path], lens: str) -> None:
         assert row["top_patches"] == ";".join(f"r{p // 4}c{p % 4}" for p in best)
 
 
+@pytest.mark.parametrize("lens", list(LENS_RUNS))
+def test_every_component_has_labels_and_every_submodule_a_description(runs: dict[str, Path], lens: str) -> None:
+    import open_clip
+
+    for row in read_rows(runs[lens]):
+        labels = [text.rsplit(" ", 1) for text in row["labels"].split("; ")]
+        assert len(labels) == 5 and all(name in open_clip.IMAGENET_CLASSNAMES for name, _ in labels)
+        cosines = [float(value) for _, value in labels]
+        assert cosines == sorted(cosines, reverse=True)
+        described = row["description"].split("; ") if row["description"] else []
+        assert len(described) == (3 if row["kind"] in ("head", "mlp") else 0)
+    if lens == "logit":  # the logit lens's own labels.csv names the same best class
+        best = {(r["image"], r["component"]): r["label"] for r in read_rows(runs[lens], "labels.csv") if r["rank"] == "1"}
+        assert all(row["labels"].split("; ")[0].rsplit(" ", 1)[0] == best[(row["image"], row["component"])]
+                   for row in read_rows(runs[lens]))
+
+
 def test_verify_checks_the_closed_form_against_the_hooked_pass(runs: dict[str, Path]) -> None:
     manifest = json.loads((runs["steering"] / "manifest.json").read_text())
     assert manifest["verify_ok"] is True and 0 <= manifest["verify_max_abs_diff"] < 1e-4
