@@ -21,12 +21,13 @@ from tqdm.auto import tqdm
 
 from dsl_cli import __version__
 from dsl_cli.components import Component
-from dsl_cli.decoder import check_request, load_decoder, to_pil
+from dsl_cli.decoder import KandinskyDecoder, check_request, decoder_bytes, load_decoder, to_pil
 from dsl_cli.devices import resolve_device, resolve_dtype
 from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import MODES, imagenet_classifier, lens_embeddings, rank, score, select_components, top_labels
+from dsl_cli.memory import decode_need, park_if_short, visiting
 from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows,
                              refuse_existing_run, read_csv,
                              redraw, save_png)
@@ -142,12 +143,14 @@ def verify_steering(cfg, encoder, preprocess, image_set: ImageSet, components: l
     return worst
 
 
-def write_labels(cfg, encoder, run_dir: Path, scored: list[Scored], components: list[Component]) -> None:
-    """Logit lens: the top ImageNet labels of every component's embedding, into labels.csv."""
-    classifier, names = imagenet_classifier(cfg.encoder, cfg.lens.templates, encoder.device, encoder.dtype)
+def write_labels(cfg, classifier: tuple[torch.Tensor, list[str]], run_dir: Path, scored: list[Scored],
+                 components: list[Component]) -> None:
+    """Logit lens: the top ImageNet labels of every component's embedding, into labels.csv. classifier:
+    (class embeddings [d_embed, 1000], class names) from `imagenet_classifier`."""
+    weights, names = classifier
     rows = []
     for result in scored:
-        values, indices = top_labels(result.embeds, classifier, cfg.lens.top_labels)
+        values, indices = top_labels(result.embeds, weights, cfg.lens.top_labels)
         for k, comp in enumerate(components):
             for r in range(values.shape[-1]):
                 rows.append({"image": result.name, "lens": cfg.lens.name, "component": comp.label,
@@ -187,8 +190,9 @@ def decode_and_write(cfg, encoder, preprocess, decoder, run_dir: Path, scored: l
             save_png(run_dir / row["file"], picture)
             rows.append(row)
         # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
-        pixels = torch.stack([preprocess(p) for p in saved]).to(encoder.device, encoder.dtype)
-        again = encoder.embed(pixels).float().cpu()
+        with visiting(encoder, decoder.device, idle=decoder.pipe):  # a parked encoder comes back for it
+            pixels = torch.stack([preprocess(p) for p in saved]).to(encoder.device, encoder.dtype)
+            again = encoder.embed(pixels).float().cpu()
         clean = torch.stack([scored[plan[index][0]].clean for index in indices])
         sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
         for row, sim in zip(rows, sims):
@@ -274,6 +278,25 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
     log.info("study complete: %s", run_dir)
 
 
+def _classifier_stage(cfg, device: torch.device, manifest: Manifest) -> tuple[torch.Tensor, list[str]] | None:
+    """The logit lens's ImageNet classifier, first of all: its text tower is built, used and released
+    before the encoder loads (kept classifiers build none). None for the other lenses and the studies."""
+    if cfg.lens.name != "logit" or cfg.study.name:
+        return None
+    with manifest.stage("classifier"):
+        return imagenet_classifier(cfg.encoder, cfg.lens.templates, device)
+
+
+def decoder_beside(cfg, encoder, device: torch.device) -> KandinskyDecoder:
+    """The decoder on `device`, the encoder first moved to the CPU where the device cannot hold both with
+    room to decode a batch (`dsl_cli.memory.park_if_short`; it comes back for each re-encoding)."""
+    dtype = resolve_dtype(cfg.decode.dtype, device)
+    need = decode_need(decoder_bytes(cfg.decoder.source, dtype), cfg.decode.batch_size, cfg.decode.height,
+                       cfg.decode.width, dtype)
+    park_if_short(encoder, device, need)
+    return load_decoder(cfg.decoder, device=device, dtype=dtype, scheduler=cfg.decode.scheduler)
+
+
 def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: Manifest) -> None:
     previous = read_csv(run_dir / "similarity.csv")
     manifest.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
@@ -283,6 +306,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
     with manifest.stage("images"):
         image_set = load_images(cfg.images)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
+    classifier = _classifier_stage(cfg, device, manifest)
     with manifest.stage("encoder"):
         encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.dtype, device))
     components = select_components(cfg.lens.name, cfg.layer, cfg.head, cfg.component, encoder.n_layers,
@@ -299,7 +323,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
                 log.warning("lens.verify: closed form and hooked reference differ by %.3g (> %g)", worst, tolerance)
             manifest.update(verify_max_abs_diff=worst, verify_ok=worst <= tolerance)
         if cfg.lens.name == "logit":
-            write_labels(cfg, encoder, run_dir, scored, components)
+            write_labels(cfg, classifier, run_dir, scored, components)
     _save_inputs(cfg, run_dir, image_set)
 
     csv_log = CsvLog(run_dir / "similarity.csv", COLUMNS)
@@ -308,8 +332,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
 
     if plan:
         with manifest.stage("decoder"):
-            decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
-                                   scheduler=cfg.decode.scheduler)
+            decoder = decoder_beside(cfg, encoder, device)
             manifest.update(scheduler=type(decoder.pipe.scheduler).__name__)
         with manifest.stage("decode"):
             decode_and_write(cfg, encoder, preprocess, decoder, run_dir, scored, plan, csv_log, manifest)
