@@ -2,6 +2,7 @@
 
     dsl run [hydra overrides and flags...]    run the Hydra app (configs ship inside the package)
     dsl plot RUN_FOLDER                      redraw grids and heatmaps from a finished run's files
+    dsl merge SWEEP_DIR                      merge the jobs of a --multirun sweep (dsl_cli.sweeps)
     dsl --version | --help | run --help | plot --help
 """
 
@@ -12,8 +13,8 @@ import sys
 from pathlib import Path
 
 from dsl_cli import __version__
-from dsl_cli.errors import UserError
-from dsl_cli.outputs import refuse_existing_run
+from dsl_cli.errors import UserError, bug_message, report
+from dsl_cli.outputs import is_sweep_folder
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky 2.2
 
@@ -24,10 +25,17 @@ usage:
                              dsl run --multirun lens=steering layer=0,12,24,36 lens.alpha=1,4
                              dsl run debug=tiny              (tiny random models on the CPU, seconds)
                              dsl run resume=outputs/DATE/TIME  (complete an interrupted run)
+                             dsl run -m launcher=slurm layer='range(0,48)'  (a SLURM job per layer)
+                             dsl run -m launcher=local_gpus layer='range(0,48)'  (a job per GPU here)
+                             dsl run resume=outputs/multirun/DATE/TIME  (complete a sweep's jobs)
                              dsl run --help                  (config groups and their choices)
                              dsl run --cfg job               (print the composed config)
   dsl plot RUN_FOLDER        redraw grids and heatmaps from a run folder (or every run below a
                              folder, e.g. a sweep), without any model
+  dsl merge SWEEP_DIR        merge a --multirun sweep's jobs into SWEEP_DIR/similarity.csv with
+                             each job's overrides as columns, heatmaps over all jobs, and a
+                             manifest naming failed and unfinished jobs (done by itself when a
+                             --multirun ends)
   dsl --version
 """
 
@@ -40,38 +48,8 @@ folder), redraw every run below it.
 
 
 def _fail(message: str) -> int:
-    print(f"dsl: error: {message}", file=sys.stderr)
+    report(message)
     return 2
-
-
-_failed_jobs: list[str] = []  # sweep jobs refused for bad input (the sweep goes on; the exit status says so)
-
-
-def _hydra_app(cfg) -> None:
-    """The Hydra task: one job of `dsl run`. UserError becomes one line and exit status 2; in a sweep the
-    other jobs still run (in this process's launcher) and the status is 2 at the end."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from dsl_cli.logs import route_library_logs
-    from dsl_cli.run import run
-
-    route_library_logs()  # after importing run: the libraries set up their loggers when imported
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    try:
-        run(cfg, run_dir)
-    except UserError as err:
-        if hydra_cfg.verbose:
-            raise
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            sys.exit(_fail(str(err)))
-        _fail(f"job {hydra_cfg.job.num} ({run_dir}): {err}")
-        _failed_jobs.append(str(run_dir))
-    except KeyboardInterrupt:
-        print(f"\ndsl: interrupted; finished pictures are kept: `dsl run resume={run_dir}` completes the run",
-              file=sys.stderr)
-        sys.exit(130)
 
 
 # Hydra flags that take a value; `--info` takes one only when it is one of its choices.
@@ -128,58 +106,49 @@ def _parses(override: str) -> bool:
 
 
 def _resume_overrides(args: list[str]) -> list[str]:
-    """`resume=FOLDER` runs the job inside that folder and keeps its saved Hydra config untouched."""
+    """`resume=FOLDER` runs the job inside that folder and keeps its saved Hydra config untouched;
+    `resume=SWEEP_DIR` relaunches the sweep's jobs into their folders."""
+    from dsl_cli.sweeps import resume_sweep_args
+
     for arg in args:
         if arg.startswith("resume="):
             folder = Path(arg.split("=", 1)[1]).expanduser()
-            if not (folder / ".hydra" / "config.yaml").is_file():
-                raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it)")
             others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
             if others:
                 raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
-            return [f"hydra.run.dir={folder.resolve()}", "hydra.output_subdir=null"]
+            if is_sweep_folder(folder):
+                return resume_sweep_args(folder, args)
+            if not (folder / ".hydra" / "config.yaml").is_file():
+                raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it) nor a sweep "
+                                "folder (no multirun.yaml)")
+            return [f"hydra.run.dir={folder.resolve()}"]
     return []
-
-
-def _check_output_root(args: list[str]) -> None:
-    """Refuse, before Hydra writes its config there, an output folder that cannot be created (Hydra would
-    print a traceback) or a hydra.run.dir that already holds a run (unless resuming it)."""
-    target = Path("outputs")
-    for arg in args:
-        if arg.startswith(("hydra.run.dir=", "hydra.sweep.dir=")):
-            target = Path(arg.split("=", 1)[1]).expanduser()
-        if arg.startswith("hydra.run.dir=") and not any(a.startswith("resume=") for a in args):
-            refuse_existing_run(target)
-    existing = target
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        raise UserError(
-            f"cannot write the output folder {target} ({existing} is not a writable folder); "
-            "choose another with hydra.run.dir=..."
-        )
 
 
 def _run(args: list[str]) -> int:
     import hydra
 
+    from dsl_cli import job
     from dsl_cli.config import register_configs
+    from dsl_cli.outputs import release_all
+    from dsl_cli.sweeps import merged_sweeps
 
     register_configs()
     try:
         extra = _resume_overrides(args)
-        _check_output_root([*args, *extra])
     except UserError as err:
         return _fail(str(err))
-    app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(_hydra_app)
+    app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
     saved_argv = sys.argv
     sys.argv = ["dsl run", *_flags_first([_path_override(arg) for arg in [*args, *extra]])]
-    _failed_jobs.clear()
+    merged_sweeps.clear()
     try:
         app()
     finally:
         sys.argv = saved_argv
-    return 2 if _failed_jobs else 0
+        release_all()
+    status = job.sweep_status()
+    return status or (2 if any(sweep["status"] != "complete" for sweep in merged_sweeps) else 0)
 
 
 def _plot(args: list[str]) -> int:
@@ -188,14 +157,34 @@ def _plot(args: list[str]) -> int:
         return 0
     if len(args) != 1 or args[0].startswith("-"):
         return _fail("usage: dsl plot RUN_FOLDER (a run, or a folder of runs such as a --multirun sweep)")
-    from dsl_cli.outputs import redraw_folder
+    from dsl_cli.outputs import redraw_folder, release_all
+    from dsl_cli.sweeps import redraw_sweeps
 
     try:
-        drawn = redraw_folder(Path(args[0]))
+        drawn = redraw_folder(Path(args[0])) | redraw_sweeps(Path(args[0]))
     except UserError as err:
         return _fail(str(err))
+    except Exception as err:  # noqa: BLE001 - a bug: one line, status 1
+        report(bug_message(err))
+        return 1
+    finally:
+        release_all()
     for folder, count in drawn.items():
         print(f"redrew {count} figures in {folder}")
+    return 0
+
+
+def _merge(args: list[str]) -> int:
+    if len(args) != 1 or args[0].startswith("-"):
+        return _fail("usage: dsl merge SWEEP_DIR (the hydra.sweep.dir of a --multirun)")
+    from dsl_cli.sweeps import merge_sweep, summary_lines
+
+    folder = Path(args[0])
+    try:
+        manifest = merge_sweep(folder)
+    except UserError as err:
+        return _fail(str(err))
+    print("\n".join(summary_lines(folder, manifest)))
     return 0
 
 
@@ -211,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args[1:])
     if args[0] == "plot":
         return _plot(args[1:])
-    return _fail(f"unknown command {args[0]!r}: use `dsl run ...` or `dsl plot RUN_FOLDER` (see dsl --help)")
+    if args[0] == "merge":
+        return _merge(args[1:])
+    return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER` or `dsl merge SWEEP_DIR` "
+                 "(see dsl --help)")
 
 
 if __name__ == "__main__":

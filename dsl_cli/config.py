@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -83,6 +84,8 @@ class ImagesConfig:
     names: Optional[list[str]] = None  # samples: which ones (default: all)
     limit: Optional[int] = None  # use at most this many images
     skip_bad: bool = False  # go on without unreadable images (listed in the manifest) instead of stopping
+    shard: Optional[int] = None  # with num_shards: this job's share of the images (0 .. num_shards-1)
+    num_shards: int = 1  # split the images into this many disjoint shards (one per job of a sweep)
 
 
 @dataclass
@@ -117,6 +120,14 @@ class RunConfig:
     clamp_to_model: bool = False  # layers/heads beyond the model: nearest one with a warning, not an error
 
 
+def gpu_count(at_least: int = 0) -> int:
+    """`${dsl_gpus:}` in a config: the GPUs this process sees (`${dsl_gpus:1}`: at least 1)."""
+    import torch  # here, not at the top: `dsl --help` imports no model library
+
+    return max(int(at_least), torch.cuda.device_count())
+
+
 def register_configs() -> None:
-    """Make the schema available to Hydra as the `run_schema` config."""
+    """Make the schema available to Hydra as the `run_schema` config, and `${dsl_gpus:}` to every config."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    OmegaConf.register_new_resolver("dsl_gpus", gpu_count, replace=True)

@@ -3,8 +3,9 @@
 The diffusers `KandinskyV22Pipeline` is used as it is; this module only chooses what goes into it. Every
 item gets its own `torch.Generator`, and diffusers' `randn_tensor` draws a list of generators item by item,
 both for the initial latents and for the noise DDPM (and DDIM with eta > 0, SDE-DPM) adds at each step. So
-a picture depends on its embedding, its seed and the device, never on the batch it was decoded in (up to
-float round-off of batched kernels, ~1e-4 in float32).
+a picture depends on its embedding, its seed and the device, not on the batch it was decoded in, up to the
+float round-off of batched kernels (~1e-4 in float32; after rounding to 8 bits, at most one grey level in
+0.03% of the values, measured on the CPU with the tiny models).
 """
 
 from __future__ import annotations
@@ -318,6 +319,16 @@ class KandinskyDecoder:
             guidance_scale=guidance,
             output_type="np",
         ).images
+
+
+def check_finite_pictures(pictures: np.ndarray, labels: list[str], decode_cfg) -> None:
+    """Stop at a decoded picture [H, W, 3] holding NaN or inf (it would be saved black), naming it and the
+    settings that make it: `labels` one per picture, `decode_cfg` the run's `decode` config."""
+    bad = ~np.isfinite(pictures.reshape(len(pictures), -1)).all(axis=1)
+    if bad.any():
+        fix = "lower decode.guidance" + (" or use decode.dtype=fp32" if decode_cfg.dtype != "fp32" else "")
+        raise UserError(f"{labels[int(np.argmax(bad))]}: the decoded picture is not finite (NaN or inf) with "
+                        f"decode.guidance={decode_cfg.guidance}, decode.dtype={decode_cfg.dtype}; {fix}")
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

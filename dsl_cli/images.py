@@ -1,19 +1,27 @@
-"""Image sets: the first stage. Turns `images.*` config into a list of upright RGB PIL images with names.
+"""Image sets: the first stage. Turns `images.*` config into named inputs whose pixels are read on demand.
 
 `samples` are natural photos that ship inside scikit-image (CC0 / public domain), so runs work offline;
-`folder` takes a folder, a glob or one file. Odd formats (grayscale, palette, RGBA, CMYK, 16-bit) are
-converted; EXIF-rotated JPEGs are turned upright; unreadable files are refused with one clear line, or
-skipped and listed when `images.skip_bad=true`.
+`folder` takes a folder, a glob or one file. Every file is checked from its header when the set is listed
+(format, pixel count, aspect ratio: a decompression bomb is refused before it is decoded); its pixels are
+read only when a batch needs them (`InputImage.load`) and released after, so memory does not grow with the
+number of images. Odd formats (grayscale, palette, RGBA, CMYK, 16-bit) are converted; EXIF-rotated JPEGs
+are turned upright; unreadable files are refused with one clear line, or skipped and listed when
+`images.skip_bad=true`.
+`images.shard=i images.num_shards=n` keeps every n-th image from the i-th on (names are given over the whole
+set first), so the n jobs of a sweep split it without overlap or gap.
 """
 
 from __future__ import annotations
 
-import glob
+import hashlib
 import re
 import warnings
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -29,19 +37,42 @@ SAMPLES = {
     "motorcycle": "motorcycle_left.png",
 }
 SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".jfif"}
+# Longest side at most this many times the shortest: the encoder resizes the shortest side to its input
+# size, so a 30000 x 1 strip would become a 6.7 M x 224 image (1.5 G pixels) before it is cropped.
+MAX_ASPECT = 20
 
 
 @dataclass
 class InputImage:
-    name: str  # file-system-safe, unique within the set
-    image: Image.Image  # RGB, upright
+    """One input: its name in the run folder and where its pixels come from."""
+
+    name: str  # file-system-safe, unique within the set (also ignoring case)
+    image: Optional[Image.Image]  # pixels given in memory (RGB, upright), or None: read from `source`
     source: str  # where it came from
+
+    def load(self) -> Image.Image:
+        """The picture as upright RGB: the one given, or read from `source` now (not kept)."""
+        return self.image if self.image is not None else read_image(Path(self.source))
 
 
 @dataclass
 class ImageSet:
     images: list[InputImage]
     skipped: list[dict] = field(default_factory=list)  # [{"path": ..., "reason": ...}]
+    skip_bad: bool = False  # go on without an image that fails to load, listing it in `skipped`
+
+    def stream(self, items: list[InputImage]) -> Iterator[tuple[InputImage, Image.Image]]:
+        """Each item with its picture, read one at a time; one that fails to read is skipped and listed
+        (`skip_bad`) or stops the run."""
+        for item in items:
+            try:
+                picture = item.load()
+            except UserError as err:
+                if not self.skip_bad:
+                    raise
+                self.skipped.append({"path": item.source, "reason": str(err)})
+                continue
+            yield item, picture
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -61,14 +92,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def read_image(path: Path) -> Image.Image:
-    """Open, fully decode and convert one file; any failure becomes UserError naming the file."""
+@contextmanager
+def _opened(path: Path) -> Iterator[Image.Image]:
+    """Image.open with the guards (pixel count, aspect ratio) applied to the header, before any decoding;
+    any failure, here or in the caller's block, becomes UserError naming the file."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
-                opened.load()
-                return to_rgb(opened)
+                width, height = opened.size
+                if max(width, height) > MAX_ASPECT * max(1, min(width, height)):
+                    raise UserError(f"{path}: {width} x {height} pixels, longer than {MAX_ASPECT}:1; crop it, "
+                                    "or set images.skip_bad=true to go on without it")
+                yield opened
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise UserError(
             f"{path}: image too large ({err}); downscale it or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
@@ -77,28 +113,91 @@ def read_image(path: Path) -> Image.Image:
         raise UserError(f"{path}: not a readable image ({err}); remove it or set images.skip_bad=true") from None
 
 
+def check_image(path: Path) -> None:
+    """Refuse a file that is not an image or whose size is absurd, from its header (a PNG's chunks are
+    checked too, which finds most truncated files), without decoding its pixels."""
+    with _opened(path) as opened:
+        if opened.format == "PNG":
+            opened.verify()
+
+
+def read_image(path: Path) -> Image.Image:
+    """Open, fully decode and convert one file; any failure becomes UserError naming the file."""
+    with _opened(path) as opened:
+        opened.load()
+        return to_rgb(opened)
+
+
 def _safe_name(stem: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "image"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-") or "image"
 
 
-def _folder_files(spec: str) -> list[Path]:
-    """Files named by a folder, a glob or a single path, sorted."""
-    path = Path(spec).expanduser()
-    if any(ch in spec for ch in "*?["):
-        files = [Path(p) for p in glob.glob(str(path), recursive=True)]
-        if not files:
-            raise UserError(f"images.path={spec}: the pattern matches no file")
-        return sorted(p for p in files if p.is_file())
-    if not path.exists():
-        raise UserError(f"images.path={spec}: no such file or folder")
-    if path.is_file():
-        return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+def unique_names(files: list[Path], root: Path) -> list[str]:
+    """A name per file, usable as a folder name and distinct from the others (also ignoring case).
+
+    A file is named by its stem when the stem is already safe and no other file has the same stem; else by
+    the cleaned stem and a hash of its path below `root` (`a b.png` -> `a_b-3f2a9c1e`). So names do not
+    depend on the order of the files, and a file keeps its name when others are added or removed.
+    """
+    counts = Counter(p.stem.casefold() for p in files)
+    names = []
+    for path in files:
+        safe = _safe_name(path.stem)
+        if safe == path.stem and counts[safe.casefold()] == 1:
+            names.append(safe)
+        else:
+            names.append(f"{safe}-{hashlib.sha256(_relative(path, root).encode()).hexdigest()[:8]}")
+    taken = Counter(name.casefold() for name in names)
+    for i, path in enumerate(files):  # a hashed name equal to another file's stem: lengthen the hash
+        if taken[names[i].casefold()] > 1 and names[i] != path.stem:
+            names[i] = f"{_safe_name(path.stem)}-{hashlib.sha256(_relative(path, root).encode()).hexdigest()}"
+    return names
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def _visible(path: Path, root: Path) -> bool:
+    """Not hidden (no part of its path below `root` starts with a dot), as a shell's `*` sees files."""
+    return not any(part.startswith(".") for part in Path(_relative(path, root)).parts)
+
+
+def _glob(spec: str) -> tuple[list[Path], Path]:
+    """Files matching a glob, and the folder the pattern starts from. pathlib's `**` does not follow links
+    to folders, so two links to `.` cannot make the listing endless."""
+    parts = Path(spec).expanduser().parts
+    first = next(i for i, part in enumerate(parts) if any(ch in part for ch in "*?["))
+    root = Path(*parts[:first]) if first else Path(".")
+    pattern = "/".join(parts[first:])
+    files = sorted(p for p in root.glob(pattern) if p.is_file() and _visible(p, root))
     if not files:
-        raise UserError(
-            f"images.path={spec}: no images in this folder (looked for {', '.join(sorted(SUFFIXES))})"
-        )
-    return files
+        raise UserError(f"images.path={spec}: the pattern matches no file")
+    return files, root
+
+
+def _folder_files(spec: str) -> tuple[list[Path], Path]:
+    """Files named by a folder, a glob or a single path, sorted, and the folder their names are taken
+    below. A path that exists is taken as it is, even if its name holds `[`, `?` or `*`."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        if any(ch in spec for ch in "*?["):
+            return _glob(spec)
+        raise UserError(f"images.path={spec}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES
+                       and _visible(p, path))
+        if not files:
+            raise UserError(
+                f"images.path={spec}: no images in this folder (looked for {', '.join(sorted(SUFFIXES))})"
+            )
+        return files, path
+    if not path.is_file():
+        raise UserError(f"images.path={spec}: not a regular file or a folder (a pipe or a device?)")
+    return [path], path.parent
 
 
 def _sample_files(names: list[str] | None) -> list[tuple[str, Path]]:
@@ -110,9 +209,29 @@ def _sample_files(names: list[str] | None) -> list[tuple[str, Path]]:
     return [(name, Path(str(root / SAMPLES[name]))) for name in chosen]
 
 
+def shard(items: list, index: int | None, count: int) -> list:
+    """The `index`-th of `count` disjoint shards that together hold every item once: every `count`-th item
+    from the `index`-th on. The same list always gives the same shards (a requeued job sees its own)."""
+    if count < 1:
+        raise UserError(f"images.num_shards={count}: must be at least 1")
+    if index is None:
+        if count > 1:
+            raise UserError(f"images.num_shards={count} needs images.shard (0 to {count - 1}), e.g. "
+                            f"--multirun images.shard=range(0,{count})")
+        return list(items)
+    if not 0 <= index < count:
+        raise UserError(f"images.shard={index}: must be between 0 and images.num_shards-1={count - 1}")
+    picked = items[index::count]
+    if not picked:
+        raise UserError(f"images.shard={index} of images.num_shards={count} holds no image (the set has "
+                        f"{len(items)}): use at most {len(items)} shards")
+    return picked
+
+
 def load_images(cfg) -> ImageSet:
-    """All images of the configured set (`cfg` has the ImagesConfig fields), in a stable order. A path
-    given is used: `images.path=X` alone means the folder source (`images=folder`)."""
+    """The configured set (`cfg` has the ImagesConfig fields), or its shard, in a stable order, each file
+    checked from its header; pixels are read later, batch by batch (`ImageSet.stream`). A path given is
+    used: `images.path=X` alone means the folder source (`images=folder`)."""
     if cfg.source == "samples" and cfg.path and cfg.names:
         raise UserError("images.names picks sample photos and images.path a folder of your own: give one of them")
     if cfg.source == "samples" and not cfg.path:
@@ -120,27 +239,26 @@ def load_images(cfg) -> ImageSet:
     elif cfg.source in ("folder", "samples"):
         if not cfg.path:
             raise UserError("images=folder needs images.path=/a/folder, a glob or a file")
-        named = [(_safe_name(p.stem), p) for p in _folder_files(str(cfg.path))]
+        files, root = _folder_files(str(cfg.path))
+        named = list(zip(unique_names(files, root), files))
     else:
         raise UserError(f"images.source={cfg.source!r}: use samples or folder")
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise UserError(f"images.limit={cfg.limit}: must be at least 1")
         named = named[: cfg.limit]
+    named = shard(named, cfg.shard, cfg.num_shards)
 
-    result = ImageSet(images=[])
-    seen: dict[str, int] = {}
+    result = ImageSet(images=[], skip_bad=cfg.skip_bad)
     for name, path in named:
         try:
-            image = read_image(path)
+            check_image(path)
         except UserError as err:
             if not cfg.skip_bad:
                 raise
             result.skipped.append({"path": str(path), "reason": str(err)})
             continue
-        seen[name] = seen.get(name, 0) + 1
-        unique = name if seen[name] == 1 else f"{name}_{seen[name]}"
-        result.images.append(InputImage(unique, image, str(path)))
+        result.images.append(InputImage(name, None, str(path)))
     if not result.images:
         raise UserError(f"no readable image among {len(named)} file(s); skipped: {result.skipped[:3]}")
     return result

@@ -34,6 +34,7 @@ LENSES = ("diffusion", "direct", "steering", "logit")
 # Prompts per text-tower batch of the ImageNet classifier (3 classes x 80 OpenAI templates): at bigG in float32
 # a batch's activations stay well under a gigabyte, and the batch is still large enough to keep a GPU busy.
 PROMPTS_PER_BATCH = 256
+TEMPLATES = ("openai", "simple")  # prompt sets of the logit lens's classifier (open_clip's)
 
 
 def _as_list(value) -> list:
@@ -88,12 +89,15 @@ def parse_heads(spec, n_heads: int, clamp: bool = False) -> list[int]:
         return list(range(n_heads))
     heads: list[int] = []
     for item in _as_list(spec):
-        try:
-            number = int(item)
-        except (TypeError, ValueError):
-            raise UserError(f"head={item!r}: use all, an int or a list of ints") from None
+        # an int or its digits; never a float (1.5) or a bool (true), which int() would quietly take
+        whole = isinstance(item, int) and not isinstance(item, bool)
+        if not whole and not (isinstance(item, str) and re.fullmatch(r"\s*-?\d+\s*", item)):
+            raise UserError(f"head={item!r}: use all, an int or a list of ints")
+        number = int(item)
         heads.append(_inside(number, n_heads, clamp,
                              f"head={number} is outside this model: heads run from 0 to {n_heads - 1}"))
+    if not heads:
+        raise UserError(f"head={spec!r} names no head: use all, an int or a list of ints")
     return sorted(set(heads))
 
 
@@ -135,6 +139,8 @@ def select_components(
 def check_components(labels: list[str], n_layers: int, n_heads: int, clamp: bool = False) -> list[Component]:
     """Parse explicit labels and check them against the model; one clear error for any bad one (layers and
     heads outside the model are moved to the nearest one instead with `clamp`)."""
+    if not labels:
+        raise UserError("component=[] names no component: use heads, mlp, all, or labels [L3H01,L2MLP]")
     components = []
     for label in labels:
         try:
@@ -174,6 +180,32 @@ def score(encoder, cache, components: list[Component], embeds: torch.Tensor) -> 
     return Scores(sim_embed=sim, norm=norm)
 
 
+def check_finite(lens_cfg, dtype: str, names: list[str], components: list[Component], clean: torch.Tensor,
+                 embeds: torch.Tensor, scores: Scores) -> None:
+    """Stop at an embedding or score that is NaN or infinite, naming the image, the component and the
+    setting that made it. clean [B, E], embeds [B, K, E], scores [B, K] each."""
+    bad_clean = ~torch.isfinite(clean).all(-1)
+    if bad_clean.any():
+        image = names[int(bad_clean.nonzero()[0, 0])]
+        raise UserError(f"{image}: the encoder's embedding is not finite (NaN or inf) with dtype={dtype}; "
+                        "use dtype=fp32")
+    bad = ~(torch.isfinite(embeds).all(-1) & torch.isfinite(scores.sim_embed) & torch.isfinite(scores.norm))
+    if bad.any():
+        i, k = (int(v) for v in bad.nonzero()[0])
+        steering = lens_cfg.name == "steering"
+        setting = f"lens.alpha={lens_cfg.alpha} (lens.mode={lens_cfg.mode})" if steering else f"dtype={dtype}"
+        fix = "use a smaller lens.alpha" if steering else "use dtype=fp32"
+        raise UserError(f"{names[i]} {components[k].label}: the {lens_cfg.name} lens embedding or its score is "
+                        f"not finite (NaN or inf) with {setting}; {fix}")
+
+
+def n_labels() -> int:
+    """How many labels the logit lens names embeddings with (the ImageNet-1k classes)."""
+    import open_clip
+
+    return len(open_clip.IMAGENET_CLASSNAMES)
+
+
 def rank(values: torch.Tensor) -> torch.Tensor:
     """1-based rank along the last axis, 1 = most similar; ties keep component order (stable)."""
     order = torch.sort(values, dim=-1, descending=True, stable=True).indices
@@ -190,6 +222,8 @@ def text_classifier(text_model, tokenizer, templates: str, device) -> tuple[torc
     import open_clip
 
     names = list(open_clip.IMAGENET_CLASSNAMES)
+    if templates not in TEMPLATES:
+        raise UserError(f"lens.templates={templates!r}: use {' or '.join(TEMPLATES)}")
     prompts = open_clip.OPENAI_IMAGENET_TEMPLATES if templates == "openai" else open_clip.SIMPLE_IMAGENET_TEMPLATES
     step = max(1, PROMPTS_PER_BATCH // len(prompts))
     parts = []

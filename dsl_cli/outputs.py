@@ -19,20 +19,28 @@ Every file is written under a temporary name and renamed, so a killed run never 
 from __future__ import annotations
 
 import csv
+import html
 import io
 import json
 import math
 import os
-import tempfile
+import logging
+import re
+import secrets
+import socket
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from dsl_cli.errors import UserError
+from dsl_cli.errors import UserError, printable
+
+log = logging.getLogger("dsl_cli.outputs")
 
 COLUMNS = [
     "image", "lens", "component", "kind", "layer", "head", "mode", "alpha", "seed", "steps", "guidance",
@@ -44,19 +52,34 @@ TOP_TILES = 16  # tiles in the per-image top grid
 
 # ---------------------------------------------------------------- atomic files
 
+TEMP_SUFFIX = ".dsl-tmp"  # every temporary file dsl writes ends so (and starts with a dot); no user file does
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # an image, lens or component name: one path part
+
+
+def write_error(path: Path, err: OSError) -> UserError:
+    """An OSError met while writing `path`, as the one line a user reads (a full disk, a read-only folder)."""
+    return UserError(f"cannot write {path}: {err.strerror or err}", resumable=True)
+
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `data` to `path` through a temporary file in the same folder and an atomic rename. The file
+    gets the mode any new file gets (0644 under umask 022): the kernel applies the umask to 0o666."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise write_error(path, err) from err
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise write_error(path, err) from err
         raise
 
 
@@ -74,23 +97,43 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode())
 
 
-def check_writable(folder: Path) -> None:
-    """Fail early, with the fix, when the run folder cannot be written."""
+def is_picture(path: Path) -> bool:
+    """Whether `path` is a whole image file (a PNG's chunks are checked, its pixels not decoded)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise UserError(
-            f"cannot write to the output folder {folder} ({err.strerror}); choose another with hydra.run.dir=..."
-        ) from None
+        with Image.open(path) as image:
+            image.verify()
+    except (OSError, ValueError, SyntaxError):
+        return False
+    return True
+
+
+def open_picture(path: Path, run_dir: Path) -> Image.Image:
+    """A picture a run wrote, loaded; a missing or damaged one is an error that says how to redo it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"{path}: not a readable picture ({err}); `dsl run resume={run_dir}` makes it again") from err
 
 
 class Manifest:
-    """manifest.json: what the run is, and how far it got; rewritten (atomically) after every change."""
+    """manifest.json: what the run is, and how far it got; rewritten (atomically) after every change.
+    An earlier attempt's record is read back, so that a failure before this attempt starts keeps it."""
 
     def __init__(self, path: Path):
-        self.path, self.data = path, {}
+        self.path = path
+        try:
+            self.data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self.data = {}
+        if not isinstance(self.data, dict):
+            self.data = {}
+
+    def start(self, **values) -> None:
+        """Begin this attempt's record: what an earlier attempt recorded is replaced."""
+        self.data = {}
+        self.update(**values)
 
     def update(self, **values) -> None:
         self.data.update(values)
@@ -105,12 +148,209 @@ class Manifest:
         self.update(stages_done=[*self.data.get("stages_done", []), name])
 
 
-def refuse_existing_run(folder: Path) -> None:
-    """A fresh run must not write into a folder that holds one: it would take that run's rows as its own
-    (and Hydra would overwrite the saved config that `resume=` reads)."""
-    if (folder / "manifest.json").exists():
-        raise UserError(f"{folder} already holds a run: complete it with `dsl run resume={folder}` "
-                        "or choose another hydra.run.dir")
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest.json of a run or sweep folder, or None where there is none."""
+    path = folder / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_sweep_folder(folder: Path) -> bool:
+    """A --multirun sweep folder: Hydra saved the sweep's config there; its jobs are run folders below."""
+    return (folder / "multirun.yaml").is_file()
+
+
+def check_name(value: str, what: str) -> str:
+    """`value` if it is safe as one part of a path in a run folder (no separator, no `..`, no dot first,
+    no control character), else UserError: names read from files are data, never paths."""
+    if not NAME.fullmatch(value):
+        raise UserError(f"{what} {printable(repr(value))} is not a valid name (letters, digits, _ . - only, "
+                        "not starting with a dot or dash); the file was not written by dsl or was edited")
+    return value
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class LockOwner:
+    """Who holds a run folder: a process on a host; `token` tells two holders with one PID apart."""
+
+    pid: int
+    host: str
+    token: str
+
+    @staticmethod
+    def me() -> "LockOwner":
+        return LockOwner(os.getpid(), socket.gethostname(), secrets.token_hex(8))
+
+    @staticmethod
+    def parse(line: str) -> "LockOwner | None":
+        parts = line.split()
+        if len(parts) != 3 or not parts[0].isdigit():
+            return None
+        return LockOwner(int(parts[0]), parts[1], parts[2])
+
+    @property
+    def line(self) -> str:
+        return f"{self.pid} {self.host} {self.token}"
+
+    def is_stale(self) -> bool:
+        """A lock of a process on this host that no longer runs (a run killed with SIGKILL, a crash)."""
+        return self.host == socket.gethostname() and (self.pid == os.getpid() or not _alive(self.pid))
+
+
+_HELD: dict[Path, LockOwner] = {}  # the folders this process holds (resolved paths), with its lock line
+
+
+class RunFolder:
+    """The folder of one run (or of a sweep): its paths, and the lock that makes one process its only writer.
+
+    `claim` takes the lock before anything is written there; a fresh run also refuses a folder that holds a
+    run (`dsl run resume=FOLDER` claims with resume=True, which skips that check). The lock file is
+    `.dsl.lock` (PID, host, token); a lock whose process is gone is taken over with a warning. The file is
+    padded to RESERVE bytes: space kept back so that a run stopped by a full disk can still record why.
+    """
+
+    LOCK = ".dsl.lock"
+    RESERVE = 128 * 1024
+    MARKERS = ("manifest.json", ".hydra/config.yaml", "multirun.yaml", "similarity.csv")
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / self.LOCK
+
+    @property
+    def owner(self) -> LockOwner | None:
+        """This process's lock on the folder, if it holds it (through this object or another)."""
+        return _HELD.get(self._key())
+
+    def picture(self, image: str, lens: str, component: str) -> str:
+        """A decoded picture's path relative to the folder (as the CSV's `file` column holds it)."""
+        parts = (check_name(image, "image"), check_name(lens, "lens"), check_name(component, "component"))
+        return "images/{}/{}/{}.png".format(*parts)
+
+    def input_picture(self, image: str) -> Path:
+        return self.path / "images" / check_name(image, "image") / "input.png"
+
+    def holds_run(self) -> bool:
+        """Whether a run or a sweep was ever started here (finished or not)."""
+        if any((self.path / marker).exists() for marker in self.MARKERS):
+            return True
+        return any(self.path.glob("*/manifest.json"))  # a sweep's job folders
+
+    def claim(self, resume: bool = False) -> bool:
+        """Make this process the only writer of the folder (created if needed). Without `resume`, a folder
+        that holds a run is refused. UserError when refused; False when this process holds it already."""
+        if self.owner is not None:
+            return False
+        _HELD[self._key()] = self._lock()
+        if not resume and self.holds_run():
+            self.release()
+            raise UserError(f"{self.path} already holds a run: complete it with `dsl run resume={self.path}` "
+                            "or choose another hydra.run.dir")
+        return True
+
+    def release(self) -> None:
+        """Give the folder up (the lock file is removed if it is still this process's)."""
+        owner = _HELD.pop(self._key(), None)
+        if owner is not None and self._read_owner(self.lock_path) == owner:
+            self.lock_path.unlink(missing_ok=True)
+
+    def free_reserve(self) -> None:
+        """Give the space kept in the lock file back to the disk (to record a failure on a full disk)."""
+        if self.owner is not None:
+            os.truncate(self.lock_path, len(self.owner.line) + 1)
+
+    def remove_temporaries(self) -> None:
+        """Delete what a killed run of this folder was writing: dsl's own temporary names only, only in the
+        folders a run writes (never a user's files below the folder)."""
+        folders = [self.path, self.path / ".hydra", *(self.path / name for name in ("grids", "heatmaps", "plots")),
+                   *self.path.glob("images/*"), *self.path.glob("images/*/*")]
+        for folder in folders:
+            if folder.is_dir() and not folder.is_symlink():
+                for leftover in folder.glob(f".*{TEMP_SUFFIX}"):
+                    leftover.unlink(missing_ok=True)
+
+    def _key(self) -> Path:
+        return self.path.resolve()
+
+    def _lock(self) -> LockOwner:
+        me = LockOwner.me()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            while not self._create(self.lock_path, me, self.RESERVE):
+                owner = self._read_owner(self.lock_path)
+                if owner is not None and owner.is_stale():
+                    self._take_over(owner)
+                elif owner is not None or self.lock_path.exists():
+                    raise self._busy(owner)
+        except OSError as err:
+            raise UserError(f"cannot write the output folder {self.path} ({err.strerror or err}); "
+                            "choose another with hydra.run.dir=...") from err
+        return me
+
+    def _take_over(self, stale: LockOwner) -> None:
+        """Remove a dead process's lock. Only the holder of `.dsl.lock.takeover` may, so that two runs
+        taking over at once cannot each remove the lock the other has just made."""
+        breaker = self.lock_path.with_name(self.LOCK + ".takeover")
+        if not self._create(breaker, LockOwner.me(), 0):
+            raise UserError(f"{self.path}: another process is taking over the lock of process {stale.pid}, "
+                            f"which no longer runs; if none is, remove {breaker} and try again")
+        try:
+            if self._read_owner(self.lock_path) == stale:
+                self.lock_path.unlink()
+                log.warning("%s: took over the lock of process %d, which no longer runs (killed?)",
+                            self.path, stale.pid)
+        finally:
+            breaker.unlink(missing_ok=True)
+
+    def _busy(self, owner: LockOwner | None) -> UserError:
+        if owner is None:
+            holder = "another process (its lock file is unreadable)"
+        else:
+            holder = f"dsl process {owner.pid} on {printable(owner.host)}"
+        return UserError(f"{self.path} is being written by {holder}; wait for it to end or choose another "
+                         f"hydra.run.dir (if no dsl run is using the folder, remove {self.lock_path})")
+
+    @staticmethod
+    def _create(path: Path, owner: LockOwner, reserve: int) -> bool:
+        """Create `path` holding `owner` (and `reserve` incompressible bytes) unless it exists: atomic."""
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(f"{owner.line}\n".encode() + os.urandom(reserve))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return True
+
+    @staticmethod
+    def _read_owner(path: Path) -> LockOwner | None:
+        try:
+            with open(path, "rb") as handle:
+                line = handle.readline(200)
+        except FileNotFoundError:
+            return None
+        return LockOwner.parse(line.decode(errors="replace"))
+
+
+def release_all() -> None:
+    """Release every folder this process holds (when `dsl run` ends, however it ends)."""
+    for path in list(_HELD):
+        RunFolder(path).release()
 
 
 # ---------------------------------------------------------------- CSV
@@ -137,10 +377,25 @@ class CsvLog:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, self.columns, lineterminator="\n")
         writer.writerows({k: _format(row.get(k)) for k in self.columns} for row in rows)
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(buffer.getvalue())
-            handle.flush()
-            os.fsync(handle.fileno())
+        data = buffer.getvalue().encode("utf-8")
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as err:
+            raise write_error(self.path, err) from err
+        try:
+            start = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except BaseException:
+                os.ftruncate(fd, start)  # never leave a torn row (a full disk, a signal between writes)
+                raise
+        except OSError as err:
+            raise write_error(self.path, err) from err
+        finally:
+            os.close(fd)
 
     def rewrite(self, rows: list[dict]) -> None:
         """Replace the whole file at once (used to drop a torn last line and to store final ranks)."""
@@ -152,15 +407,33 @@ class CsvLog:
 
 
 def read_csv(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
-    """Rows of a CSV written by CsvLog; a torn last line (a killed run) is dropped."""
+    """Rows of a CSV written by CsvLog; a torn last line (a killed run) is dropped. The values that become
+    parts of paths (image, lens, component, file) are checked: UserError for one that is not a plain name."""
     if not path.exists():
         return []
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: not readable as a dsl CSV ({err})") from err
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
-    rows = list(csv.DictReader(lines))
-    return [row for row in rows if len(row) == len(columns) and None not in row.values()]
+    reader = csv.DictReader(lines)
+    if reader.fieldnames is not None and reader.fieldnames != columns:
+        raise UserError(f"{path}: not a CSV written by this version of dsl (columns {reader.fieldnames})")
+    rows = [row for row in reader if len(row) == len(columns) and None not in row.values()]
+    for number, row in enumerate(rows, start=2):
+        _check_row(row, f"{path} row {number}:")
+    return rows
+
+
+def _check_row(row: dict, where: str) -> None:
+    for key in ("image", "lens", "component"):
+        if row.get(key):  # empty where a row names none (a study's step 0)
+            check_name(row[key], f"{where} {key}")
+    if row.get("file") and row["file"] != RunFolder(Path()).picture(row["image"], row["lens"], row["component"]):
+        raise UserError(f"{where} file {printable(repr(row['file']))} is not where dsl puts the picture of "
+                        f"{row['image']} {row['lens']} {row['component']}; the file was edited")
 
 
 # ---------------------------------------------------------------- figures
@@ -215,10 +488,8 @@ def _caption(row: dict) -> str:
 
 
 def _tiles(run_dir: Path, image: str, rows: list[dict]) -> list[tuple[Image.Image, str]]:
-    tiles = [(Image.open(run_dir / "images" / image / "input.png"), f"{image} (input)")]
-    for row in rows:
-        with Image.open(run_dir / row["file"]) as picture:
-            tiles.append((picture.copy(), _caption(row)))
+    tiles = [(open_picture(RunFolder(run_dir).input_picture(image), run_dir), f"{image} (input)")]
+    tiles += [(open_picture(run_dir / row["file"], run_dir), _caption(row)) for row in rows]
     return tiles
 
 
@@ -270,8 +541,9 @@ def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], 
     return layers, columns, matrix
 
 
-def draw_heatmaps(run_dir: Path, rows: list[dict]) -> list[Path]:
-    """Per image and lens: similarity to the input over layers x components (embedding and decoded)."""
+def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "") -> list[Path]:
+    """Per image and lens: similarity to the input over layers x components (embedding and decoded);
+    `tag` (a sweep's heatmaps for one value of an override, `lens.alpha=4`) ends the file names and titles."""
     plt = pyplot()
     written = []
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
@@ -287,9 +559,9 @@ def draw_heatmaps(run_dir: Path, rows: list[dict]) -> list[Path]:
             axis.set_yticks(range(len(layers)), [f"L{l}" for l in layers], fontsize=7)
             axis.set_title(f"{value} ({lens})", fontsize=9)
             fig.colorbar(shown, ax=axis, fraction=0.05)
-        fig.suptitle(image, fontsize=10)
+        fig.suptitle(f"{image}  {tag}".strip(), fontsize=10)
         fig.tight_layout()
-        path = run_dir / "heatmaps" / f"{image}_{lens}.png"
+        path = run_dir / "heatmaps" / (f"{image}_{lens}_{tag}.png" if tag else f"{image}_{lens}.png")
         save_figure(fig, path)
         written.append(path)
     return written
@@ -322,36 +594,54 @@ def redraw(run_dir: Path) -> list[Path]:
     rows = read_csv(csv_path)
     if not rows:
         raise UserError(f"{csv_path}: no rows yet; finish the run first (dsl run resume={run_dir})")
-    written = draw_grids(run_dir, rows) + draw_heatmaps(run_dir, rows)
-    labels = run_dir / "labels.csv"
-    if labels.is_file():
-        written += draw_label_plots(run_dir, read_csv(labels, LABEL_COLUMNS))
+    try:
+        written = draw_grids(run_dir, rows) + draw_heatmaps(run_dir, rows)
+        labels = run_dir / "labels.csv"
+        if labels.is_file():
+            written += draw_label_plots(run_dir, read_csv(labels, LABEL_COLUMNS))
+    except (KeyError, ValueError) as err:  # a number that does not parse: the CSV was edited
+        raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
     write_index(run_dir, written)
     return written
 
 
 def redraw_folder(folder: Path) -> dict[Path, int]:
     """`redraw` for a run folder, or for every run below a folder (a --multirun sweep, a date folder):
-    {run folder: figures drawn}."""
-    if (folder / "similarity.csv").is_file() or not folder.is_dir():
-        return {folder: len(redraw(folder))}
-    runs = sorted(p.parent for p in folder.rglob("similarity.csv"))
+    {run folder: figures drawn}. Each run folder is claimed while it is redrawn, so a run still writing
+    there is not disturbed."""
+    if ((folder / "similarity.csv").is_file() and not is_sweep_folder(folder)) or not folder.is_dir():
+        runs = [folder]
+    else:
+        runs = sorted(p.parent for p in folder.rglob("similarity.csv") if not is_sweep_folder(p.parent))
     if not runs:
         raise UserError(f"{folder}: no dsl run here (no similarity.csv in it or below it)")
-    return {run: len(redraw(run)) for run in runs}
+    drawn = {}
+    for run in runs:
+        run_folder = RunFolder(run)
+        if (run / "similarity.csv").is_file():
+            run_folder.claim(resume=True)
+        try:
+            drawn[run] = len(redraw(run))
+        finally:
+            run_folder.release()
+    return drawn
 
 
 def write_index(run_dir: Path, figures: list[Path]) -> None:
-    """index.html: every figure of the run on one page, best-ranked grids first, for a quick look."""
+    """index.html: every figure of the run on one page, best-ranked grids first, for a quick look. Every
+    name is escaped (a folder may be called `<script>`) and every link percent-encoded."""
     def order(path: Path) -> tuple:
         return (path.parent.name != "grids" or not path.stem.endswith("_top"), str(path))
 
-    items = "\n".join(
-        f'<figure><img src="{p.relative_to(run_dir)}" loading="lazy"><figcaption>{p.relative_to(run_dir)}'
-        "</figcaption></figure>" for p in sorted(figures, key=order)
-    )
-    page = (f"<!doctype html><meta charset='utf-8'><title>dsl run {run_dir.name}</title>"
+    def figure(path: Path) -> str:
+        relative = path.relative_to(run_dir).as_posix()
+        return (f'<figure><img src="{html.escape(quote(relative))}" loading="lazy">'
+                f"<figcaption>{html.escape(relative)}</figcaption></figure>")
+
+    name = html.escape(run_dir.resolve().name)
+    items = "\n".join(figure(p) for p in sorted(figures, key=order))
+    page = (f"<!doctype html><meta charset='utf-8'><title>dsl run {name}</title>"
             "<style>img{max-width:100%}figure{margin:1em 0}</style>"
-            f"<h1>{run_dir}</h1><p><a href='similarity.csv'>similarity.csv</a> · "
+            f"<h1>{name}</h1><p><a href='similarity.csv'>similarity.csv</a> · "
             f"<a href='manifest.json'>manifest.json</a></p>\n{items}\n")
     atomic_write_bytes(run_dir / "index.html", page.encode())

@@ -1,7 +1,8 @@
 """One `dsl run` job: images -> encoder cache -> lens embeddings -> scores -> decoder -> writers.
 
 Each stage is a plain function of the previous stage's tensors and records. A run can be resumed: pictures
-already listed in `similarity.csv` (with their file on disk) are not decoded again.
+already listed in `similarity.csv` (with their file whole on disk) are not decoded again. How a job ends
+(exit status, manifest status, messages, signals) is decided in one place, `dsl_cli.job`.
 """
 
 from __future__ import annotations
@@ -11,28 +12,35 @@ import math
 import platform
 import subprocess
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from dsl_cli import __version__
 from dsl_cli.components import Component
-from dsl_cli.decoder import KandinskyDecoder, check_request, decoder_bytes, load_decoder, to_pil
+from dsl_cli.config import RunConfig
+from dsl_cli.decoder import KandinskyDecoder, check_finite_pictures, check_request, decoder_bytes, load_decoder, to_pil
 from dsl_cli.devices import resolve_device, resolve_dtype
 from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import MODES, imagenet_classifier, lens_embeddings, rank, score, select_components, top_labels
+from dsl_cli.lenses import (MODES, TEMPLATES, check_finite, imagenet_classifier, lens_embeddings, n_labels, rank,
+                            score, select_components, top_labels)
 from dsl_cli.memory import decode_need, park_if_short, visiting
-from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, check_writable, group_rows,
-                             refuse_existing_run, read_csv,
+from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
+                             is_sweep_folder, read_csv, read_manifest,
                              redraw, save_png)
 from dsl_cli.studies import run_study, validate_study
 from dsl_cli.weights import preflight
+from dsl_cli.sweeps import current_slurm_job, resumes
 
 log = logging.getLogger("dsl_cli.run")
 
@@ -40,29 +48,57 @@ log = logging.getLogger("dsl_cli.run")
 # ---------------------------------------------------------------- set-up
 
 
+SEED_MAX = 2**64 - 1  # torch's generators take 64-bit seeds
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that need no model: fail before anything slow starts."""
     decode = cfg.decode
     for key, value, low in (("decode.steps", decode.steps, 1), ("decode.batch_size", decode.batch_size, 1),
                             ("batch_size", cfg.batch_size, 1), ("decode.height", decode.height, 1),
-                            ("decode.width", decode.width, 1)):
+                            ("decode.width", decode.width, 1), ("lens.top_labels", cfg.lens.top_labels, 1)):
         if value < low:
             raise UserError(f"{key}={value}: must be at least {low}")
     if decode.top_k is not None and decode.top_k < 1:
         raise UserError(f"decode.top_k={decode.top_k}: must be at least 1 (or null to decode everything)")
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise UserError(f"seed={cfg.seed}: must be between 0 and {SEED_MAX} (64 bits)")
     if cfg.study.name is not None:
-        validate_study(cfg.study)
-    if cfg.lens.mode not in MODES:
-        raise UserError(f"lens.mode={cfg.lens.mode!r}: use {', '.join(MODES)}")
-    if not math.isfinite(cfg.lens.alpha):
-        raise UserError(f"lens.alpha={cfg.lens.alpha}: must be a finite number")
+        validate_study(cfg.study, cfg.seed)
+    _validate_lens(cfg)
     if not math.isfinite(decode.guidance):
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
-    if cfg.lens.rank_by not in ("sim_embed", "sim_decoded"):
-        raise UserError(f"lens.rank_by={cfg.lens.rank_by!r}: use sim_embed or sim_decoded")
     resolve_dtype(cfg.dtype, "cpu")  # raises on an unknown name
     resolve_dtype(cfg.decode.dtype, "cpu")
     check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width)
+
+
+def _validate_lens(cfg: DictConfig) -> None:
+    lens = cfg.lens
+    if lens.mode not in MODES:
+        raise UserError(f"lens.mode={lens.mode!r}: use {', '.join(MODES)}")
+    if not math.isfinite(lens.alpha):
+        raise UserError(f"lens.alpha={lens.alpha}: must be a finite number")
+    if lens.rank_by not in ("sim_embed", "sim_decoded"):
+        raise UserError(f"lens.rank_by={lens.rank_by!r}: use sim_embed or sim_decoded")
+    if lens.rank_by == "sim_decoded" and not cfg.decode.enabled and cfg.study.name is None:
+        raise UserError("lens.rank_by=sim_decoded ranks by decoded pictures, but decode.enabled=false decodes "
+                        "none: use lens.rank_by=sim_embed, or decode")
+    if lens.templates not in TEMPLATES:
+        raise UserError(f"lens.templates={lens.templates!r}: use {' or '.join(TEMPLATES)}")
+    if lens.top_labels > n_labels():
+        raise UserError(f"lens.top_labels={lens.top_labels}: there are only {n_labels()} ImageNet labels")
+
+
+def saved_config(run_dir: Path) -> DictConfig:
+    """The config a run was started with (`.hydra/config.yaml`), checked against the schema as Hydra
+    checked it then: a file that was edited into bad YAML or a wrong type is refused with one line."""
+    path = run_dir / ".hydra" / "config.yaml"
+    try:
+        return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a config this run can be resumed from ({reason})") from err
 
 
 def _git_commit() -> str | None:
@@ -105,29 +141,55 @@ def _base_row(cfg: DictConfig, image: str, comp: Component) -> dict:
     }
 
 
-def score_images(cfg, encoder, preprocess, image_set: ImageSet, components: list[Component]) -> list[Scored]:
-    """Encoder cache and lens embeddings for every image, in batches of `batch_size` images."""
-    scored = []
+def encode_batches(cfg, folder: RunFolder, preprocess, image_set: ImageSet) -> Iterator[tuple[list[str], torch.Tensor]]:
+    """The inputs in batches of `batch_size`: (names, pixels [B, 3, S, S] on the CPU). Each picture is read,
+    saved as `input.png` at the decode size (unless a whole one is there), preprocessed and released, so a
+    run holds one picture at a time however many there are."""
+    size = (cfg.decode.width, cfg.decode.height)
     images = image_set.images
-    bar = tqdm(total=len(images), desc="encode", unit="img")
     for start in range(0, len(images), cfg.batch_size):
-        batch = images[start:start + cfg.batch_size]
-        pixels = torch.stack([preprocess(item.image) for item in batch]).to(encoder.device, encoder.dtype)
-        cache = encoder.run_with_cache(pixels)
-        embeds = lens_embeddings(encoder, cache, components, cfg.lens)
-        scores = score(encoder, cache, components, embeds)
-        # one transfer per batch, not one per value (each .item() would wait for the GPU)
-        sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
-        lens_cpu, clean_cpu = embeds.float().cpu(), cache.embeds.float().cpu()
-        for i, item in enumerate(batch):
-            rows = []
-            for k, comp in enumerate(components):
-                row = _base_row(cfg, item.name, comp)
-                row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k])
-                rows.append(row)
-            scored.append(Scored(item.name, lens_cpu[i], clean_cpu[i], rows))
-        bar.update(len(batch))
-    bar.close()
+        names, pixels = [], []
+        for item, picture in image_set.stream(images[start:start + cfg.batch_size]):
+            path = folder.input_picture(item.name)
+            if not is_picture(path):
+                save_png(path, ImageOps.fit(picture, size, Image.Resampling.BICUBIC))
+            names.append(item.name)
+            pixels.append(preprocess(picture))
+            del picture  # the full-size picture goes now, not when the next one replaces it
+        if names:
+            yield names, torch.stack(pixels)
+
+
+def score_images(cfg, folder: RunFolder, encoder, preprocess, image_set: ImageSet,
+                 components: list[Component]) -> list[Scored]:
+    """Encoder cache, lens embeddings and scores of every image, batch by batch; a value that is not finite
+    stops the run, naming the setting that caused it."""
+    scored = []
+    with tqdm(total=len(image_set.images), desc="encode", unit="img") as bar:  # closed on an error too
+        for names, pixels in encode_batches(cfg, folder, preprocess, image_set):
+            scored += _score_batch(cfg, encoder, components, names, pixels)
+            bar.update(len(names))
+    if not scored:
+        raise UserError(f"no readable image; skipped: {image_set.skipped[:3]}")
+    return scored
+
+
+def _score_batch(cfg, encoder, components: list[Component], names: list[str], pixels: torch.Tensor) -> list[Scored]:
+    cache = encoder.run_with_cache(pixels.to(encoder.device, encoder.dtype))
+    embeds = lens_embeddings(encoder, cache, components, cfg.lens)
+    scores = score(encoder, cache, components, embeds)
+    check_finite(cfg.lens, cfg.dtype, names, components, cache.embeds, embeds, scores)
+    # one transfer per batch, not one per value (each .item() would wait for the GPU)
+    sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
+    lens_cpu, clean_cpu = embeds.float().cpu(), cache.embeds.float().cpu()
+    scored = []
+    for i, name in enumerate(names):
+        rows = []
+        for k, comp in enumerate(components):
+            row = _base_row(cfg, name, comp)
+            row.update(sim_embed=sims[i][k], norm=norms[i][k], rank=ranks[i][k])
+            rows.append(row)
+        scored.append(Scored(name, lens_cpu[i], clean_cpu[i], rows))
     return scored
 
 
@@ -135,11 +197,13 @@ def verify_steering(cfg, encoder, preprocess, image_set: ImageSet, components: l
                     scored: list[Scored]) -> float:
     """Largest |closed form - hooked reference| over all images and components (`lens.verify=true`)."""
     worst = 0.0
-    for item, result in zip(tqdm(image_set.images, desc="verify", unit="img"), scored):
-        pixels = preprocess(item.image).unsqueeze(0).to(encoder.device, encoder.dtype)
-        for k, comp in enumerate(components):
-            hooked = encoder.steer_hooked(pixels, comp, mode=cfg.lens.mode, alpha=float(cfg.lens.alpha))
-            worst = max(worst, (hooked[0].float().cpu() - result.embeds[k]).abs().max().item())
+    items = {item.name: item for item in image_set.images}
+    with tqdm(scored, desc="verify", unit="img") as bar:
+        for result in bar:
+            pixels = preprocess(items[result.name].load()).unsqueeze(0).to(encoder.device, encoder.dtype)
+            for k, comp in enumerate(components):
+                hooked = encoder.steer_hooked(pixels, comp, mode=cfg.lens.mode, alpha=float(cfg.lens.alpha))
+                worst = max(worst, (hooked[0].float().cpu() - result.embeds[k]).abs().max().item())
     return worst
 
 
@@ -170,7 +234,7 @@ def plan_decoding(cfg, scored: list[Scored]) -> list[tuple[int, int]]:
     return plan
 
 
-def decode_and_write(cfg, encoder, preprocess, decoder, run_dir: Path, scored: list[Scored],
+def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, scored: list[Scored],
                      plan: list[tuple[int, int]], csv_log: CsvLog, manifest: Manifest) -> int:
     """Decode the planned items; write each picture, then its CSV row (with sim_decoded), batch by batch;
     the manifest counts the pictures finished so far."""
@@ -180,39 +244,52 @@ def decode_and_write(cfg, encoder, preprocess, decoder, run_dir: Path, scored: l
     negative = encoder.zero_embed().float().cpu()
     batches = decoder.iter_decode(embeds, negative, [cfg.seed] * len(plan), cfg.decode.height, cfg.decode.width,
                                   cfg.decode.steps, float(cfg.decode.guidance), cfg.decode.batch_size)
-    for indices, pictures in batches:
-        saved = [to_pil(picture) for picture in pictures]
-        rows = []
-        for index, picture in zip(indices, saved):
-            i, k = plan[index]
-            row = dict(scored[i].rows[k])
-            row["file"] = f"images/{row['image']}/{row['lens']}/{row['component']}.png"
-            save_png(run_dir / row["file"], picture)
-            rows.append(row)
-        # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
-        with visiting(encoder, decoder.device, idle=decoder.pipe):  # a parked encoder comes back for it
-            pixels = torch.stack([preprocess(p) for p in saved]).to(encoder.device, encoder.dtype)
-            again = encoder.embed(pixels).float().cpu()
-        clean = torch.stack([scored[plan[index][0]].clean for index in indices])
-        sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
-        for row, sim in zip(rows, sims):
-            row["sim_decoded"] = sim.item()
-        csv_log.append(rows)
-        manifest.update(decoded=manifest.data.get("decoded", 0) + len(rows))
+    with closing(batches):  # on an error, the decoder's progress bar ends its line before the message
+        for indices, pictures in batches:
+            with visiting(encoder, decoder.device, idle=decoder.pipe):  # a parked encoder re-encodes on the GPU
+                _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
+            manifest.update(decoded=manifest.data.get("decoded", 0) + len(indices))
     return len(plan)
 
 
-def start_csv(cfg, run_dir: Path, scored: list[Scored], previous: list[dict], csv_log: CsvLog) -> list[tuple[int, int]]:
-    """Keep the rows of an earlier attempt whose picture is on disk, write the rows that need no picture,
-    and return what is left to decode. For a fresh run, `previous` is empty and this writes the rows of
-    the components that are not decoded (`decode.top_k`, `decode.enabled=false`)."""
-    done = {(r["image"], r["component"]) for r in previous if not r["file"] or (run_dir / r["file"]).exists()}
+def _write_batch(cfg, encoder, preprocess, folder: RunFolder, scored: list[Scored], items: list[tuple[int, int]],
+                 pictures, csv_log: CsvLog) -> None:
+    """One decoded batch (items: (image, component) indices; pictures [B, H, W, 3] in [0, 1]): the PNGs,
+    then their CSV rows with sim_decoded."""
+    rows = [dict(scored[i].rows[k]) for i, k in items]
+    check_finite_pictures(pictures, [f"{row['image']} {row['component']}" for row in rows], cfg.decode)
+    saved = [to_pil(picture) for picture in pictures]
+    for row, picture in zip(rows, saved):
+        row["file"] = folder.picture(row["image"], row["lens"], row["component"])
+        save_png(folder.path / row["file"], picture)
+    # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
+    pixels = torch.stack([preprocess(p) for p in saved]).to(encoder.device, encoder.dtype)
+    again = encoder.embed(pixels).float().cpu()
+    clean = torch.stack([scored[i].clean for i, _ in items])
+    sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
+    for row, sim in zip(rows, sims):
+        row["sim_decoded"] = sim.item()
+    csv_log.append(rows)
+
+
+def start_csv(cfg, folder: RunFolder, scored: list[Scored], previous: list[dict],
+              csv_log: CsvLog) -> list[tuple[int, int]]:
+    """Keep the rows of an earlier attempt whose picture is whole on disk, write the rows that need no
+    picture, and return what is left to decode. For a fresh run, `previous` is empty and this writes the
+    rows of the components that are not decoded (`decode.top_k`, `decode.enabled=false`)."""
+    done = {(r["image"], r["component"]) for r in previous if not r["file"] or is_picture(folder.path / r["file"])}
     csv_log.rewrite([r for r in previous if (r["image"], r["component"]) in done])
     plan = [(i, k) for i, k in plan_decoding(cfg, scored) if (scored[i].name, scored[i].rows[k]["component"]) not in done]
     planned = set(plan)
     csv_log.append(row for i, result in enumerate(scored) for k, row in enumerate(result.rows)
                    if (i, k) not in planned and (row["image"], row["component"]) not in done)
     return plan
+
+
+def sorted_rows(rows: list[dict], scored: list[Scored]) -> list[dict]:
+    """Rows in one order whatever order they were written in: by image, then in component order."""
+    order = {(s.name, row["component"]): (i, k) for i, s in enumerate(scored) for k, row in enumerate(s.rows)}
+    return sorted(rows, key=lambda r: order.get((r["image"], r["component"]), (len(scored), 0)))
 
 
 def _finish_rows(cfg, rows: list[dict]) -> list[dict]:
@@ -235,38 +312,36 @@ def best_components(rows: list[dict], by: str, count: int = 3) -> list[str]:
     return lines
 
 
-def _save_inputs(cfg, run_dir: Path, image_set: ImageSet) -> None:
-    size = (cfg.decode.width, cfg.decode.height)
-    for item in image_set.images:
-        path = run_dir / "images" / item.name / "input.png"
-        if not path.exists():
-            save_png(path, ImageOps.fit(item.image, size, Image.Resampling.BICUBIC))
-
-
 # ---------------------------------------------------------------- the job
 
 
 def run(cfg: DictConfig, run_dir: Path) -> None:
-    """Run one job into `run_dir` (a fresh Hydra run folder, or the folder of a run being resumed)."""
-    if cfg.resume:
-        cfg = OmegaConf.load(Path(cfg.resume).expanduser() / ".hydra" / "config.yaml")
-    else:
-        refuse_existing_run(run_dir)  # two runs started within the same second share a default folder
-    validate(cfg)
-    preflight(cfg)
-    check_writable(run_dir)
-    for leftover in run_dir.rglob(".*.tmp"):  # a file a killed run was writing: never part of the results
-        leftover.unlink()
-    device = resolve_device(cfg.device)
-    manifest = Manifest(run_dir / "manifest.json")
+    """Run one job into `run_dir`: a fresh folder, or the folder of the run to complete (`cfg.resume`, or a
+    requeued cluster job's own folder). The folder is claimed for the job (`RunFolder.claim`) unless this
+    process holds it already."""
+    folder = RunFolder(run_dir)
+    claimed = folder.claim(resume=resumes(cfg, run_dir))
     try:
-        _run_stages(cfg, run_dir, device, manifest)
-    except UserError as err:
-        manifest.update(status="failed", error=str(err))
-        raise
-    except KeyboardInterrupt:
-        manifest.update(status="interrupted")
-        raise
+        if cfg.resume and not is_sweep_folder(Path(cfg.resume)):
+            cfg = saved_config(run_dir)
+        elif _complete_already(run_dir):  # a requeued job or a job of a resumed sweep that finished before
+            return
+        validate(cfg)
+        preflight(cfg)
+        folder.remove_temporaries()
+        device = resolve_device(cfg.device)
+        _run_stages(cfg, folder, device, Manifest(run_dir / "manifest.json"))
+    finally:
+        if claimed:
+            folder.release()
+
+
+def _complete_already(run_dir: Path) -> bool:
+    """A job continuing its own folder that finished before: nothing left to do."""
+    if (read_manifest(run_dir) or {}).get("status") != "complete":
+        return False
+    log.info("%s: this job completed before; nothing to do", run_dir)
+    return True
 
 
 def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, components: list[Component],
@@ -297,12 +372,11 @@ def decoder_beside(cfg, encoder, device: torch.device) -> KandinskyDecoder:
     return load_decoder(cfg.decoder, device=device, dtype=dtype, scheduler=cfg.decode.scheduler)
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: Manifest) -> None:
-    previous = read_csv(run_dir / "similarity.csv")
-    manifest.update(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
-                    seed=cfg.seed, versions=_versions(), git_commit=_git_commit(),
-                    config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
-
+def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manifest: Manifest) -> None:
+    previous = read_csv(folder.path / "similarity.csv")
+    manifest.start(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
+                   seed=cfg.seed, versions=_versions(), git_commit=_git_commit(), slurm_job=current_slurm_job(),
+                   config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
     with manifest.stage("images"):
         image_set = load_images(cfg.images)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
@@ -312,37 +386,45 @@ def _run_stages(cfg: DictConfig, run_dir: Path, device: torch.device, manifest: 
     components = select_components(cfg.lens.name, cfg.layer, cfg.head, cfg.component, encoder.n_layers,
                                    encoder.n_heads, mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
     if cfg.study.name:
-        run_study_job(cfg, run_dir, encoder, preprocess, image_set, components, manifest)
+        run_study_job(cfg, folder.path, encoder, preprocess, image_set, components, manifest)
         return
     with manifest.stage("lens"):
-        scored = score_images(cfg, encoder, preprocess, image_set, components)
-        if cfg.lens.name == "steering" and cfg.lens.verify:
-            worst = verify_steering(cfg, encoder, preprocess, image_set, components, scored)
-            tolerance = 1e-4 if encoder.dtype == torch.float32 else 5e-2
-            if worst > tolerance:
-                log.warning("lens.verify: closed form and hooked reference differ by %.3g (> %g)", worst, tolerance)
-            manifest.update(verify_max_abs_diff=worst, verify_ok=worst <= tolerance)
-        if cfg.lens.name == "logit":
-            write_labels(cfg, classifier, run_dir, scored, components)
-    _save_inputs(cfg, run_dir, image_set)
+        scored = _lens_stage(cfg, folder, encoder, preprocess, image_set, components, classifier, manifest)
 
-    csv_log = CsvLog(run_dir / "similarity.csv", COLUMNS)
-    plan = start_csv(cfg, run_dir, scored, previous, csv_log)
+    csv_log = CsvLog(folder.path / "similarity.csv", COLUMNS)
+    plan = start_csv(cfg, folder, scored, previous, csv_log)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan))
-
     if plan:
         with manifest.stage("decoder"):
             decoder = decoder_beside(cfg, encoder, device)
             manifest.update(scheduler=type(decoder.pipe.scheduler).__name__)
         with manifest.stage("decode"):
-            decode_and_write(cfg, encoder, preprocess, decoder, run_dir, scored, plan, csv_log, manifest)
+            decode_and_write(cfg, encoder, preprocess, decoder, folder, scored, plan, csv_log, manifest)
+    _write_stage(cfg, folder, scored, csv_log, manifest)
 
+
+def _lens_stage(cfg, folder: RunFolder, encoder, preprocess, image_set: ImageSet, components: list[Component],
+                classifier: tuple[torch.Tensor, list[str]] | None, manifest: Manifest) -> list[Scored]:
+    scored = score_images(cfg, folder, encoder, preprocess, image_set, components)
+    manifest.update(images=[s.name for s in scored], skipped=image_set.skipped)
+    if cfg.lens.name == "steering" and cfg.lens.verify:
+        worst = verify_steering(cfg, encoder, preprocess, image_set, components, scored)
+        tolerance = 1e-4 if encoder.dtype == torch.float32 else 5e-2
+        if worst > tolerance:
+            log.warning("lens.verify: closed form and hooked reference differ by %.3g (> %g)", worst, tolerance)
+        manifest.update(verify_max_abs_diff=worst, verify_ok=worst <= tolerance)
+    if cfg.lens.name == "logit":
+        write_labels(cfg, classifier, folder.path, scored, components)
+    return scored
+
+
+def _write_stage(cfg, folder: RunFolder, scored: list[Scored], csv_log: CsvLog, manifest: Manifest) -> None:
+    """Final ranks and order of the CSV, every figure, and the manifest's last word."""
     with manifest.stage("write"):
-        order = {(s.name, row["component"]): n for n, s in enumerate(scored) for row in s.rows}
-        rows = sorted(read_csv(csv_log.path), key=lambda r: order.get((r["image"], r["component"]), len(order)))
-        csv_log.rewrite(_finish_rows(cfg, rows))
-        figures = redraw(run_dir)
+        rows = _finish_rows(cfg, sorted_rows(read_csv(csv_log.path), scored))
+        csv_log.rewrite(rows)
+        figures = redraw(folder.path)
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     for line in best_components(rows, cfg.lens.rank_by):
         log.info("%s", line)
-    log.info("run complete: %s (figures on one page: %s)", run_dir, run_dir / "index.html")
+    log.info("run complete: %s (figures on one page: %s)", folder.path, folder.path / "index.html")

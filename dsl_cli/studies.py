@@ -49,8 +49,9 @@ STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bi
 # ---------------------------------------------------------------- shared pieces
 
 
-def validate_study(study) -> None:
-    """Checks on `cfg.study` that need no model (called by `dsl_cli.run.validate` before anything loads)."""
+def validate_study(study, seed: int = 0) -> None:
+    """Checks on `cfg.study` that need no model (called by `dsl_cli.run.validate` before anything loads);
+    `seed` is the run's: the random orders use seeds seed .. seed + random_orders - 1, all within 64 bits."""
     if study.name not in STUDIES:
         raise UserError(f"study.name={study.name!r}: use one of {', '.join(STUDIES)}")
     if study.ablation not in ABLATIONS:
@@ -63,6 +64,9 @@ def validate_study(study) -> None:
         raise UserError(f"study.random_orders={study.random_orders}: must be 0 or more")
     if not 0 < study.overlay_scale <= 1:
         raise UserError(f"study.overlay_scale={study.overlay_scale}: must be in (0, 1]")
+    if seed + study.random_orders - 1 >= 2**64:
+        raise UserError(f"seed={seed}: the random orders use seeds up to seed + study.random_orders - 1, "
+                        "which must stay below 2**64")
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -297,7 +301,7 @@ def run_study(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: li
     Returns a summary for the manifest. DSL scores use `cfg.lens.mode`/`cfg.lens.alpha`; clean passes
     run `cfg.batch_size` images at a time, ablated ones `ablation_rows` rows."""
     study = cfg.study
-    validate_study(study)
+    validate_study(study, cfg.seed)
     heads = [c for c in components if c.kind == "head"]
     if not heads:
         raise UserError(f"study={study.name} ablates attention heads: select some with layer=... head=... "
@@ -307,15 +311,16 @@ def run_study(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: li
     return _run_overlay_removal(cfg, run_dir, encoder, preprocess, images, heads)
 
 
-def _pixels(preprocess, pictures: Sequence[Image.Image]) -> Tensor:
-    """[B, 3, S, S] on the CPU; ablated_embeds moves each batch to the encoder's device."""
-    return torch.stack([preprocess(p) for p in pictures])
+def _pixels(preprocess, pictures: Sequence[Image.Image | InputImage]) -> Tensor:
+    """[B, 3, S, S] on the CPU; ablated_embeds moves each batch to the encoder's device. Inputs are read
+    one at a time, so only their preprocessed pixels are held together."""
+    return torch.stack([preprocess(p.load() if isinstance(p, InputImage) else p) for p in pictures])
 
 
 def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
                          heads: list[Component]) -> dict:
     study, step = cfg.study, cfg.batch_size
-    pixels = _pixels(preprocess, [i.image for i in images])
+    pixels = _pixels(preprocess, images)
     # mean ablation: one mean over the whole image set, not per batch
     means = encoder.mean_writes(pixels, step) if study.ablation == "mean" else None
     rows, ablated = [], ablation_rows(encoder, step)
@@ -342,7 +347,7 @@ def composites(images: list[InputImage], scale: float) -> list[tuple[str, InputI
     for i, background in enumerate(images):
         foreground = images[(i + 1) % len(images)]
         name = f"{foreground.name}_on_{background.name}"
-        out.append((name, background, foreground, overlay(background.image, foreground.image, scale)))
+        out.append((name, background, foreground, overlay(background.load(), foreground.load(), scale)))
     return out
 
 
@@ -353,7 +358,7 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     for name, _, _, picture in pairs:
         save_png(run_dir / "images" / "overlays" / f"{name}.png", picture)
     composite_pixels = _pixels(preprocess, [p for *_, p in pairs])
-    foreground_pixels = _pixels(preprocess, [fg.image for _, _, fg, _ in pairs])
+    foreground_pixels = _pixels(preprocess, [fg for _, _, fg, _ in pairs])
     rows = overlay_removal(encoder, composite_pixels, foreground_pixels, heads, study.steps, study.greedy_pool,
                            study.random_orders, cfg.seed, study.ablation, None, cfg.lens.mode,
                            float(cfg.lens.alpha), [name for name, *_ in pairs], ablation_rows(encoder, cfg.batch_size))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 
@@ -26,11 +28,26 @@ def tiny_pixels() -> torch.Tensor:
     return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
 
 
+def slurm_missing() -> str | None:
+    """Why the tests marked `slurm` cannot run here, or None when a SLURM controller answers with a node up."""
+    hint = "start a one-node SLURM with `sudo scripts/slurm_localhost.sh`"
+    try:
+        answer = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"needs SLURM: sinfo does not answer ({err}); {hint}"
+    if answer.returncode != 0:
+        return f"needs SLURM: sinfo failed ({answer.stderr.strip()}); {hint}"
+    if not {"idle", "mix", "alloc"} & set(answer.stdout.split()):
+        return f"needs SLURM: no node is up (sinfo: {answer.stdout.split()}); {hint}"
+    return None
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `gpu` are skipped where CUDA is not available."""
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    """Tests marked `gpu` are skipped where CUDA is not available, those marked `slurm` where SLURM is not."""
+    needs = {"gpu": None if torch.cuda.is_available() else "needs CUDA"}
+    if any("slurm" in item.keywords for item in items):
+        needs["slurm"] = slurm_missing()
+    for mark, reason in needs.items():
+        for item in items:
+            if reason and mark in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))

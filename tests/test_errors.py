@@ -20,6 +20,7 @@ from dsl_cli import cli
 from dsl_cli.errors import UserError
 from dsl_cli.images import read_image
 from dsl_cli.devices import resolve_device
+from dsl_cli.outputs import TEMP_SUFFIX
 
 DSL = str(Path(sys.executable).parent / "dsl")
 
@@ -42,7 +43,7 @@ def assert_one_clean_line(code: int, err: str, fragment: str) -> None:
 
 
 def assert_no_partial_files(root: Path) -> None:
-    assert not list(root.rglob("*.tmp")), "a temporary file was left behind"
+    assert not list(root.rglob(f"*{TEMP_SUFFIX}")), "a temporary file was left behind"
     assert not list(root.rglob("similarity.csv")) and not list(root.rglob("images/*/*/*.png"))
 
 
@@ -77,12 +78,30 @@ def missing(folder: Path) -> Path:
     return folder / "no_such_folder"
 
 
+def write_fifo(folder: Path) -> Path:
+    os.mkfifo(folder / "pipe.png")  # opening it would wait for ever for a writer
+    return folder / "pipe.png"
+
+
+def device(folder: Path) -> Path:
+    return Path("/dev/zero")  # reading it never ends
+
+
+def write_strip(folder: Path) -> Path:
+    # 30000 x 1: a few hundred bytes on disk, 0.4 GB once resized so that its short side is 64
+    Image.new("L", (30000, 1), 128).save(folder / "strip.png")
+    return folder
+
+
 IMAGE_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "missing_path": (missing, "no such file or folder"),
     "empty_folder": (write_empty, "no images in this folder"),
     "not_an_image": (write_text, "not a readable image"),
     "truncated_image": (write_truncated, "not a readable image"),
     "decompression_bomb": (write_bomb, "too large"),
+    "fifo": (write_fifo, "not a regular file or a folder"),
+    "device_file": (device, "not a regular file or a folder"),
+    "extreme_aspect_ratio": (write_strip, "30000 x 1 pixels, longer than 20:1"),
 }
 
 
@@ -114,6 +133,16 @@ CONFIG_CASES = {
     "size_not_a_multiple": (["decode.height=66"], "decode.height=66: must be a multiple of 4"),
     "unknown_scheduler": (["decode.scheduler=euler"], "decode.scheduler='euler': choose one of"),
     "unknown_decoder": (["decoder.source=mine"], "decoder.source='mine': choose one of"),
+    "head_not_an_integer": (["head=1.5"], "head=1.5: use all, an int or a list of ints"),
+    "head_a_bool": (["head=true"], "head=True: use all, an int or a list of ints"),
+    "no_head": (["head=[]"], "head=[] names no head"),
+    "no_component": (["component=[]"], "component=[] names no component"),
+    "seed_beyond_64_bits": (["seed=18446744073709551616"], "must be between 0 and 18446744073709551615"),
+    "more_labels_than_classes": (["lens=logit", "lens.top_labels=1001"], "there are only 1000 ImageNet labels"),
+    "unknown_templates": (["lens.templates=bogus"], "lens.templates='bogus': use openai or simple"),
+    "rank_by_a_score_not_computed": (["lens.rank_by=sim_decoded", "decode.enabled=false"],
+                                     "decode.enabled=false decodes none"),
+    "alpha_overflows": (["lens.alpha=1e20"], "not finite (NaN or inf) with lens.alpha=1e+20"),
 }
 
 
@@ -123,6 +152,68 @@ def test_bad_config_values_are_refused(case: str, tmp_path: Path, monkeypatch, c
     code, err = dsl_in_process(["run", "debug=tiny", *overrides], tmp_path, monkeypatch, capsys)
     assert_one_clean_line(code, err, fragment)
     assert_no_partial_files(tmp_path)
+    assert_failed_manifest(tmp_path, fragment)
+
+
+def assert_failed_manifest(root: Path, fragment: str) -> None:
+    (manifest,) = root.rglob("manifest.json")
+    record = json.loads(manifest.read_text())
+    assert record["status"] == "failed" and fragment in record["error"], record
+
+
+def test_a_decoded_picture_that_overflows_stops_the_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", "debug=tiny", "decode.guidance=1e30"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "the decoded picture is not finite (NaN or inf) with decode.guidance=1e+30")
+    assert_failed_manifest(tmp_path, "lower decode.guidance")
+    assert not list(tmp_path.rglob("images/*/*/*.png")), "a black picture was saved"
+
+
+def test_a_bug_is_one_line_exit_1_and_recorded(tmp_path: Path, monkeypatch, capsys) -> None:
+    from dsl_cli import run
+
+    def broken(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setattr(run, "score_images", broken)
+    code, err = dsl_in_process(["run", "debug=tiny"], tmp_path, monkeypatch, capsys)
+    assert code == 1 and "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert "internal error (a bug in dsl), ZeroDivisionError: division by zero" in line
+    assert_failed_manifest(tmp_path, "internal error: ZeroDivisionError")
+
+
+@pytest.mark.parametrize(("edit", "fragment"), [
+    (lambda text: text + "seed: [\n", "not a config this run can be resumed from"),
+    (lambda text: text.replace("seed: 0", "seed: abc"), "could not be converted to Integer"),
+])
+def test_resume_refuses_a_broken_saved_config(edit, fragment: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    args = ["run", "debug=tiny", "decode.enabled=false", "hydra.run.dir=run"]
+    assert dsl_in_process(args, tmp_path, monkeypatch, capsys)[0] == 0
+    saved = tmp_path / "run" / ".hydra" / "config.yaml"
+    saved.write_text(edit(saved.read_text()))
+    code, err = dsl_in_process(["run", "resume=run"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, fragment)
+    assert_failed_manifest(tmp_path / "run", "config.yaml")
+
+
+def test_globs_do_not_follow_link_loops_and_brackets_in_a_folder_name_are_literal(tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:
+    photos = tmp_path / "photos[1]"
+    (photos / "sub").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "red").save(photos / "a.png")
+    Image.new("RGB", (64, 64), "blue").save(photos / "sub" / "b.png")
+    (photos / "sub" / "loop1").symlink_to("..")  # two links back up: a `**` that follows links never ends
+    (photos / "sub" / "loop2").symlink_to("..")
+    args = ["run", "debug=tiny", "decode.enabled=false", "images=folder"]
+    code, err = dsl_in_process([*args, f"images.path='{photos}'", "hydra.run.dir=literal"], tmp_path, monkeypatch,
+                               capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "literal" / "manifest.json").read_text())["images"] == ["a"]
+    pattern = f"{tmp_path}/photos[[]1]/**/*.png"
+    code, err = dsl_in_process([*args, f"images.path='{pattern}'", "hydra.run.dir=glob"], tmp_path, monkeypatch,
+                               capsys)
+    assert code == 0, err
+    assert sorted(json.loads((tmp_path / "glob" / "manifest.json").read_text())["images"]) == ["a", "b"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -159,7 +250,9 @@ def test_weights_missing_while_offline(overrides: list[str], repo: str, tmp_path
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     assert result.stderr.startswith("dsl: error: 1 of the weights this run needs are not in the Hugging Face cache")
     assert f"hf download {repo} " in result.stderr and result.stderr.count("hf download") == 1
-    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob("manifest.json"))  # refused before starting
+    assert not list(tmp_path.rglob(f"*{TEMP_SUFFIX}"))
+    (manifest,) = tmp_path.glob("outputs/*/*/manifest.json")  # refused before any model loaded, and recorded
+    assert json.loads(manifest.read_text())["status"] == "failed"
 
 
 # ------------------------------------------------------------------ converted, not refused

@@ -107,7 +107,8 @@ def test_random_text_weights_are_seeded_so_their_classifier_is_kept(tiny_registe
     for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), key
     kept = lenses.classifier_file(open_clip_config(tiny_registered, None), "simple")
-    assert kept == tmp_path / f"{tiny_registered}_random-seed0-torch{torch.__version__}_simple_openclip{open_clip.__version__}.pt"
+    versions = f"torch{torch.__version__}_simple_openclip{open_clip.__version__}"
+    assert kept == tmp_path / f"{tiny_registered}_random-seed0-{versions}.pt"
     assert lenses.classifier_file(EncoderConfig(source="tiny"), "simple") is None
     assert lenses.classifier_file(open_clip_config(tiny_registered, str(tmp_path)), "simple") is None  # a local path
 

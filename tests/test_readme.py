@@ -49,6 +49,12 @@ WEIGHTS_MISSING = "of the weights this run needs are not in the Hugging Face cac
 NOT_RUN = {  # commands no test runs, and why
     "pip": ".ci/run installs exactly as the README says",
     "pytest": "it is this test suite",
+    "apt-get": ".ci/run installs SLURM with this line",
+    "scripts/slurm_localhost.sh": ".ci/run starts SLURM with it; tests/test_slurm.py submits to it",
+    "export": "it sets the launcher=slurm settings of the lines after it",
+}
+NEEDS_A_CLUSTER_SWEEP = {  # commands that continue a SLURM sweep of 48 real-size jobs, and the tests that do so
+    "resume=outputs/bigg_layers": "tests/test_sweeps.py resumes a sweep, tests/test_slurm.py a requeued job",
 }
 
 
@@ -103,14 +109,20 @@ def test_dsl_commands_work_as_typed(line: str, offline_home: Path, monkeypatch, 
     env, words = split(line)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    for needle, reason in NEEDS_A_CLUSTER_SWEEP.items():
+        if needle in line:
+            pytest.skip(reason)
     if words[1] == "plot":  # it redraws the run the README names: make one there
         assert cli.main(["run", "debug=tiny", "decode.enabled=false", f"hydra.run.dir={words[2]}"]) == 0
+    if words[1] == "merge":  # it merges the sweep the README names: make one there
+        assert cli.main(["run", "-m", "debug=tiny", "decode.enabled=false", "layer=0,1",
+                         f"hydra.sweep.dir={words[2]}"]) == 0
     try:
         code = cli.main(words[1:])
     except SystemExit as exit_:
         code = exit_.code
     err = capsys.readouterr().err
-    if words[1] == "plot" or "debug=tiny" in words:
+    if words[1] in ("plot", "merge") or "debug=tiny" in words:
         assert code == 0, err
     else:
         errors = [e for e in err.splitlines() if e.startswith("dsl: error:")]

@@ -1,11 +1,14 @@
-"""Interruption and determinism: a run killed mid-decoding and resumed ends with exactly the rows and
-pictures of an uninterrupted run; identical runs give identical files; batch size does not change pictures."""
+"""Interruption and determinism: a run killed (SIGKILL at any moment, SIGTERM, SIGHUP, Ctrl-C) or stopped by
+a full disk, then resumed, ends with exactly the files of an uninterrupted run; two runs or two resumes in one
+folder at once give one refusal and rows written once; identical runs give identical files; the batch size
+changes pictures by at most one grey level."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -15,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from dsl_cli.outputs import TEMP_SUFFIX, RunFolder, is_picture
 
 DSL = str(Path(sys.executable).parent / "dsl")
 # 2 images x (4 heads + MLP) = 10 pictures, decoded one at a time so that a kill lands between pictures
@@ -41,13 +46,55 @@ def rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+def start(folder: Path, *overrides: str) -> subprocess.Popen:
+    """`dsl run` of the test config into `folder`, in the background (stderr kept, as text)."""
+    return subprocess.Popen([DSL, "run", *CONFIG, f"hydra.run.dir={folder}", *overrides], cwd=folder.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.02)
+
+
+def results(folder: Path) -> dict[str, bytes]:
+    """Every file a run leaves, with its bytes, but for the ones that record when and how it ran."""
+    skip = {"manifest.json", "dsl.log", ".hydra/hydra.yaml"}
+    return {name: data for name, data in
+            ((str(p.relative_to(folder)), p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file())
+            if name not in skip}
+
+
+def at_once(*commands: list[str], cwd: Path) -> list[tuple[int, str]]:
+    """Start the commands together; (exit status, stderr) of each."""
+    processes = [subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                 for command in commands]
+    return [(p.wait(timeout=600), p.stderr.read()) for p in processes]
+
+
+def one_refused(outcomes: list[tuple[int, str]]) -> None:
+    """One command completed; the other was refused with one line, exit 2."""
+    assert sorted(code for code, _ in outcomes) == [0, 2], [err[-2000:] for _, err in outcomes]
+    (refused,) = [err for code, err in outcomes if code == 2]
+    lines = [line for line in refused.splitlines() if line.startswith("dsl: error:")]
+    assert len(lines) == 1 and ("is being written by dsl process" in lines[0] or "already holds a run" in lines[0]
+                                or "is taking over the lock" in lines[0]), refused
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """An uninterrupted run, decoding one picture at a time."""
     return completed_run(tmp_path_factory.mktemp("reference") / "run", "decode.batch_size=1")
 
 
-def test_killed_then_resumed_equals_uninterrupted(reference: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def reference_4(tmp_path_factory) -> Path:
+    """An uninterrupted run, decoding four pictures at a time."""
+    return completed_run(tmp_path_factory.mktemp("reference_4") / "run", "decode.batch_size=4")
+
+
+def test_killed_then_two_resumes_at_once_equal_uninterrupted(reference: Path, tmp_path: Path) -> None:
     folder = tmp_path / "run"
     process = subprocess.Popen([DSL, "run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -60,14 +107,20 @@ def test_killed_then_resumed_equals_uninterrupted(reference: Path, tmp_path: Pat
     assert 0 < done_before < N_PICTURES, f"the kill did not land mid-decoding ({done_before} pictures)"
 
     finished = [r for r in rows(folder) if r["file"] and (folder / r["file"]).exists()]
-    (folder / "images" / ".left_by_the_kill.png.tmp").write_bytes(b"half a picture")
-    result = dsl("run", f"resume={folder}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert (folder / RunFolder.LOCK).exists()  # the killed run's lock: the resume takes it over
+    left = folder / "images" / "astronaut" / "steering" / f".L01H04.png.0123abcd{TEMP_SUFFIX}"
+    left.write_bytes(b"half a picture")  # what a kill leaves when it lands while a picture is written
+    users = [folder / "images" / ".notes.tmp", folder / "thesis" / ".ch1.docx.tmp"]
+    for path in users:  # a user's own temporaries, below the run folder
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"mine")
+    one_refused(at_once([DSL, "run", f"resume={folder}"], [DSL, "run", f"resume={folder}"], cwd=tmp_path))
     # finished pictures were kept, not decoded again
     assert json.loads((folder / "manifest.json").read_text())["decoded"] == N_PICTURES - len(finished)
     assert rows(folder) == rows(reference)  # same rows, each once, same values
     assert pictures(folder) == pictures(reference)  # same pictures, byte for byte
-    assert not list(folder.rglob("*.tmp"))
+    assert not list(folder.rglob(f"*{TEMP_SUFFIX}"))
+    assert all(path.read_bytes() == b"mine" for path in users)
 
 
 def test_identical_runs_give_identical_files(reference: Path, tmp_path: Path) -> None:
@@ -78,8 +131,8 @@ def test_identical_runs_give_identical_files(reference: Path, tmp_path: Path) ->
         assert (again / "grids" / grid.name).read_bytes() == grid.read_bytes()
 
 
-def test_batch_size_does_not_change_pictures(reference: Path, tmp_path: Path) -> None:
-    batched = completed_run(tmp_path / "batched", "decode.batch_size=4")
+def test_batch_size_does_not_change_pictures(reference: Path, reference_4: Path) -> None:
+    batched = reference_4
     one, four = pictures(reference), pictures(batched)
     assert one.keys() == four.keys() and len(one) == N_PICTURES
     for name in one:
@@ -101,7 +154,7 @@ def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     assert process.returncode == 130, err[-2000:]
     assert f"dsl run resume={folder}" in err and "Traceback" not in err
     assert json.loads((folder / "manifest.json").read_text())["status"] == "interrupted"
-    assert not list(folder.rglob("*.tmp"))
+    assert not list(folder.rglob(f"*{TEMP_SUFFIX}"))
 
 
 def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch) -> None:
@@ -117,3 +170,138 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(tmp_path: Pat
     with pytest.raises(KeyboardInterrupt):
         outputs.atomic_write_bytes(target, b"new\n")
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["similarity.csv"]
+
+
+def test_two_runs_started_at_once_in_one_folder(reference: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    command = [DSL, "run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"]
+    one_refused(at_once(command, command, cwd=tmp_path))
+    assert rows(folder) == rows(reference)  # each row once
+    assert results(folder) == results(reference)
+
+
+def test_sigterm_during_decoding_is_an_interruption_that_resume_completes(reference: Path, tmp_path: Path) -> None:
+    """What a batch scheduler sends, handled like Ctrl-C."""
+    folder = tmp_path / "run"
+    process = start(folder, "decode.batch_size=1")
+    wait_for(lambda: len(pictures(folder)) >= 2, process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err[-2000:]
+    assert f"dsl run resume={folder}" in err and "Traceback" not in err
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and "SIGTERM" in manifest["error"]
+    assert 0 < len(pictures(folder)) < N_PICTURES
+    assert not list(folder.rglob(f"*{TEMP_SUFFIX}")) and not (folder / RunFolder.LOCK).exists()
+    result = dsl("run", f"resume={folder}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert results(folder) == results(reference)
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_stop_signals_raise_an_interruption_with_the_shells_status(signum: int, status: int) -> None:
+    """A closed terminal (SIGHUP) too; the handlers are put back afterwards."""
+    from dsl_cli.errors import Interrupted
+    from dsl_cli.job import stop_signals_interrupt
+
+    before = signal.getsignal(signum)
+    with pytest.raises(Interrupted) as caught, stop_signals_interrupt():
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler raises before this ends
+    assert caught.value.exit_status == status and isinstance(caught.value, KeyboardInterrupt)
+    assert signal.getsignal(signum) == before
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MB tmpfs (mounting needs root; skipped elsewhere)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_disk_full_from_the_start_is_refused_leaving_no_file(small_disk: Path) -> None:
+    """Nothing half-written either (Hydra's own `.hydra/*.yaml` used to be left empty)."""
+    with open(small_disk / "ballast", "wb", buffering=0) as ballast:
+        try:
+            while ballast.write(b"\1" * 65536):
+                pass
+        except OSError:  # the disk is full
+            pass
+    folder = small_disk / "run"
+    result = dsl("run", *CONFIG, f"hydra.run.dir={folder}", cwd=small_disk)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("dsl: error:")]
+    assert "No space left on device" in line
+    assert not [p for p in folder.rglob("*") if p.is_file()]
+
+
+def pages(path: Path) -> int:
+    return -(-path.stat().st_size // 4096) * 4096
+
+
+def test_a_full_disk_fails_cleanly_and_resume_completes_the_run(reference: Path, small_disk: Path) -> None:
+    folder = small_disk / "run"
+    # room for the run's start and about half its pictures: the disk fills up while it decodes
+    start_files = [p for p in reference.rglob("*") if p.is_file() and p.parent.name not in ("grids", "heatmaps")]
+    room = RunFolder.RESERVE + sum(pages(p) for p in start_files) // 2
+    stats = os.statvfs(small_disk)
+    (small_disk / "ballast").write_bytes(b"\1" * (stats.f_bavail * stats.f_frsize - room))
+    result = dsl("run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}", cwd=small_disk)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("dsl: error:")]
+    assert "No space left on device" in line and f"dsl run resume={folder}" in line
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "No space left on device" in manifest["error"]
+    assert 0 < len(pictures(folder)) < N_PICTURES, "the disk did not fill up while decoding"
+    # no half-written file: no temporary, every picture whole, every CSV row whole
+    assert not list(folder.rglob(f"*{TEMP_SUFFIX}")) and not (folder / RunFolder.LOCK).exists()
+    assert all(is_picture(p) for p in folder.rglob("*.png"))
+    text = (folder / "similarity.csv").read_text()
+    assert text.endswith("\n") and all(len(row) == 16 for row in csv.reader(text.splitlines()))
+    (small_disk / "ballast").unlink()
+    resumed = dsl("run", f"resume={folder}", cwd=small_disk)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert results(folder) == results(reference)
+
+
+def kill_and_resume(reference: Path, folder: Path, batch: int, moment: float) -> None:
+    """Kill a run `moment` seconds after it has saved its config, resume it, compare with `reference`."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    process = start(folder, f"decode.batch_size={batch}")
+    wait_for(lambda: (folder / ".hydra" / "config.yaml").exists(), process)
+    time.sleep(moment)
+    process.kill()
+    process.communicate()
+    result = dsl("run", f"resume={folder}", cwd=folder.parent)
+    assert result.returncode == 0, (moment, result.stderr[-3000:])
+    assert results(folder) == results(reference), f"batch {batch}, killed {moment:.2f} s in"
+
+
+def kill_moments(reference: Path, count: int, seed: int) -> list[float]:
+    """`count` moments spread over the time a run takes after saving its config (its stages' seconds)."""
+    seconds = sum(json.loads((reference / "manifest.json").read_text())["seconds"].values())
+    draw = random.Random(seed)
+    return [draw.uniform(0, seconds + 1.0) for _ in range(count)]
+
+
+def test_a_kill_at_a_random_moment_then_resume_equals_uninterrupted(reference_4: Path, tmp_path: Path) -> None:
+    """Batches of 4 (one picture at a time: `test_killed_then_two_resumes_at_once_equal_uninterrupted`)."""
+    (moment,) = kill_moments(reference_4, 1, seed=4)
+    kill_and_resume(reference_4, tmp_path / "run", 4, moment)
+
+
+@pytest.mark.slow
+def test_ten_kills_at_random_moments_then_resume_equal_uninterrupted(reference: Path, reference_4: Path,
+                                                                     tmp_path: Path) -> None:
+    for trial, moment in enumerate(kill_moments(reference, 10, seed=2024)):
+        batch = (1, 4)[trial % 2]
+        kill_and_resume(reference if batch == 1 else reference_4, tmp_path / f"trial{trial}" / "run", batch,
+                        moment)

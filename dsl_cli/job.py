@@ -1,0 +1,173 @@
+"""The Hydra side of `dsl run`: a job's folder is claimed before Hydra writes there, and every way a job
+ends is mapped, in this one place, to a manifest status, one line on stderr and an exit status.
+
+    complete                      exit 0
+    UserError (bad input, disk)   manifest `failed` + reason, `dsl: error: ...`, exit 2
+    any other exception (a bug)   manifest `failed` + reason, `dsl: error: internal error ...`, exit 1
+    SIGINT / SIGTERM / SIGHUP     manifest `interrupted`, the `resume=` command, exit 130 / 143 / 129
+
+In a --multirun sweep a failed job is recorded and the next one runs; the sweep exits 1 or 2 at the end.
+An interruption stops the sweep. `hydra.verbose=true` shows the traceback instead of the one line.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from dsl_cli.errors import Interrupted, UserError, bug_message, printable, report
+from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # with SIGINT: what a scheduler and a closed terminal send
+_failures: list[int] = []  # exit statuses of the failed jobs of this process's sweep
+
+
+def claim_or_exit(folder: Path, resume: bool) -> None:
+    """Claim a folder for this process, or end with one line and status 2 (nothing is written there)."""
+    try:
+        RunFolder(folder).claim(resume=resume)
+    except UserError as err:
+        report(str(err))
+        sys.exit(2)
+
+
+class ClaimFolder(Callback):
+    """Registered in run.yaml (`hydra.callbacks`): claims the run folder, or a sweep's folder, as soon as
+    Hydra has composed the config and before it writes anything there (its log, the sweep's multirun.yaml).
+    Each sweep job's own folder is claimed by `task` (dsl writes `.hydra/` itself, after the claim)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        claim_or_exit(Path(config.hydra.run.dir), resume=bool(config.resume))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        claim_or_exit(Path(config.hydra.sweep.dir), resume=bool(config.resume))  # resume=SWEEP_DIR
+
+
+def sweep_status() -> int:
+    """The exit status of `dsl run` after its jobs: 0, or 1 if a job met a bug, else 2 if one was refused
+    (and the record is cleared for the next `dsl run` in this process)."""
+    status = 1 if 1 in _failures else 2 if _failures else 0
+    _failures.clear()
+    return status
+
+
+def save_hydra_files(folder: Path, cfg: DictConfig) -> None:
+    """What Hydra keeps in `.hydra/` (the job's config, Hydra's config, the overrides), written atomically
+    by dsl once the folder is claimed (run.yaml sets `hydra.output_subdir: null`)."""
+    hydra_cfg = HydraConfig.get()
+    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
+             "overrides.yaml": hydra_cfg.overrides.task}
+    for name, content in files.items():
+        atomic_write_bytes(folder / ".hydra" / name, OmegaConf.to_yaml(content).encode())
+
+
+@contextmanager
+def stop_signals_interrupt() -> Iterator[None]:
+    """While the job runs, SIGTERM and SIGHUP stop it as Ctrl-C does (an `Interrupted` exception), so that
+    finally-blocks run, temporaries go and the manifest says `interrupted`."""
+    def interrupt(signum: int, frame) -> None:
+        raise Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, *STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def task(cfg: DictConfig) -> None:
+    """The Hydra task function of `dsl run`: one job, with its ending recorded (see the module docstring)."""
+    from dsl_cli.logs import route_library_logs
+    from dsl_cli.run import run  # the model libraries load only when a job runs
+
+    route_library_logs()  # after importing run: the libraries set up their loggers when imported
+    hydra_cfg = HydraConfig.get()
+    folder = RunFolder(Path(hydra_cfg.runtime.output_dir))
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    num = hydra_cfg.job.num if sweep else None
+    with stop_signals_interrupt():
+        try:
+            _claim_job_folder(folder, cfg)
+        except UserError as err:  # not this job's folder: nothing is recorded there
+            return _end(num, folder.path, str(err), 2)
+        try:
+            if not (folder.path / ".hydra" / "config.yaml").exists():  # a fresh job, or one a sweep never started
+                save_hydra_files(folder.path, cfg)
+            run(cfg, folder.path)
+        except BaseException as err:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
+            _record(folder, err)
+            if hydra_cfg.verbose and not isinstance(err, KeyboardInterrupt):
+                raise
+            _report(err, folder.path, num)
+        finally:
+            folder.release()
+
+
+def _claim_job_folder(folder: RunFolder, cfg: DictConfig) -> None:
+    """Claim the job's folder; a requeued SLURM job continues its own (SLURM ended the earlier instance,
+    maybe on another node, so the lock it left is stale whatever its host says)."""
+    from dsl_cli.sweeps import requeued_run, resumes
+
+    if requeued_run(folder.path):
+        folder.lock_path.unlink(missing_ok=True)
+    folder.claim(resume=resumes(cfg, folder.path))
+
+
+def _record(folder: RunFolder, err: BaseException) -> None:
+    """The manifest's status and reason for a job that did not complete; on a full disk the space kept in
+    the folder's lock is given back first, so that this last write fits."""
+    values = ({"status": "interrupted", "error": f"interrupted by {_signal_name(err)}"}
+              if isinstance(err, KeyboardInterrupt) else {"status": "failed", "error": _reason(err)})
+    manifest = Manifest(folder.path / "manifest.json")
+    try:
+        manifest.update(**values)
+    except UserError:
+        folder.free_reserve()
+        try:
+            manifest.update(**values)
+        except UserError as again:
+            report(f"could not record the failure in {manifest.path}: {again}")
+
+
+def _signal_name(err: KeyboardInterrupt) -> str:
+    return err.args[0] if isinstance(err, Interrupted) else "SIGINT"
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, UserError):
+        return str(err)
+    return f"internal error: {type(err).__name__}: {err}"
+
+
+def _report(err: BaseException, folder: Path, num: int | None) -> None:
+    """One line for the user; the exit status (at once, or at the end of a sweep: `num` is the sweep job's)."""
+    resume = f"`dsl run resume={folder}` completes the run"
+    if isinstance(err, KeyboardInterrupt):
+        print("\n" + printable(f"dsl: interrupted ({_signal_name(err)}); finished pictures are kept: {resume}"),
+              file=sys.stderr)
+        sys.exit(err.exit_status if isinstance(err, Interrupted) else 130)
+    if isinstance(err, UserError):
+        message, status = str(err) + (f"; once that is fixed, {resume}" if err.resumable else ""), 2
+    elif isinstance(err, Exception):
+        message, status = bug_message(err), 1
+    else:  # SystemExit and the like: not ours to translate
+        raise err
+    _end(num, folder, message, status)
+
+
+def _end(num: int | None, folder: Path, message: str, status: int) -> None:
+    """Report; end a single run with `status`, or note it and let a sweep (`num`: the job) go on."""
+    if num is None:
+        report(message)
+        sys.exit(status)
+    report(f"job {num} ({folder}): {message}")
+    _failures.append(status)

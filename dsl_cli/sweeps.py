@@ -1,0 +1,317 @@
+"""Sweeps: what ties the jobs of a `--multirun` together, on one machine or on a SLURM cluster.
+
+A sweep folder (Hydra's `hydra.sweep.dir`) holds `multirun.yaml` and one ordinary run folder per job (`0/`,
+`1/`, ...; `.submitit/` holds the cluster jobs' logs). This module
+
+- merges the jobs' `similarity.csv` into one in the sweep folder, each job's overrides as columns, and draws
+  the sweep's heatmaps from it (`merge_sweep`: the Hydra callback `SweepResults` calls it when a multirun
+  ends, `dsl merge SWEEP_DIR` on demand); failed and unfinished jobs are listed, not merged;
+- lets a job continue its own run folder when SLURM requeues it or `dsl run resume=SWEEP_DIR` relaunches
+  its sweep (`continues_in_place`, `resume_sweep_args`);
+- keeps one GPU per job under `launcher=local_gpus` (`SweepResults.on_job_start`).
+
+What a merge writes into the sweep folder (from the job folders' files alone, so merging twice gives the
+same bytes):
+    similarity.csv     the rows of every complete job, in job order: `job`, one `override.<key>` column per
+                       override, then the run columns; `file` is relative to the sweep folder
+    manifest.json      every job with its folder, overrides and status; the failed and unfinished ones listed
+    heatmaps/<image>_<lens>[_<key>=<value>...].png    layers x components over all jobs at once
+    index.html         the heatmaps, and a link to each job's own page
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dsl_cli.errors import UserError
+from dsl_cli.outputs import (COLUMNS, CsvLog, atomic_write_bytes, draw_heatmaps, group_rows, is_sweep_folder,
+                             read_csv, read_manifest, write_json)
+
+log = logging.getLogger("dsl_cli.sweeps")
+
+# overrides that only share the work out (which layers, heads or images a job computes), or whose rows the
+# heatmaps tell apart anyway (one per lens): jobs differing in these draw into the same heatmaps; any other
+# override that varies (lens.alpha, seed) gets heatmaps of its own
+SAME_HEATMAP_KEYS = {"layer", "head", "component", "images.shard", "images.num_shards", "lens"}
+OVERRIDE = "override."  # prefix of the merged CSV's override columns
+
+
+# ---------------------------------------------------------------- jobs that continue their own folder
+
+
+def current_slurm_job() -> str | None:
+    """This process's SLURM job as `cluster/job id` (kept by SLURM across requeues), or None outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{os.environ.get('SLURM_CLUSTER_NAME', '')}/{job}" if job else None
+
+
+def requeued_run(folder: Path) -> bool:
+    """True when `folder` holds a run that this very SLURM job started before SLURM requeued it (preemption,
+    node failure, or a time limit that submitit turned into a requeue)."""
+    manifest = read_manifest(folder)
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    return bool(manifest and restarts > 0 and manifest.get("slurm_job") == current_slurm_job())
+
+
+def continues_in_place(cfg: DictConfig, run_dir: Path) -> bool:
+    """True when `run_dir` holds this job's own earlier attempt, to be continued rather than refused: SLURM
+    requeued the job, or `dsl run resume=SWEEP_DIR` relaunched the sweep that the folder belongs to."""
+    if read_manifest(run_dir) is None:
+        return False
+    sweep = Path(cfg.resume) if cfg.resume else None
+    in_resumed_sweep = (sweep is not None and is_sweep_folder(sweep)
+                        and run_dir.resolve().is_relative_to(sweep.resolve()))
+    return in_resumed_sweep or requeued_run(run_dir)
+
+
+def resumes(cfg: DictConfig, run_dir: Path) -> bool:
+    """Whether a job continues what is in `run_dir` (`resume=`, a requeue, a resumed sweep) rather than
+    starting afresh, where a folder that holds a run is refused."""
+    return bool(cfg.resume) or continues_in_place(cfg, run_dir)
+
+
+def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
+    """`dsl run resume=SWEEP_DIR`: the sweep's saved command line again, into its own folder, where complete
+    jobs are skipped and the others continue (or start). Hydra overrides in `args` (a partition, a time
+    limit) replace saved ones with the same key."""
+    saved = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
+    given = {_key(a) for a in args if a.startswith("hydra")} | {"hydra.mode", "hydra.sweep.dir"}
+    task = [o for o in saved.task if _key(o) != "resume"]
+    hydra = [o for o in saved.hydra if _key(o) not in given]
+    # the jobs find their sweep by this path, whatever their working folder
+    return ["--multirun", *task, *hydra, f"hydra.sweep.dir={folder.resolve()}", f"resume={folder.resolve()}"]
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+# ---------------------------------------------------------------- the jobs of a sweep
+
+
+@dataclass
+class Job:
+    """One job of a sweep, as its folder shows it."""
+
+    job: int
+    overrides: list[str]
+    folder: str | None = None  # relative to the sweep folder; None: never started
+    status: str = "not started"  # complete | failed | interrupted | running | started | not started
+    error: str | None = None
+    rows: list[dict] = field(default_factory=list, repr=False)
+
+
+def expected_overrides(sweep_dir: Path) -> dict[int, list[str]]:
+    """Job number -> overrides, expanded from the saved command line as Hydra's basic sweeper does (the
+    last key's values vary fastest). Empty for other sweepers and for glob() sweeps, which need Hydra's
+    config loader: their jobs are known from their folders only."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    saved = OmegaConf.load(sweep_dir / "multirun.yaml")
+    if not str(saved.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return {}
+    params = saved.hydra.sweeper.get("params") or {}
+    given = [f"{k}={v}" for k, v in params.items()] + [o for o in saved.hydra.overrides.task if _key(o) != "resume"]
+    choices: dict[str, list[str]] = {}
+    try:
+        for override in OverridesParser.create().parse_overrides(given):
+            key = override.get_key_element()
+            values = (override.sweep_string_iterator() if override.is_sweep_override()
+                      else [override.get_value_element_as_str()])
+            choices[key] = [f"{key}={v}" for v in values]
+    except HydraException:
+        return {}
+    return {num: list(combo) for num, combo in enumerate(itertools.product(*choices.values()))}
+
+
+def _job_folders(sweep_dir: Path) -> dict[int, Path]:
+    """Job number -> run folder, for every job that started (Hydra saved its config there)."""
+    found = {}
+    for saved in sweep_dir.rglob(".hydra/hydra.yaml"):
+        if ".submitit" not in saved.parts:
+            found[int(OmegaConf.load(saved).hydra.job.num)] = saved.parent.parent
+    return found
+
+
+def sweep_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job of the sweep with its status; a complete job carries its rows."""
+    folders = _job_folders(sweep_dir)
+    expected = expected_overrides(sweep_dir)
+    jobs = []
+    for num in sorted(set(expected) | set(folders)):
+        job = Job(num, [o for o in expected.get(num, []) if _key(o) != "resume"])
+        if num in folders:
+            _read_job(job, sweep_dir, folders[num])
+        jobs.append(job)
+    return jobs
+
+
+def _read_job(job: Job, sweep_dir: Path, folder: Path) -> None:
+    job.folder = folder.relative_to(sweep_dir).as_posix()
+    saved = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+    job.overrides = [o for o in saved if _key(o) != "resume"]
+    manifest = read_manifest(folder) or {}
+    job.status, job.error = manifest.get("status", "started"), manifest.get("error")
+    if job.status == "complete":
+        job.rows = read_csv(folder / "similarity.csv")
+
+
+# ---------------------------------------------------------------- merge
+
+
+def override_keys(jobs: list[Job]) -> list[str]:
+    """Every override key of the jobs, in first-seen order."""
+    return list(dict.fromkeys(_key(o) for job in jobs for o in job.overrides))
+
+
+def merged_rows(jobs: list[Job], keys: list[str]) -> list[dict]:
+    """The complete jobs' rows in job order, with the job's number and overrides; `file` made relative to
+    the sweep folder."""
+    merged = []
+    for job in jobs:
+        values = {_key(o): o.split("=", 1)[1] if "=" in o else "" for o in job.overrides}
+        extra = {"job": job.job, **{OVERRIDE + k: values.get(k, "") for k in keys}}
+        for row in job.rows:
+            merged.append({**extra, **row, "file": f"{job.folder}/{row['file']}" if row["file"] else ""})
+    return merged
+
+
+def merge_sweep(sweep_dir: Path) -> dict:
+    """Merge a sweep folder's jobs (see the module docstring); returns what manifest.json says."""
+    if not is_sweep_folder(sweep_dir):
+        raise UserError(f"{sweep_dir}: not a sweep folder (no multirun.yaml); give the hydra.sweep.dir of a "
+                        "--multirun, e.g. outputs/multirun/DATE/TIME")
+    jobs = sweep_jobs(sweep_dir)
+    keys = override_keys(jobs)
+    columns = ["job", *(OVERRIDE + k for k in keys), *COLUMNS]
+    CsvLog(sweep_dir / "similarity.csv", columns).rewrite(merged_rows(jobs, keys))
+    manifest = sweep_manifest(jobs)
+    figures = draw_sweep(sweep_dir, manifest)
+    manifest["figures"] = [p.relative_to(sweep_dir).as_posix() for p in figures]
+    write_json(sweep_dir / "manifest.json", manifest)
+    return manifest
+
+
+def sweep_manifest(jobs: list[Job]) -> dict:
+    """The sweep's manifest: every job, and the failed and unfinished ones listed apart."""
+    listed = [{"job": j.job, "folder": j.folder, "overrides": j.overrides, "status": j.status, "error": j.error,
+               "rows": len(j.rows)} for j in jobs]
+    failed = [entry for entry in listed if entry["status"] == "failed"]
+    unfinished = [entry for entry in listed if entry["status"] not in ("complete", "failed")]
+    return {"kind": "sweep", "status": "complete" if not failed and not unfinished else "incomplete",
+            "jobs": listed, "complete": len(jobs) - len(failed) - len(unfinished), "failed": failed,
+            "unfinished": unfinished, "rows": sum(entry["rows"] for entry in listed)}
+
+
+def summary_lines(sweep_dir: Path, manifest: dict) -> list[str]:
+    """What a merge did, for the terminal: one line, then one per failed or unfinished job (named by the
+    overrides that tell the jobs apart)."""
+    lines = [f"merged {manifest['rows']} rows of {manifest['complete']} of {len(manifest['jobs'])} jobs into "
+             f"{sweep_dir / 'similarity.csv'} (figures: {sweep_dir / 'index.html'})"]
+    shared = set.intersection(*(set(j["overrides"]) for j in manifest["jobs"])) if len(manifest["jobs"]) > 1 else set()
+    for entry in manifest["failed"] + manifest["unfinished"]:
+        why = f": {entry['error']}" if entry.get("error") else ""
+        named = " ".join(o for o in entry["overrides"] if o not in shared)
+        lines.append(f"job {entry['job']} ({named}) {entry['status']}{why}")
+    return lines
+
+
+# ---------------------------------------------------------------- figures
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+
+
+def draw_sweep(sweep_dir: Path, manifest: dict | None = None) -> list[Path]:
+    """Heatmaps of the merged CSV (one set per combination of the overrides that vary and do not just split
+    the work) and the sweep's index.html; `manifest` defaults to the sweep's manifest.json."""
+    manifest = manifest if manifest is not None else read_manifest(sweep_dir) or {"jobs": []}
+    with open(sweep_dir / "similarity.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    keys = [c for c in (rows[0] if rows else {}) if c.startswith(OVERRIDE) and c[len(OVERRIDE):] not in SAME_HEATMAP_KEYS]
+    varying = [k for k in keys if len({row[k] for row in rows}) > 1]
+    for stale in sweep_dir.glob("heatmaps/*.png"):  # drawn by an earlier merge, perhaps under other names
+        stale.unlink()
+    figures = []
+    for values, group in group_rows(rows, tuple(varying)).items():
+        tag = "_".join(f"{_safe(k[len(OVERRIDE):])}={_safe(v)}" for k, v in zip(varying, values))
+        figures += draw_heatmaps(sweep_dir, group, tag=tag)
+    write_sweep_index(sweep_dir, figures, manifest)
+    return figures
+
+
+def redraw_sweeps(folder: Path) -> dict[Path, int]:
+    """`draw_sweep` for every merged sweep at or below `folder`: {sweep folder: figures drawn}."""
+    found = [folder] if is_sweep_folder(folder) else [p.parent for p in folder.rglob("multirun.yaml")]
+    return {sweep: len(draw_sweep(sweep)) for sweep in sorted(found) if (sweep / "similarity.csv").is_file()}
+
+
+def write_sweep_index(sweep_dir: Path, figures: list[Path], manifest: dict) -> None:
+    """index.html of the sweep: every job with its status (and a link to its page), then the heatmaps."""
+    jobs = "\n".join(
+        f"<li>job {j['job']} ({' '.join(j['overrides'])}): "
+        + (f"<a href='{j['folder']}/index.html'>{j['status']}</a>" if j["folder"] else j["status"]) + "</li>"
+        for j in manifest["jobs"])
+    images = "\n".join(f'<figure><img src="{p.relative_to(sweep_dir).as_posix()}" loading="lazy"><figcaption>'
+                       f"{p.relative_to(sweep_dir).as_posix()}</figcaption></figure>" for p in sorted(figures))
+    page = (f"<!doctype html><meta charset='utf-8'><title>dsl sweep {sweep_dir.name}</title>"
+            "<style>img{max-width:100%}figure{margin:1em 0}</style>"
+            f"<h1>{sweep_dir.name}</h1><p><a href='similarity.csv'>similarity.csv</a> · "
+            f"<a href='manifest.json'>manifest.json</a></p>\n<ul>\n{jobs}\n</ul>\n{images}\n")
+    atomic_write_bytes(sweep_dir / "index.html", page.encode())
+
+
+# ---------------------------------------------------------------- Hydra callback
+
+
+def pin_gpu(job_num: int) -> None:
+    """submitit's local executor shows every GPU to every job; keep the job's own one. The sweeper starts at
+    most one job per GPU at a time (launcher=local_gpus sets its batch size), in consecutive numbers, so
+    `job number mod GPUs` never gives two running jobs the same GPU."""
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    if len(visible) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[job_num % len(visible)]
+
+
+merged_sweeps: list[dict] = []  # manifests of the sweeps merged in this process (the exit status reads them)
+
+
+class SweepResults(Callback):
+    """Hydra callback (configs/run.yaml, hydra.callbacks): one GPU per local job, and the merge at the end."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":  # a job of launcher=local_gpus
+            pin_gpu(int(config.hydra.job.num))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Weights are looked up once before any job is launched, so that a sweep of 48 SLURM jobs that would
+        each stop at the preflight is refused at once (each job still checks its own, swept, config)."""
+        from dsl_cli.weights import preflight
+
+        if config.resume:
+            return
+        try:
+            preflight(config)
+        except UserError as err:
+            print(f"dsl: error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        manifest = merge_sweep(sweep_dir)
+        for line in summary_lines(sweep_dir, manifest):
+            log.info("%s", line)
+        merged_sweeps.append(manifest)

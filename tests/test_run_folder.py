@@ -1,0 +1,262 @@
+"""A run owns its folder and nothing else: its lock, the refusal of a folder that holds a run (before Hydra
+writes anything there, whatever the override's spelling), its own temporaries only, names that are data and
+never paths, escaped HTML, the umask's file modes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dsl_cli.errors import UserError
+from dsl_cli.images import unique_names
+from dsl_cli.outputs import NAME, TEMP_SUFFIX, LockOwner, RunFolder, atomic_write_bytes, release_all
+from test_errors import dsl_in_process  # tests/ is on the path (pytest's default import mode)
+
+DSL = str(Path(sys.executable).parent / "dsl")
+SCORES_ONLY = ["run", "debug=tiny", "decode.enabled=false"]  # a run that decodes nothing: seconds
+HOSTILE = "<img src=x onerror=alert(1)>"  # a folder name (no slash in it)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file below `root` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("dsl: error:")]
+
+
+# ------------------------------------------------------------------ one run into a folder with a user's files
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
+    """A run (umask 022) into an existing folder named like an HTML tag, which holds a user's files,
+    among them temporaries named like dsl's old ones (`.*.tmp`). Returns (folder, the user's files)."""
+    root = tmp_path_factory.mktemp("hostile")
+    folder = root / HOSTILE
+    users = {"thesis/.ch1.docx.tmp": b"chapter one", ".notes.tmp": b"notes", "images/.mine.png.tmp": b"mine",
+             "grids/.draft.tmp": b"draft"}
+    for name, data in users.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    old = os.umask(0o022)
+    try:
+        result = subprocess.run([DSL, "run", "debug=tiny", "decode.top_k=1", f"hydra.run.dir='{folder}'"], cwd=root,
+                                capture_output=True, text=True, timeout=600)
+    finally:
+        os.umask(old)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder, users
+
+
+def test_a_users_tmp_files_below_the_run_folder_survive_a_run(hostile_run) -> None:
+    folder, users = hostile_run
+    for name, data in users.items():
+        assert (folder / name).read_bytes() == data, name
+    assert not list(folder.rglob(f"*{TEMP_SUFFIX}")) and not (folder / RunFolder.LOCK).exists()
+
+
+def test_files_a_run_writes_have_the_umask_mode(hostile_run) -> None:
+    folder, users = hostile_run
+    theirs = {folder / name for name in users} | {(folder / name).parent for name in users}
+    written = [p for p in folder.rglob("*") if p not in theirs]
+    files = [p for p in written if p.is_file()]
+    assert len(files) > 10 and {p.name for p in files} >= {"similarity.csv", "manifest.json", "config.yaml",
+                                                             "index.html", "input.png"}
+    for path in written:
+        assert stat.S_IMODE(path.stat().st_mode) == (0o755 if path.is_dir() else 0o644), path
+
+
+def test_index_html_escapes_the_folder_name(hostile_run) -> None:
+    folder, _ = hostile_run
+    page = (folder / "index.html").read_text()
+    assert "<img src=x" not in page and "onerror=alert(1)>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert page.count("<img ") == len(list(folder.glob("grids/*.png"))) + len(list(folder.glob("heatmaps/*.png")))
+
+
+# ------------------------------------------------------------------ a folder that holds a run is refused
+
+
+@pytest.mark.parametrize("spelling", ["hydra.run.dir={}", "++hydra.run.dir={}", "hydra.run.dir={}/",
+                                      "hydra.run.dir=./{}/../{}", "hydra.run.dir='{}'",
+                                      "hydra.run.dir=${{oc.env:RUN}}"])
+def test_a_refused_second_run_leaves_the_finished_run_byte_identical(spelling: str, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    assert dsl_in_process([*SCORES_ONLY, "hydra.run.dir=run"], tmp_path, monkeypatch, capsys)[0] == 0
+    before = snapshot(tmp_path / "run")
+    monkeypatch.setenv("RUN", "run")
+    code, err = dsl_in_process([*SCORES_ONLY, "seed=7", spelling.format("run", "run")], tmp_path, monkeypatch, capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and "already holds a run" in err, err
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_a_refused_second_sweep_leaves_the_finished_sweep_byte_identical(tmp_path: Path, monkeypatch,
+                                                                        capsys) -> None:
+    sweep = ["-m", "hydra.sweep.dir=sweep", "seed=0,1"]
+    assert dsl_in_process([*SCORES_ONLY, *sweep], tmp_path, monkeypatch, capsys)[0] == 0
+    before = snapshot(tmp_path / "sweep")
+    assert {"multirun.yaml", "0/.hydra/config.yaml", "1/.hydra/config.yaml"} <= set(before)
+    code, err = dsl_in_process([*SCORES_ONLY, "-m", "hydra.sweep.dir=sweep", "seed=5,6"], tmp_path, monkeypatch,
+                               capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and "already holds a run" in err, err
+    assert snapshot(tmp_path / "sweep") == before
+
+
+def test_a_sweep_job_whose_folder_holds_a_run_is_refused_before_anything_is_written(tmp_path: Path, monkeypatch,
+                                                                                    capsys) -> None:
+    """Job folders may lie outside the sweep folder (`hydra.sweep.subdir`): each is claimed by the job."""
+    assert dsl_in_process([*SCORES_ONLY, "hydra.run.dir=elsewhere/1"], tmp_path, monkeypatch, capsys)[0] == 0
+    before = snapshot(tmp_path / "elsewhere")
+    args = [*SCORES_ONLY, "-m", "hydra.sweep.dir=sweep", "hydra.sweep.subdir=../elsewhere/${hydra.job.num}",
+            "seed=3,4"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "job 1" in err and "already holds a run" in err, err
+    after = snapshot(tmp_path / "elsewhere")
+    assert {k: v for k, v in after.items() if k.startswith("1/")} == before
+    assert json.loads(after["0/manifest.json"])["status"] == "complete"
+
+
+# ------------------------------------------------------------------ the lock
+
+
+def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(tmp_path: Path, caplog) -> None:
+    folder = RunFolder(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    live = LockOwner(os.getppid(), socket.gethostname(), "feedface")  # pytest's parent: alive
+    folder.lock_path.write_text(live.line + "\n")
+    with pytest.raises(UserError, match=f"being written by dsl process {os.getppid()}.*remove .*dsl.lock"):
+        folder.claim()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder.lock_path.write_text(f"{int(dead.stdout)} {socket.gethostname()} 0badcafe\n")
+    try:
+        assert folder.claim() is True
+        assert RunFolder(tmp_path / "run").claim() is False  # held by this process already
+        assert LockOwner.parse(folder.lock_path.read_bytes().split(b"\n")[0].decode()) == folder.owner
+        assert "took over the lock of process" in caplog.text
+        assert folder.lock_path.stat().st_size > RunFolder.RESERVE  # space kept back for a full disk
+    finally:
+        release_all()
+    assert not folder.lock_path.exists()
+
+
+def test_a_lock_from_another_host_is_refused_with_how_to_clear_it(tmp_path: Path) -> None:
+    (tmp_path / RunFolder.LOCK).write_text("4242 some-other-node 0123abcd\n")
+    with pytest.raises(UserError) as caught:
+        RunFolder(tmp_path).claim(resume=True)
+    assert "dsl process 4242 on some-other-node" in str(caught.value)
+    assert f"remove {tmp_path / RunFolder.LOCK}" in str(caught.value)
+
+
+# ------------------------------------------------------------------ names are data
+
+
+def test_three_colliding_file_names_give_three_images(tmp_path: Path, monkeypatch, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    colours = {"a b.png": (255, 0, 0), "a_b.png": (0, 255, 0), "a_b_2.png": (0, 0, 255)}
+    for name, colour in colours.items():
+        Image.new("RGB", (80, 60), colour).save(photos / name)
+    code, err = dsl_in_process([*SCORES_ONLY, "images=folder", f"images.path={photos}", "images.limit=null",
+                                "hydra.run.dir=run"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    with open(tmp_path / "run" / "similarity.csv", newline="") as handle:
+        images = sorted({row["image"] for row in csv.DictReader(handle)})
+    assert len(images) == 3
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert sorted(manifest["images"]) == images
+    seen = {Image.open(tmp_path / "run" / "images" / image / "input.png").getpixel((5, 5)) for image in images}
+    assert seen == set(colours.values())  # each input kept its own picture
+
+
+def test_names_are_stable_distinct_and_safe() -> None:
+    root = Path("/data")
+    files = [root / n for n in ("a b.png", "a_b.png", "a_b_2.png", "x/dup.jpg", "y/dup.jpg", "Dup.png", "é.png",
+                                "..png", "a_b-0000.png", "line\nbreak.png")]
+    names = unique_names(files, root)
+    assert len({n.casefold() for n in names}) == len(files)
+    assert all(NAME.fullmatch(n) for n in names)
+    assert names[1:3] == ["a_b", "a_b_2"]  # safe, unique stems are kept as they are
+    shuffled = unique_names(files[::-1], root)[::-1]
+    assert shuffled == names  # the order of the files does not matter
+    assert unique_names([root / "a b.png"], root) == names[:1]  # nor the presence of the others
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """A finished run that decoded two pictures per image."""
+    root = tmp_path_factory.mktemp("finished")
+    result = subprocess.run([DSL, "run", "debug=tiny", "decode.top_k=2", "decode.batch_size=1",
+                             f"hydra.run.dir={root / 'run'}"], cwd=root,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "run"
+
+
+def test_csv_rows_are_sorted_by_image_then_component_order(finished: Path) -> None:
+    """Also with decode.top_k, whose undecoded rows are written before the decoded ones."""
+    with open(finished / "similarity.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    heads = [f"L01H0{h}" for h in range(4)]  # debug=tiny: layer 1, its 4 heads
+    assert [(r["image"], r["component"]) for r in rows] == [(i, c) for i in ("astronaut", "chelsea") for c in heads]
+    assert sum(1 for r in rows if r["file"]) == 4  # top 2 of each image decoded
+
+
+@pytest.mark.parametrize("command", ["plot", "resume"])
+def test_a_csv_row_naming_a_path_is_refused_and_nothing_is_written_outside(command: str, finished: Path,
+                                                                           tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "a" / "b" / "run"
+    folder.parent.mkdir(parents=True)
+    subprocess.run(["cp", "-a", str(finished), str(folder)], check=True)
+    text = (folder / "similarity.csv").read_text()
+    (folder / "similarity.csv").write_text(text.replace("astronaut,", "../../evil,", 1)
+                                           .replace("images/astronaut/", "images/../../evil/", 1))
+    outside = {p for p in tmp_path.rglob("*") if folder not in p.parents}
+    args = ["plot", str(folder)] if command == "plot" else ["run", f"resume={folder}"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and "'../../evil' is not a valid name" in err, err
+    assert {p for p in tmp_path.rglob("*") if folder not in p.parents} == outside
+
+
+def test_a_damaged_picture_is_refused_by_plot_and_made_again_by_resume(finished: Path, tmp_path: Path,
+                                                                       monkeypatch, capsys) -> None:
+    folder = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(finished), str(folder)], check=True)
+    picture = next(folder.glob("images/chelsea/steering/*.png"))
+    whole = picture.read_bytes()
+    picture.write_bytes(whole[: len(whole) // 2])
+    code, err = dsl_in_process(["plot", str(folder)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and f"{picture}: not a readable picture" in err, err
+    code, err = dsl_in_process(["run", f"resume={folder}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert picture.read_bytes() == whole and json.loads((folder / "manifest.json").read_text())["decoded"] == 1
+
+
+def test_an_error_naming_a_file_escapes_control_characters(tmp_path: Path, monkeypatch, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "evil\n\x1b[31mred.png").write_text("not a picture")
+    code, err = dsl_in_process([*SCORES_ONLY, "images=folder", f"images.path={photos}"], tmp_path, monkeypatch,
+                               capsys)
+    assert code == 2 and "\x1b" not in err and err.count("\n") == 1, repr(err)
+    assert "evil\\n\\x1b[31mred.png" in error_lines(err)[0]
+
+
+def test_atomic_writes_leave_only_dsls_own_temporary_names(tmp_path: Path, monkeypatch) -> None:
+    from dsl_cli import outputs
+
+    seen = []
+    real_replace = os.replace
+    monkeypatch.setattr(outputs.os, "replace", lambda src, dst: (seen.append(Path(src).name), real_replace(src, dst)))
+    atomic_write_bytes(tmp_path / "similarity.csv", b"x\n")
+    assert len(seen) == 1 and seen[0].startswith(".similarity.csv.") and seen[0].endswith(TEMP_SUFFIX)

@@ -1,0 +1,118 @@
+"""A real SLURM (one node: `scripts/slurm_localhost.sh`, started by .ci/run): a sweep by layer submitted as a
+job array through `launcher=slurm`, and a job requeued mid-decoding that continues its own run folder."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+DSL = str(Path(sys.executable).parent / "dsl")
+ON_THIS_NODE = ["launcher=slurm", "hydra.launcher.gpus_per_node=0"]  # the localhost cluster has no GPU
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def pictures(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.glob("images/*/*/*.png"))}
+
+
+def slurm_ids(sweep: Path) -> list[str]:
+    """The SLURM jobs of a sweep, from submitit's folders (`12` or `12_0` for a task of array 12)."""
+    folders = (sweep / ".submitit").glob("*")  # also holds submitit's temporary files
+    return sorted({p.name for p in folders if p.is_dir() and re.fullmatch(r"\d+(_\d+)?", p.name)})
+
+
+@pytest.fixture
+def sweeps(tmp_path: Path):
+    """Sweep folders of the test; their SLURM jobs are cancelled at the end, whatever happened."""
+    made: list[Path] = []
+    yield made
+    for sweep in made:
+        for job in slurm_ids(sweep):
+            subprocess.run(["scancel", job], capture_output=True, timeout=30)
+
+
+def test_a_sweep_by_layer_runs_as_slurm_jobs_and_merges_every_row_once(tmp_path: Path, sweeps) -> None:
+    sweeps.append(tmp_path / "sweep")
+    result = subprocess.run([DSL, "run", "debug=tiny", *ON_THIS_NODE, "hydra.sweep.dir=sweep", "--multirun",
+                             "layer=0,1,2"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    slurm_jobs = {json.loads((sweep / str(n) / "manifest.json").read_text())["slurm_job"] for n in range(3)}
+    assert len(slurm_jobs) == 3 and None not in slurm_jobs  # three SLURM jobs ran them
+    merged = read_rows(sweep / "similarity.csv")
+    images = json.loads((sweep / "0" / "manifest.json").read_text())["images"]
+    expected = {(image, f"L{layer:02d}H{head:02d}") for image in images for layer in range(3) for head in range(4)}
+    seen = [(row["image"], row["component"]) for row in merged]
+    assert sorted(seen) == sorted(expected)  # every layer's rows, each once
+    for num in range(3):
+        job_rows = [{k: v for k, v in row.items() if k in read_rows(sweep / "0" / "similarity.csv")[0]}
+                    for row in merged if row["job"] == str(num)]
+        own = read_rows(sweep / str(num) / "similarity.csv")
+        assert [dict(r, file=f"{num}/{r['file']}") for r in own] == job_rows
+    assert json.loads((sweep / "manifest.json").read_text())["status"] == "complete"
+
+
+def _job_state(job: str) -> str:
+    answer = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return answer.stdout.strip()
+
+
+def _requeue_mid_decoding(run: Path, job: str, deadline: float) -> int:
+    """Requeue `job` once it has written a picture; return the pictures on disk when it was requeued."""
+    while not pictures(run) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done = len(pictures(run))
+    subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+    # SLURM holds a requeued job back for two minutes; a busy cluster would start it whenever it can
+    while _job_state(job) != "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
+    return done
+
+
+def test_a_requeued_job_continues_its_run_folder_to_the_files_of_an_uninterrupted_run(tmp_path: Path,
+                                                                                          sweeps) -> None:
+    # 10 pictures of 40 denoising steps, one at a time: seconds each, so that the requeue lands mid-decoding
+    slow = ["debug=tiny", "component=all", "layer=1", "decode.steps=40", "decode.batch_size=1"]
+    reference = subprocess.run([DSL, "run", *slow, "hydra.run.dir=reference"], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    sweep = tmp_path / "sweep"
+    sweeps.append(sweep)
+    launcher = subprocess.Popen([DSL, "run", *slow, *ON_THIS_NODE, f"hydra.sweep.dir={sweep}", "--multirun"],
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 600
+    try:
+        while not slurm_ids(sweep) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (job,) = slurm_ids(sweep)
+        done_at_requeue = _requeue_mid_decoding(sweep / "0", job, deadline)
+        output, _ = launcher.communicate(timeout=max(1.0, deadline - time.monotonic()))
+    finally:  # a launcher left waiting for a cancelled job would wait forever
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    assert launcher.returncode == 0, output[-3000:]
+
+    run = sweep / "0"
+    manifest = json.loads((run / "manifest.json").read_text())
+    kept = manifest["resumed_rows"]  # pictures the first attempt finished, kept by the second
+    assert 1 <= done_at_requeue <= kept < 10, f"the requeue did not land mid-decoding ({kept} of 10 kept)"
+    assert manifest["decoded"] == 10 - kept and manifest["slurm_job"].endswith(f"/{job}")
+    assert read_rows(run / "similarity.csv") == read_rows(tmp_path / "reference" / "similarity.csv")
+    assert pictures(run) == pictures(tmp_path / "reference")  # byte for byte
+    assert not list(run.rglob("*.tmp"))
+    assert len(read_rows(sweep / "similarity.csv")) == 10

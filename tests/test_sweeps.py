@@ -1,0 +1,298 @@
+"""Sweeps on one machine: image shards, the merged sweep folder (CSV, heatmaps, manifest), resuming a sweep,
+`launcher=local_gpus`, and a requeued SLURM job's claim on its own run folder (with SLURM's environment
+variables set by hand; tests/test_slurm.py submits to a real SLURM)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+from PIL import Image
+
+from dsl_cli.config import ImagesConfig, register_configs
+from dsl_cli.errors import UserError
+from dsl_cli.images import load_images
+from dsl_cli.outputs import COLUMNS, heatmap_matrix
+from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu, requeued_run
+from test_errors import dsl_in_process
+
+DSL = str(Path(sys.executable).parent / "dsl")
+FAST = ["debug=tiny", "decode.enabled=false"]
+
+
+def dsl(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([DSL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def job_folders(sweep: Path) -> dict[int, Path]:
+    return {int(p.name): p for p in sweep.iterdir() if p.name.isdigit()}
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------- image shards
+
+
+def test_image_shards_are_disjoint_stable_and_cover_the_set(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index, name in enumerate(["a.png", "a.jpg", "b.png", "c.png", "d.png", "e.png", "f.png"]):
+        Image.new("RGB", (32, 32), (index * 30, 0, 0)).save(folder / name)
+    cfg = OmegaConf.structured(ImagesConfig(source="folder", path=str(folder)))
+    whole = [(item.name, item.source) for item in load_images(cfg).images]
+    assert len({name for name, _ in whole}) == 7  # the two `a` files keep distinct names
+    for count in range(1, 8):
+        shards = []
+        for index in range(count):
+            cfg.shard, cfg.num_shards = index, count
+            shards.append([(item.name, item.source) for item in load_images(cfg).images])
+            assert [(i.name, i.source) for i in load_images(cfg).images] == shards[-1]  # stable
+        together = [item for shard in shards for item in shard]
+        assert sorted(together) == sorted(whole), count  # every image once: no overlap, no gap
+
+
+@pytest.mark.parametrize(("shard", "count", "fragment"), [
+    (3, 3, "images.shard=3: must be between 0 and"), (None, 2, "needs images.shard"),
+    (0, 0, "images.num_shards=0"), (5, 6, "holds no image"),
+])
+def test_bad_shard_settings_are_refused(shard, count, fragment) -> None:
+    cfg = OmegaConf.structured(ImagesConfig(source="samples", shard=shard, num_shards=count))
+    with pytest.raises(UserError, match=fragment):
+        load_images(cfg)
+
+
+def test_whole_model_preset_splits_a_sweep_by_image(tmp_path: Path, monkeypatch, capsys) -> None:
+    """sweep=whole_model in 3 jobs gives, merged, exactly the rows of one unsharded run: every image once."""
+    whole = ["images.limit=null", "layer=all", "component=all"]  # debug=tiny picks layer 1 and 2 images
+    code, out = dsl_in_process(["run", *FAST, *whole, "hydra.run.dir=whole"], tmp_path, monkeypatch, capsys)
+    assert code == 0, out
+    code, out = dsl_in_process(["run", *FAST, *whole, "sweep=whole_model", "images.num_shards=3",
+                                "hydra.sweep.dir=sweep", "--multirun"], tmp_path, monkeypatch, capsys)
+    assert code == 0, out
+    merged = read_rows(tmp_path / "sweep" / "similarity.csv")
+    images_of = {}
+    for row in merged:
+        images_of.setdefault(row[OVERRIDE + "images.shard"], set()).add(row["image"])
+    assert sorted(images_of) == ["0", "1", "2"]
+    assert sum(len(s) for s in images_of.values()) == len(set().union(*images_of.values())) == 5
+    # the same rows as one run, up to float noise (the encoder saw batches of other sizes)
+    reference = {(r["image"], r["component"]): r for r in read_rows(tmp_path / "whole" / "similarity.csv")}
+    assert sorted((r["image"], r["component"]) for r in merged) == sorted(reference)
+    for row in merged:
+        expected = reference[(row["image"], row["component"])]
+        for column in COLUMNS:
+            if column in ("sim_embed", "norm"):
+                assert float(row[column]) == pytest.approx(float(expected[column]), abs=1e-5)
+            else:
+                assert row[column] == expected[column], column
+
+
+# ---------------------------------------------------------------- merging a sweep
+
+
+@pytest.fixture(scope="module")
+def alpha_sweep(tmp_path_factory) -> Path:
+    """Four jobs (layer 0 and 1, alpha 1 and 4), scores only, merged by the callback when the sweep ended."""
+    root = tmp_path_factory.mktemp("alpha")
+    result = dsl("run", *FAST, "hydra.sweep.dir=sweep", "--multirun", "layer=0,1", "lens.alpha=1,4", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root / "sweep"
+
+
+@pytest.fixture
+def sweep_copy(alpha_sweep: Path, tmp_path: Path) -> Path:
+    shutil.copytree(alpha_sweep, tmp_path / "sweep")
+    return tmp_path / "sweep"
+
+
+def test_merged_csv_holds_every_jobs_rows_with_its_overrides(alpha_sweep: Path) -> None:
+    merged = read_rows(alpha_sweep / "similarity.csv")
+    expected = []
+    for num, folder in sorted(job_folders(alpha_sweep).items()):
+        overrides = dict(o.split("=", 1) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
+        for row in read_rows(folder / "similarity.csv"):
+            expected.append({"job": str(num), **{OVERRIDE + k: v for k, v in overrides.items()}, **row})
+    assert merged == expected
+    assert {(r[OVERRIDE + "layer"], r["layer"]) for r in merged} == {("0", "0"), ("1", "1")}
+    assert {(r[OVERRIDE + "lens.alpha"], r["alpha"]) for r in merged} == {("1", "1.000000"), ("4", "4.000000")}
+
+
+def test_the_sweep_is_expanded_as_hydra_launched_it(alpha_sweep: Path) -> None:
+    launched = {num: list(OmegaConf.load(folder / ".hydra" / "overrides.yaml"))
+                for num, folder in job_folders(alpha_sweep).items()}
+    assert expected_overrides(alpha_sweep) == launched
+
+
+def test_heatmaps_hold_all_layers_per_value_of_the_swept_alpha(alpha_sweep: Path) -> None:
+    names = sorted(p.name for p in (alpha_sweep / "heatmaps").glob("*.png"))
+    assert names == [f"{image}_steering_lens.alpha={alpha}.png" for image in ("astronaut", "chelsea")
+                     for alpha in (1, 4)]
+    rows = [r for r in read_rows(alpha_sweep / "similarity.csv")
+            if r["image"] == "astronaut" and r[OVERRIDE + "lens.alpha"] == "4"]
+    layers, columns, matrix = heatmap_matrix(rows, "sim_embed")
+    assert layers == [0, 1] and columns == ["H00", "H01", "H02", "H03"]  # two jobs in one figure
+    for row in rows:
+        assert matrix[int(row["layer"]), int(row["head"])] == float(row["sim_embed"])
+    manifest = json.loads((alpha_sweep / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["complete"] == 4 and manifest["rows"] == len(
+        read_rows(alpha_sweep / "similarity.csv"))
+    assert sorted(manifest["figures"]) == [f"heatmaps/{name}" for name in names]
+
+
+def test_merging_twice_gives_the_same_bytes(alpha_sweep: Path, sweep_copy: Path) -> None:
+    written = ["similarity.csv", "manifest.json", "index.html", "heatmaps"]
+    by_callback = {name: data for name, data in files(sweep_copy).items() if name.split("/")[0] in written}
+    for _ in range(2):
+        result = dsl("merge", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
+        assert result.returncode == 0, result.stderr
+        again = {name: data for name, data in files(sweep_copy).items() if name.split("/")[0] in written}
+        assert again == by_callback
+
+
+def test_failed_unfinished_and_missing_jobs_are_listed_not_merged(sweep_copy: Path) -> None:
+    for num, status in ((1, "failed"), (2, "interrupted")):
+        path = sweep_copy / str(num) / "manifest.json"
+        manifest = json.loads(path.read_text()) | {"status": status, "error": "out of memory" if num == 1 else None}
+        path.write_text(json.dumps(manifest))
+    shutil.rmtree(sweep_copy / "3")  # a job that never started
+    result = dsl("merge", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "job 1 (layer=0 lens.alpha=4) failed: out of memory" in result.stdout
+    assert "job 3 (layer=1 lens.alpha=4) not started" in result.stdout
+    manifest = json.loads((sweep_copy / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and manifest["complete"] == 1
+    assert [(j["job"], j["error"]) for j in manifest["failed"]] == [(1, "out of memory")]
+    assert [(j["job"], j["status"], j["folder"]) for j in manifest["unfinished"]] == [
+        (2, "interrupted", "2"), (3, "not started", None)]
+    assert {r["job"] for r in read_rows(sweep_copy / "similarity.csv")} == {"0"}
+
+
+def test_plot_redraws_the_jobs_and_the_sweep(sweep_copy: Path) -> None:
+    heatmaps = {p.name: p.read_bytes() for p in (sweep_copy / "heatmaps").glob("*.png")}
+    shutil.rmtree(sweep_copy / "heatmaps")
+    result = dsl("plot", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert {p.name: p.read_bytes() for p in (sweep_copy / "heatmaps").glob("*.png")} == heatmaps
+    assert result.stdout.count("redrew") == 5  # four jobs and the sweep
+
+
+def test_merge_refuses_a_folder_that_is_not_a_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, out = dsl_in_process(["merge", str(tmp_path)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and out.count("\n") == 1 and "not a sweep folder" in out
+
+
+# ---------------------------------------------------------------- resuming a sweep
+
+
+def test_resumed_sweep_skips_complete_jobs_and_continues_the_others(tmp_path: Path) -> None:
+    """A sweep killed in its second job, resumed: the first job is left alone, the second keeps its finished
+    pictures and ends with the files of the first (the jobs differ only in the encoder's batch size, which
+    does not change one image's results: the first job is the uninterrupted reference)."""
+    sweep = tmp_path / "sweep"
+    slow = ["debug=tiny", "component=all", "images.limit=1", "decode.batch_size=1"]  # 5 pictures a job, one by one
+    process = subprocess.Popen([DSL, "run", *slow, f"hydra.sweep.dir={sweep}", "--multirun", "batch_size=1,2"],
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while len(list(sweep.glob("1/images/*/steering/*.png"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    first = files(sweep / "0")
+    assert json.loads((sweep / "0" / "manifest.json").read_text())["status"] == "complete"
+
+    result = dsl("run", f"resume={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "0: this job completed before; nothing to do" in result.stdout  # Hydra logs to stdout
+    assert {k: v for k, v in files(sweep / "0").items() if not k.startswith((".hydra", "dsl.log"))} == {
+        k: v for k, v in first.items() if not k.startswith((".hydra", "dsl.log"))}
+    job = json.loads((sweep / "1" / "manifest.json").read_text())
+    assert 0 < job["resumed_rows"] < 5 and job["decoded"] == 5 - job["resumed_rows"]
+    assert read_rows(sweep / "1" / "similarity.csv") == read_rows(sweep / "0" / "similarity.csv")
+    pictures = lambda run: {p.name: p.read_bytes() for p in run.glob("images/*/steering/*.png")}  # noqa: E731
+    assert len(pictures(sweep / "1")) == 5 and pictures(sweep / "1") == pictures(sweep / "0")
+    assert json.loads((sweep / "manifest.json").read_text())["status"] == "complete"
+
+
+# ---------------------------------------------------------------- a requeued job's own folder
+
+
+def test_a_requeued_job_continues_its_run_and_no_other_job_may(tmp_path: Path, monkeypatch, capsys) -> None:
+    args = ["run", *FAST, "hydra.run.dir=run"]
+    monkeypatch.setenv("SLURM_CLUSTER_NAME", "hpc")
+    monkeypatch.setenv("SLURM_JOB_ID", "41")
+    assert dsl_in_process(args, tmp_path, monkeypatch, capsys)[0] == 0
+    before = (tmp_path / "run" / "similarity.csv").read_bytes()
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["slurm_job"] == "hpc/41"
+    for job, restarts, allowed in (("41", "0", False), ("42", "1", False), ("41", "1", True)):
+        monkeypatch.setenv("SLURM_JOB_ID", job)
+        monkeypatch.setenv("SLURM_RESTART_COUNT", restarts)
+        assert requeued_run(tmp_path / "run") is allowed
+        code, out = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+        assert (code == 0) is allowed, out
+        assert allowed or "already holds a run" in out
+    assert "completed before; nothing to do" in (tmp_path / "run" / "dsl.log").read_text()
+    assert (tmp_path / "run" / "similarity.csv").read_bytes() == before
+
+
+# ---------------------------------------------------------------- launcher=local_gpus
+
+
+def test_local_gpus_without_a_gpu_runs_local_processes_and_merges_past_a_failed_job(tmp_path: Path) -> None:
+    result = dsl("run", *FAST, "launcher=local_gpus", "hydra.sweep.dir=sweep", "--multirun", "layer=0,9,1",
+                 cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]  # a job failed: the sweep says so
+    sweep = tmp_path / "sweep"
+    assert "job 1 (layer=9) failed: layer=9 is outside this model" in result.stdout  # Hydra logs to stdout
+    launcher = OmegaConf.load(sweep / "multirun.yaml").hydra.launcher._target_
+    assert launcher.endswith("LocalLauncher")
+    ids = {OmegaConf.load(f / ".hydra" / "hydra.yaml").hydra.job.id for f in job_folders(sweep).values()}
+    assert len(ids) == 3 and all((sweep / ".submitit" / i / f"{i}_0_log.out").is_file() for i in ids)
+    manifest = json.loads((sweep / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and manifest["complete"] == 2
+    assert [(j["job"], j["folder"]) for j in manifest["failed"]] == [(1, "1")]
+    assert "layer=9 is outside this model" in manifest["failed"][0]["error"]
+    merged = read_rows(sweep / "similarity.csv")
+    assert merged == [{"job": str(n), **{OVERRIDE + k: v for k, v in (o.split("=") for o in
+                       OmegaConf.load(sweep / str(n) / ".hydra" / "overrides.yaml"))}, **row}
+                      for n in (0, 2) for row in read_rows(sweep / str(n) / "similarity.csv")]
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 4])
+def test_local_gpus_starts_one_job_per_gpu_and_each_keeps_its_own(gpus: int, monkeypatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    register_configs()
+    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+        cfg = compose(config_name="run", overrides=["launcher=local_gpus"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("LocalLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == gpus  # each job process is shown every GPU ...
+    batch = cfg.hydra.sweeper.max_batch_size
+    assert batch == max(1, gpus)  # ... the sweeper starts one job per GPU at a time ...
+    for start in range(0, 10, batch):  # ... and each job of a batch keeps a GPU of its own
+        kept = []
+        for num in range(start, start + batch):
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(gpus))))
+            pin_gpu(num)
+            kept.append(os.environ["CUDA_VISIBLE_DEVICES"])
+        if gpus > 1:
+            assert len(set(kept)) == len(kept) and all(k.isdigit() for k in kept)
+        else:  # nothing to share out
+            assert kept == [",".join(map(str, range(gpus)))] * batch
