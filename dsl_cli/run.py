@@ -34,7 +34,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (MODES, TEMPLATES, check_finite, imagenet_classifier, lens_embeddings, n_labels, rank,
                             score, select_components, top_labels)
-from dsl_cli.memory import decode_need, park_if_short, visiting
+from dsl_cli.memory import decode_need, park_if_short, release_memory, visiting
 from dsl_cli.outputs import (COLUMNS, LABEL_COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
                              is_sweep_folder, read_csv, read_manifest,
                              redraw, save_png)
@@ -394,12 +394,15 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     csv_log = CsvLog(folder.path / "similarity.csv", COLUMNS)
     plan = start_csv(cfg, folder, scored, previous, csv_log)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan))
+    decoder = None
     if plan:
         with manifest.stage("decoder"):
             decoder = decoder_beside(cfg, encoder, device)
             manifest.update(scheduler=type(decoder.pipe.scheduler).__name__)
         with manifest.stage("decode"):
             decode_and_write(cfg, encoder, preprocess, decoder, folder, scored, plan, csv_log, manifest)
+    del encoder, decoder  # the writers need no model: the memory goes back before the figures are drawn
+    release_memory(device)
     _write_stage(cfg, folder, scored, csv_log, manifest)
 
 

@@ -20,7 +20,7 @@ from dsl_cli.decoder import decoder_bytes, load_decoder
 from dsl_cli.encoder import build_tiny_clip, build_tiny_text, loading, load_text_model
 from dsl_cli.encoder.loading import TINY_EMBED_DIM, TINY_TEXT_CFG, TINY_VISION_CFG
 from dsl_cli.errors import UserError
-from dsl_cli.memory import module_bytes
+from dsl_cli.memory import GB, module_bytes
 
 TINY_NAME = "dsl-test-tiny"  # the tiny CLIP registered in open_clip, so that its own loader can load it
 PROMPTS = ["a photo of a dog.", "cat", "", "a " * 70 + "long one", "an origami toucan on a tiled floor."]
@@ -114,7 +114,8 @@ def test_random_text_weights_are_seeded_so_their_classifier_is_kept(tiny_registe
 
 
 def _tiny_run(folder: Path, *overrides: str) -> Path:
-    """An in-process `dsl run debug=tiny lens=logit` into `folder` (so that its functions can be watched)."""
+    """An in-process `dsl run debug=tiny lens=logit ...` into `folder` (so that its functions can be watched);
+    `overrides` replace these settings."""
     from hydra import compose, initialize_config_module
 
     from dsl_cli.config import register_configs
@@ -122,15 +123,20 @@ def _tiny_run(folder: Path, *overrides: str) -> Path:
 
     register_configs()
     with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
-        cfg = compose(config_name="run", overrides=["debug=tiny", "lens=logit", "layer=1", "images.limit=1",
-                                                     "decode.steps=1", "component=[L1H0]", *overrides])
+        chosen = ["debug=tiny", "lens=logit", "layer=1", "images.limit=1", "decode.steps=1", "component=[L1H0]",
+                  *overrides]
+        cfg = compose(config_name="run", overrides=list({o.split("=")[0]: o for o in chosen}.values()))
     run(cfg, folder)
     return folder
 
 
 def test_a_kept_classifier_builds_no_text_tower_and_a_built_one_is_released_first(tmp_path: Path,
                                                                                   monkeypatch) -> None:
+    """The text tower is gone before the encoder loads (and so before decoding); the encoder and decoder are
+    gone before the figures are drawn; a kept classifier builds no text tower and names the same labels."""
     from dsl_cli import run as run_module
+    from dsl_cli.encoder import load_encoder
+    from dsl_cli.outputs import redraw
 
     monkeypatch.setattr(lenses, "classifier_file", lambda cfg, templates: tmp_path / "kept.pt")
     towers: list[weakref.ref] = []
@@ -146,9 +152,21 @@ def test_a_kept_classifier_builds_no_text_tower_and_a_built_one_is_released_firs
             return load(*args, **kwargs)
         return check
 
+    encoders: list[weakref.ref] = []
+
+    def watched_encoder(*args, **kwargs):
+        encoder, preprocess = released_before("encoder", load_encoder)(*args, **kwargs)
+        encoders.append(weakref.ref(encoder))
+        return encoder, preprocess
+
+    def drawn_without_models(folder):
+        assert encoders and encoders[-1]() is None, "the encoder is alive while the figures are drawn"
+        return redraw(folder)
+
     monkeypatch.setattr(lenses, "load_text_model", watched_text_model)
-    monkeypatch.setattr(run_module, "load_encoder", released_before("encoder", run_module.load_encoder))
+    monkeypatch.setattr(run_module, "load_encoder", watched_encoder)
     monkeypatch.setattr(run_module, "load_decoder", released_before("decoder", run_module.load_decoder))
+    monkeypatch.setattr(run_module, "redraw", drawn_without_models)
     first = _tiny_run(tmp_path / "first")
     assert len(towers) == 1 and (tmp_path / "kept.pt").is_file()
 
@@ -230,3 +248,47 @@ def test_an_encoder_waits_on_the_cpu_when_the_gpu_is_short(monkeypatch) -> None:
     with memory.visiting(encoder, torch.device("cpu"), idle=decoder):  # already there
         pass
     assert moves == []
+
+
+def test_the_memory_benchmark_measures_a_run_in_its_own_process(tmp_path: Path) -> None:
+    """scripts/bench_memory.py --dry-run (the tiny models): one case, its peak and the table."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_memory.py"
+    result = subprocess.run([sys.executable, str(script), "--dry-run", "--only", "logit_kept", "--folder",
+                             str(tmp_path / "runs"), "--json", str(tmp_path / "out.json"), "--markdown",
+                             str(tmp_path / "out.md")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (case,) = json.loads((tmp_path / "out.json").read_text())
+    assert case["case"] == "logit_kept" and case["exit"] == 0 and case["classifier"] == "built"  # tiny: never kept
+    assert 0.3 * GB < case["host_peak_bytes"] < 4 * GB  # a tiny run: python, torch and the libraries
+    assert {"images", "classifier", "encoder", "lens", "write"} <= set(case["stage_seconds"])
+    assert "| logit_kept | logit lens, classifier kept" in (tmp_path / "out.md").read_text()
+
+
+@pytest.mark.gpu
+def test_a_parked_encoder_gives_the_same_run_on_a_gpu(tmp_path: Path, monkeypatch) -> None:
+    """On CUDA, with free memory made to look short: the encoder waits on the CPU while decoding, comes back
+    (the decoder stepping out) for each re-encoding, and the run's numbers are those of an unparked run."""
+    import csv
+
+    def rows(folder: Path) -> list[dict]:
+        with open(folder / "similarity.csv", newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    overrides = ("device=cuda", "lens=steering", "component=all", "decode.top_k=3", "decode.batch_size=2")
+    roomy = rows(_tiny_run(tmp_path / "roomy", *overrides))
+    moves: list[str] = []
+    real_park, real_visit = memory.park_if_short, memory.visiting
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 0)  # nothing fits beside anything
+    from dsl_cli import run as run_module
+
+    monkeypatch.setattr(run_module, "park_if_short", lambda *a: moves.append("park") or real_park(*a))
+    parked = rows(_tiny_run(tmp_path / "parked", *overrides))
+    assert moves == ["park"] and real_visit is memory.visiting
+    for a, b in zip(roomy, parked, strict=True):
+        assert a["component"] == b["component"] and (a["file"] == "") == (b["file"] == "")
+        for key in ("sim_embed", "sim_decoded"):
+            if a[key]:
+                assert abs(float(a[key]) - float(b[key])) < 1e-4, (key, a, b)
