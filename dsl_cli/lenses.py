@@ -27,14 +27,17 @@ from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import STEER_MODES as MODES
-from dsl_cli.encoder import load_text_model, text_model_id
+from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
 from dsl_cli.encoder.reading import direct_attribution, source_shares
 from dsl_cli.errors import UserError
+from dsl_cli.memory import release_memory
 from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, atomic_write_bytes
 
 log = logging.getLogger("dsl_cli.lenses")
 
-CLASSES_PER_BATCH = 50  # text-tower batches of the ImageNet classifier: 50 x 80 prompts with the OpenAI templates
+# Prompts per text-tower batch of the ImageNet classifier (3 classes x 80 OpenAI templates): at bigG in float32
+# a batch's activations stay well under a gigabyte, and the batch is still large enough to keep a GPU busy.
+PROMPTS_PER_BATCH = 256
 TEMPLATES = ("openai", "simple")  # prompt sets of the logit lens's classifier (open_clip's)
 
 
@@ -233,20 +236,23 @@ def rank(values: torch.Tensor) -> torch.Tensor:
 
 def text_classifier(text_model, tokenizer, templates: str, device) -> tuple[torch.Tensor, list[str]]:
     """Unit-norm class embeddings `[d_embed, 1000]` for the ImageNet names, averaged over prompt templates:
-    open_clip's zero-shot classifier, built 50 classes at a time under one labelled progress bar."""
+    open_clip's zero-shot classifier, built a few classes at a time (about PROMPTS_PER_BATCH prompts, so the
+    text tower's working memory stays small whatever the templates) under one labelled progress bar."""
     import open_clip
 
     names = list(open_clip.IMAGENET_CLASSNAMES)
     if templates not in TEMPLATES:
         raise UserError(f"lens.templates={templates!r}: use {' or '.join(TEMPLATES)}")
     prompts = open_clip.OPENAI_IMAGENET_TEMPLATES if templates == "openai" else open_clip.SIMPLE_IMAGENET_TEMPLATES
+    step = max(1, PROMPTS_PER_BATCH // len(prompts))
     parts = []
+    log.info("ImageNet classifier: %d classes x %d prompts through the text tower", len(names), len(prompts))
     with tqdm(total=len(names), desc="classifier", unit="class") as bar:
-        for start in range(0, len(names), CLASSES_PER_BATCH):
-            batch = names[start:start + CLASSES_PER_BATCH]
+        for start in range(0, len(names), step):
+            batch = names[start:start + step]
             parts.append(open_clip.build_zero_shot_classifier(
                 text_model, tokenizer=tokenizer, classnames=batch, templates=prompts, num_classes_per_batch=None,
-                device=device))
+                device=device).float().cpu())
             bar.update(len(batch))
     return torch.cat(parts, dim=1), names
 
@@ -258,30 +264,40 @@ def classifier_cache() -> Path:
 
 
 def classifier_file(encoder_cfg, templates: str) -> Path | None:
-    """Where the ImageNet classifier of the encoder's text tower is kept; None where it is not kept (weights
-    from a local file may change, random weights have no fixed classifier)."""
+    """Where the ImageNet classifier of the encoder's text tower is kept; None where it is not kept: weights
+    from a local file may change, and the tiny model's builds in a moment. Random weights are drawn from a
+    fixed seed on the CPU, so their classifier is fixed for a given torch (named in the file)."""
     import open_clip
 
     name, tag = text_model_id(encoder_cfg)
-    if tag is None or Path(tag).expanduser().exists():  # a hub tag names fixed weights; a file may change
+    if name == "tiny" or (tag is not None and Path(tag).expanduser().exists()):
         return None
-    return classifier_cache() / f"{name}_{tag}_{templates}_openclip{open_clip.__version__}.pt"
+    weights = tag if tag is not None else f"random-seed{RANDOM_SEED}-torch{torch.__version__}"
+    return classifier_cache() / f"{name}_{weights}_{templates}_openclip{open_clip.__version__}.pt"
 
 
-def imagenet_classifier(encoder_cfg, templates: str, device, dtype) -> tuple[torch.Tensor, list[str]]:
-    """`text_classifier` for the encoder's text tower, kept on disk for hub weights: with the OpenAI
-    templates it encodes 80,000 prompts, which for bigG is worth doing once, not once per run."""
+def imagenet_classifier(encoder_cfg, templates: str, device) -> tuple[torch.Tensor, list[str]]:
+    """`text_classifier` (`[d_embed, 1000]`, float32, on the CPU) for the encoder's text tower, kept on disk
+    where `classifier_file` names a file: with the OpenAI templates it encodes 80,000 prompts, which for bigG
+    is worth doing once, not once per run. A kept classifier means no text tower is built; otherwise the
+    tower is built alone, in float32 on `device`, and released (its device memory too) before this returns."""
     import open_clip
 
     path = classifier_file(encoder_cfg, templates)
     if path is not None and path.is_file():
-        return torch.load(path, map_location=device), list(open_clip.IMAGENET_CLASSNAMES)
-    text_model, tokenizer = load_text_model(encoder_cfg, device, dtype)
-    classifier, names = text_classifier(text_model, tokenizer, templates, device)
+        log.info("ImageNet classifier read from %s", path)
+        return torch.load(path, map_location="cpu"), list(open_clip.IMAGENET_CLASSNAMES)
+    text_model, tokenizer = load_text_model(encoder_cfg, device, torch.float32)
+    try:
+        classifier, names = text_classifier(text_model, tokenizer, templates, device)
+    finally:
+        del text_model
+        release_memory(device)
     if path is not None:
         buffer = io.BytesIO()
-        torch.save(classifier.float().cpu(), buffer)
+        torch.save(classifier, buffer)
         atomic_write_bytes(path, buffer.getvalue())
+        log.info("ImageNet classifier kept in %s (later runs read it, no text tower)", path)
     return classifier, names
 
 
@@ -325,30 +341,41 @@ def read_text_pool(path: str) -> list[str]:
     return phrases
 
 
-def text_pool(lens_cfg, encoder_cfg, classifier: torch.Tensor, names: list[str], device,
-              dtype) -> tuple[torch.Tensor, list[str]]:
-    """The texts described with: the ImageNet classes (`classifier` [E, 1000] transposed) or the phrases
-    of `lens.text_pool`, through the encoder's matching text tower: ([M, E] unit-norm, the texts)."""
+@dataclass
+class TextReader:
+    """What names components, prepared before the encoder loads (its text towers built and released first).
+
+    classifier  [E, 1000] the ImageNet classifier (unit-norm columns, float32, CPU) and `names` its classes
+    pool        [M, E] the texts descriptions pick from (unit-norm), and `texts` them as words
+    """
+
+    classifier: torch.Tensor
+    names: list[str]
+    pool: torch.Tensor
+    texts: list[str]
+
+
+def prepare_text(lens_cfg, encoder_cfg, device) -> TextReader:
+    """The ImageNet classifier of the encoder's text tower (kept on disk, as the logit lens's) and the text
+    pool: its classes, or the phrases of `lens.text_pool` through the same tower."""
+    classifier, names = imagenet_classifier(encoder_cfg, lens_cfg.templates, device)
     if lens_cfg.get("text_pool") is None:
-        return classifier.float().T, names
+        return TextReader(classifier, names, classifier.T, names)
     phrases = read_text_pool(lens_cfg.text_pool)
-    return encode_texts(encoder_cfg, phrases, device, dtype), phrases
+    return TextReader(classifier, names, encode_texts(encoder_cfg, phrases, device), phrases)
 
 
-def describe(scored: "ScoredImages", lens_cfg) -> tuple[list[list[str]], list[str]]:
+def describe(scored: "ScoredImages", reader: TextReader, lens_cfg) -> tuple[list[list[str]], list[str]]:
     """Text for every component: ([image][component] its top `lens.top_labels` ImageNet labels with their
     cosines, `tabby cat 0.231; tiger cat 0.220`), and [component] the text-span description of each head
     and MLP over the run's images (`lens.span_texts` texts from the pool, `; `-joined; empty for the stream)."""
-    encoder = scored.encoder
-    classifier, names = imagenet_classifier(scored.encoder_cfg, lens_cfg.templates, encoder.device, encoder.dtype)
     labels = []
     for _, embeds in scored.embeds:
-        values, indices = top_labels(embeds, classifier, lens_cfg.top_labels)
-        labels.append(["; ".join(f"{names[j]} {v:.3f}" for v, j in zip(vs, js))
+        values, indices = top_labels(embeds, reader.classifier, lens_cfg.top_labels)
+        labels.append(["; ".join(f"{reader.names[j]} {v:.3f}" for v, j in zip(vs, js))
                        for vs, js in zip(values.tolist(), indices.tolist())])
-    pool, texts = text_pool(lens_cfg, scored.encoder_cfg, classifier, names, encoder.device, encoder.dtype)
-    outputs = torch.stack([embeds for _, embeds in scored.embeds], 1).to(pool.device)  # [K, N, E]
-    descriptions = ["; ".join(texts[j] for j in text_span(outputs[k], pool, lens_cfg.span_texts))
+    outputs = torch.stack([embeds for _, embeds in scored.embeds], 1).float().cpu()  # [K, N, E]
+    descriptions = ["; ".join(reader.texts[j] for j in text_span(outputs[k], reader.pool, lens_cfg.span_texts))
                     if c.kind in ("head", "mlp") else "" for k, c in enumerate(scored.components)]
     return labels, descriptions
 
@@ -381,6 +408,7 @@ class Lens:
     label_kinds  component kinds an explicit label list may name (None: any)
     columns      the CSV columns it fills beyond the common ones (`outputs.COLUMNS`), with `row()`
     figures      the figures it adds to every run's (drawn from the run folder's files by `outputs.redraw`)
+    prepare_stage  the manifest stage of `prepare` (work with a model of its own, before the encoder loads)
     """
 
     name: ClassVar[str] = ""
@@ -390,6 +418,7 @@ class Lens:
     label_refusal: ClassVar[str] = ""  # why a label list is refused (default: the kinds it reads)
     columns: ClassVar[tuple[str, ...]] = ()
     figures: ClassVar[tuple[str, ...]] = ()
+    prepare_stage: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg  # the `lens` config group
@@ -427,9 +456,6 @@ class Lens:
         """This lens's values of its `columns`, the same in every row of the run."""
         return {}
 
-    def prepare(self, encoder, encoder_cfg) -> None:
-        """Load what the lens needs beyond the image encoder, once, before the first image (a text tower)."""
-
     def values(self, encoder, cache, components: list[Component], embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         """This lens's per-row values of its `columns`: name -> [B, K] (beside `row()`'s constant ones)."""
         return {}
@@ -437,6 +463,10 @@ class Lens:
     def unstable_setting(self, dtype: str) -> tuple[str, str]:
         """(the setting, its fix) named when an embedding is not finite (NaN or inf)."""
         return f"dtype={dtype}", "use dtype=fp32"
+
+    def prepare(self, encoder_cfg, device: torch.device) -> None:
+        """Work of this lens that needs a model of its own, done before the encoder loads (so that the two
+        never share memory), as the manifest stage `prepare_stage`; a lens without one leaves it None."""
 
     def after_scoring(self, scored: ScoredImages) -> dict:
         """Checks and files of this lens once every image is scored; returns entries for the manifest."""
@@ -530,11 +560,19 @@ class LogitLens(Lens):
     name = "logit"
     stream = True
     figures = ("grids/<image>_<lens>_layers.png", "plots/<image>_logit.png")
+    prepare_stage = "classifier"
+    classifier: Optional[tuple[torch.Tensor, list[str]]] = None  # ([d_embed, 1000], class names) once prepared
+
+    def prepare(self, encoder_cfg, device: torch.device) -> None:
+        """The ImageNet classifier, before the encoder loads: its text tower is built, used and released
+        first, so that the two never share memory (a kept classifier builds no tower at all)."""
+        self.classifier = imagenet_classifier(encoder_cfg, self.cfg.templates, device)
 
     def after_scoring(self, scored: ScoredImages) -> dict:
         """The top ImageNet labels of every component's embedding, into labels.csv."""
-        encoder = scored.encoder
-        classifier, names = imagenet_classifier(scored.encoder_cfg, self.cfg.templates, encoder.device, encoder.dtype)
+        if self.classifier is None:
+            self.prepare(scored.encoder_cfg, scored.encoder.device)
+        classifier, names = self.classifier
         rows = []
         for image, embeds in scored.embeds:
             values, indices = top_labels(embeds, classifier, self.cfg.top_labels)
@@ -546,11 +584,18 @@ class LogitLens(Lens):
         return {}
 
 
-def encode_texts(encoder_cfg, texts: list[str], device, dtype) -> torch.Tensor:
-    """[N, E] unit-norm embeddings of `texts` from the text tower matching the encoder (`load_text_model`)."""
-    text_model, tokenizer = load_text_model(encoder_cfg, device, dtype)
-    with torch.inference_mode():
-        embeds = text_model.encode_text(tokenizer(texts).to(device)).float()
+def encode_texts(encoder_cfg, texts: list[str], device) -> torch.Tensor:
+    """[N, E] unit-norm embeddings of `texts` (float32, CPU) from the text tower matching the encoder
+    (`load_text_model`), built alone in float32 and released, its device memory too, before this returns;
+    PROMPTS_PER_BATCH texts at a time."""
+    text_model, tokenizer = load_text_model(encoder_cfg, device, torch.float32)
+    try:
+        with torch.inference_mode():
+            embeds = torch.cat([text_model.encode_text(tokenizer(texts[start:start + PROMPTS_PER_BATCH]).to(device))
+                                .float().cpu() for start in range(0, len(texts), PROMPTS_PER_BATCH)])
+    finally:
+        del text_model
+        release_memory(device)
     return torch.nn.functional.normalize(embeds, dim=-1)
 
 
@@ -570,20 +615,23 @@ class AttributionLens(Lens):
     columns = ("attribution",)
     target: Optional[torch.Tensor] = None  # [1, E] unit-norm text target; None: each input's own embedding
 
-    def prepare(self, encoder, encoder_cfg) -> None:
-        text = self.cfg.get("target")
-        if text is None:
-            return
-        self.target = encode_texts(encoder_cfg, [str(text)], encoder.device, encoder.dtype)
-        if self.target.shape[-1] != encoder.d_embed:
-            raise UserError(f"lens.target: the text tower's embeddings ({self.target.shape[-1]}) do not match "
-                            f"the image encoder's ({encoder.d_embed}); set encoder.text_name")
+    def __init__(self, cfg: Any = None):
+        super().__init__(cfg)
+        self.prepare_stage = "target" if cfg is not None and cfg.get("target") is not None else None
+
+    def prepare(self, encoder_cfg, device: torch.device) -> None:
+        """The text target through the encoder's matching text tower (built and released before the encoder)."""
+        self.target = encode_texts(encoder_cfg, [str(self.cfg.target)], device)
 
     def embeddings(self, encoder, cache, components: list[Component]) -> torch.Tensor:
         return direct_attribution(encoder, cache).pick(components)
 
     def values(self, encoder, cache, components: list[Component], embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         clean = cache.embeds.float()  # [B, E]
-        target = torch.nn.functional.normalize(clean if self.target is None else self.target, dim=-1)
+        if self.target is not None and self.target.shape[-1] != clean.shape[-1]:
+            raise UserError(f"lens.target: the text tower's embeddings ({self.target.shape[-1]}) do not match "
+                            f"the image encoder's ({clean.shape[-1]}); set encoder.text_name")
+        target = clean if self.target is None else self.target.to(clean.device)
+        target = torch.nn.functional.normalize(target, dim=-1)
         shares = (embeds.float() * target.unsqueeze(1)).sum(-1) / clean.norm(dim=-1, keepdim=True)
         return {"attribution": shares}

@@ -16,7 +16,7 @@ from dsl_cli.encoder import HookedEncoder, build_tiny_visual
 from dsl_cli.encoder import openclip_api
 from dsl_cli.encoder.reading import direct_attribution, head_sources, source_shares
 from dsl_cli.lenses import (AttributionLens, Looks, ScoredImages, describe, encode_texts, imagenet_classifier,
-                             text_span)
+                             prepare_text, text_span)
 
 
 def jittered(visual: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
@@ -188,16 +188,16 @@ def test_descriptions_pick_from_a_users_phrases_and_labels_name_the_best_classes
     encoder_cfg = OmegaConf.create({"source": "tiny"})
     phrases = ["a red bus", "a sleeping cat", "a bowl of soup", "a snowy mountain"]
     (tmp_path / "pool.txt").write_text("# my phrases\n" + "\n".join(phrases) + "\n\n")
-    texts = encode_texts(encoder_cfg, phrases, "cpu", torch.float32)
+    texts = encode_texts(encoder_cfg, phrases, "cpu")
     components = [Component("head", 0, 0), Component("resid", 1)]
     embeds = [("a", torch.stack([texts[2], texts[0]])), ("b", torch.stack([2 * texts[2], texts[1]]))]
     scored = ScoredImages(tiny, encoder_cfg, components, embeds, None, tmp_path)
     lens_cfg = OmegaConf.create({"templates": "simple", "top_labels": 2, "span_texts": 2,
                                  "text_pool": str(tmp_path / "pool.txt")})
-    labels, descriptions = describe(scored, lens_cfg)
+    labels, descriptions = describe(scored, prepare_text(lens_cfg, encoder_cfg, "cpu"), lens_cfg)
     assert descriptions[0].split("; ")[0] == "a bowl of soup" and len(descriptions[0].split("; ")) == 2
     assert descriptions[1] == ""  # the residual stream is not described
-    classifier, names = imagenet_classifier(encoder_cfg, "simple", "cpu", torch.float32)
+    classifier, names = imagenet_classifier(encoder_cfg, "simple", "cpu")
     sims = torch.nn.functional.normalize(embeds[1][1][1], dim=0) @ classifier
     best = sims.argsort(descending=True)[:2].tolist()
     assert labels[1][1] == f"{names[best[0]]} {sims[best[0]]:.3f}; {names[best[1]]} {sims[best[1]]:.3f}"
