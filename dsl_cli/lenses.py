@@ -406,7 +406,8 @@ class Lens:
     stream       reads the residual stream of each chosen layer (L3, and L3mid with lens.mid=true)
     submodules   reads the chosen heads and/or MLP of each chosen layer (component=heads|mlp|all)
     label_kinds  component kinds an explicit label list may name (None: any)
-    columns      the CSV columns it fills beyond the common ones (`outputs.COLUMNS`), with `row()`
+    columns      the CSV columns it fills beyond the common ones (`outputs.COLUMNS`), with `row()` (the same
+                 in every row) or `values()` (per image and component)
     figures      the figures it adds to every run's (drawn from the run folder's files by `outputs.redraw`)
     prepare_stage  the manifest stage of `prepare` (work with a model of its own, before the encoder loads)
     """

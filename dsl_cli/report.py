@@ -283,9 +283,10 @@ def best_pictures(rows: list[dict]) -> str:
     figures = []
     for r in best:
         decoded = f"<br>sim_decoded {float(r['sim_decoded']):.3f}" if r["sim_decoded"] else ""
+        label = f"<br>{esc(r['labels'].split('; ')[0])}" if r.get("labels") else ""  # its top label and cosine
         figures.append(f'<figure>{linked_img(r["file"], r["component"])}'
                        f"<figcaption><b>{esc(r['component'])}</b> #{esc(r['rank'])}<br>"
-                       f"sim_embed {float(r['sim_embed']):.3f}{decoded}</figcaption></figure>")
+                       f"sim_embed {float(r['sim_embed']):.3f}{decoded}{label}</figcaption></figure>")
     return f"<h3>best {len(best)} by rank</h3><div class=gallery>{''.join(figures)}</div>"
 
 

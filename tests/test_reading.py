@@ -201,3 +201,20 @@ def test_descriptions_pick_from_a_users_phrases_and_labels_name_the_best_classes
     sims = torch.nn.functional.normalize(embeds[1][1][1], dim=0) @ classifier
     best = sims.argsort(descending=True)[:2].tolist()
     assert labels[1][1] == f"{names[best[0]]} {sims[best[0]]:.3f}; {names[best[1]]} {sims[best[1]]:.3f}"
+
+
+def test_a_similarity_csv_of_an_earlier_version_still_reads(tmp_path) -> None:
+    """The new columns come after the old ones: a file with the old header reads, the new columns empty;
+    a header that is not a beginning of today's is refused."""
+    from dsl_cli.errors import UserError
+    from dsl_cli.outputs import COLUMNS, read_csv
+
+    old = COLUMNS[:COLUMNS.index("attribution")]
+    row = dict(zip(old, ["cat", "direct", "L01H00", "head", "1", "0", "", "", "0", "2", "4.0", "0.5", "", "1.0",
+                         "1", ""]))
+    (tmp_path / "old.csv").write_text(",".join(old) + "\n" + ",".join(row[c] for c in old) + "\n")
+    (read,) = read_csv(tmp_path / "old.csv")
+    assert read == {**row, **{c: "" for c in COLUMNS[len(old):]}}
+    (tmp_path / "odd.csv").write_text(",".join(old[1:]) + "\n")
+    with pytest.raises(UserError, match="not a CSV written by this version"):
+        read_csv(tmp_path / "odd.csv")
