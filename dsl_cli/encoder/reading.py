@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dsl_cli.components import Component
-from dsl_cli.encoder.hooked import EncoderCache, HookedEncoder, _layer_scale, _out_weight, _split_heads
+from dsl_cli.encoder.hooked import EncoderCache, HookedEncoder, _layer_scale, _out_weight
 
 
 @dataclass
@@ -119,10 +119,14 @@ def _block_inputs(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Compon
 
 
 def _sources(block: nn.Module, normed: Tensor, head: int) -> Tensor:
-    """One head's CLS write by source token: normed [B, T, D] (ln_1 output) -> [B, T, D]."""
+    """One head's CLS write by source token: normed [B, T, D] (ln_1 output) -> [B, T, D]. Only the head's
+    rows of the input projection are applied (its query at CLS alone), not all heads' to pick one."""
     attn = block.attn
-    q, k, v = (_split_heads(attn, x)[:, head] for x in nn.functional.linear(
-        normed, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1))  # each [B, T, d]
-    weights = torch.softmax(q[:, :1].float() @ k.float().transpose(1, 2) / q.shape[-1] ** 0.5, -1)  # [B, 1, T]
-    values = v.float() @ _out_weight(attn)[:, head].float().T  # [B, T, D]: each token's value through W_O
+    d = attn.embed_dim // attn.num_heads
+    rows = [slice(part * attn.embed_dim + head * d, part * attn.embed_dim + (head + 1) * d) for part in range(3)]
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    q = nn.functional.linear(normed[:, :1], w[rows[0]], b[rows[0]]).float()  # [B, 1, d]
+    k, v = (nn.functional.linear(normed, w[r], b[r]).float() for r in rows[1:])  # [B, T, d] each
+    weights = torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, -1)  # [B, 1, T]
+    values = v @ _out_weight(attn)[:, head].float().T  # [B, T, D]: each token's value through W_O
     return _layer_scale(block.ls_1, weights.transpose(1, 2) * values).float()
