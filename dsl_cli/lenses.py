@@ -365,18 +365,19 @@ def prepare_text(lens_cfg, encoder_cfg, device) -> TextReader:
     return TextReader(classifier, names, encode_texts(encoder_cfg, phrases, device), phrases)
 
 
-def describe(scored: "ScoredImages", reader: TextReader, lens_cfg) -> tuple[list[list[str]], list[str]]:
-    """Text for every component: ([image][component] its top `lens.top_labels` ImageNet labels with their
-    cosines, `tabby cat 0.231; tiger cat 0.220`), and [component] the text-span description of each head
-    and MLP over the run's images (`lens.span_texts` texts from the pool, `; `-joined; empty for the stream)."""
-    labels = []
+def describe(scored: "ScoredImages", reader: TextReader, lens_cfg) -> tuple[list[list[str]], list[list[str]]]:
+    """Text for every component of every image: [image][component] its top `lens.top_labels` ImageNet labels
+    with their cosines (`tabby cat 0.231; tiger cat 0.220`), and [image][component] the text-span description
+    of each head and MLP (`lens.span_texts` texts from the pool, `; `-joined; empty for the stream). Each
+    image is described alone, so that a row does not depend on which images share its run (a sweep's shard)."""
+    labels, descriptions = [], []
     for _, embeds in scored.embeds:
         values, indices = top_labels(embeds, reader.classifier, lens_cfg.top_labels)
         labels.append(["; ".join(f"{reader.names[j]} {v:.3f}" for v, j in zip(vs, js))
                        for vs, js in zip(values.tolist(), indices.tolist())])
-    outputs = torch.stack([embeds for _, embeds in scored.embeds], 1).float().cpu()  # [K, N, E]
-    descriptions = ["; ".join(reader.texts[j] for j in text_span(outputs[k], reader.pool, lens_cfg.span_texts))
-                    if c.kind in ("head", "mlp") else "" for k, c in enumerate(scored.components)]
+        descriptions.append(["; ".join(reader.texts[j] for j in text_span(embeds[k:k + 1].float().cpu(),
+                                                                          reader.pool, lens_cfg.span_texts))
+                             if c.kind in ("head", "mlp") else "" for k, c in enumerate(scored.components)])
     return labels, descriptions
 
 

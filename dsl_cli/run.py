@@ -496,8 +496,8 @@ def _lens_stage(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_s
     images = _scored_images(cfg, encoder, preprocess, image_set, components, scored, folder)
     if reader is not None:
         labels, descriptions = describe(images, reader, cfg.lens)
-        for result, image_labels in zip(scored, labels):
-            for row, text, description in zip(result.rows, image_labels, descriptions):
+        for result, image_labels, image_descriptions in zip(scored, labels, descriptions):
+            for row, text, description in zip(result.rows, image_labels, image_descriptions):
                 row.update(labels=text, description=description)
     manifest.update(**lens.after_scoring(images))
     return scored

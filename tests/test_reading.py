@@ -183,7 +183,7 @@ def test_text_span_picks_the_text_of_a_heads_exact_direction_first(tiny) -> None
 
 
 def test_descriptions_pick_from_a_users_phrases_and_labels_name_the_best_classes(tiny, tmp_path) -> None:
-    """A user's pool through the tiny text tower: a component whose embeddings are a phrase's own text
+    """A user's pool through the tiny text tower: a component whose embedding is a phrase's own text
     embedding is described by that phrase first; labels are the best cosines with the ImageNet classifier."""
     encoder_cfg = OmegaConf.create({"source": "tiny"})
     phrases = ["a red bus", "a sleeping cat", "a bowl of soup", "a snowy mountain"]
@@ -195,8 +195,9 @@ def test_descriptions_pick_from_a_users_phrases_and_labels_name_the_best_classes
     lens_cfg = OmegaConf.create({"templates": "simple", "top_labels": 2, "span_texts": 2,
                                  "text_pool": str(tmp_path / "pool.txt")})
     labels, descriptions = describe(scored, prepare_text(lens_cfg, encoder_cfg, "cpu"), lens_cfg)
-    assert descriptions[0].split("; ")[0] == "a bowl of soup" and len(descriptions[0].split("; ")) == 2
-    assert descriptions[1] == ""  # the residual stream is not described
+    for image in (0, 1):  # each image alone
+        assert descriptions[image][0].split("; ")[0] == "a bowl of soup" and len(descriptions[image][0].split("; ")) == 2
+        assert descriptions[image][1] == ""  # the residual stream is not described
     classifier, names = imagenet_classifier(encoder_cfg, "simple", "cpu")
     sims = torch.nn.functional.normalize(embeds[1][1][1], dim=0) @ classifier
     best = sims.argsort(descending=True)[:2].tolist()
