@@ -21,66 +21,18 @@ from omegaconf import OmegaConf
 from dsl_cli.errors import UserError
 
 
-class Device(StrEnum):
-    auto = "auto"  # CUDA when present, else the CPU with a warning
-    cuda = "cuda"
-    cpu = "cpu"
-
-
-class Precision(StrEnum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class DecodePrecision(StrEnum):
-    auto = "auto"  # bf16 on CUDA, fp32 on the CPU
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
-
-
-class EncoderSource(StrEnum):
-    open_clip = "open_clip"
-    kandinsky_prior = "kandinsky_prior"
-    tiny = "tiny"
-
-
-class Scheduler(StrEnum):
-    ddpm = "ddpm"
-    ddim = "ddim"
-    dpm = "dpm"
-
-
-class SteerMode(StrEnum):
-    add = "add"
-    scale = "scale"
-    norm = "norm"
-
-
-class RankBy(StrEnum):
-    sim_embed = "sim_embed"
-    sim_decoded = "sim_decoded"
-
-
-class Templates(StrEnum):
-    openai = "openai"  # 80 prompts per class
-    simple = "simple"  # 7
-
-
-class ImageSource(StrEnum):
-    samples = "samples"
-    folder = "folder"
-
-
-class StudyName(StrEnum):
-    head_importance = "head_importance"
-    overlay_removal = "overlay_removal"
-
-
-class Ablation(StrEnum):
-    zero = "zero"
-    mean = "mean"
+# The enumerations (StrEnum: a member's value is its name).
+Device = StrEnum("Device", ["auto", "cuda", "cpu"])  # auto: CUDA when present, else the CPU with a warning
+Precision = StrEnum("Precision", ["fp32", "fp16", "bf16"])
+DecodePrecision = StrEnum("DecodePrecision", ["auto", *Precision])  # auto: bf16 on CUDA, fp32 on the CPU
+EncoderSource = StrEnum("EncoderSource", ["open_clip", "kandinsky_prior", "tiny"])
+Scheduler = StrEnum("Scheduler", ["ddpm", "ddim", "dpm"])
+SteerMode = StrEnum("SteerMode", ["add", "scale", "norm"])
+RankBy = StrEnum("RankBy", ["sim_embed", "sim_decoded"])
+Templates = StrEnum("Templates", ["openai", "simple"])  # the logit lens's prompts: 80 per class, or 7
+ImageSource = StrEnum("ImageSource", ["samples", "folder"])
+StudyName = StrEnum("StudyName", ["head_importance", "overlay_removal"])
+Ablation = StrEnum("Ablation", ["zero", "mean"])
 
 
 @dataclass
