@@ -172,7 +172,8 @@ def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
         ("images", ", ".join(manifest.get("images", [])) + (f"; skipped {manifest['skipped']}"
                                                              if manifest.get("skipped") else "")),
         ("seed", cfg.get("seed", manifest.get("seed", ""))),
-        ("encoder dtype", cfg.get("dtype", "")),
+        # what the run used (the manifest); the setting for runs from before that was recorded
+        ("encoder dtype", manifest.get("encoder_dtype") or encoder.get("dtype") or cfg.get("dtype", "")),
     ]
 
 
