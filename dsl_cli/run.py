@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 from dsl_cli import __version__
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig
-from dsl_cli.decoder import check_finite_pictures, check_request, load_decoder, to_pil
+from dsl_cli.decoder import check_finite_pictures, check_pairing, check_request, load_decoder, to_pil
 from dsl_cli.devices import dtype_name, on_device, resolve_device, resolve_dtype
-from dsl_cli.encoder import load_encoder
+from dsl_cli.encoder import embedding_space, load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import MODES, TEMPLATES, Lens, ScoredImages, check_finite, get_lens, n_labels, rank, score
@@ -71,7 +71,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
     resolve_dtype(cfg.dtype, "cpu")  # raises on an unknown name
     resolve_dtype(cfg.decode.dtype, "cpu")
-    check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width)
+    check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width, cfg.decoder.family)
+    if cfg.study.name is None and decode.enabled:
+        check_pairing(embedding_space(cfg.encoder), cfg.decoder)
 
 
 def _validate_lens(cfg: DictConfig) -> None:
@@ -234,7 +236,7 @@ def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, score
     if not plan:
         return 0
     embeds = torch.stack([scored[i].embeds[k] for i, k in plan])
-    negative = encoder.zero_embed().float().cpu()
+    negative = decoder.negative_embed(encoder).float().cpu()
     batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(plan))
     manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded)
     batches = decoder.iter_decode(embeds, negative, [cfg.seed] * len(plan), cfg.decode.height, cfg.decode.width,
