@@ -229,6 +229,14 @@ def get_family(name: str) -> type["Decoder"]:
     return FAMILIES[name]
 
 
+def decoder_bytes(source: str, dtype: torch.dtype, family: str = "kandinsky22") -> int:
+    """Bytes the weights of the decoder of `family` that `source` names take in `dtype` (a pretrained one has
+    the real architecture), counted on the meta device: nothing is built or read."""
+    pipe = get_family(family).build(source != "tiny", "meta")
+    modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
+    return sum(p.numel() for module in modules for p in module.parameters()) * torch.finfo(dtype).bits // 8
+
+
 def load_decoder(
     cfg: DecoderConfig,
     device: str | torch.device = "cpu",

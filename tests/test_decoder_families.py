@@ -273,3 +273,15 @@ def test_the_preflight_knows_each_familys_weights(overrides: list[str], encoder_
         preflight(config(*overrides, f"encoder.checkpoint={__file__}"))
     fake_cache(tmp_path / "hub", decoder_repo, REPO_FILES[decoder_repo])
     preflight(config(*overrides, f"encoder.checkpoint={__file__}"))  # a local file: nothing missing now
+
+
+@pytest.mark.parametrize("family", list(SIZES))
+def test_decoder_bytes_count_every_module_of_the_family(family: str) -> None:
+    """What the GPU must hold for the decoder (dsl_cli.memory), counted on the meta device, equals the
+    parameters of the built pipeline: the text and image encoders it loads included."""
+    from dsl_cli.decoder import decoder_bytes
+
+    pipe = tiny(family).pipe
+    built = sum(p.numel() for m in pipe.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters())
+    assert decoder_bytes("tiny", torch.float32, family) == 4 * built
+    assert decoder_bytes("tiny", torch.float32, family) > decoder_bytes("tiny", torch.float32)  # more than K2.2's

@@ -3,8 +3,8 @@ the CLS-position cache and its exact decomposition, and the lenses read from it 
 
 from dsl_cli.encoder.hooked import (ABLATIONS, HOOK_POINTS, STEER_MODES, EncoderCache, HookedEncoder, HookPoint,
                                     MeanWrites, head_writes, only_heads, steering_delta)
-from dsl_cli.encoder.loading import (EmbeddingSpace, build_tiny_clip, build_tiny_visual, embedding_space, load_encoder,
-                                     load_text_model, text_model_id)
+from dsl_cli.encoder.loading import (RANDOM_SEED, EmbeddingSpace, TextTower, build_tiny_clip, build_tiny_text,
+                                     build_tiny_visual, embedding_space, load_encoder, load_text_model, text_model_id)
 
 __all__ = [
     "ABLATIONS",
@@ -15,7 +15,10 @@ __all__ = [
     "HookPoint",
     "HookedEncoder",
     "MeanWrites",
+    "RANDOM_SEED",
+    "TextTower",
     "build_tiny_clip",
+    "build_tiny_text",
     "build_tiny_visual",
     "embedding_space",
     "head_writes",
