@@ -312,3 +312,26 @@ def test_decoder_bytes_count_every_module_of_the_family(family: str) -> None:
     assert decoder_bytes("tiny", torch.float32, family) == 4 * built
     text = sum(p.numel() for p in pipe.text_encoder.parameters())
     assert decoder_bytes("tiny", torch.float32, family) > 4 * (text + sum(p.numel() for p in pipe.unet.parameters()))
+
+
+# The released architectures, with random weights: parameter counts as published (Kandinsky 2.1's model card:
+# UNet 1.22 B, XLM-RoBERTa-large text encoder 560 M, MoVQ 67 M; Stable Diffusion 2.x: UNet 865.9 M, which
+# unCLIP's class-embedding projection (2048 -> 1280 -> 1280, 4.26 M) joins, VAE 83.65 M, OpenCLIP ViT-H/14
+# text tower 340 M and image tower 632 M).
+REAL_COUNTS = {
+    "kandinsky21": {"unet": 1.22e9, "text_encoder": 560e6, "movq": 67.8e6},
+    "unclip_h14": {"unet": 865.9e6 + 4.26e6, "vae": 83.65e6, "text_encoder": 340e6, "image_encoder": 632e6},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(REAL_COUNTS))
+def test_real_architecture_with_random_weights_builds_and_decodes(family: str) -> None:
+    dec = load_decoder(DecoderConfig(family=family, source="random"), scheduler="ddim")
+    for part, count in REAL_COUNTS[family].items():
+        assert sum(p.numel() for p in getattr(dec.pipe, part).parameters()) == pytest.approx(count, rel=1e-2), part
+    assert dec.embed_dim == dec.width == {"kandinsky21": 768, "unclip_h14": 1024}[family]
+    embeds = torch.randn(1, dec.embed_dim, generator=torch.Generator().manual_seed(0))
+    image = dec.decode(embeds, torch.zeros(1, dec.embed_dim), 0, height=64, width=64, steps=1, guidance=4.0,
+                       progress=False)
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
