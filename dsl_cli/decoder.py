@@ -251,9 +251,8 @@ def load_decoder(
     channels_last and compile_unet are GPU speed-ups (NHWC convolutions; torch.compile of the UNet, which costs
     a minute of compilation per new shape); neither changes what is computed beyond round-off.
     """
-    family = getattr(cfg, "family", "kandinsky22")
-    check_request(cfg.source, scheduler, family=family)
-    cls = get_family(family)
+    check_request(cfg.source, scheduler, family=cfg.family)
+    cls = get_family(cfg.family)
     pipe = cls.load_pretrained(cfg, dtype) if cfg.source == "pretrained" else cls.build(cfg.source == "random", device)
     pipe.to(device)
     if pipe.dtype != dtype:  # diffusers warns on every cast with a dtype, even a no-op one
@@ -495,6 +494,11 @@ class Decoder(ABC):
 
 
 
+def model_files(folder: str, stem: str = "diffusion_pytorch_model") -> tuple[tuple[str, ...], ...]:
+    """The hub files of one model of a pipeline: its config, and its weights (.safetensors, or .bin)."""
+    return (f"{folder}/config.json",), (f"{folder}/{stem}.safetensors", f"{folder}/{stem}.bin")
+
+
 class _Kandinsky(Decoder):
     """What the Kandinsky decoders share: a MoVQ whose scale factor, squared, their sizes must be multiples of."""
 
@@ -515,9 +519,8 @@ class KandinskyDecoder(_Kandinsky):
 
     name, title, pipeline = "kandinsky22", "the Kandinsky 2.2 decoder", KandinskyV22Pipeline
     clip, encoder_preset, width = ("ViT-bigG-14", "laion2b_s39b_b160k"), "kandinsky_prior", 1280
-    hub_files = (("model_index.json",), ("scheduler/scheduler_config.json",), ("unet/config.json",),
-                 ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
-                 ("movq/config.json",), ("movq/diffusion_pytorch_model.safetensors", "movq/diffusion_pytorch_model.bin"))
+    hub_files = (("model_index.json",), ("scheduler/scheduler_config.json",), *model_files("unet"),
+                 *model_files("movq"))
 
     @classmethod
     def build(cls, real: bool, device: str | torch.device) -> KandinskyV22Pipeline:
@@ -540,9 +543,9 @@ class Kandinsky21Decoder(_Kandinsky):
 
     name, title, pipeline = "kandinsky21", "the Kandinsky 2.1 decoder", KandinskyPipeline
     clip, encoder_preset, width = ("ViT-L-14", "openai"), "vitl14", 768
-    hub_files = KandinskyDecoder.hub_files + (
-        ("text_encoder/config.json",), ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin"),
-        ("tokenizer/tokenizer_config.json",), ("tokenizer/tokenizer.json", "tokenizer/sentencepiece.bpe.model"))
+    hub_files = (*KandinskyDecoder.hub_files, *model_files("text_encoder", "model"),
+                 ("tokenizer/tokenizer_config.json",),
+                 ("tokenizer/tokenizer.json", "tokenizer/sentencepiece.bpe.model"))
 
     @classmethod
     def build(cls, real: bool, device: str | torch.device) -> KandinskyPipeline:
@@ -573,13 +576,9 @@ class UnclipDecoder(Decoder):
     hub_args = "--exclude '*.bin' '*.ckpt' '*fp16*'"  # the repository also holds the original checkpoints
     hub_files = (
         ("model_index.json",), ("scheduler/scheduler_config.json",), ("image_noising_scheduler/scheduler_config.json",),
-        ("feature_extractor/preprocessor_config.json",), ("tokenizer/tokenizer_config.json",), ("tokenizer/vocab.json",),
-        ("tokenizer/merges.txt",), ("unet/config.json",),
-        ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"), ("vae/config.json",),
-        ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"), ("image_normalizer/config.json",),
-        ("image_normalizer/diffusion_pytorch_model.safetensors", "image_normalizer/diffusion_pytorch_model.bin"),
-        ("text_encoder/config.json",), ("text_encoder/model.safetensors", "text_encoder/pytorch_model.bin"),
-        ("image_encoder/config.json",), ("image_encoder/model.safetensors", "image_encoder/pytorch_model.bin"),
+        ("feature_extractor/preprocessor_config.json",), ("tokenizer/tokenizer_config.json",),
+        ("tokenizer/vocab.json",), ("tokenizer/merges.txt",), *model_files("unet"), *model_files("vae"),
+        *model_files("image_normalizer"), *model_files("text_encoder", "model"), *model_files("image_encoder", "model"),
     )
 
     def __init__(self, pipe: StableUnCLIPImg2ImgPipeline, noise_level: int = 0):

@@ -251,7 +251,8 @@ def test_matching_pairs_pass_the_check() -> None:
                       ["encoder=vith14_random", "decoder=unclip_h14_random"], ["debug=tiny_k21"],
                       ["debug=tiny_unclip"], ["debug=tiny"], ["experiment=vitl14_resid"],
                       ["experiment=vitl14_top_heads"], ["experiment=vith14_resid"], ["experiment=vith14_top_heads"],
-                      ["experiment=vitl14_resid", "debug=tiny_k21"], ["experiment=vith14_top_heads", "debug=tiny_unclip"]):
+                      ["experiment=vitl14_resid", "debug=tiny_k21"],
+                      ["experiment=vith14_top_heads", "debug=tiny_unclip"]):
         cfg = config(*overrides)
         check_pairing(embedding_space(cfg.encoder), cfg.decoder)
 
