@@ -9,11 +9,10 @@ name `decoder.family` gives it, plus one config in configs/decoder/:
 | `kandinsky21` | `KandinskyPipeline` (+ the empty prompt) | ViT-L-14 `openai` (768 wide) |
 | `unclip_h14` | `StableUnCLIPImg2ImgPipeline` (`image_embeds=`, `noise_level`) | ViT-H-14 `laion2b_s32b_b79k` (1024) |
 
-This module only chooses what goes into a pipeline. Every
-item gets its own `torch.Generator`, and diffusers' `randn_tensor` draws a list of generators item by item,
-for the initial latents, for the noise DDPM (and DDIM with eta > 0, SDE-DPM) adds at each step, and for
-Stable unCLIP's noise augmentation of the image embeddings. So
-a picture depends on its embedding, its seed and the device, not on the batch it was decoded in, up to the
+This module only chooses what goes into a pipeline. Every item gets its own `torch.Generator`, and diffusers'
+`randn_tensor` draws a list of generators item by item, for the initial latents, for the noise DDPM (and DDIM
+with eta > 0, SDE-DPM) adds at each step, and for Stable unCLIP's noise augmentation of the image embeddings.
+So a picture depends on its embedding, its seed and the device, not on the batch it was decoded in, up to the
 float round-off of batched kernels (~1e-4 in float32; after rounding to 8 bits, at most one grey level in
 0.03% of the values, measured on the CPU with the tiny models).
 
@@ -26,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial, wraps
 from typing import Any, ClassVar
@@ -293,7 +292,7 @@ class Decoder(ABC):
     """Decodes CLIP image embeddings with one unmodified diffusers pipeline, in seeded batches.
 
     A family (subclass) says which pipeline, how to build its components (pretrained, random, tiny), which
-    CLIP image embeddings it decodes (`clip`, `widths`), what it takes as the unconditional embedding
+    CLIP image embeddings it decodes (`clip`, `width`), what it takes as the unconditional embedding
     (`negative_embed`) and what goes into one pipeline call (`_inputs`). Batching, per-item seeds,
     out-of-memory halving and batch-size fitting are the same for every family.
     """
