@@ -179,6 +179,7 @@ TINY_IMAGE_UNCLIP = dict(hidden_size=32, projection_dim=32, num_hidden_layers=5,
 SCHEDULER_UNCLIP = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                         prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
 NOISING_UNCLIP = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # image_noising_scheduler
+NOISE_LEVELS = NOISING_UNCLIP["num_train_timesteps"]  # decoder.noise_level: 0 to NOISE_LEVELS - 1
 UNCLIP_SIZE_MULTIPLE = 8  # the pipeline refuses other sizes (check_inputs), whatever its VAE
 TINY_WIDTH = 32  # the embedding width of every family's dummy components (and of the tiny encoder)
 

@@ -220,9 +220,9 @@ MISMATCHES = {
 }
 
 
-@pytest.mark.parametrize("case", list(MISMATCHES))
-def test_a_mismatched_encoder_and_decoder_are_refused_before_any_model_loads(
-        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def refused_before_any_model(overrides: list[str], message: str, folder: Path, monkeypatch, capsys) -> None:
+    """`dsl run OVERRIDES` in this process stops with exit 2 and one line holding `message`, without loading
+    a model or images or looking for weights."""
     from dsl_cli import run
 
     def loads(*args, **kwargs):
@@ -230,8 +230,7 @@ def test_a_mismatched_encoder_and_decoder_are_refused_before_any_model_loads(
 
     for name in ("load_encoder", "load_decoder", "preflight", "load_images"):
         monkeypatch.setattr(run, name, loads)
-    overrides, message = MISMATCHES[case]
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(folder)
     try:
         code = cli.main(["run", *overrides])
     except SystemExit as exit_:
@@ -240,6 +239,23 @@ def test_a_mismatched_encoder_and_decoder_are_refused_before_any_model_loads(
     lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
     assert message in lines[0]
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_a_mismatched_encoder_and_decoder_are_refused_before_any_model_loads(
+        case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    refused_before_any_model(*MISMATCHES[case], tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["debug=tiny_unclip", "decoder.noise_level=1000"], "decoder.noise_level=1000: must be between 0 and 999"),
+    (["debug=tiny_unclip", "decoder.noise_level=-1"], "decoder.noise_level=-1: must be between 0 and 999"),
+    (["debug=tiny_unclip", "decode.height=36"], "decode.height=36: must be a multiple of 8 for this decoder (e.g. 32)"),
+    (["debug=tiny_unclip", "decoder.scheduler=euler"], "decoder.scheduler=euler: Invalid value 'euler'"),
+])
+def test_bad_decoder_settings_are_refused_before_any_model_loads(
+        overrides: list[str], message: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    refused_before_any_model(overrides, message, tmp_path, monkeypatch, capsys)
 
 
 def test_matching_pairs_pass_the_check() -> None:
