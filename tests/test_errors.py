@@ -16,23 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dsl_cli import cli
 from dsl_cli.errors import UserError
 from dsl_cli.images import read_image
 from dsl_cli.devices import resolve_device
 from dsl_cli.outputs import TEMP_SUFFIX
+from helpers import dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
-
-
-def dsl_in_process(args: list[str], folder: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """`dsl ARGS` in this process, from `folder` (saves the seconds of a fresh interpreter per case)."""
-    monkeypatch.chdir(folder)
-    try:
-        code = cli.main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_clean_line(code: int, err: str, fragment: str) -> None:

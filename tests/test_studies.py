@@ -26,7 +26,7 @@ from dsl_cli.images import InputImage, overlay
 from dsl_cli.outputs import read_csv
 from dsl_cli.studies import (CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, correlations,
                              head_importance, overlay_removal, run_study)
-from test_encoder import mid_visual, perturb_
+from helpers import mid_visual, perturb_
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 TINY_HEADS = [f"L{l}H{h}" for l in range(4) for h in range(4)]

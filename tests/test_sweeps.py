@@ -24,7 +24,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.images import load_images
 from dsl_cli.outputs import COLUMNS, heatmap_matrix
 from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu, requeued_run
-from test_errors import dsl_in_process
+from helpers import dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
 FAST = ["debug=tiny", "decode.enabled=false", "layer=1", "images.limit=2"]  # later overrides win
