@@ -21,10 +21,10 @@ import torch
 from hydra import compose, initialize_config_module
 from PIL import Image
 
-from dsl_cli import cli
 from dsl_cli.config import DecoderConfig, register_configs
 from dsl_cli.decoder import FAMILIES, Decoder, load_decoder
 from dsl_cli.errors import UserError
+from helpers import dsl_in_process, fake_cache
 
 DSL = str(Path(sys.executable).parent / "dsl")
 STEPS, GUIDANCE = 2, 4.0
@@ -180,7 +180,7 @@ def read_rows(folder: Path) -> list[dict]:
 
 
 def test_resume_decodes_only_what_is_missing_for_every_family(sweep: tuple[str, Path], tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Two pictures of a finished run lost: `dsl run resume=` decodes those two again, and they are the
     pictures the run made (to one grey level: they are now decoded in a batch of two, not of four)."""
     _, folder = sweep
@@ -189,8 +189,7 @@ def test_resume_decodes_only_what_is_missing_for_every_family(sweep: tuple[str, 
     lost = [row["file"] for row in read_rows(original)][-2:]
     for name in lost:
         (copy / name).unlink()
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["run", f"resume={copy}"]) == 0
+    assert dsl_in_process(["run", f"resume={copy}"], tmp_path, monkeypatch, capsys)[0] == 0
     assert json.loads((copy / "manifest.json").read_text())["decoded"] == 2
     for name in lost:
         again, before = (np.asarray(Image.open(f / name), dtype=int) for f in (copy, original))
@@ -230,12 +229,7 @@ def refused_before_any_model(overrides: list[str], message: str, folder: Path, m
 
     for name in ("load_encoder", "load_decoder", "preflight", "load_images"):
         monkeypatch.setattr(run, name, loads)
-    monkeypatch.chdir(folder)
-    try:
-        code = cli.main(["run", *overrides])
-    except SystemExit as exit_:
-        code = exit_.code
-    err = capsys.readouterr().err
+    code, err = dsl_in_process(["run", *overrides], folder, monkeypatch, capsys)
     lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert code == 2 and "Traceback" not in err and len(lines) == 1, err
     assert message in lines[0]
@@ -301,7 +295,6 @@ def test_the_preflight_knows_each_familys_weights(overrides: list[str], encoder_
     import huggingface_hub.constants as constants
 
     from dsl_cli.weights import preflight
-    from test_weights import fake_cache
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
