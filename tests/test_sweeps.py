@@ -193,6 +193,17 @@ def test_plot_redraws_the_jobs_and_the_sweep(sweep_copy: Path) -> None:
     assert result.stdout.count("redrew") == 5  # four jobs and the sweep
 
 
+def test_merge_refuses_a_sweep_that_a_live_process_is_writing(sweep_copy: Path) -> None:
+    import os
+    import socket
+
+    before = (sweep_copy / "similarity.csv").read_bytes()
+    (sweep_copy / ".dsl.lock").write_text(f"{os.getppid()} {socket.gethostname()} feedface\n")  # alive: pytest's parent
+    result = dsl("merge", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
+    assert result.returncode == 2 and f"is being written by dsl process {os.getppid()}" in result.stderr
+    assert (sweep_copy / "similarity.csv").read_bytes() == before
+
+
 def test_merge_refuses_a_folder_that_is_not_a_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
     code, out = dsl_in_process(["merge", str(tmp_path)], tmp_path, monkeypatch, capsys)
     assert code == 2 and out.count("\n") == 1 and "not a sweep folder" in out
