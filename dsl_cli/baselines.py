@@ -5,7 +5,7 @@ Part of the decode stage (`dsl_cli.run` calls it after the first seed's pictures
     seeds.csv       one row per (image, component, extra seed): seeds seed+1 .. seed+N-1 (the first seed's
                     picture and sim_decoded are in similarity.csv, as without decode.seeds)
     baselines.csv   one row per (image, baseline, seed): `uncond`, the decoder's unconditional embedding
-                    (the encoder on an all-zeros image, the same negative every picture is guided away
+                    (`negative_embed` of the decoder's family: the negative every picture is guided away
                     from), and `mean`, the mean embedding of the run's images; each picture is decoded once
                     per seed and compared with every image's own embedding
 Pictures: images/<image>/<lens>/seed<seed>/<component>.png and images/_baselines/<lens>/seed<seed>/<name>.png.
@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -30,7 +31,7 @@ class Extra:
     """One extra picture: what to decode with which seed, where it goes, and the rows it scores, each with
     the embedding [E] its sim_decoded compares the picture with."""
 
-    embed: torch.Tensor  # [E]
+    embed: Optional[torch.Tensor]  # [E]; None: the decoder's unconditional embedding (known once it is built)
     seed: int
     file: str  # relative to the run folder
     table: str  # seeds.csv | baselines.csv
@@ -50,10 +51,9 @@ def seed_extras(cfg, folder: RunFolder, lens: str, scored: list, decoded: list[t
     return extras
 
 
-def baseline_extras(cfg, folder: RunFolder, lens: str, scored: list, negative: torch.Tensor) -> list[Extra]:
-    """The baseline pictures, one per baseline and seed, each scoring a row of every image.
-    negative [1, E] (the decoder's unconditional embedding)."""
-    embeds = {"uncond": negative.reshape(-1), "mean": torch.stack([s.clean for s in scored]).mean(0)}
+def baseline_extras(cfg, folder: RunFolder, lens: str, scored: list) -> list[Extra]:
+    """The baseline pictures, one per baseline and seed, each scoring a row of every image."""
+    embeds = {"uncond": None, "mean": torch.stack([s.clean for s in scored]).mean(0)}
     extras = []
     for seed in range(cfg.seed, cfg.seed + cfg.decode.seeds):
         for name in BASELINES:

@@ -28,9 +28,10 @@ from dsl_cli import __version__
 from dsl_cli.baselines import Extra, baseline_extras, score_extras, seed_extras, seed_spread, start_extras
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig
-from dsl_cli.decoder import check_finite_pictures, check_request, decoder_bytes, load_decoder, to_pil
+from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
+                             load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype
-from dsl_cli.encoder import load_encoder
+from dsl_cli.encoder import embedding_space, load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, describe, get_lens, n_labels, prepare_text,
@@ -75,7 +76,11 @@ def validate(cfg: DictConfig) -> None:
     _validate_lens(cfg)
     if not math.isfinite(decode.guidance):
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
-    check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width)
+    check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width, cfg.decoder.family)
+    if not 0 <= cfg.decoder.noise_level < NOISE_LEVELS:
+        raise UserError(f"decoder.noise_level={cfg.decoder.noise_level}: must be between 0 and {NOISE_LEVELS - 1}")
+    if cfg.study.name is None and decode.enabled:
+        check_pairing(embedding_space(cfg.encoder), cfg.decoder)
 
 
 def _validate_lens(cfg: DictConfig) -> None:
@@ -231,8 +236,9 @@ def build_decoder(cfg, encoder, device: torch.device, manifest: Manifest):
     the encoder first waits on the CPU (it visits the GPU for each re-encoding)."""
     dtype = resolve_dtype(cfg.decode.dtype, device)
     batch = 1 if cfg.decode.batch_size == "auto" else int(cfg.decode.batch_size)
-    park_if_short(encoder, device, decode_need(decoder_bytes(cfg.decoder.source, dtype), batch, cfg.decode.height,
-                                               cfg.decode.width, dtype))
+    need = decode_need(decoder_bytes(cfg.decoder.source, dtype, cfg.decoder.family), batch, cfg.decode.height,
+                       cfg.decode.width, dtype)
+    park_if_short(encoder, device, need)
     with manifest.stage("decoder"):
         decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
                                scheduler=cfg.decode.scheduler, channels_last=cfg.decode.channels_last,
@@ -259,9 +265,9 @@ def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, score
 
 def decode_pictures(cfg, encoder, decoder, embeds: torch.Tensor, seeds: list[int], manifest: Manifest, write,
                     count: str) -> None:
-    """Decode embeds [N, E] with one seed each, guided away from the encoder's zero-image embedding, and
+    """Decode embeds [N, E] with one seed each, guided away from the decoder's negative embedding, and
     hand each batch to `write(indices, pictures [B, H, W, 3])`; manifest[count] counts the pictures done."""
-    negative = encoder.zero_embed().float().cpu()
+    negative = decoder.negative_embed(encoder).float().cpu()
     batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(embeds))
     manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded)
     batches = decoder.iter_decode(embeds, negative, seeds, cfg.decode.height, cfg.decode.width,
@@ -273,14 +279,14 @@ def decode_pictures(cfg, encoder, decoder, embeds: torch.Tensor, seeds: list[int
             manifest.update(**{count: manifest.data.get(count, 0) + len(indices)})
 
 
-def plan_extras(cfg, encoder, folder: RunFolder, lens: Lens, scored: list[Scored]) -> list[Extra]:
+def plan_extras(cfg, folder: RunFolder, lens: Lens, scored: list[Scored]) -> list[Extra]:
     """The extra seeds' and baselines' pictures still to decode (none unless decode.seeds > 1 or
     decode.baselines)."""
     if not cfg.decode.enabled:
         return []
     extras = seed_extras(cfg, folder, lens.name, scored, plan_decoding(cfg, scored))
     if cfg.decode.baselines or cfg.decode.seeds > 1:
-        extras += baseline_extras(cfg, folder, lens.name, scored, encoder.zero_embed().float().cpu())
+        extras += baseline_extras(cfg, folder, lens.name, scored)
     return start_extras(folder, extras)
 
 
@@ -298,7 +304,8 @@ def decode_extras(cfg, encoder, preprocess, decoder, folder: RunFolder, extras: 
             save_png(folder.path / extra.file, picture)
         score_extras(folder, done, reencode(encoder, preprocess, saved, cfg.encoder.batch_size))
 
-    embeds = torch.stack([extra.embed for extra in extras])
+    negative = decoder.negative_embed(encoder).float().cpu().reshape(-1)
+    embeds = torch.stack([negative if extra.embed is None else extra.embed for extra in extras])
     decode_pictures(cfg, encoder, decoder, embeds, [extra.seed for extra in extras], manifest, write,
                     "extra_decoded")
 
@@ -452,7 +459,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
 
     csv_log = CsvLog(folder.path / "similarity.csv", COLUMNS)
     plan = start_csv(cfg, folder, scored, previous, csv_log)
-    extras = plan_extras(cfg, encoder, folder, lens, scored)
+    extras = plan_extras(cfg, folder, lens, scored)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan),
                     extra_to_decode=len(extras))
     decoder = None

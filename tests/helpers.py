@@ -42,3 +42,14 @@ def mid_visual() -> VisionTransformer:
     visual = VisionTransformer(image_size=64, patch_size=16, width=128, layers=6, heads=8, mlp_ratio=4.0,
                                ls_init_value=0.1, output_dim=48, act_layer=QuickGELU)
     return perturb_(visual).eval()
+
+
+def fake_cache(hub: Path, repo: str, files: list[str]) -> None:
+    """Lay `files` of `repo` out in the Hugging Face cache folder `hub`, as huggingface_hub does."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    for name in files:
+        path = folder / "snapshots" / ("0" * 40) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
