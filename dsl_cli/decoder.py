@@ -52,7 +52,7 @@ from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLI
                           CLIPVisionModelWithProjection, XLMRobertaTokenizer)
 
 from dsl_cli.config import DecoderConfig
-from dsl_cli.devices import free_memory
+from dsl_cli.devices import Placed, free_memory
 from dsl_cli.errors import UserError
 from dsl_cli.weights import decoder_weights
 
@@ -289,7 +289,7 @@ def _seeded(build: Any, *args, **kwargs) -> Any:
     return build(*args, **kwargs)
 
 
-class Decoder(ABC):
+class Decoder(Placed, ABC):
     """Decodes CLIP image embeddings with one unmodified diffusers pipeline, in seeded batches.
 
     A family (subclass) says which pipeline, how to build its components (pretrained, random, tiny), which
@@ -348,12 +348,8 @@ class Decoder(ABC):
             ) from err
 
     @property
-    def device(self) -> torch.device:
-        return self.pipe.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+    def placement(self) -> torch.Tensor:
+        return next(self.pipe.unet.parameters())
 
     @property
     @abstractmethod
@@ -374,21 +370,12 @@ class Decoder(ABC):
     def _inputs(self, embeds: torch.Tensor, negative: torch.Tensor) -> dict:
         """The pipeline's conditioning arguments for one batch: embeds [B, E], negative [1, E]."""
 
-    def decode(
-        self,
-        embeds: torch.Tensor,
-        negative: torch.Tensor,
-        seeds: Sequence[int] | int,
-        height: int = 512,
-        width: int = 512,
-        steps: int = 100,
-        guidance: float = 4.0,
-        batch_size: int | str = "auto",
-        progress: bool = True,
-    ) -> np.ndarray:
-        """Decode embeddings [N,E] -> float32 images [N,H,W,3] in [0,1]; see `iter_decode`."""
+    def decode(self, embeds: torch.Tensor, negative: torch.Tensor, seeds: Sequence[int] | int, height: int = 512,
+               width: int = 512, **options: Any) -> np.ndarray:
+        """Decode embeddings [N,E] -> float32 images [N,H,W,3] in [0,1], all at once; `options` (steps,
+        guidance, batch_size, progress) and their defaults as for `iter_decode`, which streams the batches."""
         out = np.empty((len(embeds), height, width, 3), dtype=np.float32)
-        batches = self.iter_decode(embeds, negative, seeds, height, width, steps, guidance, batch_size, progress)
+        batches = self.iter_decode(embeds, negative, seeds, height, width, **options)
         for indices, images in batches:
             out[indices] = images
         return out
