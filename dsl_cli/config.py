@@ -109,7 +109,8 @@ class LensConfig:
     top_labels: int = 5  # logit lens: labels kept per component
     templates: Templates = Templates.openai  # logit lens and every lens's labels
     target: Optional[str] = None  # attribution lens: a text to attribute the similarity to (null: the input)
-    text: bool = True  # every lens: top ImageNet labels (column labels) and text-span descriptions (description)
+    text: bool = False  # every lens: top ImageNet labels (column labels) and text-span descriptions (description);
+    # off by default: it needs the CLIP text tower's weights (a large download beside the encoder's)
     text_pool: Optional[str] = None  # texts the descriptions pick from: null = ImageNet classes, or a file of phrases
     span_texts: int = 3  # texts in each text-span description
 

@@ -112,9 +112,9 @@ def test_what_a_run_needs_follows_the_config(offline_hub: Path, tmp_path: Path) 
     def repos(*overrides: str) -> list[str]:
         return [weights.repo for weights in needed(config(*overrides))[0]]
 
-    assert repos() == [PRIOR, DECODER, TEXT]  # every component's labels come from the text tower
-    assert repos("lens.text=false") == [PRIOR, DECODER]
-    assert repos("decode.enabled=false", "lens.text=false") == [PRIOR]
+    assert repos() == [PRIOR, DECODER]
+    assert repos("lens.text=true") == [PRIOR, DECODER, TEXT]  # every component's labels come from the text tower
+    assert repos("decode.enabled=false") == [PRIOR]
     assert repos("study=head_importance") == [PRIOR]  # studies decode nothing and name nothing
     assert repos("debug=tiny") == [] and repos("debug=tiny", "lens=logit") == []
     assert repos("encoder=bigg14", "lens=logit", "decode.enabled=false") == [TEXT]  # one file for both
@@ -125,9 +125,9 @@ def test_what_a_run_needs_follows_the_config(offline_hub: Path, tmp_path: Path) 
     saved = classifier_file(config("lens=logit").encoder, "openai")
     saved.parent.mkdir(parents=True)
     saved.write_bytes(b"")  # a classifier on disk: the text tower is not needed
-    assert repos("lens=logit") == [PRIOR, DECODER] and repos() == [PRIOR, DECODER]
+    assert repos("lens=logit") == [PRIOR, DECODER] and repos("lens.text=true") == [PRIOR, DECODER]
     assert repos("lens=attribution", "lens.target=a dog") == [PRIOR, DECODER, TEXT]  # a text to encode
-    assert repos(f"lens.text_pool={tmp_path}") == [PRIOR, DECODER, TEXT]
+    assert repos("lens.text=true", f"lens.text_pool={tmp_path}") == [PRIOR, DECODER, TEXT]
 
 
 def test_local_paths_are_checked_with_the_hub_weights(offline_hub: Path, tmp_path: Path) -> None:
