@@ -96,11 +96,14 @@ class StudyConfig:
     `name: null` (the default) runs the lens and decodes."""
 
     name: Optional[str] = None
-    ablation: str = "zero"  # zero | mean
+    ablation: Any = "zero"  # zero | mean; head importance also takes both: [zero, mean]
+    bootstrap: int = 1000  # head importance: resamples for the 95 % intervals of the correlations
     steps: int = 20  # overlay removal: cumulative ablation steps
     greedy_pool: Optional[int] = 32  # overlay removal: greedy candidates per step; null = all remaining
     random_orders: int = 5  # overlay removal: random baseline orders
     overlay_scale: float = 0.45  # overlay removal: pasted image size relative to the background
+    overlay_position: str = "center"  # overlay removal: center | top-left | top-right | bottom-left | bottom-right
+    decode_steps: list[int] = field(default_factory=lambda: [0, 5, 10, 20])  # overlay removal: steps decoded
 
 
 @dataclass
