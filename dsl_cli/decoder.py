@@ -136,6 +136,17 @@ def check_request(source: str, scheduler: str, height: int | None = None, width:
                             f"{max(multiple, round(value / multiple) * multiple)})")
 
 
+def decoder_bytes(source: str, dtype: torch.dtype) -> int:
+    """Bytes the weights of the decoder `source` names take in `dtype` (a pretrained one has the real
+    architecture), counted on the meta device: nothing is built or read."""
+    real = source != "tiny"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**(REAL_UNET if real else TINY_UNET))
+        movq = VQModel(**(REAL_MOVQ if real else TINY_MOVQ))
+    count = sum(p.numel() for model in (unet, movq) for p in model.parameters())
+    return count * torch.finfo(dtype).bits // 8
+
+
 def load_decoder(
     cfg: DecoderConfig,
     device: str | torch.device = "cpu",

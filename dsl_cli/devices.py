@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from dsl_cli.errors import UserError
 
@@ -48,17 +45,3 @@ def free_memory(device: torch.device) -> int:
 def dtype_name(dtype: torch.dtype) -> str:
     """The config's name of a dtype (`bf16`), as the manifest records it."""
     return next(name for name, value in DTYPES.items() if value == dtype)
-
-
-@contextmanager
-def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Move `module` to `device` for the block and back to where it was after (a model kept on the CPU
-    to make room visits the GPU only for its own work)."""
-    home = next(module.parameters()).device
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()

@@ -25,13 +25,16 @@ from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import STEER_MODES as MODES
-from dsl_cli.encoder import load_text_model, text_model_id
+from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
 from dsl_cli.errors import UserError
+from dsl_cli.memory import release_memory
 from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, atomic_write_bytes
 
 log = logging.getLogger("dsl_cli.lenses")
 
-CLASSES_PER_BATCH = 50  # text-tower batches of the ImageNet classifier: 50 x 80 prompts with the OpenAI templates
+# Prompts per text-tower batch of the ImageNet classifier (3 classes x 80 OpenAI templates): at bigG in float32
+# a batch's activations stay well under a gigabyte, and the batch is still large enough to keep a GPU busy.
+PROMPTS_PER_BATCH = 256
 TEMPLATES = ("openai", "simple")  # prompt sets of the logit lens's classifier (open_clip's)
 
 
@@ -184,20 +187,23 @@ def rank(values: torch.Tensor) -> torch.Tensor:
 
 def text_classifier(text_model, tokenizer, templates: str, device) -> tuple[torch.Tensor, list[str]]:
     """Unit-norm class embeddings `[d_embed, 1000]` for the ImageNet names, averaged over prompt templates:
-    open_clip's zero-shot classifier, built 50 classes at a time under one labelled progress bar."""
+    open_clip's zero-shot classifier, built a few classes at a time (about PROMPTS_PER_BATCH prompts, so the
+    text tower's working memory stays small whatever the templates) under one labelled progress bar."""
     import open_clip
 
     names = list(open_clip.IMAGENET_CLASSNAMES)
     if templates not in TEMPLATES:
         raise UserError(f"lens.templates={templates!r}: use {' or '.join(TEMPLATES)}")
     prompts = open_clip.OPENAI_IMAGENET_TEMPLATES if templates == "openai" else open_clip.SIMPLE_IMAGENET_TEMPLATES
+    step = max(1, PROMPTS_PER_BATCH // len(prompts))
     parts = []
+    log.info("ImageNet classifier: %d classes x %d prompts through the text tower", len(names), len(prompts))
     with tqdm(total=len(names), desc="classifier", unit="class") as bar:
-        for start in range(0, len(names), CLASSES_PER_BATCH):
-            batch = names[start:start + CLASSES_PER_BATCH]
+        for start in range(0, len(names), step):
+            batch = names[start:start + step]
             parts.append(open_clip.build_zero_shot_classifier(
                 text_model, tokenizer=tokenizer, classnames=batch, templates=prompts, num_classes_per_batch=None,
-                device=device))
+                device=device).float().cpu())
             bar.update(len(batch))
     return torch.cat(parts, dim=1), names
 
@@ -209,30 +215,40 @@ def classifier_cache() -> Path:
 
 
 def classifier_file(encoder_cfg, templates: str) -> Path | None:
-    """Where the ImageNet classifier of the encoder's text tower is kept; None where it is not kept (weights
-    from a local file may change, random weights have no fixed classifier)."""
+    """Where the ImageNet classifier of the encoder's text tower is kept; None where it is not kept: weights
+    from a local file may change, and the tiny model's builds in a moment. Random weights are drawn from a
+    fixed seed on the CPU, so their classifier is fixed for a given torch (named in the file)."""
     import open_clip
 
     name, tag = text_model_id(encoder_cfg)
-    if tag is None or Path(tag).expanduser().exists():  # a hub tag names fixed weights; a file may change
+    if name == "tiny" or (tag is not None and Path(tag).expanduser().exists()):
         return None
-    return classifier_cache() / f"{name}_{tag}_{templates}_openclip{open_clip.__version__}.pt"
+    weights = tag if tag is not None else f"random-seed{RANDOM_SEED}-torch{torch.__version__}"
+    return classifier_cache() / f"{name}_{weights}_{templates}_openclip{open_clip.__version__}.pt"
 
 
-def imagenet_classifier(encoder_cfg, templates: str, device, dtype) -> tuple[torch.Tensor, list[str]]:
-    """`text_classifier` for the encoder's text tower, kept on disk for hub weights: with the OpenAI
-    templates it encodes 80,000 prompts, which for bigG is worth doing once, not once per run."""
+def imagenet_classifier(encoder_cfg, templates: str, device) -> tuple[torch.Tensor, list[str]]:
+    """`text_classifier` (`[d_embed, 1000]`, float32, on the CPU) for the encoder's text tower, kept on disk
+    where `classifier_file` names a file: with the OpenAI templates it encodes 80,000 prompts, which for bigG
+    is worth doing once, not once per run. A kept classifier means no text tower is built; otherwise the
+    tower is built alone, in float32 on `device`, and released (its device memory too) before this returns."""
     import open_clip
 
     path = classifier_file(encoder_cfg, templates)
     if path is not None and path.is_file():
-        return torch.load(path, map_location=device), list(open_clip.IMAGENET_CLASSNAMES)
-    text_model, tokenizer = load_text_model(encoder_cfg, device, dtype)
-    classifier, names = text_classifier(text_model, tokenizer, templates, device)
+        log.info("ImageNet classifier read from %s", path)
+        return torch.load(path, map_location="cpu"), list(open_clip.IMAGENET_CLASSNAMES)
+    text_model, tokenizer = load_text_model(encoder_cfg, device, torch.float32)
+    try:
+        classifier, names = text_classifier(text_model, tokenizer, templates, device)
+    finally:
+        del text_model
+        release_memory(device)
     if path is not None:
         buffer = io.BytesIO()
-        torch.save(classifier.float().cpu(), buffer)
+        torch.save(classifier, buffer)
         atomic_write_bytes(path, buffer.getvalue())
+        log.info("ImageNet classifier kept in %s (later runs read it, no text tower)", path)
     return classifier, names
 
 
@@ -271,6 +287,7 @@ class Lens:
     label_kinds  component kinds an explicit label list may name (None: any)
     columns      the CSV columns it fills beyond the common ones (`outputs.COLUMNS`), with `row()`
     figures      the figures it adds to every run's (drawn from the run folder's files by `outputs.redraw`)
+    prepare_stage  the manifest stage of `prepare` (work with a model of its own, before the encoder loads)
     """
 
     name: ClassVar[str] = ""
@@ -280,6 +297,7 @@ class Lens:
     label_refusal: ClassVar[str] = ""  # why a label list is refused (default: the kinds it reads)
     columns: ClassVar[tuple[str, ...]] = ()
     figures: ClassVar[tuple[str, ...]] = ()
+    prepare_stage: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg  # the `lens` config group
@@ -320,6 +338,10 @@ class Lens:
     def unstable_setting(self, dtype: str) -> tuple[str, str]:
         """(the setting, its fix) named when an embedding is not finite (NaN or inf)."""
         return f"dtype={dtype}", "use dtype=fp32"
+
+    def prepare(self, encoder_cfg, device: torch.device) -> None:
+        """Work of this lens that needs a model of its own, done before the encoder loads (so that the two
+        never share memory), as the manifest stage `prepare_stage`; a lens without one leaves it None."""
 
     def after_scoring(self, scored: ScoredImages) -> dict:
         """Checks and files of this lens once every image is scored; returns entries for the manifest."""
@@ -413,11 +435,19 @@ class LogitLens(Lens):
     name = "logit"
     stream = True
     figures = ("grids/<image>_<lens>_layers.png", "plots/<image>_logit.png")
+    prepare_stage = "classifier"
+    classifier: Optional[tuple[torch.Tensor, list[str]]] = None  # ([d_embed, 1000], class names) once prepared
+
+    def prepare(self, encoder_cfg, device: torch.device) -> None:
+        """The ImageNet classifier, before the encoder loads: its text tower is built, used and released
+        first, so that the two never share memory (a kept classifier builds no tower at all)."""
+        self.classifier = imagenet_classifier(encoder_cfg, self.cfg.templates, device)
 
     def after_scoring(self, scored: ScoredImages) -> dict:
         """The top ImageNet labels of every component's embedding, into labels.csv."""
-        encoder = scored.encoder
-        classifier, names = imagenet_classifier(scored.encoder_cfg, self.cfg.templates, encoder.device, encoder.dtype)
+        if self.classifier is None:
+            self.prepare(scored.encoder_cfg, scored.encoder.device)
+        classifier, names = self.classifier
         rows = []
         for image, embeds in scored.embeds:
             values, indices = top_labels(embeds, classifier, self.cfg.top_labels)

@@ -12,7 +12,7 @@ import math
 import platform
 import subprocess
 import time
-from contextlib import closing, nullcontext
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,12 +27,13 @@ from tqdm.auto import tqdm
 from dsl_cli import __version__
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig
-from dsl_cli.decoder import check_finite_pictures, check_request, load_decoder, to_pil
-from dsl_cli.devices import dtype_name, on_device, resolve_device, resolve_dtype
+from dsl_cli.decoder import check_finite_pictures, check_request, decoder_bytes, load_decoder, to_pil
+from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype
 from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import MODES, TEMPLATES, Lens, ScoredImages, check_finite, get_lens, n_labels, rank, score
+from dsl_cli.memory import decode_need, park_if_short, release_memory, visiting
 from dsl_cli.outputs import (COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
                              is_sweep_folder, read_csv, read_manifest,
                              redraw, save_png)
@@ -215,9 +216,14 @@ def plan_decoding(cfg, scored: list[Scored]) -> list[tuple[int, int]]:
     return plan
 
 
-def build_decoder(cfg, device: torch.device, manifest: Manifest):
+def build_decoder(cfg, encoder, device: torch.device, manifest: Manifest):
     """The decoder in `decode.dtype` with the `decode` speed switches; its scheduler class, dtype and switches
-    recorded in the manifest."""
+    recorded in the manifest. Where the GPU cannot hold it beside the encoder with room to decode a batch,
+    the encoder first waits on the CPU (it visits the GPU for each re-encoding)."""
+    dtype = resolve_dtype(cfg.decode.dtype, device)
+    batch = 1 if cfg.decode.batch_size == "auto" else int(cfg.decode.batch_size)
+    park_if_short(encoder, device, decode_need(decoder_bytes(cfg.decoder.source, dtype), batch, cfg.decode.height,
+                                               cfg.decode.width, dtype))
     with manifest.stage("decoder"):
         decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
                                scheduler=cfg.decode.scheduler, channels_last=cfg.decode.channels_last,
@@ -241,8 +247,7 @@ def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, score
                                   cfg.decode.steps, float(cfg.decode.guidance), batch_size)
     with closing(batches):  # on an error, the decoder's progress bar ends its line before the message
         for indices, pictures in batches:
-            # an encoder moved off the GPU to make room visits it to re-encode the batch
-            with on_device(encoder, decoder.device) if offloaded else nullcontext():
+            with visiting(encoder, decoder.device, idle=decoder.pipe):  # a parked encoder re-encodes on the GPU
                 _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
             manifest.update(decoded=manifest.data.get("decoded", 0) + len(indices))
     return len(plan)
@@ -271,12 +276,13 @@ def fit_decoding(cfg, encoder, decoder, n: int) -> tuple[int, bool]:
     """The decode batch size (`decode.batch_size`, or fitted to the free GPU memory when `auto`) and whether
     the encoder was moved to the CPU to make room: it is when, left on the GPU, fewer than min(n, 4)
     pictures would fit in a batch (it then visits the GPU only to re-encode each decoded batch)."""
+    parked = encoder.device != decoder.device  # by `build_decoder`, on a GPU too short for both
     if cfg.decode.batch_size != "auto":
-        return int(cfg.decode.batch_size), False
+        return int(cfg.decode.batch_size), parked
     shape = (n, cfg.decode.height, cfg.decode.width, float(cfg.decode.guidance))
     batch = decoder.fit_batch_size(*shape)
-    if decoder.device.type != "cuda" or encoder.device.type != "cuda" or batch >= min(n, 4):
-        return batch, False
+    if decoder.device.type != "cuda" or parked or batch >= min(n, 4):
+        return batch, parked
     encoder.to("cpu")
     torch.cuda.empty_cache()
     log.info("decoding: encoder moved to the CPU while decoding, to fit more than %d pictures per batch", batch)
@@ -381,10 +387,13 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     with manifest.stage("images"):
         image_set = load_images(cfg.images)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
+    lens = get_lens(cfg.lens)
+    if lens.prepare_stage and not cfg.study.name:
+        with manifest.stage(lens.prepare_stage):  # before the encoder: a lens's own model never shares its memory
+            lens.prepare(cfg.encoder, device)
     with manifest.stage("encoder"):
         encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.dtype, device))
     manifest.update(encoder_dtype=dtype_name(encoder.dtype))
-    lens = get_lens(cfg.lens)
     components = lens.components(cfg.layer, cfg.head, cfg.component, encoder.n_layers, encoder.n_heads,
                                  mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
     if cfg.study.name:
@@ -396,10 +405,13 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     csv_log = CsvLog(folder.path / "similarity.csv", COLUMNS)
     plan = start_csv(cfg, folder, scored, previous, csv_log)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan))
+    decoder = None
     if plan:
-        decoder = build_decoder(cfg, device, manifest)
+        decoder = build_decoder(cfg, encoder, device, manifest)
         with manifest.stage("decode"):
             decode_and_write(cfg, encoder, preprocess, decoder, folder, scored, plan, csv_log, manifest)
+    del encoder, decoder  # the writers need no model: the memory goes back before the figures are drawn
+    release_memory(device)
     _write_stage(cfg, folder, scored, csv_log, manifest)
 
 

@@ -35,6 +35,7 @@ from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import ABLATIONS, HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import OVERLAY_POSITIONS, InputImage, overlay
+from dsl_cli.memory import release_memory, rows_that_fit
 from dsl_cli.outputs import (CsvLog, grid_image, group_rows, open_picture, pyplot, read_csv, read_manifest, save_figure,
                              save_png)
 
@@ -46,6 +47,7 @@ CORRELATION_COLUMNS = ["ablation", "image", "lens", "n", "spearman", "spearman_l
 OVERLAY_COLUMNS = ["image", "background", "foreground", "ablation", "order", "seed", "step", "component",
                    "dsl_score", "overlay_sim", "auc"]
 POOLED = "pooled"  # the `image` value of correlations over all (image, head) rows
+STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bigger batch gains little
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -105,16 +107,47 @@ def ablated_embeds(
     """Embeddings of ablated forward passes -> [N, E] (float32, CPU), one per plan row.
 
     pixels [B, 3, S, S]; plan: N rows (image index into pixels, components ablated together). Rows are
-    run `batch_size` at a time, so different ablations of the same or other images share a forward pass.
+    run `batch_size` at a time, so different ablations of the same or other images share a forward pass;
+    on CUDA out-of-memory the batch is halved (for the rest of the call) and the same rows are retried.
     """
     out = []
-    starts = range(0, len(plan), batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None):
-        chunk = plan[start:start + batch_size]
-        index = torch.tensor([i for i, _ in chunk])
-        embeds = encoder.ablate_hooked(pixels[index], [list(s) for _, s in chunk], how=how, means=means)
-        out.append(embeds.float().cpu())
+    start, step = 0, max(1, batch_size)
+    with tqdm(total=len(plan), desc=desc, unit="row", leave=False, disable=desc is None) as bar:
+        while start < len(plan):
+            chunk = plan[start:start + step]
+            index = torch.tensor([i for i, _ in chunk])
+            try:
+                embeds = encoder.ablate_hooked(pixels[index], [list(s) for _, s in chunk], how=how, means=means)
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise
+                embeds = None  # retried below, once the traceback holding the batch's tensors is gone
+            if embeds is None:
+                step //= 2
+                release_memory(encoder.device)
+                continue
+            out.append(embeds.float().cpu())
+            start += len(chunk)
+            bar.update(len(chunk))
     return torch.cat(out) if out else torch.empty(0, encoder.d_embed)
+
+
+def ablation_row_bytes(encoder: HookedEncoder) -> int:
+    """Working memory of one row of an ablated forward pass, an upper estimate: a block's tokens at full width
+    a few times over, its MLP's hidden activations, and the per-head writes at every token that the
+    ablation hooks recompute (three copies of [T, H, D] in the worst case of every head ablated)."""
+    tokens = encoder.visual.grid_size[0] * encoder.visual.grid_size[1] + 1
+    hidden = encoder.blocks[0].mlp.c_fc.out_features
+    elements = tokens * (3 * encoder.n_heads * encoder.d_model + 2 * hidden + 8 * encoder.d_model)
+    return elements * torch.finfo(encoder.dtype).bits // 8
+
+
+def ablation_rows(encoder: HookedEncoder, batch_size: int) -> int:
+    """Rows per ablated forward pass: on CUDA as many as its free memory holds (at most STUDY_MAX_ROWS), so a
+    study uses the GPU it is given; `batch_size` on the CPU."""
+    if encoder.device.type != "cuda":
+        return batch_size
+    return rows_that_fit(encoder.device, ablation_row_bytes(encoder), STUDY_MAX_ROWS)
 
 
 def _names(names: Optional[Sequence[str]], count: int) -> list[str]:
@@ -417,8 +450,8 @@ def run_study(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: li
               components: list[Component]) -> dict:
     """Run `cfg.study.name` on the run's images and the selected heads; write `study_<name>.csv`
     (+ `correlations.csv`), `plots/<name>.png` (and the composites under `images/overlays/`).
-    Returns a summary for the manifest. DSL scores use `cfg.lens.mode`/`cfg.lens.alpha`; forward
-    passes run `cfg.batch_size` rows at a time."""
+    Returns a summary for the manifest. DSL scores use `cfg.lens.mode`/`cfg.lens.alpha`; clean passes
+    run `cfg.batch_size` images at a time, ablated ones `ablation_rows` rows."""
     study = cfg.study
     validate_study(study, cfg.seed)
     heads = [c for c in components if c.kind == "head"]
@@ -443,12 +476,12 @@ def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     ablations = study_ablations(study)
     # mean ablation: one mean over the whole image set, not per batch
     means = encoder.mean_writes(pixels, step) if "mean" in ablations else None
-    rows = []
+    rows, ablated = [], ablation_rows(encoder, step)
     for ablation in ablations:
         for start in tqdm(range(0, len(images), step), desc=f"head importance ({ablation})", unit="batch"):
             rows += head_importance(encoder, pixels[start:start + step], heads, ablation, cfg.lens.mode,
                                     float(cfg.lens.alpha), means, [i.name for i in images[start:start + step]],
-                                    step)
+                                    ablated)
     corr = correlations(rows, how=Correlation(resamples=study.bootstrap, seed=cfg.seed))
     CsvLog(run_dir / "study_head_importance.csv", IMPORTANCE_COLUMNS).rewrite(rows)
     CsvLog(run_dir / "correlations.csv", CORRELATION_COLUMNS).rewrite(corr)
@@ -491,7 +524,7 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     foreground_pixels = _pixels(preprocess, [fg for _, _, fg, _ in pairs])
     settings = OverlaySettings(steps=study.steps, greedy_pool=study.greedy_pool, random_orders=study.random_orders,
                                seed=cfg.seed, ablation=study_ablations(study)[0], mode=cfg.lens.mode,
-                               alpha=float(cfg.lens.alpha), batch_size=cfg.batch_size,
+                               alpha=float(cfg.lens.alpha), batch_size=ablation_rows(encoder, cfg.batch_size),
                                keep_steps=tuple(study.decode_steps) if _decoding(cfg) else ())
     result = overlay_curves(encoder, composite_pixels, foreground_pixels, heads, settings,
                             names=[name for name, *_ in pairs])
@@ -523,6 +556,7 @@ def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Te
     from dsl_cli.devices import resolve_dtype
 
     decode, keys = cfg.decode, list(kept)
+    release_memory(encoder.device)  # the ablation batches' cache, before the decoder loads beside the encoder
     decoder = load_decoder(cfg.decoder, device=encoder.device, dtype=resolve_dtype(decode.dtype, encoder.device),
                            scheduler=decode.scheduler)
     pictures = decoder.decode(torch.stack([kept[k] for k in keys]), encoder.zero_embed().float().cpu(),

@@ -235,10 +235,12 @@ def test_closed_form_steering_equals_hooked_pass_with_layerscale(comp, tiny_pixe
 def test_tiny_loading_shares_the_text_space(tiny_pixels):
     enc, preprocess = load_encoder(encoder_config(source="tiny"))
     assert preprocess(Image.new("RGB", (90, 70), "red")).shape == (3, 64, 64)
-    model, tokenizer = load_text_model(encoder_config(source="tiny"))
-    with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(tiny_pixels), enc.run_with_cache(tiny_pixels).embeds, **TOL)
-        text = model.encode_text(tokenizer(["a photo of a dog", "a cat"]))
+    tower, tokenizer = load_text_model(encoder_config(source="tiny"))
+    clip, tokens = build_tiny_clip(), tokenizer(["a photo of a dog", "a cat"])
+    with torch.no_grad():  # the encoder and the text tower are the two sides of one CLIP
+        torch.testing.assert_close(clip.encode_image(tiny_pixels), enc.run_with_cache(tiny_pixels).embeds, **TOL)
+        text = tower.encode_text(tokens)
+        torch.testing.assert_close(text, clip.encode_text(tokens), **TOL)
     assert text.shape == (2, enc.d_embed)
     # the builder is seeded and leaves the caller's RNG alone
     state = torch.random.get_rng_state()

@@ -10,7 +10,7 @@ import torch
 from dsl_cli import lenses
 from dsl_cli.components import Component, parse_component
 from dsl_cli.config import EncoderConfig
-from dsl_cli.encoder import build_tiny_clip
+from dsl_cli.encoder import build_tiny_clip, build_tiny_text
 from dsl_cli.errors import UserError
 
 
@@ -54,32 +54,33 @@ def test_classifier_is_cached_for_hub_weights(tmp_path: Path, monkeypatch) -> No
         calls.append(cfg)
         import open_clip
 
-        return build_tiny_clip(), open_clip.get_tokenizer("ViT-B-32")
+        return build_tiny_text(), open_clip.get_tokenizer("ViT-B-32")
 
-    monkeypatch.setattr(lenses, "text_model_id", lambda cfg: ("tiny", "some_hub_tag"))
+    monkeypatch.setattr(lenses, "text_model_id", lambda cfg: ("ViT-B-32", "some_hub_tag"))
     monkeypatch.setattr(lenses, "load_text_model", fake_text_model)
     cfg = EncoderConfig(source="tiny")
-    first, names = lenses.imagenet_classifier(cfg, "simple", "cpu", torch.float32)
-    second, _ = lenses.imagenet_classifier(cfg, "simple", "cpu", torch.float32)
+    first, names = lenses.imagenet_classifier(cfg, "simple", "cpu")
+    second, _ = lenses.imagenet_classifier(cfg, "simple", "cpu")
     assert len(calls) == 1, "the second call should read the cache, not build the text tower"
-    assert len(list(tmp_path.glob("tiny_some_hub_tag_simple_*.pt"))) == 1
+    assert len(list(tmp_path.glob("ViT-B-32_some_hub_tag_simple_*.pt"))) == 1
     torch.testing.assert_close(first, second)
     assert first.shape == (32, 1000) and len(names) == 1000
 
 
-def test_classifier_of_random_or_tiny_weights_is_not_cached(tmp_path: Path, monkeypatch) -> None:
+def test_classifier_of_tiny_weights_is_not_cached(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("DSL_CACHE", str(tmp_path))
-    lenses.imagenet_classifier(EncoderConfig(source="tiny"), "simple", "cpu", torch.float32)
+    lenses.imagenet_classifier(EncoderConfig(source="tiny"), "simple", "cpu")
     assert not list(tmp_path.iterdir())
 
 
 def test_classifier_built_in_batches_equals_open_clips_in_one_go() -> None:
-    """The labelled progress bar builds the classifier 50 classes at a time; the result is open_clip's own."""
+    """The labelled progress bar builds the classifier a few classes at a time from the text tower alone,
+    padding cut off; the result is open_clip's own zero-shot classifier from the whole CLIP in one go."""
     import open_clip
 
-    model, tokenizer = build_tiny_clip(), open_clip.get_tokenizer("ViT-B-32")
-    ours, names = lenses.text_classifier(model, tokenizer, "simple", "cpu")
-    theirs = open_clip.build_zero_shot_classifier(model, tokenizer=tokenizer, classnames=names,
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    ours, names = lenses.text_classifier(build_tiny_text(), tokenizer, "simple", "cpu")
+    theirs = open_clip.build_zero_shot_classifier(build_tiny_clip(), tokenizer=tokenizer, classnames=names,
                                                   templates=open_clip.SIMPLE_IMAGENET_TEMPLATES,
                                                   num_classes_per_batch=None, device="cpu")
     torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-5)
@@ -198,5 +199,6 @@ def test_classifier_prompts_and_precision(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setattr(lenses, "load_text_model", lambda *a: calls.append(a) or ("model", "tokenizer"))
     monkeypatch.setattr(lenses, "text_classifier", lambda *a: calls.append(a) or (torch.zeros(32, 1000), []))
     cfg = EncoderConfig(source="tiny")
-    lenses.imagenet_classifier(cfg, "openai", "cpu", torch.float64)
-    assert calls == [(cfg, "cpu", torch.float64), ("model", "tokenizer", "openai", "cpu")]
+    lenses.imagenet_classifier(cfg, "openai", "cpu")
+    # the text tower is built in float32 whatever the encoder's precision: it runs once, its result is kept
+    assert calls == [(cfg, "cpu", torch.float32), ("model", "tokenizer", "openai", "cpu")]

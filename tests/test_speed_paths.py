@@ -19,7 +19,7 @@ from PIL import Image
 from dsl_cli import run
 from dsl_cli.config import DecoderConfig, EncoderConfig
 from dsl_cli.decoder import SCHEDULERS, batch_that_fits, host_timesteps, load_decoder
-from dsl_cli.devices import dtype_name, on_device
+from dsl_cli.devices import dtype_name
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual, load_encoder
 
 KW = dict(height=64, width=64, steps=2, guidance=4.0, progress=False)
@@ -190,6 +190,10 @@ def test_encoder_leaves_the_gpu_only_when_decoding_needs_the_room() -> None:
     assert run.fit_decoding(_decode_cfg("auto"), few.encoder, few.decoder, 2) == (2, False)
     fixed = FakeGpu({True: 1, False: 9})  # a batch size given by the user is used as it is
     assert run.fit_decoding(_decode_cfg(6), fixed.encoder, fixed.decoder, 80) == (6, False)
+    parked = FakeGpu({True: 1, False: 9})  # an encoder build_decoder moved off a short GPU stays there
+    parked.encoder.to("cpu")
+    assert run.fit_decoding(_decode_cfg("auto"), parked.encoder, parked.decoder, 80) == (9, True)
+    assert run.fit_decoding(_decode_cfg(6), parked.encoder, parked.decoder, 80) == (6, True)
 
 
 def test_decoded_pictures_are_re_encoded_in_encoder_batches() -> None:
@@ -203,15 +207,5 @@ def test_decoded_pictures_are_re_encoded_in_encoder_batches() -> None:
     torch.testing.assert_close(got, encoder.embed(torch.stack([preprocess(p) for p in pictures])), atol=1e-5, rtol=1e-5)
 
 
-def test_on_device_moves_for_the_block_and_back() -> None:
-    moves: list[str] = []
-
-    class Spy(torch.nn.Linear):
-        def to(self, device):
-            moves.append(str(device))
-            return self
-
-    with on_device(Spy(2, 2), torch.device("cuda")):
-        assert moves == ["cuda"]
-    assert moves == ["cuda", "cpu"]  # back where its parameters were
+def test_dtype_names_are_the_configs() -> None:
     assert dtype_name(torch.bfloat16) == "bf16" and dtype_name(torch.float32) == "fp32"

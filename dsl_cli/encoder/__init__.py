@@ -3,7 +3,8 @@ the CLS-position cache and its exact decomposition, and the lenses read from it 
 
 from dsl_cli.encoder.hooked import (ABLATIONS, HOOK_POINTS, STEER_MODES, EncoderCache, HookedEncoder, HookPoint,
                                     MeanWrites, head_writes, only_heads, steering_delta)
-from dsl_cli.encoder.loading import build_tiny_clip, build_tiny_visual, load_encoder, load_text_model, text_model_id
+from dsl_cli.encoder.loading import (RANDOM_SEED, TextTower, build_tiny_clip, build_tiny_text, build_tiny_visual,
+                                     load_encoder, load_text_model, text_model_id)
 
 __all__ = [
     "ABLATIONS",
@@ -13,7 +14,10 @@ __all__ = [
     "HookPoint",
     "HookedEncoder",
     "MeanWrites",
+    "RANDOM_SEED",
+    "TextTower",
     "build_tiny_clip",
+    "build_tiny_text",
     "build_tiny_visual",
     "head_writes",
     "load_encoder",

@@ -1,28 +1,34 @@
 """Building the image encoder (and the text tower the logit lens needs) from an `EncoderConfig`.
 
 Sources: `open_clip` (open_clip's own loader; `pretrained: null` builds only the vision tower with random
-weights), `kandinsky_prior` (the HF `CLIPVisionModelWithProjection` of the Kandinsky 2.2 prior, mapped key
-by key onto an open_clip `VisionTransformer`) and `tiny` (seeded random weights, for tests).
+weights, seeded), `kandinsky_prior` (the HF `CLIPVisionModelWithProjection` of the Kandinsky 2.2 prior, mapped
+key by key onto an open_clip `VisionTransformer`) and `tiny` (seeded random weights, for tests).
 Weights come from the Hugging Face cache or a local path; a missing one becomes a one-line `UserError`.
+
+The text tower is built alone (`TextTower`): for ViT-bigG-14 it is 0.7 B parameters (2.8 GB in fp32) beside
+a 1.8 B vision tower that the logit lens does not need twice; only its own tensors are read from the
+checkpoint (safetensors opened lazily, torch files memory-mapped).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import open_clip
 import torch
-from open_clip.transformer import LayerNorm, QuickGELU, VisionTransformer
+from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer, VisionTransformer
+from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from dsl_cli.encoder.hooked import HookedEncoder
 from dsl_cli.encoder.preprocess import ClipImageProcessor
-from dsl_cli.encoder.openclip_api import build_vision_tower
+from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
 from dsl_cli.errors import UserError
 from dsl_cli.weights import hub_download_command, prior_encoder_weights
 
@@ -37,6 +43,8 @@ TINY_VISION_CFG = dict(image_size=64, patch_size=16, width=64, layers=4, head_wi
 TINY_TEXT_CFG = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
 
 _ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+RANDOM_SEED = 0  # random weights (tiny, `pretrained: null`) are drawn from this seed: the same on every run
+T = TypeVar("T")
 
 
 def load_encoder(
@@ -60,23 +68,70 @@ def load_encoder(
     return encoder.to(device=device, dtype=dtype), preprocess
 
 
+class TextTower(nn.Module):
+    """An open_clip text tower on its own, with CLIP's `encode_text` (what open_clip's zero-shot classifier
+    calls). `text`: the module `open_clip.CLIP` builds its text side from (a `TextTransformer`, or a Hugging
+    Face text encoder for the models that use one)."""
+
+    def __init__(self, text: nn.Module):
+        super().__init__()
+        self.text = text
+
+    @property
+    def trims(self) -> bool:
+        """Whether padding can be cut off the tokens: a causal tower pooled at the end-of-text token (the
+        highest id) computes that token from the tokens before it alone."""
+        text = self.text
+        return (isinstance(text, TextTransformer) and text.attn_mask is not None and text.cls_emb is None
+                and text.pool_type == "argmax")
+
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        """tokens [N, context length] -> text embeddings [N, d_embed], as `open_clip.CLIP.encode_text`.
+
+        Prompts are short (under 20 of 77 tokens for ImageNet's): where `trims`, only the columns up to the
+        last end-of-text token are computed, with the causal mask cut to match (equal up to round-off)."""
+        if not self.trims:
+            features = self.text(tokens)
+        else:
+            length = int(tokens.argmax(dim=-1).max()) + 1
+            full = self.text.attn_mask
+            self.text.attn_mask = full[:length, :length]
+            try:
+                features = self.text(tokens[:, :length])
+            finally:
+                self.text.attn_mask = full
+        return nn.functional.normalize(features, dim=-1) if normalize else features
+
+
 def load_text_model(
     cfg: Any, device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32
-) -> tuple[nn.Module, Callable]:
-    """The CLIP model (with `encode_text`) and tokenizer whose text space matches the encoder's images.
+) -> tuple[TextTower, Callable]:
+    """The text tower (alone, with `encode_text`) and tokenizer whose text space matches the encoder's images.
 
-    tiny: the tiny CLIP (its `.visual` is the tiny encoder's weights); kandinsky_prior: ViT-bigG-14
-    laion2b_s39b_b160k unless `text_name`/`text_pretrained` say otherwise; open_clip: the encoder's model.
+    tiny: the tiny CLIP's text side; kandinsky_prior: ViT-bigG-14 laion2b_s39b_b160k unless
+    `text_name`/`text_pretrained` say otherwise; open_clip: the encoder's model (random weights, seeded,
+    when `pretrained` is null). The vision tower is never built.
     """
     if cfg.source == "tiny":
-        model, tokenizer = build_tiny_clip(), open_clip.get_tokenizer("ViT-B-32")
+        tower, tokenizer = build_tiny_text(), open_clip.get_tokenizer("ViT-B-32")
     else:
-        name, tag = text_model_id(cfg)
-        with _user_errors(name, tag):
-            model = open_clip.create_model(name, pretrained=tag)
-            tokenizer = open_clip.get_tokenizer(name)
-    model.requires_grad_(False)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer
+        name, weights = text_model_id(cfg)
+        tower = _open_clip_text(name, weights)
+        tokenizer = open_clip.get_tokenizer(name)
+    tower.requires_grad_(False)
+    return tower.to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def _open_clip_text(name: str, weights: Optional[str]) -> TextTower:
+    model_cfg = _model_config(name)
+    text_cfg = open_clip.CLIPTextCfg(**model_cfg["text_cfg"])
+    text_cfg.hf_model_pretrained = False  # as create_model does: the CLIP checkpoint holds the text weights
+    tower = TextTower(seeded(lambda: build_text_tower(model_cfg["embed_dim"], text_cfg,
+                                                       model_cfg.get("quick_gelu", False))))
+    if weights is not None:
+        # a CLIP checkpoint keeps the text tower's tensors at the top level; a CustomTextCLIP one under `text.`
+        copy_tower_weights(tower.text, checkpoint_file(name, weights), ("", "text."), f"{name} text tower")
+    return tower
 
 
 def text_model_id(cfg: Any) -> tuple[str, Optional[str]]:
@@ -93,17 +148,22 @@ def _expand(path: Optional[str]) -> Optional[str]:
     return os.path.expanduser(path) if path else path
 
 
+def seeded(build: Callable[[], T]) -> T:
+    """`build()` with torch's CPU generator seeded with RANDOM_SEED, the caller's random state untouched:
+    random weights that are the same on every run (for a given torch and open_clip)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        return build()
+
+
 def build_tiny_clip() -> open_clip.CLIP:
     """A tiny open_clip CLIP (embed_dim 32; vision: image 64, patch 16, width 64, 4 layers, 4 heads, exact
     GELU; text: width 32, 2 heads, 1 layer), random weights seeded with 0 (the caller's RNG is untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = open_clip.CLIP(
-            embed_dim=TINY_EMBED_DIM,
-            vision_cfg=open_clip.CLIPVisionCfg(**TINY_VISION_CFG),
-            text_cfg=open_clip.CLIPTextCfg(**TINY_TEXT_CFG),
-        )
-    return model.eval()
+    return seeded(lambda: open_clip.CLIP(
+        embed_dim=TINY_EMBED_DIM,
+        vision_cfg=open_clip.CLIPVisionCfg(**TINY_VISION_CFG),
+        text_cfg=open_clip.CLIPTextCfg(**TINY_TEXT_CFG),
+    )).eval()
 
 
 def build_tiny_visual() -> VisionTransformer:
@@ -111,16 +171,91 @@ def build_tiny_visual() -> VisionTransformer:
     return build_tiny_clip().visual
 
 
-def _load_open_clip_visual(
-    name: str, pretrained: Optional[str], checkpoint: Optional[str]
-) -> tuple[nn.Module, Preprocess]:
+def build_tiny_text() -> TextTower:
+    """The tiny CLIP's text side as a `TextTower`: the same weights as `build_tiny_clip()`'s."""
+    tower = TextTower(build_text_tower(TINY_EMBED_DIM, open_clip.CLIPTextCfg(**TINY_TEXT_CFG)))
+    clip = build_tiny_clip().state_dict()
+    tower.text.load_state_dict({key: clip[key] for key in tower.text.state_dict()})
+    return tower.eval()
+
+
+def _model_config(name: str) -> dict:
     model_cfg = open_clip.get_model_config(name)
     if model_cfg is None:
         raise UserError(f"unknown open_clip model {name!r} (open_clip.list_models() lists the known ones)")
+    return model_cfg
+
+
+def checkpoint_file(name: str, weights: str) -> str:
+    """The local file of open_clip weights `weights` (a file, or a pretrained tag of model `name`, fetched into
+    the Hugging Face cache by open_clip's own download where it is not there yet)."""
+    if Path(weights).is_file():
+        return weights
+    pretrained = open_clip.get_pretrained_cfg(name, weights)
+    if not pretrained:
+        raise UserError(f"{weights!r} is neither a file nor a pretrained tag of open_clip's {name} "
+                        "(open_clip.list_pretrained() lists them)")
+    with _user_errors(name, weights):
+        return open_clip.download_pretrained(pretrained)
+
+
+@contextmanager
+def _open_checkpoint(path: str) -> Iterator[tuple[set[str], Callable[[str], Tensor]]]:
+    """(the tensor names of a checkpoint file, a function reading one tensor), reading no tensor before it is
+    asked for: safetensors lazily, torch files memory-mapped (older, non-zip ones are read whole)."""
+    if path.endswith(".safetensors"):
+        with safe_open(path, framework="pt", device="cpu") as file:
+            yield set(file.keys()), file.get_tensor
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # mmap needs the zip format that torch.save has written since 1.6
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a file of open_clip weights (it holds a {type(state).__name__})")
+    state = state.get("state_dict", state)  # a training checkpoint wraps the weights
+    state = {key.removeprefix("module."): value for key, value in state.items()}  # saved from DataParallel
+    yield set(state), state.__getitem__
+
+
+def copy_tower_weights(tower: nn.Module, path: str, prefixes: tuple[str, ...], what: str) -> None:
+    """Copy into `tower`, tensor by tensor, its weights from a whole-CLIP checkpoint file, where they sit
+    under one of `prefixes`; the checkpoint's other tensors are never read. Holds one tensor beyond the
+    tower at a time. Raises UserError where the file lacks a tensor of the tower or has another shape."""
+    own = tower.state_dict()  # shares storage with the tower's parameters
+    with _user_errors_reading(path, what), _open_checkpoint(path) as (names, read):
+        prefix = next((p for p in prefixes if all(p + key in names for key in own)), None)
+        if prefix is None:
+            missing = [key for key in own if prefixes[0] + key not in names]
+            raise UserError(f"{path} holds no {what} weights (it lacks {', '.join(missing[:3])})")
+        with torch.no_grad():
+            for key, target in own.items():
+                value = read(prefix + key)
+                if value.shape != target.shape:
+                    raise UserError(f"{path}: {prefix + key} has shape {tuple(value.shape)}, the {what} "
+                                    f"needs {tuple(target.shape)}")
+                target.copy_(value)
+
+
+@contextmanager
+def _user_errors_reading(path: str, what: str) -> Iterator[None]:
+    """A checkpoint that cannot be read (not a weights file, truncated) -> a one-line UserError."""
+    try:
+        yield
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise UserError(f"{path}: cannot read the {what} weights from it ({type(err).__name__}: {reason})") from err
+
+
+def _load_open_clip_visual(
+    name: str, pretrained: Optional[str], checkpoint: Optional[str]
+) -> tuple[nn.Module, Preprocess]:
+    model_cfg = _model_config(name)
     weights = checkpoint or pretrained
     if weights is None:
         # random weights: building only the vision tower keeps bigG at ~7 GB fp32 instead of ~10 GB
-        visual = build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))
+        visual = seeded(lambda: build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
+                                                   model_cfg.get("quick_gelu", False)))
         pp = model_cfg.get("preprocess_cfg", {})
         return visual, open_clip.image_transform(visual.image_size, False, mean=pp.get("mean"), std=pp.get("std"))
     with _user_errors(name, weights):

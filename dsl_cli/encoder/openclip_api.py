@@ -7,7 +7,7 @@ Shapes: B images, T tokens (CLS + patches), D residual width.
 
 from __future__ import annotations
 
-from open_clip.model import _build_vision_tower
+from open_clip.model import _build_text_tower, _build_vision_tower
 from open_clip.transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -15,6 +15,11 @@ from torch import Tensor, nn
 def build_vision_tower(embed_dim: int, vision_cfg: dict, quick_gelu: bool) -> nn.Module:
     """The image tower alone, as `open_clip.create_model` builds it (no text tower is made)."""
     return _build_vision_tower(embed_dim, vision_cfg, quick_gelu)
+
+
+def build_text_tower(embed_dim: int, text_cfg, quick_gelu: bool = False) -> nn.Module:
+    """The text tower alone, as `open_clip.create_model` builds it (no image tower is made)."""
+    return _build_text_tower(embed_dim, text_cfg, quick_gelu)
 
 
 def tokens(visual: VisionTransformer, pixels: Tensor) -> Tensor:

@@ -1,0 +1,102 @@
+"""Memory: what is free on a device, giving back what a stage no longer needs, and sizing work to fit.
+
+A run's stages need different models: the logit lens's text tower (built alone, before the encoder, and
+released before anything else runs), the encoder, the decoder. On a GPU too small to hold the encoder and
+the decoder with room to decode, the encoder waits on the CPU while the decoder works (`park_if_short`) and
+comes back for the re-encoding of each decoded batch (`visiting`). Figures: docs/benchmarks.md, "Memory".
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger("dsl_cli.memory")
+
+GB = 1024**3
+HEADROOM = 0.8  # of the free memory, the share work is sized to: the allocator fragments, kernels need scratch
+# Kandinsky 2.2 decoding, beyond its weights, per picture in a batch at 512 x 512 (two UNet rows with guidance,
+# the MoVQ's full-size activations), in bytes per weight byte of the precision: measured on the CPU in float32
+# (scripts/bench_memory.py --decode-probe) and taken as it is for other precisions (activations scale with it).
+DECODE_BYTES_PER_PICTURE_512 = 1.5 * GB / 4
+
+
+def release_memory(device: "str | torch.device") -> None:
+    """Collect what was just dropped, and on CUDA hand the allocator's unused cache back to the driver, so
+    that the next stage (or another process) can have it."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def free_bytes(device: "str | torch.device") -> Optional[int]:
+    """Bytes that new tensors on a CUDA `device` can take: the driver's free memory plus what torch's caching
+    allocator holds unused. None for the CPU, whose memory dsl does not size work by."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def rows_that_fit(device: "str | torch.device", row_bytes: int, cap: int) -> int:
+    """How many rows of `row_bytes` working memory each to run at once on `device`: as many as HEADROOM of its
+    free memory holds, between 1 and `cap`; `cap` on the CPU."""
+    free = free_bytes(device)
+    if free is None:
+        return cap
+    return max(1, min(cap, int(free * HEADROOM) // max(1, row_bytes)))
+
+
+def decode_need(weight_bytes: int, batch: int, height: int, width: int, dtype: torch.dtype) -> int:
+    """Bytes decoding needs on the device: the decoder's weights and `batch` pictures' working memory."""
+    per_picture = DECODE_BYTES_PER_PICTURE_512 * torch.finfo(dtype).bits / 8 * height * width / 512**2
+    return int(weight_bytes + batch * per_picture)
+
+
+def park_if_short(model: nn.Module, device: "str | torch.device", need: int) -> bool:
+    """Move `model` to the CPU when CUDA `device` has less than `need` bytes free (what the next stage needs);
+    True when it was moved. Nothing moves on the CPU or when there is room."""
+    free = free_bytes(device)
+    if free is None or free >= need:
+        return False
+    log.info("the GPU has %.1f GB free and decoding needs %.1f GB: the encoder waits on the CPU while the "
+             "decoder works", free / GB, need / GB)
+    model.to("cpu")
+    release_memory(device)
+    return True
+
+
+@contextmanager
+def visiting(model: nn.Module, device: torch.device, idle=None) -> Iterator[None]:
+    """Run a block with `model` on `device` and put it back where it was afterwards. Where `device` is short
+    of room for it, `idle` (a model or pipeline working on `device` but not needed in the block) waits on
+    the CPU meanwhile. Nothing moves when `model` is on `device` already."""
+    home = next(model.parameters()).device
+    if home == torch.device(device):
+        yield
+        return
+    free = free_bytes(device)
+    idle_moves = idle is not None and free is not None and free * HEADROOM < module_bytes(model)
+    if idle_moves:
+        idle.to("cpu")
+        release_memory(device)
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+        if idle_moves:
+            release_memory(device)
+            idle.to(device)

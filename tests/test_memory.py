@@ -1,0 +1,294 @@
+"""Memory: the logit lens's text tower built alone (checked against open_clip's whole CLIP), read from a
+checkpoint without the vision tensors, never built when its classifier is kept, and released before
+anything else runs; batches sized from free memory, and the encoder parked off a GPU that is short."""
+
+from __future__ import annotations
+
+import json
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dsl_cli import lenses, memory, studies
+from dsl_cli.config import EncoderConfig
+from dsl_cli.decoder import decoder_bytes, load_decoder
+from dsl_cli.encoder import build_tiny_clip, build_tiny_text, loading, load_text_model
+from dsl_cli.encoder.loading import TINY_EMBED_DIM, TINY_TEXT_CFG, TINY_VISION_CFG
+from dsl_cli.errors import UserError
+from dsl_cli.memory import GB, module_bytes
+
+TINY_NAME = "dsl-test-tiny"  # the tiny CLIP registered in open_clip, so that its own loader can load it
+PROMPTS = ["a photo of a dog.", "cat", "", "a " * 70 + "long one", "an origami toucan on a tiled floor."]
+
+
+@pytest.fixture(scope="module")
+def tiny_registered(tmp_path_factory) -> str:
+    """Register the tiny CLIP's architecture with open_clip under TINY_NAME."""
+    folder = tmp_path_factory.mktemp("configs")
+    config = {"embed_dim": TINY_EMBED_DIM, "vision_cfg": TINY_VISION_CFG, "text_cfg": TINY_TEXT_CFG}
+    (folder / f"{TINY_NAME}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{TINY_NAME}.json")
+    return TINY_NAME
+
+
+def open_clip_config(name: str, pretrained) -> EncoderConfig:
+    return EncoderConfig(source="open_clip", name=name, pretrained=pretrained)
+
+
+def test_the_text_tower_alone_encodes_as_open_clips_clip() -> None:
+    """TextTower.encode_text (padding cut off where the tower is causal) equals CLIP.encode_text on the full
+    77 tokens, for prompts from empty to nearly the whole context."""
+    clip, tower = build_tiny_clip(), build_tiny_text()
+    tokens = open_clip.get_tokenizer("ViT-B-32")(PROMPTS)
+    assert tower.trims and int(tokens.argmax(-1).max()) + 1 < tokens.shape[1]  # some padding is cut
+    with torch.no_grad():
+        torch.testing.assert_close(tower.encode_text(tokens, normalize=True), clip.encode_text(tokens, normalize=True),
+                                   atol=1e-6, rtol=1e-5)
+        short = tokens[1:3]  # the cut depends on the batch: two short prompts are computed on 3 columns
+        torch.testing.assert_close(tower.encode_text(short), clip.encode_text(short), atol=1e-6, rtol=1e-5)
+    assert tower.text.attn_mask.shape == (77, 77)  # the full mask is back after the call
+
+
+def _save_checkpoints(folder: Path) -> dict[str, Path]:
+    """The tiny CLIP's weights as open_clip saves them (safetensors), and as a training checkpoint
+    (a torch file wrapping `module.`-prefixed keys in `state_dict`)."""
+    state = build_tiny_clip().state_dict()
+    files = {"safetensors": folder / "tiny.safetensors", "torch": folder / "tiny.pt"}
+    save_file({k: v.contiguous() for k, v in state.items()}, files["safetensors"])
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, files["torch"])
+    return files
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_the_text_tower_reads_only_its_own_tensors(kind: str, tiny_registered: str, tmp_path: Path,
+                                                   monkeypatch) -> None:
+    file = _save_checkpoints(tmp_path)[kind]
+    real, read = loading._open_checkpoint, []
+
+    @contextmanager
+    def spy(path: str):
+        with real(path) as (names, get):
+            yield names, lambda key: (read.append(key), get(key))[1]
+
+    monkeypatch.setattr(loading, "_open_checkpoint", spy)
+    tower, tokenizer = load_text_model(open_clip_config(tiny_registered, str(file)))
+    reference = open_clip.create_model(tiny_registered, pretrained=str(file)).eval()  # open_clip's own loader
+    tokens = tokenizer(PROMPTS)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.encode_text(tokens), reference.encode_text(tokens), atol=1e-6, rtol=1e-5)
+    assert read and not [key for key in read if key.startswith("visual.")], "the vision tensors were read"
+    # the whole CLIP less its vision tower and logit scale: nothing else was built
+    assert module_bytes(tower) == module_bytes(reference) - module_bytes(reference.visual) - 4
+
+
+def test_a_checkpoint_without_the_text_tower_is_refused_in_one_line(tiny_registered: str, tmp_path: Path) -> None:
+    vision_only = tmp_path / "vision.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in build_tiny_clip().visual.state_dict().items()}, vision_only)
+    with pytest.raises(UserError, match="holds no dsl-test-tiny text tower weights .*token_embedding"):
+        load_text_model(open_clip_config(tiny_registered, str(vision_only)))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not weights")
+    with pytest.raises(UserError, match="cannot read the dsl-test-tiny text tower weights"):
+        load_text_model(open_clip_config(tiny_registered, str(garbage)))
+
+
+def test_random_text_weights_are_seeded_so_their_classifier_is_kept(tiny_registered: str, tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    monkeypatch.setenv("DSL_CACHE", str(tmp_path))
+    state = torch.random.get_rng_state()
+    first, _ = load_text_model(open_clip_config(tiny_registered, None))
+    second, _ = load_text_model(open_clip_config(tiny_registered, None))
+    assert torch.equal(torch.random.get_rng_state(), state), "the caller's random state changed"
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
+    kept = lenses.classifier_file(open_clip_config(tiny_registered, None), "simple")
+    versions = f"torch{torch.__version__}_simple_openclip{open_clip.__version__}"
+    assert kept == tmp_path / f"{tiny_registered}_random-seed0-{versions}.pt"
+    assert lenses.classifier_file(EncoderConfig(source="tiny"), "simple") is None
+    assert lenses.classifier_file(open_clip_config(tiny_registered, str(tmp_path)), "simple") is None  # a local path
+
+
+def _tiny_run(folder: Path, *overrides: str) -> Path:
+    """An in-process `dsl run debug=tiny lens=logit ...` into `folder` (so that its functions can be watched);
+    `overrides` replace these settings."""
+    from hydra import compose, initialize_config_module
+
+    from dsl_cli.config import register_configs
+    from dsl_cli.run import run
+
+    register_configs()
+    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+        chosen = ["debug=tiny", "lens=logit", "layer=1", "images.limit=1", "decode.steps=1", "component=[L1H0]",
+                  *overrides]
+        cfg = compose(config_name="run", overrides=list({o.split("=")[0]: o for o in chosen}.values()))
+    run(cfg, folder)
+    return folder
+
+
+def test_a_kept_classifier_builds_no_text_tower_and_a_built_one_is_released_first(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """The text tower is gone before the encoder loads (and so before decoding); the encoder and decoder are
+    gone before the figures are drawn; a kept classifier builds no text tower and names the same labels."""
+    from dsl_cli import run as run_module
+    from dsl_cli.encoder import load_encoder
+    from dsl_cli.outputs import redraw
+
+    monkeypatch.setattr(lenses, "classifier_file", lambda cfg, templates: tmp_path / "kept.pt")
+    towers: list[weakref.ref] = []
+
+    def watched_text_model(*args, **kwargs):
+        tower, tokenizer = load_text_model(*args, **kwargs)
+        towers.append(weakref.ref(tower))
+        return tower, tokenizer
+
+    def released_before(stage: str, load):
+        def check(*args, **kwargs):
+            assert towers and towers[0]() is None, f"the text tower is alive when the {stage} loads"
+            return load(*args, **kwargs)
+        return check
+
+    encoders: list[weakref.ref] = []
+
+    def watched_encoder(*args, **kwargs):
+        encoder, preprocess = released_before("encoder", load_encoder)(*args, **kwargs)
+        encoders.append(weakref.ref(encoder))
+        return encoder, preprocess
+
+    def drawn_without_models(folder):
+        assert encoders and encoders[-1]() is None, "the encoder is alive while the figures are drawn"
+        return redraw(folder)
+
+    monkeypatch.setattr(lenses, "load_text_model", watched_text_model)
+    monkeypatch.setattr(run_module, "load_encoder", watched_encoder)
+    monkeypatch.setattr(run_module, "load_decoder", released_before("decoder", run_module.load_decoder))
+    monkeypatch.setattr(run_module, "redraw", drawn_without_models)
+    first = _tiny_run(tmp_path / "first")
+    assert len(towers) == 1 and (tmp_path / "kept.pt").is_file()
+
+    def no_text_tower(*args, **kwargs):
+        raise AssertionError("a text tower was built although the classifier is kept")
+
+    monkeypatch.setattr(lenses, "load_text_model", no_text_tower)
+    second = _tiny_run(tmp_path / "second")
+    assert (first / "labels.csv").read_text() == (second / "labels.csv").read_text()
+
+
+def test_ablation_batches_are_sized_from_free_memory(tiny_encoder, monkeypatch) -> None:
+    row = studies.ablation_row_bytes(tiny_encoder)
+    tokens, width, heads, hidden = 17, 64, 4, 256  # the tiny ViT: (64 / 16)^2 patches + CLS
+    assert row == 4 * tokens * (3 * heads * width + 2 * hidden + 8 * width)
+    assert studies.ablation_rows(tiny_encoder, 7) == 7  # on the CPU: batch_size
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(10.5 * row / memory.HEADROOM))
+    assert memory.rows_that_fit("cuda", row, 256) == 10
+    assert memory.rows_that_fit("cuda", row, 4) == 4
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 0)
+    assert memory.rows_that_fit("cuda", row, 256) == 1
+
+
+def test_ablation_halves_its_batch_on_out_of_memory(tiny_encoder, tiny_pixels, monkeypatch) -> None:
+    plan = [(i % 3, [f"L{i % 4}H{i % 3}"]) for i in range(7)]
+    alone = studies.ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=1)
+    real, sizes = tiny_encoder.ablate_hooked, []
+
+    def small_memory(pixels, *args, **kwargs):
+        sizes.append(len(pixels))
+        if len(pixels) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_encoder, "ablate_hooked", small_memory)
+    halved = studies.ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=8)
+    torch.testing.assert_close(halved, alone, atol=1e-5, rtol=1e-5)
+    assert sizes == [7, 4, 2, 2, 2, 1]  # 8 rows, then 4, then 2 at a time
+
+
+def test_decoder_bytes_counts_the_weights_without_building_them() -> None:
+    from dsl_cli.config import DecoderConfig
+
+    built = load_decoder(DecoderConfig(source="tiny")).pipe
+    assert decoder_bytes("tiny", torch.float32) == module_bytes(built.unet) + module_bytes(built.movq)
+    assert decoder_bytes("random", torch.bfloat16) == 2 * (1_253_057_288 + 67_832_495)  # DESIGN.md section 2
+
+
+class _Model(torch.nn.Module):
+    """A module that records where it is asked to go instead of going (CUDA is not needed to test the plan)."""
+
+    def __init__(self, name: str, moves: list):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1000))
+        self.name, self.moves = name, moves
+
+    def to(self, device):  # noqa: D102
+        self.moves.append((self.name, str(device)))
+        return self
+
+
+def test_an_encoder_waits_on_the_cpu_when_the_gpu_is_short(monkeypatch) -> None:
+    moves: list = []
+    encoder, decoder = _Model("encoder", moves), _Model("decoder", moves)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: None if torch.device(device).type == "cpu" else 3000)
+    assert not memory.park_if_short(encoder, "cpu", 10**9)  # the CPU: nothing moves
+    assert not memory.park_if_short(encoder, "cuda", 3000)  # room enough
+    assert memory.park_if_short(encoder, "cuda", 3001) and moves == [("encoder", "cpu")]
+    moves.clear()
+    with memory.visiting(encoder, torch.device("cuda"), idle=decoder):  # 4000 bytes do not fit in 3000 free
+        assert moves == [("decoder", "cpu"), ("encoder", "cuda")]
+    assert moves[2:] == [("encoder", "cpu"), ("decoder", "cuda")]
+    moves.clear()
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 10**6)
+    with memory.visiting(encoder, torch.device("cuda"), idle=decoder):  # room for both: the decoder stays
+        pass
+    assert moves == [("encoder", "cuda"), ("encoder", "cpu")]
+    moves.clear()
+    with memory.visiting(encoder, torch.device("cpu"), idle=decoder):  # already there
+        pass
+    assert moves == []
+
+
+def test_the_memory_benchmark_measures_a_run_in_its_own_process(tmp_path: Path) -> None:
+    """scripts/bench_memory.py --dry-run (the tiny models): one case, its peak and the table."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_memory.py"
+    result = subprocess.run([sys.executable, str(script), "--dry-run", "--only", "logit_kept", "--folder",
+                             str(tmp_path / "runs"), "--json", str(tmp_path / "out.json"), "--markdown",
+                             str(tmp_path / "out.md")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (case,) = json.loads((tmp_path / "out.json").read_text())
+    assert case["case"] == "logit_kept" and case["exit"] == 0 and case["classifier"] == "built"  # tiny: never kept
+    assert 0.3 * GB < case["host_peak_bytes"] < 4 * GB  # a tiny run: python, torch and the libraries
+    assert {"images", "classifier", "encoder", "lens", "write"} <= set(case["stage_seconds"])
+    assert "| logit_kept | logit lens, classifier kept" in (tmp_path / "out.md").read_text()
+
+
+@pytest.mark.gpu
+def test_a_parked_encoder_gives_the_same_run_on_a_gpu(tmp_path: Path, monkeypatch) -> None:
+    """On CUDA, with free memory made to look short: the encoder waits on the CPU while decoding, comes back
+    (the decoder stepping out) for each re-encoding, and the run's numbers are those of an unparked run."""
+    import csv
+
+    def rows(folder: Path) -> list[dict]:
+        with open(folder / "similarity.csv", newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    overrides = ("device=cuda", "lens=steering", "component=all", "decode.top_k=3", "decode.batch_size=2")
+    roomy = rows(_tiny_run(tmp_path / "roomy", *overrides))
+    moves: list[str] = []
+    real_park, real_visit = memory.park_if_short, memory.visiting
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 0)  # nothing fits beside anything
+    from dsl_cli import run as run_module
+
+    monkeypatch.setattr(run_module, "park_if_short", lambda *a: moves.append("park") or real_park(*a))
+    parked = rows(_tiny_run(tmp_path / "parked", *overrides))
+    assert moves == ["park"] and real_visit is memory.visiting
+    for a, b in zip(roomy, parked, strict=True):
+        assert a["component"] == b["component"] and (a["file"] == "") == (b["file"] == "")
+        for key in ("sim_embed", "sim_decoded"):
+            if a[key]:
+                assert abs(float(a[key]) - float(b[key])) < 1e-4, (key, a, b)
