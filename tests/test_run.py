@@ -217,9 +217,10 @@ def test_studies_run_through_the_cli(study: str, files: list[str], tmp_path: Pat
     rows = read_rows(folder, f"study_{study}.csv")
     if study == "head_importance":
         assert len(rows) == N_IMAGES * N_LAYERS * N_HEADS
-    else:  # per composite: DSL and greedy orders and 2 random orders, each with steps 0..3
-        assert len(rows) == N_IMAGES * (2 + 2) * 4
-    assert not (folder / "similarity.csv").exists()  # a study decodes nothing
+    else:  # per composite: DSL, naive-lens and greedy orders and 2 random orders, each with steps 0..3
+        assert len(rows) == N_IMAGES * (3 + 2) * 4
+        assert len(list(folder.glob("grids/*_overlay_fade.png"))) == N_IMAGES  # decode_steps, clamped to 3
+    assert not (folder / "similarity.csv").exists()  # a study ranks no lens pictures
 
 
 def test_rank_by_decoded_similarity(tmp_path: Path) -> None:
