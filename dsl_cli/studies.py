@@ -3,13 +3,15 @@
 Only the studies' names and headline results are public; the procedures here are reconstructions:
 
 - head importance: per image and head, importance = 1 - cos(e_ablated, e), the head ablated (zero or mean)
-  in a full forward pass with no patching; correlated (Spearman, Pearson; per image and pooled over all
-  (image, head) pairs) with the DSL score and the direct-lens score, both cos(lens embedding, e) as the
-  main runs rank by (`sim_embed`).
+  in a full forward pass with no patching; correlated (Spearman, Pearson, each with a percentile-bootstrap
+  95 % interval and n; per image and pooled over all (image, head) pairs) with the DSL score and the
+  naive-lens score, both cos(lens embedding, e) as the main runs rank by (`sim_embed`), and with the
+  closed-form direct importance 1 - cos(R(x_L - a_h), e).
 - overlay removal: composites of a background with a foreground pasted on it. Heads are ranked by
   cos(DSL embedding on the composite, e_fg), e_fg the foreground image's own embedding, and ablated
   cumulatively in that order; the overlay similarity cos(e_ablated(composite), e_fg) is traced after each
-  step. Compared with an ACDC-like greedy order and with random orders.
+  step, with the area under each curve. Compared with the naive lens's ranking, an ACDC-like greedy order
+  and random orders; the ablated composites can be decoded at chosen steps (`decode_kept`).
 
 Shapes: B images, K components, E embedding width, S image side. Everything runs through
 `HookedEncoder.ablate_hooked`, batched over (image, ablation set) rows.

@@ -288,3 +288,22 @@ def test_areas_in_the_csv_equal_a_hand_computation(tmp_path, tiny_run):
         sims = [float(r["overlay_sim"]) for r in sorted(run, key=lambda r: int(r["step"]))]
         by_hand = sum((a + b) / 2 for a, b in zip(sims, sims[1:]))
         assert all(float(r["auc"]) == pytest.approx(by_hand, abs=1e-5) for r in run)
+
+
+def test_overlay_position_and_scale_come_from_the_config(tmp_path, tiny_run):
+    """The composite saved by the study: the background's centre square with the foreground, resized to
+    `overlay_scale` of its side, in the `overlay_position` corner (PIL's own fit as the reference)."""
+    from PIL import Image, ImageOps
+
+    encoder, preprocess, images, components = tiny_run
+    run_study(study_cfg("overlay_removal", overlay_position="bottom-right", overlay_scale=0.3, decode_steps=[]),
+              tmp_path, encoder, preprocess, images[:2], components)
+    composite = np.asarray(Image.open(tmp_path / "images" / "overlays" / "img1_on_img0.png"))
+    background, foreground = images[0].load(), images[1].load()
+    side = min(background.size)
+    small = round(0.3 * side)
+    patch = np.asarray(ImageOps.fit(foreground, (small, small), Image.Resampling.BICUBIC))
+    square = np.asarray(ImageOps.fit(background, (side, side), Image.Resampling.BICUBIC))
+    assert composite.shape[:2] == (side, side)
+    assert (composite[side - small:, side - small:] == patch).all()
+    assert (composite[:side - small] == square[:side - small]).all()
