@@ -71,10 +71,14 @@ def _fail(message: "str | UserError") -> int:
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--experimental-rerun"}
 _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+# Flags after which the composed config is not dsl's own (another config) or nothing runs (help): no check.
+_OWN_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--help", "-h",
+                     "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--experimental-rerun"}
 
 
-def _flags_first(args: list[str]) -> list[str]:
-    """Hydra's argparse wants flags before overrides; users write `dsl run debug=tiny --multirun seed=0,1`."""
+def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(flags with their values, overrides): Hydra's argparse wants flags before overrides, and users write
+    `dsl run debug=tiny --multirun seed=0,1`."""
     flags, overrides, i = [], [], 0
     while i < len(args):
         arg = args[i]
@@ -88,7 +92,7 @@ def _flags_first(args: list[str]) -> list[str]:
                 i += 1
                 flags.append(args[i])
         i += 1
-    return flags + overrides
+    return flags, overrides
 
 
 # Overrides whose values are paths. `~` is expanded, as a shell does in `VAR=~/x` (but not in `a.b=~/x`), and a
@@ -144,7 +148,7 @@ def _run(args: list[str]) -> int:
     import hydra
 
     from dsl_cli import job
-    from dsl_cli.config import register_configs
+    from dsl_cli.config import check_overrides, register_configs
     from dsl_cli.outputs import release_all
     from dsl_cli.sweeps import merged_sweeps
 
@@ -153,9 +157,15 @@ def _run(args: list[str]) -> int:
         extra = _resume_overrides(args)
     except UserError as err:
         return _fail(err)
+    flags, overrides = _split_flags([_path_override(arg) for arg in [*args, *extra]])
+    if not set(flags) & _OWN_CONFIG_FLAGS:
+        try:
+            check_overrides(overrides)  # Hydra's own refusal would be several lines and exit status 1
+        except UserError as err:
+            return _fail(err)
     app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
     saved_argv = sys.argv
-    sys.argv = ["dsl run", *_flags_first([_path_override(arg) for arg in [*args, *extra]])]
+    sys.argv = ["dsl run", *flags, *overrides]
     merged_sweeps.clear()
     try:
         app()

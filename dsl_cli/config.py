@@ -1,18 +1,40 @@
 """Structured-config schema: the dataclasses Hydra checks every composed config against.
 
 Registered in Hydra's ConfigStore as `run_schema`; `configs/run.yaml` lists it first in its defaults, so a
-misspelt key (`lens.alpah=3`) or a wrong type (`seed=abc`) fails at compose time with Hydra's own message,
-before any model is built. Values whose *range* depends on the loaded model (layer, head) are checked later,
-by the lens (`dsl_cli.lenses.Lens.components`) once the encoder is loaded.
+misspelt key (`lens.alpah=3`), a wrong type (`seed=abc`) or a value outside an enumeration (`lens.mode=nrom`,
+the `Enum`s below) fails at compose time, before any model is built; `check_overrides` turns Hydra's message
+into one line. Values whose *range* depends on the loaded model (layer, head) are checked later, by the lens
+(`dsl_cli.lenses.Lens.components`) once the encoder is loaded. The enumerations are `StrEnum`s: a value
+compares equal to its name (`cfg.lens.mode == "norm"`) and is written as it (manifest, saved config).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
+
+from dsl_cli.errors import UserError
+
+
+# The enumerations (StrEnum: a member's value is its name).
+Device = StrEnum("Device", ["auto", "cuda", "cpu"])  # auto: CUDA when present, else the CPU with a warning
+Precision = StrEnum("Precision", ["fp32", "fp16", "bf16"])
+DecodePrecision = StrEnum("DecodePrecision", ["auto", *Precision])  # auto: bf16 on CUDA, fp32 on the CPU
+EncoderSource = StrEnum("EncoderSource", ["open_clip", "kandinsky_prior", "tiny"])
+Scheduler = StrEnum("Scheduler", ["ddpm", "ddim", "dpm"])
+SteerMode = StrEnum("SteerMode", ["add", "scale", "norm"])
+RankBy = StrEnum("RankBy", ["sim_embed", "sim_decoded"])
+Templates = StrEnum("Templates", ["openai", "simple"])  # the logit lens's prompts: 80 per class, or 7
+ImageSource = StrEnum("ImageSource", ["samples", "folder"])
+StudyName = StrEnum("StudyName", ["head_importance", "overlay_removal"])
+Ablation = StrEnum("Ablation", ["zero", "mean"])
+StudyAblation = StrEnum("StudyAblation", [*Ablation, "both"])  # both: zero and mean (head importance)
+OverlayPosition = StrEnum("OverlayPosition", ["center", "top-left", "top-right", "bottom-left", "bottom-right"])
 
 
 @dataclass
@@ -24,7 +46,7 @@ class EncoderConfig:
     open_clip module) or `tiny` (random, embed_dim 32, for tests).
     """
 
-    source: str = "open_clip"
+    source: EncoderSource = EncoderSource.open_clip
     name: str = "ViT-bigG-14"
     pretrained: Optional[str] = "laion2b_s39b_b160k"
     checkpoint: Optional[str] = None  # local weights: a file (open_clip) or a folder (kandinsky_prior)
@@ -33,6 +55,8 @@ class EncoderConfig:
     # open_clip model whose text tower the logit lens uses (same CLIP as the encoder unless said otherwise)
     text_name: Optional[str] = None
     text_pretrained: Optional[str] = None
+    dtype: Precision = Precision.fp32  # the encoder's precision
+    batch_size: int = 16  # images per encoder pass
 
 
 @dataclass
@@ -53,9 +77,9 @@ class DecodeConfig:
     width: int = 512
     steps: int = 100
     guidance: float = 4.0
-    scheduler: str = "ddpm"  # ddpm | ddim | dpm
+    scheduler: Scheduler = Scheduler.ddpm
     batch_size: Any = "auto"  # pictures per pipeline call: auto (fitted to free GPU memory; 8 on the CPU) or a number
-    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | fp16 | bf16
+    dtype: DecodePrecision = DecodePrecision.auto
     channels_last: bool = False  # NHWC UNet and MoVQ (cuDNN's channels-last kernels)
     compile: bool = False  # torch.compile the UNet (a minute or more of compilation per new batch shape)
     top_k: Optional[int] = None  # decode only the k components most similar to the input, per image
@@ -68,20 +92,20 @@ class LensConfig:
     `logit` (classic logit lens over ImageNet labels)."""
 
     name: str = "steering"
-    mode: str = "norm"  # steering: add | scale | norm
+    mode: SteerMode = SteerMode.norm  # steering
     alpha: float = 2.0
     verify: bool = False  # steering: check the closed form against the hooked reference pass
-    rank_by: str = "sim_embed"  # sim_embed | sim_decoded
+    rank_by: RankBy = RankBy.sim_embed
     mid: bool = False  # diffusion and logit lenses: also read the stream between each attention and MLP
     top_labels: int = 5  # logit lens: labels kept per component
-    templates: str = "openai"  # logit lens: openai (80 prompts per class) | simple (7)
+    templates: Templates = Templates.openai  # logit lens
 
 
 @dataclass
 class ImagesConfig:
     """Input images: `samples` (photos bundled with scikit-image) or `folder` (`path`: folder, glob or file)."""
 
-    source: str = "samples"
+    source: ImageSource = ImageSource.samples
     path: Optional[str] = None
     names: Optional[list[str]] = None  # samples: which ones (default: all)
     limit: Optional[int] = None  # use at most this many images
@@ -95,14 +119,14 @@ class StudyConfig:
     """An interventional study instead of a decoding run (`study=head_importance` or `study=overlay_removal`);
     `name: null` (the default) runs the lens and decodes."""
 
-    name: Optional[str] = None
-    ablation: Any = "zero"  # zero | mean; head importance also takes both: [zero, mean]
+    name: Optional[StudyName] = None
+    ablation: StudyAblation = StudyAblation.zero  # head importance: `both` runs zero and mean ablation in one run
     bootstrap: int = 1000  # head importance: resamples for the 95 % intervals of the correlations
     steps: int = 20  # overlay removal: cumulative ablation steps
     greedy_pool: Optional[int] = 32  # overlay removal: greedy candidates per step; null = all remaining
     random_orders: int = 5  # overlay removal: random baseline orders
     overlay_scale: float = 0.45  # overlay removal: pasted image size relative to the background
-    overlay_position: str = "center"  # overlay removal: center | top-left | top-right | bottom-left | bottom-right
+    overlay_position: OverlayPosition = OverlayPosition.center  # overlay removal: where the image is pasted
     decode_steps: list[int] = field(default_factory=lambda: [0, 5, 10, 20])  # overlay removal: steps decoded
 
 
@@ -118,9 +142,7 @@ class RunConfig:
     head: Any = "all"  # "all", int or list of ints
     component: Any = "heads"  # heads | mlp | all, or explicit labels [L30H05, L12MLP] (then layer/head are unused)
     seed: int = 0
-    device: str = "auto"  # auto | cuda | cpu
-    dtype: str = "fp32"  # encoder dtype: fp32 | fp16 | bf16
-    batch_size: int = 16  # images per encoder batch
+    device: Device = Device.auto
     resume: Optional[str] = None  # a run folder to complete
     clamp_to_model: bool = False  # layers/heads beyond the model: nearest one with a warning, not an error
 
@@ -136,3 +158,72 @@ def register_configs() -> None:
     """Make the schema available to Hydra as the `run_schema` config, and `${dsl_gpus:}` to every config."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     OmegaConf.register_new_resolver("dsl_gpus", gpu_count, replace=True)
+
+
+# Settings that moved: the old spelling is refused with a line naming the new one.
+MOVED = {"dtype": "encoder.dtype", "batch_size": "encoder.batch_size"}
+MAX_COMPOSES = 64  # sweeps are checked one value at a time, the other settings at their first value
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Compose the run config as `dsl run` will, once per value of each swept setting, before Hydra starts:
+    UserError with one line for the first that Hydra refuses (a misspelt key, a wrong type, a value outside an
+    enumeration, an unknown config group option). Hydra's own overrides (`hydra.*`) are left to it."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    parser, parsed = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            parsed.append(parser.parse_override(text))
+        except HydraException as err:
+            raise UserError(f"{text}: {_one_line(err)} (quote a value with spaces or brackets: key='a b')") from None
+    parsed = [o for o in parsed if not o.is_hydra_override()]
+    for variant in _variants(parsed)[:MAX_COMPOSES]:
+        try:
+            with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+                compose(config_name="run", overrides=variant)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise UserError(_one_line(err)) from None
+
+
+def _variants(parsed: list) -> list[list[str]]:
+    """Override lists to compose: each sweep's values in turn, the other sweeps at their first value."""
+    values = [_values(o) for o in parsed]
+    first = [v[0] for v in values]
+    variants = [first]
+    for i, options in enumerate(values):
+        variants += [[*first[:i], option, *first[i + 1:]] for option in options[1:]]
+    return variants
+
+
+def _values(override) -> list[str]:
+    if not override.is_sweep_override():
+        return [override.input_line]
+    try:
+        return [f"{override.get_key_element()}={value}" for value in override.sweep_string_iterator()]
+    except Exception:  # noqa: BLE001 - a glob sweep needs Hydra's loader: left to Hydra's own check
+        return []
+
+
+def _one_line(err: Exception) -> str:
+    """Hydra's and OmegaConf's message (and its cause's) on one line, with what to do instead."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    causes, cause = [err], err.__cause__
+    while cause is not None:
+        causes.append(cause)
+        cause = cause.__cause__
+    unknown = (ConfigAttributeError, ConfigKeyError)  # a key the schema does not have
+    key = next((c.full_key for c in causes if isinstance(c, unknown) and getattr(c, "full_key", None)), None)
+    if key is not None:
+        if key in MOVED:
+            return f"{key}: this setting moved to {MOVED[key]}; write {MOVED[key]}=... instead"
+        return f"{key}: no such setting (misspelt? `dsl run --cfg job` prints every setting)"
+    lines = [line.strip() for c in causes for line in str(c).split("Config search path")[0].splitlines()]
+    lines = [line for line in lines if line not in ("", "None") and not line.startswith(("full_key:", "object_type=", "reference_type=",
+                                                                    "To append to your config"))]
+    text = " ".join(dict.fromkeys(lines)).replace("\t", " ")
+    return re.sub(r"^Error merging override (\S+) ", r"\1: ", text)

@@ -24,7 +24,6 @@ from omegaconf import ListConfig
 from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
-from dsl_cli.encoder import STEER_MODES as MODES
 from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
 from dsl_cli.errors import UserError
 from dsl_cli.memory import release_memory
@@ -159,8 +158,8 @@ def check_finite(lens: "Lens", dtype: str, names: list[str], components: list[Co
     bad_clean = ~torch.isfinite(clean).all(-1)
     if bad_clean.any():
         image = names[int(bad_clean.nonzero()[0, 0])]
-        raise UserError(f"{image}: the encoder's embedding is not finite (NaN or inf) with dtype={dtype}; "
-                        "use dtype=fp32")
+        raise UserError(f"{image}: the encoder's embedding is not finite (NaN or inf) with encoder.dtype={dtype}; "
+                        "use encoder.dtype=fp32")
     bad = ~(torch.isfinite(embeds).all(-1) & torch.isfinite(scores.sim_embed) & torch.isfinite(scores.norm))
     if bad.any():
         i, k = (int(v) for v in bad.nonzero()[0])
@@ -337,7 +336,7 @@ class Lens:
 
     def unstable_setting(self, dtype: str) -> tuple[str, str]:
         """(the setting, its fix) named when an embedding is not finite (NaN or inf)."""
-        return f"dtype={dtype}", "use dtype=fp32"
+        return f"encoder.dtype={dtype}", "use encoder.dtype=fp32"
 
     def prepare(self, encoder_cfg, device: torch.device) -> None:
         """Work of this lens that needs a model of its own, done before the encoder loads (so that the two

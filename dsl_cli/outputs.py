@@ -376,6 +376,19 @@ class RunFolder:
         return LockOwner.parse(line.decode(errors="replace"))
 
 
+@contextmanager
+def claimed(folder: Path) -> Iterator[None]:
+    """Hold a folder while its figures or page are written, so that a run still writing there is not
+    disturbed (UserError naming the process that writes there); a folder this process holds stays held."""
+    run_folder = RunFolder(folder)
+    mine = run_folder.claim(resume=True)
+    try:
+        yield
+    finally:
+        if mine:
+            run_folder.release()
+
+
 def release_all() -> None:
     """Release every folder this process holds (when `dsl run` ends, however it ends)."""
     for path in list(_HELD):

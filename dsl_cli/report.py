@@ -15,15 +15,13 @@ page when it ends.
 from __future__ import annotations
 
 import html
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import quote
 
 import numpy as np
 
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, RunFolder, atomic_write_bytes,
+from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, atomic_write_bytes, claimed,
                              colour_limits, dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder,
                              kind_blocks, layer_label, read_csv, read_manifest, redraw)
 from dsl_cli.studies import CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, SCORES, redraw_study
@@ -172,7 +170,8 @@ def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
         ("images", ", ".join(manifest.get("images", [])) + (f"; skipped {manifest['skipped']}"
                                                              if manifest.get("skipped") else "")),
         ("seed", cfg.get("seed", manifest.get("seed", ""))),
-        ("encoder dtype", cfg.get("dtype", "")),
+        # what the run used (the manifest); the setting for runs from before that was recorded
+        ("encoder dtype", manifest.get("encoder_dtype") or encoder.get("dtype") or cfg.get("dtype", "")),
     ]
 
 
@@ -537,19 +536,6 @@ def write_page(kind: str, folder: Path) -> Path:
     """Write the page of a `kind` (run, study, sweep) folder; returns its path."""
     atomic_write_bytes(folder / PAGE, PAGES[kind](folder).encode())
     return folder / PAGE
-
-
-@contextmanager
-def claimed(folder: Path) -> Iterator[None]:
-    """Hold a folder while its figures or page are written, so that a run still writing there is not
-    disturbed (UserError naming the process that writes there); a folder this process holds stays held."""
-    run_folder = RunFolder(folder)
-    mine = run_folder.claim(resume=True)
-    try:
-        yield
-    finally:
-        if mine:
-            run_folder.release()
 
 
 def write_pages(root: Path) -> list[Path]:

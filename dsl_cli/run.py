@@ -32,7 +32,7 @@ from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype
 from dsl_cli.encoder import load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import MODES, TEMPLATES, Lens, ScoredImages, check_finite, get_lens, n_labels, rank, score
+from dsl_cli.lenses import Lens, ScoredImages, check_finite, get_lens, n_labels, rank, score
 from dsl_cli.memory import decode_need, park_if_short, release_memory, visiting
 from dsl_cli.outputs import (COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
                              is_sweep_folder, read_csv, read_manifest,
@@ -52,9 +52,10 @@ SEED_MAX = 2**64 - 1  # torch's generators take 64-bit seeds
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need no model: fail before anything slow starts."""
+    """Checks that need no model: fail before anything slow starts (enumerations are the schema's, checked
+    when the config is composed)."""
     decode = cfg.decode
-    for key, value, low in (("decode.steps", decode.steps, 1), ("batch_size", cfg.batch_size, 1),
+    for key, value, low in (("decode.steps", decode.steps, 1), ("encoder.batch_size", cfg.encoder.batch_size, 1),
                             ("decode.height", decode.height, 1), ("decode.width", decode.width, 1),
                             ("lens.top_labels", cfg.lens.top_labels, 1)):
         if value < low:
@@ -70,24 +71,16 @@ def validate(cfg: DictConfig) -> None:
     _validate_lens(cfg)
     if not math.isfinite(decode.guidance):
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
-    resolve_dtype(cfg.dtype, "cpu")  # raises on an unknown name
-    resolve_dtype(cfg.decode.dtype, "cpu")
     check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width)
 
 
 def _validate_lens(cfg: DictConfig) -> None:
     lens = cfg.lens
-    if lens.mode not in MODES:
-        raise UserError(f"lens.mode={lens.mode!r}: use {', '.join(MODES)}")
     if not math.isfinite(lens.alpha):
         raise UserError(f"lens.alpha={lens.alpha}: must be a finite number")
-    if lens.rank_by not in ("sim_embed", "sim_decoded"):
-        raise UserError(f"lens.rank_by={lens.rank_by!r}: use sim_embed or sim_decoded")
     if lens.rank_by == "sim_decoded" and not cfg.decode.enabled and cfg.study.name is None:
         raise UserError("lens.rank_by=sim_decoded ranks by decoded pictures, but decode.enabled=false decodes "
                         "none: use lens.rank_by=sim_embed, or decode")
-    if lens.templates not in TEMPLATES:
-        raise UserError(f"lens.templates={lens.templates!r}: use {' or '.join(TEMPLATES)}")
     if lens.top_labels > n_labels():
         raise UserError(f"lens.top_labels={lens.top_labels}: there are only {n_labels()} ImageNet labels")
 
@@ -147,9 +140,9 @@ def encode_batches(cfg, folder: RunFolder, preprocess, image_set: ImageSet) -> I
     run holds one picture at a time however many there are."""
     size = (cfg.decode.width, cfg.decode.height)
     images = image_set.images
-    for start in range(0, len(images), cfg.batch_size):
+    for start in range(0, len(images), cfg.encoder.batch_size):
         names, pixels = [], []
-        for item, picture in image_set.stream(images[start:start + cfg.batch_size]):
+        for item, picture in image_set.stream(images[start:start + cfg.encoder.batch_size]):
             path = folder.input_picture(item.name)
             if not is_picture(path):
                 save_png(path, ImageOps.fit(picture, size, Image.Resampling.BICUBIC))
@@ -179,7 +172,7 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     cache = encoder.run_with_cache(pixels.to(encoder.device, encoder.dtype))
     embeds = lens.embeddings(encoder, cache, components)
     scores = score(encoder, cache, components, embeds)
-    check_finite(lens, cfg.dtype, names, components, cache.embeds, embeds, scores)
+    check_finite(lens, cfg.encoder.dtype, names, components, cache.embeds, embeds, scores)
     # one transfer per batch, not one per value (each .item() would wait for the GPU)
     sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
     lens_cpu, clean_cpu = embeds.float().cpu(), cache.embeds.float().cpu()
@@ -264,7 +257,7 @@ def _write_batch(cfg, encoder, preprocess, folder: RunFolder, scored: list[Score
         row["file"] = folder.picture(row["image"], row["lens"], row["component"])
         save_png(folder.path / row["file"], picture)
     # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
-    again = reencode(encoder, preprocess, saved, cfg.batch_size)
+    again = reencode(encoder, preprocess, saved, cfg.encoder.batch_size)
     clean = torch.stack([scored[i].clean for i, _ in items])
     sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
     for row, sim in zip(rows, sims):
@@ -392,7 +385,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
         with manifest.stage(lens.prepare_stage):  # before the encoder: a lens's own model never shares its memory
             lens.prepare(cfg.encoder, device)
     with manifest.stage("encoder"):
-        encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.dtype, device))
+        encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.encoder.dtype, device))
     manifest.update(encoder_dtype=dtype_name(encoder.dtype))
     components = lens.components(cfg.layer, cfg.head, cfg.component, encoder.n_layers, encoder.n_heads,
                                  mid=cfg.lens.mid, clamp=cfg.clamp_to_model)

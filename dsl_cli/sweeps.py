@@ -35,8 +35,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import UserError, report
-from dsl_cli.outputs import (COLUMNS, CsvLog, draw_heatmaps, draw_lens_comparison, group_rows, is_sweep_folder,
-                             read_csv, read_manifest, write_json)
+from dsl_cli.outputs import (COLUMNS, CsvLog, claimed, draw_heatmaps, draw_lens_comparison, group_rows,
+                             is_sweep_folder, read_csv, read_manifest, write_json)
 from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
@@ -194,15 +194,16 @@ def merge_sweep(sweep_dir: Path) -> dict:
     if not is_sweep_folder(sweep_dir):
         raise UserError(f"{sweep_dir}: not a sweep folder (no multirun.yaml); give the hydra.sweep.dir of a "
                         "--multirun, e.g. outputs/multirun/DATE/TIME")
-    jobs = sweep_jobs(sweep_dir)
-    keys = override_keys(jobs)
-    columns = ["job", *(OVERRIDE + k for k in keys), *COLUMNS]
-    CsvLog(sweep_dir / "similarity.csv", columns).rewrite(merged_rows(jobs, keys))
-    manifest = sweep_manifest(jobs)
-    figures = draw_sweep(sweep_dir)
-    manifest["figures"] = [p.relative_to(sweep_dir).as_posix() for p in figures]
-    write_json(sweep_dir / "manifest.json", manifest)
-    write_page("sweep", sweep_dir)
+    with claimed(sweep_dir):  # `dsl merge` of a sweep still running is refused (the sweep merges itself)
+        jobs = sweep_jobs(sweep_dir)
+        keys = override_keys(jobs)
+        columns = ["job", *(OVERRIDE + k for k in keys), *COLUMNS]
+        CsvLog(sweep_dir / "similarity.csv", columns).rewrite(merged_rows(jobs, keys))
+        manifest = sweep_manifest(jobs)
+        figures = draw_sweep(sweep_dir)
+        manifest["figures"] = [p.relative_to(sweep_dir).as_posix() for p in figures]
+        write_json(sweep_dir / "manifest.json", manifest)
+        write_page("sweep", sweep_dir)
     return manifest
 
 

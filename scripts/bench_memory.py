@@ -8,7 +8,7 @@ architectures with random weights, no download), in a process of its own:
   at its end (`torch.cuda.max_memory_reserved`; the context is what the driver counts beyond the allocator).
 
 On the CPU (fp32) decoding is kept tiny (64 px, 1 step, one picture): the figure is the models' memory,
-not that of 512-pixel activations. On CUDA (bf16: `dtype=bf16`, `decode.dtype=auto`) pictures are 512 px
+not that of 512-pixel activations. On CUDA (bf16: `encoder.dtype=bf16`, `decode.dtype=auto`) pictures are 512 px
 with a full decode batch of 8 (2 steps: the step count does not change the peak), and `--gpu-limit-gb 24`
 caps the process at 24 GB (`torch.cuda.set_per_process_memory_fraction`), as on a 24 GB card: a case that
 finishes under the cap fits one. The logit lens runs twice: with its ImageNet classifier built (a fresh
@@ -70,8 +70,8 @@ CASES: dict[str, tuple[str, list[str], list[str]]] = {
                          "study.random_orders=1"]),
 }
 DEVICE_SETTINGS = {
-    "cpu": ["device=cpu", "dtype=fp32", "decode.height=64", "decode.width=64", "decode.steps=1"],
-    "cuda": ["device=cuda", "dtype=bf16", "decode.steps=2"],
+    "cpu": ["device=cpu", "encoder.dtype=fp32", "decode.height=64", "decode.width=64", "decode.steps=1"],
+    "cuda": ["device=cuda", "encoder.dtype=bf16", "decode.steps=2"],
 }
 
 # The child: `dsl run` in this process (so that it can read CUDA's allocator), then its peaks as JSON.

@@ -82,15 +82,16 @@ def test_misspelt_key_fails_at_compose_time(tmp_path: Path) -> None:
     start = time.perf_counter()
     result = dsl("run", "debug=tiny", "lens.no_such_key=1", cwd=tmp_path, timeout=60)
     elapsed = time.perf_counter() - start
-    assert result.returncode != 0
-    assert "Key 'no_such_key' not in 'LensConfig'" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr == "dsl: error: lens.no_such_key: no such setting (misspelt? `dsl run --cfg job` prints " \
+        "every setting)\n"
     assert elapsed < 30  # loose: proves nothing heavy ran, not a timing goal
     assert not list(tmp_path.glob("outputs/*/*/manifest.json")), "a model was loaded or a run started"
 
 
 def test_wrong_type_fails_at_compose_time(tmp_path: Path) -> None:
     result = dsl("run", "debug=tiny", "decode.steps=many", cwd=tmp_path, timeout=60)
-    assert result.returncode != 0 and "could not be converted to Integer" in result.stderr
+    assert result.returncode == 2 and "could not be converted to Integer" in result.stderr
 
 
 def _choices() -> list[tuple[str, str]]:

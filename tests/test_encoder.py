@@ -18,24 +18,9 @@ from PIL import Image
 from dsl_cli.components import Component
 from dsl_cli.encoder import STEER_MODES, HookedEncoder, build_tiny_clip, load_encoder, load_text_model
 from dsl_cli.errors import UserError
+from helpers import mid_visual, perturb_
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-
-
-def perturb_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give biases, LayerNorm affines and LayerScale gammas random values: open_clip and transformers
-    initialise them to 0/1/constant, which would hide a bias or scale applied in the wrong place."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if name.endswith("gamma"):
-                p.copy_(0.05 + 0.4 * noise.abs())
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            elif p.ndim == 1 and name.endswith("weight"):  # LayerNorm scale
-                p.copy_(1 + 0.2 * noise)
-    return module
 
 
 def encoder_config(**kw) -> SimpleNamespace:
@@ -43,14 +28,6 @@ def encoder_config(**kw) -> SimpleNamespace:
                 repo_id="kandinsky-community/kandinsky-2-2-prior", subfolder="image_encoder",
                 text_name=None, text_pretrained=None)
     return SimpleNamespace(**{**base, **kw})
-
-
-def mid_visual() -> VisionTransformer:
-    """A LayerScale, QuickGELU tower unlike the tiny one: width 128, 6 layers, 8 heads, embed 48."""
-    torch.manual_seed(3)
-    visual = VisionTransformer(image_size=64, patch_size=16, width=128, layers=6, heads=8, mlp_ratio=4.0,
-                               ls_init_value=0.1, output_dim=48, act_layer=QuickGELU)
-    return perturb_(visual).eval()
 
 
 @pytest.fixture(params=["tiny", "mid"])

@@ -16,23 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dsl_cli import cli
 from dsl_cli.errors import UserError
 from dsl_cli.images import read_image
 from dsl_cli.devices import resolve_device
 from dsl_cli.outputs import TEMP_SUFFIX
+from helpers import dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
-
-
-def dsl_in_process(args: list[str], folder: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """`dsl ARGS` in this process, from `folder` (saves the seconds of a fresh interpreter per case)."""
-    monkeypatch.chdir(folder)
-    try:
-        code = cli.main(args)
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
 
 
 def assert_one_clean_line(code: int, err: str, fragment: str) -> None:
@@ -124,16 +114,14 @@ CONFIG_CASES = {
     "component_out_of_range": (["component=[L9MLP]", "clamp_to_model=false"], "outside this model (0 to 3)"),
     "alpha_not_finite": (["lens.alpha=inf"], "lens.alpha=inf: must be a finite number"),
     "alpha_nan": (["lens.alpha=nan"], "must be a finite number"),
-    "unknown_mode": (["lens.mode=double"], "lens.mode='double': use add, scale, norm"),
     "steps_below_1": (["decode.steps=0"], "decode.steps=0: must be at least 1"),
+    "encoder_batch_below_1": (["encoder.batch_size=0"], "encoder.batch_size=0: must be at least 1"),
     "decode_batch_below_1": (["decode.batch_size=0"], "decode.batch_size=0: must be auto or a whole number, at least 1"),
     "decode_batch_not_a_number": (["decode.batch_size=some"], "decode.batch_size=some: must be auto or a whole"),
     "decode_batch_fraction": (["decode.batch_size=1.5"], "decode.batch_size=1.5: must be auto or a whole"),
-    "encoder_batch_below_1": (["batch_size=0"], "batch_size=0: must be at least 1"),
     "height_not_positive": (["decode.height=-64"], "decode.height=-64: must be at least 1"),
     "width_not_positive": (["decode.width=0"], "decode.width=0: must be at least 1"),
     "size_not_a_multiple": (["decode.height=66"], "decode.height=66: must be a multiple of 4"),
-    "unknown_scheduler": (["decode.scheduler=euler"], "decode.scheduler='euler': choose one of"),
     "unknown_decoder": (["decoder.source=mine"], "decoder.source='mine': choose one of"),
     "head_not_an_integer": (["head=1.5"], "head=1.5: use all, an int or a list of ints"),
     "head_a_bool": (["head=true"], "head=True: use all, an int or a list of ints"),
@@ -141,7 +129,6 @@ CONFIG_CASES = {
     "no_component": (["component=[]"], "component=[] names no component"),
     "seed_beyond_64_bits": (["seed=18446744073709551616"], "must be between 0 and 18446744073709551615"),
     "more_labels_than_classes": (["lens=logit", "lens.top_labels=1001"], "there are only 1000 ImageNet labels"),
-    "unknown_templates": (["lens.templates=bogus"], "lens.templates='bogus': use openai or simple"),
     "rank_by_a_score_not_computed": (["lens.rank_by=sim_decoded", "decode.enabled=false"],
                                      "decode.enabled=false decodes none"),
     "alpha_overflows": (["lens.alpha=1e20"], "not finite (NaN or inf) with lens.alpha=1e+20"),
@@ -155,6 +142,33 @@ def test_bad_config_values_are_refused(case: str, tmp_path: Path, monkeypatch, c
     assert_one_clean_line(code, err, fragment)
     assert_no_partial_files(tmp_path)
     assert_failed_manifest(tmp_path, fragment)
+
+
+# Refused when the config is composed, before Hydra starts: nothing is written anywhere.
+COMPOSE_CASES = {
+    "unknown_mode": (["lens.mode=double"], "lens.mode=double: Invalid value 'double', expected one of [add, scale, norm]"),
+    "unknown_scheduler": (["decode.scheduler=euler"], "expected one of [ddpm, ddim, dpm]"),
+    "unknown_templates": (["lens.templates=bogus"], "expected one of [openai, simple]"),
+    "unknown_device": (["device=gpu"], "device=gpu: Invalid value 'gpu', expected one of [auto, cuda, cpu]"),
+    "unknown_ablation": (["study=head_importance", "study.ablation=half"], "expected one of [zero, mean]"),
+    "unknown_lens": (["lens=bogus"], "Could not find 'lens/bogus'"),
+    "misspelt_key": (["lens.alpah=3"], "lens.alpah: no such setting"),
+    "wrong_type": (["seed=abc"], "seed=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    "moved_dtype": (["dtype=bf16"], "dtype: this setting moved to encoder.dtype; write encoder.dtype=... instead"),
+    "moved_batch_size": (["batch_size=2"], "batch_size: this setting moved to encoder.batch_size"),
+    "grammar": (["layer=[1,2"], "layer=[1,2: no viable alternative"),
+    "one_sweep_value": (["--multirun", "lens.mode=add,nrom"], "lens.mode=nrom: Invalid value 'nrom'"),
+}
+
+
+@pytest.mark.parametrize("case", list(COMPOSE_CASES))
+def test_config_refused_when_composed_is_one_line_and_writes_nothing(case: str, tmp_path: Path, monkeypatch,
+                                                                      capsys) -> None:
+    overrides, fragment = COMPOSE_CASES[case]
+    code, err = dsl_in_process(["run", "debug=tiny", *overrides], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, fragment)
+    assert len(err.strip().splitlines()) == 1, err  # nothing of Hydra's own report
+    assert list(tmp_path.iterdir()) == [], "a refused config wrote files"
 
 
 def assert_failed_manifest(root: Path, fragment: str) -> None:

@@ -22,7 +22,7 @@ from dsl_cli.decoder import KandinskyDecoder, load_decoder
 from dsl_cli.encoder import STEER_MODES, HookedEncoder, steering_delta
 from dsl_cli.lenses import score
 from dsl_cli.studies import POOLED, correlations, cosine
-from test_encoder import perturb_
+from helpers import perturb_
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 ALL_TINY = [f"L{l}H{h}" for l in range(4) for h in range(4)] + [f"L{l}MLP" for l in range(4)]

@@ -152,7 +152,7 @@ def test_no_host_sync_inside_the_denoising_loop(scheduler: str, monkeypatch: pyt
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_verify_on_the_gpu(tmp_path: Path, dtype: str, record_property) -> None:
-    manifest = _dsl_run(tmp_path, "lens=steering", "component=all", "lens.verify=true", f"dtype={dtype}",
+    manifest = _dsl_run(tmp_path, "lens=steering", "component=all", "lens.verify=true", f"encoder.dtype={dtype}",
                         f"decode.dtype={dtype}")
     record_property("verify_max_abs_diff", manifest["verify_max_abs_diff"])
     assert manifest["verify_ok"] is True and manifest["status"] == "complete"

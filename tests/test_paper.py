@@ -22,8 +22,7 @@ from dsl_cli.components import parse_component
 from dsl_cli.encoder import HookedEncoder
 from dsl_cli.studies import (POOLED, Correlation, area_under, bootstrap_interval, correlations, head_importance,
                              overlay_removal, random_order, run_study)
-from test_encoder import perturb_
-from test_studies import TINY_HEADS, ablated_copy, cos, forward, study_cfg, tiny_run  # noqa: F401 (fixture)
+from helpers import TINY_HEADS, ablated_copy, cos, forward, perturb_, study_cfg
 
 N_LAYERS, N_HEADS = 4, 4  # debug=tiny's ViT
 EVERY_HEAD = [f"L{layer:02d}H{head:02d}" for layer in range(N_LAYERS) for head in range(N_HEADS)]

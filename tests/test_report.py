@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -128,6 +129,7 @@ def test_run_page_in_a_browser(folders, browser, tmp_path, record_property) -> N
     for setting in ("tiny", "steering", "norm, 2.0", "DDPMScheduler, 2 steps, guidance 4.0", "fp32", "cpu",
                     "torch", "stage times"):
         assert setting in text, setting
+    assert re.search(r"encoder dtype\s+fp32\n", text), "the encoder's precision is not shown"
 
 
 def test_study_page_in_a_browser(folders, browser, tmp_path, record_property) -> None:

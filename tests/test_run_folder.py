@@ -22,7 +22,7 @@ from PIL import Image
 from dsl_cli.errors import UserError
 from dsl_cli.images import unique_names
 from dsl_cli.outputs import NAME, TEMP_SUFFIX, LockOwner, RunFolder, atomic_write_bytes, release_all
-from test_errors import dsl_in_process  # tests/ is on the path (pytest's default import mode)
+from helpers import dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
 SCORES_ONLY = ["run", "debug=tiny", "decode.enabled=false"]  # a run that decodes nothing: seconds

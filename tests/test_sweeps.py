@@ -24,7 +24,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.images import load_images
 from dsl_cli.outputs import COLUMNS, heatmap_matrix
 from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu, requeued_run
-from test_errors import dsl_in_process
+from helpers import dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
 FAST = ["debug=tiny", "decode.enabled=false", "layer=1", "images.limit=2"]  # later overrides win
@@ -191,6 +191,17 @@ def test_plot_redraws_the_jobs_and_the_sweep(sweep_copy: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert {p.name: p.read_bytes() for p in (sweep_copy / "heatmaps").glob("*.png")} == heatmaps
     assert result.stdout.count("redrew") == 5  # four jobs and the sweep
+
+
+def test_merge_refuses_a_sweep_that_a_live_process_is_writing(sweep_copy: Path) -> None:
+    import os
+    import socket
+
+    before = (sweep_copy / "similarity.csv").read_bytes()
+    (sweep_copy / ".dsl.lock").write_text(f"{os.getppid()} {socket.gethostname()} feedface\n")  # alive: pytest's parent
+    result = dsl("merge", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
+    assert result.returncode == 2 and f"is being written by dsl process {os.getppid()}" in result.stderr
+    assert (sweep_copy / "similarity.csv").read_bytes() == before
 
 
 def test_merge_refuses_a_folder_that_is_not_a_sweep(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -79,6 +79,15 @@ def test_empty_offline_cache_names_all_three_weights_in_one_message(tmp_path: Pa
     assert not [p for p in (tmp_path / "hf").rglob("*") if p.is_file()], "something was downloaded"
 
 
+def test_a_sweep_refused_for_its_weights_leaves_no_folder(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    result = subprocess.run([str(BIN / "dsl"), "run", "--multirun", "lens=steering,direct", "layer=30",
+                             f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "of the weights this run needs are not in the" in result.stderr
+    assert not sweep.exists(), sorted(str(p) for p in sweep.rglob("*"))
+
+
 def test_the_commands_run_and_fetch_what_the_preflight_looks_for(tmp_path: Path, offline_hub: Path) -> None:
     with pytest.raises(UserError) as refused:
         preflight(config("lens=logit", "layer=30"))
