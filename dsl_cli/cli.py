@@ -19,7 +19,7 @@ from dsl_cli import __version__
 from dsl_cli.errors import UserError, bug_message, report
 from dsl_cli.outputs import is_sweep_folder
 
-USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky 2.2
+USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
 usage:
   dsl run [OVERRIDES...]     run a lens; Hydra overrides and flags, e.g.

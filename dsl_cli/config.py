@@ -61,12 +61,21 @@ class EncoderConfig:
 
 @dataclass
 class DecoderConfig:
-    """Which Kandinsky 2.2 decoder: `pretrained` (hub id or local `path`), `random` (real architecture,
-    random weights, no download) or `tiny` (diffusers' dummy test components)."""
+    """Which decoder: its `family` (kandinsky22 | kandinsky21 | unclip_h14, `dsl_cli.decoder.FAMILIES`) and
+    `source`: `pretrained` (hub id or local `path`), `random` (real architecture, random weights, no download)
+    or `tiny` (diffusers' dummy test components). The rest are the family's own defaults, which `decode`
+    takes unless told otherwise (configs/decode/default.yaml)."""
 
+    family: str = "kandinsky22"
     source: str = "pretrained"
     repo_id: str = "kandinsky-community/kandinsky-2-2-decoder"
     path: Optional[str] = None
+    height: int = 512
+    width: int = 512
+    steps: int = 100
+    guidance: float = 4.0
+    scheduler: Scheduler = Scheduler.ddpm
+    noise_level: int = 0  # unclip_h14: noise added to the image embedding, 0 (none) to 999
 
 
 @dataclass

@@ -1,9 +1,18 @@
-"""Batched, seeded Kandinsky 2.2 decoding: CLIP image embeddings -> pictures.
+"""Batched, seeded decoding of CLIP image embeddings into pictures, one family of decoder per class.
 
-The diffusers `KandinskyV22Pipeline` is used as it is; this module only chooses what goes into it. Every
-item gets its own `torch.Generator`, and diffusers' `randn_tensor` draws a list of generators item by item,
-both for the initial latents and for the noise DDPM (and DDIM with eta > 0, SDE-DPM) adds at each step. So
-a picture depends on its embedding, its seed and the device, not on the batch it was decoded in, up to the
+A family is a `Decoder` subclass over one unmodified diffusers pipeline, registered in `FAMILIES` under the
+name `decoder.family` gives it, plus one config in configs/decoder/:
+
+| family | pipeline | decodes the image embeddings of (open_clip) |
+|---|---|---|
+| `kandinsky22` | `KandinskyV22Pipeline` | ViT-bigG-14 `laion2b_s39b_b160k` (1280 wide) |
+| `kandinsky21` | `KandinskyPipeline` (+ the empty prompt) | ViT-L-14 `openai` (768 wide) |
+| `unclip_h14` | `StableUnCLIPImg2ImgPipeline` (`image_embeds=`, `noise_level`) | ViT-H-14 `laion2b_s32b_b79k` (1024) |
+
+This module only chooses what goes into a pipeline. Every item gets its own `torch.Generator`, and diffusers'
+`randn_tensor` draws a list of generators item by item, for the initial latents, for the noise DDPM (and DDIM
+with eta > 0, SDE-DPM) adds at each step, and for Stable unCLIP's noise augmentation of the image embeddings.
+So a picture depends on its embedding, its seed and the device, not on the batch it was decoded in, up to the
 float round-off of batched kernels (~1e-4 in float32; after rounding to 8 bits, at most one grey level in
 0.03% of the values, measured on the CPU with the tiny models).
 
@@ -16,24 +25,34 @@ from __future__ import annotations
 
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial, wraps
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from diffusers import (
+    AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    KandinskyPipeline,
     KandinskyV22Pipeline,
+    StableUnCLIPImg2ImgPipeline,
     UNet2DConditionModel,
     VQModel,
 )
+from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
+from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from PIL import Image
 from tqdm.auto import tqdm
+from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
+                          CLIPVisionModelWithProjection, XLMRobertaTokenizer)
 
 from dsl_cli.config import DecoderConfig
-from dsl_cli.devices import free_memory
+from dsl_cli.devices import Placed, free_memory
 from dsl_cli.errors import UserError
 from dsl_cli.weights import decoder_weights
 
@@ -43,7 +62,7 @@ SCHEDULERS = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
     "dpm": DPMSolverMultistepScheduler,
-}  # not UniPC: diffusers' Kandinsky 2.2 pipeline passes `generator` to `step()`, which UniPC does not take
+}  # not UniPC: diffusers' Kandinsky pipelines pass `generator` to `step()`, which UniPC does not take
 
 # The Kandinsky 2.2 decoder's architecture (DESIGN.md section 2): UNet 1.253 B and MoVQ 67.8 M parameters.
 REAL_UNET = dict(
@@ -116,35 +135,106 @@ SCHEDULER = dict(
 )
 
 
+# Kandinsky 2.1 (`kandinsky-community/kandinsky-2-1`): the 2.2 UNet conditioned on the image embedding (ViT-L/14,
+# 768) and a text embedding (MultilingualCLIP: XLM-RoBERTa-large, 1024 wide, projected to 768); the same MoVQ.
+REAL_UNET_21 = dict(REAL_UNET, encoder_hid_dim=1024, encoder_hid_dim_type="text_image_proj",
+                    addition_embed_type="text_image")
+REAL_TEXT_21 = dict(transformerDimSize=1024, imageDimSize=768, hidden_size=1024, num_hidden_layers=24,
+                    num_attention_heads=16, intermediate_size=4096, vocab_size=250002, max_position_embeddings=514,
+                    type_vocab_size=1, layer_norm_eps=1e-5)
+# The dummy components of diffusers' own Kandinsky 2.1 tests (tests/pipelines/kandinsky/test_kandinsky.py).
+TINY_UNET_21 = dict(TINY_UNET, encoder_hid_dim=32, encoder_hid_dim_type="text_image_proj",
+                    addition_embed_type="text_image")
+TINY_TEXT_21 = dict(transformerDimSize=32, imageDimSize=32, hidden_size=32, num_hidden_layers=5, num_attention_heads=4,
+                    intermediate_size=37, vocab_size=1005)
+SCHEDULER_21 = dict(SCHEDULER, set_alpha_to_one=False)  # the DDIM scheduler the Kandinsky 2.1 repository ships
+
+# Stable unCLIP (`stabilityai/stable-diffusion-2-1-unclip`): the SD 2.1 UNet with the noise-augmented ViT-H/14
+# image embedding (1024) and its noise level embedding as class labels; the SD VAE; the OpenCLIP ViT-H text tower.
+REAL_UNET_UNCLIP = dict(
+    sample_size=96, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024, use_linear_projection=True, class_embed_type="projection",
+    projection_class_embeddings_input_dim=2048,
+)
+REAL_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2, sample_size=768)
+REAL_TEXT_UNCLIP = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                        hidden_act="gelu", projection_dim=512, vocab_size=49408)
+REAL_IMAGE_UNCLIP = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                         patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu")
+# The dummy components of diffusers' own Stable unCLIP img2img tests (embedding width 32, VAE scale 1).
+TINY_UNET_UNCLIP = dict(
+    REAL_UNET_UNCLIP, sample_size=32, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(32, 64), layers_per_block=1,
+    attention_head_dim=(2, 4), cross_attention_dim=32, projection_class_embeddings_input_dim=64, upcast_attention=True,
+)
+TINY_VAE: dict = {}  # AutoencoderKL's defaults: one block of 64 channels
+TINY_TEXT_UNCLIP = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, projection_dim=32,
+                        intermediate_size=37, num_attention_heads=4, num_hidden_layers=5, vocab_size=1000)
+TINY_IMAGE_UNCLIP = dict(hidden_size=32, projection_dim=32, num_hidden_layers=5, num_attention_heads=4, image_size=32,
+                         intermediate_size=37, patch_size=1)
+SCHEDULER_UNCLIP = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                        prediction_type="v_prediction", set_alpha_to_one=False, steps_offset=1, clip_sample=False)
+NOISING_UNCLIP = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")  # image_noising_scheduler
+NOISE_LEVELS = NOISING_UNCLIP["num_train_timesteps"]  # decoder.noise_level: 0 to NOISE_LEVELS - 1
+UNCLIP_SIZE_MULTIPLE = 8  # the pipeline refuses other sizes (check_inputs), whatever its VAE
+TINY_WIDTH = 32  # the embedding width of every family's dummy components (and of the tiny encoder)
+
+
 SOURCES = ("pretrained", "random", "tiny")
 CPU_BATCH = 8  # `batch_size="auto"` off CUDA, where memory is not what limits a batch
 AUTO_MARGIN = 0.15  # share of the free device memory that `auto` leaves unused (fragmentation, cuDNN workspaces)
 
 
-def check_request(source: str, scheduler: str, height: int | None = None, width: int | None = None) -> None:
-    """Refuse, before any model is built, an unknown source or scheduler, or a picture size that the
-    pipeline would silently round (it must be a multiple of the MoVQ's scale factor squared)."""
+def check_request(source: str, scheduler: str, height: int | None = None, width: int | None = None,
+                  family: str = "kandinsky22") -> None:
+    """Refuse, before any model is built, an unknown family, source or scheduler, or a picture size that the
+    pipeline would silently round or refuse (a multiple of `Decoder.size_multiple_for`)."""
+    cls = get_family(family)
     if source not in SOURCES:
         raise UserError(f"decoder.source={source!r}: choose one of {', '.join(SOURCES)}")
     if scheduler not in SCHEDULERS:
         raise UserError(f"decode.scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    movq = TINY_MOVQ if source == "tiny" else REAL_MOVQ  # a pretrained decoder has the real architecture
-    multiple = (2 ** (len(movq["block_out_channels"]) - 1)) ** 2
+    multiple = cls.size_multiple_for(source)
     for key, value in (("decode.height", height), ("decode.width", width)):
         if value is not None and value % multiple:
             raise UserError(f"{key}={value}: must be a multiple of {multiple} for this decoder (e.g. "
                             f"{max(multiple, round(value / multiple) * multiple)})")
 
 
-def decoder_bytes(source: str, dtype: torch.dtype) -> int:
-    """Bytes the weights of the decoder `source` names take in `dtype` (a pretrained one has the real
-    architecture), counted on the meta device: nothing is built or read."""
-    real = source != "tiny"
-    with torch.device("meta"):
-        unet = UNet2DConditionModel(**(REAL_UNET if real else TINY_UNET))
-        movq = VQModel(**(REAL_MOVQ if real else TINY_MOVQ))
-    count = sum(p.numel() for model in (unet, movq) for p in model.parameters())
-    return count * torch.finfo(dtype).bits // 8
+def check_pairing(space: Any, cfg: DecoderConfig) -> None:
+    """Refuse, before any model is built, an encoder whose image embeddings the decoder `cfg` cannot decode:
+    `space` (a `dsl_cli.encoder.EmbeddingSpace`) of another width, or, for a pretrained decoder, of another
+    CLIP than the one it was trained on (a random-weight or local-file encoder is judged by its model)."""
+    cls = get_family(cfg.family)
+    width, (model, tag) = cls.width_for(cfg.source), cls.clip
+    fits = [f"decoder={other.name}" for other in FAMILIES.values() if other.clip == (space.model, space.weights)]
+    fix = f"use encoder={'tiny' if cfg.source == 'tiny' else cls.encoder_preset}" + "".join(
+        f" or {f}" for f in fits)
+    if space.width != width:
+        raise UserError(f"encoder {space.label} gives {space.width}-wide image embeddings but decoder {cfg.family} "
+                        f"({cfg.source}) decodes {width}-wide ones: {fix}")
+    if cfg.source == "pretrained" and (space.model != model or space.weights not in (None, tag)):
+        raise UserError(f"encoder {space.label} embeds images in another space than the one decoder {cfg.family} "
+                        f"was trained on ({model} {tag}): {fix}")
+
+
+def get_family(name: str) -> type["Decoder"]:
+    """The `Decoder` class registered as `decoder.family=name`."""
+    if name not in FAMILIES:
+        raise UserError(f"decoder.family={name!r}: choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def decoder_bytes(source: str, dtype: torch.dtype, family: str = "kandinsky22") -> int:
+    """Bytes the weights of the decoder of `family` that `source` names take in `dtype` (a pretrained one has
+    the real architecture), counted on the meta device: nothing is built or read."""
+    pipe = get_family(family).build(source != "tiny", "meta")
+    modules = [module for module in pipe.components.values() if isinstance(module, torch.nn.Module)]
+    return sum(p.numel() for module in modules for p in module.parameters()) * torch.finfo(dtype).bits // 8
 
 
 def load_decoder(
@@ -154,28 +244,26 @@ def load_decoder(
     scheduler: str = "ddpm",
     channels_last: bool = False,
     compile_unet: bool = False,
-) -> "KandinskyDecoder":
-    """Build the decoder that `cfg.source` names (pretrained | random | tiny) on `device` in `dtype`.
+) -> "Decoder":
+    """Build the decoder of family `cfg.family` that `cfg.source` names (pretrained | random | tiny) on `device`
+    in `dtype`.
 
     channels_last and compile_unet are GPU speed-ups (NHWC convolutions; torch.compile of the UNet, which costs
     a minute of compilation per new shape); neither changes what is computed beyond round-off.
     """
-    check_request(cfg.source, scheduler)
-    if cfg.source == "pretrained":
-        pipe = _load_pretrained(cfg, dtype)
-    else:
-        real = cfg.source == "random"
-        pipe = _build_random(REAL_UNET if real else TINY_UNET, REAL_MOVQ if real else TINY_MOVQ, device)
+    check_request(cfg.source, scheduler, family=cfg.family)
+    cls = get_family(cfg.family)
+    pipe = cls.load_pretrained(cfg, dtype) if cfg.source == "pretrained" else cls.build(cfg.source == "random", device)
     pipe.to(device)
     if pipe.dtype != dtype:  # diffusers warns on every cast with a dtype, even a no-op one
         pipe.to(dtype=dtype)
     pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)
-        pipe.movq.to(memory_format=torch.channels_last)
+        getattr(pipe, cls.autoencoder).to(memory_format=torch.channels_last)
     if compile_unet:
         pipe.unet = torch.compile(pipe.unet)
-    return KandinskyDecoder(pipe)
+    return cls.from_config(pipe, cfg)
 
 
 def make_scheduler(name: str, config: dict):
@@ -185,72 +273,109 @@ def make_scheduler(name: str, config: dict):
     return SCHEDULERS[name].from_config(config)
 
 
-def _load_pretrained(cfg: DecoderConfig, dtype: torch.dtype) -> KandinskyV22Pipeline:
-    """Load from a local folder or the Hugging Face cache (HF_HUB_OFFLINE is honoured by diffusers itself)."""
-    path = os.path.expanduser(cfg.path) if cfg.path else None
-    if path is not None and not os.path.isdir(path):
-        raise UserError(f"decoder.path={cfg.path}: no such folder (give the folder of a saved KandinskyV22Pipeline)")
-    try:
-        return KandinskyV22Pipeline.from_pretrained(path or cfg.repo_id, torch_dtype=dtype)
-    except OSError as err:  # not cached while offline, no network, or an incomplete folder
-        raise UserError(
-            f"cannot load the Kandinsky 2.2 decoder {cfg.path or cfg.repo_id!r} ({type(err).__name__}): "
-            f"run `{decoder_weights(cfg.repo_id).command}` once online, or set decoder.path=/local/folder"
-        ) from err
-
-
-def _build_random(unet_kwargs: dict, movq_kwargs: dict, device: str | torch.device) -> KandinskyV22Pipeline:
-    """Random weights, seeded like diffusers' tests (without disturbing the caller's random state);
-    initialised on `device` because 1.3 B parameters take tens of seconds to initialise on a CPU."""
+@contextmanager
+def seeded_on(device: str | torch.device) -> Iterator[None]:
+    """Build modules with random weights seeded like diffusers' tests, without disturbing the caller's random
+    state; on `device`, because a billion parameters take tens of seconds to initialise on a CPU."""
     device = torch.device(device)
     cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), device:
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(**unet_kwargs)
-        torch.manual_seed(0)
-        movq = VQModel(**movq_kwargs)
-    return KandinskyV22Pipeline(unet=unet, scheduler=DDPMScheduler(**SCHEDULER), movq=movq)
+        yield
 
 
-class KandinskyDecoder:
-    """Decodes CLIP image embeddings with an unmodified diffusers `KandinskyV22Pipeline`, in seeded batches."""
+def _seeded(build: Any, *args, **kwargs) -> Any:
+    """`build(*args, **kwargs)` after torch.manual_seed(0), as each dummy component of diffusers' tests."""
+    torch.manual_seed(0)
+    return build(*args, **kwargs)
 
-    def __init__(self, pipe: KandinskyV22Pipeline):
+
+class Decoder(Placed, ABC):
+    """Decodes CLIP image embeddings with one unmodified diffusers pipeline, in seeded batches.
+
+    A family (subclass) says which pipeline, how to build its components (pretrained, random, tiny), which
+    CLIP image embeddings it decodes (`clip`, `width`), what it takes as the unconditional embedding
+    (`negative_embed`) and what goes into one pipeline call (`_inputs`). Batching, per-item seeds,
+    out-of-memory halving and batch-size fitting are the same for every family.
+    """
+
+    name: ClassVar[str]  # decoder.family
+    title: ClassVar[str]  # for messages: "the Kandinsky 2.2 decoder"
+    pipeline: ClassVar[type]  # the diffusers pipeline class
+    autoencoder: ClassVar[str]  # the pipeline's latents-to-pixels module
+    clip: ClassVar[tuple[str, str]]  # the open_clip (model, pretrained tag) whose image embeddings it decodes
+    encoder_preset: ClassVar[str]  # the encoder config that gives those embeddings
+    width: ClassVar[int]  # their width (a tiny decoder takes the tiny encoder's TINY_WIDTH)
+    hub_files: ClassVar[tuple[tuple[str, ...], ...]]  # what from_pretrained reads (alternatives per file)
+    hub_args: ClassVar[str] = "--exclude '*.bin'"  # `hf download REPO ...`: its files but the duplicates
+
+    def __init__(self, pipe: Any):
         self.pipe = pipe
         pipe.set_progress_bar_config(disable=True)  # one bar over items (ours) instead of one per batch
 
-    @property
-    def device(self) -> torch.device:
-        return self.pipe.unet.device
+    @classmethod
+    def from_config(cls, pipe: Any, cfg: DecoderConfig) -> "Decoder":
+        """The decoder over `pipe` with the family's settings from `cfg` (none, unless the family has some)."""
+        return cls(pipe)
+
+    @classmethod
+    @abstractmethod
+    def build(cls, real: bool, device: str | torch.device) -> Any:
+        """The pipeline with random weights: the released architecture (`real`) or diffusers' dummy one."""
+
+    @classmethod
+    @abstractmethod
+    def size_multiple_for(cls, source: str) -> int:
+        """What height and width must be multiples of, for a decoder of `source` (before it is built)."""
+
+    @classmethod
+    def width_for(cls, source: str) -> int:
+        """The image-embedding width a decoder of `source` takes (before it is built)."""
+        return TINY_WIDTH if source == "tiny" else cls.width
+
+    @classmethod
+    def load_pretrained(cls, cfg: DecoderConfig, dtype: torch.dtype) -> Any:
+        """From a local folder or the Hugging Face cache (HF_HUB_OFFLINE is honoured by diffusers itself)."""
+        path = os.path.expanduser(cfg.path) if cfg.path else None
+        if path is not None and not os.path.isdir(path):
+            raise UserError(f"decoder.path={cfg.path}: no such folder (give the folder of a saved "
+                            f"{cls.pipeline.__name__})")
+        try:
+            return cls.pipeline.from_pretrained(path or cfg.repo_id, torch_dtype=dtype)
+        except OSError as err:  # not cached while offline, no network, or an incomplete folder
+            raise UserError(
+                f"cannot load {cls.title} {cfg.path or cfg.repo_id!r} ({type(err).__name__}): "
+                f"run `{decoder_weights(cfg.repo_id, cls.name).command}` once online, or set decoder.path=/local/folder"
+            ) from err
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.pipe.unet.dtype
+    def placement(self) -> torch.Tensor:
+        return next(self.pipe.unet.parameters())
 
     @property
+    @abstractmethod
     def embed_dim(self) -> int:
-        return self.pipe.unet.config.encoder_hid_dim
+        """The width E of the image embeddings it decodes."""
 
     @property
+    @abstractmethod
     def size_multiple(self) -> int:
-        """Height and width must be multiples of this; the pipeline silently rounds other sizes up."""
-        return self.pipe.movq_scale_factor**2
+        """Height and width must be multiples of this; the pipeline rounds or refuses other sizes."""
 
-    def decode(
-        self,
-        embeds: torch.Tensor,
-        negative: torch.Tensor,
-        seeds: Sequence[int] | int,
-        height: int = 512,
-        width: int = 512,
-        steps: int = 100,
-        guidance: float = 4.0,
-        batch_size: int | str = "auto",
-        progress: bool = True,
-    ) -> np.ndarray:
-        """Decode embeddings [N,E] -> float32 images [N,H,W,3] in [0,1]; see `iter_decode`."""
+    def negative_embed(self, encoder: Any) -> torch.Tensor:
+        """[1, E]: the unconditional image embedding, as the family's prior makes it: the encoder's embedding
+        of an all-zeros image in normalised pixel space (both Kandinsky priors' `get_zero_embed`)."""
+        return encoder.zero_embed()
+
+    @abstractmethod
+    def _inputs(self, embeds: torch.Tensor, negative: torch.Tensor) -> dict:
+        """The pipeline's conditioning arguments for one batch: embeds [B, E], negative [1, E]."""
+
+    def decode(self, embeds: torch.Tensor, negative: torch.Tensor, seeds: Sequence[int] | int, height: int = 512,
+               width: int = 512, **options: Any) -> np.ndarray:
+        """Decode embeddings [N,E] -> float32 images [N,H,W,3] in [0,1], all at once; `options` (steps,
+        guidance, batch_size, progress) and their defaults as for `iter_decode`, which streams the batches."""
         out = np.empty((len(embeds), height, width, 3), dtype=np.float32)
-        batches = self.iter_decode(embeds, negative, seeds, height, width, steps, guidance, batch_size, progress)
+        batches = self.iter_decode(embeds, negative, seeds, height, width, **options)
         for indices, images in batches:
             out[indices] = images
         return out
@@ -321,8 +446,7 @@ class KandinskyDecoder:
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         with host_timesteps(self.pipe):
             return self.pipe(
-                image_embeds=embeds,
-                negative_image_embeds=negative.expand(len(embeds), -1),  # the pipeline pairs them row by row
+                **self._inputs(embeds, negative),
                 generator=generators,
                 height=height,
                 width=width,
@@ -355,6 +479,149 @@ class KandinskyDecoder:
         return torch.cuda.max_memory_allocated(self.device) - base
 
 
+
+
+def model_files(folder: str, stem: str = "diffusion_pytorch_model") -> tuple[tuple[str, ...], ...]:
+    """The hub files of one model of a pipeline: its config, and its weights (.safetensors, or .bin)."""
+    return (f"{folder}/config.json",), (f"{folder}/{stem}.safetensors", f"{folder}/{stem}.bin")
+
+
+class _Kandinsky(Decoder):
+    """What the Kandinsky decoders share: a MoVQ whose scale factor, squared, their sizes must be multiples of."""
+
+    autoencoder = "movq"
+
+    @classmethod
+    def size_multiple_for(cls, source: str) -> int:
+        movq = TINY_MOVQ if source == "tiny" else REAL_MOVQ  # a pretrained decoder has the real architecture
+        return (2 ** (len(movq["block_out_channels"]) - 1)) ** 2
+
+    @property
+    def size_multiple(self) -> int:
+        return self.pipe.movq_scale_factor**2
+
+
+class KandinskyDecoder(_Kandinsky):
+    """Kandinsky 2.2 (`KandinskyV22Pipeline`): the image embedding and the unconditional one, nothing else."""
+
+    name, title, pipeline = "kandinsky22", "the Kandinsky 2.2 decoder", KandinskyV22Pipeline
+    clip, encoder_preset, width = ("ViT-bigG-14", "laion2b_s39b_b160k"), "kandinsky_prior", 1280
+    hub_files = (("model_index.json",), ("scheduler/scheduler_config.json",), *model_files("unet"),
+                 *model_files("movq"))
+
+    @classmethod
+    def build(cls, real: bool, device: str | torch.device) -> KandinskyV22Pipeline:
+        with seeded_on(device):
+            unet = _seeded(UNet2DConditionModel, **(REAL_UNET if real else TINY_UNET))
+            movq = _seeded(VQModel, **(REAL_MOVQ if real else TINY_MOVQ))
+        return KandinskyV22Pipeline(unet=unet, scheduler=DDPMScheduler(**SCHEDULER), movq=movq)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.pipe.unet.config.encoder_hid_dim
+
+    def _inputs(self, embeds: torch.Tensor, negative: torch.Tensor) -> dict:
+        return dict(image_embeds=embeds, negative_image_embeds=negative.expand(len(embeds), -1))  # paired by row
+
+
+class Kandinsky21Decoder(_Kandinsky):
+    """Kandinsky 2.1 (`KandinskyPipeline`): the image embedding and the unconditional one, plus a text prompt,
+    which is the empty one (as for an image variation), through the pipeline's own MultilingualCLIP."""
+
+    name, title, pipeline = "kandinsky21", "the Kandinsky 2.1 decoder", KandinskyPipeline
+    clip, encoder_preset, width = ("ViT-L-14", "openai"), "vitl14", 768
+    hub_files = (*KandinskyDecoder.hub_files, *model_files("text_encoder", "model"),
+                 ("tokenizer/tokenizer_config.json",),
+                 ("tokenizer/tokenizer.json", "tokenizer/sentencepiece.bpe.model"))
+
+    @classmethod
+    def build(cls, real: bool, device: str | torch.device) -> KandinskyPipeline:
+        with seeded_on(device):
+            text = _seeded(MultilingualCLIP, MCLIPConfig(**(REAL_TEXT_21 if real else TINY_TEXT_21))).eval()
+            unet = _seeded(UNet2DConditionModel, **(REAL_UNET_21 if real else TINY_UNET_21))
+            movq = _seeded(VQModel, **(REAL_MOVQ if real else TINY_MOVQ))
+        return KandinskyPipeline(text_encoder=text, tokenizer=local_xlm_tokenizer(), unet=unet,
+                                 scheduler=DDIMScheduler(**SCHEDULER_21), movq=movq)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.pipe.unet.config.cross_attention_dim  # TextImageProjection's image_embed_dim
+
+    def _inputs(self, embeds: torch.Tensor, negative: torch.Tensor) -> dict:
+        return dict(prompt=[""] * len(embeds), image_embeds=embeds,
+                    negative_image_embeds=negative.expand(len(embeds), -1))
+
+
+class UnclipDecoder(Decoder):
+    """Stable unCLIP (`StableUnCLIPImg2ImgPipeline` given `image_embeds=`): the image embedding, noised to
+    `noise_level` (0 to 999) by the pipeline, and the empty prompt. Its unconditional image embedding is fixed
+    by the pipeline itself (zeros, after the noise augmentation); `negative_embed` returns those zeros."""
+
+    name, title, pipeline = "unclip_h14", "the Stable unCLIP decoder", StableUnCLIPImg2ImgPipeline
+    clip, encoder_preset, width = ("ViT-H-14", "laion2b_s32b_b79k"), "vith14", 1024
+    autoencoder = "vae"
+    hub_args = "--exclude '*.bin' '*.ckpt' '*fp16*'"  # the repository also holds the original checkpoints
+    hub_files = (
+        ("model_index.json",), ("scheduler/scheduler_config.json",), ("image_noising_scheduler/scheduler_config.json",),
+        ("feature_extractor/preprocessor_config.json",), ("tokenizer/tokenizer_config.json",),
+        ("tokenizer/vocab.json",), ("tokenizer/merges.txt",), *model_files("unet"), *model_files("vae"),
+        *model_files("image_normalizer"), *model_files("text_encoder", "model"), *model_files("image_encoder", "model"),
+    )
+
+    def __init__(self, pipe: StableUnCLIPImg2ImgPipeline, noise_level: int = 0):
+        super().__init__(pipe)
+        self.noise_level = noise_level
+
+    @classmethod
+    def from_config(cls, pipe: StableUnCLIPImg2ImgPipeline, cfg: DecoderConfig) -> "UnclipDecoder":
+        return cls(pipe, cfg.noise_level)
+
+    @classmethod
+    def build(cls, real: bool, device: str | torch.device) -> StableUnCLIPImg2ImgPipeline:
+        with seeded_on(device):
+            image = _seeded(CLIPVisionModelWithProjection, CLIPVisionConfig(
+                **(REAL_IMAGE_UNCLIP if real else TINY_IMAGE_UNCLIP))).eval()
+            normalizer = _seeded(StableUnCLIPImageNormalizer, embedding_dim=image.config.projection_dim).eval()
+            text = _seeded(CLIPTextModel, CLIPTextConfig(**(REAL_TEXT_UNCLIP if real else TINY_TEXT_UNCLIP))).eval()
+            unet = _seeded(UNet2DConditionModel, **(REAL_UNET_UNCLIP if real else TINY_UNET_UNCLIP)).eval()
+            vae = _seeded(AutoencoderKL, **(REAL_VAE if real else TINY_VAE)).eval()
+        size = image.config.image_size
+        return StableUnCLIPImg2ImgPipeline(
+            feature_extractor=CLIPImageProcessor(crop_size=size, size=size), image_encoder=image,
+            image_normalizer=normalizer, image_noising_scheduler=DDPMScheduler(**NOISING_UNCLIP),
+            tokenizer=CLIPTokenizer(model_max_length=77), text_encoder=text, unet=unet,
+            scheduler=DDIMScheduler(**SCHEDULER_UNCLIP), vae=vae)
+
+    @classmethod
+    def size_multiple_for(cls, source: str) -> int:
+        return UNCLIP_SIZE_MULTIPLE
+
+    @property
+    def embed_dim(self) -> int:
+        return self.pipe.image_normalizer.config.embedding_dim
+
+    @property
+    def size_multiple(self) -> int:
+        return UNCLIP_SIZE_MULTIPLE
+
+    def negative_embed(self, encoder: Any) -> torch.Tensor:
+        return torch.zeros(1, self.embed_dim)
+
+    def _inputs(self, embeds: torch.Tensor, negative: torch.Tensor) -> dict:
+        # `negative` is not an input of this pipeline: it uses zeros, as `negative_embed` says.
+        return dict(prompt=[""] * len(embeds), image_embeds=embeds, noise_level=self.noise_level)
+
+
+FAMILIES: dict[str, type[Decoder]] = {cls.name: cls for cls in (KandinskyDecoder, Kandinsky21Decoder, UnclipDecoder)}
+
+
+def local_xlm_tokenizer() -> XLMRobertaTokenizer:
+    """An XLM-RoBERTa tokenizer built here, without a download, for random and tiny Kandinsky 2.1 decoders: only
+    the special tokens, with the ids of the released one (<s> 0, <pad> 1, </s> 2, <unk> 3), so that it gives the
+    empty prompt (all that dsl feeds) exactly the ids the released tokenizer gives it."""
+    return XLMRobertaTokenizer(model_max_length=77)
+
+
 def batch_that_fits(n: int, peak_one: int, peak_two: int, free: int, margin: float = AUTO_MARGIN) -> int:
     """The largest batch, 1 to n, whose peak memory fits in `free` bytes less `margin` of them, from the
     peaks of batches of one and two pictures (a fixed part plus a part per picture)."""
@@ -375,6 +642,9 @@ class HostTimesteps:
 
     def __init__(self, scheduler):
         self.inner, self.index, self.device_timesteps = scheduler, 0, None
+        # `step` shows the scheduler's own signature: Stable Diffusion pipelines read it to decide whether
+        # to pass `generator` (without which DDPM's noise would not be seeded per item) and `eta`.
+        self.step = wraps(scheduler.step)(partial(HostTimesteps._host_step, self))
 
     def __getattr__(self, name: str):  # config, order, init_noise_sigma, ...
         return getattr(self.inner, name)
@@ -387,14 +657,14 @@ class HostTimesteps:
         self.inner.set_timesteps(num_inference_steps, device="cpu", **kwargs)
         self.device_timesteps, self.index = self.inner.timesteps.to(device or "cpu"), 0
 
-    def step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, *args, **kwargs):
+    def _host_step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, *args, **kwargs):
         host = self.inner.timesteps[self.index]
         self.index += 1
         return self.inner.step(model_output, host, sample, *args, **kwargs)
 
 
 @contextmanager
-def host_timesteps(pipe: KandinskyV22Pipeline) -> Iterator[HostTimesteps]:
+def host_timesteps(pipe: Any) -> Iterator[HostTimesteps]:
     """Give `pipe` a `HostTimesteps` view of its scheduler for the duration of one call."""
     scheduler = pipe.scheduler
     pipe.scheduler = HostTimesteps(scheduler)

@@ -45,3 +45,20 @@ def free_memory(device: torch.device) -> int:
 def dtype_name(dtype: torch.dtype) -> str:
     """The config's name of a dtype (`bf16`), as the manifest records it."""
     return next(name for name, value in DTYPES.items() if value == dtype)
+
+
+class Placed:
+    """`device` and `dtype` of a model wrapper: those of the tensor its `placement` property names (one of its
+    weights: where the model is and in which precision it computes)."""
+
+    @property
+    def placement(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.placement.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placement.dtype

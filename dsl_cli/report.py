@@ -161,7 +161,7 @@ def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
     return [
         ("encoder", " ".join(str(encoder[k]) for k in ("source", "name", "pretrained", "checkpoint")
                              if encoder.get(k))),
-        ("decoder", " ".join(str(decoder[k]) for k in ("source", "path") if decoder.get(k))),
+        ("decoder", " ".join(str(decoder[k]) for k in ("family", "source", "path") if decoder.get(k))),
         ("lens", lens.get("name", "")),
         ("mode, alpha", f"{lens.get('mode')}, {lens.get('alpha')}" if lens.get("name") == "steering" or
          cfg.get("study", {}).get("name") else "not used by this lens"),

@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 from dsl_cli import __version__
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig
-from dsl_cli.decoder import check_finite_pictures, check_request, decoder_bytes, load_decoder, to_pil
+from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
+                             load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype
-from dsl_cli.encoder import load_encoder
+from dsl_cli.encoder import embedding_space, load_encoder
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import Lens, ScoredImages, check_finite, get_lens, n_labels, rank, score
@@ -71,7 +72,11 @@ def validate(cfg: DictConfig) -> None:
     _validate_lens(cfg)
     if not math.isfinite(decode.guidance):
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
-    check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width)
+    check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width, cfg.decoder.family)
+    if not 0 <= cfg.decoder.noise_level < NOISE_LEVELS:
+        raise UserError(f"decoder.noise_level={cfg.decoder.noise_level}: must be between 0 and {NOISE_LEVELS - 1}")
+    if cfg.study.name is None and decode.enabled:
+        check_pairing(embedding_space(cfg.encoder), cfg.decoder)
 
 
 def _validate_lens(cfg: DictConfig) -> None:
@@ -215,8 +220,9 @@ def build_decoder(cfg, encoder, device: torch.device, manifest: Manifest):
     the encoder first waits on the CPU (it visits the GPU for each re-encoding)."""
     dtype = resolve_dtype(cfg.decode.dtype, device)
     batch = 1 if cfg.decode.batch_size == "auto" else int(cfg.decode.batch_size)
-    park_if_short(encoder, device, decode_need(decoder_bytes(cfg.decoder.source, dtype), batch, cfg.decode.height,
-                                               cfg.decode.width, dtype))
+    need = decode_need(decoder_bytes(cfg.decoder.source, dtype, cfg.decoder.family), batch, cfg.decode.height,
+                       cfg.decode.width, dtype)
+    park_if_short(encoder, device, need)
     with manifest.stage("decoder"):
         decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
                                scheduler=cfg.decode.scheduler, channels_last=cfg.decode.channels_last,
@@ -233,7 +239,7 @@ def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, score
     if not plan:
         return 0
     embeds = torch.stack([scored[i].embeds[k] for i, k in plan])
-    negative = encoder.zero_embed().float().cpu()
+    negative = decoder.negative_embed(encoder).float().cpu()
     batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(plan))
     manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded)
     batches = decoder.iter_decode(embeds, negative, [cfg.seed] * len(plan), cfg.decode.height, cfg.decode.width,

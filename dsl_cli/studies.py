@@ -549,7 +549,8 @@ def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Te
     release_memory(encoder.device)  # the ablation batches' cache, before the decoder loads beside the encoder
     decoder = load_decoder(cfg.decoder, device=encoder.device, dtype=resolve_dtype(decode.dtype, encoder.device),
                            scheduler=decode.scheduler)
-    pictures = decoder.decode(torch.stack([kept[k] for k in keys]), encoder.zero_embed().float().cpu(),
+    negative = decoder.negative_embed(encoder).float().cpu()
+    pictures = decoder.decode(torch.stack([kept[k] for k in keys]), negative,
                               [cfg.seed] * len(keys), decode.height, decode.width, decode.steps,
                               float(decode.guidance), decode.batch_size)
     for (composite, order, _, step), picture in zip(keys, pictures):

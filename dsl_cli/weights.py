@@ -1,6 +1,6 @@
 """Weights preflight: every weight a run needs, looked up at once before any model loads.
 
-A run may need three sets of weights: the image encoder, the Kandinsky 2.2 decoder (when it decodes) and
+A run may need three sets of weights: the image encoder, the decoder of its family (when it decodes) and
 the CLIP text tower (for the logit lens, unless its ImageNet classifier is already on disk). Each is a
 local path or files of a Hugging Face repository, looked up in the cache with huggingface_hub. Missing ones
 are fetched with the libraries' own download functions when downloads are allowed; whatever is still
@@ -21,11 +21,6 @@ from dsl_cli.errors import UserError
 log = logging.getLogger("dsl_cli.weights")
 
 PRIOR_ENCODER_FILES = ("config.json", "model.safetensors")  # its folder also holds a 3.7 GB pytorch_model.bin
-DECODER_FILES = (  # what KandinskyV22Pipeline.from_pretrained reads; .safetensors preferred, .bin accepted
-    ("model_index.json",), ("scheduler/scheduler_config.json",), ("unet/config.json",),
-    ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"), ("movq/config.json",),
-    ("movq/diffusion_pytorch_model.safetensors", "movq/diffusion_pytorch_model.bin"),
-)
 
 
 @dataclass(frozen=True)
@@ -61,12 +56,14 @@ def prior_encoder_weights(repo: str, subfolder: str) -> HubWeights:
                       fetch=lambda: snapshot_download(repo, allow_patterns=list(files)))
 
 
-def decoder_weights(repo: str) -> HubWeights:
-    """The Kandinsky 2.2 decoder pipeline (UNet, MoVQ, scheduler)."""
-    from diffusers import KandinskyV22Pipeline
+def decoder_weights(repo: str, family: str = "kandinsky22") -> HubWeights:
+    """The decoder pipeline of `family` (`dsl_cli.decoder.FAMILIES`): the files its `from_pretrained` reads
+    (`hub_files`: .safetensors preferred, .bin accepted), fetched by the pipeline's own `download`."""
+    from dsl_cli.decoder import get_family
 
-    return HubWeights("decoder", repo, DECODER_FILES, args="--exclude '*.bin'",
-                      fetch=lambda: KandinskyV22Pipeline.download(repo))
+    cls = get_family(family)
+    return HubWeights("decoder", repo, cls.hub_files, args=cls.hub_args,
+                      fetch=lambda: cls.pipeline.download(repo))
 
 
 def open_clip_weights(role: str, name: str, tag: str) -> Optional[HubWeights]:
@@ -133,10 +130,13 @@ def _decoder_needs(dec: Any) -> Needs:
     if dec.source != "pretrained":
         return [], []
     if dec.path is None:
-        return [decoder_weights(dec.repo_id)], []
+        return [decoder_weights(dec.repo_id, dec.family)], []
     if (Path(dec.path).expanduser() / "model_index.json").is_file():
         return [], []
-    return [], [f"decoder.path={dec.path}: not the folder of a saved KandinskyV22Pipeline (no model_index.json)"]
+    from dsl_cli.decoder import get_family
+
+    return [], [f"decoder.path={dec.path}: not the folder of a saved {get_family(dec.family).pipeline.__name__} "
+                "(no model_index.json)"]
 
 
 def _text_needs(cfg: Any) -> Needs:

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-GB = 1024**3
+GB = 1024**3  # figures are printed in GiB (2**30 bytes); GPU cards are sold by the decimal GB
 GPU_SIZES_GB = (8, 12, 16, 24, 32, 40, 48, 80, 94, 141)  # common cards, for "smallest GPU it fits"
 BIGG = ["encoder=bigg14_random", "decoder=kandinsky22_random", "images.limit=1", "layer=47"]
 MUST_SHOW = ["encoder=bigg14_random", "lens=logit", "layer=47", "images.limit=1", "decode.enabled=false"]
@@ -119,8 +119,8 @@ def measure(name: str, overrides: list[str], folder: Path, cache: Path, gpu_limi
         result["classifier"] = "kept" if "ImageNet classifier read from" in run_log else "built"
     if result["exit"] != 0:
         result["error"] = log_path.read_text()[-1500:]
-    gpu = f", GPU peak {gpu_peak(result) / GB:.2f} GB" if "cuda_max_reserved" in result else ""
-    print(f"[{name}] exit {result['exit']}, {result['seconds']} s, host peak {result['host_peak_bytes'] / GB:.2f} GB"
+    gpu = f", GPU peak {gpu_peak(result) / GB:.2f} GiB" if "cuda_max_reserved" in result else ""
+    print(f"[{name}] exit {result['exit']}, {result['seconds']} s, host peak {result['host_peak_bytes'] / GB:.2f} GiB"
           f"{gpu}", flush=True)
     return result
 
@@ -139,12 +139,12 @@ def markdown(results: list[dict]) -> str:
     lines = ["| case | what runs | device | host peak (RSS) | GPU peak (allocator + context) | smallest GPU | "
              "exit | seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        gpu = f"{gpu_peak(r) / GB:.2f} GB" if "cuda_max_reserved" in r else "unmeasured"
+        gpu = f"{gpu_peak(r) / GB:.2f} GiB" if "cuda_max_reserved" in r else "unmeasured"
         card = smallest_gpu(gpu_peak(r)) if "cuda_max_reserved" in r else "unmeasured"
         device = r.get("gpu", r.get("device", "cpu"))
         if r.get("gpu_limit_gb"):
             device += f", capped at {r['gpu_limit_gb']:g} GB"
-        lines.append(f"| {r['case']} | {r['what']} | {device} | {r['host_peak_bytes'] / GB:.2f} GB | {gpu} | {card} | "
+        lines.append(f"| {r['case']} | {r['what']} | {device} | {r['host_peak_bytes'] / GB:.2f} GiB | {gpu} | {card} | "
                      f"{r['exit']} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
 

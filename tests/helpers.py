@@ -48,6 +48,17 @@ def mid_visual() -> VisionTransformer:
     return perturb_(visual).eval()
 
 
+def fake_cache(hub: Path, repo: str, files: list[str]) -> None:
+    """Lay `files` of `repo` out in the Hugging Face cache folder `hub`, as huggingface_hub does."""
+    folder = hub / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True, exist_ok=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    for name in files:
+        path = folder / "snapshots" / ("0" * 40) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("{}")
+
+
 # ---- interventional studies (test_studies.py, test_paper.py)
 
 TINY_HEADS = [f"L{l}H{h}" for l in range(4) for h in range(4)]

@@ -112,7 +112,9 @@ def test_every_config_composes(group: str, choice: str) -> None:
     assert set(cfg) >= {"encoder", "decoder", "lens", "images", "decode", "layer", "head", "component", "seed"}
     if group not in ("experiment", "debug", "launcher", "sweep"):  # those set keys anywhere (@package _global_)
         # every key the file sets made it into the composed config with the file's value
-        expected = OmegaConf.load(CONFIGS / group / f"{choice}.yaml")
-        for key in expected:
-            if key != "defaults" and not OmegaConf.is_missing(expected, key):
-                assert cfg[group][key] == expected[key], (group, choice, key)
+        # (as written: decode's defaults are interpolations of the decoder's, `${decoder.steps}`)
+        expected = OmegaConf.to_container(OmegaConf.load(CONFIGS / group / f"{choice}.yaml"))
+        got = OmegaConf.to_container(cfg[group])
+        for key, value in expected.items():
+            if key != "defaults" and value != "???":
+                assert got[key] == value, (group, choice, key)

@@ -254,9 +254,10 @@ def test_unwritable_output_folder(tmp_path: Path, monkeypatch, capsys) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "repo"), [
-    (["encoder=kandinsky_prior"], "kandinsky-community/kandinsky-2-2-prior"),
-    (["encoder=bigg14"], "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
-    (["decoder=kandinsky22", "decode.height=64", "decode.width=64"], "kandinsky-community/kandinsky-2-2-decoder"),
+    (["encoder=kandinsky_prior", "decoder=kandinsky22_random"], "kandinsky-community/kandinsky-2-2-prior"),
+    (["encoder=bigg14", "decoder=kandinsky22_random"], "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"),
+    (["encoder=bigg14_random", "decoder=kandinsky22", "decode.height=64", "decode.width=64"],
+     "kandinsky-community/kandinsky-2-2-decoder"),
 ])
 def test_weights_missing_while_offline(overrides: list[str], repo: str, tmp_path: Path) -> None:
     """A subprocess, because huggingface_hub reads HF_HUB_OFFLINE when it is imported."""

@@ -85,7 +85,7 @@ def commands_of(program: str) -> list[str]:
 def test_every_readme_command_is_run_or_says_why_not() -> None:
     programs = {split(line)[1][0] for line in bash_commands()}
     assert programs <= {"dsl", "hf", "python", *NOT_RUN}, programs
-    assert len(commands_of("dsl")) >= 10 and len(commands_of("hf")) == 3
+    assert len(commands_of("dsl")) >= 10 and len(commands_of("hf")) == 7
 
 
 @pytest.fixture
@@ -125,7 +125,7 @@ def test_dsl_commands_work_as_typed(line: str, offline_home: Path, monkeypatch, 
     except SystemExit as exit_:
         code = exit_.code
     err = capsys.readouterr().err
-    if words[1] in ("plot", "report", "merge") or "debug=tiny" in words:
+    if words[1] in ("plot", "report", "merge") or any(word.startswith("debug=tiny") for word in words):
         assert code == 0, err
     else:
         errors = [e for e in err.splitlines() if e.startswith("dsl: error:")]
@@ -138,7 +138,11 @@ def test_hf_download_commands_exist_and_match_the_preflight(line: str, tmp_path:
 
     known = {prior_encoder_weights("kandinsky-community/kandinsky-2-2-prior", "image_encoder").command,
              decoder_weights("kandinsky-community/kandinsky-2-2-decoder").command,
-             open_clip_weights("text", "ViT-bigG-14", "laion2b_s39b_b160k").command}
+             decoder_weights("kandinsky-community/kandinsky-2-1", "kandinsky21").command,
+             decoder_weights("stabilityai/stable-diffusion-2-1-unclip", "unclip_h14").command,
+             open_clip_weights("text", "ViT-bigG-14", "laion2b_s39b_b160k").command,
+             open_clip_weights("encoder", "ViT-L-14", "openai").command,
+             open_clip_weights("encoder", "ViT-H-14", "laion2b_s32b_b79k").command}
     env, words = split(line)
     assert shlex.join(words) in {shlex.join(shlex.split(c)) for c in known}  # what a missing-weights error says
     env = {**os.environ, **env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}

@@ -276,7 +276,7 @@ def test_the_terminal_shows_dsl_and_labelled_bars_only(tmp_path: Path) -> None:
 def test_whole_run_in_bf16_records_its_precision_and_switches(runs: dict[str, Path], tmp_path: Path) -> None:
     """Encoder and decoder in bf16 with channels_last, on the CPU: against the fp32 run of the same lens and
     components; the manifest records the dtypes and switches that were used."""
-    folder = run_tiny(tmp_path / "bf16", *LENS_RUNS["steering"], "dtype=bf16", "decode.dtype=bf16",
+    folder = run_tiny(tmp_path / "bf16", *LENS_RUNS["steering"], "encoder.dtype=bf16", "decode.dtype=bf16",
                       "decode.channels_last=true", "decode.batch_size=auto")
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete"

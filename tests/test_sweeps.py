@@ -218,7 +218,8 @@ def test_resumed_sweep_skips_complete_jobs_and_continues_the_others(tmp_path: Pa
     does not change one image's results: the first job is the uninterrupted reference)."""
     sweep = tmp_path / "sweep"
     slow = ["debug=tiny", "layer=1", "component=all", "images.limit=1", "decode.batch_size=1"]  # 5 pictures a job, one by one
-    process = subprocess.Popen([DSL, "run", *slow, f"hydra.sweep.dir={sweep}", "--multirun", "batch_size=1,2"],
+    process = subprocess.Popen([DSL, "run", *slow, f"hydra.sweep.dir={sweep}", "--multirun",
+                                "encoder.batch_size=1,2"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while len(list(sweep.glob("1/images/*/steering/*.png"))) < 2 and time.monotonic() < deadline:

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_module
 from dsl_cli.config import register_configs
 from dsl_cli.errors import UserError
 from dsl_cli.weights import needed, preflight
+from helpers import fake_cache
 
 BIN = Path(sys.executable).parent
 PRIOR, DECODER, TEXT = ("kandinsky-community/kandinsky-2-2-prior", "kandinsky-community/kandinsky-2-2-decoder",
@@ -30,17 +31,6 @@ REPO_FILES = {  # files of the real repositories (their file listings), as a dow
               "unet/diffusion_pytorch_model.safetensors", "movq/diffusion_pytorch_model.safetensors"],
     TEXT: ["open_clip_pytorch_model.bin"],
 }
-
-
-def fake_cache(hub: Path, repo: str, files: list[str]) -> None:
-    """Lay `files` of `repo` out in the Hugging Face cache folder `hub`, as huggingface_hub does."""
-    folder = hub / f"models--{repo.replace('/', '--')}"
-    (folder / "refs").mkdir(parents=True, exist_ok=True)
-    (folder / "refs" / "main").write_text("0" * 40)
-    for name in files:
-        path = folder / "snapshots" / ("0" * 40) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("{}")
 
 
 def offline_env(tmp_path: Path) -> dict[str, str]:

@@ -3,12 +3,13 @@ the CLS-position cache and its exact decomposition, and the lenses read from it 
 
 from dsl_cli.encoder.hooked import (ABLATIONS, HOOK_POINTS, STEER_MODES, EncoderCache, HookedEncoder, HookPoint,
                                     MeanWrites, head_writes, only_heads, steering_delta)
-from dsl_cli.encoder.loading import (RANDOM_SEED, TextTower, build_tiny_clip, build_tiny_text, build_tiny_visual,
-                                     load_encoder, load_text_model, text_model_id)
+from dsl_cli.encoder.loading import (RANDOM_SEED, EmbeddingSpace, TextTower, build_tiny_clip, build_tiny_text,
+                                     build_tiny_visual, embedding_space, load_encoder, load_text_model, text_model_id)
 
 __all__ = [
     "ABLATIONS",
     "STEER_MODES",
+    "EmbeddingSpace",
     "EncoderCache",
     "HOOK_POINTS",
     "HookPoint",
@@ -19,6 +20,7 @@ __all__ = [
     "build_tiny_clip",
     "build_tiny_text",
     "build_tiny_visual",
+    "embedding_space",
     "head_writes",
     "load_encoder",
     "load_text_model",

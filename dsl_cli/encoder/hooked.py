@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from dsl_cli.components import READS, Component, parse_component
+from dsl_cli.devices import Placed
 from dsl_cli.encoder import openclip_api
 
 ComponentLike = Union[str, Component]
@@ -218,7 +219,7 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown steering mode {mode!r}: use one of {', '.join(STEER_MODES)}")
 
 
-class HookedEncoder(nn.Module):
+class HookedEncoder(Placed, nn.Module):
     """Wraps an open_clip `VisionTransformer` (pre-LN blocks, CLS pooling, LayerScale and any activation,
     width, depth or patch size). The wrapped module is used as it is and left unmodified."""
 
@@ -258,12 +259,8 @@ class HookedEncoder(nn.Module):
         return self.visual.image_size[0]
 
     @property
-    def device(self) -> torch.device:
-        return self.visual.class_embedding.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.visual.class_embedding.dtype
+    def placement(self) -> Tensor:
+        return self.visual.class_embedding
 
     # ---- the cache -----------------------------------------------------------------------------
     @torch.inference_mode()

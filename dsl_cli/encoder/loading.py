@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
@@ -141,6 +142,34 @@ def text_model_id(cfg: Any) -> tuple[str, Optional[str]]:
         return "tiny", None
     default_name, default_tag = PRIOR_TEXT_MODEL if cfg.source == "kandinsky_prior" else (cfg.name, cfg.pretrained)
     return cfg.text_name or default_name, _expand(cfg.text_pretrained or default_tag)
+
+
+@dataclass(frozen=True)
+class EmbeddingSpace:
+    """Whose image embeddings an encoder config gives, known without loading it: the open_clip model,
+    its pretrained tag (None when the weights are random or a local file) and the embedding width."""
+
+    model: str
+    weights: Optional[str]
+    width: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} {self.weights}" if self.weights else self.model
+
+
+def embedding_space(cfg: Any) -> EmbeddingSpace:
+    """The `EmbeddingSpace` of encoder config `cfg`, from open_clip's model configs (no weights read)."""
+    if cfg.source == "tiny":
+        return EmbeddingSpace("tiny", None, TINY_EMBED_DIM)
+    model_cfg = open_clip.get_model_config(cfg.name)
+    if model_cfg is None:
+        raise UserError(f"unknown open_clip model {cfg.name!r} (open_clip.list_models() lists the known ones)")
+    if cfg.source == "kandinsky_prior":  # the prior's HF image encoder is open_clip's bigG, converted
+        tag = PRIOR_TEXT_MODEL[1] if cfg.name == PRIOR_TEXT_MODEL[0] else None
+    else:
+        tag = None if cfg.checkpoint else cfg.pretrained
+    return EmbeddingSpace(cfg.name, tag, model_cfg["embed_dim"])
 
 
 def _expand(path: Optional[str]) -> Optional[str]:
