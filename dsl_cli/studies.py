@@ -550,9 +550,9 @@ def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Te
     decoder = load_decoder(cfg.decoder, device=encoder.device, dtype=resolve_dtype(decode.dtype, encoder.device),
                            scheduler=decode.scheduler)
     negative = decoder.negative_embed(encoder).float().cpu()
-    pictures = decoder.decode(torch.stack([kept[k] for k in keys]), negative,
-                              [cfg.seed] * len(keys), decode.height, decode.width, decode.steps,
-                              float(decode.guidance), decode.batch_size)
+    pictures = decoder.decode(torch.stack([kept[k] for k in keys]), negative, [cfg.seed] * len(keys),
+                              decode.height, decode.width, steps=decode.steps, guidance=float(decode.guidance),
+                              batch_size=decode.batch_size)
     for (composite, order, _, step), picture in zip(keys, pictures):
         save_png(step_picture(run_dir, composite, order, step), to_pil(picture))
 
