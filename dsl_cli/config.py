@@ -33,6 +33,8 @@ Templates = StrEnum("Templates", ["openai", "simple"])  # the logit lens's promp
 ImageSource = StrEnum("ImageSource", ["samples", "folder"])
 StudyName = StrEnum("StudyName", ["head_importance", "overlay_removal"])
 Ablation = StrEnum("Ablation", ["zero", "mean"])
+StudyAblation = StrEnum("StudyAblation", [*Ablation, "both"])  # both: zero and mean (head importance)
+OverlayPosition = StrEnum("OverlayPosition", ["center", "top-left", "top-right", "bottom-left", "bottom-right"])
 
 
 @dataclass
@@ -134,11 +136,14 @@ class StudyConfig:
     `name: null` (the default) runs the lens and decodes."""
 
     name: Optional[StudyName] = None
-    ablation: Ablation = Ablation.zero
+    ablation: StudyAblation = StudyAblation.zero  # head importance: `both` runs zero and mean ablation in one run
+    bootstrap: int = 1000  # head importance: resamples for the 95 % intervals of the correlations
     steps: int = 20  # overlay removal: cumulative ablation steps
     greedy_pool: Optional[int] = 32  # overlay removal: greedy candidates per step; null = all remaining
     random_orders: int = 5  # overlay removal: random baseline orders
     overlay_scale: float = 0.45  # overlay removal: pasted image size relative to the background
+    overlay_position: OverlayPosition = OverlayPosition.center  # overlay removal: where the image is pasted
+    decode_steps: list[int] = field(default_factory=lambda: [0, 5, 10, 20])  # overlay removal: steps decoded
 
 
 @dataclass

@@ -645,6 +645,28 @@ def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
     return written
 
 
+def draw_lens_comparison(folder: Path, rows: list[dict]) -> list[Path]:
+    """Per image, the components that more than one lens decoded, each lens's picture side by side (a row
+    per component, a column per lens, in the order the lenses first appear): `grids/<image>_<a>_vs_<b>.png`.
+    rows: similarity.csv rows with `file` relative to `folder` (a merged sweep's, or one run's)."""
+    written = []
+    for (image,), group in group_rows([r for r in rows if r["file"]], ("image",)).items():
+        lenses = list(dict.fromkeys(r["lens"] for r in group))
+        cells = {(r["component"], r["lens"]): r for r in group}
+        shared = [c for c in dict.fromkeys(r["component"] for r in group)
+                  if all((c, lens) in cells for lens in lenses)]
+        if len(lenses) < 2 or not shared:
+            continue
+        tiles = [(open_picture(folder / cells[c, lens]["file"], folder), f"{lens}: {_caption(cells[c, lens])}")
+                 for c in shared for lens in lenses]
+        path = folder / "grids" / f"{image}_{'_vs_'.join(lenses)}.png"
+        title = f"{image}: {' | '.join(lenses)}, the same components side by side (a row each)"
+        note = " | ".join(settings_text(cells[shared[0], lens]) for lens in lenses) + f"; {CAPTION_NOTE}"
+        save_png(path, grid_image(tiles, title, columns=len(lenses), note=note))
+        written.append(path)
+    return written
+
+
 def seed_tiles(run_dir: Path, rows: list[dict], extra: dict[tuple, list[dict]]) -> list[tuple[Image.Image, str]]:
     """One line of tiles per row (its first seed's picture, then its other seeds', in seed order), captioned
     with the component, the seed and sim_decoded; `extra` holds the other seeds' rows by (image, component)."""

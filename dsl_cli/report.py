@@ -24,7 +24,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, atomic_write_bytes, claimed,
                              colour_limits, dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder,
                              kind_blocks, layer_label, read_csv, read_manifest, redraw)
-from dsl_cli.studies import CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, redraw_study
+from dsl_cli.studies import CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, SCORES, redraw_study
 
 PAGE = "index.html"
 STYLE = """
@@ -362,40 +362,57 @@ def run_page(folder: Path) -> str:
 
 
 def importance_tables(folder: Path) -> str:
-    """Head importance: the correlations (pooled first, then per image) and every (image, head) row."""
+    """Head importance: the correlations (pooled first, then per image, each with its bootstrap 95 % interval
+    and n) and every (image, head) row."""
     corr = read_csv(folder / "correlations.csv", CORRELATION_COLUMNS)
     corr.sort(key=lambda r: r["image"] != POOLED)
-    head = ["image", "lens", "n", "spearman", "spearman_p", "pearson", "pearson_p"]
-    body = [f"<tr>{cell(esc(r['image']))}{cell(esc(r['lens']))}{number(r['n'], 0)}"
-            + "".join(number(r[k]) for k in head[3:]) + "</tr>\n" for r in corr]
+    head = ["ablation", "image", "lens", "n", "spearman", "spearman 95 % CI", "spearman_p", "pearson",
+            "pearson 95 % CI", "pearson_p"]
+    body = [f"<tr>{cell(esc(r['ablation']))}{cell(esc(r['image']))}{cell(esc(r['lens']))}{number(r['n'], 0)}"
+            + "".join(number(r[k]) if k in r else interval(r, k.split()[0]) for k in head[4:]) + "</tr>\n"
+            for r in corr]
     rows = read_csv(folder / "study_head_importance.csv", IMPORTANCE_COLUMNS)
-    numbers = ["layer", "head", "importance", "dsl", "direct"]
-    heads = [f"<tr{row_attrs(r, ['image', 'layer'])}>{cell(esc(r['image']))}{cell(esc(r['component']))}"
+    numbers = ["layer", "head", "importance", *SCORES]
+    heads = [f"<tr{row_attrs(r, ['image', 'layer'])}>{cell(esc(r['ablation']))}{cell(esc(r['image']))}"
+             f"{cell(esc(r['component']))}"
              + "".join(number(r[k], 0 if k in ("layer", "head") else 4) for k in numbers) + "</tr>\n"
              for r in rows]
     return ("<h2>Correlations with importance</h2><p class=muted>pooled: over every (image, head) pair at "
-            f"once; then per image</p>{table(head, body, set(head[2:]))}"
+            "once; then per image; intervals: percentile bootstrap over the pairs</p>"
+            f"{table(head, body, {'n', 'spearman', 'spearman_p', 'pearson', 'pearson_p'})}"
             f"<section><h2>Every head</h2>{filters(rows, [('image', 'image'), ('layer', 'layer')])}"
-            f"{table(['image', 'component', *numbers], heads, set(numbers))}</section>")
+            f"{table(['ablation', 'image', 'component', *numbers], heads, set(numbers))}</section>")
+
+
+def interval(row: dict, name: str) -> str:
+    """A table cell `[low, high]` of a correlation's bootstrap interval."""
+    low, high = (row.get(f"{name}_{end}") for end in ("low", "high"))
+    text = f"[{float(low):.3f}, {float(high):.3f}]" if low not in (None, "") else ""
+    return cell(esc(text))
 
 
 def overlay_tables(folder: Path) -> str:
-    """Overlay removal: each composite with its pictures, and the overlay similarity per order (at the
-    start, mean over the steps, at the end; random orders averaged)."""
+    """Overlay removal: each composite with its pictures and decoded fade grid, and the overlay similarity
+    per order (at the start, mean over the steps, at the end, the area under the curve; random orders
+    averaged)."""
     rows = read_csv(folder / "study_overlay_removal.csv", OVERLAY_COLUMNS)
     body, summary = [], []
     for (image, order), group in group_rows(rows, ("image", "order")).items():
         runs = [[float(r["overlay_sim"]) for r in run] for run in group_rows(group, ("seed",)).values()]
         curve = np.mean(runs, axis=0)
+        auc = np.mean([float(r["auc"]) for r in group if r["step"] == "0"])
         summary.append({"image": image, "order": order})
         body.append(f"<tr{row_attrs(summary[-1], ['image', 'order'])}>{cell(esc(image))}{cell(esc(order))}"
-                    f"{number(len(runs), 0)}{number(curve[0])}{number(curve.mean())}{number(curve[-1])}</tr>\n")
+                    f"{number(len(runs), 0)}{number(curve[0])}{number(curve.mean())}{number(curve[-1])}"
+                    f"{number(auc)}</tr>\n")
     pictures = "".join(f"<figure>{img(f'images/overlays/{image}.png', image)}<figcaption>{esc(image)}"
                        f"</figcaption></figure>" for (image,) in group_rows(rows, ("image",))
                        if (folder / "images" / "overlays" / f"{image}.png").is_file())
-    numbers = ["orders", "at start", "mean over steps", "at end"]
+    fades = "".join(thumbnail(rel(p, folder)) for p in sorted(folder.glob("grids/*_overlay_fade.png")))
+    numbers = ["orders", "at start", "mean over steps", "at end", "area under the curve"]
     return (f"<h2>Composites</h2><div class=gallery>{pictures}</div>"
-            "<section><h2>Overlay similarity per order</h2><p class=muted>cos(e of the ablated composite, e of "
+            + (f"<h2>Decoded as the heads go</h2><div class='row thumbs'>{fades}</div>" if fades else "")
+            + "<section><h2>Overlay similarity per order</h2><p class=muted>cos(e of the ablated composite, e of "
             "the foreground); lower: the overlay is removed sooner</p>"
             f"{filters(summary, [('image', 'composite'), ('order', 'order')])}"
             f"{table(['composite', 'order', *numbers], body, set(numbers))}</section>")
@@ -523,12 +540,34 @@ def write_page(kind: str, folder: Path) -> Path:
 
 
 def write_pages(root: Path) -> list[Path]:
-    """`dsl report`: write (or refresh) the page of every run, study and sweep at or below `root`."""
-    pages = []
-    for kind, folder in report_folders(root):
+    """`dsl report`: write (or refresh) the page of every run, study and sweep at or below `root`, and, when
+    `root` is none of them itself (`outputs/paper`, a date folder), its own page linking them all."""
+    pages, found = [], report_folders(root)
+    for kind, folder in found:
         with claimed(folder):
             pages.append(write_page(kind, folder))
+    if folder_kind(root) is None:
+        atomic_write_bytes(root / PAGE, collection_page(root, [f for _, f in found]).encode())
+        pages.append(root / PAGE)
     return pages
+
+
+FIGURE_FOLDERS = ("plots", "grids", "heatmaps")  # where runs, studies and sweeps draw their figures
+
+
+def collection_page(root: Path, folders: list[Path]) -> str:
+    """The page of a folder of runs, studies and sweeps: each (not a sweep's jobs, which its sweep's page
+    shows) with a link to its own page and every figure it drew, in name order."""
+    top = sorted(f for f in folders if not any(other in f.parents for other in folders))
+    sections = []
+    for folder in top:
+        figures = sorted(p for name in FIGURE_FOLDERS for p in (folder / name).glob("*.png"))
+        shown = "".join(thumbnail(rel(p, root)) for p in figures) or "<p class=muted>no figures</p>"
+        status = status_badge((read_manifest(folder) or {}).get("status"))
+        sections.append(f"<section><h2>{link(rel(folder / PAGE, root), rel(folder, root))} {status}</h2>"
+                        f"<div class='row thumbs'>{shown}</div></section>")
+    return page(f"dsl {root.resolve().name}", f"<h1>dsl {esc(root.resolve().name)}</h1>"
+                f"<p>{len(top)} folders; each figure links to itself at full size</p>" + "".join(sections))
 
 
 def redraw_folder(root: Path) -> dict[Path, int]:

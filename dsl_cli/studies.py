@@ -3,13 +3,15 @@
 Only the studies' names and headline results are public; the procedures here are reconstructions:
 
 - head importance: per image and head, importance = 1 - cos(e_ablated, e), the head ablated (zero or mean)
-  in a full forward pass with no patching; correlated (Spearman, Pearson; per image and pooled over all
-  (image, head) pairs) with the DSL score and the direct-lens score, both cos(lens embedding, e) as the
-  main runs rank by (`sim_embed`).
+  in a full forward pass with no patching; correlated (Spearman, Pearson, each with a percentile-bootstrap
+  95 % interval and n; per image and pooled over all (image, head) pairs) with the DSL score and the
+  naive-lens score, both cos(lens embedding, e) as the main runs rank by (`sim_embed`), and with the
+  closed-form direct importance 1 - cos(R(x_L - a_h), e).
 - overlay removal: composites of a background with a foreground pasted on it. Heads are ranked by
   cos(DSL embedding on the composite, e_fg), e_fg the foreground image's own embedding, and ablated
   cumulatively in that order; the overlay similarity cos(e_ablated(composite), e_fg) is traced after each
-  step. Compared with an ACDC-like greedy order and with random orders.
+  step, with the area under each curve. Compared with the naive lens's ranking, an ACDC-like greedy order
+  and random orders; the ablated composites can be decoded at chosen steps (`decode_kept`).
 
 Shapes: B images, K components, E embedding width, S image side. Everything runs through
 `HookedEncoder.ablate_hooked`, batched over (image, ablation set) rows.
@@ -36,13 +38,15 @@ from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import InputImage, overlay
 from dsl_cli.memory import release_memory, rows_that_fit
-from dsl_cli.outputs import CsvLog, group_rows, pyplot, read_csv, read_manifest, save_figure, save_png
+from dsl_cli.outputs import (CsvLog, grid_image, group_rows, open_picture, pyplot, read_csv, read_manifest, save_figure,
+                             save_png)
 
-IMPORTANCE_COLUMNS = ["image", "component", "layer", "head", "ablation", "mode", "alpha", "importance", "dsl",
-                      "direct"]
-CORRELATION_COLUMNS = ["image", "lens", "n", "spearman", "spearman_p", "pearson", "pearson_p"]
+SCORES = ("dsl", "direct", "direct_importance")  # what head importance is correlated with
+IMPORTANCE_COLUMNS = ["image", "component", "layer", "head", "ablation", "mode", "alpha", "importance", *SCORES]
+CORRELATION_COLUMNS = ["ablation", "image", "lens", "n", "spearman", "spearman_low", "spearman_high", "spearman_p",
+                       "pearson", "pearson_low", "pearson_high", "pearson_p"]
 OVERLAY_COLUMNS = ["image", "background", "foreground", "ablation", "order", "seed", "step", "component",
-                   "dsl_score", "overlay_sim"]
+                   "dsl_score", "overlay_sim", "auc"]
 POOLED = "pooled"  # the `image` value of correlations over all (image, head) rows
 STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bigger batch gains little
 
@@ -53,17 +57,28 @@ STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bi
 def validate_study(study, seed: int = 0) -> None:
     """Checks on `cfg.study` that need no model (called by `dsl_cli.run.validate` before anything loads);
     `seed` is the run's: the random orders use seeds seed .. seed + random_orders - 1, all within 64 bits."""
+    if study.name == "overlay_removal" and study.ablation == "both":
+        raise UserError("study.ablation=both: overlay removal takes one ablation (zero or mean)")
     if study.steps < 1:
         raise UserError(f"study.steps={study.steps}: must be at least 1")
     if study.greedy_pool is not None and study.greedy_pool < 1:
         raise UserError(f"study.greedy_pool={study.greedy_pool}: must be at least 1 (or null for all heads)")
     if study.random_orders < 0:
         raise UserError(f"study.random_orders={study.random_orders}: must be 0 or more")
+    if study.bootstrap < 1:
+        raise UserError(f"study.bootstrap={study.bootstrap}: must be at least 1 (resamples)")
+    if any(step < 0 for step in study.decode_steps):
+        raise UserError(f"study.decode_steps={list(study.decode_steps)}: steps are 0 or more")
     if not 0 < study.overlay_scale <= 1:
         raise UserError(f"study.overlay_scale={study.overlay_scale}: must be in (0, 1]")
     if seed + study.random_orders - 1 >= 2**64:
         raise UserError(f"seed={seed}: the random orders use seeds up to seed + study.random_orders - 1, "
                         "which must stay below 2**64")
+
+
+def study_ablations(study) -> tuple[str, ...]:
+    """`study.ablation` as the ablations to run: `both` is zero, then mean."""
+    return ("zero", "mean") if study.ablation == "both" else (str(study.ablation),)
 
 
 def cosine(a: Tensor, b: Tensor) -> Tensor:
@@ -145,18 +160,23 @@ def head_importance(
     batch_size: int = 64,
 ) -> list[dict]:
     """One row per (image, component), image-major: importance = 1 - cos(e_ablated, e) (the component
-    alone ablated in a full forward pass), dsl = cos(DSL embedding, e), direct = cos(R(write), e).
+    alone ablated in a full forward pass), dsl = cos(DSL embedding, e), direct = cos(R(write), e) (the
+    naive lens), direct_importance = 1 - cos(R(x_L - write [+ mean write]), e) (the closed-form direct
+    effect: the same ablation on the final residual only, nothing downstream recomputed).
 
     pixels [B, 3, S, S]; components: heads (MLPs work too); means: for mean ablation (default: the mean
     over these images, see `HookedEncoder.ablate_hooked`); names: B image names (default "0", "1", ...).
+    The ablated passes are batched: `batch_size` rows per forward, each row a copy of one image with its
+    own component ablated.
     """
     comps = [parse_component(c) for c in components]
     cache = encoder.run_with_cache(pixels)
     clean = cache.embeds.float().cpu().unsqueeze(1)  # [B, 1, E]
-    dsl = cosine(encoder.steer(cache, comps, mode=mode, alpha=alpha), clean)  # [B, K]
-    direct = cosine(encoder.direct(cache, comps), clean)  # [B, K]
     if ablation == "mean" and means is None:
         means = encoder.mean_writes(pixels, batch_size)
+    scores = {"dsl": cosine(encoder.steer(cache, comps, mode=mode, alpha=alpha), clean),  # [B, K]
+              "direct": cosine(encoder.direct(cache, comps), clean),
+              "direct_importance": 1.0 - cosine(direct_ablated(encoder, cache, comps, means), clean)}
     plan = [(b, [c]) for b in range(len(pixels)) for c in comps]
     ablated = ablated_embeds(encoder, pixels, plan, ablation, means, batch_size, desc="ablate")
     importance = 1.0 - cosine(ablated.view(len(pixels), len(comps), -1), clean)  # [B, K]
@@ -165,36 +185,91 @@ def head_importance(
         for k, comp in enumerate(comps):
             rows.append({"image": name, "component": comp.label, "layer": comp.layer, "head": comp.head,
                          "ablation": ablation, "mode": mode, "alpha": float(alpha),
-                         "importance": importance[b, k].item(), "dsl": dsl[b, k].item(),
-                         "direct": direct[b, k].item()})
+                         "importance": importance[b, k].item(),
+                         **{key: value[b, k].item() for key, value in scores.items()}})
     return rows
 
 
-def _correlate(x: np.ndarray, y: np.ndarray) -> dict:
-    """Spearman and Pearson of two equal-length vectors; NaN where undefined (n < 2, a constant vector)."""
-    result = {"n": len(x), "spearman": math.nan, "spearman_p": math.nan, "pearson": math.nan,
-              "pearson_p": math.nan}
+def direct_ablated(encoder: HookedEncoder, cache, comps: Sequence[Component],
+                   means: Optional[MeanWrites] = None) -> Tensor:
+    """R(x_L - w_c + m_c) -> [B, K, E]: the final residual with component c's CLS write w_c taken out (and
+    its mean write m_c put in with `means`), read out; the direct path of the ablation alone."""
+    writes = encoder.component_writes(cache, comps).float()  # [B, K, D]
+    final = cache.resid[:, -1:].float()  # [B, 1, D]
+    if means is None:
+        return encoder.readout(final - writes)
+    put_back = torch.stack([means.heads[c.layer, c.head] if c.kind == "head" else means.mlps[c.layer]
+                            for c in comps]).to(writes.device)  # [K, D]
+    return encoder.readout(final - writes + put_back)
+
+
+@dataclass(frozen=True)
+class Correlation:
+    """How correlations are computed: a 95 % interval from `resamples` paired bootstrap resamples (the
+    percentile method), seeded."""
+
+    resamples: int = 1000
+    seed: int = 0
+    confidence: float = 0.95
+
+
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of each row pair of [R, n] arrays (NaN for a constant row)."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        return np.atleast_1d(stats.pearsonr(x, y, axis=-1).statistic)
+
+
+def bootstrap_interval(x: np.ndarray, y: np.ndarray, rank: bool, how: Correlation = Correlation()) -> tuple[float, float]:
+    """Percentile bootstrap interval of Pearson r (rank=False) or Spearman rho (rank=True: Pearson of the
+    average ranks, as scipy.stats.spearmanr computes it) over (x_i, y_i) pairs resampled with replacement.
+    Resamples where a vector is constant (no correlation defined) are left out; NaN when all are."""
+    rng = np.random.default_rng(how.seed)
+    index = rng.integers(0, len(x), size=(how.resamples, len(x)))  # [R, n]
+    xs, ys = x[index], y[index]
+    if rank:
+        xs, ys = stats.rankdata(xs, axis=-1), stats.rankdata(ys, axis=-1)
+    values = _pearson_rows(xs, ys)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return math.nan, math.nan
+    tail = 50 * (1 - how.confidence)
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _correlate(x: np.ndarray, y: np.ndarray, how: Correlation = Correlation()) -> dict:
+    """Spearman and Pearson of two equal-length vectors with their p-values and bootstrap intervals; NaN
+    where undefined (n < 2, a constant vector)."""
+    result = {"n": len(x), **{f"{name}{part}": math.nan for name in ("spearman", "pearson")
+                              for part in ("", "_low", "_high", "_p")}}
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return result
     with warnings.catch_warnings():  # n == 2 gives p = 1 with a warning in some scipy versions
         warnings.simplefilter("ignore")
         rho, rho_p = stats.spearmanr(x, y)
         r, r_p = stats.pearsonr(x, y)
-    result.update(spearman=float(rho), spearman_p=float(rho_p), pearson=float(r), pearson_p=float(r_p))
+    rho_low, rho_high = bootstrap_interval(x, y, rank=True, how=how)
+    r_low, r_high = bootstrap_interval(x, y, rank=False, how=how)
+    result.update(spearman=float(rho), spearman_low=rho_low, spearman_high=rho_high, spearman_p=float(rho_p),
+                  pearson=float(r), pearson_low=r_low, pearson_high=r_high, pearson_p=float(r_p))
     return result
 
 
-def correlations(rows: list[dict], target: str = "importance", scores: Sequence[str] = ("dsl", "direct")) -> list[dict]:
-    """Spearman and Pearson of `target` vs each score, per image and pooled over all rows (image
-    `pooled`): one dict per (image, lens) with CORRELATION_COLUMNS. Pooling mixes images whose importance
-    scales differ; the per-image rows are the cleaner test, the pooled one the headline number."""
-    groups = list(group_rows(rows, ("image",)).items()) + [((POOLED,), rows)]
+def correlations(rows: list[dict], target: str = "importance", scores: Sequence[str] = SCORES,
+                 how: Correlation = Correlation()) -> list[dict]:
+    """Spearman and Pearson of `target` vs each score, per ablation: per image and pooled over all rows
+    (image `pooled`), each with a bootstrap interval and n: one dict per (ablation, image, lens) with
+    CORRELATION_COLUMNS. Pooling mixes images whose importance scales differ; the per-image rows are the
+    cleaner test, the pooled one the headline number."""
     out = []
-    for (image,), group in groups:
-        y = np.array([float(r[target]) for r in group])
-        for lens in scores:
-            x = np.array([float(r[lens]) for r in group])
-            out.append({"image": image, "lens": lens, **_correlate(x, y)})
+    for (ablation,), block in group_rows(rows, ("ablation",)).items():
+        groups = list(group_rows(block, ("image",)).items()) + [((POOLED,), block)]
+        for (image,), group in groups:
+            y = np.array([float(r[target]) for r in group])
+            for lens in scores:
+                x = np.array([float(r[lens]) for r in group])
+                out.append({"ablation": ablation, "image": image, "lens": lens, **_correlate(x, y, how)})
     return out
 
 
@@ -203,7 +278,8 @@ def correlations(rows: list[dict], target: str = "importance", scores: Sequence[
 
 @dataclass(frozen=True)
 class OverlaySettings:
-    """How the overlay study ablates and orders heads (study.*, the run's seed, lens and batch size)."""
+    """How the overlay study ablates and orders heads (study.*, the run's seed, lens and batch size);
+    keep_steps: the steps whose ablated embeddings are kept for decoding (a step past the last is the last)."""
 
     steps: int = 20
     greedy_pool: Optional[int] = 32
@@ -213,6 +289,16 @@ class OverlaySettings:
     mode: str = "norm"
     alpha: float = 2.0
     batch_size: int = 64
+    keep_steps: tuple[int, ...] = ()
+
+
+@dataclass
+class OverlayResult:
+    """The overlay study's CSV rows, and the ablated composite embeddings [E] kept at `keep_steps`, by
+    (composite, order, seed, step), for the dsl, direct and greedy orders and the first random one."""
+
+    rows: list[dict]
+    kept: dict[tuple, Tensor]
 
 
 def overlay_removal(
@@ -231,42 +317,52 @@ def overlay_removal(
     names: Optional[Sequence[str]] = None,
     batch_size: int = 64,
 ) -> list[dict]:
-    """`overlay_curves` with its settings as keywords (the notebook entry; see `OverlaySettings`)."""
+    """`overlay_curves` with its settings as keywords (the notebook entry; see `OverlaySettings`): its rows."""
     settings = OverlaySettings(steps, greedy_pool, random_orders, seed, ablation, mode, alpha, batch_size)
-    return overlay_curves(encoder, composite_pixels, foreground_pixels, components, settings, means, names)
+    return overlay_curves(encoder, composite_pixels, foreground_pixels, components, settings, means, names).rows
 
 
 def overlay_curves(encoder: HookedEncoder, composite_pixels: Tensor, foreground_pixels: Tensor,
                    components: Sequence[Component | str], settings: OverlaySettings,
-                   means: Optional[MeanWrites] = None, names: Optional[Sequence[str]] = None) -> list[dict]:
+                   means: Optional[MeanWrites] = None, names: Optional[Sequence[str]] = None) -> OverlayResult:
     """Overlay-similarity curves under cumulative ablation, as CSV rows (OVERLAY_COLUMNS less background and
-    foreground): per composite, order `dsl`, `greedy` and `random` (seed = seed + r for r < random_orders,
-    the same orders for every composite), steps 0..min(steps, K) each; step 0 ablates nothing,
-    `component` is the one ablated at that step, overlay_sim = cos(e_ablated(composite), e_fg).
+    foreground): per composite, orders `dsl`, `direct`, `greedy` and `random` (seed = seed + r for r <
+    random_orders, the same orders for every composite), steps 0..min(steps, K) each; step 0 ablates
+    nothing, `component` is the one ablated at that step, overlay_sim = cos(e_ablated(composite), e_fg),
+    auc the area under the order's curve (`area_under`).
 
     composite_pixels, foreground_pixels [B, 3, S, S] (pair b: composite b and its foreground b).
-    dsl: by cos(DSL embedding of the head on the composite, e_fg), best first. greedy (ACDC-like): each step
-    ablates, among the `greedy_pool` best not-yet-ablated heads by DSL rank (all remaining if None), the one
-    that lowers the overlay similarity most (ties: the better DSL rank). means: for mean ablation (default:
-    the mean over the composites).
+    dsl: by cos(DSL embedding of the head on the composite, e_fg), best first; direct: the same with the
+    naive lens R(write). greedy (ACDC-like): each step ablates, among the `greedy_pool` best not-yet-ablated
+    heads by DSL rank (all remaining if None), the one that lowers the overlay similarity most (ties: the
+    better DSL rank). means: for mean ablation (default: the mean over the composites).
     """
     comps, s = [parse_component(c) for c in components], settings
     if s.ablation == "mean" and means is None:
         means = encoder.mean_writes(composite_pixels, s.batch_size)
     e_fg = encoder.embed(foreground_pixels).float().cpu()  # [B, E]
     cache = encoder.run_with_cache(composite_pixels)
-    dsl_scores = cosine(encoder.steer(cache, comps, mode=s.mode, alpha=s.alpha), e_fg.unsqueeze(1))  # [B, K]
-    base = cosine(cache.embeds, e_fg)  # [B]: nothing ablated
-    rows = []
+    scores = {"dsl": cosine(encoder.steer(cache, comps, mode=s.mode, alpha=s.alpha), e_fg.unsqueeze(1)),  # [B, K]
+              "direct": cosine(encoder.direct(cache, comps), e_fg.unsqueeze(1))}
+    clean = cache.embeds.float().cpu()  # [B, E]: nothing ablated
+    result = OverlayResult([], {})
     for b, name in enumerate(tqdm(_names(names, len(composite_pixels)), desc="overlay", unit="img")):
-        curves = _Curves(encoder, composite_pixels[b:b + 1], e_fg[b], comps, s, means, base[b].item())
-        rows += [{"image": name, **row} for row in curves.rows(dsl_scores[b])]
-    return rows
+        curves = _Curves(encoder, composite_pixels[b:b + 1], e_fg[b], comps, s, means, clean[b])
+        rows, kept = curves.run({lens: value[b] for lens, value in scores.items()})
+        result.rows += [{"image": name, **row} for row in rows]
+        result.kept.update({(name, *key): embed for key, embed in kept.items()})
+    return result
+
+
+def area_under(sims: Sequence[float]) -> float:
+    """Area under an overlay curve: the trapezoid rule over steps 0..n, one unit apart (lower: the overlay
+    went sooner)."""
+    return float(np.trapezoid(np.asarray(sims, dtype=np.float64))) if len(sims) > 1 else 0.0
 
 
 @dataclass
 class _Curves:
-    """The overlay curves of one composite (pixels [1, 3, S, S], target e_fg [E], base: nothing ablated)."""
+    """The overlay curves of one composite (pixels [1, 3, S, S], target e_fg [E], clean: its embedding [E])."""
 
     encoder: HookedEncoder
     pixels: Tensor
@@ -274,34 +370,46 @@ class _Curves:
     comps: list[Component]
     settings: OverlaySettings
     means: Optional[MeanWrites]
-    base: float
+    clean: Tensor
 
-    def rows(self, scores: Tensor) -> list[dict]:
-        """Rows of every order, DSL scores [K] of the heads on this composite."""
+    def run(self, scores: dict[str, Tensor]) -> tuple[list[dict], dict[tuple, Tensor]]:
+        """Rows of every order and the embeddings kept, from the lenses' scores [K] of the heads."""
         s, n_steps = self.settings, min(self.settings.steps, len(self.comps))
-        ranked = torch.sort(scores, descending=True, stable=True).indices.tolist()
-        rows = self.record(scores, "dsl", None, ranked, self.curve(ranked[:n_steps]))
-        picked, sims = _greedy(self.encoder, self.pixels, self.target, self.comps, ranked, n_steps, s.greedy_pool,
-                               s.ablation, self.means, s.batch_size)
-        rows += self.record(scores, "greedy", None, picked, [self.base, *sims])
+        ranked = {lens: torch.sort(v, descending=True, stable=True).indices.tolist() for lens, v in scores.items()}
+        runs = [(lens, None, ranked[lens][:n_steps], *self.curve(ranked[lens][:n_steps])) for lens in ("dsl", "direct")]
+        picked, embeds = _greedy(self.encoder, self.pixels, self.target, self.comps, ranked["dsl"], n_steps, s,
+                                self.means)
+        runs.append(("greedy", None, picked, *self.trace(embeds)))
         for r in range(s.random_orders):
             order = random_order(len(self.comps), s.seed + r)[:n_steps]
-            rows += self.record(scores, "random", s.seed + r, order, self.curve(order))
-        return rows
+            runs.append(("random", s.seed + r, order, *self.curve(order)))
+        rows, kept = [], {}
+        steps = sorted({min(step, n_steps) for step in s.keep_steps})
+        for order, seed, picked, sims, embeds in runs:
+            rows += self.record(scores["dsl"], order, seed, picked, sims)
+            if seed in (None, s.seed):
+                kept.update({(order, seed, step): embeds[step] for step in steps})
+        return rows, kept
 
-    def curve(self, order: list[int]) -> list[float]:
-        """Overlay similarity after each prefix of `order`: step 0 (base) .. len(order), one batch."""
+    def curve(self, order: list[int]) -> tuple[list[float], Tensor]:
+        """Overlay similarity and embedding [n + 1, E] after each prefix of `order`: step 0 (nothing) ..
+        len(order), in batches of rows."""
         plan = [(0, [self.comps[k] for k in order[:step]]) for step in range(1, len(order) + 1)]
-        ablated = ablated_embeds(self.encoder, self.pixels, plan, self.settings.ablation, self.means,
-                                 self.settings.batch_size)
-        return [self.base, *cosine(ablated, self.target).tolist()]
+        return self.trace(ablated_embeds(self.encoder, self.pixels, plan, self.settings.ablation, self.means,
+                                         self.settings.batch_size))
+
+    def trace(self, ablated: Tensor) -> tuple[list[float], Tensor]:
+        """(overlay similarities, embeddings [n + 1, E]) of the ablated embeddings [n, E] after step 0."""
+        embeds = torch.cat([self.clean[None], ablated])
+        return cosine(embeds, self.target).tolist(), embeds
 
     def record(self, scores: Tensor, order: str, run_seed: Optional[int], picked: list[int],
                sims: Sequence[float]) -> list[dict]:
+        auc = area_under(sims)
         return [{"ablation": self.settings.ablation, "order": order, "seed": run_seed, "step": step,
                  "component": self.comps[picked[step - 1]].label if step else "",
-                 "dsl_score": scores[picked[step - 1]].item() if step else None, "overlay_sim": float(sim)}
-                for step, sim in enumerate(sims)]
+                 "dsl_score": scores[picked[step - 1]].item() if step else None, "overlay_sim": float(sim),
+                 "auc": auc} for step, sim in enumerate(sims)]
 
 
 def random_order(count: int, seed: int) -> list[int]:
@@ -309,23 +417,21 @@ def random_order(count: int, seed: int) -> list[int]:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def _greedy(
-    encoder: HookedEncoder, pixels: Tensor, target: Tensor, comps: list[Component], ranked: list[int],
-    n_steps: int, pool: Optional[int], ablation: str, means: Optional[MeanWrites], batch_size: int,
-) -> tuple[list[int], list[float]]:
+def _greedy(encoder: HookedEncoder, pixels: Tensor, target: Tensor, comps: list[Component], ranked: list[int],
+            n_steps: int, s: OverlaySettings, means: Optional[MeanWrites] = None) -> tuple[list[int], Tensor]:
     """The ACDC-like order on one composite (pixels [1, 3, S, S], target [E]): each step tries every
     candidate on top of the heads ablated so far (one batched pass) and keeps the one with the lowest
-    overlay similarity. Returns (component indices, similarity after each step)."""
+    overlay similarity. Returns (component indices, the embedding after each step [n_steps, E])."""
     picked: list[int] = []
-    sims: list[float] = []
+    embeds = []
     for _ in range(n_steps):
-        candidates = [k for k in ranked if k not in picked][:pool]
+        candidates = [k for k in ranked if k not in picked][:s.greedy_pool]
         plan = [(0, [comps[j] for j in picked + [k]]) for k in candidates]
-        trial = cosine(ablated_embeds(encoder, pixels, plan, ablation, means, batch_size), target)
-        best = int(torch.argmin(trial))  # the first minimum: the better DSL rank on ties
+        trial = ablated_embeds(encoder, pixels, plan, s.ablation, means, s.batch_size)
+        best = int(torch.argmin(cosine(trial, target)))  # the first minimum: the better DSL rank on ties
         picked.append(candidates[best])
-        sims.append(trial[best].item())
-    return picked, sims
+        embeds.append(trial[best])
+    return picked, torch.stack(embeds) if embeds else torch.empty(0, encoder.d_embed)
 
 
 # ---------------------------------------------------------------- the study as a run stage
@@ -357,100 +463,155 @@ def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
                          heads: list[Component]) -> dict:
     study, step = cfg.study, cfg.encoder.batch_size
     pixels = _pixels(preprocess, images)
+    ablations = study_ablations(study)
     # mean ablation: one mean over the whole image set, not per batch
-    means = encoder.mean_writes(pixels, step) if study.ablation == "mean" else None
+    means = encoder.mean_writes(pixels, step) if "mean" in ablations else None
     rows, ablated = [], ablation_rows(encoder, step)
-    for start in tqdm(range(0, len(images), step), desc="head importance", unit="batch"):
-        rows += head_importance(encoder, pixels[start:start + step], heads, study.ablation, cfg.lens.mode,
-                                float(cfg.lens.alpha), means, [i.name for i in images[start:start + step]], ablated)
-    corr = correlations(rows)
+    for ablation in ablations:
+        for start in tqdm(range(0, len(images), step), desc=f"head importance ({ablation})", unit="batch"):
+            rows += head_importance(encoder, pixels[start:start + step], heads, ablation, cfg.lens.mode,
+                                    float(cfg.lens.alpha), means, [i.name for i in images[start:start + step]],
+                                    ablated)
+    corr = correlations(rows, how=Correlation(resamples=study.bootstrap, seed=cfg.seed))
     CsvLog(run_dir / "study_head_importance.csv", IMPORTANCE_COLUMNS).rewrite(rows)
     CsvLog(run_dir / "correlations.csv", CORRELATION_COLUMNS).rewrite(corr)
     plot = redraw_study(run_dir)[0]  # from the CSVs just written, as `dsl plot` draws it
-    pooled = {r["lens"]: {"spearman": r["spearman"], "pearson": r["pearson"]} for r in corr if r["image"] == POOLED}
-    return {"study": "head_importance", "rows": len(rows), "ablation": study.ablation, "pooled": pooled,
+    pooled = {f"{r['ablation']} {r['lens']}": {k: r[k] for k in ("n", "spearman", "spearman_low", "spearman_high",
+                                                                 "pearson", "pearson_low", "pearson_high")}
+              for r in corr if r["image"] == POOLED}
+    return {"study": "head_importance", "rows": len(rows), "ablation": list(ablations), "pooled": pooled,
             "files": ["study_head_importance.csv", "correlations.csv", str(plot.relative_to(run_dir))]}
 
 
-def composites(images: list[InputImage], scale: float) -> list[tuple[str, InputImage, InputImage, Image.Image]]:
+def composites(images: list[InputImage], scale: float,
+               position: str = "center") -> list[tuple[str, InputImage, InputImage, Image.Image]]:
     """(name, background, foreground, composite) per image: each image in turn is the background and the
-    NEXT image (cyclically) the foreground, so n images give n composites and every image is used once in
-    each role. Needs at least two images."""
+    NEXT image (cyclically) the foreground, pasted at `scale` and `position` (`dsl_cli.images.overlay`), so
+    n images give n composites and every image is used once in each role. Needs at least two images."""
     if len(images) < 2:
         raise UserError("study=overlay_removal pastes one image on another: give at least two images")
     out = []
     for i, background in enumerate(images):
         foreground = images[(i + 1) % len(images)]
         name = f"{foreground.name}_on_{background.name}"
-        out.append((name, background, foreground, overlay(background.load(), foreground.load(), scale)))
+        out.append((name, background, foreground, overlay(background.load(), foreground.load(), scale, position)))
     return out
+
+
+def _decoding(cfg) -> bool:
+    """Whether the overlay study decodes its ablated composites (decode.enabled and some study.decode_steps)."""
+    decode = cfg.get("decode")
+    return bool(decode is not None and decode.enabled and cfg.study.decode_steps)
 
 
 def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
                          heads: list[Component]) -> dict:
     study = cfg.study
-    pairs = composites(images, study.overlay_scale)
+    pairs = composites(images, study.overlay_scale, study.overlay_position)
     for name, _, _, picture in pairs:
         save_png(run_dir / "images" / "overlays" / f"{name}.png", picture)
     composite_pixels = _pixels(preprocess, [p for *_, p in pairs])
     foreground_pixels = _pixels(preprocess, [fg for _, _, fg, _ in pairs])
     settings = OverlaySettings(steps=study.steps, greedy_pool=study.greedy_pool, random_orders=study.random_orders,
-                               seed=cfg.seed, ablation=study.ablation, mode=cfg.lens.mode,
-                               alpha=float(cfg.lens.alpha), batch_size=ablation_rows(encoder, cfg.encoder.batch_size))
-    rows = overlay_curves(encoder, composite_pixels, foreground_pixels, heads, settings,
-                          names=[name for name, *_ in pairs])
+                               seed=cfg.seed, ablation=study_ablations(study)[0], mode=cfg.lens.mode,
+                               alpha=float(cfg.lens.alpha), batch_size=ablation_rows(encoder, cfg.encoder.batch_size),
+                               keep_steps=tuple(study.decode_steps) if _decoding(cfg) else ())
+    result = overlay_curves(encoder, composite_pixels, foreground_pixels, heads, settings,
+                            names=[name for name, *_ in pairs])
     roles = {name: (bg.name, fg.name) for name, bg, fg, _ in pairs}
-    for row in rows:
+    for row in result.rows:
         row["background"], row["foreground"] = roles[row["image"]]
-    CsvLog(run_dir / "study_overlay_removal.csv", OVERLAY_COLUMNS).rewrite(rows)
-    plot = redraw_study(run_dir)[0]  # from the CSV just written, as `dsl plot` draws it
-    # mean overlay similarity over the curve (lower: the overlay is removed sooner), per order
-    mean_sim = {order: float(np.mean([float(r["overlay_sim"]) for r in group]))
-                for (order,), group in group_rows(rows, ("order",)).items()}
-    return {"study": "overlay_removal", "rows": len(rows), "composites": len(pairs), "ablation": study.ablation,
-            "mean_overlay_sim": mean_sim,
-            "files": ["study_overlay_removal.csv", str(plot.relative_to(run_dir))]}
+    CsvLog(run_dir / "study_overlay_removal.csv", OVERLAY_COLUMNS).rewrite(result.rows)
+    decode_kept(cfg, run_dir, encoder, result.kept)
+    figures = redraw_study(run_dir)  # from the files just written, as `dsl plot` draws them
+    # area under each order's curve, averaged over composites (and seeds): lower, the overlay went sooner
+    mean_auc = {order: float(np.mean([float(r["auc"]) for r in group if r["step"] == 0]))
+                for (order,), group in group_rows(result.rows, ("order",)).items()}
+    return {"study": "overlay_removal", "rows": len(result.rows), "composites": len(pairs),
+            "ablation": settings.ablation, "mean_auc": mean_auc,
+            "files": ["study_overlay_removal.csv", *(str(p.relative_to(run_dir)) for p in figures)]}
+
+
+def step_picture(run_dir: Path, composite: str, order: str, step: int) -> Path:
+    """Where the decoded composite of `order` after `step` ablations is saved."""
+    return run_dir / "images" / "overlay_steps" / composite / f"{order}_{step:03d}.png"
+
+
+def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Tensor]) -> None:
+    """Decode the kept ablated-composite embeddings (the run's decoder and decode settings, seed `seed`
+    for every picture) into `step_picture` files."""
+    if not kept:
+        return
+    from dsl_cli.decoder import load_decoder, to_pil
+    from dsl_cli.devices import resolve_dtype
+
+    decode, keys = cfg.decode, list(kept)
+    release_memory(encoder.device)  # the ablation batches' cache, before the decoder loads beside the encoder
+    decoder = load_decoder(cfg.decoder, device=encoder.device, dtype=resolve_dtype(decode.dtype, encoder.device),
+                           scheduler=decode.scheduler)
+    negative = decoder.negative_embed(encoder).float().cpu()
+    pictures = decoder.decode(torch.stack([kept[k] for k in keys]), negative, [cfg.seed] * len(keys),
+                              decode.height, decode.width, steps=decode.steps, guidance=float(decode.guidance),
+                              batch_size=decode.batch_size)
+    for (composite, order, _, step), picture in zip(keys, pictures):
+        save_png(step_picture(run_dir, composite, order, step), to_pil(picture))
 
 
 # ---------------------------------------------------------------- figures
 
 
+SCORE_TITLES = {"dsl": ("DSL score", "cos(DSL embedding, e)"), "direct": ("naive-lens score", "cos(R(write), e)"),
+                "direct_importance": ("direct importance", "1 - cos(R(x_L - write), e)")}
+
+
 def _pooled_title(lens: str, pooled: dict) -> str:
-    """A head-importance panel's title: the correlation is over all (image, head) pairs at once, n of them."""
-    n = int(float(pooled.get("n", 0) or 0))
-    spearman, pearson = (float(pooled.get(k, math.nan) or math.nan) for k in ("spearman", "pearson"))
-    return f"{lens}: Spearman {spearman:.3f}, Pearson {pearson:.3f}\npooled over n = {n} (image, head) pairs"
+    """A head-importance panel's title: the pooled correlations (over all (image, head) pairs at once, n of
+    them) with their bootstrap 95 % intervals."""
+    def value(key: str) -> float:
+        return float(pooled.get(key, math.nan) or math.nan)
+
+    n = int(value("n")) if math.isfinite(value("n")) else 0
+    parts = [f"{name.capitalize()} {value(name):.3f} [{value(name + '_low'):.3f}, {value(name + '_high'):.3f}]"
+             for name in ("spearman", "pearson")]
+    return f"{lens}\npooled over n = {n} (image, head) pairs\n{parts[0]} (95 % CI)\n{parts[1]}"
 
 
-def plot_head_importance(rows: list[dict], corr: list[dict], ablation: str = "zero"):
-    """Importance vs the DSL and the direct score, one panel per lens, a colour per image; each title gives
-    the Spearman and Pearson correlations pooled over all (image, head) pairs, and their number; the
-    figure's title the settings. Rows and correlations as written (dicts of numbers) or as read back from
-    the CSVs (strings). Returns the matplotlib figure."""
+def plot_head_importance(rows: list[dict], corr: list[dict]):
+    """Importance vs each score (DSL, naive lens, closed-form direct importance), a column per score and a
+    row per ablation, a colour per image; each title gives the Spearman and Pearson correlations pooled
+    over all (image, head) pairs with their bootstrap 95 % intervals and n; the figure's title the
+    settings. Rows and correlations as written (dicts of numbers) or as read back from the CSVs (strings).
+    Returns the matplotlib figure."""
     plt = pyplot()
-    lenses = [("dsl", "DSL"), ("direct", "direct")]
-    fig, axes = plt.subplots(1, len(lenses), figsize=(5.4 * len(lenses), 4.8), squeeze=False, layout="constrained")
-    pooled = {r["lens"]: r for r in corr if r["image"] == POOLED}
-    groups = group_rows(rows, ("image",))
-    for axis, (lens, title) in zip(axes[0], lenses):
-        for (image,), group in groups.items():
-            axis.scatter([float(r[lens]) for r in group], [float(r["importance"]) for r in group], s=12,
-                         alpha=0.7, label=image)
-        axis.set_title(_pooled_title(title, pooled.get(lens, {})), fontsize=9)
-        axis.set_xlabel(f"{title} score: cos(lens embedding, e)")
-        axis.set_ylabel(f"importance: 1 - cos(e {ablation}-ablated, e)")
-    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=min(6, len(groups)),
+    blocks = group_rows(rows, ("ablation",))
+    fig, axes = plt.subplots(max(1, len(blocks)), len(SCORES), figsize=(5.2 * len(SCORES), 0.8 + 4.6 * len(blocks)),
+                             squeeze=False, layout="constrained")
+    pooled = {(r["ablation"], r["lens"]): r for r in corr if r["image"] == POOLED}
+    for line, ((ablation,), block) in zip(axes, blocks.items()):
+        for axis, lens in zip(line, SCORES):
+            for (image,), group in group_rows(block, ("image",)).items():
+                axis.scatter([float(r[lens]) for r in group], [float(r["importance"]) for r in group], s=12,
+                             alpha=0.7, label=image)
+            title, formula = SCORE_TITLES[lens]
+            axis.set_title(_pooled_title(f"{ablation} ablation, {title}", pooled.get((ablation, lens), {})),
+                           fontsize=9)
+            axis.set_xlabel(f"{title}: {formula}")
+            axis.set_ylabel(f"importance: 1 - cos(e {ablation}-ablated, e)")
+    images = group_rows(rows, ("image",))
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside lower center", ncols=min(6, len(images)),
                fontsize=8)
     first = rows[0] if rows else {}
-    heads = len(rows) // max(1, len(groups))
-    fig.suptitle(f"head importance: {ablation} ablation, DSL {first.get('mode', '')} alpha "
-                 f"{float(first.get('alpha') or math.nan):g}; {len(groups)} images x {heads} heads", fontsize=10)
+    heads = len(rows) // max(1, len(images) * len(blocks))
+    fig.suptitle(f"head importance: DSL {first.get('mode', '')} alpha {float(first.get('alpha') or math.nan):g}; "
+                 f"{len(images)} images x {heads} heads; points: (image, head) pairs", fontsize=10)
     return fig
 
 
 # how each order is drawn: DSL on top, solid with dots; greedy dashed under it (it often takes the same heads)
 ORDER_STYLES = {
     "dsl": {"color": "tab:blue", "linestyle": "-", "marker": "o", "markersize": 3.5, "linewidth": 1.6, "zorder": 4},
+    "direct": {"color": "tab:green", "linestyle": "-.", "marker": "^", "markersize": 3.5, "linewidth": 1.4,
+               "zorder": 3},
     "greedy": {"color": "tab:orange", "linestyle": "--", "marker": "s", "markersize": 5, "linewidth": 2.4,
                "markerfacecolor": "none", "zorder": 3},
     "random": {"color": "tab:gray", "linestyle": ":", "linewidth": 1.4, "zorder": 2},
@@ -472,8 +633,9 @@ def _draw_orders(axis, group: list[dict]) -> None:
 
 
 def plot_overlay_removal(rows: list[dict], settings: str = ""):
-    """Overlay similarity vs ablation step, one panel per composite: the DSL and greedy orders as lines
-    (DSL drawn over greedy), the random orders as their mean with a band of +-1 standard deviation; one
+    """Overlay similarity vs ablation step, one panel per composite titled with each order's area under the
+    curve (random: their mean): the DSL, naive-lens and greedy orders as lines (DSL drawn over greedy), the
+    random orders as their mean with a band of +-1 standard deviation; one
     legend for all panels, outside them; `settings` in the title. Returns the figure."""
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -485,7 +647,10 @@ def plot_overlay_removal(rows: list[dict], settings: str = ""):
                              layout="constrained")
     for axis, ((image,), group) in zip(axes.flat, groups.items()):
         _draw_orders(axis, group)
-        axis.set_title(image, fontsize=9)
+        auc = {order: np.mean([float(r["auc"]) for r in lines if int(r["step"]) == 0])  # random: their mean
+               for (order,), lines in group_rows(group, ("order",)).items()}
+        axis.set_title(image + "\n" + textwrap.fill("area under the curve: " + ", ".join(
+            f"{o} {v:.2f}" for o, v in auc.items()), 60), fontsize=8)
         axis.set_xlabel("heads ablated")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel("cos(e ablated composite, e foreground)")
@@ -502,26 +667,58 @@ def overlay_settings(rows: list[dict], config: dict) -> str:
     study, lens = config.get("study", {}), config.get("lens", {})
     random_orders = len({r["seed"] for r in rows if r["order"] == "random"})
     return (f"{rows[0]['ablation'] if rows else ''} ablation; heads ranked by DSL ({lens.get('mode')}, alpha "
-            f"{float(lens.get('alpha', math.nan)):g}); greedy among the {study.get('greedy_pool') or 'all'} best by DSL; "
-            f"{random_orders} random orders")
+            f"{float(lens.get('alpha', math.nan)):g}) and by the naive lens; greedy among the "
+            f"{study.get('greedy_pool') or 'all'} best by DSL; {random_orders} random orders; overlay at "
+            f"{study.get('overlay_position', 'center')}, scale {study.get('overlay_scale')}")
+
+
+def _order_name(order: str, seed) -> str:
+    return f"{order} (seed {seed})" if seed not in (None, "") else order
+
+
+def draw_fade_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
+    """Per composite, the decoded ablated composites that `decode_kept` saved: a row per order (dsl, direct,
+    greedy, the first random one), a column per step, each captioned with its overlay similarity:
+    `grids/<composite>_overlay_fade.png`. Nothing where no picture was decoded."""
+    written = []
+    for (image,), group in group_rows(rows, ("image",)).items():
+        first_seed = min((int(r["seed"]) for r in group if r["order"] == "random"), default=None)
+        runs = {(r["order"], int(r["step"])): r for r in group if r["order"] != "random" or int(r["seed"]) == first_seed}
+        found = {key: step_picture(run_dir, image, *key) for key in runs}
+        found = {key: path for key, path in found.items() if path.is_file()}
+        if not found:
+            continue
+        steps = sorted({step for _, step in found})
+        orders = [o for o in dict.fromkeys(order for order, _ in runs) if all((o, k) in found for k in steps)]
+        tiles = [(open_picture(found[o, k], run_dir),
+                  f"{_order_name(o, runs[o, k]['seed'])}, step {k}\noverlay sim {float(runs[o, k]['overlay_sim']):.3f}")
+                 for o in orders for k in steps]
+        path = run_dir / "grids" / f"{image}_overlay_fade.png"
+        title = f"{image}: the ablated composite decoded, a row per order, after {', '.join(map(str, steps))} heads"
+        note = "overlay sim = cos(e of the ablated composite, e of the pasted image); lower: the pasted object is gone"
+        save_png(path, grid_image(tiles, title, columns=len(steps), note=note))
+        written.append(path)
+    return written
 
 
 def redraw_study(run_dir: Path) -> list[Path]:
-    """Draw a study's plot again from its CSVs and manifest alone (`dsl plot`): [the plot's path]."""
+    """Draw a study's figures again from its CSVs, pictures and manifest alone (`dsl plot`): [the plot's
+    path, then any grids]."""
     config = (read_manifest(run_dir) or {}).get("config", {})
+    grids: list[Path] = []
     try:
         if (run_dir / "study_head_importance.csv").is_file():
             rows = read_csv(run_dir / "study_head_importance.csv", IMPORTANCE_COLUMNS)
             corr = read_csv(run_dir / "correlations.csv", CORRELATION_COLUMNS)
-            figure = plot_head_importance(rows, corr, rows[0]["ablation"] if rows else "zero")
-            name = "head_importance"
+            figure, name = plot_head_importance(rows, corr), "head_importance"
         elif (run_dir / "study_overlay_removal.csv").is_file():
             rows = read_csv(run_dir / "study_overlay_removal.csv", OVERLAY_COLUMNS)
             figure, name = plot_overlay_removal(rows, overlay_settings(rows, config)), "overlay_removal"
+            grids = draw_fade_grids(run_dir, rows)
         else:
             raise UserError(f"{run_dir}: no study CSV here (study_head_importance.csv or study_overlay_removal.csv)")
     except (KeyError, ValueError) as err:  # a number that does not parse: the CSV was edited
         raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
     path = run_dir / "plots" / f"{name}.png"
     save_figure(figure, path)
-    return [path]
+    return [path, *grids]

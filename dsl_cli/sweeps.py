@@ -35,8 +35,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import UserError, report
-from dsl_cli.outputs import (COLUMNS, CsvLog, claimed, draw_heatmaps, group_rows, is_sweep_folder, read_csv,
-                             read_manifest, write_json)
+from dsl_cli.outputs import (COLUMNS, CsvLog, claimed, draw_heatmaps, draw_lens_comparison, group_rows,
+                             is_sweep_folder, read_csv, read_manifest, write_json)
 from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
@@ -240,18 +240,19 @@ def _safe(text: str) -> str:
 
 def draw_sweep(sweep_dir: Path) -> list[Path]:
     """Heatmaps of the merged CSV (one set per combination of the overrides that vary and do not just split
-    the work)."""
+    the work), and, where jobs decoded the same components through different lenses, grids of them side by
+    side (`draw_lens_comparison`)."""
     with open(sweep_dir / "similarity.csv", newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     keys = [c for c in (rows[0] if rows else {}) if c.startswith(OVERRIDE) and c[len(OVERRIDE):] not in SAME_HEATMAP_KEYS]
     varying = [k for k in keys if len({row[k] for row in rows}) > 1]
-    for stale in sweep_dir.glob("heatmaps/*.png"):  # drawn by an earlier merge, perhaps under other names
+    for stale in [*sweep_dir.glob("heatmaps/*.png"), *sweep_dir.glob("grids/*.png")]:  # an earlier merge's
         stale.unlink()
     figures = []
     for values, group in group_rows(rows, tuple(varying)).items():
         tag = "_".join(f"{_safe(k[len(OVERRIDE):])}={_safe(v)}" for k, v in zip(varying, values))
         figures += draw_heatmaps(sweep_dir, group, tag=tag)
-    return figures
+    return figures + draw_lens_comparison(sweep_dir, rows)
 
 
 def redraw_sweeps(folder: Path) -> dict[Path, int]:

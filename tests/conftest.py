@@ -1,13 +1,19 @@
-"""Shared fixtures for the encoder: tiny open_clip vision towers with random weights (no downloads)."""
+"""Shared fixtures: tiny open_clip vision towers with random weights (no downloads), the study stage's set-up."""
 
 from __future__ import annotations
 
 import subprocess
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from dsl_cli.encoder import HookedEncoder, build_tiny_visual
+from dsl_cli.components import parse_component
+from dsl_cli.config import EncoderConfig
+from dsl_cli.encoder import HookedEncoder, build_tiny_visual, load_encoder
+from dsl_cli.images import InputImage
+from helpers import TINY_HEADS
 
 
 @pytest.fixture
@@ -52,3 +58,15 @@ def pytest_collection_modifyitems(config, items) -> None:
         for item in items:
             if reason and item.get_closest_marker(mark):
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="module")
+def tiny_run():
+    """The tiny encoder and its preprocessing, three random pictures of different sizes, and 8 heads and an
+    MLP of the tiny ViT (for the study stage)."""
+    encoder, preprocess = load_encoder(EncoderConfig(source="tiny", name="tiny", pretrained=None))
+    g = np.random.default_rng(0)
+    images = [InputImage(f"img{i}", Image.fromarray(g.integers(0, 256, (70 + 10 * i, 90, 3), dtype=np.uint8)), "")
+              for i in range(3)]
+    components = [parse_component(c) for c in TINY_HEADS[4:12]] + [parse_component("L1MLP")]
+    return encoder, preprocess, images, components

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
-from open_clip.transformer import QuickGELU, VisionTransformer
+from omegaconf import OmegaConf
+from open_clip.transformer import LayerScale, QuickGELU, VisionTransformer
 
 from dsl_cli import cli
+from dsl_cli.components import parse_component
+from dsl_cli.encoder import MeanWrites
 
 
 def dsl_in_process(args: list[str], folder: Path, monkeypatch, capsys) -> tuple[int, str]:
@@ -53,3 +57,50 @@ def fake_cache(hub: Path, repo: str, files: list[str]) -> None:
         path = folder / "snapshots" / ("0" * 40) / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
+
+
+# ---- interventional studies (test_studies.py, test_paper.py)
+
+TINY_HEADS = [f"L{l}H{h}" for l in range(4) for h in range(4)]
+
+
+def ablated_copy(visual: VisionTransformer, components: list[str],
+                 means: MeanWrites | None = None) -> VisionTransformer:
+    """A deep copy whose weights ablate `components`: a head's W_O columns and an MLP's c_proj zeroed;
+    with `means`, the mean write (LayerScale divided out) added to the output bias instead."""
+    copied = copy.deepcopy(visual)
+    with torch.no_grad():
+        for comp in map(parse_component, components):
+            block = copied.transformer.resblocks[comp.layer]
+            if comp.kind == "head":
+                d = block.attn.head_dim
+                block.attn.out_proj.weight[:, comp.head * d:(comp.head + 1) * d] = 0
+                if means is not None:
+                    block.attn.out_proj.bias += means.heads[comp.layer, comp.head] / _gamma(block.ls_1)
+            else:
+                block.mlp.c_proj.weight.zero_()
+                block.mlp.c_proj.bias.zero_()
+                if means is not None:
+                    block.mlp.c_proj.bias += means.mlps[comp.layer] / _gamma(block.ls_2)
+    return copied
+
+
+def _gamma(module) -> torch.Tensor | float:
+    return module.gamma if isinstance(module, LayerScale) else 1.0
+
+
+def forward(visual: VisionTransformer, pixels: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return visual(pixels)
+
+
+def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
+
+
+def study_cfg(study_name: str, **study) -> OmegaConf:
+    """The config keys the study stage reads, small settings, `study` overriding them."""
+    fields = dict(name=study_name, ablation="zero", steps=3, greedy_pool=4, random_orders=2, overlay_scale=0.45,
+                  overlay_position="center", decode_steps=[0, 2], bootstrap=200)
+    return OmegaConf.create({"study": {**fields, **study}, "lens": {"mode": "norm", "alpha": 2.0}, "seed": 0,
+                             "encoder": {"batch_size": 8}})

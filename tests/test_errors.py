@@ -150,7 +150,7 @@ COMPOSE_CASES = {
     "unknown_scheduler": (["decode.scheduler=euler"], "expected one of [ddpm, ddim, dpm]"),
     "unknown_templates": (["lens.templates=bogus"], "expected one of [openai, simple]"),
     "unknown_device": (["device=gpu"], "device=gpu: Invalid value 'gpu', expected one of [auto, cuda, cpu]"),
-    "unknown_ablation": (["study=head_importance", "study.ablation=half"], "expected one of [zero, mean]"),
+    "unknown_ablation": (["study=head_importance", "study.ablation=half"], "expected one of [zero, mean, both]"),
     "unknown_lens": (["lens=bogus"], "Could not find 'lens/bogus'"),
     "misspelt_key": (["lens.alpah=3"], "lens.alpah: no such setting"),
     "wrong_type": (["seed=abc"], "seed=abc: Value 'abc' of type 'str' could not be converted to Integer"),

@@ -17,7 +17,7 @@ from scipy import stats
 
 from dsl_cli import outputs
 from dsl_cli.outputs import grid_image, grid_plan, heatmap_figure, settings_text
-from dsl_cli.studies import correlations, plot_head_importance, plot_overlay_removal
+from dsl_cli.studies import POOLED, SCORES, correlations, plot_head_importance, plot_overlay_removal
 
 TILE = 96
 RED = (255, 0, 0)
@@ -244,19 +244,27 @@ def importance_rows() -> list[dict]:
     rng = np.random.default_rng(1)
     return [{"image": image, "component": f"L03H{h:02d}", "layer": 3, "head": h, "ablation": "zero",
              "mode": "norm", "alpha": 2.0, "importance": float(rng.uniform(0, 0.01)), "dsl": float(rng.uniform()),
-             "direct": float(rng.uniform())} for image in ("astronaut", "chelsea", "coffee") for h in range(5)]
+             "direct": float(rng.uniform()), "direct_importance": float(rng.uniform(0, 0.01))}
+            for image in ("astronaut", "chelsea", "coffee") for h in range(5)]
 
 
-def test_head_importance_titles_say_pooled_and_n() -> None:
-    """The correlations in the titles are the pooled ones, with n, as scipy computes them on all pairs."""
+def test_head_importance_titles_say_pooled_n_and_the_interval() -> None:
+    """The correlations in the titles are the pooled ones, with n, as scipy computes them on all pairs, and
+    their bootstrap 95 % intervals; a row of panels per ablation, a panel per score."""
     rows = importance_rows()
-    fig = plot_head_importance(rows, correlations(rows), "zero")
+    rows += [{**r, "ablation": "mean"} for r in rows]
+    corr = correlations(rows)
+    fig = plot_head_importance(rows, corr)
     titles = [ax.get_title() for ax in fig.axes]
-    for title, lens in zip(titles, ("dsl", "direct")):
-        x, y = [r[lens] for r in rows], [r["importance"] for r in rows]
-        assert f"pooled over n = {len(rows)} (image, head) pairs" in title
-        assert f"Spearman {stats.spearmanr(x, y)[0]:.3f}" in title and f"Pearson {stats.pearsonr(x, y)[0]:.3f}" in title
-    assert "zero ablation" in fig.get_suptitle() and "alpha 2" in fig.get_suptitle()
+    assert len(titles) == 2 * 3
+    pooled = {(r["ablation"], r["lens"]): r for r in corr if r["image"] == POOLED}
+    for title, (ablation, lens) in zip(titles, [(a, s) for a in ("zero", "mean") for s in SCORES]):
+        x, y = [r[lens] for r in rows[:15]], [r["importance"] for r in rows[:15]]
+        assert title.startswith(f"{ablation} ablation") and "pooled over n = 15 (image, head) pairs" in title
+        assert f"Spearman {stats.spearmanr(x, y)[0]:.3f} [" in title and f"Pearson {stats.pearsonr(x, y)[0]:.3f} [" in title
+        p = pooled[ablation, lens]
+        assert f"[{p['spearman_low']:.3f}, {p['spearman_high']:.3f}]" in title and "95 % CI" in title
+    assert "alpha 2" in fig.get_suptitle()
     assert_legible(fig)
 
 
@@ -269,7 +277,7 @@ def overlay_rows() -> list[dict]:
                                                            for s in range(3)]
         for order, seed, curve in runs:
             rows += [{"image": image, "ablation": "zero", "order": order, "seed": seed, "step": step,
-                      "overlay_sim": value} for step, value in enumerate(curve)]
+                      "overlay_sim": value, "auc": 2.8} for step, value in enumerate(curve)]
     return rows
 
 

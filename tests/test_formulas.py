@@ -174,8 +174,9 @@ def test_spearman_is_one_on_monotone_non_linear_data() -> None:
     """importance = exp(6 dsl): a monotone, far from linear relation. Spearman must be 1 and Pearson well
     below it. Catches Spearman computed as Pearson (and the two columns swapped)."""
     x = np.linspace(0.0, 1.0, 12)
-    rows = [{"image": "a", "importance": float(np.exp(6 * v)), "dsl": float(v), "direct": float(-v)} for v in x]
-    corr = {(r["image"], r["lens"]): r for r in correlations(rows)}
+    rows = [{"ablation": "zero", "image": "a", "importance": float(np.exp(6 * v)), "dsl": float(v), "direct": float(-v)}
+            for v in x]
+    corr = {(r["image"], r["lens"]): r for r in correlations(rows, scores=("dsl", "direct"))}
     assert corr["a", "dsl"]["spearman"] == pytest.approx(1.0) and corr["a", "direct"]["spearman"] == pytest.approx(-1.0)
     pearson = pearson_here(x, np.exp(6 * x))
     assert pearson < 0.9
@@ -186,9 +187,9 @@ def test_spearman_is_one_on_monotone_non_linear_data() -> None:
 def test_correlations_on_random_data_match_the_definitions_and_scipy() -> None:
     """Per image and pooled: Spearman = Pearson of the ranks, Pearson by its formula, p-values as scipy's."""
     g = np.random.default_rng(7)
-    rows = [{"image": f"i{i}", "importance": float(g.normal()), "dsl": float(g.normal()), "direct": float(g.normal())}
-            for i in range(3) for _ in range(9)]
-    corr = correlations(rows)
+    rows = [{"ablation": "zero", "image": f"i{i}", "importance": float(g.normal()), "dsl": float(g.normal()),
+             "direct": float(g.normal())} for i in range(3) for _ in range(9)]
+    corr = correlations(rows, scores=("dsl", "direct"))
     assert len(corr) == (3 + 1) * 2
     for r in corr:
         group = [row for row in rows if r["image"] in (row["image"], POOLED)]

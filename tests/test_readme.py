@@ -54,6 +54,7 @@ NOT_RUN = {  # commands no test runs here, and why
     "export": "it sets the launcher=slurm settings of the lines after it",
     "scripts/fetch_wheels.sh": "it downloads from the package registry, and tests never download",
     "scripts/device_check.sh": "tests/test_device_check.py runs its --dry-run; without it, it needs a GPU",
+    "scripts/reproduce_paper.sh": "tests/test_paper.py runs it on tiny models; as typed it needs the weights",
 }
 NEEDS_A_CLUSTER_SWEEP = {  # commands that continue a SLURM sweep of 48 real-size jobs, and the tests that do so
     "resume=outputs/bigg_layers": "tests/test_sweeps.py resumes a sweep, tests/test_slurm.py a requeued job",

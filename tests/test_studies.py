@@ -8,64 +8,25 @@ puts the mean write back in. No hooks are involved on that side.
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from open_clip.transformer import LayerScale, VisionTransformer
+from open_clip.transformer import VisionTransformer
 from PIL import Image
 
 from dsl_cli.components import parse_component
-from dsl_cli.config import EncoderConfig
-from dsl_cli.encoder import HookedEncoder, MeanWrites, load_encoder
+from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
-from dsl_cli.images import InputImage, overlay
+from dsl_cli.images import overlay
 from dsl_cli.outputs import read_csv
-from dsl_cli.studies import (CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, correlations,
+from dsl_cli.studies import (CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, SCORES, correlations,
                              head_importance, overlay_removal, run_study)
-from helpers import mid_visual, perturb_
+from helpers import TINY_HEADS, ablated_copy, cos, forward, mid_visual, perturb_, study_cfg
 
 TOL = dict(atol=1e-5, rtol=1e-5)
-TINY_HEADS = [f"L{l}H{h}" for l in range(4) for h in range(4)]
-
-
-def ablated_copy(visual: VisionTransformer, components: list[str],
-                 means: MeanWrites | None = None) -> VisionTransformer:
-    """A deep copy whose weights ablate `components`: a head's W_O columns and an MLP's c_proj zeroed;
-    with `means`, the mean write (LayerScale divided out) added to the output bias instead."""
-    copied = copy.deepcopy(visual)
-    with torch.no_grad():
-        for comp in map(parse_component, components):
-            block = copied.transformer.resblocks[comp.layer]
-            if comp.kind == "head":
-                d = block.attn.head_dim
-                block.attn.out_proj.weight[:, comp.head * d:(comp.head + 1) * d] = 0
-                if means is not None:
-                    block.attn.out_proj.bias += means.heads[comp.layer, comp.head] / _gamma(block.ls_1)
-            else:
-                block.mlp.c_proj.weight.zero_()
-                block.mlp.c_proj.bias.zero_()
-                if means is not None:
-                    block.mlp.c_proj.bias += means.mlps[comp.layer] / _gamma(block.ls_2)
-    return copied
-
-
-def _gamma(module) -> torch.Tensor | float:
-    return module.gamma if isinstance(module, LayerScale) else 1.0
-
-
-def forward(visual: VisionTransformer, pixels: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return visual(pixels)
-
-
-def cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1)
-
-
 @pytest.fixture(params=["tiny", "mid"])
 def visual(request, tiny_visual) -> VisionTransformer:
     """The tiny tower with random biases/LayerNorms, and a LayerScale + QuickGELU tower."""
@@ -155,16 +116,17 @@ def test_head_importance_rows_and_reference(tiny_visual, tiny_pixels):
 
 def test_correlations():
     g = np.random.default_rng(0)
-    rows = [{"image": f"i{i}", "importance": x, "dsl": x, "direct": y}
+    rows = [{"ablation": "zero", "image": f"i{i}", "importance": x, "dsl": x, "direct": y}
             for i in range(2) for x, y in zip(g.normal(size=8), g.normal(size=8))]
-    corr = correlations(rows)
+    corr = correlations(rows, scores=("dsl", "direct"))
     assert [(r["image"], r["lens"]) for r in corr] == [(i, l) for i in ("i0", "i1", POOLED) for l in ("dsl", "direct")]
     for r in corr:
         assert -1 <= r["spearman"] <= 1 and -1 <= r["pearson"] <= 1
         if r["lens"] == "dsl":  # a vector with itself
             assert r["spearman"] == pytest.approx(1) and r["pearson"] == pytest.approx(1)
     assert corr[-1]["n"] == 16
-    flat = correlations([{"image": "x", "importance": 1.0, "dsl": 0.5, "direct": 0.5}] * 3)
+    flat = correlations([{"ablation": "zero", "image": "x", "importance": 1.0, "dsl": 0.5, "direct": 0.5}] * 3,
+                        scores=("dsl", "direct"))
     assert all(math.isnan(r["spearman"]) for r in flat)  # constant: undefined, not an error
 
 
@@ -182,7 +144,7 @@ def test_overlay_removal_curves(tiny_visual, tiny_pixels):
         curves = {}
         for r in mine:
             curves.setdefault((r["order"], r["seed"]), []).append(r)
-        assert set(curves) == {("dsl", None), ("greedy", None), ("random", 3), ("random", 4)}
+        assert set(curves) == {("dsl", None), ("direct", None), ("greedy", None), ("random", 3), ("random", 4)}
         assert all([r["step"] for r in c] == list(range(steps + 1)) for c in curves.values())
         base = cos(forward(tiny_visual, composite[b:b + 1]), e_fg[b:b + 1]).item()
         assert all(c[0]["overlay_sim"] == pytest.approx(base, abs=1e-5) for c in curves.values())
@@ -226,41 +188,25 @@ def test_overlay_composes_centre_squares():
 
 # ---- run_study ---------------------------------------------------------------------------------------
 
-def study_cfg(study_name: str, **study) -> OmegaConf:
-    fields = dict(name=study_name, ablation="zero", steps=3, greedy_pool=4, random_orders=2, overlay_scale=0.45)
-    return OmegaConf.create({"study": {**fields, **study}, "lens": {"mode": "norm", "alpha": 2.0}, "seed": 0,
-                             "encoder": {"batch_size": 8}})
-
-
-@pytest.fixture(scope="module")
-def tiny_run():
-    encoder, preprocess = load_encoder(EncoderConfig(source="tiny", name="tiny", pretrained=None))
-    g = np.random.default_rng(0)
-    images = [InputImage(f"img{i}", Image.fromarray(g.integers(0, 256, (70 + 10 * i, 90, 3), dtype=np.uint8)), "")
-              for i in range(3)]
-    components = [parse_component(c) for c in TINY_HEADS[4:12]] + [parse_component("L1MLP")]
-    return encoder, preprocess, images, components
-
-
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_run_study_head_importance_writes_files(tmp_path, tiny_run, ablation):
     summary = run_study(study_cfg("head_importance", ablation=ablation), tmp_path, *tiny_run)
     rows = read_csv(tmp_path / "study_head_importance.csv", IMPORTANCE_COLUMNS)
     assert len(rows) == 3 * 8 and {r["ablation"] for r in rows} == {ablation}  # heads only: the MLP is left out
-    assert len(read_csv(tmp_path / "correlations.csv", CORRELATION_COLUMNS)) == (3 + 1) * 2
+    assert len(read_csv(tmp_path / "correlations.csv", CORRELATION_COLUMNS)) == (3 + 1) * 3
     assert (tmp_path / "plots" / "head_importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert summary["rows"] == 24 and set(summary["pooled"]) == {"dsl", "direct"}
+    assert summary["rows"] == 24 and set(summary["pooled"]) == {f"{ablation} {s}" for s in SCORES}
 
 
 def test_run_study_overlay_removal_writes_files(tmp_path, tiny_run):
     summary = run_study(study_cfg("overlay_removal"), tmp_path, *tiny_run)
     rows = read_csv(tmp_path / "study_overlay_removal.csv", OVERLAY_COLUMNS)
-    assert len(rows) == 3 * (2 + 2) * (3 + 1)  # composites x (dsl, greedy, 2 random) x (steps + 1)
+    assert len(rows) == 3 * (3 + 2) * (3 + 1)  # composites x (dsl, direct, greedy, 2 random) x (steps + 1)
     assert {(r["background"], r["foreground"]) for r in rows} == {("img0", "img1"), ("img1", "img2"), ("img2", "img0")}
     assert (tmp_path / "plots" / "overlay_removal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (tmp_path / "images" / "overlays").iterdir()) == [
         "img0_on_img2.png", "img1_on_img0.png", "img2_on_img1.png"]
-    assert set(summary["mean_overlay_sim"]) == {"dsl", "greedy", "random"}
+    assert set(summary["mean_auc"]) == {"dsl", "direct", "greedy", "random"}
 
 
 def test_run_study_refuses_bad_set_ups(tmp_path, tiny_run):
@@ -276,10 +222,14 @@ def test_run_study_refuses_bad_set_ups(tmp_path, tiny_run):
 def test_study_settings_are_checked_at_their_edges():
     from dsl_cli.studies import validate_study
 
-    ok = dict(name="overlay_removal", ablation="mean", steps=1, greedy_pool=1, random_orders=0, overlay_scale=1.0)
+    ok = dict(name="overlay_removal", ablation="mean", steps=1, greedy_pool=1, random_orders=0, overlay_scale=1.0,
+              overlay_position="top-left", decode_steps=[0], bootstrap=1)
     validate_study(OmegaConf.create(ok))
     validate_study(OmegaConf.create({**ok, "greedy_pool": None}))
     for bad, message in [
+        (dict(ablation="both"), "study.ablation=both: overlay removal takes one ablation (zero or mean)"),
+        (dict(bootstrap=0), "study.bootstrap=0: must be at least 1 (resamples)"),
+        (dict(decode_steps=[0, -1]), "study.decode_steps=[0, -1]: steps are 0 or more"),
         (dict(steps=0), "study.steps=0: must be at least 1"),
         (dict(greedy_pool=0), "study.greedy_pool=0: must be at least 1 (or null for all heads)"),
         (dict(random_orders=-1), "study.random_orders=-1: must be 0 or more"),
@@ -293,8 +243,8 @@ def test_study_settings_are_checked_at_their_edges():
 
 def test_correlations_are_undefined_only_where_they_must_be():
     def corr(values):
-        rows = [{"image": "a", "importance": y, "dsl": x, "direct": x} for x, y in values]
-        return correlations(rows)[0]
+        rows = [{"ablation": "zero", "image": "a", "importance": y, "dsl": x, "direct": x} for x, y in values]
+        return correlations(rows, scores=("dsl", "direct"))[0]
 
     one = corr([(0.1, 0.2)])
     assert one["n"] == 1 and all(math.isnan(one[k]) for k in ("spearman", "spearman_p", "pearson", "pearson_p"))
@@ -302,7 +252,7 @@ def test_correlations_are_undefined_only_where_they_must_be():
     assert two["n"] == 2 and two["spearman"] == pytest.approx(-1) and two["pearson"] == pytest.approx(-1)
     flat_y = corr([(0.1, 0.5), (0.3, 0.5), (0.2, 0.5)])
     assert math.isnan(flat_y["spearman"]) and math.isnan(flat_y["pearson"])
-    rows = [{"image": "a", "y": float(i), "s": float(i * i)} for i in range(4)]
+    rows = [{"ablation": "zero", "image": "a", "y": float(i), "s": float(i * i)} for i in range(4)]
     assert [(r["lens"], r["spearman"]) for r in correlations(rows, target="y", scores=("s",))] == [("s", 1.0), ("s", 1.0)]
 
 
@@ -330,16 +280,16 @@ def test_study_summaries_agree_with_the_files(tmp_path, tiny_run):
     summary = run_study(study_cfg("head_importance"), tmp_path / "hi", *tiny_run)
     corr = read_csv(tmp_path / "hi" / "correlations.csv", CORRELATION_COLUMNS)
     pooled = {r["lens"]: r for r in corr if r["image"] == POOLED}
-    for lens in ("dsl", "direct"):
-        assert summary["pooled"][lens]["spearman"] == pytest.approx(float(pooled[lens]["spearman"]), abs=1e-6)
-        assert summary["pooled"][lens]["pearson"] == pytest.approx(float(pooled[lens]["pearson"]), abs=1e-6)
-    assert (summary["study"], summary["ablation"]) == ("head_importance", "zero")
+    for lens in SCORES:
+        for key in ("n", "spearman", "spearman_low", "spearman_high", "pearson", "pearson_low", "pearson_high"):
+            assert summary["pooled"][f"zero {lens}"][key] == pytest.approx(float(pooled[lens][key]), abs=1e-6)
+    assert (summary["study"], summary["ablation"]) == ("head_importance", ["zero"])
     assert summary["files"] == ["study_head_importance.csv", "correlations.csv", "plots/head_importance.png"]
 
     summary = run_study(study_cfg("overlay_removal"), tmp_path / "or", *tiny_run)
     rows = read_csv(tmp_path / "or" / "study_overlay_removal.csv", OVERLAY_COLUMNS)
-    for order in ("dsl", "greedy", "random"):
-        sims = [float(r["overlay_sim"]) for r in rows if r["order"] == order]
-        assert summary["mean_overlay_sim"][order] == pytest.approx(np.mean(sims), abs=1e-6)
+    for order in ("dsl", "direct", "greedy", "random"):
+        areas = [float(r["auc"]) for r in rows if r["order"] == order and r["step"] == "0"]
+        assert summary["mean_auc"][order] == pytest.approx(np.mean(areas), abs=1e-6)
     assert (summary["rows"], summary["composites"]) == (len(rows), 3)
     assert summary["files"] == ["study_overlay_removal.csv", "plots/overlay_removal.png"]
