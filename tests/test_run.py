@@ -107,7 +107,8 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
     assert {"images", "encoder", "lens", "decode", "write"} <= set(manifest["seconds"])
     assert manifest["rows"] == len(rows) and manifest["decoded"] == sum(1 for r in rows if r["file"])
     # the logit lens's text tower, the attribution target's and every lens's labels run before the encoder
-    before = {"logit": ["classifier"], "attribution": ["target"]}.get(lens, []) + ["text"]
+    before = {"logit": ["classifier"], "attribution": ["target"]}.get(lens, [])
+    before += ["text"] if "lens.text=true" in LENS_RUNS[lens] else []
     assert manifest["stages_done"] == ["images", *before, "encoder", "lens", "decoder", "decode", "write"]
     assert manifest["scheduler"] == "DDPMScheduler"  # decode.scheduler=ddpm, as recorded by the run
     assert (folder / "dsl.log").is_file() and (folder / "index.html").is_file()
