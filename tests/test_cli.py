@@ -118,3 +118,14 @@ def test_every_config_composes(group: str, choice: str) -> None:
         for key, value in expected.items():
             if key != "defaults" and value != "???":
                 assert got[key] == value, (group, choice, key)
+
+
+def test_help_piped_into_a_reader_that_leaves_early_is_quiet(tmp_path: Path) -> None:
+    """`dsl run --help | head -1`: no BrokenPipeError traceback when the reader stops reading."""
+    import shlex
+
+    command = f"{shlex.quote(str(Path(sys.executable).with_name('dsl')))} run --help | head -1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("dsl run"), result
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
