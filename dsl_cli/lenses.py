@@ -354,10 +354,12 @@ class TextReader:
     texts: list[str]
 
 
-def prepare_text(lens_cfg, encoder_cfg, device) -> TextReader:
-    """The ImageNet classifier of the encoder's text tower (kept on disk, as the logit lens's) and the text
-    pool: its classes, or the phrases of `lens.text_pool` through the same tower."""
-    classifier, names = imagenet_classifier(encoder_cfg, lens_cfg.templates, device)
+def prepare_text(lens_cfg, encoder_cfg, device,
+                 classifier: Optional[tuple[torch.Tensor, list[str]]] = None) -> TextReader:
+    """The ImageNet classifier of the encoder's text tower (kept on disk, as the logit lens's; `classifier`
+    when the lens has built it already) and the text pool: its classes, or the phrases of `lens.text_pool`
+    through the same tower."""
+    classifier, names = classifier or imagenet_classifier(encoder_cfg, lens_cfg.templates, device)
     if lens_cfg.get("text_pool") is None:
         return TextReader(classifier, names, classifier.T, names)
     phrases = read_text_pool(lens_cfg.text_pool)

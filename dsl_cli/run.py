@@ -484,7 +484,8 @@ def _prepare(cfg, lens: Lens, device: torch.device, manifest: Manifest) -> TextR
     if not cfg.lens.text:
         return None
     with manifest.stage("text"):
-        return prepare_text(cfg.lens, cfg.encoder, device)
+        # the logit lens's classifier, when it has one: the same text tower and templates, built once
+        return prepare_text(cfg.lens, cfg.encoder, device, getattr(lens, "classifier", None))
 
 
 def _lens_stage(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_set: ImageSet,

@@ -178,6 +178,17 @@ def test_a_kept_classifier_builds_no_text_tower_and_a_built_one_is_released_firs
     assert (first / "labels.csv").read_text() == (second / "labels.csv").read_text()
 
 
+def test_the_logit_lens_with_labels_builds_its_classifier_once(tmp_path: Path, monkeypatch) -> None:
+    """lens=logit lens.text=true: the labels reuse the lens's classifier (the tiny one is never kept on disk,
+    so a second build would run the text tower again)."""
+    builds = []
+    real = lenses.text_classifier
+    monkeypatch.setattr(lenses, "text_classifier", lambda *a: builds.append(a) or real(*a))
+    folder = _tiny_run(tmp_path / "run", "lens.text=true")
+    assert len(builds) == 1
+    assert (folder / "labels.csv").is_file()
+
+
 def test_ablation_batches_are_sized_from_free_memory(tiny_encoder, monkeypatch) -> None:
     row = studies.ablation_row_bytes(tiny_encoder)
     tokens, width, heads, hidden = 17, 64, 4, 256  # the tiny ViT: (64 / 16)^2 patches + CLS
