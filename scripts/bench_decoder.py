@@ -46,6 +46,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet (compiles during warm-up)")
     p.add_argument("--json", default=None, help="also write the settings and every row to this JSON file, row by row")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the rows, profile this many denoising steps at the last dtype and largest batch: "
+                        "the kernels that take the time (printed, and in the JSON)")
     return p.parse_args()
 
 
@@ -121,6 +124,27 @@ def measure(dec: KandinskyDecoder, embeds: torch.Tensor, batch: int | str, pictu
                 peak_gib=peak_gib(device))
 
 
+def kernel_profile(dec: KandinskyDecoder, embeds: torch.Tensor, batch: int, shape: dict, top: int = 25) -> list[dict]:
+    """Where a decode's device time goes: the `top` kernels (or CPU ops, on the CPU) by self time over a
+    decode of `shape["steps"]` steps at `batch`, after one untimed step. -> [{name, calls, ms, share}]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = dec.device.type == "cuda"
+    negative, inputs = torch.zeros(1, embeds.shape[1]), embeds[torch.arange(batch) % len(embeds)]
+    run = lambda steps: dec.decode(inputs, negative, 0, batch_size=batch, **{**shape, "steps": steps}, progress=False)
+    run(1)
+    sync(dec.device)
+    with profile(activities=[ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]) as prof:
+        run(shape["steps"])
+        sync(dec.device)
+    attr = "self_device_time_total" if gpu else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    total = sum(getattr(e, attr) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [dict(name=e.key[:160], calls=e.count, ms=getattr(e, attr) / 1e3, share=getattr(e, attr) / total)
+            for e in events[:top]]
+
+
 def settings(args: argparse.Namespace, device: torch.device) -> dict:
     gpu = device.type == "cuda"
     return dict(
@@ -163,6 +187,13 @@ def main() -> None:
                        **measure(dec, embeds, batch, args.pictures, shape))
             record.add_row(row)
             print_row(record.data, row)
+        if args.profile and name == s["dtypes"][-1]:
+            batch = max(row["batch"] for row in record.data["rows"] if row["dtype"] == name)
+            kernels = kernel_profile(dec, embeds, batch, {**shape, "steps": args.profile})
+            record.update(profile=dict(dtype=name, batch=batch, steps=args.profile, kernels=kernels))
+            print(f"profile: {name}, batch {batch}, {args.profile} steps; kernels by device time:")
+            for k in kernels:
+                print(f"  {100 * k['share']:5.1f} %  {k['ms']:9.2f} ms  {k['calls']:6d} calls  {k['name']}")
         del dec
         sync(device)
 

@@ -158,9 +158,10 @@ def channels_last_was_faster(rows: list[dict]) -> bool:
 NO_BASELINE = ["--naive-pictures", "0", "--matmul-size", "0"]
 STEPS: list[tuple[str, float, Callable[[Check, str], list[str]]]] = [
     # name, estimated seconds on an H100, command
-    ("decoder_main", 75, decoder_step(["--dtypes", "bf16", "--batch-sizes", "1,4,8,16", "--naive-pictures", "2"],
+    ("decoder_main", 75, decoder_step(["--dtypes", "bf16", "--batch-sizes", "1,4,8,16", "--naive-pictures", "2",
+                                       "--profile", "5"],
                                       ["--dtypes", "bf16", "--batch-sizes", "1,2", "--naive-pictures", "1",
-                                       "--matmul-size", "256"])),
+                                       "--matmul-size", "256", "--profile", "1"])),
     ("encoder", 50, encoder_argv),
     ("gpu_tests", 60, gpu_tests_argv),
     ("decode_only", 90, decoder_step(["--dtypes", "bf16", "--batch-sizes", "auto", "--pictures", str(E2E_PICTURES),
@@ -193,7 +194,7 @@ def collect(check: Check, name: str, seconds: float) -> None:
         bench = read_json(check.work / f"{name}.json")
         decoder = data.setdefault("decoder", {"rows": []})
         for key in ("tflop_per_picture", "matmul_peak_tflops", "naive_pictures_per_s", "size", "steps", "guidance",
-                    "naive_pictures"):
+                    "naive_pictures", "profile"):
             if bench.get(key) is not None:
                 decoder[key] = bench[key]
         decoder["rows"] += [{**row, "step": name} for row in bench.get("rows", [])]

@@ -91,6 +91,7 @@ def markdown(data: dict) -> str:
              f"Python {env.get('python')}; {data.get('elapsed_s')} s of a {data.get('budget_s')} s budget.", ""]
     lines += goals_table(summary)
     lines += decoder_table(data)
+    lines += profile_table(data.get("decoder", {}).get("profile"))
     lines += encoder_table(data.get("encoder", {}))
     lines += run_table(data, summary)
     lines += tests_table(data.get("gpu_tests", {}))
@@ -129,6 +130,17 @@ def decoder_table(data: dict) -> list[str]:
                      f"{r['pictures']} | {fmt(r['pictures_per_s'])} | {fmt(r['pictures_per_s'] / naive if naive else None)} | "
                      f"{fmt(tflops)} | {fmt(100 * tflops / peak if peak and tflops else None)} | {fmt(r['peak_gib'])} | "
                      f"{fmt(r['warmup_s'])} |")
+    return lines + [""]
+
+
+def profile_table(profile: Optional[dict]) -> list[str]:
+    """The kernels that take the decoder's device time (bench_decoder.py --profile)."""
+    if not profile:
+        return []
+    lines = [f"## Where the decoder's time goes ({profile['dtype']}, batch {profile['batch']}, {profile['steps']} "
+             "steps, profiled)", "", "| share | ms | calls | kernel |", "|---|---|---|---|"]
+    lines += [f"| {100 * k['share']:.1f} % | {k['ms']:.2f} | {k['calls']} | `{k['name'].replace('|', '/')}` |"
+              for k in profile["kernels"]]
     return lines + [""]
 
 
