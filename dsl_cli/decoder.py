@@ -52,7 +52,7 @@ from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLI
                           CLIPVisionModelWithProjection, XLMRobertaTokenizer)
 
 from dsl_cli.config import DecoderConfig
-from dsl_cli.devices import Placed, free_memory
+from dsl_cli.devices import Placed, free_memory, seeded_on
 from dsl_cli.errors import UserError
 from dsl_cli.weights import decoder_weights
 
@@ -271,16 +271,6 @@ def make_scheduler(name: str, config: dict):
     prediction type and timestep spacing kept). Always rebuilt: a saved pipeline may ship any scheduler
     class, and the one named is the one that must run."""
     return SCHEDULERS[name].from_config(config)
-
-
-@contextmanager
-def seeded_on(device: str | torch.device) -> Iterator[None]:
-    """Build modules with random weights seeded like diffusers' tests, without disturbing the caller's random
-    state; on `device`, because a billion parameters take tens of seconds to initialise on a CPU."""
-    device = torch.device(device)
-    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda), device:
-        yield
 
 
 def _seeded(build: Any, *args, **kwargs) -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -10,6 +12,16 @@ from dsl_cli.errors import UserError
 
 log = logging.getLogger("dsl_cli")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextmanager
+def seeded_on(device: str | torch.device) -> Iterator[None]:
+    """Build modules with random weights, without disturbing the caller's random state; on `device`, because
+    a billion parameters take tens of seconds to initialise on a CPU (the caller seeds, inside)."""
+    device = torch.device(device)
+    cuda = [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), device:
+        yield
 
 
 def resolve_device(name: str) -> torch.device:

@@ -15,7 +15,6 @@ download): speed does not depend on the weights' values.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from diffusers import UNet2DConditionModel, VQModel

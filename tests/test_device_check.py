@@ -54,7 +54,7 @@ def test_dry_run_fills_every_field(dry_run) -> None:
     assert {r["step"] for r in decoder["rows"]} == {"decoder_main", "decode_only", "decoder_fp16", "channels_last",
                                                     *(["compile"] if HAS_CXX else [])}
     assert {(r["dtype"], r["channels_last"], r["compile"]) for r in decoder["rows"]} >= {
-        ("bf16", False, False), ("fp16", False, False), ("bf16", True, False), *compiled}
+        ("bf16", False, False), ("fp16", False, False), ("fp32", True, False), *compiled}
     assert {r["dtype"] for r in data["encoder"]["rows"]} == {"fp32", "bf16"}
     run = data["end_to_end"]
     assert run["status"] == "complete" and run["decoded"] == run["pictures"] == 8

@@ -1,9 +1,12 @@
 """On CUDA: the same numbers as on the CPU, in fp32 and to bf16 tolerance, and the GPU-only paths (real
 out-of-memory, no host synchronisation in the denoising loop); skipped without CUDA.
 
-Tolerances marked "set from the CPU" were measured there (test_speed_paths.py states the figures); each test
-records what it measured on the GPU (`record_property`, in the JUnit XML that `device_check.sh` reads), so
-that a first GPU run can replace them with measured ones.
+Each test records what it measured (`record_property`, in the JUnit XML that `device_check.sh` reads). The
+picture tolerances are set from the first GPU run (H100, torch 2.11, 2026-11-26, docs/benchmarks.md): on
+CUDA, batch size, memory format and out-of-memory halving change which cuDNN kernels run, fp32 convolutions
+use TF32 (PyTorch's default), and the tiny random decoder saturates, so a few pixels flip and the bound is on
+the mean difference. Pictures decoded from other seeds differ by about 0.37 on average (measured in
+`test_decoding_is_batch_invariant_on_cuda`), so these bounds still catch a picture given the wrong noise.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from dsl_cli.encoder import HookedEncoder, build_tiny_visual
 pytestmark = pytest.mark.gpu
 COMPONENTS = ["L1H00", "L2H03", "L3MLP", "L0MLP"]
 KW = dict(height=64, width=64, steps=2, guidance=4.0, progress=False)
+# mean |difference| of two decodings that should give the same pictures; measured on an H100: fp32 9.5e-4
+# (batch 1 against 5), 1.2e-3 (channels_last), 1.9e-3 (out-of-memory halving); bf16 0.015 (batch 1 against 5)
+SAME_PICTURES = {torch.float32: 0.01, torch.bfloat16: 0.05}
 
 
 def _inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,15 +74,12 @@ def test_decoding_is_batch_invariant_on_cuda(dtype: torch.dtype, record_property
     embeds, negative = _inputs(5)
     one = decoder.decode(embeds, negative, seeds=0, batch_size=1, **KW)
     many = decoder.decode(embeds, negative, seeds=0, batch_size=5, **KW)
-    diff = np.abs(one - many)
+    other_seed = decoder.decode(embeds, negative, seeds=100, batch_size=5, **KW)
+    diff, apart = np.abs(one - many), np.abs(one - other_seed).mean()
     record_property("max_abs_diff", float(diff.max()))
     record_property("mean_abs_diff", float(diff.mean()))
-    # set from the CPU: fp32 max 1e-4; bf16 max 0.098, mean 0.0022 (the tiny random decoder saturates, so a
-    # few pixels flip); the mean is the meaningful bound in bf16
-    if dtype == torch.float32:
-        assert diff.max() < 1e-3
-    else:
-        assert diff.mean() < 0.01
+    record_property("mean_abs_diff_other_seed", float(apart))
+    assert diff.mean() < SAME_PICTURES[dtype] < apart / 5
 
 
 def test_same_seed_gives_the_same_pictures_on_cuda(record_property) -> None:
@@ -98,7 +101,7 @@ def test_channels_last_gives_the_same_pictures_on_cuda(record_property) -> None:
     diff = np.abs(got - plain)
     record_property("max_abs_diff", float(diff.max()))
     record_property("mean_abs_diff", float(diff.mean()))
-    assert diff.mean() < 1e-3  # set from the CPU (fp32: max 1.6e-4); cuDNN may pick other kernels per layout
+    assert diff.mean() < SAME_PICTURES[torch.float32]  # CPU: max 1.6e-4; cuDNN picks other kernels per layout
 
 
 def test_real_out_of_memory_halves_the_batch(caplog: pytest.LogCaptureFixture, record_property) -> None:
@@ -123,7 +126,7 @@ def test_real_out_of_memory_halves_the_batch(caplog: pytest.LogCaptureFixture, r
     assert any("out of memory" in r.getMessage() for r in caplog.records)
     diff = np.abs(got - expected)
     record_property("mean_abs_diff_vs_batch_1", float(diff.mean()))
-    assert diff.mean() < 1e-3  # the same pictures in the same order (batching changes only round-off)
+    assert diff.mean() < SAME_PICTURES[torch.float32]  # the same pictures in the same order
 
 
 @pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpm"])

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from dsl_cli.encoder.hooked import HookedEncoder
 from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
+from dsl_cli.devices import seeded_on
 from dsl_cli.errors import UserError
 from dsl_cli.weights import hub_download_command, prior_encoder_weights
 
@@ -56,7 +57,7 @@ def load_encoder(
     if cfg.source == "tiny":
         visual, preprocess = build_tiny_visual(), open_clip.image_transform(TINY_VISION_CFG["image_size"], False)
     elif cfg.source == "open_clip":
-        visual, preprocess = _load_open_clip_visual(cfg.name, cfg.pretrained, _expand(cfg.checkpoint))
+        visual, preprocess = _load_open_clip_visual(cfg.name, cfg.pretrained, _expand(cfg.checkpoint), device)
     elif cfg.source == "kandinsky_prior":
         visual, preprocess = _load_prior_visual(cfg.repo_id, cfg.subfolder, _expand(cfg.checkpoint))
     else:
@@ -177,10 +178,10 @@ def _expand(path: Optional[str]) -> Optional[str]:
     return os.path.expanduser(path) if path else path
 
 
-def seeded(build: Callable[[], T]) -> T:
-    """`build()` with torch's CPU generator seeded with RANDOM_SEED, the caller's random state untouched:
-    random weights that are the same on every run (for a given torch and open_clip)."""
-    with torch.random.fork_rng(devices=[]):
+def seeded(build: Callable[[], T], device: "str | torch.device" = "cpu") -> T:
+    """`build()` on `device` with torch's generators seeded with RANDOM_SEED, the caller's random state
+    untouched: random weights that are the same on every run (for a given device, torch and open_clip)."""
+    with seeded_on(device):
         torch.manual_seed(RANDOM_SEED)
         return build()
 
@@ -277,14 +278,15 @@ def _user_errors_reading(path: str, what: str) -> Iterator[None]:
 
 
 def _load_open_clip_visual(
-    name: str, pretrained: Optional[str], checkpoint: Optional[str]
+    name: str, pretrained: Optional[str], checkpoint: Optional[str], device: "str | torch.device" = "cpu"
 ) -> tuple[nn.Module, Preprocess]:
     model_cfg = _model_config(name)
     weights = checkpoint or pretrained
     if weights is None:
-        # random weights: building only the vision tower keeps bigG at ~7 GB fp32 instead of ~10 GB
+        # random weights: only the vision tower (bigG: ~7 GB fp32 instead of ~10 GB), drawn where it will run
+        # (bigG's 1.8 B parameters take about 10 s to draw on a CPU, a fraction of a second on a GPU)
         visual = seeded(lambda: build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
-                                                   model_cfg.get("quick_gelu", False)))
+                                                   model_cfg.get("quick_gelu", False)), device)
         pp = model_cfg.get("preprocess_cfg", {})
         return visual, open_clip.image_transform(visual.image_size, False, mean=pp.get("mean"), std=pp.get("std"))
     with _user_errors(name, weights):
