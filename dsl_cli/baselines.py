@@ -91,9 +91,9 @@ def seed_spread(run_dir: Path, rows: list[dict]) -> list[dict]:
     every seed of their component: the first seed's sim_decoded and its rows in seeds.csv."""
     extra = group_rows(read_csv(run_dir / "seeds.csv", EXTRA_COLUMNS), ("image", "component"))
     for row in rows:
-        values = [float(r["sim_decoded"]) for r in extra.get((row["image"], row["component"]), [])]
-        if row["sim_decoded"] and values:
-            values.append(float(row["sim_decoded"]))
+        values = [r["sim_decoded"] for r in extra.get((row["image"], row["component"]), [])]
+        if row["sim_decoded"] is not None and values:
+            values.append(row["sim_decoded"])
             mean = sum(values) / len(values)
             std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
             row.update(sim_decoded_mean=mean, sim_decoded_std=std)

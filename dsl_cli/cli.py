@@ -17,7 +17,6 @@ from typing import Callable
 
 from dsl_cli import __version__
 from dsl_cli.errors import UserError, bug_message, report
-from dsl_cli.outputs import is_sweep_folder
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
@@ -124,37 +123,17 @@ def _parses(override: str) -> bool:
     return True
 
 
-def _resume_overrides(args: list[str]) -> list[str]:
-    """`resume=FOLDER` runs the job inside that folder and keeps its saved Hydra config untouched;
-    `resume=SWEEP_DIR` relaunches the sweep's jobs into their folders."""
-    from dsl_cli.sweeps import resume_sweep_args
-
-    for arg in args:
-        if arg.startswith("resume="):
-            folder = Path(arg.split("=", 1)[1]).expanduser()
-            others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
-            if others:
-                raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
-            if is_sweep_folder(folder):
-                return resume_sweep_args(folder, args)
-            if not (folder / ".hydra" / "config.yaml").is_file():
-                raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it) nor a sweep "
-                                "folder (no multirun.yaml)")
-            return [f"hydra.run.dir={folder.resolve()}"]
-    return []
-
-
 def _run(args: list[str]) -> int:
     import hydra
 
     from dsl_cli import job
     from dsl_cli.config import check_overrides, register_configs
     from dsl_cli.outputs import release_all
-    from dsl_cli.sweeps import merged_sweeps
+    from dsl_cli.sweeps import merged_sweeps, resume_overrides
 
     register_configs()
     try:
-        extra = _resume_overrides(args)
+        extra = resume_overrides(args)
     except UserError as err:
         return _fail(err)
     flags, overrides = _split_flags([_path_override(arg) for arg in [*args, *extra]])

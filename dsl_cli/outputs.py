@@ -62,6 +62,16 @@ TOP_TILES = 16  # tiles in the per-image top grid
 SEED_GRID_ROWS = 8  # components in a seeds grid
 SEED_NOTE = ("decoded = sim_decoded of that seed's picture; uncond: the decoder's unconditional embedding; "
              "mean: the mean embedding of the run's images (what the decoder makes without the component)")
+# The number columns of the CSVs dsl writes, by name (a name means the same in every table); every other
+# column is text. `read_csv` gives them as int or float, None for an empty cell, so that no reader of a
+# CSV parses a number from a string, and rows read back have the types of the rows that were written.
+NUMBER_COLUMNS: dict[str, type] = {
+    **dict.fromkeys(("layer", "head", "seed", "steps", "rank", "grid", "n", "step"), int),
+    **dict.fromkeys(("alpha", "guidance", "sim_embed", "sim_decoded", "norm", "attribution", "sim_decoded_mean",
+                     "sim_decoded_std", "score", "cls_share", "importance", "dsl", "direct", "direct_importance",
+                     "dsl_score", "overlay_sim", "auc", "spearman", "spearman_low", "spearman_high", "spearman_p",
+                     "pearson", "pearson_low", "pearson_high", "pearson_p"), float),
+}
 LOOK_COLUMNS = 4  # heads per row of a `looks` figure (each: where it looks, its picture)
 CAPTION_LINES = 4  # a grid caption: component and rank, embed, decoded, top label
 NO_SCALE = "#e8e8e8"  # the grey of a heatmap block that holds a single value
@@ -416,7 +426,7 @@ def release_all() -> None:
 # ---------------------------------------------------------------- CSV
 
 
-def _format(value) -> str:
+def csv_text(value) -> str:
     """CSV text of a value; floats at 6 decimals so that float noise below that never changes a file."""
     if value is None:
         return ""
@@ -436,7 +446,7 @@ class CsvLog:
     def append(self, rows: Iterable[dict]) -> None:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, self.columns, lineterminator="\n")
-        writer.writerows({k: _format(row.get(k)) for k in self.columns} for row in rows)
+        writer.writerows({k: csv_text(row.get(k)) for k in self.columns} for row in rows)
         data = buffer.getvalue().encode("utf-8")
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -462,7 +472,7 @@ class CsvLog:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, self.columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: _format(row.get(k)) for k in self.columns} for row in rows)
+        writer.writerows({k: csv_text(row.get(k)) for k in self.columns} for row in rows)
         atomic_write_bytes(self.path, buffer.getvalue().encode())
 
 
@@ -486,8 +496,21 @@ def read_csv(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
     rows = [{**dict.fromkeys(columns, ""), **row} for row in reader  # an earlier version's: later columns empty
             if len(row) == len(header) and None not in row.values()]
     for number, row in enumerate(rows, start=2):
+        type_row(row, f"{path} row {number}:")
         _check_row(row, f"{path} row {number}:")
     return rows
+
+
+def type_row(row: dict, where: str) -> dict:
+    """The number columns of a row read from a CSV as int or float (None where empty), in place."""
+    for key, kind in NUMBER_COLUMNS.items():
+        if key in row:
+            text = row[key]
+            try:
+                row[key] = kind(text) if text != "" else None
+            except ValueError:
+                raise UserError(f"{where} {key} {printable(repr(text))} is not a number; the file was edited") from None
+    return row
 
 
 def _row_pictures(row: dict) -> list[str]:
@@ -495,8 +518,8 @@ def _row_pictures(row: dict) -> list[str]:
     baselines.csv) its seed's, its own or the shared baseline's."""
     folder = RunFolder(Path())
     paths = [folder.picture(row["image"], row["lens"], row["component"])]
-    if row.get("seed", "").isdigit():
-        paths += [folder.picture(image, row["lens"], row["component"], int(row["seed"]))
+    if isinstance(row.get("seed"), int):
+        paths += [folder.picture(image, row["lens"], row["component"], row["seed"])
                   for image in (row["image"], BASELINE_IMAGE)]
     return paths
 
@@ -593,16 +616,16 @@ def settings_text(row: dict) -> str:
     `steering lens (norm, alpha 2), seed 0, 100 steps, guidance 4`."""
     lens = f"{row['lens']} lens"
     details = [row["mode"]] if row.get("mode") else []
-    details += [f"alpha {float(row['alpha']):g}"] if row.get("alpha") else []  # a lens may have a mode alone
+    details += [f"alpha {row['alpha']:g}"] if row.get("alpha") is not None else []  # a lens may have a mode alone
     if details:
         lens += f" ({', '.join(details)})"
-    return f"{lens}, seed {row['seed']}, {row['steps']} steps, guidance {float(row['guidance']):g}"
+    return f"{lens}, seed {row['seed']}, {row['steps']} steps, guidance {row['guidance']:g}"
 
 
 def _caption(row: dict) -> str:
-    text = f"{row['component']}  #{row['rank']}\nembed {float(row['sim_embed']):.3f}"
-    if row.get("sim_decoded"):
-        text += f"\ndecoded {float(row['sim_decoded']):.3f}"
+    text = f"{row['component']}  #{row['rank']}\nembed {row['sim_embed']:.3f}"
+    if row.get("sim_decoded") is not None:
+        text += f"\ndecoded {row['sim_decoded']:.3f}"
     if row.get("labels"):  # the top zero-shot label, without its cosine
         text += "\n" + row["labels"].split("; ")[0].rsplit(" ", 1)[0]
     return text
@@ -622,7 +645,7 @@ def grid_plan(rows: list[dict]) -> list[tuple[str, list[dict], str]]:
     plan = [("layers", stream, "residual stream, layer by layer")] if len(stream) > 1 else []
     plan += [(f"L{int(layer):02d}", layer_rows, f"layer {layer}")
              for (layer,), layer_rows in group_rows(rows, ("layer",)).items()]
-    best = sorted(rows, key=lambda r: int(r["rank"]))[:TOP_TILES]
+    best = sorted(rows, key=lambda r: r["rank"])[:TOP_TILES]
     plan.append(("top", best, f"best {len(best)} by rank"))
     kept: list[tuple[str, list[dict], str]] = []
     for name, plan_rows, what in plan:
@@ -672,9 +695,9 @@ def seed_tiles(run_dir: Path, rows: list[dict], extra: dict[tuple, list[dict]]) 
     with the component, the seed and sim_decoded; `extra` holds the other seeds' rows by (image, component)."""
     tiles = []
     for row in rows:
-        seeds = [row] + sorted(extra.get((row["image"], row["component"]), []), key=lambda r: int(r["seed"]))
+        seeds = [row] + sorted(extra.get((row["image"], row["component"]), []), key=lambda r: r["seed"])
         tiles += [(open_picture(run_dir / r["file"], run_dir),
-                   f"{r['component']} seed {r['seed']}\ndecoded {float(r['sim_decoded']):.3f}") for r in seeds]
+                   f"{r['component']} seed {r['seed']}\ndecoded {r['sim_decoded']:.3f}") for r in seeds]
     return tiles
 
 
@@ -684,7 +707,7 @@ def draw_seed_grids(run_dir: Path, rows: list[dict], seed_rows: list[dict], base
     extra = group_rows(seed_rows, ("image", "component"))
     written = []
     for (image, lens), group in group_rows([r for r in rows if r["file"]], ("image", "lens")).items():
-        best = sorted(group, key=lambda r: int(r["rank"]))[:SEED_GRID_ROWS]
+        best = sorted(group, key=lambda r: r["rank"])[:SEED_GRID_ROWS]
         baselines = [r for r in baseline_rows if (r["image"], r["lens"]) == (image, lens)]
         firsts = [r for r in baselines if r["seed"] == group[0]["seed"]]
         tiles = seed_tiles(run_dir, best + firsts, {**extra, **group_rows(
@@ -707,17 +730,17 @@ def group_rows(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict
 
 def _column_name(row: dict) -> str:
     if row["kind"] == "head":
-        return f"H{int(row['head']):02d}"
+        return f"H{row['head']:02d}"
     return {"mlp": "MLP", "resid": "resid", "resid_mid": "mid"}.get(row["kind"], row["kind"])
 
 
 def heatmap_cells(rows: list[dict]) -> tuple[list[int], list[str], dict[tuple[int, int], dict]]:
     """Rows arranged as layers x columns (heads in order, MLP, mid, resid): (layers, column names,
     {(layer index, column index): row})."""
-    layers = sorted({int(r["layer"]) for r in rows})
+    layers = sorted({r["layer"] for r in rows})
     names = {_column_name(r) for r in rows}
     columns = sorted(n for n in names if n.startswith("H")) + [n for n in ("MLP", "mid", "resid") if n in names]
-    cells = {(layers.index(int(r["layer"])), columns.index(_column_name(r))): r for r in rows}
+    cells = {(layers.index(r["layer"]), columns.index(_column_name(r))): r for r in rows}
     return layers, columns, cells
 
 
@@ -726,8 +749,8 @@ def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], 
     layers, columns, cells = heatmap_cells(rows)
     matrix = np.full((len(layers), len(columns)), np.nan)
     for (i, j), row in cells.items():
-        if row.get(value):
-            matrix[i, j] = float(row[value])
+        if row.get(value) is not None:
+            matrix[i, j] = row[value]
     return layers, columns, matrix
 
 
@@ -830,9 +853,9 @@ def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
     """Logit lens: per image, the top label of each component with its cosine, as a bar chart."""
     plt = pyplot()
     written = []
-    for (image,), group in group_rows([r for r in label_rows if r["rank"] == "1"], ("image",)).items():
+    for (image,), group in group_rows([r for r in label_rows if r["rank"] == 1], ("image",)).items():
         fig, axis = plt.subplots(figsize=(7, 1 + 0.28 * len(group)))
-        scores = [float(r["score"]) for r in group]
+        scores = [r["score"] for r in group]
         axis.barh(range(len(group)), scores, color="tab:blue")
         axis.set_yticks(range(len(group)), [f"{r['component']}: {r['label']}" for r in group], fontsize=7)
         axis.invert_yaxis()
@@ -847,7 +870,7 @@ def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
 
 def share_grid(row: dict) -> np.ndarray:
     """A patches.csv row's patch shares as the patch grid [grid, grid] (row by row from the top left)."""
-    grid = int(row["grid"])
+    grid = row["grid"]
     return np.array([float(v) for v in row["shares"].split(";")]).reshape(grid, grid)
 
 
@@ -889,7 +912,7 @@ def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[
     written = []
     for (image, lens), group in group_rows(patch_rows, ("image", "lens")).items():
         heads = [(p, by_component.get((image, lens, p["component"]))) for p in group]
-        heads.sort(key=lambda pair: int(pair[1]["rank"]) if pair[1] else math.inf)
+        heads.sort(key=lambda pair: pair[1]["rank"] if pair[1] else math.inf)
         fig = looks_figure(run_dir, image, heads[:TOP_TILES], f"{image}: where each head looks (share of its CLS "
                                                               f"write per patch) and its {lens} lens picture")
         path = run_dir / "looks" / f"{image}_{lens}.png"

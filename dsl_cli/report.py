@@ -22,7 +22,7 @@ import numpy as np
 
 from dsl_cli.errors import UserError
 from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, atomic_write_bytes, claimed,
-                             colour_limits, dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder,
+                             colour_limits, csv_text, dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder,
                              kind_blocks, layer_label, read_csv, read_manifest, redraw)
 from dsl_cli.studies import CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, SCORES, redraw_study
 
@@ -103,10 +103,10 @@ def cell(text, sort=None, numeric: bool = False) -> str:
 
 
 def number(value, digits: int = 3) -> str:
-    """A numeric <td> from a CSV value ('' stays empty), sorted by the value itself."""
+    """A numeric <td> from a CSV value (None or '' stays empty), sorted by the value as the CSV holds it."""
     if value in (None, ""):
         return cell("", "", True)
-    return cell(f"{float(value):.{digits}f}", value, True)
+    return cell(f"{value:.{digits}f}", csv_text(value), True)
 
 
 def table(head: list[str], body: list[str], numeric: set[str] = frozenset()) -> str:
@@ -122,8 +122,8 @@ def filters(rows: list[dict], keys: list[tuple[str, str]]) -> str:
     """<select>s that keep the table rows whose data-<key> is the chosen value; `keys`: (data key, label)."""
     boxes = []
     for key, label in keys:
-        values = sorted({r[key] for r in rows}, key=lambda v: (len(v), v))
-        options = "".join(f'<option value="{esc(v)}">{esc(v)}</option>' for v in values)
+        values = sorted({esc(r[key]) for r in rows}, key=lambda v: (len(v), v))  # 2 before 10
+        options = "".join(f'<option value="{v}">{v}</option>' for v in values)
         boxes.append(f'<label>{esc(label)} <select data-filter="{esc(key)}"><option value="">all</option>'
                      f"{options}</select></label>")
     return f'<p class="filters">{"".join(boxes)}<span class="count muted">{len(rows)} shown</span></p>'
@@ -276,16 +276,16 @@ def heat_table(rows: list[dict], value: str) -> str:
 
 def best_pictures(rows: list[dict]) -> str:
     """The best-ranked decoded pictures of one image, each with its scores and a link to the full picture."""
-    best = sorted((r for r in rows if r["file"]), key=lambda r: int(r["rank"]))[:TOP_TILES]
+    best = sorted((r for r in rows if r["file"]), key=lambda r: r["rank"])[:TOP_TILES]
     if not best:
         return "<p class=muted>no pictures decoded for this image</p>"
     figures = []
     for r in best:
-        decoded = f"<br>sim_decoded {float(r['sim_decoded']):.3f}" if r["sim_decoded"] else ""
+        decoded = f"<br>sim_decoded {r['sim_decoded']:.3f}" if r["sim_decoded"] is not None else ""
         label = f"<br>{esc(r['labels'].split('; ')[0])}" if r.get("labels") else ""  # its top label and cosine
         figures.append(f'<figure>{linked_img(r["file"], r["component"])}'
                        f"<figcaption><b>{esc(r['component'])}</b> #{esc(r['rank'])}<br>"
-                       f"sim_embed {float(r['sim_embed']):.3f}{decoded}{label}</figcaption></figure>")
+                       f"sim_embed {r['sim_embed']:.3f}{decoded}{label}</figcaption></figure>")
     return f"<h3>best {len(best)} by rank</h3><div class=gallery>{''.join(figures)}</div>"
 
 
@@ -317,7 +317,7 @@ def image_section(folder: Path, image: str, rows: list[dict]) -> str:
 def top_labels(folder: Path) -> dict[tuple[str, str], dict]:
     """Logit lens: (image, component) -> its top label row, from labels.csv."""
     rows = read_csv(folder / "labels.csv", LABEL_COLUMNS)
-    return {(r["image"], r["component"]): r for r in rows if r["rank"] == "1"}
+    return {(r["image"], r["component"]): r for r in rows if r["rank"] == 1}
 
 
 COMPONENT_NUMBERS = ["sim_embed", "sim_decoded", "norm", "rank", "layer", "head"]
@@ -398,9 +398,9 @@ def overlay_tables(folder: Path) -> str:
     rows = read_csv(folder / "study_overlay_removal.csv", OVERLAY_COLUMNS)
     body, summary = [], []
     for (image, order), group in group_rows(rows, ("image", "order")).items():
-        runs = [[float(r["overlay_sim"]) for r in run] for run in group_rows(group, ("seed",)).values()]
+        runs = [[r["overlay_sim"] for r in run] for run in group_rows(group, ("seed",)).values()]
         curve = np.mean(runs, axis=0)
-        auc = np.mean([float(r["auc"]) for r in group if r["step"] == "0"])
+        auc = np.mean([r["auc"] for r in group if r["step"] == 0])
         summary.append({"image": image, "order": order})
         body.append(f"<tr{row_attrs(summary[-1], ['image', 'order'])}>{cell(esc(image))}{cell(esc(order))}"
                     f"{number(len(runs), 0)}{number(curve[0])}{number(curve.mean())}{number(curve[-1])}"

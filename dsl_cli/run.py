@@ -379,7 +379,8 @@ def _finish_rows(cfg, rows: list[dict]) -> list[dict]:
     """Final ranks (by the configured similarity) and a stable order: image, then component order."""
     if cfg.lens.rank_by == "sim_decoded":
         for (image,), group in group_rows(rows, ("image",)).items():
-            values = torch.tensor([float(r["sim_decoded"] or "nan") for r in group]).nan_to_num(-math.inf)
+            values = torch.tensor([math.nan if r["sim_decoded"] is None else r["sim_decoded"] for r in group])
+            values = values.nan_to_num(-math.inf)
             for row, r in zip(group, rank(values)):
                 row["rank"] = int(r)
     return rows
@@ -389,9 +390,9 @@ def best_components(rows: list[dict], by: str, count: int = 3) -> list[str]:
     """One line per image naming its best-ranked components, for the terminal."""
     lines = []
     for (image,), group in group_rows(rows, ("image",)).items():
-        best = sorted(group, key=lambda r: int(r["rank"]))[:count]
-        lines.append(f"{image}: best by {by}: " + ", ".join(f"{r['component']} {float(r[by] or 'nan'):.3f}"
-                                                          for r in best))
+        best = sorted(group, key=lambda r: r["rank"])[:count]
+        scores = [(r["component"], math.nan if r[by] is None else r[by]) for r in best]
+        lines.append(f"{image}: best by {by}: " + ", ".join(f"{name} {score:.3f}" for name, score in scores))
     return lines
 
 

@@ -266,9 +266,9 @@ def correlations(rows: list[dict], target: str = "importance", scores: Sequence[
     for (ablation,), block in group_rows(rows, ("ablation",)).items():
         groups = list(group_rows(block, ("image",)).items()) + [((POOLED,), block)]
         for (image,), group in groups:
-            y = np.array([float(r[target]) for r in group])
+            y = np.array([r[target] for r in group], dtype=float)
             for lens in scores:
-                x = np.array([float(r[lens]) for r in group])
+                x = np.array([r[lens] for r in group], dtype=float)
                 out.append({"ablation": ablation, "image": image, "lens": lens, **_correlate(x, y, how)})
     return out
 
@@ -525,7 +525,7 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     decode_kept(cfg, run_dir, encoder, result.kept)
     figures = redraw_study(run_dir)  # from the files just written, as `dsl plot` draws them
     # area under each order's curve, averaged over composites (and seeds): lower, the overlay went sooner
-    mean_auc = {order: float(np.mean([float(r["auc"]) for r in group if r["step"] == 0]))
+    mean_auc = {order: float(np.mean([r["auc"] for r in group if r["step"] == 0]))
                 for (order,), group in group_rows(result.rows, ("order",)).items()}
     return {"study": "overlay_removal", "rows": len(result.rows), "composites": len(pairs),
             "ablation": settings.ablation, "mean_auc": mean_auc,
@@ -590,7 +590,7 @@ def plot_head_importance(rows: list[dict], corr: list[dict]):
     for line, ((ablation,), block) in zip(axes, blocks.items()):
         for axis, lens in zip(line, SCORES):
             for (image,), group in group_rows(block, ("image",)).items():
-                axis.scatter([float(r[lens]) for r in group], [float(r["importance"]) for r in group], s=12,
+                axis.scatter([r[lens] for r in group], [r["importance"] for r in group], s=12,
                              alpha=0.7, label=image)
             title, formula = SCORE_TITLES[lens]
             axis.set_title(_pooled_title(f"{ablation} ablation, {title}", pooled.get((ablation, lens), {})),
@@ -621,7 +621,7 @@ ORDER_STYLES = {
 def _draw_orders(axis, group: list[dict]) -> None:
     """One composite's curves: each order's overlay similarity per step; random orders as mean +- 1 sd."""
     for (order,), lines in group_rows(group, ("order",)).items():
-        curves = np.array([[float(r["overlay_sim"]) for r in run] for run in
+        curves = np.array([[r["overlay_sim"] for r in run] for run in
                            group_rows(lines, ("seed",)).values()])  # [runs, steps + 1]
         x, mean = np.arange(curves.shape[1]), curves.mean(0)
         label = order if len(curves) == 1 else f"{order} (mean of {len(curves)}, band +-1 sd)"
@@ -647,7 +647,7 @@ def plot_overlay_removal(rows: list[dict], settings: str = ""):
                              layout="constrained")
     for axis, ((image,), group) in zip(axes.flat, groups.items()):
         _draw_orders(axis, group)
-        auc = {order: np.mean([float(r["auc"]) for r in lines if int(r["step"]) == 0])  # random: their mean
+        auc = {order: np.mean([r["auc"] for r in lines if r["step"] == 0])  # random: their mean
                for (order,), lines in group_rows(group, ("order",)).items()}
         axis.set_title(image + "\n" + textwrap.fill("area under the curve: " + ", ".join(
             f"{o} {v:.2f}" for o, v in auc.items()), 60), fontsize=8)
@@ -673,7 +673,7 @@ def overlay_settings(rows: list[dict], config: dict) -> str:
 
 
 def _order_name(order: str, seed) -> str:
-    return f"{order} (seed {seed})" if seed not in (None, "") else order
+    return f"{order} (seed {seed})" if seed is not None else order
 
 
 def draw_fade_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
@@ -682,8 +682,8 @@ def draw_fade_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
     `grids/<composite>_overlay_fade.png`. Nothing where no picture was decoded."""
     written = []
     for (image,), group in group_rows(rows, ("image",)).items():
-        first_seed = min((int(r["seed"]) for r in group if r["order"] == "random"), default=None)
-        runs = {(r["order"], int(r["step"])): r for r in group if r["order"] != "random" or int(r["seed"]) == first_seed}
+        first_seed = min((r["seed"] for r in group if r["order"] == "random"), default=None)
+        runs = {(r["order"], r["step"]): r for r in group if r["order"] != "random" or r["seed"] == first_seed}
         found = {key: step_picture(run_dir, image, *key) for key in runs}
         found = {key: path for key, path in found.items() if path.is_file()}
         if not found:
@@ -691,7 +691,7 @@ def draw_fade_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
         steps = sorted({step for _, step in found})
         orders = [o for o in dict.fromkeys(order for order, _ in runs) if all((o, k) in found for k in steps)]
         tiles = [(open_picture(found[o, k], run_dir),
-                  f"{_order_name(o, runs[o, k]['seed'])}, step {k}\noverlay sim {float(runs[o, k]['overlay_sim']):.3f}")
+                  f"{_order_name(o, runs[o, k]['seed'])}, step {k}\noverlay sim {runs[o, k]['overlay_sim']:.3f}")
                  for o in orders for k in steps]
         path = run_dir / "grids" / f"{image}_overlay_fade.png"
         title = f"{image}: the ablated composite decoded, a row per order, after {', '.join(map(str, steps))} heads"

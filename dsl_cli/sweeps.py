@@ -36,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import UserError, report
 from dsl_cli.outputs import (COLUMNS, CsvLog, claimed, draw_heatmaps, draw_lens_comparison, group_rows,
-                             is_sweep_folder, read_csv, read_manifest, write_json)
+                             is_sweep_folder, read_csv, read_manifest, type_row, write_json)
 from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
@@ -80,6 +80,25 @@ def resumes(cfg: DictConfig, run_dir: Path) -> bool:
     """Whether a job continues what is in `run_dir` (`resume=`, a requeue, a resumed sweep) rather than
     starting afresh, where a folder that holds a run is refused."""
     return bool(cfg.resume) or continues_in_place(cfg, run_dir)
+
+
+def resume_overrides(args: list[str]) -> list[str]:
+    """The overrides `dsl run` adds for `resume=` in its arguments (the command line): `resume=FOLDER` runs
+    the job inside that folder and keeps its saved Hydra config untouched; `resume=SWEEP_DIR` relaunches the
+    sweep's jobs into their folders. (How the job then continues its folder: `resumes`, `run.run`.)"""
+    for arg in args:
+        if arg.startswith("resume="):
+            folder = Path(arg.split("=", 1)[1]).expanduser()
+            others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
+            if others:
+                raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
+            if is_sweep_folder(folder):
+                return resume_sweep_args(folder, args)
+            if not (folder / ".hydra" / "config.yaml").is_file():
+                raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it) nor a sweep "
+                                "folder (no multirun.yaml)")
+            return [f"hydra.run.dir={folder.resolve()}"]
+    return []
 
 
 def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
@@ -242,8 +261,9 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     """Heatmaps of the merged CSV (one set per combination of the overrides that vary and do not just split
     the work), and, where jobs decoded the same components through different lenses, grids of them side by
     side (`draw_lens_comparison`)."""
-    with open(sweep_dir / "similarity.csv", newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
+    path = sweep_dir / "similarity.csv"
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [type_row(row, f"{path} row {n}:") for n, row in enumerate(csv.DictReader(handle), start=2)]
     keys = [c for c in (rows[0] if rows else {}) if c.startswith(OVERRIDE) and c[len(OVERRIDE):] not in SAME_HEATMAP_KEYS]
     varying = [k for k in keys if len({row[k] for row in rows}) > 1]
     for stale in [*sweep_dir.glob("heatmaps/*.png"), *sweep_dir.glob("grids/*.png")]:  # an earlier merge's

@@ -103,12 +103,13 @@ def functions(path: Path) -> list[tuple[str, str]]:
 
 
 def copy_tree(workdir: Path) -> None:
-    """The package, the tests and pyproject.toml (mutmut's configuration) into a fresh `workdir`."""
+    """The package, the tests, the scripts (a test runs one) and pyproject.toml (mutmut's configuration) into a
+    fresh `workdir`."""
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache")
-    for name in ("dsl_cli", "tests"):
+    for name in ("dsl_cli", "tests", "scripts"):
         shutil.copytree(ROOT / name, workdir / name, ignore=ignore)
     shutil.copy2(ROOT / "pyproject.toml", workdir / "pyproject.toml")
     for path in (workdir / "dsl_cli").rglob("*.py"):

@@ -83,19 +83,19 @@ def test_a_long_title_wraps_inside_the_sheet() -> None:
 
 
 def rows_of(layers: list[int], heads: int, extra: tuple[str, ...] = (), lens: str = "steering") -> list[dict]:
-    """Rows as similarity.csv holds them (strings), with seeded values: heads near 0.2, MLP near 0.5,
+    """Rows as `read_csv` gives them (numbers typed), with seeded values: heads near 0.2, MLP near 0.5,
     the residual stream near 0.9 (as in a logit-lens run)."""
     rng = np.random.default_rng(0)
     rows = []
     for layer in layers:
-        comps = [("head", f"L{layer:02d}H{h:02d}", str(h), 0.2) for h in range(heads)]
-        comps += [(kind, f"L{layer:02d}{suffix}", "", centre) for kind, suffix, centre in
+        comps = [("head", f"L{layer:02d}H{h:02d}", h, 0.2) for h in range(heads)]
+        comps += [(kind, f"L{layer:02d}{suffix}", None, centre) for kind, suffix, centre in
                   (("mlp", "MLP", 0.5), ("resid", "", 0.9)) if kind in extra]
         for kind, label, head, centre in comps:
-            rows.append({"image": "chelsea", "lens": lens, "component": label, "kind": kind, "layer": str(layer),
-                         "head": head, "mode": "norm", "alpha": "2.000000", "seed": "0", "steps": "100",
-                         "guidance": "4.000000", "sim_embed": f"{centre + rng.normal(0, 0.05):.6f}",
-                         "sim_decoded": f"{0.8 + rng.normal(0, 0.03):.6f}", "norm": "1.0", "rank": "1",
+            rows.append({"image": "chelsea", "lens": lens, "component": label, "kind": kind, "layer": layer,
+                         "head": head, "mode": "norm", "alpha": 2.0, "seed": 0, "steps": 100,
+                         "guidance": 4.0, "sim_embed": round(centre + rng.normal(0, 0.05), 6),
+                         "sim_decoded": round(0.8 + rng.normal(0, 0.03), 6), "norm": 1.0, "rank": 1,
                          "file": f"images/chelsea/{lens}/{label}.png"})
     return rows
 
@@ -130,7 +130,7 @@ def test_grid_titles_name_the_settings(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_settings_text_of_a_lens_without_mode() -> None:
-    row = rows_of([1], 1)[0] | {"lens": "diffusion", "mode": "", "alpha": ""}
+    row = rows_of([1], 1)[0] | {"lens": "diffusion", "mode": "", "alpha": None}
     assert settings_text(row) == "diffusion lens, seed 0, 100 steps, guidance 4"
 
 
@@ -273,7 +273,7 @@ def overlay_rows() -> list[dict]:
     rows = []
     for image in ("chelsea_on_astronaut", "coffee_on_chelsea"):
         same = [0.95, 0.93, 0.92, 0.92]
-        runs = [("dsl", "", same), ("greedy", "", same)] + [("random", str(s), [0.95, 0.95 - 0.01 * s, 0.94, 0.93])
+        runs = [("dsl", None, same), ("greedy", None, same)] + [("random", s, [0.95, 0.95 - 0.01 * s, 0.94, 0.93])
                                                            for s in range(3)]
         for order, seed, curve in runs:
             rows += [{"image": image, "ablation": "zero", "order": order, "seed": seed, "step": step,
@@ -299,8 +299,8 @@ def test_overlay_removal_shows_dsl_over_greedy_and_keeps_the_legend_off_the_data
 
 
 def test_label_plot_is_legible(tmp_path: Path) -> None:
-    rows = [{"image": "chelsea", "lens": "logit", "component": f"L{l:02d}", "layer": str(l), "head": "",
-             "rank": "1", "label": "desert grassland whiptail lizard", "score": f"{math.sin(l):.6f}"}
+    rows = [{"image": "chelsea", "lens": "logit", "component": f"L{l:02d}", "layer": l, "head": None,
+             "rank": 1, "label": "desert grassland whiptail lizard", "score": round(math.sin(l), 6)}
             for l in range(12)]
     captured = []
     real = outputs.save_figure

@@ -215,7 +215,26 @@ def test_a_similarity_csv_of_an_earlier_version_still_reads(tmp_path) -> None:
                          "1", ""]))
     (tmp_path / "old.csv").write_text(",".join(old) + "\n" + ",".join(row[c] for c in old) + "\n")
     (read,) = read_csv(tmp_path / "old.csv")
-    assert read == {**row, **{c: "" for c in COLUMNS[len(old):]}}
+    assert read == {"image": "cat", "lens": "direct", "component": "L01H00", "kind": "head", "layer": 1, "head": 0,
+                    "mode": "", "alpha": None, "seed": 0, "steps": 2, "guidance": 4.0, "sim_embed": 0.5,
+                    "sim_decoded": None, "norm": 1.0, "rank": 1, "file": "", "attribution": None, "top_patches": "",
+                    "sim_decoded_mean": None, "sim_decoded_std": None, "labels": "", "description": ""}
     (tmp_path / "odd.csv").write_text(",".join(old[1:]) + "\n")
     with pytest.raises(UserError, match="not a CSV written by this version"):
         read_csv(tmp_path / "odd.csv")
+
+
+def test_numbers_read_back_typed_and_an_edited_one_is_refused(tmp_path) -> None:
+    """`read_csv` gives number columns as numbers (empty: None) and says which cell of a hand-edited file is
+    not a number."""
+    from dsl_cli.errors import UserError
+    from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, read_csv
+
+    log = CsvLog(tmp_path / "labels.csv", LABEL_COLUMNS)
+    log.append([{"image": "cat", "lens": "logit", "component": "L03", "layer": 3, "head": None, "rank": 1,
+                 "label": "tabby", "score": 0.25}])
+    assert read_csv(log.path, LABEL_COLUMNS) == [{"image": "cat", "lens": "logit", "component": "L03", "layer": 3,
+                                                 "head": None, "rank": 1, "label": "tabby", "score": 0.25}]
+    log.path.write_text(log.path.read_text().replace(",1,tabby,", ",first,tabby,"))
+    with pytest.raises(UserError, match="row 2: rank 'first' is not a number"):
+        read_csv(log.path, LABEL_COLUMNS)

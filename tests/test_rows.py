@@ -8,6 +8,7 @@ from the wrong place shows.
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import shutil
@@ -23,10 +24,15 @@ from PIL import Image
 from dsl_cli.config import DecoderConfig, EncoderConfig, register_configs
 from dsl_cli.decoder import load_decoder, to_uint8
 from dsl_cli.encoder import load_encoder
-from dsl_cli.outputs import read_csv
 from dsl_cli.run import run
 
 NAMES = ["blobs", "noise"]  # the folder's images, in the order a run reads them (sorted by name)
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The CSV's rows as the text the file holds (csv module, not dsl's reader): what a user's script reads."""
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")

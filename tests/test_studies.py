@@ -289,7 +289,7 @@ def test_study_summaries_agree_with_the_files(tmp_path, tiny_run):
     summary = run_study(study_cfg("overlay_removal"), tmp_path / "or", *tiny_run)
     rows = read_csv(tmp_path / "or" / "study_overlay_removal.csv", OVERLAY_COLUMNS)
     for order in ("dsl", "direct", "greedy", "random"):
-        areas = [float(r["auc"]) for r in rows if r["order"] == order and r["step"] == "0"]
+        areas = [r["auc"] for r in rows if r["order"] == order and r["step"] == 0]
         assert summary["mean_auc"][order] == pytest.approx(np.mean(areas), abs=1e-6)
     assert (summary["rows"], summary["composites"]) == (len(rows), 3)
     assert summary["files"] == ["study_overlay_removal.csv", "plots/overlay_removal.png"]
