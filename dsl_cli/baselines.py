@@ -89,7 +89,7 @@ def score_extras(folder: RunFolder, extras: list[Extra], again: torch.Tensor) ->
 def seed_spread(run_dir: Path, rows: list[dict]) -> list[dict]:
     """similarity.csv rows with `sim_decoded_mean` and `sim_decoded_std` (sample standard deviation) over
     every seed of their component: the first seed's sim_decoded and its rows in seeds.csv."""
-    extra = group_rows(read_csv(run_dir / "seeds.csv", EXTRA_COLUMNS), ("image", "component"))
+    extra = group_rows(read_csv(RunFolder(run_dir).seeds_csv, EXTRA_COLUMNS), ("image", "component"))
     for row in rows:
         values = [r["sim_decoded"] for r in extra.get((row["image"], row["component"]), [])]
         if row["sim_decoded"] is not None and values:

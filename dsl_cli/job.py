@@ -100,7 +100,7 @@ def task(cfg: DictConfig) -> None:
         except UserError as err:  # not this job's folder: nothing is recorded there
             return _end(num, folder.path, err, 2)
         try:
-            if not (folder.path / ".hydra" / "config.yaml").exists():  # a fresh job, or one a sweep never started
+            if not folder.config_yaml.exists():  # a fresh job, or one a sweep never started
                 save_hydra_files(folder.path, cfg)
             run(cfg, folder.path)
         except BaseException as err:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
@@ -128,7 +128,7 @@ def _record(folder: RunFolder, err: BaseException) -> None:
     the folder's lock is given back first, so that this last write fits."""
     values = ({"status": "interrupted", "error": f"interrupted by {_signal_name(err)}"}
               if isinstance(err, KeyboardInterrupt) else {"status": "failed", "error": _reason(err)})
-    manifest = Manifest(folder.path / "manifest.json")
+    manifest = Manifest(folder.manifest_json)
     try:
         manifest.update(**values)
     except UserError:

@@ -30,7 +30,7 @@ from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
 from dsl_cli.encoder.reading import direct_attribution, source_shares
 from dsl_cli.errors import UserError
 from dsl_cli.memory import release_memory
-from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, atomic_write_bytes
+from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, RunFolder, atomic_write_bytes
 
 log = logging.getLogger("dsl_cli.lenses")
 
@@ -583,7 +583,7 @@ class LogitLens(Lens):
                 rows += [{"image": image, "lens": self.name, "component": comp.label, "layer": comp.layer,
                           "head": comp.head, "rank": r + 1, "label": names[int(indices[k, r])],
                           "score": values[k, r].item()} for r in range(values.shape[-1])]
-        CsvLog(scored.run_dir / "labels.csv", LABEL_COLUMNS).rewrite(rows)
+        CsvLog(RunFolder(scored.run_dir).labels_csv, LABEL_COLUMNS).rewrite(rows)
         return {}
 
 

@@ -185,13 +185,13 @@ class Manifest:
 
 def read_manifest(folder: Path) -> dict | None:
     """The manifest.json of a run or sweep folder, or None where there is none."""
-    path = folder / "manifest.json"
+    path = RunFolder(folder).manifest_json
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def is_sweep_folder(folder: Path) -> bool:
     """A --multirun sweep folder: Hydra saved the sweep's config there; its jobs are run folders below."""
-    return (folder / "multirun.yaml").is_file()
+    return RunFolder(folder).multirun_yaml.is_file()
 
 
 def check_name(value: str, what: str) -> str:
@@ -244,6 +244,11 @@ class LockOwner:
 _HELD: dict[Path, LockOwner] = {}  # the folders this process holds (resolved paths), with its lock line
 
 
+def _file(name: str) -> property:
+    """A RunFolder attribute: the path of one of its files."""
+    return property(lambda self: self.path / name, doc=f"`{name}` in the folder")
+
+
 class RunFolder:
     """The folder of one run (or of a sweep): its paths, and the lock that makes one process its only writer.
 
@@ -256,9 +261,38 @@ class RunFolder:
     LOCK = ".dsl.lock"
     RESERVE = 128 * 1024
     MARKERS = ("manifest.json", ".hydra/config.yaml", "multirun.yaml", "similarity.csv")
+    FIGURES = ("grids", "heatmaps", "plots", "looks")  # the folders of the figures, `figure()`
 
     def __init__(self, path: Path):
         self.path = Path(path)
+
+    # the folder's files: its layout is known here alone (the module's docstring draws it)
+    similarity_csv = _file("similarity.csv")
+    labels_csv = _file("labels.csv")
+    patches_csv = _file("patches.csv")
+    seeds_csv = _file("seeds.csv")
+    baselines_csv = _file("baselines.csv")
+    importance_csv = _file("study_head_importance.csv")
+    correlations_csv = _file("correlations.csv")
+    overlay_csv = _file("study_overlay_removal.csv")
+    manifest_json = _file("manifest.json")
+    config_yaml = _file(".hydra/config.yaml")
+    overrides_yaml = _file(".hydra/overrides.yaml")
+    multirun_yaml = _file("multirun.yaml")
+
+    def figure(self, folder: str, name: str) -> Path:
+        """A figure: `<folder>/<name>.png`, folder one of FIGURES."""
+        if folder not in self.FIGURES:
+            raise ValueError(f"no figure folder {folder!r} in a run folder")
+        return self.path / folder / f"{name}.png"
+
+    def overlay_picture(self, composite: str) -> Path:
+        """Overlay removal: a composite as the study made it."""
+        return self.path / "images" / "overlays" / f"{check_name(composite, 'composite')}.png"
+
+    def overlay_step(self, composite: str, order: str, step: int) -> Path:
+        """Overlay removal: a composite decoded after `step` heads of `order` were ablated."""
+        return self.path / "images" / "overlay_steps" / check_name(composite, "composite") / f"{order}_{step:03d}.png"
 
     @property
     def lock_path(self) -> Path:
@@ -311,7 +345,7 @@ class RunFolder:
     def remove_temporaries(self) -> None:
         """Delete what a killed run of this folder was writing: dsl's own temporary names only, only in the
         folders a run writes (never a user's files below the folder)."""
-        folders = [self.path, self.path / ".hydra", *(self.path / name for name in ("grids", "heatmaps", "plots", "looks")),
+        folders = [self.path, self.path / ".hydra", *(self.path / name for name in self.FIGURES),
                    *self.path.glob("images/*"), *self.path.glob("images/*/*"), *self.path.glob("images/*/*/*")]
         for folder in folders:
             if folder.is_dir() and not folder.is_symlink():
@@ -661,7 +695,7 @@ def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
     written = []
     for (image, lens), group in group_rows([r for r in rows if r["file"]], ("image", "lens")).items():
         for name, tile_rows, what in grid_plan(group):
-            path = run_dir / "grids" / f"{image}_{lens}_{name}.png"
+            path = RunFolder(run_dir).figure("grids", f"{image}_{lens}_{name}")
             title = f"{image}: {what} | {settings_text(group[0])}"
             save_png(path, grid_image(_tiles(run_dir, image, tile_rows), title, note=CAPTION_NOTE))
             written.append(path)
@@ -682,7 +716,7 @@ def draw_lens_comparison(folder: Path, rows: list[dict]) -> list[Path]:
             continue
         tiles = [(open_picture(folder / cells[c, lens]["file"], folder), f"{lens}: {_caption(cells[c, lens])}")
                  for c in shared for lens in lenses]
-        path = folder / "grids" / f"{image}_{'_vs_'.join(lenses)}.png"
+        path = RunFolder(folder).figure("grids", f"{image}_{'_vs_'.join(lenses)}")
         title = f"{image}: {' | '.join(lenses)}, the same components side by side (a row each)"
         note = " | ".join(settings_text(cells[shared[0], lens]) for lens in lenses) + f"; {CAPTION_NOTE}"
         save_png(path, grid_image(tiles, title, columns=len(lenses), note=note))
@@ -714,7 +748,7 @@ def draw_seed_grids(run_dir: Path, rows: list[dict], seed_rows: list[dict], base
             [r for r in baselines if r not in firsts], ("image", "component"))})
         columns = max(1, len(tiles) // max(1, len(best) + len(firsts)))
         title = f"{image}: each component with {columns} seeds, then the baselines | {settings_text(group[0])}"
-        path = run_dir / "grids" / f"{image}_{lens}_seeds.png"
+        path = RunFolder(run_dir).figure("grids", f"{image}_{lens}_seeds")
         save_png(path, grid_image(tiles, title, columns=columns, note=SEED_NOTE))
         written.append(path)
     return written
@@ -843,7 +877,7 @@ def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "") -> list[Path]:
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
         fig = heatmap_figure(group, f"{image}: similarity to the input, per layer and component\n"
                                     f"{settings_text(group[0])} {tag}".rstrip())
-        path = run_dir / "heatmaps" / (f"{image}_{lens}_{tag}.png" if tag else f"{image}_{lens}.png")
+        path = RunFolder(run_dir).figure("heatmaps", f"{image}_{lens}_{tag}" if tag else f"{image}_{lens}")
         save_figure(fig, path)
         written.append(path)
     return written
@@ -862,7 +896,7 @@ def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
         axis.set_xlabel("cosine of the component's embedding with the class's text embedding")
         axis.set_title(f"{image}: logit lens, the top ImageNet label of each component", fontsize=9)
         fig.tight_layout()
-        path = run_dir / "plots" / f"{image}_logit.png"
+        path = RunFolder(run_dir).figure("plots", f"{image}_logit")
         save_figure(fig, path)
         written.append(path)
     return written
@@ -915,7 +949,7 @@ def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[
         heads.sort(key=lambda pair: pair[1]["rank"] if pair[1] else math.inf)
         fig = looks_figure(run_dir, image, heads[:TOP_TILES], f"{image}: where each head looks (share of its CLS "
                                                               f"write per patch) and its {lens} lens picture")
-        path = run_dir / "looks" / f"{image}_{lens}.png"
+        path = RunFolder(run_dir).figure("looks", f"{image}_{lens}")
         save_figure(fig, path)
         written.append(path)
     return written
@@ -923,23 +957,21 @@ def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[
 
 def redraw(run_dir: Path) -> list[Path]:
     """Draw every grid, heatmap and label plot of a run from its files alone (no model, no GPU)."""
-    csv_path = run_dir / "similarity.csv"
-    if not csv_path.is_file():
+    folder = RunFolder(run_dir)
+    if not folder.similarity_csv.is_file():
         raise UserError(f"{run_dir}: no similarity.csv here; give the folder of a dsl run")
-    rows = read_csv(csv_path)
+    rows = read_csv(folder.similarity_csv)
     if not rows:
-        raise UserError(f"{csv_path}: no rows yet; finish the run first (dsl run resume={run_dir})")
+        raise UserError(f"{folder.similarity_csv}: no rows yet; finish the run first (dsl run resume={run_dir})")
     try:
         written = draw_grids(run_dir, rows) + draw_heatmaps(run_dir, rows)
-        labels = run_dir / "labels.csv"
-        if labels.is_file():
-            written += draw_label_plots(run_dir, read_csv(labels, LABEL_COLUMNS))
-        if (run_dir / "seeds.csv").is_file() or (run_dir / "baselines.csv").is_file():
-            written += draw_seed_grids(run_dir, rows, read_csv(run_dir / "seeds.csv", EXTRA_COLUMNS),
-                                       read_csv(run_dir / "baselines.csv", EXTRA_COLUMNS))
-        patches = run_dir / "patches.csv"
-        if patches.is_file():
-            written += draw_looks(run_dir, rows, read_csv(patches, PATCH_COLUMNS))
-    except (KeyError, ValueError) as err:  # a number that does not parse: the CSV was edited
+        if folder.labels_csv.is_file():
+            written += draw_label_plots(run_dir, read_csv(folder.labels_csv, LABEL_COLUMNS))
+        if folder.seeds_csv.is_file() or folder.baselines_csv.is_file():
+            written += draw_seed_grids(run_dir, rows, read_csv(folder.seeds_csv, EXTRA_COLUMNS),
+                                       read_csv(folder.baselines_csv, EXTRA_COLUMNS))
+        if folder.patches_csv.is_file():
+            written += draw_looks(run_dir, rows, read_csv(folder.patches_csv, PATCH_COLUMNS))
+    except (KeyError, ValueError) as err:  # a CSV edited by hand (a missing column, an odd value)
         raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
     return written

@@ -21,7 +21,7 @@ from urllib.parse import quote
 import numpy as np
 
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, atomic_write_bytes, claimed,
+from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, RunFolder, atomic_write_bytes, claimed,
                              colour_limits, csv_text, dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder,
                              kind_blocks, layer_label, read_csv, read_manifest, redraw)
 from dsl_cli.studies import CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, SCORES, redraw_study
@@ -297,8 +297,9 @@ def thumbnail(path: str) -> str:
 def image_figures(folder: Path, image: str, lens: str) -> list[Path]:
     """The image's grids, heatmap, plots and where its heads look, by their names (see dsl_cli.outputs)."""
     found = [p for p in sorted(folder.glob("grids/*.png")) if p.stem.startswith(f"{image}_{lens}_")]
-    found += [p for p in (folder / "heatmaps" / f"{image}_{lens}.png", folder / "plots" / f"{image}_logit.png",
-                          folder / "looks" / f"{image}_{lens}.png") if p.is_file()]
+    run = RunFolder(folder)
+    found += [p for p in (run.figure("heatmaps", f"{image}_{lens}"), run.figure("plots", f"{image}_logit"),
+                          run.figure("looks", f"{image}_{lens}")) if p.is_file()]
     return found
 
 
@@ -316,7 +317,7 @@ def image_section(folder: Path, image: str, rows: list[dict]) -> str:
 
 def top_labels(folder: Path) -> dict[tuple[str, str], dict]:
     """Logit lens: (image, component) -> its top label row, from labels.csv."""
-    rows = read_csv(folder / "labels.csv", LABEL_COLUMNS)
+    rows = read_csv(RunFolder(folder).labels_csv, LABEL_COLUMNS)
     return {(r["image"], r["component"]): r for r in rows if r["rank"] == 1}
 
 
@@ -346,7 +347,7 @@ def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) ->
 def run_page(folder: Path) -> str:
     """The page of a run folder (similarity.csv, labels.csv, manifest.json and the pictures and figures)."""
     manifest = read_manifest(folder) or {}
-    rows = read_csv(folder / "similarity.csv")
+    rows = read_csv(RunFolder(folder).similarity_csv)
     images = group_rows(rows, ("image",))
     contents = " · ".join(f'<a href="#{esc(quote(image))}">{esc(image)}</a>' for (image,) in images)
     body = [header(folder, manifest, "run"), f"<p>images: {contents} · <a href='#components'>all components</a>"
@@ -364,14 +365,14 @@ def run_page(folder: Path) -> str:
 def importance_tables(folder: Path) -> str:
     """Head importance: the correlations (pooled first, then per image, each with its bootstrap 95 % interval
     and n) and every (image, head) row."""
-    corr = read_csv(folder / "correlations.csv", CORRELATION_COLUMNS)
+    corr = read_csv(RunFolder(folder).correlations_csv, CORRELATION_COLUMNS)
     corr.sort(key=lambda r: r["image"] != POOLED)
     head = ["ablation", "image", "lens", "n", "spearman", "spearman 95 % CI", "spearman_p", "pearson",
             "pearson 95 % CI", "pearson_p"]
     body = [f"<tr>{cell(esc(r['ablation']))}{cell(esc(r['image']))}{cell(esc(r['lens']))}{number(r['n'], 0)}"
             + "".join(number(r[k]) if k in r else interval(r, k.split()[0]) for k in head[4:]) + "</tr>\n"
             for r in corr]
-    rows = read_csv(folder / "study_head_importance.csv", IMPORTANCE_COLUMNS)
+    rows = read_csv(RunFolder(folder).importance_csv, IMPORTANCE_COLUMNS)
     numbers = ["layer", "head", "importance", *SCORES]
     heads = [f"<tr{row_attrs(r, ['image', 'layer'])}>{cell(esc(r['ablation']))}{cell(esc(r['image']))}"
              f"{cell(esc(r['component']))}"
@@ -387,7 +388,7 @@ def importance_tables(folder: Path) -> str:
 def interval(row: dict, name: str) -> str:
     """A table cell `[low, high]` of a correlation's bootstrap interval."""
     low, high = (row.get(f"{name}_{end}") for end in ("low", "high"))
-    text = f"[{float(low):.3f}, {float(high):.3f}]" if low not in (None, "") else ""
+    text = f"[{low:.3f}, {high:.3f}]" if low is not None else ""
     return cell(esc(text))
 
 
@@ -395,7 +396,8 @@ def overlay_tables(folder: Path) -> str:
     """Overlay removal: each composite with its pictures and decoded fade grid, and the overlay similarity
     per order (at the start, mean over the steps, at the end, the area under the curve; random orders
     averaged)."""
-    rows = read_csv(folder / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+    run = RunFolder(folder)
+    rows = read_csv(run.overlay_csv, OVERLAY_COLUMNS)
     body, summary = [], []
     for (image, order), group in group_rows(rows, ("image", "order")).items():
         runs = [[r["overlay_sim"] for r in run] for run in group_rows(group, ("seed",)).values()]
@@ -405,9 +407,9 @@ def overlay_tables(folder: Path) -> str:
         body.append(f"<tr{row_attrs(summary[-1], ['image', 'order'])}>{cell(esc(image))}{cell(esc(order))}"
                     f"{number(len(runs), 0)}{number(curve[0])}{number(curve.mean())}{number(curve[-1])}"
                     f"{number(auc)}</tr>\n")
-    pictures = "".join(f"<figure>{img(f'images/overlays/{image}.png', image)}<figcaption>{esc(image)}"
+    pictures = "".join(f"<figure>{img(rel(run.overlay_picture(image), folder), image)}<figcaption>{esc(image)}"
                        f"</figcaption></figure>" for (image,) in group_rows(rows, ("image",))
-                       if (folder / "images" / "overlays" / f"{image}.png").is_file())
+                       if run.overlay_picture(image).is_file())
     fades = "".join(thumbnail(rel(p, folder)) for p in sorted(folder.glob("grids/*_overlay_fade.png")))
     numbers = ["orders", "at start", "mean over steps", "at end", "area under the curve"]
     return (f"<h2>Composites</h2><div class=gallery>{pictures}</div>"
@@ -420,16 +422,16 @@ def overlay_tables(folder: Path) -> str:
 
 def study_page(folder: Path) -> str:
     """The page of a study's run folder: settings, the plot, the summary tables, the files."""
-    manifest = read_manifest(folder) or {}
+    manifest, run = read_manifest(folder) or {}, RunFolder(folder)
     name = manifest.get("config", {}).get("study", {}).get("name") or (
-        "head_importance" if (folder / "study_head_importance.csv").is_file() else "overlay_removal")
-    plot = f"plots/{name}.png"
+        "head_importance" if run.importance_csv.is_file() else "overlay_removal")
+    plot = run.figure("plots", name)
     body = [header(folder, manifest, f"study {name}"), settings_section(manifest, study=True),
             files_section(folder),
-            f'<h2>Plot</h2><div class="figures">{img(plot, name) if (folder / plot).is_file() else "none drawn"}</div>']
-    if (folder / "study_head_importance.csv").is_file():
+            f'<h2>Plot</h2><div class="figures">{img(rel(plot, folder), name) if plot.is_file() else "none drawn"}</div>']
+    if run.importance_csv.is_file():
         body.append(importance_tables(folder))
-    if (folder / "study_overlay_removal.csv").is_file():
+    if run.overlay_csv.is_file():
         body.append(overlay_tables(folder))
     return page(f"dsl study {name} {folder.name}", "\n".join(body))
 
@@ -508,7 +510,7 @@ def folder_kind(folder: Path) -> str | None:
     """sweep, study, run, or None for a folder that holds none of them."""
     if is_sweep_folder(folder):
         return "sweep"
-    if (folder / "similarity.csv").is_file():
+    if RunFolder(folder).similarity_csv.is_file():
         return "run"
     manifest = read_manifest(folder)
     if any(folder.glob("study_*.csv")) or (manifest or {}).get("config", {}).get("study", {}).get("name"):
@@ -576,7 +578,7 @@ def redraw_folder(root: Path) -> dict[Path, int]:
     drawn = {}
     for kind, folder in report_folders(root):
         with claimed(folder):
-            if kind == "run" and (folder / "similarity.csv").is_file():
+            if kind == "run" and RunFolder(folder).similarity_csv.is_file():
                 drawn[folder] = len(redraw(folder))
             elif kind == "study" and any(folder.glob("study_*.csv")):
                 drawn[folder] = len(redraw_study(folder))

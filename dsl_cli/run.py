@@ -101,7 +101,7 @@ def _validate_lens(cfg: DictConfig) -> None:
 def saved_config(run_dir: Path) -> DictConfig:
     """The config a run was started with (`.hydra/config.yaml`), checked against the schema as Hydra
     checked it then: a file that was edited into bad YAML or a wrong type is refused with one line."""
-    path = run_dir / ".hydra" / "config.yaml"
+    path = RunFolder(run_dir).config_yaml
     try:
         return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as err:
@@ -414,7 +414,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         preflight(cfg)
         folder.remove_temporaries()
         device = resolve_device(cfg.device)
-        _run_stages(cfg, folder, device, Manifest(run_dir / "manifest.json"))
+        _run_stages(cfg, folder, device, Manifest(folder.manifest_json))
     finally:
         if claimed:
             folder.release()
@@ -438,7 +438,7 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
 
 
 def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manifest: Manifest) -> None:
-    previous = read_csv(folder.path / "similarity.csv")
+    previous = read_csv(folder.similarity_csv)
     manifest.start(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
                    seed=cfg.seed, versions=_versions(), git_commit=_git_commit(), slurm_job=current_slurm_job(),
                    config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
@@ -458,7 +458,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     with manifest.stage("lens"):
         scored = _lens_stage(cfg, lens, folder, encoder, preprocess, image_set, components, manifest, reader)
 
-    csv_log = CsvLog(folder.path / "similarity.csv", COLUMNS)
+    csv_log = CsvLog(folder.similarity_csv, COLUMNS)
     plan = start_csv(cfg, folder, scored, previous, csv_log)
     extras = plan_extras(cfg, folder, lens, scored)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan),
@@ -494,7 +494,7 @@ def _lens_stage(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_s
     scored = score_images(cfg, lens, folder, encoder, preprocess, image_set, components)
     manifest.update(images=[s.name for s in scored], skipped=image_set.skipped)
     if any(s.patches for s in scored):  # rewritten whole: a resumed run scores every image again
-        CsvLog(folder.path / "patches.csv", PATCH_COLUMNS).rewrite([r for s in scored for r in s.patches])
+        CsvLog(folder.patches_csv, PATCH_COLUMNS).rewrite([r for s in scored for r in s.patches])
     images = _scored_images(cfg, encoder, preprocess, image_set, components, scored, folder)
     if reader is not None:
         labels, descriptions = describe(images, reader, cfg.lens)

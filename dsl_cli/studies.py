@@ -38,8 +38,8 @@ from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import InputImage, overlay
 from dsl_cli.memory import release_memory, rows_that_fit
-from dsl_cli.outputs import (CsvLog, grid_image, group_rows, open_picture, pyplot, read_csv, read_manifest, save_figure,
-                             save_png)
+from dsl_cli.outputs import (CsvLog, RunFolder, grid_image, group_rows, open_picture, pyplot, read_csv, read_manifest,
+                             save_figure, save_png)
 
 SCORES = ("dsl", "direct", "direct_importance")  # what head importance is correlated with
 IMPORTANCE_COLUMNS = ["image", "component", "layer", "head", "ablation", "mode", "alpha", "importance", *SCORES]
@@ -473,8 +473,8 @@ def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
                                     float(cfg.lens.alpha), means, [i.name for i in images[start:start + step]],
                                     ablated)
     corr = correlations(rows, how=Correlation(resamples=study.bootstrap, seed=cfg.seed))
-    CsvLog(run_dir / "study_head_importance.csv", IMPORTANCE_COLUMNS).rewrite(rows)
-    CsvLog(run_dir / "correlations.csv", CORRELATION_COLUMNS).rewrite(corr)
+    CsvLog(RunFolder(run_dir).importance_csv, IMPORTANCE_COLUMNS).rewrite(rows)
+    CsvLog(RunFolder(run_dir).correlations_csv, CORRELATION_COLUMNS).rewrite(corr)
     plot = redraw_study(run_dir)[0]  # from the CSVs just written, as `dsl plot` draws it
     pooled = {f"{r['ablation']} {r['lens']}": {k: r[k] for k in ("n", "spearman", "spearman_low", "spearman_high",
                                                                  "pearson", "pearson_low", "pearson_high")}
@@ -509,7 +509,7 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     study = cfg.study
     pairs = composites(images, study.overlay_scale, study.overlay_position)
     for name, _, _, picture in pairs:
-        save_png(run_dir / "images" / "overlays" / f"{name}.png", picture)
+        save_png(RunFolder(run_dir).overlay_picture(name), picture)
     composite_pixels = _pixels(preprocess, [p for *_, p in pairs])
     foreground_pixels = _pixels(preprocess, [fg for _, _, fg, _ in pairs])
     settings = OverlaySettings(steps=study.steps, greedy_pool=study.greedy_pool, random_orders=study.random_orders,
@@ -521,7 +521,7 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     roles = {name: (bg.name, fg.name) for name, bg, fg, _ in pairs}
     for row in result.rows:
         row["background"], row["foreground"] = roles[row["image"]]
-    CsvLog(run_dir / "study_overlay_removal.csv", OVERLAY_COLUMNS).rewrite(result.rows)
+    CsvLog(RunFolder(run_dir).overlay_csv, OVERLAY_COLUMNS).rewrite(result.rows)
     decode_kept(cfg, run_dir, encoder, result.kept)
     figures = redraw_study(run_dir)  # from the files just written, as `dsl plot` draws them
     # area under each order's curve, averaged over composites (and seeds): lower, the overlay went sooner
@@ -532,14 +532,9 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
             "files": ["study_overlay_removal.csv", *(str(p.relative_to(run_dir)) for p in figures)]}
 
 
-def step_picture(run_dir: Path, composite: str, order: str, step: int) -> Path:
-    """Where the decoded composite of `order` after `step` ablations is saved."""
-    return run_dir / "images" / "overlay_steps" / composite / f"{order}_{step:03d}.png"
-
-
 def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Tensor]) -> None:
     """Decode the kept ablated-composite embeddings (the run's decoder and decode settings, seed `seed`
-    for every picture) into `step_picture` files."""
+    for every picture) into `RunFolder.overlay_step` files."""
     if not kept:
         return
     from dsl_cli.decoder import load_decoder, to_pil
@@ -554,7 +549,7 @@ def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Te
                               decode.height, decode.width, steps=decode.steps, guidance=float(decode.guidance),
                               batch_size=decode.batch_size)
     for (composite, order, _, step), picture in zip(keys, pictures):
-        save_png(step_picture(run_dir, composite, order, step), to_pil(picture))
+        save_png(RunFolder(run_dir).overlay_step(composite, order, step), to_pil(picture))
 
 
 # ---------------------------------------------------------------- figures
@@ -684,7 +679,7 @@ def draw_fade_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
     for (image,), group in group_rows(rows, ("image",)).items():
         first_seed = min((r["seed"] for r in group if r["order"] == "random"), default=None)
         runs = {(r["order"], r["step"]): r for r in group if r["order"] != "random" or r["seed"] == first_seed}
-        found = {key: step_picture(run_dir, image, *key) for key in runs}
+        found = {key: RunFolder(run_dir).overlay_step(image, *key) for key in runs}
         found = {key: path for key, path in found.items() if path.is_file()}
         if not found:
             continue
@@ -693,7 +688,7 @@ def draw_fade_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
         tiles = [(open_picture(found[o, k], run_dir),
                   f"{_order_name(o, runs[o, k]['seed'])}, step {k}\noverlay sim {runs[o, k]['overlay_sim']:.3f}")
                  for o in orders for k in steps]
-        path = run_dir / "grids" / f"{image}_overlay_fade.png"
+        path = RunFolder(run_dir).figure("grids", f"{image}_overlay_fade")
         title = f"{image}: the ablated composite decoded, a row per order, after {', '.join(map(str, steps))} heads"
         note = "overlay sim = cos(e of the ablated composite, e of the pasted image); lower: the pasted object is gone"
         save_png(path, grid_image(tiles, title, columns=len(steps), note=note))
@@ -705,20 +700,20 @@ def redraw_study(run_dir: Path) -> list[Path]:
     """Draw a study's figures again from its CSVs, pictures and manifest alone (`dsl plot`): [the plot's
     path, then any grids]."""
     config = (read_manifest(run_dir) or {}).get("config", {})
-    grids: list[Path] = []
+    folder, grids = RunFolder(run_dir), []
     try:
-        if (run_dir / "study_head_importance.csv").is_file():
-            rows = read_csv(run_dir / "study_head_importance.csv", IMPORTANCE_COLUMNS)
-            corr = read_csv(run_dir / "correlations.csv", CORRELATION_COLUMNS)
+        if folder.importance_csv.is_file():
+            rows = read_csv(folder.importance_csv, IMPORTANCE_COLUMNS)
+            corr = read_csv(folder.correlations_csv, CORRELATION_COLUMNS)
             figure, name = plot_head_importance(rows, corr), "head_importance"
-        elif (run_dir / "study_overlay_removal.csv").is_file():
-            rows = read_csv(run_dir / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+        elif folder.overlay_csv.is_file():
+            rows = read_csv(folder.overlay_csv, OVERLAY_COLUMNS)
             figure, name = plot_overlay_removal(rows, overlay_settings(rows, config)), "overlay_removal"
             grids = draw_fade_grids(run_dir, rows)
         else:
             raise UserError(f"{run_dir}: no study CSV here (study_head_importance.csv or study_overlay_removal.csv)")
-    except (KeyError, ValueError) as err:  # a number that does not parse: the CSV was edited
+    except (KeyError, ValueError) as err:  # a CSV edited by hand (a missing column, an odd value)
         raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
-    path = run_dir / "plots" / f"{name}.png"
+    path = folder.figure("plots", name)
     save_figure(figure, path)
     return [path, *grids]

@@ -35,7 +35,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import UserError, report
-from dsl_cli.outputs import (COLUMNS, CsvLog, claimed, draw_heatmaps, draw_lens_comparison, group_rows,
+from dsl_cli.outputs import (COLUMNS, CsvLog, RunFolder, claimed, draw_heatmaps, draw_lens_comparison, group_rows,
                              is_sweep_folder, read_csv, read_manifest, type_row, write_json)
 from dsl_cli.report import write_page
 
@@ -94,7 +94,7 @@ def resume_overrides(args: list[str]) -> list[str]:
                 raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
             if is_sweep_folder(folder):
                 return resume_sweep_args(folder, args)
-            if not (folder / ".hydra" / "config.yaml").is_file():
+            if not RunFolder(folder).config_yaml.is_file():
                 raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it) nor a sweep "
                                 "folder (no multirun.yaml)")
             return [f"hydra.run.dir={folder.resolve()}"]
@@ -105,7 +105,7 @@ def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
     """`dsl run resume=SWEEP_DIR`: the sweep's saved command line again, into its own folder, where complete
     jobs are skipped and the others continue (or start). Hydra overrides in `args` (a partition, a time
     limit) replace saved ones with the same key."""
-    saved = OmegaConf.load(folder / "multirun.yaml").hydra.overrides
+    saved = OmegaConf.load(RunFolder(folder).multirun_yaml).hydra.overrides
     given = {_key(a) for a in args if a.startswith("hydra")} | {"hydra.mode", "hydra.sweep.dir"}
     task = [o for o in saved.task if _key(o) != "resume"]
     hydra = [o for o in saved.hydra if _key(o) not in given]
@@ -139,7 +139,7 @@ def expected_overrides(sweep_dir: Path) -> dict[int, list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    saved = OmegaConf.load(sweep_dir / "multirun.yaml")
+    saved = OmegaConf.load(RunFolder(sweep_dir).multirun_yaml)
     if not str(saved.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return {}
     params = saved.hydra.sweeper.get("params") or {}
@@ -180,12 +180,12 @@ def sweep_jobs(sweep_dir: Path) -> list[Job]:
 
 def _read_job(job: Job, sweep_dir: Path, folder: Path) -> None:
     job.folder = folder.relative_to(sweep_dir).as_posix()
-    saved = OmegaConf.load(folder / ".hydra" / "overrides.yaml")
+    saved = OmegaConf.load(RunFolder(folder).overrides_yaml)
     job.overrides = [o for o in saved if _key(o) != "resume"]
     manifest = read_manifest(folder) or {}
     job.status, job.error = manifest.get("status", "started"), manifest.get("error")
     if job.status == "complete":
-        job.rows = read_csv(folder / "similarity.csv")
+        job.rows = read_csv(RunFolder(folder).similarity_csv)
 
 
 # ---------------------------------------------------------------- merge
@@ -217,11 +217,11 @@ def merge_sweep(sweep_dir: Path) -> dict:
         jobs = sweep_jobs(sweep_dir)
         keys = override_keys(jobs)
         columns = ["job", *(OVERRIDE + k for k in keys), *COLUMNS]
-        CsvLog(sweep_dir / "similarity.csv", columns).rewrite(merged_rows(jobs, keys))
+        CsvLog(RunFolder(sweep_dir).similarity_csv, columns).rewrite(merged_rows(jobs, keys))
         manifest = sweep_manifest(jobs)
         figures = draw_sweep(sweep_dir)
         manifest["figures"] = [p.relative_to(sweep_dir).as_posix() for p in figures]
-        write_json(sweep_dir / "manifest.json", manifest)
+        write_json(RunFolder(sweep_dir).manifest_json, manifest)
         write_page("sweep", sweep_dir)
     return manifest
 
@@ -261,7 +261,7 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     """Heatmaps of the merged CSV (one set per combination of the overrides that vary and do not just split
     the work), and, where jobs decoded the same components through different lenses, grids of them side by
     side (`draw_lens_comparison`)."""
-    path = sweep_dir / "similarity.csv"
+    path = RunFolder(sweep_dir).similarity_csv
     with open(path, newline="", encoding="utf-8") as handle:
         rows = [type_row(row, f"{path} row {n}:") for n, row in enumerate(csv.DictReader(handle), start=2)]
     keys = [c for c in (rows[0] if rows else {}) if c.startswith(OVERRIDE) and c[len(OVERRIDE):] not in SAME_HEATMAP_KEYS]
@@ -278,7 +278,7 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
 def redraw_sweeps(folder: Path) -> dict[Path, int]:
     """`draw_sweep` for every merged sweep at or below `folder`: {sweep folder: figures drawn}."""
     found = [folder] if is_sweep_folder(folder) else [p.parent for p in folder.rglob("multirun.yaml")]
-    return {sweep: len(draw_sweep(sweep)) for sweep in sorted(found) if (sweep / "similarity.csv").is_file()}
+    return {sweep: len(draw_sweep(sweep)) for sweep in sorted(found) if RunFolder(sweep).similarity_csv.is_file()}
 
 
 # ---------------------------------------------------------------- Hydra callback

@@ -138,6 +138,22 @@ def test_auto_batch_on_the_cpu_is_the_old_default() -> None:
     assert decoder.fit_batch_size(3, 64, 64, 4.0) == 3
 
 
+def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monkeypatch) -> None:
+    """The CUDA branch, on the CPU: the decoder says it is on CUDA, the probes and the free memory are
+    stubbed; the batch is what `batch_that_fits` gives for the probes of batches 1 and 2, taken at the
+    size and guidance asked for (test_gpu.py runs the real probes)."""
+    import dsl_cli.decoder as decoder_module
+
+    gib, probes = 2**30, []
+    decoder = load_decoder(DecoderConfig(source="tiny"))
+    monkeypatch.setattr(type(decoder), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(decoder, "_probe_peak", lambda *args: probes.append(args) or {1: 3 * gib, 2: 4 * gib}[args[0]])
+    monkeypatch.setattr(decoder_module, "free_memory", lambda device: 20 * gib if device.type == "cuda" else 0)
+    assert decoder.fit_batch_size(100, 64, 48, 7.5) == 15  # (20 x 0.85 - 2) / 1, as batch_that_fits works it out
+    assert probes == [(1, 64, 48, 7.5), (2, 64, 48, 7.5)]
+    assert decoder.fit_batch_size(9, 64, 48, 7.5) == 9
+
+
 def test_out_of_memory_halves_an_auto_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     embeds, negative = _inputs(5)
     decoder = load_decoder(DecoderConfig(source="tiny"))

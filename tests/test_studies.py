@@ -241,6 +241,21 @@ def test_study_settings_are_checked_at_their_edges():
         assert str(err.value) == message
 
 
+def test_the_random_orders_seeds_stay_within_64_bits_at_the_edge():
+    """The random orders use seeds seed .. seed + random_orders - 1: the last may be 2**64 - 1, not 2**64
+    (torch's generator takes 64 bits); the default seed is the config's, 0."""
+    from dsl_cli.studies import validate_study
+
+    study = OmegaConf.create(dict(name="overlay_removal", ablation="zero", steps=1, greedy_pool=None, random_orders=5,
+                                  overlay_scale=0.5, overlay_position="center", decode_steps=[0], bootstrap=1))
+    validate_study(study, seed=2**64 - 5)  # last seed 2**64 - 1
+    validate_study(OmegaConf.merge(study, {"random_orders": 2**64}))  # seed 0: seeds 0 .. 2**64 - 1
+    with pytest.raises(UserError) as err:
+        validate_study(study, seed=2**64 - 4)  # last seed 2**64
+    assert str(err.value) == (f"seed={2**64 - 4}: the random orders use seeds up to seed + study.random_orders - 1, "
+                              "which must stay below 2**64")
+
+
 def test_correlations_are_undefined_only_where_they_must_be():
     def corr(values):
         rows = [{"ablation": "zero", "image": "a", "importance": y, "dsl": x, "direct": x} for x, y in values]
@@ -293,3 +308,32 @@ def test_study_summaries_agree_with_the_files(tmp_path, tiny_run):
         assert summary["mean_auc"][order] == pytest.approx(np.mean(areas), abs=1e-6)
     assert (summary["rows"], summary["composites"]) == (len(rows), 3)
     assert summary["files"] == ["study_overlay_removal.csv", "plots/overlay_removal.png"]
+
+
+def test_kept_composites_are_decoded_as_the_pipeline_decodes_them(tmp_path, tiny_encoder):
+    """`decode_kept` saves, for each kept (composite, order, seed, step), the picture diffusers' own pipeline
+    makes of that embedding with the run's decode settings (scheduler, steps, guidance, size, seed) and the
+    encoder's zero-image negative; settings unlike the defaults so that one taken from the wrong place shows."""
+    from diffusers import DDIMScheduler
+
+    from dsl_cli.config import DecoderConfig
+    from dsl_cli.decoder import load_decoder, to_uint8
+    from dsl_cli.outputs import RunFolder
+    from dsl_cli.studies import decode_kept
+
+    g = torch.Generator().manual_seed(1)
+    kept = {("a_on_b", "dsl", None, 0): torch.randn(32, generator=g),
+            ("a_on_b", "greedy", None, 3): torch.randn(32, generator=g)}
+    cfg = OmegaConf.create({"seed": 7, "decoder": DecoderConfig(source="tiny"), "decode": {
+        "dtype": "fp32", "scheduler": "ddim", "height": 64, "width": 64, "steps": 3, "guidance": 7.5, "batch_size": 2}})
+    decode_kept(cfg, tmp_path, tiny_encoder, kept)
+    pipe = load_decoder(DecoderConfig(source="tiny")).pipe
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    negative = tiny_encoder.zero_embed()
+    for (composite, order, _, step), embed in kept.items():
+        expected = pipe(image_embeds=embed[None], negative_image_embeds=negative, height=64, width=64,
+                        generator=torch.Generator().manual_seed(7), num_inference_steps=3, guidance_scale=7.5,
+                        output_type="np").images[0]
+        saved = np.asarray(Image.open(RunFolder(tmp_path).overlay_step(composite, order, step)), dtype=np.int16)
+        assert saved.shape == (64, 64, 3)
+        assert np.abs(saved - to_uint8(expected)).max() <= 1, (order, step)
