@@ -172,7 +172,9 @@ def head_importance(
     comps = [parse_component(c) for c in components]
     cache = encoder.run_with_cache(pixels)
     clean = cache.embeds.float().cpu().unsqueeze(1)  # [B, 1, E]
-    if ablation == "mean" and means is None:
+    if ablation == "zero":
+        means = None  # the study passes its one mean to both ablations; zero puts nothing back
+    elif means is None:
         means = encoder.mean_writes(pixels, batch_size)
     scores = {"dsl": cosine(encoder.steer(cache, comps, mode=mode, alpha=alpha), clean),  # [B, K]
               "direct": cosine(encoder.direct(cache, comps), clean),

@@ -420,7 +420,9 @@ class HookedEncoder(Placed, nn.Module):
         _check_ablation(how)
         pixels = pixels.to(self.device, self.dtype)
         head_mask, mlp_mask = self._ablation_masks(components, len(pixels))
-        if how == "mean" and means is None:
+        if how == "zero":
+            means = None  # given for a mean ablation elsewhere in the same study: a zero ablation puts nothing back
+        elif means is None:
             means = self.mean_writes(pixels)
         return self.run_with_hooks(pixels, self._ablation_hooks(head_mask, mlp_mask, means))
 
