@@ -390,3 +390,34 @@ def test_a_zero_ablation_ignores_the_means_a_study_passes_along(tiny_encoder, ti
     plain = head_importance(tiny_encoder, tiny_pixels, ["L1H0"], "zero")
     assert [(r["importance"], r["direct_importance"]) for r in rows] == [
         (r["importance"], r["direct_importance"]) for r in plain]
+
+
+def test_the_overlay_study_stage_passes_every_setting_through(tmp_path, tiny_run):
+    """`run_study` (overlay removal) with settings unlike the defaults (mean ablation, greedy pool 2, 3
+    random orders, seed 11, mode add, alpha 0.5, 2 steps): its rows are those of `overlay_curves` called
+    here on the same composites with those settings, each with its composite's background and foreground;
+    the summary's mean areas come from the rows."""
+    from dsl_cli.studies import OverlaySettings, composites, overlay_curves
+
+    encoder, preprocess, images, components = tiny_run
+    cfg = study_cfg("overlay_removal", ablation="mean", greedy_pool=2, random_orders=3, steps=2, decode_steps=[])
+    cfg.seed, cfg.lens = 11, {"mode": "add", "alpha": 0.5}
+    summary = run_study(cfg, tmp_path, *tiny_run)
+    rows = read_csv(tmp_path / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+    pairs = composites(images, 0.45, "center")
+    pixels = lambda pictures: torch.stack([preprocess(p) for p in pictures])  # noqa: E731
+    heads = [c for c in components if c.kind == "head"]
+    settings = OverlaySettings(steps=2, greedy_pool=2, random_orders=3, seed=11, ablation="mean", mode="add",
+                               alpha=0.5, batch_size=7)
+    expected = overlay_curves(encoder, pixels([p for *_, p in pairs]), pixels([fg.load() for _, _, fg, _ in pairs]),
+                              heads, settings, names=[name for name, *_ in pairs]).rows
+    assert len(rows) == len(expected) == 3 * (3 + 3) * 3  # composites x (dsl, direct, greedy, 3 random) x steps
+    roles = {name: (bg.name, fg.name) for name, bg, fg, _ in pairs}
+    for got, want in zip(rows, expected):
+        assert (got["background"], got["foreground"]) == roles[want["image"]]
+        assert {k: got[k] for k in ("image", "ablation", "order", "seed", "step", "component")} == {
+            k: want[k] for k in ("image", "ablation", "order", "seed", "step", "component")}
+        assert got["overlay_sim"] == pytest.approx(want["overlay_sim"], abs=2e-6)
+    assert summary["ablation"] == "mean" and summary["composites"] == 3
+    assert summary["mean_auc"]["random"] == pytest.approx(np.mean([r["auc"] for r in rows if r["order"] == "random"
+                                                                  and r["step"] == 0]), abs=1e-5)
