@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from dsl_cli.components import parse_component
 from dsl_cli.encoder import HookedEncoder
@@ -273,6 +274,7 @@ def test_random_orders_differ_between_seeds_and_repeat_for_one():
 def test_area_under_the_curve_by_hand():
     # trapezoids of unit width: (1 + 0.5) / 2 + (0.5 + 0.5) / 2 + (0.5 + 0) / 2
     assert area_under([1.0, 0.5, 0.5, 0.0]) == pytest.approx(1.5)
+    assert area_under([0.8, 0.4]) == pytest.approx(0.6)  # two points: one trapezoid
     assert area_under([0.9]) == 0.0
 
 
@@ -306,3 +308,25 @@ def test_overlay_position_and_scale_come_from_the_config(tmp_path, tiny_run):
     assert composite.shape[:2] == (side, side)
     assert (composite[side - small:, side - small:] == patch).all()
     assert (composite[:side - small] == square[:side - small]).all()
+
+
+def test_bootstrap_interval_is_the_central_percentile_interval_of_the_resampled_correlations() -> None:
+    """Written out here: R resamples of the n pairs with replacement (numpy's generator seeded with the
+    study's seed, one row of n indices per resample), Pearson r of each (Spearman: of the ranks), then the
+    2.5th and 97.5th percentiles for 95 % confidence (90 %: the 5th and 95th)."""
+    g = np.random.default_rng(5)
+    x = g.normal(size=12)
+    y = x + g.normal(size=12)
+    for rank, confidence in ((False, 0.95), (True, 0.95), (False, 0.9)):
+        how = Correlation(resamples=300, seed=9, confidence=confidence)
+        index = np.random.default_rng(9).integers(0, 12, size=(300, 12))
+        values = []
+        for row in index:
+            a, b = x[row], y[row]
+            if rank:
+                a, b = scipy_stats.rankdata(a), scipy_stats.rankdata(b)
+            if a.std() > 0 and b.std() > 0:
+                values.append(np.corrcoef(a, b)[0, 1])
+        tail = 100 * (1 - confidence) / 2
+        expected = np.percentile(values, [tail, 100 - tail])
+        assert bootstrap_interval(x, y, rank=rank, how=how) == pytest.approx(tuple(expected), abs=1e-9)
