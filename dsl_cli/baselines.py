@@ -21,9 +21,9 @@ from typing import Optional
 
 import torch
 
-from dsl_cli.outputs import BASELINE_IMAGE, EXTRA_COLUMNS, CsvLog, RunFolder, group_rows, is_picture, read_csv
+from dsl_cli.outputs import BASELINE_IMAGE, BASELINES, SEEDS, RunFolder, Table, group_rows, is_picture
 
-BASELINES = ("uncond", "mean")  # the `component` of a baselines.csv row
+BASELINE_NAMES = ("uncond", "mean")  # the `component` of a baselines.csv row
 
 
 @dataclass
@@ -34,7 +34,7 @@ class Extra:
     embed: Optional[torch.Tensor]  # [E]; None: the decoder's unconditional embedding (known once it is built)
     seed: int
     file: str  # relative to the run folder
-    table: str  # seeds.csv | baselines.csv
+    table: Table  # outputs.SEEDS | outputs.BASELINES
     rows: list[tuple[dict, torch.Tensor]] = field(default_factory=list)
 
 
@@ -45,7 +45,7 @@ def seed_extras(cfg, folder: RunFolder, lens: str, scored: list, decoded: list[t
         image, component = scored[i].name, scored[i].rows[k]["component"]
         for seed in range(cfg.seed + 1, cfg.seed + cfg.decode.seeds):
             row = {"image": image, "lens": lens, "component": component, "seed": seed}
-            extra = Extra(scored[i].embeds[k], seed, folder.picture(image, lens, component, seed), "seeds.csv")
+            extra = Extra(scored[i].embeds[k], seed, folder.picture(image, lens, component, seed), SEEDS)
             extra.rows.append((row, scored[i].clean))
             extras.append(extra)
     return extras
@@ -56,8 +56,8 @@ def baseline_extras(cfg, folder: RunFolder, lens: str, scored: list) -> list[Ext
     embeds = {"uncond": None, "mean": torch.stack([s.clean for s in scored]).mean(0)}
     extras = []
     for seed in range(cfg.seed, cfg.seed + cfg.decode.seeds):
-        for name in BASELINES:
-            extra = Extra(embeds[name], seed, folder.picture(BASELINE_IMAGE, lens, name, seed), "baselines.csv")
+        for name in BASELINE_NAMES:
+            extra = Extra(embeds[name], seed, folder.picture(BASELINE_IMAGE, lens, name, seed), BASELINES)
             extra.rows += [({"image": s.name, "lens": lens, "component": name, "seed": seed}, s.clean)
                            for s in scored]
             extras.append(extra)
@@ -68,10 +68,10 @@ def start_extras(folder: RunFolder, extras: list[Extra]) -> list[Extra]:
     """Keep the rows of an earlier attempt whose picture is whole on disk (each table rewritten with them
     alone) and return the extras still to decode."""
     done = set()
-    for table in ("seeds.csv", "baselines.csv"):
+    for table in (SEEDS, BASELINES):
         if any(extra.table == table for extra in extras):
-            kept = [r for r in read_csv(folder.path / table, EXTRA_COLUMNS) if is_picture(folder.path / r["file"])]
-            CsvLog(folder.path / table, EXTRA_COLUMNS).rewrite(kept)
+            kept = [r for r in folder.read(table) if is_picture(folder.path / r["file"])]
+            folder.write(table, kept)
             done |= {(table, r["file"]) for r in kept}
     return [extra for extra in extras if (extra.table, extra.file) not in done]
 
@@ -83,13 +83,13 @@ def score_extras(folder: RunFolder, extras: list[Extra], again: torch.Tensor) ->
         for row, clean in extra.rows:
             sim = torch.nn.functional.cosine_similarity(picture, clean.float(), dim=0).item()
             rows.append({**row, "sim_decoded": sim, "file": extra.file})
-        CsvLog(folder.path / extra.table, EXTRA_COLUMNS).append(rows)
+        folder.log(extra.table).append(rows)
 
 
 def seed_spread(run_dir: Path, rows: list[dict]) -> list[dict]:
     """similarity.csv rows with `sim_decoded_mean` and `sim_decoded_std` (sample standard deviation) over
     every seed of their component: the first seed's sim_decoded and its rows in seeds.csv."""
-    extra = group_rows(read_csv(RunFolder(run_dir).seeds_csv, EXTRA_COLUMNS), ("image", "component"))
+    extra = group_rows(RunFolder(run_dir).read(SEEDS), ("image", "component"))
     for row in rows:
         values = [r["sim_decoded"] for r in extra.get((row["image"], row["component"]), [])]
         if row["sim_decoded"] is not None and values:

@@ -30,7 +30,7 @@ from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
 from dsl_cli.encoder.reading import direct_attribution, source_shares
 from dsl_cli.errors import UserError
 from dsl_cli.memory import release_memory
-from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, RunFolder, atomic_write_bytes
+from dsl_cli.outputs import LABELS, RunFolder, atomic_write_bytes
 
 log = logging.getLogger("dsl_cli.lenses")
 
@@ -408,7 +408,7 @@ class Lens:
     stream       reads the residual stream of each chosen layer (L3, and L3mid with lens.mid=true)
     submodules   reads the chosen heads and/or MLP of each chosen layer (component=heads|mlp|all)
     label_kinds  component kinds an explicit label list may name (None: any)
-    columns      the CSV columns it fills beyond the common ones (`outputs.COLUMNS`), with `row()` (the same
+    columns      the CSV columns it fills beyond the common ones (`outputs.SimilarityRow`), with `row()` (the same
                  in every row) or `values()` (per image and component)
     figures      the figures it adds to every run's (drawn from the run folder's files by `outputs.redraw`)
     prepare_stage  the manifest stage of `prepare` (work with a model of its own, before the encoder loads)
@@ -583,7 +583,7 @@ class LogitLens(Lens):
                 rows += [{"image": image, "lens": self.name, "component": comp.label, "layer": comp.layer,
                           "head": comp.head, "rank": r + 1, "label": names[int(indices[k, r])],
                           "score": values[k, r].item()} for r in range(values.shape[-1])]
-        CsvLog(RunFolder(scored.run_dir).labels_csv, LABEL_COLUMNS).rewrite(rows)
+        RunFolder(scored.run_dir).write(LABELS, rows)
         return {}
 
 

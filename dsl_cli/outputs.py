@@ -36,8 +36,9 @@ import textwrap
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TypedDict, get_args, get_type_hints
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -46,32 +47,11 @@ from dsl_cli.errors import UserError, printable
 
 log = logging.getLogger("dsl_cli.outputs")
 
-COLUMNS = [
-    "image", "lens", "component", "kind", "layer", "head", "mode", "alpha", "seed", "steps", "guidance",
-    "sim_embed", "sim_decoded", "norm", "rank", "file",
-    # added later, at the end, so a run folder of an earlier version still reads (`read_csv`)
-    "attribution", "top_patches", "sim_decoded_mean", "sim_decoded_std", "labels", "description",
-]
-LABEL_COLUMNS = ["image", "lens", "component", "layer", "head", "rank", "label", "score"]
-# where each head looks: the CLS token's share of its CLS write and each patch's (`;`-joined, row by row)
-PATCH_COLUMNS = ["image", "lens", "component", "grid", "cls_share", "shares"]
-# seeds.csv and baselines.csv (dsl_cli.baselines): a baseline row's component is `uncond` or `mean`
-EXTRA_COLUMNS = ["image", "lens", "component", "seed", "sim_decoded", "file"]
 BASELINE_IMAGE = "_baselines"  # the image folder of the baseline pictures (dsl_cli.baselines)
 TOP_TILES = 16  # tiles in the per-image top grid
 SEED_GRID_ROWS = 8  # components in a seeds grid
 SEED_NOTE = ("decoded = sim_decoded of that seed's picture; uncond: the decoder's unconditional embedding; "
              "mean: the mean embedding of the run's images (what the decoder makes without the component)")
-# The number columns of the CSVs dsl writes, by name (a name means the same in every table); every other
-# column is text. `read_csv` gives them as int or float, None for an empty cell, so that no reader of a
-# CSV parses a number from a string, and rows read back have the types of the rows that were written.
-NUMBER_COLUMNS: dict[str, type] = {
-    **dict.fromkeys(("layer", "head", "seed", "steps", "rank", "grid", "n", "step"), int),
-    **dict.fromkeys(("alpha", "guidance", "sim_embed", "sim_decoded", "norm", "attribution", "sim_decoded_mean",
-                     "sim_decoded_std", "score", "cls_share", "importance", "dsl", "direct", "direct_importance",
-                     "dsl_score", "overlay_sim", "auc", "spearman", "spearman_low", "spearman_high", "spearman_p",
-                     "pearson", "pearson_low", "pearson_high", "pearson_p"), float),
-}
 LOOK_COLUMNS = 4  # heads per row of a `looks` figure (each: where it looks, its picture)
 CAPTION_LINES = 4  # a grid caption: component and rank, embed, decoded, top label
 NO_SCALE = "#e8e8e8"  # the grey of a heatmap block that holds a single value
@@ -83,6 +63,156 @@ SIMILARITIES = {
 CAPTION_NOTE = (f"#rank; embed = sim_embed = {SIMILARITIES['sim_embed']}; "
                 f"decoded = sim_decoded = {SIMILARITIES['sim_decoded']}; last line: the top ImageNet label "
                 "of the lens embedding")
+
+
+# ---------------------------------------------------------------- the CSVs: one row type each
+# A row is a dict (csv's DictWriter/DictReader, the figures and the page index it by column name); its
+# TypedDict below is its schema: the columns in file order, each with its type. `read_csv` gives a number
+# column back as int or float (None where empty), so that no reader of a CSV parses a number from a string.
+
+
+class SimilarityRow(TypedDict, total=False):
+    """similarity.csv: one row per (image, lens, component, seed)."""
+
+    image: str
+    lens: str
+    component: str
+    kind: str
+    layer: int | None
+    head: int | None
+    mode: str
+    alpha: float | None
+    seed: int | None
+    steps: int | None
+    guidance: float | None
+    sim_embed: float | None
+    sim_decoded: float | None
+    norm: float | None
+    rank: int | None
+    file: str
+    # added later, at the end, so that a run folder of an earlier version still reads (`read_csv`)
+    attribution: float | None
+    top_patches: str
+    sim_decoded_mean: float | None
+    sim_decoded_std: float | None
+    labels: str
+    description: str
+
+
+class LabelRow(TypedDict, total=False):
+    """labels.csv (logit lens): the top labels of each component."""
+
+    image: str
+    lens: str
+    component: str
+    layer: int | None
+    head: int | None
+    rank: int | None
+    label: str
+    score: float | None
+
+
+class PatchRow(TypedDict, total=False):
+    """patches.csv: where each chosen head looks: the CLS token's share of its CLS write and each patch's
+    (`;`-joined, row by row, in a grid x grid of patches)."""
+
+    image: str
+    lens: str
+    component: str
+    grid: int | None
+    cls_share: float | None
+    shares: str
+
+
+class ExtraRow(TypedDict, total=False):
+    """seeds.csv and baselines.csv (dsl_cli.baselines): a picture decoded with another seed, or a baseline
+    picture (component `uncond` or `mean`) scored against an image."""
+
+    image: str
+    lens: str
+    component: str
+    seed: int | None
+    sim_decoded: float | None
+    file: str
+
+
+class ImportanceRow(TypedDict, total=False):
+    """study_head_importance.csv: a head's importance (the drop of the image's similarity when it is
+    ablated) beside the scores it is correlated with (dsl_cli.studies.SCORES)."""
+
+    image: str
+    component: str
+    layer: int | None
+    head: int | None
+    ablation: str
+    mode: str
+    alpha: float | None
+    importance: float | None
+    dsl: float | None
+    direct: float | None
+    direct_importance: float | None
+
+
+class CorrelationRow(TypedDict, total=False):
+    """correlations.csv: Spearman and Pearson correlations of importance with a score, with bootstrap
+    intervals, per image and pooled."""
+
+    ablation: str
+    image: str
+    lens: str
+    n: int | None
+    spearman: float | None
+    spearman_low: float | None
+    spearman_high: float | None
+    spearman_p: float | None
+    pearson: float | None
+    pearson_low: float | None
+    pearson_high: float | None
+    pearson_p: float | None
+
+
+class OverlayRow(TypedDict, total=False):
+    """study_overlay_removal.csv: a composite's similarity to its overlay as heads are ablated in an order."""
+
+    image: str
+    background: str
+    foreground: str
+    ablation: str
+    order: str
+    seed: int | None
+    step: int | None
+    component: str
+    dsl_score: float | None
+    overlay_sim: float | None
+    auc: float | None
+
+
+@dataclass(frozen=True)
+class Table:
+    """One CSV of a run folder: its file name and its row type."""
+
+    name: str
+    row: type  # a TypedDict above
+
+    @cached_property
+    def kinds(self) -> dict[str, type]:
+        """Column -> int, float or str (the type of its values; a number may also be None), in file order."""
+        hints = get_type_hints(self.row).items()
+        return {name: next(k for k in get_args(hint) or (hint,) if k is not type(None)) for name, hint in hints}
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.kinds)
+
+
+SIMILARITY = Table("similarity.csv", SimilarityRow)
+LABELS = Table("labels.csv", LabelRow)
+PATCHES = Table("patches.csv", PatchRow)
+SEEDS = Table("seeds.csv", ExtraRow)
+BASELINES = Table("baselines.csv", ExtraRow)
+IMPORTANCE = Table("study_head_importance.csv", ImportanceRow)
+CORRELATIONS = Table("correlations.csv", CorrelationRow)
+OVERLAY = Table("study_overlay_removal.csv", OverlayRow)
 
 
 # ---------------------------------------------------------------- atomic files
@@ -267,24 +397,38 @@ class RunFolder:
         self.path = Path(path)
 
     # the folder's files: its layout is known here alone (the module's docstring draws it)
-    similarity_csv = _file("similarity.csv")
-    labels_csv = _file("labels.csv")
-    patches_csv = _file("patches.csv")
-    seeds_csv = _file("seeds.csv")
-    baselines_csv = _file("baselines.csv")
-    importance_csv = _file("study_head_importance.csv")
-    correlations_csv = _file("correlations.csv")
-    overlay_csv = _file("study_overlay_removal.csv")
     manifest_json = _file("manifest.json")
     config_yaml = _file(".hydra/config.yaml")
     overrides_yaml = _file(".hydra/overrides.yaml")
     multirun_yaml = _file("multirun.yaml")
+
+    def csv(self, table: Table) -> Path:
+        return self.path / table.name
+
+    def read(self, table: Table) -> list[dict]:
+        """The table's rows, typed (`read_csv`); none where the file does not exist."""
+        return read_csv(self.csv(table), table)
+
+    def write(self, table: Table, rows: list[dict]) -> None:
+        """The table's file, replaced at once by `rows`."""
+        self.log(table).rewrite(rows)
+
+    def log(self, table: Table) -> "CsvLog":
+        """The table's file, to append rows to as they come (created with its header where missing)."""
+        return CsvLog(self.csv(table), table.columns)
 
     def figure(self, folder: str, name: str) -> Path:
         """A figure: `<folder>/<name>.png`, folder one of FIGURES."""
         if folder not in self.FIGURES:
             raise ValueError(f"no figure folder {folder!r} in a run folder")
         return self.path / folder / f"{name}.png"
+
+    def figures(self, *folders: str) -> list[Path]:
+        """The figures in the given folders (default: every one of FIGURES), in path order."""
+        return sorted(p for name in folders or self.FIGURES for p in (self.path / name).glob("*.png"))
+
+    def holds_study(self) -> bool:
+        return self.csv(IMPORTANCE).is_file() or self.csv(OVERLAY).is_file()
 
     def overlay_picture(self, composite: str) -> Path:
         """Overlay removal: a composite as the study made it."""
@@ -510,10 +654,11 @@ class CsvLog:
         atomic_write_bytes(self.path, buffer.getvalue().encode())
 
 
-def read_csv(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
-    """Rows of a CSV written by CsvLog (or by an earlier version, whose columns are the first of `columns`:
-    the later ones are empty); a torn last line (a killed run) is dropped. The values that become
-    parts of paths (image, lens, component, file) are checked: UserError for one that is not a plain name."""
+def read_csv(path: Path, table: Table = SIMILARITY) -> list[dict]:
+    """Rows of a CSV written by CsvLog (or by an earlier version, whose columns are the first of the table's:
+    the later ones are empty), typed by the table's row type; a torn last line (a killed run) is dropped.
+    The values that become parts of paths (image, lens, component, file) are checked: UserError for one
+    that is not a plain name."""
     if not path.exists():
         return []
     try:
@@ -524,21 +669,21 @@ def read_csv(path: Path, columns: list[str] = COLUMNS) -> list[dict]:
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
     reader = csv.DictReader(lines)
-    header = reader.fieldnames
+    header, columns = reader.fieldnames, table.columns
     if header is not None and (not header or header != columns[:len(header)]):
         raise UserError(f"{path}: not a CSV written by this version of dsl (columns {reader.fieldnames})")
     rows = [{**dict.fromkeys(columns, ""), **row} for row in reader  # an earlier version's: later columns empty
             if len(row) == len(header) and None not in row.values()]
     for number, row in enumerate(rows, start=2):
-        type_row(row, f"{path} row {number}:")
+        type_row(row, table, f"{path} row {number}:")
         _check_row(row, f"{path} row {number}:")
     return rows
 
 
-def type_row(row: dict, where: str) -> dict:
-    """The number columns of a row read from a CSV as int or float (None where empty), in place."""
-    for key, kind in NUMBER_COLUMNS.items():
-        if key in row:
+def type_row(row: dict, table: Table, where: str) -> dict:
+    """A row read from the table's CSV, its number columns made int or float (None where empty), in place."""
+    for key, kind in table.kinds.items():
+        if kind is not str and key in row:
             text = row[key]
             try:
                 row[key] = kind(text) if text != "" else None
@@ -958,20 +1103,20 @@ def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[
 def redraw(run_dir: Path) -> list[Path]:
     """Draw every grid, heatmap and label plot of a run from its files alone (no model, no GPU)."""
     folder = RunFolder(run_dir)
-    if not folder.similarity_csv.is_file():
+    if not folder.csv(SIMILARITY).is_file():
         raise UserError(f"{run_dir}: no similarity.csv here; give the folder of a dsl run")
-    rows = read_csv(folder.similarity_csv)
+    rows = folder.read(SIMILARITY)
     if not rows:
-        raise UserError(f"{folder.similarity_csv}: no rows yet; finish the run first (dsl run resume={run_dir})")
+        raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
     try:
         written = draw_grids(run_dir, rows) + draw_heatmaps(run_dir, rows)
-        if folder.labels_csv.is_file():
-            written += draw_label_plots(run_dir, read_csv(folder.labels_csv, LABEL_COLUMNS))
-        if folder.seeds_csv.is_file() or folder.baselines_csv.is_file():
-            written += draw_seed_grids(run_dir, rows, read_csv(folder.seeds_csv, EXTRA_COLUMNS),
-                                       read_csv(folder.baselines_csv, EXTRA_COLUMNS))
-        if folder.patches_csv.is_file():
-            written += draw_looks(run_dir, rows, read_csv(folder.patches_csv, PATCH_COLUMNS))
+        if folder.csv(LABELS).is_file():
+            written += draw_label_plots(run_dir, folder.read(LABELS))
+        if folder.csv(SEEDS).is_file() or folder.csv(BASELINES).is_file():
+            written += draw_seed_grids(run_dir, rows, folder.read(SEEDS),
+                                       folder.read(BASELINES))
+        if folder.csv(PATCHES).is_file():
+            written += draw_looks(run_dir, rows, folder.read(PATCHES))
     except (KeyError, ValueError) as err:  # a CSV edited by hand (a missing column, an odd value)
         raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
     return written

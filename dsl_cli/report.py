@@ -21,10 +21,11 @@ from urllib.parse import quote
 import numpy as np
 
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (LABEL_COLUMNS, NO_SCALE, SIMILARITIES, TOP_TILES, RunFolder, atomic_write_bytes, claimed,
-                             colour_limits, csv_text, dark_cell, group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder,
-                             kind_blocks, layer_label, read_csv, read_manifest, redraw)
-from dsl_cli.studies import CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, SCORES, redraw_study
+from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, NO_SCALE, OVERLAY, SIMILARITIES, SIMILARITY, TOP_TILES,
+                             RunFolder, atomic_write_bytes, claimed, colour_limits, csv_text, dark_cell, group_rows,
+                             heatmap_cells, heatmap_matrix, is_sweep_folder, kind_blocks, layer_label, read_manifest,
+                             redraw)
+from dsl_cli.studies import POOLED, SCORES, redraw_study
 
 PAGE = "index.html"
 STYLE = """
@@ -296,8 +297,8 @@ def thumbnail(path: str) -> str:
 
 def image_figures(folder: Path, image: str, lens: str) -> list[Path]:
     """The image's grids, heatmap, plots and where its heads look, by their names (see dsl_cli.outputs)."""
-    found = [p for p in sorted(folder.glob("grids/*.png")) if p.stem.startswith(f"{image}_{lens}_")]
     run = RunFolder(folder)
+    found = [p for p in run.figures("grids") if p.stem.startswith(f"{image}_{lens}_")]
     found += [p for p in (run.figure("heatmaps", f"{image}_{lens}"), run.figure("plots", f"{image}_logit"),
                           run.figure("looks", f"{image}_{lens}")) if p.is_file()]
     return found
@@ -317,7 +318,7 @@ def image_section(folder: Path, image: str, rows: list[dict]) -> str:
 
 def top_labels(folder: Path) -> dict[tuple[str, str], dict]:
     """Logit lens: (image, component) -> its top label row, from labels.csv."""
-    rows = read_csv(RunFolder(folder).labels_csv, LABEL_COLUMNS)
+    rows = RunFolder(folder).read(LABELS)
     return {(r["image"], r["component"]): r for r in rows if r["rank"] == 1}
 
 
@@ -347,7 +348,7 @@ def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) ->
 def run_page(folder: Path) -> str:
     """The page of a run folder (similarity.csv, labels.csv, manifest.json and the pictures and figures)."""
     manifest = read_manifest(folder) or {}
-    rows = read_csv(RunFolder(folder).similarity_csv)
+    rows = RunFolder(folder).read(SIMILARITY)
     images = group_rows(rows, ("image",))
     contents = " · ".join(f'<a href="#{esc(quote(image))}">{esc(image)}</a>' for (image,) in images)
     body = [header(folder, manifest, "run"), f"<p>images: {contents} · <a href='#components'>all components</a>"
@@ -365,14 +366,14 @@ def run_page(folder: Path) -> str:
 def importance_tables(folder: Path) -> str:
     """Head importance: the correlations (pooled first, then per image, each with its bootstrap 95 % interval
     and n) and every (image, head) row."""
-    corr = read_csv(RunFolder(folder).correlations_csv, CORRELATION_COLUMNS)
+    corr = RunFolder(folder).read(CORRELATIONS)
     corr.sort(key=lambda r: r["image"] != POOLED)
     head = ["ablation", "image", "lens", "n", "spearman", "spearman 95 % CI", "spearman_p", "pearson",
             "pearson 95 % CI", "pearson_p"]
     body = [f"<tr>{cell(esc(r['ablation']))}{cell(esc(r['image']))}{cell(esc(r['lens']))}{number(r['n'], 0)}"
             + "".join(number(r[k]) if k in r else interval(r, k.split()[0]) for k in head[4:]) + "</tr>\n"
             for r in corr]
-    rows = read_csv(RunFolder(folder).importance_csv, IMPORTANCE_COLUMNS)
+    rows = RunFolder(folder).read(IMPORTANCE)
     numbers = ["layer", "head", "importance", *SCORES]
     heads = [f"<tr{row_attrs(r, ['image', 'layer'])}>{cell(esc(r['ablation']))}{cell(esc(r['image']))}"
              f"{cell(esc(r['component']))}"
@@ -397,7 +398,7 @@ def overlay_tables(folder: Path) -> str:
     per order (at the start, mean over the steps, at the end, the area under the curve; random orders
     averaged)."""
     run = RunFolder(folder)
-    rows = read_csv(run.overlay_csv, OVERLAY_COLUMNS)
+    rows = run.read(OVERLAY)
     body, summary = [], []
     for (image, order), group in group_rows(rows, ("image", "order")).items():
         runs = [[r["overlay_sim"] for r in run] for run in group_rows(group, ("seed",)).values()]
@@ -410,7 +411,7 @@ def overlay_tables(folder: Path) -> str:
     pictures = "".join(f"<figure>{img(rel(run.overlay_picture(image), folder), image)}<figcaption>{esc(image)}"
                        f"</figcaption></figure>" for (image,) in group_rows(rows, ("image",))
                        if run.overlay_picture(image).is_file())
-    fades = "".join(thumbnail(rel(p, folder)) for p in sorted(folder.glob("grids/*_overlay_fade.png")))
+    fades = "".join(thumbnail(rel(p, folder)) for p in run.figures("grids") if p.stem.endswith("_overlay_fade"))
     numbers = ["orders", "at start", "mean over steps", "at end", "area under the curve"]
     return (f"<h2>Composites</h2><div class=gallery>{pictures}</div>"
             + (f"<h2>Decoded as the heads go</h2><div class='row thumbs'>{fades}</div>" if fades else "")
@@ -424,14 +425,14 @@ def study_page(folder: Path) -> str:
     """The page of a study's run folder: settings, the plot, the summary tables, the files."""
     manifest, run = read_manifest(folder) or {}, RunFolder(folder)
     name = manifest.get("config", {}).get("study", {}).get("name") or (
-        "head_importance" if run.importance_csv.is_file() else "overlay_removal")
+        "head_importance" if run.csv(IMPORTANCE).is_file() else "overlay_removal")
     plot = run.figure("plots", name)
     body = [header(folder, manifest, f"study {name}"), settings_section(manifest, study=True),
             files_section(folder),
             f'<h2>Plot</h2><div class="figures">{img(rel(plot, folder), name) if plot.is_file() else "none drawn"}</div>']
-    if run.importance_csv.is_file():
+    if run.csv(IMPORTANCE).is_file():
         body.append(importance_tables(folder))
-    if run.overlay_csv.is_file():
+    if run.csv(OVERLAY).is_file():
         body.append(overlay_tables(folder))
     return page(f"dsl study {name} {folder.name}", "\n".join(body))
 
@@ -471,9 +472,8 @@ def jobs_figures(sweep_dir: Path, jobs: list[dict]) -> str:
     jobs apart."""
     by_name: dict[str, list[tuple[dict, str]]] = {}
     for job in (j for j in jobs if j["folder"] is not None):
-        for path in sorted((sweep_dir / job["folder"]).glob("*/*.png")):
-            if path.parent.name in ("heatmaps", "plots"):
-                by_name.setdefault(rel(path, sweep_dir / job["folder"]), []).append((job, rel(path, sweep_dir)))
+        for path in RunFolder(sweep_dir / job["folder"]).figures("heatmaps", "plots"):
+            by_name.setdefault(rel(path, sweep_dir / job["folder"]), []).append((job, rel(path, sweep_dir)))
     shared = set.intersection(*(set(job["overrides"]) for job in jobs)) if jobs else set()
     sections = []
     for name, found in by_name.items():
@@ -510,10 +510,10 @@ def folder_kind(folder: Path) -> str | None:
     """sweep, study, run, or None for a folder that holds none of them."""
     if is_sweep_folder(folder):
         return "sweep"
-    if RunFolder(folder).similarity_csv.is_file():
+    if RunFolder(folder).csv(SIMILARITY).is_file():
         return "run"
     manifest = read_manifest(folder)
-    if any(folder.glob("study_*.csv")) or (manifest or {}).get("config", {}).get("study", {}).get("name"):
+    if RunFolder(folder).holds_study() or (manifest or {}).get("config", {}).get("study", {}).get("name"):
         return "study"
     return "run" if manifest is not None else None
 
@@ -563,7 +563,7 @@ def collection_page(root: Path, folders: list[Path]) -> str:
     top = sorted(f for f in folders if not any(other in f.parents for other in folders))
     sections = []
     for folder in top:
-        figures = sorted(p for name in FIGURE_FOLDERS for p in (folder / name).glob("*.png"))
+        figures = RunFolder(folder).figures(*FIGURE_FOLDERS)
         shown = "".join(thumbnail(rel(p, root)) for p in figures) or "<p class=muted>no figures</p>"
         status = status_badge((read_manifest(folder) or {}).get("status"))
         sections.append(f"<section><h2>{link(rel(folder / PAGE, root), rel(folder, root))} {status}</h2>"
@@ -578,9 +578,9 @@ def redraw_folder(root: Path) -> dict[Path, int]:
     drawn = {}
     for kind, folder in report_folders(root):
         with claimed(folder):
-            if kind == "run" and RunFolder(folder).similarity_csv.is_file():
+            if kind == "run" and RunFolder(folder).csv(SIMILARITY).is_file():
                 drawn[folder] = len(redraw(folder))
-            elif kind == "study" and any(folder.glob("study_*.csv")):
+            elif kind == "study" and RunFolder(folder).holds_study():
                 drawn[folder] = len(redraw_study(folder))
             write_page(kind, folder)
     return drawn

@@ -37,9 +37,8 @@ from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, describe, get_lens, n_labels, prepare_text,
                             rank, score, where_heads_look)
 from dsl_cli.memory import decode_need, park_if_short, release_memory, visiting
-from dsl_cli.outputs import (COLUMNS, PATCH_COLUMNS, CsvLog, Manifest, RunFolder, group_rows, is_picture,
-                             is_sweep_folder, read_csv, read_manifest,
-                             redraw, save_png)
+from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture, is_sweep_folder,
+                             read_manifest, redraw, save_png)
 from dsl_cli.report import write_page
 from dsl_cli.studies import run_study, validate_study
 from dsl_cli.weights import preflight
@@ -438,7 +437,7 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
 
 
 def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manifest: Manifest) -> None:
-    previous = read_csv(folder.similarity_csv)
+    previous = folder.read(SIMILARITY)
     manifest.start(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
                    seed=cfg.seed, versions=_versions(), git_commit=_git_commit(), slurm_job=current_slurm_job(),
                    config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
@@ -458,7 +457,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     with manifest.stage("lens"):
         scored = _lens_stage(cfg, lens, folder, encoder, preprocess, image_set, components, manifest, reader)
 
-    csv_log = CsvLog(folder.similarity_csv, COLUMNS)
+    csv_log = folder.log(SIMILARITY)
     plan = start_csv(cfg, folder, scored, previous, csv_log)
     extras = plan_extras(cfg, folder, lens, scored)
     manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan),
@@ -494,7 +493,7 @@ def _lens_stage(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_s
     scored = score_images(cfg, lens, folder, encoder, preprocess, image_set, components)
     manifest.update(images=[s.name for s in scored], skipped=image_set.skipped)
     if any(s.patches for s in scored):  # rewritten whole: a resumed run scores every image again
-        CsvLog(folder.patches_csv, PATCH_COLUMNS).rewrite([r for s in scored for r in s.patches])
+        folder.write(PATCHES, [r for s in scored for r in s.patches])
     images = _scored_images(cfg, encoder, preprocess, image_set, components, scored, folder)
     if reader is not None:
         labels, descriptions = describe(images, reader, cfg.lens)
@@ -508,7 +507,7 @@ def _lens_stage(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_s
 def _write_stage(cfg, folder: RunFolder, scored: list[Scored], csv_log: CsvLog, manifest: Manifest) -> None:
     """Final ranks and order of the CSV, every figure, and the manifest's last word."""
     with manifest.stage("write"):
-        rows = seed_spread(folder.path, _finish_rows(cfg, sorted_rows(read_csv(csv_log.path), scored)))
+        rows = seed_spread(folder.path, _finish_rows(cfg, sorted_rows(folder.read(SIMILARITY), scored)))
         csv_log.rewrite(rows)
         figures = redraw(folder.path)
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))

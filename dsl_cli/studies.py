@@ -38,15 +38,11 @@ from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import InputImage, overlay
 from dsl_cli.memory import release_memory, rows_that_fit
-from dsl_cli.outputs import (CsvLog, RunFolder, grid_image, group_rows, open_picture, pyplot, read_csv, read_manifest,
+from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, grid_image, group_rows, open_picture, pyplot,
+                             read_manifest,
                              save_figure, save_png)
 
 SCORES = ("dsl", "direct", "direct_importance")  # what head importance is correlated with
-IMPORTANCE_COLUMNS = ["image", "component", "layer", "head", "ablation", "mode", "alpha", "importance", *SCORES]
-CORRELATION_COLUMNS = ["ablation", "image", "lens", "n", "spearman", "spearman_low", "spearman_high", "spearman_p",
-                       "pearson", "pearson_low", "pearson_high", "pearson_p"]
-OVERLAY_COLUMNS = ["image", "background", "foreground", "ablation", "order", "seed", "step", "component",
-                   "dsl_score", "overlay_sim", "auc"]
 POOLED = "pooled"  # the `image` value of correlations over all (image, head) rows
 STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bigger batch gains little
 
@@ -262,7 +258,7 @@ def correlations(rows: list[dict], target: str = "importance", scores: Sequence[
                  how: Correlation = Correlation()) -> list[dict]:
     """Spearman and Pearson of `target` vs each score, per ablation: per image and pooled over all rows
     (image `pooled`), each with a bootstrap interval and n: one dict per (ablation, image, lens) with
-    CORRELATION_COLUMNS. Pooling mixes images whose importance scales differ; the per-image rows are the
+    `outputs.CorrelationRow`. Pooling mixes images whose importance scales differ; the per-image rows are the
     cleaner test, the pooled one the headline number."""
     out = []
     for (ablation,), block in group_rows(rows, ("ablation",)).items():
@@ -327,7 +323,7 @@ def overlay_removal(
 def overlay_curves(encoder: HookedEncoder, composite_pixels: Tensor, foreground_pixels: Tensor,
                    components: Sequence[Component | str], settings: OverlaySettings,
                    means: Optional[MeanWrites] = None, names: Optional[Sequence[str]] = None) -> OverlayResult:
-    """Overlay-similarity curves under cumulative ablation, as CSV rows (OVERLAY_COLUMNS less background and
+    """Overlay-similarity curves under cumulative ablation, as CSV rows (`outputs.OverlayRow` less background and
     foreground): per composite, orders `dsl`, `direct`, `greedy` and `random` (seed = seed + r for r <
     random_orders, the same orders for every composite), steps 0..min(steps, K) each; step 0 ablates
     nothing, `component` is the one ablated at that step, overlay_sim = cos(e_ablated(composite), e_fg),
@@ -475,8 +471,8 @@ def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
                                     float(cfg.lens.alpha), means, [i.name for i in images[start:start + step]],
                                     ablated)
     corr = correlations(rows, how=Correlation(resamples=study.bootstrap, seed=cfg.seed))
-    CsvLog(RunFolder(run_dir).importance_csv, IMPORTANCE_COLUMNS).rewrite(rows)
-    CsvLog(RunFolder(run_dir).correlations_csv, CORRELATION_COLUMNS).rewrite(corr)
+    RunFolder(run_dir).write(IMPORTANCE, rows)
+    RunFolder(run_dir).write(CORRELATIONS, corr)
     plot = redraw_study(run_dir)[0]  # from the CSVs just written, as `dsl plot` draws it
     pooled = {f"{r['ablation']} {r['lens']}": {k: r[k] for k in ("n", "spearman", "spearman_low", "spearman_high",
                                                                  "pearson", "pearson_low", "pearson_high")}
@@ -523,7 +519,7 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
     roles = {name: (bg.name, fg.name) for name, bg, fg, _ in pairs}
     for row in result.rows:
         row["background"], row["foreground"] = roles[row["image"]]
-    CsvLog(RunFolder(run_dir).overlay_csv, OVERLAY_COLUMNS).rewrite(result.rows)
+    RunFolder(run_dir).write(OVERLAY, result.rows)
     decode_kept(cfg, run_dir, encoder, result.kept)
     figures = redraw_study(run_dir)  # from the files just written, as `dsl plot` draws them
     # area under each order's curve, averaged over composites (and seeds): lower, the overlay went sooner
@@ -704,12 +700,12 @@ def redraw_study(run_dir: Path) -> list[Path]:
     config = (read_manifest(run_dir) or {}).get("config", {})
     folder, grids = RunFolder(run_dir), []
     try:
-        if folder.importance_csv.is_file():
-            rows = read_csv(folder.importance_csv, IMPORTANCE_COLUMNS)
-            corr = read_csv(folder.correlations_csv, CORRELATION_COLUMNS)
+        if folder.csv(IMPORTANCE).is_file():
+            rows = folder.read(IMPORTANCE)
+            corr = folder.read(CORRELATIONS)
             figure, name = plot_head_importance(rows, corr), "head_importance"
-        elif folder.overlay_csv.is_file():
-            rows = read_csv(folder.overlay_csv, OVERLAY_COLUMNS)
+        elif folder.csv(OVERLAY).is_file():
+            rows = folder.read(OVERLAY)
             figure, name = plot_overlay_removal(rows, overlay_settings(rows, config)), "overlay_removal"
             grids = draw_fade_grids(run_dir, rows)
         else:

@@ -35,8 +35,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import UserError, report
-from dsl_cli.outputs import (COLUMNS, CsvLog, RunFolder, claimed, draw_heatmaps, draw_lens_comparison, group_rows,
-                             is_sweep_folder, read_csv, read_manifest, type_row, write_json)
+from dsl_cli.outputs import (SIMILARITY, CsvLog, RunFolder, claimed, draw_heatmaps, draw_lens_comparison, group_rows,
+                             is_sweep_folder, read_manifest, type_row, write_json)
 from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
@@ -185,7 +185,7 @@ def _read_job(job: Job, sweep_dir: Path, folder: Path) -> None:
     manifest = read_manifest(folder) or {}
     job.status, job.error = manifest.get("status", "started"), manifest.get("error")
     if job.status == "complete":
-        job.rows = read_csv(RunFolder(folder).similarity_csv)
+        job.rows = RunFolder(folder).read(SIMILARITY)
 
 
 # ---------------------------------------------------------------- merge
@@ -216,8 +216,8 @@ def merge_sweep(sweep_dir: Path) -> dict:
     with claimed(sweep_dir):  # `dsl merge` of a sweep still running is refused (the sweep merges itself)
         jobs = sweep_jobs(sweep_dir)
         keys = override_keys(jobs)
-        columns = ["job", *(OVERRIDE + k for k in keys), *COLUMNS]
-        CsvLog(RunFolder(sweep_dir).similarity_csv, columns).rewrite(merged_rows(jobs, keys))
+        columns = ["job", *(OVERRIDE + k for k in keys), *SIMILARITY.columns]
+        CsvLog(RunFolder(sweep_dir).csv(SIMILARITY), columns).rewrite(merged_rows(jobs, keys))
         manifest = sweep_manifest(jobs)
         figures = draw_sweep(sweep_dir)
         manifest["figures"] = [p.relative_to(sweep_dir).as_posix() for p in figures]
@@ -261,12 +261,12 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     """Heatmaps of the merged CSV (one set per combination of the overrides that vary and do not just split
     the work), and, where jobs decoded the same components through different lenses, grids of them side by
     side (`draw_lens_comparison`)."""
-    path = RunFolder(sweep_dir).similarity_csv
+    path = RunFolder(sweep_dir).csv(SIMILARITY)
     with open(path, newline="", encoding="utf-8") as handle:
-        rows = [type_row(row, f"{path} row {n}:") for n, row in enumerate(csv.DictReader(handle), start=2)]
+        rows = [type_row(row, SIMILARITY, f"{path} row {n}:") for n, row in enumerate(csv.DictReader(handle), start=2)]
     keys = [c for c in (rows[0] if rows else {}) if c.startswith(OVERRIDE) and c[len(OVERRIDE):] not in SAME_HEATMAP_KEYS]
     varying = [k for k in keys if len({row[k] for row in rows}) > 1]
-    for stale in [*sweep_dir.glob("heatmaps/*.png"), *sweep_dir.glob("grids/*.png")]:  # an earlier merge's
+    for stale in RunFolder(sweep_dir).figures("heatmaps", "grids"):  # an earlier merge's
         stale.unlink()
     figures = []
     for values, group in group_rows(rows, tuple(varying)).items():
@@ -278,7 +278,7 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
 def redraw_sweeps(folder: Path) -> dict[Path, int]:
     """`draw_sweep` for every merged sweep at or below `folder`: {sweep folder: figures drawn}."""
     found = [folder] if is_sweep_folder(folder) else [p.parent for p in folder.rglob("multirun.yaml")]
-    return {sweep: len(draw_sweep(sweep)) for sweep in sorted(found) if RunFolder(sweep).similarity_csv.is_file()}
+    return {sweep: len(draw_sweep(sweep)) for sweep in sorted(found) if RunFolder(sweep).csv(SIMILARITY).is_file()}
 
 
 # ---------------------------------------------------------------- Hydra callback

@@ -208,9 +208,9 @@ def test_a_similarity_csv_of_an_earlier_version_still_reads(tmp_path) -> None:
     """The new columns come after the old ones: a file with the old header reads, the new columns empty;
     a header that is not a beginning of today's is refused."""
     from dsl_cli.errors import UserError
-    from dsl_cli.outputs import COLUMNS, read_csv
+    from dsl_cli.outputs import SIMILARITY, read_csv
 
-    old = COLUMNS[:COLUMNS.index("attribution")]
+    old = SIMILARITY.columns[:SIMILARITY.columns.index("attribution")]
     row = dict(zip(old, ["cat", "direct", "L01H00", "head", "1", "0", "", "", "0", "2", "4.0", "0.5", "", "1.0",
                          "1", ""]))
     (tmp_path / "old.csv").write_text(",".join(old) + "\n" + ",".join(row[c] for c in old) + "\n")
@@ -228,13 +228,14 @@ def test_numbers_read_back_typed_and_an_edited_one_is_refused(tmp_path) -> None:
     """`read_csv` gives number columns as numbers (empty: None) and says which cell of a hand-edited file is
     not a number."""
     from dsl_cli.errors import UserError
-    from dsl_cli.outputs import LABEL_COLUMNS, CsvLog, read_csv
+    from dsl_cli.outputs import LABELS, RunFolder
 
-    log = CsvLog(tmp_path / "labels.csv", LABEL_COLUMNS)
+    folder = RunFolder(tmp_path)
+    log = folder.log(LABELS)
     log.append([{"image": "cat", "lens": "logit", "component": "L03", "layer": 3, "head": None, "rank": 1,
                  "label": "tabby", "score": 0.25}])
-    assert read_csv(log.path, LABEL_COLUMNS) == [{"image": "cat", "lens": "logit", "component": "L03", "layer": 3,
-                                                 "head": None, "rank": 1, "label": "tabby", "score": 0.25}]
+    assert folder.read(LABELS) == [{"image": "cat", "lens": "logit", "component": "L03", "layer": 3,
+                                    "head": None, "rank": 1, "label": "tabby", "score": 0.25}]
     log.path.write_text(log.path.read_text().replace(",1,tabby,", ",first,tabby,"))
     with pytest.raises(UserError, match="row 2: rank 'first' is not a number"):
-        read_csv(log.path, LABEL_COLUMNS)
+        folder.read(LABELS)

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsl_cli.outputs import COLUMNS, TEMP_SUFFIX, RunFolder, is_picture
+from dsl_cli.outputs import SIMILARITY, TEMP_SUFFIX, RunFolder, is_picture
 
 DSL = str(Path(sys.executable).parent / "dsl")
 # 2 images x (4 heads + MLP) = 10 pictures, decoded one at a time so that a kill lands between pictures
@@ -268,7 +268,7 @@ def test_a_full_disk_fails_cleanly_and_resume_completes_the_run(reference: Path,
     assert not list(folder.rglob(f"*{TEMP_SUFFIX}")) and not (folder / RunFolder.LOCK).exists()
     assert all(is_picture(p) for p in folder.rglob("*.png"))
     text = (folder / "similarity.csv").read_text()
-    assert text.endswith("\n") and all(len(row) == len(COLUMNS) for row in csv.reader(text.splitlines()))
+    assert text.endswith("\n") and all(len(row) == len(SIMILARITY.columns) for row in csv.reader(text.splitlines()))
     (small_disk / "ballast").unlink()
     resumed = dsl("run", f"resume={folder}", cwd=small_disk)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

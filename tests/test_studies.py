@@ -21,9 +21,8 @@ from dsl_cli.components import parse_component
 from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import overlay
-from dsl_cli.outputs import read_csv
-from dsl_cli.studies import (CORRELATION_COLUMNS, IMPORTANCE_COLUMNS, OVERLAY_COLUMNS, POOLED, SCORES, correlations,
-                             head_importance, overlay_removal, run_study)
+from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, read_csv
+from dsl_cli.studies import POOLED, SCORES, correlations, head_importance, overlay_removal, run_study
 from helpers import TINY_HEADS, ablated_copy, cos, forward, mid_visual, perturb_, study_cfg
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -191,16 +190,16 @@ def test_overlay_composes_centre_squares():
 @pytest.mark.parametrize("ablation", ["zero", "mean"])
 def test_run_study_head_importance_writes_files(tmp_path, tiny_run, ablation):
     summary = run_study(study_cfg("head_importance", ablation=ablation), tmp_path, *tiny_run)
-    rows = read_csv(tmp_path / "study_head_importance.csv", IMPORTANCE_COLUMNS)
+    rows = read_csv(tmp_path / "study_head_importance.csv", IMPORTANCE)
     assert len(rows) == 3 * 8 and {r["ablation"] for r in rows} == {ablation}  # heads only: the MLP is left out
-    assert len(read_csv(tmp_path / "correlations.csv", CORRELATION_COLUMNS)) == (3 + 1) * 3
+    assert len(read_csv(tmp_path / "correlations.csv", CORRELATIONS)) == (3 + 1) * 3
     assert (tmp_path / "plots" / "head_importance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["rows"] == 24 and set(summary["pooled"]) == {f"{ablation} {s}" for s in SCORES}
 
 
 def test_run_study_overlay_removal_writes_files(tmp_path, tiny_run):
     summary = run_study(study_cfg("overlay_removal"), tmp_path, *tiny_run)
-    rows = read_csv(tmp_path / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+    rows = read_csv(tmp_path / "study_overlay_removal.csv", OVERLAY)
     assert len(rows) == 3 * (3 + 2) * (3 + 1)  # composites x (dsl, direct, greedy, 2 random) x (steps + 1)
     assert {(r["background"], r["foreground"]) for r in rows} == {("img0", "img1"), ("img1", "img2"), ("img2", "img0")}
     assert (tmp_path / "plots" / "overlay_removal.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -293,7 +292,7 @@ def test_head_importance_rows_carry_the_settings_and_mean_ablation(tiny_visual, 
 
 def test_study_summaries_agree_with_the_files(tmp_path, tiny_run):
     summary = run_study(study_cfg("head_importance"), tmp_path / "hi", *tiny_run)
-    corr = read_csv(tmp_path / "hi" / "correlations.csv", CORRELATION_COLUMNS)
+    corr = read_csv(tmp_path / "hi" / "correlations.csv", CORRELATIONS)
     pooled = {r["lens"]: r for r in corr if r["image"] == POOLED}
     for lens in SCORES:
         for key in ("n", "spearman", "spearman_low", "spearman_high", "pearson", "pearson_low", "pearson_high"):
@@ -302,7 +301,7 @@ def test_study_summaries_agree_with_the_files(tmp_path, tiny_run):
     assert summary["files"] == ["study_head_importance.csv", "correlations.csv", "plots/head_importance.png"]
 
     summary = run_study(study_cfg("overlay_removal"), tmp_path / "or", *tiny_run)
-    rows = read_csv(tmp_path / "or" / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+    rows = read_csv(tmp_path / "or" / "study_overlay_removal.csv", OVERLAY)
     for order in ("dsl", "direct", "greedy", "random"):
         areas = [r["auc"] for r in rows if r["order"] == order and r["step"] == 0]
         assert summary["mean_auc"][order] == pytest.approx(np.mean(areas), abs=1e-6)
@@ -350,7 +349,7 @@ def test_the_study_stage_ablates_over_every_batch_with_one_mean_and_bootstraps_w
     cfg = study_cfg("head_importance", ablation="both", bootstrap=50)
     cfg.seed, cfg.encoder.batch_size, cfg.lens = 3, 2, {"mode": "add", "alpha": 1.5}
     run_study(cfg, tmp_path, *tiny_run)
-    rows = read_csv(tmp_path / "study_head_importance.csv", IMPORTANCE_COLUMNS)
+    rows = read_csv(tmp_path / "study_head_importance.csv", IMPORTANCE)
     pixels = torch.stack([preprocess(i.load()) for i in images])
     clean, means = forward(encoder.visual, pixels), encoder.mean_writes(pixels)
     heads = [c.label for c in components if c.kind == "head"]
@@ -363,7 +362,7 @@ def test_the_study_stage_ablates_over_every_batch_with_one_mean_and_bootstraps_w
             got = torch.tensor([r["importance"] for r in rows if (r["ablation"], r["component"]) == (ablation, head)])
             torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     expected_corr = correlations(rows, how=Correlation(resamples=50, seed=3))
-    got_corr = read_csv(tmp_path / "correlations.csv", CORRELATION_COLUMNS)
+    got_corr = read_csv(tmp_path / "correlations.csv", CORRELATIONS)
     assert [(r["ablation"], r["image"], r["lens"]) for r in got_corr] == [
         (r["ablation"], r["image"], r["lens"]) for r in expected_corr]
     # the file's importances have 6 decimals (about 3 digits at the tiny model's 1e-3), which moves the
@@ -403,7 +402,7 @@ def test_the_overlay_study_stage_passes_every_setting_through(tmp_path, tiny_run
     cfg = study_cfg("overlay_removal", ablation="mean", greedy_pool=2, random_orders=3, steps=2, decode_steps=[])
     cfg.seed, cfg.lens = 11, {"mode": "add", "alpha": 0.5}
     summary = run_study(cfg, tmp_path, *tiny_run)
-    rows = read_csv(tmp_path / "study_overlay_removal.csv", OVERLAY_COLUMNS)
+    rows = read_csv(tmp_path / "study_overlay_removal.csv", OVERLAY)
     pairs = composites(images, 0.45, "center")
     pixels = lambda pictures: torch.stack([preprocess(p) for p in pictures])  # noqa: E731
     heads = [c for c in components if c.kind == "head"]

@@ -22,7 +22,7 @@ from PIL import Image
 from dsl_cli.config import ImagesConfig, register_configs
 from dsl_cli.errors import UserError
 from dsl_cli.images import load_images
-from dsl_cli.outputs import COLUMNS, heatmap_matrix, type_row
+from dsl_cli.outputs import SIMILARITY, heatmap_matrix, type_row
 from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu, requeued_run
 from helpers import dsl_in_process
 
@@ -97,7 +97,7 @@ def test_whole_model_preset_splits_a_sweep_by_image(tmp_path: Path, monkeypatch,
     assert sorted((r["image"], r["component"]) for r in merged) == sorted(reference)
     for row in merged:
         expected = reference[(row["image"], row["component"])]
-        for column in COLUMNS:
+        for column in SIMILARITY.columns:
             if column in ("sim_embed", "norm"):
                 assert float(row[column]) == pytest.approx(float(expected[column]), abs=1e-5)
             else:
@@ -144,7 +144,7 @@ def test_heatmaps_hold_all_layers_per_value_of_the_swept_alpha(alpha_sweep: Path
     names = sorted(p.name for p in (alpha_sweep / "heatmaps").glob("*.png"))
     assert names == [f"{image}_steering_lens.alpha={alpha}.png" for image in ("astronaut", "chelsea")
                      for alpha in (1, 4)]
-    rows = [type_row(r, "sweep row") for r in read_rows(alpha_sweep / "similarity.csv")
+    rows = [type_row(r, SIMILARITY, "sweep row") for r in read_rows(alpha_sweep / "similarity.csv")
             if r["image"] == "astronaut" and r[OVERRIDE + "lens.alpha"] == "4"]
     layers, columns, matrix = heatmap_matrix(rows, "sim_embed")
     assert layers == [0, 1] and columns == ["H00", "H01", "H02", "H03"]  # two jobs in one figure
