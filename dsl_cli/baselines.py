@@ -70,7 +70,7 @@ def start_extras(folder: RunFolder, extras: list[Extra]) -> list[Extra]:
     done = set()
     for table in (SEEDS, BASELINES):
         if any(extra.table == table for extra in extras):
-            kept = [r for r in folder.read(table) if is_picture(folder.path / r["file"])]
+            kept = [r for r in folder.read(table) if is_picture(folder.file(r["file"]))]
             folder.write(table, kept)
             done |= {(table, r["file"]) for r in kept}
     return [extra for extra in extras if (extra.table, extra.file) not in done]

@@ -63,10 +63,11 @@ def save_hydra_files(folder: Path, cfg: DictConfig) -> None:
     """What Hydra keeps in `.hydra/` (the job's config, Hydra's config, the overrides), written atomically
     by dsl once the folder is claimed (run.yaml sets `hydra.output_subdir: null`)."""
     hydra_cfg = HydraConfig.get()
-    files = {"config.yaml": cfg, "hydra.yaml": OmegaConf.create({"hydra": hydra_cfg}),
-             "overrides.yaml": hydra_cfg.overrides.task}
-    for name, content in files.items():
-        atomic_write_bytes(folder / ".hydra" / name, OmegaConf.to_yaml(content).encode())
+    run = RunFolder(folder)
+    files = {run.config_yaml: cfg, run.hydra_yaml: OmegaConf.create({"hydra": hydra_cfg}),
+             run.overrides_yaml: hydra_cfg.overrides.task}
+    for path, content in files.items():
+        atomic_write_bytes(path, OmegaConf.to_yaml(content).encode())
 
 
 @contextmanager

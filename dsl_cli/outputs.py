@@ -398,6 +398,9 @@ class RunFolder:
 
     # the folder's files: its layout is known here alone (the module's docstring draws it)
     manifest_json = _file("manifest.json")
+    log_file = _file("dsl.log")  # Hydra's job log (configs/hydra/job_logging)
+    page = _file("index.html")  # dsl_cli.report
+    hydra_yaml = _file(".hydra/hydra.yaml")
     config_yaml = _file(".hydra/config.yaml")
     overrides_yaml = _file(".hydra/overrides.yaml")
     multirun_yaml = _file("multirun.yaml")
@@ -416,6 +419,18 @@ class RunFolder:
     def log(self, table: Table) -> "CsvLog":
         """The table's file, to append rows to as they come (created with its header where missing)."""
         return CsvLog(self.csv(table), table.columns)
+
+    def file(self, relative: str) -> Path:
+        """A path the folder's CSVs give relative to it (their `file` column)."""
+        return self.path / relative
+
+    def listing(self) -> list[str]:
+        """What the folder holds for a reader, relative: its CSVs, manifest, log and saved configs, then its
+        folders of pictures and figures (`name/`)."""
+        names = [p.name for p in sorted(self.path.glob("*.csv"))]
+        names += [p.relative_to(self.path).as_posix() for p in (self.manifest_json, self.log_file, self.config_yaml,
+                                                                self.overrides_yaml, self.multirun_yaml) if p.is_file()]
+        return names + [f"{d}/" for d in ("images", *self.FIGURES) if (self.path / d).is_dir()]
 
     def figure(self, folder: str, name: str) -> Path:
         """A figure: `<folder>/<name>.png`, folder one of FIGURES."""

@@ -27,7 +27,6 @@ from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, NO_SCALE, OVERLAY
                              redraw)
 from dsl_cli.studies import POOLED, SCORES, redraw_study
 
-PAGE = "index.html"
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 2em;color:#222;max-width:110em}
 h1{font-size:1.5em;margin:.2em 0}h2{font-size:1.2em;margin:1.6em 0 .4em;border-bottom:1px solid #ccc}
@@ -217,15 +216,11 @@ def settings_section(manifest: dict, study: bool = False) -> str:
     return f'<h2>Settings</h2><table class="settings">{body}</table>'
 
 
-FILES = ["manifest.json", "dsl.log", ".hydra/config.yaml", ".hydra/overrides.yaml", "multirun.yaml"]
-FOLDERS = ["images", "grids", "heatmaps", "plots", "looks"]
 
 
 def files_section(folder: Path) -> str:
     """Links to every CSV, the manifest, the log, the saved config and the figure folders that exist."""
-    names = [p.name for p in sorted(folder.glob("*.csv"))] + [f for f in FILES if (folder / f).is_file()]
-    names += [f"{d}/" for d in FOLDERS if (folder / d).is_dir()]
-    return "<h2>Files</h2><p>" + " · ".join(link(name) for name in names) + "</p>"
+    return "<h2>Files</h2><p>" + " · ".join(link(name) for name in RunFolder(folder).listing()) + "</p>"
 
 
 # ---------------------------------------------------------------- run page
@@ -307,9 +302,9 @@ def image_figures(folder: Path, image: str, lens: str) -> list[Path]:
 def image_section(folder: Path, image: str, rows: list[dict]) -> str:
     """One image: its input, its heatmaps, its best pictures and its figures."""
     panels = [heat_table(rows, v) for v in ("sim_embed", "sim_decoded") if any(r[v] for r in rows)]
-    source = f"images/{image}/input.png"
-    picture = (f"<figure class=input>{img(source, f'{image} (input)')}<figcaption>input</figcaption></figure>"
-               if (folder / source).is_file() else "")
+    source = RunFolder(folder).input_picture(image)
+    picture = (f"<figure class=input>{img(rel(source, folder), f'{image} (input)')}<figcaption>input</figcaption>"
+               "</figure>" if source.is_file() else "")
     figures = "".join(thumbnail(rel(p, folder)) for p in image_figures(folder, image, rows[0]["lens"]))
     return (f'<section><h2 id="{esc(image)}">{esc(image)}</h2><div class="row">{picture}{"".join(panels)}</div>'
             f"{best_pictures(rows)}<h3>figures</h3>"
@@ -452,7 +447,8 @@ def _job_link(sweep_dir: Path, folder: str | None) -> str:
     """A job's page, or its folder where it has none (yet), or nothing for a job that never started."""
     if folder is None:
         return ""
-    return link(f"{folder}/{PAGE}" if (sweep_dir / folder / PAGE).is_file() else f"{folder}/", folder)
+    page = RunFolder(sweep_dir / folder).page
+    return link(rel(page, sweep_dir) if page.is_file() else f"{folder}/", folder)
 
 
 def status_badge(status: str | None) -> str:
@@ -537,8 +533,9 @@ PAGES = {"run": run_page, "study": study_page, "sweep": sweep_page}
 
 def write_page(kind: str, folder: Path) -> Path:
     """Write the page of a `kind` (run, study, sweep) folder; returns its path."""
-    atomic_write_bytes(folder / PAGE, PAGES[kind](folder).encode())
-    return folder / PAGE
+    page = RunFolder(folder).page
+    atomic_write_bytes(page, PAGES[kind](folder).encode())
+    return page
 
 
 def write_pages(root: Path) -> list[Path]:
@@ -549,8 +546,9 @@ def write_pages(root: Path) -> list[Path]:
         with claimed(folder):
             pages.append(write_page(kind, folder))
     if folder_kind(root) is None:
-        atomic_write_bytes(root / PAGE, collection_page(root, [f for _, f in found]).encode())
-        pages.append(root / PAGE)
+        page = RunFolder(root).page
+        atomic_write_bytes(page, collection_page(root, [f for _, f in found]).encode())
+        pages.append(page)
     return pages
 
 
@@ -566,7 +564,7 @@ def collection_page(root: Path, folders: list[Path]) -> str:
         figures = RunFolder(folder).figures(*FIGURE_FOLDERS)
         shown = "".join(thumbnail(rel(p, root)) for p in figures) or "<p class=muted>no figures</p>"
         status = status_badge((read_manifest(folder) or {}).get("status"))
-        sections.append(f"<section><h2>{link(rel(folder / PAGE, root), rel(folder, root))} {status}</h2>"
+        sections.append(f"<section><h2>{link(rel(RunFolder(folder).page, root), rel(folder, root))} {status}</h2>"
                         f"<div class='row thumbs'>{shown}</div></section>")
     return page(f"dsl {root.resolve().name}", f"<h1>dsl {esc(root.resolve().name)}</h1>"
                 f"<p>{len(top)} folders; each figure links to itself at full size</p>" + "".join(sections))

@@ -300,7 +300,7 @@ def decode_extras(cfg, encoder, preprocess, decoder, folder: RunFolder, extras: 
         check_finite_pictures(pictures, [extra.file for extra in done], cfg.decode)
         saved = [to_pil(picture) for picture in pictures]
         for extra, picture in zip(done, saved):
-            save_png(folder.path / extra.file, picture)
+            save_png(folder.file(extra.file), picture)
         score_extras(folder, done, reencode(encoder, preprocess, saved, cfg.encoder.batch_size))
 
     negative = decoder.negative_embed(encoder).float().cpu().reshape(-1)
@@ -318,7 +318,7 @@ def _write_batch(cfg, encoder, preprocess, folder: RunFolder, scored: list[Score
     saved = [to_pil(picture) for picture in pictures]
     for row, picture in zip(rows, saved):
         row["file"] = folder.picture(row["image"], row["lens"], row["component"])
-        save_png(folder.path / row["file"], picture)
+        save_png(folder.file(row["file"]), picture)
     # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
     again = reencode(encoder, preprocess, saved, cfg.encoder.batch_size)
     clean = torch.stack([scored[i].clean for i, _ in items])
@@ -359,7 +359,7 @@ def start_csv(cfg, folder: RunFolder, scored: list[Scored], previous: list[dict]
     """Keep the rows of an earlier attempt whose picture is whole on disk, write the rows that need no
     picture, and return what is left to decode. For a fresh run, `previous` is empty and this writes the
     rows of the components that are not decoded (`decode.top_k`, `decode.enabled=false`)."""
-    done = {(r["image"], r["component"]) for r in previous if not r["file"] or is_picture(folder.path / r["file"])}
+    done = {(r["image"], r["component"]) for r in previous if not r["file"] or is_picture(folder.file(r["file"]))}
     csv_log.rewrite([r for r in previous if (r["image"], r["component"]) in done])
     plan = [(i, k) for i, k in plan_decoding(cfg, scored) if (scored[i].name, scored[i].rows[k]["component"]) not in done]
     planned = set(plan)

@@ -241,7 +241,7 @@ def summary_lines(sweep_dir: Path, manifest: dict) -> list[str]:
     """What a merge did, for the terminal: one line, then one per failed or unfinished job (named by the
     overrides that tell the jobs apart)."""
     lines = [f"merged {manifest['rows']} rows of {manifest['complete']} of {len(manifest['jobs'])} jobs into "
-             f"{sweep_dir / 'similarity.csv'} (figures: {sweep_dir / 'index.html'})"]
+             f"{RunFolder(sweep_dir).csv(SIMILARITY)} (figures: {RunFolder(sweep_dir).page})"]
     shared = set.intersection(*(set(j["overrides"]) for j in manifest["jobs"])) if len(manifest["jobs"]) > 1 else set()
     for entry in manifest["failed"] + manifest["unfinished"]:
         why = f": {entry['error']}" if entry.get("error") else ""
