@@ -43,6 +43,24 @@ def test_python_api_example_runs() -> None:
     assert namespace["negative"].shape == (1, 32)
 
 
+def test_reading_a_run_example_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The README's second Python block, on a tiny run's folder."""
+    from helpers import dsl_in_process
+
+    folder = tmp_path / "run"
+    args = ["run", "debug=tiny", "layer=1", "images.limit=1", "decode.top_k=1", f"hydra.run.dir={folder}"]
+    assert dsl_in_process(args, tmp_path, monkeypatch, capsys)[0] == 0
+    block = re.findall(r"## Python API.*?```python\n.*?```.*?```python\n(.*?)```", README.read_text(), re.S)[0]
+    assert '"outputs/2026-11-26/10-00-00"' in block, "README example changed"
+    namespace: dict = {}
+    exec(compile(block.replace('"outputs/2026-11-26/10-00-00"', repr(str(folder))), str(README), "exec"), namespace)
+    best = namespace["best"]
+    assert isinstance(best["layer"], int) and isinstance(best["sim_embed"], float)
+    assert best["sim_embed"] == max(r["sim_embed"] for r in namespace["rows"])
+    assert namespace["run"].file(best["file"]).is_file()
+    assert namespace["run"].figures("heatmaps")
+
+
 # ---------------------------------------------------------------- the README's shell commands
 
 WEIGHTS_MISSING = "of the weights this run needs are not in the Hugging Face cache"

@@ -21,7 +21,8 @@ from PIL import Image
 
 from dsl_cli.errors import UserError
 from dsl_cli.images import unique_names
-from dsl_cli.outputs import NAME, TEMP_SUFFIX, LockOwner, RunFolder, atomic_write_bytes, release_all
+from dsl_cli.outputs import (BASELINES, CORRELATIONS, IMPORTANCE, LABELS, NAME, OVERLAY, PATCHES, SEEDS, SIMILARITY,
+                             TEMP_SUFFIX, LockOwner, RunFolder, Table, atomic_write_bytes, release_all)
 from helpers import dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
@@ -291,3 +292,35 @@ def test_atomic_writes_leave_only_dsls_own_temporary_names(tmp_path: Path, monke
     monkeypatch.setattr(outputs.os, "replace", lambda src, dst: (seen.append(Path(src).name), real_replace(src, dst)))
     atomic_write_bytes(tmp_path / "similarity.csv", b"x\n")
     assert len(seen) == 1 and seen[0].startswith(".similarity.csv.") and seen[0].endswith(TEMP_SUFFIX)
+
+
+# The columns each CSV starts with, as the README and docs/DESIGN.md list them (a reader's scripts index them).
+FIRST_COLUMNS = {
+    SIMILARITY: ["image", "lens", "component", "kind", "layer", "head", "mode", "alpha", "seed", "steps", "guidance",
+                 "sim_embed", "sim_decoded", "norm", "rank", "file"],
+    LABELS: ["image", "lens", "component", "layer", "head", "rank", "label", "score"],
+    PATCHES: ["image", "lens", "component", "grid", "cls_share", "shares"],
+    SEEDS: ["image", "lens", "component", "seed", "sim_decoded", "file"],
+    BASELINES: ["image", "lens", "component", "seed", "sim_decoded", "file"],
+    IMPORTANCE: ["image", "component", "layer", "head", "ablation", "mode", "alpha", "importance"],
+    CORRELATIONS: ["ablation", "image", "lens", "n", "spearman", "spearman_low", "spearman_high", "spearman_p"],
+    OVERLAY: ["image", "background", "foreground", "ablation", "order", "seed", "step", "component"],
+}
+
+
+@pytest.mark.parametrize("table", list(FIRST_COLUMNS), ids=lambda t: t.name)
+def test_every_table_reads_back_the_row_it_was_written_with(tmp_path: Path, table: Table) -> None:
+    """A row of values of each column's type, written through the run folder, reads back equal, each value of
+    the same type (numbers are never text, an empty number is None), under the header a reader expects."""
+    values = {int: 7, float: 0.125, str: "cat"}
+    row = {column: values[kind] for column, kind in table.kinds.items()} | {"file": ""}
+    row = {k: v for k, v in row.items() if k in table.kinds}
+    empty = {column: None for column, kind in table.kinds.items() if kind is not str}
+    folder = RunFolder(tmp_path)
+    folder.write(table, [row, {**row, **empty}])
+    with folder.csv(table).open(newline="") as handle:
+        header = next(csv.reader(handle))
+    assert header[:len(FIRST_COLUMNS[table])] == FIRST_COLUMNS[table]
+    assert folder.read(table) == [row, {**row, **empty}]
+    assert [type(v) for v in folder.read(table)[0].values()] == [type(v) for v in row.values()]
+    assert any(kind is float for kind in table.kinds.values()) and any(kind is str for kind in table.kinds.values())
