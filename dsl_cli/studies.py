@@ -561,7 +561,8 @@ def _pooled_title(lens: str, pooled: dict) -> str:
     """A head-importance panel's title: the pooled correlations (over all (image, head) pairs at once, n of
     them) with their bootstrap 95 % intervals."""
     def value(key: str) -> float:
-        return float(pooled.get(key, math.nan) or math.nan)
+        number = pooled.get(key)
+        return math.nan if number is None else float(number)
 
     n = int(value("n")) if math.isfinite(value("n")) else 0
     parts = [f"{name.capitalize()} {value(name):.3f} [{value(name + '_low'):.3f}, {value(name + '_high'):.3f}]"
@@ -595,7 +596,8 @@ def plot_head_importance(rows: list[dict], corr: list[dict]):
                fontsize=8)
     first = rows[0] if rows else {}
     heads = len(rows) // max(1, len(images) * len(blocks))
-    fig.suptitle(f"head importance: DSL {first.get('mode', '')} alpha {float(first.get('alpha') or math.nan):g}; "
+    alpha = math.nan if first.get("alpha") is None else first["alpha"]
+    fig.suptitle(f"head importance: DSL {first.get('mode', '')} alpha {alpha:g}; "
                  f"{len(images)} images x {heads} heads; points: (image, head) pairs", fontsize=10)
     return fig
 

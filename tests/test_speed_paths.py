@@ -154,6 +154,37 @@ def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monke
     assert decoder.fit_batch_size(9, 64, 48, 7.5) == 9
 
 
+def test_the_probe_is_one_eager_step_of_the_batch_measured_above_the_memory_before(monkeypatch) -> None:
+    """`_probe_peak` on the CPU with CUDA's memory counters stubbed: it resets the peak after a sync, decodes
+    `batch` zero embeddings (the first as negative, seeds 0) for one step at the size and guidance asked,
+    with torch.compile told to run eagerly, and returns the peak less the memory held before."""
+    from contextlib import contextmanager
+
+    decoder, calls, stances = load_decoder(DecoderConfig(source="tiny")), [], []
+    for name, value in (("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 1000),
+                        ("max_memory_allocated", 5000)):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name, value=value:
+                            calls.append((name, device)) or value)
+
+    @contextmanager
+    def set_stance(stance, **kwargs):
+        stances.append(stance)
+        yield
+        stances.pop()
+
+    def step(embeds, negative, seeds, height, width, steps, guidance):
+        calls.append(("run", embeds.shape, embeds.dtype, embeds.abs().sum().item(), negative.shape, seeds, height,
+                      width, steps, guidance, list(stances)))
+
+    monkeypatch.setattr(torch.compiler, "set_stance", set_stance)
+    monkeypatch.setattr(decoder, "_run", step)
+    assert decoder._probe_peak(3, 64, 48, 7.5) == 4000
+    device = decoder.device
+    assert calls == [("synchronize", device), ("reset_peak_memory_stats", device), ("memory_allocated", device),
+                     ("run", (3, 32), decoder.dtype, 0.0, (1, 32), [0, 0, 0], 64, 48, 1, 7.5, ["force_eager"]),
+                     ("max_memory_allocated", device)]
+
+
 def test_out_of_memory_halves_an_auto_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     embeds, negative = _inputs(5)
     decoder = load_decoder(DecoderConfig(source="tiny"))

@@ -22,7 +22,8 @@ from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import overlay
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, read_csv
-from dsl_cli.studies import POOLED, SCORES, correlations, head_importance, overlay_removal, run_study
+from dsl_cli.studies import (POOLED, SCORES, STUDY_MAX_ROWS, _draw_orders, _pooled_title, ablation_row_bytes, ablation_rows,
+                             correlations, draw_fade_grids, head_importance, overlay_removal, overlay_settings, run_study)
 from helpers import TINY_HEADS, ablated_copy, cos, forward, mid_visual, perturb_, study_cfg
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -420,3 +421,94 @@ def test_the_overlay_study_stage_passes_every_setting_through(tmp_path, tiny_run
     assert summary["ablation"] == "mean" and summary["composites"] == 3
     assert summary["mean_auc"]["random"] == pytest.approx(np.mean([r["auc"] for r in rows if r["order"] == "random"
                                                                   and r["step"] == 0]), abs=1e-5)
+
+
+def test_an_ablated_row_is_sized_from_the_tower_and_a_gpu_batch_from_free_memory(tiny_encoder, monkeypatch) -> None:
+    """The tiny tower: 16 patches + CLS = 17 tokens, 4 heads of width 64, MLP 256 wide; a row holds
+    17 x (3 x 4 x 64 + 2 x 256 + 8 x 64) values, 4 bytes each in float32, 2 in bfloat16. On the CPU a study
+    runs `batch_size` rows at once; on CUDA as many as `rows_that_fit` gives for that row, at most
+    STUDY_MAX_ROWS."""
+    import dsl_cli.studies as studies
+
+    assert ablation_row_bytes(tiny_encoder) == 17 * (3 * 4 * 64 + 2 * 256 + 8 * 64) * 4
+    assert ablation_row_bytes(HookedEncoder(tiny_encoder.visual.to(torch.bfloat16))) == 17 * 1792 * 2
+    assert ablation_rows(tiny_encoder, 5) == 5
+    asked = []
+    monkeypatch.setattr(type(tiny_encoder), "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(studies, "rows_that_fit", lambda device, row, most: asked.append((device, row, most)) or 42)
+    assert ablation_rows(tiny_encoder, 5) == 42
+    assert asked == [(torch.device("cuda"), 17 * 1792 * 2, STUDY_MAX_ROWS)]
+
+
+# ---- what the figures say: titles, captions and curves from the numbers of the CSVs --------------------------
+
+def test_a_head_importance_title_gives_the_pooled_correlations_as_the_csv_has_them() -> None:
+    pooled = {"n": 12, "spearman": 0.5, "spearman_low": 0.25, "spearman_high": 0.75, "pearson": -0.125,
+              "pearson_low": -0.5, "pearson_high": 0.0}
+    assert _pooled_title("mean ablation, DSL score", pooled) == (
+        "mean ablation, DSL score\npooled over n = 12 (image, head) pairs\n"
+        "Spearman 0.500 [0.250, 0.750] (95 % CI)\nPearson -0.125 [-0.500, 0.000]")
+    assert _pooled_title("x", {}) == "x\npooled over n = 0 (image, head) pairs\nSpearman nan [nan, nan] (95 % CI)\n" \
+                                     "Pearson nan [nan, nan]"
+
+
+def test_an_overlay_removal_title_names_its_settings() -> None:
+    rows = [{"ablation": "mean", "order": order, "seed": seed} for order, seed in
+            (("dsl", None), ("random", 3), ("random", 3), ("random", 4), ("greedy", None))]
+    config = {"lens": {"mode": "norm", "alpha": 2.0},
+              "study": {"greedy_pool": 8, "overlay_position": "top_left", "overlay_scale": 0.4}}
+    assert overlay_settings(rows, config) == (
+        "mean ablation; heads ranked by DSL (norm, alpha 2) and by the naive lens; greedy among the 8 best by DSL; "
+        "2 random orders; overlay at top_left, scale 0.4")
+    config["study"] = {"greedy_pool": None, "overlay_scale": 0.5}
+    assert overlay_settings(rows[:1], config).endswith("greedy among the all best by DSL; 0 random orders; "
+                                                       "overlay at center, scale 0.5")
+
+
+def test_overlay_curves_are_drawn_per_order_and_random_orders_as_mean_and_band() -> None:
+    from dsl_cli.outputs import pyplot
+
+    sims = {("dsl", None): [0.9, 0.5, 0.25], ("random", 1): [0.9, 0.8, 0.6], ("random", 2): [0.9, 0.6, 0.4]}
+    group = [{"order": order, "seed": seed, "step": step, "overlay_sim": value}
+             for (order, seed), values in sims.items() for step, value in enumerate(values)]
+    figure, axis = pyplot().subplots()
+    _draw_orders(axis, group)
+    dsl, random = axis.get_lines()
+    assert dsl.get_label() == "dsl" and random.get_label() == "random (mean of 2, band +-1 sd)"
+    np.testing.assert_allclose(dsl.get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(dsl.get_ydata(), [0.9, 0.5, 0.25])
+    np.testing.assert_allclose(random.get_ydata(), [0.9, 0.7, 0.5])
+    assert (dsl.get_linestyle(), dsl.get_marker(), random.get_linestyle()) == ("-", "o", ":")
+    (band,) = axis.collections  # mean +- the population standard deviation of the two runs: 0, 0.1, 0.1
+    ys = sorted({round(float(y), 6) for _, y in band.get_paths()[0].vertices})
+    assert ys == [0.4, 0.6, 0.8, 0.9]
+    pyplot().close(figure)
+
+
+def test_fade_grids_show_each_order_s_decoded_steps_captioned_with_their_similarity(tmp_path, monkeypatch) -> None:
+    """A row per order whose pictures are all there (the first random seed only), a column per step that has
+    pictures, each tile captioned with its order, step and overlay similarity."""
+    import dsl_cli.studies as studies
+    from dsl_cli.outputs import RunFolder
+
+    folder, drawn = RunFolder(tmp_path), []
+    values = {("dsl", None): [0.9, 0.5, 0.25], ("greedy", None): [0.9, 0.4, 0.2], ("random", 7): [0.9, 0.8, 0.7],
+              ("random", 8): [0.9, 0.6, 0.5]}
+    rows = [{"image": "cat_on_dog", "order": order, "seed": seed, "step": step, "overlay_sim": value}
+            for (order, seed), sims in values.items() for step, value in enumerate(sims)]
+    rows.append({"image": "nothing_decoded", "order": "dsl", "seed": None, "step": 0, "overlay_sim": 0.9})
+    for order, step, shade in (("dsl", 0, 10), ("dsl", 2, 20), ("greedy", 0, 30), ("greedy", 2, 40),
+                               ("random", 0, 50), ("random", 2, 60), ("direct", 0, 70)):
+        path = folder.overlay_step("cat_on_dog", order, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (shade, 0, 0)).save(path)
+    monkeypatch.setattr(studies, "grid_image", lambda tiles, title, columns, note: drawn.append(
+        ([(t.getpixel((0, 0))[0], caption) for t, caption in tiles], title, columns, note)) or Image.new("RGB", (4, 4)))
+    assert draw_fade_grids(tmp_path, rows) == [folder.figure("grids", "cat_on_dog_overlay_fade")]
+    assert folder.figure("grids", "cat_on_dog_overlay_fade").is_file()
+    ((tiles, title, columns, note),) = drawn
+    assert tiles == [(10, "dsl, step 0\noverlay sim 0.900"), (20, "dsl, step 2\noverlay sim 0.250"),
+                     (30, "greedy, step 0\noverlay sim 0.900"), (40, "greedy, step 2\noverlay sim 0.200"),
+                     (50, "random (seed 7), step 0\noverlay sim 0.900"), (60, "random (seed 7), step 2\noverlay sim 0.700")]
+    assert columns == 2 and title == "cat_on_dog: the ablated composite decoded, a row per order, after 0, 2 heads"
+    assert note.startswith("overlay sim = cos(e of the ablated composite, e of the pasted image)")
