@@ -117,7 +117,8 @@ def copy_tree(workdir: Path) -> None:
 
 
 def sync_sources(workdir: Path) -> None:
-    """Bring changed package files into `workdir`; mutmut makes their mutants afresh (their results go)."""
+    """Bring changed package files into `workdir`; mutmut makes the mutants of their changed functions afresh
+    (`generate`): the results of the functions that did not change stay."""
     for source in (ROOT / "dsl_cli").rglob("*"):
         if source.is_dir() or "__pycache__" in source.parts:
             continue
@@ -132,8 +133,15 @@ def sync_sources(workdir: Path) -> None:
             continue
         print(f"changed since the last run: {relative}")
         staged.replace(copy)
-        for stale in (workdir / "mutants" / relative, workdir / "mutants" / f"{relative}.meta"):
-            stale.unlink(missing_ok=True)
+
+
+def generate(workdir: Path) -> None:
+    """Make the mutants of what changed in `workdir` (mutmut does this at the start of `mutmut run`; done here
+    first so that the new mutants can be named)."""
+    steps = ("from mutmut.__main__ import create_mutants; from mutmut.utils.file_utils import copy_src_dir, "
+             "copy_also_copy_files, setup_source_paths; copy_src_dir(); copy_also_copy_files(); "
+             "setup_source_paths(); create_mutants(1)")
+    subprocess.run([sys.executable, "-c", steps], cwd=workdir, env=_env(), check=True, capture_output=True)
 
 
 def rewrap_decorators(path: Path) -> None:
@@ -183,11 +191,15 @@ def named(workdir: Path) -> int:
     return 1 if missed else 0
 
 
-def mutmut(workdir: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the mutated copy, not the checkout
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONHASHSEED="0")
+    return env
+
+
+def mutmut(workdir: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "mutmut", *args]
-    return subprocess.run(command, cwd=workdir, env=env, text=True, capture_output=capture)
+    return subprocess.run(command, cwd=workdir, env=_env(), text=True, capture_output=capture)
 
 
 def load_equivalent() -> dict[str, str]:
@@ -282,13 +294,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.named:
         return named(args.workdir)
     command = "python scripts/mutation.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.again:  # the last run's survivors, timeouts and the mutants it did not reach, with today's tests
-        chosen = undetected(args.workdir, modules, also={"not checked", "timeout"})
-        sync_sources(args.workdir)
+    if args.again:  # the last run's survivors, timeouts, the mutants it did not reach and those of changed
+        sync_sources(args.workdir)  # functions, with today's tests
         for target in (args.workdir, args.workdir / "mutants"):
             shutil.rmtree(target / "tests")
             shutil.copytree(ROOT / "tests", target / "tests", ignore=shutil.ignore_patterns("__pycache__"))
             shutil.copy2(ROOT / "pyproject.toml", target / "pyproject.toml")
+        generate(args.workdir)
+        chosen = undetected(args.workdir, modules, also={"not checked", "timeout"})
     elif not args.report_only:
         copy_tree(args.workdir)
         chosen = [p for m in modules for p in patterns(m)]
