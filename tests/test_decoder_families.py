@@ -334,6 +334,19 @@ REAL_COUNTS = {
 }
 
 
+@pytest.mark.parametrize("family", ["kandinsky22", *REAL_COUNTS])
+def test_the_real_architectures_have_the_published_sizes(family: str) -> None:
+    """The released architectures built on PyTorch's meta device (shapes only: no memory, no weights, two
+    seconds), so that every run of the suite checks them; the slow test below decodes with them."""
+    pipe = FAMILIES[family].build(True, "meta")
+    counts = {"kandinsky22": {"unet": 1.253e9, "movq": 67.8e6}, **REAL_COUNTS}[family]  # 2.2: DESIGN.md section 2
+    for part, count in counts.items():
+        assert sum(p.numel() for p in getattr(pipe, part).parameters()) == pytest.approx(count, rel=1e-2), part
+    if family == "unclip_h14":  # ViT-H/14's processor: shortest side to 224, centre crop 224 x 224
+        assert pipe.feature_extractor.size == {"shortest_edge": 224}
+        assert pipe.feature_extractor.crop_size == {"height": 224, "width": 224}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(REAL_COUNTS))
 def test_real_architecture_with_random_weights_builds_and_decodes(family: str) -> None:
