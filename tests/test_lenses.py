@@ -10,7 +10,7 @@ import torch
 from dsl_cli import lenses
 from dsl_cli.components import Component, parse_component
 from dsl_cli.config import EncoderConfig
-from dsl_cli.encoder import build_tiny_clip, build_tiny_text
+from dsl_cli.encoder import HookedEncoder, build_tiny_clip, build_tiny_text, build_tiny_visual
 from dsl_cli.errors import UserError
 
 
@@ -202,3 +202,82 @@ def test_classifier_prompts_and_precision(monkeypatch, tmp_path: Path) -> None:
     lenses.imagenet_classifier(cfg, "openai", "cpu")
     # the text tower is built in float32 whatever the encoder's precision: it runs once, its result is kept
     assert calls == [(cfg, "cpu", torch.float32), ("model", "tokenizer", "openai", "cpu")]
+
+
+# ---- what a lens does once every image is scored: verify, labels (mutation testing: docs/testing.md) ---------
+
+def _scored(encoder, pixels: torch.Tensor, comps: list[Component], embeds: torch.Tensor,
+            run_dir: Path) -> lenses.ScoredImages:
+    names = [f"img{i}" for i in range(len(pixels))]
+    return lenses.ScoredImages(encoder, EncoderConfig(source="tiny"), comps, list(zip(names, embeds)),
+                               lambda name: pixels[names.index(name)][None], run_dir)
+
+
+def test_verify_reports_the_largest_gap_between_the_closed_form_and_a_hooked_pass(tiny_encoder, tiny_pixels,
+                                                                                   tmp_path) -> None:
+    """`lens.verify=true`: the closed form of every image and component against `steer_hooked` at the lens's
+    mode and alpha; the largest gap, and whether it is within float32's tolerance (1e-4)."""
+    from omegaconf import OmegaConf
+
+    comps = [parse_component(c) for c in ("L1H02", "L2MLP", "L3H00")]
+    lens = lenses.get_lens(OmegaConf.create({"name": "steering", "mode": "norm", "alpha": 3.0, "verify": True}))
+    embeds = tiny_encoder.steer(tiny_encoder.run_with_cache(tiny_pixels), comps, mode="norm", alpha=3.0).float()
+    report = lens.after_scoring(_scored(tiny_encoder, tiny_pixels, comps, embeds, tmp_path))
+    assert report["verify_ok"] is True and report["verify_max_abs_diff"] < 1e-5
+    wrong = embeds.clone()
+    wrong[1, 2, 5] += 0.01  # one coordinate of one image's component off by 0.01
+    report = lens.after_scoring(_scored(tiny_encoder, tiny_pixels, comps, wrong, tmp_path))
+    assert report["verify_max_abs_diff"] == pytest.approx(0.01, abs=1e-5) and report["verify_ok"] is False
+    other = tiny_encoder.steer(tiny_encoder.run_with_cache(tiny_pixels), comps, mode="add", alpha=3.0).float()
+    assert lens.after_scoring(_scored(tiny_encoder, tiny_pixels, comps, other, tmp_path))["verify_ok"] is False
+    half = HookedEncoder(build_tiny_visual().to(torch.bfloat16))  # bfloat16's tolerance is 5e-2
+    wrong = half.steer(half.run_with_cache(tiny_pixels), comps, mode="norm", alpha=3.0).float()
+    wrong[1, 2, 5] += 0.01
+    report = lens.after_scoring(_scored(half, tiny_pixels, comps, wrong, tmp_path))
+    assert 0.01 <= report["verify_max_abs_diff"] < 5e-2 and report["verify_ok"] is True
+    lens.cfg.verify = False
+    assert lens.after_scoring(_scored(tiny_encoder, tiny_pixels, comps, wrong, tmp_path)) == {}
+
+
+def test_logit_labels_are_the_classes_nearest_each_component_by_cosine(tiny_encoder, tmp_path, monkeypatch) -> None:
+    """labels.csv: for every image and component, the `lens.top_labels` classes whose classifier column has
+    the largest cosine with the lens embedding, best first, with that cosine; the classifier is prepared on
+    the encoder's device where the run did not prepare it."""
+    from omegaconf import OmegaConf
+
+    from dsl_cli.outputs import LABELS, RunFolder
+
+    g = torch.Generator().manual_seed(0)
+    classifier = torch.nn.functional.normalize(torch.randn(32, 5, generator=g), dim=0)  # [E, classes]
+    names = ["tench", "goldfish", "shark", "hen", "ostrich"]
+    asked = []
+    monkeypatch.setattr(lenses, "imagenet_classifier", lambda cfg, templates, device: asked.append(
+        (cfg.source, templates, device)) or (classifier, names))
+    lens = lenses.get_lens(OmegaConf.create({"name": "logit", "top_labels": 2, "templates": ["a {}"]}))
+    comps = [parse_component(c) for c in ("L1", "L2H03")]
+    embeds = torch.randn(2, 2, 32, generator=g)
+    assert lens.after_scoring(_scored(tiny_encoder, torch.zeros(2, 3, 64, 64), comps, embeds, tmp_path)) == {}
+    assert asked == [("tiny", ["a {}"], tiny_encoder.device)]
+    expected = []
+    for i in range(2):
+        for k, comp in enumerate(comps):
+            cos = [torch.dot(embeds[i, k], classifier[:, c]).item() / embeds[i, k].norm().item() for c in range(5)]
+            best = sorted(range(5), key=lambda c: -cos[c])[:2]
+            expected += [(f"img{i}", "logit", comp.label, comp.layer, comp.head, r + 1, names[c], pytest.approx(cos[c], abs=1e-6))
+                         for r, c in enumerate(best)]
+    got = [tuple(row.values()) for row in RunFolder(tmp_path).read(LABELS)]
+    assert got == expected
+
+
+@pytest.mark.parametrize("name", ["diffusion", "direct", "steering", "attribution"])
+def test_lens_embeddings_are_those_of_the_lens_the_config_names(name: str, tiny_encoder, tiny_pixels) -> None:
+    from omegaconf import OmegaConf
+
+    cache = tiny_encoder.run_with_cache(tiny_pixels)
+    cfg = OmegaConf.create({"name": name, "mode": "add", "alpha": 2.0, "target": None})
+    comps = [parse_component(c) for c in (("L1", "L3") if name == "diffusion" else ("L1H02", "L2MLP"))]
+    expected = {"diffusion": lambda: tiny_encoder.diffusion_lens(cache, [1, 3]),
+                "direct": lambda: tiny_encoder.direct(cache, comps),
+                "steering": lambda: tiny_encoder.steer(cache, comps, mode="add", alpha=2.0),
+                "attribution": lambda: lenses.direct_attribution(tiny_encoder, cache).pick(comps)}[name]()
+    torch.testing.assert_close(lenses.lens_embeddings(tiny_encoder, cache, comps, cfg), expected)
