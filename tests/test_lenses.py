@@ -281,3 +281,24 @@ def test_lens_embeddings_are_those_of_the_lens_the_config_names(name: str, tiny_
                 "steering": lambda: tiny_encoder.steer(cache, comps, mode="add", alpha=2.0),
                 "attribution": lambda: lenses.direct_attribution(tiny_encoder, cache).pick(comps)}[name]()
     torch.testing.assert_close(lenses.lens_embeddings(tiny_encoder, cache, comps, cfg), expected)
+
+
+@pytest.mark.parametrize("name, dtype, says", [
+    ("direct", "bf16", "img1 L02MLP: the direct lens embedding or its score is not finite (NaN or inf) with "
+                       "encoder.dtype=bf16; use encoder.dtype=fp32"),
+    ("steering", "fp32", "img1 L02MLP: the steering lens embedding or its score is not finite (NaN or inf) with "
+                         "lens.alpha=1e+20 (lens.mode=norm); use a smaller lens.alpha"),
+])
+def test_a_non_finite_embedding_is_refused_naming_the_image_component_and_setting(name: str, dtype: str,
+                                                                                   says: str) -> None:
+    from omegaconf import OmegaConf
+
+    lens = lenses.get_lens(OmegaConf.create({"name": name, "mode": "norm", "alpha": 1e20}))
+    comps = [parse_component(c) for c in ("L1H02", "L2MLP")]
+    embeds, sims = torch.ones(2, 2, 8), torch.zeros(2, 2)
+    scores = lenses.Scores(sim_embed=sims, norm=torch.ones(2, 2))
+    lenses.check_finite(lens, dtype, ["img0", "img1"], comps, torch.ones(2, 8), embeds, scores)  # all finite
+    embeds[1, 1, 3] = float("inf")
+    with pytest.raises(UserError) as refused:
+        lenses.check_finite(lens, dtype, ["img0", "img1"], comps, torch.ones(2, 8), embeds, scores)
+    assert str(refused.value) == says
