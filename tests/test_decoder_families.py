@@ -358,3 +358,11 @@ def test_real_architecture_with_random_weights_builds_and_decodes(family: str) -
     image = dec.decode(embeds, torch.zeros(1, dec.embed_dim), 0, height=64, width=64, steps=1, guidance=4.0,
                        progress=False)
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+def test_the_hub_files_of_each_family_are_those_diffusers_saves() -> None:
+    """What `dsl weights` fetches: the pipeline's index, and each model's config and weights by the names
+    diffusers saves them under (`diffusion_pytorch_model.safetensors`)."""
+    files = {name for group in FAMILIES["kandinsky22"].hub_files for name in group}
+    assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+            "movq/config.json", "movq/diffusion_pytorch_model.safetensors"} <= files

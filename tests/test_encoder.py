@@ -522,3 +522,18 @@ def test_missing_text_weights_name_the_model(offline_empty_hub):
         assert "`hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K open_clip_pytorch_model.bin`" in str(err.value)
     with pytest.raises(UserError, match="fetch them with a download or set encoder.checkpoint"):
         load_encoder(encoder_config(name="ViT-B-32", pretrained="no_such_tag"))  # not a hub tag: no command
+
+
+def test_weights_named_by_path_or_tag(tmp_path, monkeypatch) -> None:
+    """`~` in a weights path is the home folder; a name that is neither a file nor one of the model's
+    pretrained tags is refused in one line that says where the tags are listed."""
+    from dsl_cli.encoder.loading import _expand, checkpoint_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert _expand("~/w.safetensors") == str(tmp_path / "w.safetensors") and _expand(None) is None
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    assert checkpoint_file("ViT-B-32", str(tmp_path / "w.safetensors")) == str(tmp_path / "w.safetensors")
+    with pytest.raises(UserError) as refused:
+        checkpoint_file("ViT-B-32", "no_such_tag")
+    assert str(refused.value) == ("'no_such_tag' is neither a file nor a pretrained tag of open_clip's ViT-B-32 "
+                                  "(open_clip.list_pretrained() lists them)")

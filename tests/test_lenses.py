@@ -302,3 +302,9 @@ def test_a_non_finite_embedding_is_refused_naming_the_image_component_and_settin
     with pytest.raises(UserError) as refused:
         lenses.check_finite(lens, dtype, ["img0", "img1"], comps, torch.ones(2, 8), embeds, scores)
     assert str(refused.value) == says
+
+
+def test_an_empty_component_list_is_refused_saying_what_to_give() -> None:
+    with pytest.raises(UserError) as refused:
+        lenses.check_components([], 4, 4)
+    assert str(refused.value) == "component=[] names no component: use heads, mlp, all, or labels [L3H01,L2MLP]"

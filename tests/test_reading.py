@@ -15,6 +15,7 @@ from dsl_cli.components import Component
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual
 from dsl_cli.encoder import openclip_api
 from dsl_cli.encoder.reading import direct_attribution, head_sources, source_shares
+from dsl_cli.errors import UserError
 from dsl_cli.lenses import (AttributionLens, Looks, ScoredImages, describe, encode_texts, imagenet_classifier,
                              prepare_text, text_span)
 
@@ -89,12 +90,28 @@ def test_shares_of_every_part_sum_to_the_cosine_with_the_target(tiny) -> None:
     clean = cache.embeds
     bias_share = (parts.bias * clean).sum(-1) / clean.norm(dim=-1) ** 2
     assert (shares.sum(1) + bias_share - 1).abs().max() < 1e-5  # own embedding: the shares sum to 1
+    for k in (0, 5, len(every) - 1):  # and each is t . part / (|e| |t|), t = e here
+        torch.testing.assert_close(shares[:, k], (embeds[:, k] * clean).sum(-1) / clean.norm(dim=-1) ** 2)
     text = torch.nn.functional.normalize(torch.randn(1, tiny.d_embed, generator=torch.Generator().manual_seed(5)))
     lens.target = text
     shares = lens.values(tiny, cache, every, embeds)["attribution"]
     cosine = torch.nn.functional.cosine_similarity(clean, text)
     bias_share = (parts.bias @ text.T).squeeze(-1) / clean.norm(dim=-1)
     assert (shares.sum(1) + bias_share - cosine).abs().max() < 1e-5
+    for k in (0, 5, len(every) - 1):
+        torch.testing.assert_close(shares[:, k], (embeds[:, k] @ text.T).squeeze(-1) / clean.norm(dim=-1))
+    lens.target = torch.ones(1, 16)
+    with pytest.raises(UserError) as refused:
+        lens.values(tiny, cache, every, embeds)
+    assert str(refused.value) == ("lens.target: the text tower's embeddings (16) do not match the image encoder's "
+                                  f"({tiny.d_embed}); set encoder.text_name")
+
+
+def test_a_text_target_is_prepared_before_the_encoder_loads() -> None:
+    cfg = OmegaConf.create({"name": "attribution", "target": "a photo of a cat"})
+    assert AttributionLens(cfg).prepare_stage == "target" and AttributionLens(cfg).cfg is cfg
+    assert AttributionLens(OmegaConf.create({"name": "attribution", "target": None})).prepare_stage is None
+    assert AttributionLens().prepare_stage is None
 
 
 def only_head(visual: torch.nn.Module, layer: int, head: int) -> torch.nn.Module:
@@ -207,7 +224,6 @@ def test_descriptions_pick_from_a_users_phrases_and_labels_name_the_best_classes
 def test_a_similarity_csv_of_an_earlier_version_still_reads(tmp_path) -> None:
     """The new columns come after the old ones: a file with the old header reads, the new columns empty;
     a header that is not a beginning of today's is refused."""
-    from dsl_cli.errors import UserError
     from dsl_cli.outputs import SIMILARITY, read_csv
 
     old = SIMILARITY.columns[:SIMILARITY.columns.index("attribution")]
@@ -227,7 +243,6 @@ def test_a_similarity_csv_of_an_earlier_version_still_reads(tmp_path) -> None:
 def test_numbers_read_back_typed_and_an_edited_one_is_refused(tmp_path) -> None:
     """`read_csv` gives number columns as numbers (empty: None) and says which cell of a hand-edited file is
     not a number."""
-    from dsl_cli.errors import UserError
     from dsl_cli.outputs import LABELS, RunFolder
 
     folder = RunFolder(tmp_path)

@@ -138,7 +138,7 @@ def test_auto_batch_on_the_cpu_is_the_old_default() -> None:
     assert decoder.fit_batch_size(3, 64, 64, 4.0) == 3
 
 
-def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monkeypatch) -> None:
+def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monkeypatch, caplog) -> None:
     """The CUDA branch, on the CPU: the decoder says it is on CUDA, the probes and the free memory are
     stubbed; the batch is what `batch_that_fits` gives for the probes of batches 1 and 2, taken at the
     size and guidance asked for (test_gpu.py runs the real probes)."""
@@ -149,9 +149,22 @@ def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monke
     monkeypatch.setattr(type(decoder), "device", property(lambda self: torch.device("cuda")))
     monkeypatch.setattr(decoder, "_probe_peak", lambda *args: probes.append(args) or {1: 3 * gib, 2: 4 * gib}[args[0]])
     monkeypatch.setattr(decoder_module, "free_memory", lambda device: 20 * gib if device.type == "cuda" else 0)
-    assert decoder.fit_batch_size(100, 64, 48, 7.5) == 15  # (20 x 0.85 - 2) / 1, as batch_that_fits works it out
+    with caplog.at_level("INFO", logger="dsl_cli.decoder"):
+        assert decoder.fit_batch_size(100, 64, 48, 7.5) == 15  # (20 x 0.85 - 2) / 1, as batch_that_fits works it out
     assert probes == [(1, 64, 48, 7.5), (2, 64, 48, 7.5)]
+    assert caplog.messages == ["decode batch size auto: 15 (1.00 GiB per picture)"]
     assert decoder.fit_batch_size(9, 64, 48, 7.5) == 9
+
+
+def test_auto_batch_on_the_cpu_and_from_equal_probes() -> None:
+    """Off CUDA: CPU_BATCH pictures at most, never fewer than one asked for. Probes of one and two pictures
+    that peak the same (no measurable cost per picture) count one byte per picture: from 100 free bytes, no
+    margin and a fixed part of 10 - 1 bytes, 91 pictures."""
+    from dsl_cli.decoder import CPU_BATCH
+
+    decoder = load_decoder(DecoderConfig(source="tiny"))
+    assert [decoder.fit_batch_size(n, 64, 64, 4.0) for n in (1, 3, 10_000)] == [1, 3, CPU_BATCH]
+    assert batch_that_fits(1000, 10, 10, 100, margin=0.0) == 91
 
 
 def test_the_probe_is_one_eager_step_of_the_batch_measured_above_the_memory_before(monkeypatch) -> None:
