@@ -9,6 +9,7 @@ puts the mean write back in. No hooks are involved on that side.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from dsl_cli.components import parse_component
 from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import overlay
-from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, read_csv
+from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, group_rows, read_csv
 from dsl_cli.studies import (POOLED, SCORES, STUDY_MAX_ROWS, _draw_orders, _pooled_title, ablation_row_bytes, ablation_rows,
                              correlations, draw_fade_grids, head_importance, overlay_removal, overlay_settings, run_study)
 from helpers import TINY_HEADS, ablated_copy, cos, forward, mid_visual, perturb_, study_cfg
@@ -512,3 +513,68 @@ def test_fade_grids_show_each_order_s_decoded_steps_captioned_with_their_similar
                      (50, "random (seed 7), step 0\noverlay sim 0.900"), (60, "random (seed 7), step 2\noverlay sim 0.700")]
     assert columns == 2 and title == "cat_on_dog: the ablated composite decoded, a row per order, after 0, 2 heads"
     assert note.startswith("overlay sim = cos(e of the ablated composite, e of the pasted image)")
+
+
+def test_mean_ablated_overlay_curves_match_weights_ablated_with_the_composites_means(tiny_visual, tiny_pixels):
+    """Mean ablation, two composites, DSL in `add` mode at alpha 0.5, two random orders from seed 5: every
+    step of every order is the composite through a copy of the tower whose weights ablate the heads taken
+    so far, their mean writes over the composites put back in the bias; the DSL order follows the DSL
+    score at those settings; random order r is `random_order(16, 5 + r)`; step 0 names no head."""
+    from dsl_cli.studies import random_order
+
+    enc = HookedEncoder(tiny_visual)
+    composite, foreground = tiny_pixels[:2], tiny_pixels[1:]
+    rows = overlay_removal(enc, composite, foreground, TINY_HEADS, steps=3, greedy_pool=4, random_orders=2, seed=5,
+                           ablation="mean", mode="add", alpha=0.5, batch_size=5)
+    means, e_fg = enc.mean_writes(composite), forward(tiny_visual, foreground)
+    for b, name in enumerate(["0", "1"]):
+        curves = group_rows([r for r in rows if r["image"] == name], ("order", "seed"))
+        assert set(curves) == {("dsl", None), ("direct", None), ("greedy", None), ("random", 5), ("random", 6)}
+        for (order, seed), curve in curves.items():
+            assert (curve[0]["component"], curve[0]["dsl_score"]) == ("", None)
+            picked = [r["component"] for r in curve[1:]]
+            for step in (1, 3):
+                oracle = forward(ablated_copy(tiny_visual, picked[:step], means), composite[b:b + 1])
+                assert curve[step]["overlay_sim"] == pytest.approx(cos(oracle, e_fg[b:b + 1]).item(), abs=1e-5)
+        for r in (0, 1):
+            assert [parse_component(c["component"]) for c in curves[("random", 5 + r)][1:]] == [
+                parse_component(TINY_HEADS[k]) for k in random_order(16, 5 + r)[:3]]
+        dsl = cos(enc.steer(enc.run_with_cache(composite[b:b + 1]), TINY_HEADS, mode="add", alpha=0.5)[0], e_fg[b])
+        assert [parse_component(c["component"]) for c in curves[("dsl", None)][1:]] == [
+            parse_component(TINY_HEADS[k]) for k in dsl.argsort(descending=True)[:3].tolist()]
+
+
+def test_the_python_api_defaults_are_the_config_defaults() -> None:
+    """`head_importance` and `overlay_removal` called from a notebook study what `dsl run study=...` does."""
+    import inspect
+
+    from dsl_cli import studies
+
+    config = lambda name: OmegaConf.load(Path(studies.__file__).parent / "configs" / "study" / f"{name}.yaml")  # noqa: E731
+    lens = OmegaConf.load(Path(studies.__file__).parent / "configs" / "lens" / "steering.yaml")
+    defaults = {k: p.default for k, p in inspect.signature(overlay_removal).parameters.items()}
+    overlay = config("overlay_removal")
+    assert {k: defaults[k] for k in ("steps", "greedy_pool", "random_orders", "ablation", "mode", "alpha")} == {
+        "steps": overlay.steps, "greedy_pool": overlay.greedy_pool, "random_orders": overlay.random_orders,
+        "ablation": overlay.ablation, "mode": lens.mode, "alpha": lens.alpha}
+    defaults = {k: p.default for k, p in inspect.signature(head_importance).parameters.items()}
+    assert (defaults["ablation"], defaults["mode"], defaults["alpha"]) == (config("head_importance").ablation,
+                                                                          lens.mode, lens.alpha)
+
+
+def test_long_study_work_shows_named_progress_bars(tmp_path, tiny_run, monkeypatch) -> None:
+    """What the terminal shows while a study runs: a bar per ablation over the image batches, one over the
+    ablated rows of each batch (`head_importance` called alone), one over the composites."""
+    import dsl_cli.studies as studies
+
+    real, seen = studies.tqdm, []
+    monkeypatch.setattr(studies, "tqdm", lambda *a, **k: seen.append((k.get("desc"), k.get("unit"), k.get("disable")))
+                        or real(*a, **k))
+    run_study(study_cfg("head_importance", ablation="both", bootstrap=10), tmp_path / "hi", *tiny_run)
+    encoder, _, _, components = tiny_run
+    head_importance(encoder, torch.zeros(1, 3, 64, 64), components[:2])
+    run_study(study_cfg("overlay_removal", steps=1, random_orders=1, decode_steps=[]), tmp_path / "or", *tiny_run)
+    ablate = ("ablate", "row", False)
+    assert [s for s in seen if s[0] is not None] == [("head importance (zero)", "batch", None), ablate,
+                                                     ("head importance (mean)", "batch", None), ablate,
+                                                     ablate, ("overlay", "img", None)]
