@@ -40,8 +40,8 @@ MODULES = {
     "lenses": (["dsl_cli/lenses.py"], None),
     "decoder": (["dsl_cli/decoder.py"], None),
     "studies": (["dsl_cli/studies.py"], None),
-    "run": (["dsl_cli/run.py"], ["_base_row", "score_images", "plan_decoding", "decode_and_write", "start_csv",
-                                 "_finish_rows"]),
+    "run": (["dsl_cli/run.py"], ["_base_row", "score_images", "_score_batch", "plan_decoding", "decode_and_write",
+                                 "_write_batch", "plan_extras", "start_csv", "sorted_rows", "_finish_rows"]),
 }
 EXCLUDED = {  # function -> why it is not mutated (docs/testing.md)
     "plot_head_importance": "drawing only (sizes, colours, labels); the figure tests check that it is drawn",
