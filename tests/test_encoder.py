@@ -537,3 +537,19 @@ def test_weights_named_by_path_or_tag(tmp_path, monkeypatch) -> None:
         checkpoint_file("ViT-B-32", "no_such_tag")
     assert str(refused.value) == ("'no_such_tag' is neither a file nor a pretrained tag of open_clip's ViT-B-32 "
                                   "(open_clip.list_pretrained() lists them)")
+
+
+def test_the_cached_attention_output_is_the_block_s_own(tiny_visual, tiny_pixels) -> None:
+    """cache["blocks.1.hook_attn_out"] (the heads' writes and the output bias, summed) is what the block's
+    attention writes at the CLS token in a real forward pass, read there by a hook."""
+    from helpers import perturb_
+
+    enc = HookedEncoder(perturb_(tiny_visual))
+    cache, seen = enc.run_with_cache(tiny_pixels), {}
+
+    def read(x, hook):
+        seen[hook.name] = x[:, 0].clone()
+
+    enc.run_with_hooks(tiny_pixels, {"blocks.1.hook_attn_out": read, "blocks.2.hook_mlp_out": read})
+    torch.testing.assert_close(cache["blocks.1.hook_attn_out"], seen["blocks.1.hook_attn_out"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cache["blocks.2.hook_mlp_out"], seen["blocks.2.hook_mlp_out"], atol=1e-5, rtol=1e-5)

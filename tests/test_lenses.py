@@ -239,6 +239,31 @@ def test_verify_reports_the_largest_gap_between_the_closed_form_and_a_hooked_pas
     assert lens.after_scoring(_scored(tiny_encoder, tiny_pixels, comps, wrong, tmp_path)) == {}
 
 
+def test_verify_steers_at_the_lens_s_mode_and_shows_its_progress(tiny_encoder, tiny_pixels, tmp_path,
+                                                                  monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    real, bars = lenses.tqdm, []
+    monkeypatch.setattr(lenses, "tqdm", lambda *a, **k: bars.append((k.get("desc"), k.get("unit"))) or real(*a, **k))
+    comps = [parse_component(c) for c in ("L1H02", "L2MLP")]
+    for mode in ("add", "scale"):
+        lens = lenses.get_lens(OmegaConf.create({"name": "steering", "mode": mode, "alpha": 3.0, "verify": True}))
+        embeds = tiny_encoder.steer(tiny_encoder.run_with_cache(tiny_pixels), comps, mode=mode, alpha=3.0).float()
+        assert lens.after_scoring(_scored(tiny_encoder, tiny_pixels, comps, embeds, tmp_path))["verify_ok"] is True
+    assert bars == [("verify", "img")] * 2
+
+
+def test_a_text_target_goes_through_the_encoder_s_text_tower_on_its_device(monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    asked, unit = [], torch.nn.functional.normalize(torch.ones(1, 32), dim=-1)
+    monkeypatch.setattr(lenses, "encode_texts", lambda cfg, texts, device: asked.append((cfg, texts, device)) or unit)
+    lens = lenses.get_lens(OmegaConf.create({"name": "attribution", "target": 7}))
+    encoder_cfg = EncoderConfig(source="tiny")
+    lens.prepare(encoder_cfg, torch.device("cpu"))
+    assert asked == [(encoder_cfg, ["7"], torch.device("cpu"))] and lens.target is unit
+
+
 def test_logit_labels_are_the_classes_nearest_each_component_by_cosine(tiny_encoder, tmp_path, monkeypatch) -> None:
     """labels.csv: for every image and component, the `lens.top_labels` classes whose classifier column has
     the largest cosine with the lens embedding, best first, with that cosine; the classifier is prepared on

@@ -303,3 +303,35 @@ def test_a_parked_encoder_gives_the_same_run_on_a_gpu(tmp_path: Path, monkeypatc
         for key in ("sim_embed", "sim_decoded"):
             if a[key]:
                 assert abs(float(a[key]) - float(b[key])) < 1e-4, (key, a, b)
+
+
+def test_tower_weights_come_from_either_prefix_and_a_wrong_file_is_named_in_one_line(tmp_path: Path) -> None:
+    """`copy_tower_weights` on a two-layer stand-in: the tensors under the first prefix that holds them
+    all (here "" or "text."), nothing else read; otherwise one line naming the file and what is wrong."""
+    def tower() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 4))
+
+    source = tower()
+    for prefix in ("", "text."):
+        file = tmp_path / f"{prefix or 'top'}.safetensors"
+        save_file({**{prefix + k: v for k, v in source.state_dict().items()}, "visual.w": torch.zeros(1)}, file)
+        copied = tower()
+        loading.copy_tower_weights(copied, str(file), ("", "text."), "test tower")
+        for (key, a), b in zip(copied.state_dict().items(), source.state_dict().values()):
+            assert torch.equal(a, b), key
+
+    def refusal(tensors: dict) -> str:
+        file = tmp_path / "bad.safetensors"
+        save_file(tensors, file)
+        with pytest.raises(UserError) as refused:
+            loading.copy_tower_weights(tower(), str(file), ("", "text."), "test tower")
+        return str(refused.value).replace(str(file), "FILE")
+
+    weights = source.state_dict()
+    assert refusal({"visual.w": torch.zeros(1)}) == "FILE holds no test tower weights (it lacks 0.weight, 0.bias, 1.weight)"
+    assert refusal({"0.weight": weights["0.weight"]}) == "FILE holds no test tower weights (it lacks 0.bias, 1.weight, 1.bias)"
+    assert refusal({**weights, "1.weight": torch.zeros(5, 2)}) == "FILE: 1.weight has shape (5, 2), the test tower needs (4, 2)"
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not weights")
+    with pytest.raises(UserError, match=f"^{garbage}: cannot read the test tower weights from it \\("):
+        loading.copy_tower_weights(tower(), str(garbage), ("",), "test tower")

@@ -167,13 +167,14 @@ def test_auto_batch_on_the_cpu_and_from_equal_probes() -> None:
     assert batch_that_fits(1000, 10, 10, 100, margin=0.0) == 91
 
 
-def test_the_probe_is_one_eager_step_of_the_batch_measured_above_the_memory_before(monkeypatch) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_probe_is_one_eager_step_of_the_batch_measured_above_the_memory_before(dtype, monkeypatch) -> None:
     """`_probe_peak` on the CPU with CUDA's memory counters stubbed: it resets the peak after a sync, decodes
     `batch` zero embeddings (the first as negative, seeds 0) for one step at the size and guidance asked,
     with torch.compile told to run eagerly, and returns the peak less the memory held before."""
     from contextlib import contextmanager
 
-    decoder, calls, stances = load_decoder(DecoderConfig(source="tiny")), [], []
+    decoder, calls, stances = load_decoder(DecoderConfig(source="tiny"), dtype=dtype), [], []
     for name, value in (("synchronize", None), ("reset_peak_memory_stats", None), ("memory_allocated", 1000),
                         ("max_memory_allocated", 5000)):
         monkeypatch.setattr(torch.cuda, name, lambda device=None, name=name, value=value:

@@ -461,6 +461,7 @@ def test_an_overlay_removal_title_names_its_settings() -> None:
     assert overlay_settings(rows, config) == (
         "mean ablation; heads ranked by DSL (norm, alpha 2) and by the naive lens; greedy among the 8 best by DSL; "
         "2 random orders; overlay at top_left, scale 0.4")
+    assert overlay_settings([], config).startswith(" ablation; heads ranked by DSL (norm, alpha 2)")
     config["study"] = {"greedy_pool": None, "overlay_scale": 0.5}
     assert overlay_settings(rows[:1], config).endswith("greedy among the all best by DSL; 0 random orders; "
                                                        "overlay at center, scale 0.5")
@@ -495,9 +496,9 @@ def test_fade_grids_show_each_order_s_decoded_steps_captioned_with_their_similar
     folder, drawn = RunFolder(tmp_path), []
     values = {("dsl", None): [0.9, 0.5, 0.25], ("greedy", None): [0.9, 0.4, 0.2], ("random", 7): [0.9, 0.8, 0.7],
               ("random", 8): [0.9, 0.6, 0.5]}
-    rows = [{"image": "cat_on_dog", "order": order, "seed": seed, "step": step, "overlay_sim": value}
-            for (order, seed), sims in values.items() for step, value in enumerate(sims)]
-    rows.append({"image": "nothing_decoded", "order": "dsl", "seed": None, "step": 0, "overlay_sim": 0.9})
+    rows = [{"image": "nothing_decoded", "order": "dsl", "seed": None, "step": 0, "overlay_sim": 0.9}]
+    rows += [{"image": "cat_on_dog", "order": order, "seed": seed, "step": step, "overlay_sim": value}
+             for (order, seed), sims in values.items() for step, value in enumerate(sims)]
     for order, step, shade in (("dsl", 0, 10), ("dsl", 2, 20), ("greedy", 0, 30), ("greedy", 2, 40),
                                ("random", 0, 50), ("random", 2, 60), ("direct", 0, 70)):
         path = folder.overlay_step("cat_on_dog", order, step)
@@ -513,6 +514,9 @@ def test_fade_grids_show_each_order_s_decoded_steps_captioned_with_their_similar
                      (50, "random (seed 7), step 0\noverlay sim 0.900"), (60, "random (seed 7), step 2\noverlay sim 0.700")]
     assert columns == 2 and title == "cat_on_dog: the ablated composite decoded, a row per order, after 0, 2 heads"
     assert note.startswith("overlay sim = cos(e of the ablated composite, e of the pasted image)")
+    folder.overlay_step("cat_on_dog", "dsl", 2).write_bytes(b"not a picture")
+    with pytest.raises(UserError, match=f"not a readable picture .* `dsl run resume={tmp_path}` makes it again"):
+        draw_fade_grids(tmp_path, rows)
 
 
 def test_mean_ablated_overlay_curves_match_weights_ablated_with_the_composites_means(tiny_visual, tiny_pixels):
@@ -578,3 +582,25 @@ def test_long_study_work_shows_named_progress_bars(tmp_path, tiny_run, monkeypat
     assert [s for s in seen if s[0] is not None] == [("head importance (zero)", "batch", None), ablate,
                                                      ("head importance (mean)", "batch", None), ablate,
                                                      ablate, ("overlay", "img", None)]
+
+
+def test_composites_default_to_the_centre_and_need_two_images(tiny_run) -> None:
+    from dsl_cli.studies import composites
+
+    images = tiny_run[2]
+    default, centre = composites(images, 0.45), composites(images, 0.45, "center")
+    assert [n for n, *_ in default] == [n for n, *_ in centre]
+    assert all(np.array_equal(np.asarray(a[3]), np.asarray(b[3])) for a, b in zip(default, centre))
+    with pytest.raises(UserError) as refused:
+        composites(images[:1], 0.45)
+    assert str(refused.value) == "study=overlay_removal pastes one image on another: give at least two images"
+
+
+def test_the_overlay_study_decodes_only_with_decoding_on_and_steps_to_decode() -> None:
+    from dsl_cli.studies import _decoding
+
+    cfg = lambda decode, steps: OmegaConf.create({"study": {"decode_steps": steps}, **decode})  # noqa: E731
+    assert _decoding(cfg({"decode": {"enabled": True}}, [0, 5])) is True
+    assert _decoding(cfg({"decode": {"enabled": False}}, [0, 5])) is False
+    assert _decoding(cfg({"decode": {"enabled": True}}, [])) is False
+    assert _decoding(cfg({}, [0, 5])) is False  # a config without a decode group (the Python API's)
