@@ -9,6 +9,7 @@ import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -335,3 +336,38 @@ def test_tower_weights_come_from_either_prefix_and_a_wrong_file_is_named_in_one_
     garbage.write_bytes(b"not weights")
     with pytest.raises(UserError, match=f"^{garbage}: cannot read the test tower weights from it \\("):
         loading.copy_tower_weights(tower(), str(garbage), ("",), "test tower")
+
+
+def test_a_registered_architecture_keeps_its_activation_and_preprocessing(tmp_path: Path) -> None:
+    """An open_clip config with QuickGELU (as `open_clip.add_model_config` registers one): random weights
+    get that activation in both towers, and the encoder's preprocessing is the one open_clip's own
+    `create_model_and_transforms` gives for the model without pretrained weights."""
+    from PIL import Image
+
+    from dsl_cli.encoder import load_encoder
+    from dsl_cli.encoder.loading import QuickGELU
+
+    name = "dsl-test-tiny-quickgelu"
+    config = {"embed_dim": TINY_EMBED_DIM, "quick_gelu": True, "vision_cfg": TINY_VISION_CFG,
+              "text_cfg": TINY_TEXT_CFG}
+    (tmp_path / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
+    encoder, preprocess = load_encoder(open_clip_config(name, None))
+    text, _ = load_text_model(open_clip_config(name, None))
+    assert isinstance(encoder.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    assert isinstance(text.text.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    _, _, reference = open_clip.create_model_and_transforms(name, pretrained=None)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(picture), reference(picture))
+
+
+def test_a_text_tower_saved_under_text_reads_as_one_saved_at_the_top(tiny_registered: str, tmp_path: Path) -> None:
+    """A CustomTextCLIP checkpoint keeps the text tower under `text.`; a CLIP one at the top level."""
+    state = {k: v.contiguous() for k, v in build_tiny_clip().state_dict().items()}
+    top, nested = tmp_path / "top.safetensors", tmp_path / "nested.safetensors"
+    save_file(state, top)
+    save_file({f"text.{k}": v for k, v in state.items() if not k.startswith("visual.")}, nested)
+    tokens = open_clip.get_tokenizer("ViT-B-32")(PROMPTS)
+    with torch.no_grad():
+        a, b = (load_text_model(open_clip_config(tiny_registered, str(f)))[0].encode_text(tokens) for f in (top, nested))
+    torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -287,8 +287,7 @@ def _load_open_clip_visual(
         # (bigG's 1.8 B parameters take about 10 s to draw on a CPU, a fraction of a second on a GPU)
         visual = seeded(lambda: build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
                                                    model_cfg.get("quick_gelu", False)), device)
-        pp = model_cfg.get("preprocess_cfg", {})
-        return visual, open_clip.image_transform(visual.image_size, False, mean=pp.get("mean"), std=pp.get("std"))
+        return visual, open_clip.image_transform(visual.image_size, False)  # open_clip's own for random weights
     with _user_errors(name, weights):
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
     return model.visual, preprocess
