@@ -470,13 +470,15 @@ def test_an_overlay_removal_title_names_its_settings() -> None:
 def test_overlay_curves_are_drawn_per_order_and_random_orders_as_mean_and_band() -> None:
     from dsl_cli.outputs import pyplot
 
-    sims = {("dsl", None): [0.9, 0.5, 0.25], ("random", 1): [0.9, 0.8, 0.6], ("random", 2): [0.9, 0.6, 0.4]}
+    sims = {("dsl", None): [0.9, 0.5, 0.25], ("random", 1): [0.9, 0.8, 0.6], ("random", 2): [0.9, 0.6, 0.4],
+            ("custom", None): [0.9, 0.9, 0.9]}
     group = [{"order": order, "seed": seed, "step": step, "overlay_sim": value}
              for (order, seed), values in sims.items() for step, value in enumerate(values)]
     figure, axis = pyplot().subplots()
     _draw_orders(axis, group)
-    dsl, random = axis.get_lines()
+    dsl, random, custom = axis.get_lines()  # an order without a style of its own is drawn in matplotlib's
     assert dsl.get_label() == "dsl" and random.get_label() == "random (mean of 2, band +-1 sd)"
+    assert custom.get_label() == "custom"
     np.testing.assert_allclose(dsl.get_xdata(), [0, 1, 2])
     np.testing.assert_allclose(dsl.get_ydata(), [0.9, 0.5, 0.25])
     np.testing.assert_allclose(random.get_ydata(), [0.9, 0.7, 0.5])
@@ -484,6 +486,10 @@ def test_overlay_curves_are_drawn_per_order_and_random_orders_as_mean_and_band()
     (band,) = axis.collections  # mean +- the population standard deviation of the two runs: 0, 0.1, 0.1
     ys = sorted({round(float(y), 6) for _, y in band.get_paths()[0].vertices})
     assert ys == [0.4, 0.6, 0.8, 0.9]
+    from matplotlib.colors import to_rgba
+
+    assert (band.get_alpha(), band.get_zorder(), list(band.get_linewidth())) == (0.2, 1, [0.0])
+    assert tuple(band.get_facecolor()[0]) == to_rgba("tab:gray", 0.2)  # the random orders' colour, faint
     pyplot().close(figure)
 
 
@@ -604,3 +610,38 @@ def test_the_overlay_study_decodes_only_with_decoding_on_and_steps_to_decode() -
     assert _decoding(cfg({"decode": {"enabled": False}}, [0, 5])) is False
     assert _decoding(cfg({"decode": {"enabled": True}}, [])) is False
     assert _decoding(cfg({}, [0, 5])) is False  # a config without a decode group (the Python API's)
+
+
+def test_ablated_rows_halve_their_batch_on_out_of_memory_and_show_their_progress(tiny_encoder, tiny_pixels,
+                                                                                 monkeypatch) -> None:
+    """`ablated_embeds`: an out-of-memory error halves the rows per pass (down to one, which is the last
+    try); no plan gives no rows; the bar counts rows and goes away when done, hidden without a name."""
+    import dsl_cli.studies as studies
+    from dsl_cli.studies import ablated_embeds
+
+    plan = [(i % 3, [parse_component(c)]) for i, c in enumerate(TINY_HEADS[:5])]
+    expected = ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=5)
+    real, passes = tiny_encoder.ablate_hooked, []
+
+    def ablate(pixels, *args, **kwargs):
+        passes.append(len(pixels))
+        if len(pixels) > limit:
+            raise torch.cuda.OutOfMemoryError("injected")
+        return real(pixels, *args, **kwargs)
+
+    monkeypatch.setattr(tiny_encoder, "ablate_hooked", ablate)
+    for limit, tried in ((2, [4, 2, 2, 1]), (1, [4, 2, 1, 1, 1, 1, 1])):
+        passes.clear()
+        torch.testing.assert_close(ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=4), expected)
+        assert passes == tried
+    limit = 0
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=2)
+    assert ablated_embeds(tiny_encoder, tiny_pixels, [], batch_size=2).shape == (0, tiny_encoder.d_embed)
+    bars = []
+    monkeypatch.setattr(studies, "tqdm", lambda **k: bars.append(k) or __import__("tqdm").tqdm(**k))
+    limit = 99
+    ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=4, desc="ablate")
+    ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=4)
+    assert bars == [{"total": 5, "desc": "ablate", "unit": "row", "leave": False, "disable": False},
+                    {"total": 5, "desc": None, "unit": "row", "leave": False, "disable": True}]
