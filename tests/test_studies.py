@@ -645,3 +645,63 @@ def test_ablated_rows_halve_their_batch_on_out_of_memory_and_show_their_progress
     ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=4)
     assert bars == [{"total": 5, "desc": "ablate", "unit": "row", "leave": False, "disable": False},
                     {"total": 5, "desc": None, "unit": "row", "leave": False, "disable": True}]
+
+
+def test_each_correlation_row_holds_its_bootstrap_intervals_at_the_caller_s_settings() -> None:
+    """Spearman and Pearson with the intervals `bootstrap_interval` gives at the caller's resamples and seed
+    (ranks for Spearman, values for Pearson); importance spanning exactly 1 is an ordinary case."""
+    from scipy import stats
+
+    from dsl_cli.studies import Correlation, bootstrap_interval
+
+    g = np.random.default_rng(4)
+    x = g.normal(size=12)
+    y = x + g.normal(size=12)
+    y = (y - y.min()) / (y.max() - y.min())  # from 0 to 1 exactly
+    rows = [{"image": "a", "ablation": "zero", "importance": float(b), "dsl": float(a), "direct": -float(a),
+             "direct_importance": float(a) ** 3} for a, b in zip(x, y)]
+    how = Correlation(resamples=40, seed=3)
+    row = next(r for r in correlations(rows, how=how) if r["image"] == "a" and r["lens"] == "dsl")
+    assert row["n"] == 12 and row["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic)
+    assert row["pearson"] == pytest.approx(stats.pearsonr(x, y).statistic)
+    for name, rank in (("spearman", True), ("pearson", False)):
+        low, high = bootstrap_interval(x, y, rank=rank, how=how)
+        assert (row[f"{name}_low"], row[f"{name}_high"]) == pytest.approx((low, high)), name
+        assert low < row[name] < high
+
+
+def test_a_study_without_heads_says_how_to_select_some(tmp_path, tiny_run) -> None:
+    encoder, preprocess, images, components = tiny_run
+    mlps = [c for c in components if c.kind == "mlp"]
+    with pytest.raises(UserError) as refused:
+        run_study(study_cfg("head_importance"), tmp_path, encoder, preprocess, images, mlps)
+    assert str(refused.value) == ("study=head_importance ablates attention heads: select some with layer=... "
+                                  "head=... (component=heads)")
+
+
+def test_the_overlay_study_decodes_the_kept_steps_and_redraws_from_its_files(tmp_path, tiny_run, monkeypatch) -> None:
+    """With decoding on, the stage decodes each order's composite at study.decode_steps (a picture per order,
+    composite and step); its summary; `dsl plot` titles the plot with the settings of the saved manifest."""
+    import json
+
+    import dsl_cli.studies as studies
+    from dsl_cli.config import DecoderConfig
+    from dsl_cli.outputs import RunFolder
+
+    cfg = study_cfg("overlay_removal", steps=2, random_orders=1, decode_steps=[0, 2])
+    cfg.decoder = OmegaConf.structured(DecoderConfig(source="tiny"))
+    cfg.decode = {"enabled": True, "dtype": "fp32", "scheduler": "ddpm", "height": 64, "width": 64, "steps": 1,
+                  "guidance": 4.0, "batch_size": 4}
+    summary = run_study(cfg, tmp_path, *tiny_run)
+    assert summary["study"] == "overlay_removal" and summary["composites"] == 3
+    folder, names = RunFolder(tmp_path), [n for n, *_ in studies.composites(tiny_run[2], 0.45, "center")]
+    for name in names:
+        for order in ("dsl", "direct", "greedy", "random"):
+            assert all(folder.overlay_step(name, order, step).is_file() for step in (0, 2)), (name, order)
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"lens": {"mode": "add", "alpha": 0.5},
+                                                                   "study": {"greedy_pool": 4}}}))
+    titles = []
+    monkeypatch.setattr(studies, "plot_overlay_removal", lambda rows, settings: titles.append(settings) or
+                        studies.pyplot().figure())
+    studies.redraw_study(tmp_path)
+    assert titles[0].startswith("zero ablation; heads ranked by DSL (add, alpha 0.5)")
