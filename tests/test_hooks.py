@@ -92,3 +92,26 @@ def test_hooks_are_removed_after_an_error_and_bad_names_refused(tiny_encoder, ti
         with pytest.raises(KeyError, match="no hook point"):
             tiny_encoder.run_with_hooks(tiny_pixels, {bad: lambda x, hook: None})
     assert isinstance(tiny_encoder, HookedEncoder)
+
+
+def test_a_hook_on_some_heads_gets_their_writes_and_its_hook_point(tiny_visual, tiny_pixels) -> None:
+    """`only_heads([1, 3], fn)` at `blocks.1.attn.hook_result`: fn sees those two heads' writes at every
+    token ([B, T, 2, D]; at the CLS token the cache's a_{1,1} and a_{1,3}) and the hook point by its name."""
+    from dsl_cli.encoder import only_heads
+
+    enc = HookedEncoder(tiny_visual)
+    cache, seen = enc.run_with_cache(tiny_pixels), []
+
+    def read(writes, hook):
+        seen.append((hook.name, writes.clone()))
+
+    enc.run_with_hooks(tiny_pixels, {"blocks.1.attn.hook_result": only_heads([1, 3], read)})
+    ((name, writes),) = seen
+    assert name == "blocks.1.attn.hook_result" and writes.shape == (3, 17, 2, enc.d_model)
+    torch.testing.assert_close(writes[:, 0], cache.head_writes[:, 1, [1, 3]], atol=1e-5, rtol=1e-5)
+
+
+def test_an_unknown_ablation_is_refused_naming_the_known_ones(tiny_visual, tiny_pixels) -> None:
+    with pytest.raises(ValueError) as refused:
+        HookedEncoder(tiny_visual).ablate_hooked(tiny_pixels, ["L1H1"], how="half")
+    assert str(refused.value) == "unknown ablation 'half': use one of zero, mean"
