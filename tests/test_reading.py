@@ -254,3 +254,56 @@ def test_numbers_read_back_typed_and_an_edited_one_is_refused(tmp_path) -> None:
     log.path.write_text(log.path.read_text().replace(",1,tabby,", ",first,tabby,"))
     with pytest.raises(UserError, match="row 2: rank 'first' is not a number"):
         folder.read(LABELS)
+
+
+def projector_text_span(outputs: torch.Tensor, pool: torch.Tensor, k: int) -> list[int]:
+    """TextSpan from its definition, with projection matrices: at each step the text whose part orthogonal
+    to the directions taken so far explains most of the outputs' part orthogonal to them (sum of squared
+    dot products); its unit residual joins the directions."""
+    texts = pool.double() / pool.double().norm(dim=-1, keepdim=True)
+    outputs, basis, picked = outputs.double(), torch.zeros(0, pool.shape[-1], dtype=torch.float64), []
+    for _ in range(k):
+        off = torch.eye(pool.shape[-1], dtype=torch.float64) - basis.T @ basis  # projects the directions out
+        energy = ((outputs @ off) @ (texts @ off).T).pow(2).sum(0)
+        energy[picked] = -float("inf")
+        j = int(energy.argmax())
+        residual = texts[j] @ off
+        basis, picked = torch.cat([basis, (residual / residual.norm())[None]]), picked + [j]
+    return picked
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_text_span_equals_its_definition_written_with_projectors(seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    outputs, pool = torch.randn(5, 8, generator=g), torch.randn(12, 8, generator=g) * torch.rand(12, 1, generator=g)
+    assert text_span(outputs, pool, 5) == projector_text_span(outputs, pool, 5)
+
+
+def test_texts_are_encoded_as_open_clips_clip_encodes_them_batch_by_batch(monkeypatch) -> None:
+    """`encode_texts` through the tiny text tower, a few prompts a batch: open_clip's own CLIP.encode_text
+    (normalised) of the same prompts, in order."""
+    from dsl_cli import lenses
+    from dsl_cli.encoder import build_tiny_clip
+
+    prompts = ["a cat", "a dog on a sofa", "", "a red bus", "soup"]
+    monkeypatch.setattr(lenses, "PROMPTS_PER_BATCH", 2)
+    got = encode_texts(OmegaConf.create({"source": "tiny"}), prompts, "cpu")
+    tokenizer = __import__("open_clip").get_tokenizer("ViT-B-32")
+    with torch.no_grad():
+        expected = build_tiny_clip().eval().encode_text(tokenizer(prompts), normalize=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_each_head_and_mlp_is_described_from_its_own_embedding_alone(tiny, tmp_path) -> None:
+    encoder_cfg = OmegaConf.create({"source": "tiny"})
+    phrases = ["a red bus", "a sleeping cat", "a bowl of soup", "a snowy mountain"]
+    (tmp_path / "pool.txt").write_text("\n".join(phrases))
+    texts = encode_texts(encoder_cfg, phrases, "cpu")
+    components = [Component("mlp", 0), Component("head", 1, 1), Component("resid", 2)]
+    scored = ScoredImages(tiny, encoder_cfg, components, [("a", torch.stack([texts[3], texts[1], texts[0]]))],
+                          None, tmp_path)
+    lens_cfg = OmegaConf.create({"templates": "simple", "top_labels": 1, "span_texts": 1,
+                                 "text_pool": str(tmp_path / "pool.txt")})
+    _, descriptions = describe(scored, prepare_text(lens_cfg, encoder_cfg, "cpu"), lens_cfg)
+    assert descriptions == [["a snowy mountain", "a sleeping cat", ""]]
