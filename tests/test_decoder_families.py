@@ -366,3 +366,19 @@ def test_the_hub_files_of_each_family_are_those_diffusers_saves() -> None:
     files = {name for group in FAMILIES["kandinsky22"].hub_files for name in group}
     assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
             "movq/config.json", "movq/diffusion_pytorch_model.safetensors"} <= files
+
+
+def test_stable_unclip_is_asked_with_the_empty_prompt_and_no_added_noise_by_default() -> None:
+    """What the unCLIP pipeline is given besides the embeddings: the empty prompt per picture (the tiny
+    tokenizer has no vocabulary, so the pictures cannot show it) and, for a pipeline wrapped in Python,
+    noise level 0; its processor resizes and crops to the image tower's size."""
+    from dsl_cli.decoder import UnclipDecoder
+
+    dec = load_decoder(DecoderConfig(family="unclip_h14", source="tiny"), scheduler="ddim")
+    embeds, negative = _inputs(2)
+    inputs = dec._inputs(embeds, negative)
+    assert inputs["prompt"] == ["", ""] and inputs["noise_level"] == 0 and inputs["image_embeds"] is embeds
+    assert UnclipDecoder(dec.pipe).noise_level == 0
+    side = dec.pipe.image_encoder.config.image_size
+    assert dec.pipe.feature_extractor.crop_size == {"height": side, "width": side}
+    assert dec.pipe.feature_extractor.size == {"shortest_edge": side}
