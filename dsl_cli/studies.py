@@ -712,7 +712,7 @@ def redraw_study(run_dir: Path) -> list[Path]:
             grids = draw_fade_grids(run_dir, rows)
         else:
             raise UserError(f"{run_dir}: no study CSV here (study_head_importance.csv or study_overlay_removal.csv)")
-    except (KeyError, ValueError) as err:  # a CSV edited by hand (a missing column, an odd value)
+    except (KeyError, ValueError, TypeError) as err:  # a CSV edited by hand (a missing column or value)
         raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
     path = folder.figure("plots", name)
     save_figure(figure, path)

@@ -264,6 +264,8 @@ def test_correlations_are_undefined_only_where_they_must_be():
 
     one = corr([(0.1, 0.2)])
     assert one["n"] == 1 and all(math.isnan(one[k]) for k in ("spearman", "spearman_p", "pearson", "pearson_p"))
+    assert list(one) == CORRELATIONS.columns  # an undefined row has every column, empty where undefined
+    assert all(math.isnan(v) for k, v in one.items() if k not in ("ablation", "image", "lens", "n"))
     two = corr([(0.1, 0.2), (0.3, 0.1)])  # two points: defined, -1
     assert two["n"] == 2 and two["spearman"] == pytest.approx(-1) and two["pearson"] == pytest.approx(-1)
     flat_y = corr([(0.1, 0.5), (0.3, 0.5), (0.2, 0.5)])
@@ -471,19 +473,19 @@ def test_overlay_curves_are_drawn_per_order_and_random_orders_as_mean_and_band()
     from dsl_cli.outputs import pyplot
 
     sims = {("dsl", None): [0.9, 0.5, 0.25], ("random", 1): [0.9, 0.8, 0.6], ("random", 2): [0.9, 0.6, 0.4],
-            ("custom", None): [0.9, 0.9, 0.9]}
+            ("custom", 1): [0.9, 0.9, 0.9], ("custom", 2): [0.9, 0.7, 0.5]}
     group = [{"order": order, "seed": seed, "step": step, "overlay_sim": value}
              for (order, seed), values in sims.items() for step, value in enumerate(values)]
     figure, axis = pyplot().subplots()
     _draw_orders(axis, group)
     dsl, random, custom = axis.get_lines()  # an order without a style of its own is drawn in matplotlib's
     assert dsl.get_label() == "dsl" and random.get_label() == "random (mean of 2, band +-1 sd)"
-    assert custom.get_label() == "custom"
+    assert custom.get_label() == "custom (mean of 2, band +-1 sd)"
     np.testing.assert_allclose(dsl.get_xdata(), [0, 1, 2])
     np.testing.assert_allclose(dsl.get_ydata(), [0.9, 0.5, 0.25])
     np.testing.assert_allclose(random.get_ydata(), [0.9, 0.7, 0.5])
     assert (dsl.get_linestyle(), dsl.get_marker(), random.get_linestyle()) == ("-", "o", ":")
-    (band,) = axis.collections  # mean +- the population standard deviation of the two runs: 0, 0.1, 0.1
+    band, _ = axis.collections  # mean +- the population standard deviation of the two runs: 0, 0.1, 0.1
     ys = sorted({round(float(y), 6) for _, y in band.get_paths()[0].vertices})
     assert ys == [0.4, 0.6, 0.8, 0.9]
     from matplotlib.colors import to_rgba
@@ -705,3 +707,46 @@ def test_the_overlay_study_decodes_the_kept_steps_and_redraws_from_its_files(tmp
                         studies.pyplot().figure())
     studies.redraw_study(tmp_path)
     assert titles[0].startswith("zero ablation; heads ranked by DSL (add, alpha 0.5)")
+
+
+def test_overlay_removal_from_a_notebook_with_its_defaults_and_its_keywords(tiny_visual, tiny_pixels) -> None:
+    """Called with its defaults: 5 random orders from seed 0 and the DSL order at norm mode, alpha 2, every one
+    of the 16 tiny heads in turn (20 steps asked); a pool of one makes the greedy order the DSL order; the
+    means and names given are the ones used; no step at all leaves step 0 alone."""
+    enc = HookedEncoder(tiny_visual)
+    composite, foreground = tiny_pixels[:1], tiny_pixels[1:2]
+    rows = overlay_removal(enc, composite, foreground, TINY_HEADS)
+    curves = group_rows(rows, ("order", "seed"))
+    assert sorted(seed for order, seed in curves if order == "random") == [0, 1, 2, 3, 4]
+    dsl = cos(enc.steer(enc.run_with_cache(composite), TINY_HEADS, mode="norm", alpha=2.0)[0], forward(tiny_visual,
+                                                                                                     foreground)[0])
+    assert [parse_component(r["component"]) for r in curves[("dsl", None)][1:]] == [
+        parse_component(TINY_HEADS[k]) for k in dsl.argsort(descending=True).tolist()]
+    rows = overlay_removal(enc, composite, foreground, TINY_HEADS, steps=3, greedy_pool=1, random_orders=0)
+    curves = group_rows(rows, ("order", "seed"))
+    assert [r["component"] for r in curves[("greedy", None)]] == [r["component"] for r in curves[("dsl", None)]]
+    others = enc.mean_writes(tiny_pixels[2:])
+    given = overlay_removal(enc, composite, foreground, TINY_HEADS, steps=2, random_orders=0, ablation="mean",
+                            means=others, names=["cat"])
+    step = next(r for r in given if r["order"] == "dsl" and r["step"] == 2)
+    picked = [r["component"] for r in given if r["order"] == "dsl" and r["step"] > 0]
+    oracle = forward(ablated_copy(tiny_visual, picked, others), composite)
+    assert step["image"] == "cat" and step["overlay_sim"] == pytest.approx(
+        cos(oracle, forward(tiny_visual, foreground)).item(), abs=1e-5)
+    assert {(r["order"], r["step"]) for r in overlay_removal(enc, composite, foreground, TINY_HEADS, steps=0,
+                                                             random_orders=1)} == {
+        ("dsl", 0), ("direct", 0), ("greedy", 0), ("random", 0)}
+
+
+def test_redrawing_a_folder_without_a_study_or_with_an_edited_csv_says_so(tmp_path) -> None:
+    from dsl_cli.outputs import RunFolder
+    from dsl_cli.studies import redraw_study
+
+    with pytest.raises(UserError) as refused:
+        redraw_study(tmp_path)
+    assert str(refused.value) == (f"{tmp_path}: no study CSV here (study_head_importance.csv or "
+                                  "study_overlay_removal.csv)")
+    RunFolder(tmp_path).csv(OVERLAY).write_text("image,background\ncat,dog\n")  # its numbers cut off
+    with pytest.raises(UserError) as refused:
+        redraw_study(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path}: a CSV value is not what dsl writes (TypeError: ")
