@@ -1123,15 +1123,22 @@ def redraw(run_dir: Path) -> list[Path]:
     rows = folder.read(SIMILARITY)
     if not rows:
         raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
-    try:
+    with drawn_from_files(run_dir):
         written = draw_grids(run_dir, rows) + draw_heatmaps(run_dir, rows)
         if folder.csv(LABELS).is_file():
             written += draw_label_plots(run_dir, folder.read(LABELS))
         if folder.csv(SEEDS).is_file() or folder.csv(BASELINES).is_file():
-            written += draw_seed_grids(run_dir, rows, folder.read(SEEDS),
-                                       folder.read(BASELINES))
+            written += draw_seed_grids(run_dir, rows, folder.read(SEEDS), folder.read(BASELINES))
         if folder.csv(PATCHES).is_file():
             written += draw_looks(run_dir, rows, folder.read(PATCHES))
-    except (KeyError, ValueError) as err:  # a CSV edited by hand (a missing column, an odd value)
-        raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
     return written
+
+
+@contextmanager
+def drawn_from_files(run_dir: Path) -> Iterator[None]:
+    """Figures drawn from a folder's CSVs: a value missing or not what dsl writes there (a file edited by hand
+    or cut short) is one UserError line, not a traceback."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError) as err:
+        raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err

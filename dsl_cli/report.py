@@ -22,9 +22,9 @@ import numpy as np
 
 from dsl_cli.errors import UserError
 from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, NO_SCALE, OVERLAY, SIMILARITIES, SIMILARITY, TOP_TILES,
-                             RunFolder, atomic_write_bytes, claimed, colour_limits, csv_text, dark_cell, group_rows,
-                             heatmap_cells, heatmap_matrix, is_sweep_folder, kind_blocks, layer_label, read_manifest,
-                             redraw)
+                             RunFolder, atomic_write_bytes, claimed, colour_limits, csv_text, dark_cell, drawn_from_files,
+                             group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder, kind_blocks, layer_label,
+                             read_manifest, redraw)
 from dsl_cli.studies import POOLED, SCORES, redraw_study
 
 STYLE = """
@@ -534,7 +534,9 @@ PAGES = {"run": run_page, "study": study_page, "sweep": sweep_page}
 def write_page(kind: str, folder: Path) -> Path:
     """Write the page of a `kind` (run, study, sweep) folder; returns its path."""
     page = RunFolder(folder).page
-    atomic_write_bytes(page, PAGES[kind](folder).encode())
+    with drawn_from_files(folder):
+        html = PAGES[kind](folder)
+    atomic_write_bytes(page, html.encode())
     return page
 
 

@@ -38,9 +38,8 @@ from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.images import InputImage, overlay
 from dsl_cli.memory import release_memory, rows_that_fit
-from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, grid_image, group_rows, open_picture, pyplot,
-                             read_manifest,
-                             save_figure, save_png)
+from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, drawn_from_files, grid_image, group_rows,
+                             open_picture, pyplot, read_manifest, save_figure, save_png)
 
 SCORES = ("dsl", "direct", "direct_importance")  # what head importance is correlated with
 POOLED = "pooled"  # the `image` value of correlations over all (image, head) rows
@@ -701,7 +700,7 @@ def redraw_study(run_dir: Path) -> list[Path]:
     path, then any grids]."""
     config = (read_manifest(run_dir) or {}).get("config", {})
     folder, grids = RunFolder(run_dir), []
-    try:
+    with drawn_from_files(run_dir):
         if folder.csv(IMPORTANCE).is_file():
             rows = folder.read(IMPORTANCE)
             corr = folder.read(CORRELATIONS)
@@ -712,8 +711,6 @@ def redraw_study(run_dir: Path) -> list[Path]:
             grids = draw_fade_grids(run_dir, rows)
         else:
             raise UserError(f"{run_dir}: no study CSV here (study_head_importance.csv or study_overlay_removal.csv)")
-    except (KeyError, ValueError, TypeError) as err:  # a CSV edited by hand (a missing column or value)
-        raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
     path = folder.figure("plots", name)
     save_figure(figure, path)
     return [path, *grids]

@@ -409,3 +409,19 @@ def test_run_refuses_a_folder_that_holds_a_run(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="already holds a run"):
         run(cfg, tmp_path)
     assert (tmp_path / "manifest.json").read_text() == "{}"
+
+
+CUT_RUN = ("similarity.csv", "image,lens,component,kind,layer,head\ncat,direct,L01H01,head,1,1\n")
+CUT_STUDY = ("study_overlay_removal.csv", "image,background\ncat,dog\n")
+
+
+@pytest.mark.parametrize("command, cut", [("plot", CUT_RUN), ("plot", CUT_STUDY), ("report", CUT_STUDY)])
+def test_figures_and_pages_of_a_csv_cut_short_are_refused_in_one_line(command: str, cut: tuple[str, str],
+                                                                       tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run's or study's CSV whose number columns were cut off (a file edited by hand, a copy cut short):
+    `dsl plot` (and `dsl report` of a study, whose page is made of those numbers) says which folder holds a
+    value dsl did not write, exits 2, no traceback. A run's page shows such cells empty."""
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / cut[0]).write_text(cut[1])
+    code, err = dsl_in_process([command, str(tmp_path / "cut")], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, f"{tmp_path / 'cut'}: a CSV value is not what dsl writes (TypeError: ")
