@@ -750,3 +750,26 @@ def test_redrawing_a_folder_without_a_study_or_with_an_edited_csv_says_so(tmp_pa
     with pytest.raises(UserError) as refused:
         redraw_study(tmp_path)
     assert str(refused.value).startswith(f"{tmp_path}: a CSV value is not what dsl writes (TypeError: ")
+
+
+def test_the_direct_effect_of_an_ablated_mlp_or_head_puts_its_mean_write_back(tiny_visual, tiny_pixels) -> None:
+    """`direct_ablated` with means: ln_post(x_L - w + mean w) @ proj, written here with the tower's own
+    ln_post and proj, for an MLP and a head."""
+    from dsl_cli.studies import direct_ablated
+
+    enc = HookedEncoder(perturb_(tiny_visual))
+    cache, means = enc.run_with_cache(tiny_pixels), enc.mean_writes(tiny_pixels)
+    got = direct_ablated(enc, cache, [parse_component("L2MLP"), parse_component("L1H3")], means)
+    with torch.no_grad():
+        for k, (write, mean) in enumerate(((cache.mlp_writes[:, 2], means.mlps[2]),
+                                           (cache.head_writes[:, 1, 3], means.heads[1, 3]))):
+            expected = tiny_visual.ln_post(cache.resid[:, -1] - write + mean) @ tiny_visual.proj
+            torch.testing.assert_close(got[:, k], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_overlay_removal_takes_twenty_steps_by_default_where_there_are_more_heads() -> None:
+    enc = HookedEncoder(mid_visual())
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    rows = overlay_removal(enc, pixels[:1], pixels[1:], [f"L{l}H{h}" for l in range(6) for h in range(8)],
+                           random_orders=0)
+    assert sorted({r["step"] for r in rows}) == list(range(21))
