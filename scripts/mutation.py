@@ -285,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--named", action="store_true", help="only plant the named bugs and run their tests")
     parser.add_argument("--again", action="store_true",
                         help="test the last run's undetected mutants again with the checkout's current tests")
+    parser.add_argument("--survivors", action="store_true",
+                        help="with --again: only the undetected mutants and timeouts, not those never tested")
     parser.add_argument("--report-only", action="store_true", help="score the last run in --workdir again")
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
@@ -301,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(ROOT / "tests", target / "tests", ignore=shutil.ignore_patterns("__pycache__"))
             shutil.copy2(ROOT / "pyproject.toml", target / "pyproject.toml")
         generate(args.workdir)
-        chosen = undetected(args.workdir, modules, also={"not checked", "timeout"})
+        also = {"timeout"} if args.survivors else {"not checked", "timeout"}
+        chosen = undetected(args.workdir, modules, also=also)
     elif not args.report_only:
         copy_tree(args.workdir)
         chosen = [p for m in modules for p in patterns(m)]
