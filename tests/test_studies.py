@@ -773,3 +773,11 @@ def test_overlay_removal_takes_twenty_steps_by_default_where_there_are_more_head
     rows = overlay_removal(enc, pixels[:1], pixels[1:], [f"L{l}H{h}" for l in range(6) for h in range(8)],
                            random_orders=0)
     assert sorted({r["step"] for r in rows}) == list(range(21))
+
+
+def test_the_importance_table_holds_a_column_for_each_score_the_study_correlates() -> None:
+    """`outputs.ImportanceRow` and `studies.SCORES` name the same scores, in the same order (the CSV's last
+    columns): a score added to one and not the other would be written nowhere or read as empty."""
+    assert IMPORTANCE.columns[-len(SCORES):] == list(SCORES)
+    assert IMPORTANCE.columns[:-len(SCORES)] == ["image", "component", "layer", "head", "ablation", "mode", "alpha",
+                                                 "importance"]
