@@ -56,6 +56,22 @@ def test_steering_delta_broadcasts_per_image_and_keeps_zero_writes_zero() -> Non
     torch.testing.assert_close(steering_delta(writes, finals, "norm", 2.0), expected)
 
 
+@pytest.mark.parametrize("mode", STEER_MODES)
+def test_steering_delta_comes_in_the_writes_dtype(mode: str) -> None:
+    """A bf16 write gives a bf16 delta in every mode (norm computes its norms in fp32, then casts back): the
+    hand-worked case rounded once to bf16."""
+    c, x_final = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([1.0, 2.0, 2.0])
+    got = steering_delta(c.bfloat16(), x_final.bfloat16(), mode, 2.0)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, torch.tensor(HAND_WORKED[mode, 2.0]).bfloat16())
+
+
+def test_an_unknown_steering_mode_is_refused_with_the_modes_to_use() -> None:
+    with pytest.raises(ValueError) as refused:
+        steering_delta(torch.ones(3), torch.ones(3), "double", 2.0)
+    assert str(refused.value) == "unknown steering mode 'double': use one of add, scale, norm"
+
+
 # ---- steering: closed form and hooked pass against deltas computed here ------------------------------
 
 def delta_here(c: torch.Tensor, x_final: torch.Tensor, mode: str, alpha: float) -> torch.Tensor:

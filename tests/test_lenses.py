@@ -243,6 +243,19 @@ def test_verify_reports_the_largest_gap_between_the_closed_form_and_a_hooked_pas
     assert lens.after_scoring(_scored(tiny_encoder, tiny_pixels, comps, wrong, tmp_path)) == {}
 
 
+def test_a_gap_exactly_at_the_tolerance_passes_verify(tiny_encoder, tiny_pixels, tmp_path, monkeypatch,
+                                                     caplog) -> None:
+    """The tolerance is the largest gap that passes (1e-4 in float32): no warning, `verify_ok` true."""
+    from omegaconf import OmegaConf
+
+    lens = lenses.get_lens(OmegaConf.create({"name": "steering", "mode": "norm", "alpha": 3.0, "verify": True}))
+    monkeypatch.setattr(lens, "verify", lambda scored: 1e-4)
+    comps = [parse_component("L1H02")]
+    with caplog.at_level("WARNING", logger="dsl_cli.lenses"):
+        report = lens.after_scoring(_scored(tiny_encoder, tiny_pixels, comps, torch.zeros(2, 1, 8), tmp_path))
+    assert report == {"verify_max_abs_diff": 1e-4, "verify_ok": True} and caplog.messages == []
+
+
 def test_verify_steers_at_the_lens_s_mode_and_shows_its_progress(tiny_encoder, tiny_pixels, tmp_path,
                                                                   monkeypatch) -> None:
     from omegaconf import OmegaConf

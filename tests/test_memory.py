@@ -55,6 +55,38 @@ def test_the_text_tower_alone_encodes_as_open_clips_clip() -> None:
     assert tower.text.attn_mask.shape == (77, 77)  # the full mask is back after the call
 
 
+def test_the_text_tower_computes_only_the_columns_up_to_the_last_end_of_text_token() -> None:
+    """The trimmed pass runs the transformer on exactly the columns up to the batch's last end-of-text token
+    (counted here from the tokenizer's own end-of-text id), not one more."""
+    tower = build_tiny_text()
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")
+    seen: list[int] = []
+    tower.text.transformer.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    for prompts in (PROMPTS[1:3], PROMPTS):
+        tokens = tokenizer(prompts)
+        last = max(row.tolist().index(tokenizer.eot_token_id) for row in tokens)
+        with torch.no_grad():
+            tower.encode_text(tokens)
+        assert seen.pop() == last + 1
+
+
+def test_a_tower_that_cannot_cut_padding_encodes_all_columns_as_open_clips_clip() -> None:
+    """A text tower without a causal mask sees the padding, so nothing is cut: TextTower.encode_text equals
+    CLIP.encode_text of the same weights, normalised or not."""
+    text_cfg = {**TINY_TEXT_CFG, "no_causal_mask": True}
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(TINY_EMBED_DIM, TINY_VISION_CFG, text_cfg).eval()
+    tower = loading.TextTower(loading.build_text_tower(TINY_EMBED_DIM, open_clip.CLIPTextCfg(**text_cfg))).eval()
+    state = clip.state_dict()
+    tower.text.load_state_dict({key: state[key] for key in tower.text.state_dict()})
+    assert not tower.trims
+    tokens = open_clip.get_tokenizer("ViT-B-32")(PROMPTS)
+    with torch.no_grad():
+        for normalize in (False, True):
+            torch.testing.assert_close(tower.encode_text(tokens, normalize=normalize),
+                                       clip.encode_text(tokens, normalize=normalize), atol=1e-6, rtol=1e-5)
+
+
 def _save_checkpoints(folder: Path) -> dict[str, Path]:
     """The tiny CLIP's weights as open_clip saves them (safetensors), and as a training checkpoint
     (a torch file wrapping `module.`-prefixed keys in `state_dict`)."""
