@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import numpy as np
@@ -49,9 +50,13 @@ def slurm_missing() -> str | None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests marked `gpu` are skipped where CUDA is not available, those marked `slurm` where SLURM is not.
+    """Tests marked `gpu` are skipped where CUDA is not available, those marked `slurm` where SLURM is not,
+    those marked `own_process` under mutmut (MUTANT_UNDER_TEST set: scripts/mutation.py), where they would
+    only spend minutes running unmutated code in another process.
     By marker, not `mark in item.keywords`: keywords also hold folder names (a checkout in .../gpu/)."""
-    needs = {"gpu": None if torch.cuda.is_available() else "needs CUDA"}
+    needs = {"gpu": None if torch.cuda.is_available() else "needs CUDA",
+             "own_process": "mutation testing: the mutant is not in the process this test starts"
+             if "MUTANT_UNDER_TEST" in os.environ else None}
     if any(item.get_closest_marker("slurm") for item in items):
         needs["slurm"] = slurm_missing()
     for mark, reason in needs.items():

@@ -156,6 +156,7 @@ def sweep(request, tmp_path_factory) -> tuple[str, Path]:
     return request.param, folder
 
 
+@pytest.mark.own_process
 def test_tiny_debug_presets_run_every_lens_end_to_end(sweep: tuple[str, Path]) -> None:
     preset, folder = sweep
     family, size = {"tiny_k21": ("kandinsky21", 64), "tiny_unclip": ("unclip_h14", 32)}[preset]
@@ -179,6 +180,7 @@ def read_rows(folder: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.own_process
 def test_resume_decodes_only_what_is_missing_for_every_family(sweep: tuple[str, Path], tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """Two pictures of a finished run lost: `dsl run resume=` decodes those two again, and they are the

@@ -294,6 +294,7 @@ def test_an_encoder_waits_on_the_cpu_when_the_gpu_is_short(monkeypatch) -> None:
     assert moves == []
 
 
+@pytest.mark.own_process
 def test_the_memory_benchmark_measures_a_run_in_its_own_process(tmp_path: Path) -> None:
     """scripts/bench_memory.py --dry-run (the tiny models): one case, its peak and the table."""
     import subprocess

@@ -54,6 +54,7 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
+@pytest.mark.own_process
 def test_every_experiment_runs_into_its_own_folder_and_one_page_links_every_figure(paper: Path) -> None:
     assert sorted(p.name for p in paper.iterdir() if p.is_dir()) == sorted(EXPERIMENTS)
     assert all(manifest(paper / name)["status"] == "complete" for name in EXPERIMENTS)
@@ -64,6 +65,7 @@ def test_every_experiment_runs_into_its_own_folder_and_one_page_links_every_figu
     assert all(f'href="{name}/index.html"' in page for name in EXPERIMENTS)
 
 
+@pytest.mark.own_process
 def test_residual_stream_reads_every_layer(paper: Path) -> None:
     folder = paper / "paper_residual_stream"
     rows = read_rows(folder / "similarity.csv")
@@ -73,6 +75,7 @@ def test_residual_stream_reads_every_layer(paper: Path) -> None:
     assert all(r["lens"] == "diffusion" and r["file"] for r in rows)  # every layer decoded
 
 
+@pytest.mark.own_process
 def test_top_heads_ranks_every_head_and_decodes_the_ten_best(paper: Path) -> None:
     """debug=tiny shrinks the models only: every head of every layer (4 x 4) is ranked and the top 10
     (decode.top_k=10) decoded, not the default heads of layer 30."""
@@ -86,6 +89,7 @@ def test_top_heads_ranks_every_head_and_decodes_the_ten_best(paper: Path) -> Non
         assert all((folder / r["file"]).is_file() for r in group if r["file"])
 
 
+@pytest.mark.own_process
 def test_dl_vs_dsl_shows_the_same_heads_through_both_lenses_in_one_grid(paper: Path) -> None:
     folder = paper / "paper_dl_vs_dsl"
     assert manifest(folder)["kind"] == "sweep" and manifest(folder)["status"] == "complete"
@@ -98,6 +102,7 @@ def test_dl_vs_dsl_shows_the_same_heads_through_both_lenses_in_one_grid(paper: P
         assert grid.is_file() and f"grids/{grid.name}" in manifest(folder)["figures"]
 
 
+@pytest.mark.own_process
 def test_head_importance_runs_both_ablations_over_every_head(paper: Path) -> None:
     folder = paper / "paper_head_importance"
     rows = read_rows(folder / "study_head_importance.csv")
@@ -111,6 +116,7 @@ def test_head_importance_runs_both_ablations_over_every_head(paper: Path) -> Non
     assert (folder / "plots" / "head_importance.png").is_file()
 
 
+@pytest.mark.own_process
 def test_overlay_removal_orders_and_fades(paper: Path) -> None:
     folder = paper / "paper_overlay_removal"
     rows = read_rows(folder / "study_overlay_removal.csv")
@@ -124,6 +130,7 @@ def test_overlay_removal_orders_and_fades(paper: Path) -> None:
         assert decoded == [f"{o}_{s:03d}.png" for o in ("direct", "dsl", "greedy", "random") for s in (0, 5, 10, 16)]
 
 
+@pytest.mark.own_process
 def test_logit_lens_names_every_layer_and_decodes_nothing(paper: Path) -> None:
     folder = paper / "paper_logit_lens"
     labels = read_rows(folder / "labels.csv")
