@@ -33,10 +33,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EQUIVALENT = ROOT / "scripts" / "mutation_equivalent.txt"
+ENCODER_FILES = ("hooked", "loading", "reading", "preprocess", "openclip_api")  # dsl_cli/encoder/, less __init__
 # What is mutated, per module: files, and which of their functions (None: all, less EXCLUDED).
 # run.py: only the row bookkeeping (rows, decoding plan, resume); the rest is set-up, logging and manifest.
 MODULES = {
-    "encoder": (["dsl_cli/encoder/hooked.py", "dsl_cli/encoder/loading.py"], None),
+    "encoder": ([f"dsl_cli/encoder/{name}.py" for name in ENCODER_FILES], None),
     "lenses": (["dsl_cli/lenses.py"], None),
     "decoder": (["dsl_cli/decoder.py"], None),
     "studies": (["dsl_cli/studies.py"], None),
