@@ -638,8 +638,7 @@ class CsvLog:
 
     def append(self, rows: Iterable[dict]) -> None:
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, self.columns, lineterminator="\n")
-        writer.writerows({k: csv_text(row.get(k)) for k in self.columns} for row in rows)
+        csv.DictWriter(buffer, self.columns, lineterminator="\n").writerows(map(self._cells, rows))
         data = buffer.getvalue().encode("utf-8")
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
@@ -665,8 +664,16 @@ class CsvLog:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, self.columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows({k: csv_text(row.get(k)) for k in self.columns} for row in rows)
+        writer.writerows(map(self._cells, rows))
         atomic_write_bytes(self.path, buffer.getvalue().encode())
+
+    def _cells(self, row: dict) -> dict:
+        """The row's text per column (empty where it has no value); a key that names no column is refused,
+        as a misspelt column would otherwise vanish from the file without a word."""
+        unknown = sorted(set(row) - set(self.columns))
+        if unknown:
+            raise ValueError(f"{self.path.name} has no column {', '.join(map(repr, unknown))}")
+        return {k: csv_text(row.get(k)) for k in self.columns}
 
 
 def read_csv(path: Path, table: Table = SIMILARITY) -> list[dict]:

@@ -248,18 +248,17 @@ def build_decoder(cfg, encoder, device: torch.device, manifest: Manifest):
 
 
 def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, scored: list[Scored],
-                     plan: list[tuple[int, int]], csv_log: CsvLog, manifest: Manifest) -> int:
+                     plan: list[tuple[int, int]], csv_log: CsvLog, manifest: Manifest) -> None:
     """Decode the planned items; write each picture, then its CSV row (with sim_decoded), batch by batch;
     the manifest counts the pictures finished so far."""
     if not plan:
-        return 0
+        return
     embeds = torch.stack([scored[i].embeds[k] for i, k in plan])
 
     def write(indices: list[int], pictures) -> None:
         _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
 
     decode_pictures(cfg, encoder, decoder, embeds, [cfg.seed] * len(plan), manifest, write, "decoded")
-    return len(plan)
 
 
 def decode_pictures(cfg, encoder, decoder, embeds: torch.Tensor, seeds: list[int], manifest: Manifest, write,

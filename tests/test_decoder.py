@@ -254,3 +254,39 @@ def test_pretrained_decoder_is_loaded_from_the_folder_or_the_hub(monkeypatch: py
         load_decoder(DecoderConfig(source="pretrained", path=str(tmp_path)))
     assert calls == [("kandinsky-community/kandinsky-2-2-decoder", {"torch_dtype": torch.float16}),
                      (str(tmp_path), {"torch_dtype": torch.float32})]
+
+
+@pytest.mark.parametrize("dtype, fix", [("bf16", "lower decode.guidance or use decode.dtype=fp32"),
+                                        ("fp32", "lower decode.guidance")])
+def test_the_first_picture_that_is_not_finite_is_named_with_the_settings_that_made_it(dtype: str, fix: str) -> None:
+    """Pictures [N, H, W, 3]: the first holding NaN or inf (one value is enough) is named by its label; in
+    fp32 the fix is the guidance alone. Finite pictures pass, whatever their range."""
+    from omegaconf import OmegaConf
+
+    from dsl_cli.decoder import check_finite_pictures
+
+    cfg = OmegaConf.create({"guidance": 7.5, "dtype": dtype})
+    pictures = np.random.default_rng(0).normal(0.5, 2.0, (4, 3, 5, 3)).astype(np.float32)
+    check_finite_pictures(pictures, list("abcd"), cfg)
+    for bad, value in ((2, np.nan), (1, -np.inf)):
+        pictures[bad, 2, 4, 1] = value
+        with pytest.raises(UserError) as refused:
+            check_finite_pictures(pictures, list("abcd"), cfg)
+        assert str(refused.value) == (f"{'abcd'[bad]}: the decoded picture is not finite (NaN or inf) with "
+                                      f"decode.guidance=7.5, decode.dtype={dtype}; {fix}")
+
+
+def test_the_python_api_decodes_with_the_defaults_of_dsl_run() -> None:
+    """A notebook calling `decode` or `iter_decode` without settings gets what `dsl run` does by default
+    (DecodeConfig): 512 x 512, 100 steps, guidance 4, batches fitted to memory."""
+    import inspect
+
+    from dsl_cli.config import DecodeConfig
+
+    run_defaults = DecodeConfig()
+    for method in (KandinskyDecoder.decode, KandinskyDecoder.iter_decode):
+        parameters = inspect.signature(method).parameters
+        for name in ("height", "width", "steps", "guidance", "batch_size"):
+            if name in parameters:
+                assert parameters[name].default == getattr(run_defaults, name), (method.__name__, name)
+    assert {"height", "width"} <= set(inspect.signature(KandinskyDecoder.decode).parameters)

@@ -187,3 +187,42 @@ def test_resume_decodes_only_what_is_missing(tmp_path: Path, image_folder: Path)
     assert json.loads((folder / "manifest.json").read_text())["decoded"] == 4
     assert read_csv(folder / "similarity.csv") == expected_rows
     assert {p.relative_to(folder): p.read_bytes() for p in folder.glob("images/*/steering/*.png")} == expected_pictures
+
+
+def test_the_encoding_bar_counts_the_images(tmp_path: Path, image_folder: Path, monkeypatch) -> None:
+    """`encode`: one bar over the run's images, advanced by each batch's."""
+    import dsl_cli.run as run_module
+
+    bars = []
+    real = run_module.tqdm
+
+    def recording(*args, **kwargs):
+        bars.append(real(*args, **kwargs))
+        return bars[-1]
+
+    monkeypatch.setattr(run_module, "tqdm", recording)
+    run(config(image_folder, "lens=direct", "layer=0", "head=[1]", "decode.enabled=false", "encoder.batch_size=1"),
+        tmp_path / "run")
+    (bar,) = [b for b in bars if b.desc == "encode"]
+    assert (bar.total, bar.n, bar.unit) == (len(NAMES), len(NAMES), "img")
+
+
+def test_a_decoded_batch_that_is_not_finite_names_its_row_and_saves_nothing(tmp_path: Path) -> None:
+    """The first picture holding NaN or inf is named by its row's image and component, with the decode
+    settings and the fix, before any picture of the batch is saved."""
+    from dsl_cli.errors import UserError
+    from dsl_cli.outputs import RunFolder
+    from dsl_cli.run import Scored, _write_batch
+
+    rows = [{"image": image, "lens": "direct", "component": component}
+            for image, component in (("blobs", "L01H02"), ("noise", "L02MLP"))]
+    scored = [Scored(row["image"], torch.zeros(1, 8), torch.zeros(8), [row], []) for row in rows]
+    pictures = np.full((2, 4, 4, 3), 0.5, dtype=np.float32)
+    pictures[1, 3, 0, 2] = np.inf
+    cfg = OmegaConf.create({"decode": {"guidance": 4.0, "dtype": "bf16"}, "encoder": {"batch_size": 2}})
+    with pytest.raises(UserError) as refused:
+        _write_batch(cfg, None, None, RunFolder(tmp_path), scored, [(0, 0), (1, 0)], pictures, None)
+    assert str(refused.value) == ("noise L02MLP: the decoded picture is not finite (NaN or inf) with "
+                                  "decode.guidance=4.0, decode.dtype=bf16; lower decode.guidance or use "
+                                  "decode.dtype=fp32")
+    assert not list(tmp_path.rglob("*.png"))

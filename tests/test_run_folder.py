@@ -324,3 +324,18 @@ def test_every_table_reads_back_the_row_it_was_written_with(tmp_path: Path, tabl
     assert folder.read(table) == [row, {**row, **empty}]
     assert [type(v) for v in folder.read(table)[0].values()] == [type(v) for v in row.values()]
     assert any(kind is float for kind in table.kinds.values()) and any(kind is str for kind in table.kinds.values())
+
+
+def test_a_row_with_a_key_that_names_no_column_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """A misspelt column would otherwise vanish from the CSV without a word; nothing of the batch is written,
+    by `append` or by `rewrite`."""
+    folder = RunFolder(tmp_path)
+    log = folder.log(SIMILARITY)
+    good = {"image": "img0", "lens": "direct", "component": "L01H02", "sim_embed": 0.5}
+    log.append([good])
+    before = folder.csv(SIMILARITY).read_bytes()
+    for write in (log.append, log.rewrite):
+        with pytest.raises(ValueError, match="similarity.csv has no column 'sim_embd'"):
+            write([good, {**good, "sim_embd": 0.25}])
+        assert folder.csv(SIMILARITY).read_bytes() == before
+    assert folder.read(SIMILARITY)[0]["sim_embed"] == 0.5
