@@ -119,6 +119,12 @@ def test_head_and_layer_specs_at_the_edges() -> None:
         lenses.parse_heads(4, 4)
     with pytest.raises(UserError, match="head='x': use all, an int or a list of ints"):
         lenses.parse_heads("x", 4)
+    assert lenses.parse_heads(["2", " 1 "], 4) == [1, 2]  # digits as a command line may give them
+    with pytest.raises(UserError, match="head=-1 is outside this model"):  # a number, but no head's
+        lenses.parse_heads("-1", 4)
+    with pytest.raises(UserError) as refused:
+        lenses.parse_heads([], 4)
+    assert str(refused.value) == "head=[] names no head: use all, an int or a list of ints"
     assert lenses.parse_layers(-4, 4) == [0] and lenses.parse_layers(["all", 1], 4) == [0, 1, 2, 3]
     with pytest.raises(UserError, match="layer=-5 is outside this model"):
         lenses.parse_layers(-5, 4)

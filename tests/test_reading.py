@@ -167,6 +167,19 @@ def test_source_shares_sum_to_one_and_follow_the_parts(tiny) -> None:
     assert (shares - expected).abs().max() < 1e-6
 
 
+def test_where_heads_look_reads_the_head_components_only(tiny) -> None:
+    """The source shares of the heads among the components (their indices kept, MLPs and layers skipped), in
+    float32 on the CPU whatever the pixels' dtype; none without a head."""
+    from dsl_cli.lenses import where_heads_look
+
+    x = pixels(64)
+    comps = [Component("mlp", 0), Component("head", 1, 2), Component("resid", 2), Component("head", 3, 3)]
+    looks = where_heads_look(tiny, x.double(), comps)
+    assert looks.heads == [1, 3] and looks.shares.device.type == "cpu" and looks.shares.dtype == torch.float32
+    torch.testing.assert_close(looks.shares, source_shares(tiny, x, [comps[1], comps[3]]))
+    assert where_heads_look(tiny, x, [Component("mlp", 0), Component("resid", 2)]) is None
+
+
 def test_top_patches_are_named_by_row_and_column_best_first() -> None:
     """Hand-made shares on a 3 x 3 grid: the CLS token (first) is never named; MLPs get no patches."""
     shares = torch.zeros(1, 1, 10)

@@ -278,7 +278,7 @@ def _user_errors_reading(path: str, what: str) -> Iterator[None]:
 
 
 def _load_open_clip_visual(
-    name: str, pretrained: Optional[str], checkpoint: Optional[str], device: "str | torch.device" = "cpu"
+    name: str, pretrained: Optional[str], checkpoint: Optional[str], device: "str | torch.device"
 ) -> tuple[nn.Module, Preprocess]:
     model_cfg = _model_config(name)
     weights = checkpoint or pretrained
