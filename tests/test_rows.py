@@ -226,3 +226,88 @@ def test_a_decoded_batch_that_is_not_finite_names_its_row_and_saves_nothing(tmp_
                                   "decode.guidance=4.0, decode.dtype=bf16; lower decode.guidance or use "
                                   "decode.dtype=fp32")
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_patches_and_top_patches_are_where_the_heads_look(tmp_path: Path, image_folder: Path, tiny) -> None:
+    """patches.csv: each head's source shares (CLS first), computed here with `source_shares`; `top_patches`
+    names its five largest patches (row r, column c of the 4 x 4 grid); MLPs and layers get none, and a run
+    without a head writes no patches.csv."""
+    from dsl_cli.components import parse_component
+    from dsl_cli.encoder.reading import source_shares
+
+    encoder, preprocess = tiny
+    pixels = torch.stack([preprocess(Image.open(image_folder / f"{n}.png").convert("RGB")) for n in NAMES])
+    heads = [label for label in LAYER2 if "H" in label]
+    shares = source_shares(encoder, pixels, [parse_component(label) for label in heads])  # [B, K, 17]
+    folder = tmp_path / "run"
+    run(config(image_folder, "lens=direct", "layer=2", "component=all", "decode.enabled=false"), folder)
+    rows, patches = read_csv(folder / "similarity.csv"), read_csv(folder / "patches.csv")
+    assert [(p["image"], p["component"]) for p in patches] == [(n, h) for n in NAMES for h in heads]
+    for patch in patches:
+        b, k = NAMES.index(patch["image"]), heads.index(patch["component"])
+        assert (patch["lens"], patch["grid"]) == ("direct", "4")
+        assert float(patch["cls_share"]) == pytest.approx(shares[b, k, 0].item(), abs=1e-5)
+        assert [float(v) for v in patch["shares"].split(";")] == pytest.approx(shares[b, k, 1:].tolist(), abs=1e-5)
+    for row in rows:
+        if row["kind"] != "head":
+            assert row["top_patches"] == ""
+            continue
+        b, k = NAMES.index(row["image"]), heads.index(row["component"])
+        best = sorted(range(16), key=lambda p: -shares[b, k, 1 + p].item())[:5]
+        assert row["top_patches"] == ";".join(f"r{p // 4}c{p % 4}" for p in best)
+    stream = tmp_path / "stream"
+    run(config(image_folder, "lens=diffusion", "layer=[1,2]", "decode.enabled=false"), stream)
+    assert all(row["top_patches"] == "" for row in read_csv(stream / "similarity.csv"))
+    assert not (stream / "patches.csv").exists() or read_csv(stream / "patches.csv") == []
+
+
+def test_attribution_rows_hold_each_parts_share_of_the_cosine(tmp_path: Path, image_folder: Path, tiny) -> None:
+    """`attribution` = e . part / |e|^2 with e the image's own embedding and part the component's exact direct
+    part (`direct_attribution`), written out here."""
+    from dsl_cli.components import parse_component
+    from dsl_cli.encoder.reading import direct_attribution
+
+    encoder, preprocess = tiny
+    pixels = torch.stack([preprocess(Image.open(image_folder / f"{n}.png").convert("RGB")) for n in NAMES])
+    cache = encoder.run_with_cache(pixels)
+    parts = direct_attribution(encoder, cache).pick([parse_component(label) for label in LAYER2])  # [B, K, E]
+    e = cache.embeds.float()
+    expected = (parts.float() @ e[:, :, None])[..., 0] / (e * e).sum(-1, keepdim=True)
+    folder = tmp_path / "run"
+    run(config(image_folder, "lens=attribution", "layer=2", "component=all", "decode.enabled=false"), folder)
+    rows = read_csv(folder / "similarity.csv")
+    assert [(r["image"], r["component"]) for r in rows] == [(n, c) for n in NAMES for c in LAYER2]
+    for row in rows:
+        b, k = NAMES.index(row["image"]), LAYER2.index(row["component"])
+        assert float(row["attribution"]) == pytest.approx(expected[b, k].item(), abs=2e-6)
+
+
+def test_an_embedding_that_is_not_finite_stops_the_run_naming_its_row_and_setting(
+    tmp_path: Path, image_folder: Path, tiny, monkeypatch
+) -> None:
+    """The first (image, component) whose lens embedding is NaN or inf is named, with the setting to change:
+    the encoder's precision for most lenses, lens.alpha for steering (which overflows at alpha 1e20)."""
+    from dsl_cli import lenses
+    from dsl_cli.errors import UserError
+
+    real = lenses.DirectLens.embeddings
+
+    def poisoned(self, encoder, cache, components):
+        embeds = real(self, encoder, cache, components).clone()
+        embeds[1, 2, 0] = float("nan")  # the second image's third component
+        return embeds
+
+    monkeypatch.setattr(lenses.DirectLens, "embeddings", poisoned)
+    with pytest.raises(UserError) as refused:
+        run(config(image_folder, "lens=direct", "layer=2", "component=all", "decode.enabled=false",
+                   "encoder.batch_size=2"), tmp_path / "direct")
+    assert str(refused.value) == ("noise L02H02: the direct lens embedding or its score is not finite (NaN or "
+                                  "inf) with encoder.dtype=fp32; use encoder.dtype=fp32")
+    _, steered, _ = lens_here(tiny, image_folder, LAYER2, alpha=1e20)  # norm mode
+    b, k = (int(v) for v in (~torch.isfinite(steered).all(-1)).nonzero()[0])  # the first that overflows
+    with pytest.raises(UserError) as refused:
+        run(config(image_folder, "lens=steering", "lens.alpha=1e20", "layer=2", "decode.enabled=false"),
+            tmp_path / "steering")
+    assert str(refused.value) == (f"{NAMES[b]} {LAYER2[k]}: the steering lens embedding or its score is not "
+                                  "finite (NaN or inf) with lens.alpha=1e+20 (lens.mode=norm); use a smaller "
+                                  "lens.alpha")
