@@ -311,3 +311,38 @@ def test_an_embedding_that_is_not_finite_stops_the_run_naming_its_row_and_settin
     assert str(refused.value) == (f"{NAMES[b]} {LAYER2[k]}: the steering lens embedding or its score is not "
                                   "finite (NaN or inf) with lens.alpha=1e+20 (lens.mode=norm); use a smaller "
                                   "lens.alpha")
+
+
+def test_extra_seeds_and_baselines_are_the_pipelines_pictures_scored_against_each_image(
+    tmp_path: Path, image_folder: Path, tiny
+) -> None:
+    """decode.seeds=2: seeds.csv holds the decoded component of each image again at seed 6, baselines.csv the
+    unconditional embedding's and the images' mean embedding's pictures at seeds 5 and 6, scored against every
+    image; each picture is the pipeline's, each sim_decoded the cosine of its re-encoding here."""
+    folder = tmp_path / "run"
+    run(config(image_folder, "lens=steering", "layer=2", "decode.top_k=1", "decode.seeds=2"), folder)
+    clean, embeds, _ = lens_here(tiny, image_folder, LAYER2)  # norm mode, alpha 2: debug=tiny's lens
+    pipe, negative = load_decoder(DecoderConfig(source="tiny")).pipe, tiny[0].zero_embed()
+
+    def check(row: dict, embed: torch.Tensor, b: int) -> None:
+        expected = pipe(image_embeds=embed[None], negative_image_embeds=negative,
+                        generator=torch.Generator().manual_seed(int(row["seed"])), height=64, width=64,
+                        num_inference_steps=2, guidance_scale=4.0, output_type="np").images[0]
+        saved = np.asarray(Image.open(folder / row["file"]), dtype=np.int16)
+        assert np.abs(saved - to_uint8(expected)).max() <= 1, row
+        assert float(row["sim_decoded"]) == pytest.approx(cos(re_embed(tiny, folder / row["file"]), clean[b]).item(),
+                                                          abs=2e-6)
+
+    best = {r["image"]: r["component"] for r in read_csv(folder / "similarity.csv") if r["rank"] == "1"}
+    seeds = read_csv(folder / "seeds.csv")
+    assert [(r["image"], r["lens"], r["component"], r["seed"]) for r in seeds] == [
+        (n, "steering", best[n], "6") for n in NAMES]
+    for row in seeds:
+        b = NAMES.index(row["image"])
+        check(row, embeds[b, LAYER2.index(row["component"])], b)
+    baselines = read_csv(folder / "baselines.csv")
+    assert sorted((r["image"], r["component"], r["seed"]) for r in baselines) == sorted(
+        (n, c, s) for n in NAMES for c in ("uncond", "mean") for s in ("5", "6"))
+    for row in baselines:
+        embed = negative[0] if row["component"] == "uncond" else clean.mean(0)
+        check(row, embed, NAMES.index(row["image"]))
