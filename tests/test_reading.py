@@ -194,6 +194,12 @@ def test_top_patches_are_named_by_row_and_column_best_first() -> None:
     assert [float(v) for v in row["shares"].split(";")] == pytest.approx(shares[0, 0, 1:].tolist(), abs=1e-5)
 
 
+def test_a_grid_of_fewer_patches_than_named_names_them_all() -> None:
+    """A 2 x 2 grid has 4 patches, fewer than TOP_PATCHES (5): all four are named, best first."""
+    shares = torch.tensor([[[0.6, 0.1, 0.04, 0.2, 0.06]]])  # CLS, then r0c0 r0c1 r1c0 r1c1
+    assert Looks(shares, heads=[0]).top_patches(1) == [["r1c0;r0c0;r1c1;r0c1"]]
+
+
 def test_text_span_picks_the_text_of_a_heads_exact_direction_first(tiny) -> None:
     """Hand-made: a pool of random texts holding, at index 7, the exact direction of a head's write (its
     attribution lens embedding); then, for a write 0.8 t1 + 0.6 t2 with t1 and t2 orthogonal among random

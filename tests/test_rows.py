@@ -346,3 +346,31 @@ def test_extra_seeds_and_baselines_are_the_pipelines_pictures_scored_against_eac
     for row in baselines:
         embed = negative[0] if row["component"] == "uncond" else clean.mean(0)
         check(row, embed, NAMES.index(row["image"]))
+
+
+def test_ranks_by_decoded_similarity_put_the_undecoded_below_a_negative_cosine() -> None:
+    """lens.rank_by=sim_decoded: per image, 1 = the highest decoded cosine, even a negative one ranking above
+    a component that was not decoded; ties keep component order."""
+    from dsl_cli.run import _finish_rows
+
+    cfg = OmegaConf.create({"lens": {"rank_by": "sim_decoded"}})
+    values = {"a": [-0.5, None, 0.2, -0.5], "b": [None, 0.1]}
+    rows = [{"image": image, "component": f"c{k}", "sim_decoded": v, "rank": 0}
+            for image, sims in values.items() for k, v in enumerate(sims)]
+    assert [r["rank"] for r in _finish_rows(cfg, rows)] == [2, 4, 1, 3, 2, 1]
+    kept = [dict(r) for r in rows]
+    assert _finish_rows(OmegaConf.create({"lens": {"rank_by": "sim_embed"}}), rows) == kept  # ranks as scored
+
+
+def test_rows_are_sorted_by_image_then_component_order_whatever_order_they_came_in() -> None:
+    """Rows of images and components the run did not score (none in practice) go last, in the order given."""
+    from dsl_cli.run import Scored, sorted_rows
+
+    def scored(name: str, components: list[str]) -> Scored:
+        return Scored(name, torch.zeros(1), torch.zeros(1), [{"component": c} for c in components], [])
+
+    run_order = [scored("b", ["L1H0", "L0MLP"]), scored("a", ["L1H0", "L0MLP"])]
+    keys = [("a", "L0MLP"), ("x", "L9H9"), ("b", "L0MLP"), ("a", "L1H0"), ("b", "L2H2"), ("b", "L1H0")]
+    rows = [{"image": image, "component": component} for image, component in keys]
+    assert [(r["image"], r["component"]) for r in sorted_rows(rows, run_order)] == [
+        ("b", "L1H0"), ("b", "L0MLP"), ("a", "L1H0"), ("a", "L0MLP"), ("x", "L9H9"), ("b", "L2H2")]
