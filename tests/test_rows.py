@@ -205,6 +205,7 @@ def test_the_encoding_bar_counts_the_images(tmp_path: Path, image_folder: Path, 
         tmp_path / "run")
     (bar,) = [b for b in bars if b.desc == "encode"]
     assert (bar.total, bar.n, bar.unit) == (len(NAMES), len(NAMES), "img")
+    assert [r["image"] for r in read_csv(tmp_path / "run" / "similarity.csv")] == NAMES  # every batch's rows
 
 
 def test_a_decoded_batch_that_is_not_finite_names_its_row_and_saves_nothing(tmp_path: Path) -> None:
@@ -374,3 +375,19 @@ def test_rows_are_sorted_by_image_then_component_order_whatever_order_they_came_
     rows = [{"image": image, "component": component} for image, component in keys]
     assert [(r["image"], r["component"]) for r in sorted_rows(rows, run_order)] == [
         ("b", "L1H0"), ("b", "L0MLP"), ("a", "L1H0"), ("a", "L0MLP"), ("x", "L9H9"), ("b", "L2H2")]
+
+
+def test_images_that_all_vanish_before_they_are_read_stop_the_run_listing_three(tmp_path: Path, tiny) -> None:
+    """Listed, then gone when their turn comes (images.skip_bad=true): one line naming the first three."""
+    from dsl_cli.errors import UserError
+    from dsl_cli.images import ImageSet, InputImage
+    from dsl_cli.outputs import RunFolder
+    from dsl_cli.run import score_images
+
+    encoder, preprocess = tiny
+    image_set = ImageSet([InputImage(n, None, str(tmp_path / f"{n}.png")) for n in "abcd"], skip_bad=True)
+    cfg = OmegaConf.create({"encoder": {"batch_size": 2}, "decode": {"width": 64, "height": 64}})
+    with pytest.raises(UserError) as refused:
+        score_images(cfg, None, RunFolder(tmp_path), encoder, preprocess, image_set, [])
+    assert str(refused.value) == f"no readable image; skipped: {image_set.skipped[:3]}"
+    assert [s["path"] for s in image_set.skipped] == [str(tmp_path / f"{n}.png") for n in "abcd"]
