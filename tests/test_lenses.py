@@ -352,6 +352,22 @@ def test_a_non_finite_embedding_is_refused_naming_the_image_component_and_settin
     assert str(refused.value) == says
 
 
+def test_a_non_finite_image_embedding_is_refused_first_naming_the_image() -> None:
+    """The encoder's own embedding of an image (clean [B, E]) NaN or inf: the first such image is named, with
+    the encoder's precision, before any lens value is looked at."""
+    from omegaconf import OmegaConf
+
+    lens = lenses.get_lens(OmegaConf.create({"name": "direct"}))
+    comps = [parse_component(c) for c in ("L1H02", "L2MLP")]
+    clean, embeds = torch.ones(3, 8), torch.full((3, 2, 8), float("nan"))
+    clean[1, 7], clean[2, 0] = float("nan"), float("-inf")
+    scores = lenses.Scores(sim_embed=torch.zeros(3, 2), norm=torch.ones(3, 2))
+    with pytest.raises(UserError) as refused:
+        lenses.check_finite(lens, "bf16", ["img0", "img1", "img2"], comps, clean, embeds, scores)
+    assert str(refused.value) == ("img1: the encoder's embedding is not finite (NaN or inf) with encoder.dtype=bf16; "
+                                  "use encoder.dtype=fp32")
+
+
 def test_an_empty_component_list_is_refused_saying_what_to_give() -> None:
     with pytest.raises(UserError) as refused:
         lenses.check_components([], 4, 4)
