@@ -1,7 +1,8 @@
 """Mutation testing of dsl's core with mutmut: does the test suite fail when the method is wrong?
 
-    nice -n 15 python scripts/mutation.py                  # every module below (~40 min on 2 cores)
+    nice -n 15 python scripts/mutation.py                  # every module below (hours on 2 cores)
     nice -n 15 python scripts/mutation.py encoder studies  # some of them
+    nice -n 15 python scripts/mutation.py --minutes 60     # an hour's worth; then `--again` goes on
     python scripts/mutation.py --named                     # only the named planted bugs (docs/testing.md)
 
 Scope (docs/testing.md): dsl_cli/encoder/, lenses, decoder, studies, and the functions of dsl_cli/run.py that
@@ -27,6 +28,7 @@ import datetime
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -203,6 +205,20 @@ def mutmut(workdir: Path, *args: str, capture: bool = False) -> subprocess.Compl
     return subprocess.run(command, cwd=workdir, env=_env(), text=True, capture_output=capture)
 
 
+def run_for(workdir: Path, minutes: float | None, *args: str) -> int:
+    """`mutmut run ARGS`, stopped (with its workers) after `minutes` if given: every mutant tested so far keeps
+    its result, and `--again` goes on from there. Its exit status, or 0 when it was stopped."""
+    with subprocess.Popen([sys.executable, "-m", "mutmut", "run", *args], cwd=workdir, env=_env(),
+                          start_new_session=True) as process:
+        try:
+            return process.wait(timeout=None if minutes is None else 60 * minutes)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait()
+            print(f"\nstopped after {minutes:g} minutes: `--again` tests the mutants not reached", file=sys.stderr)
+            return 0
+
+
 def load_equivalent() -> dict[str, str]:
     """Mutant name -> why it is equivalent (lines `NAME  # reason`; blank lines and `#` lines skipped)."""
     out = {}
@@ -289,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--survivors", action="store_true",
                         help="with --again: only the undetected mutants and timeouts, not those never tested")
     parser.add_argument("--report-only", action="store_true", help="score the last run in --workdir again")
+    parser.add_argument("--minutes", type=float, help="stop testing after this many minutes and score what was "
+                        "tested (the rest is listed as not checked; `--again` goes on)")
     args = parser.parse_args(argv)
     modules = args.modules or list(MODULES)
     unknown = sorted(set(modules) - set(MODULES))
@@ -310,10 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         copy_tree(args.workdir)
         chosen = [p for m in modules for p in patterns(m)]
     if not args.report_only and chosen:
-        done = mutmut(args.workdir, "run", "--max-children", str(args.jobs), *chosen)
-        if done.returncode:
-            print(f"mutmut stopped with status {done.returncode}", file=sys.stderr)
-            return done.returncode
+        status = run_for(args.workdir, args.minutes, "--max-children", str(args.jobs), *chosen)
+        if status:
+            print(f"mutmut stopped with status {status}", file=sys.stderr)
+            return status
     score = report(args.workdir, modules, command.strip())
     return 0 if score >= 95.0 else 1
 
