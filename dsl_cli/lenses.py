@@ -30,7 +30,7 @@ from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
 from dsl_cli.encoder.reading import direct_attribution, source_shares
 from dsl_cli.errors import UserError
 from dsl_cli.memory import release_memory
-from dsl_cli.outputs import LABELS, RunFolder, atomic_write_bytes
+from dsl_cli.outputs import LABELS, SIMILARITY, RunFolder, atomic_write_bytes
 
 log = logging.getLogger("dsl_cli.lenses")
 
@@ -483,6 +483,10 @@ def register(cls: type[Lens]) -> type[Lens]:
     """Class decorator: make `cls` the lens of `lens.name=<cls.name>`."""
     if not NAME_PATTERN.fullmatch(cls.name):
         raise ValueError(f"lens name {cls.name!r}: use letters, digits and _ (it names files and CSV rows)")
+    unknown = [column for column in cls.columns if column not in SIMILARITY.columns]
+    if unknown:  # refused now, not when the first rows are written after the run's work
+        raise ValueError(f"lens {cls.name!r}: similarity.csv has no column {', '.join(map(repr, unknown))} "
+                         "(its columns: outputs.SimilarityRow)")
     LENSES[cls.name] = cls
     return cls
 
