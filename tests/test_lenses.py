@@ -134,6 +134,31 @@ def test_head_and_layer_specs_at_the_edges() -> None:
         lenses.parse_layers([], 4)
 
 
+def test_clamping_moves_a_head_into_the_model_and_says_so(caplog) -> None:
+    with caplog.at_level("WARNING", logger="dsl_cli.lenses"):
+        assert lenses.parse_heads([1, 9], 4, clamp=True) == [1, 3]
+    assert caplog.messages == ["head=9 is outside this model: heads run from 0 to 3; clamp_to_model=true "
+                               "(debug=tiny) uses 3 instead"]
+
+
+def test_a_lens_reads_no_mid_stream_and_clamps_nothing_unless_asked() -> None:
+    """`Lens.components` from a notebook, settings left out: no `L1mid`, and a layer outside the model refused."""
+    lens = lenses.lens_class("diffusion")()
+    assert [c.label for c in lens.components(1, "all", "all", 4, 4)] == ["L01"]
+    assert [c.label for c in lens.components(1, "all", "all", 4, 4, mid=True)] == ["L01mid", "L01"]
+    with pytest.raises(UserError, match="layer=9 is outside this model"):
+        lens.components(9, "all", "all", 4, 4)
+
+
+def test_labels_of_kinds_a_lens_does_not_read_are_refused_naming_the_kinds_it_reads() -> None:
+    class HeadsAndMlps(lenses.Lens):
+        name, label_kinds = "kinds", ("head", "mlp")
+
+    with pytest.raises(UserError) as refused:
+        HeadsAndMlps().components(["L1H02", "L2"], "all", ["L1H02", "L2"], 4, 4)
+    assert str(refused.value) == "component=['L1H02', 'L2']: lens=kinds reads head and mlp components only"
+
+
 def test_component_kinds_each_lens_selects() -> None:
     def labels(lens, component, layer=1, head="all"):
         return [c.label for c in lenses.select_components(lens, layer, head, component, 4, 2)]
