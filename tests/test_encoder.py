@@ -553,3 +553,23 @@ def test_the_cached_attention_output_is_the_block_s_own(tiny_visual, tiny_pixels
     enc.run_with_hooks(tiny_pixels, {"blocks.1.hook_attn_out": read, "blocks.2.hook_mlp_out": read})
     torch.testing.assert_close(cache["blocks.1.hook_attn_out"], seen["blocks.1.hook_attn_out"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(cache["blocks.2.hook_mlp_out"], seen["blocks.2.hook_mlp_out"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_embedding_space_of_each_config_is_known_without_loading_it() -> None:
+    """Model, weights tag and width: the prior's image encoder is bigG laion2b_s39b_b160k (whatever its
+    `pretrained` says); open_clip's is its tag, or none for a local checkpoint or random weights."""
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder import embedding_space
+    from dsl_cli.encoder.loading import EmbeddingSpace
+
+    def space(**fields) -> EmbeddingSpace:
+        return embedding_space(EncoderConfig(**fields))
+
+    assert space(source="tiny") == EmbeddingSpace("tiny", None, 32)
+    assert space(source="kandinsky_prior", pretrained=None) == EmbeddingSpace("ViT-bigG-14", "laion2b_s39b_b160k", 1280)
+    assert space(source="kandinsky_prior", name="ViT-L-14") == EmbeddingSpace("ViT-L-14", None, 768)
+    assert space(name="ViT-L-14", pretrained="openai") == EmbeddingSpace("ViT-L-14", "openai", 768)
+    assert space(name="ViT-L-14", pretrained="openai", checkpoint="~/mine.pt") == EmbeddingSpace("ViT-L-14", None, 768)
+    assert space(name="ViT-H-14", pretrained=None) == EmbeddingSpace("ViT-H-14", None, 1024)
+    with pytest.raises(UserError, match="unknown open_clip model 'ViT-Q-99'"):
+        space(name="ViT-Q-99")
