@@ -176,6 +176,30 @@ def test_bad_components_and_modes_are_refused(tiny_encoder, tiny_pixels):
         tiny_encoder.diffusion_lens(cache, ["L0MLP"])
 
 
+def test_labels_outside_the_tower_are_refused_naming_its_range(tiny_encoder, tiny_pixels) -> None:
+    cache = tiny_encoder.run_with_cache(tiny_pixels)
+    for bad, says in (("L4H00", "L04H00: layer out of range 0..3"), ("L0H04", "L00H04: head out of range 0..3"),
+                      ("L4", "L04: layer out of range 0..3"), ("L2", "L02: only heads and MLPs can be steered or ablated")):
+        with pytest.raises(ValueError) as refused:
+            (tiny_encoder.steer(cache, [bad]) if bad == "L2" else tiny_encoder.component_writes(cache, [bad]))
+        assert str(refused.value) == says
+
+
+def test_residual_labels_read_the_stream_where_hooks_see_it(tiny_encoder, tiny_pixels) -> None:
+    """`component_writes` of `L1mid`, `L2` and `embed`: the CLS row of blocks.1.hook_resid_mid,
+    blocks.2.hook_resid_post and blocks.0.hook_resid_pre in a hooked open_clip pass."""
+    seen = {}
+
+    def keep(x, hook):
+        seen[hook.name] = x[:, 0].clone()
+
+    points = ["blocks.1.hook_resid_mid", "blocks.2.hook_resid_post", "blocks.0.hook_resid_pre"]
+    tiny_encoder.run_with_hooks(tiny_pixels, {name: keep for name in points})
+    got = tiny_encoder.component_writes(tiny_encoder.run_with_cache(tiny_pixels), ["L1mid", "L2", "embed"])
+    for k, name in enumerate(points):
+        torch.testing.assert_close(got[:, k], seen[name], msg=name)
+
+
 # ---- DSL: closed form vs the hooked reference --------------------------------------------------------
 
 TINY_COMPONENTS = [f"L{l}H{h}" for l in range(4) for h in range(4)] + [f"L{l}MLP" for l in range(4)]
