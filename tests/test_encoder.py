@@ -185,6 +185,13 @@ def test_labels_outside_the_tower_are_refused_naming_its_range(tiny_encoder, tin
         assert str(refused.value) == says
 
 
+def test_readout_takes_vectors_of_any_precision(tiny_visual) -> None:
+    """A bf16 tower reads float32 vectors as their bf16 rounding (R(v) = ln_post(v) @ proj in its dtype)."""
+    half = HookedEncoder(tiny_visual.to(torch.bfloat16))
+    v = torch.randn(3, half.d_model, dtype=torch.float64)
+    torch.testing.assert_close(half.readout(v), half.readout(v.bfloat16()), rtol=0, atol=0)
+
+
 def test_residual_labels_read_the_stream_where_hooks_see_it(tiny_encoder, tiny_pixels) -> None:
     """`component_writes` of `L1mid`, `L2` and `embed`: the CLS row of blocks.1.hook_resid_mid,
     blocks.2.hook_resid_post and blocks.0.hook_resid_pre in a hooked open_clip pass."""
