@@ -116,6 +116,7 @@ def test_rows_are_the_scores_computed_here_and_top_k_pictures_are_the_pipelines(
     assert len(pictures) == 4
     manifest = json.loads((folder / "manifest.json").read_text())
     assert (manifest["rows"], manifest["to_decode"], manifest["decoded"]) == (10, 4, 4)
+    assert manifest["extra_to_decode"] == 0 and not (folder / "baselines.csv").exists()  # one seed, no baselines
 
     # each picture is the pipeline's at this embedding, the encoder's zero-image negative, seed and guidance
     pipe = load_decoder(DecoderConfig(source="tiny")).pipe
