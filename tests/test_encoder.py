@@ -155,6 +155,18 @@ def test_towers_that_also_return_tokens_give_the_pooled_embedding(tiny_visual, t
                                enc.steer_hooked(tiny_pixels, "L1H1"), **TOL)
 
 
+def test_towers_without_projection_read_out_in_the_residual_width(tiny_visual, tiny_pixels):
+    """open_clip drops `proj` when it prunes a tower's head: the embedding is then ln_post(x_L), [B, D]."""
+    tiny_visual.proj = None
+    enc = HookedEncoder(tiny_visual)
+    cache = enc.run_with_cache(tiny_pixels)
+    with torch.no_grad():
+        expected = tiny_visual(tiny_pixels)
+    assert expected.shape == (3, enc.d_model)
+    torch.testing.assert_close(cache.embeds, expected, **TOL)
+    torch.testing.assert_close(enc.steer(cache, ["L1H1"])[:, 0], enc.steer_hooked(tiny_pixels, "L1H1"), **TOL)
+
+
 @pytest.mark.parametrize("bad", [
     dict(attentional_pool=True), dict(pool_type="avg"), dict(qk_norm=True), dict(scale_attn=True),
 ])
