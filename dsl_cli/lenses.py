@@ -213,7 +213,7 @@ def where_heads_look(encoder, pixels: torch.Tensor, components: list[Component])
     heads = [k for k, c in enumerate(components) if c.kind == "head"]
     if not heads:
         return None
-    shares = source_shares(encoder, pixels.to(encoder.device, encoder.dtype), [components[k] for k in heads])
+    shares = source_shares(encoder, pixels, [components[k] for k in heads])
     return Looks(shares.cpu(), heads)
 
 

@@ -182,7 +182,8 @@ def score_images(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_
 
 def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: list[str],
                  pixels: torch.Tensor) -> list[Scored]:
-    cache = encoder.run_with_cache(pixels.to(encoder.device, encoder.dtype))
+    pixels = pixels.to(encoder.device, encoder.dtype)  # one transfer, read by both passes below
+    cache = encoder.run_with_cache(pixels)
     embeds = lens.embeddings(encoder, cache, components)
     scores = score(encoder, cache, components, embeds)
     check_finite(lens, cfg.encoder.dtype, names, components, cache.embeds, embeds, scores)
