@@ -254,6 +254,20 @@ def test_bad_decoder_settings_are_refused_before_any_model_loads(
     refused_before_any_model(overrides, message, tmp_path, monkeypatch, capsys)
 
 
+def test_every_family_that_decodes_the_encoders_space_is_offered(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second family on bigG's CLIP (say, a fine-tuned Kandinsky 2.2) is named beside the first."""
+    from dsl_cli.decoder import KandinskyDecoder, check_pairing
+    from dsl_cli.encoder import embedding_space
+
+    twin = type("TwinDecoder", (KandinskyDecoder,), {"name": "kandinsky22_twin"})
+    monkeypatch.setitem(FAMILIES, twin.name, twin)
+    cfg = config("encoder=bigg14", "decoder=kandinsky21")
+    with pytest.raises(UserError) as refused:
+        check_pairing(embedding_space(cfg.encoder), cfg.decoder)
+    assert str(refused.value).endswith("decodes 768-wide ones: use encoder=vitl14 or decoder=kandinsky22 "
+                                       "or decoder=kandinsky22_twin")
+
+
 def test_matching_pairs_pass_the_check() -> None:
     from dsl_cli.decoder import check_pairing
     from dsl_cli.encoder import embedding_space
