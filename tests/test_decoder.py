@@ -180,8 +180,8 @@ def test_dtype_and_source_names() -> None:
 
 
 def test_to_uint8_rounds_and_clips() -> None:
-    image = np.array([-0.1, 0.0, 0.4 / 255, 0.6 / 255, 0.5, 1.0, 1.2], dtype=np.float32)
-    assert to_uint8(image).tolist() == [0, 0, 0, 1, 128, 255, 255]
+    image = np.array([-0.1, 0.0, 0.4 / 255, 0.6 / 255, 0.5, 0.6, 1.0, 1.2], dtype=np.float32)
+    assert to_uint8(image).tolist() == [0, 0, 0, 1, 128, 153, 255, 255]  # 0.6 * 255 = 153
 
 
 @pytest.mark.slow
