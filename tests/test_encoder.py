@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from open_clip.transformer import QuickGELU, VisionTransformer
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 from PIL import Image
 
 from dsl_cli.components import Component
@@ -167,14 +167,41 @@ def test_towers_without_projection_read_out_in_the_residual_width(tiny_visual, t
     torch.testing.assert_close(enc.steer(cache, ["L1H1"])[:, 0], enc.steer_hooked(tiny_pixels, "L1H1"), **TOL)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(attentional_pool=True), dict(pool_type="avg"), dict(qk_norm=True), dict(scale_attn=True),
+BLOCKS_REFUSED = ("{}: qk_norm, scaled cosine attention, head/attention/fc scaling and cross-attention blocks are "
+                  "not covered by the per-head decomposition")
+
+
+def small_tower(**kw) -> VisionTransformer:
+    return VisionTransformer(image_size=32, patch_size=16, width=32, layers=1, heads=2, mlp_ratio=2.0,
+                             output_dim=16, attn_pooler_heads=2, **kw)
+
+
+def cross_attention_tower() -> VisionTransformer:
+    visual = small_tower()
+    visual.transformer.resblocks[0] = ResidualAttentionBlock(32, 2, is_cross_attention=True)
+    return visual
+
+
+def sequence_first_tower() -> VisionTransformer:
+    visual = small_tower()
+    visual.transformer.batch_first = False
+    return visual
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: small_tower(attentional_pool=True), "attentional pooling is not covered by the CLS-token decomposition"),
+    (lambda: small_tower(pool_type="avg"), "pool_type 'avg': only CLS pooling ('tok') is decomposed"),
+    (lambda: small_tower(qk_norm=True), BLOCKS_REFUSED.format("CustomResidualAttentionBlock")),
+    (lambda: small_tower(scale_attn=True), BLOCKS_REFUSED.format("CustomResidualAttentionBlock")),
+    (cross_attention_tower, BLOCKS_REFUSED.format("ResidualAttentionBlock")),
+    (sequence_first_tower, "only batch-first transformers are supported"),
+    (lambda: torch.nn.Linear(2, 2),
+     "HookedEncoder needs an open_clip VisionTransformer, got Linear (timm and ResNet towers are not decomposed)"),
 ])
-def test_unsupported_towers_are_refused(bad):
-    visual = VisionTransformer(image_size=32, patch_size=16, width=32, layers=1, heads=2, mlp_ratio=2.0,
-                               output_dim=16, attn_pooler_heads=2, **bad)
-    with pytest.raises(NotImplementedError):
-        HookedEncoder(visual)
+def test_unsupported_towers_are_refused_saying_why(build, message):
+    with pytest.raises(NotImplementedError) as refused:
+        HookedEncoder(build())
+    assert str(refused.value) == message
 
 
 def test_bad_components_and_modes_are_refused(tiny_encoder, tiny_pixels):

@@ -91,6 +91,10 @@ def test_hooks_are_removed_after_an_error_and_bad_names_refused(tiny_encoder, ti
     for bad in ("blocks.4.hook_mlp_out", "blocks.0.hook_nothing", "hook_embed", "blocks.0.hook_attn_bias"):
         with pytest.raises(KeyError, match="no hook point"):
             tiny_encoder.run_with_hooks(tiny_pixels, {bad: lambda x, hook: None})
+    with pytest.raises(KeyError) as refused:
+        tiny_encoder.run_with_hooks(tiny_pixels, {"blocks.4.hook_mlp_out": lambda x, hook: None})
+    assert refused.value.args[0] == ("no hook point 'blocks.4.hook_mlp_out': use blocks.<layer 0..3>.<hook_resid_pre | "
+                                     "attn.hook_result | hook_attn_out | hook_mlp_out | hook_resid_mid | hook_resid_post>")
     assert isinstance(tiny_encoder, HookedEncoder)
 
 

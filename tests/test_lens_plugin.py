@@ -7,6 +7,7 @@ import csv
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsl_cli import cli, lenses
 
@@ -50,6 +51,33 @@ def test_a_lens_from_outside_runs_end_to_end(registered, tmp_path: Path) -> None
         assert mine["file"] == f"images/{mine['image']}/negated_direct/{mine['component']}.png"
         assert (tmp_path / "negated" / mine["file"]).is_file()
     assert sorted((tmp_path / "negated" / "heatmaps").iterdir())[0].name.endswith("_negated_direct.png")
+
+
+class Recording(lenses.DirectLens):
+    """The direct lens, keeping what the run hands its `values`."""
+
+    name = "recording_direct"
+    seen: list = []
+
+    def values(self, encoder, cache, components, embeds):
+        self.seen.append((encoder, cache, list(components), embeds))
+        return {}
+
+
+def test_a_lens_values_get_the_runs_encoder_cache_components_and_its_own_embeddings(tmp_path: Path) -> None:
+    from dsl_cli.encoder import HookedEncoder
+
+    lenses.register(Recording)
+    try:
+        assert cli.main(["run", "debug=tiny", "layer=2", "component=all", "images.limit=2", "decode.enabled=false",
+                         "lens.name=recording_direct", f"hydra.run.dir={tmp_path}"]) == 0
+    finally:
+        del lenses.LENSES[Recording.name]
+    (encoder, cache, components, embeds), = Recording.seen
+    assert isinstance(encoder, HookedEncoder) and cache.embeds.shape == (2, encoder.d_embed)
+    assert [c.label for c in components] == [r["component"] for r in rows_of(tmp_path)[:5]]
+    assert [c.label for c in components] == ["L02H00", "L02H01", "L02H02", "L02H03", "L02MLP"]
+    torch.testing.assert_close(embeds, encoder.direct(cache, components))
 
 
 def test_an_unknown_lens_is_refused_naming_the_registered_ones(tmp_path: Path, capsys) -> None:

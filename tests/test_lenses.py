@@ -453,10 +453,10 @@ def test_a_lens_name_that_cannot_name_files_is_refused() -> None:
 def test_a_lens_filling_a_column_the_csv_does_not_have_is_refused_when_registered() -> None:
     class Extra(lenses.Lens):
         name = "extra_column"
-        columns = ("mode", "novelty")
+        columns = ("mode", "novelty", "surprise")
 
     with pytest.raises(ValueError) as refused:
         lenses.register(Extra)
-    assert str(refused.value) == ("lens 'extra_column': similarity.csv has no column 'novelty' "
+    assert str(refused.value) == ("lens 'extra_column': similarity.csv has no column 'novelty', 'surprise' "
                                   "(its columns: outputs.SimilarityRow)")
     assert "extra_column" not in lenses.LENSES

@@ -14,19 +14,20 @@ from omegaconf import OmegaConf
 from dsl_cli.components import Component
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual
 from dsl_cli.encoder import openclip_api
-from dsl_cli.encoder.reading import direct_attribution, head_sources, source_shares
+from dsl_cli.encoder.reading import direct_attribution, frozen_scale, head_sources, source_shares
 from dsl_cli.errors import UserError
+from helpers import mid_visual
 from dsl_cli.lenses import (AttributionLens, Looks, ScoredImages, describe, encode_texts, imagenet_classifier,
                              prepare_text, text_span)
 
 
 def jittered(visual: torch.nn.Module, seed: int = 3) -> torch.nn.Module:
-    """The tower with random LayerNorm weights and biases and attention output biases (open_clip starts them
-    at 1 and 0, which would hide a mistake in the scale or the bias term)."""
+    """The tower with random LayerNorm weights and biases and attention input and output biases (open_clip
+    starts them at 1 and 0, which would hide a mistake in the scale or a bias left out)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in visual.named_parameters():
-            if ("ln" in name or "out_proj.bias" in name) and param.dim() == 1:
+            if ("ln" in name or "proj_bias" in name or "out_proj.bias" in name) and param.dim() == 1:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
     return visual.eval()
 
@@ -79,6 +80,26 @@ def test_attributions_and_terms_sum_to_the_embedding(build: str, side: int, tiny
     assert (parts.bias - hand_bias).abs().max() < 1e-6
 
 
+def test_frozen_scale_is_ln_posts_standard_deviation_per_image(tiny) -> None:
+    final = torch.randn(3, tiny.d_model, generator=torch.Generator().manual_seed(2)) * torch.tensor([[1.0], [5.0], [0.2]])
+    sigma = frozen_scale(tiny, final)
+    assert sigma.shape == (3, 1)
+    hand = (((final - final.mean(-1, keepdim=True)) ** 2).mean(-1) + tiny.visual.ln_post.eps).sqrt()
+    torch.testing.assert_close(sigma[:, 0], hand)
+
+
+def test_attributions_of_a_tower_without_projection_sum_to_its_embedding() -> None:
+    """open_clip drops `proj` when it prunes a tower's head: the parts are then D-wide and still add up."""
+    visual = jittered(build_tiny_visual())
+    visual.proj = None
+    encoder = HookedEncoder(visual)
+    x = pixels(64)
+    parts = direct_attribution(encoder, encoder.run_with_cache(x))
+    assert parts.heads.shape == (2, encoder.n_layers, encoder.n_heads, encoder.d_model)
+    assert (parts.total() - encoder.embed(x)).abs().max() < 1e-5
+    assert parts.bias.abs().max() > 1e-2
+
+
 def test_shares_of_every_part_sum_to_the_cosine_with_the_target(tiny) -> None:
     cache = tiny.run_with_cache(pixels(64))
     every = [Component("head", l, h) for l in range(tiny.n_layers) for h in range(tiny.n_heads)]
@@ -128,9 +149,11 @@ def only_head(visual: torch.nn.Module, layer: int, head: int) -> torch.nn.Module
     return copied
 
 
-def test_source_tokens_sum_to_the_write_and_match_open_clip_with_one_head_kept(tiny) -> None:
+@pytest.mark.parametrize("build", ["tiny", "mid (LayerScale)"])
+def test_source_tokens_sum_to_the_write_and_match_open_clip_with_one_head_kept(build: str, tiny) -> None:
+    tiny = tiny if build == "tiny" else HookedEncoder(mid_visual())
     x = pixels(64)
-    heads = [Component("head", 0, 1), Component("head", 2, 3), Component("head", 3, 0)]
+    heads = [Component("head", 0, 1), Component("head", 2, 3), Component("head", tiny.n_layers - 1, 0)]
     parts = head_sources(tiny, x, heads)  # [B, K, T, D]
     cache = tiny.run_with_cache(x)
     for k, c in enumerate(heads):
