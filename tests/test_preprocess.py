@@ -26,8 +26,9 @@ PRIOR_PROCESSOR = dict(
     do_convert_rgb=True,
 )
 # (width, height): three sample photos as they are (the first two crop differently in open_clip), an odd
-# shape whose long side after resizing minus 224 is odd too, a tall, a wide, a tiny and a square one.
-SHAPES = [(640, 427), (741, 500), (451, 300), (451, 301), (300, 900), (1200, 250), (17, 9), (512, 512)]
+# shape whose long side after resizing minus 224 is odd too, a tall one whose vertical offset is odd, a tall,
+# a wide, a tiny and a square one.
+SHAPES = [(640, 427), (741, 500), (451, 300), (451, 301), (427, 640), (300, 900), (1200, 250), (17, 9), (512, 512)]
 
 
 def reference_processor():
