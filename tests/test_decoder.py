@@ -276,6 +276,26 @@ def test_the_first_picture_that_is_not_finite_is_named_with_the_settings_that_ma
                                       f"decode.guidance=7.5, decode.dtype={dtype}; {fix}")
 
 
+def test_only_dsls_own_bar_shows_while_decoding(dec: KandinskyDecoder, capfd: pytest.CaptureFixture) -> None:
+    """One bar over the pictures (ours, counted in img), none per pipeline call (diffusers', in it/s)."""
+    embeds, negative = _inputs(2)
+    quiet = {k: v for k, v in KW.items() if k != "progress"}
+    dec.decode(embeds, negative, 0, batch_size=1, progress=False, **quiet)
+    assert capfd.readouterr().err == ""
+    dec.decode(embeds, negative, 0, batch_size=1, **quiet)  # progress by default
+    err = capfd.readouterr().err
+    assert "decode: 100%" in err and "2/2" in err and "img/s" in err and "it/s" not in err
+
+
+def test_random_components_are_drawn_after_seed_0_as_in_diffusers_tests() -> None:
+    from dsl_cli.decoder import _seeded
+
+    torch.manual_seed(0)
+    expected = torch.randn(5)
+    torch.manual_seed(7)
+    assert torch.equal(_seeded(torch.randn, 5), expected)
+
+
 def test_the_python_api_decodes_with_the_defaults_of_dsl_run(dec: KandinskyDecoder, monkeypatch) -> None:
     """A notebook calling `decode` or `iter_decode` without settings gets what `dsl run` does by default
     (DecodeConfig): 512 x 512 pictures, 100 steps, guidance 4 (the pipeline call itself stubbed: the settings it

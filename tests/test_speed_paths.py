@@ -64,7 +64,25 @@ def test_bf16_decoder_stays_close_to_fp32(fp32_pictures: np.ndarray) -> None:
     assert np.corrcoef(got.ravel(), fp32_pictures.ravel())[0, 1] > 0.98
 
 
+def test_a_bf16_decoder_takes_float32_embeddings_without_guidance_too() -> None:
+    """The pipeline casts the embeddings to the UNet's precision only when it applies guidance."""
+    embeds, negative = _inputs(2)
+    decoder = load_decoder(DecoderConfig(source="tiny"), dtype=torch.bfloat16)
+    unguided = {**KW, "guidance": 1.0}
+    got = decoder.decode(embeds, negative, [0, 1], batch_size=2, **unguided)
+    expected = decoder.decode(embeds.bfloat16(), negative.bfloat16(), [0, 1], batch_size=2, **unguided)
+    np.testing.assert_array_equal(got, expected)
+
+
 # ---- channels_last and compile ------------------------------------------------------------------------------
+
+def test_by_default_the_unet_is_neither_channels_last_nor_compiled() -> None:
+    """Both are GPU speed-ups a run asks for (`decode.channels_last`, `decode.compile`), never the default."""
+    decoder = load_decoder(DecoderConfig(source="tiny"))
+    assert type(decoder.pipe.unet).__name__ == "UNet2DConditionModel"
+    assert decoder.pipe.unet.conv_in.weight.is_contiguous()
+    assert decoder.pipe.movq.encoder.conv_in.weight.is_contiguous()
+
 
 def test_channels_last_gives_the_same_pictures(fp32_pictures: np.ndarray) -> None:
     embeds, negative = _inputs(4)
