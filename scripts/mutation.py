@@ -242,9 +242,13 @@ def results(workdir: Path) -> dict[str, str]:
 
 
 def undetected(workdir: Path, modules: list[str], also: set[str] = frozenset()) -> list[str]:
-    """Names of the mutants of `modules` that the last run in `workdir` left undetected (or in `also`)."""
+    """Names of the mutants of `modules` that the last run in `workdir` left undetected (or in `also`), less
+    the survivors listed as equivalent: retesting them cannot change their result (mutmut makes a changed
+    function's mutants afresh, untested, so those are chosen again)."""
+    equivalent = load_equivalent()
     return sorted(name for name, state in results(workdir).items()
-                  if state in UNDETECTED | also and module_of(name, modules) is not None)
+                  if state in UNDETECTED | also and module_of(name, modules) is not None
+                  and not (name in equivalent and state in UNDETECTED))
 
 
 def module_of(name: str, modules: list[str]) -> str | None:
