@@ -134,7 +134,9 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(
     assert tried == [7, 4, 2, 2, 2, 1]
     assert [i for indices, _ in batches for i in indices] == list(range(7))
     np.testing.assert_allclose(np.concatenate([images for _, images in batches]), expected, atol=1e-3)
-    assert sum("out of memory" in r.getMessage() for r in caplog.records) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "CUDA out of memory: decoding in batches of 4 from item 0 on",
+        "CUDA out of memory: decoding in batches of 2 from item 0 on"]
 
 
 def test_out_of_memory_at_batch_one_is_raised(dec: KandinskyDecoder, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -309,8 +311,11 @@ def test_the_python_api_decodes_with_the_defaults_of_dsl_run(dec: KandinskyDecod
         return np.zeros((len(embeds), height, width, 3), dtype=np.float32)
 
     monkeypatch.setattr(dec, "_run", pipeline_call)
+    fits = []  # batch_size "auto" (the default) sizes the batch for the pictures asked for
+    monkeypatch.setattr(dec, "fit_batch_size", lambda *args: fits.append(args) or 8)
     embeds, negative = torch.randn(2, dec.embed_dim), torch.zeros(1, dec.embed_dim)
     assert dec.decode(embeds, negative, 0, progress=False).shape == (2, 512, 512, 3)
     assert [batch.shape for _, batch in dec.iter_decode(embeds, negative, 0, progress=False)] == [(2, 512, 512, 3)]
     run_defaults = DecodeConfig()
     assert calls == [(run_defaults.height, run_defaults.width, run_defaults.steps, run_defaults.guidance)] * 2
+    assert fits == [(2, run_defaults.height, run_defaults.width, run_defaults.guidance)] * 2
