@@ -351,7 +351,7 @@ REAL_COUNTS = {
 
 
 @pytest.mark.parametrize("family", ["kandinsky22", *REAL_COUNTS])
-def test_the_real_architectures_have_the_published_sizes(family: str) -> None:
+def test_the_random_source_loads_the_real_architectures_with_the_published_sizes(family: str) -> None:
     """The released architectures, as `decoder.source=random` loads them, on PyTorch's meta device (shapes
     only: no memory, no weights, seconds), so that every run of the suite checks them; the slow test below
     decodes with them."""
