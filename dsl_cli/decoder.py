@@ -645,7 +645,7 @@ class HostTimesteps:
 
     def set_timesteps(self, num_inference_steps: int, device: str | torch.device | None = None, **kwargs) -> None:
         self.inner.set_timesteps(num_inference_steps, device="cpu", **kwargs)
-        self.device_timesteps, self.index = self.inner.timesteps.to(device or "cpu"), 0
+        self.device_timesteps, self.index = self.inner.timesteps.to(device), 0  # None: stays on the host
 
     def _host_step(self, model_output: torch.Tensor, timestep: torch.Tensor, sample: torch.Tensor, *args, **kwargs):
         host = self.inner.timesteps[self.index]

@@ -18,7 +18,7 @@ from PIL import Image
 
 from dsl_cli import run
 from dsl_cli.config import DecoderConfig, EncoderConfig
-from dsl_cli.decoder import SCHEDULERS, batch_that_fits, host_timesteps, load_decoder
+from dsl_cli.decoder import SCHEDULERS, HostTimesteps, batch_that_fits, host_timesteps, load_decoder
 from dsl_cli.devices import dtype_name
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual, load_encoder
 
@@ -122,6 +122,20 @@ def test_denoising_loop_never_reads_a_device_value(scheduler: str) -> None:
         latents = pipe(generator=[torch.Generator().manual_seed(i) for i in range(2)], **call).images
     assert latents.device.type == "meta" and latents.shape == (2, 4, 32, 32)
     assert pipe.config.scheduler[1] == type(pipe.scheduler).__name__  # the pipeline's own scheduler is back
+
+
+def test_host_timesteps_compute_on_the_host_and_hand_the_pipeline_its_device() -> None:
+    """The wrapped scheduler's table stays on the CPU whatever device the pipeline asks for; the pipeline gets
+    a copy on its device (none asked: the host), and the scheduler's own arguments (custom timesteps) pass."""
+    inner = SCHEDULERS["ddpm"](num_train_timesteps=1000)
+    with_device = HostTimesteps(inner)
+    with_device.set_timesteps(None, device="meta", timesteps=[999, 500, 0])
+    assert with_device.timesteps.device.type == "meta" and with_device.timesteps.shape == (3,)
+    assert inner.timesteps.device.type == "cpu" and inner.timesteps.tolist() == [999, 500, 0]
+    without = HostTimesteps(inner)
+    without.set_timesteps(4)
+    assert without.timesteps.device.type == "cpu" and without.timesteps.tolist() == inner.timesteps.tolist()
+    assert len(inner.timesteps) == 4
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
