@@ -138,6 +138,21 @@ def test_host_timesteps_compute_on_the_host_and_hand_the_pipeline_its_device() -
     assert len(inner.timesteps) == 4
 
 
+def test_host_timesteps_step_with_the_next_host_timestep_and_the_schedulers_own_arguments() -> None:
+    """The i-th `step` is given the i-th host timestep whatever the pipeline passes (here a meta tensor, which DDPM
+    could not read), and the scheduler's own arguments, positional ones included (generator, return_dict)."""
+    wrapped, reference = HostTimesteps(SCHEDULERS["ddpm"]()), SCHEDULERS["ddpm"]()
+    wrapped.set_timesteps(3, device="meta")
+    reference.set_timesteps(3)
+    sample, noise = torch.ones(1, 4, 8, 8), torch.full((1, 4, 8, 8), 0.5)
+    for t in reference.timesteps:
+        got = wrapped.step(noise, torch.zeros((), device="meta"), sample, torch.Generator().manual_seed(1), False)
+        want = reference.step(noise, t, sample, generator=torch.Generator().manual_seed(1), return_dict=False)
+        assert isinstance(got, tuple)
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        sample = want[0]
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "dpm"])
 def test_host_timesteps_change_no_picture(scheduler: str) -> None:
     """The pipeline called directly (device timesteps, as diffusers does it) against `decode` (host ones),
