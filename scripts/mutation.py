@@ -31,6 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +216,7 @@ def run_for(workdir: Path, minutes: float | None, *args: str) -> int:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGTERM)
             process.wait()
-            print(f"\nstopped after {minutes:g} minutes: `--again` tests the mutants not reached", file=sys.stderr)
+            print("\nstopped at the time limit (--minutes): `--again` tests the mutants not reached", file=sys.stderr)
             return 0
 
 
@@ -326,16 +327,23 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(ROOT / "tests", target / "tests", ignore=shutil.ignore_patterns("__pycache__"))
             shutil.copy2(ROOT / "pyproject.toml", target / "pyproject.toml")
         generate(args.workdir)
-        also = {"timeout"} if args.survivors else {"not checked", "timeout"}
-        chosen = undetected(args.workdir, modules, also=also)
+        # Two passes: timeouts count as detected already, and mutmut tests in its own order (the source's), so
+        # the undetected and untested go first, and a short retest spends its minutes on what can change.
+        first = undetected(args.workdir, modules, also=set() if args.survivors else {"not checked"})
+        passes = [first, [n for n in undetected(args.workdir, modules, also={"timeout"}) if n not in first]]
     elif not args.report_only:
         copy_tree(args.workdir)
-        chosen = [p for m in modules for p in patterns(m)]
-    if not args.report_only and chosen:
-        status = run_for(args.workdir, args.minutes, "--max-children", str(args.jobs), *chosen)
-        if status:
-            print(f"mutmut stopped with status {status}", file=sys.stderr)
-            return status
+        passes = [[p for m in modules for p in patterns(m)]]
+    if not args.report_only:
+        deadline = None if args.minutes is None else time.monotonic() + 60 * args.minutes
+        for chosen in passes:
+            left = None if deadline is None else (deadline - time.monotonic()) / 60
+            if not chosen or (left is not None and left <= 0):
+                continue
+            status = run_for(args.workdir, left, "--max-children", str(args.jobs), *chosen)
+            if status:
+                print(f"mutmut stopped with status {status}", file=sys.stderr)
+                return status
     score = report(args.workdir, modules, command.strip())
     return 0 if score >= 95.0 else 1
 
