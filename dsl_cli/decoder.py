@@ -52,8 +52,9 @@ from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLI
                           CLIPVisionModelWithProjection, XLMRobertaTokenizer)
 
 from dsl_cli.config import DecoderConfig
-from dsl_cli.devices import Placed, free_memory, seeded_on
+from dsl_cli.devices import Placed, seeded_on
 from dsl_cli.errors import UserError
+from dsl_cli.memory import free_bytes
 from dsl_cli.weights import decoder_weights
 
 log = logging.getLogger("dsl_cli.decoder")
@@ -452,7 +453,7 @@ class Decoder(Placed, ABC):
         if self.device.type != "cuda":
             return max(1, min(n, CPU_BATCH))
         one, two = (self._probe_peak(batch, height, width, guidance) for batch in (1, 2))
-        batch = batch_that_fits(n, one, two, free_memory(self.device))
+        batch = batch_that_fits(n, one, two, free_bytes(self.device))
         log.info("decode batch size auto: %d (%.2f GiB per picture)", batch, max(two - one, 1) / 2**30)
         return batch
 

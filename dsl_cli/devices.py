@@ -47,13 +47,6 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def free_memory(device: torch.device) -> int:
-    """Bytes a new allocation can get on a CUDA device: what the driver has free plus what PyTorch's caching
-    allocator holds but does not use."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
 def dtype_name(dtype: torch.dtype) -> str:
     """The config's name of a dtype (`bf16`), as the manifest records it."""
     return next(name for name, value in DTYPES.items() if value == dtype)

@@ -40,8 +40,12 @@ def free_bytes(device: "str | torch.device") -> Optional[int]:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free, total = torch.cuda.mem_get_info(device)
+    reserved = torch.cuda.memory_reserved(device)
+    # A process capped with torch.cuda.set_per_process_memory_fraction (a shared GPU, or a 24 GB card
+    # emulated on a bigger one) gets no more than its cap, whatever the driver has free.
+    cap = int(torch.cuda.get_per_process_memory_fraction(device) * total) - reserved
+    return min(free, max(0, cap)) + reserved - torch.cuda.memory_allocated(device)
 
 
 def module_bytes(module: nn.Module) -> int:

@@ -234,6 +234,19 @@ def test_ablation_batches_are_sized_from_free_memory(tiny_encoder, monkeypatch) 
     assert memory.rows_that_fit("cuda", row, 256) == 1
 
 
+@pytest.mark.parametrize("fraction, expected_gib", [(1.0, 71), (0.3, 21), (0.04, 1)])
+def test_free_memory_is_the_drivers_within_a_per_process_cap(fraction: float, expected_gib: int, monkeypatch) -> None:
+    """80 GiB card, 70 free, the allocator holding 4 (3 in use). Uncapped: 70 + 1 unused. Capped at 24 GiB
+    (0.3; as bench_memory.py's --gpu-limit-gb 24): 20 more + 1. Capped below what it holds: only the 1."""
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 4 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: fraction)
+    assert memory.free_bytes("cuda") == pytest.approx(expected_gib * gib, abs=1)
+    assert memory.free_bytes("cpu") is None
+
+
 def test_ablation_halves_its_batch_on_out_of_memory(tiny_encoder, tiny_pixels, monkeypatch) -> None:
     plan = [(i % 3, [f"L{i % 4}H{i % 3}"]) for i in range(7)]
     alone = studies.ablated_embeds(tiny_encoder, tiny_pixels, plan, batch_size=1)

@@ -195,7 +195,7 @@ def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monke
     decoder = load_decoder(DecoderConfig(source="tiny"))
     monkeypatch.setattr(type(decoder), "device", property(lambda self: torch.device("cuda")))
     monkeypatch.setattr(decoder, "_probe_peak", lambda *args: probes.append(args) or {1: 3 * gib, 2: 4 * gib}[args[0]])
-    monkeypatch.setattr(decoder_module, "free_memory", lambda device: 20 * gib if device.type == "cuda" else 0)
+    monkeypatch.setattr(decoder_module, "free_bytes", lambda device: 20 * gib if device.type == "cuda" else 0)
     with caplog.at_level("INFO", logger="dsl_cli.decoder"):
         assert decoder.fit_batch_size(100, 64, 48, 7.5) == 15  # (20 x 0.85 - 2) / 1, as batch_that_fits works it out
     assert probes == [(1, 64, 48, 7.5), (2, 64, 48, 7.5)]
