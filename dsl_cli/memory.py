@@ -44,7 +44,8 @@ def free_bytes(device: "str | torch.device") -> Optional[int]:
     reserved = torch.cuda.memory_reserved(device)
     # A process capped with torch.cuda.set_per_process_memory_fraction (a shared GPU, or a 24 GB card
     # emulated on a bigger one) gets no more than its cap, whatever the driver has free.
-    cap = int(torch.cuda.get_per_process_memory_fraction(device) * total) - reserved
+    index = device.index if device.index is not None else torch.cuda.current_device()  # it takes no bare "cuda"
+    cap = int(torch.cuda.get_per_process_memory_fraction(index) * total) - reserved
     return min(free, max(0, cap)) + reserved - torch.cuda.memory_allocated(device)
 
 

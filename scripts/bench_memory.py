@@ -10,7 +10,7 @@ architectures with random weights, no download), in a process of its own:
 On the CPU (fp32) decoding is kept tiny (64 px, 1 step, one picture): the figure is the models' memory,
 not that of 512-pixel activations. On CUDA (bf16: `encoder.dtype=bf16`, `decode.dtype=auto`) pictures are 512 px
 with a full decode batch of 8 (2 steps: the step count does not change the peak), and `--gpu-limit-gb 24`
-caps the process at 24 GB (`torch.cuda.set_per_process_memory_fraction`), as on a 24 GB card: a case that
+caps the process at 24 GiB, its CUDA context included (`torch.cuda.set_per_process_memory_fraction`), as on a 24 GB card: a case that
 finishes under the cap fits one. The logit lens runs twice: with its ImageNet classifier built (a fresh
 classifier cache; on the CPU with `lens.templates=simple`, 7 prompts per class, since 80 take hours there)
 and with it kept from that run.
@@ -80,8 +80,8 @@ import json, sys
 limit = float(sys.argv[2])
 import torch
 if limit > 0 and torch.cuda.is_available():
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, limit * 1024**3 / total))
+    free, total = torch.cuda.mem_get_info()  # starts the CUDA context, which a card of `limit` GiB also holds
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (limit * 1024**3 - (total - free)) / total))
 from dsl_cli.cli import main
 try:
     code = main(["run", *sys.argv[3:]])

@@ -242,7 +242,13 @@ def test_free_memory_is_the_drivers_within_a_per_process_cap(fraction: float, ex
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (70 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 4 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 3 * gib)
-    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", lambda device: fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def memory_fraction(device: int) -> float:  # as torch's, which refuses a device without an index
+        assert isinstance(device, int), f"Expected a torch.device with a specified index or an integer: {device}"
+        return fraction
+
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", memory_fraction)
     assert memory.free_bytes("cuda") == pytest.approx(expected_gib * gib, abs=1)
     assert memory.free_bytes("cpu") is None
 
