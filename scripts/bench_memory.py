@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-GB = 1024**3  # figures are printed in GiB (2**30 bytes); GPU cards are sold by the decimal GB
+GB = 1024**3  # figures are in GiB (2**30 bytes), as card sizes are: a "24 GB" card holds 24 GiB (24564 MiB)
 GPU_SIZES_GB = (8, 12, 16, 24, 32, 40, 48, 80, 94, 141)  # common cards, for "smallest GPU it fits"
 BIGG = ["encoder=bigg14_random", "decoder=kandinsky22_random", "images.limit=1", "layer=47"]
 MUST_SHOW = ["encoder=bigg14_random", "lens=logit", "layer=47", "images.limit=1", "decode.enabled=false"]
@@ -100,7 +100,9 @@ with open(sys.argv[1], "w") as handle:
 
 def measure(name: str, overrides: list[str], folder: Path, cache: Path, gpu_limit_gb: float) -> dict:
     """Run one case in a child process; its peaks, exit status, seconds and the stage times of its manifest."""
-    run_dir, report, log_path = folder / "runs" / name, folder / f"{name}.child.json", folder / f"{name}.log"
+    run_dir = fresh_folder(folder / "runs", name)  # a case measured again gets a run of its own
+    report, log_path = run_dir.with_suffix(".child.json"), run_dir.with_suffix(".log")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "DSL_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-c", CHILD, str(report), str(gpu_limit_gb), *overrides, f"hydra.run.dir={run_dir}"]
     print(f"[{name}] dsl run {' '.join(overrides)}", flush=True)
@@ -113,7 +115,9 @@ def measure(name: str, overrides: list[str], folder: Path, cache: Path, gpu_limi
     if report.is_file():
         result.update(json.loads(report.read_text()))
     if (run_dir / "manifest.json").is_file():
-        result["stage_seconds"] = json.loads((run_dir / "manifest.json").read_text()).get("seconds")
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        result.update(stage_seconds=manifest.get("seconds"), decode_batch_size=manifest.get("decode_batch_size"),
+                      encoder_offloaded=manifest.get("encoder_offloaded"))
     run_log = (run_dir / "dsl.log").read_text() if (run_dir / "dsl.log").is_file() else ""
     if "ImageNet classifier" in run_log:  # the logit lens says which it did
         result["classifier"] = "kept" if "ImageNet classifier read from" in run_log else "built"
@@ -125,13 +129,23 @@ def measure(name: str, overrides: list[str], folder: Path, cache: Path, gpu_limi
     return result
 
 
+def fresh_folder(parent: Path, name: str) -> Path:
+    """parent/name, or parent/name-2, -3, ... when that is taken (dsl refuses to run into a finished run)."""
+    candidates = (parent / (name if i == 1 else f"{name}-{i}") for i in range(1, 10**6))
+    return next(path for path in candidates if not path.exists() and not path.with_suffix(".log").exists())
+
+
 def gpu_peak(result: dict) -> int:
     return result["cuda_max_reserved"] + result["cuda_context"]
 
 
-def smallest_gpu(peak: int) -> str:
-    fits = [size for size in GPU_SIZES_GB if peak <= size * 10**9 * 0.97]  # cards quote GB; keep 3 % spare
-    return f"{fits[0]} GB" if fits else "none listed"
+def smallest_gpu(result: dict) -> str:
+    """The smallest listed card the case fits: one its peak fits with 3 % to spare, or the cap it finished
+    under (a study sizes its batches from free memory, so its peak grows with the card)."""
+    fits = [size for size in GPU_SIZES_GB if gpu_peak(result) <= size * GB * 0.97]
+    if result["exit"] == 0 and result.get("gpu_limit_gb"):
+        fits.append(result["gpu_limit_gb"])
+    return f"{min(fits):g} GB" if fits else "none listed"
 
 
 def markdown(results: list[dict]) -> str:
@@ -140,13 +154,18 @@ def markdown(results: list[dict]) -> str:
              "exit | seconds |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         gpu = f"{gpu_peak(r) / GB:.2f} GiB" if "cuda_max_reserved" in r else "unmeasured"
-        card = smallest_gpu(gpu_peak(r)) if "cuda_max_reserved" in r else "unmeasured"
+        card = smallest_gpu(r) if "cuda_max_reserved" in r else "unmeasured"
         device = r.get("gpu", r.get("device", "cpu"))
         if r.get("gpu_limit_gb"):
             device += f", capped at {r['gpu_limit_gb']:g} GB"
         lines.append(f"| {r['case']} | {r['what']} | {device} | {r['host_peak_bytes'] / GB:.2f} GiB | {gpu} | {card} | "
                      f"{r['exit']} | {r['seconds']} |")
     return "\n".join(lines) + "\n"
+
+
+def key(result: dict) -> str:
+    """A result replaces an earlier one of the same case, device and cap."""
+    return f"{result['case']}@{result['device']}@{result.get('gpu_limit_gb')}"
 
 
 def main() -> None:
@@ -166,7 +185,7 @@ def main() -> None:
     folder = args.folder or Path(tempfile.mkdtemp(prefix="bench_memory."))
     folder.mkdir(parents=True, exist_ok=True)
     earlier = json.loads(args.json.read_text()) if args.json.is_file() else []
-    results = {r["case"] + "@" + r["device"]: r for r in earlier}
+    results = {key(r): r for r in earlier}
     for name in names:
         what, cpu, cuda = CASES[name]
         overrides = [*DEVICE_SETTINGS[args.device], *(cuda if args.device == "cuda" else cpu)]
@@ -176,7 +195,7 @@ def main() -> None:
         result = measure(name, overrides, folder, folder / "classifier_cache", args.gpu_limit_gb)
         result.update(what=what, device=args.device + (" (dry run, tiny models)" if args.dry_run else ""),
                       gpu_limit_gb=args.gpu_limit_gb if args.device == "cuda" else None)
-        results[name + "@" + result["device"]] = result
+        results[key(result)] = result
         args.json.write_text(json.dumps(list(results.values()), indent=1))
     table = markdown(list(results.values()))
     if args.markdown:

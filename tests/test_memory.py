@@ -5,6 +5,7 @@ anything else runs; batches sized from free memory, and the encoder parked off a
 from __future__ import annotations
 
 import json
+import sys
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -318,7 +319,6 @@ def test_an_encoder_waits_on_the_cpu_when_the_gpu_is_short(monkeypatch) -> None:
 def test_the_memory_benchmark_measures_a_run_in_its_own_process(tmp_path: Path) -> None:
     """scripts/bench_memory.py --dry-run (the tiny models): one case, its peak and the table."""
     import subprocess
-    import sys
 
     script = Path(__file__).parents[1] / "scripts" / "bench_memory.py"
     result = subprocess.run([sys.executable, str(script), "--dry-run", "--only", "logit_kept", "--folder",
@@ -330,6 +330,28 @@ def test_the_memory_benchmark_measures_a_run_in_its_own_process(tmp_path: Path) 
     assert 0.3 * GB < case["host_peak_bytes"] < 4 * GB  # a tiny run: python, torch and the libraries
     assert {"images", "classifier", "encoder", "lens", "write"} <= set(case["stage_seconds"])
     assert "| logit_kept | logit lens, classifier kept" in (tmp_path / "out.md").read_text()
+
+
+def test_the_memory_benchmark_names_the_smallest_card_and_never_reuses_a_run_folder(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "scripts"))
+    import bench_memory
+
+    def result(peak_gib: float, exit: int = 0, cap: float = 0.0) -> dict:
+        return {"cuda_max_reserved": int(peak_gib * GB) - 100, "cuda_context": 100, "exit": exit, "gpu_limit_gb": cap}
+
+    assert bench_memory.smallest_gpu(result(11.6)) == "12 GB"  # 11.64 GiB is 97 % of 12
+    assert bench_memory.smallest_gpu(result(11.7)) == "16 GB"
+    assert bench_memory.smallest_gpu(result(22.7, cap=24)) == "24 GB"
+    assert bench_memory.smallest_gpu(result(12.06, cap=12)) == "12 GB"  # a study filled the cap it finished under
+    assert bench_memory.smallest_gpu(result(12.06, exit=1, cap=12)) == "16 GB"  # but it did not finish
+    assert bench_memory.smallest_gpu(result(200)) == "none listed"
+    runs = tmp_path / "runs"
+    first = bench_memory.fresh_folder(runs, "steering")
+    assert first == runs / "steering"
+    first.mkdir(parents=True)
+    assert bench_memory.fresh_folder(runs, "steering") == runs / "steering-2"
+    assert bench_memory.fresh_folder(runs, "direct") == runs / "direct"
 
 
 @pytest.mark.gpu
