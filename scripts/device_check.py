@@ -19,6 +19,8 @@ benchmarks' own JSON files go to a working folder (`--work`, default a temporary
     decoder_fp16     fp16 at batch 1, 4, 8, 16
     channels_last    the decode-only pictures again, with channels_last
     compile          bf16 with the UNet compiled, at batch 16, in the better memory format
+    memory           bench_memory.py: every lens and study at bigG with the GPU capped at 24 GiB (`--steps memory`:
+                     about 5 minutes, more than the default budget leaves after the steps above)
 """
 
 from __future__ import annotations
@@ -158,6 +160,14 @@ def channels_last_was_faster(rows: list[dict]) -> bool:
     return rate.get(True, 0) > rate.get(False, float("inf"))
 
 
+def memory_argv(check: Check, name: str) -> list[str]:
+    base = [sys.executable, str(BENCH / "bench_memory.py"), "--json", str(check.work / f"{name}.json"),
+            "--folder", str(check.work / name)]
+    if check.dry:
+        return base + ["--dry-run", "--only", "logit_built,logit_kept,steering"]
+    return base + ["--device", "cuda", "--gpu-limit-gb", "24"]
+
+
 NO_BASELINE = ["--naive-pictures", "0", "--matmul-size", "0"]
 STEPS: list[tuple[str, float, Callable[[Check, str], list[str]]]] = [
     # name, estimated seconds on an H100, command
@@ -180,6 +190,7 @@ STEPS: list[tuple[str, float, Callable[[Check, str], list[str]]]] = [
                                        ["--dtypes", "fp32", "--batch-sizes", "auto", "--pictures",
                                         str(DRY_E2E_PICTURES), "--channels-last", *NO_BASELINE])),
     ("compile", 150, compile_argv),
+    ("memory", 300, memory_argv),
 ]
 
 
@@ -195,6 +206,9 @@ def collect(check: Check, name: str, seconds: float) -> None:
         data["end_to_end"] = read_run(check, seconds)
     elif name == "encoder":
         data["encoder"] = read_json(check.work / f"{name}.json")
+    elif name == "memory":  # bench_memory.py's results: a list, one entry per case
+        rows = read_json(check.work / f"{name}.json")
+        data["memory"] = {"rows": rows if isinstance(rows, list) else []}
     else:
         bench = read_json(check.work / f"{name}.json")
         decoder = data.setdefault("decoder", {"rows": []})

@@ -11,6 +11,8 @@ import json
 import sys
 from typing import Any, Optional
 
+from bench_memory import markdown as memory_markdown
+
 GOALS = {  # figure -> (comparison, target); from the GPU issue
     "decoder_pct_of_matmul_peak": (">=", 40.0),
     "decoder_vs_naive": (">=", 5.0),
@@ -19,6 +21,7 @@ GOALS = {  # figure -> (comparison, target); from the GPU issue
     "encoder_cache_vs_plain_bf16": ("<=", 1.1),
     "encoder_bf16_cosine_min": (">=", 0.999),
     "gpu_tests_failed": ("==", 0),
+    "memory_cases_failed": ("==", 0),
 }
 FIGURES = {
     "decoder_pct_of_matmul_peak": "decoder, best configuration: % of the bf16 matmul peak measured in the same run",
@@ -28,6 +31,7 @@ FIGURES = {
     "encoder_cache_vs_plain_bf16": "encoder bf16: cache + DSL for every component / one plain forward, same batch",
     "encoder_bf16_cosine_min": "encoder: lowest cosine of bf16 DSL embeddings against fp32",
     "gpu_tests_failed": "`pytest -m gpu`: tests failed",
+    "memory_cases_failed": "`dsl run` of each lens and study at bigG, GPU capped at 24 GiB: runs that failed",
 }
 
 
@@ -59,6 +63,9 @@ def summarise(data: dict) -> dict[str, Any]:
     if tests:
         figures["gpu_tests_failed"] = tests["failed"]
         figures["gpu_tests_passed"] = tests["passed"]
+    memory = data.get("memory", {}).get("rows")
+    if memory:
+        figures["memory_cases_failed"] = sum(row["exit"] != 0 for row in memory)
     goals = {name: goal_met(figures.get(name), *GOALS[name]) for name in GOALS}
     return {"figures": figures, "goals_met": goals}
 
@@ -95,6 +102,7 @@ def markdown(data: dict) -> str:
     lines += encoder_table(data.get("encoder", {}))
     lines += run_table(data, summary)
     lines += tests_table(data.get("gpu_tests", {}))
+    lines += ["## Memory (`bench_memory.py`)", "", memory_markdown(data.get("memory", {}).get("rows", []))]
     lines += ["## Steps", "", "| step | status | seconds | command or reason |", "|---|---|---|---|"]
     for name, step in data.get("steps", {}).items():
         lines.append(f"| {name} | {step['status']} | {fmt(step.get('seconds'))} | "

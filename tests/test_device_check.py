@@ -62,10 +62,13 @@ def test_dry_run_fills_every_field(dry_run) -> None:
     assert data["decode_only"]["pictures"] == 8
     tests = data["gpu_tests"]
     assert tests["failed"] == 0 and tests["skipped"] >= 10  # no CUDA here: every gpu test collected, then skipped
+    memory = data["memory"]["rows"]
+    assert [(r["case"], r["exit"]) for r in memory] == [("logit_built", 0), ("logit_kept", 0), ("steering", 0)]
+    assert memory[0]["classifier"] == "built" and memory[0]["host_peak_bytes"] > 0
     figures = data["summary"]["figures"]
     assert all(figures.get(name) is not None for name in GOALS), figures
     table = (out / "device_check.md").read_text()
-    for heading in ("## Goals", "## Decoder", "## Encoder", "## End to end", "## GPU tests", "## Steps"):
+    for heading in ("## Goals", "## Decoder", "## Encoder", "## End to end", "## GPU tests", "## Memory", "## Steps"):
         assert heading in table
     goals = table.split("## Goals")[1].split("## Decoder")[0]
     assert "not measured" not in goals
@@ -85,6 +88,10 @@ def test_goals_are_computed_from_the_rows() -> None:
         "encoder": {"rows": [{"dtype": "fp32", "cache_vs_plain": 1.04}, {"dtype": "bf16", "cache_vs_plain": 1.12,
                                                                          "cos_vs_fp32_min": 0.9993}]},
         "gpu_tests": {"passed": 12, "failed": 1, "skipped": 0},
+        "memory": {"rows": [dict(case="steering", what="DSL", device="GPU", host_peak_bytes=2**30, exit=0, seconds=9,
+                                 cuda_max_reserved=2**34, cuda_context=2**29, gpu_limit_gb=24),
+                            dict(case="direct", what="direct lens", device="GPU", host_peak_bytes=2**30, exit=1,
+                                 seconds=9, cuda_max_reserved=2**34, cuda_context=2**29, gpu_limit_gb=24)]},
     }
     summary = summarise(data)
     figures, met = summary["figures"], summary["goals_met"]
@@ -93,8 +100,10 @@ def test_goals_are_computed_from_the_rows() -> None:
     assert figures["run_wall_vs_decode_only"] == pytest.approx(100 / 70)
     assert met == {"decoder_pct_of_matmul_peak": False, "decoder_vs_naive": True, "run_wall_vs_decode_only": False,
                    "encoder_cache_vs_plain_fp32": True, "encoder_cache_vs_plain_bf16": False,
-                   "encoder_bf16_cosine_min": True, "gpu_tests_failed": False}
-    assert "| **no** |" in markdown({**data, "summary": summary})
+                   "encoder_bf16_cosine_min": True, "gpu_tests_failed": False, "memory_cases_failed": False}
+    assert figures["memory_cases_failed"] == 1
+    table = markdown({**data, "summary": summary})
+    assert "| **no** |" in table and "| steering | DSL | GPU, capped at 24 GB | 1.00 GiB | 16.50 GiB | 24 GB | 0 | 9 |" in table
 
 
 def test_nothing_measured_is_not_a_goal_met() -> None:
