@@ -8,8 +8,10 @@ comes back for the re-encoding of each decoded batch (`visiting`). Figures: docs
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
+import os
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -24,6 +26,26 @@ HEADROOM = 0.8  # of the free memory, the share work is sized to: the allocator 
 # the MoVQ's full-size activations), in bytes per weight byte of the precision: measured on the CPU in float32
 # (scripts/bench_memory.py --decode-probe) and taken as it is for other precisions (activations scale with it).
 DECODE_BYTES_PER_PICTURE_512 = 1.5 * GB / 4
+
+
+# glibc's mallopt parameter (malloc.h) and the size from which freed blocks go straight back to the system
+M_MMAP_THRESHOLD, MMAP_THRESHOLD = -3, 2**20
+
+
+def give_freed_blocks_back() -> bool:
+    """Have the C library serve blocks of 1 MiB and more from their own mappings, returned to the system when
+    freed. Its default threshold grows as a forward pass frees activations, after which they come from a heap
+    that fragments and is never given back: bigG's forward on the CPU then peaks 0.2 to 0.4 GiB higher,
+    unpredictably (docs/benchmarks.md). Costs about 10 % of a bigG forward on the CPU (fresh pages for each
+    layer's activations). Left to the user when MALLOC_MMAP_THRESHOLD_ is set; False where the C library
+    has no mallopt (macOS)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def release_memory(device: "str | torch.device") -> None:

@@ -36,7 +36,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, describe, get_lens, n_labels, prepare_text,
                             rank, score, where_heads_look)
-from dsl_cli.memory import decode_need, park_if_short, release_memory, visiting
+from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture, is_sweep_folder,
                              read_manifest, redraw, save_png)
 from dsl_cli.report import write_page
@@ -412,6 +412,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         validate(cfg)
         preflight(cfg)
         folder.remove_temporaries()
+        give_freed_blocks_back()
         device = resolve_device(cfg.device)
         _run_stages(cfg, folder, device, Manifest(folder.manifest_json))
     finally:

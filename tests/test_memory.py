@@ -5,6 +5,7 @@ anything else runs; batches sized from free memory, and the encoder parked off a
 from __future__ import annotations
 
 import json
+import platform
 import sys
 import weakref
 from contextlib import contextmanager
@@ -210,6 +211,39 @@ def test_a_kept_classifier_builds_no_text_tower_and_a_built_one_is_released_firs
     monkeypatch.setattr(lenses, "load_text_model", no_text_tower)
     second = _tiny_run(tmp_path / "second")
     assert (first / "labels.csv").read_text() == (second / "labels.csv").read_text()
+
+
+def test_freed_blocks_of_a_mib_and_more_go_back_to_the_system_from_the_start_of_a_run(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """glibc's mallopt(M_MMAP_THRESHOLD = -3, 1 MiB), once, before the encoder loads; the user's own
+    MALLOC_MMAP_THRESHOLD_ wins; a C library without mallopt is left alone."""
+    from types import SimpleNamespace
+
+    from dsl_cli import run as run_module
+    from dsl_cli.encoder import load_encoder
+
+    calls: list = []
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=lambda *a: calls.append(a) or 1))
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+
+    def watched_encoder(*args, **kwargs):
+        calls.append("encoder")
+        return load_encoder(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "load_encoder", watched_encoder)
+    _tiny_run(tmp_path / "run", "lens=direct", "decode.enabled=false")
+    assert calls == [(-3, 2**20), "encoder"]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert memory.give_freed_blocks_back() is False and calls == [(-3, 2**20), "encoder"]
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: SimpleNamespace())  # no mallopt (macOS)
+    assert memory.give_freed_blocks_back() is False
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's M_MMAP_THRESHOLD is glibc's")
+def test_glibc_accepts_the_threshold(monkeypatch) -> None:
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert memory.give_freed_blocks_back() is True  # mallopt returns 0 for a parameter it refuses
 
 
 def test_the_logit_lens_with_labels_builds_its_classifier_once(tmp_path: Path, monkeypatch) -> None:
