@@ -169,3 +169,19 @@ def test_tiny_run_on_cuda_with_auto_batch(tmp_path: Path, record_property) -> No
     assert manifest["decoder_dtype"] == "bf16"  # decode.dtype=auto is bf16 on CUDA
     assert manifest["decode_batch_size"] == manifest["to_decode"]  # 8 tiny pictures fit at once
     assert (tmp_path / "run" / "similarity.csv").is_file()
+
+
+def test_free_memory_stays_within_a_per_process_cap(record_property) -> None:
+    """With the process capped at a quarter of the card (a shared GPU, or bench_memory.py's --gpu-limit-gb),
+    dsl sizes work from the cap, not from what the driver has free."""
+    from dsl_cli.memory import free_bytes
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    uncapped = free_bytes("cuda")
+    torch.cuda.set_per_process_memory_fraction(0.25)
+    try:
+        capped = free_bytes("cuda")
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    record_property("free_gib_uncapped_and_capped", f"{uncapped / 2**30:.2f}, {capped / 2**30:.2f}")
+    assert capped <= 0.25 * total < uncapped
