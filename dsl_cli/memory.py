@@ -3,7 +3,9 @@
 A run's stages need different models: the logit lens's text tower (built alone, before the encoder, and
 released before anything else runs), the encoder, the decoder. On a GPU too small to hold the encoder and
 the decoder with room to decode, the encoder waits on the CPU while the decoder works (`park_if_short`) and
-comes back for the re-encoding of each decoded batch (`visiting`). Figures: docs/benchmarks.md, "Memory".
+comes back for the re-encoding of each decoded batch (`visiting`). Work is sized from what the device has free
+(`free_bytes`, within a per-process cap if one is set); on the host, freed activations go straight back to the
+system (`give_freed_blocks_back`). Figures: docs/benchmarks.md, "Memory".
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ architectures with random weights, no download), in a process of its own:
 On the CPU (fp32) decoding is kept tiny (64 px, 1 step, one picture): the figure is the models' memory,
 not that of 512-pixel activations. On CUDA (bf16: `encoder.dtype=bf16`, `decode.dtype=auto`) pictures are 512 px
 with a full decode batch of 8 (2 steps: the step count does not change the peak), and `--gpu-limit-gb 24`
-caps the process at 24 GiB, its CUDA context included (`torch.cuda.set_per_process_memory_fraction`), as on a 24 GB card: a case that
-finishes under the cap fits one. The logit lens runs twice: with its ImageNet classifier built (a fresh
+caps the process at 24 GiB, its CUDA context included (`torch.cuda.set_per_process_memory_fraction`, which dsl
+sizes its work by), as on a 24 GB card: a case that finishes under the cap fits one. The logit lens runs twice: with its ImageNet classifier built (a fresh
 classifier cache; on the CPU with `lens.templates=simple`, 7 prompts per class, since 80 take hours there)
 and with it kept from that run.
 
@@ -27,6 +27,7 @@ cases can be measured one at a time.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -131,7 +132,7 @@ def measure(name: str, overrides: list[str], folder: Path, cache: Path, gpu_limi
 
 def fresh_folder(parent: Path, name: str) -> Path:
     """parent/name, or parent/name-2, -3, ... when that is taken (dsl refuses to run into a finished run)."""
-    candidates = (parent / (name if i == 1 else f"{name}-{i}") for i in range(1, 10**6))
+    candidates = (parent / (name if i == 1 else f"{name}-{i}") for i in itertools.count(1))
     return next(path for path in candidates if not path.exists() and not path.with_suffix(".log").exists())
 
 
