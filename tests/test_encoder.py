@@ -590,7 +590,7 @@ def test_missing_text_weights_name_the_model(offline_empty_hub):
             load(encoder_config(name="ViT-B-32", pretrained="laion2b_s34b_b79k"))
         assert str(err.value).startswith("open_clip weights ViT-B-32/laion2b_s34b_b79k could not be loaded (")
         assert "`hf download laion/CLIP-ViT-B-32-laion2B-s34B-b79K open_clip_pytorch_model.bin`" in str(err.value)
-    with pytest.raises(UserError, match="fetch them with a download or set encoder.checkpoint"):
+    with pytest.raises(UserError, match="neither a file nor a pretrained tag .* set encoder.checkpoint="):
         load_encoder(encoder_config(name="ViT-B-32", pretrained="no_such_tag"))  # not a hub tag: no command
 
 
@@ -606,7 +606,7 @@ def test_weights_named_by_path_or_tag(tmp_path, monkeypatch) -> None:
     with pytest.raises(UserError) as refused:
         checkpoint_file("ViT-B-32", "no_such_tag")
     assert str(refused.value) == ("'no_such_tag' is neither a file nor a pretrained tag of open_clip's ViT-B-32 "
-                                  "(open_clip.list_pretrained() lists them)")
+                                  "(open_clip.list_pretrained() lists the tags): set encoder.checkpoint=/path/to/weights")
 
 
 def test_the_cached_attention_output_is_the_block_s_own(tiny_visual, tiny_pixels) -> None:

@@ -99,10 +99,8 @@ def _save_checkpoints(folder: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "torch"])
-def test_the_text_tower_reads_only_its_own_tensors(kind: str, tiny_registered: str, tmp_path: Path,
-                                                   monkeypatch) -> None:
-    file = _save_checkpoints(tmp_path)[kind]
+def _spy_on_reads(monkeypatch) -> list[str]:
+    """The names of the tensors read from checkpoint files from now on."""
     real, read = loading._open_checkpoint, []
 
     @contextmanager
@@ -111,6 +109,14 @@ def test_the_text_tower_reads_only_its_own_tensors(kind: str, tiny_registered: s
             yield names, lambda key: (read.append(key), get(key))[1]
 
     monkeypatch.setattr(loading, "_open_checkpoint", spy)
+    return read
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_the_text_tower_reads_only_its_own_tensors(kind: str, tiny_registered: str, tmp_path: Path,
+                                                   monkeypatch) -> None:
+    file = _save_checkpoints(tmp_path)[kind]
+    read = _spy_on_reads(monkeypatch)
     tower, tokenizer = load_text_model(open_clip_config(tiny_registered, str(file)))
     reference = open_clip.create_model(tiny_registered, pretrained=str(file)).eval()  # open_clip's own loader
     tokens = tokenizer(PROMPTS)
@@ -119,6 +125,65 @@ def test_the_text_tower_reads_only_its_own_tensors(kind: str, tiny_registered: s
     assert read and not [key for key in read if key.startswith("visual.")], "the vision tensors were read"
     # the whole CLIP less its vision tower and logit scale: nothing else was built
     assert module_bytes(tower) == module_bytes(reference) - module_bytes(reference.visual) - 4
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "torch"])
+def test_the_vision_tower_reads_only_its_own_tensors(kind: str, tiny_registered: str, tmp_path: Path,
+                                                     monkeypatch) -> None:
+    """The encoder from a whole-CLIP checkpoint: the same forward and preprocessing as open_clip's own loader,
+    with no text tensor read and no text tower built."""
+    from PIL import Image
+
+    from dsl_cli.encoder.loading import load_encoder
+
+    file = _save_checkpoints(tmp_path)[kind]
+    read = _spy_on_reads(monkeypatch)
+    encoder, preprocess = load_encoder(open_clip_config(tiny_registered, str(file)))
+    reference, _, reference_preprocess = open_clip.create_model_and_transforms(tiny_registered, pretrained=str(file))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    pixels = preprocess(photo)[None]
+    torch.testing.assert_close(pixels, reference_preprocess(photo)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.embed(pixels), reference.eval().encode_image(pixels), atol=1e-6, rtol=1e-5)
+    assert read and all(key.startswith("visual.") for key in read), "a text tensor was read"
+    assert module_bytes(encoder) == module_bytes(reference.visual)
+
+
+def test_a_pretrained_tag_gives_open_clips_preprocessing(tiny_registered: str, tmp_path: Path, monkeypatch) -> None:
+    """A tag's own mean, std, interpolation and resize mode, as `create_model_and_transforms` applies them
+    (the tag, and its download, faked for the tiny model: the file is saved here)."""
+    from PIL import Image
+
+    import open_clip.factory
+    from dsl_cli.encoder.loading import load_encoder
+
+    file = _save_checkpoints(tmp_path)["safetensors"]
+    tag = dict(mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7), interpolation="bilinear", resize_mode="squash", hf_hub="x/y/")
+    for module in (open_clip, open_clip.factory):
+        monkeypatch.setattr(module, "get_pretrained_cfg", lambda name, weights: tag if weights == "fake" else {})
+        monkeypatch.setattr(module, "download_pretrained", lambda cfg, cache_dir=None: str(file))
+    _, preprocess = load_encoder(open_clip_config(tiny_registered, "fake"))
+    _, _, reference = open_clip.create_model_and_transforms(tiny_registered, pretrained="fake")
+    photo = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 100, 3), dtype=np.uint8))
+    torch.testing.assert_close(preprocess(photo), reference(photo))
+    default = open_clip.image_transform(64, False)
+    assert not torch.allclose(preprocess(photo), default(photo)), "the tag's settings made no difference"
+
+
+def test_a_checkpoint_open_clip_must_convert_goes_through_its_loader(tiny_registered: str, tmp_path: Path) -> None:
+    """Positions saved for another grid (2 x 2 patches, not 4 x 4): open_clip resizes them as it loads, so
+    the encoder is open_clip's, not a refusal."""
+    from dsl_cli.encoder.loading import load_encoder
+
+    state = build_tiny_clip().state_dict()
+    state["visual.positional_embedding"] = state["visual.positional_embedding"][:5].clone()  # CLS + 2 x 2
+    file = tmp_path / "other_grid.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, file)
+    encoder, _ = load_encoder(open_clip_config(tiny_registered, str(file)))
+    reference = open_clip.create_model(tiny_registered, pretrained=str(file)).eval()
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.embed(pixels), reference.encode_image(pixels), atol=1e-6, rtol=1e-5)
 
 
 def test_a_checkpoint_without_the_text_tower_is_refused_in_one_line(tiny_registered: str, tmp_path: Path) -> None:

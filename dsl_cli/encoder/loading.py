@@ -1,18 +1,21 @@
 """Building the image encoder (and the text tower the logit lens needs) from an `EncoderConfig`.
 
-Sources: `open_clip` (open_clip's own loader; `pretrained: null` builds only the vision tower with random
-weights, seeded), `kandinsky_prior` (the HF `CLIPVisionModelWithProjection` of the Kandinsky 2.2 prior, mapped
+Sources: `open_clip` (the vision tower alone, its tensors read one by one from the CLIP checkpoint, or through
+open_clip's own loader where the file needs converting; `pretrained: null` gives it random weights, seeded),
+`kandinsky_prior` (the HF `CLIPVisionModelWithProjection` of the Kandinsky 2.2 prior, mapped
 key by key onto an open_clip `VisionTransformer`) and `tiny` (seeded random weights, for tests).
 Weights come from the Hugging Face cache or a local path; a missing one becomes a one-line `UserError`.
 
-The text tower is built alone (`TextTower`): for ViT-bigG-14 it is 0.7 B parameters (2.8 GB in fp32) beside
-a 1.8 B vision tower that the logit lens does not need twice; only its own tensors are read from the
-checkpoint (safetensors opened lazily, torch files memory-mapped).
+Each tower is built alone: for ViT-bigG-14 the vision tower is 1.8 B parameters (7.4 GB in fp32) and the text
+tower (`TextTower`, for the logit lens) 0.7 B (2.8 GB); each reads only its own tensors from the checkpoint
+(safetensors opened lazily, torch files memory-mapped), so neither the other tower nor a second copy of the
+weights is ever held (open_clip's loader holds the whole CLIP and the whole checkpoint at once: 20 GB for bigG).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 from contextlib import contextmanager
@@ -47,6 +50,7 @@ TINY_TEXT_CFG = dict(context_length=77, vocab_size=49408, width=32, heads=2, lay
 _ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 RANDOM_SEED = 0  # random weights (tiny, `pretrained: null`) are drawn from this seed: the same on every run
 T = TypeVar("T")
+log = logging.getLogger("dsl_cli.encoder")
 
 
 def load_encoder(
@@ -224,7 +228,7 @@ def checkpoint_file(name: str, weights: str) -> str:
     pretrained = open_clip.get_pretrained_cfg(name, weights)
     if not pretrained:
         raise UserError(f"{weights!r} is neither a file nor a pretrained tag of open_clip's {name} "
-                        "(open_clip.list_pretrained() lists them)")
+                        "(open_clip.list_pretrained() lists the tags): set encoder.checkpoint=/path/to/weights")
     with _user_errors(name, weights):
         return open_clip.download_pretrained(pretrained)
 
@@ -282,15 +286,35 @@ def _load_open_clip_visual(
 ) -> tuple[nn.Module, Preprocess]:
     model_cfg = _model_config(name)
     weights = checkpoint or pretrained
+
+    def build() -> nn.Module:
+        return build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))
+
     if weights is None:
-        # random weights: only the vision tower (bigG: ~7 GB fp32 instead of ~10 GB), drawn where it will run
-        # (bigG's 1.8 B parameters take about 10 s to draw on a CPU, a fraction of a second on a GPU)
-        visual = seeded(lambda: build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"],
-                                                   model_cfg.get("quick_gelu", False)), device)
+        # random weights, drawn where they will run (bigG's 1.8 B parameters take about 10 s to draw on a CPU,
+        # a fraction of a second on a GPU)
+        visual = seeded(build, device)
         return visual, open_clip.image_transform(visual.image_size, False)  # open_clip's own for random weights
-    with _user_errors(name, weights):
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
-    return model.visual, preprocess
+    path = checkpoint_file(name, weights)
+    visual = seeded(build)
+    try:
+        copy_tower_weights(visual, path, ("visual.",), f"{name} vision tower")
+    except UserError as err:
+        # a file open_clip converts as it loads it: OpenAI's TorchScript archives, other projects' layouts
+        log.info("%s: loaded by open_clip's own loader (%s)", path, err)
+        with _user_errors(name, weights):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
+        return model.visual, preprocess
+    return visual, _open_clip_preprocess(name, weights, visual.image_size)
+
+
+def _open_clip_preprocess(name: str, weights: str, image_size: Any) -> Preprocess:
+    """The evaluation transform `open_clip.create_model_and_transforms` gives these weights: its defaults,
+    overridden by what a pretrained tag's config says (mean, std, interpolation, resize mode, fill)."""
+    tag = open_clip.get_pretrained_cfg(name, weights) or {}
+    return open_clip.image_transform(image_size, False, mean=tag.get("mean"), std=tag.get("std"),
+                                     resize_mode=tag.get("resize_mode"), interpolation=tag.get("interpolation"),
+                                     fill_color=tag.get("fill_color", 0))
 
 
 def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) -> tuple[nn.Module, Preprocess]:
