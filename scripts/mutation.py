@@ -323,8 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.again:  # the last run's survivors, timeouts, the mutants it did not reach and those of changed
         sync_sources(args.workdir)  # functions, with today's tests
         for target in (args.workdir, args.workdir / "mutants"):
-            shutil.rmtree(target / "tests")
-            shutil.copytree(ROOT / "tests", target / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+            for name in ("tests", "scripts"):  # the tests, and the scripts some of them run or import
+                shutil.rmtree(target / name, ignore_errors=True)
+                shutil.copytree(ROOT / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
             shutil.copy2(ROOT / "pyproject.toml", target / "pyproject.toml")
         generate(args.workdir)
         # Two passes: timeouts count as detected already, and mutmut tests in its own order (the source's), so
