@@ -197,6 +197,21 @@ def test_a_checkpoint_without_the_text_tower_is_refused_in_one_line(tiny_registe
         load_text_model(open_clip_config(tiny_registered, str(garbage)))
 
 
+@pytest.mark.parametrize("name, content", [("empty.bin", b""), ("notes.pt", b"hello\n"),
+                                           ("cut.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{")])
+def test_a_file_that_is_not_weights_is_refused_in_one_line(name: str, content: bytes, tiny_registered: str,
+                                                             tmp_path: Path) -> None:
+    """Neither dsl's reader nor open_clip's loader can read it: the reason given is the file's, in one line."""
+    from dsl_cli.encoder.loading import load_encoder
+
+    file = tmp_path / name
+    file.write_bytes(content)
+    for load, what in ((load_encoder, "vision"), (load_text_model, "text")):
+        with pytest.raises(UserError, match=f"{file}: cannot read the dsl-test-tiny {what} tower weights") as err:
+            load(open_clip_config(tiny_registered, str(file)))
+        assert "\n" not in str(err.value)
+
+
 def test_random_text_weights_are_seeded_so_their_classifier_is_kept(tiny_registered: str, tmp_path: Path,
                                                                     monkeypatch) -> None:
     monkeypatch.setenv("DSL_CACHE", str(tmp_path))

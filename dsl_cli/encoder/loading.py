@@ -271,12 +271,16 @@ def copy_tower_weights(tower: nn.Module, path: str, prefixes: tuple[str, ...], w
                 target.copy_(value)
 
 
+# what reading a file that is not a weights file raises (torch.load: EOFError when empty, KeyError on text)
+UNREADABLE = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)
+
+
 @contextmanager
 def _user_errors_reading(path: str, what: str) -> Iterator[None]:
     """A checkpoint that cannot be read (not a weights file, truncated) -> a one-line UserError."""
     try:
         yield
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError, SafetensorError) as err:
+    except UNREADABLE as err:
         reason = " ".join(str(err).split())[:200]
         raise UserError(f"{path}: cannot read the {what} weights from it ({type(err).__name__}: {reason})") from err
 
@@ -299,11 +303,14 @@ def _load_open_clip_visual(
     visual = seeded(build)
     try:
         copy_tower_weights(visual, path, ("visual.",), f"{name} vision tower")
-    except UserError as err:
-        # a file open_clip converts as it loads it: OpenAI's TorchScript archives, other projects' layouts
-        log.info("%s: loaded by open_clip's own loader (%s)", path, err)
-        with _user_errors(name, weights):
+    except UserError as ours:
+        # maybe a file open_clip converts as it loads it: OpenAI's TorchScript archives, other projects'
+        # layouts, positions saved for another image size
+        log.info("%s: loaded by open_clip's own loader (%s)", path, ours)
+        try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
+        except UNREADABLE as theirs:  # not a file open_clip reads either: the reason it is not ours is clearer
+            raise ours from theirs
         return model.visual, preprocess
     return visual, _open_clip_preprocess(name, weights, visual.image_size)
 
