@@ -158,9 +158,11 @@ def test_a_pretrained_tag_gives_open_clips_preprocessing(tiny_registered: str, t
     from dsl_cli.encoder.loading import load_encoder
 
     file = _save_checkpoints(tmp_path)["safetensors"]
-    tag = dict(mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7), interpolation="bilinear", resize_mode="squash", hf_hub="x/y/")
+    tag = dict(mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7), interpolation="bilinear", resize_mode="longest",
+               fill_color=128, hf_hub="x/y/")  # longest: the photo is padded, with fill_color
     for module in (open_clip, open_clip.factory):
-        monkeypatch.setattr(module, "get_pretrained_cfg", lambda name, weights: tag if weights == "fake" else {})
+        monkeypatch.setattr(module, "get_pretrained_cfg",
+                            lambda name, weights: tag if (name, weights) == (tiny_registered, "fake") else {})
         monkeypatch.setattr(module, "download_pretrained", lambda cfg, cache_dir=None: str(file))
     _, preprocess = load_encoder(open_clip_config(tiny_registered, "fake"))
     _, _, reference = open_clip.create_model_and_transforms(tiny_registered, pretrained="fake")
@@ -170,7 +172,8 @@ def test_a_pretrained_tag_gives_open_clips_preprocessing(tiny_registered: str, t
     assert not torch.allclose(preprocess(photo), default(photo)), "the tag's settings made no difference"
 
 
-def test_a_checkpoint_open_clip_must_convert_goes_through_its_loader(tiny_registered: str, tmp_path: Path) -> None:
+def test_a_checkpoint_open_clip_must_convert_goes_through_its_loader(tiny_registered: str, tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Positions saved for another grid (2 x 2 patches, not 4 x 4): open_clip resizes them as it loads, so
     the encoder is open_clip's, not a refusal."""
     from dsl_cli.encoder.loading import load_encoder
@@ -179,7 +182,10 @@ def test_a_checkpoint_open_clip_must_convert_goes_through_its_loader(tiny_regist
     state["visual.positional_embedding"] = state["visual.positional_embedding"][:5].clone()  # CLS + 2 x 2
     file = tmp_path / "other_grid.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, file)
-    encoder, _ = load_encoder(open_clip_config(tiny_registered, str(file)))
+    with caplog.at_level("INFO", logger="dsl_cli.encoder"):
+        encoder, _ = load_encoder(open_clip_config(tiny_registered, str(file)))
+    assert caplog.messages == [f"{file}: loaded by open_clip's own loader ({file}: visual.positional_embedding has "
+                               "shape (5, 64), the dsl-test-tiny vision tower needs (17, 64))"]
     reference = open_clip.create_model(tiny_registered, pretrained=str(file)).eval()
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
