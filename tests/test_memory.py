@@ -149,6 +149,38 @@ def test_the_vision_tower_reads_only_its_own_tensors(kind: str, tiny_registered:
     assert module_bytes(encoder) == module_bytes(reference.visual)
 
 
+def test_a_tower_to_be_filled_from_a_checkpoint_draws_no_random_weights(monkeypatch) -> None:
+    """The vision tower is built without drawing (its every tensor is copied in next); the text tower, whose
+    causal mask no checkpoint holds, is built as usual, mask included."""
+    from dsl_cli.encoder.loading import TextTower, seeded, unfilled
+    from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
+
+    def build_visual():
+        return build_vision_tower(TINY_EMBED_DIM, TINY_VISION_CFG, False)
+
+    def build_text():
+        return TextTower(build_text_tower(TINY_EMBED_DIM, open_clip.CLIPTextCfg(**TINY_TEXT_CFG)))
+
+    def only_on_meta(draw):
+        def checked(tensor, *args, **kwargs):
+            assert tensor.device.type == "meta", "random weights were drawn"
+            return draw(tensor, *args, **kwargs)
+        return checked
+
+    with monkeypatch.context() as patch:
+        for name in ("normal_", "uniform_"):
+            patch.setattr(torch.Tensor, name, only_on_meta(getattr(torch.Tensor, name)))
+        visual = unfilled(build_visual)
+        with pytest.raises(AssertionError, match="random weights were drawn"):
+            seeded(build_visual)  # the watch works
+    assert all(t.device.type == "cpu" for t in visual.state_dict().values())
+    assert module_bytes(visual) == module_bytes(seeded(build_visual))
+    text, reference = unfilled(build_text), seeded(build_text)
+    for (key, value), expected in zip(text.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(value, expected), key
+    torch.testing.assert_close(text.text.attn_mask, reference.text.attn_mask)
+
+
 def test_a_pretrained_tag_gives_open_clips_preprocessing(tiny_registered: str, tmp_path: Path, monkeypatch) -> None:
     """A tag's own mean, std, interpolation and resize mode, as `create_model_and_transforms` applies them
     (the tag, and its download, faked for the tiny model: the file is saved here)."""

@@ -190,6 +190,18 @@ def seeded(build: Callable[[], T], device: "str | torch.device" = "cpu") -> T:
         return build()
 
 
+def unfilled(build: Callable[[], T]) -> T:
+    """`build()` on the CPU without drawing its random weights, for a module whose every tensor is copied in
+    next (`copy_tower_weights`): drawing bigG's vision tower takes about 10 s on a CPU. Built on the meta
+    device, then given memory that is not initialised; a module with a buffer that no checkpoint holds (a
+    non-persistent one, such as a text tower's causal mask) is built as usual instead."""
+    with torch.device("meta"):
+        module = build()
+    if len(module.state_dict()) < len(list(module.parameters())) + len(list(module.buffers())):
+        return seeded(build)
+    return module.to_empty(device="cpu")
+
+
 def build_tiny_clip() -> open_clip.CLIP:
     """A tiny open_clip CLIP (embed_dim 32; vision: image 64, patch 16, width 64, 4 layers, 4 heads, exact
     GELU; text: width 32, 2 heads, 1 layer), random weights seeded with 0 (the caller's RNG is untouched)."""
@@ -300,7 +312,7 @@ def _load_open_clip_visual(
         visual = seeded(build, device)
         return visual, open_clip.image_transform(visual.image_size, False)  # open_clip's own for random weights
     path = checkpoint_file(name, weights)
-    visual = seeded(build)
+    visual = unfilled(build)
     try:
         copy_tower_weights(visual, path, ("visual.",), f"{name} vision tower")
     except UserError as ours:
