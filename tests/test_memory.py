@@ -181,7 +181,9 @@ def test_a_tower_to_be_filled_from_a_checkpoint_draws_no_random_weights(monkeypa
     torch.testing.assert_close(text.text.attn_mask, reference.text.attn_mask)
 
 
-def test_a_pretrained_tag_gives_open_clips_preprocessing(tiny_registered: str, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("fill", [{"fill_color": 128}, {}])
+def test_a_pretrained_tag_gives_open_clips_preprocessing(fill: dict, tiny_registered: str, tmp_path: Path,
+                                                         monkeypatch) -> None:
     """A tag's own mean, std, interpolation and resize mode, as `create_model_and_transforms` applies them
     (the tag, and its download, faked for the tiny model: the file is saved here)."""
     from PIL import Image
@@ -191,7 +193,7 @@ def test_a_pretrained_tag_gives_open_clips_preprocessing(tiny_registered: str, t
 
     file = _save_checkpoints(tmp_path)["safetensors"]
     tag = dict(mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7), interpolation="bilinear", resize_mode="longest",
-               fill_color=128, hf_hub="x/y/")  # longest: the photo is padded, with fill_color
+               hf_hub="x/y/", **fill)  # longest: the photo is padded, with the tag's fill colour or the default
     for module in (open_clip, open_clip.factory):
         monkeypatch.setattr(module, "get_pretrained_cfg",
                             lambda name, weights: tag if (name, weights) == (tiny_registered, "fake") else {})
