@@ -219,7 +219,7 @@ def test_a_checkpoint_open_clip_must_convert_goes_through_its_loader(tiny_regist
     with caplog.at_level("INFO", logger="dsl_cli.encoder"):
         encoder, _ = load_encoder(open_clip_config(tiny_registered, str(file)))
     ours = [record.getMessage() for record in caplog.records if record.name == "dsl_cli.encoder"]
-    assert ours == [f"{file}: loaded by open_clip's own loader ({file}: visual.positional_embedding has "
+    assert ours == [f"{file}: trying open_clip's own loader ({file}: visual.positional_embedding has "
                     "shape (5, 64), the dsl-test-tiny vision tower needs (17, 64))"]
     reference = open_clip.create_model(tiny_registered, pretrained=str(file)).eval()
     pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
