@@ -467,6 +467,32 @@ def test_prior_folders_without_weights_are_refused(tmp_path):
                                   f"CLIPVisionModelWithProjection); fetch them with {PRIOR_FETCH}")
 
 
+def test_prior_folders_with_broken_weights_are_refused_in_one_line(tmp_path):
+    """A file that is not safetensors, a tensor missing, a tensor of another shape, a config that is not JSON."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file, save_file
+
+    hf = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**hf_config(hidden_act="gelu")))
+    fc1 = "vision_model.encoder.layers.0.mlp.fc1.weight"
+    breakages = {
+        "SafetensorError": lambda folder: (folder / "model.safetensors").write_bytes(b"not weights"),
+        f"KeyError: '{fc1}'": lambda folder: save_file(
+            {k: v for k, v in load_file(folder / "model.safetensors").items() if k != fc1}, folder / "model.safetensors"),
+        "size mismatch for transformer.resblocks.0.mlp.c_fc.weight": lambda folder: save_file(
+            {k: v[:-1].contiguous() if k == fc1 else v for k, v in load_file(folder / "model.safetensors").items()},
+            folder / "model.safetensors"),
+        "JSONDecodeError": lambda folder: (folder / "config.json").write_text("{not json"),
+    }
+    for i, (reason, breaking) in enumerate(breakages.items()):
+        folder = tmp_path / str(i)
+        hf.save_pretrained(folder)
+        breaking(folder)
+        with pytest.raises(UserError) as err:
+            load_encoder(encoder_config(source="kandinsky_prior", checkpoint=str(folder)))
+        assert str(err.value).startswith(f"{folder}: cannot read the image encoder weights from it (")
+        assert reason in str(err.value) and "\n" not in str(err.value)
+
+
 def test_prior_from_the_hub_cache(tmp_path, monkeypatch):
     """The cached snapshot's image_encoder/ folder is read; only its config and safetensors are asked for."""
     transformers = pytest.importorskip("transformers")

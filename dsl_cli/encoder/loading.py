@@ -344,9 +344,11 @@ def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) 
             f"{folder} must hold config.json and model.safetensors (a CLIPVisionModelWithProjection); "
             f"fetch them with `{prior_encoder_weights(repo_id, subfolder).command}`"
         )
-    config = json.loads(config_file.read_text())
-    visual = vision_transformer_from_hf_config(config)
-    visual.load_state_dict(hf_to_open_clip_state_dict(_read_safetensors(weight_files), config["num_hidden_layers"]))
+    with _user_errors_reading(str(folder), "image encoder"):  # a broken config, file, key or shape: one line
+        config = json.loads(config_file.read_text())
+        visual = unfilled(partial(vision_transformer_from_hf_config, config))  # every tensor is loaded next
+        state = hf_to_open_clip_state_dict(_read_safetensors(weight_files), config["num_hidden_layers"])
+        visual.load_state_dict(state)  # strict: a tensor the file lacks is refused, none is left unfilled
     return visual, ClipImageProcessor(config["image_size"])  # the prior's own preprocessing, not open_clip's
 
 
