@@ -319,6 +319,7 @@ def _load_open_clip_visual(
         # maybe a file open_clip converts as it loads it: OpenAI's TorchScript archives, other projects'
         # layouts, positions saved for another image size
         log.info("%s: trying open_clip's own loader (%s)", path, ours)
+        del visual  # the tower half filled: open_clip's loader builds its own, beside the whole file
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
         except UNREADABLE as theirs:  # not a file open_clip reads either: the reason it is not ours is clearer
