@@ -14,6 +14,7 @@ set first), so the n jobs of a sweep split it without overlap or gap.
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import warnings
 from collections import Counter
@@ -27,6 +28,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from dsl_cli.errors import UserError
+
+log = logging.getLogger("dsl_cli.images")
 
 # name -> file inside the installed scikit-image package (skimage/data)
 SAMPLES = {
@@ -70,9 +73,14 @@ class ImageSet:
             except UserError as err:
                 if not self.skip_bad:
                     raise
-                self.skipped.append({"path": item.source, "reason": str(err)})
+                self.skip(item.source, err)
                 continue
             yield item, picture
+
+    def skip(self, path: str, err: UserError) -> None:
+        """List an unreadable image and say so, on the terminal and in dsl.log (`skip_bad`)."""
+        self.skipped.append({"path": path, "reason": str(err)})
+        log.warning("skipped (images.skip_bad=true): %s", err)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -256,7 +264,7 @@ def load_images(cfg) -> ImageSet:
         except UserError as err:
             if not cfg.skip_bad:
                 raise
-            result.skipped.append({"path": str(path), "reason": str(err)})
+            result.skip(str(path), err)
             continue
         result.images.append(InputImage(name, None, str(path)))
     if not result.images:

@@ -514,4 +514,7 @@ def _write_stage(cfg, folder: RunFolder, scored: list[Scored], csv_log: CsvLog, 
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     for line in best_components(rows, cfg.lens.rank_by):
         log.info("%s", line)
+    if manifest.data.get("skipped"):
+        log.warning("%d image(s) skipped as unreadable (images.skip_bad=true): listed in manifest.json",
+                    len(manifest.data["skipped"]))
     log.info("run complete: %s (page: %s)", folder.path, write_page("run", folder.path))

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dsl_cli import cli
 from dsl_cli.errors import UserError
 from dsl_cli.images import read_image
 from dsl_cli.devices import resolve_device
@@ -341,11 +342,18 @@ def test_skip_bad_goes_on_and_lists_what_it_skipped(tmp_path: Path, monkeypatch,
     args = ["run", "debug=tiny", "images=folder", f"images.path={folder}", "decode.enabled=false"]
     code, err = dsl_in_process([*args, "hydra.run.dir=strict"], tmp_path, monkeypatch, capsys)
     assert_one_clean_line(code, err, "notes.jpg")
-    code, err = dsl_in_process([*args, "images.skip_bad=true", "hydra.run.dir=lenient"], tmp_path, monkeypatch, capsys)
-    assert code == 0, err
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([*args, "images.skip_bad=true", "hydra.run.dir=lenient"])
+    terminal = capsys.readouterr().out  # Hydra's console handler writes dsl's messages to stdout
+    assert code == 0, terminal
     manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["images"] == ["good"]
     assert [Path(s["path"]).name for s in manifest["skipped"]] == ["notes.jpg"]
+    # said on the terminal and in dsl.log: one line for the file, and the count at the end
+    log = (tmp_path / "lenient" / "dsl.log").read_text()
+    for text in (terminal, log):
+        assert sum("skipped" in line and "notes.jpg" in line for line in text.splitlines()) == 1, text
+        assert "1 image(s) skipped" in text
 
 
 def test_read_image_names_the_file(tmp_path: Path) -> None:
