@@ -21,11 +21,11 @@ from urllib.parse import quote
 import numpy as np
 
 from dsl_cli.errors import UserError
+from dsl_cli.figures import POOLED, SCORES, redraw_study
 from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, NO_SCALE, OVERLAY, SIMILARITIES, SIMILARITY, TOP_TILES,
                              RunFolder, atomic_write_bytes, claimed, colour_limits, csv_text, dark_cell, drawn_from_files,
                              group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder, kind_blocks, layer_label,
                              read_manifest, redraw)
-from dsl_cli.studies import POOLED, SCORES, redraw_study
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 2em;color:#222;max-width:110em}

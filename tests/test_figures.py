@@ -16,8 +16,9 @@ from PIL import Image, ImageChops
 from scipy import stats
 
 from dsl_cli import outputs
+from dsl_cli.figures import POOLED, SCORES, plot_head_importance, plot_overlay_removal
 from dsl_cli.outputs import grid_image, grid_plan, heatmap_figure, settings_text
-from dsl_cli.studies import POOLED, SCORES, correlations, plot_head_importance, plot_overlay_removal
+from dsl_cli.studies import correlations
 
 TILE = 96
 RED = (255, 0, 0)

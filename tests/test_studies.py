@@ -21,10 +21,11 @@ from PIL import Image
 from dsl_cli.components import parse_component
 from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
+from dsl_cli.figures import POOLED, SCORES, _draw_orders, _pooled_title, draw_fade_grids, overlay_settings
 from dsl_cli.images import overlay
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, group_rows, read_csv
-from dsl_cli.studies import (POOLED, SCORES, STUDY_MAX_ROWS, _draw_orders, _pooled_title, ablation_row_bytes, ablation_rows,
-                             correlations, draw_fade_grids, head_importance, overlay_removal, overlay_settings, run_study)
+from dsl_cli.studies import (STUDY_MAX_ROWS, ablation_row_bytes, ablation_rows, correlations, head_importance,
+                             overlay_removal, run_study)
 from helpers import TINY_HEADS, ablated_copy, cos, forward, mid_visual, perturb_, study_cfg
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -498,7 +499,7 @@ def test_overlay_curves_are_drawn_per_order_and_random_orders_as_mean_and_band()
 def test_fade_grids_show_each_order_s_decoded_steps_captioned_with_their_similarity(tmp_path, monkeypatch) -> None:
     """A row per order whose pictures are all there (the first random seed only), a column per step that has
     pictures, each tile captioned with its order, step and overlay similarity."""
-    import dsl_cli.studies as studies
+    import dsl_cli.figures as figures
     from dsl_cli.outputs import RunFolder
 
     folder, drawn = RunFolder(tmp_path), []
@@ -512,7 +513,7 @@ def test_fade_grids_show_each_order_s_decoded_steps_captioned_with_their_similar
         path = folder.overlay_step("cat_on_dog", order, step)
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), (shade, 0, 0)).save(path)
-    monkeypatch.setattr(studies, "grid_image", lambda tiles, title, columns, note: drawn.append(
+    monkeypatch.setattr(figures, "grid_image", lambda tiles, title, columns, note: drawn.append(
         ([(t.getpixel((0, 0))[0], caption) for t, caption in tiles], title, columns, note)) or Image.new("RGB", (4, 4)))
     assert draw_fade_grids(tmp_path, rows) == [folder.figure("grids", "cat_on_dog_overlay_fade")]
     assert folder.figure("grids", "cat_on_dog_overlay_fade").is_file()
@@ -686,6 +687,7 @@ def test_the_overlay_study_decodes_the_kept_steps_and_redraws_from_its_files(tmp
     composite and step); its summary; `dsl plot` titles the plot with the settings of the saved manifest."""
     import json
 
+    import dsl_cli.figures as figures
     import dsl_cli.studies as studies
     from dsl_cli.config import DecoderConfig
     from dsl_cli.outputs import RunFolder
@@ -703,9 +705,9 @@ def test_the_overlay_study_decodes_the_kept_steps_and_redraws_from_its_files(tmp
     (tmp_path / "manifest.json").write_text(json.dumps({"config": {"lens": {"mode": "add", "alpha": 0.5},
                                                                    "study": {"greedy_pool": 4}}}))
     titles = []
-    monkeypatch.setattr(studies, "plot_overlay_removal", lambda rows, settings: titles.append(settings) or
-                        studies.pyplot().figure())
-    studies.redraw_study(tmp_path)
+    monkeypatch.setattr(figures, "plot_overlay_removal", lambda rows, settings: titles.append(settings) or
+                        figures.pyplot().figure())
+    figures.redraw_study(tmp_path)
     assert titles[0].startswith("zero ablation; heads ranked by DSL (add, alpha 0.5)")
 
 
@@ -740,7 +742,7 @@ def test_overlay_removal_from_a_notebook_with_its_defaults_and_its_keywords(tiny
 
 def test_redrawing_a_folder_without_a_study_or_with_an_edited_csv_says_so(tmp_path) -> None:
     from dsl_cli.outputs import RunFolder
-    from dsl_cli.studies import redraw_study
+    from dsl_cli.figures import redraw_study
 
     with pytest.raises(UserError) as refused:
         redraw_study(tmp_path)
