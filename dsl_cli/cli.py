@@ -5,7 +5,10 @@
     dsl plot RUN_FOLDER                      redraw grids and heatmaps from a finished run's files
     dsl merge SWEEP_DIR                      merge the jobs of a --multirun sweep (dsl_cli.sweeps)
     dsl report FOLDER                        write the HTML pages of runs, studies and sweeps (dsl_cli.report)
-    dsl --version | --help | run --help | plot --help | report --help
+    dsl --version | --help | run --help | plot --help | merge --help | report --help
+
+Each command imports what it needs when it runs, not at the top: `dsl --help` and the commands on files
+(plot, merge, report) start without Hydra's app, torch, diffusers or open_clip (tests/test_imports.py).
 """
 
 from __future__ import annotations
@@ -202,7 +205,19 @@ def _report(args: list[str]) -> int:
                       "them)", _write_pages)
 
 
+MERGE_USAGE = """usage: dsl merge SWEEP_DIR
+
+Merge the jobs of a --multirun sweep (SWEEP_DIR: its hydra.sweep.dir, holding multirun.yaml) from their files
+alone: the complete jobs' similarity.csv into SWEEP_DIR/similarity.csv, with each job's overrides as columns;
+heatmaps over all jobs at once; a manifest naming the failed and unfinished jobs; the sweep's page. A
+--multirun does this by itself when it ends; merging twice gives the same files.
+"""
+
+
 def _merge(args: list[str]) -> int:
+    if args in (["-h"], ["--help"]):
+        print(MERGE_USAGE)
+        return 0
     if len(args) != 1 or args[0].startswith("-"):
         return _fail("usage: dsl merge SWEEP_DIR (the hydra.sweep.dir of a --multirun)")
     from dsl_cli.sweeps import merge_sweep, summary_lines
