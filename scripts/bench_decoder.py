@@ -16,15 +16,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from diffusers import UNet2DConditionModel, VQModel
-from torch.utils.flop_counter import FlopCounterMode
-
-from benchlib import JsonRecord, describe_device, sync, timed
-from dsl_cli.config import DecoderConfig
-from dsl_cli.decoder import REAL_MOVQ, REAL_UNET, TINY_MOVQ, TINY_UNET, KandinskyDecoder, load_decoder
-from dsl_cli.devices import resolve_dtype
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,6 +40,20 @@ def parse_args() -> argparse.Namespace:
                    help="after the rows, profile this many denoising steps at the last dtype and largest batch: "
                         "the kernels that take the time (printed, and in the JSON)")
     return p.parse_args()
+
+
+if __name__ == "__main__":
+    parse_args()  # first: `--help` and a mistyped option answer before torch and diffusers load (seconds)
+
+# the model libraries, after the early parse above
+import torch  # noqa: E402
+from diffusers import UNet2DConditionModel, VQModel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from benchlib import JsonRecord, describe_device, sync, timed  # noqa: E402
+from dsl_cli.config import DecoderConfig  # noqa: E402
+from dsl_cli.decoder import REAL_MOVQ, REAL_UNET, TINY_MOVQ, TINY_UNET, KandinskyDecoder, load_decoder  # noqa: E402
+from dsl_cli.devices import resolve_dtype  # noqa: E402
 
 
 def reset_peak(device: torch.device) -> None:

@@ -32,14 +32,36 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Iterator
 
-import torch
-from omegaconf import OmegaConf
 
-from benchlib import JsonRecord, describe_device, interleaved, median_ratio, timed
-from dsl_cli.config import ImagesConfig
-from dsl_cli.devices import DTYPES
-from dsl_cli.encoder import HookedEncoder, load_encoder
-from dsl_cli.images import load_images
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="tiny,ViT-B-16,ViT-bigG-14", help="comma-separated: tiny or open_clip names")
+    parser.add_argument("--device", default="auto", help="auto (cuda if there is one, else cpu) | cuda | cpu")
+    parser.add_argument("--dtypes", default="fp32", help="comma-separated fp32,bf16,fp16 (fp32 is built first anyway)")
+    parser.add_argument("--images", type=int, default=None, help="batch for cache vs plain (default 32 on CUDA, 2 on CPU)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of plain and cache + DSL, taking turns")
+    parser.add_argument("--sample", type=int, default=16,
+                        help="hooked passes timed per size; the total is extrapolated when there are more components")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
+                        help="cache vs plain timed in wall or process CPU seconds (default: wall on CUDA; on the "
+                             "CPU, cpu with --threads 1, where other jobs' load would distort wall times)")
+    parser.add_argument("--json", default=None, help="also write every row to this JSON file, row by row")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    parse_args()  # first: `--help` and a mistyped option answer before torch and open_clip load (seconds)
+
+# the model libraries, after the early parse above
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+
+from benchlib import JsonRecord, describe_device, interleaved, median_ratio, timed  # noqa: E402
+from dsl_cli.config import ImagesConfig  # noqa: E402
+from dsl_cli.devices import DTYPES  # noqa: E402
+from dsl_cli.encoder import HookedEncoder, load_encoder  # noqa: E402
+from dsl_cli.images import load_images  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -181,20 +203,9 @@ def print_row(r: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="tiny,ViT-B-16,ViT-bigG-14", help="comma-separated: tiny or open_clip names")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", default="fp32", help="comma-separated fp32,bf16,fp16 (fp32 is built first anyway)")
-    parser.add_argument("--images", type=int, default=None, help="batch for cache vs plain (default 32 on CUDA, 2 on CPU)")
-    parser.add_argument("--repeats", type=int, default=5, help="rounds of plain and cache + DSL, taking turns")
-    parser.add_argument("--sample", type=int, default=16,
-                        help="hooked passes timed per size; the total is extrapolated when there are more components")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default=None,
-                        help="cache vs plain timed in wall or process CPU seconds (default: wall on CUDA; on the "
-                             "CPU, cpu with --threads 1, where other jobs' load would distort wall times)")
-    parser.add_argument("--json", default=None, help="also write every row to this JSON file, row by row")
-    args = parser.parse_args()
+    args = parse_args()
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -187,4 +187,7 @@ def tests_table(tests: dict) -> list[str]:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     print(markdown(json.loads(open(sys.argv[1]).read())))
