@@ -161,6 +161,7 @@ class RunConfig:
     device: Device = Device.auto
     resume: Optional[str] = None  # a run folder to complete
     clamp_to_model: bool = False  # layers/heads beyond the model: nearest one with a warning, not an error
+    outputs_root: str = "outputs"  # the folder below which runs and sweeps go (debug=* sets outputs/debug)
 
 
 def gpu_count(at_least: int = 0) -> int:

@@ -30,10 +30,10 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # with SIGINT: what a scheduler 
 _failures: list[int] = []  # exit statuses of the failed jobs of this process's sweep
 
 
-def claim_or_exit(folder: Path, cfg: DictConfig) -> None:
+def claim_or_exit(folder: Path, cfg: DictConfig, kind: str = "run") -> None:
     """Claim a folder for this process, or end with one line and status 2 (nothing is written there)."""
     try:
-        claim(RunFolder(folder), cfg)
+        claim(RunFolder(folder), cfg, kind)
     except UserError as err:
         report(err)
         sys.exit(2)
@@ -48,7 +48,7 @@ class ClaimFolder(Callback):
         claim_or_exit(Path(config.hydra.run.dir), config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        claim_or_exit(Path(config.hydra.sweep.dir), config)
+        claim_or_exit(Path(config.hydra.sweep.dir), config, "sweep")
 
 
 def sweep_status() -> int:
@@ -100,20 +100,55 @@ def task(cfg: DictConfig) -> None:
             claim(folder, cfg)
         except UserError as err:  # not this job's folder: nothing is recorded there
             return _end(num, folder.path, err, 2)
+        failed_early = False
         try:
             if not folder.config_yaml.exists():  # a fresh job, or one a sweep never started
                 save_hydra_files(folder.path, cfg)
             run(cfg, folder.path)
         except BaseException as err:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
             _record(folder, err)
+            failed_early = num is None and not isinstance(err, KeyboardInterrupt) and holds_no_result(folder)
             if hydra_cfg.verbose and not isinstance(err, KeyboardInterrupt):
                 raise
-            _report(err, folder.path, num)
+            _report(err, folder.path, num, kept=not failed_early)
         finally:
             folder.release()
+            if failed_early:
+                drop_bookkeeping(folder)
 
 
-def claim(folder: RunFolder, cfg: DictConfig) -> None:
+def _bookkeeping(folder: RunFolder) -> list[Path]:
+    """What dsl writes in a run folder before any result: its manifest, log, saved configs and lock."""
+    return [folder.manifest_json, folder.log_file, folder.config_yaml, folder.hydra_yaml, folder.overrides_yaml,
+            folder.lock_path]
+
+
+def holds_no_result(folder: RunFolder) -> bool:
+    """Whether the folder holds nothing but dsl's bookkeeping (a run that failed before its first result)."""
+    known = set(_bookkeeping(folder)) | {folder.config_yaml.parent}
+    try:
+        found = [p for p in folder.path.rglob("*")]
+    except OSError:
+        return False
+    return not folder.path.is_symlink() and all(p in known and not p.is_symlink() for p in found)
+
+
+def drop_bookkeeping(folder: RunFolder) -> None:
+    """A single run that failed before its first result leaves no folder: the same command, once its cause
+    is fixed, runs again, and dated folders of failed attempts do not pile up. Only dsl's own files are
+    deleted, and the folder only if that empties it."""
+    if not holds_no_result(folder):  # checked again: something may have appeared since
+        return
+    for path in _bookkeeping(folder):
+        path.unlink(missing_ok=True)
+    for empty in (folder.config_yaml.parent, folder.path):
+        try:
+            empty.rmdir()
+        except OSError:  # not empty (a file appeared) or already gone: left as it is
+            return
+
+
+def claim(folder: RunFolder, cfg: DictConfig, kind: str = "run") -> None:
     """Claim a run's (or sweep's) folder for this process; a fresh run refuses one that holds a run, while
     `resume=`, a requeued SLURM job and a job of a resumed sweep continue theirs. SLURM ended a requeued
     job's earlier instance, maybe on another node, so the lock that instance left is stale whatever its host."""
@@ -121,7 +156,7 @@ def claim(folder: RunFolder, cfg: DictConfig) -> None:
 
     if requeued_run(folder.path):
         folder.lock_path.unlink(missing_ok=True)
-    folder.claim(resume=resumes(cfg, folder.path))
+    folder.claim(resume=resumes(cfg, folder.path), kind=kind)
 
 
 def _record(folder: RunFolder, err: BaseException) -> None:
@@ -150,9 +185,10 @@ def _reason(err: BaseException) -> str:
     return f"internal error: {type(err).__name__}: {err}"
 
 
-def _report(err: BaseException, folder: Path, num: int | None) -> None:
-    """One line for the user; the exit status (at once, or at the end of a sweep: `num` is the sweep job's)."""
-    resume = f"`dsl run resume={folder}` completes the run"
+def _report(err: BaseException, folder: Path, num: int | None, kept: bool = True) -> None:
+    """One line for the user; the exit status (at once, or at the end of a sweep: `num` is the sweep job's).
+    `kept`: False when the run failed before its first result and its folder is removed."""
+    resume = f"`dsl run resume={folder}` completes the run" if kept else "run the same command again"
     if isinstance(err, KeyboardInterrupt):
         print("\n" + printable(f"dsl: interrupted ({_signal_name(err)}); finished pictures are kept: {resume}"),
               file=sys.stderr)

@@ -6,7 +6,20 @@
 #   scripts/reproduce_paper.sh images.path=~/photos           # your own images
 #   scripts/reproduce_paper.sh debug=tiny images.limit=2       # a dry run of the whole script on tiny models
 # A folder of outputs/paper that holds a run already is refused: move it away to run that experiment again.
+# A tiny preview (debug=...) goes to outputs/debug/paper, never into the real runs' folders.
 set -euo pipefail
+
+root=outputs
+for arg in "$@"; do
+  case "$arg" in
+    debug=*) root=outputs/debug ;;
+  esac
+done
+for arg in "$@"; do  # an explicit outputs_root wins, wherever it stands
+  case "$arg" in
+    outputs_root=*) root="${arg#outputs_root=}" ;;
+  esac
+done
 
 experiments=(
   paper_residual_stream   # the Diffusion Lens over the residual stream, layer by layer
@@ -19,4 +32,4 @@ experiments=(
 for name in "${experiments[@]}"; do
   dsl run "experiment=$name" "$@"
 done
-dsl report outputs/paper   # every run's page, and outputs/paper/index.html linking every figure
+dsl report "$root/paper"   # every run's page, and an index.html there linking every figure

@@ -40,14 +40,16 @@ def read_rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def paper(tmp_path_factory) -> Path:
-    """scripts/reproduce_paper.sh on tiny models and two sample photos, in a fresh folder: outputs/paper."""
+    """scripts/reproduce_paper.sh on tiny models and two sample photos, in a fresh folder: outputs/debug/paper
+    (a tiny preview never writes where the real runs go)."""
     root = tmp_path_factory.mktemp("paper")
     script = Path(__file__).parents[1] / "scripts" / "reproduce_paper.sh"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", str(script), "debug=tiny", "images.limit=2"], cwd=root, env=env,
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return root / "outputs" / "paper"
+    assert not (root / "outputs" / "paper").exists()
+    return root / "outputs" / "debug" / "paper"
 
 
 def manifest(folder: Path) -> dict:

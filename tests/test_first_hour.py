@@ -1,0 +1,80 @@
+"""A researcher's first hour: no dead ends. A run that fails before its first result leaves no folder, so the
+same command runs once the cause is fixed; a tiny preview (`debug=*`) never shares a folder with a real run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import dsl_in_process
+
+# the paper's top-heads experiment with the weights in local folders (the prior's image encoder and the
+# decoder pipeline), on the CPU, one photo, small pictures
+PAPER = ["run", "experiment=paper_top_heads", "device=cpu", "images.limit=1", "decode.top_k=2", "decode.steps=2",
+         "decode.height=64", "decode.width=64", "decode.batch_size=2", "lens.text=false"]
+
+
+def save_tiny_weights(encoder: Path, decoder: Path) -> None:
+    """Tiny stand-ins in the released layouts: a CLIPVisionModelWithProjection as the prior's `image_encoder/`
+    (3 layers of 2 heads; 1280-wide embeddings, as bigG's) and a KandinskyV22Pipeline with diffusers' dummy
+    UNet (taking 1280-wide embeddings) and MoVQ."""
+    import torch
+    import transformers
+    from diffusers import DDPMScheduler, KandinskyV22Pipeline, UNet2DConditionModel, VQModel
+
+    from dsl_cli.decoder import SCHEDULER, TINY_MOVQ, TINY_UNET
+
+    torch.manual_seed(0)
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=32, patch_size=16, projection_dim=1280)
+    transformers.CLIPVisionModelWithProjection(config).save_pretrained(encoder)
+    KandinskyV22Pipeline(unet=UNet2DConditionModel(**dict(TINY_UNET, encoder_hid_dim=1280)),
+                         movq=VQModel(**TINY_MOVQ), scheduler=DDPMScheduler(**SCHEDULER)).save_pretrained(decoder)
+
+
+def test_a_paper_run_refused_for_its_weights_runs_once_they_are_there(tmp_path: Path, monkeypatch, capsys) -> None:
+    encoder, decoder = tmp_path / "encoder", tmp_path / "decoder"
+    command = [*PAPER, f"encoder.checkpoint={encoder}", f"decoder.path={decoder}"]
+    code, err = dsl_in_process(command, tmp_path, monkeypatch, capsys)
+    assert code == 2 and str(encoder) in err and str(decoder) in err and "resume=" not in err, err
+    assert not (tmp_path / "outputs" / "paper" / "paper_top_heads").exists(), "a failed attempt left its folder"
+
+    save_tiny_weights(encoder, decoder)
+    code, err = dsl_in_process(command, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "outputs" / "paper" / "paper_top_heads" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["components"] == 6  # 3 layers x 2 heads, all ranked
+
+
+def test_a_failed_run_in_a_dated_folder_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", "debug=tiny", "images=folder", f"images.path={tmp_path / 'none'}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 2, err
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()], "files of a failed attempt remain"
+
+
+def test_a_failed_run_keeps_a_folder_that_holds_anything_else(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Only dsl's own bookkeeping is removed: a file of the user's keeps the folder and the file."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    code, err = dsl_in_process(["run", "debug=tiny", "images=folder", f"images.path={tmp_path / 'none'}",
+                                f"hydra.run.dir={folder}"], tmp_path, monkeypatch, capsys)
+    assert code == 2, err
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_k21", "tiny_unclip"])
+def test_a_tiny_preview_never_shares_a_folder_with_the_real_run(preset: str) -> None:
+    """`debug=* experiment=paper_*` goes below outputs/debug; the real experiment to outputs/paper/<name>."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+        real = compose("run", ["experiment=paper_top_heads"], return_hydra_config=True)
+        preview = compose("run", [f"debug={preset}", "experiment=paper_top_heads"], return_hydra_config=True)
+        plain = compose("run", [f"debug={preset}"], return_hydra_config=True)
+    assert real.hydra.run.dir == "outputs/paper/paper_top_heads"
+    assert preview.hydra.run.dir == "outputs/debug/paper/paper_top_heads"
+    assert plain.hydra.run.dir.startswith("outputs/debug/") and plain.hydra.sweep.dir.startswith("outputs/debug/")
