@@ -78,3 +78,30 @@ def test_a_tiny_preview_never_shares_a_folder_with_the_real_run(preset: str) -> 
     assert real.hydra.run.dir == "outputs/paper/paper_top_heads"
     assert preview.hydra.run.dir == "outputs/debug/paper/paper_top_heads"
     assert plain.hydra.run.dir.startswith("outputs/debug/") and plain.hydra.sweep.dir.startswith("outputs/debug/")
+
+
+@pytest.fixture
+def empty_offline_hub(tmp_path: Path, monkeypatch) -> Path:
+    """HF_HUB_OFFLINE=1 with an empty cache (huggingface_hub reads both at import: its constants too)."""
+    import huggingface_hub.constants as hub
+
+    home = tmp_path / "hf"
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(home)), ("HF_HUB_CACHE", str(home / "hub"))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HOME", str(home))
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(home / "hub"))
+    return home
+
+
+@pytest.mark.parametrize(("encoder", "setting", "says"), [
+    ("encoder=bigg14", "layer=60", "layers run from 0 to 47"),
+    ("encoder=kandinsky_prior", "layer=60", "layers run from 0 to 47"),
+    ("experiment=vitl14_top_heads", "head=16", "heads run from 0 to 15"),
+    ("experiment=vith14_resid", "component=[L32MLP]", "outside this model (0 to 31)"),
+])
+def test_an_impossible_layer_is_refused_before_the_weights_are_looked_up(
+        encoder: str, setting: str, says: str, empty_offline_hub: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", encoder, setting, "device=cpu"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and says in err and "hf download" not in err and err.count("\n") == 1, err
+    assert not [p for p in tmp_path.glob("outputs/**/*") if p.is_file()]

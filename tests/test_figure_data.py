@@ -1,0 +1,195 @@
+"""The figures a researcher reads in the first hour, checked on what they are drawn from: the legend says only
+what the captions show, heatmaps drawn together share their colour scales (a run's images, a sweep's jobs),
+titles name the encoder and decoder, the logit-lens chart stays a readable height at bigG's size, and the
+"where each head looks" strips have a colour bar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dsl_cli import outputs
+from dsl_cli.outputs import caption_note, heatmap_figure, label_bars, models_text, shared_limits
+from test_figures import rows_of
+
+
+def captured(monkeypatch, name: str) -> list:
+    """Calls of outputs.`name` (grid_image or save_figure) recorded, the real function still called for
+    grid_image; figures are not saved."""
+    calls: list = []
+    real = getattr(outputs, name)
+    if name == "save_figure":
+        monkeypatch.setattr(outputs, name, lambda fig, path: calls.append((fig, path)))
+    else:
+        monkeypatch.setattr(outputs, name, lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+    return calls
+
+
+def pictures_for(folder: Path, rows: list[dict]) -> None:
+    for path in {folder / r["file"] for r in rows} | {folder / f"images/{r['image']}/input.png" for r in rows}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), "red").save(path)
+
+
+def write_manifest(folder: Path, encoder: dict, decoder: dict, decode: bool = True) -> None:
+    config = {"encoder": encoder, "decoder": decoder, "decode": {"enabled": decode}, "lens": {}, "study": {},
+              "images": {}}
+    (folder / "manifest.json").write_text(json.dumps({"made_by": "dsl", "status": "complete", "config": config}))
+
+
+# ---------------------------------------------------------------- the grids' legend
+
+
+def test_the_legend_speaks_of_a_label_line_only_where_captions_have_one(tmp_path: Path, monkeypatch) -> None:
+    rows = rows_of([1], 3)
+    assert "ImageNet" not in caption_note(rows)
+    labelled = [r | {"labels": "tabby 0.31; tiger cat 0.29"} for r in rows]
+    assert "last line: the top ImageNet label" in caption_note(labelled)
+
+    pictures_for(tmp_path, rows)
+    grids = captured(monkeypatch, "grid_image")
+    outputs.draw_grids(tmp_path, rows)
+    outputs.draw_grids(tmp_path, labelled)
+    notes = [kw["note"] for _, kw in grids]
+    assert notes and all(("ImageNet" in note) == (n >= len(notes) // 2) for n, note in enumerate(notes))
+
+
+# ---------------------------------------------------------------- heatmaps: one scale for figures drawn together
+
+
+def clims(fig) -> dict[tuple[str, str], tuple[float, float]]:
+    """(similarity, kind) -> (vmin, vmax) of each coloured block of a heatmap figure."""
+    found = {}
+    for axis in fig.axes:
+        for image in axis.get_images():
+            value = "sim_embed" if "sim_embed" in axis.get_figure().get_suptitle() else "sim_decoded"
+            found[value, axis.get_title()] = (image.norm.vmin, image.norm.vmax)
+    return found
+
+
+def test_the_heatmaps_of_a_run_share_their_colour_scales(tmp_path: Path, monkeypatch) -> None:
+    """Two images whose heads lie in different ranges: both figures are coloured on the range of both."""
+    cat = rows_of([0, 1, 2], 4, ("mlp",))
+    dog = [r | {"image": "dog", "sim_embed": r["sim_embed"] + 0.5} for r in rows_of([0, 1, 2], 4, ("mlp",))]
+    figures = captured(monkeypatch, "save_figure")
+    outputs.draw_heatmaps(tmp_path, cat + dog)
+    assert len(figures) == 2
+    first, second = (clims(fig) for fig, _ in figures)
+    assert first == second
+    heads = [r["sim_embed"] for r in cat + dog if r["kind"] == "head"]
+    assert first["sim_embed", "heads"] == pytest.approx((min(heads), max(heads)))
+
+
+def test_a_sweep_colours_every_job_on_one_scale(tmp_path: Path, monkeypatch) -> None:
+    """The heatmaps of a sweep's values (lens.alpha=1 and 4 here) are drawn with the limits of all its rows."""
+    from dsl_cli import sweeps
+
+    low = [r | {"override.lens.alpha": "1"} for r in rows_of([0, 1], 3)]
+    high = [r | {"override.lens.alpha": "4", "sim_embed": r["sim_embed"] * 3} for r in rows_of([0, 1], 3)]
+    monkeypatch.setattr(sweeps, "read_merged", lambda folder: low + high)
+    given = []
+    monkeypatch.setattr(sweeps, "draw_heatmaps", lambda folder, rows, tag="", limits=None: given.append(limits)
+                        or [])
+    monkeypatch.setattr(sweeps, "draw_lens_comparison", lambda folder, rows: [])
+    sweeps.draw_sweep(tmp_path)
+    assert len(given) == 2 and given[0] == given[1] == shared_limits(low + high)
+
+
+def test_shared_limits_keep_each_kind_on_its_own_scale() -> None:
+    rows = rows_of([0, 1], 4, ("mlp", "resid"))
+    limits = shared_limits(rows)
+    for kind, name in (("head", "heads"), ("mlp", "MLP"), ("resid", "resid")):
+        values = [r["sim_embed"] for r in rows if r["kind"] == kind]
+        assert limits["sim_embed", name] == pytest.approx((min(values), max(values)))
+    fig = heatmap_figure(rows, "title", limits)
+    assert clims(fig)["sim_embed", "heads"] == pytest.approx(limits["sim_embed", "heads"])
+
+
+# ---------------------------------------------------------------- titles name the models
+
+
+@pytest.mark.parametrize(("encoder", "decoder", "expected"), [
+    ({"source": "tiny", "name": "tiny"}, {"family": "kandinsky22", "source": "tiny"}, "tiny encoder -> kandinsky22 (tiny)"),
+    ({"source": "kandinsky_prior", "name": "ViT-bigG-14"}, {"family": "kandinsky22", "source": "pretrained"},
+     "ViT-bigG-14 (Kandinsky 2.2 prior) -> kandinsky22"),
+    ({"source": "open_clip", "name": "ViT-L-14", "pretrained": "openai"},
+     {"family": "kandinsky21", "source": "pretrained"}, "ViT-L-14 (openai) -> kandinsky21"),
+    ({"source": "open_clip", "name": "ViT-H-14", "pretrained": None}, {"family": "unclip_h14", "source": "random"},
+     "ViT-H-14 (random weights) -> unclip_h14 (random)"),
+])
+def test_titles_name_the_encoder_and_decoder(encoder: dict, decoder: dict, expected: str, tmp_path: Path,
+                                             monkeypatch) -> None:
+    write_manifest(tmp_path, encoder, decoder)
+    assert models_text(tmp_path) == expected
+    rows = rows_of([1], 2)
+    pictures_for(tmp_path, rows)
+    grids, figures = captured(monkeypatch, "grid_image"), captured(monkeypatch, "save_figure")
+    outputs.draw_grids(tmp_path, rows)
+    outputs.draw_heatmaps(tmp_path, rows)
+    assert grids and all(expected in args[1] for args, _ in grids)
+    assert figures and all(expected in " ".join(fig.get_suptitle().split()) for fig, _ in figures)  # wrapped
+
+
+def test_a_run_that_decodes_nothing_names_no_decoder(tmp_path: Path) -> None:
+    write_manifest(tmp_path, {"source": "tiny", "name": "tiny"}, {"family": "kandinsky22", "source": "tiny"}, False)
+    assert models_text(tmp_path) == "tiny encoder"
+
+
+# ---------------------------------------------------------------- the logit lens at bigG's size
+
+
+def bigg_label_rows() -> list[dict]:
+    """Top-label rows of one image for bigG's residual stream (49) and every head and MLP (816)."""
+    rng = np.random.default_rng(0)
+    names = ["embed"] + [f"L{l:02d}" for l in range(48)]
+    names += [f"L{l:02d}H{h:02d}" for l in range(48) for h in range(16)] + [f"L{l:02d}MLP" for l in range(48)]
+    return [{"image": "chelsea", "lens": "logit", "component": c, "rank": 1, "label": "tabby cat",
+             "score": float(rng.uniform(-0.1, 0.4))} for c in names]
+
+
+def test_the_logit_lens_chart_is_capped_in_height_and_keeps_the_stream(tmp_path: Path, monkeypatch) -> None:
+    rows = bigg_label_rows()
+    bars = label_bars(rows)
+    assert len(bars) == outputs.MAX_LABEL_BARS
+    stream = [r["component"] for r in rows[:49]]
+    assert [r["component"] for r in bars[:49]] == stream  # the stream first, in layer order
+    others = [r for r in rows[49:] if r in bars]
+    assert min(r["score"] for r in others) >= max(r["score"] for r in rows[49:] if r not in bars)
+    figures = captured(monkeypatch, "save_figure")
+    outputs.draw_label_plots(tmp_path, rows)
+    (fig, _), = figures
+    assert fig.get_size_inches()[1] <= 20  # was about 229 inches
+    fig.canvas.draw()
+    axis = fig.axes[0]
+    label = axis.xaxis.label.get_window_extent()
+    assert label.y0 >= 0, "the x label is cut off at the bottom"
+    assert "64 of 865 components" in axis.get_title()
+
+
+def test_a_short_logit_lens_chart_shows_every_component() -> None:
+    rows = bigg_label_rows()[:12]
+    assert label_bars(rows) == rows
+
+
+# ---------------------------------------------------------------- where each head looks
+
+
+def test_where_each_head_looks_has_one_colour_bar_for_every_head(tmp_path: Path) -> None:
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "input.png")
+    (tmp_path / "images" / "chelsea").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "images" / "chelsea" / "input.png")
+    rng = np.random.default_rng(0)
+    heads = [({"component": f"L01H{h:02d}", "grid": 4,
+               "shares": ";".join(f"{v:.4f}" for v in rng.normal(0, 0.1 * (h + 1), 16))}, None) for h in range(3)]
+    fig = outputs.looks_figure(tmp_path, "chelsea", heads, "title")
+    overlays = [image for axis in fig.axes for image in axis.get_images() if image.get_alpha() == 0.55]
+    assert len(overlays) == 3
+    limit = max(float(np.abs(outputs.share_grid(p)).max()) for p, _ in heads)
+    assert all(image.norm.vmin == pytest.approx(-limit) and image.norm.vmax == pytest.approx(limit)
+               for image in overlays)
+    bars = [axis for axis in fig.axes if "share of the head's write" in axis.get_ylabel()]
+    assert len(bars) == 1
