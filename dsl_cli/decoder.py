@@ -29,6 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial, wraps
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -55,7 +56,7 @@ from dsl_cli.config import DecoderConfig
 from dsl_cli.devices import Placed, seeded_on
 from dsl_cli.errors import UserError
 from dsl_cli.memory import free_bytes
-from dsl_cli.weights import decoder_weights
+from dsl_cli.weights import HubWeights, Needs
 
 log = logging.getLogger("dsl_cli.decoder")
 
@@ -335,8 +336,26 @@ class Decoder(Placed, ABC):
         except OSError as err:  # not cached while offline, no network, or an incomplete folder
             raise UserError(
                 f"cannot load {cls.title} {cfg.path or cfg.repo_id!r} ({type(err).__name__}): "
-                f"run `{decoder_weights(cfg.repo_id, cls.name).command}` once online, or set decoder.path=/local/folder"
+                f"run `{cls.hub_weights(cfg.repo_id).command}` once online, or set decoder.path=/local/folder"
             ) from err
+
+    @classmethod
+    def hub_weights(cls, repo: str) -> HubWeights:
+        """This family's pipeline in hub repository `repo`: the files its `from_pretrained` reads (`hub_files`:
+        .safetensors preferred, .bin accepted), fetched by the pipeline's own `download`."""
+        return HubWeights("decoder", repo, cls.hub_files, args=cls.hub_args, fetch=lambda: cls.pipeline.download(repo))
+
+    @classmethod
+    def needs(cls, cfg: DecoderConfig) -> Needs:
+        """The weights `load_pretrained` reads for `cfg` (for the preflight, before anything loads): the
+        pipeline from the hub, or a local folder that must hold a saved pipeline; none for random weights."""
+        if cfg.source != "pretrained":
+            return [], []
+        if cfg.path is None:
+            return [cls.hub_weights(cfg.repo_id)], []
+        if (Path(cfg.path).expanduser() / "model_index.json").is_file():
+            return [], []
+        return [], [f"decoder.path={cfg.path}: not the folder of a saved {cls.pipeline.__name__} (no model_index.json)"]
 
     @property
     def placement(self) -> torch.Tensor:

@@ -27,10 +27,12 @@ from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
 from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
+from dsl_cli.encoder.loading import text_tower_needs
 from dsl_cli.encoder.reading import direct_attribution, source_shares
 from dsl_cli.errors import UserError
 from dsl_cli.memory import release_memory
 from dsl_cli.outputs import LABELS, SIMILARITY, RunFolder, atomic_write_bytes
+from dsl_cli.weights import Needs
 
 log = logging.getLogger("dsl_cli.lenses")
 
@@ -300,6 +302,16 @@ def imagenet_classifier(encoder_cfg, templates: str, device) -> tuple[torch.Tens
     return classifier, names
 
 
+def text_needs(encoder_cfg, templates: str, classify: bool, encode: bool) -> Needs:
+    """The text tower's weights where a lens uses it: to `classify` (the ImageNet classifier, unless it is
+    kept on disk already: `classifier_file`) or to `encode` texts (a text pool, a target: always)."""
+    if not encode:
+        saved = classifier_file(encoder_cfg, templates) if classify else None
+        if not classify or (saved is not None and saved.is_file()):
+            return [], []
+    return text_tower_needs(encoder_cfg)
+
+
 def top_labels(embeds: torch.Tensor, classifier: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine of each embedding `[..., d_embed]` with each class; the k best as (scores, indices) `[..., k]`."""
     unit = torch.nn.functional.normalize(embeds.float(), dim=-1)
@@ -467,6 +479,12 @@ class Lens:
         """(the setting, its fix) named when an embedding is not finite (NaN or inf)."""
         return f"encoder.dtype={dtype}", "use encoder.dtype=fp32"
 
+    def needs(self, encoder_cfg) -> Needs:
+        """The weights this lens loads beyond the encoder's (asked by the preflight before anything loads):
+        the text tower, for every component's labels (`lens.text`) and a text pool."""
+        labels = bool(self.cfg.get("text"))
+        return text_needs(encoder_cfg, self.cfg.templates, labels, labels and self.cfg.get("text_pool") is not None)
+
     def prepare(self, encoder_cfg, device: torch.device) -> None:
         """Work of this lens that needs a model of its own, done before the encoder loads (so that the two
         never share memory), as the manifest stage `prepare_stage`; a lens without one leaves it None."""
@@ -570,6 +588,11 @@ class LogitLens(Lens):
     prepare_stage = "classifier"
     classifier: Optional[tuple[torch.Tensor, list[str]]] = None  # ([d_embed, 1000], class names) once prepared
 
+    def needs(self, encoder_cfg) -> Needs:
+        """The text tower: its ImageNet classifier names every component, whatever `lens.text` says."""
+        pool = bool(self.cfg.get("text")) and self.cfg.get("text_pool") is not None
+        return text_needs(encoder_cfg, self.cfg.templates, True, pool)
+
     def prepare(self, encoder_cfg, device: torch.device) -> None:
         """The ImageNet classifier, before the encoder loads: its text tower is built, used and released
         first, so that the two never share memory (a kept classifier builds no tower at all)."""
@@ -625,6 +648,12 @@ class AttributionLens(Lens):
     def __init__(self, cfg: Any = None):
         super().__init__(cfg)
         self.prepare_stage = "target" if cfg is not None and cfg.get("target") is not None else None
+
+    def needs(self, encoder_cfg) -> Needs:
+        """The text tower, for `lens.target` (a text to encode), and for the labels as any lens."""
+        if self.cfg.get("target") is None:
+            return super().needs(encoder_cfg)
+        return text_needs(encoder_cfg, self.cfg.templates, True, True)
 
     def prepare(self, encoder_cfg, device: torch.device) -> None:
         """The text target through the encoder's matching text tower (built and released before the encoder)."""

@@ -39,9 +39,9 @@ from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, descri
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture, is_sweep_folder,
                              read_manifest, redraw, save_png)
+from dsl_cli.preflight import preflight
 from dsl_cli.report import write_page
 from dsl_cli.studies import run_study, validate_study
-from dsl_cli.weights import preflight
 from dsl_cli.sweeps import current_slurm_job, resumes
 
 log = logging.getLogger("dsl_cli.run")

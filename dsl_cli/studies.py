@@ -33,12 +33,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
+from dsl_cli.decoder import get_family, load_decoder, to_pil
+from dsl_cli.devices import resolve_dtype
 from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.figures import POOLED, SCORES, redraw_study
 from dsl_cli.images import InputImage, overlay
 from dsl_cli.memory import release_memory, rows_that_fit
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, group_rows, save_png
+from dsl_cli.weights import Needs
 
 STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bigger batch gains little
 
@@ -66,6 +69,14 @@ def validate_study(study, seed: int = 0) -> None:
     if seed + study.random_orders - 1 >= 2**64:
         raise UserError(f"seed={seed}: the random orders use seeds up to seed + study.random_orders - 1, "
                         "which must stay below 2**64")
+
+
+def needs(cfg) -> Needs:
+    """The weights a study loads beyond the encoder (asked by the preflight before anything loads): the
+    decoder, where the overlay study decodes its ablated composites (`_decoding`)."""
+    if cfg.study.name == "overlay_removal" and _decoding(cfg):
+        return get_family(cfg.decoder.family).needs(cfg.decoder)
+    return [], []
 
 
 def study_ablations(study) -> tuple[str, ...]:
@@ -531,9 +542,6 @@ def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Te
     for every picture) into `RunFolder.overlay_step` files."""
     if not kept:
         return
-    from dsl_cli.decoder import load_decoder, to_pil
-    from dsl_cli.devices import resolve_dtype
-
     decode, keys = cfg.decode, list(kept)
     release_memory(encoder.device)  # the ablation batches' cache, before the decoder loads beside the encoder
     decoder = load_decoder(cfg.decoder, device=encoder.device, dtype=resolve_dtype(decode.dtype, encoder.device),

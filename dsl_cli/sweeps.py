@@ -306,7 +306,9 @@ class SweepResults(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Weights are looked up once before any job is launched, so that a sweep of 48 SLURM jobs that would
         each stop at the preflight is refused at once (each job still checks its own, swept, config)."""
-        from dsl_cli.weights import preflight
+        # imported here for start-up speed, not for a circle: the preflight asks the models (torch, diffusers,
+        # open_clip), which `dsl merge` and `dsl plot`, importing this module, never load
+        from dsl_cli.preflight import preflight
 
         if config.resume:
             return

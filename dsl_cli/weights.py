@@ -1,9 +1,13 @@
-"""Weights preflight: every weight a run needs, looked up at once before any model loads.
+"""Hub look-ups: the weights a model needs, as files of a Hugging Face repository looked up in the cache
+with huggingface_hub, and the check of a list of them (`require`). This module sits below the models and
+imports none of them: each model says what it needs (`Needs`: the encoder loader's `needs`, a decoder
+family's `Decoder.needs`, a lens's `Lens.needs`, a study's `studies.needs`), built from the pieces here, and
+`dsl_cli.preflight` asks them all before any model loads.
 
 A run may need three sets of weights: the image encoder, the decoder of its family (when it decodes) and
 the CLIP text tower (for every component's labels and the logit lens, unless its ImageNet classifier is
 already on disk; for a text pool or an attribution target). Each is a
-local path or files of a Hugging Face repository, looked up in the cache with huggingface_hub. Missing ones
+local path or files of a Hugging Face repository. Missing ones
 are fetched with the libraries' own download functions when downloads are allowed; whatever is still
 missing, or cannot be fetched offline (`HF_HUB_OFFLINE=1`), is reported in one message, with the `hf
 download` command (huggingface_hub's CLI) that fetches each.
@@ -57,16 +61,6 @@ def prior_encoder_weights(repo: str, subfolder: str) -> HubWeights:
                       fetch=lambda: snapshot_download(repo, allow_patterns=list(files)))
 
 
-def decoder_weights(repo: str, family: str = "kandinsky22") -> HubWeights:
-    """The decoder pipeline of `family` (`dsl_cli.decoder.FAMILIES`): the files its `from_pretrained` reads
-    (`hub_files`: .safetensors preferred, .bin accepted), fetched by the pipeline's own `download`."""
-    from dsl_cli.decoder import get_family
-
-    cls = get_family(family)
-    return HubWeights("decoder", repo, cls.hub_files, args=cls.hub_args,
-                      fetch=lambda: cls.pipeline.download(repo))
-
-
 def open_clip_weights(role: str, name: str, tag: str) -> Optional[HubWeights]:
     """The hub files open_clip loads for pretrained tag `tag` of model `name`, from its pretrained registry
     (`hf_hub: org/repo/` means open_clip's default file name, whose .safetensors twin it prefers); None
@@ -89,13 +83,13 @@ def hub_download_command(name: str, tag: Optional[str]) -> Optional[str]:
     return weights.command if weights else None
 
 
-# ---------------------------------------------------------------- what a run needs
+# ---------------------------------------------------------------- what a model needs
 
 
 Needs = tuple[list[HubWeights], list[str]]  # hub weights, and problems with local paths (one line each)
 
 
-def _open_clip_needs(role: str, name: str, weights: Optional[str], key: str) -> Needs:
+def open_clip_needs(role: str, name: str, weights: Optional[str], key: str) -> Needs:
     """open_clip `name` with `weights`: a pretrained tag it fetches from the hub, a local file, or None."""
     if weights is None:
         return [], []
@@ -112,64 +106,14 @@ def _open_clip_needs(role: str, name: str, weights: Optional[str], key: str) -> 
                 f"(open_clip.list_pretrained() lists them)"]
 
 
-def _encoder_needs(enc: Any) -> Needs:
-    if enc.source == "kandinsky_prior" and enc.checkpoint:
-        folder = Path(enc.checkpoint).expanduser()
-        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
-            return [], []
-        return [], [f"encoder.checkpoint={enc.checkpoint}: not a folder with config.json and model.safetensors "
-                    "(a saved CLIPVisionModelWithProjection)"]
-    if enc.source == "kandinsky_prior":
-        return [prior_encoder_weights(enc.repo_id, enc.subfolder)], []
-    if enc.source == "open_clip":
-        key = "encoder.checkpoint" if enc.checkpoint else "encoder.pretrained"
-        return _open_clip_needs("image encoder", enc.name, enc.checkpoint or enc.pretrained, key)
-    return [], []
+def combined(parts: list[Needs]) -> Needs:
+    """The needs of several models as one: each repository's files once (bigg14's text tower is its image
+    encoder: one file for both), in the order first needed, and every problem."""
+    unique = {(w.repo, w.needs): w for part in reversed(parts) for w in part[0]}
+    return list(reversed(unique.values())), [problem for part in parts for problem in part[1]]
 
 
-def _decoder_needs(dec: Any) -> Needs:
-    if dec.source != "pretrained":
-        return [], []
-    if dec.path is None:
-        return [decoder_weights(dec.repo_id, dec.family)], []
-    if (Path(dec.path).expanduser() / "model_index.json").is_file():
-        return [], []
-    from dsl_cli.decoder import get_family
-
-    return [], [f"decoder.path={dec.path}: not the folder of a saved {get_family(dec.family).pipeline.__name__} "
-                "(no model_index.json)"]
-
-
-def _text_needs(cfg: Any) -> Needs:
-    """The text tower: for the logit lens and every lens's labels (`lens.text`) unless the ImageNet
-    classifier built from it is already on disk; always for a text pool or an attribution target."""
-    from dsl_cli.encoder import text_model_id
-    from dsl_cli.lenses import classifier_file
-
-    saved = classifier_file(cfg.encoder, cfg.lens.templates)
-    encodes = cfg.lens.get("target") is not None or (cfg.lens.text and cfg.lens.text_pool is not None)
-    if saved is not None and saved.is_file() and not encodes:
-        return [], []
-    name, tag = text_model_id(cfg.encoder)
-    if name == "tiny":
-        return [], []
-    return _open_clip_needs("text tower (labels, logit lens)", name, tag, "encoder.text_pretrained")
-
-
-def needed(cfg: Any) -> Needs:
-    """Every weight a run with config `cfg` loads: encoder, decoder (if it decodes), text tower (labels,
-    logit lens, attribution target)."""
-    parts = [_encoder_needs(cfg.encoder)]
-    if cfg.study.name is None and cfg.decode.enabled:
-        parts.append(_decoder_needs(cfg.decoder))
-    if cfg.study.name is None and (cfg.lens.name == "logit" or cfg.lens.text or cfg.lens.get("target") is not None):
-        parts.append(_text_needs(cfg))
-    unique = {(w.repo, w.needs): w for part in reversed(parts) for w in part[0]}  # bigg14's text tower is its encoder
-    hub = list(reversed(unique.values()))
-    return hub, [problem for part in parts for problem in part[1]]
-
-
-# ---------------------------------------------------------------- the preflight
+# ---------------------------------------------------------------- the look-up
 
 
 def _offline() -> bool:
@@ -205,10 +149,11 @@ def _message(missing: list[HubWeights], problems: list[str], offline: bool) -> s
     return "\n".join(lines + problems)
 
 
-def preflight(cfg: Any) -> None:
-    """Look up every weight the run needs before any model loads; raise one UserError listing all that are
-    missing (with a command for each) or whose local path is wrong."""
-    hub, problems = needed(cfg)
+def require(needs: Needs) -> None:
+    """Look up every hub weight of `needs` in the cache (fetching the missing ones where downloads are
+    allowed); raise one UserError listing all that are still missing (with a command for each) and every
+    problem with a local path."""
+    hub, problems = needs
     missing = [weights for weights in hub if not weights.cached()]
     offline = _offline()
     if missing and not offline:

@@ -310,7 +310,7 @@ def test_the_preflight_knows_each_familys_weights(overrides: list[str], encoder_
                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants as constants
 
-    from dsl_cli.weights import preflight
+    from dsl_cli.preflight import preflight
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

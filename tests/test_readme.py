@@ -152,12 +152,13 @@ def test_dsl_commands_work_as_typed(line: str, offline_home: Path, monkeypatch, 
 
 @pytest.mark.parametrize("line", commands_of("hf"))
 def test_hf_download_commands_exist_and_match_the_preflight(line: str, tmp_path: Path) -> None:
-    from dsl_cli.weights import decoder_weights, open_clip_weights, prior_encoder_weights
+    from dsl_cli.decoder import get_family
+    from dsl_cli.weights import open_clip_weights, prior_encoder_weights
 
     known = {prior_encoder_weights("kandinsky-community/kandinsky-2-2-prior", "image_encoder").command,
-             decoder_weights("kandinsky-community/kandinsky-2-2-decoder").command,
-             decoder_weights("kandinsky-community/kandinsky-2-1", "kandinsky21").command,
-             decoder_weights("stabilityai/stable-diffusion-2-1-unclip", "unclip_h14").command,
+             get_family("kandinsky22").hub_weights("kandinsky-community/kandinsky-2-2-decoder").command,
+             get_family("kandinsky21").hub_weights("kandinsky-community/kandinsky-2-1").command,
+             get_family("unclip_h14").hub_weights("stabilityai/stable-diffusion-2-1-unclip").command,
              open_clip_weights("text", "ViT-bigG-14", "laion2b_s39b_b160k").command,
              open_clip_weights("encoder", "ViT-L-14", "openai").command,
              open_clip_weights("encoder", "ViT-H-14", "laion2b_s32b_b79k").command}

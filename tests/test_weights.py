@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_module
 
 from dsl_cli.config import register_configs
 from dsl_cli.errors import UserError
-from dsl_cli.weights import needed, preflight
+from dsl_cli.preflight import needed, preflight
 from helpers import fake_cache
 
 BIN = Path(sys.executable).parent
@@ -115,7 +115,9 @@ def test_what_a_run_needs_follows_the_config(offline_hub: Path, tmp_path: Path) 
     assert repos() == [PRIOR, DECODER]
     assert repos("lens.text=true") == [PRIOR, DECODER, TEXT]  # every component's labels come from the text tower
     assert repos("decode.enabled=false") == [PRIOR]
-    assert repos("study=head_importance") == [PRIOR]  # studies decode nothing and name nothing
+    assert repos("study=head_importance") == [PRIOR]  # head importance decodes nothing and names nothing
+    assert repos("study=overlay_removal") == [PRIOR, DECODER]  # it decodes its ablated composites
+    assert repos("study=overlay_removal", "study.decode_steps=[]") == [PRIOR]
     assert repos("debug=tiny") == [] and repos("debug=tiny", "lens=logit") == []
     assert repos("encoder=bigg14", "lens=logit", "decode.enabled=false") == [TEXT]  # one file for both
     classifier = needed(config("lens=logit"))[0]

@@ -35,7 +35,7 @@ from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
 from dsl_cli.devices import seeded_on
 from dsl_cli.errors import UserError
-from dsl_cli.weights import hub_download_command, prior_encoder_weights
+from dsl_cli.weights import Needs, hub_download_command, open_clip_needs, prior_encoder_weights
 
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
 
@@ -147,6 +147,31 @@ def text_model_id(cfg: Any) -> tuple[str, Optional[str]]:
         return "tiny", None
     default_name, default_tag = PRIOR_TEXT_MODEL if cfg.source == "kandinsky_prior" else (cfg.name, cfg.pretrained)
     return cfg.text_name or default_name, _expand(cfg.text_pretrained or default_tag)
+
+
+def needs(cfg: Any) -> Needs:
+    """The weights `load_encoder` reads for encoder config `cfg` (for the preflight, before anything loads):
+    the prior's image encoder or open_clip's weights from the hub, or a local path that must be right."""
+    if cfg.source == "kandinsky_prior" and cfg.checkpoint:
+        folder = Path(cfg.checkpoint).expanduser()
+        if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+            return [], []
+        return [], [f"encoder.checkpoint={cfg.checkpoint}: not a folder with config.json and model.safetensors "
+                    "(a saved CLIPVisionModelWithProjection)"]
+    if cfg.source == "kandinsky_prior":
+        return [prior_encoder_weights(cfg.repo_id, cfg.subfolder)], []
+    if cfg.source == "open_clip":
+        key = "encoder.checkpoint" if cfg.checkpoint else "encoder.pretrained"
+        return open_clip_needs("image encoder", cfg.name, cfg.checkpoint or cfg.pretrained, key)
+    return [], []
+
+
+def text_tower_needs(cfg: Any) -> Needs:
+    """The weights `load_text_model` reads for encoder config `cfg` (none for the tiny model)."""
+    name, tag = text_model_id(cfg)
+    if name == "tiny":
+        return [], []
+    return open_clip_needs("text tower (labels, logit lens)", name, tag, "encoder.text_pretrained")
 
 
 @dataclass(frozen=True)
