@@ -105,3 +105,25 @@ def test_an_impossible_layer_is_refused_before_the_weights_are_looked_up(
     code, err = dsl_in_process(["run", encoder, setting, "device=cpu"], tmp_path, monkeypatch, capsys)
     assert code == 2 and says in err and "hf download" not in err and err.count("\n") == 1, err
     assert not [p for p in tmp_path.glob("outputs/**/*") if p.is_file()]
+
+
+def test_the_page_says_what_the_run_read_and_folds_failed_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A tiny run keeps layer=30 and reads the tiny model's last layer: its page says both, and names the
+    models in words. The overview of the folder shows a failed run apart, folded."""
+    from dsl_cli.report import collection_page, layer_ranges
+
+    code, err = dsl_in_process(["run", "debug=tiny", "decode.enabled=false", "hydra.run.dir=runs/good"], tmp_path,
+                               monkeypatch, capsys)
+    assert code == 0, err
+    html = (tmp_path / "runs" / "good" / "index.html").read_text()
+    assert "layer=30" in html and "layers read 3" in html
+    assert "tiny encoder" in html and "tiny tiny" not in html
+    assert layer_ranges([0, 1, 2, 3, 7, 9, 10]) == "0-3, 7, 9-10"
+
+    failed = tmp_path / "runs" / "broken"
+    failed.mkdir()
+    (failed / "manifest.json").write_text(json.dumps({"made_by": "dsl", "status": "failed", "error": "bad"}))
+    overview = collection_page(tmp_path / "runs", [tmp_path / "runs" / "good", failed])
+    shown, folded = overview.split("<details>")
+    assert "good/index.html" in shown and "broken" not in shown
+    assert "1 failed or unfinished" in folded and "broken/index.html" in folded
