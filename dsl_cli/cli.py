@@ -43,6 +43,8 @@ usage:
                              --multirun ends)
   dsl report FOLDER          write or refresh the HTML page (index.html) of a run, study or sweep
                              folder, or of every one below a folder; they open from file://
+  dsl check [OVERRIDES...]   compare each pretrained model a run with these overrides would use, as
+                             dsl loads it, with the upstream library's own (README: Check your weights)
   dsl --version
 """
 
@@ -254,6 +256,10 @@ def _dispatch(args: list[str]) -> int:
         return _merge(args[1:])
     if args[0] == "report":
         return _report(args[1:])
+    if args[0] == "check":
+        from dsl_cli.check import main as check
+
+        return check(args[1:])
     return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER`, `dsl merge SWEEP_DIR` or "
                  "`dsl report FOLDER` (see dsl --help)")
 

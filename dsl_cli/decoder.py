@@ -492,8 +492,16 @@ class Decoder(Placed, ABC):
 
 
 def model_files(folder: str, stem: str = "diffusion_pytorch_model") -> tuple[tuple[str, ...], ...]:
-    """The hub files of one model of a pipeline: its config, and its weights (.safetensors, or .bin)."""
+    """The hub files of one diffusers model of a pipeline: its config, and its weights (.safetensors, or .bin)."""
     return (f"{folder}/config.json",), (f"{folder}/{stem}.safetensors", f"{folder}/{stem}.bin")
+
+
+def transformers_files(folder: str) -> tuple[tuple[str, ...], ...]:
+    """The hub files of one transformers model of a pipeline: its config, and its weights under transformers'
+    own names (`SAFE_WEIGHTS_NAME` model.safetensors, or `WEIGHTS_NAME` pytorch_model.bin)."""
+    from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
+    return (f"{folder}/config.json",), (f"{folder}/{SAFE_WEIGHTS_NAME}", f"{folder}/{WEIGHTS_NAME}")
 
 
 class _Kandinsky(Decoder):
@@ -540,7 +548,7 @@ class Kandinsky21Decoder(_Kandinsky):
 
     name, title, pipeline = "kandinsky21", "the Kandinsky 2.1 decoder", KandinskyPipeline
     clip, encoder_preset, width = ("ViT-L-14", "openai"), "vitl14", 768
-    hub_files = (*KandinskyDecoder.hub_files, *model_files("text_encoder", "model"),
+    hub_files = (*KandinskyDecoder.hub_files, *transformers_files("text_encoder"),
                  ("tokenizer/tokenizer_config.json",),
                  ("tokenizer/tokenizer.json", "tokenizer/sentencepiece.bpe.model"))
 
@@ -570,12 +578,13 @@ class UnclipDecoder(Decoder):
     name, title, pipeline = "unclip_h14", "the Stable unCLIP decoder", StableUnCLIPImg2ImgPipeline
     clip, encoder_preset, width = ("ViT-H-14", "laion2b_s32b_b79k"), "vith14", 1024
     autoencoder = "vae"
-    hub_args = "--exclude '*.bin' '*.ckpt' '*fp16*'"  # the repository also holds the original checkpoints
+    # the repository also holds the original checkpoints; the installed `hf` takes one pattern per --exclude
+    hub_args = "--exclude '*.bin' --exclude '*.ckpt' --exclude '*fp16*'"
     hub_files = (
         ("model_index.json",), ("scheduler/scheduler_config.json",), ("image_noising_scheduler/scheduler_config.json",),
         ("feature_extractor/preprocessor_config.json",), ("tokenizer/tokenizer_config.json",),
         ("tokenizer/vocab.json",), ("tokenizer/merges.txt",), *model_files("unet"), *model_files("vae"),
-        *model_files("image_normalizer"), *model_files("text_encoder", "model"), *model_files("image_encoder", "model"),
+        *model_files("image_normalizer"), *transformers_files("text_encoder"), *transformers_files("image_encoder"),
     )
 
     def __init__(self, pipe: StableUnCLIPImg2ImgPipeline, noise_level: int = 0):

@@ -442,6 +442,9 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     manifest.start(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
                    seed=cfg.seed, versions=_versions(), git_commit=_git_commit(), slurm_job=current_slurm_job(),
                    config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
+    from dsl_cli.check import note_run
+
+    note_run(cfg, manifest)  # whether `dsl check` passed these weights here (manifest `weights_check`)
     with manifest.stage("images"):
         image_set = load_images(cfg.images)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)

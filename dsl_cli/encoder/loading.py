@@ -122,18 +122,20 @@ def load_text_model(
         tower, tokenizer = build_tiny_text(), open_clip.get_tokenizer("ViT-B-32")
     else:
         name, weights = text_model_id(cfg)
-        tower = _open_clip_text(name, weights)
+        tower = _open_clip_text(name, weights, text_settings_tag(cfg))
         tokenizer = open_clip.get_tokenizer(name)
     tower.requires_grad_(False)
     return tower.to(device=device, dtype=dtype).eval(), tokenizer
 
 
-def _open_clip_text(name: str, weights: Optional[str]) -> TextTower:
+def _open_clip_text(name: str, weights: Optional[str], tag: Optional[str] = None) -> TextTower:
+    """`tag`: the pretrained tag whose settings (QuickGELU) the weights were trained with (default: `weights`,
+    where it is a tag)."""
     model_cfg = _model_config(name)
     text_cfg = open_clip.CLIPTextCfg(**model_cfg["text_cfg"])
     text_cfg.hf_model_pretrained = False  # as create_model does: the CLIP checkpoint holds the text weights
-    tower = TextTower(seeded(lambda: build_text_tower(model_cfg["embed_dim"], text_cfg,
-                                                       model_cfg.get("quick_gelu", False))))
+    quick_gelu = tag_settings(name, tag or weights).quick_gelu
+    tower = TextTower(seeded(lambda: build_text_tower(model_cfg["embed_dim"], text_cfg, quick_gelu)))
     if weights is not None:
         # a CLIP checkpoint keeps the text tower's tensors at the top level; a CustomTextCLIP one under `text.`
         copy_tower_weights(tower.text, checkpoint_file(name, weights), ("", "text."), f"{name} text tower")
@@ -172,6 +174,51 @@ def text_tower_needs(cfg: Any) -> Needs:
     if name == "tiny":
         return [], []
     return open_clip_needs("text tower (labels, logit lens)", name, tag, "encoder.text_pretrained")
+
+
+def text_settings_tag(cfg: Any) -> Optional[str]:
+    """The pretrained tag whose settings the text tower of `cfg` is built with: its weights' tag, or, for
+    weights in a local file of the encoder's own model, the encoder's `pretrained` tag."""
+    name, weights = text_model_id(cfg)
+    if weights is None or is_tag(name, weights):
+        return weights
+    if cfg.source == "open_clip" and name == cfg.name and is_tag(name, cfg.pretrained):
+        return cfg.pretrained
+    return None
+
+
+def is_tag(name: str, weights: Optional[str]) -> bool:
+    """Whether `weights` is one of open_clip's pretrained tags of model `name` (not a file, not None)."""
+    return bool(weights) and not Path(weights).is_file() and bool(open_clip.get_pretrained_cfg(name, weights))
+
+
+@dataclass(frozen=True)
+class TagSettings:
+    """What open_clip's own loader builds model `name` with for pretrained tag `tag`: the activation (the
+    model config's `quick_gelu`, or the tag's: OpenAI's tags set it where the plain model config does not)
+    and the evaluation preprocessing (`PreprocessCfg` fields: open_clip's defaults, overridden by the tag's
+    mean, std, interpolation, resize mode and fill)."""
+
+    quick_gelu: bool
+    preprocess: dict
+
+    def transform(self, image_size: Any) -> Preprocess:
+        """open_clip's evaluation transform for these settings at `image_size` (the tower's own size, as
+        `create_model` sets it)."""
+        from open_clip.transform import PreprocessCfg, image_transform_v2
+
+        return image_transform_v2(PreprocessCfg(**{**self.preprocess, "size": image_size}), is_train=False)
+
+
+def tag_settings(name: str, tag: Optional[str]) -> TagSettings:
+    """The `TagSettings` of open_clip model `name` with pretrained tag `tag` (None, a file or an unknown tag:
+    the model config's alone), from open_clip's own `get_model_config` and `get_pretrained_cfg`."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    model_cfg = _model_config(name)
+    pretrained = open_clip.get_pretrained_cfg(name, tag) if is_tag(name, tag) else {}
+    quick_gelu = bool(model_cfg.get("quick_gelu", False) or pretrained.get("quick_gelu", False))
+    return TagSettings(quick_gelu, merge_preprocess_dict(PreprocessCfg(), pretrained))
 
 
 @dataclass(frozen=True)
@@ -327,15 +374,17 @@ def _load_open_clip_visual(
 ) -> tuple[nn.Module, Preprocess]:
     model_cfg = _model_config(name)
     weights = checkpoint or pretrained
+    # the tag's settings also where the weights are a local file: encoder.pretrained names what they are
+    settings = tag_settings(name, pretrained)
 
     def build() -> nn.Module:
-        return build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg.get("quick_gelu", False))
+        return build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], settings.quick_gelu)
 
     if weights is None:
         # random weights, drawn where they will run (bigG's 1.8 B parameters take about 10 s to draw on a CPU,
         # a fraction of a second on a GPU)
         visual = seeded(build, device)
-        return visual, open_clip.image_transform(visual.image_size, False)  # open_clip's own for random weights
+        return visual, settings.transform(visual.image_size)  # open_clip's own for random weights
     path = checkpoint_file(name, weights)
     visual = unfilled(build)
     try:
@@ -346,20 +395,12 @@ def _load_open_clip_visual(
         log.info("%s: trying open_clip's own loader (%s)", path, ours)
         del visual  # the tower half filled: open_clip's loader builds its own, beside the whole file
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=weights)
+            # with the tag's activation: open_clip 3.x builds `ViT-L-14` with GELU for `openai` and only warns
+            model = open_clip.create_model(name, pretrained=weights, force_quick_gelu=settings.quick_gelu)
         except UNREADABLE as theirs:  # not a file open_clip reads either: the reason it is not ours is clearer
             raise ours from theirs
-        return model.visual, preprocess
-    return visual, _open_clip_preprocess(name, weights, visual.image_size)
-
-
-def _open_clip_preprocess(name: str, weights: str, image_size: Any) -> Preprocess:
-    """The evaluation transform `open_clip.create_model_and_transforms` gives these weights: its defaults,
-    overridden by what a pretrained tag's config says (mean, std, interpolation, resize mode, fill)."""
-    tag = open_clip.get_pretrained_cfg(name, weights) or {}
-    return open_clip.image_transform(image_size, False, mean=tag.get("mean"), std=tag.get("std"),
-                                     resize_mode=tag.get("resize_mode"), interpolation=tag.get("interpolation"),
-                                     fill_color=tag.get("fill_color", 0))
+        visual = model.visual
+    return visual, settings.transform(visual.image_size)
 
 
 def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) -> tuple[nn.Module, Preprocess]:
