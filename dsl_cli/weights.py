@@ -116,6 +116,23 @@ def combined(parts: list[Needs]) -> Needs:
 # ---------------------------------------------------------------- the look-up
 
 
+HUB_PROBE_SECONDS = 5.0  # how long the hub may take to answer before a run that needs a download gives up
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """Why the Hugging Face hub cannot be reached (one HEAD request through huggingface_hub's own session, so
+    with its endpoint and proxies, and a short timeout), or None when it answers (any HTTP status). Asked once
+    before downloading: unreachable, each library's own download would spend most of a minute retrying."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - whatever stops the request (DNS, refused, timeout, proxy, TLS)
+        return " ".join(f"{type(err).__name__}: {err}".split())[:200]
+    return None
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -136,13 +153,13 @@ def _fetch(missing: list[HubWeights]) -> list[HubWeights]:
     return still
 
 
-def _message(missing: list[HubWeights], problems: list[str], offline: bool) -> str:
+def _message(missing: list[HubWeights], problems: list[str], why: str) -> str:
     from huggingface_hub import constants
 
     lines = []
     if missing:
-        why = "HF_HUB_OFFLINE=1 forbids downloading them" if offline else "they could not be downloaded"
-        lines.append(f"{len(missing)} of the weights this run needs are not in the Hugging Face cache "
+        are = "is" if len(missing) == 1 else "are"
+        lines.append(f"{len(missing)} of the weights this run needs {are} not in the Hugging Face cache "
                      f"({constants.HF_HUB_CACHE}) and {why}; fetch them (online) with:")
         lines += [f"  {w.role}: {w.command}" for w in missing]
         lines.append("  or load local copies with encoder.checkpoint=... and decoder.path=... (see README, Weights)")
@@ -155,9 +172,20 @@ def require(needs: Needs) -> None:
     problem with a local path."""
     hub, problems = needs
     missing = [weights for weights in hub if not weights.cached()]
-    offline = _offline()
-    if missing and not offline:
-        missing = _fetch(missing)
+    why = "HF_HUB_OFFLINE=1 forbids downloading them" if _offline() else None
+    if missing and why is None:
+        unreachable = hub_unreachable()
+        if unreachable is None:
+            missing, why = _fetch(missing), "they could not be downloaded"
+        else:
+            why = (f"the hub ({_endpoint()}) did not answer within {HUB_PROBE_SECONDS:g} s ({unreachable}), so "
+                   "nothing was downloaded (offline? set HF_HUB_OFFLINE=1 to skip the attempt)")
     if missing or problems:
-        first, *details = _message(missing, problems, offline).split("\n")
+        first, *details = _message(missing, problems, why or "").split("\n")
         raise UserError(first, details=details)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT

@@ -266,7 +266,7 @@ def test_weights_missing_while_offline(overrides: list[str], repo: str, tmp_path
     result = subprocess.run([DSL, "run", "debug=tiny", *overrides], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
-    assert result.stderr.startswith("dsl: error: 1 of the weights this run needs are not in the Hugging Face cache")
+    assert result.stderr.startswith("dsl: error: 1 of the weights this run needs is not in the Hugging Face cache")
     assert f"hf download {repo} " in result.stderr and result.stderr.count("hf download") == 1
     assert not list(tmp_path.rglob(f"*{TEMP_SUFFIX}"))
     # refused before any model loaded and before any result: no folder is left (the same command runs once

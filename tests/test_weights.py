@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+from dsl_cli import weights
 from dsl_cli.config import register_configs
 from dsl_cli.errors import UserError
 from dsl_cli.preflight import needed, preflight
@@ -148,6 +149,7 @@ def test_online_the_missing_weights_are_fetched_by_their_libraries(offline_hub: 
     import open_clip
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(weights, "hub_unreachable", lambda: None)  # the hub answers; the downloads then fail
     fetched = []
 
     def no_network(*args, **kwargs):
@@ -167,3 +169,31 @@ def test_online_the_missing_weights_are_fetched_by_their_libraries(offline_hub: 
     message = str(refused.value)
     assert message.startswith("2 of the weights") and "they could not be downloaded" in message
     assert PRIOR in message and TEXT in message and DECODER not in message
+
+
+def test_an_unreachable_hub_is_found_in_seconds_and_nothing_is_tried(offline_hub: Path, monkeypatch) -> None:
+    """Online but cut off: one short probe decides (a refused port answers at once), no library download is
+    tried (each would spend most of a minute retrying), and the message says why."""
+    import time
+
+    import huggingface_hub.constants as constants
+    import open_clip
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    tried = []
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg: tried.append(cfg))
+    start = time.perf_counter()
+    with pytest.raises(UserError) as refused:
+        preflight(config("lens=logit", "layer=30", "decode.enabled=false"))
+    assert time.perf_counter() - start < weights.HUB_PROBE_SECONDS + 5  # loose: not the minute of retries
+    message = str(refused.value)
+    assert tried == [] and "did not answer within 5 s" in message and "127.0.0.1:9" in message
+    assert message.startswith("2 of the weights this run needs are not")
+
+
+def test_one_missing_weight_is_one_weight() -> None:
+    from dsl_cli.weights import HubWeights, _message
+
+    one = _message([HubWeights("decoder", "org/repo", (("model.safetensors",),))], [], "why")
+    assert one.startswith("1 of the weights this run needs is not in the Hugging Face cache")
