@@ -8,6 +8,7 @@ Hydra configures the logging of a job (run.yaml, `hydra.job_logging`): a console
 from __future__ import annotations
 
 import logging
+import re
 
 OWN = ("dsl_cli", "hydra", "__main__")  # loggers whose records reach the terminal
 LIBRARIES = ("diffusers", "huggingface_hub", "transformers", "open_clip")
@@ -18,6 +19,39 @@ class TerminalFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.name.split(".")[0] in OWN
+
+
+class SweepTerminalFilter(TerminalFilter):
+    """The terminal of a --multirun outside its jobs (Hydra's own logging then): dsl's and Hydra's lines, and
+    a library's warning once (submitit's `Bypassing sacct error` came once per status poll, 7 times a sweep),
+    its numbers aside; the libraries' other lines stay off the terminal."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if super().filter(record):
+            return True
+        if record.levelno < logging.WARNING:
+            return False
+        key = (record.name, re.sub(r"\d+", "#", record.getMessage()))
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+class SourceFormatter(logging.Formatter):
+    """Lines labelled by who says them: `[time][HYDRA]` for Hydra's, `[time][dsl_cli.sweeps]` for dsl's and
+    `[time][submitit]` for a library's (Hydra's default labels every line of a sweep `[HYDRA]`)."""
+
+    def __init__(self, **ignored) -> None:  # Hydra's default `format` is passed along: this one replaces it
+        super().__init__("[%(asctime)s][%(source)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.source = "HYDRA" if record.name.split(".")[0] == "hydra" else record.name
+        return super().format(record)
 
 
 def route_library_logs() -> None:

@@ -16,6 +16,17 @@ PAPER = ["run", "experiment=paper_top_heads", "device=cpu", "images.limit=1", "d
          "decode.height=64", "decode.width=64", "decode.batch_size=2", "lens.text=false"]
 
 
+def compose_run(overrides: list[str]):
+    """The config `dsl run OVERRIDES` composes, with Hydra's own part."""
+    from hydra import compose, initialize_config_module
+
+    from dsl_cli.config import register_configs
+
+    register_configs()
+    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+        return compose("run", overrides, return_hydra_config=True)
+
+
 def save_tiny_weights(encoder: Path, decoder: Path) -> None:
     """Tiny stand-ins in the released layouts: a CLIPVisionModelWithProjection as the prior's `image_encoder/`
     (3 layers of 2 heads; 1280-wide embeddings, as bigG's) and a KandinskyV22Pipeline with diffusers' dummy
@@ -69,12 +80,8 @@ def test_a_failed_run_keeps_a_folder_that_holds_anything_else(tmp_path: Path, mo
 @pytest.mark.parametrize("preset", ["tiny", "tiny_k21", "tiny_unclip"])
 def test_a_tiny_preview_never_shares_a_folder_with_the_real_run(preset: str) -> None:
     """`debug=* experiment=paper_*` goes below outputs/debug; the real experiment to outputs/paper/<name>."""
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
-        real = compose("run", ["experiment=paper_top_heads"], return_hydra_config=True)
-        preview = compose("run", [f"debug={preset}", "experiment=paper_top_heads"], return_hydra_config=True)
-        plain = compose("run", [f"debug={preset}"], return_hydra_config=True)
+    real, preview, plain = (compose_run(overrides) for overrides in (
+        ["experiment=paper_top_heads"], [f"debug={preset}", "experiment=paper_top_heads"], [f"debug={preset}"]))
     assert real.hydra.run.dir == "outputs/paper/paper_top_heads"
     assert preview.hydra.run.dir == "outputs/debug/paper/paper_top_heads"
     assert plain.hydra.run.dir.startswith("outputs/debug/") and plain.hydra.sweep.dir.startswith("outputs/debug/")
@@ -127,3 +134,31 @@ def test_the_page_says_what_the_run_read_and_folds_failed_runs(tmp_path: Path, m
     shown, folded = overview.split("<details>")
     assert "good/index.html" in shown and "broken" not in shown
     assert "1 failed or unfinished" in folded and "broken/index.html" in folded
+
+
+def test_a_sweeps_own_lines_name_who_says_them_and_a_library_warning_comes_once() -> None:
+    """Outside its jobs a sweep logs through Hydra's logging: dsl's lines are labelled dsl's (not `[HYDRA]`),
+    submitit's sacct warning (once per status poll) reaches the terminal once, other library lines not."""
+    import logging
+
+    from dsl_cli.logs import SourceFormatter, SweepTerminalFilter
+
+    def record(name: str, level: int, message: str) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, message, None, None)
+
+    shown = SweepTerminalFilter()
+    polls = [record("submitit", logging.WARNING, f"Call #{n} - Bypassing sacct error 1, status may be inaccurate.")
+             for n in range(1, 8)]
+    assert [shown.filter(r) for r in polls] == [True] + [False] * 6
+    assert shown.filter(record("dsl_cli.sweeps", logging.INFO, "merged 40 rows"))
+    assert shown.filter(record("hydra.core.utils", logging.INFO, "Launching 2 jobs locally"))
+    assert not shown.filter(record("diffusers.models", logging.INFO, "loading"))
+
+    formatter = SourceFormatter(format="[%(asctime)s][HYDRA] %(message)s")
+    assert "][dsl_cli.sweeps] merged" in formatter.format(record("dsl_cli.sweeps", logging.INFO, "merged"))
+    assert "][HYDRA] Launching" in formatter.format(record("hydra.launcher", logging.INFO, "Launching"))
+
+    logging_cfg = compose_run(["debug=tiny"]).hydra.hydra_logging
+    assert logging_cfg.formatters.simple["()"] == "dsl_cli.logs.SourceFormatter"
+    assert logging_cfg.filters.own["()"] == "dsl_cli.logs.SweepTerminalFilter"
+    assert list(logging_cfg.handlers.console.filters) == ["own"]
