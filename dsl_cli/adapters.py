@@ -1,0 +1,522 @@
+"""Fitted embedding adapters: decode a ViT that has no decoder of its own (issue 34, DESIGN.md section 7).
+
+For source readouts s in R^p (an encoder's embedding, or its residual stream after one block) and target
+embeddings t in R^q (the decoder's own encoder on the same image), ridge regression
+
+    W, b = argmin sum_i |t_i - W s_i - b|^2 + lambda |W|^2
+
+needs only running sums: the count n, sum s, sum t, S = sum s s^T, C = sum s t^T and sum |t|^2 (float64).
+One pass over the images, p^2 + pq numbers in memory whatever their number; shards' sums add
+(`RidgeSums.merged`, `Partial.merged`). Images are split into a training and a held-out part by a hash of
+their name (`is_heldout`: the same split on every machine and in every shard). The ridge strength is picked
+on the held-out part, whose squared error for any (W, b) also follows from its sums; the held-out rows are
+kept (q + p numbers each) for the metrics that need them: cosine to the target (mean, 5th percentile), R^2,
+top-1 and top-5 retrieval among the held-out targets.
+
+An `Adapter` is W [q, p] and b [q] with metadata (source encoder and readout, target decoder family and
+embedding space, lambda, held-out metrics, image count), written as `adapter.safetensors` (metadata inside)
+and `adapter.json` beside it. `AdaptedEncoder` wraps any `HookedEncoder` so that every lens decodes through
+the adapter: a linear map commutes with the closed form (steered target = W e_steered + b).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from dsl_cli.errors import UserError
+
+READOUTS = ("embed", "resid")  # the source's final embedding, or its residual stream after block `layer`
+HELDOUT_FRACTION = 0.1  # share of the images (by name hash) kept out of the fit, for lambda and the metrics
+# ridge strengths tried, relative to the mean variance of the source's dimensions (trace(S_centred) / p / n)
+RELATIVE_LAMBDAS = (0.0, 1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+ADAPTER_FILE, ADAPTER_JSON, PARTIAL_FILE = "adapter.safetensors", "adapter.json", "partial.safetensors"
+FORMAT = "dsl-adapter/1"
+
+
+# ---------------------------------------------------------------- the split and the readout
+
+
+def is_heldout(name: str, fraction: float = HELDOUT_FRACTION) -> bool:
+    """Whether image `name` is held out: a hash of the name alone, so every shard and machine agrees."""
+    digest = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "big")
+    return digest % 1_000_000 < round(fraction * 1_000_000)
+
+
+@dataclass(frozen=True)
+class Readout:
+    """What of the source encoder the adapter maps: `embed` (its image embedding, width E) or `resid` (the
+    residual stream at the readout position after block `layer`, width D; the Diffusion Lens's `L{layer}`)."""
+
+    kind: str = "embed"
+    layer: Optional[int] = None
+
+    def __post_init__(self):
+        if self.kind not in READOUTS:
+            raise UserError(f"adapter.readout={self.kind}: choose one of {', '.join(READOUTS)}")
+        if self.kind == "resid" and self.layer is None:
+            raise UserError("adapter.readout=resid needs adapter.layer=N (the residual after block N)")
+
+    @property
+    def label(self) -> str:
+        return "embedding" if self.kind == "embed" else f"residual after block {self.layer}"
+
+    def check(self, encoder) -> None:
+        if self.kind == "resid" and not 0 <= self.layer < encoder.n_layers:
+            raise UserError(f"adapter.layer={self.layer}: the encoder has blocks 0 to {encoder.n_layers - 1}")
+
+    def width(self, encoder) -> int:
+        return encoder.d_embed if self.kind == "embed" else encoder.d_model
+
+    def read(self, encoder, pixels: Tensor) -> Tensor:
+        """pixels [B, 3, S, S] (the encoder's preprocessing) -> [B, p]."""
+        if self.kind == "embed":
+            return encoder.embed(pixels)
+        return encoder.run_with_cache(pixels).resid[:, self.layer + 1]
+
+    def of_cache(self, cache) -> Tensor:
+        """The same readout from a cache the encoder made: [B, p] (source space)."""
+        return cache.embeds if self.kind == "embed" else cache.resid[:, self.layer + 1]
+
+
+# ---------------------------------------------------------------- running sums
+
+
+@dataclass
+class RidgeSums:
+    """n, sum s [p], sum t [q], S = sum s s^T [p, p], C = sum s t^T [p, q], sum |t|^2 (float64)."""
+
+    p: int
+    q: int
+    n: int = 0
+    sum_s: Tensor = None
+    sum_t: Tensor = None
+    S: Tensor = None
+    C: Tensor = None
+    tt: float = 0.0
+
+    def __post_init__(self):
+        dd = dict(dtype=torch.float64)
+        self.sum_s = torch.zeros(self.p, **dd) if self.sum_s is None else self.sum_s.to(torch.float64)
+        self.sum_t = torch.zeros(self.q, **dd) if self.sum_t is None else self.sum_t.to(torch.float64)
+        self.S = torch.zeros(self.p, self.p, **dd) if self.S is None else self.S.to(torch.float64)
+        self.C = torch.zeros(self.p, self.q, **dd) if self.C is None else self.C.to(torch.float64)
+
+    def add(self, s: Tensor, t: Tensor) -> None:
+        """Rows s [B, p] and t [B, q] of the same images."""
+        s, t = s.detach().to("cpu", torch.float64), t.detach().to("cpu", torch.float64)
+        if s.shape[1:] != (self.p,) or t.shape[1:] != (self.q,) or len(s) != len(t):
+            raise ValueError(f"rows of shapes {tuple(s.shape)} and {tuple(t.shape)} for sums of p={self.p}, q={self.q}")
+        self.n += len(s)
+        self.sum_s += s.sum(0)
+        self.sum_t += t.sum(0)
+        self.S += s.T @ s
+        self.C += s.T @ t
+        self.tt += float((t * t).sum())
+
+    def merged(self, other: "RidgeSums") -> "RidgeSums":
+        if (self.p, self.q) != (other.p, other.q):
+            raise UserError(f"partial sums of widths p={self.p}, q={self.q} and p={other.p}, q={other.q} do not add")
+        return RidgeSums(self.p, self.q, self.n + other.n, self.sum_s + other.sum_s, self.sum_t + other.sum_t,
+                         self.S + other.S, self.C + other.C, self.tt + other.tt)
+
+    def centred(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(mean s, mean t, S - n mu_s mu_s^T, C - n mu_s mu_t^T)."""
+        mu_s, mu_t = self.sum_s / self.n, self.sum_t / self.n
+        return mu_s, mu_t, self.S - self.n * torch.outer(mu_s, mu_s), self.C - self.n * torch.outer(mu_s, mu_t)
+
+    def squared_error(self, W: Tensor, b: Tensor) -> float:
+        """sum_i |t_i - W s_i - b|^2 from the sums alone (W [q, p], b [q], float64)."""
+        WS = W @ self.S @ W.T
+        cross = (W.T * self.C).sum()  # sum_i t_i . W s_i = trace(W C)
+        return float(self.tt - 2 * cross - 2 * b @ self.sum_t + torch.trace(WS) + 2 * b @ (W @ self.sum_s)
+                     + self.n * b @ b)
+
+    def tensors(self, prefix: str) -> dict[str, Tensor]:
+        return {f"{prefix}.sum_s": self.sum_s, f"{prefix}.sum_t": self.sum_t, f"{prefix}.S": self.S,
+                f"{prefix}.C": self.C, f"{prefix}.tt": torch.tensor([self.tt], dtype=torch.float64),
+                f"{prefix}.n": torch.tensor([self.n], dtype=torch.float64)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], prefix: str) -> "RidgeSums":
+        S, C = tensors[f"{prefix}.S"], tensors[f"{prefix}.C"]
+        return cls(S.shape[0], C.shape[1], int(tensors[f"{prefix}.n"].item()), tensors[f"{prefix}.sum_s"],
+                   tensors[f"{prefix}.sum_t"], S, C, float(tensors[f"{prefix}.tt"].item()))
+
+
+def ridge(sums: RidgeSums, lam: float) -> tuple[Tensor, Tensor]:
+    """W [q, p], b [q] (float64) minimising sum |t - W s - b|^2 + lam |W|^2 over the rows summed. lam = 0
+    takes the least-squares solution of least norm (a pseudo-inverse), also when S is singular."""
+    mu_s, mu_t, Sc, Cc = sums.centred()
+    if lam > 0:
+        Wt = torch.linalg.solve(Sc + lam * torch.eye(sums.p, dtype=torch.float64), Cc)
+    else:
+        Wt = torch.linalg.lstsq(Sc, Cc, driver="gelsd").solution
+    W = Wt.T.contiguous()
+    return W, mu_t - W @ mu_s
+
+
+def lambda_scale(sums: RidgeSums) -> float:
+    """The unit of the relative ridge strengths: the summed centred variance per source dimension."""
+    _, _, Sc, _ = sums.centred()
+    return max(float(torch.trace(Sc)) / sums.p, 1e-300)
+
+
+# ---------------------------------------------------------------- a fit's partial state (one shard's)
+
+
+@dataclass
+class Partial:
+    """What one pass over (a shard of) the images leaves: training sums, held-out sums and rows, and who
+    made them (`meta`: source, readout, target; must agree between shards)."""
+
+    train: RidgeSums
+    heldout: RidgeSums
+    heldout_names: list[str] = field(default_factory=list)
+    heldout_s: list[Tensor] = field(default_factory=list)  # [p] float64 each
+    heldout_t: list[Tensor] = field(default_factory=list)  # [q] float64 each
+    images: int = 0  # images read (each once, however many augmented views)
+    views: int = 0  # training rows (images x views)
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, p: int, q: int, meta: Optional[dict] = None) -> "Partial":
+        return cls(RidgeSums(p, q), RidgeSums(p, q), meta=dict(meta or {}))
+
+    def add_rows(self, names: Sequence[str], s: Tensor, t: Tensor, fraction: float = HELDOUT_FRACTION) -> None:
+        """Rows of named images (one view each), each to the training or the held-out part by its name."""
+        held = torch.tensor([is_heldout(n, fraction) for n in names], dtype=torch.bool)
+        if held.any():
+            self.add_heldout([n for n, h in zip(names, held.tolist()) if h], s[held], t[held])
+        if (~held).any():
+            self.train.add(s[~held], t[~held])
+            self.views += int((~held).sum())
+        self.images += len(names)
+
+    def add_heldout(self, names: Sequence[str], s: Tensor, t: Tensor) -> None:
+        self.heldout.add(s, t)
+        s, t = s.detach().to("cpu", torch.float64), t.detach().to("cpu", torch.float64)
+        self.heldout_names += list(names)
+        self.heldout_s += list(s)
+        self.heldout_t += list(t)
+
+    def merged(self, other: "Partial") -> "Partial":
+        mine, theirs = _identity(self.meta), _identity(other.meta)
+        if mine != theirs:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise UserError(f"partial sums from different fits do not add (they differ in {', '.join(diff)})")
+        overlap = set(self.heldout_names) & set(other.heldout_names)
+        if overlap:
+            raise UserError(f"the same image in two shards ({sorted(overlap)[0]}): merge each shard once")
+        return Partial(self.train.merged(other.train), self.heldout.merged(other.heldout),
+                       self.heldout_names + other.heldout_names, self.heldout_s + other.heldout_s,
+                       self.heldout_t + other.heldout_t, self.images + other.images, self.views + other.views,
+                       dict(self.meta))
+
+    def save(self, path: Path) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {**self.train.tensors("train"), **self.heldout.tensors("heldout")}
+        p, q = self.train.p, self.train.q
+        tensors["heldout.rows_s"] = torch.stack(self.heldout_s) if self.heldout_s else torch.zeros(0, p, dtype=torch.float64)
+        tensors["heldout.rows_t"] = torch.stack(self.heldout_t) if self.heldout_t else torch.zeros(0, q, dtype=torch.float64)
+        info = dict(self.meta, heldout_names=self.heldout_names, images=self.images, views=self.views)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"dsl_partial": json.dumps(info)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "Partial":
+        tensors, info = _read_safetensors(Path(path), "dsl_partial", "partial sums of `dsl adapter fit`")
+        names = info.pop("heldout_names")
+        images, views = info.pop("images"), info.pop("views")
+        return cls(RidgeSums.from_tensors(tensors, "train"), RidgeSums.from_tensors(tensors, "heldout"), names,
+                   list(tensors["heldout.rows_s"]), list(tensors["heldout.rows_t"]), images, views, info)
+
+
+def _identity(meta: dict) -> dict:
+    return {k: meta.get(k) for k in ("source", "readout", "target", "augment", "heldout_fraction")}
+
+
+def _read_safetensors(path: Path, key: str, what: str) -> tuple[dict[str, Tensor], dict]:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (expected {what})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            info = json.loads((f.metadata() or {})[key])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not {what} ({type(err).__name__})") from None
+    return tensors, info
+
+
+# ---------------------------------------------------------------- fitting and metrics
+
+
+def heldout_metrics(pred: Tensor, target: Tensor) -> dict:
+    """pred, target [N, q] -> cosine (mean, 5th percentile), R^2 (pooled over dimensions, about the held-out
+    mean), top-1 and top-5 retrieval (each prediction's most cosine-similar targets among the N)."""
+    pred, target = pred.to(torch.float64), target.to(torch.float64)
+    n = len(pred)
+    if n == 0:
+        return {"heldout_images": 0}
+    cos = torch.nn.functional.cosine_similarity(pred, target, dim=-1)
+    total = ((target - target.mean(0)) ** 2).sum()
+    r2 = 1 - float(((target - pred) ** 2).sum() / total) if total > 0 else math.nan
+    sims = torch.nn.functional.normalize(pred, dim=-1) @ torch.nn.functional.normalize(target, dim=-1).T
+    own = sims.diagonal().unsqueeze(1)
+    place = (sims > own).sum(1)  # how many targets beat the image's own
+    return {
+        "heldout_images": n,
+        "cosine_mean": float(cos.mean()),
+        "cosine_p5": float(torch.quantile(cos, 0.05)),
+        "r2": r2,
+        "top1": float((place < 1).double().mean()),
+        "top5": float((place < 5).double().mean()),
+        "retrieval_pool": n,
+    }
+
+
+def fit(partial: Partial, relative_lambdas: Sequence[float] = RELATIVE_LAMBDAS) -> "Adapter":
+    """The adapter with the ridge strength whose held-out squared error is least (from the held-out sums);
+    without held-out images, the smallest positive strength tried. Metrics on the held-out rows."""
+    train = partial.train
+    if train.n < 2:
+        raise UserError(f"{train.n} training image(s): an adapter needs at least 2 (give more images)")
+    scale = lambda_scale(train)
+    tried = []
+    for rel in relative_lambdas:
+        W, b = ridge(train, rel * scale)
+        if not (torch.isfinite(W).all() and torch.isfinite(b).all()):
+            continue
+        err = partial.heldout.squared_error(W, b) if partial.heldout.n else math.nan
+        tried.append((rel, err, W, b))
+    if not tried:
+        raise UserError("the ridge regression gave no finite solution (are the readouts finite?)")
+    if partial.heldout.n:
+        rel, _, W, b = min(tried, key=lambda x: (x[1], -x[0]))
+    else:
+        rel, _, W, b = next((x for x in tried if x[0] > 0), tried[0])
+    metrics = {}
+    if partial.heldout_s:
+        S, T = torch.stack(partial.heldout_s), torch.stack(partial.heldout_t)
+        metrics = heldout_metrics(S @ W.T + b, T)
+    meta = dict(partial.meta, format=FORMAT, relative_lambda=rel, **{"lambda": rel * scale},
+                images=partial.images, train_rows=train.n, heldout_images=partial.heldout.n, metrics=metrics,
+                lambdas_tried={f"{r:g}": e for r, e, _, _ in tried})
+    return Adapter(W.float(), b.float(), meta)
+
+
+# ---------------------------------------------------------------- the adapter
+
+
+@dataclass
+class Adapter:
+    """t = W s + b: W [q, p], b [q]; `negative` [q] the target encoder's own unconditional embedding (what
+    the decoder's prior would give it), when known; `meta` who it maps from and to, and how well."""
+
+    W: Tensor
+    b: Tensor
+    meta: dict = field(default_factory=dict)
+    negative: Optional[Tensor] = None
+
+    @property
+    def p(self) -> int:
+        return self.W.shape[1]
+
+    @property
+    def q(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def readout(self) -> Readout:
+        r = self.meta.get("readout") or {}
+        return Readout(r.get("kind", "embed"), r.get("layer"))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """[..., p] -> [..., q] in x's dtype and device."""
+        W, b = self.W.to(x.device, x.dtype), self.b.to(x.device, x.dtype)
+        return x @ W.T + b
+
+    def save(self, folder: Path) -> Path:
+        """`adapter.safetensors` (W, b, negative, the metadata inside) and `adapter.json` beside it."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"W": self.W.float().contiguous(), "b": self.b.float().contiguous()}
+        if self.negative is not None:
+            tensors["negative"] = self.negative.float().reshape(-1).contiguous()
+        path = folder / ADAPTER_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata={"dsl_adapter": json.dumps(self.meta)})
+        tmp.replace(path)
+        (folder / ADAPTER_JSON).write_text(json.dumps(self.meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: "str | Path") -> "Adapter":
+        """From `adapter.safetensors` or the folder holding it."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            path = path / ADAPTER_FILE
+        tensors, meta = _read_safetensors(path, "dsl_adapter", "an adapter written by `dsl adapter fit`")
+        if "W" not in tensors or "b" not in tensors or tensors["W"].shape[0] != tensors["b"].shape[0]:
+            raise UserError(f"{path}: not an adapter (W [q, p] and b [q] expected)")
+        return cls(tensors["W"], tensors["b"], meta, tensors.get("negative"))
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or "adapter")
+
+    def describe(self) -> str:
+        """One line: `adapter tiny encoder (embedding) -> kandinsky22 (tiny), held-out cosine 0.93`."""
+        cos = (self.meta.get("metrics") or {}).get("cosine_mean")
+        text = f"adapter {self.meta.get('source_label', '?')} ({self.readout.label}) -> {self.meta.get('target_label', '?')}"
+        return text + (f", held-out cosine {cos:.3f}" if cos is not None else "")
+
+
+class AdaptedEncoder:
+    """A `HookedEncoder` whose every embedding goes through an adapter: steer, diffusion_lens, direct,
+    readout, embed, steer_hooked and the cache's `embeds` give target-space embeddings [.., q]; what is not
+    an embedding (the cache's residuals and writes, shapes, devices, hooks) is the source encoder's.
+
+    Embedding readout: lens(x) = W R(x) + b, so the closed form stays one norm and two matmuls and equals
+    the hooked path through the adapter. Residual readout (after block l): lens(x) = W x + b, applied to
+    the residual the lens reads (the steered final residual x_L + delta, a block's residual), as a tuned
+    lens would be."""
+
+    def __init__(self, encoder, adapter: Adapter):
+        self.__dict__.update(base=encoder, adapter=adapter, adapter_readout=adapter.readout)
+        adapter.readout.check(encoder)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["base"], name)
+
+    @property
+    def d_embed(self) -> int:
+        return self.adapter.q
+
+    def _map(self, x: Tensor) -> Tensor:
+        return self.adapter(x)
+
+    def readout(self, v: Tensor) -> Tensor:
+        if self.adapter_readout.kind == "embed":
+            return self._map(self.base.readout(v))
+        return self._map(v.to(self.base.device, self.base.dtype))
+
+    def run_with_cache(self, pixels: Tensor):
+        cache = self.base.run_with_cache(pixels)
+        return dataclasses.replace(cache, embeds=self._map(self.adapter_readout.of_cache(cache)))
+
+    def embed(self, pixels: Tensor) -> Tensor:
+        return self._map(self.adapter_readout.read(self.base, pixels.to(self.base.device, self.base.dtype)))
+
+    def zero_embed(self) -> Tensor:
+        if self.adapter.negative is not None:
+            return self.adapter.negative.reshape(1, -1).to(self.base.device, self.base.dtype)
+        side = self.base.image_size
+        return self.embed(torch.zeros(1, 3, side, side))
+
+    def steer(self, cache, components, mode: str = "norm", alpha: float = 2.0) -> Tensor:
+        if self.adapter_readout.kind == "embed":
+            return self._map(self.base.steer(cache, components, mode=mode, alpha=alpha))
+        from dsl_cli.encoder import steering_delta
+
+        parsed = [self.base._parse(c, steerable=True) for c in components]
+        writes = self.base.component_writes(cache, parsed)
+        final = cache.resid[:, -1:]
+        return self._map(final + steering_delta(writes, final, mode, alpha))
+
+    def steer_hooked(self, pixels: Tensor, component, mode: str = "norm", alpha: float = 2.0,
+                     patch: bool = True) -> Tensor:
+        if self.adapter_readout.kind != "embed":
+            raise UserError("lens.verify: the hooked reference reads the embedding; an adapter of the residual "
+                            "stream has no hooked path (lens.verify=false)")
+        return self._map(self.base.steer_hooked(pixels, component, mode=mode, alpha=alpha, patch=patch))
+
+    def diffusion_lens(self, cache, layers, mid: bool = False) -> Tensor:
+        if self.adapter_readout.kind == "embed":
+            return self._map(self.base.diffusion_lens(cache, layers, mid=mid))
+        picked = [self.base._parse(f"L{l}" if isinstance(l, int) else l) for l in layers]
+        if mid:
+            return self._map(cache.resid_mid[:, [c.layer for c in picked]])
+        return self._map(cache.resid[:, [c.layer + 1 for c in picked]])
+
+    def direct(self, cache, components) -> Tensor:
+        if self.adapter_readout.kind == "embed":
+            return self._map(self.base.direct(cache, components))
+        return self._map(self.base.component_writes(cache, components))
+
+
+# ---------------------------------------------------------------- streaming a folder through two encoders
+
+
+def views(picture, count: int, seed: str) -> list:
+    """The picture itself, then `count` augmented views of it: a random crop (60 to 100 % of each side) and a
+    horizontal flip half the time, drawn from a generator seeded by `seed` (the image's name)."""
+    from PIL import ImageOps
+
+    out = [picture]
+    rng = random.Random(hashlib.sha256(seed.encode()).hexdigest())
+    w, h = picture.size
+    for _ in range(count):
+        fw, fh = rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)
+        cw, ch = max(1, round(w * fw)), max(1, round(h * fh))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        view = picture.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            view = ImageOps.mirror(view)
+        out.append(view)
+    return out
+
+
+def accumulate(partial: Partial, items: Iterable[tuple[str, Any]], source, source_pre, target, target_pre,
+               readout: Readout, augment: int = 0, batch_size: int = 16,
+               fraction: float = HELDOUT_FRACTION) -> Partial:
+    """Stream (name, PIL picture) pairs through both encoders into `partial`, `batch_size` rows per pass: a
+    training image adds itself and `augment` augmented views to the training sums; a held-out image adds
+    itself (unaugmented) to the held-out sums and rows. Pictures are released batch by batch."""
+    rows: dict[bool, list] = {True: [], False: []}
+
+    def flush(held: bool) -> None:
+        batch = rows[held]
+        if not batch:
+            return
+        names = [n for n, _, _ in batch]
+        s = readout.read(source, torch.stack([a for _, a, _ in batch])).float().cpu()
+        t = target.embed(torch.stack([b for _, _, b in batch])).float().cpu()
+        if not (torch.isfinite(s).all() and torch.isfinite(t).all()):
+            raise UserError(f"{names[0]}: an embedding is not finite (NaN or inf); use encoder.dtype=fp32")
+        if held:
+            partial.add_heldout(names, s, t)
+        else:
+            partial.train.add(s, t)
+            partial.views += len(batch)
+        batch.clear()
+
+    for name, picture in items:
+        held = is_heldout(name, fraction)
+        partial.images += 1
+        for view in ([picture] if held else views(picture, augment, name)):
+            rows[held].append((name, source_pre(view), target_pre(view)))
+        for flag in (True, False):
+            if len(rows[flag]) >= batch_size:
+                flush(flag)
+    flush(True)
+    flush(False)
+    return partial

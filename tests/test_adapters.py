@@ -1,0 +1,176 @@
+"""Fitted embedding adapters (issue 34): streaming ridge regression, its shards, the CLI and runs through it.
+
+Shapes are asymmetric on purpose (p != q != number of images), so a transposed W or a sum over the wrong
+axis cannot pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from open_clip.transformer import VisionTransformer
+
+from dsl_cli.adapters import (Adapter, AdaptedEncoder, Partial, Readout, RidgeSums, fit, heldout_metrics,
+                              is_heldout, ridge)
+from dsl_cli.encoder import HookedEncoder, build_tiny_visual
+
+N_IMAGES = 300
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matmuls on a shared 2-core machine: one thread is 10 to 40 times faster than two fighting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _pixels(n: int, seed: int = 0, side: int = 64) -> torch.Tensor:
+    return torch.randn(n, 3, side, side, generator=torch.Generator().manual_seed(seed))
+
+
+def _names(n: int, prefix: str = "img") -> list[str]:
+    return [f"{prefix}{i:05d}" for i in range(n)]
+
+
+def _other_visual(width: int = 48, output_dim: int = 40, layers: int = 3, seed: int = 5) -> VisionTransformer:
+    """A tiny open_clip ViT of another width than `build_tiny_visual`'s (64) and embedding (32)."""
+    torch.manual_seed(seed)
+    return VisionTransformer(image_size=64, patch_size=16, width=width, layers=layers, heads=4, mlp_ratio=2.0,
+                             output_dim=output_dim).eval()
+
+
+def _partial(names, s, t, batch: int = 37) -> Partial:
+    partial = Partial.empty(s.shape[1], t.shape[1], meta={"source": "s", "target": "t"})
+    for start in range(0, len(names), batch):  # batches of an odd size: the sums must not depend on them
+        partial.add_rows(names[start:start + batch], s[start:start + batch], t[start:start + batch])
+    return partial
+
+
+def _readouts(encoder: HookedEncoder, readout: Readout, n: int = N_IMAGES, seed: int = 0) -> torch.Tensor:
+    return torch.cat([readout.read(encoder, chunk) for chunk in _pixels(n, seed).split(64)]).double()
+
+
+# ---------------------------------------------------------------- the split
+
+
+def test_heldout_split_is_a_hash_of_the_name_alone():
+    names = _names(5000)
+    held = [is_heldout(n) for n in names]
+    assert 0.08 < sum(held) / len(names) < 0.12
+    assert held == [is_heldout(n) for n in names]  # deterministic
+    assert is_heldout("a") == is_heldout("a") and not all(held)
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def test_recovers_a_known_linear_map_of_a_residual_readout():
+    """p = 64 (the tiny ViT's residual after block 2), q = 24, 300 images: W and b recovered exactly."""
+    encoder = HookedEncoder(build_tiny_visual())
+    readout = Readout("resid", 2)
+    s = _readouts(encoder, readout)
+    g = torch.Generator().manual_seed(7)
+    A, c = torch.randn(24, 64, generator=g, dtype=torch.float64), torch.randn(24, generator=g, dtype=torch.float64)
+    t = s @ A.T + c
+    adapter = fit(_partial(_names(len(s)), s, t))
+    assert adapter.W.shape == (24, 64) and adapter.b.shape == (24,)
+    assert ((adapter.W.double() - A).norm() / A.norm()) <= 1e-3
+    assert ((adapter.b.double() - c).norm() / c.norm()) <= 1e-3
+    metrics = adapter.meta["metrics"]
+    assert metrics["r2"] > 0.999999 and metrics["cosine_mean"] > 0.999999 and metrics["top1"] == 1.0
+
+
+def test_heldout_r2_with_noise_is_at_the_noise_bound():
+    """Target = A s + c + noise: the best any map can do on held-out images is R^2 = 1 - noise / total
+    variance; the fit reaches it (within sampling error) and not beyond."""
+    encoder = HookedEncoder(_other_visual())
+    s = _readouts(encoder, Readout("embed"), n=1200)  # p = 40
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    clean = s @ A.T + 1.0
+    sigma = 0.5 * clean.std(0).mean()
+    t = clean + sigma * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    adapter = fit(_partial(_names(len(s)), s, t))
+    held = torch.tensor([is_heldout(n) for n in _names(len(s))])
+    total = ((clean[held] - t[held].mean(0)) ** 2).sum() + (t[held] - clean[held]).pow(2).sum()
+    bound = 1 - float((t[held] - clean[held]).pow(2).sum() / total)
+    r2 = adapter.meta["metrics"]["r2"]
+    assert abs(r2 - bound) < 0.03, (r2, bound)
+    assert 0.5 < bound < 0.95
+
+
+def test_source_equal_to_target_gives_the_identity():
+    encoder = HookedEncoder(build_tiny_visual())
+    s = _readouts(encoder, Readout("embed"))
+    adapter = fit(_partial(_names(len(s)), s, s.clone()))
+    assert (adapter.W.double() - torch.eye(32)).abs().max() < 1e-4
+    assert adapter.b.abs().max() < 1e-4
+
+
+def test_ridge_matches_the_normal_equations():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(90, 13, generator=g, dtype=torch.float64), torch.randn(90, 7, generator=g, dtype=torch.float64)
+    sums = RidgeSums(13, 7)
+    sums.add(s, t)
+    W, b = ridge(sums, 2.5)
+    sc, tc = s - s.mean(0), t - t.mean(0)
+    expected = torch.linalg.solve(sc.T @ sc + 2.5 * torch.eye(13, dtype=torch.float64), sc.T @ tc).T
+    assert torch.allclose(W, expected, atol=1e-10)
+    assert torch.allclose(b, t.mean(0) - expected @ s.mean(0), atol=1e-10)
+    assert abs(sums.squared_error(W, b) - float(((t - s @ W.T - b) ** 2).sum())) < 1e-8
+
+
+def test_metrics_count_retrieval_among_heldout_targets():
+    target = torch.eye(6, dtype=torch.float64)[:, :5].clone()
+    target[5] = torch.tensor([1.0, 1, 0, 0, 0])
+    pred = target.clone()
+    pred[0], pred[1] = target[1], target[0]  # two predictions swapped: top-1 4/6, both still in the top 5
+    m = heldout_metrics(pred, target)
+    assert m["top1"] == 4 / 6 and m["top5"] == 1.0 and m["heldout_images"] == 6
+
+
+# ---------------------------------------------------------------- shards
+
+
+def test_sharded_fits_merged_equal_a_single_fit(tmp_path):
+    encoder = HookedEncoder(build_tiny_visual())
+    s = _readouts(encoder, Readout("resid", 1))  # p = 64
+    g = torch.Generator().manual_seed(3)
+    t = torch.tanh(s @ torch.randn(64, 24, generator=g, dtype=torch.float64) / 8)  # q = 24, not linear
+    names = _names(len(s))
+    whole = fit(_partial(names, s, t))
+    paths = []
+    for k in range(3):  # every third image, saved and loaded as `dsl adapter fit images.shard=k` does
+        pick = list(range(k, len(s), 3))
+        paths.append(_partial([names[i] for i in pick], s[pick], t[pick]).save(tmp_path / f"shard{k}.safetensors"))
+    merged = Partial.load(paths[0])
+    for path in paths[1:]:
+        merged = merged.merged(Partial.load(path))
+    sharded = fit(merged)
+    assert torch.allclose(sharded.W, whole.W, atol=1e-6) and torch.allclose(sharded.b, whole.b, atol=1e-6)
+    assert sharded.meta["lambda"] == whole.meta["lambda"]
+    for key, value in whole.meta["metrics"].items():
+        assert abs(sharded.meta["metrics"][key] - value) <= 1e-6, key
+
+
+def test_partials_of_different_fits_do_not_merge():
+    a = Partial.empty(4, 3, meta={"source": "a", "target": "t"})
+    b = Partial.empty(4, 3, meta={"source": "b", "target": "t"})
+    try:
+        a.merged(b)
+    except Exception as err:  # noqa: BLE001
+        assert "differ in source" in str(err)
+    else:
+        raise AssertionError("merged")
+
+
+def test_adapter_round_trips_through_its_file(tmp_path):
+    adapter = Adapter(torch.randn(5, 7), torch.randn(5), {"readout": {"kind": "resid", "layer": 1}, "x": [1, 2]},
+                      torch.randn(5))
+    adapter.save(tmp_path)
+    again = Adapter.load(tmp_path)
+    assert torch.equal(again.W, adapter.W) and torch.equal(again.b, adapter.b)
+    assert torch.equal(again.negative, adapter.negative) and again.meta == adapter.meta
+    assert again.readout == Readout("resid", 1)
+    assert (tmp_path / "adapter.json").is_file()
