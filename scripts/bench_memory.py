@@ -183,8 +183,19 @@ def main() -> None:
     unknown = [n for n in names if n not in CASES]
     if unknown:
         parser.error(f"unknown cases {unknown}: choose from {', '.join(CASES)}")
-    folder = args.folder or Path(tempfile.mkdtemp(prefix="bench_memory."))
-    folder.mkdir(parents=True, exist_ok=True)
+    import torch  # here, not at the top: --help answers without it
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here (no GPU, or a CPU build of torch); use --device cpu")
+    if args.folder is not None:
+        args.folder.mkdir(parents=True, exist_ok=True)
+        return measure_all(args, names, args.folder)
+    with tempfile.TemporaryDirectory(prefix="bench_memory.") as folder:  # removed at the end, whatever happens
+        return measure_all(args, names, Path(folder))
+
+
+def measure_all(args: argparse.Namespace, names: list[str], folder: Path) -> None:
+    """Measure the cases `names`, with `folder` for the runs, logs and classifier cache; print the table."""
     earlier = json.loads(args.json.read_text()) if args.json.is_file() else []
     results = {key(r): r for r in earlier}
     for name in names:

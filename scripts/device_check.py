@@ -340,8 +340,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("device_check: no NVIDIA GPU here (no nvidia-smi); use --dry-run for the CPU check", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    work = args.work or Path(tempfile.mkdtemp(prefix="dsl-device-check-"))
-    work.mkdir(parents=True, exist_ok=True)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        return check_in(args, args.work, only)
+    with tempfile.TemporaryDirectory(prefix="dsl-device-check-") as work:  # removed at the end, whatever happens
+        return check_in(args, Path(work), only)
+
+
+def check_in(args: argparse.Namespace, work: Path, only: Optional[set[str]]) -> int:
+    """The device check's steps, with `work` for the runs and the benchmarks' JSON files."""
     check = Check(out=args.out, work=work, dry=args.dry_run, budget=args.budget, log=args.out / "device_check.log",
                   tests=args.tests)
     check.log.write_text("")

@@ -162,3 +162,33 @@ def test_a_sweeps_own_lines_name_who_says_them_and_a_library_warning_comes_once(
     assert logging_cfg.formatters.simple["()"] == "dsl_cli.logs.SourceFormatter"
     assert logging_cfg.filters.own["()"] == "dsl_cli.logs.SweepTerminalFilter"
     assert list(logging_cfg.handlers.console.filters) == ["own"]
+
+
+def test_the_scripts_leave_no_folder_behind_and_refuse_cuda_without_it(tmp_path: Path, monkeypatch) -> None:
+    """`scripts/device_check.sh --dry-run OUT` works in a temporary folder it removes at the end; bench_memory.py
+    --device cuda on a machine without CUDA is one usage line and status 2, not a CPU measurement labelled cuda."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(repo / "scripts"))
+    import device_check
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(device_check.tempfile, "tempdir", None)  # TMPDIR is read again
+    works = []
+    monkeypatch.setattr(device_check, "run_steps", lambda check, only: works.append(check.work) or
+                        (check.work / "bench.json").write_text("{}"))
+    monkeypatch.setattr(device_check, "markdown", lambda data: "")
+    assert device_check.main(["--dry-run", str(tmp_path / "out")]) == 0
+    assert len(works) == 1 and works[0].parent == tmp_path / "tmp"
+    assert not list((tmp_path / "tmp").iterdir()), "the working folder was left behind"
+
+    import torch
+
+    if not torch.cuda.is_available():
+        result = subprocess.run([sys.executable, str(repo / "scripts" / "bench_memory.py"), "--device", "cuda",
+                                 "--json", str(tmp_path / "m.json")], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "CUDA is not available" in result.stderr
+        assert not (tmp_path / "m.json").exists()
