@@ -14,12 +14,13 @@ Each command imports what it needs when it runs, not at the top: `dsl --help` an
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from dsl_cli import __version__
-from dsl_cli.errors import UserError, bug_message, report
+from dsl_cli.errors import Interrupted, UserError, bug_message, report
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
@@ -45,6 +46,9 @@ usage:
                              folder, or of every one below a folder; they open from file://
   dsl check [OVERRIDES...]   compare each pretrained model a run with these overrides would use, as
                              dsl loads it, with the upstream library's own (README: Check your weights)
+  dsl adapter fit [OVERRIDES...]  fit a linear adapter from any encoder to a decoder's embedding space
+                             (images.path=FOLDER); `dsl run adapter=FOLDER` decodes through it
+  dsl adapter merge FOLDER   add the partial sums of a sharded fit and fit (dsl adapter --help)
   dsl --version
 """
 
@@ -75,6 +79,9 @@ def _fail(message: "str | UserError") -> int:
 _VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                 "--config-dir", "-cd", "--experimental-rerun"}
 _INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+# Hydra's modes: one at a time (Hydra's own refusal is a traceback).
+_MODES = {"--multirun": "--multirun", "-m": "--multirun", "--cfg": "--cfg", "-c": "--cfg", "--info": "--info",
+          "-i": "--info", "--shell-completion": "--shell-completion", "-sc": "--shell-completion"}
 # Flags after which the composed config is not dsl's own (another config) or nothing runs (help): no check.
 _OWN_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--help", "-h",
                      "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--experimental-rerun"}
@@ -102,7 +109,7 @@ def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
 # Overrides whose values are paths. `~` is expanded, as a shell does in `VAR=~/x` (but not in `a.b=~/x`), and a
 # value that Hydra's override grammar refuses unquoted (a space, parentheses, `~` inside) is passed quoted.
 PATH_KEYS = {"images.path", "encoder.checkpoint", "encoder.text_pretrained", "decoder.path", "resume",
-             "hydra.run.dir", "hydra.sweep.dir"}
+             "hydra.run.dir", "hydra.sweep.dir", "adapter", "adapter.out"}
 
 
 def _path_override(arg: str) -> str:
@@ -142,6 +149,10 @@ def _run(args: list[str]) -> int:
     except UserError as err:
         return _fail(err)
     flags, overrides = _split_flags([_path_override(arg) for arg in [*args, *extra]])
+    modes = {_MODES[f.split("=")[0]] for f in flags if f.split("=")[0] in _MODES}
+    if len(modes) > 1:
+        return _fail(f"{' and '.join(sorted(modes))} do not go together: --cfg job prints the config of one run "
+                     "(give one value of each setting), --multirun runs a sweep")
     if not set(flags) & _OWN_CONFIG_FLAGS:
         try:
             check_overrides(overrides)  # Hydra's own refusal would be several lines and exit status 1
@@ -234,11 +245,37 @@ def _merge(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
     try:
         return _dispatch(sys.argv[1:] if argv is None else list(argv))
     except BrokenPipeError:  # `dsl run --help | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt as err:  # a signal outside a run's job (which records its own): one line
+        return _interrupted(err)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum: int, frame) -> None:
+    """From main's first instruction on, SIGTERM and SIGHUP stop dsl as Ctrl-C does (`Interrupted`)."""
+    raise Interrupted(signum)
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """Release what this process holds (its locks), say so in one line, and give the signal's status."""
+    for signum in STOP_SIGNALS:  # a second signal while the locks are released is not another traceback
+        signal.signal(signum, signal.SIG_IGN)
+    if "dsl_cli.outputs" in sys.modules:
+        sys.modules["dsl_cli.outputs"].release_all()
+    name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"
+    print(f"\ndsl: interrupted ({name}); every file is whole: run the command again (a run or sweep that had "
+          "started: `dsl run resume=FOLDER`)", file=sys.stderr)
+    return err.exit_status if isinstance(err, Interrupted) else 130
 
 
 def _dispatch(args: list[str]) -> int:
@@ -260,6 +297,10 @@ def _dispatch(args: list[str]) -> int:
         from dsl_cli.check import main as check
 
         return check(args[1:])
+    if args[0] == "adapter":
+        from dsl_cli.adapter_cli import main as adapter
+
+        return adapter(args[1:])
     return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER`, `dsl merge SWEEP_DIR` or "
                  "`dsl report FOLDER` (see dsl --help)")
 

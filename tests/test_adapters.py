@@ -174,3 +174,102 @@ def test_adapter_round_trips_through_its_file(tmp_path):
     assert torch.equal(again.negative, adapter.negative) and again.meta == adapter.meta
     assert again.readout == Readout("resid", 1)
     assert (tmp_path / "adapter.json").is_file()
+
+
+# ---------------------------------------------------------------- `dsl adapter fit` / `merge`
+
+
+def _image_folder(folder, n: int = 48):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):  # smooth random pictures of a few sizes: the encoders see varied, natural-ish inputs
+        small = (rng.random((6, 5, 3)) * 255).astype("uint8")
+        Image.fromarray(small).resize((70 + i % 3 * 9, 64 + i % 2 * 11), Image.BICUBIC).save(folder / f"p{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return _image_folder(tmp_path_factory.mktemp("photos"))
+
+
+@pytest.fixture(scope="module")
+def resid_adapter(photos, tmp_path_factory):
+    """`dsl adapter fit debug=tiny` of the tiny encoder's residual after block 3 (p = 64) to the tiny
+    Kandinsky 2.2 decoder's space (q = 32), one decoded example."""
+    from dsl_cli import cli
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("adapter") / "fitted"
+    code = cli.main(["adapter", "fit", "debug=tiny", f"images.path={photos}", "adapter.readout=resid",
+                     "adapter.layer=3", "adapter.augment=1", "adapter.examples=1", f"adapter.out={out}"])
+    torch.set_num_threads(before)
+    assert code == 0
+    return out
+
+
+def test_fit_command_writes_adapter_metrics_and_page(resid_adapter):
+    adapter = Adapter.load(resid_adapter)
+    assert adapter.W.shape == (32, 64) and adapter.readout == Readout("resid", 3)
+    meta = adapter.meta
+    assert meta["images"] == 48 and meta["train_rows"] == 2 * (48 - meta["heldout_images"])  # 1 view + itself
+    assert meta["source"]["source"] == "tiny" and meta["target"]["family"] == "kandinsky22"
+    assert set(meta["metrics"]) >= {"cosine_mean", "cosine_p5", "r2", "top1", "top5"}
+    assert adapter.negative is not None and adapter.negative.shape == (32,)
+    page = (resid_adapter / "index.html").read_text()
+    assert "top-5 retrieval" in page and "examples/" in page
+    assert len(list((resid_adapter / "examples").glob("*.png"))) == 3
+
+
+def test_fit_command_sharded_then_merged_equals_one_fit(photos, tmp_path, monkeypatch, capsys):
+    from helpers import dsl_in_process
+
+    common = ["adapter", "fit", "debug=tiny", f"images.path={photos}", "adapter.examples=0"]
+    code, err = dsl_in_process([*common, f"adapter.out={tmp_path / 'one'}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    for k in range(3):
+        code, err = dsl_in_process([*common, f"adapter.out={tmp_path / 'sharded'}", "images.num_shards=3",
+                                    f"images.shard={k}"], tmp_path, monkeypatch, capsys)
+        assert code == 0, err
+        assert not (tmp_path / "sharded" / "adapter.safetensors").exists()
+    code, err = dsl_in_process(["adapter", "merge", str(tmp_path / "sharded")], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    one, sharded = Adapter.load(tmp_path / "one"), Adapter.load(tmp_path / "sharded")
+    assert torch.allclose(one.W, sharded.W, atol=1e-6) and torch.allclose(one.b, sharded.b, atol=1e-6)
+    assert torch.equal(one.negative, sharded.negative)
+    assert one.meta["images"] == sharded.meta["images"] == 48
+
+
+def test_merge_refuses_a_missing_shard(photos, tmp_path, monkeypatch, capsys):
+    from helpers import dsl_in_process
+
+    code, _ = dsl_in_process(["adapter", "fit", "debug=tiny", f"images.path={photos}", "images.num_shards=2",
+                              "images.shard=1", f"adapter.out={tmp_path}"], tmp_path, monkeypatch, capsys)
+    assert code == 0
+    code, err = dsl_in_process(["adapter", "merge", str(tmp_path)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "shard(s) 0 of 2 not there yet" in err and len(err.strip().splitlines()) == 1
+
+
+def test_adapter_help_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from dsl_cli.cli import main; assert main(['adapter', '--help']) == 0; "
+            "assert main(['adapter', 'fit', '--help']) == 0; assert 'torch' not in sys.modules, 'torch'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "adapter.readout=embed|resid" in out.stdout
+
+
+def test_fit_options_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from helpers import dsl_in_process
+
+    for arg, words in (("adapter.redout=resid", "no such setting"), ("adapter.readout=mean", "choose one of"),
+                       ("adapter.layer=x", "takes a number")):
+        code, err = dsl_in_process(["adapter", "fit", "debug=tiny", arg, "adapter.layer=9"][:4], tmp_path,
+                                   monkeypatch, capsys)
+        assert code == 2 and words in err, (arg, err)

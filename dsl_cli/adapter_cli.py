@@ -1,0 +1,329 @@
+"""`dsl adapter fit` and `dsl adapter merge` (issue 34): fit a linear adapter from any encoder's readout to a
+decoder's embedding space, from a folder of images streamed once (`dsl_cli.adapters` does the math).
+
+Light at import: Hydra, torch and the models are imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from dsl_cli.errors import UserError
+
+USAGE = """usage: dsl adapter fit [OVERRIDES...]     fit an adapter (the same overrides as `dsl run`, plus adapter.*)
+       dsl adapter merge FOLDER            add the shards' partial sums in FOLDER/shards and fit
+
+Fit W, b so that W s + b approximates the decoder's own image embedding t of the same image, where s is the
+source encoder's readout, by ridge regression from running sums (one pass over the images, memory that does
+not grow with their number). Examples:
+  dsl adapter fit encoder=vitl14 decoder=kandinsky22 images.path=~/photos
+  dsl adapter fit debug=tiny images.path=~/photos adapter.readout=resid adapter.layer=2 adapter.augment=2
+  dsl adapter fit ... images.num_shards=4 images.shard=0   (one shard's sums; then dsl adapter merge FOLDER)
+Then decode any lens through it:  dsl run encoder=vitl14 decoder=kandinsky22 adapter=FOLDER lens=steering
+
+adapter.* settings:
+  adapter.readout=embed|resid    map the source's image embedding (default) or its residual stream
+  adapter.layer=N                with resid: the residual after block N
+  adapter.augment=N              N random crops/flips of each training image besides itself (default 0)
+  adapter.heldout=F              share of the images held out by name hash, for lambda and metrics (0.1)
+  adapter.examples=K             held-out images decoded on the page, target vs adapter (default 4; 0: none)
+  adapter.target=PRESET          the encoder config of the target space (default: the decoder family's own,
+                                 the tiny encoder for a tiny decoder)
+  adapter.out=FOLDER             where it goes (default OUTPUTS_ROOT/adapters/SOURCE-READOUT-to-FAMILY)
+  adapter.name=TEXT              its name on the page and in run manifests
+
+Writes FOLDER/adapter.safetensors (W [q,p], b [q], the target's unconditional embedding, metadata inside),
+adapter.json (metadata and held-out metrics) and index.html (metrics; decoded examples).
+"""
+
+
+@dataclass
+class FitOptions:
+    readout: str = "embed"
+    layer: Optional[int] = None
+    augment: int = 0
+    heldout: float = 0.1
+    examples: int = 4
+    target: Optional[str] = None
+    out: Optional[str] = None
+    name: Optional[str] = None
+
+
+_INTS = {"layer", "augment", "examples"}
+
+
+def parse_options(args: list[str]) -> tuple[FitOptions, list[str]]:
+    """(adapter.* settings, the remaining overrides for the run config)."""
+    options, rest = FitOptions(), []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not key.startswith("adapter."):
+            rest.append(arg)
+            continue
+        name = key[len("adapter."):]
+        if not sep or name not in FitOptions.__dataclass_fields__:
+            raise UserError(f"{arg}: no such setting; adapter.* settings are "
+                            + ", ".join(f"adapter.{k}" for k in FitOptions.__dataclass_fields__))
+        try:
+            if value in ("null", "None"):
+                parsed = None
+            elif name in _INTS:
+                parsed = int(value)
+            elif name == "heldout":
+                parsed = float(value)
+            else:
+                parsed = value
+        except ValueError:
+            raise UserError(f"{arg}: adapter.{name} takes a number") from None
+        setattr(options, name, parsed)
+    if options.augment < 0 or options.examples < 0:
+        raise UserError("adapter.augment and adapter.examples must be at least 0")
+    if not 0 < options.heldout < 1:
+        raise UserError(f"adapter.heldout={options.heldout}: must be between 0 and 1 (e.g. 0.1)")
+    if "adapter" in {a.partition("=")[0] for a in rest}:
+        raise UserError("adapter=PATH decodes a run through an adapter (dsl run); `dsl adapter fit` writes one "
+                        "(adapter.out=FOLDER)")
+    return options, rest
+
+
+def compose(overrides: list[str], config_name: str = "run"):
+    """The config `dsl run` would compose from these overrides (its schema checks them): one line on error."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dsl_cli.config import _one_line, register_configs
+
+    register_configs()
+    try:
+        with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise UserError(_one_line(err)) from None
+
+
+# ---------------------------------------------------------------- who the adapter maps from and to
+
+
+def encoder_identity(cfg) -> dict:
+    """What makes two encoder configs give the same readouts (not their dtype or batch size)."""
+    keys = ("source", "name", "pretrained", "checkpoint")
+    ident = {k: (None if getattr(cfg, k, None) is None else str(getattr(cfg, k))) for k in keys}
+    if ident["source"] == "kandinsky_prior":
+        ident.update(repo_id=str(cfg.repo_id), subfolder=str(cfg.subfolder))
+    return ident
+
+
+def encoder_label(ident: dict) -> str:
+    if ident.get("source") == "tiny":
+        return "tiny encoder"
+    weights = "local weights" if ident.get("checkpoint") else ident.get("pretrained") or "random weights"
+    if ident.get("source") == "kandinsky_prior" and not ident.get("checkpoint"):
+        weights = "Kandinsky 2.2 prior"
+    return f"{ident.get('name')} ({weights})"
+
+
+def target_identity(decoder_cfg, space) -> dict:
+    return {"family": str(decoder_cfg.family), "decoder_source": str(decoder_cfg.source),
+            "space": {"model": space.model, "weights": space.weights, "width": space.width}}
+
+
+def target_label(target: dict) -> str:
+    source = target.get("decoder_source")
+    return target["family"] + ("" if source == "pretrained" else f" ({source})")
+
+
+def target_encoder_cfg(cfg, options: FitOptions):
+    """The encoder config of the decoder's own embedding space: adapter.target, else the family's preset
+    (the tiny encoder for a tiny decoder, as `check_pairing` asks)."""
+    from dsl_cli.decoder import get_family
+
+    preset = options.target or ("tiny" if cfg.decoder.source == "tiny" else get_family(cfg.decoder.family).encoder_preset)
+    return compose([f"encoder={preset}"]).encoder
+
+
+def default_out(cfg, options: FitOptions, source_ident: dict) -> Path:
+    def slug(text: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+    read = "embed" if options.readout == "embed" else f"resid{options.layer}"
+    family = cfg.decoder.family + ("" if cfg.decoder.source == "pretrained" else f"_{cfg.decoder.source}")
+    name = f"{slug(source_ident['name'] or source_ident['source'])}-{read}-to-{family}"
+    return Path(str(cfg.outputs_root)) / "adapters" / name
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def fit_command(args: list[str]) -> int:
+    from dsl_cli.cli import _path_override
+
+    options, overrides = parse_options([_path_override(arg) for arg in args])
+    paths = [a for a in overrides if a.partition("=")[0] == "images.path"]
+    if paths and not any(a.partition("=")[0] == "images" for a in overrides):
+        overrides = ["images=folder", *overrides]
+    cfg = compose(overrides)
+    import torch
+
+    from dsl_cli.adapters import PARTIAL_FILE, Partial, Readout, accumulate, fit
+    from dsl_cli.decoder import check_pairing
+    from dsl_cli.devices import resolve_device, resolve_dtype
+    from dsl_cli.encoder import embedding_space, load_encoder
+    from dsl_cli.images import load_images
+
+    readout = Readout(options.readout, options.layer)
+    target_cfg = target_encoder_cfg(cfg, options)
+    space = embedding_space(target_cfg)
+    check_pairing(space, cfg.decoder)  # the target space is one this decoder decodes
+    source_ident = encoder_identity(cfg.encoder)
+    out = Path(options.out).expanduser() if options.out else default_out(cfg, options, source_ident)
+    image_set = load_images(cfg.images)
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.encoder.dtype, device)
+    source, source_pre = load_encoder(cfg.encoder, device=device, dtype=dtype)
+    readout.check(source)
+    target, target_pre = load_encoder(target_cfg, device=device, dtype=dtype)
+    meta = {
+        "source": source_ident, "source_label": encoder_label(source_ident),
+        "source_shape": {"n_layers": source.n_layers, "d_model": source.d_model, "d_embed": source.d_embed,
+                         "readout_kind": source.readout_kind},
+        "readout": {"kind": readout.kind, "layer": readout.layer},
+        "target": target_identity(cfg.decoder, space), "target_label": target_label(target_identity(cfg.decoder, space)),
+        "target_encoder": encoder_identity(target_cfg),
+        "augment": options.augment, "heldout_fraction": options.heldout,
+        "p": readout.width(source), "q": target.d_embed,
+    }
+    partial = Partial.empty(meta["p"], meta["q"], meta)
+    items = ((item.name, picture) for item, picture in image_set.stream(image_set.images))
+    from tqdm.auto import tqdm
+
+    with torch.inference_mode():
+        accumulate(partial, tqdm(items, total=len(image_set.images), desc="adapter", unit="img"), source, source_pre,
+                   target, target_pre, readout, options.augment, cfg.encoder.batch_size, options.heldout)
+    negative = target.zero_embed().float().cpu().reshape(-1)
+    if cfg.images.num_shards > 1:
+        path = partial.save(out / "shards" / f"shard-{cfg.images.shard}-of-{cfg.images.num_shards}.safetensors")
+        torch.save(negative, out / "shards" / "negative.pt")
+        print(f"partial sums of {partial.images} images: {path}\nwhen every shard is done: dsl adapter merge {out}")
+        return 0
+    adapter = fit(partial)
+    adapter.negative = negative
+    adapter.meta["name"] = options.name or out.name
+    adapter.save(out)
+    if options.examples and cfg.decode.enabled:
+        decode_examples(cfg, out, adapter, partial, image_set, options.examples, target, device)
+    finish(out, adapter)
+    return 0
+
+
+def merge_command(args: list[str]) -> int:
+    if args in (["-h"], ["--help"]) or len(args) != 1 or args[0].startswith("-"):
+        print(USAGE)
+        return 0 if args in (["-h"], ["--help"]) else 2
+    import torch
+
+    from dsl_cli.adapters import Partial, fit
+
+    out = Path(args[0]).expanduser()
+    files = sorted((out / "shards").glob("shard-*-of-*.safetensors"))
+    if not files:
+        raise UserError(f"{out}/shards: no partial sums (shard-K-of-N.safetensors from `dsl adapter fit "
+                        "images.num_shards=N images.shard=K`)")
+    counts = {int(m.group(2)) for m in (re.search(r"shard-(\d+)-of-(\d+)", f.name) for f in files)}
+    if len(counts) != 1:
+        raise UserError(f"{out}/shards: partial sums of different shardings ({sorted(counts)} shards): keep one")
+    count = counts.pop()
+    have = {int(re.search(r"shard-(\d+)-of-", f.name).group(1)) for f in files}
+    missing = sorted(set(range(count)) - have)
+    if missing:
+        raise UserError(f"{out}/shards: shard(s) {', '.join(map(str, missing))} of {count} not there yet")
+    merged = Partial.load(files[0])
+    for path in files[1:]:
+        merged = merged.merged(Partial.load(path))
+    adapter = fit(merged)
+    negative = out / "shards" / "negative.pt"
+    if negative.is_file():
+        adapter.negative = torch.load(negative, weights_only=True)
+    adapter.meta["name"] = adapter.meta.get("name") or out.name
+    adapter.save(out)
+    finish(out, adapter)
+    return 0
+
+
+def finish(out: Path, adapter) -> None:
+    from dsl_cli.adapter_page import write_adapter_page
+
+    page = write_adapter_page(out)
+    m = adapter.meta.get("metrics") or {}
+    if m.get("heldout_images"):
+        print(f"{adapter.describe()}; R^2 {m['r2']:.3f}, cosine p5 {m['cosine_p5']:.3f}, top-1 {m['top1']:.2f}, "
+              f"top-5 {m['top5']:.2f} over {m['heldout_images']} held-out images")
+    else:
+        print(f"{adapter.describe()}; no held-out image (give more images): no metrics")
+    print(f"adapter: {out / 'adapter.safetensors'} (page: {page})")
+
+
+def decode_examples(cfg, out: Path, adapter, partial, image_set, count: int, target, device) -> None:
+    """Decode the first `count` held-out images (by name) twice, with one seed: from the target encoder's own
+    embedding and through the adapter; the pictures and examples.json for the page."""
+    import json
+
+    import torch
+    from PIL import Image, ImageOps
+
+    from dsl_cli.decoder import CPU_BATCH, load_decoder, to_pil
+    from dsl_cli.devices import resolve_dtype
+
+    order = sorted(range(len(partial.heldout_names)), key=lambda i: partial.heldout_names[i])[:count]
+    if not order:
+        return
+    names = [partial.heldout_names[i] for i in order]
+    s = torch.stack([partial.heldout_s[i] for i in order]).float()
+    t = torch.stack([partial.heldout_t[i] for i in order]).float()
+    mapped = adapter(s)
+    decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
+                           scheduler=cfg.decode.scheduler)
+    negative = decoder.negative_embed(target).float().cpu()
+    batch = cfg.decode.batch_size if isinstance(cfg.decode.batch_size, int) else CPU_BATCH
+    pictures = decoder.decode(torch.cat([t, mapped]), negative, [cfg.seed] * (2 * len(names)), cfg.decode.height,
+                              cfg.decode.width, steps=cfg.decode.steps, guidance=float(cfg.decode.guidance),
+                              batch_size=batch)
+    folder = out / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    items = {item.name: item for item in image_set.images}
+    cos = torch.nn.functional.cosine_similarity(mapped, t, dim=-1).tolist()
+    examples = []
+    for i, name in enumerate(names):
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        picture = ImageOps.fit(items[name].load(), (cfg.decode.width, cfg.decode.height), Image.Resampling.BICUBIC)
+        picture.save(folder / f"{stem}.input.png")
+        to_pil(pictures[i]).save(folder / f"{stem}.target.png")
+        to_pil(pictures[len(names) + i]).save(folder / f"{stem}.adapter.png")
+        examples.append({"name": name, "input": f"examples/{stem}.input.png", "target": f"examples/{stem}.target.png",
+                         "adapted": f"examples/{stem}.adapter.png", "cosine": cos[i]})
+    (out / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+
+
+def main(args: list[str]) -> int:
+    from dsl_cli.errors import report
+
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    try:
+        if args[0] == "fit":
+            if args[1:] in (["-h"], ["--help"]):
+                print(USAGE)
+                return 0
+            return fit_command(args[1:])
+        if args[0] == "merge":
+            return merge_command(args[1:])
+    except UserError as err:
+        report(err)
+        return 2
+    report(f"dsl adapter {args[0]}: unknown; use `dsl adapter fit ...` or `dsl adapter merge FOLDER`")
+    return 2
