@@ -380,8 +380,12 @@ def upstream_encoder(enc: Any, device: torch.device) -> Upstream:
 def _upstream_prior(enc: Any, device: torch.device) -> Upstream:
     """transformers' CLIPVisionModelWithProjection from the prior's image_encoder/ folder, with the prior's
     CLIPImageProcessor (its image_processor/ config where that is here, else transformers' defaults, which
-    are the prior's: shortest edge and crop at the model's size, bicubic, OpenAI mean and std)."""
-    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+    are the prior's: shortest edge and crop at the model's size, bicubic, OpenAI mean and std). The PIL one,
+    which the prior was released with: transformers 5's default `CLIPImageProcessor` is a torchvision port
+    whose resizing differs by a grey level or two in some pixels."""
+    from transformers import CLIPVisionModelWithProjection
+
+    CLIPImageProcessor = pil_clip_image_processor()
 
     from dsl_cli.encoder.loading import _cached_subfolder, _expand
 
@@ -401,6 +405,15 @@ def _upstream_prior(enc: Any, device: torch.device) -> Upstream:
         return model(pixel_values=pixels.to(device, torch.float32)).image_embeds
 
     return Upstream(preprocess, embed, (size, size))
+
+
+def pil_clip_image_processor() -> type:
+    """transformers' PIL CLIPImageProcessor, whichever name this transformers gives it."""
+    try:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
+    except ImportError:  # transformers 4: CLIPImageProcessor is the PIL one
+        from transformers import CLIPImageProcessor as cls
+    return cls
 
 
 def encoder_rows(cfg: Any, photos: list, device: torch.device) -> tuple[list[Row], dict]:
