@@ -1,5 +1,6 @@
 """Component labels, as in TransformerLens: `L30H05` (head), `L30MLP` (MLP), `L30` (residual after block 30),
-`L30mid` (residual after block 30's attention, before its MLP), `embed` (the residual stream before block 0).
+`L30mid` (residual after block 30's attention, before its MLP), `embed` (the residual stream before block 0);
+with a sparse autoencoder (`dsl_cli.sae`) at block 12, `L12F01234` (its feature 1234) and `L12Ferr` (its error term).
 
 Labels are written with two-digit layer and head numbers so that they sort; parsing also takes `L3H1`.
 """
@@ -10,7 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-_LABEL = re.compile(r"^L(?P<layer>\d+)(?:H(?P<head>\d+)|(?P<mlp>MLP)|(?P<mid>mid))?$", re.IGNORECASE)
+_LABEL = re.compile(r"^L(?P<layer>\d+)(?:H(?P<head>\d+)|(?P<mlp>MLP)|(?P<mid>mid)|F(?P<feature>\d+)|(?P<err>Ferr))?$",
+                    re.IGNORECASE)
+FEATURE_KINDS = ("feature", "feature_error")  # an SAE's feature write, and its reconstruction error (dsl_cli.sae)
 
 
 @dataclass(frozen=True)
@@ -36,11 +39,13 @@ READS = {
 @dataclass(frozen=True)
 class Component:
     """One place in the model. kind: `head`, `mlp`, `resid` (after block `layer`), `resid_mid` (between
-    block `layer`'s attention and MLP) or `embed` (layer -1)."""
+    block `layer`'s attention and MLP) or `embed` (layer -1); `feature` (an SAE feature's write at the SAE's
+    hook point in block `layer`) or `feature_error` (that SAE's reconstruction error)."""
 
     kind: str
     layer: int
     head: Optional[int] = None
+    feature: Optional[int] = None  # kind `feature`: the SAE feature's index
 
     @property
     def label(self) -> str:
@@ -52,11 +57,17 @@ class Component:
             return f"L{self.layer:02d}MLP"
         if self.kind == "resid_mid":
             return f"L{self.layer:02d}mid"
+        if self.kind == "feature":
+            return f"L{self.layer:02d}F{self.feature:05d}"
+        if self.kind == "feature_error":
+            return f"L{self.layer:02d}Ferr"
         return f"L{self.layer:02d}"
 
     @property
     def hook_name(self) -> str:
         """The TransformerLens hook name of the tensor this component reads (`blocks.30.attn.hook_result`)."""
+        if self.kind in FEATURE_KINDS:
+            raise ValueError(f"{self.label}: an SAE feature is read at its SAE's hook point (`Sae.hook_name`)")
         return f"blocks.{max(self.layer, 0)}.{READS[self.kind].point}"
 
     def __str__(self) -> str:
@@ -77,7 +88,8 @@ def parse_component(label: "str | Component") -> Component:
     if match is None:
         raise ValueError(
             f"unknown component label {label!r}: use L<layer>H<head> (L30H05), L<layer>MLP (L30MLP), "
-            "L<layer> (residual stream), L<layer>mid (between attention and MLP) or embed"
+            "L<layer> (residual stream), L<layer>mid (between attention and MLP), embed, or with an SAE "
+            "L<layer>F<feature> (L12F01234) and L<layer>Ferr"
         )
     layer = int(match["layer"])
     if match["head"] is not None:
@@ -86,4 +98,8 @@ def parse_component(label: "str | Component") -> Component:
         return Component("mlp", layer)
     if match["mid"] is not None:
         return Component("resid_mid", layer)
+    if match["feature"] is not None:
+        return Component("feature", layer, feature=int(match["feature"]))
+    if match["err"] is not None:
+        return Component("feature_error", layer)
     return Component("resid", layer)

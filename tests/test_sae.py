@@ -1,0 +1,216 @@
+"""SAE features as components (dsl_cli.sae, issue 35): SAELens folders read as SAELens writes them, encode and
+decode as the formulas say, features plus error adding up to the residual, the closed-form DSL of a feature
+equal to a real forward pass that steers it and patches every later write, a run over features, and the
+top-activating images of a planted feature.
+
+Shapes are asymmetric: the model has 6 layers of 8 heads (width 128), 3 images, SAEs of 40 features."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from dsl_cli.components import Component, parse_component
+from dsl_cli.encoder import HookedEncoder
+from dsl_cli.errors import UserError
+from dsl_cli.sae import (FeatureEncoder, Sae, TopImages, load_sae, merge_top_rows, save_sae, steer_feature_hooked,
+                         steer_features)
+from helpers import mid_visual, perturb_
+
+D_SAE, K, N_IMAGES = 40, 6, 3
+
+
+def random_sae(arch: str, hook: str, d_in: int, seed: int = 0, apply_b_dec: bool = True) -> Sae:
+    g = torch.Generator().manual_seed(seed)
+    return Sae(W_enc=torch.randn(d_in, D_SAE, generator=g) * 0.2, b_enc=torch.randn(D_SAE, generator=g) * 0.1,
+               W_dec=torch.randn(D_SAE, d_in, generator=g) * 0.2, b_dec=torch.randn(d_in, generator=g) * 0.1,
+               hook_name=hook, architecture=arch, k=K if arch == "topk" else None,
+               threshold=torch.rand(D_SAE, generator=g) * 0.3 if arch == "jumprelu" else None,
+               apply_b_dec_to_input=apply_b_dec)
+
+
+def write_saelens(folder, arch: str, hook: str, d_in: int, seed: int = 0, nested_k: bool = False,
+                  apply_b_dec: bool = True):
+    """An SAE in the SAELens layout, written here with safetensors and json (not with dsl's `save_sae`)."""
+    from safetensors.torch import save_file
+
+    sae = random_sae(arch, hook, d_in, seed, apply_b_dec)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if arch == "jumprelu":
+        tensors["threshold"] = sae.threshold
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    cfg = {"d_in": d_in, "d_sae": D_SAE, "hook_name": hook, "architecture": arch, "normalize_activations": "none",
+           "apply_b_dec_to_input": apply_b_dec, "model_name": "test", "dtype": "float32"}
+    if arch == "topk":
+        cfg.update({"activation_fn_kwargs": {"k": K}} if nested_k else {"k": K})
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    return folder, tensors
+
+
+@pytest.fixture(scope="module")
+def encoder() -> HookedEncoder:
+    return HookedEncoder(perturb_(mid_visual(), seed=5)).eval()
+
+
+@pytest.fixture(scope="module")
+def pixels() -> torch.Tensor:
+    return torch.randn(N_IMAGES, 3, 64, 64, generator=torch.Generator().manual_seed(7))
+
+
+def formulas(arch: str, t: dict, x: torch.Tensor, apply_b_dec: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(x) and x_hat written out from the tensors (DESIGN.md section 7)."""
+    pre = (x - t["b_dec"] * apply_b_dec) @ t["W_enc"] + t["b_enc"]
+    if arch == "standard":
+        f = torch.where(pre > 0, pre, torch.zeros_like(pre))
+    elif arch == "jumprelu":
+        f = torch.where((pre > t["threshold"]) & (pre > 0), pre, torch.zeros_like(pre))
+    else:
+        f = torch.zeros_like(pre)
+        for row in range(pre.shape[0]):
+            order = sorted(range(pre.shape[1]), key=lambda j: -pre[row, j].item())[:K]
+            for j in order:
+                f[row, j] = max(pre[row, j].item(), 0.0)
+    return f, f @ t["W_dec"] + t["b_dec"]
+
+
+ARCHS = ("standard", "topk", "jumprelu")
+HOOKS = ("blocks.2.hook_resid_post", "blocks.3.hook_resid_pre", "blocks.1.hook_resid_mid", "blocks.4.hook_mlp_out",
+         "blocks.2.hook_attn_out")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_encode_decode_match_the_formulas(tmp_path, encoder, pixels, arch):
+    folder, t = write_saelens(tmp_path / arch, arch, "blocks.2.hook_resid_post", encoder.d_model, nested_k=True)
+    sae = load_sae(str(folder))
+    assert (sae.architecture, sae.layer, sae.point, sae.d_sae) == (arch, 2, "hook_resid_post", D_SAE)
+    x = encoder.run_with_cache(pixels)["blocks.2.hook_resid_post"]  # [3, 128]
+    f, x_hat = formulas(arch, t, x)
+    assert (sae.encode(x) > 0).any()
+    torch.testing.assert_close(sae.encode(x), f, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), x_hat, rtol=0, atol=1e-5)
+    if arch == "topk":
+        assert ((sae.encode(x) != 0).sum(-1) <= K).all()
+
+
+def test_apply_b_dec_to_input_false_and_plain_layout(tmp_path, encoder, pixels):
+    folder, t = write_saelens(tmp_path / "nob", "standard", "blocks.2.hook_resid_post", encoder.d_model,
+                              apply_b_dec=False)
+    sae = load_sae(str(folder))
+    x = encoder.run_with_cache(pixels)["blocks.2.hook_resid_post"]
+    torch.testing.assert_close(sae.encode(x), formulas("standard", t, x, apply_b_dec=False)[0], rtol=0, atol=1e-6)
+    # the plain layout: one .safetensors with the cfg as string metadata
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "plain.safetensors"
+    save_file(t, str(plain), metadata={"hook_name": "blocks.2.hook_resid_post", "architecture": "standard",
+                                       "apply_b_dec_to_input": "false"})
+    torch.testing.assert_close(load_sae(str(plain)).encode(x), sae.encode(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_features_plus_error_equal_the_residual(tmp_path, encoder, pixels, arch):
+    hook = "blocks.3.hook_resid_pre"
+    sae = load_sae(str(write_saelens(tmp_path / arch, arch, hook, encoder.d_model, seed=2)[0]))
+    features = FeatureEncoder(encoder, sae)
+    cache = features.run_with_cache(pixels)
+    every = sae.components(range(D_SAE))  # all features, then the error term
+    writes = features.component_writes(cache, every)  # [3, 41, 128]
+    total = sae.b_dec + writes.sum(1)
+    torch.testing.assert_close(total, cache[hook], rtol=0, atol=1e-5)
+    assert cache[hook].sub(total).abs().max() < 1e-5
+    assert writes[:, -1].norm(dim=-1).min() > 1e-3  # the error term is not empty: it carries what the SAE misses
+
+
+# each architecture at two hook points, each hook point once at least (all 15 pairs cost minutes on 2 CPUs)
+PAIRS = [(ARCHS[i % 3], HOOKS[i % 5]) for i in range(6)]
+
+
+@pytest.mark.parametrize(("arch", "hook"), PAIRS)
+def test_closed_form_feature_dsl_equals_the_hooked_run(tmp_path, encoder, pixels, arch, hook):
+    sae = load_sae(str(write_saelens(tmp_path / arch, arch, hook, encoder.d_model, seed=3)[0]))
+    features = FeatureEncoder(encoder, sae)
+    cache = features.run_with_cache(pixels)
+    active = sae.encode(cache[hook])[0].topk(2).indices.tolist()  # active in image 0 at least
+    layer = sae.layer
+    labels = [f"L{layer}F{i:05d}" for i in active] + [f"L{layer}Ferr", "L5H03"]  # features beside a head
+    for mode, alpha in (("scale", 3.0), ("add", 1.5), ("norm", 2.0)):
+        closed = features.steer(cache, labels, mode=mode, alpha=alpha)  # [3, 4, 48]
+        for k, label in enumerate(labels):
+            hooked = features.steer_hooked(pixels, label, mode=mode, alpha=alpha)
+            relative = (hooked - closed[:, k]).norm(dim=-1) / closed[:, k].norm(dim=-1)
+            assert relative.max() < 1e-5, (mode, label, relative)
+    # without patching the later writes, the run differs: the patching is what the closed form rests on
+    unpatched = steer_feature_hooked(encoder, sae, pixels, labels[0], "scale", 3.0, patch=False)
+    if sae.layer < encoder.n_layers - 1:
+        closed = steer_features(encoder, sae, cache, [parse_component(labels[0])], "scale", 3.0)[:, 0]
+        assert (unpatched - closed).norm(dim=-1).max() / closed.norm(dim=-1).max() > 1e-4
+
+
+def test_lenses_read_features(tmp_path, encoder, pixels):
+    sae = load_sae(str(write_saelens(tmp_path / "s", "topk", "blocks.2.hook_resid_post", encoder.d_model)[0]))
+    features = FeatureEncoder(encoder, sae)
+    cache = features.run_with_cache(pixels)
+    labels = ["L02F00007", "L02Ferr"]
+    writes = features.component_writes(cache, labels)
+    torch.testing.assert_close(features.direct(cache, labels), encoder.readout(writes))
+    # attribution: every feature's share, the error's and b_dec's through the frozen readout sum to the block's
+    from dsl_cli.encoder.reading import frozen_scale, linear_readout
+
+    every = sae.components(range(D_SAE))
+    parts = features.feature_attribution(cache, every).sum(1)
+    sigma = frozen_scale(encoder, cache.resid[:, -1])
+    whole = linear_readout(encoder, cache["blocks.2.hook_resid_post"], sigma)
+    torch.testing.assert_close(parts + linear_readout(encoder, sae.b_dec.expand(N_IMAGES, -1), sigma), whole,
+                               rtol=0, atol=1e-5)
+    acts = features.activations(cache, labels)
+    assert torch.isnan(acts[:, 1]).all() and (acts[:, 0] >= 0).all()
+
+
+def test_labels_parse_as_before_and_features_round_trip():
+    assert parse_component("L12F01234") == Component("feature", 12, feature=1234)
+    assert parse_component("L3F7").label == "L03F00007"
+    assert parse_component("L12Ferr") == Component("feature_error", 12)
+    for label, kind in (("L30H05", "head"), ("L2MLP", "mlp"), ("L7", "resid"), ("L3mid", "resid_mid"),
+                        ("embed", "embed")):
+        assert parse_component(label).kind == kind
+    with pytest.raises(ValueError, match="L<layer>F<feature>"):
+        parse_component("L3X1")
+
+
+def test_refusals(tmp_path, encoder):
+    folder, _ = write_saelens(tmp_path / "wide", "standard", "blocks.2.hook_resid_post", 64)
+    with pytest.raises(UserError, match="d_in=64"):
+        FeatureEncoder(encoder, load_sae(str(folder)))
+    folder, _ = write_saelens(tmp_path / "deep", "standard", "blocks.9.hook_resid_post", encoder.d_model)
+    with pytest.raises(UserError, match="beyond"):
+        FeatureEncoder(encoder, load_sae(str(folder)))
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "blocks.2.attn.hook_z"}))
+    with pytest.raises(UserError, match="hook_name"):
+        load_sae(str(folder))
+    with pytest.raises(UserError, match="not an SAE"):
+        load_sae(str(tmp_path))
+    with pytest.raises(UserError, match="hf download someone/saes --include 'layer_2/\\*'"):
+        load_sae("layer_2", repo_id="someone/saes")
+
+
+def test_top_images_heap_and_shard_merge():
+    names = [f"img{i}" for i in range(10)]
+    acts = torch.zeros(10, 3)
+    acts[:, 1] = torch.arange(10.0)  # feature 1: img9 most active
+    acts[[2, 5], 2] = torch.tensor([1.0, 3.0])
+    whole = TopImages(3)
+    for start in range(0, 10, 4):  # streamed in batches
+        whole.add(names[start:start + 4], acts[start:start + 4])
+    assert [n for n, _ in whole.top(1)] == ["img9", "img8", "img7"]
+    assert [n for n, _ in whole.top(2)] == ["img5", "img2"] and whole.top(0) == []
+    shards = []
+    for part in (range(0, 5), range(5, 10)):  # two shards, merged
+        top = TopImages(3)
+        top.add([names[i] for i in part], acts[list(part)])
+        shards.append(top.rows([1, 2], layer=4))
+    assert merge_top_rows(shards, 3) == whole.rows([1, 2], layer=4)
