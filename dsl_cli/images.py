@@ -136,8 +136,12 @@ def read_image(path: Path) -> Image.Image:
         return to_rgb(opened)
 
 
+STEM_LIMIT = 100  # characters of a file's stem kept in its image's name (then a hash): names stay valid
+# (outputs.NAME, 200) and the figures' file names named after them short of the 255 bytes a file system allows
+
+
 def _safe_name(stem: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-") or "image"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-")[:STEM_LIMIT].rstrip("._-") or "image"
 
 
 def unique_names(files: list[Path], root: Path) -> list[str]:
@@ -151,7 +155,7 @@ def unique_names(files: list[Path], root: Path) -> list[str]:
     names = []
     for path in files:
         safe = _safe_name(path.stem)
-        if safe == path.stem and counts[safe.casefold()] == 1:
+        if safe == path.stem and counts[safe.casefold()] == 1:  # a stem cut short is not equal: hashed
             names.append(safe)
         else:
             names.append(f"{safe}-{hashlib.sha256(_relative(path, root).encode()).hexdigest()[:8]}")

@@ -284,12 +284,13 @@ def open_picture(path: Path, run_dir: Path) -> Image.Image:
 
 class Manifest:
     """manifest.json: what the run is, and how far it got; rewritten (atomically) after every change.
-    An earlier attempt's record is read back, so that a failure before this attempt starts keeps it."""
+    An earlier attempt's record is read back, so that a failure before this attempt starts keeps it.
+    It always says `made_by: dsl`: that is how dsl knows a folder as its own (`is_own_manifest`)."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            self.data = json.loads(path.read_text(encoding="utf-8"))
+            self.data = json.loads(read_bytes_nofollow(path))
         except (OSError, ValueError):
             self.data = {}
         if not isinstance(self.data, dict):
@@ -297,11 +298,11 @@ class Manifest:
 
     def start(self, **values) -> None:
         """Begin this attempt's record: what an earlier attempt recorded is replaced."""
-        self.data = {}
+        self.data = {"made_by": MADE_BY}
         self.update(**values)
 
     def update(self, **values) -> None:
-        self.data.update(values)
+        self.data.update(values, made_by=MADE_BY)
         write_json(self.path, self.data)
 
     @contextmanager
@@ -313,10 +314,95 @@ class Manifest:
         self.update(stages_done=[*self.data.get("stages_done", []), name])
 
 
-def read_manifest(folder: Path) -> dict | None:
-    """The manifest.json of a run or sweep folder, or None where there is none."""
+MADE_BY = "dsl"  # manifest.json's `made_by`: the folder is dsl's
+STAMP_KEYS = {"made_by", "kind", "status"}  # a manifest written when a folder was claimed, before anything ran
+_OPT_STR, _NUM = (str, type(None)), (int, float)
+# The manifest keys that dsl reads back, with their types (others are kept, unread); `_JOB` a sweep's job.
+MANIFEST_TYPES: dict[str, type | tuple] = {
+    "made_by": str, "kind": str, "status": str, "error": _OPT_STR, "config": dict, "versions": dict,
+    "seconds": dict, "images": list, "skipped": list, "figures": (list, int), "jobs": list, "failed": list,
+    "unfinished": list, "rows": int, "complete": int, "decoded": int, "components": int, "started": str,
+    "finished": str, "device": str, "seed": int, "slurm_job": _OPT_STR, "git_commit": _OPT_STR,
+    "encoder_dtype": str, "scheduler": str, "resumed_rows": int, "stages_done": list, "study": dict,
+    "layers": list,
+}
+_JOB = {"job": int, "folder": _OPT_STR, "overrides": list, "status": str, "error": _OPT_STR, "rows": int}
+FIGURE_PATH = re.compile(r"(grids|heatmaps|plots|looks)/[A-Za-z0-9_][A-Za-z0-9_.=-]{0,239}\.png")
+
+
+def read_bytes_nofollow(path: Path) -> bytes:
+    """A file's bytes, never through a symbolic link (OSError ELOOP where `path` is one)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
+def is_own_manifest(data: dict) -> bool:
+    """Whether a manifest is dsl's: it says `made_by: dsl` (or, written before that key, names dsl's version,
+    or is a merged sweep's)."""
+    versions = data.get("versions")
+    return (data.get("made_by") == MADE_BY or (isinstance(versions, dict) and "dsl" in versions)
+            or (data.get("kind") == "sweep" and isinstance(data.get("jobs"), list)))
+
+
+def load_manifest(folder: Path) -> dict | None:
+    """The manifest.json of a folder as a JSON object, dsl's or not; None where there is none. UserError
+    where it is a link, unreadable, not JSON or not an object (the one line says what to do)."""
     path = RunFolder(folder).manifest_json
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not os.path.lexists(path):
+        return None
+    try:
+        data = json.loads(read_bytes_nofollow(path))
+    except (OSError, ValueError) as err:
+        reason = "a link" if path.is_symlink() else getattr(err, "strerror", None) or f"not JSON: {err}"
+        raise damaged(path, reason) from None
+    if not isinstance(data, dict):
+        raise damaged(path, f"a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def damaged(path: Path, reason: str) -> UserError:
+    return UserError(f"{path}: not a manifest dsl can read ({reason}); restore it, or delete it and dsl writes it "
+                     "anew (`dsl run resume=`, `dsl merge`); a folder that is not dsl's is never written")
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """The manifest.json of a run or sweep folder, checked: None where there is none or it is not dsl's
+    (`is_own_manifest`); UserError where it is damaged (not JSON, or a value of a type dsl never writes)."""
+    data = load_manifest(folder)
+    if data is None or not is_own_manifest(data):
+        return None
+    path = RunFolder(folder).manifest_json
+    _check_types(data, MANIFEST_TYPES, path, "")
+    for key in ("jobs", "failed", "unfinished"):
+        for n, job in enumerate(data.get(key, [])):
+            if not isinstance(job, dict):
+                raise damaged(path, f"{key}[{n}] is not an object")
+            _check_types(job, _JOB, path, f"{key}[{n}].")
+            if not set(_JOB) <= set(job):
+                raise damaged(path, f"{key}[{n}] lacks {', '.join(sorted(set(_JOB) - set(job)))}")
+            if not all(isinstance(o, str) for o in job.get("overrides", [])):
+                raise damaged(path, f"{key}[{n}].overrides holds a value that is not text")
+            if job.get("folder") is not None and not all(NAME.fullmatch(p) for p in job["folder"].split("/")):
+                raise damaged(path, f"{key}[{n}].folder {printable(repr(job['folder']))} is not a job folder")
+    if not all(isinstance(v, _NUM) and not isinstance(v, bool) for v in data.get("seconds", {}).values()):
+        raise damaged(path, "seconds holds a value that is not a number")
+    if not all(isinstance(v, str) for v in [*data.get("versions", {}).values(), *data.get("images", [])]):
+        raise damaged(path, "versions or images hold a value that is not text")
+    config = data.get("config", {})
+    if not all(isinstance(config.get(k, {}), dict) for k in ("encoder", "decoder", "lens", "decode", "study",
+                                                             "images")):
+        raise damaged(path, "config holds a group that is not an object")
+    figures = data.get("figures", [])
+    if isinstance(figures, list) and not all(isinstance(f, str) and FIGURE_PATH.fullmatch(f) for f in figures):
+        raise damaged(path, "figures names a file that is not one of dsl's figures")
+    return data
+
+
+def _check_types(data: dict, types: dict, path: Path, prefix: str) -> None:
+    for key, kind in types.items():
+        if key in data and not isinstance(data[key], kind):
+            raise damaged(path, f"{prefix}{key} is a {type(data[key]).__name__}")
 
 
 def is_sweep_folder(folder: Path) -> bool:
@@ -473,22 +559,105 @@ class RunFolder:
         return self.path / "images" / check_name(image, "image") / "input.png"
 
     def holds_run(self) -> bool:
-        """Whether a run or a sweep was ever started here (finished or not)."""
-        if any((self.path / marker).exists() for marker in self.MARKERS):
+        """Whether a run or a sweep was ever started here (finished or not); a manifest that dsl wrote when
+        it claimed the folder, before anything ran (`only_claimed`), is none."""
+        if self.only_claimed():
+            return False
+        if any(os.path.lexists(self.path / marker) for marker in self.MARKERS):
             return True
         return any(self.path.glob("*/manifest.json"))  # a sweep's job folders
 
-    def claim(self, resume: bool = False) -> bool:
-        """Make this process the only writer of the folder (created if needed). Without `resume`, a folder
-        that holds a run is refused. UserError when refused; False when this process holds it already."""
+    def only_claimed(self) -> bool:
+        """dsl claimed the folder, and was stopped before it started anything there (its manifest is the
+        stamp `claim` writes, and nothing else marks a run)."""
+        try:
+            data = load_manifest(self.path)
+        except UserError:
+            return False
+        return (data is not None and data.get("made_by") == MADE_BY and set(data) <= STAMP_KEYS
+                and not any(os.path.lexists(self.path / m) for m in self.MARKERS if m != "manifest.json"))
+
+    def is_own(self) -> bool:
+        """Whether dsl may write here: its manifest is dsl's, or there is none and the folder is empty but
+        for what dsl itself leaves (its lock, temporaries, Hydra's log). UserError for a damaged manifest."""
+        data = load_manifest(self.path)
+        if data is not None:
+            return is_own_manifest(data)
+        return not self.foreign_entries() or self.is_own_sweep()
+
+    def is_own_sweep(self) -> bool:
+        """A sweep folder whose multirun.yaml is of `dsl run` (it names dsl's Hydra callback)."""
+        try:
+            return b"dsl_cli.sweeps.SweepResults" in read_bytes_nofollow(self.multirun_yaml)
+        except OSError:
+            return False
+
+    def foreign_entries(self) -> list[str]:
+        """The folder's entries that no claim of dsl's would leave (all but the lock, dsl's temporaries and
+        dsl.log), sorted; none where the folder does not exist."""
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        own = {self.LOCK, self.LOCK + ".takeover", self.log_file.name}
+        return sorted(n for n in names if n not in own and not (n.startswith(".") and n.endswith(TEMP_SUFFIX)))
+
+    def refuse_links(self) -> None:
+        """UserError naming the first symbolic link at or below the folder (its files, its folders of
+        pictures and figures, its lock): dsl never reads or writes through one. `.submitit/` (the launcher's
+        logs) is not dsl's and is not looked into."""
+        if self.path.is_symlink():
+            raise UserError(f"{self.path} is a symbolic link: give the folder it points to, dsl does not write "
+                            "through links")
+        stack = [self.path]
+        while stack:
+            try:
+                entries = list(os.scandir(stack.pop()))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as err:
+                raise UserError(f"cannot read the folder {self.path} ({err.strerror or err})") from err
+            for entry in entries:
+                if entry.is_symlink():
+                    raise UserError(f"{entry.path} is a symbolic link, which dsl does not follow in its folders: "
+                                    "remove it (or replace it by the file or folder itself)")
+                if entry.is_dir(follow_symlinks=False) and entry.name != ".submitit":
+                    stack.append(Path(entry.path))
+
+    def claim(self, resume: bool = False, kind: str = "run") -> bool:
+        """Make this process the only writer of the folder (created if needed). A folder that holds a link
+        is refused; without `resume`, so is one that holds a run, or anything that is not dsl's; a fresh
+        claim writes the manifest's stamp (`made_by: dsl`): from then on the folder is dsl's. With `resume`,
+        a folder whose manifest is another program's is refused. UserError when refused; False when this
+        process holds it already."""
         if self.owner is not None:
             return False
+        self.refuse_links()
         _HELD[self._key()] = self._lock()
-        if not resume and self.holds_run():
+        try:
+            if not resume:
+                self._check_fresh()
+                write_json(self.manifest_json, {"made_by": MADE_BY, **({"kind": kind} if kind != "run" else {}),
+                                                "status": "started"})
+            elif not self.is_own():
+                raise self._foreign()
+        except BaseException:
             self.release()
+            raise
+        return True
+
+    def _check_fresh(self) -> None:
+        if self.holds_run():
             raise UserError(f"{self.path} already holds a run: complete it with `dsl run resume={self.path}` "
                             "or choose another hydra.run.dir")
-        return True
+        if not self.only_claimed() and self.foreign_entries():
+            raise self._foreign()
+
+    def _foreign(self) -> UserError:
+        found = self.foreign_entries()
+        shown = ", ".join(printable(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
+        return UserError(f"{self.path} is not a dsl folder (it holds {shown} and no manifest.json of dsl's): dsl "
+                         "writes only into a new or empty folder, or one it made; choose another hydra.run.dir")
 
     def release(self) -> None:
         """Give the folder up (the lock file is removed if it is still this process's)."""
@@ -518,12 +687,18 @@ class RunFolder:
         me = LockOwner.me()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            while not self._create(self.lock_path, me, self.RESERVE):
+            for _ in range(100):  # a lock that vanishes between two looks is tried again, never forever
+                if self._create(self.lock_path, me, self.RESERVE):
+                    break
+                if self.lock_path.is_symlink():
+                    raise UserError(f"{self.lock_path} is a symbolic link, not dsl's lock: remove it and try again")
                 owner = self._read_owner(self.lock_path)
                 if owner is not None and owner.is_stale():
                     self._take_over(owner)
                 elif owner is not None or self.lock_path.exists():
                     raise self._busy(owner)
+            else:
+                raise self._busy(None)
         except OSError as err:
             raise UserError(f"cannot write the output folder {self.path} ({err.strerror or err}); "
                             "choose another with hydra.run.dir=...") from err
@@ -590,9 +765,11 @@ class RunFolder:
     @staticmethod
     def _read_owner(path: Path) -> LockOwner | None:
         try:
-            with open(path, "rb") as handle:
+            with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as handle:
                 line = handle.readline(200)
         except FileNotFoundError:
+            return None
+        except OSError:  # a link, or a file this user may not read: nobody's lock dsl can tell
             return None
         return LockOwner.parse(line.decode(errors="replace"))
 
@@ -641,7 +818,7 @@ class CsvLog:
         csv.DictWriter(buffer, self.columns, lineterminator="\n").writerows(map(self._cells, rows))
         data = buffer.getvalue().encode("utf-8")
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
         except OSError as err:
             raise write_error(self.path, err) from err
         try:
@@ -681,21 +858,25 @@ def read_csv(path: Path, table: Table = SIMILARITY) -> list[dict]:
     the later ones are empty), typed by the table's row type; a torn last line (a killed run) is dropped.
     The values that become parts of paths (image, lens, component, file) are checked: UserError for one
     that is not a plain name."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_bytes_nofollow(path).decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{path}: not readable as a dsl CSV ({err})") from err
+        reason = "a symbolic link" if path.is_symlink() else err
+        raise UserError(f"{path}: not readable as a dsl CSV ({reason})") from err
     lines = text.splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
     reader = csv.DictReader(lines)
-    header, columns = reader.fieldnames, table.columns
-    if header is not None and (not header or header != columns[:len(header)]):
-        raise UserError(f"{path}: not a CSV written by this version of dsl (columns {reader.fieldnames})")
-    rows = [{**dict.fromkeys(columns, ""), **row} for row in reader  # an earlier version's: later columns empty
-            if len(row) == len(header) and None not in row.values()]
+    try:
+        header, columns = reader.fieldnames, table.columns
+        if header is not None and (not header or header != columns[:len(header)]):
+            raise UserError(f"{path}: not a CSV written by this version of dsl (columns {printable(str(header))})")
+        rows = [{**dict.fromkeys(columns, ""), **row} for row in reader  # an earlier version's: later columns empty
+                if len(row) == len(header) and None not in row.values()]
+    except csv.Error as err:
+        raise UserError(f"{path}: not readable as a dsl CSV ({err}); the file was damaged or edited") from None
     for number, row in enumerate(rows, start=2):
         type_row(row, table, f"{path} row {number}:")
         _check_row(row, f"{path} row {number}:")
@@ -732,6 +913,22 @@ def _check_row(row: dict, where: str) -> None:
     if row.get("file") and row["file"] not in _row_pictures(row):
         raise UserError(f"{where} file {printable(repr(row['file']))} is not where dsl puts the picture of "
                         f"{row['image']} {row['lens']} {row['component']}; the file was edited")
+
+
+def check_merged_row(row: dict, where: str) -> dict:
+    """A row of a merged sweep's similarity.csv checked as a run's own rows are (`_check_row`): its `file`
+    is a job folder (plain names) and then where dsl puts the row's picture in that folder."""
+    file = row.get("file") or ""
+    parts = file.split("/")
+    for i in range(1, len(parts)):
+        if parts[i] == "images" and all(NAME.fullmatch(p) for p in parts[:i]):
+            _check_row({**row, "file": "/".join(parts[i:])}, where)
+            return row
+    _check_row({**row, "file": ""}, where)
+    if file:
+        raise UserError(f"{where} file {printable(repr(file))} is not a picture in a job's folder; the file was "
+                        "edited: `dsl merge` writes it again")
+    return row
 
 
 # ---------------------------------------------------------------- figures

@@ -25,7 +25,7 @@ from dsl_cli.figures import POOLED, SCORES, redraw_study
 from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, NO_SCALE, OVERLAY, SIMILARITIES, SIMILARITY, TOP_TILES,
                              RunFolder, atomic_write_bytes, claimed, colour_limits, csv_text, dark_cell, drawn_from_files,
                              group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder, kind_blocks, layer_label,
-                             read_manifest, redraw)
+                             read_bytes_nofollow, read_manifest, redraw)
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 2em;color:#222;max-width:110em}
@@ -137,7 +137,7 @@ def row_attrs(row: dict, keys: list[str]) -> str:
 def page(title: str, body: str) -> str:
     return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>{esc(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n"
+            f"{GENERATOR}<title>{esc(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n"
             f"<script>{SCRIPT}</script>\n</body></html>\n")
 
 
@@ -485,8 +485,11 @@ def sweep_page(sweep_dir: Path) -> str:
     heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote; each job's heatmaps and
     plots side by side."""
     manifest = read_manifest(sweep_dir)
+    if manifest is not None and "jobs" not in manifest:  # claimed, not merged yet
+        manifest = None
     jobs = manifest["jobs"] if manifest else unmerged_jobs(sweep_dir)
-    merged = "".join(thumbnail(path) for path in (manifest or {}).get("figures", []))
+    figures = (manifest or {}).get("figures")
+    merged = "".join(thumbnail(path) for path in (figures if isinstance(figures, list) else []))
     done = sum(j["status"] == "complete" for j in jobs)
     note = "" if manifest else (f"<p class=muted>not merged yet: <code>dsl merge {esc(sweep_dir)}</code> lists "
                                 "every job and draws the merged heatmaps</p>")
@@ -503,7 +506,10 @@ def sweep_page(sweep_dir: Path) -> str:
 
 
 def folder_kind(folder: Path) -> str | None:
-    """sweep, study, run, or None for a folder that holds none of them."""
+    """sweep, study, run, or None for a folder that holds none of them, or that is not dsl's (its manifest is
+    another program's, or it has none and holds files of others: `RunFolder.is_own`)."""
+    if not RunFolder(folder).is_own():
+        return None
     if is_sweep_folder(folder):
         return "sweep"
     if RunFolder(folder).csv(SIMILARITY).is_file():
@@ -536,8 +542,26 @@ def write_page(kind: str, folder: Path) -> Path:
     page = RunFolder(folder).page
     with drawn_from_files(folder):
         html = PAGES[kind](folder)
-    atomic_write_bytes(page, html.encode())
+    write_own_page(page, html)
     return page
+
+
+GENERATOR = '<meta name="generator" content="dsl">'  # in every page dsl writes: a page it may replace
+
+
+def write_own_page(path: Path, html: str) -> None:
+    """Write a page, replacing only one that dsl wrote (it holds GENERATOR, or, written before that, the
+    page's script): a user's own index.html is refused with one line, and left as it is."""
+    if path.is_symlink() or path.exists() and not path.is_file():
+        raise UserError(f"{path}: not a file dsl wrote (a link or a folder); move it aside and run again")
+    if path.exists():
+        try:
+            old = read_bytes_nofollow(path)
+        except OSError as err:
+            raise UserError(f"cannot read {path} ({err.strerror or err})") from err
+        if GENERATOR.encode() not in old and SCRIPT.split("\n", 2)[1].encode() not in old:
+            raise UserError(f"{path}: a page that dsl did not write; move it aside and `dsl report` writes dsl's")
+    atomic_write_bytes(path, html.encode())
 
 
 def write_pages(root: Path) -> list[Path]:
@@ -549,7 +573,7 @@ def write_pages(root: Path) -> list[Path]:
             pages.append(write_page(kind, folder))
     if folder_kind(root) is None:
         page = RunFolder(root).page
-        atomic_write_bytes(page, collection_page(root, [f for _, f in found]).encode())
+        write_own_page(page, collection_page(root, [f for _, f in found]))
         pages.append(page)
     return pages
 

@@ -360,12 +360,30 @@ def start_csv(cfg, folder: RunFolder, scored: list[Scored], previous: list[dict]
     picture, and return what is left to decode. For a fresh run, `previous` is empty and this writes the
     rows of the components that are not decoded (`decode.top_k`, `decode.enabled=false`)."""
     done = {(r["image"], r["component"]) for r in previous if not r["file"] or is_picture(folder.file(r["file"]))}
+    done -= batches_to_redo(cfg, scored, done)
     csv_log.rewrite([r for r in previous if (r["image"], r["component"]) in done])
     plan = [(i, k) for i, k in plan_decoding(cfg, scored) if (scored[i].name, scored[i].rows[k]["component"]) not in done]
     planned = set(plan)
     csv_log.append(row for i, result in enumerate(scored) for k, row in enumerate(result.rows)
                    if (i, k) not in planned and (row["image"], row["component"]) not in done)
     return plan
+
+
+def batches_to_redo(cfg, scored: list[Scored], done: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """(image, component) of every picture in a decode batch of the uninterrupted run that is not all done:
+    a picture found damaged is decoded again with the whole batch it was first decoded in, so that float
+    round-off (which depends on the batch) gives it the same bytes. With decode.batch_size=auto the batches
+    depend on the free memory: none are redone whole."""
+    size = cfg.decode.batch_size
+    if type(size) is not int or size < 1:
+        return set()
+    plan = [(scored[i].name, scored[i].rows[k]["component"]) for i, k in plan_decoding(cfg, scored)]
+    redo: set[tuple[str, str]] = set()
+    for start in range(0, len(plan), size):
+        batch = plan[start:start + size]
+        if not done.issuperset(batch):
+            redo.update(batch)
+    return redo
 
 
 def sorted_rows(rows: list[dict], scored: list[Scored]) -> list[dict]:

@@ -27,16 +27,18 @@ import logging
 import os
 import re
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dsl_cli.errors import UserError, report
-from dsl_cli.outputs import (SIMILARITY, CsvLog, RunFolder, claimed, draw_heatmaps, draw_lens_comparison, group_rows,
-                             is_sweep_folder, read_manifest, type_row, write_json)
+from dsl_cli.errors import UserError, printable, report
+from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, RunFolder, check_merged_row, claimed, draw_heatmaps,
+                             draw_lens_comparison, group_rows, is_sweep_folder, read_bytes_nofollow,
+                             read_manifest, type_row, write_json)
 from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
@@ -94,6 +96,9 @@ def resume_overrides(args: list[str]) -> list[str]:
                 raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
             if is_sweep_folder(folder):
                 return resume_sweep_args(folder, args)
+            if RunFolder(folder).only_claimed():
+                raise UserError(f"resume={folder}: that run was stopped before it started; start it afresh into the "
+                                f"same folder with hydra.run.dir={folder} and its settings")
             if not RunFolder(folder).config_yaml.is_file():
                 raise UserError(f"resume={folder}: not a dsl run folder (no .hydra/config.yaml in it) nor a sweep "
                                 "folder (no multirun.yaml)")
@@ -105,16 +110,60 @@ def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
     """`dsl run resume=SWEEP_DIR`: the sweep's saved command line again, into its own folder, where complete
     jobs are skipped and the others continue (or start). Hydra overrides in `args` (a partition, a time
     limit) replace saved ones with the same key."""
-    saved = OmegaConf.load(RunFolder(folder).multirun_yaml).hydra.overrides
+    path = RunFolder(folder).multirun_yaml
+    saved = sweep_file(path, SWEEP_FIX)
+    with damage(path, SWEEP_FIX):
+        task, hydra = (_texts(saved.hydra.overrides[k]) for k in ("task", "hydra"))
     given = {_key(a) for a in args if a.startswith("hydra")} | {"hydra.mode", "hydra.sweep.dir"}
-    task = [o for o in saved.task if _key(o) != "resume"]
-    hydra = [o for o in saved.hydra if _key(o) not in given]
+    task = [o for o in task if _key(o) != "resume"]
+    hydra = [o for o in hydra if _key(o) not in given]
     # the jobs find their sweep by this path, whatever their working folder
     return ["--multirun", *task, *hydra, f"hydra.sweep.dir={folder.resolve()}", f"resume={folder.resolve()}"]
 
 
 def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
+
+
+SWEEP_FIX = "restore it: without it the sweep can be neither resumed nor merged"
+JOB_FIX = ("restore it, or move the job's folder out of the sweep: `dsl run resume=SWEEP_DIR` then runs the job "
+           "again")
+
+
+def sweep_file(path: Path, fix: str):
+    """A YAML file of a sweep (multirun.yaml, a job's .hydra/ files), loaded (a DictConfig or a ListConfig);
+    UserError naming it, and saying `fix`, where it is a link or not YAML."""
+    try:
+        text = read_bytes_nofollow(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = "a symbolic link" if path.is_symlink() else getattr(err, "strerror", None) or err
+        raise UserError(f"{path}: cannot be read ({reason}); {fix}") from None
+    with damage(path, fix):
+        loaded = OmegaConf.create(text)
+    if loaded is None or not hasattr(loaded, "keys") and not isinstance(loaded, ListConfig):
+        raise UserError(f"{path}: not a file Hydra wrote for dsl; {fix}")
+    return loaded
+
+
+@contextmanager
+def damage(path: Path, fix: str) -> Iterator[None]:
+    """What reading a sweep file's values meets where the file was edited or cut short (a missing key, a
+    value of the wrong type) as one UserError naming the file."""
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        yield
+    except (OmegaConfBaseException, yaml.YAMLError, AttributeError, KeyError, TypeError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{path}: not a file Hydra wrote for dsl ({printable(reason)}); {fix}") from None
+
+
+def _texts(values) -> list[str]:
+    """A list of override strings from a sweep file; TypeError for anything else (see `damage`)."""
+    if not isinstance(values, (list, ListConfig)) or not all(isinstance(v, str) for v in values):
+        raise TypeError("a list of overrides was expected")
+    return list(values)
 
 
 # ---------------------------------------------------------------- the jobs of a sweep
@@ -139,11 +188,14 @@ def expected_overrides(sweep_dir: Path) -> dict[int, list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    saved = OmegaConf.load(RunFolder(sweep_dir).multirun_yaml)
-    if not str(saved.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
-        return {}
-    params = saved.hydra.sweeper.get("params") or {}
-    given = [f"{k}={v}" for k, v in params.items()] + [o for o in saved.hydra.overrides.task if _key(o) != "resume"]
+    path = RunFolder(sweep_dir).multirun_yaml
+    saved = sweep_file(path, SWEEP_FIX)
+    with damage(path, SWEEP_FIX):
+        if not str(saved.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+            return {}
+        params = saved.hydra.sweeper.get("params") or {}
+        given = [f"{k}={v}" for k, v in params.items()] + [o for o in _texts(saved.hydra.overrides.task)
+                                                           if _key(o) != "resume"]
     choices: dict[str, list[str]] = {}
     try:
         for override in OverridesParser.create().parse_overrides(given):
@@ -161,7 +213,11 @@ def _job_folders(sweep_dir: Path) -> dict[int, Path]:
     found = {}
     for saved in sweep_dir.rglob(".hydra/hydra.yaml"):
         if ".submitit" not in saved.parts:
-            found[int(OmegaConf.load(saved).hydra.job.num)] = saved.parent.parent
+            with damage(saved, JOB_FIX):
+                num = sweep_file(saved, JOB_FIX).hydra.job.num
+                if type(num) is not int or num < 0:
+                    raise ValueError(f"hydra.job.num {num!r} is not a job number")
+            found[num] = saved.parent.parent
     return found
 
 
@@ -180,8 +236,9 @@ def sweep_jobs(sweep_dir: Path) -> list[Job]:
 
 def _read_job(job: Job, sweep_dir: Path, folder: Path) -> None:
     job.folder = folder.relative_to(sweep_dir).as_posix()
-    saved = OmegaConf.load(RunFolder(folder).overrides_yaml)
-    job.overrides = [o for o in saved if _key(o) != "resume"]
+    path = RunFolder(folder).overrides_yaml
+    with damage(path, JOB_FIX):
+        job.overrides = [o for o in _texts(sweep_file(path, JOB_FIX)) if _key(o) != "resume"]
     manifest = read_manifest(folder) or {}
     job.status, job.error = manifest.get("status", "started"), manifest.get("error")
     if job.status == "complete":
@@ -213,6 +270,9 @@ def merge_sweep(sweep_dir: Path) -> dict:
     if not is_sweep_folder(sweep_dir):
         raise UserError(f"{sweep_dir}: not a sweep folder (no multirun.yaml); give the hydra.sweep.dir of a "
                         "--multirun, e.g. outputs/multirun/DATE/TIME")
+    if not RunFolder(sweep_dir).is_own():
+        raise UserError(f"{sweep_dir}: the --multirun folder of another program (neither its manifest.json nor its "
+                        "multirun.yaml is dsl's): dsl merges only its own sweeps")
     with claimed(sweep_dir):  # `dsl merge` of a sweep still running is refused (the sweep merges itself)
         jobs = sweep_jobs(sweep_dir)
         keys = override_keys(jobs)
@@ -232,7 +292,8 @@ def sweep_manifest(jobs: list[Job]) -> dict:
                "rows": len(j.rows)} for j in jobs]
     failed = [entry for entry in listed if entry["status"] == "failed"]
     unfinished = [entry for entry in listed if entry["status"] not in ("complete", "failed")]
-    return {"kind": "sweep", "status": "complete" if not failed and not unfinished else "incomplete",
+    return {"made_by": MADE_BY, "kind": "sweep",
+            "status": "complete" if not failed and not unfinished else "incomplete",
             "jobs": listed, "complete": len(jobs) - len(failed) - len(unfinished), "failed": failed,
             "unfinished": unfinished, "rows": sum(entry["rows"] for entry in listed)}
 
@@ -261,13 +322,12 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     """Heatmaps of the merged CSV (one set per combination of the overrides that vary and do not just split
     the work), and, where jobs decoded the same components through different lenses, grids of them side by
     side (`draw_lens_comparison`)."""
-    path = RunFolder(sweep_dir).csv(SIMILARITY)
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = [type_row(row, SIMILARITY, f"{path} row {n}:") for n, row in enumerate(csv.DictReader(handle), start=2)]
+    rows = read_merged(sweep_dir)
     keys = [c for c in (rows[0] if rows else {}) if c.startswith(OVERRIDE) and c[len(OVERRIDE):] not in SAME_HEATMAP_KEYS]
     varying = [k for k in keys if len({row[k] for row in rows}) > 1]
-    for stale in RunFolder(sweep_dir).figures("heatmaps", "grids"):  # an earlier merge's
-        stale.unlink()
+    listed = (read_manifest(sweep_dir) or {}).get("figures")
+    for stale in listed if isinstance(listed, list) else []:  # an earlier merge's, as its manifest lists them
+        (sweep_dir / stale).unlink(missing_ok=True)
     figures = []
     for values, group in group_rows(rows, tuple(varying)).items():
         tag = "_".join(f"{_safe(k[len(OVERRIDE):])}={_safe(v)}" for k, v in zip(varying, values))
@@ -275,10 +335,34 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     return figures + draw_lens_comparison(sweep_dir, rows)
 
 
+def read_merged(sweep_dir: Path) -> list[dict]:
+    """The merged similarity.csv's rows, typed, each checked as a run's own rows are (`check_merged_row`):
+    a name that is not a plain name, or a `file` that is not a picture in a job folder, is one UserError."""
+    path = RunFolder(sweep_dir).csv(SIMILARITY)
+    try:
+        text = read_bytes_nofollow(path).decode("utf-8")
+        reader = csv.DictReader(text.splitlines(keepends=True))
+        header = reader.fieldnames or []
+        if header[-len(SIMILARITY.columns):] != SIMILARITY.columns or header[:1] != ["job"]:
+            raise UserError(f"{path}: not a merged CSV of dsl's (columns {printable(str(header))}); `dsl merge "
+                            f"{sweep_dir}` writes it again")
+        rows = [row for row in reader if len(row) == len(header) and None not in row.values()]
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise UserError(f"{path}: not readable as a merged CSV ({err}); `dsl merge {sweep_dir}` writes it "
+                        "again") from None
+    return [check_merged_row(type_row(row, SIMILARITY, f"{path} row {n}:"), f"{path} row {n}:")
+            for n, row in enumerate(rows, start=2)]
+
+
 def redraw_sweeps(folder: Path) -> dict[Path, int]:
     """`draw_sweep` for every merged sweep at or below `folder`: {sweep folder: figures drawn}."""
     found = [folder] if is_sweep_folder(folder) else [p.parent for p in folder.rglob("multirun.yaml")]
-    return {sweep: len(draw_sweep(sweep)) for sweep in sorted(found) if RunFolder(sweep).csv(SIMILARITY).is_file()}
+    drawn = {}
+    for sweep in sorted(found):
+        if RunFolder(sweep).csv(SIMILARITY).is_file() and RunFolder(sweep).is_own():
+            with claimed(sweep):
+                drawn[sweep] = len(draw_sweep(sweep))
+    return drawn
 
 
 # ---------------------------------------------------------------- Hydra callback
@@ -320,7 +404,12 @@ class SweepResults(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        manifest = merge_sweep(sweep_dir)
+        try:
+            manifest = merge_sweep(sweep_dir)
+        except UserError as err:  # a damaged file of a job: one line, and the sweep ends with status 2
+            report(err, prefix="merge: ")
+            merged_sweeps.append({"status": "failed"})
+            return
         for line in summary_lines(sweep_dir, manifest):
             log.info("%s", line)
         merged_sweeps.append(manifest)

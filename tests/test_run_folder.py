@@ -44,19 +44,24 @@ def error_lines(err: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def hostile_run(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
-    """A run (umask 022) into an existing folder named like an HTML tag, which holds a user's files,
-    among them temporaries named like dsl's old ones (`.*.tmp`). Returns (folder, the user's files)."""
+    """A run (umask 022) into a folder named like an HTML tag, then, once a user has put files there (among
+    them temporaries named like dsl's old ones, `.*.tmp`), resumed: the resume removes what it calls its
+    temporaries. (A fresh run into a folder that already holds a user's files is refused: test_trust.py.)
+    Returns (folder, the user's files)."""
     root = tmp_path_factory.mktemp("hostile")
     folder = root / HOSTILE
     users = {"thesis/.ch1.docx.tmp": b"chapter one", ".notes.tmp": b"notes", "images/.mine.png.tmp": b"mine",
              "grids/.draft.tmp": b"draft"}
-    for name, data in users.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
     old = os.umask(0o022)
     try:
         result = subprocess.run([DSL, "run", "debug=tiny", "decode.top_k=1", f"hydra.run.dir='{folder}'"], cwd=root,
                                 capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        for name, data in users.items():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+        result = subprocess.run([DSL, "run", f"resume={folder}"], cwd=root, capture_output=True, text=True,
+                                timeout=600)
     finally:
         os.umask(old)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -176,7 +181,8 @@ def test_the_lock_appears_with_its_owner_already_written(hard_links: bool, tmp_p
         assert folder.claim() is True
         assert LockOwner.parse(seen[0].split(b"\n")[0].decode()) == folder.owner
         assert LockOwner.parse(folder.lock_path.read_bytes().split(b"\n")[0].decode()) == folder.owner
-        assert sorted(path.name for path in folder.path.iterdir()) == [RunFolder.LOCK]  # nothing staged is left
+        # nothing staged is left; the manifest's stamp (`made_by: dsl`) makes the new folder dsl's
+        assert sorted(path.name for path in folder.path.iterdir()) == [RunFolder.LOCK, "manifest.json"]
     finally:
         release_all()
 

@@ -1,0 +1,457 @@
+"""Trust, second round: a run, sweep, plot, merge or report touches only what it made, follows no planted
+link, never hangs, reads back every file it wrote as data (damage is one line, exit 2), stops on a signal at
+any moment with one line, checks every value of a sweep before writing anything, and repairs pictures to
+the bytes of an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dsl_cli import cli
+from dsl_cli.errors import UserError
+from dsl_cli.images import unique_names
+from dsl_cli.outputs import NAME, SIMILARITY, CsvLog, RunFolder, read_csv, read_manifest, release_all
+from helpers import dsl_in_process
+
+DSL = str(Path(sys.executable).parent / "dsl")
+SCORES_ONLY = ["debug=tiny", "decode.enabled=false", "layer=1", "images.limit=1"]  # seconds, nothing decoded
+DECODED = ["debug=tiny", "layer=1", "images.limit=2", "component=all", "decode.batch_size=4"]  # 10 pictures
+DSL_MULTIRUN = """hydra:
+  sweeper:
+    _target_: hydra._internal.core_plugins.basic_sweeper.BasicSweeper
+    params: null
+  overrides:
+    task: ['seed=0,1']
+    hydra: []
+  callbacks:
+    sweep_results:
+      _target_: dsl_cli.sweeps.SweepResults
+"""
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file and link below `root` (a link as its target), with its bytes."""
+    found = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            found[str(p.relative_to(root))] = f"-> {os.readlink(p)}".encode()
+        elif p.is_file():
+            found[str(p.relative_to(root))] = p.read_bytes()
+    return found
+
+
+def one_line(err: str) -> str:
+    """The `dsl: error:` line of a refusal: there is one, and no traceback."""
+    assert "Traceback" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def in_process(args: list[str], where: Path) -> tuple[int, str]:
+    """`dsl ARGS` in this process from `where`, for a module fixture (no function-scoped monkeypatch)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(where)
+        try:
+            code = cli.main(args)
+        except SystemExit as exit_:
+            code = exit_.code
+        finally:
+            release_all()
+    return code, ""
+
+
+@pytest.fixture(scope="module")
+def decoded_run(tmp_path_factory) -> Path:
+    """A finished tiny run that decoded 10 pictures in batches of 4, 4 and 2."""
+    root = tmp_path_factory.mktemp("decoded")
+    code, _ = in_process(["run", *DECODED, f"hydra.run.dir={root / 'run'}"], root)
+    assert code == 0
+    return root / "run"
+
+
+@pytest.fixture
+def run_copy(decoded_run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(decoded_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A finished, merged tiny sweep of two jobs (seed 0 and 1), scores only."""
+    root = tmp_path_factory.mktemp("sweep")
+    code, _ = in_process(["run", "-m", *SCORES_ONLY, "seed=0,1", f"hydra.sweep.dir={root / 'sweep'}"], root)
+    assert code == 0
+    return root / "sweep"
+
+
+@pytest.fixture
+def sweep_copy(sweep: Path, tmp_path: Path) -> Path:
+    shutil.copytree(sweep, tmp_path / "sweep")
+    return tmp_path / "sweep"
+
+
+def dsl_sweep_folder(folder: Path, manifest: bool = True) -> Path:
+    """A sweep folder as `dsl run -m` leaves it before any job ran: multirun.yaml, the claim's manifest."""
+    folder.mkdir(parents=True)
+    (folder / "multirun.yaml").write_text(DSL_MULTIRUN)
+    if manifest:
+        (folder / "manifest.json").write_text(json.dumps({"made_by": "dsl", "kind": "sweep", "status": "started"}))
+    return folder
+
+
+def picture(path: Path, data: bytes = b"\x89PNG mine") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+# ------------------------------------------------------------------ names from a CSV never become paths out
+
+
+def test_plot_refuses_a_merged_csv_whose_image_climbs_out(tmp_path: Path, monkeypatch, capsys) -> None:
+    sweep_dir = dsl_sweep_folder(tmp_path / "a" / "b" / "c" / "sweep")
+    columns = ["job", "override.seed", *SIMILARITY.columns]
+    CsvLog(sweep_dir / "similarity.csv", columns).rewrite([
+        {"job": 0, "override.seed": "0", "image": "../../../x/pwned", "lens": "steering", "component": "L01H00",
+         "kind": "head", "layer": 1, "head": 0, "seed": 0, "steps": 2, "guidance": 4.0, "sim_embed": 0.5, "rank": 1}])
+    before = snapshot(tmp_path)
+    code, err = dsl_in_process(["plot", str(sweep_dir)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "image" in one_line(err)
+    assert snapshot(tmp_path) == before
+    assert not (tmp_path / "a" / "b" / "x").exists()
+
+
+# ------------------------------------------------------------------ folders that are not dsl's
+
+
+def test_a_sweep_into_a_folder_of_pictures_is_refused_and_they_stay(tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "mine"
+    picture(folder / "grids" / "holiday.png")
+    picture(folder / "heatmaps" / "chart.png")
+    before = snapshot(folder)
+    code, err = dsl_in_process(["run", "-m", *SCORES_ONLY, "seed=0,1", f"hydra.sweep.dir={folder}"], tmp_path,
+                               monkeypatch, capsys)
+    assert code == 2 and "not a dsl folder" in one_line(err)
+    assert snapshot(folder) == before
+
+
+def test_merge_deletes_only_the_figures_its_manifest_lists(tmp_path: Path, monkeypatch, capsys) -> None:
+    sweep_dir = dsl_sweep_folder(tmp_path / "sweep")
+    picture(sweep_dir / "heatmaps" / "mine.png")
+    picture(sweep_dir / "grids" / "mine.png")
+    code, err = dsl_in_process(["merge", str(sweep_dir)], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert (sweep_dir / "heatmaps" / "mine.png").is_file() and (sweep_dir / "grids" / "mine.png").is_file()
+
+
+def test_merge_refuses_another_hydra_apps_multirun_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "multirun.yaml").write_text("hydra:\n  job:\n    name: train\n  overrides:\n    task: ['lr=1,2']\n")
+    (other / "manifest.json").write_text('{"model": "resnet"}')
+    (other / "index.html").write_text("<p>my results</p>")
+    picture(other / "heatmaps" / "loss.png")
+    picture(other / "0" / "grids" / "batch.png")
+    before = snapshot(other)
+    code, err = dsl_in_process(["merge", str(other)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "another program" in one_line(err)
+    assert snapshot(other) == before
+
+
+def test_report_leaves_a_subfolder_whose_manifest_is_not_dsls(tmp_path: Path, monkeypatch, capsys) -> None:
+    other = tmp_path / "parent" / "other"
+    other.mkdir(parents=True)
+    (other / "manifest.json").write_text('{"name": "my dataset", "files": 3}')
+    (other / "index.html").write_text("<p>my dataset</p>")
+    before = snapshot(tmp_path / "parent")
+    code, err = dsl_in_process(["report", str(tmp_path / "parent")], tmp_path, monkeypatch, capsys)
+    assert code == 2, err
+    one_line(err)
+    assert snapshot(tmp_path / "parent") == before
+
+
+def test_a_run_into_a_folder_with_a_users_files_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "mine"
+    for name in ("index.html", "patches.csv", "grids/astronaut_steering_L01.png"):
+        picture(folder / name, b"the user's " + name.encode())
+    before = snapshot(folder)
+    code, err = dsl_in_process(["run", *SCORES_ONLY, f"hydra.run.dir={folder}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "not a dsl folder" in one_line(err)
+    assert snapshot(folder) == before
+
+
+# ------------------------------------------------------------------ planted links
+
+
+def test_a_dsl_log_linked_outside_is_refused_and_nothing_is_appended(tmp_path: Path, monkeypatch, capsys) -> None:
+    outside = tmp_path / "diary.txt"
+    outside.write_text("dear diary\n")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "dsl.log").symlink_to(outside)
+    code, err = dsl_in_process(["run", *SCORES_ONLY, f"hydra.run.dir={folder}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "symbolic link" in one_line(err)
+    assert outside.read_text() == "dear diary\n"
+
+
+def test_plot_refuses_a_grids_folder_linked_outside(run_copy: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.rmtree(run_copy / "grids")
+    (run_copy / "grids").symlink_to(outside)
+    code, err = dsl_in_process(["plot", str(run_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "symbolic link" in one_line(err)
+    assert list(outside.iterdir()) == []
+
+
+def test_merge_refuses_a_grids_folder_linked_outside(tmp_path: Path, monkeypatch, capsys) -> None:
+    outside = tmp_path / "elsewhere"
+    picture(outside / "precious.png")
+    sweep_dir = dsl_sweep_folder(tmp_path / "sweep")
+    (sweep_dir / "grids").symlink_to(outside)
+    code, err = dsl_in_process(["merge", str(sweep_dir)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "symbolic link" in one_line(err)
+    assert (outside / "precious.png").read_bytes() == b"\x89PNG mine"
+
+
+@pytest.mark.parametrize("command", ["report", "run"])
+def test_a_dangling_lock_link_is_refused_not_spun_on(command: str, run_copy: Path, tmp_path: Path) -> None:
+    (run_copy / ".dsl.lock").symlink_to(tmp_path / "nowhere")
+    args = ["report", str(run_copy)] if command == "report" else ["run", f"resume={run_copy}"]
+    result = subprocess.run([DSL, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and ".dsl.lock" in one_line(result.stderr)
+
+
+# ------------------------------------------------------------------ damaged files: one line, exit 2
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]"])
+def test_a_damaged_manifest_stops_resume_with_one_line(content: str, run_copy: Path, tmp_path: Path, monkeypatch,
+                                                       capsys) -> None:
+    (run_copy / "manifest.json").write_text(content)
+    code, err = dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "manifest.json" in one_line(err)
+
+
+def test_a_fresh_run_into_a_folder_with_a_damaged_manifest_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("{not json")
+    code, err = dsl_in_process(["run", *SCORES_ONLY, f"hydra.run.dir={folder}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "manifest.json" in one_line(err)
+    assert (folder / "manifest.json").read_text() == "{not json"
+
+
+@pytest.mark.parametrize("manifest", [[1, 2], {"made_by": "dsl", "config": "x"},
+                                      {"made_by": "dsl", "seconds": {"encoder": "fast"}},
+                                      {"made_by": "dsl", "versions": {"dsl": "1"}, "images": [{"a": 1}]}])
+def test_report_of_a_manifest_of_the_wrong_shape_is_one_line(manifest, run_copy: Path, tmp_path: Path, monkeypatch,
+                                                             capsys) -> None:
+    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    code, err = dsl_in_process(["report", str(run_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "manifest.json" in one_line(err)
+
+
+DAMAGE = {  # a sweep's file -> what it is made
+    "multirun.yaml": "hydra: [unclosed",
+    "0/.hydra/hydra.yaml": "hydra:\n  job:\n    num: first\n",
+    "0/.hydra/overrides.yaml": "{a: 1}\n",
+    "0/manifest.json": "{not json",
+    "1/similarity.csv": "image,lens\n../x,steering\n",
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGE))
+def test_merge_of_a_damaged_sweep_file_is_one_line_naming_it(name: str, sweep_copy: Path, tmp_path: Path,
+                                                             monkeypatch, capsys) -> None:
+    (sweep_copy / name).write_text(DAMAGE[name])
+    code, err = dsl_in_process(["merge", str(sweep_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and Path(name).name in one_line(err)
+
+
+@pytest.mark.parametrize("name", ["multirun.yaml", "0/.hydra/overrides.yaml"])
+def test_resume_of_a_damaged_sweep_is_one_line_naming_the_file(name: str, sweep_copy: Path, tmp_path: Path,
+                                                               monkeypatch, capsys) -> None:
+    (sweep_copy / name).write_text(DAMAGE[name])
+    code, err = dsl_in_process(["run", f"resume={sweep_copy}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and Path(name).name in one_line(err)
+
+
+def test_multirun_with_cfg_job_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", "-m", *SCORES_ONLY, "seed=0,1", "--cfg", "job"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "--cfg" in one_line(err)
+
+
+# ------------------------------------------------------------------ every value of a sweep, at once
+
+
+def test_a_bad_201st_value_is_refused_at_once_and_nothing_is_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    values = ",".join(map(str, range(200))) + ",abc"
+    start = time.monotonic()
+    code, err = dsl_in_process(["run", "-m", *SCORES_ONLY, f"seed={values}", "hydra.sweep.dir=sweep"], tmp_path,
+                               monkeypatch, capsys)
+    assert code == 2 and "seed=abc" in one_line(err)
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "sweep").exists()
+
+
+# ------------------------------------------------------------------ signals from the first instruction on
+
+
+def start_run(folder: Path) -> subprocess.Popen:
+    return subprocess.Popen([DSL, "run", *SCORES_ONLY, f"hydra.run.dir={folder}"], cwd=folder.parent,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.own_process
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_in_the_first_second_is_one_line(signum: int, tmp_path: Path) -> None:
+    process = start_run(tmp_path / "run")
+    time.sleep(0.4)
+    process.send_signal(signum)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 128 + signum, err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.strip()]) <= 2, err
+
+
+@pytest.mark.own_process
+def test_sigterm_just_after_the_claim_leaves_a_folder_to_reuse(tmp_path: Path) -> None:
+    folder = tmp_path / "run"
+    process = start_run(folder)
+    deadline = time.monotonic() + 60
+    while not (folder / ".dsl.lock").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 143, err
+    assert "Traceback" not in err, err
+    assert not (folder / ".dsl.lock").exists()  # no stale lock
+    if RunFolder(folder).config_yaml.exists():  # stopped inside the job: resume= continues it
+        assert RunFolder(folder).holds_run()
+    else:  # stopped before: a fresh run takes the folder
+        assert RunFolder(folder).claim() is True
+        RunFolder(folder).release()
+
+
+# ------------------------------------------------------------------ names and repairs
+
+
+def test_a_long_file_name_gives_a_name_dsl_accepts() -> None:
+    files = [Path(f"/in/{'a' * 186}.png"), Path(f"/in/{'b' * 190} 2.png"), Path(f"/in/{'c' * 250}.png"),
+             Path(f"/in/x/{'a' * 186}.png")]
+    names = unique_names(files, Path("/in"))
+    assert len(set(names)) == 4
+    for name in names:
+        assert NAME.fullmatch(name), name
+        assert len(f".{name}_steering_layers.png.12345678.dsl-tmp".encode()) < 255
+
+
+def test_repaired_pictures_are_the_bytes_of_the_uninterrupted_run(decoded_run: Path, run_copy: Path, tmp_path: Path,
+                                                                   monkeypatch, capsys) -> None:
+    pictures = sorted(decoded_run.glob("images/*/steering/*.png"))
+    assert len(pictures) == 10
+    damaged = [run_copy / pictures[i].relative_to(decoded_run) for i in (1, 6)]  # inside the 1st and 2nd batch
+    for path in damaged:
+        path.write_bytes(path.read_bytes()[:40])
+    code, err = dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    for path in pictures:
+        assert (run_copy / path.relative_to(decoded_run)).read_bytes() == path.read_bytes(), path.name
+    assert (run_copy / "similarity.csv").read_bytes() == (decoded_run / "similarity.csv").read_bytes()
+
+
+# ------------------------------------------------------------------ property: readers take any bytes
+
+
+ALPHABET = "aZ09_.-/\\ ..~$<>\"',;:\n\r\t\x00é€" + "\u202e"
+
+
+def random_text(rng: random.Random) -> str:
+    if rng.random() < 0.3:
+        return rng.choice(["img", "L01H00", "steering", "a.b-c_1"])
+    if rng.random() < 0.3:
+        return rng.choice(["", "..", ".", "/", "../x", "a/../../b", "L01H00", "img", "steering", "/etc/passwd",
+                           "images/img/steering/L01H00.png", "0/images/img/steering/L01H00.png", "a" * 250, "nan",
+                           "1e999", "-1", "C:\\x", "~root", ".hidden"])
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 12)))
+
+
+def random_value(rng: random.Random, depth: int = 0):
+    kind = rng.randint(0, 7 if depth < 2 else 4)
+    if kind == 0:
+        return random_text(rng)
+    if kind == 1:
+        return rng.choice([0, 1, -1, 2**70, 0.5, float("inf")])
+    if kind == 2:
+        return rng.choice([None, True, False])
+    if kind in (3, 4):
+        return rng.choice(["complete", "failed", "started", "dsl"])
+    if kind == 5:
+        return [random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    return {rng.choice(KEYS): random_value(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+
+
+KEYS = ["made_by", "kind", "status", "error", "config", "versions", "seconds", "images", "skipped", "figures", "jobs",
+        "failed", "unfinished", "rows", "complete", "job", "folder", "overrides", "encoder", "lens", "dsl", "name"]
+
+
+def test_readers_refuse_or_accept_random_names_and_values_and_touch_nothing_outside(tmp_path: Path) -> None:
+    from dsl_cli.report import header, settings_section
+    from dsl_cli.sweeps import read_merged, summary_lines
+
+    rng = random.Random(30)
+    folder = tmp_path / "box" / "run"
+    folder.mkdir(parents=True)
+    (folder / "multirun.yaml").write_text(DSL_MULTIRUN)
+    outside = snapshot(tmp_path / "box") | {}
+    counts: dict[tuple[str, str], int] = {}
+    for case in range(600):
+        row = {c: random_text(rng) for c in ("image", "lens", "component", "file")}
+        row |= {"sim_embed": rng.choice(["0.5", "x", "", "nan"]), "rank": rng.choice(["1", "1.5", ""])}
+        merged = {"job": "0", **row}
+        CsvLog(folder / "similarity.csv", SIMILARITY.columns).rewrite([row]) if case % 2 else \
+            (folder / "similarity.csv").write_text(
+                ",".join(["job", *SIMILARITY.columns]) + "\n" + ",".join(
+                    json.dumps(merged.get(c, "")) for c in ["job", *SIMILARITY.columns]) + "\n")
+        manifest = random_value(rng) if rng.random() < 0.3 else {"made_by": "dsl", **{
+            rng.choice(KEYS): random_value(rng) for _ in range(rng.randint(1, 5))}}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        outcomes = []
+        try:
+            rows = read_csv(folder / "similarity.csv") if case % 2 else read_merged(folder)
+            for got in rows:
+                for key in ("image", "lens", "component"):
+                    assert NAME.fullmatch(got[key]), got
+                if got["file"]:
+                    assert (folder / got["file"]).resolve().is_relative_to(folder.resolve())
+            outcomes.append(("csv", "accepted"))
+        except UserError as err:
+            assert "\n" not in err.args[0]
+            outcomes.append(("csv", "refused"))
+        try:
+            data = read_manifest(folder)
+            if data is not None:
+                header(folder, data, "run")
+                settings_section(data)
+                if "jobs" in data and all(k in data for k in ("failed", "unfinished", "complete", "rows")):
+                    summary_lines(folder, data)
+            outcomes.append(("manifest", "accepted"))
+        except UserError as err:
+            assert "\n" not in err.args[0]
+            outcomes.append(("manifest", "refused"))
+        for outcome in outcomes:
+            counts[outcome] = counts.get(outcome, 0) + 1
+    assert min(counts.values()) > 20 and len(counts) == 4, counts
+    assert {k: v for k, v in snapshot(tmp_path / "box").items() if not k.startswith("run/")} == \
+        {k: v for k, v in outside.items() if not k.startswith("run/")}
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "multirun.yaml", "similarity.csv"]
