@@ -520,3 +520,69 @@ def accumulate(partial: Partial, items: Iterable[tuple[str, Any]], source, sourc
     flush(True)
     flush(False)
     return partial
+
+
+# ---------------------------------------------------------------- `dsl run adapter=PATH`
+
+ADAPTER_LENSES = ("steering", "diffusion", "direct")  # the lenses whose embeddings the adapter maps
+
+
+def run_adapter(cfg) -> Optional[Adapter]:
+    """The adapter `cfg.adapter` names, checked against the run's config before any model is built: one line
+    (UserError) for an adapter fitted for another encoder or decoder, or a lens that does not decode its
+    embeddings. None when the run has no adapter."""
+    path = cfg.get("adapter") if hasattr(cfg, "get") else getattr(cfg, "adapter", None)
+    if not path:
+        return None
+    from dsl_cli.adapter_cli import encoder_identity, encoder_label
+
+    adapter = Adapter.load(path)
+    meta, where = adapter.meta, f"adapter={path}"
+    fitted = meta.get("source") or {}
+    if fitted != encoder_identity(cfg.encoder):
+        raise UserError(f"{where} was fitted for encoder {encoder_label(fitted)}, not {encoder_label(encoder_identity(cfg.encoder))}: "
+                        "fit one for this encoder (dsl adapter fit encoder=... decoder=...)")
+    target = meta.get("target") or {}
+    if (target.get("family"), target.get("decoder_source")) != (cfg.decoder.family, cfg.decoder.source):
+        raise UserError(f"{where} maps to decoder {target.get('family')} ({target.get('decoder_source')}), not "
+                        f"{cfg.decoder.family} ({cfg.decoder.source}): fit one for this decoder")
+    if cfg.lens.name not in ADAPTER_LENSES:
+        raise UserError(f"lens={cfg.lens.name} with {where}: an adapter decodes the lenses "
+                        f"{', '.join(ADAPTER_LENSES)} (their embeddings are mapped into the decoder's space)")
+    if cfg.lens.text or cfg.study.name:
+        raise UserError(f"{where}: labels (lens.text) and studies read the source encoder's own embeddings; "
+                        "run them without the adapter")
+    if cfg.lens.verify and adapter.readout.kind != "embed":
+        raise UserError(f"lens.verify=true with {where}: the hooked reference reads the embedding, and this "
+                        f"adapter maps the {adapter.readout.label} (lens.verify=false)")
+    return adapter
+
+
+def target_space(adapter: Adapter):
+    """The `EmbeddingSpace` the adapter maps into (what `check_pairing` judges instead of the encoder's)."""
+    from dsl_cli.encoder import EmbeddingSpace
+
+    space = (adapter.meta.get("target") or {}).get("space") or {}
+    return EmbeddingSpace(space.get("model", "?"), space.get("weights"), int(space.get("width", adapter.q)))
+
+
+def adapt_encoder(encoder, adapter: Adapter, where: str = "adapter") -> AdaptedEncoder:
+    """`AdaptedEncoder(encoder, adapter)` after checking the loaded encoder is the one it was fitted on (its
+    shape and readout): one line otherwise."""
+    shape = adapter.meta.get("source_shape") or {}
+    have = {"n_layers": encoder.n_layers, "d_model": encoder.d_model, "d_embed": encoder.d_embed,
+            "readout_kind": encoder.readout_kind}
+    diff = [f"{k} {shape[k]} (this encoder: {have[k]})" for k in have if k in shape and shape[k] != have[k]]
+    if diff or adapter.p != adapter.readout.width(encoder):
+        raise UserError(f"{where} was fitted on another readout of another model: "
+                        + ("; ".join(diff) or f"{adapter.p}-wide inputs, this {adapter.readout.label} is "
+                                                f"{adapter.readout.width(encoder)}-wide"))
+    return AdaptedEncoder(encoder, adapter)
+
+
+def manifest_entry(adapter: Adapter, path: str) -> dict:
+    m = adapter.meta.get("metrics") or {}
+    return {"path": str(path), "name": adapter.name, "readout": adapter.readout.label,
+            "target": adapter.meta.get("target_label"), "heldout_cosine": m.get("cosine_mean"),
+            "heldout_r2": m.get("r2"), "heldout_images": m.get("heldout_images"), "lambda": adapter.meta.get("lambda"),
+            "description": adapter.describe()}

@@ -163,6 +163,7 @@ class RunConfig:
     resume: Optional[str] = None  # a run folder to complete
     clamp_to_model: bool = False  # layers/heads beyond the model: nearest one with a warning, not an error
     outputs_root: str = "outputs"  # the folder below which runs and sweeps go (debug=* sets outputs/debug)
+    adapter: Optional[str] = None  # a fitted adapter (`dsl adapter fit`): every lens decodes through it
 
 
 def gpu_count(at_least: int = 0) -> int:

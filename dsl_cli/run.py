@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from dsl_cli import __version__
+from dsl_cli.adapters import adapt_encoder, manifest_entry, run_adapter, target_space
 from dsl_cli.baselines import Extra, baseline_extras, score_extras, seed_extras, seed_spread, start_extras
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig
@@ -79,7 +80,10 @@ def validate(cfg: DictConfig) -> None:
     if not 0 <= cfg.decoder.noise_level < NOISE_LEVELS:
         raise UserError(f"decoder.noise_level={cfg.decoder.noise_level}: must be between 0 and {NOISE_LEVELS - 1}")
     if cfg.study.name is None and decode.enabled:
-        check_pairing(embedding_space(cfg.encoder), cfg.decoder)
+        adapter = run_adapter(cfg)  # an adapter's target space is what the decoder must decode
+        check_pairing(embedding_space(cfg.encoder) if adapter is None else target_space(adapter), cfg.decoder)
+    elif cfg.get("adapter"):
+        run_adapter(cfg)
 
 
 def _validate_lens(cfg: DictConfig) -> None:
@@ -470,6 +474,11 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     reader = _prepare(cfg, lens, device, manifest)
     with manifest.stage("encoder"):
         encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.encoder.dtype, device))
+        adapter = run_adapter(cfg)
+        if adapter is not None:  # every lens decodes through it (dsl_cli.adapters)
+            encoder = adapt_encoder(encoder, adapter, f"adapter={cfg.adapter}")
+            manifest.update(adapter=manifest_entry(adapter, cfg.adapter))
+            log.info("decoding through %s", adapter.describe())
     manifest.update(encoder_dtype=dtype_name(encoder.dtype))
     components = lens.components(cfg.layer, cfg.head, cfg.component, encoder.n_layers, encoder.n_heads,
                                  mid=cfg.lens.mid, clamp=cfg.clamp_to_model)

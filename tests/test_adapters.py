@@ -273,3 +273,115 @@ def test_fit_options_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
         code, err = dsl_in_process(["adapter", "fit", "debug=tiny", arg, "adapter.layer=9"][:4], tmp_path,
                                    monkeypatch, capsys)
         assert code == 2 and words in err, (arg, err)
+
+
+# ---------------------------------------------------------------- lenses through an adapter
+
+
+def _random_adapter(encoder: HookedEncoder, q: int, readout: Readout = Readout("embed"), seed: int = 0) -> Adapter:
+    g = torch.Generator().manual_seed(seed)
+    p = readout.width(encoder)
+    return Adapter(torch.randn(q, p, generator=g) / p**0.5, torch.randn(q, generator=g),
+                   {"readout": {"kind": readout.kind, "layer": readout.layer}})
+
+
+@pytest.mark.parametrize("visual", [build_tiny_visual, _other_visual], ids=["tiny", "width48"])
+def test_closed_form_through_the_adapter_equals_the_hooked_path_through_it(visual):
+    encoder = HookedEncoder(visual())
+    adapter = _random_adapter(encoder, q=21)
+    adapted = AdaptedEncoder(encoder, adapter)
+    pixels = _pixels(3, seed=4)
+    cache = adapted.run_with_cache(pixels)
+    components = ["L0H1", "L1MLP", f"L{encoder.n_layers - 1}H3"]
+    for mode, alpha in (("norm", 2.0), ("add", 0.7), ("scale", 3.0)):
+        closed = adapted.steer(cache, components, mode=mode, alpha=alpha)  # [B, K, 21]
+        assert closed.shape == (3, 3, 21)
+        for k, comp in enumerate(components):
+            hooked = adapter(encoder.steer_hooked(pixels, comp, mode=mode, alpha=alpha))
+            assert torch.allclose(closed[:, k], hooked, atol=1e-4), (mode, comp)
+    assert torch.allclose(cache.embeds, adapter(encoder.embed(pixels)), atol=1e-5)
+    assert torch.allclose(adapted.embed(pixels), cache.embeds, atol=1e-5)
+    dl = adapted.diffusion_lens(cache, [encoder.n_layers - 1])[:, 0]  # the last residual is the embedding
+    assert torch.allclose(dl, cache.embeds, atol=1e-4)
+
+
+def test_residual_adapter_maps_the_steered_final_residual():
+    encoder = HookedEncoder(build_tiny_visual())
+    readout = Readout("resid", encoder.n_layers - 1)
+    adapter = _random_adapter(encoder, q=19, readout=readout)
+    adapted = AdaptedEncoder(encoder, adapter)
+    pixels = _pixels(2, seed=5)
+    cache = adapted.run_with_cache(pixels)
+    assert torch.allclose(cache.embeds, adapter(cache.resid[:, -1]))
+    steered = adapted.steer(cache, ["L2H0"], mode="add", alpha=1.5)[:, 0]
+    assert torch.allclose(steered, adapter(cache.resid[:, -1] + 1.5 * cache.head_writes[:, 2, 0]), atol=1e-5)
+    direct = adapted.direct(cache, ["L1MLP"])[:, 0]
+    assert torch.allclose(direct, adapter(cache.mlp_writes[:, 1]), atol=1e-6)
+
+
+def _run_args(adapter, lens: str, *extra: str) -> list[str]:
+    return ["run", "debug=tiny", f"adapter={adapter}", f"lens={lens}", "images.names=[chelsea]", *extra]
+
+
+def test_runs_decode_through_the_adapter_with_every_lens(resid_adapter, tmp_path, monkeypatch, capsys):
+    import json
+
+    from helpers import dsl_in_process
+
+    for lens, extra in (("steering", ["layer=3", "head=[0,2]"]), ("diffusion", ["layer=[1,3]"]),
+                        ("direct", ["layer=3", "head=[1]"])):
+        out = tmp_path / lens
+        code, err = dsl_in_process(_run_args(resid_adapter, lens, *extra, f"hydra.run.dir={out}"), tmp_path,
+                                   monkeypatch, capsys)
+        assert code == 0, err
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["adapter"]["name"] == "fitted"
+        assert manifest["adapter"]["heldout_cosine"] == Adapter.load(resid_adapter).meta["metrics"]["cosine_mean"]
+        assert manifest["decoded"] == manifest["to_decode"] >= 1 and list(out.rglob("*.png"))
+
+
+def test_verify_runs_through_an_embedding_adapter(photos, tmp_path, monkeypatch, capsys):
+    """lens.verify compares the closed form with the hooked pass, both through the adapter."""
+    import json
+
+    from helpers import dsl_in_process
+
+    code, err = dsl_in_process(["adapter", "fit", "debug=tiny", f"images.path={photos}", "adapter.examples=0",
+                                f"adapter.out={tmp_path / 'a'}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    identity = Adapter.load(tmp_path / "a")  # tiny to tiny: the identity
+    assert (identity.W - torch.eye(32)).abs().max() < 1e-3
+    code, err = dsl_in_process(_run_args(tmp_path / "a", "steering", "layer=2", "head=[1]", "lens.verify=true",
+                                         "decode.enabled=false", f"hydra.run.dir={tmp_path / 'run'}"), tmp_path,
+                               monkeypatch, capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["adapter"]
+
+
+def _saved_like(resid_adapter, folder, **changes) -> str:
+    adapter = Adapter.load(resid_adapter)
+    for key, value in changes.items():
+        adapter.meta[key] = value
+    adapter.save(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("change, args, words", [
+    ({"source": {"source": "open_clip", "name": "ViT-L-14", "pretrained": "openai", "checkpoint": None}}, [],
+     "was fitted for encoder ViT-L-14 (openai), not tiny encoder"),
+    ({}, ["decoder=kandinsky21_tiny", "encoder=vitl14_tiny"], "maps to decoder kandinsky22 (tiny), not kandinsky21"),
+    ({"source_shape": {"n_layers": 6, "d_model": 64, "d_embed": 32, "readout_kind": "cls"}}, [],
+     "fitted on another readout of another model: n_layers 6"),
+    ({}, ["lens=logit"], "an adapter decodes the lenses steering, diffusion, direct"),
+    ({}, ["lens.verify=true"], "lens.verify=true with adapter="),
+])
+def test_runs_refuse_an_adapter_fitted_for_something_else(resid_adapter, tmp_path, monkeypatch, capsys, change, args,
+                                                          words):
+    from helpers import dsl_in_process
+
+    path = _saved_like(resid_adapter, tmp_path / "other", **change)
+    code, err = dsl_in_process(["run", "debug=tiny", f"adapter={path}", "layer=3", "images.names=[chelsea]", *args,
+                                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and words in err, err
+    assert len(err.strip().splitlines()) == 1, err
