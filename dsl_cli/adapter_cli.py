@@ -190,7 +190,7 @@ def fit_command(args: list[str]) -> int:
     meta = {
         "source": source_ident, "source_label": encoder_label(source_ident),
         "source_shape": {"n_layers": source.n_layers, "d_model": source.d_model, "d_embed": source.d_embed,
-                         "readout_kind": source.readout_kind},
+                         "readout_kind": getattr(source, "readout_kind", "cls")},
         "readout": {"kind": readout.kind, "layer": readout.layer},
         "target": target_identity(cfg.decoder, space), "target_label": target_label(target_identity(cfg.decoder, space)),
         "target_encoder": encoder_identity(target_cfg),

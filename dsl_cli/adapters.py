@@ -571,7 +571,7 @@ def adapt_encoder(encoder, adapter: Adapter, where: str = "adapter") -> AdaptedE
     shape and readout): one line otherwise."""
     shape = adapter.meta.get("source_shape") or {}
     have = {"n_layers": encoder.n_layers, "d_model": encoder.d_model, "d_embed": encoder.d_embed,
-            "readout_kind": encoder.readout_kind}
+            "readout_kind": getattr(encoder, "readout_kind", "cls")}  # cls, mean or map (an open_clip ViT: cls)
     diff = [f"{k} {shape[k]} (this encoder: {have[k]})" for k in have if k in shape and shape[k] != have[k]]
     if diff or adapter.p != adapter.readout.width(encoder):
         raise UserError(f"{where} was fitted on another readout of another model: "
