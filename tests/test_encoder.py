@@ -196,7 +196,8 @@ def sequence_first_tower() -> VisionTransformer:
     (cross_attention_tower, BLOCKS_REFUSED.format("ResidualAttentionBlock")),
     (sequence_first_tower, "only batch-first transformers are supported"),
     (lambda: torch.nn.Linear(2, 2),
-     "HookedEncoder needs an open_clip VisionTransformer, got Linear (timm and ResNet towers are not decomposed)"),
+     "HookedEncoder needs a vision transformer of open_clip, timm or transformers, got Linear "
+     "(ResNet and other towers are not decomposed)"),
 ])
 def test_unsupported_towers_are_refused_saying_why(build, message):
     with pytest.raises(NotImplementedError) as refused:

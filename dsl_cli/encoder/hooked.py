@@ -1,4 +1,10 @@
-"""`HookedEncoder`: an open_clip `VisionTransformer` opened up at the CLS position (DESIGN.md section 3).
+"""`HookedEncoder`: a vision transformer opened up at its readout position (DESIGN.md sections 3 and 7).
+
+Any ViT of open_clip, timm or transformers that `dsl_cli.encoder.families` covers: each family's adapter shows
+the blocks as canonical parts (norms, q/k/v/out weights, LayerScale gammas, MLP), the token embedding and the
+readout; everything here is computed over those parts. The readout position is the class token (CLS readout)
+or the mean over patch tokens (mean readout); attention pooling is not a function of one position, so its
+steering and Diffusion Lens take the hooked path (`EncoderCache.exact` says which).
 
 Shapes: B images, T tokens (CLS + patches), L blocks, H heads, D residual width, d = D / H head width,
 E embedding width, K components.
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Callable, ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
 from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
@@ -26,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dsl_cli.components import READS, Component, parse_component
 from dsl_cli.devices import Placed
-from dsl_cli.encoder import openclip_api
+from dsl_cli.encoder.families import BlockParts, Family, family_of
 
 ComponentLike = Union[str, Component]
 STEER_MODES = ("add", "scale", "norm")
@@ -87,6 +93,12 @@ class EncoderCache:
                               is the attention sub-block's output
     mlp_writes   [B, L, D]    m_l, LayerScale included
     embeds       [B, E]       the image embedding; equals visual(pixels)
+
+    With a mean readout every [B, ..., D] field holds the mean over patch tokens instead of the CLS row (the
+    component's mean write, exact: the readout sees the mean). `readout` names the readout (cls, mean, map) and
+    `exact` whether the lenses' closed form holds; where it does not (attention pooling), `pixels` keeps the
+    batch for the hooked path and `stream_embeds` [B, L+1, E] / `mid_embeds` [B, L, E] hold the readout of
+    the whole residual stream (all tokens) after each block, for the Diffusion Lens.
     """
 
     resid: Tensor
@@ -95,10 +107,16 @@ class EncoderCache:
     attn_bias: Tensor
     mlp_writes: Tensor
     embeds: Tensor
+    # a CLS readout's cache holds the tensors above alone; `ReadoutCache` sets these for the other readouts
+    readout = "cls"
+    exact = True
+    pixels: ClassVar[Optional[Tensor]] = None
+    stream_embeds: ClassVar[Optional[Tensor]] = None
+    mid_embeds: ClassVar[Optional[Tensor]] = None
 
     def to(self, *args, **kwargs) -> "EncoderCache":
         """A copy with every tensor moved/cast like `Tensor.to` (e.g. `cache.to("cpu")`)."""
-        return EncoderCache(**{f.name: getattr(self, f.name).to(*args, **kwargs) for f in fields(self)})
+        return type(self)(**{f.name: _moved(getattr(self, f.name), *args, **kwargs) for f in fields(self)})
 
     def __getitem__(self, name: str) -> Tensor:
         """TransformerLens names, at the CLS position: `blocks.{l}.hook_resid_pre`, `.hook_resid_mid`,
@@ -120,6 +138,21 @@ class EncoderCache:
 
 
 @dataclass
+class ReadoutCache(EncoderCache):
+    """The cache of a mean or attention-pooled readout (see `EncoderCache`)."""
+
+    readout: str = "mean"
+    exact: bool = True
+    pixels: Optional[Tensor] = None
+    stream_embeds: Optional[Tensor] = None
+    mid_embeds: Optional[Tensor] = None
+
+
+def _moved(value, *args, **kwargs):
+    return value.to(*args, **kwargs) if isinstance(value, Tensor) else value
+
+
+@dataclass
 class MeanWrites:
     """Mean writes for mean ablation: every head's and MLP's write averaged over images AND token positions
     (one vector per component, so the replacement carries no information about the image or the position).
@@ -135,7 +168,8 @@ class MeanWrites:
 
 
 def head_writes(
-    block: ResidualAttentionBlock, queries: Tensor, keys: Tensor, heads: Optional[Sequence[int]] = None
+    block: Union[ResidualAttentionBlock, BlockParts], queries: Tensor, keys: Tensor,
+    heads: Optional[Sequence[int]] = None,
 ) -> Tensor:
     """Per-head attention writes, recomputed from the block's own weights (open_clip's fused attention
     never exposes them).
@@ -146,32 +180,58 @@ def head_writes(
     `heads` (indices) keeps only those heads -> [B, Tq, len(heads), D]; the attention itself is then
     computed for them alone (all-token writes of every head are large: 0.9 GB per 32 bigG images).
     """
-    attn = block.attn
-    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
-    q, k, v = (_split_heads(attn, nn.functional.linear(x, w, b))
+    parts = block if isinstance(block, BlockParts) else _openclip_parts(block)
+    w_q, w_k, w_v = parts.qkv_weight.chunk(3)
+    b_q, b_k, b_v = parts.qkv_bias.chunk(3) if parts.qkv_bias is not None else (None,) * 3
+    q, k, v = (_split(parts, nn.functional.linear(x, w, b))
                for x, w, b in ((queries, w_q, b_q), (keys, w_k, b_k), (keys, w_v, b_v)))
-    w_o = _out_weight(attn)
+    w_o = parts.out_by_head()
     if heads is not None:
         picked = torch.as_tensor(heads, dtype=torch.long, device=q.device)
         q, k, v, w_o = q[:, picked], k[:, picked], v[:, picked], w_o[:, picked]
     z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, Tq, d]
     writes = torch.einsum("bhqe,dhe->bqhd", z, w_o)
-    return _layer_scale(block.ls_1, writes)
+    return _gamma(writes, parts.gamma1)
+
+
+def attention_and_pooled_head_writes(
+    parts: BlockParts, normed: Tensor, pool: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, Tensor]:
+    """The attention sub-block computed once, from the block's own weights: normed [B, T, D] (norm1 output)
+    -> (its output `g1 * attn(normed)` at every token [B, T, D], the per-head writes at the readout position
+    [B, H, D] as `head_writes` gives them: at the CLS query, or their mean over the pooled queries, which is
+    the attention-weighted values' mean through W_O). The same products as the libraries' fused attention, so
+    the block output agrees with theirs to round-off and the cache pays for no second pass over keys and values.
+    `pool` maps [B, T, ...] to [B, ...] (the family's readout position)."""
+    q, k, v = parts.qkv(normed)
+    z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, T, d]
+    out = parts.attn_output(z)
+    pooled_writes = torch.einsum("bhe,dhe->bhd", pool(z.transpose(1, 2)), parts.out_by_head())
+    return out, _gamma(pooled_writes, parts.gamma1)
 
 
 def attention_and_cls_head_writes(block: ResidualAttentionBlock, normed: Tensor) -> tuple[Tensor, Tensor]:
-    """The attention sub-block computed once, from the block's own weights: normed [B, T, D] (ln_1 output)
-    -> (its output `ls_1(attn(normed))` at every token [B, T, D], the per-head writes at the CLS query
-    [B, H, D] as `head_writes` gives them). The same products as open_clip's fused attention, so the block
-    output agrees with it to round-off and the cache pays for no second pass over the keys and values."""
-    attn = block.attn
-    q, k, v = (_split_heads(attn, x) for x in nn.functional.linear(normed, attn.in_proj_weight,
-                                                                    attn.in_proj_bias).chunk(3, dim=-1))
-    z = nn.functional.scaled_dot_product_attention(q, k, v)  # [B, H, T, d]
-    out = nn.functional.linear(z.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)
-    cls_writes = torch.einsum("bhe,dhe->bhd", z[:, :, 0], _out_weight(attn))
-    return _layer_scale(block.ls_1, out), _layer_scale(block.ls_1, cls_writes)
+    """`attention_and_pooled_head_writes` of an open_clip block at the CLS query."""
+    return attention_and_pooled_head_writes(_openclip_parts(block), normed, lambda x: x[:, 0])
+
+
+def _openclip_parts(block: ResidualAttentionBlock) -> BlockParts:
+    """An open_clip block's canonical parts (its own parameters, as views)."""
+    return BlockParts(
+        block=block, norm1=block.ln_1, qkv_weight=block.attn.in_proj_weight, qkv_bias=block.attn.in_proj_bias,
+        out_weight=block.attn.out_proj.weight, out_bias=block.attn.out_proj.bias, n_heads=block.attn.num_heads,
+        gamma1=block.ls_1.gamma if isinstance(block.ls_1, LayerScale) else None, norm2=block.ln_2,
+        mlp=block.mlp, gamma2=block.ls_2.gamma if isinstance(block.ls_2, LayerScale) else None,
+        attn_out=block.ls_1, mlp_out=block.ls_2)
+
+
+def _split(parts: BlockParts, x: Tensor) -> Tensor:
+    """[B, T, H d] -> [B, H, T, d]."""
+    return x.unflatten(-1, (parts.n_heads, parts.d_head)).transpose(1, 2)
+
+
+def _gamma(x: Tensor, gamma: Optional[Tensor]) -> Tensor:
+    return x if gamma is None else x * gamma
 
 
 def _split_heads(attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
@@ -220,18 +280,20 @@ def _check_mode(mode: str) -> None:
 
 
 class HookedEncoder(Placed, nn.Module):
-    """Wraps an open_clip `VisionTransformer` (pre-LN blocks, CLS pooling, LayerScale and any activation,
-    width, depth or patch size). The wrapped module is used as it is and left unmodified."""
+    """Wraps a vision transformer of open_clip, timm or transformers (`dsl_cli.encoder.families`): pre-norm
+    blocks, LayerScale, register tokens, any activation, width, depth or patch size; a CLS, mean-pooled or
+    attention-pooled readout. The wrapped module is used as it is and left unmodified."""
 
-    def __init__(self, visual: VisionTransformer):
+    def __init__(self, visual: nn.Module):
         super().__init__()
-        _check_supported(visual)
+        family = family_of(visual)
         self.visual = visual.eval()
+        self.__dict__["family"] = family  # not a submodule: it holds no parameters of its own
 
     # ---- shape and placement -------------------------------------------------------------------
     @property
     def blocks(self) -> nn.ModuleList:
-        return self.visual.transformer.resblocks
+        return self.family.blocks
 
     @property
     def n_layers(self) -> int:
@@ -239,68 +301,109 @@ class HookedEncoder(Placed, nn.Module):
 
     @property
     def n_heads(self) -> int:
-        return self.blocks[0].attn.num_heads
+        return self.family.n_heads
 
     @property
     def d_model(self) -> int:
-        return self.visual.transformer.width
+        return self.family.d_model
 
     @property
     def d_head(self) -> int:
-        return self.d_model // self.n_heads
+        return self.family.parts(0).d_head
 
     @property
     def d_embed(self) -> int:
-        return self.d_model if self.visual.proj is None else self.visual.proj.shape[1]
+        return self.family.d_embed
 
     @property
     def image_size(self) -> int:
         """Side of the (square) input image in pixels."""
-        return self.visual.image_size[0]
+        return self.family.image_size
 
     @property
     def placement(self) -> Tensor:
-        return self.visual.class_embedding
+        return self.family.placement
+
+    @property
+    def readout_kind(self) -> str:
+        """How the embedding is read from the final residual: cls, mean (over patch tokens) or map."""
+        return self.family.readout
+
+    @property
+    def exact(self) -> bool:
+        """Whether the embedding is a function of the residual at the readout position (closed-form lenses);
+        False for attention pooling, whose steering and Diffusion Lens take the hooked path."""
+        return self.family.exact
+
+    @property
+    def steering_path(self) -> str:
+        return "closed form" if self.exact else "hooked"
+
+    @property
+    def classifier(self) -> Optional[nn.Module]:
+        """The model's own classifier head on the embedding (logits = classifier(embedding)), or None."""
+        return self.family.classifier
+
+    def block_parts(self, layer: int) -> BlockParts:
+        """Block `layer` as canonical parts (norms, q/k/v/out weights, LayerScale gammas, MLP)."""
+        return self.family.parts(layer)
 
     # ---- the cache -----------------------------------------------------------------------------
     @torch.inference_mode()
     def run_with_cache(self, pixels: Tensor) -> EncoderCache:
         """pixels [B, 3, S, S] (preprocessed) -> EncoderCache, in one batched pass.
 
-        Peak extra memory is one layer's all-token activations: only CLS rows are kept.
+        Peak extra memory is one layer's all-token activations: only the readout position's rows are kept.
         """
-        x = openclip_api.tokens(self.visual, pixels.to(self.device, self.dtype))  # [B, T, D]
-        # CLS rows are cloned: a view would keep each layer's whole [B, T, D] tensor alive
-        resid, resid_mid, heads, biases, mlps = [x[:, 0].clone()], [], [], [], []
-        for block in self.blocks:
-            attn_out, cls_writes = attention_and_cls_head_writes(block, block.ln_1(x))
+        family = self.family
+        pixels = pixels.to(self.device, self.dtype)
+        pool = family.pool
+        x = family.tokens(pixels)  # [B, T, D]
+        streams = [] if family.exact else [x]  # all-token residuals for a readout that needs them
+        mids = []
+        # pooled rows are cloned: a view would keep each layer's whole [B, T, D] tensor alive
+        resid, resid_mid, heads, biases, mlps = [pool(x).clone()], [], [], [], []
+        for layer in range(self.n_layers):
+            parts = family.parts(layer)
+            attn_out, pooled_writes = attention_and_pooled_head_writes(parts, parts.norm1(x), pool)
             x = x + attn_out
-            heads.append(cls_writes)
-            biases.append(attn_bias(block).expand_as(x[:, 0]))
-            resid_mid.append(x[:, 0].clone())
-            mlp_out = block.ls_2(block.mlp(block.ln_2(x)))
-            mlps.append(mlp_out[:, 0].clone())
+            heads.append(pooled_writes)
+            biases.append(parts.attn_bias().expand_as(x[:, 0]))
+            resid_mid.append(pool(x).clone())
+            if not family.exact:
+                mids.append(family.readout_tokens(x))
+            mlp_out = parts.mlp_write(x)
+            mlps.append(pool(mlp_out).clone())
             x = x + mlp_out
-            resid.append(x[:, 0].clone())
-        pooled = openclip_api.pool_cls(self.visual, x)
-        return EncoderCache(
+            resid.append(pool(x).clone())
+            if not family.exact:
+                streams.append(x)
+        tensors = dict(
             resid=torch.stack(resid, 1),
             resid_mid=torch.stack(resid_mid, 1),
             head_writes=torch.stack(heads, 1),
             attn_bias=torch.stack(biases, 1),
             mlp_writes=torch.stack(mlps, 1),
-            embeds=self._project(pooled),
+            embeds=family.readout_tokens(x),
         )
+        if family.readout == "cls" and family.exact:
+            return EncoderCache(**tensors)
+        if family.exact:
+            return ReadoutCache(**tensors, readout=family.readout)
+        return ReadoutCache(**tensors, readout=family.readout, exact=False, pixels=pixels,
+                            stream_embeds=torch.stack([family.readout_tokens(t) for t in streams], 1),
+                            mid_embeds=torch.stack(mids, 1))
 
     # ---- lenses (closed form, batched) ---------------------------------------------------------
     @torch.inference_mode()
     def readout(self, v: Tensor) -> Tensor:
-        """R(v) = ln_post(v) @ proj: [..., D] -> [..., E]."""
-        return self._project(self.visual.ln_post(v.to(self.device, self.dtype)))
+        """R(v), e.g. ln_post(v) @ proj: [..., D] -> [..., E]; the embedding is R(x_L at the readout position).
+        An attention-pooled readout is not a function of one vector: NotImplementedError."""
+        return self.family.readout_vector(v.to(self.device, self.dtype))
 
     def component_writes(self, cache: EncoderCache, components: Sequence[ComponentLike]) -> Tensor:
         """[B, K, D]: head writes a_{l,h}, MLP writes m_l, residuals x_{l+1} (label `L{l}`), x_{l,mid}
-        (`L{l}mid`), x_0 (`embed`)."""
+        (`L{l}mid`), x_0 (`embed`), at the readout position."""
         return torch.stack([self._vector(cache, self._parse(c)) for c in components], 1)
 
     def diffusion_lens(
@@ -312,22 +415,84 @@ class HookedEncoder(Placed, nn.Module):
         for c in picked:
             if c.kind not in ("resid", "embed") or (mid and c.kind == "embed"):
                 raise ValueError(f"the diffusion lens reads residual-stream labels (L<layer>, embed), not {c.label}")
+        if not cache.exact:  # the readout of every token's residual, recorded by run_with_cache
+            if mid:
+                return cache.mid_embeds[:, [c.layer for c in picked]]
+            return cache.stream_embeds[:, [c.layer + 1 for c in picked]]
         if mid:
             return self.readout(cache.resid_mid[:, [c.layer for c in picked]])
         return self.readout(cache.resid[:, [c.layer + 1 for c in picked]])
 
     def direct(self, cache: EncoderCache, components: Sequence[ComponentLike]) -> Tensor:
-        """The naive submodule lens R(write) -> [B, K, E]."""
-        return self.readout(self.component_writes(cache, components))
+        """The naive submodule lens R(write) -> [B, K, E] (the residual stream's labels read as the Diffusion
+        Lens does)."""
+        parsed = [self._parse(c) for c in components]
+        if not cache.exact:
+            if any(c.kind in ("head", "mlp") for c in parsed):
+                raise NotImplementedError(
+                    f"the {cache.readout} readout pools every token: a write alone has no readout (use lens=steering)")
+            return torch.stack([self.diffusion_lens(cache, [c], mid=c.kind == "resid_mid")[:, 0] for c in parsed], 1)
+        return self.readout(self.component_writes(cache, parsed))
 
     def steer(
         self, cache: EncoderCache, components: Sequence[ComponentLike], mode: str = "norm", alpha: float = 2.0
     ) -> Tensor:
-        """DSL, closed form: R(x_L + delta(c)) for each head/MLP c -> [B, K, E] (one LayerNorm and matmul)."""
+        """DSL, closed form: R(x_L + delta(c)) for each head/MLP c -> [B, K, E] (one norm and matmul). With a
+        mean readout x_L and c are the means over patch tokens (norm mode: alpha |mean x_L| c / |c|, added at
+        every token). Where the readout is not exact (attention pooling) the hooked path gives the same
+        quantity from the batch's pixels kept in the cache (`steer_tokens`)."""
         parsed = [self._parse(c, steerable=True) for c in components]
+        _check_mode(mode)
+        if not cache.exact:
+            return self.steer_tokens(cache.pixels, parsed, mode, alpha)
         writes = self.component_writes(cache, parsed)  # [B, K, D]
         final = cache.resid[:, -1:]  # [B, 1, D]
         return self.readout(final + steering_delta(writes, final, mode, alpha))
+
+    @torch.inference_mode()
+    def steer_tokens(
+        self, pixels: Tensor, components: Sequence[ComponentLike], mode: str = "norm", alpha: float = 2.0
+    ) -> Tensor:
+        """DSL through the hooked path, batched over components -> [B, K, E]: with every later sub-block patched
+        to its clean output, the final residual at each token t is x_L[t] + delta(c_t), so one clean pass
+        gives x_L at every token and a second (hooked, unmodified) pass reads each component's write at every
+        token as it is computed and applies the library's own readout head to x_L + delta. Norm mode is
+        per token (alpha |x_L[t]| c_t / |c_t|), or pooled for a mean readout as in `steer`."""
+        parsed = [self._parse(c, steerable=True) for c in components]
+        _check_mode(mode)
+        pixels = pixels.to(self.device, self.dtype)
+        final_name = f"blocks.{self.n_layers - 1}.hook_resid_post"
+        clean: dict[str, Tensor] = {}
+        self.run_with_hooks(pixels, {final_name: _recorder(clean)})
+        final = clean[final_name]  # [B, T, D]
+        out = torch.empty(len(pixels), len(parsed), self.d_embed, device=self.device, dtype=self.dtype)
+        family = self.family
+
+        def steered(write: Tensor) -> Tensor:  # write [B, T, D] -> [B, E]
+            if mode == "norm" and family.readout == "mean":
+                delta = steering_delta(family.pool(write)[:, None], family.pool(final)[:, None], mode, alpha)
+            else:
+                delta = steering_delta(write, final, mode, alpha)
+            return family.readout_tokens(final + delta)
+
+        hooks: list[tuple[str, HookFn]] = []
+        for layer in sorted({c.layer for c in parsed}):
+            heads = [(k, c.head) for k, c in enumerate(parsed) if c.layer == layer and c.kind == "head"]
+            mlps = [k for k, c in enumerate(parsed) if c.layer == layer and c.kind == "mlp"]
+            if heads:
+                def at_heads(writes: Tensor, hook: HookPoint, heads=heads) -> None:
+                    for j, (k, _) in enumerate(heads):
+                        out[:, k] = steered(writes[:, :, j])
+
+                hooks.append((f"blocks.{layer}.attn.hook_result", only_heads([h for _, h in heads], at_heads)))
+            if mlps:
+                def at_mlp(write: Tensor, hook: HookPoint, mlps=mlps) -> None:
+                    for k in mlps:
+                        out[:, k] = steered(write)
+
+                hooks.append((f"blocks.{layer}.hook_mlp_out", at_mlp))
+        self.run_with_hooks(pixels, hooks)
+        return out
 
     # ---- named hook points -----------------------------------------------------------------------
     @contextmanager
@@ -342,7 +507,7 @@ class HookedEncoder(Placed, nn.Module):
         handles: list[RemovableHandle] = []
         try:
             for point, fn in points:
-                handles += _attach(self.blocks[point.layer], point.point, _bound(fn, point))
+                handles += _attach(self.family.parts(point.layer), point.point, _bound(fn, point))
             yield
         finally:
             for handle in handles:
@@ -350,7 +515,7 @@ class HookedEncoder(Placed, nn.Module):
 
     @torch.inference_mode()
     def run_with_hooks(self, pixels: Tensor, fns: Union[dict[str, HookFn], Sequence[tuple[str, HookFn]]]) -> Tensor:
-        """open_clip's own forward with `hooks(fns)` active: pixels [B, 3, S, S] -> [B, E]."""
+        """The library's own forward with `hooks(fns)` active: pixels [B, 3, S, S] -> [B, E]."""
         with self.hooks(fns):
             return self._forward(pixels.to(self.device, self.dtype))
 
@@ -389,8 +554,13 @@ class HookedEncoder(Placed, nn.Module):
                 return write - c + alpha * c
             if mode == "add":
                 return write + alpha * c
+            size = final.float().norm(dim=-1, keepdim=True)
+            if self.family.readout == "mean":  # the readout sees the means over patch tokens
+                first = self.family.n_prefix
+                c = c[:, first:].mean(1, keepdim=True)
+                size = final[:, first:].float().mean(1, keepdim=True).norm(dim=-1, keepdim=True)
             unit = nn.functional.normalize(c.float(), dim=-1)  # a zero write stays zero
-            return write + (alpha * final.float().norm(dim=-1, keepdim=True) * unit).to(write.dtype)
+            return write + (alpha * size * unit).to(write.dtype)
 
         if target.kind == "mlp":
             return [(target.hook_name, lambda out, hook: steer_write(out, out))]
@@ -458,17 +628,16 @@ class HookedEncoder(Placed, nn.Module):
     @torch.inference_mode()
     def zero_embed(self) -> Tensor:
         """[1, E]: the encoder on an all-zeros image in normalised pixel space (the decoder's negative)."""
-        side = self.visual.image_size
-        return self._forward(torch.zeros(1, 3, *side, device=self.device, dtype=self.dtype))
+        side = self.image_size
+        return self._forward(torch.zeros(1, 3, side, side, device=self.device, dtype=self.dtype))
 
     # ---- helpers -------------------------------------------------------------------------------
     def _forward(self, pixels: Tensor) -> Tensor:
-        """open_clip's own forward -> [B, E] (the pooled embedding, also when the tower returns tokens)."""
-        out = self.visual(pixels)
-        return out[0] if isinstance(out, tuple) else out
+        """The library's own forward -> [B, E] (the pooled embedding, also when the tower returns tokens)."""
+        return self.family.forward(pixels)
 
     def _project(self, v: Tensor) -> Tensor:
-        return v if self.visual.proj is None else v @ self.visual.proj
+        return self.family.project(v)
 
     def _parse(self, component: ComponentLike, steerable: bool = False) -> Component:
         c = parse_component(component)
@@ -535,17 +704,18 @@ class HookedEncoder(Placed, nn.Module):
                  lambda out, hook: out - torch.einsum("bh,bthd->btd", mask, seen["w"] - replacement))]
 
 
-def _attach(block: ResidualAttentionBlock, point: str, call: Callable[[Tensor], Tensor]) -> list[RemovableHandle]:
-    """Torch hooks on an open_clip block's public submodules that pass the activation at `point` through
-    `call` (its value in, its replacement out). open_clip's block computes x + ls_1(attn(ln_1(x))), then
-    x + ls_2(mlp(ln_2(x))); the LayerScales fire even as nn.Identity."""
+def _attach(parts: BlockParts, point: str, call: Callable[[Tensor], Tensor]) -> list[RemovableHandle]:
+    """Torch hooks on a block's public submodules that pass the activation at `point` through `call` (its value
+    in, its replacement out). Every supported block computes x + g1 * attn(norm1(x)), then
+    x + g2 * mlp(norm2(x)); `parts.attn_out` / `parts.mlp_out` are the modules whose output is each write
+    (open_clip's and timm's LayerScales fire even as nn.Identity; a tuple output's first item is the write)."""
     if point == "hook_resid_pre":
-        return [block.register_forward_pre_hook(lambda m, args: (call(args[0]), *args[1:]))]
+        return [parts.block.register_forward_pre_hook(_replace_input(call), with_kwargs=True)]
     if point == "hook_resid_post":
-        return [block.register_forward_hook(lambda m, args, out: call(out))]
+        return [parts.block.register_forward_hook(lambda m, args, out: _replace_output(out, call))]
     if point in ("hook_attn_out", "hook_mlp_out"):
-        scale = block.ls_1 if point == "hook_attn_out" else block.ls_2
-        return [scale.register_forward_hook(lambda m, args, out: call(out))]
+        module = parts.attn_out if point == "hook_attn_out" else parts.mlp_out
+        return [module.register_forward_hook(lambda m, args, out: _replace_output(out, call))]
     if point == "hook_resid_mid":  # the MLP reads the new value, and the residual carries it on
         change: dict[str, Tensor] = {}
 
@@ -554,17 +724,37 @@ def _attach(block: ResidualAttentionBlock, point: str, call: Callable[[Tensor], 
             change["d"] = new - args[0]
             return (new, *args[1:])
 
-        return [block.ln_2.register_forward_pre_hook(replace),
-                block.ls_2.register_forward_hook(lambda m, args, out: out + change.pop("d"))]
-    normed: dict[str, Tensor] = {}  # attn.hook_result: per-head writes from the recorded ln_1 output
+        return [parts.norm2.register_forward_pre_hook(replace),
+                parts.mlp_out.register_forward_hook(
+                    lambda m, args, out: _replace_output(out, lambda x: x + change.pop("d")))]
+    normed: dict[str, Tensor] = {}  # attn.hook_result: per-head writes from the recorded norm1 output
 
-    def edit(m: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        writes = head_writes(block, normed["x"], normed["x"], heads=call.heads)
+    def edit(x: Tensor) -> Tensor:
+        writes = head_writes(parts, normed["x"], normed["x"], heads=call.heads)
         new = call(writes)
-        return out if new is writes else out + (new - writes).sum(2)
+        return x if new is writes else x + (new - writes).sum(2)
 
-    return [block.ln_1.register_forward_hook(lambda m, args, out: normed.__setitem__("x", out)),
-            block.ls_1.register_forward_hook(edit)]
+    return [parts.norm1.register_forward_hook(lambda m, args, out: normed.__setitem__("x", out)),
+            parts.attn_out.register_forward_hook(lambda m, args, out: _replace_output(out, edit))]
+
+
+def _replace_output(out, call: Callable[[Tensor], Tensor]):
+    """A module's output with its tensor (the first item of a tuple) passed through `call`."""
+    if isinstance(out, tuple):
+        return (call(out[0]), *out[1:])
+    return call(out)
+
+
+def _replace_input(call: Callable[[Tensor], Tensor]):
+    """A forward pre-hook (with kwargs) replacing a block's first input, given by position or as hidden_states."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        if args:
+            return (call(args[0]), *args[1:]), kwargs
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, key: call(kwargs[key])}
+
+    return hook
 
 
 def _recorder(store: dict) -> HookFn:
@@ -589,11 +779,11 @@ def _bound(fn: HookFn, point: HookPoint) -> Callable[[Tensor], Tensor]:
 
 
 def _check_supported(visual: nn.Module) -> None:
-    """Raise NotImplementedError for towers the CLS decomposition does not describe exactly."""
+    """Raise NotImplementedError for open_clip towers the CLS decomposition does not describe exactly."""
     if not isinstance(visual, VisionTransformer):
         raise NotImplementedError(
-            f"HookedEncoder needs an open_clip VisionTransformer, got {type(visual).__name__} "
-            "(timm and ResNet towers are not decomposed)"
+            f"HookedEncoder needs a vision transformer of open_clip, timm or transformers, got "
+            f"{type(visual).__name__} (ResNet and other towers are not decomposed)"
         )
     if visual.attn_pool is not None:
         raise NotImplementedError("attentional pooling is not covered by the CLS-token decomposition")

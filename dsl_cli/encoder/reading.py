@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from dsl_cli.components import Component
-from dsl_cli.encoder.hooked import EncoderCache, HookedEncoder, _layer_scale, _out_weight
+from dsl_cli.encoder.hooked import EncoderCache, HookedEncoder
 
 
 @dataclass
@@ -50,28 +50,46 @@ class Attribution:
         return torch.stack([parts[c.kind](c) for c in components], 1)
 
 
+def final_norm(encoder: HookedEncoder) -> nn.LayerNorm:
+    """The readout's LayerNorm (open_clip's ln_post; another family's final norm or fc_norm); a readout that is
+    not a LayerNorm and a linear map of the readout position (attention pooling) cannot be attributed."""
+    norm = encoder.family.final_norm()
+    if norm is None:
+        raise NotImplementedError(f"the {encoder.readout_kind} readout of this {encoder.family.name} ViT is not a "
+                                  "LayerNorm and a linear map: no exact direct attribution")
+    return norm
+
+
 def frozen_scale(encoder: HookedEncoder, final: Tensor) -> Tensor:
     """ln_post's scale at the clean final residual: final [B, D] -> sigma [B, 1] (float32)."""
-    return (final.float().var(-1, unbiased=False, keepdim=True) + encoder.visual.ln_post.eps).sqrt()
+    return (final.float().var(-1, unbiased=False, keepdim=True) + final_norm(encoder).eps).sqrt()
 
 
 def linear_readout(encoder: HookedEncoder, v: Tensor, sigma: Tensor) -> Tensor:
     """The readout with ln_post's scale frozen: v [B, ..., D], sigma [B, 1] -> [B, ..., E] (float32), with
     no bias (it is a term of its own)."""
-    ln = encoder.visual.ln_post
+    ln = final_norm(encoder)
     v = v.float()
     scale = sigma.view(sigma.shape[0], *([1] * (v.dim() - 1)))
     normed = (v - v.mean(-1, keepdim=True)) / scale * ln.weight.float()
+    return _projected(encoder, normed)
+
+
+def _projected(encoder: HookedEncoder, v: Tensor) -> Tensor:
+    """v [..., D] (float32) through the readout's projection after the norm -> [..., E] (float32): open_clip's
+    `proj` in float32; another family's own (bias-free) projection module, or none."""
+    if encoder.family.name != "open_clip":
+        return encoder.family.project(v.to(encoder.dtype)).float()
     proj = encoder.visual.proj
-    return normed if proj is None else normed @ proj.float()
+    return v if proj is None else v @ proj.float()
 
 
 @torch.inference_mode()
 def direct_attribution(encoder: HookedEncoder, cache: EncoderCache) -> Attribution:
     """Every head's and MLP's direct attribution, and the embedding and bias terms (module docstring)."""
     sigma = frozen_scale(encoder, cache.resid[:, -1])
-    ln, proj = encoder.visual.ln_post, encoder.visual.proj
-    bias = ln.bias.float() if proj is None else ln.bias.float() @ proj.float()
+    ln = final_norm(encoder)
+    bias = _projected(encoder, ln.bias.float())
     return Attribution(
         heads=linear_readout(encoder, cache.head_writes, sigma),
         mlps=linear_readout(encoder, cache.mlp_writes, sigma),
@@ -89,7 +107,7 @@ def head_sources(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Compone
     clean pass records the input of every chosen head's block. pixels [B, 3, S, S].
     """
     normed = _block_inputs(encoder, pixels, heads)
-    return torch.stack([_sources(encoder.blocks[c.layer], normed[c.layer], c.head) for c in heads], 1)
+    return torch.stack([_sources(encoder, c.layer, normed[c.layer], c.head) for c in heads], 1)
 
 
 @torch.inference_mode()
@@ -100,7 +118,7 @@ def source_shares(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Compon
     normed = _block_inputs(encoder, pixels, heads)
     shares = []
     for c in heads:
-        parts = _sources(encoder.blocks[c.layer], normed[c.layer], c.head)  # [B, T, D]
+        parts = _sources(encoder, c.layer, normed[c.layer], c.head)  # [B, T, D]
         write = parts.sum(1, keepdim=True)  # [B, 1, D]
         size = (write * write).sum(-1).clamp_min(torch.finfo(torch.float32).tiny)  # a zero write gives zeros
         shares.append((parts * write).sum(-1) / size)
@@ -112,21 +130,25 @@ def _block_inputs(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Compon
     inputs: dict[int, Tensor] = {}
 
     def keep(x: Tensor, point) -> None:
-        inputs[point.layer] = encoder.blocks[point.layer].ln_1(x)
+        inputs[point.layer] = encoder.block_parts(point.layer).norm1(x)
 
     encoder.run_with_hooks(pixels, [(f"blocks.{l}.hook_resid_pre", keep) for l in sorted({c.layer for c in heads})])
     return inputs
 
 
-def _sources(block: nn.Module, normed: Tensor, head: int) -> Tensor:
-    """One head's CLS write by source token: normed [B, T, D] (ln_1 output) -> [B, T, D]. Only the head's
-    rows of the input projection are applied (its query at CLS alone), not all heads' to pick one."""
-    attn = block.attn
-    d = attn.embed_dim // attn.num_heads
-    rows = [slice(part * attn.embed_dim + head * d, part * attn.embed_dim + (head + 1) * d) for part in range(3)]
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    q = nn.functional.linear(normed[:, :1], w[rows[0]], b[rows[0]]).float()  # [B, 1, d]
-    k, v = (nn.functional.linear(normed, w[r], b[r]).float() for r in rows[1:])  # [B, T, d] each
-    weights = torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, -1)  # [B, 1, T]
-    values = v @ _out_weight(attn)[:, head].float().T  # [B, T, D]: each token's value through W_O
-    return _layer_scale(block.ls_1, weights.transpose(1, 2) * values).float()
+def _sources(encoder: HookedEncoder, layer: int, normed: Tensor, head: int) -> Tensor:
+    """One head's write at the readout position by source token: normed [B, T, D] (norm1 output) -> [B, T, D].
+    Only the head's rows of the input projection are applied (its query at the readout position alone, not
+    all heads' to pick one). With a pooled readout the queries are the pooled tokens, and each source's part is
+    its mean over them, so that the parts still sum to the cached (mean) write."""
+    parts = encoder.block_parts(layer)
+    width, d = parts.qkv_weight.shape[0] // 3, parts.d_head
+    rows = [slice(part * width + head * d, part * width + (head + 1) * d) for part in range(3)]
+    w, b = parts.qkv_weight, parts.qkv_bias
+    queries = normed[:, :1] if encoder.readout_kind == "cls" else normed[:, encoder.family.n_prefix:]
+    q = nn.functional.linear(queries, w[rows[0]], None if b is None else b[rows[0]]).float()  # [B, Q, d]
+    k, v = (nn.functional.linear(normed, w[r], None if b is None else b[r]).float() for r in rows[1:])  # [B, T, d]
+    weights = torch.softmax(q @ k.transpose(1, 2) / d ** 0.5, -1).mean(1, keepdim=True)  # [B, 1, T]
+    values = v @ parts.out_by_head()[:, head].float().T  # [B, T, D]: each token's value through W_O
+    out = weights.transpose(1, 2) * values
+    return (out if parts.gamma1 is None else out * parts.gamma1.float()).float()

@@ -1,0 +1,329 @@
+"""Any ViT opened up: timm and transformers vision transformers beside open_clip, through `HookedEncoder`.
+
+Every family is a tiny random model built from the library's own config class, with asymmetric shapes (3 layers,
+4 heads, 2 images, width 48, MLP 80) and random LayerScale gammas, so that a wrong axis or an unfolded gamma
+shows. Each is checked against the library's own forward: the decomposition sums to its final hidden state,
+the cache's embedding and the readout equal its pooled output, the closed form equals the hooked reference for
+every component, and a classifier head read at the last layer gives its logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from timm.models.vision_transformer import VisionTransformer
+
+from dsl_cli.encoder import HookedEncoder
+from dsl_cli.encoder import timm_api
+
+LAYERS, HEADS, IMAGES, WIDTH, SIDE, PATCH = 3, 4, 2, 48, 32, 8
+ATOL = 1e-5
+
+
+def _randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter drawn at random: LayerScale gammas (their inits are constants, which would hide a gamma
+    on the wrong axis), biases (some libraries start them at zero), and weights at 1/sqrt(fan-in) (timm's
+    0.02 makes every write so small that steering would hardly move the output)."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("gamma", "lambda1")):
+                p.copy_(torch.rand(p.shape, generator=generator) + 0.5)
+            elif p.dim() == 1:
+                p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=generator))
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) / p[0].numel() ** 0.5)
+    return model.eval()
+
+
+def _timm(**kwargs) -> VisionTransformer:
+    torch.manual_seed(0)
+    base = dict(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=LAYERS, num_heads=HEADS, mlp_ratio=80 / 48,
+                init_values=0.1, reg_tokens=2, num_classes=5)
+    return _randomised(VisionTransformer(**{**base, **kwargs}))
+
+
+HF_SHAPE = dict(hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS, image_size=SIDE,
+                patch_size=PATCH)
+
+
+def _hf(model_class, config_class, **kwargs):
+    torch.manual_seed(0)
+    config = config_class(**HF_SHAPE, **kwargs)
+    config._attn_implementation = "eager"
+    return _randomised(model_class(config))
+
+
+# name -> (build, readout, exact)
+FAMILIES = {
+    "timm_token": (lambda: _timm(global_pool="token"), "cls", True),
+    "timm_avg_fc_norm": (lambda: _timm(global_pool="avg"), "mean", True),
+    "timm_avg_norm_first": (lambda: _timm(global_pool="avg", fc_norm=False), "mean", False),
+    "timm_map": (lambda: _timm(global_pool="map", class_token=False, reg_tokens=0), "map", False),
+    "clip": (lambda: _hf(transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig,
+                         intermediate_size=80, projection_dim=24), "cls", True),
+    "clip_no_projection": (lambda: _hf(transformers.CLIPVisionModel, transformers.CLIPVisionConfig,
+                                       intermediate_size=80), "cls", True),
+    "dinov2": (lambda: _hf(transformers.Dinov2Model, transformers.Dinov2Config, mlp_ratio=2,
+                           layerscale_value=0.5), "cls", True),
+    "dinov2_registers": (lambda: _hf(transformers.Dinov2WithRegistersModel, transformers.Dinov2WithRegistersConfig,
+                                     mlp_ratio=2, num_register_tokens=2), "cls", True),
+    "vit_classifier": (lambda: _hf(transformers.ViTForImageClassification, transformers.ViTConfig,
+                                   intermediate_size=80, num_labels=7), "cls", True),
+    "deit": (lambda: _hf(lambda c: transformers.DeiTModel(c, add_pooling_layer=False), transformers.DeiTConfig,
+                         intermediate_size=80), "cls", True),
+    "siglip": (lambda: _hf(transformers.SiglipVisionModel, transformers.SiglipVisionConfig, intermediate_size=80),
+               "map", False),
+}
+
+
+@pytest.fixture(scope="module")
+def pixels() -> torch.Tensor:
+    return torch.randn(IMAGES, 3, SIDE, SIDE, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request):
+    build, readout, exact = FAMILIES[request.param]
+    model = build()
+    return request.param, model, HookedEncoder(model), readout, exact
+
+
+def library_run(name: str, model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The library's own forward: (final residual before any final norm [B, T, D], pooled embedding [B, E]),
+    the residual read by a forward hook of torch's own on the last block."""
+    seen = {}
+    blocks = model.blocks if name.startswith("timm") else None
+    if blocks is None:
+        base = {"CLIPVisionModelWithProjection": lambda m: m.vision_model,
+                "ViTForImageClassification": lambda m: m.vit}.get(type(model).__name__, lambda m: m)(model)
+        blocks = base.layers if hasattr(base, "layers") else (
+            base.encoder.layers if hasattr(base.encoder, "layers") else base.encoder.layer)
+    handle = blocks[-1].register_forward_hook(lambda m, a, out: seen.__setitem__("x", out))
+    try:
+        with torch.no_grad():
+            if name.startswith("timm"):
+                pooled = model.forward_head(model.forward_features(pixels), pre_logits=True)
+            else:
+                out = model(pixel_values=pixels)
+                if name == "clip":
+                    pooled = out.image_embeds
+                elif name in ("clip_no_projection", "siglip"):
+                    pooled = out.pooler_output
+                elif name == "vit_classifier":  # the classifier's input: the class token after the final norm
+                    pooled = model.vit(pixel_values=pixels).last_hidden_state[:, 0]
+                else:
+                    pooled = out.last_hidden_state[:, 0]
+                    if name.startswith("dinov2"):
+                        torch.testing.assert_close(pooled, out.pooler_output, atol=0, rtol=0)
+    finally:
+        handle.remove()
+    final = seen["x"][0] if isinstance(seen["x"], tuple) else seen["x"]
+    return final, pooled
+
+
+def pooled_position(encoder: HookedEncoder, tokens: torch.Tensor) -> torch.Tensor:
+    return encoder.family.pool(tokens)
+
+
+def all_components(encoder: HookedEncoder) -> list[str]:
+    return [f"L{l}H{h}" for l in range(encoder.n_layers) for h in range(encoder.n_heads)] + \
+        [f"L{l}MLP" for l in range(encoder.n_layers)]
+
+
+def test_shapes_readout_kind_and_exactness(family):
+    name, model, encoder, readout, exact = family
+    assert (encoder.n_layers, encoder.n_heads, encoder.d_model, encoder.image_size) == (LAYERS, HEADS, WIDTH, SIDE)
+    assert (encoder.readout_kind, encoder.exact) == (readout, exact)
+    assert encoder.steering_path == ("closed form" if exact else "hooked")
+
+
+def test_decomposition_sums_to_the_library_final_residual_and_pooled_output(family, pixels):
+    name, model, encoder, _, exact = family
+    final, pooled = library_run(name, model, pixels)
+    cache = encoder.run_with_cache(pixels)
+    total = cache.resid[:, 0] + cache.head_writes.sum((1, 2)) + cache.attn_bias.sum(1) + cache.mlp_writes.sum(1)
+    torch.testing.assert_close(total, pooled_position(encoder, final), atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(cache.resid[:, -1], pooled_position(encoder, final), atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(cache.embeds, pooled, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(encoder.embed(pixels), pooled, atol=0, rtol=0)  # the library's own forward
+    # the middle of every block too: x_mid = x + heads + bias, x_next = x_mid + mlp
+    torch.testing.assert_close(cache.resid_mid, cache.resid[:, :-1] + cache.head_writes.sum(2) + cache.attn_bias,
+                               atol=ATOL, rtol=ATOL)
+    if exact:  # the readout of the pooled final residual is the library's pooled output
+        torch.testing.assert_close(encoder.readout(cache.resid[:, -1]), pooled, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(encoder.diffusion_lens(cache, [LAYERS - 1])[:, 0], pooled, atol=ATOL, rtol=ATOL)
+    else:
+        with pytest.raises(NotImplementedError):
+            encoder.readout(cache.resid[:, -1])
+        torch.testing.assert_close(cache.stream_embeds[:, -1], pooled, atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(encoder.diffusion_lens(cache, [LAYERS - 1])[:, 0], pooled, atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["norm", "add", "scale"])
+def test_closed_form_equals_the_hooked_reference_for_every_component(family, pixels, mode):
+    name, model, encoder, _, exact = family
+    cache = encoder.run_with_cache(pixels)
+    components = all_components(encoder)
+    closed = encoder.steer(cache, components, mode=mode, alpha=2.5)
+    for k, component in enumerate(components if mode == "norm" else components[::5]):
+        hooked = encoder.steer_hooked(pixels, component, mode=mode, alpha=2.5)
+        torch.testing.assert_close(closed[:, components.index(component)], hooked, atol=ATOL, rtol=ATOL,
+                                   msg=f"{name} {component}")
+    # without patching the answer differs (later sub-blocks react): the patching is what the hooks do
+    unpatched = encoder.steer_hooked(pixels, "L0H1", mode=mode, alpha=2.5, patch=False)
+    assert (unpatched - closed[:, 1]).abs().max() > 1e-4
+
+
+def test_hook_points_see_what_the_cache_holds(family, pixels):
+    name, model, encoder, _, _ = family
+    cache = encoder.run_with_cache(pixels)
+    seen = {}
+
+    def keep(x, hook):
+        seen[hook.name] = x
+
+    names = [f"blocks.{l}.{p}" for l in range(LAYERS) for p in ("hook_resid_pre", "attn.hook_result", "hook_attn_out",
+                                                                "hook_resid_mid", "hook_mlp_out", "hook_resid_post")]
+    embeds = encoder.run_with_hooks(pixels, {n: keep for n in names})
+    torch.testing.assert_close(embeds, cache.embeds, atol=ATOL, rtol=ATOL)
+    pool = encoder.family.pool
+    for l in range(LAYERS):
+        torch.testing.assert_close(pool(seen[f"blocks.{l}.hook_resid_pre"]), cache.resid[:, l], atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(pool(seen[f"blocks.{l}.attn.hook_result"]), cache.head_writes[:, l],
+                                   atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(pool(seen[f"blocks.{l}.hook_attn_out"]), cache[f"blocks.{l}.hook_attn_out"],
+                                   atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(pool(seen[f"blocks.{l}.hook_resid_mid"]), cache.resid_mid[:, l], atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(pool(seen[f"blocks.{l}.hook_mlp_out"]), cache.mlp_writes[:, l], atol=ATOL, rtol=ATOL)
+        torch.testing.assert_close(pool(seen[f"blocks.{l}.hook_resid_post"]), cache.resid[:, l + 1], atol=ATOL, rtol=ATOL)
+
+
+def test_editing_hook_points_changes_the_library_forward_as_a_hand_edit_would(family, pixels):
+    """Zeroing head 2's write of block 1 at every token through the hooks equals zeroing its columns of the
+    output projection by hand (the library's own module, edited in a copy)."""
+    import copy
+
+    name, model, encoder, _, _ = family
+    edited = copy.deepcopy(encoder)
+    with torch.no_grad():
+        parts = edited.block_parts(1)
+        d = parts.d_head
+        weight = parts.out_weight if not name.startswith(("clip", "dinov2", "vit", "deit", "siglip")) else None
+        if weight is None:  # transformers: q/k/v/out are separate modules; the out weight is the module's own
+            attn = edited.family._attention(edited.blocks[1])
+            weight = (attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj).weight
+        weight[:, 2 * d:3 * d] = 0
+    expected = edited.embed(pixels)
+    ablated = encoder.ablate_hooked(pixels, ["L1H2"])
+    torch.testing.assert_close(ablated, expected, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(encoder.ablate_hooked(pixels, []), encoder.embed(pixels), atol=ATOL, rtol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["timm_token", "vit_classifier"])
+def test_the_classifier_head_read_at_the_last_layer_gives_the_model_logits(name, pixels):
+    build, _, _ = FAMILIES[name]
+    model = build()
+    encoder = HookedEncoder(model)
+    cache = encoder.run_with_cache(pixels)
+    with torch.no_grad():
+        logits = model(pixels) if name.startswith("timm") else model(pixel_values=pixels).logits
+        lens = encoder.classifier(encoder.diffusion_lens(cache, [LAYERS - 1])[:, 0])
+    torch.testing.assert_close(lens, logits, atol=ATOL, rtol=ATOL)
+    names = encoder.family.class_names()
+    assert names is not None and len(names) == logits.shape[-1]
+
+
+def test_the_mean_readout_caches_mean_writes_not_all_tokens(pixels):
+    """The mean readout's cache holds each component's write averaged over the patch tokens (the register and
+    class tokens left out), [B, L, H, D] like the CLS cache."""
+    model = FAMILIES["timm_avg_fc_norm"][0]()
+    encoder = HookedEncoder(model)
+    cache = encoder.run_with_cache(pixels)
+    assert cache.head_writes.shape == (IMAGES, LAYERS, HEADS, WIDTH)
+    seen = {}
+    encoder.run_with_hooks(pixels, {"blocks.2.attn.hook_result": lambda x, hook: seen.__setitem__("w", x)})
+    assert encoder.family.n_prefix == 3  # class token and two registers
+    torch.testing.assert_close(cache.head_writes[:, 2], seen["w"][:, 3:].mean(1), atol=ATOL, rtol=ATOL)
+
+
+def test_timm_private_calls_compose_to_timm_forward(pixels):
+    """`timm_api.tokens`, the blocks, `norm` and `forward_head` equal timm's own forward: if a timm release
+    renames `_pos_embed`, this fails (and dsl_cli/encoder/timm_api.py is the one file to fix)."""
+    model = FAMILIES["timm_token"][0]()
+    with torch.no_grad():
+        x = timm_api.tokens(model, pixels)
+        assert x.shape == (IMAGES, 1 + 2 + (SIDE // PATCH) ** 2, WIDTH)
+        for block in model.blocks:
+            x = block(x)
+        torch.testing.assert_close(model.forward_head(model.norm(x)), model(pixels), atol=0, rtol=0)
+
+
+def test_unsupported_variants_are_refused_saying_why():
+    from timm.models.vision_transformer import ParallelScalingBlock
+
+    with pytest.raises(NotImplementedError, match="global_pool=''"):
+        HookedEncoder(_timm(global_pool=""))
+    with pytest.raises(NotImplementedError, match="qk_norm"):
+        HookedEncoder(_timm(qk_norm=True))
+    with pytest.raises(NotImplementedError, match="plain pre-norm Block"):
+        HookedEncoder(_timm(block_fn=ParallelScalingBlock))
+    with pytest.raises(NotImplementedError, match="not a supported vision transformer"):
+        HookedEncoder(transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
+                                                                    num_attention_heads=2, intermediate_size=40)))
+
+
+# ---- real-size architectures, built on the meta device (no memory, no weights) ----------------------------------
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_real_size_architectures_have_the_published_parameter_counts():
+    with torch.device("meta"):
+        # facebook/dinov2-base (config: image 518, patch 14, 12 x 768, LayerScale): its model.safetensors holds
+        # 86,580,480 parameters (the hub's file listing; mask token and 1370 positions included).
+        dinov2 = transformers.Dinov2Model(transformers.Dinov2Config(image_size=518, patch_size=14))
+        # ViT-B/16 at 224 with a 1000-class head: 86,567,656 (torchvision's ViT_B_16_Weights meta "num_params";
+        # timm's vit_base_patch16_224 and transformers' google/vit-base-patch16-224 are the same network).
+        vit_timm = VisionTransformer(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+        vit_hf = transformers.ViTForImageClassification(transformers.ViTConfig(num_labels=1000))
+        # SigLIP-B/16 at 224, vision tower with its attention-pooling head: 92.9 M (timm's model card of
+        # vit_base_patch16_siglip_224.webli, "Params (M): 92.9"; google/siglip-base-patch16-224 in transformers).
+        siglip = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(image_size=224, patch_size=16))
+    assert _count(dinov2) == 86_580_480
+    assert _count(vit_timm) == _count(vit_hf) == 86_567_656
+    assert round(_count(siglip) / 1e6, 1) == 92.9
+    for model, readout in ((dinov2, "cls"), (vit_timm, "cls"), (vit_hf, "cls"), (siglip, "map")):
+        encoder = HookedEncoder(model)
+        assert (encoder.n_layers, encoder.n_heads, encoder.d_model, encoder.readout_kind) == (12, 12, 768, readout)
+
+
+def test_direct_attribution_and_head_sources_add_up_in_every_exact_family(family, pixels):
+    """The attribution lens's parts sum to the embedding, and each head's parts by source token sum to its
+    cached write at the readout position (the CLS query, or the mean over the pooled queries)."""
+    from dsl_cli.components import parse_component
+    from dsl_cli.encoder.reading import direct_attribution, head_sources
+
+    name, model, encoder, _, exact = family
+    cache = encoder.run_with_cache(pixels)
+    if not exact:
+        with pytest.raises(NotImplementedError, match="no exact direct attribution"):
+            direct_attribution(encoder, cache)
+    else:
+        parts = direct_attribution(encoder, cache)
+        torch.testing.assert_close(parts.total(), cache.embeds.float(), atol=ATOL, rtol=ATOL)
+    heads = [parse_component(label) for label in ("L0H3", "L2H1")]
+    sources = head_sources(encoder, pixels, heads)  # [B, K, T, D]
+    expected = torch.stack([cache.head_writes[:, c.layer, c.head] for c in heads], 1)
+    torch.testing.assert_close(sources.sum(2), expected.float(), atol=ATOL, rtol=ATOL)
+
+
+def test_a_pooled_cache_moves_and_casts_whole(pixels):
+    encoder = HookedEncoder(FAMILIES["siglip"][0]())
+    cache = encoder.run_with_cache(pixels).to(torch.float64)
+    assert (cache.readout, cache.exact) == ("map", False)
+    assert cache.pixels.dtype == cache.stream_embeds.dtype == cache.resid.dtype == torch.float64
