@@ -1,23 +1,546 @@
-"""A study's figures, drawn from its files alone (the CSVs, the decoded pictures, the manifest): no model and no
-torch, so `dsl plot` and `dsl report` draw them without loading one (`dsl_cli.studies` writes the files and
-calls `redraw_study`).
+"""Every figure, drawn from a folder's files alone (its CSVs, decoded pictures and manifest): no model and no
+torch, so that `dsl plot`, `dsl report` and `dsl merge` draw them without loading one. A run's figures
+(`redraw`), a sweep's heatmaps (`dsl_cli.sweeps`), a study's (`redraw_study`; `dsl_cli.studies` writes its
+files):
 
-    plots/head_importance.png      importance vs each score, a panel per (ablation, score)
-    plots/overlay_removal.png      overlay similarity vs heads ablated, a panel per composite
+    grids/<image>_<lens>_<what>.png      decoded pictures with captions (per layer, the best, seeds, lenses)
+    heatmaps/<image>_<lens>.png          similarity to the input, layers x components, one scale per kind
+    plots/<image>_logit.png              the logit lens: the top label of each component
+    looks/<image>_<lens>.png             where each head looks, beside its picture
+    plots/head_importance.png            importance vs each score, a panel per (ablation, score)
+    plots/overlay_removal.png            overlay similarity vs heads ablated, a panel per composite
     grids/<composite>_overlay_fade.png   the decoded ablated composites, a row per order
 """
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, drawn_from_files, grid_image, group_rows,
-                             open_picture, pyplot, read_manifest, save_figure, save_png)
+from dsl_cli.outputs import (BASELINES, CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, PATCHES, SEEDS, SIMILARITY,
+                             RunFolder, atomic_write_bytes, group_rows, open_picture, read_manifest, save_png)
+
+TOP_TILES = 16  # tiles in the per-image top grid
+SEED_GRID_ROWS = 8  # components in a seeds grid
+SEED_NOTE = ("decoded = sim_decoded of that seed's picture; uncond: the decoder's unconditional embedding; "
+             "mean: the mean embedding of the run's images (what the decoder makes without the component)")
+LOOK_COLUMNS = 4  # heads per row of a `looks` figure (each: where it looks, its picture)
+CAPTION_LINES = 4  # a grid caption: component and rank, embed, decoded, top label
+NO_SCALE = "#e8e8e8"  # the grey of a heatmap block that holds a single value
+HEATMAP_CELL = 0.5  # inches: a heatmap cell's width, room for a value such as -0.123
+SIMILARITIES = {
+    "sim_embed": "cos(lens embedding, input embedding)",
+    "sim_decoded": "cos(embedding of the decoded picture, input embedding)",
+}
+CAPTION_NOTE = (f"#rank; embed = sim_embed = {SIMILARITIES['sim_embed']}; "
+                f"decoded = sim_decoded = {SIMILARITIES['sim_decoded']}")
+LABEL_NOTE = "; last line: the top ImageNet label of the lens embedding"
+MAX_LABEL_BARS = 64  # components in a logit-lens bar chart (bigG's 816 would make it 229 inches high)
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: figures are files here, never windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as PNG, written atomically and without a timestamp (reruns give equal files)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None})
+    pyplot().close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType: fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
+    """`text`, cut short with an ellipsis where it would be wider than `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> list[str]:
+    """`text` broken into lines at most `width` pixels wide (at spaces; a word too long is cut short)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(_fit(draw, word, font, width))
+    return lines
+
+
+def grid_image(tiles: list[tuple[Image.Image, str]], title: str, tile: int = 192, columns: int = 6,
+               note: str = "") -> Image.Image:
+    """Tiles in rows of `columns`, each with a caption of up to CAPTION_LINES lines under it, under a title
+    and a note (wrapped to the sheet's width). Every caption line is cut to its tile's width, so a caption
+    never runs into the next cell."""
+    columns = max(1, min(columns, len(tiles)))
+    rows = math.ceil(len(tiles) / columns)
+    small, big = _font(max(11, tile // 14)), _font(max(14, tile // 11))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width, pad = columns * tile, 4
+    header = [(line, big) for line in _wrap(measure, title, big, width - 2 * pad)]
+    header += [(line, small) for line in _wrap(measure, note, small, width - 2 * pad)]
+    line_height = {id(f): f.getbbox("Hg")[3] + 3 for f in (small, big)}
+    top = pad + sum(line_height[id(f)] for _, f in header) + pad
+    cell = tile + CAPTION_LINES * line_height[id(small)] + pad
+    sheet = Image.new("RGB", (width, top + rows * cell), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for line, font in header:
+        draw.text((pad, y), line, fill="black", font=font)
+        y += line_height[id(font)]
+    for index, (picture, text) in enumerate(tiles):
+        x, y = (index % columns) * tile, top + (index // columns) * cell
+        sheet.paste(picture.convert("RGB").resize((tile, tile), Image.Resampling.BICUBIC), (x, y))
+        for n, line in enumerate(text.splitlines()[:CAPTION_LINES]):
+            draw.text((x + 3, y + tile + 2 + n * line_height[id(small)]), _fit(draw, line, small, tile - 6),
+                      fill="black", font=small)
+    return sheet
+
+
+def settings_text(row: dict) -> str:
+    """The settings a row of similarity.csv was made with, for titles:
+    `steering lens (norm, alpha 2), seed 0, 100 steps, guidance 4`."""
+    lens = f"{row['lens']} lens"
+    details = [row["mode"]] if row.get("mode") else []
+    details += [f"alpha {row['alpha']:g}"] if row.get("alpha") is not None else []  # a lens may have a mode alone
+    if details:
+        lens += f" ({', '.join(details)})"
+    return f"{lens}, seed {row['seed']}, {row['steps']} steps, guidance {row['guidance']:g}"
+
+
+def caption_note(rows: list[dict]) -> str:
+    """The note under a grid's title, explaining its captions: the label line only where captions have one
+    (`lens.text=true`)."""
+    return CAPTION_NOTE + (LABEL_NOTE if any(r.get("labels") for r in rows) else "")
+
+
+def models_text(folder: Path) -> str:
+    """The encoder and decoder of a run (from its manifest), for figure titles: `ViT-L-14 openai ->
+    kandinsky21`; empty where the manifest does not say (a sweep's, an old run's)."""
+    try:
+        manifest = read_manifest(folder) or {}
+    except UserError:
+        return ""
+    config = manifest.get("config", {})
+    encoder, decoder = config.get("encoder") or {}, config.get("decoder") or {}
+    if not encoder:
+        return ""
+    text = encoder_text(encoder)
+    adapter = manifest.get("adapter") or {}
+    if adapter:  # a run decoded through a fitted adapter (dsl_cli.adapters): its name and held-out cosine
+        cosine = adapter.get("heldout_cosine")
+        text += f" via adapter {adapter.get('name')}" + (f" (held-out cos {cosine:.2f})" if cosine is not None else "")
+    if decoder and (config.get("decode") or {}).get("enabled", True):
+        text += f" -> {decoder_text(decoder)}"
+    return text
+
+
+def encoder_text(encoder: dict) -> str:
+    """An encoder config in words: `ViT-L-14 (openai)`, `ViT-bigG-14 (Kandinsky 2.2 prior)`, `tiny encoder`."""
+    if encoder.get("source") == "tiny":
+        return "tiny encoder"
+    weights = "local weights" if encoder.get("checkpoint") else encoder.get("pretrained") or "random weights"
+    if encoder.get("source") == "kandinsky_prior" and not encoder.get("checkpoint"):
+        weights = "Kandinsky 2.2 prior"
+    return f"{encoder.get('name')} ({weights})"
+
+
+def decoder_text(decoder: dict) -> str:
+    """A decoder config in words: `kandinsky21`, `kandinsky22 (tiny)`, `unclip_h14 (random)`, `kandinsky22
+    (local weights)`."""
+    source = "local weights" if decoder.get("path") else decoder.get("source")
+    return f"{decoder.get('family')}" + ("" if source == "pretrained" else f" ({source})")
+
+
+def _caption(row: dict) -> str:
+    text = f"{row['component']}  #{row['rank']}\nembed {row['sim_embed']:.3f}"
+    if row.get("sim_decoded") is not None:
+        text += f"\ndecoded {row['sim_decoded']:.3f}"
+    if row.get("labels"):  # the top zero-shot label, without its cosine
+        text += "\n" + row["labels"].split("; ")[0].rsplit(" ", 1)[0]
+    return text
+
+
+def _tiles(run_dir: Path, image: str, rows: list[dict]) -> list[tuple[Image.Image, str]]:
+    tiles = [(open_picture(RunFolder(run_dir).input_picture(image), run_dir), f"{image} (input)")]
+    tiles += [(open_picture(run_dir / row["file"], run_dir), _caption(row)) for row in rows]
+    return tiles
+
+
+def grid_plan(rows: list[dict]) -> list[tuple[str, list[dict], str]]:
+    """The grids of one image and lens as (name suffix, rows, what they show): the residual stream layer by
+    layer (when several layers), one grid per layer, the best-ranked; a grid whose pictures all appear in
+    one planned before it is left out (a one-layer run's best grid is its layer's grid)."""
+    stream = [r for r in rows if r["kind"] in ("resid", "resid_mid")]
+    plan = [("layers", stream, "residual stream, layer by layer")] if len(stream) > 1 else []
+    plan += [(f"L{int(layer):02d}", layer_rows, f"layer {layer}")
+             for (layer,), layer_rows in group_rows(rows, ("layer",)).items()]
+    best = sorted(rows, key=lambda r: r["rank"])[:TOP_TILES]
+    plan.append(("top", best, f"best {len(best)} by rank"))
+    kept: list[tuple[str, list[dict], str]] = []
+    for name, plan_rows, what in plan:
+        shown = {r["component"] for r in plan_rows}
+        if not any(shown <= {r["component"] for r in earlier} for _, earlier, _ in kept):
+            kept.append((name, plan_rows, what))
+    return kept
+
+
+def draw_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
+    """Per image and lens, the grids of `grid_plan`, titled with the image, what they show and the run's
+    settings and models, captions explained in a note under the title."""
+    written, models = [], models_text(run_dir)
+    for (image, lens), group in group_rows([r for r in rows if r["file"]], ("image", "lens")).items():
+        for name, tile_rows, what in grid_plan(group):
+            path = RunFolder(run_dir).figure("grids", f"{image}_{lens}_{name}")
+            title = f"{image}: {what} | {settings_text(group[0])} | {models}".rstrip(" |")
+            save_png(path, grid_image(_tiles(run_dir, image, tile_rows), title, note=caption_note(tile_rows)))
+            written.append(path)
+    return written
+
+
+def draw_lens_comparison(folder: Path, rows: list[dict]) -> list[Path]:
+    """Per image, the components that more than one lens decoded, each lens's picture side by side (a row
+    per component, a column per lens, in the order the lenses first appear): `grids/<image>_<a>_vs_<b>.png`.
+    rows: similarity.csv rows with `file` relative to `folder` (a merged sweep's, or one run's)."""
+    written = []
+    for (image,), group in group_rows([r for r in rows if r["file"]], ("image",)).items():
+        lenses = list(dict.fromkeys(r["lens"] for r in group))
+        cells = {(r["component"], r["lens"]): r for r in group}
+        shared = [c for c in dict.fromkeys(r["component"] for r in group)
+                  if all((c, lens) in cells for lens in lenses)]
+        if len(lenses) < 2 or not shared:
+            continue
+        tiles = [(open_picture(folder / cells[c, lens]["file"], folder), f"{lens}: {_caption(cells[c, lens])}")
+                 for c in shared for lens in lenses]
+        path = RunFolder(folder).figure("grids", f"{image}_{'_vs_'.join(lenses)}")
+        title = f"{image}: {' | '.join(lenses)}, the same components side by side (a row each)"
+        note = " | ".join(settings_text(cells[shared[0], lens]) for lens in lenses) + f"; {caption_note(group)}"
+        save_png(path, grid_image(tiles, title, columns=len(lenses), note=note))
+        written.append(path)
+    return written
+
+
+def seed_tiles(run_dir: Path, rows: list[dict], extra: dict[tuple, list[dict]]) -> list[tuple[Image.Image, str]]:
+    """One line of tiles per row (its first seed's picture, then its other seeds', in seed order), captioned
+    with the component, the seed and sim_decoded; `extra` holds the other seeds' rows by (image, component)."""
+    tiles = []
+    for row in rows:
+        seeds = [row] + sorted(extra.get((row["image"], row["component"]), []), key=lambda r: r["seed"])
+        tiles += [(open_picture(run_dir / r["file"], run_dir),
+                   f"{r['component']} seed {r['seed']}\ndecoded {r['sim_decoded']:.3f}") for r in seeds]
+    return tiles
+
+
+def draw_seed_grids(run_dir: Path, rows: list[dict], seed_rows: list[dict], baseline_rows: list[dict]) -> list[Path]:
+    """Per image and lens, `grids/<image>_<lens>_seeds.png`: the best-ranked decoded components (at most
+    SEED_GRID_ROWS), one line each with a picture per seed, then the baselines' pictures per seed."""
+    extra = group_rows(seed_rows, ("image", "component"))
+    written = []
+    for (image, lens), group in group_rows([r for r in rows if r["file"]], ("image", "lens")).items():
+        best = sorted(group, key=lambda r: r["rank"])[:SEED_GRID_ROWS]
+        baselines = [r for r in baseline_rows if (r["image"], r["lens"]) == (image, lens)]
+        firsts = [r for r in baselines if r["seed"] == group[0]["seed"]]
+        tiles = seed_tiles(run_dir, best + firsts, {**extra, **group_rows(
+            [r for r in baselines if r not in firsts], ("image", "component"))})
+        columns = max(1, len(tiles) // max(1, len(best) + len(firsts)))
+        title = f"{image}: each component with {columns} seeds, then the baselines | {settings_text(group[0])}"
+        path = RunFolder(run_dir).figure("grids", f"{image}_{lens}_seeds")
+        save_png(path, grid_image(tiles, title, columns=columns, note=SEED_NOTE))
+        written.append(path)
+    return written
+
+
+def _column_name(row: dict) -> str:
+    if row["kind"] == "head":
+        return f"H{row['head']:02d}"
+    if row["kind"] in ("feature", "feature_error"):  # an SAE's feature (L12F01234 -> F01234) or error (Ferr)
+        return "F" + row["component"].split("F", 1)[1]
+    return {"mlp": "MLP", "resid": "resid", "resid_mid": "mid"}.get(row["kind"], row["kind"])
+
+
+def heatmap_cells(rows: list[dict]) -> tuple[list[int], list[str], dict[tuple[int, int], dict]]:
+    """Rows arranged as layers x columns (heads in order, MLP, mid, resid): (layers, column names,
+    {(layer index, column index): row})."""
+    layers = sorted({r["layer"] for r in rows})
+    names = {_column_name(r) for r in rows}
+    columns = sorted(n for n in names if n.startswith("H")) + [n for n in ("MLP", "mid", "resid") if n in names]
+    columns += sorted(n for n in names if n.startswith("F"))  # SAE features, then their error term (Ferr)
+    cells = {(layers.index(r["layer"]), columns.index(_column_name(r))): r for r in rows}
+    return layers, columns, cells
+
+
+def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], np.ndarray]:
+    """`value` of each row arranged as in `heatmap_cells`: (layers, columns, [layers, columns]); NaN if absent."""
+    layers, columns, cells = heatmap_cells(rows)
+    matrix = np.full((len(layers), len(columns)), np.nan)
+    for (i, j), row in cells.items():
+        if row.get(value) is not None:
+            matrix[i, j] = row[value]
+    return layers, columns, matrix
+
+
+def kind_blocks(columns: list[str]) -> list[tuple[str, list[int]]]:
+    """Heatmap columns by component kind, each kind on its own colour scale (the residual stream's
+    similarities near 1 would flatten the heads' 0.1 to 0.3): [(heads | MLP | mid | resid, column indices)]."""
+    blocks = [("heads", [i for i, c in enumerate(columns) if c.startswith("H")])]
+    blocks += [(name, [columns.index(name)]) for name in ("MLP", "mid", "resid") if name in columns]
+    blocks.append(("features", [i for i, c in enumerate(columns) if c.startswith("F")]))  # SAE features
+    return [(name, indices) for name, indices in blocks if indices]
+
+
+Limits = dict[tuple[str, str], "tuple[float, float] | None"]  # (similarity, kind) -> a colour scale
+
+
+def _kind(row: dict) -> str:
+    """The heatmap block of a row: heads, MLP, mid or resid (as `kind_blocks` names them)."""
+    name = _column_name(row)
+    return "heads" if name.startswith("H") else "features" if name.startswith("F") else name
+
+
+def shared_limits(rows: list[dict]) -> Limits:
+    """One colour scale per similarity and component kind over every heatmap drawn from `rows` (each image
+    and lens of a run, every job of a sweep), so that a colour means the same value in each of them."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for row in rows:
+        for value in ("sim_embed", "sim_decoded"):
+            if row.get(value) is not None:
+                values.setdefault((value, _kind(row)), []).append(row[value])
+    return {key: colour_limits(np.array(found, dtype=float)) for key, found in values.items()}
+
+
+def colour_limits(values: np.ndarray) -> tuple[float, float] | None:
+    """(vmin, vmax) of a block's colour scale: its own range; None where it holds fewer than two distinct
+    values (a scale of one value means nothing: such a block is drawn on the cosine's range, -1 to 1)."""
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or finite.min() == finite.max():
+        return None
+    return float(finite.min()), float(finite.max())
+
+
+def dark_cell(value: float, limits: tuple[float, float] | None) -> bool:
+    """Whether a heatmap cell is dark enough for white text: viridis is dark below about 0.6 of its scale;
+    a block without a scale is light grey."""
+    return limits is not None and (value - limits[0]) / (limits[1] - limits[0]) < 0.6
+
+
+def layer_label(layer: int) -> str:
+    """A heatmap row's label, spelt as the layer's components are (`L01` for L01H00)."""
+    return f"L{layer:02d}"
+
+
+def _draw_block(axis, bar, values: np.ndarray, names: list[str], layers: list[int], kind: str,
+                limits: "tuple[float, float] | None") -> None:
+    """One kind's columns of a heatmap panel: cells coloured on the kind's scale `limits` (shared by the
+    figures drawn together; its colour bar in `bar`), each with its value; without a scale (a single value)
+    the block is grey, with no colour bar: a scale of one value says nothing."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import MaxNLocator
+
+    low, high = limits or (-1.0, 1.0)
+    cmap = "viridis" if limits else ListedColormap([NO_SCALE])
+    shown = axis.imshow(values, cmap=cmap, vmin=low, vmax=high, aspect="auto", interpolation="nearest")
+    for (i, j), value in np.ndenumerate(values):
+        if np.isfinite(value):
+            axis.text(j, i, f"{value:.3f}", ha="center", va="center", fontsize=7, in_layout=False,  # inside
+                      color="white" if dark_cell(value, limits) else "black")  # its cell: no room to make
+    axis.set_xticks(range(len(names)), names, rotation=90 if len(names) > 1 else 0, fontsize=7)
+    axis.set_yticks(range(len(layers)), [layer_label(l) for l in layers], fontsize=7)
+    axis.set_title(kind, fontsize=8)
+    if limits:
+        axis.figure.colorbar(shown, cax=bar, ticks=MaxNLocator(nbins=4)).ax.tick_params(labelsize=7)
+    else:
+        bar.axis("off")
+
+
+def heatmap_figure(rows: list[dict], title: str, limits: Limits | None = None):
+    """Similarity to the input over layers x components of one image and lens: a panel per similarity
+    (sim_embed, then sim_decoded where pictures were decoded), each split by component kind, every kind on
+    its own colour scale (`limits`, default `shared_limits(rows)`), every cell labelled with its value.
+    `title`'s lines are wrapped to the figure's width. Returns the matplotlib figure."""
+    plt = pyplot()
+    limits = shared_limits(rows) if limits is None else limits
+    panels = [v for v in ("sim_embed", "sim_decoded") if any(r.get(v) for r in rows)]
+    layers, columns, _ = heatmap_matrix(rows, panels[0])
+    blocks = kind_blocks(columns)
+    cell_height = max(0.3, 0.75 / len(layers))  # a one-layer panel still has room for a colour bar's ticks
+    needed = 0.2 + sum(HEATMAP_CELL * len(indices) + 1.3 for _, indices in blocks)
+    width = max(5.5, needed)  # room for the title; the blocks keep their width, centred
+    fig = plt.figure(figsize=(width, 0.8 + len(panels) * (1.0 + cell_height * len(layers))), layout="constrained")
+    # each kind's columns, then a narrow column for its colour bar: every cell as wide as any other
+    margin = (width - needed) / 2 / HEATMAP_CELL
+    ratios = [margin + 1e-3, *(r for _, indices in blocks for r in (len(indices), 0.25)), margin + 1e-3]
+    for subfig, value in zip(np.atleast_1d(fig.subfigures(len(panels), 1)), panels):
+        _, _, matrix = heatmap_matrix(rows, value)
+        axes = subfig.subplots(1, len(ratios), width_ratios=ratios)
+        for spare in (axes[0], axes[-1]):
+            spare.axis("off")
+        for n, (kind, indices) in enumerate(blocks):
+            _draw_block(axes[2 * n + 1], axes[2 * n + 2], matrix[:, indices], [columns[i] for i in indices],
+                        layers, kind, limits.get((value, kind)))
+        subfig.suptitle(f"{value}: {SIMILARITIES[value]}", fontsize=8)
+    chars = int(width * 72 / 5.5)  # characters of 9-point text that fit across the figure
+    fig.suptitle("\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in title.splitlines()),
+                 fontsize=9)
+    return fig
+
+
+def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "", limits: Limits | None = None) -> list[Path]:
+    """Per image and lens: `heatmap_figure`, titled with the image, the run's settings and models, all on the
+    colour scales `limits` (default: shared by the figures drawn here); `tag` (a sweep's heatmaps for one
+    value of an override, `lens.alpha=4`) ends the file names and the titles."""
+    written, models = [], models_text(run_dir)
+    limits = shared_limits(rows) if limits is None else limits
+    for (image, lens), group in group_rows(rows, ("image", "lens")).items():
+        fig = heatmap_figure(group, f"{image}: similarity to the input, per layer and component\n"
+                                    f"{settings_text(group[0])} {tag} {models}".rstrip(), limits)
+        path = RunFolder(run_dir).figure("heatmaps", f"{image}_{lens}_{tag}" if tag else f"{image}_{lens}")
+        save_figure(fig, path)
+        written.append(path)
+    return written
+
+
+def label_bars(group: list[dict]) -> list[dict]:
+    """The top-label rows of one image a logit-lens chart shows, in their order: all of them, or, past
+    MAX_LABEL_BARS, the residual stream's and then the best-scoring others' up to that many."""
+    if len(group) <= MAX_LABEL_BARS:
+        return group
+    stream = [r for r in group if not any(k in r["component"] for k in ("H", "MLP"))][:MAX_LABEL_BARS]
+    others = sorted((r for r in group if r not in stream), key=lambda r: -r["score"])
+    kept = {id(r) for r in stream + others[:MAX_LABEL_BARS - len(stream)]}
+    return [r for r in group if id(r) in kept]
+
+
+def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
+    """Logit lens: per image, the top label of each component with its cosine, as a bar chart (at most
+    MAX_LABEL_BARS bars: `label_bars`)."""
+    plt = pyplot()
+    written, models = [], models_text(run_dir)
+    for (image,), group in group_rows([r for r in label_rows if r["rank"] == 1], ("image",)).items():
+        bars = label_bars(group)
+        fig, axis = plt.subplots(figsize=(7, 1.2 + 0.28 * len(bars)), layout="constrained")
+        axis.barh(range(len(bars)), [r["score"] for r in bars], color="tab:blue")
+        axis.set_yticks(range(len(bars)), [f"{r['component']}: {r['label']}" for r in bars], fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlabel("cosine of the component's embedding\nwith the class's text embedding", fontsize=8)
+        shown = "each component" if len(bars) == len(group) else (
+            f"{len(bars)} of {len(group)} components (the residual stream, then the best-scoring)")
+        axis.set_title(textwrap.fill(f"{image}: logit lens, the top ImageNet label of {shown} {models}", 80),
+                       fontsize=9)
+        path = RunFolder(run_dir).figure("plots", f"{image}_logit")
+        save_figure(fig, path)
+        written.append(path)
+    return written
+
+
+def share_grid(row: dict) -> np.ndarray:
+    """A patches.csv row's patch shares as the patch grid [grid, grid] (row by row from the top left)."""
+    grid = row["grid"]
+    return np.array([float(v) for v in row["shares"].split(";")]).reshape(grid, grid)
+
+
+def _look_panel(axis, picture: Image.Image, shares: np.ndarray, title: str, limit: float):
+    """The input with a head's patch shares over it, on the scale -limit..limit centred at 0 (red: the
+    patch adds to the write, blue: it takes from it). Returns the overlay (for the colour bar)."""
+    axis.imshow(picture)
+    shown = axis.imshow(shares, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.55, interpolation="nearest",
+                        extent=(0, picture.width, picture.height, 0))
+    axis.set_title(title, fontsize=7)
+    axis.axis("off")
+    return shown
+
+
+def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]], title: str):
+    """Per head, where it looks (the input under its patch shares) beside its decoded picture:
+    heads [(patches.csv row, similarity.csv row or None)], LOOK_COLUMNS heads to a row."""
+    plt = pyplot()
+    picture = open_picture(RunFolder(run_dir).input_picture(image), run_dir).convert("RGB")
+    columns = min(LOOK_COLUMNS, len(heads))
+    rows = math.ceil(len(heads) / columns)
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(3.2 * columns + 0.8, 1.75 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for axis in axes.flat:
+        axis.axis("off")
+    shares = [share_grid(patch_row) for patch_row, _ in heads]
+    limit = max(float(np.abs(s).max()) for s in shares) or 1.0  # one scale for every head: one colour bar
+    for n, ((patch_row, row), grid) in enumerate(zip(heads, shares)):
+        left, right = axes[n // columns, 2 * (n % columns)], axes[n // columns, 2 * (n % columns) + 1]
+        shown = _look_panel(left, picture, grid, f"{patch_row['component']}: where it looks", limit)
+        if row and row["file"]:
+            right.imshow(open_picture(run_dir / row["file"], run_dir))
+            right.set_title(f"{row['lens']} lens picture", fontsize=7)
+    bar = fig.colorbar(shown, ax=axes, shrink=min(1.0, 3.0 / rows), aspect=25)
+    bar.set_label("share of the head's write per patch\n(red adds to it, blue takes from it)", fontsize=7)
+    bar.ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[Path]:
+    """Per image and lens, `looks_figure` of its best-ranked heads (at most TOP_TILES)."""
+    by_component = {(r["image"], r["lens"], r["component"]): r for r in rows}
+    written = []
+    for (image, lens), group in group_rows(patch_rows, ("image", "lens")).items():
+        heads = [(p, by_component.get((image, lens, p["component"]))) for p in group]
+        heads.sort(key=lambda pair: pair[1]["rank"] if pair[1] else math.inf)
+        fig = looks_figure(run_dir, image, heads[:TOP_TILES], f"{image}: where each head looks (share of its CLS "
+                                                              f"write per patch) and its {lens} lens picture")
+        path = RunFolder(run_dir).figure("looks", f"{image}_{lens}")
+        save_figure(fig, path)
+        written.append(path)
+    return written
+
+
+def redraw(run_dir: Path) -> list[Path]:
+    """Draw every grid, heatmap and label plot of a run from its files alone (no model, no GPU)."""
+    folder = RunFolder(run_dir)
+    if not folder.csv(SIMILARITY).is_file():
+        raise UserError(f"{run_dir}: no similarity.csv here; give the folder of a dsl run")
+    rows = folder.read(SIMILARITY)
+    if not rows:
+        raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
+    with drawn_from_files(run_dir):
+        written = draw_grids(run_dir, rows) + draw_heatmaps(run_dir, rows)
+        if folder.csv(LABELS).is_file():
+            written += draw_label_plots(run_dir, folder.read(LABELS))
+        if folder.csv(SEEDS).is_file() or folder.csv(BASELINES).is_file():
+            written += draw_seed_grids(run_dir, rows, folder.read(SEEDS), folder.read(BASELINES))
+        if folder.csv(PATCHES).is_file():
+            written += draw_looks(run_dir, rows, folder.read(PATCHES))
+    return written
+
+
+@contextmanager
+def drawn_from_files(run_dir: Path) -> Iterator[None]:
+    """Figures drawn from a folder's CSVs: a value missing or not what dsl writes there (a file edited by hand
+    or cut short) is one UserError line, not a traceback."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError) as err:
+        raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
 
 SCORES = ("dsl", "direct", "direct_importance")  # what head importance is correlated with
 POOLED = "pooled"  # the `image` value of correlations over all (image, head) rows

@@ -186,16 +186,18 @@ class Looks:
 
     shares: torch.Tensor
     heads: list[int]
+    prefix: int = 1  # tokens before the patches: the class token (and register or distillation tokens)
 
     @property
     def grid(self) -> int:
         """Patches per side of the (square) patch grid."""
-        return math.isqrt(self.shares.shape[-1] - 1)
+        return math.isqrt(self.shares.shape[-1] - self.prefix)
 
     def top_patches(self, n_components: int) -> list[list[str]]:
         """[B][K]: the TOP_PATCHES patches with the largest shares, `r3c7;r0c1;...` (row and column in the
         patch grid, from the top left), best first; empty for a component that is not a head."""
-        best = self.shares[..., 1:].topk(min(TOP_PATCHES, self.shares.shape[-1] - 1), dim=-1).indices.tolist()
+        patches = self.shares[..., self.prefix:]
+        best = patches.topk(min(TOP_PATCHES, patches.shape[-1]), dim=-1).indices.tolist()
         out = [[""] * n_components for _ in best]
         for i, image in enumerate(best):
             for j, k in enumerate(self.heads):
@@ -205,8 +207,8 @@ class Looks:
     def rows(self, i: int, image: str, lens: str, components: list[Component]) -> list[dict]:
         """patches.csv rows of image i: the CLS token's share and every patch's, row by row."""
         return [{"image": image, "lens": lens, "component": components[k].label, "grid": self.grid,
-                 "cls_share": self.shares[i, j, 0].item(),
-                 "shares": ";".join(f"{v:.5f}" for v in self.shares[i, j, 1:].tolist())}
+                 "cls_share": self.shares[i, j, :self.prefix].sum().item(),  # with the registers' shares
+                 "shares": ";".join(f"{v:.5f}" for v in self.shares[i, j, self.prefix:].tolist())}
                 for j, k in enumerate(self.heads)]
 
 
@@ -216,7 +218,8 @@ def where_heads_look(encoder, pixels: torch.Tensor, components: list[Component])
     if not heads:
         return None
     shares = source_shares(encoder, pixels, [components[k] for k in heads])
-    return Looks(shares.cpu(), heads)
+    family = getattr(encoder, "family", None)
+    return Looks(shares.cpu(), heads, family.n_prefix if family is not None else 1)
 
 
 def n_labels() -> int:
@@ -422,7 +425,7 @@ class Lens:
     label_kinds  component kinds an explicit label list may name (None: any)
     columns      the CSV columns it fills beyond the common ones (`outputs.SimilarityRow`), with `row()` (the same
                  in every row) or `values()` (per image and component)
-    figures      the figures it adds to every run's (drawn from the run folder's files by `outputs.redraw`)
+    figures      the figures it adds to every run's (drawn from the run folder's files by `figures.redraw`)
     prepare_stage  the manifest stage of `prepare` (work with a model of its own, before the encoder loads)
     """
 
@@ -558,13 +561,16 @@ class SteeringLens(Lens):
         return f"lens.alpha={self.cfg.alpha} (lens.mode={self.cfg.mode})", "use a smaller lens.alpha"
 
     def after_scoring(self, scored: ScoredImages) -> dict:
+        # a readout with no closed form (attention pooling) was steered through the hooked path: the manifest says so
+        path = {} if getattr(scored.encoder, "exact", True) else {
+            "steering_path": f"hooked ({scored.encoder.readout_kind} readout)"}
         if not self.cfg.verify:
-            return {}
+            return path
         worst = self.verify(scored)
         tolerance = 1e-4 if scored.encoder.dtype == torch.float32 else 5e-2
         if worst > tolerance:
             log.warning("lens.verify: closed form and hooked reference differ by %.3g (> %g)", worst, tolerance)
-        return {"verify_max_abs_diff": worst, "verify_ok": worst <= tolerance}
+        return {**path, "verify_max_abs_diff": worst, "verify_ok": worst <= tolerance}
 
     def verify(self, scored: ScoredImages) -> float:
         """Largest |closed form - hooked reference| over all images and components."""
@@ -595,17 +601,37 @@ class LogitLens(Lens):
 
     def prepare(self, encoder_cfg, device: torch.device) -> None:
         """The ImageNet classifier, before the encoder loads: its text tower is built, used and released
-        first, so that the two never share memory (a kept classifier builds no tower at all)."""
+        first, so that the two never share memory (a kept classifier builds no tower at all). A timm or
+        transformers ViT names labels with its own classifier head instead (`head_labels`), or has none."""
+        if encoder_cfg.source in ("timm", "hf"):
+            return
         self.classifier = imagenet_classifier(encoder_cfg, self.cfg.templates, device)
+
+    @staticmethod
+    def no_labels(encoder_cfg) -> str:
+        return (f"lens=logit names labels with a classifier head or a CLIP text tower, and encoder "
+                f"{encoder_cfg.source}:{encoder_cfg.name if encoder_cfg.source == 'timm' else encoder_cfg.repo_id} "
+                "has neither: use lens=diffusion, direct, steering or attribution")
+
+    def head_labels(self, encoder, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top `lens.top_labels` logits of the encoder's own classifier head: embeds [K, E] -> (values,
+        indices) [K, k]."""
+        with torch.inference_mode():
+            logits = encoder.classifier(embeds.to(encoder.device, encoder.dtype)).float().cpu()
+        return logits.topk(min(self.cfg.top_labels, logits.shape[-1]), dim=-1)
 
     def after_scoring(self, scored: ScoredImages) -> dict:
         """The top ImageNet labels of every component's embedding, into labels.csv."""
-        if self.classifier is None:
+        head = getattr(scored.encoder, "classifier", None)
+        if head is None and scored.encoder_cfg.source in ("timm", "hf"):
+            raise UserError(self.no_labels(scored.encoder_cfg))
+        if head is None and self.classifier is None:
             self.prepare(scored.encoder_cfg, scored.encoder.device)
-        classifier, names = self.classifier
+        classifier, names = (None, scored.encoder.family.class_names()) if head is not None else self.classifier
         rows = []
         for image, embeds in scored.embeds:
-            values, indices = top_labels(embeds, classifier, self.cfg.top_labels)
+            values, indices = (self.head_labels(scored.encoder, embeds) if head is not None
+                               else top_labels(embeds, classifier, self.cfg.top_labels))
             for k, comp in enumerate(scored.components):
                 rows += [{"image": image, "lens": self.name, "component": comp.label, "layer": comp.layer,
                           "head": comp.head, "rank": r + 1, "label": names[int(indices[k, r])],
@@ -660,6 +686,8 @@ class AttributionLens(Lens):
         self.target = encode_texts(encoder_cfg, [str(self.cfg.target)], device)
 
     def embeddings(self, encoder, cache, components: list[Component]) -> torch.Tensor:
+        if hasattr(encoder, "feature_attribution"):  # an SAE's features beside heads (dsl_cli.sae)
+            return encoder.feature_attribution(cache, components)
         return direct_attribution(encoder, cache).pick(components)
 
     def values(self, encoder, cache, components: list[Component], embeds: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -21,11 +21,11 @@ from urllib.parse import quote
 import numpy as np
 
 from dsl_cli.errors import UserError
-from dsl_cli.figures import POOLED, SCORES, redraw_study
-from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, NO_SCALE, OVERLAY, SIMILARITIES, SIMILARITY, TOP_TILES,
-                             RunFolder, atomic_write_bytes, claimed, colour_limits, csv_text, dark_cell, drawn_from_files,
-                             group_rows, heatmap_cells, heatmap_matrix, is_sweep_folder, kind_blocks, layer_label,
-                             read_bytes_nofollow, read_manifest, redraw)
+from dsl_cli.figures import (NO_SCALE, POOLED, SCORES, SIMILARITIES, TOP_TILES, colour_limits, dark_cell, decoder_text,
+                             drawn_from_files, encoder_text, heatmap_cells, heatmap_matrix, kind_blocks, layer_label,
+                             redraw, redraw_study)
+from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, SIMILARITY, RunFolder, atomic_write_bytes,
+                             claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest)
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 2em;color:#222;max-width:110em}
@@ -159,20 +159,31 @@ def header(folder: Path, manifest: dict, kind: str) -> str:
 def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
     encoder, decoder, lens = (cfg.get(k, {}) for k in ("encoder", "decoder", "lens"))
     return [
-        ("encoder", " ".join(str(encoder[k]) for k in ("source", "name", "pretrained", "checkpoint")
-                             if encoder.get(k))),
-        ("decoder", " ".join(str(decoder[k]) for k in ("family", "source", "path") if decoder.get(k))),
+        ("encoder", encoder_text(encoder) + (f" from {encoder['checkpoint']}" if encoder.get("checkpoint") else "")),
+        ("decoder", decoder_text(decoder) + (f" from {decoder['path']}" if decoder.get("path") else "")),
         ("lens", lens.get("name", "")),
         ("mode, alpha", f"{lens.get('mode')}, {lens.get('alpha')}" if lens.get("name") == "steering" or
          cfg.get("study", {}).get("name") else "not used by this lens"),
         ("components", f"layer={cfg.get('layer')} head={cfg.get('head')} component={cfg.get('component')}"
-                       + (f": {manifest['components']} per image" if "components" in manifest else "")),
+                       + (f": {manifest['components']} per image" if "components" in manifest else "")
+                       + (f", layers read {layer_ranges(manifest['layers'])}" if manifest.get("layers") else "")),
         ("images", ", ".join(manifest.get("images", [])) + (f"; skipped {manifest['skipped']}"
                                                              if manifest.get("skipped") else "")),
         ("seed", cfg.get("seed", manifest.get("seed", ""))),
         # what the run used (the manifest); the setting for runs from before that was recorded
         ("encoder dtype", manifest.get("encoder_dtype") or encoder.get("dtype") or cfg.get("dtype", "")),
     ]
+
+
+def layer_ranges(layers: list) -> str:
+    """[0, 1, 2, 3, 7] -> `0-3, 7`: the layers a run read (after clamping to the model, `clamp_to_model`)."""
+    spans: list[list[int]] = []
+    for layer in sorted(int(n) for n in layers if isinstance(n, int)):
+        if spans and layer == spans[-1][1] + 1:
+            spans[-1][1] = layer
+        else:
+            spans.append([layer, layer])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _decode_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
@@ -352,6 +363,9 @@ def run_page(folder: Path) -> str:
     body += [image_section(folder, image, group) for (image,), group in images.items()]
     if rows:
         body.append(components_section(rows, top_labels(folder)))
+    from dsl_cli.sae_report import features_section  # SAE features: top images beside their pictures
+
+    body.append(features_section(folder, rows))
     return page(f"dsl run {folder.name}", "\n".join(body))
 
 
@@ -585,15 +599,19 @@ def collection_page(root: Path, folders: list[Path]) -> str:
     """The page of a folder of runs, studies and sweeps: each (not a sweep's jobs, which its sweep's page
     shows) with a link to its own page and every figure it drew, in name order."""
     top = sorted(f for f in folders if not any(other in f.parents for other in folders))
-    sections = []
+    sections, unfinished = [], []
     for folder in top:
+        status = (read_manifest(folder) or {}).get("status")
         figures = RunFolder(folder).figures(*FIGURE_FOLDERS)
         shown = "".join(thumbnail(rel(p, root)) for p in figures) or "<p class=muted>no figures</p>"
-        status = status_badge((read_manifest(folder) or {}).get("status"))
-        sections.append(f"<section><h2>{link(rel(RunFolder(folder).page, root), rel(folder, root))} {status}</h2>"
-                        f"<div class='row thumbs'>{shown}</div></section>")
+        section = (f"<section><h2>{link(rel(RunFolder(folder).page, root), rel(folder, root))} "
+                   f"{status_badge(status)}</h2><div class='row thumbs'>{shown}</div></section>")
+        (unfinished if status in ("failed", "interrupted", "running") else sections).append(section)
+    folded = (f"<details><summary>{len(unfinished)} failed or unfinished</summary>{''.join(unfinished)}</details>"
+              if unfinished else "")
     return page(f"dsl {root.resolve().name}", f"<h1>dsl {esc(root.resolve().name)}</h1>"
-                f"<p>{len(top)} folders; each figure links to itself at full size</p>" + "".join(sections))
+                f"<p>{len(sections)} folders; each figure links to itself at full size</p>" + "".join(sections)
+                + folded)
 
 
 def redraw_folder(root: Path) -> dict[Path, int]:

@@ -32,15 +32,17 @@ from dsl_cli.config import RunConfig
 from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
                              load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype
-from dsl_cli.encoder import embedding_space, load_encoder
+from dsl_cli.encoder import embedding_space, load_encoder, model_shape
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, describe, get_lens, n_labels, prepare_text,
                             rank, score, where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
-from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture, is_sweep_folder,
-                             read_manifest, redraw, save_png)
+from dsl_cli.figures import redraw
+from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture,
+                             is_sweep_folder, read_manifest, save_png)
 from dsl_cli.preflight import preflight
+from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
 from dsl_cli.studies import run_study, validate_study
 from dsl_cli.sweeps import current_slurm_job, resumes
@@ -74,6 +76,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.study.name is not None:
         validate_study(cfg.study, cfg.seed)
     _validate_lens(cfg)
+    validate_sae(cfg)
     if not math.isfinite(decode.guidance):
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
     check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width, cfg.decoder.family)
@@ -84,6 +87,9 @@ def validate(cfg: DictConfig) -> None:
         check_pairing(embedding_space(cfg.encoder) if adapter is None else target_space(adapter), cfg.decoder)
     elif cfg.get("adapter"):
         run_adapter(cfg)
+    shape = model_shape(cfg.encoder)
+    if shape is not None and not cfg.clamp_to_model:  # an impossible layer is refused before any download
+        get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *shape, mid=cfg.lens.mid)
 
 
 def _validate_lens(cfg: DictConfig) -> None:
@@ -195,6 +201,7 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
     extra = {column: values.cpu().tolist() for column, values in
              lens.values(encoder, cache, components, embeds).items()}
+    extra.update(feature_values(encoder, cache, components))  # SAE features: their activations
     looks = where_heads_look(encoder, pixels, components)
     if looks is not None:
         extra["top_patches"] = looks.top_patches(len(components))
@@ -230,6 +237,7 @@ def plan_decoding(cfg, scored: list[Scored]) -> list[tuple[int, int]]:
     plan = []
     for i, result in enumerate(scored):
         picks = [k for k, row in enumerate(result.rows) if cfg.decode.top_k is None or row["rank"] <= cfg.decode.top_k]
+        picks = feature_picks(cfg, result.rows, picks)  # sae.features=top: each image's own top features
         plan.extend((i, k) for k in picks)
     return plan
 
@@ -482,6 +490,8 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     manifest.update(encoder_dtype=dtype_name(encoder.dtype))
     components = lens.components(cfg.layer, cfg.head, cfg.component, encoder.n_layers, encoder.n_heads,
                                  mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
+    if sae_config(cfg) is not None:  # an SAE's features instead of heads (dsl_cli.sae_run)
+        encoder, components = feature_stage(cfg, folder.path, encoder, preprocess, image_set, manifest)
     if cfg.study.name:
         run_study_job(cfg, folder.path, encoder, preprocess, image_set, components, manifest)
         return
@@ -491,7 +501,8 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     csv_log = folder.log(SIMILARITY)
     plan = start_csv(cfg, folder, scored, previous, csv_log)
     extras = plan_extras(cfg, folder, lens, scored)
-    manifest.update(components=len(components), rows=len(components) * len(scored), to_decode=len(plan),
+    manifest.update(components=len(components), layers=sorted({c.layer for c in components}),
+                    rows=len(components) * len(scored), to_decode=len(plan),
                     extra_to_decode=len(extras))
     decoder = None
     if plan or extras:

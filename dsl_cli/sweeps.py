@@ -36,9 +36,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dsl_cli.errors import UserError, printable, report
-from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, RunFolder, check_merged_row, claimed, draw_heatmaps,
-                             draw_lens_comparison, group_rows, is_sweep_folder, read_bytes_nofollow,
-                             read_manifest, type_row, write_json)
+from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
+from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, RunFolder, check_merged_row, claimed, group_rows,
+                             is_sweep_folder, read_bytes_nofollow, read_manifest, type_row, write_json)
 from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
@@ -328,10 +328,10 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     listed = (read_manifest(sweep_dir) or {}).get("figures")
     for stale in listed if isinstance(listed, list) else []:  # an earlier merge's, as its manifest lists them
         (sweep_dir / stale).unlink(missing_ok=True)
-    figures = []
+    figures, limits = [], shared_limits(rows)  # one colour scale over every job: colours compare across them
     for values, group in group_rows(rows, tuple(varying)).items():
         tag = "_".join(f"{_safe(k[len(OVERRIDE):])}={_safe(v)}" for k, v in zip(varying, values))
-        figures += draw_heatmaps(sweep_dir, group, tag=tag)
+        figures += draw_heatmaps(sweep_dir, group, tag=tag, limits=limits)
     return figures + draw_lens_comparison(sweep_dir, rows)
 
 

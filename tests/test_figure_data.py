@@ -12,20 +12,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dsl_cli import outputs
-from dsl_cli.outputs import caption_note, heatmap_figure, label_bars, models_text, shared_limits
+from dsl_cli import figures as fig_module
+from dsl_cli.figures import caption_note, heatmap_figure, label_bars, models_text, shared_limits
 from test_figures import rows_of
 
 
 def captured(monkeypatch, name: str) -> list:
-    """Calls of outputs.`name` (grid_image or save_figure) recorded, the real function still called for
+    """Calls of figures.`name` (grid_image or save_figure) recorded, the real function still called for
     grid_image; figures are not saved."""
     calls: list = []
-    real = getattr(outputs, name)
+    real = getattr(fig_module, name)
     if name == "save_figure":
-        monkeypatch.setattr(outputs, name, lambda fig, path: calls.append((fig, path)))
+        monkeypatch.setattr(fig_module, name, lambda fig, path: calls.append((fig, path)))
     else:
-        monkeypatch.setattr(outputs, name, lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
+        monkeypatch.setattr(fig_module, name, lambda *a, **kw: calls.append((a, kw)) or real(*a, **kw))
     return calls
 
 
@@ -52,8 +52,8 @@ def test_the_legend_speaks_of_a_label_line_only_where_captions_have_one(tmp_path
 
     pictures_for(tmp_path, rows)
     grids = captured(monkeypatch, "grid_image")
-    outputs.draw_grids(tmp_path, rows)
-    outputs.draw_grids(tmp_path, labelled)
+    fig_module.draw_grids(tmp_path, rows)
+    fig_module.draw_grids(tmp_path, labelled)
     notes = [kw["note"] for _, kw in grids]
     assert notes and all(("ImageNet" in note) == (n >= len(notes) // 2) for n, note in enumerate(notes))
 
@@ -76,7 +76,7 @@ def test_the_heatmaps_of_a_run_share_their_colour_scales(tmp_path: Path, monkeyp
     cat = rows_of([0, 1, 2], 4, ("mlp",))
     dog = [r | {"image": "dog", "sim_embed": r["sim_embed"] + 0.5} for r in rows_of([0, 1, 2], 4, ("mlp",))]
     figures = captured(monkeypatch, "save_figure")
-    outputs.draw_heatmaps(tmp_path, cat + dog)
+    fig_module.draw_heatmaps(tmp_path, cat + dog)
     assert len(figures) == 2
     first, second = (clims(fig) for fig, _ in figures)
     assert first == second
@@ -128,8 +128,8 @@ def test_titles_name_the_encoder_and_decoder(encoder: dict, decoder: dict, expec
     rows = rows_of([1], 2)
     pictures_for(tmp_path, rows)
     grids, figures = captured(monkeypatch, "grid_image"), captured(monkeypatch, "save_figure")
-    outputs.draw_grids(tmp_path, rows)
-    outputs.draw_heatmaps(tmp_path, rows)
+    fig_module.draw_grids(tmp_path, rows)
+    fig_module.draw_heatmaps(tmp_path, rows)
     assert grids and all(expected in args[1] for args, _ in grids)
     assert figures and all(expected in " ".join(fig.get_suptitle().split()) for fig, _ in figures)  # wrapped
 
@@ -154,13 +154,13 @@ def bigg_label_rows() -> list[dict]:
 def test_the_logit_lens_chart_is_capped_in_height_and_keeps_the_stream(tmp_path: Path, monkeypatch) -> None:
     rows = bigg_label_rows()
     bars = label_bars(rows)
-    assert len(bars) == outputs.MAX_LABEL_BARS
+    assert len(bars) == fig_module.MAX_LABEL_BARS
     stream = [r["component"] for r in rows[:49]]
     assert [r["component"] for r in bars[:49]] == stream  # the stream first, in layer order
     others = [r for r in rows[49:] if r in bars]
     assert min(r["score"] for r in others) >= max(r["score"] for r in rows[49:] if r not in bars)
     figures = captured(monkeypatch, "save_figure")
-    outputs.draw_label_plots(tmp_path, rows)
+    fig_module.draw_label_plots(tmp_path, rows)
     (fig, _), = figures
     assert fig.get_size_inches()[1] <= 20  # was about 229 inches
     fig.canvas.draw()
@@ -185,10 +185,10 @@ def test_where_each_head_looks_has_one_colour_bar_for_every_head(tmp_path: Path)
     rng = np.random.default_rng(0)
     heads = [({"component": f"L01H{h:02d}", "grid": 4,
                "shares": ";".join(f"{v:.4f}" for v in rng.normal(0, 0.1 * (h + 1), 16))}, None) for h in range(3)]
-    fig = outputs.looks_figure(tmp_path, "chelsea", heads, "title")
+    fig = fig_module.looks_figure(tmp_path, "chelsea", heads, "title")
     overlays = [image for axis in fig.axes for image in axis.get_images() if image.get_alpha() == 0.55]
     assert len(overlays) == 3
-    limit = max(float(np.abs(outputs.share_grid(p)).max()) for p, _ in heads)
+    limit = max(float(np.abs(fig_module.share_grid(p)).max()) for p, _ in heads)
     assert all(image.norm.vmin == pytest.approx(-limit) and image.norm.vmax == pytest.approx(limit)
                for image in overlays)
     bars = [axis for axis in fig.axes if "share of the head's write" in axis.get_ylabel()]

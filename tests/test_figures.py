@@ -15,9 +15,9 @@ import pytest
 from PIL import Image, ImageChops
 from scipy import stats
 
-from dsl_cli import outputs
+from dsl_cli import figures
 from dsl_cli.figures import POOLED, SCORES, plot_head_importance, plot_overlay_removal
-from dsl_cli.outputs import grid_image, grid_plan, heatmap_figure, settings_text
+from dsl_cli.figures import grid_image, grid_plan, heatmap_figure, settings_text
 from dsl_cli.studies import correlations
 
 TILE = 96
@@ -72,14 +72,14 @@ def test_captions_stay_inside_their_cell() -> None:
 def test_a_long_title_wraps_inside_the_sheet() -> None:
     tiles = [(Image.new("RGB", (8, 8), colour(i)), "") for i in range(2)]
     title = "chelsea: best 16 by rank | steering lens (norm, alpha 2), seed 0, 100 steps, guidance 4"
-    sheet = grid_image(tiles, title, tile=TILE, columns=2, note=outputs.CAPTION_NOTE)
+    sheet = grid_image(tiles, title, tile=TILE, columns=2, note=figures.CAPTION_NOTE)
     header = sheet.crop((0, 0, sheet.width, tile_box(sheet, 0)[1]))
     x0, _, x1, _ = ink_box(header, Image.new("RGB", header.size, "white"))
     assert x0 > 0 and x1 < sheet.width - 1  # nothing runs to the edge (where it would be cut off)
     from PIL import ImageDraw
 
-    draw, font = ImageDraw.Draw(sheet), outputs._font(max(14, TILE // 11))
-    lines = outputs._wrap(draw, title, font, sheet.width - 8)
+    draw, font = ImageDraw.Draw(sheet), figures._font(max(14, TILE // 11))
+    lines = figures._wrap(draw, title, font, sheet.width - 8)
     assert len(lines) > 1 and " ".join(lines) == title
 
 
@@ -119,10 +119,10 @@ def test_grid_titles_name_the_settings(tmp_path: Path, monkeypatch) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8), RED).save(path)
     titles = []
-    real = outputs.grid_image
-    monkeypatch.setattr(outputs, "grid_image", lambda tiles, title, **kw: titles.append((title, kw)) or real(
+    real = figures.grid_image
+    monkeypatch.setattr(figures, "grid_image", lambda tiles, title, **kw: titles.append((title, kw)) or real(
         tiles, title, **kw))
-    outputs.draw_grids(tmp_path, rows)
+    figures.draw_grids(tmp_path, rows)
     assert titles, "no grid drawn"
     for title, kw in titles:
         for words in ("chelsea", "steering lens", "norm", "alpha 2", "seed 0", "100 steps", "guidance 4"):
@@ -304,11 +304,11 @@ def test_label_plot_is_legible(tmp_path: Path) -> None:
              "rank": 1, "label": "desert grassland whiptail lizard", "score": round(math.sin(l), 6)}
             for l in range(12)]
     captured = []
-    real = outputs.save_figure
+    real = figures.save_figure
     try:
-        outputs.save_figure = lambda fig, path: captured.append(fig)
-        outputs.draw_label_plots(tmp_path, rows)
+        figures.save_figure = lambda fig, path: captured.append(fig)
+        figures.draw_label_plots(tmp_path, rows)
     finally:
-        outputs.save_figure = real
+        figures.save_figure = real
     assert len(captured) == 1
     assert_legible(captured[0])

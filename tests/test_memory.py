@@ -292,7 +292,7 @@ def test_a_kept_classifier_builds_no_text_tower_and_a_built_one_is_released_firs
     gone before the figures are drawn; a kept classifier builds no text tower and names the same labels."""
     from dsl_cli import run as run_module
     from dsl_cli.encoder import load_encoder
-    from dsl_cli.outputs import redraw
+    from dsl_cli.figures import redraw
 
     monkeypatch.setattr(lenses, "classifier_file", lambda cfg, templates: tmp_path / "kept.pt")
     towers: list[weakref.ref] = []

@@ -471,7 +471,7 @@ def test_an_overlay_removal_title_names_its_settings() -> None:
 
 
 def test_overlay_curves_are_drawn_per_order_and_random_orders_as_mean_and_band() -> None:
-    from dsl_cli.outputs import pyplot
+    from dsl_cli.figures import pyplot
 
     sims = {("dsl", None): [0.9, 0.5, 0.25], ("random", 1): [0.9, 0.8, 0.6], ("random", 2): [0.9, 0.6, 0.4],
             ("custom", 1): [0.9, 0.9, 0.9], ("custom", 2): [0.9, 0.7, 0.5]}

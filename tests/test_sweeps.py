@@ -22,7 +22,8 @@ from PIL import Image
 from dsl_cli.config import ImagesConfig, register_configs
 from dsl_cli.errors import UserError
 from dsl_cli.images import load_images
-from dsl_cli.outputs import SIMILARITY, heatmap_matrix, type_row
+from dsl_cli.outputs import SIMILARITY, type_row
+from dsl_cli.figures import heatmap_matrix
 from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu, requeued_run
 from helpers import dsl_in_process
 
