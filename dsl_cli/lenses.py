@@ -521,9 +521,30 @@ def lens_class(name: str) -> type[Lens]:
     return LENSES[name]
 
 
-def get_lens(lens_cfg) -> Lens:
-    """The lens object of a `lens` config group."""
+def get_lens(lens_cfg: Any = "steering", **settings: Any) -> Lens:
+    """The lens object of a `lens` config group: the run's (a DictConfig), a `LensConfig`, or a lens name,
+    with `settings` overriding its fields (`get_lens("steering", mode="add", alpha=4)`). Every form is
+    checked against the schema: a misspelt setting or a bad value is a UserError."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from dsl_cli.config import LensConfig
+
+    if isinstance(lens_cfg, str):
+        lens_cfg = LensConfig(name=lens_cfg)
+    if not isinstance(lens_cfg, DictConfig) or settings:
+        try:
+            lens_cfg = OmegaConf.merge(OmegaConf.structured(LensConfig), lens_cfg, settings)
+        except OmegaConfBaseException as err:
+            raise UserError(f"lens settings {settings or lens_cfg}: {str(err.msg).splitlines()[0]}") from None
     return lens_class(lens_cfg.name)(lens_cfg)
+
+
+def lens_embeddings(lens: "Lens | str", encoder, cache, components: list, **settings: Any) -> torch.Tensor:
+    """[B, K, E]: what lens `lens` (an object, or a name with `settings`) reads for each component of
+    `components` (labels such as `L3H01`, `L2MLP`, `L3`, or `Component`s) from an encoder's cache."""
+    lens = get_lens(lens, **settings) if isinstance(lens, str) else lens
+    return lens.embeddings(encoder, cache, [parse_component(c) for c in components])
 
 
 @register
