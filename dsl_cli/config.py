@@ -148,6 +148,20 @@ class StudyConfig:
 
 
 @dataclass
+class SaeConfig:
+    """A sparse autoencoder whose features the run reads instead of heads (`dsl_cli.sae`, README "SAE
+    features"): `path` (a SAELens folder with cfg.json and sae_weights.safetensors, or a .safetensors file; with
+    `repo_id`, the folder inside that Hugging Face repository). `features`: `top` (each image's `top_k` most
+    active features) or a list of feature indices; `top_images`: the most active images kept per feature."""
+
+    path: Optional[str] = None
+    repo_id: Optional[str] = None
+    features: Any = "top"
+    top_k: int = 4
+    top_images: int = 8
+
+
+@dataclass
 class RunConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -155,6 +169,7 @@ class RunConfig:
     images: ImagesConfig = field(default_factory=ImagesConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
+    sae: SaeConfig = field(default_factory=SaeConfig)  # sae.path=FOLDER: read an SAE's features (dsl_cli.sae)
     layer: Any = 30  # int, list of ints, "all" or a range "10-20"
     head: Any = "all"  # "all", int or list of ints
     component: Any = "heads"  # heads | mlp | all, or explicit labels [L30H05, L12MLP] (then layer/head are unused)

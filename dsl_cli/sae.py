@@ -303,14 +303,16 @@ def check_fits(sae: Sae, encoder) -> None:
         raise UserError(f"SAE {sae.source}: hook {sae.hook_name} is beyond this encoder's {encoder.n_layers} layers")
     if sae.d_in != encoder.d_model:
         raise UserError(f"SAE {sae.source}: d_in={sae.d_in}, but this encoder's residual width is {encoder.d_model}")
-    if encoder.readout_kind != "cls":
-        raise UserError(f"SAE features need a CLS readout; this encoder's is {encoder.readout_kind}")
+    readout = getattr(encoder, "readout_kind", "cls")  # an open_clip ViT before the any-ViT interface reads CLS
+    if readout != "cls":
+        raise UserError(f"SAE features need a CLS readout; this encoder's is {readout}")
 
 
 def sae_input(sae: Sae, cache) -> Tensor:
     """x at the SAE's hook point, readout (CLS) position: [B, D] from an `EncoderCache`."""
-    if cache.readout != "cls" or not cache.exact:
-        raise UserError(f"SAE features need a CLS readout; this encoder's is {cache.readout}")
+    readout = getattr(cache, "readout", "cls")
+    if readout != "cls" or not getattr(cache, "exact", True):
+        raise UserError(f"SAE features need a CLS readout; this encoder's is {readout}")
     return cache[sae.hook_name]
 
 

@@ -214,3 +214,102 @@ def test_top_images_heap_and_shard_merge():
         top.add([names[i] for i in part], acts[list(part)])
         shards.append(top.rows([1, 2], layer=4))
     assert merge_top_rows(shards, 3) == whole.rows([1, 2], layer=4)
+
+
+# ---------------------------------------------------------------- dsl run over features
+
+
+def tiny_sae_folder(folder, arch: str = "topk"):
+    """An SAE for debug=tiny's ViT (width 64) at block 1's output, in the SAELens layout."""
+    return write_saelens(folder, arch, "blocks.1.hook_resid_post", 64, seed=4)[0]
+
+
+def test_run_over_features_end_to_end(tmp_path, monkeypatch, capsys):
+    from helpers import dsl_in_process
+
+    sae = tiny_sae_folder(tmp_path / "sae")
+    run = tmp_path / "run"
+    code, err = dsl_in_process(["run", "debug=tiny", f"sae.path={sae}", "lens=steering", "lens.verify=true",
+                                "images.limit=2", "sae.top_k=2", "sae.top_images=2", f"hydra.run.dir={run}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    with (run / "similarity.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    manifest = json.loads((run / "manifest.json").read_text())
+    per_image = manifest["sae"]["per_image"]
+    assert set(per_image) == {"astronaut", "chelsea"} and all(len(v) == 2 for v in per_image.values())
+    chosen = sorted({label for labels in per_image.values() for label in labels})
+    for image, labels in per_image.items():
+        mine = {r["component"]: r for r in rows if r["image"] == image}
+        assert sorted(mine) == chosen + ["L01Ferr"]  # every chosen feature scored in every image, and the error
+        assert all(mine[c]["kind"] == "feature" and mine[c]["layer"] == "1" for c in chosen)
+        assert mine["L01Ferr"]["kind"] == "feature_error" and mine["L01Ferr"]["activation"] == ""
+        decoded = {c for c, r in mine.items() if r["file"]}
+        assert decoded == set(labels) | {"L01Ferr"}  # an image decodes its own top features only
+        for c in decoded:
+            assert (run / mine[c]["file"]).is_file() and float(mine[c]["activation"] or 1) > 0
+    assert manifest["verify_ok"] and manifest["verify_max_abs_diff"] < 1e-5  # lens.verify: hooked == closed
+    assert sorted(p.name for p in (run / "grids").iterdir()) == ["astronaut_steering_L01.png",
+                                                                  "chelsea_steering_L01.png"]
+    with (run / "features.csv").open() as handle:
+        tops = list(csv.DictReader(handle))
+    assert sorted({r["component"] for r in tops}) == chosen
+    page = (run / "index.html").read_text()
+    assert 'id="sae-features"' in page and all(f'id="{c}"' in page for c in chosen)
+    assert "images/astronaut/input.png" in page.split('id="sae-features"')[1]
+
+
+def planted_images(folder, n: int = 7, planted=(1, 4, 5)):
+    """n pictures of smooth noise; a bright checkerboard patch in the top left corner of those in `planted`."""
+    from PIL import Image
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(11)
+    for i in range(n):
+        base = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 8, generator=g), size=64, mode="bilinear")[0]
+        base = 0.25 + 0.4 * base
+        if i in planted:
+            checker = ((torch.arange(24)[:, None] // 4 + torch.arange(24)[None] // 4) % 2).float()
+            base[:, :24, :24] = checker
+        array = (base.permute(1, 2, 0).numpy() * 255).astype("uint8")
+        Image.fromarray(array).save(folder / f"pic{i}.png")
+    return [f"pic{i}" for i in planted]
+
+
+def test_top_images_of_a_planted_feature_are_where_it_was_planted(tmp_path, monkeypatch, capsys):
+    """A feature built along the direction the planted patch adds to block 1's CLS residual: its top images,
+    from two shards merged, are exactly the planted pictures."""
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder import load_encoder
+    from dsl_cli.sae import merge_top_rows
+    from helpers import dsl_in_process
+    from PIL import Image
+
+    planted = planted_images(tmp_path / "pics")
+    encoder, preprocess = load_encoder(EncoderConfig(source="tiny"))
+    names = sorted(p.stem for p in (tmp_path / "pics").iterdir())
+    pixels = torch.stack([preprocess(Image.open(tmp_path / "pics" / f"{n}.png").convert("RGB")) for n in names])
+    x = encoder.run_with_cache(pixels)["blocks.1.hook_resid_post"]
+    mask = torch.tensor([n in planted for n in names])
+    sae = random_sae("standard", "blocks.1.hook_resid_post", 64, seed=6, apply_b_dec=False)
+    sae.b_enc -= 10.0  # every random feature silent ...
+    u = x[mask].mean(0) - x[~mask].mean(0)
+    u = u / u.norm()
+    scores = x @ u  # ... but feature 17, which reads the planted direction above the plain pictures' level
+    sae.W_enc[:, 17], sae.b_enc[17] = u, -(scores[~mask].max() + scores[mask].min()) / 2
+    assert scores[mask].min() > scores[~mask].max()
+    save_sae(sae, tmp_path / "planted")
+    shards = []
+    for shard in (0, 1):
+        run = tmp_path / f"shard{shard}"
+        code, err = dsl_in_process(["run", "debug=tiny", f"sae.path={tmp_path / 'planted'}", "lens=direct",
+                                    f"images.path={tmp_path / 'pics'}", "decode.enabled=false", "sae.features=[17,3]",
+                                    "sae.top_images=3", f"images.shard={shard}", "images.num_shards=2",
+                                    f"hydra.run.dir={run}"], tmp_path, monkeypatch, capsys)
+        assert code == 0, err
+        with (run / "features.csv").open() as handle:
+            shards.append(list(csv.DictReader(handle)))
+        assert {r["image"] for r in shards[-1]} <= {n for n in names[shard::2]}  # a shard sees its own images
+    merged = merge_top_rows(shards, 3)
+    assert [r["image"] for r in merged if r["feature"] == 17] == sorted(planted, key=lambda n: -scores[names.index(n)])
+    assert not [r for r in merged if r["feature"] == 3]  # a silent feature has no top image
