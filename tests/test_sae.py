@@ -224,14 +224,30 @@ def tiny_sae_folder(folder, arch: str = "topk"):
     return write_saelens(folder, arch, "blocks.1.hook_resid_post", 64, seed=4)[0]
 
 
+def readme_example() -> tuple[str, list[str]]:
+    """The README's "SAE features" example: its Python block and its `dsl` command's words."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    section = re.search(r"## SAE features\n(.*?)\n## ", (Path(__file__).parents[1] / "README.md").read_text(),
+                        re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    line = re.search(r"```sh\n(.*?)```", section, re.S).group(1).strip()
+    return code, shlex.split(line)
+
+
 def test_run_over_features_end_to_end(tmp_path, monkeypatch, capsys):
+    """The README's worked example, as typed (in this process): a run over a tiny SAE's features."""
     from helpers import dsl_in_process
 
-    sae = tiny_sae_folder(tmp_path / "sae")
+    code, words = readme_example()
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "my_sae" / "cfg.json").is_file() and load_sae("my_sae").architecture == "topk"
+    assert words[:2] == ["dsl", "run"] and "sae.path=my_sae" in words
     run = tmp_path / "run"
-    code, err = dsl_in_process(["run", "debug=tiny", f"sae.path={sae}", "lens=steering", "lens.verify=true",
-                                "images.limit=2", "sae.top_k=2", "sae.top_images=2", f"hydra.run.dir={run}"],
-                               tmp_path, monkeypatch, capsys)
+    code, err = dsl_in_process([*words[1:], f"hydra.run.dir={run}"], tmp_path, monkeypatch, capsys)
     assert code == 0, err
     with (run / "similarity.csv").open() as handle:
         rows = list(csv.DictReader(handle))
