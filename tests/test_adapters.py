@@ -60,6 +60,7 @@ def test_heldout_split_is_a_hash_of_the_name_alone():
     assert 0.08 < sum(held) / len(names) < 0.12
     assert held == [is_heldout(n) for n in names]  # deterministic
     assert is_heldout("a") == is_heldout("a") and not all(held)
+    assert 0.27 < sum(is_heldout(n, 0.3) for n in names) / len(names) < 0.33  # adapter.heldout=0.3
 
 
 # ---------------------------------------------------------------- recovery
@@ -385,3 +386,16 @@ def test_runs_refuse_an_adapter_fitted_for_something_else(resid_adapter, tmp_pat
                                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and words in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_bench_script_answers_help_without_torch():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "scripts" / "bench_adapter_memory.py"
+    code = (f"import runpy, sys; sys.argv = ['x', '--help']\ntry:\n    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+            "except SystemExit:\n    pass\nassert 'torch' not in sys.modules and 'numpy' not in sys.modules")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "2000" in out.stdout and "--small" in out.stdout
