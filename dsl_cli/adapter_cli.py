@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from dsl_cli.config import path_override
 from dsl_cli.errors import UserError
 
 USAGE = """usage: dsl adapter fit [OVERRIDES...]     fit an adapter (the same overrides as `dsl run`, plus adapter.*)
@@ -160,9 +161,7 @@ def default_out(cfg, options: FitOptions, source_ident: dict) -> Path:
 
 
 def fit_command(args: list[str]) -> int:
-    from dsl_cli.cli import _path_override
-
-    options, overrides = parse_options([_path_override(arg) for arg in args])
+    options, overrides = parse_options([path_override(arg) for arg in args])
     paths = [a for a in overrides if a.partition("=")[0] == "images.path"]
     if paths and not any(a.partition("=")[0] == "images" for a in overrides):
         overrides = ["images=folder", *overrides]

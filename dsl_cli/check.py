@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from dsl_cli.config import path_override
 from dsl_cli.errors import UserError
 
 log = logging.getLogger("dsl_cli.check")
@@ -605,7 +606,6 @@ def verdict(rows: list[Row]) -> tuple[int, str]:
 
 def main(args: list[str]) -> int:
     """`dsl check OVERRIDES...` -> exit status."""
-    from dsl_cli.cli import _path_override
     from dsl_cli.errors import bug_message, report
 
     if args in (["-h"], ["--help"]):
@@ -615,7 +615,7 @@ def main(args: list[str]) -> int:
         report(f"dsl check takes overrides only (as `dsl run`), not {next(a for a in args if a.startswith('-'))}")
         return 2
     try:
-        cfg = compose([_path_override(arg) for arg in args])
+        cfg = compose([path_override(arg) for arg in args])
         from dsl_cli.decoder import check_request
 
         check_request(cfg.decoder.source, cfg.decode.scheduler, family=cfg.decoder.family)

@@ -106,40 +106,11 @@ def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
     return flags, overrides
 
 
-# Overrides whose values are paths. `~` is expanded, as a shell does in `VAR=~/x` (but not in `a.b=~/x`), and a
-# value that Hydra's override grammar refuses unquoted (a space, parentheses, `~` inside) is passed quoted.
-PATH_KEYS = {"images.path", "encoder.checkpoint", "encoder.text_pretrained", "decoder.path", "resume",
-             "hydra.run.dir", "hydra.sweep.dir", "adapter", "adapter.out"}
-
-
-def _path_override(arg: str) -> str:
-    """`images.path=~/my photos` -> `images.path='/home/me/my photos'`; other arguments as they are."""
-    key, sep, value = arg.partition("=")
-    if not sep or key.lstrip("+") not in PATH_KEYS or value[:1] in ("'", '"'):
-        return arg
-    value = os.path.expanduser(value)
-    if _parses(f"{key}={value}") or ("'" in value and '"' in value):
-        return f"{key}={value}"
-    quote = '"' if "'" in value else "'"
-    return f"{key}={quote}{value}{quote}"
-
-
-def _parses(override: str) -> bool:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        OverridesParser.create().parse_override(override)
-    except HydraException:  # the grammar's error
-        return False
-    return True
-
-
 def _run(args: list[str]) -> int:
     import hydra
 
     from dsl_cli import job
-    from dsl_cli.config import check_overrides, register_configs
+    from dsl_cli.config import check_overrides, path_override, register_configs
     from dsl_cli.outputs import release_all
     from dsl_cli.sweeps import merged_sweeps, resume_overrides
 
@@ -148,7 +119,7 @@ def _run(args: list[str]) -> int:
         extra = resume_overrides(args)
     except UserError as err:
         return _fail(err)
-    flags, overrides = _split_flags([_path_override(arg) for arg in [*args, *extra]])
+    flags, overrides = _split_flags([path_override(arg) for arg in [*args, *extra]])
     modes = {_MODES[f.split("=")[0]] for f in flags if f.split("=")[0] in _MODES}
     if len(modes) > 1:
         return _fail(f"{' and '.join(sorted(modes))} do not go together: --cfg job prints the config of one run "

@@ -10,6 +10,7 @@ compares equal to its name (`cfg.lens.mode == "norm"`) and is written as it (man
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -296,3 +297,33 @@ def _one_line(err: Exception) -> str:
                                                                     "To append to your config"))]
     text = " ".join(dict.fromkeys(lines)).replace("\t", " ")
     return re.sub(r"^Error merging override (\S+) ", r"\1: ", text)
+
+
+# Overrides whose values are paths. `~` is expanded, as a shell does in `VAR=~/x` (but not in `a.b=~/x`), and a
+# value that Hydra's override grammar refuses unquoted (a space, parentheses, `~` inside) is passed quoted.
+PATH_KEYS = {"images.path", "encoder.checkpoint", "encoder.text_pretrained", "decoder.path", "resume",
+             "hydra.run.dir", "hydra.sweep.dir", "adapter", "adapter.out"}
+
+
+def path_override(arg: str) -> str:
+    """`images.path=~/my photos` -> `images.path='/home/me/my photos'`; other arguments as they are (every
+    command that takes overrides: dsl run, dsl check, dsl adapter)."""
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+") not in PATH_KEYS or value[:1] in ("'", '"'):
+        return arg
+    value = os.path.expanduser(value)
+    if _parses(f"{key}={value}") or ("'" in value and '"' in value):
+        return f"{key}={value}"
+    quote = '"' if "'" in value else "'"
+    return f"{key}={quote}{value}{quote}"
+
+
+def _parses(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        OverridesParser.create().parse_override(override)
+    except HydraException:  # the grammar's error
+        return False
+    return True
