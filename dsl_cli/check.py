@@ -575,6 +575,20 @@ def run_check(cfg: Any, device: Optional[torch.device] = None) -> list[Row]:
     return rows
 
 
+def require_local(cfg: Any) -> None:
+    """Refuse, before any model loads, weights the run needs that are not on this machine (one message, with
+    the command that fetches each, as `dsl run` gives it): `dsl check` checks what is here, it downloads
+    nothing."""
+    from dsl_cli import weights
+    from dsl_cli.preflight import needed
+
+    hub, problems = needed(cfg)
+    missing = [w for w in hub if not w.cached()]
+    if missing or problems:
+        first, *details = weights._message(missing, problems, "dsl check downloads nothing").split("\n")
+        raise UserError(first, details=details)
+
+
 def _number(value: float) -> str:
     if not math.isfinite(value):
         return str(value)
@@ -619,6 +633,7 @@ def main(args: list[str]) -> int:
         from dsl_cli.decoder import check_request
 
         check_request(cfg.decoder.source, cfg.decode.scheduler, family=cfg.decoder.family)
+        require_local(cfg)
         rows = run_check(cfg)
     except UserError as err:
         report(err)

@@ -174,8 +174,19 @@ def test_bad_input_is_exit_status_2(saved, capsys, tmp_path) -> None:
     assert "encoder.nme: no such setting" in capsys.readouterr().err
     assert check.main(["--multirun"]) == 2
     assert check.main(["decoder.path=" + str(tmp_path / "none"), "encoder=bigg14_random", "device=cpu"]) == 2
-    assert "no such folder" in capsys.readouterr().err
+    assert "not the folder of a saved KandinskyV22Pipeline" in capsys.readouterr().err
     assert check.main(["--help"]) == 0 and "usage: dsl check" in capsys.readouterr().out
+
+
+def test_weights_not_on_this_machine_are_named_before_anything_loads(capsys) -> None:
+    """dsl check downloads nothing: what is missing is listed, with its command, as `dsl run` lists it."""
+    assert check.main(["encoder=vitl14", "decoder=kandinsky21"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("dsl: error: 2 of the weights this run needs are not in the Hugging Face cache")
+    assert "dsl check downloads nothing" in err[0]
+    assert [line.split(": ", 1)[1] for line in err[1:3]] == [
+        "hf download timm/vit_large_patch14_clip_224.openai open_clip_pytorch_model.bin",
+        "hf download kandinsky-community/kandinsky-2-1 --exclude '*.bin'"]
 
 
 def test_random_and_tiny_models_have_nothing_to_check(capsys) -> None:
