@@ -157,6 +157,20 @@ def default_out(cfg, options: FitOptions, source_ident: dict) -> Path:
     return Path(str(cfg.outputs_root)) / "adapters" / name
 
 
+def preflight_fit(cfg, target_cfg, decodes: bool) -> None:
+    """Every weight the fit loads, looked up before any model is built (as `dsl run`'s preflight): the source
+    encoder, the target encoder and, when examples are decoded, the decoder. One UserError lists what is
+    missing."""
+    from dsl_cli.decoder import get_family
+    from dsl_cli.encoder import loading
+    from dsl_cli.weights import combined, require
+
+    parts = [loading.needs(cfg.encoder), loading.needs(target_cfg)]
+    if decodes:
+        parts.append(get_family(cfg.decoder.family).needs(cfg.decoder))
+    require(combined(parts))
+
+
 # ---------------------------------------------------------------- the commands
 
 
@@ -181,6 +195,8 @@ def fit_command(args: list[str]) -> int:
     source_ident = encoder_identity(cfg.encoder)
     out = Path(options.out).expanduser() if options.out else default_out(cfg, options, source_ident)
     image_set = load_images(cfg.images)
+    decodes = bool(options.examples and cfg.decode.enabled and cfg.images.num_shards == 1)
+    preflight_fit(cfg, target_cfg, decodes)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.encoder.dtype, device)
     source, source_pre = load_encoder(cfg.encoder, device=device, dtype=dtype)
@@ -213,7 +229,7 @@ def fit_command(args: list[str]) -> int:
     adapter.negative = negative
     adapter.meta["name"] = options.name or out.name
     adapter.save(out)
-    if options.examples and cfg.decode.enabled:
+    if decodes:
         decode_examples(cfg, out, adapter, partial, image_set, options.examples, target, device)
     finish(out, adapter)
     return 0

@@ -11,6 +11,8 @@ from pathlib import Path
 METRICS = (
     ("cosine_mean", "cosine to the target, mean", "1 is perfect; what the decoder sees, direction-wise"),
     ("cosine_p5", "cosine, 5th percentile", "the worst images' cosine: 1 in 20 held-out images is below it"),
+    ("cosine_centred", "cosine about the targets' mean", "the same with the mean target subtracted from both: "
+     "embeddings share a large common direction, which makes the plain cosine look better than the fit is"),
     ("r2", "R^2", "share of the target's variance (about its held-out mean) the adapter explains"),
     ("top1", "top-1 retrieval", "held-out images whose mapped embedding is closest to their own target"),
     ("top5", "top-5 retrieval", "... whose own target is among the 5 closest"),
