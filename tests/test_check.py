@@ -229,3 +229,13 @@ def test_a_broken_cache_file_never_stops_a_run(saved, tmp_path) -> None:
     manifest = FakeManifest()
     assert check.note_run(check.compose([*encoder_args(saved), "decode.enabled=false"]), manifest) == {
         "encoder": "unchecked"}
+
+
+def test_a_runs_manifest_records_weights_check(tmp_path, monkeypatch, capsys) -> None:
+    """A real run writes the field (empty for the tiny models, which have no upstream copy)."""
+    from dsl_cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "debug=tiny", "decode.enabled=false", "layer=0", f"hydra.run.dir={tmp_path / 'run'}"]) == 0
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["weights_check"] == {} and manifest["status"] == "complete"

@@ -397,3 +397,19 @@ def test_the_hub_files_of_transformers_towers_are_the_names_transformers_reads(f
     towers = [names for names in get_family(family).hub_files if names[0].split("/")[-1] == saved[0]]
     assert towers and all(len(names) == 2 and names[1] == names[0].replace(saved[0], "pytorch_model.bin")
                           for names in towers), towers
+
+
+def test_a_file_open_clip_must_convert_keeps_the_tags_quick_gelu(served, tmp_path, photos) -> None:
+    """Positions saved for another grid go through open_clip's own loader (dsl's fallback), which is given the
+    tag's activation (force_quick_gelu): the tower is still OpenAI's, QuickGELU and all."""
+    from open_clip.transformer import QuickGELU
+
+    file = serve_open_clip(served, tmp_path, "ViT-L-14", "openai")
+    state = torch.load(file, weights_only=True)
+    state["visual.positional_embedding"] = state["visual.positional_embedding"][:5].clone()  # CLS + 2 x 2
+    torch.save(state, file)
+    cfg = compose(["encoder=vitl14", f"encoder.checkpoint={file}"]).encoder
+    encoder, preprocess = load_encoder(cfg)
+    assert all(isinstance(block.mlp.gelu, QuickGELU) for block in encoder.visual.transformer.resblocks)
+    reference, reference_preprocess = upstream("ViT-L-14", str(file), "openai")
+    assert_same_encoder(encoder, preprocess, reference, reference_preprocess, photos)
