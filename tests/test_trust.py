@@ -360,7 +360,7 @@ def test_repaired_pictures_are_the_bytes_of_the_uninterrupted_run(decoded_run: P
                                                                    monkeypatch, capsys) -> None:
     pictures = sorted(decoded_run.glob("images/*/steering/*.png"))
     assert len(pictures) == 10
-    damaged = [run_copy / pictures[i].relative_to(decoded_run) for i in (1, 6)]  # inside the 1st and 2nd batch
+    damaged = [run_copy / pictures[0].relative_to(decoded_run)]  # alone, it decodes to other bytes (round-off)
     for path in damaged:
         path.write_bytes(path.read_bytes()[:40])
     code, err = dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)
