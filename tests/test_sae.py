@@ -255,6 +255,7 @@ def test_run_over_features_end_to_end(tmp_path, monkeypatch, capsys):
     per_image = manifest["sae"]["per_image"]
     assert set(per_image) == {"astronaut", "chelsea"} and all(len(v) == 2 for v in per_image.values())
     chosen = sorted({label for labels in per_image.values() for label in labels})
+    assert all(len(labels) < len(chosen) for labels in per_image.values())  # the images' top features differ
     for image, labels in per_image.items():
         mine = {r["component"]: r for r in rows if r["image"] == image}
         assert sorted(mine) == chosen + ["L01Ferr"]  # every chosen feature scored in every image, and the error
@@ -329,3 +330,17 @@ def test_top_images_of_a_planted_feature_are_where_it_was_planted(tmp_path, monk
     merged = merge_top_rows(shards, 3)
     assert [r["image"] for r in merged if r["feature"] == 17] == sorted(planted, key=lambda n: -scores[names.index(n)])
     assert not [r for r in merged if r["feature"] == 3]  # a silent feature has no top image
+
+
+def test_topk_zeroes_negative_top_values(tmp_path, encoder, pixels):
+    """SAELens's TopK applies ReLU to the k values it keeps: with every pre-activation pushed below 0 but
+    a few, fewer than k features are active, and none negative."""
+    folder, t = write_saelens(tmp_path / "neg", "topk", "blocks.2.hook_resid_post", encoder.d_model)
+    sae = load_sae(str(folder))
+    x = encoder.run_with_cache(pixels)["blocks.2.hook_resid_post"]
+    pre = sae.pre(x)
+    sae.b_enc = sae.b_enc - pre.sort(-1, descending=True).values[:, 2].max()  # at most 2 positive per image
+    t = {**t, "b_enc": sae.b_enc}
+    f = sae.encode(x)
+    assert ((f > 0).sum(-1) <= 2).all() and (f >= 0).all() and (sae.pre(x).topk(K).values < 0).any()
+    torch.testing.assert_close(f, formulas("topk", t, x)[0], rtol=0, atol=1e-6)
