@@ -55,7 +55,7 @@ from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLI
 from dsl_cli.config import DecoderConfig
 from dsl_cli.devices import Placed, seeded_on
 from dsl_cli.errors import UserError
-from dsl_cli.memory import free_bytes
+from dsl_cli.memory import free_bytes, halving_batches
 from dsl_cli.weights import HubWeights, Needs
 
 log = logging.getLogger("dsl_cli.decoder")
@@ -421,25 +421,14 @@ class Decoder(Placed, ABC):
         negative = negative.reshape(1, -1).to(self.device, self.dtype)
         if batch_size == "auto":
             batch_size = self.fit_batch_size(n, height, width, guidance)
-        start, batch = 0, max(1, batch_size)
+
+        def run(start: int, stop: int) -> np.ndarray:
+            return self._run(embeds[start:stop], negative, seed_list[start:stop], height, width, steps, guidance)
+
         with tqdm(total=n, desc="decode", unit="img", disable=not progress) as bar:
-            while start < n:
-                indices = list(range(start, min(start + batch, n)))
-                try:
-                    images = self._run(embeds[indices], negative, [seed_list[i] for i in indices],
-                                       height, width, steps, guidance)
-                except torch.cuda.OutOfMemoryError:
-                    if batch == 1:
-                        raise
-                    images = None  # handled below, once the traceback holding the batch's tensors is freed
-                if images is None:  # retry the same items, in batches half as large from here on
-                    batch //= 2
-                    log.warning("CUDA out of memory: decoding in batches of %d from item %d on", batch, start)
-                    torch.cuda.empty_cache()
-                    continue
-                bar.update(len(indices))
-                yield indices, images
-                start += len(indices)
+            for start, stop, images in halving_batches(n, batch_size, run, self.device, "decoding", log):
+                bar.update(stop - start)
+                yield list(range(start, stop)), images
 
     def _run(
         self,

@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import nn
@@ -56,6 +56,35 @@ def release_memory(device: "str | torch.device") -> None:
     gc.collect()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
+
+
+T = TypeVar("T")
+
+
+def halving_batches(total: int, batch: int, run: Callable[[int, int], T], device: "str | torch.device",
+                    what: str, logger: logging.Logger = log) -> Iterator[tuple[int, int, T]]:
+    """`run(start, stop)` over items [0, total) in batches of `batch`, yielding (start, stop, result) in order.
+    On CUDA out-of-memory the batch is halved, for the rest of the call, and the same items are retried (a
+    batch of one that does not fit raises); `what` names the work in the warning (`decoding`)."""
+    start, size = 0, max(1, batch)
+    while start < total:
+        stop = min(start + size, total)
+        try:
+            result = run(start, stop)
+        except torch.cuda.OutOfMemoryError:
+            if size == 1:
+                raise
+            result = _OUT_OF_MEMORY  # handled below, once the traceback holding the batch's tensors is freed
+        if result is _OUT_OF_MEMORY:
+            size //= 2
+            logger.warning("CUDA out of memory: %s in batches of %d from item %d on", what, size, start)
+            release_memory(device)
+            continue
+        yield start, stop, result
+        start = stop
+
+
+_OUT_OF_MEMORY: Any = object()
 
 
 def free_bytes(device: "str | torch.device") -> Optional[int]:

@@ -19,6 +19,7 @@ Shapes: B images, K components, E embedding width, S image side. Everything runs
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -39,9 +40,11 @@ from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.figures import POOLED, SCORES, redraw_study
 from dsl_cli.images import InputImage, overlay
-from dsl_cli.memory import release_memory, rows_that_fit
+from dsl_cli.memory import halving_batches, release_memory, rows_that_fit
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, group_rows, save_png
 from dsl_cli.weights import Needs
+
+log = logging.getLogger("dsl_cli.studies")
 
 STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bigger batch gains little
 
@@ -104,25 +107,16 @@ def ablated_embeds(
     run `batch_size` at a time, so different ablations of the same or other images share a forward pass;
     on CUDA out-of-memory the batch is halved (for the rest of the call) and the same rows are retried.
     """
+    def run(start: int, stop: int) -> Tensor:
+        chunk = plan[start:stop]
+        index = torch.tensor([i for i, _ in chunk])
+        return encoder.ablate_hooked(pixels[index], [list(s) for _, s in chunk], how=how, means=means)
+
     out = []
-    start, step = 0, max(1, batch_size)
     with tqdm(total=len(plan), desc=desc, unit="row", leave=False, disable=desc is None) as bar:
-        while start < len(plan):
-            chunk = plan[start:start + step]
-            index = torch.tensor([i for i, _ in chunk])
-            try:
-                embeds = encoder.ablate_hooked(pixels[index], [list(s) for _, s in chunk], how=how, means=means)
-            except torch.cuda.OutOfMemoryError:
-                if step == 1:
-                    raise
-                embeds = None  # retried below, once the traceback holding the batch's tensors is gone
-            if embeds is None:
-                step //= 2
-                release_memory(encoder.device)
-                continue
+        for start, stop, embeds in halving_batches(len(plan), batch_size, run, encoder.device, "ablating", log):
             out.append(embeds.float().cpu())
-            start += len(chunk)
-            bar.update(len(chunk))
+            bar.update(stop - start)
     return torch.cat(out) if out else torch.empty(0, encoder.d_embed)
 
 
