@@ -329,6 +329,8 @@ def test_runs_decode_through_the_adapter_with_every_lens(resid_adapter, tmp_path
 
     from helpers import dsl_in_process
 
+    from dsl_cli.figures import models_text  # what the grids' and heatmaps' titles name the models with
+
     for lens, extra in (("steering", ["layer=3", "head=[0,2]"]), ("diffusion", ["layer=[1,3]"]),
                         ("direct", ["layer=3", "head=[1]"])):
         out = tmp_path / lens
@@ -339,6 +341,8 @@ def test_runs_decode_through_the_adapter_with_every_lens(resid_adapter, tmp_path
         assert manifest["status"] == "complete" and manifest["adapter"]["name"] == "fitted"
         assert manifest["adapter"]["heldout_cosine"] == Adapter.load(resid_adapter).meta["metrics"]["cosine_mean"]
         assert manifest["decoded"] == manifest["to_decode"] >= 1 and list(out.rglob("*.png"))
+        cosine = manifest["adapter"]["heldout_cosine"]
+        assert f"tiny encoder via adapter fitted (held-out cos {cosine:.2f}) -> kandinsky22" in models_text(out)
 
 
 def test_verify_runs_through_an_embedding_adapter(photos, tmp_path, monkeypatch, capsys):

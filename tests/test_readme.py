@@ -135,6 +135,10 @@ def test_dsl_commands_work_as_typed(line: str, offline_home: Path, monkeypatch, 
             pytest.skip(reason)
     if words[1] in ("plot", "report"):  # they draw from the run the README names: make one there
         assert cli.main(["run", "debug=tiny", "decode.enabled=false", f"hydra.run.dir={words[2]}"]) == 0
+    adapter = next((w.split("=", 1)[1] for w in words if w.startswith("adapter=")), None)
+    if words[1] == "run" and adapter:  # it decodes through the adapter the README fits a line before: fit it
+        assert cli.main(["adapter", "fit", "debug=tiny", "adapter.readout=resid", "adapter.layer=3",
+                         "adapter.augment=4", "adapter.examples=0", f"adapter.out={adapter}"]) == 0
     if words[1] == "merge":  # it merges the sweep the README names: make one there
         assert cli.main(["run", "-m", "debug=tiny", "decode.enabled=false", "layer=0,1",
                          f"hydra.sweep.dir={words[2]}"]) == 0
