@@ -49,6 +49,8 @@ usage:
   dsl adapter fit [OVERRIDES...]  fit a linear adapter from any encoder to a decoder's embedding space
                              (images.path=FOLDER); `dsl run adapter=FOLDER` decodes through it
   dsl adapter merge FOLDER   add the partial sums of a sharded fit and fit (dsl adapter --help)
+  dsl sae train [OVERRIDES...]  train a TopK SAE on one layer's residuals (layer=N images.path=FOLDER);
+                             `dsl run sae.path=FOLDER` reads its features (dsl sae --help)
   dsl --version
 """
 
@@ -272,6 +274,10 @@ def _dispatch(args: list[str]) -> int:
         from dsl_cli.adapter_cli import main as adapter
 
         return adapter(args[1:])
+    if args[0] == "sae":
+        from dsl_cli.sae_train import main as sae
+
+        return sae(args[1:])
     return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER`, `dsl merge SWEEP_DIR` or "
                  "`dsl report FOLDER` (see dsl --help)")
 

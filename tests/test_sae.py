@@ -344,3 +344,46 @@ def test_topk_zeroes_negative_top_values(tmp_path, encoder, pixels):
     f = sae.encode(x)
     assert ((f > 0).sum(-1) <= 2).all() and (f >= 0).all() and (sae.pre(x).topk(K).values < 0).any()
     torch.testing.assert_close(f, formulas("topk", t, x)[0], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- dsl sae train
+
+
+def test_sae_train_explains_the_residuals_and_resumes_after_sigterm_to_the_same_weights(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """A TopK SAE (96 features, k 8) trained on debug=tiny's block 1 over 10 generated pictures explains more
+    than 60 % of the residuals' variance (every token); stopped by SIGTERM after step 5 and started again, it
+    ends with the very weights of a training never stopped."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from dsl_cli import sae_train
+    from helpers import dsl_in_process
+
+    planted_images(tmp_path / "pics", n=10, planted=(2, 7))
+    args = ["sae", "train", "debug=tiny", "layer=1", f"images.path={tmp_path / 'pics'}", "train.d_sae=96",
+            "train.k=8", "train.epochs=7", "train.batch_size=4", "train.lr=5e-3", "train.checkpoint_every=4"]
+    code, err = dsl_in_process([*args, f"train.out={tmp_path / 'whole'}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "whole" / "training.json").read_text())
+    assert metrics["steps"] == 21 and metrics["tokens"] == 10 * 17 and metrics["explained_variance"] > 0.6
+    assert 0 <= metrics["dead_features"] < 96 and not (tmp_path / "whole" / "checkpoint.pt").exists()
+    sae = load_sae(str(tmp_path / "whole"))  # SAELens layout, read back by `sae.path=`
+    assert (sae.architecture, sae.k, sae.hook_name, sae.d_sae) == ("topk", 8, "blocks.1.hook_resid_post", 96)
+
+    def stop_after_5(step: int) -> None:
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sae_train, "_after_step", stop_after_5)
+    code, err = dsl_in_process([*args, f"train.out={tmp_path / 'stopped'}"], tmp_path, monkeypatch, capsys)
+    assert code == 128 + signal.SIGTERM, err
+    assert (tmp_path / "stopped" / "checkpoint.pt").is_file() and not (tmp_path / "stopped" / "cfg.json").exists()
+    monkeypatch.setattr(sae_train, "_after_step", lambda step: None)
+    code, err = dsl_in_process([*args, f"train.out={tmp_path / 'stopped'}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    whole, resumed = (load_file(str(tmp_path / name / "sae_weights.safetensors")) for name in ("whole", "stopped"))
+    for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        assert torch.equal(whole[name], resumed[name]), name
