@@ -27,7 +27,7 @@ from dsl_cli.errors import UserError
 Device = StrEnum("Device", ["auto", "cuda", "cpu"])  # auto: CUDA when present, else the CPU with a warning
 Precision = StrEnum("Precision", ["fp32", "fp16", "bf16"])
 DecodePrecision = StrEnum("DecodePrecision", ["auto", *Precision])  # auto: bf16 on CUDA, fp32 on the CPU
-EncoderSource = StrEnum("EncoderSource", ["open_clip", "kandinsky_prior", "tiny"])
+EncoderSource = StrEnum("EncoderSource", ["open_clip", "kandinsky_prior", "tiny", "timm", "hf"])
 Scheduler = StrEnum("Scheduler", ["ddpm", "ddim", "dpm"])
 SteerMode = StrEnum("SteerMode", ["add", "scale", "norm"])
 RankBy = StrEnum("RankBy", ["sim_embed", "sim_decoded"])
@@ -45,7 +45,9 @@ class EncoderConfig:
 
     source: `open_clip` (any open_clip ViT by `name` and `pretrained` tag; `pretrained: null` gives random
     weights), `kandinsky_prior` (the HF-format `image_encoder` of the Kandinsky 2.2 prior, mapped onto the
-    open_clip module) or `tiny` (random, embed_dim 32, for tests).
+    open_clip module), `tiny` (random, embed_dim 32, for tests), `timm` (a timm ViT by `name` with its tag;
+    `name: tiny` a tiny random one) or `hf` (a transformers ViT in the HF cache by `repo_id`, `subfolder` empty
+    for none; `name: tiny` a tiny random DINOv2): `dsl_cli.encoder.vit_loading`.
     """
 
     source: EncoderSource = EncoderSource.open_clip

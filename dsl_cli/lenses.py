@@ -616,7 +616,10 @@ class LogitLens(Lens):
     classifier: Optional[tuple[torch.Tensor, list[str]]] = None  # ([d_embed, 1000], class names) once prepared
 
     def needs(self, encoder_cfg) -> Needs:
-        """The text tower: its ImageNet classifier names every component, whatever `lens.text` says."""
+        """The text tower: its ImageNet classifier names every component, whatever `lens.text` says (a timm or
+        transformers ViT's own classifier head names them instead)."""
+        if encoder_cfg.source in ("timm", "hf") and not self.cfg.get("text"):
+            return [], []
         pool = bool(self.cfg.get("text")) and self.cfg.get("text_pool") is not None
         return text_needs(encoder_cfg, self.cfg.templates, True, pool)
 

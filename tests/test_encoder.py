@@ -589,8 +589,8 @@ def test_loaders_set_up_the_models_they_return(monkeypatch):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert model.encode_text(tokenizer(["a photo of a cat"])).dtype == torch.float64
     with pytest.raises(UserError) as err:
-        load_encoder(encoder_config(source="timm"))
-    assert str(err.value) == "unknown encoder.source 'timm': use open_clip, kandinsky_prior or tiny"
+        load_encoder(encoder_config(source="keras"))
+    assert str(err.value) == "unknown encoder.source 'keras': use open_clip, kandinsky_prior, tiny, timm or hf"
 
     def refuse(visual):
         raise NotImplementedError("attentional pooling")

@@ -327,3 +327,79 @@ def test_a_pooled_cache_moves_and_casts_whole(pixels):
     cache = encoder.run_with_cache(pixels).to(torch.float64)
     assert (cache.readout, cache.exact) == ("map", False)
     assert cache.pixels.dtype == cache.stream_embeds.dtype == cache.resid.dtype == torch.float64
+
+
+# ---- loading (encoder.source timm | hf) and the debug presets ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("source", "readout", "head"), [("timm", "mean", True), ("hf", "cls", False)])
+def test_the_tiny_presets_load_with_their_library_preprocessing(source, readout, head):
+    import numpy as np
+    from PIL import Image
+
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder import load_encoder
+    from dsl_cli.encoder.loading import embedding_space
+    from dsl_cli.errors import UserError
+
+    cfg = EncoderConfig(source=source, name="tiny", pretrained=None, repo_id="tiny-dinov2", subfolder="")
+    encoder, preprocess = load_encoder(cfg)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    pixels = preprocess(picture)
+    assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32
+    assert (encoder.n_layers, encoder.n_heads, encoder.readout_kind) == (4, 4, readout)
+    assert (encoder.classifier is not None) == head and encoder.family.n_prefix == 3  # class token, 2 registers
+    again, _ = load_encoder(cfg)  # seeded: the same weights every time
+    torch.testing.assert_close(again.embed(pixels[None]), encoder.embed(pixels[None]), atol=0, rtol=0)
+    with pytest.raises(UserError, match="has no decoder in dsl"):
+        embedding_space(cfg)
+
+
+def test_hf_weights_come_from_the_cache_only(tmp_path, monkeypatch):
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder import load_encoder
+    from dsl_cli.errors import UserError
+
+    with pytest.raises(UserError, match="not in the Hugging Face cache.*hf download dsl-tests/no-such-vit"):
+        load_encoder(EncoderConfig(source="hf", name="hf", repo_id="dsl-tests/no-such-vit", subfolder=""))
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *args, **kwargs: None)  # an empty cache
+    with pytest.raises(UserError, match="weights not in the Hugging Face cache; fetch them with: hf download timm/"):
+        load_encoder(EncoderConfig(source="timm", name="vit_base_patch16_224.augreg_in21k_ft_in1k", pretrained="hub"))
+
+
+@pytest.mark.parametrize(("preset", "lens"), [
+    ("tiny_timm", ("lens=steering", "component=all", "lens.verify=true")),
+    ("tiny_timm", ("lens=logit", "layer=[1,3]")),
+    ("tiny_timm", ("lens=attribution", "component=all")),
+    ("tiny_dinov2", ("lens=steering", "component=all", "lens.verify=true")),
+    ("tiny_dinov2", ("lens=diffusion", "layer=all")),
+    ("tiny_dinov2", ("lens=direct", "component=all")),
+])
+def test_the_debug_presets_run_end_to_end_with_the_lenses_that_do_not_decode(preset, lens, tmp_path):
+    import json
+
+    from helpers import dsl_here
+
+    folder = tmp_path / "run"
+    code = dsl_here(["run", f"debug={preset}", "layer=1", "images.limit=2", f"hydra.run.dir={folder}", *lens],
+                    tmp_path)
+    assert code == 0, (folder / "dsl.log").read_text()[-3000:]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and (folder / "index.html").is_file()
+    if "lens.verify=true" in lens:
+        assert manifest["verify_ok"] is True
+    if "lens=logit" in lens:  # named by the model's own 1000-class head
+        assert (folder / "labels.csv").read_text().count("\n") > 1
+
+
+@pytest.mark.parametrize(("preset", "extra", "message"), [
+    ("tiny_timm", ("lens=steering", "decode.enabled=true"), "encoder timm:tiny has no decoder in dsl"),
+    ("tiny_dinov2", ("lens=logit",), "lens=logit names labels with a classifier head or a CLIP text tower"),
+])
+def test_what_these_vits_cannot_do_is_refused_in_one_line(preset, extra, message, tmp_path, monkeypatch, capsys):
+    from helpers import dsl_in_process
+
+    code, err = dsl_in_process(["run", f"debug={preset}", "layer=1", "images.limit=1",
+                                f"hydra.run.dir={tmp_path / 'run'}", *extra], tmp_path, monkeypatch, capsys)
+    assert code == 2 and message in err
+    assert len([line for line in err.splitlines() if line.startswith("dsl: error")]) == 1

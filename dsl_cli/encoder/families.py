@@ -499,18 +499,38 @@ def family_of(model: nn.Module) -> Family:
     """The adapter for `model`; NotImplementedError saying why for a module no family covers."""
     module = type(model).__module__
     if module.startswith("open_clip"):
-        from dsl_cli.encoder.hooked import _check_supported
-
         _check_supported(model)
         return OpenClipFamily(model)
     if module.startswith("timm.models.vision_transformer") and type(model).__name__ == "VisionTransformer":
         return TimmFamily(model)
     if module.startswith("transformers."):
         return HFFamily(model)
-    from dsl_cli.encoder.hooked import _check_supported
-
     _check_supported(model)  # raises, naming what is supported
     raise AssertionError("unreachable")
 
 
 FamilyFactory = Callable[[nn.Module], Family]
+
+
+def _check_supported(visual: nn.Module) -> None:
+    """Raise NotImplementedError for open_clip towers the CLS decomposition does not describe exactly (and for
+    a module of no supported family)."""
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+    if not isinstance(visual, VisionTransformer):
+        raise NotImplementedError(
+            f"HookedEncoder needs a vision transformer of open_clip, timm or transformers, got "
+            f"{type(visual).__name__} (ResNet and other towers are not decomposed)"
+        )
+    if visual.attn_pool is not None:
+        raise NotImplementedError("attentional pooling is not covered by the CLS-token decomposition")
+    if visual.pool_type != "tok":
+        raise NotImplementedError(f"pool_type {visual.pool_type!r}: only CLS pooling ('tok') is decomposed")
+    if not visual.transformer.batch_first:
+        raise NotImplementedError("only batch-first transformers are supported")
+    for block in visual.transformer.resblocks:
+        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
+            raise NotImplementedError(
+                f"{type(block).__name__}: qk_norm, scaled cosine attention, head/attention/fc scaling and "
+                "cross-attention blocks are not covered by the per-head decomposition"
+            )

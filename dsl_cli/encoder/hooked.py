@@ -26,13 +26,13 @@ from dataclasses import dataclass, fields
 from typing import Callable, ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
-from open_clip.transformer import LayerScale, ResidualAttentionBlock, VisionTransformer
+from open_clip.transformer import LayerScale, ResidualAttentionBlock
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from dsl_cli.components import READS, Component, parse_component
 from dsl_cli.devices import Placed
-from dsl_cli.encoder.families import BlockParts, Family, family_of
+from dsl_cli.encoder.families import BlockParts, Family, _check_supported, family_of  # noqa: F401 (re-export)
 
 ComponentLike = Union[str, Component]
 STEER_MODES = ("add", "scale", "norm")
@@ -776,24 +776,3 @@ def _bound(fn: HookFn, point: HookPoint) -> Callable[[Tensor], Tensor]:
 
     call.heads = getattr(fn, "heads", None)
     return call
-
-
-def _check_supported(visual: nn.Module) -> None:
-    """Raise NotImplementedError for open_clip towers the CLS decomposition does not describe exactly."""
-    if not isinstance(visual, VisionTransformer):
-        raise NotImplementedError(
-            f"HookedEncoder needs a vision transformer of open_clip, timm or transformers, got "
-            f"{type(visual).__name__} (ResNet and other towers are not decomposed)"
-        )
-    if visual.attn_pool is not None:
-        raise NotImplementedError("attentional pooling is not covered by the CLS-token decomposition")
-    if visual.pool_type != "tok":
-        raise NotImplementedError(f"pool_type {visual.pool_type!r}: only CLS pooling ('tok') is decomposed")
-    if not visual.transformer.batch_first:
-        raise NotImplementedError("only batch-first transformers are supported")
-    for block in visual.transformer.resblocks:
-        if type(block) is not ResidualAttentionBlock or hasattr(block, "ln_1_kv"):
-            raise NotImplementedError(
-                f"{type(block).__name__}: qk_norm, scaled cosine attention, head/attention/fc scaling and "
-                "cross-attention blocks are not covered by the per-head decomposition"
-            )

@@ -30,6 +30,7 @@ from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer, VisionT
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from dsl_cli.encoder import vit_loading
 from dsl_cli.encoder.hooked import HookedEncoder
 from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
@@ -64,8 +65,10 @@ def load_encoder(
         visual, preprocess = _load_open_clip_visual(cfg.name, cfg.pretrained, _expand(cfg.checkpoint), device)
     elif cfg.source == "kandinsky_prior":
         visual, preprocess = _load_prior_visual(cfg.repo_id, cfg.subfolder, _expand(cfg.checkpoint))
+    elif cfg.source in vit_loading.SOURCES:  # timm and transformers ViTs (dsl_cli.encoder.families)
+        visual, preprocess = vit_loading.load_vit(cfg)
     else:
-        raise UserError(f"unknown encoder.source {cfg.source!r}: use open_clip, kandinsky_prior or tiny")
+        raise UserError(f"unknown encoder.source {cfg.source!r}: use open_clip, kandinsky_prior, tiny, timm or hf")
     try:
         encoder = HookedEncoder(visual)
     except NotImplementedError as err:
@@ -145,6 +148,9 @@ def _open_clip_text(name: str, weights: Optional[str], tag: Optional[str] = None
 def text_model_id(cfg: Any) -> tuple[str, Optional[str]]:
     """(open_clip model name, pretrained tag or file) of the text tower `load_text_model` loads for `cfg`
     (`("tiny", None)` for the tiny model)."""
+    if cfg.source in vit_loading.SOURCES and not cfg.text_name:
+        raise UserError(f"encoder {cfg.source}:{vit_loading.label(cfg)} has no CLIP text tower: labels and text "
+                        "targets need one (its classifier head, where it has one, names the logit lens's labels)")
     if cfg.source == "tiny":
         return "tiny", None
     default_name, default_tag = PRIOR_TEXT_MODEL if cfg.source == "kandinsky_prior" else (cfg.name, cfg.pretrained)
@@ -237,6 +243,8 @@ class EmbeddingSpace:
 
 def embedding_space(cfg: Any) -> EmbeddingSpace:
     """The `EmbeddingSpace` of encoder config `cfg`, from open_clip's model configs (no weights read)."""
+    if cfg.source in vit_loading.SOURCES:
+        raise vit_loading.no_decoder(cfg)
     if cfg.source == "tiny":
         return EmbeddingSpace("tiny", None, TINY_EMBED_DIM)
     model_cfg = open_clip.get_model_config(cfg.name)

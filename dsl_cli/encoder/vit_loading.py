@@ -1,0 +1,182 @@
+"""Loading timm and transformers vision transformers (`encoder.source: timm | hf`) with their libraries' own
+preprocessing for those weights, from the Hugging Face cache only (or a local path); tiny random ones
+(`encoder.name: tiny`) for tests and the `debug=tiny_timm` / `debug=tiny_dinov2` presets.
+
+- timm: `encoder.name` is a timm model name with its pretrained tag (`vit_base_patch16_224.augreg_in21k_ft_in1k`);
+  `encoder.pretrained: null` gives its architecture with random weights (seeded), anything else loads the
+  weights of its timm hub repository from the cache (`encoder.checkpoint`: a local file instead). Preprocessing:
+  `timm.data.resolve_data_config` + `create_transform` for that model's pretrained config.
+- hf: `encoder.repo_id` (and `encoder.subfolder`, empty for none) names a transformers repository in the cache
+  (`encoder.checkpoint`: a local folder instead): CLIP (its vision tower with the projection), SigLIP (vision
+  tower), DINOv2 (with registers too), ViT and DeiT (their image classifier when the repository is one).
+  Preprocessing: the repository's `AutoImageProcessor`.
+
+These ViTs have no decoder in dsl yet (an adapter will come later): the lenses that do not decode run.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from dsl_cli.errors import UserError
+
+log = logging.getLogger("dsl_cli.encoder")
+Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
+
+SOURCES = ("timm", "hf")
+TINY_SEED = 0
+# Tiny random ViTs: 4 layers of 4 heads, 64-pixel images, LayerScale and two register tokens; the timm one pools
+# the mean of its patch tokens through fc_norm and has a 1000-class head (the logit lens reads it), the DINOv2
+# one reads its class token.
+TINY_TIMM = dict(img_size=64, patch_size=16, embed_dim=64, depth=4, num_heads=4, init_values=0.1, reg_tokens=2,
+                 global_pool="avg", num_classes=1000)
+TINY_DINOV2 = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=4, image_size=64,
+                   patch_size=16, layerscale_value=0.1, num_register_tokens=2)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def no_decoder(cfg: Any) -> UserError:
+    """The one-line refusal of a lens that decodes, for these ViTs."""
+    return UserError(f"encoder {cfg.source}:{label(cfg)} has no decoder in dsl (an adapter to a decoder's embedding "
+                     "space will come later): use a lens that does not decode, with decode.enabled=false")
+
+
+def label(cfg: Any) -> str:
+    return cfg.name if cfg.source == "timm" or cfg.name == "tiny" else cfg.repo_id
+
+
+def model_shape(cfg: Any) -> Optional[tuple[int, int]]:
+    """(layers, heads) from configs alone where they are known without reading anything (the tiny models)."""
+    if cfg.name == "tiny":
+        tiny = TINY_TIMM if cfg.source == "timm" else TINY_DINOV2
+        return (tiny.get("depth") or tiny["num_hidden_layers"]), (tiny.get("num_heads") or tiny["num_attention_heads"])
+    return None
+
+
+def load_vit(cfg: Any) -> tuple[nn.Module, Preprocess]:
+    """(the library's model in eval mode on the CPU, its preprocessing) for encoder config `cfg`."""
+    if cfg.source == "timm":
+        return _timm_model(cfg)
+    if cfg.source == "hf":
+        return _hf_model(cfg)
+    raise UserError(f"encoder.source={cfg.source!r} is not timm or hf")
+
+
+def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        return build()
+
+
+# ---- timm ------------------------------------------------------------------------------------------------------
+
+
+def _timm_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from timm.models.vision_transformer import VisionTransformer
+
+    if cfg.name == "tiny":
+        model = _seeded(lambda: VisionTransformer(**TINY_TIMM))
+        side = TINY_TIMM["img_size"]
+        data = resolve_data_config({"input_size": (3, side, side), "crop_pct": 1.0, "mean": IMAGENET_MEAN,
+                                    "std": IMAGENET_STD}, model=model)
+        return model.eval(), create_transform(**data)
+    if not timm.is_model(cfg.name):
+        raise UserError(f"encoder.name={cfg.name!r}: not a timm model (timm.list_models() lists them)")
+    overlay = None
+    if cfg.pretrained is not None or cfg.checkpoint:
+        overlay = dict(file=_timm_weights_file(cfg))
+    try:
+        model = _seeded(lambda: timm.create_model(cfg.name, pretrained=overlay is not None,
+                                                  pretrained_cfg_overlay=overlay))
+    except (OSError, RuntimeError, ValueError) as err:
+        raise UserError(f"encoder timm:{cfg.name}: its weights could not be read ({err})") from err
+    data = resolve_data_config({}, model=model)
+    return model.eval(), create_transform(**data)
+
+
+def _timm_weights_file(cfg: Any) -> str:
+    """The weights file: `encoder.checkpoint`, or the model's timm hub repository's in the cache (never fetched)."""
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        if not path.is_file():
+            raise UserError(f"encoder.checkpoint={cfg.checkpoint}: no such file (timm weights, .safetensors or .pth)")
+        return str(path)
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    pretrained = timm.models.get_pretrained_cfg(cfg.name)
+    repo = getattr(pretrained, "hf_hub_id", None) if pretrained is not None else None
+    if not repo:
+        raise UserError(f"encoder timm:{cfg.name}: timm names no Hugging Face repository for these weights; "
+                        "give a local file as encoder.checkpoint")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, name)
+        if isinstance(found, str):
+            return found
+    raise UserError(f"encoder timm:{cfg.name}: weights not in the Hugging Face cache; fetch them with: "
+                    f"hf download {repo} model.safetensors config.json")
+
+
+# ---- transformers ----------------------------------------------------------------------------------------------
+
+
+def _hf_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
+    import transformers
+
+    if cfg.name == "tiny":
+        config = transformers.Dinov2WithRegistersConfig(**TINY_DINOV2)
+        model = _seeded(lambda: transformers.Dinov2WithRegistersModel(config))
+        side = TINY_DINOV2["image_size"]
+        processor = transformers.BitImageProcessor(size={"shortest_edge": side},
+                                                   crop_size={"height": side, "width": side},
+                                                   image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD))
+        return model.eval(), _hf_preprocess(processor)
+    where = dict(pretrained_model_name_or_path=cfg.checkpoint and str(Path(cfg.checkpoint).expanduser())
+                 or cfg.repo_id, local_files_only=True)
+    if not cfg.checkpoint and cfg.subfolder:
+        where["subfolder"] = cfg.subfolder
+    try:
+        config = transformers.AutoConfig.from_pretrained(**where)
+        model_class = _hf_class(config)
+        if cfg.pretrained is None and not cfg.checkpoint:
+            model = _seeded(lambda: model_class(config))
+        else:
+            model = model_class.from_pretrained(**where)
+        processor = transformers.AutoImageProcessor.from_pretrained(**where)
+    except OSError as err:
+        raise UserError(f"encoder hf:{cfg.repo_id}: not in the Hugging Face cache or not a transformers model "
+                        f"folder ({str(err).splitlines()[0]}); fetch it with: hf download {cfg.repo_id}") from err
+    return model.eval(), _hf_preprocess(processor)
+
+
+def _hf_class(config: Any) -> type:
+    """The transformers class whose forward gives this repository's image embedding (or logits)."""
+    import transformers
+
+    kind = config.model_type
+    architectures = getattr(config, "architectures", None) or []
+    if kind in ("clip", "clip_vision_model"):
+        return transformers.CLIPVisionModelWithProjection
+    if kind in ("siglip", "siglip_vision_model"):
+        return transformers.SiglipVisionModel
+    if kind in ("dinov2", "dinov2_with_registers"):
+        return transformers.AutoModel
+    if kind in ("vit", "deit"):
+        if any(a.endswith("ForImageClassification") for a in architectures):
+            return transformers.ViTForImageClassification if kind == "vit" else transformers.DeiTForImageClassification
+        return transformers.ViTModel if kind == "vit" else transformers.DeiTModel
+    raise UserError(f"transformers model type {kind!r}: dsl opens up clip, siglip, dinov2, vit and deit")
+
+
+def _hf_preprocess(processor) -> Preprocess:
+    def preprocess(image) -> Tensor:
+        return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    return preprocess
