@@ -387,3 +387,23 @@ def test_sae_train_explains_the_residuals_and_resumes_after_sigterm_to_the_same_
     whole, resumed = (load_file(str(tmp_path / name / "sae_weights.safetensors")) for name in ("whole", "stopped"))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(whole[name], resumed[name]), name
+
+
+def test_sae_from_the_hugging_face_cache(tmp_path, monkeypatch, encoder, pixels):
+    """sae.repo_id + sae.path: the folder inside the repository, looked up in the hub cache (offline)."""
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--vit-saes"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    folder, _ = write_saelens(repo / "snapshots" / commit / "layer_2", "jumprelu", "blocks.2.hook_resid_post",
+                              encoder.d_model)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    sae = load_sae("layer_2", repo_id="someone/vit-saes")
+    x = encoder.run_with_cache(pixels)["blocks.2.hook_resid_post"]
+    torch.testing.assert_close(sae.encode(x), load_sae(str(folder)).encode(x), rtol=0, atol=0)
+    with pytest.raises(UserError, match="hf download someone/vit-saes --include 'layer_9/\\*'"):
+        load_sae("layer_9", repo_id="someone/vit-saes")
