@@ -114,7 +114,7 @@ def encoder_identity(cfg) -> dict:
     """What makes two encoder configs give the same readouts (not their dtype or batch size)."""
     keys = ("source", "name", "pretrained", "checkpoint")
     ident = {k: (None if getattr(cfg, k, None) is None else str(getattr(cfg, k))) for k in keys}
-    if ident["source"] == "kandinsky_prior":
+    if ident["source"] in ("kandinsky_prior", "hf"):  # the model is named by its repository
         ident.update(repo_id=str(cfg.repo_id), subfolder=str(cfg.subfolder))
     return ident
 
@@ -125,6 +125,9 @@ def encoder_label(ident: dict) -> str:
     weights = "local weights" if ident.get("checkpoint") else ident.get("pretrained") or "random weights"
     if ident.get("source") == "kandinsky_prior" and not ident.get("checkpoint"):
         weights = "Kandinsky 2.2 prior"
+    if ident.get("source") in ("timm", "hf"):  # the any-ViT loaders: say which library
+        name = ident.get("repo_id") if ident.get("source") == "hf" and ident.get("name") != "tiny" else ident.get("name")
+        return f"{ident['source']} {name} ({weights})"
     return f"{ident.get('name')} ({weights})"
 
 

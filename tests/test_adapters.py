@@ -403,3 +403,38 @@ def test_bench_script_answers_help_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "2000" in out.stdout and "--small" in out.stdout
+
+
+def _family_encoder(source: str) -> HookedEncoder:
+    """The any-ViT interface's tiny timm (mean readout) or transformers DINOv2 (registers) encoder; skipped
+    where this checkout does not have them yet."""
+    from types import SimpleNamespace
+
+    from dsl_cli.encoder import load_encoder
+    from dsl_cli.errors import UserError
+
+    cfg = SimpleNamespace(source=source, name="tiny", pretrained=None, checkpoint=None, repo_id=f"tiny-{source}",
+                          subfolder="", dtype="fp32", batch_size=4)
+    try:
+        return load_encoder(cfg)[0]
+    except (UserError, ImportError, AttributeError) as err:
+        pytest.skip(f"encoder.source={source}: {err}")
+
+
+@pytest.mark.parametrize("source", ["timm", "hf"])
+def test_any_vit_of_the_encoder_interface_decodes_through_an_adapter(source):
+    """An adapter fitted on another library's ViT (timm's mean readout, DINOv2's registers) keeps the closed
+    form equal to the hooked pass, both through the adapter."""
+    encoder = _family_encoder(source)
+    s = _readouts(encoder, Readout("embed"), n=120)
+    g = torch.Generator().manual_seed(2)
+    t = torch.tanh(s @ torch.randn(s.shape[1], 24, generator=g, dtype=torch.float64) / 4)
+    adapter = fit(_partial(_names(len(s)), s, t))
+    assert adapter.W.shape == (24, s.shape[1]) and adapter.meta["metrics"]["r2"] > 0.5
+    adapted = AdaptedEncoder(encoder, adapter)
+    pixels = _pixels(2, seed=6)
+    cache = adapted.run_with_cache(pixels)
+    closed = adapted.steer(cache, ["L1H0", "L2MLP"], mode="norm", alpha=2.0)
+    for k, comp in enumerate(["L1H0", "L2MLP"]):
+        assert torch.allclose(closed[:, k], adapter(encoder.steer_hooked(pixels, comp, mode="norm", alpha=2.0)),
+                              atol=1e-4), comp
