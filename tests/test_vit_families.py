@@ -403,3 +403,19 @@ def test_what_these_vits_cannot_do_is_refused_in_one_line(preset, extra, message
                                 f"hydra.run.dir={tmp_path / 'run'}", *extra], tmp_path, monkeypatch, capsys)
     assert code == 2 and message in err
     assert len([line for line in err.splitlines() if line.startswith("dsl: error")]) == 1
+
+
+def test_the_preflight_names_the_hub_files_these_encoders_read():
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder.loading import needs
+
+    timm_cfg = EncoderConfig(source="timm", name="vit_base_patch16_224.augreg_in21k_ft_in1k", pretrained="hub")
+    hf_cfg = EncoderConfig(source="hf", name="hf", repo_id="facebook/dinov2-base", subfolder="", pretrained="hub")
+    assert [w.command for w in needs(timm_cfg)[0]] == [
+        "hf download timm/vit_base_patch16_224.augreg_in21k_ft_in1k model.safetensors"]
+    assert [w.command for w in needs(hf_cfg)[0]] == [
+        "hf download facebook/dinov2-base config.json preprocessor_config.json model.safetensors"]
+    assert needs(EncoderConfig(source="timm", name="tiny", pretrained=None)) == ([], [])
+    assert needs(EncoderConfig(source="timm", name="vit_base_patch16_224", pretrained=None)) == ([], [])
+    assert needs(EncoderConfig(source="hf", name="hf", checkpoint="/nowhere", subfolder=""))[1] == [
+        "encoder.checkpoint=/nowhere: not a folder with config.json (save_pretrained)"]

@@ -160,6 +160,8 @@ def text_model_id(cfg: Any) -> tuple[str, Optional[str]]:
 def needs(cfg: Any) -> Needs:
     """The weights `load_encoder` reads for encoder config `cfg` (for the preflight, before anything loads):
     the prior's image encoder or open_clip's weights from the hub, or a local path that must be right."""
+    if cfg.source in vit_loading.SOURCES:
+        return vit_loading.needs(cfg)
     if cfg.source == "kandinsky_prior" and cfg.checkpoint:
         folder = Path(cfg.checkpoint).expanduser()
         if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):

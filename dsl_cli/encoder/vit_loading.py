@@ -58,6 +58,42 @@ def model_shape(cfg: Any) -> Optional[tuple[int, int]]:
     return None
 
 
+def needs(cfg: Any):
+    """The weights `load_vit` reads (`dsl_cli.weights.Needs`, for the preflight before anything loads): the timm
+    hub repository's weights file, or the transformers repository's config, processor config and weights; a
+    local `encoder.checkpoint` that must be there; none for random weights."""
+    from dsl_cli.weights import HubWeights
+
+    if cfg.name == "tiny" or (cfg.pretrained is None and not cfg.checkpoint and cfg.source == "timm"):
+        return [], []
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint).expanduser()
+        ok = path.is_file() if cfg.source == "timm" else (path / "config.json").is_file()
+        what = "a timm weights file" if cfg.source == "timm" else "a folder with config.json (save_pretrained)"
+        return [], [] if ok else [f"encoder.checkpoint={cfg.checkpoint}: not {what}"]
+    if cfg.source == "timm":
+        import timm
+
+        pretrained = timm.models.get_pretrained_cfg(cfg.name) if timm.is_model(cfg.name) else None
+        repo = getattr(pretrained, "hf_hub_id", None) if pretrained is not None else None
+        if not repo:
+            return [], [f"encoder.name={cfg.name}: timm names no Hugging Face repository for these weights"]
+        return [HubWeights("image encoder", repo, (("model.safetensors", "pytorch_model.bin"),),
+                           fetch=lambda: _download(repo, ["model.safetensors", "config.json"]))], []
+    folder = f"{cfg.subfolder}/" if cfg.subfolder else ""
+    files = [f"{folder}config.json"] + ([] if cfg.pretrained is None else
+                                        [f"{folder}preprocessor_config.json", f"{folder}model.safetensors"])
+    return [HubWeights("image encoder", cfg.repo_id, tuple((f,) for f in files),
+                       fetch=lambda: _download(cfg.repo_id, files))], []
+
+
+def _download(repo: str, files: list[str]) -> None:
+    from huggingface_hub import hf_hub_download
+
+    for name in files:
+        hf_hub_download(repo, name)
+
+
 def load_vit(cfg: Any) -> tuple[nn.Module, Preprocess]:
     """(the library's model in eval mode on the CPU, its preprocessing) for encoder config `cfg`."""
     if cfg.source == "timm":
