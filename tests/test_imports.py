@@ -113,14 +113,17 @@ ALONE = "import importlib, sys; importlib.import_module(sys.argv[1]); print(sort
 
 
 @pytest.fixture(scope="module")
-def imported_alone() -> dict[str, subprocess.CompletedProcess]:
-    """Each module imported in a fresh interpreter of its own, several at once (most of them load torch)."""
+def imported_alone(request) -> dict[str, subprocess.CompletedProcess]:
+    """Each module that a selected test asks for, imported in a fresh interpreter of its own, several at once
+    (most of them load torch: seconds each)."""
     def one(name: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", ALONE, name, *MODEL_LIBRARIES], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
 
+    wanted = sorted({item.callspec.params["name"] for item in request.session.items
+                     if getattr(item, "originalname", "") == "test_each_module_imports_alone"})
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        return dict(zip(MODULES, pool.map(one, MODULES)))
+        return dict(zip(wanted, pool.map(one, wanted)))
 
 
 def test_the_light_modules_are_modules() -> None:
