@@ -141,7 +141,10 @@ def _read_cache() -> dict:
         data = json.loads(cache_file().read_text())
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {**data, **{key: value if isinstance(value, dict) else {} for key in ("files", "models")
+                       for value in [data.get(key, {})]}}
 
 
 def _write_cache(data: dict) -> None:
@@ -243,6 +246,8 @@ def recorded(cfg: Any) -> dict[str, str]:
     machine, for these very weight files). Reads the files' hashes, never their tensors."""
     data = _read_cache()
     known, results = data.get("files", {}), data.get("models", {})
+    if not isinstance(results, dict) or not results:  # nothing was ever checked here: no file is hashed
+        return {role: STATUS_UNCHECKED for role in roles(cfg)}
     status = {}
     for role in roles(cfg):
         try:
