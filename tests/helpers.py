@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
+import logging
+import os
 from pathlib import Path
 
 import torch
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from open_clip.transformer import LayerScale, QuickGELU, VisionTransformer
 
@@ -17,11 +20,36 @@ from dsl_cli.encoder import MeanWrites
 def dsl_in_process(args: list[str], folder: Path, monkeypatch, capsys) -> tuple[int, str]:
     """`dsl ARGS` in this process, from `folder` (saves the seconds of a fresh interpreter per case)."""
     monkeypatch.chdir(folder)
-    try:
-        code = cli.main(args)
-    except SystemExit as exit_:
-        code = exit_.code
+    code = _main(args)
     return code, capsys.readouterr().err
+
+
+def dsl_here(args: list[str], folder: Path) -> int:
+    """`dsl ARGS` in this process, from `folder`, for module fixtures (which have no monkeypatch or capsys):
+    the working directory is put back afterwards. Returns the exit status; what dsl printed is in pytest's
+    captured output of the first test that uses the fixture."""
+    before = os.getcwd()
+    os.chdir(folder)
+    try:
+        return _main(args)
+    finally:
+        os.chdir(before)
+
+
+def _main(args: list[str]) -> int:
+    """`cli.main`, as a process would end it: Hydra's global state cleared before (a test that failed
+    inside Hydra's compose API may leave it set), the run's log file closed after (a process's exit would
+    close it; left open, whatever this process logs next would go into that run's dsl.log)."""
+    GlobalHydra.instance().clear()
+    try:
+        return cli.main(args)
+    except SystemExit as exit_:
+        return exit_.code
+    finally:
+        for handler in logging.root.handlers[:]:
+            if isinstance(handler, logging.FileHandler):
+                logging.root.removeHandler(handler)
+                handler.close()
 
 
 def perturb_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -19,13 +19,14 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 from PIL import Image
 
+from dsl_cli import cli
 from dsl_cli.config import ImagesConfig, register_configs
 from dsl_cli.errors import UserError
 from dsl_cli.images import load_images
 from dsl_cli.outputs import SIMILARITY, type_row
 from dsl_cli.figures import heatmap_matrix
 from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu, requeued_run
-from helpers import dsl_in_process
+from helpers import dsl_here, dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
 FAST = ["debug=tiny", "decode.enabled=false", "layer=1", "images.limit=2"]  # later overrides win
@@ -112,8 +113,7 @@ def test_whole_model_preset_splits_a_sweep_by_image(tmp_path: Path, monkeypatch,
 def alpha_sweep(tmp_path_factory) -> Path:
     """Four jobs (layer 0 and 1, alpha 1 and 4), scores only, merged by the callback when the sweep ended."""
     root = tmp_path_factory.mktemp("alpha")
-    result = dsl("run", *FAST, "hydra.sweep.dir=sweep", "--multirun", "layer=0,1", "lens.alpha=1,4", cwd=root)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert dsl_here(["run", *FAST, "hydra.sweep.dir=sweep", "--multirun", "layer=0,1", "lens.alpha=1,4"], root) == 0
     return root / "sweep"
 
 
@@ -157,26 +157,27 @@ def test_heatmaps_hold_all_layers_per_value_of_the_swept_alpha(alpha_sweep: Path
     assert sorted(manifest["figures"]) == [f"heatmaps/{name}" for name in names]
 
 
-def test_merging_twice_gives_the_same_bytes(alpha_sweep: Path, sweep_copy: Path) -> None:
+def test_merging_twice_gives_the_same_bytes(alpha_sweep: Path, sweep_copy: Path, monkeypatch, capsys) -> None:
     written = ["similarity.csv", "manifest.json", "index.html", "heatmaps"]
     by_callback = {name: data for name, data in files(sweep_copy).items() if name.split("/")[0] in written}
     for _ in range(2):
-        result = dsl("merge", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
-        assert result.returncode == 0, result.stderr
+        code, err = dsl_in_process(["merge", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)
+        assert code == 0, err
         again = {name: data for name, data in files(sweep_copy).items() if name.split("/")[0] in written}
         assert again == by_callback
 
 
-def test_failed_unfinished_and_missing_jobs_are_listed_not_merged(sweep_copy: Path) -> None:
+def test_failed_unfinished_and_missing_jobs_are_listed_not_merged(sweep_copy: Path, monkeypatch, capsys) -> None:
     for num, status in ((1, "failed"), (2, "interrupted")):
         path = sweep_copy / str(num) / "manifest.json"
         manifest = json.loads(path.read_text()) | {"status": status, "error": "out of memory" if num == 1 else None}
         path.write_text(json.dumps(manifest))
     shutil.rmtree(sweep_copy / "3")  # a job that never started
-    result = dsl("merge", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "job 1 (layer=0 lens.alpha=4) failed: out of memory" in result.stdout
-    assert "job 3 (layer=1 lens.alpha=4) not started" in result.stdout
+    monkeypatch.chdir(sweep_copy.parent)
+    assert cli.main(["merge", str(sweep_copy)]) == 0
+    out = capsys.readouterr().out
+    assert "job 1 (layer=0 lens.alpha=4) failed: out of memory" in out
+    assert "job 3 (layer=1 lens.alpha=4) not started" in out
     manifest = json.loads((sweep_copy / "manifest.json").read_text())
     assert manifest["status"] == "incomplete" and manifest["complete"] == 1
     assert [(j["job"], j["error"]) for j in manifest["failed"]] == [(1, "out of memory")]
@@ -185,23 +186,23 @@ def test_failed_unfinished_and_missing_jobs_are_listed_not_merged(sweep_copy: Pa
     assert {r["job"] for r in read_rows(sweep_copy / "similarity.csv")} == {"0"}
 
 
-def test_plot_redraws_the_jobs_and_the_sweep(sweep_copy: Path) -> None:
+def test_plot_redraws_the_jobs_and_the_sweep(sweep_copy: Path, monkeypatch, capsys) -> None:
     heatmaps = {p.name: p.read_bytes() for p in (sweep_copy / "heatmaps").glob("*.png")}
     shutil.rmtree(sweep_copy / "heatmaps")
-    result = dsl("plot", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(sweep_copy.parent)
+    assert cli.main(["plot", str(sweep_copy)]) == 0
     assert {p.name: p.read_bytes() for p in (sweep_copy / "heatmaps").glob("*.png")} == heatmaps
-    assert result.stdout.count("redrew") == 5  # four jobs and the sweep
+    assert capsys.readouterr().out.count("redrew") == 5  # four jobs and the sweep
 
 
-def test_merge_refuses_a_sweep_that_a_live_process_is_writing(sweep_copy: Path) -> None:
+def test_merge_refuses_a_sweep_that_a_live_process_is_writing(sweep_copy: Path, monkeypatch, capsys) -> None:
     import os
     import socket
 
     before = (sweep_copy / "similarity.csv").read_bytes()
     (sweep_copy / ".dsl.lock").write_text(f"{os.getppid()} {socket.gethostname()} feedface\n")  # alive: pytest's parent
-    result = dsl("merge", str(sweep_copy), cwd=sweep_copy.parent, timeout=120)
-    assert result.returncode == 2 and f"is being written by dsl process {os.getppid()}" in result.stderr
+    code, err = dsl_in_process(["merge", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)
+    assert code == 2 and f"is being written by dsl process {os.getppid()}" in err
     assert (sweep_copy / "similarity.csv").read_bytes() == before
 
 
