@@ -88,7 +88,7 @@ def validate(cfg: DictConfig) -> None:
     elif cfg.get("adapter"):
         run_adapter(cfg)
     shape = model_shape(cfg.encoder)
-    if shape is not None and not cfg.clamp_to_model:  # an impossible layer is refused before any download
+    if shape is not None and not cfg.clamp_to_model and sae_config(cfg) is None:  # an impossible layer is refused before any download
         get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *shape, mid=cfg.lens.mid)
 
 
@@ -488,10 +488,11 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
             manifest.update(adapter=manifest_entry(adapter, cfg.adapter))
             log.info("decoding through %s", adapter.describe())
     manifest.update(encoder_dtype=dtype_name(encoder.dtype))
-    components = lens.components(cfg.layer, cfg.head, cfg.component, encoder.n_layers, encoder.n_heads,
-                                 mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
-    if sae_config(cfg) is not None:  # an SAE's features instead of heads (dsl_cli.sae_run)
+    if sae_config(cfg) is not None:  # an SAE's features instead of heads (dsl_cli.sae_run): layer/head unused
         encoder, components = feature_stage(cfg, folder.path, encoder, preprocess, image_set, manifest)
+    else:
+        components = lens.components(cfg.layer, cfg.head, cfg.component, encoder.n_layers, encoder.n_heads,
+                                     mid=cfg.lens.mid, clamp=cfg.clamp_to_model)
     if cfg.study.name:
         run_study_job(cfg, folder.path, encoder, preprocess, image_set, components, manifest)
         return

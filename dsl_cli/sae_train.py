@@ -16,7 +16,7 @@ import math
 import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from dsl_cli.errors import Interrupted, UserError
 
@@ -129,142 +129,207 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
 
 
-def train(cfg, options: TrainOptions) -> Path:
-    """Train (or continue training) and write the SAE; returns its folder."""
+@dataclass
+class Setup:
+    """What a training reads: the encoder, the images, the hook point and the sizes."""
+
+    cfg: Any
+    options: TrainOptions
+    encoder: Any
+    preprocess: Any
+    images: list
+    hook: str
+    out: Path
+    d_in: int
+    d_sae: int
+    batch: int
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.images) / self.batch)
+
+    @property
+    def total(self) -> int:
+        return self.per_epoch * self.options.epochs
+
+    def identity(self) -> dict:
+        """What a checkpoint must match to be continued (not where it goes or how often it is written)."""
+        ident = {"hook_name": self.hook, "d_in": self.d_in, "d_sae": self.d_sae, "source": str(self.cfg.encoder.source),
+                 "encoder": str(self.cfg.encoder.get("name")), "images": [i.name for i in self.images],
+                 **asdict(self.options)}
+        ident.pop("out"), ident.pop("checkpoint_every")
+        return ident
+
+
+def setup(cfg, options: TrainOptions) -> Setup:
     import torch
-    from tqdm.auto import tqdm
 
     from dsl_cli.devices import resolve_device
     from dsl_cli.encoder import load_encoder
     from dsl_cli.images import load_images
-    from dsl_cli.outputs import atomic_write_bytes
-    from dsl_cli.sae import SAE_POINTS, Sae, save_sae
+    from dsl_cli.sae import SAE_POINTS
 
     if options.point not in SAE_POINTS:
         raise UserError(f"train.point={options.point}: use one of {', '.join(SAE_POINTS)}")
     if not isinstance(cfg.layer, int):
         raise UserError(f"layer={cfg.layer}: `dsl sae train` trains at one layer (an int)")
-    device = resolve_device(cfg.device)
-    encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=torch.float32)
+    encoder, preprocess = load_encoder(cfg.encoder, device=resolve_device(cfg.device), dtype=torch.float32)
     layer = cfg.layer + encoder.n_layers if cfg.layer < 0 else cfg.layer
     if not 0 <= layer < encoder.n_layers:
         raise UserError(f"layer={cfg.layer}: this encoder's layers run from 0 to {encoder.n_layers - 1}")
-    hook = f"blocks.{layer}.{options.point}"
     name = cfg.encoder.name if cfg.encoder.source != "tiny" else "tiny"
     out = Path(options.out).expanduser() if options.out else \
         Path(str(cfg.outputs_root)) / "saes" / _slug(f"{name}-L{layer}-{options.point}")
-    images = load_images(cfg.images).images
-    d_in = encoder.d_model
-    d_sae = options.d_sae or 8 * d_in
+    d_sae = options.d_sae or 8 * encoder.d_model
     if not 1 <= options.k <= d_sae:
         raise UserError(f"train.k={options.k}: must be between 1 and train.d_sae={d_sae}")
-    batch = options.batch_size or cfg.encoder.batch_size
-    per_epoch = math.ceil(len(images) / batch)
-    total = per_epoch * options.epochs
-    identity = {"hook_name": hook, "d_in": d_in, "d_sae": d_sae, "encoder": str(cfg.encoder.get("name")),
-                "source": str(cfg.encoder.source), "images": [i.name for i in images], **asdict(options)}
-    identity.pop("out"), identity.pop("checkpoint_every")
+    return Setup(cfg, options, encoder, preprocess, load_images(cfg.images).images, f"blocks.{layer}.{options.point}",
+                 out, encoder.d_model, d_sae, options.batch_size or cfg.encoder.batch_size)
 
-    gen = torch.Generator().manual_seed(options.seed)
-    W_dec = torch.randn(d_sae, d_in, generator=gen)
-    W_dec /= W_dec.norm(dim=-1, keepdim=True)
-    params = {"W_enc": W_dec.T.clone(), "b_enc": torch.zeros(d_sae), "W_dec": W_dec, "b_dec": torch.zeros(d_in)}
-    params = {k: v.to(device).requires_grad_(True) for k, v in params.items()}
-    optimizer = torch.optim.Adam(params.values(), lr=options.lr)
-    last_fired = torch.full((d_sae,), -1, dtype=torch.long)
-    start, history = 0, []
-    checkpoint = out / CHECKPOINT
-    if checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location=device, weights_only=False)
-        if saved["identity"] != identity:
-            raise UserError(f"{checkpoint}: a checkpoint of another training (other settings or images); "
+
+class Trainer:
+    """The SAE's parameters, Adam's state, when each feature last fired, and the loss history; one `step`
+    at a time, a checkpoint at any step boundary."""
+
+    def __init__(self, s: Setup):
+        import torch
+
+        self.s, self.torch = s, torch
+        gen = torch.Generator().manual_seed(s.options.seed)
+        W_dec = torch.randn(s.d_sae, s.d_in, generator=gen)
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        device = s.encoder.device
+        params = {"W_enc": W_dec.T.clone(), "b_enc": torch.zeros(s.d_sae), "W_dec": W_dec,
+                  "b_dec": torch.zeros(s.d_in)}
+        self.params = {k: v.to(device).requires_grad_(True) for k, v in params.items()}
+        self.optimizer = torch.optim.Adam(self.params.values(), lr=s.options.lr)
+        self.last_fired = torch.full((s.d_sae,), -1, dtype=torch.long)
+        self.start, self.history = 0, []
+        self.checkpoint = s.out / CHECKPOINT
+
+    def load(self) -> None:
+        """Continue from the checkpoint in the output folder, if there is one of this training."""
+        if not self.checkpoint.is_file():
+            return
+        saved = self.torch.load(self.checkpoint, map_location=self.s.encoder.device, weights_only=False)
+        if saved["identity"] != self.s.identity():
+            raise UserError(f"{self.checkpoint}: a checkpoint of another training (other settings or images); "
                             "give another train.out, or delete it")
-        with torch.no_grad():
-            for k, v in params.items():
+        with self.torch.no_grad():
+            for k, v in self.params.items():
                 v.copy_(saved["params"][k])
-        optimizer.load_state_dict(saved["optimizer"])
-        last_fired, start, history = saved["last_fired"], saved["step"], saved["history"]
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.last_fired, self.start, self.history = saved["last_fired"], saved["step"], saved["history"]
 
-    def save_checkpoint(step: int) -> None:
+    def save(self, step: int) -> None:
         import io
 
+        from dsl_cli.outputs import atomic_write_bytes
+
         buffer = io.BytesIO()
-        torch.save({"identity": identity, "params": {k: v.detach().cpu() for k, v in params.items()},
-                    "optimizer": optimizer.state_dict(), "last_fired": last_fired, "step": step,
-                    "history": history}, buffer)
-        atomic_write_bytes(checkpoint, buffer.getvalue())
+        self.torch.save({"identity": self.s.identity(), "params": {k: v.detach().cpu() for k, v in self.params.items()},
+                         "optimizer": self.optimizer.state_dict(), "last_fired": self.last_fired, "step": step,
+                         "history": self.history}, buffer)
+        atomic_write_bytes(self.checkpoint, buffer.getvalue())
 
-    def residuals(items) -> torch.Tensor:
-        got: dict[str, torch.Tensor] = {}
-        pixels = torch.stack([preprocess(picture) for _, picture in _stream(cfg, items)])
-        encoder.run_with_hooks(pixels, {hook: lambda x, h: got.__setitem__("x", x.float())})
-        return got["x"].reshape(-1, d_in).clone()
+    def residuals(self, items) -> Any:
+        """Every token's activation at the hook point: [images x tokens, d_in] (float32)."""
+        got: dict[str, Any] = {}
+        pixels = self.torch.stack([self.s.preprocess(picture) for _, picture in _stream(self.s.cfg, items)])
+        with self.torch.inference_mode():
+            self.s.encoder.run_with_hooks(pixels, {self.s.hook: lambda x, h: got.__setitem__("x", x.float())})
+        return got["x"].reshape(-1, self.s.d_in).clone()
 
-    def encode(x: torch.Tensor) -> torch.Tensor:
-        pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
-        top = pre.topk(options.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, top.indices, torch.relu(top.values))
+    def encode(self, x):
+        p = self.params
+        pre = (x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+        top = pre.topk(self.s.options.k, dim=-1)
+        return self.torch.zeros_like(pre).scatter(-1, top.indices, self.torch.relu(top.values))
 
-    stop: dict[str, int] = {}
-    previous = {s: signal.signal(s, lambda signum, frame: stop.setdefault("signal", signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        with tqdm(total=total, initial=start, desc="sae train", unit="step") as bar:
-            for step in range(start, total):
-                epoch, index = divmod(step, per_epoch)
-                order = torch.randperm(len(images), generator=torch.Generator().manual_seed(options.seed * 100003 + epoch))
-                picked = [images[int(i)] for i in order[index * batch:(index + 1) * batch]]
-                with torch.inference_mode():
-                    x = residuals(picked)
-                x = x.clone()  # out of inference mode, for autograd
-                if step == 0:
-                    with torch.no_grad():
-                        params["b_dec"].copy_(x.mean(0))
-                f = encode(x)
-                x_hat = f @ params["W_dec"] + params["b_dec"]
-                loss = (x_hat - x).pow(2).sum(-1).mean()
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    params["W_dec"] /= params["W_dec"].norm(dim=-1, keepdim=True)
-                last_fired[(f.detach() > 0).any(0).cpu()] = step
-                variance = (x - x.mean(0)).pow(2).sum()
-                explained = 1 - (x - x_hat.detach()).pow(2).sum().item() / max(variance.item(), 1e-12)
-                dead = int((last_fired < step - per_epoch + 1).sum()) if step + 1 >= per_epoch else 0
-                history.append({"step": step + 1, "loss": loss.item(), "explained_variance": explained, "dead": dead})
-                bar.set_postfix(loss=f"{loss.item():.4g}", ev=f"{explained:.3f}", dead=dead)
-                bar.update(1)
-                _after_step(step + 1)
-                if (step + 1) % options.checkpoint_every == 0 or "signal" in stop:
-                    save_checkpoint(step + 1)
-                if "signal" in stop:
-                    raise Interrupted(stop["signal"])
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+    def batch_of(self, step: int) -> list:
+        """The images of step `step`: its epoch's seeded order, its slice of it."""
+        epoch, index = divmod(step, self.s.per_epoch)
+        gen = self.torch.Generator().manual_seed(self.s.options.seed * 100003 + epoch)
+        order = self.torch.randperm(len(self.s.images), generator=gen)
+        return [self.s.images[int(i)] for i in order[index * self.s.batch:(index + 1) * self.s.batch]]
 
-    with torch.no_grad():  # the whole set, once more, for the final figures
-        xs = []
-        for begin in range(0, len(images), batch):
-            with torch.inference_mode():
-                x = residuals(images[begin:begin + batch])
-            xs.append(x)
-        x = torch.cat(xs)
-        x_hat = encode(x) @ params["W_dec"] + params["b_dec"]
-        total_err, total_var = (x - x_hat).pow(2).sum().item(), (x - x.mean(0)).pow(2).sum().item()
-        fired = (encode(x) > 0).any(0)
-    sae = Sae(W_enc=params["W_enc"].detach().cpu(), b_enc=params["b_enc"].detach().cpu(),
-              W_dec=params["W_dec"].detach().cpu(), b_dec=params["b_dec"].detach().cpu(), hook_name=hook,
-              architecture="topk", k=options.k, apply_b_dec_to_input=True, source=str(out))
-    save_sae(sae, out, {"model_name": identity["encoder"], "dataset_path": str(cfg.images.get("path")),
-                        "trained_by": "dsl sae train"})
-    metrics = {"explained_variance": 1 - total_err / max(total_var, 1e-12), "dead_features": int((~fired).sum()),
-               "d_sae": d_sae, "k": options.k, "steps": total, "images": len(images), "tokens": int(x.shape[0]),
-               "hook_name": hook, "history": history}
-    atomic_write_bytes(out / METRICS, json.dumps(metrics, indent=1).encode())
-    checkpoint.unlink(missing_ok=True)
-    return out
+    def step(self, step: int) -> dict:
+        """One Adam step on one batch's tokens (decoder rows back to unit norm after it); its figures."""
+        torch, p = self.torch, self.params
+        x = self.residuals(self.batch_of(step))
+        if step == 0:
+            with torch.no_grad():
+                p["b_dec"].copy_(x.mean(0))
+        f = self.encode(x)
+        x_hat = f @ p["W_dec"] + p["b_dec"]
+        loss = (x_hat - x).pow(2).sum(-1).mean()
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            p["W_dec"] /= p["W_dec"].norm(dim=-1, keepdim=True)
+        self.last_fired[(f.detach() > 0).any(0).cpu()] = step
+        explained = 1 - (x - x_hat.detach()).pow(2).sum().item() / max((x - x.mean(0)).pow(2).sum().item(), 1e-12)
+        recent = step + 1 >= self.s.per_epoch  # dead: not fired in the last epoch's worth of steps
+        dead = int((self.last_fired < step - self.s.per_epoch + 1).sum()) if recent else 0
+        figures = {"step": step + 1, "loss": loss.item(), "explained_variance": explained, "dead": dead}
+        self.history.append(figures)
+        return figures
+
+    def run(self) -> None:
+        """Every step left; SIGINT/SIGTERM finish the step in hand, checkpoint and raise `Interrupted`."""
+        from tqdm.auto import tqdm
+
+        stop: dict[str, int] = {}
+        previous = {s: signal.signal(s, lambda signum, frame: stop.setdefault("signal", signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with tqdm(total=self.s.total, initial=self.start, desc="sae train", unit="step") as bar:
+                for step in range(self.start, self.s.total):
+                    figures = self.step(step)
+                    bar.set_postfix(loss=f"{figures['loss']:.4g}", ev=f"{figures['explained_variance']:.3f}",
+                                    dead=figures["dead"])
+                    bar.update(1)
+                    _after_step(step + 1)
+                    if (step + 1) % self.s.options.checkpoint_every == 0 or "signal" in stop:
+                        self.save(step + 1)
+                    if "signal" in stop:
+                        raise Interrupted(stop["signal"])
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def finish(self) -> Path:
+        """The SAE (SAELens layout) and training.json, with the explained variance and dead features over
+        every image once more; the checkpoint goes."""
+        from dsl_cli.outputs import atomic_write_bytes
+        from dsl_cli.sae import Sae, save_sae
+
+        s, p = self.s, self.params
+        with self.torch.no_grad():
+            x = self.torch.cat([self.residuals(s.images[b:b + s.batch]) for b in range(0, len(s.images), s.batch)])
+            f = self.encode(x)
+            error = (x - (f @ p["W_dec"] + p["b_dec"])).pow(2).sum().item()
+            variance = (x - x.mean(0)).pow(2).sum().item()
+        sae = Sae(W_enc=p["W_enc"].detach().cpu(), b_enc=p["b_enc"].detach().cpu(), W_dec=p["W_dec"].detach().cpu(),
+                  b_dec=p["b_dec"].detach().cpu(), hook_name=s.hook, architecture="topk", k=s.options.k,
+                  source=str(s.out))
+        save_sae(sae, s.out, {"model_name": s.identity()["encoder"], "dataset_path": str(s.cfg.images.get("path")),
+                              "trained_by": "dsl sae train"})
+        metrics = {"explained_variance": 1 - error / max(variance, 1e-12), "dead_features": int((~(f > 0).any(0)).sum()),
+                   "d_sae": s.d_sae, "k": s.options.k, "steps": s.total, "images": len(s.images),
+                   "tokens": int(x.shape[0]), "hook_name": s.hook, "history": self.history}
+        atomic_write_bytes(s.out / METRICS, json.dumps(metrics, indent=1).encode())
+        self.checkpoint.unlink(missing_ok=True)
+        return s.out
+
+
+def train(cfg, options: TrainOptions) -> Path:
+    """Train (or continue training from the output folder's checkpoint) and write the SAE; its folder."""
+    trainer = Trainer(setup(cfg, options))
+    trainer.load()
+    trainer.run()
+    return trainer.finish()
 
 
 def _stream(cfg, items):
