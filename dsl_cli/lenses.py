@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
+import open_clip
 import torch
 from omegaconf import ListConfig
 from tqdm.auto import tqdm
@@ -224,8 +225,6 @@ def where_heads_look(encoder, pixels: torch.Tensor, components: list[Component])
 
 def n_labels() -> int:
     """How many labels the logit lens names embeddings with (the ImageNet-1k classes)."""
-    import open_clip
-
     return len(open_clip.IMAGENET_CLASSNAMES)
 
 
@@ -242,8 +241,6 @@ def text_classifier(text_model, tokenizer, templates: str, device) -> tuple[torc
     """Unit-norm class embeddings `[d_embed, 1000]` for the ImageNet names, averaged over prompt templates:
     open_clip's zero-shot classifier, built a few classes at a time (about PROMPTS_PER_BATCH prompts, so the
     text tower's working memory stays small whatever the templates) under one labelled progress bar."""
-    import open_clip
-
     names = list(open_clip.IMAGENET_CLASSNAMES)
     if templates not in TEMPLATES:
         raise UserError(f"lens.templates={templates!r}: use {' or '.join(TEMPLATES)}")
@@ -271,8 +268,6 @@ def classifier_file(encoder_cfg, templates: str) -> Path | None:
     """Where the ImageNet classifier of the encoder's text tower is kept; None where it is not kept: weights
     from a local file may change, and the tiny model's builds in a moment. Random weights are drawn from a
     fixed seed on the CPU, so their classifier is fixed for a given torch (named in the file)."""
-    import open_clip
-
     name, tag = text_model_id(encoder_cfg)
     if name == "tiny" or (tag is not None and Path(tag).expanduser().exists()):
         return None
@@ -285,8 +280,6 @@ def imagenet_classifier(encoder_cfg, templates: str, device) -> tuple[torch.Tens
     where `classifier_file` names a file: with the OpenAI templates it encodes 80,000 prompts, which for bigG
     is worth doing once, not once per run. A kept classifier means no text tower is built; otherwise the
     tower is built alone, in float32 on `device`, and released (its device memory too) before this returns."""
-    import open_clip
-
     path = classifier_file(encoder_cfg, templates)
     if path is not None and path.is_file():
         log.info("ImageNet classifier read from %s", path)
