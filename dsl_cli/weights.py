@@ -23,6 +23,9 @@ from typing import Any, Callable, Optional
 
 from dsl_cli.errors import UserError
 
+# huggingface_hub and open_clip are imported inside the functions that use them, for start-up alone (not for a
+# circle: this module imports no other of dsl_cli's but errors): a module that names its weights here loads
+# neither until it looks one up.
 log = logging.getLogger("dsl_cli.weights")
 
 PRIOR_ENCODER_FILES = ("config.json", "model.safetensors")  # its folder also holds a 3.7 GB pytorch_model.bin
