@@ -413,3 +413,28 @@ def test_a_file_open_clip_must_convert_keeps_the_tags_quick_gelu(served, tmp_pat
     assert all(isinstance(block.mlp.gelu, QuickGELU) for block in encoder.visual.transformer.resblocks)
     reference, reference_preprocess = upstream("ViT-L-14", str(file), "openai")
     assert_same_encoder(encoder, preprocess, reference, reference_preprocess, photos)
+
+
+def test_the_readme_table_says_what_each_encoder_is_built_with() -> None:
+    """README's table of encoders (Check your weights) against open_clip's own config functions for each tag."""
+    from dsl_cli.encoder.loading import tag_settings
+
+    text = (ROOT / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:-1]]
+            for line in text.splitlines()
+            if re.match(r"\| `(bigg14|vitl14|vith14|kandinsky_prior)` \| ", line) and line.count("|") == 8}
+    assert set(rows) == {"bigg14", "vitl14", "vith14", "kandinsky_prior"}
+    for preset in PRESETS:
+        cfg = compose([f"encoder={preset}"]).encoder
+        model, activation, mean_std, resize, size, width = rows[preset]
+        settings, config = tag_settings(cfg.name, cfg.pretrained), open_clip.get_model_config(cfg.name)
+        assert f"{cfg.name} `{cfg.pretrained}`" == model
+        assert activation.startswith("QuickGELU" if settings.quick_gelu else "GELU (exact)"), preset
+        assert mean_std == "OpenAI CLIP" and settings.preprocess["mean"] == open_clip.OPENAI_DATASET_MEAN
+        assert settings.preprocess["std"] == open_clip.OPENAI_DATASET_STD
+        assert resize == f"{settings.preprocess['interpolation']}, {settings.preprocess['resize_mode']} edge"
+        assert (int(size), int(width)) == (config["vision_cfg"]["image_size"], config["embed_dim"])
+    prior = upstream_file("kandinsky-2-2-prior/image_encoder/config.json")
+    assert rows["kandinsky_prior"][1].startswith("GELU (exact)") and prior["hidden_act"] == "gelu"
+    assert (int(rows["kandinsky_prior"][4]), int(rows["kandinsky_prior"][5])) == (prior["image_size"],
+                                                                                  prior["projection_dim"])
