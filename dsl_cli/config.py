@@ -33,7 +33,6 @@ SteerMode = StrEnum("SteerMode", ["add", "scale", "norm"])
 RankBy = StrEnum("RankBy", ["sim_embed", "sim_decoded"])
 Templates = StrEnum("Templates", ["openai", "simple"])  # the logit lens's prompts: 80 per class, or 7
 ImageSource = StrEnum("ImageSource", ["samples", "folder"])
-StudyName = StrEnum("StudyName", ["head_importance", "overlay_removal"])
 Ablation = StrEnum("Ablation", ["zero", "mean"])
 StudyAblation = StrEnum("StudyAblation", [*Ablation, "both"])  # both: zero and mean (head importance)
 OverlayPosition = StrEnum("OverlayPosition", ["center", "top-left", "top-right", "bottom-left", "bottom-right"])
@@ -64,33 +63,34 @@ class EncoderConfig:
 
 
 @dataclass
-class DecoderConfig:
+class Decoding:
+    """The settings of a decoding, declared once: a decoder family's defaults (`decoder.*`) and what a run
+    uses (`decode.*`, which takes the family's unless told otherwise: configs/decode/default.yaml)."""
+
+    height: int = 512
+    width: int = 512
+    steps: int = 100
+    guidance: float = 4.0
+    scheduler: Scheduler = Scheduler.ddpm
+
+
+@dataclass
+class DecoderConfig(Decoding):
     """Which decoder: its `family` (kandinsky22 | kandinsky21 | unclip_h14, `dsl_cli.decoder.FAMILIES`) and
     `source`: `pretrained` (hub id or local `path`), `random` (real architecture, random weights, no download)
-    or `tiny` (diffusers' dummy test components). The rest are the family's own defaults, which `decode`
-    takes unless told otherwise (configs/decode/default.yaml)."""
+    or `tiny` (diffusers' dummy test components); the `Decoding` fields are the family's own defaults."""
 
     family: str = "kandinsky22"
     source: str = "pretrained"
     repo_id: str = "kandinsky-community/kandinsky-2-2-decoder"
     path: Optional[str] = None
-    height: int = 512
-    width: int = 512
-    steps: int = 100
-    guidance: float = 4.0
-    scheduler: Scheduler = Scheduler.ddpm
     noise_level: int = 0  # unclip_h14: noise added to the image embedding, 0 (none) to 999
 
 
 @dataclass
-class DecodeConfig:
-    """How pictures are decoded."""
+class DecodeConfig(Decoding):
+    """How pictures are decoded: the `Decoding` fields, and how the work is done."""
 
-    height: int = 512
-    width: int = 512
-    steps: int = 100
-    guidance: float = 4.0
-    scheduler: Scheduler = Scheduler.ddpm
     batch_size: Any = "auto"  # pictures per pipeline call: auto (fitted to free GPU memory; 8 on the CPU) or a number
     dtype: DecodePrecision = DecodePrecision.auto
     channels_last: bool = False  # NHWC UNet and MoVQ (cuDNN's channels-last kernels)
@@ -136,10 +136,12 @@ class ImagesConfig:
 
 @dataclass
 class StudyConfig:
-    """An interventional study instead of a decoding run (`study=head_importance` or `study=overlay_removal`);
+    """An interventional study instead of a decoding run (`study=head_importance`, `study=overlay_removal` or any
+    study registered in `dsl_cli.study_registry.STUDIES`, whose names are checked before anything loads);
     `name: null` (the default) runs the lens and decodes."""
 
-    name: Optional[StudyName] = None
+    name: Optional[str] = None
+    lenses: list[str] = field(default_factory=lambda: ["steering", "direct"])  # the lenses whose scores it compares
     ablation: StudyAblation = StudyAblation.zero  # head importance: `both` runs zero and mean ablation in one run
     bootstrap: int = 1000  # head importance: resamples for the 95 % intervals of the correlations
     steps: int = 20  # overlay removal: cumulative ablation steps
@@ -207,7 +209,8 @@ def check_overrides(overrides: list[str]) -> None:
     key, a wrong type, a value outside an enumeration, an unknown config group option). The config is
     composed once with each setting's first value; a swept config group is composed once per option, any
     other swept value is set into that config, where the schema checks its type (fast: 10,000 values in a
-    second). Hydra's own overrides (`hydra.*`) are left to it."""
+    second). Hydra's own overrides (`hydra.*`) are left to it, but `hydra.searchpath` (config folders added by
+    a plugin's user) goes into every compose."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -217,11 +220,12 @@ def check_overrides(overrides: list[str]) -> None:
             parsed.append(parser.parse_override(text))
         except HydraException as err:
             raise UserError(f"{text}: {_one_line(err)} (quote a value with spaces or brackets: key='a b')") from None
+    search = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]  # config folders of plugins
     parsed = [o for o in parsed if not o.is_hydra_override()]
     values = [_values(o) for o in parsed]
     parsed, values = [o for o, v in zip(parsed, values) if v], [v for v in values if v]  # glob: Hydra's
     first = [v[0] for v in values]
-    composed = _compose(first)
+    composed = _compose(first, search)
     for i, (override, options) in enumerate(zip(parsed, values)):
         if len(options) < 2:
             continue
@@ -229,17 +233,17 @@ def check_overrides(overrides: list[str]) -> None:
             _check_values(composed, override)
         else:
             for option in dict.fromkeys(options[1:]):
-                _compose([*first[:i], option, *first[i + 1:]])
+                _compose([*first[:i], option, *first[i + 1:]], search)
 
 
-def _compose(variant: list[str]):
+def _compose(variant: list[str], search: list[str] = ()):
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
         with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
-            return compose(config_name="run", overrides=variant)
+            return compose(config_name="run", overrides=[*variant, *search])
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_one_line(err)) from None
 
