@@ -124,8 +124,7 @@ def ablation_row_bytes(encoder: HookedEncoder) -> int:
     """Working memory of one row of an ablated forward pass, an upper estimate: a block's tokens at full width
     a few times over, its MLP's hidden activations, and the per-head writes at every token that the
     ablation hooks recompute (three copies of [T, H, D] in the worst case of every head ablated)."""
-    tokens = encoder.visual.grid_size[0] * encoder.visual.grid_size[1] + 1
-    hidden = encoder.blocks[0].mlp.c_fc.out_features
+    tokens, hidden = encoder.n_tokens, encoder.d_mlp
     elements = tokens * (3 * encoder.n_heads * encoder.d_model + 2 * hidden + 8 * encoder.d_model)
     return elements * torch.finfo(encoder.dtype).bits // 8
 

@@ -419,3 +419,9 @@ def test_the_preflight_names_the_hub_files_these_encoders_read():
     assert needs(EncoderConfig(source="timm", name="vit_base_patch16_224", pretrained=None)) == ([], [])
     assert needs(EncoderConfig(source="hf", name="hf", checkpoint="/nowhere", subfolder=""))[1] == [
         "encoder.checkpoint=/nowhere: not a folder with config.json (save_pretrained)"]
+
+
+def test_token_count_and_mlp_width_for_the_studies_memory_estimate(family, pixels):
+    name, model, encoder, _, _ = family
+    assert encoder.n_tokens == encoder.family.tokens(pixels).shape[1]
+    assert encoder.d_mlp == (96 if name.startswith("dinov2") else 80)

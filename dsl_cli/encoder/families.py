@@ -135,6 +135,16 @@ class Family:
         """A parameter whose device and dtype are the model's."""
         return next(self.model.parameters())
 
+    @property
+    def n_tokens(self) -> int:
+        """T: the tokens of the residual stream (class, register and distillation tokens, then the patches)."""
+        raise NotImplementedError
+
+    @property
+    def d_mlp(self) -> int:
+        """The MLP's hidden width (its widest linear layer's output)."""
+        return max(m.out_features for m in self.parts(0).mlp.modules() if isinstance(m, nn.Linear))
+
     # ---- computation -------------------------------------------------------------------------------------
     def tokens(self, pixels: Tensor) -> Tensor:
         """pixels [B, 3, S, S] -> x_0 [B, T, D] (all tokens)."""
@@ -217,6 +227,10 @@ class OpenClipFamily(Family):
     @property
     def placement(self) -> Tensor:
         return self.model.class_embedding
+
+    @property
+    def n_tokens(self) -> int:
+        return self.model.grid_size[0] * self.model.grid_size[1] + 1
 
     def tokens(self, pixels: Tensor) -> Tensor:
         from dsl_cli.encoder import openclip_api
@@ -303,6 +317,10 @@ class TimmFamily(Family):
     @property
     def image_size(self) -> int:
         return self.model.patch_embed.img_size[0]
+
+    @property
+    def n_tokens(self) -> int:
+        return self.model.patch_embed.num_patches + self.n_prefix
 
     def tokens(self, pixels: Tensor) -> Tensor:
         from dsl_cli.encoder import timm_api
@@ -435,6 +453,12 @@ class HFFamily(Family):
     def image_size(self) -> int:
         size = self.base.config.image_size
         return size[0] if isinstance(size, (tuple, list)) else size
+
+    @property
+    def n_tokens(self) -> int:
+        patch = self.base.config.patch_size
+        patch = patch[0] if isinstance(patch, (tuple, list)) else patch
+        return (self.image_size // patch) ** 2 + self.n_prefix
 
     def _final(self) -> nn.LayerNorm:
         return self.base.post_layernorm if self.family in ("clip", "siglip") else self.base.layernorm

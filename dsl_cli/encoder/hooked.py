@@ -325,6 +325,16 @@ class HookedEncoder(Placed, nn.Module):
         return self.family.placement
 
     @property
+    def n_tokens(self) -> int:
+        """T: the tokens of the residual stream (class, register and distillation tokens, then the patches)."""
+        return self.family.n_tokens
+
+    @property
+    def d_mlp(self) -> int:
+        """The MLP's hidden width."""
+        return self.family.d_mlp
+
+    @property
     def readout_kind(self) -> str:
         """How the embedding is read from the final residual: cls, mean (over patch tokens) or map."""
         return self.family.readout
