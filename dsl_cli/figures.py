@@ -1,7 +1,7 @@
 """Every figure, drawn from a folder's files alone (its CSVs, decoded pictures and manifest): no model and no
 torch, so that `dsl plot`, `dsl report` and `dsl merge` draw them without loading one. A run's figures
-(`redraw`), a sweep's heatmaps (`dsl_cli.sweeps`), a study's (`redraw_study`; `dsl_cli.studies` writes its
-files):
+(`redraw`), a sweep's heatmaps (`dsl_cli.sweeps`), the built-in studies' (drawn by their `Study.draw`,
+`dsl_cli.study_registry.redraw_study`):
 
     grids/<image>_<lens>_<what>.png      decoded pictures with captions (per layer, the best, seeds, lenses)
     heatmaps/<image>_<lens>.png          similarity to the input, layers x components, one scale per kind
@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (BASELINES, CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, PATCHES, SEEDS, SIMILARITY,
-                             RunFolder, atomic_write_bytes, group_rows, open_picture, read_manifest, save_png)
+from dsl_cli.outputs import (BASELINES, LABELS, PATCHES, SEEDS, SIMILARITY, RunFolder, atomic_write_bytes, group_rows,
+                             open_picture, read_manifest, save_png)
 
 TOP_TILES = 16  # tiles in the per-image top grid
 SEED_GRID_ROWS = 8  # components in a seeds grid
@@ -416,7 +416,7 @@ def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "", limits: Limits
     limits = shared_limits(rows) if limits is None else limits
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
         fig = heatmap_figure(group, f"{image}: similarity to the input, per layer and component\n"
-                                    f"{settings_text(group[0])} {tag} {models}".rstrip(), limits)
+                                    + " | ".join(p for p in (settings_text(group[0]), tag, models) if p), limits)
         path = RunFolder(run_dir).figure("heatmaps", f"{image}_{lens}_{tag}" if tag else f"{image}_{lens}")
         save_figure(fig, path)
         written.append(path)
@@ -542,12 +542,33 @@ def drawn_from_files(run_dir: Path) -> Iterator[None]:
     except (KeyError, ValueError, TypeError) as err:
         raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({type(err).__name__}: {err})") from err
 
-SCORES = ("dsl", "direct", "direct_importance")  # what head importance is correlated with
+SCORES = ("dsl", "direct", "direct_importance")  # what head importance is correlated with (default lenses)
 POOLED = "pooled"  # the `image` value of correlations over all (image, head) rows
+DEFAULT_LENSES = ("steering", "direct")  # what a study compares unless `study.lenses` says otherwise
+LENS_COLUMNS = {"steering": "dsl"}  # a study's score column of a lens, where it is not the lens's name
+
+
+def score_column(lens: str) -> str:
+    """The column (and overlay order) a study writes lens `lens`'s score in: `dsl` for the steering lens (DSL),
+    the lens's own name for every other one (`direct`, ...)."""
+    return LENS_COLUMNS.get(lens, lens)
+
+
+def importance_scores(rows: list[dict]) -> list[str]:
+    """The scores head importance was correlated with, as its CSV rows hold them: the columns after
+    `importance` (dsl, direct, direct_importance, then one per further lens) that hold a value."""
+    columns = list(rows[0]) if rows else list(SCORES)
+    after = columns[columns.index("importance") + 1:] if "importance" in columns else list(SCORES)
+    return [c for c in after if not rows or any(r.get(c) is not None for r in rows)]
 
 
 SCORE_TITLES = {"dsl": ("DSL score", "cos(DSL embedding, e)"), "direct": ("naive-lens score", "cos(R(write), e)"),
                 "direct_importance": ("direct importance", "1 - cos(R(x_L - write), e)")}
+
+
+def score_title(score: str) -> tuple[str, str]:
+    """(title, formula) of a score column: a further lens's is its score, cos(its embedding, e)."""
+    return SCORE_TITLES.get(score, (f"{score} score", f"cos({score} embedding, e)"))
 
 
 def _pooled_title(lens: str, pooled: dict) -> str:
@@ -571,15 +592,16 @@ def plot_head_importance(rows: list[dict], corr: list[dict]):
     Returns the matplotlib figure."""
     plt = pyplot()
     blocks = group_rows(rows, ("ablation",))
-    fig, axes = plt.subplots(max(1, len(blocks)), len(SCORES), figsize=(5.2 * len(SCORES), 0.8 + 4.6 * len(blocks)),
+    scores = importance_scores(rows)
+    fig, axes = plt.subplots(max(1, len(blocks)), len(scores), figsize=(5.2 * len(scores), 0.8 + 4.6 * len(blocks)),
                              squeeze=False, layout="constrained")
     pooled = {(r["ablation"], r["lens"]): r for r in corr if r["image"] == POOLED}
     for line, ((ablation,), block) in zip(axes, blocks.items()):
-        for axis, lens in zip(line, SCORES):
+        for axis, lens in zip(line, scores):
             for (image,), group in group_rows(block, ("image",)).items():
                 axis.scatter([r[lens] for r in group], [r["importance"] for r in group], s=12,
                              alpha=0.7, label=image)
-            title, formula = SCORE_TITLES[lens]
+            title, formula = score_title(lens)
             axis.set_title(_pooled_title(f"{ablation} ablation, {title}", pooled.get((ablation, lens), {})),
                            fontsize=9)
             axis.set_xlabel(f"{title}: {formula}")
@@ -654,10 +676,13 @@ def overlay_settings(rows: list[dict], config: dict) -> str:
     """The settings of an overlay-removal study, for its title: ablation, the DSL ranking, the orders."""
     study, lens = config.get("study", {}), config.get("lens", {})
     random_orders = len({r["seed"] for r in rows if r["order"] == "random"})
-    return (f"{rows[0]['ablation'] if rows else ''} ablation; heads ranked by DSL ({lens.get('mode')}, alpha "
-            f"{float(lens.get('alpha', math.nan)):g}) and by the naive lens; greedy among the "
-            f"{study.get('greedy_pool') or 'all'} best by DSL; {random_orders} random orders; overlay at "
-            f"{study.get('overlay_position', 'center')}, scale {study.get('overlay_scale')}")
+    lenses = list(study.get("lenses") or DEFAULT_LENSES)
+    short = {"steering": "DSL", "direct": "the naive lens"}
+    named = [f"DSL ({lens.get('mode')}, alpha {float(lens.get('alpha', math.nan)):g})" if name == "steering"
+             else short.get(name, f"the {name} lens") for name in lenses]
+    return (f"{rows[0]['ablation'] if rows else ''} ablation; heads ranked by {' and by '.join(named)}; greedy among "
+            f"the {study.get('greedy_pool') or 'all'} best by {short.get(lenses[0], lenses[0])}; {random_orders} "
+            f"random orders; overlay at {study.get('overlay_position', 'center')}, scale {study.get('overlay_scale')}")
 
 
 def _order_name(order: str, seed) -> str:
@@ -687,24 +712,3 @@ def draw_fade_grids(run_dir: Path, rows: list[dict]) -> list[Path]:
         save_png(path, grid_image(tiles, title, columns=len(steps), note=note))
         written.append(path)
     return written
-
-
-def redraw_study(run_dir: Path) -> list[Path]:
-    """Draw a study's figures again from its CSVs, pictures and manifest alone (`dsl plot`): [the plot's
-    path, then any grids]."""
-    config = (read_manifest(run_dir) or {}).get("config", {})
-    folder, grids = RunFolder(run_dir), []
-    with drawn_from_files(run_dir):
-        if folder.csv(IMPORTANCE).is_file():
-            rows = folder.read(IMPORTANCE)
-            corr = folder.read(CORRELATIONS)
-            figure, name = plot_head_importance(rows, corr), "head_importance"
-        elif folder.csv(OVERLAY).is_file():
-            rows = folder.read(OVERLAY)
-            figure, name = plot_overlay_removal(rows, overlay_settings(rows, config)), "overlay_removal"
-            grids = draw_fade_grids(run_dir, rows)
-        else:
-            raise UserError(f"{run_dir}: no study CSV here (study_head_importance.csv or study_overlay_removal.csv)")
-    path = folder.figure("plots", name)
-    save_figure(figure, path)
-    return [path, *grids]
