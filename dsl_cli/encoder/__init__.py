@@ -4,7 +4,8 @@ the CLS-position cache and its exact decomposition, and the lenses read from it 
 from dsl_cli.encoder.hooked import (ABLATIONS, HOOK_POINTS, STEER_MODES, EncoderCache, HookedEncoder, HookPoint,
                                     MeanWrites, head_writes, only_heads, steering_delta)
 from dsl_cli.encoder.loading import (RANDOM_SEED, EmbeddingSpace, TextTower, build_tiny_clip, build_tiny_text,
-                                     build_tiny_visual, embedding_space, load_encoder, load_text_model, text_model_id)
+                                     build_tiny_visual, embedding_space, load_encoder, load_text_model, model_shape,
+                                     text_model_id)
 
 __all__ = [
     "ABLATIONS",
@@ -24,6 +25,7 @@ __all__ = [
     "head_writes",
     "load_encoder",
     "load_text_model",
+    "model_shape",
     "only_heads",
     "steering_delta",
     "text_model_id",

@@ -259,6 +259,26 @@ def embedding_space(cfg: Any) -> EmbeddingSpace:
     return EmbeddingSpace(cfg.name, tag, model_cfg["embed_dim"])
 
 
+def model_shape(cfg: Any) -> Optional[tuple[int, int]]:
+    """(layers, heads) of the vision tower encoder config `cfg` builds, from configs alone (open_clip's model
+    config, or the prior folder's config.json): layer and head settings are checked against it before any
+    weight is looked up. None where no config tells (a folder not there yet, a tower that is not a ViT)."""
+    if cfg.source in vit_loading.SOURCES:
+        return vit_loading.model_shape(cfg)
+    if cfg.source == "tiny":
+        return TINY_VISION_CFG["layers"], TINY_VISION_CFG["width"] // TINY_VISION_CFG["head_width"]
+    if cfg.source == "kandinsky_prior" and cfg.checkpoint:
+        try:
+            config = json.loads((Path(_expand(cfg.checkpoint)) / "config.json").read_text())
+            return int(config["num_hidden_layers"]), int(config["num_attention_heads"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    vision = open_clip.CLIPVisionCfg(**(open_clip.get_model_config(cfg.name) or {}).get("vision_cfg", {}))
+    if not isinstance(vision.layers, int) or vision.timm_model_name:
+        return None
+    return vision.layers, vision.width // vision.head_width  # as open_clip's _build_vision_tower counts heads
+
+
 def _expand(path: Optional[str]) -> Optional[str]:
     """`~/weights` -> `/home/me/weights` (a pretrained tag never starts with `~`, so it is left as it is)."""
     return os.path.expanduser(path) if path else path
