@@ -86,7 +86,8 @@ class Sae:
                 raise UserError(f"SAE {self.source}: {name} has shape {tuple(tensor.shape)}, expected {shape} "
                                 f"(W_enc is [d_in={d_in}, d_sae={d_sae}])")
         if self.architecture == "topk" and not (isinstance(self.k, int) and 0 < self.k <= d_sae):
-            raise UserError(f"SAE {self.source}: a topk SAE needs k between 1 and d_sae={d_sae} (cfg `k`), not {self.k}")
+            raise UserError(f"SAE {self.source}: a topk SAE needs k between 1 and d_sae={d_sae} (cfg `k`), "
+                            f"not {self.k}")
         parts = self.hook_name.split(".")
         if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in SAE_POINTS:
             raise UserError(f"SAE {self.source}: hook_name {self.hook_name!r} is not one dsl reads: use "
@@ -235,7 +236,8 @@ def load_sae(path: Optional[str] = None, repo_id: Optional[str] = None, local_fi
         if (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
             return _load_saelens(folder)
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
-        raise UserError(f"SAE {folder}: not readable ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"SAE {folder}: not readable ({reason})") from err
     raise UserError(f"sae.path={folder}: not an SAE: give a folder with {CFG_FILE} and {WEIGHTS_FILE} (SAELens) "
                     "or a .safetensors file")
 

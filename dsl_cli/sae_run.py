@@ -74,7 +74,8 @@ def chosen_features(spec, d_sae: Optional[int]) -> Optional[list[int]]:
     return out
 
 
-def feature_stage(cfg, run_dir: Path, encoder, preprocess, image_set, manifest) -> tuple[FeatureEncoder, list[Component]]:
+def feature_stage(cfg, run_dir: Path, encoder, preprocess, image_set,
+                  manifest) -> tuple[FeatureEncoder, list[Component]]:
     """Load the SAE, wrap the encoder, stream the images once: (the wrapped encoder, the run's components).
     Writes features.csv; the manifest records the SAE and each image's chosen features."""
     spec = sae_config(cfg)

@@ -316,7 +316,8 @@ class Trainer:
                   source=str(s.out))
         save_sae(sae, s.out, {"model_name": s.identity()["encoder"], "dataset_path": str(s.cfg.images.get("path")),
                               "trained_by": "dsl sae train"})
-        metrics = {"explained_variance": 1 - error / max(variance, 1e-12), "dead_features": int((~(f > 0).any(0)).sum()),
+        metrics = {"explained_variance": 1 - error / max(variance, 1e-12),
+                   "dead_features": int((~(f > 0).any(0)).sum()),
                    "d_sae": s.d_sae, "k": s.options.k, "steps": s.total, "images": len(s.images),
                    "tokens": int(x.shape[0]), "hook_name": s.hook, "history": self.history}
         atomic_write_bytes(s.out / METRICS, json.dumps(metrics, indent=1).encode())

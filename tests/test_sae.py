@@ -407,3 +407,17 @@ def test_sae_from_the_hugging_face_cache(tmp_path, monkeypatch, encoder, pixels)
     torch.testing.assert_close(sae.encode(x), load_sae(str(folder)).encode(x), rtol=0, atol=0)
     with pytest.raises(UserError, match="hf download someone/vit-saes --include 'layer_9/\\*'"):
         load_sae("layer_9", repo_id="someone/vit-saes")
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["lens=diffusion"], "lens=diffusion reads the residual stream, not features"),
+    (["study=head_importance"], "an interventional study ablates heads"),
+    (["sae.features=[3,x]"], "use top, or a list of feature indices"),
+    (["sae.top_k=0"], "must be at least 1"),
+])
+def test_run_refusals_before_any_model(tmp_path, monkeypatch, capsys, overrides, fragment):
+    from helpers import dsl_in_process
+
+    sae = tiny_sae_folder(tmp_path / "sae")
+    code, err = dsl_in_process(["run", "debug=tiny", f"sae.path={sae}", *overrides], tmp_path, monkeypatch, capsys)
+    assert code == 2 and fragment in err, err
