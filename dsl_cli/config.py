@@ -308,13 +308,15 @@ def _one_line(err: Exception) -> str:
 # Overrides whose values are paths. `~` is expanded, as a shell does in `VAR=~/x` (but not in `a.b=~/x`), and a
 # value that Hydra's override grammar refuses unquoted (a space, parentheses, `~` inside) is passed quoted.
 PATH_KEYS = {"images.path", "encoder.checkpoint", "encoder.text_pretrained", "decoder.path", "resume",
-             "hydra.run.dir", "hydra.sweep.dir", "adapter", "adapter.out"}
+             "hydra.run.dir", "hydra.sweep.dir", "adapter", "adapter.out", "sae.path"}
 
 
 def path_override(arg: str) -> str:
     """`images.path=~/my photos` -> `images.path='/home/me/my photos'`; other arguments as they are (every
     command that takes overrides: dsl run, dsl check, dsl adapter)."""
     key, sep, value = arg.partition("=")
+    if sep and key == "sae":  # `sae=FOLDER` is short for sae.path=FOLDER (dsl_cli.sae)
+        return path_override(f"sae.path={value}")
     if not sep or key.lstrip("+") not in PATH_KEYS or value[:1] in ("'", '"'):
         return arg
     value = os.path.expanduser(value)

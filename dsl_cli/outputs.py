@@ -33,7 +33,7 @@ import secrets
 import socket
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Iterator, TypedDict, get_args, get_type_hints
@@ -121,7 +121,8 @@ class ExtraRow(TypedDict, total=False):
 
 class ImportanceRow(TypedDict, total=False):
     """study_head_importance.csv: a head's importance (the drop of the image's similarity when it is
-    ablated) beside the scores it is correlated with (dsl_cli.studies.SCORES)."""
+    ablated) beside the scores it is correlated with (dsl_cli.figures.SCORES for the default lenses, steering and
+    direct; then a column per further lens of `study.lenses`, named after it: `IMPORTANCE.with_columns`)."""
 
     image: str
     component: str
@@ -172,16 +173,27 @@ class OverlayRow(TypedDict, total=False):
 
 @dataclass(frozen=True)
 class Table:
-    """One CSV of a run folder: its file name and its row type."""
+    """One CSV of a run folder: its file name and its row type. An `open` table may hold number columns after
+    its row type's, named by whoever wrote it (a study's further lenses' scores): `with_columns` gives the
+    table with them (`extra`), and `read_csv` reads them back as the file's header names them."""
 
     name: str
     row: type  # a TypedDict above
+    open: bool = False
+    extra: tuple[str, ...] = ()  # float columns after the row type's
 
     @cached_property
     def kinds(self) -> dict[str, type]:
         """Column -> int, float or str (the type of its values; a number may also be None), in file order."""
         hints = get_type_hints(self.row).items()
-        return {name: next(k for k in get_args(hint) or (hint,) if k is not type(None)) for name, hint in hints}
+        kinds = {name: next(k for k in get_args(hint) or (hint,) if k is not type(None)) for name, hint in hints}
+        return {**kinds, **{name: float for name in self.extra if name not in kinds}}
+
+    def with_columns(self, extra) -> "Table":
+        """The table with these float columns after its own (none: the table itself)."""
+        if not self.open and extra:
+            raise ValueError(f"{self.name} takes no columns beyond its own")
+        return replace(self, extra=tuple(extra)) if tuple(extra) != self.extra else self
 
     @property
     def columns(self) -> list[str]:
@@ -193,7 +205,7 @@ LABELS = Table("labels.csv", LabelRow)
 PATCHES = Table("patches.csv", PatchRow)
 SEEDS = Table("seeds.csv", ExtraRow)
 BASELINES = Table("baselines.csv", ExtraRow)
-IMPORTANCE = Table("study_head_importance.csv", ImportanceRow)
+IMPORTANCE = Table("study_head_importance.csv", ImportanceRow, open=True)  # + a column per further lens
 CORRELATIONS = Table("correlations.csv", CorrelationRow)
 OVERLAY = Table("study_overlay_removal.csv", OverlayRow)
 
@@ -202,6 +214,7 @@ OVERLAY = Table("study_overlay_removal.csv", OverlayRow)
 
 TEMP_SUFFIX = ".dsl-tmp"  # every temporary file dsl writes ends so (and starts with a dot); no user file does
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # an image, lens or component name: one path part
+COLUMN = re.compile(r"[A-Za-z0-9_]{1,100}")  # a column an open table's writer added (a lens name)
 
 
 def write_error(path: Path, err: OSError) -> UserError:
@@ -512,7 +525,8 @@ class RunFolder:
         return sorted(p for name in folders or self.FIGURES for p in (self.path / name).glob("*.png"))
 
     def holds_study(self) -> bool:
-        return self.csv(IMPORTANCE).is_file() or self.csv(OVERLAY).is_file()
+        """A study's own CSV is here: `study_<name>.csv` (`dsl_cli.study_registry.Study.tables`)."""
+        return any(p.is_file() for p in self.path.glob("study_*.csv"))
 
     def overlay_picture(self, composite: str) -> Path:
         """Overlay removal: a composite as the study made it."""
@@ -854,6 +868,10 @@ def read_csv(path: Path, table: Table = SIMILARITY) -> list[dict]:
     reader = csv.DictReader(lines)
     try:
         header, columns = reader.fieldnames, table.columns
+        if table.open and header is not None and len(header) > len(columns) and header[:len(columns)] == columns \
+                and len(set(header)) == len(header) and all(COLUMN.fullmatch(n) for n in header[len(columns):]):
+            table = table.with_columns(header[len(columns):])  # a study's further lenses' scores
+            columns = table.columns
         if header is not None and (not header or header != columns[:len(header)]):
             raise UserError(f"{path}: not a CSV written by this version of dsl (columns {printable(str(header))})")
         rows = [{**dict.fromkeys(columns, ""), **row} for row in reader  # an earlier version's: later columns empty

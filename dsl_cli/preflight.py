@@ -3,7 +3,7 @@
 Each part of the run says what it needs, from its own config group: the encoder loader
 (`dsl_cli.encoder.loading.needs`), the decoder family (`Decoder.needs`, when the run decodes), the lens
 (`Lens.needs`: the text tower, for labels, the logit lens, a text pool or an attribution target) or the
-study (`studies.needs`). This module only asks them, above the models; the hub look-ups they are built of,
+study (`Study.needs`). This module only asks them, above the models; the hub look-ups they are built of,
 and the check itself (`weights.require`), sit below the models in `dsl_cli.weights`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dsl_cli import studies
+from dsl_cli import study_registry
 from dsl_cli.decoder import get_family
 from dsl_cli.encoder import loading
 from dsl_cli.lenses import get_lens
@@ -23,7 +23,7 @@ def needed(cfg: Any) -> Needs:
     run decodes) and the lens's."""
     parts = [loading.needs(cfg.encoder)]
     if cfg.study.name is not None:
-        parts.append(studies.needs(cfg))
+        parts.append(study_registry.needs(cfg))
     else:
         if cfg.decode.enabled:
             parts.append(get_family(cfg.decoder.family).needs(cfg.decoder))

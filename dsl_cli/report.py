@@ -15,17 +15,19 @@ page when it ends.
 from __future__ import annotations
 
 import html
+import sys
 from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
 
 from dsl_cli.errors import UserError
-from dsl_cli.figures import (NO_SCALE, POOLED, SCORES, SIMILARITIES, TOP_TILES, colour_limits, dark_cell, decoder_text,
-                             drawn_from_files, encoder_text, heatmap_cells, heatmap_matrix, kind_blocks, layer_label,
-                             redraw, redraw_study)
+from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell, decoder_text,
+                             drawn_from_files, encoder_text, heatmap_cells, heatmap_matrix, importance_scores,
+                             kind_blocks, layer_label, redraw)
 from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, SIMILARITY, RunFolder, atomic_write_bytes,
                              claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest)
+from dsl_cli.study_registry import find_study, redraw_study
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 2em;color:#222;max-width:110em}
@@ -383,7 +385,7 @@ def importance_tables(folder: Path) -> str:
             + "".join(number(r[k]) if k in r else interval(r, k.split()[0]) for k in head[4:]) + "</tr>\n"
             for r in corr]
     rows = RunFolder(folder).read(IMPORTANCE)
-    numbers = ["layer", "head", "importance", *SCORES]
+    numbers = ["layer", "head", "importance", *importance_scores(rows)]
     heads = [f"<tr{row_attrs(r, ['image', 'layer'])}>{cell(esc(r['ablation']))}{cell(esc(r['image']))}"
              f"{cell(esc(r['component']))}"
              + "".join(number(r[k], 0 if k in ("layer", "head") else 4) for k in numbers) + "</tr>\n"
@@ -433,16 +435,14 @@ def overlay_tables(folder: Path) -> str:
 def study_page(folder: Path) -> str:
     """The page of a study's run folder: settings, the plot, the summary tables, the files."""
     manifest, run = read_manifest(folder) or {}, RunFolder(folder)
-    name = manifest.get("config", {}).get("study", {}).get("name") or (
-        "head_importance" if run.csv(IMPORTANCE).is_file() else "overlay_removal")
+    study = find_study(folder)  # None for a study not registered in this process: its page has no tables
+    name = manifest.get("config", {}).get("study", {}).get("name") or (study.name if study else "")
     plot = run.figure("plots", name)
     body = [header(folder, manifest, f"study {name}"), settings_section(manifest, study=True),
             files_section(folder),
             f'<h2>Plot</h2><div class="figures">{img(rel(plot, folder), name) if plot.is_file() else "none drawn"}</div>']
-    if run.csv(IMPORTANCE).is_file():
-        body.append(importance_tables(folder))
-    if run.csv(OVERLAY).is_file():
-        body.append(overlay_tables(folder))
+    if study is not None:
+        body.append(study.page(folder, sys.modules[__name__]))
     return page(f"dsl study {name} {folder.name}", "\n".join(body))
 
 

@@ -13,6 +13,10 @@ Only the studies' names and headline results are public; the procedures here are
   step, with the area under each curve. Compared with the naive lens's ranking, an ACDC-like greedy order
   and random orders; the ablated composites can be decoded at chosen steps (`decode_kept`).
 
+Each score is a lens's (`study.lenses`, any registered lens; default steering and direct, whose columns and
+orders are `dsl` and `direct`: `figures.score_column`). The studies as run stages, their settings, files,
+figures and pages are classes of `dsl_cli.study_registry`; this module computes.
+
 Shapes: B images, K components, E embedding width, S image side. Everything runs through
 `HookedEncoder.ablate_hooked`, batched over (image, ablation set) rows.
 """
@@ -34,15 +38,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
-from dsl_cli.decoder import get_family, load_decoder, to_pil
+from dsl_cli.decoder import load_decoder, to_pil
 from dsl_cli.devices import resolve_dtype
 from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
-from dsl_cli.figures import POOLED, SCORES, redraw_study
+from dsl_cli.figures import DEFAULT_LENSES, POOLED, SCORES, score_column
 from dsl_cli.images import InputImage, overlay
+from dsl_cli.lenses import Lens, get_lens
 from dsl_cli.memory import halving_batches, release_memory, rows_that_fit
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, group_rows, save_png
-from dsl_cli.weights import Needs
 
 log = logging.getLogger("dsl_cli.studies")
 
@@ -52,34 +56,23 @@ STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bi
 # ---------------------------------------------------------------- shared pieces
 
 
-def validate_study(study, seed: int = 0) -> None:
-    """Checks on `cfg.study` that need no model (called by `dsl_cli.run.validate` before anything loads);
-    `seed` is the run's: the random orders use seeds seed .. seed + random_orders - 1, all within 64 bits."""
-    if study.name == "overlay_removal" and study.ablation == "both":
-        raise UserError("study.ablation=both: overlay removal takes one ablation (zero or mean)")
-    if study.steps < 1:
-        raise UserError(f"study.steps={study.steps}: must be at least 1")
-    if study.greedy_pool is not None and study.greedy_pool < 1:
-        raise UserError(f"study.greedy_pool={study.greedy_pool}: must be at least 1 (or null for all heads)")
-    if study.random_orders < 0:
-        raise UserError(f"study.random_orders={study.random_orders}: must be 0 or more")
-    if study.bootstrap < 1:
-        raise UserError(f"study.bootstrap={study.bootstrap}: must be at least 1 (resamples)")
-    if any(step < 0 for step in study.decode_steps):
-        raise UserError(f"study.decode_steps={list(study.decode_steps)}: steps are 0 or more")
-    if not 0 < study.overlay_scale <= 1:
-        raise UserError(f"study.overlay_scale={study.overlay_scale}: must be in (0, 1]")
-    if seed + study.random_orders - 1 >= 2**64:
-        raise UserError(f"seed={seed}: the random orders use seeds up to seed + study.random_orders - 1, "
-                        "which must stay below 2**64")
+def study_lenses(cfg, names: Optional[Sequence[str]] = None) -> dict[str, Lens]:
+    """The lenses a study compares, by their score column (`figures.score_column`), in order: `names` (default
+    `study.lenses`, else steering and direct), each with the run's lens settings (`cfg.lens`: DSL's mode and
+    alpha) and its own name."""
+    names = list(names if names is not None else cfg.study.get("lenses") or DEFAULT_LENSES)
+    return {score_column(name): get_lens(cfg.lens, name=name) for name in names}
 
 
-def needs(cfg) -> Needs:
-    """The weights a study loads beyond the encoder (asked by the preflight before anything loads): the
-    decoder, where the overlay study decodes its ablated composites (`_decoding`)."""
-    if cfg.study.name == "overlay_removal" and _decoding(cfg):
-        return get_family(cfg.decoder.family).needs(cfg.decoder)
-    return [], []
+def default_lenses(mode: str = "norm", alpha: float = 2.0) -> dict[str, Lens]:
+    """DSL (`mode`, `alpha`) and the naive lens, by their score columns: what a study compares by default."""
+    return {"dsl": get_lens("steering", mode=mode, alpha=alpha), "direct": get_lens("direct")}
+
+
+def lens_scores(lenses: dict[str, Lens], encoder: HookedEncoder, cache, comps: list[Component],
+                target: Tensor) -> dict[str, Tensor]:
+    """cos(each lens's embedding of each component, target [B, 1, E]) -> column -> [B, K]."""
+    return {column: cosine(lens.embeddings(encoder, cache, comps), target) for column, lens in lenses.items()}
 
 
 def study_ablations(study) -> tuple[str, ...]:
@@ -154,11 +147,13 @@ def head_importance(
     means: Optional[MeanWrites] = None,
     names: Optional[Sequence[str]] = None,
     batch_size: int = 64,
+    lenses: Optional[dict[str, Lens]] = None,
 ) -> list[dict]:
     """One row per (image, component), image-major: importance = 1 - cos(e_ablated, e) (the component
     alone ablated in a full forward pass), dsl = cos(DSL embedding, e), direct = cos(R(write), e) (the
     naive lens), direct_importance = 1 - cos(R(x_L - write [+ mean write]), e) (the closed-form direct
-    effect: the same ablation on the final residual only, nothing downstream recomputed).
+    effect: the same ablation on the final residual only, nothing downstream recomputed). `lenses` (score
+    column -> lens, `study_lenses`) replaces dsl and direct: each lens's cos(embedding, e) in its column.
 
     pixels [B, 3, S, S]; components: heads (MLPs work too); means: for mean ablation (default: the mean
     over these images, see `HookedEncoder.ablate_hooked`); names: B image names (default "0", "1", ...).
@@ -172,8 +167,8 @@ def head_importance(
         means = None  # the study passes its one mean to both ablations; zero puts nothing back
     elif means is None:
         means = encoder.mean_writes(pixels, batch_size)
-    scores = {"dsl": cosine(encoder.steer(cache, comps, mode=mode, alpha=alpha), clean),  # [B, K]
-              "direct": cosine(encoder.direct(cache, comps), clean),
+    lenses = default_lenses(mode, alpha) if lenses is None else lenses
+    scores = {**lens_scores(lenses, encoder, cache, comps, clean),  # [B, K] each
               "direct_importance": 1.0 - cosine(direct_ablated(encoder, cache, comps, means), clean)}
     plan = [(b, [c]) for b in range(len(pixels)) for c in comps]
     ablated = ablated_embeds(encoder, pixels, plan, ablation, means, batch_size, desc="ablate")
@@ -322,7 +317,8 @@ def overlay_removal(
 
 def overlay_curves(encoder: HookedEncoder, composite_pixels: Tensor, foreground_pixels: Tensor,
                    components: Sequence[Component | str], settings: OverlaySettings,
-                   means: Optional[MeanWrites] = None, names: Optional[Sequence[str]] = None) -> OverlayResult:
+                   means: Optional[MeanWrites] = None, names: Optional[Sequence[str]] = None,
+                   lenses: Optional[dict[str, Lens]] = None) -> OverlayResult:
     """Overlay-similarity curves under cumulative ablation, as CSV rows (`outputs.OverlayRow` less background and
     foreground): per composite, orders `dsl`, `direct`, `greedy` and `random` (seed = seed + r for r <
     random_orders, the same orders for every composite), steps 0..min(steps, K) each; step 0 ablates
@@ -333,15 +329,17 @@ def overlay_curves(encoder: HookedEncoder, composite_pixels: Tensor, foreground_
     dsl: by cos(DSL embedding of the head on the composite, e_fg), best first; direct: the same with the
     naive lens R(write). greedy (ACDC-like): each step ablates, among the `greedy_pool` best not-yet-ablated
     heads by DSL rank (all remaining if None), the one that lowers the overlay similarity most (ties: the
-    better DSL rank). means: for mean ablation (default: the mean over the composites).
+    better DSL rank). means: for mean ablation (default: the mean over the composites). `lenses` (order name
+    -> lens, `study_lenses`) replaces dsl and direct: an order per lens, by cos(its embedding, e_fg); the greedy
+    pool is the first lens's best; `dsl_score` is DSL's score where DSL is one of them.
     """
     comps, s = [parse_component(c) for c in components], settings
     if s.ablation == "mean" and means is None:
         means = encoder.mean_writes(composite_pixels, s.batch_size)
     e_fg = encoder.embed(foreground_pixels).float().cpu()  # [B, E]
     cache = encoder.run_with_cache(composite_pixels)
-    scores = {"dsl": cosine(encoder.steer(cache, comps, mode=s.mode, alpha=s.alpha), e_fg.unsqueeze(1)),  # [B, K]
-              "direct": cosine(encoder.direct(cache, comps), e_fg.unsqueeze(1))}
+    lenses = default_lenses(s.mode, s.alpha) if lenses is None else lenses
+    scores = lens_scores(lenses, encoder, cache, comps, e_fg.unsqueeze(1))  # [B, K] each
     clean = cache.embeds.float().cpu()  # [B, E]: nothing ablated
     result = OverlayResult([], {})
     for b, name in enumerate(tqdm(_names(names, len(composite_pixels)), desc="overlay", unit="img")):
@@ -374,9 +372,9 @@ class _Curves:
         """Rows of every order and the embeddings kept, from the lenses' scores [K] of the heads."""
         s, n_steps = self.settings, min(self.settings.steps, len(self.comps))
         ranked = {lens: torch.sort(v, descending=True, stable=True).indices.tolist() for lens, v in scores.items()}
-        runs = [(lens, None, ranked[lens][:n_steps], *self.curve(ranked[lens][:n_steps])) for lens in ("dsl", "direct")]
-        picked, embeds = _greedy(self.encoder, self.pixels, self.target, self.comps, ranked["dsl"], n_steps, s,
-                                self.means)
+        runs = [(lens, None, ranked[lens][:n_steps], *self.curve(ranked[lens][:n_steps])) for lens in scores]
+        picked, embeds = _greedy(self.encoder, self.pixels, self.target, self.comps, next(iter(ranked.values())),
+                                 n_steps, s, self.means)
         runs.append(("greedy", None, picked, *self.trace(embeds)))
         for r in range(s.random_orders):
             order = random_order(len(self.comps), s.seed + r)[:n_steps]
@@ -384,7 +382,7 @@ class _Curves:
         rows, kept = [], {}
         steps = sorted({min(step, n_steps) for step in s.keep_steps})
         for order, seed, picked, sims, embeds in runs:
-            rows += self.record(scores["dsl"], order, seed, picked, sims)
+            rows += self.record(scores.get("dsl"), order, seed, picked, sims)
             if seed in (None, s.seed):
                 kept.update({(order, seed, step): embeds[step] for step in steps})
         return rows, kept
@@ -401,12 +399,13 @@ class _Curves:
         embeds = torch.cat([self.clean[None], ablated])
         return cosine(embeds, self.target).tolist(), embeds
 
-    def record(self, scores: Tensor, order: str, run_seed: Optional[int], picked: list[int],
+    def record(self, scores: Optional[Tensor], order: str, run_seed: Optional[int], picked: list[int],
                sims: Sequence[float]) -> list[dict]:
         auc = area_under(sims)
         return [{"ablation": self.settings.ablation, "order": order, "seed": run_seed, "step": step,
                  "component": self.comps[picked[step - 1]].label if step else "",
-                 "dsl_score": scores[picked[step - 1]].item() if step else None, "overlay_sim": float(sim),
+                 "dsl_score": scores[picked[step - 1]].item() if step and scores is not None else None,
+                 "overlay_sim": float(sim),
                  "auc": auc} for step, sim in enumerate(sims)]
 
 
@@ -435,31 +434,18 @@ def _greedy(encoder: HookedEncoder, pixels: Tensor, target: Tensor, comps: list[
 # ---------------------------------------------------------------- the study as a run stage
 
 
-def run_study(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
-              components: list[Component]) -> dict:
-    """Run `cfg.study.name` on the run's images and the selected heads; write `study_<name>.csv`
-    (+ `correlations.csv`), `plots/<name>.png` (and the composites under `images/overlays/`).
-    Returns a summary for the manifest. DSL scores use `cfg.lens.mode`/`cfg.lens.alpha`; clean passes
-    run `cfg.encoder.batch_size` images at a time, ablated ones `ablation_rows` rows."""
-    study = cfg.study  # checked by `validate_study` before anything loaded
-    heads = [c for c in components if c.kind == "head"]
-    if not heads:
-        raise UserError(f"study={study.name} ablates attention heads: select some with layer=... head=... "
-                        "(component=heads)")
-    if study.name == "head_importance":
-        return _run_head_importance(cfg, run_dir, encoder, preprocess, images, heads)
-    return _run_overlay_removal(cfg, run_dir, encoder, preprocess, images, heads)
-
-
 def _pixels(preprocess, pictures: Sequence[Image.Image | InputImage]) -> Tensor:
     """[B, 3, S, S] on the CPU; ablated_embeds moves each batch to the encoder's device. Inputs are read
     one at a time, so only their preprocessed pixels are held together."""
     return torch.stack([preprocess(p.load() if isinstance(p, InputImage) else p) for p in pictures])
 
 
-def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
-                         heads: list[Component]) -> dict:
+def head_importance_stage(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
+                          heads: list[Component]) -> dict:
+    """Head importance on the run's images and heads, into study_head_importance.csv (a column per further lens
+    of `study.lenses`) and correlations.csv; returns the manifest's summary less its figures."""
     study, step = cfg.study, cfg.encoder.batch_size
+    lenses = study_lenses(cfg)
     pixels = _pixels(preprocess, images)
     ablations = study_ablations(study)
     # mean ablation: one mean over the whole image set, not per batch
@@ -469,16 +455,17 @@ def _run_head_importance(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
         for start in tqdm(range(0, len(images), step), desc=f"head importance ({ablation})", unit="batch"):
             rows += head_importance(encoder, pixels[start:start + step], heads, ablation, cfg.lens.mode,
                                     float(cfg.lens.alpha), means, [i.name for i in images[start:start + step]],
-                                    ablated)
-    corr = correlations(rows, how=Correlation(resamples=study.bootstrap, seed=cfg.seed))
-    RunFolder(run_dir).write(IMPORTANCE, rows)
+                                    ablated, lenses)
+    table = IMPORTANCE.with_columns([c for c in lenses if c not in IMPORTANCE.columns])
+    scores = [c for c in table.columns[table.columns.index("importance") + 1:] if rows and c in rows[0]]
+    corr = correlations(rows, scores=scores, how=Correlation(resamples=study.bootstrap, seed=cfg.seed))
+    RunFolder(run_dir).write(table, rows)
     RunFolder(run_dir).write(CORRELATIONS, corr)
-    plot = redraw_study(run_dir)[0]  # from the CSVs just written, as `dsl plot` draws it
     pooled = {f"{r['ablation']} {r['lens']}": {k: r[k] for k in ("n", "spearman", "spearman_low", "spearman_high",
                                                                  "pearson", "pearson_low", "pearson_high")}
               for r in corr if r["image"] == POOLED}
     return {"study": "head_importance", "rows": len(rows), "ablation": list(ablations), "pooled": pooled,
-            "files": ["study_head_importance.csv", "correlations.csv", str(plot.relative_to(run_dir))]}
+            "files": ["study_head_importance.csv", "correlations.csv"]}
 
 
 def composites(images: list[InputImage], scale: float,
@@ -502,8 +489,11 @@ def _decoding(cfg) -> bool:
     return bool(decode is not None and decode.enabled and cfg.study.decode_steps)
 
 
-def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
-                         heads: list[Component]) -> dict:
+def overlay_removal_stage(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
+                          heads: list[Component]) -> dict:
+    """Overlay removal on composites of the run's images, an order per lens of `study.lenses`, into
+    study_overlay_removal.csv (and the composites, and the decoded steps); returns the manifest's summary less
+    its figures."""
     study = cfg.study
     pairs = composites(images, study.overlay_scale, study.overlay_position)
     for name, _, _, picture in pairs:
@@ -515,19 +505,17 @@ def _run_overlay_removal(cfg, run_dir: Path, encoder: HookedEncoder, preprocess,
                                alpha=float(cfg.lens.alpha), batch_size=ablation_rows(encoder, cfg.encoder.batch_size),
                                keep_steps=tuple(study.decode_steps) if _decoding(cfg) else ())
     result = overlay_curves(encoder, composite_pixels, foreground_pixels, heads, settings,
-                            names=[name for name, *_ in pairs])
+                            names=[name for name, *_ in pairs], lenses=study_lenses(cfg))
     roles = {name: (bg.name, fg.name) for name, bg, fg, _ in pairs}
     for row in result.rows:
         row["background"], row["foreground"] = roles[row["image"]]
     RunFolder(run_dir).write(OVERLAY, result.rows)
     decode_kept(cfg, run_dir, encoder, result.kept)
-    figures = redraw_study(run_dir)  # from the files just written, as `dsl plot` draws them
     # area under each order's curve, averaged over composites (and seeds): lower, the overlay went sooner
     mean_auc = {order: float(np.mean([r["auc"] for r in group if r["step"] == 0]))
                 for (order,), group in group_rows(result.rows, ("order",)).items()}
     return {"study": "overlay_removal", "rows": len(result.rows), "composites": len(pairs),
-            "ablation": settings.ablation, "mean_auc": mean_auc,
-            "files": ["study_overlay_removal.csv", *(str(p.relative_to(run_dir)) for p in figures)]}
+            "ablation": settings.ablation, "mean_auc": mean_auc, "files": ["study_overlay_removal.csv"]}
 
 
 def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Tensor]) -> None:

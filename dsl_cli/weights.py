@@ -1,7 +1,7 @@
 """Hub look-ups: the weights a model needs, as files of a Hugging Face repository looked up in the cache
 with huggingface_hub, and the check of a list of them (`require`). This module sits below the models and
 imports none of them: each model says what it needs (`Needs`: the encoder loader's `needs`, a decoder
-family's `Decoder.needs`, a lens's `Lens.needs`, a study's `studies.needs`), built from the pieces here, and
+family's `Decoder.needs`, a lens's `Lens.needs`, a study's `Study.needs`), built from the pieces here, and
 `dsl_cli.preflight` asks them all before any model loads.
 
 A run may need three sets of weights: the image encoder, the decoder of its family (when it decodes) and

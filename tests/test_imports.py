@@ -47,7 +47,7 @@ SCRIPT_MAIN = NO_MODEL_LIBRARIES + ("import runpy\nscript = sys.argv[1]\nsys.arg
 # modules that the light commands import: none of them may import a model library, even alone
 LIGHT_MODULES = {"dsl_cli", "dsl_cli.cli", "dsl_cli.config", "dsl_cli.errors", "dsl_cli.components", "dsl_cli.logs",
                  "dsl_cli.outputs", "dsl_cli.figures", "dsl_cli.report", "dsl_cli.sweeps", "dsl_cli.job",
-                 "dsl_cli.weights", "dsl_cli.images"}
+                 "dsl_cli.weights", "dsl_cli.images", "dsl_cli.study_registry"}
 
 
 def light(*args: str, cwd: Path, script: bool = False) -> subprocess.CompletedProcess:

@@ -22,7 +22,8 @@ from scipy import stats as scipy_stats
 from dsl_cli.components import parse_component
 from dsl_cli.encoder import HookedEncoder
 from dsl_cli.studies import (POOLED, Correlation, area_under, bootstrap_interval, correlations, head_importance,
-                             overlay_removal, random_order, run_study)
+                             overlay_removal, random_order)
+from dsl_cli.study_registry import run_study
 from helpers import TINY_HEADS, ablated_copy, cos, forward, perturb_, study_cfg
 
 N_LAYERS, N_HEADS = 4, 4  # debug=tiny's ViT

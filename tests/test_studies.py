@@ -25,7 +25,8 @@ from dsl_cli.figures import POOLED, SCORES, _draw_orders, _pooled_title, draw_fa
 from dsl_cli.images import overlay
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, group_rows, read_csv
 from dsl_cli.studies import (STUDY_MAX_ROWS, ablation_row_bytes, ablation_rows, correlations, head_importance,
-                             overlay_removal, run_study)
+                             overlay_removal)
+from dsl_cli.study_registry import run_study
 from helpers import TINY_HEADS, ablated_copy, cos, forward, mid_visual, perturb_, study_cfg
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -222,7 +223,7 @@ def test_run_study_refuses_bad_set_ups(tmp_path, tiny_run):
 # ---- settings, edge cases and what the study stage writes (mutation testing: docs/testing.md) --------
 
 def test_study_settings_are_checked_at_their_edges():
-    from dsl_cli.studies import validate_study
+    from dsl_cli.study_registry import validate_study
 
     ok = dict(name="overlay_removal", ablation="mean", steps=1, greedy_pool=1, random_orders=0, overlay_scale=1.0,
               overlay_position="top-left", decode_steps=[0], bootstrap=1)
@@ -246,7 +247,7 @@ def test_study_settings_are_checked_at_their_edges():
 def test_the_random_orders_seeds_stay_within_64_bits_at_the_edge():
     """The random orders use seeds seed .. seed + random_orders - 1: the last may be 2**64 - 1, not 2**64
     (torch's generator takes 64 bits); the default seed is the config's, 0."""
-    from dsl_cli.studies import validate_study
+    from dsl_cli.study_registry import validate_study
 
     study = OmegaConf.create(dict(name="overlay_removal", ablation="zero", steps=1, greedy_pool=None, random_orders=5,
                                   overlay_scale=0.5, overlay_position="center", decode_steps=[0], bootstrap=1))
@@ -690,6 +691,7 @@ def test_the_overlay_study_decodes_the_kept_steps_and_redraws_from_its_files(tmp
     import dsl_cli.figures as figures
     import dsl_cli.studies as studies
     from dsl_cli.config import DecoderConfig
+    from dsl_cli.study_registry import redraw_study
     from dsl_cli.outputs import RunFolder
 
     cfg = study_cfg("overlay_removal", steps=2, random_orders=1, decode_steps=[0, 2])
@@ -702,12 +704,13 @@ def test_the_overlay_study_decodes_the_kept_steps_and_redraws_from_its_files(tmp
     for name in names:
         for order in ("dsl", "direct", "greedy", "random"):
             assert all(folder.overlay_step(name, order, step).is_file() for step in (0, 2)), (name, order)
-    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"lens": {"mode": "add", "alpha": 0.5},
+    (tmp_path / "manifest.json").write_text(json.dumps({"made_by": "dsl",  # dsl's: read back (`read_manifest`)
+                                                        "config": {"lens": {"mode": "add", "alpha": 0.5},
                                                                    "study": {"greedy_pool": 4}}}))
     titles = []
     monkeypatch.setattr(figures, "plot_overlay_removal", lambda rows, settings: titles.append(settings) or
                         figures.pyplot().figure())
-    figures.redraw_study(tmp_path)
+    redraw_study(tmp_path)
     assert titles[0].startswith("zero ablation; heads ranked by DSL (add, alpha 0.5)")
 
 
@@ -742,7 +745,7 @@ def test_overlay_removal_from_a_notebook_with_its_defaults_and_its_keywords(tiny
 
 def test_redrawing_a_folder_without_a_study_or_with_an_edited_csv_says_so(tmp_path) -> None:
     from dsl_cli.outputs import RunFolder
-    from dsl_cli.figures import redraw_study
+    from dsl_cli.study_registry import redraw_study
 
     with pytest.raises(UserError) as refused:
         redraw_study(tmp_path)

@@ -1,0 +1,262 @@
+"""Interventional studies as registered classes (DESIGN.md section 3, "Interventional studies").
+
+A study is a `Study` subclass in the `STUDIES` registry (`@register_study`); `dsl run study=<name>` runs it
+instead of decoding (its config: `dsl_cli/configs/study/<name>.yaml`, `name: <name>` and its settings, fields of
+`config.StudyConfig`). The runner, the preflight, `dsl plot` and the pages name none of them:
+
+- head_importance:  ablation importance of each head, correlated with each lens's score (`studies.head_importance`)
+- overlay_removal:  heads ablated in each lens's order, a greedy one and random ones (`studies.overlay_curves`)
+
+Each study compares the lenses `study.lenses` names (any registered lens that reads heads; default steering and
+direct, whose score columns are `dsl` and `direct`: `figures.score_column`).
+
+This module is light (no model library at import): `dsl plot` and `dsl report` draw and show a study from its
+files with it. A study's `run` imports what computes (`dsl_cli.studies` for the built-in ones) when it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from dsl_cli import figures
+from dsl_cli.config import StudyConfig
+from dsl_cli.errors import UserError
+from dsl_cli.figures import DEFAULT_LENSES, drawn_from_files, score_column
+from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, Table, read_manifest
+from dsl_cli.weights import Needs
+
+
+class Study:
+    """An interventional study on the run's chosen heads. A new study is a subclass with `@register_study`, a
+    config `dsl_cli/configs/study/<name>.yaml` and a test (README "Extending").
+
+    settings  the `study.*` settings it reads (fields of `config.StudyConfig`; `name` aside)
+    tables    its CSVs; the first is `study_<name>.csv`, whose presence makes a folder this study's
+    figures   the figures it draws, as paths in the run folder (`<composite>`: one per composite)
+    """
+
+    name: ClassVar[str] = ""
+    settings: ClassVar[tuple[str, ...]] = ("lenses",)
+    tables: ClassVar[tuple[Table, ...]] = ()
+    figures: ClassVar[tuple[str, ...]] = ()
+
+    def validate(self, study: Any, seed: int) -> None:
+        """Its own checks of `cfg.study` that need no model (beside `validate_study`'s, for every setting)."""
+
+    def check_columns(self, columns: list[str]) -> None:
+        """Refuse lenses whose score columns (`figures.score_column`) would clash with this study's own."""
+
+    def needs(self, cfg: Any) -> Needs:
+        """The weights it loads beyond the encoder (asked by the preflight before anything loads)."""
+        return [], []
+
+    def run(self, cfg: Any, run_dir: Path, encoder: Any, preprocess: Any, images: list, heads: list) -> dict:
+        """Its work on the run's images and heads (`Component`s): write its tables; return the manifest's summary
+        (`files`: what it wrote, to which `run_study` adds the figures `draw` drew)."""
+        raise NotImplementedError
+
+    def draw(self, run_dir: Path, config: dict) -> list[Path]:
+        """Its figures, drawn from its files alone (no model: `dsl plot`); `config` the manifest's."""
+        return []
+
+    def page(self, folder: Path, html: Any) -> str:
+        """The HTML of its tables on its page; `html` is `dsl_cli.report` (cells, tables, filters), handed in."""
+        return ""
+
+
+STUDIES: dict[str, type[Study]] = {}
+
+
+def register_study(cls: type[Study]) -> type[Study]:
+    """Class decorator: make `cls` the study of `study.name=<cls.name>` (`study=<cls.name>` with its config)."""
+    known = {f.name for f in fields(StudyConfig)} - {"name"}
+    unknown = [s for s in cls.settings if s not in known]
+    if unknown:  # refused now, not when a run reads the setting
+        raise ValueError(f"study {cls.name!r}: config.StudyConfig has no setting {', '.join(map(repr, unknown))} "
+                         "(a new setting is a field there)")
+    if not cls.tables or cls.tables[0].name != f"study_{cls.name}.csv":
+        raise ValueError(f"study {cls.name!r}: its first table must be study_{cls.name}.csv")
+    STUDIES[cls.name] = cls
+    return cls
+
+
+def study_class(name: str) -> type[Study]:
+    if name not in STUDIES:
+        raise UserError(f"study={name!r}: choose one of {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
+def get_study(name: str) -> Study:
+    """The study object of `study.name=<name>`; UserError naming the registered ones for another name."""
+    return study_class(str(name))()
+
+
+def find_study(folder: Path) -> Study | None:
+    """The registered study whose CSV a run folder holds (its first table); None where none does."""
+    return next((cls() for cls in STUDIES.values() if RunFolder(folder).csv(cls.tables[0]).is_file()), None)
+
+
+def study_of_folder(folder: Path) -> Study:
+    """The study whose CSV a run folder holds (its first table); UserError where none does."""
+    found = find_study(folder)
+    if found is not None:
+        return found
+    names = " or ".join(cls.tables[0].name for cls in STUDIES.values())
+    raise UserError(f"{folder}: no study CSV here ({names})")
+
+
+# ---------------------------------------------------------------- what every study shares
+
+
+def validate_study(study: Any, seed: int = 0) -> None:
+    """Checks on `cfg.study` that need no model (called by `dsl_cli.run.validate` before anything loads):
+    the study is registered, every setting is in range, the lenses can score heads; then the study's own.
+    `seed` is the run's."""
+    chosen = get_study(study.name)
+    if study.get("steps", 1) < 1:
+        raise UserError(f"study.steps={study.steps}: must be at least 1")
+    if study.get("greedy_pool") is not None and study.greedy_pool < 1:
+        raise UserError(f"study.greedy_pool={study.greedy_pool}: must be at least 1 (or null for all heads)")
+    if study.get("random_orders", 0) < 0:
+        raise UserError(f"study.random_orders={study.random_orders}: must be 0 or more")
+    if study.get("bootstrap", 1) < 1:
+        raise UserError(f"study.bootstrap={study.bootstrap}: must be at least 1 (resamples)")
+    if any(step < 0 for step in study.get("decode_steps", [])):
+        raise UserError(f"study.decode_steps={list(study.decode_steps)}: steps are 0 or more")
+    if not 0 < study.get("overlay_scale", 1) <= 1:
+        raise UserError(f"study.overlay_scale={study.overlay_scale}: must be in (0, 1]")
+    chosen.check_columns(check_lenses(study.get("lenses") or DEFAULT_LENSES))
+    chosen.validate(study, seed)
+
+
+def check_lenses(names) -> list[str]:
+    """The score columns of the lenses a study compares: each registered and reading heads, no column twice."""
+    from dsl_cli.lenses import lens_class
+
+    names = [str(n) for n in names]
+    if not names:
+        raise UserError("study.lenses=[]: name at least one lens to compare (default [steering, direct])")
+    for name in names:
+        cls = lens_class(name)
+        if not cls.submodules or (cls.label_kinds is not None and "head" not in cls.label_kinds):
+            raise UserError(f"study.lenses: lens {name} reads no attention head, which a study scores")
+    columns = [score_column(n) for n in names]
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        raise UserError(f"study.lenses={names}: two lenses score into the column {', '.join(twice)}")
+    return columns
+
+
+def needs(cfg: Any) -> Needs:
+    """The weights the run's study loads beyond the encoder (the preflight)."""
+    return get_study(cfg.study.name).needs(cfg)
+
+
+def run_study(cfg: Any, run_dir: Path, encoder: Any, preprocess: Any, images: list, components: list) -> dict:
+    """Run the study `cfg.study.name` names on the run's images and the selected heads: its tables, then its
+    figures drawn from them (as `dsl plot` draws them). Returns its summary for the manifest."""
+    study = get_study(cfg.study.name)  # checked by `validate_study` before anything loaded
+    heads = [c for c in components if c.kind == "head"]
+    if not heads:
+        raise UserError(f"study={study.name} ablates attention heads: select some with layer=... head=... "
+                        "(component=heads)")
+    summary = study.run(cfg, run_dir, encoder, preprocess, images, heads)
+    drawn = _draw(study, run_dir)
+    summary["files"] = [*summary.get("files", []), *(str(p.relative_to(run_dir)) for p in drawn)]
+    return summary
+
+
+def redraw_study(run_dir: Path) -> list[Path]:
+    """Draw a study's figures again from its CSVs, pictures and manifest alone (`dsl plot`)."""
+    return _draw(study_of_folder(run_dir), run_dir)
+
+
+def _draw(study: Study, run_dir: Path) -> list[Path]:
+    config = (read_manifest(run_dir) or {}).get("config", {})
+    with drawn_from_files(run_dir):
+        return study.draw(run_dir, config)
+
+
+# ---------------------------------------------------------------- the built-in studies
+
+
+@register_study
+class HeadImportance(Study):
+    """Head importance correlation: per image and head, 1 - cos(e_ablated, e), correlated with each lens's score
+    and with the closed-form direct importance (`studies.head_importance`)."""
+
+    name = "head_importance"
+    settings = ("ablation", "bootstrap", "lenses")
+    tables = (IMPORTANCE, CORRELATIONS)  # + a column per further lens (`IMPORTANCE.with_columns`)
+    figures = ("plots/head_importance.png",)
+
+    def check_columns(self, columns: list[str]) -> None:
+        taken = [c for c in columns if c in IMPORTANCE.columns and c not in ("dsl", "direct")]
+        if taken:
+            raise UserError(f"study.lenses: {', '.join(taken)} is already a column of {IMPORTANCE.name}")
+
+    def run(self, cfg, run_dir, encoder, preprocess, images, heads) -> dict:
+        from dsl_cli.studies import head_importance_stage
+
+        return head_importance_stage(cfg, run_dir, encoder, preprocess, images, heads)
+
+    def draw(self, run_dir: Path, config: dict) -> list[Path]:
+        folder = RunFolder(run_dir)
+        figure = figures.plot_head_importance(folder.read(IMPORTANCE), folder.read(CORRELATIONS))
+        path = folder.figure("plots", self.name)
+        figures.save_figure(figure, path)
+        return [path]
+
+    def page(self, folder: Path, html: Any) -> str:
+        return html.importance_tables(folder)
+
+
+@register_study
+class OverlayRemoval(Study):
+    """Overlay removal: heads ablated cumulatively in each lens's order, an ACDC-like greedy order and random
+    orders, tracing the similarity to the pasted image (`studies.overlay_curves`)."""
+
+    name = "overlay_removal"
+    settings = ("ablation", "steps", "greedy_pool", "random_orders", "overlay_scale", "overlay_position",
+                "decode_steps", "lenses")
+    tables = (OVERLAY,)
+    figures = ("plots/overlay_removal.png", "grids/<composite>_overlay_fade.png")
+
+    def validate(self, study: Any, seed: int) -> None:
+        if study.ablation == "both":
+            raise UserError("study.ablation=both: overlay removal takes one ablation (zero or mean)")
+        if seed + study.random_orders - 1 >= 2**64:
+            raise UserError(f"seed={seed}: the random orders use seeds up to seed + study.random_orders - 1, "
+                            "which must stay below 2**64")
+
+    def check_columns(self, columns: list[str]) -> None:
+        taken = [c for c in columns if c in ("greedy", "random")]
+        if taken:
+            raise UserError(f"study.lenses: {', '.join(taken)} is already an order of {OVERLAY.name}")
+
+    def needs(self, cfg: Any) -> Needs:
+        """The decoder, where the study decodes its ablated composites (`studies._decoding`)."""
+        from dsl_cli.decoder import get_family
+        from dsl_cli.studies import _decoding
+
+        return get_family(cfg.decoder.family).needs(cfg.decoder) if _decoding(cfg) else ([], [])
+
+    def run(self, cfg, run_dir, encoder, preprocess, images, heads) -> dict:
+        from dsl_cli.studies import overlay_removal_stage
+
+        return overlay_removal_stage(cfg, run_dir, encoder, preprocess, images, heads)
+
+    def draw(self, run_dir: Path, config: dict) -> list[Path]:
+        folder = RunFolder(run_dir)
+        rows = folder.read(OVERLAY)
+        figure = figures.plot_overlay_removal(rows, figures.overlay_settings(rows, config))
+        grids = figures.draw_fade_grids(run_dir, rows)
+        path = folder.figure("plots", self.name)
+        figures.save_figure(figure, path)
+        return [path, *grids]
+
+    def page(self, folder: Path, html: Any) -> str:
+        return html.overlay_tables(folder)
+
