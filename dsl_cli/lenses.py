@@ -461,7 +461,10 @@ class Lens:
 
     def embeddings(self, encoder, cache, components: list[Component]) -> torch.Tensor:
         """[B, K, E]: by default the readout of what each component writes (or the stream it names)."""
-        return encoder.direct(cache, components)
+        try:
+            return encoder.direct(cache, components)
+        except NotImplementedError as err:  # a readout that pools every token (attention pooling)
+            raise UserError(f"lens={self.name}: {err}") from None
 
     def row(self) -> dict:
         """This lens's values of its `columns`, the same in every row of the run."""
@@ -705,7 +708,10 @@ class AttributionLens(Lens):
     def embeddings(self, encoder, cache, components: list[Component]) -> torch.Tensor:
         if hasattr(encoder, "feature_attribution"):  # an SAE's features beside heads (dsl_cli.sae)
             return encoder.feature_attribution(cache, components)
-        return direct_attribution(encoder, cache).pick(components)
+        try:
+            return direct_attribution(encoder, cache).pick(components)
+        except NotImplementedError as err:  # a readout that is not a LayerNorm and a linear map
+            raise UserError(f"lens={self.name}: {err}") from None
 
     def values(self, encoder, cache, components: list[Component], embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         clean = cache.embeds.float()  # [B, E]

@@ -425,3 +425,25 @@ def test_token_count_and_mlp_width_for_the_studies_memory_estimate(family, pixel
     name, model, encoder, _, _ = family
     assert encoder.n_tokens == encoder.family.tokens(pixels).shape[1]
     assert encoder.d_mlp == (96 if name.startswith("dinov2") else 80)
+
+
+def test_lenses_that_need_a_linear_readout_are_refused_in_one_line_for_attention_pooling(pixels):
+    from omegaconf import OmegaConf
+
+    from dsl_cli.components import parse_component
+    from dsl_cli.errors import UserError
+    from dsl_cli.lenses import get_lens
+
+    encoder = HookedEncoder(FAMILIES["siglip"][0]())
+    cache = encoder.run_with_cache(pixels)
+    heads = [parse_component("L1H2")]
+    for name, message in (("direct", "lens=direct: the map readout pools every token"),
+                          ("attribution", "lens=attribution: the map readout .* no exact direct attribution")):
+        with pytest.raises(UserError, match=message):
+            get_lens(OmegaConf.create({"name": name})).embeddings(encoder, cache, heads)
+    # the stream reads as the Diffusion Lens does, and steering takes the hooked path
+    stream = get_lens(OmegaConf.create({"name": "direct"})).embeddings(encoder, cache, [parse_component("L2")])
+    torch.testing.assert_close(stream[:, 0], cache.embeds, atol=ATOL, rtol=ATOL)
+    steering = get_lens(OmegaConf.create({"name": "steering", "mode": "norm", "alpha": 2.0}))
+    torch.testing.assert_close(steering.embeddings(encoder, cache, heads)[:, 0],
+                               encoder.steer_hooked(pixels, "L1H2"), atol=ATOL, rtol=ATOL)
