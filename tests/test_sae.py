@@ -245,7 +245,7 @@ def test_run_over_features_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "my_sae" / "cfg.json").is_file() and load_sae("my_sae").architecture == "topk"
-    assert words[:2] == ["dsl", "run"] and "sae.path=my_sae" in words
+    assert words[:2] == ["dsl", "run"] and "sae=my_sae" in words  # short for sae.path=my_sae
     run = tmp_path / "run"
     code, err = dsl_in_process([*words[1:], f"hydra.run.dir={run}"], tmp_path, monkeypatch, capsys)
     assert code == 0, err
