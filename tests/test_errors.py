@@ -6,8 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -22,8 +20,6 @@ from dsl_cli.images import read_image
 from dsl_cli.devices import resolve_device
 from dsl_cli.outputs import TEMP_SUFFIX
 from helpers import dsl_in_process
-
-DSL = str(Path(sys.executable).parent / "dsl")
 
 
 def assert_one_clean_line(code: int, err: str, fragment: str) -> None:
@@ -260,14 +256,25 @@ def test_unwritable_output_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     (["encoder=bigg14_random", "decoder=kandinsky22", "decode.height=64", "decode.width=64"],
      "kandinsky-community/kandinsky-2-2-decoder"),
 ])
-def test_weights_missing_while_offline(overrides: list[str], repo: str, tmp_path: Path) -> None:
-    """A subprocess, because huggingface_hub reads HF_HUB_OFFLINE when it is imported."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_CACHE": str(tmp_path / "hf")}
-    result = subprocess.run([DSL, "run", "debug=tiny", *overrides], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
-    assert result.stderr.startswith("dsl: error: 1 of the weights this run needs is not in the Hugging Face cache")
-    assert f"hf download {repo} " in result.stderr and result.stderr.count("hf download") == 1
+def test_weights_missing_while_offline(overrides: list[str], repo: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """In this process: huggingface_hub reads HF_HUB_OFFLINE and HF_HUB_CACHE into `constants` when it is
+    imported, and the preflight reads them from there when it runs, so they are set there (as
+    `HF_HUB_OFFLINE=1 HF_HUB_CACHE=... dsl run` sets them)."""
+    import huggingface_hub.constants as constants
+
+    for name, value in (("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf")), ("HF_HUB_CACHE", str(tmp_path / "hf"))):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = cli.main(["run", "debug=tiny", *overrides])
+    except SystemExit as exit_:
+        code = exit_.code
+    printed = capsys.readouterr()
+    assert code == 2 and printed.out == "" and "Traceback" not in printed.err, printed
+    assert printed.err.startswith("dsl: error: 1 of the weights this run needs is not in the Hugging Face cache")
+    assert f"hf download {repo} " in printed.err and printed.err.count("hf download") == 1
     assert not list(tmp_path.rglob(f"*{TEMP_SUFFIX}"))
     # refused before any model loaded and before any result: no folder is left (the same command runs once
     # the weights are there)
@@ -381,12 +388,11 @@ def test_hydra_verbose_shows_the_traceback(tmp_path: Path, monkeypatch, capsys) 
     assert code != 0 and "Traceback" in err and "UserError" in err
 
 
-def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path: Path) -> None:
-    result = subprocess.run([DSL, "run", "debug=tiny", "clamp_to_model=false", "decode.enabled=false", "-m",
-                             "layer=1,9,2"], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("dsl: error:")]
+def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", "debug=tiny", "clamp_to_model=false", "decode.enabled=false", "-m",
+                                "layer=1,9,2"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert len(errors) == 1 and "job 1" in errors[0] and "layer=9 is outside this model" in errors[0]
     statuses = {}
     for manifest in tmp_path.glob("outputs/multirun/*/*/*/manifest.json"):
