@@ -30,7 +30,8 @@ adapter.* settings:
   adapter.layer=N                with resid: the residual after block N
   adapter.augment=N              N random crops/flips of each training image besides itself (default 0)
   adapter.heldout=F              share of the images held out by name hash, for lambda and metrics (0.1)
-  adapter.examples=K             held-out images decoded on the page, target vs adapter (default 4; 0: none)
+  adapter.examples=K             held-out images decoded on the page, target vs adapter (default 4; 0: none;
+                                 a sharded fit's page, written by merge, shows the metrics alone)
   adapter.target=PRESET          the encoder config of the target space (default: the decoder family's own,
                                  the tiny encoder for a tiny decoder)
   adapter.out=FOLDER             where it goes (default OUTPUTS_ROOT/adapters/SOURCE-READOUT-to-FAMILY)

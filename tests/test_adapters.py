@@ -220,7 +220,8 @@ def test_fit_command_writes_adapter_metrics_and_page(resid_adapter):
     assert meta["images"] == 48 and meta["train_rows"] == 2 * (48 - meta["heldout_images"])  # 1 view + itself
     assert meta["source"]["source"] == "tiny" and meta["target"]["family"] == "kandinsky22"
     assert set(meta["metrics"]) >= {"cosine_mean", "cosine_p5", "r2", "top1", "top5"}
-    assert adapter.negative is not None and adapter.negative.shape == (32,)
+    target = HookedEncoder(build_tiny_visual())  # the tiny decoder's own encoder: its all-zeros image's embedding
+    assert torch.allclose(adapter.negative, target.zero_embed()[0], atol=1e-6)
     page = (resid_adapter / "index.html").read_text()
     assert "top-5 retrieval" in page and "examples/" in page
     assert len(list((resid_adapter / "examples").glob("*.png"))) == 3
@@ -304,6 +305,9 @@ def test_closed_form_through_the_adapter_equals_the_hooked_path_through_it(visua
     assert torch.allclose(adapted.embed(pixels), cache.embeds, atol=1e-5)
     dl = adapted.diffusion_lens(cache, [encoder.n_layers - 1])[:, 0]  # the last residual is the embedding
     assert torch.allclose(dl, cache.embeds, atol=1e-4)
+    assert torch.allclose(adapted.zero_embed(), adapter(encoder.zero_embed()), atol=1e-5)  # no negative stored
+    adapter.negative = torch.randn(21)  # the target encoder's own, as `dsl adapter fit` stores it: the decoders'
+    assert torch.equal(adapted.zero_embed(), adapter.negative[None])  # unconditional embedding
 
 
 def test_residual_adapter_maps_the_steered_final_residual():
