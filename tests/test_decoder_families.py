@@ -171,7 +171,7 @@ def test_tiny_debug_presets_run_every_lens_end_to_end(sweep: tuple[str, Path]) -
         for row in rows:
             with Image.open(run / row["file"]) as picture:
                 assert picture.size == (size, size)
-        assert f"{family} tiny" in (run / "index.html").read_text()  # the page names the decoder
+        assert f"{family} (tiny)" in (run / "index.html").read_text()  # the page names the decoder
     assert (folder / "similarity.csv").is_file() and (folder / "index.html").is_file()  # the merged sweep
 
 
