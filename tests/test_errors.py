@@ -437,6 +437,7 @@ def test_figures_and_pages_of_a_csv_cut_short_are_refused_in_one_line(command: s
     `dsl plot` (and `dsl report` of a study, whose page is made of those numbers) says which folder holds a
     value dsl did not write, exits 2, no traceback. A run's page shows such cells empty."""
     (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "manifest.json").write_text('{"made_by": "dsl"}')  # dsl's folder: its files are read
     (tmp_path / "cut" / cut[0]).write_text(cut[1])
     code, err = dsl_in_process([command, str(tmp_path / "cut")], tmp_path, monkeypatch, capsys)
     assert_one_clean_line(code, err, f"{tmp_path / 'cut'}: a CSV value is not what dsl writes (TypeError: ")
