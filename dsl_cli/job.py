@@ -107,7 +107,7 @@ def task(cfg: DictConfig) -> None:
             run(cfg, folder.path)
         except BaseException as err:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
             _record(folder, err)
-            failed_early = num is None and not isinstance(err, KeyboardInterrupt) and holds_no_result(folder)
+            failed_early = num is None and isinstance(err, UserError) and holds_no_result(folder)  # a bug's log stays
             if hydra_cfg.verbose and not isinstance(err, KeyboardInterrupt):
                 raise
             _report(err, folder.path, num, kept=not failed_early)
