@@ -111,27 +111,6 @@ def compose(overrides: list[str], config_name: str = "run"):
 # ---------------------------------------------------------------- who the adapter maps from and to
 
 
-def encoder_identity(cfg) -> dict:
-    """What makes two encoder configs give the same readouts (not their dtype or batch size)."""
-    keys = ("source", "name", "pretrained", "checkpoint")
-    ident = {k: (None if getattr(cfg, k, None) is None else str(getattr(cfg, k))) for k in keys}
-    if ident["source"] in ("kandinsky_prior", "hf"):  # the model is named by its repository
-        ident.update(repo_id=str(cfg.repo_id), subfolder=str(cfg.subfolder))
-    return ident
-
-
-def encoder_label(ident: dict) -> str:
-    if ident.get("source") == "tiny":
-        return "tiny encoder"
-    weights = "local weights" if ident.get("checkpoint") else ident.get("pretrained") or "random weights"
-    if ident.get("source") == "kandinsky_prior" and not ident.get("checkpoint"):
-        weights = "Kandinsky 2.2 prior"
-    if ident.get("source") in ("timm", "hf"):  # the any-ViT loaders: say which library
-        name = ident.get("repo_id") if ident.get("source") == "hf" and ident.get("name") != "tiny" else ident.get("name")
-        return f"{ident['source']} {name} ({weights})"
-    return f"{ident.get('name')} ({weights})"
-
-
 def target_identity(decoder_cfg, space) -> dict:
     return {"family": str(decoder_cfg.family), "decoder_source": str(decoder_cfg.source),
             "space": {"model": space.model, "weights": space.weights, "width": space.width}}
@@ -147,7 +126,8 @@ def target_encoder_cfg(cfg, options: FitOptions):
     (the tiny encoder for a tiny decoder, as `check_pairing` asks)."""
     from dsl_cli.decoder import get_family
 
-    preset = options.target or ("tiny" if cfg.decoder.source == "tiny" else get_family(cfg.decoder.family).encoder_preset)
+    own = "tiny" if cfg.decoder.source == "tiny" else get_family(cfg.decoder.family).encoder_preset
+    preset = options.target or own
     return compose([f"encoder={preset}"]).encoder
 
 
@@ -185,8 +165,9 @@ def fit_command(args: list[str]) -> int:
         overrides = ["images=folder", *overrides]
     cfg = compose(overrides)
     import torch
+    from tqdm.auto import tqdm
 
-    from dsl_cli.adapters import PARTIAL_FILE, Partial, Readout, accumulate, fit
+    from dsl_cli.adapters import Partial, Readout, accumulate, encoder_identity, fit
     from dsl_cli.decoder import check_pairing
     from dsl_cli.devices import resolve_device, resolve_dtype
     from dsl_cli.encoder import embedding_space, load_encoder
@@ -206,24 +187,13 @@ def fit_command(args: list[str]) -> int:
     source, source_pre = load_encoder(cfg.encoder, device=device, dtype=dtype)
     readout.check(source)
     target, target_pre = load_encoder(target_cfg, device=device, dtype=dtype)
-    meta = {
-        "source": source_ident, "source_label": encoder_label(source_ident),
-        "source_shape": {"n_layers": source.n_layers, "d_model": source.d_model, "d_embed": source.d_embed,
-                         "readout_kind": getattr(source, "readout_kind", "cls")},
-        "readout": {"kind": readout.kind, "layer": readout.layer},
-        "target": target_identity(cfg.decoder, space), "target_label": target_label(target_identity(cfg.decoder, space)),
-        "target_encoder": encoder_identity(target_cfg),
-        "augment": options.augment, "heldout_fraction": options.heldout,
-        "p": readout.width(source), "q": target.d_embed,
-    }
+    meta = fit_meta(cfg, options, readout, source, target, target_cfg, space)
     partial = Partial.empty(meta["p"], meta["q"], meta)
     items = ((item.name, picture) for item, picture in image_set.stream(image_set.images))
-    from tqdm.auto import tqdm
-
     with torch.inference_mode():
         accumulate(partial, tqdm(items, total=len(image_set.images), desc="adapter", unit="img"), source, source_pre,
                    target, target_pre, readout, options.augment, cfg.encoder.batch_size, options.heldout)
-    negative = target.zero_embed().float().cpu().reshape(-1)
+    negative = target.zero_embed().float().cpu().reshape(-1)  # the decoders' unconditional embedding
     if cfg.images.num_shards > 1:
         path = partial.save(out / "shards" / f"shard-{cfg.images.shard}-of-{cfg.images.num_shards}.safetensors")
         torch.save(negative, out / "shards" / "negative.pt")
@@ -237,6 +207,24 @@ def fit_command(args: list[str]) -> int:
         decode_examples(cfg, out, adapter, partial, image_set, options.examples, target, device)
     finish(out, adapter)
     return 0
+
+
+def fit_meta(cfg, options: FitOptions, readout, source, target, target_cfg, space) -> dict:
+    """Who the adapter maps from and to: the source encoder (config and shape) and readout, the target
+    decoder and its embedding space, the settings every shard must share."""
+    from dsl_cli.adapters import encoder_identity, encoder_label
+
+    source_ident, target_ident = encoder_identity(cfg.encoder), target_identity(cfg.decoder, space)
+    return {
+        "source": source_ident, "source_label": encoder_label(source_ident),
+        "source_shape": {"n_layers": source.n_layers, "d_model": source.d_model, "d_embed": source.d_embed,
+                         "readout_kind": getattr(source, "readout_kind", "cls")},
+        "readout": {"kind": readout.kind, "layer": readout.layer},
+        "target": target_ident, "target_label": target_label(target_ident),
+        "target_encoder": encoder_identity(target_cfg),
+        "augment": options.augment, "heldout_fraction": options.heldout,
+        "p": readout.width(source), "q": target.d_embed,
+    }
 
 
 def merge_command(args: list[str]) -> int:

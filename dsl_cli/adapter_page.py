@@ -41,7 +41,8 @@ def write_adapter_page(folder: Path) -> Path:
         ("images", f"{meta.get('images')} read; {meta.get('train_rows')} training rows "
                    f"({meta.get('augment', 0)} augmented views per training image); "
                    f"{meta.get('heldout_images')} held out (by name hash)"),
-        ("ridge lambda", f"{meta.get('lambda', 0):.4g} ({meta.get('relative_lambda', 0):g} x the mean source variance), "
+        ("ridge lambda", f"{meta.get('lambda', 0):.4g} ({meta.get('relative_lambda', 0):g} x the mean source "
+                         "variance), "
                          "picked on the held-out images"),
     ]
     settings_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings)

@@ -227,8 +227,8 @@ class Partial:
 
         tensors = {**self.train.tensors("train"), **self.heldout.tensors("heldout")}
         p, q = self.train.p, self.train.q
-        tensors["heldout.rows_s"] = torch.stack(self.heldout_s) if self.heldout_s else torch.zeros(0, p, dtype=torch.float64)
-        tensors["heldout.rows_t"] = torch.stack(self.heldout_t) if self.heldout_t else torch.zeros(0, q, dtype=torch.float64)
+        for key, rows, width in (("heldout.rows_s", self.heldout_s, p), ("heldout.rows_t", self.heldout_t, q)):
+            tensors[key] = torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.float64)
         info = dict(self.meta, heldout_names=self.heldout_names, images=self.images, views=self.views)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -390,7 +390,8 @@ class Adapter:
     def describe(self) -> str:
         """One line: `adapter tiny encoder (embedding) -> kandinsky22 (tiny), held-out cosine 0.93`."""
         cos = (self.meta.get("metrics") or {}).get("cosine_mean")
-        text = f"adapter {self.meta.get('source_label', '?')} ({self.readout.label}) -> {self.meta.get('target_label', '?')}"
+        source, target = self.meta.get("source_label", "?"), self.meta.get("target_label", "?")
+        text = f"adapter {source} ({self.readout.label}) -> {target}"
         return text + (f", held-out cosine {cos:.3f}" if cos is not None else "")
 
 
@@ -528,6 +529,29 @@ def accumulate(partial: Partial, items: Iterable[tuple[str, Any]], source, sourc
 
 # ---------------------------------------------------------------- `dsl run adapter=PATH`
 
+
+def encoder_identity(cfg) -> dict:
+    """What makes two encoder configs give the same readouts (not their dtype or batch size)."""
+    keys = ("source", "name", "pretrained", "checkpoint")
+    ident = {k: (None if getattr(cfg, k, None) is None else str(getattr(cfg, k))) for k in keys}
+    if ident["source"] in ("kandinsky_prior", "hf"):  # the model is named by its repository
+        ident.update(repo_id=str(cfg.repo_id), subfolder=str(cfg.subfolder))
+    return ident
+
+
+def encoder_label(ident: dict) -> str:
+    if ident.get("source") == "tiny":
+        return "tiny encoder"
+    weights = "local weights" if ident.get("checkpoint") else ident.get("pretrained") or "random weights"
+    if ident.get("source") == "kandinsky_prior" and not ident.get("checkpoint"):
+        weights = "Kandinsky 2.2 prior"
+    if ident.get("source") in ("timm", "hf"):  # the any-ViT loaders: say which library
+        by_repo = ident.get("source") == "hf" and ident.get("name") != "tiny"
+        name = ident.get("repo_id") if by_repo else ident.get("name")
+        return f"{ident['source']} {name} ({weights})"
+    return f"{ident.get('name')} ({weights})"
+
+
 ADAPTER_LENSES = ("steering", "diffusion", "direct")  # the lenses whose embeddings the adapter maps
 
 
@@ -538,13 +562,12 @@ def run_adapter(cfg) -> Optional[Adapter]:
     path = cfg.get("adapter") if hasattr(cfg, "get") else getattr(cfg, "adapter", None)
     if not path:
         return None
-    from dsl_cli.adapter_cli import encoder_identity, encoder_label
-
     adapter = Adapter.load(path)
     meta, where = adapter.meta, f"adapter={path}"
     fitted = meta.get("source") or {}
     if fitted != encoder_identity(cfg.encoder):
-        raise UserError(f"{where} was fitted for encoder {encoder_label(fitted)}, not {encoder_label(encoder_identity(cfg.encoder))}: "
+        this = encoder_label(encoder_identity(cfg.encoder))
+        raise UserError(f"{where} was fitted for encoder {encoder_label(fitted)}, not {this}: "
                         "fit one for this encoder (dsl adapter fit encoder=... decoder=...)")
     target = meta.get("target") or {}
     if (target.get("family"), target.get("decoder_source")) != (cfg.decoder.family, cfg.decoder.source):

@@ -62,7 +62,7 @@ def main() -> None:
 
     train_s, train_t = read(max(counts), seed=1)
     held_s, held_t = read(options.heldout, seed=2)
-    print(f"| training images | " + " | ".join(f"{name}: cos / centred cos / R^2 / top-1" for name in pairs) + " |")
+    print("| training images | " + " | ".join(f"{name}: cos / centred cos / R^2 / top-1" for name in pairs) + " |")
     print("|---:|" + "---|" * len(pairs))
     for n in counts:
         cells = []
