@@ -25,8 +25,10 @@ from dsl_cli.errors import UserError
 from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell, decoder_text,
                              drawn_from_files, encoder_text, heatmap_cells, heatmap_matrix, importance_scores,
                              kind_blocks, layer_label, redraw)
+from dsl_cli.html_parts import esc, img, link, linked_img, rel
 from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, SIMILARITY, RunFolder, atomic_write_bytes,
                              claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest)
+from dsl_cli.sae_report import features_section  # SAE features: top images beside their pictures
 from dsl_cli.study_registry import find_study, redraw_study
 
 STYLE = """
@@ -78,26 +80,6 @@ document.querySelectorAll('select[data-filter]').forEach(s=>s.addEventListener('
 # ---------------------------------------------------------------- HTML pieces
 
 
-def esc(value) -> str:
-    """Text for HTML (element content or a quoted attribute)."""
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def link(path: str, text: str | None = None) -> str:
-    """An <a> to a path relative to the page (percent-encoded, so any file name works)."""
-    return f'<a href="{esc(quote(path))}">{esc(path if text is None else text)}</a>'
-
-
-def img(path: str, alt: str) -> str:
-    """An <img> of a path relative to the page, loaded when scrolled to (a page may hold hundreds)."""
-    return f'<img src="{esc(quote(path))}" alt="{esc(alt)}" loading="lazy">'
-
-
-def linked_img(path: str, alt: str) -> str:
-    """A picture that links to itself at full size."""
-    return f'<a href="{esc(quote(path))}">{img(path, alt)}</a>'
-
-
 def cell(text, sort=None, numeric: bool = False) -> str:
     """A <td>; `sort` (data-v) is what the page's script sorts by when it differs from the text."""
     attrs = (f' data-v="{esc(sort)}"' if sort is not None else "") + (' class="n"' if numeric else "")
@@ -141,11 +123,6 @@ def page(title: str, body: str) -> str:
             '<meta name="viewport" content="width=device-width, initial-scale=1">'
             f"{GENERATOR}<title>{esc(title)}</title><style>{STYLE}</style></head>\n<body>\n{body}\n"
             f"<script>{SCRIPT}</script>\n</body></html>\n")
-
-
-def rel(path: Path, folder: Path) -> str:
-    """`path` relative to `folder`, with forward slashes (a link's form)."""
-    return path.relative_to(folder).as_posix()
 
 
 # ---------------------------------------------------------------- what every page has
@@ -365,8 +342,6 @@ def run_page(folder: Path) -> str:
     body += [image_section(folder, image, group) for (image,), group in images.items()]
     if rows:
         body.append(components_section(rows, top_labels(folder)))
-    from dsl_cli.sae_report import features_section  # SAE features: top images beside their pictures
-
     body.append(features_section(folder, rows))
     return page(f"dsl run {folder.name}", "\n".join(body))
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from dsl_cli.html_parts import esc, linked_img, rel
+from dsl_cli.outputs import RunFolder
+
 FEATURES_CSV = "features.csv"  # the same name as dsl_cli.sae_run.FEATURES_CSV (that module imports torch)
 
 
@@ -26,9 +29,6 @@ def read_features(folder: Path) -> dict[str, list[dict]]:
 def features_section(folder: Path, rows: list[dict]) -> str:
     """HTML: one block per feature in features.csv (its top images, then its decoded pictures); "" if none.
     rows: the run's similarity.csv rows."""
-    from dsl_cli.outputs import RunFolder
-    from dsl_cli.report import esc, linked_img, rel
-
     features = read_features(folder)
     if not features:
         return ""
