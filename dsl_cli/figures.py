@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (BASELINES, LABELS, PATCHES, SEEDS, SIMILARITY, RunFolder, atomic_write_bytes, group_rows,
-                             open_picture, read_manifest, save_png)
+from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, PATCHES, SEEDS, SIMILARITY, RunFolder, atomic_write_bytes,
+                             group_rows, open_picture, read_manifest, save_png)
 
 TOP_TILES = 16  # tiles in the per-image top grid
 SEED_GRID_ROWS = 8  # components in a seeds grid
@@ -555,11 +555,11 @@ def score_column(lens: str) -> str:
 
 
 def importance_scores(rows: list[dict]) -> list[str]:
-    """The scores head importance was correlated with, as its CSV rows hold them: the columns after
-    `importance` (dsl, direct, direct_importance, then one per further lens) that hold a value."""
-    columns = list(rows[0]) if rows else list(SCORES)
-    after = columns[columns.index("importance") + 1:] if "importance" in columns else list(SCORES)
-    return [c for c in after if not rows or any(r.get(c) is not None for r in rows)]
+    """The scores head importance was correlated with, as its CSV rows hold them: dsl, direct and
+    direct_importance, then one per further lens (a column beyond `outputs.ImportanceRow`'s), each where it
+    holds a value."""
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in IMPORTANCE.columns]
+    return [c for c in (*SCORES, *extra) if not rows or any(r.get(c) is not None for r in rows)]
 
 
 SCORE_TITLES = {"dsl": ("DSL score", "cos(DSL embedding, e)"), "direct": ("naive-lens score", "cos(R(write), e)"),
