@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import Interrupted, UserError, bug_message, printable, report
 from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes
+from dsl_cli.resumption import requeued_run, resumes
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # with SIGINT: what a scheduler and a closed terminal send
 _failures: list[int] = []  # exit statuses of the failed jobs of this process's sweep
@@ -152,8 +153,6 @@ def claim(folder: RunFolder, cfg: DictConfig, kind: str = "run") -> None:
     """Claim a run's (or sweep's) folder for this process; a fresh run refuses one that holds a run, while
     `resume=`, a requeued SLURM job and a job of a resumed sweep continue theirs. SLURM ended a requeued
     job's earlier instance, maybe on another node, so the lock that instance left is stale whatever its host."""
-    from dsl_cli.sweeps import requeued_run, resumes
-
     if requeued_run(folder.path):
         folder.lock_path.unlink(missing_ok=True)
     folder.claim(resume=resumes(cfg, folder.path), kind=kind)

@@ -136,11 +136,6 @@ def check_components(labels: list[str], n_layers: int, n_heads: int, clamp: bool
     return list(dict.fromkeys(components))  # clamping may map two labels onto one component
 
 
-def lens_embeddings(encoder, cache, components: list[Component], lens_cfg) -> torch.Tensor:
-    """The embedding each component gives under the lens `lens_cfg` names: `[batch, component, d_embed]`."""
-    return get_lens(lens_cfg).embeddings(encoder, cache, components)
-
-
 @dataclass
 class Scores:
     """Per-component scores of one batch of images: each `[batch, component]`."""
@@ -536,10 +531,11 @@ def get_lens(lens_cfg: Any = "steering", **settings: Any) -> Lens:
     return lens_class(lens_cfg.name)(lens_cfg)
 
 
-def lens_embeddings(lens: "Lens | str", encoder, cache, components: list, **settings: Any) -> torch.Tensor:
-    """[B, K, E]: what lens `lens` (an object, or a name with `settings`) reads for each component of
-    `components` (labels such as `L3H01`, `L2MLP`, `L3`, or `Component`s) from an encoder's cache."""
-    lens = get_lens(lens, **settings) if isinstance(lens, str) else lens
+def lens_embeddings(lens: Any, encoder, cache, components: list, **settings: Any) -> torch.Tensor:
+    """[batch, component, d_embed]: what lens `lens` (a `Lens`, or anything `get_lens` takes: a name, a
+    `LensConfig`, the run's `lens` group, with `settings`) reads for each of `components` (labels such as
+    `L3H01`, `L2MLP`, `L3`, or `Component`s) from an encoder's cache."""
+    lens = lens if isinstance(lens, Lens) else get_lens(lens, **settings)
     return lens.embeddings(encoder, cache, [parse_component(c) for c in components])
 
 

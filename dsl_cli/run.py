@@ -44,8 +44,8 @@ from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, g
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
+from dsl_cli.resumption import current_slurm_job, resumes
 from dsl_cli.study_registry import run_study, validate_study
-from dsl_cli.sweeps import current_slurm_job, resumes
 
 log = logging.getLogger("dsl_cli.run")
 

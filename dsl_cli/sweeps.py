@@ -7,7 +7,7 @@ A sweep folder (Hydra's `hydra.sweep.dir`) holds `multirun.yaml` and one ordinar
   the sweep's heatmaps from it (`merge_sweep`: the Hydra callback `SweepResults` calls it when a multirun
   ends, `dsl merge SWEEP_DIR` on demand); failed and unfinished jobs are listed, not merged;
 - lets a job continue its own run folder when SLURM requeues it or `dsl run resume=SWEEP_DIR` relaunches
-  its sweep (`continues_in_place`, `resume_sweep_args`);
+  its sweep (`resumption.continues_in_place`, `resume_sweep_args`);
 - keeps one GPU per job under `launcher=local_gpus` (`SweepResults.on_job_start`).
 
 What a merge writes into the sweep folder (from the job folders' files alone, so merging twice gives the
@@ -48,40 +48,6 @@ log = logging.getLogger("dsl_cli.sweeps")
 # override that varies (lens.alpha, seed) gets heatmaps of its own
 SAME_HEATMAP_KEYS = {"layer", "head", "component", "images.shard", "images.num_shards", "lens"}
 OVERRIDE = "override."  # prefix of the merged CSV's override columns
-
-
-# ---------------------------------------------------------------- jobs that continue their own folder
-
-
-def current_slurm_job() -> str | None:
-    """This process's SLURM job as `cluster/job id` (kept by SLURM across requeues), or None outside SLURM."""
-    job = os.environ.get("SLURM_JOB_ID")
-    return f"{os.environ.get('SLURM_CLUSTER_NAME', '')}/{job}" if job else None
-
-
-def requeued_run(folder: Path) -> bool:
-    """True when `folder` holds a run that this very SLURM job started before SLURM requeued it (preemption,
-    node failure, or a time limit that submitit turned into a requeue)."""
-    manifest = read_manifest(folder)
-    restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    return bool(manifest and restarts > 0 and manifest.get("slurm_job") == current_slurm_job())
-
-
-def continues_in_place(cfg: DictConfig, run_dir: Path) -> bool:
-    """True when `run_dir` holds this job's own earlier attempt, to be continued rather than refused: SLURM
-    requeued the job, or `dsl run resume=SWEEP_DIR` relaunched the sweep that the folder belongs to."""
-    if read_manifest(run_dir) is None:
-        return False
-    sweep = Path(cfg.resume) if cfg.resume else None
-    in_resumed_sweep = (sweep is not None and is_sweep_folder(sweep)
-                        and run_dir.resolve().is_relative_to(sweep.resolve()))
-    return in_resumed_sweep or requeued_run(run_dir)
-
-
-def resumes(cfg: DictConfig, run_dir: Path) -> bool:
-    """Whether a job continues what is in `run_dir` (`resume=`, a requeue, a resumed sweep) rather than
-    starting afresh, where a folder that holds a run is refused."""
-    return bool(cfg.resume) or continues_in_place(cfg, run_dir)
 
 
 def resume_overrides(args: list[str]) -> list[str]:

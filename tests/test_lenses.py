@@ -353,7 +353,7 @@ def test_lens_embeddings_are_those_of_the_lens_the_config_names(name: str, tiny_
                 "direct": lambda: tiny_encoder.direct(cache, comps),
                 "steering": lambda: tiny_encoder.steer(cache, comps, mode="add", alpha=2.0),
                 "attribution": lambda: lenses.direct_attribution(tiny_encoder, cache).pick(comps)}[name]()
-    torch.testing.assert_close(lenses.lens_embeddings(tiny_encoder, cache, comps, cfg), expected)
+    torch.testing.assert_close(lenses.lens_embeddings(cfg, tiny_encoder, cache, comps), expected)
 
 
 @pytest.mark.parametrize("name, dtype, says", [

@@ -25,7 +25,8 @@ from dsl_cli.errors import UserError
 from dsl_cli.images import load_images
 from dsl_cli.outputs import SIMILARITY, type_row
 from dsl_cli.figures import heatmap_matrix
-from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu, requeued_run
+from dsl_cli.resumption import requeued_run
+from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu
 from helpers import dsl_here, dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
