@@ -543,12 +543,7 @@ def decoder_rows(cfg: Any, upstream: Optional[dict], device: torch.device) -> li
     del pipe
     _drop(device)
     differ = _differing(ours_sums, theirs_sums)
-    same_class = type(ours_scheduler).__name__ == type(theirs_scheduler).__name__
-    ours_cfg, theirs_cfg = _scheduler_config(ours_scheduler), _scheduler_config(theirs_scheduler)
-    scheduler_differ = [key for key in sorted(set(ours_cfg) & set(theirs_cfg)) if ours_cfg[key] != theirs_cfg[key]]
-    if not same_class:
-        scheduler_differ.insert(0, f"class {type(ours_scheduler).__name__} (the repository's: "
-                                   f"{type(theirs_scheduler).__name__}; decode.scheduler picks it)")
+    scheduler_differ = scheduler_differences(ours_scheduler, theirs_scheduler)
     return [
         Row("decoder", "tensors", len(differ), LIMITS["tensors"],
             f"{len(theirs_sums)} tensors" + (f"; differing: {', '.join(differ[:3])}" if differ else "")),
@@ -558,6 +553,16 @@ def decoder_rows(cfg: Any, upstream: Optional[dict], device: torch.device) -> li
         Row("decoder", "picture", absolute(ours_picture, their_picture), LIMITS["picture"],
             f"{CHECK_STEPS} steps at {size}x{size}, seed {CHECK_SEED}, max abs"),
     ]
+
+
+def scheduler_differences(ours: Any, theirs: Any) -> list[str]:
+    """What differs between dsl's scheduler and the pipeline's own: its class, then each config value."""
+    ours_cfg, theirs_cfg = _scheduler_config(ours), _scheduler_config(theirs)
+    differ = [key for key in sorted(set(ours_cfg) & set(theirs_cfg)) if ours_cfg[key] != theirs_cfg[key]]
+    if type(ours).__name__ != type(theirs).__name__:
+        differ.insert(0, f"class {type(ours).__name__} (the repository's: {type(theirs).__name__}; "
+                         "decode.scheduler picks it)")
+    return differ
 
 
 # ---------------------------------------------------------------- the command
