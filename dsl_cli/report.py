@@ -22,8 +22,8 @@ from urllib.parse import quote
 import numpy as np
 
 from dsl_cli.errors import UserError
-from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell, decoder_text,
-                             drawn_from_files, encoder_text, heatmap_cells, heatmap_matrix, importance_scores,
+from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell,
+                             drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
                              kind_blocks, layer_label, redraw)
 from dsl_cli.html_parts import esc, img, link, linked_img, rel
 from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, SIMILARITY, RunFolder, atomic_write_bytes,
@@ -192,14 +192,17 @@ def _record_settings(manifest: dict) -> list[tuple[str, str]]:
     ]
 
 
-def settings_section(manifest: dict, study: bool = False) -> str:
-    """The settings summary, from manifest.json (the resolved config and what the run recorded)."""
+def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] | None = None) -> str:
+    """The settings summary, from manifest.json (the resolved config and what the run recorded); a study's
+    settings: those it reads (`read`, its `Study.settings`), or all where it is not known here."""
     if not manifest:
         return "<h2>Settings</h2><p class=muted>no manifest.json in this folder</p>"
     cfg = manifest.get("config", {})
     items = _model_settings(cfg, manifest)
     if study:
-        items.append(("study", ", ".join(f"{k} {v}" for k, v in cfg.get("study", {}).items())))
+        shown = {k: v for k, v in cfg.get("study", {}).items() if read is None or k in ("name", *read)}
+        items.append(("study", ", ".join(f"{k} {'[' + ', '.join(map(str, v)) + ']' if isinstance(v, list) else v}"
+                                         for k, v in shown.items())))
     else:
         items += _decode_settings(cfg, manifest)
     body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items + _record_settings(manifest))
@@ -413,8 +416,8 @@ def study_page(folder: Path) -> str:
     study = find_study(folder)  # None for a study not registered in this process: its page has no tables
     name = manifest.get("config", {}).get("study", {}).get("name") or (study.name if study else "")
     plot = run.figure("plots", name)
-    body = [header(folder, manifest, f"study {name}"), settings_section(manifest, study=True),
-            files_section(folder),
+    body = [header(folder, manifest, f"study {name}"),
+            settings_section(manifest, study=True, read=study.settings if study else None), files_section(folder),
             f'<h2>Plot</h2><div class="figures">{img(rel(plot, folder), name) if plot.is_file() else "none drawn"}</div>']
     if study is not None:
         body.append(study.page(folder, sys.modules[__name__]))
