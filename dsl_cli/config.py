@@ -15,12 +15,14 @@ import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar, get_args, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from dsl_cli.errors import UserError
+
+T = TypeVar("T")
 
 
 # The enumerations (StrEnum: a member's value is its name).
@@ -184,6 +186,53 @@ class RunConfig:
     clamp_to_model: bool = False  # layers/heads beyond the model: nearest one with a warning, not an error
     outputs_root: str = "outputs"  # the folder below which runs and sweeps go (debug=* sets outputs/debug)
     adapter: Optional[str] = None  # a fitted adapter (`dsl adapter fit`): every lens decodes through it
+
+
+def encoder_text(encoder: Any) -> str:
+    """An encoder config (a dict or a config) in words, for titles and pages: `ViT-L-14 (openai)`,
+    `ViT-bigG-14 (Kandinsky 2.2 prior)`, `timm vit_base_patch16_224 (random weights)`, `tiny encoder`."""
+    get = encoder.get
+    if get("source") == "tiny":
+        return "tiny encoder"
+    weights = "local weights" if get("checkpoint") else get("pretrained") or "random weights"
+    if get("source") == "kandinsky_prior" and not get("checkpoint"):
+        weights = "Kandinsky 2.2 prior"
+    if get("source") in ("timm", "hf"):  # the any-ViT loaders: say which library
+        name = get("repo_id") if get("source") == "hf" and get("name") != "tiny" else get("name")
+        return f"{get('source')} {name} ({weights})"
+    return f"{get('name')} ({weights})"
+
+
+def decoder_text(decoder: Any) -> str:
+    """A decoder config in words: `kandinsky21`, `kandinsky22 (tiny)`, `unclip_h14 (random)`, `kandinsky22
+    (local weights)`."""
+    source = "local weights" if decoder.get("path") else decoder.get("source")
+    return f"{decoder.get('family')}" + ("" if source == "pretrained" else f" ({source})")
+
+
+def split_options(args: list[str], prefix: str, cls: type[T]) -> tuple[T, list[str]]:
+    """(the `prefix.*` settings among `args` as a `cls` dataclass, the other arguments): a command's own
+    settings beside the run config's overrides (`dsl adapter fit adapter.augment=4 encoder=...`). Each value
+    is converted to its field's type (`null` for none); an unknown name or a value that is not a number where
+    one is wanted is a UserError."""
+    hints = get_type_hints(cls)
+    options, rest = cls(), []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not key.startswith(prefix + "."):
+            rest.append(arg)
+            continue
+        name = key[len(prefix) + 1:]
+        if not sep or name not in hints:
+            raise UserError(f"{arg}: no such setting; {prefix}.* settings are "
+                            + ", ".join(f"{prefix}.{k}" for k in hints))
+        kind = next((t for t in get_args(hints[name]) if t is not type(None)), hints[name])
+        try:
+            setattr(options, name, None if value in ("null", "None") else kind(value) if kind in (int, float)
+                    else value)
+        except ValueError:
+            raise UserError(f"{arg}: {prefix}.{name} takes a number") from None
+    return options, rest
 
 
 def gpu_count(at_least: int = 0) -> int:

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.errors import UserError
 from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, PATCHES, SEEDS, SIMILARITY, RunFolder, atomic_write_bytes,
                              group_rows, open_picture, read_manifest, save_png)
@@ -157,23 +158,6 @@ def models_text(folder: Path) -> str:
     if decoder and (config.get("decode") or {}).get("enabled", True):
         text += f" -> {decoder_text(decoder)}"
     return text
-
-
-def encoder_text(encoder: dict) -> str:
-    """An encoder config in words: `ViT-L-14 (openai)`, `ViT-bigG-14 (Kandinsky 2.2 prior)`, `tiny encoder`."""
-    if encoder.get("source") == "tiny":
-        return "tiny encoder"
-    weights = "local weights" if encoder.get("checkpoint") else encoder.get("pretrained") or "random weights"
-    if encoder.get("source") == "kandinsky_prior" and not encoder.get("checkpoint"):
-        weights = "Kandinsky 2.2 prior"
-    return f"{encoder.get('name')} ({weights})"
-
-
-def decoder_text(decoder: dict) -> str:
-    """A decoder config in words: `kandinsky21`, `kandinsky22 (tiny)`, `unclip_h14 (random)`, `kandinsky22
-    (local weights)`."""
-    source = "local weights" if decoder.get("path") else decoder.get("source")
-    return f"{decoder.get('family')}" + ("" if source == "pretrained" else f" ({source})")
 
 
 def _caption(row: dict) -> str:

@@ -22,6 +22,7 @@ from urllib.parse import quote
 import numpy as np
 
 from dsl_cli.errors import UserError
+from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell,
                              drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
                              kind_blocks, layer_label, redraw)
