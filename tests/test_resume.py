@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from dsl_cli.outputs import SIMILARITY, TEMP_SUFFIX, RunFolder, is_picture
+from helpers import dsl_here, dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
 # 2 images x (4 heads + MLP) = 10 pictures, decoded one at a time so that a kill lands between pictures
@@ -33,9 +34,14 @@ def dsl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def completed_run(folder: Path, *overrides: str) -> Path:
-    result = dsl("run", *CONFIG, f"hydra.run.dir={folder}", *overrides, cwd=folder.parent)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """An uninterrupted run, in this process (the runs that are killed, and the two at once, have their own)."""
+    assert dsl_here(["run", *CONFIG, f"hydra.run.dir={folder}", *overrides], folder.parent) == 0
     return folder
+
+
+def resumed(folder: Path) -> None:
+    """`dsl run resume=FOLDER` completes the run, in this process."""
+    assert dsl_here(["run", f"resume={folder}"], folder.parent) == 0
 
 
 def pictures(folder: Path) -> dict[str, bytes]:
@@ -126,7 +132,10 @@ def test_killed_then_two_resumes_at_once_equal_uninterrupted(reference: Path, tm
 
 
 def test_identical_runs_give_identical_files(reference: Path, tmp_path: Path) -> None:
-    again = completed_run(tmp_path / "again", "decode.batch_size=1")
+    """The reference ran in this process, this run in a process of its own (a fresh hash seed, fresh state)."""
+    result = dsl("run", *CONFIG, f"hydra.run.dir={tmp_path / 'again'}", "decode.batch_size=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = tmp_path / "again"
     assert (again / "similarity.csv").read_bytes() == (reference / "similarity.csv").read_bytes()
     assert pictures(again) == pictures(reference)
     for grid in sorted(reference.glob("grids/*.png")):
@@ -195,8 +204,7 @@ def test_sigterm_during_decoding_is_an_interruption_that_resume_completes(refere
     assert manifest["status"] == "interrupted" and "SIGTERM" in manifest["error"]
     assert 0 < len(pictures(folder)) < N_PICTURES
     assert not list(folder.rglob(f"*{TEMP_SUFFIX}")) and not (folder / RunFolder.LOCK).exists()
-    result = dsl("run", f"resume={folder}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    resumed(folder)
     assert results(folder) == results(reference)
 
 
@@ -229,7 +237,7 @@ def small_disk(tmp_path: Path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_a_disk_full_from_the_start_is_refused_leaving_no_file(small_disk: Path) -> None:
+def test_a_disk_full_from_the_start_is_refused_leaving_no_file(small_disk: Path, monkeypatch, capsys) -> None:
     """Nothing half-written either (Hydra's own `.hydra/*.yaml` used to be left empty)."""
     with open(small_disk / "ballast", "wb", buffering=0) as ballast:
         try:
@@ -238,9 +246,9 @@ def test_a_disk_full_from_the_start_is_refused_leaving_no_file(small_disk: Path)
         except OSError:  # the disk is full
             pass
     folder = small_disk / "run"
-    result = dsl("run", *CONFIG, f"hydra.run.dir={folder}", cwd=small_disk)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("dsl: error:")]
+    code, err = dsl_in_process(["run", *CONFIG, f"hydra.run.dir={folder}"], small_disk, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert "No space left on device" in line
     assert not [p for p in folder.rglob("*") if p.is_file()]
 
@@ -249,7 +257,8 @@ def pages(path: Path) -> int:
     return -(-path.stat().st_size // 4096) * 4096
 
 
-def test_a_full_disk_fails_cleanly_and_resume_completes_the_run(reference: Path, small_disk: Path) -> None:
+def test_a_full_disk_fails_cleanly_and_resume_completes_the_run(reference: Path, small_disk: Path, monkeypatch,
+                                                                 capsys) -> None:
     folder = small_disk / "run"
     # room for the run's start and about half its pictures: the disk fills up while it decodes
     start_files = [p for p in reference.rglob("*")
@@ -257,9 +266,10 @@ def test_a_full_disk_fails_cleanly_and_resume_completes_the_run(reference: Path,
     room = RunFolder.RESERVE + sum(pages(p) for p in start_files) // 2
     stats = os.statvfs(small_disk)
     (small_disk / "ballast").write_bytes(b"\1" * (stats.f_bavail * stats.f_frsize - room))
-    result = dsl("run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}", cwd=small_disk)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    (line,) = [line for line in result.stderr.splitlines() if line.startswith("dsl: error:")]
+    code, err = dsl_in_process(["run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"], small_disk,
+                               monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    (line,) = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert "No space left on device" in line and f"dsl run resume={folder}" in line
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "No space left on device" in manifest["error"]
@@ -270,8 +280,7 @@ def test_a_full_disk_fails_cleanly_and_resume_completes_the_run(reference: Path,
     text = (folder / "similarity.csv").read_text()
     assert text.endswith("\n") and all(len(row) == len(SIMILARITY.columns) for row in csv.reader(text.splitlines()))
     (small_disk / "ballast").unlink()
-    resumed = dsl("run", f"resume={folder}", cwd=small_disk)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed(folder)
     assert results(folder) == results(reference)
 
 
@@ -283,8 +292,7 @@ def kill_and_resume(reference: Path, folder: Path, batch: int, moment: float) ->
     time.sleep(moment)
     process.kill()
     process.communicate()
-    result = dsl("run", f"resume={folder}", cwd=folder.parent)
-    assert result.returncode == 0, (moment, result.stderr[-3000:])
+    assert dsl_here(["run", f"resume={folder}"], folder.parent) == 0, f"killed {moment:.2f} s in"
     assert results(folder) == results(reference), f"batch {batch}, killed {moment:.2f} s in"
 
 
@@ -322,6 +330,6 @@ def test_resume_completes_extra_seeds_and_baselines(tmp_path: Path) -> None:
     for table in ("seeds.csv", "baselines.csv"):
         text = (cut / table).read_text()
         (cut / table).write_text(text[:-7])  # a torn last row, as a kill leaves it
-    assert dsl("run", f"resume={cut}", cwd=tmp_path).returncode == 0
+    resumed(cut)
     assert json.loads((cut / "manifest.json").read_text())["extra_decoded"] == 2
     assert results(cut) == results(whole)
