@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dsl_cli.config import path_override
+from dsl_cli.config import path_override, split_options
 from dsl_cli.errors import UserError
 
 USAGE = """usage: dsl adapter fit [OVERRIDES...]     fit an adapter (the same overrides as `dsl run`, plus adapter.*)
@@ -54,33 +54,9 @@ class FitOptions:
     name: Optional[str] = None
 
 
-_INTS = {"layer", "augment", "examples"}
-
-
 def parse_options(args: list[str]) -> tuple[FitOptions, list[str]]:
     """(adapter.* settings, the remaining overrides for the run config)."""
-    options, rest = FitOptions(), []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not key.startswith("adapter."):
-            rest.append(arg)
-            continue
-        name = key[len("adapter."):]
-        if not sep or name not in FitOptions.__dataclass_fields__:
-            raise UserError(f"{arg}: no such setting; adapter.* settings are "
-                            + ", ".join(f"adapter.{k}" for k in FitOptions.__dataclass_fields__))
-        try:
-            if value in ("null", "None"):
-                parsed = None
-            elif name in _INTS:
-                parsed = int(value)
-            elif name == "heldout":
-                parsed = float(value)
-            else:
-                parsed = value
-        except ValueError:
-            raise UserError(f"{arg}: adapter.{name} takes a number") from None
-        setattr(options, name, parsed)
+    options, rest = split_options(args, "adapter", FitOptions)
     if options.augment < 0 or options.examples < 0:
         raise UserError("adapter.augment and adapter.examples must be at least 0")
     if not 0 < options.heldout < 1:
@@ -212,11 +188,12 @@ def fit_command(args: list[str]) -> int:
 def fit_meta(cfg, options: FitOptions, readout, source, target, target_cfg, space) -> dict:
     """Who the adapter maps from and to: the source encoder (config and shape) and readout, the target
     decoder and its embedding space, the settings every shard must share."""
-    from dsl_cli.adapters import encoder_identity, encoder_label
+    from dsl_cli.adapters import encoder_identity
+    from dsl_cli.config import encoder_text
 
     source_ident, target_ident = encoder_identity(cfg.encoder), target_identity(cfg.decoder, space)
     return {
-        "source": source_ident, "source_label": encoder_label(source_ident),
+        "source": source_ident, "source_label": encoder_text(source_ident),
         "source_shape": {"n_layers": source.n_layers, "d_model": source.d_model, "d_embed": source.d_embed,
                          "readout_kind": getattr(source, "readout_kind", "cls")},
         "readout": {"kind": readout.kind, "layer": readout.layer},

@@ -33,6 +33,7 @@ from typing import Any, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from dsl_cli.config import encoder_text
 from dsl_cli.errors import UserError
 
 READOUTS = ("embed", "resid")  # the source's final embedding, or its residual stream after block `layer`
@@ -539,19 +540,6 @@ def encoder_identity(cfg) -> dict:
     return ident
 
 
-def encoder_label(ident: dict) -> str:
-    if ident.get("source") == "tiny":
-        return "tiny encoder"
-    weights = "local weights" if ident.get("checkpoint") else ident.get("pretrained") or "random weights"
-    if ident.get("source") == "kandinsky_prior" and not ident.get("checkpoint"):
-        weights = "Kandinsky 2.2 prior"
-    if ident.get("source") in ("timm", "hf"):  # the any-ViT loaders: say which library
-        by_repo = ident.get("source") == "hf" and ident.get("name") != "tiny"
-        name = ident.get("repo_id") if by_repo else ident.get("name")
-        return f"{ident['source']} {name} ({weights})"
-    return f"{ident.get('name')} ({weights})"
-
-
 ADAPTER_LENSES = ("steering", "diffusion", "direct")  # the lenses whose embeddings the adapter maps
 
 
@@ -566,8 +554,8 @@ def run_adapter(cfg) -> Optional[Adapter]:
     meta, where = adapter.meta, f"adapter={path}"
     fitted = meta.get("source") or {}
     if fitted != encoder_identity(cfg.encoder):
-        this = encoder_label(encoder_identity(cfg.encoder))
-        raise UserError(f"{where} was fitted for encoder {encoder_label(fitted)}, not {this}: "
+        this = encoder_text(encoder_identity(cfg.encoder))
+        raise UserError(f"{where} was fitted for encoder {encoder_text(fitted)}, not {this}: "
                         "fit one for this encoder (dsl adapter fit encoder=... decoder=...)")
     target = meta.get("target") or {}
     if (target.get("family"), target.get("decoder_source")) != (cfg.decoder.family, cfg.decoder.source):

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from dsl_cli.config import split_options
 from dsl_cli.errors import Interrupted, UserError
 
 USAGE = """usage: dsl sae train [OVERRIDES...]   (the same overrides as `dsl run`, plus train.*)
@@ -58,27 +59,9 @@ class TrainOptions:
     out: Optional[str] = None
 
 
-_INTS, _FLOATS = {"d_sae", "k", "epochs", "batch_size", "checkpoint_every", "seed"}, {"lr"}
-
-
 def parse_options(args: list[str]) -> tuple[TrainOptions, list[str]]:
     """(train.* settings, the remaining overrides for the run config)."""
-    options, rest = TrainOptions(), []
-    for arg in args:
-        key, sep, value = arg.partition("=")
-        if not key.startswith("train."):
-            rest.append(arg)
-            continue
-        name = key[len("train."):]
-        if not sep or name not in TrainOptions.__dataclass_fields__:
-            raise UserError(f"{arg}: no such setting; train.* settings are "
-                            + ", ".join(f"train.{k}" for k in TrainOptions.__dataclass_fields__))
-        try:
-            parsed = None if value in ("null", "None") else int(value) if name in _INTS else \
-                float(value) if name in _FLOATS else value
-        except ValueError:
-            raise UserError(f"{arg}: train.{name} takes a number") from None
-        setattr(options, name, parsed)
+    options, rest = split_options(args, "train", TrainOptions)
     for name in ("k", "epochs", "checkpoint_every"):
         if getattr(options, name) < 1:
             raise UserError(f"train.{name}={getattr(options, name)}: must be at least 1")
