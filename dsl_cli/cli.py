@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
@@ -217,6 +218,19 @@ def _merge(args: list[str]) -> int:
     return 0
 
 
+# each command: its function here, or the module whose `main` it is, imported only when the command runs
+# (light commands start without the model libraries)
+COMMANDS: dict[str, "Callable[[list[str]], int] | str"] = {
+    "run": _run, "plot": _plot, "merge": _merge, "report": _report,
+    "check": "dsl_cli.check", "adapter": "dsl_cli.adapter_cli", "sae": "dsl_cli.sae_train",
+}
+
+
+def _command(name: str) -> Callable[[list[str]], int]:
+    target = COMMANDS[name]
+    return import_module(target).main if isinstance(target, str) else target
+
+
 def main(argv: list[str] | None = None) -> int:
     previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
     try:
@@ -258,26 +272,8 @@ def _dispatch(args: list[str]) -> int:
     if args[0] in ("-V", "--version"):
         print(f"dsl {__version__}")
         return 0
-    if args[0] == "run":
-        return _run(args[1:])
-    if args[0] == "plot":
-        return _plot(args[1:])
-    if args[0] == "merge":
-        return _merge(args[1:])
-    if args[0] == "report":
-        return _report(args[1:])
-    if args[0] == "check":
-        from dsl_cli.check import main as check
-
-        return check(args[1:])
-    if args[0] == "adapter":
-        from dsl_cli.adapter_cli import main as adapter
-
-        return adapter(args[1:])
-    if args[0] == "sae":
-        from dsl_cli.sae_train import main as sae
-
-        return sae(args[1:])
+    if args[0] in COMMANDS:
+        return _command(args[0])(args[1:])
     return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER`, `dsl merge SWEEP_DIR` or "
                  "`dsl report FOLDER` (see dsl --help)")
 

@@ -279,6 +279,11 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"unknown steering mode {mode!r}: use one of {', '.join(STEER_MODES)}")
 
 
+def _family_property(name: str, doc: str) -> property:
+    """A read-only attribute of the encoder that is its family's (`families.py`) attribute `name`."""
+    return property(lambda self: getattr(self.family, name), doc=doc)
+
+
 class HookedEncoder(Placed, nn.Module):
     """Wraps a vision transformer of open_clip, timm or transformers (`dsl_cli.encoder.families`): pre-norm
     blocks, LayerScale, register tokens, any activation, width, depth or patch size; a CLS, mean-pooled or
@@ -290,60 +295,29 @@ class HookedEncoder(Placed, nn.Module):
         self.visual = visual.eval()
         self.__dict__["family"] = family  # not a submodule: it holds no parameters of its own
 
-    # ---- shape and placement -------------------------------------------------------------------
-    @property
-    def blocks(self) -> nn.ModuleList:
-        return self.family.blocks
+    # ---- shape and placement: the family's (`families.py`) -----------------------------------------
+    blocks = _family_property("blocks", "the blocks, in order")
+    n_heads = _family_property("n_heads", "H: heads per layer")
+    d_model = _family_property("d_model", "D: the residual stream's width")
+    d_embed = _family_property("d_embed", "E: the embedding's width (after the readout)")
+    image_size = _family_property("image_size", "side of the (square) input image in pixels")
+    placement = _family_property("placement", "a tensor on the encoder's device and dtype")
+    n_tokens = _family_property("n_tokens", "T: the tokens of the residual stream (class, register and "
+                                            "distillation tokens, then the patches)")
+    d_mlp = _family_property("d_mlp", "the MLP's hidden width")
+    readout_kind = _family_property("readout", "how the embedding is read from the final residual: cls, mean "
+                                               "(over patch tokens) or map")
+    exact = _family_property("exact", "whether the embedding is a function of the residual at the readout "
+                                      "position (closed-form lenses); False for attention pooling, whose "
+                                      "steering and Diffusion Lens take the hooked path")
 
     @property
     def n_layers(self) -> int:
         return len(self.blocks)
 
     @property
-    def n_heads(self) -> int:
-        return self.family.n_heads
-
-    @property
-    def d_model(self) -> int:
-        return self.family.d_model
-
-    @property
     def d_head(self) -> int:
         return self.family.parts(0).d_head
-
-    @property
-    def d_embed(self) -> int:
-        return self.family.d_embed
-
-    @property
-    def image_size(self) -> int:
-        """Side of the (square) input image in pixels."""
-        return self.family.image_size
-
-    @property
-    def placement(self) -> Tensor:
-        return self.family.placement
-
-    @property
-    def n_tokens(self) -> int:
-        """T: the tokens of the residual stream (class, register and distillation tokens, then the patches)."""
-        return self.family.n_tokens
-
-    @property
-    def d_mlp(self) -> int:
-        """The MLP's hidden width."""
-        return self.family.d_mlp
-
-    @property
-    def readout_kind(self) -> str:
-        """How the embedding is read from the final residual: cls, mean (over patch tokens) or map."""
-        return self.family.readout
-
-    @property
-    def exact(self) -> bool:
-        """Whether the embedding is a function of the residual at the readout position (closed-form lenses);
-        False for attention pooling, whose steering and Diffusion Lens take the hooked path."""
-        return self.family.exact
 
     @property
     def steering_path(self) -> str:
