@@ -339,13 +339,8 @@ class Adapter:
     meta: dict = field(default_factory=dict)
     negative: Optional[Tensor] = None
 
-    @property
-    def p(self) -> int:
-        return self.W.shape[1]
-
-    @property
-    def q(self) -> int:
-        return self.W.shape[0]
+    p = property(lambda self: self.W.shape[1], doc="p: the source readout's width")
+    q = property(lambda self: self.W.shape[0], doc="q: the target embedding's width")
 
     @property
     def readout(self) -> Readout:

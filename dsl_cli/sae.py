@@ -93,13 +93,8 @@ class Sae:
             raise UserError(f"SAE {self.source}: hook_name {self.hook_name!r} is not one dsl reads: use "
                             f"blocks.<layer>.<{' | '.join(SAE_POINTS)}>")
 
-    @property
-    def d_in(self) -> int:
-        return self.W_enc.shape[0]
-
-    @property
-    def d_sae(self) -> int:
-        return self.W_enc.shape[1]
+    d_in = property(lambda self: self.W_enc.shape[0], doc="the residual width it reads")
+    d_sae = property(lambda self: self.W_enc.shape[1], doc="its number of features")
 
     @property
     def layer(self) -> int:
