@@ -132,3 +132,15 @@ def study_cfg(study_name: str, **study) -> OmegaConf:
                   overlay_position="center", decode_steps=[0, 2], bootstrap=200)
     return OmegaConf.create({"study": {**fields, **study}, "lens": {"mode": "norm", "alpha": 2.0}, "seed": 0,
                              "encoder": {"batch_size": 8}})
+
+
+REPO = Path(__file__).resolve().parents[1]
+# the README and the guides it links: every shell command and example in them is tested (tests/test_readme.py)
+DOCS = [REPO / "README.md", *(REPO / "docs" / name for name in (
+    "user-guide.md", "reading-a-head.md", "cluster.md", "studies.md", "python-api.md", "extending.md",
+    "benchmarks.md", "testing.md"))]
+
+
+def docs_text() -> str:
+    """The README and its guides as one text (each section keeps its heading)."""
+    return "\n".join(path.read_text() for path in DOCS)

@@ -1,4 +1,4 @@
-"""The README works as typed: its Python API example runs (on the tiny models instead of the real ones),
+"""The README and the guides it links work as typed: the Python API examples run (on the tiny models instead of the real ones),
 and so does every command of its shell blocks (those that need weights up to the weights preflight).
 """
 
@@ -15,7 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import docs_text
+
 README = Path(__file__).parents[1] / "README.md"
+API = "## The encoder and decoder, method by method"  # docs/python-api.md
 TINY = {  # real models and sizes in the README -> tiny ones here (the calls stay as written)
     'EncoderConfig(source="kandinsky_prior")': 'EncoderConfig(source="tiny")',
     'DecoderConfig(source="pretrained")': 'DecoderConfig(source="tiny")',
@@ -30,7 +33,7 @@ TINY = {  # real models and sizes in the README -> tiny ones here (the calls sta
 
 
 def test_python_api_example_runs() -> None:
-    block = re.search(r"## Python API.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
+    block = re.search(API + r".*?```python\n(.*?)```", docs_text(), re.S).group(1)
     for real, tiny in TINY.items():
         assert real in block, f"README example changed: {real!r} not found"
         block = block.replace(real, tiny)
@@ -50,7 +53,7 @@ def test_reading_a_run_example_runs(tmp_path: Path, monkeypatch, capsys) -> None
     folder = tmp_path / "run"
     args = ["run", "debug=tiny", "layer=1", "images.limit=1", "decode.top_k=1", f"hydra.run.dir={folder}"]
     assert dsl_in_process(args, tmp_path, monkeypatch, capsys)[0] == 0
-    block = re.findall(r"## Python API.*?```python\n.*?```.*?```python\n(.*?)```", README.read_text(), re.S)[0]
+    block = re.findall(API + r".*?```python\n.*?```.*?```python\n(.*?)```", docs_text(), re.S)[0]
     assert '"outputs/2026-11-26/10-00-00"' in block, "README example changed"
     namespace: dict = {}
     exec(compile(block.replace('"outputs/2026-11-26/10-00-00"', repr(str(folder))), str(README), "exec"), namespace)
@@ -73,6 +76,7 @@ NOT_RUN = {  # commands no test runs here, and why
     "scripts/fetch_wheels.sh": "it downloads from the package registry, and tests never download",
     "scripts/device_check.sh": "tests/test_device_check.py runs its --dry-run; without it, it needs a GPU",
     "scripts/reproduce_paper.sh": "tests/test_paper.py runs it on tiny models; as typed it needs the weights",
+    "nice": "mutation testing (docs/testing.md) takes hours; its scripts have tests of their own",
 }
 NEEDS_A_CLUSTER_SWEEP = {  # commands that continue a SLURM sweep of 48 real-size jobs, and the tests that do so
     "resume=outputs/bigg_layers": "tests/test_sweeps.py resumes a sweep, tests/test_slurm.py a requeued job",
@@ -80,8 +84,8 @@ NEEDS_A_CLUSTER_SWEEP = {  # commands that continue a SLURM sweep of 48 real-siz
 
 
 def bash_commands() -> list[str]:
-    """Every command line of the README's ```bash blocks (continuation lines joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    """Every command line of the ```bash blocks of the README and its guides (continuation lines joined)."""
+    blocks = re.findall(r"```bash\n(.*?)```", docs_text(), re.S)
     return [line.strip() for block in blocks for line in block.replace("\\\n", " ").splitlines()
             if shlex.split(line, comments=True)]
 
@@ -179,6 +183,8 @@ def test_hf_download_commands_exist_and_match_the_preflight(line: str, tmp_path:
 def test_benchmark_commands_run(line: str) -> None:
     """Random weights, no download; the encoder benchmark builds ViT-bigG-14 (slow)."""
     _, words = split(line)
+    if "cuda" in words and not torch.cuda.is_available():
+        pytest.skip("it measures on CUDA (without it the script refuses, as tests/test_first_hour.py checks)")
     result = subprocess.run([sys.executable, *words[1:]], cwd=README.parent, capture_output=True, text=True,
                             timeout=3600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -186,9 +192,9 @@ def test_benchmark_commands_run(line: str) -> None:
 
 
 def test_layout_names_every_module() -> None:
-    layout = re.search(r"## Layout\n\n```\n(.*?)```", README.read_text(), re.S).group(1)
+    layout = re.search(r"## Layout\n\n```\n(.*?)```", docs_text(), re.S).group(1)
     root = README.parent
     modules = [p for p in (root / "dsl_cli").rglob("*.py") if p.name != "__init__.py" and "configs" not in p.parts]
     missing = [str(p.relative_to(root)) for p in [*modules, *(root / "scripts").iterdir()]
                if str(p.relative_to(root)) not in layout]
-    assert not missing, f"README Layout does not list {missing}"
+    assert not missing, f"the Layout (docs/extending.md) does not list {missing}"

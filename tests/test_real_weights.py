@@ -33,7 +33,7 @@ from PIL import Image
 
 from dsl_cli.check import compose, sample_photos
 from dsl_cli.encoder import load_encoder, load_text_model
-from helpers import perturb_
+from helpers import docs_text, perturb_
 
 FIXTURES = Path(__file__).parent / "fixtures" / "upstream"
 ROOT = Path(__file__).parent.parent
@@ -303,7 +303,7 @@ def test_dsls_random_decoders_have_the_upstream_architectures(family: str) -> No
 
 
 def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
+    text = docs_text()  # the README and its guides
     lines = [line.split("#")[0].strip() for line in text.splitlines()]
     return [line for line in lines if line.startswith("hf download ")]
 
@@ -419,7 +419,7 @@ def test_the_readme_table_says_what_each_encoder_is_built_with() -> None:
     """README's table of encoders (Check your weights) against open_clip's own config functions for each tag."""
     from dsl_cli.encoder.loading import tag_settings
 
-    text = (ROOT / "README.md").read_text()
+    text = docs_text()  # the README and its guides
     rows = {line.split("|")[1].strip(" `"): [cell.strip() for cell in line.split("|")[2:-1]]
             for line in text.splitlines()
             if re.match(r"\| `(bigg14|vitl14|vith14|kandinsky_prior)` \| ", line) and line.count("|") == 8}

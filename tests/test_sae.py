@@ -18,7 +18,7 @@ from dsl_cli.encoder import HookedEncoder
 from dsl_cli.errors import UserError
 from dsl_cli.sae import (FeatureEncoder, Sae, TopImages, load_sae, merge_top_rows, save_sae, steer_feature_hooked,
                          steer_features)
-from helpers import mid_visual, perturb_
+from helpers import docs_text, mid_visual, perturb_
 
 D_SAE, K, N_IMAGES = 40, 6, 3
 
@@ -225,13 +225,11 @@ def tiny_sae_folder(folder, arch: str = "topk"):
 
 
 def readme_example() -> tuple[str, list[str]]:
-    """The README's "SAE features" example: its Python block and its `dsl` command's words."""
+    """The user guide's "SAE features" example: its Python block and its `dsl` command's words."""
     import re
     import shlex
-    from pathlib import Path
 
-    section = re.search(r"## SAE features\n(.*?)\n## ", (Path(__file__).parents[1] / "README.md").read_text(),
-                        re.S).group(1)
+    section = re.search(r"## SAE features\n(.*?)\n## ", docs_text(), re.S).group(1)
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     line = re.search(r"```sh\n(.*?)```", section, re.S).group(1).strip()
     return code, shlex.split(line)
