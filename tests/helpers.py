@@ -38,18 +38,22 @@ def dsl_here(args: list[str], folder: Path) -> int:
 
 def _main(args: list[str]) -> int:
     """`cli.main`, as a process would end it: Hydra's global state cleared before (a test that failed
-    inside Hydra's compose API may leave it set), the run's log file closed after (a process's exit would
-    close it; left open, whatever this process logs next would go into that run's dsl.log)."""
+    inside Hydra's compose API may leave it set); after, the root logger as it was before Hydra configured it,
+    the run's handlers closed (a process's exit would close them; left in place, whatever this process logs
+    next would go into that run's dsl.log, or to a test's captured stream pytest has closed since)."""
     GlobalHydra.instance().clear()
+    handlers, level = logging.root.handlers[:], logging.root.level
     try:
         return cli.main(args)
     except SystemExit as exit_:
         return exit_.code
     finally:
         for handler in logging.root.handlers[:]:
-            if isinstance(handler, logging.FileHandler):
+            if handler not in handlers:
                 logging.root.removeHandler(handler)
                 handler.close()
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
 
 
 def perturb_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -398,7 +398,7 @@ def test_a_bad_job_in_a_sweep_does_not_stop_the_others(tmp_path: Path, monkeypat
     errors = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert len(errors) == 1 and "job 1" in errors[0] and "layer=9 is outside this model" in errors[0]
     statuses = {}
-    for manifest in tmp_path.glob("outputs/multirun/*/*/*/manifest.json"):
+    for manifest in tmp_path.glob("outputs/debug/multirun/*/*/*/manifest.json"):
         statuses[manifest.parent.name] = json.loads(manifest.read_text())["status"]
     assert statuses == {"0": "complete", "1": "failed", "2": "complete"}
 

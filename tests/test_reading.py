@@ -276,7 +276,8 @@ def test_a_similarity_csv_of_an_earlier_version_still_reads(tmp_path) -> None:
     assert read == {"image": "cat", "lens": "direct", "component": "L01H00", "kind": "head", "layer": 1, "head": 0,
                     "mode": "", "alpha": None, "seed": 0, "steps": 2, "guidance": 4.0, "sim_embed": 0.5,
                     "sim_decoded": None, "norm": 1.0, "rank": 1, "file": "", "attribution": None, "top_patches": "",
-                    "sim_decoded_mean": None, "sim_decoded_std": None, "labels": "", "description": ""}
+                    "sim_decoded_mean": None, "sim_decoded_std": None, "labels": "", "description": "",
+                    "activation": None}
     (tmp_path / "odd.csv").write_text(",".join(old[1:]) + "\n")
     with pytest.raises(UserError, match="not a CSV written by this version"):
         read_csv(tmp_path / "odd.csv")

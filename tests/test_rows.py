@@ -182,7 +182,7 @@ def test_resume_decodes_only_what_is_missing(tmp_path: Path, image_folder: Path)
         (folder / row["file"]).unlink()
     (folder / ".hydra").mkdir()
     OmegaConf.save(cfg, folder / ".hydra" / "config.yaml")
-    (folder / "manifest.json").unlink()
+    (folder / "manifest.json").write_text('{"made_by": "dsl", "status": "interrupted"}')  # as a killed run leaves it
 
     run(OmegaConf.merge(cfg, {"resume": str(folder)}), folder)
     assert json.loads((folder / "manifest.json").read_text())["decoded"] == 4
