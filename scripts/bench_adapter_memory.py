@@ -16,22 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-CHILD = """
-import json, resource, sys, time
-import torch
-torch.set_num_threads(1)
-from dsl_cli.cli import main
-start = time.perf_counter()
-status = main(sys.argv[1:])
-print(json.dumps({"status": status, "seconds": time.perf_counter() - start,
-                  "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-"""
+from bench_images_memory import measured  # a script beside this one (scripts/ is on the path)
+
 DEFAULTS = ["adapter.readout=resid", "adapter.layer=3", "adapter.augment=1", "adapter.examples=0"]
 
 
@@ -52,12 +42,9 @@ def peak_of_fit(pictures: Path, count: int, out: Path, extra: list[str]) -> dict
     folder = out / f"adapter_{count}"
     args = ["adapter", "fit", "debug=tiny", f"images.path={pictures}", f"images.limit={count}",
             f"adapter.out={folder}", *DEFAULTS, *extra]
-    result = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(f"fit over {count} pictures failed:\n{result.stderr[-3000:]}")
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    measured["metrics"] = json.loads((folder / "adapter.json").read_text())["metrics"]
-    return measured
+    result = measured(args, f"fit over {count} pictures", threads=1)
+    result["metrics"] = json.loads((folder / "adapter.json").read_text())["metrics"]
+    return result
 
 
 def main() -> None:

@@ -26,9 +26,12 @@ from PIL import Image
 
 CHILD = """
 import json, resource, sys, time
+if sys.argv[1] != "-":  # torch's threads, for a figure that does not depend on the machine's cores
+    import torch
+    torch.set_num_threads(int(sys.argv[1]))
 from dsl_cli.cli import main
 start = time.perf_counter()
-status = main(sys.argv[1:])
+status = main(sys.argv[2:])
 print(json.dumps({"status": status, "seconds": time.perf_counter() - start,
                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
@@ -42,14 +45,21 @@ def write_photos(folder: Path, count: int, width: int, height: int) -> None:
         coarse.resize((width, height), Image.Resampling.BICUBIC).save(folder / f"photo_{i:03d}.jpg", quality=90)
 
 
+def measured(args: list[str], what: str, threads: int | None = None) -> dict:
+    """`dsl ARGS` in a fresh interpreter (torch on `threads` threads, or its default): its status, seconds and
+    peak resident memory in MB (`ru_maxrss`). A failure ends the benchmark with its stderr, naming `what`."""
+    result = subprocess.run([sys.executable, "-c", CHILD, str(threads or "-"), *args], capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"{what} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def peak_of_run(photos: Path, count: int, out: Path, extra: list[str]) -> dict:
     """One `dsl run` over the first `count` photos in a fresh interpreter: its status, seconds, peak MB."""
     args = ["run", "debug=tiny", "images=folder", f"images.path={photos}", f"images.limit={count}",
             "decode.top_k=1", f"hydra.run.dir={out / f'run_{count}'}", *extra]
-    result = subprocess.run([sys.executable, "-c", CHILD, *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(f"run over {count} photos failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return measured(args, f"run over {count} photos")
 
 
 def main() -> None:
