@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
 CHILD = """
 import json, resource, sys, time
@@ -39,6 +37,9 @@ print(json.dumps({"status": status, "seconds": time.perf_counter() - start,
 
 def write_photos(folder: Path, count: int, width: int, height: int) -> None:
     """`count` JPEGs: a 6 x 8 grid of random colours, upsampled smoothly (photo-like, compressible)."""
+    import numpy as np  # here, so that `--help` (and the scripts importing `measured`) answer at once
+    from PIL import Image
+
     rng = np.random.default_rng(0)
     for i in range(count):
         coarse = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))

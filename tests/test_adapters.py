@@ -402,7 +402,9 @@ def test_bench_script_answers_help_without_torch():
     from pathlib import Path
 
     script = Path(__file__).parents[1] / "scripts" / "bench_adapter_memory.py"
-    code = (f"import runpy, sys; sys.argv = ['x', '--help']\ntry:\n    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+    # as `python scripts/bench_adapter_memory.py` runs it: the script's folder first on the path
+    code = (f"import runpy, sys; sys.argv = ['x', '--help']; sys.path.insert(0, {str(script.parent)!r})\n"
+            f"try:\n    runpy.run_path({str(script)!r}, run_name='__main__')\n"
             "except SystemExit:\n    pass\nassert 'torch' not in sys.modules and 'numpy' not in sys.modules")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
