@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import Interrupted, UserError, bug_message, printable, report
+from dsl_cli.logs import close_file_logs
 from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes
 from dsl_cli.resumption import requeued_run, resumes
 
@@ -140,6 +141,7 @@ def drop_bookkeeping(folder: RunFolder) -> None:
     deleted, and the folder only if that empties it."""
     if not holds_no_result(folder):  # checked again: something may have appeared since
         return
+    close_file_logs(folder.log_file)
     for path in _bookkeeping(folder):
         path.unlink(missing_ok=True)
     for empty in (folder.config_yaml.parent, folder.path):

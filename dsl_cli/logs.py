@@ -8,6 +8,7 @@ Hydra configures the logging of a job (run.yaml, `hydra.job_logging`): a console
 from __future__ import annotations
 
 import logging
+import os
 import re
 
 OWN = ("dsl_cli", "hydra", "__main__")  # loggers whose records reach the terminal
@@ -67,3 +68,13 @@ def route_library_logs() -> None:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the decoder stage has its own
+
+
+def close_file_logs(path: str | os.PathLike) -> None:
+    """Detach and close the root logger's handlers that write to `path` (a run's dsl.log that is about to be
+    deleted): in a process that goes on (a notebook, a test), a later record would create the file again,
+    or fail on a folder that is gone."""
+    for handler in logging.root.handlers[:]:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == os.path.abspath(path):
+            logging.root.removeHandler(handler)
+            handler.close()

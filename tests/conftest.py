@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -75,3 +76,11 @@ def tiny_run():
               for i in range(3)]
     components = [parse_component(c) for c in TINY_HEADS[4:12]] + [parse_component("L1MLP")]
     return encoder, preprocess, images, components
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Figures a test drew to inspect (and did not save) are closed after it: pyplot keeps every open figure."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")

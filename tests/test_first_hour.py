@@ -66,6 +66,29 @@ def test_a_failed_run_in_a_dated_folder_leaves_nothing(tmp_path: Path, monkeypat
     assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()], "files of a failed attempt remain"
 
 
+def test_a_failed_run_leaves_no_log_handler_on_its_deleted_folder(tmp_path: Path, monkeypatch) -> None:
+    """In a process that goes on (a notebook, the next test), what is logged after a run whose folder was
+    removed must not go to, or fail on, that folder's dsl.log."""
+    import logging
+
+    from dsl_cli import cli
+
+    before = logging.root.handlers[:]
+    monkeypatch.chdir(tmp_path)
+    try:
+        with pytest.raises(SystemExit) as ended:
+            cli.main(["run", "debug=tiny", "images=folder", f"images.path={tmp_path / 'none'}"])
+        assert ended.value.code == 2
+        logging.getLogger("dsl_cli").warning("a line after the run")
+        stale = [h.baseFilename for h in logging.root.handlers if isinstance(h, logging.FileHandler)
+                 and str(tmp_path) in h.baseFilename]
+        assert not stale and not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()], stale
+    finally:
+        for handler in set(logging.root.handlers) - set(before):
+            logging.root.removeHandler(handler)
+            handler.close()
+
+
 def test_a_failed_run_keeps_a_folder_that_holds_anything_else(tmp_path: Path, monkeypatch, capsys) -> None:
     """Only dsl's own bookkeeping is removed: a file of the user's keeps the folder and the file."""
     folder = tmp_path / "mine"

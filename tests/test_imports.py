@@ -4,15 +4,17 @@
   script's `--help`) work in a process where the model libraries cannot be imported at all: a `sys.meta_path`
   finder, installed before anything else, refuses torch, torchvision, diffusers, open_clip and transformers.
   They read files and draw with matplotlib; a model library there costs seconds of start-up (issue 31).
-- Every module of dsl_cli imports alone, in a fresh interpreter (an import that works only after another
-  module has been imported first is a hidden circle or a missing import); the light ones import no model
-  library even then.
+- Every module of dsl_cli imports alone (an import that works only after another module has been imported
+  first is a hidden circle or a missing import): the light ones in a fresh interpreter, where they import no
+  model library; the others in a child forked from an interpreter that has imported the third-party
+  libraries and no module of dsl_cli.
 - The import graph of dsl_cli, read with `ast` (imports inside functions included), has no circle (issue 32).
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -110,20 +112,58 @@ def module_name(path: Path) -> str:
 
 MODULES = sorted(module_name(p) for p in PACKAGE.rglob("*.py") if "configs" not in p.parts)
 ALONE = "import importlib, sys; importlib.import_module(sys.argv[1]); print(sorted({m.split('.')[0] for m in sys.modules} & set(sys.argv[2:])))"
+# The third-party libraries the other modules load (seconds each), imported once; then each dsl_cli module
+# alone in a child forked from that interpreter, before which no dsl_cli module was imported: whether it
+# imports alone depends on dsl_cli's own modules only. Prints {module: traceback or ""} as JSON.
+FORKED_ALONE = """
+import importlib, json, os, sys, traceback
+for library in sys.argv[2:]:
+    importlib.import_module(library)
+assert not any(m.split(".")[0] == "dsl_cli" for m in sys.modules)
+found = {}
+for name in sys.argv[1].split(","):
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            importlib.import_module(name)
+            message = ""
+        except BaseException:
+            message = traceback.format_exc() or "failed"
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    found[name] = message if status == 0 else message + f"\\nthe child ended with status {status}"
+print(json.dumps(found))
+"""
+PRELOADED = (*MODEL_LIBRARIES, "timm", "hydra", "omegaconf", "matplotlib.pyplot", "scipy.stats", "PIL.Image")
 
 
 @pytest.fixture(scope="module")
 def imported_alone(request) -> dict[str, subprocess.CompletedProcess]:
-    """Each module that a selected test asks for, imported in a fresh interpreter of its own, several at once
-    (most of them load torch: seconds each)."""
-    def one(name: str) -> subprocess.CompletedProcess:
+    """Each module that a selected test asks for, imported alone: the light ones each in a fresh interpreter
+    of its own (they must not import a model library), the others forked from one interpreter that has
+    imported only the third-party libraries (a fresh interpreter each would spend seconds importing torch)."""
+    def fresh(name: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", ALONE, name, *MODEL_LIBRARIES], cwd=ROOT, capture_output=True,
                               text=True, timeout=300)
 
     wanted = sorted({item.callspec.params["name"] for item in request.session.items
                      if getattr(item, "originalname", "") == "test_each_module_imports_alone"})
+    light_ones, heavy = [n for n in wanted if n in LIGHT_MODULES], [n for n in wanted if n not in LIGHT_MODULES]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
-        return dict(zip(wanted, pool.map(one, wanted)))
+        found = dict(zip(light_ones, pool.map(fresh, light_ones)))
+    if heavy:
+        forked = subprocess.run([sys.executable, "-c", FORKED_ALONE, ",".join(heavy), *PRELOADED], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert forked.returncode == 0, forked.stderr[-3000:]
+        found |= {name: subprocess.CompletedProcess([name], 1 if message else 0, "", message)
+                  for name, message in json.loads(forked.stdout).items()}
+    return found
 
 
 def test_the_light_modules_are_modules() -> None:
