@@ -25,6 +25,7 @@ from dsl_cli.config import DecoderConfig, register_configs
 from dsl_cli.decoder import FAMILIES, Decoder, load_decoder
 from dsl_cli.errors import UserError
 from helpers import dsl_in_process, fake_cache
+import zygote  # dsl processes forked after the model libraries' imports (tests/zygote.py)
 
 DSL = str(Path(sys.executable).parent / "dsl")
 STEPS, GUIDANCE = 2, 4.0
@@ -149,7 +150,7 @@ LENSES = ("steering", "direct", "diffusion", "logit")
 def sweep(request, tmp_path_factory) -> tuple[str, Path]:
     """`dsl run -m debug=PRESET lens=<every lens>`: one job per lens, one process, merged as a sweep."""
     folder = tmp_path_factory.mktemp(request.param)
-    result = subprocess.run([DSL, "run", "-m", f"debug={request.param}", f"lens={','.join(LENSES)}", "layer=1",
+    result = zygote.run([DSL, "run", "-m", f"debug={request.param}", f"lens={','.join(LENSES)}", "layer=1",
                              "images.limit=1", f"hydra.sweep.dir={folder}"], cwd=folder, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -22,6 +22,7 @@ from PIL import Image
 
 from dsl_cli.outputs import SIMILARITY, TEMP_SUFFIX, RunFolder, is_picture
 from helpers import dsl_here, dsl_in_process
+import zygote  # dsl processes forked after the model libraries' imports (tests/zygote.py)
 
 DSL = str(Path(sys.executable).parent / "dsl")
 # 2 images x (4 heads + MLP) = 10 pictures, decoded one at a time so that a kill lands between pictures
@@ -30,7 +31,7 @@ N_PICTURES = 10
 
 
 def dsl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([DSL, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return zygote.run([DSL, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def completed_run(folder: Path, *overrides: str) -> Path:
@@ -55,7 +56,7 @@ def rows(folder: Path) -> list[dict]:
 
 def start(folder: Path, *overrides: str) -> subprocess.Popen:
     """`dsl run` of the test config into `folder`, in the background (stderr kept, as text)."""
-    return subprocess.Popen([DSL, "run", *CONFIG, f"hydra.run.dir={folder}", *overrides], cwd=folder.parent,
+    return zygote.popen([DSL, "run", *CONFIG, f"hydra.run.dir={folder}", *overrides], cwd=folder.parent,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -76,7 +77,7 @@ def results(folder: Path) -> dict[str, bytes]:
 
 def at_once(*commands: list[str], cwd: Path) -> list[tuple[int, str]]:
     """Start the commands together; (exit status, stderr) of each."""
-    processes = [subprocess.Popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    processes = [zygote.popen(command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                  for command in commands]
     return [(p.wait(timeout=600), p.stderr.read()) for p in processes]
 
@@ -104,7 +105,7 @@ def reference_4(tmp_path_factory) -> Path:
 
 def test_killed_then_two_resumes_at_once_equal_uninterrupted(reference: Path, tmp_path: Path) -> None:
     folder = tmp_path / "run"
-    process = subprocess.Popen([DSL, "run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"],
+    process = zygote.popen([DSL, "run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while len(pictures(folder)) < 3 and time.monotonic() < deadline and process.poll() is None:
@@ -155,7 +156,7 @@ def test_batch_size_does_not_change_pictures(reference: Path, reference_4: Path)
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path) -> None:
     folder = tmp_path / "run"
-    process = subprocess.Popen([DSL, "run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"],
+    process = zygote.popen([DSL, "run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(pictures(folder)) < 2 and time.monotonic() < deadline and process.poll() is None:

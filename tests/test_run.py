@@ -23,6 +23,7 @@ from dsl_cli.config import EncoderConfig
 from dsl_cli.lenses import LENSES
 from dsl_cli.outputs import TEMP_SUFFIX
 from helpers import dsl_here
+import zygote  # dsl processes forked after the model libraries' imports (tests/zygote.py)
 
 DSL = str(Path(sys.executable).parent / "dsl")
 N_IMAGES, N_LAYERS, N_HEADS = 2, 4, 4  # two sample photos; debug=tiny's ViT has 4 layers of 4 heads
@@ -335,7 +336,7 @@ def test_diffusion_lens_between_attention_and_mlp(tmp_path: Path) -> None:
 def test_the_terminal_shows_dsl_and_labelled_bars_only(tmp_path: Path) -> None:
     """open_clip's tokenizer INFO lines (logged to the root logger) and the libraries' other chatter go to
     the run's dsl.log; every progress bar on the terminal names its stage."""
-    result = subprocess.run([DSL, "run", "debug=tiny", "lens=logit", "layer=1", "images.limit=1",
+    result = zygote.run([DSL, "run", "debug=tiny", "lens=logit", "layer=1", "images.limit=1",
                              "decode.enabled=false", "hydra.run.dir=quiet"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]

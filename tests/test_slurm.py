@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zygote  # dsl processes forked after the model libraries' imports (tests/zygote.py)
 
 pytestmark = pytest.mark.slurm
 
@@ -46,7 +47,7 @@ def sweeps(tmp_path: Path):
 
 def test_a_sweep_by_layer_runs_as_slurm_jobs_and_merges_every_row_once(tmp_path: Path, sweeps) -> None:
     sweeps.append(tmp_path / "sweep")
-    result = subprocess.run([DSL, "run", "debug=tiny", "images.limit=2", *ON_THIS_NODE, "hydra.sweep.dir=sweep", "--multirun",
+    result = zygote.run([DSL, "run", "debug=tiny", "images.limit=2", *ON_THIS_NODE, "hydra.sweep.dir=sweep", "--multirun",
                              "layer=0,1,2"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sweep = tmp_path / "sweep"
@@ -87,12 +88,12 @@ def test_a_requeued_job_continues_its_run_folder_to_the_files_of_an_uninterrupte
                                                                                           sweeps) -> None:
     # 10 pictures of 40 denoising steps, one at a time: seconds each, so that the requeue lands mid-decoding
     slow = ["debug=tiny", "images.limit=2", "component=all", "layer=1", "decode.steps=40", "decode.batch_size=1"]
-    reference = subprocess.run([DSL, "run", *slow, "hydra.run.dir=reference"], cwd=tmp_path, capture_output=True,
+    reference = zygote.run([DSL, "run", *slow, "hydra.run.dir=reference"], cwd=tmp_path, capture_output=True,
                                text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
     sweep = tmp_path / "sweep"
     sweeps.append(sweep)
-    launcher = subprocess.Popen([DSL, "run", *slow, *ON_THIS_NODE, f"hydra.sweep.dir={sweep}", "--multirun"],
+    launcher = zygote.popen([DSL, "run", *slow, *ON_THIS_NODE, f"hydra.sweep.dir={sweep}", "--multirun"],
                                 cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     try:

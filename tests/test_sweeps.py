@@ -28,13 +28,14 @@ from dsl_cli.figures import heatmap_matrix
 from dsl_cli.resumption import requeued_run
 from dsl_cli.sweeps import OVERRIDE, expected_overrides, pin_gpu
 from helpers import dsl_here, dsl_in_process
+import zygote  # dsl processes forked after the model libraries' imports (tests/zygote.py)
 
 DSL = str(Path(sys.executable).parent / "dsl")
 FAST = ["debug=tiny", "decode.enabled=false", "layer=1", "images.limit=2"]  # later overrides win
 
 
 def dsl(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([DSL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return zygote.run([DSL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -221,7 +222,7 @@ def test_resumed_sweep_skips_complete_jobs_and_continues_the_others(tmp_path: Pa
     does not change one image's results: the first job is the uninterrupted reference)."""
     sweep = tmp_path / "sweep"
     slow = ["debug=tiny", "layer=1", "component=all", "images.limit=1", "decode.batch_size=1"]  # 5 pictures a job, one by one
-    process = subprocess.Popen([DSL, "run", *slow, f"hydra.sweep.dir={sweep}", "--multirun",
+    process = zygote.popen([DSL, "run", *slow, f"hydra.sweep.dir={sweep}", "--multirun",
                                 "encoder.batch_size=1,2"],
                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300

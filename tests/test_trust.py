@@ -22,6 +22,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.images import unique_names
 from dsl_cli.outputs import NAME, SIMILARITY, CsvLog, RunFolder, read_csv, read_manifest, release_all
 from helpers import dsl_in_process
+import zygote  # dsl processes forked after the model libraries' imports (tests/zygote.py)
 
 DSL = str(Path(sys.executable).parent / "dsl")
 SCORES_ONLY = ["debug=tiny", "decode.enabled=false", "layer=1", "images.limit=1"]  # seconds, nothing decoded
@@ -228,7 +229,7 @@ def test_merge_refuses_a_grids_folder_linked_outside(tmp_path: Path, monkeypatch
 def test_a_dangling_lock_link_is_refused_not_spun_on(command: str, run_copy: Path, tmp_path: Path) -> None:
     (run_copy / ".dsl.lock").symlink_to(tmp_path / "nowhere")
     args = ["report", str(run_copy)] if command == "report" else ["run", f"resume={run_copy}"]
-    result = subprocess.run([DSL, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    result = zygote.run([DSL, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and ".dsl.lock" in one_line(result.stderr)
 
 
