@@ -1,5 +1,5 @@
 """The paper, reproduced from configs (issue 17): every `experiment=paper_*` end to end under debug=tiny
-(through scripts/reproduce_paper.sh, once), the correlations and their bootstrap intervals on hand-made
+(the commands of scripts/reproduce_paper.sh, once), the correlations and their bootstrap intervals on hand-made
 cases, batched ablation against one-at-a-time ablation and against an independent direct-path reference,
 and the overlay orders (greedy's first step, random seeds, areas under the curve)."""
 
@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from dsl_cli.encoder import HookedEncoder
 from dsl_cli.studies import (POOLED, Correlation, area_under, bootstrap_interval, correlations, head_importance,
                              overlay_removal, random_order)
 from dsl_cli.study_registry import run_study
-from helpers import TINY_HEADS, ablated_copy, cos, forward, perturb_, study_cfg
+from helpers import TINY_HEADS, ablated_copy, cos, dsl_here, forward, perturb_, study_cfg
 
 N_LAYERS, N_HEADS = 4, 4  # debug=tiny's ViT
 EVERY_HEAD = [f"L{layer:02d}H{head:02d}" for layer in range(N_LAYERS) for head in range(N_HEADS)]
@@ -42,13 +43,25 @@ def read_rows(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def paper(tmp_path_factory) -> Path:
     """scripts/reproduce_paper.sh on tiny models and two sample photos, in a fresh folder: outputs/debug/paper
-    (a tiny preview never writes where the real runs go)."""
+    (a tiny preview never writes where the real runs go). The script runs with a `dsl` first on its PATH that
+    records each command it is given; the test checks those commands, then runs each of them with dsl in this
+    process, in the script's order (a process each would import torch six times over)."""
     root = tmp_path_factory.mktemp("paper")
+    fake = root / "bin" / "dsl"
+    fake.parent.mkdir()
+    log = shlex.quote(str(root / "commands"))
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\0" "$@" >> {log}\nprintf "\\n" >> {log}\n')
+    fake.chmod(0o755)
     script = Path(__file__).parents[1] / "scripts" / "reproduce_paper.sh"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(["bash", str(script), "debug=tiny", "images.limit=2"], cwd=root, env=env,
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]
+    commands = [line.rstrip("\0").split("\0") for line in (root / "commands").read_text().splitlines()]
+    assert commands == [*(["run", f"experiment={name}", "debug=tiny", "images.limit=2"] for name in EXPERIMENTS),
+                        ["report", "outputs/debug/paper"]]
+    for command in commands:
+        assert dsl_here(command, root) == 0, command
     assert not (root / "outputs" / "paper").exists()
     return root / "outputs" / "debug" / "paper"
 
@@ -57,7 +70,6 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
 
-@pytest.mark.own_process
 def test_every_experiment_runs_into_its_own_folder_and_one_page_links_every_figure(paper: Path) -> None:
     assert sorted(p.name for p in paper.iterdir() if p.is_dir()) == sorted(EXPERIMENTS)
     assert all(manifest(paper / name)["status"] == "complete" for name in EXPERIMENTS)
@@ -68,7 +80,6 @@ def test_every_experiment_runs_into_its_own_folder_and_one_page_links_every_figu
     assert all(f'href="{name}/index.html"' in page for name in EXPERIMENTS)
 
 
-@pytest.mark.own_process
 def test_residual_stream_reads_every_layer(paper: Path) -> None:
     folder = paper / "paper_residual_stream"
     rows = read_rows(folder / "similarity.csv")
@@ -78,7 +89,6 @@ def test_residual_stream_reads_every_layer(paper: Path) -> None:
     assert all(r["lens"] == "diffusion" and r["file"] for r in rows)  # every layer decoded
 
 
-@pytest.mark.own_process
 def test_top_heads_ranks_every_head_and_decodes_the_ten_best(paper: Path) -> None:
     """debug=tiny shrinks the models only: every head of every layer (4 x 4) is ranked and the top 10
     (decode.top_k=10) decoded, not the default heads of layer 30."""
@@ -92,7 +102,6 @@ def test_top_heads_ranks_every_head_and_decodes_the_ten_best(paper: Path) -> Non
         assert all((folder / r["file"]).is_file() for r in group if r["file"])
 
 
-@pytest.mark.own_process
 def test_dl_vs_dsl_shows_the_same_heads_through_both_lenses_in_one_grid(paper: Path) -> None:
     folder = paper / "paper_dl_vs_dsl"
     assert manifest(folder)["kind"] == "sweep" and manifest(folder)["status"] == "complete"
@@ -105,7 +114,6 @@ def test_dl_vs_dsl_shows_the_same_heads_through_both_lenses_in_one_grid(paper: P
         assert grid.is_file() and f"grids/{grid.name}" in manifest(folder)["figures"]
 
 
-@pytest.mark.own_process
 def test_head_importance_runs_both_ablations_over_every_head(paper: Path) -> None:
     folder = paper / "paper_head_importance"
     rows = read_rows(folder / "study_head_importance.csv")
@@ -119,7 +127,6 @@ def test_head_importance_runs_both_ablations_over_every_head(paper: Path) -> Non
     assert (folder / "plots" / "head_importance.png").is_file()
 
 
-@pytest.mark.own_process
 def test_overlay_removal_orders_and_fades(paper: Path) -> None:
     folder = paper / "paper_overlay_removal"
     rows = read_rows(folder / "study_overlay_removal.csv")
@@ -133,7 +140,6 @@ def test_overlay_removal_orders_and_fades(paper: Path) -> None:
         assert decoded == [f"{o}_{s:03d}.png" for o in ("direct", "dsl", "greedy", "random") for s in (0, 5, 10, 16)]
 
 
-@pytest.mark.own_process
 def test_logit_lens_names_every_layer_and_decodes_nothing(paper: Path) -> None:
     folder = paper / "paper_logit_lens"
     labels = read_rows(folder / "labels.csv")
