@@ -64,6 +64,15 @@ def pytest_collection_modifyitems(config, items) -> None:
         for item in items:
             if reason and item.get_closest_marker(mark):
                 item.add_marker(pytest.mark.skip(reason=reason))
+    items.sort(key=lambda item: LONGEST_FIRST.get(item.path.stem, len(LONGEST_FIRST)))  # stable: file order kept
+
+
+# The modules that take longest (2026-12-06, 2-core machine), first: with `-n 2 --dist loadscope` a module
+# runs on one worker, and one long module started last would leave the other worker idle at the end. SLURM's
+# tests mostly wait for submitit's polls, so they go first, beside the other worker's work.
+LONGEST_FIRST = {name: rank for rank, name in enumerate([
+    "test_slurm", "test_readme", "test_device_check", "test_sweeps", "test_resume", "test_run",
+    "test_run_folder", "test_decoder_families", "test_errors", "test_imports", "test_paper", "test_cli"])}
 
 
 @pytest.fixture(scope="module")
