@@ -579,22 +579,39 @@ class SteeringLens(Lens):
             "steering_path": f"hooked ({scored.encoder.readout_kind} readout)"}
         if not self.cfg.verify:
             return path
-        worst = self.verify(scored)
-        tolerance = 1e-4 if scored.encoder.dtype == torch.float32 else 5e-2
-        if worst > tolerance:
-            log.warning("lens.verify: closed form and hooked reference differ by %.3g (> %g)", worst, tolerance)
-        return {**path, "verify_max_abs_diff": worst, "verify_ok": worst <= tolerance}
+        worst_abs, worst_rel = self.verify(scored)
+        tolerance = VERIFY_TOLERANCE[scored.encoder.dtype == torch.float32]
+        if worst_rel > tolerance:
+            log.warning("lens.verify: closed form and hooked reference differ by %.3g of the embedding's norm (> %g)",
+                        worst_rel, tolerance)
+        return {**path, "verify_max_abs_diff": worst_abs, "verify_max_rel_diff": worst_rel,
+                "verify_ok": worst_rel <= tolerance}
 
-    def verify(self, scored: ScoredImages) -> float:
-        """Largest |closed form - hooked reference| over all images and components."""
-        worst, encoder = 0.0, scored.encoder
+    def verify(self, scored: ScoredImages) -> tuple[float, float]:
+        """The largest gaps between the closed form and the hooked reference over all images and components:
+        (max |closed - hooked|, max ||closed - hooked|| / ||hooked||)."""
+        worst_abs = worst_rel = 0.0
+        encoder = scored.encoder
         with tqdm(scored.embeds, desc="verify", unit="img") as bar:  # closed on an error too
             for name, embeds in bar:
                 pixels = scored.pixels(name)
                 for k, comp in enumerate(scored.components):
                     hooked = encoder.steer_hooked(pixels, comp, mode=self.cfg.mode, alpha=float(self.cfg.alpha))
-                    worst = max(worst, (hooked[0].float().cpu() - embeds[k]).abs().max().item())
-        return worst
+                    gap_abs, gap_rel = verify_gap(hooked[0].float().cpu(), embeds[k])
+                    worst_abs, worst_rel = max(worst_abs, gap_abs), max(worst_rel, gap_rel)
+        return worst_abs, worst_rel
+
+
+# lens.verify's tolerance on ||closed - hooked|| / ||hooked||, by [encoder in float32]. bf16 rounds each
+# layer's output to 8 bits of mantissa, so the two paths drift apart in proportion to the embedding's size
+# (docs/benchmarks.md: relative gaps measured in bf16); an absolute bound failed correct bigG runs.
+VERIFY_TOLERANCE = {True: 1e-5, False: 3e-2}
+
+
+def verify_gap(hooked: torch.Tensor, closed: torch.Tensor) -> tuple[float, float]:
+    """(max |closed - hooked|, ||closed - hooked|| / ||hooked||) of one embedding `[d_embed]`."""
+    gap = closed.float() - hooked.float()
+    return gap.abs().max().item(), (gap.norm() / hooked.float().norm().clamp_min(1e-12)).item()
 
 
 @register

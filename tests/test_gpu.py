@@ -158,6 +158,7 @@ def test_verify_on_the_gpu(tmp_path: Path, dtype: str, record_property) -> None:
     manifest = _dsl_run(tmp_path, "lens=steering", "component=all", "lens.verify=true", f"encoder.dtype={dtype}",
                         f"decode.dtype={dtype}")
     record_property("verify_max_abs_diff", manifest["verify_max_abs_diff"])
+    record_property("verify_max_rel_diff", manifest["verify_max_rel_diff"])
     assert manifest["verify_ok"] is True and manifest["status"] == "complete"
     assert manifest["encoder_dtype"] == dtype and manifest["decoder_dtype"] == dtype
 
