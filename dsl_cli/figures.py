@@ -464,8 +464,15 @@ def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]
     picture = open_picture(RunFolder(run_dir).input_picture(image), run_dir).convert("RGB")
     columns = min(LOOK_COLUMNS, len(heads))
     rows = math.ceil(len(heads) / columns)
-    fig, axes = plt.subplots(rows, 2 * columns, figsize=(3.2 * columns + 0.8, 1.75 * rows + 0.6), squeeze=False,
-                             layout="constrained")
+    width = 3.2 * columns + 0.8
+    title = textwrap.fill(title, int(width * 13))  # about 13 characters an inch at 9 points
+    band = 0.5 + 0.16 * (title.count("\n") + 1)  # the title's band and the panels' titles, in inches
+    height = 1.75 * rows + 0.22 + band
+    fig, axes = plt.subplots(rows, 2 * columns, figsize=(width, height), squeeze=False)
+    # a fixed layout in inches (title band, colour-bar band): constrained layout measured every hidden tick of
+    # every panel and took two thirds of a run's figure time
+    fig.subplots_adjust(left=0.1 / width, right=1 - 1.2 / width, bottom=0.1 / height, top=1 - band / height,
+                        wspace=0.06, hspace=0.3)  # the colour bar's axes below take the same band
     for axis in axes.flat:
         axis.axis("off")
     shares = [share_grid(patch_row) for patch_row, _ in heads]
@@ -476,10 +483,13 @@ def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]
         if row and row["file"]:
             right.imshow(open_picture(run_dir / row["file"], run_dir))
             right.set_title(f"{row['lens']} lens picture", fontsize=7)
-    bar = fig.colorbar(shown, ax=axes, shrink=min(1.0, 3.0 / rows), aspect=25)
+    bottom, top = 0.1 / height, 1 - band / height  # the panels' band, as shares of the figure
+    span = min(1.0, 3.0 / rows) * (top - bottom)  # the colour bar: beside the panels, at most 3 rows high
+    bar = fig.colorbar(shown, cax=fig.add_axes((1 - 1.05 / width, bottom + (top - bottom - span) / 2, 0.12 / width,
+                                                span)))
     bar.set_label("share of the head's write per patch\n(red adds to it, blue takes from it)", fontsize=7)
     bar.ax.tick_params(labelsize=7)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=9, y=1 - 0.08 / height, va="top")
     return fig
 
 
