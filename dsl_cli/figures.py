@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import sys
 import textwrap
 from contextlib import contextmanager
 from pathlib import Path
@@ -508,8 +510,10 @@ def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[
     return written
 
 
-def redraw(run_dir: Path) -> list[Path]:
-    """Draw every grid, heatmap and label plot of a run from its files alone (no model, no GPU)."""
+def redraw(run_dir: Path, workers: int | None = None) -> list[Path]:
+    """Draw every grid, heatmap, label plot, seed grid and 'where it looks' figure of a run from its files
+    alone (no model, no GPU): the heatmaps (one colour scale for every image) and each image's own figures as
+    separate jobs, on `workers` processes (default: the cores this process may use)."""
     folder = RunFolder(run_dir)
     if not folder.csv(SIMILARITY).is_file():
         raise UserError(f"{run_dir}: no similarity.csv here; give the folder of a dsl run")
@@ -517,14 +521,48 @@ def redraw(run_dir: Path) -> list[Path]:
     if not rows:
         raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
     with drawn_from_files(run_dir):
-        written = draw_grids(run_dir, rows) + draw_heatmaps(run_dir, rows)
-        if folder.csv(LABELS).is_file():
-            written += draw_label_plots(run_dir, folder.read(LABELS))
-        if folder.csv(SEEDS).is_file() or folder.csv(BASELINES).is_file():
-            written += draw_seed_grids(run_dir, rows, folder.read(SEEDS), folder.read(BASELINES))
-        if folder.csv(PATCHES).is_file():
-            written += draw_looks(run_dir, rows, folder.read(PATCHES))
-    return written
+        tables = {name: folder.read(table) if folder.csv(table).is_file() else None
+                  for name, table in (("labels", LABELS), ("seeds", SEEDS), ("baselines", BASELINES),
+                                      ("patches", PATCHES))}
+        jobs = [(run_dir, None, rows, tables)] + [
+            (run_dir, image, [r for r in rows if r["image"] == image],
+             {name: None if t is None else [r for r in t if r["image"] == image] for name, t in tables.items()})
+            for image in dict.fromkeys(r["image"] for r in rows)]
+        drawn = in_parallel(_draw_job, jobs, workers)
+    return [path for kind in FIGURE_KINDS for part in drawn for path in part.get(kind, [])]
+
+
+FIGURE_KINDS = ("grids", "heatmaps", "labels", "seeds", "looks")  # the order `redraw` lists its figures in
+
+
+def _draw_job(run_dir: Path, image: str | None, rows: list[dict], tables: dict) -> dict[str, list[Path]]:
+    """One job of `redraw`: the heatmaps of every image (image None), or one image's other figures."""
+    if image is None:
+        return {"heatmaps": draw_heatmaps(run_dir, rows)}
+    drawn = {"grids": draw_grids(run_dir, rows)}
+    if tables["labels"] is not None:
+        drawn["labels"] = draw_label_plots(run_dir, tables["labels"])
+    if tables["seeds"] is not None or tables["baselines"] is not None:
+        drawn["seeds"] = draw_seed_grids(run_dir, rows, tables["seeds"] or [], tables["baselines"] or [])
+    if tables["patches"] is not None:
+        drawn["looks"] = draw_looks(run_dir, rows, tables["patches"])
+    return drawn
+
+
+def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list:
+    """[function(*job) for job in jobs], on up to `workers` forked processes (default: the cores this process
+    may use): figures are drawn on one core each, and a run of many images drew them one after another. The
+    forks only draw with matplotlib and PIL (never CUDA, which a fork cannot use); where fork is not the
+    platform's way (macOS, Windows), or for a single job, they run here."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1  # SLURM's share, not the node's
+    workers = min(len(jobs), workers or cores)
+    if workers <= 1 or sys.platform != "linux":
+        return [function(*job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(function, *zip(*jobs)))
 
 
 @contextmanager

@@ -405,3 +405,19 @@ def test_decode_seeds_pictures_spread_and_baselines(tmp_path: Path) -> None:
     for image in ("astronaut", "chelsea"):
         assert (three / "grids" / f"{image}_steering_seeds.png").is_file()
     assert not (one / "seeds.csv").exists() and read_rows(one)[0]["sim_decoded_mean"] == ""
+
+
+def test_figures_drawn_on_several_processes_are_the_figures_drawn_in_one(runs: dict[str, Path], tmp_path: Path) -> None:
+    """`redraw` draws the heatmaps and each image's figures as jobs on forked processes: the same files, byte
+    for byte, listed in the same order, as drawn one after another here."""
+    from dsl_cli.figures import redraw
+
+    drawn = {}
+    for workers in (1, 3):
+        folder = shutil.copytree(runs["steering"], tmp_path / str(workers))
+        for kind in ("grids", "heatmaps", "looks", "plots"):
+            shutil.rmtree(folder / kind, ignore_errors=True)
+        listed = [p.relative_to(folder) for p in redraw(folder, workers=workers)]
+        drawn[workers] = listed, {p: (folder / p).read_bytes() for p in listed}
+    assert len(drawn[1][0]) > 3 and len({p.parts[0] for p in drawn[1][0]}) >= 2
+    assert drawn[3] == drawn[1]
