@@ -561,8 +561,21 @@ def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_leave_stop_signals_to_the_parent)
+    try:
         return list(pool.map(function, *zip(*jobs)))
+    finally:  # on Ctrl-C or an error, the jobs not started are dropped; running ones end in seconds
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _leave_stop_signals_to_the_parent() -> None:
+    """In a drawing process: Ctrl-C, SIGTERM and SIGHUP reach the whole process group, and the parent says
+    the one line about them; a worker would print a traceback of its own."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 @contextmanager

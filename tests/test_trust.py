@@ -344,6 +344,27 @@ def test_sigterm_just_after_the_claim_leaves_a_folder_to_reuse(tmp_path: Path) -
         RunFolder(folder).release()
 
 
+@pytest.mark.own_process
+def test_ctrl_c_while_figures_are_drawn_on_several_processes_is_one_line(decoded_run: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group, the drawing processes too: the parent says its one line, no
+    drawing process prints a traceback, and none outlives the command."""
+    folder = shutil.copytree(decoded_run, tmp_path / "run")
+    for kind in ("grids", "heatmaps", "looks"):
+        shutil.rmtree(folder / kind, ignore_errors=True)
+    process = subprocess.Popen([str(Path(sys.executable).parent / "dsl"), "plot", str(folder)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(folder.glob("*/*.png")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.strip()]) <= 2, err
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # no process of the group is left
+
+
 # ------------------------------------------------------------------ names and repairs
 
 
