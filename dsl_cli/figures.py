@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import io
 import math
+import multiprocessing
 import os
+import signal
 import sys
 import textwrap
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -524,10 +527,11 @@ def redraw(run_dir: Path, workers: int | None = None) -> list[Path]:
         tables = {name: folder.read(table) if folder.csv(table).is_file() else None
                   for name, table in (("labels", LABELS), ("seeds", SEEDS), ("baselines", BASELINES),
                                       ("patches", PATCHES))}
+        by_image = {name: None if t is None else group_rows(t, ("image",)) for name, t in tables.items()}
         jobs = [(run_dir, None, rows, tables)] + [
-            (run_dir, image, [r for r in rows if r["image"] == image],
-             {name: None if t is None else [r for r in t if r["image"] == image] for name, t in tables.items()})
-            for image in dict.fromkeys(r["image"] for r in rows)]
+            (run_dir, image, image_rows,
+             {name: None if t is None else t.get((image,), []) for name, t in by_image.items()})
+            for (image,), image_rows in group_rows(rows, ("image",)).items()]
         drawn = in_parallel(_draw_job, jobs, workers)
     return [path for kind in FIGURE_KINDS for part in drawn for path in part.get(kind, [])]
 
@@ -558,9 +562,6 @@ def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list
     workers = min(len(jobs), workers or cores)
     if workers <= 1 or sys.platform != "linux":
         return [function(*job) for job in jobs]
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_leave_stop_signals_to_the_parent)
     try:
@@ -572,8 +573,6 @@ def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list
 def _leave_stop_signals_to_the_parent() -> None:
     """In a drawing process: Ctrl-C, SIGTERM and SIGHUP reach the whole process group, and the parent says
     the one line about them; a worker would print a traceback of its own."""
-    import signal
-
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
 

@@ -27,16 +27,20 @@ benchmarks' own JSON files go to a working folder (`--work`, default a temporary
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
+import importlib
 import json
 import os
 import platform
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -133,8 +137,6 @@ def preload_for_dry_run(check: Check) -> None:
     imports are imported here once, with the steps' environment set first, since some read it when imported;
     on 2 CPU cores that is seconds saved per step."""
     os.environ.update(step_env(check))
-    import importlib
-
     for library in PRELOADED:
         importlib.import_module(library)
 
@@ -154,8 +156,6 @@ def fork_step(argv: list[str], log_fd: int) -> int:
         for target, fd in ((0, null), (1, log_fd), (2, log_fd)):
             os.dup2(fd, target)
         os.chdir(REPO)
-        import runpy
-
         if argv[1] == "-m":
             sys.argv = [argv[2], *argv[3:]]
             runpy.run_module(argv[2], run_name="__main__", alter_sys=True)
@@ -169,12 +169,8 @@ def fork_step(argv: list[str], log_fd: int) -> int:
         if not isinstance(end.code, (int, type(None))):
             print(end.code, file=sys.stderr)
     except BaseException:  # noqa: BLE001 - the step's traceback goes to the log, as a process's would
-        import traceback
-
         traceback.print_exc()
     finally:
-        import atexit
-
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
