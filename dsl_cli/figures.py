@@ -528,7 +528,7 @@ def redraw(run_dir: Path, workers: int | None = None) -> list[Path]:
                   for name, table in (("labels", LABELS), ("seeds", SEEDS), ("baselines", BASELINES),
                                       ("patches", PATCHES))}
         by_image = {name: None if t is None else group_rows(t, ("image",)) for name, t in tables.items()}
-        jobs = [(run_dir, None, rows, tables)] + [
+        jobs = [(run_dir, None, rows, {})] + [  # the heatmaps need no other table
             (run_dir, image, image_rows,
              {name: None if t is None else t.get((image,), []) for name, t in by_image.items()})
             for (image,), image_rows in group_rows(rows, ("image",)).items()]
