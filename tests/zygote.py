@@ -168,12 +168,10 @@ class ForkedProcess:
         return line.decode()
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            line = self._line(0)
-            if line is not None:
-                self.returncode = os.waitstatus_to_exitcode(int(line))
-                self._channel.close()
-        return self.returncode
+        try:
+            return self.wait(0)
+        except subprocess.TimeoutExpired:
+            return None
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
@@ -184,7 +182,7 @@ class ForkedProcess:
             self._channel.close()
         return self.returncode
 
-    def communicate(self, input=None, timeout: float | None = None):  # noqa: A002 - Popen's name
+    def communicate(self, timeout: float | None = None):
         """Read stdout and stderr to their ends (threads, as Popen does without poll) and wait."""
         found: dict[str, object] = {}
         readers = [threading.Thread(target=lambda n=name, s=stream: found.__setitem__(n, s.read()), daemon=True)
@@ -206,20 +204,8 @@ class ForkedProcess:
         if self.poll() is None:
             os.kill(self.pid, signum)
 
-    def terminate(self) -> None:
-        self.send_signal(15)
-
     def kill(self) -> None:
         self.send_signal(9)
-
-    def __enter__(self) -> ForkedProcess:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for stream in (self.stdout, self.stderr):
-            if stream is not None:
-                stream.close()
-        self.wait()
 
 
 def _stream(spec, fd: int, ours: list[int]) -> tuple[int, int | None]:
@@ -261,7 +247,7 @@ def popen(args: list[str], *, cwd=None, env: dict[str, str] | None = None, stdou
     return ForkedProcess(list(args), channel, reader(out_read), reader(err_read))
 
 
-def run(args: list[str], *, capture_output: bool = False, timeout: float | None = None, check: bool = False,
+def run(args: list[str], *, capture_output: bool = False, timeout: float | None = None,
         **kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(args, ...)` through `popen`."""
     if capture_output:
@@ -273,6 +259,4 @@ def run(args: list[str], *, capture_output: bool = False, timeout: float | None 
         process.kill()
         process.communicate()
         raise
-    if check and process.returncode:
-        raise subprocess.CalledProcessError(process.returncode, args, out, err)
     return subprocess.CompletedProcess(args, process.returncode, out, err)
