@@ -18,6 +18,20 @@ from dsl_cli.images import InputImage
 from helpers import TINY_HEADS
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker's torch, and every dsl process it starts (they inherit the environment),
+    uses its share of the cores, not all of them: with two workers of two threads each on 2 cores, a tiny run
+    took 3x as long as alone (OpenMP threads waiting for each other); with one thread each, 1.5x."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
+
+
 @pytest.fixture
 def tiny_visual():
     """The tiny open_clip VisionTransformer (image 64, patch 16, width 64, 4 layers, 4 heads, embed 32),
