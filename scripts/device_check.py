@@ -236,7 +236,9 @@ def memory_argv(check: Check, name: str) -> list[str]:
     base = [sys.executable, str(BENCH / "bench_memory.py"), "--json", str(check.work / f"{name}.json"),
             "--folder", str(check.work / name)]
     if check.dry:
-        return base + ["--dry-run", "--only", "logit_built,logit_kept,steering"]
+        # a logit-lens case (the classifier's path) and the DSL one; with the tiny models `logit_kept` is
+        # `logit_built` again (a tiny classifier is never kept)
+        return base + ["--dry-run", "--only", "logit_built,steering", "--markdown", str(check.work / f"{name}.md")]
     return base + ["--device", "cuda", "--gpu-limit-gb", "24"]
 
 

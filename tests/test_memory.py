@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -468,23 +467,6 @@ def test_an_encoder_waits_on_the_cpu_when_the_gpu_is_short(monkeypatch) -> None:
     with memory.visiting(encoder, torch.device("cpu"), idle=decoder):  # already there
         pass
     assert moves == []
-
-
-@pytest.mark.own_process
-def test_the_memory_benchmark_measures_a_run_in_its_own_process(tmp_path: Path) -> None:
-    """scripts/bench_memory.py --dry-run (the tiny models): one case, its peak and the table."""
-    import subprocess
-
-    script = Path(__file__).parents[1] / "scripts" / "bench_memory.py"
-    result = subprocess.run([sys.executable, str(script), "--dry-run", "--only", "logit_kept", "--folder",
-                             str(tmp_path / "runs"), "--json", str(tmp_path / "out.json"), "--markdown",
-                             str(tmp_path / "out.md")], capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (case,) = json.loads((tmp_path / "out.json").read_text())
-    assert case["case"] == "logit_kept" and case["exit"] == 0 and case["classifier"] == "built"  # tiny: never kept
-    assert 0.3 * GB < case["host_peak_bytes"] < 4 * GB  # a tiny run: python, torch and the libraries
-    assert {"images", "classifier", "encoder", "lens", "write"} <= set(case["stage_seconds"])
-    assert "| logit_kept | logit lens, classifier kept" in (tmp_path / "out.md").read_text()
 
 
 def test_the_memory_benchmark_names_the_smallest_card_and_never_reuses_a_run_folder(tmp_path: Path,
