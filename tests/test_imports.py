@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import zygote  # dsl processes forked after the model libraries' imports (tests/zygote.py)
 
 pytestmark = pytest.mark.own_process
 
@@ -59,13 +60,11 @@ def light(*args: str, cwd: Path, script: bool = False) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory) -> Path:
-    """A finished one-job --multirun of the tiny models (its job, `0/`, is an ordinary run folder), made by
-    `dsl_cli.cli.main` in a process of its own."""
+    """A finished one-job --multirun of the tiny models (its job, `0/`, is an ordinary run folder), made by a
+    `dsl` process of its own (forked after the libraries' imports: tests/zygote.py), not this one."""
     folder = tmp_path_factory.mktemp("light") / "sweep"
-    args = ["run", "--multirun", "debug=tiny", "images.limit=2", "decode.top_k=2", f"hydra.sweep.dir={folder}"]
-    code = f"import sys; from dsl_cli.cli import main; sys.exit(main({args!r}))"
-    made = subprocess.run([sys.executable, "-c", code], cwd=folder.parent, capture_output=True, text=True,
-                          timeout=600)
+    made = zygote.run([zygote.DSL, "run", "--multirun", "debug=tiny", "images.limit=2", "decode.top_k=2",
+                       f"hydra.sweep.dir={folder}"], cwd=folder.parent, capture_output=True, text=True, timeout=600)
     assert made.returncode == 0, made.stderr[-3000:]
     assert (folder / "0" / "similarity.csv").is_file() and (folder / "multirun.yaml").is_file()
     return folder
