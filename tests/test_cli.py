@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import zygote
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
@@ -20,8 +21,9 @@ CONFIGS = Path(__file__).parents[1] / "dsl_cli" / "configs"
 
 
 def dsl(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The installed console script, as a user runs it."""
-    return subprocess.run([DSL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    """The installed console script, as a user runs it, in a process of its own (forked after the model
+    libraries' imports: tests/zygote.py; test_imports.py checks what a fresh one imports)."""
+    return zygote.run([DSL, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 def run_folders(root: Path) -> list[Path]:
