@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from dsl_cli import __version__
-from dsl_cli.errors import Interrupted, UserError, bug_message, report
+from dsl_cli.errors import Interrupted, UserError, bug_message, clear_stops, report, stop
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
@@ -232,6 +232,7 @@ def _command(name: str) -> Callable[[list[str]], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    clear_stops()
     previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
     try:
         return _dispatch(sys.argv[1:] if argv is None else list(argv))
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # a signal outside a run's job (which records its own): one line
         return _interrupted(err)
     finally:
+        clear_stops()  # handled: the next command in this process (a test's, a notebook's) starts with none
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -250,7 +252,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 def _interrupt(signum: int, frame) -> None:
     """From main's first instruction on, SIGTERM and SIGHUP stop dsl as Ctrl-C does (`Interrupted`)."""
-    raise Interrupted(signum)
+    stop(signum)
 
 
 def _interrupted(err: KeyboardInterrupt) -> int:

@@ -39,6 +39,28 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+_stops: list[int] = []  # the stop signals this process's command has received
+
+
+def stop(signum: int) -> None:
+    """What a stop signal's handler does: note the signal, then raise `Interrupted`. A library may swallow the
+    exception (a bare `except:` around an optional import, while dsl's imports run in the first seconds);
+    `raise_if_stopped` raises it again where dsl's own code goes on."""
+    _stops.append(signum)
+    raise Interrupted(signum)
+
+
+def raise_if_stopped() -> None:
+    """Raise `Interrupted` again for a stop signal whose exception something swallowed."""
+    if _stops:
+        raise Interrupted(_stops[-1])
+
+
+def clear_stops() -> None:
+    """A new command in this process (the tests' and a notebook's in-process `dsl`) starts with none."""
+    _stops.clear()
+
+
 def printable(text: str) -> str:
     """`text` with every character a terminal would act on (newline, escape sequences, bidi overrides,
     undecodable bytes) written as a Python escape, so that a file name cannot forge output."""

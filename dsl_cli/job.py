@@ -23,7 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dsl_cli.errors import Interrupted, UserError, bug_message, printable, report
+from dsl_cli.errors import Interrupted, UserError, bug_message, printable, raise_if_stopped, report, stop
 from dsl_cli.logs import close_file_logs
 from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes
 from dsl_cli.resumption import requeued_run, resumes
@@ -77,7 +77,7 @@ def stop_signals_interrupt() -> Iterator[None]:
     """While the job runs, SIGTERM and SIGHUP stop it as Ctrl-C does (an `Interrupted` exception), so that
     finally-blocks run, temporaries go and the manifest says `interrupted`."""
     def interrupt(signum: int, frame) -> None:
-        raise Interrupted(signum)
+        stop(signum)
 
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, *STOP_SIGNALS)}
     try:
@@ -93,6 +93,7 @@ def task(cfg: DictConfig) -> None:
     from dsl_cli.run import run  # the model libraries load only when a job runs
 
     route_library_logs()  # after importing run: the libraries set up their loggers when imported
+    raise_if_stopped()  # a Ctrl-C during those seconds of imports that a library's `except:` swallowed
     hydra_cfg = HydraConfig.get()
     folder = RunFolder(Path(hydra_cfg.runtime.output_dir))
     sweep = hydra_cfg.mode == RunMode.MULTIRUN

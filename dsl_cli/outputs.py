@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, TypedDict, get_args, get_type_hints
 
 from PIL import Image
 
-from dsl_cli.errors import UserError, printable
+from dsl_cli.errors import UserError, printable, raise_if_stopped
 
 log = logging.getLogger("dsl_cli.outputs")
 
@@ -303,7 +303,9 @@ class Manifest:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage; record it as done (with its seconds) when it finishes."""
+        """Time a stage; record it as done (with its seconds) when it finishes. A stop signal that something
+        swallowed is raised again before a stage starts."""
+        raise_if_stopped()
         start = time.perf_counter()
         yield
         self.data.setdefault("seconds", {})[name] = round(time.perf_counter() - start, 3)
