@@ -358,7 +358,7 @@ def _draw_block(axis, bar, values: np.ndarray, names: list[str], layers: list[in
                       color="white" if dark_cell(value, limits) else "black")  # its cell: no room to make
     axis.set_xticks(range(len(names)), names, rotation=90 if len(names) > 1 else 0, fontsize=7)
     axis.set_yticks(range(len(layers)), [layer_label(l) for l in layers], fontsize=7)
-    axis.set_title(kind, fontsize=8)
+    axis.set_title(kind, fontsize=8, y=1.0)
     if limits:
         axis.figure.colorbar(shown, cax=bar, ticks=MaxNLocator(nbins=4)).ax.tick_params(labelsize=7)
     else:
@@ -457,7 +457,7 @@ def _look_panel(axis, picture: Image.Image, shares: np.ndarray, title: str, limi
     axis.imshow(picture)
     shown = axis.imshow(shares, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.55, interpolation="nearest",
                         extent=(0, picture.width, picture.height, 0))
-    axis.set_title(title, fontsize=7)
+    axis.set_title(title, fontsize=7, y=1.0)
     axis.axis("off")
     return shown
 
@@ -487,7 +487,7 @@ def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]
         shown = _look_panel(left, picture, grid, f"{patch_row['component']}: where it looks", limit)
         if row and row["file"]:
             right.imshow(open_picture(run_dir / row["file"], run_dir))
-            right.set_title(f"{row['lens']} lens picture", fontsize=7)
+            right.set_title(f"{row['lens']} lens picture", fontsize=7, y=1.0)
     bottom, top = 0.1 / height, 1 - band / height  # the panels' band, as shares of the figure
     span = min(1.0, 3.0 / rows) * (top - bottom)  # the colour bar: beside the panels, at most 3 rows high
     bar = fig.colorbar(shown, cax=fig.add_axes((1 - 1.05 / width, bottom + (top - bottom - span) / 2, 0.12 / width,
