@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import textwrap
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -513,36 +513,95 @@ def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[
     return written
 
 
-def redraw(run_dir: Path, workers: int | None = None) -> list[Path]:
+def redraw(run_dir: Path, workers: int | None = None, early: "EarlyFigures | None" = None) -> list[Path]:
     """Draw every grid, heatmap, label plot, seed grid and 'where it looks' figure of a run from its files
     alone (no model, no GPU): the heatmaps (one colour scale for every image) and each image's own figures as
-    separate jobs, on `workers` processes (default: the cores this process may use)."""
+    separate jobs, on `workers` processes (default: the cores this process may use). The images whose figures
+    `early` drew while the run decoded are not drawn again."""
     folder = RunFolder(run_dir)
     if not folder.csv(SIMILARITY).is_file():
         raise UserError(f"{run_dir}: no similarity.csv here; give the folder of a dsl run")
     rows = folder.read(SIMILARITY)
     if not rows:
         raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
+    done = early.results() if early is not None else {}
     with drawn_from_files(run_dir):
-        tables = {name: folder.read(table) if folder.csv(table).is_file() else None
-                  for name, table in (("labels", LABELS), ("seeds", SEEDS), ("baselines", BASELINES),
-                                      ("patches", PATCHES))}
-        by_image = {name: None if t is None else group_rows(t, ("image",)) for name, t in tables.items()}
-        jobs = [(run_dir, None, rows, {})] + [  # the heatmaps need no other table
-            (run_dir, image, image_rows,
-             {name: None if t is None else t.get((image,), []) for name, t in by_image.items()})
-            for (image,), image_rows in group_rows(rows, ("image",)).items()]
-        drawn = in_parallel(_draw_job, jobs, workers)
-    return [path for kind in FIGURE_KINDS for part in drawn for path in part.get(kind, [])]
+        by_image, tables = group_rows(rows, ("image",)), tables_by_image(folder)
+        limits = shared_limits(rows)  # one colour scale for every image's heatmap, drawn in several jobs
+        heatmaps = [(run_dir, None, chunk, {"limits": limits}) for chunk in _split(list(by_image.values()), workers)]
+        jobs = heatmaps + [(run_dir, image, image_rows, image_tables(tables, image))
+                           for (image,), image_rows in by_image.items() if image not in done]
+        drawn = iter(in_parallel(_draw_job, jobs, workers))
+        parts = [next(drawn) for _ in heatmaps] + [done[image] if image in done else next(drawn)
+                                                   for (image,) in by_image]
+    return [path for kind in FIGURE_KINDS for part in parts for path in part.get(kind, [])]
+
+
+def _split(groups: list[list[dict]], workers: int | None) -> list[list[dict]]:
+    """The images' row groups joined into one consecutive chunk per worker (at most one per image)."""
+    count = max(1, min(len(groups), workers or usable_cores()))
+    size = math.ceil(len(groups) / count)
+    return [[row for group in groups[start:start + size] for row in group] for start in range(0, len(groups), size)]
+
+
+def tables_by_image(folder: RunFolder) -> dict[str, dict[tuple, list[dict]] | None]:
+    """The tables beside similarity.csv that an image's figures show, each grouped by image (None: the run
+    has no such table)."""
+    return {name: group_rows(folder.read(table), ("image",)) if folder.csv(table).is_file() else None
+            for name, table in (("labels", LABELS), ("seeds", SEEDS), ("baselines", BASELINES), ("patches", PATCHES))}
+
+
+def image_tables(tables: dict[str, dict[tuple, list[dict]] | None], image: str) -> dict[str, list[dict] | None]:
+    """One image's rows of each of `tables_by_image`."""
+    return {name: None if t is None else t.get((image,), []) for name, t in tables.items()}
+
+
+class EarlyFigures:
+    """Each image's own figures (grids, label plot, 'where it looks'), drawn in a forked process as soon as
+    the image's last picture is decoded, while the run decodes the next images' pictures: the figures that
+    need every image (the heatmaps share one colour scale) are all that is left at the end. Off Linux (no
+    fork) it draws nothing early. Use as a context manager: on an error or Ctrl-C, drawings not started
+    are dropped."""
+
+    def __init__(self, run_dir: Path, workers: int | None = None):
+        self.run_dir = run_dir
+        # half the cores: the decoding goes on beside it (on the CPU, with torch's threads)
+        self.pool = (ProcessPoolExecutor(workers or max(1, usable_cores() // 2), mp_context=multiprocessing.get_context("fork"),
+                                         initializer=_leave_stop_signals_to_the_parent)
+                     if sys.platform == "linux" else None)
+        self.futures: dict[str, Future] = {}
+        self.tables: dict | None = None  # read at the first drawing: written before decoding, not during it
+
+    def __enter__(self) -> "EarlyFigures":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def draw(self, image: str, rows: list[dict]) -> None:
+        """Start drawing `image`'s figures from its final rows of similarity.csv (and the other tables' rows
+        of it, read now)."""
+        if self.pool is not None and image not in self.futures:
+            if self.tables is None:
+                self.tables = tables_by_image(RunFolder(self.run_dir))
+            self.futures[image] = self.pool.submit(_draw_job, self.run_dir, image, rows,
+                                                   image_tables(self.tables, image))
+
+    def results(self) -> dict[str, dict[str, list[Path]]]:
+        """Each early image's figures, once drawn (an error in a drawing is raised here)."""
+        with drawn_from_files(self.run_dir):
+            return {image: future.result() for image, future in self.futures.items()}
 
 
 FIGURE_KINDS = ("grids", "heatmaps", "labels", "seeds", "looks")  # the order `redraw` lists its figures in
 
 
 def _draw_job(run_dir: Path, image: str | None, rows: list[dict], tables: dict) -> dict[str, list[Path]]:
-    """One job of `redraw`: the heatmaps of every image (image None), or one image's other figures."""
+    """One job of `redraw`: the heatmaps of the images of `rows` on the scale tables["limits"] (image None), or
+    one image's other figures."""
     if image is None:
-        return {"heatmaps": draw_heatmaps(run_dir, rows)}
+        return {"heatmaps": draw_heatmaps(run_dir, rows, limits=tables["limits"])}
     drawn = {"grids": draw_grids(run_dir, rows)}
     if tables["labels"] is not None:
         drawn["labels"] = draw_label_plots(run_dir, tables["labels"])
@@ -553,13 +612,17 @@ def _draw_job(run_dir: Path, image: str | None, rows: list[dict], tables: dict) 
     return drawn
 
 
+def usable_cores() -> int:
+    """The cores this process may use: under SLURM its share, not the node's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
 def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list:
     """[function(*job) for job in jobs], on up to `workers` forked processes (default: the cores this process
     may use): figures are drawn on one core each, and a run of many images drew them one after another. The
     forks only draw with matplotlib and PIL (never CUDA, which a fork cannot use); where fork is not the
     platform's way (macOS, Windows), or for a single job, they run here."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1  # SLURM's share, not the node's
-    workers = min(len(jobs), workers or cores)
+    workers = min(len(jobs), workers or usable_cores())
     if workers <= 1 or sys.platform != "linux":
         return [function(*job) for job in jobs]
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),

@@ -312,3 +312,41 @@ def test_label_plot_is_legible(tmp_path: Path) -> None:
         figures.save_figure = real
     assert len(captured) == 1
     assert_legible(captured[0])
+
+
+# ---------------------------------------------------------------- figures drawn while the run decodes
+
+
+def figure_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for kind in figures.FIGURE_KINDS + ("plots",)
+            for p in sorted((run_dir / kind).glob("*.png"))}
+
+
+@pytest.mark.parametrize("rank_by", ["sim_embed", "sim_decoded"])
+def test_figures_drawn_while_decoding_equal_those_drawn_after(rank_by: str, tmp_path: Path, monkeypatch,
+                                                            capsys) -> None:
+    """Where the decoding runs on a GPU, each image's figures are drawn as soon as its last picture is written.
+    They are the bytes `dsl plot` draws from the finished run's files, whatever the ranking (by sim_decoded,
+    an image's ranks are final only once its pictures are), with components left undecoded (top_k)."""
+    import shutil
+
+    from dsl_cli import run
+    from helpers import dsl_in_process
+
+    started = []
+    draw = figures.EarlyFigures.draw
+    monkeypatch.setattr(run, "draws_while_decoding", lambda device: True)  # as on a GPU
+    monkeypatch.setattr(figures.EarlyFigures, "draw", lambda self, image, rows: started.append(image) or
+                        draw(self, image, rows))
+    args = ["run", "debug=tiny", "layer=1", "images.limit=3", "decode.top_k=3", "decode.batch_size=2",
+            f"lens.rank_by={rank_by}", "hydra.run.dir=run"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert started == ["astronaut", "chelsea", "coffee"]  # each once, in the order they finished decoding
+    shutil.copytree(tmp_path / "run", tmp_path / "copy")
+    for path in figure_bytes(tmp_path / "copy"):
+        (tmp_path / "copy" / path).unlink()
+    code, err = dsl_in_process(["plot", str(tmp_path / "copy")], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    drawn = figure_bytes(tmp_path / "run")
+    assert drawn == figure_bytes(tmp_path / "copy") and len(drawn) == 9  # a grid, heatmap, looks per image
