@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from dsl_cli import __version__
-from dsl_cli.errors import Interrupted, UserError, bug_message, clear_stops, report, stop
+from dsl_cli.errors import Interrupted, UserError, bug_message, catch_stop_signals, clear_stops, report, stop
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
@@ -233,7 +233,7 @@ def _command(name: str) -> Callable[[list[str]], int]:
 
 def main(argv: list[str] | None = None) -> int:
     clear_stops()
-    previous = {signum: signal.signal(signum, _interrupt) for signum in STOP_SIGNALS}
+    previous = catch_stop_signals(STOP_SIGNALS, _interrupt)
     try:
         return _dispatch(sys.argv[1:] if argv is None else list(argv))
     except BrokenPipeError:  # `dsl run --help | head`: the reader left; say nothing more

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 
 class UserError(Exception):
@@ -48,6 +48,14 @@ def stop(signum: int) -> None:
     `raise_if_stopped` raises it again where dsl's own code goes on."""
     _stops.append(signum)
     raise Interrupted(signum)
+
+
+def catch_stop_signals(signums: Sequence[int], handler) -> dict[int, Any]:
+    """Install `handler` for each of `signums` that is not ignored; return the handlers it replaced (to put
+    back). An ignored one stays ignored: `nohup dsl run ... &` ignores SIGHUP, a script's `dsl run ... &`
+    SIGINT, and the run must outlive the terminal, or a Ctrl-C meant for the script's foreground."""
+    return {signum: signal.signal(signum, handler) for signum in signums
+            if signal.getsignal(signum) is not signal.SIG_IGN}
 
 
 def raise_if_stopped() -> None:

@@ -23,7 +23,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dsl_cli.errors import Interrupted, UserError, bug_message, printable, raise_if_stopped, report, stop
+from dsl_cli.errors import (Interrupted, UserError, bug_message, catch_stop_signals, printable, raise_if_stopped,
+                             report, stop)
 from dsl_cli.logs import close_file_logs
 from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes
 from dsl_cli.resumption import requeued_run, resumes
@@ -79,7 +80,7 @@ def stop_signals_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame) -> None:
         stop(signum)
 
-    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, *STOP_SIGNALS)}
+    previous = catch_stop_signals((signal.SIGINT, *STOP_SIGNALS), interrupt)
     try:
         yield
     finally:

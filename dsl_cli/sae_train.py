@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dsl_cli.config import split_options
-from dsl_cli.errors import Interrupted, UserError
+from dsl_cli.errors import Interrupted, UserError, catch_stop_signals
 
 USAGE = """usage: dsl sae train [OVERRIDES...]   (the same overrides as `dsl run`, plus train.*)
 
@@ -264,8 +264,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         stop: dict[str, int] = {}
-        previous = {s: signal.signal(s, lambda signum, frame: stop.setdefault("signal", signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = catch_stop_signals((signal.SIGINT, signal.SIGTERM),
+                                      lambda signum, frame: stop.setdefault("signal", signum))
         try:
             with tqdm(total=self.s.total, initial=self.start, desc="sae train", unit="step") as bar:
                 for step in range(self.start, self.s.total):

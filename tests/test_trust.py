@@ -501,3 +501,22 @@ def test_readers_refuse_or_accept_random_names_and_values_and_touch_nothing_outs
     assert {k: v for k, v in snapshot(tmp_path / "box").items() if not k.startswith("run/")} == \
         {k: v for k, v in outside.items() if not k.startswith("run/")}
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "multirun.yaml", "similarity.csv"]
+
+
+@pytest.mark.own_process
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT])
+def test_a_signal_ignored_at_the_start_stays_ignored(signum: int, tmp_path: Path) -> None:
+    """`nohup dsl run ... &` starts dsl with SIGHUP ignored, so that the run outlives the terminal; a
+    script's `dsl run ... &` with SIGINT ignored. dsl leaves them ignored: the hangup does not stop the run."""
+    folder = tmp_path / "run"
+    process = subprocess.Popen([DSL, "run", "debug=tiny", "layer=1", "images.limit=1", "decode.steps=20",
+                                "decode.batch_size=1", f"hydra.run.dir={folder}"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
+    deadline = time.monotonic() + 120
+    while not list(folder.glob("images/*/*/*.png")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)  # mid-decoding: 1 of 5 pictures written
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode == 0, err
+    assert json.loads((folder / "manifest.json").read_text())["status"] == "complete"
