@@ -32,6 +32,21 @@ def _share_the_cores() -> None:
 _share_the_cores()
 
 
+def _stop_signals_not_ignored() -> None:
+    """The tests send Ctrl-C, SIGTERM and SIGHUP to dsl and expect it to stop. dsl leaves a signal that it
+    starts with ignored as it is (`nohup dsl run ... &`), and a shell ignores SIGINT in what it starts in the
+    background (`pytest ... &` in a script, as some CI runners do): the processes the tests start (which
+    inherit what is ignored) get the signals' usual meaning back here."""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_IGN:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+
+_stop_signals_not_ignored()
+
+
 @pytest.fixture
 def tiny_visual():
     """The tiny open_clip VisionTransformer (image 64, patch 16, width 64, 4 layers, 4 heads, embed 32),
