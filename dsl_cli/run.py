@@ -581,7 +581,7 @@ def _write_stage(cfg, folder: RunFolder, scored: list[Scored], csv_log: CsvLog, 
     with manifest.stage("write"):
         rows = seed_spread(folder.path, _finish_rows(cfg, sorted_rows(folder.read(SIMILARITY), scored)))
         csv_log.rewrite(rows)
-        figures = redraw(folder.path, early=early)
+        figures = redraw(folder.path, early=early) if early.futures else redraw(folder.path)
     manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     for line in best_components(rows, cfg.lens.rank_by):
         log.info("%s", line)

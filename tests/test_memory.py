@@ -314,9 +314,9 @@ def test_a_kept_classifier_builds_no_text_tower_and_a_built_one_is_released_firs
         encoders.append(weakref.ref(encoder))
         return encoder, preprocess
 
-    def drawn_without_models(folder):
+    def drawn_without_models(folder, **kwargs):
         assert encoders and encoders[-1]() is None, "the encoder is alive while the figures are drawn"
-        return redraw(folder)
+        return redraw(folder, **kwargs)
 
     monkeypatch.setattr(lenses, "load_text_model", watched_text_model)
     monkeypatch.setattr(run_module, "load_encoder", watched_encoder)
