@@ -232,7 +232,6 @@ def _command(name: str) -> Callable[[list[str]], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    clear_stops()
     previous = catch_stop_signals(STOP_SIGNALS, _interrupt)
     try:
         return _dispatch(sys.argv[1:] if argv is None else list(argv))

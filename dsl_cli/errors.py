@@ -65,7 +65,8 @@ def raise_if_stopped() -> None:
 
 
 def clear_stops() -> None:
-    """A new command in this process (the tests' and a notebook's in-process `dsl`) starts with none."""
+    """Once a command has handled its stop: the next one in this process (a test's, a notebook's in-process
+    `dsl`, a direct `run()`) starts with none."""
     _stops.clear()
 
 

@@ -524,14 +524,15 @@ def redraw(run_dir: Path, workers: int | None = None, early: "EarlyFigures | Non
     rows = folder.read(SIMILARITY)
     if not rows:
         raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
-    done = early.results() if early is not None else {}
+    started = set(early.futures) if early is not None else set()
     with drawn_from_files(run_dir):
         by_image, tables = group_rows(rows, ("image",)), tables_by_image(folder)
         limits = shared_limits(rows)  # one colour scale for every image's heatmap, drawn in several jobs
         heatmaps = [(run_dir, None, chunk, {"limits": limits}) for chunk in _split(list(by_image.values()), workers)]
         jobs = heatmaps + [(run_dir, image, image_rows, image_tables(tables, image))
-                           for (image,), image_rows in by_image.items() if image not in done]
+                           for (image,), image_rows in by_image.items() if image not in started]
         drawn = iter(in_parallel(_draw_job, jobs, workers))
+        done = early.results() if early is not None else {}  # after the other jobs: those ran meanwhile
         parts = [next(drawn) for _ in heatmaps] + [done[image] if image in done else next(drawn)
                                                    for (image,) in by_image]
     return [path for kind in FIGURE_KINDS for part in parts for path in part.get(kind, [])]
@@ -565,10 +566,8 @@ class EarlyFigures:
 
     def __init__(self, run_dir: Path, workers: int | None = None):
         self.run_dir = run_dir
-        # half the cores: the decoding goes on beside it (on the CPU, with torch's threads)
-        self.pool = (ProcessPoolExecutor(workers or max(1, usable_cores() // 2), mp_context=multiprocessing.get_context("fork"),
-                                         initializer=_leave_stop_signals_to_the_parent)
-                     if sys.platform == "linux" else None)
+        self.workers = workers or max(1, usable_cores() // 2)  # half: the decoding goes on beside it
+        self.pool: ProcessPoolExecutor | None = None  # made at the first drawing: most runs on the CPU draw none
         self.futures: dict[str, Future] = {}
         self.tables: dict | None = None  # read at the first drawing: written before decoding, not during it
 
@@ -582,11 +581,12 @@ class EarlyFigures:
     def draw(self, image: str, rows: list[dict]) -> None:
         """Start drawing `image`'s figures from its final rows of similarity.csv (and the other tables' rows
         of it, read now)."""
-        if self.pool is not None and image not in self.futures:
-            if self.tables is None:
-                self.tables = tables_by_image(RunFolder(self.run_dir))
-            self.futures[image] = self.pool.submit(_draw_job, self.run_dir, image, rows,
-                                                   image_tables(self.tables, image))
+        if sys.platform != "linux" or image in self.futures:
+            return
+        if self.pool is None:
+            self.pool = _drawing_pool(self.workers)
+            self.tables = tables_by_image(RunFolder(self.run_dir))
+        self.futures[image] = self.pool.submit(_draw_job, self.run_dir, image, rows, image_tables(self.tables, image))
 
     def results(self) -> dict[str, dict[str, list[Path]]]:
         """Each early image's figures, once drawn (an error in a drawing is raised here)."""
@@ -625,12 +625,18 @@ def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list
     workers = min(len(jobs), workers or usable_cores())
     if workers <= 1 or sys.platform != "linux":
         return [function(*job) for job in jobs]
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_leave_stop_signals_to_the_parent)
+    pool = _drawing_pool(workers)
     try:
         return list(pool.map(function, *zip(*jobs)))
     finally:  # on Ctrl-C or an error, the jobs not started are dropped; running ones end in seconds
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _drawing_pool(workers: int) -> ProcessPoolExecutor:
+    """`workers` processes forked from this one (its imports and files at hand), each leaving stop signals
+    to this process."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_leave_stop_signals_to_the_parent)
 
 
 def _leave_stop_signals_to_the_parent() -> None:
