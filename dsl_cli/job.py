@@ -12,11 +12,12 @@ An interruption stops the sweep. `hydra.verbose=true` shows the traceback instea
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
@@ -88,11 +89,30 @@ def stop_signals_interrupt() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def _load_run() -> Callable[[DictConfig, Path], None]:
+    """`dsl_cli.run.run`, imported only when a job runs: it brings in the model libraries, millions of Python
+    objects that live as long as the process. The first import runs with the garbage collector off (it ran
+    1,600 times during those imports), then freezes what exists (`gc.freeze`): no later collection walks
+    those objects again, and the processes forked to draw figures do not copy their memory pages by touching
+    them. A tiny run on the CPU took 11 s before, 8 s after; a collection walked them 1.5 s in all."""
+    first, collecting = "dsl_cli.run" not in sys.modules, gc.isenabled()
+    if first:
+        gc.disable()
+    try:
+        from dsl_cli.run import run  # the model libraries load only when a job runs
+    finally:
+        if first:
+            gc.freeze()
+            if collecting:
+                gc.enable()
+    return run
+
+
 def task(cfg: DictConfig) -> None:
     """The Hydra task function of `dsl run`: one job, with its ending recorded (see the module docstring)."""
     from dsl_cli.logs import route_library_logs
-    from dsl_cli.run import run  # the model libraries load only when a job runs
 
+    run = _load_run()
     route_library_logs()  # after importing run: the libraries set up their loggers when imported
     raise_if_stopped()  # a Ctrl-C during those seconds of imports that a library's `except:` swallowed
     hydra_cfg = HydraConfig.get()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -96,12 +97,33 @@ def pytest_collection_modifyitems(config, items) -> None:
     items.sort(key=lambda item: LONGEST_FIRST.get(item.path.stem, len(LONGEST_FIRST)))  # stable: file order kept
 
 
-# The modules that take longest (2026-12-06, 2-core machine), first: with `-n 2 --dist loadscope` a module
-# runs on one worker, and one long module started last would leave the other worker idle at the end. SLURM's
-# tests mostly wait for submitit's polls, so they go first, beside the other worker's work.
+def pytest_collection_finish(session) -> None:
+    """Every test module is imported, and with them the model libraries: their objects live as long as this
+    process, so no garbage collection should walk them again (as `dsl run` does after its imports,
+    dsl_cli.job._load_run); the tests that run dsl in this process are faster for it."""
+    gc.freeze()
+
+
+# The modules that take longest (2026-12-06, 2-core machine, seconds on one of two workers), first: under
+# `-n 2 --dist loadscope --no-loadscope-reorder` (pyproject.toml) a module runs on one worker, in this order,
+# and a long module started last would leave the other worker idle at the end. The rest keep file order.
 LONGEST_FIRST = {name: rank for rank, name in enumerate([
-    "test_slurm", "test_readme", "test_device_check", "test_sweeps", "test_resume", "test_run",
-    "test_run_folder", "test_decoder_families", "test_errors", "test_imports", "test_paper", "test_cli"])}
+    "test_readme",  # 90 s
+    "test_device_check",  # 76
+    "test_slurm",  # 65
+    "test_resume",  # 65
+    "test_sweeps",  # 63
+    "test_errors",  # 61
+    "test_decoder_families",  # 59
+    "test_run",  # 58
+    "test_imports",  # 47
+    "test_run_folder",  # 45
+    "test_cli",  # 41
+    "test_trust",  # 40
+    "test_paper",  # 29
+    "test_weights",  # 25
+    "test_rows",  # 24
+])}
 
 
 @pytest.fixture(scope="module")

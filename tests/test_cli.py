@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -135,3 +136,36 @@ def test_help_piped_into_a_reader_that_leaves_early_is_quiet(tmp_path: Path) -> 
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("dsl run"), result
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_made(monkeypatch) -> None:
+    """job._load_run: the model libraries' objects are made with the garbage collector off and frozen after
+    (no collection walks them again, in the run or in its forks); a second job's call changes neither, and a
+    collector that was off stays off."""
+    from dsl_cli import job
+
+    ran: list[str] = []
+
+    def noted(phase: str, info: dict) -> None:
+        ran.append(phase)
+
+    monkeypatch.delitem(sys.modules, "dsl_cli.run", raising=False)  # as in a fresh process (it comes back after)
+    frozen = gc.get_freeze_count()
+    gc.callbacks.append(noted)
+    try:
+        first = job._load_run()
+        during, after_first = list(ran), gc.get_freeze_count()
+        a_jobs_objects = [[n] for n in range(100)]  # a second job's call must not freeze these
+        second = job._load_run()
+    finally:
+        gc.callbacks.remove(noted)
+    assert during == [] and gc.isenabled()
+    assert after_first > frozen
+    assert second is first and gc.get_freeze_count() == after_first and len(a_jobs_objects) == 100
+    monkeypatch.delitem(sys.modules, "dsl_cli.run")
+    gc.disable()
+    try:
+        job._load_run()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -265,3 +265,4 @@ def test_the_modules_of_dsl_cli_import_one_another_without_a_circle() -> None:
     ties = ["; ".join(f"{a} -> {b} (line {graph[a][b]})" for a in circle for b in circle if b in graph[a])
             for circle in found]
     assert not found, "import circles:\n" + "\n".join(ties)
+

@@ -509,10 +509,9 @@ def test_a_signal_ignored_at_the_start_stays_ignored(signum: int, tmp_path: Path
     """`nohup dsl run ... &` starts dsl with SIGHUP ignored, so that the run outlives the terminal; a
     script's `dsl run ... &` with SIGINT ignored. dsl leaves them ignored: the hangup does not stop the run."""
     folder = tmp_path / "run"
-    process = subprocess.Popen([DSL, "run", "debug=tiny", "layer=1", "images.limit=1", "decode.steps=20",
-                                "decode.batch_size=1", f"hydra.run.dir={folder}"], cwd=tmp_path,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signum, signal.SIG_IGN))
+    process = zygote.popen([DSL, "run", "debug=tiny", "layer=1", "images.limit=1", "decode.steps=20",
+                            "decode.batch_size=1", f"hydra.run.dir={folder}"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, ignored_signals=(signum,))
     deadline = time.monotonic() + 120
     while not list(folder.glob("images/*/*/*.png")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -42,9 +43,12 @@ PRELOADED = ("torch", "torchvision", "diffusers", "open_clip", "transformers", "
 # process, sends its pid, waits for it and sends its wait status. The dsl process leaves the serving loop and
 # becomes `dsl` at the top level, so that Python's own exit ends it.
 SERVER = r"""
-import array, importlib, json, os, signal, socket, sys
+import array, gc, importlib, json, os, signal, socket, sys
+gc.disable()
 for library in sys.argv[2:]:
     importlib.import_module(library)
+gc.freeze()  # as `dsl run` does after these imports (job._load_run): no collection in a fork walks them
+gc.enable()
 sys.path[0] = sys.argv[1]  # as the installed script: its own folder first, not the working one
 control = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=int(os.environ.pop("DSL_ZYGOTE_FD")))
 sys.stdout.flush(); sys.stderr.flush()
@@ -90,6 +94,7 @@ def serve():
 request, fds = serve()
 if request["new_session"]:
     os.setsid()
+[signal.signal(signum, signal.SIG_IGN) for signum in request["ignore"]]  # as `nohup` or a script's `&` leave them
 for target, fd in enumerate(fds[:3]):
     os.dup2(fd, target)
 for fd in fds:
@@ -98,7 +103,7 @@ os.chdir(request["cwd"])
 os.environ.clear()
 os.environ.update(request["env"])
 sys.argv = request["argv"]
-del array, importlib, json, signal, socket, control, receive, serve, request, fds
+del array, gc, importlib, json, signal, socket, control, receive, serve, request, fds
 from dsl_cli.cli import main
 sys.exit(main())
 """
@@ -122,10 +127,12 @@ class Zygote:
         keys = {k for k in {*env, *self.env} if k.startswith(IMPORT_TIME)}
         return self.process.poll() is None and all(env.get(k) == self.env.get(k) for k in keys)
 
-    def fork(self, argv: list[str], cwd: str, env: dict[str, str], streams: list[int], new_session: bool) -> socket.socket:
+    def fork(self, argv: list[str], cwd: str, env: dict[str, str], streams: list[int], new_session: bool,
+             ignored: tuple[int, ...]) -> socket.socket:
         """Ask for a dsl process; -> the socket on which its pid, then its wait status, arrive."""
         ours, theirs = socket.socketpair()
-        message = json.dumps({"argv": argv, "cwd": cwd, "env": env, "new_session": new_session}).encode()
+        message = json.dumps({"argv": argv, "cwd": cwd, "env": env, "new_session": new_session,
+                              "ignore": list(ignored)}).encode()
         with self.lock:
             self.control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                               array.array("i", [*streams, theirs.fileno()]))])
@@ -224,19 +231,26 @@ def _stream(spec, fd: int, ours: list[int]) -> tuple[int, int | None]:
 
 
 def popen(args: list[str], *, cwd=None, env: dict[str, str] | None = None, stdout=None, stderr=None,
-          stdin=None, text: bool = False, start_new_session: bool = False, **kwargs):
-    """`subprocess.Popen(args, ...)`, forked from the zygote where it can be (see the module's docstring)."""
+          stdin=None, text: bool = False, start_new_session: bool = False, ignored_signals: tuple[int, ...] = (),
+          **kwargs):
+    """`subprocess.Popen(args, ...)`, forked from the zygote where it can be (see the module's docstring);
+    `ignored_signals` start ignored in the child, as `nohup` (SIGHUP) or a script's `&` (SIGINT) leave them."""
     env = dict(os.environ if env is None else env)
     if (args[0] != DSL or kwargs or stdin not in (None, subprocess.DEVNULL) or os.environ.get("DSL_TESTS_NO_ZYGOTE")
             or not zygote().serves(env)):
+        def ignore() -> None:
+            for signum in ignored_signals:
+                signal.signal(signum, signal.SIG_IGN)
+
         return subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, stdin=stdin, text=text,
-                                start_new_session=start_new_session, **kwargs)
+                                start_new_session=start_new_session, preexec_fn=ignore if ignored_signals else None,
+                                **kwargs)
     ours = [os.open(os.devnull, os.O_RDONLY)]
     out_fd, out_read = _stream(stdout, 1, ours)
     err_fd, err_read = (out_fd, None) if stderr == subprocess.STDOUT else _stream(stderr, 2, ours)
     try:
         channel = zygote().fork([DSL, *args[1:]], os.path.abspath(cwd or os.getcwd()), env,
-                                [ours[0], out_fd, err_fd], start_new_session)
+                                [ours[0], out_fd, err_fd], start_new_session, tuple(ignored_signals))
     finally:
         for fd in ours:
             os.close(fd)
