@@ -129,7 +129,9 @@ def wait_for(pid: int, deadline: float) -> Optional[int]:
         time.sleep(0.05)
 
 
-PRELOADED = ("torch", "diffusers", "open_clip", "transformers", "timm", "hydra", "matplotlib.pyplot", "pytest")
+# dsl_cli.run last: the pipelines, tokenizers and the rest of the libraries that a run imports beyond these
+PRELOADED = ("torch", "diffusers", "open_clip", "transformers", "timm", "hydra", "matplotlib.pyplot", "pytest",
+             "dsl_cli.run")
 
 
 def preload_for_dry_run(check: Check) -> None:

@@ -142,6 +142,7 @@ def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_mad
     """job._load_run: the model libraries' objects are made with the garbage collector off and frozen after
     (no collection walks them again, in the run or in its forks); a second job's call changes neither, and a
     collector that was off stays off."""
+    import dsl_cli
     from dsl_cli import job
 
     ran: list[str] = []
@@ -149,7 +150,11 @@ def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_mad
     def noted(phase: str, info: dict) -> None:
         ran.append(phase)
 
-    monkeypatch.delitem(sys.modules, "dsl_cli.run", raising=False)  # as in a fresh process (it comes back after)
+    def as_in_a_fresh_process() -> None:  # dsl_cli.run not imported yet; the module comes back after the test
+        monkeypatch.delitem(sys.modules, "dsl_cli.run", raising=False)
+        monkeypatch.delattr(dsl_cli, "run", raising=False)
+
+    as_in_a_fresh_process()
     frozen = gc.get_freeze_count()
     gc.callbacks.append(noted)
     try:
@@ -162,7 +167,7 @@ def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_mad
     assert during == [] and gc.isenabled()
     assert after_first > frozen
     assert second is first and gc.get_freeze_count() == after_first and len(a_jobs_objects) == 100
-    monkeypatch.delitem(sys.modules, "dsl_cli.run")
+    as_in_a_fresh_process()
     gc.disable()
     try:
         job._load_run()

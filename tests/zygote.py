@@ -47,6 +47,36 @@ import array, gc, importlib, json, os, signal, socket, sys
 gc.disable()
 for library in sys.argv[2:]:
     importlib.import_module(library)
+
+
+# The modules of the libraries that importing dsl_cli's run brings in beyond the ones above (pipelines,
+# tokenizers, ...), in the order they were imported: learnt in a child, which imports dsl_cli, so that this
+# process imports them and no module of dsl_cli.
+def third_party_modules_of_a_run():
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read)
+        known = set(sys.modules)
+        try:
+            importlib.import_module("dsl_cli.cli")
+            importlib.import_module("dsl_cli.run")
+        finally:
+            with os.fdopen(write, "w") as pipe:
+                pipe.write("\n".join(m for m in sys.modules if m not in known and m.partition(".")[0] != "dsl_cli"))
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        names = pipe.read().split()
+    os.waitpid(child, 0)
+    return names
+
+
+for module in third_party_modules_of_a_run():
+    try:
+        importlib.import_module(module)
+    except Exception:  # an alias a library put in sys.modules, not importable by its name: its fork imports it
+        pass
 gc.freeze()  # as `dsl run` does after these imports (job._load_run): no collection in a fork walks them
 gc.enable()
 sys.path[0] = sys.argv[1]  # as the installed script: its own folder first, not the working one
@@ -103,7 +133,8 @@ os.chdir(request["cwd"])
 os.environ.clear()
 os.environ.update(request["env"])
 sys.argv = request["argv"]
-del array, gc, importlib, json, signal, socket, control, receive, serve, request, fds
+del array, gc, importlib, json, signal, socket, control, receive, serve, request, fds, module
+del third_party_modules_of_a_run
 from dsl_cli.cli import main
 sys.exit(main())
 """
