@@ -14,6 +14,7 @@ torch, so that `dsl plot`, `dsl report` and `dsl merge` draw them without loadin
 
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import multiprocessing
@@ -634,16 +635,27 @@ def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list
 
 def _drawing_pool(workers: int) -> ProcessPoolExecutor:
     """`workers` processes forked from this one (its imports and files at hand), each leaving stop signals
-    to this process."""
+    to this process and ending with it."""
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_leave_stop_signals_to_the_parent)
+                               initializer=_drawing_process, initargs=(os.getpid(),))
 
 
-def _leave_stop_signals_to_the_parent() -> None:
+PR_SET_PDEATHSIG = 1  # Linux's prctl option: the signal a process gets when its parent ends
+
+
+def _drawing_process(parent: int) -> None:
     """In a drawing process: Ctrl-C, SIGTERM and SIGHUP reach the whole process group, and the parent says
-    the one line about them; a worker would print a traceback of its own."""
+    the one line about them (a worker would print a traceback of its own). It is killed when the parent ends:
+    a dsl killed outright (SIGKILL, the OOM killer, a scheduler's hard limit) left its drawing processes
+    waiting for work forever, with a copy of its memory and its output streams open, so that a shell or
+    script waiting for that output waited too."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
+    prctl = getattr(ctypes.CDLL(None), "prctl", None)  # drawing pools exist on Linux only (glibc, musl)
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the line above
+        os._exit(0)
 
 
 @contextmanager

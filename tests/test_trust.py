@@ -389,6 +389,37 @@ def test_ctrl_c_while_figures_are_drawn_on_several_processes_is_one_line(decoded
         os.killpg(process.pid, 0)  # no process of the group is left
 
 
+def test_a_dsl_killed_outright_leaves_no_drawing_process(decoded_run: Path, tmp_path: Path) -> None:
+    """SIGKILL to dsl alone (the OOM killer, a scheduler's hard limit) while its forked processes draw: they
+    end with it, so its output streams close (a script reading them is not left waiting) and no copy of its
+    memory stays behind."""
+    folder = shutil.copytree(decoded_run, tmp_path / "run")
+    for kind in ("grids", "heatmaps", "looks"):
+        shutil.rmtree(folder / kind, ignore_errors=True)
+    process = subprocess.Popen([str(Path(sys.executable).parent / "dsl"), "plot", str(folder)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(folder.glob("*/*.png")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        process.kill()  # the dsl process only, not its group
+        process.communicate(timeout=30)  # every holder of its stderr has ended
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)  # no process of the group is left
+
+
 # ------------------------------------------------------------------ names and repairs
 
 
