@@ -94,7 +94,7 @@ def _load_run() -> Callable[[DictConfig, Path], None]:
     objects that live as long as the process. The first import runs with the garbage collector off (it ran
     1,600 times during those imports), then freezes what exists (`gc.freeze`): no later collection walks
     those objects again, and the processes forked to draw figures do not copy their memory pages by touching
-    them. A tiny run on the CPU took 11 s before, 8 s after; a collection walked them 1.5 s in all."""
+    them. A fresh 2-image tiny run on 2 CPU cores: 10.5-12 s before, 8.4-9.1 s after (docs/benchmarks.md)."""
     first, collecting = "dsl_cli.run" not in sys.modules, gc.isenabled()
     if first:
         gc.disable()
