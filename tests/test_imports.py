@@ -115,9 +115,12 @@ ALONE = "import importlib, sys; importlib.import_module(sys.argv[1]); print(sort
 # alone in a child forked from that interpreter, before which no dsl_cli module was imported: whether it
 # imports alone depends on dsl_cli's own modules only. Prints {module: traceback or ""} as JSON.
 FORKED_ALONE = """
-import importlib, json, os, sys, traceback
+import gc, importlib, json, os, sys, traceback
+gc.disable()
 for library in sys.argv[2:]:
     importlib.import_module(library)
+gc.freeze()  # as dsl run does after its imports: no collection in a child walks the libraries' objects
+gc.enable()
 assert not any(m.split(".")[0] == "dsl_cli" for m in sys.modules)
 found = {}
 for name in sys.argv[1].split(","):
