@@ -47,6 +47,7 @@ from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_co
 from dsl_cli.report import write_page
 from dsl_cli.resumption import current_slurm_job, resumes
 from dsl_cli.study_registry import run_study, validate_study
+from dsl_cli import studies  # noqa: F401  (the built-in studies' stages register themselves: @study_stage)
 
 log = logging.getLogger("dsl_cli.run")
 

@@ -47,6 +47,7 @@ from dsl_cli.images import InputImage, overlay
 from dsl_cli.lenses import Lens, get_lens
 from dsl_cli.memory import halving_batches, release_memory, rows_that_fit
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, group_rows, save_png
+from dsl_cli.study_registry import decodes, study_stage
 
 log = logging.getLogger("dsl_cli.studies")
 
@@ -440,6 +441,7 @@ def _pixels(preprocess, pictures: Sequence[Image.Image | InputImage]) -> Tensor:
     return torch.stack([preprocess(p.load() if isinstance(p, InputImage) else p) for p in pictures])
 
 
+@study_stage("head_importance")
 def head_importance_stage(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
                           heads: list[Component]) -> dict:
     """Head importance on the run's images and heads, into study_head_importance.csv (a column per further lens
@@ -483,12 +485,7 @@ def composites(images: list[InputImage], scale: float,
     return out
 
 
-def _decoding(cfg) -> bool:
-    """Whether the overlay study decodes its ablated composites (decode.enabled and some study.decode_steps)."""
-    decode = cfg.get("decode")
-    return bool(decode is not None and decode.enabled and cfg.study.decode_steps)
-
-
+@study_stage("overlay_removal")
 def overlay_removal_stage(cfg, run_dir: Path, encoder: HookedEncoder, preprocess, images: list[InputImage],
                           heads: list[Component]) -> dict:
     """Overlay removal on composites of the run's images, an order per lens of `study.lenses`, into
@@ -503,7 +500,7 @@ def overlay_removal_stage(cfg, run_dir: Path, encoder: HookedEncoder, preprocess
     settings = OverlaySettings(steps=study.steps, greedy_pool=study.greedy_pool, random_orders=study.random_orders,
                                seed=cfg.seed, ablation=study_ablations(study)[0], mode=cfg.lens.mode,
                                alpha=float(cfg.lens.alpha), batch_size=ablation_rows(encoder, cfg.encoder.batch_size),
-                               keep_steps=tuple(study.decode_steps) if _decoding(cfg) else ())
+                               keep_steps=tuple(study.decode_steps) if decodes(cfg) else ())
     result = overlay_curves(encoder, composite_pixels, foreground_pixels, heads, settings,
                             names=[name for name, *_ in pairs], lenses=study_lenses(cfg))
     roles = {name: (bg.name, fg.name) for name, bg, fg, _ in pairs}

@@ -11,14 +11,15 @@ Each study compares the lenses `study.lenses` names (any registered lens that re
 direct, whose score columns are `dsl` and `direct`: `figures.score_column`).
 
 This module is light (no model library at import): `dsl plot` and `dsl report` draw and show a study from its
-files with it. A study's `run` imports what computes (`dsl_cli.studies` for the built-in ones) when it runs.
+files with it. What computes the built-in studies lives in `dsl_cli.studies` (torch), which registers each
+stage here (`@study_stage`); the runner imports it. A study from outside may define `run` itself.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from dsl_cli import figures
 from dsl_cli.config import StudyConfig
@@ -54,8 +55,11 @@ class Study:
 
     def run(self, cfg: Any, run_dir: Path, encoder: Any, preprocess: Any, images: list, heads: list) -> dict:
         """Its work on the run's images and heads (`Component`s): write its tables; return the manifest's summary
-        (`files`: what it wrote, to which `run_study` adds the figures `draw` drew)."""
-        raise NotImplementedError
+        (`files`: what it wrote, to which `run_study` adds the figures `draw` drew). By default its stage
+        registered with `@study_stage(name)`."""
+        if self.name not in STAGES:
+            raise NotImplementedError(f"study {self.name!r}: no stage registered with @study_stage and no run()")
+        return STAGES[self.name](cfg, run_dir, encoder, preprocess, images, heads)
 
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         """Its figures, drawn from its files alone (no model: `dsl plot`); `config` the manifest's."""
@@ -67,6 +71,23 @@ class Study:
 
 
 STUDIES: dict[str, type[Study]] = {}
+# name -> the stage that computes that study: stage(cfg, run_dir, encoder, preprocess, images, heads) -> summary
+STAGES: dict[str, Callable[..., dict]] = {}
+
+
+def study_stage(name: str) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
+    """Function decorator: make the function the stage that `Study.run` calls for study `name`."""
+    def register(stage: Callable[..., dict]) -> Callable[..., dict]:
+        STAGES[name] = stage
+        return stage
+
+    return register
+
+
+def decodes(cfg: Any) -> bool:
+    """Whether the overlay study decodes its ablated composites (decode.enabled and some study.decode_steps)."""
+    decode = cfg.get("decode")
+    return bool(decode is not None and decode.enabled and cfg.study.decode_steps)
 
 
 def register_study(cls: type[Study]) -> type[Study]:
@@ -197,11 +218,6 @@ class HeadImportance(Study):
         if taken:
             raise UserError(f"study.lenses: {', '.join(taken)} is already a column of {IMPORTANCE.name}")
 
-    def run(self, cfg, run_dir, encoder, preprocess, images, heads) -> dict:
-        from dsl_cli.studies import head_importance_stage
-
-        return head_importance_stage(cfg, run_dir, encoder, preprocess, images, heads)
-
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)
         figure = figures.plot_head_importance(folder.read(IMPORTANCE), folder.read(CORRELATIONS))
@@ -237,16 +253,10 @@ class OverlayRemoval(Study):
             raise UserError(f"study.lenses: {', '.join(taken)} is already an order of {OVERLAY.name}")
 
     def needs(self, cfg: Any) -> Needs:
-        """The decoder, where the study decodes its ablated composites (`studies._decoding`)."""
+        """The decoder, where the study decodes its ablated composites (`decodes`)."""
         from dsl_cli.decoder import get_family
-        from dsl_cli.studies import _decoding
 
-        return get_family(cfg.decoder.family).needs(cfg.decoder) if _decoding(cfg) else ([], [])
-
-    def run(self, cfg, run_dir, encoder, preprocess, images, heads) -> dict:
-        from dsl_cli.studies import overlay_removal_stage
-
-        return overlay_removal_stage(cfg, run_dir, encoder, preprocess, images, heads)
+        return get_family(cfg.decoder.family).needs(cfg.decoder) if decodes(cfg) else ([], [])
 
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)

@@ -607,13 +607,13 @@ def test_composites_default_to_the_centre_and_need_two_images(tiny_run) -> None:
 
 
 def test_the_overlay_study_decodes_only_with_decoding_on_and_steps_to_decode() -> None:
-    from dsl_cli.studies import _decoding
+    from dsl_cli.study_registry import decodes
 
     cfg = lambda decode, steps: OmegaConf.create({"study": {"decode_steps": steps}, **decode})  # noqa: E731
-    assert _decoding(cfg({"decode": {"enabled": True}}, [0, 5])) is True
-    assert _decoding(cfg({"decode": {"enabled": False}}, [0, 5])) is False
-    assert _decoding(cfg({"decode": {"enabled": True}}, [])) is False
-    assert _decoding(cfg({}, [0, 5])) is False  # a config without a decode group (the Python API's)
+    assert decodes(cfg({"decode": {"enabled": True}}, [0, 5])) is True
+    assert decodes(cfg({"decode": {"enabled": False}}, [0, 5])) is False
+    assert decodes(cfg({"decode": {"enabled": True}}, [])) is False
+    assert decodes(cfg({}, [0, 5])) is False  # a config without a decode group (the Python API's)
 
 
 def test_ablated_rows_halve_their_batch_on_out_of_memory_and_show_their_progress(tiny_encoder, tiny_pixels,
