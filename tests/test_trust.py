@@ -368,56 +368,60 @@ def test_sigterm_just_after_the_claim_leaves_a_folder_to_reuse(tmp_path: Path) -
         RunFolder(folder).release()
 
 
+def plot_mid_drawing(decoded_run: Path, tmp_path: Path) -> subprocess.Popen:
+    """`dsl plot` of a copy of the run without its figures, in a session of its own, once it has written its
+    first figure (its drawing processes are at work)."""
+    folder = shutil.copytree(decoded_run, tmp_path / "run")
+    for kind in ("grids", "heatmaps", "looks"):
+        shutil.rmtree(folder / kind, ignore_errors=True)
+    process = subprocess.Popen([str(Path(sys.executable).parent / "dsl"), "plot", str(folder)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(folder.glob("*/*.png")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return process
+
+
+def group_ends(group: int, within: float = 5.0) -> bool:
+    """Whether no process of process group `group` is left, within `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 @pytest.mark.own_process
 def test_ctrl_c_while_figures_are_drawn_on_several_processes_is_one_line(decoded_run: Path, tmp_path: Path) -> None:
     """Ctrl-C reaches the whole process group, the drawing processes too: the parent says its one line, no
     drawing process prints a traceback, and none outlives the command."""
-    folder = shutil.copytree(decoded_run, tmp_path / "run")
-    for kind in ("grids", "heatmaps", "looks"):
-        shutil.rmtree(folder / kind, ignore_errors=True)
-    process = subprocess.Popen([str(Path(sys.executable).parent / "dsl"), "plot", str(folder)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(folder.glob("*/*.png")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = plot_mid_drawing(decoded_run, tmp_path)
     os.killpg(process.pid, signal.SIGINT)
     err = process.communicate(timeout=60)[1]
     assert process.returncode == 130, err
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.strip()]) <= 2, err
-    time.sleep(0.5)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(process.pid, 0)  # no process of the group is left
+    assert group_ends(process.pid)
 
 
+@pytest.mark.own_process
 def test_a_dsl_killed_outright_leaves_no_drawing_process(decoded_run: Path, tmp_path: Path) -> None:
     """SIGKILL to dsl alone (the OOM killer, a scheduler's hard limit) while its forked processes draw: they
     end with it, so its output streams close (a script reading them is not left waiting) and no copy of its
     memory stays behind."""
-    folder = shutil.copytree(decoded_run, tmp_path / "run")
-    for kind in ("grids", "heatmaps", "looks"):
-        shutil.rmtree(folder / kind, ignore_errors=True)
-    process = subprocess.Popen([str(Path(sys.executable).parent / "dsl"), "plot", str(folder)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not list(folder.glob("*/*.png")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+    process = plot_mid_drawing(decoded_run, tmp_path)
     try:
         process.kill()  # the dsl process only, not its group
         process.communicate(timeout=30)  # every holder of its stderr has ended
-    finally:
+        assert group_ends(process.pid)
+    finally:  # whatever happened, nothing of this test outlives it
         try:
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    with pytest.raises(ProcessLookupError):
-        os.killpg(process.pid, 0)  # no process of the group is left
 
 
 # ------------------------------------------------------------------ names and repairs
