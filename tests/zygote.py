@@ -72,11 +72,15 @@ def third_party_modules_of_a_run():
     return names
 
 
-for module in third_party_modules_of_a_run():
-    try:
-        importlib.import_module(module)
-    except Exception:  # an alias a library put in sys.modules, not importable by its name: its fork imports it
-        pass
+def import_each(names):
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception:  # an alias a library put in sys.modules, not importable by its name: its fork imports it
+            pass
+
+
+import_each(third_party_modules_of_a_run())
 gc.freeze()  # as `dsl run` does after these imports (job._load_run): no collection in a fork walks them
 gc.enable()
 sys.path[0] = sys.argv[1]  # as the installed script: its own folder first, not the working one
@@ -133,8 +137,8 @@ os.chdir(request["cwd"])
 os.environ.clear()
 os.environ.update(request["env"])
 sys.argv = request["argv"]
-del array, gc, importlib, json, signal, socket, control, receive, serve, request, fds, module
-del third_party_modules_of_a_run
+del array, gc, importlib, json, signal, socket, control, receive, serve, request, fds
+del third_party_modules_of_a_run, import_each
 from dsl_cli.cli import main
 sys.exit(main())
 """
