@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from dsl_cli import __version__
-from dsl_cli.errors import Interrupted, UserError, bug_message, catch_stop_signals, clear_stops, report, stop
+from dsl_cli.errors import (Interrupted, UserError, bug_message, catch_stop_signals, clear_stops, raise_if_stopped,
+                            report, stop)
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
@@ -74,6 +75,9 @@ page its jobs and their heatmaps. Pages open from file:// with no server and no 
 
 
 def _fail(message: "str | UserError") -> int:
+    """Report a refusal (exit status 2), unless a stop signal came first: a Ctrl-C while Hydra composes the
+    config can come back as a composition error ("defaults: no such setting"), and the stop is what happened."""
+    raise_if_stopped()
     report(message)
     return 2
 

@@ -325,6 +325,25 @@ def test_a_signal_in_the_first_second_is_one_line(signum: int, tmp_path: Path) -
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.strip()]) <= 2, err
 
 
+def test_a_stop_that_comes_back_as_a_config_error_is_a_stop(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C while Hydra composes the config (the run's first second) came back as a composition error, and
+    dsl said `defaults: no such setting (misspelt? ...)`, exit 2 (seen on a fresh clone): the stop wins."""
+    from dsl_cli import config
+
+    def interrupted_compose(overrides: list[str]) -> None:  # as Hydra's loader turns the interrupt into an error
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except BaseException:  # noqa: BLE001 - the library's, not dsl's
+            pass
+        raise UserError("defaults: no such setting (misspelt? `dsl run --cfg job` prints every setting)")
+
+    monkeypatch.setattr(config, "check_overrides", interrupted_compose)
+    code, err = dsl_in_process(["run", *SCORES_ONLY, "hydra.run.dir=run"], tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 130 and len(lines) == 1 and "interrupted (SIGINT)" in lines[0], err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_stop_a_library_swallows_during_the_imports_still_stops_the_run(tmp_path: Path, monkeypatch, capsys) -> None:
     """Ctrl-C while a run imports its libraries (its first seconds) can land in a library's bare `except:`
     around an optional import; the run stops anyway, with the one line, instead of running to the end
