@@ -350,3 +350,17 @@ def test_figures_drawn_while_decoding_equal_those_drawn_after(rank_by: str, tmp_
     assert code == 0, err
     drawn = figure_bytes(tmp_path / "run")
     assert drawn == figure_bytes(tmp_path / "copy") and len(drawn) == 9  # a grid, heatmap, looks per image
+
+
+def test_drawing_processes_start_with_pyplot_imported() -> None:
+    """The parent imports pyplot once before it forks its drawing processes: each of them importing it anew
+    cost 0.2 s of CPU per process and per run (a fresh interpreter: in this one pyplot is imported already)."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom dsl_cli import figures\n"
+              "def imported():\n    return 'matplotlib.pyplot' in sys.modules\n"
+              "pool = figures._drawing_pool(1)\nprint(pool.submit(imported).result())\npool.shutdown()\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["True"]
