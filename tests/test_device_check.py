@@ -144,3 +144,18 @@ def test_budget_skips_what_does_not_fit_and_stops_what_overruns(tmp_path: Path, 
 def test_unknown_steps_are_refused(tmp_path: Path, capsys) -> None:
     assert device_check.main([str(tmp_path), "--steps", "decoder_main,warp_drive"]) == 2
     assert "warp_drive" in capsys.readouterr().err
+
+
+def test_missing_packages_without_wheels_are_one_line_and_status_2(tmp_path: Path) -> None:
+    """An interpreter that lacks the libraries (here: without its site-packages) and no .whl/ to install
+    them from: the check says what to run, before importing anything."""
+    if list((REPO / ".whl").glob("*.whl")):
+        pytest.skip(".whl/ holds wheels here: the check would install them")
+    bare = tmp_path / "python"
+    bare.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
+    bare.chmod(0o755)
+    result = subprocess.run([str(REPO / "scripts" / "device_check.sh"), "--dry-run", str(tmp_path / "out")],
+                            env={**os.environ, "PYTHON": str(bare)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("device_check: one of diffusers open_clip hydra omegaconf") and \
+        "run scripts/fetch_wheels.sh" in result.stderr and len(result.stderr.splitlines()) == 1
