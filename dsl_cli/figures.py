@@ -50,6 +50,8 @@ SIMILARITIES = {
 CAPTION_NOTE = (f"#rank; embed = sim_embed = {SIMILARITIES['sim_embed']}; "
                 f"decoded = sim_decoded = {SIMILARITIES['sim_decoded']}")
 LABEL_NOTE = "; last line: the top ImageNet label of the lens embedding"
+FIGURE_DPI = 110  # the pixels per inch of every matplotlib figure's PNG
+TITLE_PAD = 6 / 72  # inches between a panel and its title (matplotlib's own pad, 6 points)
 MAX_LABEL_BARS = 64  # components in a logit-lens bar chart (bigG's 816 would make it 229 inches high)
 
 
@@ -68,7 +70,7 @@ def save_figure(fig, path: Path) -> None:
     zlib's fastest level: a fifth of a run's figure time went into zlib's default level, for files 14 % smaller
     (the pixels are the same)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
     pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -454,20 +456,32 @@ def share_grid(row: dict) -> np.ndarray:
     return np.array([float(v) for v in row["shares"].split(";")]).reshape(grid, grid)
 
 
-def _look_panel(axis, picture: Image.Image, shares: np.ndarray, title: str, limit: float):
-    """The input with a head's patch shares over it, on the scale -limit..limit centred at 0 (red: the
-    patch adds to the write, blue: it takes from it). Returns the overlay (for the colour bar)."""
-    axis.imshow(picture)
-    shown = axis.imshow(shares, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.55, interpolation="nearest",
-                        extent=(0, picture.width, picture.height, 0))
-    axis.set_title(title, fontsize=7, y=1.0)
-    axis.axis("off")
-    return shown
+LOOK_ALPHA = 0.55  # the patch shares' opacity over the input
+
+
+def look_panel(picture: Image.Image, shares: np.ndarray, limit: float) -> Image.Image:
+    """`picture` (RGB) with a head's patch shares [grid, grid] over it, each patch a block of its colour on the
+    scale -limit..limit centred at 0 (coolwarm: red adds to the write, blue takes from it)."""
+    from matplotlib import colormaps
+
+    colours = colormaps["coolwarm"]((np.clip(shares / limit, -1, 1) + 1) / 2, bytes=True)[..., :3]
+    overlay = Image.fromarray(colours).resize(picture.size, Image.Resampling.NEAREST)
+    return Image.blend(picture, overlay, LOOK_ALPHA)
+
+
+def _fitted(picture: Image.Image, box: tuple[float, float]) -> tuple[int, int]:
+    """The pixel size of `picture` scaled to fit `box` (width, height in pixels), its aspect kept."""
+    scale = min(box[0] / picture.width, box[1] / picture.height)
+    return max(1, round(picture.width * scale)), max(1, round(picture.height * scale))
 
 
 def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]], title: str):
-    """Per head, where it looks (the input under its patch shares) beside its decoded picture:
-    heads [(patches.csv row, similarity.csv row or None)], LOOK_COLUMNS heads to a row."""
+    """Per head, where it looks (`look_panel`) beside its decoded picture: heads [(patches.csv row,
+    similarity.csv row or None)], LOOK_COLUMNS heads to a row, one colour bar for all. The panels are
+    composed as pixels and placed whole (`figimage`): an axes per panel took two thirds of the figure's time."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
     plt = pyplot()
     picture = open_picture(RunFolder(run_dir).input_picture(image), run_dir).convert("RGB")
     columns = min(LOOK_COLUMNS, len(heads))
@@ -476,25 +490,33 @@ def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]
     title = textwrap.fill(title, int(width * 13))  # about 13 characters an inch at 9 points
     band = 0.5 + 0.16 * (title.count("\n") + 1)  # the title's band and the panels' titles, in inches
     height = 1.75 * rows + 0.22 + band
-    fig, axes = plt.subplots(rows, 2 * columns, figsize=(width, height), squeeze=False)
-    # a fixed layout in inches (title band, colour-bar band): constrained layout measured every hidden tick of
-    # every panel and took two thirds of a run's figure time
-    fig.subplots_adjust(left=0.1 / width, right=1 - 1.2 / width, bottom=0.1 / height, top=1 - band / height,
-                        wspace=0.06, hspace=0.3)  # the colour bar's axes below take the same band
-    for axis in axes.flat:
-        axis.axis("off")
+    fig = plt.figure(figsize=(width, height), dpi=FIGURE_DPI)  # figimage places pixels: the saved size
+    # the cells of a rows x 2*columns grid in a fixed frame (inches): 0.1 left and below, 1.2 right for the
+    # colour bar, the title band above; gaps of 0.06 and 0.3 cell
+    left, bottom, top = 0.1, 0.1, height - band
+    cell_w = (width - 1.3) / (2 * columns + 0.06 * (2 * columns - 1))
+    cell_h = (top - bottom) / (rows + 0.3 * (rows - 1))
     shares = [share_grid(patch_row) for patch_row, _ in heads]
     limit = max(float(np.abs(s).max()) for s in shares) or 1.0  # one scale for every head: one colour bar
+    box = (cell_w * FIGURE_DPI, cell_h * FIGURE_DPI)
+    base = picture.resize(_fitted(picture, box), Image.Resampling.LANCZOS)
     for n, ((patch_row, row), grid) in enumerate(zip(heads, shares)):
-        left, right = axes[n // columns, 2 * (n % columns)], axes[n // columns, 2 * (n % columns) + 1]
-        shown = _look_panel(left, picture, grid, f"{patch_row['component']}: where it looks", limit)
+        y = top - (n // columns) * 1.3 * cell_h - cell_h  # the cell's lower edge
+        pair = [(look_panel(base, grid, limit), f"{patch_row['component']}: where it looks")]
         if row and row["file"]:
-            right.imshow(open_picture(run_dir / row["file"], run_dir))
-            right.set_title(f"{row['lens']} lens picture", fontsize=7, y=1.0)
-    bottom, top = 0.1 / height, 1 - band / height  # the panels' band, as shares of the figure
+            decoded = open_picture(run_dir / row["file"], run_dir).convert("RGB")
+            pair.append((decoded.resize(_fitted(decoded, box), Image.Resampling.LANCZOS),
+                         f"{row['lens']} lens picture"))
+        for k, (panel, label) in enumerate(pair):  # each centred in its cell, its title above it
+            x = left + (2 * (n % columns) + k) * 1.06 * cell_w
+            px, py = (x + cell_w / 2) * FIGURE_DPI - panel.width / 2, (y + cell_h / 2) * FIGURE_DPI - panel.height / 2
+            fig.figimage(np.asarray(panel), round(px), round(py), origin="upper")
+            fig.text((x + cell_w / 2) / width, ((py + panel.height) / FIGURE_DPI + TITLE_PAD) / height, label,
+                     fontsize=7, ha="center", va="bottom")
     span = min(1.0, 3.0 / rows) * (top - bottom)  # the colour bar: beside the panels, at most 3 rows high
-    bar = fig.colorbar(shown, cax=fig.add_axes((1 - 1.05 / width, bottom + (top - bottom - span) / 2, 0.12 / width,
-                                                span)))
+    bar = fig.colorbar(ScalarMappable(Normalize(-limit, limit), "coolwarm"),
+                       cax=fig.add_axes((1 - 1.05 / width, (bottom + (top - bottom - span) / 2) / height,
+                                         0.12 / width, span / height)))
     bar.set_label("share of the head's write per patch\n(red adds to it, blue takes from it)", fontsize=7)
     bar.ax.tick_params(labelsize=7)
     fig.suptitle(title, fontsize=9, y=1 - 0.08 / height, va="top")

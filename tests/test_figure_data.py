@@ -179,17 +179,34 @@ def test_a_short_logit_lens_chart_shows_every_component() -> None:
 
 
 def test_where_each_head_looks_has_one_colour_bar_for_every_head(tmp_path: Path) -> None:
-    Image.new("RGB", (64, 64), "white").save(tmp_path / "input.png")
     (tmp_path / "images" / "chelsea").mkdir(parents=True)
     Image.new("RGB", (64, 64), "white").save(tmp_path / "images" / "chelsea" / "input.png")
     rng = np.random.default_rng(0)
     heads = [({"component": f"L01H{h:02d}", "grid": 4,
                "shares": ";".join(f"{v:.4f}" for v in rng.normal(0, 0.1 * (h + 1), 16))}, None) for h in range(3)]
     fig = fig_module.looks_figure(tmp_path, "chelsea", heads, "title")
-    overlays = [image for axis in fig.axes for image in axis.get_images() if image.get_alpha() == 0.55]
-    assert len(overlays) == 3
+    assert len(fig.images) == 3  # a panel per head (no decoded pictures here)
     limit = max(float(np.abs(fig_module.share_grid(p)).max()) for p, _ in heads)
-    assert all(image.norm.vmin == pytest.approx(-limit) and image.norm.vmax == pytest.approx(limit)
-               for image in overlays)
-    bars = [axis for axis in fig.axes if "share of the head's write" in axis.get_ylabel()]
-    assert len(bars) == 1
+    for shown, (patch_row, _) in zip(fig.images, heads):  # every head on the one scale
+        panel = np.asarray(shown.get_array())
+        white = Image.new("RGB", (panel.shape[1], panel.shape[0]), "white")
+        assert (panel == np.asarray(fig_module.look_panel(white, fig_module.share_grid(patch_row), limit))).all()
+    (bar,) = fig.axes  # the panels are pixels, not axes: the colour bar is the only one
+    assert "share of the head's write" in bar.get_ylabel() and bar.get_ylim() == pytest.approx((-limit, limit))
+    assert sorted(t.get_text() for t in fig.texts if t.get_text() != fig.get_suptitle()) == [
+        f"L01H{h:02d}: where it looks" for h in range(3)]
+
+
+def test_a_look_panel_colours_each_patch_on_the_shared_scale() -> None:
+    """A 2 x 2 grid over a white 40 x 40 picture: the patch at the scale's top is red, at its bottom blue, at 0
+    the picture under coolwarm's grey middle; a share of half the scale, paler red. Patches are blocks."""
+    from matplotlib import colormaps
+
+    shares = np.array([[0.2, -0.2], [0.0, 0.1]])
+    panel = np.asarray(fig_module.look_panel(Image.new("RGB", (40, 40), "white"), shares, limit=0.2)).astype(float)
+    colour = lambda v: np.array(colormaps["coolwarm"]((v + 1) / 2)[:3]) * 255  # noqa: E731
+    expected = {(5, 5): colour(1.0), (5, 35): colour(-1.0), (35, 5): colour(0.0), (35, 35): colour(0.5)}
+    for (y, x), rgb in expected.items():
+        assert panel[y, x] == pytest.approx(0.45 * 255 + 0.55 * rgb, abs=1.5), (y, x)
+    assert (panel[:20, :20] == panel[0, 0]).all() and (panel[20:, 20:] == panel[39, 39]).all()
+    assert panel[5, 5, 0] > panel[5, 5, 2] and panel[5, 35, 2] > panel[5, 35, 0]  # red above 0, blue below
