@@ -24,6 +24,7 @@ import sys
 import textwrap
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -374,32 +375,64 @@ def heatmap_figure(rows: list[dict], title: str, limits: Limits | None = None):
     """Similarity to the input over layers x components of one image and lens: a panel per similarity
     (sim_embed, then sim_decoded where pictures were decoded), each split by component kind, every kind on
     its own colour scale (`limits`, default `shared_limits(rows)`), every cell labelled with its value.
-    `title`'s lines are wrapped to the figure's width. Returns the matplotlib figure."""
+    `title`'s lines are wrapped to the figure's width. Returns the matplotlib figure.
+    The layout is fixed in inches (`heatmap_frame`): matplotlib's constrained layout took a third of the
+    figure's time, measuring every tick label of every panel."""
     plt = pyplot()
     limits = shared_limits(rows) if limits is None else limits
     panels = [v for v in ("sim_embed", "sim_decoded") if any(r.get(v) for r in rows)]
     layers, columns, _ = heatmap_matrix(rows, panels[0])
     blocks = kind_blocks(columns)
-    cell_height = max(0.3, 0.75 / len(layers))  # a one-layer panel still has room for a colour bar's ticks
-    needed = 0.2 + sum(HEATMAP_CELL * len(indices) + 1.3 for _, indices in blocks)
-    width = max(5.5, needed)  # room for the title; the blocks keep their width, centred
-    fig = plt.figure(figsize=(width, 0.8 + len(panels) * (1.0 + cell_height * len(layers))), layout="constrained")
-    # each kind's columns, then a narrow column for its colour bar: every cell as wide as any other
-    margin = (width - needed) / 2 / HEATMAP_CELL
-    ratios = [margin + 1e-3, *(r for _, indices in blocks for r in (len(indices), 0.25)), margin + 1e-3]
-    for subfig, value in zip(np.atleast_1d(fig.subfigures(len(panels), 1)), panels):
+    frame = heatmap_frame(len(panels), len(layers), [[columns[i] for i in indices] for _, indices in blocks], title)
+    fig = plt.figure(figsize=(frame.width, frame.height))
+    grid = fig.add_gridspec(len(panels) + 1, 1, height_ratios=[frame.band] + [frame.panel] * len(panels),
+                            left=0, right=1, bottom=0, top=1, hspace=0)
+    for n, value in enumerate(panels):
         _, _, matrix = heatmap_matrix(rows, value)
-        axes = subfig.subplots(1, len(ratios), width_ratios=ratios)
-        for spare in (axes[0], axes[-1]):
-            spare.axis("off")
-        for n, (kind, indices) in enumerate(blocks):
-            _draw_block(axes[2 * n + 1], axes[2 * n + 2], matrix[:, indices], [columns[i] for i in indices],
+        panel = fig.add_subfigure(grid[n + 1, 0])
+        for (kind, indices), (block, bar) in zip(blocks, frame.blocks):
+            _draw_block(panel.add_axes(block), panel.add_axes(bar), matrix[:, indices], [columns[i] for i in indices],
                         layers, kind, limits.get((value, kind)))
-        subfig.suptitle(f"{value}: {SIMILARITIES[value]}", fontsize=8)
-    chars = int(width * 72 / 5.5)  # characters of 9-point text that fit across the figure
-    fig.suptitle("\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in title.splitlines()),
-                 fontsize=9)
+        panel.suptitle(f"{value}: {SIMILARITIES[value]}", fontsize=8, y=1 - 0.05 / frame.panel, va="top")
+    fig.suptitle(frame.title, fontsize=9, y=1 - 0.08 / frame.height, va="top")
     return fig
+
+
+@dataclass
+class HeatmapFrame:
+    """A heatmap figure's fixed layout: its size and bands in inches, each block's axes and colour bar as
+    (left, bottom, width, height) shares of its panel, and the title wrapped to the width."""
+
+    width: float
+    height: float
+    band: float  # the title's band at the top
+    panel: float  # each panel's height
+    blocks: list[tuple[tuple[float, ...], tuple[float, ...]]]
+    title: str
+
+
+def heatmap_frame(n_panels: int, n_layers: int, block_names: list[list[str]], title: str) -> HeatmapFrame:
+    """The layout of `n_panels` heatmaps of `n_layers` rows and blocks of columns named `block_names`. Each block: 0.4
+    inches for the layer labels, HEATMAP_CELL per column, the colour bar and its labels in 0.9; the blocks
+    centred. Each panel, from the top: its title, the blocks' titles, the cells (at least 0.75 inches, for
+    a colour bar's ticks), the column labels (turned upright when there are several)."""
+    needed = 0.2 + sum(HEATMAP_CELL * len(names) + 1.3 for names in block_names)
+    width = max(5.5, needed)  # room for the title; the blocks keep their width, centred
+    chars = int(width * 72 / 5.5)  # characters of 9-point text that fit across the figure
+    title = "\n".join(textwrap.fill(line, chars, break_on_hyphens=False) for line in title.splitlines())
+    band = 0.2 + 0.16 * (title.count("\n") + 1)
+    cells = max(0.3 * n_layers, 0.75)
+    upright = max((len(n) for names in block_names if len(names) > 1 for n in names), default=0)
+    labels = max(0.3, 0.15 + 0.075 * upright)  # 7-point characters, turned upright, below the cells
+    panel = 0.44 + cells + labels + 0.1
+    bottom = (labels + 0.1) / panel
+    blocks, x = [], (width - needed) / 2 + 0.1
+    for names in block_names:
+        left, cell_width = x + 0.4, HEATMAP_CELL * len(names)
+        blocks.append(((left / width, bottom, cell_width / width, cells / panel),
+                       ((left + cell_width + 0.12) / width, bottom, 0.125 / width, cells / panel)))
+        x += cell_width + 1.3
+    return HeatmapFrame(width, band + n_panels * panel, band, panel, blocks, title)
 
 
 def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "", limits: Limits | None = None) -> list[Path]:
