@@ -494,12 +494,20 @@ LOOK_ALPHA = 0.55  # the patch shares' opacity over the input
 
 def look_panel(picture: Image.Image, shares: np.ndarray, limit: float) -> Image.Image:
     """`picture` (RGB) with a head's patch shares [grid, grid] over it, each patch a block of its colour on the
-    scale -limit..limit centred at 0 (coolwarm: red adds to the write, blue takes from it)."""
+    scale -limit..limit centred at 0 (coolwarm: red adds to the write, blue takes from it). A share that is
+    not a number (a head that wrote nothing) leaves its patch as it is."""
     from matplotlib import colormaps
 
-    colours = colormaps["coolwarm"]((np.clip(shares / limit, -1, 1) + 1) / 2, bytes=True)[..., :3]
-    overlay = Image.fromarray(colours).resize(picture.size, Image.Resampling.NEAREST)
-    return Image.blend(picture, overlay, LOOK_ALPHA)
+    known = np.isfinite(shares)
+    colours = colormaps["coolwarm"]((np.clip(np.where(known, shares, 0) / limit, -1, 1) + 1) / 2, bytes=True)
+    overlay = Image.fromarray(colours[..., :3]).resize(picture.size, Image.Resampling.NEAREST)
+    shown = Image.fromarray((known * 255).astype(np.uint8)).resize(picture.size, Image.Resampling.NEAREST)
+    return Image.composite(Image.blend(picture, overlay, LOOK_ALPHA), picture, shown)
+
+
+def share_limit(shares: list[np.ndarray]) -> float:
+    """The largest absolute share of any head (their one colour scale); 1 where none is a non-zero number."""
+    return max((float(np.abs(s[np.isfinite(s)]).max()) for s in shares if np.isfinite(s).any()), default=0.0) or 1.0
 
 
 def _fitted(picture: Image.Image, box: tuple[float, float]) -> tuple[int, int]:
@@ -530,7 +538,7 @@ def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]
     cell_w = (width - 1.3) / (2 * columns + 0.06 * (2 * columns - 1))
     cell_h = (top - bottom) / (rows + 0.3 * (rows - 1))
     shares = [share_grid(patch_row) for patch_row, _ in heads]
-    limit = max(float(np.abs(s).max()) for s in shares) or 1.0  # one scale for every head: one colour bar
+    limit = share_limit(shares)  # one scale for every head: one colour bar
     box = (cell_w * FIGURE_DPI, cell_h * FIGURE_DPI)
     base = picture.resize(_fitted(picture, box), Image.Resampling.LANCZOS)
     for n, ((patch_row, row), grid) in enumerate(zip(heads, shares)):

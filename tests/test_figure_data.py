@@ -210,3 +210,15 @@ def test_a_look_panel_colours_each_patch_on_the_shared_scale() -> None:
         assert panel[y, x] == pytest.approx(0.45 * 255 + 0.55 * rgb, abs=1.5), (y, x)
     assert (panel[:20, :20] == panel[0, 0]).all() and (panel[20:, 20:] == panel[39, 39]).all()
     assert panel[5, 5, 0] > panel[5, 5, 2] and panel[5, 35, 2] > panel[5, 35, 0]  # red above 0, blue below
+
+
+def test_a_share_that_is_not_a_number_leaves_its_patch_and_the_scale_alone() -> None:
+    """A head whose write is zero has shares 0/0: its patches show the picture as it is, and the colour scale
+    is the other shares' (a NaN scale made every panel black)."""
+    shares = np.array([[np.nan, 0.2], [-0.1, 0.0]])
+    picture = Image.new("RGB", (40, 40), (10, 200, 30))
+    panel = np.asarray(fig_module.look_panel(picture, shares, limit=fig_module.share_limit([shares])))
+    assert (panel[:20, :20] == (10, 200, 30)).all()  # the NaN patch
+    assert not (panel[:20, 20:] == (10, 200, 30)).all(axis=-1).any()  # the others coloured
+    assert fig_module.share_limit([shares, np.full((2, 2), np.nan)]) == pytest.approx(0.2)
+    assert fig_module.share_limit([np.zeros((2, 2)), np.full((2, 2), np.nan)]) == 1.0
