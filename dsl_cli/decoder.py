@@ -34,19 +34,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    KandinskyPipeline,
-    KandinskyV22Pipeline,
-    StableUnCLIPImg2ImgPipeline,
-    UNet2DConditionModel,
-    VQModel,
-)
-from diffusers.pipelines.kandinsky.text_encoder import MCLIPConfig, MultilingualCLIP
-from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
@@ -55,15 +42,22 @@ from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLI
 from dsl_cli.config import DecoderConfig
 from dsl_cli.devices import Placed, seeded_on
 from dsl_cli.errors import UserError
+from dsl_cli.libraries import Library
 from dsl_cli.memory import free_bytes, halving_batches
 from dsl_cli.weights import HubWeights, Needs
 
 log = logging.getLogger("dsl_cli.decoder")
 
-SCHEDULERS = {
-    "ddpm": DDPMScheduler,
-    "ddim": DDIMScheduler,
-    "dpm": DPMSolverMultistepScheduler,
+
+
+diffusers = Library("diffusers")  # imported when a decoder is first built (1.5 to 3 s)
+kandinsky_text = Library("diffusers.pipelines.kandinsky.text_encoder")
+unclip_normalizer = Library("diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer")
+
+SCHEDULERS = {  # decode.scheduler -> the diffusers scheduler class
+    "ddpm": "DDPMScheduler",
+    "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
 }  # not UniPC: diffusers' Kandinsky pipelines pass `generator` to `step()`, which UniPC does not take
 
 # The Kandinsky 2.2 decoder's architecture (DESIGN.md section 2): UNet 1.253 B and MoVQ 67.8 M parameters.
@@ -272,7 +266,12 @@ def make_scheduler(name: str, config: dict):
     """The scheduler `decode.scheduler` names, built from the checkpoint's scheduler config (its betas,
     prediction type and timestep spacing kept). Always rebuilt: a saved pipeline may ship any scheduler
     class, and the one named is the one that must run."""
-    return SCHEDULERS[name].from_config(config)
+    return scheduler_class(name).from_config(config)
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class `decode.scheduler` names (ddpm, ddim, dpm)."""
+    return getattr(diffusers, SCHEDULERS[name])
 
 
 def _seeded(build: Any, *args, **kwargs) -> Any:
@@ -292,7 +291,7 @@ class Decoder(Placed, ABC):
 
     name: ClassVar[str]  # decoder.family
     title: ClassVar[str]  # for messages: "the Kandinsky 2.2 decoder"
-    pipeline: ClassVar[type]  # the diffusers pipeline class
+    pipeline: ClassVar[type]  # the diffusers pipeline class (or `Library.attribute`: imported when read)
     autoencoder: ClassVar[str]  # the pipeline's latents-to-pixels module
     clip: ClassVar[tuple[str, str]]  # the open_clip (model, pretrained tag) whose image embeddings it decodes
     encoder_preset: ClassVar[str]  # the encoder config that gives those embeddings
@@ -511,17 +510,18 @@ class _Kandinsky(Decoder):
 class KandinskyDecoder(_Kandinsky):
     """Kandinsky 2.2 (`KandinskyV22Pipeline`): the image embedding and the unconditional one, nothing else."""
 
-    name, title, pipeline = "kandinsky22", "the Kandinsky 2.2 decoder", KandinskyV22Pipeline
+    name, title = "kandinsky22", "the Kandinsky 2.2 decoder"
+    pipeline = Library.attribute(diffusers, "KandinskyV22Pipeline")
     clip, encoder_preset, width = ("ViT-bigG-14", "laion2b_s39b_b160k"), "kandinsky_prior", 1280
     hub_files = (("model_index.json",), ("scheduler/scheduler_config.json",), *model_files("unet"),
                  *model_files("movq"))
 
     @classmethod
-    def build(cls, real: bool, device: str | torch.device) -> KandinskyV22Pipeline:
+    def build(cls, real: bool, device: str | torch.device) -> diffusers.KandinskyV22Pipeline:
         with seeded_on(device):
-            unet = _seeded(UNet2DConditionModel, **(REAL_UNET if real else TINY_UNET))
-            movq = _seeded(VQModel, **(REAL_MOVQ if real else TINY_MOVQ))
-        return KandinskyV22Pipeline(unet=unet, scheduler=DDPMScheduler(**SCHEDULER), movq=movq)
+            unet = _seeded(diffusers.UNet2DConditionModel, **(REAL_UNET if real else TINY_UNET))
+            movq = _seeded(diffusers.VQModel, **(REAL_MOVQ if real else TINY_MOVQ))
+        return diffusers.KandinskyV22Pipeline(unet=unet, scheduler=diffusers.DDPMScheduler(**SCHEDULER), movq=movq)
 
     @property
     def embed_dim(self) -> int:
@@ -535,20 +535,22 @@ class Kandinsky21Decoder(_Kandinsky):
     """Kandinsky 2.1 (`KandinskyPipeline`): the image embedding and the unconditional one, plus a text prompt,
     which is the empty one (as for an image variation), through the pipeline's own MultilingualCLIP."""
 
-    name, title, pipeline = "kandinsky21", "the Kandinsky 2.1 decoder", KandinskyPipeline
+    name, title = "kandinsky21", "the Kandinsky 2.1 decoder"
+    pipeline = Library.attribute(diffusers, "KandinskyPipeline")
     clip, encoder_preset, width = ("ViT-L-14", "openai"), "vitl14", 768
     hub_files = (*KandinskyDecoder.hub_files, *transformers_files("text_encoder"),
                  ("tokenizer/tokenizer_config.json",),
                  ("tokenizer/tokenizer.json", "tokenizer/sentencepiece.bpe.model"))
 
     @classmethod
-    def build(cls, real: bool, device: str | torch.device) -> KandinskyPipeline:
+    def build(cls, real: bool, device: str | torch.device) -> diffusers.KandinskyPipeline:
         with seeded_on(device):
-            text = _seeded(MultilingualCLIP, MCLIPConfig(**(REAL_TEXT_21 if real else TINY_TEXT_21))).eval()
-            unet = _seeded(UNet2DConditionModel, **(REAL_UNET_21 if real else TINY_UNET_21))
-            movq = _seeded(VQModel, **(REAL_MOVQ if real else TINY_MOVQ))
-        return KandinskyPipeline(text_encoder=text, tokenizer=local_xlm_tokenizer(), unet=unet,
-                                 scheduler=DDIMScheduler(**SCHEDULER_21), movq=movq)
+            text = _seeded(kandinsky_text.MultilingualCLIP,
+                           kandinsky_text.MCLIPConfig(**(REAL_TEXT_21 if real else TINY_TEXT_21))).eval()
+            unet = _seeded(diffusers.UNet2DConditionModel, **(REAL_UNET_21 if real else TINY_UNET_21))
+            movq = _seeded(diffusers.VQModel, **(REAL_MOVQ if real else TINY_MOVQ))
+        return diffusers.KandinskyPipeline(text_encoder=text, tokenizer=local_xlm_tokenizer(), unet=unet,
+                                           scheduler=diffusers.DDIMScheduler(**SCHEDULER_21), movq=movq)
 
     @property
     def embed_dim(self) -> int:
@@ -564,7 +566,8 @@ class UnclipDecoder(Decoder):
     `noise_level` (0 to 999) by the pipeline, and the empty prompt. Its unconditional image embedding is fixed
     by the pipeline itself (zeros, after the noise augmentation); `negative_embed` returns those zeros."""
 
-    name, title, pipeline = "unclip_h14", "the Stable unCLIP decoder", StableUnCLIPImg2ImgPipeline
+    name, title = "unclip_h14", "the Stable unCLIP decoder"
+    pipeline = Library.attribute(diffusers, "StableUnCLIPImg2ImgPipeline")
     clip, encoder_preset, width = ("ViT-H-14", "laion2b_s32b_b79k"), "vith14", 1024
     autoencoder = "vae"
     # the repository also holds the original checkpoints; the installed `hf` takes one pattern per --exclude
@@ -576,29 +579,30 @@ class UnclipDecoder(Decoder):
         *model_files("image_normalizer"), *transformers_files("text_encoder"), *transformers_files("image_encoder"),
     )
 
-    def __init__(self, pipe: StableUnCLIPImg2ImgPipeline, noise_level: int = 0):
+    def __init__(self, pipe: diffusers.StableUnCLIPImg2ImgPipeline, noise_level: int = 0):
         super().__init__(pipe)
         self.noise_level = noise_level
 
     @classmethod
-    def from_config(cls, pipe: StableUnCLIPImg2ImgPipeline, cfg: DecoderConfig) -> "UnclipDecoder":
+    def from_config(cls, pipe: diffusers.StableUnCLIPImg2ImgPipeline, cfg: DecoderConfig) -> "UnclipDecoder":
         return cls(pipe, cfg.noise_level)
 
     @classmethod
-    def build(cls, real: bool, device: str | torch.device) -> StableUnCLIPImg2ImgPipeline:
+    def build(cls, real: bool, device: str | torch.device) -> diffusers.StableUnCLIPImg2ImgPipeline:
         with seeded_on(device):
             image = _seeded(CLIPVisionModelWithProjection, CLIPVisionConfig(
                 **(REAL_IMAGE_UNCLIP if real else TINY_IMAGE_UNCLIP))).eval()
-            normalizer = _seeded(StableUnCLIPImageNormalizer, embedding_dim=image.config.projection_dim).eval()
+            normalizer = _seeded(unclip_normalizer.StableUnCLIPImageNormalizer,
+                                 embedding_dim=image.config.projection_dim).eval()
             text = _seeded(CLIPTextModel, CLIPTextConfig(**(REAL_TEXT_UNCLIP if real else TINY_TEXT_UNCLIP))).eval()
-            unet = _seeded(UNet2DConditionModel, **(REAL_UNET_UNCLIP if real else TINY_UNET_UNCLIP)).eval()
-            vae = _seeded(AutoencoderKL, **(REAL_VAE if real else TINY_VAE)).eval()
+            unet = _seeded(diffusers.UNet2DConditionModel, **(REAL_UNET_UNCLIP if real else TINY_UNET_UNCLIP)).eval()
+            vae = _seeded(diffusers.AutoencoderKL, **(REAL_VAE if real else TINY_VAE)).eval()
         size = image.config.image_size
-        return StableUnCLIPImg2ImgPipeline(
+        return diffusers.StableUnCLIPImg2ImgPipeline(
             feature_extractor=CLIPImageProcessor(crop_size=size, size=size), image_encoder=image,
-            image_normalizer=normalizer, image_noising_scheduler=DDPMScheduler(**NOISING_UNCLIP),
+            image_normalizer=normalizer, image_noising_scheduler=diffusers.DDPMScheduler(**NOISING_UNCLIP),
             tokenizer=CLIPTokenizer(model_max_length=77), text_encoder=text, unet=unet,
-            scheduler=DDIMScheduler(**SCHEDULER_UNCLIP), vae=vae)
+            scheduler=diffusers.DDIMScheduler(**SCHEDULER_UNCLIP), vae=vae)
 
     @classmethod
     def size_multiple_for(cls, source: str) -> int:

@@ -12,7 +12,6 @@ An interruption stops the sweep. `hydra.verbose=true` shows the traceback instea
 
 from __future__ import annotations
 
-import gc
 import signal
 import sys
 from contextlib import contextmanager
@@ -90,22 +89,11 @@ def stop_signals_interrupt() -> Iterator[None]:
 
 
 def _load_run() -> Callable[[DictConfig, Path], None]:
-    """`dsl_cli.run.run`, imported only when a job runs: it brings in the model libraries, millions of Python
-    objects that live as long as the process. The first import runs with the garbage collector off (it ran
-    1,600 times during those imports), then freezes what exists (`gc.freeze`): no later collection walks
-    those objects again, and the processes forked to draw figures do not copy their memory pages by touching
-    them. A fresh 2-image tiny run on 2 CPU cores: 10.5-12 s before, 8.4-9.1 s after (docs/benchmarks.md)."""
-    first, collecting = "dsl_cli.run" not in sys.modules, gc.isenabled()
-    if first:
-        gc.disable()
-    try:
-        from dsl_cli.run import run  # the model libraries load only when a job runs
-    finally:
-        if first:
-            gc.freeze()
-            if collecting:
-                gc.enable()
-    return run
+    """`dsl_cli.run.run`, imported only when a job runs: it brings in the model libraries, imported with the
+    garbage collector off and then frozen (`dsl_cli.libraries.import_frozen`)."""
+    from dsl_cli.libraries import import_frozen
+
+    return import_frozen("dsl_cli.run").run
 
 
 def task(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 
 OWN = ("dsl_cli", "hydra", "__main__")  # loggers whose records reach the terminal
 LIBRARIES = ("diffusers", "huggingface_hub", "transformers", "open_clip")
@@ -55,9 +56,16 @@ class SourceFormatter(logging.Formatter):
         return super().format(record)
 
 
+_routing = False  # whether a job routes the libraries' logs (then a library imported later is routed too)
+
+
 def route_library_logs() -> None:
     """Send the libraries' log records and Python warnings through the root logger's handlers (so the file
-    gets them and `TerminalFilter` keeps them off the terminal); switch off diffusers' own progress bars."""
+    gets them and `TerminalFilter` keeps them off the terminal); switch off diffusers' own progress bars. A
+    library imported later (diffusers, when the first decoder is built) is routed as it is imported
+    (`library_imported`)."""
+    global _routing
+    _routing = True
     logging.captureWarnings(True)
     for name in LIBRARIES:
         logger = logging.getLogger(name)
@@ -65,9 +73,16 @@ def route_library_logs() -> None:
             if type(handler) is logging.StreamHandler:
                 logger.removeHandler(handler)
         logger.propagate = True
-    from diffusers.utils import logging as diffusers_logging
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the decoder stage has its own
+        diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the decoder stage has its own
+
+
+def library_imported() -> None:
+    """After a library's first import (`dsl_cli.libraries`): its logs routed as the others', in a job."""
+    if _routing:
+        route_library_logs()
 
 
 def close_file_logs(path: str | os.PathLike) -> None:

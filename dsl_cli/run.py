@@ -130,11 +130,11 @@ def _git_commit() -> str | None:
 
 
 def _versions() -> dict:
-    import diffusers
-    import open_clip
+    """The versions of what the run used, as installed (diffusers is imported only when a decoder loads)."""
+    from importlib.metadata import version
 
-    return {"dsl": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "open_clip": open_clip.__version__, "python": platform.python_version()}
+    return {"dsl": __version__, "torch": torch.__version__, "diffusers": version("diffusers"),
+            "open_clip": version("open_clip_torch"), "python": platform.python_version()}
 
 
 # ---------------------------------------------------------------- stages

@@ -174,3 +174,30 @@ def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_mad
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_library_imported_after_the_logs_were_routed_is_routed_too(monkeypatch) -> None:
+    """diffusers is imported when the first decoder is built, after the job routed the libraries' logs; as
+    it is imported it adds its own handler to stderr (and stops propagating): `import_frozen` routes it
+    again, and only in a job (a notebook's logging is left alone)."""
+    import logging
+
+    from dsl_cli import libraries, logs
+
+    library = logging.getLogger("diffusers")
+    monkeypatch.setattr(library, "handlers", [])
+    monkeypatch.setattr(library, "propagate", True)
+
+    def imported_anew(name: str):  # what diffusers' import does to its logger
+        library.addHandler(logging.StreamHandler())
+        library.propagate = False
+        return sys.modules["json"]
+
+    monkeypatch.setattr(libraries.importlib, "import_module", imported_anew)
+    monkeypatch.setattr(logs, "_routing", False)
+    libraries.import_frozen("not_imported_yet_a")
+    assert len(library.handlers) == 1 and not library.propagate  # not in a job: left as the library set it
+    monkeypatch.setattr(library, "handlers", [])
+    monkeypatch.setattr(logs, "_routing", True)
+    libraries.import_frozen("not_imported_yet_b")
+    assert library.handlers == [] and library.propagate

@@ -50,7 +50,22 @@ SCRIPT_MAIN = NO_MODEL_LIBRARIES + ("import runpy\nscript = sys.argv[1]\nsys.arg
 # modules that the light commands import: none of them may import a model library, even alone
 LIGHT_MODULES = {"dsl_cli", "dsl_cli.cli", "dsl_cli.config", "dsl_cli.errors", "dsl_cli.components", "dsl_cli.logs",
                  "dsl_cli.outputs", "dsl_cli.figures", "dsl_cli.report", "dsl_cli.sweeps", "dsl_cli.job",
-                 "dsl_cli.weights", "dsl_cli.images", "dsl_cli.study_registry"}
+                 "dsl_cli.weights", "dsl_cli.images", "dsl_cli.study_registry", "dsl_cli.libraries"}
+
+
+def test_a_run_that_decodes_nothing_never_imports_diffusers(tmp_path: Path) -> None:
+    """diffusers (1.5 to 3 s of start-up) is imported when the first decoder is built: a run without decoding
+    runs to the end with any import of it refused; one that decodes imports it (the same guard fails it)."""
+    guard = NO_MODEL_LIBRARIES.replace(repr(MODEL_LIBRARIES), repr(("diffusers",)))
+    code = guard + "from dsl_cli.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    args = ["run", "debug=tiny", "lens=direct", "images.limit=1", "layer=1"]
+    quiet = subprocess.run([sys.executable, "-c", code, *args, "decode.enabled=false", "hydra.run.dir=a"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["status"] == "complete"
+    decoding = subprocess.run([sys.executable, "-c", code, *args, "decode.top_k=1", "hydra.run.dir=b"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
 
 
 def light(*args: str, cwd: Path, script: bool = False) -> subprocess.CompletedProcess:

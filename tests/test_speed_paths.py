@@ -18,7 +18,7 @@ from PIL import Image
 
 from dsl_cli import run
 from dsl_cli.config import DecoderConfig, EncoderConfig
-from dsl_cli.decoder import SCHEDULERS, HostTimesteps, batch_that_fits, host_timesteps, load_decoder
+from dsl_cli.decoder import SCHEDULERS, HostTimesteps, batch_that_fits, host_timesteps, load_decoder, scheduler_class
 from dsl_cli.devices import dtype_name
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual, load_encoder
 
@@ -127,7 +127,7 @@ def test_denoising_loop_never_reads_a_device_value(scheduler: str) -> None:
 def test_host_timesteps_compute_on_the_host_and_hand_the_pipeline_its_device() -> None:
     """The wrapped scheduler's table stays on the CPU whatever device the pipeline asks for; the pipeline gets
     a copy on its device (none asked: the host), and the scheduler's own arguments (custom timesteps) pass."""
-    inner = SCHEDULERS["ddpm"](num_train_timesteps=1000)
+    inner = scheduler_class("ddpm")(num_train_timesteps=1000)
     with_device = HostTimesteps(inner)
     with_device.set_timesteps(None, device="meta", timesteps=[999, 500, 0])
     assert with_device.timesteps.device.type == "meta" and with_device.timesteps.shape == (3,)
@@ -141,7 +141,7 @@ def test_host_timesteps_compute_on_the_host_and_hand_the_pipeline_its_device() -
 def test_host_timesteps_step_with_the_next_host_timestep_and_the_schedulers_own_arguments() -> None:
     """The i-th `step` is given the i-th host timestep whatever the pipeline passes (here a meta tensor, which DDPM
     could not read), and the scheduler's own arguments, positional ones included (generator, return_dict)."""
-    wrapped, reference = HostTimesteps(SCHEDULERS["ddpm"]()), SCHEDULERS["ddpm"]()
+    wrapped, reference = HostTimesteps(scheduler_class("ddpm")()), scheduler_class("ddpm")()
     wrapped.set_timesteps(3, device="meta")
     reference.set_timesteps(3)
     sample, noise = torch.ones(1, 4, 8, 8), torch.full((1, 4, 8, 8), 0.5)
