@@ -13,6 +13,7 @@ from typing import Optional
 
 from dsl_cli.config import path_override, split_options
 from dsl_cli.errors import UserError
+from dsl_cli.libraries import import_frozen
 
 USAGE = """usage: dsl adapter fit [OVERRIDES...]     fit an adapter (the same overrides as `dsl run`, plus adapter.*)
        dsl adapter merge FOLDER            add the shards' partial sums in FOLDER/shards and fit
@@ -140,6 +141,7 @@ def fit_command(args: list[str]) -> int:
     if paths and not any(a.partition("=")[0] == "images" for a in overrides):
         overrides = ["images=folder", *overrides]
     cfg = compose(overrides)
+    import_frozen("dsl_cli.encoder")  # the model libraries, as `dsl run` imports them (dsl_cli.libraries)
     import torch
     from tqdm.auto import tqdm
 

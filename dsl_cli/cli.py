@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from importlib import import_module
 from pathlib import Path
 from typing import Callable
 
@@ -231,8 +230,12 @@ COMMANDS: dict[str, "Callable[[list[str]], int] | str"] = {
 
 
 def _command(name: str) -> Callable[[list[str]], int]:
+    """A command's function; a module of its own imported as the model libraries are (`import_frozen`: `dsl
+    check` imports torch with it)."""
+    from dsl_cli.libraries import import_frozen
+
     target = COMMANDS[name]
-    return import_module(target).main if isinstance(target, str) else target
+    return import_frozen(target).main if isinstance(target, str) else target
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from dsl_cli.config import split_options
 from dsl_cli.errors import Interrupted, UserError, catch_stop_signals
+from dsl_cli.libraries import import_frozen
 
 USAGE = """usage: dsl sae train [OVERRIDES...]   (the same overrides as `dsl run`, plus train.*)
 
@@ -145,6 +146,7 @@ class Setup:
 
 
 def setup(cfg, options: TrainOptions) -> Setup:
+    import_frozen("dsl_cli.encoder")  # the model libraries, as `dsl run` imports them (dsl_cli.libraries)
     import torch
 
     from dsl_cli.devices import resolve_device
