@@ -36,8 +36,6 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import (CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig,
-                          CLIPVisionModelWithProjection, XLMRobertaTokenizer)
 
 from dsl_cli.config import DecoderConfig
 from dsl_cli.devices import Placed, seeded_on
@@ -51,6 +49,7 @@ log = logging.getLogger("dsl_cli.decoder")
 
 
 diffusers = Library("diffusers")  # imported when a decoder is first built (1.5 to 3 s)
+transformers = Library("transformers")  # its Stable unCLIP and Kandinsky 2.1 parts, likewise
 kandinsky_text = Library("diffusers.pipelines.kandinsky.text_encoder")
 unclip_normalizer = Library("diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer")
 
@@ -590,18 +589,19 @@ class UnclipDecoder(Decoder):
     @classmethod
     def build(cls, real: bool, device: str | torch.device) -> diffusers.StableUnCLIPImg2ImgPipeline:
         with seeded_on(device):
-            image = _seeded(CLIPVisionModelWithProjection, CLIPVisionConfig(
+            image = _seeded(transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig(
                 **(REAL_IMAGE_UNCLIP if real else TINY_IMAGE_UNCLIP))).eval()
             normalizer = _seeded(unclip_normalizer.StableUnCLIPImageNormalizer,
                                  embedding_dim=image.config.projection_dim).eval()
-            text = _seeded(CLIPTextModel, CLIPTextConfig(**(REAL_TEXT_UNCLIP if real else TINY_TEXT_UNCLIP))).eval()
+            text = _seeded(transformers.CLIPTextModel,
+                           transformers.CLIPTextConfig(**(REAL_TEXT_UNCLIP if real else TINY_TEXT_UNCLIP))).eval()
             unet = _seeded(diffusers.UNet2DConditionModel, **(REAL_UNET_UNCLIP if real else TINY_UNET_UNCLIP)).eval()
             vae = _seeded(diffusers.AutoencoderKL, **(REAL_VAE if real else TINY_VAE)).eval()
         size = image.config.image_size
         return diffusers.StableUnCLIPImg2ImgPipeline(
-            feature_extractor=CLIPImageProcessor(crop_size=size, size=size), image_encoder=image,
+            feature_extractor=transformers.CLIPImageProcessor(crop_size=size, size=size), image_encoder=image,
             image_normalizer=normalizer, image_noising_scheduler=diffusers.DDPMScheduler(**NOISING_UNCLIP),
-            tokenizer=CLIPTokenizer(model_max_length=77), text_encoder=text, unet=unet,
+            tokenizer=transformers.CLIPTokenizer(model_max_length=77), text_encoder=text, unet=unet,
             scheduler=diffusers.DDIMScheduler(**SCHEDULER_UNCLIP), vae=vae)
 
     @classmethod
@@ -627,11 +627,11 @@ class UnclipDecoder(Decoder):
 FAMILIES: dict[str, type[Decoder]] = {cls.name: cls for cls in (KandinskyDecoder, Kandinsky21Decoder, UnclipDecoder)}
 
 
-def local_xlm_tokenizer() -> XLMRobertaTokenizer:
+def local_xlm_tokenizer() -> transformers.XLMRobertaTokenizer:
     """An XLM-RoBERTa tokenizer built here, without a download, for random and tiny Kandinsky 2.1 decoders: only
     the special tokens, with the ids of the released one (<s> 0, <pad> 1, </s> 2, <unk> 3), so that it gives the
     empty prompt (all that dsl feeds) exactly the ids the released tokenizer gives it."""
-    return XLMRobertaTokenizer(model_max_length=77)
+    return transformers.XLMRobertaTokenizer(model_max_length=77)
 
 
 def batch_that_fits(n: int, peak_one: int, peak_two: int, free: int, margin: float = AUTO_MARGIN) -> int:
