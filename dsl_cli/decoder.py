@@ -46,8 +46,6 @@ from dsl_cli.weights import HubWeights, Needs
 
 log = logging.getLogger("dsl_cli.decoder")
 
-
-
 diffusers = Library("diffusers")  # imported when a decoder is first built (1.5 to 3 s)
 transformers = Library("transformers")  # its Stable unCLIP and Kandinsky 2.1 parts, likewise
 kandinsky_text = Library("diffusers.pipelines.kandinsky.text_encoder")

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
 
 # found, not imported: importing them here took 4.5 s of the check's time, and device_check.py imports them anyway
-packages="diffusers open_clip hydra omegaconf transformers timm submitit"
+packages="diffusers open_clip hydra omegaconf"  # what the wheels of scripts/fetch_wheels.sh provide
 if ! "$python" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in sys.argv[1:]))" \
         $packages 2>/dev/null; then
     if ! ls .whl/*.whl >/dev/null 2>&1; then
