@@ -188,7 +188,11 @@ def test_a_library_imported_after_the_logs_were_routed_is_routed_too(monkeypatch
     monkeypatch.setattr(library, "handlers", [])
     monkeypatch.setattr(library, "propagate", True)
 
-    def imported_anew(name: str):  # what diffusers' import does to its logger
+    real_import = libraries.importlib.import_module  # the importlib module itself: other names pass through
+
+    def imported_anew(name: str, package=None):  # what diffusers' import does to its logger
+        if not name.startswith("not_imported_yet"):
+            return real_import(name, package)
         library.addHandler(logging.StreamHandler())
         library.propagate = False
         return sys.modules["json"]
