@@ -481,12 +481,15 @@ def model_files(folder: str, stem: str = "diffusion_pytorch_model") -> tuple[tup
     return (f"{folder}/config.json",), (f"{folder}/{stem}.safetensors", f"{folder}/{stem}.bin")
 
 
+# transformers' SAFE_WEIGHTS_NAME and WEIGHTS_NAME, written down so that listing a family's files imports
+# nothing (tests/test_weights.py compares them with transformers.utils)
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
 def transformers_files(folder: str) -> tuple[tuple[str, ...], ...]:
     """The hub files of one transformers model of a pipeline: its config, and its weights under transformers'
-    own names (`SAFE_WEIGHTS_NAME` model.safetensors, or `WEIGHTS_NAME` pytorch_model.bin)."""
-    from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
-
-    return (f"{folder}/config.json",), (f"{folder}/{SAFE_WEIGHTS_NAME}", f"{folder}/{WEIGHTS_NAME}")
+    own names (`TRANSFORMERS_WEIGHTS`)."""
+    return (f"{folder}/config.json",), tuple(f"{folder}/{name}" for name in TRANSFORMERS_WEIGHTS)
 
 
 class _Kandinsky(Decoder):

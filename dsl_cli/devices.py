@@ -38,6 +38,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def start_device(device: torch.device) -> None:
+    """Make the CUDA context now (a second or so), before the first stage, rather than inside the encoder's
+    load: a run's start-up (manifest `seconds.startup`) then ends at its first GPU work. Nothing on the CPU."""
+    if device.type == "cuda":
+        torch.zeros(1, device=device)
+
+
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     """`auto` is bf16 on CUDA (tensor cores, no fp16 overflow) and fp32 elsewhere (CPU half kernels are slow)."""
     if name == "auto":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import platform
 import subprocess
 import time
@@ -32,7 +33,7 @@ from dsl_cli.components import Component
 from dsl_cli.config import RunConfig
 from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
                              load_decoder, to_pil)
-from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype
+from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_device
 from dsl_cli.encoder import embedding_space, load_encoder, model_shape
 from dsl_cli.errors import UserError
 from dsl_cli.images import ImageSet, load_images
@@ -135,6 +136,24 @@ def _versions() -> dict:
 
     return {"dsl": __version__, "torch": torch.__version__, "diffusers": version("diffusers"),
             "open_clip": version("open_clip_torch"), "python": platform.python_version()}
+
+
+def startup_seconds() -> float | None:
+    """Seconds from this process's start to now, for the first job a process runs (later jobs of a local
+    --multirun share its start); None for those, and where /proc cannot say (not Linux)."""
+    global _STARTED_A_JOB
+    if _STARTED_A_JOB:
+        return None
+    _STARTED_A_JOB = True
+    try:
+        with open("/proc/self/stat", "rb") as stat:  # field 22: the start, in clock ticks after boot
+            ticks = int(stat.read().rsplit(b")", 1)[1].split()[19])
+        return round(time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"), 3)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+_STARTED_A_JOB = False
 
 
 # ---------------------------------------------------------------- stages
@@ -471,6 +490,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         folder.remove_temporaries()
         give_freed_blocks_back()
         device = resolve_device(cfg.device)
+        start_device(device)
         _run_stages(cfg, folder, device, Manifest(folder.manifest_json))
     finally:
         if claimed:
@@ -496,12 +516,7 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
 
 def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manifest: Manifest) -> None:
     previous = folder.read(SIMILARITY)
-    manifest.start(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
-                   seed=cfg.seed, versions=_versions(), git_commit=_git_commit(), slurm_job=current_slurm_job(),
-                   config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=len(previous))
-    from dsl_cli.check import note_run
-
-    note_run(cfg, manifest)  # whether `dsl check` passed these weights here (manifest `weights_check`)
+    _start_manifest(cfg, device, manifest, resumed_rows=len(previous))
     with manifest.stage("images"):
         image_set = load_images(cfg.images)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
@@ -543,6 +558,19 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
         del encoder, decoder  # the writers need no model: the memory goes back before the figures are drawn
         release_memory(device)
         _write_stage(cfg, folder, scored, csv_log, manifest, early)
+
+
+def _start_manifest(cfg: DictConfig, device: torch.device, manifest: Manifest, resumed_rows: int) -> None:
+    """This attempt's record: what runs where, and the seconds of start-up (to here: Python, the config
+    checked, torch imported, the device ready; the model libraries come with the models)."""
+    startup = startup_seconds()
+    manifest.start(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
+                   seed=cfg.seed, versions=_versions(), git_commit=_git_commit(), slurm_job=current_slurm_job(),
+                   config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=resumed_rows,
+                   **({"seconds": {"startup": startup}} if startup is not None else {}))
+    from dsl_cli.check import note_run
+
+    note_run(cfg, manifest)  # whether `dsl check` passed these weights here (manifest `weights_check`)
 
 
 def _prepare(cfg, lens: Lens, device: torch.device, manifest: Manifest) -> TextReader | None:

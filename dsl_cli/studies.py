@@ -33,7 +33,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from scipy import stats
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -44,12 +43,14 @@ from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.figures import DEFAULT_LENSES, POOLED, SCORES, score_column
 from dsl_cli.images import InputImage, overlay
+from dsl_cli.libraries import Library
 from dsl_cli.lenses import Lens, get_lens
 from dsl_cli.memory import halving_batches, release_memory, rows_that_fit
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, group_rows, save_png
 from dsl_cli.study_registry import decodes, study_stage
 
 log = logging.getLogger("dsl_cli.studies")
+stats = Library("scipy.stats")  # half a second to import: only a study that correlates needs it
 
 STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bigger batch gains little
 

@@ -68,6 +68,31 @@ def test_a_run_that_decodes_nothing_never_imports_diffusers(tmp_path: Path) -> N
     assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
 
 
+STARTUP_LIBRARIES = ("open_clip", "torchvision", "transformers", "diffusers", "scipy.stats", "matplotlib", "timm")
+
+
+def test_a_run_starts_its_stages_before_any_model_library_is_imported(tmp_path: Path) -> None:
+    """Start-up (manifest `seconds.startup`, the issue's "to the first model load") is Python, Hydra and torch:
+    when the first stage begins, none of the model libraries or the slower helpers is imported; each comes
+    with the model or stage that needs it (open_clip with the encoder). Two jobs in one process: the first
+    records its start-up, the second (which started with the process) does not."""
+    code = ("import json, sys\nfrom dsl_cli import run\nseen = []\noriginal = run._run_stages\n"
+            "def stages(*args, **kwargs):\n"
+            f"    seen.append([m for m in {STARTUP_LIBRARIES!r} if m in sys.modules])\n"
+            "    return original(*args, **kwargs)\n"
+            "run._run_stages = stages\nfrom dsl_cli.cli import main\ncode = main(sys.argv[1:])\n"
+            "print(json.dumps([code, seen, 'open_clip' in sys.modules]))\n")
+    args = ["run", "--multirun", "debug=tiny", "images.limit=1", "decode.enabled=false", "seed=1,2",
+            "hydra.sweep.dir=sweep"]
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    status, seen, encoder_library = json.loads(done.stdout.splitlines()[-1])
+    assert status == 0 and seen[0] == [] and encoder_library, done.stderr[-3000:]
+    first, second = (json.loads((tmp_path / "sweep" / job / "manifest.json").read_text()) for job in "01")
+    assert 0 < first["seconds"]["startup"] < 300 and list(first["seconds"])[0] == "startup"
+    assert "startup" not in second["seconds"] and {"encoder", "lens"} <= set(second["seconds"])
+
+
 @pytest.mark.parametrize("command", [
     ["sae", "train", "debug=tiny", "layer=1", "train.epochs=1", "train.d_sae=64", "train.k=4", "train.out=out"],
     ["adapter", "fit", "debug=tiny", "adapter.readout=resid", "adapter.layer=3", "adapter.augment=1",

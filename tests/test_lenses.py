@@ -207,6 +207,12 @@ def test_classifier_cache_folder(monkeypatch, tmp_path: Path) -> None:
     assert lenses.classifier_cache() == tmp_path / "home" / "elsewhere"
 
 
+def test_labels_are_counted_as_open_clip_lists_them() -> None:
+    import open_clip
+
+    assert lenses.n_labels() == len(open_clip.IMAGENET_CLASSNAMES)
+
+
 def test_classifier_prompts_and_precision(monkeypatch, tmp_path: Path) -> None:
     import open_clip
 

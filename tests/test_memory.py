@@ -557,7 +557,7 @@ def test_a_registered_architecture_keeps_its_activation_and_preprocessing(tmp_pa
     from PIL import Image
 
     from dsl_cli.encoder import load_encoder
-    from dsl_cli.encoder.loading import QuickGELU
+    from open_clip.transformer import QuickGELU
 
     name = "dsl-test-tiny-quickgelu"
     config = {"embed_dim": TINY_EMBED_DIM, "quick_gelu": True, "vision_cfg": TINY_VISION_CFG,

@@ -68,6 +68,16 @@ def test_open_clip_transform_is_a_pixel_off_where_the_crop_offset_is_odd() -> No
     torch.testing.assert_close(theirs[:, :, :-1], expected[:, :, 1:], atol=1e-6, rtol=0)
 
 
+def test_the_normalisation_is_open_clips_own() -> None:
+    """dsl writes OpenAI CLIP's mean and std down (so that a run need not import open_clip to load photos)."""
+    from dsl_cli.encoder import preprocess
+
+    assert preprocess.OPENAI_DATASET_MEAN == open_clip.constants.OPENAI_DATASET_MEAN
+    assert preprocess.OPENAI_DATASET_STD == open_clip.constants.OPENAI_DATASET_STD
+    assert (ClipImageProcessor().mean, ClipImageProcessor().std) == (preprocess.OPENAI_DATASET_MEAN,
+                                                                      preprocess.OPENAI_DATASET_STD)
+
+
 def test_grayscale_input_is_converted_as_the_processor_converts_it() -> None:
     image = photo(451, 301).convert("L")
     expected = reference_processor()(image, return_tensors="pt")["pixel_values"][0]

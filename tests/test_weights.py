@@ -197,3 +197,11 @@ def test_one_missing_weight_is_one_weight() -> None:
 
     one = _message([HubWeights("decoder", "org/repo", (("model.safetensors",),))], [], "why")
     assert one.startswith("1 of the weights this run needs is not in the Hugging Face cache")
+
+
+def test_transformers_weight_names_are_transformers_own() -> None:
+    from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
+    from dsl_cli.decoder import TRANSFORMERS_WEIGHTS
+
+    assert TRANSFORMERS_WEIGHTS == (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)

@@ -187,6 +187,19 @@ class Family:
 # ---------------------------------------------------------------------------------------- open_clip
 
 
+def open_clip_parts(block: nn.Module) -> BlockParts:
+    """An open_clip `ResidualAttentionBlock` as canonical parts (its own parameters, as views)."""
+    from open_clip.transformer import LayerScale  # the family is only ever asked for with open_clip imported
+
+    attn = block.attn
+    return BlockParts(
+        block=block, norm1=block.ln_1, qkv_weight=attn.in_proj_weight, qkv_bias=attn.in_proj_bias,
+        out_weight=attn.out_proj.weight, out_bias=attn.out_proj.bias, n_heads=attn.num_heads,
+        gamma1=block.ls_1.gamma if isinstance(block.ls_1, LayerScale) else None,
+        norm2=block.ln_2, mlp=block.mlp, gamma2=block.ls_2.gamma if isinstance(block.ls_2, LayerScale) else None,
+        attn_out=block.ls_1, mlp_out=block.ls_2)
+
+
 class OpenClipFamily(Family):
     """open_clip `VisionTransformer`: CLS pooling, `ln_post` then `proj` (today's encoder, unchanged)."""
 
@@ -197,16 +210,7 @@ class OpenClipFamily(Family):
         return self.model.transformer.resblocks
 
     def parts(self, layer: int) -> BlockParts:
-        from open_clip.transformer import LayerScale
-
-        block = self.blocks[layer]
-        attn = block.attn
-        return BlockParts(
-            block=block, norm1=block.ln_1, qkv_weight=attn.in_proj_weight, qkv_bias=attn.in_proj_bias,
-            out_weight=attn.out_proj.weight, out_bias=attn.out_proj.bias, n_heads=attn.num_heads,
-            gamma1=block.ls_1.gamma if isinstance(block.ls_1, LayerScale) else None,
-            norm2=block.ln_2, mlp=block.mlp, gamma2=block.ls_2.gamma if isinstance(block.ls_2, LayerScale) else None,
-            attn_out=block.ls_1, mlp_out=block.ls_2)
+        return open_clip_parts(self.blocks[layer])
 
     @property
     def d_model(self) -> int:

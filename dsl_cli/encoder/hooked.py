@@ -23,16 +23,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from typing import Callable, ClassVar, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterator, Optional, Sequence, Union
 
 import torch
-from open_clip.transformer import LayerScale, ResidualAttentionBlock
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from dsl_cli.components import READS, Component, parse_component
 from dsl_cli.devices import Placed
-from dsl_cli.encoder.families import BlockParts, Family, _check_supported, family_of  # noqa: F401 (re-export)
+from dsl_cli.encoder.families import (BlockParts, Family, _check_supported, family_of,  # noqa: F401 (re-export)
+                                      open_clip_parts)
+
+if TYPE_CHECKING:
+    from open_clip.transformer import ResidualAttentionBlock
 
 ComponentLike = Union[str, Component]
 STEER_MODES = ("add", "scale", "norm")
@@ -176,11 +179,11 @@ def head_writes(
 
     queries [B, Tq, D] and keys [B, T, D] are ln_1 outputs (the query rows and all rows).
     Returns [B, Tq, H, D]: head h's share of `ls_1(attn(...))` without the output bias, so that
-    the sum over h plus `attn_bias(block)` is the attention sub-block's output at those rows.
+    the sum over h plus the (LayerScaled) output bias is the attention sub-block's output at those rows.
     `heads` (indices) keeps only those heads -> [B, Tq, len(heads), D]; the attention itself is then
     computed for them alone (all-token writes of every head are large: 0.9 GB per 32 bigG images).
     """
-    parts = block if isinstance(block, BlockParts) else _openclip_parts(block)
+    parts = block if isinstance(block, BlockParts) else open_clip_parts(block)
     w_q, w_k, w_v = parts.qkv_weight.chunk(3)
     b_q, b_k, b_v = parts.qkv_bias.chunk(3) if parts.qkv_bias is not None else (None,) * 3
     q, k, v = (_split(parts, nn.functional.linear(x, w, b))
@@ -210,21 +213,6 @@ def attention_and_pooled_head_writes(
     return out, _gamma(pooled_writes, parts.gamma1)
 
 
-def attention_and_cls_head_writes(block: ResidualAttentionBlock, normed: Tensor) -> tuple[Tensor, Tensor]:
-    """`attention_and_pooled_head_writes` of an open_clip block at the CLS query."""
-    return attention_and_pooled_head_writes(_openclip_parts(block), normed, lambda x: x[:, 0])
-
-
-def _openclip_parts(block: ResidualAttentionBlock) -> BlockParts:
-    """An open_clip block's canonical parts (its own parameters, as views)."""
-    return BlockParts(
-        block=block, norm1=block.ln_1, qkv_weight=block.attn.in_proj_weight, qkv_bias=block.attn.in_proj_bias,
-        out_weight=block.attn.out_proj.weight, out_bias=block.attn.out_proj.bias, n_heads=block.attn.num_heads,
-        gamma1=block.ls_1.gamma if isinstance(block.ls_1, LayerScale) else None, norm2=block.ln_2,
-        mlp=block.mlp, gamma2=block.ls_2.gamma if isinstance(block.ls_2, LayerScale) else None,
-        attn_out=block.ls_1, mlp_out=block.ls_2)
-
-
 def _split(parts: BlockParts, x: Tensor) -> Tensor:
     """[B, T, H d] -> [B, H, T, d]."""
     return x.unflatten(-1, (parts.n_heads, parts.d_head)).transpose(1, 2)
@@ -242,16 +230,6 @@ def _split_heads(attn: nn.MultiheadAttention, x: Tensor) -> Tensor:
 def _out_weight(attn: nn.MultiheadAttention) -> Tensor:
     """The output projection split by head: [D, H, d]."""
     return attn.out_proj.weight.unflatten(1, (attn.num_heads, attn.embed_dim // attn.num_heads))
-
-
-def attn_bias(block: ResidualAttentionBlock) -> Tensor:
-    """[D]: the attention output bias as it reaches the residual stream (LayerScale included)."""
-    return _layer_scale(block.ls_1, block.attn.out_proj.bias)
-
-
-def _layer_scale(module: nn.Module, x: Tensor) -> Tensor:
-    """Apply a LayerScale (or Identity) without calling the module, so that no forward hook fires."""
-    return x * module.gamma if isinstance(module, LayerScale) else x
 
 
 def steering_delta(write: Tensor, final_resid: Tensor, mode: str, alpha: float) -> Tensor:

@@ -24,9 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
-import open_clip
 import torch
-from open_clip.transformer import LayerNorm, QuickGELU, TextTransformer, VisionTransformer
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
@@ -36,6 +34,7 @@ from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
 from dsl_cli.devices import seeded_on
 from dsl_cli.errors import UserError
+from dsl_cli.libraries import Library
 from dsl_cli.weights import Needs, hub_download_command, open_clip_needs, prior_encoder_weights
 
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
@@ -48,9 +47,9 @@ TINY_EMBED_DIM = 32
 TINY_VISION_CFG = dict(image_size=64, patch_size=16, width=64, layers=4, head_width=16, mlp_ratio=4.0)
 TINY_TEXT_CFG = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)
 
-_ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 RANDOM_SEED = 0  # random weights (tiny, `pretrained: null`) are drawn from this seed: the same on every run
 T = TypeVar("T")
+open_clip = Library("open_clip")  # imported when the first model is built, not when a run starts
 log = logging.getLogger("dsl_cli.encoder")
 
 
@@ -91,7 +90,7 @@ class TextTower(nn.Module):
         """Whether padding can be cut off the tokens: a causal tower pooled at the end-of-text token (the
         highest id) computes that token from the tokens before it alone."""
         text = self.text
-        return (isinstance(text, TextTransformer) and text.attn_mask is not None and text.cls_emb is None
+        return (isinstance(text, open_clip.transformer.TextTransformer) and text.attn_mask is not None and text.cls_emb is None
                 and text.pool_type == "argmax")
 
     def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
@@ -314,7 +313,7 @@ def build_tiny_clip() -> open_clip.CLIP:
     )).eval()
 
 
-def build_tiny_visual() -> VisionTransformer:
+def build_tiny_visual() -> "open_clip.transformer.VisionTransformer":
     """The tiny CLIP's vision tower: the same weights as `build_tiny_clip().visual`."""
     return build_tiny_clip().visual
 
@@ -472,13 +471,15 @@ def _read_safetensors(files: list[Path]) -> dict[str, Tensor]:
     return state
 
 
-def vision_transformer_from_hf_config(config: dict) -> VisionTransformer:
+def vision_transformer_from_hf_config(config: dict) -> "open_clip.transformer.VisionTransformer":
     """An open_clip VisionTransformer with the architecture of an HF CLIPVisionConfig (as a dict)."""
+    parts = open_clip.transformer
+    activations = {"gelu": nn.GELU, "quick_gelu": parts.QuickGELU}
     act = config.get("hidden_act", "quick_gelu")
-    if act not in _ACTIVATIONS:
+    if act not in activations:
         raise UserError(f"hidden_act {act!r} of the image encoder is not supported (use gelu or quick_gelu)")
     width, hidden = config["hidden_size"], config["intermediate_size"]
-    return VisionTransformer(
+    return parts.VisionTransformer(
         image_size=config["image_size"],
         patch_size=config["patch_size"],
         width=width,
@@ -487,8 +488,8 @@ def vision_transformer_from_hf_config(config: dict) -> VisionTransformer:
         # open_clip takes int(width * mlp_ratio); the half keeps float rounding from losing a unit (8192/1664)
         mlp_ratio=(hidden + 0.5) / width,
         output_dim=config["projection_dim"],
-        act_layer=_ACTIVATIONS[act],
-        norm_layer=partial(LayerNorm, eps=config.get("layer_norm_eps", 1e-5)),
+        act_layer=activations[act],
+        norm_layer=partial(parts.LayerNorm, eps=config.get("layer_norm_eps", 1e-5)),
     )
 
 

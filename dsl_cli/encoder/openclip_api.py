@@ -7,19 +7,26 @@ Shapes: B images, T tokens (CLS + patches), D residual width.
 
 from __future__ import annotations
 
-from open_clip.model import _build_text_tower, _build_vision_tower
-from open_clip.transformer import VisionTransformer
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
+
+from dsl_cli.libraries import Library
+
+if TYPE_CHECKING:
+    from open_clip.transformer import VisionTransformer
+
+open_clip_model = Library("open_clip.model")  # imported when the first model is built, not when a run starts
 
 
 def build_vision_tower(embed_dim: int, vision_cfg: dict, quick_gelu: bool) -> nn.Module:
     """The image tower alone, as `open_clip.create_model` builds it (no text tower is made)."""
-    return _build_vision_tower(embed_dim, vision_cfg, quick_gelu)
+    return open_clip_model._build_vision_tower(embed_dim, vision_cfg, quick_gelu)
 
 
 def build_text_tower(embed_dim: int, text_cfg, quick_gelu: bool = False) -> nn.Module:
     """The text tower alone, as `open_clip.create_model` builds it (no image tower is made)."""
-    return _build_text_tower(embed_dim, text_cfg, quick_gelu)
+    return open_clip_model._build_text_tower(embed_dim, text_cfg, quick_gelu)
 
 
 def tokens(visual: VisionTransformer, pixels: Tensor) -> Tensor:

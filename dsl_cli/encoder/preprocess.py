@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torchvision.transforms.functional as TF
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
+
+from dsl_cli.libraries import Library
+
+TF = Library("torchvision.transforms.functional")  # torchvision takes a second to import: at the first picture
+# OpenAI CLIP's normalisation, as `open_clip.constants` has it (tests/test_preprocess.py compares the two)
+OPENAI_DATASET_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class ClipImageProcessor:
     std: tuple[float, ...] = OPENAI_DATASET_STD
 
     def __call__(self, image: Image.Image) -> Tensor:
-        image = TF.resize(image.convert("RGB"), self.size, interpolation=InterpolationMode.BICUBIC)
+        image = TF.resize(image.convert("RGB"), self.size, interpolation=TF.InterpolationMode.BICUBIC)
         width, height = image.size
         # floor, as the processor does (torchvision's and open_clip's centre crop round instead)
         image = TF.crop(image, (height - self.size) // 2, (width - self.size) // 2, self.size, self.size)
