@@ -4,6 +4,10 @@
 loaded machine the steadier figure) and whether a model library (torch, diffusers, open_clip) was imported
 (`-X importtime`, once per command). The goal (issue 31): under 1 s each.
 
+Then the start-up of `dsl run debug=tiny` (issue 36: under 3 s to the first model load): the manifest's
+`seconds.startup`, from the process's start to the run's first stage (Python, the config checked, torch
+imported, the device ready; open_clip comes with the encoder), and the whole run's wall time.
+
     python scripts/bench_cli_start.py                     # makes a tiny one-job sweep first (tens of seconds)
     python scripts/bench_cli_start.py --sweep outputs/multirun/DATE/TIME --runs 7
 
@@ -14,6 +18,7 @@ in a temporary folder with `dsl run -m debug=tiny`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -88,6 +93,22 @@ def main() -> None:
             libraries += f"; FAILS (exit {', '.join(map(str, sorted(failed)))})" if failed else ""
             print(f"| {name} | {statistics.median(walls):.2f} | {min(walls):.2f} | {statistics.median(cpus):.2f} | "
                   f"{libraries} |", flush=True)
+        run_startup(Path(scratch), args.runs)
+
+
+def run_startup(folder: Path, runs: int) -> None:
+    """`dsl run debug=tiny`, `runs` times: its manifest's start-up seconds and its wall time."""
+    startups, walls = [], []
+    for i in range(runs):
+        wall, _, code = timed([DSL, "run", "debug=tiny", f"hydra.run.dir={folder / f'run{i}'}"])
+        if code != 0:
+            raise SystemExit(f"dsl run debug=tiny failed (exit {code})")
+        startups.append(json.loads((folder / f"run{i}" / "manifest.json").read_text())["seconds"]["startup"])
+        walls.append(wall)
+    print("\n| `dsl run debug=tiny` | median (s) | min (s) | max (s) |\n|---|---|---|---|")
+    for name, values in (("start-up to the first stage (manifest seconds.startup)", startups),
+                         ("wall, start to exit", walls)):
+        print(f"| {name} | {statistics.median(values):.2f} | {min(values):.2f} | {max(values):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

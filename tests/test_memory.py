@@ -335,8 +335,9 @@ def test_a_kept_classifier_builds_no_text_tower_and_a_built_one_is_released_firs
 
 def test_freed_blocks_of_a_mib_and_more_go_back_to_the_system_from_the_start_of_a_run(tmp_path: Path,
                                                                                         monkeypatch) -> None:
-    """glibc's mallopt(M_MMAP_THRESHOLD = -3, 1 MiB), once, before the encoder loads; the user's own
-    MALLOC_MMAP_THRESHOLD_ wins; a C library without mallopt is left alone."""
+    """glibc's mallopt(M_MMAP_THRESHOLD = -3, 1 MiB) and mallopt(M_TRIM_THRESHOLD = -1, 8 MiB), once, before
+    the encoder loads; the user's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ wins; a C library
+    without mallopt is left alone."""
     from types import SimpleNamespace
 
     from dsl_cli import run as run_module
@@ -352,10 +353,12 @@ def test_freed_blocks_of_a_mib_and_more_go_back_to_the_system_from_the_start_of_
 
     monkeypatch.setattr(run_module, "load_encoder", watched_encoder)
     _tiny_run(tmp_path / "run", "lens=direct", "decode.enabled=false")
-    assert calls == [(-3, 2**20), "encoder"]
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
-    assert memory.give_freed_blocks_back() is False and calls == [(-3, 2**20), "encoder"]
-    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    done = [(-3, 2**20), (-1, 8 * 2**20), "encoder"]
+    assert calls == done
+    for variable in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.setenv(variable, "65536")
+        assert memory.give_freed_blocks_back() is False and calls == done
+        monkeypatch.delenv(variable)
     monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: SimpleNamespace())  # no mallopt (macOS)
     assert memory.give_freed_blocks_back() is False
 
