@@ -33,8 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, PATCHES, SEEDS, SIMILARITY, RunFolder, atomic_write_bytes,
-                             group_rows, open_picture, read_manifest, save_png)
+from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, PATCHES, PNG_LEVEL, SEEDS, SIMILARITY, RunFolder,
+                             atomic_write_bytes, group_rows, open_picture, read_manifest, save_png, usable_cores)
 
 TOP_TILES = 16  # tiles in the per-image top grid
 SEED_GRID_ROWS = 8  # components in a seeds grid
@@ -71,7 +71,7 @@ def save_figure(fig, path: Path) -> None:
     zlib's fastest level: a fifth of a run's figure time went into zlib's default level, for files 14 % smaller
     (the pixels are the same)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={"Software": None}, pil_kwargs={"compress_level": 1})
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={"Software": None}, pil_kwargs={"compress_level": PNG_LEVEL})
     pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -676,11 +676,6 @@ def _draw_job(run_dir: Path, image: str | None, rows: list[dict], tables: dict) 
     if tables["patches"] is not None:
         drawn["looks"] = draw_looks(run_dir, rows, tables["patches"])
     return drawn
-
-
-def usable_cores() -> int:
-    """The cores this process may use: under SLURM its share, not the node's."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
 
 
 def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list:

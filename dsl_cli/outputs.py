@@ -32,11 +32,12 @@ import re
 import secrets
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, TypedDict, get_args, get_type_hints
+from typing import Iterable, Iterator, Sequence, TypedDict, get_args, get_type_hints
 
 from PIL import Image
 
@@ -244,14 +245,36 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+# zlib's level for every PNG dsl writes: lossless like any other; 80 decoded pictures of 512 px took 1.5 s
+# at level 1 against 6.3 s at PIL's default 6 on one core of the reference machine, for files 10 % larger
+PNG_LEVEL = 1
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=PNG_LEVEL)
     return buffer.getvalue()
 
 
 def save_png(path: Path, image: Image.Image) -> None:
     atomic_write_bytes(path, png_bytes(image))
+
+
+def usable_cores() -> int:
+    """The cores this process may use: under SLURM its share, not the node's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+
+
+@contextmanager
+def writing_pngs(files: Sequence[tuple[Path, Image.Image]], workers: int | None = None) -> Iterator[None]:
+    """Save (path, picture) pairs on threads, one per core (`workers`), while the block runs: zlib and fsync
+    let go of the interpreter lock, so a batch of decoded pictures is written on every core while the encoder
+    re-encodes it. When the block ends every file is whole (or the first failed save is raised)."""
+    with ThreadPoolExecutor(max(1, min(len(files), workers or usable_cores()))) as pool:
+        saves = [pool.submit(save_png, path, picture) for path, picture in files]
+        yield
+        for save in saves:
+            save.result()
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -42,7 +42,7 @@ from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, descri
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw
 from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture,
-                             is_sweep_folder, read_manifest, save_png)
+                             is_sweep_folder, read_manifest, save_png, writing_pngs)
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
@@ -357,9 +357,9 @@ def decode_extras(cfg, encoder, preprocess, decoder, folder: RunFolder, extras: 
         done = [extras[i] for i in indices]
         check_finite_pictures(pictures, [extra.file for extra in done], cfg.decode)
         saved = [to_pil(picture) for picture in pictures]
-        for extra, picture in zip(done, saved):
-            save_png(folder.file(extra.file), picture)
-        score_extras(folder, done, reencode(encoder, preprocess, saved, cfg.encoder.batch_size))
+        with writing_pngs([(folder.file(extra.file), picture) for extra, picture in zip(done, saved)]):
+            again = reencode(encoder, preprocess, saved, cfg.encoder.batch_size)
+        score_extras(folder, done, again)
 
     negative = decoder.negative_embed(encoder).float().cpu().reshape(-1)
     embeds = torch.stack([negative if extra.embed is None else extra.embed for extra in extras])
@@ -374,11 +374,12 @@ def _write_batch(cfg, encoder, preprocess, folder: RunFolder, scored: list[Score
     rows = [dict(scored[i].rows[k]) for i, k in items]
     check_finite_pictures(pictures, [f"{row['image']} {row['component']}" for row in rows], cfg.decode)
     saved = [to_pil(picture) for picture in pictures]
-    for row, picture in zip(rows, saved):
+    for row in rows:
         row["file"] = folder.picture(row["image"], row["lens"], row["component"])
-        save_png(folder.file(row["file"]), picture)
-    # sim_decoded from the 8-bit picture as saved, so a resumed run scores exactly what is on disk
-    again = reencode(encoder, preprocess, saved, cfg.encoder.batch_size)
+    # written while the encoder re-encodes them; sim_decoded from the 8-bit picture as saved, so that a resumed
+    # run scores exactly what is on disk; the rows only once every file is whole
+    with writing_pngs([(folder.file(row["file"]), picture) for row, picture in zip(rows, saved)]):
+        again = reencode(encoder, preprocess, saved, cfg.encoder.batch_size)
     clean = torch.stack([scored[i].clean for i, _ in items])
     sims = torch.nn.functional.cosine_similarity(again, clean, dim=-1)
     for row, sim in zip(rows, sims):

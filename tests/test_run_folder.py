@@ -339,3 +339,43 @@ def test_a_row_with_a_key_that_names_no_column_is_refused_before_anything_is_wri
             write([good, {**good, "sim_embd": 0.25}])
         assert folder.csv(SIMILARITY).read_bytes() == before
     assert folder.read(SIMILARITY)[0]["sim_embed"] == 0.5
+
+
+def test_pictures_are_written_on_threads_while_the_block_runs(tmp_path: Path, monkeypatch) -> None:
+    """`writing_pngs`: the saves run beside the block (each waits here for the block to have started, which
+    a save done before the block would never see), every file is whole and lossless when it ends, at zlib's
+    fastest level; a save that fails is raised when the block ends, as the one-line write error."""
+    import threading
+
+    import numpy as np
+
+    from dsl_cli import outputs
+
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)) for _ in range(5)]
+    files = [(tmp_path / "pictures" / f"p{i}.png", picture) for i, picture in enumerate(pictures)]
+    started, saw_the_block, threads = threading.Event(), [], set()
+    real_save = outputs.save_png
+
+    def save_beside_the_block(path, image):
+        saw_the_block.append(started.wait(timeout=5))
+        threads.add(threading.get_ident())
+        real_save(path, image)
+
+    monkeypatch.setattr(outputs, "save_png", save_beside_the_block)
+    with outputs.writing_pngs(files, workers=3):
+        started.set()
+    assert saw_the_block == [True] * 5 and threading.get_ident() not in threads and len(threads) <= 3
+    for path, picture in files:
+        data = path.read_bytes()
+        assert data[data.index(b"IDAT") + 4:][:2] == b"\x78\x01"  # the zlib stream's header: level 1 (fastest)
+        with Image.open(path) as saved:
+            assert saved.tobytes() == picture.tobytes()
+    monkeypatch.setattr(outputs, "save_png", real_save)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "p0.png").mkdir()  # a folder where a picture should go
+    with pytest.raises(UserError, match="p0.png"):
+        with outputs.writing_pngs([(tmp_path / "taken" / "p0.png", pictures[0]), (tmp_path / "taken" / "p1.png",
+                                                                                   pictures[1])]):
+            pass
+    assert (tmp_path / "taken" / "p1.png").is_file()
