@@ -30,7 +30,7 @@ from dsl_cli import __version__
 from dsl_cli.adapters import adapt_encoder, manifest_entry, run_adapter, target_space
 from dsl_cli.baselines import Extra, baseline_extras, score_extras, seed_extras, seed_spread, start_extras
 from dsl_cli.components import Component
-from dsl_cli.config import RunConfig
+from dsl_cli.config import RunConfig, encoder_text
 from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
                              load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_device
@@ -524,6 +524,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     lens = get_lens(cfg.lens)
     reader = _prepare(cfg, lens, device, manifest)
     with manifest.stage("encoder"):
+        log.info("%s: loading the %s on %s", folder.path, encoder_text(cfg.encoder), device)
         encoder, preprocess = load_encoder(cfg.encoder, device=device, dtype=resolve_dtype(cfg.encoder.dtype, device))
         adapter = run_adapter(cfg)
         if adapter is not None:  # every lens decodes through it (dsl_cli.adapters)

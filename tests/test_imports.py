@@ -88,6 +88,7 @@ def test_a_run_starts_its_stages_before_any_model_library_is_imported(tmp_path: 
                           timeout=300)
     status, seen, encoder_library = json.loads(done.stdout.splitlines()[-1])
     assert status == 0 and seen[0] == [] and encoder_library, done.stderr[-3000:]
+    assert f"{tmp_path / 'sweep' / '0'}: loading the tiny encoder on cpu" in done.stdout + done.stderr
     first, second = (json.loads((tmp_path / "sweep" / job / "manifest.json").read_text()) for job in "01")
     assert 0 < first["seconds"]["startup"] < 300 and list(first["seconds"])[0] == "startup"
     assert "startup" not in second["seconds"] and {"encoder", "lens"} <= set(second["seconds"])
