@@ -101,6 +101,7 @@ class DecodeConfig(Decoding):
     enabled: bool = True  # false: score embeddings only, write no pictures
     seeds: int = 1  # decode each component with seeds seed .. seed+seeds-1 (seeds.csv; >1 adds baselines)
     baselines: bool = False  # also decode the unconditional and the mean embedding (baselines.csv)
+    draw_early: Optional[bool] = None  # each image's figures drawn while the next images decode; null: on a GPU
 
 
 @dataclass

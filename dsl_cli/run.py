@@ -318,11 +318,12 @@ def decode_pictures(cfg, encoder, decoder, embeds: torch.Tensor, seeds: list[int
             manifest.update(**{count: manifest.data.get(count, 0) + len(indices)})
 
 
-def draws_while_decoding(device: torch.device) -> bool:
-    """Whether each image's figures are drawn while the next images decode: where the decoding runs on a GPU,
-    the CPU's cores are free for them. On the CPU, torch's threads use every core already: drawing beside them
-    made a 2-core tiny run's decode stage twice as long (6.8 s to 13 s) to save 2 s of figures."""
-    return device.type != "cpu"
+def draws_while_decoding(cfg, device: torch.device) -> bool:
+    """Whether each image's figures are drawn while the next images decode (`decode.draw_early`; null: where
+    the decoding runs on a GPU, whose host cores are free for them). On the CPU, torch's threads use every
+    core already: drawing beside them made a 2-core tiny run's decode stage twice as long (6.8 s to 13 s) to
+    save 2 s of figures; a machine with cores to spare, or torch held to fewer threads, may gain."""
+    return device.type != "cpu" if cfg.decode.draw_early is None else bool(cfg.decode.draw_early)
 
 
 def draw_early(cfg, folder: RunFolder, scored: list[Scored], images: list[int], early: EarlyFigures) -> None:
@@ -555,7 +556,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
             decoder = build_decoder(cfg, encoder, device, manifest)
             with manifest.stage("decode"):
                 decode_and_write(cfg, encoder, preprocess, decoder, folder, scored, plan, csv_log, manifest,
-                                 early if draws_while_decoding(device) and not extras else None)
+                                 early if draws_while_decoding(cfg, device) and not extras else None)
                 decode_extras(cfg, encoder, preprocess, decoder, folder, extras, manifest)
         del encoder, decoder  # the writers need no model: the memory goes back before the figures are drawn
         release_memory(device)

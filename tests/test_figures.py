@@ -322,24 +322,34 @@ def figure_bytes(run_dir: Path) -> dict[str, bytes]:
             for p in sorted((run_dir / kind).glob("*.png"))}
 
 
+def test_figures_are_drawn_early_on_a_gpu_or_when_asked() -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from dsl_cli.run import draws_while_decoding
+
+    for setting, cpu, gpu in ((None, False, True), (True, True, True), (False, False, False)):
+        cfg = OmegaConf.create({"decode": {"draw_early": setting}})
+        assert (draws_while_decoding(cfg, torch.device("cpu")), draws_while_decoding(cfg, torch.device("cuda"))) == (cpu, gpu)
+
+
 @pytest.mark.parametrize("rank_by", ["sim_embed", "sim_decoded"])
 def test_figures_drawn_while_decoding_equal_those_drawn_after(rank_by: str, tmp_path: Path, monkeypatch,
                                                             capsys) -> None:
-    """Where the decoding runs on a GPU, each image's figures are drawn as soon as its last picture is written.
-    They are the bytes `dsl plot` draws from the finished run's files, whatever the ranking (by sim_decoded,
-    an image's ranks are final only once its pictures are), with components left undecoded (top_k)."""
+    """Where the decoding runs on a GPU (or `decode.draw_early=true`), each image's figures are drawn as soon as
+    its last picture is written. They are the bytes `dsl plot` draws from the finished run's files, whatever
+    the ranking (by sim_decoded, an image's ranks are final only once its pictures are), with components left
+    undecoded (top_k)."""
     import shutil
 
-    from dsl_cli import run
     from helpers import dsl_in_process
 
     started = []
     draw = figures.EarlyFigures.draw
-    monkeypatch.setattr(run, "draws_while_decoding", lambda device: True)  # as on a GPU
     monkeypatch.setattr(figures.EarlyFigures, "draw", lambda self, image, rows: started.append(image) or
                         draw(self, image, rows))
     args = ["run", "debug=tiny", "layer=1", "images.limit=3", "decode.top_k=3", "decode.batch_size=2",
-            f"lens.rank_by={rank_by}", "hydra.run.dir=run"]
+            f"lens.rank_by={rank_by}", "decode.draw_early=true", "hydra.run.dir=run"]  # as on a GPU
     code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
     assert code == 0, err
     assert started == ["astronaut", "chelsea", "coffee"]  # each once, in the order they finished decoding
