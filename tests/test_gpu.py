@@ -166,10 +166,21 @@ def test_verify_on_the_gpu(tmp_path: Path, dtype: str, record_property) -> None:
 def test_tiny_run_on_cuda_with_auto_batch(tmp_path: Path, record_property) -> None:
     manifest = _dsl_run(tmp_path, "decode.batch_size=auto", "decode.dtype=auto")
     record_property("decode_batch_size", manifest["decode_batch_size"])
+    record_property("startup_s", manifest["seconds"]["startup"])  # process start to the first GPU work
     assert manifest["status"] == "complete" and manifest["device"].startswith("cuda")
     assert manifest["decoder_dtype"] == "bf16"  # decode.dtype=auto is bf16 on CUDA
     assert manifest["decode_batch_size"] == manifest["to_decode"]  # 8 tiny pictures fit at once
     assert (tmp_path / "run" / "similarity.csv").is_file()
+
+
+def test_the_run_makes_its_cuda_context_before_the_first_stage() -> None:
+    """`devices.start_device`: CUDA is initialised (its context made) when it returns, in a fresh process where
+    nothing touched CUDA before; on the CPU it does nothing."""
+    code = ("import torch\nfrom dsl_cli.devices import start_device\nbefore = torch.cuda.is_initialized()\n"
+            "start_device(torch.device('cpu'))\ncpu = torch.cuda.is_initialized()\n"
+            "start_device(torch.device('cuda'))\nprint(before, cpu, torch.cuda.is_initialized())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["False", "False", "True"], done.stderr[-2000:]
 
 
 def test_free_memory_stays_within_a_per_process_cap(record_property) -> None:
