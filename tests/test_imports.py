@@ -53,45 +53,36 @@ LIGHT_MODULES = {"dsl_cli", "dsl_cli.cli", "dsl_cli.config", "dsl_cli.errors", "
                  "dsl_cli.weights", "dsl_cli.images", "dsl_cli.study_registry", "dsl_cli.libraries"}
 
 
-def test_a_run_that_decodes_nothing_never_imports_diffusers(tmp_path: Path) -> None:
-    """diffusers (1.5 to 3 s of start-up) is imported when the first decoder is built: a run without decoding
-    runs to the end with any import of it refused; one that decodes imports it (the same guard fails it)."""
-    guard = NO_MODEL_LIBRARIES.replace(repr(MODEL_LIBRARIES), repr(("diffusers",)))
-    code = guard + "from dsl_cli.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-    args = ["run", "debug=tiny", "lens=direct", "images.limit=1", "layer=1"]
-    quiet = subprocess.run([sys.executable, "-c", code, *args, "decode.enabled=false", "hydra.run.dir=a"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert quiet.returncode == 0, quiet.stderr[-3000:]
-    assert json.loads((tmp_path / "a" / "manifest.json").read_text())["status"] == "complete"
-    decoding = subprocess.run([sys.executable, "-c", code, *args, "decode.top_k=1", "hydra.run.dir=b"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
-
-
 STARTUP_LIBRARIES = ("open_clip", "torchvision", "transformers", "diffusers", "scipy.stats", "matplotlib", "timm")
 
 
-def test_a_run_starts_its_stages_before_any_model_library_is_imported(tmp_path: Path) -> None:
-    """Start-up (manifest `seconds.startup`, the issue's "to the first model load") is Python, Hydra and torch:
-    when the first stage begins, none of the model libraries or the slower helpers is imported; each comes
-    with the model or stage that needs it (open_clip with the encoder). Two jobs in one process: the first
-    records its start-up, the second (which started with the process) does not."""
-    code = ("import json, sys\nfrom dsl_cli import run\nseen = []\noriginal = run._run_stages\n"
-            "def stages(*args, **kwargs):\n"
-            f"    seen.append([m for m in {STARTUP_LIBRARIES!r} if m in sys.modules])\n"
-            "    return original(*args, **kwargs)\n"
-            "run._run_stages = stages\nfrom dsl_cli.cli import main\ncode = main(sys.argv[1:])\n"
-            "print(json.dumps([code, seen, 'open_clip' in sys.modules]))\n")
-    args = ["run", "--multirun", "debug=tiny", "images.limit=1", "decode.enabled=false", "seed=1,2",
-            "hydra.sweep.dir=sweep"]
-    done = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    status, seen, encoder_library = json.loads(done.stdout.splitlines()[-1])
-    assert status == 0 and seen[0] == [] and encoder_library, done.stderr[-3000:]
-    assert f"{tmp_path / 'sweep' / '0'}: loading the tiny encoder on cpu" in done.stdout + done.stderr
-    first, second = (json.loads((tmp_path / "sweep" / job / "manifest.json").read_text()) for job in "01")
+def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None:
+    """Start-up (manifest `seconds.startup`, the GPU issue's "to the first model load") is Python, Hydra and
+    torch: when the first stage begins, none of the model libraries or the slower helpers is imported; each
+    comes with the model or stage that needs it (open_clip with the encoder). diffusers (1.5 to 3 s) comes with
+    the first decoder: two jobs without decoding run to the end with any import of it refused (the first
+    records its start-up, the second, which started with the process, does not); one that decodes imports it
+    (the same guard fails it)."""
+    guard = NO_MODEL_LIBRARIES.replace(repr(MODEL_LIBRARIES), repr(("diffusers",)))
+    code = guard + ("import json\nfrom dsl_cli import run\nseen = []\noriginal = run._run_stages\n"
+                    "def stages(*args, **kwargs):\n"
+                    f"    seen.append([m for m in {STARTUP_LIBRARIES!r} if m in sys.modules])\n"
+                    "    return original(*args, **kwargs)\n"
+                    "run._run_stages = stages\nfrom dsl_cli.cli import main\ncode = main(sys.argv[1:])\n"
+                    "print(json.dumps([code, seen, 'open_clip' in sys.modules]))\n")
+    args = ["run", "debug=tiny", "lens=direct", "images.limit=1", "layer=1"]
+    quiet = subprocess.run([sys.executable, "-c", code, *args, "--multirun", "decode.enabled=false", "seed=1,2",
+                            "hydra.sweep.dir=a"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    status, seen, encoder_library = json.loads(quiet.stdout.splitlines()[-1])
+    assert status == 0 and len(seen) == 2 and seen[0] == [] and encoder_library, quiet.stderr[-3000:]
+    assert f"{tmp_path / 'a' / '0'}: loading the tiny encoder on cpu" in quiet.stdout + quiet.stderr
+    first, second = (json.loads((tmp_path / "a" / job / "manifest.json").read_text()) for job in "01")
+    assert first["status"] == second["status"] == "complete"
     assert 0 < first["seconds"]["startup"] < 300 and list(first["seconds"])[0] == "startup"
     assert "startup" not in second["seconds"] and {"encoder", "lens"} <= set(second["seconds"])
+    decoding = subprocess.run([sys.executable, "-c", code, *args, "decode.top_k=1", "hydra.run.dir=b"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
 
 
 @pytest.mark.parametrize("command", [
