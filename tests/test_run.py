@@ -421,3 +421,21 @@ def test_figures_drawn_on_several_processes_are_the_figures_drawn_in_one(runs: d
         drawn[workers] = listed, {p: (folder / p).read_bytes() for p in listed}
     assert len(drawn[1][0]) > 3 and len({p.parts[0] for p in drawn[1][0]}) >= 2
     assert drawn[3] == drawn[1]
+
+
+def test_startup_is_counted_from_the_process_start_once_per_process(monkeypatch) -> None:
+    """`seconds.startup`: the first job of a process gets the seconds since the process started (as `ps`
+    counts them: whole seconds), later jobs none; where /proc cannot be read, none."""
+    import os
+    import subprocess
+
+    from dsl_cli import run
+
+    monkeypatch.setattr(run, "_STARTED_A_JOB", False)
+    first = run.startup_seconds()
+    elapsed = int(subprocess.run(["ps", "-o", "etimes=", "-p", str(os.getpid())], capture_output=True, text=True,
+                                 check=True).stdout)
+    assert first is not None and elapsed - 1 <= first <= elapsed + 2 and run.startup_seconds() is None
+    monkeypatch.setattr(run, "_STARTED_A_JOB", False)
+    monkeypatch.setattr("builtins.open", lambda *args, **kwargs: (_ for _ in ()).throw(PermissionError("no /proc")))
+    assert run.startup_seconds() is None
