@@ -269,11 +269,11 @@ def build_decoder(cfg, encoder, device: torch.device, manifest: Manifest):
     the encoder first waits on the CPU (it visits the GPU for each re-encoding)."""
     dtype = resolve_dtype(cfg.decode.dtype, device)
     batch = 1 if cfg.decode.batch_size == "auto" else int(cfg.decode.batch_size)
-    need = decode_need(decoder_bytes(cfg.decoder.source, dtype, cfg.decoder.family), batch, cfg.decode.height,
-                       cfg.decode.width, dtype)
-    park_if_short(encoder, device, need)
-    with manifest.stage("decoder"):
-        decoder = load_decoder(cfg.decoder, device=device, dtype=resolve_dtype(cfg.decode.dtype, device),
+    with manifest.stage("decoder"):  # from its library's import (diffusers comes with the first decoder) on
+        need = decode_need(decoder_bytes(cfg.decoder.source, dtype, cfg.decoder.family), batch, cfg.decode.height,
+                           cfg.decode.width, dtype)
+        park_if_short(encoder, device, need)
+        decoder = load_decoder(cfg.decoder, device=device, dtype=dtype,
                                scheduler=cfg.decode.scheduler, channels_last=cfg.decode.channels_last,
                                compile_unet=cfg.decode.compile)
     manifest.update(scheduler=type(decoder.pipe.scheduler).__name__, decoder_dtype=dtype_name(decoder.dtype),
