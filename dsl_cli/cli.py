@@ -16,12 +16,13 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
 from dsl_cli import __version__
-from dsl_cli.errors import (Interrupted, UserError, bug_message, catch_stop_signals, clear_stops, raise_if_stopped,
-                            report, stop)
+from dsl_cli.errors import (Interrupted, UserError, bug_message, catch_stop_signals, clear_stops, deferred_stops,
+                            raise_if_stopped, report, stop)
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
@@ -130,20 +131,25 @@ def _run(args: list[str]) -> int:
     if len(modes) > 1:
         return _fail(f"{' and '.join(sorted(modes))} do not go together: --cfg job prints the config of one run "
                      "(give one value of each setting), --multirun runs a sweep")
-    if not set(flags) & _OWN_CONFIG_FLAGS:
+    # one run: a stop signal during Hydra's own set-up is raised when the job starts (job.task), not inside
+    # Hydra; a sweep's launcher waits for its jobs, which a signal must interrupt at once
+    sweep = "--multirun" in modes or any(o.startswith("hydra.mode=") for o in overrides)
+    with nullcontext() if sweep else deferred_stops(STOP_SIGNALS):
+        if not set(flags) & _OWN_CONFIG_FLAGS:
+            try:
+                check_overrides(overrides)  # Hydra's own refusal would be several lines and exit status 1
+            except UserError as err:
+                return _fail(err)
+        app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
+        saved_argv = sys.argv
+        sys.argv = ["dsl run", *flags, *overrides]
+        merged_sweeps.clear()
         try:
-            check_overrides(overrides)  # Hydra's own refusal would be several lines and exit status 1
-        except UserError as err:
-            return _fail(err)
-    app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
-    saved_argv = sys.argv
-    sys.argv = ["dsl run", *flags, *overrides]
-    merged_sweeps.clear()
-    try:
-        app()
-    finally:
-        sys.argv = saved_argv
-        release_all()
+            app()
+        finally:
+            sys.argv = saved_argv
+            release_all()
+    raise_if_stopped()  # one that came after the job, while Hydra finished
     status = job.sweep_status()
     return status or (2 if any(sweep["status"] != "complete" for sweep in merged_sweeps) else 0)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
 
 
 class UserError(Exception):
@@ -56,6 +57,19 @@ def catch_stop_signals(signums: Sequence[int], handler) -> dict[int, Any]:
     SIGINT, and the run must outlive the terminal, or a Ctrl-C meant for the script's foreground."""
     return {signum: signal.signal(signum, handler) for signum in signums
             if signal.getsignal(signum) is not signal.SIG_IGN}
+
+
+@contextmanager
+def deferred_stops(signums: Sequence[int]) -> Iterator[None]:
+    """While the block runs, a stop signal is only noted, and `raise_if_stopped` raises it where dsl's own
+    code goes on: for a library's code that an exception raised mid-statement leaves broken (a SIGTERM in
+    Hydra's set-up of a run became an UnboundLocalError inside OmegaConf, a traceback and exit status 1)."""
+    previous = catch_stop_signals(signums, lambda signum, frame: _stops.append(signum))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def raise_if_stopped() -> None:

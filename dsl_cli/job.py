@@ -100,14 +100,15 @@ def task(cfg: DictConfig) -> None:
     """The Hydra task function of `dsl run`: one job, with its ending recorded (see the module docstring)."""
     from dsl_cli.logs import route_library_logs
 
-    run = _load_run()
-    route_library_logs()  # after importing run: the libraries set up their loggers when imported
-    raise_if_stopped()  # a Ctrl-C during those seconds of imports that a library's `except:` swallowed
-    hydra_cfg = HydraConfig.get()
-    folder = RunFolder(Path(hydra_cfg.runtime.output_dir))
-    sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    num = hydra_cfg.job.num if sweep else None
     with stop_signals_interrupt():
+        raise_if_stopped()  # one that came while Hydra set the run up (dsl_cli.cli defers those to here)
+        run = _load_run()
+        route_library_logs()  # after importing run: the libraries set up their loggers when imported
+        raise_if_stopped()  # a Ctrl-C during those seconds of imports that a library's `except:` swallowed
+        hydra_cfg = HydraConfig.get()
+        folder = RunFolder(Path(hydra_cfg.runtime.output_dir))
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
+        num = hydra_cfg.job.num if sweep else None
         try:
             claim(folder, cfg)
         except UserError as err:  # not this job's folder: nothing is recorded there

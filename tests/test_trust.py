@@ -573,3 +573,26 @@ def test_a_signal_ignored_at_the_start_stays_ignored(signum: int, tmp_path: Path
     err = process.communicate(timeout=120)[1]
     assert process.returncode == 0, err
     assert json.loads((folder / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_a_stop_during_hydras_set_up_of_a_run_is_a_stop(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A SIGTERM just after the run folder is claimed lands in Hydra's set-up of the job (seen once in a full
+    suite: inside OmegaConf, where the exception raised mid-statement became an UnboundLocalError, a traceback
+    and exit status 1). dsl notes it there and stops when the job starts: one line, 143, no folder left held."""
+    from hydra.core.hydra_config import HydraConfig
+
+    real_set_config = HydraConfig.set_config
+
+    def set_config(self, cfg):  # as a library's try/finally whose first assignment the signal would pre-empt
+        try:
+            signal.raise_signal(signal.SIGTERM)
+            old = self
+        finally:
+            del old
+        return real_set_config(self, cfg)
+
+    monkeypatch.setattr(HydraConfig, "set_config", set_config)
+    code, err = dsl_in_process(["run", *SCORES_ONLY, "hydra.run.dir=run"], tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 143 and "Traceback" not in err and len(lines) == 1 and "interrupted (SIGTERM)" in lines[0], err
+    assert not (tmp_path / "run" / ".dsl.lock").exists()
