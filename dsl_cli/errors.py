@@ -60,16 +60,21 @@ def catch_stop_signals(signums: Sequence[int], handler) -> dict[int, Any]:
 
 
 @contextmanager
-def deferred_stops(signums: Sequence[int]) -> Iterator[None]:
-    """While the block runs, a stop signal is only noted, and `raise_if_stopped` raises it where dsl's own
-    code goes on: for a library's code that an exception raised mid-statement leaves broken (a SIGTERM in
-    Hydra's set-up of a run became an UnboundLocalError inside OmegaConf, a traceback and exit status 1)."""
-    previous = catch_stop_signals(signums, lambda signum, frame: _stops.append(signum))
+def stop_handler(signums: Sequence[int], handler) -> Iterator[None]:
+    """`catch_stop_signals` for the block; the handlers it replaced come back after it."""
+    previous = catch_stop_signals(signums, handler)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        for signum, replaced in previous.items():
+            signal.signal(signum, replaced)
+
+
+def deferred_stops(signums: Sequence[int]):
+    """While the block runs, a stop signal is only noted, and `raise_if_stopped` raises it where dsl's own
+    code goes on: for a library's code that an exception raised mid-statement leaves broken (a SIGTERM in
+    Hydra's set-up of a run became an UnboundLocalError inside OmegaConf, a traceback and exit status 1)."""
+    return stop_handler(signums, lambda signum, frame: _stops.append(signum))
 
 
 def raise_if_stopped() -> None:

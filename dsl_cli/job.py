@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import signal
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from dsl_cli.errors import (Interrupted, UserError, bug_message, catch_stop_signals, printable, raise_if_stopped,
-                             report, stop)
+from dsl_cli.errors import (Interrupted, UserError, bug_message, printable, raise_if_stopped, report, stop,
+                            stop_handler)
 from dsl_cli.logs import close_file_logs
 from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes
 from dsl_cli.resumption import requeued_run, resumes
@@ -73,19 +72,10 @@ def save_hydra_files(folder: Path, cfg: DictConfig) -> None:
         atomic_write_bytes(path, OmegaConf.to_yaml(content).encode())
 
 
-@contextmanager
-def stop_signals_interrupt() -> Iterator[None]:
+def stop_signals_interrupt():
     """While the job runs, SIGTERM and SIGHUP stop it as Ctrl-C does (an `Interrupted` exception), so that
     finally-blocks run, temporaries go and the manifest says `interrupted`."""
-    def interrupt(signum: int, frame) -> None:
-        stop(signum)
-
-    previous = catch_stop_signals((signal.SIGINT, *STOP_SIGNALS), interrupt)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    return stop_handler((signal.SIGINT, *STOP_SIGNALS), lambda signum, frame: stop(signum))
 
 
 def _load_run() -> Callable[[DictConfig, Path], None]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dsl_cli.config import split_options
-from dsl_cli.errors import Interrupted, UserError, catch_stop_signals
+from dsl_cli.errors import Interrupted, UserError, stop_handler
 from dsl_cli.libraries import import_frozen
 
 USAGE = """usage: dsl sae train [OVERRIDES...]   (the same overrides as `dsl run`, plus train.*)
@@ -266,23 +266,18 @@ class Trainer:
         from tqdm.auto import tqdm
 
         stop: dict[str, int] = {}
-        previous = catch_stop_signals((signal.SIGINT, signal.SIGTERM),
-                                      lambda signum, frame: stop.setdefault("signal", signum))
-        try:
-            with tqdm(total=self.s.total, initial=self.start, desc="sae train", unit="step") as bar:
-                for step in range(self.start, self.s.total):
-                    figures = self.step(step)
-                    bar.set_postfix(loss=f"{figures['loss']:.4g}", ev=f"{figures['explained_variance']:.3f}",
-                                    dead=figures["dead"])
-                    bar.update(1)
-                    _after_step(step + 1)
-                    if (step + 1) % self.s.options.checkpoint_every == 0 or "signal" in stop:
-                        self.save(step + 1)
-                    if "signal" in stop:
-                        raise Interrupted(stop["signal"])
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+        noting = stop_handler((signal.SIGINT, signal.SIGTERM), lambda signum, frame: stop.setdefault("signal", signum))
+        with noting, tqdm(total=self.s.total, initial=self.start, desc="sae train", unit="step") as bar:
+            for step in range(self.start, self.s.total):
+                figures = self.step(step)
+                bar.set_postfix(loss=f"{figures['loss']:.4g}", ev=f"{figures['explained_variance']:.3f}",
+                                dead=figures["dead"])
+                bar.update(1)
+                _after_step(step + 1)
+                if (step + 1) % self.s.options.checkpoint_every == 0 or "signal" in stop:
+                    self.save(step + 1)
+                if "signal" in stop:
+                    raise Interrupted(stop["signal"])
 
     def finish(self) -> Path:
         """The SAE (SAELens layout) and training.json, with the explained variance and dead features over
