@@ -298,6 +298,9 @@ class Decoder(Placed, ABC):
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
+        # (height, width, guidance) -> the probes' peaks of one and two pictures: a run that fits its batch
+        # again (for its extra seeds and baselines, or after parking the encoder) probes each shape once
+        self.probed: dict[tuple[int, int, float], tuple[int, int]] = {}
         pipe.set_progress_bar_config(disable=True)  # one bar over items (ours) instead of one per batch
 
     @classmethod
@@ -453,10 +456,14 @@ class Decoder(Placed, ABC):
     def fit_batch_size(self, n: int, height: int, width: int, guidance: float) -> int:
         """`batch_size="auto"`: the largest batch (at most n) whose decoding fits in the free device memory
         with AUTO_MARGIN of it to spare. Two one-step probe decodings (batch 1 and 2) give the memory of one
-        picture and the fixed part; off CUDA, CPU_BATCH (memory is not the limit there)."""
+        picture and the fixed part, once per shape and decoder; off CUDA, CPU_BATCH (memory is not the limit
+        there)."""
         if self.device.type != "cuda":
             return max(1, min(n, CPU_BATCH))
-        one, two = (self._probe_peak(batch, height, width, guidance) for batch in (1, 2))
+        shape = (height, width, guidance)
+        if shape not in self.probed:  # peaks above the memory in use before: the same whatever else is there
+            self.probed[shape] = tuple(self._probe_peak(batch, height, width, guidance) for batch in (1, 2))
+        one, two = self.probed[shape]
         batch = batch_that_fits(n, one, two, free_bytes(self.device))
         log.info("decode batch size auto: %d (%.2f GiB per picture)", batch, max(two - one, 1) / 2**30)
         return batch

@@ -324,6 +324,13 @@ class Manifest:
         self.data.update(values, made_by=MADE_BY)
         write_json(self.path, self.data)
 
+    def add_seconds(self, name: str, seconds: float) -> None:
+        """Count `seconds` into `seconds[name]`: a part of a stage that can come more than once (fitting the
+        decode batch, once per decoding call)."""
+        times = self.data.setdefault("seconds", {})
+        times[name] = round(times.get(name, 0) + seconds, 3)
+        self.update()
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage; record it as done (with its seconds) when it finishes. A stop signal that something

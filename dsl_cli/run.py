@@ -307,8 +307,10 @@ def decode_pictures(cfg, encoder, decoder, embeds: torch.Tensor, seeds: list[int
     """Decode embeds [N, E] with one seed each, guided away from the decoder's negative embedding, and
     hand each batch to `write(indices, pictures [B, H, W, 3])`; manifest[count] counts the pictures done."""
     negative = decoder.negative_embed(encoder).float().cpu()
+    fitting = time.perf_counter()
     batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(embeds))
     manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded)
+    manifest.add_seconds("decode_fit", time.perf_counter() - fitting)  # the probes, on a GPU
     batches = decoder.iter_decode(embeds, negative, seeds, cfg.decode.height, cfg.decode.width,
                                   cfg.decode.steps, float(cfg.decode.guidance), batch_size)
     with closing(batches):  # on an error, the decoder's progress bar ends its line before the message

@@ -6,8 +6,10 @@ there), and hand-computed memory sums. The same paths on real CUDA are in test_g
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -201,6 +203,9 @@ def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monke
     assert probes == [(1, 64, 48, 7.5), (2, 64, 48, 7.5)]
     assert caplog.messages == ["decode batch size auto: 15 (1.00 GiB per picture)"]
     assert decoder.fit_batch_size(9, 64, 48, 7.5) == 9
+    assert len(probes) == 2  # the same shape again (a run's extra seeds, a parked encoder): probed once
+    assert decoder.fit_batch_size(100, 48, 64, 7.5) == 15 and decoder.fit_batch_size(100, 64, 48, 1.0) == 15
+    assert probes[2:] == [(1, 48, 64, 7.5), (2, 48, 64, 7.5), (1, 64, 48, 1.0), (2, 64, 48, 1.0)]
 
 
 def test_auto_batch_on_the_cpu_and_from_equal_probes() -> None:
@@ -302,6 +307,29 @@ def test_encoder_leaves_the_gpu_only_when_decoding_needs_the_room() -> None:
     parked.encoder.to("cpu")
     assert run.fit_decoding(_decode_cfg("auto"), parked.encoder, parked.decoder, 80) == (9, True)
     assert run.fit_decoding(_decode_cfg(6), parked.encoder, parked.decoder, 80) == (6, True)
+
+
+def test_fitting_the_batch_is_counted_in_the_manifest_over_every_decoding_call(tmp_path, monkeypatch) -> None:
+    """`seconds.decode_fit`: the time `fit_decoding` took (the probes, on a GPU), summed over a run's
+    decoding calls (its components', then its extra seeds' and baselines')."""
+    from dsl_cli.outputs import Manifest
+
+    def slow_fit(cfg, encoder, decoder, n: int) -> tuple[int, bool]:
+        time.sleep(0.2)
+        return 4, False
+
+    monkeypatch.setattr(run, "fit_decoding", slow_fit)
+    def no_batches(*args):
+        yield from ()
+
+    decoder = SimpleNamespace(negative_embed=lambda encoder: torch.zeros(1, 8), iter_decode=no_batches)
+    cfg = SimpleNamespace(decode=SimpleNamespace(height=64, width=64, steps=2, guidance=4.0))
+    manifest = Manifest(tmp_path / "manifest.json")
+    manifest.start(status="running")
+    for count in ("decoded", "extra_decoded"):
+        run.decode_pictures(cfg, None, decoder, torch.zeros(3, 8), [0, 0, 0], manifest, None, count)
+    fit = json.loads((tmp_path / "manifest.json").read_text())["seconds"]["decode_fit"]
+    assert 0.4 <= fit < 5.0 and manifest.data["decode_batch_size"] == 4
 
 
 def test_decoded_pictures_are_re_encoded_in_encoder_batches() -> None:
