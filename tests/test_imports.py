@@ -85,6 +85,26 @@ def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None
     assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
 
 
+def test_models_built_by_their_librarys_first_import_are_freed_once_dropped() -> None:
+    """`import_frozen` freezes what exists after an import; the import's own garbage (caught exceptions, whose
+    frames hold their callers' frames) must be collected first, or it keeps the frames of the code that asked
+    for the library alive, and their locals with them: the first encoder (open_clip's import) and decoder
+    (diffusers') of a process would never be freed: a bigG on the GPU through the figures, the next job of a
+    local sweep, a notebook's next model. A fresh interpreter builds the tiny ones, drops them and collects."""
+    code = ("import gc, json, weakref\nfrom dsl_cli.config import DecoderConfig, EncoderConfig\n"
+            "from dsl_cli.decoder import load_decoder\nfrom dsl_cli.encoder import load_encoder\n"
+            "def build():\n    encoder, preprocess = load_encoder(EncoderConfig(source='tiny'))\n"
+            "    decoder = load_decoder(DecoderConfig(source='tiny'))\n"
+            "    return weakref.ref(encoder.visual), weakref.ref(decoder.pipe.unet)\n"
+            "models = build()\ngc.collect()\n"
+            "print(json.dumps([sorted(m for m in ('open_clip', 'diffusers') if m in sys.modules), "
+            "[model() is None for model in models]]))\n")
+    result = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [["diffusers", "open_clip"], [True, True]]
+
+
 @pytest.mark.parametrize("command", [
     ["sae", "train", "debug=tiny", "layer=1", "train.epochs=1", "train.d_sae=64", "train.k=4", "train.out=out"],
     ["adapter", "fit", "debug=tiny", "adapter.readout=resid", "adapter.layer=3", "adapter.augment=1",
