@@ -85,24 +85,25 @@ def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None
     assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
 
 
-def test_models_built_by_their_librarys_first_import_are_freed_once_dropped() -> None:
+def test_every_model_a_local_sweep_builds_is_freed_when_its_job_ends(tmp_path: Path) -> None:
     """`import_frozen` freezes what exists after an import; the import's own garbage (caught exceptions, whose
     frames hold their callers' frames) must be collected first, or it keeps the frames of the code that asked
-    for the library alive, and their locals with them: the first encoder (open_clip's import) and decoder
-    (diffusers') of a process would never be freed: a bigG on the GPU through the figures, the next job of a
-    local sweep, a notebook's next model. A fresh interpreter builds the tiny ones, drops them and collects."""
-    code = ("import gc, json, weakref\nfrom dsl_cli.config import DecoderConfig, EncoderConfig\n"
-            "from dsl_cli.decoder import load_decoder\nfrom dsl_cli.encoder import load_encoder\n"
-            "def build():\n    encoder, preprocess = load_encoder(EncoderConfig(source='tiny'))\n"
-            "    decoder = load_decoder(DecoderConfig(source='tiny'))\n"
-            "    return weakref.ref(encoder.visual), weakref.ref(decoder.pipe.unet)\n"
-            "models = build()\ngc.collect()\n"
-            "print(json.dumps([sorted(m for m in ('open_clip', 'diffusers') if m in sys.modules), "
-            "[model() is None for model in models]]))\n")
-    result = subprocess.run([sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True,
+    for the library alive, with their locals: the first encoder (open_clip's import) and decoder (diffusers')
+    of a process were never freed (a bigG on the GPU through the figures, a local sweep's next job, a
+    notebook's next model). A fresh interpreter runs a two-job sweep with the logit lens (its text tower is the
+    first model) and decoding, notes every module made, and collects: none with weights is left."""
+    code = ("import gc, json, sys, weakref\nimport torch\nmade = []\nbuild = torch.nn.Module.__init__\n"
+            "def noted(self, *args, **kwargs):\n    build(self, *args, **kwargs)\n    made.append(weakref.ref(self))\n"
+            "torch.nn.Module.__init__ = noted\nfrom dsl_cli.cli import main\ncode = main(sys.argv[1:])\n"
+            "gc.collect()\nalive = [m() for m in made if m() is not None]\n"
+            "print(json.dumps([code, len(made), sorted({type(m).__name__ for m in alive if list(m.parameters())})]))\n")
+    args = ["run", "debug=tiny", "lens=logit", "images.limit=1", "layer=1", "decode.top_k=1", "--multirun",
+            "seed=1,2", "hydra.sweep.dir=sweep"]
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.splitlines()[-1]) == [["diffusers", "open_clip"], [True, True]]
+    status, made, kept = json.loads(result.stdout.splitlines()[-1])
+    assert status == 0 and made > 100, result.stderr[-3000:]
+    assert kept == []
 
 
 @pytest.mark.parametrize("command", [
