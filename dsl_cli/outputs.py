@@ -324,12 +324,10 @@ class Manifest:
         self.data.update(values, made_by=MADE_BY)
         write_json(self.path, self.data)
 
-    def add_seconds(self, name: str, seconds: float) -> None:
-        """Count `seconds` into `seconds[name]`: a part of a stage that can come more than once (fitting the
-        decode batch, once per decoding call)."""
-        times = self.data.setdefault("seconds", {})
-        times[name] = round(times.get(name, 0) + seconds, 3)
-        self.update()
+    def add_seconds(self, key: str, seconds: float) -> None:
+        """Count `seconds` into `key` (`decode_fit_seconds`): a part of a stage, which can come more than once;
+        kept out of `seconds`, whose stages add up to the run's time."""
+        self.update(**{key: round(self.data.get(key, 0) + seconds, 3)})
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -352,7 +350,7 @@ MANIFEST_TYPES: dict[str, type | tuple] = {
     "unfinished": list, "rows": int, "complete": int, "decoded": int, "components": int, "started": str,
     "finished": str, "device": str, "seed": int, "slurm_job": _OPT_STR, "git_commit": _OPT_STR,
     "encoder_dtype": str, "scheduler": str, "resumed_rows": int, "stages_done": list, "study": dict,
-    "layers": list,
+    "layers": list, "decode_batch_size": int, "decode_fit_seconds": _NUM,
 }
 _JOB = {"job": int, "folder": _OPT_STR, "overrides": list, "status": str, "error": _OPT_STR, "rows": int}
 FIGURE_PATH = re.compile(r"(grids|heatmaps|plots|looks)/[A-Za-z0-9_][A-Za-z0-9_.=-]{0,239}\.png")

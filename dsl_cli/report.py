@@ -176,9 +176,17 @@ def _decode_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
         ("decoding", f"{manifest.get('scheduler', decode.get('scheduler'))}, {decode.get('steps')} steps, guidance "
                      f"{decode.get('guidance')}, {decode.get('width')}x{decode.get('height')} px, "
                      f"{f'the best {top_k}' if top_k else 'every component'} per image, "
-                     f"{decode.get('batch_size')} per batch, {decode.get('dtype')}"),
+                     f"{_batch_text(decode, manifest)}, {decode.get('dtype')}"),
         ("rows, decoded", f"{manifest.get('rows', '?')}, {manifest.get('decoded', 0)}"),
     ]
+
+
+def _batch_text(decode: dict, manifest: dict) -> str:
+    """`80 per batch (auto, fitted in 0.4 s)`: the batch the run decoded in, and how it was chosen."""
+    asked, used, fitting = decode.get("batch_size"), manifest.get("decode_batch_size"), manifest.get("decode_fit_seconds")
+    if used is None or asked != "auto":
+        return f"{asked if used is None else used} per batch"
+    return f"{used} per batch (auto{f', fitted in {fitting:.1f} s' if (fitting or 0) >= 0.05 else ''})"
 
 
 def _record_settings(manifest: dict) -> list[tuple[str, str]]:

@@ -310,7 +310,7 @@ def decode_pictures(cfg, encoder, decoder, embeds: torch.Tensor, seeds: list[int
     fitting = time.perf_counter()
     batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(embeds))
     manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded)
-    manifest.add_seconds("decode_fit", time.perf_counter() - fitting)  # the probes, on a GPU
+    manifest.add_seconds("decode_fit_seconds", time.perf_counter() - fitting)  # the probes, on a GPU
     batches = decoder.iter_decode(embeds, negative, seeds, cfg.decode.height, cfg.decode.width,
                                   cfg.decode.steps, float(cfg.decode.guidance), batch_size)
     with closing(batches):  # on an error, the decoder's progress bar ends its line before the message

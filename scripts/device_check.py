@@ -338,6 +338,7 @@ def read_run(check: Check, seconds: float) -> dict:
         shutil.copyfile(manifest_path, check.out / "e2e_manifest.json")
     return {"wall_s": seconds, "status": manifest.get("status"), "decoded": manifest.get("decoded"),
             "stage_seconds": manifest.get("seconds", {}), "decode_batch_size": manifest.get("decode_batch_size"),
+            "decode_fit_s": manifest.get("decode_fit_seconds"),
             "encoder_offloaded": manifest.get("encoder_offloaded"), "encoder_dtype": manifest.get("encoder_dtype"),
             "decoder_dtype": manifest.get("decoder_dtype"), "pictures": DRY_E2E_PICTURES if check.dry else E2E_PICTURES}
 

@@ -187,6 +187,7 @@ def run_table(data: dict, summary: dict) -> list[str]:
             f"| seconds per stage (manifest) | {stages or 'not measured'} |",
             f"| decode batch size (auto) / encoder moved off the GPU | {run.get('decode_batch_size')} / "
             f"{run.get('encoder_offloaded')} |",
+            f"| fitting the batch: the probes, within decode (s) | {fmt(run.get('decode_fit_s'), 3)} |",
             f"| dtypes: encoder / decoder | {run.get('encoder_dtype')} / {run.get('decoder_dtype')} |",
             f"| decode-only, same pictures and settings (s) | {fmt(summary['figures'].get('decode_only_s'), 4)} "
             f"(batch {only.get('batch')}) |", ""]

@@ -59,6 +59,7 @@ def test_dry_run_fills_every_field(dry_run) -> None:
     run = data["end_to_end"]
     assert run["status"] == "complete" and run["decoded"] == run["pictures"] == 8
     assert {"encoder", "lens", "decoder", "decode", "write"} <= set(run["stage_seconds"])
+    assert 0 <= run["decode_fit_s"] <= run["stage_seconds"]["decode"]  # on the CPU, nothing to probe
     assert data["decode_only"]["pictures"] == 8
     tests = data["gpu_tests"]
     assert tests["failed"] == 0 and tests["skipped"] >= 10  # no CUDA here: every gpu test collected, then skipped
@@ -78,6 +79,7 @@ def test_dry_run_fills_every_field(dry_run) -> None:
     goals = table.split("## Goals")[1].split("## Decoder")[0]
     assert "not measured" not in goals
     assert json.loads((out / "e2e_manifest.json").read_text())["status"] == "complete"
+    assert "| fitting the batch: the probes, within decode (s) | " in table.split("## End to end")[1]
 
 
 def test_goals_are_computed_from_the_rows() -> None:

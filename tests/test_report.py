@@ -199,6 +199,20 @@ def test_everything_written_into_a_page_is_escaped(folders, tmp_path) -> None:
     assert "".join(parsed.text).count(hostile) == 4
 
 
+@pytest.mark.parametrize("asked, used, fitting, text", [
+    ("auto", 80, 0.43, "80 per batch (auto, fitted in 0.4 s)"),  # on a GPU: the probes' time
+    ("auto", 8, 0.001, "8 per batch (auto)"),  # on the CPU: nothing to fit
+    (6, 6, 0.0, "6 per batch"),  # the user's
+    ("auto", None, None, "auto per batch"),  # a manifest from before the batch was recorded
+])
+def test_the_page_shows_the_batch_the_run_decoded_in(asked, used, fitting, text) -> None:
+    from dsl_cli.report import settings_section
+
+    config = {"decode": {"enabled": True, "batch_size": asked, "steps": 2, "dtype": "bf16"}}
+    manifest = {"made_by": "dsl", "config": config, "decode_batch_size": used, "decode_fit_seconds": fitting}
+    assert f"every component per image, {text}, bf16</td>" in settings_section(manifest)
+
+
 def test_report_on_a_folder_with_nothing_in_it(tmp_path: Path, capsys) -> None:
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err

@@ -310,7 +310,7 @@ def test_encoder_leaves_the_gpu_only_when_decoding_needs_the_room() -> None:
 
 
 def test_fitting_the_batch_is_counted_in_the_manifest_over_every_decoding_call(tmp_path, monkeypatch) -> None:
-    """`seconds.decode_fit`: the time `fit_decoding` took (the probes, on a GPU), summed over a run's
+    """`decode_fit_seconds`: the time `fit_decoding` took (the probes, on a GPU), summed over a run's
     decoding calls (its components', then its extra seeds' and baselines')."""
     from dsl_cli.outputs import Manifest
 
@@ -328,7 +328,7 @@ def test_fitting_the_batch_is_counted_in_the_manifest_over_every_decoding_call(t
     manifest.start(status="running")
     for count in ("decoded", "extra_decoded"):
         run.decode_pictures(cfg, None, decoder, torch.zeros(3, 8), [0, 0, 0], manifest, None, count)
-    fit = json.loads((tmp_path / "manifest.json").read_text())["seconds"]["decode_fit"]
+    fit = json.loads((tmp_path / "manifest.json").read_text())["decode_fit_seconds"]
     assert 0.4 <= fit < 5.0 and manifest.data["decode_batch_size"] == 4
 
 

@@ -502,7 +502,8 @@ def random_value(rng: random.Random, depth: int = 0):
 
 
 KEYS = ["made_by", "kind", "status", "error", "config", "versions", "seconds", "images", "skipped", "figures", "jobs",
-        "failed", "unfinished", "rows", "complete", "job", "folder", "overrides", "encoder", "lens", "dsl", "name"]
+        "failed", "unfinished", "rows", "complete", "job", "folder", "overrides", "encoder", "lens", "dsl", "name",
+        "decode", "decode_batch_size", "decode_fit_seconds"]
 
 
 def test_readers_refuse_or_accept_random_names_and_values_and_touch_nothing_outside(tmp_path: Path) -> None:
