@@ -23,6 +23,7 @@ from typing import Callable
 from dsl_cli import __version__
 from dsl_cli.errors import (Interrupted, UserError, bug_message, catch_stop_signals, clear_stops, deferred_stops,
                             raise_if_stopped, report, stop)
+from dsl_cli.libraries import own_the_collector
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
@@ -245,6 +246,7 @@ def _command(name: str) -> Callable[[list[str]], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    own_the_collector()  # a command's process is dsl's: its model libraries are imported frozen
     previous = catch_stop_signals(STOP_SIGNALS, _interrupt)
     try:
         return _dispatch(sys.argv[1:] if argv is None else list(argv))

@@ -80,9 +80,11 @@ def stop_signals_interrupt():
 
 def _load_run() -> Callable[[DictConfig, Path], None]:
     """`dsl_cli.run.run`, imported only when a job runs: it brings in the model libraries, imported with the
-    garbage collector off and then frozen (`dsl_cli.libraries.import_frozen`)."""
-    from dsl_cli.libraries import import_frozen
+    garbage collector off and then frozen (`dsl_cli.libraries.import_frozen`): a job's process is dsl's, also
+    where a cluster started it without `dsl`'s command line."""
+    from dsl_cli.libraries import import_frozen, own_the_collector
 
+    own_the_collector()
     return import_frozen("dsl_cli.run").run
 
 

@@ -10,6 +10,10 @@ them. A fresh 2-image tiny run on 2 CPU cores took 10.5-12 s before, 8.4-9.1 s a
 when the first encoder is built, diffusers when the first decoder is, scipy.stats when a study correlates. A run
 starts its first stage with torch imported and nothing more (1.6 s after the process starts on 2 CPU cores,
 against 4 s when `dsl_cli.run` imported them all), and one that decodes nothing never imports diffusers.
+
+Freezing is for processes dsl owns: its commands and jobs (`own_the_collector`). Called as a library
+(`import dsl_cli as dsl` in a notebook), dsl imports plainly and leaves the caller's collector alone: a freeze
+would also keep the caller's objects out of every later collection.
 """
 
 from __future__ import annotations
@@ -22,22 +26,32 @@ from typing import Any
 
 from dsl_cli.logs import library_imported
 
+_OWN_PROCESS = False  # set by `own_the_collector`
+
+
+def own_the_collector() -> None:
+    """This process is a dsl command's or job's: from now on `import_frozen` freezes what it imports."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+
 
 def import_frozen(name: str) -> ModuleType:
     """`importlib.import_module(name)`; its first import with the collector off, then `gc.freeze()` (and its
-    logs routed, in a job). A later call changes nothing, and a collector that was off stays off.
+    logs routed, in a job), in a process dsl owns (`own_the_collector`). A later call changes nothing, and a
+    collector that was off stays off.
 
     The import's garbage is collected before the freeze (0.1 to 0.3 s for open_clip or diffusers on 2 CPU
     cores): the exceptions libraries catch while importing hold their frames, and each frame its caller's, up
     to the code that asked for the library. Frozen, they would keep that code's locals for good: the first
     encoder and decoder built in a process were never freed."""
     first, collecting = name not in sys.modules, gc.isenabled()
-    if first:
+    freezing = first and _OWN_PROCESS
+    if freezing:
         gc.disable()
     try:
         module = importlib.import_module(name)
     finally:
-        if first:
+        if freezing:
             gc.collect(0)  # all of the import's objects are in the youngest generation: the collector was off
             gc.freeze()
             if collecting:

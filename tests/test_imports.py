@@ -96,14 +96,26 @@ def test_every_model_a_local_sweep_builds_is_freed_when_its_job_ends(tmp_path: P
             "def noted(self, *args, **kwargs):\n    build(self, *args, **kwargs)\n    made.append(weakref.ref(self))\n"
             "torch.nn.Module.__init__ = noted\nfrom dsl_cli.cli import main\ncode = main(sys.argv[1:])\n"
             "gc.collect()\nalive = [m() for m in made if m() is not None]\n"
-            "print(json.dumps([code, len(made), sorted({type(m).__name__ for m in alive if list(m.parameters())})]))\n")
+            "print(json.dumps([code, len(made), sorted({type(m).__name__ for m in alive if list(m.parameters())}), "
+            "gc.get_freeze_count()]))\n")
     args = ["run", "debug=tiny", "lens=logit", "images.limit=1", "layer=1", "decode.top_k=1", "--multirun",
             "seed=1,2", "hydra.sweep.dir=sweep"]
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
-    status, made, kept = json.loads(result.stdout.splitlines()[-1])
+    status, made, kept, frozen = json.loads(result.stdout.splitlines()[-1])
     assert status == 0 and made > 100, result.stderr[-3000:]
-    assert kept == []
+    assert kept == [] and frozen > 100_000  # the command froze its libraries
+
+
+def test_as_a_library_dsl_leaves_the_callers_garbage_collector_alone() -> None:
+    """`import dsl_cli as dsl` in a notebook: building models imports their libraries plainly, with no
+    `gc.freeze()` (which would keep the caller's objects from every later collection) and the collector on."""
+    code = ("import gc, json, sys\nimport dsl_cli as dsl\n"
+            "dsl.load_encoder(dsl.EncoderConfig(source='tiny'))\n"
+            "print(json.dumps(['open_clip' in sys.modules, gc.get_freeze_count(), gc.isenabled()]))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == [True, 0, True]
 
 
 @pytest.mark.parametrize("command", [
