@@ -46,16 +46,18 @@ def import_frozen(name: str) -> ModuleType:
     encoder and decoder built in a process were never freed."""
     first, collecting = name not in sys.modules, gc.isenabled()
     freezing = first and _OWN_PROCESS
-    if freezing:
-        gc.disable()
     try:
+        if freezing:
+            gc.disable()
         module = importlib.import_module(name)
     finally:
         if freezing:
-            gc.collect(0)  # all of the import's objects are in the youngest generation: the collector was off
-            gc.freeze()
-            if collecting:
-                gc.enable()
+            try:  # a stop signal may raise in the collection: the collector is turned back on all the same
+                gc.collect(0)  # all of the import's objects are in the youngest generation: the collector was off
+                gc.freeze()
+            finally:
+                if collecting:
+                    gc.enable()
     if first:
         library_imported()  # in a job, its logs go where the other libraries' go
     return module

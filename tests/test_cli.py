@@ -178,6 +178,26 @@ def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_mad
         gc.enable()
 
 
+def test_a_stop_during_the_collection_after_an_import_leaves_the_collector_on(tmp_path, monkeypatch) -> None:
+    """A stop signal raises where it lands, here in the collection of a first import's garbage (0.1 to 0.3 s
+    for a model library): the collector must be on again afterwards, in a process that lives on (a notebook's
+    next cell, the next test)."""
+    from dsl_cli import libraries
+
+    (tmp_path / "dsl_test_fresh_module.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(libraries, "_OWN_PROCESS", True)
+
+    def stopped(generation: int = 2) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gc, "collect", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        libraries.import_frozen("dsl_test_fresh_module")
+    assert gc.isenabled()
+    monkeypatch.delitem(sys.modules, "dsl_test_fresh_module")
+
+
 def test_a_library_imported_after_the_logs_were_routed_is_routed_too(monkeypatch) -> None:
     """diffusers is imported when the first decoder is built, after the job routed the libraries' logs; as
     it is imported it adds its own handler to stderr (and stops propagating): `import_frozen` routes it
