@@ -85,37 +85,25 @@ def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None
     assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
 
 
-def test_every_model_a_local_sweep_builds_is_freed_when_its_job_ends(tmp_path: Path) -> None:
-    """`import_frozen` freezes what exists after an import; the import's own garbage (caught exceptions, whose
-    frames hold their callers' frames) must be collected first, or it keeps the frames of the code that asked
-    for the library alive, with their locals: the first encoder (open_clip's import) and decoder (diffusers')
-    of a process were never freed (a bigG on the GPU through the figures, a local sweep's next job, a
-    notebook's next model). A fresh interpreter runs a two-job sweep with the logit lens (its text tower is the
-    first model) and decoding, notes every module made, and collects: none with weights is left."""
-    code = ("import gc, json, sys, weakref\nimport torch\nmade = []\nbuild = torch.nn.Module.__init__\n"
-            "def noted(self, *args, **kwargs):\n    build(self, *args, **kwargs)\n    made.append(weakref.ref(self))\n"
-            "torch.nn.Module.__init__ = noted\nfrom dsl_cli.cli import main\ncode = main(sys.argv[1:])\n"
-            "gc.collect()\nalive = [m() for m in made if m() is not None]\n"
-            "print(json.dumps([code, len(made), sorted({type(m).__name__ for m in alive if list(m.parameters())}), "
-            "gc.get_freeze_count()]))\n")
-    args = ["run", "debug=tiny", "lens=logit", "images.limit=1", "layer=1", "decode.top_k=1", "--multirun",
-            "seed=1,2", "hydra.sweep.dir=sweep"]
-    result = subprocess.run([sys.executable, "-c", code, *args], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
-    status, made, kept, frozen = json.loads(result.stdout.splitlines()[-1])
-    assert status == 0 and made > 100, result.stderr[-3000:]
-    assert kept == [] and frozen > 100_000  # the command froze its libraries
-
-
-def test_as_a_library_dsl_leaves_the_callers_garbage_collector_alone() -> None:
-    """`import dsl_cli as dsl` in a notebook: building models imports their libraries plainly, with no
-    `gc.freeze()` (which would keep the caller's objects from every later collection) and the collector on."""
-    code = ("import gc, json, sys\nimport dsl_cli as dsl\n"
-            "dsl.load_encoder(dsl.EncoderConfig(source='tiny'))\n"
-            "print(json.dumps(['open_clip' in sys.modules, gc.get_freeze_count(), gc.isenabled()]))\n")
+def test_the_collector_is_frozen_only_by_dsl_s_commands_and_never_keeps_a_model() -> None:
+    """One fresh interpreter. As a library (`import dsl_cli as dsl`, a notebook), dsl imports diffusers for
+    a decoder plainly: no `gc.freeze()` (which would keep the caller's objects from every later collection),
+    the collector on. Then as dsl's commands do (`own_the_collector`): open_clip's first import, made while
+    an encoder is built, is frozen, and the import's garbage is collected first. Frozen, that garbage (caught
+    exceptions, whose frames hold their callers' frames, up to the code that asked for the library) kept the
+    first encoder and decoder of every `dsl run` alive for good: a bigG on the GPU through the figures, a
+    local sweep's next job."""
+    code = ("import gc, json, sys, weakref\nimport dsl_cli as dsl\n"
+            "dsl.load_decoder(dsl.DecoderConfig(source='tiny'))\n"
+            "library = ['diffusers' in sys.modules, 'open_clip' in sys.modules, gc.get_freeze_count(), gc.isenabled()]\n"
+            "from dsl_cli.libraries import own_the_collector\nown_the_collector()\n"
+            "def build():\n    encoder, preprocess = dsl.load_encoder(dsl.EncoderConfig(source='tiny'))\n"
+            "    return weakref.ref(encoder.visual)\n"
+            "encoder = build()\ngc.collect()\n"
+            "print(json.dumps([library, gc.get_freeze_count() > 100_000, encoder() is None]))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.splitlines()[-1]) == [True, 0, True]
+    assert json.loads(result.stdout.splitlines()[-1]) == [[True, False, 0, True], True, True]
 
 
 @pytest.mark.parametrize("command", [
