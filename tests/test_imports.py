@@ -61,20 +61,28 @@ def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None
     torch: when the first stage begins, none of the model libraries or the slower helpers is imported; each
     comes with the model or stage that needs it (open_clip with the encoder). diffusers (1.5 to 3 s) comes with
     the first decoder: two jobs without decoding run to the end with any import of it refused (the first
-    records its start-up, the second, which started with the process, does not); one that decodes imports it
-    (the same guard fails it)."""
+    records its start-up, the second, which started with the process, does not), leaving no model alive; one
+    that decodes imports it (the same guard fails it)."""
     guard = NO_MODEL_LIBRARIES.replace(repr(MODEL_LIBRARIES), repr(("diffusers",)))
-    code = guard + ("import json\nfrom dsl_cli import run\nseen = []\noriginal = run._run_stages\n"
+    code = guard + ("import gc, json, weakref\nimport torch\nfrom dsl_cli import run\nseen, made = [], []\n"
+                    "original, build = run._run_stages, torch.nn.Module.__init__\n"
                     "def stages(*args, **kwargs):\n"
                     f"    seen.append([m for m in {STARTUP_LIBRARIES!r} if m in sys.modules])\n"
                     "    return original(*args, **kwargs)\n"
-                    "run._run_stages = stages\nfrom dsl_cli.cli import main\ncode = main(sys.argv[1:])\n"
-                    "print(json.dumps([code, seen, 'open_clip' in sys.modules]))\n")
+                    "def noted(self, *args, **kwargs):\n    build(self, *args, **kwargs)\n"
+                    "    made.append(weakref.ref(self))\n"
+                    "run._run_stages, torch.nn.Module.__init__ = stages, noted\n"
+                    "from dsl_cli.cli import main\ncode = main(sys.argv[1:])\ngc.collect()\n"
+                    "kept = sorted({type(m()).__name__ for m in made if m() is not None and list(m().parameters())})\n"
+                    "print(json.dumps([code, seen, 'open_clip' in sys.modules, len(made), kept]))\n")
     args = ["run", "debug=tiny", "lens=direct", "images.limit=1", "layer=1"]
     quiet = subprocess.run([sys.executable, "-c", code, *args, "--multirun", "decode.enabled=false", "seed=1,2",
                             "hydra.sweep.dir=a"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    status, seen, encoder_library = json.loads(quiet.stdout.splitlines()[-1])
+    status, seen, encoder_library, made, kept = json.loads(quiet.stdout.splitlines()[-1])
     assert status == 0 and len(seen) == 2 and seen[0] == [] and encoder_library, quiet.stderr[-3000:]
+    # every model the jobs built is freed: open_clip's import, frozen inside job 0's encoder build, once kept
+    # that build's frames alive, and that encoder with them (the import's garbage is collected before the freeze)
+    assert made > 50 and kept == []
     assert f"{tmp_path / 'a' / '0'}: loading the tiny encoder on cpu" in quiet.stdout + quiet.stderr
     first, second = (json.loads((tmp_path / "a" / job / "manifest.json").read_text()) for job in "01")
     assert first["status"] == second["status"] == "complete"
@@ -85,25 +93,17 @@ def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None
     assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
 
 
-def test_the_collector_is_frozen_only_by_dsl_s_commands_and_never_keeps_a_model() -> None:
-    """One fresh interpreter. As a library (`import dsl_cli as dsl`, a notebook), dsl imports diffusers for
-    a decoder plainly: no `gc.freeze()` (which would keep the caller's objects from every later collection),
-    the collector on. Then as dsl's commands do (`own_the_collector`): open_clip's first import, made while
-    an encoder is built, is frozen, and the import's garbage is collected first. Frozen, that garbage (caught
-    exceptions, whose frames hold their callers' frames, up to the code that asked for the library) kept the
-    first encoder and decoder of every `dsl run` alive for good: a bigG on the GPU through the figures, a
-    local sweep's next job."""
-    code = ("import gc, json, sys, weakref\nimport dsl_cli as dsl\n"
-            "dsl.load_decoder(dsl.DecoderConfig(source='tiny'))\n"
-            "library = ['diffusers' in sys.modules, 'open_clip' in sys.modules, gc.get_freeze_count(), gc.isenabled()]\n"
-            "from dsl_cli.libraries import own_the_collector\nown_the_collector()\n"
-            "def build():\n    encoder, preprocess = dsl.load_encoder(dsl.EncoderConfig(source='tiny'))\n"
-            "    return weakref.ref(encoder.visual)\n"
-            "encoder = build()\ngc.collect()\n"
-            "print(json.dumps([library, gc.get_freeze_count() > 100_000, encoder() is None]))\n")
+def test_only_dsl_s_own_processes_freeze_the_collector() -> None:
+    """As a library (`import dsl_cli as dsl`, a notebook), dsl imports what it needs plainly: no `gc.freeze()`,
+    which would keep the caller's objects from every later collection, and the collector left on. Its commands
+    and jobs own their process (`own_the_collector`) and freeze what they import."""
+    code = ("import gc, json\nimport dsl_cli\nfrom dsl_cli.libraries import import_frozen, own_the_collector\n"
+            "import_frozen('fractions')\nlibrary = [gc.get_freeze_count(), gc.isenabled()]\n"
+            "own_the_collector()\nimport_frozen('wave')\n"
+            "print(json.dumps([library, gc.get_freeze_count() > 0, gc.isenabled()]))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.splitlines()[-1]) == [[True, False, 0, True], True, True]
+    assert json.loads(result.stdout.splitlines()[-1]) == [[0, True], True, True]
 
 
 @pytest.mark.parametrize("command", [
