@@ -89,8 +89,9 @@ def _requeue_mid_decoding(run: Path, job: str, deadline: float) -> int:
 
 def test_a_requeued_job_continues_its_run_folder_to_the_files_of_an_uninterrupted_run(tmp_path: Path,
                                                                                           sweeps) -> None:
-    # 10 pictures of 20 denoising steps, one at a time: a second each, so that the requeue lands mid-decoding
-    slow = ["debug=tiny", "images.limit=2", "component=all", "layer=1", "decode.steps=20", "decode.batch_size=1"]
+    # 10 pictures of 10 denoising steps, one at a time: half a second each (the requeue, issued within 0.1 s of
+    # the first picture, lands in 4 s of decoding)
+    slow = ["debug=tiny", "images.limit=2", "component=all", "layer=1", "decode.steps=10", "decode.batch_size=1"]
     reference = zygote.run([DSL, "run", *slow, "hydra.run.dir=reference"], cwd=tmp_path, capture_output=True,
                                text=True, timeout=600)
     assert reference.returncode == 0, reference.stderr[-3000:]
