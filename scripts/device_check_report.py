@@ -181,10 +181,14 @@ def encoder_table(encoder: dict) -> list[str]:
 def run_table(data: dict, summary: dict) -> list[str]:
     run, only = data.get("end_to_end", {}), data.get("decode_only") or {}
     stages = ", ".join(f"{k} {v:.1f}" for k, v in run.get("stage_seconds", {}).items())
+    # what no stage holds: Hydra's job set-up after the start-up, the page, the process's exit (CUDA's teardown)
+    outside = (run["wall_s"] - sum(run["stage_seconds"].values())
+               if run.get("wall_s") is not None and run.get("stage_seconds") else None)
     return ["## End to end (`dsl run`)", "", "| figure | value |", "|---|---|",
             f"| status | {run.get('status')} |", f"| pictures decoded | {run.get('decoded')} of {run.get('pictures')} |",
             f"| wall, process start to exit (s) | {fmt(run.get('wall_s'), 4)} |",
             f"| seconds per stage (manifest) | {stages or 'not measured'} |",
+            f"| wall less the stages: the page, the exit (s) | {fmt(outside, 3)} |",
             f"| decode batch size (auto) / encoder moved off the GPU | {run.get('decode_batch_size')} / "
             f"{run.get('encoder_offloaded')} |",
             f"| fitting the batch: the probes, within decode (s) | {fmt(run.get('decode_fit_s'), 3)} |",
