@@ -140,8 +140,8 @@ def test_help_piped_into_a_reader_that_leaves_early_is_quiet(tmp_path: Path) -> 
 
 
 def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_made(monkeypatch) -> None:
-    """job._load_run: the model libraries' objects are made with the garbage collector off, the import's
-    garbage collected once (the youngest generation), and what is left frozen (no collection walks it again,
+    """job._load_run: the model libraries' objects are made with the garbage collector off, the garbage
+    collected once (a full collection), and what is left frozen (no collection walks it again,
     in the run or in its forks); a second job's call changes neither, and a collector that was off stays off."""
     import dsl_cli
     from dsl_cli import job
@@ -166,7 +166,7 @@ def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_mad
         second = job._load_run()
     finally:
         gc.callbacks.remove(noted)
-    assert during == [("start", 0), ("stop", 0)] and gc.isenabled(), (during, gc.isenabled())
+    assert during == [("start", 2), ("stop", 2)] and gc.isenabled(), (during, gc.isenabled())
     assert after_first > frozen
     assert second is first and gc.get_freeze_count() == after_first and len(a_jobs_objects) == 100
     as_in_a_fresh_process()
@@ -196,6 +196,29 @@ def test_a_stop_during_the_collection_after_an_import_leaves_the_collector_on(tm
         libraries.import_frozen("dsl_test_fresh_module")
     assert gc.isenabled()
     monkeypatch.delitem(sys.modules, "dsl_test_fresh_module")
+
+
+def test_garbage_older_than_a_frozen_import_is_collected_not_frozen(tmp_path, monkeypatch) -> None:
+    """A run's garbage from before a library's import (here a cycle that a full collection had moved to the
+    oldest generation while it was still in use) is collected by the import's freeze, not frozen for good."""
+    import weakref
+
+    from dsl_cli import libraries
+
+    class Node:
+        pass
+
+    (tmp_path / "dsl_test_later_module.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(libraries, "_OWN_PROCESS", True)
+    node = Node()
+    node.self = node  # a cycle: only the collector frees it
+    gc.collect()  # in use: it survives into the oldest generation
+    old = weakref.ref(node)
+    del node
+    libraries.import_frozen("dsl_test_later_module")
+    monkeypatch.delitem(sys.modules, "dsl_test_later_module")
+    assert old() is None
 
 
 def test_a_library_imported_after_the_logs_were_routed_is_routed_too(monkeypatch) -> None:
