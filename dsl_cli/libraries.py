@@ -2,14 +2,14 @@
 
 Importing torch, open_clip, transformers and diffusers makes millions of Python objects that live as long as
 the process. `import_frozen` imports a module with the collector off (it ran about 1,600 times during those
-imports), collects the import's garbage once, and then freezes what exists (`gc.freeze`): no later collection
+imports), collects the garbage once, and then freezes what exists (`gc.freeze`): no later collection
 walks those objects again, and the processes forked to draw figures do not copy their memory pages by touching
 them. A fresh 2-image tiny run on 2 CPU cores took 10.5-12 s before, 8.4-9.1 s after (docs/benchmarks.md).
 
 `Library` is a module imported (frozen) at its first attribute: open_clip (with torchvision and transformers)
 when the first encoder is built, diffusers when the first decoder is, scipy.stats when a study correlates. A run
-starts its first stage with torch imported and nothing more (1.6 s after the process starts on 2 CPU cores,
-against 4 s when `dsl_cli.run` imported them all), and one that decodes nothing never imports diffusers.
+starts its first stage with torch imported and nothing more (about 2 s after the process starts on 2 CPU
+cores, against 4 s when `dsl_cli.run` imported them all), and one that decodes nothing never imports diffusers.
 
 Freezing is for processes dsl owns: its commands and jobs (`own_the_collector`). Called as a library
 (`import dsl_cli as dsl` in a notebook), dsl imports plainly and leaves the caller's collector alone: a freeze
@@ -40,10 +40,10 @@ def import_frozen(name: str) -> ModuleType:
     logs routed, in a job), in a process dsl owns (`own_the_collector`). A later call changes nothing, and a
     collector that was off stays off.
 
-    Garbage is collected before the freeze (0.1 to 0.4 s for open_clip or diffusers on 2 CPU cores; what an
-    earlier freeze holds is not walked again): the exceptions libraries catch while importing hold their frames, and each frame its caller's, up
-    to the code that asked for the library. Frozen, they would keep that code's locals for good: the first
-    encoder and decoder built in a process were never freed."""
+    Garbage is collected before the freeze (0.2 to 0.3 s for open_clip on 2 CPU cores; what an earlier freeze
+    holds is not walked again): the exceptions libraries catch while importing hold their frames, and each
+    frame its caller's, up to the code that asked for the library. Frozen, they would keep that code's locals
+    for good: the first encoder and decoder built in a process were never freed."""
     first, collecting = name not in sys.modules, gc.isenabled()
     freezing = first and _OWN_PROCESS
     try:

@@ -183,7 +183,8 @@ def _decode_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
 
 def _batch_text(decode: dict, manifest: dict) -> str:
     """`80 per batch (auto, fitted in 0.4 s)`: the batch the run decoded in, and how it was chosen."""
-    asked, used, fitting = decode.get("batch_size"), manifest.get("decode_batch_size"), manifest.get("decode_fit_seconds")
+    asked, used = decode.get("batch_size"), manifest.get("decode_batch_size")
+    fitting = manifest.get("decode_fit_seconds")
     if used is None or asked != "auto":
         return f"{asked if used is None else used} per batch"
     return f"{used} per batch (auto{f', fitted in {fitting:.1f} s' if (fitting or 0) >= 0.05 else ''})"
