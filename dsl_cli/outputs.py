@@ -324,11 +324,6 @@ class Manifest:
         self.data.update(values, made_by=MADE_BY)
         write_json(self.path, self.data)
 
-    def add_seconds(self, key: str, seconds: float) -> None:
-        """Count `seconds` into `key` (`decode_fit_seconds`): a part of a stage, which can come more than once;
-        kept out of `seconds`, whose stages add up to the run's time."""
-        self.update(**{key: round(self.data.get(key, 0) + seconds, 3)})
-
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage; record it as done (with its seconds) when it finishes. A stop signal that something

@@ -309,8 +309,9 @@ def decode_pictures(cfg, encoder, decoder, embeds: torch.Tensor, seeds: list[int
     negative = decoder.negative_embed(encoder).float().cpu()
     fitting = time.perf_counter()
     batch_size, offloaded = fit_decoding(cfg, encoder, decoder, len(embeds))
-    manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded)
-    manifest.add_seconds("decode_fit_seconds", time.perf_counter() - fitting)  # the probes, on a GPU
+    # the probes' time (on a GPU), summed over the run's decoding calls; out of `seconds`, whose stages add up
+    fit = manifest.data.get("decode_fit_seconds", 0) + time.perf_counter() - fitting
+    manifest.update(decode_batch_size=batch_size, encoder_offloaded=offloaded, decode_fit_seconds=round(fit, 3))
     batches = decoder.iter_decode(embeds, negative, seeds, cfg.decode.height, cfg.decode.width,
                                   cfg.decode.steps, float(cfg.decode.guidance), batch_size)
     with closing(batches):  # on an error, the decoder's progress bar ends its line before the message
