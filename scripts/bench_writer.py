@@ -29,9 +29,10 @@ def parse_args() -> argparse.Namespace:
 def photos(count: int, size: int) -> list:
     from PIL import Image
 
-    from dsl_cli.images import _sample_files, read_image
+    from dsl_cli.config import ImagesConfig
+    from dsl_cli.images import load_images
 
-    samples = [read_image(path).resize((size, size), Image.Resampling.BICUBIC) for _, path in _sample_files(None)]
+    samples = [item.load().resize((size, size), Image.Resampling.BICUBIC) for item in load_images(ImagesConfig()).images]
     return [samples[i % len(samples)] for i in range(count)]
 
 
