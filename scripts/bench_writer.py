@@ -32,8 +32,8 @@ def photos(count: int, size: int) -> list:
     from dsl_cli.config import ImagesConfig
     from dsl_cli.images import load_images
 
-    photos = load_images(ImagesConfig()).images
-    samples = [item.load().resize((size, size), Image.Resampling.BICUBIC) for item in photos]
+    items = load_images(ImagesConfig()).images
+    samples = [item.load().resize((size, size), Image.Resampling.BICUBIC) for item in items]
     return [samples[i % len(samples)] for i in range(count)]
 
 
