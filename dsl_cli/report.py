@@ -14,7 +14,6 @@ page when it ends.
 
 from __future__ import annotations
 
-import html
 import sys
 from pathlib import Path
 from urllib.parse import quote
