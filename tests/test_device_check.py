@@ -93,7 +93,7 @@ def test_goals_are_computed_from_the_rows() -> None:
         "decoder": {"tflop_per_picture": 173.2, "matmul_peak_tflops": 800.0, "naive_pictures_per_s": 0.2,
                     "rows": [dict(row, pictures_per_s=0.5, channels_last=False, step="decoder_main"), row]},
         "decode_only": dict(row, pictures=40, seconds=35.0),
-        "end_to_end": {"wall_s": 100.0, "pictures": 80, "status": "complete",
+        "end_to_end": {"wall_s": 100.0, "pictures": 80, "status": "complete", "decode_fit_s": 0.42,
                        "stage_seconds": {"startup": 4.2, "encoder": 20.0, "decode": 72.0}},
         "encoder": {"rows": [{"dtype": "fp32", "cache_vs_plain": 1.04}, {"dtype": "bf16", "cache_vs_plain": 1.12,
                                                                          "cos_vs_fp32_min": 0.9993}]},
@@ -122,6 +122,7 @@ def test_goals_are_computed_from_the_rows() -> None:
     table = markdown({**data, "summary": summary})
     assert "| **no** |" in table and "| steering | DSL | GPU, capped at 24 GB | 1.00 GiB | 16.50 GiB | 24 GB | 0 | 9 |" in table
     assert "| wall less the stages: the page, the exit (s) | 3.8 |" in table  # 100 - (4.2 + 20 + 72)
+    assert "| fitting the batch: the probes, within decode (s) | 0.42 |" in table
 
 
 def test_nothing_measured_is_not_a_goal_met() -> None:
