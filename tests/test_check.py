@@ -19,7 +19,7 @@ from dsl_cli import check, decoder as decoders
 from dsl_cli.decoder import KandinskyDecoder
 from dsl_cli.encoder import loading
 from dsl_cli.encoder.loading import TINY_EMBED_DIM, TINY_TEXT_CFG, TINY_VISION_CFG, build_tiny_clip
-from helpers import dsl_in_process, perturb_
+from helpers import perturb_
 
 NAME = "dsl-check-tiny"
 

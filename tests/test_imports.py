@@ -62,7 +62,7 @@ def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None
     comes with the model or stage that needs it (open_clip with the encoder). diffusers (1.5 to 3 s) comes with
     the first decoder: two jobs without decoding run to the end with any import of it refused (the first
     records its start-up, the second, which started with the process, does not), leaving no model alive; one
-    that decodes imports it (the same guard fails it)."""
+    that decodes imports it (and frees its decoder as well)."""
     guard = NO_MODEL_LIBRARIES.replace(repr(MODEL_LIBRARIES), repr(("diffusers",)))
     code = guard + ("import gc, json, weakref\nimport torch\nfrom dsl_cli import run\nseen, made = [], []\n"
                     "original, build = run._run_stages, torch.nn.Module.__init__\n"
@@ -88,9 +88,14 @@ def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None
     assert first["status"] == second["status"] == "complete"
     assert 0 < first["seconds"]["startup"] < 300 and list(first["seconds"])[0] == "startup"
     assert "startup" not in second["seconds"] and {"encoder", "lens"} <= set(second["seconds"])
-    decoding = subprocess.run([sys.executable, "-c", code, *args, "decode.top_k=1", "hydra.run.dir=b"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert decoding.returncode != 0 and "diffusers: a light command imported a model library" in decoding.stderr
+    # a run that decodes imports diffusers with its decoder, and frees the decoder's models too
+    unguarded = code.replace(guard, "import sys\n").replace("'open_clip' in sys.modules", "'diffusers' in sys.modules")
+    decoding = subprocess.run([sys.executable, "-c", unguarded, *args, "decode.top_k=1", "decode.steps=1",
+                               "hydra.run.dir=b"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    status, seen, decoder_library, made, kept = json.loads(decoding.stdout.splitlines()[-1])
+    assert status == 0 and seen == [[]] and decoder_library, decoding.stderr[-3000:]
+    assert made > 50 and kept == []
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["seconds"]["decode"] > 0
 
 
 def test_only_dsl_s_own_processes_freeze_the_collector() -> None:

@@ -428,7 +428,6 @@ def test_startup_is_counted_from_the_process_start_once_per_process(monkeypatch)
     """`seconds.startup`: the first job of a process gets the seconds since the process started (as `ps`
     counts them: whole seconds), later jobs none; where /proc cannot be read, none."""
     import os
-    import subprocess
 
     from dsl_cli import run
 
