@@ -424,8 +424,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
         return check_in(args, args.work, only)
-    with tempfile.TemporaryDirectory(prefix="dsl-device-check-") as work:  # removed at the end, whatever happens
-        return check_in(args, Path(work), only)
+    # not TemporaryDirectory: it also registers its removal to run at exit, and the dry run's steps, forks of
+    # this process, run the exit functions they inherit: each step removed the folder with its results
+    work = Path(tempfile.mkdtemp(prefix="dsl-device-check-"))
+    try:
+        return check_in(args, work, only)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def check_in(args: argparse.Namespace, work: Path, only: Optional[set[str]]) -> int:

@@ -24,11 +24,16 @@ HAS_CXX = bool(shutil.which(os.environ.get("CXX", "g++")))
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[Path, dict]:
+    """As documented (no `--work`): the steps' JSON in a temporary folder, removed at the end. The dry run's
+    steps are forks of the check's process and once ran the exit functions they inherited, the folder's
+    clean-up among them, so every step's results were gone before they were read."""
     root = tmp_path_factory.mktemp("device_check")
-    env = {**os.environ, "PYTHON": sys.executable}
-    result = subprocess.run([str(REPO / "scripts" / "device_check.sh"), "--dry-run", str(root / "out"),
-                             "--work", str(root / "work")], env=env, capture_output=True, text=True, timeout=1200)
+    (root / "tmp").mkdir()
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(root / "tmp")}
+    result = subprocess.run([str(REPO / "scripts" / "device_check.sh"), "--dry-run", str(root / "out")],
+                            env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not [p for p in (root / "tmp").iterdir() if p.name.startswith("dsl-device-check-")]
     return root / "out", json.loads((root / "out" / "device_check.json").read_text())
 
 
@@ -70,12 +75,12 @@ def test_dry_run_fills_every_field(dry_run) -> None:
         assert 0.3 * 2**30 < case["host_peak_bytes"] < 4 * 2**30
         assert {"images", "encoder", "lens", "write"} <= set(case["stage_seconds"])
     assert "classifier" in memory[0]["stage_seconds"]
-    assert "| logit_built | logit lens, classifier built" in (out.parent / "work" / "memory.md").read_text()
     figures = data["summary"]["figures"]
     assert all(figures.get(name) is not None for name in GOALS), figures
     table = (out / "device_check.md").read_text()
     for heading in ("## Goals", "## Decoder", "## Encoder", "## End to end", "## GPU tests", "## Memory", "## Steps"):
         assert heading in table
+    assert "| logit_built | logit lens, classifier built" in table.split("## Memory")[1]
     goals = table.split("## Goals")[1].split("## Decoder")[0]
     assert "not measured" not in goals
     assert json.loads((out / "e2e_manifest.json").read_text())["status"] == "complete"
