@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
 
 import device_check  # noqa: E402  (a script beside the benchmarks, not a package)
-from device_check_report import GOALS, markdown, summarise  # noqa: E402
+from device_check_report import GOALS, compiled_vs_eager, markdown, summarise  # noqa: E402
 
 HAS_CXX = bool(shutil.which(os.environ.get("CXX", "g++")))
 
@@ -156,6 +156,36 @@ def test_budget_skips_what_does_not_fit_and_stops_what_overruns(tmp_path: Path, 
     assert check.data["decoder"]["rows"] == [{**row, "step": "decoder_main"}]
     saved = json.loads((out / "device_check.json").read_text())
     assert saved["decoder"]["rows"][0]["pictures_per_s"] == 0.5 and saved["steps"]["compile"]["status"] == "skipped"
+
+
+def test_the_goals_steps_come_first_and_compile_runs_at_the_decode_only_batch(tmp_path: Path) -> None:
+    """The budget skips the last steps, so the figures the GPU issue still lacks come first. The compiled
+    UNet runs at the batch the decode-only step found (the batch `dsl run` decodes at: the eager figure to
+    set against it, and the configuration whose default it decides), in the faster memory format; 16 and
+    NCHW before those are known."""
+    order = [name for name, _, _ in device_check.STEPS]
+    assert order[:6] == ["decoder_main", "decode_only", "compile", "end_to_end", "encoder", "gpu_tests"]
+    check = device_check.Check(out=tmp_path, work=tmp_path, dry=False, budget=480, log=tmp_path / "log")
+
+    def option(argv: list[str], name: str) -> str | None:
+        return argv[argv.index(name) + 1] if name in argv else None
+
+    argv = device_check.compile_argv(check, "compile")
+    assert option(argv, "--batch-sizes") == "16" and "--channels-last" not in argv and "--compile" in argv
+    row = dict(dtype="bf16", compile=False, warmup_s=1.0, peak_gib=50.0, seconds=48.0)
+    check.data["decoder"] = {"rows": [{**row, "step": "decoder_main", "batch": 16, "pictures": 16,
+                                       "channels_last": False, "pictures_per_s": 1.45},
+                                      {**row, "step": "decode_only", "batch": 80, "pictures": 80,
+                                       "channels_last": False, "pictures_per_s": 1.66}]}
+    argv = device_check.compile_argv(check, "compile")
+    assert option(argv, "--batch-sizes") == "80" and option(argv, "--dtypes") == "bf16"
+    assert "--channels-last" not in argv
+    check.data["decoder"]["rows"].append({**row, "step": "channels_last", "batch": 72, "pictures": 80,
+                                          "channels_last": True, "pictures_per_s": 1.9})
+    assert "--channels-last" in device_check.compile_argv(check, "compile")
+    compiled = {**row, "step": "compile", "batch": 80, "pictures": 80, "channels_last": False, "compile": True,
+                "pictures_per_s": 2.49}
+    assert compiled_vs_eager(check.data["decoder"]["rows"] + [compiled]) == pytest.approx(1.5)
 
 
 def test_unknown_steps_are_refused(tmp_path: Path, capsys) -> None:
