@@ -115,7 +115,8 @@ def _opened(path: Path) -> Iterator[Image.Image]:
                 yield opened
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise UserError(
-            f"{path}: image too large ({err}); downscale it or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it"
+            f"{path}: image too large ({err}); downscale it, or set images.skip_bad=true to go on without it "
+            "(from Python: raise PIL.Image.MAX_IMAGE_PIXELS if you trust it)"
         ) from None
     except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"{path}: not a readable image ({err}); remove it or set images.skip_bad=true") from None

@@ -85,7 +85,7 @@ IMAGE_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "empty_folder": (write_empty, "no images in this folder"),
     "not_an_image": (write_text, "not a readable image"),
     "truncated_image": (write_truncated, "not a readable image"),
-    "decompression_bomb": (write_bomb, "too large"),
+    "decompression_bomb": (write_bomb, "); downscale it, or set images.skip_bad=true"),  # what a command line can do
     "fifo": (write_fifo, "not a regular file or a folder"),
     "device_file": (device, "not a regular file or a folder"),
     "extreme_aspect_ratio": (write_strip, "30000 x 1 pixels, longer than 20:1"),
