@@ -120,7 +120,7 @@ def _run(args: list[str]) -> int:
     from dsl_cli import job
     from dsl_cli.config import check_overrides, path_override, register_configs
     from dsl_cli.outputs import release_all
-    from dsl_cli.sweeps import merged_sweeps, resume_overrides
+    from dsl_cli.sweeps import cluster_refusals_reported, merged_sweeps, resume_overrides
 
     register_configs()
     try:
@@ -146,7 +146,10 @@ def _run(args: list[str]) -> int:
         sys.argv = ["dsl run", *flags, *overrides]
         merged_sweeps.clear()
         try:
-            app()
+            with cluster_refusals_reported():
+                app()
+        except UserError as err:
+            return _fail(err)
         finally:
             sys.argv = saved_argv
             release_all()

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import sys
+import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +38,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from dsl_cli.errors import UserError, printable, report
 from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
-from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, RunFolder, check_merged_row, claimed, group_rows,
-                             is_sweep_folder, read_bytes_nofollow, read_manifest, type_row, write_json)
+from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
+                             group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest, type_row, write_json)
 from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
@@ -344,6 +345,60 @@ def pin_gpu(job_num: int) -> None:
 
 
 merged_sweeps: list[dict] = []  # manifests of the sweeps merged in this process (the exit status reads them)
+FULL_ERROR = "HYDRA_FULL_ERROR"  # set, Hydra raises what goes wrong instead of printing its traceback
+
+
+@dataclass
+class _Launch:
+    """Inside `cluster_refusals_reported`: whether dsl may set HYDRA_FULL_ERROR, and the sweep launched."""
+
+    active: bool = False
+    sweep: Path | None = None
+
+
+_launch = _Launch()
+
+
+@contextmanager
+def cluster_refusals_reported() -> Iterator[None]:
+    """Around Hydra's multirun: a cluster that refuses the sweep's jobs (sbatch: a partition, account, QOS or
+    GPU request it does not have) or a machine without SLURM's commands is bad input, raised as UserError (one
+    line, status 2) and recorded in the sweep's manifest. Hydra prints anything raised while it launches as a
+    traceback with status 1, unless HYDRA_FULL_ERROR is set: `SweepResults` sets it for the launch alone (not
+    for the config's composition, whose errors Hydra words well). Where the user set it, it stays, and so do
+    the tracebacks."""
+    _launch.active, _launch.sweep = FULL_ERROR not in os.environ, None
+    try:
+        yield
+    except Exception as err:
+        line = cluster_refusal(err) if _launch.active else None
+        if line is None:
+            raise
+        sweep = _launch.sweep
+        if sweep is not None and RunFolder(sweep).is_own():
+            Manifest(RunFolder(sweep).manifest_json).update(status="failed", error=line)
+        raise UserError(f"{line}; nothing was submitted: fix the launcher's settings (docs/cluster.md), then "
+                        f"`dsl run resume={sweep or 'SWEEP_DIR'}` with them") from None
+    finally:
+        if _launch.active:
+            os.environ.pop(FULL_ERROR, None)
+        _launch.active, _launch.sweep = False, None
+
+
+def cluster_refusal(err: BaseException) -> str | None:
+    """The one line for an error that SLURM's side raised in submitit while launching; None for others."""
+    frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__)]
+    if not frames or f"{os.sep}submitit{os.sep}" not in frames[-1]:
+        return None
+    message = " / ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if type(err).__name__ == "FailedJobError":
+        gpus = (" (each job asks for gpus_per_node=1 GPU unless DSL_SLURM_GPUS=0 or hydra.launcher.gpus_per_node=0)"
+                if "gres" in message.lower() else "")
+        return f"SLURM refused the sweep's jobs ({printable(message)}){gpus}"
+    if "srun" in message or "sbatch" in message:
+        return (f"launcher=slurm needs SLURM's commands here ({printable(message)}): run it on the cluster's login "
+                "node, or use launcher=local_gpus on this machine")
+    return None
 
 
 class SweepResults(Callback):
@@ -360,13 +415,15 @@ class SweepResults(Callback):
         # open_clip), which `dsl merge` and `dsl plot`, importing this module, never load
         from dsl_cli.preflight import preflight
 
-        if config.resume:
-            return
-        try:
-            preflight(config)
-        except UserError as err:
-            report(err)
-            sys.exit(2)
+        if not config.resume:
+            try:
+                preflight(config)
+            except UserError as err:
+                report(err)
+                sys.exit(2)
+        if _launch.active:  # what goes wrong from here on is raised to `cluster_refusals_reported`
+            os.environ[FULL_ERROR] = "1"
+            _launch.sweep = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

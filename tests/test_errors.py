@@ -232,6 +232,26 @@ def test_globs_do_not_follow_link_loops_and_brackets_in_a_folder_name_are_litera
     assert sorted(json.loads((tmp_path / "glob" / "manifest.json").read_text())["images"]) == ["a", "b"]
 
 
+def test_launcher_slurm_without_slurm_is_one_line_recorded_in_the_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
+    """submitit refuses to launch where SLURM's commands are missing: one line naming what to do, status 2, the
+    sweep's manifest `failed`, and HYDRA_FULL_ERROR (set by dsl for the launch) gone again. A user who set it
+    gets Hydra's exception itself, and keeps the setting."""
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # no srun, no sbatch
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    args = ["run", "debug=tiny", "decode.enabled=false", "launcher=slurm", "--multirun", "layer=0,1"]
+    code, err = dsl_in_process([*args, "hydra.sweep.dir=sweep"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "launcher=slurm needs SLURM's commands here (Could not detect \"srun\"")
+    assert "dsl run resume=sweep" in err and "HYDRA_FULL_ERROR" not in os.environ
+    manifest = json.loads((tmp_path / "sweep" / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "needs SLURM's commands" in manifest["error"]
+    assert not (tmp_path / "sweep" / "0").exists()
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(RuntimeError, match="srun"):
+        dsl_in_process([*args, "hydra.sweep.dir=verbose"], tmp_path, monkeypatch, capsys)
+    assert os.environ["HYDRA_FULL_ERROR"] == "1"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(tmp_path: Path, monkeypatch, capsys) -> None:
     code, err = dsl_in_process(["run", "debug=tiny", "device=cuda"], tmp_path, monkeypatch, capsys)

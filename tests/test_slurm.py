@@ -69,6 +69,28 @@ def test_a_sweep_by_layer_runs_as_slurm_jobs_and_merges_every_row_once(tmp_path:
     assert json.loads((sweep / "manifest.json").read_text())["status"] == "complete"
 
 
+def test_jobs_the_cluster_refuses_are_one_line_and_a_resume_with_other_settings_submits_them(tmp_path: Path,
+                                                                                                sweeps) -> None:
+    """sbatch refuses a GPU (gres) that this cluster does not have: one line with sbatch's reason and the
+    setting that asked for it, status 2, the sweep's manifest `failed`, no job submitted (was a traceback and
+    status 1). `resume=` with the setting changed launches the same sweep."""
+    sweeps.append(tmp_path / "sweep")
+    refused = zygote.run([DSL, "run", "debug=tiny", "images.limit=1", "decode.enabled=false", "launcher=slurm",
+                          "hydra.sweep.dir=sweep", "--multirun", "layer=1"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("dsl: error:")]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert len(lines) == 1 and "SLURM refused the sweep's jobs (sbatch: error: Invalid generic resource" in lines[0]
+    assert "hydra.launcher.gpus_per_node=0" in lines[0] and "dsl run resume=sweep" in lines[0]
+    assert json.loads((tmp_path / "sweep" / "manifest.json").read_text())["status"] == "failed"
+    assert slurm_ids(tmp_path / "sweep") == []
+    resumed = zygote.run([DSL, "run", "resume=sweep", "hydra.launcher.gpus_per_node=0"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "sweep" / "manifest.json").read_text())["status"] == "complete"
+    assert len(slurm_ids(tmp_path / "sweep")) >= 1
+
+
 def _job_state(job: str) -> str:
     answer = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, timeout=30)
     return answer.stdout.strip()
