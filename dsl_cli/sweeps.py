@@ -386,18 +386,19 @@ def cluster_refusals_reported() -> Iterator[None]:
 
 
 def cluster_refusal(err: BaseException) -> str | None:
-    """The one line for an error that SLURM's side raised in submitit while launching; None for others."""
-    frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(err.__traceback__)]
-    if not frames or f"{os.sep}submitit{os.sep}" not in frames[-1]:
+    """The one line for sbatch refusing the jobs, or for submitit finding no SLURM here; None for anything
+    else (a job that ended without a result, whose error stream Hydra's traceback shows, among them)."""
+    frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
+    if not frames or f"{os.sep}submitit{os.sep}" not in frames[-1].f_code.co_filename:
         return None
-    message = " / ".join(line.strip() for line in str(err).splitlines() if line.strip())
-    if type(err).__name__ == "FailedJobError":
+    message = printable(" / ".join(line.strip() for line in str(err).splitlines() if line.strip()))
+    if any(frame.f_code.co_name == "_submit_command" for frame in frames):  # sbatch said no
         gpus = (" (each job asks for gpus_per_node=1 GPU unless DSL_SLURM_GPUS=0 or hydra.launcher.gpus_per_node=0)"
                 if "gres" in message.lower() else "")
-        return f"SLURM refused the sweep's jobs ({printable(message)}){gpus}"
-    if "srun" in message or "sbatch" in message:
-        return (f"launcher=slurm needs SLURM's commands here ({printable(message)}): run it on the cluster's login "
-                "node, or use launcher=local_gpus on this machine")
+        return f"SLURM refused the sweep's jobs ({message}){gpus}"
+    if type(err) is RuntimeError and 'detect "srun"' in message:
+        return (f"launcher=slurm needs SLURM's commands here ({message}): run it on the cluster's login node, or "
+                "use launcher=local_gpus on this machine")
     return None
 
 

@@ -252,6 +252,21 @@ def test_launcher_slurm_without_slurm_is_one_line_recorded_in_the_sweep(tmp_path
     assert os.environ["HYDRA_FULL_ERROR"] == "1"
 
 
+def test_only_a_refused_submission_is_called_one() -> None:
+    """submitit raises the same FailedJobError for a job that failed on its node (its results) as for sbatch's
+    refusal: only the one raised while submitting is worded as a refusal; others keep Hydra's traceback."""
+    from submitit.core.utils import CommandFunction, FailedJobError
+
+    from dsl_cli.sweeps import cluster_refusal
+
+    with pytest.raises(FailedJobError) as failed:
+        CommandFunction(["false"])()  # the command failed, not within a submission
+    assert cluster_refusal(failed.value) is None
+    with pytest.raises(RuntimeError) as ours:
+        raise RuntimeError('Could not detect "srun"')  # not submitit's
+    assert cluster_refusal(ours.value) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(tmp_path: Path, monkeypatch, capsys) -> None:
     code, err = dsl_in_process(["run", "debug=tiny", "device=cuda"], tmp_path, monkeypatch, capsys)
