@@ -1,5 +1,6 @@
 """A real SLURM (one node: `scripts/slurm_localhost.sh`, started by .ci/run): a sweep by layer submitted as a
-job array through `launcher=slurm`, and a job requeued mid-decoding that continues its own run folder."""
+job array through `launcher=slurm` (first refused by sbatch, then resumed with the setting fixed), and a job
+requeued mid-decoding that continues its own run folder."""
 
 from __future__ import annotations
 
@@ -45,14 +46,26 @@ def sweeps(tmp_path: Path):
             subprocess.run(["scancel", job], capture_output=True, timeout=30)
 
 
-def test_a_sweep_by_layer_runs_as_slurm_jobs_and_merges_every_row_once(tmp_path: Path, sweeps) -> None:
+def test_a_sweep_by_layer_refused_by_slurm_then_resumed_runs_as_jobs_and_merges_every_row_once(
+        tmp_path: Path, sweeps) -> None:
+    """First sbatch refuses the jobs' GPU (gres), which this cluster does not have: one line with sbatch's reason
+    and the setting that asked for it, status 2, the sweep's manifest `failed`, no job submitted (was Hydra's
+    traceback and status 1). Then `resume=` with the setting changed launches the same sweep as SLURM jobs (a
+    fresh launch: the requeue test below)."""
     sweeps.append(tmp_path / "sweep")
+    sweep = tmp_path / "sweep"
     # two jobs, which the 2-CPU node runs at once (submitit looks at them 2, 4, 8, 16, 32 s after submitting);
     # 2 layers, 3 images and 4 heads, so that no two roles can be swapped unseen
-    result = zygote.run([DSL, "run", "debug=tiny", "images.limit=3", *ON_THIS_NODE, "hydra.sweep.dir=sweep",
-                         "--multirun", "layer=0,1"], cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    refused = zygote.run([DSL, "run", "debug=tiny", "images.limit=3", "launcher=slurm", "hydra.sweep.dir=sweep",
+                          "--multirun", "layer=0,1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("dsl: error:")]
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert len(lines) == 1 and "SLURM refused the sweep's jobs (sbatch: error: Invalid generic resource" in lines[0]
+    assert "hydra.launcher.gpus_per_node=0" in lines[0] and "dsl run resume=sweep" in lines[0]
+    assert json.loads((sweep / "manifest.json").read_text())["status"] == "failed" and slurm_ids(sweep) == []
+    result = zygote.run([DSL, "run", "resume=sweep", "hydra.launcher.gpus_per_node=0"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sweep = tmp_path / "sweep"
     slurm_jobs = {json.loads((sweep / str(n) / "manifest.json").read_text())["slurm_job"] for n in range(2)}
     assert len(slurm_jobs) == 2 and None not in slurm_jobs  # two SLURM jobs ran them
     merged = read_rows(sweep / "similarity.csv")
@@ -67,28 +80,6 @@ def test_a_sweep_by_layer_runs_as_slurm_jobs_and_merges_every_row_once(tmp_path:
         own = read_rows(sweep / str(num) / "similarity.csv")
         assert [dict(r, file=f"{num}/{r['file']}") for r in own] == job_rows
     assert json.loads((sweep / "manifest.json").read_text())["status"] == "complete"
-
-
-def test_jobs_the_cluster_refuses_are_one_line_and_a_resume_with_other_settings_submits_them(tmp_path: Path,
-                                                                                                sweeps) -> None:
-    """sbatch refuses a GPU (gres) that this cluster does not have: one line with sbatch's reason and the
-    setting that asked for it, status 2, the sweep's manifest `failed`, no job submitted (was a traceback and
-    status 1). `resume=` with the setting changed launches the same sweep."""
-    sweeps.append(tmp_path / "sweep")
-    refused = zygote.run([DSL, "run", "debug=tiny", "images.limit=1", "decode.enabled=false", "launcher=slurm",
-                          "hydra.sweep.dir=sweep", "--multirun", "layer=1"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    lines = [line for line in refused.stderr.splitlines() if line.startswith("dsl: error:")]
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    assert len(lines) == 1 and "SLURM refused the sweep's jobs (sbatch: error: Invalid generic resource" in lines[0]
-    assert "hydra.launcher.gpus_per_node=0" in lines[0] and "dsl run resume=sweep" in lines[0]
-    assert json.loads((tmp_path / "sweep" / "manifest.json").read_text())["status"] == "failed"
-    assert slurm_ids(tmp_path / "sweep") == []
-    resumed = zygote.run([DSL, "run", "resume=sweep", "hydra.launcher.gpus_per_node=0"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert json.loads((tmp_path / "sweep" / "manifest.json").read_text())["status"] == "complete"
-    assert len(slurm_ids(tmp_path / "sweep")) >= 1
 
 
 def _job_state(job: str) -> str:
