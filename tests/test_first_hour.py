@@ -100,9 +100,14 @@ def test_a_failed_run_keeps_a_folder_that_holds_anything_else(tmp_path: Path, mo
     assert (folder / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_k21", "tiny_unclip"])
+DEBUG_PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "dsl_cli" / "configs" / "debug").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", DEBUG_PRESETS)
 def test_a_tiny_preview_never_shares_a_folder_with_the_real_run(preset: str) -> None:
-    """`debug=* experiment=paper_*` goes below outputs/debug; the real experiment to outputs/paper/<name>."""
+    """`debug=* experiment=paper_*` goes below outputs/debug; the real experiment to outputs/paper/<name>. Every
+    preset (tiny_dinov2 and tiny_timm once wrote among the real runs, in outputs/DATE/TIME)."""
+    assert len(DEBUG_PRESETS) >= 5
     real, preview, plain = (compose_run(overrides) for overrides in (
         ["experiment=paper_top_heads"], [f"debug={preset}", "experiment=paper_top_heads"], [f"debug={preset}"]))
     assert real.hydra.run.dir == "outputs/paper/paper_top_heads"
