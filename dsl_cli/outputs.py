@@ -670,10 +670,20 @@ class RunFolder:
 
     def _check_fresh(self) -> None:
         if self.holds_run():
+            if self._status() == "complete":  # nothing to resume: say how to run it again
+                raise UserError(f"{self.path} already holds a run, complete: to run it again, choose another "
+                                "hydra.run.dir or move that folder away")
             raise UserError(f"{self.path} already holds a run: complete it with `dsl run resume={self.path}` "
                             "or choose another hydra.run.dir")
         if not self.only_claimed() and self.foreign_entries():
             raise self._foreign()
+
+    def _status(self) -> object:
+        """The status its manifest records, where the manifest can be read."""
+        try:
+            return (load_manifest(self.path) or {}).get("status")
+        except UserError:
+            return None
 
     def _foreign(self) -> UserError:
         found = self.foreign_entries()
