@@ -78,9 +78,12 @@ class ImageSet:
             yield item, picture
 
     def skip(self, path: str, err: UserError) -> None:
-        """List an unreadable image and say so, on the terminal and in dsl.log (`skip_bad`)."""
-        self.skipped.append({"path": path, "reason": str(err)})
-        log.warning("skipped (images.skip_bad=true): %s", err)
+        """List an unreadable image and say so, on the terminal and in dsl.log (`skip_bad`), without the advice
+        to set skip_bad that ends the error's line when it stops a run."""
+        reason, sep, advice = str(err).rpartition("; ")
+        reason = reason if sep and "images.skip_bad=true" in advice else str(err)
+        self.skipped.append({"path": path, "reason": reason})
+        log.warning("skipped (images.skip_bad=true): %s", reason)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -395,6 +395,8 @@ def test_skip_bad_goes_on_and_lists_what_it_skipped(tmp_path: Path, monkeypatch,
     manifest = json.loads((tmp_path / "lenient" / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["images"] == ["good"]
     assert [Path(s["path"]).name for s in manifest["skipped"]] == ["notes.jpg"]
+    assert "not a readable image" in manifest["skipped"][0]["reason"]
+    assert "set images.skip_bad=true" not in manifest["skipped"][0]["reason"]  # advice for a run it stops: taken
     # said on the terminal and in dsl.log: one line for the file, and the count at the end
     log = (tmp_path / "lenient" / "dsl.log").read_text()
     for text in (terminal, log):
