@@ -9,6 +9,7 @@ A sweep folder (Hydra's `hydra.sweep.dir`) holds `multirun.yaml` and one ordinar
 - lets a job continue its own run folder when SLURM requeues it or `dsl run resume=SWEEP_DIR` relaunches
   its sweep (`resumption.continues_in_place`, `resume_sweep_args`);
 - keeps one GPU per job under `launcher=local_gpus` (`SweepResults.on_job_start`).
+- turns a cluster's refusal of the jobs (sbatch's error) into one line (`cluster_refusals_reported`).
 
 What a merge writes into the sweep folder (from the job folders' files alone, so merging twice gives the
 same bytes):
