@@ -193,6 +193,16 @@ def test_benchmark_commands_run(line: str) -> None:
     assert result.stdout.strip()
 
 
+def test_every_relative_link_in_the_docs_leads_to_a_file() -> None:
+    """Each link to a file of the repository, from the README and from docs/*.md, resolves from the page that
+    holds it (four guides once linked `docs/benchmarks.md` from inside docs/, which leads nowhere)."""
+    pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
+    broken = [(page.name, target) for page in pages
+              for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
+              if not target.startswith(("http://", "https://", "mailto:")) and not (page.parent / target).exists()]
+    assert len(pages) > 8 and broken == []
+
+
 def test_layout_names_every_module() -> None:
     layout = re.search(r"## Layout\n\n```\n(.*?)```", docs_text(), re.S).group(1)
     root = README.parent
