@@ -394,8 +394,8 @@ def cluster_refusal(err: BaseException) -> str | None:
         return None
     message = printable(" / ".join(line.strip() for line in str(err).splitlines() if line.strip()))
     if any(frame.f_code.co_name == "_submit_command" for frame in frames):  # sbatch said no
-        gpus = (" (each job asks for gpus_per_node=1 GPU unless DSL_SLURM_GPUS=0 or hydra.launcher.gpus_per_node=0)"
-                if "gres" in message.lower() else "")
+        gpus = (" (the jobs ask for GPUs: hydra.launcher.gpus_per_node or DSL_SLURM_GPUS, 1 by default; "
+                "hydra.launcher.gpus_per_node=0 on a partition without GPUs)" if "gres" in message.lower() else "")
         return f"SLURM refused the sweep's jobs ({message}){gpus}"
     if type(err) is RuntimeError and 'detect "srun"' in message:
         return (f"launcher=slurm needs SLURM's commands here ({message}): run it on the cluster's login node, or "
