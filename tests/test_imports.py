@@ -90,6 +90,7 @@ def test_a_run_imports_each_model_library_with_its_model(tmp_path: Path) -> None
     assert "startup" not in second["seconds"] and {"encoder", "lens"} <= set(second["seconds"])
     # a run that decodes imports diffusers with its decoder, and frees the decoder's models too
     unguarded = code.replace(guard, "import sys\n").replace("'open_clip' in sys.modules", "'diffusers' in sys.modules")
+    assert "'diffusers' in sys.modules" in unguarded and "NoModelLibraries" not in unguarded
     decoding = subprocess.run([sys.executable, "-c", unguarded, *args, "decode.top_k=1", "decode.steps=1",
                                "hydra.run.dir=b"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     status, seen, decoder_library, made, kept = json.loads(decoding.stdout.splitlines()[-1])

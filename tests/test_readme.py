@@ -195,7 +195,7 @@ def test_benchmark_commands_run(line: str) -> None:
 
 def test_every_relative_link_in_the_docs_leads_to_a_file() -> None:
     """Each link to a file of the repository, from the README and from docs/*.md, resolves from the page that
-    holds it (four guides once linked `docs/benchmarks.md` from inside docs/, which leads nowhere)."""
+    holds it (guides once linked `docs/benchmarks.md` from inside docs/, which leads nowhere)."""
     pages = [README, *sorted((README.parent / "docs").glob("*.md"))]
     broken = [(page.name, target) for page in pages
               for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text())
