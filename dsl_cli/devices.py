@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -38,9 +39,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+_STARTING: threading.Thread | None = None  # `begin_device`'s thread, joined by `start_device`
+
+
+def begin_device(name: str) -> None:
+    """Start making the CUDA context in a thread, for a job whose `device` may be CUDA (`auto`, `cuda`): the
+    driver's start and the context take a second or more on a large GPU, and the rest of the job's start-up
+    (importing dsl's stages, checking the config, preflight) runs meanwhile. `start_device` waits for it."""
+    global _STARTING
+    if _STARTING is None and name in ("auto", "cuda"):
+        # not a daemon: a process that ends early (a bad config) waits for it rather than exit mid-start
+        _STARTING = threading.Thread(target=_make_context, name="dsl-cuda-start")
+        _STARTING.start()
+
+
+def _make_context() -> None:
+    try:
+        if torch.cuda.is_available():
+            torch.zeros(1, device="cuda")
+    except Exception:  # noqa: BLE001 - `start_device` makes it again on the job's own thread, which reports
+        pass
+
+
 def start_device(device: torch.device) -> None:
     """Make the CUDA context now (a second or so), before the first stage, rather than inside the encoder's
-    load: a run's start-up (manifest `seconds.startup`) then ends at its first GPU work. Nothing on the CPU."""
+    load: a run's start-up (manifest `seconds.startup`) then ends at its first GPU work. Where `begin_device`
+    started it, this waits for that thread; an error it met is raised here. Nothing on the CPU."""
+    if _STARTING is not None:
+        _STARTING.join()
     if device.type == "cuda":
         torch.zeros(1, device=device)
 

@@ -78,13 +78,18 @@ def stop_signals_interrupt():
     return stop_handler((signal.SIGINT, *STOP_SIGNALS), lambda signum, frame: stop(signum))
 
 
-def _load_run() -> Callable[[DictConfig, Path], None]:
+def _load_run(cfg: DictConfig) -> Callable[[DictConfig, Path], None]:
     """`dsl_cli.run.run`, imported only when a job runs: it brings in the model libraries, imported with the
     garbage collector off and then frozen (`dsl_cli.libraries.import_frozen`): a job's process is dsl's, also
-    where a cluster started it without `dsl`'s command line."""
+    where a cluster started it without `dsl`'s command line. Once torch is in, the CUDA context is started in
+    a thread (`devices.begin_device`) while the rest is imported and the config checked; not for a resumed
+    run, whose device is the saved config's."""
     from dsl_cli.libraries import import_frozen, own_the_collector
 
     own_the_collector()
+    import_frozen("torch")
+    if not cfg.resume:
+        import_frozen("dsl_cli.devices").begin_device(cfg.device)
     return import_frozen("dsl_cli.run").run
 
 
@@ -94,7 +99,7 @@ def task(cfg: DictConfig) -> None:
 
     with stop_signals_interrupt():
         raise_if_stopped()  # one that came while Hydra set the run up (dsl_cli.cli defers those to here)
-        run = _load_run()
+        run = _load_run(cfg)
         route_library_logs()  # after importing run: the libraries set up their loggers when imported
         raise_if_stopped()  # a Ctrl-C during those seconds of imports that a library's `except:` swallowed
         hydra_cfg = HydraConfig.get()

@@ -656,27 +656,28 @@ class RunFolder:
             return False
         self.refuse_links()
         _HELD[self._key()] = self._lock()
+        setting = "hydra.sweep.dir" if kind == "sweep" else "hydra.run.dir"  # what the user changes to go elsewhere
         try:
             if not resume:
-                self._check_fresh()
+                self._check_fresh(setting)
                 write_json(self.manifest_json, {"made_by": MADE_BY, **({"kind": kind} if kind != "run" else {}),
                                                 "status": "started"})
             elif not self.is_own():
-                raise self._foreign()
+                raise self._foreign(setting)
         except BaseException:
             self.release()
             raise
         return True
 
-    def _check_fresh(self) -> None:
+    def _check_fresh(self, setting: str) -> None:
         if self.holds_run():
             if self._status() == "complete":  # nothing to resume: say how to run it again
                 raise UserError(f"{self.path} already holds a run, complete: to run it again, choose another "
-                                "hydra.run.dir or move that folder away")
+                                f"{setting} or move that folder away")
             raise UserError(f"{self.path} already holds a run: complete it with `dsl run resume={self.path}` "
-                            "or choose another hydra.run.dir")
+                            f"or choose another {setting}")
         if not self.only_claimed() and self.foreign_entries():
-            raise self._foreign()
+            raise self._foreign(setting)
 
     def _status(self) -> object:
         """The status its manifest records, where the manifest can be read."""
@@ -685,11 +686,11 @@ class RunFolder:
         except UserError:
             return None
 
-    def _foreign(self) -> UserError:
+    def _foreign(self, setting: str) -> UserError:
         found = self.foreign_entries()
         shown = ", ".join(printable(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
         return UserError(f"{self.path} is not a dsl folder (it holds {shown} and no manifest.json of dsl's): dsl "
-                         "writes only into a new or empty folder, or one it made; choose another hydra.run.dir")
+                         f"writes only into a new or empty folder, or one it made; choose another {setting}")
 
     def release(self) -> None:
         """Give the folder up (the lock file is removed if it is still this process's)."""

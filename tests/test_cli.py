@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import zygote
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
@@ -139,6 +140,53 @@ def test_help_piped_into_a_reader_that_leaves_early_is_quiet(tmp_path: Path) -> 
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
 
 
+CPU_JOB = OmegaConf.create({"device": "cpu", "resume": None})
+
+
+@pytest.mark.parametrize("device, resume, begun", [("auto", None, True), ("cuda", None, True), ("cpu", None, False),
+                                                   ("auto", "outputs/x", False)])
+def test_a_job_begins_its_cuda_context_while_dsl_is_imported(monkeypatch, device, resume, begun) -> None:
+    """job._load_run starts the CUDA context in a thread (devices.begin_device) once torch is imported and
+    before dsl_cli.run is, for a job that may run on CUDA and is not a resumed run (whose saved config names
+    its device); devices.start_device waits for that thread before the first stage."""
+    import dsl_cli
+    from dsl_cli import devices, job
+
+    seen: list[tuple[str, bool]] = []
+    release = threading.Event()
+
+    def making() -> None:  # stands for the driver's start: still busy while dsl_cli.run is imported
+        seen.append((threading.current_thread().name, "dsl_cli.run" in sys.modules))
+        release.wait(5)
+
+    monkeypatch.setattr(devices, "_STARTING", None)
+    monkeypatch.setattr(devices, "_make_context", making)
+    monkeypatch.delitem(sys.modules, "dsl_cli.run", raising=False)
+    monkeypatch.delattr(dsl_cli, "run", raising=False)
+    job._load_run(OmegaConf.create({"device": device, "resume": resume}))
+    thread = devices._STARTING
+    assert (thread is not None) == begun
+    if begun:
+        assert thread.is_alive() and seen == [("dsl-cuda-start", False)]
+        release.set()
+        devices.start_device(torch.device("cpu"))
+        assert not thread.is_alive()
+        job._load_run(OmegaConf.create({"device": device, "resume": resume}))
+        assert devices._STARTING is thread  # a local sweep's next job starts none
+
+
+def test_a_failed_cuda_start_in_the_thread_is_left_to_the_run(monkeypatch) -> None:
+    """An error met making the context in the thread is swallowed there: `start_device` makes it again on
+    the job's thread, where the error is reported as any other."""
+    from dsl_cli import devices
+
+    def broken() -> bool:
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(torch.cuda, "is_available", broken)
+    devices._make_context()
+
+
 def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_made(monkeypatch) -> None:
     """job._load_run: the model libraries' objects are made with the garbage collector off, the garbage
     collected once (a full collection), and what is left frozen (no collection walks it again,
@@ -160,10 +208,10 @@ def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_mad
     frozen = gc.get_freeze_count()
     gc.callbacks.append(noted)
     try:
-        first = job._load_run()
+        first = job._load_run(CPU_JOB)
         during, after_first = list(ran), gc.get_freeze_count()
         a_jobs_objects = [[n] for n in range(100)]  # a second job's call must not freeze these
-        second = job._load_run()
+        second = job._load_run(CPU_JOB)
     finally:
         gc.callbacks.remove(noted)
     assert during == [("start", 2), ("stop", 2)] and gc.isenabled(), (during, gc.isenabled())
@@ -172,7 +220,7 @@ def test_a_jobs_first_import_runs_without_the_collector_then_freezes_what_it_mad
     as_in_a_fresh_process()
     gc.disable()
     try:
-        job._load_run()
+        job._load_run(CPU_JOB)
         assert not gc.isenabled()
     finally:
         gc.enable()

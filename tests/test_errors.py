@@ -445,7 +445,7 @@ def test_a_fresh_run_never_writes_into_an_earlier_run(tmp_path: Path, monkeypatc
     assert dsl_in_process(args, tmp_path, monkeypatch, capsys)[0] == 0
     before = (tmp_path / "run" / "similarity.csv").read_bytes()
     code, err = dsl_in_process([*args, "lens=direct"], tmp_path, monkeypatch, capsys)
-    assert_one_clean_line(code, err, "run already holds a run, complete: to run it again, choose another")
+    assert_one_clean_line(code, err, "run already holds a run, complete: to run it again, choose another hydra.run.dir")
     assert "resume" not in err  # nothing to complete
     assert (tmp_path / "run" / "similarity.csv").read_bytes() == before
     assert "direct" not in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()  # config kept

@@ -183,6 +183,16 @@ def test_the_run_makes_its_cuda_context_before_the_first_stage() -> None:
     assert done.stdout.split() == ["False", "False", "True"], done.stderr[-2000:]
 
 
+def test_a_context_begun_in_a_thread_is_the_one_the_run_uses() -> None:
+    """`devices.begin_device`: the context is made in its thread, and `start_device` waits for that thread
+    (CUDA initialised by then, once: its thread is gone), in a fresh process."""
+    code = ("import torch\nfrom dsl_cli import devices\ndevices.begin_device('auto')\n"
+            "devices.start_device(torch.device('cuda'))\n"
+            "print(torch.cuda.is_initialized(), devices._STARTING.is_alive())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["True", "False"], done.stderr[-2000:]
+
+
 def test_free_memory_stays_within_a_per_process_cap(record_property) -> None:
     """With the process capped at a quarter of the card (a shared GPU, or bench_memory.py's --gpu-limit-gb),
     dsl sizes work from the cap, not from what the driver has free."""

@@ -119,6 +119,7 @@ def test_a_refused_second_sweep_leaves_the_finished_sweep_byte_identical(tmp_pat
     code, err = dsl_in_process([*SCORES_ONLY, "-m", "hydra.sweep.dir=sweep", "seed=5,6"], tmp_path, monkeypatch,
                                capsys)
     assert code == 2 and len(error_lines(err)) == 1 and "already holds a run" in err, err
+    assert "choose another hydra.sweep.dir" in err and "hydra.run.dir" not in err  # the setting that moves a sweep
     assert snapshot(tmp_path / "sweep") == before
 
 
