@@ -279,8 +279,9 @@ def _interrupted(err: KeyboardInterrupt) -> int:
     if "dsl_cli.outputs" in sys.modules:
         sys.modules["dsl_cli.outputs"].release_all()
     name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"
-    print(f"\ndsl: interrupted ({name}); every file is whole: run the command again (a run or sweep that had "
-          "started: `dsl run resume=FOLDER`)", file=sys.stderr)
+    advice = getattr(err, "advice", None) or ("run the command again (a run or sweep that had started: "
+                                              "`dsl run resume=FOLDER`)")
+    print(f"\ndsl: interrupted ({name}); every file is whole: {advice}", file=sys.stderr)
     return err.exit_status if isinstance(err, Interrupted) else 130
 
 

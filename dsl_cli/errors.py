@@ -33,6 +33,7 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.advice: str | None = None  # what to do next, where the code it stopped knows better than "run again"
 
     @property
     def exit_status(self) -> int:

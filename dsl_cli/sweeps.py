@@ -37,7 +37,7 @@ from typing import Any, Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dsl_cli.errors import UserError, printable, report
+from dsl_cli.errors import Interrupted, UserError, printable, report
 from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
 from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
                              group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest, type_row, write_json)
@@ -351,10 +351,12 @@ FULL_ERROR = "HYDRA_FULL_ERROR"  # set, Hydra raises what goes wrong instead of 
 
 @dataclass
 class _Launch:
-    """Inside `cluster_refusals_reported`: whether dsl may set HYDRA_FULL_ERROR, and the sweep launched."""
+    """Inside `cluster_refusals_reported`: whether dsl may set HYDRA_FULL_ERROR, the sweep launched, and
+    whether its jobs are SLURM's (they go on when the waiting `dsl run` stops)."""
 
     active: bool = False
     sweep: Path | None = None
+    on_slurm: bool = False
 
 
 _launch = _Launch()
@@ -380,10 +382,16 @@ def cluster_refusals_reported() -> Iterator[None]:
             Manifest(RunFolder(sweep).manifest_json).update(status="failed", error=line)
         raise UserError(f"{line}; nothing was submitted: fix the launcher's settings (docs/cluster.md), then "
                         f"`dsl run resume={sweep or 'SWEEP_DIR'}` with them") from None
+    except Interrupted as err:  # stopping the wait stops no SLURM job: say what runs on, and how to finish
+        if _launch.on_slurm and _launch.sweep is not None:
+            err.advice = (f"the sweep's SLURM jobs go on (`squeue --me` lists them, `scancel` stops them); once "
+                          f"none runs, `dsl run resume={_launch.sweep}` completes and merges the sweep "
+                          f"(`dsl merge {_launch.sweep}` merges what is done so far)")
+        raise
     finally:
         if _launch.active:
             os.environ.pop(FULL_ERROR, None)
-        _launch.active, _launch.sweep = False, None
+        _launch.active, _launch.sweep, _launch.on_slurm = False, None, False
 
 
 def cluster_refusal(err: BaseException) -> str | None:
@@ -423,9 +431,10 @@ class SweepResults(Callback):
             except UserError as err:
                 report(err)
                 sys.exit(2)
+        _launch.sweep = Path(config.hydra.sweep.dir)
+        _launch.on_slurm = str(config.hydra.launcher.get("_target_", "")).endswith(".SlurmLauncher")
         if _launch.active:  # what goes wrong from here on is raised to `cluster_refusals_reported`
             os.environ[FULL_ERROR] = "1"
-            _launch.sweep = Path(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

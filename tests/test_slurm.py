@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -80,6 +81,33 @@ def test_a_sweep_by_layer_refused_by_slurm_then_resumed_runs_as_jobs_and_merges_
         own = read_rows(sweep / str(num) / "similarity.csv")
         assert [dict(r, file=f"{num}/{r['file']}") for r in own] == job_rows
     assert json.loads((sweep / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_stopping_the_wait_for_slurm_jobs_says_they_go_on_and_how_to_finish(tmp_path: Path, sweeps) -> None:
+    """Ctrl-C on a `dsl run` that waits for its SLURM jobs stops the waiting, not the jobs: its one line says
+    so, with the commands that list, stop and finish them (was "run the command again", which would have
+    submitted the sweep a second time beside the jobs still running)."""
+    sweep = tmp_path / "sweep"
+    sweeps.append(sweep)
+    slow = ["debug=tiny", "images.limit=2", "component=all", "layer=1", "decode.steps=10", "decode.batch_size=1"]
+    launcher = zygote.popen([DSL, "run", *slow, *ON_THIS_NODE, "hydra.sweep.dir=sweep", "--multirun"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    try:
+        while not slurm_ids(sweep) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (job,) = slurm_ids(sweep)
+        launcher.send_signal(signal.SIGINT)
+        output, _ = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.communicate()
+    lines = [line for line in output.splitlines() if line.startswith("dsl:")]
+    assert launcher.returncode == 130 and "Traceback" not in output, output[-3000:]
+    assert len(lines) == 1 and "the sweep's SLURM jobs go on (`squeue --me`" in lines[0], lines
+    assert "`dsl run resume=sweep` completes and merges" in lines[0] and "run the command again" not in lines[0]
+    assert _job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")  # the job went on
 
 
 def _job_state(job: str) -> str:
