@@ -366,7 +366,8 @@ _launch = _Launch()
 def cluster_refusals_reported() -> Iterator[None]:
     """Around Hydra's multirun: a cluster that refuses the sweep's jobs (sbatch: a partition, account, QOS or
     GPU request it does not have) or a machine without SLURM's commands is bad input, raised as UserError (one
-    line, status 2) and recorded in the sweep's manifest. Hydra prints anything raised while it launches as a
+    line, status 2) and recorded in the sweep's manifest; so is a job that ended without a result (a sweep
+    with a job not complete ends with status 2), and a stop names the jobs that go on. Hydra prints anything raised while it launches as a
     traceback with status 1, unless HYDRA_FULL_ERROR is set: `SweepResults` sets it for the launch alone (not
     for the config's composition, whose errors Hydra words well). Where the user set it, it stays, and so do
     the tracebacks."""
@@ -374,13 +375,15 @@ def cluster_refusals_reported() -> Iterator[None]:
     try:
         yield
     except Exception as err:
-        line = cluster_refusal(err) if _launch.active else None
-        if line is None:
-            raise
         sweep = _launch.sweep
+        refused, lost = (cluster_refusal(err), lost_job(err, sweep)) if _launch.active else (None, None)
+        if refused is None and lost is None:
+            raise
         if sweep is not None and RunFolder(sweep).is_own():
-            Manifest(RunFolder(sweep).manifest_json).update(status="failed", error=line)
-        raise UserError(f"{line}; nothing was submitted: fix the launcher's settings (docs/cluster.md), then "
+            Manifest(RunFolder(sweep).manifest_json).update(status="failed", error=refused or lost)
+        if lost is not None:
+            raise UserError(lost) from None
+        raise UserError(f"{refused}; nothing was submitted: fix the launcher's settings (docs/cluster.md), then "
                         f"`dsl run resume={sweep or 'SWEEP_DIR'}` with them") from None
     except Interrupted as err:  # stopping the wait stops no SLURM job: say what runs on, and how to finish
         if _launch.on_slurm and _launch.sweep is not None:
@@ -396,7 +399,7 @@ def cluster_refusals_reported() -> Iterator[None]:
 
 def cluster_refusal(err: BaseException) -> str | None:
     """The one line for sbatch refusing the jobs, or for submitit finding no SLURM here; None for anything
-    else (a job that ended without a result, whose error stream Hydra's traceback shows, among them)."""
+    else (a job that ended without a result among them: `lost_job`)."""
     frames = [frame for frame, _ in traceback.walk_tb(err.__traceback__)]
     if not frames or f"{os.sep}submitit{os.sep}" not in frames[-1].f_code.co_filename:
         return None
@@ -409,6 +412,25 @@ def cluster_refusal(err: BaseException) -> str | None:
         return (f"launcher=slurm needs SLURM's commands here ({message}): run it on the cluster's login node, or "
                 "use launcher=local_gpus on this machine")
     return None
+
+
+def lost_job(err: BaseException, sweep: Path | None) -> str | None:
+    """The one line for a job that ended on the cluster without a result (cancelled, killed for its memory or
+    its time, its node lost: submitit's UncompletedJobError, where SLURM keeps accounting); None for anything
+    else. The launcher stops waiting there; the sweep's other jobs go on."""
+    from submitit.core.utils import UncompletedJobError  # the launcher has imported it already
+
+    if not isinstance(err, UncompletedJobError):
+        return None
+    # submitit's wording: "Job 45_0 (task: 0) with path .../45_0_0_result.pkl\nhas not produced any output (state: X)"
+    found = re.search(r"Job (\S+) \(task: (\d+)\) with path (.*)\n.*?\(state: (.*?)\)", str(err))
+    if found is None:
+        return None
+    job, task, result, state = found.groups()
+    log_file = Path(result).with_name(f"{job}_{task}_log.err")
+    return (f"SLURM job {printable(job)} of the sweep ended without a result ({printable(state)}); its error stream "
+            f"is {printable(str(log_file))}. The sweep's other jobs go on (`squeue --me`); once none runs, "
+            f"`dsl run resume={sweep or 'SWEEP_DIR'}` runs the unfinished jobs again and merges the sweep")
 
 
 class SweepResults(Callback):

@@ -267,6 +267,45 @@ def test_only_a_refused_submission_is_called_one() -> None:
     assert cluster_refusal(ours.value) is None
 
 
+def test_a_job_lost_on_the_cluster_ends_the_wait_in_one_line(tmp_path: Path, monkeypatch) -> None:
+    """A SLURM job that ended without a result (here killed for its memory, as `sacct` reports it) makes
+    submitit's own `results()` raise UncompletedJobError while the launcher waits: one line (status 2) names
+    the job, its state, its error stream and the resume that finishes the sweep, which is marked failed (was
+    Hydra's traceback, status 1). A job's failure of another kind keeps its traceback."""
+    import submitit
+    from submitit.core.utils import CommandFunction, FailedJobError
+
+    from dsl_cli import sweeps
+    from dsl_cli.outputs import RunFolder, read_manifest
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    sacct = bin_dir / "sacct"  # a cluster that keeps accounting: the job's state, as sacct prints it
+    sacct.write_text("#!/bin/sh\nprintf 'JobID|State|NodeList\\n45_0|OUT_OF_MEMORY|node7\\n'\n")
+    sacct.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    sweep = tmp_path / "my sweep"
+    folder = RunFolder(sweep)
+    folder.claim(kind="sweep")
+    folder.release()
+    (sweep / ".submitit" / "45_0").mkdir(parents=True)  # as the submission left it, with the job's log
+    (sweep / ".submitit" / "45_0" / "45_0_0_log.err").write_text("slurmstepd: error: Detected 1 oom_kill event\n")
+    job = submitit.SlurmJob(folder=sweep / ".submitit" / "%j", job_id="45_0")
+    job._results_timeout_s = 0  # its result file would never come: no need to wait for it
+    with pytest.raises(UserError) as raised:
+        with sweeps.cluster_refusals_reported():
+            sweeps._launch.sweep = sweep  # as SweepResults.on_multirun_start sets it
+            job.results()
+    line = str(raised.value)
+    assert "SLURM job 45_0 of the sweep ended without a result (OUT_OF_MEMORY)" in line, line
+    assert f"its error stream is {sweep}/.submitit/45_0/45_0_0_log.err" in line
+    assert f"`dsl run resume={sweep}` runs the unfinished jobs again" in line and "\n" not in line
+    assert read_manifest(sweep)["status"] == "failed"
+    with pytest.raises(FailedJobError) as failed:
+        CommandFunction(["false"])()
+    assert sweeps.lost_job(failed.value, sweep) is None
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(tmp_path: Path, monkeypatch, capsys) -> None:
     code, err = dsl_in_process(["run", "debug=tiny", "device=cuda"], tmp_path, monkeypatch, capsys)
