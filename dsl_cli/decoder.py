@@ -481,8 +481,6 @@ class Decoder(Placed, ABC):
         return torch.cuda.max_memory_allocated(self.device) - base
 
 
-
-
 def model_files(folder: str, stem: str = "diffusion_pytorch_model") -> tuple[tuple[str, ...], ...]:
     """The hub files of one diffusers model of a pipeline: its config, and its weights (.safetensors, or .bin)."""
     return (f"{folder}/config.json",), (f"{folder}/{stem}.safetensors", f"{folder}/{stem}.bin")
