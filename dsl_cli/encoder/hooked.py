@@ -31,8 +31,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dsl_cli.components import READS, Component, parse_component
 from dsl_cli.devices import Placed
-from dsl_cli.encoder.families import (BlockParts, Family, _check_supported, family_of,  # noqa: F401 (re-export)
-                                      open_clip_parts)
+from dsl_cli.encoder.families import BlockParts, family_of, open_clip_parts
 
 if TYPE_CHECKING:
     from open_clip.transformer import ResidualAttentionBlock
