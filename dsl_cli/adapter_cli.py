@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dsl_cli.config import path_override, split_options
+from dsl_cli.config import folder_overrides, split_options
 from dsl_cli.errors import UserError
 from dsl_cli.libraries import import_frozen
 
@@ -136,10 +136,7 @@ def preflight_fit(cfg, target_cfg, decodes: bool) -> None:
 
 
 def fit_command(args: list[str]) -> int:
-    options, overrides = parse_options([path_override(arg) for arg in args])
-    paths = [a for a in overrides if a.partition("=")[0] == "images.path"]
-    if paths and not any(a.partition("=")[0] == "images" for a in overrides):
-        overrides = ["images=folder", *overrides]
+    options, overrides = parse_options(folder_overrides(args))
     cfg = compose(overrides)
     import_frozen("dsl_cli.encoder")  # the model libraries, as `dsl run` imports them (dsl_cli.libraries)
     import torch
@@ -156,7 +153,8 @@ def fit_command(args: list[str]) -> int:
     space = embedding_space(target_cfg)
     check_pairing(space, cfg.decoder)  # the target space is one this decoder decodes
     source_ident = encoder_identity(cfg.encoder)
-    out = Path(options.out).expanduser() if options.out else default_out(cfg, options, source_ident)
+    out = claim_out(Path(options.out).expanduser() if options.out else default_out(cfg, options, source_ident),
+                    sharded=cfg.images.num_shards > 1)
     image_set = load_images(cfg.images)
     decodes = bool(options.examples and cfg.decode.enabled and cfg.images.num_shards == 1)
     preflight_fit(cfg, target_cfg, decodes)
@@ -187,6 +185,20 @@ def fit_command(args: list[str]) -> int:
     return 0
 
 
+def claim_out(out: Path, sharded: bool = False, merging: bool = False) -> Path:
+    """Claim the adapter's folder as `dsl run` claims a run's (`RunFolder.claim`; released when the command
+    ends): one writer at a time, no planted link, never a folder of the user's. A fit refuses a folder that
+    holds a finished adapter; a shard's fit and the merge add to a folder of this adapter's shards."""
+    from dsl_cli.outputs import RunFolder, read_manifest
+
+    adds = sharded or merging
+    ours = adds and out.is_dir() and (read_manifest(out) or {}).get("kind") == "adapter"
+    if merging and not ours:
+        raise UserError(f"{out}: not the folder of a sharded `dsl adapter fit` (give its adapter.out)")
+    RunFolder(out).claim(resume=ours, kind="adapter")
+    return out
+
+
 def fit_meta(cfg, options: FitOptions, readout, source, target, target_cfg, space) -> dict:
     """Who the adapter maps from and to: the source encoder (config and shape) and readout, the target
     decoder and its embedding space, the settings every shard must share."""
@@ -214,7 +226,7 @@ def merge_command(args: list[str]) -> int:
 
     from dsl_cli.adapters import Partial, fit
 
-    out = Path(args[0]).expanduser()
+    out = claim_out(Path(args[0]).expanduser(), merging=True)
     files = sorted((out / "shards").glob("shard-*-of-*.safetensors"))
     if not files:
         raise UserError(f"{out}/shards: no partial sums (shard-K-of-N.safetensors from `dsl adapter fit "
@@ -233,7 +245,13 @@ def merge_command(args: list[str]) -> int:
     adapter = fit(merged)
     negative = out / "shards" / "negative.pt"
     if negative.is_file():
-        adapter.negative = torch.load(negative, weights_only=True)
+        try:  # tensors only, never pickled code
+            adapter.negative = torch.load(negative, weights_only=True)
+            if not isinstance(adapter.negative, torch.Tensor):
+                raise TypeError("not a tensor")
+        except Exception as err:  # noqa: BLE001 - anything but the tensor a shard's fit wrote
+            raise UserError(f"{negative}: not the unconditional embedding a shard's fit writes "
+                            f"({type(err).__name__}); fit a shard again to write it") from None
     adapter.meta["name"] = adapter.meta.get("name") or out.name
     adapter.save(out)
     finish(out, adapter)
@@ -241,9 +259,13 @@ def merge_command(args: list[str]) -> int:
 
 
 def finish(out: Path, adapter) -> None:
+    import time
+
     from dsl_cli.adapter_page import write_adapter_page
+    from dsl_cli.outputs import Manifest, RunFolder
 
     page = write_adapter_page(out)
+    Manifest(RunFolder(out).manifest_json).update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     m = adapter.meta.get("metrics") or {}
     if m.get("heldout_images"):
         print(f"{adapter.describe()}; R^2 {m['r2']:.3f}, cosine p5 {m['cosine_p5']:.3f}, top-1 {m['top1']:.2f}, "

@@ -260,8 +260,8 @@ def _read_safetensors(path: Path, key: str, what: str) -> tuple[dict[str, Tensor
         with safe_open(str(path), framework="pt") as f:
             info = json.loads((f.metadata() or {})[key])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not {what} ({type(err).__name__})") from None
+    except Exception as err:  # noqa: BLE001 - whatever the file holds that is not what dsl wrote (SafetensorError...)
+        raise UserError(f"{path}: not {what} ({type(err).__name__}); the file is damaged: write it again") from None
     return tensors, info
 
 

@@ -186,6 +186,8 @@ def _redraw(folder: Path) -> list[str]:
     from dsl_cli.sweeps import redraw_sweeps
 
     drawn = redraw_sweeps(folder) | redraw_folder(folder)  # the pages last: they show the figures
+    if not drawn:  # runs stopped before their first row: their pages were written again, no figure
+        return [f"no figures to draw in {folder}: no run there has rows yet"]
     return [f"redrew {count} figures in {where}" for where, count in drawn.items()]
 
 
@@ -293,7 +295,13 @@ def _dispatch(args: list[str]) -> int:
         print(f"dsl {__version__}")
         return 0
     if args[0] in COMMANDS:
-        return _command(args[0])(args[1:])
+        try:
+            return _command(args[0])(args[1:])
+        except UserError as err:  # a command that let one through (`dsl sae`): one line, status 2
+            return _fail(err)
+        finally:  # the folders a command claimed (`dsl sae train`'s, `dsl adapter fit`'s) are given up
+            if "dsl_cli.outputs" in sys.modules:
+                sys.modules["dsl_cli.outputs"].release_all()
     return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER`, `dsl merge SWEEP_DIR` or "
                  "`dsl report FOLDER` (see dsl --help)")
 

@@ -361,6 +361,14 @@ PATH_KEYS = {"images.path", "encoder.checkpoint", "encoder.text_pretrained", "de
              "hydra.run.dir", "hydra.sweep.dir", "adapter", "adapter.out", "sae.path"}
 
 
+def folder_overrides(args: list[str]) -> list[str]:
+    """The overrides of a command that reads a folder of images (`dsl sae train`, `dsl adapter fit`), paths
+    made plain (`path_override`): `images.path=` alone also picks the folder image set (`images=folder`)."""
+    overrides = [path_override(arg) for arg in args]
+    keys = {arg.partition("=")[0] for arg in overrides}
+    return ["images=folder", *overrides] if "images.path" in keys and "images" not in keys else overrides
+
+
 def path_override(arg: str) -> str:
     """`images.path=~/my photos` -> `images.path='/home/me/my photos'`; other arguments as they are (every
     command that takes overrides: dsl run, dsl check, dsl adapter)."""

@@ -45,10 +45,13 @@ _stops: list[int] = []  # the stop signals this process's command has received
 
 
 def stop(signum: int) -> None:
-    """What a stop signal's handler does: note the signal, then raise `Interrupted`. A library may swallow the
-    exception (a bare `except:` around an optional import, while dsl's imports run in the first seconds);
-    `raise_if_stopped` raises it again where dsl's own code goes on."""
+    """What a stop signal's handler does: note the signal, then raise `Interrupted`, unless a stop is being
+    handled (its except- or finally-blocks run). A library may swallow the exception (a bare `except:` around
+    an optional import, while dsl's imports run in the first seconds); `raise_if_stopped` raises it again
+    where dsl's own code goes on, and a later signal raises anew."""
     _stops.append(signum)
+    if isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a stop already being handled: its clean-up is not
+        return  # broken by a second exception (a second Ctrl-C, a scheduler's SIGTERM after it)
     raise Interrupted(signum)
 
 

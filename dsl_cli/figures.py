@@ -33,8 +33,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, PATCHES, PNG_LEVEL, SEEDS, SIMILARITY, RunFolder,
-                             atomic_write_bytes, group_rows, open_picture, read_manifest, save_png, usable_cores)
+from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, PATCHES, PNG_LEVEL, PNG_SOFTWARE, SEEDS, SIMILARITY,
+                             RunFolder, atomic_write_bytes, group_rows, open_picture, read_manifest, run_rows,
+                             save_png, usable_cores)
 
 TOP_TILES = 16  # tiles in the per-image top grid
 SEED_GRID_ROWS = 8  # components in a seeds grid
@@ -67,11 +68,12 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
-    """A matplotlib figure as PNG, written atomically and without a timestamp (reruns give equal files).
-    zlib's fastest level: a fifth of a run's figure time went into zlib's default level, for files 14 % smaller
-    (the pixels are the same)."""
+    """A matplotlib figure as PNG, written atomically and without a timestamp (reruns give equal files), its
+    Software text dsl's (`outputs.is_dsl_png`). zlib's fastest level: a fifth of a run's figure time went into
+    zlib's default level, for files 14 % smaller (the pixels are the same)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={"Software": None}, pil_kwargs={"compress_level": PNG_LEVEL})
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={"Software": PNG_SOFTWARE},
+                pil_kwargs={"compress_level": PNG_LEVEL})
     pyplot().close(fig)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -587,7 +589,7 @@ def redraw(run_dir: Path, workers: int | None = None, early: "EarlyFigures | Non
     folder = RunFolder(run_dir)
     if not folder.csv(SIMILARITY).is_file():
         raise UserError(f"{run_dir}: no similarity.csv here; give the folder of a dsl run")
-    rows = folder.read(SIMILARITY)
+    rows = run_rows(run_dir)
     if not rows:
         raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
     started = set(early.futures) if early is not None else set()

@@ -120,7 +120,8 @@ def task(cfg: DictConfig) -> None:
             failed_early = num is None and isinstance(err, UserError) and holds_no_result(folder)  # a bug's log stays
             if hydra_cfg.verbose and not isinstance(err, KeyboardInterrupt):
                 raise
-            _report(err, folder.path, num, kept=not failed_early)
+            _report(err, folder.path, num, kept=not failed_early,
+                    sweep_dir=Path(hydra_cfg.sweep.dir) if sweep else None)
         finally:
             folder.release()
             if failed_early:
@@ -194,10 +195,15 @@ def _reason(err: BaseException) -> str:
     return f"internal error: {type(err).__name__}: {err}"
 
 
-def _report(err: BaseException, folder: Path, num: int | None, kept: bool = True) -> None:
+def _report(err: BaseException, folder: Path, num: int | None, kept: bool = True,
+            sweep_dir: Path | None = None) -> None:
     """One line for the user; the exit status (at once, or at the end of a sweep: `num` is the sweep job's).
-    `kept`: False when the run failed before its first result and its folder is removed."""
-    resume = f"`dsl run resume={folder}` completes the run" if kept else "run the same command again"
+    `kept`: False when the run failed before its first result and its folder is removed. A sweep's job names
+    the sweep's resume (`sweep_dir`), which runs its unfinished jobs and merges it."""
+    if sweep_dir is not None:
+        resume = f"`dsl run resume={sweep_dir}` completes the sweep"
+    else:
+        resume = f"`dsl run resume={folder}` completes the run" if kept else "run the same command again"
     if isinstance(err, KeyboardInterrupt):
         print("\n" + printable(f"dsl: interrupted ({_signal_name(err)}); finished pictures are kept: {resume}"),
               file=sys.stderr)

@@ -32,6 +32,7 @@ import re
 import secrets
 import socket
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence, TypedDict, get_args, get_type_hints
 
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from dsl_cli.errors import UserError, printable, raise_if_stopped
 
@@ -250,10 +252,24 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 PNG_LEVEL = 1
 
 
+PNG_SOFTWARE = "dsl"  # the Software text of every PNG dsl writes: what a later merge may replace is dsl's
+
+
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=PNG_LEVEL)
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
+    image.save(buffer, format="PNG", compress_level=PNG_LEVEL, pnginfo=info)
     return buffer.getvalue()
+
+
+def is_dsl_png(path: Path) -> bool:
+    """Whether `path` is a PNG that dsl wrote (its Software text), not a file of the user's by that name."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PNG_SOFTWARE
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def save_png(path: Path, image: Image.Image) -> None:
@@ -497,6 +513,8 @@ class RunFolder:
 
     LOCK = ".dsl.lock"
     RESERVE = 128 * 1024
+    # the setting that names a folder of each kind (`claim`'s refusals say which to change)
+    OUT_SETTINGS = {"sweep": "hydra.sweep.dir", "sae": "train.out", "adapter": "adapter.out"}
     MARKERS = ("manifest.json", ".hydra/config.yaml", "multirun.yaml", "similarity.csv")
     FIGURES = ("grids", "heatmaps", "plots", "looks")  # the folders of the figures, `figure()`
 
@@ -655,8 +673,9 @@ class RunFolder:
         if self.owner is not None:
             return False
         self.refuse_links()
-        _HELD[self._key()] = self._lock()
-        setting = "hydra.sweep.dir" if kind == "sweep" else "hydra.run.dir"  # what the user changes to go elsewhere
+        # what the user changes to go elsewhere; none for a folder given (resume=, plot, report, merge)
+        setting = None if resume else self.OUT_SETTINGS.get(kind, "hydra.run.dir")
+        _HELD[self._key()] = self._lock(setting)
         try:
             if not resume:
                 self._check_fresh(setting)
@@ -686,11 +705,12 @@ class RunFolder:
         except UserError:
             return None
 
-    def _foreign(self, setting: str) -> UserError:
+    def _foreign(self, setting: str | None) -> UserError:
         found = self.foreign_entries()
         shown = ", ".join(printable(n) for n in found[:3]) + (", ..." if len(found) > 3 else "")
+        advice = f"choose another {setting}" if setting else "give a folder that dsl made"
         return UserError(f"{self.path} is not a dsl folder (it holds {shown} and no manifest.json of dsl's): dsl "
-                         f"writes only into a new or empty folder, or one it made; choose another {setting}")
+                         f"writes only into a new or empty folder, or one it made; {advice}")
 
     def release(self) -> None:
         """Give the folder up (the lock file is removed if it is still this process's)."""
@@ -716,7 +736,7 @@ class RunFolder:
     def _key(self) -> Path:
         return self.path.resolve()
 
-    def _lock(self) -> LockOwner:
+    def _lock(self, setting: str | None) -> LockOwner:
         me = LockOwner.me()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -729,12 +749,13 @@ class RunFolder:
                 if owner is not None and owner.is_stale():
                     self._take_over(owner)
                 elif owner is not None or self.lock_path.exists():
-                    raise self._busy(owner)
+                    raise self._busy(owner, setting)
             else:
-                raise self._busy(None)
+                raise self._busy(None, setting)
         except OSError as err:
-            raise UserError(f"cannot write the output folder {self.path} ({err.strerror or err}); "
-                            "choose another with hydra.run.dir=...") from err
+            advice = (f"choose another with {setting}=..." if setting
+                      else "make sure it can be written (free space, permissions)")
+            raise UserError(f"cannot write the output folder {self.path} ({err.strerror or err}); {advice}") from err
         return me
 
     def _take_over(self, stale: LockOwner) -> None:
@@ -752,13 +773,14 @@ class RunFolder:
         finally:
             breaker.unlink(missing_ok=True)
 
-    def _busy(self, owner: LockOwner | None) -> UserError:
+    def _busy(self, owner: LockOwner | None, setting: str | None) -> UserError:
         if owner is None:
             holder = "another process (its lock file is unreadable)"
         else:
             holder = f"dsl process {owner.pid} on {printable(owner.host)}"
-        return UserError(f"{self.path} is being written by {holder}; wait for it to end or choose another "
-                         f"hydra.run.dir (if no dsl run is using the folder, remove {self.lock_path})")
+        elsewhere = f" or choose another {setting}" if setting else ""
+        return UserError(f"{self.path} is being written by {holder}; wait for it to end{elsewhere} (if no dsl "
+                         f"process is using the folder, remove {self.lock_path})")
 
     @staticmethod
     def _create(path: Path, owner: LockOwner, reserve: int) -> bool:
@@ -918,6 +940,36 @@ def read_csv(path: Path, table: Table = SIMILARITY) -> list[dict]:
         type_row(row, table, f"{path} row {number}:")
         _check_row(row, f"{path} row {number}:")
     return rows
+
+
+def run_rows(run_dir: Path, resume: Path | None = None) -> list[dict]:
+    """A run's similarity.csv rows, for what reads a run's files (plot, report, a sweep's merge): a run that
+    completed holds the rows its manifest counted, each (image, component) once, and a file cut short,
+    deleted or with a row repeated is refused rather than drawn or merged as whole. `resume`: the folder
+    whose `dsl run resume=` writes it again (the run's own, or a job's sweep)."""
+    folder = RunFolder(run_dir)
+    rows = folder.read(SIMILARITY)
+    problem = rows_problem(run_dir, rows)
+    if problem is not None:
+        raise UserError(f"{folder.csv(SIMILARITY)}: {problem}; the file was cut short or edited: "
+                        f"`dsl run resume={resume or run_dir}` writes it again")
+    return rows
+
+
+def rows_problem(run_dir: Path, rows: list[dict]) -> str | None:
+    """What is wrong with the rows of a run whose manifest says complete; None where nothing is (or the run
+    is not complete, or its manifest counts no rows: a study)."""
+    manifest = read_manifest(run_dir) or {}
+    expected = manifest.get("rows")
+    if manifest.get("status") != "complete" or not isinstance(expected, int):
+        return None
+    keys = Counter((row["image"], row["component"]) for row in rows)
+    repeated = [key for key, count in keys.items() if count > 1]
+    if repeated:
+        return f"{' '.join(map(printable, repeated[0]))} has {keys[repeated[0]]} rows"
+    if len(rows) != expected:
+        return f"{len(rows)} rows where the complete run wrote {expected}"
+    return None
 
 
 def type_row(row: dict, table: Table, where: str) -> dict:

@@ -27,7 +27,8 @@ from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_l
                              kind_blocks, layer_label, redraw)
 from dsl_cli.html_parts import esc, img, link, linked_img, rel
 from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, SIMILARITY, RunFolder, atomic_write_bytes,
-                             claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest)
+                             claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest,
+                             run_rows)
 from dsl_cli.sae_report import features_section  # SAE features: top images beside their pictures
 from dsl_cli.study_registry import find_study, redraw_study
 
@@ -345,7 +346,7 @@ def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) ->
 def run_page(folder: Path) -> str:
     """The page of a run folder (similarity.csv, labels.csv, manifest.json and the pictures and figures)."""
     manifest = read_manifest(folder) or {}
-    rows = RunFolder(folder).read(SIMILARITY)
+    rows = run_rows(folder)
     images = group_rows(rows, ("image",))
     contents = " · ".join(f'<a href="#{esc(quote(image))}">{esc(image)}</a>' for (image,) in images)
     body = [header(folder, manifest, "run"), f"<p>images: {contents} · <a href='#components'>all components</a>"
@@ -511,11 +512,13 @@ def folder_kind(folder: Path) -> str | None:
     another program's, or it has none and holds files of others: `RunFolder.is_own`)."""
     if not RunFolder(folder).is_own():
         return None
+    manifest = read_manifest(folder)
+    if (manifest or {}).get("kind") in ("sae", "adapter"):  # `dsl sae train`'s, `dsl adapter fit`'s: no run
+        return None
     if is_sweep_folder(folder):
         return "sweep"
     if RunFolder(folder).csv(SIMILARITY).is_file():
         return "run"
-    manifest = read_manifest(folder)
     if RunFolder(folder).holds_study() or (manifest or {}).get("config", {}).get("study", {}).get("name"):
         return "study"
     return "run" if manifest is not None else None
@@ -607,7 +610,7 @@ def redraw_folder(root: Path) -> dict[Path, int]:
     drawn = {}
     for kind, folder in report_folders(root):
         with claimed(folder):
-            if kind == "run" and RunFolder(folder).csv(SIMILARITY).is_file():
+            if kind == "run" and (RunFolder(folder).csv(SIMILARITY).is_file() or run_rows(folder)):
                 drawn[folder] = len(redraw(folder))
             elif kind == "study" and RunFolder(folder).holds_study():
                 drawn[folder] = len(redraw_study(folder))

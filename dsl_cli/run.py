@@ -35,14 +35,14 @@ from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing,
                              load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_device
 from dsl_cli.encoder import embedding_space, load_encoder, model_shape
-from dsl_cli.errors import UserError
+from dsl_cli.errors import UserError, printable
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, describe, get_lens, n_labels, prepare_text,
                             rank, score, where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw
 from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture,
-                             is_sweep_folder, read_manifest, save_png, writing_pngs)
+                             is_sweep_folder, read_manifest, rows_problem, save_png, writing_pngs)
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
@@ -119,6 +119,34 @@ def saved_config(run_dir: Path) -> DictConfig:
     except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a config this run can be resumed from ({reason})") from err
+
+
+def check_settings_kept(cfg: DictConfig, run_dir: Path) -> None:
+    """A run continued (resume=, a requeue, a resumed sweep's job) runs with the settings of the attempt
+    that started it, as its manifest recorded them: one that differs (an edited `.hydra/config.yaml` or
+    sweep) would mix rows of two settings in one table, so it is refused. Settings the manifest lacks (added
+    to dsl since) and `resume` itself are not compared."""
+    earlier = (read_manifest(run_dir) or {}).get("config")
+    if not isinstance(earlier, dict):
+        return  # a fresh run, or one stopped before its first attempt recorded its config
+    try:
+        now = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise UserError(f"{run_dir}: its config cannot be resolved ({str(err).splitlines()[0]})") from None
+    for key, then, value in _changed(earlier, now):
+        if key != "resume":
+            raise UserError(f"{run_dir}: {key} is {printable(repr(value))} now, but the run started with "
+                            f"{printable(repr(then))} (was {RunFolder(run_dir).config_yaml} edited?): a continued "
+                            "run keeps its settings; put that one back, or start a new run with the new value")
+
+
+def _changed(then: dict, now: dict, prefix: str = "") -> Iterator[tuple[str, object, object]]:
+    """(dotted key, earlier value, value now) of every setting both configs hold and give different values."""
+    for key in sorted(then.keys() & now.keys()):
+        if isinstance(then[key], dict) and isinstance(now[key], dict):
+            yield from _changed(then[key], now[key], f"{prefix}{key}.")
+        elif then[key] != now[key]:
+            yield f"{prefix}{key}", then[key], now[key]
 
 
 def _git_commit() -> str | None:
@@ -424,7 +452,10 @@ def start_csv(cfg, folder: RunFolder, scored: list[Scored], previous: list[dict]
     rows of the components that are not decoded (`decode.top_k`, `decode.enabled=false`)."""
     done = {(r["image"], r["component"]) for r in previous if not r["file"] or is_picture(folder.file(r["file"]))}
     done -= batches_to_redo(cfg, scored, done)
-    csv_log.rewrite([r for r in previous if (r["image"], r["component"]) in done])
+    kept = {}  # a row repeated by an edit is kept once
+    for row in previous:
+        kept.setdefault((row["image"], row["component"]), row)
+    csv_log.rewrite([row for key, row in kept.items() if key in done])
     plan = [(i, k) for i, k in plan_decoding(cfg, scored) if (scored[i].name, scored[i].rows[k]["component"]) not in done]
     planned = set(plan)
     csv_log.append(row for i, result in enumerate(scored) for k, row in enumerate(result.rows)
@@ -490,6 +521,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
             cfg = saved_config(run_dir)
         elif _complete_already(run_dir):  # a requeued job or a job of a resumed sweep that finished before
             return
+        check_settings_kept(cfg, run_dir)
         validate(cfg)
         preflight(cfg)
         folder.remove_temporaries()
@@ -503,8 +535,11 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 
 
 def _complete_already(run_dir: Path) -> bool:
-    """A job continuing its own folder that finished before: nothing left to do."""
+    """A job continuing its own folder that finished before, its rows whole: nothing left to do (rows cut
+    short or repeated since are written again)."""
     if (read_manifest(run_dir) or {}).get("status") != "complete":
+        return False
+    if rows_problem(run_dir, RunFolder(run_dir).read(SIMILARITY)) is not None:
         return False
     log.info("%s: this job completed before; nothing to do", run_dir)
     return True

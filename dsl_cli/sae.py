@@ -261,6 +261,8 @@ def _load_saelens(folder: Path) -> Sae:
     from safetensors.torch import load_file
 
     cfg = json.loads((folder / CFG_FILE).read_text())
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{CFG_FILE} holds a JSON {type(cfg).__name__}, not an object")
     return sae_from(load_file(str(folder / WEIGHTS_FILE)), cfg, str(folder))
 
 

@@ -92,12 +92,9 @@ def main(args: list[str]) -> int:
         return 0
     if args[0] != "train":
         raise UserError(f"dsl sae {args[0]}: unknown; use `dsl sae train [OVERRIDES...]` (dsl sae --help)")
-    from dsl_cli.config import path_override
+    from dsl_cli.config import folder_overrides
 
-    options, overrides = parse_options([path_override(a) for a in args[1:]])
-    if any(a.partition("=")[0] == "images.path" for a in overrides) and not any(
-            a.partition("=")[0] == "images" for a in overrides):
-        overrides = ["images=folder", *overrides]
+    options, overrides = parse_options(folder_overrides(args[1:]))
     cfg = _compose(overrides)
     out = train(cfg, options)
     print(f"SAE written to {out} (dsl run ... sae.path={out})")
@@ -196,7 +193,17 @@ class Trainer:
         """Continue from the checkpoint in the output folder, if there is one of this training."""
         if not self.checkpoint.is_file():
             return
-        saved = self.torch.load(self.checkpoint, map_location=self.s.encoder.device, weights_only=False)
+        import pickle
+
+        try:  # tensors and plain values only: a planted file's pickled code never runs
+            saved = self.torch.load(self.checkpoint, map_location=self.s.encoder.device, weights_only=True)
+            if not isinstance(saved, dict) or not {"identity", "params", "optimizer", "step"} <= saved.keys():
+                raise ValueError("not the training's state")
+        except Exception as err:  # noqa: BLE001 - whatever the file holds that is not the training's state
+            reason = ("it holds objects other than tensors and plain values" if isinstance(err, pickle.UnpicklingError)
+                      else str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+            raise UserError(f"{self.checkpoint}: not a checkpoint of `dsl sae train` ({reason[:200]}); delete it "
+                            "to train from the start") from None
         if saved["identity"] != self.s.identity():
             raise UserError(f"{self.checkpoint}: a checkpoint of another training (other settings or images); "
                             "give another train.out, or delete it")
@@ -277,7 +284,9 @@ class Trainer:
                 if (step + 1) % self.s.options.checkpoint_every == 0 or "signal" in stop:
                     self.save(step + 1)
                 if "signal" in stop:
-                    raise Interrupted(stop["signal"])
+                    stopped = Interrupted(stop["signal"])
+                    stopped.advice = f"its checkpoint is in {self.s.out}: the same command continues the training"
+                    raise stopped
 
     def finish(self) -> Path:
         """The SAE (SAELens layout) and training.json, with the explained variance and dead features over
@@ -306,11 +315,26 @@ class Trainer:
 
 
 def train(cfg, options: TrainOptions) -> Path:
-    """Train (or continue training from the output folder's checkpoint) and write the SAE; its folder."""
-    trainer = Trainer(setup(cfg, options))
-    trainer.load()
-    trainer.run()
-    return trainer.finish()
+    """Train (or continue training from the output folder's checkpoint) and write the SAE; its folder,
+    claimed as `dsl run` claims a run's (`RunFolder.claim`): one writer at a time, no planted link, never a
+    folder of the user's or one that holds a finished SAE; a checkpoint there is continued."""
+    import os
+    import time
+
+    from dsl_cli.outputs import Manifest, RunFolder
+
+    s = setup(cfg, options)
+    folder = RunFolder(s.out)
+    folder.claim(resume=os.path.lexists(s.out / CHECKPOINT), kind="sae")
+    try:
+        trainer = Trainer(s)
+        trainer.load()
+        trainer.run()
+        out = trainer.finish()
+        Manifest(folder.manifest_json).update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        return out
+    finally:
+        folder.release()
 
 
 def _stream(cfg, items):

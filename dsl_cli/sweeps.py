@@ -40,7 +40,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from dsl_cli.errors import Interrupted, UserError, printable, report
 from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
 from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
-                             group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest, type_row, write_json)
+                             group_rows, is_dsl_png, is_sweep_folder, read_bytes_nofollow, read_manifest, run_rows,
+                             type_row, write_json)
 from dsl_cli.report import write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
@@ -58,6 +59,8 @@ def resume_overrides(args: list[str]) -> list[str]:
     sweep's jobs into their folders. (How the job then continues its folder: `resumes`, `run.run`.)"""
     for arg in args:
         if arg.startswith("resume="):
+            if not arg.split("=", 1)[1].strip():
+                raise UserError("resume= needs the folder of the run or sweep to complete: resume=FOLDER")
             folder = Path(arg.split("=", 1)[1]).expanduser()
             others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
             if others:
@@ -210,7 +213,7 @@ def _read_job(job: Job, sweep_dir: Path, folder: Path) -> None:
     manifest = read_manifest(folder) or {}
     job.status, job.error = manifest.get("status", "started"), manifest.get("error")
     if job.status == "complete":
-        job.rows = RunFolder(folder).read(SIMILARITY)
+        job.rows = run_rows(folder, resume=sweep_dir)
 
 
 # ---------------------------------------------------------------- merge
@@ -295,7 +298,8 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
     varying = [k for k in keys if len({row[k] for row in rows}) > 1]
     listed = (read_manifest(sweep_dir) or {}).get("figures")
     for stale in listed if isinstance(listed, list) else []:  # an earlier merge's, as its manifest lists them
-        (sweep_dir / stale).unlink(missing_ok=True)
+        if is_dsl_png(sweep_dir / stale):  # never a user's file that an edited manifest names
+            (sweep_dir / stale).unlink()
     figures, limits = [], shared_limits(rows)  # one colour scale over every job: colours compare across them
     for values, group in group_rows(rows, tuple(varying)).items():
         tag = "_".join(f"{_safe(k[len(OVERRIDE):])}={_safe(v)}" for k, v in zip(varying, values))
@@ -386,15 +390,26 @@ def cluster_refusals_reported() -> Iterator[None]:
         raise UserError(f"{refused}; nothing was submitted: fix the launcher's settings (docs/cluster.md), then "
                         f"`dsl run resume={sweep or 'SWEEP_DIR'}` with them") from None
     except Interrupted as err:  # stopping the wait stops no SLURM job: say what runs on, and how to finish
+        _mark_interrupted(_launch.sweep)
         if _launch.on_slurm and _launch.sweep is not None:
             err.advice = (f"the sweep's SLURM jobs go on (`squeue --me` lists them, `scancel` stops them); once "
                           f"none runs, `dsl run resume={_launch.sweep}` completes and merges the sweep "
                           f"(`dsl merge {_launch.sweep}` merges what is done so far)")
         raise
+    except SystemExit as exit_:  # a job of a sweep run in this process (launcher=local) was stopped
+        if isinstance(exit_.code, int) and exit_.code > 128:
+            _mark_interrupted(_launch.sweep)
+        raise
     finally:
         if _launch.active:
             os.environ.pop(FULL_ERROR, None)
         _launch.active, _launch.sweep, _launch.on_slurm = False, None, False
+
+
+def _mark_interrupted(sweep: Path | None) -> None:
+    """A sweep stopped before its merge: its manifest says so (the next merge writes its status again)."""
+    if sweep is not None and RunFolder(sweep).is_own() and (read_manifest(sweep) or {}).get("status") != "complete":
+        Manifest(RunFolder(sweep).manifest_json).update(status="interrupted")
 
 
 def cluster_refusal(err: BaseException) -> str | None:

@@ -256,6 +256,44 @@ def test_merge_refuses_a_missing_shard(photos, tmp_path, monkeypatch, capsys):
     assert code == 2 and "shard(s) 0 of 2 not there yet" in err and len(err.strip().splitlines()) == 1
 
 
+def test_fit_and_merge_write_only_their_own_folder_and_refuse_damage_in_one_line(photos, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """`dsl adapter fit` claims its folder as `dsl run` claims a run's: a folder of the user's, a planted link
+    and a finished adapter are refused in one line (status 2) with nothing of the user's changed; `merge`
+    refuses a folder that is not a sharded fit's and a damaged shard file; a run refuses a damaged adapter."""
+    from helpers import dsl_in_process
+
+    fit = ["adapter", "fit", "debug=tiny", f"images.path={photos}", "adapter.examples=0"]
+
+    def refused(args: list[str]) -> str:
+        code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+        lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        return lines[0]
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "index.html").write_text("precious")
+    assert "not a dsl folder" in refused([*fit, f"adapter.out={tmp_path / 'mine'}"])
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "index.html").symlink_to(tmp_path / "mine" / "index.html")
+    assert "symbolic link" in refused([*fit, f"adapter.out={tmp_path / 'linked'}"])
+    assert (tmp_path / "mine" / "index.html").read_text() == "precious"
+    assert dsl_in_process([*fit, f"adapter.out={tmp_path / 'one'}"], tmp_path, monkeypatch, capsys)[0] == 0
+    weights = (tmp_path / "one" / "adapter.safetensors").read_bytes()
+    assert "choose another adapter.out" in refused([*fit, f"adapter.out={tmp_path / 'one'}", "adapter.augment=2"])
+    assert (tmp_path / "one" / "adapter.safetensors").read_bytes() == weights
+    assert "not the folder of a sharded" in refused(["adapter", "merge", str(tmp_path / "nowhere")])
+    (tmp_path / "one" / "adapter.safetensors").write_bytes(weights[:100])
+    assert "adapter.safetensors: not an adapter" in refused(["run", "debug=tiny", f"adapter={tmp_path / 'one'}",
+                                                            "decode.enabled=false", "hydra.run.dir=run"])
+    for k in range(2):
+        code, err = dsl_in_process([*fit, f"adapter.out={tmp_path / 'sharded'}", "images.num_shards=2",
+                                    f"images.shard={k}"], tmp_path, monkeypatch, capsys)
+        assert code == 0, err
+    (tmp_path / "sharded" / "shards" / "negative.pt").write_bytes(b"junk" * 10)
+    assert "negative.pt: not the unconditional embedding" in refused(["adapter", "merge", str(tmp_path / "sharded")])
+
+
 def test_adapter_help_imports_no_torch():
     import subprocess
     import sys

@@ -18,7 +18,7 @@ from dsl_cli import cli
 from dsl_cli.errors import UserError
 from dsl_cli.images import read_image
 from dsl_cli.devices import resolve_device
-from dsl_cli.outputs import TEMP_SUFFIX
+from dsl_cli.outputs import TEMP_SUFFIX, RunFolder
 from helpers import dsl_in_process
 
 
@@ -324,7 +324,12 @@ def test_unwritable_output_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     blocker.write_text("")
     code, err = dsl_in_process(["run", "debug=tiny", f"hydra.run.dir={blocker}/run"], tmp_path, monkeypatch, capsys)
     assert_one_clean_line(code, err, "cannot write the output folder")
+    assert "choose another with hydra.run.dir=" in err
     assert not (tmp_path / "outputs").exists()
+    with pytest.raises(UserError) as given:  # resume=, plot, report, merge: no setting moves the folder given
+        RunFolder(blocker / "run").claim(resume=True)
+    assert "make sure it can be written (free space, permissions)" in str(given.value)
+    assert "hydra." not in str(given.value)
 
 
 @pytest.mark.parametrize(("overrides", "repo"), [
@@ -452,6 +457,13 @@ def test_read_image_names_the_file(tmp_path: Path) -> None:
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path: Path, monkeypatch, capsys) -> None:
     code, err = dsl_in_process(["run", f"resume={tmp_path}"], tmp_path, monkeypatch, capsys)
     assert_one_clean_line(code, err, "not a dsl run folder")
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_resume_without_a_folder_is_refused_not_taken_as_here(value: str, tmp_path: Path, monkeypatch,
+                                                              capsys) -> None:
+    code, err = dsl_in_process(["run", f"resume={value}"], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, "resume= needs the folder of the run or sweep to complete")
 
 
 def test_resume_refuses_new_overrides(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -223,6 +223,25 @@ def test_stop_signals_raise_an_interruption_with_the_shells_status(signum: int, 
     assert signal.getsignal(signum) == before
 
 
+def test_a_second_stop_while_the_first_is_handled_is_noted_not_raised() -> None:
+    """A second signal (Ctrl-C twice, a scheduler's SIGTERM after a Ctrl-C) that lands while the first stop's
+    clean-up runs is noted, not raised into it (was a traceback from a progress bar's clean-up); once the
+    first is handled, or where it was swallowed, the next one raises anew."""
+    from dsl_cli.errors import Interrupted, _stops, clear_stops, stop
+
+    clear_stops()
+    try:
+        try:
+            stop(signal.SIGINT)
+        except Interrupted:
+            stop(signal.SIGTERM)  # during the handling: noted only
+        with pytest.raises(Interrupted) as again:
+            stop(signal.SIGTERM)
+        assert again.value.signum == signal.SIGTERM and _stops == [signal.SIGINT, signal.SIGTERM, signal.SIGTERM]
+    finally:
+        clear_stops()
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 4 MB tmpfs (mounting needs root; skipped elsewhere)."""

@@ -147,6 +147,11 @@ def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(tmp_path: Path, caplo
     folder.lock_path.write_text(live.line + "\n")
     with pytest.raises(UserError, match=f"being written by dsl process {os.getppid()}.*remove .*dsl.lock"):
         folder.claim()
+    with pytest.raises(UserError, match="wait for it to end or choose another hydra.sweep.dir"):
+        folder.claim(kind="sweep")
+    with pytest.raises(UserError) as given:  # resume=, plot, report, merge: the folder is the one given
+        folder.claim(resume=True)
+    assert "wait for it to end (if no dsl" in str(given.value) and "hydra." not in str(given.value)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     folder.lock_path.write_text(f"{int(dead.stdout)} {socket.gethostname()} 0badcafe\n")
     try:

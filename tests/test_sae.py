@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -385,6 +386,52 @@ def test_sae_train_explains_the_residuals_and_resumes_after_sigterm_to_the_same_
     whole, resumed = (load_file(str(tmp_path / name / "sae_weights.safetensors")) for name in ("whole", "stopped"))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(whole[name], resumed[name]), name
+
+
+class _Planted:
+    """A pickle that, loaded with `weights_only=False`, would write a file: what a planted checkpoint may do."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.target), "ran"))
+
+
+def test_sae_train_writes_only_its_own_folder_and_refuses_the_rest_in_one_line(tmp_path, monkeypatch, capsys):
+    """`dsl sae train` claims its folder as `dsl run` claims a run's: a misspelt setting, a folder of the
+    user's, a planted link, a finished SAE and a checkpoint that is not its own (here one whose pickle would
+    run code) are each one `dsl: error:` line with status 2, and nothing of the user's changes."""
+    from helpers import dsl_in_process
+
+    planted_images(tmp_path / "pics", n=4, planted=(1,))
+    args = ["sae", "train", "debug=tiny", "layer=1", f"images.path={tmp_path / 'pics'}", "train.d_sae=32",
+            "train.k=4", "train.epochs=1"]
+
+    def refused(out: str, *extra: str) -> str:
+        code, err = dsl_in_process([*args, *extra, f"train.out={tmp_path / out}"], tmp_path, monkeypatch, capsys)
+        lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+        assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+        return lines[0]
+
+    assert "train.kk=3: no such setting" in refused("any", "train.kk=3")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "cfg.json").write_text("precious")
+    assert "not a dsl folder" in refused("mine") and (tmp_path / "mine" / "cfg.json").read_text() == "precious"
+    code, err = dsl_in_process([*args, f"train.out={tmp_path / 'done'}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    weights = (tmp_path / "done" / "sae_weights.safetensors").read_bytes()
+    line = refused("done", "train.d_sae=16")
+    assert "already holds a run, complete" in line and "choose another train.out" in line
+    assert (tmp_path / "done" / "sae_weights.safetensors").read_bytes() == weights
+    (tmp_path / "done" / "training.json").unlink()
+    (tmp_path / "done" / "training.json").symlink_to(tmp_path / "mine" / "cfg.json")
+    assert "symbolic link" in refused("done")
+    (tmp_path / "evil").mkdir()
+    (tmp_path / "evil" / "manifest.json").write_text(json.dumps({"made_by": "dsl", "kind": "sae", "status": "started"}))
+    torch.save({"identity": _Planted(str(tmp_path / "ran.txt"))}, tmp_path / "evil" / "checkpoint.pt")
+    assert "evil/checkpoint.pt: not a checkpoint of `dsl sae train`" in refused("evil")
+    assert not (tmp_path / "ran.txt").exists()
 
 
 def test_sae_from_the_hugging_face_cache(tmp_path, monkeypatch, encoder, pixels):

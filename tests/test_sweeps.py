@@ -205,6 +205,7 @@ def test_merge_refuses_a_sweep_that_a_live_process_is_writing(sweep_copy: Path, 
     (sweep_copy / ".dsl.lock").write_text(f"{os.getppid()} {socket.gethostname()} feedface\n")  # alive: pytest's parent
     code, err = dsl_in_process(["merge", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)
     assert code == 2 and f"is being written by dsl process {os.getppid()}" in err
+    assert "hydra.run.dir" not in err  # no setting of a run moves a merge
     assert (sweep_copy / "similarity.csv").read_bytes() == before
 
 

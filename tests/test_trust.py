@@ -288,6 +288,111 @@ def test_resume_of_a_damaged_sweep_is_one_line_naming_the_file(name: str, sweep_
     assert code == 2 and Path(name).name in one_line(err)
 
 
+def test_a_continued_run_whose_saved_config_was_edited_is_refused(run_copy: Path, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:
+    """An interrupted run resumed after its `.hydra/config.yaml` was edited would write its remaining rows
+    with the new setting beside the earlier ones, and call the mixed table complete: refused in one line
+    naming the setting, nothing written; put back, the resume completes the run as it started."""
+    import yaml
+
+    before = (run_copy / "similarity.csv").read_bytes()
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    (run_copy / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    lines = before.decode().splitlines(keepends=True)
+    (run_copy / "similarity.csv").write_text("".join(lines[:5]))  # 4 of its 10 rows were written
+    saved = run_copy / ".hydra" / "config.yaml"
+    original = saved.read_text()
+    config = yaml.safe_load(original)
+    config["lens"]["alpha"] = config["lens"]["alpha"] + 1.5
+    saved.write_text(yaml.safe_dump(config))
+    code, err = dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)
+    line = one_line(err)
+    assert code == 2 and "lens.alpha is" in line and "but the run started with" in line, line
+    assert (run_copy / "similarity.csv").read_text() == "".join(lines[:5])
+    saved.write_text(original)
+    code, err = dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert (run_copy / "similarity.csv").read_bytes() == before
+
+
+def _cut_short(csv_path: Path) -> None:
+    csv_path.write_text("".join(csv_path.read_text().splitlines(keepends=True)[:3]))
+
+
+def _repeat_a_row(csv_path: Path) -> None:
+    lines = csv_path.read_text().splitlines(keepends=True)
+    csv_path.write_text("".join([*lines, lines[2]]))
+
+
+ROW_DAMAGE = {"cut short": _cut_short, "a row repeated": _repeat_a_row, "deleted": Path.unlink}
+
+
+@pytest.mark.parametrize("command", ["plot", "report"])
+@pytest.mark.parametrize("damage", list(ROW_DAMAGE))
+def test_a_complete_runs_rows_cut_short_repeated_or_deleted_are_refused_then_resume_writes_them(
+        command: str, damage: str, run_copy: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """A complete run's similarity.csv that no longer holds the rows its manifest counted (cut short, a row
+    twice, gone) is not drawn or shown as whole: one line naming the file and the resume that writes it
+    again; that resume gives back the uninterrupted run's file."""
+    before = (run_copy / "similarity.csv").read_bytes()
+    ROW_DAMAGE[damage](run_copy / "similarity.csv")
+    damaged = snapshot(run_copy)
+    code, err = dsl_in_process([command, str(run_copy)], tmp_path, monkeypatch, capsys)
+    line = one_line(err)
+    assert code == 2 and "similarity.csv" in line and f"dsl run resume={run_copy}" in line, line
+    assert snapshot(run_copy) == damaged
+    code, err = dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert (run_copy / "similarity.csv").read_bytes() == before
+
+
+def test_plot_of_a_run_stopped_before_its_first_row_says_there_is_nothing_to_draw(run_copy: Path, tmp_path: Path,
+                                                                                monkeypatch, capsys) -> None:
+    (run_copy / "similarity.csv").unlink()
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    (run_copy / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["plot", str(run_copy)]) == 0
+    assert capsys.readouterr().out.strip() == f"no figures to draw in {run_copy}: no run there has rows yet"
+
+
+@pytest.mark.parametrize("damage", list(ROW_DAMAGE))
+def test_a_sweep_jobs_rows_cut_short_are_refused_by_merge_then_resume_writes_them(
+        damage: str, sweep_copy: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The same for a complete job of a sweep: `dsl merge` names the job's file and the sweep's resume, which
+    runs that job again (a complete job is otherwise skipped) and merges every row once."""
+    job_csv, merged = sweep_copy / "1" / "similarity.csv", (sweep_copy / "similarity.csv").read_bytes()
+    before = job_csv.read_bytes()
+    ROW_DAMAGE[damage](job_csv)
+    code, err = dsl_in_process(["merge", str(sweep_copy)], tmp_path, monkeypatch, capsys)
+    line = one_line(err)
+    assert code == 2 and "1/similarity.csv" in line and f"dsl run resume={sweep_copy}" in line, line
+    code, err = dsl_in_process(["run", f"resume={sweep_copy}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert job_csv.read_bytes() == before and (sweep_copy / "similarity.csv").read_bytes() == merged
+
+
+def test_a_merge_removes_its_earlier_figures_but_never_a_users_file_an_edited_manifest_lists(
+        sweep_copy: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """An earlier merge's figures are removed by the next merge, as the manifest lists them; a file of the
+    user's that an edited manifest lists among them is not dsl's PNG (no Software text of dsl's) and stays."""
+    from PIL import Image
+
+    from dsl_cli.outputs import save_png
+
+    mine = sweep_copy / "heatmaps" / "zz_user.png"
+    Image.new("RGB", (4, 3), "red").save(mine)
+    old = sweep_copy / "heatmaps" / "old_tag=1.png"  # one an earlier merge drew, for a setting no longer swept
+    save_png(old, Image.new("RGB", (4, 3), "blue"))
+    manifest = json.loads((sweep_copy / "manifest.json").read_text())
+    manifest["figures"] += ["heatmaps/zz_user.png", "heatmaps/old_tag=1.png"]
+    (sweep_copy / "manifest.json").write_text(json.dumps(manifest))
+    before = mine.read_bytes()
+    code, err = dsl_in_process(["merge", str(sweep_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert mine.read_bytes() == before and not old.exists()
+
+
 def test_multirun_with_cfg_job_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     code, err = dsl_in_process(["run", "-m", *SCORES_ONLY, "seed=0,1", "--cfg", "job"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "--cfg" in one_line(err)
@@ -385,6 +490,24 @@ def test_sigterm_just_after_the_claim_leaves_a_folder_to_reuse(tmp_path: Path) -
     else:  # stopped before: a fresh run takes the folder
         assert RunFolder(folder).claim() is True
         RunFolder(folder).release()
+
+
+def test_a_sweep_stopped_in_a_job_names_the_sweeps_resume_and_is_marked_interrupted(tmp_path: Path) -> None:
+    """Ctrl-C in a job of a local sweep: the one line names the resume of the sweep, which runs the jobs left
+    and merges (the job's own resume would leave the later jobs unrun), and the sweep's manifest says
+    `interrupted` (it said `started`)."""
+    sweep = tmp_path / "sweep"
+    process = zygote.popen([DSL, "run", "-m", *SCORES_ONLY, "seed=0,1", f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (sweep / "0" / "manifest.json").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)  # in job 0 (a second of work left in it), or at worst in job 1
+    err = process.communicate(timeout=60)[1]
+    lines = [line for line in err.splitlines() if line.startswith("dsl:")]
+    assert process.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert len(lines) == 1 and f"`dsl run resume={sweep}` completes the sweep" in lines[0], lines
+    assert read_manifest(sweep)["status"] == "interrupted"
 
 
 def plot_mid_drawing(decoded_run: Path, tmp_path: Path) -> subprocess.Popen:
