@@ -28,7 +28,7 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -224,7 +224,9 @@ class Partial:
                        dict(self.meta))
 
     def save(self, path: Path) -> Path:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from dsl_cli.outputs import atomic_write_bytes
 
         tensors = {**self.train.tensors("train"), **self.heldout.tensors("heldout")}
         p, q = self.train.p, self.train.q
@@ -232,10 +234,8 @@ class Partial:
             tensors[key] = torch.stack(rows) if rows else torch.zeros(0, width, dtype=torch.float64)
         info = dict(self.meta, heldout_names=self.heldout_names, images=self.images, views=self.views)
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"dsl_partial": json.dumps(info)})
-        tmp.replace(path)
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()},
+                                      metadata={"dsl_partial": json.dumps(info)}))
         return path
 
     @classmethod
@@ -353,19 +353,19 @@ class Adapter:
         return x @ W.T + b
 
     def save(self, folder: Path) -> Path:
-        """`adapter.safetensors` (W, b, negative, the metadata inside) and `adapter.json` beside it."""
-        from safetensors.torch import save_file
+        """`adapter.safetensors` (W, b, negative, the metadata inside) and `adapter.json` beside it, each
+        written atomically."""
+        from safetensors.torch import save
+
+        from dsl_cli.outputs import atomic_write_bytes
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         tensors = {"W": self.W.float().contiguous(), "b": self.b.float().contiguous()}
         if self.negative is not None:
             tensors["negative"] = self.negative.float().reshape(-1).contiguous()
         path = folder / ADAPTER_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"dsl_adapter": json.dumps(self.meta)})
-        tmp.replace(path)
-        (folder / ADAPTER_JSON).write_text(json.dumps(self.meta, indent=2) + "\n")
+        atomic_write_bytes(path, save(tensors, metadata={"dsl_adapter": json.dumps(self.meta)}))
+        atomic_write_bytes(folder / ADAPTER_JSON, (json.dumps(self.meta, indent=2) + "\n").encode())
         return path
 
     @classmethod
@@ -467,12 +467,13 @@ class AdaptedEncoder:
 # ---------------------------------------------------------------- streaming a folder through two encoders
 
 
-def views(picture, count: int, seed: str) -> list:
-    """The picture itself, then `count` augmented views of it: a random crop (60 to 100 % of each side) and a
-    horizontal flip half the time, drawn from a generator seeded by `seed` (the image's name)."""
+def views(picture, count: int, seed: str) -> Iterator:
+    """The picture itself, then `count` augmented views of it, one at a time (memory does not grow with
+    `count`): a random crop (60 to 100 % of each side) and a horizontal flip half the time, drawn from a
+    generator seeded by `seed` (the image's name)."""
     from PIL import ImageOps
 
-    out = [picture]
+    yield picture
     rng = random.Random(hashlib.sha256(seed.encode()).hexdigest())
     w, h = picture.size
     for _ in range(count):
@@ -482,8 +483,7 @@ def views(picture, count: int, seed: str) -> list:
         view = picture.crop((x, y, x + cw, y + ch))
         if rng.random() < 0.5:
             view = ImageOps.mirror(view)
-        out.append(view)
-    return out
+        yield view
 
 
 def accumulate(partial: Partial, items: Iterable[tuple[str, Any]], source, source_pre, target, target_pre,
@@ -515,9 +515,8 @@ def accumulate(partial: Partial, items: Iterable[tuple[str, Any]], source, sourc
         partial.images += 1
         for view in ([picture] if held else views(picture, augment, name)):
             rows[held].append((name, source_pre(view), target_pre(view)))
-        for flag in (True, False):
-            if len(rows[flag]) >= batch_size:
-                flush(flag)
+            if len(rows[held]) >= batch_size:
+                flush(held)
     flush(True)
     flush(False)
     return partial

@@ -106,6 +106,18 @@ def free_bytes(device: "str | torch.device") -> Optional[int]:
     return min(free, max(0, cap)) + reserved - torch.cuda.memory_allocated(device)
 
 
+def host_available() -> Optional[int]:
+    """Bytes of host memory available to new work (Linux's MemAvailable); None where /proc cannot say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def module_bytes(module: nn.Module) -> int:
     """Bytes of a module's parameters and buffers."""
     tensors = list(module.parameters()) + list(module.buffers())

@@ -332,9 +332,22 @@ class Manifest:
             self.data = {}
 
     def start(self, **values) -> None:
-        """Begin this attempt's record: what an earlier attempt recorded is replaced."""
-        self.data = {"made_by": MADE_BY}
+        """Begin this attempt's record: what an earlier attempt recorded is replaced, but for the fingerprints
+        of the weights it read, which every attempt must match (`same_weights`)."""
+        fingerprints = self.data.get("fingerprints")
+        self.data = {"made_by": MADE_BY, **({"fingerprints": fingerprints} if isinstance(fingerprints, dict) else {})}
         self.update(**values)
+
+    def same_weights(self, key: str, fingerprint: str, setting: str) -> None:
+        """Record the fingerprint of the SAE or adapter (`key`) this attempt reads (`weights_fingerprint`); an
+        earlier attempt's that differs (trained or fitted again into the same folder since) is refused: a
+        continued run would mix two models' rows in one table."""
+        known = self.data.get("fingerprints") if isinstance(self.data.get("fingerprints"), dict) else {}
+        if known.get(key) not in (None, fingerprint):
+            raise UserError(f"{self.path.parent}: the weights of {setting} changed since the run started (trained "
+                            "or fitted again?): a continued run keeps the model it started with; give it back, "
+                            "or start a new run")
+        self.update(fingerprints={**known, key: fingerprint})
 
     def update(self, **values) -> None:
         self.data.update(values, made_by=MADE_BY)
@@ -358,8 +371,8 @@ _OPT_STR, _NUM = (str, type(None)), (int, float)
 MANIFEST_TYPES: dict[str, type | tuple] = {
     "made_by": str, "kind": str, "status": str, "error": _OPT_STR, "config": dict, "versions": dict,
     "seconds": dict, "images": list, "skipped": list, "figures": (list, int), "jobs": list, "failed": list,
-    "unfinished": list, "rows": int, "complete": int, "decoded": int, "components": int, "started": str,
-    "finished": str, "device": str, "seed": int, "slurm_job": _OPT_STR, "git_commit": _OPT_STR,
+    "fingerprints": dict, "unfinished": list, "rows": int, "complete": int, "decoded": int, "components": int,
+    "started": str, "finished": str, "device": str, "seed": int, "slurm_job": _OPT_STR, "git_commit": _OPT_STR,
     "encoder_dtype": str, "scheduler": str, "resumed_rows": int, "stages_done": list, "study": dict,
     "layers": list, "decode_batch_size": int, "decode_fit_seconds": _NUM,
 }
@@ -970,6 +983,17 @@ def rows_problem(run_dir: Path, rows: list[dict]) -> str | None:
     if len(rows) != expected:
         return f"{len(rows)} rows where the complete run wrote {expected}"
     return None
+
+
+def weights_fingerprint(tensors: Sequence) -> str:
+    """A short hash of tensors' values (an SAE's or adapter's weights): what a continued run compares."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor is not None:
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def type_row(row: dict, table: Table, where: str) -> dict:

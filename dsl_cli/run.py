@@ -42,7 +42,8 @@ from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, descri
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw
 from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture,
-                             is_sweep_folder, read_manifest, rows_problem, save_png, writing_pngs)
+                             is_sweep_folder, read_manifest, rows_problem, save_png, weights_fingerprint,
+                             writing_pngs)
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
@@ -568,6 +569,8 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
         adapter = run_adapter(cfg)
         if adapter is not None:  # every lens decodes through it (dsl_cli.adapters)
             encoder = adapt_encoder(encoder, adapter, f"adapter={cfg.adapter}")
+            fingerprint = weights_fingerprint([adapter.W, adapter.b, adapter.negative])
+            manifest.same_weights("adapter", fingerprint, f"adapter={cfg.adapter}")
             manifest.update(adapter=manifest_entry(adapter, cfg.adapter))
             log.info("decoding through %s", adapter.describe())
     manifest.update(encoder_dtype=dtype_name(encoder.dtype))

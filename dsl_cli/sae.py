@@ -276,20 +276,22 @@ def _load_plain(file: Path) -> Sae:
 
 
 def save_sae(sae: Sae, folder: Path, extra_cfg: Optional[dict] = None) -> Path:
-    """Write `sae` in the SAELens layout (folder/cfg.json, folder/sae_weights.safetensors); returns folder."""
-    from safetensors.torch import save_file
+    """Write `sae` in the SAELens layout (folder/cfg.json, folder/sae_weights.safetensors), each file atomically
+    and with the mode of any new file; returns folder."""
+    from safetensors.torch import save
+
+    from dsl_cli.outputs import atomic_write_bytes
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
     if sae.threshold is not None:
         tensors["threshold"] = sae.threshold
     cfg = {"d_in": sae.d_in, "d_sae": sae.d_sae, "hook_name": sae.hook_name, "architecture": sae.architecture,
            "apply_b_dec_to_input": sae.apply_b_dec_to_input, "normalize_activations": "none",
            **({"k": sae.k} if sae.k is not None else {}), **(extra_cfg or {})}
-    save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()},
-              str(folder / WEIGHTS_FILE))
-    (folder / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    atomic_write_bytes(folder / WEIGHTS_FILE, save({name: t.detach().float().cpu().contiguous()
+                                                    for name, t in tensors.items()}))
+    atomic_write_bytes(folder / CFG_FILE, json.dumps(cfg, indent=2).encode())
     return folder
 
 

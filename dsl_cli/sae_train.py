@@ -63,9 +63,12 @@ class TrainOptions:
 def parse_options(args: list[str]) -> tuple[TrainOptions, list[str]]:
     """(train.* settings, the remaining overrides for the run config)."""
     options, rest = split_options(args, "train", TrainOptions)
-    for name in ("k", "epochs", "checkpoint_every"):
-        if getattr(options, name) < 1:
-            raise UserError(f"train.{name}={getattr(options, name)}: must be at least 1")
+    for name in ("k", "epochs", "checkpoint_every", "d_sae", "batch_size"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            raise UserError(f"train.{name}={value}: must be at least 1")
+    if not 0 <= options.seed < 2**32:
+        raise UserError(f"train.seed={options.seed}: must be between 0 and {2**32 - 1}")
     if options.lr <= 0 or not math.isfinite(options.lr):
         raise UserError(f"train.lr={options.lr}: must be a positive number")
     return options, rest
@@ -165,8 +168,21 @@ def setup(cfg, options: TrainOptions) -> Setup:
     d_sae = options.d_sae or 8 * encoder.d_model
     if not 1 <= options.k <= d_sae:
         raise UserError(f"train.k={options.k}: must be between 1 and train.d_sae={d_sae}")
+    _check_room(d_sae, encoder.d_model, encoder.device)
     return Setup(cfg, options, encoder, preprocess, load_images(cfg.images).images, f"blocks.{layer}.{options.point}",
                  out, encoder.d_model, d_sae, options.batch_size or cfg.encoder.batch_size)
+
+
+def _check_room(d_sae: int, d_in: int, device) -> None:
+    """Refuse a width whose training state cannot fit: W_enc and W_dec in float32, each with its gradient and
+    Adam's two moments (the activations of a batch come on top)."""
+    from dsl_cli.memory import GB, free_bytes, host_available
+
+    need = 2 * 4 * 4 * d_sae * d_in
+    room = free_bytes(device) if device.type == "cuda" else host_available()
+    if room is not None and need > room:
+        raise UserError(f"train.d_sae={d_sae}: the training's weights, gradients and Adam state need "
+                        f"{need / GB:.1f} GB, and {room / GB:.1f} GB are free: choose a smaller train.d_sae")
 
 
 class Trainer:

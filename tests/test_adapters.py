@@ -5,6 +5,8 @@ axis cannot pass."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from open_clip.transformer import VisionTransformer
@@ -292,6 +294,25 @@ def test_fit_and_merge_write_only_their_own_folder_and_refuse_damage_in_one_line
         assert code == 0, err
     (tmp_path / "sharded" / "shards" / "negative.pt").write_bytes(b"junk" * 10)
     assert "negative.pt: not the unconditional embedding" in refused(["adapter", "merge", str(tmp_path / "sharded")])
+
+
+def test_a_run_continued_after_its_adapter_was_fitted_again_is_refused(resid_adapter, tmp_path, monkeypatch,
+                                                                        capsys):
+    """As for an SAE: the manifest keeps the adapter's fingerprint across attempts, and other weights in the
+    same folder stop a continued run in one line."""
+    import shutil
+
+    from helpers import dsl_in_process
+
+    folder = Path(shutil.copytree(resid_adapter, tmp_path / "adapter"))
+    run = tmp_path / "run"
+    args = [*_run_args(folder, "steering"), "decode.enabled=false", f"hydra.run.dir={run}"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    adapter = Adapter.load(folder)
+    Adapter(adapter.W * 1.01, adapter.b, adapter.meta, adapter.negative).save(folder)  # fitted again
+    code, err = dsl_in_process(["run", f"resume={run}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "changed since the run started" in err, err[-3000:]
 
 
 def test_adapter_help_imports_no_torch():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,27 @@ def tiny_sae_folder(folder, arch: str = "topk"):
     return write_saelens(folder, arch, "blocks.1.hook_resid_post", 64, seed=4)[0]
 
 
+def test_a_run_continued_after_its_sae_was_trained_again_is_refused(tmp_path, monkeypatch, capsys):
+    """The manifest records a fingerprint of the SAE's weights; a continued run (resume=) whose SAE folder now
+    holds other weights would mix two SAEs' features in one table: refused in one line, nothing written."""
+    from helpers import dsl_in_process
+
+    sae = tiny_sae_folder(tmp_path / "sae")
+    run = tmp_path / "run"
+    args = ["run", "debug=tiny", f"sae={sae}", "decode.enabled=false", "images.limit=1", f"hydra.run.dir={run}"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert len(json.loads((run / "manifest.json").read_text())["fingerprints"]["sae"]) == 16
+    before = (run / "similarity.csv").read_bytes()
+    write_saelens(tmp_path / "sae", "topk", "blocks.1.hook_resid_post", 64, seed=5)  # trained again
+    code, err = dsl_in_process(["run", f"resume={run}"], tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 2 and len(lines) == 1 and "changed since the run started" in lines[0], err[-3000:]
+    assert (run / "similarity.csv").read_bytes() == before
+    write_saelens(tmp_path / "sae", "topk", "blocks.1.hook_resid_post", 64, seed=4)  # given back
+    assert dsl_in_process(["run", f"resume={run}"], tmp_path, monkeypatch, capsys)[0] == 0
+
+
 def readme_example() -> tuple[str, list[str]]:
     """The user guide's "SAE features" example: its Python block and its `dsl` command's words."""
     import re
@@ -421,6 +443,10 @@ def test_sae_train_writes_only_its_own_folder_and_refuses_the_rest_in_one_line(t
     code, err = dsl_in_process([*args, f"train.out={tmp_path / 'done'}"], tmp_path, monkeypatch, capsys)
     assert code == 0, err
     weights = (tmp_path / "done" / "sae_weights.safetensors").read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("sae_weights.safetensors", "cfg.json", "training.json"):  # as any new file: 0644 under 022
+        assert (tmp_path / "done" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     line = refused("done", "train.d_sae=16")
     assert "already holds a run, complete" in line and "choose another train.out" in line
     assert (tmp_path / "done" / "sae_weights.safetensors").read_bytes() == weights
