@@ -54,6 +54,9 @@ def validate_sae(cfg) -> None:
                         f"{', '.join(SAE_LENSES)}")
     if sae.top_k < 1 or sae.top_images < 1:
         raise UserError(f"sae.top_k={sae.top_k}, sae.top_images={sae.top_images}: each must be at least 1")
+    if cfg.component not in ("heads", "mlp", "all"):  # labels: the user chose components the run would not read
+        raise UserError(f"component={cfg.component}: with an SAE the run reads its features at the SAE's own "
+                        "layer, chosen by sae.features (top, or feature numbers such as [12, 345]); drop component=")
     chosen_features(sae.features, None)
 
 

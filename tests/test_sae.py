@@ -485,6 +485,8 @@ def test_sae_from_the_hugging_face_cache(tmp_path, monkeypatch, encoder, pixels)
     (["study=head_importance"], "an interventional study ablates heads"),
     (["sae.features=[3,x]"], "use top, or a list of feature indices"),
     (["sae.top_k=0"], "must be at least 1"),
+    (["component=[L01F00001]"], "chosen by sae.features"),  # was ignored: the run read the top features
+    (["component=[L1H02]"], "drop component="),
 ])
 def test_run_refusals_before_any_model(tmp_path, monkeypatch, capsys, overrides, fragment):
     from helpers import dsl_in_process
