@@ -5,24 +5,37 @@ no torch: `dsl report` draws it for any run folder that has a features.csv."""
 from __future__ import annotations
 
 import csv
+import io
+import os
 from pathlib import Path
 
 from dsl_cli.html_parts import esc, linked_img, rel
-from dsl_cli.outputs import RunFolder
+from dsl_cli.errors import UserError
+from dsl_cli.outputs import RunFolder, check_name, read_bytes_nofollow
 
 FEATURES_CSV = "features.csv"  # the same name as dsl_cli.sae_run.FEATURES_CSV (that module imports torch)
 
 
 def read_features(folder: Path) -> dict[str, list[dict]]:
-    """features.csv -> component label -> its top images [{image, rank, activation}], best first."""
+    """features.csv -> component label -> its top images [{image, rank, activation}], best first. Read as
+    data (no link followed, each name a plain name): damage is one UserError line naming the file."""
     path = Path(folder) / FEATURES_CSV
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     out: dict[str, list[dict]] = {}
-    with path.open(newline="") as handle:
-        for row in csv.DictReader(handle):
-            out.setdefault(row["component"], []).append(
-                {"image": row["image"], "rank": int(row["rank"]), "activation": float(row["activation"])})
+    try:
+        reader = csv.DictReader(io.StringIO(read_bytes_nofollow(path).decode("utf-8"), newline=""))
+        missing = {"component", "rank", "image", "activation"} - set(reader.fieldnames or ())
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        for number, row in enumerate(reader, start=2):
+            where = f"{path} row {number}:"
+            out.setdefault(check_name(row["component"], f"{where} component"), []).append(
+                {"image": check_name(row["image"], f"{where} image"), "rank": int(row["rank"]),
+                 "activation": float(row["activation"])})
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as err:
+        raise UserError(f"{path}: not the features.csv dsl writes ({type(err).__name__}: {err}); run the "
+                        "run again into a new folder to write it") from None
     return {label: sorted(rows, key=lambda r: r["rank"]) for label, rows in sorted(out.items())}
 
 

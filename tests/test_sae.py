@@ -295,6 +295,11 @@ def test_run_over_features_end_to_end(tmp_path, monkeypatch, capsys):
     page = (run / "index.html").read_text()
     assert 'id="sae-features"' in page and all(f'id="{c}"' in page for c in chosen)
     assert "images/astronaut/input.png" in page.split('id="sae-features"')[1]
+    for damage in ("component,rank\n", "component,feature,rank,image,activation\n../x,1,1,astronaut,0.5\n"):
+        (run / "features.csv").write_text(damage)  # a column gone; a name that is a path
+        code, err = dsl_in_process(["report", str(run)], tmp_path, monkeypatch, capsys)
+        lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+        assert code == 2 and len(lines) == 1 and "features.csv" in lines[0], err[-2000:]
 
 
 def planted_images(folder, n: int = 7, planted=(1, 4, 5)):
