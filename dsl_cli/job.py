@@ -87,9 +87,11 @@ def _load_run(cfg: DictConfig) -> Callable[[DictConfig, Path], None]:
     from dsl_cli.libraries import import_frozen, own_the_collector
 
     own_the_collector()
-    import_frozen("torch")
-    if not cfg.resume:
-        import_frozen("dsl_cli.devices").begin_device(cfg.device)
+    if not cfg.resume and cfg.device in ("auto", "cuda"):  # on the CPU, one import (and collection) as before
+        import_frozen("torch")
+        from dsl_cli.devices import begin_device
+
+        begin_device(cfg.device)
     return import_frozen("dsl_cli.run").run
 
 
