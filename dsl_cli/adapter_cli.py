@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from dsl_cli.config import folder_overrides, split_options
-from dsl_cli.errors import UserError
+from dsl_cli.errors import Interrupted, UserError
 from dsl_cli.libraries import import_frozen
 
 USAGE = """usage: dsl adapter fit [OVERRIDES...]     fit an adapter (the same overrides as `dsl run`, plus adapter.*)
@@ -333,5 +333,8 @@ def main(args: list[str]) -> int:
     except UserError as err:
         report(err)
         return 2
+    except Interrupted as err:  # no run to resume: a fit reads every image again
+        err.advice = "the same command starts it again (a sharded fit's finished shards are kept)"
+        raise
     report(f"dsl adapter {args[0]}: unknown; use `dsl adapter fit ...` or `dsl adapter merge FOLDER`")
     return 2

@@ -315,6 +315,22 @@ def test_a_run_continued_after_its_adapter_was_fitted_again_is_refused(resid_ada
     assert code == 2 and "changed since the run started" in err, err[-3000:]
 
 
+def test_a_stopped_fit_says_the_same_command_starts_it_again(monkeypatch, capsys):
+    """A fit has no run to resume: its stop line says so, not `dsl run resume=`."""
+    import signal
+
+    from dsl_cli import adapter_cli, cli
+    from dsl_cli.errors import Interrupted
+
+    def stopped(args):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(adapter_cli, "fit_command", stopped)
+    assert cli.main(["adapter", "fit", "debug=tiny"]) == 143
+    err = capsys.readouterr().err
+    assert "the same command starts it again" in err and "resume=" not in err, err
+
+
 def test_adapter_help_imports_no_torch():
     import subprocess
     import sys
