@@ -259,13 +259,11 @@ def merge_command(args: list[str]) -> int:
 
 
 def finish(out: Path, adapter) -> None:
-    import time
-
     from dsl_cli.adapter_page import write_adapter_page
     from dsl_cli.outputs import Manifest, RunFolder
 
     page = write_adapter_page(out)
-    Manifest(RunFolder(out).manifest_json).update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    Manifest(RunFolder(out).manifest_json).complete()
     m = adapter.meta.get("metrics") or {}
     if m.get("heldout_images"):
         print(f"{adapter.describe()}; R^2 {m['r2']:.3f}, cosine p5 {m['cosine_p5']:.3f}, top-1 {m['top1']:.2f}, "

@@ -42,12 +42,13 @@ def resolve_device(name: str) -> torch.device:
 _STARTING: threading.Thread | None = None  # `begin_device`'s thread, joined by `start_device`
 
 
-def begin_device(name: str) -> None:
-    """Start making the CUDA context in a thread, for a job whose `device` may be CUDA (`auto`, `cuda`): the
-    driver's start and the context take a second or more on a large GPU, and the rest of the job's start-up
-    (importing dsl's stages, checking the config, preflight) runs meanwhile. `start_device` waits for it."""
+def begin_device() -> None:
+    """Start making the CUDA context in a thread, for a job whose device may be CUDA (its caller decides):
+    the driver's start and the context take a second or more on a large GPU, and the rest of the job's
+    start-up (importing dsl's stages, checking the config, preflight) runs meanwhile. `start_device` waits
+    for it; a second call (the next job of a local sweep) starts none."""
     global _STARTING
-    if _STARTING is None and name in ("auto", "cuda"):
+    if _STARTING is None:
         # not a daemon: a process that ends early (a bad config) waits for it rather than exit mid-start
         _STARTING = threading.Thread(target=_make_context, name="dsl-cuda-start")
         _STARTING.start()

@@ -91,7 +91,7 @@ def _load_run(cfg: DictConfig) -> Callable[[DictConfig, Path], None]:
         import_frozen("torch")
         from dsl_cli.devices import begin_device
 
-        begin_device(cfg.device)
+        begin_device()
     return import_frozen("dsl_cli.run").run
 
 

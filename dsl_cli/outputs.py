@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
@@ -338,10 +339,19 @@ class Manifest:
         self.data = {"made_by": MADE_BY, **({"fingerprints": fingerprints} if isinstance(fingerprints, dict) else {})}
         self.update(**values)
 
-    def same_weights(self, key: str, fingerprint: str, setting: str) -> None:
-        """Record the fingerprint of the SAE or adapter (`key`) this attempt reads (`weights_fingerprint`); an
-        earlier attempt's that differs (trained or fitted again into the same folder since) is refused: a
-        continued run would mix two models' rows in one table."""
+    def complete(self, **values) -> None:
+        """The run (or training, or fit) ended with all its work done: status `complete`, and when."""
+        self.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"), **values)
+
+    def same_weights(self, key: str, tensors: Sequence, setting: str) -> None:
+        """Record a fingerprint (a hash of the values) of the SAE's or adapter's (`key`) weights this attempt
+        reads; an earlier attempt's that differs (trained or fitted again into the same folder since) is
+        refused: a continued run would mix two models' rows in one table."""
+        digest = hashlib.sha256()
+        for tensor in tensors:
+            if tensor is not None:
+                digest.update(tensor.detach().float().cpu().contiguous().numpy())
+        fingerprint = digest.hexdigest()[:16]
         known = self.data.get("fingerprints") if isinstance(self.data.get("fingerprints"), dict) else {}
         if known.get(key) not in (None, fingerprint):
             raise UserError(f"{self.path.parent}: the weights of {setting} changed since the run started (trained "
@@ -962,17 +972,16 @@ def run_rows(run_dir: Path, resume: Path | None = None) -> list[dict]:
     whose `dsl run resume=` writes it again (the run's own, or a job's sweep)."""
     folder = RunFolder(run_dir)
     rows = folder.read(SIMILARITY)
-    problem = rows_problem(run_dir, rows)
+    problem = rows_problem(read_manifest(run_dir) or {}, rows)
     if problem is not None:
         raise UserError(f"{folder.csv(SIMILARITY)}: {problem}; the file was cut short or edited: "
                         f"`dsl run resume={resume or run_dir}` writes it again")
     return rows
 
 
-def rows_problem(run_dir: Path, rows: list[dict]) -> str | None:
-    """What is wrong with the rows of a run whose manifest says complete; None where nothing is (or the run
+def rows_problem(manifest: dict, rows: list[dict]) -> str | None:
+    """What is wrong with the rows of a run whose `manifest` says complete; None where nothing is (or the run
     is not complete, or its manifest counts no rows: a study)."""
-    manifest = read_manifest(run_dir) or {}
     expected = manifest.get("rows")
     if manifest.get("status") != "complete" or not isinstance(expected, int):
         return None
@@ -983,17 +992,6 @@ def rows_problem(run_dir: Path, rows: list[dict]) -> str | None:
     if len(rows) != expected:
         return f"{len(rows)} rows where the complete run wrote {expected}"
     return None
-
-
-def weights_fingerprint(tensors: Sequence) -> str:
-    """A short hash of tensors' values (an SAE's or adapter's weights): what a continued run compares."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        if tensor is not None:
-            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def type_row(row: dict, table: Table, where: str) -> dict:

@@ -42,8 +42,7 @@ from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, descri
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw
 from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture,
-                             is_sweep_folder, read_manifest, rows_problem, save_png, weights_fingerprint,
-                             writing_pngs)
+                             is_sweep_folder, read_manifest, rows_problem, save_png, writing_pngs)
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
@@ -538,9 +537,8 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
 def _complete_already(run_dir: Path) -> bool:
     """A job continuing its own folder that finished before, its rows whole: nothing left to do (rows cut
     short or repeated since are written again)."""
-    if (read_manifest(run_dir) or {}).get("status") != "complete":
-        return False
-    if rows_problem(run_dir, RunFolder(run_dir).read(SIMILARITY)) is not None:
+    manifest = read_manifest(run_dir) or {}
+    if manifest.get("status") != "complete" or rows_problem(manifest, RunFolder(run_dir).read(SIMILARITY)):
         return False
     log.info("%s: this job completed before; nothing to do", run_dir)
     return True
@@ -551,7 +549,7 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
     """An interventional study (DESIGN.md section 3) on the chosen heads, instead of decoding."""
     with manifest.stage("study"):
         summary = run_study(cfg, run_dir, encoder, preprocess, image_set.images, components)
-    manifest.update(study=summary, status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    manifest.complete(study=summary)
     log.info("study complete: %s (page: %s)", run_dir, write_page("study", run_dir))
 
 
@@ -569,8 +567,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
         adapter = run_adapter(cfg)
         if adapter is not None:  # every lens decodes through it (dsl_cli.adapters)
             encoder = adapt_encoder(encoder, adapter, f"adapter={cfg.adapter}")
-            fingerprint = weights_fingerprint([adapter.W, adapter.b, adapter.negative])
-            manifest.same_weights("adapter", fingerprint, f"adapter={cfg.adapter}")
+            manifest.same_weights("adapter", [adapter.W, adapter.b, adapter.negative], f"adapter={cfg.adapter}")
             manifest.update(adapter=manifest_entry(adapter, cfg.adapter))
             log.info("decoding through %s", adapter.describe())
     manifest.update(encoder_dtype=dtype_name(encoder.dtype))
@@ -655,7 +652,7 @@ def _write_stage(cfg, folder: RunFolder, scored: list[Scored], csv_log: CsvLog, 
         rows = seed_spread(folder.path, _finish_rows(cfg, sorted_rows(folder.read(SIMILARITY), scored)))
         csv_log.rewrite(rows)
         figures = redraw(folder.path, early=early) if early.futures else redraw(folder.path)
-    manifest.update(status="complete", figures=len(figures), finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    manifest.complete(figures=len(figures))
     for line in best_components(rows, cfg.lens.rank_by):
         log.info("%s", line)
     if manifest.data.get("skipped"):

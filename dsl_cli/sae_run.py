@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 
 from dsl_cli.components import Component
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import weights_fingerprint
 from dsl_cli.sae import FeatureEncoder, TopImages, load_sae
 
 log = logging.getLogger("dsl_cli.sae_run")
@@ -85,8 +84,8 @@ def feature_stage(cfg, run_dir: Path, encoder, preprocess, image_set,
     spec = sae_config(cfg)
     with manifest.stage("sae"):
         sae = load_sae(spec.path, spec.repo_id)
-        fingerprint = weights_fingerprint([sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold])
-        manifest.same_weights("sae", fingerprint, f"the SAE {sae.source}")
+        manifest.same_weights("sae", [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold],
+                              f"the SAE {sae.source}")
         features = FeatureEncoder(encoder, sae)
         fixed = chosen_features(spec.features, sae.d_sae)
         top = TopImages(int(spec.top_images))

@@ -335,7 +335,6 @@ def train(cfg, options: TrainOptions) -> Path:
     claimed as `dsl run` claims a run's (`RunFolder.claim`): one writer at a time, no planted link, never a
     folder of the user's or one that holds a finished SAE; a checkpoint there is continued."""
     import os
-    import time
 
     from dsl_cli.outputs import Manifest, RunFolder
 
@@ -347,7 +346,7 @@ def train(cfg, options: TrainOptions) -> Path:
         trainer.load()
         trainer.run()
         out = trainer.finish()
-        Manifest(folder.manifest_json).update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        Manifest(folder.manifest_json).complete()
         return out
     finally:
         folder.release()

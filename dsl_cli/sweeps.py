@@ -9,7 +9,8 @@ A sweep folder (Hydra's `hydra.sweep.dir`) holds `multirun.yaml` and one ordinar
 - lets a job continue its own run folder when SLURM requeues it or `dsl run resume=SWEEP_DIR` relaunches
   its sweep (`resumption.continues_in_place`, `resume_sweep_args`);
 - keeps one GPU per job under `launcher=local_gpus` (`SweepResults.on_job_start`).
-- turns a cluster's refusal of the jobs (sbatch's error) into one line (`cluster_refusals_reported`).
+- turns a cluster's refusal of the jobs (sbatch's error), a job lost on the cluster and a stop of the wait into
+  one line each (`cluster_refusals_reported`).
 
 What a merge writes into the sweep folder (from the job folders' files alone, so merging twice gives the
 same bytes):
@@ -371,10 +372,10 @@ def cluster_refusals_reported() -> Iterator[None]:
     """Around Hydra's multirun: a cluster that refuses the sweep's jobs (sbatch: a partition, account, QOS or
     GPU request it does not have) or a machine without SLURM's commands is bad input, raised as UserError (one
     line, status 2) and recorded in the sweep's manifest; so is a job that ended without a result (a sweep
-    with a job not complete ends with status 2), and a stop names the jobs that go on. Hydra prints anything raised while it launches as a
-    traceback with status 1, unless HYDRA_FULL_ERROR is set: `SweepResults` sets it for the launch alone (not
-    for the config's composition, whose errors Hydra words well). Where the user set it, it stays, and so do
-    the tracebacks."""
+    with a job not complete ends with status 2), and a stop names the jobs that go on. Hydra prints anything
+    raised while it launches as a traceback with status 1, unless HYDRA_FULL_ERROR is set: `SweepResults` sets
+    it for the launch alone (not for the config's composition, whose errors Hydra words well). Where the user
+    set it, it stays, and so do the tracebacks."""
     _launch.active, _launch.sweep = FULL_ERROR not in os.environ, None
     try:
         yield
@@ -383,14 +384,13 @@ def cluster_refusals_reported() -> Iterator[None]:
         refused, lost = (cluster_refusal(err), lost_job(err, sweep)) if _launch.active else (None, None)
         if refused is None and lost is None:
             raise
-        if sweep is not None and RunFolder(sweep).is_own():
-            Manifest(RunFolder(sweep).manifest_json).update(status="failed", error=refused or lost)
+        _mark_sweep(sweep, status="failed", error=refused or lost)
         if lost is not None:
             raise UserError(lost) from None
         raise UserError(f"{refused}; nothing was submitted: fix the launcher's settings (docs/cluster.md), then "
                         f"`dsl run resume={sweep or 'SWEEP_DIR'}` with them") from None
     except Interrupted as err:  # stopping the wait stops no SLURM job: say what runs on, and how to finish
-        _mark_interrupted(_launch.sweep)
+        _mark_sweep(_launch.sweep, status="interrupted")
         if _launch.on_slurm and _launch.sweep is not None:
             err.advice = (f"the sweep's SLURM jobs go on (`squeue --me` lists them, `scancel` stops them); once "
                           f"none runs, `dsl run resume={_launch.sweep}` completes and merges the sweep "
@@ -398,7 +398,7 @@ def cluster_refusals_reported() -> Iterator[None]:
         raise
     except SystemExit as exit_:  # a job of a sweep run in this process (launcher=local) was stopped
         if isinstance(exit_.code, int) and exit_.code > 128:
-            _mark_interrupted(_launch.sweep)
+            _mark_sweep(_launch.sweep, status="interrupted")
         raise
     finally:
         if _launch.active:
@@ -406,10 +406,11 @@ def cluster_refusals_reported() -> Iterator[None]:
         _launch.active, _launch.sweep, _launch.on_slurm = False, None, False
 
 
-def _mark_interrupted(sweep: Path | None) -> None:
-    """A sweep stopped before its merge: its manifest says so (the next merge writes its status again)."""
+def _mark_sweep(sweep: Path | None, **values) -> None:
+    """A sweep that ended before its merge (refused, a job lost, stopped): its manifest says how, where it is
+    dsl's and not complete (the next merge writes its status again)."""
     if sweep is not None and RunFolder(sweep).is_own() and (read_manifest(sweep) or {}).get("status") != "complete":
-        Manifest(RunFolder(sweep).manifest_json).update(status="interrupted")
+        Manifest(RunFolder(sweep).manifest_json).update(**values)
 
 
 def cluster_refusal(err: BaseException) -> str | None:

@@ -186,7 +186,7 @@ def test_the_run_makes_its_cuda_context_before_the_first_stage() -> None:
 def test_a_context_begun_in_a_thread_is_the_one_the_run_uses() -> None:
     """`devices.begin_device`: the context is made in its thread, and `start_device` waits for that thread
     (CUDA initialised by then, once: its thread is gone), in a fresh process."""
-    code = ("import torch\nfrom dsl_cli import devices\ndevices.begin_device('auto')\n"
+    code = ("import torch\nfrom dsl_cli import devices\ndevices.begin_device()\n"
             "devices.start_device(torch.device('cuda'))\n"
             "print(torch.cuda.is_initialized(), devices._STARTING.is_alive())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
