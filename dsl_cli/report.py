@@ -610,6 +610,7 @@ def redraw_folder(root: Path) -> dict[Path, int]:
     drawn = {}
     for kind, folder in report_folders(root):
         with claimed(folder):
+            # a run without similarity.csv has nothing to draw, unless it completed: run_rows refuses that one
             if kind == "run" and (RunFolder(folder).csv(SIMILARITY).is_file() or run_rows(folder)):
                 drawn[folder] = len(redraw(folder))
             elif kind == "study" and RunFolder(folder).holds_study():
