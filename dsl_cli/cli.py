@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from dsl_cli import __version__
-from dsl_cli.errors import (Interrupted, UserError, bug_message, catch_stop_signals, clear_stops, deferred_stops,
-                            raise_if_stopped, report, stop)
+from dsl_cli.errors import (Interrupted, PartlyDone, UserError, bug_message, catch_stop_signals, clear_stops,
+                            deferred_stops, raise_if_stopped, report, stop)
 from dsl_cli.libraries import own_the_collector
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
@@ -160,7 +160,8 @@ def _run(args: list[str]) -> int:
 
 def _on_folder(args: list[str], help_text: str, usage: str, work: Callable[[Path], list[str]]) -> int:
     """A command on one folder (`dsl plot`, `dsl report`): `work(folder)` gives the lines to print. Bad
-    input is one line and status 2, a bug one line and status 1; folders held meanwhile are released."""
+    input is one line and status 2 (where some folders of several were refused, after the others' lines), a
+    bug one line and status 1; folders held meanwhile are released."""
     if args in (["-h"], ["--help"]):
         print(help_text)
         return 0
@@ -170,6 +171,9 @@ def _on_folder(args: list[str], help_text: str, usage: str, work: Callable[[Path
 
     try:
         lines = work(Path(args[0]))
+    except PartlyDone as err:
+        print("\n".join(err.done))
+        return _fail(err)
     except UserError as err:
         return _fail(err)
     except Exception as err:  # noqa: BLE001 - a bug: one line, status 1
@@ -185,10 +189,21 @@ def _redraw(folder: Path) -> list[str]:
     from dsl_cli.report import redraw_folder
     from dsl_cli.sweeps import redraw_sweeps
 
-    drawn = redraw_sweeps(folder) | redraw_folder(folder)  # the pages last: they show the figures
+    drawn, refused, total = {}, [], 0
+    for redraw in (redraw_sweeps, redraw_folder):  # the pages last: they show the figures
+        try:
+            found = redraw(folder)
+        except PartlyDone as err:
+            found, refused, total = err.done, refused + list(err.refused), total + err.total
+        else:
+            total += len(found)
+        drawn |= {where: count for where, count in found.items() if count is not None}
+    lines = [f"redrew {count} figures in {where}" for where, count in drawn.items()]
+    if refused:
+        raise PartlyDone(refused, total, lines)
     if not drawn:  # runs stopped before their first row: their pages were written again, no figure
         return [f"no figures to draw in {folder}: no run there has rows yet"]
-    return [f"redrew {count} figures in {where}" for where, count in drawn.items()]
+    return lines
 
 
 def _plot(args: list[str]) -> int:
@@ -199,7 +214,10 @@ def _plot(args: list[str]) -> int:
 def _write_pages(folder: Path) -> list[str]:
     from dsl_cli.report import write_pages
 
-    return [f"wrote {page}" for page in write_pages(folder)]
+    try:
+        return [f"wrote {page}" for page in write_pages(folder)]
+    except PartlyDone as err:
+        raise PartlyDone(err.refused, err.total, [f"wrote {page}" for page in err.done]) from None
 
 
 def _report(args: list[str]) -> int:

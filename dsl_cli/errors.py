@@ -26,6 +26,17 @@ class UserError(Exception):
         return "\n".join((self.args[0], *self.details))
 
 
+class PartlyDone(UserError):
+    """Of several folders (`dsl report` / `dsl plot` over a folder of runs), some were refused and the rest
+    done: `done` is what the work returns when none is refused, `details` names each refused folder and why."""
+
+    def __init__(self, refused: Sequence[tuple[Any, UserError]], total: int, done: Any):
+        super().__init__(f"{len(refused)} of {total} folders left as they were (below); the others are done",
+                         details=[err.args[0] if str(folder) in err.args[0] else f"{folder}: {err.args[0]}"
+                                  for folder, err in refused])
+        self.refused, self.total, self.done = tuple(refused), total, done
+
+
 class Interrupted(KeyboardInterrupt):
     """A signal that asks the run to stop (SIGINT from Ctrl-C, SIGTERM from a scheduler, SIGHUP from a
     closed terminal). A KeyboardInterrupt, so that code which lets Ctrl-C through lets these through too."""

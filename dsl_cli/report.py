@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 from urllib.parse import quote
 
 import numpy as np
 
-from dsl_cli.errors import UserError
+from dsl_cli.errors import PartlyDone, UserError
 from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell,
                              drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
@@ -568,17 +569,42 @@ def write_own_page(path: Path, html: str) -> None:
     atomic_write_bytes(path, html.encode())
 
 
+T = TypeVar("T")
+
+
+def each_folder(folders: list[tuple[str, Path]], work: Callable[[str, Path], T]) -> dict[Path, T]:
+    """`work(kind, folder)` on each (kind, folder) while holding it. One of several that is refused (its
+    files damaged, a run holding it) is left as it is and the others done, then `PartlyDone` names it with
+    the others' results; a lone folder's refusal is raised as it is."""
+    done, refused = {}, []
+    for kind, folder in folders:
+        try:
+            with claimed(folder):
+                done[folder] = work(kind, folder)
+        except UserError as err:
+            if len(folders) == 1:
+                raise
+            refused.append((folder, err))
+    if refused:
+        raise PartlyDone(refused, len(folders), done)
+    return done
+
+
 def write_pages(root: Path) -> list[Path]:
     """`dsl report`: write (or refresh) the page of every run, study and sweep at or below `root`, and, when
-    `root` is none of them itself (`outputs/paper`, a date folder), its own page linking them all."""
-    pages, found = [], report_folders(root)
-    for kind, folder in found:
-        with claimed(folder):
-            pages.append(write_page(kind, folder))
+    `root` is none of them itself (`outputs/paper`, a date folder), its own page linking them all. A refused
+    folder among several is left as it is: the rest are written, then `PartlyDone` names it."""
+    found = report_folders(root)
+    try:
+        pages, refused = list(each_folder(found, write_page).values()), None
+    except PartlyDone as err:
+        pages, refused = list(err.done.values()), err
     if folder_kind(root) is None:
         page = RunFolder(root).page
         write_own_page(page, collection_page(root, [f for _, f in found]))
         pages.append(page)
+    if refused:
+        raise PartlyDone(refused.refused, refused.total, pages)
     return pages
 
 
@@ -606,14 +632,18 @@ def collection_page(root: Path, folders: list[Path]) -> str:
 
 def redraw_folder(root: Path) -> dict[Path, int]:
     """`dsl plot`: draw the figures of every run and study at or below `root` again from their files, then
-    refresh the pages: {folder: figures drawn}."""
-    drawn = {}
-    for kind, folder in report_folders(root):
-        with claimed(folder):
-            # a run without similarity.csv has nothing to draw, unless it completed: run_rows refuses that one
-            if kind == "run" and (RunFolder(folder).csv(SIMILARITY).is_file() or run_rows(folder)):
-                drawn[folder] = len(redraw(folder))
-            elif kind == "study" and RunFolder(folder).holds_study():
-                drawn[folder] = len(redraw_study(folder))
-            write_page(kind, folder)
-    return drawn
+    refresh the pages: {folder: figures drawn}, without the folders that had nothing to draw."""
+    drawn = each_folder(report_folders(root), _redraw_one)
+    return {folder: count for folder, count in drawn.items() if count is not None}
+
+
+def _redraw_one(kind: str, folder: Path) -> int | None:
+    """Draw one run's or study's figures again and write its page: how many, or None with nothing to draw."""
+    count = None
+    # a run without similarity.csv has nothing to draw, unless it completed: run_rows refuses that one
+    if kind == "run" and (RunFolder(folder).csv(SIMILARITY).is_file() or run_rows(folder)):
+        count = len(redraw(folder))
+    elif kind == "study" and RunFolder(folder).holds_study():
+        count = len(redraw_study(folder))
+    write_page(kind, folder)
+    return count

@@ -28,7 +28,9 @@ import itertools
 import logging
 import os
 import re
+import signal
 import sys
+import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,7 +45,7 @@ from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
 from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
                              group_rows, is_dsl_png, is_sweep_folder, read_bytes_nofollow, read_manifest, run_rows,
                              type_row, write_json)
-from dsl_cli.report import write_page
+from dsl_cli.report import each_folder, write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
 
@@ -328,14 +330,12 @@ def read_merged(sweep_dir: Path) -> list[dict]:
 
 
 def redraw_sweeps(folder: Path) -> dict[Path, int]:
-    """`draw_sweep` for every merged sweep at or below `folder`: {sweep folder: figures drawn}."""
+    """`draw_sweep` for every merged sweep at or below `folder`: {sweep folder: figures drawn} (a refused one
+    among several: `report.each_folder`)."""
     found = [folder] if is_sweep_folder(folder) else [p.parent for p in folder.rglob("multirun.yaml")]
-    drawn = {}
-    for sweep in sorted(found):
-        if RunFolder(sweep).csv(SIMILARITY).is_file() and RunFolder(sweep).is_own():
-            with claimed(sweep):
-                drawn[sweep] = len(draw_sweep(sweep))
-    return drawn
+    merged = [("sweep", sweep) for sweep in sorted(found)
+              if RunFolder(sweep).csv(SIMILARITY).is_file() and RunFolder(sweep).is_own()]
+    return each_folder(merged, lambda kind, sweep: len(draw_sweep(sweep)))
 
 
 # ---------------------------------------------------------------- Hydra callback
@@ -356,12 +356,14 @@ FULL_ERROR = "HYDRA_FULL_ERROR"  # set, Hydra raises what goes wrong instead of 
 
 @dataclass
 class _Launch:
-    """Inside `cluster_refusals_reported`: whether dsl may set HYDRA_FULL_ERROR, the sweep launched, and
-    whether its jobs are SLURM's (they go on when the waiting `dsl run` stops)."""
+    """Inside `cluster_refusals_reported`: whether dsl may set HYDRA_FULL_ERROR, the sweep launched, whether
+    its jobs are SLURM's (they go on when the waiting `dsl run` stops), and where submitit's local executor
+    keeps its jobs' folders (launcher=local_gpus: they are stopped with it)."""
 
     active: bool = False
     sweep: Path | None = None
     on_slurm: bool = False
+    local_jobs: Path | None = None
 
 
 _launch = _Launch()
@@ -390,11 +392,16 @@ def cluster_refusals_reported() -> Iterator[None]:
         raise UserError(f"{refused}; nothing was submitted: fix the launcher's settings (docs/cluster.md), then "
                         f"`dsl run resume={sweep or 'SWEEP_DIR'}` with them") from None
     except Interrupted as err:  # stopping the wait stops no SLURM job: say what runs on, and how to finish
+        if _launch.local_jobs is not None:
+            stop_local_jobs(_launch.local_jobs)
         _mark_sweep(_launch.sweep, status="interrupted")
         if _launch.on_slurm and _launch.sweep is not None:
             err.advice = (f"the sweep's SLURM jobs go on (`squeue --me` lists them, `scancel` stops them); once "
                           f"none runs, `dsl run resume={_launch.sweep}` completes and merges the sweep "
                           f"(`dsl merge {_launch.sweep}` merges what is done so far)")
+        elif _launch.sweep is not None:
+            err.advice = (f"the sweep's running jobs stopped with it; `dsl run resume={_launch.sweep}` completes "
+                          "and merges the sweep")
         raise
     except SystemExit as exit_:  # a job of a sweep run in this process (launcher=local) was stopped
         if isinstance(exit_.code, int) and exit_.code > 128:
@@ -403,7 +410,29 @@ def cluster_refusals_reported() -> Iterator[None]:
     finally:
         if _launch.active:
             os.environ.pop(FULL_ERROR, None)
-        _launch.active, _launch.sweep, _launch.on_slurm = False, None, False
+        _launch.active, _launch.sweep, _launch.on_slurm, _launch.local_jobs = False, None, False, None
+
+
+def stop_local_jobs(jobs: Path, wait_s: float = 60.0) -> None:
+    """launcher=local_gpus: submitit's local jobs are processes of this one that outlive it (submitit cancels
+    them only where asked to), so a stopped sweep stops them too. Each job's controller is a child of this
+    process whose pid names its folder in `jobs` (`.submitit`); SIGTERM to it is forwarded to the job, which
+    ends as any stopped run does. Waits up to `wait_s` for them to end, so that their manifests say so."""
+    running = [pid for pid in (int(p.name) for p in jobs.glob("*") if p.name.isdigit()) if _running_child(pid)]
+    for pid in running:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    while running and time.monotonic() < deadline:
+        time.sleep(0.1)
+        running = [pid for pid in running if _running_child(pid)]
+
+
+def _running_child(pid: int) -> bool:
+    """Whether `pid` is a process this one started that has not ended (one that ended is reaped)."""
+    try:
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:  # not a child of this process (another's, or long gone)
+        return False
 
 
 def _mark_sweep(sweep: Path | None, **values) -> None:
@@ -470,7 +499,10 @@ class SweepResults(Callback):
                 report(err)
                 sys.exit(2)
         _launch.sweep = Path(config.hydra.sweep.dir)
-        _launch.on_slurm = str(config.hydra.launcher.get("_target_", "")).endswith(".SlurmLauncher")
+        launcher = str(config.hydra.launcher.get("_target_", ""))
+        _launch.on_slurm = launcher.endswith(".SlurmLauncher")
+        if launcher.endswith(".LocalLauncher"):  # submitit's: each job's folder is submitit_folder with its id
+            _launch.local_jobs = Path(config.hydra.launcher.submitit_folder).parent
         if _launch.active:  # what goes wrong from here on is raised to `cluster_refusals_reported`
             os.environ[FULL_ERROR] = "1"
 

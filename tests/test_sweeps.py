@@ -293,6 +293,37 @@ def test_local_gpus_without_a_gpu_runs_local_processes_and_merges_past_a_failed_
                                  for row in read_rows(sweep / "1" / "similarity.csv")]
 
 
+def processes_naming(text: str) -> list[int]:
+    """The processes whose command line holds `text` (none found where there is no /proc)."""
+    found = []
+    for pid in (p for p in os.listdir("/proc") if p.isdigit()) if Path("/proc").is_dir() else ():
+        try:
+            if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:  # it ended meanwhile
+            pass
+    return found
+
+
+def test_local_gpus_stopped_stops_its_running_job_and_names_the_resume(tmp_path: Path) -> None:
+    """SIGTERM to the waiting `dsl run -m launcher=local_gpus` alone (a `kill`, not Ctrl-C's whole process
+    group): submitit's local job would run on, orphaned, into a sweep marked stopped. It is stopped with it,
+    its manifest says so, and the advice names the sweep's resume."""
+    sweep = tmp_path / "sweep"
+    slow = ["debug=tiny", "layer=1", "component=all", "images.limit=1", "decode.batch_size=1"]  # 5 pictures, one by one
+    process = zygote.popen([DSL, "run", *slow, "launcher=local_gpus", f"hydra.sweep.dir={sweep}", "--multirun",
+                            "seed=0,1"], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(sweep.glob("0/images/*/steering/*.png")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0 and f"`dsl run resume={sweep}` completes and merges the sweep" in err, err
+    assert not processes_naming(str(sweep)), "a job of the stopped sweep runs on"
+    assert json.loads((sweep / "0" / "manifest.json").read_text())["status"] == "interrupted"
+    assert json.loads((sweep / "manifest.json").read_text())["status"] == "interrupted"
+
+
 @pytest.mark.parametrize("gpus", [0, 1, 4])
 def test_local_gpus_starts_one_job_per_gpu_and_each_keeps_its_own(gpus: int, monkeypatch) -> None:
     import torch

@@ -348,6 +348,31 @@ def test_a_complete_runs_rows_cut_short_repeated_or_deleted_are_refused_then_res
     assert (run_copy / "similarity.csv").read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_a_damaged_run_among_several_is_named_and_the_others_are_done(
+        command: str, decoded_run: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`dsl report` / `dsl plot` of a folder of runs, one of them damaged: the others' pages and figures are
+    written, the damaged one is left as it is and named with why, and the status is 2."""
+    root = tmp_path / "runs"
+    for name in ("a_good", "b_damaged", "c_good"):
+        shutil.copytree(decoded_run, root / name)
+        (root / name / "index.html").unlink()
+    _cut_short(root / "b_damaged" / "similarity.csv")
+    damaged = snapshot(root / "b_damaged")
+    monkeypatch.chdir(tmp_path)
+    code = cli.main([command, str(root)])
+    out, err = capsys.readouterr()
+    line = one_line(err)
+    assert code == 2 and "1 of 3 folders left as they were" in line, line
+    assert f"{root / 'b_damaged'}/similarity.csv: 2 rows" in err, err
+    assert snapshot(root / "b_damaged") == damaged
+    for good in ("a_good", "c_good"):
+        assert (root / good / "index.html").is_file(), good
+        assert (f"wrote {root / good}/index.html" if command == "report" else f" figures in {root / good}\n") \
+            in out + "\n", out
+    assert (root / "index.html").is_file() == (command == "report")
+
+
 def test_plot_of_a_run_stopped_before_its_first_row_says_there_is_nothing_to_draw(run_copy: Path, tmp_path: Path,
                                                                                 monkeypatch, capsys) -> None:
     (run_copy / "similarity.csv").unlink()
