@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from dsl_cli.components import Component
@@ -84,6 +85,7 @@ def feature_stage(cfg, run_dir: Path, encoder, preprocess, image_set,
     spec = sae_config(cfg)
     with manifest.stage("sae"):
         sae = load_sae(spec.path, spec.repo_id)
+        _check_layer_asked(Path(run_dir), sae.layer, encoder.n_layers, sae.source)
         manifest.same_weights("sae", [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold],
                               f"the SAE {sae.source}")
         features = FeatureEncoder(encoder, sae)
@@ -116,6 +118,22 @@ def feature_stage(cfg, run_dir: Path, encoder, preprocess, image_set,
                          "per_image": {name: [f"L{sae.layer:02d}F{i:05d}" for i in chosen]
                                        for name, chosen in per_image.items()} if fixed is None else None})
     return features, sae.components(picked)
+
+
+def _check_layer_asked(run_dir: Path, layer: int, n_layers: int, source: str) -> None:
+    """An SAE is read at the layer it was trained on; a `layer=` on the run's command line (its saved
+    overrides) that names another, or several, would be ignored without a word, so it is refused. A preset's
+    layer (debug=tiny) was not asked for; a run from the Python API has no command line."""
+    from dsl_cli.outputs import RunFolder
+
+    saved = RunFolder(run_dir).overrides_yaml
+    overrides = yaml.safe_load(saved.read_text()) if saved.is_file() else []
+    for override in overrides if isinstance(overrides, list) else []:
+        key, _, value = str(override).partition("=")
+        number = value.strip().removeprefix("-")
+        if key.lstrip("+~") == "layer" and not (number.isdigit() and int(value) in (layer, layer - n_layers)):
+            raise UserError(f"layer={value}: {source} reads its features at layer {layer}, where it was trained; "
+                            "with sae= drop layer= (or give that layer)")
 
 
 def write_features_csv(run_dir: Path, rows: list[dict]) -> None:

@@ -499,3 +499,22 @@ def test_run_refusals_before_any_model(tmp_path, monkeypatch, capsys, overrides,
     sae = tiny_sae_folder(tmp_path / "sae")
     code, err = dsl_in_process(["run", "debug=tiny", f"sae.path={sae}", *overrides], tmp_path, monkeypatch, capsys)
     assert code == 2 and fragment in err, err
+
+
+@pytest.mark.parametrize(("layer", "allowed"), [("1", True), ("-3", True), ("2", False), ("-1", False),
+                                                ("all", False), ("'[1,2]'", False)])
+def test_a_layer_on_the_command_line_that_is_not_the_saes_is_refused(tmp_path, monkeypatch, capsys, layer, allowed):
+    """The SAE is read at its own layer (1 of debug=tiny's 4): `layer=` naming it, or its negative index,
+    runs; any other was ignored without a word and is refused in one line. debug=tiny's own layer is not
+    asked for and never refused (the other tests of this module run with it)."""
+    from helpers import dsl_in_process
+
+    sae = tiny_sae_folder(tmp_path / "sae")
+    args = ["run", "debug=tiny", f"sae={sae}", "decode.enabled=false", "images.limit=1", f"layer={layer}",
+            f"hydra.run.dir={tmp_path / 'run'}"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    if allowed:
+        assert code == 0, err[-3000:]
+    else:
+        assert code == 2 and len(lines) == 1 and "reads its features at layer 1" in lines[0], err[-3000:]
