@@ -695,9 +695,11 @@ class RunFolder:
         process holds it already."""
         if self.owner is not None:
             return False
-        self.refuse_links()
         # what the user changes to go elsewhere; none for a folder given (resume=, plot, report, merge)
         setting = None if resume else self.OUT_SETTINGS.get(kind, "hydra.run.dir")
+        if self._foreign_at_a_glance():  # before looking for links: a link in /etc or a user's folder is theirs
+            raise self._foreign(setting)
+        self.refuse_links()
         _HELD[self._key()] = self._lock(setting)
         try:
             if not resume:
@@ -710,6 +712,16 @@ class RunFolder:
             self.release()
             raise
         return True
+
+    def _foreign_at_a_glance(self) -> bool:
+        """A folder (not a link) that is plainly not dsl's: another program's manifest, or none and files that
+        no claim of dsl's leaves. A damaged manifest is left to the checks after the lock."""
+        if self.path.is_symlink() or not self.path.is_dir():
+            return False
+        try:
+            return not self.is_own()
+        except UserError:
+            return False
 
     def _check_fresh(self, setting: str) -> None:
         if self.holds_run():

@@ -5,6 +5,7 @@ axis cannot pass."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -278,10 +279,14 @@ def test_fit_and_merge_write_only_their_own_folder_and_refuse_damage_in_one_line
     assert "not a dsl folder" in refused([*fit, f"adapter.out={tmp_path / 'mine'}"])
     (tmp_path / "linked").mkdir()
     (tmp_path / "linked" / "index.html").symlink_to(tmp_path / "mine" / "index.html")
-    assert "symbolic link" in refused([*fit, f"adapter.out={tmp_path / 'linked'}"])
-    assert (tmp_path / "mine" / "index.html").read_text() == "precious"
+    assert "not a dsl folder" in refused([*fit, f"adapter.out={tmp_path / 'linked'}"])  # the link is the user's
     assert dsl_in_process([*fit, f"adapter.out={tmp_path / 'one'}"], tmp_path, monkeypatch, capsys)[0] == 0
     weights = (tmp_path / "one" / "adapter.safetensors").read_bytes()
+    shutil.copytree(tmp_path / "one", tmp_path / "planted")  # a link planted in a folder of dsl's
+    (tmp_path / "planted" / "index.html").unlink()
+    (tmp_path / "planted" / "index.html").symlink_to(tmp_path / "mine" / "index.html")
+    assert "symbolic link" in refused([*fit, f"adapter.out={tmp_path / 'planted'}"])
+    assert (tmp_path / "mine" / "index.html").read_text() == "precious"
     assert "choose another adapter.out" in refused([*fit, f"adapter.out={tmp_path / 'one'}", "adapter.augment=2"])
     assert (tmp_path / "one" / "adapter.safetensors").read_bytes() == weights
     assert "not the folder of a sharded" in refused(["adapter", "merge", str(tmp_path / "nowhere")])

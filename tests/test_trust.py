@@ -191,6 +191,25 @@ def test_a_run_into_a_folder_with_a_users_files_is_refused(tmp_path: Path, monke
     assert snapshot(folder) == before
 
 
+@pytest.mark.parametrize("planted", ["a link of the user's", "another program's manifest"])
+def test_a_folder_that_is_plainly_not_dsls_is_refused_as_such_before_any_link_is_named(
+        planted: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`hydra.run.dir=/etc` was told to remove /etc/os-release (a link); a user's folder with a link of theirs
+    got the same advice, and one with another program's manifest.json "already holds a run: resume it". Each is
+    "not a dsl folder" and nothing in it is named for removal, or changed."""
+    folder = tmp_path / "mine"
+    picture(folder / "notes.txt", b"mine")
+    if planted == "a link of the user's":
+        (folder / "zlink").symlink_to(folder / "notes.txt")
+    else:
+        (folder / "manifest.json").write_text('{"a": 1}')
+    before = snapshot(folder)
+    code, err = dsl_in_process(["run", *SCORES_ONLY, f"hydra.run.dir={folder}"], tmp_path, monkeypatch, capsys)
+    line = one_line(err)
+    assert code == 2 and "not a dsl folder" in line and "remove" not in line and "resume" not in line, line
+    assert snapshot(folder) == before
+
+
 # ------------------------------------------------------------------ planted links
 
 
