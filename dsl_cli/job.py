@@ -100,14 +100,20 @@ def task(cfg: DictConfig) -> None:
     from dsl_cli.logs import route_library_logs
 
     with stop_signals_interrupt():
-        raise_if_stopped()  # one that came while Hydra set the run up (dsl_cli.cli defers those to here)
-        run = _load_run(cfg)
-        route_library_logs()  # after importing run: the libraries set up their loggers when imported
-        raise_if_stopped()  # a Ctrl-C during those seconds of imports that a library's `except:` swallowed
         hydra_cfg = HydraConfig.get()
         folder = RunFolder(Path(hydra_cfg.runtime.output_dir))
         sweep = hydra_cfg.mode == RunMode.MULTIRUN
         num = hydra_cfg.job.num if sweep else None
+        try:
+            raise_if_stopped()  # one that came while Hydra set the run up (dsl_cli.cli defers those to here)
+            run = _load_run(cfg)
+            route_library_logs()  # after importing run: the libraries set up their loggers when imported
+            raise_if_stopped()  # a Ctrl-C during those seconds of imports that a library's `except:` swallowed
+        except KeyboardInterrupt as err:  # a single run's folder, claimed by ClaimFolder, holds nothing yet
+            if num is None and not cfg.resume and holds_no_result(folder):
+                drop_bookkeeping(folder)
+                _report(err, folder.path, None, kept=False)
+            raise
         try:
             claim(folder, cfg)
         except UserError as err:  # not this job's folder: nothing is recorded there
@@ -119,7 +125,9 @@ def task(cfg: DictConfig) -> None:
             run(cfg, folder.path)
         except BaseException as err:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
             _record(folder, err)
-            failed_early = num is None and isinstance(err, UserError) and holds_no_result(folder)  # a bug's log stays
+            # a single run stopped or refused before its first result leaves no folder (a bug's log stays)
+            failed_early = (num is None and not cfg.resume and isinstance(err, (UserError, KeyboardInterrupt))
+                            and holds_no_result(folder))
             if hydra_cfg.verbose and not isinstance(err, KeyboardInterrupt):
                 raise
             _report(err, folder.path, num, kept=not failed_early,
@@ -158,7 +166,9 @@ def drop_bookkeeping(folder: RunFolder) -> None:
     for empty in (folder.config_yaml.parent, folder.path):
         try:
             empty.rmdir()
-        except OSError:  # not empty (a file appeared) or already gone: left as it is
+        except FileNotFoundError:  # never made (.hydra of a run stopped before it was written) or gone
+            continue
+        except OSError:  # not empty (a file appeared): left as it is
             return
 
 
@@ -207,8 +217,8 @@ def _report(err: BaseException, folder: Path, num: int | None, kept: bool = True
     else:
         resume = f"`dsl run resume={folder}` completes the run" if kept else "run the same command again"
     if isinstance(err, KeyboardInterrupt):
-        print("\n" + printable(f"dsl: interrupted ({_signal_name(err)}); finished pictures are kept: {resume}"),
-              file=sys.stderr)
+        kept_text = "finished pictures are kept" if kept else f"nothing was written yet, and {folder} is removed"
+        print("\n" + printable(f"dsl: interrupted ({_signal_name(err)}); {kept_text}: {resume}"), file=sys.stderr)
         sys.exit(err.exit_status if isinstance(err, Interrupted) else 130)
     if isinstance(err, UserError):
         message, status = (UserError(f"{err.args[0]}; once that is fixed, {resume}") if err.resumable else err), 2

@@ -512,10 +512,11 @@ def test_run_refuses_a_folder_that_holds_a_run(tmp_path: Path) -> None:
     register_configs()
     with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
         cfg = compose(config_name="run", overrides=["debug=tiny"])
-    (tmp_path / "manifest.json").write_text("{}")
+    manifest = '{"made_by": "dsl", "status": "interrupted", "started": "2026-12-07T03:00:00"}'
+    (tmp_path / "manifest.json").write_text(manifest)
     with pytest.raises(UserError, match="already holds a run"):
         run(cfg, tmp_path)
-    assert (tmp_path / "manifest.json").read_text() == "{}"
+    assert (tmp_path / "manifest.json").read_text() == manifest
 
 
 CUT_RUN = ("similarity.csv", "image,lens,component,kind,layer,head\ncat,direct,L01H01,head,1,1\n")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dsl_cli import cli
-from dsl_cli.errors import UserError
+from dsl_cli.errors import Interrupted, UserError
 from dsl_cli.images import unique_names
 from dsl_cli.outputs import NAME, SIMILARITY, CsvLog, RunFolder, read_csv, read_manifest, release_all
 from helpers import dsl_in_process
@@ -495,6 +495,33 @@ def test_a_stop_that_comes_back_as_a_config_error_is_a_stop(tmp_path: Path, monk
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_stopped_before_its_first_result_leaves_no_folder_but_a_resume_keeps_its_own(
+        resume: bool, run_copy: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Stopped while its encoder loads: a fresh run has nothing to resume (its dated folder would only pile
+    up, and `resume=` of it was refused), so its folder goes and the line says to run the command again; a
+    resumed run's folder is the user's finished work and stays as it was."""
+    def stopped(*args, **kwargs):
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr("dsl_cli.run.load_encoder", stopped)
+    if resume:
+        manifest = json.loads((run_copy / "manifest.json").read_text())
+        (run_copy / "manifest.json").write_text(json.dumps({**manifest, "status": "interrupted"}))
+        before = snapshot(run_copy)
+    args = ["run", f"resume={run_copy}"] if resume else ["run", *SCORES_ONLY, "hydra.run.dir=fresh"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 130 and len(lines) == 1 and "interrupted (SIGINT)" in lines[0], err
+    if resume:
+        assert f"`dsl run resume={run_copy}` completes the run" in lines[0]
+        assert {k: v for k, v in snapshot(run_copy).items() if k not in ("manifest.json", "dsl.log")} == {
+            k: v for k, v in before.items() if k not in ("manifest.json", "dsl.log")}
+    else:
+        assert "nothing was written yet" in lines[0] and "run the same command again" in lines[0]
+        assert not (tmp_path / "fresh").exists()
+
+
 def test_a_stop_a_library_swallows_during_the_imports_still_stops_the_run(tmp_path: Path, monkeypatch, capsys) -> None:
     """Ctrl-C while a run imports its libraries (its first seconds) can land in a library's bare `except:`
     around an optional import; the run stops anyway, with the one line, instead of running to the end
@@ -513,7 +540,7 @@ def test_a_stop_a_library_swallows_during_the_imports_still_stops_the_run(tmp_pa
     code, err = dsl_in_process(["run", *SCORES_ONLY, "hydra.run.dir=run"], tmp_path, monkeypatch, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 130 and "Traceback" not in err and len(lines) == 1 and "interrupted (SIGINT)" in lines[0], err
-    assert not (tmp_path / "run" / "similarity.csv").exists()
+    assert "run the same command again" in lines[0] and not (tmp_path / "run").exists(), err  # no folder to resume
     signals.clear()
     code, err = dsl_in_process(["run", *SCORES_ONLY, "hydra.run.dir=again"], tmp_path, monkeypatch, capsys)
     assert code == 0, err  # handled: the next command in this process is not stopped by it
@@ -544,7 +571,6 @@ def test_a_sweep_stopped_in_a_job_names_the_sweeps_resume_and_is_marked_interrup
     line names the resume of the sweep, which runs the jobs left and merges (the job's own resume would leave
     the later jobs unrun), and the sweep's manifest says `interrupted` (it said `started`)."""
     from dsl_cli import run
-    from dsl_cli.errors import Interrupted
 
     def stopped(cfg, run_dir) -> None:
         raise Interrupted(signal.SIGINT)
