@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -272,7 +273,11 @@ def check_overrides(overrides: list[str]) -> None:
             raise UserError(f"{text}: {_one_line(err)} (quote a value with spaces or brackets: key='a b')") from None
     search = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]  # config folders of plugins
     parsed = [o for o in parsed if not o.is_hydra_override()]
+    for override in parsed:
+        _check_added(override)
     values = [_values(o) for o in parsed]
+    for override, options in zip(parsed, values):
+        _check_sweep(override, options)
     parsed, values = [o for o, v in zip(parsed, values) if v], [v for v in values if v]  # glob: Hydra's
     first = [v[0] for v in values]
     composed = _compose(first, search)
@@ -284,6 +289,47 @@ def check_overrides(overrides: list[str]) -> None:
         else:
             for option in dict.fromkeys(options[1:]):
                 _compose([*first[:i], option, *first[i + 1:]], search)
+
+
+def _is_group(key: str) -> bool:
+    """Whether `key` names a config group (a folder of configs/: `encoder`, `debug`), not a setting."""
+    return (Path(__file__).parent / "configs" / key.replace(".", "/")).is_dir()
+
+
+def _check_added(override) -> None:
+    """`+key=value` adds a key where Hydra's schema would refuse a misspelt one (`+lens.alfa=2` ran, ignored):
+    a setting added with `+` or `++` must be one of the schema's."""
+    from hydra.core.override_parser.types import OverrideType
+
+    key = override.key_or_group
+    if override.type not in (OverrideType.ADD, OverrideType.FORCE_ADD) or override.package or _is_group(key):
+        return
+    if OmegaConf.select(OmegaConf.structured(RunConfig), key, default=_ABSENT) is _ABSENT:
+        raise UserError(f"{override.input_line}: {key} is not a setting of dsl (`+` adds a key that nothing reads; "
+                        "misspelt? `dsl run --cfg job` prints every setting)")
+
+
+_ABSENT = object()
+
+
+def _check_sweep(override, options: list[str]) -> None:
+    """A swept setting must sweep something, and each value once: `layer=range(0,0)` launched no job and
+    called the sweep complete; `layer=1,1` ran the same job twice and merged each of its rows twice."""
+    if not override.is_sweep_override() or override.value_type is None:
+        return
+    if not options and _sweep_is_empty(override):
+        raise UserError(f"{override.input_line}: sweeps no value (an empty range or list); give at least one")
+    repeated = [value for value, count in Counter(options).items() if count > 1]
+    if repeated:
+        raise UserError(f"{override.input_line}: {repeated[0]} is swept twice, which runs the same job twice and "
+                        "merges its rows twice; give each value once")
+
+
+def _sweep_is_empty(override) -> bool:
+    try:
+        return not list(override.sweep_string_iterator())
+    except Exception:  # noqa: BLE001 - a glob sweep: expanded by Hydra's loader only
+        return False
 
 
 def _compose(variant: list[str], search: list[str] = ()):
@@ -303,9 +349,7 @@ def _set_in_place(override) -> bool:
     (not a config group, no `+`, `~` or package)."""
     from hydra.core.override_parser.types import OverrideType
 
-    key = override.key_or_group
-    return (override.type == OverrideType.CHANGE and override.package is None
-            and not (Path(__file__).parent / "configs" / key.replace(".", "/")).is_dir())
+    return override.type == OverrideType.CHANGE and override.package is None and not _is_group(override.key_or_group)
 
 
 def _check_values(composed, override) -> None:

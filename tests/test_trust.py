@@ -457,6 +457,27 @@ def test_a_bad_201st_value_is_refused_at_once_and_nothing_is_written(tmp_path: P
     assert not (tmp_path / "sweep").exists()
 
 
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["-m", "layer=range(0,0)"], "layer=range(0,0): sweeps no value"),  # launched nothing, exit 0, "complete"
+    (["-m", "layer=0,1", "seed=3,4,3"], "seed=3 is swept twice"),  # the same job twice, its rows merged twice
+    (["+lens.alfa=2"], "lens.alfa is not a setting of dsl"),  # ran, with the misspelt key recorded and unread
+    (["+foo=1"], "foo is not a setting of dsl"),
+])
+def test_a_sweep_of_no_value_a_value_twice_or_an_added_unknown_key_is_refused_before_anything_is_written(
+        overrides: list[str], fragment: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    code, err = dsl_in_process(["run", *SCORES_ONLY, *overrides, "hydra.sweep.dir=sweep", "hydra.run.dir=run"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 2 and fragment in one_line(err)
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "run").exists()
+
+
+def test_plus_on_a_known_setting_is_still_taken(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(["run", *SCORES_ONLY, "++lens.alpha=3.5", "--cfg", "job"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "alpha: 3.5" in out, err
+
+
 # ------------------------------------------------------------------ signals from the first instruction on
 
 
