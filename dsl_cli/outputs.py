@@ -422,8 +422,14 @@ def load_manifest(folder: Path) -> dict | None:
 
 
 def damaged(path: Path, reason: str) -> UserError:
-    return UserError(f"{path}: not a manifest dsl can read ({reason}); restore it, or delete it and dsl writes it "
-                     "anew (`dsl run resume=`, `dsl merge`); a folder that is not dsl's is never written")
+    """The refusal of a manifest dsl cannot read: a sweep's is written anew by a merge; a run's says what the
+    run was, and without it the folder is no longer known to be dsl's, so it is restored or the run redone."""
+    if RunFolder(path.parent).is_own_sweep():
+        fix = f"delete it and `dsl merge {path.parent}` writes it anew"
+    else:
+        fix = "restore it from a copy, or run the run again into another folder"
+    return UserError(f"{path}: not a manifest dsl can read ({reason}); {fix}; a folder that is not dsl's is never "
+                     "written")
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -263,6 +263,22 @@ def test_a_damaged_manifest_stops_resume_with_one_line(content: str, run_copy: P
     assert code == 2 and "manifest.json" in one_line(err)
 
 
+def test_the_advice_for_a_damaged_manifest_works(run_copy: Path, sweep_copy: Path, tmp_path: Path, monkeypatch,
+                                                capsys) -> None:
+    """It said "delete it and dsl writes it anew" for every folder; a run folder without its manifest is no
+    longer known to be dsl's, so that was a dead end. A sweep's is deleted and merged anew; a run's is not
+    to be deleted."""
+    for folder in (run_copy, sweep_copy):
+        (folder / "manifest.json").write_text("{not json")
+    code, err = dsl_in_process(["report", str(run_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "delete" not in one_line(err) and "restore it" in one_line(err)
+    code, err = dsl_in_process(["report", str(sweep_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and f"delete it and `dsl merge {sweep_copy}` writes it anew" in one_line(err)
+    (sweep_copy / "manifest.json").unlink()
+    code, err = dsl_in_process(["merge", str(sweep_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 0 and json.loads((sweep_copy / "manifest.json").read_text())["status"] == "complete", err
+
+
 def test_a_fresh_run_into_a_folder_with_a_damaged_manifest_is_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
     folder = tmp_path / "run"
     folder.mkdir()
