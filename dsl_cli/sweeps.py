@@ -478,6 +478,21 @@ def lost_job(err: BaseException, sweep: Path | None) -> str | None:
             f"`dsl run resume={sweep or 'SWEEP_DIR'}` runs the unfinished jobs again and merges the sweep")
 
 
+SUBMITIT_LOG = "SUBMITIT_LOG_LEVEL"  # NOCONFIG: submitit adds no handler of its own when imported
+
+
+def submitit_logs_through_hydra() -> None:
+    """submitit prints each warning itself, twice (to stdout and to stderr) and once per status poll (its
+    sacct warning, where the cluster keeps no accounting); without its handlers its records reach Hydra's
+    console, whose filter (`logs.SweepTerminalFilter`) shows a library's warning once. The launcher imports
+    submitit after this; where it is in already, its handlers are taken off."""
+    os.environ.setdefault(SUBMITIT_LOG, "NOCONFIG")
+    if "submitit" in sys.modules and os.environ[SUBMITIT_LOG] == "NOCONFIG":
+        logger = logging.getLogger("submitit")
+        for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
+            logger.removeHandler(handler)
+
+
 class SweepResults(Callback):
     """Hydra callback (configs/run.yaml, hydra.callbacks): one GPU per local job, and the merge at the end."""
 
@@ -492,6 +507,7 @@ class SweepResults(Callback):
         # open_clip), which `dsl merge` and `dsl plot`, importing this module, never load
         from dsl_cli.preflight import preflight
 
+        submitit_logs_through_hydra()
         if not config.resume:
             try:
                 preflight(config)

@@ -324,6 +324,27 @@ def test_local_gpus_stopped_stops_its_running_job_and_names_the_resume(tmp_path:
     assert json.loads((sweep / "manifest.json").read_text())["status"] == "interrupted"
 
 
+def test_submitits_warnings_go_through_hydras_console_once(monkeypatch, capsys) -> None:
+    """submitit printed each warning itself, to stdout and stderr, once per status poll (its sacct warning: 8
+    lines for a 2-job sweep); its records now reach only Hydra's console, whose filter shows one once."""
+    import logging
+
+    import submitit  # noqa: F401 - imported already where a launcher ran in this process: its handlers are taken off
+    from dsl_cli.logs import SweepTerminalFilter
+    from dsl_cli.sweeps import submitit_logs_through_hydra
+
+    logger = logging.getLogger("submitit")
+    monkeypatch.setattr(logger, "handlers", [logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)])
+    monkeypatch.delenv("SUBMITIT_LOG_LEVEL", raising=False)
+    submitit_logs_through_hydra()
+    assert os.environ["SUBMITIT_LOG_LEVEL"] == "NOCONFIG"  # for a submitit imported later, and for the jobs
+    assert not logger.handlers and logger.propagate
+    console = SweepTerminalFilter()
+    polls = [logging.LogRecord("submitit", logging.WARNING, "", 0, f"Call #{n} - Bypassing sacct error", (), None)
+             for n in (1, 2, 3)]
+    assert [console.filter(record) for record in polls] == [True, False, False]
+
+
 @pytest.mark.parametrize(("launcher", "batch"), [(None, 16), ("local", 16), ("slurm", None)])
 def test_a_local_sweep_launches_in_batches_and_a_slurm_sweep_as_one_array(launcher: str | None,
                                                                           batch: int | None) -> None:
