@@ -68,6 +68,10 @@ def resume_overrides(args: list[str]) -> list[str]:
             others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
             if others:
                 raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
+            if not folder.is_dir():
+                what = "not a folder" if os.path.lexists(folder) else "no such folder"
+                raise UserError(f"resume={folder}: {what}; give the folder of the run or sweep to complete (`dsl run` "
+                                "printed it, and a stop names it)")
             if is_sweep_folder(folder):
                 return resume_sweep_args(folder, args)
             if RunFolder(folder).only_claimed():

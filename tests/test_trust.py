@@ -263,6 +263,15 @@ def test_a_damaged_manifest_stops_resume_with_one_line(content: str, run_copy: P
     assert code == 2 and "manifest.json" in one_line(err)
 
 
+@pytest.mark.parametrize("given", ["nowhere", "a_file"])
+def test_resume_of_a_folder_that_is_not_there_says_so(given: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "a_file").write_text("mine")
+    code, err = dsl_in_process(["run", f"resume={given}"], tmp_path, monkeypatch, capsys)
+    expected = "no such folder" if given == "nowhere" else "not a folder"
+    assert code == 2 and f"resume={given}: {expected}" in one_line(err)
+    assert (tmp_path / "a_file").read_text() == "mine"
+
+
 def test_the_advice_for_a_damaged_manifest_works(run_copy: Path, sweep_copy: Path, tmp_path: Path, monkeypatch,
                                                 capsys) -> None:
     """It said "delete it and dsl writes it anew" for every folder; a run folder without its manifest is no
