@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from dsl_cli.errors import (Interrupted, UserError, bug_message, printable, raise_if_stopped, report, stop,
                             stop_handler)
 from dsl_cli.logs import close_file_logs
-from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes
+from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes, is_dsl_png
 from dsl_cli.resumption import requeued_run, resumes
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # with SIGINT: what a scheduler and a closed terminal send
@@ -139,14 +139,17 @@ def task(cfg: DictConfig) -> None:
 
 
 def _bookkeeping(folder: RunFolder) -> list[Path]:
-    """What dsl writes in a run folder before any result: its manifest, log, saved configs and lock."""
+    """What dsl writes in a run folder before any result: its manifest, log, saved configs and lock, and the
+    input pictures (copies of the images as the encoder saw them, dsl's own PNGs), files before folders."""
+    inputs = [p for p in folder.path.glob("images/*/input.png") if not p.is_symlink() and is_dsl_png(p)]
     return [folder.manifest_json, folder.log_file, folder.config_yaml, folder.hydra_yaml, folder.overrides_yaml,
-            folder.lock_path]
+            folder.lock_path, *inputs, folder.config_yaml.parent, *(p.parent for p in inputs),
+            folder.path / "images"]
 
 
 def holds_no_result(folder: RunFolder) -> bool:
     """Whether the folder holds nothing but dsl's bookkeeping (a run that failed before its first result)."""
-    known = set(_bookkeeping(folder)) | {folder.config_yaml.parent}
+    known = set(_bookkeeping(folder))
     try:
         found = [p for p in folder.path.rglob("*")]
     except OSError:
@@ -157,18 +160,16 @@ def holds_no_result(folder: RunFolder) -> bool:
 def drop_bookkeeping(folder: RunFolder) -> None:
     """A single run that failed before its first result leaves no folder: the same command, once its cause
     is fixed, runs again, and dated folders of failed attempts do not pile up. Only dsl's own files are
-    deleted, and the folder only if that empties it."""
+    deleted, and a folder only if that empties it."""
     if not holds_no_result(folder):  # checked again: something may have appeared since
         return
     close_file_logs(folder.log_file)
-    for path in _bookkeeping(folder):
-        path.unlink(missing_ok=True)
-    for empty in (folder.config_yaml.parent, folder.path):
+    for path in [*_bookkeeping(folder), folder.path]:
         try:
-            empty.rmdir()
+            path.rmdir() if path.is_dir() else path.unlink()
         except FileNotFoundError:  # never made (.hydra of a run stopped before it was written) or gone
             continue
-        except OSError:  # not empty (a file appeared): left as it is
+        except OSError:  # a folder not empty (a file appeared): left as it is
             return
 
 

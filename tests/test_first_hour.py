@@ -66,6 +66,17 @@ def test_a_failed_run_in_a_dated_folder_leaves_nothing(tmp_path: Path, monkeypat
     assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()], "files of a failed attempt remain"
 
 
+def test_a_run_refused_after_its_input_pictures_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A run refused once its images were read (here every score is infinite) had written their input pictures
+    and stayed, `failed`, in the way of the corrected command; they are dsl's copies, not results."""
+    args = ["run", "debug=tiny", "decode.enabled=false", "images.limit=2", "lens.alpha=1e300", "hydra.run.dir=run"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and "not finite" in err, err
+    assert not (tmp_path / "run").exists()
+    args[4] = "lens.alpha=2"
+    assert dsl_in_process(args, tmp_path, monkeypatch, capsys)[0] == 0
+
+
 def test_a_failed_run_leaves_no_log_handler_on_its_deleted_folder(tmp_path: Path, monkeypatch) -> None:
     """In a process that goes on (a notebook, the next test), what is logged after a run whose folder was
     removed must not go to, or fail on, that folder's dsl.log."""
