@@ -35,6 +35,7 @@ from torch import Tensor
 
 from dsl_cli.config import encoder_text
 from dsl_cli.errors import UserError
+from dsl_cli.weights import refuse_damaged_weights
 
 READOUTS = ("embed", "resid")  # the source's final embedding, or its residual stream after block `layer`
 HELDOUT_FRACTION = 0.1  # share of the images (by name hash) kept out of the fit, for lambda and the metrics
@@ -247,6 +248,28 @@ class Partial:
                    list(tensors["heldout.rows_s"]), list(tensors["heldout.rows_t"]), images, views, info)
 
 
+def _adapter_problem(tensors: dict[str, Tensor], meta: Any) -> Optional[str]:
+    """What is wrong with an adapter file's tensors and metadata (None when nothing is): every shape and
+    metadata value that a run reads is checked here, so that a hand-edited file fails in one line, not later."""
+    W, b, negative = tensors.get("W"), tensors.get("b"), tensors.get("negative")
+    if W is None or b is None or W.ndim != 2 or b.ndim != 1 or W.shape[0] != b.shape[0]:
+        return "W [q, p] and b [q] expected"
+    if negative is not None and negative.shape != b.shape:
+        return f"negative has shape {tuple(negative.shape)}, not [q] = [{W.shape[0]}]"
+    if not isinstance(meta, dict):
+        return f"its metadata is a JSON {type(meta).__name__}, not an object"
+    for key in ("source", "target", "readout", "source_shape", "metrics"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            return f"metadata {key} is a {type(meta[key]).__name__}, not an object"
+    readout = meta.get("readout") or {}
+    if readout.get("kind", "embed") not in READOUTS or not isinstance(readout.get("layer", 0), (int, type(None))):
+        return f"readout {readout} is not one of {', '.join(READOUTS)} with an integer layer"
+    space = (meta.get("target") or {}).get("space") or {}
+    if not isinstance(space, dict) or space.get("width", W.shape[0]) != W.shape[0]:
+        return f"the target space {space} is not {W.shape[0]} wide, as W is"
+    return None
+
+
 def _identity(meta: dict) -> dict:
     return {k: meta.get(k) for k in ("source", "readout", "target", "augment", "heldout_fraction")}
 
@@ -375,8 +398,10 @@ class Adapter:
         if path.is_dir():
             path = path / ADAPTER_FILE
         tensors, meta = _read_safetensors(path, "dsl_adapter", "an adapter written by `dsl adapter fit`")
-        if "W" not in tensors or "b" not in tensors or tensors["W"].shape[0] != tensors["b"].shape[0]:
-            raise UserError(f"{path}: not an adapter (W [q, p] and b [q] expected)")
+        problem = _adapter_problem(tensors, meta)
+        if problem:
+            raise UserError(f"{path}: not an adapter as `dsl adapter fit` writes it ({problem}); the file is "
+                            "damaged: fit it again")
         return cls(tensors["W"], tensors["b"], meta, tensors.get("negative"))
 
     @property
@@ -502,7 +527,7 @@ def accumulate(partial: Partial, items: Iterable[tuple[str, Any]], source, sourc
         s = readout.read(source, torch.stack([a for _, a, _ in batch])).float().cpu()
         t = target.embed(torch.stack([b for _, _, b in batch])).float().cpu()
         if not (torch.isfinite(s).all() and torch.isfinite(t).all()):
-            raise UserError(f"{names[0]}: an embedding is not finite (NaN or inf); use encoder.dtype=fp32")
+            raise_not_finite(names[0], source, target)
         if held:
             partial.add_heldout(names, s, t)
         else:
@@ -520,6 +545,17 @@ def accumulate(partial: Partial, items: Iterable[tuple[str, Any]], source, sourc
     flush(True)
     flush(False)
     return partial
+
+
+def raise_not_finite(name: str, source, target) -> None:
+    """The reason an embedding of image `name` came out NaN or inf: an encoder's damaged weights (no setting
+    fixes those), else half precision where it is in use; in fp32 with sound weights, the model itself."""
+    from dsl_cli.lenses import fp32_fix
+
+    refuse_damaged_weights("source encoder", source, "fetch them again, or check the file encoder.checkpoint names")
+    refuse_damaged_weights("target encoder", target, "fetch them again, or check the target encoder's files")
+    in_fp32 = source.dtype == torch.float32 and target.dtype == torch.float32
+    raise UserError(f"{name}: an embedding is not finite (NaN or inf); {fp32_fix('fp32' if in_fp32 else 'half')}")
 
 
 # ---------------------------------------------------------------- `dsl run adapter=PATH`

@@ -35,6 +35,7 @@ import torch
 
 from dsl_cli.config import path_override
 from dsl_cli.errors import UserError
+from dsl_cli.weights import refuse_damaged_weights
 
 log = logging.getLogger("dsl_cli.check")
 
@@ -111,6 +112,15 @@ def roles(cfg: Any) -> list[str]:
     return found
 
 
+def uncompared(cfg: Any) -> Optional[str]:
+    """The pretrained encoder a run of `cfg` loads that `dsl check` has no upstream loader for (a transformers
+    or timm ViT, from the hub or a checkpoint), in a few words; None where there is none."""
+    enc = cfg.encoder
+    if enc.source not in ("hf", "timm") or not (enc.checkpoint or enc.pretrained):
+        return None  # pretrained: null is a random model
+    return f"encoder={enc.source} ({enc.checkpoint or (enc.repo_id if enc.source == 'hf' else enc.name)})"
+
+
 def label(cfg: Any, role: str) -> str:
     """What the model of `role` is, in a few words (for the table and the cache)."""
     from dsl_cli.encoder.loading import text_model_id
@@ -176,28 +186,50 @@ def _folder_files(folder: Path) -> list[Path]:
 def weight_files(cfg: Any, role: str) -> Optional[list[Path]]:
     """The files on this machine that hold the model of `role`, found without loading or downloading
     anything; None where they are not all here (or come from a plain URL, not the Hugging Face cache)."""
+    local = local_weights(cfg, role)
+    if local is not None:
+        if local.is_dir():
+            return _folder_files(local)
+        return [local] if local.is_file() else None
+    hub = hub_weights(cfg, role)
+    return _cached_hub_files(hub) if hub is not None else None
+
+
+def local_weights(cfg: Any, role: str) -> Optional[Path]:
+    """The file or folder the config names for the model of `role` (None where it comes from the hub)."""
+    from dsl_cli.encoder.loading import text_model_id
+
+    enc = cfg.encoder
+    if role == "decoder":
+        return Path(cfg.decoder.path).expanduser() if cfg.decoder.path else None
+    if role == "encoder" and enc.source == "kandinsky_prior":
+        return Path(enc.checkpoint).expanduser() if enc.checkpoint else None
+    weights = text_model_id(enc)[1] if role == "text" else enc.checkpoint or enc.pretrained
+    return Path(weights).expanduser() if weights and Path(weights).expanduser().is_file() else None
+
+
+def hub_weights(cfg: Any, role: str) -> Any:
+    """The `HubWeights` of the model of `role` where it comes from the Hugging Face hub, else None."""
     from dsl_cli.encoder.loading import text_model_id
     from dsl_cli.weights import open_clip_weights, prior_encoder_weights
 
     enc = cfg.encoder
     if role == "decoder":
-        dec = cfg.decoder
-        if dec.path:
-            folder = Path(dec.path).expanduser()
-            return _folder_files(folder) if folder.is_dir() else None
-        return _cached_hub_files(_decoder_hub(dec))
+        return None if cfg.decoder.path else _decoder_hub(cfg.decoder)
     if role == "encoder" and enc.source == "kandinsky_prior":
-        if enc.checkpoint:
-            folder = Path(enc.checkpoint).expanduser()
-            return _folder_files(folder) if folder.is_dir() else None
-        return _cached_hub_files(prior_encoder_weights(enc.repo_id, enc.subfolder))
+        return None if enc.checkpoint else prior_encoder_weights(enc.repo_id, enc.subfolder)
     name, weights = text_model_id(enc) if role == "text" else (enc.name, enc.checkpoint or enc.pretrained)
-    if weights is None:
-        return None
-    if Path(weights).expanduser().is_file():
-        return [Path(weights).expanduser()]
-    hub = open_clip_weights(role, name, weights)
-    return _cached_hub_files(hub) if hub is not None else None
+    return open_clip_weights(role, name, weights) if weights is not None else None
+
+
+def damaged_files_advice(cfg: Any, role: str) -> str:
+    """What to do about weight files of the model of `role` that hold NaN or inf: check the file or folder
+    the config names, or fetch the hub's copy again (the cached one would be kept without --force-download)."""
+    local = local_weights(cfg, role)
+    if local is not None:
+        return f"check {local} (or copy it again from where it came)"
+    hub = hub_weights(cfg, role)
+    return f"fetch them again: {hub.command} --force-download" if hub is not None else "fetch them again"
 
 
 def _decoder_hub(dec: Any) -> Any:
@@ -432,6 +464,7 @@ def encoder_rows(cfg: Any, photos: list, device: torch.device) -> tuple[list[Row
     with torch.no_grad():
         ours = encoder.embed(pixels).float().cpu()
         ours_zero = encoder.zero_embed().float().cpu()
+    refuse_nonfinite(cfg, "encoder", encoder, ours, ours_zero)
     del encoder, preprocess
     _drop(device)
     upstream = upstream_encoder(cfg.encoder, device)
@@ -460,6 +493,7 @@ def text_rows(cfg: Any, device: torch.device) -> list[Row]:
     tokens = tokenizer(PROMPTS).to(device)
     with torch.no_grad():
         ours = tower.encode_text(tokens).float().cpu()
+    refuse_nonfinite(cfg, "text", tower, ours)
     del tower
     _drop(device)
     name, weights = loading.text_model_id(cfg.encoder)
@@ -470,6 +504,18 @@ def text_rows(cfg: Any, device: torch.device) -> list[Row]:
     _drop(device)
     return [Row("text", "text features", relative(ours, theirs), LIMITS["text features"],
                 f"{len(PROMPTS)} prompts, max relative")]
+
+
+WHO = {"encoder": "encoder", "text": "text tower", "decoder": "decoder"}  # the role, as messages name it
+
+
+def refuse_nonfinite(cfg: Any, role: str, model: Any, *results: torch.Tensor) -> None:
+    """Where dsl's own model of `role` gave a result holding NaN or inf, refuse (exit status 2) weights that
+    hold them: both copies are then NaN, which is no mismatch between dsl and upstream, and no verdict is
+    kept. Only on that failure path are the weights looked at."""
+    if all(bool(torch.isfinite(result).all()) for result in results):
+        return
+    refuse_damaged_weights(WHO[role], model, damaged_files_advice(cfg, role))
 
 
 def tensor_sums(pipe: Any) -> dict[str, tuple[float, float]]:
@@ -527,6 +573,7 @@ def decoder_rows(cfg: Any, upstream: Optional[dict], device: torch.device) -> li
     ours_picture = dsl.decode(embed, negative, [CHECK_SEED], size, size, steps=CHECK_STEPS, guidance=guidance,
                               batch_size=1, progress=False)
     inputs = dsl._inputs(embed.to(device), negative.to(device))
+    refuse_nonfinite(cfg, "decoder", dsl, torch.as_tensor(ours_picture), torch.tensor(list(ours_sums.values())))
     del dsl
     _drop(device)
     path = os.path.expanduser(cfg.decoder.path) if cfg.decoder.path else cfg.decoder.repo_id
@@ -616,10 +663,21 @@ def table(cfg: Any, rows: list[Row]) -> str:
                      for line in lines).rstrip()
 
 
-def verdict(rows: list[Row]) -> tuple[int, str]:
-    """(exit status, the verdict line)."""
+NOT_COMPARED = ("{}: dsl check compares open_clip and kandinsky_prior encoders, text towers and decoders with "
+                "their upstream loaders, not transformers or timm ViTs")
+
+
+def verdict(rows: list[Row], skipped: Optional[str] = None) -> tuple[int, str]:
+    """(exit status, the verdict line); `skipped` the pretrained encoder that was not compared (`uncompared`)."""
     if not rows:
+        if skipped:
+            return 0, "nothing compared: " + NOT_COMPARED.format(skipped)
         return 0, "nothing to check: this run uses no pretrained weights (random or tiny models)"
+    status, line = _verdict(rows)
+    return status, line + ("; not compared: " + NOT_COMPARED.format(skipped) if skipped else "")
+
+
+def _verdict(rows: list[Row]) -> tuple[int, str]:
     bad = [row for row in rows if not row.passed]
     if not bad:
         stages = sorted({row.stage for row in rows}, key=["encoder", "text", "decoder"].index)
@@ -641,10 +699,12 @@ def main(args: list[str]) -> int:
     try:
         cfg = compose([path_override(arg) for arg in args])
         from dsl_cli.decoder import check_request
+        from dsl_cli.logs import own_lines_only
 
         check_request(cfg.decoder.source, cfg.decode.scheduler, family=cfg.decoder.family)
         require_local(cfg)
-        rows = run_check(cfg)
+        with own_lines_only():  # the libraries' notices and bars, as a run's terminal: not before the table
+            rows = run_check(cfg)
     except UserError as err:
         report(err)
         return 2
@@ -652,7 +712,7 @@ def main(args: list[str]) -> int:
         report(bug_message(err))
         return 1
     remember(cfg, rows)
-    status, line = verdict(rows)
+    status, line = verdict(rows, uncompared(cfg))
     if rows:
         print(table(cfg, rows))
     print(line)

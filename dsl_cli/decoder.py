@@ -23,6 +23,8 @@ keeps its timesteps on the host (`HostTimesteps`), so that no step of the denois
 
 from __future__ import annotations
 
+import inspect
+import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -42,7 +44,7 @@ from dsl_cli.devices import Placed, seeded_on
 from dsl_cli.errors import UserError
 from dsl_cli.libraries import Library
 from dsl_cli.memory import free_bytes, halving_batches
-from dsl_cli.weights import HubWeights, Needs
+from dsl_cli.weights import HubWeights, Needs, load_errors, reason, refuse_damaged_weights
 
 log = logging.getLogger("dsl_cli.decoder")
 
@@ -203,7 +205,7 @@ def check_pairing(space: Any, cfg: DecoderConfig) -> None:
     `space` (a `dsl_cli.encoder.EmbeddingSpace`) of another width, or, for a pretrained decoder, of another
     CLIP than the one it was trained on (a random-weight or local-file encoder is judged by its model)."""
     cls = get_family(cfg.family)
-    width, (model, tag) = cls.width_for(cfg.source), cls.clip
+    width, (model, tag) = cls.width_of(cfg), cls.clip
     fits = [f"decoder={other.name}" for other in FAMILIES.values() if other.clip == (space.model, space.weights)]
     fix = f"use encoder={'tiny' if cfg.source == 'tiny' else cls.encoder_preset}" + "".join(
         f" or {f}" for f in fits)
@@ -295,6 +297,7 @@ class Decoder(Placed, ABC):
     width: ClassVar[int]  # their width (a tiny decoder takes the tiny encoder's TINY_WIDTH)
     hub_files: ClassVar[tuple[tuple[str, ...], ...]]  # what from_pretrained reads (alternatives per file)
     hub_args: ClassVar[str] = "--exclude '*.bin'"  # `hf download REPO ...`: its files but the duplicates
+    width_key: ClassVar[tuple[str, str]]  # (model folder, config key) that give a saved pipeline's width
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -325,18 +328,71 @@ class Decoder(Placed, ABC):
 
     @classmethod
     def load_pretrained(cls, cfg: DecoderConfig, dtype: torch.dtype) -> Any:
-        """From a local folder or the Hugging Face cache (HF_HUB_OFFLINE is honoured by diffusers itself)."""
+        """From a local folder or the Hugging Face cache (HF_HUB_OFFLINE is honoured by diffusers itself).
+        Each model of the pipeline is loaded first on its own, so that one whose weights file lacks tensors
+        (which diffusers and transformers would fill with random ones, with a warning) is refused."""
         path = os.path.expanduser(cfg.path) if cfg.path else None
         if path is not None and not os.path.isdir(path):
             raise UserError(f"decoder.path={cfg.path}: no such folder (give the folder of a saved "
                             f"{cls.pipeline.__name__})")
+        where = path or cfg.repo_id
+        index_file = _index_file(path, cfg.repo_id)
+        models = {}
+        if index_file is not None:  # not there: from_pretrained says so below, in its own words
+            index = _read_json(index_file)
+            cls.check_index(index, str(index_file), cfg)
+            models = {name: cls._load_model(where, name, entry, dtype, cfg)
+                      for name, entry in index.items() if not name.startswith("_")}
         try:
-            return cls.pipeline.from_pretrained(path or cfg.repo_id, torch_dtype=dtype)
+            return cls.pipeline.from_pretrained(where, torch_dtype=dtype,
+                                                **{k: model for k, model in models.items() if model is not None})
         except OSError as err:  # not cached while offline, no network, or an incomplete folder
-            raise UserError(
-                f"cannot load {cls.title} {cfg.path or cfg.repo_id!r} ({type(err).__name__}): "
-                f"run `{cls.hub_weights(cfg.repo_id).command}` once online, or set decoder.path=/local/folder"
-            ) from err
+            fix = (_refetch(cls, cfg) if path else
+                   f"run `{cls.hub_weights(cfg.repo_id).command}` once online, or set decoder.path=/local/folder")
+            raise UserError(f"cannot load {cls.title} {cfg.path or cfg.repo_id!r} ({type(err).__name__}): "
+                            f"{fix}") from err
+        except load_errors() as err:
+            raise UserError(f"cannot load {cls.title} from {where} ({reason(err)}): {_refetch(cls, cfg)}") from err
+
+    @classmethod
+    def check_index(cls, index: Any, file: str, cfg: DecoderConfig) -> None:
+        """Refuse a pipeline index (model_index.json) that is not this family's pipeline, naming the
+        `decoder=` that loads it where it is another family's, or that lacks one of its components."""
+        expected = cls.pipeline.__name__
+        if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+            raise UserError(f"{file} is not the index of a saved {expected} (a JSON object naming its "
+                            f"_class_name and components): {_refetch(cls, cfg)}")
+        saved = index["_class_name"]
+        if saved != expected:
+            other = [name for name, family in FAMILIES.items() if family.pipeline.__name__ == saved]
+            fix = f"use decoder={other[0]}" if other else f"give the folder of a saved {expected}"
+            raise UserError(f"{file} is a saved {saved}, but decoder {cfg.family} loads a {expected}: {fix}")
+        required = [name for name, parameter in inspect.signature(cls.pipeline.__init__).parameters.items()
+                    if name != "self" and parameter.default is inspect.Parameter.empty]
+        missing = [name for name in required if not _is_component(index.get(name))]
+        if missing:
+            raise UserError(f"{file} lists no {', '.join(missing)} (a {expected} needs {', '.join(required)}): "
+                            f"{_refetch(cls, cfg)}")
+
+    @classmethod
+    def _load_model(cls, where: str, name: str, entry: Any, dtype: torch.dtype, cfg: DecoderConfig) -> Any:
+        """Component `name` of the pipeline when it is a model (None otherwise: a scheduler, a tokenizer),
+        loaded by its own library's `from_pretrained`; refused where its weights lack a tensor or hold one of
+        another shape than its config.json builds."""
+        model_class = _component_class(entry)
+        if model_class is None:
+            return None
+        library_dtype = {"dtype": dtype} if issubclass(model_class, transformers.PreTrainedModel) else {
+            "torch_dtype": dtype}
+        with _loading_errors(cls, f"{where}/{name}", cfg):
+            model, info = model_class.from_pretrained(where, subfolder=name, output_loading_info=True,
+                                                      **library_dtype)
+        missing = list(info.get("missing_keys", [])) + [key[0] for key in info.get("mismatched_keys", [])]
+        if missing:
+            shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise UserError(f"{where}/{name}: its weights lack {shown} (or hold them in another shape than "
+                            f"its config.json says), which would be left random: {_refetch(cls, cfg)}")
+        return model
 
     @classmethod
     def hub_weights(cls, repo: str) -> HubWeights:
@@ -352,9 +408,34 @@ class Decoder(Placed, ABC):
             return [], []
         if cfg.path is None:
             return [cls.hub_weights(cfg.repo_id)], []
-        if (Path(cfg.path).expanduser() / "model_index.json").is_file():
-            return [], []
-        return [], [f"decoder.path={cfg.path}: not the folder of a saved {cls.pipeline.__name__} (no model_index.json)"]
+        index = Path(cfg.path).expanduser() / "model_index.json"
+        if not index.is_file():
+            return [], [f"decoder.path={cfg.path}: not the folder of a saved {cls.pipeline.__name__} "
+                        "(no model_index.json)"]
+        try:  # another family's pipeline, or a damaged index, is told before any model loads
+            cls.check_index(_read_json(index), str(index), cfg)
+        except UserError as err:
+            return [], [str(err)]
+        return [], []
+
+    @classmethod
+    def width_of(cls, cfg: DecoderConfig) -> int:
+        """The image-embedding width the decoder `cfg` takes, before it is built: a saved pipeline's
+        (`decoder.path`) as its config says (`width_key`), the family's otherwise."""
+        folder, key = cls.width_key
+        if cfg.source != "pretrained" or not cfg.path:
+            return cls.width_for(cfg.source)
+        root = Path(cfg.path).expanduser()
+        file = root / folder / "config.json"
+        if not (root / "model_index.json").is_file() or not file.is_file():
+            return cls.width_for(cfg.source)  # the weights preflight says what the folder lacks
+        cls.check_index(_read_json(root / "model_index.json"), str(root / "model_index.json"), cfg)
+        config = _read_json(file)
+        width = config.get(key) if isinstance(config, dict) else None
+        if type(width) is not int or width < 1:
+            raise UserError(f"{file}: {key}={width!r}: must be a positive integer (the image-embedding width); "
+                            f"{_refetch(cls, cfg)}")
+        return width
 
     @property
     def placement(self) -> torch.Tensor:
@@ -518,6 +599,7 @@ class KandinskyDecoder(_Kandinsky):
     name, title = "kandinsky22", "the Kandinsky 2.2 decoder"
     pipeline = Library.attribute(diffusers, "KandinskyV22Pipeline")
     clip, encoder_preset, width = ("ViT-bigG-14", "laion2b_s39b_b160k"), "kandinsky_prior", 1280
+    width_key = ("unet", "encoder_hid_dim")  # what `embed_dim` reads
     hub_files = (("model_index.json",), ("scheduler/scheduler_config.json",), *model_files("unet"),
                  *model_files("movq"))
 
@@ -543,6 +625,7 @@ class Kandinsky21Decoder(_Kandinsky):
     name, title = "kandinsky21", "the Kandinsky 2.1 decoder"
     pipeline = Library.attribute(diffusers, "KandinskyPipeline")
     clip, encoder_preset, width = ("ViT-L-14", "openai"), "vitl14", 768
+    width_key = ("unet", "cross_attention_dim")  # what `embed_dim` reads
     hub_files = (*KandinskyDecoder.hub_files, *transformers_files("text_encoder"),
                  ("tokenizer/tokenizer_config.json",),
                  ("tokenizer/tokenizer.json", "tokenizer/sentencepiece.bpe.model"))
@@ -574,6 +657,7 @@ class UnclipDecoder(Decoder):
     name, title = "unclip_h14", "the Stable unCLIP decoder"
     pipeline = Library.attribute(diffusers, "StableUnCLIPImg2ImgPipeline")
     clip, encoder_preset, width = ("ViT-H-14", "laion2b_s32b_b79k"), "vith14", 1024
+    width_key = ("image_normalizer", "embedding_dim")  # what `embed_dim` reads
     autoencoder = "vae"
     # the repository also holds the original checkpoints; the installed `hf` takes one pattern per --exclude
     hub_args = "--exclude '*.bin' --exclude '*.ckpt' --exclude '*fp16*'"
@@ -631,6 +715,68 @@ class UnclipDecoder(Decoder):
 
 
 FAMILIES: dict[str, type[Decoder]] = {cls.name: cls for cls in (KandinskyDecoder, Kandinsky21Decoder, UnclipDecoder)}
+
+
+def _refetch(cls: type[Decoder], cfg: DecoderConfig) -> str:
+    """What to do about a damaged decoder: save a local folder again, or fetch the hub's files again (over
+    the damaged ones: without --force-download, `hf download` keeps a cached file as it is)."""
+    if cfg.path:
+        return f"save the {cls.pipeline.__name__} again with save_pretrained into decoder.path"
+    return f"fetch it again with `{cls.hub_weights(cfg.repo_id).command} --force-download`"
+
+
+@contextmanager
+def _loading_errors(cls: type[Decoder], where: str, cfg: DecoderConfig) -> Iterator[None]:
+    """A library's failure to load `where` (a pipeline or one of its model folders) -> one line naming it."""
+    try:
+        yield
+    except UserError:
+        raise
+    except load_errors() as err:
+        raise UserError(f"cannot load {cls.title} from {where} ({reason(err)}): "
+                        f"{_refetch(cls, cfg)}") from err
+
+
+def _index_file(path: str | None, repo: str) -> Path | None:
+    """The model_index.json a pipeline would be loaded from: in the folder `path`, or in the Hugging Face
+    cache of `repo` (looked up there only: the preflight has fetched what a run needs); None where absent."""
+    if path is not None:
+        file = Path(path) / "model_index.json"
+        return file if file.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo, "model_index.json")
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _read_json(file: Path) -> Any:
+    """A JSON file of a saved pipeline, or a one-line UserError naming it."""
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{file}: cannot read it ({reason(err)})") from err
+
+
+def _is_component(entry: Any) -> bool:
+    """Whether a model_index.json entry names a component: [library, class name]."""
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(part, str) for part in entry)
+
+
+def _component_class(entry: Any) -> type | None:
+    """The class a model_index.json entry names, where it is a model (a torch module with `from_pretrained`):
+    looked up where diffusers looks it up (diffusers, transformers, or a pipeline module of diffusers)."""
+    import importlib
+
+    if not _is_component(entry):
+        return None
+    library, name = entry
+    module_name = library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}"
+    try:
+        found = getattr(importlib.import_module(module_name), name, None)
+    except ImportError:
+        return None  # diffusers itself reports a library it cannot import
+    is_model = isinstance(found, type) and issubclass(found, torch.nn.Module) and hasattr(found, "from_pretrained")
+    return found if is_model else None
 
 
 def local_xlm_tokenizer() -> transformers.XLMRobertaTokenizer:
@@ -692,14 +838,20 @@ def host_timesteps(pipe: Any) -> Iterator[HostTimesteps]:
         pipe.scheduler = scheduler
 
 
-def check_finite_pictures(pictures: np.ndarray, labels: list[str], decode_cfg) -> None:
+def check_finite_pictures(pictures: np.ndarray, labels: list[str], decode_cfg, decoder: Any = None) -> None:
     """Stop at a decoded picture [H, W, 3] holding NaN or inf (it would be saved black), naming it and the
-    settings that make it: `labels` one per picture, `decode_cfg` the run's `decode` config."""
+    settings that make it: `labels` one per picture, `decode_cfg` the run's `decode` config. With the
+    `decoder` that made them, damaged weights are named first (no setting fixes those), and fp32 is advised
+    only where the decoder does not already run in it (`decode.dtype=auto` is fp32 on the CPU)."""
     bad = ~np.isfinite(pictures.reshape(len(pictures), -1)).all(axis=1)
-    if bad.any():
-        fix = "lower decode.guidance" + (" or use decode.dtype=fp32" if decode_cfg.dtype != "fp32" else "")
-        raise UserError(f"{labels[int(np.argmax(bad))]}: the decoded picture is not finite (NaN or inf) with "
-                        f"decode.guidance={decode_cfg.guidance}, decode.dtype={decode_cfg.dtype}; {fix}")
+    if not bad.any():
+        return
+    if decoder is not None:
+        refuse_damaged_weights("decoder", decoder, "fetch them again, or check the folder decoder.path names")
+    in_fp32 = decoder.dtype == torch.float32 if decoder is not None else decode_cfg.dtype == "fp32"
+    fix = "lower decode.guidance" + ("" if in_fp32 else " or use decode.dtype=fp32")
+    raise UserError(f"{labels[int(np.argmax(bad))]}: the decoded picture is not finite (NaN or inf) with "
+                    f"decode.guidance={decode_cfg.guidance}, decode.dtype={decode_cfg.dtype}; {fix}")
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

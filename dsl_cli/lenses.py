@@ -33,7 +33,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.libraries import Library
 from dsl_cli.memory import release_memory
 from dsl_cli.outputs import LABELS, SIMILARITY, RunFolder, atomic_write_bytes
-from dsl_cli.weights import Needs
+from dsl_cli.weights import Needs, refuse_damaged_weights
 
 log = logging.getLogger("dsl_cli.lenses")
 open_clip = Library("open_clip")  # imported when the logit lens first needs it, not when a run starts
@@ -153,21 +153,43 @@ def score(encoder, cache, components: list[Component], embeds: torch.Tensor) -> 
     return Scores(sim_embed=sim, norm=norm)
 
 
+def encoder_files(weight: str) -> str:
+    """What to do about the file that holds a damaged `weight` of the run's encoder (as `nonfinite_weight`
+    names it: an adapter's and an SAE's tensors come with their prefix)."""
+    if weight.startswith("adapter."):
+        return "check the file adapter= names (or fit it again with `dsl adapter fit`)"
+    if weight.startswith("sae."):
+        return "check the SAE folder sae.path names (or fetch it again)"
+    return "fetch them again, or check the file or folder encoder.checkpoint names"
+
+
 def check_finite(lens: "Lens", dtype: str, names: list[str], components: list[Component], clean: torch.Tensor,
-                 embeds: torch.Tensor, scores: Scores) -> None:
+                 embeds: torch.Tensor, scores: Scores, encoder: Any = None) -> None:
     """Stop at an embedding or score that is NaN or infinite, naming the image, the component and the
-    setting that made it. clean [B, E], embeds [B, K, E], scores [B, K] each."""
+    setting that made it. clean [B, E], embeds [B, K, E], scores [B, K] each. With the `encoder` that made
+    them, weights holding NaN or inf are named first: no setting fixes damaged weight files."""
     bad_clean = ~torch.isfinite(clean).all(-1)
+    bad = ~(torch.isfinite(embeds).all(-1) & torch.isfinite(scores.sim_embed) & torch.isfinite(scores.norm))
+    if not (bad_clean.any() or bad.any()):
+        return
+    if encoder is not None:
+        refuse_damaged_weights("encoder", encoder, encoder_files)
     if bad_clean.any():
         image = names[int(bad_clean.nonzero()[0, 0])]
         raise UserError(f"{image}: the encoder's embedding is not finite (NaN or inf) with encoder.dtype={dtype}; "
-                        "use encoder.dtype=fp32")
-    bad = ~(torch.isfinite(embeds).all(-1) & torch.isfinite(scores.sim_embed) & torch.isfinite(scores.norm))
-    if bad.any():
-        i, k = (int(v) for v in bad.nonzero()[0])
-        setting, fix = lens.unstable_setting(dtype)
-        raise UserError(f"{names[i]} {components[k].label}: the {lens.name} lens embedding or its score is "
-                        f"not finite (NaN or inf) with {setting}; {fix}")
+                        + fp32_fix(dtype))
+    i, k = (int(v) for v in bad.nonzero()[0])
+    setting, fix = lens.unstable_setting(dtype)
+    raise UserError(f"{names[i]} {components[k].label}: the {lens.name} lens embedding or its score is "
+                    f"not finite (NaN or inf) with {setting}; {fix}")
+
+
+def fp32_fix(dtype: str) -> str:
+    """What to do about an encoder result that is not finite although its weights are: fp32 where the encoder
+    runs in half precision (which overflows); in fp32 no setting of dsl's helps."""
+    if dtype != "fp32":
+        return "use encoder.dtype=fp32"
+    return "the model overflows on this image even in fp32: leave the image out or use other weights"
 
 
 TOP_PATCHES = 5  # patches named in the `top_patches` column
@@ -473,7 +495,7 @@ class Lens:
 
     def unstable_setting(self, dtype: str) -> tuple[str, str]:
         """(the setting, its fix) named when an embedding is not finite (NaN or inf)."""
-        return f"encoder.dtype={dtype}", "use encoder.dtype=fp32"
+        return f"encoder.dtype={dtype}", fp32_fix(dtype)
 
     def needs(self, encoder_cfg) -> Needs:
         """The weights this lens loads beyond the encoder's (asked by the preflight before anything loads):

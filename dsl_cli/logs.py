@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 OWN = ("dsl_cli", "hydra", "__main__")  # loggers whose records reach the terminal
 LIBRARIES = ("diffusers", "huggingface_hub", "transformers", "open_clip")
@@ -77,6 +79,39 @@ def route_library_logs() -> None:
         from diffusers.utils import logging as diffusers_logging
 
         diffusers_logging.disable_progress_bar()  # "Loading pipeline components": the decoder stage has its own
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights": the stage is dsl's to show
+
+
+@contextmanager
+def own_lines_only() -> Iterator[None]:
+    """A command that is no run's job (`dsl check`, whose logging Hydra does not set up) prints what a run's
+    terminal shows: dsl's own warnings, one line each, and none of the libraries' records, Python warnings or
+    loading bars (which a run keeps in its dsl.log; such a command has no folder to keep them in). Undone on
+    leaving, for a process that goes on (a test's)."""
+    global _routing
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))  # as Python's last-resort handler printed them
+    handler.setLevel(logging.WARNING)
+    handler.addFilter(TerminalFilter())
+    routing, capturing = _routing, _capturing()
+    logging.root.addHandler(handler)
+    route_library_logs()
+    try:
+        yield
+    finally:
+        logging.root.removeHandler(handler)
+        _routing = routing
+        logging.captureWarnings(capturing)
+
+
+def _capturing() -> bool:
+    """Whether Python warnings already go to the `py.warnings` logger (`logging.captureWarnings(True)`)."""
+    import warnings
+
+    return getattr(warnings.showwarning, "__module__", "") == "logging"
 
 
 def library_imported() -> None:

@@ -245,7 +245,7 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     cache = encoder.run_with_cache(pixels)
     embeds = lens.embeddings(encoder, cache, components)
     scores = score(encoder, cache, components, embeds)
-    check_finite(lens, cfg.encoder.dtype, names, components, cache.embeds, embeds, scores)
+    check_finite(lens, cfg.encoder.dtype, names, components, cache.embeds, embeds, scores, encoder)
     # one transfer per batch, not one per value (each .item() would wait for the GPU)
     sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
     extra = {column: values.cpu().tolist() for column, values in
@@ -321,7 +321,8 @@ def decode_and_write(cfg, encoder, preprocess, decoder, folder: RunFolder, score
     left = Counter(i for i, _ in plan)  # pictures still to decode, per image index
 
     def write(indices: list[int], pictures) -> None:
-        _write_batch(cfg, encoder, preprocess, folder, scored, [plan[i] for i in indices], pictures, csv_log)
+        _write_batch(cfg, encoder, decoder, preprocess, folder, scored, [plan[i] for i in indices], pictures,
+                     csv_log)
         finished = Counter(plan[i][0] for i in indices)
         left.subtract(finished)
         if early is not None:
@@ -387,7 +388,7 @@ def decode_extras(cfg, encoder, preprocess, decoder, folder: RunFolder, extras: 
 
     def write(indices: list[int], pictures) -> None:
         done = [extras[i] for i in indices]
-        check_finite_pictures(pictures, [extra.file for extra in done], cfg.decode)
+        check_finite_pictures(pictures, [extra.file for extra in done], cfg.decode, decoder)
         saved = [to_pil(picture) for picture in pictures]
         with writing_pngs([(folder.file(extra.file), picture) for extra, picture in zip(done, saved)]):
             again = reencode(encoder, preprocess, saved, cfg.encoder.batch_size)
@@ -399,12 +400,12 @@ def decode_extras(cfg, encoder, preprocess, decoder, folder: RunFolder, extras: 
                     "extra_decoded")
 
 
-def _write_batch(cfg, encoder, preprocess, folder: RunFolder, scored: list[Scored], items: list[tuple[int, int]],
-                 pictures, csv_log: CsvLog) -> None:
+def _write_batch(cfg, encoder, decoder, preprocess, folder: RunFolder, scored: list[Scored],
+                 items: list[tuple[int, int]], pictures, csv_log: CsvLog) -> None:
     """One decoded batch (items: (image, component) indices; pictures [B, H, W, 3] in [0, 1]): the PNGs,
     then their CSV rows with sim_decoded."""
     rows = [dict(scored[i].rows[k]) for i, k in items]
-    check_finite_pictures(pictures, [f"{row['image']} {row['component']}" for row in rows], cfg.decode)
+    check_finite_pictures(pictures, [f"{row['image']} {row['component']}" for row in rows], cfg.decode, decoder)
     saved = [to_pil(picture) for picture in pictures]
     for row in rows:
         row["file"] = folder.picture(row["image"], row["lens"], row["component"])

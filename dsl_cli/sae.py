@@ -177,6 +177,14 @@ def _cfg_value(cfg: dict, key: str, default=None):
     return default
 
 
+def _as_int(value, key: str, source: str) -> int:
+    """A cfg field that must be a whole number (SAELens writes `k: 64`, some tools `64.0`); one line otherwise."""
+    whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # not inf, nan, 6.5
+    if isinstance(value, bool) or not whole:
+        raise UserError(f"SAE {source}: cfg says {key}={value!r}, which is not a whole number; fix its cfg.json")
+    return int(value)
+
+
 def _as_bool(value, default: bool) -> bool:
     if value is None:
         return default
@@ -204,10 +212,11 @@ def sae_from(tensors: dict[str, Tensor], cfg: dict, source: str) -> Sae:
     k = _cfg_value(cfg, "k")
     sae = Sae(W_enc=tensors["W_enc"].float(), b_enc=tensors["b_enc"].float(), W_dec=tensors["W_dec"].float(),
               b_dec=tensors["b_dec"].float(), hook_name=str(hook), architecture=architecture,
-              k=None if k is None else int(k), threshold=None if threshold is None else threshold.float(),
+              k=None if k is None else _as_int(k, "k", source),
+              threshold=None if threshold is None else threshold.float(),
               apply_b_dec_to_input=_as_bool(_cfg_value(cfg, "apply_b_dec_to_input"), True), source=source, cfg=cfg)
     for key, value in (("d_in", sae.d_in), ("d_sae", sae.d_sae)):
-        if key in cfg and int(cfg[key]) != value:
+        if key in cfg and _as_int(cfg[key], key, source) != value:
             raise UserError(f"SAE {source}: cfg says {key}={cfg[key]}, its weights have {value}")
     return sae
 

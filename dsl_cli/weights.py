@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -84,6 +85,80 @@ def hub_download_command(name: str, tag: Optional[str]) -> Optional[str]:
     """`hf download ...` for an open_clip pretrained tag, if open_clip fetches it from the hub."""
     weights = open_clip_weights("weights", name, tag) if tag and not Path(tag).expanduser().exists() else None
     return weights.command if weights else None
+
+
+# ---------------------------------------------------------------- damaged weights
+
+
+# What the libraries raise on a weights file or config that is not what it should be: unreadable or truncated
+# (OSError, EOFError, safetensors' SafetensorError, pickle's UnpicklingError: Exception subclasses named below by
+# what they derive from), a header, size or key mismatch (ValueError, RuntimeError, KeyError), or a JSON file of
+# the wrong shape read as if it were right (TypeError, AttributeError, IndexError).
+LOAD_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, ValueError, RuntimeError, KeyError, TypeError,
+                                                AttributeError, IndexError)
+
+
+def load_errors() -> tuple[type[BaseException], ...]:
+    """`LOAD_ERRORS` with safetensors' and pickle's own errors (imported here only when a model loads)."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    return (*LOAD_ERRORS, SafetensorError, pickle.UnpicklingError)
+
+
+def reason(err: BaseException) -> str:
+    """An exception's message on one line, cut to 200 characters (libraries put newlines and tabs in theirs),
+    with its cause's where a library wrapped it (diffusers' "Unable to load weights ..." says not why)."""
+    text = " ".join(str(err).split())[:200]
+    cause = err.__cause__ or err.__context__
+    if cause is not None and str(cause) and " ".join(str(cause).split())[:50] not in text:
+        return f"{type(err).__name__}: {text} ({reason(cause)})"
+    return f"{type(err).__name__}: {text}"
+
+
+def nonfinite_weight(model: Any) -> str | None:
+    """The name of a floating-point weight of `model` holding NaN or inf (the first found), else None.
+
+    `model` is an `nn.Module`, a diffusers pipeline, or one of dsl's objects that hold them (a decoder's
+    `pipe`, an adapted encoder's `adapter.W`, a feature encoder's `sae.W_dec`). Asked only once a result came
+    out not finite: damaged weight files, not a setting, are then the cause, and no setting would help."""
+    import torch  # a model is loaded, so torch is in already; this module is also imported by light commands
+
+    return next((name for name, tensor in _named_weights(model, "", set())
+                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+
+
+def _named_weights(obj: Any, prefix: str, seen: set[int]) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of every weight reachable from `obj`: a module's parameters and buffers, a pipeline's
+    modules, and the tensors and models that dsl's own objects hold as attributes. Other libraries' objects
+    are not entered (a scheduler's tables are not weights)."""
+    import torch
+
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield prefix.rstrip("."), obj
+    elif isinstance(obj, torch.nn.Module):
+        for name, tensor in [*obj.named_parameters(), *obj.named_buffers()]:
+            yield prefix + name, tensor
+    elif isinstance(getattr(obj, "components", None), dict):  # a diffusers pipeline: unet, movq, ...
+        for name, part in obj.components.items():
+            if isinstance(part, torch.nn.Module):
+                yield from _named_weights(part, f"{prefix}{name}.", seen)
+    elif type(obj).__module__.startswith("dsl_cli.") and hasattr(obj, "__dict__"):
+        for name, value in vars(obj).items():
+            yield from _named_weights(value, f"{prefix}{name}.", seen)
+
+
+def refuse_damaged_weights(who: str, model: Any, where: str | Callable[[str], str]) -> None:
+    """Raise the UserError that names a weight of `model` holding NaN or inf, if one does; `who` names the
+    model (the encoder), `where` says what to do about its files (or gives that from the weight's name)."""
+    name = nonfinite_weight(model)
+    if name is not None:
+        advice = where(name) if callable(where) else where
+        raise UserError(f"the {who}'s weights hold NaN or inf (e.g. {name}): the weight files are damaged; {advice}")
 
 
 # ---------------------------------------------------------------- what a model needs

@@ -223,7 +223,7 @@ def test_a_decoded_batch_that_is_not_finite_names_its_row_and_saves_nothing(tmp_
     pictures[1, 3, 0, 2] = np.inf
     cfg = OmegaConf.create({"decode": {"guidance": 4.0, "dtype": "bf16"}, "encoder": {"batch_size": 2}})
     with pytest.raises(UserError) as refused:
-        _write_batch(cfg, None, None, RunFolder(tmp_path), scored, [(0, 0), (1, 0)], pictures, None)
+        _write_batch(cfg, None, None, None, RunFolder(tmp_path), scored, [(0, 0), (1, 0)], pictures, None)
     assert str(refused.value) == ("noise L02MLP: the decoded picture is not finite (NaN or inf) with "
                                   "decode.guidance=4.0, decode.dtype=bf16; lower decode.guidance or use "
                                   "decode.dtype=fp32")
@@ -304,7 +304,8 @@ def test_an_embedding_that_is_not_finite_stops_the_run_naming_its_row_and_settin
         run(config(image_folder, "lens=direct", "layer=2", "component=all", "decode.enabled=false",
                    "encoder.batch_size=2"), tmp_path / "direct")
     assert str(refused.value) == ("noise L02H02: the direct lens embedding or its score is not finite (NaN or "
-                                  "inf) with encoder.dtype=fp32; use encoder.dtype=fp32")
+                                  "inf) with encoder.dtype=fp32; the model overflows on this image even in fp32: "
+                                  "leave the image out or use other weights")  # fp32 is in use: not the fix
     _, steered, _ = lens_here(tiny, image_folder, LAYER2, alpha=1e20)  # norm mode
     b, k = (int(v) for v in (~torch.isfinite(steered).all(-1)).nonzero()[0])  # the first that overflows
     with pytest.raises(UserError) as refused:

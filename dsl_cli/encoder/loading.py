@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
+import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from dsl_cli.encoder import vit_loading
@@ -35,7 +35,7 @@ from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
 from dsl_cli.devices import seeded_on
 from dsl_cli.errors import UserError
 from dsl_cli.libraries import Library
-from dsl_cli.weights import Needs, hub_download_command, open_clip_needs, prior_encoder_weights
+from dsl_cli.weights import Needs, hub_download_command, load_errors, open_clip_needs, prior_encoder_weights, reason
 
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
 
@@ -140,7 +140,10 @@ def _open_clip_text(name: str, weights: Optional[str], tag: Optional[str] = None
     tower = TextTower(seeded(lambda: build_text_tower(model_cfg["embed_dim"], text_cfg, quick_gelu)))
     if weights is not None:
         # a CLIP checkpoint keeps the text tower's tensors at the top level; a CustomTextCLIP one under `text.`
-        copy_tower_weights(tower.text, checkpoint_file(name, weights), ("", "text."), f"{name} text tower")
+        try:
+            copy_tower_weights(tower.text, checkpoint_file(name, weights), ("", "text."), f"{name} text tower")
+        except UnreadableWeights as err:
+            raise _refetch(err, name, weights) from err
     return tower
 
 
@@ -236,10 +239,12 @@ class EmbeddingSpace:
     model: str
     weights: Optional[str]
     width: int
+    origin: Optional[str] = None  # the file the width was read from (a local folder's config.json)
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.weights}" if self.weights else self.model
+        name = f"{self.model} {self.weights}" if self.weights else self.model
+        return f"{name} ({self.origin})" if self.origin else name
 
 
 def embedding_space(cfg: Any) -> EmbeddingSpace:
@@ -251,6 +256,11 @@ def embedding_space(cfg: Any) -> EmbeddingSpace:
     model_cfg = open_clip.get_model_config(cfg.name)
     if model_cfg is None:
         raise UserError(f"unknown open_clip model {cfg.name!r} (open_clip.list_models() lists the known ones)")
+    if cfg.source == "kandinsky_prior" and cfg.checkpoint:
+        # a local folder says its own width: a saved encoder of another width must not pass by its name
+        config = _prior_folder_config(cfg)
+        if config is not None:
+            return EmbeddingSpace(cfg.name, None, config["projection_dim"], str(_prior_config_file(cfg)))
     if cfg.source == "kandinsky_prior":  # the prior's HF image encoder is open_clip's bigG, converted
         tag = PRIOR_TEXT_MODEL[1] if cfg.name == PRIOR_TEXT_MODEL[0] else None
     else:
@@ -267,15 +277,51 @@ def model_shape(cfg: Any) -> Optional[tuple[int, int]]:
     if cfg.source == "tiny":
         return TINY_VISION_CFG["layers"], TINY_VISION_CFG["width"] // TINY_VISION_CFG["head_width"]
     if cfg.source == "kandinsky_prior" and cfg.checkpoint:
-        try:
-            config = json.loads((Path(_expand(cfg.checkpoint)) / "config.json").read_text())
-            return int(config["num_hidden_layers"]), int(config["num_attention_heads"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+        config = _prior_folder_config(cfg)
+        return None if config is None else (config["num_hidden_layers"], config["num_attention_heads"])
     vision = open_clip.CLIPVisionCfg(**(open_clip.get_model_config(cfg.name) or {}).get("vision_cfg", {}))
     if not isinstance(vision.layers, int) or vision.timm_model_name:
         return None
     return vision.layers, vision.width // vision.head_width  # as open_clip's _build_vision_tower counts heads
+
+
+# what vision_transformer_from_hf_config builds the tower from: each must be a positive integer
+PRIOR_CONFIG_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                      "patch_size", "projection_dim")
+
+
+def _prior_config_file(cfg: Any) -> Path:
+    return Path(_expand(cfg.checkpoint)) / "config.json"
+
+
+def _prior_folder_config(cfg: Any) -> Optional[dict]:
+    """The checked config.json of a local prior folder (`read_prior_config`), or None where the folder has
+    none yet (the weights preflight reports that, with the rest of what is missing)."""
+    file = _prior_config_file(cfg)
+    return read_prior_config(file) if file.is_file() else None
+
+
+def read_prior_config(file: Path) -> dict:
+    """A saved CLIPVisionModelWithProjection's config.json, checked before any model is built: a JSON object
+    whose sizes are positive integers. Anything else is a one-line UserError naming the file."""
+    fix = "save the encoder again with save_pretrained, or fetch the prior's image_encoder/"
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:  # unreadable, not UTF-8, not JSON
+        raise UserError(f"{file.parent}: cannot read the image encoder weights from it ({reason(err)} in "
+                        f"{file.name}); {fix}") from err
+    if not isinstance(config, dict):
+        kind = {list: "array", str: "string", type(None): "null"}.get(type(config), type(config).__name__)
+        raise UserError(f"{file} holds a JSON {kind}, not the config of a "
+                        f"CLIPVisionModelWithProjection; {fix}")
+    bad = [key for key in PRIOR_CONFIG_SIZES if type(config.get(key)) is not int or config[key] < 1]
+    if bad:
+        shown = ", ".join(f"{key}={config.get(key)!r}" for key in bad[:3])
+        raise UserError(f"{file}: {shown}: each must be a positive integer (a CLIPVisionConfig); {fix}")
+    eps = config.get("layer_norm_eps", 1e-5)
+    if type(eps) not in (int, float) or not 0 < eps < 1:
+        raise UserError(f"{file}: layer_norm_eps={eps!r}: must be a small positive number; {fix}")
+    return config
 
 
 def _expand(path: Optional[str]) -> Optional[str]:
@@ -358,9 +404,11 @@ def _open_checkpoint(path: str) -> Iterator[tuple[set[str], Callable[[str], Tens
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # mmap needs the zip format that torch.save has written since 1.6
         state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise UserError(f"{path} is not a file of open_clip weights (it holds a {type(state).__name__})")
-    state = state.get("state_dict", state)  # a training checkpoint wraps the weights
+    if isinstance(state, dict):
+        state = state.get("state_dict", state)  # a training checkpoint wraps the weights
+    if not isinstance(state, dict) or not all(isinstance(key, str) for key in state):
+        raise UnreadableWeights(f"{path} is not a file of open_clip weights (it holds a {type(state).__name__}, "
+                                "not named tensors)")
     state = {key.removeprefix("module."): value for key, value in state.items()}  # saved from DataParallel
     yield set(state), state.__getitem__
 
@@ -384,18 +432,37 @@ def copy_tower_weights(tower: nn.Module, path: str, prefixes: tuple[str, ...], w
                 target.copy_(value)
 
 
-# what reading a file that is not a weights file raises (torch.load: EOFError when empty, KeyError on text)
-UNREADABLE = (OSError, RuntimeError, ValueError, EOFError, KeyError, pickle.UnpicklingError, SafetensorError)
+class UnreadableWeights(UserError):
+    """A weights file that cannot be read at all (empty, truncated, not a weights file): no other loader is
+    tried on it, since open_clip's would build the whole CLIP (10 GB for bigG) only to fail on it too."""
 
 
 @contextmanager
 def _user_errors_reading(path: str, what: str) -> Iterator[None]:
-    """A checkpoint that cannot be read (not a weights file, truncated) -> a one-line UserError."""
+    """A checkpoint that cannot be read (not a weights file, truncated) -> a one-line UnreadableWeights."""
     try:
         yield
-    except UNREADABLE as err:
-        reason = " ".join(str(err).split())[:200]
-        raise UserError(f"{path}: cannot read the {what} weights from it ({type(err).__name__}: {reason})") from err
+    except UserError:
+        raise
+    except load_errors() as err:
+        raise UnreadableWeights(f"{path}: cannot read the {what} weights from it ({reason(err)})") from err
+
+
+def _refetch(err: UserError, name: str, weights: str) -> UserError:
+    """`err` about a damaged weights file, with the command that fetches it again where it came from the hub
+    (`hf download` keeps a damaged cached file unless told --force-download)."""
+    command = hub_download_command(name, weights)
+    return UserError(f"{err}; fetch it again with `{command} --force-download`") if command else err
+
+
+def _is_torchscript(path: str) -> bool:
+    """Whether `path` is a TorchScript archive (OpenAI's CLIP checkpoints are): a zip file with the `code/`
+    folder that torch.jit.save writes. dsl's reader refuses it; open_clip's loader converts it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _load_open_clip_visual(
@@ -419,14 +486,16 @@ def _load_open_clip_visual(
     try:
         copy_tower_weights(visual, path, ("visual.",), f"{name} vision tower")
     except UserError as ours:
-        # maybe a file open_clip converts as it loads it: OpenAI's TorchScript archives, other projects'
-        # layouts, positions saved for another image size
+        if isinstance(ours, UnreadableWeights) and not _is_torchscript(path):
+            raise _refetch(ours, name, weights) from ours  # damaged: the first error is final
+        # a file open_clip converts as it loads it: OpenAI's TorchScript archives, other projects' layouts,
+        # positions saved for another image size
         log.info("%s: trying open_clip's own loader (%s)", path, ours)
         del visual  # the tower half filled: open_clip's loader builds its own, beside the whole file
         try:
             # with the tag's activation: open_clip 3.x builds `ViT-L-14` with GELU for `openai` and only warns
             model = open_clip.create_model(name, pretrained=weights, force_quick_gelu=settings.quick_gelu)
-        except UNREADABLE as theirs:  # not a file open_clip reads either: the reason it is not ours is clearer
+        except load_errors() as theirs:  # not a file open_clip reads either: the reason it is not ours is clearer
             raise ours from theirs
         visual = model.visual
     return visual, settings.transform(visual.image_size)
@@ -440,8 +509,8 @@ def _load_prior_visual(repo_id: str, subfolder: str, checkpoint: Optional[str]) 
             f"{folder} must hold config.json and model.safetensors (a CLIPVisionModelWithProjection); "
             f"fetch them with `{prior_encoder_weights(repo_id, subfolder).command}`"
         )
-    with _user_errors_reading(str(folder), "image encoder"):  # a broken config, file, key or shape: one line
-        config = json.loads(config_file.read_text())
+    config = read_prior_config(config_file)
+    with _user_errors_reading(str(folder), "image encoder"):  # a broken file, key or shape: one line
         visual = unfilled(partial(vision_transformer_from_hf_config, config))  # every tensor is loaded next
         state = hf_to_open_clip_state_dict(_read_safetensors(weight_files), config["num_hidden_layers"])
         visual.load_state_dict(state)  # strict: a tensor the file lacks is refused, none is left unfilled

@@ -11,7 +11,8 @@ preprocessing for those weights, from the Hugging Face cache only (or a local pa
   tower), DINOv2 (with registers too), ViT and DeiT (their image classifier when the repository is one).
   Preprocessing: the repository's `AutoImageProcessor`.
 
-These ViTs have no decoder in dsl yet (an adapter will come later): the lenses that do not decode run.
+No decoder was trained on these ViTs' embeddings: a run decodes them through a fitted adapter (`dsl adapter fit`,
+then `adapter=FOLDER`; dsl_cli.adapters), and without one only the lenses that do not decode run.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dsl_cli.errors import UserError
+from dsl_cli.weights import load_errors, reason
 
 log = logging.getLogger("dsl_cli.encoder")
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
@@ -42,8 +44,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 def no_decoder(cfg: Any) -> UserError:
     """The one-line refusal of a lens that decodes, for these ViTs."""
-    return UserError(f"encoder {cfg.source}:{label(cfg)} has no decoder in dsl (an adapter to a decoder's embedding "
-                     "space will come later): use a lens that does not decode, with decode.enabled=false")
+    return UserError(f"encoder {cfg.source}:{label(cfg)} has no decoder in dsl: fit an adapter into a decoder's "
+                     "embedding space (`dsl adapter fit` with this encoder and decoder=...; see `dsl adapter --help`) "
+                     "and run with adapter=FOLDER, or use decode.enabled=false")
 
 
 def label(cfg: Any) -> str:
@@ -131,10 +134,26 @@ def _timm_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
     try:
         model = _seeded(lambda: timm.create_model(cfg.name, pretrained=overlay is not None,
                                                   pretrained_cfg_overlay=overlay))
-    except (OSError, RuntimeError, ValueError) as err:
-        raise UserError(f"encoder timm:{cfg.name}: its weights could not be read ({err})") from err
+    except load_errors() as err:  # a damaged file, a missing tensor, a tensor of another shape: timm's strict load
+        where = overlay["file"] if overlay else "timm"
+        raise UserError(f"encoder timm:{cfg.name}: its weights could not be read from {where} ({reason(err)}); "
+                        f"{_timm_fix(cfg)}") from err
     data = resolve_data_config({}, model=model)
     return model.eval(), create_transform(**data)
+
+
+def _timm_fix(cfg: Any) -> str:
+    """What to do about timm weights that could not be read: a local file, or the cached hub one."""
+    if cfg.checkpoint:
+        return f"give encoder.checkpoint a timm weights file of {cfg.name} (.safetensors or .pth)"
+    return f"fetch them again with `{_timm_fetch_command(cfg)} --force-download`"
+
+
+def _timm_fetch_command(cfg: Any) -> str:
+    import timm
+
+    repo = getattr(timm.models.get_pretrained_cfg(cfg.name), "hf_hub_id", None)
+    return f"hf download {repo} model.safetensors config.json"
 
 
 def _timm_weights_file(cfg: Any) -> str:
@@ -178,18 +197,45 @@ def _hf_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
                  or cfg.repo_id, local_files_only=True)
     if not cfg.checkpoint and cfg.subfolder:
         where["subfolder"] = cfg.subfolder
+    source = where["pretrained_model_name_or_path"]
     try:
         config = transformers.AutoConfig.from_pretrained(**where)
         model_class = _hf_class(config)
         if cfg.pretrained is None and not cfg.checkpoint:
             model = _seeded(lambda: model_class(config))
         else:
-            model = model_class.from_pretrained(**where)
+            # sizes that do not match are reported in `info` (and refused) instead of raised without their names
+            model, info = model_class.from_pretrained(**where, output_loading_info=True,
+                                                      ignore_mismatched_sizes=True)
+            _refuse_incomplete(source, info, _hf_fix(cfg))
         processor = transformers.AutoImageProcessor.from_pretrained(**where)
-    except OSError as err:
-        raise UserError(f"encoder hf:{cfg.repo_id}: not in the Hugging Face cache or not a transformers model "
-                        f"folder ({str(err).splitlines()[0]}); fetch it with: hf download {cfg.repo_id}") from err
+    except UserError:
+        raise
+    except OSError as err:  # a file not there (not cached, or not in the folder)
+        where = "not a transformers model folder" if cfg.checkpoint else \
+            "not in the Hugging Face cache or not a transformers model folder"
+        raise UserError(f"encoder hf:{source}: {where} ({reason(err)}); {_hf_fix(cfg)}") from err
+    except load_errors() as err:  # a damaged file, a config.json of the wrong shape or size
+        raise UserError(f"encoder hf:{source}: cannot load it ({reason(err)}); {_hf_fix(cfg)}") from err
     return model.eval(), _hf_preprocess(processor)
+
+
+def _hf_fix(cfg: Any) -> str:
+    """What to do about a transformers model that could not be loaded: a local folder, or the hub's."""
+    if cfg.checkpoint:
+        return "give encoder.checkpoint a folder written by save_pretrained (config.json, model.safetensors, " \
+               "preprocessor_config.json)"
+    return f"fetch it with: hf download {cfg.repo_id} (with --force-download over damaged files)"
+
+
+def _refuse_incomplete(source: str, info: dict, fix: str) -> None:
+    """Refuse weights that lack tensors of the model (transformers would leave them random and only print a
+    report), or hold them in another shape than the config builds."""
+    missing = sorted(info.get("missing_keys") or []) + [str(item[0]) for item in info.get("mismatched_keys") or []]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"encoder hf:{source}: its weights lack {shown} (or hold them in another shape than "
+                        f"config.json says), which would be left random; {fix}")
 
 
 def _hf_class(config: Any) -> type:
