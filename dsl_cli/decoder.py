@@ -392,7 +392,9 @@ class Decoder(Placed, ABC):
             shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
             raise UserError(f"{where}/{name}: its weights lack {shown} (or hold them in another shape than "
                             f"its config.json says), which would be left random: {_refetch(cls, cfg)}")
-        return model
+        # transformers before 4.56 takes `torch_dtype` and would keep `dtype` as a config entry: the pipeline
+        # does not convert the models it is given, so they are in the run's precision here whatever the version
+        return model if model.dtype == dtype else model.to(dtype=dtype)
 
     @classmethod
     def hub_weights(cls, repo: str) -> HubWeights:
