@@ -23,12 +23,13 @@ from dsl_cli.adapters import AdaptedEncoder, Adapter, raise_not_finite
 from dsl_cli.components import Component
 from dsl_cli.config import DecoderConfig, EncoderConfig
 from dsl_cli.decoder import KandinskyDecoder, check_finite_pictures, load_decoder
-from dsl_cli.weights import nonfinite_weight
 from dsl_cli.encoder import load_encoder
 from dsl_cli.encoder.loading import TINY_EMBED_DIM, TINY_TEXT_CFG, TINY_VISION_CFG, build_tiny_clip
 from dsl_cli.errors import UserError
 from dsl_cli.lenses import Scores, check_finite, get_lens
+from dsl_cli.weights import nonfinite_weight
 from helpers import dsl_in_process, perturb_
+from test_check import offline  # noqa: F401 - autouse: offline, empty hub and dsl caches, 16 px decodings
 
 NAME = "dsl-nonfinite-tiny"
 DAMAGED = "the weight files are damaged"
@@ -55,17 +56,6 @@ def saved(tmp_path_factory) -> dict[str, Path]:
     pipe.save_pretrained(folder / "nan_decoder")
     return {"clip": folder / "clip.bin", "nan_clip": folder / "nan_clip.bin", "decoder": folder / "decoder",
             "nan_decoder": folder / "nan_decoder"}
-
-
-@pytest.fixture(autouse=True)
-def offline(tmp_path, monkeypatch):
-    """Offline, an empty hub cache and dsl cache; the decoding compared is 16 px."""
-    import huggingface_hub.constants as constants
-
-    monkeypatch.setattr(check, "CHECK_SIZE", 16)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setenv("DSL_CACHE", str(tmp_path / "dsl"))
 
 
 def encoder_args(clip: Path) -> list[str]:
