@@ -35,7 +35,7 @@ from torch import Tensor
 
 from dsl_cli.config import encoder_text
 from dsl_cli.errors import UserError
-from dsl_cli.weights import refuse_damaged_weights
+from dsl_cli.weights import fp32_fix, refuse_damaged_weights
 
 READOUTS = ("embed", "resid")  # the source's final embedding, or its residual stream after block `layer`
 HELDOUT_FRACTION = 0.1  # share of the images (by name hash) kept out of the fit, for lambda and the metrics
@@ -550,8 +550,6 @@ def accumulate(partial: Partial, items: Iterable[tuple[str, Any]], source, sourc
 def raise_not_finite(name: str, source, target) -> None:
     """The reason an embedding of image `name` came out NaN or inf: an encoder's damaged weights (no setting
     fixes those), else half precision where it is in use; in fp32 with sound weights, the model itself."""
-    from dsl_cli.lenses import fp32_fix
-
     refuse_damaged_weights("source encoder", source, "fetch them again, or check the file encoder.checkpoint names")
     refuse_damaged_weights("target encoder", target, "fetch them again, or check the target encoder's files")
     in_fp32 = source.dtype == torch.float32 and target.dtype == torch.float32

@@ -44,7 +44,7 @@ from dsl_cli.devices import Placed, seeded_on
 from dsl_cli.errors import UserError
 from dsl_cli.libraries import Library
 from dsl_cli.memory import free_bytes, halving_batches
-from dsl_cli.weights import HubWeights, Needs, load_errors, reason, refuse_damaged_weights
+from dsl_cli.weights import HubWeights, Needs, load_errors, missing_tensors, reason, refuse_damaged_weights
 
 log = logging.getLogger("dsl_cli.decoder")
 
@@ -387,10 +387,9 @@ class Decoder(Placed, ABC):
         with _loading_errors(cls, f"{where}/{name}", cfg):
             model, info = model_class.from_pretrained(where, subfolder=name, output_loading_info=True,
                                                       **library_dtype)
-        missing = list(info.get("missing_keys", [])) + [key[0] for key in info.get("mismatched_keys", [])]
+        missing = missing_tensors(info)
         if missing:
-            shown = ", ".join(sorted(missing)[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-            raise UserError(f"{where}/{name}: its weights lack {shown} (or hold them in another shape than "
+            raise UserError(f"{where}/{name}: its weights lack {missing} (or hold them in another shape than "
                             f"its config.json says), which would be left random: {_refetch(cls, cfg)}")
         # transformers before 4.56 takes `torch_dtype` and would keep `dtype` as a config entry: the pipeline
         # does not convert the models it is given, so they are in the run's precision here whatever the version

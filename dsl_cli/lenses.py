@@ -33,7 +33,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.libraries import Library
 from dsl_cli.memory import release_memory
 from dsl_cli.outputs import LABELS, SIMILARITY, RunFolder, atomic_write_bytes
-from dsl_cli.weights import Needs, refuse_damaged_weights
+from dsl_cli.weights import Needs, fp32_fix, refuse_damaged_weights
 
 log = logging.getLogger("dsl_cli.lenses")
 open_clip = Library("open_clip")  # imported when the logit lens first needs it, not when a run starts
@@ -182,14 +182,6 @@ def check_finite(lens: "Lens", dtype: str, names: list[str], components: list[Co
     setting, fix = lens.unstable_setting(dtype)
     raise UserError(f"{names[i]} {components[k].label}: the {lens.name} lens embedding or its score is "
                     f"not finite (NaN or inf) with {setting}; {fix}")
-
-
-def fp32_fix(dtype: str) -> str:
-    """What to do about an encoder result that is not finite although its weights are: fp32 where the encoder
-    runs in half precision (which overflows); in fp32 no setting of dsl's helps."""
-    if dtype != "fp32":
-        return "use encoder.dtype=fp32"
-    return "the model overflows on this image even in fp32: leave the image out or use other weights"
 
 
 TOP_PATCHES = 5  # patches named in the `top_patches` column

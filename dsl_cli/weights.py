@@ -117,6 +117,24 @@ def reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
+def missing_tensors(info: dict) -> Optional[str]:
+    """From a library's loading report (`from_pretrained(..., output_loading_info=True)`, transformers' or
+    diffusers'): the tensors the weights lack or hold in another shape than the config builds, the first three
+    named; None where the weights are complete. The libraries would leave those random and only log it."""
+    missing = sorted(info.get("missing_keys") or []) + [str(item[0]) for item in info.get("mismatched_keys") or []]
+    if not missing:
+        return None
+    return ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+
+
+def fp32_fix(dtype: str) -> str:
+    """What to do about an encoder result that is not finite although its weights are sound: fp32 where the
+    encoder runs in half precision (which overflows); in fp32 no setting of dsl's helps."""
+    if dtype != "fp32":
+        return "use encoder.dtype=fp32"
+    return "the model overflows on this image even in fp32: leave the image out or use other weights"
+
+
 def nonfinite_weight(model: Any) -> str | None:
     """The name of a floating-point weight of `model` holding NaN or inf (the first found), else None.
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dsl_cli.errors import UserError
-from dsl_cli.weights import load_errors, reason
+from dsl_cli.weights import load_errors, missing_tensors, reason
 
 log = logging.getLogger("dsl_cli.encoder")
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
@@ -207,7 +207,10 @@ def _hf_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
             # sizes that do not match are reported in `info` (and refused) instead of raised without their names
             model, info = model_class.from_pretrained(**where, output_loading_info=True,
                                                       ignore_mismatched_sizes=True)
-            _refuse_incomplete(source, info, _hf_fix(cfg))
+            missing = missing_tensors(info)
+            if missing:
+                raise UserError(f"encoder hf:{source}: its weights lack {missing} (or hold them in another shape "
+                                f"than config.json says), which would be left random; {_hf_fix(cfg)}")
         processor = transformers.AutoImageProcessor.from_pretrained(**where)
     except UserError:
         raise
@@ -226,16 +229,6 @@ def _hf_fix(cfg: Any) -> str:
         return "give encoder.checkpoint a folder written by save_pretrained (config.json, model.safetensors, " \
                "preprocessor_config.json)"
     return f"fetch it with: hf download {cfg.repo_id} (with --force-download over damaged files)"
-
-
-def _refuse_incomplete(source: str, info: dict, fix: str) -> None:
-    """Refuse weights that lack tensors of the model (transformers would leave them random and only print a
-    report), or hold them in another shape than the config builds."""
-    missing = sorted(info.get("missing_keys") or []) + [str(item[0]) for item in info.get("mismatched_keys") or []]
-    if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise UserError(f"encoder hf:{source}: its weights lack {shown} (or hold them in another shape than "
-                        f"config.json says), which would be left random; {fix}")
 
 
 def _hf_class(config: Any) -> type:
