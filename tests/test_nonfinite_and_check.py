@@ -168,3 +168,26 @@ def test_a_damaged_decoder_is_named_and_auto_on_the_cpu_is_not_told_fp32() -> No
     assert nonfinite_weight(decoder) == "pipe.unet.conv_in.weight"
     with pytest.raises(UserError, match=r"^the decoder's weights hold NaN or inf \(e\.g\. pipe\.unet\.conv_in\."):
         check_finite_pictures(pictures, ["a L0H0"], cfg, decoder)
+
+
+@pytest.mark.parametrize("model", ["encoder", "decoder"])
+def test_a_run_names_damaged_weights_not_a_setting(model: str, tmp_path, monkeypatch, capsys) -> None:
+    """`dsl run` hands the encoder and the decoder to its finiteness checks: one NaN in either model's weights
+    is named as damaged weights, not blamed on encoder.dtype or decode.guidance."""
+    from dsl_cli import run
+
+    loader = {"encoder": "load_encoder", "decoder": "load_decoder"}[model]
+    real = getattr(run, loader)
+
+    def damaged(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        target = loaded[0] if model == "encoder" else loaded.pipe.unet
+        with torch.no_grad():
+            next(p for p in target.parameters() if p.is_floating_point()).view(-1)[0] = float("nan")
+        return loaded
+
+    monkeypatch.setattr(run, loader, damaged)
+    args = ["run", "debug=tiny", "images.limit=1", "layer=1", "decode.top_k=1", "hydra.run.dir=run",
+            *(["decode.enabled=false"] if model == "encoder" else [])]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and f"the {model}'s weights hold NaN or inf" in err, err[-2000:]
