@@ -4,11 +4,14 @@ does not fit is skipped; one that overruns is stopped and keeps what it measured
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,12 @@ from device_check_report import GOALS, compiled_vs_eager, markdown, summarise  #
 HAS_CXX = bool(shutil.which(os.environ.get("CXX", "g++")))
 
 
+def inductor_cache() -> str:
+    """Where torch's inductor keeps its compiled kernels by default (torch/_inductor/runtime/cache_dir_utils.py):
+    the user's folder in the temporary folder."""
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", getpass.getuser()))
+
+
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory) -> tuple[Path, dict]:
     """As documented (no `--work`): the steps' JSON in a temporary folder, removed at the end. The dry run's
@@ -29,7 +38,10 @@ def dry_run(tmp_path_factory) -> tuple[Path, dict]:
     clean-up among them, so every step's results were gone before they were read."""
     root = tmp_path_factory.mktemp("device_check")
     (root / "tmp").mkdir()
-    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(root / "tmp")}
+    # inductor's cache stays where it was (it defaults to TMPDIR): the compile step then finds the graph
+    # test_speed_paths compiled, or leaves it for it, instead of a minute of C++ compiling each time
+    env = {**os.environ, "PYTHON": sys.executable, "TMPDIR": str(root / "tmp"),
+           "TORCHINDUCTOR_CACHE_DIR": os.environ.get("TORCHINDUCTOR_CACHE_DIR") or inductor_cache()}
     result = subprocess.run([str(REPO / "scripts" / "device_check.sh"), "--dry-run", str(root / "out")],
                             env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
