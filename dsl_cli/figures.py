@@ -860,17 +860,23 @@ def plot_overlay_removal(rows: list[dict], settings: str = ""):
     return fig
 
 
-def overlay_settings(rows: list[dict], config: dict) -> str:
-    """The settings of an overlay-removal study, for its title: ablation, the DSL ranking, the orders."""
+def overlay_settings(rows: list[dict], config: dict, heads: int | None = None) -> str:
+    """The settings of an overlay-removal study, for its title: ablation, the DSL ranking, the orders; `heads`,
+    the number the study ablates, where known (a greedy pool at least that large is all of them)."""
     study, lens = config.get("study", {}), config.get("lens", {})
     random_orders = len({r["seed"] for r in rows if r["order"] == "random"})
     lenses = list(study.get("lenses") or DEFAULT_LENSES)
     short = {"steering": "DSL", "direct": "the naive lens"}
     named = [f"DSL ({lens.get('mode')}, alpha {float(lens.get('alpha', math.nan)):g})" if name == "steering"
              else short.get(name, f"the {name} lens") for name in lenses]
-    return (f"{rows[0]['ablation'] if rows else ''} ablation; heads ranked by {' and by '.join(named)}; greedy among "
-            f"the {study.get('greedy_pool') or 'all'} best by {short.get(lenses[0], lenses[0])}; {random_orders} "
-            f"random orders; overlay at {study.get('overlay_position', 'center')}, scale {study.get('overlay_scale')}")
+    pool = study.get("greedy_pool")
+    if pool is None or (heads is not None and pool >= heads):
+        greedy = f"greedy among all {heads} heads" if heads is not None else "greedy among all heads"
+    else:
+        greedy = f"greedy among the {pool} best by {short.get(lenses[0], lenses[0])}"
+    return (f"{rows[0]['ablation'] if rows else ''} ablation; heads ranked by {' and by '.join(named)}; {greedy}; "
+            f"{random_orders} random orders; overlay at {study.get('overlay_position', 'center')}, "
+            f"scale {study.get('overlay_scale')}")
 
 
 def _order_name(order: str, seed) -> str:

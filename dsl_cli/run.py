@@ -548,6 +548,7 @@ def _complete_already(run_dir: Path) -> bool:
 def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, components: list[Component],
                   manifest: Manifest) -> None:
     """An interventional study (DESIGN.md section 3) on the chosen heads, instead of decoding."""
+    manifest.update(components=sum(c.kind == "head" for c in components))  # the heads it ablates (figure titles)
     with manifest.stage("study"):
         summary = run_study(cfg, run_dir, encoder, preprocess, image_set.images, components)
     manifest.complete(study=summary)

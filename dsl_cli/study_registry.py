@@ -261,7 +261,8 @@ class OverlayRemoval(Study):
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)
         rows = folder.read(OVERLAY)
-        figure = figures.plot_overlay_removal(rows, figures.overlay_settings(rows, config))
+        heads = (read_manifest(run_dir) or {}).get("components")
+        figure = figures.plot_overlay_removal(rows, figures.overlay_settings(rows, config, heads))
         grids = figures.draw_fade_grids(run_dir, rows)
         path = folder.figure("plots", self.name)
         figures.save_figure(figure, path)

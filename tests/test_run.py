@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dsl_cli import cli
+from dsl_cli import cli, figures
 from dsl_cli.encoder import build_tiny_visual, load_encoder
 from dsl_cli.config import EncoderConfig
 from dsl_cli.lenses import LENSES
@@ -284,7 +284,11 @@ def test_plot_on_a_folder_that_is_not_a_run(tmp_path: Path, capsys) -> None:
     ("head_importance", ["study_head_importance.csv", "correlations.csv", "plots/head_importance.png"]),
     ("overlay_removal", ["study_overlay_removal.csv", "plots/overlay_removal.png"]),
 ])
-def test_studies_run_through_the_cli(study: str, files: list[str], tmp_path: Path) -> None:
+def test_studies_run_through_the_cli(study: str, files: list[str], tmp_path: Path, monkeypatch) -> None:
+    titles = []
+    original = figures.plot_overlay_removal
+    monkeypatch.setattr(figures, "plot_overlay_removal", lambda rows, settings: titles.append(settings)
+                        or original(rows, settings))
     folder = run_tiny(tmp_path / study, f"study={study}", "layer=all", "study.steps=3", "study.random_orders=2")
     for name in files:
         assert (folder / name).is_file(), name
@@ -295,6 +299,9 @@ def test_studies_run_through_the_cli(study: str, files: list[str], tmp_path: Pat
         assert len(rows) == N_IMAGES * N_LAYERS * N_HEADS
     else:  # per composite: DSL, naive-lens and greedy orders and 2 random orders, each with steps 0..3
         assert len(rows) == N_IMAGES * (3 + 2) * 4
+        # the default greedy pool (32) is all 16 heads: the title said "among the 32 best"
+        assert manifest["components"] == N_LAYERS * N_HEADS
+        assert len(titles) == 1 and f"greedy among all {N_LAYERS * N_HEADS} heads;" in titles[0], titles
         assert len(list(folder.glob("grids/*_overlay_fade.png"))) == N_IMAGES  # decode_steps, clamped to 3
     assert not (folder / "similarity.csv").exists()  # a study ranks no lens pictures
 

@@ -466,9 +466,14 @@ def test_an_overlay_removal_title_names_its_settings() -> None:
         "mean ablation; heads ranked by DSL (norm, alpha 2) and by the naive lens; greedy among the 8 best by DSL; "
         "2 random orders; overlay at top_left, scale 0.4")
     assert overlay_settings([], config).startswith(" ablation; heads ranked by DSL (norm, alpha 2)")
+    # a pool of at least the heads the study ablates is all of them: the title said "the 32 best" of 12 heads
+    assert "; greedy among the 8 best by DSL; " in overlay_settings(rows, config, heads=9)
+    for heads in (8, 3):
+        assert f"; greedy among all {heads} heads; " in overlay_settings(rows, config, heads=heads)
     config["study"] = {"greedy_pool": None, "overlay_scale": 0.5}
-    assert overlay_settings(rows[:1], config).endswith("greedy among the all best by DSL; 0 random orders; "
+    assert overlay_settings(rows[:1], config).endswith("greedy among all heads; 0 random orders; "
                                                        "overlay at center, scale 0.5")
+    assert "; greedy among all 12 heads; " in overlay_settings(rows, config, heads=12)
 
 
 def test_overlay_curves_are_drawn_per_order_and_random_orders_as_mean_and_band() -> None:
