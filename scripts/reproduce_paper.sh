@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The paper's figures and validations, one experiment each (dsl_cli/configs/experiment/paper_*.yaml), each
 # into outputs/paper/<experiment>, then outputs/paper/index.html linking every figure. Needs the
-# Kandinsky 2.2 weights in the Hugging Face cache and, in practice, a CUDA GPU (README "Reproducing the
+# Kandinsky 2.2 weights in the Hugging Face cache and, in practice, a CUDA GPU (docs/studies.md, "Reproducing the
 # paper" has the expected times). Arguments are added to every run, e.g.
 #   scripts/reproduce_paper.sh images.path=~/photos           # your own images
 #   scripts/reproduce_paper.sh debug=tiny images.limit=2       # a dry run of the whole script on tiny models

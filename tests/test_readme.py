@@ -210,3 +210,25 @@ def test_layout_names_every_module() -> None:
     missing = [str(p.relative_to(root)) for p in [*modules, *(root / "scripts").iterdir()]
                if str(p.relative_to(root)) not in layout]
     assert not missing, f"the Layout (docs/extending.md) does not list {missing}"
+
+
+def test_the_config_table_names_every_option_of_every_group() -> None:
+    """The user guide's table of config groups lists each option under dsl_cli/configs/GROUP/ (it left out
+    `tiny_timm`, `tiny_dinov2`, `timm` and `hf`, which `dsl run --help` lists and the guide uses)."""
+    guide = (README.parent / "docs" / "user-guide.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \|", guide, re.M))
+    configs = README.parent / "dsl_cli" / "configs"
+    missing = {group: [p.stem for p in sorted((configs / group).glob("*.yaml")) if f"`{p.stem}`" not in rows[group]]
+               for group in ("encoder", "decoder", "debug", "lens", "images", "launcher")}
+    assert {group: names for group, names in missing.items() if names} == {}
+
+
+def test_sections_named_in_the_docs_exist() -> None:
+    """A section a guide sends the reader to by name, `see "Any ViT"` or `"Extending" below`, is a heading
+    of that guide (the guide once said `see Set-up`, the cluster guide `the SLURM of "Tests"`)."""
+    for page in [README, *sorted((README.parent / "docs").glob("*.md"))]:
+        text = page.read_text()
+        headings = re.findall(r"^#+ (.*)$", text, re.M)
+        named = re.findall(r'(?:see|of|[Ss]ee) "([^"]+)"|"([^"]+)" (?:below|above)', text)
+        dangling = [n for pair in named for n in pair if n and not any(h.startswith(n) for h in headings)]
+        assert dangling == [], f"{page.name} names sections it does not have: {dangling}"
