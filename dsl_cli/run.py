@@ -246,8 +246,12 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     embeds = lens.embeddings(encoder, cache, components)
     scores = score(encoder, cache, components, embeds)
     check_finite(lens, cfg.encoder.dtype, names, components, cache.embeds, embeds, scores, encoder)
+    # a component that writes nothing into an image (an SAE feature that is off there) leaves its embedding the
+    # clean one: a cosine of 1 that ranked it first, and decode.top_k decoded the input instead of active
+    # features; it ranks last
+    ranks = rank(scores.sim_embed.masked_fill(scores.norm == 0, -math.inf))
     # one transfer per batch, not one per value (each .item() would wait for the GPU)
-    sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, rank(scores.sim_embed)))
+    sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, ranks))
     extra = {column: values.cpu().tolist() for column, values in
              lens.values(encoder, cache, components, embeds).items()}
     extra.update(feature_values(encoder, cache, components))  # SAE features: their activations

@@ -518,3 +518,26 @@ def test_a_layer_on_the_command_line_that_is_not_the_saes_is_refused(tmp_path, m
         assert code == 0, err[-3000:]
     else:
         assert code == 2 and len(lines) == 1 and "reads its features at layer 1" in lines[0], err[-3000:]
+
+
+def test_a_feature_that_is_off_in_an_image_ranks_last_and_is_not_decoded_by_top_k(tmp_path, monkeypatch, capsys):
+    """A feature whose activation is 0 writes nothing: its embedding is the clean one (cosine 1), which ranked
+    it first, so that `decode.top_k` decoded the input picture instead of the active features."""
+    from helpers import dsl_in_process
+
+    sae = tiny_sae_folder(tmp_path / "sae")
+    run = tmp_path / "run"
+    args = ["run", "debug=tiny", f"sae={sae}", "sae.features=[0,1,2,3,4,5,6,7]", "images.limit=2", "decode.top_k=2",
+            "decode.steps=1", f"hydra.run.dir={run}"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    with (run / "similarity.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for image in {r["image"] for r in rows}:
+        mine = sorted((r for r in rows if r["image"] == image), key=lambda r: int(r["rank"]))
+        off = [r for r in mine if r["kind"] == "feature" and float(r["activation"]) == 0]
+        on = [r for r in mine if r not in off]
+        assert off and on, "the planted SAE should leave some of these features off in each image"
+        assert mine == on + off  # the features that are off rank after every component that writes
+        assert all(float(r["norm"]) == 0 and not r["file"] for r in off)
+        assert {r["component"] for r in mine if r["file"]} == {r["component"] for r in on[:2]}
