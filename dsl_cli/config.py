@@ -229,12 +229,25 @@ def split_options(args: list[str], prefix: str, cls: type[T]) -> tuple[T, list[s
             raise UserError(f"{arg}: no such setting; {prefix}.* settings are "
                             + ", ".join(f"{prefix}.{k}" for k in hints))
         kind = next((t for t in get_args(hints[name]) if t is not type(None)), hints[name])
+        if value[:1] in ("'", '"'):  # quoted as Hydra quotes (path_override quotes a path with spaces, brackets)
+            value = _unquoted(arg)
         try:
             setattr(options, name, None if value in ("null", "None") else kind(value) if kind in (int, float)
                     else value)
         except ValueError:
             raise UserError(f"{arg}: {prefix}.{name} takes a number") from None
     return options, rest
+
+
+def _unquoted(override: str) -> str:
+    """The value of `key='a quoted value'` as Hydra reads it (one line where it does not parse)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return str(OverridesParser.create().parse_override(override).value())
+    except HydraException as err:
+        raise UserError(f"{override}: {_one_line(err)}") from None
 
 
 def gpu_count(at_least: int = 0) -> int:

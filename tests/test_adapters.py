@@ -524,3 +524,14 @@ def test_any_vit_of_the_encoder_interface_decodes_through_an_adapter(source):
     for k, comp in enumerate(["L1H0", "L2MLP"]):
         assert torch.allclose(closed[:, k], adapter(encoder.steer_hooked(pixels, comp, mode="norm", alpha=2.0)),
                               atol=1e-4), comp
+
+
+@pytest.mark.parametrize("folder", ["/tmp/my ad (v2)", "/tmp/it's [x]", "/tmp/plain"])
+def test_adapter_out_with_spaces_and_brackets_is_the_folder_typed(folder: str) -> None:
+    """`adapter.out=/tmp/my ad (v2)` was quoted for Hydra (config.path_override) and the quotes kept: the fit
+    wrote to `./'/tmp/my ad (v2)'/`, relative to the working folder."""
+    from dsl_cli.adapter_cli import parse_options
+    from dsl_cli.config import folder_overrides
+
+    options, rest = parse_options(folder_overrides([f"adapter.out={folder}", "debug=tiny"]))
+    assert options.out == folder and rest == ["debug=tiny"]
