@@ -151,7 +151,7 @@ def fit_command(args: list[str]) -> int:
     readout = Readout(options.readout, options.layer)
     target_cfg = target_encoder_cfg(cfg, options)
     space = embedding_space(target_cfg)
-    check_pairing(space, cfg.decoder)  # the target space is one this decoder decodes
+    check_pairing(space, cfg.decoder, "adapter.target")  # the target space is one this decoder decodes
     source_ident = encoder_identity(cfg.encoder)
     out = claim_out(Path(options.out).expanduser() if options.out else default_out(cfg, options, source_ident),
                     sharded=cfg.images.num_shards > 1)

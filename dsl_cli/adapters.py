@@ -67,6 +67,9 @@ class Readout:
             raise UserError(f"adapter.readout={self.kind}: choose one of {', '.join(READOUTS)}")
         if self.kind == "resid" and self.layer is None:
             raise UserError("adapter.readout=resid needs adapter.layer=N (the residual after block N)")
+        if self.kind == "embed" and self.layer is not None:  # it fitted the embedding, and recorded the layer
+            raise UserError(f"adapter.layer={self.layer} reads the residual stream: add adapter.readout=resid (the "
+                            "default, adapter.readout=embed, maps the image embedding and reads no layer)")
 
     @property
     def label(self) -> str:
@@ -368,7 +371,8 @@ class Adapter:
     @property
     def readout(self) -> Readout:
         r = self.meta.get("readout") or {}
-        return Readout(r.get("kind", "embed"), r.get("layer"))
+        kind = r.get("kind", "embed")  # earlier fits recorded an adapter.layer that an embedding readout ignored
+        return Readout(kind, r.get("layer") if kind == "resid" else None)
 
     def __call__(self, x: Tensor) -> Tensor:
         """[..., p] -> [..., q] in x's dtype and device."""

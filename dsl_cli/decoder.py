@@ -207,14 +207,15 @@ def check_request(source: str, scheduler: str, height: int | None = None, width:
                             f"{max(multiple, round(value / multiple) * multiple)})")
 
 
-def check_pairing(space: Any, cfg: DecoderConfig) -> None:
+def check_pairing(space: Any, cfg: DecoderConfig, key: str = "encoder") -> None:
     """Refuse, before any model is built, an encoder whose image embeddings the decoder `cfg` cannot decode:
     `space` (a `dsl_cli.encoder.EmbeddingSpace`) of another width, or, for a pretrained decoder, of another
-    CLIP than the one it was trained on (a random-weight or local-file encoder is judged by its model)."""
+    CLIP than the one it was trained on (a random-weight or local-file encoder is judged by its model). `key`
+    is the setting that chose the encoder (`adapter.target` for an adapter's target space)."""
     cls = get_family(cfg.family)
     width, (model, tag) = cls.width_of(cfg), cls.clip
     fits = [f"decoder={other.name}" for other in FAMILIES.values() if other.clip == (space.model, space.weights)]
-    fix = f"use encoder={'tiny' if cfg.source == 'tiny' else cls.encoder_preset}" + "".join(
+    fix = f"use {key}={'tiny' if cfg.source == 'tiny' else cls.encoder_preset}" + "".join(
         f" or {f}" for f in fits)
     if space.width != width:
         raise UserError(f"encoder {space.label} gives {space.width}-wide image embeddings but decoder {cfg.family} "

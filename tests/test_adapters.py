@@ -535,3 +535,29 @@ def test_adapter_out_with_spaces_and_brackets_is_the_folder_typed(folder: str) -
 
     options, rest = parse_options(folder_overrides([f"adapter.out={folder}", "debug=tiny"]))
     assert options.out == folder and rest == ["debug=tiny"]
+
+
+def _error_line(err: str) -> str:
+    return next(line for line in err.splitlines() if line.startswith("dsl: error:"))
+
+
+def test_a_wrong_target_is_fixed_by_the_setting_the_message_names(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`adapter.target=vitl14` with the tiny decoder said "use encoder=tiny or ...": adding `encoder=tiny`
+    changed nothing; the setting to change is adapter.target."""
+    from helpers import dsl_in_process
+
+    fit = ["adapter", "fit", "debug=tiny", "images.limit=2", "adapter.examples=0"]
+    code, err = dsl_in_process([*fit, "adapter.target=vitl14"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "use adapter.target=tiny" in _error_line(err) and "encoder=tiny" not in _error_line(err), err
+    code, err = dsl_in_process([*fit, "adapter.target=tiny", f"adapter.out={tmp_path / 'a'}"], tmp_path,
+                               monkeypatch, capsys)
+    assert code == 0, err
+
+
+def test_adapter_layer_without_a_residual_readout_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`adapter.layer=2` alone fitted the embedding and recorded layer 2 in adapter.json."""
+    from helpers import dsl_in_process
+
+    code, err = dsl_in_process(["adapter", "fit", "debug=tiny", "adapter.layer=2", f"adapter.out={tmp_path / 'a'}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 2 and "add adapter.readout=resid" in _error_line(err) and not (tmp_path / "a").exists()
