@@ -153,11 +153,11 @@ def fit_command(args: list[str]) -> int:
     space = embedding_space(target_cfg)
     check_pairing(space, cfg.decoder, "adapter.target")  # the target space is one this decoder decodes
     source_ident = encoder_identity(cfg.encoder)
-    out = claim_out(Path(options.out).expanduser() if options.out else default_out(cfg, options, source_ident),
-                    sharded=cfg.images.num_shards > 1)
     image_set = load_images(cfg.images)
     decodes = bool(options.examples and cfg.decode.enabled and cfg.images.num_shards == 1)
-    preflight_fit(cfg, target_cfg, decodes)
+    preflight_fit(cfg, target_cfg, decodes)  # before the claim: a refusal leaves no folder marked `started`
+    out = claim_out(Path(options.out).expanduser() if options.out else default_out(cfg, options, source_ident),
+                    sharded=cfg.images.num_shards > 1)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.encoder.dtype, device)
     source, source_pre = load_encoder(cfg.encoder, device=device, dtype=dtype)

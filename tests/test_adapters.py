@@ -561,3 +561,16 @@ def test_adapter_layer_without_a_residual_readout_is_refused(tmp_path: Path, mon
     code, err = dsl_in_process(["adapter", "fit", "debug=tiny", "adapter.layer=2", f"adapter.out={tmp_path / 'a'}"],
                                tmp_path, monkeypatch, capsys)
     assert code == 2 and "add adapter.readout=resid" in _error_line(err) and not (tmp_path / "a").exists()
+
+
+def test_a_fit_refused_for_missing_weights_leaves_no_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The fit claimed its folder before looking up the weights: a refusal left it marked `started`."""
+    import huggingface_hub.constants as constants
+    from helpers import dsl_in_process
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "a"
+    code, err = dsl_in_process(["adapter", "fit", "debug=tiny", "encoder=vitl14", "images.limit=2", f"adapter.out={out}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 2 and "hf download" in err and not out.exists(), err
