@@ -150,14 +150,17 @@ def setup(cfg, options: TrainOptions) -> Setup:
     import torch
 
     from dsl_cli.devices import resolve_device
-    from dsl_cli.encoder import load_encoder
+    from dsl_cli.encoder import load_encoder, loading
     from dsl_cli.images import load_images
+    from dsl_cli.weights import require
     from dsl_cli.sae import SAE_POINTS
 
     if options.point not in SAE_POINTS:
         raise UserError(f"train.point={options.point}: use one of {', '.join(SAE_POINTS)}")
     if not isinstance(cfg.layer, int):
         raise UserError(f"layer={cfg.layer}: `dsl sae train` trains at one layer (an int)")
+    # the weights looked up first, as `dsl run` does: open_clip's own loader retried the hub for most of a minute
+    require(loading.needs(cfg.encoder))
     encoder, preprocess = load_encoder(cfg.encoder, device=resolve_device(cfg.device), dtype=torch.float32)
     layer = cfg.layer + encoder.n_layers if cfg.layer < 0 else cfg.layer
     if not 0 <= layer < encoder.n_layers:

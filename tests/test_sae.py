@@ -541,3 +541,22 @@ def test_a_feature_that_is_off_in_an_image_ranks_last_and_is_not_decoded_by_top_
         assert mine == on + off  # the features that are off rank after every component that writes
         assert all(float(r["norm"]) == 0 and not r["file"] for r in off)
         assert {r["component"] for r in mine if r["file"]} == {r["component"] for r in on[:2]}
+
+
+def test_sae_train_looks_its_weights_up_first(tmp_path, monkeypatch, capsys):
+    """`dsl sae train encoder=vitl14` without the weights went to open_clip's loader, which retried the hub for
+    most of a minute; the preflight names what to fetch at once, before any folder is made."""
+    import huggingface_hub.constants as constants
+    from helpers import dsl_in_process
+
+    from dsl_cli import weights
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    looked_up = []
+    original = weights.require
+    monkeypatch.setattr(weights, "require", lambda needs: looked_up.append(needs) or original(needs))
+    out = tmp_path / "sae"
+    code, err = dsl_in_process(["sae", "train", "encoder=vitl14", "layer=3", "images.limit=2", f"train.out={out}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 2 and looked_up and "hf download" in err and not out.exists(), err
