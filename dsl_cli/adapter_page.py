@@ -23,6 +23,25 @@ def _num(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else html.escape(str(value))
 
 
+def _lambda_choice(meta: dict) -> str:
+    """How `adapters.fit` chose the ridge strength: the least held-out error, or, with no image held out,
+    nothing to validate on: the smallest positive strength it tried."""
+    if meta.get("heldout_images"):
+        return "picked on the held-out images"
+    return "the smallest positive strength tried: no image held out, so not chosen by validation"
+
+
+def _metrics_section(meta: dict, rows: str, pool) -> str:
+    """The held-out metrics, or why there are none (few images: the held-out share is picked by name hash)."""
+    if not meta.get("heldout_images"):
+        share = meta.get("heldout_fraction")
+        return ("<h2>Held-out metrics</h2><p>none: no image was held out (about "
+                f"{f'{share:.0%}' if isinstance(share, float) else 'a share'} of the images are, by a hash of their "
+                "names); fit with more images for held-out metrics</p>")
+    return (f"<h2>Held-out metrics ({pool} images; retrieval among them)</h2>"
+            f"<table><tr><th>metric</th><th>value</th><th>how to read it</th></tr>{rows}</table>")
+
+
 def write_adapter_page(folder: Path) -> Path:
     folder = Path(folder)
     meta = json.loads((folder / "adapter.json").read_text())
@@ -42,13 +61,11 @@ def write_adapter_page(folder: Path) -> Path:
                    f"({meta.get('augment', 0)} augmented views per training image); "
                    f"{meta.get('heldout_images')} held out (by name hash)"),
         ("ridge lambda", f"{meta.get('lambda', 0):.4g} ({meta.get('relative_lambda', 0):g} x the mean source "
-                         "variance), "
-                         "picked on the held-out images"),
+                         f"variance), {_lambda_choice(meta)}"),
     ]
     settings_html = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings)
     body = [f"<h1>{html.escape(meta.get('name', 'adapter'))}</h1>", f"<table>{settings_html}</table>",
-            f"<h2>Held-out metrics ({pool} images; retrieval among them)</h2>",
-            f"<table><tr><th>metric</th><th>value</th><th>how to read it</th></tr>{rows}</table>"]
+            _metrics_section(meta, rows, pool)]
     if examples:
         body.append("<h2>Held-out images: the target encoder's own decoding beside the adapter's</h2>"
                     "<table><tr><th>image</th><th>input</th><th>target's own</th><th>through the adapter</th>"

@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import textwrap
+from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,9 +34,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.errors import UserError
-from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, PATCHES, PNG_LEVEL, PNG_SOFTWARE, SEEDS, SIMILARITY,
-                             RunFolder, atomic_write_bytes, group_rows, open_picture, read_manifest, run_rows,
-                             save_png, usable_cores)
+from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, OVERLAY, PATCHES, PNG_LEVEL, PNG_SOFTWARE, SEEDS,
+                             SIMILARITY, RunFolder, atomic_write_bytes, group_rows, is_dsl_png, open_picture,
+                             png_bytes, read_manifest, run_rows, usable_cores)
 
 TOP_TILES = 16  # tiles in the per-image top grid
 SEED_GRID_ROWS = 8  # components in a seeds grid
@@ -54,6 +55,7 @@ CAPTION_NOTE = (f"#rank; embed = sim_embed = {SIMILARITIES['sim_embed']}; "
 LABEL_NOTE = "; last line: the top ImageNet label of the lens embedding"
 FIGURE_DPI = 110  # the pixels per inch of every matplotlib figure's PNG
 TITLE_PAD = 6 / 72  # inches between a panel and its title (matplotlib's own pad, 6 points)
+LABEL_PLOT_WIDTH = 7  # inches: a logit-lens bar chart's width
 MAX_LABEL_BARS = 64  # components in a logit-lens bar chart (bigG's 816 would make it 229 inches high)
 
 
@@ -75,7 +77,21 @@ def save_figure(fig, path: Path) -> None:
     fig.savefig(buffer, format="png", dpi=FIGURE_DPI, metadata={"Software": PNG_SOFTWARE},
                 pil_kwargs={"compress_level": PNG_LEVEL})
     pyplot().close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    write_figure(path, buffer.getvalue())
+
+
+def save_png(path: Path, image: Image.Image) -> None:
+    """A figure composed with PIL (a grid) as PNG, written as `save_figure` writes one."""
+    write_figure(path, png_bytes(image))
+
+
+def write_figure(path: Path, data: bytes) -> None:
+    """Every figure's one way to disk: a file at `path` that dsl did not draw (a PNG of the user's, a link) is
+    refused before anything replaces it, since dsl never overwrites a file it did not make; dsl's own earlier
+    figure is replaced. Cheap where a fresh run writes: a path that holds nothing costs one lstat."""
+    if os.path.lexists(path) and (os.path.islink(path) or not is_dsl_png(path)):
+        raise UserError(f"{path} is not a figure dsl drew; move it away and run the command again")
+    atomic_write_bytes(path, data)
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -152,9 +168,10 @@ def caption_note(rows: list[dict]) -> str:
     return CAPTION_NOTE + (LABEL_NOTE if any(r.get("labels") for r in rows) else "")
 
 
-def models_text(folder: Path) -> str:
+def models_text(folder: Path, decoded: bool = True) -> str:
     """The encoder and decoder of a run (from its manifest), for figure titles: `ViT-L-14 openai ->
-    kandinsky21`; empty where the manifest does not say (a sweep's, an old run's)."""
+    kandinsky21`; empty where the manifest does not say (a sweep's, an old run's). `decoded`: whether the
+    figure shows anything decoded: a logit lens's labels or a heatmap of scores alone name no decoder."""
     try:
         manifest = read_manifest(folder) or {}
     except UserError:
@@ -168,7 +185,7 @@ def models_text(folder: Path) -> str:
     if adapter:  # a run decoded through a fitted adapter (dsl_cli.adapters): its name and held-out cosine
         cosine = adapter.get("heldout_cosine")
         text += f" via adapter {adapter.get('name')}" + (f" (held-out cos {cosine:.2f})" if cosine is not None else "")
-    if decoder and (config.get("decode") or {}).get("enabled", True):
+    if decoded and decoder and (config.get("decode") or {}).get("enabled", True):
         text += f" -> {decoder_text(decoder)}"
     return text
 
@@ -441,9 +458,10 @@ def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "", limits: Limits
     """Per image and lens: `heatmap_figure`, titled with the image, the run's settings and models, all on the
     colour scales `limits` (default: shared by the figures drawn here); `tag` (a sweep's heatmaps for one
     value of an override, `lens.alpha=4`) ends the file names and the titles."""
-    written, models = [], models_text(run_dir)
+    written, decoders = [], {decoded: models_text(run_dir, decoded) for decoded in (False, True)}
     limits = shared_limits(rows) if limits is None else limits
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
+        models = decoders[any(r["file"] for r in group)]  # a decoder named only where it decoded something
         fig = heatmap_figure(group, f"{image}: similarity to the input, per layer and component\n"
                                     + " | ".join(p for p in (settings_text(group[0]), tag, models) if p), limits)
         path = RunFolder(run_dir).figure("heatmaps", f"{image}_{lens}_{tag}" if tag else f"{image}_{lens}")
@@ -467,18 +485,20 @@ def draw_label_plots(run_dir: Path, label_rows: list[dict]) -> list[Path]:
     """Logit lens: per image, the top label of each component with its cosine, as a bar chart (at most
     MAX_LABEL_BARS bars: `label_bars`)."""
     plt = pyplot()
-    written, models = [], models_text(run_dir)
+    written, models = [], models_text(run_dir, decoded=False)  # labels: the encoder's alone, nothing decoded
     for (image,), group in group_rows([r for r in label_rows if r["rank"] == 1], ("image",)).items():
         bars = label_bars(group)
-        fig, axis = plt.subplots(figsize=(7, 1.2 + 0.28 * len(bars)), layout="constrained")
+        fig, axis = plt.subplots(figsize=(LABEL_PLOT_WIDTH, 1.2 + 0.28 * len(bars)), layout="constrained")
         axis.barh(range(len(bars)), [r["score"] for r in bars], color="tab:blue")
         axis.set_yticks(range(len(bars)), [f"{r['component']}: {r['label']}" for r in bars], fontsize=7)
         axis.invert_yaxis()
         axis.set_xlabel("cosine of the component's embedding\nwith the class's text embedding", fontsize=8)
         shown = "each component" if len(bars) == len(group) else (
             f"{len(bars)} of {len(group)} components (the residual stream, then the best-scoring)")
-        axis.set_title(textwrap.fill(f"{image}: logit lens, the top ImageNet label of {shown} {models}", 80),
-                       fontsize=9)
+        title = " | ".join(p for p in (f"{image}: logit lens, the top ImageNet label of {shown}", models) if p)
+        # over the whole figure, not the axis (pushed right by the labels, it ran off the right edge), wrapped
+        # at about 10 characters an inch at 9 points
+        fig.suptitle(textwrap.fill(title, int(LABEL_PLOT_WIDTH * 10)), fontsize=9)
         path = RunFolder(run_dir).figure("plots", f"{image}_logit")
         save_figure(fig, path)
         written.append(path)
@@ -518,6 +538,14 @@ def _fitted(picture: Image.Image, box: tuple[float, float]) -> tuple[int, int]:
     return max(1, round(picture.width * scale)), max(1, round(picture.height * scale))
 
 
+def undecoded_note(heads: list[tuple[dict, dict | None]]) -> str:
+    """What the picture cell of a head with no picture says: where some of the figure's heads were decoded,
+    the others were left out by decode.top_k; where none was, the run decoded nothing."""
+    if any(row and row["file"] for _, row in heads):
+        return "not decoded\n(outside decode.top_k)"
+    return "not decoded"
+
+
 def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]], title: str):
     """Per head, where it looks (`look_panel`) beside its decoded picture: heads [(patches.csv row,
     similarity.csv row or None)], LOOK_COLUMNS heads to a row, one colour bar for all. The panels are
@@ -550,6 +578,10 @@ def looks_figure(run_dir: Path, image: str, heads: list[tuple[dict, dict | None]
             decoded = open_picture(run_dir / row["file"], run_dir).convert("RGB")
             pair.append((decoded.resize(_fitted(decoded, box), Image.Resampling.LANCZOS),
                          f"{row['lens']} lens picture"))
+        else:  # the picture's cell says why it is empty, not left blank as if a picture failed to show
+            x = left + (2 * (n % columns) + 1) * 1.06 * cell_w
+            fig.text((x + cell_w / 2) / width, (y + cell_h / 2) / height, undecoded_note(heads), fontsize=7,
+                     ha="center", va="center", color="0.4")
         for k, (panel, label) in enumerate(pair):  # each centred in its cell, its title above it
             x = left + (2 * (n % columns) + k) * 1.06 * cell_w
             px, py = (x + cell_w / 2) * FIGURE_DPI - panel.width / 2, (y + cell_h / 2) * FIGURE_DPI - panel.height / 2
@@ -594,7 +626,7 @@ def redraw(run_dir: Path, workers: int | None = None, early: "EarlyFigures | Non
         raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
     started = set(early.futures) if early is not None else set()
     with drawn_from_files(run_dir):
-        by_image, tables = group_rows(rows, ("image",)), tables_by_image(folder)
+        by_image, tables = group_rows(rows, ("image",)), tables_by_image(folder, rows)
         limits = shared_limits(rows)  # one colour scale for every image's heatmap, drawn in several jobs
         heatmaps = [(run_dir, None, chunk, {"limits": limits}) for chunk in _split(list(by_image.values()), workers)]
         jobs = heatmaps + [(run_dir, image, image_rows, image_tables(tables, image))
@@ -613,11 +645,46 @@ def _split(groups: list[list[dict]], workers: int | None) -> list[list[dict]]:
     return [[row for group in groups[start:start + size] for row in group] for start in range(0, len(groups), size)]
 
 
-def tables_by_image(folder: RunFolder) -> dict[str, dict[tuple, list[dict]] | None]:
+def tables_by_image(folder: RunFolder, rows: list[dict] | None = None) -> dict[str, dict[tuple, list[dict]] | None]:
     """The tables beside similarity.csv that an image's figures show, each grouped by image (None: the run
-    has no such table)."""
-    return {name: group_rows(folder.read(table), ("image",)) if folder.csv(table).is_file() else None
+    has no such table); with the run's `rows`, each checked against them (`check_table_rows`)."""
+    read = {name: folder.read(table) if folder.csv(table).is_file() else None
             for name, table in (("labels", LABELS), ("seeds", SEEDS), ("baselines", BASELINES), ("patches", PATCHES))}
+    if rows is not None:
+        check_table_rows(folder, rows, read)
+    return {name: None if table is None else group_rows(table, ("image",)) for name, table in read.items()}
+
+
+def check_table_rows(folder: RunFolder, rows: list[dict], tables: dict[str, list[dict] | None]) -> None:
+    """Refuse a complete run's table cut short or edited, as `run_rows` refuses its similarity.csv: drawn as
+    whole, a looks figure left out heads and a label plot components without a word. Each of similarity.csv's
+    rows wants as many rows of a table: patches.csv one per head, labels.csv lens.top_labels per logit-lens
+    component, seeds.csv decode.seeds - 1 per decoded component."""
+    manifest = read_manifest(folder.path) or {}
+    if manifest.get("status") != "complete":
+        return  # a run still going: its tables are written as it goes
+    extra_seeds = ((manifest.get("config") or {}).get("decode") or {}).get("seeds", 1)
+    wanted = {"patches": ([r for r in rows if r["kind"] == "head"], 1),
+              "labels": ([r for r in rows if r["lens"] == "logit"], None),
+              "seeds": ([r for r in rows if r["file"]], extra_seeds - 1 if isinstance(extra_seeds, int) else None)}
+    for name, (owners, count) in wanted.items():
+        problem = None if tables[name] is None else keyed_problem(owners, tables[name], count)
+        if problem is not None:
+            raise UserError(f"{folder.path / name}.csv: {problem}; the file was cut short or edited: restore it, "
+                            "or run the run again into a new folder")
+
+
+def keyed_problem(owners: list[dict], table: list[dict], count: int | None) -> str | None:
+    """What is wrong with `table` where each (image, lens, component) of `owners` wants `count` rows (None:
+    as many as each other): the first key with another number of rows."""
+    have = Counter((r["image"], r["lens"], r["component"]) for r in table)
+    want = {(r["image"], r["lens"], r["component"]) for r in owners}
+    count = count if count is not None else max(have.values(), default=0)
+    for key in sorted(want | set(have)):
+        expected = count if key in want else 0
+        if have[key] != expected:
+            return f"{' '.join(key)} has {have[key]} rows, not {expected}"
+    return None
 
 
 def image_tables(tables: dict[str, dict[tuple, list[dict]] | None], image: str) -> dict[str, list[dict] | None]:
@@ -816,10 +883,26 @@ ORDER_STYLES = {
 }
 
 
+def overlay_problem(group: list[dict]) -> str | None:
+    """What is wrong with one composite's rows of study_overlay_removal.csv: every order's every run (seed)
+    ablates the same heads, so each holds steps 0..N once; a row removed or repeated breaks that (the curves,
+    drawn by position, were shifted a step and put a value at the wrong count of heads)."""
+    runs = group_rows(group, ("order", "seed"))
+    last = max((r["step"] for r in group), default=0)
+    for (order, seed), run in runs.items():
+        steps = sorted(r["step"] for r in run)
+        if steps != list(range(last + 1)):
+            gap = next((s for s in range(last + 1) if s not in steps), None)
+            what = f"lacks step {gap}" if gap is not None else f"has {len(steps)} rows for {last + 1} steps"
+            return f"{group[0]['image']} {order}" + (f" seed {seed}" if seed is not None else "") + f" {what}"
+    return None
+
+
 def _draw_orders(axis, group: list[dict]) -> None:
-    """One composite's curves: each order's overlay similarity per step; random orders as mean +- 1 sd."""
+    """One composite's curves: each order's overlay similarity per step (placed by the rows' `step`, not their
+    position in the file); random orders as mean +- 1 sd."""
     for (order,), lines in group_rows(group, ("order",)).items():
-        curves = np.array([[r["overlay_sim"] for r in run] for run in
+        curves = np.array([[r["overlay_sim"] for r in sorted(run, key=lambda r: r["step"])] for run in
                            group_rows(lines, ("seed",)).values()])  # [runs, steps + 1]
         x, mean = np.arange(curves.shape[1]), curves.mean(0)
         label = order if len(curves) == 1 else f"{order} (mean of {len(curves)}, band +-1 sd)"
@@ -839,6 +922,10 @@ def plot_overlay_removal(rows: list[dict], settings: str = ""):
     from matplotlib.ticker import MaxNLocator
 
     groups = group_rows(rows, ("image",))
+    problem = next(filter(None, map(overlay_problem, groups.values())), None)
+    if problem is not None:
+        raise UserError(f"{OVERLAY.name}: {problem}; the file was cut short or edited: restore it, or run the study "
+                        "again into a new folder (hydra.run.dir)")
     columns = min(3, len(groups))
     n_rows = math.ceil(len(groups) / columns)
     fig, axes = plt.subplots(n_rows, columns, figsize=(4.6 * columns, 1.0 + 3.4 * n_rows), squeeze=False,

@@ -28,6 +28,7 @@ import hashlib
 import io
 import json
 import os
+import math
 import logging
 import re
 import secrets
@@ -185,6 +186,9 @@ class Table:
     row: type  # a TypedDict above
     open: bool = False
     extra: tuple[str, ...] = ()  # float columns after the row type's
+    # whether every number dsl writes in it is finite: a `nan` or `inf` there was typed in by hand, while a
+    # table of statistics (correlations of constant scores) holds a nan dsl wrote; an empty cell is None
+    finite: bool = True
 
     @cached_property
     def kinds(self) -> dict[str, type]:
@@ -210,7 +214,7 @@ PATCHES = Table("patches.csv", PatchRow)
 SEEDS = Table("seeds.csv", ExtraRow)
 BASELINES = Table("baselines.csv", ExtraRow)
 IMPORTANCE = Table("study_head_importance.csv", ImportanceRow, open=True)  # + a column per further lens
-CORRELATIONS = Table("correlations.csv", CorrelationRow)
+CORRELATIONS = Table("correlations.csv", CorrelationRow, finite=False)
 OVERLAY = Table("study_overlay_removal.csv", OverlayRow)
 
 
@@ -426,6 +430,9 @@ def damaged(path: Path, reason: str) -> UserError:
     run was, and without it the folder is no longer known to be dsl's, so it is restored or the run redone."""
     if RunFolder(path.parent).is_own_sweep():
         fix = f"delete it and `dsl merge {path.parent}` writes it anew"
+    elif RunFolder(path.parent.parent).is_own_sweep():  # a job's: the sweep runs a job whose folder is gone again
+        fix = (f"restore it, or move the job's folder out of the sweep: `dsl run resume={path.parent.parent}` "
+               "then runs the job again")
     else:
         fix = "restore it from a copy, or run the run again into another folder"
     return UserError(f"{path}: not a manifest dsl can read ({reason}); {fix}; a folder that is not dsl's is never "
@@ -1019,6 +1026,8 @@ def type_row(row: dict, table: Table, where: str) -> dict:
             text = row[key]
             try:
                 row[key] = kind(text) if text != "" else None
+                if table.finite and kind is float and row[key] is not None and not math.isfinite(row[key]):
+                    raise ValueError(text)  # refused as `abc` is: dsl writes an undefined value as an empty cell
             except ValueError:
                 raise UserError(f"{where} {key} {printable(repr(text))} is not a number; the file was edited") from None
     return row

@@ -30,7 +30,7 @@ from dsl_cli.html_parts import esc, img, link, linked_img, rel
 from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, SIMILARITY, RunFolder, atomic_write_bytes,
                              claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest,
                              run_rows)
-from dsl_cli.sae_report import features_section  # SAE features: top images beside their pictures
+from dsl_cli.sae_report import features_section, sae_components_text  # SAE features, without torch
 from dsl_cli.study_registry import find_study, redraw_study
 
 STYLE = """
@@ -142,10 +142,11 @@ def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
     return [
         ("encoder", encoder_text(encoder) + (f" from {encoder['checkpoint']}" if encoder.get("checkpoint") else "")),
         ("decoder", decoder_text(decoder) + (f" from {decoder['path']}" if decoder.get("path") else "")),
-        ("lens", lens.get("name", "")),
+        ("lens", lens_text(lens)),
         ("mode, alpha", f"{lens.get('mode')}, {lens.get('alpha')}" if lens.get("name") == "steering" or
          cfg.get("study", {}).get("name") else "not used by this lens"),
-        ("components", f"layer={cfg.get('layer')} head={cfg.get('head')} component={cfg.get('component')}"
+        ("components", (sae_components_text(cfg, manifest)
+                        or f"layer={cfg.get('layer')} head={cfg.get('head')} component={cfg.get('component')}")
                        + (f": {manifest['components']} per image" if "components" in manifest else "")
                        + (f", layers read {layer_ranges(manifest['layers'])}" if manifest.get("layers") else "")),
         ("images", ", ".join(manifest.get("images", [])) + (f"; skipped {manifest['skipped']}"
@@ -154,6 +155,15 @@ def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
         # what the run used (the manifest); the setting for runs from before that was recorded
         ("encoder dtype", manifest.get("encoder_dtype") or encoder.get("dtype") or cfg.get("dtype", "")),
     ]
+
+
+def lens_text(lens: dict) -> str:
+    """The lens, with the target an attribution lens measures its shares of cos(embedding, target) against
+    (the scores mean nothing without it)."""
+    if lens.get("name") != "attribution":
+        return lens.get("name", "")
+    target = lens.get("target")
+    return f'attribution, target "{target}"' if target else "attribution, target: each image's own embedding"
 
 
 def layer_ranges(layers: list) -> str:
@@ -167,7 +177,7 @@ def layer_ranges(layers: list) -> str:
     return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
-def _decode_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
+def _decode_settings(cfg: dict, manifest: dict, pictures: int | None) -> list[tuple[str, str]]:
     decode = cfg.get("decode", {})
     if not decode.get("enabled", True):
         return [("decoding", "off: scores only")]
@@ -178,8 +188,19 @@ def _decode_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
                      f"{decode.get('guidance')}, {decode.get('width')}x{decode.get('height')} px, "
                      f"{f'the best {top_k}' if top_k else 'every component'} per image, "
                      f"{_batch_text(decode, manifest)}, {decode.get('dtype')}"),
-        ("rows, decoded", f"{manifest.get('rows', '?')}, {manifest.get('decoded', 0)}"),
+        ("rows, pictures", rows_text(manifest, pictures)),
     ]
+
+
+def rows_text(manifest: dict, pictures: int | None) -> str:
+    """`20 rows, 20 pictures (16 decoded in the last attempt)`. The manifest's `decoded` counts only the
+    pictures of the last attempt (a resumed run keeps those decoded before), so the pictures the folder
+    holds are counted from its rows (`pictures`; None where they are not at hand: the manifest's count)."""
+    decoded = manifest.get("decoded", 0)
+    text = f"{manifest.get('rows', '?')} rows, {decoded if pictures is None else pictures} pictures"
+    if pictures is not None and pictures != decoded:
+        text += f" ({decoded} decoded in the last attempt)"
+    return text
 
 
 def _batch_text(decode: dict, manifest: dict) -> str:
@@ -203,9 +224,11 @@ def _record_settings(manifest: dict) -> list[tuple[str, str]]:
     ]
 
 
-def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] | None = None) -> str:
+def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] | None = None,
+                     rows: list[dict] | None = None) -> str:
     """The settings summary, from manifest.json (the resolved config and what the run recorded); a study's
-    settings: those it reads (`read`, its `Study.settings`), or all where it is not known here."""
+    settings: those it reads (`read`, its `Study.settings`), or all where it is not known here; a run's
+    `rows` (similarity.csv) count the pictures it holds."""
     if not manifest:
         return "<h2>Settings</h2><p class=muted>no manifest.json in this folder</p>"
     cfg = manifest.get("config", {})
@@ -215,7 +238,7 @@ def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] 
         items.append(("study", ", ".join(f"{k} {'[' + ', '.join(map(str, v)) + ']' if isinstance(v, list) else v}"
                                          for k, v in shown.items())))
     else:
-        items += _decode_settings(cfg, manifest)
+        items += _decode_settings(cfg, manifest, None if rows is None else sum(bool(r["file"]) for r in rows))
     body = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items + _record_settings(manifest))
     return f'<h2>Settings</h2><table class="settings">{body}</table>'
 
@@ -322,18 +345,22 @@ def top_labels(folder: Path) -> dict[tuple[str, str], dict]:
 
 
 COMPONENT_NUMBERS = ["sim_embed", "sim_decoded", "norm", "rank", "layer", "head"]
+# columns only some lenses fill (attribution: the share of cos(embedding, target); an SAE feature's
+# activation): shown where any row holds a value, so other runs' tables gain no empty column
+LENS_NUMBERS = ("attribution", "activation")
 
 
 def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) -> str:
     """Every component of every image in one table, sortable by any column, filterable by image, layer
     and kind."""
-    head = ["image", "component", "kind", "layer", "head", "sim_embed", "sim_decoded", "norm", "rank"]
+    extra = [k for k in LENS_NUMBERS if any(r.get(k) is not None for r in rows)]
+    head = ["image", "component", "kind", "layer", "head", "sim_embed", "sim_decoded", "norm", "rank", *extra]
     head += ["top label", "label score"] if labels else []
     body = []
     for r in rows:
         tds = [cell(esc(r["image"])), cell(esc(r["component"])), cell(esc(r["kind"])), number(r["layer"], 0),
                number(r["head"], 0), number(r["sim_embed"]), number(r["sim_decoded"]), number(r["norm"]),
-               number(r["rank"], 0)]
+               number(r["rank"], 0), *(number(r[k], 4) for k in extra)]
         if labels:
             label = labels.get((r["image"], r["component"]), {})
             tds += [cell(esc(label.get("label", ""))), number(label.get("score", ""))]
@@ -341,7 +368,7 @@ def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) ->
         body.append(f"<tr{row_attrs(r, ['image', 'layer', 'kind'])}>{''.join(tds)}</tr>\n")
     return (f'<section id="components"><h2>All components</h2>'
             f"{filters(rows, [('image', 'image'), ('layer', 'layer'), ('kind', 'kind')])}"
-            f"{table(head + ['file'], body, set(COMPONENT_NUMBERS) | {'label score'})}</section>")
+            f"{table(head + ['file'], body, {*COMPONENT_NUMBERS, *extra, 'label score'})}</section>")
 
 
 def run_page(folder: Path) -> str:
@@ -352,7 +379,7 @@ def run_page(folder: Path) -> str:
     contents = " · ".join(f'<a href="#{esc(quote(image))}">{esc(image)}</a>' for (image,) in images)
     body = [header(folder, manifest, "run"), f"<p>images: {contents} · <a href='#components'>all components</a>"
             "</p>" if rows else "<p class=muted>no rows in similarity.csv yet</p>",
-            settings_section(manifest), files_section(folder)]
+            settings_section(manifest, rows=rows), files_section(folder)]
     body += [image_section(folder, image, group) for (image,), group in images.items()]
     if rows:
         body.append(components_section(rows, top_labels(folder)))
@@ -439,11 +466,12 @@ def study_page(folder: Path) -> str:
 
 
 def unmerged_jobs(sweep_dir: Path) -> list[dict]:
-    """The run folders below a sweep that was not merged (no manifest.json of its own): folder and status
-    only (`dsl merge` lists every job with its overrides)."""
-    folders = sorted(p.parent for p in sweep_dir.glob("*/manifest.json"))
-    return [{"job": n, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
-             **{k: (read_manifest(f) or {}).get(k) for k in ("status", "error")}} for n, f in enumerate(folders)]
+    """The jobs of a sweep that was not merged (stopped, or still running), listed as `dsl merge` lists them:
+    every job the sweep's command line asks for (multirun.yaml), with its overrides and status, those never
+    started too."""
+    from dsl_cli.sweeps import sweep_jobs, sweep_manifest  # here: dsl_cli.sweeps imports this module
+
+    return sweep_manifest(sweep_jobs(sweep_dir))["jobs"]
 
 
 def _job_link(sweep_dir: Path, folder: str | None) -> str:
@@ -525,18 +553,41 @@ def folder_kind(folder: Path) -> str | None:
     return "run" if manifest is not None else None
 
 
-def report_folders(root: Path) -> list[tuple[str, Path]]:
-    """(kind, folder) of every run, study and sweep at or below `root`, deepest first."""
+def kind_or_refusal(folder: Path) -> str | UserError | None:
+    """`folder_kind`, or the UserError of a folder whose manifest is damaged: that folder alone is then
+    refused by `each_folder`, the others still done."""
+    try:
+        return folder_kind(folder)
+    except UserError as err:
+        return err
+
+
+def report_folders(root: Path) -> list[tuple[str | UserError, Path]]:
+    """(kind, folder) of every run, study and sweep at or below `root`, deepest first; a folder whose kind
+    cannot be read has its refusal for kind (`kind_or_refusal`)."""
     if not root.is_dir():
         raise UserError(f"{root}: not a folder; give a run, study or sweep folder (or a folder of them)")
     found = {root} | {p.parent for name in ("manifest.json", "similarity.csv", "multirun.yaml")
                       for p in root.rglob(name)}
-    kinds = [(folder_kind(f), f) for f in found if ".submitit" not in f.parts]
+    kinds = [(kind_or_refusal(f), f) for f in found if ".submitit" not in f.parts]
     folders = sorted(((k, f) for k, f in kinds if k), key=lambda kf: (-len(kf[1].parts), str(kf[1])))
     if not folders:
-        raise UserError(f"{root}: no dsl run here, nor a study or sweep (no manifest.json, similarity.csv or "
-                        "multirun.yaml in it or below it)")
+        raise UserError(_nothing_to_report(root))
     return folders
+
+
+def _nothing_to_report(root: Path) -> str:
+    """Why `root` holds nothing `dsl report` or `dsl plot` works on: an adapter's or SAE's own folder (whose
+    manifest said otherwise: "no manifest.json"), or no dsl folder at all."""
+    kind = (read_manifest(root) or {}).get("kind") if RunFolder(root).is_own() else None
+    if kind == "adapter":
+        return (f"{root}: the folder of an adapter: `dsl adapter fit` wrote its page (index.html); report and "
+                "plot work on the folders of `dsl run`")
+    if kind == "sae":
+        return (f"{root}: the folder of an SAE (`dsl sae train`): report and plot work on the folders of "
+                f"`dsl run` (a run over its features: dsl run sae={root})")
+    return (f"{root}: no dsl run here, nor a study or sweep (no manifest.json, similarity.csv or multirun.yaml in "
+            "it or below it)")
 
 
 PAGES = {"run": run_page, "study": study_page, "sweep": sweep_page}
@@ -572,13 +623,16 @@ def write_own_page(path: Path, html: str) -> None:
 T = TypeVar("T")
 
 
-def each_folder(folders: list[tuple[str, Path]], work: Callable[[str, Path], T]) -> dict[Path, T]:
+def each_folder(folders: list[tuple[str | UserError, Path]], work: Callable[[str, Path], T]) -> dict[Path, T]:
     """`work(kind, folder)` on each (kind, folder) while holding it. One of several that is refused (its
-    files damaged, a run holding it) is left as it is and the others done, then `PartlyDone` names it with
-    the others' results; a lone folder's refusal is raised as it is."""
+    files damaged, its kind a UserError from `report_folders`, a run holding it) is left as it is and the
+    others done, then `PartlyDone` names it with the others' results; a lone folder's refusal is raised as
+    it is."""
     done, refused = {}, []
     for kind, folder in folders:
         try:
+            if isinstance(kind, UserError):
+                raise kind
             with claimed(folder):
                 done[folder] = work(kind, folder)
         except UserError as err:
@@ -599,16 +653,19 @@ def write_pages(root: Path) -> list[Path]:
         pages, refused = list(each_folder(found, write_page).values()), None
     except PartlyDone as err:
         pages, refused = list(err.done.values()), err
-    if folder_kind(root) is None:
+    if root not in {folder for _, folder in found}:  # a folder of runs, not one itself
         page = RunFolder(root).page
-        write_own_page(page, collection_page(root, [f for _, f in found]))
+        # a folder refused for a damaged manifest is named in the error line, not on the page
+        write_own_page(page, collection_page(root, [f for k, f in found if not isinstance(k, UserError)]))
         pages.append(page)
     if refused:
         raise PartlyDone(refused.refused, refused.total, pages)
     return pages
 
 
-FIGURE_FOLDERS = ("plots", "grids", "heatmaps")  # where runs, studies and sweeps draw their figures
+# where runs, studies and sweeps draw their figures (every folder of RunFolder.FIGURES, looks/ too), plots
+# first: a study's summary plot leads its section
+FIGURE_FOLDERS = ("plots", *(name for name in RunFolder.FIGURES if name != "plots"))
 
 
 def collection_page(root: Path, folders: list[Path]) -> str:

@@ -63,3 +63,22 @@ def features_section(folder: Path, rows: list[dict]) -> str:
                       f'{"".join(decoded) or "<p class=muted>not decoded</p>"}</div>')
     return ('<section id="sae-features"><h2>SAE features</h2><p>each feature\'s most active images '
             f'({FEATURES_CSV}) beside its decoded pictures</p>{"".join(blocks)}</section>')
+
+
+def sae_components_text(cfg: dict, manifest: dict) -> str | None:
+    """What an SAE run reads, for its settings (`layer=`, `head=`, `component=` are not used: the features are
+    read at the SAE's own layer): `SAE my_sae (topk, 40 features at blocks.1.hook_resid_post): the 2 most
+    active features of each image, each scored in every image, and the error term`; None for a run without an SAE."""
+    asked = cfg.get("sae") or {}
+    if not isinstance(asked, dict) or not (asked.get("path") or asked.get("repo_id")):  # `sae_run.sae_config`
+        return None
+    read = manifest.get("sae") if isinstance(manifest.get("sae"), dict) else {}  # recorded once the SAE loaded
+    source = read.get("source") or asked.get("path") or asked.get("repo_id")
+    about = ", ".join(str(x) for x in (read.get("architecture"),
+                                       read.get("d_sae") and f"{read['d_sae']} features at {read.get('hook_name')}")
+                      if x)
+    features = asked.get("features", "top")
+    chosen = (f"the {asked.get('top_k')} most active features of each image, each scored in every image,"
+              if features == "top"
+              else f"features {', '.join(map(str, features)) if isinstance(features, list) else features}")
+    return f"SAE {source}{f' ({about})' if about else ''}: {chosen} and the error term"

@@ -32,6 +32,7 @@ import signal
 import sys
 import time
 import traceback
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,7 +258,7 @@ def merge_sweep(sweep_dir: Path) -> dict:
         columns = ["job", *(OVERRIDE + k for k in keys), *SIMILARITY.columns]
         CsvLog(RunFolder(sweep_dir).csv(SIMILARITY), columns).rewrite(merged_rows(jobs, keys))
         manifest = sweep_manifest(jobs)
-        figures = draw_sweep(sweep_dir)
+        figures = draw_sweep(sweep_dir, manifest["rows"])
         manifest["figures"] = [p.relative_to(sweep_dir).as_posix() for p in figures]
         write_json(RunFolder(sweep_dir).manifest_json, manifest)
         write_page("sweep", sweep_dir)
@@ -296,11 +297,13 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
 
 
-def draw_sweep(sweep_dir: Path) -> list[Path]:
+def draw_sweep(sweep_dir: Path, expected: int | None = None) -> list[Path]:
     """Heatmaps of the merged CSV (one set per combination of the overrides that vary and do not just split
     the work), and, where jobs decoded the same components through different lenses, grids of them side by
-    side (`draw_lens_comparison`)."""
+    side (`draw_lens_comparison`). `expected`: the rows the merge wrote (default: as the manifest counts them;
+    a merge passes its own count, its manifest is written after the figures)."""
     rows = read_merged(sweep_dir)
+    check_merged_count(sweep_dir, rows, expected if expected is not None else merged_count(sweep_dir))
     keys = [c for c in (rows[0] if rows else {}) if c.startswith(OVERRIDE) and c[len(OVERRIDE):] not in SAME_HEATMAP_KEYS]
     varying = [k for k in keys if len({row[k] for row in rows}) > 1]
     listed = (read_manifest(sweep_dir) or {}).get("figures")
@@ -312,6 +315,27 @@ def draw_sweep(sweep_dir: Path) -> list[Path]:
         tag = "_".join(f"{_safe(k[len(OVERRIDE):])}={_safe(v)}" for k, v in zip(varying, values))
         figures += draw_heatmaps(sweep_dir, group, tag=tag, limits=limits)
     return figures + draw_lens_comparison(sweep_dir, rows)
+
+
+def merged_count(sweep_dir: Path) -> int | None:
+    """The rows the sweep's manifest says its merge wrote; None where it counts none (a merge still to come)."""
+    manifest = read_manifest(sweep_dir) or {}
+    rows = manifest.get("rows")
+    return rows if manifest.get("kind") == "sweep" and isinstance(rows, int) else None
+
+
+def check_merged_count(sweep_dir: Path, rows: list[dict], expected: int | None) -> None:
+    """Refuse a merged CSV cut short, or with a row repeated, as `run_rows` refuses a run's: drawn as whole,
+    its heatmaps showed a blank cell where a row was missing."""
+    keys = Counter((row["job"], row["image"], row["lens"], row["component"], row["seed"]) for row in rows)
+    repeated = next((key for key, count in keys.items() if count > 1), None)
+    problem = (f"job {repeated[0]} {' '.join(map(printable, map(str, repeated[1:4])))} has {keys[repeated]} rows"
+               if repeated is not None else None)
+    if problem is None and expected is not None and len(rows) != expected:
+        problem = f"{len(rows)} rows where the merge wrote {expected}"
+    if problem is not None:
+        raise UserError(f"{RunFolder(sweep_dir).csv(SIMILARITY)}: {problem}; the file was cut short or edited: "
+                        f"`dsl merge {sweep_dir}` writes it again from the jobs")
 
 
 def read_merged(sweep_dir: Path) -> list[dict]:

@@ -88,8 +88,8 @@ def test_a_sweep_colours_every_job_on_one_scale(tmp_path: Path, monkeypatch) -> 
     """The heatmaps of a sweep's values (lens.alpha=1 and 4 here) are drawn with the limits of all its rows."""
     from dsl_cli import sweeps
 
-    low = [r | {"override.lens.alpha": "1"} for r in rows_of([0, 1], 3)]
-    high = [r | {"override.lens.alpha": "4", "sim_embed": r["sim_embed"] * 3} for r in rows_of([0, 1], 3)]
+    low = [r | {"job": 0, "override.lens.alpha": "1"} for r in rows_of([0, 1], 3)]
+    high = [r | {"job": 1, "override.lens.alpha": "4", "sim_embed": r["sim_embed"] * 3} for r in rows_of([0, 1], 3)]
     monkeypatch.setattr(sweeps, "read_merged", lambda folder: low + high)
     given = []
     monkeypatch.setattr(sweeps, "draw_heatmaps", lambda folder, rows, tag="", limits=None: given.append(limits)
@@ -167,7 +167,7 @@ def test_the_logit_lens_chart_is_capped_in_height_and_keeps_the_stream(tmp_path:
     axis = fig.axes[0]
     label = axis.xaxis.label.get_window_extent()
     assert label.y0 >= 0, "the x label is cut off at the bottom"
-    assert "64 of 865 components" in axis.get_title()
+    assert "64 of 865 components" in fig.get_suptitle()  # the figure's title, wrapped: the axis's ran off it
 
 
 def test_a_short_logit_lens_chart_shows_every_component() -> None:
@@ -194,7 +194,7 @@ def test_where_each_head_looks_has_one_colour_bar_for_every_head(tmp_path: Path)
     (bar,) = fig.axes  # the panels are pixels, not axes: the colour bar is the only one
     assert "share of the head's write" in bar.get_ylabel() and bar.get_ylim() == pytest.approx((-limit, limit))
     assert sorted(t.get_text() for t in fig.texts if t.get_text() != fig.get_suptitle()) == [
-        f"L01H{h:02d}: where it looks" for h in range(3)]
+        f"L01H{h:02d}: where it looks" for h in range(3)] + ["not decoded"] * 3  # no picture beside any head
 
 
 def test_a_look_panel_colours_each_patch_on_the_shared_scale() -> None:

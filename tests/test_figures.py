@@ -374,3 +374,68 @@ def test_drawing_processes_start_with_pyplot_imported() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["True"]
+
+
+def test_label_plot_title_stays_inside_and_names_no_decoder(tmp_path: Path) -> None:
+    """The logit lens's chart: its title (the image, what it shows, the encoder) ran off the right edge, being
+    centred over an axis pushed right by the labels, and named the decoder, though the labels decode nothing."""
+    import json
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"made_by": "dsl", "status": "complete", "config": {
+        "encoder": {"source": "open_clip", "name": "ViT-bigG-14", "pretrained": "laion2b_s39b_b160k"},
+        "decoder": {"family": "kandinsky22", "source": "pretrained"}, "decode": {"enabled": True}}}))
+    rows = [{"image": "a_photo_with_a_long_name", "lens": "logit", "component": f"L{l:02d}", "layer": l,
+             "head": None, "rank": 1, "label": "Mexican hairless dog (xoloitzcuintli)", "score": math.sin(l)}
+            for l in range(12)]
+    assert "kandinsky22" in figures.models_text(tmp_path)  # the manifest is read: the decoder could be named
+    captured = []
+    real = figures.save_figure
+    try:
+        figures.save_figure = lambda fig, path: captured.append(fig)
+        figures.draw_label_plots(tmp_path, rows)
+    finally:
+        figures.save_figure = real
+    fig = captured[0]
+    fig.canvas.draw()
+    title = " ".join(t.get_text() for t in texts(fig) if "logit lens" in t.get_text())
+    assert "ViT-bigG-14" in title and "kandinsky" not in title, title
+    assert_legible(fig)
+
+
+def test_looks_says_which_heads_were_not_decoded(tmp_path: Path) -> None:
+    """Under decode.top_k=1 the other heads have no picture: their cell was left blank, with no word why."""
+    from dsl_cli.outputs import RunFolder, save_png
+
+    save_png(RunFolder(tmp_path).input_picture("chelsea"), Image.new("RGB", (32, 32), "green"))
+    save_png(tmp_path / "images" / "chelsea" / "steering" / "L01H00.png", Image.new("RGB", (32, 32), "blue"))
+    patch = {"image": "chelsea", "lens": "steering", "grid": 2, "cls_share": 0.1, "shares": "0.1;0.2;-0.1;0.3"}
+    decoded = {"lens": "steering", "file": "images/chelsea/steering/L01H00.png", "rank": 1}
+    heads = [({**patch, "component": "L01H00"}, decoded), ({**patch, "component": "L01H01"}, {**decoded, "file": ""}),
+             ({**patch, "component": "L01H02"}, None)]
+    fig = figures.looks_figure(tmp_path, "chelsea", heads, "chelsea: where each head looks")
+    shown = [t.get_text() for t in texts(fig)]
+    assert shown.count("not decoded\n(outside decode.top_k)") == 2, shown
+    assert_legible(fig)
+
+
+def steps_rows(steps: int = 3) -> list[dict]:
+    """study_overlay_removal.csv rows of one composite: the dsl order, and two random runs."""
+    return [{"image": "cat_on_dog", "order": order, "seed": seed, "step": step, "overlay_sim": 1.0 - 0.1 * step,
+             "auc": 1.0} for order, seed in (("dsl", None), ("random", 0), ("random", 1)) for step in range(steps)]
+
+
+def test_overlay_removal_plots_each_value_at_its_step() -> None:
+    """The curves were drawn by the rows' position in the file, not their `step`."""
+    rows = steps_rows()
+    rows[0], rows[2] = rows[2], rows[0]  # the dsl order's steps 2, 1, 0
+    fig = plot_overlay_removal(rows)
+    dsl = next(line for line in fig.axes[0].get_lines() if line.get_label() == "dsl")
+    np.testing.assert_allclose(dsl.get_ydata(), [1.0, 0.9, 0.8])
+
+
+@pytest.mark.parametrize("removed", [1, 5, 8])  # a middle step of dsl's, of a random run's, the file's last row
+def test_overlay_removal_refuses_a_file_cut_short(removed: int) -> None:
+    rows = steps_rows()
+    del rows[removed]
+    with pytest.raises(figures.UserError, match="study_overlay_removal.csv: cat_on_dog .* lacks step"):
+        plot_overlay_removal(rows)

@@ -282,7 +282,8 @@ def test_the_advice_for_a_damaged_manifest_works(run_copy: Path, sweep_copy: Pat
     code, err = dsl_in_process(["report", str(run_copy)], tmp_path, monkeypatch, capsys)
     assert code == 2 and "delete" not in one_line(err) and "restore it" in one_line(err)
     code, err = dsl_in_process(["report", str(sweep_copy)], tmp_path, monkeypatch, capsys)
-    assert code == 2 and f"delete it and `dsl merge {sweep_copy}` writes it anew" in one_line(err)
+    # the jobs' pages are written; the sweep is named below the error line, with the advice
+    assert code == 2 and f"delete it and `dsl merge {sweep_copy}` writes it anew" in err
     (sweep_copy / "manifest.json").unlink()
     code, err = dsl_in_process(["merge", str(sweep_copy)], tmp_path, monkeypatch, capsys)
     assert code == 0 and json.loads((sweep_copy / "manifest.json").read_text())["status"] == "complete", err
@@ -841,3 +842,19 @@ def test_a_stop_during_hydras_set_up_of_a_run_is_a_stop(tmp_path: Path, monkeypa
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 143 and "Traceback" not in err and len(lines) == 1 and "interrupted (SIGTERM)" in lines[0], err
     assert not (tmp_path / "run" / ".dsl.lock").exists()
+
+
+def test_the_advice_for_a_damaged_job_manifest_in_a_sweep_works(sweep_copy: Path, tmp_path: Path, monkeypatch,
+                                                                capsys) -> None:
+    """A job's manifest, cut short: the advice was a run's ("restore it, or run the run again into another
+    folder"), though moving the job's folder out of the sweep and resuming the sweep is what completes it."""
+    job = sweep_copy / "1"
+    (job / "manifest.json").write_text('{"made_by": "dsl", "sta')
+    code, err = dsl_in_process(["merge", str(sweep_copy)], tmp_path, monkeypatch, capsys)
+    advice = f"move the job's folder out of the sweep: `dsl run resume={sweep_copy}` then runs the job again"
+    assert code == 2 and advice in one_line(err), err
+    job.rename(tmp_path / "job1_damaged")
+    code, err = dsl_in_process(["run", f"resume={sweep_copy}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads((sweep_copy / "1" / "manifest.json").read_text())["status"] == "complete"
+    assert json.loads((sweep_copy / "manifest.json").read_text())["status"] == "complete"

@@ -1,0 +1,138 @@
+"""What the pages say (`dsl report`, `dsl plot`, the adapter's page): each sentence true of the folder it
+describes, and a damaged folder among several refused alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dsl_cli import cli
+from helpers import dsl_here
+
+TARGET = "a photo of a cat"
+
+
+@pytest.fixture(scope="module")
+def attribution_run(tmp_path_factory) -> Path:
+    """A tiny attribution run against a text target, no decoding (seconds): its page, heatmaps and looks/."""
+    root = tmp_path_factory.mktemp("pages")
+    assert dsl_here(["run", "debug=tiny", "images.limit=1", "lens=attribution", "layer=1",
+                     f'lens.target="{TARGET}"', "decode.enabled=false", "hydra.run.dir=run"], root) == 0
+    return root / "run"
+
+
+def test_a_damaged_manifest_refuses_its_folder_alone(attribution_run: Path, tmp_path: Path, capsys) -> None:
+    """Of three runs, one with a cut manifest.json and one with a cut similarity.csv: `dsl report` and
+    `dsl plot` do the third and the folder's own page, then name both refused folders under one error line."""
+    runs = tmp_path / "m"
+    good, cut_manifest, cut_csv = (shutil.copytree(attribution_run, runs / name) for name in "abc")
+    manifest = cut_manifest / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:300])
+    csv_lines = (cut_csv / "similarity.csv").read_text().splitlines(keepends=True)
+    (cut_csv / "similarity.csv").write_text("".join(csv_lines[:2] + csv_lines[3:]))
+    (good / "index.html").unlink()
+
+    for command in ("report", "plot"):
+        assert cli.main([command, str(runs)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("dsl: error: 2 of 3 folders left as they were"), err
+        assert f"{manifest}: not a manifest" in err and f"{cut_csv / 'similarity.csv'}" in err
+        assert (good / "index.html").is_file()
+    assert "a/index.html" in (runs / "index.html").read_text()
+
+
+def test_a_folder_page_shows_every_figure_a_run_drew(attribution_run: Path, tmp_path: Path) -> None:
+    """The page of a folder of runs shows each run's figures, where its heads look (looks/) too."""
+    runs = tmp_path / "runs"
+    shutil.copytree(attribution_run, runs / "one")
+    assert cli.main(["report", str(runs)]) == 0
+    looks = sorted(p.relative_to(runs).as_posix() for p in (runs / "one" / "looks").glob("*.png"))
+    assert looks and all(f'src="{name}"' in (runs / "index.html").read_text() for name in looks)
+
+
+def test_an_attribution_page_shows_its_target_and_its_shares(attribution_run: Path) -> None:
+    """An attribution run's scores are shares of cos(embedding, target): its settings name the target, its
+    table holds the attribution column of similarity.csv."""
+    html = (attribution_run / "index.html").read_text()
+    assert f"attribution, target &quot;{TARGET}&quot;" in html
+    components = html.split('id="components"')[1]
+    assert '<th data-type="num" tabindex="0">attribution</th>' in components
+
+
+def test_an_interrupted_sweeps_page_lists_every_job(tmp_path: Path) -> None:
+    """A sweep stopped before its merge (its manifest the claim's stamp) and before its second job started:
+    the page lists both jobs with their overrides and states, as `dsl merge` does."""
+    assert dsl_here(["run", "--multirun", "debug=tiny", "images.limit=1", "decode.enabled=false", "layer=0,1",
+                     "hydra.sweep.dir=sw"], tmp_path) == 0
+    sweep = tmp_path / "sw"
+    (sweep / "manifest.json").write_text(json.dumps({"made_by": "dsl", "kind": "sweep", "status": "interrupted"}))
+    shutil.rmtree(sweep / "1")
+    assert cli.main(["report", str(sweep)]) == 0
+    html = (sweep / "index.html").read_text()
+    assert "<p>1 of 2 jobs complete</p>" in html
+    jobs = html.split("<h2>Jobs</h2>")[1].split("</table>")[0]
+    assert "layer=0</td>" in jobs and "layer=1</td>" in jobs and ">not started</span>" in jobs
+
+
+def decoding_manifest(**recorded) -> dict:
+    return {"made_by": "dsl", "config": {"decode": {"enabled": True, "batch_size": 4, "steps": 2}}, **recorded}
+
+
+@pytest.mark.parametrize("recorded, pictures, text", [
+    ({"rows": 20, "decoded": 16, "resumed_rows": 20}, 20, "20 rows, 20 pictures (16 decoded in the last attempt)"),
+    ({"rows": 4, "decoded": 3}, 3, "4 rows, 3 pictures"),  # decode.top_k=3: one row without a picture
+])
+def test_the_page_counts_the_pictures_a_run_holds(recorded: dict, pictures: int, text: str) -> None:
+    """A resumed run decodes only what its earlier attempts had not: the manifest's `decoded` is that
+    attempt's; the page counts the pictures from the rows."""
+    from dsl_cli.report import settings_section
+
+    rows = [{"file": f"p{n}.png" if n < pictures else ""} for n in range(recorded["rows"])]
+    assert f"<td>{text}</td>" in settings_section(decoding_manifest(**recorded), rows=rows)
+
+
+def test_an_sae_runs_settings_name_its_features_not_heads() -> None:
+    """An SAE run reads the SAE's features at its own layer: `layer=30 component=heads` is not what it read."""
+    from dsl_cli.report import settings_section
+
+    sae = {"source": "my_sae", "hook_name": "blocks.1.hook_resid_post", "architecture": "topk", "d_sae": 40}
+    manifest = decoding_manifest(components=4, layers=[1], sae=sae)
+    manifest["config"] |= {"layer": 30, "head": "all", "component": "heads",
+                           "sae": {"path": "my_sae", "features": "top", "top_k": 2}}
+    html = settings_section(manifest)
+    assert ("SAE my_sae (topk, 40 features at blocks.1.hook_resid_post): the 2 most active features of each "
+            "image, each scored in every image, and the error term: 4 per image, layers read 1") in html
+    assert "layer=30" not in html and "component=heads" not in html
+
+
+@pytest.mark.parametrize("held_out", [0, 3])
+def test_the_adapter_page_says_how_lambda_was_chosen(held_out: int, tmp_path: Path) -> None:
+    """With no image held out, `adapters.fit` takes the smallest positive strength and has no metrics: the
+    page says so, rather than a lambda "picked on the held-out images" beside a table of n/a."""
+    from dsl_cli.adapter_page import write_adapter_page
+
+    metrics = {"cosine_mean": 0.9, "heldout_images": held_out} if held_out else {}
+    (tmp_path / "adapter.json").write_text(json.dumps({
+        "name": "a", "readout": {"kind": "resid", "layer": 3}, "lambda": 5e-8, "relative_lambda": 1e-8,
+        "heldout_fraction": 0.1, "heldout_images": held_out, "metrics": metrics}))
+    html = write_adapter_page(tmp_path).read_text()
+    assert ("picked on the held-out images" in html) == bool(held_out)
+    assert ("no image was held out" in html) == (not held_out)
+    assert ("n/a" in html) == bool(held_out)  # the metrics a few held-out images lack; none without them
+
+
+@pytest.mark.parametrize(("kind", "says"), [("adapter", "the folder of an adapter: `dsl adapter fit` wrote its page"),
+                                            ("sae", "the folder of an SAE (`dsl sae train`)")])
+@pytest.mark.parametrize("command", ["report", "plot"])
+def test_report_and_plot_of_an_adapter_or_sae_folder_say_what_it_is(kind: str, says: str, command: str,
+                                                                     tmp_path: Path, capsys) -> None:
+    """They said "no manifest.json ... in it", of a folder that holds dsl's own manifest.json."""
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({"made_by": "dsl", "kind": kind, "status": "complete"}))
+    assert cli.main([command, str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "no manifest.json" not in err, err
