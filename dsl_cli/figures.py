@@ -151,15 +151,16 @@ def grid_image(tiles: list[tuple[Image.Image, str]], title: str, tile: int = 192
     return sheet
 
 
-def settings_text(row: dict) -> str:
+def settings_text(row: dict, decoded: bool = True) -> str:
     """The settings a row of similarity.csv was made with, for titles:
-    `steering lens (norm, alpha 2), seed 0, 100 steps, guidance 4`."""
+    `steering lens (norm, alpha 2), seed 0, 100 steps, guidance 4`; the decoding's seed, steps and guidance
+    only where something was `decoded` (a run of scores alone named steps it never took)."""
     lens = f"{row['lens']} lens"
     details = [row["mode"]] if row.get("mode") else []
     details += [f"alpha {row['alpha']:g}"] if row.get("alpha") is not None else []  # a lens may have a mode alone
     if details:
         lens += f" ({', '.join(details)})"
-    return f"{lens}, seed {row['seed']}, {row['steps']} steps, guidance {row['guidance']:g}"
+    return f"{lens}, seed {row['seed']}, {row['steps']} steps, guidance {row['guidance']:g}" if decoded else lens
 
 
 def caption_note(rows: list[dict]) -> str:
@@ -461,9 +462,11 @@ def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "", limits: Limits
     written, decoders = [], {decoded: models_text(run_dir, decoded) for decoded in (False, True)}
     limits = shared_limits(rows) if limits is None else limits
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
-        models = decoders[any(r["file"] for r in group)]  # a decoder named only where it decoded something
+        decoded = any(r["file"] for r in group)
+        models = decoders[decoded]  # a decoder, its steps and guidance named only where it decoded something
         fig = heatmap_figure(group, f"{image}: similarity to the input, per layer and component\n"
-                                    + " | ".join(p for p in (settings_text(group[0]), tag, models) if p), limits)
+                                    + " | ".join(p for p in (settings_text(group[0], decoded), tag, models) if p),
+                             limits)
         path = RunFolder(run_dir).figure("heatmaps", f"{image}_{lens}_{tag}" if tag else f"{image}_{lens}")
         save_figure(fig, path)
         written.append(path)

@@ -15,6 +15,7 @@ page when it ends.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import quote
@@ -465,13 +466,16 @@ def study_page(folder: Path) -> str:
 # ---------------------------------------------------------------- sweep page
 
 
-def unmerged_jobs(sweep_dir: Path) -> list[dict]:
-    """The jobs of a sweep that was not merged (stopped, or still running), listed as `dsl merge` lists them:
-    every job the sweep's command line asks for (multirun.yaml), with its overrides and status, those never
-    started too."""
-    from dsl_cli.sweeps import sweep_jobs, sweep_manifest  # here: dsl_cli.sweeps imports this module
+JobLister = Callable[[Path], list[dict]]  # a sweep folder -> its jobs as a merged manifest lists them
 
-    return sweep_manifest(sweep_jobs(sweep_dir))["jobs"]
+
+def unmerged_jobs(sweep_dir: Path) -> list[dict]:
+    """The run folders below a sweep that was not merged (no manifest.json of its own): folder and status
+    only. `dsl report` lists every job with its overrides instead (`sweeps.listed_jobs`, handed down to
+    `write_pages`: dsl_cli.sweeps is above this module)."""
+    folders = sorted(p.parent for p in sweep_dir.glob("*/manifest.json"))
+    return [{"job": n, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
+             **{k: (read_manifest(f) or {}).get(k) for k in ("status", "error")}} for n, f in enumerate(folders)]
 
 
 def _job_link(sweep_dir: Path, folder: str | None) -> str:
@@ -511,14 +515,14 @@ def jobs_figures(sweep_dir: Path, jobs: list[dict]) -> str:
     return "<h2>Each job's heatmaps and plots</h2>" + ("".join(sections) or "<p class=muted>none drawn</p>")
 
 
-def sweep_page(sweep_dir: Path) -> str:
+def sweep_page(sweep_dir: Path, list_jobs: JobLister = unmerged_jobs) -> str:
     """The page of a sweep folder: its jobs with their overrides, status and pages, and the sweep's merged
-    heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote; each job's heatmaps and
-    plots side by side."""
+    heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote, or, not merged yet, as
+    `list_jobs` finds them; each job's heatmaps and plots side by side."""
     manifest = read_manifest(sweep_dir)
     if manifest is not None and "jobs" not in manifest:  # claimed, not merged yet
         manifest = None
-    jobs = manifest["jobs"] if manifest else unmerged_jobs(sweep_dir)
+    jobs = manifest["jobs"] if manifest else list_jobs(sweep_dir)
     figures = (manifest or {}).get("figures")
     merged = "".join(thumbnail(path) for path in (figures if isinstance(figures, list) else []))
     done = sum(j["status"] == "complete" for j in jobs)
@@ -593,11 +597,12 @@ def _nothing_to_report(root: Path) -> str:
 PAGES = {"run": run_page, "study": study_page, "sweep": sweep_page}
 
 
-def write_page(kind: str, folder: Path) -> Path:
-    """Write the page of a `kind` (run, study, sweep) folder; returns its path."""
+def write_page(kind: str, folder: Path, list_jobs: JobLister = unmerged_jobs) -> Path:
+    """Write the page of a `kind` (run, study, sweep) folder; returns its path. `list_jobs`: how an unmerged
+    sweep's jobs are found (`sweep_page`)."""
     page = RunFolder(folder).page
     with drawn_from_files(folder):
-        html = PAGES[kind](folder)
+        html = sweep_page(folder, list_jobs) if kind == "sweep" else PAGES[kind](folder)
     write_own_page(page, html)
     return page
 
@@ -644,13 +649,14 @@ def each_folder(folders: list[tuple[str | UserError, Path]], work: Callable[[str
     return done
 
 
-def write_pages(root: Path) -> list[Path]:
+def write_pages(root: Path, list_jobs: JobLister = unmerged_jobs) -> list[Path]:
     """`dsl report`: write (or refresh) the page of every run, study and sweep at or below `root`, and, when
     `root` is none of them itself (`outputs/paper`, a date folder), its own page linking them all. A refused
-    folder among several is left as it is: the rest are written, then `PartlyDone` names it."""
+    folder among several is left as it is: the rest are written, then `PartlyDone` names it. `list_jobs`:
+    how an unmerged sweep's jobs are found (`sweep_page`)."""
     found = report_folders(root)
     try:
-        pages, refused = list(each_folder(found, write_page).values()), None
+        pages, refused = list(each_folder(found, partial(write_page, list_jobs=list_jobs)).values()), None
     except PartlyDone as err:
         pages, refused = list(err.done.values()), err
     if root not in {folder for _, folder in found}:  # a folder of runs, not one itself

@@ -277,6 +277,13 @@ def sweep_manifest(jobs: list[Job]) -> dict:
             "unfinished": unfinished, "rows": sum(entry["rows"] for entry in listed)}
 
 
+def listed_jobs(sweep_dir: Path) -> list[dict]:
+    """The jobs of a sweep not merged yet (stopped, or still running), as a merge lists them: every job its
+    command line asks for (multirun.yaml), with its overrides and status, those never started too (the page
+    of an interrupted sweep said "0 of 1 jobs", without overrides)."""
+    return sweep_manifest(sweep_jobs(sweep_dir))["jobs"]
+
+
 def summary_lines(sweep_dir: Path, manifest: dict) -> list[str]:
     """What a merge did, for the terminal: one line, then one per failed or unfinished job (named by the
     overrides that tell the jobs apart)."""

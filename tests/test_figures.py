@@ -133,6 +133,26 @@ def test_grid_titles_name_the_settings(tmp_path: Path, monkeypatch) -> None:
 def test_settings_text_of_a_lens_without_mode() -> None:
     row = rows_of([1], 1)[0] | {"lens": "diffusion", "mode": "", "alpha": None}
     assert settings_text(row) == "diffusion lens, seed 0, 100 steps, guidance 4"
+    assert settings_text(row, decoded=False) == "diffusion lens"  # a run of scores alone took no steps
+
+
+def test_heatmaps_of_a_run_that_decoded_nothing_name_no_steps_or_decoder(tmp_path: Path) -> None:
+    """`decode.enabled=false`: the heatmaps' titles said "2 steps, guidance 4 | ... -> kandinsky22"."""
+    from helpers import dsl_here
+
+    run = tmp_path / "run"
+    assert dsl_here(["run", "debug=tiny", "images.limit=1", "layer=1", "decode.enabled=false",
+                     f"hydra.run.dir={run}"], tmp_path) == 0
+    titles = []
+    import dsl_cli.figures as figures
+
+    original = figures.heatmap_figure
+    figures.heatmap_figure = lambda rows, title, limits=None: titles.append(title) or original(rows, title, limits)
+    try:
+        figures.draw_heatmaps(run, figures.run_rows(run))
+    finally:
+        figures.heatmap_figure = original
+    assert titles and all("steps" not in t and "guidance" not in t and "kandinsky" not in t for t in titles), titles
 
 
 # ---------------------------------------------------------------- matplotlib figures
