@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dsl_cli.config import folder_overrides, split_options
+from dsl_cli.config import encoder_folder_name, folder_overrides, split_options
 from dsl_cli.errors import Interrupted, UserError
 from dsl_cli.libraries import import_frozen
 
@@ -108,13 +108,10 @@ def target_encoder_cfg(cfg, options: FitOptions):
     return compose([f"encoder={preset}"]).encoder
 
 
-def default_out(cfg, options: FitOptions, source_ident: dict) -> Path:
-    def slug(text: str) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
-
+def default_out(cfg, options: FitOptions) -> Path:
     read = "embed" if options.readout == "embed" else f"resid{options.layer}"
     family = cfg.decoder.family + ("" if cfg.decoder.source == "pretrained" else f"_{cfg.decoder.source}")
-    name = f"{slug(source_ident['name'] or source_ident['source'])}-{read}-to-{family}"
+    name = f"{encoder_folder_name(cfg.encoder)}-{read}-to-{family}"
     return Path(str(cfg.outputs_root)) / "adapters" / name
 
 
@@ -142,7 +139,7 @@ def fit_command(args: list[str]) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from dsl_cli.adapters import Partial, Readout, accumulate, encoder_identity, fit
+    from dsl_cli.adapters import Partial, Readout, accumulate, fit
     from dsl_cli.decoder import check_pairing
     from dsl_cli.devices import resolve_device, resolve_dtype
     from dsl_cli.encoder import embedding_space, load_encoder
@@ -152,11 +149,10 @@ def fit_command(args: list[str]) -> int:
     target_cfg = target_encoder_cfg(cfg, options)
     space = embedding_space(target_cfg)
     check_pairing(space, cfg.decoder, "adapter.target")  # the target space is one this decoder decodes
-    source_ident = encoder_identity(cfg.encoder)
     image_set = load_images(cfg.images)
     decodes = bool(options.examples and cfg.decode.enabled and cfg.images.num_shards == 1)
     preflight_fit(cfg, target_cfg, decodes)  # before the claim: a refusal leaves no folder marked `started`
-    out = claim_out(Path(options.out).expanduser() if options.out else default_out(cfg, options, source_ident),
+    out = claim_out(Path(options.out).expanduser() if options.out else default_out(cfg, options),
                     sharded=cfg.images.num_shards > 1)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.encoder.dtype, device)

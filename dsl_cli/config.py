@@ -250,6 +250,17 @@ def _unquoted(override: str) -> str:
         raise UserError(f"{override}: {_one_line(err)}") from None
 
 
+def encoder_folder_name(encoder) -> str:
+    """The encoder part of the default folder of an adapter or SAE it reads (`ViT-L-14`, `tiny`): a
+    transformers model by its repository (every one is `name: hf`), and a timm or transformers model with its
+    source in front, so that `debug=tiny_timm` and `debug=tiny` (both `tiny`) fill folders of their own."""
+    source, name = str(encoder.source), str(encoder.get("name") or encoder.source)
+    if source == "hf":
+        name = str(encoder.get("repo_id") or name).rstrip("/").rsplit("/", 1)[-1]
+    name = f"{source}_{name}" if source in ("hf", "timm") else name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
+
+
 def gpu_count(at_least: int = 0) -> int:
     """`${dsl_gpus:}` in a config: the GPUs this process sees (`${dsl_gpus:1}`: at least 1)."""
     import torch  # here, not at the top: `dsl --help` imports no model library

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dsl_cli.config import split_options
+from dsl_cli.config import encoder_folder_name, split_options
 from dsl_cli.errors import Interrupted, UserError, stop_handler
 from dsl_cli.libraries import import_frozen
 
@@ -165,7 +165,7 @@ def setup(cfg, options: TrainOptions) -> Setup:
     layer = cfg.layer + encoder.n_layers if cfg.layer < 0 else cfg.layer
     if not 0 <= layer < encoder.n_layers:
         raise UserError(f"layer={cfg.layer}: this encoder's layers run from 0 to {encoder.n_layers - 1}")
-    name = cfg.encoder.name if cfg.encoder.source != "tiny" else "tiny"
+    name = encoder_folder_name(cfg.encoder)
     out = Path(options.out).expanduser() if options.out else \
         Path(str(cfg.outputs_root)) / "saes" / _slug(f"{name}-L{layer}-{options.point}")
     d_sae = options.d_sae or 8 * encoder.d_model

@@ -574,3 +574,18 @@ def test_a_fit_refused_for_missing_weights_leaves_no_folder(tmp_path: Path, monk
     code, err = dsl_in_process(["adapter", "fit", "debug=tiny", "encoder=vitl14", "images.limit=2", f"adapter.out={out}"],
                                tmp_path, monkeypatch, capsys)
     assert code == 2 and "hf download" in err and not out.exists(), err
+
+
+@pytest.mark.parametrize(("preset", "name"), [("tiny", "tiny"), ("tiny_timm", "timm_tiny"), ("vitl14", "ViT-L-14"),
+                                              ("hf", "hf_dinov2-base")])
+def test_default_adapter_and_sae_folders_differ_by_encoder(preset: str, name: str) -> None:
+    """`debug=tiny_timm` and `debug=tiny` both fitted into `tiny-embed-to-...` (the second refused as "already
+    holds a run"), and every transformers model into `hf-...`."""
+    from dsl_cli.adapter_cli import FitOptions, compose, default_out
+    from dsl_cli.config import encoder_folder_name
+
+    cfg = compose([f"encoder={preset}", "decoder=tiny"])
+    assert encoder_folder_name(cfg.encoder) == name
+    assert default_out(cfg, FitOptions()).name == f"{name}-embed-to-kandinsky22_tiny"
+    other = compose([f"encoder={preset}", "encoder.repo_id=google/siglip-base-patch16-224"]).encoder
+    assert (encoder_folder_name(other) == "hf_siglip-base-patch16-224") == (preset == "hf")
