@@ -437,15 +437,24 @@ def folder_overrides(args: list[str]) -> list[str]:
     return ["images=folder", *overrides] if "images.path" in keys and "images" not in keys else overrides
 
 
+# the paths a run reads again when it is resumed, perhaps from another folder: one that names something here
+# is made absolute (`resume=` from elsewhere said "sae.path=my_sae: not an SAE" and marked the run failed);
+# `sae.path` may also be a path inside `sae.repo_id`, and `encoder.text_pretrained` a tag: those name nothing here
+INPUT_KEYS = {"images.path", "encoder.checkpoint", "encoder.text_pretrained", "decoder.path", "adapter", "sae.path"}
+
+
 def path_override(arg: str) -> str:
-    """`images.path=~/my photos` -> `images.path='/home/me/my photos'`; other arguments as they are (every
-    command that takes overrides: dsl run, dsl check, dsl adapter)."""
+    """`images.path=~/my photos` -> `images.path='/home/me/my photos'`, `sae=my_sae` -> `sae.path=/here/my_sae`
+    where ./my_sae exists; other arguments as they are (every command that takes overrides: dsl run, dsl
+    check, dsl adapter)."""
     key, sep, value = arg.partition("=")
     if sep and key == "sae":  # `sae=FOLDER` is short for sae.path=FOLDER (dsl_cli.sae)
         return path_override(f"sae.path={value}")
     if not sep or key.lstrip("+") not in PATH_KEYS or value[:1] in ("'", '"'):
         return arg
     value = os.path.expanduser(value)
+    if key.lstrip("+") in INPUT_KEYS and value and not os.path.isabs(value) and os.path.exists(value):
+        value = os.path.abspath(value)
     if _parses(f"{key}={value}") or ("'" in value and '"' in value):
         return f"{key}={value}"
     quote = '"' if "'" in value else "'"

@@ -560,3 +560,30 @@ def test_sae_train_looks_its_weights_up_first(tmp_path, monkeypatch, capsys):
     code, err = dsl_in_process(["sae", "train", "encoder=vitl14", "layer=3", "images.limit=2", f"train.out={out}"],
                                tmp_path, monkeypatch, capsys)
     assert code == 2 and looked_up and "hf download" in err and not out.exists(), err
+
+
+def test_a_run_over_relative_paths_resumes_from_another_folder(tmp_path, monkeypatch, capsys):
+    """`dsl run sae=my_sae images.path=photos ...` interrupted, then `dsl run resume=/abs/run` from another
+    folder: the saved relative paths were read from there ("sae.path=my_sae: not an SAE"), and the run was
+    marked failed. Paths that name something where the run starts are recorded absolute."""
+    from helpers import dsl_in_process
+
+    tiny_sae_folder(tmp_path / "my_sae")
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for n in range(2):
+        Image.effect_noise((64, 48), 40 + 20 * n).convert("RGB").save(tmp_path / "photos" / f"p{n}.png")
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    args = ["run", "debug=tiny", "sae=my_sae", "images.path=photos", "decode.enabled=false", f"hydra.run.dir={run}"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, err = dsl_in_process(["run", f"resume={run}"], elsewhere, monkeypatch, capsys)
+    assert code == 0, err
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["config"]["sae"]["path"] == str(tmp_path / "my_sae")
+    assert manifest["config"]["images"]["path"] == str(tmp_path / "photos")
