@@ -627,6 +627,10 @@ def redraw(run_dir: Path, workers: int | None = None, early: "EarlyFigures | Non
     rows = run_rows(run_dir)
     if not rows:
         raise UserError(f"{folder.csv(SIMILARITY)}: no rows yet; finish the run first (dsl run resume={run_dir})")
+    unscored = next((r for r in rows if r["sim_embed"] is None), None)  # every row dsl writes is scored
+    if unscored is not None:
+        raise UserError(f"{run_dir}: a CSV value is not what dsl writes ({SIMILARITY.name}: {unscored['image']} "
+                        f"{unscored['component']} has no sim_embed; the file was cut short or edited)")
     started = set(early.futures) if early is not None else set()
     with drawn_from_files(run_dir):
         by_image, tables = group_rows(rows, ("image",)), tables_by_image(folder, rows)
