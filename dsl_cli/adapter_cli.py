@@ -215,9 +215,11 @@ def fit_meta(cfg, options: FitOptions, readout, source, target, target_cfg, spac
 
 
 def merge_command(args: list[str]) -> int:
-    if args in (["-h"], ["--help"]) or len(args) != 1 or args[0].startswith("-"):
+    if args in (["-h"], ["--help"]):
         print(USAGE)
-        return 0 if args in (["-h"], ["--help"]) else 2
+        return 0
+    if len(args) != 1 or args[0].startswith("-"):  # the whole help, on standard output, said nothing was wrong
+        raise UserError("usage: dsl adapter merge FOLDER (the adapter.out of the shards' `dsl adapter fit`)")
     import torch
 
     from dsl_cli.adapters import Partial, fit

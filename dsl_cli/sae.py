@@ -32,6 +32,7 @@ import heapq
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -242,7 +243,8 @@ def load_sae(path: Optional[str] = None, repo_id: Optional[str] = None, local_fi
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(f"SAE {folder}: not readable ({reason})") from err
-    raise UserError(f"sae.path={folder}: not an SAE: give a folder with {CFG_FILE} and {WEIGHTS_FILE} (SAELens) "
+    what = "not an SAE" if os.path.lexists(folder) else "no such file or folder"
+    raise UserError(f"sae.path={folder}: {what}: give a folder with {CFG_FILE} and {WEIGHTS_FILE} (SAELens) "
                     "or a .safetensors file")
 
 

@@ -589,3 +589,11 @@ def test_default_adapter_and_sae_folders_differ_by_encoder(preset: str, name: st
     assert default_out(cfg, FitOptions()).name == f"{name}-embed-to-kandinsky22_tiny"
     other = compose([f"encoder={preset}", "encoder.repo_id=google/siglip-base-patch16-224"]).encoder
     assert (encoder_folder_name(other) == "hf_siglip-base-patch16-224") == (preset == "hf")
+
+
+@pytest.mark.parametrize("args", [[], ["a", "b"], ["--force"]])
+def test_adapter_merge_without_one_folder_is_one_line(args: list[str], tmp_path: Path, monkeypatch, capsys) -> None:
+    from helpers import dsl_in_process
+
+    code, err = dsl_in_process(["adapter", "merge", *args], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.startswith("dsl: error: usage: dsl adapter merge FOLDER") and len(err.splitlines()) == 1

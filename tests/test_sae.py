@@ -196,6 +196,8 @@ def test_refusals(tmp_path, encoder):
         load_sae(str(folder))
     with pytest.raises(UserError, match="not an SAE"):
         load_sae(str(tmp_path))
+    with pytest.raises(UserError, match="no such file or folder"):  # it said "not an SAE" of a typo
+        load_sae(str(tmp_path / "my_sea"))
     with pytest.raises(UserError, match="hf download someone/saes --include 'layer_2/\\*'"):
         load_sae("layer_2", repo_id="someone/saes")
 
