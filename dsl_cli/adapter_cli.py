@@ -191,6 +191,8 @@ def claim_out(out: Path, sharded: bool = False, merging: bool = False) -> Path:
     ours = adds and out.is_dir() and (read_manifest(out) or {}).get("kind") == "adapter"
     if merging and not ours:
         raise UserError(f"{out}: not the folder of a sharded `dsl adapter fit` (give its adapter.out)")
+    if sharded and ours and (read_manifest(out) or {}).get("status") == "complete":  # merged: a shard more changed it
+        raise UserError(f"{out}: holds a finished adapter, merged from its shards; choose another adapter.out")
     RunFolder(out).claim(resume=ours, kind="adapter")
     return out
 
@@ -210,6 +212,7 @@ def fit_meta(cfg, options: FitOptions, readout, source, target, target_cfg, spac
         "target": target_ident, "target_label": target_label(target_ident),
         "target_encoder": encoder_identity(target_cfg),
         "augment": options.augment, "heldout_fraction": options.heldout,
+        "image_set": {k: str(cfg.images.get(k)) for k in ("source", "path", "names", "limit", "num_shards")},
         "p": readout.width(source), "q": target.d_embed,
     }
 

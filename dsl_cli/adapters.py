@@ -274,7 +274,8 @@ def _adapter_problem(tensors: dict[str, Tensor], meta: Any) -> Optional[str]:
 
 
 def _identity(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("source", "readout", "target", "augment", "heldout_fraction")}
+    """What the shards of one fit share (the image set too: a shard of other photos merged in silently)."""
+    return {k: meta.get(k) for k in ("source", "readout", "target", "augment", "heldout_fraction", "image_set")}
 
 
 def _read_safetensors(path: Path, key: str, what: str) -> tuple[dict[str, Tensor], dict]:

@@ -247,6 +247,21 @@ def test_fit_command_sharded_then_merged_equals_one_fit(photos, tmp_path, monkey
     assert torch.allclose(one.W, sharded.W, atol=1e-6) and torch.allclose(one.b, sharded.b, atol=1e-6)
     assert torch.equal(one.negative, sharded.negative)
     assert one.meta["images"] == sharded.meta["images"] == 48
+    # a finished adapter takes no shard more (it was overwritten by the next merge), and shards of another
+    # image set do not add to these (a shard of other photos was merged in silently)
+    weights = (tmp_path / "sharded" / "adapter.safetensors").read_bytes()
+    code, err = dsl_in_process([*common, f"adapter.out={tmp_path / 'sharded'}", "images.num_shards=3",
+                                "images.shard=0"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "holds a finished adapter" in err, err
+    assert (tmp_path / "sharded" / "adapter.safetensors").read_bytes() == weights
+    code, err = dsl_in_process([*common, f"adapter.out={tmp_path / 'mixed'}", "images.num_shards=2",
+                                "images.shard=0"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    code, err = dsl_in_process([*common, "images.limit=40", f"adapter.out={tmp_path / 'mixed'}",
+                                "images.num_shards=2", "images.shard=1"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    code, err = dsl_in_process(["adapter", "merge", str(tmp_path / "mixed")], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "they differ in image_set" in err, err
 
 
 def test_merge_refuses_a_missing_shard(photos, tmp_path, monkeypatch, capsys):
