@@ -455,13 +455,14 @@ def path_override(arg: str) -> str:
     value = os.path.expanduser(value)
     if key.lstrip("+") in INPUT_KEYS and value and not os.path.isabs(value) and os.path.exists(value):
         value = os.path.abspath(value)
-    if _parses(f"{key}={value}") or ("'" in value and '"' in value):
+    if parses(f"{key}={value}") or ("'" in value and '"' in value):
         return f"{key}={value}"
     quote = '"' if "'" in value else "'"
     return f"{key}={quote}{value}{quote}"
 
 
-def _parses(override: str) -> bool:
+def parses(override: str) -> bool:
+    """Whether Hydra's override grammar reads `override` (`key=value`, `+key=value`, a sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 

@@ -41,6 +41,7 @@ from typing import Any, Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from dsl_cli.config import parses
 from dsl_cli.errors import Interrupted, UserError, printable, report
 from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
 from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
@@ -139,9 +140,13 @@ def damage(path: Path, fix: str) -> Iterator[None]:
 
 
 def _texts(values) -> list[str]:
-    """A list of override strings from a sweep file; TypeError for anything else (see `damage`)."""
+    """A list of override strings from a sweep file; TypeError for anything else, ValueError for a text
+    Hydra cannot read as an override (`- layer=[` was merged as the value `[`) (see `damage`)."""
     if not isinstance(values, (list, ListConfig)) or not all(isinstance(v, str) for v in values):
         raise TypeError("a list of overrides was expected")
+    unreadable = next((v for v in values if not parses(v)), None)
+    if unreadable is not None:
+        raise ValueError(f"{unreadable!r} is not an override")
     return list(values)
 
 

@@ -312,6 +312,7 @@ DAMAGE = {  # a sweep's file -> what it is made
     "multirun.yaml": "hydra: [unclosed",
     "0/.hydra/hydra.yaml": "hydra:\n  job:\n    num: first\n",
     "0/.hydra/overrides.yaml": "{a: 1}\n",
+    "1/.hydra/overrides.yaml": "- layer=[\n",  # an override edited into one Hydra cannot read: merged as `[`
     "0/manifest.json": "{not json",
     "1/similarity.csv": "image,lens\n../x,steering\n",
 }
