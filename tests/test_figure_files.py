@@ -12,7 +12,8 @@ from PIL import Image
 
 from dsl_cli.outputs import CORRELATIONS, SIMILARITY, CsvLog, is_dsl_png, read_csv
 from helpers import dsl_in_process
-from test_trust import SCORES_ONLY, in_process, one_line
+from test_trust import in_process, one_line
+from test_trust import sweep, sweep_copy  # noqa: F401 - the merged two-job sweep of those tests, as fixtures
 
 RUN = ["debug=tiny", "images.limit=1", "layer=1"]  # one image, a layer's heads decoded: a grid, a heatmap
 USERS = "is not a figure dsl drew; move it away and run the command again"
@@ -30,20 +31,6 @@ def finished_run(tmp_path_factory) -> Path:
 def run_copy(finished_run: Path, tmp_path: Path) -> Path:
     shutil.copytree(finished_run, tmp_path / "run")
     return tmp_path / "run"
-
-
-@pytest.fixture(scope="module")
-def merged_sweep(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("figure_files_sweep")
-    code, _ = in_process(["run", "-m", *SCORES_ONLY, "seed=0,1", f"hydra.sweep.dir={root / 'sweep'}"], root)
-    assert code == 0
-    return root / "sweep"
-
-
-@pytest.fixture
-def sweep_copy(merged_sweep: Path, tmp_path: Path) -> Path:
-    shutil.copytree(merged_sweep, tmp_path / "sweep")
-    return tmp_path / "sweep"
 
 
 def users_png(path: Path) -> bytes:

@@ -136,22 +136,17 @@ def test_settings_text_of_a_lens_without_mode() -> None:
     assert settings_text(row, decoded=False) == "diffusion lens"  # a run of scores alone took no steps
 
 
-def test_heatmaps_of_a_run_that_decoded_nothing_name_no_steps_or_decoder(tmp_path: Path) -> None:
+def test_heatmaps_of_a_run_that_decoded_nothing_name_no_steps_or_decoder(tmp_path: Path, monkeypatch) -> None:
     """`decode.enabled=false`: the heatmaps' titles said "2 steps, guidance 4 | ... -> kandinsky22"."""
     from helpers import dsl_here
 
     run = tmp_path / "run"
     assert dsl_here(["run", "debug=tiny", "images.limit=1", "layer=1", "decode.enabled=false",
                      f"hydra.run.dir={run}"], tmp_path) == 0
-    titles = []
-    import dsl_cli.figures as figures
-
-    original = figures.heatmap_figure
-    figures.heatmap_figure = lambda rows, title, limits=None: titles.append(title) or original(rows, title, limits)
-    try:
-        figures.draw_heatmaps(run, figures.run_rows(run))
-    finally:
-        figures.heatmap_figure = original
+    titles, original = [], figures.heatmap_figure
+    monkeypatch.setattr(figures, "heatmap_figure", lambda rows, title, limits=None: titles.append(title)
+                        or original(rows, title, limits))
+    figures.draw_heatmaps(run, figures.run_rows(run))
     assert titles and all("steps" not in t and "guidance" not in t and "kandinsky" not in t for t in titles), titles
 
 
@@ -319,17 +314,23 @@ def test_overlay_removal_shows_dsl_over_greedy_and_keeps_the_legend_off_the_data
     assert_legible(fig)
 
 
-def test_label_plot_is_legible(tmp_path: Path) -> None:
-    rows = [{"image": "chelsea", "lens": "logit", "component": f"L{l:02d}", "layer": l, "head": None,
-             "rank": 1, "label": "desert grassland whiptail lizard", "score": round(math.sin(l), 6)}
-            for l in range(12)]
+def drawn_label_plots(folder: Path, rows: list[dict]) -> list:
+    """The matplotlib figures `draw_label_plots` draws of `rows`, kept instead of saved."""
     captured = []
     real = figures.save_figure
     try:
         figures.save_figure = lambda fig, path: captured.append(fig)
-        figures.draw_label_plots(tmp_path, rows)
+        figures.draw_label_plots(folder, rows)
     finally:
         figures.save_figure = real
+    return captured
+
+
+def test_label_plot_is_legible(tmp_path: Path) -> None:
+    rows = [{"image": "chelsea", "lens": "logit", "component": f"L{l:02d}", "layer": l, "head": None,
+             "rank": 1, "label": "desert grassland whiptail lizard", "score": round(math.sin(l), 6)}
+            for l in range(12)]
+    captured = drawn_label_plots(tmp_path, rows)
     assert len(captured) == 1
     assert_legible(captured[0])
 
@@ -408,13 +409,7 @@ def test_label_plot_title_stays_inside_and_names_no_decoder(tmp_path: Path) -> N
              "head": None, "rank": 1, "label": "Mexican hairless dog (xoloitzcuintli)", "score": math.sin(l)}
             for l in range(12)]
     assert "kandinsky22" in figures.models_text(tmp_path)  # the manifest is read: the decoder could be named
-    captured = []
-    real = figures.save_figure
-    try:
-        figures.save_figure = lambda fig, path: captured.append(fig)
-        figures.draw_label_plots(tmp_path, rows)
-    finally:
-        figures.save_figure = real
+    captured = drawn_label_plots(tmp_path, rows)
     fig = captured[0]
     fig.canvas.draw()
     title = " ".join(t.get_text() for t in texts(fig) if "logit lens" in t.get_text())
