@@ -35,7 +35,7 @@ import torch
 
 from dsl_cli.config import path_override
 from dsl_cli.errors import UserError
-from dsl_cli.weights import refuse_damaged_weights
+from dsl_cli.weights import cache_folder, refuse_damaged_weights
 
 log = logging.getLogger("dsl_cli.check")
 
@@ -141,9 +141,7 @@ def label(cfg: Any, role: str) -> str:
 
 def cache_file() -> Path:
     """checks.json in dsl's cache folder ($DSL_CACHE, else ~/.cache/dsl)."""
-    from dsl_cli.lenses import classifier_cache
-
-    return classifier_cache() / "checks.json"
+    return cache_folder() / "checks.json"
 
 
 def _read_cache() -> dict:

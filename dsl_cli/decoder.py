@@ -17,12 +17,13 @@ float round-off of batched kernels (~1e-4 in float32; after rounding to 8 bits, 
 0.03% of the values, measured on the CPU with the tiny models).
 
 Keeping the GPU busy: `batch_size="auto"` fits the batch to the free device memory (two one-step probe
-decodings measure what a picture costs), out-of-memory halves it, and during each pipeline call the scheduler
+decodings measure what a picture costs, recorded for later runs of the same models), out-of-memory halves it, and during each pipeline call the scheduler
 keeps its timesteps on the host (`HostTimesteps`), so that no step of the denoising loop waits for the GPU.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -43,7 +44,7 @@ from dsl_cli.config import DecoderConfig
 from dsl_cli.devices import Placed, seeded_on
 from dsl_cli.errors import UserError
 from dsl_cli.libraries import Library
-from dsl_cli.memory import free_bytes, halving_batches
+from dsl_cli.memory import decode_memory_file, free_bytes, halving_batches, record_peaks, recorded_peaks
 from dsl_cli.weights import HubWeights, Needs, load_errors, missing_tensors, reason, refuse_damaged_weights
 
 log = logging.getLogger("dsl_cli.decoder")
@@ -552,11 +553,36 @@ class Decoder(Placed, ABC):
             return max(1, min(n, CPU_BATCH))
         shape = (height, width, guidance)
         if shape not in self.probed:  # peaks above the memory in use before: the same whatever else is there
-            self.probed[shape] = tuple(self._probe_peak(batch, height, width, guidance) for batch in (1, 2))
+            self.probed[shape] = self._peaks(height, width, guidance)
         one, two = self.probed[shape]
         batch = batch_that_fits(n, one, two, free_bytes(self.device))
         log.info("decode batch size auto: %d (%.2f GiB per picture)", batch, max(two - one, 1) / 2**30)
         return batch
+
+    def _peaks(self, height: int, width: int, guidance: float) -> tuple[int, int]:
+        """The probes' peaks of one and two pictures at this shape, as an earlier run on the same kind of GPU with
+        the same libraries, models and precision recorded them (`memory.recorded_peaks`: no probe decoding),
+        else measured and recorded. A record gone stale (a new driver) is caught by out-of-memory halving."""
+        key = self._memory_key(height, width, guidance)
+        peaks = recorded_peaks(key)
+        if peaks is None:
+            peaks = self._probe_peak(1, height, width, guidance), self._probe_peak(2, height, width, guidance)
+            record_peaks(key, peaks)
+        else:
+            log.info("decode memory at %dx%d from an earlier run's probes (%s)", height, width, decode_memory_file())
+        return peaks
+
+    def _memory_key(self, height: int, width: int, guidance: float) -> str:
+        """What the probes' peaks depend on: the GPU, torch and diffusers, the allocator's settings, the
+        pipeline's models (class, architecture, memory layout; not their weights or where they came from),
+        the precision and the shape. A digest of it, and the shape in words."""
+        gpu = torch.cuda.get_device_properties(self.device)
+        models = {name: _architecture(module) for name, module in self.pipe.components.items()
+                  if isinstance(module, torch.nn.Module)}
+        what = [gpu.name, gpu.total_memory, torch.__version__, torch.version.cuda, diffusers.__version__,
+                os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), str(self.dtype), models]
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return f"{digest} {height}x{width} guidance {guidance:g}"
 
     def _probe_peak(self, batch: int, height: int, width: int, guidance: float) -> int:
         """Peak device memory, in bytes above the level before, of decoding `batch` pictures in one step.
@@ -569,6 +595,19 @@ class Decoder(Placed, ABC):
         with eager("force_eager") if eager else nullcontext():
             self._run(embeds, embeds[:1], [0] * batch, height, width, 1, guidance)
         return torch.cuda.max_memory_allocated(self.device) - base
+
+
+def _architecture(module: torch.nn.Module) -> tuple[str, dict, bool]:
+    """A model's class, its config without the entries that say where and by what it was saved
+    (`_name_or_path`, `transformers_version`, ...), and whether its convolutions are channels-last: what its
+    memory depends on."""
+    module = getattr(module, "_orig_mod", module)  # torch.compile's wrapper: probes run the model eagerly
+    config = getattr(module, "config", {})
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    convs = [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]  # 1x1 kernels are both layouts
+    nhwc = bool(convs) and convs[0].is_contiguous(memory_format=torch.channels_last)
+    kept = {k: v for k, v in config.items() if not k.startswith("_") and not k.endswith("_version")}
+    return type(module).__name__, kept, nhwc
 
 
 def model_files(folder: str, stem: str = "diffusion_pytorch_model") -> tuple[tuple[str, ...], ...]:

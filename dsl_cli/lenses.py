@@ -15,7 +15,6 @@ from __future__ import annotations
 import io
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from dsl_cli.errors import UserError
 from dsl_cli.libraries import Library
 from dsl_cli.memory import release_memory
 from dsl_cli.outputs import LABELS, SIMILARITY, RunFolder, atomic_write_bytes
-from dsl_cli.weights import Needs, fp32_fix, refuse_damaged_weights
+from dsl_cli.weights import Needs, cache_folder, fp32_fix, refuse_damaged_weights
 
 log = logging.getLogger("dsl_cli.lenses")
 open_clip = Library("open_clip")  # imported when the logit lens first needs it, not when a run starts
@@ -269,12 +268,6 @@ def text_classifier(text_model, tokenizer, templates: str, device) -> tuple[torc
     return torch.cat(parts, dim=1), names
 
 
-def classifier_cache() -> Path:
-    """Where ImageNet classifiers of pretrained text towers are kept: $DSL_CACHE, else ~/.cache/dsl."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dsl"
-    return Path(os.environ.get("DSL_CACHE", default)).expanduser()
-
-
 def classifier_file(encoder_cfg, templates: str) -> Path | None:
     """Where the ImageNet classifier of the encoder's text tower is kept; None where it is not kept: weights
     from a local file may change, and the tiny model's builds in a moment. Random weights are drawn from a
@@ -283,7 +276,7 @@ def classifier_file(encoder_cfg, templates: str) -> Path | None:
     if name == "tiny" or (tag is not None and Path(tag).expanduser().exists()):
         return None
     weights = tag if tag is not None else f"random-seed{RANDOM_SEED}-torch{torch.__version__}"
-    return classifier_cache() / f"{name}_{weights}_{templates}_openclip{open_clip.__version__}.pt"
+    return cache_folder() / f"{name}_{weights}_{templates}_openclip{open_clip.__version__}.pt"
 
 
 def imagenet_classifier(encoder_cfg, templates: str, device) -> tuple[torch.Tensor, list[str]]:

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import logging
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import nn
+
+from dsl_cli.weights import cache_folder
 
 log = logging.getLogger("dsl_cli.memory")
 
@@ -104,6 +108,45 @@ def free_bytes(device: "str | torch.device") -> Optional[int]:
     index = device.index if device.index is not None else torch.cuda.current_device()  # it takes no bare "cuda"
     cap = int(torch.cuda.get_per_process_memory_fraction(index) * total) - reserved
     return min(free, max(0, cap)) + reserved - torch.cuda.memory_allocated(device)
+
+
+def decode_memory_file() -> Path:
+    """decode_memory.json in dsl's cache folder: the auto batch's probe peaks, kept for the next run."""
+    return cache_folder() / "decode_memory.json"
+
+
+def recorded_peaks(key: str) -> Optional[tuple[int, int]]:
+    """The probe peaks (bytes, of one and of two pictures) an earlier run recorded under `key`; None when there
+    are none, or the record cannot be read (it is then measured again and rewritten)."""
+    peaks = _read_record().get(key)
+    if isinstance(peaks, list) and len(peaks) == 2 and all(type(p) is int and p > 0 for p in peaks):
+        return peaks[0], peaks[1]
+    return None
+
+
+def record_peaks(key: str, peaks: tuple[int, int]) -> None:
+    """Keep the probe peaks measured under `key`. Runs started together may each write; the last one's record
+    stands (another's entry lost is measured again), and none ever reads a half-written file. Where the cache
+    folder cannot be written (a read-only home), the next run measures again."""
+    record = {**_read_record(), key: list(peaks)}
+    path = decode_memory_file()
+    part = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part.write_text(json.dumps(record, indent=1, sort_keys=True))
+        os.replace(part, path)
+    except OSError as err:
+        with suppress(OSError):  # a folder that is a file cannot hold the part either
+            part.unlink(missing_ok=True)
+        log.info("the decoder's measured memory is not kept for the next run (%s)", err)
+
+
+def _read_record() -> dict:
+    try:
+        record = json.loads(decode_memory_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def host_available() -> Optional[int]:

@@ -81,6 +81,13 @@ def open_clip_weights(role: str, name: str, tag: str) -> Optional[HubWeights]:
     return HubWeights(role, repo, ((filename, twin),), fetch=lambda: open_clip.download_pretrained(pretrained))
 
 
+def cache_folder() -> Path:
+    """dsl's own cache folder: $DSL_CACHE, else $XDG_CACHE_HOME/dsl, else ~/.cache/dsl. It keeps what is worth
+    not recomputing: ImageNet classifiers of text towers, `dsl check` results, decoders' measured memory."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "dsl"
+    return Path(os.environ.get("DSL_CACHE", default)).expanduser()
+
+
 def hub_download_command(name: str, tag: Optional[str]) -> Optional[str]:
     """`hf download ...` for an open_clip pretrained tag, if open_clip fetches it from the hub."""
     weights = open_clip_weights("weights", name, tag) if tag and not Path(tag).expanduser().exists() else None

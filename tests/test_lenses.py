@@ -12,6 +12,7 @@ from dsl_cli.components import Component, parse_component
 from dsl_cli.config import EncoderConfig
 from dsl_cli.encoder import HookedEncoder, build_tiny_clip, build_tiny_text, build_tiny_visual
 from dsl_cli.errors import UserError
+from dsl_cli.weights import cache_folder
 
 
 def test_layer_specs() -> None:
@@ -196,15 +197,15 @@ def test_top_labels_are_the_best_cosines_written_here() -> None:
     assert torch.equal(indices, expected.indices[..., :4])
 
 
-def test_classifier_cache_folder(monkeypatch, tmp_path: Path) -> None:
+def test_dsl_s_cache_folder(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DSL_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert lenses.classifier_cache() == tmp_path / "xdg" / "dsl"
+    assert cache_folder() == tmp_path / "xdg" / "dsl"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert lenses.classifier_cache() == tmp_path / "home" / ".cache" / "dsl"
+    assert cache_folder() == tmp_path / "home" / ".cache" / "dsl"
     monkeypatch.setenv("DSL_CACHE", "~/elsewhere")
-    assert lenses.classifier_cache() == tmp_path / "home" / "elsewhere"
+    assert cache_folder() == tmp_path / "home" / "elsewhere"
 
 
 def test_labels_are_counted_as_open_clip_lists_them() -> None:

@@ -187,17 +187,35 @@ def test_auto_batch_on_the_cpu_is_the_old_default() -> None:
     assert decoder.fit_batch_size(3, 64, 64, 4.0) == 3
 
 
-def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monkeypatch, caplog) -> None:
+GIB = 2**30
+
+
+def _on_fake_cuda(monkeypatch, tmp_path, gpu: str = "NVIDIA H100 80GB HBM3"):
+    """Make decoders say they are on CUDA, with the GPU's name and 20 GiB free stubbed, and dsl's cache folder
+    (where probe peaks are recorded) in tmp_path."""
+    import dsl_cli.decoder as decoder_module
+    from dsl_cli.decoder import Decoder
+
+    monkeypatch.setenv("DSL_CACHE", str(tmp_path / "dsl"))
+    monkeypatch.setattr(Decoder, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(name=gpu, total_memory=80 * GIB))
+    monkeypatch.setattr(decoder_module, "free_bytes", lambda device: 20 * GIB if device.type == "cuda" else 0)
+
+
+def _stub_probes(monkeypatch, decoder, probes: list, peaks: dict = {1: 3 * GIB, 2: 4 * GIB}) -> None:
+    """Each probe appends its arguments to `probes` and peaks at `peaks[batch]`."""
+    monkeypatch.setattr(decoder, "_probe_peak", lambda *args: probes.append(args) or peaks[args[0]])
+
+
+def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monkeypatch, caplog, tmp_path) -> None:
     """The CUDA branch, on the CPU: the decoder says it is on CUDA, the probes and the free memory are
     stubbed; the batch is what `batch_that_fits` gives for the probes of batches 1 and 2, taken at the
     size and guidance asked for (test_gpu.py runs the real probes)."""
-    import dsl_cli.decoder as decoder_module
-
-    gib, probes = 2**30, []
+    gib, probes = GIB, []
+    _on_fake_cuda(monkeypatch, tmp_path)
     decoder = load_decoder(DecoderConfig(source="tiny"))
-    monkeypatch.setattr(type(decoder), "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(decoder, "_probe_peak", lambda *args: probes.append(args) or {1: 3 * gib, 2: 4 * gib}[args[0]])
-    monkeypatch.setattr(decoder_module, "free_bytes", lambda device: 20 * gib if device.type == "cuda" else 0)
+    _stub_probes(monkeypatch, decoder, probes)
     with caplog.at_level("INFO", logger="dsl_cli.decoder"):
         assert decoder.fit_batch_size(100, 64, 48, 7.5) == 15  # (20 x 0.85 - 2) / 1, as batch_that_fits works it out
     assert probes == [(1, 64, 48, 7.5), (2, 64, 48, 7.5)]
@@ -206,6 +224,66 @@ def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monke
     assert len(probes) == 2  # the same shape again (a run's extra seeds, a parked encoder): probed once
     assert decoder.fit_batch_size(100, 48, 64, 7.5) == 15 and decoder.fit_batch_size(100, 64, 48, 1.0) == 15
     assert probes[2:] == [(1, 48, 64, 7.5), (2, 48, 64, 7.5), (1, 64, 48, 1.0), (2, 64, 48, 1.0)]
+
+
+def test_probe_peaks_are_recorded_and_a_later_run_of_the_same_models_needs_no_probe(monkeypatch, caplog,
+                                                                                      tmp_path) -> None:
+    """Probe peaks are kept in dsl's cache folder: a decoder built again (the next run) with the same models,
+    precision and GPU decodes at a recorded shape without probing and fits the same batch. A new shape, GPU,
+    precision or memory layout probes again; so do a damaged record (then rewritten) and a cache folder that
+    cannot be written (nothing kept, the run goes on)."""
+    _on_fake_cuda(monkeypatch, tmp_path)
+    probes: list = []
+    first = load_decoder(DecoderConfig(source="tiny"))
+    _stub_probes(monkeypatch, first, probes)
+    assert first.fit_batch_size(100, 64, 48, 7.5) == 15 and len(probes) == 2
+    record = tmp_path / "dsl" / "decode_memory.json"
+    assert list(json.loads(record.read_text()).values()) == [[3 * GIB, 4 * GIB]]
+
+    def probes_of(decoder, height=64, width=48, peaks={1: 5 * GIB, 2: 9 * GIB}) -> tuple[int, int]:
+        """(the batch fitted, how many probes it took) for `decoder`, probing at other peaks than the first."""
+        seen: list = []
+        _stub_probes(monkeypatch, decoder, seen, peaks)
+        return decoder.fit_batch_size(100, height, width, 7.5), len(seen)
+
+    with caplog.at_level("INFO", logger="dsl_cli.decoder"):
+        assert probes_of(load_decoder(DecoderConfig(source="tiny"))) == (15, 0)  # the recorded peaks, not 5 and 9
+    assert f"decode memory at 64x48 from an earlier run's probes ({record})" in caplog.messages
+    assert probes_of(load_decoder(DecoderConfig(source="tiny")), height=128) == (4, 2)  # (20 x 0.85 - 1) / 4
+    assert probes_of(load_decoder(DecoderConfig(source="tiny"), dtype=torch.bfloat16)) == (4, 2)
+    assert probes_of(load_decoder(DecoderConfig(source="tiny"), channels_last=True)) == (4, 2)
+    _on_fake_cuda(monkeypatch, tmp_path, gpu="NVIDIA H200")
+    assert probes_of(load_decoder(DecoderConfig(source="tiny"))) == (4, 2)
+    assert len(json.loads(record.read_text())) == 5
+
+    record.write_text('{"cut short')
+    assert probes_of(load_decoder(DecoderConfig(source="tiny"))) == (4, 2)
+    assert list(json.loads(record.read_text()).values()) == [[5 * GIB, 9 * GIB]]
+    record.unlink()
+    record.parent.chmod(0o500)
+    try:
+        if os.access(record.parent, os.W_OK):  # root writes anywhere: a file where the folder should be
+            monkeypatch.setenv("DSL_CACHE", str(record.parent / "a file"))
+            (record.parent / "a file").write_text("not a folder")
+        assert probes_of(load_decoder(DecoderConfig(source="tiny"))) == (4, 2)
+    finally:
+        record.parent.chmod(0o700)
+
+
+def test_the_memory_record_s_key_is_the_architecture_not_where_the_weights_came_from(monkeypatch, tmp_path) -> None:
+    """The same architecture saved elsewhere or by another diffusers (`_name_or_path`, `_diffusers_version`)
+    shares the record; another UNet width does not, and torch.compile's wrapper is looked through."""
+    _on_fake_cuda(monkeypatch, tmp_path)
+    decoder = load_decoder(DecoderConfig(source="tiny"))
+    key = decoder._memory_key(64, 48, 7.5)
+    assert key.endswith(" 64x48 guidance 7.5")
+    unet = decoder.pipe.unet
+    unet.register_to_config(_name_or_path="/elsewhere/unet", _diffusers_version="0.1")
+    assert decoder._memory_key(64, 48, 7.5) == key
+    decoder.pipe.unet = torch.compile(unet)
+    assert decoder._memory_key(64, 48, 7.5) == key
+    unet.register_to_config(block_out_channels=[c * 2 for c in unet.config.block_out_channels])
+    assert decoder._memory_key(64, 48, 7.5) != key
 
 
 def test_auto_batch_on_the_cpu_and_from_equal_probes() -> None:
