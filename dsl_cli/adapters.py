@@ -428,8 +428,9 @@ class AdaptedEncoder:
 
     Embedding readout: lens(x) = W R(x) + b, so the closed form stays one norm and two matmuls and equals
     the hooked path through the adapter. Residual readout (after block l): lens(x) = W x + b, applied to
-    the residual the lens reads (the steered final residual x_L + delta, a block's residual), as a tuned
-    lens would be."""
+    the residual the lens reads: a block's residual (the Diffusion Lens, as a tuned lens would be), a write
+    (direct), and for DSL the steered residual after block l, x_{l+1} + delta(c) (norm mode scales c to
+    |x_{l+1}|), of components of blocks 0 to l only (`check_steerable`)."""
 
     def __init__(self, encoder, adapter: Adapter):
         self.__dict__.update(base=encoder, adapter=adapter, adapter_readout=adapter.readout)
@@ -469,9 +470,13 @@ class AdaptedEncoder:
         from dsl_cli.encoder import steering_delta
 
         parsed = [self.base._parse(c, steerable=True) for c in components]
+        check_steerable(self.adapter_readout, parsed)
         writes = self.base.component_writes(cache, parsed)
-        final = cache.resid[:, -1:]
-        return self._map(final + steering_delta(writes, final, mode, alpha))
+        # with every later submodule patched to its clean output, the residual after the adapter's block is
+        # x_{l+1} + delta(c): the adapter maps what it was fitted on, and the identity steer gives the clean one
+        block = self.adapter_readout.layer
+        read = cache.resid[:, block + 1:block + 2]  # [B, 1, D]
+        return self._map(read + steering_delta(writes, read, mode, alpha))
 
     def steer_hooked(self, pixels: Tensor, component, mode: str = "norm", alpha: float = 2.0,
                      patch: bool = True) -> Tensor:
@@ -612,6 +617,17 @@ def target_space(adapter: Adapter):
 
     space = (adapter.meta.get("target") or {}).get("space") or {}
     return EmbeddingSpace(space.get("model", "?"), space.get("weights"), int(space.get("width", adapter.q)))
+
+
+def check_steerable(readout: Readout, components: Sequence) -> None:
+    """UserError for steering a component written after the block whose residual a residual adapter maps:
+    nothing it writes reaches that residual, so its steered embedding would be the clean one."""
+    late = [c.label for c in components if readout.kind == "resid" and c.layer > readout.layer]
+    if late:
+        more = f" (and {len(late) - 1} more)" if len(late) > 1 else ""
+        raise UserError(f"{late[0]}{more} writes after block {readout.layer}, whose residual the adapter maps: "
+                        f"steering it cannot change what the adapter reads. Steer layers 0 to {readout.layer} "
+                        f"(layer='range(0,{readout.layer + 1})'), or fit an adapter of a later block")
 
 
 def adapt_encoder(encoder, adapter: Adapter, where: str = "adapter") -> AdaptedEncoder:

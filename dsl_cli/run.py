@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from dsl_cli import __version__
-from dsl_cli.adapters import adapt_encoder, manifest_entry, run_adapter, target_space
+from dsl_cli.adapters import adapt_encoder, check_steerable, manifest_entry, run_adapter, target_space
 from dsl_cli.baselines import Extra, baseline_extras, score_extras, seed_extras, seed_spread, start_extras
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig, encoder_text
@@ -37,8 +37,8 @@ from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_dev
 from dsl_cli.encoder import embedding_space, load_encoder, model_shape
 from dsl_cli.errors import UserError, printable
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import (Lens, ScoredImages, TextReader, check_finite, describe, get_lens, n_labels, prepare_text,
-                            rank, score, where_heads_look)
+from dsl_cli.lenses import (Lens, ScoredImages, SteeringLens, TextReader, check_finite, describe, get_lens, n_labels,
+                            prepare_text, rank, score, where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw
 from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture,
@@ -92,7 +92,9 @@ def validate(cfg: DictConfig) -> None:
         run_adapter(cfg)
     shape = model_shape(cfg.encoder)
     if shape is not None and not cfg.clamp_to_model and sae_config(cfg) is None:  # an impossible layer is refused before any download
-        get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *shape, mid=cfg.lens.mid)
+        components = get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *shape, mid=cfg.lens.mid)
+        if cfg.lens.name == SteeringLens.name and cfg.get("adapter"):
+            check_steerable(run_adapter(cfg).readout, components)
 
 
 def _validate_lens(cfg: DictConfig) -> None:

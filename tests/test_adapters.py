@@ -15,6 +15,7 @@ from open_clip.transformer import VisionTransformer
 from dsl_cli.adapters import (Adapter, AdaptedEncoder, Partial, Readout, RidgeSums, fit, heldout_metrics,
                               is_heldout, ridge)
 from dsl_cli.encoder import HookedEncoder, build_tiny_visual
+from dsl_cli.errors import UserError
 
 N_IMAGES = 300
 
@@ -419,6 +420,44 @@ def test_residual_adapter_maps_the_steered_final_residual():
     assert torch.allclose(direct, adapter(cache.mlp_writes[:, 1]), atol=1e-6)
 
 
+def test_residual_adapter_of_an_earlier_block_steers_the_residual_it_maps():
+    """An adapter of the residual after block 1 (of 4): DSL through it maps x_2 + delta(c), the residual it was
+    fitted on with c steered (every later submodule patched back); the identity steer is the clean embedding,
+    norm mode scales c to |x_2|, and a component of a later block (whose write never reaches x_2) is refused."""
+    encoder = HookedEncoder(build_tiny_visual())
+    adapter = _random_adapter(encoder, q=19, readout=Readout("resid", 1))
+    adapted = AdaptedEncoder(encoder, adapter)
+    cache = adapted.run_with_cache(_pixels(3, seed=6))
+    x2 = cache.resid[:, 2]
+    assert torch.allclose(cache.embeds, adapter(x2))
+    assert torch.allclose(adapted.steer(cache, ["L1H2", "L0MLP"], mode="scale", alpha=1.0),
+                          cache.embeds[:, None].expand(-1, 2, -1), atol=1e-6)
+    add = adapted.steer(cache, ["L0H3"], mode="add", alpha=1.5)[:, 0]
+    assert torch.allclose(add, adapter(x2 + 1.5 * cache.head_writes[:, 0, 3]), atol=1e-5)
+    write = cache.mlp_writes[:, 1]
+    norm = adapted.steer(cache, ["L1MLP"], mode="norm", alpha=2.0)[:, 0]
+    expected = adapter(x2 + 2.0 * x2.norm(dim=-1, keepdim=True) * write / write.norm(dim=-1, keepdim=True))
+    assert torch.allclose(norm, expected, atol=1e-5)
+    with pytest.raises(UserError, match=r"^L02H00 \(and 1 more\) writes after block 1, whose residual the adapter"):
+        adapted.steer(cache, ["L0H0", "L2H0", "L3MLP"])
+
+
+def test_a_run_steering_past_a_residual_adapter_s_block_is_refused_before_loading(resid_adapter, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from helpers import dsl_in_process
+
+    path = _saved_like(resid_adapter, tmp_path / "block1", readout={"kind": "resid", "layer": 1})
+    code, err = dsl_in_process(_run_args(path, "steering", "layer=[1,2]", "clamp_to_model=false",
+                                         f"hydra.run.dir={tmp_path / 'run'}"), tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "L02H00 (and 3 more) writes after block 1" in err and "layer='range(0,2)'" in err
+    assert not (tmp_path / "run").exists()
+    # debug=tiny moves layers into the model (clamp_to_model) once it is loaded: refused there, as a bad input
+    code, err = dsl_in_process(_run_args(path, "steering", "layer=2", f"hydra.run.dir={tmp_path / 'late'}"),
+                               tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.splitlines()[-1].startswith("dsl: error: L02H00 (and 3 more) writes after block 1")
+
+
 def _run_args(adapter, lens: str, *extra: str) -> list[str]:
     return ["run", "debug=tiny", f"adapter={adapter}", f"lens={lens}", "images.names=[chelsea]", *extra]
 
@@ -512,7 +551,6 @@ def _family_encoder(source: str) -> HookedEncoder:
     from types import SimpleNamespace
 
     from dsl_cli.encoder import load_encoder
-    from dsl_cli.errors import UserError
 
     cfg = SimpleNamespace(source=source, name="tiny", pretrained=None, checkpoint=None, repo_id=f"tiny-{source}",
                           subfolder="", dtype="fp32", batch_size=4)
