@@ -124,7 +124,7 @@ def task(cfg: DictConfig) -> None:
                 save_hydra_files(folder.path, cfg)
             run(cfg, folder.path)
         except BaseException as err:  # noqa: BLE001 - every ending is recorded, then reported or re-raised
-            _record(folder, err)
+            record_ending(folder, err)
             # a single run stopped or refused before its first result leaves no folder (a bug's log stays)
             failed_early = (num is None and not cfg.resume and isinstance(err, (UserError, KeyboardInterrupt))
                             and holds_no_result(folder))
@@ -182,7 +182,7 @@ def claim(folder: RunFolder, cfg: DictConfig, kind: str = "run") -> None:
     folder.claim(resume=resumes(cfg, folder.path), kind=kind)
 
 
-def _record(folder: RunFolder, err: BaseException) -> None:
+def record_ending(folder: RunFolder, err: BaseException) -> None:
     """The manifest's status and reason for a job that did not complete; on a full disk the space kept in
     the folder's lock is given back first, so that this last write fits."""
     values = ({"status": "interrupted", "error": f"interrupted by {_signal_name(err)}"}

@@ -33,6 +33,8 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -253,19 +255,28 @@ def _hub_folder(repo_id: str, folder: Optional[str], local_files_only: bool) -> 
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     sub = (folder or "").strip("/")
-    patterns = [f"{sub}/*"] if sub else None
+    patterns = [sub, f"{sub}/*"] if sub else None  # a plain .safetensors file, or a folder
     try:
         root = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=local_files_only))
     except (LocalEntryNotFoundError, OSError) as err:
-        include = f" --include '{sub}/*'" if sub else ""
         raise UserError(f"sae.repo_id={repo_id}: the SAE is not in the Hugging Face cache; fetch it with: "
-                        f"hf download {repo_id}{include}") from err
+                        f"{hf_download_command(repo_id, sub)}") from err
     found = root / sub
     if not ((found / CFG_FILE).is_file() or found.is_file()):
-        include = f" --include '{sub}/*'" if sub else ""
-        raise UserError(f"sae.repo_id={repo_id}: no SAE in {found} (no {CFG_FILE}); fetch it with: "
-                        f"hf download {repo_id}{include}")
+        raise UserError(f"sae.repo_id={repo_id}: no SAE at {found} (a .safetensors file, or a folder with "
+                        f"{CFG_FILE}); fetch it with: {hf_download_command(repo_id, sub)}")
     return found
+
+
+def hf_download_command(repo_id: str, sub: str) -> str:
+    """The `hf download` line that fetches the SAE at `sub` of the repository: a plain `.safetensors` file is
+    named as a file (`--include` takes glob patterns, and `FILE/*` matches nothing in a file), a folder by
+    the pattern of its files, the repository's root whole."""
+    if not sub:
+        return f"hf download {shlex.quote(repo_id)}"
+    if sub.endswith(".safetensors"):
+        return f"hf download {shlex.quote(repo_id)} {shlex.quote(sub)}"
+    return f"hf download {shlex.quote(repo_id)} --include {shlex.quote(sub + '/*')}"
 
 
 def _load_saelens(folder: Path) -> Sae:
@@ -318,6 +329,59 @@ def check_fits(sae: Sae, encoder) -> None:
     readout = getattr(encoder, "readout_kind", "cls")  # an open_clip ViT before the any-ViT interface reads CLS
     if readout != "cls":
         raise UserError(f"SAE features need a CLS readout; this encoder's is {readout}")
+
+
+# How SAE releases and model hubs spell a CLIP ViT, each read as open_clip's architecture name (`ViT-L-14`):
+# open_clip's own (`ViT-bigG-14`, also inside `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` and ViT-Prisma's
+# `open-clip:laion/CLIP-ViT-B-32-...`), transformers' (`openai/clip-vit-large-patch14`) and timm's
+# (`vit_large_patch14_clip_224.openai`). The pretrained tag is not compared: only the architecture is read reliably.
+_CLIP_SIZES = {"base": "B", "large": "L", "huge": "H", "giant": "g", "gigantic": "bigG", "bigg": "bigG"}
+_CLIP_SPELLINGS = ((re.compile(r"(?:^|[-_/:])ViT-([A-Za-z0-9]+)-(\d+)(?=$|[-_.@/])"), None),  # open_clip's size
+                   (re.compile(r"(?:^|/)clip-vit-([a-z]+)-patch(\d+)(?=$|[-_.])", re.I), _CLIP_SIZES),
+                   (re.compile(r"(?:^|/)vit_([a-z]+)_patch(\d+)_clip(?=$|_)"), _CLIP_SIZES))
+TRAINED_BY_DSL = "dsl sae train"  # cfg.json's `trained_by` in an SAE of `dsl sae train` (its model_name: ours)
+
+
+def clip_architecture(model_name: str) -> Optional[str]:
+    """The CLIP ViT architecture (`ViT-L-14`) a model name spells, or None for a name that spells none."""
+    for pattern, sizes in _CLIP_SPELLINGS:
+        found = pattern.search(model_name)
+        if found:
+            size = sizes.get(found[1].lower()) if sizes else found[1]
+            return f"ViT-{size}-{found[2]}" if size else None
+    return None
+
+
+def encoder_model_name(encoder_cfg) -> Optional[str]:
+    """The encoder a run config names, as `dsl sae train` writes it into an SAE's cfg.json (`model_name`): a
+    transformers model by its repository, a timm model as `timm/NAME` (its hub repository), an open_clip one
+    (and tiny) by its architecture; None for a transformers model read from a folder (`encoder.checkpoint`),
+    which the config does not name."""
+    source, name = str(encoder_cfg.source), str(encoder_cfg.get("name"))
+    if source == "hf":
+        return None if encoder_cfg.get("checkpoint") else str(encoder_cfg.get("repo_id"))
+    return f"timm/{name}" if source == "timm" else name
+
+
+def check_trained_on(sae: Sae, encoder_cfg) -> None:
+    """UserError when the SAE's cfg names (`model_name`, SAELens's field) another encoder than the run's, as
+    far as dsl can tell: a CLIP ViT of another architecture, or, for an SAE of `dsl sae train`, any other
+    encoder. An SAE of the same width trained elsewhere would be read without a word, its features meaningless.
+    A name that dsl cannot compare, or none, is logged and the SAE read."""
+    trained, run = _cfg_value(sae.cfg, "model_name"), encoder_model_name(encoder_cfg)
+    trained = str(trained) if trained else None
+    if trained is not None and trained in (run, str(encoder_cfg.get("name"))):  # the bare name: dsl's before
+        return
+    ours = clip_architecture(trained or "")
+    by_dsl = _cfg_value(sae.cfg, "trained_by") == TRAINED_BY_DSL
+    if trained is None or run is None or (ours is None and not by_dsl):
+        log.info("SAE %s: trained on %s, this run's encoder is %s, and dsl cannot compare the two: make sure the "
+                 "SAE is this encoder's", sae.source, f"{trained} (cfg model_name)" if trained else
+                 "an encoder its cfg does not name (no model_name)", run or "read from encoder.checkpoint")
+    elif ours is None or ours != clip_architecture(run):
+        raise UserError(f"SAE {sae.source} was trained on {trained} (its cfg's model_name), and this run's encoder "
+                        f"is {run}: run it with the encoder it was trained on (encoder=..., `dsl run --help` lists "
+                        f"them), or give an SAE trained on {run}")
 
 
 def sae_input(sae: Sae, cache) -> Tensor:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dsl_cli.components import Component
 from dsl_cli.errors import UserError
-from dsl_cli.sae import FeatureEncoder, TopImages, load_sae
+from dsl_cli.sae import FeatureEncoder, TopImages, check_trained_on, load_sae
 
 log = logging.getLogger("dsl_cli.sae_run")
 
@@ -85,6 +85,7 @@ def feature_stage(cfg, run_dir: Path, encoder, preprocess, image_set,
     spec = sae_config(cfg)
     with manifest.stage("sae"):
         sae = load_sae(spec.path, spec.repo_id)
+        check_trained_on(sae, cfg.encoder)
         _check_layer_asked(Path(run_dir), sae.layer, encoder.n_layers, sae.source)
         manifest.same_weights("sae", [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold],
                               f"the SAE {sae.source}")

@@ -29,7 +29,7 @@ Train a TopK SAE on every token's residual at one hook point, from a folder of i
   dsl sae train debug=tiny layer=1 images.path=~/photos
 Then read its features:  dsl run ... sae.path=FOLDER
 
-  layer=N                    the block (its hook_resid_post, unless train.point says otherwise)
+  layer=N                    the block, required (its hook_resid_post, unless train.point says otherwise)
 train.* settings:
   train.point=NAME           hook_resid_post (default), hook_resid_pre, hook_resid_mid, hook_mlp_out, hook_attn_out
   train.d_sae=N              features (default 8 x the residual width)
@@ -74,6 +74,14 @@ def parse_options(args: list[str]) -> tuple[TrainOptions, list[str]]:
     return options, rest
 
 
+def require_layer(overrides: list[str]) -> None:
+    """An SAE is trained at one block, which the researcher chooses: the run config's `layer` (30, `dsl run`'s
+    default) would choose it for them, or refuse a smaller encoder for a layer that nobody gave."""
+    if not any(o.partition("=")[0].lstrip("+") == "layer" for o in overrides):
+        raise UserError("dsl sae train: give the block to train at, layer=N (0 is the first; its hook_resid_post, "
+                        "unless train.point says otherwise)")
+
+
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
@@ -98,6 +106,7 @@ def main(args: list[str]) -> int:
     from dsl_cli.config import folder_overrides
 
     options, overrides = parse_options(folder_overrides(args[1:]))
+    require_layer(overrides)
     cfg = _compose(overrides)
     out = train(cfg, options)
     print(f"SAE written to {out} (dsl run ... sae.path={out})")
@@ -213,9 +222,12 @@ class Trainer:
         if not self.checkpoint.is_file():
             return
         import pickle
+        import warnings
 
         try:  # tensors and plain values only: a planted file's pickled code never runs
-            saved = self.torch.load(self.checkpoint, map_location=self.s.encoder.device, weights_only=True)
+            with warnings.catch_warnings():  # torch's about a file not its own (pickle protocol 4): refused below
+                warnings.simplefilter("ignore")
+                saved = self.torch.load(self.checkpoint, map_location=self.s.encoder.device, weights_only=True)
             if not isinstance(saved, dict) or not {"identity", "params", "optimizer", "step"} <= saved.keys():
                 raise ValueError("not the training's state")
         except Exception as err:  # noqa: BLE001 - whatever the file holds that is not the training's state
@@ -274,6 +286,10 @@ class Trainer:
         f = self.encode(x)
         x_hat = f @ p["W_dec"] + p["b_dec"]
         loss = (x_hat - x).pow(2).sum(-1).mean()
+        if not math.isfinite(loss.item()):  # every later step would be NaN too, and the SAE written all NaN
+            raise UserError(f"dsl sae train: the loss of step {step + 1} is not finite (NaN or inf): the weights "
+                            "diverged (train with a smaller train.lr, into another train.out) or the encoder's "
+                            "residuals are not finite")
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
@@ -311,7 +327,7 @@ class Trainer:
         """The SAE (SAELens layout) and training.json, with the explained variance and dead features over
         every image once more; the checkpoint goes."""
         from dsl_cli.outputs import atomic_write_bytes
-        from dsl_cli.sae import Sae, save_sae
+        from dsl_cli.sae import TRAINED_BY_DSL, Sae, encoder_model_name, save_sae
 
         s, p = self.s, self.params
         with self.torch.no_grad():
@@ -322,8 +338,9 @@ class Trainer:
         sae = Sae(W_enc=p["W_enc"].detach().cpu(), b_enc=p["b_enc"].detach().cpu(), W_dec=p["W_dec"].detach().cpu(),
                   b_dec=p["b_dec"].detach().cpu(), hook_name=s.hook, architecture="topk", k=s.options.k,
                   source=str(s.out))
-        save_sae(sae, s.out, {"model_name": s.identity()["encoder"], "dataset_path": str(s.cfg.images.get("path")),
-                              "trained_by": "dsl sae train"})
+        model = encoder_model_name(s.cfg.encoder)  # what `dsl run sae=` compares with its own encoder's
+        save_sae(sae, s.out, {**({"model_name": model} if model else {}), "trained_by": TRAINED_BY_DSL,
+                              "dataset_path": str(s.cfg.images.get("path"))})
         metrics = {"explained_variance": 1 - error / max(variance, 1e-12),
                    "dead_features": int((~(f > 0).any(0)).sum()),
                    "d_sae": s.d_sae, "k": s.options.k, "steps": s.total, "images": len(s.images),
@@ -334,25 +351,43 @@ class Trainer:
 
 
 def train(cfg, options: TrainOptions) -> Path:
-    """Train (or continue training from the output folder's checkpoint) and write the SAE; its folder,
-    claimed as `dsl run` claims a run's (`RunFolder.claim`): one writer at a time, no planted link, never a
-    folder of the user's or one that holds a finished SAE; a checkpoint there is continued."""
-    import os
-
+    """Train (or continue an unfinished training in the output folder, from its checkpoint if it has one) and
+    write the SAE; its folder, claimed as `dsl run` claims a run's (`RunFolder.claim`): one writer at a time,
+    no planted link, never a folder of the user's or one that holds a finished SAE. A training that fails or
+    is stopped is recorded in its manifest as `dsl run` records a run (`failed` or `interrupted`, and why)."""
+    from dsl_cli.job import record_ending
     from dsl_cli.outputs import Manifest, RunFolder
 
     s = setup(cfg, options)
     folder = RunFolder(s.out)
-    folder.claim(resume=os.path.lexists(s.out / CHECKPOINT), kind="sae")
+    folder.claim(resume=_unfinished(s.out), kind="sae")
     try:
+        manifest = Manifest(folder.manifest_json)
+        manifest.start(kind="sae", status="started")  # an earlier attempt's failure is not this one's
         trainer = Trainer(s)
         trainer.load()
         trainer.run()
         out = trainer.finish()
-        Manifest(folder.manifest_json).complete()
+        manifest.complete()
         return out
+    except BaseException as err:  # noqa: BLE001 - recorded, then raised on to the command's one line
+        record_ending(folder, err)
+        raise
     finally:
         folder.release()
+
+
+def _unfinished(out: Path) -> bool:
+    """Whether `out` holds a training of `dsl sae train` that did not finish (its manifest, of kind sae, says
+    so), which the same command continues; a finished one, a run's folder and anything else are claimed
+    afresh, which refuses them."""
+    from dsl_cli.outputs import read_manifest
+
+    try:
+        manifest = read_manifest(out) or {}
+    except UserError:  # damaged: the claim names it
+        return False
+    return manifest.get("kind") == "sae" and manifest.get("status") in ("started", "failed", "interrupted")
 
 
 def _stream(cfg, items):

@@ -202,6 +202,61 @@ def test_refusals(tmp_path, encoder):
         load_sae("layer_2", repo_id="someone/saes")
 
 
+OPEN_CLIP_B16 = {"source": "open_clip", "name": "ViT-B-16", "pretrained": "laion2b_s34b_b88k"}
+HF_DINO = {"source": "hf", "name": "hf", "repo_id": "facebook/dinov2-base", "checkpoint": None}
+
+
+@pytest.mark.parametrize(("model_name", "by_dsl", "encoder", "refused"), [
+    ("openai/clip-vit-base-patch32", False, OPEN_CLIP_B16, True),  # the same width (768), another patch size
+    ("open-clip:laion/CLIP-ViT-L-14-laion2B-s32B-b82K", False, OPEN_CLIP_B16, True),  # ViT-Prisma's spelling
+    ("open-clip:laion/CLIP-ViT-B-16-laion2B-s34B-b88K", False, OPEN_CLIP_B16, False),
+    ("openai/clip-vit-base-patch16", False, OPEN_CLIP_B16, False),  # transformers' spelling of ViT-B-16
+    ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", False,
+     {"source": "kandinsky_prior", "name": "ViT-bigG-14", "repo_id": "kandinsky-community/kandinsky-2-2-prior"}, False),
+    ("timm/vit_large_patch14_clip_224.openai", False, {"source": "open_clip", "name": "ViT-L-14"}, False),
+    ("ViT-B-32", False, HF_DINO, True),  # a CLIP named, the run's encoder is none
+    ("ViT-L-14", False, {**HF_DINO, "checkpoint": "/weights/folder"}, False),  # the config does not name it
+    ("gpt2", False, OPEN_CLIP_B16, False),  # a name dsl cannot compare: read (and logged)
+    (None, False, OPEN_CLIP_B16, False),
+    ("facebook/dinov2-base", True, HF_DINO, False),
+    ("hf", True, HF_DINO, False),  # what `dsl sae train` wrote of a transformers model before
+    ("timm/vit_base_patch16_224.augreg_in21k_ft_in1k", True, HF_DINO, True),  # dsl's own name of another encoder
+    ("ViT-L-14", True, {"source": "tiny", "name": "tiny"}, True),
+])
+def test_an_sae_trained_on_another_encoder_is_refused(model_name, by_dsl, encoder, refused):
+    """An SAE whose cfg names (`model_name`) another encoder than the run's was read without a word when the
+    widths agreed: refused where the names can be compared (CLIP ViTs, as open_clip, its hub repositories,
+    transformers and timm spell them; any name `dsl sae train` wrote), read where they cannot."""
+    from omegaconf import OmegaConf
+
+    from dsl_cli.sae import check_trained_on
+
+    sae = random_sae("standard", "blocks.1.hook_resid_post", 64)
+    sae.cfg = {"model_name": model_name} if model_name else {}
+    if by_dsl:
+        sae.cfg["trained_by"] = "dsl sae train"
+    cfg = OmegaConf.create(encoder)
+    if refused:
+        with pytest.raises(UserError, match=f"trained on {model_name} .* this run's encoder is "):
+            check_trained_on(sae, cfg)
+    else:
+        check_trained_on(sae, cfg)
+
+
+def test_a_run_with_an_sae_of_another_encoder_ends_in_one_line(tmp_path, monkeypatch, capsys):
+    from helpers import dsl_in_process
+
+    folder = tiny_sae_folder(tmp_path / "sae")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps({**cfg, "model_name": "openai/clip-vit-large-patch14"}))
+    code, err = dsl_in_process(["run", "debug=tiny", f"sae={folder}", "decode.enabled=false", "images.limit=1",
+                                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "trained on openai/clip-vit-large-patch14" in lines[0] and "encoder is tiny" in lines[0]
+    assert "encoder=" in lines[0]
+
+
 def test_top_images_heap_and_shard_merge():
     names = [f"img{i}" for i in range(10)]
     acts = torch.zeros(10, 3)
@@ -409,12 +464,51 @@ def test_sae_train_explains_the_residuals_and_resumes_after_sigterm_to_the_same_
     code, err = dsl_in_process([*args, f"train.out={tmp_path / 'stopped'}"], tmp_path, monkeypatch, capsys)
     assert code == 128 + signal.SIGTERM, err
     assert (tmp_path / "stopped" / "checkpoint.pt").is_file() and not (tmp_path / "stopped" / "cfg.json").exists()
+    manifest = json.loads((tmp_path / "stopped" / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and manifest["error"] == "interrupted by SIGTERM"  # was `started`
     monkeypatch.setattr(sae_train, "_after_step", lambda step: None)
     code, err = dsl_in_process([*args, f"train.out={tmp_path / 'stopped'}"], tmp_path, monkeypatch, capsys)
     assert code == 0, err
     whole, resumed = (load_file(str(tmp_path / name / "sae_weights.safetensors")) for name in ("whole", "stopped"))
     for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
         assert torch.equal(whole[name], resumed[name]), name
+    assert json.loads((tmp_path / "stopped" / "manifest.json").read_text())["status"] == "complete"
+
+
+def test_sae_train_asks_for_its_layer(tmp_path, monkeypatch, capsys):
+    """Without `layer=`, `dsl sae train` took the run config's layer=30: refused on a small encoder with a
+    line about a layer nobody gave, and on ViT-bigG-14 (48 blocks) trained at block 30 without a word."""
+    from helpers import dsl_in_process
+
+    out = tmp_path / "sae"
+    code, err = dsl_in_process(["sae", "train", "debug=tiny", f"images.path={tmp_path}", f"train.out={out}"],
+                               tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 2 and len(lines) == 1 and "give the block to train at, layer=N" in lines[0], err[-3000:]
+    assert "30" not in lines[0] and not out.exists()
+
+
+def test_a_failed_sae_training_is_recorded_and_continued(tmp_path, monkeypatch, capsys):
+    """A training that fails (here its loss turns NaN, which wrote an SAE of NaN) says so in its manifest, as
+    a run's does (it said `started`); the same command, fixed, continues in its folder (a stopped one:
+    `test_sae_train_explains_the_residuals_and_resumes_after_sigterm_to_the_same_weights`)."""
+    from helpers import dsl_in_process
+
+    planted_images(tmp_path / "pics", n=2, planted=(1,))
+    out = tmp_path / "sae"
+    args = ["sae", "train", "debug=tiny", "layer=1", f"images.path={tmp_path / 'pics'}", "train.d_sae=16",
+            "train.k=2", "train.epochs=2", "train.batch_size=2", f"train.out={out}"]
+    code, err = dsl_in_process([*args, "train.lr=1e30"], tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 2 and len(lines) == 1 and "not finite" in lines[0], err[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "not finite" in manifest["error"] and manifest["kind"] == "sae"
+    assert not (out / "cfg.json").exists()
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and "error" not in manifest and manifest["kind"] == "sae"
+    assert json.loads((out / "cfg.json").read_text())["model_name"] == "tiny"  # what `dsl run sae=` compares
 
 
 class _Planted:
@@ -465,6 +559,17 @@ def test_sae_train_writes_only_its_own_folder_and_refuses_the_rest_in_one_line(t
     torch.save({"identity": _Planted(str(tmp_path / "ran.txt"))}, tmp_path / "evil" / "checkpoint.pt")
     assert "evil/checkpoint.pt: not a checkpoint of `dsl sae train`" in refused("evil")
     assert not (tmp_path / "ran.txt").exists()
+    # any pickle: torch's weights-only loader warned of its protocol on the terminal, above the one line
+    import pickle
+    import warnings
+
+    planted = pickle.dumps({"identity": "someone's", "step": 3}, protocol=4)
+    (tmp_path / "evil" / "checkpoint.pt").write_bytes(planted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert "evil/checkpoint.pt: not a checkpoint of `dsl sae train`" in refused("evil")
+    assert not caught, [str(w.message) for w in caught]
+    assert (tmp_path / "evil" / "checkpoint.pt").read_bytes() == planted  # left as it was
 
 
 def test_sae_from_the_hugging_face_cache(tmp_path, monkeypatch, encoder, pixels):
@@ -485,6 +590,14 @@ def test_sae_from_the_hugging_face_cache(tmp_path, monkeypatch, encoder, pixels)
     torch.testing.assert_close(sae.encode(x), load_sae(str(folder)).encode(x), rtol=0, atol=0)
     with pytest.raises(UserError, match="hf download someone/vit-saes --include 'layer_9/\\*'"):
         load_sae("layer_9", repo_id="someone/vit-saes")
+    # an SAE that is one file of the repository: named as a file (`--include 'FILE/*'` fetched nothing)
+    from safetensors.torch import save_file
+
+    tensors = {name: getattr(sae, name) for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    save_file(tensors, str(folder.parent / "plain.safetensors"), metadata={"hook_name": "blocks.2.hook_resid_post"})
+    assert load_sae("plain.safetensors", repo_id="someone/vit-saes").architecture == "standard"
+    with pytest.raises(UserError, match=r"fetch it with: hf download someone/vit-saes sae/layer_9.safetensors$"):
+        load_sae("sae/layer_9.safetensors", repo_id="someone/vit-saes")
 
 
 @pytest.mark.parametrize(("overrides", "fragment"), [
