@@ -215,7 +215,7 @@ def _write_pages(folder: Path) -> list[str]:
     from dsl_cli.report import write_pages
     from dsl_cli.sweeps import listed_jobs
 
-    try:  # an unmerged sweep's jobs listed as a merge lists them (dsl_cli.sweeps is above dsl_cli.report)
+    try:  # a sweep's jobs listed as a merge lists them, its merged CSV checked (sweeps is above report)
         return [f"wrote {page}" for page in write_pages(folder, listed_jobs)]
     except PartlyDone as err:
         raise PartlyDone(err.refused, err.total, [f"wrote {page}" for page in err.done]) from None

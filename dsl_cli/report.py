@@ -28,7 +28,7 @@ from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_l
                              drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
                              kind_blocks, layer_label, redraw)
 from dsl_cli.html_parts import esc, img, link, linked_img, rel
-from dsl_cli.outputs import (CORRELATIONS, IMPORTANCE, LABELS, OVERLAY, SIMILARITY, RunFolder, atomic_write_bytes,
+from dsl_cli.outputs import (CORRELATIONS, LABELS, SIMILARITY, RunFolder, atomic_write_bytes,
                              claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest,
                              run_rows)
 from dsl_cli.sae_report import features_section, sae_components_text  # SAE features, without torch
@@ -391,9 +391,9 @@ def run_page(folder: Path) -> str:
 # ---------------------------------------------------------------- study page
 
 
-def importance_tables(folder: Path) -> str:
+def importance_tables(folder: Path, rows: list[dict]) -> str:
     """Head importance: the correlations (pooled first, then per image, each with its bootstrap 95 % interval
-    and n) and every (image, head) row."""
+    and n) and every (image, head) row (`rows`, study_head_importance.csv's, checked by the study)."""
     corr = RunFolder(folder).read(CORRELATIONS)
     corr.sort(key=lambda r: r["image"] != POOLED)
     head = ["ablation", "image", "lens", "n", "spearman", "spearman 95 % CI", "spearman_p", "pearson",
@@ -401,7 +401,6 @@ def importance_tables(folder: Path) -> str:
     body = [f"<tr>{cell(esc(r['ablation']))}{cell(esc(r['image']))}{cell(esc(r['lens']))}{number(r['n'], 0)}"
             + "".join(number(r[k]) if k in r else interval(r, k.split()[0]) for k in head[4:]) + "</tr>\n"
             for r in corr]
-    rows = RunFolder(folder).read(IMPORTANCE)
     numbers = ["layer", "head", "importance", *importance_scores(rows)]
     heads = [f"<tr{row_attrs(r, ['image', 'layer'])}>{cell(esc(r['ablation']))}{cell(esc(r['image']))}"
              f"{cell(esc(r['component']))}"
@@ -421,12 +420,11 @@ def interval(row: dict, name: str) -> str:
     return cell(esc(text))
 
 
-def overlay_tables(folder: Path) -> str:
+def overlay_tables(folder: Path, rows: list[dict]) -> str:
     """Overlay removal: each composite with its pictures and decoded fade grid, and the overlay similarity
     per order (at the start, mean over the steps, at the end, the area under the curve; random orders
-    averaged)."""
+    averaged); `rows`: study_overlay_removal.csv's, checked by the study."""
     run = RunFolder(folder)
-    rows = run.read(OVERLAY)
     body, summary = [], []
     for (image, order), group in group_rows(rows, ("image", "order")).items():
         runs = [[r["overlay_sim"] for r in run] for run in group_rows(group, ("seed",)).values()]
@@ -469,10 +467,19 @@ def study_page(folder: Path) -> str:
 JobLister = Callable[[Path], list[dict]]  # a sweep folder -> its jobs as a merged manifest lists them
 
 
-def unmerged_jobs(sweep_dir: Path) -> list[dict]:
-    """The run folders below a sweep that was not merged (no manifest.json of its own): folder and status
-    only. `dsl report` lists every job with its overrides instead (`sweeps.listed_jobs`, handed down to
-    `write_pages`: dsl_cli.sweeps is above this module)."""
+def merged_manifest(sweep_dir: Path) -> dict | None:
+    """A sweep's manifest once merged (it lists the jobs); None before (none yet, or only the claim's)."""
+    manifest = read_manifest(sweep_dir)
+    return manifest if manifest is not None and "jobs" in manifest else None
+
+
+def manifest_jobs(sweep_dir: Path) -> list[dict]:
+    """A sweep's jobs as its merge listed them; not merged, the run folders below it, folder and status only.
+    `dsl report` hands down `sweeps.listed_jobs` instead (dsl_cli.sweeps is above this module), which lists an
+    unmerged sweep's jobs with their overrides, and refuses a merged CSV that lost rows since the merge."""
+    manifest = merged_manifest(sweep_dir)
+    if manifest is not None:
+        return manifest["jobs"]
     folders = sorted(p.parent for p in sweep_dir.glob("*/manifest.json"))
     return [{"job": n, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
              **{k: (read_manifest(f) or {}).get(k) for k in ("status", "error")}} for n, f in enumerate(folders)]
@@ -515,14 +522,12 @@ def jobs_figures(sweep_dir: Path, jobs: list[dict]) -> str:
     return "<h2>Each job's heatmaps and plots</h2>" + ("".join(sections) or "<p class=muted>none drawn</p>")
 
 
-def sweep_page(sweep_dir: Path, list_jobs: JobLister = unmerged_jobs) -> str:
-    """The page of a sweep folder: its jobs with their overrides, status and pages, and the sweep's merged
-    heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote, or, not merged yet, as
-    `list_jobs` finds them; each job's heatmaps and plots side by side."""
-    manifest = read_manifest(sweep_dir)
-    if manifest is not None and "jobs" not in manifest:  # claimed, not merged yet
-        manifest = None
-    jobs = manifest["jobs"] if manifest else list_jobs(sweep_dir)
+def sweep_page(sweep_dir: Path, list_jobs: JobLister = manifest_jobs) -> str:
+    """The page of a sweep folder: its jobs with their overrides, status and pages (as `list_jobs` finds them),
+    and the sweep's merged heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote; each
+    job's heatmaps and plots side by side."""
+    manifest = merged_manifest(sweep_dir)
+    jobs = list_jobs(sweep_dir)
     figures = (manifest or {}).get("figures")
     merged = "".join(thumbnail(path) for path in (figures if isinstance(figures, list) else []))
     done = sum(j["status"] == "complete" for j in jobs)
@@ -597,9 +602,9 @@ def _nothing_to_report(root: Path) -> str:
 PAGES = {"run": run_page, "study": study_page, "sweep": sweep_page}
 
 
-def write_page(kind: str, folder: Path, list_jobs: JobLister = unmerged_jobs) -> Path:
-    """Write the page of a `kind` (run, study, sweep) folder; returns its path. `list_jobs`: how an unmerged
-    sweep's jobs are found (`sweep_page`)."""
+def write_page(kind: str, folder: Path, list_jobs: JobLister = manifest_jobs) -> Path:
+    """Write the page of a `kind` (run, study, sweep) folder; returns its path. `list_jobs`: how a sweep's jobs
+    are found (`sweep_page`)."""
     page = RunFolder(folder).page
     with drawn_from_files(folder):
         html = sweep_page(folder, list_jobs) if kind == "sweep" else PAGES[kind](folder)
@@ -649,11 +654,11 @@ def each_folder(folders: list[tuple[str | UserError, Path]], work: Callable[[str
     return done
 
 
-def write_pages(root: Path, list_jobs: JobLister = unmerged_jobs) -> list[Path]:
+def write_pages(root: Path, list_jobs: JobLister = manifest_jobs) -> list[Path]:
     """`dsl report`: write (or refresh) the page of every run, study and sweep at or below `root`, and, when
     `root` is none of them itself (`outputs/paper`, a date folder), its own page linking them all. A refused
     folder among several is left as it is: the rest are written, then `PartlyDone` names it. `list_jobs`:
-    how an unmerged sweep's jobs are found (`sweep_page`)."""
+    how a sweep's jobs are found (`sweep_page`; the cli's also checks a merged sweep's CSV)."""
     found = report_folders(root)
     try:
         pages, refused = list(each_folder(found, partial(write_page, list_jobs=list_jobs)).values()), None

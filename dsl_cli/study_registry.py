@@ -17,15 +17,16 @@ stage here (`@study_stage`); the runner imports it. A study from outside may def
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from dsl_cli import figures
 from dsl_cli.config import StudyConfig
-from dsl_cli.errors import UserError
+from dsl_cli.errors import UserError, printable
 from dsl_cli.figures import DEFAULT_LENSES, drawn_from_files, score_column
-from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, Table, read_manifest
+from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, Table, group_rows, read_manifest
 from dsl_cli.weights import Needs
 
 
@@ -220,13 +221,67 @@ class HeadImportance(Study):
 
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)
-        figure = figures.plot_head_importance(folder.read(IMPORTANCE), folder.read(CORRELATIONS))
+        rows = study_table(run_dir, IMPORTANCE, importance_problem)
+        figure = figures.plot_head_importance(rows, folder.read(CORRELATIONS))
         path = folder.figure("plots", self.name)
         figures.save_figure(figure, path)
         return [path]
 
     def page(self, folder: Path, html: Any) -> str:
-        return html.importance_tables(folder)
+        return html.importance_tables(folder, study_table(folder, IMPORTANCE, importance_problem))
+
+
+TableProblem = Callable[[list[dict], int | None], str | None]  # (rows, the rows written) -> what is wrong
+
+
+def study_table(run_dir: Path, table: Table, problem: TableProblem) -> list[dict]:
+    """A study's table, for its figures and page; UserError naming the file where `problem` finds its rows are
+    not those the study wrote (as its manifest counts them, where it completed): drawn and shown as whole, a
+    table cut short lost points and rows without a word, and shifted the overlay curves a step."""
+    folder = RunFolder(run_dir)
+    rows = folder.read(table)
+    found = problem(rows, study_rows(read_manifest(run_dir) or {}))
+    if found is not None:
+        raise UserError(f"{folder.csv(table)}: {found}; the file was cut short or edited: restore it, or run the "
+                        "study again into a new folder (hydra.run.dir)")
+    return rows
+
+
+def study_rows(manifest: dict) -> int | None:
+    """The rows a complete study wrote into its table, as its manifest counts them; None where that is not
+    known (a study that did not complete, a manifest edited)."""
+    summary = manifest.get("study")
+    rows = summary.get("rows") if isinstance(summary, dict) else None
+    return rows if manifest.get("status") == "complete" and type(rows) is int else None
+
+
+def importance_problem(rows: list[dict], written: int | None) -> str | None:
+    """What is wrong with study_head_importance.csv's rows, None where nothing is: the study wrote one row per
+    ablation, image and head, the same heads for every (ablation, image), `written` rows in all (None: not
+    known)."""
+    keys = Counter((row["ablation"], row["image"], row["component"]) for row in rows)
+    repeated = next((key for key, count in keys.items() if count > 1), None)
+    if repeated is not None:
+        return f"{' '.join(printable(str(part)) for part in repeated)} has {keys[repeated]} rows"
+    heads = {group: {row["component"] for row in block}
+             for group, block in group_rows(rows, ("ablation", "image")).items()}
+    every = set().union(*heads.values())
+    for (ablation, image), have in heads.items():
+        if have != every:
+            return f"{printable(str(ablation))} {printable(str(image))} lacks head {printable(min(every - have))}"
+    return count_problem(rows, written)
+
+
+def count_problem(rows: list[dict], written: int | None) -> str | None:
+    """A table holding another number of rows than the `written` the study counted (None: not known)."""
+    return f"{len(rows)} rows where the study wrote {written}" if written not in (None, len(rows)) else None
+
+
+def overlay_table_problem(rows: list[dict], written: int | None) -> str | None:
+    """What is wrong with study_overlay_removal.csv's rows, None where nothing is: each composite's every order
+    holds each step once (`figures.overlay_problem`), `written` rows in all (None: not known)."""
+    found = (figures.overlay_problem(group) for group in group_rows(rows, ("image",)).values())
+    return next(filter(None, found), None) or count_problem(rows, written)
 
 
 @register_study
@@ -260,7 +315,7 @@ class OverlayRemoval(Study):
 
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)
-        rows = folder.read(OVERLAY)
+        rows = study_table(run_dir, OVERLAY, overlay_table_problem)
         heads = (read_manifest(run_dir) or {}).get("components")
         figure = figures.plot_overlay_removal(rows, figures.overlay_settings(rows, config, heads))
         grids = figures.draw_fade_grids(run_dir, rows)
@@ -269,5 +324,5 @@ class OverlayRemoval(Study):
         return [path, *grids]
 
     def page(self, folder: Path, html: Any) -> str:
-        return html.overlay_tables(folder)
+        return html.overlay_tables(folder, study_table(folder, OVERLAY, overlay_table_problem))
 

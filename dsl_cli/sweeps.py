@@ -47,7 +47,7 @@ from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
 from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
                              group_rows, is_dsl_png, is_sweep_folder, read_bytes_nofollow, read_manifest, run_rows,
                              type_row, write_json)
-from dsl_cli.report import each_folder, write_page
+from dsl_cli.report import each_folder, merged_manifest, write_page
 
 log = logging.getLogger("dsl_cli.sweeps")
 
@@ -283,10 +283,16 @@ def sweep_manifest(jobs: list[Job]) -> dict:
 
 
 def listed_jobs(sweep_dir: Path) -> list[dict]:
-    """The jobs of a sweep not merged yet (stopped, or still running), as a merge lists them: every job its
-    command line asks for (multirun.yaml), with its overrides and status, those never started too (the page
-    of an interrupted sweep said "0 of 1 jobs", without overrides)."""
-    return sweep_manifest(sweep_jobs(sweep_dir))["jobs"]
+    """The jobs of a sweep for its page (`dsl report` hands this to `report.write_pages`). Merged: as its
+    manifest lists them, once its similarity.csv holds the rows that merge wrote, each once (the page showed
+    a CSV cut short as whole, which `dsl plot` refuses to draw). Not merged yet (stopped, or still running): as
+    a merge lists them, every job its command line asks for (multirun.yaml), with its overrides and status,
+    those never started too (the page of an interrupted sweep said "0 of 1 jobs", without overrides)."""
+    manifest = merged_manifest(sweep_dir)
+    if manifest is None:
+        return sweep_manifest(sweep_jobs(sweep_dir))["jobs"]
+    check_merged_count(sweep_dir, read_merged(sweep_dir), merged_count(sweep_dir))
+    return manifest["jobs"]
 
 
 def summary_lines(sweep_dir: Path, manifest: dict) -> list[str]:

@@ -212,7 +212,7 @@ def test_auto_batch_on_cuda_probes_one_and_two_pictures_at_the_run_s_shape(monke
     """The CUDA branch, on the CPU: the decoder says it is on CUDA, the probes and the free memory are
     stubbed; the batch is what `batch_that_fits` gives for the probes of batches 1 and 2, taken at the
     size and guidance asked for (test_gpu.py runs the real probes)."""
-    gib, probes = GIB, []
+    probes: list = []
     _on_fake_cuda(monkeypatch, tmp_path)
     decoder = load_decoder(DecoderConfig(source="tiny"))
     _stub_probes(monkeypatch, decoder, probes)

@@ -8,7 +8,10 @@ puts the mean write back in. No hooks are involved on that side.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +30,8 @@ from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, group_rows, read_
 from dsl_cli.studies import (STUDY_MAX_ROWS, ablation_row_bytes, ablation_rows, correlations, head_importance,
                              overlay_removal)
 from dsl_cli.study_registry import run_study
-from helpers import TINY_HEADS, ablated_copy, cos, forward, mid_visual, perturb_, study_cfg
+from helpers import (REPO, TINY_HEADS, ablated_copy, cos, dsl_in_process, forward, mid_visual, perturb_,
+                     study_cfg)
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 @pytest.fixture(params=["tiny", "mid"])
@@ -791,3 +795,68 @@ def test_the_importance_table_holds_a_column_for_each_score_the_study_correlates
     assert IMPORTANCE.columns[-len(SCORES):] == list(SCORES)
     assert IMPORTANCE.columns[:-len(SCORES)] == ["image", "component", "layer", "head", "ablation", "mode", "alpha",
                                                  "importance"]
+
+
+@pytest.fixture(scope="module")
+def study_folders(tmp_path_factory, tiny_run) -> dict[str, Path]:
+    """A complete folder of each study (head importance: 3 images x 8 heads, both ablations): its files and a
+    manifest as a run writes them."""
+    root = tmp_path_factory.mktemp("studies")
+    made = {}
+    for name, settings in (("head_importance", {"ablation": "both"}), ("overlay_removal", {"decode_steps": []})):
+        cfg = study_cfg(name, bootstrap=20, **settings)
+        summary = run_study(cfg, root / name, *tiny_run)
+        manifest = {"made_by": "dsl", "status": "complete", "config": OmegaConf.to_container(cfg), "study": summary}
+        (root / name / "manifest.json").write_text(json.dumps(manifest))
+        made[name] = root / name
+    return made
+
+
+TABLE_DAMAGE = {"a row removed": lambda lines: lines[:5] + lines[6:], "a row repeated": lambda lines: [*lines, lines[3]],
+                "a row overwritten": lambda lines: [lines[0], lines[2], *lines[2:]],  # as many rows, one twice
+                "the last rows cut": lambda lines: lines[:-8]}
+
+
+@pytest.mark.parametrize("damage", list(TABLE_DAMAGE))
+@pytest.mark.parametrize("study", ["head_importance", "overlay_removal"])
+def test_plot_and_report_refuse_a_study_table_cut_short_or_edited(study: str, damage: str, study_folders,
+                                                                  tmp_path: Path, monkeypatch, capsys) -> None:
+    """A study's table holds one row per ablation, image and head (head importance) or per composite, order,
+    seed and step (overlay removal), as many as the manifest counts: a row removed, repeated or overwritten, or
+    the table cut short, is refused by `dsl plot` and `dsl report` in one line naming the file, and nothing in the
+    folder is touched (the figure and page were drawn from what was left, without a word)."""
+    folder = tmp_path / study
+    shutil.copytree(study_folders[study], folder)
+    for command in ("plot", "report"):  # the undamaged study is drawn and shown
+        assert dsl_in_process([command, str(folder)], tmp_path, monkeypatch, capsys)[0] == 0
+    table = folder / f"study_{study}.csv"
+    table.write_text("".join(TABLE_DAMAGE[damage](table.read_text().splitlines(keepends=True))))
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    for command in ("plot", "report"):
+        code, err = dsl_in_process([command, str(folder)], tmp_path, monkeypatch, capsys)
+        assert code == 2 and "Traceback" not in err and err.count("\n") == 1, (command, err)
+        assert err.startswith(f"dsl: error: {table}: ") and "cut short or edited" in err, (command, err)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def _documented_grids(experiment: str) -> list[re.Pattern]:
+    """The grids docs/studies.md's table of the paper's experiments names for `experiment`, as patterns."""
+    row = next(line for line in (REPO / "docs" / "studies.md").read_text().splitlines()
+               if line.startswith(f"| `{experiment}` |"))
+    figures = row.split("|")[2]
+    return [re.compile(re.escape(name).replace(re.escape("<image>"), r"\w+").replace(re.escape("<NN>"), r"\d\d"))
+            for name in re.findall(r"`(grids/[^`]+\.png)`", figures)]
+
+
+@pytest.mark.parametrize("best_layers", [[47, 47, 46, 47, 45, 44, 47, 46, 40, 47], [47] * 10])
+def test_the_paper_table_names_every_grid_that_paper_top_heads_draws(best_layers: list[int]) -> None:
+    """paper_top_heads decodes each image's 10 best of 768 heads (decode.top_k=10): its grids, as `grid_plan`
+    plans them from the decoded rows, are each one the docs' table names (they named `_top` alone, where each
+    layer holding one of the 10 gets a grid too, and `_top` goes where one layer holds all 10)."""
+    from dsl_cli.figures import grid_plan
+
+    rows = [{"component": f"L{layer:02d}H{head:02d}", "layer": layer, "head": head, "kind": "head",
+             "rank": rank, "file": f"images/cat/steering/L{layer:02d}H{head:02d}.png"}
+            for rank, (layer, head) in enumerate(zip(best_layers, range(10)), start=1)]
+    drawn = [f"grids/cat_steering_{name}.png" for name, _, _ in grid_plan(rows)]
+    assert drawn and all(any(p.fullmatch(path) for p in _documented_grids("paper_top_heads")) for path in drawn), drawn

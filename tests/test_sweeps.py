@@ -197,6 +197,28 @@ def test_plot_redraws_the_jobs_and_the_sweep(sweep_copy: Path, monkeypatch, caps
     assert capsys.readouterr().out.count("redrew") == 5  # four jobs and the sweep
 
 
+MERGED_DAMAGE = {"a row removed": lambda lines: lines[:2] + lines[3:],
+                 "a row repeated": lambda lines: [*lines, lines[1]]}
+
+
+@pytest.mark.parametrize("damage", list(MERGED_DAMAGE))
+def test_report_refuses_a_merged_csv_edited_since_the_merge_and_names_the_merge_that_mends_it(
+        damage: str, sweep_copy: Path, monkeypatch, capsys) -> None:
+    """`dsl report` of a merged sweep whose similarity.csv lost a row or holds one twice: refused as `dsl plot`
+    refuses it, in a line naming the file and `dsl merge`, the sweep's page and CSV left as they were (its
+    page, read from the manifest, had shown the rows as whole); that merge mends it."""
+    merged = sweep_copy / "similarity.csv"
+    merged.write_text("".join(MERGED_DAMAGE[damage](merged.read_text().splitlines(keepends=True))))
+    kept = {name: (sweep_copy / name).read_bytes() for name in ("similarity.csv", "index.html")}
+    code, err = dsl_in_process(["report", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert len([line for line in err.splitlines() if line.startswith("dsl: error:")]) == 1, err
+    assert f"{merged}: " in err and f"`dsl merge {sweep_copy}` writes it again" in err, err
+    assert {name: (sweep_copy / name).read_bytes() for name in kept} == kept
+    assert dsl_in_process(["merge", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)[0] == 0
+    assert dsl_in_process(["report", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)[0] == 0
+
+
 def test_merge_refuses_a_sweep_that_a_live_process_is_writing(sweep_copy: Path, monkeypatch, capsys) -> None:
     import os
     import socket
