@@ -28,7 +28,7 @@ from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_l
                              drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
                              kind_blocks, layer_label, redraw)
 from dsl_cli.html_parts import esc, img, link, linked_img, rel
-from dsl_cli.outputs import (CORRELATIONS, LABELS, SIMILARITY, RunFolder, atomic_write_bytes,
+from dsl_cli.outputs import (LABELS, SIMILARITY, RunFolder, atomic_write_bytes,
                              claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest,
                              run_rows)
 from dsl_cli.sae_report import features_section, sae_components_text  # SAE features, without torch
@@ -391,11 +391,10 @@ def run_page(folder: Path) -> str:
 # ---------------------------------------------------------------- study page
 
 
-def importance_tables(folder: Path, rows: list[dict]) -> str:
-    """Head importance: the correlations (pooled first, then per image, each with its bootstrap 95 % interval
-    and n) and every (image, head) row (`rows`, study_head_importance.csv's, checked by the study)."""
-    corr = RunFolder(folder).read(CORRELATIONS)
-    corr.sort(key=lambda r: r["image"] != POOLED)
+def importance_tables(rows: list[dict], corr: list[dict]) -> str:
+    """Head importance: the correlations (`corr`: pooled first, then per image, each with its bootstrap 95 %
+    interval and n) and every (image, head) row (`rows`); both tables as the study checked them."""
+    corr = sorted(corr, key=lambda r: r["image"] != POOLED)
     head = ["ablation", "image", "lens", "n", "spearman", "spearman 95 % CI", "spearman_p", "pearson",
             "pearson 95 % CI", "pearson_p"]
     body = [f"<tr>{cell(esc(r['ablation']))}{cell(esc(r['image']))}{cell(esc(r['lens']))}{number(r['n'], 0)}"

@@ -222,13 +222,14 @@ class HeadImportance(Study):
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)
         rows = study_table(run_dir, IMPORTANCE, importance_problem)
-        figure = figures.plot_head_importance(rows, folder.read(CORRELATIONS))
+        figure = figures.plot_head_importance(rows, checked_correlations(run_dir, rows))
         path = folder.figure("plots", self.name)
         figures.save_figure(figure, path)
         return [path]
 
     def page(self, folder: Path, html: Any) -> str:
-        return html.importance_tables(folder, study_table(folder, IMPORTANCE, importance_problem))
+        rows = study_table(folder, IMPORTANCE, importance_problem)
+        return html.importance_tables(rows, checked_correlations(folder, rows))
 
 
 TableProblem = Callable[[list[dict], int | None], str | None]  # (rows, the rows written) -> what is wrong
@@ -238,13 +239,36 @@ def study_table(run_dir: Path, table: Table, problem: TableProblem) -> list[dict
     """A study's table, for its figures and page; UserError naming the file where `problem` finds its rows are
     not those the study wrote (as its manifest counts them, where it completed): drawn and shown as whole, a
     table cut short lost points and rows without a word, and shifted the overlay curves a step."""
-    folder = RunFolder(run_dir)
-    rows = folder.read(table)
-    found = problem(rows, study_rows(read_manifest(run_dir) or {}))
-    if found is not None:
-        raise UserError(f"{folder.csv(table)}: {found}; the file was cut short or edited: restore it, or run the "
-                        "study again into a new folder (hydra.run.dir)")
+    rows = RunFolder(run_dir).read(table)
+    _refuse_if(run_dir, table, problem(rows, study_rows(read_manifest(run_dir) or {})))
     return rows
+
+
+def checked_correlations(run_dir: Path, rows: list[dict]) -> list[dict]:
+    """correlations.csv, for the head-importance figure and page; UserError naming it where its rows are not
+    one per ablation, image (and `pooled`) and score of the importance rows (checked) they were computed from."""
+    corr = RunFolder(run_dir).read(CORRELATIONS)
+    keys = Counter((r["ablation"], r["image"], r["lens"]) for r in corr)
+    expected = {(ablation, image, lens) for ablation, one in group_rows(rows, ("ablation", "image"))
+                for image in (one, figures.POOLED) for lens in figures.importance_scores(rows)}
+    repeated = next((key for key, count in keys.items() if count > 1), None)
+    lacking, extra = sorted(expected - keys.keys()), sorted(keys.keys() - expected)
+    found = (f"{_key_text(repeated)} has {keys[repeated]} rows" if repeated else
+             f"lacks {_key_text(lacking[0])}" if lacking else
+             f"{_key_text(extra[0])} is not one of the study's" if extra else None)
+    _refuse_if(run_dir, CORRELATIONS, found)
+    return corr
+
+
+def _key_text(key: tuple) -> str:
+    return " ".join(printable(str(part)) for part in key)
+
+
+def _refuse_if(run_dir: Path, table: Table, found: str | None) -> None:
+    """UserError naming a study's table where `found` says what is wrong with it."""
+    if found is not None:
+        raise UserError(f"{RunFolder(run_dir).csv(table)}: {found}; the file was cut short or edited: restore it, or "
+                        "run the study again into a new folder (hydra.run.dir)")
 
 
 def study_rows(manifest: dict) -> int | None:
@@ -262,7 +286,7 @@ def importance_problem(rows: list[dict], written: int | None) -> str | None:
     keys = Counter((row["ablation"], row["image"], row["component"]) for row in rows)
     repeated = next((key for key, count in keys.items() if count > 1), None)
     if repeated is not None:
-        return f"{' '.join(printable(str(part)) for part in repeated)} has {keys[repeated]} rows"
+        return f"{_key_text(repeated)} has {keys[repeated]} rows"
     heads = {group: {row["component"] for row in block}
              for group, block in group_rows(rows, ("ablation", "image")).items()}
     every = set().union(*heads.values())

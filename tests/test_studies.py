@@ -818,18 +818,21 @@ TABLE_DAMAGE = {"a row removed": lambda lines: lines[:5] + lines[6:], "a row rep
 
 
 @pytest.mark.parametrize("damage", list(TABLE_DAMAGE))
-@pytest.mark.parametrize("study", ["head_importance", "overlay_removal"])
-def test_plot_and_report_refuse_a_study_table_cut_short_or_edited(study: str, damage: str, study_folders,
+@pytest.mark.parametrize("study, name", [("head_importance", "study_head_importance.csv"),
+                                         ("head_importance", "correlations.csv"),
+                                         ("overlay_removal", "study_overlay_removal.csv")])
+def test_plot_and_report_refuse_a_study_table_cut_short_or_edited(study: str, name: str, damage: str, study_folders,
                                                                   tmp_path: Path, monkeypatch, capsys) -> None:
-    """A study's table holds one row per ablation, image and head (head importance) or per composite, order,
-    seed and step (overlay removal), as many as the manifest counts: a row removed, repeated or overwritten, or
-    the table cut short, is refused by `dsl plot` and `dsl report` in one line naming the file, and nothing in the
-    folder is touched (the figure and page were drawn from what was left, without a word)."""
+    """A study's table holds one row per ablation, image and head (head importance), per ablation, image (and
+    pooled) and score (its correlations) or per composite, order, seed and step (overlay removal), as many as
+    the manifest counts: a row removed, repeated or overwritten, or the table cut short, is refused by `dsl plot`
+    and `dsl report` in one line naming the file, and nothing in the folder is touched (the figure and page were
+    drawn from what was left, without a word)."""
     folder = tmp_path / study
     shutil.copytree(study_folders[study], folder)
     for command in ("plot", "report"):  # the undamaged study is drawn and shown
         assert dsl_in_process([command, str(folder)], tmp_path, monkeypatch, capsys)[0] == 0
-    table = folder / f"study_{study}.csv"
+    table = folder / name
     table.write_text("".join(TABLE_DAMAGE[damage](table.read_text().splitlines(keepends=True))))
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     for command in ("plot", "report"):
