@@ -62,6 +62,7 @@ class InputImage:
 class ImageSet:
     images: list[InputImage]
     skipped: list[dict] = field(default_factory=list)  # [{"path": ..., "reason": ...}]
+    fingerprints: dict[str, str] = field(default_factory=dict)  # name -> `fingerprint` of its file (load_images)
     skip_bad: bool = False  # go on without an image that fails to load, listing it in `skipped`
 
     def stream(self, items: list[InputImage]) -> Iterator[tuple[InputImage, Image.Image]]:
@@ -131,6 +132,17 @@ def check_image(path: Path) -> None:
     with _opened(path) as opened:
         if opened.format == "PNG":
             opened.verify()
+
+
+def fingerprint(path: Path) -> str:
+    """A hash of the file's bytes: a run continued later finds out whether an input changed since it started
+    (`dsl_cli.resumption.same_images`). The bytes, not the pixels: known before any picture is decoded."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+    except OSError as err:
+        raise UserError(f"{path}: cannot be read ({err.strerror or err}); remove it or set "
+                        "images.skip_bad=true") from None
 
 
 def read_image(path: Path) -> Image.Image:
@@ -225,6 +237,17 @@ def _sample_files(names: list[str] | None) -> list[tuple[str, Path]]:
     return [(name, Path(str(root / SAMPLES[name]))) for name in chosen]
 
 
+def _check_distinct(named: list[tuple[str, Path]]) -> None:
+    """Refuse two inputs of one name (also ignoring case, as a file system may): an image's pictures, rows and
+    input.png are filed under its name, so the second would overwrite the first's and repeat its rows."""
+    seen: set[str] = set()
+    for name, path in named:
+        if name.casefold() in seen:
+            raise UserError(f"images: two inputs are named {name} (the second: {path}); "
+                            "give each image once")
+        seen.add(name.casefold())
+
+
 def shard(items: list, index: int | None, count: int) -> list:
     """The `index`-th of `count` disjoint shards that together hold every item once: every `count`-th item
     from the `index`-th on. The same list always gives the same shards (a requeued job sees its own)."""
@@ -259,6 +282,7 @@ def load_images(cfg) -> ImageSet:
         named = list(zip(unique_names(files, root), files))
     else:
         raise UserError(f"images.source={cfg.source!r}: use samples or folder")
+    _check_distinct(named)
     if cfg.limit is not None:
         if cfg.limit < 1:
             raise UserError(f"images.limit={cfg.limit}: must be at least 1")
@@ -269,6 +293,7 @@ def load_images(cfg) -> ImageSet:
     for name, path in named:
         try:
             check_image(path)
+            result.fingerprints[name] = fingerprint(path)
         except UserError as err:
             if not cfg.skip_bad:
                 raise

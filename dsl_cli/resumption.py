@@ -4,12 +4,16 @@ its own earlier attempt. Below the runner, the job wrapper and the sweeps, which
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dsl_cli.outputs import is_sweep_folder, read_manifest
+from dsl_cli.errors import UserError
+from dsl_cli.outputs import Manifest, damaged, is_sweep_folder, read_manifest
+
+log = logging.getLogger("dsl_cli.resumption")
 
 
 def current_slurm_job() -> str | None:
@@ -41,3 +45,38 @@ def resumes(cfg: DictConfig, run_dir: Path) -> bool:
     """Whether a job continues what is in `run_dir` (`resume=`, a requeue, a resumed sweep) rather than
     starting afresh, where a folder that holds a run is refused."""
     return bool(cfg.resume) or continues_in_place(cfg, run_dir)
+
+
+def same_images(manifest: Manifest, fingerprints: dict[str, str]) -> None:
+    """Record the fingerprints of this attempt's input images (name -> `dsl_cli.images.fingerprint`) in the
+    manifest, beside the weights' (kept across attempts); refuse where the run's first attempt recorded others:
+    its input.png, pictures and rows belong to the images it started with, so an image changed, added or
+    removed since would pair one photo's input with another's results. A run started by a dsl that recorded
+    none is not checked."""
+    known = manifest.data.get("fingerprints", {})  # `Manifest.start` keeps a dict, or none
+    earlier = known.get("images")
+    if earlier is None:
+        if manifest.data.get("resumed_rows"):
+            log.info("%s: its manifest holds no fingerprints of the input images (an older dsl started the run): "
+                     "not checked that they are the ones it started with", manifest.path.parent)
+    elif not (isinstance(earlier, dict) and all(isinstance(v, str) for v in earlier.values())):
+        raise damaged(manifest.path, "fingerprints.images is not an object of texts")
+    else:
+        _refuse_changes(manifest.path.parent, earlier, fingerprints)
+    manifest.update(fingerprints={**known, "images": fingerprints})
+
+
+def _refuse_changes(run_dir: Path, earlier: dict[str, str], now: dict[str, str]) -> None:
+    """One line naming the images that differ from those the run started with, if any."""
+    changes = {"changed": sorted(n for n in earlier.keys() & now.keys() if earlier[n] != now[n]),
+               "added": sorted(now.keys() - earlier.keys()), "removed": sorted(earlier.keys() - now.keys())}
+    found = [f"{how}: {_some(names)}" for how, names in changes.items() if names]
+    if found:
+        raise UserError(f"{run_dir}: input images differ from those the run started with ({'; '.join(found)}); "
+                        "a continued run keeps its images: put them back as they were, or start a new run")
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """The first `shown` names, and how many more: a folder of 10,000 photos replaced stays one short line."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

@@ -41,12 +41,12 @@ from dsl_cli.lenses import (Lens, ScoredImages, SteeringLens, TextReader, check_
                             prepare_text, rank, score, where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw
-from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_picture,
+from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_dsl_png, is_picture,
                              is_sweep_folder, read_manifest, rows_problem, save_png, writing_pngs)
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
-from dsl_cli.resumption import current_slurm_job, resumes
+from dsl_cli.resumption import current_slurm_job, resumes, same_images
 from dsl_cli.study_registry import run_study, validate_study
 from dsl_cli import studies  # noqa: F401  (the built-in studies' stages register themselves: @study_stage)
 
@@ -218,13 +218,28 @@ def encode_batches(cfg, folder: RunFolder, preprocess, image_set: ImageSet) -> I
         names, pixels = [], []
         for item, picture in image_set.stream(images[start:start + cfg.encoder.batch_size]):
             path = folder.input_picture(item.name)
-            if not is_picture(path):
+            if not finished_picture(path):
                 save_png(path, ImageOps.fit(picture, size, Image.Resampling.BICUBIC))
             names.append(item.name)
             pixels.append(preprocess(picture))
             del picture  # the full-size picture goes now, not when the next one replaces it
         if names:
             yield names, torch.stack(pixels)
+
+
+def refuse_foreign(path: Path) -> None:
+    """Refuse a file at `path`, where dsl puts a picture, that dsl did not write (a PNG of the user's, any
+    other file): it is neither taken as a result, drawn in a grid, nor written over. dsl's own pictures say
+    so inside (`is_dsl_png`); one of them cut short still does, and is made again."""
+    if os.path.lexists(path) and not is_dsl_png(path):
+        raise UserError(f"{path} is not a picture dsl made; move it away and run the command again")
+
+
+def finished_picture(path: Path) -> bool:
+    """Whether an earlier attempt left a whole picture of dsl's at `path`, to be kept (nothing there, or one
+    cut short: to be made)."""
+    refuse_foreign(path)
+    return is_picture(path)
 
 
 def score_images(cfg, lens: Lens, folder: RunFolder, encoder, preprocess, image_set: ImageSet,
@@ -383,6 +398,8 @@ def plan_extras(cfg, folder: RunFolder, lens: Lens, scored: list[Scored]) -> lis
     extras = seed_extras(cfg, folder, lens.name, scored, plan_decoding(cfg, scored))
     if cfg.decode.baselines or cfg.decode.seeds > 1:
         extras += baseline_extras(cfg, folder, lens.name, scored)
+    for extra in extras:  # kept or to be decoded: either way, a file there must be dsl's
+        refuse_foreign(folder.file(extra.file))
     return start_extras(folder, extras)
 
 
@@ -457,13 +474,17 @@ def start_csv(cfg, folder: RunFolder, scored: list[Scored], previous: list[dict]
     """Keep the rows of an earlier attempt whose picture is whole on disk, write the rows that need no
     picture, and return what is left to decode. For a fresh run, `previous` is empty and this writes the
     rows of the components that are not decoded (`decode.top_k`, `decode.enabled=false`)."""
-    done = {(r["image"], r["component"]) for r in previous if not r["file"] or is_picture(folder.file(r["file"]))}
+    done = {(r["image"], r["component"]) for r in previous
+            if not r["file"] or finished_picture(folder.file(r["file"]))}
     done -= batches_to_redo(cfg, scored, done)
+    plan = [(i, k) for i, k in plan_decoding(cfg, scored) if (scored[i].name, scored[i].rows[k]["component"]) not in done]
+    for i, k in plan:  # before anything is written, not when its batch would write over the file
+        row = scored[i].rows[k]
+        refuse_foreign(folder.file(folder.picture(row["image"], row["lens"], row["component"])))
     kept = {}  # a row repeated by an edit is kept once
     for row in previous:
         kept.setdefault((row["image"], row["component"]), row)
     csv_log.rewrite([row for key, row in kept.items() if key in done])
-    plan = [(i, k) for i, k in plan_decoding(cfg, scored) if (scored[i].name, scored[i].rows[k]["component"]) not in done]
     planned = set(plan)
     csv_log.append(row for i, result in enumerate(scored) for k, row in enumerate(result.rows)
                    if (i, k) not in planned and (row["image"], row["component"]) not in done)
@@ -566,6 +587,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     _start_manifest(cfg, device, manifest, resumed_rows=len(previous))
     with manifest.stage("images"):
         image_set = load_images(cfg.images)
+        same_images(manifest, image_set.fingerprints)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
     lens = get_lens(cfg.lens)
     reader = _prepare(cfg, lens, device, manifest)
