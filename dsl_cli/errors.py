@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging  # noqa: F401 - imported before the at-fork hooks below are registered: see `_forking`
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -24,6 +26,11 @@ class UserError(Exception):
 
     def __str__(self) -> str:  # the whole text, as the manifest records it
         return "\n".join((self.args[0], *self.details))
+
+
+class FolderTaken(UserError):
+    """A folder is another run's: a live process writes there, or it holds a run. A folder dsl named after
+    the time (the default `hydra.run.dir`) then goes to a sibling; one the user named is refused."""
 
 
 class PartlyDone(UserError):
@@ -53,6 +60,23 @@ class Interrupted(KeyboardInterrupt):
 
 
 _stops: list[int] = []  # the stop signals this process's command has received
+_forking = False  # while os.fork runs the at-fork hooks (a drawing pool's processes starting)
+
+
+def _fork_starts() -> None:
+    global _forking
+    _forking = True
+
+
+def _fork_ends() -> None:
+    global _forking
+    _forking = False
+
+
+# An exception raised inside an at-fork hook (logging's, which takes and releases its lock around each fork) is
+# not raised at all: Python prints "Exception ignored in ..." with a traceback and goes on. Hooks run `before` in
+# the reverse order of registration and `after_*` in order, so these, registered after logging's, enclose them.
+os.register_at_fork(before=_fork_starts, after_in_parent=_fork_ends, after_in_child=_fork_ends)
 
 
 def stop(signum: int) -> None:
@@ -63,6 +87,8 @@ def stop(signum: int) -> None:
     _stops.append(signum)
     if isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a stop already being handled: its clean-up is not
         return  # broken by a second exception (a second Ctrl-C, a scheduler's SIGTERM after it)
+    if _forking:  # raised inside an at-fork hook, it would be a traceback and lost: `raise_if_stopped` raises it
+        return
     raise Interrupted(signum)
 
 

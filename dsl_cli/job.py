@@ -20,22 +20,24 @@ from typing import Callable
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
-from dsl_cli.errors import (Interrupted, UserError, bug_message, printable, raise_if_stopped, report, stop,
-                            stop_handler)
+from dsl_cli.errors import (FolderTaken, Interrupted, UserError, bug_message, printable, raise_if_stopped, report,
+                            stop, stop_handler)
 from dsl_cli.logs import close_file_logs
-from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes, is_dsl_png
+from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes, is_dsl_png, is_sweep_folder
 from dsl_cli.resumption import requeued_run, resumes
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # with SIGINT: what a scheduler and a closed terminal send
+SIBLINGS = 100  # the names a run folder named after the time may take: TIME, then TIME_1 .. TIME_99
 _failures: list[int] = []  # exit statuses of the failed jobs of this process's sweep
 
 
-def claim_or_exit(folder: Path, cfg: DictConfig, kind: str = "run") -> None:
-    """Claim a folder for this process, or end with one line and status 2 (nothing is written there)."""
+def claim_or_exit(folder: Path, cfg: DictConfig, kind: str = "run") -> Path:
+    """Claim a run's or sweep's folder for this process (`claim_fresh`), or end with one line and status 2
+    (nothing is written there). Returns the folder claimed."""
     try:
-        claim(RunFolder(folder), cfg, kind)
+        return claim_fresh(folder, cfg, kind)
     except UserError as err:
         report(err)
         sys.exit(2)
@@ -44,13 +46,56 @@ def claim_or_exit(folder: Path, cfg: DictConfig, kind: str = "run") -> None:
 class ClaimFolder(Callback):
     """Registered in run.yaml (`hydra.callbacks`): claims the run folder, or a sweep's folder, as soon as
     Hydra has composed the config and before it writes anything there (its log, the sweep's multirun.yaml).
-    Each sweep job's own folder is claimed by `task` (dsl writes `.hydra/` itself, after the claim)."""
+    Each sweep job's own folder is claimed by `task` (dsl writes `.hydra/` itself, after the claim).
+
+    Hydra creates the run folder after this (`hydra.core.utils.run_job`, where it is there already), so the
+    claim is what creates it, and knows whether it was there before (`RunFolder.made_here`)."""
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        claim_or_exit(Path(config.hydra.run.dir), config)
+        given = Path(config.hydra.run.dir)
+        folder = claim_or_exit(given, config)
+        if folder != given:  # Hydra's run_job reads the run folder from this config, after this callback
+            with read_write(config.hydra.run):
+                config.hydra.run.dir = str(folder)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         claim_or_exit(Path(config.hydra.sweep.dir), config, "sweep")
+
+
+def claim_fresh(folder: Path, cfg: DictConfig, kind: str = "run") -> Path:
+    """Claim the folder of a run or sweep the command starts (`claim`), and return it. A fresh one inside a
+    sweep's folder is refused: the sweep's merge and resume would take it for one of its jobs. A run folder
+    named after the time (`hydra.run.dir` not given), which another run of the same second holds, gives way
+    to a sibling, `TIME_1`; a folder the user named is refused."""
+    if not resumes(cfg, folder):
+        _refuse_inside_a_sweep(folder, kind)
+    names = [folder]
+    if kind == "run" and _named_after_the_time(cfg):
+        names += [folder.with_name(f"{folder.name}_{n}") for n in range(1, SIBLINGS)]
+    for candidate in names[:-1]:
+        try:
+            claim(RunFolder(candidate), cfg, kind)
+            return candidate
+        except FolderTaken:  # a run started in the same second holds it: the next name
+            continue
+    claim(RunFolder(names[-1]), cfg, kind)  # the only name, or the last: its refusal is the one reported
+    return names[-1]
+
+
+def _refuse_inside_a_sweep(folder: Path, kind: str) -> None:
+    """UserError where a folder above `folder` is a sweep's (the folders of its jobs are found at any depth)."""
+    for above in folder.resolve().parents:
+        if is_sweep_folder(above):
+            setting = "hydra.sweep.dir" if kind == "sweep" else "hydra.run.dir"
+            raise UserError(f"{folder} is inside the sweep folder {above}, whose jobs alone go there: choose "
+                            f"another {setting} (`dsl run resume={above}` runs the sweep's unfinished jobs)")
+
+
+def _named_after_the_time(cfg: DictConfig) -> bool:
+    """Whether the run folder is dsl's default, named after the time (`${now:...}` in run.yaml's
+    `hydra.run.dir`), rather than a folder given on the command line."""
+    given = any(o.lstrip("+").split("=", 1)[0] == "hydra.run.dir" for o in cfg.hydra.overrides.hydra)
+    return not given and "${now:" in str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"])
 
 
 def sweep_status() -> int:
@@ -133,9 +178,9 @@ def task(cfg: DictConfig) -> None:
             _report(err, folder.path, num, kept=not failed_early,
                     sweep_dir=Path(hydra_cfg.sweep.dir) if sweep else None)
         finally:
-            folder.release()
-            if failed_early:
+            if failed_early:  # while the folder is held: whether this run made it is known until its release
                 drop_bookkeeping(folder)
+            folder.release()
 
 
 def _bookkeeping(folder: RunFolder) -> list[Path]:
@@ -160,11 +205,12 @@ def holds_no_result(folder: RunFolder) -> bool:
 def drop_bookkeeping(folder: RunFolder) -> None:
     """A single run that failed before its first result leaves no folder: the same command, once its cause
     is fixed, runs again, and dated folders of failed attempts do not pile up. Only dsl's own files are
-    deleted, and a folder only if that empties it."""
+    deleted, and the run folder only if this process made it (a user's empty folder stays) and that empties
+    it. Called while the folder is held."""
     if not holds_no_result(folder):  # checked again: something may have appeared since
         return
     close_file_logs(folder.log_file)
-    for path in [*_bookkeeping(folder), folder.path]:
+    for path in [*_bookkeeping(folder), *([folder.path] if folder.made_here else [])]:
         try:
             path.rmdir() if path.is_dir() else path.unlink()
         except FileNotFoundError:  # never made (.hydra of a run stopped before it was written) or gone
@@ -218,7 +264,8 @@ def _report(err: BaseException, folder: Path, num: int | None, kept: bool = True
     else:
         resume = f"`dsl run resume={folder}` completes the run" if kept else "run the same command again"
     if isinstance(err, KeyboardInterrupt):
-        kept_text = "finished pictures are kept" if kept else f"nothing was written yet, and {folder} is removed"
+        removed = folder if RunFolder(folder).made_here else f"what dsl wrote in {folder}"  # dropped after this
+        kept_text = "finished pictures are kept" if kept else f"nothing was written yet, and {removed} is removed"
         print("\n" + printable(f"dsl: interrupted ({_signal_name(err)}); {kept_text}: {resume}"), file=sys.stderr)
         sys.exit(err.exit_status if isinstance(err, Interrupted) else 130)
     if isinstance(err, UserError):

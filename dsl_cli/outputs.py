@@ -45,7 +45,8 @@ from typing import Iterable, Iterator, Sequence, TypedDict, get_args, get_type_h
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dsl_cli.errors import UserError, printable, raise_if_stopped
+from dsl_cli.components import parse_component
+from dsl_cli.errors import FolderTaken, UserError, printable, raise_if_stopped
 
 log = logging.getLogger("dsl_cli.outputs")
 
@@ -502,35 +503,71 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def process_started(pid: int) -> str | None:
+    """When the process started, in clock ticks after boot (field 22 of /proc/PID/stat): with its PID it names
+    one process, as a PID alone does not once the kernel reuses it. None where /proc does not say (not Linux,
+    or no such process)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # field 2, the command in parentheses, may itself hold spaces and `)`: count the fields after its last `)`
+    fields = stat[stat.rfind(b")") + 1:].split()
+    return fields[19].decode() if len(fields) > 19 else None
+
+
+def _runs_python(pid: int) -> bool:
+    """Whether the process could be dsl: its program is a Python interpreter or the `dsl` script (a script's
+    command line starts with its interpreter). True where /proc does not say: a lock is never broken on a guess."""
+    try:
+        program = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return True
+    return os.path.basename(program).startswith((b"python", b"dsl"))
+
+
 @dataclass(frozen=True)
 class LockOwner:
-    """Who holds a run folder: a process on a host; `token` tells two holders with one PID apart."""
+    """Who holds a run folder: a process on a host; `token` tells two holders with one PID apart, `started`
+    (the process's start time, where /proc gives it) a live holder from a later process given its PID."""
 
     pid: int
     host: str
     token: str
+    started: str | None = None
 
     @staticmethod
     def me() -> "LockOwner":
-        return LockOwner(os.getpid(), socket.gethostname(), secrets.token_hex(8))
+        return LockOwner(os.getpid(), socket.gethostname(), secrets.token_hex(8), process_started(os.getpid()))
 
     @staticmethod
     def parse(line: str) -> "LockOwner | None":
+        """The owner a lock's first line names: `PID HOST TOKEN [STARTED]` (an earlier dsl wrote no STARTED)."""
         parts = line.split()
-        if len(parts) != 3 or not parts[0].isdigit():
+        if len(parts) not in (3, 4) or not parts[0].isdigit() or not all(p.isdigit() for p in parts[3:]):
             return None
-        return LockOwner(int(parts[0]), parts[1], parts[2])
+        return LockOwner(int(parts[0]), parts[1], parts[2], *parts[3:])
 
     @property
     def line(self) -> str:
-        return f"{self.pid} {self.host} {self.token}"
+        return " ".join([str(self.pid), self.host, self.token, *([self.started] if self.started else [])])
 
     def is_stale(self) -> bool:
-        """A lock of a process on this host that no longer runs (a run killed with SIGKILL, a crash)."""
-        return self.host == socket.gethostname() and (self.pid == os.getpid() or not _alive(self.pid))
+        """A lock of a process on this host that no longer runs (a run killed with SIGKILL, a crash), even where
+        its PID was given to another process since: one that started at another time, or (a lock without a
+        start time) one that is not Python's."""
+        if self.host != socket.gethostname():
+            return False
+        if self.pid == os.getpid() or not _alive(self.pid):
+            return True
+        started = process_started(self.pid)
+        if self.started is not None and started is not None:
+            return started != self.started
+        return not _runs_python(self.pid)
 
 
 _HELD: dict[Path, LockOwner] = {}  # the folders this process holds (resolved paths), with its lock line
+_MADE: set[Path] = set()  # of those, the ones its claim created (not there before): only such a folder is removed
 
 
 def _file(name: str) -> property:
@@ -713,8 +750,11 @@ class RunFolder:
         if self._foreign_at_a_glance():  # before looking for links: a link in /etc or a user's folder is theirs
             raise self._foreign(setting)
         self.refuse_links()
-        _HELD[self._key()] = self._lock(setting)
+        made = self._make(setting)
         try:
+            _HELD[self._key()] = self._lock(setting)
+            if made:
+                _MADE.add(self._key())
             if not resume:
                 self._check_fresh(setting)
                 write_json(self.manifest_json, {"made_by": MADE_BY, **({"kind": kind} if kind != "run" else {}),
@@ -723,8 +763,23 @@ class RunFolder:
                 raise self._foreign(setting)
         except BaseException:
             self.release()
+            if made:  # a claim refused (a full disk, a live lock) leaves no folder it created behind
+                self.remove_if_empty()
             raise
         return True
+
+    @property
+    def made_here(self) -> bool:
+        """Whether this process created the folder when it claimed it, and holds it still: a folder that was
+        there before (a user's empty folder) is theirs, and is never removed."""
+        return self._key() in _MADE
+
+    def remove_if_empty(self) -> None:
+        """Remove the folder if it is empty (anything found in it is left, with the folder)."""
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
 
     def _foreign_at_a_glance(self) -> bool:
         """A folder (not a link) that is plainly not dsl's: another program's manifest, or none and files that
@@ -739,10 +794,10 @@ class RunFolder:
     def _check_fresh(self, setting: str) -> None:
         if self.holds_run():
             if self._status() == "complete":  # nothing to resume: say how to run it again
-                raise UserError(f"{self.path} already holds a run, complete: to run it again, choose another "
-                                f"{setting} or move that folder away")
-            raise UserError(f"{self.path} already holds a run: complete it with `dsl run resume={self.path}` "
-                            f"or choose another {setting}")
+                raise FolderTaken(f"{self.path} already holds a run, complete: to run it again, choose another "
+                                  f"{setting} or move that folder away")
+            raise FolderTaken(f"{self.path} already holds a run: complete it with `dsl run resume={self.path}` "
+                              f"or choose another {setting}")
         if not self.only_claimed() and self.foreign_entries():
             raise self._foreign(setting)
 
@@ -762,6 +817,7 @@ class RunFolder:
 
     def release(self) -> None:
         """Give the folder up (the lock file is removed if it is still this process's)."""
+        _MADE.discard(self._key())
         owner = _HELD.pop(self._key(), None)
         if owner is not None and self._read_owner(self.lock_path) == owner:
             self.lock_path.unlink(missing_ok=True)
@@ -784,10 +840,25 @@ class RunFolder:
     def _key(self) -> Path:
         return self.path.resolve()
 
+    def _make(self, setting: str | None) -> bool:
+        """Create the folder (and the folders above it) where it is missing; True when this call created it.
+        Atomic: of two processes that make it at once, one alone is told it did."""
+        try:
+            self.path.mkdir(parents=True)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            raise self._unwritable(err, setting) from err
+        return True
+
+    def _unwritable(self, err: OSError, setting: str | None) -> UserError:
+        advice = (f"choose another with {setting}=..." if setting
+                  else "make sure it can be written (free space, permissions)")
+        return UserError(f"cannot write the output folder {self.path} ({err.strerror or err}); {advice}")
+
     def _lock(self, setting: str | None) -> LockOwner:
         me = LockOwner.me()
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
             for _ in range(100):  # a lock that vanishes between two looks is tried again, never forever
                 if self._create(self.lock_path, me, self.RESERVE):
                     break
@@ -801,9 +872,7 @@ class RunFolder:
             else:
                 raise self._busy(None, setting)
         except OSError as err:
-            advice = (f"choose another with {setting}=..." if setting
-                      else "make sure it can be written (free space, permissions)")
-            raise UserError(f"cannot write the output folder {self.path} ({err.strerror or err}); {advice}") from err
+            raise self._unwritable(err, setting) from err
         return me
 
     def _take_over(self, stale: LockOwner) -> None:
@@ -811,7 +880,7 @@ class RunFolder:
         taking over at once cannot each remove the lock the other has just made."""
         breaker = self.lock_path.with_name(self.LOCK + ".takeover")
         if not self._create(breaker, LockOwner.me(), 0):
-            raise UserError(f"{self.path}: another process is taking over the lock of process {stale.pid}, "
+            raise FolderTaken(f"{self.path}: another process is taking over the lock of process {stale.pid}, "
                             f"which no longer runs; if none is, remove {breaker} and try again")
         try:
             if self._read_owner(self.lock_path) == stale:
@@ -827,7 +896,7 @@ class RunFolder:
         else:
             holder = f"dsl process {owner.pid} on {printable(owner.host)}"
         elsewhere = f" or choose another {setting}" if setting else ""
-        return UserError(f"{self.path} is being written by {holder}; wait for it to end{elsewhere} (if no dsl "
+        return FolderTaken(f"{self.path} is being written by {holder}; wait for it to end{elsewhere} (if no dsl "
                          f"process is using the folder, remove {self.lock_path})")
 
     @staticmethod
@@ -1048,9 +1117,27 @@ def _check_row(row: dict, where: str) -> None:
     for key in ("image", "lens", "component"):
         if row.get(key):  # empty where a row names none (a study's step 0)
             check_name(row[key], f"{where} {key}")
+    if "layer" in row:  # a table that gives the component's place beside its label: the two must agree
+        _check_place(row, where)
     if row.get("file") and row["file"] not in _row_pictures(row):
         raise UserError(f"{where} file {printable(repr(row['file']))} is not where dsl puts the picture of "
                         f"{row['image']} {row['lens']} {row['component']}; the file was edited")
+
+
+def _check_place(row: dict, where: str) -> None:
+    """UserError where a row's layer, head or kind is not its component label's (`L03H03` on a row of layer
+    7): the figures draw a row where those columns place it, and dsl writes them from the label."""
+    label = row.get("component") or ""
+    try:
+        component = parse_component(label)
+    except ValueError:
+        raise UserError(f"{where} component {printable(repr(label))} is not a component label; the file was "
+                        "edited") from None
+    place = {"layer": component.layer, "head": component.head, "kind": component.kind}
+    wrong = [key for key, value in place.items() if key in row and row[key] != value]
+    if wrong:
+        found = ", ".join(f"{key} {printable(repr(row[key]))}" for key in wrong)
+        raise UserError(f"{where} {found} is not that of component {printable(label)}; the file was edited")
 
 
 def check_merged_row(row: dict, where: str) -> dict:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -533,3 +535,26 @@ def test_figures_and_pages_of_a_csv_cut_short_are_refused_in_one_line(command: s
     (tmp_path / "cut" / cut[0]).write_text(cut[1])
     code, err = dsl_in_process([command, str(tmp_path / "cut")], tmp_path, monkeypatch, capsys)
     assert_one_clean_line(code, err, f"{tmp_path / 'cut'}: a CSV value is not what dsl writes (")
+
+
+STOP_IN_A_FORK = """
+import os, signal
+os.register_at_fork(after_in_parent=lambda: signal.raise_signal(signal.SIGINT))  # before dsl's: inside its window
+from dsl_cli.errors import Interrupted, raise_if_stopped, stop, stop_handler
+with stop_handler([signal.SIGINT], lambda signum, frame: stop(signum)):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    try:
+        raise_if_stopped()
+    except Interrupted:
+        print("stopped")
+"""
+
+
+def test_a_stop_that_comes_while_a_process_forks_is_raised_after_the_fork_without_a_traceback() -> None:
+    """A Ctrl-C inside the at-fork hooks (logging's lock, while a drawing pool starts its processes) raised
+    there was printed as "Exception ignored in ..." with a traceback, and lost; it is raised after the fork."""
+    result = subprocess.run([sys.executable, "-c", STOP_IN_A_FORK], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == "stopped\n" and result.stderr == "", result.stderr

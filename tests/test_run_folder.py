@@ -22,7 +22,8 @@ from PIL import Image
 from dsl_cli.errors import UserError
 from dsl_cli.images import unique_names
 from dsl_cli.outputs import (BASELINES, CORRELATIONS, IMPORTANCE, LABELS, NAME, OVERLAY, PATCHES, SEEDS, SIMILARITY,
-                             TEMP_SUFFIX, LockOwner, RunFolder, Table, atomic_write_bytes, release_all)
+                             TEMP_SUFFIX, LockOwner, RunFolder, Table, atomic_write_bytes, process_started,
+                             release_all)
 from helpers import dsl_here, dsl_in_process
 
 DSL = str(Path(sys.executable).parent / "dsl")
@@ -143,7 +144,7 @@ def test_a_sweep_job_whose_folder_holds_a_run_is_refused_before_anything_is_writ
 def test_a_live_lock_refuses_and_a_dead_ones_is_taken_over(tmp_path: Path, caplog) -> None:
     folder = RunFolder(tmp_path / "run")
     (tmp_path / "run").mkdir()
-    live = LockOwner(os.getppid(), socket.gethostname(), "feedface")  # pytest's parent: alive
+    live = LockOwner(os.getppid(), socket.gethostname(), "feedface", process_started(os.getppid()))  # alive
     folder.lock_path.write_text(live.line + "\n")
     with pytest.raises(UserError, match=f"being written by dsl process {os.getppid()}.*remove .*dsl.lock"):
         folder.claim()
@@ -266,6 +267,23 @@ def test_a_csv_row_naming_a_path_is_refused_and_nothing_is_written_outside(comma
     assert {p for p in tmp_path.rglob("*") if folder not in p.parents} == outside
 
 
+@pytest.mark.parametrize("edit, told", [((",head,1,0,", ",head,3,0,"), "layer 3 is not that of component L01H00"),
+                                        ((",head,1,0,", ",head,1,-1,"), "head -1 is not that of component L01H00"),
+                                        ((",L01H00,head,", ",L01H00,mlp,"), "kind 'mlp' is not that of"),
+                                        ((",L01H00,head,1,0,", ",L01MLP,head,1,0,"), "head 0, kind 'head' is not")])
+def test_a_csv_row_whose_place_is_not_its_components_is_refused(edit: tuple[str, str], told: str, finished: Path,
+                                                                tmp_path: Path, monkeypatch, capsys) -> None:
+    """The figures place a row by its layer and head: a row of L01H00 edited to layer 3 would be drawn there."""
+    folder = tmp_path / "run"
+    subprocess.run(["cp", "-a", str(finished), str(folder)], check=True)
+    csv_file = folder / "similarity.csv"
+    csv_file.write_text(csv_file.read_text().replace(*edit, 1))
+    before = snapshot(folder)
+    code, err = dsl_in_process(["plot", str(folder)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and len(error_lines(err)) == 1 and f"{csv_file} row 2: {told}" in err, err
+    assert snapshot(folder) == before
+
+
 def test_a_damaged_picture_is_refused_by_plot_and_made_again_by_resume(finished: Path, tmp_path: Path,
                                                                        monkeypatch, capsys) -> None:
     folder = tmp_path / "run"
@@ -320,8 +338,9 @@ def test_every_table_reads_back_the_row_it_was_written_with(tmp_path: Path, tabl
     the same type (numbers are never text, an empty number is None), under the header a reader expects."""
     values = {int: 7, float: 0.125, str: "cat"}
     row = {column: values[kind] for column, kind in table.kinds.items()} | {"file": ""}
-    row = {k: v for k, v in row.items() if k in table.kinds}
-    empty = {column: None for column, kind in table.kinds.items() if kind is not str}
+    place = {"component": "L07H07", "kind": "head", "layer": 7, "head": 7}  # a row placing its component: its label
+    row = {k: v for k, v in (row | (place if "layer" in row else {})).items() if k in table.kinds}
+    empty = {column: None for column, kind in table.kinds.items() if kind is not str and column not in place}
     folder = RunFolder(tmp_path)
     folder.write(table, [row, {**row, **empty}])
     with folder.csv(table).open(newline="") as handle:
@@ -337,7 +356,8 @@ def test_a_row_with_a_key_that_names_no_column_is_refused_before_anything_is_wri
     by `append` or by `rewrite`."""
     folder = RunFolder(tmp_path)
     log = folder.log(SIMILARITY)
-    good = {"image": "img0", "lens": "direct", "component": "L01H02", "sim_embed": 0.5}
+    good = {"image": "img0", "lens": "direct", "component": "L01H02", "kind": "head", "layer": 1, "head": 2,
+            "sim_embed": 0.5}
     log.append([good])
     before = folder.csv(SIMILARITY).read_bytes()
     for write in (log.append, log.rewrite):
