@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dsl_cli.config import decoder_text, encoder_text
-from dsl_cli.errors import UserError
+from dsl_cli.errors import UserError, raise_if_stopped
 from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, OVERLAY, PATCHES, PNG_LEVEL, PNG_SOFTWARE, SEEDS,
                              SIMILARITY, RunFolder, atomic_write_bytes, group_rows, is_dsl_png, open_picture,
                              png_bytes, read_manifest, run_rows, usable_cores)
@@ -729,6 +729,7 @@ class EarlyFigures:
             self.pool = _drawing_pool(self.workers)
             self.tables = tables_by_image(RunFolder(self.run_dir))
         self.futures[image] = self.pool.submit(_draw_job, self.run_dir, image, rows, image_tables(self.tables, image))
+        raise_if_stopped()  # a stop that came while the pool forked a process
 
     def results(self) -> dict[str, dict[str, list[Path]]]:
         """Each early image's figures, once drawn (an error in a drawing is raised here)."""
@@ -764,7 +765,9 @@ def in_parallel(function, jobs: list[tuple], workers: int | None = None) -> list
         return [function(*job) for job in jobs]
     pool = _drawing_pool(workers)
     try:
-        return list(pool.map(function, *zip(*jobs)))
+        drawing = pool.map(function, *zip(*jobs))
+        raise_if_stopped()  # a stop that came while a drawing process forked is raised now, not at the end
+        return list(drawing)
     finally:  # on Ctrl-C or an error, the jobs not started are dropped; running ones end in seconds
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -558,3 +558,34 @@ def test_a_stop_that_comes_while_a_process_forks_is_raised_after_the_fork_withou
     there was printed as "Exception ignored in ..." with a traceback, and lost; it is raised after the fork."""
     result = subprocess.run([sys.executable, "-c", STOP_IN_A_FORK], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stdout == "stopped\n" and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("how", ["in_parallel", "EarlyFigures"])
+def test_a_stop_recorded_while_the_drawing_pool_forks_is_raised_once_it_has_started(how: str, monkeypatch,
+                                                                                     tmp_path: Path) -> None:
+    """A stop that came while a drawing process forked is recorded, not raised (see above): the figures'
+    callers raise it as soon as the pool has its work, not when every drawing has ended."""
+    import signal
+
+    from dsl_cli import errors, figures
+
+    class Pool:  # records a stop as `errors.stop` does inside the fork's window, and draws nothing
+        def _stopped(self, *args, **kwargs):
+            errors._stops.append(signal.SIGINT)
+
+        map = submit = _stopped
+
+        def shutdown(self, **kwargs) -> None:
+            pass
+
+    monkeypatch.setattr(figures, "_drawing_pool", lambda workers: Pool())
+    monkeypatch.setattr(figures, "tables_by_image", lambda folder: {})
+    monkeypatch.setattr(sys, "platform", "linux")
+    try:
+        with pytest.raises(errors.Interrupted):
+            if how == "in_parallel":
+                figures.in_parallel(print, [(1,), (2,)], workers=2)
+            else:
+                figures.EarlyFigures(tmp_path).draw("cat", [])
+    finally:
+        errors.clear_stops()
