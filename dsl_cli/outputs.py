@@ -314,10 +314,14 @@ def is_picture(path: Path) -> bool:
 
 
 def open_picture(path: Path, run_dir: Path) -> Image.Image:
-    """A picture a run wrote, loaded; a missing or damaged one is an error that says how to redo it."""
+    """A picture a run wrote, loaded; a missing or damaged one, or a file of the user's in its place (no
+    tag of dsl's: it would be shown as the run's result), is an error that says how to redo it."""
     try:
         with Image.open(path) as image:
             image.load()
+            if image.format != "PNG" or image.info.get("Software") != PNG_SOFTWARE:
+                raise UserError(f"{path} is not a picture dsl made; move it away, then `dsl run resume={run_dir}` "
+                                "makes it again")
             return image.copy()
     except (OSError, ValueError, SyntaxError) as err:
         raise UserError(f"{path}: not a readable picture ({err}); `dsl run resume={run_dir}` makes it again") from err

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from dsl_cli import cli
 from dsl_cli.errors import Interrupted, UserError
@@ -715,6 +716,21 @@ def test_repaired_pictures_are_the_bytes_of_the_uninterrupted_run(decoded_run: P
     for path in pictures:
         assert (run_copy / path.relative_to(decoded_run)).read_bytes() == path.read_bytes(), path.name
     assert (run_copy / "similarity.csv").read_bytes() == (decoded_run / "similarity.csv").read_bytes()
+
+
+@pytest.mark.parametrize("which", ["input", "decoded"])
+def test_plot_refuses_a_picture_of_the_users_in_place_of_the_run_s(which: str, decoded_run: Path, run_copy: Path,
+                                                                   tmp_path: Path, monkeypatch, capsys) -> None:
+    """A PNG of the user's where the run's input or decoded picture was would be drawn in the grids as the run's
+    result: `dsl plot` refuses it in one line naming it, and leaves it (and everything else) as it was."""
+    picture = (sorted(run_copy.glob("images/*/input.png")) if which == "input"
+               else sorted(run_copy.glob("images/*/steering/*.png")))[0]
+    Image.new("RGB", (10, 10), "red").save(picture)
+    before = {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()}
+    code, err = dsl_in_process(["plot", str(run_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"dsl: error: {picture} is not a picture dsl made; move it away"), err
+    assert {p: p.read_bytes() for p in run_copy.rglob("*") if p.is_file()} == before
 
 
 # ------------------------------------------------------------------ property: readers take any bytes
