@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from dsl_cli.config import encoder_folder_name, folder_overrides, split_options
-from dsl_cli.errors import Interrupted, UserError
+from dsl_cli.errors import Interrupted, UserError, printable
 from dsl_cli.libraries import import_frozen
 
 USAGE = """usage: dsl adapter fit [OVERRIDES...]     fit an adapter (the same overrides as `dsl run`, plus adapter.*)
@@ -75,9 +75,10 @@ def compose(overrides: list[str], config_name: str = "run"):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from dsl_cli.config import _one_line, register_configs
+    from dsl_cli.config import _one_line, register_configs, single_values
 
     register_configs()
+    single_values(overrides)  # one fit: Hydra's refusal of a sweep was several lines run together
     try:
         with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=overrides)
@@ -169,7 +170,8 @@ def fit_command(args: list[str]) -> int:
     if cfg.images.num_shards > 1:
         path = partial.save(out / "shards" / f"shard-{cfg.images.shard}-of-{cfg.images.num_shards}.safetensors")
         torch.save(negative, out / "shards" / "negative.pt")
-        print(f"partial sums of {partial.images} images: {path}\nwhen every shard is done: dsl adapter merge {out}")
+        print(printable(f"partial sums of {partial.images} images: {path}"))  # paths the user named: escaped
+        print(printable(f"when every shard is done: dsl adapter merge {out}"))
         return 0
     adapter = fit(partial)
     adapter.negative = negative
@@ -212,9 +214,18 @@ def fit_meta(cfg, options: FitOptions, readout, source, target, target_cfg, spac
         "target": target_ident, "target_label": target_label(target_ident),
         "target_encoder": encoder_identity(target_cfg),
         "augment": options.augment, "heldout_fraction": options.heldout,
-        "image_set": {k: str(cfg.images.get(k)) for k in ("source", "path", "names", "limit", "num_shards")},
+        "image_set": image_set_meta(cfg.images),
         "p": readout.width(source), "q": target.d_embed,
     }
+
+
+def image_set_meta(images_cfg) -> dict:
+    """The image settings a fit records, as JSON values: an unset one is null (`str()` of each wrote "None",
+    and the names list as Python's repr)."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(images_cfg, enum_to_str=True)
+    return {k: plain.get(k) for k in ("source", "path", "names", "limit", "num_shards")}
 
 
 def merge_command(args: list[str]) -> int:
@@ -267,11 +278,11 @@ def finish(out: Path, adapter) -> None:
     Manifest(RunFolder(out).manifest_json).complete()
     m = adapter.meta.get("metrics") or {}
     if m.get("heldout_images"):
-        print(f"{adapter.describe()}; R^2 {m['r2']:.3f}, cosine p5 {m['cosine_p5']:.3f}, top-1 {m['top1']:.2f}, "
-              f"top-5 {m['top5']:.2f} over {m['heldout_images']} held-out images")
+        print(printable(f"{adapter.describe()}; R^2 {m['r2']:.3f}, cosine p5 {m['cosine_p5']:.3f}, top-1 "
+                        f"{m['top1']:.2f}, top-5 {m['top5']:.2f} over {m['heldout_images']} held-out images"))
     else:
-        print(f"{adapter.describe()}; no held-out image (give more images): no metrics")
-    print(f"adapter: {out / 'adapter.safetensors'} (page: {page})")
+        print(printable(f"{adapter.describe()}; no held-out image (give more images): no metrics"))
+    print(printable(f"adapter: {out / 'adapter.safetensors'} (page: {page})"))  # a folder named with an escape
 
 
 def decode_examples(cfg, out: Path, adapter, partial, image_set, count: int, target, device) -> None:

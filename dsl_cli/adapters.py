@@ -239,7 +239,7 @@ class Partial:
         info = dict(self.meta, heldout_names=self.heldout_names, images=self.images, views=self.views)
         path = Path(path)
         atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()},
-                                      metadata={"dsl_partial": json.dumps(info)}))
+                                      metadata={"dsl_partial": json_text(info)}))
         return path
 
     @classmethod
@@ -274,8 +274,29 @@ def _adapter_problem(tensors: dict[str, Tensor], meta: Any) -> Optional[str]:
 
 
 def _identity(meta: dict) -> dict:
-    """What the shards of one fit share (the image set too: a shard of other photos merged in silently)."""
-    return {k: meta.get(k) for k in ("source", "readout", "target", "augment", "heldout_fraction", "image_set")}
+    """What the shards of one fit share (the image set too: a shard of other photos merged in silently). The
+    image settings are compared as text: shards fitted before they were recorded as JSON values hold `str()`
+    of each ("None"), and still merge with the shards of a newer dsl."""
+    shared = {k: meta.get(k) for k in ("source", "readout", "target", "augment", "heldout_fraction")}
+    images = meta.get("image_set")
+    return {**shared, "image_set": {k: str(v) for k, v in images.items()} if isinstance(images, dict) else images}
+
+
+def json_text(value: Any, indent: Optional[int] = None) -> str:
+    """`value` as strict JSON: a NaN or infinity (a held-out error or R^2 with no image to measure it on) is
+    null. `json.dumps` wrote NaN, which JSON has not: adapter.json was refused by every strict reader (jq,
+    JavaScript). Files written so are still read: `json.loads` takes NaN."""
+    return json.dumps(_finite(value), indent=indent, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _read_safetensors(path: Path, key: str, what: str) -> tuple[dict[str, Tensor], dict]:
@@ -392,8 +413,8 @@ class Adapter:
         if self.negative is not None:
             tensors["negative"] = self.negative.float().reshape(-1).contiguous()
         path = folder / ADAPTER_FILE
-        atomic_write_bytes(path, save(tensors, metadata={"dsl_adapter": json.dumps(self.meta)}))
-        atomic_write_bytes(folder / ADAPTER_JSON, (json.dumps(self.meta, indent=2) + "\n").encode())
+        atomic_write_bytes(path, save(tensors, metadata={"dsl_adapter": json_text(self.meta)}))
+        atomic_write_bytes(folder / ADAPTER_JSON, (json_text(self.meta, indent=2) + "\n").encode())
         return path
 
     @classmethod

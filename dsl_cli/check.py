@@ -83,9 +83,10 @@ def compose(overrides: list[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
 
-    from dsl_cli.config import check_overrides, register_configs
+    from dsl_cli.config import check_overrides, register_configs, single_values
 
     register_configs()
+    single_values(overrides)  # dsl check compares one run's models: a sweep is not one
     check_overrides(overrides)
     with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
         return hydra_compose(config_name="run", overrides=[o for o in overrides if not o.startswith("hydra.")])
@@ -326,7 +327,8 @@ def advice(status: dict[str, str]) -> Optional[str]:
     failed = [role for role in left if status[role] == STATUS_FAILED]
     what = "failed" if failed and len(failed) == len(left) else "not passed"
     return (f"the weights of the {', '.join(left)} have {what} `dsl check` on this machine: run `dsl check` with "
-            "this run's overrides to compare dsl's models with the libraries' own (README, Check your weights)")
+            "this run's overrides to compare dsl's models with the libraries' own (docs/user-guide.md, "
+            '"Check your weights")')
 
 
 def note_run(cfg: Any, manifest: Any) -> dict[str, str]:

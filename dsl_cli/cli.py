@@ -22,7 +22,7 @@ from typing import Callable
 
 from dsl_cli import __version__
 from dsl_cli.errors import (Interrupted, PartlyDone, UserError, bug_message, catch_stop_signals, clear_stops,
-                            deferred_stops, raise_if_stopped, report, stop)
+                            deferred_stops, printable, raise_if_stopped, report, stop)
 from dsl_cli.libraries import own_the_collector
 
 USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
@@ -48,7 +48,8 @@ usage:
   dsl report FOLDER          write or refresh the HTML page (index.html) of a run, study or sweep
                              folder, or of every one below a folder; they open from file://
   dsl check [OVERRIDES...]   compare each pretrained model a run with these overrides would use, as
-                             dsl loads it, with the upstream library's own (README: Check your weights)
+                             dsl loads it, with the upstream library's own (docs/user-guide.md,
+                             "Check your weights")
   dsl adapter fit [OVERRIDES...]  fit a linear adapter from any encoder to a decoder's embedding space
                              (images.path=FOLDER); `dsl run adapter=FOLDER` decodes through it
   dsl adapter merge FOLDER   add the partial sums of a sharded fit and fit (dsl adapter --help)
@@ -118,7 +119,7 @@ def _run(args: list[str]) -> int:
     import hydra
 
     from dsl_cli import job
-    from dsl_cli.config import check_overrides, path_override, register_configs
+    from dsl_cli.config import check_overrides, path_override, register_configs, single_values
     from dsl_cli.outputs import release_all
     from dsl_cli.sweeps import cluster_refusals_reported, merged_sweeps, resume_overrides
 
@@ -127,18 +128,24 @@ def _run(args: list[str]) -> int:
         extra = resume_overrides(args)
     except UserError as err:
         return _fail(err)
-    flags, overrides = _split_flags([path_override(arg) for arg in [*args, *extra]])
+    flags, given = _split_flags([*args, *extra])
     modes = {_MODES[f.split("=")[0]] for f in flags if f.split("=")[0] in _MODES}
     if len(modes) > 1:
         return _fail(f"{' and '.join(sorted(modes))} do not go together: --cfg job prints the config of one run "
                      "(give one value of each setting), --multirun runs a sweep")
     # one run: a stop signal during Hydra's own set-up is raised when the job starts (job.task), not inside
     # Hydra; a sweep's launcher waits for its jobs, which a signal must interrupt at once
-    sweep = "--multirun" in modes or any(o.startswith("hydra.mode=") for o in overrides)
+    sweep = "--multirun" in modes or any(o.startswith("hydra.mode=") for o in given)
+    try:
+        overrides = [path_override(arg, sweep) for arg in given]
+    except UserError as err:
+        return _fail(err)
     with nullcontext() if sweep else deferred_stops(STOP_SIGNALS):
         if not set(flags) & _OWN_CONFIG_FLAGS:
-            try:
-                check_overrides(overrides)  # Hydra's own refusal would be several lines and exit status 1
+            try:  # Hydra's own refusals would be several lines and exit status 1
+                if not sweep:
+                    single_values(overrides)
+                check_overrides(overrides)
             except UserError as err:
                 return _fail(err)
         app = hydra.main(config_path="configs", config_name="run", version_base="1.3")(job.task)
@@ -172,7 +179,7 @@ def _on_folder(args: list[str], help_text: str, usage: str, work: Callable[[Path
     try:
         lines = work(Path(args[0]))
     except PartlyDone as err:
-        print("\n".join(err.done))
+        _print_lines(err.done)
         return _fail(err)
     except UserError as err:
         return _fail(err)
@@ -181,8 +188,14 @@ def _on_folder(args: list[str], help_text: str, usage: str, work: Callable[[Path
         return 1
     finally:
         release_all()
-    print("\n".join(lines))
+    _print_lines(lines)
     return 0
+
+
+def _print_lines(lines: list[str]) -> None:
+    """What a command did, one line each, control characters escaped as error lines escape them: the paths
+    in them are the user's, and a folder named with an escape sequence or a newline must not forge output."""
+    print("\n".join(map(printable, lines)))
 
 
 def _redraw(folder: Path) -> list[str]:
@@ -248,7 +261,7 @@ def _merge(args: list[str]) -> int:
         manifest = merge_sweep(folder)
     except UserError as err:
         return _fail(err)
-    print("\n".join(summary_lines(folder, manifest)))
+    _print_lines(summary_lines(folder, manifest))
     return 0
 
 
@@ -302,7 +315,7 @@ def _interrupted(err: KeyboardInterrupt) -> int:
     name = err.args[0] if isinstance(err, Interrupted) else "SIGINT"
     advice = getattr(err, "advice", None) or ("run the command again (a run or sweep that had started: "
                                               "`dsl run resume=FOLDER`)")
-    print(f"\ndsl: interrupted ({name}); every file is whole: {advice}", file=sys.stderr)
+    print(f"\ndsl: interrupted ({name}); every file is whole: {printable(advice)}", file=sys.stderr)
     return err.exit_status if isinstance(err, Interrupted) else 130
 
 
@@ -321,8 +334,8 @@ def _dispatch(args: list[str]) -> int:
         finally:  # the folders a command claimed (`dsl sae train`'s, `dsl adapter fit`'s) are given up
             if "dsl_cli.outputs" in sys.modules:
                 sys.modules["dsl_cli.outputs"].release_all()
-    return _fail(f"unknown command {args[0]!r}: use `dsl run ...`, `dsl plot RUN_FOLDER`, `dsl merge SWEEP_DIR` or "
-                 "`dsl report FOLDER` (see dsl --help)")
+    return _fail(f"unknown command {args[0]!r}: the commands are {', '.join(COMMANDS)} (dsl --help says what each "
+                 "does)")
 
 
 if __name__ == "__main__":

@@ -158,8 +158,8 @@ class StudyConfig:
 
 @dataclass
 class SaeConfig:
-    """A sparse autoencoder whose features the run reads instead of heads (`dsl_cli.sae`, README "SAE
-    features"): `path` (a SAELens folder with cfg.json and sae_weights.safetensors, or a .safetensors file; with
+    """A sparse autoencoder whose features the run reads instead of heads (`dsl_cli.sae`, docs/user-guide.md,
+    "SAE features"): `path` (a SAELens folder with cfg.json and sae_weights.safetensors, or a .safetensors file; with
     `repo_id`, the folder inside that Hugging Face repository). `features`: `top` (each image's `top_k` most
     active features) or a list of feature indices; `top_images`: the most active images kept per feature."""
 
@@ -443,22 +443,62 @@ def folder_overrides(args: list[str]) -> list[str]:
 INPUT_KEYS = {"images.path", "encoder.checkpoint", "encoder.text_pretrained", "decoder.path", "adapter", "sae.path"}
 
 
-def path_override(arg: str) -> str:
+# the folders a command makes: one value each, never swept, so a comma in one is part of its name
+OUTPUT_KEYS = {"hydra.run.dir", "hydra.sweep.dir", "adapter.out"}
+
+
+def path_override(arg: str, sweep: bool = False) -> str:
     """`images.path=~/my photos` -> `images.path='/home/me/my photos'`, `sae=my_sae` -> `sae.path=/here/my_sae`
     where ./my_sae exists; other arguments as they are (every command that takes overrides: dsl run, dsl
-    check, dsl adapter)."""
+    check, dsl adapter). A path holding a comma is quoted where it is one path (`_one_path`); `sweep`: the
+    command is a --multirun, where an unquoted comma may also mean a sweep."""
     key, sep, value = arg.partition("=")
     if sep and key == "sae":  # `sae=FOLDER` is short for sae.path=FOLDER (dsl_cli.sae)
-        return path_override(f"sae.path={value}")
+        return path_override(f"sae.path={value}", sweep)
     if not sep or key.lstrip("+") not in PATH_KEYS or value[:1] in ("'", '"'):
         return arg
-    value = os.path.expanduser(value)
+    typed, value = value, os.path.expanduser(value)
     if key.lstrip("+") in INPUT_KEYS and value and not os.path.isabs(value) and os.path.exists(value):
         value = os.path.abspath(value)
-    if parses(f"{key}={value}") or ("'" in value and '"' in value):
+    whole = "," in value and (key.lstrip("+") in OUTPUT_KEYS or _one_path(key, typed, sweep))
+    if (not whole and parses(f"{key}={value}")) or ("'" in value and '"' in value):
         return f"{key}={value}"
     quote = '"' if "'" in value else "'"
     return f"{key}={quote}{value}{quote}"
+
+
+def _one_path(key: str, typed: str, sweep: bool) -> bool:
+    """Whether `key=typed`, holding a comma, names one existing file or folder: unquoted, Hydra read
+    `images.path=/data/c,d` as a sweep over `/data/c` and `d` (or, without --multirun, refused it in several
+    lines). A path that exists is taken as it is, as a glob's characters in one are (`images.load_images`).
+    Only in a --multirun where every comma-separated part exists as well can the user have meant either: that
+    is refused in one line naming both spellings, rather than a guess that runs the wrong jobs."""
+    if not os.path.lexists(os.path.expanduser(typed)):
+        return False
+    parts = typed.split(",")
+    if sweep and all(part and os.path.lexists(os.path.expanduser(part)) for part in parts):
+        raise UserError(f"{key}={typed}: names one path and, as a sweep, {len(parts)} paths that all exist; for the "
+                        f"one, quote it ({key}=\"'{typed}'\" in the shell), for the sweep write "
+                        f"{key}='choice({typed})'")
+    return True
+
+
+def single_values(overrides: list[str]) -> None:
+    """Refuse a sweep (`layer=1,2`, `range(...)`) in a command that runs once: Hydra's refusal was several lines
+    ("Ambiguous value ...") and exit status 1. Overrides Hydra cannot read are left to `check_overrides`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for text in overrides:
+        try:
+            override = parser.parse_override(text)
+        except HydraException:
+            continue
+        if override.is_sweep_override() and not override.is_hydra_override():
+            key = override.get_key_element()
+            raise UserError(f"{text}: a comma or range() sweeps several values, which only `dsl run --multirun` "
+                            f"runs; a list is {key}=[a,b], one value holding a comma is quoted: {key}=\"'a,b'\"")
 
 
 def parses(override: str) -> bool:

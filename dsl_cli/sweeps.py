@@ -17,14 +17,17 @@ same bytes):
     similarity.csv     the rows of every complete job, in job order: `job`, one `override.<key>` column per
                        override, then the run columns; `file` is relative to the sweep folder
     manifest.json      every job with its folder, overrides and status; the failed and unfinished ones listed
-    heatmaps/<image>_<lens>[_<key>=<value>...].png    layers x components over all jobs at once
+    heatmaps/<image>_<lens>[_<key>=<value>...].png    layers x components over all jobs at once (values cut
+                       short and hashed where long or not file-name-safe: `heatmap_tags`)
     index.html         the sweep's page (dsl_cli.report): the jobs with their status and pages, the heatmaps
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
+import json
 import logging
 import os
 import re
@@ -311,8 +314,35 @@ def summary_lines(sweep_dir: Path, manifest: dict) -> list[str]:
 # ---------------------------------------------------------------- figures
 
 
+TAG_LIMIT = 64  # characters of a heatmap tag kept before its hash: a figure's file name (image, lens, tag and
+# a temporary's 18 characters) stays short of the 255 bytes a file system allows, whatever the swept values
+
+
 def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def heatmap_tags(keys: list[str], combos: list[tuple[str, ...]]) -> dict[tuple[str, ...], str]:
+    """The file-name tag of each combination of swept values (`lens.alpha=4_seed=1`), distinct, also ignoring
+    case. A tag is the values as they are where each is a safe, short name; else, as image names
+    (`images.unique_names`), cut short, made safe and followed by a hash of the values: `images.path=/a/b`
+    and `images.path=/a_b` both sanitise to `_a_b` and overwrote each other's heatmaps, and a long path made a
+    file name no file system takes. Values never hold `=` unhashed, so a plain tag reads back one way."""
+    plain = {combo: "_".join(f"{k}={v}" for k, v in zip(keys, combo)) for combo in combos}
+    tags = {combo: _tag(keys, combo, plain[combo], hashed=False) for combo in combos}
+    taken = Counter(tag.casefold() for tag in tags.values())
+    return {combo: _tag(keys, combo, plain[combo], hashed=True) if taken[tag.casefold()] > 1 else tag
+            for combo, tag in tags.items()}
+
+
+def _tag(keys: list[str], combo: tuple[str, ...], plain: str, hashed: bool) -> str:
+    safe = "_".join(f"{_safe(k)}={_safe(v)}" for k, v in zip(keys, combo))
+    if not hashed and safe == plain and len(safe) <= TAG_LIMIT:
+        return safe
+    # a hash of the pairs, not of the joined text, which two combinations can share: a=`x_b=y`, b=`z` and
+    # a=`x`, b=`y_b=z` both join to `a=x_b=y_b=z`
+    digest = hashlib.sha256(json.dumps([keys, list(combo)]).encode()).hexdigest()[:8]
+    return f"{safe[:TAG_LIMIT]}-{digest}"
 
 
 def draw_sweep(sweep_dir: Path, expected: int | None = None) -> list[Path]:
@@ -329,9 +359,10 @@ def draw_sweep(sweep_dir: Path, expected: int | None = None) -> list[Path]:
         if is_dsl_png(sweep_dir / stale):  # never a user's file that an edited manifest names
             (sweep_dir / stale).unlink()
     figures, limits = [], shared_limits(rows)  # one colour scale over every job: colours compare across them
-    for values, group in group_rows(rows, tuple(varying)).items():
-        tag = "_".join(f"{_safe(k[len(OVERRIDE):])}={_safe(v)}" for k, v in zip(varying, values))
-        figures += draw_heatmaps(sweep_dir, group, tag=tag, limits=limits)
+    groups = group_rows(rows, tuple(varying))
+    tags = heatmap_tags([k[len(OVERRIDE):] for k in varying], list(groups))
+    for values, group in groups.items():
+        figures += draw_heatmaps(sweep_dir, group, tag=tags[values], limits=limits)
     return figures + draw_lens_comparison(sweep_dir, rows)
 
 
@@ -577,5 +608,5 @@ class SweepResults(Callback):
             merged_sweeps.append({"status": "failed"})
             return
         for line in summary_lines(sweep_dir, manifest):
-            log.info("%s", line)
+            log.info("%s", printable(line))  # the sweep folder and the jobs' errors may hold any character
         merged_sweeps.append(manifest)

@@ -265,7 +265,8 @@ def _message(missing: list[HubWeights], problems: list[str], why: str) -> str:
         lines.append(f"{len(missing)} of the weights this run needs {are} not in the Hugging Face cache "
                      f"({constants.HF_HUB_CACHE}) and {why}; fetch them (online) with:")
         lines += [f"  {w.role}: {w.command}" for w in missing]
-        lines.append("  or load local copies with encoder.checkpoint=... and decoder.path=... (see README, Weights)")
+        lines.append("  or load local copies with encoder.checkpoint=... and decoder.path=... (docs/user-guide.md, "
+                     '"Weights: cache, offline, local folders")')
     return "\n".join(lines + problems)
 
 

@@ -5,6 +5,8 @@ axis cannot pass."""
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -181,6 +183,26 @@ def test_adapter_round_trips_through_its_file(tmp_path):
     assert (tmp_path / "adapter.json").is_file()
 
 
+def _strict_json(text: str):
+    """JSON as a strict reader (jq, JavaScript) takes it: NaN and Infinity are not JSON."""
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_shards_written_before_the_image_settings_were_json_values_still_merge(tmp_path):
+    """Older shards recorded `str()` of each image setting ("None"); a newer shard of the same fit records
+    null. They are one fit's, and merge; other photos still do not."""
+    settings = {"source": "samples", "path": None, "names": ["coffee"], "limit": None, "num_shards": 2}
+    older = {"source": "samples", "path": "None", "names": "['coffee']", "limit": "None", "num_shards": "2"}
+    a = Partial.empty(4, 3, meta={"source": "s", "target": "t", "image_set": settings})
+    b = Partial.empty(4, 3, meta={"source": "s", "target": "t", "image_set": older})
+    b.save(tmp_path / "older.safetensors")
+    a.merged(Partial.load(tmp_path / "older.safetensors"))
+    with pytest.raises(UserError, match="differ in image_set"):
+        a.merged(Partial.empty(4, 3, meta={"source": "s", "target": "t", "image_set": {**settings, "path": "/x"}}))
+
+
 # ---------------------------------------------------------------- `dsl adapter fit` / `merge`
 
 
@@ -229,6 +251,31 @@ def test_fit_command_writes_adapter_metrics_and_page(resid_adapter):
     page = (resid_adapter / "index.html").read_text()
     assert "top-5 retrieval" in page and "examples/" in page
     assert len(list((resid_adapter / "examples").glob("*.png"))) == 3
+
+
+def test_a_fit_without_held_out_images_writes_strict_json(tmp_path, monkeypatch, capsys):
+    """With no image held out every tried strength's error is NaN: adapter.json held NaN (not JSON), and the
+    image settings the strings "None". Now null, in adapter.json and inside adapter.safetensors; a file
+    written before (NaN inside) still loads."""
+    from safetensors import safe_open
+
+    from helpers import dsl_in_process
+
+    code, err = dsl_in_process(["adapter", "fit", "debug=tiny", "adapter.readout=resid", "adapter.layer=3",
+                                "adapter.augment=1", "adapter.examples=0", "adapter.out=fitted"], tmp_path,
+                               monkeypatch, capsys)
+    assert code == 0, err
+    meta = _strict_json((tmp_path / "fitted" / "adapter.json").read_text())
+    assert meta["heldout_images"] == 0 and set(meta["lambdas_tried"].values()) == {None}
+    assert meta["image_set"] == {"source": "samples", "path": None, "names": None, "limit": None, "num_shards": 1}
+    with safe_open(str(tmp_path / "fitted" / "adapter.safetensors"), framework="pt") as f:
+        assert _strict_json(f.metadata()["dsl_adapter"]) == meta
+    older = Adapter(torch.ones(2, 3), torch.zeros(2), {"metrics": {"r2": math.nan}})
+    older.save(tmp_path / "older")
+    from safetensors.torch import save_file  # the metadata as dsl wrote it before: NaN inside
+    save_file({"W": older.W, "b": older.b}, tmp_path / "older" / "adapter.safetensors",
+              metadata={"dsl_adapter": json.dumps(older.meta)})
+    assert math.isnan(Adapter.load(tmp_path / "older").meta["metrics"]["r2"])
 
 
 def test_fit_command_sharded_then_merged_equals_one_fit(photos, tmp_path, monkeypatch, capsys):

@@ -298,3 +298,42 @@ def test_a_library_imported_after_the_logs_were_routed_is_routed_too(monkeypatch
     monkeypatch.setattr(logs, "_routing", True)
     libraries.import_frozen("not_imported_yet_b")
     assert library.handlers == [] and library.propagate
+
+
+def test_what_report_and_plot_did_is_printed_with_control_characters_escaped(tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
+    """A run folder named with an escape sequence and a newline: `wrote ...` and `redrew ...` printed both
+    raw (the terminal turned red, a line was forged), where the error lines escape them."""
+    code, err = dsl_in_process(["run", "debug=tiny", "decode.enabled=false", "layer=1", "images.limit=1",
+                                "hydra.run.dir=run"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    odd = tmp_path / "esc\x1b[31mRED\nnl"
+    (tmp_path / "run").rename(odd)
+    from dsl_cli import cli
+
+    for command, done in (("report", "wrote "), ("plot", "redrew ")):
+        assert cli.main([command, str(odd)]) == 0  # from tmp_path still (dsl_in_process keeps no stdout)
+        out = capsys.readouterr().out
+        assert "\x1b" not in out and out.count("\n") == 1 and out.startswith(done), out
+        assert "esc\\x1b[31mRED\\nnl" in out, out
+
+
+def test_messages_point_to_guide_sections_that_exist_and_name_every_command(tmp_path: Path, monkeypatch,
+                                                                            capsys) -> None:
+    """`dsl --help`, a run's `dsl check` advice and the missing-weights message sent readers to "README: Check
+    your weights" and "README, Weights", sections of the user guide; `dsl bogus` named 4 of the 7 commands."""
+    import re
+
+    from dsl_cli import cli
+    from dsl_cli.check import advice
+    from dsl_cli.weights import HubWeights, _message
+
+    guide = (Path(__file__).parents[1] / "docs" / "user-guide.md").read_text()
+    headings = {line.lstrip("#").strip() for line in guide.splitlines() if line.startswith("#")}
+    missing = _message([HubWeights("decoder", "org/repo", (("model.safetensors",),))], [], "offline")
+    for text in (cli.USAGE, advice({"encoder": "unchecked"}), missing):
+        flat = " ".join(text.split())  # the help wraps its lines
+        cited = re.findall(r'docs/user-guide\.md, "([^"]+)"', flat)
+        assert cited and set(cited) <= headings and "README" not in flat, flat
+    code, err = dsl_in_process(["bogus"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and all(command in err for command in cli.COMMANDS), err

@@ -14,6 +14,7 @@ from PIL import Image
 
 from dsl_cli import figures as fig_module
 from dsl_cli.figures import caption_note, heatmap_figure, label_bars, models_text, shared_limits
+from dsl_cli.outputs import save_png
 from test_figures import rows_of
 
 
@@ -32,7 +33,7 @@ def captured(monkeypatch, name: str) -> list:
 def pictures_for(folder: Path, rows: list[dict]) -> None:
     for path in {folder / r["file"] for r in rows} | {folder / f"images/{r['image']}/input.png" for r in rows}:
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8), "red").save(path)
+        save_png(path, Image.new("RGB", (8, 8), "red"))  # as a run writes them (dsl's tag)
 
 
 def write_manifest(folder: Path, encoder: dict, decoder: dict, decode: bool = True) -> None:
@@ -180,7 +181,7 @@ def test_a_short_logit_lens_chart_shows_every_component() -> None:
 
 def test_where_each_head_looks_has_one_colour_bar_for_every_head(tmp_path: Path) -> None:
     (tmp_path / "images" / "chelsea").mkdir(parents=True)
-    Image.new("RGB", (64, 64), "white").save(tmp_path / "images" / "chelsea" / "input.png")
+    save_png(tmp_path / "images" / "chelsea" / "input.png", Image.new("RGB", (64, 64), "white"))
     rng = np.random.default_rng(0)
     heads = [({"component": f"L01H{h:02d}", "grid": 4,
                "shares": ";".join(f"{v:.4f}" for v in rng.normal(0, 0.1 * (h + 1), 16))}, None) for h in range(3)]

@@ -18,6 +18,7 @@ from scipy import stats
 from dsl_cli import figures
 from dsl_cli.figures import POOLED, SCORES, plot_head_importance, plot_overlay_removal
 from dsl_cli.figures import grid_image, grid_plan, heatmap_figure, settings_text
+from dsl_cli.outputs import save_png
 from dsl_cli.studies import correlations
 
 TILE = 96
@@ -117,7 +118,7 @@ def test_grid_titles_name_the_settings(tmp_path: Path, monkeypatch) -> None:
     for row in [*rows, {"file": "images/chelsea/input.png"}]:
         path = tmp_path / row["file"]
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8), RED).save(path)
+        save_png(path, Image.new("RGB", (8, 8), RED))  # as a run writes them (dsl's tag)
     titles = []
     real = figures.grid_image
     monkeypatch.setattr(figures, "grid_image", lambda tiles, title, **kw: titles.append((title, kw)) or real(

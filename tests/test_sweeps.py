@@ -220,13 +220,18 @@ def test_report_refuses_a_merged_csv_edited_since_the_merge_and_names_the_merge_
 
 
 def test_merge_refuses_a_sweep_that_a_live_process_is_writing(sweep_copy: Path, monkeypatch, capsys) -> None:
-    import os
     import socket
 
     before = (sweep_copy / "similarity.csv").read_bytes()
-    (sweep_copy / ".dsl.lock").write_text(f"{os.getppid()} {socket.gethostname()} feedface\n")  # alive: pytest's parent
-    code, err = dsl_in_process(["merge", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)
-    assert code == 2 and f"is being written by dsl process {os.getppid()}" in err
+    # a live Python process, as dsl's is (pytest's parent may be a shell, which a lock check may tell apart)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (sweep_copy / ".dsl.lock").write_text(f"{writer.pid} {socket.gethostname()} feedface\n")
+        code, err = dsl_in_process(["merge", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)
+    finally:
+        writer.kill()
+        writer.wait()
+    assert code == 2 and f"is being written by dsl process {writer.pid}" in err
     assert "hydra.run.dir" not in err  # no setting of a run moves a merge
     assert (sweep_copy / "similarity.csv").read_bytes() == before
 
@@ -234,6 +239,26 @@ def test_merge_refuses_a_sweep_that_a_live_process_is_writing(sweep_copy: Path, 
 def test_merge_refuses_a_folder_that_is_not_a_sweep(tmp_path: Path, monkeypatch, capsys) -> None:
     code, out = dsl_in_process(["merge", str(tmp_path)], tmp_path, monkeypatch, capsys)
     assert code == 2 and out.count("\n") == 1 and "not a sweep folder" in out
+
+
+def test_swept_paths_that_sanitise_alike_or_run_long_get_distinct_bounded_heatmaps(tmp_path: Path, monkeypatch,
+                                                                                   capsys) -> None:
+    """`images.path` swept over q/r and q_r: both sanitised to `q_r`, the second job's heatmap overwrote the
+    first's and the manifest listed it twice; a value of 200+ characters made a file name too long, and the
+    sweep could never be merged. Each value now gets a tag of its own, cut short and hashed."""
+    long = tmp_path / ("a" * 120) / ("b" * 120)
+    for folder in (tmp_path / "q" / "r", tmp_path / "q_r", long):
+        folder.mkdir(parents=True)
+        Image.new("RGB", (32, 32), (200, 0, 0)).save(folder / "x.png")
+    paths = ",".join(str(f) for f in (tmp_path / "q" / "r", tmp_path / "q_r", long))
+    code, err = dsl_in_process(["run", "-m", *FAST, "images.limit=1", f"images.path={paths}", "hydra.sweep.dir=sw"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    manifest = json.loads((tmp_path / "sw" / "manifest.json").read_text())
+    drawn = sorted(p.name for p in (tmp_path / "sw" / "heatmaps").glob("*.png"))
+    assert manifest["status"] == "complete" and len(drawn) == 3 and len(set(manifest["figures"])) == 3, drawn
+    assert sorted(manifest["figures"]) == [f"heatmaps/{name}" for name in drawn]
+    assert all(len(name) < 100 for name in drawn), drawn
 
 
 # ---------------------------------------------------------------- resuming a sweep
