@@ -112,7 +112,8 @@ def test_empty_cells_and_a_correlations_nan_still_read(tmp_path: Path) -> None:
     """dsl writes an undefined number as an empty cell (sim_decoded of a component not decoded), and
     correlations.csv holds the nan of a correlation of constant scores: both are dsl's, not edits."""
     CsvLog(tmp_path / "similarity.csv", SIMILARITY.columns).rewrite([
-        {"image": "a", "lens": "steering", "component": "L01H00", "kind": "head", "sim_embed": 0.5}])
+        {"image": "a", "lens": "steering", "component": "L01H00", "layer": 1, "head": 0, "kind": "head",
+         "sim_embed": 0.5}])
     assert read_csv(tmp_path / "similarity.csv")[0]["sim_decoded"] is None
     CsvLog(tmp_path / "correlations.csv", CORRELATIONS.columns).rewrite([
         {"ablation": "mean", "image": "pooled", "lens": "dsl", "n": 3, "spearman": float("nan")}])

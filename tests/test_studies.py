@@ -26,7 +26,7 @@ from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
 from dsl_cli.figures import POOLED, SCORES, _draw_orders, _pooled_title, draw_fade_grids, overlay_settings
 from dsl_cli.images import overlay
-from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, group_rows, read_csv
+from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, group_rows, read_csv, save_png
 from dsl_cli.studies import (STUDY_MAX_ROWS, ablation_row_bytes, ablation_rows, correlations, head_importance,
                              overlay_removal)
 from dsl_cli.study_registry import run_study
@@ -522,7 +522,7 @@ def test_fade_grids_show_each_order_s_decoded_steps_captioned_with_their_similar
                                ("random", 0, 50), ("random", 2, 60), ("direct", 0, 70)):
         path = folder.overlay_step("cat_on_dog", order, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (8, 8), (shade, 0, 0)).save(path)
+        save_png(path, Image.new("RGB", (8, 8), (shade, 0, 0)))  # as the study writes them (dsl's tag)
     monkeypatch.setattr(figures, "grid_image", lambda tiles, title, columns, note: drawn.append(
         ([(t.getpixel((0, 0))[0], caption) for t, caption in tiles], title, columns, note)) or Image.new("RGB", (4, 4)))
     assert draw_fade_grids(tmp_path, rows) == [folder.figure("grids", "cat_on_dog_overlay_fade")]
