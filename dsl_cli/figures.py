@@ -455,17 +455,20 @@ def heatmap_frame(n_panels: int, n_layers: int, block_names: list[list[str]], ti
     return HeatmapFrame(width, band + n_panels * panel, band, panel, blocks, title)
 
 
-def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "", limits: Limits | None = None) -> list[Path]:
+def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "", limits: Limits | None = None,
+                  values: str = "") -> list[Path]:
     """Per image and lens: `heatmap_figure`, titled with the image, the run's settings and models, all on the
     colour scales `limits` (default: shared by the figures drawn here); `tag` (a sweep's heatmaps for one
-    value of an override, `lens.alpha=4`) ends the file names and the titles."""
+    value of an override, `lens.alpha=4`) ends the file names, and `values` (those values as typed, where the
+    tag had to shorten or hash them; default: the tag) the titles."""
     written, decoders = [], {decoded: models_text(run_dir, decoded) for decoded in (False, True)}
     limits = shared_limits(rows) if limits is None else limits
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
         decoded = any(r["file"] for r in group)
         models = decoders[decoded]  # a decoder, its steps and guidance named only where it decoded something
         fig = heatmap_figure(group, f"{image}: similarity to the input, per layer and component\n"
-                                    + " | ".join(p for p in (settings_text(group[0], decoded), tag, models) if p),
+                                    + " | ".join(p for p in (settings_text(group[0], decoded), values or tag, models)
+                                                 if p),
                              limits)
         path = RunFolder(run_dir).figure("heatmaps", f"{image}_{lens}_{tag}" if tag else f"{image}_{lens}")
         save_figure(fig, path)

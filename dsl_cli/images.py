@@ -164,7 +164,7 @@ def unique_names(files: list[Path], root: Path) -> list[str]:
     """A name per file, usable as a folder name and distinct from the others (also ignoring case).
 
     A file is named by its stem when the stem is already safe and no other file has the same stem; else by
-    the cleaned stem and a hash of its path below `root` (`a b.png` -> `a_b-3f2a9c1e`). So names do not
+    the cleaned stem and a hash of its path below `root` (`a b.png` -> `a_b-47c1591e`). So names do not
     depend on the order of the files, and a file keeps its name when others are added or removed.
     """
     counts = Counter(p.stem.casefold() for p in files)
@@ -229,7 +229,9 @@ def _folder_files(spec: str) -> tuple[list[Path], Path]:
 
 
 def _sample_files(names: list[str] | None) -> list[tuple[str, Path]]:
-    chosen = list(SAMPLES) if not names else list(names)
+    if names is not None and len(names) == 0:  # as component=[] is: an empty list naming nothing is a slip
+        raise UserError(f"images.names=[] names no image: list some of {sorted(SAMPLES)}, or leave it out for all")
+    chosen = list(SAMPLES) if names is None else list(names)
     unknown = [n for n in chosen if n not in SAMPLES]
     if unknown:
         raise UserError(f"images.names: unknown sample(s) {unknown}; choose from {sorted(SAMPLES)}")

@@ -594,6 +594,9 @@ def _nothing_to_report(root: Path) -> str:
     if kind == "sae":
         return (f"{root}: the folder of an SAE (`dsl sae train`): report and plot work on the folders of "
                 f"`dsl run` (a run over its features: dsl run sae={root})")
+    if (root / "similarity.csv").is_file() and not (root / "manifest.json").exists():
+        return (f"{root}: holds a similarity.csv but no manifest.json: dsl works only in folders it can show it "
+                "made (their manifest.json); restore it")
     return (f"{root}: no dsl run here, nor a study or sweep (no manifest.json, similarity.csv or multirun.yaml in "
             "it or below it)")
 

@@ -103,10 +103,11 @@ def main(args: list[str]) -> int:
         return 0
     if args[0] != "train":
         raise UserError(f"dsl sae {args[0]}: unknown; use `dsl sae train [OVERRIDES...]` (dsl sae --help)")
-    from dsl_cli.config import folder_overrides
+    from dsl_cli.config import folder_overrides, single_values
 
     options, overrides = parse_options(folder_overrides(args[1:]))
     require_layer(overrides)
+    single_values(overrides)  # one SAE per command: `layer=1,2` was Hydra's several-line refusal, status 1
     cfg = _compose(overrides)
     out = train(cfg, options)
     print(f"SAE written to {out} (dsl run ... sae.path={out})")

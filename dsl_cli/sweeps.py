@@ -360,9 +360,11 @@ def draw_sweep(sweep_dir: Path, expected: int | None = None) -> list[Path]:
             (sweep_dir / stale).unlink()
     figures, limits = [], shared_limits(rows)  # one colour scale over every job: colours compare across them
     groups = group_rows(rows, tuple(varying))
-    tags = heatmap_tags([k[len(OVERRIDE):] for k in varying], list(groups))
+    names = [k[len(OVERRIDE):] for k in varying]
+    tags = heatmap_tags(names, list(groups))
     for values, group in groups.items():
-        figures += draw_heatmaps(sweep_dir, group, tag=tags[values], limits=limits)
+        typed = " ".join(f"{name}={value}" for name, value in zip(names, values))
+        figures += draw_heatmaps(sweep_dir, group, tag=tags[values], limits=limits, values=typed)
     return figures + draw_lens_comparison(sweep_dir, rows)
 
 

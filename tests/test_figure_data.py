@@ -85,6 +85,23 @@ def test_the_heatmaps_of_a_run_share_their_colour_scales(tmp_path: Path, monkeyp
     assert first["sim_embed", "heads"] == pytest.approx((min(heads), max(heads)))
 
 
+def test_a_sweep_s_heatmaps_are_titled_with_the_values_as_typed(tmp_path: Path, monkeypatch) -> None:
+    """Swept paths that sanitise alike get file tags of their own, and titles with the paths as typed (the
+    titles showed the tags: `images.path=_a_b` for both)."""
+    from dsl_cli import sweeps
+
+    rows = [r | {"job": job, "override.images.path": path} for job, path in enumerate(["/a/b", "/a_b"])
+            for r in rows_of([0, 1], 3)]
+    monkeypatch.setattr(sweeps, "read_merged", lambda folder: rows)
+    monkeypatch.setattr(sweeps, "draw_lens_comparison", lambda folder, rows: [])
+    titles, real = [], fig_module.heatmap_figure
+    monkeypatch.setattr(fig_module, "heatmap_figure", lambda group, title, *args: titles.append(title) or real(
+        group, title, *args))
+    drawn = sweeps.draw_sweep(tmp_path)
+    assert len(set(drawn)) == len(drawn) == 2 and not any("/a" in path.name for path in drawn), drawn
+    assert sorted(title.split(" | ")[1] for title in titles) == ["images.path=/a/b", "images.path=/a_b"], titles
+
+
 def test_a_sweep_colours_every_job_on_one_scale(tmp_path: Path, monkeypatch) -> None:
     """The heatmaps of a sweep's values (lens.alpha=1 and 4 here) are drawn with the limits of all its rows."""
     from dsl_cli import sweeps
@@ -93,8 +110,8 @@ def test_a_sweep_colours_every_job_on_one_scale(tmp_path: Path, monkeypatch) -> 
     high = [r | {"job": 1, "override.lens.alpha": "4", "sim_embed": r["sim_embed"] * 3} for r in rows_of([0, 1], 3)]
     monkeypatch.setattr(sweeps, "read_merged", lambda folder: low + high)
     given = []
-    monkeypatch.setattr(sweeps, "draw_heatmaps", lambda folder, rows, tag="", limits=None: given.append(limits)
-                        or [])
+    monkeypatch.setattr(sweeps, "draw_heatmaps", lambda folder, rows, tag="", limits=None, values="":
+                        given.append(limits) or [])
     monkeypatch.setattr(sweeps, "draw_lens_comparison", lambda folder, rows: [])
     sweeps.draw_sweep(tmp_path)
     assert len(given) == 2 and given[0] == given[1] == shared_limits(low + high)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from dsl_cli.errors import UserError
 from helpers import dsl_here, dsl_in_process
 
 SCORES_ONLY = ["run", "debug=tiny", "decode.enabled=false", "layer=1", "head=0"]  # seconds, nothing decoded
@@ -120,6 +121,15 @@ def test_an_image_named_twice_is_refused_before_any_work(tmp_path: Path, monkeyp
     assert code == 2 and len(error_lines(err)) == 1, err
     assert "two inputs are named coffee" in err and "give each image once" in err, err
     assert not (tmp_path / "run").exists()  # stopped before its first result: nothing to resume
+
+
+def test_an_empty_list_of_sample_names_is_refused_not_taken_for_all() -> None:
+    """images.names=[] ran every sample photo, where component=[] is refused as naming nothing."""
+    from dsl_cli.images import _sample_files
+
+    with pytest.raises(UserError, match=r"^images.names=\[\] names no image"):
+        _sample_files([])
+    assert len(_sample_files(None)) > 1 and [n for n, _ in _sample_files(["coffee"])] == ["coffee"]
 
 
 def _picture_of_the_users(folder: Path, file: str) -> None:

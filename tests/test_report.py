@@ -219,6 +219,9 @@ def test_report_on_a_folder_with_nothing_in_it(tmp_path: Path, capsys) -> None:
     assert err.startswith("dsl: error:") and "no dsl run here" in err and err.count("\n") == 1
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+    (tmp_path / "similarity.csv").write_text("image,lens,component\n")  # a run whose manifest.json was deleted
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert "holds a similarity.csv but no manifest.json" in capsys.readouterr().err
 
 
 def test_report_help(capsys) -> None:

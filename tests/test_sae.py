@@ -486,6 +486,10 @@ def test_sae_train_asks_for_its_layer(tmp_path, monkeypatch, capsys):
     lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert code == 2 and len(lines) == 1 and "give the block to train at, layer=N" in lines[0], err[-3000:]
     assert "30" not in lines[0] and not out.exists()
+    code, err = dsl_in_process(["sae", "train", "debug=tiny", "layer=1,2", f"images.path={tmp_path}",
+                                f"train.out={out}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.startswith("dsl: error: layer=1,2: a comma or range() sweeps") and err.count("\n") == 1
+    assert not out.exists()
 
 
 def test_a_failed_sae_training_is_recorded_and_continued(tmp_path, monkeypatch, capsys):
