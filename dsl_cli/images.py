@@ -62,8 +62,12 @@ class InputImage:
 class ImageSet:
     images: list[InputImage]
     skipped: list[dict] = field(default_factory=list)  # [{"path": ..., "reason": ...}]
-    fingerprints: dict[str, str] = field(default_factory=dict)  # name -> `fingerprint` of its file (load_images)
     skip_bad: bool = False  # go on without an image that fails to load, listing it in `skipped`
+
+    def fingerprints(self) -> dict[str, str]:
+        """name -> `fingerprint` of each image's file, read now: only a run, which may be continued, needs them
+        (an adapter fit or an SAE training over a large folder reads each file once, to decode it)."""
+        return {item.name: fingerprint(Path(item.source)) for item in self.images if item.image is None}
 
     def stream(self, items: list[InputImage]) -> Iterator[tuple[InputImage, Image.Image]]:
         """Each item with its picture, read one at a time; one that fails to read is skipped and listed
@@ -295,7 +299,6 @@ def load_images(cfg) -> ImageSet:
     for name, path in named:
         try:
             check_image(path)
-            result.fingerprints[name] = fingerprint(path)
         except UserError as err:
             if not cfg.skip_bad:
                 raise

@@ -587,7 +587,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     _start_manifest(cfg, device, manifest, resumed_rows=len(previous))
     with manifest.stage("images"):
         image_set = load_images(cfg.images)
-        same_images(manifest, image_set.fingerprints)
+        same_images(manifest, image_set.fingerprints())
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
     lens = get_lens(cfg.lens)
     reader = _prepare(cfg, lens, device, manifest)
