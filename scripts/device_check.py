@@ -92,7 +92,9 @@ def say(check: Check, line: str) -> None:
 
 
 def step_env(check: Check) -> dict[str, str]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    # dsl's cache folder in the working folder: what each call measures is its own, never a record of the
+    # decoder's memory (or a classifier) that an earlier call on the same warm machine left in ~/.cache/dsl
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "DSL_CACHE": str(check.work / "dsl_cache")}
     if check.dry:
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return env

@@ -218,3 +218,10 @@ def test_missing_packages_without_wheels_are_one_line_and_status_2(tmp_path: Pat
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("device_check: one of diffusers open_clip hydra omegaconf") and \
         "run scripts/fetch_wheels.sh" in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_each_call_s_steps_keep_dsl_s_cache_in_its_working_folder(tmp_path: Path) -> None:
+    """The decoder's recorded memory (and classifiers) of an earlier call on the same warm machine, kept in
+    ~/.cache/dsl, would spare this call's probes: its steps get a cache folder of their own."""
+    check = device_check.Check(out=tmp_path, work=tmp_path / "work", dry=True, budget=60, log=tmp_path / "log")
+    assert device_check.step_env(check)["DSL_CACHE"] == str(tmp_path / "work" / "dsl_cache")
