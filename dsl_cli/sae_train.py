@@ -148,11 +148,16 @@ class Setup:
 
     def identity(self) -> dict:
         """What a checkpoint must match to be continued (not where it goes or how often it is written)."""
-        ident = {"hook_name": self.hook, "d_in": self.d_in, "d_sae": self.d_sae, "source": str(self.cfg.encoder.source),
-                 "encoder": str(self.cfg.encoder.get("name")), "images": [i.name for i in self.images],
+        # the encoder whole: its name alone is `hf` for every transformers model, and says nothing of the weights
+        encoder = {key: str(self.cfg.encoder.get(key)) for key in ENCODER_IDENTITY}
+        ident = {"hook_name": self.hook, "d_in": self.d_in, "d_sae": self.d_sae, "source": encoder.pop("source"),
+                 "encoder": encoder.pop("name"), **encoder, "images": [i.name for i in self.images],
                  **asdict(self.options)}
         ident.pop("out"), ident.pop("checkpoint_every")
         return ident
+
+
+ENCODER_IDENTITY = ("source", "name", "pretrained", "checkpoint", "repo_id", "subfolder")  # which weights, whence
 
 
 def setup(cfg, options: TrainOptions) -> Setup:

@@ -706,3 +706,24 @@ def test_a_run_over_relative_paths_resumes_from_another_folder(tmp_path, monkeyp
     assert manifest["status"] == "complete"
     assert manifest["config"]["sae"]["path"] == str(tmp_path / "my_sae")
     assert manifest["config"]["images"]["path"] == str(tmp_path / "photos")
+
+
+def test_a_training_s_checkpoint_names_its_encoder_whole() -> None:
+    """A checkpoint is continued only by the training it belongs to: its identity named the encoder by source
+    and name alone (`hf` for every transformers model), so one model's checkpoint continued with another's."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from dsl_cli.sae_train import Setup, TrainOptions
+
+    def identity(**encoder) -> dict:
+        cfg = OmegaConf.create({"encoder": {"source": "hf", "name": "hf", "pretrained": None, "checkpoint": None,
+                                            "repo_id": "facebook/dinov2-small", "subfolder": "", **encoder}})
+        setup = SimpleNamespace(cfg=cfg, hook="blocks.1.hook_resid_post", d_in=64, d_sae=512, images=[],
+                                options=TrainOptions())
+        return Setup.identity(setup)
+
+    assert identity() == identity()
+    assert identity(repo_id="facebook/dinov2-base") != identity()
+    assert identity(checkpoint="/models/mine") != identity() and identity(pretrained="laion") != identity()
