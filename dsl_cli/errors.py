@@ -33,6 +33,11 @@ class FolderTaken(UserError):
     the time (the default `hydra.run.dir`) then goes to a sibling; one the user named is refused."""
 
 
+class Refused(UserError):
+    """A continued run refused before its attempt began (a setting or an input image changed since it started):
+    nothing of the run was touched, so its manifest keeps the status it had (`job.record_ending`)."""
+
+
 class PartlyDone(UserError):
     """Of several folders (`dsl report` / `dsl plot` over a folder of runs), some were refused and the rest
     done: `done` is what the work returns when none is refused, `details` names each refused folder and why."""

@@ -22,8 +22,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from dsl_cli.errors import (FolderTaken, Interrupted, UserError, bug_message, printable, raise_if_stopped, report,
-                            stop, stop_handler)
+from dsl_cli.errors import (FolderTaken, Interrupted, Refused, UserError, bug_message, printable, raise_if_stopped,
+                            report, stop, stop_handler)
 from dsl_cli.logs import close_file_logs
 from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes, is_dsl_png, is_sweep_folder
 from dsl_cli.resumption import requeued_run, resumes
@@ -230,7 +230,10 @@ def claim(folder: RunFolder, cfg: DictConfig, kind: str = "run") -> None:
 
 def record_ending(folder: RunFolder, err: BaseException) -> None:
     """The manifest's status and reason for a job that did not complete; on a full disk the space kept in
-    the folder's lock is given back first, so that this last write fits."""
+    the folder's lock is given back first, so that this last write fits. A continued run refused before its
+    attempt began (`Refused`) keeps the status it had: a complete run is still whole."""
+    if isinstance(err, Refused):
+        return
     values = ({"status": "interrupted", "error": f"interrupted by {_signal_name(err)}"}
               if isinstance(err, KeyboardInterrupt) else {"status": "failed", "error": _reason(err)})
     manifest = Manifest(folder.manifest_json)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dsl_cli.errors import UserError
+from dsl_cli.errors import Refused
 from dsl_cli.outputs import Manifest, damaged, is_sweep_folder, read_manifest
 
 log = logging.getLogger("dsl_cli.resumption")
@@ -62,17 +62,17 @@ def same_images(manifest: Manifest, fingerprints: dict[str, str]) -> None:
     elif not (isinstance(earlier, dict) and all(isinstance(v, str) for v in earlier.values())):
         raise damaged(manifest.path, "fingerprints.images is not an object of texts")
     else:
-        _refuse_changes(manifest.path.parent, earlier, fingerprints)
+        refuse_changed_images(manifest.path.parent, earlier, fingerprints)
     manifest.update(fingerprints={**known, "images": fingerprints})
 
 
-def _refuse_changes(run_dir: Path, earlier: dict[str, str], now: dict[str, str]) -> None:
+def refuse_changed_images(run_dir: Path, earlier: dict[str, str], now: dict[str, str]) -> None:
     """One line naming the images that differ from those the run started with, if any."""
     changes = {"changed": sorted(n for n in earlier.keys() & now.keys() if earlier[n] != now[n]),
                "added": sorted(now.keys() - earlier.keys()), "removed": sorted(earlier.keys() - now.keys())}
     found = [f"{how}: {_some(names)}" for how, names in changes.items() if names]
     if found:
-        raise UserError(f"{run_dir}: input images differ from those the run started with ({'; '.join(found)}); "
+        raise Refused(f"{run_dir}: input images differ from those the run started with ({'; '.join(found)}); "
                         "a continued run keeps its images: put them back as they were, or start a new run")
 
 

@@ -35,7 +35,7 @@ from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing,
                              load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_device
 from dsl_cli.encoder import embedding_space, load_encoder, model_shape
-from dsl_cli.errors import UserError, printable
+from dsl_cli.errors import Refused, UserError, printable
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (Lens, ScoredImages, SteeringLens, TextReader, check_finite, describe, get_lens, n_labels,
                             prepare_text, rank, score, where_heads_look)
@@ -46,7 +46,7 @@ from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, g
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
-from dsl_cli.resumption import current_slurm_job, resumes, same_images
+from dsl_cli.resumption import current_slurm_job, refuse_changed_images, resumes, same_images
 from dsl_cli.study_registry import run_study, validate_study
 from dsl_cli import studies  # noqa: F401  (the built-in studies' stages register themselves: @study_stage)
 
@@ -137,9 +137,19 @@ def check_settings_kept(cfg: DictConfig, run_dir: Path) -> None:
         raise UserError(f"{run_dir}: its config cannot be resolved ({str(err).splitlines()[0]})") from None
     for key, then, value in _changed(earlier, now):
         if key != "resume":
-            raise UserError(f"{run_dir}: {key} is {printable(repr(value))} now, but the run started with "
+            raise Refused(f"{run_dir}: {key} is {printable(repr(value))} now, but the run started with "
                             f"{printable(repr(then))} (was {RunFolder(run_dir).config_yaml} edited?): a continued "
                             "run keeps its settings; put that one back, or start a new run with the new value")
+
+
+def check_images_kept(cfg: DictConfig, run_dir: Path) -> None:
+    """A run continued with input images changed, added or removed since its first attempt recorded them is
+    refused before this attempt's record starts (`same_images` records and checks them again in the images
+    stage): its manifest, complete or interrupted, stays as it was."""
+    recorded = (read_manifest(run_dir) or {}).get("fingerprints")
+    earlier = recorded.get("images") if isinstance(recorded, dict) else None
+    if isinstance(earlier, dict):  # a damaged record is named by `same_images`
+        refuse_changed_images(run_dir, earlier, load_images(cfg.images).fingerprints())
 
 
 def _changed(then: dict, now: dict, prefix: str = "") -> Iterator[tuple[str, object, object]]:
@@ -550,6 +560,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         elif _complete_already(run_dir):  # a requeued job or a job of a resumed sweep that finished before
             return
         check_settings_kept(cfg, run_dir)
+        check_images_kept(cfg, run_dir)
         validate(cfg)
         preflight(cfg)
         folder.remove_temporaries()

@@ -50,13 +50,16 @@ def decoded(tmp_path_factory) -> Path:
     return folder
 
 
-def refused(args: list[str], folder: Path, tmp_path: Path, monkeypatch, capsys) -> str:
-    """The one error line of a command refused with exit 2 that left `folder` byte for byte as it was."""
+def refused(args: list[str], folder: Path, tmp_path: Path, monkeypatch, capsys, before_it_began: bool = False) -> str:
+    """The one error line of a command refused with exit 2 that left `folder` byte for byte as it was (but for
+    its manifest, which says `failed` and why; `before_it_began`: the manifest too, a complete run's status
+    kept)."""
     before = files(folder)
     code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
     assert code == 2 and len(error_lines(err)) == 1 and "Traceback" not in err, err
     after = files(folder)
-    assert after.pop("manifest.json") and before.pop("manifest.json")  # says `failed`, and why
+    if not before_it_began:
+        assert after.pop("manifest.json") and before.pop("manifest.json")
     assert after.keys() - {"dsl.log"} == before.keys() - {"dsl.log"}
     assert {k: v for k, v in after.items() if k != "dsl.log"} == {k: v for k, v in before.items() if k != "dsl.log"}
     return error_lines(err)[0]
@@ -72,13 +75,19 @@ def test_resume_refuses_input_images_changed_added_or_removed(photos: Path, tmp_
     original = (photos / "one.png").read_bytes()
     photo(photos / "one.png", (30, 30, 200))
     photo(photos / "three.png", (90, 90, 90))
-    line = refused(["run", f"resume={run}"], run, tmp_path, monkeypatch, capsys)
+    # refused before the attempt began: the run, complete, stays so (its manifest said `failed`)
+    line = refused(["run", f"resume={run}"], run, tmp_path, monkeypatch, capsys, before_it_began=True)
     assert "changed: one; added: three" in line and "put them back" in line and "start a new run" in line, line
 
     (photos / "one.png").write_bytes(original)
     (photos / "three.png").unlink()
     (photos / "two.png").unlink()
-    assert "removed: two" in refused(["run", f"resume={run}"], run, tmp_path, monkeypatch, capsys)
+    assert "removed: two" in refused(["run", f"resume={run}"], run, tmp_path, monkeypatch, capsys, True)
+    config = run / ".hydra" / "config.yaml"  # and so is an edited setting
+    kept = config.read_text()
+    config.write_text(kept.replace("alpha: 2.0", "alpha: 3.0"))
+    assert "lens.alpha is 3.0 now" in refused(["run", f"resume={run}"], run, tmp_path, monkeypatch, capsys, True)
+    config.write_text(kept)
 
     photo(photos / "two.png", (30, 200, 30))  # the same bytes again: the run goes on
     code, err = dsl_in_process(["run", f"resume={run}"], tmp_path, monkeypatch, capsys)
