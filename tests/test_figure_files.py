@@ -4,7 +4,6 @@ CSV cut short or edited (a row removed, a `nan` typed in) is refused with one li
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -12,25 +11,12 @@ from PIL import Image
 
 from dsl_cli.outputs import CORRELATIONS, SIMILARITY, CsvLog, is_dsl_png, read_csv
 from helpers import dsl_in_process
-from test_trust import in_process, one_line
-from test_trust import sweep, sweep_copy  # noqa: F401 - the merged two-job sweep of those tests, as fixtures
+from test_trust import one_line
+# the fixtures of those tests: a finished tiny run that decoded layer 1 of two images (grids, heatmaps, looks),
+# a copy of it per test, and a merged two-job sweep
+from test_trust import decoded_run, run_copy, sweep, sweep_copy  # noqa: F401
 
-RUN = ["debug=tiny", "images.limit=1", "layer=1"]  # one image, a layer's heads decoded: a grid, a heatmap
 USERS = "is not a figure dsl drew; move it away and run the command again"
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("figure_files")
-    code, _ = in_process(["run", *RUN, f"hydra.run.dir={root / 'run'}"], root)
-    assert code == 0
-    return root / "run"
-
-
-@pytest.fixture
-def run_copy(finished_run: Path, tmp_path: Path) -> Path:
-    shutil.copytree(finished_run, tmp_path / "run")
-    return tmp_path / "run"
 
 
 def users_png(path: Path) -> bytes:
@@ -126,7 +112,7 @@ def test_plot_refuses_a_patches_csv_cut_short(kept: int, run_copy: Path, tmp_pat
     """patches.csv (where each head looks) cut short: the looks figure left the heads out without a word."""
     path = run_copy / "patches.csv"
     lines = path.read_text().splitlines(keepends=True)
-    assert len(lines) == 5  # a row per head of layer 1
+    assert len(lines) == 9  # a row per head of layer 1 and image
     path.write_text("".join(lines[:kept]))
     code, err = dsl_in_process(["plot", str(run_copy)], tmp_path, monkeypatch, capsys)
     assert code == 2 and re.search(r"patches.csv: astronaut steering L01H0\d has 0 rows, not 1; the file was cut "

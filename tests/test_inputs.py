@@ -65,13 +65,26 @@ def refused(args: list[str], folder: Path, tmp_path: Path, monkeypatch, capsys, 
     return error_lines(err)[0]
 
 
-def test_resume_refuses_input_images_changed_added_or_removed(photos: Path, tmp_path: Path, monkeypatch,
-                                                              capsys) -> None:
-    """Resumed after an input changed, its input.png would be the old picture beside the new one's rows."""
+def scored_run(photos: Path, tmp_path: Path, monkeypatch, capsys) -> Path:
+    """A complete run of `photos`, scores only, in tmp_path/run."""
     run = tmp_path / "run"
     code, err = dsl_in_process([*SCORES_ONLY, f"images.path={photos}", f"hydra.run.dir={run}"], tmp_path,
                                monkeypatch, capsys)
     assert code == 0, err
+    return run
+
+
+def edit_manifest(run: Path, edit) -> None:
+    """The run's manifest.json as `edit` (called on its data) leaves it."""
+    manifest = json.loads((run / "manifest.json").read_text())
+    edit(manifest)
+    (run / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_resume_refuses_input_images_changed_added_or_removed(photos: Path, tmp_path: Path, monkeypatch,
+                                                              capsys) -> None:
+    """Resumed after an input changed, its input.png would be the old picture beside the new one's rows."""
+    run = scored_run(photos, tmp_path, monkeypatch, capsys)
     original = (photos / "one.png").read_bytes()
     photo(photos / "one.png", (30, 30, 200))
     photo(photos / "three.png", (90, 90, 90))
@@ -97,13 +110,8 @@ def test_resume_refuses_input_images_changed_added_or_removed(photos: Path, tmp_
 
 def test_a_run_from_before_fingerprints_still_resumes_and_records_them(photos: Path, tmp_path: Path, monkeypatch,
                                                                        capsys) -> None:
-    run = tmp_path / "run"
-    code, err = dsl_in_process([*SCORES_ONLY, f"images.path={photos}", f"hydra.run.dir={run}"], tmp_path,
-                               monkeypatch, capsys)
-    assert code == 0, err
-    manifest = json.loads((run / "manifest.json").read_text())
-    del manifest["fingerprints"]
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    run = scored_run(photos, tmp_path, monkeypatch, capsys)
+    edit_manifest(run, lambda manifest: manifest.pop("fingerprints"))
     code, err = dsl_in_process(["run", f"resume={run}"], tmp_path, monkeypatch, capsys)
     assert code == 0, err
     assert "holds no fingerprints of the input images" in (run / "dsl.log").read_text()
@@ -112,13 +120,8 @@ def test_a_run_from_before_fingerprints_still_resumes_and_records_them(photos: P
 
 def test_damaged_image_fingerprints_are_refused_as_a_damaged_manifest(photos: Path, tmp_path: Path, monkeypatch,
                                                                       capsys) -> None:
-    run = tmp_path / "run"
-    code, err = dsl_in_process([*SCORES_ONLY, f"images.path={photos}", f"hydra.run.dir={run}"], tmp_path,
-                               monkeypatch, capsys)
-    assert code == 0, err
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["fingerprints"]["images"] = ["one", "two"]
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    run = scored_run(photos, tmp_path, monkeypatch, capsys)
+    edit_manifest(run, lambda manifest: manifest["fingerprints"].update(images=["one", "two"]))
     code, err = dsl_in_process(["run", f"resume={run}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "fingerprints.images" in error_lines(err)[0] and "not a manifest dsl can read" in err, err
 
