@@ -20,6 +20,7 @@ import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, Optional
@@ -64,9 +65,11 @@ class ImageSet:
     skipped: list[dict] = field(default_factory=list)  # [{"path": ..., "reason": ...}]
     skip_bad: bool = False  # go on without an image that fails to load, listing it in `skipped`
 
+    @cached_property
     def fingerprints(self) -> dict[str, str]:
-        """name -> `fingerprint` of each image's file, read now: only a run, which may be continued, needs them
-        (an adapter fit or an SAE training over a large folder reads each file once, to decode it)."""
+        """name -> `fingerprint` of each image's file, read when first asked for, once: only a run, which may be
+        continued, needs them (an adapter fit or an SAE training over a large folder reads each file once, to
+        decode it)."""
         return {item.name: fingerprint(Path(item.source)) for item in self.images if item.image is None}
 
     def stream(self, items: list[InputImage]) -> Iterator[tuple[InputImage, Image.Image]]:

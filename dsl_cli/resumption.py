@@ -47,27 +47,31 @@ def resumes(cfg: DictConfig, run_dir: Path) -> bool:
     return bool(cfg.resume) or continues_in_place(cfg, run_dir)
 
 
-def same_images(manifest: Manifest, fingerprints: dict[str, str]) -> None:
-    """Record the fingerprints of this attempt's input images (name -> `dsl_cli.images.fingerprint`) in the
-    manifest, beside the weights' (kept across attempts); refuse where the run's first attempt recorded others:
-    its input.png, pictures and rows belong to the images it started with, so an image changed, added or
-    removed since would pair one photo's input with another's results. A run started by a dsl that recorded
-    none is not checked."""
-    known = manifest.data.get("fingerprints", {})  # `Manifest.start` keeps a dict, or none
-    earlier = known.get("images")
-    if earlier is None:
-        if manifest.data.get("resumed_rows"):
-            log.info("%s: its manifest holds no fingerprints of the input images (an older dsl started the run): "
-                     "not checked that they are the ones it started with", manifest.path.parent)
-    elif not (isinstance(earlier, dict) and all(isinstance(v, str) for v in earlier.values())):
+def recorded_images(manifest: Manifest) -> dict[str, str] | None:
+    """The fingerprints of the input images (name -> `dsl_cli.images.fingerprint`) the run's first attempt
+    recorded; None where none were (a fresh run, or one an older dsl started); a record that is not an object
+    of texts is refused as damage."""
+    known = manifest.data.get("fingerprints")
+    earlier = known.get("images") if isinstance(known, dict) else None
+    if earlier is not None and not (isinstance(earlier, dict) and all(isinstance(v, str) for v in earlier.values())):
         raise damaged(manifest.path, "fingerprints.images is not an object of texts")
-    else:
-        refuse_changed_images(manifest.path.parent, earlier, fingerprints)
-    manifest.update(fingerprints={**known, "images": fingerprints})
+    return earlier
+
+
+def same_images(manifest: Manifest, fingerprints: dict[str, str]) -> None:
+    """Record this attempt's input images' fingerprints in the manifest, beside the weights' (kept across
+    attempts), once they were found the same as those of the run's first attempt (`refuse_changed_images`,
+    before this attempt's record started). A run started by a dsl that recorded none is not checked."""
+    if recorded_images(manifest) is None and manifest.data.get("resumed_rows"):
+        log.info("%s: its manifest holds no fingerprints of the input images (an older dsl started the run): "
+                 "not checked that they are the ones it started with", manifest.path.parent)
+    manifest.update(fingerprints={**manifest.data.get("fingerprints", {}), "images": fingerprints})
 
 
 def refuse_changed_images(run_dir: Path, earlier: dict[str, str], now: dict[str, str]) -> None:
-    """One line naming the images that differ from those the run started with, if any."""
+    """One line naming the images that differ from those the run started with, if any: its input.png, pictures
+    and rows belong to the images it started with, so an image changed, added or removed since would pair one
+    photo's input with another's results."""
     changes = {"changed": sorted(n for n in earlier.keys() & now.keys() if earlier[n] != now[n]),
                "added": sorted(now.keys() - earlier.keys()), "removed": sorted(earlier.keys() - now.keys())}
     found = [f"{how}: {_some(names)}" for how, names in changes.items() if names]

@@ -46,7 +46,8 @@ from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, g
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
-from dsl_cli.resumption import current_slurm_job, refuse_changed_images, resumes, same_images
+from dsl_cli.resumption import (current_slurm_job, recorded_images, refuse_changed_images, resumes,
+                                same_images)
 from dsl_cli.study_registry import run_study, validate_study
 from dsl_cli import studies  # noqa: F401  (the built-in studies' stages register themselves: @study_stage)
 
@@ -142,14 +143,16 @@ def check_settings_kept(cfg: DictConfig, run_dir: Path) -> None:
                             "run keeps its settings; put that one back, or start a new run with the new value")
 
 
-def check_images_kept(cfg: DictConfig, run_dir: Path) -> None:
-    """A run continued with input images changed, added or removed since its first attempt recorded them is
-    refused before this attempt's record starts (`same_images` records and checks them again in the images
-    stage): its manifest, complete or interrupted, stays as it was."""
-    recorded = (read_manifest(run_dir) or {}).get("fingerprints")
-    earlier = recorded.get("images") if isinstance(recorded, dict) else None
-    if isinstance(earlier, dict):  # a damaged record is named by `same_images`
-        refuse_changed_images(run_dir, earlier, load_images(cfg.images).fingerprints())
+def images_kept(cfg: DictConfig, manifest: Manifest) -> ImageSet | None:
+    """A continued run's images, listed and checked against the fingerprints its first attempt recorded, before
+    this attempt's record starts: changed, added or removed ones are refused (`Refused`), and its manifest,
+    complete or interrupted, stays as it was. None where none were recorded (a fresh run, an older dsl's)."""
+    earlier = recorded_images(manifest)
+    if earlier is None:
+        return None
+    image_set = load_images(cfg.images)
+    refuse_changed_images(manifest.path.parent, earlier, image_set.fingerprints)
+    return image_set
 
 
 def _changed(then: dict, now: dict, prefix: str = "") -> Iterator[tuple[str, object, object]]:
@@ -560,7 +563,6 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
         elif _complete_already(run_dir):  # a requeued job or a job of a resumed sweep that finished before
             return
         check_settings_kept(cfg, run_dir)
-        check_images_kept(cfg, run_dir)
         validate(cfg)
         preflight(cfg)
         folder.remove_temporaries()
@@ -595,10 +597,11 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
 
 def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manifest: Manifest) -> None:
     previous = folder.read(SIMILARITY)
+    kept = images_kept(cfg, manifest)
     _start_manifest(cfg, device, manifest, resumed_rows=len(previous))
     with manifest.stage("images"):
-        image_set = load_images(cfg.images)
-        same_images(manifest, image_set.fingerprints())
+        image_set = kept if kept is not None else load_images(cfg.images)
+        same_images(manifest, image_set.fingerprints)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
     lens = get_lens(cfg.lens)
     reader = _prepare(cfg, lens, device, manifest)

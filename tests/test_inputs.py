@@ -103,8 +103,13 @@ def test_resume_refuses_input_images_changed_added_or_removed(photos: Path, tmp_
     config.write_text(kept)
 
     photo(photos / "two.png", (30, 200, 30))  # the same bytes again: the run goes on
+    from dsl_cli import images
+
+    hashed, real = [], images.fingerprint
+    monkeypatch.setattr(images, "fingerprint", lambda path: hashed.append(path.name) or real(path))
     code, err = dsl_in_process(["run", f"resume={run}"], tmp_path, monkeypatch, capsys)
     assert code == 0, err
+    assert sorted(hashed) == ["one.png", "two.png"]  # each read once: checked, then recorded
     assert json.loads((run / "manifest.json").read_text())["fingerprints"]["images"].keys() == {"one", "two"}
 
 
