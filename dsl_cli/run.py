@@ -80,7 +80,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.study.name is not None:
         validate_study(cfg.study, cfg.seed)
     _validate_lens(cfg)
-    validate_sae(cfg)
+    shape = model_shape(cfg.encoder)
+    validate_sae(cfg, None if shape is None else shape[0])
     if not math.isfinite(decode.guidance):
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
     check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width, cfg.decoder.family)
@@ -91,7 +92,6 @@ def validate(cfg: DictConfig) -> None:
         check_pairing(embedding_space(cfg.encoder) if adapter is None else target_space(adapter), cfg.decoder)
     elif cfg.get("adapter"):
         run_adapter(cfg)
-    shape = model_shape(cfg.encoder)
     if shape is not None and not cfg.clamp_to_model and sae_config(cfg) is None:  # an impossible layer is refused before any download
         components = get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *shape, mid=cfg.lens.mid)
         if cfg.lens.name == SteeringLens.name and cfg.get("adapter"):

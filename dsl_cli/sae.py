@@ -28,6 +28,7 @@ Only CLS readouts (CLIP): a mean or attention-pooled readout mixes every token, 
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import json
 import logging
@@ -228,26 +229,52 @@ def load_sae(path: Optional[str] = None, repo_id: Optional[str] = None, local_fi
     """An SAE from a local SAELens folder or plain `.safetensors` file (`path`), or from the folder `path`
     (default: the repository's root) of the Hugging Face repository `repo_id`, looked up in the hub cache;
     missing weights: one-line UserError with the `hf download` command."""
-    from safetensors import SafetensorError
+    found = locate_sae(path, repo_id, local_files_only)
+    with _readable(found):
+        if found.is_file():
+            return _load_plain(found)
+        return _load_saelens(found)
 
+
+def locate_sae(path: Optional[str] = None, repo_id: Optional[str] = None, local_files_only: bool = True) -> Path:
+    """Where `load_sae` reads the SAE: a plain `.safetensors` file or a SAELens folder (UserError when there is
+    none, with what to do)."""
     if repo_id:
-        folder = _hub_folder(repo_id, path, local_files_only)
+        found = _hub_folder(repo_id, path, local_files_only)
     elif path:
-        folder = Path(path).expanduser()
+        found = Path(path).expanduser()
     else:
         raise UserError("sae: give sae.path (a folder with cfg.json and sae_weights.safetensors, or a .safetensors "
                         "file) or sae.repo_id")
+    if found.is_file() or ((found / CFG_FILE).is_file() and (found / WEIGHTS_FILE).is_file()):
+        return found
+    what = "not an SAE" if os.path.lexists(found) else "no such file or folder"
+    raise UserError(f"sae.path={found}: {what}: give a folder with {CFG_FILE} and {WEIGHTS_FILE} (SAELens) "
+                    "or a .safetensors file")
+
+
+def read_sae_cfg(found: Path) -> dict:
+    """The cfg of the SAE at `found` (from `locate_sae`) without its weights: cfg.json, or a plain file's
+    header metadata; so that a run can check it before any model loads."""
+    from safetensors import safe_open
+
+    with _readable(found):
+        if not found.is_file():
+            return _cfg_json(found)
+        with safe_open(str(found), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+
+
+@contextlib.contextmanager
+def _readable(found: Path):
+    """A damaged SAE file (bad JSON, a cut safetensors header) as one UserError naming it."""
+    from safetensors import SafetensorError
+
     try:
-        if folder.is_file():
-            return _load_plain(folder)
-        if (folder / CFG_FILE).is_file() and (folder / WEIGHTS_FILE).is_file():
-            return _load_saelens(folder)
+        yield
     except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UserError(f"SAE {folder}: not readable ({reason})") from err
-    what = "not an SAE" if os.path.lexists(folder) else "no such file or folder"
-    raise UserError(f"sae.path={folder}: {what}: give a folder with {CFG_FILE} and {WEIGHTS_FILE} (SAELens) "
-                    "or a .safetensors file")
+        raise UserError(f"SAE {found}: not readable ({reason})") from err
 
 
 def _hub_folder(repo_id: str, folder: Optional[str], local_files_only: bool) -> Path:
@@ -279,13 +306,17 @@ def hf_download_command(repo_id: str, sub: str) -> str:
     return f"hf download {shlex.quote(repo_id)} --include {shlex.quote(sub + '/*')}"
 
 
-def _load_saelens(folder: Path) -> Sae:
-    from safetensors.torch import load_file
-
+def _cfg_json(folder: Path) -> dict:
     cfg = json.loads((folder / CFG_FILE).read_text())
     if not isinstance(cfg, dict):
         raise ValueError(f"{CFG_FILE} holds a JSON {type(cfg).__name__}, not an object")
-    return sae_from(load_file(str(folder / WEIGHTS_FILE)), cfg, str(folder))
+    return cfg
+
+
+def _load_saelens(folder: Path) -> Sae:
+    from safetensors.torch import load_file
+
+    return sae_from(load_file(str(folder / WEIGHTS_FILE)), _cfg_json(folder), str(folder))
 
 
 def _load_plain(file: Path) -> Sae:
@@ -363,23 +394,23 @@ def encoder_model_name(encoder_cfg) -> Optional[str]:
     return f"timm/{name}" if source == "timm" else name
 
 
-def check_trained_on(sae: Sae, encoder_cfg) -> None:
+def check_trained_on(sae_cfg: dict, source: str, encoder_cfg) -> None:
     """UserError when the SAE's cfg names (`model_name`, SAELens's field) another encoder than the run's, as
     far as dsl can tell: a CLIP ViT of another architecture, or, for an SAE of `dsl sae train`, any other
     encoder. An SAE of the same width trained elsewhere would be read without a word, its features meaningless.
     A name that dsl cannot compare, or none, is logged and the SAE read."""
-    trained, run = _cfg_value(sae.cfg, "model_name"), encoder_model_name(encoder_cfg)
+    trained, run = _cfg_value(sae_cfg, "model_name"), encoder_model_name(encoder_cfg)
     trained = str(trained) if trained else None
     if trained is not None and trained in (run, str(encoder_cfg.get("name"))):  # the bare name: dsl's before
         return
     ours = clip_architecture(trained or "")
-    by_dsl = _cfg_value(sae.cfg, "trained_by") == TRAINED_BY_DSL
+    by_dsl = _cfg_value(sae_cfg, "trained_by") == TRAINED_BY_DSL
     if trained is None or run is None or (ours is None and not by_dsl):
         log.info("SAE %s: trained on %s, this run's encoder is %s, and dsl cannot compare the two: make sure the "
-                 "SAE is this encoder's", sae.source, f"{trained} (cfg model_name)" if trained else
+                 "SAE is this encoder's", source, f"{trained} (cfg model_name)" if trained else
                  "an encoder its cfg does not name (no model_name)", run or "read from encoder.checkpoint")
     elif ours is None or ours != clip_architecture(run):
-        raise UserError(f"SAE {sae.source} was trained on {trained} (its cfg's model_name), and this run's encoder "
+        raise UserError(f"SAE {source} was trained on {trained} (its cfg's model_name), and this run's encoder "
                         f"is {run}: run it with the encoder it was trained on (encoder=..., `dsl run --help` lists "
                         f"them), or give an SAE trained on {run}")
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from dsl_cli.components import Component
 from dsl_cli.errors import UserError
-from dsl_cli.sae import FeatureEncoder, TopImages, check_trained_on, load_sae
+from dsl_cli.sae import FeatureEncoder, TopImages, check_trained_on, load_sae, locate_sae, read_sae_cfg
 
 log = logging.getLogger("dsl_cli.sae_run")
 
@@ -42,8 +42,9 @@ def sae_config(cfg):
     return sae
 
 
-def validate_sae(cfg) -> None:
-    """Checks that need no model."""
+def validate_sae(cfg, n_layers: Optional[int] = None) -> None:
+    """Checks that need no model: the settings, and the SAE's cfg (not its weights) against the run's encoder
+    (`n_layers`, where the configs tell it), so that an SAE of another encoder is refused before one loads."""
     sae = sae_config(cfg)
     if sae is None:
         return
@@ -58,6 +59,13 @@ def validate_sae(cfg) -> None:
         raise UserError(f"component={cfg.component}: with an SAE the run reads its features at the SAE's own "
                         "layer, chosen by sae.features (top, or feature numbers such as [12, 345]); drop component=")
     chosen_features(sae.features, None)
+    found = locate_sae(sae.path, sae.repo_id)
+    sae_cfg = read_sae_cfg(found)
+    check_trained_on(sae_cfg, str(found), cfg.encoder)
+    hook = str(sae_cfg.get("hook_name") or sae_cfg.get("hook_point") or "").split(".")
+    if n_layers is not None and len(hook) == 3 and hook[1].isdigit() and int(hook[1]) >= n_layers:
+        raise UserError(f"SAE {found}: hook {'.'.join(hook)} is beyond this encoder's {n_layers} layers: give an "
+                        f"SAE of this encoder ({cfg.encoder.name})")
 
 
 def chosen_features(spec, d_sae: Optional[int]) -> Optional[list[int]]:
@@ -84,8 +92,7 @@ def feature_stage(cfg, run_dir: Path, encoder, preprocess, image_set,
     Writes features.csv; the manifest records the SAE and each image's chosen features."""
     spec = sae_config(cfg)
     with manifest.stage("sae"):
-        sae = load_sae(spec.path, spec.repo_id)
-        check_trained_on(sae, cfg.encoder)
+        sae = load_sae(spec.path, spec.repo_id)  # its cfg was checked against the encoder by validate_sae
         _check_layer_asked(Path(run_dir), sae.layer, encoder.n_layers, sae.source)
         manifest.same_weights("sae", [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.threshold],
                               f"the SAE {sae.source}")

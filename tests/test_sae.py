@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -238,9 +239,13 @@ def test_an_sae_trained_on_another_encoder_is_refused(model_name, by_dsl, encode
     cfg = OmegaConf.create(encoder)
     if refused:
         with pytest.raises(UserError, match=f"trained on {model_name} .* this run's encoder is "):
-            check_trained_on(sae, cfg)
+            check_trained_on(sae.cfg, sae.source, cfg)
     else:
-        check_trained_on(sae, cfg)
+        check_trained_on(sae.cfg, sae.source, cfg)
+
+
+def _no_encoder(*args, **kwargs):
+    raise AssertionError("the encoder was loaded")
 
 
 def test_a_run_with_an_sae_of_another_encoder_ends_in_one_line(tmp_path, monkeypatch, capsys):
@@ -249,12 +254,36 @@ def test_a_run_with_an_sae_of_another_encoder_ends_in_one_line(tmp_path, monkeyp
     folder = tiny_sae_folder(tmp_path / "sae")
     cfg = json.loads((folder / "cfg.json").read_text())
     (folder / "cfg.json").write_text(json.dumps({**cfg, "model_name": "openai/clip-vit-large-patch14"}))
+    monkeypatch.setattr("dsl_cli.run.load_encoder", _no_encoder)  # refused from its cfg, before any model loads
     code, err = dsl_in_process(["run", "debug=tiny", f"sae={folder}", "decode.enabled=false", "images.limit=1",
                                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
     lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
     assert "trained on openai/clip-vit-large-patch14" in lines[0] and "encoder is tiny" in lines[0]
     assert "encoder=" in lines[0]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda cfg: {**cfg, "hook_name": "blocks.7.hook_resid_post"}, "hook blocks.7.hook_resid_post is beyond this "
+                                                                   "encoder's 4 layers"),
+    (lambda cfg: "{not json", "not readable"),
+    (lambda cfg: [cfg], "not readable .*JSON list"),
+])
+def test_an_sae_cfg_that_cannot_be_this_encoders_is_refused_before_the_encoder_loads(edit, message, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """The SAE's cfg.json is read in the preflight (weights untouched): a hook past the encoder's layers or a
+    damaged cfg is one line before ViT-bigG-14 would load."""
+    from helpers import dsl_in_process
+
+    folder = tiny_sae_folder(tmp_path / "sae")
+    edited = edit(json.loads((folder / "cfg.json").read_text()))
+    (folder / "cfg.json").write_text(edited if isinstance(edited, str) else json.dumps(edited))
+    monkeypatch.setattr("dsl_cli.run.load_encoder", _no_encoder)
+    code, err = dsl_in_process(["run", "debug=tiny", f"sae={folder}", "decode.enabled=false", "images.limit=1",
+                                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert re.search(message, lines[0]), lines[0]
 
 
 def test_top_images_heap_and_shard_merge():
