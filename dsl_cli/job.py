@@ -22,6 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
+from dsl_cli.config import path_override
 from dsl_cli.errors import (FolderTaken, Interrupted, Refused, UserError, bug_message, printable, raise_if_stopped,
                             report, stop, stop_handler)
 from dsl_cli.logs import close_file_logs
@@ -59,18 +60,23 @@ class ClaimFolder(Callback):
                 config.hydra.run.dir = str(folder)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        claim_or_exit(Path(config.hydra.sweep.dir), config, "sweep")
+        given = Path(config.hydra.sweep.dir)
+        folder = claim_or_exit(given, config, "sweep")
+        if folder != given:  # the launcher reads it from this config, and each job's config is composed again
+            with read_write(config.hydra):  # from hydra.overrides.hydra (Hydra's load_sweep_config)
+                config.hydra.sweep.dir = str(folder)
+                config.hydra.overrides.hydra.append(path_override(f"hydra.sweep.dir={folder}", sweep=True))
 
 
 def claim_fresh(folder: Path, cfg: DictConfig, kind: str = "run") -> Path:
     """Claim the folder of a run or sweep the command starts (`claim`), and return it. A fresh one inside a
     sweep's folder is refused: the sweep's merge and resume would take it for one of its jobs. A run folder
     named after the time (`hydra.run.dir` not given), which another run of the same second holds, gives way
-    to a sibling, `TIME_1`; a folder the user named is refused."""
+    to a sibling, `TIME_1`, and so does a sweep's; a folder the user named is refused."""
     if not resumes(cfg, folder):
         _refuse_inside_a_sweep(folder, kind)
     names = [folder]
-    if kind == "run" and _named_after_the_time(cfg):
+    if _named_after_the_time(cfg, kind):
         names += [folder.with_name(f"{folder.name}_{n}") for n in range(1, SIBLINGS)]
     for candidate in names[:-1]:
         try:
@@ -91,11 +97,12 @@ def _refuse_inside_a_sweep(folder: Path, kind: str) -> None:
                             f"another {setting} (`dsl run resume={above}` runs the sweep's unfinished jobs)")
 
 
-def _named_after_the_time(cfg: DictConfig) -> bool:
-    """Whether the run folder is dsl's default, named after the time (`${now:...}` in run.yaml's
-    `hydra.run.dir`), rather than a folder given on the command line."""
-    given = any(o.lstrip("+").split("=", 1)[0] == "hydra.run.dir" for o in cfg.hydra.overrides.hydra)
-    return not given and "${now:" in str(OmegaConf.to_container(cfg.hydra.run, resolve=False)["dir"])
+def _named_after_the_time(cfg: DictConfig, kind: str) -> bool:
+    """Whether the run's (or sweep's) folder is dsl's default, named after the time (`${now:...}` in run.yaml's
+    `hydra.run.dir`, `hydra.sweep.dir`), rather than a folder given on the command line."""
+    node = "run" if kind == "run" else "sweep"
+    given = any(o.lstrip("+").split("=", 1)[0] == f"hydra.{node}.dir" for o in cfg.hydra.overrides.hydra)
+    return not given and "${now:" in str(OmegaConf.to_container(cfg.hydra[node], resolve=False)["dir"])
 
 
 def sweep_status() -> int:

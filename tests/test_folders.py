@@ -4,6 +4,7 @@ two runs started in the same second each get a folder of their own."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
 import os
@@ -174,3 +175,26 @@ def test_a_run_named_after_the_time_takes_a_sibling_of_a_folder_in_use(tmp_path:
     assert sorted(p.name for p in taken.iterdir()) == [RunFolder.LOCK]  # the other run's, untouched
     code, err = dsl_in_process([*QUICK, f"hydra.run.dir={taken}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and len(error_lines(err)) == 1 and f"being written by dsl process {sleeper.pid}" in err, err
+
+
+def test_a_sweep_named_after_the_time_takes_a_sibling_of_a_folder_in_use(tmp_path: Path, sleeper, monkeypatch,
+                                                                          capsys) -> None:
+    """Two `dsl run --multirun` started in the same second (a loop of sweeps sent to the background): the second
+    sweep and all its jobs go to TIME_1 (each job's config is composed again from the recorded overrides), and
+    merge there; the other sweep's folder is left as it was."""
+    import hydra.core.utils
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", _Noon)
+    taken = tmp_path / "outputs" / "debug" / "multirun" / "2030-01-01" / "12-00-00"
+    taken.mkdir(parents=True)
+    (taken / RunFolder.LOCK).write_text(f"{sleeper.pid} {socket.gethostname()} feedface "
+                                        f"{process_started(sleeper.pid)}\n")
+    code, err = dsl_in_process([*QUICK, "--multirun", "layer=0,2"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    sibling = taken.with_name("12-00-00_1")
+    assert sorted(p.name for p in taken.iterdir()) == [RunFolder.LOCK]
+    for job in ("0", "1"):
+        assert json.loads((sibling / job / "manifest.json").read_text())["status"] == "complete"
+    assert json.loads((sibling / "manifest.json").read_text())["status"] == "complete"
+    with open(sibling / "similarity.csv", newline="") as rows:
+        assert {row["component"][:3] for row in csv.DictReader(rows)} == {"L00", "L02"}  # both jobs' rows merged
