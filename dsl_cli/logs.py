@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from dsl_cli.errors import printable
+
 OWN = ("dsl_cli", "hydra", "__main__")  # loggers whose records reach the terminal
 LIBRARIES = ("diffusers", "huggingface_hub", "transformers", "open_clip")
 
@@ -46,7 +48,16 @@ class SweepTerminalFilter(TerminalFilter):
         return True
 
 
-class SourceFormatter(logging.Formatter):
+class PrintableFormatter(logging.Formatter):
+    """The terminal's lines with every character a terminal would act on escaped (`errors.printable`): a
+    message names folders and images, and a name must not forge output (a newline, an escape sequence)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)  # each formatter's format() sets it anew from the record
+        return super().formatMessage(record)
+
+
+class SourceFormatter(PrintableFormatter):
     """Lines labelled by who says them: `[time][HYDRA]` for Hydra's, `[time][dsl_cli.sweeps]` for dsl's and
     `[time][submitit]` for a library's (Hydra's default labels every line of a sweep `[HYDRA]`)."""
 

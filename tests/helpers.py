@@ -17,11 +17,13 @@ from dsl_cli.components import parse_component
 from dsl_cli.encoder import MeanWrites
 
 
-def dsl_in_process(args: list[str], folder: Path, monkeypatch, capsys) -> tuple[int, str]:
-    """`dsl ARGS` in this process, from `folder` (saves the seconds of a fresh interpreter per case)."""
+def dsl_in_process(args: list[str], folder: Path, monkeypatch, capsys, out: bool = False):
+    """`dsl ARGS` in this process, from `folder` (saves the seconds of a fresh interpreter per case): (exit
+    status, stderr), or with `out` (exit status, stdout, stderr)."""
     monkeypatch.chdir(folder)
     code = _main(args)
-    return code, capsys.readouterr().err
+    printed = capsys.readouterr()
+    return (code, printed.out, printed.err) if out else (code, printed.err)
 
 
 def dsl_here(args: list[str], folder: Path) -> int:

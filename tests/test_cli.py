@@ -303,12 +303,15 @@ def test_a_library_imported_after_the_logs_were_routed_is_routed_too(monkeypatch
 def test_what_report_and_plot_did_is_printed_with_control_characters_escaped(tmp_path: Path, monkeypatch,
                                                                               capsys) -> None:
     """A run folder named with an escape sequence and a newline: `wrote ...` and `redrew ...` printed both
-    raw (the terminal turned red, a line was forged), where the error lines escape them."""
-    code, err = dsl_in_process(["run", "debug=tiny", "decode.enabled=false", "layer=1", "images.limit=1",
-                                "hydra.run.dir=run"], tmp_path, monkeypatch, capsys)
-    assert code == 0, err
+    raw (the terminal turned red, a line was forged), where the error lines escape them; so did the run's own
+    log lines (`.../esc^[[31mRED: loading the tiny encoder`, `run complete: ...`)."""
     odd = tmp_path / "esc\x1b[31mRED\nnl"
-    (tmp_path / "run").rename(odd)
+    code, out, err = dsl_in_process(["run", "debug=tiny", "decode.enabled=false", "layer=1", "images.limit=1",
+                                     f"hydra.run.dir='{odd}'"], tmp_path, monkeypatch, capsys, out=True)
+    assert code == 0, err
+    logged = [line for line in (out + err).splitlines() if "esc" in line]
+    assert len(logged) >= 2 and "\x1b" not in out + err, out + err
+    assert all("esc\\x1b[31mRED\\nnl" in line for line in logged), logged
     from dsl_cli import cli
 
     for command, done in (("report", "wrote "), ("plot", "redrew ")):
