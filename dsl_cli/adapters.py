@@ -451,7 +451,9 @@ class AdaptedEncoder:
     the hooked path through the adapter. Residual readout (after block l): lens(x) = W x + b, applied to
     the residual the lens reads: a block's residual (the Diffusion Lens, as a tuned lens would be), a write
     (direct), and for DSL the steered residual after block l, x_{l+1} + delta(c) (norm mode scales c to
-    |x_{l+1}|), of components of blocks 0 to l only (`check_steerable`)."""
+    |x_{l+1}|), of components of blocks 0 to l only (`check_steerable`). `steer_writes` is that closed form
+    for any writes and `map_hooked` the hooked path through the adapter, so that an SAE's features
+    (dsl_cli.sae) are read as heads are."""
 
     def __init__(self, encoder, adapter: Adapter):
         self.__dict__.update(base=encoder, adapter=adapter, adapter_readout=adapter.readout)
@@ -488,23 +490,39 @@ class AdaptedEncoder:
     def steer(self, cache, components, mode: str = "norm", alpha: float = 2.0) -> Tensor:
         if self.adapter_readout.kind == "embed":
             return self._map(self.base.steer(cache, components, mode=mode, alpha=alpha))
-        from dsl_cli.encoder import steering_delta
-
         parsed = [self.base._parse(c, steerable=True) for c in components]
         check_steerable(self.adapter_readout, parsed)
-        writes = self.base.component_writes(cache, parsed)
-        # with every later submodule patched to its clean output, the residual after the adapter's block is
-        # x_{l+1} + delta(c): the adapter maps what it was fitted on, and the identity steer gives the clean one
+        return self.steer_writes(cache, self.base.component_writes(cache, parsed), mode, alpha)
+
+    def steer_writes(self, cache, writes: Tensor, mode: str = "norm", alpha: float = 2.0) -> Tensor:
+        """DSL of any writes at the readout position (heads', MLPs', SAE features'): writes [B, K, D] -> the
+        steered embeddings [B, K, q]. Each write's delta is added to the residual the adapter reads, every
+        later write patched to its clean value: W R(x_L + delta) + b (embedding readout, exact readouts
+        only), W (x_{l+1} + delta) + b (residual after block l; norm mode scales to |x_{l+1}|). The caller
+        makes sure each write reaches that residual (`check_steerable`)."""
+        from dsl_cli.encoder import steering_delta
+
+        if self.adapter_readout.kind == "embed":
+            final = cache.resid[:, -1:]  # [B, 1, D]
+            return self.readout(final + steering_delta(writes, final, mode, alpha))
+        # the residual after the adapter's block is x_{l+1} + delta: the adapter maps what it was fitted on,
+        # and the identity steer gives the clean one
         block = self.adapter_readout.layer
         read = cache.resid[:, block + 1:block + 2]  # [B, 1, D]
         return self._map(read + steering_delta(writes, read, mode, alpha))
 
-    def steer_hooked(self, pixels: Tensor, component, mode: str = "norm", alpha: float = 2.0,
-                     patch: bool = True) -> Tensor:
+    def map_hooked(self, reference: Any) -> Tensor:
+        """A hooked reference through the adapter: `reference`, a callable of the source encoder, runs a real
+        forward pass and gives its embedding [B, E], mapped to [B, q]. An adapter of the residual stream reads no embedding: refused in
+        one line before any pass."""
         if self.adapter_readout.kind != "embed":
             raise UserError("lens.verify: the hooked reference reads the embedding; an adapter of the residual "
                             "stream has no hooked path (lens.verify=false)")
-        return self._map(self.base.steer_hooked(pixels, component, mode=mode, alpha=alpha, patch=patch))
+        return self._map(reference(self.base))
+
+    def steer_hooked(self, pixels: Tensor, component, mode: str = "norm", alpha: float = 2.0,
+                     patch: bool = True) -> Tensor:
+        return self.map_hooked(lambda base: base.steer_hooked(pixels, component, mode=mode, alpha=alpha, patch=patch))
 
     def diffusion_lens(self, cache, layers, mid: bool = False) -> Tensor:
         if self.adapter_readout.kind == "embed":

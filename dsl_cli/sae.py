@@ -12,6 +12,9 @@ so that x = b_dec + sum_i f_i W_dec[i] + eps exactly. Steering a feature's write
 (add: alpha w; scale: (alpha - 1) w; norm: alpha |x_L| w / |w|) at the SAE's hook point; with every later
 attention and MLP write patched to its clean value the final residual is x_L + delta, so DSL's closed form
 R(x_L + delta) holds as for a head (`steer_features`; `steer_feature_hooked` is the real-forward reference).
+Through an adapter (`adapters.AdaptedEncoder`) a feature is read as a head is: its delta goes to the residual
+the adapter reads (`steer_writes`: x_{l+1} for a residual adapter of block l, which an SAE after block l never
+reaches: `check_adapter_reach`), and the real-forward reference is mapped through it (`map_hooked`).
 
 Two ways to store an SAE (both read by `load_sae`):
 
@@ -435,10 +438,37 @@ def _delta(write: Tensor, final: Tensor, mode: str, alpha: float) -> Tensor:
     return steering_delta(write, final, mode, alpha)
 
 
+def reaches(hook_name: str, layer: int) -> bool:
+    """Whether a feature steered at `hook_name` (every later write patched) changes x_{layer+1}, the residual
+    after block `layer`: an SAE at any point of blocks 0 to `layer`, or at blocks.{layer+1}.hook_resid_pre,
+    which reads x_{layer+1} itself; any other point of a later block comes after it."""
+    _, at, point = hook_name.split(".")
+    return int(at) <= layer or (int(at) == layer + 1 and point == "hook_resid_pre")
+
+
+def check_adapter_reach(readout, hook_name: str, source: str) -> None:
+    """UserError for steering the features of an SAE after the block whose residual a residual adapter
+    (`readout`, an `adapters.Readout`, or None) maps: its writes never reach that residual, so every steered
+    embedding would be the clean one (`adapters.check_steerable` refuses a later head so)."""
+    if readout is None or readout.kind != "resid" or reaches(hook_name, readout.layer):
+        return
+    at, block = int(hook_name.split(".")[1]), readout.layer
+    raise UserError(f"SAE {source} sits at {hook_name}, after block {block}, whose residual the adapter maps: "
+                    f"steering its features cannot change what the adapter reads. Give an SAE of blocks 0 to {block} "
+                    f"(or at blocks.{block + 1}.hook_resid_pre), or fit an adapter of block {at} "
+                    f"(adapter.readout=resid adapter.layer={at})")
+
+
 def steer_features(encoder, sae: Sae, cache, components: Sequence[Component], mode: str = "norm",
                    alpha: float = 2.0) -> Tensor:
-    """DSL of SAE features, closed form: R(x_L + delta(w)) for each feature's write w -> [B, K, E]."""
+    """DSL of SAE features, closed form: R(x_L + delta(w)) for each feature's write w -> [B, K, E]. Through
+    an adapter (`AdaptedEncoder.steer_writes`), what the adapter reads, steered: W R(x_L + delta) + b, or
+    for a residual adapter of block l W (x_{l+1} + delta) + b (an SAE after block l refused)."""
     writes = feature_writes(sae, cache, components)  # [B, K, D]
+    steer_writes = getattr(encoder, "steer_writes", None)  # an AdaptedEncoder's: the residual its adapter reads
+    if steer_writes is not None:
+        check_adapter_reach(encoder.adapter_readout, sae.hook_name, sae.source)
+        return steer_writes(cache, writes, mode, alpha)
     final = cache.resid[:, -1:]  # [B, 1, D]
     return encoder.readout(final + _delta(writes, final, mode, alpha))
 
@@ -564,7 +594,13 @@ class FeatureEncoder:
 
     def steer_hooked(self, pixels, component, mode: str = "norm", alpha: float = 2.0, patch: bool = True) -> Tensor:
         if parse_component(component).kind in FEATURE_KINDS:
-            return steer_feature_hooked(self.inner, self.sae, pixels, component, mode, alpha, patch)
+            def reference(encoder) -> Tensor:
+                return steer_feature_hooked(encoder, self.sae, pixels, component, mode, alpha, patch)
+
+            # through an adapter the real pass's embedding is mapped (or, for a residual adapter, refused),
+            # as a head's is: the source encoder's alone would be compared with the mapped closed form
+            through = getattr(self.inner, "map_hooked", None)
+            return reference(self.inner) if through is None else through(reference)
         return self.inner.steer_hooked(pixels, component, mode=mode, alpha=alpha, patch=patch)
 
     def feature_attribution(self, cache, components) -> Tensor:

@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from dsl_cli.components import Component
 from dsl_cli.errors import UserError
-from dsl_cli.sae import FeatureEncoder, TopImages, check_trained_on, load_sae, locate_sae, read_sae_cfg
+from dsl_cli.sae import (SAE_POINTS, FeatureEncoder, TopImages, check_adapter_reach, check_trained_on, load_sae,
+                         locate_sae, read_sae_cfg)
 
 log = logging.getLogger("dsl_cli.sae_run")
 
@@ -66,6 +67,12 @@ def validate_sae(cfg, n_layers: Optional[int] = None) -> None:
     if n_layers is not None and len(hook) == 3 and hook[1].isdigit() and int(hook[1]) >= n_layers:
         raise UserError(f"SAE {found}: hook {'.'.join(hook)} is beyond this encoder's {n_layers} layers: give an "
                         f"SAE of this encoder ({cfg.encoder.name})")
+    readable = len(hook) == 3 and hook[0] == "blocks" and hook[1].isdigit() and hook[2] in SAE_POINTS
+    if readable and cfg.lens.name == "steering":  # a residual adapter's block, read from its file
+        from dsl_cli.adapters import run_adapter
+
+        adapter = run_adapter(cfg)
+        check_adapter_reach(None if adapter is None else adapter.readout, ".".join(hook), str(found))
 
 
 def chosen_features(spec, d_sae: Optional[int]) -> Optional[list[int]]:

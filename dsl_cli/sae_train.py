@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from dsl_cli.config import encoder_folder_name, split_options
+from dsl_cli.config import encoder_folder_name, encoder_text, split_options
 from dsl_cli.errors import Interrupted, UserError, stop_handler
 from dsl_cli.libraries import import_frozen
 
@@ -174,9 +174,11 @@ def setup(cfg, options: TrainOptions) -> Setup:
         raise UserError(f"train.point={options.point}: use one of {', '.join(SAE_POINTS)}")
     if not isinstance(cfg.layer, int):
         raise UserError(f"layer={cfg.layer}: `dsl sae train` trains at one layer (an int)")
+    check_readout(known_readout(cfg.encoder), cfg.encoder)
     # the weights looked up first, as `dsl run` does: open_clip's own loader retried the hub for most of a minute
     require(loading.needs(cfg.encoder))
     encoder, preprocess = load_encoder(cfg.encoder, device=resolve_device(cfg.device), dtype=torch.float32)
+    check_readout(getattr(encoder, "readout_kind", "cls"), cfg.encoder)  # an open_clip ViT reads CLS
     layer = cfg.layer + encoder.n_layers if cfg.layer < 0 else cfg.layer
     if not 0 <= layer < encoder.n_layers:
         raise UserError(f"layer={cfg.layer}: this encoder's layers run from 0 to {encoder.n_layers - 1}")
@@ -189,6 +191,26 @@ def setup(cfg, options: TrainOptions) -> Setup:
     _check_room(d_sae, encoder.d_model, encoder.device)
     return Setup(cfg, options, encoder, preprocess, load_images(cfg.images).images, f"blocks.{layer}.{options.point}",
                  out, encoder.d_model, d_sae, options.batch_size or cfg.encoder.batch_size)
+
+
+def known_readout(encoder_cfg) -> Optional[str]:
+    """The readout (cls, mean, map) of the encoder a config builds where the config alone tells it (the tiny
+    timm ViT's pooling); None elsewhere: the loaded encoder says."""
+    if str(encoder_cfg.source) == "timm" and str(encoder_cfg.name) == "tiny":
+        from dsl_cli.encoder.vit_loading import TINY_TIMM
+
+        return {"token": "cls", "avg": "mean"}.get(TINY_TIMM["global_pool"], "map")
+    return None
+
+
+def check_readout(readout: Optional[str], encoder_cfg) -> None:
+    """`dsl run sae=` reads features at the CLS position only (a pooled readout mixes every token, and the SAE
+    is not linear): an SAE of a pooling encoder would train for nothing, so it is refused before it starts."""
+    if readout not in (None, "cls"):
+        pooled = {"map": "attention"}.get(readout, readout)
+        raise UserError(f"dsl sae train: {encoder_text(encoder_cfg)} reads its embedding by {pooled} pooling, and "
+                        "`dsl run sae=` reads the features of a CLS readout only: train on a ViT that reads its CLS "
+                        "token (encoder=tiny, vitl14, or encoder=hf with a CLIP or DINOv2 repo_id)")
 
 
 def _check_room(d_sae: int, d_in: int, device) -> None:

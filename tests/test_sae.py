@@ -173,6 +173,145 @@ def test_lenses_read_features(tmp_path, encoder, pixels):
     assert torch.isnan(acts[:, 1]).all() and (acts[:, 0] >= 0).all()
 
 
+# ---------------------------------------------------------------- features through an adapter
+
+
+def random_adapter(encoder, readout, q: int = 21, seed: int = 0):
+    """W [q, p] and b [q] at random, for the source readout `readout` (an `adapters.Readout`)."""
+    from dsl_cli.adapters import Adapter
+
+    g = torch.Generator().manual_seed(seed)
+    p = readout.width(encoder)
+    return Adapter(torch.randn(q, p, generator=g) / p**0.5, torch.randn(q, generator=g),
+                   {"readout": {"kind": readout.kind, "layer": readout.layer}})
+
+
+# an adapter of the residual after block 2 (x_3) of the 6: SAEs that reach x_3, and SAEs after it
+REACHING = ("blocks.2.hook_resid_post", "blocks.2.hook_mlp_out", "blocks.2.hook_resid_pre", "blocks.0.hook_attn_out",
+            "blocks.3.hook_resid_pre")
+PAST = ("blocks.3.hook_attn_out", "blocks.3.hook_resid_mid", "blocks.4.hook_resid_pre", "blocks.5.hook_resid_post")
+
+
+@pytest.mark.parametrize("hook", REACHING)
+def test_features_through_a_residual_adapter_steer_the_residual_it_maps(tmp_path, encoder, pixels, hook):
+    """Through an adapter of x_3 (the residual after block 2), a feature's DSL is W (x_3 + delta(w)) + b, as a
+    head's is (norm mode scales w to |x_3|); it was W (x_L + delta) + b, the final residual through a map
+    fitted on x_3. Its direct lens is W w + b, as a head's."""
+    from dsl_cli.adapters import AdaptedEncoder, Readout
+
+    adapter = random_adapter(encoder, Readout("resid", 2))
+    sae = load_sae(str(write_saelens(tmp_path / "s", "standard", hook, encoder.d_model, seed=3)[0]))
+    features = FeatureEncoder(AdaptedEncoder(encoder, adapter), sae)
+    cache = features.run_with_cache(pixels)
+    active = sae.encode(cache[hook])[0].topk(2).indices.tolist()
+    labels = [f"L{sae.layer}F{i:05d}" for i in active] + [f"L{sae.layer}Ferr", "L1H03"]  # beside a head
+    writes = features.component_writes(cache, labels)  # [3, 4, 128]
+    x3 = cache.resid[:, 3:4]  # [3, 1, 128]
+    unit = writes / writes.norm(dim=-1, keepdim=True)
+    for mode, alpha, steered in (("add", 1.5, x3 + 1.5 * writes), ("scale", 3.0, x3 + 2.0 * writes),
+                                 ("norm", 2.0, x3 + 2.0 * x3.norm(dim=-1, keepdim=True) * unit)):
+        closed = features.steer(cache, labels, mode=mode, alpha=alpha)  # [3, 4, 21]
+        torch.testing.assert_close(closed, adapter(steered), rtol=0, atol=1e-4, msg=f"{mode} {hook}")
+    clean = features.steer(cache, labels, mode="scale", alpha=1.0)  # the identity steer: the clean embedding
+    torch.testing.assert_close(clean, cache.embeds[:, None].expand_as(clean), rtol=0, atol=1e-5)
+    torch.testing.assert_close(features.direct(cache, labels), adapter(writes), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("hook", PAST)
+def test_features_after_a_residual_adapter_s_block_are_refused(tmp_path, encoder, pixels, hook):
+    """An SAE after block 2 writes nothing into x_3, which the adapter maps: steering its features would give
+    the clean embedding for every feature, so it is refused in one line, as a later head is."""
+    from dsl_cli.adapters import AdaptedEncoder, Readout
+
+    sae = load_sae(str(write_saelens(tmp_path / "s", "standard", hook, encoder.d_model, seed=3)[0]))
+    features = FeatureEncoder(AdaptedEncoder(encoder, random_adapter(encoder, Readout("resid", 2))), sae)
+    cache = features.run_with_cache(pixels)
+    with pytest.raises(UserError, match=rf"^SAE .* sits at {hook}, after block 2, whose residual the adapter maps: "
+                                        r".*fit an adapter of block \d \(adapter.readout=resid adapter.layer=\d\)$"):
+        features.steer(cache, [f"L{sae.layer}F00001"])
+    features.direct(cache, [f"L{sae.layer}F00001"])  # the direct lens reads a write alone: as a later head's
+
+
+def test_the_hooked_reference_of_a_feature_goes_through_the_adapter(tmp_path, encoder, pixels):
+    """lens.verify's reference for a feature was the source encoder's embedding [B, 48] beside the closed form
+    through the adapter [B, 21] (a crash); it is the real pass mapped, equal to the closed form, and through an
+    adapter of the residual stream refused as a head's is."""
+    from dsl_cli.adapters import AdaptedEncoder, Readout
+
+    hook = "blocks.2.hook_resid_post"
+    sae = load_sae(str(write_saelens(tmp_path / "s", "topk", hook, encoder.d_model, seed=3)[0]))
+    adapter = random_adapter(encoder, Readout("embed"))
+    features = FeatureEncoder(AdaptedEncoder(encoder, adapter), sae)
+    cache = features.run_with_cache(pixels)
+    labels = [f"L02F{sae.encode(cache[hook])[0].argmax().item():05d}", "L02Ferr"]
+    for mode, alpha in (("norm", 2.0), ("add", 1.5)):
+        closed = features.steer(cache, labels, mode=mode, alpha=alpha)
+        for k, label in enumerate(labels):
+            hooked = features.steer_hooked(pixels, label, mode=mode, alpha=alpha)
+            torch.testing.assert_close(hooked, adapter(steer_feature_hooked(encoder, sae, pixels, label, mode, alpha)))
+            torch.testing.assert_close(hooked, closed[:, k], rtol=0, atol=1e-4)
+    resid = FeatureEncoder(AdaptedEncoder(encoder, random_adapter(encoder, Readout("resid", 2))), sae)
+    with pytest.raises(UserError, match="^lens.verify: the hooked reference reads the embedding"):
+        resid.steer_hooked(pixels, labels[0])
+
+
+def fitted_adapter(folder, tmp_path, monkeypatch, capsys) -> Path:
+    """`dsl adapter fit` of tiny_dinov2's embedding (64 wide) to the tiny Kandinsky 2.2's space (32)."""
+    from helpers import dsl_in_process
+
+    pictures = tmp_path / "pics"
+    if not pictures.exists():
+        planted_images(pictures, n=6)
+    code, err = dsl_in_process(["adapter", "fit", "debug=tiny", "encoder=tiny_dinov2", f"images.path={pictures}",
+                                "adapter.examples=0", f"adapter.out={folder}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    return folder
+
+
+def test_a_run_over_features_verifies_through_an_embedding_adapter(tmp_path, monkeypatch, capsys):
+    """The audit's command: `lens.verify=true` with an SAE through an embedding adapter ended in `internal error
+    ... RuntimeError: The size of tensor a (32) must match the size of tensor b (64)`, exit 1."""
+    from helpers import dsl_in_process
+
+    adapter = fitted_adapter(tmp_path / "embed", tmp_path, monkeypatch, capsys)
+    run = tmp_path / "run"
+    code, err = dsl_in_process(["run", "debug=tiny", "encoder=tiny_dinov2", f"adapter={adapter}",
+                                f"sae={tiny_sae_folder(tmp_path / 'sae')}", "lens=steering", "lens.verify=true",
+                                "images.limit=2", "sae.top_k=2", "decode.enabled=false", f"hydra.run.dir={run}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["verify_ok"] and manifest["verify_max_abs_diff"] < 1e-4
+
+
+def test_a_run_steering_an_sae_past_a_residual_adapter_s_block_is_refused_before_loading(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """The SAE's hook (its cfg.json) and the adapter's block (its file) are both known before any model loads:
+    an SAE at block 1 through an adapter of the residual after block 0 is one line, exit 2, nothing written;
+    through an adapter of block 1 the same run completes."""
+    from dsl_cli.adapters import Adapter
+    from helpers import dsl_in_process
+
+    fitted = Adapter.load(fitted_adapter(tmp_path / "embed", tmp_path, monkeypatch, capsys))
+    sae = tiny_sae_folder(tmp_path / "sae")  # blocks.1.hook_resid_post
+    for layer in (0, 1):  # tiny_dinov2's embedding and residual are both 64 wide: the same W read as an adapter of x
+        fitted.meta["readout"] = {"kind": "resid", "layer": layer}
+        fitted.save(tmp_path / f"block{layer}")
+    args = ["run", "debug=tiny", "encoder=tiny_dinov2", f"sae={sae}", "lens=steering", "images.limit=1",
+            "decode.enabled=false"]
+    with monkeypatch.context() as patched:
+        patched.setattr("dsl_cli.run.load_encoder", _no_encoder)
+        code, err = dsl_in_process([*args, f"adapter={tmp_path / 'block0'}", f"hydra.run.dir={tmp_path / 'early'}"],
+                                   tmp_path, patched, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "sits at blocks.1.hook_resid_post, after block 0, whose residual the adapter maps" in lines[0]
+    assert not (tmp_path / "early").exists()
+    code, err = dsl_in_process([*args, f"adapter={tmp_path / 'block1'}", f"hydra.run.dir={tmp_path / 'late'}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+
+
 def test_labels_parse_as_before_and_features_round_trip():
     assert parse_component("L12F01234") == Component("feature", 12, feature=1234)
     assert parse_component("L3F7").label == "L03F00007"
@@ -519,6 +658,33 @@ def test_sae_train_asks_for_its_layer(tmp_path, monkeypatch, capsys):
                                 f"train.out={out}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and err.startswith("dsl: error: layer=1,2: a comma or range() sweeps") and err.count("\n") == 1
     assert not out.exists()
+
+
+def _no_images(*args, **kwargs):
+    raise AssertionError("the images were loaded")
+
+
+@pytest.mark.parametrize("preset", [["debug=tiny", "encoder=tiny_timm"], ["debug=tiny_timm"]])
+def test_sae_train_refuses_an_encoder_without_a_cls_readout(preset, tmp_path, monkeypatch, capsys):
+    """A mean-pooled ViT (the tiny timm one) trained an SAE, exit 0, that `dsl run sae=` then refused ("SAE
+    features need a CLS readout"): refused in one line, exit 2, before any model loads where the config tells
+    the readout, else right after the encoder loads; no image read, no folder made."""
+    from helpers import dsl_in_process
+
+    planted_images(tmp_path / "pics", n=2, planted=(1,))
+    out = tmp_path / "sae"
+    args = ["sae", "train", *preset, "layer=1", f"images.path={tmp_path / 'pics'}", "train.d_sae=16", "train.k=2",
+            "train.epochs=1", f"train.out={out}"]
+    monkeypatch.setattr("dsl_cli.images.load_images", _no_images)
+    with monkeypatch.context() as patched:
+        patched.setattr("dsl_cli.encoder.load_encoder", _no_encoder)  # the config tells: tiny timm pools by mean
+        code, err = dsl_in_process(args, tmp_path, patched, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert "reads its embedding by mean pooling" in lines[0] and "encoder=tiny" in lines[0] and not out.exists()
+    monkeypatch.setattr("dsl_cli.sae_train.known_readout", lambda cfg: None)  # a config that does not tell
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("dsl: error:") == 1 and "by mean pooling" in err and not out.exists(), err
 
 
 def test_a_failed_sae_training_is_recorded_and_continued(tmp_path, monkeypatch, capsys):
