@@ -6,10 +6,13 @@ Light at import: Hydra, torch and the models are imported when a command runs.
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from dsl_cli.config import encoder_folder_name, folder_overrides, split_options
 from dsl_cli.errors import Interrupted, UserError, printable
@@ -137,13 +140,9 @@ def fit_command(args: list[str]) -> int:
     options, overrides = parse_options(folder_overrides(args))
     cfg = compose(overrides)
     import_frozen("dsl_cli.encoder")  # the model libraries, as `dsl run` imports them (dsl_cli.libraries)
-    import torch
-    from tqdm.auto import tqdm
-
-    from dsl_cli.adapters import Partial, Readout, accumulate, fit
+    from dsl_cli.adapters import Readout
     from dsl_cli.decoder import check_pairing
-    from dsl_cli.devices import resolve_device, resolve_dtype
-    from dsl_cli.encoder import embedding_space, load_encoder
+    from dsl_cli.encoder import embedding_space
     from dsl_cli.images import load_images
 
     readout = Readout(options.readout, options.layer)
@@ -153,8 +152,54 @@ def fit_command(args: list[str]) -> int:
     image_set = load_images(cfg.images)
     decodes = bool(options.examples and cfg.decode.enabled and cfg.images.num_shards == 1)
     preflight_fit(cfg, target_cfg, decodes)  # before the claim: a refusal leaves no folder marked `started`
+    check_before_claim(cfg, options, readout, image_set)
     out = claim_out(Path(options.out).expanduser() if options.out else default_out(cfg, options),
                     sharded=cfg.images.num_shards > 1)
+    with dropped_if_refused(out):
+        return fit_into(out, cfg, options, readout, target_cfg, space, image_set, decodes)
+
+
+def check_before_claim(cfg, options: FitOptions, readout, image_set) -> None:
+    """What the config and the images' names refuse, checked before the folder is claimed so that a refusal
+    leaves none: a block past the encoder's (where its config tells how many it has), and fewer than 2
+    training rows (a sharded fit's are counted when its shards merge)."""
+    from dsl_cli.adapters import check_training_rows, training_rows
+    from dsl_cli.encoder import model_shape
+
+    shape = model_shape(cfg.encoder)
+    if shape is not None:
+        readout.check_blocks(shape[0])
+    if cfg.images.num_shards == 1:
+        check_training_rows(training_rows([item.name for item in image_set.images], options.augment,
+                                          options.heldout))
+
+
+@contextmanager
+def dropped_if_refused(out: Path) -> Iterator[None]:
+    """A fit refused or stopped before it wrote anything (a check that needs the loaded model, images that
+    fail to read) leaves no folder, as a run that fails before its first result leaves none: the claim's
+    manifest and lock go, and the folder where the claim made it (`job.drop_bookkeeping`: dsl's files only; a
+    folder of finished shards, or one the user made, stays). Called while the folder is held, as it must be."""
+    try:
+        yield
+    except (UserError, KeyboardInterrupt):
+        from dsl_cli.job import drop_bookkeeping
+        from dsl_cli.outputs import RunFolder
+
+        drop_bookkeeping(RunFolder(out))
+        raise
+
+
+def fit_into(out: Path, cfg, options: FitOptions, readout, target_cfg, space, image_set, decodes: bool) -> int:
+    """The fit, once its folder `out` is claimed: both encoders over the images, then the adapter and its
+    page (or, for a shard, its partial sums)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from dsl_cli.adapters import Partial, accumulate, fit
+    from dsl_cli.devices import resolve_device, resolve_dtype
+    from dsl_cli.encoder import load_encoder
+
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.encoder.dtype, device)
     source, source_pre = load_encoder(cfg.encoder, device=device, dtype=dtype)
@@ -281,7 +326,9 @@ def finish(out: Path, adapter) -> None:
         print(printable(f"{adapter.describe()}; R^2 {m['r2']:.3f}, cosine p5 {m['cosine_p5']:.3f}, top-1 "
                         f"{m['top1']:.2f}, top-5 {m['top5']:.2f} over {m['heldout_images']} held-out images"))
     else:
-        print(printable(f"{adapter.describe()}; no held-out image (give more images): no metrics"))
+        print(printable(f"{adapter.describe()}; no held-out image, so no metrics and a ridge strength not "
+                        "validated: give more images (about a tenth are held out, by name) or a larger "
+                        "adapter.heldout"))
     print(printable(f"adapter: {out / 'adapter.safetensors'} (page: {page})"))  # a folder named with an escape
 
 
@@ -315,8 +362,7 @@ def decode_examples(cfg, out: Path, adapter, partial, image_set, count: int, tar
     items = {item.name: item for item in image_set.images}
     cos = torch.nn.functional.cosine_similarity(mapped, t, dim=-1).tolist()
     examples = []
-    for i, name in enumerate(names):
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+    for i, (name, stem) in enumerate(zip(names, example_stems(names))):
         picture = ImageOps.fit(items[name].load(), (cfg.decode.width, cfg.decode.height), Image.Resampling.BICUBIC)
         picture.save(folder / f"{stem}.input.png")
         to_pil(pictures[i]).save(folder / f"{stem}.target.png")
@@ -324,6 +370,19 @@ def decode_examples(cfg, out: Path, adapter, partial, image_set, count: int, tar
         examples.append({"name": name, "input": f"examples/{stem}.input.png", "target": f"examples/{stem}.target.png",
                          "adapted": f"examples/{stem}.adapter.png", "cosine": cos[i]})
     (out / "examples.json").write_text(json.dumps(examples, indent=2) + "\n")
+
+
+def example_stems(names: list[str]) -> list[str]:
+    """A file name stem per held-out image, distinct: the name where it is safe in a file name and unique also
+    ignoring case (as a file system may), else the name with other characters than letters, digits, `.`, `_`
+    and `-` made `_` and a hash of the name (`a b` and `a_b` each overwrote the other's pictures)."""
+    folded = Counter(name.casefold() for name in names)
+    stems = []
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        unique = stem == name and folded[name.casefold()] == 1 and not name.startswith(".") and name != ""
+        stems.append(name if unique else f"{stem}-{hashlib.sha256(name.encode()).hexdigest()[:8]}")
+    return stems
 
 
 def main(args: list[str]) -> int:

@@ -37,7 +37,7 @@ def _metrics_section(meta: dict, rows: str, pool) -> str:
         share = meta.get("heldout_fraction")
         return ("<h2>Held-out metrics</h2><p>none: no image was held out (about "
                 f"{f'{share:.0%}' if isinstance(share, float) else 'a share'} of the images are, by a hash of their "
-                "names); fit with more images for held-out metrics</p>")
+                "names); fit with more images, or a larger adapter.heldout, for held-out metrics</p>")
     return (f"<h2>Held-out metrics ({pool} images; retrieval among them)</h2>"
             f"<table><tr><th>metric</th><th>value</th><th>how to read it</th></tr>{rows}</table>")
 

@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +77,13 @@ class Readout:
         return "embedding" if self.kind == "embed" else f"residual after block {self.layer}"
 
     def check(self, encoder) -> None:
-        if self.kind == "resid" and not 0 <= self.layer < encoder.n_layers:
-            raise UserError(f"adapter.layer={self.layer}: the encoder has blocks 0 to {encoder.n_layers - 1}")
+        self.check_blocks(encoder.n_layers)
+
+    def check_blocks(self, n_layers: int) -> None:
+        """UserError for a residual readout past the encoder's `n_layers` blocks (known from its config
+        before it loads: `dsl adapter fit` refuses before it claims its folder)."""
+        if self.kind == "resid" and not 0 <= self.layer < n_layers:
+            raise UserError(f"adapter.layer={self.layer}: the encoder has blocks 0 to {n_layers - 1}")
 
     def width(self, encoder) -> int:
         return encoder.d_embed if self.kind == "embed" else encoder.d_model
@@ -253,7 +259,8 @@ class Partial:
 
 def _adapter_problem(tensors: dict[str, Tensor], meta: Any) -> Optional[str]:
     """What is wrong with an adapter file's tensors and metadata (None when nothing is): every shape and
-    metadata value that a run reads is checked here, so that a hand-edited file fails in one line, not later."""
+    metadata value that a run, its manifest or the adapter's page reads is checked here, so that a hand-edited
+    file fails in one line, not later (a string where a number goes, `true` where a layer goes)."""
     W, b, negative = tensors.get("W"), tensors.get("b"), tensors.get("negative")
     if W is None or b is None or W.ndim != 2 or b.ndim != 1 or W.shape[0] != b.shape[0]:
         return "W [q, p] and b [q] expected"
@@ -261,16 +268,74 @@ def _adapter_problem(tensors: dict[str, Tensor], meta: Any) -> Optional[str]:
         return f"negative has shape {tuple(negative.shape)}, not [q] = [{W.shape[0]}]"
     if not isinstance(meta, dict):
         return f"its metadata is a JSON {type(meta).__name__}, not an object"
-    for key in ("source", "target", "readout", "source_shape", "metrics"):
-        if meta.get(key) is not None and not isinstance(meta[key], dict):
-            return f"metadata {key} is a {type(meta[key]).__name__}, not an object"
+    problem = _field_problem(meta, "", META_FIELDS)
+    if problem:
+        return problem
     readout = meta.get("readout") or {}
-    if readout.get("kind", "embed") not in READOUTS or not isinstance(readout.get("layer", 0), (int, type(None))):
-        return f"readout {readout} is not one of {', '.join(READOUTS)} with an integer layer"
+    if readout.get("kind") == "resid" and readout.get("layer") is None:
+        return "metadata readout.layer is missing: a residual readout names its block"
     space = (meta.get("target") or {}).get("space") or {}
-    if not isinstance(space, dict) or space.get("width", W.shape[0]) != W.shape[0]:
-        return f"the target space {space} is not {W.shape[0]} wide, as W is"
+    if space.get("width", W.shape[0]) != W.shape[0] or meta.get("q", W.shape[0]) != W.shape[0]:
+        return f"the target space is {space.get('width', meta.get('q'))} wide, and W maps to {W.shape[0]}"
+    if meta.get("p", W.shape[1]) != W.shape[1]:
+        return f"metadata p is {meta['p']}, and W reads {W.shape[1]}-wide inputs"
     return None
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number (True is an int in Python, and is no number here)."""
+    return type(value) in (int, float)
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+# What each metadata field must be where it is there (an older dsl's adapter may lack some): a check and what
+# it asks for, by key; a dict of them is an object's fields, "*" every field of that object. Metrics may be
+# null, or NaN as an older dsl wrote a metric with no image to measure it on (`json_text`).
+_TEXT = (lambda v: isinstance(v, str), "a string")
+_TEXT_OR_NULL = (lambda v: v is None or isinstance(v, str), "a string or null")
+_COUNT = (_is_count, "a whole number, 0 or more")
+_METRIC = (lambda v: v is None or _is_number(v) and not math.isinf(v), "a number or null")
+_LAMBDA = (lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number, 0 or more")
+META_FIELDS: dict = {
+    "format": _TEXT, "name": _TEXT, "source_label": _TEXT, "target_label": _TEXT,
+    "p": _COUNT, "q": _COUNT, "augment": _COUNT, "images": _COUNT, "train_rows": _COUNT, "heldout_images": _COUNT,
+    "lambda": _LAMBDA, "relative_lambda": _LAMBDA,
+    "heldout_fraction": (lambda v: _is_number(v) and 0 < v < 1, "a number between 0 and 1"),
+    "source": {"*": _TEXT_OR_NULL}, "target_encoder": {"*": _TEXT_OR_NULL}, "image_set": {},
+    "source_shape": {"n_layers": _COUNT, "d_model": _COUNT, "d_embed": _COUNT, "readout_kind": _TEXT},
+    "readout": {"kind": (lambda v: v in READOUTS, f"one of {', '.join(READOUTS)}"),
+                "layer": (lambda v: v is None or _is_count(v), "a block number (0 or more) or null")},
+    "target": {"family": _TEXT, "decoder_source": _TEXT,
+               "space": {"model": _TEXT, "weights": _TEXT_OR_NULL, "width": _COUNT}},
+    "metrics": {"*": _METRIC}, "lambdas_tried": {"*": _METRIC},
+}
+
+
+def _field_problem(value: dict, prefix: str, fields: dict) -> Optional[str]:
+    """The first field of `value` (an object) that is not what `fields` asks for, in one line naming it."""
+    for key, item in value.items():
+        rule = fields.get(key, fields.get("*"))
+        name = f"{prefix}{key}"
+        if isinstance(rule, dict):
+            if item is None:  # an object not recorded
+                continue
+            if not isinstance(item, dict):
+                return f"metadata {name} is {_shown(item)}, not an object"
+            problem = _field_problem(item, f"{name}.", rule)
+            if problem:
+                return problem
+        elif rule is not None and not rule[0](item):
+            return f"metadata {name} is {_shown(item)}, not {rule[1]}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    """A JSON value as the file holds it, cut short (a damaged field may hold anything)."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _identity(meta: dict) -> dict:
@@ -344,12 +409,23 @@ def heldout_metrics(pred: Tensor, target: Tensor) -> dict:
     }
 
 
+def training_rows(names: Sequence[str], augment: int = 0, fraction: float = HELDOUT_FRACTION) -> int:
+    """The training rows a fit of the images `names` adds: each image not held out, and its augmented views
+    (known from the names alone, before any model loads)."""
+    return sum(not is_heldout(name, fraction) for name in names) * (1 + augment)
+
+
+def check_training_rows(rows: int) -> None:
+    """UserError for fewer than 2 training rows: W and b of one row are its target alone, nothing fitted."""
+    if rows < 2:
+        raise UserError(f"{rows} training image(s): an adapter needs at least 2 (give more images)")
+
+
 def fit(partial: Partial, relative_lambdas: Sequence[float] = RELATIVE_LAMBDAS) -> "Adapter":
     """The adapter with the ridge strength whose held-out squared error is least (from the held-out sums);
     without held-out images, the smallest positive strength tried. Metrics on the held-out rows."""
     train = partial.train
-    if train.n < 2:
-        raise UserError(f"{train.n} training image(s): an adapter needs at least 2 (give more images)")
+    check_training_rows(train.n)
     scale = lambda_scale(train)
     tried = []
     for rel in relative_lambdas:
@@ -609,12 +685,79 @@ def raise_not_finite(name: str, source, target) -> None:
 
 
 def encoder_identity(cfg) -> dict:
-    """What makes two encoder configs give the same readouts (not their dtype or batch size)."""
+    """What makes two encoder configs give the same readouts (not their dtype or batch size). A local
+    checkpoint is named by its absolute, resolved path (`./w.safetensors` and its full path are one file),
+    and by a fingerprint of its content (`checkpoint_fingerprint`: another file at that path is another model)."""
     keys = ("source", "name", "pretrained", "checkpoint")
     ident = {k: (None if getattr(cfg, k, None) is None else str(getattr(cfg, k))) for k in keys}
     if ident["source"] in ("kandinsky_prior", "hf"):  # the model is named by its repository
         ident.update(repo_id=str(cfg.repo_id), subfolder=str(cfg.subfolder))
+    if ident["checkpoint"]:
+        ident["checkpoint"] = checkpoint_path(ident["checkpoint"])
+        ident["checkpoint_fingerprint"] = checkpoint_fingerprint(Path(ident["checkpoint"]))
     return ident
+
+
+def checkpoint_path(path: str) -> str:
+    """`~/w.safetensors`, `./w.safetensors` -> the absolute path, links resolved (relative to the working folder:
+    an adapter of an older dsl recorded the path as typed)."""
+    return str(Path(path).expanduser().resolve())
+
+
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK = 16, 1 << 16  # 1 MiB of a checkpoint read for its fingerprint
+
+
+def checkpoint_fingerprint(path: Path) -> Optional[str]:
+    """A cheap fingerprint of a local checkpoint, a file or a folder's files: SHA-256 of each file's relative
+    name, size and 16 blocks of 64 KiB spread evenly over it (the whole file when smaller), so 1 MiB per file
+    read whatever its size, at every run through the adapter. Partial on purpose: weights of another training
+    or fine-tune differ nearly everywhere and the blocks tell them apart, but an edit confined to the bytes
+    between them is not seen. None where the path cannot be read (the weights preflight says why)."""
+    try:
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(f"{file.relative_to(path) if file != path else file.name}\n".encode())
+            _sample_file(file, digest)
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
+def _sample_file(file: Path, digest) -> None:
+    with open(file, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        digest.update(f"{size}\n".encode())
+        if size <= FINGERPRINT_BLOCKS * FINGERPRINT_BLOCK:
+            digest.update(handle.read())
+            return
+        for k in range(FINGERPRINT_BLOCKS):  # the first block at 0, the last one ending at the file's end
+            handle.seek(k * (size - FINGERPRINT_BLOCK) // (FINGERPRINT_BLOCKS - 1))
+            digest.update(handle.read(FINGERPRINT_BLOCK))
+
+
+def fitted_encoder_problem(fitted: dict, current: dict) -> Optional[str]:
+    """How the encoder an adapter was fitted for (`fitted`, its recorded `encoder_identity`) differs from this
+    run's (`current`): None when it is the same. The recorded checkpoint path is normalised (an older dsl kept
+    it as typed); its fingerprint is compared where both are known (an older adapter recorded none; a file not
+    there is the weights preflight's to report)."""
+    fitted, current = dict(fitted), dict(current)
+    if isinstance(fitted.get("checkpoint"), str) and fitted["checkpoint"]:
+        fitted["checkpoint"] = checkpoint_path(fitted["checkpoint"])
+    prints = fitted.pop("checkpoint_fingerprint", None), current.pop("checkpoint_fingerprint", None)
+    same_but_the_file = {**fitted, "checkpoint": None} == {**current, "checkpoint": None}
+    if fitted != current and same_but_the_file and fitted.get("checkpoint") and current.get("checkpoint"):
+        return (f"was fitted on encoder.checkpoint={fitted.get('checkpoint')}, not {current.get('checkpoint')}: "
+                "give that one, or fit one for this checkpoint")
+    if fitted != current:
+        return (f"was fitted for encoder {encoder_text(fitted)}, not {encoder_text(current)}: fit one for this "
+                "encoder (dsl adapter fit encoder=... decoder=...)")
+    if None not in prints and prints[0] != prints[1]:
+        return (f"was fitted on another file at encoder.checkpoint={current['checkpoint']} (its content differs "
+                "now): fit one for this checkpoint")
+    return None
 
 
 ADAPTER_LENSES = ("steering", "diffusion", "direct")  # the lenses whose embeddings the adapter maps
@@ -629,11 +772,9 @@ def run_adapter(cfg) -> Optional[Adapter]:
         return None
     adapter = Adapter.load(path)
     meta, where = adapter.meta, f"adapter={path}"
-    fitted = meta.get("source") or {}
-    if fitted != encoder_identity(cfg.encoder):
-        this = encoder_text(encoder_identity(cfg.encoder))
-        raise UserError(f"{where} was fitted for encoder {encoder_text(fitted)}, not {this}: "
-                        "fit one for this encoder (dsl adapter fit encoder=... decoder=...)")
+    problem = fitted_encoder_problem(meta.get("source") or {}, encoder_identity(cfg.encoder))
+    if problem:
+        raise UserError(f"{where} {problem}")
     target = meta.get("target") or {}
     if (target.get("family"), target.get("decoder_source")) != (cfg.decoder.family, cfg.decoder.source):
         raise UserError(f"{where} maps to decoder {target.get('family')} ({target.get('decoder_source')}), not "

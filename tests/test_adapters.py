@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -697,3 +698,137 @@ def test_adapter_merge_without_one_folder_is_one_line(args: list[str], tmp_path:
 
     code, err = dsl_in_process(["adapter", "merge", *args], tmp_path, monkeypatch, capsys)
     assert code == 2 and err.startswith("dsl: error: usage: dsl adapter merge FOLDER") and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- damaged metadata, refused fits, names
+
+
+def _damaged_copy(resid_adapter, folder: Path, field: str, value) -> Path:
+    """The fitted adapter with one metadata field (dotted: `metrics.cosine_mean`) set to `value`, as a hand
+    edit of adapter.safetensors's header leaves it."""
+    from safetensors.torch import save_file
+
+    adapter = Adapter.load(resid_adapter)
+    meta = json.loads(json.dumps(adapter.meta))
+    *parents, key = field.split(".")
+    holder = meta
+    for name in parents:
+        holder = holder[name]
+    holder[key] = value
+    folder.mkdir(parents=True)
+    tensors = {"W": adapter.W.contiguous(), "b": adapter.b.contiguous(), "negative": adapter.negative.contiguous()}
+    save_file(tensors, folder / "adapter.safetensors", metadata={"dsl_adapter": json.dumps(meta)})
+    return folder
+
+
+@pytest.mark.parametrize("field, value", [
+    ("metrics.cosine_mean", "0.9"), ("metrics.r2", [1]), ("readout.layer", True), ("readout.layer", -1),
+    ("readout.layer", 2.5), ("readout.kind", None), ("lambda", "0.1"), ("lambda", math.inf),
+    ("relative_lambda", False), ("heldout_fraction", "x"), ("images", True), ("heldout_images", "2"),
+    ("name", 7), ("source_label", None), ("target.family", 3), ("target.space.width", "32"),
+    ("source_shape.n_layers", True), ("source.name", 1), ("lambdas_tried.0", "x"), ("metrics", "good"),
+])
+def test_adapter_metadata_of_the_wrong_type_is_refused_naming_the_field(resid_adapter, tmp_path, field, value):
+    """A string in metrics.cosine_mean loaded, and a run ended in `internal error ... Unknown format code 'f'`
+    where describe() formatted it; `readout.layer: true` passed (a bool is an int) and said `after block True`."""
+    path = _damaged_copy(resid_adapter, tmp_path / "a", field, value)
+    with pytest.raises(UserError, match=rf"\(metadata {re.escape(field)} is .*\); the file is damaged"):
+        Adapter.load(path)
+
+
+def test_a_run_through_an_adapter_with_a_damaged_metric_is_one_line(resid_adapter, tmp_path, monkeypatch, capsys):
+    from helpers import dsl_in_process
+
+    path = _damaged_copy(resid_adapter, tmp_path / "a", "metrics.cosine_mean", "high")
+    code, err = dsl_in_process(_run_args(path, "steering", "layer=3", f"hydra.run.dir={tmp_path / 'run'}"),
+                               tmp_path, monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "metadata metrics.cosine_mean is" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("images, args, words", [
+    (3, ["adapter.readout=resid", "adapter.layer=99"], "adapter.layer=99: the encoder has blocks 0 to 3"),
+    (1, [], "1 training image(s): an adapter needs at least 2"),
+])
+@pytest.mark.parametrize("from_config", [True, False], ids=["from-config", "after-load"])
+def test_a_refused_fit_leaves_no_folder_it_made(images, args, words, from_config, tmp_path, monkeypatch, capsys):
+    """Refused after its folder was claimed, a fit left `manifest.json` (status: started) in a folder it
+    made. Checked from the config where it tells (`after-load`: where it does not, and the check needs the
+    model): the folder dsl made is removed, and one the user made is left as it was, empty."""
+    import dsl_cli.encoder
+    from helpers import dsl_in_process
+
+    if not from_config:
+        monkeypatch.setattr(dsl_cli.encoder, "model_shape", lambda cfg: None)
+        monkeypatch.setattr("dsl_cli.adapters.training_rows", lambda *a, **k: 2, raising=False)
+    photos = _image_folder(tmp_path / "photos", images)
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "made" / "ad", tmp_path / "mine"):
+        code, err = dsl_in_process(["adapter", "fit", "debug=tiny", f"images.path={photos}", "adapter.examples=0",
+                                    f"adapter.out={out}", *args], tmp_path, monkeypatch, capsys)
+        assert code == 2 and words in _error_line(err) and "Traceback" not in err, err
+    assert not (tmp_path / "made" / "ad").exists()
+    assert list((tmp_path / "mine").iterdir()) == []
+
+
+def test_an_adapter_knows_its_checkpoint_by_resolved_path_and_content(tmp_path, monkeypatch):
+    """`encoder.checkpoint=./w.safetensors` at the fit and its absolute path at the run were told apart (a
+    false refusal), and another file put at the same path was taken for the one fitted on."""
+    from dsl_cli.adapter_cli import compose
+    from dsl_cli.adapters import encoder_identity, run_adapter
+
+    monkeypatch.chdir(tmp_path)
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(bytes(range(256)) * 40)
+    fitted = compose(["debug=tiny", "encoder=tiny_timm", "encoder.checkpoint=./w.safetensors"])
+    meta = {"source": encoder_identity(fitted.encoder), "readout": {"kind": "embed", "layer": None},
+            "target": {"family": str(fitted.decoder.family), "decoder_source": str(fitted.decoder.source)}}
+    Adapter(torch.zeros(32, 40), torch.zeros(32), meta).save(tmp_path / "a")
+    run = compose(["debug=tiny", "encoder=tiny_timm", f"encoder.checkpoint={weights}", f"adapter={tmp_path / 'a'}"])
+    assert run_adapter(run) is not None
+    weights.write_bytes(bytes(range(255, -1, -1)) * 40)  # another file at the same path
+    with pytest.raises(UserError, match=r"fitted on another file at encoder\.checkpoint=.*w\.safetensors"):
+        run_adapter(run)
+    from dsl_cli.adapters import checkpoint_fingerprint
+
+    big = tmp_path / "big.bin"  # past 1 MiB only samples are read: a change in one of them is seen
+    big.write_bytes(bytes(3 << 20))
+    before = checkpoint_fingerprint(big)
+    with open(big, "r+b") as handle:
+        handle.seek((3 << 20) - 1)
+        handle.write(b"\x01")
+    assert checkpoint_fingerprint(big) != before
+
+
+def test_held_out_examples_of_names_alike_get_pictures_of_their_own(tmp_path):
+    """`a b` and `a_b` were both filed as examples/a_b.*.png: the second overwrote the first's pictures."""
+    from PIL import Image
+
+    from dsl_cli.adapter_cli import compose, decode_examples
+    from dsl_cli.images import ImageSet, InputImage
+
+    names = ["a b", "a_b", "A_B"]
+    cfg = compose(["debug=tiny"])
+    partial = Partial.empty(32, 32)
+    g = torch.Generator().manual_seed(0)
+    partial.add_heldout(names, torch.randn(3, 32, generator=g), torch.randn(3, 32, generator=g))
+    images = ImageSet([InputImage(n, Image.new("RGB", (40, 30), (40 * i, 90, 200)), "memory")
+                       for i, n in enumerate(names)])
+    target = HookedEncoder(build_tiny_visual())
+    decode_examples(cfg, tmp_path, Adapter(torch.eye(32), torch.zeros(32)), partial, images, 3, target, "cpu")
+    examples = json.loads((tmp_path / "examples.json").read_text())
+    files = [ex[key] for ex in examples for key in ("input", "target", "adapted")]
+    assert len({f.casefold() for f in files}) == 9 and [ex["name"] for ex in examples] == sorted(names)
+    assert len(list((tmp_path / "examples").glob("*.png"))) == 9
+
+
+def test_the_guides_tiny_fit_holds_out_sample_photos():
+    """The guide's `dsl adapter fit debug=tiny ...` on the five sample photos held none out (a tenth, by
+    name hash): it printed `no held-out image` and wrote no metrics."""
+    from dsl_cli.images import SAMPLES
+
+    guide = (Path(__file__).parents[1] / "docs" / "user-guide.md").read_text()
+    line = next(l for l in guide.splitlines() if l.startswith("dsl adapter fit debug=tiny"))
+    share = re.search(r"adapter\.heldout=([0-9.]+)", line)
+    held = [name for name in SAMPLES if is_heldout(name, float(share.group(1)) if share else 0.1)]
+    assert 1 <= len(held) < len(SAMPLES) - 1, (line, held)
