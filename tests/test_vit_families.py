@@ -447,3 +447,139 @@ def test_lenses_that_need_a_linear_readout_are_refused_in_one_line_for_attention
     steering = get_lens(OmegaConf.create({"name": "steering", "mode": "norm", "alpha": 2.0}))
     torch.testing.assert_close(steering.embeddings(encoder, cache, heads)[:, 0],
                                encoder.steer_hooked(pixels, "L1H2"), atol=ATOL, rtol=ATOL)
+
+
+# ---- timm CLIP towers: `head` is CLIP's projection, not a classifier ------------------------------------------
+
+
+def _clip_pair(quick_gelu: bool = False):
+    """A tiny open_clip vision tower and timm's CLIP tower of the same weights, converted by timm's own loader
+    (`checkpoint_filter_fn`: `proj` becomes `head.weight`, with a zero `head.bias`)."""
+    import timm
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    from dsl_cli.encoder.openclip_api import build_vision_tower
+
+    name = "vit_base_patch16_clip_quickgelu_224.openai" if quick_gelu else "vit_base_patch16_clip_224.openai"
+    torch.manual_seed(0)
+    visual = _randomised(build_vision_tower(24, dict(image_size=SIDE, patch_size=PATCH, width=WIDTH, layers=LAYERS,
+                                                     head_width=WIDTH // HEADS, mlp_ratio=2.0), quick_gelu))
+    tower = timm.create_model(name, pretrained=False, img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=LAYERS,
+                              num_heads=HEADS, mlp_ratio=2.0, num_classes=24)
+    state = checkpoint_filter_fn({f"visual.{k}": v for k, v in visual.state_dict().items()}, tower)
+    tower.load_state_dict(state)
+    return visual, tower.eval()
+
+
+@pytest.mark.parametrize("quick_gelu", [False, True])
+def test_a_timm_clip_tower_embeds_through_its_projection_as_timm_and_open_clip_do(pixels, quick_gelu):
+    visual, tower = _clip_pair(quick_gelu)
+    encoder = HookedEncoder(tower)
+    with torch.no_grad():
+        timm_embeds, clip_embeds = tower(pixels), visual(pixels)
+    assert encoder.d_embed == 24 and encoder.classifier is None and encoder.family.class_names() is None
+    torch.testing.assert_close(encoder.embed(pixels), timm_embeds, atol=0, rtol=0)  # timm's own model(pixels)
+    torch.testing.assert_close(timm_embeds, clip_embeds, atol=ATOL, rtol=ATOL)  # = open_clip's image embedding
+    torch.testing.assert_close(HookedEncoder(visual).embed(pixels), timm_embeds, atol=ATOL, rtol=ATOL)
+    cache = encoder.run_with_cache(pixels)
+    torch.testing.assert_close(encoder.readout(cache.resid[:, -1]), clip_embeds, atol=ATOL, rtol=ATOL)
+    from dsl_cli.encoder.reading import direct_attribution
+
+    torch.testing.assert_close(direct_attribution(encoder, cache).total(), clip_embeds, atol=ATOL, rtol=ATOL)
+    closed = encoder.steer(cache, ["L1H2"], mode="norm", alpha=2.5)[:, 0]
+    torch.testing.assert_close(closed, encoder.steer_hooked(pixels, "L1H2", mode="norm", alpha=2.5),
+                               atol=ATOL, rtol=ATOL)
+
+
+def test_a_fine_tuned_timm_clip_keeps_its_classifier():
+    """`openai_ft_in1k` is CLIP fine-tuned into an ImageNet classifier: its head is one, its input the embedding;
+    a plain `VisionTransformer` (no pretrained config) keeps its head too, as does a head with a bias."""
+    import timm
+
+    small = dict(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=1, num_heads=HEADS)
+    tuned = HookedEncoder(timm.create_model("vit_base_patch16_clip_224.openai_ft_in1k", pretrained=False, **small))
+    assert tuned.classifier is not None and tuned.d_embed == WIDTH and len(tuned.family.class_names()) == 1000
+    assert HookedEncoder(_timm(global_pool="token")).classifier is not None
+    biased = timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False, **small)
+    with torch.no_grad():
+        biased.head.bias.fill_(0.5)
+    assert HookedEncoder(biased).classifier is not None
+
+
+def test_a_timm_clip_tower_writes_no_invented_class_labels(tmp_path, monkeypatch, capsys):
+    """The logit lens of a CLIP tower (no classifier; timm holds no text tower) is refused in one line, where it
+    wrote `class 236` rows from the projection's 512 outputs."""
+    import timm
+    from safetensors.torch import save_file
+
+    from helpers import dsl_in_process
+
+    name = "vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"  # a small real CLIP tower (8 M parameters)
+    weights = tmp_path / "tower.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(name, pretrained=False).state_dict().items()}, weights)
+    code, err = dsl_in_process(["run", "encoder=timm", f"encoder.name={name}", f"encoder.checkpoint={weights}",
+                                "lens=logit", "decode.enabled=false", "layer=9", "images.limit=1", "device=cpu",
+                                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "lens=logit names labels with a classifier head or a CLIP text tower" in err, err
+    assert not (tmp_path / "run" / "labels.csv").exists()
+
+
+def test_a_timm_clip_tower_pairs_with_the_decoders_of_its_clip():
+    """open_clip's registry names the timm repository of each CLIP it loads from timm's hub: the timm tower of
+    those weights (with open_clip's activation) embeds in that CLIP's space, ViT-L-14 openai's for Kandinsky 2.1;
+    the GELU tower of OpenAI's QuickGELU weights and the fine-tuned classifiers do not."""
+    from dsl_cli.config import DecoderConfig, EncoderConfig
+    from dsl_cli.decoder import check_pairing
+    from dsl_cli.encoder.loading import EmbeddingSpace, embedding_space
+    from dsl_cli.errors import UserError
+
+    def space(name: str, **kwargs) -> EmbeddingSpace:
+        return embedding_space(EncoderConfig(source="timm", name=name, **{"pretrained": "hub", **kwargs}))
+
+    quick = space("vit_large_patch14_clip_quickgelu_224.openai")
+    assert quick == EmbeddingSpace("ViT-L-14", "openai", 768)
+    check_pairing(quick, DecoderConfig(family="kandinsky21", source="pretrained"))
+    assert space("vit_large_patch14_clip_quickgelu_224.openai", checkpoint="/x.safetensors").weights is None
+    assert space("vit_base_patch16_clip_224.laion400m_e32") == EmbeddingSpace("ViT-B-16", "laion400m_e32", 512)
+    with pytest.raises(UserError, match="runs ViT-L-14 openai's weights with GELU where that CLIP uses QuickGELU.*"
+                                        "encoder.name=vit_large_patch14_clip_quickgelu_224.openai"):
+        space("vit_large_patch14_clip_224.openai")
+    for name in ("vit_large_patch14_clip_224.openai_ft_in1k", "vit_large_patch14_clip_224.laion2b"):
+        with pytest.raises(UserError, match="has no decoder in dsl"):
+            space(name)
+
+
+# ---- the image size is what the library's preprocessing feeds ----------------------------------------------------
+
+
+def test_a_transformers_dinov2_is_sized_by_its_processor_not_its_config(tmp_path):
+    """facebook/dinov2-base says image_size=518 but its processor crops to 224 (the position embeddings are
+    interpolated): the image size, the token count and the zero image of the negative embedding are 224's."""
+    import numpy as np
+    from PIL import Image
+
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder import load_encoder
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS,
+                                       image_size=74, patch_size=14, mlp_ratio=2)  # 518 and 224, scaled by 1/7
+    transformers.Dinov2Model(config).save_pretrained(tmp_path)
+    transformers.BitImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        tmp_path)
+    encoder, preprocess = load_encoder(EncoderConfig(source="hf", name="hf", checkpoint=str(tmp_path), subfolder=""))
+    picture = preprocess(Image.fromarray(np.zeros((50, 70, 3), dtype=np.uint8)))
+    assert picture.shape == (3, 32, 32)
+    assert encoder.image_size == 32 and encoder.n_tokens == (32 // 14) ** 2 + 1
+    assert encoder.n_tokens == encoder.family.tokens(picture[None]).shape[1]
+    torch.testing.assert_close(encoder.zero_embed(), encoder.embed(torch.zeros(1, 3, 32, 32)), atol=0, rtol=0)
+
+
+def test_a_timm_dinov2_is_fed_at_the_size_its_architecture_takes():
+    """timm's DINOv2 takes 518-pixel images (its patch embedding refuses others) and its data config feeds 518:
+    no gap there."""
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder import load_encoder
+
+    encoder, _ = load_encoder(EncoderConfig(source="timm", name="vit_small_patch14_dinov2.lvd142m", pretrained=None))
+    assert encoder.image_size == 518 and encoder.n_tokens == 37 * 37 + 1

@@ -102,6 +102,9 @@ class Family:
     readout: str = "cls"
     exact: bool = True
     n_prefix: int = 1  # tokens before the patches (class, register, distillation)
+    # the side of the images the library's preprocessing for these weights feeds, set by the loader where it
+    # is known (a transformers processor can crop to less than the config's `image_size`: DINOv2's 224 of 518)
+    fed_size: Optional[int] = None
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -263,10 +266,33 @@ class OpenClipFamily(Family):
 # ---------------------------------------------------------------------------------------- timm
 
 
+def timm_clip_tower(model: nn.Module) -> bool:
+    """Whether a timm ViT is a CLIP image tower, whose `head` is CLIP's projection and not a classifier.
+
+    timm's `_convert_openai_clip` stores CLIP's `proj` [D, E] transposed as `head.weight` [E, D] with a zero
+    `head.bias` (num_classes = E, the CLIP embedding width): `model(pixels)` is CLIP's image embedding. The rule
+    reads timm's own pretrained config: the architecture is one of timm's CLIP towers (the `*_clip_*`
+    entrypoints, "CLIP image tower") and the tag is not a fine-tune (timm tags those `<pretraining>_ft_<data>`,
+    e.g. `openai_ft_in1k`, `laion2b_ft_in12k`: there `head` is a real 1000 / 11821-class classifier). A model
+    built without a pretrained config (a plain `VisionTransformer(...)`) is not one; nor is a head with a
+    non-zero bias (not a converted projection)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    head = getattr(model, "head", None)
+    return is_clip_tower(cfg.get("architecture"), cfg.get("tag")) and isinstance(head, nn.Linear) and \
+        (head.bias is None or not bool(head.bias.detach().any()))
+
+
+def is_clip_tower(architecture: Optional[str], tag: Optional[str]) -> bool:
+    """Whether timm's pretrained config (architecture, tag) is a CLIP image tower's (`timm_clip_tower`)."""
+    return "_clip_" in (architecture or "") and "ft_" not in (tag or "")
+
+
 class TimmFamily(Family):
     """timm `VisionTransformer` with its plain pre-norm `Block`s: class and register tokens, LayerScale
     (`ls1`, `ls2`), `global_pool` token / avg / map (and the other poolings, hooked), `norm` before pooling or
-    `fc_norm` after it, and its classifier `head`. The embedding is the head's input (`pre_logits`)."""
+    `fc_norm` after it, and its classifier `head`. The embedding is the head's input (`pre_logits`), except
+    for a CLIP image tower (`timm_clip_tower`): there `head` is CLIP's projection, the embedding its output
+    (`model(pixels)`, CLIP's image embedding) and there is no classifier."""
 
     name = "timm"
 
@@ -290,6 +316,7 @@ class TimmFamily(Family):
                     getattr(attn, "gate", None) is not None:
                 raise NotImplementedError("timm attention with qk_norm, scale_norm or a gate is not decomposed per head")
         self.n_prefix = model.num_prefix_tokens
+        self.clip = timm_clip_tower(model)
         if pool == "token":
             self.readout, self.exact = "cls", True
         elif pool == "avg" and not model.pool_include_prefix:
@@ -319,8 +346,14 @@ class TimmFamily(Family):
         return self.model.embed_dim
 
     @property
+    def d_embed(self) -> int:
+        return self.model.head.out_features if self.clip else self.d_model
+
+    @property
     def image_size(self) -> int:
-        return self.model.patch_embed.img_size[0]
+        # timm feeds what its pretrained config says (`resolve_data_config`), and its patch embedding refuses
+        # any other size: the architecture's img_size (518 for its DINOv2s, which do take 518)
+        return self.fed_size or self.model.patch_embed.img_size[0]
 
     @property
     def n_tokens(self) -> int:
@@ -334,13 +367,17 @@ class TimmFamily(Family):
     def readout_vector(self, v: Tensor) -> Tensor:
         if not self.exact:
             return super().readout_vector(v)
-        return self.model.fc_norm(self.model.norm(v))  # one of the two is Identity (timm's use_fc_norm)
+        return self.project(self.model.fc_norm(self.model.norm(v)))  # one of the two norms is Identity
 
     def readout_tokens(self, x: Tensor) -> Tensor:
-        return self.model.forward_head(self.model.norm(x), pre_logits=True)
+        return self.model.forward_head(self.model.norm(x), pre_logits=not self.clip)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        return self.model.forward_head(self.model.forward_features(pixels), pre_logits=True)
+        return self.model.forward_head(self.model.forward_features(pixels), pre_logits=not self.clip)
+
+    def project(self, v: Tensor) -> Tensor:
+        """A CLIP tower's projection (`head`, bias-free: `timm_clip_tower`); identity for a classifier's input."""
+        return nn.functional.linear(v, self.model.head.weight) if self.clip else v
 
     def final_norm(self) -> Optional[nn.LayerNorm]:
         if not self.exact:
@@ -351,10 +388,19 @@ class TimmFamily(Family):
     @property
     def classifier(self) -> Optional[nn.Module]:
         head = self.model.head
-        return None if isinstance(head, nn.Identity) else head
+        return None if isinstance(head, nn.Identity) or self.clip else head
 
     def class_names(self) -> Optional[list[str]]:
-        return _imagenet_names(self.model.num_classes)
+        if self.classifier is None:
+            return None
+        n = self.model.num_classes
+        if n != 1000:  # timm names the ImageNet-12k / 22k heads of its weights; open_clip's names the 1k one
+            from timm.data import ImageNetInfo, infer_imagenet_subset
+
+            subset = infer_imagenet_subset(self.model)
+            if subset is not None:
+                return list(ImageNetInfo(subset).label_descriptions(as_dict=False))
+        return _imagenet_names(n)
 
 
 # ---------------------------------------------------------------------------------------- transformers
@@ -455,6 +501,10 @@ class HFFamily(Family):
 
     @property
     def image_size(self) -> int:
+        """What the processor feeds where the loader knows it (`fed_size`: DINOv2's processor crops to 224
+        although its config says 518, its position embeddings being interpolated), else the config's."""
+        if self.fed_size:
+            return self.fed_size
         size = self.base.config.image_size
         return size[0] if isinstance(size, (tuple, list)) else size
 

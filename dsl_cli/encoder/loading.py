@@ -72,6 +72,8 @@ def load_encoder(
         encoder = HookedEncoder(visual)
     except NotImplementedError as err:
         raise UserError(f"encoder {cfg.source}:{cfg.name} cannot be opened up: {err}") from err
+    if cfg.source in vit_loading.SOURCES:  # the size the processor feeds, not the config's (DINOv2: 224, not 518)
+        encoder.family.fed_size = vit_loading.fed_size(preprocess)
     encoder.requires_grad_(False)
     return encoder.to(device=device, dtype=dtype), preprocess
 
@@ -249,8 +251,8 @@ class EmbeddingSpace:
 
 def embedding_space(cfg: Any) -> EmbeddingSpace:
     """The `EmbeddingSpace` of encoder config `cfg`, from open_clip's model configs (no weights read)."""
-    if cfg.source in vit_loading.SOURCES:
-        raise vit_loading.no_decoder(cfg)
+    if cfg.source in vit_loading.SOURCES:  # a timm CLIP tower's is its CLIP's; any other has none
+        return EmbeddingSpace(*vit_loading.clip_space(cfg))
     if cfg.source == "tiny":
         return EmbeddingSpace("tiny", None, TINY_EMBED_DIM)
     model_cfg = open_clip.get_model_config(cfg.name)

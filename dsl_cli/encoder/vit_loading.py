@@ -49,6 +49,73 @@ def no_decoder(cfg: Any) -> UserError:
                      "and run with adapter=FOLDER, or use decode.enabled=false")
 
 
+def clip_space(cfg: Any) -> tuple[str, Optional[str], int]:
+    """(open_clip model, pretrained tag, embedding width) of the CLIP whose image embeddings encoder config `cfg`
+    computes (`dsl_cli.encoder.loading.embedding_space`), or the `no_decoder` refusal.
+
+    Only a timm CLIP image tower (`families.is_clip_tower`) has one: open_clip's own registry names the timm
+    hub repository it loads that CLIP from (`hf_hub='timm/vit_large_patch14_clip_224.openai/'` for ViT-L-14
+    openai), and the tower's activation must be the one open_clip builds that CLIP with (OpenAI's are
+    QuickGELU: timm's `*_clip_quickgelu_*` towers, not the GELU ones of the same weights). The tag is None for
+    random weights or a local file (judged by its model, as an open_clip one is)."""
+    match = _open_clip_match(cfg) if cfg.source == "timm" and cfg.name != "tiny" else None
+    if match is None:
+        raise no_decoder(cfg)
+    if isinstance(match, str):
+        raise UserError(match)
+    model, tag, width = match
+    return model, (tag if cfg.pretrained is not None and not cfg.checkpoint else None), width
+
+
+def _open_clip_match(cfg: Any) -> "tuple[str, str, int] | str | None":
+    """The open_clip (model, tag, width) of a timm CLIP tower's weights and activation; a one-line refusal where
+    only the activation differs; None where open_clip names no CLIP for them."""
+    import timm
+
+    from dsl_cli.encoder.families import is_clip_tower
+    from dsl_cli.encoder.loading import tag_settings
+
+    pretrained = timm.models.get_pretrained_cfg(cfg.name) if timm.is_model(cfg.name) else None
+    if pretrained is None or not is_clip_tower(pretrained.architecture, pretrained.tag):
+        return None
+    candidates = _open_clip_by_hub().get(pretrained.hf_hub_id or "", [])
+    if not candidates:
+        return None
+    quick = _timm_quick_gelu(cfg.name)
+    for model, tag, width in candidates:
+        if tag_settings(model, tag).quick_gelu == quick and width == pretrained.num_classes:
+            return model, tag, width
+    model, tag, _ = candidates[0]
+    ours, theirs = ("QuickGELU", "GELU") if quick else ("GELU", "QuickGELU")
+    twins = [name for name in timm.list_pretrained(f"*.{pretrained.tag}") if name != cfg.name and
+             timm.models.get_pretrained_cfg(name).hf_hub_id == pretrained.hf_hub_id]
+    fix = f"use encoder.name={twins[0]}" if twins else f"use encoder=open_clip {model} {tag}"
+    return (f"encoder timm:{cfg.name} runs {model} {tag}'s weights with {ours} where that CLIP uses {theirs}, so "
+            f"its embeddings are not the ones decoders of {model} {tag} decode: {fix}, or fit an adapter")
+
+
+def _open_clip_by_hub() -> dict[str, list[tuple[str, str, int]]]:
+    """timm hub repository -> the open_clip (model, tag, embedding width) entries that load their CLIP from it."""
+    import open_clip
+
+    found: dict[str, list[tuple[str, str, int]]] = {}
+    for model, tag in open_clip.list_pretrained():
+        hub = (open_clip.get_pretrained_cfg(model, tag).get("hf_hub") or "").rstrip("/")
+        model_cfg = open_clip.get_model_config(model) or {}
+        if hub.startswith("timm/") and "embed_dim" in model_cfg:
+            found.setdefault(hub, []).append((model, tag, model_cfg["embed_dim"]))
+    return found
+
+
+def _timm_quick_gelu(name: str) -> bool:
+    """Whether timm builds model `name` with QuickGELU (built on the meta device: no memory, no weights)."""
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return any(type(m).__name__ == "QuickGELU" for m in model.modules())
+
+
 def label(cfg: Any) -> str:
     return cfg.name if cfg.source == "timm" or cfg.name == "tiny" else cfg.repo_id
 
@@ -117,7 +184,7 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
 
 def _timm_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
     import timm
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import resolve_data_config
     from timm.models.vision_transformer import VisionTransformer
 
     if cfg.name == "tiny":
@@ -125,7 +192,7 @@ def _timm_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
         side = TINY_TIMM["img_size"]
         data = resolve_data_config({"input_size": (3, side, side), "crop_pct": 1.0, "mean": IMAGENET_MEAN,
                                     "std": IMAGENET_STD}, model=model)
-        return model.eval(), create_transform(**data)
+        return model.eval(), _timm_preprocess(data)
     if not timm.is_model(cfg.name):
         raise UserError(f"encoder.name={cfg.name!r}: not a timm model (timm.list_models() lists them)")
     overlay = None
@@ -139,7 +206,7 @@ def _timm_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
         raise UserError(f"encoder timm:{cfg.name}: its weights could not be read from {where} ({reason(err)}); "
                         f"{_timm_fix(cfg)}") from err
     data = resolve_data_config({}, model=model)
-    return model.eval(), create_transform(**data)
+    return model.eval(), _timm_preprocess(data)
 
 
 def _timm_fix(cfg: Any) -> str:
@@ -250,8 +317,46 @@ def _hf_class(config: Any) -> type:
     raise UserError(f"transformers model type {kind!r}: dsl opens up clip, siglip, dinov2, vit and deit")
 
 
-def _hf_preprocess(processor) -> Preprocess:
+class LibraryPreprocess:
+    """The library's own preprocessing (PIL image -> [3, S, S]), with the side S it feeds where that is fixed
+    (`image_size`; None where it follows the picture), which `HookedEncoder` takes as its image size."""
+
+    def __init__(self, transform: Callable[[Any], Tensor], image_size: Optional[int]):
+        self.transform, self.image_size = transform, image_size
+
+    def __call__(self, image) -> Tensor:
+        return self.transform(image)
+
+
+def fed_size(preprocess: Any) -> Optional[int]:
+    """The side the preprocessing of `load_vit` feeds (None where it is not fixed)."""
+    return getattr(preprocess, "image_size", None)
+
+
+def _timm_preprocess(data: dict) -> LibraryPreprocess:
+    from timm.data import create_transform
+
+    side = data["input_size"][-1] if data["input_size"][-1] == data["input_size"][-2] else None
+    return LibraryPreprocess(create_transform(**data), side)
+
+
+def _hf_preprocess(processor) -> LibraryPreprocess:
     def preprocess(image) -> Tensor:
         return processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
-    return preprocess
+    return LibraryPreprocess(preprocess, _hf_fed_size(processor))
+
+
+def _hf_fed_size(processor) -> Optional[int]:
+    """The side of the square a transformers image processor outputs: its crop where it crops, else its
+    resize where that is to a fixed height and width (a `shortest_edge` resize keeps the picture's shape)."""
+    def square(size: Any) -> Optional[int]:
+        size = dict(size or {})
+        height, width = size.get("height"), size.get("width")
+        return int(height) if height is not None and height == width else None
+
+    if getattr(processor, "do_center_crop", False):
+        return square(getattr(processor, "crop_size", None))
+    if getattr(processor, "do_resize", True):
+        return square(getattr(processor, "size", None))
+    return None
