@@ -49,65 +49,7 @@ def no_decoder(cfg: Any) -> UserError:
                      "and run with adapter=FOLDER, or use decode.enabled=false")
 
 
-def clip_space(cfg: Any) -> tuple[str, Optional[str], int]:
-    """(open_clip model, pretrained tag, embedding width) of the CLIP whose image embeddings encoder config `cfg`
-    computes (`dsl_cli.encoder.loading.embedding_space`), or the `no_decoder` refusal.
-
-    Only a timm CLIP image tower (`families.is_clip_tower`) has one: open_clip's own registry names the timm
-    hub repository it loads that CLIP from (`hf_hub='timm/vit_large_patch14_clip_224.openai/'` for ViT-L-14
-    openai), and the tower's activation must be the one open_clip builds that CLIP with (OpenAI's are
-    QuickGELU: timm's `*_clip_quickgelu_*` towers, not the GELU ones of the same weights). The tag is None for
-    random weights or a local file (judged by its model, as an open_clip one is)."""
-    match = _open_clip_match(cfg) if cfg.source == "timm" and cfg.name != "tiny" else None
-    if match is None:
-        raise no_decoder(cfg)
-    if isinstance(match, str):
-        raise UserError(match)
-    model, tag, width = match
-    return model, (tag if cfg.pretrained is not None and not cfg.checkpoint else None), width
-
-
-def _open_clip_match(cfg: Any) -> "tuple[str, str, int] | str | None":
-    """The open_clip (model, tag, width) of a timm CLIP tower's weights and activation; a one-line refusal where
-    only the activation differs; None where open_clip names no CLIP for them."""
-    import timm
-
-    from dsl_cli.encoder.families import is_clip_tower
-    from dsl_cli.encoder.loading import tag_settings
-
-    pretrained = timm.models.get_pretrained_cfg(cfg.name) if timm.is_model(cfg.name) else None
-    if pretrained is None or not is_clip_tower(pretrained.architecture, pretrained.tag):
-        return None
-    candidates = _open_clip_by_hub().get(pretrained.hf_hub_id or "", [])
-    if not candidates:
-        return None
-    quick = _timm_quick_gelu(cfg.name)
-    for model, tag, width in candidates:
-        if tag_settings(model, tag).quick_gelu == quick and width == pretrained.num_classes:
-            return model, tag, width
-    model, tag, _ = candidates[0]
-    ours, theirs = ("QuickGELU", "GELU") if quick else ("GELU", "QuickGELU")
-    twins = [name for name in timm.list_pretrained(f"*.{pretrained.tag}") if name != cfg.name and
-             timm.models.get_pretrained_cfg(name).hf_hub_id == pretrained.hf_hub_id]
-    fix = f"use encoder.name={twins[0]}" if twins else f"use encoder=open_clip {model} {tag}"
-    return (f"encoder timm:{cfg.name} runs {model} {tag}'s weights with {ours} where that CLIP uses {theirs}, so "
-            f"its embeddings are not the ones decoders of {model} {tag} decode: {fix}, or fit an adapter")
-
-
-def _open_clip_by_hub() -> dict[str, list[tuple[str, str, int]]]:
-    """timm hub repository -> the open_clip (model, tag, embedding width) entries that load their CLIP from it."""
-    import open_clip
-
-    found: dict[str, list[tuple[str, str, int]]] = {}
-    for model, tag in open_clip.list_pretrained():
-        hub = (open_clip.get_pretrained_cfg(model, tag).get("hf_hub") or "").rstrip("/")
-        model_cfg = open_clip.get_model_config(model) or {}
-        if hub.startswith("timm/") and "embed_dim" in model_cfg:
-            found.setdefault(hub, []).append((model, tag, model_cfg["embed_dim"]))
-    return found
-
-
-def _timm_quick_gelu(name: str) -> bool:
+def timm_quick_gelu(name: str) -> bool:
     """Whether timm builds model `name` with QuickGELU (built on the meta device: no memory, no weights)."""
     import timm
 
