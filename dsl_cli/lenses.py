@@ -492,6 +492,10 @@ class Lens:
         """Work of this lens that needs a model of its own, done before the encoder loads (so that the two
         never share memory), as the manifest stage `prepare_stage`; a lens without one leaves it None."""
 
+    def check_encoder(self, encoder, encoder_cfg) -> None:
+        """UserError where the loaded encoder cannot give what this lens reads, checked before any image is
+        encoded (what the configs alone tell is checked before it loads)."""
+
     def after_scoring(self, scored: ScoredImages) -> dict:
         """Checks and files of this lens once every image is scored; returns entries for the manifest."""
         return {}
@@ -662,11 +666,16 @@ class LogitLens(Lens):
             logits = encoder.classifier(embeds.to(encoder.device, encoder.dtype)).float().cpu()
         return logits.topk(min(self.cfg.top_labels, logits.shape[-1]), dim=-1)
 
+    def check_encoder(self, encoder, encoder_cfg) -> None:
+        """A timm or transformers ViT without a classifier head (DINOv2, a CLIP image tower) has nothing to
+        name labels with: refused before its images are encoded, not after."""
+        if getattr(encoder, "classifier", None) is None and encoder_cfg.source in ("timm", "hf"):
+            raise UserError(self.no_labels(encoder_cfg))
+
     def after_scoring(self, scored: ScoredImages) -> dict:
-        """The top ImageNet labels of every component's embedding, into labels.csv."""
+        """The top ImageNet labels of every component's embedding, into labels.csv (`check_encoder` made sure
+        that a timm or transformers ViT has its own classifier head)."""
         head = getattr(scored.encoder, "classifier", None)
-        if head is None and scored.encoder_cfg.source in ("timm", "hf"):
-            raise UserError(self.no_labels(scored.encoder_cfg))
         if head is None and self.classifier is None:
             self.prepare(scored.encoder_cfg, scored.encoder.device)
         classifier, names = (None, scored.encoder.family.class_names()) if head is not None else self.classifier

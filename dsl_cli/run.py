@@ -615,6 +615,7 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
             manifest.update(adapter=manifest_entry(adapter, cfg.adapter))
             log.info("decoding through %s", adapter.describe())
     manifest.update(encoder_dtype=dtype_name(encoder.dtype))
+    lens.check_encoder(encoder, cfg.encoder)
     if sae_config(cfg) is not None:  # an SAE's features instead of heads (dsl_cli.sae_run): layer/head unused
         encoder, components = feature_stage(cfg, folder.path, encoder, preprocess, image_set, manifest)
     else:

@@ -403,6 +403,7 @@ def test_what_these_vits_cannot_do_is_refused_in_one_line(preset, extra, message
                                 f"hydra.run.dir={tmp_path / 'run'}", *extra], tmp_path, monkeypatch, capsys)
     assert code == 2 and message in err
     assert len([line for line in err.splitlines() if line.startswith("dsl: error")]) == 1
+    assert "encode:" not in err  # refused before any image is encoded (the logit lens's once scored them all)
 
 
 def test_the_preflight_names_the_hub_files_these_encoders_read():
