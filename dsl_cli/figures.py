@@ -299,13 +299,23 @@ def _column_name(row: dict) -> str:
 
 def heatmap_cells(rows: list[dict]) -> tuple[list[int], list[str], dict[tuple[int, int], dict]]:
     """Rows arranged as layers x columns (heads in order, MLP, mid, resid): (layers, column names,
-    {(layer index, column index): row})."""
+    {(layer index, column index): row}). Where two rows fill one cell (the jobs of a sweep whose layers
+    overlap, `layer=0,all`), the one with more values is shown: the job that decoded the component, not the
+    last one read."""
     layers = sorted({r["layer"] for r in rows})
     names = {_column_name(r) for r in rows}
     columns = sorted(n for n in names if n.startswith("H")) + [n for n in ("MLP", "mid", "resid") if n in names]
     columns += sorted(n for n in names if n.startswith("F"))  # SAE features, then their error term (Ferr)
-    cells = {(layers.index(r["layer"]), columns.index(_column_name(r))): r for r in rows}
+    cells: dict[tuple[int, int], dict] = {}
+    for row in rows:
+        cell = (layers.index(row["layer"]), columns.index(_column_name(row)))
+        if cell not in cells or _filled(row) > _filled(cells[cell]):
+            cells[cell] = row
     return layers, columns, cells
+
+
+def _filled(row: dict) -> int:
+    return sum(value not in (None, "") for value in row.values())
 
 
 def heatmap_matrix(rows: list[dict], value: str) -> tuple[list[int], list[str], np.ndarray]:

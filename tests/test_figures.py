@@ -227,6 +227,19 @@ def test_heatmap_cells_show_their_values_and_rows_are_named_like_components() ->
         assert [t.get_text() for t in axis.get_yticklabels()] == ["L01", "L03"]  # as in L01H00, not L1
 
 
+def test_a_cell_filled_by_two_jobs_shows_the_one_with_a_value() -> None:
+    """A sweep whose jobs overlap (`layer=0,all` with decode.top_k): job 0 decoded L01H02, job 1 did not; the
+    merged heatmap showed the last row read, a blank cell, with the colour scale still spanning its value."""
+    from dsl_cli.figures import heatmap_matrix
+
+    rows = rows_of([1, 3], 4, ())
+    decoded = next(r for r in rows if r["component"] == "L01H02")
+    undecoded = {**decoded, "sim_decoded": None, "file": ""}
+    for order in ([decoded, undecoded], [undecoded, decoded]):
+        layers, columns, matrix = heatmap_matrix([r for r in rows if r is not decoded] + order, "sim_decoded")
+        assert matrix[layers.index(1), columns.index("H02")] == pytest.approx(float(decoded["sim_decoded"]))
+
+
 def test_one_value_gets_no_colour_bar() -> None:
     """A one-layer Diffusion Lens heatmap is one cell per panel: grey, its value written in it, no colour
     bar (a scale of one value means nothing)."""
