@@ -528,14 +528,24 @@ def sorted_rows(rows: list[dict], scored: list[Scored]) -> list[dict]:
 
 
 def _finish_rows(cfg, rows: list[dict]) -> list[dict]:
-    """Final ranks (by the configured similarity) and a stable order: image, then component order."""
+    """Final ranks (by the configured similarity) and a stable order: image, then component order. By
+    `sim_decoded`, the decoded rows come first in its order; the rows `decode.top_k` left undecoded follow in
+    the order of `sim_embed`, which chose what to decode (a picture is needed to score it)."""
     if cfg.lens.rank_by == "sim_decoded":
         for (image,), group in group_rows(rows, ("image",)).items():
-            values = torch.tensor([math.nan if r["sim_decoded"] is None else r["sim_decoded"] for r in group])
-            values = values.nan_to_num(-math.inf)
-            for row, r in zip(group, rank(values)):
-                row["rank"] = int(r)
+            order = sorted(range(len(group)), key=lambda k: _decoded_first(group[k], k))
+            for position, k in enumerate(order, start=1):
+                group[k]["rank"] = position
     return rows
+
+
+def _decoded_first(row: dict, k: int) -> tuple:
+    """A row's place under `rank_by=sim_decoded`: decoded rows by their score, then the others by `sim_embed`
+    (ties in component order, `k`)."""
+    decoded, embed = row["sim_decoded"], row["sim_embed"]
+    if decoded is not None and not math.isnan(decoded):
+        return 0, -decoded, k
+    return 1, math.inf if embed is None or math.isnan(embed) else -embed, k  # no score: last
 
 
 def best_components(rows: list[dict], by: str, count: int = 3) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -142,9 +141,11 @@ def test_ranks_by_decoded_similarity_put_the_undecoded_last(tmp_path: Path, imag
     rows = read_csv(folder / "similarity.csv")
     clean, embeds, _ = lens_here(tiny, image_folder, LAYER2)  # norm, alpha 2: the defaults
     for b, group in enumerate(by_image(rows).values()):
-        embed_ranks = ranks_here(cos(embeds[b], clean[b]).tolist())
+        embed_sims = cos(embeds[b], clean[b]).tolist()
+        embed_ranks = ranks_here(embed_sims)
         assert [bool(r["file"]) for r in group] == [rank <= 3 for rank in embed_ranks]  # planned by sim_embed
-        sims = [float(r["sim_decoded"]) if r["file"] else -math.inf for r in group]
+        # the decoded by sim_decoded, then the undecoded by sim_embed (a cosine: -10 puts them below all)
+        sims = [float(r["sim_decoded"]) if r["file"] else -10 + e for r, e in zip(group, embed_sims)]
         assert [int(r["rank"]) for r in group] == ranks_here(sims)
 
 
@@ -353,14 +354,15 @@ def test_extra_seeds_and_baselines_are_the_pipelines_pictures_scored_against_eac
 
 def test_ranks_by_decoded_similarity_put_the_undecoded_below_a_negative_cosine() -> None:
     """lens.rank_by=sim_decoded: per image, 1 = the highest decoded cosine, even a negative one ranking above
-    a component that was not decoded; ties keep component order."""
+    a component that was not decoded; ties keep component order. The components `decode.top_k` left
+    undecoded follow by sim_embed (they were ranked in component order, L00H01 at 0.345 above L02H03 at 0.574)."""
     from dsl_cli.run import _finish_rows
 
     cfg = OmegaConf.create({"lens": {"rank_by": "sim_decoded"}})
-    values = {"a": [-0.5, None, 0.2, -0.5], "b": [None, 0.1]}
-    rows = [{"image": image, "component": f"c{k}", "sim_decoded": v, "rank": 0}
-            for image, sims in values.items() for k, v in enumerate(sims)]
-    assert [r["rank"] for r in _finish_rows(cfg, rows)] == [2, 4, 1, 3, 2, 1]
+    values = {"a": [(-0.5, 0.9), (None, 0.1), (0.2, 0.0), (-0.5, 0.5), (None, 0.3)], "b": [(None, 0.9), (0.1, 0.0)]}
+    rows = [{"image": image, "component": f"c{k}", "sim_decoded": decoded, "sim_embed": embed, "rank": 0}
+            for image, sims in values.items() for k, (decoded, embed) in enumerate(sims)]
+    assert [r["rank"] for r in _finish_rows(cfg, rows)] == [2, 5, 1, 3, 4, 2, 1]
     kept = [dict(r) for r in rows]
     assert _finish_rows(OmegaConf.create({"lens": {"rank_by": "sim_embed"}}), rows) == kept  # ranks as scored
 
