@@ -217,13 +217,15 @@ def drop_bookkeeping(folder: RunFolder) -> None:
     if not holds_no_result(folder):  # checked again: something may have appeared since
         return
     close_file_logs(folder.log_file)
-    for path in [*_bookkeeping(folder), *([folder.path] if folder.made_here else [])]:
+    for path in _bookkeeping(folder):
         try:
             path.rmdir() if path.is_dir() else path.unlink()
         except FileNotFoundError:  # never made (.hydra of a run stopped before it was written) or gone
             continue
         except OSError:  # a folder not empty (a file appeared): left as it is
             return
+    if folder.made_here:  # with the dated folder above it where the claim made that too
+        folder.remove_if_empty(folder.made_above)
 
 
 def claim(folder: RunFolder, cfg: DictConfig, kind: str = "run") -> None:

@@ -35,12 +35,13 @@ import secrets
 import socket
 import time
 from collections import Counter
+from itertools import takewhile
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypedDict, get_args, get_type_hints
+from typing import Iterable, Iterator, Optional, Sequence, TypedDict, get_args, get_type_hints
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
@@ -571,7 +572,9 @@ class LockOwner:
 
 
 _HELD: dict[Path, LockOwner] = {}  # the folders this process holds (resolved paths), with its lock line
-_MADE: set[Path] = set()  # of those, the ones its claim created (not there before): only such a folder is removed
+# of those, the ones its claim created (not there before), each with the folders above it that the claim
+# created too (innermost first): only such folders are removed
+_MADE: dict[Path, list[Path]] = {}
 
 
 def _file(name: str) -> property:
@@ -757,8 +760,8 @@ class RunFolder:
         made = self._make(setting)
         try:
             _HELD[self._key()] = self._lock(setting)
-            if made:
-                _MADE.add(self._key())
+            if made is not None:
+                _MADE[self._key()] = made
             if not resume:
                 self._check_fresh(setting)
                 write_json(self.manifest_json, {"made_by": MADE_BY, **({"kind": kind} if kind != "run" else {}),
@@ -767,8 +770,8 @@ class RunFolder:
                 raise self._foreign(setting)
         except BaseException:
             self.release()
-            if made:  # a claim refused (a full disk, a live lock) leaves no folder it created behind
-                self.remove_if_empty()
+            if made is not None:  # a claim refused (a full disk, a live lock) leaves no folder it created behind
+                self.remove_if_empty(made)
             raise
         return True
 
@@ -778,12 +781,20 @@ class RunFolder:
         there before (a user's empty folder) is theirs, and is never removed."""
         return self._key() in _MADE
 
-    def remove_if_empty(self) -> None:
-        """Remove the folder if it is empty (anything found in it is left, with the folder)."""
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
+    @property
+    def made_above(self) -> list[Path]:
+        """The folders above this one that its claim created (`outputs/2026-12-07` of a first run that day),
+        innermost first: removed with it where it is removed, if they are empty then."""
+        return _MADE.get(self._key(), [])
+
+    def remove_if_empty(self, above: Sequence[Path] = ()) -> None:
+        """Remove the folder if it is empty (anything found in it is left, with the folder), then each folder
+        of `above` (innermost first) while they are empty."""
+        for folder in [self.path, *above]:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
 
     def _foreign_at_a_glance(self) -> bool:
         """A folder (not a link) that is plainly not dsl's: another program's manifest, or none and files that
@@ -821,7 +832,7 @@ class RunFolder:
 
     def release(self) -> None:
         """Give the folder up (the lock file is removed if it is still this process's)."""
-        _MADE.discard(self._key())
+        _MADE.pop(self._key(), None)
         owner = _HELD.pop(self._key(), None)
         if owner is not None and self._read_owner(self.lock_path) == owner:
             self.lock_path.unlink(missing_ok=True)
@@ -844,16 +855,23 @@ class RunFolder:
     def _key(self) -> Path:
         return self.path.resolve()
 
-    def _make(self, setting: str | None) -> bool:
-        """Create the folder (and the folders above it) where it is missing; True when this call created it.
-        Atomic: of two processes that make it at once, one alone is told it did."""
-        try:
-            self.path.mkdir(parents=True)
-        except FileExistsError:
-            return False
-        except OSError as err:
-            raise self._unwritable(err, setting) from err
-        return True
+    def _make(self, setting: str | None) -> Optional[list[Path]]:
+        """Create the folder (and the folders above it) where it is missing: None when it was there, else the
+        folders above it this call created, innermost first. Atomic: of two processes that make it at once,
+        one alone is told it did."""
+        missing = list(takewhile(lambda above: not above.exists(), self.path.parents))
+        for attempt in range(3):
+            try:
+                self.path.mkdir(parents=True)
+                return missing
+            except FileExistsError:
+                return None
+            except FileNotFoundError as err:  # a folder above removed at that moment by a run that failed
+                if attempt == 2:
+                    raise self._unwritable(err, setting) from err
+            except OSError as err:
+                raise self._unwritable(err, setting) from err
+        return None
 
     def _unwritable(self, err: OSError, setting: str | None) -> UserError:
         advice = (f"choose another with {setting}=..." if setting

@@ -60,10 +60,15 @@ def test_a_paper_run_refused_for_its_weights_runs_once_they_are_there(tmp_path: 
 
 
 def test_a_failed_run_in_a_dated_folder_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
-    code, err = dsl_in_process(["run", "debug=tiny", "images=folder", f"images.path={tmp_path / 'none'}"],
-                               tmp_path, monkeypatch, capsys)
+    """Nor the dated folders above it that its claim made (`outputs/debug/2026-12-07` stayed, empty); a folder
+    above that was there before stays."""
+    args = ["run", "debug=tiny", "images=folder", f"images.path={tmp_path / 'none'}"]
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
     assert code == 2, err
-    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()], "files of a failed attempt remain"
+    assert not (tmp_path / "outputs").exists(), sorted((tmp_path / "outputs").rglob("*"))
+    (tmp_path / "outputs" / "debug").mkdir(parents=True)
+    code, err = dsl_in_process(args, tmp_path, monkeypatch, capsys)
+    assert code == 2 and sorted((tmp_path / "outputs").rglob("*")) == [tmp_path / "outputs" / "debug"], err
 
 
 def test_a_run_refused_after_its_input_pictures_leaves_nothing(tmp_path: Path, monkeypatch, capsys) -> None:
