@@ -521,6 +521,26 @@ def jobs_figures(sweep_dir: Path, jobs: list[dict]) -> str:
     return "<h2>Each job's heatmaps and plots</h2>" + ("".join(sections) or "<p class=muted>none drawn</p>")
 
 
+def merged_studies(manifest: dict) -> dict[str, dict]:
+    """The manifest's `studies` (`sweeps.merge_studies`), those entries whose every value has its type (a manifest
+    edited by hand, or one of an older dsl without them: none)."""
+    studies = manifest.get("studies")
+    kinds = {"table": str, "rows": int, "jobs": list, "pooled": list, "not_pooled": (str, type(None))}
+    return {name: entry for name, entry in (studies.items() if isinstance(studies, dict) else [])
+            if isinstance(entry, dict) and all(isinstance(entry.get(k), t) for k, t in kinds.items())}
+
+
+def studies_section(manifest: dict) -> str:
+    """Each study's table merged over its jobs, and what was computed again over all of them (or why not:
+    `sweeps.pooling_refusal`); nothing for a sweep without a study."""
+    items = [f"<li>{esc(name)}: {link(entry['table'])}, {entry['rows']} rows of jobs "
+             f"{esc(', '.join(map(str, entry['jobs'])))}"
+             + (f"; pooled over all of them: {' · '.join(map(link, entry['pooled']))}" if entry["pooled"] else "")
+             + (f"; not pooled: {esc(entry['not_pooled'])}" if entry["not_pooled"] else "") + "</li>"
+             for name, entry in merged_studies(manifest).items()]
+    return f"<h2>Studies merged</h2><ul>{''.join(items)}</ul>" if items else ""
+
+
 def sweep_page(sweep_dir: Path, list_jobs: JobLister = manifest_jobs) -> str:
     """The page of a sweep folder: its jobs with their overrides, status and pages (as `list_jobs` finds them),
     and the sweep's merged heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote; each
@@ -534,6 +554,7 @@ def sweep_page(sweep_dir: Path, list_jobs: JobLister = manifest_jobs) -> str:
                                 "every job and draws the merged heatmaps</p>")
     body = [header(sweep_dir, manifest or {}, "sweep"), f"<p>{done} of {len(jobs)} jobs complete</p>{note}",
             files_section(sweep_dir), jobs_table(sweep_dir, jobs)]
+    body.append(studies_section(manifest or {}))
     if merged:
         body.append("<h2>Merged heatmaps</h2><p class=muted>the rows of all jobs in one figure per image and lens "
                     f"(and per value of a swept setting)</p><div class='row thumbs'>{merged}</div>")

@@ -24,8 +24,6 @@ Shapes: B images, K components, E embedding width, S image side. Everything runs
 from __future__ import annotations
 
 import logging
-import math
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -37,20 +35,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
+from dsl_cli.correlation import importance_correlations
 from dsl_cli.decoder import load_decoder, to_pil
 from dsl_cli.devices import resolve_dtype
 from dsl_cli.encoder import HookedEncoder, MeanWrites
 from dsl_cli.errors import UserError
-from dsl_cli.figures import DEFAULT_LENSES, POOLED, SCORES, score_column
+from dsl_cli.figures import DEFAULT_LENSES, POOLED, score_column
 from dsl_cli.images import InputImage, overlay
-from dsl_cli.libraries import Library
 from dsl_cli.lenses import Lens, get_lens
 from dsl_cli.memory import halving_batches, release_memory, rows_that_fit
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, group_rows, save_png
 from dsl_cli.study_registry import decodes, study_stage
 
 log = logging.getLogger("dsl_cli.studies")
-stats = Library("scipy.stats")  # half a second to import: only a study that correlates needs it
 
 STUDY_MAX_ROWS = 256  # ablated rows per forward pass on a GPU: beyond this a bigger batch gains little
 
@@ -196,76 +193,6 @@ def direct_ablated(encoder: HookedEncoder, cache, comps: Sequence[Component],
     put_back = torch.stack([means.heads[c.layer, c.head] if c.kind == "head" else means.mlps[c.layer]
                             for c in comps]).to(writes.device)  # [K, D]
     return encoder.readout(final - writes + put_back)
-
-
-@dataclass(frozen=True)
-class Correlation:
-    """How correlations are computed: a 95 % interval from `resamples` paired bootstrap resamples (the
-    percentile method), seeded."""
-
-    resamples: int = 1000
-    seed: int = 0
-    confidence: float = 0.95
-
-
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson r of each row pair of [R, n] arrays (NaN for a constant row)."""
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        return np.atleast_1d(stats.pearsonr(x, y, axis=-1).statistic)
-
-
-def bootstrap_interval(x: np.ndarray, y: np.ndarray, rank: bool, how: Correlation = Correlation()) -> tuple[float, float]:
-    """Percentile bootstrap interval of Pearson r (rank=False) or Spearman rho (rank=True: Pearson of the
-    average ranks, as scipy.stats.spearmanr computes it) over (x_i, y_i) pairs resampled with replacement.
-    Resamples where a vector is constant (no correlation defined) are left out; NaN when all are."""
-    rng = np.random.default_rng(how.seed)
-    index = rng.integers(0, len(x), size=(how.resamples, len(x)))  # [R, n]
-    xs, ys = x[index], y[index]
-    if rank:
-        xs, ys = stats.rankdata(xs, axis=-1), stats.rankdata(ys, axis=-1)
-    values = _pearson_rows(xs, ys)
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return math.nan, math.nan
-    tail = 50 * (1 - how.confidence)
-    low, high = np.percentile(values, [tail, 100 - tail])
-    return float(low), float(high)
-
-
-def _correlate(x: np.ndarray, y: np.ndarray, how: Correlation = Correlation()) -> dict:
-    """Spearman and Pearson of two equal-length vectors with their p-values and bootstrap intervals; NaN
-    where undefined (n < 2, a constant vector)."""
-    result = {"n": len(x), **{f"{name}{part}": math.nan for name in ("spearman", "pearson")
-                              for part in ("", "_low", "_high", "_p")}}
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return result
-    with warnings.catch_warnings():  # n == 2 gives p = 1 with a warning in some scipy versions
-        warnings.simplefilter("ignore")
-        rho, rho_p = stats.spearmanr(x, y)
-        r, r_p = stats.pearsonr(x, y)
-    rho_low, rho_high = bootstrap_interval(x, y, rank=True, how=how)
-    r_low, r_high = bootstrap_interval(x, y, rank=False, how=how)
-    result.update(spearman=float(rho), spearman_low=rho_low, spearman_high=rho_high, spearman_p=float(rho_p),
-                  pearson=float(r), pearson_low=r_low, pearson_high=r_high, pearson_p=float(r_p))
-    return result
-
-
-def correlations(rows: list[dict], target: str = "importance", scores: Sequence[str] = SCORES,
-                 how: Correlation = Correlation()) -> list[dict]:
-    """Spearman and Pearson of `target` vs each score, per ablation: per image and pooled over all rows
-    (image `pooled`), each with a bootstrap interval and n: one dict per (ablation, image, lens) with
-    `outputs.CorrelationRow`. Pooling mixes images whose importance scales differ; the per-image rows are the
-    cleaner test, the pooled one the headline number."""
-    out = []
-    for (ablation,), block in group_rows(rows, ("ablation",)).items():
-        groups = list(group_rows(block, ("image",)).items()) + [((POOLED,), block)]
-        for (image,), group in groups:
-            y = np.array([r[target] for r in group], dtype=float)
-            for lens in scores:
-                x = np.array([r[lens] for r in group], dtype=float)
-                out.append({"ablation": ablation, "image": image, "lens": lens, **_correlate(x, y, how)})
-    return out
 
 
 # ---------------------------------------------------------------- overlay removal
@@ -461,7 +388,7 @@ def head_importance_stage(cfg, run_dir: Path, encoder: HookedEncoder, preprocess
                                     ablated, lenses)
     table = IMPORTANCE.with_columns([c for c in lenses if c not in IMPORTANCE.columns])
     scores = [c for c in table.columns[table.columns.index("importance") + 1:] if rows and c in rows[0]]
-    corr = correlations(rows, scores=scores, how=Correlation(resamples=study.bootstrap, seed=cfg.seed))
+    corr = importance_correlations(rows, scores, study.bootstrap, cfg.seed)
     RunFolder(run_dir).write(table, rows)
     RunFolder(run_dir).write(CORRELATIONS, corr)
     pooled = {f"{r['ablation']} {r['lens']}": {k: r[k] for k in ("n", "spearman", "spearman_low", "spearman_high",

@@ -37,12 +37,18 @@ class Study:
     settings  the `study.*` settings it reads (fields of `config.StudyConfig`; `name` aside)
     tables    its CSVs; the first is `study_<name>.csv`, whose presence makes a folder this study's
     figures   the figures it draws, as paths in the run folder (`<composite>`: one per composite)
+    pools     whether a sweep's merge computes something again over all its jobs' rows (`pool`); a sweep
+              merges every study's first table either way
+    apart     the overrides a pooled sweep's jobs may differ in beside those that split the heads and images
+              (`sweeps.SPLIT_KEYS`): the pooled statistics keep their values apart
     """
 
     name: ClassVar[str] = ""
     settings: ClassVar[tuple[str, ...]] = ("lenses",)
     tables: ClassVar[tuple[Table, ...]] = ()
     figures: ClassVar[tuple[str, ...]] = ()
+    pools: ClassVar[bool] = False
+    apart: ClassVar[tuple[str, ...]] = ()
 
     def validate(self, study: Any, seed: int) -> None:
         """Its own checks of `cfg.study` that need no model (beside `validate_study`'s, for every setting)."""
@@ -69,6 +75,21 @@ class Study:
     def page(self, folder: Path, html: Any) -> str:
         """The HTML of its tables on its page; `html` is `dsl_cli.report` (cells, tables, filters), handed in."""
         return ""
+
+    def rows(self, run_dir: Path) -> list[dict]:
+        """Its first table's rows, checked as its figures and page read them (`study_table`; a sweep merges
+        these). By default: as many as its manifest counts."""
+        return study_table(run_dir, self.tables[0], count_problem)
+
+    def pooling_problem(self, rows: list[dict], varying: list[str]) -> str | None:
+        """Why the rows of a sweep's jobs (`rows`, every job's, in job order) do not pool, None where they do;
+        `varying`: the overrides the jobs differ in."""
+        return None
+
+    def pool(self, sweep_dir: Path, rows: list[dict], config: Any) -> list[Path]:
+        """Compute again over every job's rows what one run computes over its own, into the sweep folder;
+        returns the files written. `config`: a job's config (the jobs agree on what it is read for)."""
+        return []
 
 
 STUDIES: dict[str, type[Study]] = {}
@@ -213,22 +234,46 @@ class HeadImportance(Study):
     settings = ("ablation", "bootstrap", "lenses")
     tables = (IMPORTANCE, CORRELATIONS)  # + a column per further lens (`IMPORTANCE.with_columns`)
     figures = ("plots/head_importance.png",)
+    pools = True
+    apart = ("study.ablation",)  # `correlations` pools each ablation on its own
 
     def check_columns(self, columns: list[str]) -> None:
         taken = [c for c in columns if c in IMPORTANCE.columns and c not in ("dsl", "direct")]
         if taken:
             raise UserError(f"study.lenses: {', '.join(taken)} is already a column of {IMPORTANCE.name}")
 
+    def rows(self, run_dir: Path) -> list[dict]:
+        return study_table(run_dir, IMPORTANCE, importance_problem)
+
+    def pooling_problem(self, rows: list[dict], varying: list[str]) -> str | None:
+        """Rows that one run could have written: each (ablation, image, head) once, the same heads for every
+        image (`importance_problem`); and one mean per ablation, which jobs splitting the images do not share."""
+        if {"images.shard", "images.num_shards"} & set(varying) and any(r["ablation"] == "mean" for r in rows):
+            return "the jobs split the images, and each took the mean of its own for mean ablation"
+        found = importance_problem(rows, None)
+        return f"their rows overlap or leave gaps ({found})" if found else None
+
+    def pool(self, sweep_dir: Path, rows: list[dict], config: Any) -> list[Path]:
+        """correlations.csv over every job's rows, as one run computes its own (`correlation.importance_correlations`,
+        with the jobs' study.bootstrap and seed), checked as one run's is (`checked_correlations`)."""
+        from dsl_cli.correlation import importance_correlations  # scipy: only a merge that pools loads it
+
+        corr = importance_correlations(rows, figures.importance_scores(rows), int(config.study.bootstrap),
+                                       int(config.seed))
+        RunFolder(sweep_dir).write(CORRELATIONS, corr)
+        checked_correlations(sweep_dir, rows)
+        return [RunFolder(sweep_dir).csv(CORRELATIONS)]
+
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)
-        rows = study_table(run_dir, IMPORTANCE, importance_problem)
+        rows = self.rows(run_dir)
         figure = figures.plot_head_importance(rows, checked_correlations(run_dir, rows))
         path = folder.figure("plots", self.name)
         figures.save_figure(figure, path)
         return [path]
 
     def page(self, folder: Path, html: Any) -> str:
-        rows = study_table(folder, IMPORTANCE, importance_problem)
+        rows = self.rows(folder)
         return html.importance_tables(rows, checked_correlations(folder, rows))
 
 
@@ -337,9 +382,14 @@ class OverlayRemoval(Study):
 
         return get_family(cfg.decoder.family).needs(cfg.decoder) if decodes(cfg) else ([], [])
 
+    # no `pool`: each job's curves ablate its own heads in its own orders (a greedy order over a layer's heads
+    # is not one over all heads), so a sweep merges the jobs' rows side by side and computes nothing again
+    def rows(self, run_dir: Path) -> list[dict]:
+        return study_table(run_dir, OVERLAY, overlay_table_problem)
+
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)
-        rows = study_table(run_dir, OVERLAY, overlay_table_problem)
+        rows = self.rows(run_dir)
         heads = (read_manifest(run_dir) or {}).get("components")
         figure = figures.plot_overlay_removal(rows, figures.overlay_settings(rows, config, heads))
         grids = figures.draw_fade_grids(run_dir, rows)
@@ -348,5 +398,5 @@ class OverlayRemoval(Study):
         return [path, *grids]
 
     def page(self, folder: Path, html: Any) -> str:
-        return html.overlay_tables(folder, study_table(folder, OVERLAY, overlay_table_problem))
+        return html.overlay_tables(folder, self.rows(folder))
 

@@ -16,6 +16,10 @@ What a merge writes into the sweep folder (from the job folders' files alone, so
 same bytes):
     similarity.csv     the rows of every complete job, in job order: `job`, one `override.<key>` column per
                        override, then the run columns; `file` is relative to the sweep folder
+    study_<name>.csv   a study's table (`study=`): the rows of every complete job of that study, in job order,
+                       `job` and the `override.<key>` columns first (`merge_studies`)
+    correlations.csv   head importance: the correlations computed again over every job's rows, as one run
+                       computes its own (pooled over all heads), where the jobs pool (`pooling_refusal`)
     manifest.json      every job with its folder, overrides and status; the failed and unfinished ones listed
     heatmaps/<image>_<lens>[_<key>=<value>...].png    layers x components over all jobs at once (values cut
                        short and hashed where long or not file-name-safe: `heatmap_tags`)
@@ -50,7 +54,8 @@ from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
 from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
                              group_rows, is_dsl_png, is_sweep_folder, read_bytes_nofollow, read_manifest, run_rows,
                              type_row, write_json)
-from dsl_cli.report import each_folder, merged_manifest, write_page
+from dsl_cli.report import each_folder, merged_manifest, merged_studies, write_page
+from dsl_cli.study_registry import STUDIES, Study, find_study, get_study
 
 log = logging.getLogger("dsl_cli.sweeps")
 
@@ -59,6 +64,10 @@ log = logging.getLogger("dsl_cli.sweeps")
 # override that varies (lens.alpha, seed) gets heatmaps of its own
 SAME_HEATMAP_KEYS = {"layer", "head", "component", "images.shard", "images.num_shards", "lens"}
 OVERRIDE = "override."  # prefix of the merged CSV's override columns
+# overrides that only share a study's work out (which heads, which images a job computes): jobs differing in
+# these alone pool into one study as one run would have computed it; any other (lens.alpha, seed, study.lenses)
+# gives rows no single run holds together, and pooling them would mix settings
+SPLIT_KEYS = {"layer", "head", "component", "images.shard", "images.num_shards"}
 
 
 def resume_overrides(args: list[str]) -> list[str]:
@@ -166,6 +175,8 @@ class Job:
     status: str = "not started"  # complete | failed | interrupted | running | started | not started
     error: str | None = None
     rows: list[dict] = field(default_factory=list, repr=False)
+    study: Study | None = field(default=None, repr=False)  # a complete job's study, where it ran one
+    study_rows: list[dict] = field(default_factory=list, repr=False)  # its first table's, checked
 
 
 def expected_overrides(sweep_dir: Path) -> dict[int, list[str]]:
@@ -230,6 +241,9 @@ def _read_job(job: Job, sweep_dir: Path, folder: Path) -> None:
     job.status, job.error = manifest.get("status", "started"), manifest.get("error")
     if job.status == "complete":
         job.rows = run_rows(folder, resume=sweep_dir)
+        job.study = find_study(folder)
+        if job.study is not None:
+            job.study_rows = job.study.rows(folder)
 
 
 # ---------------------------------------------------------------- merge
@@ -245,11 +259,96 @@ def merged_rows(jobs: list[Job], keys: list[str]) -> list[dict]:
     the sweep folder."""
     merged = []
     for job in jobs:
-        values = {_key(o): o.split("=", 1)[1] if "=" in o else "" for o in job.overrides}
-        extra = {"job": job.job, **{OVERRIDE + k: values.get(k, "") for k in keys}}
         for row in job.rows:
-            merged.append({**extra, **row, "file": f"{job.folder}/{row['file']}" if row["file"] else ""})
+            file = f"{job.folder}/{row['file']}" if row["file"] else ""
+            merged.append({**_job_columns(job, keys), **row, "file": file})
     return merged
+
+
+def _job_columns(job: Job, keys: list[str]) -> dict:
+    """A merged row's first columns: the job's number and its value of each override key."""
+    values = {_key(o): o.split("=", 1)[1] if "=" in o else "" for o in job.overrides}
+    return {"job": job.job, **{OVERRIDE + k: values.get(k, "") for k in keys}}
+
+
+def study_groups(jobs: list[Job]) -> dict[str, list[Job]]:
+    """The complete jobs that ran a study, by study name, in job order: each study's table is merged apart
+    (its own file), so a sweep over `study=` keeps its studies apart."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.study is not None:
+            groups.setdefault(job.study.name, []).append(job)
+    return groups
+
+
+def merge_studies(sweep_dir: Path, jobs: list[Job]) -> dict[str, dict]:
+    """Each study's table over its jobs (`job`, the override columns, then the study's), and what the study
+    computes again over all their rows where they pool (`Study.pool`); returns the manifest's `studies`:
+    name -> the table, its rows and jobs, the pooled files or why there are none."""
+    _remove_stale_studies(sweep_dir)
+    merged = {}
+    for name, group in study_groups(jobs).items():
+        study, keys = get_study(name), override_keys(group)
+        extra = [c for c in dict.fromkeys(c for j in group for r in j.study_rows for c in r)
+                 if c not in study.tables[0].columns]  # further lenses' scores (`IMPORTANCE.with_columns`)
+        table = study.tables[0].with_columns(extra)
+        rows = [{**_job_columns(job, keys), **row} for job in group for row in job.study_rows]
+        CsvLog(RunFolder(sweep_dir).csv(table), ["job", *(OVERRIDE + k for k in keys), *table.columns]).rewrite(rows)
+        pooled, reason = pool_study(sweep_dir, study, jobs, group)
+        merged[name] = {"table": table.name, "rows": len(rows), "jobs": [j.job for j in group],
+                        "pooled": [p.relative_to(sweep_dir).as_posix() for p in pooled], "not_pooled": reason}
+    return merged
+
+
+def _remove_stale_studies(sweep_dir: Path) -> None:
+    """An earlier merge's study files, as its manifest lists them, which this merge may not write again (a
+    pooling refused now: its correlations.csv would still show the old numbers); only names a study's table
+    has, never a user's file that an edited manifest names."""
+    listed = (read_manifest(sweep_dir) or {}).get("studies")
+    names = {table.name for cls in STUDIES.values() for table in cls.tables}
+    for entry in listed.values() if isinstance(listed, dict) else []:
+        files = [entry.get("table"), *(entry.get("pooled") or [])] if isinstance(entry, dict) else []
+        for name in (f for f in files if isinstance(f, str) and f in names):
+            RunFolder(sweep_dir).file(name).unlink(missing_ok=True)
+
+
+def pool_study(sweep_dir: Path, study: Study, jobs: list[Job], group: list[Job]) -> tuple[list[Path], str | None]:
+    """What `study` computes again over its jobs' rows (`group`), written into the sweep folder; or nothing,
+    and why (`pooling_refusal`)."""
+    if not study.pools:
+        return [], None
+    rows = [row for job in group for row in job.study_rows]
+    reason = pooling_refusal(study, jobs, group, rows)
+    if reason is not None:
+        return [], reason
+    path = RunFolder(sweep_dir / group[0].folder).config_yaml
+    config = sweep_file(path, JOB_FIX)
+    with damage(path, JOB_FIX):  # a config.yaml edited: a setting the study reads missing or not a number
+        return study.pool(sweep_dir, rows, config), None
+
+
+def pooling_refusal(study: Study, jobs: list[Job], group: list[Job], rows: list[dict]) -> str | None:
+    """Why a study's jobs do not pool, one line; None where they do. Pooled, they must be what one run over
+    all their heads and images would have computed: every job of the sweep complete (else the pooled numbers
+    miss the heads of the others), differing only in overrides that split the work (`SPLIT_KEYS`, and those
+    the study keeps apart itself: `Study.apart`), their rows as one run's (`Study.pooling_problem`)."""
+    waiting = [j for j in jobs if j.status != "complete"]
+    if waiting:
+        return (f"job {waiting[0].job} is {waiting[0].status}: pooled over every job once all are complete "
+                "(`dsl run resume=SWEEP_DIR`)")
+    keys = override_keys(group)
+    varying = [k for k in keys if len({_override_value(j, k) for j in group}) > 1]
+    mixed = [k for k in varying if k not in SPLIT_KEYS and k not in study.apart]
+    if mixed:
+        return (f"the jobs differ in {', '.join(mixed)}, which pooling would mix: each job's own folder holds its "
+                "statistics")
+    found = study.pooling_problem(rows, varying)
+    return f"{found}: each job's own folder holds its statistics" if found else None
+
+
+def _override_value(job: Job, key: str) -> str | None:
+    """The job's value of an override key (None where it sets none)."""
+    return next((o.split("=", 1)[1] if "=" in o else "" for o in job.overrides if _key(o) == key), None)
 
 
 def merge_sweep(sweep_dir: Path) -> dict:
@@ -265,7 +364,7 @@ def merge_sweep(sweep_dir: Path) -> dict:
         keys = override_keys(jobs)
         columns = ["job", *(OVERRIDE + k for k in keys), *SIMILARITY.columns]
         CsvLog(RunFolder(sweep_dir).csv(SIMILARITY), columns).rewrite(merged_rows(jobs, keys))
-        manifest = sweep_manifest(jobs)
+        manifest = sweep_manifest(jobs, merge_studies(sweep_dir, jobs))
         figures = draw_sweep(sweep_dir, manifest["rows"])
         manifest["figures"] = [p.relative_to(sweep_dir).as_posix() for p in figures]
         write_json(RunFolder(sweep_dir).manifest_json, manifest)
@@ -273,16 +372,19 @@ def merge_sweep(sweep_dir: Path) -> dict:
     return manifest
 
 
-def sweep_manifest(jobs: list[Job]) -> dict:
-    """The sweep's manifest: every job, and the failed and unfinished ones listed apart."""
+def sweep_manifest(jobs: list[Job], studies: dict[str, dict] | None = None) -> dict:
+    """The sweep's manifest: every job with the rows it gave (similarity.csv's, or its study table's), and
+    the failed and unfinished ones listed apart; `rows`: the merged similarity.csv's (`merged_count` checks
+    that file by it); `studies`: each study's merged table (`merge_studies`)."""
     listed = [{"job": j.job, "folder": j.folder, "overrides": j.overrides, "status": j.status, "error": j.error,
-               "rows": len(j.rows)} for j in jobs]
+               "rows": len(j.rows) + len(j.study_rows), **({"study": j.study.name} if j.study else {})}
+              for j in jobs]
     failed = [entry for entry in listed if entry["status"] == "failed"]
     unfinished = [entry for entry in listed if entry["status"] not in ("complete", "failed")]
     return {"made_by": MADE_BY, "kind": "sweep",
             "status": "complete" if not failed and not unfinished else "incomplete",
             "jobs": listed, "complete": len(jobs) - len(failed) - len(unfinished), "failed": failed,
-            "unfinished": unfinished, "rows": sum(entry["rows"] for entry in listed)}
+            "unfinished": unfinished, "rows": sum(len(j.rows) for j in jobs), "studies": studies or {}}
 
 
 def listed_jobs(sweep_dir: Path) -> list[dict]:
@@ -298,11 +400,24 @@ def listed_jobs(sweep_dir: Path) -> list[dict]:
     return manifest["jobs"]
 
 
+def _pooled_text(sweep_dir: Path, entry: dict | None) -> str:
+    """What a study's merge computed again over all its jobs, or why not, for its summary line."""
+    if entry is None or not (entry["pooled"] or entry["not_pooled"]):
+        return ""
+    if entry["pooled"]:
+        return f", pooled over all its jobs into {', '.join(str(sweep_dir / p) for p in entry['pooled'])}"
+    return f"; not pooled: {entry['not_pooled']}"
+
+
 def summary_lines(sweep_dir: Path, manifest: dict) -> list[str]:
     """What a merge did, for the terminal: one line, then one per failed or unfinished job (named by the
     overrides that tell the jobs apart)."""
-    lines = [f"merged {manifest['rows']} rows of {manifest['complete']} of {len(manifest['jobs'])} jobs into "
-             f"{RunFolder(sweep_dir).csv(SIMILARITY)} (figures: {RunFolder(sweep_dir).page})"]
+    studies = merged_studies(manifest)
+    merged = [(manifest["rows"], SIMILARITY.name, None)] if manifest["rows"] or not studies else []
+    merged += [(entry["rows"], entry["table"], entry) for entry in studies.values()]
+    lines = [f"merged {rows} rows of {manifest['complete']} of {len(manifest['jobs'])} jobs into {sweep_dir / name}"
+             + _pooled_text(sweep_dir, entry) for rows, name, entry in merged]
+    lines[-1] += f" (figures: {RunFolder(sweep_dir).page})"
     shared = set.intersection(*(set(j["overrides"]) for j in manifest["jobs"])) if len(manifest["jobs"]) > 1 else set()
     for entry in manifest["failed"] + manifest["unfinished"]:
         why = f": {entry['error']}" if entry.get("error") else ""

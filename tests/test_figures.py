@@ -19,7 +19,7 @@ from dsl_cli import figures
 from dsl_cli.figures import POOLED, SCORES, plot_head_importance, plot_overlay_removal
 from dsl_cli.figures import grid_image, grid_plan, heatmap_figure, settings_text
 from dsl_cli.outputs import save_png
-from dsl_cli.studies import correlations
+from dsl_cli.correlation import correlations
 
 TILE = 96
 RED = (255, 0, 0)

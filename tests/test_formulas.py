@@ -21,7 +21,8 @@ from dsl_cli.config import DecoderConfig
 from dsl_cli.decoder import KandinskyDecoder, load_decoder
 from dsl_cli.encoder import STEER_MODES, HookedEncoder, steering_delta
 from dsl_cli.lenses import score
-from dsl_cli.studies import POOLED, correlations, cosine
+from dsl_cli.correlation import POOLED, correlations
+from dsl_cli.studies import cosine
 from helpers import perturb_
 
 TOL = dict(atol=1e-5, rtol=1e-5)

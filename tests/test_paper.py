@@ -20,9 +20,9 @@ import torch
 from scipy import stats as scipy_stats
 
 from dsl_cli.components import parse_component
+from dsl_cli.correlation import POOLED, Correlation, bootstrap_interval, correlations
 from dsl_cli.encoder import HookedEncoder
-from dsl_cli.studies import (POOLED, Correlation, area_under, bootstrap_interval, correlations, head_importance,
-                             overlay_removal, random_order)
+from dsl_cli.studies import area_under, head_importance, overlay_removal, random_order
 from dsl_cli.study_registry import run_study
 from helpers import TINY_HEADS, ablated_copy, cos, dsl_here, forward, perturb_, study_cfg
 

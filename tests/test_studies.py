@@ -27,7 +27,8 @@ from dsl_cli.errors import UserError
 from dsl_cli.figures import POOLED, SCORES, _draw_orders, _pooled_title, draw_fade_grids, overlay_settings
 from dsl_cli.images import overlay
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, group_rows, read_csv, save_png
-from dsl_cli.studies import (STUDY_MAX_ROWS, ablation_row_bytes, ablation_rows, correlations, head_importance,
+from dsl_cli.correlation import correlations
+from dsl_cli.studies import (STUDY_MAX_ROWS, ablation_row_bytes, ablation_rows, head_importance,
                              overlay_removal)
 from dsl_cli.study_registry import run_study
 from helpers import (REPO, TINY_HEADS, ablated_copy, cos, dsl_in_process, forward, mid_visual, perturb_,
@@ -353,7 +354,7 @@ def test_the_study_stage_ablates_over_every_batch_with_one_mean_and_bootstraps_w
     is 1 - cos(the tower with that head ablated, the clean tower), the mean ablation using the mean writes of
     all three images; correlations.csv is `correlations` of those rows with the study's resamples and the
     run's seed. The oracle ablates a copy of the tower's weights (tests/helpers.py), not the hooks."""
-    from dsl_cli.studies import Correlation
+    from dsl_cli.correlation import Correlation
 
     encoder, preprocess, images, components = tiny_run
     cfg = study_cfg("head_importance", ablation="both", bootstrap=50)
@@ -665,7 +666,7 @@ def test_each_correlation_row_holds_its_bootstrap_intervals_at_the_caller_s_sett
     (ranks for Spearman, values for Pearson); importance spanning exactly 1 is an ordinary case."""
     from scipy import stats
 
-    from dsl_cli.studies import Correlation, bootstrap_interval
+    from dsl_cli.correlation import Correlation, bootstrap_interval
 
     g = np.random.default_rng(4)
     x = g.normal(size=12)
