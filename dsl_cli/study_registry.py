@@ -255,14 +255,16 @@ class HeadImportance(Study):
 
     def pool(self, sweep_dir: Path, rows: list[dict], config: Any) -> list[Path]:
         """correlations.csv over every job's rows, as one run computes its own (`correlation.importance_correlations`,
-        with the jobs' study.bootstrap and seed), checked as one run's is (`checked_correlations`)."""
+        with the jobs' study.bootstrap and seed), checked as one run's is (`checked_correlations`), and the
+        run's figure drawn from them (plots/head_importance.png)."""
         from dsl_cli.correlation import importance_correlations  # scipy: only a merge that pools loads it
 
         corr = importance_correlations(rows, figures.importance_scores(rows), int(config.study.bootstrap),
                                        int(config.seed))
         RunFolder(sweep_dir).write(CORRELATIONS, corr)
-        checked_correlations(sweep_dir, rows)
-        return [RunFolder(sweep_dir).csv(CORRELATIONS)]
+        path = RunFolder(sweep_dir).figure("plots", self.name)  # the run's figure, over every job's heads
+        figures.save_figure(figures.plot_head_importance(rows, checked_correlations(sweep_dir, rows)), path)
+        return [RunFolder(sweep_dir).csv(CORRELATIONS), path]
 
     def draw(self, run_dir: Path, config: dict) -> list[Path]:
         folder = RunFolder(run_dir)

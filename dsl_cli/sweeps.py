@@ -306,10 +306,13 @@ def _remove_stale_studies(sweep_dir: Path) -> None:
     has, never a user's file that an edited manifest names."""
     listed = (read_manifest(sweep_dir) or {}).get("studies")
     names = {table.name for cls in STUDIES.values() for table in cls.tables}
+    drawn = {figure for cls in STUDIES.values() for figure in cls.figures}
     for entry in listed.values() if isinstance(listed, dict) else []:
         files = [entry.get("table"), *(entry.get("pooled") or [])] if isinstance(entry, dict) else []
-        for name in (f for f in files if isinstance(f, str) and f in names):
-            RunFolder(sweep_dir).file(name).unlink(missing_ok=True)
+        for name in (f for f in files if isinstance(f, str)):
+            path = RunFolder(sweep_dir).file(name)
+            if name in names or (name in drawn and is_dsl_png(path)):  # a figure: only one dsl drew
+                path.unlink(missing_ok=True)
 
 
 def pool_study(sweep_dir: Path, study: Study, jobs: list[Job], group: list[Job]) -> tuple[list[Path], str | None]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, RunFolder, read_csv
+from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, RunFolder, is_dsl_png, read_csv
 from dsl_cli.study_registry import checked_correlations, get_study
 from dsl_cli.sweeps import Job, pooling_refusal
 from helpers import dsl_here, dsl_in_process
@@ -58,9 +58,11 @@ def test_a_head_importance_sweep_merges_its_table_and_pools_the_correlations(imp
     assert [(j["rows"], j["study"]) for j in manifest["jobs"]] == [(8, "head_importance")] * 2
     assert manifest["rows"] == 0  # similarity.csv's, which a study fills none of
     assert manifest["studies"] == {"head_importance": {"table": IMPORTANCE.name, "rows": 16, "jobs": [0, 1],
-                                                       "pooled": ["correlations.csv"], "not_pooled": None}}
+                                                       "pooled": ["correlations.csv", "plots/head_importance.png"],
+                                                       "not_pooled": None}}
     page = (sweep / "index.html").read_text()
     assert 'href="correlations.csv"' in page and 'href="study_head_importance.csv"' in page
+    assert 'href="plots/head_importance.png"' in page and is_dsl_png(sweep / "plots" / "head_importance.png")
 
 
 def test_a_sweep_with_a_job_not_complete_merges_its_rows_and_pools_nothing(importance_sweep: Path, tmp_path,
@@ -75,6 +77,7 @@ def test_a_sweep_with_a_job_not_complete_merges_its_rows_and_pools_nothing(impor
     assert "not pooled: job 1 is failed: pooled over every job once all are complete" in out
     assert len(merged_table(sweep, IMPORTANCE.name)) == 8
     assert not (sweep / CORRELATIONS.name).exists()  # the earlier merge's pooled numbers are gone
+    assert not (sweep / "plots" / "head_importance.png").exists()  # and their figure
     assert "not pooled: job 1 is failed" in (sweep / "index.html").read_text()
 
 
