@@ -27,7 +27,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -189,6 +189,12 @@ def models_text(folder: Path, decoded: bool = True) -> str:
     if decoded and decoder and (config.get("decode") or {}).get("enabled", True):
         text += f" -> {decoder_text(decoder)}"
     return text
+
+
+def shared_models_text(folders: Sequence[Path], decoded: bool = True) -> str:
+    """`models_text` of runs that share their models (a sweep's jobs): that text, or empty where they differ."""
+    texts = {models_text(folder, decoded) for folder in folders}
+    return texts.pop() if len(texts) == 1 else ""
 
 
 def _caption(row: dict) -> str:
@@ -466,12 +472,14 @@ def heatmap_frame(n_panels: int, n_layers: int, block_names: list[list[str]], ti
 
 
 def draw_heatmaps(run_dir: Path, rows: list[dict], tag: str = "", limits: Limits | None = None,
-                  values: str = "") -> list[Path]:
+                  values: str = "", model_dirs: Sequence[Path] = ()) -> list[Path]:
     """Per image and lens: `heatmap_figure`, titled with the image, the run's settings and models, all on the
     colour scales `limits` (default: shared by the figures drawn here); `tag` (a sweep's heatmaps for one
     value of an override, `lens.alpha=4`) ends the file names, and `values` (those values as typed, where the
-    tag had to shorten or hash them; default: the tag) the titles."""
-    written, decoders = [], {decoded: models_text(run_dir, decoded) for decoded in (False, True)}
+    tag had to shorten or hash them; default: the tag) the titles. `model_dirs`: the runs whose models name
+    the figures (a sweep's jobs; default: `run_dir`'s own)."""
+    written = []
+    decoders = {decoded: shared_models_text(model_dirs or [run_dir], decoded) for decoded in (False, True)}
     limits = shared_limits(rows) if limits is None else limits
     for (image, lens), group in group_rows(rows, ("image", "lens")).items():
         decoded = any(r["file"] for r in group)

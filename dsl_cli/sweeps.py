@@ -480,9 +480,11 @@ def draw_sweep(sweep_dir: Path, expected: int | None = None) -> list[Path]:
     groups = group_rows(rows, tuple(varying))
     names = [k[len(OVERRIDE):] for k in varying]
     tags = heatmap_tags(names, list(groups))
+    folders = _job_folders(sweep_dir)  # their manifests name the models (the sweep's does not)
     for values, group in groups.items():
         typed = " ".join(f"{name}={value}" for name, value in zip(names, values))
-        figures += draw_heatmaps(sweep_dir, group, tag=tags[values], limits=limits, values=typed)
+        jobs = [folders[num] for num in sorted({int(row["job"]) for row in group}) if num in folders]
+        figures += draw_heatmaps(sweep_dir, group, tag=tags[values], limits=limits, values=typed, model_dirs=jobs)
     return figures + draw_lens_comparison(sweep_dir, rows)
 
 

@@ -169,6 +169,19 @@ def test_merging_twice_gives_the_same_bytes(alpha_sweep: Path, sweep_copy: Path,
         assert again == by_callback
 
 
+def test_merged_heatmaps_name_the_models_their_jobs_share(sweep_copy: Path, monkeypatch, capsys) -> None:
+    """Each job's heatmap title names its encoder (and decoder where it decoded); the merged ones named none, the
+    sweep's manifest holding no config."""
+    from dsl_cli import figures
+
+    titles, draw = [], figures.heatmap_figure
+    monkeypatch.setattr(figures, "heatmap_figure", lambda rows, title, *a: titles.append(title) or draw(rows, title, *a))
+    code, err = dsl_in_process(["merge", str(sweep_copy)], sweep_copy.parent, monkeypatch, capsys)
+    assert code == 0, err
+    job = figures.models_text(job_folders(sweep_copy)[0], decoded=False)
+    assert job and len(titles) == 4 and all(title.endswith(f" | {job}") for title in titles), (job, titles)
+
+
 def test_failed_unfinished_and_missing_jobs_are_listed_not_merged(sweep_copy: Path, monkeypatch, capsys) -> None:
     for num, status in ((1, "failed"), (2, "interrupted")):
         path = sweep_copy / str(num) / "manifest.json"
