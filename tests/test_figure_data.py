@@ -110,7 +110,7 @@ def test_a_sweep_colours_every_job_on_one_scale(tmp_path: Path, monkeypatch) -> 
     high = [r | {"job": 1, "override.lens.alpha": "4", "sim_embed": r["sim_embed"] * 3} for r in rows_of([0, 1], 3)]
     monkeypatch.setattr(sweeps, "read_merged", lambda folder: low + high)
     given = []
-    monkeypatch.setattr(sweeps, "draw_heatmaps", lambda folder, rows, tag="", limits=None, values="":
+    monkeypatch.setattr(sweeps, "draw_heatmaps", lambda folder, rows, tag="", limits=None, values="", model_dirs=():
                         given.append(limits) or [])
     monkeypatch.setattr(sweeps, "draw_lens_comparison", lambda folder, rows: [])
     sweeps.draw_sweep(tmp_path)
