@@ -80,22 +80,20 @@ def validate(cfg: DictConfig) -> None:
     if cfg.study.name is not None:
         validate_study(cfg.study, cfg.seed)
     _validate_lens(cfg)
+    adapter = run_adapter(cfg)  # read once (None without one): the SAE, pairing and steering checks below use it
     shape = model_shape(cfg.encoder)
-    validate_sae(cfg, None if shape is None else shape[0])
+    validate_sae(cfg, None if shape is None else shape[0], None if adapter is None else adapter.readout)
     if not math.isfinite(decode.guidance):
         raise UserError(f"decode.guidance={decode.guidance}: must be a finite number")
     check_request(cfg.decoder.source, decode.scheduler, decode.height, decode.width, cfg.decoder.family)
     if not 0 <= cfg.decoder.noise_level < NOISE_LEVELS:
         raise UserError(f"decoder.noise_level={cfg.decoder.noise_level}: must be between 0 and {NOISE_LEVELS - 1}")
-    if cfg.study.name is None and decode.enabled:
-        adapter = run_adapter(cfg)  # an adapter's target space is what the decoder must decode
+    if cfg.study.name is None and decode.enabled:  # an adapter's target space is what the decoder must decode
         check_pairing(embedding_space(cfg.encoder) if adapter is None else target_space(adapter), cfg.decoder)
-    elif cfg.get("adapter"):
-        run_adapter(cfg)
     if shape is not None and not cfg.clamp_to_model and sae_config(cfg) is None:  # an impossible layer is refused before any download
         components = get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *shape, mid=cfg.lens.mid)
-        if cfg.lens.name == SteeringLens.name and cfg.get("adapter"):
-            check_steerable(run_adapter(cfg).readout, components)
+        if cfg.lens.name == SteeringLens.name and adapter is not None:
+            check_steerable(adapter.readout, components)
 
 
 def _validate_lens(cfg: DictConfig) -> None:

@@ -43,9 +43,10 @@ def sae_config(cfg):
     return sae
 
 
-def validate_sae(cfg, n_layers: Optional[int] = None) -> None:
+def validate_sae(cfg, n_layers: Optional[int] = None, readout=None) -> None:
     """Checks that need no model: the settings, and the SAE's cfg (not its weights) against the run's encoder
-    (`n_layers`, where the configs tell it), so that an SAE of another encoder is refused before one loads."""
+    (`n_layers`, where the configs tell it) and the run's adapter (`readout`, an `adapters.Readout`, or None),
+    so that an SAE of another encoder, or past a residual adapter's block, is refused before one loads."""
     sae = sae_config(cfg)
     if sae is None:
         return
@@ -63,16 +64,14 @@ def validate_sae(cfg, n_layers: Optional[int] = None) -> None:
     found = locate_sae(sae.path, sae.repo_id)
     sae_cfg = read_sae_cfg(found)
     check_trained_on(sae_cfg, str(found), cfg.encoder)
-    hook = str(sae_cfg.get("hook_name") or sae_cfg.get("hook_point") or "").split(".")
-    if n_layers is not None and len(hook) == 3 and hook[1].isdigit() and int(hook[1]) >= n_layers:
-        raise UserError(f"SAE {found}: hook {'.'.join(hook)} is beyond this encoder's {n_layers} layers: give an "
-                        f"SAE of this encoder ({cfg.encoder.name})")
-    readable = len(hook) == 3 and hook[0] == "blocks" and hook[1].isdigit() and hook[2] in SAE_POINTS
-    if readable and cfg.lens.name == "steering":  # a residual adapter's block, read from its file
-        from dsl_cli.adapters import run_adapter
-
-        adapter = run_adapter(cfg)
-        check_adapter_reach(None if adapter is None else adapter.readout, ".".join(hook), str(found))
+    hook = str(sae_cfg.get("hook_name") or sae_cfg.get("hook_point") or "")
+    parts = hook.split(".")
+    layer = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None  # others: refused when it loads
+    if n_layers is not None and layer is not None and layer >= n_layers:
+        raise UserError(f"SAE {found}: hook {hook} is beyond this encoder's {n_layers} layers: give an SAE of this "
+                        f"encoder ({cfg.encoder.name})")
+    if layer is not None and parts[0] == "blocks" and parts[2] in SAE_POINTS and cfg.lens.name == "steering":
+        check_adapter_reach(readout, hook, str(found))
 
 
 def chosen_features(spec, d_sae: Optional[int]) -> Optional[list[int]]:
