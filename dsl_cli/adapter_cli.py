@@ -73,20 +73,10 @@ def parse_options(args: list[str]) -> tuple[FitOptions, list[str]]:
 
 def compose(overrides: list[str], config_name: str = "run"):
     """The config `dsl run` would compose from these overrides (its schema checks them): one line on error."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from dsl_cli.config import compose_run, single_values
 
-    from dsl_cli.config import _one_line, register_configs, single_values
-
-    register_configs()
     single_values(overrides)  # one fit: Hydra's refusal of a sweep was several lines run together
-    try:
-        with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(_one_line(err)) from None
+    return compose_run(overrides, config_name)
 
 
 # ---------------------------------------------------------------- who the adapter maps from and to

@@ -80,16 +80,11 @@ class Row:
 
 def compose(overrides: list[str]) -> Any:
     """The run config `dsl run OVERRIDES` composes (refused in one line as `dsl run` refuses it)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from dsl_cli.config import check_overrides, compose_run, single_values
 
-    from dsl_cli.config import check_overrides, register_configs, single_values
-
-    register_configs()
     single_values(overrides)  # dsl check compares one run's models: a sweep is not one
     check_overrides(overrides)
-    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
-        return hydra_compose(config_name="run", overrides=[o for o in overrides if not o.startswith("hydra.")])
+    return compose_run([o for o in overrides if not o.startswith("hydra.")])
 
 
 def uses_text(cfg: Any) -> bool:

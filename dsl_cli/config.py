@@ -304,7 +304,7 @@ def check_overrides(overrides: list[str]) -> None:
         _check_sweep(override, options)
     parsed, values = [o for o, v in zip(parsed, values) if v], [v for v in values if v]  # glob: Hydra's
     first = [v[0] for v in values]
-    composed = _compose(first, search)
+    composed = compose_run([*first, *search])
     for i, (override, options) in enumerate(zip(parsed, values)):
         if len(options) < 2:
             continue
@@ -312,7 +312,7 @@ def check_overrides(overrides: list[str]) -> None:
             _check_values(composed, override)
         else:
             for option in dict.fromkeys(options[1:]):
-                _compose([*first[:i], option, *first[i + 1:]], search)
+                compose_run([*first[:i], option, *first[i + 1:], *search])
 
 
 def _is_group(key: str) -> bool:
@@ -356,14 +356,17 @@ def _sweep_is_empty(override) -> bool:
         return False
 
 
-def _compose(variant: list[str], search: list[str] = ()):
+def compose_run(overrides: list[str], config_name: str = "run"):
+    """The config Hydra composes from these overrides under dsl's schema; its refusal (a misspelt key, a wrong
+    type, an unknown option) as one line."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    register_configs()
     try:
         with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
-            return compose(config_name="run", overrides=[*variant, *search])
+            return compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_one_line(err)) from None
 

@@ -82,33 +82,18 @@ def require_layer(overrides: list[str]) -> None:
                         "unless train.point says otherwise)")
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from dsl_cli.config import _one_line, register_configs
-
-    register_configs()
-    try:
-        with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
-            return compose(config_name="run", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise UserError(_one_line(err)) from None
-
-
 def main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     if args[0] != "train":
         raise UserError(f"dsl sae {args[0]}: unknown; use `dsl sae train [OVERRIDES...]` (dsl sae --help)")
-    from dsl_cli.config import folder_overrides, single_values
+    from dsl_cli.config import compose_run, folder_overrides, single_values
 
     options, overrides = parse_options(folder_overrides(args[1:]))
     require_layer(overrides)
     single_values(overrides)  # one SAE per command: `layer=1,2` was Hydra's several-line refusal, status 1
-    cfg = _compose(overrides)
+    cfg = compose_run(overrides)
     out = train(cfg, options)
     print(f"SAE written to {out} (dsl run ... sae.path={out})")
     return 0
