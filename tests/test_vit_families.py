@@ -492,6 +492,26 @@ def test_a_timm_clip_tower_embeds_through_its_projection_as_timm_and_open_clip_d
                                atol=ATOL, rtol=ATOL)
 
 
+def test_mobileclip_b_is_a_clip_tower_too():
+    """MobileCLIP-B's timm tower (`vit_base_mci_224.apple_mclip`: a convolutional stem before plain ViT blocks)
+    is not a `*_clip_*` entrypoint, but timm's `_convert_mobileclip` stores its projection as a bias-free `head`
+    as for the others: the embedding is `model(pixels)`, 512 wide, with no classifier (it was the 768-wide input
+    of a "512-class classifier")."""
+    import timm
+
+    torch.manual_seed(0)
+    tower = timm.create_model("vit_base_mci_224.apple_mclip", pretrained=False, depth=2, img_size=64).eval()
+    pixels = torch.randn(3, 3, 64, 64)
+    encoder = HookedEncoder(tower)
+    assert encoder.d_embed == 512 and encoder.classifier is None and encoder.family.class_names() is None
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.embed(pixels), tower(pixels), atol=0, rtol=0)
+    cache = encoder.run_with_cache(pixels)
+    closed = encoder.steer(cache, ["L1H7"], mode="norm", alpha=2.5)[:, 0]
+    torch.testing.assert_close(closed, encoder.steer_hooked(pixels, "L1H7", mode="norm", alpha=2.5),
+                               atol=ATOL, rtol=ATOL)
+
+
 def test_a_fine_tuned_timm_clip_keeps_its_classifier():
     """`openai_ft_in1k` is CLIP fine-tuned into an ImageNet classifier: its head is one, its input the embedding;
     a plain `VisionTransformer` (no pretrained config) keeps its head too, as does a head with a bias."""

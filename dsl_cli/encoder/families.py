@@ -272,7 +272,9 @@ def timm_clip_tower(model: nn.Module) -> bool:
     timm's `_convert_openai_clip` stores CLIP's `proj` [D, E] transposed as `head.weight` [E, D] with a zero
     `head.bias` (num_classes = E, the CLIP embedding width): `model(pixels)` is CLIP's image embedding. The rule
     reads timm's own pretrained config: the architecture is one of timm's CLIP towers (the `*_clip_*`
-    entrypoints, "CLIP image tower") and the tag is not a fine-tune (timm tags those `<pretraining>_ft_<data>`,
+    entrypoints, "CLIP image tower"), or the tag names CLIP weights in another ViT (MobileCLIP-B's
+    `vit_base_mci_224.apple_mclip*`, whose `_convert_mobileclip` stores its projection the same way), and the
+    tag is not a fine-tune (timm tags those `<pretraining>_ft_<data>`,
     e.g. `openai_ft_in1k`, `laion2b_ft_in12k`: there `head` is a real 1000 / 11821-class classifier). A model
     built without a pretrained config (a plain `VisionTransformer(...)`) is not one; nor is a head with a
     non-zero bias (not a converted projection)."""
@@ -284,7 +286,8 @@ def timm_clip_tower(model: nn.Module) -> bool:
 
 def is_clip_tower(architecture: Optional[str], tag: Optional[str]) -> bool:
     """Whether timm's pretrained config (architecture, tag) is a CLIP image tower's (`timm_clip_tower`)."""
-    return "_clip_" in (architecture or "") and "ft_" not in (tag or "")
+    tag = tag or ""
+    return ("_clip_" in (architecture or "") or "clip" in tag) and "ft_" not in tag
 
 
 class TimmFamily(Family):
