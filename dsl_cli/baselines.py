@@ -9,7 +9,8 @@ Part of the decode stage (`dsl_cli.run` calls it after the first seed's pictures
                     from), and `mean`, the mean embedding of the run's images; each picture is decoded once
                     per seed and compared with every image's own embedding
 Pictures: images/<image>/<lens>/seed<seed>/<component>.png and images/_baselines/<lens>/seed<seed>/<name>.png.
-A resumed run decodes only the pictures whose file is not whole on disk.
+A resumed run decodes only the pictures whose file is not whole on disk or whose rows are not all there, each
+with the whole batch it was first decoded in (`whole_batches`), so that it gets the same bytes.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from typing import Optional
 
 import torch
 
-from dsl_cli.outputs import BASELINE_IMAGE, BASELINES, SEEDS, RunFolder, Table, group_rows, is_picture
-
-BASELINE_NAMES = ("uncond", "mean")  # the `component` of a baselines.csv row
+from dsl_cli.outputs import (BASELINE_IMAGE, BASELINE_NAMES, BASELINES, SEEDS, RunFolder, Table, group_rows,
+                             is_picture)
 
 
 @dataclass
@@ -64,16 +64,61 @@ def baseline_extras(cfg, folder: RunFolder, lens: str, scored: list) -> list[Ext
     return extras
 
 
-def start_extras(folder: RunFolder, extras: list[Extra]) -> list[Extra]:
-    """Keep the rows of an earlier attempt whose picture is whole on disk (each table rewritten with them
-    alone) and return the extras still to decode."""
-    done = set()
-    for table in (SEEDS, BASELINES):
-        if any(extra.table == table for extra in extras):
-            kept = [r for r in folder.read(table) if is_picture(folder.file(r["file"]))]
-            folder.write(table, kept)
-            done |= {(table, r["file"]) for r in kept}
-    return [extra for extra in extras if (extra.table, extra.file) not in done]
+def _keys(extra: Extra) -> list[tuple[str, str, str]]:
+    """(table, file, image) of each row the extra scores: what names a row of seeds.csv or baselines.csv."""
+    return [(extra.table.name, extra.file, row["image"]) for row, _ in extra.rows]
+
+
+def _read_extras(folder: RunFolder, extras: list[Extra]) -> tuple[list[Table], dict[tuple[str, str, str], dict]]:
+    """The tables of these extras, and their rows by `_keys` (a row repeated by an edit: the first)."""
+    tables = [table for table in (SEEDS, BASELINES) if any(extra.table == table for extra in extras)]
+    found: dict[tuple[str, str, str], dict] = {}
+    for table in tables:
+        for row in folder.read(table):
+            found.setdefault((table.name, row["file"], row["image"]), row)
+    return tables, found
+
+
+def _write_extras(folder: RunFolder, tables: list[Table], extras: list[Extra], found: dict) -> None:
+    """Each table rewritten with the rows of `extras` found, in decoding order."""
+    for table in tables:
+        folder.write(table, [found[key] for extra in extras if extra.table == table for key in _keys(extra)
+                             if key in found])
+
+
+def start_extras(folder: RunFolder, extras: list[Extra], batch_size: int | str) -> list[Extra]:
+    """Keep the rows of an earlier attempt's extras that are done, each row once (a row repeated by an edit
+    counted its seed twice in `seed_spread`), and return the extras still to decode. An extra is done when its
+    picture is whole on disk and every row it scores is there, and so is every other extra of its decode batch
+    (`whole_batches`)."""
+    tables, found = _read_extras(folder, extras)
+    done = {extra.file for extra in extras
+            if all(key in found for key in _keys(extra)) and is_picture(folder.file(extra.file))}
+    done -= whole_batches(batch_size, [extra.file for extra in extras], done)
+    _write_extras(folder, tables, [extra for extra in extras if extra.file in done], found)
+    return [extra for extra in extras if extra.file not in done]
+
+
+def order_extras(folder: RunFolder, extras: list[Extra]) -> None:
+    """Every extra's rows in decoding order: a resumed run appends the pictures it decoded again after the
+    rows it kept, and the uninterrupted run's tables are in this order."""
+    tables, found = _read_extras(folder, extras)
+    _write_extras(folder, tables, extras, found)
+
+
+def whole_batches(batch_size: int | str, plan: list, done: set) -> set:
+    """The items of every decode batch of `plan` (its items in decoding order, `batch_size` a batch) that is
+    not all in `done`: a picture decoded again is decoded with the whole batch it was first decoded in, so that
+    float round-off (which depends on the batch) gives it the same bytes. With decode.batch_size=auto the
+    batches depend on the free memory: none are redone whole."""
+    if type(batch_size) is not int or batch_size < 1:
+        return set()
+    redo: set = set()
+    for start in range(0, len(plan), batch_size):
+        batch = plan[start:start + batch_size]
+        if not done.issuperset(batch):
+            redo.update(batch)
+    return redo
 
 
 def score_extras(folder: RunFolder, extras: list[Extra], again: torch.Tensor) -> None:

@@ -34,8 +34,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.errors import UserError, raise_if_stopped
-from dsl_cli.outputs import (BASELINES, IMPORTANCE, LABELS, OVERLAY, PATCHES, PNG_LEVEL, PNG_SOFTWARE, SEEDS,
-                             SIMILARITY, RunFolder, atomic_write_bytes, group_rows, is_dsl_png, open_picture,
+from dsl_cli.outputs import (BASELINE_NAMES, BASELINES, IMPORTANCE, LABELS, OVERLAY, PATCHES, PNG_LEVEL, PNG_SOFTWARE,
+                             SEEDS, SIMILARITY, RunFolder, atomic_write_bytes, group_rows, is_dsl_png, open_picture,
                              png_bytes, read_manifest, run_rows, usable_cores)
 
 TOP_TILES = 16  # tiles in the per-image top grid
@@ -687,14 +687,19 @@ def check_table_rows(folder: RunFolder, rows: list[dict], tables: dict[str, list
     """Refuse a complete run's table cut short or edited, as `run_rows` refuses its similarity.csv: drawn as
     whole, a looks figure left out heads and a label plot components without a word. Each of similarity.csv's
     rows wants as many rows of a table: patches.csv one per head, labels.csv lens.top_labels per logit-lens
-    component, seeds.csv decode.seeds - 1 per decoded component."""
+    component, seeds.csv decode.seeds - 1 per decoded component, baselines.csv decode.seeds per image and
+    baseline (where the run made them)."""
     manifest = read_manifest(folder.path) or {}
     if manifest.get("status") != "complete":
         return  # a run still going: its tables are written as it goes
-    extra_seeds = ((manifest.get("config") or {}).get("decode") or {}).get("seeds", 1)
+    seeds = ((manifest.get("config") or {}).get("decode") or {}).get("seeds", 1)
+    seeds = seeds if type(seeds) is int else None
+    baselines = [{"image": image, "lens": lens, "component": name}
+                 for image, lens in dict.fromkeys((r["image"], r["lens"]) for r in rows) for name in BASELINE_NAMES]
     wanted = {"patches": ([r for r in rows if r["kind"] == "head"], 1),
               "labels": ([r for r in rows if r["lens"] == "logit"], None),
-              "seeds": ([r for r in rows if r["file"]], extra_seeds - 1 if isinstance(extra_seeds, int) else None)}
+              "seeds": ([r for r in rows if r["file"]], None if seeds is None else seeds - 1),
+              "baselines": (baselines, seeds)}
     for name, (owners, count) in wanted.items():
         problem = None if tables[name] is None else keyed_problem(owners, tables[name], count)
         if problem is not None:

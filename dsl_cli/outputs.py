@@ -52,6 +52,7 @@ from dsl_cli.errors import FolderTaken, UserError, printable, raise_if_stopped
 log = logging.getLogger("dsl_cli.outputs")
 
 BASELINE_IMAGE = "_baselines"  # the image folder of the baseline pictures (dsl_cli.baselines)
+BASELINE_NAMES = ("uncond", "mean")  # the `component` of a baselines.csv row (dsl_cli.baselines)
 
 
 # ---------------------------------------------------------------- the CSVs: one row type each

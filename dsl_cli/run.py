@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from dsl_cli import __version__
 from dsl_cli.adapters import adapt_encoder, check_steerable, manifest_entry, run_adapter, target_space
-from dsl_cli.baselines import Extra, baseline_extras, score_extras, seed_extras, seed_spread, start_extras
+from dsl_cli.baselines import (Extra, baseline_extras, order_extras, score_extras, seed_extras, seed_spread,
+                               start_extras, whole_batches)
 from dsl_cli.components import Component
 from dsl_cli.config import RunConfig, encoder_text
 from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
@@ -402,8 +403,8 @@ def draw_early(cfg, folder: RunFolder, scored: list[Scored], images: list[int], 
 
 
 def plan_extras(cfg, folder: RunFolder, lens: Lens, scored: list[Scored]) -> list[Extra]:
-    """The extra seeds' and baselines' pictures still to decode (none unless decode.seeds > 1 or
-    decode.baselines)."""
+    """Every extra seed's and baseline's picture of the run, in decoding order (none unless decode.seeds > 1
+    or decode.baselines)."""
     if not cfg.decode.enabled:
         return []
     extras = seed_extras(cfg, folder, lens.name, scored, plan_decoding(cfg, scored))
@@ -411,7 +412,7 @@ def plan_extras(cfg, folder: RunFolder, lens: Lens, scored: list[Scored]) -> lis
         extras += baseline_extras(cfg, folder, lens.name, scored)
     for extra in extras:  # kept or to be decoded: either way, a file there must be dsl's
         refuse_foreign(folder.file(extra.file))
-    return start_extras(folder, extras)
+    return extras
 
 
 def decode_extras(cfg, encoder, preprocess, decoder, folder: RunFolder, extras: list[Extra],
@@ -503,20 +504,10 @@ def start_csv(cfg, folder: RunFolder, scored: list[Scored], previous: list[dict]
 
 
 def batches_to_redo(cfg, scored: list[Scored], done: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """(image, component) of every picture in a decode batch of the uninterrupted run that is not all done:
-    a picture found damaged is decoded again with the whole batch it was first decoded in, so that float
-    round-off (which depends on the batch) gives it the same bytes. With decode.batch_size=auto the batches
-    depend on the free memory: none are redone whole."""
-    size = cfg.decode.batch_size
-    if type(size) is not int or size < 1:
-        return set()
+    """(image, component) of every picture in a decode batch of the uninterrupted run that is not all done
+    (`baselines.whole_batches`)."""
     plan = [(scored[i].name, scored[i].rows[k]["component"]) for i, k in plan_decoding(cfg, scored)]
-    redo: set[tuple[str, str]] = set()
-    for start in range(0, len(plan), size):
-        batch = plan[start:start + size]
-        if not done.issuperset(batch):
-            redo.update(batch)
-    return redo
+    return whole_batches(cfg.decode.batch_size, plan, done)
 
 
 def sorted_rows(rows: list[dict], scored: list[Scored]) -> list[dict]:
@@ -638,17 +629,20 @@ def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manife
     csv_log = folder.log(SIMILARITY)
     plan = start_csv(cfg, folder, scored, previous, csv_log)
     extras = plan_extras(cfg, folder, lens, scored)
+    extras_to_decode = start_extras(folder, extras, cfg.decode.batch_size)
     manifest.update(components=len(components), layers=sorted({c.layer for c in components}),
                     rows=len(components) * len(scored), to_decode=len(plan),
-                    extra_to_decode=len(extras))
+                    extra_to_decode=len(extras_to_decode))
     decoder = None
     with EarlyFigures(folder.path) as early:  # extra seeds' and baselines' figures need the extras decoded
-        if plan or extras:
+        if plan or extras_to_decode:
             decoder = build_decoder(cfg, encoder, device, manifest)
             with manifest.stage("decode"):
                 decode_and_write(cfg, encoder, preprocess, decoder, folder, scored, plan, csv_log, manifest,
                                  early if draws_while_decoding(cfg, device) and not extras else None)
-                decode_extras(cfg, encoder, preprocess, decoder, folder, extras, manifest)
+                decode_extras(cfg, encoder, preprocess, decoder, folder, extras_to_decode, manifest)
+                if len(extras_to_decode) < len(extras):  # resumed: the pictures decoded again came last
+                    order_extras(folder, extras)
         del encoder, decoder  # the writers need no model: the memory goes back before the figures are drawn
         release_memory(device)
         _write_stage(cfg, folder, scored, csv_log, manifest, early)

@@ -354,3 +354,32 @@ def test_resume_completes_extra_seeds_and_baselines(tmp_path: Path) -> None:
     resumed(cut)
     assert json.loads((cut / "manifest.json").read_text())["extra_decoded"] == 2
     assert results(cut) == results(whole)
+
+
+def test_extras_repaired_with_their_whole_batch_and_repeated_rows_kept_once(tmp_path: Path, monkeypatch,
+                                                                            capsys) -> None:
+    """decode.seeds=2 decoded 4 at a time: an extra seed's picture cut in half, another's row lost from
+    seeds.csv, and a row repeated in seeds.csv and in baselines.csv (each counted twice: the repeated seed moved
+    sim_decoded_mean) are repaired by a resume to the uninterrupted run's bytes, each picture decoded again
+    with the batch it was first decoded in (alone, it differed by a grey level). `dsl plot` refuses a repeated
+    baselines.csv row in one line, as it refuses seeds.csv's."""
+    whole = completed_run(tmp_path / "whole", "decode.seeds=2", "decode.batch_size=4")
+    cut = tmp_path / "cut"
+    shutil.copytree(whole, cut)
+    half = cut / "images" / "chelsea" / "steering" / "seed1" / "L01H01.png"
+    half.write_bytes(half.read_bytes()[:len(half.read_bytes()) // 2])
+    seeds = (cut / "seeds.csv").read_text().splitlines(keepends=True)
+    (cut / "seeds.csv").write_text("".join(seeds[:3] + seeds[2:3] + seeds[4:]))  # row 2 twice, row 3 gone
+    baselines = (cut / "baselines.csv").read_text().splitlines(keepends=True)
+    (cut / "baselines.csv").write_text("".join(baselines + baselines[1:2]))
+    resumed(cut)
+    assert results(cut) == results(whole)
+    # astronaut's third component (extras 0-3) and chelsea's second (4-7): two batches of four
+    assert json.loads((cut / "manifest.json").read_text())["extra_decoded"] == 8
+    edited = tmp_path / "edited"
+    shutil.copytree(whole, edited)
+    (edited / "baselines.csv").write_text("".join(baselines + baselines[1:2]))
+    capsys.readouterr()  # the runs' progress bars
+    code, err = dsl_in_process(["plot", str(edited)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "baselines.csv: " in err and "has 3 rows, not 2; the file was cut short or edited" in err
+    assert len(err.strip().splitlines()) == 1, err
