@@ -91,10 +91,25 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"decoder.noise_level={cfg.decoder.noise_level}: must be between 0 and {NOISE_LEVELS - 1}")
     if cfg.study.name is None and decode.enabled:  # an adapter's target space is what the decoder must decode
         check_pairing(embedding_space(cfg.encoder) if adapter is None else target_space(adapter), cfg.decoder)
-    if shape is not None and not cfg.clamp_to_model and sae_config(cfg) is None:  # an impossible layer is refused before any download
-        components = get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *shape, mid=cfg.lens.mid)
-        if cfg.lens.name == SteeringLens.name and adapter is not None:
+    if sae_config(cfg) is None:  # an SAE's features replace layer/head
+        components = _checked_components(cfg, shape)
+        if shape is not None and not cfg.clamp_to_model and cfg.lens.name == SteeringLens.name and adapter is not None:
             check_steerable(adapter.readout, components)
+
+
+def _checked_components(cfg: DictConfig, shape: tuple[int, int] | None) -> list[Component]:
+    """`layer`, `head` and `component` refused before any download: a layer outside the model where its shape
+    is known from configs; a value of the wrong form (`layer=foo`, `head=1.5`) always, even where layers are
+    clamped (`clamp_to_model`) or the shape is known only once the model is built (checked then against a
+    one-layer, one-head stand-in, clamped). The clamping warnings come once, when the run picks its components."""
+    clamp = cfg.clamp_to_model or shape is None
+    quiet = logging.getLogger("dsl_cli.lenses")
+    was, quiet.disabled = quiet.disabled, clamp
+    try:
+        return get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *(shape or (1, 1)),
+                                             mid=cfg.lens.mid, clamp=clamp)
+    finally:
+        quiet.disabled = was
 
 
 def _validate_lens(cfg: DictConfig) -> None:

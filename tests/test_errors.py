@@ -145,6 +145,30 @@ def test_bad_config_values_are_refused(case: str, tmp_path: Path, monkeypatch, c
     assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a refused run left files"
 
 
+@pytest.mark.parametrize(("override", "fragment"), [
+    ("layer=foo", "layer='foo': use an int, a list [10,20], all, or a range 10-20"),
+    ("layer=2-1", "layer='2-1' names no layer"),
+    ("head=1.5", "head=1.5: use all, an int or a list of ints"),
+    ("component=[foo]", "unknown component label 'foo'"),
+])
+@pytest.mark.parametrize("encoder", ["tiny", "timm"])  # layers clamped; and a shape known only from the model
+def test_a_layer_head_or_component_of_the_wrong_form_is_refused_before_the_encoder_loads(
+        override: str, fragment: str, encoder: str, tmp_path: Path, monkeypatch, capsys) -> None:
+    """debug=tiny clamps layers to the model, so they were checked only once it was built: `layer=foo` cost
+    the encoder's load (ViT-bigG's minutes, for a typo). A random timm tower's shape is known only then."""
+    import dsl_cli.run as run_module
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(run_module, "load_encoder", no_load)
+    setting = [] if encoder == "tiny" else ["encoder=timm", "encoder.name=vit_small_patch16_224", "encoder.pretrained=null",
+                                            "decode.enabled=false"]
+    code, err = dsl_in_process(["run", "debug=tiny", *setting, override], tmp_path, monkeypatch, capsys)
+    assert_one_clean_line(code, err, fragment)
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "a refused run left files"
+
+
 # Refused when the config is composed, before Hydra starts: nothing is written anywhere.
 COMPOSE_CASES = {
     "unknown_mode": (["lens.mode=double"], "lens.mode=double: Invalid value 'double', expected one of [add, scale, norm]"),
