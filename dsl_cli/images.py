@@ -280,6 +280,9 @@ def load_images(cfg) -> ImageSet:
     """The configured set (`cfg` has the ImagesConfig fields), or its shard, in a stable order, each file
     checked from its header; pixels are read later, batch by batch (`ImageSet.stream`). A path given is
     used: `images.path=X` alone means the folder source (`images=folder`)."""
+    if cfg.path is not None and not str(cfg.path).strip():  # `images.path=$PHOTOS` with the variable unset
+        raise UserError("images.path is empty (an unset shell variable?): give a folder, a glob or a file, or leave "
+                        "images.path out for the sample photos")
     if cfg.source == "samples" and cfg.path and cfg.names:
         raise UserError("images.names picks sample photos and images.path a folder of your own: give one of them")
     if cfg.source == "samples" and not cfg.path:

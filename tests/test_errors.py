@@ -110,6 +110,8 @@ CONFIG_CASES = {
     "layer_out_of_range": (["layer=7", "clamp_to_model=false"], "layers run from 0 to 3"),
     "head_out_of_range": (["layer=1", "head=9", "clamp_to_model=false"], "heads run from 0 to 3"),
     "unknown_component": (["component=[L1X3]"], "unknown component label"),
+    "empty_images_path": (["images.path="], "images.path is empty (an unset shell variable?)"),
+    "blank_images_path": (["images=folder", "images.path=' '"], "images.path is empty"),
     "component_out_of_range": (["component=[L9MLP]", "clamp_to_model=false"], "outside this model (0 to 3)"),
     "alpha_not_finite": (["lens.alpha=inf"], "lens.alpha=inf: must be a finite number"),
     "alpha_nan": (["lens.alpha=nan"], "must be a finite number"),
