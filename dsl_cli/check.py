@@ -84,7 +84,8 @@ def compose(overrides: list[str]) -> Any:
 
     single_values(overrides)  # dsl check compares one run's models: a sweep is not one
     check_overrides(overrides)
-    return compose_run([o for o in overrides if not o.startswith("hydra.")])
+    # Hydra's own settings are not the run's, but for `hydra.searchpath`: the config folders of plugins
+    return compose_run([o for o in overrides if not o.startswith("hydra.") or o.startswith("hydra.searchpath")])
 
 
 def uses_text(cfg: Any) -> bool:

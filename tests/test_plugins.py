@@ -322,3 +322,15 @@ def test_every_decoder_family_has_a_config_and_says_what_it_needs_without_the_ne
     assert cls.needs(tiny_config(f"decoder.family={name}").decoder) == ([], [])  # the tiny one is built here
     multiple = cls.size_multiple_for("tiny")
     decoder.check_request("tiny", "ddpm", multiple, multiple, name)
+
+
+def test_dsl_check_composes_a_run_with_a_plugins_configs(registries, plugin_configs) -> None:
+    """`dsl check` reads the run's config as `dsl run` does: `hydra.searchpath` (the plugins' config folder) is
+    kept where Hydra's other settings are dropped; it was `Could not find 'decoder/named_kandinsky_tiny'`."""
+    from dsl_cli import check
+
+    decoder.FAMILIES[NamedKandinsky.name] = NamedKandinsky
+    lenses.register(NegatedDirect)
+    cfg = check.compose([*TINY, "decoder=named_kandinsky_tiny", "lens=negated_direct", plugin_configs[1],
+                         "hydra.run.dir=elsewhere"])
+    assert cfg.decoder.family == "named_kandinsky" and cfg.lens.name == "negated_direct"
