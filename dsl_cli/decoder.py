@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial, wraps
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Optional
 
 import numpy as np
 import torch
@@ -245,16 +245,18 @@ def load_decoder(
     cfg: DecoderConfig,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    scheduler: str = "ddpm",
+    scheduler: Optional[str] = None,
     channels_last: bool = False,
     compile_unet: bool = False,
 ) -> "Decoder":
     """Build the decoder of family `cfg.family` that `cfg.source` names (pretrained | random | tiny) on `device`
-    in `dtype`.
+    in `dtype`, with `scheduler` (None: the config's, `cfg.scheduler`: an API caller's
+    DecoderConfig(scheduler="ddim") was built with DDPM).
 
     channels_last and compile_unet are GPU speed-ups (NHWC convolutions; torch.compile of the UNet, which costs
     a minute of compilation per new shape); neither changes what is computed beyond round-off.
     """
+    scheduler = str(scheduler or cfg.scheduler)
     check_request(cfg.source, scheduler, family=cfg.family)
     cls = get_family(cfg.family)
     pipe = cls.load_pretrained(cfg, dtype) if cfg.source == "pretrained" else cls.build(cfg.source == "random", device)

@@ -662,7 +662,7 @@ class LogitLens(Lens):
     def head_labels(self, encoder, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top `lens.top_labels` logits of the encoder's own classifier head: embeds [K, E] -> (values,
         indices) [K, k]."""
-        with torch.inference_mode():
+        with torch.no_grad():
             logits = encoder.classifier(embeds.to(encoder.device, encoder.dtype)).float().cpu()
         return logits.topk(min(self.cfg.top_labels, logits.shape[-1]), dim=-1)
 
@@ -697,7 +697,7 @@ def encode_texts(encoder_cfg, texts: list[str], device) -> torch.Tensor:
     PROMPTS_PER_BATCH texts at a time."""
     text_model, tokenizer = load_text_model(encoder_cfg, device, torch.float32)
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             embeds = torch.cat([text_model.encode_text(tokenizer(texts[start:start + PROMPTS_PER_BATCH]).to(device))
                                 .float().cpu() for start in range(0, len(texts), PROMPTS_PER_BATCH)])
     finally:

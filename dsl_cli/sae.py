@@ -493,7 +493,7 @@ def later_writes(encoder, sae: Sae) -> list[str]:
                    for point in ("hook_attn_out", "hook_mlp_out")]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def steer_feature_hooked(encoder, sae: Sae, pixels: Tensor, component, mode: str = "norm", alpha: float = 2.0,
                          patch: bool = True) -> Tensor:
     """Reference DSL of one feature in a real forward pass -> [B, E]. A clean pass records every later

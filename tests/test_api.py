@@ -63,3 +63,33 @@ def test_a_lens_from_a_dataclass_a_name_or_keywords(tiny_encoder, tiny_pixels) -
             dsl.get_lens("steering", **bad)
     with pytest.raises(dsl.UserError, match="choose one of"):
         dsl.get_lens("no_such_lens")
+
+
+def test_the_encoders_outputs_train_a_probe(tiny_encoder, tiny_pixels) -> None:
+    """What the encoder and the lenses hand back are plain tensors without grad (`torch.no_grad`): a probe
+    trained on a head's writes, or the classifier's logits of the cache's embeddings, backpropagates. Under
+    `torch.inference_mode` they were inference tensors: 'Inference tensors cannot be saved for backward'."""
+    cache = tiny_encoder.run_with_cache(tiny_pixels)
+    steered = dsl.lens_embeddings("steering", tiny_encoder, cache, ["L02H01", "L03MLP"])
+    for features in (cache.head_writes[:, 3, 1], cache.embeds, steered[:, 0], tiny_encoder.embed(tiny_pixels)):
+        assert not features.requires_grad and not features.is_inference()
+        probe = torch.nn.Linear(features.shape[-1], 2)
+        probe(features).sum().backward()
+        assert probe.weight.grad is not None
+
+
+def test_the_configs_dtype_and_scheduler_are_used_and_checked() -> None:
+    """`EncoderConfig(dtype=...)` and `DecoderConfig(scheduler=...)` were ignored by `load_encoder` and
+    `load_decoder` (float32 and DDPM whatever they said, `dtype="fp61"` accepted); an explicit argument wins."""
+    from diffusers import DDIMScheduler
+
+    from dsl_cli.errors import UserError
+
+    assert dsl.load_encoder(dsl.EncoderConfig(source="tiny", dtype="bf16"))[0].dtype == torch.bfloat16
+    assert dsl.load_encoder(dsl.EncoderConfig(source="tiny", dtype="bf16"), dtype=torch.float32)[0].dtype == torch.float32
+    assert dsl.load_encoder(dsl.EncoderConfig(source="tiny"))[0].dtype == torch.float32
+    with pytest.raises(UserError, match="dtype='fp61'"):
+        dsl.load_encoder(dsl.EncoderConfig(source="tiny", dtype="fp61"))
+    assert isinstance(dsl.load_decoder(dsl.DecoderConfig(source="tiny", scheduler="ddim")).pipe.scheduler, DDIMScheduler)
+    with pytest.raises(UserError, match="euler"):
+        dsl.load_decoder(dsl.DecoderConfig(source="tiny", scheduler="euler"))

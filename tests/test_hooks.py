@@ -64,6 +64,15 @@ def test_every_hook_point_reads_its_tensor(tiny_encoder, tiny_visual, tiny_pixel
         torch.testing.assert_close(cache[names[2]], expected[names[2]][:, 0], **TOL)
 
 
+def test_hook_points_are_listed_in_the_order_they_fire(tiny_encoder, tiny_pixels):
+    """HOOK_POINTS says it lists a block's points in firing order (the MLP reads hook_resid_mid, so that
+    fires before hook_mlp_out): each block's hooks, recorded as they fire, come in that order."""
+    fired = []
+    tiny_encoder.run_with_hooks(tiny_pixels, {f"blocks.{l}.{p}": lambda x, hook: fired.append(hook.name)
+                                              for l in range(tiny_encoder.n_layers) for p in HOOK_POINTS})
+    assert fired == [f"blocks.{l}.{p}" for l in range(tiny_encoder.n_layers) for p in HOOK_POINTS]
+
+
 @pytest.mark.parametrize("point", HOOK_POINTS)
 def test_every_hook_point_edits_the_pass(tiny_encoder, tiny_visual, tiny_pixels, point):
     """An edit at layer 1 (add a fixed random vector) changes the output exactly as the written-out pass says."""
@@ -94,7 +103,7 @@ def test_hooks_are_removed_after_an_error_and_bad_names_refused(tiny_encoder, ti
     with pytest.raises(KeyError) as refused:
         tiny_encoder.run_with_hooks(tiny_pixels, {"blocks.4.hook_mlp_out": lambda x, hook: None})
     assert refused.value.args[0] == ("no hook point 'blocks.4.hook_mlp_out': use blocks.<layer 0..3>.<hook_resid_pre | "
-                                     "attn.hook_result | hook_attn_out | hook_mlp_out | hook_resid_mid | hook_resid_post>")
+                                     "attn.hook_result | hook_attn_out | hook_resid_mid | hook_mlp_out | hook_resid_post>")
     assert isinstance(tiny_encoder, HookedEncoder)
 
 

@@ -43,7 +43,7 @@ ABLATIONS = ("zero", "mean")
 # Hook points of every block, in the order their hooks fire within the block (TransformerLens names). Each sees
 # all tokens: hook_resid_pre, hook_attn_out, hook_resid_mid, hook_mlp_out, hook_resid_post [B, T, D];
 # attn.hook_result [B, T, H, D] (head h's write, LayerScale included, without the output bias).
-HOOK_POINTS = ("hook_resid_pre", "attn.hook_result", "hook_attn_out", "hook_mlp_out", "hook_resid_mid",
+HOOK_POINTS = ("hook_resid_pre", "attn.hook_result", "hook_attn_out", "hook_resid_mid", "hook_mlp_out",
                "hook_resid_post")
 CACHE_ONLY_POINTS = ("hook_attn_bias",)  # in the cache, not a place to hook
 
@@ -310,7 +310,7 @@ class HookedEncoder(Placed, nn.Module):
         return self.family.parts(layer)
 
     # ---- the cache -----------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def run_with_cache(self, pixels: Tensor) -> EncoderCache:
         """pixels [B, 3, S, S] (preprocessed) -> EncoderCache, in one batched pass.
 
@@ -356,7 +356,7 @@ class HookedEncoder(Placed, nn.Module):
                             mid_embeds=torch.stack(mids, 1))
 
     # ---- lenses (closed form, batched) ---------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def readout(self, v: Tensor) -> Tensor:
         """R(v), e.g. ln_post(v) @ proj: [..., D] -> [..., E]; the embedding is R(x_L at the readout position).
         An attention-pooled readout is not a function of one vector: NotImplementedError."""
@@ -410,7 +410,7 @@ class HookedEncoder(Placed, nn.Module):
         final = cache.resid[:, -1:]  # [B, 1, D]
         return self.readout(final + steering_delta(writes, final, mode, alpha))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def steer_tokens(
         self, pixels: Tensor, components: Sequence[ComponentLike], mode: str = "norm", alpha: float = 2.0
     ) -> Tensor:
@@ -474,14 +474,14 @@ class HookedEncoder(Placed, nn.Module):
             for handle in handles:
                 handle.remove()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def run_with_hooks(self, pixels: Tensor, fns: Union[dict[str, HookFn], Sequence[tuple[str, HookFn]]]) -> Tensor:
         """The library's own forward with `hooks(fns)` active: pixels [B, 3, S, S] -> [B, E]."""
         with self.hooks(fns):
             return self._forward(pixels.to(self.device, self.dtype))
 
     # ---- the hooked reference ------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def steer_hooked(
         self, pixels: Tensor, component: ComponentLike, mode: str = "norm", alpha: float = 2.0, patch: bool = True
     ) -> Tensor:
@@ -530,7 +530,7 @@ class HookedEncoder(Placed, nn.Module):
                 (f"blocks.{target.layer}.hook_attn_out", lambda out, hook: steer_write(out, seen["c"]))]
 
     # ---- ablation in a real forward pass (interventional studies) -------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def ablate_hooked(
         self,
         pixels: Tensor,
@@ -557,7 +557,7 @@ class HookedEncoder(Placed, nn.Module):
             means = self.mean_writes(pixels)
         return self.run_with_hooks(pixels, self._ablation_hooks(head_mask, mlp_mask, means))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def mean_writes(self, pixels: Tensor, batch_size: Optional[int] = None) -> MeanWrites:
         """Every head's and MLP's write averaged over the images and all token positions (float32), from
         clean passes in batches of `batch_size` images (default: all at once). pixels [B, 3, S, S]."""
@@ -581,12 +581,12 @@ class HookedEncoder(Placed, nn.Module):
         return MeanWrites(heads=heads / tokens, mlps=mlps / tokens, tokens=tokens)
 
     # ---- plain embeddings and the negative embedding -------------------------------------------
-    @torch.inference_mode()
+    @torch.no_grad()
     def embed(self, pixels: Tensor) -> Tensor:
         """pixels [B, 3, S, S] -> [B, E]: open_clip's own forward, nothing hooked."""
         return self._forward(pixels.to(self.device, self.dtype))
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def zero_embed(self) -> Tensor:
         """[1, E]: the encoder on an all-zeros image in normalised pixel space (the decoder's negative)."""
         side = self.image_size

@@ -32,7 +32,7 @@ from dsl_cli.encoder import vit_loading
 from dsl_cli.encoder.hooked import HookedEncoder
 from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
-from dsl_cli.devices import seeded_on
+from dsl_cli.devices import resolve_dtype, seeded_on
 from dsl_cli.errors import UserError
 from dsl_cli.libraries import Library
 from dsl_cli.weights import Needs, hub_download_command, load_errors, open_clip_needs, prior_encoder_weights, reason
@@ -54,10 +54,13 @@ log = logging.getLogger("dsl_cli.encoder")
 
 
 def load_encoder(
-    cfg: Any, device: "str | torch.device" = "cpu", dtype: torch.dtype = torch.float32
+    cfg: Any, device: "str | torch.device" = "cpu", dtype: Optional[torch.dtype] = None
 ) -> tuple[HookedEncoder, Preprocess]:
     """cfg: an `EncoderConfig` (or anything with its attributes) -> (encoder in eval mode on device/dtype,
-    preprocess: PIL image -> [3, S, S] normalised tensor)."""
+    preprocess: PIL image -> [3, S, S] normalised tensor). `dtype` None: the config's `dtype` (`auto`: bf16 on
+    CUDA, fp32 elsewhere)."""
+    if dtype is None:  # an API caller's EncoderConfig(dtype="bf16") was built in float32
+        dtype = resolve_dtype(str(getattr(cfg, "dtype", "fp32")), device)
     if cfg.source == "tiny":
         visual, preprocess = build_tiny_visual(), open_clip.image_transform(TINY_VISION_CFG["image_size"], False)
     elif cfg.source == "open_clip":

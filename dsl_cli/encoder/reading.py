@@ -84,7 +84,7 @@ def _projected(encoder: HookedEncoder, v: Tensor) -> Tensor:
     return v if proj is None else v @ proj.float()
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def direct_attribution(encoder: HookedEncoder, cache: EncoderCache) -> Attribution:
     """Every head's and MLP's direct attribution, and the embedding and bias terms (module docstring)."""
     sigma = frozen_scale(encoder, cache.resid[:, -1])
@@ -98,7 +98,7 @@ def direct_attribution(encoder: HookedEncoder, cache: EncoderCache) -> Attributi
     )
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def head_sources(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Component]) -> Tensor:
     """Where each head looks: its CLS write decomposed over source tokens -> [B, K, T, D] (float32).
 
@@ -110,7 +110,7 @@ def head_sources(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Compone
     return torch.stack([_sources(encoder, c.layer, normed[c.layer], c.head) for c in heads], 1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def source_shares(encoder: HookedEncoder, pixels: Tensor, heads: Sequence[Component]) -> Tensor:
     """Each source token's share of each head's CLS write: part_t . a / |a|^2 -> [B, K, T], summing to 1
     over t (CLS first, then the patches in rows). Reduced head by head: all heads' parts at once would be
