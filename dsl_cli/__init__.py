@@ -26,7 +26,7 @@ _API = {
     "EncoderConfig": "dsl_cli.config", "DecoderConfig": "dsl_cli.config", "LensConfig": "dsl_cli.config",
     "ImagesConfig": "dsl_cli.config", "DecodeConfig": "dsl_cli.config", "RunConfig": "dsl_cli.config",
     "HookedEncoder": "dsl_cli.encoder", "EncoderCache": "dsl_cli.encoder", "load_encoder": "dsl_cli.encoder",
-    "load_text_model": "dsl_cli.encoder",
+    "load_text_model": "dsl_cli.encoder", "register_family": "dsl_cli.encoder",
     "load_decoder": "dsl_cli.decoder", "KandinskyDecoder": "dsl_cli.decoder",
     "load_images": "dsl_cli.images",
     "Component": "dsl_cli.components", "parse_component": "dsl_cli.components",
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time `__getattr__` im
     from dsl_cli.components import Component, parse_component
     from dsl_cli.config import DecodeConfig, DecoderConfig, EncoderConfig, ImagesConfig, LensConfig, RunConfig
     from dsl_cli.decoder import KandinskyDecoder, load_decoder
-    from dsl_cli.encoder import EncoderCache, HookedEncoder, load_encoder, load_text_model
+    from dsl_cli.encoder import EncoderCache, HookedEncoder, load_encoder, load_text_model, register_family
     from dsl_cli.errors import UserError
     from dsl_cli.figures import redraw
     from dsl_cli.images import load_images

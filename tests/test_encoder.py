@@ -197,7 +197,7 @@ def sequence_first_tower() -> VisionTransformer:
     (sequence_first_tower, "only batch-first transformers are supported"),
     (lambda: torch.nn.Linear(2, 2),
      "HookedEncoder needs a vision transformer of open_clip, timm or transformers, got Linear "
-     "(ResNet and other towers are not decomposed)"),
+     "(ResNet and other towers are not decomposed; `register_family` adds one)"),
 ])
 def test_unsupported_towers_are_refused_saying_why(build, message):
     with pytest.raises(NotImplementedError) as refused:

@@ -604,3 +604,43 @@ def test_a_timm_dinov2_is_fed_at_the_size_its_architecture_takes():
 
     encoder, _ = load_encoder(EncoderConfig(source="timm", name="vit_small_patch14_dinov2.lvd142m", pretrained=None))
     assert encoder.image_size == 518 and encoder.n_tokens == 37 * 37 + 1
+
+
+def test_a_users_encoder_family_opens_up_their_own_vit(pixels):
+    """Encoder families are a registry: a researcher's subclass of timm's ViT (its own class, which no built-in
+    family claims) is refused until they register a family that handles it, then opened up exactly: the
+    embedding is the model's, and DSL's closed form equals the hooked pass."""
+    from dsl_cli.encoder import families
+
+    class MyViT(VisionTransformer):
+        """A user's ViT: timm's, with a method of their own."""
+
+    class MyFamily(families.TimmFamily):
+        name = "my_vit"
+
+        @classmethod
+        def handles(cls, model) -> bool:
+            return isinstance(model, MyViT)
+
+    torch.manual_seed(0)
+    model = _randomised(MyViT(img_size=SIDE, patch_size=PATCH, embed_dim=WIDTH, depth=LAYERS, num_heads=HEADS,
+                              num_classes=0)).eval()
+    with pytest.raises(NotImplementedError, match="of open_clip, timm or transformers, got MyViT"):
+        HookedEncoder(model)
+    saved = list(families.FAMILIES)
+    try:
+        assert families.register_family(MyFamily) is MyFamily and families.FAMILIES[0] is MyFamily
+        encoder = HookedEncoder(model)
+        assert encoder.family.name == "my_vit" and (encoder.n_layers, encoder.n_heads) == (LAYERS, HEADS)
+        with torch.no_grad():
+            torch.testing.assert_close(encoder.embed(pixels), model(pixels), atol=ATOL, rtol=ATOL)
+        cache = encoder.run_with_cache(pixels)
+        closed = encoder.steer(cache, ["L2H1"], mode="norm", alpha=2.0)[:, 0]
+        torch.testing.assert_close(closed, encoder.steer_hooked(pixels, "L2H1", mode="norm", alpha=2.0),
+                                   atol=ATOL, rtol=ATOL)
+        with pytest.raises(TypeError, match="a Family subclass with a name"):
+            families.register_family(MyViT)
+    finally:
+        families.FAMILIES[:] = saved
+    with pytest.raises(NotImplementedError, match="got MyViT"):
+        HookedEncoder(model)

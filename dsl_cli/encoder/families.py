@@ -23,7 +23,7 @@ Shapes: B images, T tokens, D residual width, H heads, d head width, E embedding
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +108,11 @@ class Family:
 
     def __init__(self, model: nn.Module):
         self.model = model
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        """Whether this family opens up `model` (`family_of` asks each registered family in turn)."""
+        return False
 
     # ---- structure ---------------------------------------------------------------------------------------
     @property
@@ -208,6 +213,14 @@ class OpenClipFamily(Family):
 
     name = "open_clip"
 
+    def __init__(self, model: nn.Module):
+        _check_supported(model)
+        super().__init__(model)
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("open_clip")
+
     @property
     def blocks(self) -> nn.ModuleList:
         return self.model.transformer.resblocks
@@ -298,6 +311,11 @@ class TimmFamily(Family):
     (`model(pixels)`, CLIP's image embedding) and there is no classifier."""
 
     name = "timm"
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("timm.models.vision_transformer") and \
+            type(model).__name__ == "VisionTransformer"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -428,6 +446,10 @@ class HFFamily(Family):
     distillation tokens; their image classifiers), SigLIP (attention-pooling head, hooked)."""
 
     name = "transformers"
+
+    @classmethod
+    def handles(cls, model: nn.Module) -> bool:
+        return type(model).__module__.startswith("transformers.")
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -576,21 +598,31 @@ def _imagenet_names(n: int) -> Optional[list[str]]:
 # ---------------------------------------------------------------------------------------- dispatch
 
 
+FAMILIES: list[type[Family]] = []  # asked in order by `family_of`; a family registered later comes first
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Add an encoder family (a `Family` subclass with a `name`, `handles` and the structure `HookedEncoder`
+    reads), asked before every family registered before it, so that a user's family can take a model a
+    built-in one would (a family of the same name is replaced). Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Family)) or not cls.name:
+        raise TypeError(f"{cls!r}: an encoder family is a Family subclass with a name")
+    FAMILIES[:] = [cls, *(family for family in FAMILIES if family.name != cls.name)]
+    return cls
+
+
+for _builtin in (HFFamily, TimmFamily, OpenClipFamily):
+    register_family(_builtin)
+
+
 def family_of(model: nn.Module) -> Family:
-    """The adapter for `model`; NotImplementedError saying why for a module no family covers."""
-    module = type(model).__module__
-    if module.startswith("open_clip"):
-        _check_supported(model)
-        return OpenClipFamily(model)
-    if module.startswith("timm.models.vision_transformer") and type(model).__name__ == "VisionTransformer":
-        return TimmFamily(model)
-    if module.startswith("transformers."):
-        return HFFamily(model)
+    """The adapter for `model`: the first registered family that `handles` it; NotImplementedError saying why
+    for a module no family covers."""
+    for family in FAMILIES:
+        if family.handles(model):
+            return family(model)
     _check_supported(model)  # raises, naming what is supported
     raise AssertionError("unreachable")
-
-
-FamilyFactory = Callable[[nn.Module], Family]
 
 
 def _check_supported(visual: nn.Module) -> None:
@@ -599,9 +631,10 @@ def _check_supported(visual: nn.Module) -> None:
     from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
     if not isinstance(visual, VisionTransformer):
+        names = [family.name for family in FAMILIES]
         raise NotImplementedError(
-            f"HookedEncoder needs a vision transformer of open_clip, timm or transformers, got "
-            f"{type(visual).__name__} (ResNet and other towers are not decomposed)"
+            f"HookedEncoder needs a vision transformer of {', '.join(names[:-1])} or {names[-1]}, got "
+            f"{type(visual).__name__} (ResNet and other towers are not decomposed; `register_family` adds one)"
         )
     if visual.attn_pool is not None:
         raise NotImplementedError("attentional pooling is not covered by the CLS-token decomposition")
