@@ -171,7 +171,25 @@ def validate_study(study: Any, seed: int = 0) -> None:
     if not 0 < study.get("overlay_scale", 1) <= 1:
         raise UserError(f"study.overlay_scale={study.overlay_scale}: must be in (0, 1]")
     chosen.check_columns(check_lenses(study.get("lenses") or DEFAULT_LENSES))
+    _refuse_unread(chosen, study)
     chosen.validate(study, seed)
+
+
+def _refuse_unread(chosen: type["Study"], study: Any) -> None:
+    """A setting changed from its default that the study does not read (`study=head_importance study.steps=3`)
+    is refused: it ran, silently ignored, as if the study had used it."""
+    defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(StudyConfig)}
+    for key, default in defaults.items():
+        if key != "name" and key not in chosen.settings and key in study and study[key] != default:
+            raise UserError(f"study.{key}={_typed(study[key])}: study={chosen.name} does not read it (it reads "
+                            f"{', '.join(chosen.settings)}); leave it out")
+
+
+def _typed(value: Any) -> Any:
+    """A config value as it was typed (a list, not OmegaConf's ListConfig)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def check_lenses(names) -> list[str]:

@@ -289,7 +289,8 @@ def test_studies_run_through_the_cli(study: str, files: list[str], tmp_path: Pat
     original = figures.plot_overlay_removal
     monkeypatch.setattr(figures, "plot_overlay_removal", lambda rows, settings: titles.append(settings)
                         or original(rows, settings))
-    folder = run_tiny(tmp_path / study, f"study={study}", "layer=all", "study.steps=3", "study.random_orders=2")
+    settings = ["study.steps=3", "study.random_orders=2"] if study == "overlay_removal" else ["study.bootstrap=20"]
+    folder = run_tiny(tmp_path / study, f"study={study}", "layer=all", *settings)
     for name in files:
         assert (folder / name).is_file(), name
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -231,7 +231,7 @@ def test_study_settings_are_checked_at_their_edges():
     from dsl_cli.study_registry import validate_study
 
     ok = dict(name="overlay_removal", ablation="mean", steps=1, greedy_pool=1, random_orders=0, overlay_scale=1.0,
-              overlay_position="top-left", decode_steps=[0], bootstrap=1)
+              overlay_position="top-left", decode_steps=[0], bootstrap=1000)
     validate_study(OmegaConf.create(ok))
     validate_study(OmegaConf.create({**ok, "greedy_pool": None}))
     for bad, message in [
@@ -249,13 +249,32 @@ def test_study_settings_are_checked_at_their_edges():
         assert str(err.value) == message
 
 
+@pytest.mark.parametrize(("name", "setting", "message"), [
+    ("head_importance", dict(steps=3), "study.steps=3: study=head_importance does not read it (it reads ablation, "
+                                       "bootstrap, lenses); leave it out"),
+    ("head_importance", dict(decode_steps=[0, 7]), "study.decode_steps=[0, 7]: study=head_importance does not read"),
+    ("overlay_removal", dict(bootstrap=5), "study.bootstrap=5: study=overlay_removal does not read it"),
+])
+def test_a_setting_the_study_does_not_read_is_refused(name: str, setting: dict, message: str):
+    """`study=head_importance study.steps=3` ran with `steps` silently ignored; a setting left at its default
+    (every field is in the config) is not a choice, and passes."""
+    from dsl_cli.config import StudyConfig
+    from dsl_cli.study_registry import validate_study
+
+    study = OmegaConf.merge(OmegaConf.structured(StudyConfig), {"name": name})
+    validate_study(study)
+    with pytest.raises(UserError) as err:
+        validate_study(OmegaConf.merge(study, setting))
+    assert str(err.value).startswith(message)
+
+
 def test_the_random_orders_seeds_stay_within_64_bits_at_the_edge():
     """The random orders use seeds seed .. seed + random_orders - 1: the last may be 2**64 - 1, not 2**64
     (torch's generator takes 64 bits); the default seed is the config's, 0."""
     from dsl_cli.study_registry import validate_study
 
     study = OmegaConf.create(dict(name="overlay_removal", ablation="zero", steps=1, greedy_pool=None, random_orders=5,
-                                  overlay_scale=0.5, overlay_position="center", decode_steps=[0], bootstrap=1))
+                                  overlay_scale=0.5, overlay_position="center", decode_steps=[0], bootstrap=1000))
     validate_study(study, seed=2**64 - 5)  # last seed 2**64 - 1
     validate_study(OmegaConf.merge(study, {"random_orders": 2**64}))  # seed 0: seeds 0 .. 2**64 - 1
     with pytest.raises(UserError) as err:
