@@ -422,7 +422,8 @@ class Lens:
     label_kinds  component kinds an explicit label list may name (None: any)
     columns      the CSV columns it fills beyond the common ones (`outputs.SimilarityRow`), with `row()` (the same
                  in every row) or `values()` (per image and component)
-    figures      the figures it adds to every run's (drawn from the run folder's files by `figures.redraw`)
+    figures      the figures a run of it draws beyond every run's: a declaration, checked by the tests; they are
+                 drawn by `figures.redraw` from the rows it writes (the layer grid for stream rows, ...)
     prepare_stage  the manifest stage of `prepare` (work with a model of its own, before the encoder loads)
     """
 

@@ -20,7 +20,7 @@ from PIL import Image
 from dsl_cli import cli, figures
 from dsl_cli.encoder import build_tiny_visual, load_encoder
 from dsl_cli.config import EncoderConfig
-from dsl_cli.lenses import LENSES
+from dsl_cli.lenses import LENSES, lens_class
 from dsl_cli.outputs import TEMP_SUFFIX
 from helpers import dsl_here
 import zygote  # dsl processes forked after the model libraries' imports (tests/zygote.py)
@@ -126,6 +126,8 @@ def test_each_lens_writes_every_file(runs: dict[str, Path], lens: str) -> None:
         if lens == "logit":
             assert (folder / "plots" / f"{image}_logit.png").is_file()
         assert (folder / "looks" / f"{image}_{lens}.png").is_file() == (lens != "diffusion")
+        for declared in lens_class(lens).figures:  # what the lens says a run of it draws
+            assert (folder / declared.replace("<image>", image).replace("<lens>", lens)).is_file(), declared
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["config"]["lens"]["name"] == lens
