@@ -161,6 +161,9 @@ def test_a_study_from_outside_compares_a_lens_from_outside_end_to_end(registries
     (folder / "plots" / "lens_agreement.png").unlink()
     code, err = dsl_in_process(["plot", str(folder)], tmp_path, monkeypatch, capsys)  # from its files alone
     assert code == 0 and (folder / "plots" / "lens_agreement.png").is_file(), err
+    del study_registry.STUDIES["lens_agreement"]  # plain `dsl`, which has not imported the plugin
+    code, err = dsl_in_process(["plot", str(folder)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "a run of study lens_agreement, which is not registered here: import the module" in err, err
 
 
 def test_a_built_in_study_compares_a_lens_from_outside_in_a_column_of_its_own(registries, tmp_path, monkeypatch,
