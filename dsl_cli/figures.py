@@ -94,6 +94,24 @@ def write_figure(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
+def refuse_foreign(path: Path, advice: str = "run the command again", refusal: type[UserError] = UserError) -> None:
+    """Refuse a file at `path`, where dsl puts a picture, that dsl did not write (a PNG of the user's, any
+    other file): it is neither taken as a result, drawn in a grid, shown on a page, nor written over. dsl's own
+    pictures say so inside (`is_dsl_png`); one of them cut short still does, and is made again. `advice`: what
+    to do once it is moved away; `refusal`: the error raised (a continued run's `Refused` keeps its manifest)."""
+    if os.path.lexists(path) and not is_dsl_png(path):
+        raise refusal(f"{path} is not a picture dsl made; move it away and {advice}")
+
+
+def refuse_foreign_pictures(folder: RunFolder, rows: list[dict], advice: str = "run the command again",
+                            refusal: type[UserError] = UserError) -> None:
+    """`refuse_foreign` on every picture a run's `rows` (of similarity.csv, seeds.csv, baselines.csv) name and
+    on their images' inputs: the results a resumed run would keep and a page would show as the run's."""
+    inputs = [folder.input_picture(image) for image in dict.fromkeys(r["image"] for r in rows)]
+    for path in [*inputs, *(folder.file(r["file"]) for r in rows if r["file"])]:
+        refuse_foreign(path, advice, refusal)
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -674,13 +692,20 @@ def _split(groups: list[list[dict]], workers: int | None) -> list[list[dict]]:
 
 
 def tables_by_image(folder: RunFolder, rows: list[dict] | None = None) -> dict[str, dict[tuple, list[dict]] | None]:
-    """The tables beside similarity.csv that an image's figures show, each grouped by image (None: the run
-    has no such table); with the run's `rows`, each checked against them (`check_table_rows`)."""
+    """`read_tables`, each table grouped by image (what an image's figures show)."""
+    return {name: None if table is None else group_rows(table, ("image",))
+            for name, table in read_tables(folder, rows).items()}
+
+
+def read_tables(folder: RunFolder, rows: list[dict] | None = None) -> dict[str, list[dict] | None]:
+    """The tables beside similarity.csv that a run's figures and page show (None: the run has no such table);
+    with the run's `rows`, each checked against them (`check_table_rows`): `dsl plot` and `dsl report` refuse
+    the same tables."""
     read = {name: folder.read(table) if folder.csv(table).is_file() else None
             for name, table in (("labels", LABELS), ("seeds", SEEDS), ("baselines", BASELINES), ("patches", PATCHES))}
     if rows is not None:
         check_table_rows(folder, rows, read)
-    return {name: None if table is None else group_rows(table, ("image",)) for name, table in read.items()}
+    return read
 
 
 def check_table_rows(folder: RunFolder, rows: list[dict], tables: dict[str, list[dict] | None]) -> None:
@@ -692,19 +717,32 @@ def check_table_rows(folder: RunFolder, rows: list[dict], tables: dict[str, list
     manifest = read_manifest(folder.path) or {}
     if manifest.get("status") != "complete":
         return  # a run still going: its tables are written as it goes
-    seeds = ((manifest.get("config") or {}).get("decode") or {}).get("seeds", 1)
+    config = manifest.get("config") or {}
+    seeds = (config.get("decode") or {}).get("seeds", 1)
     seeds = seeds if type(seeds) is int else None
     baselines = [{"image": image, "lens": lens, "component": name}
                  for image, lens in dict.fromkeys((r["image"], r["lens"]) for r in rows) for name in BASELINE_NAMES]
     wanted = {"patches": ([r for r in rows if r["kind"] == "head"], 1),
-              "labels": ([r for r in rows if r["lens"] == "logit"], None),
+              "labels": ([r for r in rows if r["lens"] == "logit"],
+                         label_count(tables["labels"], (config.get("lens") or {}).get("top_labels"))),
               "seeds": ([r for r in rows if r["file"]], None if seeds is None else seeds - 1),
               "baselines": (baselines, seeds)}
     for name, (owners, count) in wanted.items():
         problem = None if tables[name] is None else keyed_problem(owners, tables[name], count)
         if problem is not None:
-            raise UserError(f"{folder.path / name}.csv: {problem}; the file was cut short or edited: restore it, "
-                            "or run the run again into a new folder")
+            # a resumed run writes each of these tables again: labels.csv and patches.csv whole, seeds.csv and
+            # baselines.csv by decoding again the pictures whose rows are missing
+            raise UserError(f"{folder.path / name}.csv: {problem}; the file was cut short or edited: "
+                            f"`dsl run resume={folder.path}` writes it again")
+
+
+def label_count(labels: list[dict] | None, top_labels: object) -> int | None:
+    """The labels.csv rows each logit-lens component wants: as many as each other (None), since a classifier
+    head of fewer classes than `lens.top_labels` gives fewer; where the table holds none at all (emptied but
+    for its header), `lens.top_labels`, or at least one where the manifest does not say."""
+    if labels:
+        return None
+    return top_labels if type(top_labels) is int and top_labels >= 1 else 1
 
 
 def keyed_problem(owners: list[dict], table: list[dict], count: int | None) -> str | None:

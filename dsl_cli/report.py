@@ -14,6 +14,7 @@ page when it ends.
 
 from __future__ import annotations
 
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -26,9 +27,9 @@ from dsl_cli.errors import PartlyDone, UserError
 from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell,
                              drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
-                             kind_blocks, layer_label, redraw)
+                             kind_blocks, layer_label, read_tables, redraw, refuse_foreign_pictures)
 from dsl_cli.html_parts import esc, img, link, linked_img, rel
-from dsl_cli.outputs import (LABELS, SIMILARITY, RunFolder, atomic_write_bytes,
+from dsl_cli.outputs import (SIMILARITY, RunFolder, atomic_write_bytes,
                              claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest,
                              run_rows)
 from dsl_cli.sae_report import features_section, sae_components_text  # SAE features, without torch
@@ -339,10 +340,9 @@ def image_section(folder: Path, image: str, rows: list[dict]) -> str:
             f'<div class="row thumbs">{figures or "<p class=muted>none drawn</p>"}</div></section>')
 
 
-def top_labels(folder: Path) -> dict[tuple[str, str], dict]:
-    """Logit lens: (image, component) -> its top label row, from labels.csv."""
-    rows = RunFolder(folder).read(LABELS)
-    return {(r["image"], r["component"]): r for r in rows if r["rank"] == 1}
+def top_labels(label_rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """Logit lens: (image, component) -> its top label row, from labels.csv's rows."""
+    return {(r["image"], r["component"]): r for r in label_rows if r["rank"] == 1}
 
 
 COMPONENT_NUMBERS = ["sim_embed", "sim_decoded", "norm", "rank", "layer", "head"]
@@ -372,10 +372,21 @@ def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) ->
             f"{table(head + ['file'], body, {*COMPONENT_NUMBERS, *extra, 'label score'})}</section>")
 
 
+def checked_files(folder: Path, rows: list[dict]) -> dict[str, list[dict] | None]:
+    """The run's tables beside similarity.csv (`read_tables`), refused where `dsl plot` refuses them (a
+    complete run's table cut short or edited), and its pictures, refused where one is not dsl's (a PNG of the
+    user's put in place of a result): the page would show either as the run's."""
+    run = RunFolder(folder)
+    tables = read_tables(run, rows)
+    refuse_foreign_pictures(run, rows, advice=f"`dsl run resume={folder}` makes it again")
+    return tables
+
+
 def run_page(folder: Path) -> str:
     """The page of a run folder (similarity.csv, labels.csv, manifest.json and the pictures and figures)."""
     manifest = read_manifest(folder) or {}
     rows = run_rows(folder)
+    tables = checked_files(folder, rows)
     images = group_rows(rows, ("image",))
     contents = " · ".join(f'<a href="#{esc(quote(image))}">{esc(image)}</a>' for (image,) in images)
     body = [header(folder, manifest, "run"), f"<p>images: {contents} · <a href='#components'>all components</a>"
@@ -383,7 +394,7 @@ def run_page(folder: Path) -> str:
             settings_section(manifest, rows=rows), files_section(folder)]
     body += [image_section(folder, image, group) for (image,), group in images.items()]
     if rows:
-        body.append(components_section(rows, top_labels(folder)))
+        body.append(components_section(rows, top_labels(tables["labels"] or [])))
     body.append(features_section(folder, rows))
     return page(f"dsl run {folder.name}", "\n".join(body))
 
@@ -591,23 +602,26 @@ def kind_or_refusal(folder: Path) -> str | UserError | None:
         return err
 
 
+MARKERS = ("manifest.json", "similarity.csv", "multirun.yaml")  # the files that mark a run, study or sweep
+
+
 def report_folders(root: Path) -> list[tuple[str | UserError, Path]]:
     """(kind, folder) of every run, study and sweep at or below `root`, deepest first; a folder whose kind
     cannot be read has its refusal for kind (`kind_or_refusal`)."""
     if not root.is_dir():
         raise UserError(f"{root}: not a folder; give a run, study or sweep folder (or a folder of them)")
-    found = {root} | {p.parent for name in ("manifest.json", "similarity.csv", "multirun.yaml")
-                      for p in root.rglob(name)}
+    found = {root} | {p.parent for name in MARKERS for p in root.rglob(name)}
     kinds = [(kind_or_refusal(f), f) for f in found if ".submitit" not in f.parts]
     folders = sorted(((k, f) for k, f in kinds if k), key=lambda kf: (-len(kf[1].parts), str(kf[1])))
     if not folders:
-        raise UserError(_nothing_to_report(root))
+        raise UserError(_nothing_to_report(root, [f for _, f in kinds]))
     return folders
 
 
-def _nothing_to_report(root: Path) -> str:
+def _nothing_to_report(root: Path, found: list[Path]) -> str:
     """Why `root` holds nothing `dsl report` or `dsl plot` works on: an adapter's or SAE's own folder (whose
-    manifest said otherwise: "no manifest.json"), or no dsl folder at all."""
+    manifest said otherwise: "no manifest.json"), files of another program where dsl's would be (`found`: the
+    folders that hold one of MARKERS, and `root`), or no dsl folder at all."""
     kind = (read_manifest(root) or {}).get("kind") if RunFolder(root).is_own() else None
     if kind == "adapter":
         return (f"{root}: the folder of an adapter: `dsl adapter fit` wrote its page (index.html); report and "
@@ -615,11 +629,22 @@ def _nothing_to_report(root: Path) -> str:
     if kind == "sae":
         return (f"{root}: the folder of an SAE (`dsl sae train`): report and plot work on the folders of "
                 f"`dsl run` (a run over its features: dsl run sae={root})")
-    if (root / "similarity.csv").is_file() and not (root / "manifest.json").exists():
-        return (f"{root}: holds a similarity.csv but no manifest.json: dsl works only in folders it can show it "
+    foreign = next((f for f in sorted(found) if _markers(f) and not RunFolder(f).is_own()), None)
+    if foreign is None:
+        return (f"{root}: no dsl run here, nor a study or sweep (no manifest.json, similarity.csv or multirun.yaml "
+                "in it or below it)")
+    where = f"{foreign}: " if foreign == root else f"{root}: no dsl run here, nor a study or sweep; {foreign} "
+    if _markers(foreign) == ["similarity.csv"]:
+        return (f"{where}holds a similarity.csv but no manifest.json: dsl works only in folders it can show it "
                 "made (their manifest.json); restore it")
-    return (f"{root}: no dsl run here, nor a study or sweep (no manifest.json, similarity.csv or multirun.yaml in "
-            "it or below it)")
+    names = " and ".join(_markers(foreign))
+    return (f"{where}holds {names} of another program, not dsl's: report and plot work only in dsl's folders (a "
+            "manifest.json that dsl wrote, or a sweep's multirun.yaml of `dsl run`)")
+
+
+def _markers(folder: Path) -> list[str]:
+    """Which of MARKERS `folder` holds."""
+    return [name for name in MARKERS if os.path.lexists(folder / name)]
 
 
 PAGES = {"run": run_page, "study": study_page, "sweep": sweep_page}

@@ -41,9 +41,9 @@ from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (Lens, ScoredImages, SteeringLens, TextReader, check_finite, describe, get_lens, n_labels,
                             prepare_text, rank, score, where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
-from dsl_cli.figures import EarlyFigures, redraw
-from dsl_cli.outputs import (PATCHES, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows, is_dsl_png, is_picture,
-                             is_sweep_folder, read_manifest, rows_problem, save_png, writing_pngs)
+from dsl_cli.figures import EarlyFigures, redraw, refuse_foreign, refuse_foreign_pictures
+from dsl_cli.outputs import (BASELINES, PATCHES, SEEDS, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows,
+                             is_picture, is_sweep_folder, read_manifest, rows_problem, save_png, writing_pngs)
 from dsl_cli.preflight import preflight
 from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_config, validate_sae
 from dsl_cli.report import write_page
@@ -254,12 +254,12 @@ def encode_batches(cfg, folder: RunFolder, preprocess, image_set: ImageSet) -> I
             yield names, torch.stack(pixels)
 
 
-def refuse_foreign(path: Path) -> None:
-    """Refuse a file at `path`, where dsl puts a picture, that dsl did not write (a PNG of the user's, any
-    other file): it is neither taken as a result, drawn in a grid, nor written over. dsl's own pictures say
-    so inside (`is_dsl_png`); one of them cut short still does, and is made again."""
-    if os.path.lexists(path) and not is_dsl_png(path):
-        raise UserError(f"{path} is not a picture dsl made; move it away and run the command again")
+def refuse_foreign_results(folder: RunFolder, previous: list[dict]) -> None:
+    """A continued run's earlier results (the pictures its similarity.csv, seeds.csv and baselines.csv rows
+    name, its inputs) that are not dsl's, refused before any model loads and before this attempt's record
+    starts (`Refused`): nothing was touched, so a complete run stays complete. The pictures still to be made
+    are checked once the plan is known (`start_csv`, `plan_extras`)."""
+    refuse_foreign_pictures(folder, [*previous, *folder.read(SEEDS), *folder.read(BASELINES)], refusal=Refused)
 
 
 def finished_picture(path: Path) -> bool:
@@ -609,14 +609,24 @@ def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, 
     log.info("study complete: %s (page: %s)", run_dir, write_page("study", run_dir))
 
 
-def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manifest: Manifest) -> None:
+def _start_attempt(cfg: DictConfig, folder: RunFolder, device: torch.device,
+                   manifest: Manifest) -> tuple[list[dict], ImageSet]:
+    """The rows of the run's earlier attempts and this attempt's images. Its record starts only once the
+    refusals that need no model have passed (an earlier result that is not dsl's, images changed since):
+    those are `Refused`, and a continued run's manifest stays as it was."""
     previous = folder.read(SIMILARITY)
+    refuse_foreign_results(folder, previous)
     kept = images_kept(cfg, manifest)
     _start_manifest(cfg, device, manifest, resumed_rows=len(previous))
     with manifest.stage("images"):
         image_set = kept if kept is not None else load_images(cfg.images)
         same_images(manifest, image_set.fingerprints)
         manifest.update(images=[i.name for i in image_set.images], skipped=image_set.skipped)
+    return previous, image_set
+
+
+def _run_stages(cfg: DictConfig, folder: RunFolder, device: torch.device, manifest: Manifest) -> None:
+    previous, image_set = _start_attempt(cfg, folder, device, manifest)
     lens = get_lens(cfg.lens)
     reader = _prepare(cfg, lens, device, manifest)
     with manifest.stage("encoder"):

@@ -224,6 +224,28 @@ def test_report_on_a_folder_with_nothing_in_it(tmp_path: Path, capsys) -> None:
     assert "holds a similarity.csv but no manifest.json" in capsys.readouterr().err
 
 
+FOREIGN = {"manifest.json and similarity.csv": {"manifest.json": '{"name": "x"}', "similarity.csv": "a,b\n"},
+           "multirun.yaml": {"multirun.yaml": "hydra:\n  job:\n    name: other_app\n"}}
+
+
+@pytest.mark.parametrize("command", ["report", "plot"])
+@pytest.mark.parametrize("names", list(FOREIGN))
+def test_a_folder_of_another_programs_files_is_named_as_such(names: str, command: str, tmp_path: Path,
+                                                             capsys) -> None:
+    """Not "no manifest.json, similarity.csv or multirun.yaml", which is false: the first folder that holds
+    them, and that they are not dsl's."""
+    for name, text in FOREIGN[names].items():
+        (tmp_path / "f" / "p").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "f" / "p" / name).write_text(text)
+    for given, where in ((tmp_path / "f", f"{tmp_path / 'f'}: no dsl run here, nor a study or sweep; "
+                                          f"{tmp_path / 'f' / 'p'} "),
+                         (tmp_path / "f" / "p", f"{tmp_path / 'f' / 'p'}: ")):
+        assert cli.main([command, str(given)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"dsl: error: {where}holds {names} of another program, not "
+                                                       "dsl's: report and plot work only in dsl's folders"), err
+
+
 def test_report_help(capsys) -> None:
     assert cli.main(["report", "--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: dsl report FOLDER")
