@@ -520,6 +520,35 @@ def register(cls: type[Lens]) -> type[Lens]:
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
 
 
+def check_row(lens: Lens) -> dict:
+    """`lens.row()`, its keys checked against the columns the lens declares (checked before anything loads: a
+    plugin's undeclared key was refused by the CSV writer only after the pictures were decoded)."""
+    row = lens.row()
+    _declared(lens, "row()", row)
+    return row
+
+
+def check_output(lens: Lens, embeds: torch.Tensor, values: dict[str, torch.Tensor], batch: int, count: int) -> None:
+    """What a lens hands the run for `batch` images and `count` components: embeddings [batch, count, E] and
+    `values` of its declared columns, each [batch, count]. A lens of a plugin that breaks this is named in one
+    line, not reported as a bug in dsl (or, worse, broadcast into wrong numbers)."""
+    if embeds.dim() != 3 or tuple(embeds.shape[:2]) != (batch, count):
+        raise UserError(f"lens={lens.name}: embeddings() gave a tensor of shape {tuple(embeds.shape)} for {batch} "
+                        f"images and {count} components; a lens gives [image, component, d_embed] (Lens.embeddings)")
+    _declared(lens, "values()", values)
+    for column, value in values.items():
+        if tuple(value.shape) != (batch, count):
+            raise UserError(f"lens={lens.name}: values() gave {column!r} of shape {tuple(value.shape)}; each value is "
+                            f"[image, component] = ({batch}, {count}) (Lens.values)")
+
+
+def _declared(lens: Lens, method: str, given: dict) -> None:
+    undeclared = [key for key in given if key not in lens.columns]
+    if undeclared:
+        raise UserError(f"lens={lens.name}: {method} gave {', '.join(map(repr, undeclared))}, which the lens does not "
+                        f"declare in `columns` ({', '.join(lens.columns) or 'none'}); declare it, or leave it out")
+
+
 def lens_class(name: str) -> type[Lens]:
     if name not in LENSES:
         raise UserError(f"lens={name!r}: choose one of {', '.join(LENSES)}")

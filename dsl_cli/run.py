@@ -38,8 +38,8 @@ from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_dev
 from dsl_cli.encoder import embedding_space, load_encoder, model_shape
 from dsl_cli.errors import Refused, UserError, printable
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import (Lens, ScoredImages, SteeringLens, TextReader, check_finite, describe, get_lens, n_labels,
-                            prepare_text, rank, score, where_heads_look)
+from dsl_cli.lenses import (Lens, ScoredImages, SteeringLens, TextReader, check_finite, check_output, check_row,
+                            describe, get_lens, n_labels, prepare_text, rank, score, where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw, refuse_foreign, refuse_foreign_pictures
 from dsl_cli.outputs import (BASELINES, PATCHES, SEEDS, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows,
@@ -81,6 +81,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.study.name is not None:
         validate_study(cfg.study, cfg.seed)
     _validate_lens(cfg)
+    if cfg.study.name is None:
+        check_row(get_lens(cfg.lens))
     adapter = run_adapter(cfg)  # read once (None without one): the SAE, pairing and steering checks below use it
     shape = model_shape(cfg.encoder)
     validate_sae(cfg, None if shape is None else shape[0], None if adapter is None else adapter.readout)
@@ -288,6 +290,8 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     pixels = pixels.to(encoder.device, encoder.dtype)  # one transfer, read by both passes below
     cache = encoder.run_with_cache(pixels)
     embeds = lens.embeddings(encoder, cache, components)
+    values = lens.values(encoder, cache, components, embeds)
+    check_output(lens, embeds, values, len(names), len(components))
     scores = score(encoder, cache, components, embeds)
     check_finite(lens, cfg.encoder.dtype, names, components, cache.embeds, embeds, scores, encoder)
     # a component that writes nothing into an image (an SAE feature that is off there) leaves its embedding the
@@ -296,8 +300,7 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     ranks = rank(scores.sim_embed.masked_fill(scores.norm == 0, -math.inf))
     # one transfer per batch, not one per value (each .item() would wait for the GPU)
     sims, norms, ranks = (t.cpu().tolist() for t in (scores.sim_embed, scores.norm, ranks))
-    extra = {column: values.cpu().tolist() for column, values in
-             lens.values(encoder, cache, components, embeds).items()}
+    extra = {column: value.cpu().tolist() for column, value in values.items()}
     extra.update(feature_values(encoder, cache, components))  # SAE features: their activations
     looks = where_heads_look(encoder, pixels, components)
     if looks is not None:

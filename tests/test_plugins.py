@@ -337,3 +337,44 @@ def test_dsl_check_composes_a_run_with_a_plugins_configs(registries, plugin_conf
     cfg = check.compose([*TINY, "decoder=named_kandinsky_tiny", "lens=negated_direct", plugin_configs[1],
                          "hydra.run.dir=elsewhere"])
     assert cfg.decoder.family == "named_kandinsky" and cfg.lens.name == "negated_direct"
+
+
+class Misshapen(lenses.DirectLens):
+    """A plugin lens that breaks the contract in the way `case` says."""
+
+    name = "misshapen"
+    columns = ("mode",)
+    case = ""
+
+    def embeddings(self, encoder, cache, components):
+        embeds = super().embeddings(encoder, cache, components)
+        return embeds[:, :-1] if self.case == "embeddings" else embeds
+
+    def row(self) -> dict:
+        return {"mode": "x", "modee": 1} if self.case == "row" else {"mode": "x"}
+
+    def values(self, encoder, cache, components, embeds) -> dict:
+        if self.case == "values_undeclared":
+            return {"attribution": torch.zeros(embeds.shape[:2])}
+        if self.case == "values_shape":
+            return {"mode": torch.zeros(embeds.shape[0])}
+        return {}
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("embeddings", "lens=misshapen: embeddings() gave a tensor of shape (2, 4, 32) for 2 images and 5 components"),
+    ("row", "lens=misshapen: row() gave 'modee', which the lens does not declare in `columns` (mode)"),
+    ("values_undeclared", "lens=misshapen: values() gave 'attribution', which the lens does not declare"),
+    ("values_shape", "lens=misshapen: values() gave 'mode' of shape (2,); each value is [image, component] = (2, 5)"),
+])
+def test_a_plugin_lens_that_breaks_its_contract_is_named_before_anything_is_decoded(
+        case, message, registries, plugin_configs, tmp_path, monkeypatch, capsys) -> None:
+    """An undeclared row key was refused by the CSV writer after the pictures were decoded, a short embeddings
+    tensor was `internal error (a bug in dsl)`, and an undeclared column was written silently."""
+    monkeypatch.setattr(Misshapen, "case", case)
+    lenses.register(Misshapen)
+    (plugin_configs[0] / "lens" / "misshapen.yaml").write_text("name: misshapen\n")
+    code, err = dsl_in_process(["run", *TINY, "layer=1", "component=all", "lens=misshapen", plugin_configs[1],
+                                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and message in err and "internal error" not in err, err[-2000:]
+    assert not list((tmp_path / "run").glob("images/*/misshapen/*.png"))  # nothing decoded
