@@ -85,6 +85,20 @@ def test_every_hook_point_edits_the_pass(tiny_encoder, tiny_visual, tiny_pixels,
     assert not torch.allclose(got, tiny_visual(tiny_pixels).detach(), **TOL)  # the edit did something
 
 
+def test_hooks_on_every_point_of_one_block_compose_as_the_written_out_pass(tiny_encoder, tiny_visual, tiny_pixels):
+    """Every point of block 1 edited in one pass (hook_resid_mid's edit is carried past the MLP by a hook on its
+    output, which must not be what a hook_mlp_out function sees): the written-out pass with the same edits."""
+    g = torch.Generator().manual_seed(1)
+    shifts = {p: torch.randn(4, 64, generator=g) if p == "attn.hook_result" else torch.randn(64, generator=g)
+              for p in HOOK_POINTS}
+    # affine, not a shift alone: added in either order, shifts would agree with a wrong order too
+    expected, _ = manual_forward(tiny_visual, tiny_pixels,
+                                 lambda layer, p, x: 1.5 * x + shifts[p] if layer == 1 else x)
+    got = tiny_encoder.run_with_hooks(tiny_pixels, {f"blocks.1.{p}": (lambda x, hook, d=d: 1.5 * x + d)
+                                                    for p, d in shifts.items()})
+    torch.testing.assert_close(got, expected, **TOL)
+
+
 def test_user_hook_zeroing_an_mlp_is_ablate_hooked(tiny_encoder, tiny_pixels):
     zeroed = tiny_encoder.run_with_hooks(tiny_pixels, {"blocks.1.hook_mlp_out": lambda x, hook: torch.zeros_like(x)})
     assert torch.equal(zeroed, tiny_encoder.ablate_hooked(tiny_pixels, ["L1MLP"]))

@@ -46,6 +46,11 @@ ABLATIONS = ("zero", "mean")
 HOOK_POINTS = ("hook_resid_pre", "attn.hook_result", "hook_attn_out", "hook_resid_mid", "hook_mlp_out",
                "hook_resid_post")
 CACHE_ONLY_POINTS = ("hook_attn_bias",)  # in the cache, not a place to hook
+# The order `hooks` attaches a block's points in (they still fire in HOOK_POINTS order): hook_mlp_out before
+# hook_resid_mid, whose edit is carried on by a hook on the MLP's output that must run after a hook_mlp_out
+# function, so that this one sees the MLP's own write.
+_ATTACH_ORDER = ("hook_resid_pre", "attn.hook_result", "hook_attn_out", "hook_mlp_out", "hook_resid_mid",
+                 "hook_resid_post")
 
 
 @dataclass(frozen=True)
@@ -464,7 +469,7 @@ class HookedEncoder(Placed, nn.Module):
         within a block, in `HOOK_POINTS` order; several on one point fire in the order given."""
         pairs = list(fns.items()) if isinstance(fns, dict) else list(fns)
         points = [(parse_hook_name(name, self.n_layers, HOOK_POINTS), fn) for name, fn in pairs]
-        points.sort(key=lambda pair: HOOK_POINTS.index(pair[0].point))  # stable: the given order within a point
+        points.sort(key=lambda pair: _ATTACH_ORDER.index(pair[0].point))  # stable: the given order within a point
         handles: list[RemovableHandle] = []
         try:
             for point, fn in points:
