@@ -18,14 +18,15 @@ import signal
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 from dsl_cli import __version__
 from dsl_cli.errors import (Interrupted, PartlyDone, UserError, bug_message, catch_stop_signals, clear_stops,
                             deferred_stops, printable, raise_if_stopped, report, stop)
 from dsl_cli.libraries import own_the_collector
 
-USAGE = f"""dsl {__version__}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
+VERSION = f"dsl {__version__}"
+USAGE = f"""{VERSION}: Diffusion Steering Lens for CLIP vision transformers, decoded with Kandinsky or unCLIP
 
 usage:
   dsl run [OVERRIDES...]     run a lens; Hydra overrides and flags, e.g.
@@ -93,7 +94,7 @@ _MODES = {"--multirun": "--multirun", "-m": "--multirun", "--cfg": "--cfg", "-c"
           "-i": "--info", "--shell-completion": "--shell-completion", "-sc": "--shell-completion"}
 # Flags after which the composed config is not dsl's own (another config) or nothing runs (help): no check.
 _OWN_CONFIG_FLAGS = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--help", "-h",
-                     "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--experimental-rerun"}
+                     "--hydra-help", "--shell-completion", "-sc", "--experimental-rerun"}
 
 
 def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
@@ -104,15 +105,56 @@ def _split_flags(args: list[str]) -> tuple[list[str], list[str]]:
         arg = args[i]
         if not arg.startswith("-"):
             overrides.append(arg)
+        elif arg in ("--info", "-i"):  # its value is optional: given only as one of its choices
+            given = i + 1 < len(args) and args[i + 1] in _INFO_CHOICES
+            # without one, Hydra's default written out: its parser would take the override after it for one
+            flags.append(f"{arg}={args[i + 1] if given else 'all'}")
+            i += given
         else:
             flags.append(arg)
-            takes_value = arg in _VALUE_FLAGS or (arg in ("--info", "-i") and i + 1 < len(args)
-                                                   and args[i + 1] in _INFO_CHOICES)
-            if takes_value and "=" not in arg and i + 1 < len(args):
+            if arg in _VALUE_FLAGS and i + 1 < len(args):
                 i += 1
                 flags.append(args[i])
         i += 1
     return flags, overrides
+
+
+def _answered_by_flags(flags: list[str]) -> bool:
+    """Check the flags of `dsl run` with Hydra's own parser, before Hydra runs: one it refuses is a UserError
+    naming the flags there are (Hydra's refusal is its 7-line usage, then `dsl run: error: ...`). True where
+    the flags answered by themselves: `--version` (or an abbreviation) printed dsl's version, not Hydra's."""
+    import argparse
+
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._VersionAction):
+            action.version = VERSION
+
+    def refuse(message: str) -> NoReturn:  # argparse's `error` would print its usage and exit
+        names = ", ".join("/".join(a.option_strings) for a in parser._actions if a.option_strings)
+        raise UserError(f"dsl run: {message}; its flags are {names} (`dsl run --hydra-help` says what each does; "
+                        "settings are given as key=value)")
+
+    parser.error = refuse
+    try:
+        _, unknown = parser.parse_known_args(flags)
+    except SystemExit:  # the version action ends the parse once it has printed
+        return True
+    if unknown:
+        refuse(f"unknown flag {unknown[0]}")
+    return False
+
+
+def _mode(names: set[str]) -> str | None:
+    """The one Hydra mode that flags with these names ask for (`--multirun`, `--cfg`, ...), if any; UserError
+    where they ask for several (Hydra's own refusal is a traceback)."""
+    modes = {_MODES[name] for name in names if name in _MODES}
+    if len(modes) > 1:
+        raise UserError(f"{' and '.join(sorted(modes))} do not go together: --cfg job prints the config of one run "
+                        "(give one value of each setting), --multirun runs a sweep")
+    return next(iter(modes), None)
 
 
 def _run(args: list[str]) -> int:
@@ -125,23 +167,18 @@ def _run(args: list[str]) -> int:
 
     register_configs()
     try:
-        extra = resume_overrides(args)
-    except UserError as err:
-        return _fail(err)
-    flags, given = _split_flags([*args, *extra])
-    modes = {_MODES[f.split("=")[0]] for f in flags if f.split("=")[0] in _MODES}
-    if len(modes) > 1:
-        return _fail(f"{' and '.join(sorted(modes))} do not go together: --cfg job prints the config of one run "
-                     "(give one value of each setting), --multirun runs a sweep")
-    # one run: a stop signal during Hydra's own set-up is raised when the job starts (job.task), not inside
-    # Hydra; a sweep's launcher waits for its jobs, which a signal must interrupt at once
-    sweep = "--multirun" in modes or any(o.startswith("hydra.mode=") for o in given)
-    try:
+        flags, given = _split_flags([*args, *resume_overrides(args)])
+        if _answered_by_flags(flags):
+            return 0
+        names = {flag.split("=")[0] for flag in flags}  # `--cfg=job` is `--cfg`
+        # one run: a stop signal during Hydra's own set-up is raised when the job starts (job.task), not inside
+        # Hydra; a sweep's launcher waits for its jobs, which a signal must interrupt at once
+        sweep = _mode(names) == "--multirun" or any(o.startswith("hydra.mode=") for o in given)
         overrides = [path_override(arg, sweep) for arg in given]
     except UserError as err:
         return _fail(err)
     with nullcontext() if sweep else deferred_stops(STOP_SIGNALS):
-        if not set(flags) & _OWN_CONFIG_FLAGS:
+        if not names & _OWN_CONFIG_FLAGS:
             try:  # Hydra's own refusals would be several lines and exit status 1
                 if not sweep:
                     single_values(overrides)
@@ -283,10 +320,19 @@ def _command(name: str) -> Callable[[list[str]], int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`dsl ARGV`, or without `argv` this process's own arguments (the console script's `sys.exit(main())`);
+    returns the exit status. Stop signals interrupt the command while it runs (`_interrupt`). Then, where
+    `argv` was given (a test's or a notebook's process, which goes on), the handlers found are put back;
+    in dsl's own process, which only shuts down from here, stop signals are ignored: a Ctrl-C during the
+    shutdown (torch's atexit code, tenths of a second after a run) was a traceback with exit status 0,
+    although the work was done and recorded."""
     own_the_collector()  # a command's process is dsl's: its model libraries are imported frozen
     previous = catch_stop_signals(STOP_SIGNALS, _interrupt)
+    after = previous if argv is not None else dict.fromkeys(previous, signal.SIG_IGN)
     try:
-        return _dispatch(sys.argv[1:] if argv is None else list(argv))
+        status = _dispatch(sys.argv[1:] if argv is None else list(argv))
+        _set_handlers(after)  # inside the try: a signal that lands first is caught below (one line), not raised
+        return status
     except BrokenPipeError:  # `dsl run --help | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -294,8 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         return _interrupted(err)
     finally:
         clear_stops()  # handled: the next command in this process (a test's, a notebook's) starts with none
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        _set_handlers(after)
+
+
+def _set_handlers(handlers: dict[int, object]) -> None:
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -324,11 +374,14 @@ def _dispatch(args: list[str]) -> int:
         print(USAGE)
         return 0
     if args[0] in ("-V", "--version"):
-        print(f"dsl {__version__}")
+        print(VERSION)
         return 0
     if args[0] in COMMANDS:
+        from dsl_cli.outputs import settings_given
+
         try:
-            return _command(args[0])(args[1:])
+            with settings_given(args[1:]):
+                return _command(args[0])(args[1:])
         except UserError as err:  # a command that let one through (`dsl sae`): one line, status 2
             return _fail(err)
         finally:  # the folders a command claimed (`dsl sae train`'s, `dsl adapter fit`'s) are given up

@@ -50,10 +50,14 @@ class SweepTerminalFilter(TerminalFilter):
 
 class PrintableFormatter(logging.Formatter):
     """The terminal's lines with every character a terminal would act on escaped (`errors.printable`): a
-    message names folders and images, and a name must not forge output (a newline, an escape sequence)."""
+    message names folders and images, and a name must not forge output (a newline, an escape sequence).
+    Tabs that begin a message are its writer's indentation (Hydra's `\t#0 : layer=0` for each job of a
+    sweep), not a name's: they stay tabs (they were shown as `\t`)."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = printable(record.message)  # each formatter's format() sets it anew from the record
+        message = record.message  # each formatter's format() sets it anew from the record
+        indent = len(message) - len(message.lstrip("\t"))
+        record.message = message[:indent] + printable(message[indent:])
         return super().formatMessage(record)
 
 

@@ -578,6 +578,26 @@ _HELD: dict[Path, LockOwner] = {}  # the folders this process holds (resolved pa
 _MADE: dict[Path, list[Path]] = {}
 
 
+_GIVEN: set[str] = set()  # the settings on the running command's command line (`settings_given`)
+
+
+@contextmanager
+def settings_given(args: Sequence[str]) -> Iterator[None]:
+    """While a command runs (dsl_cli.cli): the settings its command line gives (`key=value`), so that advice
+    on a folder names the one the user gave (`_setting_named`)."""
+    _GIVEN.update(arg.lstrip("+~").split("=", 1)[0] for arg in args if "=" in arg and not arg.startswith("-"))
+    try:
+        yield
+    finally:
+        _GIVEN.clear()
+
+
+def _setting_named(setting: str) -> str:
+    """`outputs_root` where the command line gave it and not `setting` (hydra.run.dir, train.out, ...): the
+    folder is then its default below outputs_root (`outputs_root=/a/file` was answered with hydra.run.dir)."""
+    return "outputs_root" if "outputs_root" in _GIVEN and setting not in _GIVEN else setting
+
+
 def _file(name: str) -> property:
     """A RunFolder attribute: the path of one of its files."""
     return property(lambda self: self.path / name, doc=f"`{name}` in the folder")
@@ -875,7 +895,7 @@ class RunFolder:
         return None
 
     def _unwritable(self, err: OSError, setting: str | None) -> UserError:
-        advice = (f"choose another with {setting}=..." if setting
+        advice = (f"choose another with {_setting_named(setting)}=..." if setting
                   else "make sure it can be written (free space, permissions)")
         return UserError(f"cannot write the output folder {self.path} ({err.strerror or err}); {advice}")
 

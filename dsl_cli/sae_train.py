@@ -83,7 +83,8 @@ def require_layer(overrides: list[str]) -> None:
 
 
 def main(args: list[str]) -> int:
-    if not args or args[0] in ("-h", "--help", "help"):
+    # help asked for anywhere (`dsl sae train --help`) is given before the overrides' checks (layer=N required)
+    if not args or args[0] == "help" or {"-h", "--help"} & set(args):
         print(USAGE)
         return 0
     if args[0] != "train":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -40,10 +41,10 @@ import sys
 import time
 import traceback
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -557,12 +558,14 @@ FULL_ERROR = "HYDRA_FULL_ERROR"  # set, Hydra raises what goes wrong instead of 
 class _Launch:
     """Inside `cluster_refusals_reported`: whether dsl may set HYDRA_FULL_ERROR, the sweep launched, whether
     its jobs are SLURM's (they go on when the waiting `dsl run` stops), and where submitit's local executor
-    keeps its jobs' folders (launcher=local_gpus: they are stopped with it)."""
+    keeps its jobs' folders (launcher=local_gpus: they are stopped with it); what puts submitit's sbatch call
+    back as it was (`sbatch_errors_unprinted`)."""
 
     active: bool = False
     sweep: Path | None = None
     on_slurm: bool = False
     local_jobs: Path | None = None
+    restore_sbatch: Callable[[], None] | None = None
 
 
 _launch = _Launch()
@@ -609,7 +612,10 @@ def cluster_refusals_reported() -> Iterator[None]:
     finally:
         if _launch.active:
             os.environ.pop(FULL_ERROR, None)
+        if _launch.restore_sbatch is not None:
+            _launch.restore_sbatch()
         _launch.active, _launch.sweep, _launch.on_slurm, _launch.local_jobs = False, None, False, None
+        _launch.restore_sbatch = None
 
 
 def stop_local_jobs(jobs: Path, wait_s: float = 60.0) -> None:
@@ -692,6 +698,22 @@ def submitit_logs_through_hydra() -> None:
             logger.removeHandler(handler)
 
 
+def sbatch_errors_unprinted() -> Callable[[], None]:
+    """submitit prints what a failed sbatch wrote on stderr before it raises the same text (`CommandFunction`):
+    a refusal came out twice, sbatch's raw line above dsl's, which quotes it (`cluster_refusal`). From here,
+    that print goes nowhere; the function returned puts submitit's call back (a process that goes on)."""
+    from submitit.core.utils import CommandFunction  # the launcher imports it anyway, after this
+
+    call = CommandFunction.__call__
+
+    def unprinted(self: CommandFunction, *args: Any, **kwargs: Any) -> str:
+        with redirect_stderr(io.StringIO()):  # the exception it raises on a failure carries that text
+            return call(self, *args, **kwargs)
+
+    CommandFunction.__call__ = unprinted
+    return lambda: setattr(CommandFunction, "__call__", call)
+
+
 class SweepResults(Callback):
     """Hydra callback (configs/run.yaml, hydra.callbacks): one GPU per local job, and the merge at the end."""
 
@@ -716,6 +738,8 @@ class SweepResults(Callback):
         _launch.sweep = Path(config.hydra.sweep.dir)
         launcher = str(config.hydra.launcher.get("_target_", ""))
         _launch.on_slurm = launcher.endswith(".SlurmLauncher")
+        if _launch.on_slurm and _launch.active:  # dsl reports sbatch's refusal itself, in one line
+            _launch.restore_sbatch = sbatch_errors_unprinted()
         if launcher.endswith(".LocalLauncher"):  # submitit's: each job's folder is submitit_folder with its id
             _launch.local_jobs = Path(config.hydra.launcher.submitit_folder).parent
         if _launch.active:  # what goes wrong from here on is raised to `cluster_refusals_reported`

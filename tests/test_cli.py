@@ -77,9 +77,11 @@ def test_run_tiny_from_outside_the_repository(tmp_path: Path) -> None:
 
 
 def test_multirun_leaves_one_folder_per_job(tmp_path: Path, monkeypatch, capsys) -> None:
-    code, err = dsl_in_process(["run", "debug=tiny", "decode.enabled=false", "--multirun", "seed=0,1"], tmp_path,
-                               monkeypatch, capsys)
+    """Hydra's line for each job is indented with a tab, which the terminal's escaping showed as `\\t`."""
+    code, out, err = dsl_in_process(["run", "debug=tiny", "decode.enabled=false", "--multirun", "seed=0,1"],
+                                    tmp_path, monkeypatch, capsys, out=True)
     assert code == 0, err
+    assert "[HYDRA] \t#1 : debug=tiny decode.enabled=False seed=1\n" in out + err and "\\t" not in out + err
     jobs = sorted((tmp_path / "outputs" / "debug" / "multirun").glob("*/*/*/.hydra/config.yaml"))
     assert len(jobs) == 2
     assert sorted(OmegaConf.load(j).seed for j in jobs) == [0, 1]
@@ -138,6 +140,57 @@ def test_help_piped_into_a_reader_that_leaves_early_is_quiet(tmp_path: Path) -> 
                             text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("dsl run"), result
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+@pytest.mark.own_process
+def test_a_stop_signal_once_the_command_is_done_ends_it_quietly_with_its_status() -> None:
+    """Ctrl-C just after a command's work, during Python's shutdown (torch's atexit code, tenths of a second
+    after a run), was a traceback with exit status 0. The console script's call, `sys.exit(main())`, with
+    Ctrl-C sent as main returns and a SIGTERM from an atexit hook: nothing printed, the command's status.
+    In this process (argv given), main puts the handlers it replaced back."""
+    import signal
+
+    from dsl_cli import cli
+
+    script = ("import atexit, os, signal, sys\nfrom dsl_cli.cli import main\nstatus = main()\n"
+              "atexit.register(os.kill, os.getpid(), signal.SIGTERM)\nos.kill(os.getpid(), signal.SIGINT)\n"
+              "sys.exit(status)\n")
+    result = subprocess.run([sys.executable, "-c", script, "--version"], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{cli.VERSION}\n", ""), result
+    handlers = [signal.getsignal(signum) for signum in cli.STOP_SIGNALS]
+    assert cli.main(["--version"]) == 0 and [signal.getsignal(signum) for signum in cli.STOP_SIGNALS] == handlers
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--frob"], "unknown flag --frob"),
+    (["debug=tiny", "--cfg", "bogus"], "argument --cfg/-c: invalid choice: 'bogus'"),
+    (["debug=tiny", "--cfg"], "argument --cfg/-c: expected one argument"),
+    (["--resolve=1", "--cfg", "job"], "argument --resolve: ignored explicit argument '1'"),
+])
+def test_a_bad_flag_of_run_is_one_line_naming_the_flags(args: list[str], said: str, tmp_path: Path, monkeypatch,
+                                                        capsys) -> None:
+    """Hydra's argparse refusal was its usage (6 lines) and `dsl run: error: ...`."""
+    code, err = dsl_in_process(["run", *args], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"dsl: error: dsl run: {said}"), err
+    assert "--multirun/-m" in err and "--cfg/-c" in err, err
+
+
+def test_info_without_a_value_leaves_the_setting_after_it_alone(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`dsl run --info debug=tiny`: Hydra's parser took `debug=tiny` for the value of --info (its usage and
+    "invalid choice"); and a bad setting after it was Hydra's traceback, unchecked."""
+    code, out, err = dsl_in_process(["run", "--info", "debug=tiny"], tmp_path, monkeypatch, capsys, out=True)
+    assert code == 0 and "Installed Hydra Plugins" in out and "outputs_root: outputs/debug" in out, out + err
+    code, err = dsl_in_process(["run", "--info", "bogus"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("dsl: error: bogus: missing EQUAL"), err
+
+
+def test_run_version_is_dsl_s(tmp_path: Path, monkeypatch, capsys) -> None:
+    """`dsl run --version` printed `Hydra 1.3.8`."""
+    from dsl_cli import cli
+
+    for flag in ("--version", "--vers"):  # argparse takes an abbreviation too
+        code, out, err = dsl_in_process(["run", "debug=tiny", flag], tmp_path, monkeypatch, capsys, out=True)
+        assert (code, out, err) == (0, f"{cli.VERSION}\n", "")
 
 
 CPU_JOB = OmegaConf.create({"device": "cpu", "resume": None})

@@ -51,17 +51,18 @@ def test_a_sweep_by_layer_refused_by_slurm_then_resumed_runs_as_jobs_and_merges_
         tmp_path: Path, sweeps) -> None:
     """First sbatch refuses the jobs' GPU (gres), which this cluster does not have: one line with sbatch's reason
     and the setting that asked for it, status 2, the sweep's manifest `failed`, no job submitted (was Hydra's
-    traceback and status 1). Then `resume=` with the setting changed launches the same sweep as SLURM jobs (a
-    fresh launch: the requeue test below)."""
+    traceback and status 1; then sbatch's own line above dsl's, printed by submitit). Then `resume=` with the
+    setting changed launches the same sweep as SLURM jobs (a fresh launch: the requeue test below)."""
     sweeps.append(tmp_path / "sweep")
     sweep = tmp_path / "sweep"
     # two jobs, which the 2-CPU node runs at once (submitit looks at them 2, 4, 8, 16, 32 s after submitting);
     # 2 layers, 3 images and 4 heads, so that no two roles can be swapped unseen
     refused = zygote.run([DSL, "run", "debug=tiny", "images.limit=3", "launcher=slurm", "hydra.sweep.dir=sweep",
                           "--multirun", "layer=0,1"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    lines = [line for line in refused.stderr.splitlines() if line.startswith("dsl: error:")]
+    lines = [line for line in refused.stderr.splitlines() if line.strip()]
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
-    assert len(lines) == 1 and "SLURM refused the sweep's jobs (sbatch: error: Invalid generic resource" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("dsl: error:"), refused.stderr[-3000:]
+    assert "SLURM refused the sweep's jobs (sbatch: error: Invalid generic resource" in lines[0]
     assert "hydra.launcher.gpus_per_node=0" in lines[0] and "dsl run resume=sweep" in lines[0]
     assert json.loads((sweep / "manifest.json").read_text())["status"] == "failed" and slurm_ids(sweep) == []
     result = zygote.run([DSL, "run", "resume=sweep", "hydra.launcher.gpus_per_node=0"], cwd=tmp_path,
