@@ -149,5 +149,23 @@ def report(message: "str | UserError", prefix: str = "") -> None:
 
 
 def bug_message(err: Exception) -> str:
-    """The one line for an exception dsl did not expect (exit status 1)."""
-    return f"internal error (a bug in dsl), {type(err).__name__}: {err}; hydra.verbose=true shows the traceback"
+    """The one line for an exception dsl did not expect (exit status 1): a bug in dsl, or in a plugin's code
+    (a lens, study or decoder family registered from outside the package), which the line then names."""
+    where = _plugin_frame(err)
+    whose = "a bug in dsl" if where is None else f"in code outside dsl, {where}"
+    return f"internal error ({whose}), {type(err).__name__}: {err}; hydra.verbose=true shows the traceback"
+
+
+def _plugin_frame(err: BaseException) -> str | None:
+    """`file:line in function` of the innermost frame of `err`'s traceback that is neither dsl's nor an installed
+    library's nor Python's own (a plugin's lens or study that raised); None where there is none."""
+    import sysconfig
+    import traceback
+
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    installed = tuple({os.path.abspath(sysconfig.get_paths()[key]) + os.sep for key in ("stdlib", "purelib", "platlib")})
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        path = os.path.abspath(frame.filename)
+        if not path.startswith((package, *installed)) and not frame.filename.startswith("<"):
+            return f"{frame.filename}:{frame.lineno} in {frame.name}"
+    return None

@@ -348,6 +348,8 @@ class Misshapen(lenses.DirectLens):
 
     def embeddings(self, encoder, cache, components):
         embeds = super().embeddings(encoder, cache, components)
+        if self.case == "raises":
+            raise ValueError("my lens's bug")
         return embeds[:, :-1] if self.case == "embeddings" else embeds
 
     def row(self) -> dict:
@@ -378,3 +380,17 @@ def test_a_plugin_lens_that_breaks_its_contract_is_named_before_anything_is_deco
                                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and message in err and "internal error" not in err, err[-2000:]
     assert not list((tmp_path / "run").glob("images/*/misshapen/*.png"))  # nothing decoded
+
+
+def test_a_plugin_lens_that_raises_is_named_as_code_outside_dsl(registries, plugin_configs, tmp_path, monkeypatch,
+                                                                capsys) -> None:
+    """An exception raised in a plugin's own code was `internal error (a bug in dsl)`: the line names the plugin's
+    file, line and function instead."""
+    monkeypatch.setattr(Misshapen, "case", "raises")
+    lenses.register(Misshapen)
+    (plugin_configs[0] / "lens" / "misshapen.yaml").write_text("name: misshapen\n")
+    code, err = dsl_in_process(["run", *TINY, "layer=1", "lens=misshapen", plugin_configs[1],
+                                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    (line,) = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 1 and "a bug in dsl" not in line, line
+    assert f"internal error (in code outside dsl, {__file__}:" in line and "in embeddings), ValueError: my lens's bug" in line
