@@ -122,11 +122,27 @@ def _requeue_mid_decoding(run: Path, job: str, deadline: float) -> int:
         time.sleep(0.1)
     done = len(pictures(run))
     subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
-    # SLURM holds a requeued job back for two minutes; a busy cluster would start it whenever it can
-    while _job_state(job) != "PENDING" and time.monotonic() < deadline:
+    # SLURM holds a requeued job back for two minutes; a busy cluster would start it whenever it can. Started
+    # while its first attempt is still leaving the node, SLURM kills it ("Killing non-startable batch job: Job
+    # credential revoked") and the launcher waited for a result that never came, until the test's deadline.
+    while not (_job_state(job) == "PENDING" and _first_attempt_gone(job)) and time.monotonic() < deadline:
         time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=30)
     return done
+
+
+def _first_attempt_gone(job: str) -> bool:
+    """No process of the job's steps is left on this node (`slurmstepd: [JOB.batch]`, ...), and no node is still
+    completing a job."""
+    title = f"slurmstepd: [{job}.".encode()
+    steps = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            steps += [cmdline] if cmdline.read_bytes().startswith(title) else []
+        except OSError:  # a process that ended while we looked
+            pass
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, timeout=30).stdout
+    return not steps and "completing" not in nodes.lower()
 
 
 def test_a_requeued_job_continues_its_run_folder_to_the_files_of_an_uninterrupted_run(tmp_path: Path,
