@@ -81,8 +81,9 @@ def validate(cfg: DictConfig) -> None:
     if cfg.study.name is not None:
         validate_study(cfg.study, cfg.seed)
     _validate_lens(cfg)
+    lens = get_lens(cfg.lens)
     if cfg.study.name is None:
-        check_row(get_lens(cfg.lens))
+        check_row(lens)
     adapter = run_adapter(cfg)  # read once (None without one): the SAE, pairing and steering checks below use it
     shape = model_shape(cfg.encoder)
     validate_sae(cfg, None if shape is None else shape[0], None if adapter is None else adapter.readout)
@@ -94,12 +95,12 @@ def validate(cfg: DictConfig) -> None:
     if cfg.study.name is None and decode.enabled:  # an adapter's target space is what the decoder must decode
         check_pairing(embedding_space(cfg.encoder) if adapter is None else target_space(adapter), cfg.decoder)
     if sae_config(cfg) is None:  # an SAE's features replace layer/head
-        components = _checked_components(cfg, shape)
+        components = _checked_components(cfg, lens, shape)
         if shape is not None and not cfg.clamp_to_model and cfg.lens.name == SteeringLens.name and adapter is not None:
             check_steerable(adapter.readout, components)
 
 
-def _checked_components(cfg: DictConfig, shape: tuple[int, int] | None) -> list[Component]:
+def _checked_components(cfg: DictConfig, lens: Lens, shape: tuple[int, int] | None) -> list[Component]:
     """`layer`, `head` and `component` refused before any download: a layer outside the model where its shape
     is known from configs; a value of the wrong form (`layer=foo`, `head=1.5`) always, even where layers are
     clamped (`clamp_to_model`) or the shape is known only once the model is built (checked then against a
@@ -108,8 +109,8 @@ def _checked_components(cfg: DictConfig, shape: tuple[int, int] | None) -> list[
     quiet = logging.getLogger("dsl_cli.lenses")
     was, quiet.disabled = quiet.disabled, clamp
     try:
-        return get_lens(cfg.lens).components(cfg.layer, cfg.head, cfg.component, *(shape or (1, 1)),
-                                             mid=cfg.lens.mid, clamp=clamp)
+        return lens.components(cfg.layer, cfg.head, cfg.component, *(shape or (1, 1)), mid=cfg.lens.mid,
+                               clamp=clamp)
     finally:
         quiet.disabled = was
 
