@@ -46,7 +46,7 @@ def _reference(pipe: KandinskyV22Pipeline, embed: torch.Tensor, negative: torch.
 def test_tiny_decoder_is_the_stochastic_ddpm_pipeline(dec: KandinskyDecoder) -> None:
     # DDPM adds fresh noise at every step: the case where per-item generators matter most.
     assert type(dec.pipe.scheduler).__name__ == "DDPMScheduler"
-    assert dec.embed_dim == 32 and dec.pipe.movq_scale_factor == 2
+    assert dec.embed_dim == 32 and dec.pipe.movq_scale_factor == 8  # the real MoVQ's latents, an eighth
 
 
 def test_decode_equals_pipeline_one_item_at_a_time(dec: KandinskyDecoder) -> None:
@@ -149,8 +149,8 @@ def test_out_of_memory_at_batch_one_is_raised(dec: KandinskyDecoder, monkeypatch
 
 def test_wrong_sizes_and_seed_counts_are_refused(dec: KandinskyDecoder) -> None:
     embeds, negative = _inputs(2)
-    with pytest.raises(UserError, match="multiples of 4"):
-        dec.decode(embeds, negative, 0, **{**KW, "height": 66})
+    with pytest.raises(UserError, match="multiples of 64"):
+        dec.decode(embeds, negative, 0, **{**KW, "height": 96})
     with pytest.raises(ValueError, match="3 seeds for 2"):
         dec.decode(embeds, negative, [0, 1, 2], **KW)
 
@@ -204,11 +204,11 @@ def test_real_architecture_with_random_weights_builds_and_decodes() -> None:
 def test_picture_sizes_and_names_are_checked_before_any_model() -> None:
     from dsl_cli.decoder import check_request
 
-    check_request("tiny", "ddpm", 68, 4)
+    check_request("tiny", "ddpm", 128, 64)
     check_request("pretrained", "dpm", 512, None)
     for args, message in [
-        (("tiny", "ddpm", 66, 64), "decode.height=66: must be a multiple of 4 for this decoder (e.g. 64)"),
-        (("tiny", "dpm", 64, 3), "decode.width=3: must be a multiple of 4 for this decoder (e.g. 4)"),
+        (("tiny", "ddpm", 80, 64), "decode.height=80: must be a multiple of 64 for this decoder (e.g. 64)"),
+        (("tiny", "dpm", 64, 3), "decode.width=3: must be a multiple of 64 for this decoder (e.g. 64)"),
         (("random", "ddim", 512, 600), "decode.width=600: must be a multiple of 64 for this decoder (e.g. 576)"),
         (("pretrained", "ddpm", 100, 512), "decode.height=100: must be a multiple of 64 for this decoder (e.g. 128)"),
         (("hub", "ddpm"), "decoder.source='hub': choose one of pretrained, random, tiny"),

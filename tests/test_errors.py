@@ -122,7 +122,7 @@ CONFIG_CASES = {
     "decode_batch_fraction": (["decode.batch_size=1.5"], "decode.batch_size=1.5: must be auto or a whole"),
     "height_not_positive": (["decode.height=-64"], "decode.height=-64: must be at least 1"),
     "width_not_positive": (["decode.width=0"], "decode.width=0: must be at least 1"),
-    "size_not_a_multiple": (["decode.height=66"], "decode.height=66: must be a multiple of 4"),
+    "size_not_a_multiple": (["decode.height=96"], "decode.height=96: must be a multiple of 64 for this decoder (e.g. 128)"),
     "unknown_decoder": (["decoder.source=mine"], "decoder.source='mine': choose one of"),
     "head_not_an_integer": (["head=1.5"], "head=1.5: use all, an int or a list of ints"),
     "head_a_bool": (["head=true"], "head=True: use all, an int or a list of ints"),

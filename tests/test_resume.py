@@ -45,8 +45,12 @@ def resumed(folder: Path) -> None:
     assert dsl_here(["run", f"resume={folder}"], folder.parent) == 0
 
 
+def pictures_of(folder: Path) -> list[Path]:
+    return sorted(folder.glob("images/*/steering/*.png"))
+
+
 def pictures(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob("images/*/steering/*.png"))}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in pictures_of(folder)}
 
 
 def rows(folder: Path) -> list[dict]:
@@ -281,9 +285,10 @@ def test_a_full_disk_fails_cleanly_and_resume_completes_the_run(reference: Path,
                                                                  capsys) -> None:
     folder = small_disk / "run"
     # room for the run's start and about half its pictures: the disk fills up while it decodes
-    start_files = [p for p in reference.rglob("*")
-                   if p.is_file() and p.parent.name not in ("grids", "heatmaps", "looks")]  # figures come last
-    room = RunFolder.RESERVE + sum(pages(p) for p in start_files) // 2
+    drawn = [p for p in reference.rglob("*") if p.is_file() and p.parent.name in ("steering", "grids", "heatmaps",
+                                                                                  "looks") or p.name == "index.html"]
+    start_files = [p for p in reference.rglob("*") if p.is_file() and p not in drawn]  # the figures come last
+    room = RunFolder.RESERVE + sum(map(pages, start_files)) + sum(map(pages, pictures_of(reference))) // 2
     stats = os.statvfs(small_disk)
     (small_disk / "ballast").write_bytes(b"\1" * (stats.f_bavail * stats.f_frsize - room))
     code, err = dsl_in_process(["run", *CONFIG, "decode.batch_size=1", f"hydra.run.dir={folder}"], small_disk,
