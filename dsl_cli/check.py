@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import torch
-
 from dsl_cli.config import path_override
 from dsl_cli.errors import UserError
+from dsl_cli.libraries import Library
 from dsl_cli.weights import cache_folder, refuse_damaged_weights
+
+torch = Library("torch")  # imported when the check starts: `dsl check --help` answers without it
 
 log = logging.getLogger("dsl_cli.check")
 

@@ -153,7 +153,9 @@ def test_the_guard_refuses_the_model_libraries(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [["--help"], ["--version"], ["run", "--help"], ["plot", "--help"],
-                                  ["merge", "--help"], ["report", "--help"]], ids=" ".join)
+                                  ["merge", "--help"], ["report", "--help"], ["check", "--help"],
+                                  ["adapter", "--help"], ["adapter", "fit", "--help"], ["sae", "--help"],
+                                  ["sae", "train", "--help"]], ids=" ".join)
 def test_help_needs_no_model_library(args: list[str], tmp_path: Path) -> None:
     result = light(*args, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip() and result.stderr == "", result.stderr[-3000:]
