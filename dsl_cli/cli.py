@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Callable, NoReturn
 
 from dsl_cli import __version__
-from dsl_cli.errors import (Interrupted, PartlyDone, UserError, bug_message, catch_stop_signals, clear_stops,
-                            deferred_stops, printable, raise_if_stopped, report, stop)
+from dsl_cli.errors import (STOP_SIGNALS, Interrupted, PartlyDone, UserError, bug_message, catch_stop_signals,
+                            clear_stops, deferred_stops, printable, raise_if_stopped, report, stop)
 from dsl_cli.libraries import own_the_collector
 
 VERSION = f"dsl {__version__}"
@@ -348,7 +348,6 @@ def _set_handlers(handlers: dict[int, object]) -> None:
         signal.signal(signum, handler)
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _interrupt(signum: int, frame) -> None:

@@ -64,6 +64,7 @@ class Interrupted(KeyboardInterrupt):
         return 128 + self.signum
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, a scheduler, a closed terminal
 _stops: list[int] = []  # the stop signals this process's command has received
 _forking = False  # while os.fork runs the at-fork hooks (a drawing pool's processes starting)
 

@@ -12,7 +12,6 @@ An interruption stops the sweep. `hydra.verbose=true` shows the traceback instea
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,13 +22,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from dsl_cli.config import path_override
-from dsl_cli.errors import (FolderTaken, Interrupted, Refused, UserError, bug_message, printable, raise_if_stopped,
-                            report, stop, stop_handler)
+from dsl_cli.errors import (STOP_SIGNALS, FolderTaken, Interrupted, Refused, UserError, bug_message, printable,
+                            raise_if_stopped, report, stop, stop_handler)
 from dsl_cli.logs import close_file_logs
 from dsl_cli.outputs import Manifest, RunFolder, atomic_write_bytes, is_dsl_png, is_sweep_folder
 from dsl_cli.resumption import requeued_run, resumes
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # with SIGINT: what a scheduler and a closed terminal send
 SIBLINGS = 100  # the names a run folder named after the time may take: TIME, then TIME_1 .. TIME_99
 _failures: list[int] = []  # exit statuses of the failed jobs of this process's sweep
 
@@ -127,7 +125,7 @@ def save_hydra_files(folder: Path, cfg: DictConfig) -> None:
 def stop_signals_interrupt():
     """While the job runs, SIGTERM and SIGHUP stop it as Ctrl-C does (an `Interrupted` exception), so that
     finally-blocks run, temporaries go and the manifest says `interrupted`."""
-    return stop_handler((signal.SIGINT, *STOP_SIGNALS), lambda signum, frame: stop(signum))
+    return stop_handler(STOP_SIGNALS, lambda signum, frame: stop(signum))
 
 
 def _load_run(cfg: DictConfig) -> Callable[[DictConfig, Path], None]:

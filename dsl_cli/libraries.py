@@ -21,9 +21,12 @@ from __future__ import annotations
 import gc
 import importlib
 import sys
+import threading
+from contextlib import nullcontext
 from types import ModuleType
 from typing import Any
 
+from dsl_cli.errors import STOP_SIGNALS, deferred_stops, raise_if_stopped
 from dsl_cli.logs import library_imported
 
 _OWN_PROCESS = False  # set by `own_the_collector`
@@ -46,21 +49,34 @@ def import_frozen(name: str) -> ModuleType:
     for good: the first encoder and decoder built in a process were never freed."""
     first, collecting = name not in sys.modules, gc.isenabled()
     freezing = first and _OWN_PROCESS
-    try:
-        if freezing:
-            gc.disable()
-        module = importlib.import_module(name)
-    finally:
-        if freezing:
-            try:  # a stop signal may raise in the collection: the collector is turned back on all the same
-                gc.collect()  # all generations: garbage older than the import would be frozen too
-                gc.freeze()
-            finally:
-                if collecting:
-                    gc.enable()
+    with _stops_wait(freezing):
+        try:
+            if freezing:
+                gc.disable()
+            module = importlib.import_module(name)
+        finally:
+            if freezing:
+                try:  # an exception in the collection leaves the collector on all the same
+                    gc.collect()  # all generations: garbage older than the import would be frozen too
+                    gc.freeze()
+                finally:
+                    if collecting:
+                        gc.enable()
+    if freezing:
+        raise_if_stopped()
     if first:
         library_imported()  # in a job, its logs go where the other libraries' go
     return module
+
+
+def _stops_wait(importing: bool):
+    """In dsl's own process, a stop signal during a library's first import is raised when the import has
+    ended: raised inside it, the exception could land in C++ code that calls back into Python (torch's
+    bindings, importing torch.distributed), where it ended the process (std::terminate, exit status 134, the
+    run's lock and a `started` manifest left behind) about once in 25 Ctrl-Cs in a run's first seconds."""
+    if importing and threading.current_thread() is threading.main_thread():  # handlers: the main thread's only
+        return deferred_stops(STOP_SIGNALS)
+    return nullcontext()
 
 
 class Library:

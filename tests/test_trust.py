@@ -876,3 +876,30 @@ def test_the_advice_for_a_damaged_job_manifest_in_a_sweep_works(sweep_copy: Path
     assert code == 0, err
     assert json.loads((sweep_copy / "1" / "manifest.json").read_text())["status"] == "complete"
     assert json.loads((sweep_copy / "manifest.json").read_text())["status"] == "complete"
+
+
+IMPORT_SIGNALLED = """
+import signal, sys
+sys.path.insert(0, sys.argv[1])
+from dsl_cli.errors import STOP_SIGNALS, Interrupted, catch_stop_signals, stop
+from dsl_cli.libraries import import_frozen, own_the_collector
+own_the_collector()  # a dsl command's process, as `dsl run` makes it
+catch_stop_signals(STOP_SIGNALS, lambda signum, frame: stop(signum))
+try:
+    import_frozen("signalled_midway")
+except Interrupted as err:
+    print(err.args[0], "after the import:", getattr(sys.modules.get("signalled_midway"), "finished", False))
+"""
+
+
+@pytest.mark.own_process
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_during_a_librarys_import_is_raised_when_the_import_ends(signum: int, tmp_path: Path) -> None:
+    """A stop signal raised inside an import could land in C++ code calling back into Python (torch's
+    bindings), which ended the process with std::terminate (exit 134, the run's lock left): it waits for the
+    import's end. The module here signals its own process halfway through its body."""
+    (tmp_path / "signalled_midway.py").write_text(f"import os\nos.kill(os.getpid(), {int(signum)})\nfinished = True\n")
+    done = subprocess.run([sys.executable, "-c", IMPORT_SIGNALLED, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"{signal.Signals(signum).name} after the import: True", \
+        done.stdout + done.stderr[-2000:]
