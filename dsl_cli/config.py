@@ -10,6 +10,7 @@ compares equal to its name (`cfg.lens.mode == "norm"`) and is written as it (man
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections import Counter
@@ -405,6 +406,17 @@ def _values(override) -> list[str]:
         return []
 
 
+def _did_you_mean(missing: Exception) -> str:
+    """'did you mean lens.alpha? ' for a misspelt key, from the names its config node has (none: 'misspelt? ')."""
+    node, key = getattr(missing, "parent_node", None), str(getattr(missing, "key", ""))
+    names = [str(name) for name in node.keys() if name != "hydra"] if hasattr(node, "keys") else []
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if not close:
+        return "misspelt? "
+    prefix = missing.full_key[:-len(key)] if missing.full_key.endswith(key) else ""
+    return f"did you mean {prefix}{close[0]}? "
+
+
 def _one_line(err: Exception) -> str:
     """Hydra's and OmegaConf's message (and its cause's) on one line, with what to do instead."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
@@ -414,11 +426,12 @@ def _one_line(err: Exception) -> str:
         causes.append(cause)
         cause = cause.__cause__
     unknown = (ConfigAttributeError, ConfigKeyError)  # a key the schema does not have
-    key = next((c.full_key for c in causes if isinstance(c, unknown) and getattr(c, "full_key", None)), None)
-    if key is not None:
+    missing = next((c for c in causes if isinstance(c, unknown) and getattr(c, "full_key", None)), None)
+    if missing is not None:
+        key = missing.full_key
         if key in MOVED:
             return f"{key}: this setting moved to {MOVED[key]}; write {MOVED[key]}=... instead"
-        return f"{key}: no such setting (misspelt? `dsl run --cfg job` prints every setting)"
+        return f"{key}: no such setting ({_did_you_mean(missing)}`dsl run --cfg job` prints every setting)"
     lines = [line.strip() for c in causes for line in str(c).split("Config search path")[0].splitlines()]
     lines = [line for line in lines if line not in ("", "None") and not line.startswith(("full_key:", "object_type=", "reference_type=",
                                                                     "To append to your config"))]
