@@ -714,6 +714,39 @@ def sbatch_errors_unprinted() -> Callable[[], None]:
     return lambda: setattr(CommandFunction, "__call__", call)
 
 
+def refuse_clamped_repeats(config: DictConfig) -> None:
+    """With `clamp_to_model` (debug=tiny), a layer or head beyond the model is its last one: two swept values
+    that land on the same layers or heads would run one job twice and merge its rows twice (a value swept twice
+    is refused for that reason). Refused before any job starts, where the model's shape is known from configs
+    and the encoder is not swept."""
+    # imported here, as the preflight is: `dsl merge` and `dsl plot` import this module without the models
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from dsl_cli.encoder import model_shape
+    from dsl_cli.lenses import parse_heads, parse_layers
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    swept = {o.key_or_group: list(o.sweep_iterator()) for o in overrides if o.is_sweep_override()}
+    shape = model_shape(config.encoder) if config.clamp_to_model else None
+    if shape is None or any(key.startswith("encoder") or key == "clamp_to_model" for key in swept):
+        return
+    quiet = logging.getLogger("dsl_cli.lenses")  # each job warns of its own clamping
+    was, quiet.disabled = quiet.disabled, True
+    try:
+        for key, parse, count in (("layer", parse_layers, shape[0]), ("head", parse_heads, shape[1])):
+            seen: dict[tuple, Any] = {}
+            for value in swept.get(key, []):
+                read = tuple(parse(value, count, clamp=True))
+                if read in seen:
+                    raise UserError(f"{key}={seen[read]} and {key}={value} both read {key}{'s' * (len(read) > 1)} "
+                                    f"{', '.join(map(str, read))} of this model (it has {count} {key}s; "
+                                    f"clamp_to_model=true moves one beyond them to its last): the sweep would run "
+                                    f"that job twice; sweep {key}s 0 to {count - 1}")
+                seen[read] = value
+    finally:
+        quiet.disabled = was
+
+
 class SweepResults(Callback):
     """Hydra callback (configs/run.yaml, hydra.callbacks): one GPU per local job, and the merge at the end."""
 
@@ -731,6 +764,7 @@ class SweepResults(Callback):
         submitit_logs_through_hydra()
         if not config.resume:
             try:
+                refuse_clamped_repeats(config)
                 preflight(config)
             except UserError as err:
                 report(err)

@@ -440,3 +440,38 @@ def test_local_gpus_starts_one_job_per_gpu_and_each_keeps_its_own(gpus: int, mon
             assert len(set(kept)) == len(kept) and all(k.isdigit() for k in kept)
         else:  # nothing to share out
             assert kept == [",".join(map(str, range(gpus)))] * batch
+
+
+@pytest.mark.parametrize(("swept", "line"), [
+    (["layer=0,12,24"], "layer=12 and layer=24 both read layer 3 of this model (it has 4 layers;"),
+    (["layer=[0,5],[0,9]", "lens.alpha=1,2"], "layer=[0, 5] and layer=[0, 9] both read layers 0, 3 of this model"),
+    (["head=1,3,7"], "head=3 and head=7 both read head 3 of this model (it has 4 heads;"),
+])
+def test_a_sweep_whose_values_clamp_to_the_same_job_is_refused_before_any_job(swept: list[str], line: str,
+                                                                              tmp_path: Path, monkeypatch,
+                                                                              capsys) -> None:
+    """debug=tiny clamps a layer or head beyond the tiny model to its last: two such values would run one job
+    twice and merge its rows twice. Values it has, and a model whose shape is unknown before it loads, pass."""
+    from helpers import dsl_in_process
+
+    code, err = dsl_in_process(["run", "-m", "debug=tiny", "decode.enabled=false", *swept,
+                                f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and err == f"dsl: error: {line}" + err.split(line, 1)[1] and len(err.splitlines()) == 1, err
+    assert "sweep layers 0 to 3" in err or "sweep heads 0 to 3" in err
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_clamped_values_that_differ_are_swept() -> None:
+    from dsl_cli.sweeps import refuse_clamped_repeats
+
+    register_configs()
+    with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
+        config = compose("run", ["debug=tiny"], return_hydra_config=True)
+    OmegaConf.set_struct(config, False)
+    # 3 and 9 are one layer of the tiny ViT, but the swept encoder's shape is known only per job
+    for swept in (["layer=0,1,3"], ["layer=2,9", "head=0,1"], ["encoder=tiny,tiny_timm", "layer=3,9"]):
+        config.hydra.overrides.task = swept  # as Hydra hands a sweep's own overrides to its callbacks
+        refuse_clamped_repeats(config)  # refuses nothing
+    config.hydra.overrides.task = ["layer=3,9"]
+    with pytest.raises(UserError, match="layer=3 and layer=9 both read layer 3"):
+        refuse_clamped_repeats(config)
