@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import unicodedata
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -164,7 +165,8 @@ STEM_LIMIT = 100  # characters of a file's stem kept in its image's name (then a
 
 
 def _safe_name(stem: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._-")[:STEM_LIMIT].rstrip("._-") or "image"
+    plain = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode()  # `café` -> `cafe`, not `caf`
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", plain).strip("._-")[:STEM_LIMIT].rstrip("._-") or "image"
 
 
 def unique_names(files: list[Path], root: Path) -> list[str]:
