@@ -56,7 +56,7 @@ figure{margin:0}figcaption{font-size:12px}.gallery{display:flex;flex-wrap:wrap;g
 .status{padding:1px 8px;border-radius:8px;background:#ddd}.complete{background:#cfe8cf}
 .failed,.interrupted{background:#f3c9c9}.running,.started{background:#f3e3b5}
 .scale{display:inline-block;width:6em;height:.8em;background:linear-gradient(90deg,#440154,#21918c,#fde725)}
-.muted{color:#666}.filters select{margin-right:1em}
+.muted{color:#666}.filters select{margin-right:1em}p.what{margin:.2em 0 .6em}
 """
 # sorting: a click on a column header sorts the rows by it (numbers high to low first, text A to Z; a
 # second click reverses); filtering: the <select>s of a section keep the rows whose data-* values match
@@ -139,7 +139,7 @@ def header(folder: Path, manifest: dict, kind: str) -> str:
     return f"<h1>dsl {esc(kind)} {esc(folder.resolve().name)} {status_badge(manifest.get('status'))}</h1>{error}"
 
 
-def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
+def _model_settings(cfg: dict, manifest: dict, rows: list[dict] | None = None) -> list[tuple[str, str]]:
     encoder, decoder, lens = (cfg.get(k, {}) for k in ("encoder", "decoder", "lens"))
     return [
         ("encoder", encoder_text(encoder) + (f" from {encoder['checkpoint']}" if encoder.get("checkpoint") else "")),
@@ -147,10 +147,7 @@ def _model_settings(cfg: dict, manifest: dict) -> list[tuple[str, str]]:
         ("lens", lens_text(lens)),
         ("mode, alpha", f"{lens.get('mode')}, {lens.get('alpha')}" if lens.get("name") == "steering" or
          cfg.get("study", {}).get("name") else "not used by this lens"),
-        ("components", (sae_components_text(cfg, manifest)
-                        or f"layer={cfg.get('layer')} head={cfg.get('head')} component={cfg.get('component')}")
-                       + (f": {manifest['components']} per image" if "components" in manifest else "")
-                       + (f", layers read {layer_ranges(manifest['layers'])}" if manifest.get("layers") else "")),
+        ("components", components_read(cfg, manifest, rows)),
         ("images", ", ".join(manifest.get("images", [])) + (f"; skipped {manifest['skipped']}"
                                                              if manifest.get("skipped") else "")),
         ("seed", cfg.get("seed", manifest.get("seed", ""))),
@@ -166,6 +163,52 @@ def lens_text(lens: dict) -> str:
         return lens.get("name", "")
     target = lens.get("target")
     return f'attribution, target "{target}"' if target else "attribution, target: each image's own embedding"
+
+
+def components_read(cfg: dict, manifest: dict, rows: list[dict] | None = None) -> str:
+    """What a run read: the layers it recorded (`layer_ranges`) and the heads its rows hold, before the settings
+    asked (`layer=30`) where those differ (`clamp_to_model` moved a layer or head beyond a smaller model); an
+    SAE run's features (`sae_components_text`). A run from before the layers were recorded: its settings."""
+    count = f": {manifest['components']} per image" if "components" in manifest else ""
+    layers = manifest.get("layers") if isinstance(manifest.get("layers"), list) else None
+    sae = sae_components_text(cfg, manifest)
+    if sae or not layers:
+        clamped = ("; clamp_to_model: a layer or head beyond the model is read as its last"
+                   if cfg.get("clamp_to_model") and not sae else "")
+        return ((sae or f"layer={cfg.get('layer')} head={cfg.get('head')} component={cfg.get('component')}")
+                + count + (f", layers read {layer_ranges(layers)}" if layers else clamped))
+    component = cfg.get("component")
+    labels = component not in ("heads", "mlp", "all", None)  # labels (`[L3H01, L2MLP]`): layer= and head= unused
+    heads = sorted({r["head"] for r in rows or [] if r.get("kind") == "head" and isinstance(r.get("head"), int)})
+    read = []
+    for key, numbers in (("layer", layers), ("head", heads)):
+        if numbers:
+            asked = None if labels else _asked_numbers(cfg.get(key))
+            moved = ", moved into the model by clamp_to_model" if cfg.get("clamp_to_model") and asked else ""
+            read.append(f"{key}s read {layer_ranges(numbers)}"
+                        + (f" (asked {key}={cfg.get(key)}{moved})" if asked not in (None, set(numbers)) else ""))
+        elif key == "head" and not labels and component != "mlp":
+            read.append(f"head={cfg.get('head')}")  # the heads are not at hand here (a study's page): as asked
+    return ", ".join(read) + f", component={component}{count}"
+
+
+def _asked_numbers(spec) -> set[int] | None | bool:
+    """The layers or heads a `layer`/`head` setting names, as far as they are known without the model: a set of
+    them (an int, a list, a range `10-20`), None for `all` (whatever the model has), False where only the model
+    knows (a negative index counts from its end)."""
+    numbers: set[int] = set()
+    for item in spec if isinstance(spec, list) else [spec]:
+        text = str(item).strip()
+        if text == "all":
+            return None
+        if text.isdigit():
+            numbers.add(int(text))
+        elif len(text.split("-")) == 2 and all(part.isdigit() for part in text.split("-")):
+            low, high = map(int, text.split("-"))
+            numbers.update(range(low, high + 1))
+        else:
+            return False
+    return numbers
 
 
 def layer_ranges(layers: list) -> str:
@@ -234,7 +277,7 @@ def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] 
     if not manifest:
         return "<h2>Settings</h2><p class=muted>no manifest.json in this folder</p>"
     cfg = manifest.get("config", {})
-    items = _model_settings(cfg, manifest)
+    items = _model_settings(cfg, manifest, rows)
     if study:
         shown = {k: v for k, v in cfg.get("study", {}).items() if read is None or k in ("name", *read)}
         items.append(("study", ", ".join(f"{k} {'[' + ', '.join(map(str, v)) + ']' if isinstance(v, list) else v}"
@@ -528,8 +571,9 @@ def jobs_figures(sweep_dir: Path, jobs: list[dict]) -> str:
         figures = "".join(f"<figure>{img(path, name)}<figcaption>job {job['job']}: "
                           f"{esc(' '.join(o for o in job['overrides'] if o not in shared))}</figcaption></figure>"
                           for job, path in found)
-        sections.append(f"<h3>{esc(name)}</h3><div class='row figures'>{figures}</div>")
-    return "<h2>Each job's heatmaps and plots</h2>" + ("".join(sections) or "<p class=muted>none drawn</p>")
+        sections.append(f"<h3>{esc(name)} of each job</h3><div class='row figures'>{figures}</div>")
+    return ("<h2>Each job's own heatmaps and plots</h2><p class=muted>one figure per job, from that job's rows "
+            "alone</p>" + ("".join(sections) or "<p class=muted>none drawn</p>"))
 
 
 def merged_studies(manifest: dict) -> dict[str, dict]:
@@ -552,6 +596,20 @@ def studies_section(manifest: dict) -> str:
     return f"<h2>Studies merged</h2><ul>{''.join(items)}</ul>" if items else ""
 
 
+def pooled_figures(sweep_dir: Path, manifest: dict) -> str:
+    """The figures each study drew over all the jobs at once (`sweeps.merge_studies`), shown before each job's
+    own; nothing where none was pooled."""
+    shown = []
+    for name, entry in merged_studies(manifest).items():
+        jobs = ", ".join(map(str, entry["jobs"]))
+        shown += [f"<figure>{linked_img(path, f'{name}, pooled over jobs {jobs}')}<figcaption>{esc(path)}: "
+                  f"{esc(name)} pooled over jobs {esc(jobs)}, as one run over all their heads and images"
+                  "</figcaption></figure>"
+                  for path in entry["pooled"] if isinstance(path, str) and path.endswith(".png")
+                  and ".." not in Path(path).parts and not Path(path).is_absolute() and (sweep_dir / path).is_file()]
+    return (f"<h2>Pooled over all jobs</h2><div class='figures'>{''.join(shown)}</div>" if shown else "")
+
+
 def sweep_page(sweep_dir: Path, list_jobs: JobLister = manifest_jobs) -> str:
     """The page of a sweep folder: its jobs with their overrides, status and pages (as `list_jobs` finds them),
     and the sweep's merged heatmaps, from the manifest that `dsl merge` (or the end of the sweep) wrote; each
@@ -565,7 +623,7 @@ def sweep_page(sweep_dir: Path, list_jobs: JobLister = manifest_jobs) -> str:
                                 "every job and draws the merged heatmaps</p>")
     body = [header(sweep_dir, manifest or {}, "sweep"), f"<p>{done} of {len(jobs)} jobs complete</p>{note}",
             files_section(sweep_dir), jobs_table(sweep_dir, jobs)]
-    body.append(studies_section(manifest or {}))
+    body += [studies_section(manifest or {}), pooled_figures(sweep_dir, manifest or {})]
     if merged:
         body.append("<h2>Merged heatmaps</h2><p class=muted>the rows of all jobs in one figure per image and lens "
                     f"(and per value of a swept setting)</p><div class='row thumbs'>{merged}</div>")
@@ -736,14 +794,68 @@ def collection_page(root: Path, folders: list[Path]) -> str:
         status = (read_manifest(folder) or {}).get("status")
         figures = RunFolder(folder).figures(*FIGURE_FOLDERS)
         shown = "".join(thumbnail(rel(p, root)) for p in figures) or "<p class=muted>no figures</p>"
+        what = what_it_is(folder)
         section = (f"<section><h2>{link(rel(RunFolder(folder).page, root), rel(folder, root))} "
-                   f"{status_badge(status)}</h2><div class='row thumbs'>{shown}</div></section>")
+                   f"{status_badge(status)}</h2>{f'<p class=what>{esc(what)}</p>' if what else ''}"
+                   f"<div class='row thumbs'>{shown}</div></section>")
         (unfinished if status in ("failed", "interrupted", "running") else sections).append(section)
     folded = (f"<details><summary>{len(unfinished)} failed or unfinished</summary>{''.join(unfinished)}</details>"
               if unfinished else "")
     return page(f"dsl {root.resolve().name}", f"<h1>dsl {esc(root.resolve().name)}</h1>"
                 f"<p>{len(sections)} folders; each figure links to itself at full size</p>" + "".join(sections)
                 + folded)
+
+
+COMPONENT_WORDS = {"heads": "heads", "mlp": "MLPs", "all": "heads and MLPs"}
+
+
+def what_it_is(folder: Path) -> str:
+    """One line saying what a run, study or sweep is, from what its manifest records: `steering lens, layer 3,
+    heads, 2 images`, `study head_importance, 2 images`, `sweep of 4 jobs: layer=0,1 x lens.alpha=1,4`; empty
+    where its manifest says nothing of it (a run that failed before writing its settings)."""
+    manifest = read_manifest(folder) or {}
+    if is_sweep_folder(folder):
+        try:
+            return sweep_text(manifest_jobs(folder))
+        except UserError:  # a job's manifest damaged: its sweep's own page says so; the overview goes on
+            return "sweep"
+    cfg = manifest.get("config") if isinstance(manifest.get("config"), dict) else {}
+    images = manifest.get("images")
+    counted = f"{len(images)} image{'s' * (len(images) != 1)}" if isinstance(images, list) and images else ""
+    study = (cfg.get("study") or {}).get("name") if isinstance(cfg.get("study"), dict) else None
+    if study:
+        return ", ".join(filter(None, [f"study {study}", counted]))
+    lens = (cfg.get("lens") or {}).get("name") if isinstance(cfg.get("lens"), dict) else None
+    if not lens:
+        return counted
+    sae = (cfg.get("sae") or {}).get("path") if isinstance(cfg.get("sae"), dict) else None
+    layers = manifest.get("layers") if isinstance(manifest.get("layers"), list) else None
+    if layers:
+        where = f"layer{'s' * (len(layers) != 1)} {layer_ranges(layers)}"
+    else:
+        where = f"layer {cfg.get('layer')}" if "layer" in cfg else ""
+    component = cfg.get("component")
+    what = (f"features of the SAE {sae}" if sae else ", ".join(map(str, component)) if isinstance(component, list)
+            else COMPONENT_WORDS.get(component, component) if isinstance(component, str) else "")
+    return ", ".join(filter(None, [f"{lens} lens", where, str(what or ""), counted]))
+
+
+def sweep_text(jobs: list[dict]) -> str:
+    """`sweep of 4 jobs: layer=0,1 x lens.alpha=1,4`: the settings its jobs' overrides set apart, each with its
+    values in the order of the jobs; a study the jobs share is named."""
+    values: dict[str, list[str]] = {}
+    jobs = [job if isinstance(job.get("overrides"), list) else {**job, "overrides": []} for job in jobs]
+    for job in jobs:
+        for override in job["overrides"]:
+            key, _, value = str(override).partition("=")
+            values.setdefault(key, [])
+            if value not in values[key]:
+                values[key].append(value)
+    swept = {key: found for key, found in values.items()  # set apart: values that differ, or not set by every job
+             if len(found) > 1 or any(f"{key}={found[0]}" not in job["overrides"] for job in jobs)}
+    study = values["study"][0] if "study" in values and "study" not in swept else None
+    return (f"sweep of {len(jobs)} job{'s' * (len(jobs) != 1)}" + (f" of study {study}" if study else "")
+            + (": " + " x ".join(f"{key}={','.join(found)}" for key, found in swept.items()) if swept else ""))
 
 
 def redraw_folder(root: Path) -> dict[Path, int]:

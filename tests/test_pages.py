@@ -136,3 +136,59 @@ def test_report_and_plot_of_an_adapter_or_sae_folder_say_what_it_is(kind: str, s
     assert cli.main([command, str(folder)]) == 2
     err = capsys.readouterr().err
     assert says in err and "no manifest.json" not in err, err
+
+
+def write_manifest(folder: Path, **manifest) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "manifest.json").write_text(json.dumps({"made_by": "dsl", "status": "complete", **manifest}))
+    return folder
+
+
+def test_the_overview_says_in_one_line_what_each_run_is(tmp_path: Path) -> None:
+    """The page over many folders named each by its path and status alone: each now says what it is, from its
+    manifest, escaped as the rest of the page."""
+    from dsl_cli.report import collection_page
+
+    runs = tmp_path / "outputs"
+    run = write_manifest(runs / "a", images=["cat", "dog"], layers=[3], config={
+        "lens": {"name": "steering<b>"}, "layer": 30, "head": "all", "component": "heads", "study": {"name": None}})
+    study = write_manifest(runs / "b", images=["cat"], config={"lens": {"name": "steering"}, "layer": 30,
+                                                               "study": {"name": "head_importance"}})
+    sweep = runs / "sw"
+    jobs = [{"job": n, "folder": str(n), "overrides": ["debug=tiny", f"layer={layer}", f"lens.alpha={alpha}"],
+             "status": "complete", "error": None, "rows": 4} for n, (layer, alpha) in
+            enumerate([(0, 1), (1, 1), (0, 4), (1, 4)])]
+    write_manifest(sweep, kind="sweep", jobs=jobs)
+    (sweep / "multirun.yaml").write_text("hydra: {}\n")
+    html = collection_page(runs, [run, study, sweep])
+    lines = [part.split("</p>")[0] for part in html.split("<p class=what>")[1:]]
+    assert lines == ["steering&lt;b&gt; lens, layer 3, heads, 2 images", "study head_importance, 1 image",
+                     "sweep of 4 jobs: layer=0,1 x lens.alpha=1,4"]
+
+
+def test_a_clamped_runs_settings_say_what_it_read_before_what_it_asked() -> None:
+    """debug=tiny keeps layer=30 and reads the tiny model's last layer: the settings led with `layer=30`."""
+    from dsl_cli.report import settings_section
+
+    manifest = decoding_manifest(components=4, layers=[3])
+    manifest["config"] |= {"layer": 30, "head": "all", "component": "heads", "clamp_to_model": True}
+    rows = [{"file": "", "kind": "head", "layer": 3, "head": h} for h in range(4)]
+    html = settings_section(manifest, rows=rows)
+    assert ("<td>layers read 3 (asked layer=30, moved into the model by clamp_to_model), heads read 0-3, "
+            "component=heads: 4 per image</td>") in html
+    manifest["config"] |= {"layer": [1, 3], "clamp_to_model": False}
+    manifest["layers"] = [1, 3]
+    assert "<td>layers read 1, 3, heads read 0-3, component=heads: 4 per image</td>" in settings_section(
+        manifest, rows=rows)
+
+
+def test_a_study_sweeps_page_shows_its_pooled_plot_apart_from_each_jobs(tmp_path: Path) -> None:
+    """A sweep of a study over layer=0,1 pools the jobs into plots/head_importance.png: the page only linked
+    it, and headed each job's own plots with the pooled one's path."""
+    assert dsl_here(["run", "--multirun", "debug=tiny", "images.limit=1", "study=head_importance", "layer=0,1",
+                     "hydra.sweep.dir=sw"], tmp_path) == 0
+    html = (tmp_path / "sw" / "index.html").read_text()
+    pooled, each = html.split("<h2>Pooled over all jobs</h2>")[1].split("<h2>Each job's own heatmaps and plots</h2>")
+    assert '<img src="plots/head_importance.png"' in pooled and "head_importance pooled over jobs 0, 1" in pooled
+    assert "<h3>plots/head_importance.png of each job</h3>" in each and 'src="0/plots/head_importance.png"' in each
+    assert "<h3>plots/head_importance.png</h3>" not in html
