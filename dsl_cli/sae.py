@@ -92,6 +92,12 @@ class Sae:
             if tuple(tensor.shape) != shape:
                 raise UserError(f"SAE {self.source}: {name} has shape {tuple(tensor.shape)}, expected {shape} "
                                 f"(W_enc is [d_in={d_in}, d_sae={d_sae}])")
+        # checked here, on the whole tensors: a NaN in W_enc or the threshold compares false, so every feature
+        # read as off and the run said "no feature is active" instead of naming the damaged file
+        for name, tensor in (("W_enc", self.W_enc), *((n, t) for n, (t, _) in shapes.items())):
+            if not tensor.is_meta and not bool(torch.isfinite(tensor).all()):  # meta: `read_sae_header`'s
+                raise UserError(f"SAE {self.source}: {name} holds NaN or inf: the file is damaged (or saved from a "
+                                "training that diverged)")
         if self.architecture == "topk" and not (isinstance(self.k, int) and 0 < self.k <= d_sae):
             raise UserError(f"SAE {self.source}: a topk SAE needs k between 1 and d_sae={d_sae} (cfg `k`), "
                             f"not {self.k}")
@@ -185,10 +191,14 @@ def _cfg_value(cfg: dict, key: str, default=None):
 
 
 def _as_int(value, key: str, source: str) -> int:
-    """A cfg field that must be a whole number (SAELens writes `k: 64`, some tools `64.0`); one line otherwise."""
+    """A cfg field that must be a whole number (SAELens writes `k: 64`, some tools `64.0`, and a plain
+    .safetensors file's metadata holds only strings: `"64"`); one line otherwise."""
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+        return int(value)
     whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # not inf, nan, 6.5
     if isinstance(value, bool) or not whole:
-        raise UserError(f"SAE {source}: cfg says {key}={value!r}, which is not a whole number; fix its cfg.json")
+        where = "its metadata" if source.endswith(".safetensors") else "its cfg.json"
+        raise UserError(f"SAE {source}: cfg says {key}={value!r}, which is not a whole number; fix {where}")
     return int(value)
 
 
@@ -256,16 +266,18 @@ def locate_sae(path: Optional[str] = None, repo_id: Optional[str] = None, local_
                     "or a .safetensors file")
 
 
-def read_sae_cfg(found: Path) -> dict:
-    """The cfg of the SAE at `found` (from `locate_sae`) without its weights: cfg.json, or a plain file's
-    header metadata; so that a run can check it before any model loads."""
+def read_sae_header(found: Path) -> Sae:
+    """The SAE at `found` (from `locate_sae`) with its tensors on the meta device: its cfg (cfg.json, or a plain
+    file's metadata) and the shapes its file's header gives, no values read; building it runs every check of
+    the cfg and shapes (`sae_from`), so that a run refuses a damaged SAE before any model loads."""
     from safetensors import safe_open
 
     with _readable(found):
-        if not found.is_file():
-            return _cfg_json(found)
-        with safe_open(str(found), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+        cfg = None if found.is_file() else _cfg_json(found)
+        with safe_open(str(found if found.is_file() else found / WEIGHTS_FILE), framework="pt") as handle:
+            tensors = {name: torch.empty(handle.get_slice(name).get_shape(), device="meta") for name in handle.keys()}
+            cfg = dict(handle.metadata() or {}) if cfg is None else cfg
+    return sae_from(tensors, cfg, str(found))
 
 
 @contextlib.contextmanager

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from dsl_cli.components import Component
 from dsl_cli.errors import UserError
-from dsl_cli.sae import (SAE_POINTS, FeatureEncoder, TopImages, check_adapter_reach, check_trained_on, load_sae,
-                         locate_sae, read_sae_cfg)
+from dsl_cli.sae import (FeatureEncoder, TopImages, check_adapter_reach, check_trained_on, load_sae,
+                         locate_sae, read_sae_header)
 
 log = logging.getLogger("dsl_cli.sae_run")
 
@@ -62,16 +62,14 @@ def validate_sae(cfg, n_layers: Optional[int] = None, readout=None) -> None:
                         "layer, chosen by sae.features (top, or feature numbers such as [12, 345]); drop component=")
     chosen_features(sae.features, None)
     found = locate_sae(sae.path, sae.repo_id)
-    sae_cfg = read_sae_cfg(found)
-    check_trained_on(sae_cfg, str(found), cfg.encoder)
-    hook = str(sae_cfg.get("hook_name") or sae_cfg.get("hook_point") or "")
-    parts = hook.split(".")
-    layer = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None  # others: refused when it loads
-    if n_layers is not None and layer is not None and layer >= n_layers:
-        raise UserError(f"SAE {found}: hook {hook} is beyond this encoder's {n_layers} layers: give an SAE of this "
-                        f"encoder ({cfg.encoder.name})")
-    if layer is not None and parts[0] == "blocks" and parts[2] in SAE_POINTS and cfg.lens.name == "steering":
-        check_adapter_reach(readout, hook, str(found))
+    header = read_sae_header(found)  # its cfg and tensor shapes checked, no weights read
+    check_trained_on(header.cfg, str(found), cfg.encoder)
+    chosen_features(sae.features, header.d_sae)
+    if n_layers is not None and header.layer >= n_layers:
+        raise UserError(f"SAE {found}: hook {header.hook_name} is beyond this encoder's {n_layers} layers: give an "
+                        f"SAE of this encoder ({cfg.encoder.name})")
+    if cfg.lens.name == "steering":
+        check_adapter_reach(readout, header.hook_name, str(found))
 
 
 def chosen_features(spec, d_sae: Optional[int]) -> Optional[list[int]]:

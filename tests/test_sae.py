@@ -407,6 +407,13 @@ def test_a_run_with_an_sae_of_another_encoder_ends_in_one_line(tmp_path, monkeyp
                                                                    "encoder's 4 layers"),
     (lambda cfg: "{not json", "not readable"),
     (lambda cfg: [cfg], "not readable .*JSON list"),
+    # each refused only once the encoder had loaded before: its cfg and its tensors' shapes are read first
+    (lambda cfg: {**cfg, "architecture": "gated"}, "architecture 'gated' is not read by dsl"),
+    (lambda cfg: {**cfg, "hook_name": "blocks.1.attn.hook_z"}, "hook_name 'blocks.1.attn.hook_z' is not one dsl"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "hook_name"}, "names no hook_name"),
+    (lambda cfg: {k: v for k, v in cfg.items() if k != "k"}, "a topk SAE needs k between 1 and d_sae=40"),
+    (lambda cfg: {**cfg, "d_in": 96}, "cfg says d_in=96, its weights have 64"),
+    (lambda cfg: {**cfg, "normalize_activations": "expected_average_only_in"}, "normalize_activations="),
 ])
 def test_an_sae_cfg_that_cannot_be_this_encoders_is_refused_before_the_encoder_loads(edit, message, tmp_path,
                                                                                      monkeypatch, capsys):
@@ -922,3 +929,63 @@ def test_a_training_s_checkpoint_names_its_encoder_whole() -> None:
     assert identity() == identity()
     assert identity(repo_id="facebook/dinov2-base") != identity()
     assert identity(checkpoint="/models/mine") != identity() and identity(pretrained="laion") != identity()
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("W_dec", "W_dec has shape (64, 40), expected (40, 64)"),
+    ("b_dec", "no tensor b_dec"),
+    ("features", "sae.features=[12, 40]: this SAE's features run from 0 to 39"),
+])
+def test_an_saes_tensors_and_features_are_checked_before_the_encoder_loads(damage, message, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Shapes come from the weights file's header (no values read): a tensor missing or of the wrong shape, or a
+    feature the SAE does not have, is one line before the encoder (ViT-bigG-14) would load."""
+    from safetensors.torch import load_file, save_file
+
+    from helpers import dsl_in_process
+
+    folder = tiny_sae_folder(tmp_path / "sae")
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    if damage == "W_dec":
+        tensors["W_dec"] = tensors["W_dec"].T.contiguous()
+    elif damage == "b_dec":
+        del tensors["b_dec"]
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    features = ["sae.features=[12,40]"] if damage == "features" else []
+    monkeypatch.setattr("dsl_cli.run.load_encoder", _no_encoder)
+    code, err = dsl_in_process(["run", "debug=tiny", f"sae={folder}", *features, "decode.enabled=false",
+                                "images.limit=1", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    lines = [line for line in err.splitlines() if line.startswith("dsl: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert message in lines[0], lines[0]
+
+
+def test_a_plain_file_s_string_metadata_holds_a_topk_sae(tmp_path, encoder, pixels):
+    """A .safetensors file's metadata holds only strings: `k`, `d_in` and `d_sae` as digits are the numbers (a
+    TopK SAE could not be given in this layout), anything else is one line naming the metadata."""
+    from safetensors.torch import save_file
+
+    _, t = write_saelens(tmp_path / "folder", "topk", "blocks.2.hook_resid_post", encoder.d_model)
+    meta = {"hook_name": "blocks.2.hook_resid_post", "architecture": "topk", "k": str(K),
+            "d_in": str(encoder.d_model), "d_sae": str(D_SAE)}
+    save_file(t, str(tmp_path / "plain.safetensors"), metadata=meta)
+    x = encoder.run_with_cache(pixels)["blocks.2.hook_resid_post"]
+    torch.testing.assert_close(load_sae(str(tmp_path / "plain.safetensors")).encode(x), formulas("topk", t, x)[0],
+                               rtol=0, atol=1e-6)
+    save_file(t, str(tmp_path / "bad.safetensors"), metadata={**meta, "k": "six"})
+    with pytest.raises(UserError, match=r"k='six', which is not a whole number; fix its metadata"):
+        load_sae(str(tmp_path / "bad.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"])
+def test_nan_weights_are_named_as_a_damaged_file(name, tmp_path):
+    """A NaN in W_enc or the threshold compares false: every feature read as off, and the run said 'no feature
+    is active' instead of naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_saelens(tmp_path / "sae", "jumprelu", "blocks.1.hook_resid_post", 64)[0]
+    tensors = load_file(str(folder / "sae_weights.safetensors"))
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(folder / "sae_weights.safetensors"))
+    with pytest.raises(UserError, match=rf"{name} holds NaN or inf: the file is damaged"):
+        load_sae(str(folder))
