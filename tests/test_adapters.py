@@ -832,3 +832,27 @@ def test_the_guides_tiny_fit_holds_out_sample_photos():
     share = re.search(r"adapter\.heldout=([0-9.]+)", line)
     held = [name for name in SAMPLES if is_heldout(name, float(share.group(1)) if share else 0.1)]
     assert 1 <= len(held) < len(SAMPLES) - 1, (line, held)
+
+
+@pytest.mark.parametrize("preset", ["tiny_dinov2", "tiny_timm"])
+def test_the_tiny_any_vit_presets_fit_into_the_tiny_decoder_and_decode_small(preset: str, tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
+    """debug=tiny_dinov2 and debug=tiny_timm are debug=tiny with another ViT: an adapter fits into the tiny
+    decoder (it targeted the real Kandinsky prior, and asked for its download), and a run through it decodes
+    debug=tiny's 64-pixel, 2-step pictures (it decoded 512 pixels in 100 steps: 11 minutes for 2 pictures)."""
+    from PIL import Image
+
+    from helpers import dsl_in_process
+
+    out = tmp_path / "adapter"
+    code, err = dsl_in_process(["adapter", "fit", f"debug={preset}", "adapter.heldout=0.4", f"adapter.out={out}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert json.loads((out / "adapter.json").read_text())["target"]["decoder_source"] == "tiny"
+    run = tmp_path / "run"
+    code, err = dsl_in_process(["run", f"debug={preset}", f"adapter={out}", "decode.enabled=true", "layer=3",
+                                "images.limit=1", "decode.top_k=1", f"hydra.run.dir={run}"], tmp_path, monkeypatch,
+                               capsys)
+    assert code == 0, err[-3000:]
+    (picture,) = run.glob("images/*/steering/*.png")
+    assert Image.open(picture).size == (64, 64)
