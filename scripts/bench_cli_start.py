@@ -44,7 +44,8 @@ def parse_args() -> argparse.Namespace:
 def commands(sweep: Path) -> list[tuple[str, list[str]]]:
     """(what the table calls it, argv) for every light command."""
     dsl = [(f"dsl {' '.join(args)}", [DSL, *args]) for args in
-           (["--help"], ["run", "--help"], ["plot", "--help"], ["merge", "--help"], ["report", "--help"])]
+           (["--help"], ["run", "--help"], ["plot", "--help"], ["merge", "--help"], ["report", "--help"],
+            ["check", "--help"], ["adapter", "--help"], ["sae", "--help"])]
     on_files = [("dsl report RUN", [DSL, "report", str(sweep / "0")]), ("dsl plot RUN", [DSL, "plot", str(sweep / "0")]),
                 ("dsl merge SWEEP", [DSL, "merge", str(sweep)]), ("dsl report SWEEP", [DSL, "report", str(sweep)])]
     scripts = [(f"scripts/{p.name} --help", [sys.executable, str(p), "--help"])
