@@ -85,6 +85,9 @@ def chosen_features(spec, d_sae: Optional[int]) -> Optional[list[int]]:
         out.append(int(item))
     if not out:
         raise UserError("sae.features=[] names no feature: use top, or a list of feature indices")
+    twice = next((i for i in out if out.count(i) > 1), None)
+    if twice is not None:  # as an image or a swept value given twice: the same work twice, or a list that misleads
+        raise UserError(f"sae.features={spec} names feature {twice} twice: give each feature once")
     if d_sae is not None and any(not 0 <= i < d_sae for i in out):
         raise UserError(f"sae.features={spec}: this SAE's features run from 0 to {d_sae - 1}")
     return out

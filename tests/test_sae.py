@@ -810,6 +810,7 @@ def test_sae_from_the_hugging_face_cache(tmp_path, monkeypatch, encoder, pixels)
     (["lens=diffusion"], "lens=diffusion reads the residual stream, not features"),
     (["study=head_importance"], "an interventional study ablates heads"),
     (["sae.features=[3,x]"], "use top, or a list of feature indices"),
+    (["sae.features=[12,3,12]"], "sae.features=[12, 3, 12] names feature 12 twice: give each feature once"),
     (["sae.top_k=0"], "must be at least 1"),
     (["component=[L01F00001]"], "chosen by sae.features"),  # was ignored: the run read the top features
     (["component=[L1H02]"], "drop component="),
