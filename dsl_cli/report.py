@@ -791,10 +791,11 @@ def collection_page(root: Path, folders: list[Path]) -> str:
     top = sorted(f for f in folders if not any(other in f.parents for other in folders))
     sections, unfinished = [], []
     for folder in top:
-        status = (read_manifest(folder) or {}).get("status")
+        manifest = read_manifest(folder) or {}
+        status = manifest.get("status")
         figures = RunFolder(folder).figures(*FIGURE_FOLDERS)
         shown = "".join(thumbnail(rel(p, root)) for p in figures) or "<p class=muted>no figures</p>"
-        what = what_it_is(folder)
+        what = what_it_is(folder, manifest)
         section = (f"<section><h2>{link(rel(RunFolder(folder).page, root), rel(folder, root))} "
                    f"{status_badge(status)}</h2>{f'<p class=what>{esc(what)}</p>' if what else ''}"
                    f"<div class='row thumbs'>{shown}</div></section>")
@@ -809,11 +810,10 @@ def collection_page(root: Path, folders: list[Path]) -> str:
 COMPONENT_WORDS = {"heads": "heads", "mlp": "MLPs", "all": "heads and MLPs"}
 
 
-def what_it_is(folder: Path) -> str:
+def what_it_is(folder: Path, manifest: dict) -> str:
     """One line saying what a run, study or sweep is, from what its manifest records: `steering lens, layer 3,
     heads, 2 images`, `study head_importance, 2 images`, `sweep of 4 jobs: layer=0,1 x lens.alpha=1,4`; empty
-    where its manifest says nothing of it (a run that failed before writing its settings)."""
-    manifest = read_manifest(folder) or {}
+    where its manifest (read by the caller) says nothing of it (a run that failed before writing its settings)."""
     if is_sweep_folder(folder):
         try:
             return sweep_text(manifest_jobs(folder))
