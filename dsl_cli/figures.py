@@ -53,6 +53,7 @@ SIMILARITIES = {
 CAPTION_NOTE = (f"#rank; embed = sim_embed = {SIMILARITIES['sim_embed']}; "
                 f"decoded = sim_decoded = {SIMILARITIES['sim_decoded']}")
 LABEL_NOTE = "; last line: the top ImageNet label of the lens embedding"
+SHARE_NOTE = "; share = attribution = the part's share of cos(embedding, target)"
 FIGURE_DPI = 110  # the pixels per inch of every matplotlib figure's PNG
 TITLE_PAD = 6 / 72  # inches between a panel and its title (matplotlib's own pad, 6 points)
 LABEL_PLOT_WIDTH = 7  # inches: a logit-lens bar chart's width
@@ -182,9 +183,10 @@ def settings_text(row: dict, decoded: bool = True) -> str:
 
 
 def caption_note(rows: list[dict]) -> str:
-    """The note under a grid's title, explaining its captions: the label line only where captions have one
-    (`lens.text=true`)."""
-    return CAPTION_NOTE + (LABEL_NOTE if any(r.get("labels") for r in rows) else "")
+    """The note under a grid's title, explaining its captions: the share only where captions show one (the
+    attribution lens), the label line only where they have one (`lens.text=true`, the logit lens)."""
+    return (CAPTION_NOTE + (SHARE_NOTE if any(r.get("attribution") is not None for r in rows) else "")
+            + (LABEL_NOTE if any(r.get("labels") for r in rows) else ""))
 
 
 def models_text(folder: Path, decoded: bool = True) -> str:
@@ -217,11 +219,24 @@ def shared_models_text(folders: Sequence[Path], decoded: bool = True) -> str:
 
 def _caption(row: dict) -> str:
     text = f"{row['component']}  #{row['rank']}\nembed {row['sim_embed']:.3f}"
+    if row.get("attribution") is not None:  # the attribution lens: what the part gives of the similarity
+        text += f"  share {row['attribution']:.3f}"
     if row.get("sim_decoded") is not None:
         text += f"\ndecoded {row['sim_decoded']:.3f}"
     if row.get("labels"):  # the top zero-shot label, without its cosine
         text += "\n" + row["labels"].split("; ")[0].rsplit(" ", 1)[0]
     return text
+
+
+def with_logit_labels(rows: list[dict], labels: list[dict] | None) -> list[dict]:
+    """similarity.csv's rows with the logit lens's labels (labels.csv, by rank) in their `labels` column, in
+    the form `lens.text` writes (`tabby 0.31; tiger cat 0.29`), for the grids' captions; a row that has its
+    own labels, or none in labels.csv, is left as it is."""
+    by_key = group_rows(sorted(labels or [], key=lambda r: r["rank"]), ("image", "lens", "component"))
+    return [row if row.get("labels") or (row["image"], row["lens"], row["component"]) not in by_key else
+            row | {"labels": "; ".join(f"{r['label']} {r['score']:.2f}"
+                                       for r in by_key[row["image"], row["lens"], row["component"]])}
+            for row in rows]
 
 
 def _tiles(run_dir: Path, image: str, rows: list[dict]) -> list[tuple[Image.Image, str]]:
@@ -647,8 +662,10 @@ def draw_looks(run_dir: Path, rows: list[dict], patch_rows: list[dict]) -> list[
     for (image, lens), group in group_rows(patch_rows, ("image", "lens")).items():
         heads = [(p, by_component.get((image, lens, p["component"]))) for p in group]
         heads.sort(key=lambda pair: pair[1]["rank"] if pair[1] else math.inf)
-        fig = looks_figure(run_dir, image, heads[:TOP_TILES], f"{image}: where each head looks (share of its CLS "
-                                                              f"write per patch) and its {lens} lens picture")
+        decoded = any(row and row["file"] for _, row in heads)  # a run without decoding shows no picture
+        title = (f"{image}: where each head looks (share of its CLS write per patch)"
+                 + (f" and its {lens} lens picture" if decoded else f", {lens} lens (nothing decoded)"))
+        fig = looks_figure(run_dir, image, heads[:TOP_TILES], title)
         path = RunFolder(run_dir).figure("looks", f"{image}_{lens}")
         save_figure(fig, path)
         written.append(path)
@@ -809,7 +826,7 @@ def _draw_job(run_dir: Path, image: str | None, rows: list[dict], tables: dict) 
     one image's other figures."""
     if image is None:
         return {"heatmaps": draw_heatmaps(run_dir, rows, limits=tables["limits"])}
-    drawn = {"grids": draw_grids(run_dir, rows)}
+    drawn = {"grids": draw_grids(run_dir, with_logit_labels(rows, tables["labels"]))}
     if tables["labels"] is not None:
         drawn["labels"] = draw_label_plots(run_dir, tables["labels"])
     if tables["seeds"] is not None or tables["baselines"] is not None:

@@ -59,6 +59,37 @@ def test_the_legend_speaks_of_a_label_line_only_where_captions_have_one(tmp_path
     assert notes and all(("ImageNet" in note) == (n >= len(notes) // 2) for n, note in enumerate(notes))
 
 
+def test_a_logit_lens_grid_names_each_components_top_label_from_labels_csv(tmp_path: Path, monkeypatch) -> None:
+    """The logit lens's point is each component's label (labels.csv); its grids showed the pictures and
+    scores alone. The caption's last line is the rank-1 label of that component, whatever the file's order."""
+    rows = rows_of([1, 2], 3, ("resid",), lens="logit")
+    labels = [{"image": "chelsea", "lens": "logit", "component": r["component"], "rank": rank,
+               "label": f"{r['component']} label {rank}", "score": 0.5 - rank / 10} for r in rows for rank in (2, 1)]
+    pictures_for(tmp_path, rows)
+    grids = captured(monkeypatch, "grid_image")
+    fig_module._draw_job(tmp_path, "chelsea", rows, {"labels": labels, "seeds": None, "baselines": None,
+                                                     "patches": None})
+    captions = [caption for (tiles, *_), _ in grids for _, caption in tiles[1:]]
+    assert captions and all(c.endswith(f"{c.split()[0]} label 1") for c in captions), captions
+    assert all("last line: the top ImageNet label" in kw["note"] for _, kw in grids)
+    own = [r | {"labels": "tabby 0.31; tiger cat 0.29"} for r in rows]  # lens.text's labels are kept
+    assert {r["labels"] for r in fig_module.with_logit_labels(own, labels)} == {"tabby 0.31; tiger cat 0.29"}
+
+
+def test_an_attribution_grid_shows_each_parts_share_and_says_what_it_is(tmp_path: Path, monkeypatch) -> None:
+    """The attribution lens's column is the share of cos(embedding, target); its grids showed the scores
+    alone. Every caption shows its own row's share; only such a grid's legend speaks of shares."""
+    rows = [r | {"lens": "attribution", "attribution": round(0.01 * (n + 1), 3)}
+            for n, r in enumerate(rows_of([1], 3, ("mlp",)))]
+    pictures_for(tmp_path, rows)
+    grids = captured(monkeypatch, "grid_image")
+    fig_module.draw_grids(tmp_path, rows)
+    captions = {caption.split()[0]: caption for (tiles, *_), _ in grids for _, caption in tiles[1:]}
+    assert captions and all(f"share {r['attribution']:.3f}" in captions[r["component"]] for r in rows), captions
+    assert all("share = attribution" in kw["note"] for _, kw in grids)
+    assert "share" not in caption_note(rows_of([1], 3))
+
+
 # ---------------------------------------------------------------- heatmaps: one scale for figures drawn together
 
 
@@ -213,6 +244,22 @@ def test_where_each_head_looks_has_one_colour_bar_for_every_head(tmp_path: Path)
     assert "share of the head's write" in bar.get_ylabel() and bar.get_ylim() == pytest.approx((-limit, limit))
     assert sorted(t.get_text() for t in fig.texts if t.get_text() != fig.get_suptitle()) == [
         f"L01H{h:02d}: where it looks" for h in range(3)] + ["not decoded"] * 3  # no picture beside any head
+
+
+@pytest.mark.parametrize("decoded", [True, False])
+def test_where_each_head_looks_promises_a_picture_only_where_one_was_decoded(decoded: bool, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    rows = rows_of([1], 2)
+    rows = rows if decoded else [r | {"file": ""} for r in rows]
+    pictures_for(tmp_path, [r for r in rows_of([1], 2)])
+    patches = [{"image": "chelsea", "lens": "steering", "component": r["component"], "grid": 2,
+                "shares": "0.1;0.2;-0.1;0.3"} for r in rows]
+    figures = captured(monkeypatch, "save_figure")
+    fig_module.draw_looks(tmp_path, rows, patches)
+    ((fig, _),) = figures
+    title = " ".join(fig.get_suptitle().split())  # wrapped to the figure's width
+    assert ("its steering lens picture" in title) == decoded, title
+    assert ("nothing decoded" in title) != decoded
 
 
 def test_a_look_panel_colours_each_patch_on_the_shared_scale() -> None:
