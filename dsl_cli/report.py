@@ -389,30 +389,49 @@ def top_labels(label_rows: list[dict]) -> dict[tuple[str, str], dict]:
 
 
 COMPONENT_NUMBERS = ["sim_embed", "sim_decoded", "norm", "rank", "layer", "head"]
-# columns only some lenses fill (attribution: the share of cos(embedding, target); an SAE feature's
-# activation): shown where any row holds a value, so other runs' tables gain no empty column
-LENS_NUMBERS = ("attribution", "activation")
+# columns only some runs fill (attribution: the share of cos(embedding, target); decode.seeds > 1: the mean
+# and spread of sim_decoded over the seeds; an SAE feature's activation; a head's top patches; a feature's
+# description): shown where any row holds a value, so other runs' tables gain no empty column
+LENS_NUMBERS = ("attribution", "sim_decoded_mean", "sim_decoded_std", "activation")
+LENS_TEXTS = ("top_patches", "description")
+
+
+def row_label(row: dict, labels: dict[tuple[str, str], dict]) -> tuple[str, float | None]:
+    """A row's top label and its score: the logit lens's (labels.csv), or `lens.text`'s first zero-shot label
+    (`tabby 0.31; tiger cat 0.29`); ("", None) where it has none."""
+    if (row["image"], row["component"]) in labels:
+        label = labels[row["image"], row["component"]]
+        return label["label"], label["score"]
+    name, _, score = (row.get("labels") or "").split("; ")[0].rpartition(" ")
+    try:
+        return name, float(score)
+    except ValueError:
+        return "", None
 
 
 def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) -> str:
     """Every component of every image in one table, sortable by any column, filterable by image, layer
     and kind."""
-    extra = [k for k in LENS_NUMBERS if any(r.get(k) is not None for r in rows)]
-    head = ["image", "component", "kind", "layer", "head", "sim_embed", "sim_decoded", "norm", "rank", *extra]
-    head += ["top label", "label score"] if labels else []
+    numbers = [k for k in LENS_NUMBERS if any(r.get(k) is not None for r in rows)]
+    texts = [k for k in LENS_TEXTS if any(r.get(k) for r in rows)]
+    labelled = bool(labels) or any(r.get("labels") for r in rows)
+    head = ["image", "component", "kind", "layer", "head", "sim_embed", "sim_decoded", "norm", "rank", *numbers,
+            *texts]
+    head += ["top label", "label score"] if labelled else []
     body = []
     for r in rows:
         tds = [cell(esc(r["image"])), cell(esc(r["component"])), cell(esc(r["kind"])), number(r["layer"], 0),
                number(r["head"], 0), number(r["sim_embed"]), number(r["sim_decoded"]), number(r["norm"]),
-               number(r["rank"], 0), *(number(r[k], 4) for k in extra)]
-        if labels:
-            label = labels.get((r["image"], r["component"]), {})
-            tds += [cell(esc(label.get("label", ""))), number(label.get("score", ""))]
+               number(r["rank"], 0), *(number(r.get(k), 4) for k in numbers),
+               *(cell(esc((r.get(k) or "").replace(";", "; "))) for k in texts)]
+        if labelled:
+            label, score = row_label(r, labels)
+            tds += [cell(esc(label)), number(score)]
         tds.append(cell(link(r["file"], "picture") if r["file"] else ""))
         body.append(f"<tr{row_attrs(r, ['image', 'layer', 'kind'])}>{''.join(tds)}</tr>\n")
     return (f'<section id="components"><h2>All components</h2>'
             f"{filters(rows, [('image', 'image'), ('layer', 'layer'), ('kind', 'kind')])}"
-            f"{table(head + ['file'], body, {*COMPONENT_NUMBERS, *extra, 'label score'})}</section>")
+            f"{table(head + ['file'], body, {*COMPONENT_NUMBERS, *numbers, 'label score'})}</section>")
 
 
 def checked_files(folder: Path, rows: list[dict]) -> dict[str, list[dict] | None]:

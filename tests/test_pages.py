@@ -62,6 +62,26 @@ def test_an_attribution_page_shows_its_target_and_its_shares(attribution_run: Pa
     assert '<th data-type="num" tabindex="0">attribution</th>' in components
 
 
+def test_the_component_table_shows_every_column_a_run_filled_and_no_empty_one() -> None:
+    """The run page's table left out what similarity.csv holds beyond the scores (the seeds' mean and spread,
+    a head's top patches, a feature's description, `lens.text`'s labels); a column no row fills stays out."""
+    from dsl_cli.report import components_section
+
+    base = {"image": "cat", "lens": "steering", "kind": "head", "layer": 2, "head": 1, "sim_embed": 0.5,
+            "sim_decoded": 0.7, "norm": 1.0, "rank": 1, "file": ""}
+    rows = [base | {"component": "L02H01", "sim_decoded_mean": 0.61, "sim_decoded_std": 0.04,
+                    "top_patches": "r0c1;r2c2", "labels": "tabby 0.31; tiger cat 0.29"},
+            base | {"component": "L02H02", "head": 2, "description": "whiskers", "labels": ""}]
+    html = components_section(rows, {})
+    heads = [h.split(">")[1].split("<")[0] for h in html.split("<th ")[1:]]
+    assert heads[9:] == ["sim_decoded_mean", "sim_decoded_std", "top_patches", "description", "top label",
+                         "label score", "file"], heads
+    assert ">0.6100<" in html and ">r0c1; r2c2<" in html and ">whiskers<" in html and ">tabby<" in html
+    assert ">0.310<" in html
+    plain = components_section([base | {"component": "L02H01"}], {})
+    assert [h.split(">")[1].split("<")[0] for h in plain.split("<th ")[1:]][9:] == ["file"]
+
+
 def test_an_interrupted_sweeps_page_lists_every_job(tmp_path: Path) -> None:
     """A sweep stopped before its merge (its manifest the claim's stamp) and before its second job started:
     the page lists both jobs with their overrides and states, as `dsl merge` does."""
