@@ -211,6 +211,13 @@ def test_sigterm_during_decoding_is_an_interruption_that_resume_completes(refere
     assert not list(folder.rglob(f"*{TEMP_SUFFIX}")) and not (folder / RunFolder.LOCK).exists()
     resumed(folder)
     assert results(folder) == results(reference)
+    # the interrupted attempt's record is kept in brief, and a resume of the complete run keeps both
+    resumed(folder)
+    attempts = json.loads((folder / "manifest.json").read_text())["earlier_attempts"]
+    assert [(a["status"], "SIGTERM" in (a.get("error") or "")) for a in attempts] == [("interrupted", True),
+                                                                                    ("complete", False)]
+    assert attempts[0]["started"] <= attempts[1]["started"] and {"encoder", "lens"} <= set(attempts[0]["seconds"])
+    assert attempts[1]["resumed_rows"] > 0
 
 
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
