@@ -166,9 +166,10 @@ def lens_text(lens: dict) -> str:
 
 
 def components_read(cfg: dict, manifest: dict, rows: list[dict] | None = None) -> str:
-    """What a run read: the layers it recorded (`layer_ranges`) and the heads its rows hold, before the settings
-    asked (`layer=30`) where those differ (`clamp_to_model` moved a layer or head beyond a smaller model); an
-    SAE run's features (`sae_components_text`). A run from before the layers were recorded: its settings."""
+    """What a run read: the layers it recorded (`layer_ranges`) and the heads its rows hold (a study: the heads
+    it recorded), before the settings asked (`layer=30`) where those differ (`clamp_to_model` moved a layer or
+    head beyond a smaller model); an SAE run's features (`sae_components_text`). A run from before the layers
+    were recorded: its settings."""
     count = f": {manifest['components']} per image" if "components" in manifest else ""
     layers = manifest.get("layers") if isinstance(manifest.get("layers"), list) else None
     sae = sae_components_text(cfg, manifest)
@@ -179,7 +180,8 @@ def components_read(cfg: dict, manifest: dict, rows: list[dict] | None = None) -
                 + count + (f", layers read {layer_ranges(layers)}" if layers else clamped))
     component = cfg.get("component")
     labels = component not in ("heads", "mlp", "all", None)  # labels (`[L3H01, L2MLP]`): layer= and head= unused
-    heads = sorted({r["head"] for r in rows or [] if r.get("kind") == "head" and isinstance(r.get("head"), int)})
+    heads = sorted({r["head"] for r in rows or [] if r.get("kind") == "head" and isinstance(r.get("head"), int)}
+                   or {h for h in manifest.get("heads") or [] if isinstance(h, int)})  # a study records its heads
     read = []
     for key, numbers in (("layer", layers), ("head", heads)):
         if numbers:

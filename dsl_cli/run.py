@@ -606,7 +606,9 @@ def _complete_already(run_dir: Path) -> bool:
 def run_study_job(cfg, run_dir: Path, encoder, preprocess, image_set: ImageSet, components: list[Component],
                   manifest: Manifest) -> None:
     """An interventional study (DESIGN.md section 3) on the chosen heads, instead of decoding."""
-    manifest.update(components=sum(c.kind == "head" for c in components))  # the heads it ablates (figure titles)
+    heads = [c for c in components if c.kind == "head"]  # the heads it ablates (figure titles, its page)
+    manifest.update(components=len(heads), layers=sorted({c.layer for c in heads}),
+                    heads=sorted({c.head for c in heads}))
     with manifest.stage("study"):
         summary = run_study(cfg, run_dir, encoder, preprocess, image_set.images, components)
     manifest.complete(study=summary)

@@ -212,3 +212,6 @@ def test_a_study_sweeps_page_shows_its_pooled_plot_apart_from_each_jobs(tmp_path
     assert '<img src="plots/head_importance.png"' in pooled and "head_importance pooled over jobs 0, 1" in pooled
     assert "<h3>plots/head_importance.png of each job</h3>" in each and 'src="0/plots/head_importance.png"' in each
     assert "<h3>plots/head_importance.png</h3>" not in html
+    # each job's page says which heads it ablated (a study records them: it writes no similarity.csv)
+    job = (tmp_path / "sw" / "1" / "index.html").read_text()
+    assert "<td>layers read 1, heads read 0-3, component=heads: 4 per image</td>" in job
