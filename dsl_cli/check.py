@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 from dsl_cli.config import path_override
 from dsl_cli.errors import UserError
-from dsl_cli.libraries import Library
+from dsl_cli.libraries import Library, import_frozen
 from dsl_cli.weights import cache_folder, refuse_damaged_weights
 
 torch = Library("torch")  # imported when the check starts: `dsl check --help` answers without it
@@ -418,8 +418,7 @@ def _upstream_prior(enc: Any, device: torch.device) -> Upstream:
     are the prior's: shortest edge and crop at the model's size, bicubic, OpenAI mean and std). The PIL one,
     which the prior was released with: transformers 5's default `CLIPImageProcessor` is a torchvision port
     whose resizing differs by a grey level or two in some pixels."""
-    from transformers import CLIPVisionModelWithProjection
-
+    CLIPVisionModelWithProjection = import_frozen("transformers").CLIPVisionModelWithProjection  # bars off
     CLIPImageProcessor = pil_clip_image_processor()
 
     from dsl_cli.encoder.loading import _cached_subfolder, _expand

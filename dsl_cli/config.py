@@ -202,6 +202,8 @@ def encoder_text(encoder: Any) -> str:
         weights = "Kandinsky 2.2 prior"
     if get("source") in ("timm", "hf"):  # the any-ViT loaders: say which library
         name = get("repo_id") if get("source") == "hf" and get("name") != "tiny" else get("name")
+        if get("source") == "hf" and get("checkpoint"):  # a local folder: the default repo_id is not the model
+            name = Path(str(get("checkpoint"))).expanduser().name or str(get("checkpoint"))
         return f"{get('source')} {name} ({weights})"
     return f"{get('name')} ({weights})"
 

@@ -152,6 +152,11 @@ def score(encoder, cache, components: list[Component], embeds: torch.Tensor) -> 
     return Scores(sim_embed=sim, norm=norm)
 
 
+def encoder_part(weight: str) -> str:
+    """Which model a damaged `weight` of the run's encoder belongs to: its adapter's, its SAE's, or its own."""
+    return "adapter" if weight.startswith("adapter.") else "SAE" if weight.startswith("sae.") else "encoder"
+
+
 def encoder_files(weight: str) -> str:
     """What to do about the file that holds a damaged `weight` of the run's encoder (as `nonfinite_weight`
     names it: an adapter's and an SAE's tensors come with their prefix)."""
@@ -172,7 +177,7 @@ def check_finite(lens: "Lens", dtype: str, names: list[str], components: list[Co
     if not (bad_clean.any() or bad.any()):
         return
     if encoder is not None:
-        refuse_damaged_weights("encoder", encoder, encoder_files)
+        refuse_damaged_weights(encoder_part, encoder, encoder_files)
     if bad_clean.any():
         image = names[int(bad_clean.nonzero()[0, 0])]
         raise UserError(f"{image}: the encoder's embedding is not finite (NaN or inf) with encoder.dtype={dtype}; "

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,11 +118,28 @@ def load_errors() -> tuple[type[BaseException], ...]:
 def reason(err: BaseException) -> str:
     """An exception's message on one line, cut to 200 characters (libraries put newlines and tabs in theirs),
     with its cause's where a library wrapped it (diffusers' "Unable to load weights ..." says not why)."""
-    text = " ".join(str(err).split())[:200]
+    text = " ".join(str(err).split())
+    if len(text) > 200:  # cut at a word, and said to be cut
+        text = text[:200].rsplit(" ", 1)[0] + " ..."
     cause = err.__cause__ or err.__context__
     if cause is not None and str(cause) and " ".join(str(cause).split())[:50] not in text:
         return f"{type(err).__name__}: {text} ({reason(cause)})"
     return f"{type(err).__name__}: {text}"
+
+
+LAYER_KEY = re.compile(r"^(.*\.(?:layers?|blocks|resblocks))\.(\d+)\.")  # `vision_model.encoder.layers.7.`
+
+
+def extra_layers(info: dict, model: Any) -> Optional[str]:
+    """From transformers' loading report: the weights' tensors of blocks past those config.json builds (a config
+    that says fewer layers than the weights hold; the library drops them and only logs it, leaving a model with
+    its last blocks cut off), the first three named; None where there are none. A block list is the model's own
+    when the model has one at that path (a CLIP checkpoint's text tower is not the vision model's)."""
+    own = {m[1] for m in map(LAYER_KEY.match, model.state_dict()) if m}
+    extra = sorted(k for k in info.get("unexpected_keys") or [] if (m := LAYER_KEY.match(k)) and m[1] in own)
+    if not extra:
+        return None
+    return ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
 
 
 def missing_tensors(info: dict) -> Optional[str]:
@@ -177,12 +195,13 @@ def _named_weights(obj: Any, prefix: str, seen: set[int]) -> Iterator[tuple[str,
             yield from _named_weights(value, f"{prefix}{name}.", seen)
 
 
-def refuse_damaged_weights(who: str, model: Any, where: str | Callable[[str], str]) -> None:
+def refuse_damaged_weights(who: str | Callable[[str], str], model: Any, where: str | Callable[[str], str]) -> None:
     """Raise the UserError that names a weight of `model` holding NaN or inf, if one does; `who` names the
-    model (the encoder), `where` says what to do about its files (or gives that from the weight's name)."""
+    model (the encoder), `where` says what to do about its files (each, or gives that from the weight's name:
+    an adapted encoder's damaged weight may be its adapter's)."""
     name = nonfinite_weight(model)
     if name is not None:
-        advice = where(name) if callable(where) else where
+        who, advice = (part(name) if callable(part) else part for part in (who, where))
         raise UserError(f"the {who}'s weights hold NaN or inf (e.g. {name}): the weight files are damaged; {advice}")
 
 

@@ -224,6 +224,76 @@ def test_a_damaged_transformers_folder_is_one_line(damage: str, hf_folder: Path,
     one_line(refused, HF_DAMAGE[damage], str(folder))
 
 
+def save_hf_clip(folder: Path, whole: bool = False) -> Path:
+    """A tiny random CLIP of 2 vision layers (with a text tower of 3 where `whole`) and its processor."""
+    import transformers
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=16, projection_dim=16)
+    torch.manual_seed(0)
+    if whole:
+        text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                    projection_dim=16)
+        transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                       projection_dim=16)).save_pretrained(folder)
+    else:
+        transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(**vision)).save_pretrained(folder)
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                                    ).save_pretrained(folder)
+    return folder
+
+
+def test_a_transformers_config_of_fewer_layers_than_its_weights_is_refused(tmp_path: Path) -> None:
+    """transformers drops the tensors of blocks a config.json does not build and only logs it: a CLIP of 2
+    layers whose config says 1 ran as a 1-layer model. A whole CLIP's text tower (3 layers) is not the vision
+    model's and loads as before."""
+    folder = save_hf_clip(tmp_path / "clip")
+    edit_json(folder / "config.json", lambda config: {**config, "num_hidden_layers": 1})
+    cfg = SimpleNamespace(source="hf", name="hf", pretrained="hub", checkpoint=str(folder), repo_id="x/y",
+                          subfolder="")
+    with pytest.raises(UserError) as refused:
+        vit_loading.load_vit(cfg)
+    one_line(refused, "blocks past the 1 layer that config.json says", "vision_model.encoder.layers.1.",
+             str(folder))
+    whole = save_hf_clip(tmp_path / "whole", whole=True)
+    model, _ = vit_loading.load_vit(SimpleNamespace(**{**vars(cfg), "checkpoint": str(whole)}))
+    assert len(model.vision_model.encoder.layers) == 2
+
+
+def test_a_transformers_run_prints_none_of_the_librarys_bars_or_reports(tmp_path: Path) -> None:
+    """A fresh process, as a user's (transformers imported by the hf loader itself, not beforehand): its
+    "Loading weights" bar and its load report (a whole CLIP's text tower is 'UNEXPECTED' in its vision model)
+    reached the terminal; they go to the run's dsl.log."""
+    import os
+    import subprocess
+    import sys
+
+    whole = save_hf_clip(tmp_path / "whole", whole=True)
+    done = subprocess.run([sys.executable, "-m", "dsl_cli.cli", "run", "encoder=hf", f"encoder.checkpoint={whole}",
+                           "lens=diffusion", "layer=all", "decode.enabled=false", "images.limit=1",
+                           f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Loading weights" not in done.stderr and "LOAD REPORT" not in done.stderr, done.stderr
+    assert "LOAD REPORT" in (tmp_path / "run" / "dsl.log").read_text()
+
+
+def test_a_cached_transformers_repository_of_bin_weights_is_found(tmp_path: Path, monkeypatch) -> None:
+    """An older repository holds pytorch_model.bin, not model.safetensors: it was called missing, with a
+    command that cannot fetch a file the repository does not have."""
+    from huggingface_hub import constants
+
+    from helpers import fake_cache
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cfg = SimpleNamespace(source="hf", name="hf", pretrained="hub", checkpoint=None, repo_id="my/vitbin",
+                          subfolder="")
+    (weights,), problems = vit_loading.needs(cfg)
+    assert not problems and not weights.cached()
+    fake_cache(tmp_path / "hub", "my/vitbin", ["config.json", "preprocessor_config.json", "pytorch_model.bin"])
+    assert weights.cached()
+
+
 @pytest.mark.parametrize("content", ["zero-byte", "truncated", "a list"])
 def test_a_damaged_timm_file_is_one_line(content: str, tmp_path: Path) -> None:
     if content == "a list":
@@ -318,3 +388,13 @@ def test_an_sae_cfg_of_the_wrong_type_is_one_line(field: dict) -> None:
 def test_a_vit_without_a_decoder_points_to_adapters() -> None:
     cfg = SimpleNamespace(source="timm", name="tiny")
     assert "dsl adapter fit" in str(vit_loading.no_decoder(cfg))
+
+
+def test_a_long_library_message_is_cut_at_a_word_and_says_so() -> None:
+    """A library's message was cut at 200 characters mid-word ('... torch.Size([96]). si)')."""
+    from dsl_cli.weights import reason
+
+    text = reason(RuntimeError("size mismatch for visual.proj: copying a param with shape torch.Size([64]) " * 4))
+    assert text.endswith("torch.Size([64]) ...") or text.endswith(" ..."), text
+    assert len(text) <= len("RuntimeError: ") + 204 and not text.removesuffix(" ...").endswith(("si", "cop")), text
+    assert reason(ValueError("short")) == "ValueError: short"

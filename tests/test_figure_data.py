@@ -169,6 +169,11 @@ def test_shared_limits_keep_each_kind_on_its_own_scale() -> None:
      {"family": "kandinsky21", "source": "pretrained"}, "ViT-L-14 (openai) -> kandinsky21"),
     ({"source": "open_clip", "name": "ViT-H-14", "pretrained": None}, {"family": "unclip_h14", "source": "random"},
      "ViT-H-14 (random weights) -> unclip_h14 (random)"),
+    # a local transformers folder is named by its folder, not by the preset's default repo_id
+    ({"source": "hf", "name": "hf", "repo_id": "facebook/dinov2-base", "checkpoint": "/data/my-clip/",
+      "pretrained": "hub"}, {"family": "kandinsky22", "source": "tiny"}, "hf my-clip (local weights) -> kandinsky22 (tiny)"),
+    ({"source": "hf", "name": "hf", "repo_id": "facebook/dinov2-base", "pretrained": "hub"},
+     {"family": "kandinsky22", "source": "tiny"}, "hf facebook/dinov2-base (hub) -> kandinsky22 (tiny)"),
 ])
 def test_titles_name_the_encoder_and_decoder(encoder: dict, decoder: dict, expected: str, tmp_path: Path,
                                              monkeypatch) -> None:

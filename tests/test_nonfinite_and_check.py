@@ -134,7 +134,7 @@ def test_a_damaged_adapter_is_named_not_the_encoder_dtype(encoder) -> None:
         check_finite(get_lens("steering"), "fp32", ["a.png"], [Component("head", 0, 0)], *_not_finite(),
                      encoder=AdaptedEncoder(encoder, adapter))
     message = str(refused.value)
-    assert message.startswith("the encoder's weights hold NaN or inf (e.g. adapter.W): " + DAMAGED), message
+    assert message.startswith("the adapter's weights hold NaN or inf (e.g. adapter.W): " + DAMAGED), message
     assert "adapter=" in message and "dtype" not in message and "lens.alpha" not in message
 
 

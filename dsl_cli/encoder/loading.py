@@ -34,7 +34,7 @@ from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
 from dsl_cli.devices import resolve_dtype, seeded_on
 from dsl_cli.errors import UserError
-from dsl_cli.libraries import Library
+from dsl_cli.libraries import Library, import_frozen
 from dsl_cli.weights import Needs, hub_download_command, load_errors, open_clip_needs, prior_encoder_weights, reason
 
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
@@ -273,7 +273,7 @@ def timm_clip_space(cfg: Any) -> tuple[str, Optional[str], int]:
 def _open_clip_match(cfg: Any) -> "tuple[str, str, int] | str | None":
     """The open_clip (model, tag, width) of a timm CLIP tower's weights and activation; a one-line refusal where
     only the activation differs; None where open_clip names no CLIP for them."""
-    import timm
+    timm = import_frozen("timm")
 
     from dsl_cli.encoder.families import is_clip_tower
 

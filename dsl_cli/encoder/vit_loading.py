@@ -25,12 +25,15 @@ import torch
 from torch import Tensor, nn
 
 from dsl_cli.errors import UserError
-from dsl_cli.weights import load_errors, missing_tensors, reason
+from dsl_cli.libraries import import_frozen
+from dsl_cli.weights import extra_layers, load_errors, missing_tensors, reason
 
 log = logging.getLogger("dsl_cli.encoder")
 Preprocess = Callable[[Any], Tensor]  # PIL image -> [3, S, S]
 
 SOURCES = ("timm", "hf")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
 TINY_SEED = 0
 # Tiny random ViTs: 4 layers of 4 heads, 64-pixel images, LayerScale and two register tokens; the timm one pools
 # the mean of its patch tokens through fc_norm and has a 1000-class head (the logit lens reads it), the DINOv2
@@ -51,7 +54,7 @@ def no_decoder(cfg: Any) -> UserError:
 
 def timm_quick_gelu(name: str) -> bool:
     """Whether timm builds model `name` with QuickGELU (built on the meta device: no memory, no weights)."""
-    import timm
+    timm = import_frozen("timm")
 
     with torch.device("meta"):
         model = timm.create_model(name, pretrained=False)
@@ -59,7 +62,9 @@ def timm_quick_gelu(name: str) -> bool:
 
 
 def label(cfg: Any) -> str:
-    return cfg.name if cfg.source == "timm" or cfg.name == "tiny" else cfg.repo_id
+    if cfg.source == "timm" or cfg.name == "tiny":
+        return cfg.name
+    return str(cfg.checkpoint) if cfg.checkpoint else cfg.repo_id
 
 
 def model_shape(cfg: Any) -> Optional[tuple[int, int]]:
@@ -84,7 +89,7 @@ def needs(cfg: Any):
         what = "a timm weights file" if cfg.source == "timm" else "a folder with config.json (save_pretrained)"
         return [], [] if ok else [f"encoder.checkpoint={cfg.checkpoint}: not {what}"]
     if cfg.source == "timm":
-        import timm
+        timm = import_frozen("timm")
 
         pretrained = timm.models.get_pretrained_cfg(cfg.name) if timm.is_model(cfg.name) else None
         repo = getattr(pretrained, "hf_hub_id", None) if pretrained is not None else None
@@ -95,8 +100,10 @@ def needs(cfg: Any):
     folder = f"{cfg.subfolder}/" if cfg.subfolder else ""
     files = [f"{folder}config.json"] + ([] if cfg.pretrained is None else
                                         [f"{folder}preprocessor_config.json", f"{folder}model.safetensors"])
-    return [HubWeights("image encoder", cfg.repo_id, tuple((f,) for f in files),
-                       fetch=lambda: _download(cfg.repo_id, files))], []
+    # the weights in any layout transformers loads: one file or shards, safetensors or an older repository's .bin
+    needs = tuple((f,) if not f.endswith(".safetensors") else tuple(folder + name for name in HF_WEIGHT_FILES)
+                  for f in files)
+    return [HubWeights("image encoder", cfg.repo_id, needs, fetch=lambda: _download(cfg.repo_id, files))], []
 
 
 def _download(repo: str, files: list[str]) -> None:
@@ -125,7 +132,7 @@ def _seeded(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def _timm_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
-    import timm
+    timm = import_frozen("timm")
     from timm.data import resolve_data_config
     from timm.models.vision_transformer import VisionTransformer
 
@@ -159,7 +166,7 @@ def _timm_fix(cfg: Any) -> str:
 
 
 def _timm_fetch_command(cfg: Any) -> str:
-    import timm
+    timm = import_frozen("timm")
 
     repo = getattr(timm.models.get_pretrained_cfg(cfg.name), "hf_hub_id", None)
     return f"hf download {repo} model.safetensors config.json"
@@ -172,7 +179,7 @@ def _timm_weights_file(cfg: Any) -> str:
         if not path.is_file():
             raise UserError(f"encoder.checkpoint={cfg.checkpoint}: no such file (timm weights, .safetensors or .pth)")
         return str(path)
-    import timm
+    timm = import_frozen("timm")
     from huggingface_hub import try_to_load_from_cache
 
     pretrained = timm.models.get_pretrained_cfg(cfg.name)
@@ -192,7 +199,7 @@ def _timm_weights_file(cfg: Any) -> str:
 
 
 def _hf_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
-    import transformers
+    transformers = import_frozen("transformers")
 
     if cfg.name == "tiny":
         config = transformers.Dinov2WithRegistersConfig(**TINY_DINOV2)
@@ -216,10 +223,13 @@ def _hf_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
             # sizes that do not match are reported in `info` (and refused) instead of raised without their names
             model, info = model_class.from_pretrained(**where, output_loading_info=True,
                                                       ignore_mismatched_sizes=True)
-            missing = missing_tensors(info)
+            missing, extra = missing_tensors(info), extra_layers(info, model)
             if missing:
                 raise UserError(f"encoder hf:{source}: its weights lack {missing} (or hold them in another shape "
                                 f"than config.json says), which would be left random; {_hf_fix(cfg)}")
+            if extra:
+                raise UserError(f"encoder hf:{source}: its weights hold blocks past the {config_layers(config)} "
+                                f"that config.json says ({extra}), which would be dropped; {_hf_fix(cfg)}")
         processor = transformers.AutoImageProcessor.from_pretrained(**where)
     except UserError:
         raise
@@ -232,6 +242,12 @@ def _hf_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
     return model.eval(), _hf_preprocess(processor)
 
 
+def config_layers(config: Any) -> str:
+    """'12 layers' from a transformers config (its vision tower's, for a whole CLIP's)."""
+    count = getattr(getattr(config, "vision_config", None) or config, "num_hidden_layers", "?")
+    return f"{count} layer{'' if count == 1 else 's'}"
+
+
 def _hf_fix(cfg: Any) -> str:
     """What to do about a transformers model that could not be loaded: a local folder, or the hub's."""
     if cfg.checkpoint:
@@ -242,7 +258,7 @@ def _hf_fix(cfg: Any) -> str:
 
 def _hf_class(config: Any) -> type:
     """The transformers class whose forward gives this repository's image embedding (or logits)."""
-    import transformers
+    transformers = import_frozen("transformers")
 
     kind = config.model_type
     architectures = getattr(config, "architectures", None) or []
