@@ -95,5 +95,10 @@ def correlations(rows: list[dict], target: str = "importance", scores: Sequence[
 def importance_correlations(rows: list[dict], scores: Sequence[str], resamples: int, seed: int) -> list[dict]:
     """correlations.csv's rows for head-importance rows: `correlations` of importance with each score, the
     bootstrap from `study.bootstrap` resamples seeded by the run's `seed`. One run's stage and a sweep's merge
-    (`HeadImportance.pool`, over every job's rows) both call it, so pooled numbers are computed one way."""
-    return correlations(rows, scores=scores, how=Correlation(resamples=resamples, seed=seed))
+    (`HeadImportance.pool`, over every job's rows) both call it, so pooled numbers are computed one way.
+    The rows are put in one order first (images as they first come, then layer and head): the bootstrap
+    resamples positions, and a sweep's jobs give their rows layer by layer where one run gives them image by
+    image, so the same heads gave other intervals."""
+    images = {image: n for n, image in enumerate(dict.fromkeys(r["image"] for r in rows))}
+    ordered = sorted(rows, key=lambda r: (images[r["image"]], r["layer"], r["head"]))
+    return correlations(ordered, scores=scores, how=Correlation(resamples=resamples, seed=seed))

@@ -65,6 +65,21 @@ def test_a_head_importance_sweep_merges_its_table_and_pools_the_correlations(imp
     assert 'href="plots/head_importance.png"' in page and is_dsl_png(sweep / "plots" / "head_importance.png")
 
 
+def test_a_pooled_sweep_gives_the_correlations_and_intervals_of_one_run_over_the_same_heads(
+        importance_sweep: Path, tmp_path: Path) -> None:
+    """The docs promise what one run would give: the point estimates were equal, but the bootstrap resampled
+    rows in the order given (a sweep's layer by layer, a run's image by image), so the intervals differed."""
+    args = ["run", *TINY[:-1], "study=head_importance", "layer=[0,1]", "study.bootstrap=20", "hydra.run.dir=one"]
+    assert dsl_here(args, tmp_path) == 0
+    one, pooled = (read_csv(folder / CORRELATIONS.name, CORRELATIONS) for folder in (tmp_path / "one", importance_sweep))
+    assert len(one) == len(pooled) > 0
+    for mine, theirs in zip(one, pooled):  # the run's from its own values, the merge's from the CSVs' 6 decimals
+        assert {k: v for k, v in mine.items() if isinstance(v, str)} == \
+            {k: v for k, v in theirs.items() if isinstance(v, str)}
+        assert {k: v for k, v in mine.items() if not isinstance(v, str)} == pytest.approx(
+            {k: v for k, v in theirs.items() if not isinstance(v, str)}, abs=2e-3, nan_ok=True), mine["image"]
+
+
 def test_a_sweep_with_a_job_not_complete_merges_its_rows_and_pools_nothing(importance_sweep: Path, tmp_path,
                                                                           monkeypatch, capsys) -> None:
     sweep = tmp_path / "sw"
