@@ -99,7 +99,11 @@ def target_encoder_cfg(cfg, options: FitOptions):
 
     own = "tiny" if cfg.decoder.source == "tiny" else get_family(cfg.decoder.family).encoder_preset
     preset = options.target or own
-    return compose([f"encoder={preset}"]).encoder
+    try:
+        return compose([f"encoder={preset}"]).encoder
+    except UserError as err:  # the option is adapter.target's here, not encoder='s
+        raise UserError(str(err).replace(f"encoder={preset}:", f"adapter.target={preset}:", 1)
+                        .replace("did you mean encoder=", "did you mean adapter.target=")) from None
 
 
 def default_out(cfg, options: FitOptions) -> Path:

@@ -419,14 +419,28 @@ def _did_you_mean(missing: Exception) -> str:
     return f"did you mean {prefix}{close[0]}? "
 
 
+def _no_such_option(path: str, options: list[str]) -> str:
+    """'lens=steerin: no such option of lens (did you mean steering? the options: ...)' for Hydra's missing
+    group config `lens/steerin`."""
+    group, _, name = path.rpartition("/")
+    group = group.replace("/", ".")
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)  # few options: a looser match
+    hint = f"did you mean {group}={close[0]}? " if close else ""
+    return f"{group}={name}: no such option of {group} ({hint}the options: {', '.join(options)})"
+
+
 def _one_line(err: Exception) -> str:
     """Hydra's and OmegaConf's message (and its cause's) on one line, with what to do instead."""
+    from hydra.errors import MissingConfigException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
     causes, cause = [err], err.__cause__
     while cause is not None:
         causes.append(cause)
         cause = cause.__cause__
+    absent = next((c for c in causes if isinstance(c, MissingConfigException) and c.options), None)
+    if absent is not None:  # a config group's option misspelt (`lens=steerin`)
+        return _no_such_option(str(absent.missing_cfg_file), list(absent.options))
     unknown = (ConfigAttributeError, ConfigKeyError)  # a key the schema does not have
     missing = next((c for c in causes if isinstance(c, unknown) and getattr(c, "full_key", None)), None)
     if missing is not None:

@@ -650,6 +650,9 @@ def test_a_wrong_target_is_fixed_by_the_setting_the_message_names(tmp_path: Path
     fit = ["adapter", "fit", "debug=tiny", "images.limit=2", "adapter.examples=0"]
     code, err = dsl_in_process([*fit, "adapter.target=vitl14"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "use adapter.target=tiny" in _error_line(err) and "encoder=tiny" not in _error_line(err), err
+    code, err = dsl_in_process([*fit, "adapter.target=vitl"], tmp_path, monkeypatch, capsys)  # not a preset
+    assert code == 2 and _error_line(err).startswith(
+        "dsl: error: adapter.target=vitl: no such option of encoder (did you mean adapter.target=vitl14?"), err
     code, err = dsl_in_process([*fit, "adapter.target=tiny", f"adapter.out={tmp_path / 'a'}"], tmp_path,
                                monkeypatch, capsys)
     assert code == 0, err

@@ -178,7 +178,10 @@ COMPOSE_CASES = {
     "unknown_templates": (["lens.templates=bogus"], "expected one of [openai, simple]"),
     "unknown_device": (["device=gpu"], "device=gpu: Invalid value 'gpu', expected one of [auto, cuda, cpu]"),
     "unknown_ablation": (["study=head_importance", "study.ablation=half"], "expected one of [zero, mean, both]"),
-    "unknown_lens": (["lens=bogus"], "Could not find 'lens/bogus'"),
+    "unknown_lens": (["lens=bogus"], "lens=bogus: no such option of lens (the options: attribution, diffusion,"),
+    "misspelt_lens": (["lens=steerin"], "lens=steerin: no such option of lens (did you mean lens=steering? the "
+                                        "options: attribution, diffusion, direct, logit, steering)"),
+    "misspelt_debug": (["debug=tyni"], "debug=tyni: no such option of debug (did you mean debug=tiny?"),
     "misspelt_key": (["lens.alpah=3"], "lens.alpah: no such setting (did you mean lens.alpha?"),
     "misspelt_decode_key": (["decode.stps=3"], "decode.stps: no such setting (did you mean decode.steps?"),
     "misspelt_top_key": (["seeed=3"], "seeed: no such setting (did you mean seed?"),
