@@ -271,6 +271,10 @@ def _record_settings(manifest: dict) -> list[tuple[str, str]]:
     ]
 
 
+def _setting_text(value) -> str:
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
+
+
 def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] | None = None,
                      rows: list[dict] | None = None) -> str:
     """The settings summary, from manifest.json (the resolved config and what the run recorded); a study's
@@ -282,7 +286,11 @@ def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] 
     items = _model_settings(cfg, manifest, rows)
     if study:
         shown = {k: v for k, v in cfg.get("study", {}).items() if read is None or k in ("name", *read)}
-        items.append(("study", ", ".join(f"{k} {'[' + ', '.join(map(str, v)) + ']' if isinstance(v, list) else v}"
+        clamped = (manifest.get("study") or {}).get("clamped")  # what the model's heads cut short
+        clamped = clamped if isinstance(clamped, dict) else {}
+        heads = f" over the {manifest['components']} heads" if isinstance(manifest.get("components"), int) else ""
+        items.append(("study", ", ".join(f"{k} {_setting_text(v)}"
+                                         + (f" (ran {_setting_text(clamped[k])}{heads})" if k in clamped else "")
                                          for k, v in shown.items())))
     else:
         items += _decode_settings(cfg, manifest, None if rows is None else sum(bool(r["file"]) for r in rows))

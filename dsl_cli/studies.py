@@ -440,7 +440,20 @@ def overlay_removal_stage(cfg, run_dir: Path, encoder: HookedEncoder, preprocess
     mean_auc = {order: float(np.mean([r["auc"] for r in group if r["step"] == 0]))
                 for (order,), group in group_rows(result.rows, ("order",)).items()}
     return {"study": "overlay_removal", "rows": len(result.rows), "composites": len(pairs),
-            "ablation": settings.ablation, "mean_auc": mean_auc, "files": ["study_overlay_removal.csv"]}
+            "ablation": settings.ablation, "mean_auc": mean_auc, "files": ["study_overlay_removal.csv"],
+            "clamped": clamped_settings(study, len(heads), decodes(cfg))}
+
+
+def clamped_settings(study, heads: int, decoded: bool) -> dict:
+    """The overlay settings that the model's `heads` cut short, as they ran (`steps 40` over 16 heads ran
+    16 steps), for the study's page; {} where every one ran as asked."""
+    steps = min(int(study.steps), heads)
+    ran = {"steps": steps, "greedy_pool": heads if study.greedy_pool is None else min(int(study.greedy_pool), heads),
+           "decode_steps": sorted({min(int(step), steps) for step in study.decode_steps}) if decoded else None}
+    asked = {"steps": study.steps, "greedy_pool": study.greedy_pool,
+             "decode_steps": list(study.decode_steps) if decoded else None}
+    return {key: value for key, value in ran.items() if value != asked[key] and not (
+        key == "greedy_pool" and asked[key] is None)}
 
 
 def decode_kept(cfg, run_dir: Path, encoder: HookedEncoder, kept: dict[tuple, Tensor]) -> None:

@@ -202,6 +202,26 @@ def test_a_clamped_runs_settings_say_what_it_read_before_what_it_asked() -> None
         manifest, rows=rows)
 
 
+def test_an_overlay_study_on_a_small_model_says_the_settings_it_ran_with() -> None:
+    """On 16 heads `steps 40` ran 16 steps and decoded steps 0, 5, 10, 16: the page said 40 and [0, 5, 10, 20,
+    40], while its plot and fades showed what ran."""
+    from types import SimpleNamespace
+
+    from dsl_cli.report import settings_section
+    from dsl_cli.studies import clamped_settings
+
+    study = SimpleNamespace(steps=40, greedy_pool=32, decode_steps=[0, 5, 10, 20, 40])
+    clamped = clamped_settings(study, 16, decoded=True)
+    assert clamped == {"steps": 16, "greedy_pool": 16, "decode_steps": [0, 5, 10, 16]}
+    assert clamped_settings(study, 64, decoded=False) == {}  # a model as large as asked: nothing to say
+    assert clamped_settings(SimpleNamespace(**{**vars(study), "greedy_pool": None}), 64, True) == {}  # None: all
+    config = {"study": {"name": "overlay_removal", "steps": 40, "greedy_pool": 32, "decode_steps": [0, 5, 10, 20, 40]}}
+    html = settings_section({"made_by": "dsl", "config": config, "components": 16,
+                             "study": {"clamped": clamped}}, study=True)
+    assert ("steps 40 (ran 16 over the 16 heads), greedy_pool 32 (ran 16 over the 16 heads), decode_steps "
+            "[0, 5, 10, 20, 40] (ran [0, 5, 10, 16] over the 16 heads)") in html
+
+
 def test_a_study_sweeps_page_shows_its_pooled_plot_apart_from_each_jobs(tmp_path: Path) -> None:
     """A sweep of a study over layer=0,1 pools the jobs into plots/head_importance.png: the page only linked
     it, and headed each job's own plots with the pooled one's path."""
