@@ -1099,15 +1099,29 @@ def read_csv(path: Path, table: Table = SIMILARITY) -> list[dict]:
             table = table.with_columns(header[len(columns):])  # a study's further lenses' scores
             columns = table.columns
         if header is not None and (not header or header != columns[:len(header)]):
-            raise UserError(f"{path}: not a CSV written by this version of dsl (columns {printable(str(header))})")
+            raise UserError(f"{path}: not a CSV written by this version of dsl (columns {printable(str(header))}); "
+                            + rewrite_advice(path))
         rows = [{**dict.fromkeys(columns, ""), **row} for row in reader  # an earlier version's: later columns empty
                 if len(row) == len(header) and None not in row.values()]
     except csv.Error as err:
-        raise UserError(f"{path}: not readable as a dsl CSV ({err}); the file was damaged or edited") from None
-    for number, row in enumerate(rows, start=2):
-        type_row(row, table, f"{path} row {number}:")
-        _check_row(row, f"{path} row {number}:")
+        raise UserError(f"{path}: not readable as a dsl CSV ({err}); the file was damaged or edited; "
+                        + rewrite_advice(path)) from None
+    try:
+        for number, row in enumerate(rows, start=2):
+            type_row(row, table, f"{path} row {number}:")
+            _check_row(row, f"{path} row {number}:")
+    except UserError as err:
+        raise UserError(f"{err}: {rewrite_advice(path)}") from None
     return rows
+
+
+def rewrite_advice(path: Path) -> str:
+    """How a damaged CSV of dsl's is written again: a sweep's merged table by `dsl merge`, a run's (or a
+    study's) by deleting it and resuming the run (which writes its tables again, keeping whole pictures)."""
+    folder = path.parent
+    if is_sweep_folder(folder):
+        return f"`dsl merge {folder}` writes it again from the jobs"
+    return f"delete it, and `dsl run resume={folder}` writes it again"
 
 
 def run_rows(run_dir: Path, resume: Path | None = None) -> list[dict]:

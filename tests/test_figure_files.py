@@ -92,6 +92,23 @@ def test_plot_refuses_a_non_finite_score_typed_into_similarity_csv(typed: str, r
     CsvLog(run_copy / "similarity.csv", SIMILARITY.columns).rewrite(rows)
     code, err = dsl_in_process(["plot", str(run_copy)], tmp_path, monkeypatch, capsys)
     assert code == 2 and f"sim_embed '{typed}' is not a number" in one_line(err), err
+    assert f"delete it, and `dsl run resume={run_copy}` writes it again" in one_line(err), err
+
+
+@pytest.mark.parametrize("damage", ["a value edited", "the header deleted"])
+def test_an_edited_csv_says_what_writes_it_again_and_that_does(damage: str, run_copy: Path, tmp_path: Path,
+                                                              monkeypatch, capsys) -> None:
+    """Edited rather than cut short, a CSV was refused with no way out (resume refused it too)."""
+    path = run_copy / "similarity.csv"
+    whole, lines = path.read_bytes(), path.read_text().splitlines(keepends=True)
+    lines = lines[1:] if damage == "the header deleted" else [lines[0], lines[1].replace(",0.", ",x0.", 1), *lines[2:]]
+    path.write_text("".join(lines))
+    code, err = dsl_in_process(["report", str(run_copy)], tmp_path, monkeypatch, capsys)
+    advice = f"delete it, and `dsl run resume={run_copy}` writes it again"
+    assert code == 2 and one_line(err).endswith(advice), err
+    path.unlink()
+    assert dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)[0] == 0
+    assert path.read_bytes() == whole
 
 
 def test_empty_cells_and_a_correlations_nan_still_read(tmp_path: Path) -> None:
