@@ -191,6 +191,14 @@ class RunConfig:
     adapter: Optional[str] = None  # a fitted adapter (`dsl adapter fit`): every lens decodes through it
 
 
+def images_source(images: Any) -> Any:
+    """The images' source as a run reads them (`dsl_cli.images.load_images`): `images.path=X` alone means the
+    folder source, although the default `images: samples` composed `source: samples` beside it."""
+    if images.get("source") == "samples" and images.get("path") and not images.get("names"):
+        return "folder"
+    return images.get("source")
+
+
 def encoder_text(encoder: Any) -> str:
     """An encoder config (a dict or a config) in words, for titles and pages: `ViT-L-14 (openai)`,
     `ViT-bigG-14 (Kandinsky 2.2 prior)`, `timm vit_base_patch16_224 (random weights)`, `tiny encoder`."""

@@ -21,7 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from dsl_cli.config import path_override
+from dsl_cli.config import images_source, path_override
 from dsl_cli.errors import (STOP_SIGNALS, FolderTaken, Interrupted, Refused, UserError, bug_message, printable,
                             raise_if_stopped, report, stop, stop_handler)
 from dsl_cli.logs import close_file_logs
@@ -164,6 +164,7 @@ def task(cfg: DictConfig) -> None:
                 drop_bookkeeping(folder)
                 _report(err, folder.path, None, kept=False)
             raise
+        cfg.images.source = images_source(cfg.images)  # recorded as read: `images.path=X` is the folder source
         try:
             claim(folder, cfg)
         except UserError as err:  # not this job's folder: nothing is recorded there

@@ -31,7 +31,7 @@ from dsl_cli.adapters import adapt_encoder, check_steerable, manifest_entry, run
 from dsl_cli.baselines import (Extra, baseline_extras, order_extras, score_extras, seed_extras, seed_spread,
                                start_extras, whole_batches)
 from dsl_cli.components import Component
-from dsl_cli.config import RunConfig, encoder_text
+from dsl_cli.config import RunConfig, encoder_text, images_source
 from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
                              load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_device
@@ -149,6 +149,8 @@ def check_settings_kept(cfg: DictConfig, run_dir: Path) -> None:
     earlier = (read_manifest(run_dir) or {}).get("config")
     if not isinstance(earlier, dict):
         return  # a fresh run, or one stopped before its first attempt recorded its config
+    if isinstance(earlier.get("images"), dict):  # a run started before its source was recorded as read
+        earlier = {**earlier, "images": {**earlier["images"], "source": images_source(earlier["images"])}}
     try:
         now = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
@@ -578,6 +580,7 @@ def run(cfg: DictConfig, run_dir: Path) -> None:
     try:
         if cfg.resume and not is_sweep_folder(Path(cfg.resume)):
             cfg = saved_config(run_dir)
+            cfg.images.source = images_source(cfg.images)  # as `dsl_cli.job.task` records it (an older run's)
         elif _complete_already(run_dir):  # a requeued job or a job of a resumed sweep that finished before
             return
         check_settings_kept(cfg, run_dir)

@@ -123,6 +123,20 @@ def test_a_run_from_before_fingerprints_still_resumes_and_records_them(photos: P
     assert json.loads((run / "manifest.json").read_text())["fingerprints"]["images"].keys() == {"one", "two"}
 
 
+def test_a_path_alone_is_recorded_as_the_folder_source_and_an_older_record_still_resumes(
+        photos: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """`images.path=X` reads the folder, but the record said `source: samples` beside the path."""
+    run = scored_run(photos, tmp_path, monkeypatch, capsys)
+    assert json.loads((run / "manifest.json").read_text())["config"]["images"]["source"] == "folder"
+    config = run / ".hydra" / "config.yaml"
+    assert "source: folder" in config.read_text()
+    # a run recorded before: `samples` in both, resumed as before
+    edit_manifest(run, lambda manifest: manifest["config"]["images"].update(source="samples"))
+    config.write_text(config.read_text().replace("source: folder", "source: samples"))
+    code, err = dsl_in_process(["run", f"resume={run}"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+
+
 def test_damaged_image_fingerprints_are_refused_as_a_damaged_manifest(photos: Path, tmp_path: Path, monkeypatch,
                                                                       capsys) -> None:
     run = scored_run(photos, tmp_path, monkeypatch, capsys)
