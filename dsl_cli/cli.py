@@ -73,7 +73,9 @@ Write or refresh index.html in a run, study or sweep folder, and in every one be
 files alone (no model, no figures redrawn: `dsl plot` does that). A run's page shows its settings, each
 image's input, heatmaps (each cell a link to its picture) and best pictures, and a table of every component
 that sorts on a click and filters by image, layer and kind; a study's page its plot and tables; a sweep's
-page its jobs and their heatmaps. Pages open from file:// with no server and no network.
+page its jobs and their heatmaps. Given a folder that holds runs but is none itself (outputs/, a date
+folder), also its own index.html: every run, study and sweep below it, with a link to its page and every
+figure it drew. Pages open from file:// with no server and no network.
 """
 
 
@@ -248,7 +250,7 @@ def _redraw(folder: Path) -> list[str]:
         else:
             total += len(found)
         drawn |= {where: count for where, count in found.items() if count is not None}
-    lines = [f"redrew {count} figures in {where}" for where, count in drawn.items()]
+    lines = [f"redrew {count} figure{'' if count == 1 else 's'} in {where}" for where, count in drawn.items()]
     if refused:
         raise PartlyDone(refused, total, lines)
     if not drawn:  # runs stopped before their first row: their pages were written again, no figure

@@ -490,7 +490,8 @@ def read_manifest(folder: Path) -> dict | None:
 def _check_types(data: dict, types: dict, path: Path, prefix: str) -> None:
     for key, kind in types.items():
         if key in data and not isinstance(data[key], kind):
-            raise damaged(path, f"{prefix}{key} is a {type(data[key]).__name__}")
+            kind = type(data[key]).__name__
+            raise damaged(path, f"{prefix}{key} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}")
 
 
 def is_sweep_folder(folder: Path) -> bool:

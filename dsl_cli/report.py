@@ -176,7 +176,8 @@ def components_read(cfg: dict, manifest: dict, rows: list[dict] | None = None) -
     if sae or not layers:
         clamped = ("; clamp_to_model: a layer or head beyond the model is read as its last"
                    if cfg.get("clamp_to_model") and not sae else "")
-        return ((sae or f"layer={cfg.get('layer')} head={cfg.get('head')} component={cfg.get('component')}")
+        return ((sae or f"layer={_value(cfg.get('layer'))} head={_value(cfg.get('head'))} "
+                        f"component={_value(cfg.get('component'))}")
                 + count + (f", layers read {layer_ranges(layers)}" if layers else clamped))
     component = cfg.get("component")
     labels = component not in ("heads", "mlp", "all", None)  # labels (`[L3H01, L2MLP]`): layer= and head= unused
@@ -188,10 +189,16 @@ def components_read(cfg: dict, manifest: dict, rows: list[dict] | None = None) -
             asked = None if labels else _asked_numbers(cfg.get(key))
             moved = ", moved into the model by clamp_to_model" if cfg.get("clamp_to_model") and asked else ""
             read.append(f"{key}s read {layer_ranges(numbers)}"
-                        + (f" (asked {key}={cfg.get(key)}{moved})" if asked not in (None, set(numbers)) else ""))
+                        + (f" (asked {key}={_value(cfg.get(key))}{moved})"
+                           if asked not in (None, set(numbers)) else ""))
         elif key == "head" and not labels and component != "mlp":
             read.append(f"head={cfg.get('head')}")  # the heads are not at hand here (a study's page): as asked
-    return ", ".join(read) + f", component={component}{count}"
+    return ", ".join(read) + f", component={_value(component)}{count}"
+
+
+def _value(value) -> str:
+    """A setting as it is typed on the command line: `[L3MLP, L0H1]`, not Python's `['L3MLP', 'L0H1']`."""
+    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
 
 
 def _asked_numbers(spec) -> set[int] | None | bool:
@@ -271,10 +278,6 @@ def _record_settings(manifest: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _setting_text(value) -> str:
-    return "[" + ", ".join(map(str, value)) + "]" if isinstance(value, list) else str(value)
-
-
 def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] | None = None,
                      rows: list[dict] | None = None) -> str:
     """The settings summary, from manifest.json (the resolved config and what the run recorded); a study's
@@ -289,8 +292,8 @@ def settings_section(manifest: dict, study: bool = False, read: tuple[str, ...] 
         clamped = (manifest.get("study") or {}).get("clamped")  # what the model's heads cut short
         clamped = clamped if isinstance(clamped, dict) else {}
         heads = f" over the {manifest['components']} heads" if isinstance(manifest.get("components"), int) else ""
-        items.append(("study", ", ".join(f"{k} {_setting_text(v)}"
-                                         + (f" (ran {_setting_text(clamped[k])}{heads})" if k in clamped else "")
+        items.append(("study", ", ".join(f"{k} {_value(v)}"
+                                         + (f" (ran {_value(clamped[k])}{heads})" if k in clamped else "")
                                          for k, v in shown.items())))
     else:
         items += _decode_settings(cfg, manifest, None if rows is None else sum(bool(r["file"]) for r in rows))

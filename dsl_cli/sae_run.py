@@ -152,12 +152,12 @@ def _check_layer_asked(run_dir: Path, layer: int, n_layers: int, source: str) ->
 
 
 def write_features_csv(run_dir: Path, rows: list[dict]) -> None:
-    from dsl_cli.outputs import atomic_write_bytes
+    from dsl_cli.outputs import atomic_write_bytes, csv_text
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, FEATURE_COLUMNS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_text(v) for k, v in row.items()} for row in rows)  # 6 decimals, as every CSV
     atomic_write_bytes(run_dir / FEATURES_CSV, buffer.getvalue().encode())
 
 

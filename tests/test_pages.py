@@ -196,6 +196,9 @@ def test_a_clamped_runs_settings_say_what_it_read_before_what_it_asked() -> None
     html = settings_section(manifest, rows=rows)
     assert ("<td>layers read 3 (asked layer=30, moved into the model by clamp_to_model), heads read 0-3, "
             "component=heads: 4 per image</td>") in html
+    listed = decoding_manifest(components=2)  # labels, before the layers were recorded: as typed
+    listed["config"] |= {"layer": 30, "head": "all", "component": ["L3MLP", "L0H1"]}
+    assert "component=[L3MLP, L0H1]: 2 per image" in settings_section(listed, rows=rows)
     manifest["config"] |= {"layer": [1, 3], "clamp_to_model": False}
     manifest["layers"] = [1, 3]
     assert "<td>layers read 1, 3, heads read 0-3, component=heads: 4 per image</td>" in settings_section(

@@ -524,6 +524,7 @@ def test_run_over_features_end_to_end(tmp_path, monkeypatch, capsys):
     with (run / "features.csv").open() as handle:
         tops = list(csv.DictReader(handle))
     assert sorted({r["component"] for r in tops}) == chosen
+    assert all(re.fullmatch(r"-?\d+\.\d{6}", r["activation"]) for r in tops), tops  # 6 decimals, as every CSV
     page = (run / "index.html").read_text()
     assert 'id="sae-features"' in page and all(f'id="{c}"' in page for c in chosen)
     assert "images/astronaut/input.png" in page.split('id="sae-features"')[1]
