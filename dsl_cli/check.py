@@ -618,6 +618,8 @@ def run_check(cfg: Any, device: Optional[torch.device] = None) -> list[Row]:
     device = device or resolve_device(cfg.device)
     todo = roles(cfg)
     rows, upstream = [], None
+    if uncompared(cfg):
+        uncompared_weights_sound(cfg, device)
     if "encoder" in todo:
         encoder, upstream = encoder_rows(cfg, sample_photos(), device)
         rows += encoder
@@ -626,6 +628,19 @@ def run_check(cfg: Any, device: Optional[torch.device] = None) -> list[Row]:
     if "decoder" in todo:
         rows += decoder_rows(cfg, upstream, device)
     return rows
+
+
+def uncompared_weights_sound(cfg: Any, device: torch.device) -> None:
+    """A transformers or timm ViT has no loader of dsl's to compare with its library's (dsl loads it with that
+    library), but its weights can still be damaged: it is loaded as a run loads it, and weights that hold NaN
+    or inf are refused (exit status 2) where the verdict said `nothing compared` and exit status 0."""
+    from dsl_cli.encoder import load_encoder
+
+    encoder, _ = load_encoder(cfg.encoder, device=device)
+    where = cfg.encoder.checkpoint or (cfg.encoder.repo_id if cfg.encoder.source == "hf" else cfg.encoder.name)
+    refuse_damaged_weights(WHO["encoder"], encoder, f"check {where} (or fetch it again with --force-download)")
+    del encoder
+    _drop(device)
 
 
 def require_local(cfg: Any) -> None:
@@ -660,7 +675,8 @@ def table(cfg: Any, rows: list[Row]) -> str:
 
 
 NOT_COMPARED = ("{}: dsl check compares open_clip and kandinsky_prior encoders, text towers and decoders with "
-                "their upstream loaders, not transformers or timm ViTs")
+                "their upstream loaders, not transformers or timm ViTs (loaded by their own library; its weights "
+                "load and hold no NaN or inf)")
 
 
 def verdict(rows: list[Row], skipped: Optional[str] = None) -> tuple[int, str]:

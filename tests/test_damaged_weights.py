@@ -108,6 +108,15 @@ def test_a_prior_config_of_the_wrong_shape_is_one_line(content, prior: Path, tmp
         loading.model_shape(prior_cfg(folder))
 
 
+def test_a_prior_config_of_more_layers_than_its_weights_names_the_missing_tensor(prior: Path, tmp_path: Path) -> None:
+    """It was a bare `KeyError: 'vision_model.encoder.layers.2...'`."""
+    folder = copy_folder(prior, tmp_path / "prior")
+    edit_json(folder / "config.json", lambda config: {**config, "num_hidden_layers": 3})
+    with pytest.raises(UserError) as refused:
+        load_encoder(prior_cfg(folder))
+    one_line(refused, "they lack vision_model.encoder.layers.2.", "the config and the weights are not of one model")
+
+
 def test_a_prior_of_another_width_is_refused_by_the_pairing_check(pipeline: Path, tmp_path: Path) -> None:
     """Judged by its config.json's projection_dim, not by encoder.name (which says bigG, 1280 wide)."""
     decoder = DecoderConfig(path=str(pipeline))

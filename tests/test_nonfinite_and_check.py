@@ -87,15 +87,27 @@ def test_check_names_damaged_weights_exits_2_and_records_nothing(which, who, fil
     assert check.recorded(check.compose(args)) == {which: "unchecked"}
 
 
-def test_check_says_a_timm_or_hf_encoder_is_not_compared(tmp_path, monkeypatch, capsys) -> None:
-    """Pretrained weights that dsl check has no upstream loader for are not "no pretrained weights"."""
+def test_check_says_a_timm_or_hf_encoder_is_not_compared_but_refuses_its_damaged_weights(tmp_path, capsys) -> None:
+    """Pretrained weights that dsl check has no upstream loader for are not "no pretrained weights"; loaded by
+    their own library, they are still checked for NaN and for being readable (a NaN passed with status 0)."""
+    import timm
+    from safetensors.torch import save_file
+
     weights = tmp_path / "vit.safetensors"
-    weights.write_bytes(b"")
-    assert check.main(["encoder=timm", "encoder.name=vit_tiny_patch16_224", f"encoder.checkpoint={weights}",
-                       "decode.enabled=false", "device=cpu"]) == 0
+    args = ["encoder=timm", "encoder.name=vit_tiny_patch16_224", f"encoder.checkpoint={weights}",
+            "decode.enabled=false", "device=cpu"]
+    full = timm.create_model("vit_tiny_patch16_224", pretrained=False).state_dict()
+    save_file(full, weights)
+    assert check.main(args) == 0
     verdict = capsys.readouterr().out.strip().splitlines()[-1]
     assert verdict.startswith("nothing compared: encoder=timm") and "not transformers or timm ViTs" in verdict
-    assert "no pretrained weights" not in verdict
+    assert "no pretrained weights" not in verdict and "hold no NaN" in verdict
+    full["blocks.1.mlp.fc1.weight"][0, 0] = float("nan")
+    save_file(full, weights)
+    assert check.main(args) == 2
+    assert "the encoder's weights hold NaN or inf (e.g. visual.blocks.1.mlp.fc1.weight)" in capsys.readouterr().err
+    weights.write_bytes(b"")
+    assert check.main(args) == 2 and "could not be read" in capsys.readouterr().err
 
 
 def test_check_prints_no_library_notices_or_bars(saved, tmp_path) -> None:

@@ -33,7 +33,7 @@ from dsl_cli.encoder.hooked import HookedEncoder
 from dsl_cli.encoder.preprocess import ClipImageProcessor
 from dsl_cli.encoder.openclip_api import build_text_tower, build_vision_tower
 from dsl_cli.devices import resolve_dtype, seeded_on
-from dsl_cli.errors import UserError
+from dsl_cli.errors import UserError, printable
 from dsl_cli.libraries import Library, import_frozen
 from dsl_cli.weights import Needs, hub_download_command, load_errors, open_clip_needs, prior_encoder_weights, reason
 
@@ -505,6 +505,10 @@ def _user_errors_reading(path: str, what: str) -> Iterator[None]:
     except UserError:
         raise
     except load_errors() as err:
+        if type(err) is KeyError:  # a tensor the config builds that the file lacks (a config of more layers)
+            raise UnreadableWeights(f"{path}: cannot read the {what} weights from it (they lack "
+                                    f"{printable(str(err.args[0] if err.args else err))}, which its config asks "
+                                    "for: the config and the weights are not of one model)") from err
         raise UnreadableWeights(f"{path}: cannot read the {what} weights from it ({reason(err)})") from err
 
 
