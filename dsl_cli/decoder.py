@@ -230,7 +230,9 @@ def check_pairing(space: Any, cfg: DecoderConfig, key: str = "encoder") -> None:
 def get_family(name: str) -> type["Decoder"]:
     """The `Decoder` class registered as `decoder.family=name`."""
     if name not in FAMILIES:
-        raise UserError(f"decoder.family={name!r}: choose one of {', '.join(FAMILIES)}")
+        raise UserError(f"decoder.family={name!r}: choose one of {', '.join(FAMILIES)} "
+                        "(one of your own: import the module that registers it, then call dsl_cli.cli.main; "
+                        "docs/extending.md)")
     return FAMILIES[name]
 
 

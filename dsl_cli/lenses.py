@@ -518,8 +518,20 @@ def register(cls: type[Lens]) -> type[Lens]:
     if unknown:  # refused now, not when the first rows are written after the run's work
         raise ValueError(f"lens {cls.name!r}: similarity.csv has no column {', '.join(map(repr, unknown))} "
                          "(its columns: outputs.SimilarityRow)")
+    owned = [column for column in cls.columns if column not in LENS_COLUMNS]
+    if owned:  # a lens's `image` or `layer` named other pictures' files and overwrote them
+        raise ValueError(f"lens {cls.name!r}: {', '.join(map(repr, owned))} of similarity.csv is the run's to fill; "
+                         f"a lens fills {', '.join(LENS_COLUMNS)}")
+    taken = LENSES.get(cls.name)
+    if taken is not None and taken.__module__ == __name__ and cls is not taken:
+        raise ValueError(f"lens name {cls.name!r} is one of dsl's own lenses: give yours another name")
     LENSES[cls.name] = cls
     return cls
+
+
+# similarity.csv's columns a lens may fill (`Lens.columns`); the others are the run's own (where the row is, its
+# scores, its picture, the SAE's activation, the seeds' spread)
+LENS_COLUMNS = ("mode", "alpha", "attribution", "description")
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")
@@ -556,7 +568,9 @@ def _declared(lens: Lens, method: str, given: dict) -> None:
 
 def lens_class(name: str) -> type[Lens]:
     if name not in LENSES:
-        raise UserError(f"lens={name!r}: choose one of {', '.join(LENSES)}")
+        raise UserError(f"lens={name!r}: choose one of {', '.join(LENSES)} "
+                        "(one of your own: import the module that registers it, then call dsl_cli.cli.main; "
+                        "docs/extending.md)")
     return LENSES[name]
 
 

@@ -127,7 +127,9 @@ def register_study(cls: type[Study]) -> type[Study]:
 
 def study_class(name: str) -> type[Study]:
     if name not in STUDIES:
-        raise UserError(f"study={name!r}: choose one of {', '.join(STUDIES)}")
+        raise UserError(f"study={name!r}: choose one of {', '.join(STUDIES)} "
+                        "(one of your own: import the module that registers it, then call dsl_cli.cli.main; "
+                        "docs/extending.md)")
     return STUDIES[name]
 
 

@@ -478,3 +478,27 @@ def test_a_lens_filling_a_column_the_csv_does_not_have_is_refused_when_registere
     assert str(refused.value) == ("lens 'extra_column': similarity.csv has no column 'novelty', 'surprise' "
                                   "(its columns: outputs.SimilarityRow)")
     assert "extra_column" not in lenses.LENSES
+
+
+@pytest.mark.parametrize("column", ["image", "layer", "sim_embed", "rank", "file", "activation"])
+def test_a_lens_filling_a_column_that_is_the_runs_own_is_refused_when_registered(column: str) -> None:
+    """A plugin lens's `image` column named another image's pictures, which overwrote each other; its
+    `sim_embed` ended in an internal error."""
+    class Liar(lenses.Lens):
+        name = "liar"
+        columns = ("mode", column)
+
+    with pytest.raises(ValueError) as refused:
+        lenses.register(Liar)
+    assert str(refused.value) == (f"lens 'liar': {column!r} of similarity.csv is the run's to fill; a lens fills "
+                                  "mode, alpha, attribution, description")
+    assert "liar" not in lenses.LENSES
+
+
+def test_a_plugin_lens_cannot_take_the_name_of_one_of_dsls_own() -> None:
+    class Steering(lenses.Lens):
+        name = "steering"
+
+    with pytest.raises(ValueError, match="'steering' is one of dsl's own lenses"):
+        lenses.register(Steering)
+    assert lenses.LENSES["steering"] is lenses.SteeringLens

@@ -233,8 +233,9 @@ def test_a_lens_values_get_the_runs_encoder_cache_components_and_its_own_embeddi
 
 def test_an_unknown_name_is_one_line_naming_the_registered_ones(tmp_path, monkeypatch, capsys) -> None:
     for setting, line in [
-        ("lens.name=nothing", "lens='nothing': choose one of diffusion, direct, steering, logit, attribution"),
-        ("study.name=nothing", "study='nothing': choose one of head_importance, overlay_removal"),
+        ("lens.name=nothing", "lens='nothing': choose one of diffusion, direct, steering, logit, attribution "
+                              "(one of your own: import the module that registers it, then call dsl_cli.cli.main"),
+        ("study.name=nothing", "study='nothing': choose one of head_importance, overlay_removal (one of your own"),
         ("study.lenses=[steering,nothing]", "lens='nothing': choose one of"),
         ("study.lenses=[diffusion]", "study.lenses: lens diffusion reads no attention head, which a study scores"),
         ("study.stepz=3", "study.stepz: no such setting"),  # a misspelt key: refused as the config is composed
