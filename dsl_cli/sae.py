@@ -416,7 +416,11 @@ def check_trained_on(sae_cfg: dict, source: str, encoder_cfg) -> None:
     A name that dsl cannot compare, or none, is logged and the SAE read."""
     trained, run = _cfg_value(sae_cfg, "model_name"), encoder_model_name(encoder_cfg)
     trained = str(trained) if trained else None
-    if trained is not None and trained in (run, str(encoder_cfg.get("name"))):  # the bare name: dsl's before
+    name = str(encoder_cfg.get("name"))
+    # a timm or transformers model by its bare encoder.name: what dsl wrote before; never `tiny`, which names the
+    # tiny ViT of every library (an SAE of the open_clip one was read on the tiny DINOv2)
+    earlier = [name] if str(encoder_cfg.source) in ("timm", "hf") and name != "tiny" else []
+    if trained is not None and trained in (run, *earlier):
         return
     ours = clip_architecture(trained or "")
     by_dsl = _cfg_value(sae_cfg, "trained_by") == TRAINED_BY_DSL

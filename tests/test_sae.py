@@ -362,6 +362,10 @@ HF_DINO = {"source": "hf", "name": "hf", "repo_id": "facebook/dinov2-base", "che
     ("hf", True, HF_DINO, False),  # what `dsl sae train` wrote of a transformers model before
     ("timm/vit_base_patch16_224.augreg_in21k_ft_in1k", True, HF_DINO, True),  # dsl's own name of another encoder
     ("ViT-L-14", True, {"source": "tiny", "name": "tiny"}, True),
+    # the tiny ViTs of three libraries share encoder.name `tiny`: an SAE of one is not another's
+    ("tiny", True, {"source": "hf", "name": "tiny", "repo_id": "tiny-dinov2"}, True),
+    ("tiny", True, {"source": "timm", "name": "tiny"}, True),
+    ("tiny", True, {"source": "tiny", "name": "tiny"}, False),
 ])
 def test_an_sae_trained_on_another_encoder_is_refused(model_name, by_dsl, encoder, refused):
     """An SAE whose cfg names (`model_name`) another encoder than the run's was read without a word when the
