@@ -33,7 +33,7 @@ from dsl_cli.outputs import (SIMILARITY, RunFolder, atomic_write_bytes,
                              claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest,
                              run_rows)
 from dsl_cli.sae_report import features_section, sae_components_text  # SAE features, without torch
-from dsl_cli.study_registry import find_study, redraw_study
+from dsl_cli.study_registry import find_study, redraw_study, refuse_unregistered
 
 STYLE = """
 body{font:14px/1.45 system-ui,sans-serif;margin:1.2em 2em;color:#222;max-width:110em}
@@ -535,7 +535,9 @@ def overlay_tables(folder: Path, rows: list[dict]) -> str:
 def study_page(folder: Path) -> str:
     """The page of a study's run folder: settings, the plot, the summary tables, the files."""
     manifest, run = read_manifest(folder) or {}, RunFolder(folder)
-    study = find_study(folder)  # None for a study not registered in this process: its page has no tables
+    study = find_study(folder)  # None for a study that wrote no table yet: its page has none
+    if study is None:
+        refuse_unregistered(folder)  # a plugin's study, where its module was not imported: its tables would go
     name = manifest.get("config", {}).get("study", {}).get("name") or (study.name if study else "")
     plot = run.figure("plots", name)
     body = [header(folder, manifest, f"study {name}"),

@@ -148,13 +148,19 @@ def study_of_folder(folder: Path) -> Study:
     found = find_study(folder)
     if found is not None:
         return found
-    config = (read_manifest(folder) or {}).get("config")
-    named = ((config.get("study") if isinstance(config, dict) else None) or {}).get("name")
-    if isinstance(named, str) and named not in STUDIES:  # a plugin's study, run from a script that imported it
-        raise UserError(f"{folder}: a run of study {printable(named)}, which is not registered here: import the "
-                        "module that registers it, as the run did (docs/extending.md), then redraw from there")
+    refuse_unregistered(folder)
     names = " or ".join(cls.tables[0].name for cls in STUDIES.values())
     raise UserError(f"{folder}: no study CSV here ({names})")
+
+
+def refuse_unregistered(folder: Path) -> None:
+    """UserError where the run in `folder` is of a study not registered in this process (a plugin's, run from a
+    script that imported it): its figures and page would be drawn without what only its class knows."""
+    config = (read_manifest(folder) or {}).get("config")
+    named = ((config.get("study") if isinstance(config, dict) else None) or {}).get("name")
+    if isinstance(named, str) and named not in STUDIES:
+        raise UserError(f"{folder}: a run of study {printable(named)}, which is not registered here: import the "
+                        "module that registers it, as the run did (docs/extending.md), then redraw from there")
 
 
 # ---------------------------------------------------------------- what every study shares

@@ -164,6 +164,10 @@ def test_a_study_from_outside_compares_a_lens_from_outside_end_to_end(registries
     del study_registry.STUDIES["lens_agreement"]  # plain `dsl`, which has not imported the plugin
     code, err = dsl_in_process(["plot", str(folder)], tmp_path, monkeypatch, capsys)
     assert code == 2 and "a run of study lens_agreement, which is not registered here: import the module" in err, err
+    # and so does `dsl report`, which wrote the page again without the study's own tables
+    code, err = dsl_in_process(["report", str(folder)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "a run of study lens_agreement, which is not registered here: import the module" in err, err
+    assert (folder / "index.html").read_text() == page
 
 
 def test_a_built_in_study_compares_a_lens_from_outside_in_a_column_of_its_own(registries, tmp_path, monkeypatch,
