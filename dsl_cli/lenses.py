@@ -530,8 +530,8 @@ def register(cls: type[Lens]) -> type[Lens]:
 
 
 # similarity.csv's columns a lens may fill (`Lens.columns`); the others are the run's own (where the row is, its
-# scores, its picture, the SAE's activation, the seeds' spread)
-LENS_COLUMNS = ("mode", "alpha", "attribution", "description")
+# scores, its picture, lens.text's labels and description, the SAE's activation, the seeds' spread)
+LENS_COLUMNS = ("mode", "alpha", "attribution")
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_]+")

@@ -348,9 +348,11 @@ class Manifest:
         of the weights it read, which every attempt must match (`same_weights`), and a summary of it (when it
         started and ended, how, where, its seconds per stage), appended to `earlier_attempts`."""
         fingerprints, earlier = self.data.get("fingerprints"), self.data.get("earlier_attempts")
-        earlier = [a for a in earlier if isinstance(a, dict)] if isinstance(earlier, list) else []
+        earlier = [{k: a[k] for k in ATTEMPT_KEYS if k in a} for a in earlier if isinstance(a, dict)] \
+            if isinstance(earlier, list) else []  # dsl's keys only: a record it carries, never reads
         if isinstance(self.data.get("started"), str):  # an attempt that began its record (not a claim's stamp)
             earlier.append({k: self.data[k] for k in ATTEMPT_KEYS if k in self.data})
+        earlier = earlier[-MAX_ATTEMPTS:]  # a job requeued without end: the latest
         self.data = {"made_by": MADE_BY, **({"fingerprints": fingerprints} if isinstance(fingerprints, dict) else {}),
                      **({"earlier_attempts": earlier} if earlier else {})}
         self.update(**values)
@@ -394,6 +396,7 @@ MADE_BY = "dsl"  # manifest.json's `made_by`: the folder is dsl's
 # what `earlier_attempts` keeps of each attempt a resume, requeue or resumed sweep replaced
 ATTEMPT_KEYS = ("started", "finished", "status", "error", "device", "slurm_job", "git_commit", "seconds",
                 "resumed_rows", "decoded")
+MAX_ATTEMPTS = 100
 STAMP_KEYS = {"made_by", "kind", "status"}  # a manifest written when a folder was claimed, before anything ran
 _OPT_STR, _NUM = (str, type(None)), (int, float)
 # The manifest keys that dsl reads back, with their types (others are kept, unread); `_JOB` a sweep's job.
@@ -403,7 +406,7 @@ MANIFEST_TYPES: dict[str, type | tuple] = {
     "fingerprints": dict, "unfinished": list, "rows": int, "complete": int, "decoded": int, "components": int,
     "started": str, "finished": str, "device": str, "seed": int, "slurm_job": _OPT_STR, "git_commit": _OPT_STR,
     "encoder_dtype": str, "scheduler": str, "resumed_rows": int, "stages_done": list, "study": dict,
-    "layers": list, "decode_batch_size": int, "decode_fit_seconds": _NUM, "earlier_attempts": list, "heads": list,
+    "layers": list, "decode_batch_size": int, "decode_fit_seconds": _NUM, "heads": list,
 }
 _JOB = {"job": int, "folder": _OPT_STR, "overrides": list, "status": str, "error": _OPT_STR, "rows": int}
 FIGURE_PATH = re.compile(r"(grids|heatmaps|plots|looks)/[A-Za-z0-9_][A-Za-z0-9_.=-]{0,239}\.png")

@@ -435,7 +435,7 @@ def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) ->
     for r in rows:
         tds = [cell(esc(r["image"])), cell(esc(r["component"])), cell(esc(r["kind"])), number(r["layer"], 0),
                number(r["head"], 0), number(r["sim_embed"]), number(r["sim_decoded"]), number(r["norm"]),
-               number(r["rank"], 0), *(number(r.get(k), 4) for k in numbers),
+               number(r["rank"], 0), *(number(r.get(k), 3 if k.startswith("sim_") else 4) for k in numbers),
                *(cell(esc((r.get(k) or "").replace(";", "; "))) for k in texts)]
         if labelled:
             label, score = row_label(r, labels)

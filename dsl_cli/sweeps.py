@@ -525,8 +525,11 @@ def read_merged(sweep_dir: Path) -> list[dict]:
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise UserError(f"{path}: not readable as a merged CSV ({err}); `dsl merge {sweep_dir}` writes it "
                         "again") from None
-    return [check_merged_row(type_row(row, SIMILARITY, f"{path} row {n}:"), f"{path} row {n}:")
-            for n, row in enumerate(rows, start=2)]
+    try:
+        return [check_merged_row(type_row(row, SIMILARITY, f"{path} row {n}:"), f"{path} row {n}:")
+                for n, row in enumerate(rows, start=2)]
+    except UserError as err:  # a value edited: the merge writes the table again from the jobs
+        raise UserError(f"{err}: `dsl merge {sweep_dir}` writes it again") from None
 
 
 def redraw_sweeps(folder: Path) -> dict[Path, int]:

@@ -111,6 +111,38 @@ def test_an_edited_csv_says_what_writes_it_again_and_that_does(damage: str, run_
     assert path.read_bytes() == whole
 
 
+def test_an_edited_value_in_a_merged_csv_names_the_merge_that_writes_it_again(sweep_copy: Path, tmp_path: Path,
+                                                                               monkeypatch, capsys) -> None:
+    path = sweep_copy / "similarity.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join([lines[0], lines[1].replace(",head,", ",hxad,", 1), *lines[2:]]))
+    code, err = dsl_in_process(["report", str(sweep_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and f"the file was edited: `dsl merge {sweep_copy}` writes it again" in err, err
+    assert dsl_in_process(["merge", str(sweep_copy)], tmp_path, monkeypatch, capsys)[0] == 0
+    assert dsl_in_process(["report", str(sweep_copy)], tmp_path, monkeypatch, capsys)[0] == 0
+
+
+def test_earlier_attempts_keep_dsls_keys_the_latest_hundred_and_never_refuse_a_folder(tmp_path: Path) -> None:
+    """A record dsl carries but never reads: a damaged one is dropped, not a reason to refuse the run."""
+    import json
+
+    from dsl_cli.outputs import MAX_ATTEMPTS, Manifest, read_manifest
+
+    path = tmp_path / "manifest.json"
+    attempts = [{"started": str(n), "status": "interrupted", "blob": "x" * 10} for n in range(MAX_ATTEMPTS + 5)]
+    path.write_text(json.dumps({"made_by": "dsl", "status": "interrupted", "started": "last",
+                                "earlier_attempts": [*attempts, 7]}))
+    manifest = Manifest(path)
+    manifest.start(status="running", started="now")
+    kept = json.loads(path.read_text())["earlier_attempts"]
+    assert len(kept) == MAX_ATTEMPTS and kept[-1] == {"started": "last", "status": "interrupted"}
+    assert all("blob" not in a for a in kept) and kept[0]["started"] == str(6)
+    path.write_text(json.dumps({"made_by": "dsl", "status": "complete", "earlier_attempts": "damaged"}))
+    assert read_manifest(tmp_path)["status"] == "complete"
+    Manifest(path).start(status="running", started="again")
+    assert "earlier_attempts" not in json.loads(path.read_text())
+
+
 def test_empty_cells_and_a_correlations_nan_still_read(tmp_path: Path) -> None:
     """dsl writes an undefined number as an empty cell (sim_decoded of a component not decoded), and
     correlations.csv holds the nan of a correlation of constant scores: both are dsl's, not edits."""

@@ -480,7 +480,7 @@ def test_a_lens_filling_a_column_the_csv_does_not_have_is_refused_when_registere
     assert "extra_column" not in lenses.LENSES
 
 
-@pytest.mark.parametrize("column", ["image", "layer", "sim_embed", "rank", "file", "activation"])
+@pytest.mark.parametrize("column", ["image", "layer", "sim_embed", "rank", "file", "activation", "description"])
 def test_a_lens_filling_a_column_that_is_the_runs_own_is_refused_when_registered(column: str) -> None:
     """A plugin lens's `image` column named another image's pictures, which overwrote each other; its
     `sim_embed` ended in an internal error."""
@@ -491,7 +491,7 @@ def test_a_lens_filling_a_column_that_is_the_runs_own_is_refused_when_registered
     with pytest.raises(ValueError) as refused:
         lenses.register(Liar)
     assert str(refused.value) == (f"lens 'liar': {column!r} of similarity.csv is the run's to fill; a lens fills "
-                                  "mode, alpha, attribution, description")
+                                  "mode, alpha, attribution")
     assert "liar" not in lenses.LENSES
 
 
