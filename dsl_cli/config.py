@@ -307,6 +307,9 @@ def check_overrides(overrides: list[str]) -> None:
         except HydraException as err:
             raise UserError(f"{text}: {_one_line(err)} (quote a value with spaces or brackets: key='a b')") from None
     search = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]  # config folders of plugins
+    # Hydra's own config groups (`hydra/launcher=submitit_slurm`): checked in the first compose (a misspelt one
+    # was Hydra's several lines and exit status 1)
+    search += [o.input_line for o in parsed if o.key_or_group.startswith("hydra/") and not o.is_sweep_override()]
     parsed = [o for o in parsed if not o.is_hydra_override()]
     for override in parsed:
         _check_added(override)
@@ -315,7 +318,7 @@ def check_overrides(overrides: list[str]) -> None:
         _check_sweep(override, options)
     parsed, values = [o for o, v in zip(parsed, values) if v], [v for v in values if v]  # glob: Hydra's
     first = [v[0] for v in values]
-    composed = compose_run([*first, *search])
+    composed = compose_run([*first, *search], hydra=any(o.startswith("hydra/") for o in search))
     for i, (override, options) in enumerate(zip(parsed, values)):
         if len(options) < 2:
             continue
@@ -367,9 +370,9 @@ def _sweep_is_empty(override) -> bool:
         return False
 
 
-def compose_run(overrides: list[str], config_name: str = "run"):
+def compose_run(overrides: list[str], config_name: str = "run", hydra: bool = False):
     """The config Hydra composes from these overrides under dsl's schema; its refusal (a misspelt key, a wrong
-    type, an unknown option) as one line."""
+    type, an unknown option) as one line. `hydra`: with Hydra's own config (for overrides of its groups)."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -377,7 +380,7 @@ def compose_run(overrides: list[str], config_name: str = "run"):
     register_configs()
     try:
         with initialize_config_module(config_module="dsl_cli.configs", version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
+            return compose(config_name=config_name, overrides=overrides, return_hydra_config=hydra)
     except (HydraException, OmegaConfBaseException) as err:
         raise UserError(_one_line(err)) from None
 
@@ -430,8 +433,7 @@ def _did_you_mean(missing: Exception) -> str:
 def _no_such_option(path: str, options: list[str]) -> str:
     """'lens=steerin: no such option of lens (did you mean steering? the options: ...)' for Hydra's missing
     group config `lens/steerin`."""
-    group, _, name = path.rpartition("/")
-    group = group.replace("/", ".")
+    group, _, name = path.rpartition("/")  # `hydra/launcher`: as a group override is typed
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)  # few options: a looser match
     hint = f"did you mean {group}={close[0]}? " if close else ""
     return f"{group}={name}: no such option of {group} ({hint}the options: {', '.join(options)})"

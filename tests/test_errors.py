@@ -182,6 +182,8 @@ COMPOSE_CASES = {
     "misspelt_lens": (["lens=steerin"], "lens=steerin: no such option of lens (did you mean lens=steering? the "
                                         "options: attribution, diffusion, direct, logit, steering)"),
     "misspelt_debug": (["debug=tyni"], "debug=tyni: no such option of debug (did you mean debug=tiny?"),
+    "unknown_launcher": (["hydra/launcher=nope"], "hydra/launcher=nope: no such option of hydra/launcher (the "
+                                                  "options: basic, submitit_local, submitit_slurm)"),
     "misspelt_key": (["lens.alpah=3"], "lens.alpah: no such setting (did you mean lens.alpha?"),
     "misspelt_decode_key": (["decode.stps=3"], "decode.stps: no such setting (did you mean decode.steps?"),
     "misspelt_top_key": (["seeed=3"], "seeed: no such setting (did you mean seed?"),
