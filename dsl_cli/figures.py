@@ -35,7 +35,8 @@ from PIL import Image, ImageDraw, ImageFont
 from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.errors import UserError, raise_if_stopped
 from dsl_cli.outputs import (BASELINE_NAMES, BASELINES, IMPORTANCE, LABELS, OVERLAY, PATCHES, PNG_LEVEL, PNG_SOFTWARE,
-                             SEEDS, SIMILARITY, RunFolder, atomic_write_bytes, group_rows, is_dsl_png, open_picture,
+                             SEEDS, SIMILARITY, RunFolder, atomic_write_bytes, first_label, group_rows, is_dsl_png,
+                             open_picture,
                              png_bytes, read_manifest, run_rows, usable_cores)
 
 TOP_TILES = 16  # tiles in the per-image top grid
@@ -224,18 +225,17 @@ def _caption(row: dict) -> str:
     if row.get("sim_decoded") is not None:
         text += f"\ndecoded {row['sim_decoded']:.3f}"
     if row.get("labels"):  # the top zero-shot label, without its cosine
-        text += "\n" + row["labels"].split("; ")[0].rsplit(" ", 1)[0]
+        text += "\n" + first_label(row["labels"])[0]
     return text
 
 
 def with_logit_labels(rows: list[dict], labels: list[dict] | None) -> list[dict]:
-    """similarity.csv's rows with the logit lens's labels (labels.csv, by rank) in their `labels` column, in
-    the form `lens.text` writes (`tabby 0.31; tiger cat 0.29`), for the grids' captions; a row that has its
-    own labels, or none in labels.csv, is left as it is."""
-    by_key = group_rows(sorted(labels or [], key=lambda r: r["rank"]), ("image", "lens", "component"))
-    return [row if row.get("labels") or (row["image"], row["lens"], row["component"]) not in by_key else
-            row | {"labels": "; ".join(f"{r['label']} {r['score']:.2f}"
-                                       for r in by_key[row["image"], row["lens"], row["component"]])}
+    """similarity.csv's rows with the logit lens's top label (labels.csv's rank 1) in their `labels` column, in
+    the form `lens.text` writes (`tabby 0.31`), for the grids' captions; a row that has its own labels, or none
+    in labels.csv, is left as it is."""
+    top = {(r["image"], r["lens"], r["component"]): f"{r['label']} {r['score']:.2f}"
+           for r in labels or [] if r["rank"] == 1}
+    return [row if row.get("labels") else row | {"labels": top.get((row["image"], row["lens"], row["component"]), "")}
             for row in rows]
 
 

@@ -1119,6 +1119,16 @@ def read_csv(path: Path, table: Table = SIMILARITY) -> list[dict]:
     return rows
 
 
+def first_label(labels: str | None) -> tuple[str, float | None]:
+    """The top label of a `labels` cell (`tabby 0.31; tiger cat 0.29`: `lens.text`'s zero-shot labels) and its
+    score; ("", None) where the cell holds none."""
+    name, _, score = (labels or "").split("; ")[0].rpartition(" ")
+    try:
+        return name, float(score)
+    except ValueError:
+        return "", None
+
+
 def rewrite_advice(path: Path) -> str:
     """How a damaged CSV of dsl's is written again: a sweep's merged table by `dsl merge`, a run's (or a
     study's) by deleting it and resuming the run (which writes its tables again, keeping whole pictures)."""

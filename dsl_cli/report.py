@@ -29,9 +29,8 @@ from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_l
                              drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
                              kind_blocks, layer_label, read_tables, redraw, refuse_foreign_pictures)
 from dsl_cli.html_parts import esc, img, link, linked_img, rel
-from dsl_cli.outputs import (SIMILARITY, RunFolder, atomic_write_bytes,
-                             claimed, csv_text, group_rows, is_sweep_folder, read_bytes_nofollow, read_manifest,
-                             run_rows)
+from dsl_cli.outputs import (SIMILARITY, RunFolder, atomic_write_bytes, claimed, csv_text, first_label, group_rows,
+                             is_sweep_folder, read_bytes_nofollow, read_manifest, run_rows)
 from dsl_cli.sae_report import features_section, sae_components_text  # SAE features, without torch
 from dsl_cli.study_registry import find_study, redraw_study, refuse_unregistered
 
@@ -415,11 +414,7 @@ def row_label(row: dict, labels: dict[tuple[str, str], dict]) -> tuple[str, floa
     if (row["image"], row["component"]) in labels:
         label = labels[row["image"], row["component"]]
         return label["label"], label["score"]
-    name, _, score = (row.get("labels") or "").split("; ")[0].rpartition(" ")
-    try:
-        return name, float(score)
-    except ValueError:
-        return "", None
+    return first_label(row.get("labels"))
 
 
 def components_section(rows: list[dict], labels: dict[tuple[str, str], dict]) -> str:

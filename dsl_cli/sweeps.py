@@ -53,8 +53,8 @@ from dsl_cli.config import parses
 from dsl_cli.errors import Interrupted, UserError, printable, report
 from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
 from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
-                             group_rows, is_dsl_png, is_sweep_folder, read_bytes_nofollow, read_manifest, run_rows,
-                             type_row, write_json)
+                             group_rows, is_dsl_png, is_sweep_folder, read_bytes_nofollow, read_manifest,
+                             rewrite_advice, run_rows, type_row, write_json)
 from dsl_cli.report import each_folder, merged_manifest, merged_studies, write_page
 from dsl_cli.study_registry import STUDIES, Study, find_study, get_study
 
@@ -529,7 +529,7 @@ def read_merged(sweep_dir: Path) -> list[dict]:
         return [check_merged_row(type_row(row, SIMILARITY, f"{path} row {n}:"), f"{path} row {n}:")
                 for n, row in enumerate(rows, start=2)]
     except UserError as err:  # a value edited: the merge writes the table again from the jobs
-        raise UserError(f"{err}: `dsl merge {sweep_dir}` writes it again") from None
+        raise UserError(f"{err}: {rewrite_advice(path)}") from None
 
 
 def redraw_sweeps(folder: Path) -> dict[Path, int]:
