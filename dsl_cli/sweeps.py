@@ -36,7 +36,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
 import traceback
@@ -105,6 +107,8 @@ def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
     limit) replace saved ones with the same key."""
     path = RunFolder(folder).multirun_yaml
     saved = sweep_file(path, SWEEP_FIX)
+    if str(OmegaConf.select(saved, "hydra.launcher._target_", default="")).endswith(".SlurmLauncher"):
+        refuse_jobs_still_queued(folder)  # (submitit's local jobs are named by process ids, not SLURM's)
     with damage(path, SWEEP_FIX):
         task, hydra = (_texts(saved.hydra.overrides[k]) for k in ("task", "hydra"))
     given = {_key(a) for a in args if a.startswith("hydra")} | {"hydra.mode", "hydra.sweep.dir"}
@@ -112,6 +116,30 @@ def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
     hydra = [o for o in hydra if _key(o) not in given]
     # the jobs find their sweep by this path, whatever their working folder
     return ["--multirun", *task, *hydra, f"hydra.sweep.dir={folder.resolve()}", f"resume={folder.resolve()}"]
+
+
+def refuse_jobs_still_queued(sweep: Path) -> None:
+    """A sweep whose SLURM jobs are still queued or running (its `dsl run` stopped waiting for them) is not
+    resumed: that would submit its unfinished jobs a second time, two jobs at once in a folder. Its jobs are named by submitit's folders
+    (`45_0` for task 0 of array 45, `46` for a job alone); where SLURM's commands are not here (the folder
+    copied off the cluster), there is nothing to ask and nothing is refused."""
+    ids = {p.name.split("_")[0] for p in (sweep / ".submitit").glob("*")
+           if p.is_dir() and re.fullmatch(r"\d+(_\d+)?", p.name)}
+    if not ids or shutil.which("squeue") is None:
+        return
+    try:  # every job of the user's, by its array's id (a job alone's own), rather than ids SLURM may have purged
+        answer = subprocess.run(["squeue", "--me", "--noheader", "--format=%F"], capture_output=True, text=True,
+                                timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return
+    queued = sorted(ids & set(answer.stdout.split()), key=int)
+    if queued:
+        jobs, many = " ".join(queued), len(queued) > 1
+        raise UserError(f"resume={sweep}: this sweep's SLURM job{'s' * many} {jobs} {'are' if many else 'is'} still "
+                        f"queued or running, into its folders; resuming now would run {'them' if many else 'it'} "
+                        f"twice at once. Once `squeue --me` no longer lists {'them' if many else 'it'} (or after "
+                        f"`scancel {jobs}`), `dsl run resume={sweep}` runs what is left and merges the sweep "
+                        f"(`dsl merge {sweep}` merges what is done so far)")
 
 
 def _key(override: str) -> str:

@@ -109,6 +109,15 @@ def test_stopping_the_wait_for_slurm_jobs_says_they_go_on_and_how_to_finish(tmp_
     assert len(lines) == 1 and "the sweep's SLURM jobs go on (`squeue --me`" in lines[0], lines
     assert "`dsl run resume=sweep` completes and merges" in lines[0] and "run the command again" not in lines[0]
     assert _job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")  # the job went on
+    # resuming while the job is listed would submit it again beside itself: refused, naming the job (was a second
+    # array, two jobs at once in the job's folder)
+    resumed = zygote.run([DSL, "run", "resume=sweep"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    array = job.split("_")[0]
+    if _job_state(job):  # still listed after the resume (else it ended while the resume looked: nothing to say)
+        lines = [line for line in resumed.stderr.splitlines() if line.strip()]
+        assert resumed.returncode == 2 and len(lines) == 1, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+        assert f"SLURM job {array} is still queued or running" in lines[0] and f"scancel {array}" in lines[0]
+        assert slurm_ids(sweep) == [job]  # nothing submitted
 
 
 def _job_state(job: str) -> str:
