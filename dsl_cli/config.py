@@ -14,7 +14,7 @@ import difflib
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Optional, TypeVar, get_args, get_type_hints
@@ -191,6 +191,67 @@ class RunConfig:
     adapter: Optional[str] = None  # a fitted adapter (`dsl adapter fit`): every lens decodes through it
 
 
+# Settings that a lens or study of the user's declares on its class (`Lens.new_settings`, `Study.new_settings`),
+# name -> default: `register_configs` adds them to the `lens` and `study` schemas, so that a plugin's setting
+# needs no field here and is checked at compose time like dsl's own (`lens.sharpness=abc` is refused)
+DECLARED: dict[str, dict[str, Any]] = {"lens": {}, "study": {}}
+GROUP_SCHEMAS: dict[str, type] = {"lens": LensConfig, "study": StudyConfig}
+SETTING_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+def declare_settings(group: str, owner: str, settings: dict[str, Any]) -> None:
+    """Add the settings `owner` (a lens or study name) declares to the `group` (`lens`, `study`) schema. A
+    ValueError, when the plugin is imported, for a name dsl's schema has (read it; do not declare it), a name
+    another plugin declared with another default, or a default a config cannot hold."""
+    own = {f.name for f in fields(GROUP_SCHEMAS[group])}
+    for name, default in settings.items():
+        where = f"{group} {owner!r}: new setting {group}.{name}"
+        if not isinstance(name, str) or not SETTING_NAME.fullmatch(name):
+            raise ValueError(f"{where}: name it with lower-case letters, digits and _")
+        if name in own:
+            raise ValueError(f"{where} is one of dsl's settings already: read it as it is, or give yours another name")
+        if not (default is None or isinstance(default, (bool, int, float, str, list))):
+            raise ValueError(f"{where}: its default {default!r} is not a bool, int, float, str, list or None")
+        earlier = DECLARED[group].get(name, default)
+        if type(earlier) is not type(default) or earlier != default:
+            raise ValueError(f"{where}: another {group} declares it with the default {earlier!r}; give yours "
+                             "another name")
+        DECLARED[group][name] = default
+
+
+def group_schema(group: str) -> type:
+    """The schema of the `lens` or `study` group: `LensConfig` or `StudyConfig` with every declared setting (the
+    type of each is its default's; `None` takes any value)."""
+    declared = DECLARED[group]
+    if not declared:
+        return GROUP_SCHEMAS[group]
+    key = (group, repr(declared))  # one class for the same settings: OmegaConf merges a class with itself only
+    if key not in _MADE:
+        added = [(name, _setting_type(default), field(default_factory=lambda d=default: list(d))
+                  if isinstance(default, list) else field(default=default)) for name, default in declared.items()]
+        _MADE[key] = make_dataclass(GROUP_SCHEMAS[group].__name__, added, bases=(GROUP_SCHEMAS[group],))
+    return _MADE[key]
+
+
+_MADE: dict[tuple[str, str], type] = {}
+
+
+def _setting_type(default: Any) -> Any:
+    return Any if default is None else list[Any] if isinstance(default, list) else type(default)
+
+
+def run_schema() -> type:
+    """`RunConfig` with the lens and study settings that plugins declared (`group_schema`)."""
+    if not any(DECLARED.values()):
+        return RunConfig
+    key = ("run", repr(DECLARED))
+    if key not in _MADE:
+        lens, study = group_schema("lens"), group_schema("study")
+        _MADE[key] = make_dataclass("RunConfig", [("lens", lens, field(default_factory=lens)),
+                                                  ("study", study, field(default_factory=study))], bases=(RunConfig,))
+    return _MADE[key]
+
+
 def images_source(images: Any) -> Any:
     """The images' source as a run reads them (`dsl_cli.images.load_images`): `images.path=X` alone means the
     folder source, although the default `images: samples` composed `source: samples` beside it."""
@@ -280,8 +341,9 @@ def gpu_count(at_least: int = 0) -> int:
 
 
 def register_configs() -> None:
-    """Make the schema available to Hydra as the `run_schema` config, and `${dsl_gpus:}` to every config."""
-    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    """Make the schema (with the settings plugins declared) available to Hydra as the `run_schema` config, and
+    `${dsl_gpus:}` to every config."""
+    ConfigStore.instance().store(name="run_schema", node=run_schema())
     OmegaConf.register_new_resolver("dsl_gpus", gpu_count, replace=True)
 
 
@@ -342,7 +404,7 @@ def _check_added(override) -> None:
     key = override.key_or_group
     if override.type not in (OverrideType.ADD, OverrideType.FORCE_ADD) or override.package or _is_group(key):
         return
-    if OmegaConf.select(OmegaConf.structured(RunConfig), key, default=_ABSENT) is _ABSENT:
+    if OmegaConf.select(OmegaConf.structured(run_schema()), key, default=_ABSENT) is _ABSENT:
         raise UserError(f"{override.input_line}: {key} is not a setting of dsl (`+` adds a key that nothing reads; "
                         "misspelt? `dsl run --cfg job` prints every setting)")
 

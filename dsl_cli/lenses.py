@@ -25,6 +25,7 @@ from omegaconf import ListConfig
 from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
+from dsl_cli.config import declare_settings
 from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
 from dsl_cli.encoder.loading import text_tower_needs
 from dsl_cli.encoder.reading import direct_attribution, source_shares
@@ -430,6 +431,8 @@ class Lens:
     figures      the figures a run of it draws beyond every run's: a declaration, checked by the tests; they are
                  drawn by `figures.redraw` from the rows it writes (the layer grid for stream rows, ...)
     prepare_stage  the manifest stage of `prepare` (work with a model of its own, before the encoder loads)
+    new_settings   settings of its own that `config.LensConfig` lacks, name -> default (a lens of the user's:
+                 `{"sharpness": 1.0}` makes `lens.sharpness` a float setting, read as `self.cfg.sharpness`)
     """
 
     name: ClassVar[str] = ""
@@ -440,6 +443,7 @@ class Lens:
     columns: ClassVar[tuple[str, ...]] = ()
     figures: ClassVar[tuple[str, ...]] = ()
     prepare_stage: ClassVar[Optional[str]] = None
+    new_settings: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Any = None):
         self.cfg = cfg  # the `lens` config group
@@ -525,6 +529,7 @@ def register(cls: type[Lens]) -> type[Lens]:
     taken = LENSES.get(cls.name)
     if taken is not None and taken.__module__ == __name__ and cls is not taken:
         raise ValueError(f"lens name {cls.name!r} is one of dsl's own lenses: give yours another name")
+    declare_settings("lens", cls.name, cls.new_settings)
     LENSES[cls.name] = cls
     return cls
 
@@ -581,13 +586,13 @@ def get_lens(lens_cfg: Any = "steering", **settings: Any) -> Lens:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from dsl_cli.config import LensConfig
+    from dsl_cli.config import group_schema
 
     if isinstance(lens_cfg, str):
-        lens_cfg = LensConfig(name=lens_cfg)
+        lens_cfg = {"name": lens_cfg}
     if not isinstance(lens_cfg, DictConfig) or settings:
         try:
-            lens_cfg = OmegaConf.merge(OmegaConf.structured(LensConfig), lens_cfg, settings)
+            lens_cfg = OmegaConf.merge(OmegaConf.structured(group_schema("lens")), lens_cfg, settings)
         except OmegaConfBaseException as err:
             raise UserError(f"lens settings {settings or lens_cfg}: {str(err.msg).splitlines()[0]}") from None
     return lens_class(lens_cfg.name)(lens_cfg)

@@ -31,7 +31,7 @@ from dsl_cli.adapters import adapt_encoder, check_steerable, manifest_entry, run
 from dsl_cli.baselines import (Extra, baseline_extras, order_extras, score_extras, seed_extras, seed_spread,
                                start_extras, whole_batches)
 from dsl_cli.components import Component
-from dsl_cli.config import RunConfig, encoder_text, images_source
+from dsl_cli.config import encoder_text, images_source, run_schema
 from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
                              load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_device
@@ -135,7 +135,7 @@ def saved_config(run_dir: Path) -> DictConfig:
     checked it then: a file that was edited into bad YAML or a wrong type is refused with one line."""
     path = RunFolder(run_dir).config_yaml
     try:
-        return OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+        return OmegaConf.merge(OmegaConf.structured(run_schema()), OmegaConf.load(path))
     except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a config this run can be resumed from ({reason})") from err

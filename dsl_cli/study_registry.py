@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar
 
 from dsl_cli import figures
-from dsl_cli.config import StudyConfig
+from dsl_cli.config import StudyConfig, declare_settings, group_schema
 from dsl_cli.errors import UserError, printable
 from dsl_cli.figures import DEFAULT_LENSES, drawn_from_files, score_column
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, OVERLAY, RunFolder, Table, group_rows, read_manifest
@@ -35,6 +35,8 @@ class Study:
     config `dsl_cli/configs/study/<name>.yaml` and a test (README "Extending").
 
     settings  the `study.*` settings it reads (fields of `config.StudyConfig`; `name` aside)
+    new_settings  settings of its own that `config.StudyConfig` lacks, name -> default (a study of the user's:
+              `{"top": 10}` makes `study.top` an int setting); it reads them too
     tables    its CSVs; the first is `study_<name>.csv`, whose presence makes a folder this study's
     figures   the figures it draws, as paths in the run folder (`<composite>`: one per composite)
     pools     whether a sweep's merge computes something again over all its jobs' rows (`pool`); a sweep
@@ -45,6 +47,7 @@ class Study:
 
     name: ClassVar[str] = ""
     settings: ClassVar[tuple[str, ...]] = ("lenses",)
+    new_settings: ClassVar[dict[str, Any]] = {}
     tables: ClassVar[tuple[Table, ...]] = ()
     figures: ClassVar[tuple[str, ...]] = ()
     pools: ClassVar[bool] = False
@@ -118,7 +121,8 @@ def register_study(cls: type[Study]) -> type[Study]:
     unknown = [s for s in cls.settings if s not in known]
     if unknown:  # refused now, not when a run reads the setting
         raise ValueError(f"study {cls.name!r}: config.StudyConfig has no setting {', '.join(map(repr, unknown))} "
-                         "(a new setting is a field there)")
+                         "(a setting of the study's own goes into its `new_settings`, with its default)")
+    declare_settings("study", cls.name, cls.new_settings)
     if not cls.tables or cls.tables[0].name != f"study_{cls.name}.csv":
         raise ValueError(f"study {cls.name!r}: its first table must be study_{cls.name}.csv")
     STUDIES[cls.name] = cls
@@ -191,11 +195,13 @@ def validate_study(study: Any, seed: int = 0) -> None:
 def _refuse_unread(chosen: type["Study"], study: Any) -> None:
     """A setting changed from its default that the study does not read (`study=head_importance study.steps=3`)
     is refused: it ran, silently ignored, as if the study had used it."""
-    defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(StudyConfig)}
+    schema = group_schema("study")  # dsl's settings and those other studies declared
+    defaults = {f.name: f.default_factory() if callable(f.default_factory) else f.default for f in fields(schema)}
+    reads = [*chosen.settings, *chosen.new_settings]
     for key, default in defaults.items():
-        if key != "name" and key not in chosen.settings and key in study and study[key] != default:
+        if key != "name" and key not in reads and key in study and study[key] != default:
             raise UserError(f"study.{key}={_typed(study[key])}: study={chosen.name} does not read it (it reads "
-                            f"{', '.join(chosen.settings)}); leave it out")
+                            f"{', '.join(reads)}); leave it out")
 
 
 def _typed(value: Any) -> Any:

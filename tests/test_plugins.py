@@ -22,7 +22,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from dsl_cli import decoder, figures, lenses, study_registry
+from dsl_cli import config, decoder, figures, lenses, study_registry
 from dsl_cli.config import StudyConfig, register_configs
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, SIMILARITY, RunFolder, Table
 from helpers import dsl_in_process
@@ -47,6 +47,16 @@ class NegatedDirect(lenses.DirectLens):
         return {"mode": "negated"}
 
 
+class ScaledDirect(lenses.DirectLens):
+    """The direct lens times `lens.scale`, a setting of its own."""
+
+    name = "scaled_direct"
+    new_settings = {"scale": 1.0}
+
+    def embeddings(self, encoder, cache, components):
+        return float(self.cfg.scale) * super().embeddings(encoder, cache, components)
+
+
 class AgreementRow(TypedDict, total=False):
     image: str
     component: str
@@ -59,12 +69,14 @@ class LensAgreement(study_registry.Study):
 
     name = "lens_agreement"
     settings = ("lenses",)
+    new_settings = {"heads_kept": None}  # the first this many heads alone (None: all)
     tables = (Table("study_lens_agreement.csv", AgreementRow),)
     figures = ("plots/lens_agreement.png",)
 
     def run(self, cfg, run_dir, encoder, preprocess, images, heads) -> dict:
         from dsl_cli.studies import _pixels, lens_scores, study_lenses
 
+        heads = heads if cfg.study.heads_kept is None else heads[:cfg.study.heads_kept]
         cache = encoder.run_with_cache(_pixels(preprocess, images))
         scores = lens_scores(study_lenses(cfg), encoder, cache, heads, cache.embeds.float().cpu().unsqueeze(1))
         rows = [{"image": image.name, "component": head.label, "lens": lens, "score": value[b, k].item()}
@@ -96,9 +108,10 @@ class NamedKandinsky(decoder.KandinskyDecoder):
 @pytest.fixture
 def registries():
     """Whatever a test registers is gone afterwards: the lens, study and decoder-family registries as before."""
-    saved = dict(lenses.LENSES), dict(study_registry.STUDIES), dict(decoder.FAMILIES)
+    registries = (lenses.LENSES, study_registry.STUDIES, decoder.FAMILIES, *config.DECLARED.values())
+    saved = [dict(registry) for registry in registries]
     yield
-    for registry, before in zip((lenses.LENSES, study_registry.STUDIES, decoder.FAMILIES), saved):
+    for registry, before in zip(registries, saved):
         registry.clear()
         registry.update(before)
 
@@ -109,6 +122,7 @@ def plugin_configs(tmp_path: Path) -> tuple[Path, str]:
     folder = tmp_path / "configs"
     for group, name, text in [
         ("lens", "negated_direct", "name: negated_direct\n"),
+        ("lens", "scaled_direct", "name: scaled_direct\nscale: 1.0\n"),
         ("study", "lens_agreement", "name: lens_agreement\nlenses: [negated_direct, direct]\n"),
         ("decoder", "named_kandinsky_tiny", "defaults:\n  - tiny\n  - _self_\nfamily: named_kandinsky\n"),
     ]:
@@ -138,6 +152,51 @@ def test_a_lens_from_outside_runs_end_to_end(registries, plugin_configs, tmp_pat
         assert float(mine["norm"]) == pytest.approx(float(theirs["norm"]), rel=1e-6)
         assert (tmp_path / "negated_direct" / mine["file"]).is_file()
     assert sorted((tmp_path / "negated_direct" / "heatmaps").iterdir())[0].name.endswith("_negated_direct.png")
+
+
+def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registries, plugin_configs, tmp_path,
+                                                                      monkeypatch, capsys) -> None:
+    """`new_settings` on the class makes `lens.scale` and `study.heads_kept` settings like dsl's own, with no field
+    added to dsl_cli/config.py: set on the command line or in the config file, checked when the config is
+    composed (a wrong type, a misspelling: one line, status 2), recorded in the manifest, read by the plugin; a
+    study that does not read one refuses it. dsl's own settings cannot be declared again, nor one setting with
+    two defaults."""
+    lenses.register(ScaledDirect)
+    lenses.register(NegatedDirect)  # compared by the study's config
+    study_registry.register_study(LensAgreement)
+
+    def run(name: str, *args: str) -> tuple[int, str]:
+        return dsl_in_process(["run", *TINY, "layer=1", plugin_configs[1], *args, f"hydra.run.dir={tmp_path / name}"],
+                              tmp_path, monkeypatch, capsys)
+
+    for name, args in (("direct", ["lens=direct"]), ("scaled", ["lens=scaled_direct", "lens.scale=-2.5"]),
+                       ("unscaled", ["lens=scaled_direct"])):
+        code, err = run(name, *args)
+        assert code == 0, err[-3000:]
+    direct, scaled, unscaled = (rows_of(tmp_path / name / "similarity.csv") for name in ("direct", "scaled", "unscaled"))
+    assert len(scaled) == len(direct) == 2 * 4
+    for mine, default, theirs in zip(scaled, unscaled, direct):
+        assert float(mine["sim_embed"]) == pytest.approx(-float(theirs["sim_embed"]), abs=1e-6)
+        assert float(default["sim_embed"]) == pytest.approx(float(theirs["sim_embed"]), abs=1e-6)  # its config's 1.0
+    assert json.loads((tmp_path / "scaled" / "manifest.json").read_text())["config"]["lens"]["scale"] == -2.5
+    for name, bad, says in (("bad_type", "lens.scale=abc", "lens.scale"), ("misspelt", "lens.scael=2", "lens.scael")):
+        code, err = run(name, "lens=scaled_direct", bad)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and says in lines[0], err[-3000:]
+        assert not (tmp_path / name).exists()
+
+    code, err = run("agreement", "study=lens_agreement", "study.heads_kept=2")
+    assert code == 0, err[-3000:]
+    rows = rows_of(tmp_path / "agreement" / "study_lens_agreement.csv")
+    assert sorted({r["component"] for r in rows}) == ["L01H00", "L01H01"] and len(rows) == 2 * 2 * 2
+    code, err = run("importance", "study=head_importance", "study.heads_kept=2")
+    assert code == 2 and "study.heads_kept=2: study=head_importance does not read it" in err, err[-3000:]
+
+    for setting in ({"alpha": 3.0}, {"scale": 2.0}, {"scale": 1}, {"Bad-Name": 1}, {"window": {"a": 1}}):
+        clashing = type("Clashing", (lenses.DirectLens,), {"name": "clashing", "new_settings": setting})
+        with pytest.raises(ValueError, match="new setting lens"):
+            lenses.register(clashing)
+        assert "clashing" not in lenses.LENSES
 
 
 def test_a_study_from_outside_compares_a_lens_from_outside_end_to_end(registries, plugin_configs, tmp_path,
