@@ -562,8 +562,10 @@ def manifest_jobs(sweep_dir: Path) -> list[dict]:
     manifest = merged_manifest(sweep_dir)
     if manifest is not None:
         return manifest["jobs"]
-    folders = sorted(p.parent for p in sweep_dir.glob("*/manifest.json"))
-    return [{"job": n, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
+    # Hydra names a job's folder by its number: job 10 after job 9, not after job 1
+    folders = sorted((p.parent for p in sweep_dir.glob("*/manifest.json")),
+                     key=lambda f: (not f.name.isdigit(), int(f.name) if f.name.isdigit() else 0, f.name))
+    return [{"job": int(f.name) if f.name.isdigit() else n, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
              **{k: (read_manifest(f) or {}).get(k) for k in ("status", "error")}} for n, f in enumerate(folders)]
 
 

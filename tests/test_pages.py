@@ -238,3 +238,17 @@ def test_a_study_sweeps_page_shows_its_pooled_plot_apart_from_each_jobs(tmp_path
     # each job's page says which heads it ablated (a study records them: it writes no similarity.csv)
     job = (tmp_path / "sw" / "1" / "index.html").read_text()
     assert "<td>layers read 1, heads read 0-3, component=heads: 4 per image</td>" in job
+
+
+def test_an_unmerged_sweeps_jobs_are_listed_by_their_numbers(tmp_path: Path) -> None:
+    """A sweep with no merge yet (stopped, or still running) lists its jobs from their folders: job 10 is folder
+    10, after job 9 (the folders were sorted as text, and numbered in that order: folder 10 was job 2)."""
+    from dsl_cli.report import manifest_jobs
+
+    for num in range(12):
+        (tmp_path / str(num)).mkdir()
+        status = "complete" if num else "failed"
+        (tmp_path / str(num) / "manifest.json").write_text(json.dumps({"made_by": "dsl", "status": status}))
+    jobs = manifest_jobs(tmp_path)
+    assert [(job["job"], job["folder"]) for job in jobs] == [(num, str(num)) for num in range(12)]
+    assert jobs[0]["status"] == "failed" and jobs[10]["status"] == "complete"
