@@ -591,8 +591,9 @@ def get_lens(lens_cfg: Any = "steering", **settings: Any) -> Lens:
     if isinstance(lens_cfg, str):
         lens_cfg = {"name": lens_cfg}
     if not isinstance(lens_cfg, DictConfig) or settings:
-        try:
-            lens_cfg = OmegaConf.merge(OmegaConf.structured(group_schema("lens")), lens_cfg, settings)
+        try:  # as plain values: the schema may have grown by a plugin's settings since `lens_cfg` was made
+            given = lens_cfg if isinstance(lens_cfg, dict) else OmegaConf.to_container(OmegaConf.structured(lens_cfg))
+            lens_cfg = OmegaConf.merge(OmegaConf.structured(group_schema("lens")), given, settings)
         except OmegaConfBaseException as err:
             raise UserError(f"lens settings {settings or lens_cfg}: {str(err.msg).splitlines()[0]}") from None
     return lens_class(lens_cfg.name)(lens_cfg)

@@ -24,6 +24,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from dsl_cli import config, decoder, figures, lenses, study_registry
 from dsl_cli.config import StudyConfig, register_configs
+from dsl_cli.errors import UserError
 from dsl_cli.outputs import CORRELATIONS, IMPORTANCE, SIMILARITY, RunFolder, Table
 from helpers import dsl_in_process
 
@@ -191,6 +192,12 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
     assert sorted({r["component"] for r in rows}) == ["L01H00", "L01H01"] and len(rows) == 2 * 2 * 2
     code, err = run("importance", "study=head_importance", "study.heads_kept=2")
     assert code == 2 and "study.heads_kept=2: study=head_importance does not read it" in err, err[-3000:]
+
+    # the Python API: a name or dsl's own LensConfig (made without the setting) with it, typed by the schema
+    assert lenses.get_lens(config.LensConfig(name="scaled_direct"), scale=-2).cfg.scale == -2.0
+    assert lenses.get_lens("scaled_direct").cfg.scale == 1.0
+    with pytest.raises(UserError, match="scale"):
+        lenses.get_lens("scaled_direct", scale="abc")
 
     for setting in ({"alpha": 3.0}, {"scale": 2.0}, {"scale": 1}, {"Bad-Name": 1}, {"window": {"a": 1}}):
         clashing = type("Clashing", (lenses.DirectLens,), {"name": "clashing", "new_settings": setting})
