@@ -644,3 +644,45 @@ def test_a_users_encoder_family_opens_up_their_own_vit(pixels):
         families.FAMILIES[:] = saved
     with pytest.raises(NotImplementedError, match="got MyViT"):
         HookedEncoder(model)
+
+
+def _clip_whole() -> torch.nn.Module:
+    """A whole CLIP whose projection width (24) is not its vision config's own default (512)."""
+    text = dict(hidden_size=WIDTH, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=80)
+    vision = dict(HF_SHAPE, intermediate_size=80)
+    torch.manual_seed(0)
+    return transformers.CLIPModel(transformers.CLIPConfig(text_config=text, vision_config=vision,
+                                                          projection_dim=24)).eval()
+
+
+# a model saved with save_pretrained -> the library's own image embedding of it
+SAVED_HF = {
+    "clip_projection": (lambda: FAMILIES["clip"][0](), lambda m, x: m(pixel_values=x).image_embeds),
+    "clip_no_projection": (lambda: FAMILIES["clip_no_projection"][0](), lambda m, x: m(pixel_values=x).pooler_output),
+    "clip_whole": (_clip_whole, lambda m, x: m.get_image_features(pixel_values=x).pooler_output),  # projected
+    "vit_no_pooler": (lambda: _hf(lambda c: transformers.ViTModel(c, add_pooling_layer=False), transformers.ViTConfig,
+                                  intermediate_size=80), lambda m, x: m(pixel_values=x).last_hidden_state[:, 0]),
+    "vit_pooler": (lambda: _hf(transformers.ViTModel, transformers.ViTConfig, intermediate_size=80),
+                   lambda m, x: m(pixel_values=x).last_hidden_state[:, 0]),
+    "deit_no_pooler": (FAMILIES["deit"][0], lambda m, x: m(pixel_values=x).last_hidden_state[:, 0]),
+}
+
+
+@pytest.mark.parametrize("name", list(SAVED_HF))
+def test_a_saved_transformers_model_loads_as_its_class_and_embeds_as_it_does(name, pixels, tmp_path):
+    """`encoder=hf encoder.checkpoint=FOLDER` of every class dsl opens up, as save_pretrained wrote it: a
+    CLIPVisionModel (no projection; it was refused, its projection said missing), a whole CLIP whose projection is
+    not its vision config's default width (refused the same way), a ViT or DeiT saved without the pooler dsl
+    never reads (refused, the pooler said missing): each embeds as the library's own forward does."""
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder import load_encoder
+
+    build, library_embed = SAVED_HF[name]
+    model = build()
+    model.save_pretrained(tmp_path)
+    transformers.CLIPImageProcessor(size={"shortest_edge": SIDE}, crop_size={"height": SIDE, "width": SIDE}
+                                    ).save_pretrained(tmp_path)
+    encoder, _ = load_encoder(EncoderConfig(source="hf", name="hf", checkpoint=str(tmp_path), subfolder=""))
+    with torch.no_grad():
+        expected = library_embed(model, pixels)
+        torch.testing.assert_close(encoder.embed(pixels), expected, atol=ATOL, rtol=0)

@@ -216,12 +216,12 @@ def _hf_model(cfg: Any) -> tuple[nn.Module, Preprocess]:
     source = where["pretrained_model_name_or_path"]
     try:
         config = transformers.AutoConfig.from_pretrained(**where)
-        model_class = _hf_class(config)
+        model_class, config, options = _hf_class(config)
         if cfg.pretrained is None and not cfg.checkpoint:
-            model = _seeded(lambda: model_class(config))
+            model = _seeded(lambda: model_class(config, **options))
         else:
             # sizes that do not match are reported in `info` (and refused) instead of raised without their names
-            model, info = model_class.from_pretrained(**where, output_loading_info=True,
+            model, info = model_class.from_pretrained(**where, config=config, **options, output_loading_info=True,
                                                       ignore_mismatched_sizes=True)
             missing, extra = missing_tensors(info), extra_layers(info, model)
             if missing:
@@ -256,22 +256,30 @@ def _hf_fix(cfg: Any) -> str:
     return f"fetch it with: hf download {cfg.repo_id} (with --force-download over damaged files)"
 
 
-def _hf_class(config: Any) -> type:
-    """The transformers class whose forward gives this repository's image embedding (or logits)."""
+def _hf_class(config: Any) -> tuple[type, Any, dict]:
+    """The transformers class whose forward gives this repository's image embedding (or logits), the config
+    to build it from and the options it takes."""
     transformers = import_frozen("transformers")
 
     kind = config.model_type
     architectures = getattr(config, "architectures", None) or []
-    if kind in ("clip", "clip_vision_model"):
-        return transformers.CLIPVisionModelWithProjection
+    if kind == "clip":  # a whole CLIP: its vision tower, with the projection the whole model's config sizes
+        vision = config.vision_config
+        vision.projection_dim = config.projection_dim
+        return transformers.CLIPVisionModelWithProjection, vision, {}
+    if kind == "clip_vision_model":  # a tower saved without its projection embeds into its own width
+        alone = architectures and all(a == "CLIPVisionModel" for a in architectures)
+        return (transformers.CLIPVisionModel if alone else transformers.CLIPVisionModelWithProjection), config, {}
     if kind in ("siglip", "siglip_vision_model"):
-        return transformers.SiglipVisionModel
+        return transformers.SiglipVisionModel, config, {}
     if kind in ("dinov2", "dinov2_with_registers"):
-        return transformers.AutoModel
+        return transformers.AutoModel, config, {}
     if kind in ("vit", "deit"):
         if any(a.endswith("ForImageClassification") for a in architectures):
-            return transformers.ViTForImageClassification if kind == "vit" else transformers.DeiTForImageClassification
-        return transformers.ViTModel if kind == "vit" else transformers.DeiTModel
+            return (transformers.ViTForImageClassification if kind == "vit"
+                    else transformers.DeiTForImageClassification), config, {}
+        # the embedding is the class token of last_hidden_state: the pooler, which weights may lack, is not read
+        return (transformers.ViTModel if kind == "vit" else transformers.DeiTModel), config, {"add_pooling_layer": False}
     raise UserError(f"transformers model type {kind!r}: dsl opens up clip, siglip, dinov2, vit and deit")
 
 
