@@ -36,10 +36,29 @@ def claim_or_exit(folder: Path, cfg: DictConfig, kind: str = "run") -> Path:
     """Claim a run's or sweep's folder for this process (`claim_fresh`), or end with one line and status 2
     (nothing is written there). Returns the folder claimed."""
     try:
+        if kind == "sweep":
+            refuse_shared_job_folders(cfg)
         return claim_fresh(folder, cfg, kind)
     except UserError as err:
         report(err)
         sys.exit(2)
+    except Exception as err:  # Hydra turns a callback's exception into a warning and goes on, unclaimed
+        report(bug_message(err))
+        sys.exit(1)
+
+
+def refuse_shared_job_folders(cfg: DictConfig) -> None:
+    """A sweep's jobs go into folders of their own inside the sweep folder (`hydra.sweep.subdir`, the job's
+    number by default): a subdir that leaves it (`../x`, an absolute path) or names no job (`same`: every job one
+    folder) would write where the sweep's merge and resume do not look, or each job over the last."""
+    subdir = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir"))
+    parts = Path(subdir).parts
+    if Path(subdir).is_absolute() or ".." in parts or not parts:
+        raise UserError(f"hydra.sweep.subdir={subdir}: a job's folder must be inside the sweep folder; use a "
+                        "relative name such as job_${hydra.job.num}")
+    if "${hydra.job." not in subdir:
+        raise UserError(f"hydra.sweep.subdir={subdir}: every job would go into that one folder; name it after the "
+                        "job, e.g. job_${hydra.job.num}")
 
 
 class ClaimFolder(Callback):
@@ -99,7 +118,8 @@ def _named_after_the_time(cfg: DictConfig, kind: str) -> bool:
     """Whether the run's (or sweep's) folder is dsl's default, named after the time (`${now:...}` in run.yaml's
     `hydra.run.dir`, `hydra.sweep.dir`), rather than a folder given on the command line."""
     node = "run" if kind == "run" else "sweep"
-    given = any(o.lstrip("+").split("=", 1)[0] == f"hydra.{node}.dir" for o in cfg.hydra.overrides.hydra)
+    overrides = OmegaConf.to_container(cfg.hydra.overrides.hydra, resolve=False)  # `${hydra.job.num}` is unset here
+    given = any(o.lstrip("+").split("=", 1)[0] == f"hydra.{node}.dir" for o in overrides)
     return not given and "${now:" in str(OmegaConf.to_container(cfg.hydra[node], resolve=False)["dir"])
 
 

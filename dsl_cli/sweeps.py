@@ -183,7 +183,9 @@ def damage(path: Path, fix: str) -> Iterator[None]:
 def _texts(values) -> list[str]:
     """A list of override strings from a sweep file; TypeError for anything else, ValueError for a text
     Hydra cannot read as an override (`- layer=[` was merged as the value `[`) (see `damage`)."""
-    if not isinstance(values, (list, ListConfig)) or not all(isinstance(v, str) for v in values):
+    if isinstance(values, ListConfig):  # as written: `hydra.sweep.subdir=job_${hydra.job.num}` is no value to resolve
+        values = OmegaConf.to_container(values, resolve=False)
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise TypeError("a list of overrides was expected")
     unreadable = next((v for v in values if not parses(v)), None)
     if unreadable is not None:

@@ -475,3 +475,38 @@ def test_clamped_values_that_differ_are_swept() -> None:
     config.hydra.overrides.task = ["layer=3,9"]
     with pytest.raises(UserError, match="layer=3 and layer=9 both read layer 3"):
         refuse_clamped_repeats(config)
+
+
+def test_a_sweeps_own_subdir_keeps_the_folder_claimed_and_its_jobs_inside(tmp_path: Path, monkeypatch,
+                                                                         capsys) -> None:
+    """`hydra.sweep.subdir=job_${hydra.job.num}` (Hydra's own setting): the sweep folder is claimed as ever (the
+    claim read the override and met the unset job number; Hydra made that a warning, and the sweep wrote over a
+    folder of the user's files, multirun.yaml included), the sweep merges and resumes; a subdir that leaves the
+    sweep folder or names no job is refused in one line before anything is written."""
+    subdir = "hydra.sweep.subdir=job_${hydra.job.num}"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "multirun.yaml").write_text("mine: 1\n")
+    code, err = dsl_in_process(["run", *FAST, "--multirun", "layer=0,1", subdir, f"hydra.sweep.dir={theirs}"],
+                               tmp_path, monkeypatch, capsys)
+    assert code == 2 and "is not a dsl folder" in err and "Traceback" not in err, err[-3000:]
+    assert sorted(p.name for p in theirs.iterdir()) == ["multirun.yaml"]
+    assert (theirs / "multirun.yaml").read_text() == "mine: 1\n"
+
+    code, err = dsl_in_process(["run", *FAST, "--multirun", "layer=0,1", subdir, "hydra.sweep.dir=ok"], tmp_path,
+                               monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    assert sorted(p.name for p in (tmp_path / "ok").glob("job_*")) == ["job_0", "job_1"]
+    assert len(read_rows(tmp_path / "ok" / "similarity.csv")) == 2 * 2 * 4  # 2 jobs, 2 images, 4 heads
+    merged = (tmp_path / "ok" / "similarity.csv").read_bytes()
+    code, err = dsl_in_process(["run", "resume=ok"], tmp_path, monkeypatch, capsys)  # was refused: multirun.yaml
+    assert code == 0 and (tmp_path / "ok" / "similarity.csv").read_bytes() == merged, err[-3000:]
+
+    for bad, says in (("../out_${hydra.job.num}", "must be inside the sweep folder"),
+                      ("/tmp/x_${hydra.job.num}", "must be inside the sweep folder"),
+                      ("same", "every job would go into that one folder")):
+        code, err = dsl_in_process(["run", *FAST, "--multirun", "layer=0,1", f"hydra.sweep.subdir={bad}",
+                                    "hydra.sweep.dir=bad"], tmp_path, monkeypatch, capsys)
+        lines = [line for line in err.splitlines() if line.startswith("dsl:")]
+        assert code == 2 and len(lines) == 1 and says in lines[0], err[-3000:]
+        assert not (tmp_path / "bad").exists() and not list(tmp_path.glob("out_*"))
