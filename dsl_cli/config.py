@@ -462,14 +462,21 @@ def _check_values(composed, override) -> None:
 
     key = override.key_or_group
     try:
-        values = list(override.sweep_iterator())
+        values = list(zip(override.sweep_iterator(), override.sweep_string_iterator()))
     except Exception:  # noqa: BLE001 - a sweep Hydra expands only with its loader: left to Hydra's own check
         return
-    for value in values:
+    read: dict[str, str] = {}  # each value as the schema reads it -> as typed
+    for value, typed in values:
         try:  # the key exists (the first compose checked it): the schema checks the value's type
             OmegaConf.update(composed, key, value, merge=True)
         except (OmegaConfBaseException, ValueError, TypeError) as err:
             raise UserError(f"{key}={value}: {_one_line(err)}") from None
+        setting = OmegaConf.select(composed, key)
+        same = repr(OmegaConf.to_container(setting) if OmegaConf.is_config(setting) else setting)
+        if same in read:  # `lens.alpha=1,1.0`, `seed=1,01`: one job twice, its rows merged twice
+            raise UserError(f"{override.input_line}: {key}={typed} is {key}={read[same]} again, written another "
+                            "way; the sweep would run that job twice and merge its rows twice: give each value once")
+        read[same] = typed
 
 
 def _values(override) -> list[str]:

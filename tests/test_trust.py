@@ -488,6 +488,10 @@ def test_a_bad_201st_value_is_refused_at_once_and_nothing_is_written(tmp_path: P
 @pytest.mark.parametrize(("overrides", "fragment"), [
     (["-m", "layer=range(0,0)"], "layer=range(0,0): sweeps no value"),  # launched nothing, exit 0, "complete"
     (["-m", "layer=0,1", "seed=3,4,3"], "seed=3 is swept twice"),  # the same job twice, its rows merged twice
+    # the same value written two ways: the same job twice too (counted as text, they passed)
+    (["-m", "lens.alpha=1,1.0"], "lens.alpha=1.0 is lens.alpha=1 again, written another way"),
+    (["-m", "seed=1,01,1_0"], "seed=01 is seed=1 again"),
+    (["-m", "lens.alpha=2,2.0000000000000001"], "is lens.alpha=2 again"),
     (["+lens.alfa=2"], "lens.alfa is not a setting of dsl"),  # ran, with the misspelt key recorded and unread
     (["+foo=1"], "foo is not a setting of dsl"),
 ])
