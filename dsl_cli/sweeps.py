@@ -267,7 +267,11 @@ def _read_job(job: Job, sweep_dir: Path, folder: Path) -> None:
     job.folder = folder.relative_to(sweep_dir).as_posix()
     path = RunFolder(folder).overrides_yaml
     with damage(path, JOB_FIX):
-        job.overrides = [o for o in _texts(sweep_file(path, JOB_FIX)) if _key(o) != "resume"]
+        found = [o for o in _texts(sweep_file(path, JOB_FIX)) if _key(o) != "resume"]
+        if job.overrides and sorted(found) != sorted(job.overrides):  # its rows would be labelled with these
+            raise ValueError(f"job {job.job} says it ran {' '.join(found)}, not {' '.join(job.overrides)} as "
+                             "multirun.yaml gives it")
+        job.overrides = found
     manifest = read_manifest(folder) or {}
     job.status, job.error = manifest.get("status", "started"), manifest.get("error")
     if job.status == "complete":

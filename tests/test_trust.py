@@ -327,6 +327,17 @@ def test_merge_of_a_damaged_sweep_file_is_one_line_naming_it(name: str, sweep_co
     assert code == 2 and Path(name).name in one_line(err)
 
 
+def test_merge_of_a_job_whose_overrides_were_edited_is_one_line_and_keeps_the_merge(sweep_copy: Path, tmp_path: Path,
+                                                                                   monkeypatch, capsys) -> None:
+    """A job's `.hydra/overrides.yaml` edited to another setting than multirun.yaml gives it (`- seed=99`): its
+    rows were merged labelled `override.seed=99` beside a seed column of 1, its other overrides empty."""
+    (sweep_copy / "1" / ".hydra" / "overrides.yaml").write_text("- seed=99\n")
+    merged = {name: (sweep_copy / name).read_bytes() for name in ("similarity.csv", "manifest.json")}
+    code, err = dsl_in_process(["merge", str(sweep_copy)], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "1/.hydra/overrides.yaml" in one_line(err) and "seed=99" in one_line(err), err
+    assert {name: (sweep_copy / name).read_bytes() for name in merged} == merged
+
+
 @pytest.mark.parametrize("name", ["multirun.yaml", "0/.hydra/overrides.yaml"])
 def test_resume_of_a_damaged_sweep_is_one_line_naming_the_file(name: str, sweep_copy: Path, tmp_path: Path,
                                                                monkeypatch, capsys) -> None:
