@@ -369,9 +369,10 @@ def check_overrides(overrides: list[str]) -> None:
         except HydraException as err:
             raise UserError(f"{text}: {_one_line(err)} (quote a value with spaces or brackets: key='a b')") from None
     search = [o.input_line for o in parsed if o.key_or_group == "hydra.searchpath"]  # config folders of plugins
-    # Hydra's own config groups (`hydra/launcher=submitit_slurm`): checked in the first compose (a misspelt one
-    # was Hydra's several lines and exit status 1)
-    search += [o.input_line for o in parsed if o.key_or_group.startswith("hydra/") and not o.is_sweep_override()]
+    # Hydra's own settings and groups (`hydra.job.env_set.X=1`, `hydra/launcher=submitit_slurm`): checked in the
+    # first compose, with Hydra's config (a misspelt one was Hydra's several lines and exit status 1)
+    search += [o.input_line for o in parsed if o.is_hydra_override() and o.key_or_group != "hydra.searchpath"
+               and not o.is_sweep_override()]
     parsed = [o for o in parsed if not o.is_hydra_override()]
     for override in parsed:
         _check_added(override)
@@ -380,7 +381,7 @@ def check_overrides(overrides: list[str]) -> None:
         _check_sweep(override, options)
     parsed, values = [o for o, v in zip(parsed, values) if v], [v for v in values if v]  # glob: Hydra's
     first = [v[0] for v in values]
-    composed = compose_run([*first, *search], hydra=any(o.startswith("hydra/") for o in search))
+    composed = compose_run([*first, *search], hydra=any(not o.startswith("hydra.searchpath=") for o in search))
     for i, (override, options) in enumerate(zip(parsed, values)):
         if len(options) < 2:
             continue
@@ -526,6 +527,13 @@ def _one_line(err: Exception) -> str:
         key = missing.full_key
         if key in MOVED:
             return f"{key}: this setting moved to {MOVED[key]}; write {MOVED[key]}=... instead"
+        if key.startswith("hydra.launcher."):
+            return (f"{key}: no such setting of this launcher ({_did_you_mean(missing)}launcher=slurm and "
+                    "launcher=local_gpus have their own: `dsl run launcher=slurm --cfg hydra` prints them)")
+        if key.startswith("hydra."):  # Hydra's own: a new key in a dict of its (`env_set`) takes `+`
+            guess = _did_you_mean(missing)
+            added = f"; a new key in one of its dicts takes a +: +{key}=..." if guess == "misspelt? " else ""
+            return f"{key}: no such setting of Hydra's ({guess}`dsl run --cfg hydra` prints them{added})"
         return f"{key}: no such setting ({_did_you_mean(missing)}`dsl run --cfg job` prints every setting)"
     lines = [line.strip() for c in causes for line in str(c).split("Config search path")[0].splitlines()]
     lines = [line for line in lines if line not in ("", "None") and not line.startswith(("full_key:", "object_type=", "reference_type=",

@@ -184,6 +184,13 @@ COMPOSE_CASES = {
     "misspelt_debug": (["debug=tyni"], "debug=tyni: no such option of debug (did you mean debug=tiny?"),
     "unknown_launcher": (["hydra/launcher=nope"], "hydra/launcher=nope: no such option of hydra/launcher (the "
                                                   "options: basic, submitit_local, submitit_slurm)"),
+    # Hydra's own settings: were Hydra's several lines and exit status 1
+    "hydra_new_key": (["hydra.job.env_set.FOO=bar"], "hydra.job.env_set.FOO: no such setting of Hydra's (misspelt? "
+                                                     "`dsl run --cfg hydra` prints them; a new key in one of its "
+                                                     "dicts takes a +: +hydra.job.env_set.FOO=...)"),
+    "hydra_misspelt": (["hydra.verbos=true"], "hydra.verbos: no such setting of Hydra's (did you mean hydra.verbose?"),
+    "launcher_setting": (["hydra.launcher.partition=gpu"], "hydra.launcher.partition: no such setting of this "
+                                                           "launcher (misspelt? launcher=slurm and launcher=local_gpus"),
     "misspelt_key": (["lens.alpah=3"], "lens.alpah: no such setting (did you mean lens.alpha?"),
     "misspelt_decode_key": (["decode.stps=3"], "decode.stps: no such setting (did you mean decode.steps?"),
     "misspelt_top_key": (["seeed=3"], "seeed: no such setting (did you mean seed?"),
