@@ -347,6 +347,8 @@ def test_the_tiny_presets_load_with_their_library_preprocessing(source, readout,
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
     pixels = preprocess(picture)
     assert pixels.shape == (3, 64, 64) and pixels.dtype == torch.float32
+    for mode in ("L", "RGBA", "P"):  # through the Python API as well as the run's RGB pictures (timm's failed)
+        torch.testing.assert_close(preprocess(picture.convert(mode)), preprocess(picture.convert(mode).convert("RGB")))
     assert (encoder.n_layers, encoder.n_heads, encoder.readout_kind) == (4, 4, readout)
     assert (encoder.classifier is not None) == head and encoder.family.n_prefix == 3  # class token, 2 registers
     again, _ = load_encoder(cfg)  # seeded: the same weights every time

@@ -291,6 +291,10 @@ class LibraryPreprocess:
         self.transform, self.image_size = transform, image_size
 
     def __call__(self, image) -> Tensor:
+        # a grey or RGBA picture as three channels, as open_clip's and transformers' own transforms take it
+        # (timm's normalises three channels and fails on one)
+        if getattr(image, "mode", "RGB") != "RGB":
+            image = image.convert("RGB")
         return self.transform(image)
 
 
