@@ -269,6 +269,10 @@ def test_unsupported_variants_are_refused_saying_why():
         HookedEncoder(_timm(qk_norm=True))
     with pytest.raises(NotImplementedError, match="plain pre-norm Block"):
         HookedEncoder(_timm(block_fn=ParallelScalingBlock))
+    from timm.models.vision_transformer import ParallelThingsBlock
+
+    with pytest.raises(NotImplementedError, match=r"^timm ParallelThingsBlock: only the plain"):  # was "with NoneType"
+        HookedEncoder(_timm(block_fn=ParallelThingsBlock, init_values=None))
     with pytest.raises(NotImplementedError, match="not a supported vision transformer"):
         HookedEncoder(transformers.BertModel(transformers.BertConfig(hidden_size=32, num_hidden_layers=1,
                                                                     num_attention_heads=2, intermediate_size=40)))
@@ -688,3 +692,16 @@ def test_a_saved_transformers_model_loads_as_its_class_and_embeds_as_it_does(nam
     with torch.no_grad():
         expected = library_embed(model, pixels)
         torch.testing.assert_close(encoder.embed(pixels), expected, atol=ATOL, rtol=0)
+
+
+def test_a_transformers_folder_that_cannot_be_opened_up_is_named_by_its_folder(tmp_path):
+    """Its refusal named `encoder hf:hf` (the config's name, the same for every transformers model)."""
+    from dsl_cli.config import EncoderConfig
+    from dsl_cli.encoder import load_encoder
+    from dsl_cli.errors import UserError
+
+    _hf(transformers.SiglipVisionModel, transformers.SiglipVisionConfig, intermediate_size=80,
+        vision_use_head=False).save_pretrained(tmp_path)
+    transformers.SiglipImageProcessor(size={"height": SIDE, "width": SIDE}).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match=f"^encoder hf:{tmp_path} cannot be opened up: SigLIP without"):
+        load_encoder(EncoderConfig(source="hf", name="hf", checkpoint=str(tmp_path), subfolder=""))

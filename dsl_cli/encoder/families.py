@@ -329,9 +329,10 @@ class TimmFamily(Family):
         for block in model.blocks:
             attn = getattr(block, "attn", None)
             if type(block) is not Block or type(attn) is not Attention:
+                what = type(block).__name__ + ("" if attn is None else f" with {type(attn).__name__}")
                 raise NotImplementedError(
-                    f"timm {type(block).__name__} with {type(attn).__name__}: only the plain pre-norm Block "
-                    "with the standard Attention is covered by the per-head decomposition")
+                    f"timm {what}: only the plain pre-norm Block with the standard Attention is covered by the "
+                    "per-head decomposition")
             attn = block.attn
             if not all(isinstance(m, nn.Identity) for m in (attn.q_norm, attn.k_norm, attn.norm)) or \
                     getattr(attn, "gate", None) is not None:
@@ -634,7 +635,9 @@ def _check_supported(visual: nn.Module) -> None:
         names = [family.name for family in FAMILIES]
         raise NotImplementedError(
             f"HookedEncoder needs a vision transformer of {', '.join(names[:-1])} or {names[-1]}, got "
-            f"{type(visual).__name__} (ResNet and other towers are not decomposed; `register_family` adds one)"
+            f"{type(visual).__name__} (ResNet and other towers are not decomposed; `register_family` adds one"
+            + ("; a timm tower inside open_clip: load it with encoder=timm" if type(visual).__name__ == "TimmModel"
+               else "") + ")"
         )
     if visual.attn_pool is not None:
         raise NotImplementedError("attentional pooling is not covered by the CLS-token decomposition")

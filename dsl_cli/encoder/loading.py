@@ -74,7 +74,8 @@ def load_encoder(
     try:
         encoder = HookedEncoder(visual)
     except NotImplementedError as err:
-        raise UserError(f"encoder {cfg.source}:{cfg.name} cannot be opened up: {err}") from err
+        name = vit_loading.label(cfg) if cfg.source in vit_loading.SOURCES else cfg.name  # hf: its repo or folder
+        raise UserError(f"encoder {cfg.source}:{name} cannot be opened up: {err}") from err
     if cfg.source in vit_loading.SOURCES:  # the size the processor feeds, not the config's (DINOv2: 224, not 518)
         encoder.family.fed_size = vit_loading.fed_size(preprocess)
     encoder.requires_grad_(False)
