@@ -85,6 +85,9 @@ def resume_overrides(args: list[str]) -> list[str]:
             others = [a for a in args if a != arg and not a.startswith(("-", "hydra."))]
             if others:
                 raise UserError(f"resume= completes a run with its saved config; drop the other overrides {others}")
+            if folder.is_symlink():  # as a run folder given by hydra.run.dir: dsl writes through no link
+                raise UserError(f"resume={folder} is a symbolic link: give the folder it points to, "
+                                f"resume={os.path.realpath(folder)}")
             if not folder.is_dir():
                 what = "not a folder" if os.path.lexists(folder) else "no such folder"
                 raise UserError(f"resume={folder}: {what}; give the folder of the run or sweep to complete (`dsl run` "

@@ -338,6 +338,19 @@ def test_merge_of_a_job_whose_overrides_were_edited_is_one_line_and_keeps_the_me
     assert {name: (sweep_copy / name).read_bytes() for name in merged} == merged
 
 
+@pytest.mark.parametrize("copy", ["run_copy", "sweep_copy"])
+def test_resume_through_a_symbolic_link_is_refused_naming_the_folder(copy: str, request, tmp_path: Path, monkeypatch,
+                                                                     capsys) -> None:
+    """`hydra.run.dir=LINK` is refused, and `dsl report LINK`; `resume=LINK` followed the link and wrote there."""
+    folder = request.getfixturevalue(copy)
+    link = tmp_path / "link"
+    link.symlink_to(folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    code, err = dsl_in_process(["run", f"resume={link}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and f"resume={folder.resolve()}" in one_line(err) and "symbolic link" in one_line(err)
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize("name", ["multirun.yaml", "0/.hydra/overrides.yaml"])
 def test_resume_of_a_damaged_sweep_is_one_line_naming_the_file(name: str, sweep_copy: Path, tmp_path: Path,
                                                                monkeypatch, capsys) -> None:
