@@ -796,7 +796,7 @@ class RunFolder:
             if made is not None:
                 _MADE[self._key()] = made
             if not resume:
-                self._check_fresh(setting)
+                self._check_fresh(setting, kind)
                 write_json(self.manifest_json, {"made_by": MADE_BY, **({"kind": kind} if kind != "run" else {}),
                                                 "status": "started"})
             elif not self.is_own():
@@ -839,13 +839,17 @@ class RunFolder:
         except UserError:
             return False
 
-    def _check_fresh(self, setting: str) -> None:
+    def _check_fresh(self, setting: str, kind: str = "run") -> None:
         if self.holds_run():
+            held = (read_manifest(self.path) or {}).get("kind")  # an adapter's or an SAE's folder says so
+            what = {"adapter": "an adapter", "sae": "an SAE"}.get(held, "a run")
             if self._status() == "complete":  # nothing to resume: say how to run it again
-                raise FolderTaken(f"{self.path} already holds a run, complete: to run it again, choose another "
-                                  f"{setting} or move that folder away")
-            raise FolderTaken(f"{self.path} already holds a run: complete it with `dsl run resume={self.path}` "
-                              f"or choose another {setting}")
+                raise FolderTaken(f"{self.path} already holds {what}, complete: to "
+                                  f"{'run' if what == 'a run' else 'make'} it again, choose another {setting} or "
+                                  "move that folder away")
+            resume = f"`dsl run resume={self.path}`" if kind == "run" and what == "a run" else "the same command"
+            raise FolderTaken(f"{self.path} already holds {what}: complete it with {resume} or choose another "
+                              f"{setting}")
         if not self.only_claimed() and self.foreign_entries():
             raise self._foreign(setting)
 

@@ -351,7 +351,8 @@ def test_fit_and_merge_write_only_their_own_folder_and_refuse_damage_in_one_line
     (tmp_path / "planted" / "index.html").symlink_to(tmp_path / "mine" / "index.html")
     assert "symbolic link" in refused([*fit, f"adapter.out={tmp_path / 'planted'}"])
     assert (tmp_path / "mine" / "index.html").read_text() == "precious"
-    assert "choose another adapter.out" in refused([*fit, f"adapter.out={tmp_path / 'one'}", "adapter.augment=2"])
+    assert "already holds an adapter, complete: to make it again, choose another adapter.out" in refused(
+        [*fit, f"adapter.out={tmp_path / 'one'}", "adapter.augment=2"])
     assert (tmp_path / "one" / "adapter.safetensors").read_bytes() == weights
     assert "not the folder of a sharded" in refused(["adapter", "merge", str(tmp_path / "nowhere")])
     (tmp_path / "one" / "adapter.safetensors").write_bytes(weights[:100])

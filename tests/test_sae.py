@@ -760,7 +760,7 @@ def test_sae_train_writes_only_its_own_folder_and_refuses_the_rest_in_one_line(t
     for name in ("sae_weights.safetensors", "cfg.json", "training.json"):  # as any new file: 0644 under 022
         assert (tmp_path / "done" / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     line = refused("done", "train.d_sae=16")
-    assert "already holds a run, complete" in line and "choose another train.out" in line
+    assert "already holds an SAE, complete: to make it again" in line and "choose another train.out" in line
     assert (tmp_path / "done" / "sae_weights.safetensors").read_bytes() == weights
     (tmp_path / "done" / "training.json").unlink()
     (tmp_path / "done" / "training.json").symlink_to(tmp_path / "mine" / "cfg.json")
