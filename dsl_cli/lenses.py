@@ -550,13 +550,16 @@ def check_row(lens: Lens) -> dict:
     return row
 
 
-def check_output(lens: Lens, embeds: torch.Tensor, values: dict[str, torch.Tensor], batch: int, count: int) -> None:
-    """What a lens hands the run for `batch` images and `count` components: embeddings [batch, count, E] and
-    `values` of its declared columns, each [batch, count]. A lens of a plugin that breaks this is named in one
-    line, not reported as a bug in dsl (or, worse, broadcast into wrong numbers)."""
-    if embeds.dim() != 3 or tuple(embeds.shape[:2]) != (batch, count):
+def check_output(lens: Lens, embeds: torch.Tensor, values: dict[str, torch.Tensor], batch: int, count: int,
+                 width: int) -> None:
+    """What a lens hands the run for `batch` images and `count` components: embeddings [batch, count, width]
+    (the encoder's embedding width) and `values` of its declared columns, each [batch, count]. A lens of a
+    plugin that breaks this is named in one line, not reported as a bug in dsl (or, worse, broadcast into wrong
+    numbers)."""
+    if embeds.dim() != 3 or tuple(embeds.shape) != (batch, count, width):
         raise UserError(f"lens={lens.name}: embeddings() gave a tensor of shape {tuple(embeds.shape)} for {batch} "
-                        f"images and {count} components; a lens gives [image, component, d_embed] (Lens.embeddings)")
+                        f"images and {count} components of an encoder that embeds into {width}; a lens gives "
+                        f"[image, component, d_embed] = ({batch}, {count}, {width}) (Lens.embeddings)")
     _declared(lens, "values()", values)
     for column, value in values.items():
         if tuple(value.shape) != (batch, count):

@@ -294,7 +294,7 @@ def _score_batch(cfg, lens: Lens, encoder, components: list[Component], names: l
     cache = encoder.run_with_cache(pixels)
     embeds = lens.embeddings(encoder, cache, components)
     values = lens.values(encoder, cache, components, embeds)
-    check_output(lens, embeds, values, len(names), len(components))
+    check_output(lens, embeds, values, len(names), len(components), cache.embeds.shape[-1])
     scores = score(encoder, cache, components, embeds)
     check_finite(lens, cfg.encoder.dtype, names, components, cache.embeds, embeds, scores, encoder)
     # a component that writes nothing into an image (an SAE feature that is off there) leaves its embedding the

@@ -421,7 +421,7 @@ class Misshapen(lenses.DirectLens):
         embeds = super().embeddings(encoder, cache, components)
         if self.case == "raises":
             raise ValueError("my lens's bug")
-        return embeds[:, :-1] if self.case == "embeddings" else embeds
+        return embeds[:, :-1] if self.case == "embeddings" else embeds[..., :5] if self.case == "width" else embeds
 
     def row(self) -> dict:
         return {"mode": "x", "modee": 1} if self.case == "row" else {"mode": "x"}
@@ -436,6 +436,9 @@ class Misshapen(lenses.DirectLens):
 
 @pytest.mark.parametrize(("case", "message"), [
     ("embeddings", "lens=misshapen: embeddings() gave a tensor of shape (2, 4, 32) for 2 images and 5 components"),
+    # another width than the encoder's: `internal error (a bug in dsl)` when scored
+    ("width", "lens=misshapen: embeddings() gave a tensor of shape (2, 5, 5) for 2 images and 5 components of an "
+              "encoder that embeds into 32; a lens gives [image, component, d_embed] = (2, 5, 32)"),
     ("row", "lens=misshapen: row() gave 'modee', which the lens does not declare in `columns` (mode)"),
     ("values_undeclared", "lens=misshapen: values() gave 'attribution', which the lens does not declare"),
     ("values_shape", "lens=misshapen: values() gave 'mode' of shape (2,); each value is [image, component] = (2, 5)"),
