@@ -157,14 +157,15 @@ def study_of_folder(folder: Path) -> Study:
     raise UserError(f"{folder}: no study CSV here ({names})")
 
 
-def refuse_unregistered(folder: Path) -> None:
+def refuse_unregistered(folder: Path, then: str = "redraw") -> None:
     """UserError where the run in `folder` is of a study not registered in this process (a plugin's, run from a
-    script that imported it): its figures and page would be drawn without what only its class knows."""
+    script that imported it): its figures and page would be drawn, or its sweep merged, without what only its
+    class knows."""
     config = (read_manifest(folder) or {}).get("config")
     named = ((config.get("study") if isinstance(config, dict) else None) or {}).get("name")
     if isinstance(named, str) and named not in STUDIES:
         raise UserError(f"{folder}: a run of study {printable(named)}, which is not registered here: import the "
-                        "module that registers it, as the run did (docs/extending.md), then redraw from there")
+                        f"module that registers it, as the run did (docs/extending.md), then {then} from there")
 
 
 # ---------------------------------------------------------------- what every study shares

@@ -58,7 +58,7 @@ from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, c
                              group_rows, is_dsl_png, is_sweep_folder, read_bytes_nofollow, read_manifest,
                              rewrite_advice, run_rows, type_row, write_json)
 from dsl_cli.report import each_folder, merged_manifest, merged_studies, write_page
-from dsl_cli.study_registry import STUDIES, Study, find_study, get_study
+from dsl_cli.study_registry import STUDIES, Study, find_study, get_study, refuse_unregistered
 
 log = logging.getLogger("dsl_cli.sweeps")
 
@@ -278,6 +278,7 @@ def _read_job(job: Job, sweep_dir: Path, folder: Path) -> None:
     manifest = read_manifest(folder) or {}
     job.status, job.error = manifest.get("status", "started"), manifest.get("error")
     if job.status == "complete":
+        refuse_unregistered(folder, "merge")  # a plugin's study: its table would be merged as no rows at all
         job.rows = run_rows(folder, resume=sweep_dir)
         job.study = find_study(folder)
         if job.study is not None:

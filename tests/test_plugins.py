@@ -230,6 +230,16 @@ def test_a_study_from_outside_compares_a_lens_from_outside_end_to_end(registries
     del study_registry.STUDIES["lens_agreement"]  # plain `dsl`, which has not imported the plugin
     code, err = dsl_in_process(["plot", str(folder)], tmp_path, monkeypatch, capsys)
     assert code == 2 and "a run of study lens_agreement, which is not registered here: import the module" in err, err
+    # and so does `dsl merge` of a sweep of it, which merged its jobs as no rows at all
+    study_registry.register_study(LensAgreement)
+    code, err = dsl_in_process(["run", "--multirun", *TINY, "layer=2", "study=lens_agreement", plugin_configs[1],
+                                "hydra.sweep.dir=sweep", "seed=0,1"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-2000:]
+    merged = (tmp_path / "sweep" / "manifest.json").read_bytes()
+    del study_registry.STUDIES["lens_agreement"]
+    code, err = dsl_in_process(["merge", str(tmp_path / "sweep")], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "a run of study lens_agreement, which is not registered here" in err, err[-2000:]
+    assert "then merge from there" in err and (tmp_path / "sweep" / "manifest.json").read_bytes() == merged
     # and so does `dsl report`, which wrote the page again without the study's own tables
     code, err = dsl_in_process(["report", str(folder)], tmp_path, monkeypatch, capsys)
     assert code == 2 and "a run of study lens_agreement, which is not registered here: import the module" in err, err
