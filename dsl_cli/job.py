@@ -12,7 +12,6 @@ An interruption stops the sweep. `hydra.verbose=true` shows the traceback instea
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -57,7 +56,7 @@ def refuse_shared_job_folders(cfg: DictConfig) -> None:
     if Path(subdir).is_absolute() or ".." in parts or not parts:
         raise UserError(f"hydra.sweep.subdir={subdir}: a job's folder must be inside the sweep folder; use a "
                         "relative name such as job_${hydra.job.num}")
-    if not re.search(r"\$\{hydra[.:]job\.", subdir):  # `${hydra.job.num}`, `${hydra:job.override_dirname}`
+    if "${" not in subdir:  # `${hydra.job.num}`, or a swept setting: `s${seed}`
         raise UserError(f"hydra.sweep.subdir={subdir}: every job would go into that one folder; name it after the "
                         "job, e.g. job_${hydra.job.num}")
 

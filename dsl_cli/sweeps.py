@@ -231,6 +231,8 @@ def expected_overrides(sweep_dir: Path) -> dict[int, list[str]]:
     choices: dict[str, list[str]] = {}
     try:
         for override in OverridesParser.create().parse_overrides(given):
+            if override.is_sweep_override() and getattr(override.value(), "shuffle", False):
+                return {}  # shuffle(): another order each time it is expanded
             key = override.get_key_element()
             values = (override.sweep_string_iterator() if override.is_sweep_override()
                       else [override.get_value_element_as_str()])

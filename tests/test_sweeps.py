@@ -502,6 +502,16 @@ def test_a_sweeps_own_subdir_keeps_the_folder_claimed_and_its_jobs_inside(tmp_pa
     code, err = dsl_in_process(["run", "resume=ok"], tmp_path, monkeypatch, capsys)  # was refused: multirun.yaml
     assert code == 0 and (tmp_path / "ok" / "similarity.csv").read_bytes() == merged, err[-3000:]
 
+    # named by a swept setting, the jobs in a shuffled order: merged (a shuffle's jobs are known from their folders)
+    code, err = dsl_in_process(["run", *FAST, "--multirun", "seed=shuffle(1,2,3)", "hydra.sweep.subdir=s${seed}",
+                                "hydra.sweep.dir=by_seed"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err[-3000:]
+    rows = read_rows(tmp_path / "by_seed" / "similarity.csv")
+    assert sorted(p.name for p in (tmp_path / "by_seed").glob("s?")) == ["s1", "s2", "s3"]
+    assert {(r["override.seed"], r["seed"]) for r in rows} == {(s, s) for s in "123"}  # each job's rows its own
+    jobs = json.loads((tmp_path / "by_seed" / "manifest.json").read_text())["jobs"]
+    assert {(job["overrides"][-1], job["folder"]) for job in jobs} == {(f"seed={s}", f"s{s}") for s in "123"}
+
     for bad, says in (("../out_${hydra.job.num}", "must be inside the sweep folder"),
                       ("/tmp/x_${hydra.job.num}", "must be inside the sweep folder"),
                       ("same", "every job would go into that one folder")):
