@@ -15,7 +15,7 @@ import subprocess
 import time
 from collections import Counter
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -31,15 +31,15 @@ from dsl_cli.adapters import adapt_encoder, check_steerable, manifest_entry, run
 from dsl_cli.baselines import (Extra, baseline_extras, order_extras, score_extras, seed_extras, seed_spread,
                                start_extras, whole_batches)
 from dsl_cli.components import Component
-from dsl_cli.config import encoder_text, images_source, run_schema
+from dsl_cli.config import encoder_text, group_schema, images_source, run_schema
 from dsl_cli.decoder import (NOISE_LEVELS, check_finite_pictures, check_pairing, check_request, decoder_bytes,
                              load_decoder, to_pil)
 from dsl_cli.devices import dtype_name, resolve_device, resolve_dtype, start_device
 from dsl_cli.encoder import embedding_space, load_encoder, model_shape
 from dsl_cli.errors import Refused, UserError, printable
 from dsl_cli.images import ImageSet, load_images
-from dsl_cli.lenses import (Lens, ScoredImages, SteeringLens, TextReader, check_finite, check_output, check_row,
-                            describe, get_lens, n_labels, prepare_text, rank, score, where_heads_look)
+from dsl_cli.lenses import (LENSES, Lens, ScoredImages, SteeringLens, TextReader, check_finite, check_output,
+                            check_row, describe, get_lens, n_labels, prepare_text, rank, score, where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw, refuse_foreign, refuse_foreign_pictures
 from dsl_cli.outputs import (BASELINES, PATCHES, SEEDS, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows,
@@ -49,7 +49,7 @@ from dsl_cli.sae_run import feature_picks, feature_stage, feature_values, sae_co
 from dsl_cli.report import write_page
 from dsl_cli.resumption import (current_slurm_job, recorded_images, refuse_changed_images, resumes,
                                 same_images)
-from dsl_cli.study_registry import run_study, validate_study
+from dsl_cli.study_registry import STUDIES, run_study, validate_study
 from dsl_cli import studies  # noqa: F401  (the built-in studies' stages register themselves: @study_stage)
 
 log = logging.getLogger("dsl_cli.run")
@@ -135,10 +135,31 @@ def saved_config(run_dir: Path) -> DictConfig:
     checked it then: a file that was edited into bad YAML or a wrong type is refused with one line."""
     path = RunFolder(run_dir).config_yaml
     try:
-        return OmegaConf.merge(OmegaConf.structured(run_schema()), OmegaConf.load(path))
+        saved = OmegaConf.load(path)
+        _drop_unread_plugin_settings(saved, path)
+        return OmegaConf.merge(OmegaConf.structured(run_schema()), saved)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a config this run can be resumed from ({reason})") from err
+
+
+def _drop_unread_plugin_settings(saved: DictConfig, path: Path) -> None:
+    """A run made from a script that registered a plugin lens or study holds that plugin's settings (`lens.scale`,
+    at their defaults) whatever its lens: those its own lens and study do not read are dropped where the plugin
+    is not registered (plain `dsl run resume=`). A run of a plugin lens or study not registered here is refused,
+    saying so (its settings were called a damaged file)."""
+    for group, registry, schema in (("lens", LENSES, group_schema("lens")), ("study", STUDIES, group_schema("study"))):
+        section = saved.get(group)
+        if not isinstance(section, DictConfig):
+            continue
+        name, known = section.get("name"), {f.name for f in fields(schema)}
+        unknown = [key for key in section if key not in known]
+        if unknown and name is not None and name not in registry:
+            raise UserError(f"{path}: a run of {group}={printable(str(name))}, which is not registered here: import "
+                            "the module that registers it and resume from there, as the run was started "
+                            "(docs/extending.md)")
+        for key in unknown:
+            section.pop(key)
 
 
 def check_settings_kept(cfg: DictConfig, run_dir: Path) -> None:

@@ -205,6 +205,20 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
             lenses.register(clashing)
         assert "clashing" not in lenses.LENSES
 
+    # plain `dsl` (no plugin imported) resumes a run of dsl's own lens made from the plugin's script, whose config
+    # holds the plugin's setting (was refused as a damaged file); a run of the plugin's lens it refuses, saying why
+    for name in ("scaled_direct", "negated_direct"):
+        del lenses.LENSES[name]
+    for declared in config.DECLARED.values():
+        declared.clear()
+    for name in ("direct", "scaled"):
+        manifest = tmp_path / name / "manifest.json"
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "status": "interrupted"}))
+    code, err = dsl_in_process(["run", f"resume={tmp_path / 'direct'}"], tmp_path, monkeypatch, capsys)
+    assert code == 0 and rows_of(tmp_path / "direct" / "similarity.csv") == direct, err[-3000:]
+    code, err = dsl_in_process(["run", f"resume={tmp_path / 'scaled'}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "a run of lens=scaled_direct, which is not registered here: import the module" in err, err
+
 
 def test_a_study_from_outside_compares_a_lens_from_outside_end_to_end(registries, plugin_configs, tmp_path,
                                                                      monkeypatch, capsys) -> None:
