@@ -521,6 +521,13 @@ def _one_line(err: Exception) -> str:
     absent = next((c for c in causes if isinstance(c, MissingConfigException) and c.options), None)
     if absent is not None:  # a config group's option misspelt (`lens=steerin`)
         return _no_such_option(str(absent.missing_cfg_file), list(absent.options))
+    in_file = re.search(r"In '(lens|study)/([^']+)': ConfigKeyError raised while composing config:\s*Key '([^']+)'",
+                        str(err))
+    if in_file is not None:  # a plugin's config file, its module not imported (or a key misspelt in the file)
+        group, option, key = in_file.groups()
+        return (f"{group}={option}: its config file sets {group}.{key}, which is none of dsl's settings: a setting "
+                f"that a {group} of your own declares is known once its module is imported (then call "
+                f"dsl_cli.cli.main; docs/extending.md), or it is misspelt in {group}/{option}.yaml")
     unknown = (ConfigAttributeError, ConfigKeyError)  # a key the schema does not have
     missing = next((c for c in causes if isinstance(c, unknown) and getattr(c, "full_key", None)), None)
     if missing is not None:

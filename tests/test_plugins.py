@@ -218,6 +218,9 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
     assert code == 0 and rows_of(tmp_path / "direct" / "similarity.csv") == direct, err[-3000:]
     code, err = dsl_in_process(["run", f"resume={tmp_path / 'scaled'}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and "a run of lens=scaled_direct, which is not registered here: import the module" in err, err
+    code, err = run("unimported", "lens=scaled_direct")  # was Hydra's "Key 'scale' not in 'LensConfig'"
+    assert code == 2 and "lens=scaled_direct: its config file sets lens.scale, which is none of dsl's settings: a " \
+                         "setting that a lens of your own declares is known once its module is imported" in err, err
 
 
 def test_a_study_from_outside_compares_a_lens_from_outside_end_to_end(registries, plugin_configs, tmp_path,
