@@ -758,10 +758,10 @@ def sbatch_errors_unprinted() -> Callable[[], None]:
 
 
 def refuse_clamped_repeats(config: DictConfig) -> None:
-    """With `clamp_to_model` (debug=tiny), a layer or head beyond the model is its last one: two swept values
-    that land on the same layers or heads would run one job twice and merge its rows twice (a value swept twice
-    is refused for that reason). Refused before any job starts, where the model's shape is known from configs
-    and the encoder is not swept."""
+    """Two swept values of `layer` or `head` that read the same layers or heads (`layer=1,01`, `layer=1,1-1`;
+    with `clamp_to_model`, as debug=tiny sets, a layer beyond the model is its last one) would run one job twice
+    and merge its rows twice (a value swept twice is refused for that reason). Refused before any job starts,
+    where the model's shape is known from configs and the encoder is not swept."""
     # imported here, as the preflight is: `dsl merge` and `dsl plot` import this module without the models
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -770,7 +770,7 @@ def refuse_clamped_repeats(config: DictConfig) -> None:
 
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     swept = {o.key_or_group: list(o.sweep_iterator()) for o in overrides if o.is_sweep_override()}
-    shape = model_shape(config.encoder) if config.clamp_to_model else None
+    shape = model_shape(config.encoder)
     if shape is None or any(key.startswith("encoder") or key == "clamp_to_model" for key in swept):
         return
     quiet = logging.getLogger("dsl_cli.lenses")  # each job warns of its own clamping
@@ -779,12 +779,18 @@ def refuse_clamped_repeats(config: DictConfig) -> None:
         for key, parse, count in (("layer", parse_layers, shape[0]), ("head", parse_heads, shape[1])):
             seen: dict[tuple, Any] = {}
             for value in swept.get(key, []):
-                read = tuple(parse(value, count, clamp=True))
+                try:
+                    read = tuple(parse(value, count, clamp=bool(config.clamp_to_model)))
+                except UserError:  # outside the model: that job refuses it, and the others run (a sweep goes on)
+                    continue
                 if read in seen:
+                    clamped = ("; clamp_to_model=true moves one beyond them to its last" if config.clamp_to_model
+                               else "")
                     raise UserError(f"{key}={seen[read]} and {key}={value} both read {key}{'s' * (len(read) > 1)} "
-                                    f"{', '.join(map(str, read))} of this model (it has {count} {key}s; "
-                                    f"clamp_to_model=true moves one beyond them to its last): the sweep would run "
-                                    f"that job twice; sweep {key}s 0 to {count - 1}")
+                                    f"{', '.join(map(str, read))} of this model (it has {count} {key}s{clamped}): "
+                                    f"the sweep would run that job twice; "
+                                    + (f"sweep {key}s 0 to {count - 1}" if config.clamp_to_model
+                                       else f"give each {key} once"))
                 seen[read] = value
     finally:
         quiet.disabled = was

@@ -446,6 +446,11 @@ def test_local_gpus_starts_one_job_per_gpu_and_each_keeps_its_own(gpus: int, mon
     (["layer=0,12,24"], "layer=12 and layer=24 both read layer 3 of this model (it has 4 layers;"),
     (["layer=[0,5],[0,9]", "lens.alpha=1,2"], "layer=[0, 5] and layer=[0, 9] both read layers 0, 3 of this model"),
     (["head=1,3,7"], "head=3 and head=7 both read head 3 of this model (it has 4 heads;"),
+    # the same layers or heads written two ways, nothing clamped (any real model): the rows were merged twice
+    (["clamp_to_model=false", "layer=1,01"], "layer=1 and layer=01 both read layer 1 of this model (it has 4 layers): "
+                                             "the sweep would run that job twice; give each layer once"),
+    (["clamp_to_model=false", "layer=1,1-1"], "layer=1 and layer=1-1 both read layer 1"),
+    (["clamp_to_model=false", "head=0,[0]"], "head=0 and head=[0] both read head 0"),
 ])
 def test_a_sweep_whose_values_clamp_to_the_same_job_is_refused_before_any_job(swept: list[str], line: str,
                                                                               tmp_path: Path, monkeypatch,
@@ -457,7 +462,7 @@ def test_a_sweep_whose_values_clamp_to_the_same_job_is_refused_before_any_job(sw
     code, err = dsl_in_process(["run", "-m", "debug=tiny", "decode.enabled=false", *swept,
                                 f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, monkeypatch, capsys)
     assert code == 2 and err == f"dsl: error: {line}" + err.split(line, 1)[1] and len(err.splitlines()) == 1, err
-    assert "sweep layers 0 to 3" in err or "sweep heads 0 to 3" in err
+    assert "sweep layers 0 to 3" in err or "sweep heads 0 to 3" in err or "clamp_to_model=false" in swept
     assert not (tmp_path / "sweep").exists()
 
 
