@@ -562,11 +562,21 @@ def manifest_jobs(sweep_dir: Path) -> list[dict]:
     manifest = merged_manifest(sweep_dir)
     if manifest is not None:
         return manifest["jobs"]
-    # Hydra names a job's folder by its number: job 10 after job 9, not after job 1
-    folders = sorted((p.parent for p in sweep_dir.glob("*/manifest.json")),
-                     key=lambda f: (not f.name.isdigit(), int(f.name) if f.name.isdigit() else 0, f.name))
-    return [{"job": int(f.name) if f.name.isdigit() else n, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
-             **{k: (read_manifest(f) or {}).get(k) for k in ("status", "error")}} for n, f in enumerate(folders)]
+    numbered = sorted((_job_number(p.parent), p.parent) for p in sweep_dir.glob("*/manifest.json"))
+    return [{"job": num, "folder": rel(f, sweep_dir), "overrides": [], "rows": "",
+             **{k: (read_manifest(f) or {}).get(k) for k in ("status", "error")}} for num, f in numbered]
+
+
+def _job_number(folder: Path) -> int:
+    """A sweep job's number, as Hydra saved it in its folder (`hydra.job.num`; the folder's name need not say it:
+    `hydra.sweep.subdir=job_${hydra.job.num}`); -1 where it is not to be read."""
+    import yaml
+
+    try:
+        num = yaml.safe_load(read_bytes_nofollow(RunFolder(folder).hydra_yaml))["hydra"]["job"]["num"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return -1
+    return num if type(num) is int else -1
 
 
 def _job_link(sweep_dir: Path, folder: str | None) -> str:

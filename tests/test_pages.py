@@ -241,14 +241,19 @@ def test_a_study_sweeps_page_shows_its_pooled_plot_apart_from_each_jobs(tmp_path
 
 
 def test_an_unmerged_sweeps_jobs_are_listed_by_their_numbers(tmp_path: Path) -> None:
-    """A sweep with no merge yet (stopped, or still running) lists its jobs from their folders: job 10 is folder
-    10, after job 9 (the folders were sorted as text, and numbered in that order: folder 10 was job 2)."""
+    """A sweep with no merge yet (stopped, or still running) lists its jobs from their folders, by the number
+    Hydra saved in each: job 10 after job 9, whatever the folders are named (`hydra.sweep.subdir=job_N`), and a
+    job that never started leaves its number out (the folders were sorted as text and numbered in that order:
+    folder 10 was job 2)."""
     from dsl_cli.report import manifest_jobs
 
-    for num in range(12):
-        (tmp_path / str(num)).mkdir()
+    numbers = [n for n in range(13) if n != 7]  # job 7 never started
+    for num in numbers:
+        folder = tmp_path / f"job_{num}"
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "hydra.yaml").write_text(f"hydra:\n  job:\n    num: {num}\n")
         status = "complete" if num else "failed"
-        (tmp_path / str(num) / "manifest.json").write_text(json.dumps({"made_by": "dsl", "status": status}))
+        (folder / "manifest.json").write_text(json.dumps({"made_by": "dsl", "status": status}))
     jobs = manifest_jobs(tmp_path)
-    assert [(job["job"], job["folder"]) for job in jobs] == [(num, str(num)) for num in range(12)]
+    assert [(job["job"], job["folder"]) for job in jobs] == [(num, f"job_{num}") for num in numbers]
     assert jobs[0]["status"] == "failed" and jobs[10]["status"] == "complete"
