@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar, get_args, get_type_hints
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from dsl_cli.errors import UserError
 
@@ -195,14 +195,16 @@ class RunConfig:
 # name -> default: `register_configs` adds them to the `lens` and `study` schemas, so that a plugin's setting
 # needs no field here and is checked at compose time like dsl's own (`lens.sharpness=abc` is refused)
 DECLARED: dict[str, dict[str, Any]] = {"lens": {}, "study": {}}
+DECLARED_BY: dict[str, dict[str, set[str]]] = {"lens": {}, "study": {}}  # group -> setting -> who declared it
 GROUP_SCHEMAS: dict[str, type] = {"lens": LensConfig, "study": StudyConfig}
 SETTING_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
 def declare_settings(group: str, owner: str, settings: dict[str, Any]) -> None:
-    """Add the settings `owner` (a lens or study name) declares to the `group` (`lens`, `study`) schema. A
-    ValueError, when the plugin is imported, for a name dsl's schema has (read it; do not declare it), a name
-    another plugin declared with another default, or a default a config cannot hold."""
+    """Add the settings `owner` (a lens or study name) declares to the `group` (`lens`, `study`) schema, all or
+    none. A ValueError, when the plugin is imported, for a name dsl's schema has (read it; do not declare it), a
+    name another plugin declared with another default, a name a config's methods take (`values`), or a default a
+    config cannot hold. The same owner declaring again (a module reloaded) may change a default."""
     own = {f.name for f in fields(GROUP_SCHEMAS[group])}
     for name, default in settings.items():
         where = f"{group} {owner!r}: new setting {group}.{name}"
@@ -210,13 +212,23 @@ def declare_settings(group: str, owner: str, settings: dict[str, Any]) -> None:
             raise ValueError(f"{where}: name it with lower-case letters, digits and _")
         if name in own:
             raise ValueError(f"{where} is one of dsl's settings already: read it as it is, or give yours another name")
+        if hasattr(DictConfig, name):
+            raise ValueError(f"{where}: `self.cfg.{name}` would be the config's own method; give it another name")
         if not (default is None or isinstance(default, (bool, int, float, str, list))):
             raise ValueError(f"{where}: its default {default!r} is not a bool, int, float, str, list or None")
+        others = DECLARED_BY[group].get(name, set()) - {owner}
         earlier = DECLARED[group].get(name, default)
-        if type(earlier) is not type(default) or earlier != default:
-            raise ValueError(f"{where}: another {group} declares it with the default {earlier!r}; give yours "
-                             "another name")
+        if others and (type(earlier) is not type(default) or earlier != default):
+            raise ValueError(f"{where}: {group} {', '.join(sorted(others))} declares it with the default {earlier!r}; "
+                             "give yours another name")
+    for name, default in settings.items():
         DECLARED[group][name] = default
+        DECLARED_BY[group].setdefault(name, set()).add(owner)
+
+
+def declared_owners(group: str, name: str) -> set[str]:
+    """The lenses or studies that declared setting `name` of `group` (none: one of dsl's own)."""
+    return DECLARED_BY[group].get(name, set())
 
 
 def group_schema(group: str) -> type:

@@ -25,7 +25,7 @@ from omegaconf import ListConfig
 from tqdm.auto import tqdm
 
 from dsl_cli.components import Component, parse_component
-from dsl_cli.config import declare_settings
+from dsl_cli.config import DECLARED, declare_settings, declared_owners
 from dsl_cli.encoder import RANDOM_SEED, load_text_model, text_model_id
 from dsl_cli.encoder.loading import text_tower_needs
 from dsl_cli.encoder.reading import direct_attribution, source_shares
@@ -572,6 +572,17 @@ def _declared(lens: Lens, method: str, given: dict) -> None:
     if undeclared:
         raise UserError(f"lens={lens.name}: {method} gave {', '.join(map(repr, undeclared))}, which the lens does not "
                         f"declare in `columns` ({', '.join(lens.columns) or 'none'}); declare it, or leave it out")
+
+
+def refuse_unread_settings(lens_cfg: Any) -> None:
+    """A setting a plugin lens declared, changed from its default while another lens runs (`lens=steering
+    lens.blend=0.5`), would be recorded as if it had been used: refused, as a study refuses a setting it does not
+    read. (dsl's own lens settings are the lenses' in common, and stay accepted.)"""
+    for name, default in DECLARED["lens"].items():
+        owners = declared_owners("lens", name)
+        if lens_cfg.name not in owners and lens_cfg.get(name, default) != default:
+            raise UserError(f"lens.{name}={lens_cfg[name]}: lens={lens_cfg.name} does not read it (a setting of "
+                            f"lens {', '.join(sorted(owners))}); leave it out")
 
 
 def lens_class(name: str) -> type[Lens]:

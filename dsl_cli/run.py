@@ -39,7 +39,8 @@ from dsl_cli.encoder import embedding_space, load_encoder, model_shape
 from dsl_cli.errors import Refused, UserError, printable
 from dsl_cli.images import ImageSet, load_images
 from dsl_cli.lenses import (LENSES, Lens, ScoredImages, SteeringLens, TextReader, check_finite, check_output,
-                            check_row, describe, get_lens, n_labels, prepare_text, rank, score, where_heads_look)
+                            check_row, describe, get_lens, n_labels, prepare_text, rank, refuse_unread_settings, score,
+                            where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
 from dsl_cli.figures import EarlyFigures, redraw, refuse_foreign, refuse_foreign_pictures
 from dsl_cli.outputs import (BASELINES, PATCHES, SEEDS, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows,
@@ -81,6 +82,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.study.name is not None:
         validate_study(cfg.study, cfg.seed)
     _validate_lens(cfg)
+    refuse_unread_settings(cfg.lens)
     lens = get_lens(cfg.lens)
     if cfg.study.name is None:
         check_row(lens)

@@ -122,9 +122,12 @@ def register_study(cls: type[Study]) -> type[Study]:
     if unknown:  # refused now, not when a run reads the setting
         raise ValueError(f"study {cls.name!r}: config.StudyConfig has no setting {', '.join(map(repr, unknown))} "
                          "(a setting of the study's own goes into its `new_settings`, with its default)")
-    declare_settings("study", cls.name, cls.new_settings)
     if not cls.tables or cls.tables[0].name != f"study_{cls.name}.csv":
         raise ValueError(f"study {cls.name!r}: its first table must be study_{cls.name}.csv")
+    taken = STUDIES.get(cls.name)
+    if taken is not None and taken.__module__ == __name__ and cls is not taken:
+        raise ValueError(f"study name {cls.name!r} is one of dsl's own studies: give yours another name")
+    declare_settings("study", cls.name, cls.new_settings)  # last: a study refused leaves no setting behind
     STUDIES[cls.name] = cls
     return cls
 

@@ -109,7 +109,8 @@ class NamedKandinsky(decoder.KandinskyDecoder):
 @pytest.fixture
 def registries():
     """Whatever a test registers is gone afterwards: the lens, study and decoder-family registries as before."""
-    registries = (lenses.LENSES, study_registry.STUDIES, decoder.FAMILIES, *config.DECLARED.values())
+    registries = (lenses.LENSES, study_registry.STUDIES, decoder.FAMILIES, *config.DECLARED.values(),
+                  *config.DECLARED_BY.values())
     saved = [dict(registry) for registry in registries]
     yield
     for registry, before in zip(registries, saved):
@@ -199,11 +200,24 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
     with pytest.raises(UserError, match="scale"):
         lenses.get_lens("scaled_direct", scale="abc")
 
-    for setting in ({"alpha": 3.0}, {"scale": 2.0}, {"scale": 1}, {"Bad-Name": 1}, {"window": {"a": 1}}):
+    # another lens's setting changed from its default is refused, as a study refuses one it does not read
+    code, err = run("unread", "lens=direct", "lens.scale=2")
+    assert code == 2 and "lens.scale=2.0: lens=direct does not read it (a setting of lens scaled_direct)" in err, err
+
+    for setting in ({"alpha": 3.0}, {"scale": 2.0}, {"scale": 1}, {"Bad-Name": 1}, {"window": {"a": 1}},
+                    {"values": 1}, {"good_one": 1, "Bad": 2}):
         clashing = type("Clashing", (lenses.DirectLens,), {"name": "clashing", "new_settings": setting})
         with pytest.raises(ValueError, match="new setting lens"):
             lenses.register(clashing)
-        assert "clashing" not in lenses.LENSES
+        assert "clashing" not in lenses.LENSES and "good_one" not in config.DECLARED["lens"]  # all or nothing
+    with pytest.raises(ValueError, match="lens 'clashing': new setting lens.scale: lens scaled_direct declares it"):
+        lenses.register(type("Clashing", (lenses.DirectLens,), {"name": "clashing", "new_settings": {"scale": 2.0}}))
+    lenses.register(type("ScaledDirect", (ScaledDirect,), {"new_settings": {"scale": 3.0}}))  # a module reloaded
+    assert config.DECLARED["lens"]["scale"] == 3.0
+    lenses.register(ScaledDirect)
+    with pytest.raises(ValueError, match="study name 'head_importance' is one of dsl's own studies"):
+        study_registry.register_study(type("Mine", (LensAgreement,), {"name": "head_importance", "tables": (
+            Table("study_head_importance.csv", AgreementRow),)}))
 
     # plain `dsl` (no plugin imported) resumes a run of dsl's own lens made from the plugin's script, whose config
     # holds the plugin's setting (was refused as a damaged file); a run of the plugin's lens it refuses, saying why
