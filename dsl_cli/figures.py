@@ -677,6 +677,7 @@ def redraw(run_dir: Path, workers: int | None = None, early: "EarlyFigures | Non
     alone (no model, no GPU): the heatmaps (one colour scale for every image) and each image's own figures as
     separate jobs, on `workers` processes (default: the cores this process may use). The images whose figures
     `early` drew while the run decoded are not drawn again."""
+    run_dir = Path(run_dir)  # the Python API's callers give a str
     folder = RunFolder(run_dir)
     if not folder.csv(SIMILARITY).is_file():
         raise UserError(f"{run_dir}: no similarity.csv here; give the folder of a dsl run")

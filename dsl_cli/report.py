@@ -806,6 +806,7 @@ def write_pages(root: Path, list_jobs: JobLister = manifest_jobs) -> list[Path]:
     `root` is none of them itself (`outputs/paper`, a date folder), its own page linking them all. A refused
     folder among several is left as it is: the rest are written, then `PartlyDone` names it. `list_jobs`:
     how a sweep's jobs are found (`sweep_page`; the cli's also checks a merged sweep's CSV)."""
+    root = Path(root)  # the Python API's callers give a str
     found = report_folders(root)
     try:
         pages, refused = list(each_folder(found, partial(write_page, list_jobs=list_jobs)).values()), None

@@ -247,6 +247,9 @@ def run_study(cfg: Any, run_dir: Path, encoder: Any, preprocess: Any, images: li
         raise UserError(f"study={study.name} ablates attention heads: select some with layer=... head=... "
                         "(component=heads)")
     summary = study.run(cfg, run_dir, encoder, preprocess, images, heads)
+    if not isinstance(summary, dict):  # a plugin's run() that returned nothing: its line, not a bug of dsl's
+        raise UserError(f"study={study.name}: run() returned {type(summary).__name__}, not the manifest's summary (a "
+                        "dict, its `files` the tables it wrote: Study.run)")
     drawn = _draw(study, run_dir)
     summary["files"] = [*summary.get("files", []), *(str(p.relative_to(run_dir)) for p in drawn)]
     return summary

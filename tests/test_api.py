@@ -37,6 +37,8 @@ def test_the_documented_example_runs_as_written(tmp_path: Path, monkeypatch, cap
     exec(compile(files.replace('"outputs/2026-11-26/10-00-00"', repr(str(tmp_path / "run"))), str(DOC), "exec"),
          namespace)
     assert namespace["rows"] and namespace["run"].file(namespace["best"]["file"]).is_file()
+    # a folder given as a str, as RunFolder takes it (redraw called the run's CSV damaged, write_pages raised)
+    assert dsl.redraw(str(tmp_path / "run")) and dsl.write_pages(str(tmp_path / "run"))
 
 
 def test_every_public_name_resolves_and_the_package_imports_no_model_library() -> None:

@@ -509,3 +509,13 @@ def test_a_plugin_lens_that_raises_is_named_as_code_outside_dsl(registries, plug
     (line,) = [line for line in err.splitlines() if line.startswith("dsl: error:")]
     assert code == 1 and "a bug in dsl" not in line, line
     assert f"internal error (in code outside dsl, {__file__}:" in line and "in embeddings), ValueError: my lens's bug" in line
+
+
+def test_a_plugin_study_whose_run_returns_no_summary_is_named(registries, plugin_configs, tmp_path, monkeypatch,
+                                                              capsys) -> None:
+    """A study's run() that returned None was `internal error (a bug in dsl), AttributeError`."""
+    lenses.register(NegatedDirect)
+    study_registry.register_study(type("Silent", (LensAgreement,), {"run": lambda self, *args: None}))
+    code, err = dsl_in_process(["run", *TINY, "layer=2", "study=lens_agreement", plugin_configs[1],
+                                f"hydra.run.dir={tmp_path / 'silent'}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "study=lens_agreement: run() returned NoneType, not the manifest's summary" in err, err
