@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -24,7 +25,7 @@ from urllib.parse import quote
 import numpy as np
 
 from dsl_cli.errors import PartlyDone, UserError
-from dsl_cli.config import decoder_text, encoder_text
+from dsl_cli.config import LensConfig, decoder_text, encoder_text
 from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell,
                              drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
                              kind_blocks, layer_label, read_tables, redraw, refuse_foreign_pictures)
@@ -157,11 +158,18 @@ def _model_settings(cfg: dict, manifest: dict, rows: list[dict] | None = None) -
 
 def lens_text(lens: dict) -> str:
     """The lens, with the target an attribution lens measures its shares of cos(embedding, target) against
-    (the scores mean nothing without it)."""
+    (the scores mean nothing without it); a lens of the user's with the settings of its own (`blend 0.3`)."""
+    if not (LENS_CONFIGS / f"{lens.get('name')}.yaml").is_file():  # not one of dsl's own lenses
+        own = [f"{key} {_value(value)}" for key, value in lens.items() if key not in LENS_FIELDS]
+        return ", ".join([str(lens.get("name", "")), *own])
     if lens.get("name") != "attribution":
         return lens.get("name", "")
     target = lens.get("target")
     return f'attribution, target "{target}"' if target else "attribution, target: each image's own embedding"
+
+
+LENS_CONFIGS = Path(__file__).parent / "configs" / "lens"  # dsl's own lenses, one config file each
+LENS_FIELDS = {f.name for f in fields(LensConfig)}  # dsl's lens settings; a plugin lens's own are the others
 
 
 def components_read(cfg: dict, manifest: dict, rows: list[dict] | None = None) -> str:
@@ -536,7 +544,8 @@ def study_page(folder: Path) -> str:
     name = manifest.get("config", {}).get("study", {}).get("name") or (study.name if study else "")
     plot = run.figure("plots", name)
     body = [header(folder, manifest, f"study {name}"),
-            settings_section(manifest, study=True, read=study.settings if study else None), files_section(folder),
+            settings_section(manifest, study=True, read=(*study.settings, *study.new_settings) if study else None),
+            files_section(folder),
             f'<h2>Plot</h2><div class="figures">{img(rel(plot, folder), name) if plot.is_file() else "none drawn"}</div>']
     if study is not None:
         body.append(study.page(folder, sys.modules[__name__]))

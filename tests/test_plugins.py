@@ -181,6 +181,7 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
         assert float(mine["sim_embed"]) == pytest.approx(-float(theirs["sim_embed"]), abs=1e-6)
         assert float(default["sim_embed"]) == pytest.approx(float(theirs["sim_embed"]), abs=1e-6)  # its config's 1.0
     assert json.loads((tmp_path / "scaled" / "manifest.json").read_text())["config"]["lens"]["scale"] == -2.5
+    assert "<td>scaled_direct, scale -2.5</td>" in (tmp_path / "scaled" / "index.html").read_text()  # its page says it
     for name, bad, says in (("bad_type", "lens.scale=abc", "lens.scale"), ("misspelt", "lens.scael=2", "lens.scael")):
         code, err = run(name, "lens=scaled_direct", bad)
         lines = [line for line in err.splitlines() if line.strip()]
@@ -191,6 +192,7 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
     assert code == 0, err[-3000:]
     rows = rows_of(tmp_path / "agreement" / "study_lens_agreement.csv")
     assert sorted({r["component"] for r in rows}) == ["L01H00", "L01H01"] and len(rows) == 2 * 2 * 2
+    assert "heads_kept 2" in (tmp_path / "agreement" / "index.html").read_text()
     code, err = run("importance", "study=head_importance", "study.heads_kept=2")
     assert code == 2 and "study.heads_kept=2: study=head_importance does not read it" in err, err[-3000:]
 
