@@ -480,6 +480,7 @@ def _check_values(composed, override) -> None:
         return
     read: dict[str, str] = {}  # each value as the schema reads it -> as typed
     for value, typed in values:
+        value = getattr(value, "text", value)  # a quoted value ('2'), as Hydra sets it: its text
         try:  # the key exists (the first compose checked it): the schema checks the value's type
             OmegaConf.update(composed, key, value, merge=True)
         except (OmegaConfBaseException, ValueError, TypeError) as err:
@@ -546,9 +547,10 @@ def _one_line(err: Exception) -> str:
         key = missing.full_key
         if key in MOVED:
             return f"{key}: this setting moved to {MOVED[key]}; write {MOVED[key]}=... instead"
-        if key.startswith("hydra.launcher."):
-            return (f"{key}: no such setting of this launcher ({_did_you_mean(missing)}launcher=slurm and "
-                    "launcher=local_gpus have their own: `dsl run launcher=slurm --cfg hydra` prints them)")
+        if key.startswith("hydra.launcher.") and key.count(".") == 2:  # the default launcher has no setting
+            return (f"{key}: no such setting of this launcher ({_did_you_mean(missing)}the default one has none: "
+                    "launcher=slurm and launcher=local_gpus have theirs, `dsl run launcher=slurm --cfg hydra` prints "
+                    "them)")
         if key.startswith("hydra."):  # Hydra's own: a new key in a dict of its (`env_set`) takes `+`
             guess = _did_you_mean(missing)
             added = f"; a new key in one of its dicts takes a +: +{key}=..." if guess == "misspelt? " else ""

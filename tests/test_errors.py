@@ -190,7 +190,10 @@ COMPOSE_CASES = {
                                                      "dicts takes a +: +hydra.job.env_set.FOO=...)"),
     "hydra_misspelt": (["hydra.verbos=true"], "hydra.verbos: no such setting of Hydra's (did you mean hydra.verbose?"),
     "launcher_setting": (["hydra.launcher.partition=gpu"], "hydra.launcher.partition: no such setting of this "
-                                                           "launcher (misspelt? launcher=slurm and launcher=local_gpus"),
+                                                           "launcher (misspelt? the default one has none: "
+                                                           "launcher=slurm and launcher=local_gpus have theirs"),
+    "launcher_dict_key": (["launcher=slurm", "hydra.launcher.additional_parameters.mail_type=END"],
+                          "a new key in one of its dicts takes a +: +hydra.launcher.additional_parameters.mail_type"),
     "misspelt_key": (["lens.alpah=3"], "lens.alpah: no such setting (did you mean lens.alpha?"),
     "misspelt_decode_key": (["decode.stps=3"], "decode.stps: no such setting (did you mean decode.steps?"),
     "misspelt_top_key": (["seeed=3"], "seeed: no such setting (did you mean seed?"),

@@ -516,6 +516,7 @@ def test_a_bad_201st_value_is_refused_at_once_and_nothing_is_written(tmp_path: P
     (["-m", "lens.alpha=1,1.0"], "lens.alpha=1.0 is lens.alpha=1 again, written another way"),
     (["-m", "seed=1,01,1_0"], "seed=01 is seed=1 again"),
     (["-m", "lens.alpha=2,2.0000000000000001"], "is lens.alpha=2 again"),
+    (["-m", "images.limit=1,'1'"], "images.limit='1' is images.limit=1 again"),  # was QuotedString(...) refused
     (["+lens.alfa=2"], "lens.alfa is not a setting of dsl"),  # ran, with the misspelt key recorded and unread
     (["+foo=1"], "foo is not a setting of dsl"),
 ])
