@@ -464,6 +464,8 @@ class Misshapen(lenses.DirectLens):
         embeds = super().embeddings(encoder, cache, components)
         if self.case == "raises":
             raise ValueError("my lens's bug")
+        if self.case == "nan":
+            return embeds * float("nan")
         return embeds[:, :-1] if self.case == "embeddings" else embeds[..., :5] if self.case == "width" else embeds
 
     def row(self) -> dict:
@@ -483,6 +485,9 @@ class Misshapen(lenses.DirectLens):
     ("width", "lens=misshapen: embeddings() gave a tensor of shape (2, 5, 5) for 2 images and 5 components of an "
               "encoder that embeds into 32; a lens gives [image, component, d_embed] = (2, 5, 32)"),
     ("row", "lens=misshapen: row() gave 'modee', which the lens does not declare in `columns` (mode)"),
+    # NaN embeddings of a lens's own making: they were blamed on the model ("the model overflows ... in fp32")
+    ("nan", "the misshapen lens embedding or its score is not finite (NaN or inf) with encoder.dtype=fp32; the "
+            "encoder's own embedding is finite: look first at lens misshapen's own code (test_plugins.Misshapen"),
     ("values_undeclared", "lens=misshapen: values() gave 'attribution', which the lens does not declare"),
     ("values_shape", "lens=misshapen: values() gave 'mode' of shape (2,); each value is [image, component] = (2, 5)"),
 ])
