@@ -138,18 +138,19 @@ def saved_config(run_dir: Path) -> DictConfig:
     path = RunFolder(run_dir).config_yaml
     try:
         saved = OmegaConf.load(path)
-        _drop_unread_plugin_settings(saved, path)
+        _drop_unread_plugin_settings(saved, path, (read_manifest(run_dir) or {}).get("config"))
         return OmegaConf.merge(OmegaConf.structured(run_schema()), saved)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a config this run can be resumed from ({reason})") from err
 
 
-def _drop_unread_plugin_settings(saved: DictConfig, path: Path) -> None:
+def _drop_unread_plugin_settings(saved: DictConfig, path: Path, recorded: object) -> None:
     """A run made from a script that registered a plugin lens or study holds that plugin's settings (`lens.scale`,
     at their defaults) whatever its lens: those its own lens and study do not read are dropped where the plugin
-    is not registered (plain `dsl run resume=`). A run of a plugin lens or study not registered here is refused,
-    saying so (its settings were called a damaged file)."""
+    is not registered (plain `dsl run resume=`), if the manifest's config (`recorded`) holds them too (a key
+    edited into the file alone stays, and is refused). A run of a plugin lens or study not registered here is
+    refused, saying so (its settings were called a damaged file)."""
     for group, registry, schema in (("lens", LENSES, group_schema("lens")), ("study", STUDIES, group_schema("study"))):
         section = saved.get(group)
         if not isinstance(section, DictConfig):
@@ -160,8 +161,10 @@ def _drop_unread_plugin_settings(saved: DictConfig, path: Path) -> None:
             raise UserError(f"{path}: a run of {group}={printable(str(name))}, which is not registered here: import "
                             "the module that registers it and resume from there, as the run was started "
                             "(docs/extending.md)")
+        started = recorded.get(group) if isinstance(recorded, dict) else None
         for key in unknown:
-            section.pop(key)
+            if isinstance(started, dict) and key in started:
+                section.pop(key)
 
 
 def check_settings_kept(cfg: DictConfig, run_dir: Path) -> None:

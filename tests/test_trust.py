@@ -380,6 +380,13 @@ def test_a_continued_run_whose_saved_config_was_edited_is_refused(run_copy: Path
     line = one_line(err)
     assert code == 2 and "lens.alpha is" in line and "but the run started with" in line, line
     assert (run_copy / "similarity.csv").read_text() == "".join(lines[:5])
+    # a key edited into the file that its manifest never recorded (not a plugin's setting, which a resume from
+    # plain dsl drops where the manifest holds it too): refused as ever
+    config = yaml.safe_load(original)
+    config["lens"]["alph"] = 3.5
+    saved.write_text(yaml.safe_dump(config))
+    code, err = dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "not a config this run can be resumed from (Key 'alph' not in" in one_line(err), err
     saved.write_text(original)
     code, err = dsl_in_process(["run", f"resume={run_copy}"], tmp_path, monkeypatch, capsys)
     assert code == 0, err[-3000:]
