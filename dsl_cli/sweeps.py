@@ -114,6 +114,12 @@ def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
         refuse_jobs_still_queued(folder)  # (submitit's local jobs are named by process ids, not SLURM's)
     with damage(path, SWEEP_FIX):
         task, hydra = (_texts(saved.hydra.overrides[k]) for k in ("task", "hydra"))
+    shuffled = next((o for o in task if re.search(r"=\s*shuffle\(", o)), None)
+    if shuffled is not None:  # Hydra numbers its jobs afresh, in another order: a missing job would run another value
+        raise UserError(f"resume={folder}: its jobs were swept in a shuffled order ({shuffled}), which Hydra draws "
+                        "again on each launch, so a resumed job could run another job's values into its folder; "
+                        "`dsl merge` merges the jobs that are done, and a new sweep of the values still missing "
+                        "completes it")
     given = {_key(a) for a in args if a.startswith("hydra")} | {"hydra.mode", "hydra.sweep.dir"}
     task = [o for o in task if _key(o) != "resume"]
     hydra = [o for o in hydra if _key(o) not in given]

@@ -516,6 +516,10 @@ def test_a_sweeps_own_subdir_keeps_the_folder_claimed_and_its_jobs_inside(tmp_pa
     assert {(r["override.seed"], r["seed"]) for r in rows} == {(s, s) for s in "123"}  # each job's rows its own
     jobs = json.loads((tmp_path / "by_seed" / "manifest.json").read_text())["jobs"]
     assert {(job["overrides"][-1], job["folder"]) for job in jobs} == {(f"seed={s}", f"s{s}") for s in "123"}
+    # its resume would draw the order again and run another job's values into a missing job's folder: refused
+    shutil.rmtree(tmp_path / "by_seed" / "s2")
+    code, err = dsl_in_process(["run", "resume=by_seed"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "its jobs were swept in a shuffled order (seed=shuffle(1,2,3))" in err, err[-3000:]
 
     for bad, says in (("../out_${hydra.job.num}", "must be inside the sweep folder"),
                       ("/tmp/x_${hydra.job.num}", "must be inside the sweep folder"),
