@@ -578,15 +578,16 @@ def _declared(lens: Lens, method: str, given: dict) -> None:
                         f"declare in `columns` ({', '.join(lens.columns) or 'none'}); declare it, or leave it out")
 
 
-def refuse_unread_settings(lens_cfg: Any) -> None:
-    """A setting a plugin lens declared, changed from its default while another lens runs (`lens=steering
-    lens.blend=0.5`), would be recorded as if it had been used: refused, as a study refuses a setting it does not
-    read. (dsl's own lens settings are the lenses' in common, and stay accepted.)"""
+def refuse_unread_settings(lens_cfg: Any, readers: list[str]) -> None:
+    """A setting a plugin lens declared, changed from its default where none of the lenses that run (`readers`:
+    the run's lens, or the lenses a study compares) declared it (`lens=steering lens.blend=0.5`), would be
+    recorded as if it had been used: refused, as a study refuses a setting it does not read. (dsl's own lens
+    settings are the lenses' in common, and stay accepted.)"""
     for name, default in DECLARED["lens"].items():
         owners = declared_owners("lens", name)
-        if lens_cfg.name not in owners and lens_cfg.get(name, default) != default:
-            raise UserError(f"lens.{name}={lens_cfg[name]}: lens={lens_cfg.name} does not read it (a setting of "
-                            f"lens {', '.join(sorted(owners))}); leave it out")
+        if not owners & set(readers) and lens_cfg.get(name, default) != default:
+            raise UserError(f"lens.{name}={lens_cfg[name]}: no lens of this run reads it ({', '.join(readers)}; it "
+                            f"is a setting of lens {', '.join(sorted(owners))}); leave it out")
 
 
 def lens_class(name: str) -> type[Lens]:

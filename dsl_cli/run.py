@@ -42,7 +42,7 @@ from dsl_cli.lenses import (LENSES, Lens, ScoredImages, SteeringLens, TextReader
                             check_row, describe, get_lens, n_labels, prepare_text, rank, refuse_unread_settings, score,
                             where_heads_look)
 from dsl_cli.memory import decode_need, give_freed_blocks_back, park_if_short, release_memory, visiting
-from dsl_cli.figures import EarlyFigures, redraw, refuse_foreign, refuse_foreign_pictures
+from dsl_cli.figures import DEFAULT_LENSES, EarlyFigures, redraw, refuse_foreign, refuse_foreign_pictures
 from dsl_cli.outputs import (BASELINES, PATCHES, SEEDS, SIMILARITY, CsvLog, Manifest, RunFolder, group_rows,
                              is_picture, is_sweep_folder, read_manifest, rows_problem, save_png, writing_pngs)
 from dsl_cli.preflight import preflight
@@ -82,7 +82,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.study.name is not None:
         validate_study(cfg.study, cfg.seed)
     _validate_lens(cfg)
-    refuse_unread_settings(cfg.lens)
+    refuse_unread_settings(cfg.lens, [cfg.lens.name] if cfg.study.name is None
+                           else list(cfg.study.get("lenses") or DEFAULT_LENSES))  # a study: the lenses it compares
     lens = get_lens(cfg.lens)
     if cfg.study.name is None:
         check_row(lens)

@@ -204,7 +204,16 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
 
     # another lens's setting changed from its default is refused, as a study refuses one it does not read
     code, err = run("unread", "lens=direct", "lens.scale=2")
-    assert code == 2 and "lens.scale=2.0: lens=direct does not read it (a setting of lens scaled_direct)" in err, err
+    assert code == 2 and "lens.scale=2.0: no lens of this run reads it (direct; it is a setting of lens " \
+                         "scaled_direct)" in err, err
+    # in a study, the lenses it compares read it (whatever lens.name says): taken where one of them declared it
+    code, err = run("compared", "study=head_importance", "study.bootstrap=5", "lens.scale=-1",
+                    "study.lenses=[direct,scaled_direct]")
+    assert code == 0, err[-3000:]
+    rows = rows_of(tmp_path / "compared" / "study_head_importance.csv")
+    assert all(float(r["scaled_direct"]) == pytest.approx(-float(r["direct"]), abs=2e-6) for r in rows)
+    code, err = run("uncompared", "study=head_importance", "lens.name=scaled_direct", "lens.scale=-1")
+    assert code == 2 and "lens.scale=-1.0: no lens of this run reads it (steering, direct;" in err, err
 
     for setting in ({"alpha": 3.0}, {"scale": 2.0}, {"scale": 1}, {"Bad-Name": 1}, {"window": {"a": 1}},
                     {"values": 1}, {"good_one": 1, "Bad": 2}):
