@@ -12,6 +12,7 @@ An interruption stops the sweep. `hydra.verbose=true` shows the traceback instea
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -56,9 +57,20 @@ def refuse_shared_job_folders(cfg: DictConfig) -> None:
     if Path(subdir).is_absolute() or ".." in parts or not parts:
         raise UserError(f"hydra.sweep.subdir={subdir}: a job's folder must be inside the sweep folder; use a "
                         "relative name such as job_${hydra.job.num}")
-    if "${" not in subdir:  # `${hydra.job.num}`, or a swept setting: `s${seed}`
-        raise UserError(f"hydra.sweep.subdir={subdir}: every job would go into that one folder; name it after the "
-                        "job, e.g. job_${hydra.job.num}")
+    named = set(re.findall(r"\$\{([^}:]+)\}", subdir))  # `${seed}`; `${hydra:job.num}` is named below
+    if not re.search(r"\$\{hydra[.:]job\.", subdir) and not named & _swept_keys(cfg):
+        raise UserError(f"hydra.sweep.subdir={subdir}: jobs would share a folder (it names neither the job nor a "
+                        "swept setting); name it after the job, e.g. job_${hydra.job.num}")
+
+
+def _swept_keys(cfg: DictConfig) -> set[str]:
+    """The settings a sweep's command line and its sweeper's params sweep (`seed=1,2`: seed)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False)
+    params = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False).get("params") or {}
+    overrides = OverridesParser.create().parse_overrides([*task, *(f"{k}={v}" for k, v in params.items())])
+    return {o.key_or_group for o in overrides if o.is_sweep_override()}
 
 
 class ClaimFolder(Callback):
