@@ -578,14 +578,15 @@ def manifest_jobs(sweep_dir: Path) -> list[dict]:
 
 def _job_number(folder: Path) -> int:
     """A sweep job's number, as Hydra saved it in its folder (`hydra.job.num`; the folder's name need not say it:
-    `hydra.sweep.subdir=job_${hydra.job.num}`); -1 where it is not to be read."""
+    `hydra.sweep.subdir=job_${hydra.job.num}`); without it (a copy without dot-folders), the folder's name where
+    it is a number (Hydra's default), else -1."""
     import yaml
 
     try:
         num = yaml.safe_load(read_bytes_nofollow(RunFolder(folder).hydra_yaml))["hydra"]["job"]["num"]
     except (OSError, yaml.YAMLError, TypeError, KeyError):
-        return -1
-    return num if type(num) is int else -1
+        num = None
+    return num if type(num) is int else int(folder.name) if folder.name.isdigit() else -1
 
 
 def _job_link(sweep_dir: Path, folder: str | None) -> str:

@@ -257,3 +257,7 @@ def test_an_unmerged_sweeps_jobs_are_listed_by_their_numbers(tmp_path: Path) -> 
     jobs = manifest_jobs(tmp_path)
     assert [(job["job"], job["folder"]) for job in jobs] == [(num, f"job_{num}") for num in numbers]
     assert jobs[0]["status"] == "failed" and jobs[10]["status"] == "complete"
+    for folder in tmp_path.glob("job_*"):  # a copy without its dot-folders: Hydra's default names are the numbers
+        shutil.rmtree(folder / ".hydra")
+        folder.rename(tmp_path / folder.name.removeprefix("job_"))
+    assert [job["job"] for job in manifest_jobs(tmp_path)] == numbers
