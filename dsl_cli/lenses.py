@@ -492,8 +492,9 @@ class Lens:
         """(the setting, its fix) named when an embedding is not finite (NaN or inf), the encoder's own being
         finite: a lens of the user's own code is named as the likelier cause."""
         if type(self).__module__ != __name__:
+            half = "" if dtype == "fp32" else f"; or {fp32_fix(dtype)}"  # half precision may overflow in it too
             return (f"encoder.dtype={dtype}", f"the encoder's own embedding is finite: look first at lens "
-                    f"{self.name}'s own code ({type(self).__module__}.{type(self).__name__}.embeddings)")
+                    f"{self.name}'s own code ({type(self).__module__}.{type(self).__name__}){half}")
         return f"encoder.dtype={dtype}", fp32_fix(dtype)
 
     def needs(self, encoder_cfg) -> Needs:

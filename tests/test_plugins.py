@@ -496,7 +496,7 @@ class Misshapen(lenses.DirectLens):
     ("row", "lens=misshapen: row() gave 'modee', which the lens does not declare in `columns` (mode)"),
     # NaN embeddings of a lens's own making: they were blamed on the model ("the model overflows ... in fp32")
     ("nan", "the misshapen lens embedding or its score is not finite (NaN or inf) with encoder.dtype=fp32; the "
-            "encoder's own embedding is finite: look first at lens misshapen's own code (test_plugins.Misshapen"),
+            "encoder's own embedding is finite: look first at lens misshapen's own code (test_plugins.Misshapen)"),
     ("values_undeclared", "lens=misshapen: values() gave 'attribution', which the lens does not declare"),
     ("values_shape", "lens=misshapen: values() gave 'mode' of shape (2,); each value is [image, component] = (2, 5)"),
 ])
