@@ -406,7 +406,7 @@ MANIFEST_TYPES: dict[str, type | tuple] = {
     "fingerprints": dict, "unfinished": list, "rows": int, "complete": int, "decoded": int, "components": int,
     "started": str, "finished": str, "device": str, "seed": int, "slurm_job": _OPT_STR, "git_commit": _OPT_STR,
     "encoder_dtype": str, "scheduler": str, "resumed_rows": int, "stages_done": list, "study": dict,
-    "layers": list, "decode_batch_size": int, "decode_fit_seconds": _NUM, "heads": list,
+    "layers": list, "decode_batch_size": int, "decode_fit_seconds": _NUM, "heads": list, "lens_settings": list,
 }
 _JOB = {"job": int, "folder": _OPT_STR, "overrides": list, "status": str, "error": _OPT_STR, "rows": int}
 FIGURE_PATH = re.compile(r"(grids|heatmaps|plots|looks)/[A-Za-z0-9_][A-Za-z0-9_.=-]{0,239}\.png")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import fields
 from functools import partial
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -25,7 +24,7 @@ from urllib.parse import quote
 import numpy as np
 
 from dsl_cli.errors import PartlyDone, UserError
-from dsl_cli.config import LensConfig, decoder_text, encoder_text
+from dsl_cli.config import decoder_text, encoder_text
 from dsl_cli.figures import (NO_SCALE, POOLED, SIMILARITIES, TOP_TILES, colour_limits, dark_cell,
                              drawn_from_files, heatmap_cells, heatmap_matrix, importance_scores,
                              kind_blocks, layer_label, read_tables, redraw, refuse_foreign_pictures)
@@ -144,7 +143,7 @@ def _model_settings(cfg: dict, manifest: dict, rows: list[dict] | None = None) -
     return [
         ("encoder", encoder_text(encoder) + (f" from {encoder['checkpoint']}" if encoder.get("checkpoint") else "")),
         ("decoder", decoder_text(decoder) + (f" from {decoder['path']}" if decoder.get("path") else "")),
-        ("lens", lens_text(lens)),
+        ("lens", lens_text(lens, manifest.get("lens_settings"))),
         ("mode, alpha", f"{lens.get('mode')}, {lens.get('alpha')}" if lens.get("name") == "steering" or
          cfg.get("study", {}).get("name") else "not used by this lens"),
         ("components", components_read(cfg, manifest, rows)),
@@ -156,20 +155,16 @@ def _model_settings(cfg: dict, manifest: dict, rows: list[dict] | None = None) -
     ]
 
 
-def lens_text(lens: dict) -> str:
+def lens_text(lens: dict, own: list | None = None) -> str:
     """The lens, with the target an attribution lens measures its shares of cos(embedding, target) against
-    (the scores mean nothing without it); a lens of the user's with the settings of its own (`blend 0.3`)."""
-    if not (LENS_CONFIGS / f"{lens.get('name')}.yaml").is_file():  # not one of dsl's own lenses
-        own = [f"{key} {_value(value)}" for key, value in lens.items() if key not in LENS_FIELDS]
-        return ", ".join([str(lens.get("name", "")), *own])
+    (the scores mean nothing without it); a lens of the user's with the settings it declared (`own`, the
+    manifest's `lens_settings`: `blend 0.3`)."""
+    if own:
+        return ", ".join([str(lens.get("name", "")), *(f"{key} {_value(lens.get(key))}" for key in own)])
     if lens.get("name") != "attribution":
         return lens.get("name", "")
     target = lens.get("target")
     return f'attribution, target "{target}"' if target else "attribution, target: each image's own embedding"
-
-
-LENS_CONFIGS = Path(__file__).parent / "configs" / "lens"  # dsl's own lenses, one config file each
-LENS_FIELDS = {f.name for f in fields(LensConfig)}  # dsl's lens settings; a plugin lens's own are the others
 
 
 def components_read(cfg: dict, manifest: dict, rows: list[dict] | None = None) -> str:

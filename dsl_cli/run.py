@@ -716,6 +716,8 @@ def _start_manifest(cfg: DictConfig, device: torch.device, manifest: Manifest, r
     manifest.start(status="running", started=time.strftime("%Y-%m-%dT%H:%M:%S"), device=str(device),
                    seed=cfg.seed, versions=_versions(), git_commit=_git_commit(), slurm_job=current_slurm_job(),
                    config=OmegaConf.to_container(cfg, resolve=True), resumed_rows=resumed_rows,
+                   # the settings of its own its lens declared (a plugin's): its page shows them, not other plugins'
+                   lens_settings=sorted(getattr(LENSES.get(cfg.lens.name), "new_settings", {})),
                    **({"seconds": {"startup": startup}} if startup is not None else {}))
     from dsl_cli.check import note_run
 

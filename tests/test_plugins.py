@@ -165,6 +165,7 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
     two defaults."""
     lenses.register(ScaledDirect)
     lenses.register(NegatedDirect)  # compared by the study's config
+    lenses.register(type("Windowed", (lenses.DirectLens,), {"name": "windowed", "new_settings": {"window": 3}}))
     study_registry.register_study(LensAgreement)
 
     def run(name: str, *args: str) -> tuple[int, str]:
@@ -181,7 +182,9 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
         assert float(mine["sim_embed"]) == pytest.approx(-float(theirs["sim_embed"]), abs=1e-6)
         assert float(default["sim_embed"]) == pytest.approx(float(theirs["sim_embed"]), abs=1e-6)  # its config's 1.0
     assert json.loads((tmp_path / "scaled" / "manifest.json").read_text())["config"]["lens"]["scale"] == -2.5
-    assert "<td>scaled_direct, scale -2.5</td>" in (tmp_path / "scaled" / "index.html").read_text()  # its page says it
+    # its page names its own setting, not another plugin's (`window`), and a run of dsl's own lens names none
+    assert "<td>scaled_direct, scale -2.5</td>" in (tmp_path / "scaled" / "index.html").read_text()
+    assert "<td>direct</td>" in (tmp_path / "direct" / "index.html").read_text()
     for name, bad, says in (("bad_type", "lens.scale=abc", "lens.scale"), ("misspelt", "lens.scael=2", "lens.scael")):
         code, err = run(name, "lens=scaled_direct", bad)
         lines = [line for line in err.splitlines() if line.strip()]
@@ -232,7 +235,7 @@ def test_a_lens_and_a_study_from_outside_declare_settings_of_their_own(registrie
 
     # plain `dsl` (no plugin imported) resumes a run of dsl's own lens made from the plugin's script, whose config
     # holds the plugin's setting (was refused as a damaged file); a run of the plugin's lens it refuses, saying why
-    for name in ("scaled_direct", "negated_direct"):
+    for name in ("scaled_direct", "negated_direct", "windowed"):
         del lenses.LENSES[name]
     for declared in config.DECLARED.values():
         declared.clear()
