@@ -641,6 +641,14 @@ def single_values(overrides: list[str]) -> None:
                             f"runs; a list is {key}=[a,b], one value holding a comma is quoted: {key}=\"'a,b'\"")
 
 
+def sweep_overrides(hydra: Any) -> list[str]:
+    """A sweep's overrides as written, unresolved (`hydra.sweep.subdir=job_${hydra.job.num}` has no value yet):
+    its sweeper's `params` (an experiment config's sweep), then its command line's (`hydra.overrides.task`)."""
+    params = OmegaConf.to_container(hydra.sweeper, resolve=False).get("params") or {}
+    return [*(f"{key}={value}" for key, value in params.items()),
+            *OmegaConf.to_container(hydra.overrides.task, resolve=False)]
+
+
 def parses(override: str) -> bool:
     """Whether Hydra's override grammar reads `override` (`key=value`, `+key=value`, a sweep)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser

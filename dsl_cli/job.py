@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, read_write
 
-from dsl_cli.config import images_source, path_override
+from dsl_cli.config import images_source, path_override, sweep_overrides
 from dsl_cli.errors import (STOP_SIGNALS, FolderTaken, Interrupted, Refused, UserError, bug_message, printable,
                             raise_if_stopped, report, stop, stop_handler)
 from dsl_cli.logs import close_file_logs
@@ -67,10 +67,8 @@ def _swept_keys(cfg: DictConfig) -> set[str]:
     """The settings a sweep's command line and its sweeper's params sweep (`seed=1,2`: seed)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    task = OmegaConf.to_container(cfg.hydra.overrides.task, resolve=False)
-    params = OmegaConf.to_container(cfg.hydra.sweeper, resolve=False).get("params") or {}
-    overrides = OverridesParser.create().parse_overrides([*task, *(f"{k}={v}" for k, v in params.items())])
-    return {o.key_or_group for o in overrides if o.is_sweep_override()}
+    return {o.key_or_group for o in OverridesParser.create().parse_overrides(sweep_overrides(cfg.hydra))
+            if o.is_sweep_override()}
 
 
 class ClaimFolder(Callback):

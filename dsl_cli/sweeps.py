@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from dsl_cli.config import parses
+from dsl_cli.config import parses, sweep_overrides
 from dsl_cli.errors import Interrupted, UserError, printable, report
 from dsl_cli.figures import draw_heatmaps, draw_lens_comparison, shared_limits
 from dsl_cli.outputs import (MADE_BY, SIMILARITY, CsvLog, Manifest, RunFolder, check_merged_row, claimed,
@@ -114,7 +114,7 @@ def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
         refuse_jobs_still_queued(folder)  # (submitit's local jobs are named by process ids, not SLURM's)
     with damage(path, SWEEP_FIX):
         task, hydra = (_texts(saved.hydra.overrides[k]) for k in ("task", "hydra"))
-    shuffled = next((o for o in task if re.search(r"=\s*shuffle\(", o)), None)
+        shuffled = _shuffled(sweep_overrides(saved.hydra))
     if shuffled is not None:  # Hydra numbers its jobs afresh, in another order: a missing job would run another value
         raise UserError(f"resume={folder}: its jobs were swept in a shuffled order ({shuffled}), which Hydra draws "
                         "again on each launch, so a resumed job could run another job's values into its folder; "
@@ -129,9 +129,9 @@ def resume_sweep_args(folder: Path, args: list[str]) -> list[str]:
 
 def refuse_jobs_still_queued(sweep: Path) -> None:
     """A sweep whose SLURM jobs are still queued or running (its `dsl run` stopped waiting for them) is not
-    resumed: that would submit its unfinished jobs a second time, two jobs at once in a folder. Its jobs are named by submitit's folders
-    (`45_0` for task 0 of array 45, `46` for a job alone); where SLURM's commands are not here (the folder
-    copied off the cluster), there is nothing to ask and nothing is refused."""
+    resumed: that would submit its unfinished jobs a second time, two jobs at once in a folder. Its jobs are
+    named by submitit's folders (`45_0` for task 0 of array 45, `46` for a job alone); where SLURM's commands
+    are not here (the folder copied off the cluster), there is nothing to ask and nothing is refused."""
     ids = {p.name.split("_")[0] for p in (sweep / ".submitit").glob("*")
            if p.is_dir() and re.fullmatch(r"\d+(_\d+)?", p.name)}
     if not ids or shutil.which("squeue") is None:
@@ -231,14 +231,13 @@ def expected_overrides(sweep_dir: Path) -> dict[int, list[str]]:
     with damage(path, SWEEP_FIX):
         if not str(saved.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
             return {}
-        params = saved.hydra.sweeper.get("params") or {}
-        given = [f"{k}={v}" for k, v in params.items()] + [o for o in _texts(saved.hydra.overrides.task)
-                                                           if _key(o) != "resume"]
+        _texts(saved.hydra.overrides.task)  # its command line as a sweep file holds it
+        given = [o for o in sweep_overrides(saved.hydra) if _key(o) != "resume"]
+    if _shuffled(given):  # another order each time it is expanded
+        return {}
     choices: dict[str, list[str]] = {}
     try:
         for override in OverridesParser.create().parse_overrides(given):
-            if override.is_sweep_override() and getattr(override.value(), "shuffle", False):
-                return {}  # shuffle(): another order each time it is expanded
             key = override.get_key_element()
             values = (override.sweep_string_iterator() if override.is_sweep_override()
                       else [override.get_value_element_as_str()])
@@ -246,6 +245,20 @@ def expected_overrides(sweep_dir: Path) -> dict[int, list[str]]:
     except HydraException:
         return {}
     return {num: list(combo) for num, combo in enumerate(itertools.product(*choices.values()))}
+
+
+def _shuffled(given: list[str]) -> str | None:
+    """The first of a sweep's overrides `given` that sweeps in a shuffled order (`seed=shuffle(1,2,3)`, an order
+    Hydra draws again each time it expands it); None where there is none (or Hydra cannot read them)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(given)
+    except HydraException:
+        return None
+    return next((o.input_line for o in parsed if o.is_sweep_override() and getattr(o.value(), "shuffle", False)),
+                None)
 
 
 def _job_folders(sweep_dir: Path) -> dict[int, Path]:
@@ -774,7 +787,7 @@ def refuse_clamped_repeats(config: DictConfig) -> None:
     from dsl_cli.encoder import model_shape
     from dsl_cli.lenses import parse_heads, parse_layers
 
-    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    overrides = OverridesParser.create().parse_overrides(sweep_overrides(config.hydra))  # unresolved, as typed
     swept = {o.key_or_group: list(o.sweep_iterator()) for o in overrides if o.is_sweep_override()}
     shape = model_shape(config.encoder)
     if shape is None or any(key.startswith("encoder") or key == "clamp_to_model" for key in swept):
